@@ -1,0 +1,59 @@
+"""Every ``MIRA_*`` environment variable the package reads at run time, in one place.
+
+``MIRA_BACKEND``       force a backend (``reference``, ``cpu``, ``triton``, ``cuda``) for every op
+                       call; read at call time in eager and at trace time under ``torch.compile``.
+``MIRA_CHECK_FINITE``  ``1`` makes every op call check its inputs for inf/NaN (a data scan, so
+                       opt-in, for debugging; it synchronises with the device).
+
+Build-time switches (``MIRA_BUILD_CUDA``, ``TORCH_CUDA_ARCH_LIST``) are read by ``setup.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+
+_TRUE = {"1", "true", "yes", "on"}
+
+_forced_backend: contextvars.ContextVar[str | None] = contextvars.ContextVar("mira_backend", default=None)
+_check_finite: contextvars.ContextVar[bool | None] = contextvars.ContextVar("mira_check_finite", default=None)
+
+
+def requested_backend() -> str | None:
+    """The backend forced by :func:`use_backend` (innermost wins) or else ``MIRA_BACKEND``."""
+    forced = _forced_backend.get()
+    if forced is not None:
+        return forced
+    return os.environ.get("MIRA_BACKEND", "").strip().lower() or None
+
+
+def check_finite_enabled() -> bool:
+    flag = _check_finite.get()
+    if flag is not None:
+        return flag
+    return os.environ.get("MIRA_CHECK_FINITE", "").strip().lower() in _TRUE
+
+
+@contextlib.contextmanager
+def use_backend(name: str | None):
+    """Force the backend of every MIRA op called inside the block (``None`` restores the default).
+
+    The name is checked when an op runs, against the tensors' device, so the same block can
+    force ``reference`` for a CPU and a CUDA model alike. Thread- and task-local.
+    """
+    token = _forced_backend.set(None if name is None else name.strip().lower())
+    try:
+        yield
+    finally:
+        _forced_backend.reset(token)
+
+
+@contextlib.contextmanager
+def check_finite(enabled: bool = True):
+    """Check every op's floating inputs for inf/NaN inside the block (debugging aid)."""
+    token = _check_finite.set(enabled)
+    try:
+        yield
+    finally:
+        _check_finite.reset(token)

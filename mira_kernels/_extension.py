@@ -1,0 +1,43 @@
+"""Loads the native extension ``mira_kernels._C``: soft at import, loud at call.
+
+Importing ``_C`` registers the op schemas (``csrc/mira_ops.cpp``) and whichever backend
+kernels were compiled in. If it is missing or fails to load, the package still imports and the
+public functions fall back to the reference (with a one-time warning from the router).
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    from . import _C  # noqa: F401  (registers the ops as a side effect)
+
+    load_error: str | None = None
+except ImportError as exc:  # not built, or built against another torch
+    load_error = f"{type(exc).__name__}: {exc}"
+
+loaded = load_error is None
+
+
+def has_kernel(op: str, dispatch_key: str) -> bool:
+    """Whether ``mira::<op>`` has a kernel for ``dispatch_key`` (e.g. "CPU", "CUDA")."""
+    if not loaded:
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"mira::{op}", dispatch_key)
+
+
+def load_error_suffix() -> str:
+    return "" if loaded else f" (it did not load: {load_error}; build it with `make build`)"
+
+
+def build_info() -> dict[str, object]:
+    """What this installation was built with, and what loaded."""
+    return {
+        "extension_loaded": loaded,
+        "load_error": load_error,
+        "cpu_kernel": has_kernel("_cpu_mira_linear", "CPU"),
+        "cuda_kernel": has_kernel("_cuda_mira_linear", "CUDA"),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "cuda_available": torch.cuda.is_available(),
+    }

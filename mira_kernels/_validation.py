@@ -1,0 +1,147 @@
+"""Argument checks of the MIRA ops, on metadata only.
+
+Nothing here reads tensor data, so the checks cost nothing on the device, never synchronise,
+and trace cleanly under ``torch.compile`` (shapes may be symbolic). Errors name the argument
+and the shape or dtype that was expected. The opt-in finiteness check is the one exception and
+lives in :func:`check_finite`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from .reference import SEPARATIONS
+
+_FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _shape(t: torch.Tensor) -> tuple:
+    return tuple(t.shape)
+
+
+def _check_rank(name: str, t: torch.Tensor, rank: int, layout: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a Tensor of shape {layout}, got {type(t).__name__}")
+    if t.dim() != rank:
+        raise ValueError(f"{name} must have shape {layout} ({rank} dims), got {_shape(t)}")
+
+
+def _check_dim(name: str, t: torch.Tensor, dim: int, expected, what: str, layout: str) -> None:
+    if t.shape[dim] != expected:
+        raise ValueError(f"{name} must have shape {layout} with {what} = {expected}, got {_shape(t)}")
+
+
+def check_memory(
+    x_dtype: torch.dtype,
+    device: torch.device,
+    d_in,
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    bank_a: torch.Tensor,
+    bank_b: torch.Tensor,
+    batch,
+    slice_offsets: Sequence[int],
+    d_out,
+    separation: str,
+    scale: float,
+    eps: float,
+) -> None:
+    """Checks of the memory side (query, keys, banks, slices, separation) shared by every op."""
+    _check_rank("query", query, 2, "(B, d_k)")
+    _check_rank("keys", keys, 2, "(N, d_k)")
+    _check_rank("bank_a", bank_a, 4, "(N, S, r, d_in)")
+    _check_rank("bank_b", bank_b, 4, "(N, S, d_s, r)")
+    n_slots, d_k = keys.shape
+    n, s, r, _ = bank_a.shape
+    _check_dim("query", query, 0, batch, "B (the batch of x)", "(B, d_k)")
+    _check_dim("query", query, 1, d_k, "d_k (the width of keys)", "(B, d_k)")
+    _check_dim("bank_a", bank_a, 0, n_slots, "N (the number of keys)", "(N, S, r, d_in)")
+    _check_dim("bank_a", bank_a, 3, d_in, "d_in (the width of x)", "(N, S, r, d_in)")
+    _check_dim("bank_b", bank_b, 0, n_slots, "N (the number of keys)", "(N, S, d_s, r)")
+    _check_dim("bank_b", bank_b, 1, s, "S (as bank_a)", "(N, S, d_s, r)")
+    _check_dim("bank_b", bank_b, 3, r, "r (the rank of bank_a)", "(N, S, d_s, r)")
+    if r < 1 or s < 1:
+        raise ValueError(f"bank_a must have S >= 1 slices and rank r >= 1, got shape {_shape(bank_a)}")
+
+    for name, t in (("query", query), ("keys", keys), ("bank_a", bank_a), ("bank_b", bank_b)):
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device} but x is on {device}; all inputs must share one device")
+        if t.dtype != x_dtype and not (x_dtype in _HALF and t.dtype == torch.float32):
+            allowed = f"{x_dtype} or torch.float32" if x_dtype in _HALF else str(x_dtype)
+            raise TypeError(f"{name} has dtype {t.dtype}; with x of dtype {x_dtype} it must be {allowed}")
+
+    offsets = list(slice_offsets)
+    if len(offsets) != s:
+        raise ValueError(f"slice_offsets has {len(offsets)} entries but bank_a/bank_b have S = {s} slices")
+    d_s = bank_b.shape[2]
+    for off in offsets:
+        if not isinstance(off, int) or isinstance(off, bool):
+            raise TypeError(f"slice_offsets must be ints, got {offsets!r}")
+        if off < 0 or off + d_s > d_out:
+            raise ValueError(
+                f"slice_offsets: slice [{off}, {off + d_s}) of width d_s = {d_s} must fit in d_out = {d_out}"
+            )
+    ordered = sorted(offsets)
+    for lo, hi in zip(ordered, ordered[1:]):
+        if hi < lo + d_s:
+            raise ValueError(f"slice_offsets {offsets} give overlapping slices of width d_s = {d_s}")
+
+    if separation not in SEPARATIONS:
+        raise ValueError(f"unknown separation {separation!r}; expected one of {SEPARATIONS}")
+    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
+        raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
+    if not (isinstance(scale, (int, float)) and math.isfinite(scale)):
+        raise ValueError(f"scale must be a finite number, got {scale!r}")
+
+
+def _check_x(x: torch.Tensor) -> None:
+    _check_rank("x", x, 3, "(B, T, d_in)")
+    if x.dtype not in _FLOATS:
+        raise TypeError(f"x must be float32, float64, float16 or bfloat16, got {x.dtype}")
+
+
+def check_mira_linear(x, weight, bias, query, keys, bank_a, bank_b, slice_offsets, separation, scale, eps) -> None:
+    _check_x(x)
+    _check_rank("weight", weight, 2, "(d_out, d_in)")
+    _check_dim("weight", weight, 1, x.shape[2], "d_in (the width of x)", "(d_out, d_in)")
+    d_out = weight.shape[0]
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is None:
+            continue
+        if t.dtype != x.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but x has {x.dtype}; x, weight and bias share one dtype")
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}; all inputs must share one device")
+    if bias is not None:
+        _check_rank("bias", bias, 1, "(d_out,)")
+        _check_dim("bias", bias, 0, d_out, "d_out (the rows of weight)", "(d_out,)")
+    check_memory(
+        x.dtype, x.device, x.shape[2], query, keys, bank_a, bank_b, x.shape[0], slice_offsets, d_out,
+        separation, scale, eps,
+    )
+
+
+def check_mira_adapter(out, x, query, keys, bank_a, bank_b, slice_offsets, separation, scale, eps) -> None:
+    _check_x(x)
+    _check_rank("out", out, 3, "(B, T, d_out)")
+    if out.dtype != x.dtype:
+        raise TypeError(f"out has dtype {out.dtype} but x has {x.dtype}; they must match")
+    if out.device != x.device:
+        raise ValueError(f"out is on {out.device} but x is on {x.device}; all inputs must share one device")
+    _check_dim("out", out, 0, x.shape[0], "B (the batch of x)", "(B, T, d_out)")
+    _check_dim("out", out, 1, x.shape[1], "T (the tokens of x)", "(B, T, d_out)")
+    check_memory(
+        x.dtype, x.device, x.shape[2], query, keys, bank_a, bank_b, x.shape[0], slice_offsets, out.shape[2],
+        separation, scale, eps,
+    )
+
+
+def check_finite(**tensors: torch.Tensor | None) -> None:
+    """Raises ValueError naming the first input that holds inf or NaN (scans the data)."""
+    for name, t in tensors.items():
+        if t is not None and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{name} contains inf or NaN (MIRA_CHECK_FINITE is on)")

@@ -1,0 +1,192 @@
+"""Backend routing: the one mechanism that decides which implementation runs a MIRA op.
+
+Four backends implement the same contract (``docs/contract.md``):
+
+``reference``  plain PyTorch (:mod:`mira_kernels.reference`), any device; the specification.
+``cpu``        the C++ CPU kernel in ``csrc/cpu/`` (needs the built extension).
+``triton``     the Triton kernels in :mod:`mira_kernels.triton`, CUDA tensors.
+``cuda``       the CUDA C++ kernels in ``csrc/cuda/`` (needs the extension built with CUDA).
+
+Exactly one kernel is registered per dispatch key for each public op (see :mod:`mira_kernels.ops`);
+it routes to a backend by name. The public functions resolve that name *before* entering the
+op, so it is read at call time in eager and at trace time under ``torch.compile``:
+
+1. the innermost :func:`use_backend` block, else the ``MIRA_BACKEND`` environment variable;
+   a forced backend that cannot run on the tensors' device raises ``RuntimeError``;
+2. otherwise the default for the device: CPU -> ``cpu`` if built, else ``reference``;
+   CUDA -> ``triton``, else ``cuda``, else ``reference``. Falling back to ``reference`` because
+   a native part is missing warns once.
+
+A backend implementation is any object with three callables whose positional arguments are
+the op schema's (``csrc/mira_ops.cpp``) minus the trailing ``backend``::
+
+    mira_linear(x, weight, bias, query, keys, bank_a, bank_b, slice_offsets, separation, scale, eps) -> y
+    mira_linear_backward(grad_out, x, weight, query, keys, bank_a, bank_b, slice_offsets,
+                         separation, scale, eps, output_mask) -> (dx, dquery, dkeys, dbank_a, dbank_b)
+    mira_adapter_(out, x, query, keys, bank_a, bank_b, slice_offsets, separation, scale, eps) -> None
+
+The backward may return None for a gradient ``output_mask`` does not ask for.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import torch
+
+from . import _config, _extension, reference
+
+__all__ = ["BACKENDS", "available_backends", "use_backend", "resolve_backend", "implementation"]
+
+BACKENDS = ("reference", "cpu", "triton", "cuda")
+
+_DEFAULT_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("triton", "cuda", "reference")}
+
+use_backend = _config.use_backend
+
+
+@dataclass(frozen=True)
+class _Backend:
+    device_types: tuple[str, ...]
+    # Returns None when the backend can run on that device type, else the reason it cannot.
+    unavailable_reason: Callable[[str], str | None]
+    load: Callable[[], object]
+
+
+def _reference_impl() -> object:
+    def linear(x, weight, bias, query, keys, bank_a, bank_b, slice_offsets, separation, scale, eps):
+        return reference.mira_linear(
+            x, weight, bias, query, keys, bank_a, bank_b,
+            slice_offsets=slice_offsets, separation=separation, scale=scale, eps=eps,
+        )
+
+    def linear_backward(grad_out, x, weight, query, keys, bank_a, bank_b, slice_offsets, separation, scale, eps,
+                        output_mask):
+        return reference.mira_linear_backward(
+            grad_out, x, weight, query, keys, bank_a, bank_b, slice_offsets=slice_offsets,
+            separation=separation, scale=scale, eps=eps, output_mask=output_mask,
+        )
+
+    def adapter_(out, x, query, keys, bank_a, bank_b, slice_offsets, separation, scale, eps):
+        reference.mira_adapter_(
+            out, x, query, keys, bank_a, bank_b,
+            slice_offsets=slice_offsets, separation=separation, scale=scale, eps=eps,
+        )
+
+    return SimpleNamespace(mira_linear=linear, mira_linear_backward=linear_backward, mira_adapter_=adapter_)
+
+
+def _native_impl(prefix: str) -> Callable[[], object]:
+    # The C++ backends are private ops (``mira::_cpu_mira_linear`` ...) whose schemas equal the
+    # backend interface, so the ops themselves are the implementation.
+    def load():
+        ops = torch.ops.mira
+        return SimpleNamespace(
+            mira_linear=getattr(ops, f"{prefix}mira_linear"),
+            mira_linear_backward=getattr(ops, f"{prefix}mira_linear_backward"),
+            mira_adapter_=getattr(ops, f"{prefix}mira_adapter_"),
+        )
+
+    return load
+
+
+def _native_reason(op: str, dispatch_key: str, what: str) -> Callable[[str], str | None]:
+    def reason(device_type: str) -> str | None:
+        if not _extension.has_kernel(op, dispatch_key):
+            return f"the extension mira_kernels._C was built without {what}" + _extension.load_error_suffix()
+        if device_type == "cuda" and not torch.cuda.is_available():
+            return "no CUDA device is available"
+        return None
+
+    return reason
+
+
+def _reference_reason(device_type: str) -> str | None:
+    if device_type == "cuda" and not torch.cuda.is_available():
+        return "no CUDA device is available"
+    return None
+
+
+def _triton_reason(device_type: str) -> str | None:
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    if not torch.cuda.is_available():
+        return "no CUDA device is available"
+    return importlib.import_module("mira_kernels.triton").unavailable_reason()
+
+
+def _triton_load() -> object:
+    return importlib.import_module("mira_kernels.triton")
+
+
+_REGISTRY: dict[str, _Backend] = {
+    "reference": _Backend(("cpu", "cuda"), _reference_reason, _reference_impl),
+    "cpu": _Backend(("cpu",), _native_reason("_cpu_mira_linear", "CPU", "its CPU kernel"), _native_impl("_cpu_")),
+    "triton": _Backend(("cuda",), _triton_reason, _triton_load),
+    "cuda": _Backend(("cuda",), _native_reason("_cuda_mira_linear", "CUDA", "CUDA"), _native_impl("_cuda_")),
+}
+
+_loaded: dict[str, object] = {}
+_warned_fallback: set[str] = set()
+
+
+def _device_type(device: torch.device | str) -> str:
+    return torch.device(device).type
+
+
+def _reason(name: str, device_type: str) -> str | None:
+    backend = _REGISTRY[name]
+    if device_type not in backend.device_types:
+        return f"it runs on {' / '.join(backend.device_types)} tensors, not {device_type}"
+    return backend.unavailable_reason(device_type)
+
+
+def available_backends(device: torch.device | str = "cpu") -> list[str]:
+    """Names of the backends that can run MIRA ops on tensors of ``device`` on this machine."""
+    device_type = _device_type(device)
+    return [name for name in BACKENDS if _reason(name, device_type) is None]
+
+
+def resolve_backend(device: torch.device | str) -> str:
+    """The backend a MIRA op on ``device`` runs with now (see the module docstring)."""
+    device_type = _device_type(device)
+    forced = _config.requested_backend()
+    if forced is not None:
+        if forced not in _REGISTRY:
+            raise ValueError(f"unknown MIRA backend {forced!r} (from use_backend or MIRA_BACKEND); expected one of {BACKENDS}")
+        reason = _reason(forced, device_type)
+        if reason is not None:
+            raise RuntimeError(f"MIRA backend {forced!r} was requested for {device_type} tensors but cannot run: {reason}")
+        return forced
+    order = _DEFAULT_ORDER.get(device_type, ("reference",))
+    skipped = []
+    for name in order:
+        reason = _reason(name, device_type)
+        if reason is None:
+            if skipped and name == "reference" and device_type not in _warned_fallback:
+                _warned_fallback.add(device_type)
+                details = "; ".join(f"{n}: {r}" for n, r in skipped)
+                warnings.warn(
+                    f"mira_kernels: no native backend for {device_type} tensors ({details}); "
+                    "falling back to the plain-PyTorch reference, which is correct but slow.",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+            return name
+        skipped.append((name, reason))
+    raise RuntimeError(f"no MIRA backend can run on {device_type} tensors")
+
+
+def implementation(name: str) -> object:
+    """The implementation object of backend ``name`` (loaded on first use)."""
+    impl = _loaded.get(name)
+    if impl is None:
+        if name not in _REGISTRY:
+            raise ValueError(f"unknown MIRA backend {name!r}; expected one of {BACKENDS}")
+        impl = _loaded[name] = _REGISTRY[name].load()
+    return impl

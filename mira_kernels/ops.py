@@ -1,0 +1,274 @@
+"""The public MIRA ops: typed wrappers, per-dispatch-key routing kernels, fake kernels, autograd.
+
+The schemas live once, in C++ (``csrc/mira_ops.cpp``). This module registers, for each public
+op, one kernel per dispatch key (CPU, CUDA) that routes to a backend by name
+(:mod:`mira_kernels.backends`), the fake (meta) kernels that ``torch.compile`` traces with, and
+the autograd formula of ``mira_linear`` (one backward op that returns every gradient).
+
+What the forward saves: only its inputs. The backward recomputes scores, weights, mixed
+factors and the shrink ``x A_b^T`` (together about ``S*r*(d_in + d_s)`` MACs per token, under 1%
+of the base projection), so training needs no activation memory beyond the inputs the base
+projection saves anyway.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import operator
+from collections.abc import Sequence
+
+import torch
+
+from . import _config, _extension, _validation, backends, reference
+from .reference import DEFAULT_EPS
+
+__all__ = ["mira_linear", "mira_adapter_", "retrieval_weights"]
+
+_GRAD_INPUTS = ("x", "query", "keys", "bank_a", "bank_b")
+
+
+def _offsets(slice_offsets: Sequence[int]) -> list[int]:
+    try:
+        return [operator.index(o) for o in slice_offsets]
+    except TypeError:
+        raise TypeError(f"slice_offsets must be a sequence of ints, got {slice_offsets!r}") from None
+
+
+def _autocast_inputs(x, weight, bias, memory):
+    """Under torch.autocast: x/weight/bias to the autocast dtype, the memory side to float32.
+
+    Returns the cast tensors (unchanged when autocast is off for x's device).
+    """
+    device_type = x.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return x, weight, bias, memory
+    dtype = torch.get_autocast_dtype(device_type)
+
+    def cast(t, to):
+        return t if t is None or t.dtype == to else t.to(to)
+
+    memory_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    return cast(x, dtype), cast(weight, dtype), cast(bias, dtype), [cast(t, memory_dtype) for t in memory]
+
+
+@contextlib.contextmanager
+def _autocast_off(device_type: str):
+    # Backends choose their own precisions; autocast must not re-cast the ops they call.
+    if torch.is_autocast_enabled(device_type):
+        with torch.autocast(device_type, enabled=False):
+            yield
+    else:
+        yield
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-dispatch-key kernels: one per key, routing by backend name.
+# ----------------------------------------------------------------------------------------------
+
+
+def _impl_for(backend: str, device: torch.device):
+    if backend == "auto":  # direct torch.ops.mira.* calls that did not resolve a name
+        backend = backends.resolve_backend(device)
+    return backends.implementation(backend)
+
+
+def _linear_kernel(x, weight, bias, query, keys, bank_a, bank_b, slice_offsets, separation, scale, eps, backend):
+    impl = _impl_for(backend, x.device)
+    with _autocast_off(x.device.type):
+        return impl.mira_linear(x, weight, bias, query, keys, bank_a, bank_b, slice_offsets, separation, scale, eps)
+
+
+def _linear_backward_kernel(
+    grad_out, x, weight, query, keys, bank_a, bank_b, slice_offsets, separation, scale, eps, output_mask, backend
+):
+    impl = _impl_for(backend, x.device)
+    with _autocast_off(x.device.type):
+        grads = impl.mira_linear_backward(
+            grad_out, x, weight, query, keys, bank_a, bank_b, slice_offsets, separation, scale, eps, output_mask
+        )
+    # The schema returns Tensors: a gradient not asked for is an empty tensor.
+    return tuple(g if g is not None else x.new_empty(0) for g in grads)
+
+
+def _adapter_kernel(out, x, query, keys, bank_a, bank_b, slice_offsets, separation, scale, eps, backend):
+    impl = _impl_for(backend, x.device)
+    with _autocast_off(x.device.type):
+        impl.mira_adapter_(out, x, query, keys, bank_a, bank_b, slice_offsets, separation, scale, eps)
+
+
+def _linear_fake(x, weight, bias, query, keys, bank_a, bank_b, slice_offsets, separation, scale, eps, backend):
+    return x.new_empty(x.shape[0], x.shape[1], weight.shape[0])
+
+
+def _linear_backward_fake(
+    grad_out, x, weight, query, keys, bank_a, bank_b, slice_offsets, separation, scale, eps, output_mask, backend
+):
+    like = (x, query, keys, bank_a, bank_b)
+    return tuple(torch.empty_like(t) if need else x.new_empty(0) for t, need in zip(like, output_mask))
+
+
+def _adapter_fake(out, x, query, keys, bank_a, bank_b, slice_offsets, separation, scale, eps, backend):
+    return None
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, query, keys, bank_a, bank_b, slice_offsets, separation, scale, eps, backend = inputs
+    ctx.save_for_backward(x, weight, query, keys, bank_a, bank_b)
+    ctx.config = (slice_offsets, separation, scale, eps, backend)
+
+
+def _linear_backward(ctx, grad_out):
+    x, weight, query, keys, bank_a, bank_b = ctx.saved_tensors
+    slice_offsets, separation, scale, eps, backend = ctx.config
+    need = ctx.needs_input_grad
+    if need[1] or need[2]:
+        raise RuntimeError(
+            "mira_linear: weight and bias are the frozen base projection and get no gradient; "
+            "call weight.requires_grad_(False) (and bias) or use a plain nn.Linear to train them"
+        )
+    output_mask = [need[0], need[3], need[4], need[5], need[6]]
+    grads = torch.ops.mira.mira_linear_backward(
+        grad_out.contiguous(), x, weight, query, keys, bank_a, bank_b, slice_offsets, separation, scale, eps,
+        output_mask, backend,
+    )
+    dx, dq, dk, da, db = (g if m else None for g, m in zip(grads, output_mask))
+    return dx, None, None, dq, dk, da, db, None, None, None, None, None
+
+
+if _extension.loaded:
+    _lib = torch.library.Library("mira", "IMPL")
+    for _key in ("CPU", "CUDA"):
+        _lib.impl("mira_linear", _linear_kernel, _key)
+        _lib.impl("mira_linear_backward", _linear_backward_kernel, _key)
+        _lib.impl("mira_adapter_", _adapter_kernel, _key)
+    torch.library.register_fake("mira::mira_linear", _linear_fake)
+    torch.library.register_fake("mira::mira_linear_backward", _linear_backward_fake)
+    torch.library.register_fake("mira::mira_adapter_", _adapter_fake)
+    torch.library.register_autograd("mira::mira_linear", _linear_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------
+# Public functions.
+# ----------------------------------------------------------------------------------------------
+
+
+def mira_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    bank_a: torch.Tensor,
+    bank_b: torch.Tensor,
+    *,
+    slice_offsets: Sequence[int],
+    separation: str = "affine",
+    scale: float = 1.0,
+    eps: float = DEFAULT_EPS,
+) -> torch.Tensor:
+    """A frozen linear projection with MIRA's per-sample adapter fused in.
+
+    ``y = x W^T + bias``; then for every slice s, ``y[..., off_s:off_s+d_s] += scale * (x A_b,s^T) B_b,s^T``
+    where ``A_b = sum_n w[b,n] bank_a[n]``, ``B_b = sum_n w[b,n] bank_b[n]`` and
+    ``w = sep(cos(query, keys))``. Contract: ``docs/contract.md``.
+
+    Args:
+        x: (B, T, d_in) tokens; float32, float64, float16 or bfloat16.
+        weight: (d_out, d_in) frozen weight, x's dtype (no gradient).
+        bias: (d_out,) frozen bias or None.
+        query: (B, d_k) one query per sample.
+        keys: (N, d_k) memory keys (N may be 0).
+        bank_a: (N, S, r, d_in) stored A factors.
+        bank_b: (N, S, d_s, r) stored B factors.
+        slice_offsets: S output offsets; slices of width d_s must fit in d_out and not overlap.
+        separation: affine | softmax | relu | tanh | sigmoid | identity.
+        scale: multiplies the adapter's contribution.
+        eps: guard of the affine denominator: |sum s| is clamped to >= eps, sign kept.
+
+    Returns:
+        (B, T, d_out) tensor of x's dtype. Differentiable in x, query, keys, bank_a, bank_b.
+    """
+    slice_offsets = _offsets(slice_offsets)
+    x, weight, bias, (query, keys, bank_a, bank_b) = _autocast_inputs(x, weight, bias, (query, keys, bank_a, bank_b))
+    _validation.check_mira_linear(x, weight, bias, query, keys, bank_a, bank_b, slice_offsets, separation, scale, eps)
+    if torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad)):
+        raise RuntimeError(
+            "mira_linear: weight and bias are the frozen base projection and get no gradient, but "
+            "requires_grad is set on them; freeze them (requires_grad_(False)) or run under torch.no_grad()"
+        )
+    if _config.check_finite_enabled():
+        _validation.check_finite(x=x, weight=weight, bias=bias, query=query, keys=keys, bank_a=bank_a, bank_b=bank_b)
+    backend = backends.resolve_backend(x.device)
+    if not _extension.loaded:  # the router already warned that it fell back
+        return reference.mira_linear(
+            x, weight, bias, query, keys, bank_a, bank_b,
+            slice_offsets=slice_offsets, separation=separation, scale=scale, eps=eps,
+        )
+    return torch.ops.mira.mira_linear(
+        x, weight, bias, query, keys, bank_a, bank_b, slice_offsets, separation, float(scale), float(eps), backend
+    )
+
+
+def mira_adapter_(
+    out: torch.Tensor,
+    x: torch.Tensor,
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    bank_a: torch.Tensor,
+    bank_b: torch.Tensor,
+    *,
+    slice_offsets: Sequence[int],
+    separation: str = "affine",
+    scale: float = 1.0,
+    eps: float = DEFAULT_EPS,
+) -> torch.Tensor:
+    """Adds MIRA's per-sample update in place into an existing projection output ``out``.
+
+    Inference only (no autograd). ``out`` is (B, T, d_out) with x's dtype; other arguments as
+    :func:`mira_linear`. Returns ``out``. A separate pass re-reads x and read-modify-writes the
+    slices of ``out``; :func:`mira_linear` avoids that traffic by fusing the two.
+    """
+    slice_offsets = _offsets(slice_offsets)
+    _validation.check_mira_adapter(out, x, query, keys, bank_a, bank_b, slice_offsets, separation, scale, eps)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (out, x, query, keys, bank_a, bank_b)):
+        raise RuntimeError(
+            "mira_adapter_ is inference-only and has no autograd; use mira_linear for training, "
+            "or call it under torch.no_grad() / torch.inference_mode()"
+        )
+    if _config.check_finite_enabled():
+        _validation.check_finite(out=out, x=x, query=query, keys=keys, bank_a=bank_a, bank_b=bank_b)
+    backend = backends.resolve_backend(x.device)
+    if not _extension.loaded:
+        reference.mira_adapter_(
+            out, x, query, keys, bank_a, bank_b,
+            slice_offsets=slice_offsets, separation=separation, scale=scale, eps=eps,
+        )
+        return out
+    torch.ops.mira.mira_adapter_(
+        out, x, query, keys, bank_a, bank_b, slice_offsets, separation, float(scale), float(eps), backend
+    )
+    return out
+
+
+def retrieval_weights(
+    query: torch.Tensor, keys: torch.Tensor, *, separation: str = "affine", eps: float = DEFAULT_EPS
+) -> torch.Tensor:
+    """The association matrix w = sep(cos(query, keys)), (B, N), differentiable.
+
+    Computed in plain PyTorch (it is O(B N d_k), tiny next to the projection): float32 for
+    16-bit inputs, else the inputs' dtype.
+    """
+    _validation._check_rank("query", query, 2, "(B, d_k)")
+    _validation._check_rank("keys", keys, 2, "(N, d_k)")
+    if query.shape[1] != keys.shape[1]:
+        raise ValueError(f"query (B, d_k) and keys (N, d_k) must share d_k, got {tuple(query.shape)} and {tuple(keys.shape)}")
+    if query.device != keys.device:
+        raise ValueError(f"query is on {query.device} but keys are on {keys.device}")
+    for name, t in (("query", query), ("keys", keys)):
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating tensor, got {t.dtype}")
+    if separation not in reference.SEPARATIONS:
+        raise ValueError(f"unknown separation {separation!r}; expected one of {reference.SEPARATIONS}")
+    if not eps > 0:
+        raise ValueError(f"eps must be > 0, got {eps!r}")
+    return reference.retrieval_weights(query, keys, separation=separation, eps=eps)

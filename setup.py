@@ -1,0 +1,86 @@
+"""Builds mira_kernels._C: the op schemas and the C++ CPU kernel always, CUDA kernels when possible.
+
+Install without build isolation so the torch already in the environment is built against and
+not reinstalled:  ``pip install --no-build-isolation -e .``  (the Makefile does this).
+
+Switches (environment variables, read here only):
+  MIRA_BUILD_CUDA       auto (default): build csrc/cuda/*.cu if nvcc and a CUDA build of torch exist;
+                        1: require the CUDA part (fail if impossible);  0: skip it.
+  TORCH_CUDA_ARCH_LIST  GPU targets; default "8.0;9.0+PTX" (sm_80, sm_90, and PTX for newer GPUs).
+  MAX_JOBS              parallel compile jobs (ninja).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import sys
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_ARCHS = "8.0;9.0+PTX"
+
+
+def _sources(pattern: str) -> list[str]:
+    # Relative paths: setuptools rejects absolute ones in an editable install.
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+
+
+def _cuda_decision(torch, cpp_extension) -> tuple[bool, str]:
+    mode = os.environ.get("MIRA_BUILD_CUDA", "auto").strip().lower()
+    if mode not in {"auto", "1", "0"}:
+        sys.exit(f"MIRA_BUILD_CUDA must be auto, 1 or 0, got {mode!r}")
+    if mode == "0":
+        return False, "skipped (MIRA_BUILD_CUDA=0)"
+    missing = []
+    if not _sources("csrc/cuda/*.cu"):
+        missing.append("no csrc/cuda/*.cu sources")
+    if torch.version.cuda is None:
+        missing.append("torch is a CPU-only build")
+    if cpp_extension.CUDA_HOME is None:
+        missing.append("no CUDA toolkit (nvcc) found")
+    if missing:
+        if mode == "1":
+            sys.exit("MIRA_BUILD_CUDA=1 but the CUDA part cannot be built: " + "; ".join(missing))
+        return False, "not built: " + "; ".join(missing)
+    return True, f"built with {cpp_extension.CUDA_HOME} for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}"
+
+
+def _extensions():
+    import torch
+    from torch.utils import cpp_extension
+
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
+    with_cuda, cuda_note = _cuda_decision(torch, cpp_extension)
+
+    cpp_sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
+    # No -march=native: a wheel built here must run on any x86-64. The CPU kernel compiles its
+    # hot loops once per instruction set (function target attributes) and picks one at run time.
+    cxx_flags = ["-O3", "-std=c++20", "-fvisibility=hidden", "-Wall", "-Wno-unused-function"]
+    include_dirs = [os.path.join(ROOT, "csrc")]
+    kwargs = dict(name="mira_kernels._C", include_dirs=include_dirs, py_limited_api=False)
+    if with_cuda:
+        cu_sources = _sources("csrc/cuda/*.cu")
+        nvcc_flags = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"]
+        ext = cpp_extension.CUDAExtension(
+            sources=cpp_sources + cu_sources,
+            extra_compile_args={"cxx": cxx_flags + ["-DMIRA_WITH_CUDA"], "nvcc": nvcc_flags + ["-DMIRA_WITH_CUDA"]},
+            **kwargs,
+        )
+    else:
+        ext = cpp_extension.CppExtension(sources=cpp_sources, extra_compile_args={"cxx": cxx_flags}, **kwargs)
+
+    print(
+        "mira_kernels build configuration:\n"
+        f"  torch        {torch.__version__} (CUDA {torch.version.cuda})\n"
+        f"  C++ sources  {', '.join(cpp_sources)}\n"
+        f"  CUDA part    {cuda_note}\n"
+        f"  C++ flags    {' '.join(cxx_flags)}",
+        flush=True,
+    )
+    return [ext], cpp_extension.BuildExtension.with_options(use_ninja=True)
+
+
+ext_modules, build_ext = _extensions()
+setup(ext_modules=ext_modules, cmdclass={"build_ext": build_ext})
