@@ -57,6 +57,8 @@ def check_memory(
     _check_rank("bank_b", bank_b, 4, "(N, S, d_s, r)")
     n_slots, d_k = keys.shape
     n, s, r, _ = bank_a.shape
+    if r < 1 or s < 1:
+        raise ValueError(f"bank_a must have S >= 1 slices and rank r >= 1, got shape {_shape(bank_a)}")
     _check_dim("query", query, 0, batch, "B (the batch of x)", "(B, d_k)")
     _check_dim("query", query, 1, d_k, "d_k (the width of keys)", "(B, d_k)")
     _check_dim("bank_a", bank_a, 0, n_slots, "N (the number of keys)", "(N, S, r, d_in)")
@@ -64,8 +66,6 @@ def check_memory(
     _check_dim("bank_b", bank_b, 0, n_slots, "N (the number of keys)", "(N, S, d_s, r)")
     _check_dim("bank_b", bank_b, 1, s, "S (as bank_a)", "(N, S, d_s, r)")
     _check_dim("bank_b", bank_b, 3, r, "r (the rank of bank_a)", "(N, S, d_s, r)")
-    if r < 1 or s < 1:
-        raise ValueError(f"bank_a must have S >= 1 slices and rank r >= 1, got shape {_shape(bank_a)}")
 
     for name, t in (("query", query), ("keys", keys), ("bank_a", bank_a), ("bank_b", bank_b)):
         if t.device != device:

@@ -152,6 +152,9 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
     return [name for name in BACKENDS if _reason(name, device_type) is None]
 
 
+# Under torch.compile the choice is made once, when the call is traced, and baked into the graph:
+# changing MIRA_BACKEND or use_backend afterwards does not recompile (call torch._dynamo.reset()).
+@torch.compiler.assume_constant_result
 def resolve_backend(device: torch.device | str) -> str:
     """The backend a MIRA op on ``device`` runs with now (see the module docstring)."""
     device_type = _device_type(device)
