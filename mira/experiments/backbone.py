@@ -1,0 +1,160 @@
+"""The frozen backbone: a tiny timm ViT that this package pre-trains itself on digits.
+
+No pretrained weights can be downloaded on the machines this runs on, so the backbone is
+trained here, once, on the ``pretrain`` split of :mod:`mira.experiments.data` (599 upright
+digits, 1/3 of ``load_digits``, disjoint from every experiment image) with plain supervised
+cross-entropy and +-1 pixel random shifts. It never sees rotated, inverted, noisy or thickened
+digits, so those domains are genuine shifts for it. The checkpoint is cached outside the repo
+(``$MIRA_EXPERIMENTS_CACHE`` or ``~/.cache/mira-kernels``), keyed by the configuration, so
+repeated local runs skip pre-training; CI starts clean and pays for it (a few seconds).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+
+from .data import IMAGE_SIZE, digits_pretrain
+
+__all__ = ["BackboneConfig", "cache_dir", "create_backbone", "load_pretrained_backbone", "features"]
+
+
+@dataclasses.dataclass(frozen=True)
+class BackboneConfig:
+    """Architecture and pre-training schedule of the digits ViT (timm ``VisionTransformer``)."""
+
+    img_size: int = IMAGE_SIZE
+    patch_size: int = 4
+    embed_dim: int = 64
+    depth: int = 4
+    num_heads: int = 4
+    mlp_ratio: float = 2.0
+    epochs: int = 60
+    batch_size: int = 64
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.img_size % self.patch_size:
+            raise ValueError("img_size must be a multiple of patch_size")
+        if self.embed_dim % self.num_heads:
+            raise ValueError("embed_dim must be a multiple of num_heads")
+
+    def key(self) -> str:
+        blob = json.dumps(dataclasses.asdict(self), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def cache_dir() -> str:
+    path = os.environ.get("MIRA_EXPERIMENTS_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "mira-kernels")
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def create_backbone(cfg: BackboneConfig, num_classes: int = 10) -> torch.nn.Module:
+    """A randomly initialised timm ViT with a CLS token, one grey input channel."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    return VisionTransformer(
+        img_size=cfg.img_size,
+        patch_size=cfg.patch_size,
+        in_chans=1,
+        num_classes=num_classes,
+        embed_dim=cfg.embed_dim,
+        depth=cfg.depth,
+        num_heads=cfg.num_heads,
+        mlp_ratio=cfg.mlp_ratio,
+        qkv_bias=True,
+        class_token=True,
+        global_pool="token",
+    )
+
+
+def normalize(x: torch.Tensor) -> torch.Tensor:
+    """Images in [0, 1] -> the backbone's input range [-1, 1]."""
+    return x * 2.0 - 1.0
+
+
+def features(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """(B, 1, H, W) images in [0, 1] -> (B, embed_dim) pre-logits (final-norm CLS token)."""
+    return model.forward_head(model.forward_features(normalize(x)), pre_logits=True)
+
+
+def _random_shift(x: torch.Tensor, gen: torch.Generator, max_shift: int = 1) -> torch.Tensor:
+    # One shift per batch is enough augmentation for 599 images and costs nothing.
+    dx, dy = (torch.randint(-max_shift, max_shift + 1, (2,), generator=gen)).tolist()
+    padded = F.pad(x, (max_shift,) * 4)
+    h, w = x.shape[-2:]
+    return padded[..., max_shift + dy : max_shift + dy + h, max_shift + dx : max_shift + dx + w]
+
+
+def pretrain_backbone(cfg: BackboneConfig, progress: bool = False) -> tuple[torch.nn.Module, dict]:
+    """Train the backbone on the pretrain split; returns (model in eval mode, info dict)."""
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    model = create_backbone(cfg)
+    x, y = digits_pretrain()
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = (len(x) + cfg.batch_size - 1) // cfg.batch_size
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch)
+    t0 = time.perf_counter()
+    it = range(cfg.epochs)
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(it, desc="pretrain backbone", leave=False)
+    model.train()
+    for _ in it:
+        perm = torch.randperm(len(x), generator=gen)
+        for i in range(0, len(x), cfg.batch_size):
+            idx = perm[i : i + cfg.batch_size]
+            loss = F.cross_entropy(model(normalize(_random_shift(x[idx], gen))), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    model.eval()
+    with torch.no_grad():
+        train_acc = (model(normalize(x)).argmax(-1) == y).float().mean().item()
+    info = {"pretrain_seconds": time.perf_counter() - t0, "pretrain_train_acc": train_acc, "cached": False}
+    return model, info
+
+
+def load_pretrained_backbone(cfg: BackboneConfig | None = None, *, use_cache: bool = True,
+                             progress: bool = False) -> tuple[torch.nn.Module, dict]:
+    """The frozen, pre-trained backbone (from cache when present) and an info dict.
+
+    The returned model is in eval mode with ``requires_grad=False`` everywhere; its own
+    classifier head is kept (tasks use their own heads on :func:`features`).
+    """
+    cfg = cfg or BackboneConfig()
+    path = os.path.join(cache_dir(), f"digits_vit_{cfg.key()}.pt")
+    model = None
+    info: dict = {}
+    if use_cache and os.path.exists(path):
+        try:
+            blob = torch.load(path, map_location="cpu", weights_only=True)
+            model = create_backbone(cfg)
+            model.load_state_dict(blob["state_dict"])
+            info = dict(blob["info"], cached=True)
+        except Exception:  # a truncated or stale file: train again rather than fail
+            model = None
+    if model is None:
+        model, info = pretrain_backbone(cfg, progress=progress)
+        if use_cache:
+            tmp = f"{path}.{os.getpid()}.tmp"
+            torch.save({"state_dict": model.state_dict(), "info": info, "config": dataclasses.asdict(cfg)}, tmp)
+            os.replace(tmp, path)  # atomic: concurrent runs never read a half-written file
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    info["config"] = dataclasses.asdict(cfg)
+    info["cache_path"] = path
+    return model, info

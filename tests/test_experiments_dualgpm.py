@@ -1,0 +1,97 @@
+"""DualGPM: projected gradients are orthogonal to the stored basis; the basis grows and stays orthonormal."""
+
+import pytest
+import torch
+
+from mira.experiments.dualgpm import GradientProjectionMemory, ProjectedParameter
+
+
+def _low_rank(n, d, k, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, k, generator=g) @ torch.randn(k, d, generator=g)
+
+
+def _assert_orthonormal(u):
+    eye = torch.eye(u.shape[1], dtype=u.dtype)
+    torch.testing.assert_close(u.T @ u, eye, atol=1e-10, rtol=0)
+
+
+def test_projected_gradient_is_orthogonal_to_basis():
+    gpm = GradientProjectionMemory(threshold=0.9)
+    gpm.update("w", _low_rank(40, 16, 3, seed=0))
+    basis = gpm.basis("w")
+    assert 1 <= basis.shape[1] <= 3
+    grad = torch.randn(7, 16, dtype=torch.float64)
+    before = grad.clone()
+    gpm.project_("w", grad)
+    assert (grad @ basis).abs().max() < 1e-10
+    # only the protected component was removed: the rest is untouched
+    torch.testing.assert_close(grad, before - before @ basis @ basis.T)
+
+
+def test_basis_grows_and_stays_orthonormal_across_tasks_and_dual_switch():
+    d = 12
+    gpm = GradientProjectionMemory(threshold=0.99)
+    ranks = []
+    for task in range(5):
+        gpm.update("keys", _low_rank(30, d, 2, seed=10 + task))
+        ranks.append(gpm.rank("keys"))
+        _assert_orthonormal(gpm.basis("keys"))
+    assert ranks == sorted(ranks) and ranks[-1] > ranks[0]
+    # with 10 directions in R^12 the memory switched to storing the 2-d complement
+    assert ranks[-1] > d // 2 and gpm.is_dual("keys")
+    grad = torch.randn(5, d, dtype=torch.float64)
+    gpm.project_("keys", grad)
+    assert (grad @ gpm.basis("keys")).abs().max() < 1e-10
+
+
+def test_threshold_controls_captured_energy():
+    acts = torch.randn(200, 20, dtype=torch.float64) * torch.logspace(0, -2, 20, dtype=torch.float64)
+    for thr in (0.5, 0.7, 0.95):
+        gpm = GradientProjectionMemory(threshold=thr)
+        gpm.update("h", acts)
+        u = gpm.basis("h")
+        captured = (acts @ u).square().sum() / acts.square().sum()
+        assert captured >= thr - 1e-12
+        # minimal: one direction fewer would not reach the threshold
+        assert (acts @ u[:, :-1]).square().sum() / acts.square().sum() < thr
+
+
+def test_already_captured_activations_add_nothing():
+    gpm = GradientProjectionMemory(threshold=0.7)
+    acts = _low_rank(50, 10, 2, seed=3)
+    gpm.update("q", acts)
+    r = gpm.rank("q")
+    assert gpm.update("q", acts) == 0 and gpm.rank("q") == r
+
+
+def test_switch_off_disables_projection():
+    gpm = GradientProjectionMemory(enabled=False)
+    gpm.update("w", torch.randn(10, 4))
+    grad = torch.randn(3, 4)
+    before = grad.clone()
+    gpm.project_("w", grad)
+    assert "w" not in gpm and torch.equal(grad, before)
+
+
+def test_projected_linear_keeps_old_outputs():
+    """A linear layer (with bias) trained under projection keeps its outputs on past inputs."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(8, 3)
+    old_x = _low_rank(64, 8, 2, seed=5).float()
+    gpm = GradientProjectionMemory(threshold=0.999)
+    pp = ProjectedParameter("lin", lin.weight, lin.bias)
+    gpm.update("lin", pp.augment(old_x))
+    old_out = lin(old_x).detach()
+    w0 = lin.weight.detach().clone()
+    opt = torch.optim.SGD(lin.parameters(), lr=0.1)
+    new_x, target = torch.randn(64, 8), torch.randn(64, 3)
+    for _ in range(20):
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(lin(new_x), target).backward()
+        pp.project(gpm)
+        opt.step()
+    assert (lin(old_x) - old_out).abs().max() < 1e-3 * old_out.abs().max()
+    assert (lin.weight.detach() - w0).abs().max() > 1e-2  # it did learn, only elsewhere
+    with pytest.raises(ValueError):
+        gpm.update("lin", torch.randn(4, 5))
