@@ -1,0 +1,94 @@
+"""Backend ``triton``: the MIRA ops as Triton kernels for NVIDIA GPUs.
+
+Loaded by :mod:`mira_kernels.backends` only when the backend is used, so ``import mira_kernels``
+never imports Triton. The three callables below follow the backend interface documented there
+(the op schemas of ``csrc/mira_ops.cpp`` minus ``backend``); the kernels are in
+:mod:`.kernels`, their launch plans in :mod:`.launchers`, the configuration table in
+:mod:`.configs`. They also run on CPU tensors under the Triton interpreter
+(``TRITON_INTERPRET=1``), which is how they are tested on machines without a GPU.
+
+Slot counts above :data:`configs.MAX_SLOTS` fall back to the plain-PyTorch reference (warned
+once) rather than failing: the Triton mixing holds a sample tile's weights in registers.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from .. import reference
+from . import configs, launchers
+
+__all__ = ["unavailable_reason", "mira_linear", "mira_linear_backward", "mira_adapter_"]
+
+#: Oldest GPU generation the kernels are written and lowered for (bf16 tl.dot needs sm_80).
+MIN_CAPABILITY = (8, 0)
+
+_warned_large_n = False
+
+
+def unavailable_reason() -> str | None:
+    """None when the kernels can run on the current CUDA device, else why not."""
+    try:
+        import triton  # noqa: F401
+    except ImportError as exc:  # pragma: no cover - the router checks find_spec first
+        return f"triton failed to import: {exc}"
+    if not torch.cuda.is_available():
+        return "no CUDA device is available"
+    capability = torch.cuda.get_device_capability()
+    if capability < MIN_CAPABILITY:
+        return f"the Triton kernels need compute capability >= 8.0, this device has {capability[0]}.{capability[1]}"
+    return None
+
+
+def _fallback(keys: torch.Tensor) -> bool:
+    global _warned_large_n
+    if launchers.supports(keys):
+        return False
+    if not _warned_large_n:
+        _warned_large_n = True
+        warnings.warn(
+            f"mira_kernels triton backend: N = {keys.shape[0]} slots exceeds {configs.MAX_SLOTS}; "
+            "running the plain-PyTorch reference for these calls",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return True
+
+
+def mira_linear(x, weight, bias, query, keys, bank_a, bank_b, slice_offsets, separation, scale, eps):
+    """Forward of ``mira::mira_linear``: (B, T, d_out) in x's dtype (three kernel launches)."""
+    if _fallback(keys):
+        return reference.mira_linear(x, weight, bias, query, keys, bank_a, bank_b, slice_offsets=slice_offsets,
+                                     separation=separation, scale=scale, eps=eps)
+    y, plan = launchers.plan_linear(x, weight, bias, query, keys, bank_a, bank_b, list(slice_offsets), separation,
+                                    scale, eps)
+    launchers.run_all(plan, x.device)
+    return y
+
+
+def mira_linear_backward(grad_out, x, weight, query, keys, bank_a, bank_b, slice_offsets, separation, scale, eps,
+                         output_mask):
+    """Backward of ``mira::mira_linear``: (dx, dquery, dkeys, dbank_a, dbank_b), None where not asked."""
+    if _fallback(keys):
+        return reference.mira_linear_backward(grad_out, x, weight, query, keys, bank_a, bank_b,
+                                              slice_offsets=slice_offsets, separation=separation, scale=scale,
+                                              eps=eps, output_mask=output_mask)
+    grads, plan = launchers.plan_linear_backward(grad_out, x, weight, query, keys, bank_a, bank_b,
+                                                 list(slice_offsets), separation, scale, eps, list(output_mask))
+    launchers.run_all(plan, x.device)
+    return grads
+
+
+def mira_adapter_(out, x, query, keys, bank_a, bank_b, slice_offsets, separation, scale, eps):
+    """``mira::mira_adapter_``: adds the adapter into ``out`` in place."""
+    if _fallback(keys):
+        reference.mira_adapter_(out, x, query, keys, bank_a, bank_b, slice_offsets=slice_offsets,
+                                separation=separation, scale=scale, eps=eps)
+        return
+    target, plan = launchers.plan_adapter_(out, x, query, keys, bank_a, bank_b, list(slice_offsets), separation,
+                                           scale, eps)
+    launchers.run_all(plan, x.device)
+    if target is not out:
+        out.copy_(target)

@@ -1,0 +1,114 @@
+"""Launch configurations of the MIRA Triton kernels: a small table keyed on shapes and dtype.
+
+No autotuning: a tuning run would launch candidate kernels at first use (slow, and not
+capturable in a CUDA graph) and differs between runs. The table is written for ViT-B/16
+(T=197, d=768, qkv 768 -> 2304, r=4..64, N up to 256, B 1..256) on sm_80 / sm_90, and every entry
+is compiled ahead of time for both targets by ``tests/triton`` (no spills, shared memory fits).
+
+Tile choices, with H100 (132 SMs) in mind:
+- the fused projection GEMM uses 64-row tiles while M = B*T is small (B=1: M=197 gives 4 x 36 =
+  144 tiles of 64 x 64, about one wave), 128 x 128 x 64 with 8 warps once M is large;
+- fp32 x uses 32-wide K steps (twice the bytes per element), fp64 small tiles (DMMA m8n8k4);
+- the memory side (mixing, scores) uses 16-sample tiles, the smallest ``tl.dot`` accepts, and
+  sizes its column chunks so an (N_PAD, chunk) bank tile stays at 32 KiB.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+#: Largest slot count the Triton path holds in registers (weights of 16 samples x N_PAD slots).
+MAX_SLOTS = 512
+
+#: Per-tile dot operands are padded to this (the smallest K/N a 16-bit ``tl.dot`` lowers for).
+MIN_DOT = 16
+
+#: SM count assumed when no device is at hand (ahead-of-time plans): H100 SXM.
+DEFAULT_SMS = 132
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    """Tiles of the fused projection GEMM (``_mira_linear_fwd_kernel``)."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    group_m: int
+    num_warps: int
+    num_stages: int
+
+
+@dataclass(frozen=True)
+class RowConfig:
+    """Tiles of the row kernels (shrink, adapter expand, per-sample reductions)."""
+
+    block_m: int
+    block_k: int
+    num_warps: int
+
+
+@dataclass(frozen=True)
+class MemoryConfig:
+    """Tiles of the memory-side kernels (mix, scores backward, keys backward, bank backward)."""
+
+    block_b: int
+    block_k: int
+    block_f: int
+    n_pad: int
+    num_warps: int
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def padded(n: int) -> int:
+    """n rounded up to a power of two, at least :data:`MIN_DOT` (r, N and S*r inside ``tl.dot``)."""
+    return max(MIN_DOT, next_pow2(n))
+
+
+def gemm_config(m: int, n_out: int, k: int, dtype: torch.dtype) -> GemmConfig:
+    """Config of the fused GEMM for an (m, k) @ (k, n_out) product of x's dtype."""
+    if dtype == torch.float64:
+        return GemmConfig(32, 32, 16, 8, 4, 2)
+    if dtype == torch.float32:
+        if m <= 2048:
+            return GemmConfig(64, 64, 32, 8, 4, 3)
+        return GemmConfig(128, 128, 32, 8, 8, 3)
+    if m <= 512:
+        return GemmConfig(64, 64, 64, 8, 4, 4)
+    if m <= 4096:
+        return GemmConfig(128, 64, 64, 8, 4, 4)
+    return GemmConfig(128, 128, 64, 8, 8, 3)
+
+
+def row_config(k: int, dtype: torch.dtype) -> RowConfig:
+    """Config of the row kernels reducing over a width k (d_in, d_s or T)."""
+    if dtype == torch.float64:
+        return RowConfig(32, 32, 4)
+    return RowConfig(64, 64, 4)
+
+
+def memory_config(n_slots: int, dtype: torch.dtype) -> MemoryConfig:
+    n_pad = padded(n_slots)
+    per_elem = 8 if dtype == torch.float64 else 4
+    # Keep the (n_pad, chunk) bank / key tile at 32 KiB: chunk = 32 KiB / (n_pad * bytes).
+    chunk = max(MIN_DOT, min(128, (32 * 1024) // (n_pad * per_elem)))
+    return MemoryConfig(block_b=16, block_k=chunk, block_f=chunk, n_pad=n_pad, num_warps=4)
+
+
+def split_for(programs: int, chunks: int, sms: int) -> int:
+    """How many programs share a long loop so that about two waves cover the device."""
+    if programs <= 0 or chunks <= 0:
+        return 1
+    want = max(1, (2 * sms + programs - 1) // programs)
+    return max(1, min(want, chunks))
+
+
+def num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return DEFAULT_SMS
