@@ -34,7 +34,7 @@ demo: build
 	$(PY) -m mira_kernels.demo
 
 lint: setup
-	$(PY) -m ruff check mira_kernels mira benchmarks tests || true
+	$(PY) -m ruff check mira_kernels mira benchmarks tests
 
 clean:
 	rm -rf build $(STAMPS) mira_kernels/_C*.so *.egg-info

@@ -161,10 +161,14 @@ def resolve_backend(device: torch.device | str) -> str:
     forced = _config.requested_backend()
     if forced is not None:
         if forced not in _REGISTRY:
-            raise ValueError(f"unknown MIRA backend {forced!r} (from use_backend or MIRA_BACKEND); expected one of {BACKENDS}")
+            raise ValueError(
+                f"unknown MIRA backend {forced!r} (from use_backend or MIRA_BACKEND); expected one of {BACKENDS}"
+            )
         reason = _reason(forced, device_type)
         if reason is not None:
-            raise RuntimeError(f"MIRA backend {forced!r} was requested for {device_type} tensors but cannot run: {reason}")
+            raise RuntimeError(
+                f"MIRA backend {forced!r} was requested for {device_type} tensors but cannot run: {reason}"
+            )
         return forced
     order = _DEFAULT_ORDER.get(device_type, ("reference",))
     skipped = []

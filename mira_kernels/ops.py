@@ -261,7 +261,9 @@ def retrieval_weights(
     _validation._check_rank("query", query, 2, "(B, d_k)")
     _validation._check_rank("keys", keys, 2, "(N, d_k)")
     if query.shape[1] != keys.shape[1]:
-        raise ValueError(f"query (B, d_k) and keys (N, d_k) must share d_k, got {tuple(query.shape)} and {tuple(keys.shape)}")
+        raise ValueError(
+            f"query (B, d_k) and keys (N, d_k) must share d_k, got {tuple(query.shape)} and {tuple(keys.shape)}"
+        )
     if query.device != keys.device:
         raise ValueError(f"query is on {query.device} but keys are on {keys.device}")
     for name, t in (("query", query), ("keys", keys)):

@@ -28,6 +28,11 @@ def run_linear(inp, **kw):
     return mk.mira_linear(*inp.linear_args(), slice_offsets=inp.slice_offsets, **kw)
 
 
+def same_dtype_pytorch(inp, **kw):
+    """Plain PyTorch (the reference) at the inputs' own dtypes: the error budget's yardstick."""
+    return reference.mira_linear(*inp.linear_args(), slice_offsets=inp.slice_offsets, **kw)
+
+
 def spec_linear(inp, **kw):
     return reference.mira_linear(*inp.to(torch.float64).linear_args(), slice_offsets=inp.slice_offsets, **kw)
 
@@ -45,7 +50,7 @@ def test_forward_low_precision_within_pytorch_error(backend, dtype):
     inp = make_inputs(B=2, T=9, d_in=24, d_out=48, N=5, S=2, r=4)
     low = inp.to(dtype, torch.float32 if dtype != torch.float32 else None)
     want = spec_linear(inp)
-    assert_close_to_spec(run_linear(low), want, reference.mira_linear(*low.linear_args(), slice_offsets=low.slice_offsets))
+    assert_close_to_spec(run_linear(low), want, same_dtype_pytorch(low))
 
 
 @pytest.mark.parametrize("separation", SEPARATIONS)
@@ -134,7 +139,7 @@ def test_shapes(backend, shape):
     inp = make_inputs(**shape, dtype=torch.float32)
     got = run_linear(inp)
     assert got.shape == (inp.x.shape[0], inp.x.shape[1], inp.weight.shape[0])
-    assert_close_to_spec(got, spec_linear(inp), reference.mira_linear(*inp.linear_args(), slice_offsets=inp.slice_offsets))
+    assert_close_to_spec(got, spec_linear(inp), same_dtype_pytorch(inp))
     if shape["N"] == 0:
         assert torch.equal(got, torch.nn.functional.linear(inp.x, inp.weight, inp.bias))
 
@@ -163,7 +168,7 @@ def test_mixed_fp32_memory_with_bf16_x(backend):
     mixed = inp.to(torch.bfloat16, torch.float32).requires_grad_("query", "keys")
     y = run_linear(mixed)
     assert y.dtype == torch.bfloat16
-    assert_close_to_spec(y, spec_linear(inp), reference.mira_linear(*mixed.linear_args(), slice_offsets=mixed.slice_offsets))
+    assert_close_to_spec(y, spec_linear(inp), same_dtype_pytorch(mixed))
     gq, gk = torch.autograd.grad(y.float().sum(), [mixed.query, mixed.keys])
     assert gq.dtype == torch.float32 and gk.dtype == torch.float32 and torch.isfinite(gq).all()
 
