@@ -1,0 +1,92 @@
+"""MIRA layers for timm Vision Transformers: associative adapter memories, query modules, save/load.
+
+Every adapted layer calls the public op :func:`mira_kernels.mira_linear`, so whichever backend
+``mira_kernels`` routes to (reference, cpu, triton, cuda) serves the model.
+
+Public API (names are stable; other packages build on them)::
+
+    mira.attach(model, *, rank=4, slices=("q", "v"), query="identity", separation="affine",
+                blocks=None, capacity=None, key_dim=None, query_token="cls", query_hidden=None,
+                key_norm="unit", trainable_bank=False, scale=1.0, eps=None, slice_width=None,
+                example_input=None) -> model
+        In place: each timm ViT block gets ``block.mira_memory`` (AdapterMemory, with its query
+        module) and ``block.attn.qkv`` becomes a MiraProjection wrapping the original Linear.
+        Verified by dry runs; the backbone is frozen; the stage is "adaptation".
+    mira.detach(model) -> model                          undo attach
+    mira.memories(model) -> list[AdapterMemory]          block order
+    mira.named_memories(model) -> list[(name, AdapterMemory)]
+    mira.projections(model) -> list[MiraProjection]      block order
+    mira.set_stage(model, "adaptation" | "consolidation" | "inference", *, extra_trainable=()) -> model
+        adaptation: LoRAs train, memory bypassed; consolidation: keys + query modules (+ bank if
+        trainable_bank) train, memory used; inference: nothing trains. Everything else is frozen
+        except modules named in extra_trainable (e.g. ("head",)).
+    mira.trainable_parameters(model, stage) -> list[Parameter]     what that stage trains
+    mira.count_parameters(model) -> dict   backbone / keys / query / bank / lora / added / trainable
+    mira.write_adapters(model, keys=None, *, generator=None, reset=True) -> list[int]
+        append each block's current LoRA to its memory (Gaussian key unless given), re-init LoRA
+    mira.save_memories(model, path) / mira.load_memories(model, path)      safetensors, versioned
+    mira.import_peft(model, source, *, keys=None, module_names=None, drop_unused_rows=False, ...)
+
+    AdapterMemory: .append(bank_a, bank_b, keys=None) -> slots, .remove(indices), .clear(),
+        .num_slots, .capacity, .get_association_matrix(query | tokens=...), .make_query(tokens),
+        .stored_keys, .stored_adapters, .forget_optimizer_state(optimizer)
+    MiraProjection: .base_layer, .memory, .lora_a (S, r, d_in), .lora_b (S, d_s, r),
+        .slice_offsets, .stage, .reset_lora()
+
+A typical run::
+
+    model = timm.create_model("vit_base_patch16_224")
+    mira.attach(model)                                    # adaptation stage, equal to the backbone
+    for task in tasks:                                    # train each task's LoRA, then store it
+        mira.set_stage(model, "adaptation", extra_trainable=("head",)); train(model, task)
+        mira.write_adapters(model)
+    mira.set_stage(model, "consolidation", extra_trainable=("head",)); train(model, all_tasks)
+    mira.set_stage(model, "inference"); model.eval(); logits = model(images)
+"""
+
+from .config import KEY_NORMS, QUERY_MODULES, QUERY_TOKENS, STAGES, MemoryConfig, MiraConfig
+from .integration import (
+    MEMORY_ATTR,
+    attach,
+    count_parameters,
+    detach,
+    memories,
+    named_memories,
+    projections,
+    set_stage,
+    trainable_parameters,
+    write_adapters,
+)
+from .io import FORMAT_VERSION, import_peft, load_memories, save_memories
+from .layers import MiraProjection
+from .memory import AdapterMemory
+from .query import IdentityQuery, LinearQuery, MlpQuery, build_query_module
+
+__all__ = [
+    "FORMAT_VERSION",
+    "KEY_NORMS",
+    "MEMORY_ATTR",
+    "QUERY_MODULES",
+    "QUERY_TOKENS",
+    "STAGES",
+    "AdapterMemory",
+    "IdentityQuery",
+    "LinearQuery",
+    "MemoryConfig",
+    "MiraConfig",
+    "MiraProjection",
+    "MlpQuery",
+    "attach",
+    "build_query_module",
+    "count_parameters",
+    "detach",
+    "import_peft",
+    "load_memories",
+    "memories",
+    "named_memories",
+    "projections",
+    "save_memories",
+    "set_stage",
+    "trainable_parameters",
+    "write_adapters",
+]

@@ -1,0 +1,227 @@
+"""Configuration of MIRA layers, in one place: dataclasses validated in ``__post_init__``.
+
+:class:`MiraConfig` holds what a user chooses in :func:`mira.attach`; :class:`MemoryConfig`
+is the fully resolved description of one block's memory (widths included). The latter is what
+:func:`mira.save_memories` writes next to the tensors, so a file says what it holds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import operator
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from mira_kernels import DEFAULT_EPS, SEPARATIONS
+
+__all__ = [
+    "QUERY_MODULES",
+    "QUERY_TOKENS",
+    "KEY_NORMS",
+    "STAGES",
+    "SLICE_NAMES",
+    "MiraConfig",
+    "MemoryConfig",
+]
+
+#: Query modules g: identity (CL runs of the paper), linear, MLP Linear-GELU-Linear (DG runs).
+QUERY_MODULES = ("identity", "linear", "mlp")
+#: Which token(s) of the attention input feed the query: the CLS token, or the mean of the
+#: patch tokens (prefix tokens such as CLS, registers and distillation excluded).
+QUERY_TOKENS = ("cls", "mean")
+#: ``unit``: cosine similarity only. ``per_feature``: the authors' code also L2-normalises the
+#: (N, d_k) key matrix per feature (across the N keys) before the cosine.
+KEY_NORMS = ("unit", "per_feature")
+#: Training stages (method section 3).
+STAGES = ("adaptation", "consolidation", "inference")
+#: Named output slices of a packed qkv projection, in the order timm packs them.
+SLICE_NAMES = ("q", "k", "v")
+
+
+def _positive_int(name: str, value, *, allow_none: bool = False, allow_zero: bool = False) -> int | None:
+    if value is None and allow_none:
+        return None
+    try:
+        as_int = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {value!r}") from None
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if as_int < 0 or (as_int == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else ">= 1"
+        raise ValueError(f"{name} must be {bound}, got {value!r}")
+    return as_int
+
+
+def _finite(name: str, value, *, positive: bool = False) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if positive and not value > 0:
+        raise ValueError(f"{name} must be > 0, got {value!r}")
+    return float(value)
+
+
+def _choice(name: str, value, choices: Sequence[str]) -> str:
+    if value not in choices:
+        raise ValueError(f"unknown {name} {value!r}; expected one of {tuple(choices)}")
+    return value
+
+
+def _check_separation_capacity(separation: str, capacity: int | None) -> None:
+    # Empty slots of a fixed-capacity memory have zero keys, hence cosine 0 and weight sep(0).
+    # That weight is 0 for affine, relu, tanh and identity and is harmless for sigmoid (the
+    # empty slot's values are zero), but softmax would give empty slots exp(0) mass and shrink
+    # every real weight; the op takes no score mask, so refuse rather than compute wrong weights.
+    if capacity is not None and separation == "softmax":
+        raise ValueError(
+            "separation='softmax' cannot be used with a fixed capacity: empty slots would take "
+            "softmax mass (the op has no score mask); use capacity=None (a growing memory)"
+        )
+
+
+@dataclass
+class MiraConfig:
+    """What :func:`mira.attach` inserts into each block.
+
+    Attributes:
+        rank: LoRA rank r of every stored adapter (>= 1).
+        slices: output slices of the projection that get adapters: names of a packed qkv
+            (``"q"``, ``"k"``, ``"v"``) or integer column offsets (then ``slice_width`` is needed).
+        slice_width: width d_s of integer slices; names use ``out_features // 3``.
+        query: query module, one of :data:`QUERY_MODULES`.
+        query_token: ``"cls"`` (default, the paper) or ``"mean"`` of the patch tokens.
+        query_hidden: hidden width of the MLP query module (default: the block width).
+        key_dim: key width d_k (default: the block width; ``"identity"`` needs exactly that).
+        separation: one of ``mira_kernels.SEPARATIONS``; ``"affine"`` is the paper's default.
+        key_norm: ``"unit"`` (cosine only) or ``"per_feature"`` (see :data:`KEY_NORMS`).
+        capacity: None for a memory that grows on append; an int pre-allocates that many slots
+            with an active mask, so growth changes no shape (no recompilation, no CUDA-graph
+            re-capture).
+        trainable_bank: make the stored adapters trainable in consolidation (an ablation).
+        scale: multiplies every adapter's contribution (the paper uses 1, no alpha/r).
+        eps: guard of the affine denominator (see ``mira_kernels.DEFAULT_EPS``).
+        blocks: indices of the blocks to adapt (negative allowed); None for every block.
+    """
+
+    rank: int = 4
+    slices: tuple = ("q", "v")
+    slice_width: int | None = None
+    query: str = "identity"
+    query_token: str = "cls"
+    query_hidden: int | None = None
+    key_dim: int | None = None
+    separation: str = "affine"
+    key_norm: str = "unit"
+    capacity: int | None = None
+    trainable_bank: bool = False
+    scale: float = 1.0
+    eps: float = DEFAULT_EPS
+    blocks: tuple | None = None
+
+    def __post_init__(self) -> None:
+        self.rank = _positive_int("rank", self.rank)
+        if isinstance(self.slices, (str, int)):
+            self.slices = (self.slices,)
+        self.slices = tuple(self.slices)
+        if not self.slices:
+            raise ValueError("slices must name at least one output slice, e.g. ('q', 'v')")
+        for s in self.slices:
+            if isinstance(s, str):
+                _choice("slice", s, SLICE_NAMES)
+            else:
+                _positive_int("slice offset", s, allow_zero=True)
+        if len(set(self.slices)) != len(self.slices):
+            raise ValueError(f"slices must be distinct, got {self.slices!r}")
+        if any(isinstance(s, str) for s in self.slices) and any(not isinstance(s, str) for s in self.slices):
+            raise ValueError(f"slices must be all names or all integer offsets, got {self.slices!r}")
+        self.slice_width = _positive_int("slice_width", self.slice_width, allow_none=True)
+        if self.slice_width is None and not isinstance(self.slices[0], str):
+            raise ValueError("integer slice offsets need slice_width (the width d_s of each slice)")
+        _choice("query", self.query, QUERY_MODULES)
+        _choice("query_token", self.query_token, QUERY_TOKENS)
+        self.query_hidden = _positive_int("query_hidden", self.query_hidden, allow_none=True)
+        self.key_dim = _positive_int("key_dim", self.key_dim, allow_none=True)
+        _choice("separation", self.separation, SEPARATIONS)
+        _choice("key_norm", self.key_norm, KEY_NORMS)
+        self.capacity = _positive_int("capacity", self.capacity, allow_none=True)
+        _check_separation_capacity(self.separation, self.capacity)
+        self.trainable_bank = bool(self.trainable_bank)
+        self.scale = _finite("scale", self.scale)
+        self.eps = _finite("eps", self.eps, positive=True)
+        if self.blocks is not None:
+            if isinstance(self.blocks, int):
+                self.blocks = (self.blocks,)
+            self.blocks = tuple(operator.index(b) for b in self.blocks)
+            if len(set(self.blocks)) != len(self.blocks):
+                raise ValueError(f"blocks must be distinct, got {self.blocks!r}")
+
+
+@dataclass
+class MemoryConfig:
+    """Resolved description of one block's memory (every width known).
+
+    Attributes:
+        d_in: width of the projection's input (the block width).
+        d_k: key width.
+        num_slices: S, the number of adapted output slices.
+        slice_width: d_s, the width of each slice.
+        rank, query, query_token, query_hidden, separation, key_norm, capacity,
+        trainable_bank, scale, eps: as :class:`MiraConfig`.
+        num_prefix_tokens: tokens before the patch tokens (CLS, registers, distillation),
+            excluded from the ``"mean"`` query.
+    """
+
+    d_in: int
+    d_k: int
+    num_slices: int
+    slice_width: int
+    rank: int = 4
+    query: str = "identity"
+    query_token: str = "cls"
+    query_hidden: int | None = None
+    separation: str = "affine"
+    key_norm: str = "unit"
+    capacity: int | None = None
+    trainable_bank: bool = False
+    scale: float = 1.0
+    eps: float = DEFAULT_EPS
+    num_prefix_tokens: int = 1
+
+    def __post_init__(self) -> None:
+        self.d_in = _positive_int("d_in", self.d_in)
+        self.d_k = _positive_int("key_dim", self.d_k)
+        self.num_slices = _positive_int("num_slices", self.num_slices)
+        self.slice_width = _positive_int("slice_width", self.slice_width)
+        self.rank = _positive_int("rank", self.rank)
+        _choice("query", self.query, QUERY_MODULES)
+        _choice("query_token", self.query_token, QUERY_TOKENS)
+        self.query_hidden = _positive_int("query_hidden", self.query_hidden, allow_none=True)
+        _choice("separation", self.separation, SEPARATIONS)
+        _choice("key_norm", self.key_norm, KEY_NORMS)
+        self.capacity = _positive_int("capacity", self.capacity, allow_none=True)
+        _check_separation_capacity(self.separation, self.capacity)
+        self.trainable_bank = bool(self.trainable_bank)
+        self.scale = _finite("scale", self.scale)
+        self.eps = _finite("eps", self.eps, positive=True)
+        self.num_prefix_tokens = _positive_int("num_prefix_tokens", self.num_prefix_tokens, allow_zero=True)
+        if self.query == "identity" and self.d_k != self.d_in:
+            raise ValueError(
+                f"query='identity' passes the token through unchanged, so key_dim must equal the block "
+                f"width {self.d_in}, got key_dim={self.d_k}; use query='linear' or 'mlp' for another key width"
+            )
+        if self.query_token == "cls" and self.num_prefix_tokens < 1:
+            raise ValueError(
+                "query_token='cls' needs a CLS (prefix) token but the model has none; use query_token='mean'"
+            )
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> MemoryConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown memory config fields {sorted(unknown)} (written by a newer version?)")
+        return cls(**data)

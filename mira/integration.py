@@ -1,0 +1,390 @@
+"""timm glue: attach MIRA to a Vision Transformer, collect its parts, switch stages.
+
+:func:`attach` inserts at timm's block seam: every selected block gets an
+:class:`~mira.memory.AdapterMemory` as ``block.mira_memory`` and its ``attn.qkv`` is wrapped in
+a :class:`~mira.layers.MiraProjection`. No ViT code is copied; the model's own forward runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+import torch.nn as nn
+
+from .config import SLICE_NAMES, STAGES, MemoryConfig, MiraConfig
+from .layers import MiraProjection
+from .memory import AdapterMemory
+
+__all__ = [
+    "MEMORY_ATTR",
+    "attach",
+    "detach",
+    "memories",
+    "named_memories",
+    "projections",
+    "set_stage",
+    "trainable_parameters",
+    "count_parameters",
+    "write_adapters",
+]
+
+#: Name under which each adapted block holds its memory.
+MEMORY_ATTR = "mira_memory"
+
+_SUPPORTED = (
+    "mira.attach supports timm Vision Transformers whose blocks have an `attn.qkv` nn.Linear that the "
+    "attention calls on per-image tokens (B, T, d): VisionTransformer (vit_tiny/small/base_patch16_224, ...), "
+    "DeiT (deit_*), and other timm models with that block structure. Not supported: models that call "
+    "F.linear on attn.qkv.weight directly (BEiT, EVA, SwinV2 in timm 1.0.31), windowed attention (Swin), "
+    "and attention with separate q/k/v projections."
+)
+
+
+def _qkv_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Blocks (in module order) whose ``attn.qkv`` is an nn.Linear or an installed MiraProjection."""
+    found = []
+    for name, module in model.named_modules():
+        attn = getattr(module, "attn", None)
+        if isinstance(attn, nn.Module) and isinstance(getattr(attn, "qkv", None), (nn.Linear, MiraProjection)):
+            found.append((name, module))
+    return found
+
+
+def _example_input(model: nn.Module, batch: int) -> torch.Tensor:
+    param = next(model.parameters())
+    size = None
+    patch_embed = getattr(model, "patch_embed", None)
+    img_size = getattr(patch_embed, "img_size", None)
+    proj = getattr(patch_embed, "proj", None)
+    if img_size is not None and isinstance(proj, nn.Conv2d):
+        size = (proj.in_channels, *img_size)
+    else:
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        size = cfg.get("input_size")
+    if size is None:
+        raise ValueError(
+            f"mira.attach cannot tell the input size of {type(model).__name__} for its dry run; "
+            "pass example_input=<a small input batch>"
+        )
+    return torch.randn(batch, *size, device=param.device, dtype=param.dtype)
+
+
+def _probe(model: nn.Module, blocks: list[tuple[str, nn.Module]], example_input: torch.Tensor, what: str) -> None:
+    """Run the model once and check that each block's ``attn.qkv`` is called once per forward on
+    per-image tokens (B, T, d) equal to the attention module's input (from which the query is made)."""
+    batch = example_input.shape[0]
+    attn_inputs: dict[str, torch.Tensor] = {}
+    calls: dict[str, list[tuple[tuple, bool]]] = {name: [] for name, _ in blocks}
+    handles = []
+
+    for name, block in blocks:
+        def attn_hook(module, args, kwargs, name=name):
+            attn_inputs[name] = args[0] if args else kwargs.get("x")
+
+        def qkv_hook(module, args, name=name):
+            x, seen = args[0], attn_inputs.get(name)
+            same = seen is not None and (x is seen or (x.shape == seen.shape and torch.equal(x, seen)))
+            calls[name].append((tuple(x.shape), same))
+
+        handles.append(block.attn.register_forward_pre_hook(attn_hook, with_kwargs=True))
+        handles.append(block.attn.qkv.register_forward_pre_hook(qkv_hook))
+
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(example_input)
+    except Exception as err:
+        raise RuntimeError(f"mira.attach: the dry run ({what}) of {type(model).__name__} failed: {err}\n{_SUPPORTED}") \
+            from err
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+
+    for name, _ in blocks:
+        seen = calls[name]
+        where = f"{name}.attn.qkv" if name else "attn.qkv"
+        if not seen:
+            raise RuntimeError(
+                f"mira.attach: {where} ({what}) was never called in a forward pass of {type(model).__name__}: "
+                f"its attention bypasses the module (e.g. F.linear on attn.qkv.weight), so an adapter there "
+                f"would silently do nothing.\n{_SUPPORTED}"
+            )
+        if len(seen) > 1:
+            raise RuntimeError(f"mira.attach: {where} is called {len(seen)} times per forward; expected once.\n"
+                               f"{_SUPPORTED}")
+        shape, same = seen[0]
+        if len(shape) != 3 or shape[0] != batch:
+            raise RuntimeError(
+                f"mira.attach: {where} receives tokens of shape {shape} for a batch of {batch} images, not "
+                f"per-image tokens (B, T, d): windowed or spatial attention has no per-image CLS token to "
+                f"query with.\n{_SUPPORTED}"
+            )
+        if not same:
+            raise RuntimeError(
+                f"mira.attach: {where} does not receive the attention module's input, from which MIRA "
+                f"makes its query.\n{_SUPPORTED}"
+            )
+
+
+def _slice_offsets(config: MiraConfig, out_features: int, where: str) -> tuple[tuple[int, ...], int, tuple | None]:
+    if isinstance(config.slices[0], str):
+        if out_features % 3:
+            raise ValueError(f"{where}: named slices need a packed qkv with 3 equal parts, "
+                             f"but it has {out_features} output features")
+        width = out_features // 3
+        offsets = tuple(SLICE_NAMES.index(s) * width for s in config.slices)
+        names = tuple(config.slices)
+        if config.slice_width is not None and config.slice_width != width:
+            raise ValueError(f"{where}: slice_width={config.slice_width} disagrees with the qkv part width {width}")
+    else:
+        width, offsets, names = config.slice_width, tuple(config.slices), None
+    for off in offsets:
+        if off + width > out_features:
+            raise ValueError(f"{where}: slice [{off}, {off + width}) lies outside the projection's "
+                             f"{out_features} output features")
+    return offsets, width, names
+
+
+def attach(
+    model: nn.Module,
+    *,
+    rank: int = 4,
+    slices: Sequence = ("q", "v"),
+    query: str = "identity",
+    separation: str = "affine",
+    blocks: Sequence[int] | None = None,
+    capacity: int | None = None,
+    key_dim: int | None = None,
+    query_token: str = "cls",
+    query_hidden: int | None = None,
+    key_norm: str = "unit",
+    trainable_bank: bool = False,
+    scale: float = 1.0,
+    eps: float | None = None,
+    slice_width: int | None = None,
+    example_input: torch.Tensor | None = None,
+) -> nn.Module:
+    """Insert MIRA into a timm Vision Transformer, in place.
+
+    Every selected block gets ``block.mira_memory`` (an :class:`AdapterMemory`, empty, or with
+    ``capacity`` pre-allocated slots) and ``block.attn.qkv`` becomes a :class:`MiraProjection`
+    wrapping the original linear layer. The whole backbone is frozen and the model is left in
+    the ``adaptation`` stage (equal to the backbone until the LoRA trains). The arguments are
+    those of :class:`~mira.config.MiraConfig`.
+
+    Two dry runs (``example_input``, default a random batch of 2 at the model's input size)
+    check that the model's attention calls ``attn.qkv`` on per-image tokens equal to the
+    attention input, and then that every installed wrapper is actually called; a model that
+    fails either is restored and refused with an explanation.
+
+    Returns:
+        ``model`` itself.
+    """
+    from mira_kernels import DEFAULT_EPS
+
+    config = MiraConfig(
+        rank=rank, slices=slices, slice_width=slice_width, query=query, query_token=query_token,
+        query_hidden=query_hidden, key_dim=key_dim, separation=separation, key_norm=key_norm, capacity=capacity,
+        trainable_bank=trainable_bank, scale=scale, eps=DEFAULT_EPS if eps is None else eps, blocks=blocks,
+    )
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"attach expects an nn.Module, got {type(model).__name__}")
+    if projections(model):
+        raise RuntimeError("mira.attach: this model already has MIRA layers (call mira.detach first)")
+    found = _qkv_blocks(model)
+    if not found:
+        raise ValueError(f"mira.attach: found no block with an `attn.qkv` nn.Linear in {type(model).__name__}. "
+                         f"{_SUPPORTED}")
+    if config.blocks is None:
+        chosen = found
+    else:
+        bad = [b for b in config.blocks if not -len(found) <= b < len(found)]
+        if bad:
+            raise IndexError(f"blocks {bad} out of range: the model has {len(found)} attention blocks")
+        chosen = [found[b] for b in sorted({b % len(found) for b in config.blocks})]
+    for name, block in chosen:
+        if hasattr(block, MEMORY_ATTR):
+            raise RuntimeError(f"mira.attach: block {name!r} already has an attribute {MEMORY_ATTR!r}")
+
+    if example_input is None:
+        example_input = _example_input(model, batch=2)
+    _probe(model, chosen, example_input, "original model")
+
+    has_cls = getattr(model, "cls_token", None) is not None
+    num_prefix = int(getattr(model, "num_prefix_tokens", 1 if has_cls else 0))
+    if config.query_token == "cls" and not has_cls:
+        raise ValueError(f"query_token='cls' needs a CLS token, but {type(model).__name__} has none "
+                         "(e.g. class_token=False); use query_token='mean'")
+
+    memory_configs = []
+    for name, block in chosen:
+        qkv = block.attn.qkv
+        offsets, width, names = _slice_offsets(config, qkv.out_features, f"{name}.attn.qkv")
+        memory_configs.append((
+            MemoryConfig(
+                d_in=qkv.in_features, d_k=config.key_dim or qkv.in_features, num_slices=len(offsets),
+                slice_width=width, rank=config.rank, query=config.query, query_token=config.query_token,
+                query_hidden=config.query_hidden, separation=config.separation, key_norm=config.key_norm,
+                capacity=config.capacity, trainable_bank=config.trainable_bank, scale=config.scale,
+                eps=config.eps, num_prefix_tokens=num_prefix,
+            ),
+            offsets, names,
+        ))
+
+    for (_, block), (mem_config, offsets, names) in zip(chosen, memory_configs):
+        qkv = block.attn.qkv
+        memory = AdapterMemory(mem_config, device=qkv.weight.device, dtype=qkv.weight.dtype)
+        setattr(block, MEMORY_ATTR, memory)
+        block.attn.qkv = MiraProjection(qkv, memory, offsets, slice_names=names)
+    try:
+        _probe(model, chosen, example_input, "with MIRA installed")
+    except Exception:
+        detach(model)
+        raise
+    set_stage(model, "adaptation")
+    return model
+
+
+def detach(model: nn.Module) -> nn.Module:
+    """Remove every MIRA layer: restore the original ``attn.qkv`` and delete the memories."""
+    for _, block in _qkv_blocks(model):
+        if isinstance(block.attn.qkv, MiraProjection):
+            block.attn.qkv = block.attn.qkv.base_layer
+        if isinstance(getattr(block, MEMORY_ATTR, None), AdapterMemory):
+            delattr(block, MEMORY_ATTR)
+    return model
+
+
+def projections(model: nn.Module) -> list[MiraProjection]:
+    """Every :class:`MiraProjection` of ``model``, in module (block) order."""
+    return [m for m in model.modules() if isinstance(m, MiraProjection)]
+
+
+def named_memories(model: nn.Module) -> list[tuple[str, AdapterMemory]]:
+    """(qualified name, memory) pairs in block order; the names key the save files."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, AdapterMemory)]
+
+
+def memories(model: nn.Module) -> list[AdapterMemory]:
+    """Every :class:`AdapterMemory` of ``model``, in block order."""
+    return [m for _, m in named_memories(model)]
+
+
+def _stage_parameters(model: nn.Module, stage: str) -> list[nn.Parameter]:
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
+    params: list[nn.Parameter] = []
+    if stage == "adaptation":
+        for p in projections(model):
+            params += [p.lora_a, p.lora_b]
+    elif stage == "consolidation":
+        for m in memories(model):
+            params.append(m.keys)
+            params += list(m.query_module.parameters())
+            if m.config.trainable_bank:
+                params += [m.bank_a, m.bank_b]
+    return params
+
+
+def trainable_parameters(model: nn.Module, stage: str) -> list[nn.Parameter]:
+    """The MIRA parameters ``stage`` trains (adaptation: the LoRAs; consolidation: keys, query
+    modules, and the banks if trainable; inference: none). Does not change ``requires_grad``."""
+    return _stage_parameters(model, stage)
+
+
+def set_stage(model: nn.Module, stage: str, *, extra_trainable: Iterable[str] = ()) -> nn.Module:
+    """Switch every MIRA layer to ``stage`` and set ``requires_grad`` accordingly.
+
+    Everything is frozen except :func:`trainable_parameters` of the stage and the parameters of
+    the modules named in ``extra_trainable`` (qualified names such as ``"head"``; the paper trains
+    a linear head in both training stages). Train/eval mode (dropout) is left to the caller.
+
+    Returns:
+        ``model``.
+    """
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
+    if not projections(model):
+        raise RuntimeError("set_stage: the model has no MIRA layers (call mira.attach first)")
+    modules = dict(model.named_modules())
+    extra = []
+    for name in extra_trainable:
+        if name not in modules:
+            raise KeyError(f"extra_trainable: the model has no module named {name!r}")
+        if any(isinstance(m, (MiraProjection, AdapterMemory)) for m in modules[name].modules()):
+            raise ValueError(f"extra_trainable: {name!r} contains MIRA layers; name a module outside them "
+                             "(a frozen base projection cannot train)")
+        extra.append(modules[name])
+    model.requires_grad_(False)
+    for p in _stage_parameters(model, stage):
+        p.requires_grad_(True)
+    for module in extra:
+        module.requires_grad_(True)
+    for p in projections(model):
+        p.set_stage(stage)
+    return model
+
+
+def count_parameters(model: nn.Module) -> dict[str, int]:
+    """Element counts of the backbone and of each MIRA part.
+
+    Returns:
+        ``backbone`` (every parameter outside MIRA), ``keys``, ``query`` (query modules),
+        ``bank`` (stored adapter values, buffers unless trainable), ``lora`` (the adaptation
+        adapters), ``added`` (keys + query + trainable bank: what consolidation adds to the
+        trained model) and ``trainable`` (parameters with requires_grad now).
+    """
+    mira_ids = set()
+    counts = dict.fromkeys(("keys", "query", "bank", "lora"), 0)
+    for m in memories(model):
+        counts["keys"] += m.keys.numel()
+        counts["bank"] += m.bank_a.numel() + m.bank_b.numel()
+        counts["query"] += sum(p.numel() for p in m.query_module.parameters())
+        mira_ids.update(id(p) for p in m.parameters())
+    for p in projections(model):
+        counts["lora"] += p.lora_a.numel() + p.lora_b.numel()
+        mira_ids.update((id(p.lora_a), id(p.lora_b)))
+    params = list(model.parameters())
+    counts["backbone"] = sum(p.numel() for p in params if id(p) not in mira_ids)
+    trainable_bank = sum(m.bank_a.numel() + m.bank_b.numel() for m in memories(model) if m.config.trainable_bank)
+    counts["added"] = counts["keys"] + counts["query"] + trainable_bank
+    counts["trainable"] = sum(p.numel() for p in params if p.requires_grad)
+    return counts
+
+
+def write_adapters(
+    model: nn.Module,
+    keys: torch.Tensor | Sequence[torch.Tensor] | None = None,
+    *,
+    generator: torch.Generator | None = None,
+    reset: bool = True,
+) -> list[int]:
+    """Append every block's current LoRA to its memory, then re-initialise the LoRA.
+
+    Args:
+        keys: None (a Gaussian key per block, drawn from ``generator``), one (d_k,) key used by
+            every block, or a sequence with one key per memory.
+        reset: re-initialise the LoRA afterwards (A kaiming-uniform, B zero) for the next run.
+
+    Returns:
+        The slot index of the new adapter in each memory (block order).
+    """
+    projs = projections(model)
+    if not projs:
+        raise RuntimeError("write_adapters: the model has no MIRA layers (call mira.attach first)")
+    if keys is None or isinstance(keys, torch.Tensor):
+        per_block = [keys] * len(projs)
+    else:
+        per_block = list(keys)
+        if len(per_block) != len(projs):
+            raise ValueError(f"got {len(per_block)} keys for {len(projs)} memories")
+    slots = []
+    for proj, key in zip(projs, per_block):
+        (slot,) = proj.memory.append(proj.lora_a, proj.lora_b, key, generator=generator)
+        slots.append(slot)
+        if reset:
+            proj.reset_lora(generator)
+    return slots

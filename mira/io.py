@@ -1,0 +1,337 @@
+"""Saving and loading memories, and importing LoRA adapters saved in the PEFT format.
+
+File format (``safetensors``; format version :data:`FORMAT_VERSION`): for every memory, named
+by its qualified module name (``blocks.3.mira_memory``), the tensors ``<name>.keys``
+(N, d_k), ``<name>.bank_a`` (N, S, r, d_in), ``<name>.bank_b`` (N, S, d_s, r) and
+``<name>.query_module.<param>``, holding only the N stored adapters (not empty slots). The
+metadata holds ``format = "mira-memories"``, ``format_version`` and ``memories``: a JSON object
+mapping each name to its config (:class:`~mira.config.MemoryConfig`), slot count and slice
+offsets. Backbone weights are not in the file: load it into a model attached with the same
+arguments.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn as nn
+
+from .config import MemoryConfig
+from .integration import named_memories, projections
+from .memory import AdapterMemory
+
+__all__ = ["FORMAT", "FORMAT_VERSION", "save_memories", "load_memories", "import_peft"]
+
+FORMAT = "mira-memories"
+FORMAT_VERSION = 1
+
+# Config fields that change what a stored adapter means or how it is read; capacity and
+# trainable_bank are storage choices and may differ between the file and the model.
+_MUST_MATCH = ("d_in", "d_k", "num_slices", "slice_width", "rank", "query", "query_hidden", "query_token",
+               "num_prefix_tokens", "separation", "key_norm", "scale", "eps")
+
+
+def _projection_of(model: nn.Module) -> dict[int, object]:
+    return {id(p.memory): p for p in projections(model)}
+
+
+def save_memories(model: nn.Module, path: str | os.PathLike, *, metadata: Mapping[str, str] | None = None) -> None:
+    """Write every memory of ``model`` (keys, stored adapters, query modules, config) to ``path``.
+
+    Args:
+        metadata: extra string entries for the file's metadata (``format*`` and ``memories`` are reserved).
+    """
+    from safetensors.torch import save_file
+
+    named = named_memories(model)
+    if not named:
+        raise RuntimeError("save_memories: the model has no MIRA memories (call mira.attach first)")
+    owners = _projection_of(model)
+    tensors: dict[str, torch.Tensor] = {}
+    described = {}
+    for name, memory in named:
+        n = memory.num_slots
+        bank_a, bank_b = memory.stored_adapters
+        # Clones: safetensors refuses views that share storage, and only the stored slots are written.
+        tensors[f"{name}.keys"] = memory.stored_keys.detach().clone()
+        tensors[f"{name}.bank_a"] = bank_a.detach().clone()
+        tensors[f"{name}.bank_b"] = bank_b.detach().clone()
+        for key, value in memory.query_module.state_dict().items():
+            tensors[f"{name}.query_module.{key}"] = value.detach().clone()
+        proj = owners.get(id(memory))
+        described[name] = {
+            "config": memory.config.to_dict(),
+            "num_slots": n,
+            "slice_offsets": list(proj.slice_offsets) if proj is not None else None,
+        }
+    meta = dict(metadata or {})
+    reserved = {"format", "format_version", "memories"} & set(meta)
+    if reserved:
+        raise ValueError(f"metadata keys {sorted(reserved)} are reserved")
+    meta.update(format=FORMAT, format_version=str(FORMAT_VERSION), memories=json.dumps(described))
+    save_file(tensors, os.fspath(path), metadata=meta)
+
+
+def load_memories(model: nn.Module, path: str | os.PathLike, *, strict: bool = True) -> dict[str, str]:
+    """Replace the contents of ``model``'s memories by those saved in ``path``.
+
+    The model must be attached with the same arguments (the same backbone need not be loaded:
+    the file holds no backbone weights). ``capacity`` and ``trainable_bank`` may differ.
+
+    Args:
+        strict: every memory of the model must be in the file and vice versa.
+
+    Returns:
+        The file's metadata.
+    """
+    from safetensors import safe_open
+
+    with safe_open(os.fspath(path), framework="pt", device="cpu") as f:
+        meta = f.metadata() or {}
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"{os.fspath(path)} is not a MIRA memory file (metadata format={meta.get('format')!r})")
+        version = int(meta.get("format_version", "0"))
+        if not 1 <= version <= FORMAT_VERSION:
+            raise ValueError(f"{os.fspath(path)} has format version {version}; this version reads 1..{FORMAT_VERSION}")
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    described = json.loads(meta["memories"])
+    named = dict(named_memories(model))
+    owners = _projection_of(model)
+    if strict:
+        missing = sorted(set(named) - set(described))
+        unexpected = sorted(set(described) - set(named))
+        if missing or unexpected:
+            raise KeyError(f"load_memories: memories missing from the file: {missing}; in the file but not in the "
+                           f"model: {unexpected}")
+
+    plan = []
+    for name, entry in described.items():
+        memory = named.get(name)
+        if memory is None:
+            continue
+        saved = MemoryConfig.from_dict(entry["config"])
+        diffs = [f"{k}: file {getattr(saved, k)!r}, model {getattr(memory.config, k)!r}"
+                 for k in _MUST_MATCH if getattr(saved, k) != getattr(memory.config, k)]
+        proj = owners.get(id(memory))
+        if proj is not None and entry.get("slice_offsets") is not None and \
+                tuple(entry["slice_offsets"]) != proj.slice_offsets:
+            diffs.append(f"slice_offsets: file {entry['slice_offsets']}, model {list(proj.slice_offsets)}")
+        if diffs:
+            raise ValueError(f"load_memories: {name} was saved with another configuration ({'; '.join(diffs)}); "
+                             "attach with the same arguments")
+        n = entry["num_slots"]
+        if memory.capacity is not None and n > memory.capacity:
+            raise ValueError(f"load_memories: {name} holds {n} adapters but the model's capacity is {memory.capacity}")
+        query_state = {k[len(name) + len(".query_module."):]: v for k, v in tensors.items()
+                       if k.startswith(f"{name}.query_module.")}
+        plan.append((memory, tensors[f"{name}.keys"], tensors[f"{name}.bank_a"], tensors[f"{name}.bank_b"],
+                     query_state))
+    # Every check passed: now change the model.
+    for memory, keys, bank_a, bank_b, query_state in plan:
+        memory.clear()
+        if keys.shape[0]:
+            memory.append(bank_a, bank_b, keys)
+        memory.query_module.load_state_dict(query_state)
+    return meta
+
+
+# ----------------------------------------------------------------------------------------------
+# PEFT import.
+# ----------------------------------------------------------------------------------------------
+
+_LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<factor>[AB])(?:\.(?P<adapter>[^.]+))?\.(?P<param>weight|bias)$")
+
+
+def _read_peft(source, adapter_name: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """(state dict, config dict) from a PEFT adapter directory or a (state_dict, config) pair."""
+    if isinstance(source, (str, os.PathLike)):
+        root = os.fspath(source)
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"{root} is not a PEFT adapter directory (adapter_config.json + weights)")
+        with open(os.path.join(root, "adapter_config.json")) as f:
+            config = json.load(f)
+        weights = os.path.join(root, "adapter_model.safetensors")
+        if os.path.exists(weights):
+            from safetensors.torch import load_file
+
+            state = load_file(weights)
+        else:
+            weights = os.path.join(root, "adapter_model.bin")
+            if not os.path.exists(weights):
+                raise FileNotFoundError(f"{root} has neither adapter_model.safetensors nor adapter_model.bin")
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+        return state, config
+    try:
+        state, config = source
+    except (TypeError, ValueError):
+        raise TypeError("source must be a PEFT adapter directory or a (state_dict, config) pair") from None
+    if not isinstance(config, Mapping):
+        config = config.to_dict() if hasattr(config, "to_dict") else vars(config)
+    return dict(state), dict(config)
+
+
+def _lora_modules(state: Mapping[str, torch.Tensor], adapter_name: str, prefix: str) -> dict[str, dict]:
+    modules: dict[str, dict] = {}
+    for key, value in state.items():
+        match = _LORA_KEY.match(key)
+        if match is None:
+            continue
+        adapter = match["adapter"]
+        if adapter is not None and adapter != adapter_name:
+            continue
+        if match["param"] == "bias":
+            raise ValueError(f"{key}: LoRA with a bias on B (lora_bias) has no MIRA equivalent")
+        module = match["module"]
+        if module.startswith(prefix):
+            module = module[len(prefix):]
+        modules.setdefault(module, {})[match["factor"]] = value
+    for module, factors in modules.items():
+        if set(factors) != {"A", "B"}:
+            raise ValueError(f"PEFT module {module} has lora_{''.join(factors)} but not both lora_A and lora_B")
+    return modules
+
+
+def _pattern_value(patterns: Mapping[str, object], module: str, default):
+    # PEFT's rank/alpha patterns name a module by a suffix (a regex) of its qualified name.
+    for pattern, value in patterns.items():
+        if re.fullmatch(rf"(?:.*\.)?(?:{pattern})", module):
+            return value
+    return default
+
+
+def import_peft(
+    model: nn.Module,
+    source,
+    *,
+    adapter_name: str = "default",
+    keys: torch.Tensor | Sequence[torch.Tensor] | None = None,
+    generator: torch.Generator | None = None,
+    module_names: Mapping[str, str] | None = None,
+    drop_unused_rows: bool = False,
+    ignore_unmatched: bool = False,
+    prefix: str = "base_model.model.",
+) -> list[int]:
+    """Append a LoRA adapter saved by PEFT to every memory of ``model`` as one value each.
+
+    Two layouts are understood:
+
+    * packed (default): LoRA on the block's ``attn.qkv``. One A is shared by q, k and v, so it
+      is used for every MIRA slice, and each slice takes its rows of B. Rows of B outside MIRA's
+      slices (the k rows for slices q, v) must be zero, else the import refuses unless
+      ``drop_unused_rows=True`` (then they are dropped and outputs differ from PEFT's).
+    * separate: LoRA on per-slice projections; ``module_names`` maps each MIRA slice name to the
+      PEFT module path, with ``{block}`` for the block's qualified name, e.g.
+      ``{"q": "{block}.attn.q_proj", "v": "{block}.attn.v_proj"}``.
+
+    PEFT's ``lora_alpha / r`` (``/ sqrt(r)`` with rslora; ``alpha_pattern`` honoured) is folded
+    into the stored B (divided by the memory's ``scale``). A PEFT rank below the memory's is
+    zero-padded (exact); a higher one is refused. Blocks without a LoRA in the file get a zero
+    adapter, as PEFT leaves them unchanged; LoRA modules the import does not consume are refused
+    (outputs could not match) unless ``ignore_unmatched=True``.
+
+    Args:
+        source: a PEFT adapter directory (``save_pretrained``) or a ``(state_dict, config)`` pair.
+        adapter_name: which adapter of a multi-adapter state dict to read.
+        keys, generator: the new slots' keys, as :func:`mira.write_adapters`.
+        prefix: stripped from PEFT's module names (``base_model.model.`` for a PeftModel).
+
+    Returns:
+        The slot index of the imported adapter in each memory (block order).
+    """
+    state, config = _read_peft(source, adapter_name)
+    peft_type = str(config.get("peft_type", "LORA")).upper().split(".")[-1]
+    if peft_type != "LORA":
+        raise ValueError(f"only LoRA adapters can be imported, got peft_type={config.get('peft_type')!r}")
+    if config.get("use_dora"):
+        raise ValueError("DoRA adapters (use_dora=True) have a magnitude vector with no MIRA equivalent")
+    if config.get("fan_in_fan_out"):
+        raise ValueError("fan_in_fan_out=True (Conv1D layers) is not supported; MIRA wraps nn.Linear")
+    alpha = config.get("lora_alpha", 8)
+    alpha_pattern = config.get("alpha_pattern") or {}
+    rslora = bool(config.get("use_rslora", False))
+    available = _lora_modules(state, adapter_name, prefix)
+    if not available:
+        raise ValueError("no LoRA weights (lora_A / lora_B) found in the PEFT source")
+
+    blocks = [(name, block) for name, block in model.named_modules()
+              if isinstance(getattr(getattr(block, "attn", None), "qkv", None), nn.Module)
+              and isinstance(getattr(block, "mira_memory", None), AdapterMemory)]
+    if not blocks:
+        raise RuntimeError("import_peft: the model has no MIRA layers (call mira.attach first)")
+    if keys is None or isinstance(keys, torch.Tensor):
+        per_block = [keys] * len(blocks)
+    else:
+        per_block = list(keys)
+        if len(per_block) != len(blocks):
+            raise ValueError(f"got {len(per_block)} keys for {len(blocks)} memories")
+
+    used: set[str] = set()
+    values = []
+    for name, block in blocks:
+        proj, memory = block.attn.qkv, block.mira_memory
+        c = memory.config
+        block_path = f"{name}." if name else ""
+        if module_names is None:
+            path = f"{block_path}attn.qkv"
+            sources = {s: (path, proj.slice_offsets[s]) for s in range(c.num_slices)}
+        else:
+            if proj.slice_names is None:
+                raise ValueError("module_names needs named slices (attach with slices such as ('q', 'v'))")
+            missing = [s for s in proj.slice_names if s not in module_names]
+            if missing:
+                raise ValueError(f"module_names has no entry for slices {missing}")
+            sources = {s: (module_names[n].format(block=name), 0) for s, n in enumerate(proj.slice_names)}
+        bank_a = torch.zeros(c.num_slices, c.rank, c.d_in)
+        bank_b = torch.zeros(c.num_slices, c.slice_width, c.rank)
+        for s, (path, offset) in sources.items():
+            factors = available.get(path)
+            if factors is None:
+                continue  # PEFT did not adapt this module: the equivalent value is zero
+            used.add(path)
+            lora_a, lora_b = factors["A"].float(), factors["B"].float()
+            r = lora_a.shape[0]
+            if lora_a.shape[1] != c.d_in or lora_b.shape[1] != r:
+                raise ValueError(f"{path}: lora_A {tuple(lora_a.shape)} / lora_B {tuple(lora_b.shape)} do not fit a "
+                                 f"projection of input width {c.d_in}")
+            if r > c.rank:
+                raise ValueError(f"{path}: PEFT rank {r} exceeds the memory's rank {c.rank}; attach with rank>={r}")
+            a_ = _pattern_value(alpha_pattern, path, alpha)
+            scaling = a_ / (math.sqrt(r) if rslora else r)
+            if module_names is None:
+                if lora_b.shape[0] != proj.out_features:
+                    raise ValueError(f"{path}: lora_B has {lora_b.shape[0]} rows, the projection "
+                                     f"{proj.out_features} outputs")
+            elif lora_b.shape[0] != c.slice_width:
+                raise ValueError(f"{path}: lora_B has {lora_b.shape[0]} rows, the slice is {c.slice_width} wide")
+            rows = lora_b[offset: offset + c.slice_width]
+            bank_a[s, :r] = lora_a
+            bank_b[s, :, :r] = rows * (scaling / c.scale)
+        if module_names is None and f"{block_path}attn.qkv" in used:
+            lora_b = available[f"{block_path}attn.qkv"]["B"]
+            keep = torch.zeros(lora_b.shape[0], dtype=torch.bool)
+            for off in proj.slice_offsets:
+                keep[off: off + c.slice_width] = True
+            if bool(lora_b[~keep].ne(0).any()) and not drop_unused_rows:
+                raise ValueError(
+                    f"{block_path}attn.qkv: the PEFT adapter changes output rows outside MIRA's slices "
+                    f"{proj.slice_names or proj.slice_offsets} (e.g. the k rows of a packed qkv); MIRA cannot "
+                    "store them. Pass drop_unused_rows=True to drop them (outputs will differ from PEFT's)"
+                )
+        values.append((memory, bank_a, bank_b))
+    if not used:
+        raise ValueError(f"import_peft: no LoRA module of the source matches the model's MIRA blocks; the source "
+                         f"adapts {sorted(available)[:6]}...")
+    unmatched = sorted(set(available) - used)
+    if unmatched and not ignore_unmatched:
+        raise ValueError(f"import_peft: the source also adapts {unmatched[:6]}{'...' if len(unmatched) > 6 else ''}, "
+                         "which MIRA does not cover; pass ignore_unmatched=True to import the rest anyway")
+    slots = []
+    for (memory, bank_a, bank_b), key in zip(values, per_block):
+        (slot,) = memory.append(bank_a, bank_b, key, generator=generator)
+        slots.append(slot)
+    return slots

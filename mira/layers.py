@@ -1,0 +1,169 @@
+"""The MIRA projection: a frozen ``nn.Linear`` wrapped (not copied) with adapters on output slices.
+
+PEFT-style wrapping: the original layer is kept as ``base_layer`` and never modified; the
+wrapper adds the per-sample update of :func:`mira_kernels.mira_linear` on S output slices (Q
+and V of a packed qkv by default). Every stage calls that one op, so every backend of
+``mira_kernels`` serves the layer.
+
+Stages (method section 3):
+
+* ``adaptation``: the memory is bypassed; one plain LoRA per slice (``lora_a`` (S, r, d_in)
+  kaiming-uniform, ``lora_b`` (S, d_s, r) zero, so the model equals the backbone at init) is
+  trained. It runs through the op as a one-slot memory with softmax separation, whose weight
+  is exactly 1.
+* ``consolidation`` / ``inference``: the memory's adapters, mixed per sample by the
+  association matrix, are applied; the live LoRA is ignored (write it into the memory first,
+  :func:`mira.write_adapters`).
+
+The query comes from the projection's own input. In a timm attention block that input is
+the attention input (LN1's output); :func:`mira.attach` verifies this on a dry run for every
+block it adapts, so no hook has to carry activations from one module to another (which would
+keep state on modules across calls and complicate ``torch.compile`` and CUDA graphs).
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+
+import mira_kernels
+
+from .config import STAGES
+from .memory import AdapterMemory
+
+__all__ = ["MiraProjection"]
+
+
+def _check_slices(offsets: Sequence[int], width: int, out_features: int) -> tuple[int, ...]:
+    try:
+        offsets = tuple(operator.index(o) for o in offsets)
+    except TypeError:
+        raise TypeError(f"slice offsets must be ints, got {offsets!r}") from None
+    for off in offsets:
+        if off < 0 or off + width > out_features:
+            raise ValueError(
+                f"slice [{off}, {off + width}) lies outside the projection's {out_features} output features"
+            )
+    ordered = sorted(offsets)
+    for lo, hi in zip(ordered, ordered[1:]):
+        if hi < lo + width:
+            raise ValueError(f"slices at offsets {offsets} of width {width} overlap")
+    return offsets
+
+
+class MiraProjection(nn.Module):
+    """A frozen linear projection plus MIRA adapters on output slices.
+
+    Args:
+        base_layer: the frozen ``nn.Linear`` (d_in -> d_out); its parameters are frozen here.
+        memory: the block's :class:`AdapterMemory` (owned by the block, referenced here, so a
+            state dict holds it once).
+        slice_offsets: S output offsets of the adapted slices (width ``memory.config.slice_width``).
+        slice_names: optional names of the slices (``("q", "v")``), for display and PEFT import.
+        stage: initial stage, one of ``adaptation``, ``consolidation``, ``inference``.
+
+    Shapes: forward takes x (B, T, d_in) and returns (B, T, d_out).
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Linear,
+        memory: AdapterMemory,
+        slice_offsets: Sequence[int],
+        *,
+        slice_names: Sequence[str] | None = None,
+        stage: str = "adaptation",
+    ) -> None:
+        super().__init__()
+        if not isinstance(base_layer, nn.Linear):
+            raise TypeError(f"MiraProjection wraps an nn.Linear, got {type(base_layer).__name__}")
+        if not isinstance(memory, AdapterMemory):
+            raise TypeError(f"memory must be an AdapterMemory, got {type(memory).__name__}")
+        c = memory.config
+        if base_layer.in_features != c.d_in:
+            raise ValueError(f"the memory expects inputs of width {c.d_in}, the layer has {base_layer.in_features}")
+        offsets = _check_slices(slice_offsets, c.slice_width, base_layer.out_features)
+        if len(offsets) != c.num_slices:
+            raise ValueError(f"got {len(offsets)} slice offsets for a memory of {c.num_slices} slices")
+        if slice_names is not None and len(slice_names) != len(offsets):
+            raise ValueError(f"slice_names {slice_names!r} do not match {len(offsets)} slices")
+        base_layer.requires_grad_(False)
+        self.base_layer = base_layer
+        # Not registered as a child: the block owns the memory (one copy in the state dict).
+        object.__setattr__(self, "_memory", memory)
+        self.slice_offsets = offsets
+        self.slice_names = tuple(slice_names) if slice_names is not None else None
+        factory = {"device": base_layer.weight.device, "dtype": base_layer.weight.dtype}
+        self.lora_a = nn.Parameter(torch.empty(c.num_slices, c.rank, c.d_in, **factory))
+        self.lora_b = nn.Parameter(torch.zeros(c.num_slices, c.slice_width, c.rank, **factory))
+        self.stage = "adaptation"
+        self.set_stage(stage)
+        self.reset_lora()
+
+    # The wrapped layer's attributes, for code that inspects ``attn.qkv`` (timm, PEFT).
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    @property
+    def memory(self) -> AdapterMemory:
+        return self._memory
+
+    def get_base_layer(self) -> nn.Linear:
+        return self.base_layer
+
+    def set_stage(self, stage: str) -> None:
+        """Choose the forward path (requires_grad is set by :func:`mira.set_stage`)."""
+        if stage not in STAGES:
+            raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
+        self.stage = stage
+
+    @torch.no_grad()
+    def reset_lora(self, generator: torch.Generator | None = None) -> None:
+        """Fresh adapter: A kaiming-uniform (as ``nn.Linear`` initialises weights), B zero."""
+        for a in self.lora_a:
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
+        self.lora_b.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 3:
+            raise ValueError(
+                f"MiraProjection expects per-image tokens (B, T, d_in), got shape {tuple(x.shape)}; "
+                "spatial or windowed layouts are not supported"
+            )
+        base = self.base_layer
+        c = self._memory.config
+        if self.stage == "adaptation":
+            # One slot, softmax over one score: weight exactly 1 for every sample.
+            ones = x.new_ones(x.shape[0], 1)
+            return mira_kernels.mira_linear(
+                x, base.weight, base.bias, ones, ones[:1], self.lora_a.unsqueeze(0), self.lora_b.unsqueeze(0),
+                slice_offsets=self.slice_offsets, separation="softmax", scale=c.scale, eps=c.eps,
+            )
+        memory = self._memory
+        bank_a, bank_b = memory.retrieval_banks()
+        return mira_kernels.mira_linear(
+            x, base.weight, base.bias, memory.make_query(x), memory.retrieval_keys(), bank_a, bank_b,
+            slice_offsets=self.slice_offsets, separation=c.separation, scale=c.scale, eps=c.eps,
+        )
+
+    def extra_repr(self) -> str:
+        names = f"{self.slice_names}" if self.slice_names else f"offsets={self.slice_offsets}"
+        c = self._memory.config
+        return f"slices={names}, width={c.slice_width}, rank={c.rank}, stage={self.stage}"

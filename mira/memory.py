@@ -1,0 +1,314 @@
+"""The associative adapter memory of one block.
+
+In Hopfield terms (Millidge et al. 2022, ``z = P . sep(sim(K, q))``): the **stored patterns**
+are the keys K (N, d_k), a trainable parameter, and their values P are flattened LoRA adapters,
+held as two banks, ``bank_a`` (N, S, r, d_in) and ``bank_b`` (N, S, d_s, r), one factor pair
+per adapted output slice. The **state pattern** is the query q (B, d_k), made by the query
+module from the block's attention input. The **association matrix** is ``sep(cos(q, K))``
+(B, N). The fused op (:func:`mira_kernels.mira_linear`) does the read-out; this module holds
+the patterns, makes queries, and grows or shrinks.
+
+Two storage modes:
+
+* growing (``capacity=None``): N is the number of stored adapters; appending changes shapes.
+  The ``keys`` Parameter object is kept across an append or remove (its ``.data`` is replaced)
+  so an optimiser still refers to it, but per-parameter optimiser state (Adam moments) then has
+  the old shape: call :meth:`AdapterMemory.forget_optimizer_state` (or build a new optimiser)
+  after growing. The step fails loudly otherwise, it never trains stale slots silently.
+* fixed capacity (``capacity=C``): C slots are pre-allocated with a boolean ``active`` mask.
+  Stored adapters always occupy slots ``0 .. num_slots-1``. Empty slots have zero keys and zero
+  values, so their cosine score is 0 and they add nothing (see ``mira.config`` for why softmax
+  is refused). Appending writes in place: no shape changes, no recompilation, no CUDA-graph
+  re-capture, and the optimiser state keeps its shape (a reused slot inherits the moments of
+  what was there before; :meth:`remove` compacts slots, moving their moments' meaning).
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Iterable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import mira_kernels
+from mira_kernels.reference import NORM_EPS
+
+from .config import MemoryConfig
+from .query import build_query_module, pool_tokens
+
+__all__ = ["AdapterMemory"]
+
+
+class AdapterMemory(nn.Module):
+    """Keys (Parameter), adapter banks (buffers, or Parameters for the trainable-bank ablation)
+    and the query module of one block.
+
+    Args:
+        config: the resolved :class:`~mira.config.MemoryConfig`.
+        device, dtype: factory arguments of every tensor (timm style).
+
+    Attributes:
+        keys: (C or N, d_k) stored patterns.
+        bank_a: (C or N, S, r, d_in) stored A factors.
+        bank_b: (C or N, S, d_s, r) stored B factors.
+        active: (C,) bool mask of used slots in fixed-capacity mode, else None.
+        query_module: (B, d_in) -> (B, d_k).
+    """
+
+    def __init__(self, config: MemoryConfig, *, device=None, dtype=None) -> None:
+        super().__init__()
+        if not isinstance(config, MemoryConfig):
+            raise TypeError(f"config must be a MemoryConfig, got {type(config).__name__}")
+        self.config = config
+        factory = {"device": device, "dtype": dtype}
+        n = config.capacity or 0
+        c = config
+        self.keys = nn.Parameter(torch.zeros(n, c.d_k, **factory))
+        bank_a = torch.zeros(n, c.num_slices, c.rank, c.d_in, **factory)
+        bank_b = torch.zeros(n, c.num_slices, c.slice_width, c.rank, **factory)
+        if c.trainable_bank:
+            self.bank_a = nn.Parameter(bank_a)
+            self.bank_b = nn.Parameter(bank_b)
+        else:
+            self.register_buffer("bank_a", bank_a)
+            self.register_buffer("bank_b", bank_b)
+        if c.capacity is not None:
+            self.register_buffer("active", torch.zeros(n, dtype=torch.bool, device=device))
+        else:
+            self.active = None
+        self.query_module = build_query_module(c.query, c.d_in, c.d_k, c.query_hidden, **factory)
+
+    # ------------------------------------------------------------------------------------------
+    # Sizes and inspection.
+    # ------------------------------------------------------------------------------------------
+
+    @property
+    def num_slots(self) -> int:
+        """Number of stored adapters (reads the mask in fixed-capacity mode: a device sync)."""
+        if self.active is None:
+            return self.keys.shape[0]
+        return int(self.active.sum())
+
+    @property
+    def capacity(self) -> int | None:
+        return self.config.capacity
+
+    @property
+    def stored_keys(self) -> torch.Tensor:
+        """(num_slots, d_k) keys of the stored adapters (a view, raw: not normalised)."""
+        return self.keys[: self.num_slots]
+
+    @property
+    def stored_adapters(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(num_slots, S, r, d_in) and (num_slots, S, d_s, r) views of the stored values."""
+        n = self.num_slots
+        return self.bank_a[:n], self.bank_b[:n]
+
+    def make_query(self, tokens: torch.Tensor) -> torch.Tensor:
+        """State pattern of each sample: (B, T, d_in) attention input -> (B, d_k)."""
+        pooled = pool_tokens(tokens, self.config.query_token, self.config.num_prefix_tokens)
+        return self.query_module(pooled)
+
+    def retrieval_keys(self) -> torch.Tensor:
+        """The (C or N, d_k) keys the op sees: empty slots zeroed, per-feature normalised if asked.
+
+        The op applies the per-key L2 normalisation of the cosine itself.
+        """
+        keys = self.keys
+        if self.active is not None:
+            keys = keys * self.active.unsqueeze(1).to(keys.dtype)
+        if self.config.key_norm == "per_feature":
+            # Each feature (column) to unit L2 norm across the stored keys; zero rows stay zero.
+            keys = F.normalize(keys, dim=0, eps=NORM_EPS)
+        return keys
+
+    def retrieval_banks(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The banks the op sees. Only a trainable bank of fixed capacity needs masking: with
+        sigmoid separation an empty slot has weight 0.5 and would otherwise get a gradient."""
+        if self.active is not None and self.config.trainable_bank:
+            mask = self.active.to(self.bank_a.dtype)
+            return self.bank_a * mask.view(-1, 1, 1, 1), self.bank_b * mask.view(-1, 1, 1, 1)
+        return self.bank_a, self.bank_b
+
+    def get_association_matrix(
+        self, query: torch.Tensor | None = None, *, tokens: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Per-sample mixing weights over the stored adapters, sep(cos(q, K)).
+
+        Args:
+            query: (B, d_k) state patterns, or
+            tokens: (B, T, d_in) attention input of the block, from which the query is made.
+
+        Returns:
+            (B, num_slots), differentiable; exactly the weights the forward pass uses.
+        """
+        if (query is None) == (tokens is None):
+            raise ValueError("pass exactly one of query (B, d_k) or tokens (B, T, d_in)")
+        if query is None:
+            query = self.make_query(tokens)
+        if query.dim() != 2 or query.shape[1] != self.config.d_k:
+            raise ValueError(f"query must have shape (B, {self.config.d_k}), got {tuple(query.shape)}")
+        weights = mira_kernels.retrieval_weights(
+            query, self.retrieval_keys(), separation=self.config.separation, eps=self.config.eps
+        )
+        return weights[:, : self.num_slots]
+
+    # ------------------------------------------------------------------------------------------
+    # Growing and shrinking.
+    # ------------------------------------------------------------------------------------------
+
+    def _factory(self) -> dict:
+        return {"device": self.keys.device, "dtype": self.keys.dtype}
+
+    def _as_batch(self, name: str, t: torch.Tensor, tail: tuple[int, ...]) -> torch.Tensor:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
+        if t.dim() == len(tail):
+            t = t.unsqueeze(0)
+        layout = "(n, " + ", ".join(map(str, tail)) + ")"
+        if t.dim() != len(tail) + 1 or tuple(t.shape[1:]) != tail:
+            raise ValueError(f"{name} must have shape {layout} (S, r, d_in / S, d_s, r of this memory), "
+                             f"got {tuple(t.shape)}")
+        return t.detach().to(**self._factory())
+
+    def _new_keys(self, keys, n: int, generator: torch.Generator | None) -> torch.Tensor:
+        d_k = self.config.d_k
+        if keys is None:
+            # Random Gaussian keys, as the paper writes each trained adapter (drawn on the CPU so a
+            # seeded generator gives the same keys on every device).
+            return torch.randn(n, d_k, generator=generator).to(**self._factory())
+        if not isinstance(keys, torch.Tensor):
+            raise TypeError(f"keys must be a Tensor of shape ({n}, {d_k}) or None, got {type(keys).__name__}")
+        if keys.dim() == 1:
+            keys = keys.unsqueeze(0)
+        if keys.dim() != 2 or keys.shape[1] != d_k:
+            raise ValueError(f"key width mismatch: this memory's keys have d_k = {d_k}, got keys of shape "
+                             f"{tuple(keys.shape)}")
+        if keys.shape[0] != n:
+            raise ValueError(f"got {keys.shape[0]} keys for {n} adapters")
+        return keys.detach().to(**self._factory())
+
+    def _set_storage(self, keys: torch.Tensor, bank_a: torch.Tensor, bank_b: torch.Tensor) -> None:
+        # Growing mode: keep the Parameter objects (an optimiser refers to them), swap their data.
+        self.keys.data = keys
+        self.keys.grad = None
+        if isinstance(self.bank_a, nn.Parameter):
+            self.bank_a.data, self.bank_b.data = bank_a, bank_b
+            self.bank_a.grad = self.bank_b.grad = None
+        else:
+            self.bank_a, self.bank_b = bank_a, bank_b
+
+    @torch.no_grad()
+    def append(
+        self,
+        bank_a: torch.Tensor,
+        bank_b: torch.Tensor,
+        keys: torch.Tensor | None = None,
+        *,
+        generator: torch.Generator | None = None,
+    ) -> list[int]:
+        """Store adapters (values) with their keys.
+
+        Args:
+            bank_a: (n, S, r, d_in) or (S, r, d_in) A factors.
+            bank_b: (n, S, d_s, r) or (S, d_s, r) B factors.
+            keys: (n, d_k) or (d_k,) keys; None draws Gaussian keys (from ``generator``).
+
+        Returns:
+            The slot indices of the new adapters.
+        """
+        c = self.config
+        bank_a = self._as_batch("bank_a", bank_a, (c.num_slices, c.rank, c.d_in))
+        bank_b = self._as_batch("bank_b", bank_b, (c.num_slices, c.slice_width, c.rank))
+        n = bank_a.shape[0]
+        if bank_b.shape[0] != n:
+            raise ValueError(f"bank_a holds {n} adapters but bank_b holds {bank_b.shape[0]}")
+        new_keys = self._new_keys(keys, n, generator)
+        start = self.num_slots
+        if self.active is None:
+            self._set_storage(
+                torch.cat([self.keys.data, new_keys]),
+                torch.cat([self.bank_a.data, bank_a]),
+                torch.cat([self.bank_b.data, bank_b]),
+            )
+        else:
+            if start + n > c.capacity:
+                raise RuntimeError(
+                    f"memory full: {start} of {c.capacity} slots used, cannot append {n}; "
+                    "remove slots or attach with a larger capacity"
+                )
+            idx = slice(start, start + n)
+            self.keys.data[idx] = new_keys
+            self.bank_a.data[idx] = bank_a
+            self.bank_b.data[idx] = bank_b
+            self.active[idx] = True
+        return list(range(start, start + n))
+
+    @torch.no_grad()
+    def remove(self, indices: int | Iterable[int]) -> None:
+        """Delete stored adapters; later slots move down (indices shift like a list's)."""
+        if isinstance(indices, int) or isinstance(indices, torch.Tensor) and indices.dim() == 0:
+            indices = [indices]
+        try:
+            drop = sorted({operator.index(i) for i in indices})
+        except TypeError:
+            raise TypeError(f"indices must be ints, got {indices!r}") from None
+        n = self.num_slots
+        drop = [i + n if i < 0 else i for i in drop]
+        bad = [i for i in drop if not 0 <= i < n]
+        if bad:
+            raise IndexError(f"slot indices {bad} out of range for a memory of {n} stored adapters")
+        keep = torch.tensor([i for i in range(n) if i not in set(drop)], dtype=torch.long, device=self.keys.device)
+        if self.active is None:
+            self._set_storage(self.keys.data[keep], self.bank_a.data[keep], self.bank_b.data[keep])
+            return
+        m = keep.numel()
+        for t in (self.keys.data, self.bank_a.data, self.bank_b.data):
+            t[:m] = t[keep]
+            t[m:].zero_()
+        self.active.zero_()
+        self.active[:m] = True
+
+    def clear(self) -> None:
+        """Remove every stored adapter."""
+        self.remove(range(self.num_slots))
+
+    def forget_optimizer_state(self, optimizer: torch.optim.Optimizer) -> None:
+        """Drop ``optimizer``'s per-parameter state of this memory's tensors (call after growing)."""
+        for p in (self.keys, self.bank_a, self.bank_b):
+            optimizer.state.pop(p, None)
+
+    def reset_parameters(self) -> None:
+        """Re-initialise the query module (stored patterns are data, not touched)."""
+        if hasattr(self.query_module, "reset_parameters"):
+            self.query_module.reset_parameters()
+
+    # ------------------------------------------------------------------------------------------
+    # State dicts of another size (growing mode).
+    # ------------------------------------------------------------------------------------------
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        incoming = state_dict.get(prefix + "keys")
+        if self.active is None and isinstance(incoming, torch.Tensor) and incoming.dim() == 2:
+            n = incoming.shape[0]
+            if n != self.keys.shape[0]:
+                c, f = self.config, self._factory()
+                # Resize to the incoming slot count; the values are copied by the default loader.
+                self._set_storage(
+                    torch.zeros(n, c.d_k, **f),
+                    torch.zeros(n, c.num_slices, c.rank, c.d_in, **f),
+                    torch.zeros(n, c.num_slices, c.slice_width, c.rank, **f),
+                )
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def extra_repr(self) -> str:
+        c = self.config
+        size = f"slots={self.keys.shape[0]}" if c.capacity is None else f"capacity={c.capacity}"
+        return (f"{size}, d_k={c.d_k}, d_in={c.d_in}, slices={c.num_slices}x{c.slice_width}, rank={c.rank}, "
+                f"separation={c.separation}, key_norm={c.key_norm}, query_token={c.query_token}"
+                + (", trainable_bank=True" if c.trainable_bank else ""))
+

@@ -1,0 +1,87 @@
+"""Query modules g: map the pooled attention input of a block to a query (state pattern).
+
+The pooled token is the CLS token of the block's attention input (the paper) or the mean of
+its patch tokens (prefix tokens excluded), see :func:`pool_tokens`. Each module takes
+``(B, d_in)`` and returns ``(B, d_k)``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+__all__ = ["IdentityQuery", "LinearQuery", "MlpQuery", "build_query_module", "pool_tokens"]
+
+
+def pool_tokens(x: torch.Tensor, query_token: str, num_prefix_tokens: int) -> torch.Tensor:
+    """The token(s) a query is made from.
+
+    Args:
+        x: (B, T, d) tokens entering attention.
+        query_token: ``"cls"`` takes token 0; ``"mean"`` averages tokens ``num_prefix_tokens:``.
+        num_prefix_tokens: CLS / register / distillation tokens placed before the patch tokens.
+
+    Returns:
+        (B, d).
+    """
+    if query_token == "cls":
+        return x[:, 0]
+    return x[:, num_prefix_tokens:].mean(dim=1)
+
+
+class IdentityQuery(nn.Module):
+    """g(t) = t (the paper's continual-learning runs). Needs d_k == d_in."""
+
+    def __init__(self, in_features: int, out_features: int, hidden_features: int | None = None, **factory) -> None:
+        super().__init__()
+        if in_features != out_features:
+            raise ValueError(f"IdentityQuery needs in_features == out_features, got {in_features} and {out_features}")
+        self.in_features = self.out_features = in_features
+
+    def reset_parameters(self) -> None:
+        pass
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def extra_repr(self) -> str:
+        return f"features={self.in_features}"
+
+
+class LinearQuery(nn.Linear):
+    """g(t) = W t + b."""
+
+    def __init__(self, in_features: int, out_features: int, hidden_features: int | None = None, **factory) -> None:
+        super().__init__(in_features, out_features, **factory)
+
+
+class MlpQuery(nn.Module):
+    """g(t) = Linear(GELU(Linear(t))), the paper's domain-generalisation query (hidden = d_in)."""
+
+    def __init__(self, in_features: int, out_features: int, hidden_features: int | None = None, **factory) -> None:
+        super().__init__()
+        hidden_features = hidden_features or in_features
+        self.fc1 = nn.Linear(in_features, hidden_features, **factory)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_features, out_features, **factory)
+
+    def reset_parameters(self) -> None:
+        self.fc1.reset_parameters()
+        self.fc2.reset_parameters()
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(t)))
+
+
+_QUERY_CLASSES = {"identity": IdentityQuery, "linear": LinearQuery, "mlp": MlpQuery}
+
+
+def build_query_module(
+    kind: str, in_features: int, out_features: int, hidden_features: int | None = None, **factory
+) -> nn.Module:
+    """The query module named ``kind`` (``identity``, ``linear``, ``mlp``)."""
+    try:
+        cls = _QUERY_CLASSES[kind]
+    except KeyError:
+        raise ValueError(f"unknown query module {kind!r}; expected one of {tuple(_QUERY_CLASSES)}") from None
+    return cls(in_features, out_features, hidden_features, **factory)
