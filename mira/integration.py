@@ -96,8 +96,8 @@ def _probe(model: nn.Module, blocks: list[tuple[str, nn.Module]], example_input:
         with torch.no_grad():
             model(example_input)
     except Exception as err:
-        raise RuntimeError(f"mira.attach: the dry run ({what}) of {type(model).__name__} failed: {err}\n{_SUPPORTED}") \
-            from err
+        message = f"mira.attach: a dry run of the {what} ({type(model).__name__}) failed: {err}"
+        raise RuntimeError(f"{message}\n{_SUPPORTED}") from err
     finally:
         for h in handles:
             h.remove()
@@ -108,9 +108,9 @@ def _probe(model: nn.Module, blocks: list[tuple[str, nn.Module]], example_input:
         where = f"{name}.attn.qkv" if name else "attn.qkv"
         if not seen:
             raise RuntimeError(
-                f"mira.attach: {where} ({what}) was never called in a forward pass of {type(model).__name__}: "
-                f"its attention bypasses the module (e.g. F.linear on attn.qkv.weight), so an adapter there "
-                f"would silently do nothing.\n{_SUPPORTED}"
+                f"mira.attach: in a dry run of the {what}, {where} was never called by {type(model).__name__}'s "
+                f"forward: its attention bypasses the module (e.g. F.linear on attn.qkv.weight), so an adapter "
+                f"there would silently do nothing.\n{_SUPPORTED}"
             )
         if len(seen) > 1:
             raise RuntimeError(f"mira.attach: {where} is called {len(seen)} times per forward; expected once.\n"
@@ -240,7 +240,7 @@ def attach(
         setattr(block, MEMORY_ATTR, memory)
         block.attn.qkv = MiraProjection(qkv, memory, offsets, slice_names=names)
     try:
-        _probe(model, chosen, example_input, "with MIRA installed")
+        _probe(model, chosen, example_input, "model with MIRA installed")
     except Exception:
         detach(model)
         raise

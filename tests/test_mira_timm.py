@@ -1,37 +1,280 @@
-"""MIRA on timm Vision Transformers: attach, stages, dry-run refusal, compile."""
+"""MIRA on timm Vision Transformers: attach, dry-run refusal, stages, write_adapters, compile."""
 
 from __future__ import annotations
 
 import pytest
 import timm
 import torch
+import torch.nn as nn
 
 import mira
+import mira_kernels
 
 pytestmark = pytest.mark.filterwarnings("ignore:mira_kernels. no native backend:RuntimeWarning")
 
 IMG = 32
 
 
-def tiny_vit(**kwargs):
+def tiny_vit(name="vit_tiny_patch16_224", **kwargs):
     torch.manual_seed(0)
     kwargs = {"img_size": IMG, "patch_size": 8, "num_classes": 5, **kwargs}
-    return timm.create_model(kwargs.pop("name", "vit_tiny_patch16_224"), pretrained=False, **kwargs).eval()
+    return timm.create_model(name, pretrained=False, **kwargs).eval()
 
 
-def images(batch=3, seed=1):
-    return torch.randn(batch, 3, IMG, IMG, generator=torch.Generator().manual_seed(seed))
+def images(batch=3, seed=1, size=IMG):
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def fill_loras(model, seed=0, std=0.2):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in mira.projections(model):
+            p.lora_b.copy_(torch.randn(p.lora_b.shape, generator=g) * std)
 
 
 def test_attached_model_equals_backbone_at_init_and_with_empty_memory():
-    backbone = tiny_vit()
+    backbone = tiny_vit(depth=4)
     x = images()
     with torch.no_grad():
         expected = backbone(x)
-    model = mira.attach(tiny_vit())
-    assert len(mira.memories(model)) == len(model.blocks) == len(mira.projections(model))
+    for capacity in (None, 4):
+        model = mira.attach(tiny_vit(depth=4), capacity=capacity)
+        assert len(mira.memories(model)) == len(model.blocks) == len(mira.projections(model))
+        assert all(isinstance(b.attn.qkv, mira.MiraProjection) for b in model.blocks)
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), expected, rtol=0, atol=1e-5)
+            mira.set_stage(model, "consolidation")
+            assert all(m.num_slots == 0 for m in mira.memories(model))
+            torch.testing.assert_close(model(x), expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "name,kwargs",
+    [
+        ("vit_small_patch16_224", {"depth": 2}),
+        ("vit_base_patch16_224", {"depth": 1}),
+        ("deit_tiny_patch16_224", {"depth": 2}),
+        ("deit_tiny_distilled_patch16_224", {"depth": 2}),
+    ],
+)
+def test_supported_timm_vits(name, kwargs):
+    backbone, model = tiny_vit(name, **kwargs), tiny_vit(name, **kwargs)
+    mira.attach(model, query="mlp", key_dim=32, query_token="mean")
+    fill_loras(model)
+    mira.write_adapters(model)
+    x = images(2)
     with torch.no_grad():
-        torch.testing.assert_close(model(x), expected, rtol=0, atol=1e-5)
-        mira.set_stage(model, "consolidation")
-        assert all(m.num_slots == 0 for m in mira.memories(model))
-        torch.testing.assert_close(model(x), expected, rtol=0, atol=1e-5)
+        mira.set_stage(model, "inference")
+        changed = (model(x) - backbone(x)).abs().max()
+    assert changed > 1e-4  # the stored adapters act
+    # Means exclude every prefix token (CLS, distillation).
+    memory = mira.memories(model)[0]
+    tokens = torch.randn(2, 5 + model.num_prefix_tokens, model.embed_dim)
+    pooled = tokens[:, model.num_prefix_tokens:].mean(1)
+    torch.testing.assert_close(memory.make_query(tokens), memory.query_module(pooled))
+
+
+def test_mean_query_for_models_without_cls_token_and_chosen_blocks():
+    kwargs = {"class_token": False, "reg_tokens": 2, "global_pool": "avg", "depth": 3}
+    with pytest.raises(ValueError, match="use query_token='mean'"):
+        mira.attach(tiny_vit(**kwargs))
+    model = mira.attach(tiny_vit(**kwargs), query_token="mean", blocks=(0, -1))
+    assert [m.config.num_prefix_tokens for m in mira.memories(model)] == [2, 2]
+    names = [n for n, _ in mira.named_memories(model)]
+    assert names == ["blocks.0.mira_memory", "blocks.2.mira_memory"]
+    assert not isinstance(model.blocks[1].attn.qkv, mira.MiraProjection)
+
+
+def small(name, **kwargs):
+    return timm.create_model(name, pretrained=False, **kwargs).eval()
+
+
+@pytest.mark.parametrize(
+    "make,message",
+    [
+        (lambda: small("beit_base_patch16_224", img_size=32, embed_dim=32, depth=1, num_heads=2), "never called"),
+        (lambda: small("eva02_tiny_patch14_224", img_size=28, depth=1), "never called"),
+        (lambda: small("swinv2_tiny_window8_256", img_size=32, window_size=4, embed_dim=16, depths=(1, 1),
+                       num_heads=(1, 1)), "never called"),
+        (lambda: small("swin_tiny_patch4_window7_224", img_size=32, window_size=4, embed_dim=16, depths=(1, 1),
+                       num_heads=(1, 1)), "windowed"),
+        (lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten()), "found no block"),
+    ],
+    ids=["beit", "eva", "swinv2", "swin", "no-blocks"],
+)
+def test_attach_refuses_unsupported_models_and_leaves_them_untouched(make, message):
+    model = make()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises((RuntimeError, ValueError), match=message) as info:
+        mira.attach(model)
+    assert "mira.attach supports timm Vision Transformers" in str(info.value)
+    assert not mira.projections(model) and not mira.memories(model)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+class _CachedQkvAttention(nn.Module):
+    """An attention that calls its qkv through a reference taken at construction time, so a
+    wrapper installed later at ``attn.qkv`` is bypassed (the original layer still runs)."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.qkv = nn.Linear(dim, 3 * dim)
+        object.__setattr__(self, "_qkv_call", self.qkv)
+
+    def forward(self, x, **kwargs):
+        q, k, v = self._qkv_call(x).chunk(3, dim=-1)
+        return torch.softmax(q @ k.transpose(1, 2), -1) @ v
+
+
+def test_attach_verifies_every_installed_wrapper_is_called():
+    model = tiny_vit(depth=2)
+    model.blocks[1].attn = _CachedQkvAttention(model.embed_dim)
+    with pytest.raises(RuntimeError, match=r"model with MIRA installed, blocks\.1\.attn\.qkv was never called"):
+        mira.attach(model)
+    assert not mira.projections(model) and not hasattr(model.blocks[0], "mira_memory")
+    assert isinstance(model.blocks[0].attn.qkv, nn.Linear)
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,message",
+    [
+        ({"rank": 0}, ValueError, "rank must be >= 1"),
+        ({"slices": ("q", "x")}, ValueError, "unknown slice 'x'"),
+        ({"slices": (500,), "slice_width": 192}, ValueError, "outside the projection's 576 output features"),
+        ({"key_dim": 64}, ValueError, "key_dim must equal the block width 192"),
+        ({"blocks": (3,)}, IndexError, "out of range"),
+        ({"query": "attention"}, ValueError, "unknown query"),
+        ({"separation": "max"}, ValueError, "unknown separation"),
+        ({"separation": "softmax", "capacity": 8}, ValueError, "fixed capacity"),
+    ],
+)
+def test_bad_arguments_give_clear_errors(kwargs, error, message):
+    model = tiny_vit(depth=3)
+    with pytest.raises(error, match=message):
+        mira.attach(model, **kwargs)
+    assert not mira.projections(model)
+
+
+def test_bad_calls_on_an_attached_model():
+    model = mira.attach(tiny_vit(depth=2))
+    with pytest.raises(RuntimeError, match="already has MIRA layers"):
+        mira.attach(model)
+    with pytest.raises(ValueError, match="unknown stage"):
+        mira.set_stage(model, "training")
+    with pytest.raises(KeyError, match="no module named 'classifier'"):
+        mira.set_stage(model, "adaptation", extra_trainable=("classifier",))
+    with pytest.raises(ValueError, match="key width mismatch"):
+        mira.write_adapters(model, keys=torch.randn(100))
+    with pytest.raises(RuntimeError, match="no MIRA layers"):
+        mira.set_stage(tiny_vit(depth=1), "adaptation")
+
+
+def _trainable_names(model):
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("stage", ["adaptation", "consolidation"])
+def test_only_the_stage_parameters_train(stage):
+    model = mira.attach(tiny_vit(depth=2), query="linear", key_dim=16)
+    fill_loras(model)
+    mira.write_adapters(model)  # one slot per block, so consolidation has keys to train
+    fill_loras(model, seed=1)
+    mira.set_stage(model, stage, extra_trainable=("head",))
+    expected = {f"blocks.{i}.{s}" for i in range(2) for s in (
+        ("attn.qkv.lora_a", "attn.qkv.lora_b") if stage == "adaptation" else
+        ("mira_memory.keys", "mira_memory.query_module.weight", "mira_memory.query_module.bias"))}
+    expected |= {"head.weight", "head.bias"}
+    assert _trainable_names(model) == expected
+    assert {id(p) for p in mira.trainable_parameters(model, stage)} == {
+        id(p) for n, p in model.named_parameters() if n in expected and not n.startswith("head")}
+
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model.train()
+    nn.functional.cross_entropy(model(images(4)), torch.tensor([0, 1, 2, 3])).backward()
+    opt.step()
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed == expected
+
+
+def test_inference_stage_trains_nothing_and_counts_parameters():
+    model = mira.attach(tiny_vit(), capacity=30)
+    mira.set_stage(model, "inference")
+    assert not _trainable_names(model)
+    counts = mira.count_parameters(model)
+    # 30 keys of width 192 in each of the 12 blocks; the identity query adds nothing.
+    assert counts["keys"] == counts["added"] == 12 * 30 * 192
+    assert counts["bank"] == 12 * 30 * 2 * 2 * 4 * 192 and counts["lora"] == 12 * 2 * 2 * 4 * 192
+    assert counts["backbone"] == sum(p.numel() for p in tiny_vit().parameters())
+    assert counts["trainable"] == 0
+
+
+def test_write_adapters_stores_the_trained_lora_and_resets_it():
+    model = mira.attach(tiny_vit(depth=2), separation="softmax")
+    fill_loras(model)
+    x = images()
+    with torch.no_grad():
+        adapted = model(x)
+        loras = [(p.lora_a.clone(), p.lora_b.clone()) for p in mira.projections(model)]
+        key = torch.randn(192)
+        assert mira.write_adapters(model, keys=key) == [0, 0]
+        for p, (a, b) in zip(mira.projections(model), loras):
+            stored_a, stored_b = p.memory.stored_adapters
+            assert torch.equal(stored_a[0], a) and torch.equal(stored_b[0], b)
+            assert torch.equal(p.memory.stored_keys[0], key)
+            assert not p.lora_b.any() and not torch.equal(p.lora_a, a)  # fresh adapter
+        # One slot under softmax has weight exactly 1: the memory reproduces the adapted model.
+        mira.set_stage(model, "inference")
+        torch.testing.assert_close(model(x), adapted, rtol=1e-5, atol=1e-5)
+        mira.set_stage(model, "adaptation")
+        assert mira.write_adapters(model, generator=torch.Generator().manual_seed(0)) == [1, 1]
+        w = mira.memories(model)[0].get_association_matrix(tokens=torch.randn(3, 17, 192))
+        torch.testing.assert_close(w.sum(1), torch.ones(3))
+
+
+def test_attached_model_matches_reference_backend():
+    if "cpu" not in mira_kernels.available_backends("cpu"):
+        pytest.skip("the C++ CPU backend is not built on this machine")
+    model = mira.attach(tiny_vit(depth=3), query="mlp", key_dim=32)
+    for _ in range(3):
+        fill_loras(model, seed=_)
+        mira.write_adapters(model)
+    mira.set_stage(model, "consolidation")
+    x = images()
+    outs = []
+    for backend in ("reference", "cpu"):
+        model.zero_grad()
+        with mira_kernels.use_backend(backend):
+            y = model(x)
+        y.square().sum().backward()
+        outs.append((y.detach(), [m.keys.grad.clone() for m in mira.memories(model)]))
+    torch.testing.assert_close(outs[1][0], outs[0][0], rtol=1e-5, atol=1e-5)
+    for got, ref in zip(outs[1][1], outs[0][1]):
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_torch_compile_has_no_graph_break_in_mira_layers():
+    model = mira.attach(tiny_vit(depth=3), capacity=4)
+    fill_loras(model)
+    mira.write_adapters(model)
+    mira.set_stage(model, "consolidation")
+    x = images(2)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(model)(x)
+    assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
+    assert explained.graph_count == 1
+    # A whole block with fullgraph=True, forward and backward (fake kernels + autograd of the op).
+    block = model.blocks[0]
+    tokens = torch.randn(2, 17, 192, requires_grad=True)
+    expected = block(tokens)
+    (grad_expected,) = torch.autograd.grad(expected.square().sum(), block.mira_memory.keys)
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    got = compiled(tokens)
+    (grad_got,) = torch.autograd.grad(got.square().sum(), block.mira_memory.keys)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad_got, grad_expected, rtol=1e-5, atol=1e-6)
+    # Fixed capacity: an append changes values only, so the compiled block does not recompile.
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        mira.memories(model)[0].append(*[t[:1] * 0.5 for t in mira.memories(model)[0].stored_adapters])
+        torch.testing.assert_close(compiled(tokens), block(tokens), rtol=1e-5, atol=1e-5)
+    torch._dynamo.reset()

@@ -1,0 +1,237 @@
+"""AdapterMemory and MiraProjection on a plain packed-qkv Linear (no timm): invariants and formulas."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import mira_kernels
+from mira import AdapterMemory, MemoryConfig, MiraProjection
+
+pytestmark = pytest.mark.filterwarnings("ignore:mira_kernels. no native backend:RuntimeWarning")
+
+D, R = 16, 3  # block width, rank; the packed qkv has 3 * D outputs, MIRA adapts q and v
+
+
+def make_layer(seed=0, *, dtype=torch.float32, **config):
+    torch.manual_seed(seed)
+    base = nn.Linear(D, 3 * D, dtype=dtype)
+    memory = AdapterMemory(MemoryConfig(**{"d_in": D, "d_k": D, "num_slices": 2, "slice_width": D, "rank": R,
+                                           **config}), dtype=dtype)
+    return MiraProjection(base, memory, (0, 2 * D), slice_names=("q", "v"), stage="consolidation")
+
+
+def random_adapters(n, seed=1, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    bank_a = torch.randn(n, 2, R, D, generator=g, dtype=dtype) / D**0.5
+    bank_b = torch.randn(n, 2, D, R, generator=g, dtype=dtype) / R**0.5
+    keys = torch.randn(n, D, generator=g, dtype=dtype)
+    return bank_a, bank_b, keys
+
+
+def tokens(batch=4, t=5, seed=2, dtype=torch.float32):
+    return torch.randn(batch, t, D, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def handwritten(layer: MiraProjection, x: torch.Tensor) -> torch.Tensor:
+    """The method's formula, written out independently of mira_kernels (float64)."""
+    memory, c = layer.memory, layer.memory.config
+    x = x.double()
+    bank_a, bank_b = (t.double() for t in memory.stored_adapters)
+    keys = memory.stored_keys.double()
+    if c.key_norm == "per_feature":
+        keys = keys / keys.norm(dim=0, keepdim=True)
+    pooled = x[:, 0] if c.query_token == "cls" else x[:, c.num_prefix_tokens:].mean(1)
+    query = memory.query_module.double()(pooled)
+    memory.query_module.float()
+    scores = (query / query.norm(dim=1, keepdim=True)) @ (keys / keys.norm(dim=1, keepdim=True)).T
+    if c.separation == "affine":
+        total = scores.sum(1, keepdim=True)
+        weights = scores / torch.where(total.abs() >= c.eps, total, c.eps * torch.where(total >= 0, 1.0, -1.0))
+    elif c.separation == "softmax":
+        weights = scores.softmax(1)
+    else:
+        weights = torch.relu(scores)
+    y = F.linear(x, layer.base_layer.weight.double(), layer.base_layer.bias.double())
+    for s, off in enumerate(layer.slice_offsets):
+        mixed_a = torch.einsum("bn,nrd->brd", weights, bank_a[:, s])
+        mixed_b = torch.einsum("bn,ner->ber", weights, bank_b[:, s])
+        y[..., off:off + D] += c.scale * torch.einsum("btd,brd,ber->bte", x, mixed_a, mixed_b)
+    return y
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {},
+        {"separation": "softmax"},
+        {"separation": "relu", "key_norm": "per_feature"},
+        {"query": "mlp", "d_k": 8, "query_hidden": 12, "query_token": "mean", "scale": 0.5},
+        {"query": "linear", "d_k": 24, "capacity": 5},
+    ],
+    ids=["affine", "softmax", "relu-per-feature", "mlp-mean", "linear-capacity"],
+)
+def test_layer_matches_the_handwritten_method(config):
+    layer = make_layer(**config)
+    bank_a, bank_b, _ = random_adapters(3)
+    keys = torch.randn(3, layer.memory.config.d_k, generator=torch.Generator().manual_seed(5))
+    assert layer.memory.append(bank_a, bank_b, keys) == [0, 1, 2]
+    x = tokens()
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x).double(), handwritten(layer, x), rtol=1e-5, atol=1e-5)
+
+
+def test_growing_and_fixed_capacity_memories_agree_through_append_and_remove():
+    grow, fixed = make_layer(), make_layer(capacity=6)
+    bank_a, bank_b, keys = random_adapters(4)
+    for layer in (grow, fixed):
+        layer.memory.append(bank_a[:3], bank_b[:3], keys[:3])
+        layer.memory.append(bank_a[3], bank_b[3], keys[3])  # one adapter without the leading dim
+    x = tokens()
+    ptrs = [t.data_ptr() for t in (fixed.memory.keys, fixed.memory.bank_a, fixed.memory.bank_b)]
+    with torch.no_grad():
+        torch.testing.assert_close(fixed(x), grow(x), rtol=1e-6, atol=1e-6)
+        for layer in (grow, fixed):
+            layer.memory.remove([1, -1])
+        assert grow.memory.num_slots == fixed.memory.num_slots == 2
+        torch.testing.assert_close(grow.memory.stored_keys, keys[[0, 2]])
+        torch.testing.assert_close(fixed.memory.stored_keys, keys[[0, 2]])
+        torch.testing.assert_close(fixed(x), grow(x), rtol=1e-6, atol=1e-6)
+        q = fixed.memory.make_query(x)
+        torch.testing.assert_close(fixed.memory.get_association_matrix(q),
+                                   grow.memory.get_association_matrix(tokens=x), rtol=1e-6, atol=1e-6)
+    # Fixed capacity: shapes and storage never change (no recompilation, no CUDA-graph re-capture).
+    assert fixed.memory.keys.shape == (6, D)
+    assert [t.data_ptr() for t in (fixed.memory.keys, fixed.memory.bank_a, fixed.memory.bank_b)] == ptrs
+    fixed.memory.append(*random_adapters(4, seed=3)[:2])
+    with pytest.raises(RuntimeError, match="memory full"):
+        fixed.memory.append(*random_adapters(1)[:2])
+
+
+def test_association_matrix_is_the_weights_the_forward_uses():
+    layer = make_layer(separation="affine", key_norm="per_feature")
+    layer.memory.append(*random_adapters(3))
+    x = tokens()
+    weights = layer.memory.get_association_matrix(tokens=x)
+    assert weights.shape == (4, 3)
+    torch.testing.assert_close(weights.sum(1), torch.ones(4))  # affine weights sum to one
+    keys = F.normalize(layer.memory.stored_keys, dim=0)
+    expected = mira_kernels.reference.retrieval_weights(x[:, 0], keys, separation="affine")
+    torch.testing.assert_close(weights, expected)
+
+
+def test_empty_memory_is_the_base_projection():
+    for config in ({}, {"capacity": 4}, {"capacity": 4, "separation": "sigmoid", "trainable_bank": True}):
+        layer = make_layer(**config)
+        x = tokens()
+        with torch.no_grad():
+            torch.testing.assert_close(layer(x), layer.base_layer(x), rtol=0, atol=1e-6)
+
+
+def test_adaptation_stage_is_a_plain_lora_with_weight_one():
+    layer = make_layer()
+    layer.set_stage("adaptation")
+    x = tokens()
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), layer.base_layer(x), rtol=0, atol=1e-6)  # B = 0 at init
+        nn.init.normal_(layer.lora_b)
+        expected = layer.base_layer(x)
+        for s, off in enumerate(layer.slice_offsets):
+            expected[..., off:off + D] += x @ layer.lora_a[s].T @ layer.lora_b[s].T
+        torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+        assert layer.memory.num_slots == 0  # the memory was bypassed
+
+
+def test_gradients_reach_keys_query_and_a_trainable_bank_only_for_used_slots():
+    layer = make_layer(query="linear", capacity=4, separation="sigmoid", trainable_bank=True)
+    layer.memory.append(*random_adapters(2))
+    layer(tokens()).square().sum().backward()
+    m = layer.memory
+    assert m.keys.grad[:2].abs().sum() > 0 and m.query_module.weight.grad.abs().sum() > 0
+    assert m.bank_a.grad[:2].abs().sum() > 0 and m.bank_b.grad[:2].abs().sum() > 0
+    # Empty slots (sigmoid gives them weight 0.5) must learn nothing.
+    assert m.keys.grad[2:].abs().sum() == 0 and m.bank_a.grad[2:].abs().sum() == 0
+    assert m.bank_b.grad[2:].abs().sum() == 0
+
+
+def test_growing_memory_keeps_its_parameter_for_the_optimizer():
+    layer = make_layer()
+    layer.memory.append(*random_adapters(2))
+    keys = layer.memory.keys
+    opt = torch.optim.AdamW([keys], lr=1e-2)
+    layer(tokens()).sum().backward()
+    opt.step()
+    layer.memory.append(*random_adapters(1, seed=9))
+    assert layer.memory.keys is keys and keys.shape == (3, D) and keys.grad is None
+    layer.memory.forget_optimizer_state(opt)
+    opt.zero_grad()
+    layer(tokens()).sum().backward()
+    opt.step()  # would fail on Adam moments of the old shape without forget_optimizer_state
+    assert opt.state[keys]["exp_avg"].shape == (3, D)
+
+
+def test_state_dict_round_trip_resizes_a_growing_memory():
+    src = make_layer(query="mlp", query_hidden=8)
+    src.memory.append(*random_adapters(3))
+    dst = make_layer(seed=7, query="mlp", query_hidden=8)
+    dst.load_state_dict(src.state_dict())  # the base layer and LoRA; the block owns the memory
+    dst.memory.load_state_dict(src.memory.state_dict())
+    assert dst.memory.num_slots == 3
+    x = tokens()
+    with torch.no_grad():
+        torch.testing.assert_close(dst(x), src(x), rtol=0, atol=0)
+
+
+def test_memory_errors_are_clear():
+    layer = make_layer()
+    bank_a, bank_b, keys = random_adapters(2)
+    with pytest.raises(ValueError, match="key width mismatch"):
+        layer.memory.append(bank_a, bank_b, torch.randn(2, D + 1))
+    with pytest.raises(ValueError, match="bank_a must have shape"):
+        layer.memory.append(bank_a[:, :1], bank_b, keys)
+    with pytest.raises(IndexError, match="out of range"):
+        layer.memory.remove(5)
+    with pytest.raises(ValueError, match="rank must be >= 1"):
+        MemoryConfig(d_in=D, d_k=D, num_slices=2, slice_width=D, rank=0)
+    with pytest.raises(ValueError, match="softmax"):
+        MemoryConfig(d_in=D, d_k=D, num_slices=2, slice_width=D, separation="softmax", capacity=4)
+    with pytest.raises(ValueError, match="key_dim must equal"):
+        MemoryConfig(d_in=D, d_k=8, num_slices=2, slice_width=D)
+    memory = AdapterMemory(MemoryConfig(d_in=D, d_k=D, num_slices=2, slice_width=D))
+    with pytest.raises(ValueError, match="outside the projection"):
+        MiraProjection(nn.Linear(D, 3 * D), memory, (0, 2 * D + 1))
+    with pytest.raises(ValueError, match="overlap"):
+        MiraProjection(nn.Linear(D, 3 * D), memory, (0, D - 1))
+    with pytest.raises(ValueError, match="per-image tokens"):
+        make_layer()(torch.randn(2, 3, 3, D))
+
+
+@pytest.mark.parametrize(
+    "device,backend",
+    [
+        ("cpu", "cpu"),
+        pytest.param("cuda", "triton", marks=pytest.mark.gpu),
+        pytest.param("cuda", "cuda", marks=pytest.mark.gpu),
+    ],
+)
+def test_fused_backend_equals_reference_backend(device, backend):
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    if backend not in mira_kernels.available_backends(device):
+        pytest.skip(f"backend {backend!r} is not available for {device} tensors on this machine")
+    layer = make_layer(query="mlp", d_k=8).to(device)
+    layer.memory.append(*random_adapters(3)[:2])
+    x = tokens().to(device).requires_grad_(True)
+    results = []
+    for name in ("reference", backend):
+        layer.zero_grad()
+        layer.memory.zero_grad()
+        x.grad = None
+        with mira_kernels.use_backend(name):
+            y = layer(x)
+        y.square().sum().backward()
+        results.append((y.detach(), x.grad, layer.memory.keys.grad, layer.memory.query_module.fc1.weight.grad))
+    for ref, fused in zip(*results):
+        torch.testing.assert_close(fused, ref, rtol=1e-4, atol=1e-4)
