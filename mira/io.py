@@ -144,6 +144,10 @@ def load_memories(model: nn.Module, path: str | os.PathLike, *, strict: bool = T
 # PEFT import.
 # ----------------------------------------------------------------------------------------------
 
+# PEFT options under which a module's output is not x W^T + scaling * (x A^T) B^T.
+_FORWARD_CHANGING = ("use_dora", "use_qalora", "use_bdlora", "lora_bias", "alora_invocation_tokens", "arrow_config",
+                     "kasa_config", "velora_config", "monteclora_config", "layer_replication")
+
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<factor>[AB])(?:\.(?P<adapter>[^.]+))?\.(?P<param>weight|bias)$")
 
 
@@ -247,10 +251,12 @@ def import_peft(
     peft_type = str(config.get("peft_type", "LORA")).upper().split(".")[-1]
     if peft_type != "LORA":
         raise ValueError(f"only LoRA adapters can be imported, got peft_type={config.get('peft_type')!r}")
-    if config.get("use_dora"):
-        raise ValueError("DoRA adapters (use_dora=True) have a magnitude vector with no MIRA equivalent")
     if config.get("fan_in_fan_out"):
         raise ValueError("fan_in_fan_out=True (Conv1D layers) is not supported; MIRA wraps nn.Linear")
+    variants = [k for k in _FORWARD_CHANGING if config.get(k)]
+    if variants:
+        raise ValueError(f"the PEFT config enables {variants}, which change the LoRA forward beyond "
+                         "scale * B A x; only plain LoRA (optionally rslora) can be imported")
     alpha = config.get("lora_alpha", 8)
     alpha_pattern = config.get("alpha_pattern") or {}
     rslora = bool(config.get("use_rslora", False))

@@ -1,0 +1,187 @@
+"""Saving / loading memories (safetensors, versioned) and importing PEFT LoRA adapters."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import timm
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import mira
+
+pytestmark = pytest.mark.filterwarnings("ignore:mira_kernels. no native backend:RuntimeWarning")
+
+IMG, WIDTH = 32, 192
+
+
+def tiny_vit(depth=2):
+    torch.manual_seed(0)
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=IMG, patch_size=8, num_classes=5,
+                             depth=depth).eval()
+
+
+def images(batch=3, seed=1):
+    return torch.randn(batch, 3, IMG, IMG, generator=torch.Generator().manual_seed(seed))
+
+
+def trained_memories(**attach_args):
+    """An attached model whose memories hold 3 adapters and whose keys / query modules moved."""
+    model = mira.attach(tiny_vit(), **attach_args)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for _ in range(3):
+            for p in mira.projections(model):
+                p.lora_b.copy_(torch.randn(p.lora_b.shape, generator=g) * 0.2)
+            mira.write_adapters(model, generator=g)
+        for m in mira.memories(model):
+            for p in m.query_module.parameters():
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    return mira.set_stage(model, "inference")
+
+
+ARGS = {"query": "mlp", "key_dim": 24, "query_hidden": 16, "key_norm": "per_feature"}
+
+
+def test_save_then_load_into_a_fresh_model_reproduces_outputs(tmp_path):
+    source = trained_memories(**ARGS)
+    path = tmp_path / "memories.safetensors"
+    mira.save_memories(source, path, metadata={"task": "demo"})
+    x = images()
+    with torch.no_grad():
+        expected = source(x)
+        fresh = mira.set_stage(mira.attach(tiny_vit(), **ARGS), "inference")
+        assert not torch.equal(fresh(x), expected)
+        meta = mira.load_memories(fresh, path)
+        assert torch.equal(fresh(x), expected)  # same op, same tensors: bit-identical
+        # Into a fixed-capacity memory (slots pre-allocated, 3 of 8 used): same outputs.
+        fixed = mira.set_stage(mira.attach(tiny_vit(), capacity=8, **ARGS), "inference")
+        mira.load_memories(fixed, path)
+        assert [m.num_slots for m in mira.memories(fixed)] == [3, 3]
+        # Zero keys of empty slots add exact zeros to the affine sum, but reduce in another order.
+        torch.testing.assert_close(fixed(x), expected, rtol=1e-5, atol=1e-5)
+    assert meta["task"] == "demo" and meta["format"] == "mira-memories"
+    assert meta["format_version"] == str(mira.FORMAT_VERSION) == "1"
+    with safe_open(str(path), framework="pt") as f:
+        described = json.loads(f.metadata()["memories"])
+        assert sorted(f.keys()) == sorted(f"blocks.{i}.mira_memory.{t}" for i in range(2) for t in (
+            "keys", "bank_a", "bank_b", "query_module.fc1.weight", "query_module.fc1.bias",
+            "query_module.fc2.weight", "query_module.fc2.bias"))
+        assert f.get_tensor("blocks.0.mira_memory.keys").shape == (3, 24)
+    entry = described["blocks.1.mira_memory"]
+    assert entry["num_slots"] == 3 and entry["slice_offsets"] == [0, 2 * WIDTH]
+    assert entry["config"]["query"] == "mlp" and entry["config"]["key_norm"] == "per_feature"
+
+
+def test_load_refuses_other_configs_versions_and_files(tmp_path):
+    path = tmp_path / "m.safetensors"
+    mira.save_memories(trained_memories(), path)
+    other = mira.attach(tiny_vit(), separation="relu")
+    with pytest.raises(ValueError, match="separation: file 'affine', model 'relu'"):
+        mira.load_memories(other, path)
+    assert all(m.num_slots == 0 for m in mira.memories(other))  # nothing half-loaded
+    with pytest.raises(KeyError, match=r"missing from the file: \[\]; in the file but not in the model"):
+        mira.load_memories(mira.attach(tiny_vit(), blocks=(0,)), path)
+    small = mira.attach(tiny_vit(), capacity=2)
+    with pytest.raises(ValueError, match="capacity is 2"):
+        mira.load_memories(small, path)
+
+    tensors = load_file(path)
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    save_file(tensors, tmp_path / "v9.safetensors", metadata={**meta, "format_version": "9"})
+    with pytest.raises(ValueError, match="format version 9"):
+        mira.load_memories(mira.attach(tiny_vit()), tmp_path / "v9.safetensors")
+    save_file(tensors, tmp_path / "plain.safetensors")
+    with pytest.raises(ValueError, match="not a MIRA memory file"):
+        mira.load_memories(mira.attach(tiny_vit()), tmp_path / "plain.safetensors")
+
+
+# ----------------------------------------------------------------------------------------------
+# PEFT import.
+# ----------------------------------------------------------------------------------------------
+
+
+def peft_vit(tmp_path, *, k_rows_zero=True, **lora):
+    """A PEFT LoRA on timm's packed qkv, with random B (PEFT initialises B to zero)."""
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(tiny_vit(), peft.LoraConfig(target_modules=["qkv"], **lora))
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if name.endswith("attn.qkv"):
+                weight = module.lora_B["default"].weight
+                weight.copy_(torch.randn(weight.shape, generator=g) * 0.3)
+                if k_rows_zero:
+                    weight[WIDTH:2 * WIDTH] = 0
+    model.save_pretrained(tmp_path)
+    return model.eval()
+
+
+@pytest.mark.parametrize("lora", [{"r": 4, "lora_alpha": 8}, {"r": 2, "lora_alpha": 6, "use_rslora": True}],
+                         ids=["r4", "r2-rslora-padded"])
+def test_peft_packed_qkv_import_reproduces_the_peft_model(tmp_path, lora):
+    peft_model = peft_vit(tmp_path, **lora)
+    x = images()
+    with torch.no_grad():
+        expected = peft_model(x)
+        assert (expected - tiny_vit()(x)).abs().max() > 1e-3  # the PEFT adapter matters
+        # One slot with softmax separation has weight exactly 1: the memory must equal PEFT's LoRA.
+        model = mira.attach(tiny_vit(), separation="softmax", scale=0.5)
+        assert mira.import_peft(model, tmp_path) == [0, 0]
+        mira.set_stage(model, "inference")
+        torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_peft_import_refuses_k_rows_and_foreign_modules(tmp_path):
+    peft_vit(tmp_path / "k", k_rows_zero=False, r=4)
+    model = mira.attach(tiny_vit())
+    with pytest.raises(ValueError, match="outside MIRA's slices"):
+        mira.import_peft(model, tmp_path / "k")
+    assert all(m.num_slots == 0 for m in mira.memories(model))
+    assert mira.import_peft(model, tmp_path / "k", drop_unused_rows=True) == [0, 0]
+
+    peft = pytest.importorskip("peft")
+    wide = peft.get_peft_model(tiny_vit(), peft.LoraConfig(r=4, target_modules=["qkv", "proj"]))
+    state = peft.get_peft_model_state_dict(wide)
+    with pytest.raises(ValueError, match="also adapts"):
+        mira.import_peft(mira.attach(tiny_vit()), (state, wide.peft_config["default"]))
+    with pytest.raises(ValueError, match="DoRA|use_dora"):
+        mira.import_peft(mira.attach(tiny_vit()), (state, {"r": 4, "lora_alpha": 8, "use_dora": True}))
+    with pytest.raises(ValueError, match="exceeds the memory's rank 2"):
+        mira.import_peft(mira.attach(tiny_vit(), rank=2), (state, wide.peft_config["default"]),
+                         ignore_unmatched=True)
+
+
+def test_peft_separate_q_v_projections_import():
+    """LoRA saved on separate q / v projections (PEFT's key layout for a model with q_proj / v_proj)."""
+    g = torch.Generator().manual_seed(8)
+    r, alpha = 3, 12
+    state, factors = {}, {}
+    for i in range(2):
+        for s, name in (("q", "q_proj"), ("v", "v_proj")):
+            a, b = torch.randn(r, WIDTH, generator=g) * 0.1, torch.randn(WIDTH, r, generator=g) * 0.1
+            state[f"base_model.model.blocks.{i}.attn.{name}.lora_A.weight"] = a
+            state[f"base_model.model.blocks.{i}.attn.{name}.lora_B.weight"] = b
+            factors[i, s] = (a, b)
+    config = {"peft_type": "LORA", "r": r, "lora_alpha": alpha, "alpha_pattern": {"1.attn.v_proj": 2 * alpha}}
+    model = mira.attach(tiny_vit(), separation="softmax")
+    module_names = {"q": "{block}.attn.q_proj", "v": "{block}.attn.v_proj"}
+    assert mira.import_peft(model, (state, config), module_names=module_names) == [0, 0]
+    # The same adapters as a plain LoRA in the adaptation stage, alpha / r folded by hand
+    # (alpha_pattern doubles alpha for block 1's v projection).
+    reference = mira.attach(tiny_vit())
+    with torch.no_grad():
+        for i, p in enumerate(mira.projections(reference)):
+            for s, name in enumerate(("q", "v")):
+                a, b = factors[i, name]
+                scaling = (2 * alpha if (i, name) == (1, "v") else alpha) / r
+                p.lora_a[s].zero_()
+                p.lora_a[s, :r] = a
+                p.lora_b[s].zero_()
+                p.lora_b[s, :, :r] = b * scaling
+        x = images()
+        mira.set_stage(model, "inference")
+        torch.testing.assert_close(model(x), reference(x), rtol=1e-5, atol=1e-5)
