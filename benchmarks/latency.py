@@ -1,0 +1,1089 @@
+"""MIRA's latency overhead over its frozen backbone, measured so it can be trusted.
+
+``python -m benchmarks.latency`` (the README's ``make bench``) times timm ViT-B/16 (224 px, fp32,
+eval) with MIRA in the published configuration (all 12 blocks, Q and V slices, r = 4, N = 30
+slots filled with random adapters and random keys, identity query, affine separation) against
+the frozen backbone, on the default device, at batch sizes 1 and 8.
+
+Why two measurements. Paired end-to-end runs of the same network differ by about +-5% per pair
+on a shared 2-core machine, so a 0.4% effect cannot be resolved end to end in minutes; op-level
+pairs (tens of ms each) resolve a few tenths of a percent with a few hundred pairs. So:
+
+1. **End to end** (the sanity check): every variant runs once per round, in a fresh random order
+   per round, all in one process; the per-round ratio variant / backbone is a "pair". Rounds
+   repeat until the 95% bootstrap interval of the median ratio of the headline pair (MIRA fused
+   over the backbone on the same GEMM path) is narrower than ``--e2e-width`` or the time budget is
+   spent. Variants: the stock backbone; the backbone on MIRA's base-GEMM path when that path is
+   not the stock ``nn.Linear``'s (it is on CPU, see ``BASE_GEMM``); MIRA fused (default backend);
+   MIRA on the reference backend; a paper-style eager implementation (``eager_mira.py``); with
+   ``--compile``, ``torch.compile`` of the backbone and of the MIRA model.
+2. **Decomposed**: the 12 blocks have identical shapes, so one representative block (block 0, its
+   real input activations) is measured at op level and multiplied by the number of adapted blocks:
+   the paired extra time of the fused op over the same op with an empty memory (the same GEMM path
+   without the adapter), plus the query module's time, over the backbone's median end-to-end time.
+   Beside it: the whole MIRA projection module (query, Python wrapper and dispatch included) over
+   the stock ``nn.Linear``, the eager baseline over the stock ``nn.Linear``, and the arithmetic
+   floor (extra multiply-adds over the backbone's).
+
+Correctness is asserted before anything is timed (MIRA fused vs the reference backend and the
+eager baseline, end to end and per block; the adapters must change the output). Results: a
+terminal table, one JSON line per run appended to ``benchmarks/results/latency.jsonl``, rows in
+``latency.csv``, the table in ``latency.txt`` and PNG plots (``benchmarks/plots.py``).
+
+On a CUDA device the same harness times with CUDA events, flushes the L2 cache before every timed
+call (``--no-flush-l2`` to keep it warm) and can replay CUDA graphs (``--cuda-graphs``). No GPU is
+present on the machines this package was written on; no GPU figure here was measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import csv
+import datetime as _dt
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+import mira
+import mira_kernels as mk
+from benchmarks.eager_mira import EagerMiraLinear, attach_eager
+
+__all__ = [
+    "BASE_GEMM",
+    "BenchConfig",
+    "arithmetic_floor",
+    "build_variants",
+    "decompose_block",
+    "end_to_end",
+    "main",
+    "parse_args",
+]
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+#: The base projection's GEMM path of each MIRA backend. Where it is the stock ``nn.Linear``'s, the
+#: stock backbone is also the backbone "on MIRA's GEMM path"; otherwise the benchmark adds a
+#: backbone variant whose projections run the same op with an empty memory (the same GEMM without
+#: the adapter), so that a faster GEMM is not counted as MIRA being free.
+BASE_GEMM = {
+    # csrc/cpu/mira_linear_cpu.cpp: writes bias + adapter, then the same beta = 1 addmm as nn.Linear.
+    "cpu": "stock",
+    # reference.py: F.linear, then the adapter added.
+    "reference": "stock",
+    # Triton's own GEMM with the expand in its epilogue; CUDA C++: its own GEMM.
+    "triton": "own",
+    "cuda": "own",
+}
+
+
+@dataclass
+class BenchConfig:
+    """What one run measures; written into every record."""
+
+    model: str = "vit_base_patch16_224"
+    batch_sizes: tuple[int, ...] = (1, 8)
+    rank: int = 4
+    slots: int = 30
+    slices: tuple[str, ...] = ("q", "v")
+    query: str = "identity"
+    separation: str = "affine"
+    dtype: str = "float32"
+    device: str = "cpu"
+    threads: int = 0
+    seed: int = 0
+    # End to end: stop when the headline pair's 95% interval is narrower than this (in percentage
+    # points of the ratio), or when the per-batch budget (seconds, scaled by batch) is spent.
+    e2e_width: float = 1.0
+    e2e_budget: dict[int, float] = field(default_factory=dict)
+    e2e_min_rounds: int = 5
+    # Op level (one block): target interval width (percentage points) and budget per pair set.
+    op_width: float = 0.5
+    op_budget: float = 20.0
+    compile: bool = False
+    cuda_graphs: bool = False
+    flush_l2: bool = True
+    sweep_slots: tuple[int, ...] = ()
+    sweep_ranks: tuple[int, ...] = ()
+    sweep_batch: int = 8
+    quick: bool = False
+    plots: bool = True
+    results_dir: str = str(RESULTS_DIR)
+    tag: str = ""
+
+
+DEFAULT_E2E_BUDGET = {1: 45.0, 8: 100.0}
+QUICK_E2E_BUDGET = {1: 8.0, 8: 14.0}
+
+
+def _budget_for(cfg: BenchConfig, batch: int) -> float:
+    if batch in cfg.e2e_budget:
+        return cfg.e2e_budget[batch]
+    table = QUICK_E2E_BUDGET if cfg.quick else DEFAULT_E2E_BUDGET
+    if batch in table:
+        return table[batch]
+    # Other batch sizes: scale with the work, between the two defaults' per-image rates.
+    return min(table[8] * batch / 8, 4 * table[8]) if batch > 8 else table[1] + (table[8] - table[1]) * (batch - 1) / 7
+
+
+def parse_args(argv: Sequence[str] | None = None) -> BenchConfig:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.latency", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=BenchConfig.model)
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=None, help="default: 1 8")
+    p.add_argument("--rank", type=int, default=BenchConfig.rank)
+    p.add_argument("--slots", type=int, default=BenchConfig.slots)
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's own choice)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--e2e-width", type=float, default=BenchConfig.e2e_width,
+                   help="stop end-to-end rounds when the 95%% interval of the headline ratio is narrower (pp)")
+    p.add_argument("--e2e-budget", type=float, nargs="+", default=None, metavar="SECONDS",
+                   help="end-to-end time budget per batch size, one value or one per --batch-sizes")
+    p.add_argument("--op-width", type=float, default=BenchConfig.op_width,
+                   help="stop op-level pairs when the 95%% interval of the ratio is narrower (pp)")
+    p.add_argument("--op-budget", type=float, default=None, help="seconds per op-level pair set (default 20)")
+    p.add_argument("--compile", action="store_true", help="also time torch.compile of backbone and MIRA model")
+    p.add_argument("--cuda-graphs", action="store_true", help="CUDA only: replay captured CUDA graphs")
+    p.add_argument("--no-flush-l2", action="store_true", help="CUDA only: keep the L2 cache warm between calls")
+    p.add_argument("--sweep-slots", type=int, nargs="*", default=None,
+                   help="also measure the decomposed overhead at these slot counts (op level)")
+    p.add_argument("--sweep-ranks", type=int, nargs="*", default=None,
+                   help="also measure the decomposed overhead at these ranks (op level)")
+    p.add_argument("--sweep-batch", type=int, default=8, help="batch size of the slot/rank sweeps")
+    p.add_argument("--quick", action="store_true", help="about a minute: short budgets, wider intervals")
+    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--results-dir", default=str(RESULTS_DIR))
+    p.add_argument("--tag", default="", help="free text stored in the record")
+    a = p.parse_args(argv)
+
+    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    batch_sizes = tuple(a.batch_sizes or (1, 8))
+    budgets: dict[int, float] = {}
+    if a.e2e_budget:
+        if len(a.e2e_budget) not in (1, len(batch_sizes)):
+            p.error("--e2e-budget takes one value or one per batch size")
+        values = a.e2e_budget * len(batch_sizes) if len(a.e2e_budget) == 1 else a.e2e_budget
+        budgets = dict(zip(batch_sizes, values))
+    op_budget = a.op_budget if a.op_budget is not None else (4.0 if a.quick else BenchConfig.op_budget)
+    if a.cuda_graphs and not device.startswith("cuda"):
+        p.error("--cuda-graphs needs a CUDA device")
+    return BenchConfig(
+        model=a.model, batch_sizes=batch_sizes, rank=a.rank, slots=a.slots, device=device, threads=a.threads,
+        seed=a.seed, e2e_width=a.e2e_width, e2e_budget=budgets, op_width=a.op_width if not a.quick else 1.0,
+        op_budget=op_budget, compile=a.compile, cuda_graphs=a.cuda_graphs, flush_l2=not a.no_flush_l2,
+        sweep_slots=tuple(a.sweep_slots or ()), sweep_ranks=tuple(a.sweep_ranks or ()), sweep_batch=a.sweep_batch,
+        quick=a.quick, plots=not a.no_plots, results_dir=a.results_dir, tag=a.tag,
+        e2e_min_rounds=3 if a.quick else BenchConfig.e2e_min_rounds,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Timing one call on the device.
+# ----------------------------------------------------------------------------------------------
+
+
+class DeviceTimer:
+    """Times one call of a function on ``device``, in seconds.
+
+    CPU: ``time.perf_counter`` around the call. CUDA: CUDA events recorded on the current stream
+    around the call, after an optional L2 flush (a write over a buffer twice the L2 size, outside
+    the timed region) so every call starts with a cold cache, as a call in a real network does.
+    """
+
+    def __init__(self, device: torch.device, *, flush_l2: bool = True) -> None:
+        self.device = device
+        self.is_cuda = device.type == "cuda"
+        self._flush = None
+        if self.is_cuda and flush_l2:
+            l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or (64 << 20)
+            self._flush = torch.empty(2 * l2 // 4, dtype=torch.float32, device=device)
+
+    def __call__(self, fn: Callable[[], object]) -> float:
+        if not self.is_cuda:
+            start = time.perf_counter()
+            fn()
+            return time.perf_counter() - start
+        if self._flush is not None:
+            self._flush.zero_()
+        begin = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        begin.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return begin.elapsed_time(end) / 1e3
+
+    def describe(self) -> str:
+        if not self.is_cuda:
+            return "time.perf_counter around each call"
+        flush = "L2 flushed before each call" if self._flush is not None else "L2 kept warm"
+        return f"CUDA events around each call, {flush}"
+
+
+def _cuda_graph(fn: Callable[[], object], device: torch.device) -> Callable[[], object]:
+    """Captures ``fn`` (static inputs) into a CUDA graph and returns its replay."""
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        for _ in range(3):  # warm-up on a side stream, as graph capture requires
+            fn()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+# ----------------------------------------------------------------------------------------------
+# The models.
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Variants:
+    """The models of one run; all share the backbone's parameter tensors (one copy in memory)."""
+
+    backbone: nn.Module
+    mira: nn.Module
+    eager: nn.Module
+    gemm_backbone: nn.Module | None
+    backend: str
+    n_blocks: int
+    slice_offsets: tuple[int, ...]
+    tokens: int
+
+
+def _sharing_copy(model: nn.Module) -> nn.Module:
+    # A structural copy whose parameters and buffers are the same tensors: the variants then
+    # read the very same weight memory, and the run holds one copy of ViT-B's 86M parameters.
+    memo = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
+    return copy.deepcopy(model, memo=memo)
+
+
+def random_adapters(
+    num_slots: int, num_slices: int, rank: int, d_in: int, d_s: int, generator: torch.Generator, **factory
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random stored adapters: A like a Kaiming init, B small, so each adapter changes its slice's
+    output by a few percent (as a trained LoRA does) and the adapters visibly change the model."""
+    bank_a = torch.randn(num_slots, num_slices, rank, d_in, generator=generator) / math.sqrt(d_in)
+    bank_b = 0.05 * torch.randn(num_slots, num_slices, d_s, rank, generator=generator)
+    return bank_a.to(**factory), bank_b.to(**factory)
+
+
+def _fill(model: nn.Module, slots: int, generator: torch.Generator) -> None:
+    for memory in mira.memories(model):
+        c = memory.config
+        w = memory.keys
+        bank_a, bank_b = random_adapters(slots, c.num_slices, c.rank, c.d_in, c.slice_width, generator,
+                                         device=w.device, dtype=w.dtype)
+        keys = torch.randn(slots, c.d_k, generator=generator).to(device=w.device, dtype=w.dtype)
+        memory.append(bank_a, bank_b, keys)
+
+
+def build_variants(cfg: BenchConfig, *, model: nn.Module | None = None) -> Variants:
+    """The backbone, the MIRA model (published configuration, memories filled), the eager baseline
+    and, when MIRA's base GEMM is not the stock one, the backbone on MIRA's GEMM path.
+
+    ``model`` (a timm ViT) replaces ``cfg.model`` (tests pass a tiny one).
+    """
+    import timm
+
+    device = torch.device(cfg.device)
+    dtype = getattr(torch, cfg.dtype)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    if model is None:
+        torch.manual_seed(cfg.seed)
+        model = timm.create_model(cfg.model, pretrained=False)
+    backbone = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+    mira_model = _sharing_copy(backbone)
+    example = torch.randn(2, *_image_shape(backbone), generator=generator).to(device=device, dtype=dtype)
+    mira.attach(mira_model, rank=cfg.rank, slices=cfg.slices, query=cfg.query, separation=cfg.separation,
+                example_input=example)
+    _fill(mira_model, cfg.slots, generator)
+    mira.set_stage(mira_model, "inference")
+    mira_model.eval()
+    projections = mira.projections(mira_model)
+    offsets = tuple(projections[0].slice_offsets)
+
+    eager = _sharing_copy(backbone)
+    memories = [(m.retrieval_keys(), *m.retrieval_banks()) for m in mira.memories(mira_model)]
+    attach_eager(eager, memories, offsets, scale=projections[0].memory.config.scale,
+                 eps=projections[0].memory.config.eps)
+    eager.eval()
+
+    backend = mk.resolve_backend(device)
+    gemm_backbone = None
+    if BASE_GEMM.get(backend, "own") != "stock":
+        # The same op and backend with an empty memory: MIRA's GEMM path without the adapter.
+        gemm_backbone = _sharing_copy(backbone)
+        mira.attach(gemm_backbone, rank=cfg.rank, slices=cfg.slices, query=cfg.query, separation=cfg.separation,
+                    example_input=example)
+        mira.set_stage(gemm_backbone, "inference")
+        gemm_backbone.eval()
+    tokens = _tokens(backbone)
+    return Variants(backbone, mira_model, eager, gemm_backbone, backend, len(projections), offsets, tokens)
+
+
+def _image_shape(model: nn.Module) -> tuple[int, int, int]:
+    size = model.patch_embed.img_size
+    return (model.patch_embed.proj.in_channels, size[0], size[1])
+
+
+def _tokens(model: nn.Module) -> int:
+    return int(model.patch_embed.num_patches) + int(getattr(model, "num_prefix_tokens", 1))
+
+
+def images(variants: Variants, batch: int, seed: int) -> torch.Tensor:
+    w = variants.backbone.patch_embed.proj.weight
+    g = torch.Generator().manual_seed(seed + batch)
+    return torch.randn(batch, *_image_shape(variants.backbone), generator=g).to(device=w.device, dtype=w.dtype)
+
+
+def block_input(model: nn.Module, x: torch.Tensor, block: int = 0) -> torch.Tensor:
+    """The real (B, T, d) activations entering ``model.blocks[block].attn`` for images ``x``."""
+    captured: list[torch.Tensor] = []
+
+    def hook(module, args):
+        captured.append(args[0].detach().clone())
+        raise _Captured
+
+    handle = model.blocks[block].attn.register_forward_pre_hook(hook)
+    try:
+        with torch.inference_mode(), contextlib.suppress(_Captured):
+            model(x)
+    finally:
+        handle.remove()
+    return captured[0]
+
+
+class _Captured(Exception):
+    """Stops a forward pass once the block input is captured."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Arithmetic floor.
+# ----------------------------------------------------------------------------------------------
+
+
+def backbone_macs(model: nn.Module) -> int:
+    """Multiply-adds of one image through ``model`` (FlopCounterMode; attention counted as matmuls)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    # FlopCounterMode does not count CPU fused attention; the unfused path's matmuls have the
+    # same multiply-adds (2 T^2 d per block), so count with it and put the flags back.
+    attns = [m for m in model.modules() if hasattr(m, "fused_attn")]
+    saved = [m.fused_attn for m in attns]
+    w = next(model.parameters())
+    x = torch.zeros(1, *_image_shape(model), device=w.device, dtype=w.dtype)
+    try:
+        for m in attns:
+            m.fused_attn = False
+        with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+            model(x)
+    finally:
+        for m, s in zip(attns, saved):
+            m.fused_attn = s
+    return counter.get_total_flops() // 2
+
+
+def mira_extra_macs(*, tokens: int, d_in: int, d_s: int, d_k: int, slices: int, rank: int, slots: int) -> int:
+    """Multiply-adds MIRA adds to one adapted projection for one image.
+
+    cosine scores N*d_k (plus the key and query norms, N*d_k + d_k), mixing N*S*r*(d_in + d_s),
+    shrink and expand T*S*r*(d_in + d_s). The stored values are fixed, so nothing else is new work.
+    """
+    scores = slots * d_k + slots * d_k + d_k
+    mixing = slots * slices * rank * (d_in + d_s)
+    apply = tokens * slices * rank * (d_in + d_s)
+    return scores + mixing + apply
+
+
+def arithmetic_floor(backbone: nn.Module, *, rank: int, slots: int, slices: int, n_blocks: int) -> dict:
+    """MIRA's extra multiply-adds over the backbone's, per image, for the adapted qkv projections."""
+    qkv = backbone.blocks[0].attn.qkv
+    d_in = qkv.in_features
+    d_s = qkv.out_features // 3
+    extra = n_blocks * mira_extra_macs(tokens=_tokens(backbone), d_in=d_in, d_s=d_s, d_k=d_in, slices=slices,
+                                       rank=rank, slots=slots)
+    base = backbone_macs(backbone)
+    return {"extra_macs": int(extra), "backbone_macs": int(base), "percent": 100.0 * extra / base}
+
+
+# ----------------------------------------------------------------------------------------------
+# Correctness, asserted before timing.
+# ----------------------------------------------------------------------------------------------
+
+
+def _max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).abs().max())
+
+
+def check_model_outputs(variants: Variants, x: torch.Tensor) -> dict:
+    """End to end: MIRA fused == reference backend == eager baseline, and != the backbone.
+
+    Twelve blocks of fp32 GEMMs with affine weights (|w| up to 1/eps) amplify rounding, so the
+    tolerance is relative to the output's scale; the per-block check (:func:`check_block_outputs`)
+    is the tight one.
+    """
+    with torch.inference_mode():
+        base = variants.backbone(x)
+        fused = variants.mira(x)
+        with mk.use_backend("reference"):
+            ref = variants.mira(x)
+        eager = variants.eager(x)
+        gemm = variants.gemm_backbone(x) if variants.gemm_backbone is not None else None
+    scale = max(1.0, float(ref.abs().max()))
+    tol = 2e-3 * scale
+    out = {
+        "fused_vs_reference": _max_abs(fused, ref),
+        "eager_vs_reference": _max_abs(eager, ref),
+        "adapter_effect": _max_abs(ref, base),
+        "tolerance": tol,
+    }
+    if not all(math.isfinite(v) for v in out.values()):
+        raise AssertionError(f"non-finite outputs: {out}")
+    if out["fused_vs_reference"] > tol:
+        raise AssertionError(f"MIRA fused ({variants.backend}) differs from the reference backend: {out}")
+    if out["eager_vs_reference"] > tol:
+        raise AssertionError(f"the eager baseline differs from the reference backend: {out}")
+    if out["adapter_effect"] <= 10 * tol:
+        raise AssertionError(f"the adapters barely change the output, the benchmark would time a no-op: {out}")
+    if gemm is not None:
+        out["gemm_backbone_vs_backbone"] = _max_abs(gemm, base)
+        if out["gemm_backbone_vs_backbone"] > tol:
+            raise AssertionError(f"the backbone on MIRA's GEMM path differs from the backbone: {out}")
+    return out
+
+
+def check_block_outputs(fused: torch.Tensor, ref32: torch.Tensor, ref64: torch.Tensor, what: str) -> dict:
+    """Per block: max-abs error vs float64 no worse than 2x plain PyTorch's own fp32 error, plus a floor."""
+    own = _max_abs(ref32, ref64)
+    err = _max_abs(fused, ref64)
+    floor = 1e-6 * max(1.0, float(ref64.abs().max()))
+    if not err <= 2 * own + floor:
+        raise AssertionError(
+            f"{what}: max-abs error {err:.3g} vs float64 exceeds 2 x PyTorch's {own:.3g} + {floor:.1g}"
+        )
+    return {"error": err, "pytorch_error": own}
+
+
+def _median_ci(values):  # provisional until benchmarks/_pairs.py lands
+    import numpy as np
+
+    v = np.asarray(values, dtype=float)
+    rng = np.random.default_rng(0)
+    meds = np.median(v[rng.integers(0, len(v), size=(2000, len(v)))], axis=1)
+    return float(np.median(v)), float(np.quantile(meds, 0.025)), float(np.quantile(meds, 0.975))
+
+
+def _machine_info():  # provisional
+    import platform
+
+    return {"cpu": platform.processor(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "python": platform.python_version()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Interleaved rounds and their statistics.
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Rounds:
+    """Times (seconds) of every variant, one entry per round; rounds interleave the variants."""
+
+    names: list[str]
+    times: dict[str, list[float]]
+    seconds: float
+    stopped_by: str
+
+    @property
+    def n(self) -> int:
+        return len(self.times[self.names[0]])
+
+    def ratio(self, num: str, den: str) -> dict:
+        """Median per-round ratio num/den with its bootstrap 95% interval."""
+        ratios = [a / b for a, b in zip(self.times[num], self.times[den])]
+        med, lo, hi = _median_ci(ratios)
+        return {"ratio": med, "lo": lo, "hi": hi, "pairs": len(ratios)}
+
+    def median(self, name: str) -> dict:
+        med, lo, hi = _median_ci(self.times[name])
+        return {"median_s": med, "lo_s": lo, "hi_s": hi, "runs": len(self.times[name])}
+
+
+def run_rounds(
+    variants: dict[str, Callable[[], object]],
+    timer: Callable[[Callable[[], object]], float],
+    *,
+    headline: tuple[str, str],
+    budget: float,
+    width: float,
+    min_rounds: int,
+    warmup: int,
+    seed: int,
+    max_rounds: int = 100_000,
+) -> Rounds:
+    """Runs every variant once per round, in a fresh random order each round.
+
+    Stops after ``min_rounds`` once the 95% interval of the median ratio ``headline`` is narrower
+    than ``width`` percentage points, or when ``budget`` seconds are spent (warm-up excluded).
+    Random order keeps a variant from always following the same neighbour (caches, frequency).
+    """
+    names = list(variants)
+    rng = random.Random(seed)
+    for _ in range(warmup):
+        for name in names:
+            variants[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    start = time.perf_counter()
+    stopped_by = "max_rounds"
+    checked = 0
+    for n in range(1, max_rounds + 1):
+        order = names[:]
+        rng.shuffle(order)
+        for name in order:
+            times[name].append(timer(variants[name]))
+        if n >= min_rounds:
+            if time.perf_counter() - start >= budget:
+                stopped_by = "budget"
+                break
+            # The bootstrap costs O(n) per check: check after every ~10% growth, not every round.
+            if n - checked < max(1, n // 10):
+                continue
+            checked = n
+            r = Rounds(names, times, 0.0, "").ratio(*headline)
+            if 100 * (r["hi"] - r["lo"]) <= width:
+                stopped_by = "width"
+                break
+    return Rounds(names, times, time.perf_counter() - start, stopped_by)
+
+
+def time_small(fn: Callable[[], object], timer: Callable, *, budget: float, inner: int = 200) -> dict:
+    """Median time of a call too short for one timer reading: each sample times ``inner`` calls."""
+
+    def loop() -> None:
+        for _ in range(inner):
+            fn()
+
+    loop()  # warm-up
+    samples: list[float] = []
+    start = time.perf_counter()
+    while len(samples) < 5 or (time.perf_counter() - start < budget and len(samples) < 2000):
+        samples.append(timer(loop) / inner)
+    med, lo, hi = _median_ci(samples)
+    return {"median_s": med, "lo_s": lo, "hi_s": hi, "samples": len(samples), "calls_per_sample": inner}
+
+
+# ----------------------------------------------------------------------------------------------
+# Decomposed overhead: one representative block at op level.
+# ----------------------------------------------------------------------------------------------
+
+
+def _extra(pair: Rounds, num: str, den: str) -> dict:
+    """Extra time of num over den: (median ratio - 1) x den's median time, with the ratio's interval."""
+    r = pair.ratio(num, den)
+    base = pair.median(den)["median_s"]
+    return {
+        **r,
+        "base_median_s": base,
+        "extra_s": (r["ratio"] - 1) * base,
+        "extra_lo_s": (r["lo"] - 1) * base,
+        "extra_hi_s": (r["hi"] - 1) * base,
+        "rounds_s": pair.seconds,
+        "stopped_by": pair.stopped_by,
+    }
+
+
+def _memory_tensors(memory) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    bank_a, bank_b = memory.retrieval_banks()
+    return memory.retrieval_keys(), bank_a, bank_b
+
+
+def decompose_block(
+    x: torch.Tensor,
+    base_layer: nn.Linear,
+    keys: torch.Tensor,
+    bank_a: torch.Tensor,
+    bank_b: torch.Tensor,
+    make_query: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    slice_offsets: Sequence[int],
+    separation: str,
+    scale: float,
+    eps: float,
+    timer: Callable,
+    cfg: BenchConfig,
+    module: nn.Module | None = None,
+    eager: nn.Module | None = None,
+    seed: int = 0,
+) -> dict:
+    """Op-level pairs for one block's projection; every time in seconds, per call.
+
+    Args:
+        x: (B, T, d_in) real input of the block's qkv projection.
+        base_layer: the stock projection (d_in -> d_out).
+        keys, bank_a, bank_b: the memory as the op sees it, (N, d_k), (N, S, r, d_in), (N, S, d_s, r).
+        make_query: (B, T, d_in) -> (B, d_k), the block's query (pooling + query module).
+        module: the installed MIRA projection (query, wrapper and op), timed against ``base_layer``.
+        eager: the paper-style eager projection, timed against ``base_layer``.
+    """
+    w, b = base_layer.weight, base_layer.bias
+    opts = {"slice_offsets": list(slice_offsets), "separation": separation, "scale": scale, "eps": eps}
+    with torch.inference_mode():
+        query = make_query(x)
+        empty = (keys[:0], bank_a[:0], bank_b[:0])
+
+        def fused() -> torch.Tensor:
+            return mk.mira_linear(x, w, b, query, keys, bank_a, bank_b, **opts)
+
+        def same_gemm() -> torch.Tensor:
+            return mk.mira_linear(x, w, b, query, *empty, **opts)
+
+        def stock() -> torch.Tensor:
+            return base_layer(x)
+
+        # Correctness first: the fused op and the eager projection against float64.
+        ref64 = mk.reference.mira_linear(x.double(), w.double(), None if b is None else b.double(), query.double(),
+                                         keys.double(), bank_a.double(), bank_b.double(), **opts)
+        with mk.use_backend("reference"):
+            ref32 = fused()
+        checks = {"fused": check_block_outputs(fused(), ref32, ref64, "fused op")}
+        if eager is not None:
+            checks["eager"] = check_block_outputs(eager(x), ref32, ref64, "eager projection")
+        if module is not None:
+            checks["module"] = check_block_outputs(module(x), ref32, ref64, "MIRA projection module")
+        if _max_abs(same_gemm(), stock()) > 1e-4 * max(1.0, float(ref64.abs().max())):
+            raise AssertionError("the op with an empty memory differs from the stock projection")
+
+        out: dict = {"checks": checks, "slots": int(keys.shape[0]), "rank": int(bank_a.shape[2])}
+        warm = 3
+        pair = run_rounds({"fused": fused, "same_gemm": same_gemm, "stock": stock}, timer,
+                          headline=("fused", "same_gemm"), budget=cfg.op_budget, width=cfg.op_width,
+                          min_rounds=20, warmup=warm, seed=seed)
+        out["op"] = _extra(pair, "fused", "same_gemm")
+        out["op_vs_stock"] = _extra(pair, "fused", "stock")
+        out["same_gemm_vs_stock"] = pair.ratio("same_gemm", "stock")
+        out["query"] = time_small(lambda: make_query(x), timer, budget=min(2.0, cfg.op_budget / 4))
+        if module is not None:
+            pair = run_rounds({"module": lambda: module(x), "stock": stock}, timer, headline=("module", "stock"),
+                              budget=0.75 * cfg.op_budget, width=cfg.op_width, min_rounds=20, warmup=warm,
+                              seed=seed + 1)
+            out["module"] = _extra(pair, "module", "stock")
+        if eager is not None:
+            pair = run_rounds({"eager": lambda: eager(x), "stock": stock}, timer, headline=("eager", "stock"),
+                              budget=0.4 * cfg.op_budget, width=4 * cfg.op_width, min_rounds=20, warmup=warm,
+                              seed=seed + 2)
+            out["eager"] = _extra(pair, "eager", "stock")
+    return out
+
+
+def overhead_percent(block: dict, n_blocks: int, backbone_s: float) -> dict:
+    """Per-block extra times x adapted blocks, over the backbone's median end-to-end time (percent).
+
+    Intervals add the endpoints of the op's and the query's intervals (conservative: they are
+    independent). The backbone median's own uncertainty is not propagated: it scales the figure by
+    a relative error of a few percent of itself (0.3% +- 0.01%), far inside the op's interval.
+    """
+    f = 100.0 * n_blocks / backbone_s
+    q = block["query"]
+    res = {
+        "decomposed": {
+            "percent": f * (block["op"]["extra_s"] + q["median_s"]),
+            "lo": f * (block["op"]["extra_lo_s"] + q["lo_s"]),
+            "hi": f * (block["op"]["extra_hi_s"] + q["hi_s"]),
+        },
+        "fused_op_vs_stock": {
+            "percent": f * (block["op_vs_stock"]["extra_s"] + q["median_s"]),
+            "lo": f * (block["op_vs_stock"]["extra_lo_s"] + q["lo_s"]),
+            "hi": f * (block["op_vs_stock"]["extra_hi_s"] + q["hi_s"]),
+        },
+    }
+    for key in ("module", "eager"):
+        if key in block:
+            e = block[key]
+            res[key] = {"percent": f * e["extra_s"], "lo": f * e["extra_lo_s"], "hi": f * e["extra_hi_s"]}
+    return res
+
+
+# ----------------------------------------------------------------------------------------------
+# End to end.
+# ----------------------------------------------------------------------------------------------
+
+VARIANT_LABELS = {
+    "backbone": "frozen backbone (stock)",
+    "gemm_backbone": "backbone on MIRA's GEMM path",
+    "fused": "MIRA fused",
+    "reference": "MIRA reference backend",
+    "eager": "paper-style eager MIRA",
+    "compiled_backbone": "torch.compile(backbone)",
+    "compiled_fused": "torch.compile(MIRA fused)",
+}
+
+
+def _callables(variants: Variants, x: torch.Tensor, cfg: BenchConfig, compiled: dict) -> dict[str, Callable]:
+    def run(model: nn.Module, backend: str | None = None) -> Callable[[], object]:
+        if backend is None:
+            return lambda: model(x)
+
+        def call() -> object:
+            with mk.use_backend(backend):
+                return model(x)
+
+        return call
+
+    fns = {"backbone": run(variants.backbone)}
+    if variants.gemm_backbone is not None:
+        fns["gemm_backbone"] = run(variants.gemm_backbone)
+    fns["fused"] = run(variants.mira)
+    fns["reference"] = run(variants.mira, "reference")
+    fns["eager"] = run(variants.eager)
+    for name, model in compiled.items():
+        fns[name] = run(model)
+    if cfg.cuda_graphs:
+        device = torch.device(cfg.device)
+        fns = {name: _cuda_graph(fn, device) for name, fn in fns.items()}
+    return fns
+
+
+def headline_pair(variants: Variants) -> tuple[str, str]:
+    return ("fused", "gemm_backbone" if variants.gemm_backbone is not None else "backbone")
+
+
+def end_to_end(variants: Variants, batch: int, cfg: BenchConfig, timer: Callable, compiled: dict) -> dict:
+    """Interleaved rounds of every variant at ``batch``; ratios against the backbone(s)."""
+    x = images(variants, batch, cfg.seed)
+    fns = _callables(variants, x, cfg, compiled)
+    head = headline_pair(variants)
+    with torch.inference_mode():
+        rounds = run_rounds(fns, timer, headline=head, budget=_budget_for(cfg, batch), width=cfg.e2e_width,
+                            min_rounds=cfg.e2e_min_rounds, warmup=1 if cfg.quick else 2, seed=cfg.seed + batch)
+    out: dict = {"rounds": rounds.n, "seconds": rounds.seconds, "stopped_by": rounds.stopped_by,
+                 "headline": list(head), "variants": {}}
+    for name in rounds.names:
+        entry = {"label": VARIANT_LABELS[name], **rounds.median(name)}
+        if name != "backbone":
+            entry["vs_backbone"] = rounds.ratio(name, "backbone")
+        if variants.gemm_backbone is not None and name not in ("backbone", "gemm_backbone"):
+            entry["vs_gemm_backbone"] = rounds.ratio(name, "gemm_backbone")
+        if name == "compiled_fused" and "compiled_backbone" in rounds.names:
+            entry["vs_compiled_backbone"] = rounds.ratio(name, "compiled_backbone")
+        out["variants"][name] = entry
+    out["times_s"] = {name: rounds.times[name] for name in rounds.names}
+    return out
+
+
+def compile_variants(variants: Variants, cfg: BenchConfig) -> dict:
+    """torch.compile of the backbone and of the MIRA model (compiled once, before any timing)."""
+    if not cfg.compile:
+        return {}
+    compiled = {"compiled_backbone": torch.compile(variants.backbone), "compiled_fused": torch.compile(variants.mira)}
+    x = images(variants, min(cfg.batch_sizes), cfg.seed)
+    with torch.inference_mode():
+        ref = variants.mira(x)
+        for model in compiled.values():
+            model(x)  # compile now, not inside a timed round
+        got = compiled["compiled_fused"](x)
+    tol = 2e-3 * max(1.0, float(ref.abs().max()))
+    if _max_abs(got, ref) > tol:
+        raise AssertionError(f"torch.compile(MIRA) differs from eager MIRA by {_max_abs(got, ref):.3g} > {tol:.3g}")
+    return compiled
+
+
+# ----------------------------------------------------------------------------------------------
+# One batch size, and the slot / rank sweeps.
+# ----------------------------------------------------------------------------------------------
+
+
+def measure_batch(variants: Variants, batch: int, cfg: BenchConfig, timer: Callable, compiled: dict) -> dict:
+    """End-to-end rounds, then the decomposition of block 0, at one batch size."""
+    log(f"[B={batch}] end to end: {', '.join(_callables(variants, images(variants, 1, 0), cfg, compiled))} "
+        f"(budget {_budget_for(cfg, batch):.0f} s)")
+    e2e = end_to_end(variants, batch, cfg, timer, compiled)
+    log(f"[B={batch}] {e2e['rounds']} rounds in {e2e['seconds']:.0f} s; op-level pairs on block 0")
+    proj = mira.projections(variants.mira)[0]
+    memory = proj.memory
+    x = block_input(variants.mira, images(variants, batch, cfg.seed))
+    block = decompose_block(
+        x, proj.base_layer, *_memory_tensors(memory), memory.make_query, slice_offsets=proj.slice_offsets,
+        separation=memory.config.separation, scale=memory.config.scale, eps=memory.config.eps, timer=timer,
+        cfg=cfg, module=proj, eager=variants.eager.blocks[0].attn.qkv, seed=cfg.seed + batch,
+    )
+    backbone_s = e2e["variants"]["backbone"]["median_s"]
+    overhead = overhead_percent(block, variants.n_blocks, backbone_s)
+    head = e2e["variants"]["fused"]["vs_gemm_backbone" if variants.gemm_backbone is not None else "vs_backbone"]
+    dec = overhead["decomposed"]["percent"]
+    overhead["e2e_consistent"] = bool(100 * (head["lo"] - 1) <= dec <= 100 * (head["hi"] - 1))
+    return {"batch": batch, "end_to_end": e2e, "block": block, "overhead": overhead}
+
+
+def sweep(variants: Variants, cfg: BenchConfig, timer: Callable, backbone_s: dict[int, float]) -> list[dict]:
+    """Decomposed overhead at other slot counts and ranks (op level, block 0's real input)."""
+    points = [("slots", n, n, cfg.rank) for n in cfg.sweep_slots] + [("rank", r, cfg.slots, r) for r in cfg.sweep_ranks]
+    if not points:
+        return []
+    batch = cfg.sweep_batch
+    x_img = images(variants, batch, cfg.seed)
+    if batch not in backbone_s:
+        with torch.inference_mode():
+            rounds = run_rounds({"backbone": lambda: variants.backbone(x_img)}, timer,
+                                headline=("backbone", "backbone"), budget=_budget_for(cfg, batch) / 4,
+                                width=math.inf, min_rounds=5, warmup=1, seed=cfg.seed)
+        backbone_s[batch] = rounds.median("backbone")["median_s"]
+    proj = mira.projections(variants.mira)[0]
+    memory = proj.memory
+    c = memory.config
+    x = block_input(variants.mira, x_img)
+    generator = torch.Generator().manual_seed(cfg.seed + 7)
+    out = []
+    for axis, value, slots, rank in points:
+        log(f"[sweep B={batch}] {axis}={value}")
+        keys = torch.randn(slots, c.d_k, generator=generator).to(x)
+        bank_a, bank_b = random_adapters(slots, c.num_slices, rank, c.d_in, c.slice_width, generator,
+                                         device=x.device, dtype=x.dtype)
+        eager = EagerMiraLinear(proj.base_layer, keys, bank_a, bank_b, proj.slice_offsets, scale=c.scale, eps=c.eps)
+        block = decompose_block(
+            x, proj.base_layer, keys, bank_a, bank_b, memory.make_query, slice_offsets=proj.slice_offsets,
+            separation=c.separation, scale=c.scale, eps=c.eps, timer=timer, cfg=cfg, eager=eager,
+            seed=cfg.seed + value,
+        )
+        floor = arithmetic_floor(variants.backbone, rank=rank, slots=slots, slices=c.num_slices,
+                                 n_blocks=variants.n_blocks)
+        out.append({"axis": axis, "value": value, "batch": batch, "slots": slots, "rank": rank, "block": block,
+                    "overhead": overhead_percent(block, variants.n_blocks, backbone_s[batch]), "floor": floor,
+                    "backbone_median_s": backbone_s[batch]})
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Records and the table.
+# ----------------------------------------------------------------------------------------------
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def git_commit() -> str:
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
+                             cwd=Path(__file__).resolve().parent)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, timeout=10, cwd=Path(__file__).resolve().parent)
+        return rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def gpu_note(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"timed on {torch.cuda.get_device_name(device)}"
+    if torch.cuda.is_available():
+        return f"a CUDA device is present ({torch.cuda.get_device_name(0)}) but this run used {device.type}"
+    return "no GPU present: CPU timings only; the CUDA path (events, L2 flush, graphs) was not exercised"
+
+
+def _pct(r: dict, key: str = "ratio") -> str:
+    return f"{100 * (r[key] - 1):+.2f}% [{100 * (r['lo'] - 1):+.2f}, {100 * (r['hi'] - 1):+.2f}]"
+
+
+def _pp(d: dict) -> str:
+    return f"{d['percent']:+.3f}% [{d['lo']:+.3f}, {d['hi']:+.3f}]"
+
+
+def format_table(record: dict) -> str:
+    """The terminal table of one run's record."""
+    m = record["machine"]
+    c = record["config"]
+    lines = [
+        f"MIRA latency overhead: {c['model']} {c['dtype']} eval, MIRA r={c['rank']} N={c['slots']} "
+        f"slices={'/'.join(c['slices'])} query={c['query']} sep={c['separation']} "
+        f"on {record['n_blocks']} blocks",
+        f"machine: {_machine_line(m)}",
+        f"MIRA fused backend: {record['backend']} (available on {c['device']}: "
+        f"{', '.join(record['available_backends'])}); base GEMM: {record['base_gemm']}",
+        f"timer: {record['timer']}; {record['gpu']}",
+        f"arithmetic floor: {record['floor']['extra_macs'] / 1e6:.1f}M extra MACs / "
+        f"{record['floor']['backbone_macs'] / 1e9:.2f}G backbone MACs per image = {record['floor']['percent']:.3f}%",
+        "",
+    ]
+    for res in record["results"]:
+        b = res["batch"]
+        e2e = res["end_to_end"]
+        lines.append(f"batch {b}: end to end, {e2e['rounds']} interleaved rounds in {e2e['seconds']:.0f} s "
+                     f"(stopped by {e2e['stopped_by']})")
+        lines.append(f"  {'variant':<32} {'median':>10}   {'overhead vs backbone [95% CI]':<34} {'CI width':>9}")
+        for v in e2e["variants"].values():
+            ratio = v.get("vs_backbone")
+            over = _pct(ratio) if ratio else "(reference)"
+            width = f"{100 * (ratio['hi'] - ratio['lo']):.2f} pp" if ratio else ""
+            lines.append(f"  {v['label']:<32} {1e3 * v['median_s']:>8.1f} ms   {over:<34} {width:>9}")
+            if "vs_gemm_backbone" in v:
+                lines.append(f"  {'  ... vs backbone on GEMM path':<32} {'':>11}  {_pct(v['vs_gemm_backbone'])}")
+        blk = res["block"]
+        ov = res["overhead"]
+        op = blk["op"]
+        lines.append(f"batch {b}: decomposed (block 0 at op level, x {record['n_blocks']} blocks, "
+                     f"over the backbone's median {1e3 * e2e['variants']['backbone']['median_s']:.1f} ms)")
+        lines.append(f"  fused op vs same op, empty memory  {1e3 * op['base_median_s']:8.3f} ms base  extra "
+                     f"{1e3 * op['extra_s']:+.4f} ms [{1e3 * op['extra_lo_s']:+.4f}, {1e3 * op['extra_hi_s']:+.4f}]"
+                     f"  ({op['pairs']} pairs)")
+        q = blk["query"]
+        lines.append(f"  query module                       {1e6 * q['median_s']:8.2f} us [{1e6 * q['lo_s']:.2f}, "
+                     f"{1e6 * q['hi_s']:.2f}]")
+        lines.append(f"  => MIRA fused, decomposed          {_pp(ov['decomposed'])}   (floor "
+                     f"{record['floor']['percent']:.3f}%, target <= 0.4%)")
+        lines.append(f"  fused op + query vs stock Linear   {_pp(ov['fused_op_vs_stock'])}")
+        if "module" in ov:
+            lines.append(f"  MIRA projection module vs Linear   {_pp(ov['module'])}   ({blk['module']['pairs']} pairs)")
+        if "eager" in ov:
+            lines.append(f"  paper-style eager vs Linear        {_pp(ov['eager'])}   ({blk['eager']['pairs']} pairs)")
+        head = e2e["variants"]["fused"]["vs_gemm_backbone" if "gemm_backbone" in e2e["variants"] else "vs_backbone"]
+        lines.append(f"  end to end, MIRA fused             {_pct(head)}  "
+                     f"(width {100 * (head['hi'] - head['lo']):.2f} pp; decomposed inside it: "
+                     f"{'yes' if ov['e2e_consistent'] else 'NO'})")
+        lines.append("")
+    if record.get("sweep"):
+        lines.append(f"sweep (op level, batch {record['sweep'][0]['batch']}): decomposed overhead of MIRA fused "
+                     "and of the eager baseline, vs the floor")
+        for p in record["sweep"]:
+            ov = p["overhead"]
+            lines.append(f"  {p['axis']:>5}={p['value']:<4} (N={p['slots']}, r={p['rank']})  "
+                         f"fused {_pp(ov['decomposed'])}  eager {_pp(ov['eager'])}  floor {p['floor']['percent']:.3f}%")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _machine_line(m: dict) -> str:
+    keys = ("cpu", "threads", "torch", "python")
+    return ", ".join(f"{k} {m[k]}" for k in keys if k in m)
+
+
+def csv_rows(record: dict) -> list[dict]:
+    """One flat row per (batch, measure) of a record."""
+    base = {"timestamp": record["timestamp"], "commit": record["commit"], "model": record["config"]["model"],
+            "rank": record["config"]["rank"], "slots": record["config"]["slots"], "backend": record["backend"],
+            "cpu": record["machine"].get("cpu", ""), "threads": record["machine"].get("threads", ""),
+            "torch": record["machine"].get("torch", ""), "device": record["config"]["device"]}
+    rows = []
+    for res in record["results"]:
+        for name, v in res["end_to_end"]["variants"].items():
+            r = v.get("vs_backbone", {"ratio": 1.0, "lo": 1.0, "hi": 1.0, "pairs": v["runs"]})
+            rows.append({**base, "batch": res["batch"], "measure": f"e2e:{name}", "median_ms": 1e3 * v["median_s"],
+                         "overhead_pct": 100 * (r["ratio"] - 1), "lo_pct": 100 * (r["lo"] - 1),
+                         "hi_pct": 100 * (r["hi"] - 1), "pairs": r["pairs"]})
+        for name, d in res["overhead"].items():
+            if isinstance(d, dict):
+                rows.append({**base, "batch": res["batch"], "measure": f"decomposed:{name}", "median_ms": "",
+                             "overhead_pct": d["percent"], "lo_pct": d["lo"], "hi_pct": d["hi"], "pairs": ""})
+        rows.append({**base, "batch": res["batch"], "measure": "floor", "median_ms": "",
+                     "overhead_pct": record["floor"]["percent"], "lo_pct": "", "hi_pct": "", "pairs": ""})
+    for p in record.get("sweep", []):
+        for name, d in p["overhead"].items():
+            rows.append({**base, "batch": p["batch"], "rank": p["rank"], "slots": p["slots"],
+                         "measure": f"sweep:{name}", "median_ms": "", "overhead_pct": d["percent"],
+                         "lo_pct": d["lo"], "hi_pct": d["hi"], "pairs": ""})
+    return rows
+
+
+def write_record(record: dict, results_dir: str | os.PathLike, table: str) -> dict[str, Path]:
+    """Appends the record (JSON line) and its rows (CSV); writes the table of the latest run."""
+    out = Path(results_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"jsonl": out / "latency.jsonl", "csv": out / "latency.csv", "txt": out / "latency.txt"}
+    with open(paths["jsonl"], "a") as f:
+        f.write(json.dumps(record, sort_keys=True) + "\n")
+    rows = csv_rows(record)
+    fields = ["timestamp", "commit", "device", "model", "batch", "rank", "slots", "backend", "measure", "median_ms",
+              "overhead_pct", "lo_pct", "hi_pct", "pairs", "cpu", "threads", "torch"]
+    new = not paths["csv"].exists()
+    with open(paths["csv"], "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
+    command = "python -m benchmarks.latency " + " ".join(record["argv"])
+    paths["txt"].write_text(f"$ {command.strip()}\n# {record['timestamp']}, commit {record['commit']}\n\n{table}\n")
+    return paths
+
+
+# ----------------------------------------------------------------------------------------------
+# Main.
+# ----------------------------------------------------------------------------------------------
+
+
+def run(cfg: BenchConfig, *, model: nn.Module | None = None, argv: Sequence[str] = ()) -> dict:
+    """Builds, checks, times; returns the record (not yet written)."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = torch.device(cfg.device)
+    started = time.perf_counter()
+    log(f"building {cfg.model if model is None else type(model).__name__} variants on {device} ...")
+    variants = build_variants(cfg, model=model)
+    timer = DeviceTimer(device, flush_l2=cfg.flush_l2)
+    log(f"MIRA fused backend: {variants.backend}; {gpu_note(device)}")
+    checks = check_model_outputs(variants, images(variants, 2, cfg.seed + 100))
+    log(f"correctness: fused vs reference {checks['fused_vs_reference']:.2g}, eager vs reference "
+        f"{checks['eager_vs_reference']:.2g}, adapter effect {checks['adapter_effect']:.2g} "
+        f"(tolerance {checks['tolerance']:.2g})")
+    compiled = compile_variants(variants, cfg)
+    floor = arithmetic_floor(variants.backbone, rank=cfg.rank, slots=cfg.slots, slices=len(cfg.slices),
+                             n_blocks=variants.n_blocks)
+    results = [measure_batch(variants, b, cfg, timer, compiled) for b in cfg.batch_sizes]
+    backbone_s = {r["batch"]: r["end_to_end"]["variants"]["backbone"]["median_s"] for r in results}
+    sweep_points = sweep(variants, cfg, timer, backbone_s)
+    config = asdict(cfg)
+    config["e2e_budget"] = {str(b): _budget_for(cfg, b) for b in cfg.batch_sizes}
+    return {
+        "kind": "latency",
+        "timestamp": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "argv": list(argv),
+        "commit": git_commit(),
+        "config": config,
+        "machine": _machine_info(),
+        "backend": variants.backend,
+        "available_backends": mk.available_backends(device),
+        "base_gemm": "nn.Linear's (stock)" if variants.gemm_backbone is None else f"{variants.backend}'s own",
+        "timer": timer.describe(),
+        "gpu": gpu_note(device),
+        "n_blocks": variants.n_blocks,
+        "tokens": variants.tokens,
+        "checks": checks,
+        "floor": floor,
+        "results": results,
+        "sweep": sweep_points,
+        "wall_s": time.perf_counter() - started,
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cfg = parse_args(argv)
+    record = run(cfg, argv=argv)
+    table = format_table(record)
+    print(table)
+    paths = write_record(record, cfg.results_dir, table)
+    log(f"record appended to {paths['jsonl']} and {paths['csv']}; table in {paths['txt']}")
+    if cfg.plots:
+        from benchmarks import plots
+
+        for path in plots.write_plots(cfg.results_dir):
+            log(f"plot: {path}")
+    log(f"total {record['wall_s']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
