@@ -22,6 +22,7 @@ Public API (names are stable; other packages build on them)::
         except modules named in extra_trainable (e.g. ("head",)).
     mira.trainable_parameters(model, stage) -> list[Parameter]     what that stage trains
     mira.count_parameters(model) -> dict   backbone / keys / query / bank / lora / added / trainable
+    mira.association_matrices(model, images) -> {memory name: (B, num_slots) weights}
     mira.write_adapters(model, keys=None, *, generator=None, reset=True) -> list[int]
         append each block's current LoRA to its memory (Gaussian key unless given), re-init LoRA
     mira.save_memories(model, path) / mira.load_memories(model, path)      safetensors, versioned
@@ -47,6 +48,7 @@ A typical run::
 from .config import KEY_NORMS, QUERY_MODULES, QUERY_TOKENS, STAGES, MemoryConfig, MiraConfig
 from .integration import (
     MEMORY_ATTR,
+    association_matrices,
     attach,
     count_parameters,
     detach,
@@ -76,6 +78,7 @@ __all__ = [
     "MiraConfig",
     "MiraProjection",
     "MlpQuery",
+    "association_matrices",
     "attach",
     "build_query_module",
     "count_parameters",

@@ -18,6 +18,7 @@ from .memory import AdapterMemory
 
 __all__ = [
     "MEMORY_ATTR",
+    "association_matrices",
     "attach",
     "detach",
     "memories",
@@ -388,3 +389,27 @@ def write_adapters(
         if reset:
             proj.reset_lora(generator)
     return slots
+
+
+@torch.no_grad()
+def association_matrices(model: nn.Module, inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Run ``model`` on ``inputs`` and return every memory's association matrix.
+
+    Returns:
+        {memory name: (B, num_slots) weights}, the weights the consolidation / inference forward
+        uses (computed in any stage, from each block's actual attention input).
+    """
+    names = {id(m): n for n, m in named_memories(model)}
+    results: dict[str, torch.Tensor] = {}
+    handles = []
+    for proj in projections(model):
+        def hook(module, args, proj=proj):
+            results[names[id(proj.memory)]] = proj.memory.get_association_matrix(tokens=args[0])
+
+        handles.append(proj.register_forward_pre_hook(hook))
+    try:
+        model(inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return results

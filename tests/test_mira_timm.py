@@ -229,7 +229,13 @@ def test_write_adapters_stores_the_trained_lora_and_resets_it():
         mira.set_stage(model, "adaptation")
         assert mira.write_adapters(model, generator=torch.Generator().manual_seed(0)) == [1, 1]
         w = mira.memories(model)[0].get_association_matrix(tokens=torch.randn(3, 17, 192))
-        torch.testing.assert_close(w.sum(1), torch.ones(3))
+        torch.testing.assert_close(w.sum(1), torch.ones(3))  # softmax over the two slots
+        # Per block, from the block's actual attention input (LN1's output).
+        weights = mira.association_matrices(model, x)
+        assert list(weights) == ["blocks.0.mira_memory", "blocks.1.mira_memory"]
+        tokens = model.blocks[0].norm1(model._pos_embed(model.patch_embed(x)))
+        torch.testing.assert_close(weights["blocks.0.mira_memory"],
+                                   mira.memories(model)[0].get_association_matrix(tokens=tokens))
 
 
 def test_attached_model_matches_reference_backend():
