@@ -212,6 +212,9 @@ def attach(
 
     if example_input is None:
         example_input = _example_input(model, batch=2)
+    elif isinstance(example_input, torch.Tensor) and example_input.shape[0] == 1:
+        # With one image, windowed attention over a single window would look per-image.
+        example_input = torch.cat([example_input, example_input])
     _probe(model, chosen, example_input, "original model")
 
     has_cls = getattr(model, "cls_token", None) is not None
@@ -372,6 +375,10 @@ def write_adapters(
 
     Returns:
         The slot index of the new adapter in each memory (block order).
+
+    A growing memory (``capacity=None``) changes the shape of its ``keys`` Parameter: drop an
+    optimiser's state for it afterwards (``AdapterMemory.forget_optimizer_state``) or build a new
+    optimiser. A fixed-capacity memory keeps every shape.
     """
     projs = projections(model)
     if not projs:

@@ -235,3 +235,31 @@ def test_fused_backend_equals_reference_backend(device, backend):
         results.append((y.detach(), x.grad, layer.memory.keys.grad, layer.memory.query_module.fc1.weight.grad))
     for ref, fused in zip(*results):
         torch.testing.assert_close(fused, ref, rtol=1e-4, atol=1e-4)
+
+
+class _Block(nn.Module):
+    """Owns the memory as a timm block does, so functional_call can substitute its tensors."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.proj, self.memory = layer, layer.memory
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+def test_layer_gradcheck_float64_through_query_mask_and_per_feature_norm():
+    layer = make_layer(dtype=torch.float64, query="mlp", d_k=4, query_hidden=5, capacity=4, key_norm="per_feature",
+                       trainable_bank=True)
+    bank_a, bank_b, _ = random_adapters(3, dtype=torch.float64)
+    layer.memory.append(bank_a, bank_b, torch.randn(3, 4, dtype=torch.float64))
+    block = _Block(layer)
+    x = tokens(batch=2, t=3, dtype=torch.float64).requires_grad_(True)
+    names = ("memory.keys", "memory.query_module.fc1.weight", "memory.bank_a", "memory.bank_b")
+    params = [block.get_parameter(n).detach().clone().requires_grad_(True) for n in names]
+
+    def run(x, *tensors):
+        with mira_kernels.use_backend("reference"):
+            return torch.func.functional_call(block, dict(zip(names, tensors)), (x,))
+
+    assert torch.autograd.gradcheck(run, (x, *params), eps=1e-6, atol=1e-5, fast_mode=True)
