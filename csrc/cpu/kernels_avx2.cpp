@@ -1,0 +1,56 @@
+// AVX2 + FMA variant of the hot loops; chosen at run time only on CPUs that report AVX2 and FMA.
+#include <cstdint>
+
+#include <immintrin.h>
+
+#include "cpu/kernels.h"
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+
+namespace mira_cpu::avx2 {
+namespace {
+
+// 16 ymm registers: smaller register tiles than AVX-512 so the accumulators do not spill.
+struct VF {
+  using T = float;
+  using R = __m256;
+  static constexpr int W = 8, DT = 2, DJ = 4, AJ = 2, AK = 4;
+  static R zero() { return _mm256_setzero_ps(); }
+  static R load(const T* p) { return _mm256_loadu_ps(p); }
+  static void store(T* p, R v) { _mm256_storeu_ps(p, v); }
+  static R set1(T a) { return _mm256_set1_ps(a); }
+  static R fma(R a, R b, R c) { return _mm256_fmadd_ps(a, b, c); }
+  static T hsum(R v) {
+    const __m128 q = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    const __m128 p = _mm_add_ps(q, _mm_movehl_ps(q, q));
+    return _mm_cvtss_f32(_mm_add_ss(p, _mm_shuffle_ps(p, p, 1)));
+  }
+  static T sfma(T a, T b, T c) { return __builtin_fmaf(a, b, c); }
+};
+
+struct VD {
+  using T = double;
+  using R = __m256d;
+  static constexpr int W = 4, DT = 2, DJ = 4, AJ = 2, AK = 4;
+  static R zero() { return _mm256_setzero_pd(); }
+  static R load(const T* p) { return _mm256_loadu_pd(p); }
+  static void store(T* p, R v) { _mm256_storeu_pd(p, v); }
+  static R set1(T a) { return _mm256_set1_pd(a); }
+  static R fma(R a, R b, R c) { return _mm256_fmadd_pd(a, b, c); }
+  static T hsum(R v) {
+    const __m128d q = _mm_add_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd(v, 1));
+    return _mm_cvtsd_f64(_mm_add_sd(q, _mm_unpackhi_pd(q, q)));
+  }
+  static T sfma(T a, T b, T c) { return __builtin_fma(a, b, c); }
+};
+
+#include "cpu/kernels_impl.inc"
+
+}  // namespace
+
+IsaTable table() { return IsaTable{"avx2", make_kernels<VF>(), make_kernels<VD>()}; }
+
+}  // namespace mira_cpu::avx2
+
+#pragma GCC pop_options

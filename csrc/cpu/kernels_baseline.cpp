@@ -1,0 +1,48 @@
+// Baseline x86-64 (SSE2) variant of the hot loops: runs on every x86-64 CPU. No FMA here, so
+// both the vector and the scalar paths round the product and the sum separately (setup.py's
+// -std=c++20 disables floating-point contraction, so `a * b + c` is not fused behind our back).
+#include <cstdint>
+
+#include <emmintrin.h>
+
+#include "cpu/kernels.h"
+
+namespace mira_cpu::baseline {
+namespace {
+
+struct VF {
+  using T = float;
+  using R = __m128;
+  static constexpr int W = 4, DT = 2, DJ = 4, AJ = 2, AK = 4;
+  static R zero() { return _mm_setzero_ps(); }
+  static R load(const T* p) { return _mm_loadu_ps(p); }
+  static void store(T* p, R v) { _mm_storeu_ps(p, v); }
+  static R set1(T a) { return _mm_set1_ps(a); }
+  static R fma(R a, R b, R c) { return _mm_add_ps(_mm_mul_ps(a, b), c); }
+  static T hsum(R v) {
+    const __m128 p = _mm_add_ps(v, _mm_movehl_ps(v, v));
+    return _mm_cvtss_f32(_mm_add_ss(p, _mm_shuffle_ps(p, p, 1)));
+  }
+  static T sfma(T a, T b, T c) { return a * b + c; }
+};
+
+struct VD {
+  using T = double;
+  using R = __m128d;
+  static constexpr int W = 2, DT = 2, DJ = 4, AJ = 2, AK = 4;
+  static R zero() { return _mm_setzero_pd(); }
+  static R load(const T* p) { return _mm_loadu_pd(p); }
+  static void store(T* p, R v) { _mm_storeu_pd(p, v); }
+  static R set1(T a) { return _mm_set1_pd(a); }
+  static R fma(R a, R b, R c) { return _mm_add_pd(_mm_mul_pd(a, b), c); }
+  static T hsum(R v) { return _mm_cvtsd_f64(_mm_add_sd(v, _mm_unpackhi_pd(v, v))); }
+  static T sfma(T a, T b, T c) { return a * b + c; }
+};
+
+#include "cpu/kernels_impl.inc"
+
+}  // namespace
+
+IsaTable table() { return IsaTable{"baseline", make_kernels<VF>(), make_kernels<VD>()}; }
+
+}  // namespace mira_cpu::baseline

@@ -1,0 +1,625 @@
+// C++ CPU backend of the MIRA ops: mira::_cpu_mira_linear, _cpu_mira_linear_backward, _cpu_mira_adapter_.
+//
+// Semantics are mira_kernels/reference.py's (the specification). How the work is laid out:
+//
+// Forward, float32/float64 ("seeded accumulator"): ATen's addmm for a Linear with bias first
+// writes the broadcast bias into the output and then runs one GEMM with beta = 1 over it. This
+// kernel writes `bias + scale * (x A_b^T) B_b^T` into the Q/V slices (and the bias elsewhere) in
+// that same write pass, then calls the same beta = 1 GEMM over the whole batch. The adapter
+// therefore costs no pass over the output beyond the one the stock Linear makes anyway, and the
+// base GEMM is exactly nn.Linear's (one call, MKL's weight packing amortised over all B*T rows;
+// per-sample GEMM calls were measured 24-26% slower than one call here, see
+// benchmarks/results/op_cpu.md). No packed weight is cached, so nothing needs invalidating.
+//
+// The memory side runs once per call: cosine scores, separation, and the per-sample mixed
+// factors A_b (S*r, d_in) and B_b, kept transposed and pre-scaled as (S, r, d_s). Tokens are
+// processed in blocks of kRowBlock rows of one sample (at::parallel_for over (sample, block)):
+// the shrink h = x A_b^T (dot_block) then the expand per slice (axpy_block), row block in cache.
+//
+// Backward: one pass per sample (parallel over samples) recomputes h, forms dh = G_s B_b, writes
+// the adapter part of dx (dh A_b), and reduces dA_b = dh^T x and dB_b = scale G_s^T h over the
+// sample's tokens in token order; then dx += G W with one beta = 1 GEMM, and the small
+// (B, N)-sized tail: dw, separation and cosine backward, dbank = w^T dA / w^T dB (ordered over b).
+// Every reduction of this file has a fixed order, so results are bitwise identical run to run
+// (and across thread counts); only the two MKL GEMMs (base projection and G W) are the GEMM
+// library's, which is deterministic run to run at a fixed thread count for a given alignment.
+//
+// 16-bit x: the adapter path runs in float32 (x, the memory side and grad_out converted once);
+// the base projection runs in x's dtype through at::linear / at::mm, and the sum is rounded once
+// to x's dtype, as the reference does. This path favours exact reference semantics over speed
+// (it keeps a float32 copy of x and of the output).
+//
+// Instruction sets: the hot loops (kernels_<isa>.cpp) are compiled for baseline x86-64, AVX2+FMA
+// and AVX-512; the best one the CPU supports is used, or the one named by the environment
+// variable MIRA_CPU_ISA (auto | baseline | avx2 | avx512), read at every call by active_table().
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/linear.h>
+#include <ATen/ops/mm.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <cctype>
+#include <cmath>
+#include <cstdlib>
+#include <string>
+#include <string_view>
+#include <tuple>
+#include <vector>
+
+#include "cpu/kernels.h"
+
+namespace mira_cpu {
+namespace {
+
+// ---------------------------------------------------------------------------------------------
+// Instruction-set selection.
+// ---------------------------------------------------------------------------------------------
+
+bool cpu_supports(std::string_view isa) {
+  __builtin_cpu_init();  // libgcc's checks include the OS's XSAVE support of the wider registers
+  if (isa == "baseline") return true;
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (isa == "avx2") return avx2;
+  if (isa == "avx512") return avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq");
+  return false;
+}
+
+constexpr std::array<const char*, 3> kIsas = {"baseline", "avx2", "avx512"};
+
+// Each table is built on first use only, and only after the CPU check: the avx2/avx512 table()
+// functions are themselves compiled for that instruction set.
+const IsaTable& table_of(std::string_view isa) {
+  if (isa == "avx512") {
+    static const IsaTable t = avx512::table();
+    return t;
+  }
+  if (isa == "avx2") {
+    static const IsaTable t = avx2::table();
+    return t;
+  }
+  static const IsaTable t = baseline::table();
+  return t;
+}
+
+// The one place MIRA_CPU_ISA is read (documented in mira_kernels/_config.py).
+const IsaTable& active_table() {
+  const char* env = std::getenv("MIRA_CPU_ISA");
+  std::string want = env ? env : "";
+  std::transform(want.begin(), want.end(), want.begin(), [](unsigned char c) { return std::tolower(c); });
+  if (want.empty() || want == "auto") {
+    for (auto it = kIsas.rbegin(); it != kIsas.rend(); ++it)
+      if (cpu_supports(*it)) return table_of(*it);
+  }
+  TORCH_CHECK(want == "baseline" || want == "avx2" || want == "avx512",
+              "MIRA_CPU_ISA must be auto, baseline, avx2 or avx512, got '", want, "'");
+  TORCH_CHECK(cpu_supports(want), "MIRA_CPU_ISA=", want, " but this CPU does not support that instruction set");
+  return table_of(want);
+}
+
+template <typename T>
+const Kernels<T>& kernels_of(const IsaTable& t);
+template <>
+const Kernels<float>& kernels_of<float>(const IsaTable& t) {
+  return t.f32;
+}
+template <>
+const Kernels<double>& kernels_of<double>(const IsaTable& t) {
+  return t.f64;
+}
+
+// [active, supported...]: for tests and benchmark records.
+std::vector<std::string> isa_info() {
+  std::vector<std::string> out{active_table().name};
+  for (const char* isa : kIsas)
+    if (cpu_supports(isa)) out.emplace_back(isa);
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Memory side: scores, separation, mixed factors.
+// ---------------------------------------------------------------------------------------------
+
+constexpr double kNormEps = 1e-12;  // reference.NORM_EPS, the cosine's norm floor
+constexpr int64_t kRowBlock = 16;   // tokens per task: x rows (16 x d_in) and the output rows stay in L1/L2
+constexpr int64_t kFeatureGrain = 1024;
+
+enum class Sep { Affine, Softmax, Relu, Tanh, Sigmoid, Identity };
+
+Sep parse_separation(std::string_view s) {
+  if (s == "affine") return Sep::Affine;
+  if (s == "softmax") return Sep::Softmax;
+  if (s == "relu") return Sep::Relu;
+  if (s == "tanh") return Sep::Tanh;
+  if (s == "sigmoid") return Sep::Sigmoid;
+  if (s == "identity") return Sep::Identity;
+  TORCH_CHECK(false, "unknown separation '", std::string(s),
+              "'; expected one of affine, softmax, relu, tanh, sigmoid, identity");
+}
+
+struct Shapes {
+  int64_t B, T, d_in, N, d_k, S, r, d_s, SR;
+  std::vector<int64_t> offsets;
+};
+
+Shapes check_shapes(const at::Tensor& x, const at::Tensor& query, const at::Tensor& keys, const at::Tensor& bank_a,
+                    const at::Tensor& bank_b, at::IntArrayRef slice_offsets, int64_t d_out) {
+  for (const at::Tensor* t : {&x, &query, &keys, &bank_a, &bank_b})
+    TORCH_CHECK(t->device().is_cpu(), "mira CPU kernel: every input must be a CPU tensor");
+  TORCH_CHECK(x.dim() == 3, "x must be (B, T, d_in), got ", x.sizes());
+  TORCH_CHECK(query.dim() == 2 && keys.dim() == 2 && bank_a.dim() == 4 && bank_b.dim() == 4,
+              "query (B, d_k), keys (N, d_k), bank_a (N, S, r, d_in), bank_b (N, S, d_s, r) expected");
+  Shapes s{x.size(0), x.size(1), x.size(2), keys.size(0), keys.size(1), bank_a.size(1), bank_a.size(2),
+           bank_b.size(2), 0, std::vector<int64_t>(slice_offsets.begin(), slice_offsets.end())};
+  s.SR = s.S * s.r;
+  TORCH_CHECK(query.size(0) == s.B && query.size(1) == s.d_k, "query must be (B, d_k), got ", query.sizes());
+  TORCH_CHECK(bank_a.size(0) == s.N && bank_a.size(3) == s.d_in, "bank_a must be (N, S, r, d_in), got ",
+              bank_a.sizes());
+  TORCH_CHECK(bank_b.size(0) == s.N && bank_b.size(1) == s.S && bank_b.size(3) == s.r,
+              "bank_b must be (N, S, d_s, r), got ", bank_b.sizes());
+  TORCH_CHECK(static_cast<int64_t>(s.offsets.size()) == s.S, "slice_offsets needs S = ", s.S, " entries");
+  std::vector<int64_t> sorted = s.offsets;
+  std::sort(sorted.begin(), sorted.end());
+  for (size_t i = 0; i < sorted.size(); ++i) {
+    TORCH_CHECK(sorted[i] >= 0 && sorted[i] + s.d_s <= d_out, "slice_offsets: slices must fit in d_out");
+    TORCH_CHECK(i == 0 || sorted[i] >= sorted[i - 1] + s.d_s, "slice_offsets: slices must not overlap");
+  }
+  return s;
+}
+
+// Everything the adapter needs that does not depend on the tokens, in compute dtype T.
+template <typename T>
+struct Memory {
+  std::vector<T> q_unit, k_unit, q_norm, k_norm;  // (B, d_k), (N, d_k), (B), (N)
+  std::vector<T> scores, weights;                 // (B, N)
+  std::vector<T> A;                               // (B, S*r, d_in): sum_n w[b,n] bank_a[n]
+  std::vector<T> Bt;                              // (B, S, r, d_s): scale * (sum_n w[b,n] bank_b[n])^T
+};
+
+template <typename T>
+void unit_rows(const Kernels<T>& K, const T* u, int64_t rows, int64_t n, T* unit, T* norm) {
+  for (int64_t i = 0; i < rows; ++i) {
+    T sq;
+    K.dot_block(1, 1, n, u + i * n, n, u + i * n, n, &sq, 1, T(1));
+    norm[i] = std::sqrt(sq);
+    const T inv = T(1) / std::max(norm[i], T(kNormEps));
+    for (int64_t j = 0; j < n; ++j) unit[i * n + j] = u[i * n + j] * inv;
+  }
+}
+
+template <typename T>
+void separate_rows(Sep sep, const T* z, T* w, int64_t B, int64_t N, T eps) {
+  for (int64_t b = 0; b < B; ++b) {
+    const T* zb = z + b * N;
+    T* wb = w + b * N;
+    switch (sep) {
+      case Sep::Affine: {
+        if (N == 1) {  // one slot: the raw cosine is the weight
+          wb[0] = zb[0];
+          break;
+        }
+        T total = 0;
+        for (int64_t n = 0; n < N; ++n) total += zb[n];
+        // Sign-preserving clamp of the denominator (sign of 0 taken as +), as the reference.
+        const T denom = std::abs(total) >= eps ? total : (total >= 0 ? eps : -eps);
+        for (int64_t n = 0; n < N; ++n) wb[n] = zb[n] / denom;
+        break;
+      }
+      case Sep::Softmax: {
+        T m = -INFINITY;
+        for (int64_t n = 0; n < N; ++n) m = std::max(m, zb[n]);
+        T total = 0;
+        for (int64_t n = 0; n < N; ++n) total += (wb[n] = std::exp(zb[n] - m));
+        for (int64_t n = 0; n < N; ++n) wb[n] /= total;
+        break;
+      }
+      case Sep::Relu:
+        for (int64_t n = 0; n < N; ++n) wb[n] = zb[n] > 0 ? zb[n] : T(0);
+        break;
+      case Sep::Tanh:
+        for (int64_t n = 0; n < N; ++n) wb[n] = std::tanh(zb[n]);
+        break;
+      case Sep::Sigmoid:
+        for (int64_t n = 0; n < N; ++n) wb[n] = T(1) / (T(1) + std::exp(-zb[n]));
+        break;
+      case Sep::Identity:
+        for (int64_t n = 0; n < N; ++n) wb[n] = zb[n];
+        break;
+    }
+  }
+}
+
+// Contiguous tensor of dtype `dt` (no copy when it already is one).
+at::Tensor as(const at::Tensor& t, at::ScalarType dt) { return t.to(dt).contiguous(); }
+
+template <typename T>
+Memory<T> prepare_memory(const Kernels<T>& K, const Shapes& s, const at::Tensor& query, const at::Tensor& keys,
+                         const at::Tensor& bank_a, const at::Tensor& bank_b, Sep sep, double scale, double eps) {
+  const at::ScalarType ct = c10::CppTypeToScalarType<T>::value;
+  const at::Tensor q = as(query, ct), k = as(keys, ct), ba = as(bank_a, ct), bb = as(bank_b, ct);
+  Memory<T> m;
+  m.q_unit.resize(s.B * s.d_k);
+  m.k_unit.resize(s.N * s.d_k);
+  m.q_norm.resize(s.B);
+  m.k_norm.resize(s.N);
+  m.scores.resize(s.B * s.N);
+  m.weights.resize(s.B * s.N);
+  unit_rows(K, q.data_ptr<T>(), s.B, s.d_k, m.q_unit.data(), m.q_norm.data());
+  unit_rows(K, k.data_ptr<T>(), s.N, s.d_k, m.k_unit.data(), m.k_norm.data());
+  K.dot_block(s.B, s.N, s.d_k, m.q_unit.data(), s.d_k, m.k_unit.data(), s.d_k, m.scores.data(), s.N, T(1));
+  separate_rows(sep, m.scores.data(), m.weights.data(), s.B, s.N, T(eps));
+
+  // Mixing, parallel over the flattened factor features; each element is an ordered sum over n.
+  const int64_t Fa = s.SR * s.d_in, Fb = s.S * s.d_s * s.r;
+  m.A.resize(s.B * Fa);
+  std::vector<T> Bm(s.B * Fb);
+  const T* w = m.weights.data();
+  const T* pa = ba.data_ptr<T>();
+  const T* pb = bb.data_ptr<T>();
+  at::parallel_for(0, Fa + Fb, kFeatureGrain, [&](int64_t begin, int64_t end) {
+    if (begin < Fa) {
+      const int64_t e = std::min(end, Fa);
+      K.axpy_block(s.B, s.N, e - begin, w, s.N, 1, pa + begin, Fa, m.A.data() + begin, Fa, nullptr, false);
+    }
+    if (end > Fa) {
+      const int64_t b0 = std::max(begin, Fa) - Fa, b1 = end - Fa;
+      K.axpy_block(s.B, s.N, b1 - b0, w, s.N, 1, pb + b0, Fb, Bm.data() + b0, Fb, nullptr, false);
+    }
+  });
+  // (S, d_s, r) -> (S, r, d_s) per sample, so the expand runs along contiguous output columns.
+  m.Bt.resize(s.B * Fb);
+  const T sc = T(scale);
+  for (int64_t b = 0; b < s.B; ++b)
+    for (int64_t sl = 0; sl < s.S; ++sl)
+      for (int64_t e = 0; e < s.d_s; ++e)
+        for (int64_t k2 = 0; k2 < s.r; ++k2)
+          m.Bt[((b * s.S + sl) * s.r + k2) * s.d_s + e] = sc * Bm[((b * s.S + sl) * s.d_s + e) * s.r + k2];
+  return m;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward rows: y = (accumulate ? y : bias) + adapter, one (sample, token block) per task.
+// ---------------------------------------------------------------------------------------------
+
+template <typename T>
+void apply_rows(const Kernels<T>& K, const Shapes& s, const Memory<T>& m, const T* x, T* y, int64_t d_out,
+                const T* bias, bool accumulate) {
+  if (s.B == 0 || s.T == 0) return;
+  // Output columns outside every slice: written with the bias (or zero) when not accumulating.
+  std::vector<std::pair<int64_t, int64_t>> gaps;
+  {
+    std::vector<int64_t> sorted = s.offsets;
+    std::sort(sorted.begin(), sorted.end());
+    int64_t lo = 0;
+    for (int64_t off : sorted) {
+      if (off > lo) gaps.emplace_back(lo, off);
+      lo = off + s.d_s;
+    }
+    if (lo < d_out) gaps.emplace_back(lo, d_out);
+  }
+  const int64_t blocks = (s.T + kRowBlock - 1) / kRowBlock;
+  const int64_t Fa = s.SR * s.d_in, Fb = s.S * s.r * s.d_s;
+  at::parallel_for(0, s.B * blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> h(kRowBlock * std::max<int64_t>(s.SR, 1));  // one buffer per task range, not per token
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / blocks, t0 = (task % blocks) * kRowBlock;
+      const int64_t rows = std::min(kRowBlock, s.T - t0);
+      const T* xr = x + (b * s.T + t0) * s.d_in;
+      T* yr = y + (b * s.T + t0) * d_out;
+      const T* A = m.A.data() + b * Fa;
+      const T* Bt = m.Bt.data() + b * Fb;
+      K.dot_block(rows, s.SR, s.d_in, xr, s.d_in, A, s.d_in, h.data(), s.SR, T(1));  // shrink
+      for (int64_t sl = 0; sl < s.S; ++sl) {                                           // expand into each slice
+        const int64_t off = s.offsets[sl];
+        K.axpy_block(rows, s.r, s.d_s, h.data() + sl * s.r, s.SR, 1, Bt + sl * s.r * s.d_s, s.d_s, yr + off, d_out,
+                     bias ? bias + off : nullptr, accumulate);
+      }
+      if (!accumulate)
+        for (int64_t t = 0; t < rows; ++t)
+          for (const auto& [lo, hi] : gaps) {
+            T* dst = yr + t * d_out;
+            if (bias)
+              std::copy(bias + lo, bias + hi, dst + lo);
+            else
+              std::fill(dst + lo, dst + hi, T(0));
+          }
+    }
+  });
+}
+
+bool is_half(at::ScalarType t) { return t == at::kHalf || t == at::kBFloat16; }
+
+at::ScalarType compute_type(at::ScalarType x) {
+  TORCH_CHECK(x == at::kFloat || x == at::kDouble || is_half(x), "mira CPU kernel: x must be float32, float64, ",
+              "float16 or bfloat16, got ", x);
+  return is_half(x) ? at::kFloat : x;
+}
+
+template <typename T>
+void adapter_into(const Shapes& s, const at::Tensor& x_ct, at::Tensor& y_ct, const at::Tensor& query,
+                  const at::Tensor& keys, const at::Tensor& bank_a, const at::Tensor& bank_b, Sep sep, double scale,
+                  double eps, const at::Tensor* bias_ct, bool accumulate) {
+  const Kernels<T>& K = kernels_of<T>(active_table());
+  const Memory<T> m = prepare_memory<T>(K, s, query, keys, bank_a, bank_b, sep, scale, eps);
+  apply_rows<T>(K, s, m, x_ct.data_ptr<T>(), y_ct.data_ptr<T>(), y_ct.size(-1),
+                bias_ct ? bias_ct->data_ptr<T>() : nullptr, accumulate);
+}
+
+void adapter_dispatch(const Shapes& s, const at::Tensor& x_ct, at::Tensor& y_ct, const at::Tensor& query,
+                      const at::Tensor& keys, const at::Tensor& bank_a, const at::Tensor& bank_b, Sep sep,
+                      double scale, double eps, const at::Tensor* bias_ct, bool accumulate) {
+  if (x_ct.scalar_type() == at::kDouble)
+    adapter_into<double>(s, x_ct, y_ct, query, keys, bank_a, bank_b, sep, scale, eps, bias_ct, accumulate);
+  else
+    adapter_into<float>(s, x_ct, y_ct, query, keys, bank_a, bank_b, sep, scale, eps, bias_ct, accumulate);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The ops.
+// ---------------------------------------------------------------------------------------------
+
+at::Tensor mira_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                           const at::Tensor& query, const at::Tensor& keys, const at::Tensor& bank_a,
+                           const at::Tensor& bank_b, at::IntArrayRef slice_offsets, c10::string_view separation,
+                           double scale, double eps) {
+  compute_type(x.scalar_type());  // checks the dtype
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == x.size(-1), "weight must be (d_out, d_in)");
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), "weight must have x's dtype");
+  const int64_t d_out = weight.size(0);
+  const Shapes s = check_shapes(x, query, keys, bank_a, bank_b, slice_offsets, d_out);
+  const Sep sep = parse_separation(std::string_view(separation.data(), separation.size()));
+  const bool has_bias = bias.has_value() && bias->defined();
+  if (has_bias) TORCH_CHECK(bias->dim() == 1 && bias->size(0) == d_out && bias->scalar_type() == x.scalar_type(),
+                            "bias must be (d_out,) of x's dtype");
+
+  if (is_half(x.scalar_type())) {
+    // Base projection in x's dtype (as F.linear), adapter in float32, the sum rounded once.
+    at::Tensor y = at::linear(x, weight, has_bias ? *bias : at::Tensor());
+    at::Tensor y32 = as(y, at::kFloat);
+    adapter_dispatch(s, as(x, at::kFloat), y32, query, keys, bank_a, bank_b, sep, scale, eps, nullptr, true);
+    y.copy_(y32);
+    return y;
+  }
+  const at::Tensor xc = x.contiguous();
+  at::Tensor y = at::empty({s.B, s.T, d_out}, x.options());
+  if (y.numel() == 0) return y;
+  const at::Tensor bias_c = has_bias ? bias->contiguous() : at::Tensor();
+  adapter_dispatch(s, xc, y, query, keys, bank_a, bank_b, sep, scale, eps, has_bias ? &bias_c : nullptr, false);
+  // The same beta = 1 GEMM that at::linear / addmm runs after writing the broadcast bias.
+  y.view({s.B * s.T, d_out}).addmm_(xc.view({s.B * s.T, s.d_in}), weight.t());
+  return y;
+}
+
+void mira_adapter_cpu(const at::Tensor& out, const at::Tensor& x, const at::Tensor& query, const at::Tensor& keys,
+                      const at::Tensor& bank_a, const at::Tensor& bank_b, at::IntArrayRef slice_offsets,
+                      c10::string_view separation, double scale, double eps) {
+  const at::ScalarType ct = compute_type(x.scalar_type());
+  TORCH_CHECK(out.dim() == 3 && out.size(0) == x.size(0) && out.size(1) == x.size(1) &&
+                  out.scalar_type() == x.scalar_type() && out.device().is_cpu(),
+              "out must be a CPU (B, T, d_out) tensor of x's dtype");
+  const Shapes s = check_shapes(x, query, keys, bank_a, bank_b, slice_offsets, out.size(2));
+  const Sep sep = parse_separation(std::string_view(separation.data(), separation.size()));
+  if (out.numel() == 0) return;
+  // Work on a contiguous compute-dtype view of out; copy back only if that had to be a copy.
+  at::Tensor work = as(out, ct);
+  adapter_dispatch(s, as(x, ct), work, query, keys, bank_a, bank_b, sep, scale, eps, nullptr, true);
+  if (!work.is_same(out)) const_cast<at::Tensor&>(out).copy_(work);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward.
+// ---------------------------------------------------------------------------------------------
+
+template <typename T>
+void separate_backward(Sep sep, const T* gw, const T* z, const T* w, T* gz, int64_t B, int64_t N, T eps) {
+  for (int64_t b = 0; b < B; ++b) {
+    const T *g = gw + b * N, *zb = z + b * N, *wb = w + b * N;
+    T* o = gz + b * N;
+    switch (sep) {
+      case Sep::Identity:
+        for (int64_t n = 0; n < N; ++n) o[n] = g[n];
+        break;
+      case Sep::Affine: {
+        if (N == 1) {
+          o[0] = g[0];
+          break;
+        }
+        T total = 0, through = 0;
+        for (int64_t n = 0; n < N; ++n) total += zb[n];
+        for (int64_t n = 0; n < N; ++n) through += g[n] * wb[n];
+        const bool open = std::abs(total) >= eps;  // inside the clamp the denominator is a constant
+        const T denom = open ? total : (total >= 0 ? eps : -eps);
+        if (!open) through = 0;
+        for (int64_t n = 0; n < N; ++n) o[n] = (g[n] - through) / denom;
+        break;
+      }
+      case Sep::Softmax: {
+        T dot = 0;
+        for (int64_t n = 0; n < N; ++n) dot += g[n] * wb[n];
+        for (int64_t n = 0; n < N; ++n) o[n] = wb[n] * (g[n] - dot);
+        break;
+      }
+      case Sep::Relu:
+        for (int64_t n = 0; n < N; ++n) o[n] = zb[n] > 0 ? g[n] : T(0);
+        break;
+      case Sep::Tanh:
+        for (int64_t n = 0; n < N; ++n) o[n] = g[n] * (T(1) - wb[n] * wb[n]);
+        break;
+      case Sep::Sigmoid:
+        for (int64_t n = 0; n < N; ++n) o[n] = g[n] * wb[n] * (T(1) - wb[n]);
+        break;
+    }
+  }
+}
+
+// d/du of u / max(||u||, eps) applied to grad_unit, row-wise (reference._normalize_backward).
+template <typename T>
+void normalize_backward(const Kernels<T>& K, const T* unit, const T* norm, const T* gu, int64_t rows, int64_t n,
+                        T* out) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const T* u = unit + i * n;
+    const T* g = gu + i * n;
+    T proj;
+    K.dot_block(1, 1, n, u, n, g, n, &proj, 1, T(1));
+    const T nrm = norm[i];
+    if (nrm > T(kNormEps)) {
+      for (int64_t j = 0; j < n; ++j) out[i * n + j] = (g[j] - u[j] * proj) / nrm;
+    } else {
+      for (int64_t j = 0; j < n; ++j) out[i * n + j] = g[j] / T(kNormEps);
+    }
+  }
+}
+
+template <typename T>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& query,
+    const at::Tensor& keys, const at::Tensor& bank_a, const at::Tensor& bank_b, const Shapes& s, Sep sep,
+    double scale, double eps, std::array<bool, 5> mask) {
+  const auto [need_x, need_q, need_k, need_a, need_b] = mask;
+  const bool need_w = need_q || need_k;
+  const bool need_adapter = need_w || need_a || need_b;
+  const at::ScalarType ct = c10::CppTypeToScalarType<T>::value;
+  const Kernels<T>& K = kernels_of<T>(active_table());
+  const int64_t d_out = weight.size(0);
+  const Memory<T> m = prepare_memory<T>(K, s, query, keys, bank_a, bank_b, sep, scale, eps);
+  const at::Tensor g = as(grad_out, ct), xc = as(x, ct);
+  const T* G = g.data_ptr<T>();
+  const T* X = xc.data_ptr<T>();
+  const int64_t Fa = s.SR * s.d_in, Fb = s.S * s.r * s.d_s;
+
+  at::Tensor dx_adapter = need_x ? at::empty({s.B, s.T, s.d_in}, x.options().dtype(ct)) : at::Tensor();
+  std::vector<T> dA(need_adapter ? s.B * Fa : 0), dBt(need_adapter ? s.B * Fb : 0);
+
+  // One task per sample: its dA_b, dB_b are ordered reductions over its tokens, no atomics.
+  if ((need_x || need_adapter) && s.B > 0) {
+    T* DX = need_x ? dx_adapter.data_ptr<T>() : nullptr;
+    at::parallel_for(0, s.B, 1, [&](int64_t begin, int64_t end) {
+      std::vector<T> h(s.T * s.SR), dh(s.T * s.SR);  // per task range, reused across its samples
+      for (int64_t b = begin; b < end; ++b) {
+        const T* Gb = G + b * s.T * d_out;
+        const T* Xb = X + b * s.T * s.d_in;
+        const T* A = m.A.data() + b * Fa;
+        const T* Bt = m.Bt.data() + b * Fb;
+        for (int64_t sl = 0; sl < s.S; ++sl)  // dh = G_s (scale B_b): Bt is pre-scaled
+          K.dot_block(s.T, s.r, s.d_s, Gb + s.offsets[sl], d_out, Bt + sl * s.r * s.d_s, s.d_s, dh.data() + sl * s.r,
+                      s.SR, T(1));
+        if (need_x)  // adapter part of dx: dh A_b
+          K.axpy_block(s.T, s.SR, s.d_in, dh.data(), s.SR, 1, A, s.d_in, DX + b * s.T * s.d_in, s.d_in, nullptr,
+                       false);
+        if (need_adapter) {
+          K.dot_block(s.T, s.SR, s.d_in, Xb, s.d_in, A, s.d_in, h.data(), s.SR, T(1));  // h = x A_b^T
+          // dA_b = dh^T x, dB_b^T = scale h_s^T G_s: the token index is the reduction, in order.
+          K.axpy_block(s.SR, s.T, s.d_in, dh.data(), 1, s.SR, Xb, s.d_in, dA.data() + b * Fa, s.d_in, nullptr, false);
+          for (int64_t sl = 0; sl < s.S; ++sl)
+            K.axpy_block(s.r, s.T, s.d_s, h.data() + sl * s.r, 1, s.SR, Gb + s.offsets[sl], d_out,
+                         dBt.data() + b * Fb + sl * s.r * s.d_s, s.d_s, nullptr, false);
+          const T sc = T(scale);
+          for (int64_t i = 0; i < Fb; ++i) dBt[b * Fb + i] *= sc;
+        }
+      }
+    });
+  }
+
+  at::Tensor dx, dq, dk, da, db;
+  const auto empty = [&] { return at::empty({0}, x.options()); };
+  if (need_x) {
+    if (is_half(x.scalar_type())) {
+      // Base part in x's dtype (as grad_out @ weight in the reference), the sum rounded once.
+      const at::Tensor base = at::mm(grad_out.reshape({s.B * s.T, d_out}), weight);
+      dx = dx_adapter.add_(base.view({s.B, s.T, s.d_in}).to(ct)).to(x.scalar_type());
+    } else {
+      dx = dx_adapter;
+      if (dx.numel() > 0) dx.view({s.B * s.T, s.d_in}).addmm_(g.view({s.B * s.T, d_out}), weight);
+    }
+  }
+  if (need_adapter) {
+    // dB in the bank's (S, d_s, r) layout per sample.
+    std::vector<T> dB(s.B * Fb);
+    for (int64_t b = 0; b < s.B; ++b)
+      for (int64_t sl = 0; sl < s.S; ++sl)
+        for (int64_t k2 = 0; k2 < s.r; ++k2)
+          for (int64_t e = 0; e < s.d_s; ++e)
+            dB[((b * s.S + sl) * s.d_s + e) * s.r + k2] = dBt[((b * s.S + sl) * s.r + k2) * s.d_s + e];
+    const at::Tensor ba = as(bank_a, ct), bb = as(bank_b, ct);
+    if (need_a || need_b) {  // dbank = w^T dA, w^T dB: ordered over samples, parallel over features
+      at::Tensor ga = at::empty(bank_a.sizes(), x.options().dtype(ct));
+      at::Tensor gb = at::empty(bank_b.sizes(), x.options().dtype(ct));
+      T* pga = ga.data_ptr<T>();
+      T* pgb = gb.data_ptr<T>();
+      const T* w = m.weights.data();
+      at::parallel_for(0, Fa + Fb, kFeatureGrain, [&](int64_t begin, int64_t end) {
+        if (begin < Fa && need_a) {
+          const int64_t e = std::min(end, Fa);
+          K.axpy_block(s.N, s.B, e - begin, w, 1, s.N, dA.data() + begin, Fa, pga + begin, Fa, nullptr, false);
+        }
+        if (end > Fa && need_b) {
+          const int64_t b0 = std::max(begin, Fa) - Fa, b1 = end - Fa;
+          K.axpy_block(s.N, s.B, b1 - b0, w, 1, s.N, dB.data() + b0, Fb, pgb + b0, Fb, nullptr, false);
+        }
+      });
+      if (need_a) da = ga.to(bank_a.scalar_type());
+      if (need_b) db = gb.to(bank_b.scalar_type());
+    }
+    if (need_w) {
+      std::vector<T> gw(s.B * s.N), gw_b(s.B * s.N), gz(s.B * s.N);
+      at::parallel_for(0, s.B, 1, [&](int64_t begin, int64_t end) {  // dw = <dA_b, bank_a[n]> + <dB_b, bank_b[n]>
+        K.dot_block(end - begin, s.N, Fa, dA.data() + begin * Fa, Fa, ba.data_ptr<T>(), Fa, gw.data() + begin * s.N,
+                    s.N, T(1));
+        K.dot_block(end - begin, s.N, Fb, dB.data() + begin * Fb, Fb, bb.data_ptr<T>(), Fb,
+                    gw_b.data() + begin * s.N, s.N, T(1));
+      });
+      for (int64_t i = 0; i < s.B * s.N; ++i) gw[i] += gw_b[i];
+      separate_backward(sep, gw.data(), m.scores.data(), m.weights.data(), gz.data(), s.B, s.N, T(eps));
+      if (need_q) {  // dq = normalize'(q) (gz k_unit)
+        std::vector<T> gu(s.B * s.d_k);
+        K.axpy_block(s.B, s.N, s.d_k, gz.data(), s.N, 1, m.k_unit.data(), s.d_k, gu.data(), s.d_k, nullptr, false);
+        at::Tensor t = at::empty({s.B, s.d_k}, x.options().dtype(ct));
+        normalize_backward(K, m.q_unit.data(), m.q_norm.data(), gu.data(), s.B, s.d_k, t.data_ptr<T>());
+        dq = t.to(query.scalar_type());
+      }
+      if (need_k) {  // dk = normalize'(k) (gz^T q_unit)
+        std::vector<T> gu(s.N * s.d_k);
+        K.axpy_block(s.N, s.B, s.d_k, gz.data(), 1, s.N, m.q_unit.data(), s.d_k, gu.data(), s.d_k, nullptr, false);
+        at::Tensor t = at::empty({s.N, s.d_k}, x.options().dtype(ct));
+        normalize_backward(K, m.k_unit.data(), m.k_norm.data(), gu.data(), s.N, s.d_k, t.data_ptr<T>());
+        dk = t.to(keys.scalar_type());
+      }
+    }
+  }
+  // The schema returns Tensors: a gradient not asked for is an empty tensor.
+  return {dx.defined() ? dx : empty(), dq.defined() ? dq : empty(), dk.defined() ? dk : empty(),
+          da.defined() ? da : empty(), db.defined() ? db : empty()};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mira_linear_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& query,
+    const at::Tensor& keys, const at::Tensor& bank_a, const at::Tensor& bank_b, at::IntArrayRef slice_offsets,
+    c10::string_view separation, double scale, double eps, std::array<bool, 5> output_mask) {
+  const at::ScalarType ct = compute_type(x.scalar_type());
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == x.size(-1), "weight must be (d_out, d_in)");
+  const int64_t d_out = weight.size(0);
+  TORCH_CHECK(grad_out.dim() == 3 && grad_out.size(0) == x.size(0) && grad_out.size(1) == x.size(1) &&
+                  grad_out.size(2) == d_out,
+              "grad_out must be (B, T, d_out)");
+  const Shapes s = check_shapes(x, query, keys, bank_a, bank_b, slice_offsets, d_out);
+  const Sep sep = parse_separation(std::string_view(separation.data(), separation.size()));
+  if (ct == at::kDouble)
+    return backward_impl<double>(grad_out, x, weight, query, keys, bank_a, bank_b, s, sep, scale, eps, output_mask);
+  return backward_impl<float>(grad_out, x, weight, query, keys, bank_a, bank_b, s, sep, scale, eps, output_mask);
+}
+
+}  // namespace
+}  // namespace mira_cpu
+
+TORCH_LIBRARY_FRAGMENT(mira, m) {
+  // Introspection for tests and benchmark records: [active ISA, ISAs this CPU supports...].
+  m.def("_cpu_isa_info() -> str[]", &mira_cpu::isa_info);
+}
+
+TORCH_LIBRARY_IMPL(mira, CPU, m) {
+  m.impl("_cpu_mira_linear", &mira_cpu::mira_linear_cpu);
+  m.impl("_cpu_mira_linear_backward", &mira_cpu::mira_linear_backward_cpu);
+  m.impl("_cpu_mira_adapter_", &mira_cpu::mira_adapter_cpu);
+}
