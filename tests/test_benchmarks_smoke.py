@@ -1,0 +1,122 @@
+"""Smoke tests of the latency benchmark's harness (benchmarks/latency.py) on toy inputs.
+
+Timing itself is not tested here (a test cannot assert a machine's speed); what is: the stopping
+rules and statistics of the interleaved rounds (with a scripted timer), the arithmetic floor
+against a hand count, the eager baseline against the reference, and one whole run on a tiny ViT
+writing its records, table and plots.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+
+pytest.importorskip("timm")
+from timm.models.vision_transformer import VisionTransformer  # noqa: E402
+
+from benchmarks import latency  # noqa: E402
+from benchmarks.eager_mira import EagerMiraLinear  # noqa: E402
+from mira_kernels import reference  # noqa: E402
+
+
+def _scripted_timer(fn):
+    # The "variants" below return their own duration: the harness logic runs without a clock.
+    return fn()
+
+
+def test_rounds_recover_a_known_ratio_and_stop_on_width():
+    noise = itertools.cycle([0.97, 1.0, 1.03, 0.99, 1.01])
+    variants = {"base": lambda: 1.0, "slow": lambda: 1.10 * next(noise)}
+    rounds = latency.run_rounds(variants, _scripted_timer, headline=("slow", "base"), budget=60.0, width=8.0,
+                                min_rounds=10, warmup=1, seed=0)
+    r = rounds.ratio("slow", "base")
+    assert rounds.stopped_by == "width" and rounds.n == 10
+    assert r["lo"] <= r["ratio"] <= r["hi"]
+    assert abs(r["ratio"] - 1.10) < 0.02 and 1.05 < r["lo"] and r["hi"] < 1.15
+    assert rounds.median("base")["median_s"] == 1.0
+
+
+def test_rounds_stop_on_budget_when_the_interval_stays_wide():
+    noise = itertools.cycle([0.5, 1.5, 0.7, 1.3])
+    variants = {"base": lambda: 1.0, "noisy": lambda: next(noise)}
+    rounds = latency.run_rounds(variants, _scripted_timer, headline=("noisy", "base"), budget=0.0, width=0.1,
+                                min_rounds=6, warmup=0, seed=0)
+    assert rounds.stopped_by == "budget" and rounds.n == 6
+
+
+def test_extra_time_and_overhead_arithmetic():
+    rounds = latency.Rounds(["op", "base"], {"op": [1.02] * 9, "base": [1.0] * 9}, 1.0, "width")
+    extra = latency._extra(rounds, "op", "base")
+    assert extra["extra_s"] == pytest.approx(0.02) and extra["extra_lo_s"] == pytest.approx(0.02)
+    block = {"op": extra, "op_vs_stock": extra, "query": {"median_s": 0.001, "lo_s": 0.001, "hi_s": 0.001}}
+    # 12 blocks x 21 ms over a 10 s backbone = 2.52%.
+    assert latency.overhead_percent(block, 12, 10.0)["decomposed"]["percent"] == pytest.approx(2.52)
+
+
+def test_floor_of_the_published_configuration():
+    # ViT-B/16 at 224 px: 197 tokens, width 768; hand count of the backbone: 17.56 GMACs per image.
+    per_block = latency.mira_extra_macs(tokens=197, d_in=768, d_s=768, d_k=768, slices=2, rank=4, slots=30)
+    assert per_block == 197 * 2 * 4 * 1536 + 30 * 2 * 4 * 1536 + 2 * 30 * 768 + 768
+    linears = 768 * (3 * 768) + 768 * 768 + 2 * 768 * 3072
+    backbone = 196 * 3 * 256 * 768 + 12 * (197 * linears + 2 * 197 * 197 * 768) + 768 * 1000
+    assert 100 * 12 * per_block / backbone == pytest.approx(0.19, abs=0.005)
+
+
+def _tiny_vit() -> nn.Module:
+    torch.manual_seed(0)
+    return VisionTransformer(img_size=16, patch_size=8, embed_dim=16, depth=2, num_heads=2, num_classes=3)
+
+
+def test_backbone_macs_matches_a_hand_count():
+    model = _tiny_vit().eval()
+    t, d = 5, 16  # 4 patches + CLS
+    per_block = t * (d * 3 * d + d * d + 2 * d * 4 * d) + 2 * t * t * d
+    expected = 4 * (3 * 8 * 8) * d + 2 * per_block + d * 3
+    assert latency.backbone_macs(model) == expected
+
+
+@pytest.mark.parametrize("slots", [1, 5])
+def test_eager_baseline_equals_the_reference(slots):
+    g = torch.Generator().manual_seed(slots)
+    d, r = 8, 2
+    base = nn.Linear(d, 3 * d).double()
+    keys = torch.randn(slots, d, generator=g, dtype=torch.float64)
+    bank_a = torch.randn(slots, 2, r, d, generator=g, dtype=torch.float64)
+    bank_b = torch.randn(slots, 2, d, r, generator=g, dtype=torch.float64)
+    x = torch.randn(3, 5, d, generator=g, dtype=torch.float64)
+    eager = EagerMiraLinear(base, keys, bank_a, bank_b, [0, 2 * d], scale=0.5)
+    with torch.no_grad():
+        want = reference.mira_linear(x, base.weight, base.bias, x[:, 0], keys, bank_a, bank_b,
+                                     slice_offsets=[0, 2 * d], scale=0.5)
+        torch.testing.assert_close(eager(x), want)
+
+
+def test_a_whole_run_writes_its_record_table_and_plots(tmp_path):
+    cfg = latency.BenchConfig(model="tiny", batch_sizes=(2,), slots=3, e2e_budget={2: 0.05}, e2e_min_rounds=3,
+                              op_budget=0.05, sweep_slots=(2,), sweep_batch=2, results_dir=str(tmp_path))
+    record = latency.run(cfg, model=_tiny_vit())
+    table = latency.format_table(record)
+    paths = latency.write_record(record, tmp_path, table)
+
+    assert record["checks"]["fused_vs_reference"] <= record["checks"]["tolerance"]
+    res = record["results"][0]
+    assert set(res["end_to_end"]["variants"]) >= {"backbone", "fused", "reference", "eager"}
+    assert res["end_to_end"]["rounds"] >= 3
+    for key in ("decomposed", "module", "eager"):
+        d = res["overhead"][key]
+        assert d["lo"] <= d["percent"] <= d["hi"]
+    assert "batch 2: decomposed" in table and "arithmetic floor" in table
+    assert json.loads(paths["jsonl"].read_text().splitlines()[-1])["config"]["slots"] == 3
+    rows = list(csv.DictReader(paths["csv"].open()))
+    assert {"e2e:fused", "decomposed:decomposed", "floor", "sweep:decomposed"} <= {row["measure"] for row in rows}
+
+    from benchmarks import plots
+
+    written = plots.write_plots(tmp_path)
+    assert {p.name for p in written} == {"latency_overhead_vs_batch.png", "latency_overhead_vs_slots.png"}
+    assert all(p.stat().st_size > 0 for p in written)
