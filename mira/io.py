@@ -16,6 +16,7 @@ import json
 import math
 import os
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -151,7 +152,7 @@ _FORWARD_CHANGING = ("use_dora", "use_qalora", "use_bdlora", "lora_bias", "alora
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<factor>[AB])(?:\.(?P<adapter>[^.]+))?\.(?P<param>weight|bias)$")
 
 
-def _read_peft(source, adapter_name: str) -> tuple[dict[str, torch.Tensor], dict]:
+def _read_peft(source) -> tuple[dict[str, torch.Tensor], dict]:
     """(state dict, config dict) from a PEFT adapter directory or a (state_dict, config) pair."""
     if isinstance(source, (str, os.PathLike)):
         root = os.fspath(source)
@@ -181,9 +182,11 @@ def _read_peft(source, adapter_name: str) -> tuple[dict[str, torch.Tensor], dict
 
 def _lora_modules(state: Mapping[str, torch.Tensor], adapter_name: str, prefix: str) -> dict[str, dict]:
     modules: dict[str, dict] = {}
+    others = []
     for key, value in state.items():
         match = _LORA_KEY.match(key)
         if match is None:
+            others.append(key)
             continue
         adapter = match["adapter"]
         if adapter is not None and adapter != adapter_name:
@@ -194,6 +197,13 @@ def _lora_modules(state: Mapping[str, torch.Tensor], adapter_name: str, prefix: 
         if module.startswith(prefix):
             module = module[len(prefix):]
         modules.setdefault(module, {})[match["factor"]] = value
+    if others:
+        # e.g. modules_to_save (a trained head): part of the PEFT model, not of an adapter value.
+        warnings.warn(
+            f"import_peft: the PEFT source also holds {len(others)} tensors that are not LoRA factors "
+            f"({others[:3]}...), e.g. modules_to_save; they are not imported, load them into the model yourself",
+            stacklevel=3,
+        )
     for module, factors in modules.items():
         if set(factors) != {"A", "B"}:
             raise ValueError(f"PEFT module {module} has lora_{''.join(factors)} but not both lora_A and lora_B")
@@ -247,7 +257,7 @@ def import_peft(
     Returns:
         The slot index of the imported adapter in each memory (block order).
     """
-    state, config = _read_peft(source, adapter_name)
+    state, config = _read_peft(source)
     peft_type = str(config.get("peft_type", "LORA")).upper().split(".")[-1]
     if peft_type != "LORA":
         raise ValueError(f"only LoRA adapters can be imported, got peft_type={config.get('peft_type')!r}")

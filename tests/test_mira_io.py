@@ -150,6 +150,10 @@ def test_peft_import_refuses_k_rows_and_foreign_modules(tmp_path):
         mira.import_peft(mira.attach(tiny_vit()), (state, wide.peft_config["default"]))
     with pytest.raises(ValueError, match="DoRA|use_dora"):
         mira.import_peft(mira.attach(tiny_vit()), (state, {"r": 4, "lora_alpha": 8, "use_dora": True}))
+    qkv_only = {k: v for k, v in state.items() if ".qkv." in k}
+    with pytest.warns(UserWarning, match="not LoRA factors"):
+        mira.import_peft(mira.attach(tiny_vit()), ({**qkv_only, "base_model.model.head.weight": torch.zeros(5, 192)},
+                                                   wide.peft_config["default"]))
     with pytest.raises(ValueError, match="exceeds the memory's rank 2"):
         mira.import_peft(mira.attach(tiny_vit(), rank=2), (state, wide.peft_config["default"]),
                          ignore_unmatched=True)
