@@ -61,7 +61,8 @@ class MiraProjection(nn.Module):
     Args:
         base_layer: the frozen ``nn.Linear`` (d_in -> d_out); its parameters are frozen here.
         memory: the block's :class:`AdapterMemory` (owned by the block, referenced here, so a
-            state dict holds it once).
+            state dict holds it once). ``.to()`` / ``.half()`` on the projection alone does not
+            reach the memory: convert the module that owns both (as ``model.to`` does after attach).
         slice_offsets: S output offsets of the adapted slices (width ``memory.config.slice_width``).
         slice_names: optional names of the slices (``("q", "v")``), for display and PEFT import.
         stage: initial stage, one of ``adaptation``, ``consolidation``, ``inference``.

@@ -208,6 +208,17 @@ def test_memory_errors_are_clear():
         make_layer()(torch.randn(2, 3, 3, D))
 
 
+class _Block(nn.Module):
+    """Owns the memory as a timm block does, so functional_call can substitute its tensors."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.proj, self.memory = layer, layer.memory
+
+    def forward(self, x):
+        return self.proj(x)
+
+
 @pytest.mark.parametrize(
     "device,backend",
     [
@@ -221,7 +232,8 @@ def test_fused_backend_equals_reference_backend(device, backend):
         pytest.skip("needs a CUDA device")
     if backend not in mira_kernels.available_backends(device):
         pytest.skip(f"backend {backend!r} is not available for {device} tensors on this machine")
-    layer = make_layer(query="mlp", d_k=8).to(device)
+    layer = make_layer(query="mlp", d_k=8)
+    _Block(layer).to(device)  # the projection only references its memory; the owner moves both
     layer.memory.append(*random_adapters(3)[:2])
     x = tokens().to(device).requires_grad_(True)
     results = []
@@ -235,17 +247,6 @@ def test_fused_backend_equals_reference_backend(device, backend):
         results.append((y.detach(), x.grad, layer.memory.keys.grad, layer.memory.query_module.fc1.weight.grad))
     for ref, fused in zip(*results):
         torch.testing.assert_close(fused, ref, rtol=1e-4, atol=1e-4)
-
-
-class _Block(nn.Module):
-    """Owns the memory as a timm block does, so functional_call can substitute its tensors."""
-
-    def __init__(self, layer):
-        super().__init__()
-        self.proj, self.memory = layer, layer.memory
-
-    def forward(self, x):
-        return self.proj(x)
 
 
 def test_layer_gradcheck_float64_through_query_mask_and_per_feature_norm():
