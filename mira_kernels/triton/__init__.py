@@ -27,6 +27,10 @@ MIN_CAPABILITY = (8, 0)
 
 _warned_large_n = False
 
+# The fused GEMM walks x and W with block pointers (far fewer registers than pointer tensors);
+# Triton 3.8 marks them deprecated in favour of TMA descriptors, which need host-side set-up.
+warnings.filterwarnings("ignore", message="tl.make_block_ptr is deprecated", category=UserWarning)
+
 
 def unavailable_reason() -> str | None:
     """None when the kernels can run on the current CUDA device, else why not."""

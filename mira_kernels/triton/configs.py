@@ -70,11 +70,17 @@ def padded(n: int) -> int:
     return max(MIN_DOT, next_pow2(n))
 
 
-def gemm_config(m: int, n_out: int, k: int, dtype: torch.dtype) -> GemmConfig:
-    """Config of the fused GEMM for an (m, k) @ (k, n_out) product of x's dtype."""
+def gemm_config(m: int, n_out: int, k: int, dtype: torch.dtype, precision: str = "tf32") -> GemmConfig:
+    """Config of the fused GEMM for an (m, k) @ (k, n_out) product of x's dtype.
+
+    ``precision`` is the fp32 dot precision: "ieee" runs on the FMA units (no tensor cores), whose
+    operand layouts need smaller tiles to stay clear of spills.
+    """
     if dtype == torch.float64:
         return GemmConfig(32, 32, 16, 8, 4, 2)
     if dtype == torch.float32:
+        if precision == "ieee":
+            return GemmConfig(64, 64, 16, 8, 4, 2)
         if m <= 2048:
             return GemmConfig(64, 64, 32, 8, 4, 3)
         return GemmConfig(128, 128, 32, 8, 8, 3)
@@ -85,19 +91,35 @@ def gemm_config(m: int, n_out: int, k: int, dtype: torch.dtype) -> GemmConfig:
     return GemmConfig(128, 128, 64, 8, 8, 3)
 
 
-def row_config(k: int, dtype: torch.dtype) -> RowConfig:
-    """Config of the row kernels reducing over a width k (d_in, d_s or T)."""
-    if dtype == torch.float64:
+def adapter_config(dtype: torch.dtype, precision: str = "tf32") -> GemmConfig:
+    """Config of the in-place expand (memory bound: one read-modify-write of the slices)."""
+    if dtype == torch.float64 or precision == "ieee":
+        return GemmConfig(32, 64, 0, 0, 4, 2)
+    return GemmConfig(64, 64, 0, 0, 4, 2)
+
+
+def row_config(j_pad: int, dtype: torch.dtype, precision: str = "tf32") -> RowConfig:
+    """Config of the row kernels with a (block_m, j_pad) accumulator (shrink, per-sample reductions)."""
+    if precision == "ieee" and j_pad >= 128:  # FMA dot operands held per thread: smallest tile
+        return RowConfig(16, 32, 4)
+    if dtype == torch.float64 or precision == "ieee" or j_pad >= 64:
         return RowConfig(32, 32, 4)
     return RowConfig(64, 64, 4)
+
+
+def factor_config(j_pad: int, dtype: torch.dtype, precision: str = "tf32") -> RowConfig:
+    """Config of the per-sample reductions over T: block_m = columns per program, block_k = T step."""
+    if j_pad >= 128 or dtype == torch.float64 or (precision == "ieee" and j_pad >= 64):
+        return RowConfig(16, 32, 4)
+    return row_config(j_pad, dtype, precision)
 
 
 def memory_config(n_slots: int, dtype: torch.dtype) -> MemoryConfig:
     n_pad = padded(n_slots)
     per_elem = 8 if dtype == torch.float64 else 4
-    # Keep the (n_pad, chunk) bank / key tile at 32 KiB: chunk = 32 KiB / (n_pad * bytes).
-    chunk = max(MIN_DOT, min(128, (32 * 1024) // (n_pad * per_elem)))
-    return MemoryConfig(block_b=16, block_k=chunk, block_f=chunk, n_pad=n_pad, num_warps=4)
+    # Keep an (n_pad, chunk) bank or key tile at 16 KiB: chunk = 16 KiB / (n_pad * bytes).
+    chunk = max(MIN_DOT, min(64, (16 * 1024) // (n_pad * per_elem)))
+    return MemoryConfig(block_b=16, block_k=chunk, block_f=chunk, n_pad=n_pad, num_warps=8 if n_pad >= 256 else 4)
 
 
 def split_for(programs: int, chunks: int, sms: int) -> int:

@@ -193,7 +193,7 @@ def _mira_shrink_fwd_kernel(
         k_ok = ks < K
         a = tl.load(in_ptr + rows[:, None] * stride_im + (off + ks)[None, :],
                     mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(ct)
-        for b in range(b_first, b_last + 1):
+        for b in tl.range(b_first, b_last + 1, num_stages=1):
             f = tl.load(f_ptr + b * stride_fb + pid_s * stride_fs + ks[:, None] * stride_fk + js[None, :] * stride_fj,
                         mask=k_ok[:, None] & j_ok[None, :], other=0.0).to(ct)
             part = tl.dot(a, f, input_precision=LORA_PRECISION)
@@ -208,8 +208,8 @@ def _mira_linear_fwd_kernel(
     x_ptr, w_ptr, bias_ptr, h_ptr, e_ptr, out_ptr,
     M, NOUT, K, T, J, SLICE_W, scale,
     stride_xm, stride_wk, stride_wn, stride_eb, stride_es, stride_ej, stride_en, stride_om,
-    S: tl.constexpr, OFFS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, J_PAD: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    S: tl.constexpr, OFFS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
+    J_CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     BASE_PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """out = x @ W + bias + scale * sum_s [n in slice s] h[:, s] @ E[b(m), s], rounded once.
@@ -237,41 +237,43 @@ def _mira_linear_fwd_kernel(
     cols = col0 + tl.arange(0, BLOCK_N)
     row_ok = rows < M
     col_ok = cols < NOUT
-    ks = tl.arange(0, BLOCK_K)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc_ty)
-    x_ptrs = x_ptr + rows[:, None] * stride_xm + ks[None, :]
-    w_ptrs = w_ptr + ks[:, None] * stride_wk + cols[None, :] * stride_wn
-    for k0 in range(0, K, BLOCK_K):
-        k_ok = (k0 + ks) < K
-        a = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+    # Block pointers: bounds are checked per block, not with (BLOCK, BLOCK) pointer and mask
+    # tensors, which cost about 100 registers per thread at 128 x 128 x 64.
+    x_blk = tl.make_block_ptr(x_ptr, (M, K), (stride_xm, 1), (row0, 0), (BLOCK_M, BLOCK_K), (1, 0))
+    w_blk = tl.make_block_ptr(w_ptr, (K, NOUT), (stride_wk, stride_wn), (0, col0), (BLOCK_K, BLOCK_N), (0, 1))
+    for _ in range(0, tl.cdiv(K, BLOCK_K)):
+        a = tl.load(x_blk, boundary_check=(0, 1), padding_option="zero")
+        w = tl.load(w_blk, boundary_check=(0, 1), padding_option="zero")
         if UPCAST:
             a = a.to(tl.float32)
             w = w.to(tl.float32)
         acc = tl.dot(a, w, acc, input_precision=BASE_PRECISION)
-        x_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K * stride_wk
+        x_blk = tl.advance(x_blk, (0, BLOCK_K))
+        w_blk = tl.advance(w_blk, (BLOCK_K, 0))
 
     if HAS_LORA:
+        # K of the expand is r: walk it in chunks of 16 so the h / E tiles stay small at r = 64
+        # (whole-r tiles spill next to a 128 x 128 accumulator); rows of other samples load as 0.
         row_sample = rows // T
         b_first = row0 // T
         b_last = (tl.minimum(row0 + BLOCK_M, M) - 1) // T
-        js = tl.arange(0, J_PAD)
-        j_ok = js < J
         for s in tl.static_range(S):
             off = OFFS[s]
             if (col0 < off + SLICE_W) & (col0 + BLOCK_N > off):
                 e_cols = cols - off
                 e_ok = col_ok & (e_cols >= 0) & (e_cols < SLICE_W)
-                h = tl.load(h_ptr + rows[:, None] * (S * J) + (s * J + js)[None, :],
-                            mask=row_ok[:, None] & j_ok[None, :], other=0.0)
-                for b in range(b_first, b_last + 1):
-                    e = tl.load(e_ptr + b * stride_eb + s * stride_es + js[:, None] * stride_ej
-                                + e_cols[None, :] * stride_en, mask=j_ok[:, None] & e_ok[None, :], other=0.0)
-                    e = (e * scale).to(acc_ty)
-                    hb = tl.where((row_sample == b)[:, None], h, 0.0).to(acc_ty)
-                    acc = tl.dot(hb, e, acc, input_precision=LORA_PRECISION)
+                for b in tl.range(b_first, b_last + 1, num_stages=1):
+                    h_rows = row_ok & (row_sample == b)
+                    for j0 in tl.range(0, J, J_CHUNK, num_stages=1):
+                        js = j0 + tl.arange(0, J_CHUNK)
+                        j_ok = js < J
+                        h = tl.load(h_ptr + rows[:, None] * (S * J) + (s * J + js)[None, :],
+                                    mask=h_rows[:, None] & j_ok[None, :], other=0.0).to(acc_ty)
+                        e = tl.load(e_ptr + b * stride_eb + s * stride_es + js[:, None] * stride_ej
+                                    + e_cols[None, :] * stride_en, mask=j_ok[:, None] & e_ok[None, :], other=0.0)
+                        acc = tl.dot(h, (e * scale).to(acc_ty), acc, input_precision=LORA_PRECISION)
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(acc_ty)[None, :]
@@ -284,7 +286,7 @@ def _mira_adapter_fwd_kernel(
     out_ptr, h_ptr, e_ptr,
     M, T, J, SLICE_W, scale,
     stride_om, stride_eb, stride_es, stride_ej, stride_en,
-    S: tl.constexpr, OFFS: tl.constexpr, J_PAD: tl.constexpr,
+    S: tl.constexpr, OFFS: tl.constexpr, J_CHUNK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LORA_PRECISION: tl.constexpr,
 ):
     """In place: out[m, OFFS[s] + n] += scale * h[m, s] @ E[b(m), s, :, n], for n < SLICE_W.
@@ -308,17 +310,17 @@ def _mira_adapter_fwd_kernel(
     b_last = (tl.minimum(row0 + BLOCK_M, M) - 1) // T
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < SLICE_W
-    js = tl.arange(0, J_PAD)
-    j_ok = js < J
-
-    h = tl.load(h_ptr + rows[:, None] * (S * J) + (pid_s * J + js)[None, :],
-                mask=row_ok[:, None] & j_ok[None, :], other=0.0)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ct)
-    for b in range(b_first, b_last + 1):
-        e = tl.load(e_ptr + b * stride_eb + pid_s * stride_es + js[:, None] * stride_ej + cols[None, :] * stride_en,
-                    mask=j_ok[:, None] & col_ok[None, :], other=0.0)
-        hb = tl.where((row_sample == b)[:, None], h, 0.0)
-        acc = tl.dot(hb, e, acc, input_precision=LORA_PRECISION)
+    for b in tl.range(b_first, b_last + 1, num_stages=1):
+        h_rows = row_ok & (row_sample == b)
+        for j0 in tl.range(0, J, J_CHUNK, num_stages=1):
+            js = j0 + tl.arange(0, J_CHUNK)
+            j_ok = js < J
+            h = tl.load(h_ptr + rows[:, None] * (S * J) + (pid_s * J + js)[None, :],
+                        mask=h_rows[:, None] & j_ok[None, :], other=0.0)
+            e = tl.load(e_ptr + b * stride_eb + pid_s * stride_es + js[:, None] * stride_ej
+                        + cols[None, :] * stride_en, mask=j_ok[:, None] & col_ok[None, :], other=0.0)
+            acc = tl.dot(h, e, acc, input_precision=LORA_PRECISION)
     o_ptrs = out_ptr + rows[:, None] * stride_om + (off + cols)[None, :]
     o_mask = row_ok[:, None] & col_ok[None, :]
     o = tl.load(o_ptrs, mask=o_mask, other=0.0).to(ct)

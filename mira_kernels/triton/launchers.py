@@ -161,7 +161,7 @@ def _plan_shrink(name, inp, in_offsets, k, f, f_strides, j, sh: _Shapes, lora_pr
     """out (M, len(in_offsets) * j) = per-row in[:, off_s : off_s + k] @ F[b, s]^T (see the kernel)."""
     num_slices = len(in_offsets)
     out = torch.empty(sh.M, num_slices * j, dtype=sh.ct, device=inp.device)
-    cfg = configs.row_config(k, sh.ct)
+    cfg = configs.row_config(configs.padded(j), sh.ct, lora_precision)
     launches.append(Launch(
         name, kernels._mira_shrink_fwd_kernel, (triton_cdiv(sh.M, cfg.block_m), num_slices),
         dict(in_ptr=inp, f_ptr=f, out_ptr=out, M=sh.M, T=sh.T, K=k, J=j, stride_im=inp.stride(0),
@@ -178,8 +178,8 @@ def _plan_gemm(name, a, w, w_strides, bias, h, e, e_strides, out, sh: _Shapes, j
     """out (M, n_out) = a (M, k) @ W + bias + scale * fused expand of h with E (see the kernel)."""
     m, k = a.shape
     n_out = out.shape[1]
-    cfg = configs.gemm_config(m, n_out, k, x_dtype)
     base_precision, lora_precision = _precisions(x_dtype)
+    cfg = configs.gemm_config(m, n_out, k, x_dtype, base_precision)
     grid = (triton_cdiv(m, cfg.block_m) * triton_cdiv(n_out, cfg.block_n),)
     launches.append(Launch(
         name, kernels._mira_linear_fwd_kernel, grid,
@@ -189,7 +189,7 @@ def _plan_gemm(name, a, w, w_strides, bias, h, e, e_strides, out, sh: _Shapes, j
              stride_eb=e_strides[0], stride_es=e_strides[1], stride_ej=e_strides[2], stride_en=e_strides[3],
              stride_om=out.stride(0)),
         dict(S=len(offsets), OFFS=tuple(offsets), HAS_BIAS=bias is not None, HAS_LORA=bool(has_lora),
-             J_PAD=configs.padded(j), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+             J_CHUNK=configs.MIN_DOT, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
              GROUP_M=cfg.group_m, BASE_PRECISION=base_precision, LORA_PRECISION=lora_precision,
              UPCAST=bool(interpreting() and x_dtype == torch.bfloat16)),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -257,7 +257,7 @@ def plan_adapter_(out, x, query, keys, bank_a, bank_b, slice_offsets, separation
     h = _plan_shrink("shrink_fwd", x2, (0,), sh.d_in, mixed.a,
                      (mixed.a.stride(0), 0, mixed.a.stride(2), mixed.a.stride(3)), sh.S * sh.r, sh, lora_precision,
                      launches)
-    cfg = configs.gemm_config(sh.M, sh.d_s, sh.S * sh.r, x.dtype)
+    cfg = configs.adapter_config(x.dtype, lora_precision)
     e_strides = _mixed_b_as_expand(mixed, sh)
     stride_om = target.stride(1)
     launches.append(Launch(
@@ -266,9 +266,10 @@ def plan_adapter_(out, x, query, keys, bank_a, bank_b, slice_offsets, separation
         dict(out_ptr=target, h_ptr=h, e_ptr=mixed.b, M=sh.M, T=sh.T, J=sh.r, SLICE_W=sh.d_s, scale=float(scale),
              stride_om=stride_om, stride_eb=e_strides[0], stride_es=e_strides[1], stride_ej=e_strides[2],
              stride_en=e_strides[3]),
-        dict(S=sh.S, OFFS=tuple(slice_offsets), J_PAD=configs.padded(sh.r), BLOCK_M=cfg.block_m,
+        dict(S=sh.S, OFFS=tuple(slice_offsets), J_CHUNK=configs.MIN_DOT,
+             BLOCK_M=cfg.block_m,
              BLOCK_N=cfg.block_n, LORA_PRECISION=lora_precision),
-        num_warps=4, num_stages=2,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     ))
     return target, launches
 
@@ -331,9 +332,9 @@ def plan_linear_backward(grad_out, x, weight, query, keys, bank_a, bank_b, slice
         _plan_gemm("linear_bwd_dx", g2, weight, (weight.stride(0), weight.stride(1)), None, dh, e, e_strides,
                    dx.view(sh.M, sh.d_in), sh, sh.r, (0,) * sh.S, sh.d_in, scale, has_lora, x.dtype, launches)
 
-    row_cfg = configs.row_config(sh.T, sh.ct)
     dmixed_a = dmixed_b = None
     if need_db:
+        row_cfg = configs.factor_config(configs.padded(sh.r), sh.ct, lora_precision)
         dmixed_b = torch.empty(sh.B, sh.S, sh.d_s, sh.r, dtype=sh.ct, **dev)
         so = dmixed_b.stride()
         launches.append(Launch(
@@ -347,6 +348,7 @@ def plan_linear_backward(grad_out, x, weight, query, keys, bank_a, bank_b, slice
             num_warps=row_cfg.num_warps, num_stages=2,
         ))
     if need_da:
+        row_cfg = configs.factor_config(configs.padded(sh.S * sh.r), sh.ct, lora_precision)
         dmixed_a = torch.empty(sh.B, sh.S, sh.r, sh.d_in, dtype=sh.ct, **dev)
         # One slice of S*r columns: out[b, 0, f, j'] = dA[b, s, r, f] with j' = s*r + r.
         launches.append(Launch(

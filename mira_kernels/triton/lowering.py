@@ -1,0 +1,282 @@
+"""Ahead-of-time lowering of the MIRA Triton kernels for NVIDIA targets, without a GPU.
+
+The launch plans of :mod:`.launchers` are built with ``meta`` tensors of the benchmark shapes
+(ViT-B/16 qkv with adapters on Q and V), so exactly the kernels, constexprs, warps and stages a
+GPU run would use are compiled with ``triton.compile(ASTSource(...), target=GPUTarget("cuda",
+arch, 32))``. Each cubin's registers, stack/local memory (spills) and static shared memory are
+read with the ``cuobjdump`` shipped in the Triton wheel; dynamic shared memory comes from the
+compiled metadata; the PTX is searched for the matrix instructions (``mma.sync`` / ``wgmma``).
+
+Run ``python -m mira_kernels.triton.lowering`` to print the table (``--quick`` for the subset
+the tests compile). Do not set ``TRITON_INTERPRET`` in this process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import launchers
+
+#: Dynamic shared memory one block may use (opt-in maximum), bytes.
+SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+
+_DTYPE_NAMES = {
+    torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64",
+    torch.int32: "i32", torch.int64: "i64",
+}
+
+#: ViT-B/16 qkv projection with adapters on Q and V.
+VIT_B = dict(T=197, d=768, d_out=2304, offsets=(0, 1536), d_k=768)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One benchmark configuration of the op."""
+
+    op: str  # "linear", "linear_backward", "adapter_"
+    dtype: torch.dtype
+    batch: int
+    rank: int
+    slots: int
+    separation: str = "affine"
+    #: fp32 dot precision: "tf32" (tensor cores, torch.backends.cuda.matmul.allow_tf32) or "ieee".
+    fp32_precision: str = "tf32"
+
+    @property
+    def label(self) -> str:
+        dtype = _DTYPE_NAMES[self.dtype]
+        if self.dtype == torch.float32:
+            dtype += f"/{self.fp32_precision}"
+        return f"{self.op} {dtype} B={self.batch} r={self.rank} N={self.slots}"
+
+
+@dataclass
+class Lowered:
+    kernel: str
+    arch: int
+    case: str
+    constexprs: str
+    num_warps: int
+    num_stages: int
+    registers: int
+    stack: int
+    local: int
+    static_shared: int
+    dynamic_shared: int
+    mma: bool
+    wgmma: bool
+    mma_kinds: tuple[str, ...]
+
+    @property
+    def spills(self) -> bool:
+        return self.stack > 0 or self.local > 0
+
+    @property
+    def shared(self) -> int:
+        return self.static_shared + self.dynamic_shared
+
+
+_OPS = ("linear", "linear_backward", "adapter_")
+
+
+def benchmark_cases() -> list[Case]:
+    """Every benchmark configuration: fp16, bf16, fp32 (TF32 and IEEE), B in {1, 8, 64, 256},
+    (r, N) in {(4, 30), (16, 30), (64, 256)}, the three ops."""
+    cases = []
+    for dtype, precision in ((torch.float16, "tf32"), (torch.bfloat16, "tf32"), (torch.float32, "tf32"),
+                             (torch.float32, "ieee")):
+        for batch in (1, 8, 64, 256):
+            for rank, slots in ((4, 30), (16, 30), (64, 256)):
+                cases.extend(Case(op, dtype, batch, rank, slots, fp32_precision=precision) for op in _OPS)
+    return cases
+
+
+def test_cases() -> list[Case]:
+    """The subset the tests compile (CI time): every kernel for 16-bit, fp32/TF32 and fp32/IEEE,
+    the three M buckets of the GEMM table, the rank and slot extremes (J_PAD 16/64, N_PAD 32/256)."""
+    cases = [Case(op, torch.float16, 256, 4, 30) for op in _OPS]
+    cases += [Case(op, torch.bfloat16, 1, 64, 256) for op in ("linear", "linear_backward")]
+    cases += [Case("linear", torch.bfloat16, 8, 16, 30)]
+    cases += [Case(op, torch.float32, 64, 4, 30) for op in _OPS]
+    cases += [Case(op, torch.float32, 1, 64, 256, fp32_precision="ieee") for op in _OPS]
+    return cases
+
+
+def plan_case(case: Case) -> list[launchers.Launch]:
+    """The launches of one configuration, planned on ``meta`` tensors (nothing is allocated)."""
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = case.fp32_precision == "tf32"
+    try:
+        return _plan_case(case)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def _plan_case(case: Case) -> list[launchers.Launch]:
+    T, d, d_out, offsets, d_k = (VIT_B[k] for k in ("T", "d", "d_out", "offsets", "d_k"))
+    meta = dict(device="meta")
+    mem_dtype = torch.float32 if case.dtype in (torch.float16, torch.bfloat16) else case.dtype
+    x = torch.empty(case.batch, T, d, dtype=case.dtype, **meta)
+    weight = torch.empty(d_out, d, dtype=case.dtype, **meta)
+    bias = torch.empty(d_out, dtype=case.dtype, **meta)
+    query = torch.empty(case.batch, d_k, dtype=mem_dtype, **meta)
+    keys = torch.empty(case.slots, d_k, dtype=mem_dtype, **meta)
+    bank_a = torch.empty(case.slots, len(offsets), case.rank, d, dtype=mem_dtype, **meta)
+    bank_b = torch.empty(case.slots, len(offsets), d, case.rank, dtype=mem_dtype, **meta)
+    common = (query, keys, bank_a, bank_b, list(offsets), case.separation, 1.0, 1e-2)
+    if case.op == "linear":
+        _, plan = launchers.plan_linear(x, weight, bias, *common)
+    elif case.op == "adapter_":
+        out = torch.empty(case.batch, T, d_out, dtype=case.dtype, **meta)
+        _, plan = launchers.plan_adapter_(out, x, *common)
+    else:
+        grad = torch.empty(case.batch, T, d_out, dtype=case.dtype, **meta)
+        _, plan = launchers.plan_linear_backward(grad, x, weight, *common, [True] * 5)
+    return plan
+
+
+def _signature(launch: launchers.Launch):
+    fn = launch.kernel
+    names = fn.arg_names
+    signature, attrs = {}, {}
+    for i, name in enumerate(names):
+        if name in launch.constexprs:
+            signature[name] = "constexpr"
+            continue
+        value = launch.args[name]
+        if isinstance(value, torch.Tensor):
+            signature[name] = "*" + _DTYPE_NAMES[value.dtype]
+            attrs[(i,)] = [["tt.divisibility", 16]]  # torch allocations are 16-byte aligned, as the JIT sees
+        elif isinstance(value, bool):
+            signature[name] = "i1"
+        elif isinstance(value, int):
+            signature[name] = "i32" if -(2**31) <= value < 2**31 else "i64"
+            if value % 16 == 0 and value != 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(value, float):
+            signature[name] = "fp32"
+        else:
+            raise TypeError(f"{launch.name}: cannot type argument {name}={value!r}")
+    return signature, attrs
+
+
+def _cuobjdump() -> str:
+    import triton
+
+    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
+
+
+def _resource_usage(cubin: bytes) -> dict[str, int]:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        text = subprocess.run([_cuobjdump(), "--dump-resource-usage", path], check=True, capture_output=True,
+                              text=True).stdout
+    found = dict(re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", text))
+    if "REG" not in found:
+        raise RuntimeError(f"cuobjdump printed no resource usage:\n{text}")
+    return {k: int(v) for k, v in found.items()}
+
+
+_cache: dict = {}
+
+
+def compile_launch(launch: launchers.Launch, arch: int, case: str = "") -> Lowered:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature, attrs = _signature(launch)
+    key = (launch.kernel.fn.__name__, arch, tuple(sorted(signature.items())), tuple(sorted(attrs)),
+           tuple(sorted((k, repr(v)) for k, v in launch.constexprs.items())), launch.num_warps, launch.num_stages)
+    if key in _cache:
+        return _cache[key]
+    src = ASTSource(fn=launch.kernel, signature=signature, constexprs=dict(launch.constexprs), attrs=attrs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                              options=dict(num_warps=launch.num_warps, num_stages=launch.num_stages))
+    ptx = compiled.asm["ptx"]
+    usage = _resource_usage(compiled.asm["cubin"])
+    kinds = tuple(sorted(set(re.findall(r"\b((?:mma\.sync|wgmma\.mma_async\.sync)\.aligned\.[\w.]+)", ptx))))
+    shown = {k: v for k, v in launch.constexprs.items() if k.startswith(("BLOCK", "N_PAD", "J_PAD", "S", "NUM"))}
+    result = Lowered(
+        kernel=launch.kernel.fn.__name__, arch=arch, case=case,
+        constexprs=" ".join(f"{k}={v}" for k, v in shown.items()),
+        num_warps=launch.num_warps, num_stages=launch.num_stages,
+        registers=usage["REG"], stack=usage.get("STACK", 0), local=usage.get("LOCAL", 0),
+        static_shared=usage.get("SHARED", 0), dynamic_shared=int(compiled.metadata.shared),
+        mma="mma.sync" in ptx, wgmma="wgmma.mma_async" in ptx, mma_kinds=kinds,
+    )
+    _cache[key] = result
+    return result
+
+
+def lower_cases(cases, archs=(80, 90)) -> list[Lowered]:
+    """Compile every distinct launch of ``cases`` for every arch (duplicates compiled once)."""
+    results, seen = [], set()
+    for case in cases:
+        for launch in plan_case(case):
+            for arch in archs:
+                lowered = compile_launch(launch, arch, case.label)
+                if id(lowered) not in seen:  # compile_launch returns the cached object for a repeat
+                    seen.add(id(lowered))
+                    results.append(lowered)
+    return results
+
+
+def format_table(results: list[Lowered]) -> str:
+    header = (f"{'kernel':<26} {'sm':>3} {'first case':<40} {'tiles':<52} {'w/s':>5} {'regs':>4} {'spill':>5} "
+              f"{'smem B':>7}  matrix instr")
+    lines = [header, "-" * len(header)]
+    for r in sorted(results, key=lambda r: (r.kernel, r.arch, r.case)):
+        instr = ",".join(r.mma_kinds)
+        lines.append(
+            f"{r.kernel:<26} {r.arch:>3} {r.case:<40} {r.constexprs:<52} {r.num_warps}/{r.num_stages:<3} "
+            f"{r.registers:>4} {r.stack + r.local:>5} {r.shared:>7}  {_short(instr)}"
+        )
+    return "\n".join(lines)
+
+
+def _short(instr: str) -> str:
+    """mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 -> mma m16n8k16 f16 (operand type)."""
+    if not instr:
+        return "-"
+    out = []
+    for kind in instr.split(","):
+        parts = kind.split(".")
+        shape = next((p for p in parts if re.fullmatch(r"m\d+n\d+k\d+", p)), "?")
+        types = parts[parts.index(shape) + 1:]
+        operand = next((t for t in types if t in ("f16", "bf16", "tf32", "f64")), "?")
+        out.append(f"{'wgmma' if parts[0] == 'wgmma' else 'mma'} {shape} {operand}")
+    return "; ".join(sorted(set(out)))
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="only the subset the tests compile")
+    parser.add_argument("--arch", type=int, action="append", help="80 and/or 90 (default both)")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise SystemExit("unset TRITON_INTERPRET: lowering needs the compiled kernels")
+    import triton
+
+    archs = tuple(args.arch or (80, 90))
+    results = lower_cases(test_cases() if args.quick else benchmark_cases(), archs)
+    print(f"# MIRA Triton kernels lowered ahead of time (triton {triton.__version__}, no GPU): one row per distinct")
+    print("# compiled kernel; 'first case' is the first configuration that launches it. spill = STACK + LOCAL")
+    print("# bytes, smem = static + dynamic shared memory (bytes), regs per thread, w/s = warps/stages.")
+    print(format_table(results))
+    bad = [r for r in results if r.spills or r.shared > SMEM_LIMIT[r.arch]]
+    print(f"# {len(results)} kernels; {len(bad)} with spills or shared memory over the target's limit")
+
+
+if __name__ == "__main__":
+    main()
