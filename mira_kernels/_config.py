@@ -4,6 +4,10 @@
                        call; read at call time in eager and at trace time under ``torch.compile``.
 ``MIRA_CHECK_FINITE``  ``1`` makes every op call check its inputs for inf/NaN (a data scan, so
                        opt-in, for debugging; it synchronises with the device).
+``MIRA_CPU_ISA``       instruction-set variant of the C++ CPU kernel: ``auto`` (default: the best the
+                       CPU supports), ``baseline``, ``avx2`` or ``avx512``; read by the kernel itself
+                       (csrc/cpu/mira_linear_cpu.cpp, ``active_table``) at every call, so tests can
+                       switch it; ``torch.ops.mira._cpu_isa_info()`` returns [active, supported...].
 
 Build-time switches (``MIRA_BUILD_CUDA``, ``TORCH_CUDA_ARCH_LIST``) are read by ``setup.py``.
 """

@@ -1,0 +1,214 @@
+"""Paired, interleaved timing with robust statistics: the measurement core of every benchmark here.
+
+Why pairs: on a shared 2-core machine absolute times drift by tens of percent within a minute,
+but two variants timed back to back see nearly the same machine. Each *round* times every
+variant once, in a freshly shuffled order (so no variant always runs first, right after another
+one's cache footprint); the statistic is the **median over rounds of the per-round ratio**
+``time(num) / time(den)`` with a percentile-bootstrap 95% interval. Medians, not means: the
+per-pair ratios are heavy-tailed (another process grabs a core for a few ms).
+
+Typical use::
+
+    from benchmarks import _pairs
+
+    result = _pairs.time_interleaved(
+        {"linear": lambda: lin(x), "mira": lambda: mira(x)},
+        watch=[("mira", "linear")],   # ratios whose interval decides when to stop
+        target_width=0.006,           # stop once every watched 95% interval is narrower than +-0.3%
+        budget_s=30.0,                # ... or after 30 s of rounds, whichever comes first
+    )
+    r = result.ratio("mira", "linear")   # {"ratio", "lo", "hi", "pairs", ...}
+    t = result.median("mira")            # median time in seconds with its interval
+
+Stopping rule: at least ``min_rounds`` rounds; then, every ``check_every`` rounds, stop when every
+watched ratio's interval is narrower than ``target_width`` (absolute width ``hi - lo`` of the
+ratio), or when ``budget_s`` seconds of rounds are spent, or after ``max_rounds``. The result
+says which rule stopped it. Warm-up calls (``warmup`` per variant) are not recorded.
+
+A ``timer`` can replace the default wall clock: any ``timer(fn) -> seconds`` that calls ``fn`` once
+(e.g. one that synchronises a CUDA device, or a scripted one in tests).
+
+:func:`machine_info` records what the numbers were measured on (CPU model, cores, threads,
+torch/MKL versions, load average); put it next to every result.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import random
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+__all__ = ["PairResult", "median_ci", "ratio_stats", "time_interleaved", "wall_timer", "machine_info"]
+
+
+def median_ci(
+    values: Sequence[float], *, confidence: float = 0.95, n_boot: int = 2000, seed: int = 0
+) -> tuple[float, float, float]:
+    """Median of ``values`` and its percentile-bootstrap interval: ``(median, lo, hi)``.
+
+    Deterministic for a given ``seed``. With fewer than two values the interval is degenerate.
+    """
+    v = np.asarray(values, dtype=float)
+    if v.size == 0:
+        raise ValueError("median_ci needs at least one value")
+    med = float(np.median(v))
+    if v.size < 2:
+        return med, med, med
+    rng = np.random.default_rng(seed)
+    meds = np.median(v[rng.integers(0, v.size, size=(n_boot, v.size))], axis=1)
+    alpha = (1.0 - confidence) / 2.0
+    return med, float(np.quantile(meds, alpha)), float(np.quantile(meds, 1.0 - alpha))
+
+
+def ratio_stats(num: Sequence[float], den: Sequence[float], **kwargs) -> dict:
+    """Median per-pair ratio ``num[i] / den[i]`` with its bootstrap interval, as a record."""
+    if len(num) != len(den):
+        raise ValueError(f"pairs need equal lengths, got {len(num)} and {len(den)}")
+    ratios = [a / b for a, b in zip(num, den)]
+    med, lo, hi = median_ci(ratios, **kwargs)
+    return {"ratio": med, "lo": lo, "hi": hi, "pairs": len(ratios), "width": hi - lo}
+
+
+def wall_timer(fn: Callable[[], object]) -> float:
+    """Seconds of one call of ``fn`` by the monotonic wall clock (CPU work is synchronous)."""
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+@dataclass
+class PairResult:
+    """Times (seconds) of every variant, one entry per round; rounds interleave the variants."""
+
+    names: list[str]
+    times: dict[str, list[float]]
+    seconds: float
+    stopped_by: str  # "target_width" | "budget" | "max_rounds"
+    watch: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def rounds(self) -> int:
+        return len(self.times[self.names[0]]) if self.names else 0
+
+    def ratio(self, num: str, den: str) -> dict:
+        """Median per-round ratio num/den with its bootstrap 95% interval."""
+        return ratio_stats(self.times[num], self.times[den])
+
+    def median(self, name: str) -> dict:
+        """Median time of one variant (seconds) with its bootstrap 95% interval."""
+        med, lo, hi = median_ci(self.times[name])
+        return {"seconds": med, "lo": lo, "hi": hi, "rounds": self.rounds}
+
+    def summary(self) -> dict:
+        return {
+            "rounds": self.rounds,
+            "seconds": self.seconds,
+            "stopped_by": self.stopped_by,
+            "medians_s": {n: float(np.median(self.times[n])) for n in self.names},
+            "ratios": {f"{a}/{b}": self.ratio(a, b) for a, b in self.watch},
+        }
+
+
+def time_interleaved(
+    fns: Mapping[str, Callable[[], object]],
+    *,
+    watch: Sequence[tuple[str, str]] = (),
+    target_width: float | None = 0.006,
+    budget_s: float = 30.0,
+    min_rounds: int = 30,
+    max_rounds: int = 5000,
+    check_every: int = 20,
+    warmup: int = 3,
+    timer: Callable[[Callable[[], object]], float] = wall_timer,
+    seed: int = 0,
+) -> PairResult:
+    """Times every callable once per round, in a shuffled order, until a stopping rule fires.
+
+    Args:
+        fns: name -> zero-argument callable (the work to time, already set up).
+        watch: (num, den) name pairs whose ratio intervals decide when to stop; default: every
+            variant against the first one.
+        target_width: stop when every watched ratio's 95% interval (hi - lo) is at most this;
+            None disables the rule (then the budget or max_rounds stops it).
+        budget_s: wall-clock seconds of rounds after which it stops (warm-up excluded).
+        min_rounds, max_rounds, check_every: bounds on the rounds, and how often to test the rule.
+        warmup: untimed calls of every variant before the first round.
+        timer: ``timer(fn) -> seconds`` for one call.
+        seed: seed of the per-round shuffles (the result is reproducible up to timing noise).
+
+    Returns:
+        A :class:`PairResult` with the per-round times of every variant.
+    """
+    names = list(fns)
+    if not names:
+        raise ValueError("time_interleaved needs at least one callable")
+    watch = list(watch) or [(n, names[0]) for n in names[1:]]
+    for a, b in watch:
+        if a not in fns or b not in fns:
+            raise ValueError(f"watched pair ({a!r}, {b!r}) names a variant that is not timed")
+    for _ in range(warmup):
+        for name in names:
+            fns[name]()
+    times: dict[str, list[float]] = {n: [] for n in names}
+    rng = random.Random(seed)
+    order = list(names)
+    start = time.perf_counter()
+    stopped_by = "max_rounds"
+    for rnd in range(1, max_rounds + 1):
+        rng.shuffle(order)
+        for name in order:
+            times[name].append(timer(fns[name]))
+        if rnd < min_rounds:
+            continue
+        if time.perf_counter() - start >= budget_s:
+            stopped_by = "budget"
+            break
+        if target_width is not None and watch and rnd % check_every == 0:
+            if all(ratio_stats(times[a], times[b])["width"] <= target_width for a, b in watch):
+                stopped_by = "target_width"
+                break
+    return PairResult(names, times, time.perf_counter() - start, stopped_by, watch)
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info() -> dict:
+    """What the numbers were measured on: CPU, cores, threads, library versions, load."""
+    info = {
+        "cpu": _cpu_model(),
+        "logical_cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "mkl": torch.backends.mkl.is_available(),
+        "cuda_available": torch.cuda.is_available(),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    try:
+        info["load_average_1m"] = os.getloadavg()[0]
+    except OSError:
+        pass
+    try:  # which instruction-set variant the MIRA CPU kernel runs, when it is built
+        import mira_kernels  # noqa: F401  (loads the extension)
+
+        info["mira_cpu_isa"] = list(torch.ops.mira._cpu_isa_info())
+    except (ImportError, AttributeError, RuntimeError):
+        pass
+    return info
