@@ -14,11 +14,12 @@ the tests compile). Do not set ``TRITON_INTERPRET`` in this process.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import subprocess
 import tempfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -74,6 +75,19 @@ class Lowered:
     mma: bool
     wgmma: bool
     mma_kinds: tuple[str, ...]
+    #: What the kernel is meant to run its dots on: "wgmma" (the projection GEMM on sm_90),
+    #: "mma.sync" (the GEMM on sm_80), "tensor cores" (mma.sync or wgmma), or "fma" (no requirement).
+    intended: str = "fma"
+
+    @property
+    def meets_intent(self) -> bool:
+        if self.intended == "wgmma":
+            return self.wgmma
+        if self.intended == "mma.sync":
+            return self.mma
+        if self.intended == "tensor cores":
+            return self.mma or self.wgmma
+        return True
 
     @property
     def spills(self) -> bool:
@@ -190,6 +204,19 @@ def _resource_usage(cubin: bytes) -> dict[str, int]:
 _cache: dict = {}
 
 
+def _intended(launch: launchers.Launch, signature: dict, arch: int) -> str:
+    """Which matrix instructions a launch is meant to lower to (see :attr:`Lowered.intended`)."""
+    c = launch.constexprs
+    if launch.name.startswith("linear"):
+        tensor_core = signature["x_ptr"] in ("*fp16", "*bf16") or c["BASE_PRECISION"] == "tf32"
+        if not tensor_core:
+            return "fma"
+        return "wgmma" if arch >= 90 else "mma.sync"
+    if c.get("LORA_PRECISION") == "tf32":
+        return "tensor cores"
+    return "fma"  # IEEE fp32 dots, and the keys gradient (ieee by design, O(B N d_k)): FMA units
+
+
 def compile_launch(launch: launchers.Launch, arch: int, case: str = "") -> Lowered:
     import triton
     from triton.backends.compiler import GPUTarget
@@ -206,6 +233,7 @@ def compile_launch(launch: launchers.Launch, arch: int, case: str = "") -> Lower
     ptx = compiled.asm["ptx"]
     usage = _resource_usage(compiled.asm["cubin"])
     kinds = tuple(sorted(set(re.findall(r"\b((?:mma\.sync|wgmma\.mma_async\.sync)\.aligned\.[\w.]+)", ptx))))
+    intended = _intended(launch, signature, arch)
     shown = {k: v for k, v in launch.constexprs.items() if k.startswith(("BLOCK", "N_PAD", "J_PAD", "S", "NUM"))}
     result = Lowered(
         kernel=launch.kernel.fn.__name__, arch=arch, case=case,
@@ -213,7 +241,7 @@ def compile_launch(launch: launchers.Launch, arch: int, case: str = "") -> Lower
         num_warps=launch.num_warps, num_stages=launch.num_stages,
         registers=usage["REG"], stack=usage.get("STACK", 0), local=usage.get("LOCAL", 0),
         static_shared=usage.get("SHARED", 0), dynamic_shared=int(compiled.metadata.shared),
-        mma="mma.sync" in ptx, wgmma="wgmma.mma_async" in ptx, mma_kinds=kinds,
+        mma="mma.sync" in ptx, wgmma="wgmma.mma_async" in ptx, mma_kinds=kinds, intended=intended,
     )
     _cache[key] = result
     return result
@@ -234,13 +262,13 @@ def lower_cases(cases, archs=(80, 90)) -> list[Lowered]:
 
 def format_table(results: list[Lowered]) -> str:
     header = (f"{'kernel':<26} {'sm':>3} {'first case':<40} {'tiles':<52} {'w/s':>5} {'regs':>4} {'spill':>5} "
-              f"{'smem B':>7}  matrix instr")
+              f"{'smem B':>7}  {'intended':<12} matrix instr found")
     lines = [header, "-" * len(header)]
     for r in sorted(results, key=lambda r: (r.kernel, r.arch, r.case)):
         instr = ",".join(r.mma_kinds)
         lines.append(
             f"{r.kernel:<26} {r.arch:>3} {r.case:<40} {r.constexprs:<52} {r.num_warps}/{r.num_stages:<3} "
-            f"{r.registers:>4} {r.stack + r.local:>5} {r.shared:>7}  {_short(instr)}"
+            f"{r.registers:>4} {r.stack + r.local:>5} {r.shared:>7}  {r.intended:<12} {_short(instr)}"
         )
     return "\n".join(lines)
 
@@ -263,6 +291,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="only the subset the tests compile")
     parser.add_argument("--arch", type=int, action="append", help="80 and/or 90 (default both)")
+    parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise SystemExit("unset TRITON_INTERPRET: lowering needs the compiled kernels")
@@ -274,8 +303,13 @@ def main(argv=None) -> None:
     print("# compiled kernel; 'first case' is the first configuration that launches it. spill = STACK + LOCAL")
     print("# bytes, smem = static + dynamic shared memory (bytes), regs per thread, w/s = warps/stages.")
     print(format_table(results))
-    bad = [r for r in results if r.spills or r.shared > SMEM_LIMIT[r.arch]]
-    print(f"# {len(results)} kernels; {len(bad)} with spills or shared memory over the target's limit")
+    bad = [r for r in results if r.spills or r.shared > SMEM_LIMIT[r.arch] or not r.meets_intent]
+    print(f"# {len(results)} kernels; {len(bad)} with spills, shared memory over the target's limit, or without "
+          "the intended matrix instructions")
+    if args.json:
+        rows = [dict(asdict(r), spills=r.spills, shared=r.shared, meets_intent=r.meets_intent,
+                     smem_limit=SMEM_LIMIT[r.arch]) for r in results]
+        Path(args.json).write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":

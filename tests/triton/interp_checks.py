@@ -1,0 +1,258 @@
+"""Numerics of every MIRA Triton kernel under the Triton interpreter, against the float64 spec.
+
+Not collected by the main test run: ``TRITON_INTERPRET`` is read when kernels are decorated, so
+``tests/triton/test_triton_interpreter.py`` runs this file in a separate pytest process with
+``TRITON_INTERPRET=1``. By hand: ``TRITON_INTERPRET=1 python -m pytest -q tests/triton/interp_checks.py``.
+
+The backend entry points (:mod:`mira_kernels.triton`, what the router calls for CUDA tensors)
+run here on CPU tensors. Criterion (docs/kernels.md section 5): max-abs error against the
+float64 reference <= 2x (forward) / 3x (gradients) plain PyTorch's own error at the same dtype,
+plus a small floor. bf16: the interpreter's bf16 ``tl.dot`` is wrong, so the launcher upcasts
+the base GEMM's operands to fp32 under the interpreter (``UPCAST``); the compiled GPU kernel
+keeps bf16 operands, and only the GPU tests check that path's numerics.
+
+Shapes are tiny (T <= 70, d <= 48, N <= 8) because the interpreter runs one program at a time.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+import torch
+
+from mira_kernels import reference
+from tests.mira_inputs import assert_close_to_spec, make_inputs, max_err
+
+if os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("run with TRITON_INTERPRET=1 (tests/triton/test_triton_interpreter.py does)", allow_module_level=True)
+
+import mira_kernels.triton as tri  # noqa: E402  (after the interpreter check: kernels decorate on import)
+from mira_kernels.triton import launchers  # noqa: E402
+
+HALF = (torch.float16, torch.bfloat16)
+# Absolute floors (relative to the output's magnitude) under the 2x / 3x PyTorch-error bound.
+FLOOR = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+SMALL = dict(B=3, T=7, d_in=24, d_out=72, N=5, S=2, r=3)
+
+
+def _at(inp, dtype):
+    return inp.to(dtype, memory_dtype=torch.float32 if dtype in HALF else dtype)
+
+
+def _forward(inp, separation, scale=0.7, eps=1e-2):
+    return tri.mira_linear(*inp.linear_args(), inp.slice_offsets, separation, scale, eps)
+
+
+def _spec_forward(inp, separation, scale=0.7, eps=1e-2):
+    return reference.mira_linear(*inp.linear_args(), slice_offsets=inp.slice_offsets, separation=separation,
+                                 scale=scale, eps=eps)
+
+
+def _backward(fn, grad, inp, separation, scale=0.7, eps=1e-2, mask=(True,) * 5):
+    args = (grad, inp.x, inp.weight, inp.query, inp.keys, inp.bank_a, inp.bank_b)
+    if fn is reference.mira_linear_backward:
+        return fn(*args, slice_offsets=inp.slice_offsets, separation=separation, scale=scale, eps=eps,
+                  output_mask=list(mask))
+    return fn(*args, inp.slice_offsets, separation, scale, eps, list(mask))
+
+
+def check_forward(inp64, dtype, separation, scale=0.7, eps=1e-2):
+    inp = _at(inp64, dtype)
+    got = _forward(inp, separation, scale, eps)
+    assert got.dtype == dtype and got.shape == (inp.x.shape[0], inp.x.shape[1], inp.weight.shape[0])
+    want = _spec_forward(inp64, separation, scale, eps)
+    own = _spec_forward(inp, separation, scale, eps)
+    assert torch.isfinite(got).all()
+    assert_close_to_spec(got, want, own, factor=2.0, floor=FLOOR[dtype], what=f"y {dtype} {separation}")
+    return got
+
+
+def check_backward(inp64, dtype, separation, scale=0.7, eps=1e-2, mask=(True,) * 5, seed=1):
+    inp = _at(inp64, dtype)
+    g = torch.Generator().manual_seed(seed)
+    grad64 = torch.randn(inp64.x.shape[0], inp64.x.shape[1], inp64.weight.shape[0], generator=g, dtype=torch.float64)
+    got = _backward(tri.mira_linear_backward, grad64.to(dtype), inp, separation, scale, eps, mask)
+    want = _backward(reference.mira_linear_backward, grad64, inp64, separation, scale, eps, mask)
+    own = _backward(reference.mira_linear_backward, grad64.to(dtype), inp, separation, scale, eps, mask)
+    names = ("dx", "dquery", "dkeys", "dbank_a", "dbank_b")
+    like = (inp.x, inp.query, inp.keys, inp.bank_a, inp.bank_b)
+    for name, need, a, w, o, t in zip(names, mask, got, want, own, like):
+        if not need:
+            assert a is None, f"{name} was not asked for"
+            continue
+        assert a.shape == t.shape and a.dtype == t.dtype, f"{name}: {a.shape} {a.dtype} vs {t.shape} {t.dtype}"
+        assert torch.isfinite(a).all(), name
+        assert_close_to_spec(a, w, o, factor=3.0, floor=FLOOR[dtype], what=f"{name} {dtype} {separation}")
+    return got
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("separation", reference.SEPARATIONS)
+def test_fp32_every_separation(separation):
+    inp = make_inputs(**SMALL, seed=3)
+    check_forward(inp, torch.float32, separation)
+    check_backward(inp, torch.float32, separation)
+
+
+@pytest.mark.parametrize(
+    "dtype, separation",
+    [(torch.float16, "affine"), (torch.float16, "softmax"), (torch.bfloat16, "affine"), (torch.bfloat16, "tanh"),
+     (torch.float64, "affine"), (torch.float64, "sigmoid")],
+)
+def test_other_dtypes(dtype, separation):
+    inp = make_inputs(**SMALL, seed=4)
+    check_forward(inp, dtype, separation)
+    check_backward(inp, dtype, separation)
+
+
+@pytest.mark.parametrize("regime", ["one_slot", "uniform", "negative", "near_zero"])
+def test_weight_regimes(regime):
+    inp = make_inputs(**SMALL, regime=regime, seed=5)
+    if regime == "negative":
+        w = reference.retrieval_weights(inp.query, inp.keys)
+        assert (w < 0).any(), "the regime must produce negative affine weights"
+    if regime == "near_zero":
+        total = reference.cosine_scores(inp.query, inp.keys).sum(-1)
+        assert (total.abs() < 1e-2).all(), "the regime must put sum(s) inside the affine guard"
+    for separation in ("affine", "softmax"):
+        check_forward(inp, torch.float32, separation)
+        check_backward(inp, torch.float32, separation)
+
+
+def test_near_zero_affine_sum_exactly_zero_and_around_eps():
+    # Keys k and -k cancel exactly (sum 0: the clamp's sign(0) = + branch); eps just above / below |sum|.
+    inp = make_inputs(**{**SMALL, "N": 4}, seed=6)
+    inp.keys[2:] = -inp.keys[:2]
+    total = reference.cosine_scores(inp.query, inp.keys).sum(-1)
+    assert total.abs().max() < 1e-12
+    for eps in (1e-2, 1e-6):
+        check_forward(inp, torch.float32, "affine", eps=eps)
+        check_backward(inp, torch.float32, "affine", eps=eps)
+
+
+@pytest.mark.parametrize("separation", ["affine", "softmax", "relu"])
+def test_single_slot(separation):
+    # N = 1: affine keeps the raw cosine (no division by the sum).
+    inp = make_inputs(**{**SMALL, "N": 1}, seed=7)
+    check_forward(inp, torch.float32, separation)
+    check_backward(inp, torch.float32, separation)
+
+
+def test_no_slots():
+    inp = make_inputs(**{**SMALL, "N": 0}, seed=8)
+    y = check_forward(inp, torch.float32, "affine")
+    base = torch.nn.functional.linear(inp.x.float(), inp.weight.float(), inp.bias.float())
+    assert max_err(y, base) < 1e-5
+    dx, dq, dk, da, db = check_backward(inp, torch.float32, "softmax")
+    assert dq.abs().max() == 0 and dk.numel() == 0 and da.numel() == 0 and db.numel() == 0
+    out = torch.randn(3, 7, 72)
+    before = out.clone()
+    tri.mira_adapter_(out, *_at(inp, torch.float32).adapter_args(), inp.slice_offsets, "affine", 1.0, 1e-2)
+    assert torch.equal(out, before)
+
+
+@pytest.mark.parametrize("B, T", [(0, 7), (3, 0)])
+def test_empty_batch_or_tokens(B, T):
+    inp = make_inputs(**{**SMALL, "B": B, "T": T}, seed=9)
+    y = check_forward(inp, torch.float32, "affine")
+    assert y.shape == (B, T, 72)
+    dx, dq, dk, da, db = check_backward(inp, torch.float32, "affine")
+    assert dx.shape == (B, T, 24) and float(dq.abs().sum()) == 0 and float(da.abs().sum()) == 0
+
+
+@pytest.mark.parametrize("T", [1, 3, 70])
+def test_tiles_across_sample_boundaries(T):
+    # 64-row tiles: T=3 puts many samples in a tile, T=70 splits samples across tiles.
+    inp = make_inputs(**{**SMALL, "B": 2, "T": T, "N": 3}, seed=10)
+    check_forward(inp, torch.float32, "affine")
+    check_backward(inp, torch.float32, "affine")
+
+
+def test_odd_widths_and_ranks():
+    # d_in, d_s, r and N that are not multiples of anything; three slices at odd offsets, no bias.
+    inp = make_inputs(B=2, T=5, d_in=19, d_out=50, N=7, S=3, r=5, d_s=13, offsets=[1, 20, 35], bias=False, seed=11)
+    check_forward(inp, torch.float32, "softmax", scale=-1.3)
+    check_backward(inp, torch.float32, "softmax", scale=-1.3)
+
+
+def test_rank_above_one_chunk():
+    # r = 20: the expand walks K = r in two chunks of 16; the shrink pads r to 32.
+    inp = make_inputs(B=2, T=6, d_in=32, d_out=64, N=3, S=2, r=20, seed=12)
+    check_forward(inp, torch.float32, "affine")
+    check_backward(inp, torch.float32, "affine")
+
+
+def test_non_contiguous_inputs():
+    inp = make_inputs(**SMALL, seed=13)
+    inp.x = inp.x.transpose(0, 1).contiguous().transpose(0, 1)  # (B, T, d) view with B stride 1 row
+    inp.weight = inp.weight.t().contiguous().t()  # column-major weight: the kernel reads it strided
+    inp.query = torch.cat([inp.query, inp.query], dim=1)[:, ::2]
+    assert not (inp.x.is_contiguous() or inp.weight.is_contiguous() or inp.query.is_contiguous())
+    check_forward(inp, torch.float32, "affine")
+    check_backward(inp, torch.float32, "affine")
+
+
+@pytest.mark.parametrize("mask", [(True, False, False, False, False), (False, True, True, False, False),
+                                  (False, False, False, True, True), (False, False, True, False, True)])
+def test_output_mask(mask):
+    inp = make_inputs(**SMALL, seed=14)
+    check_backward(inp, torch.float32, "softmax", mask=mask)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_adapter_in_place(dtype, contiguous):
+    inp64 = make_inputs(**SMALL, seed=15)
+    inp = _at(inp64, dtype)
+    g = torch.Generator().manual_seed(2)
+    out64 = torch.randn(3, 72, 7, generator=g, dtype=torch.float64).transpose(1, 2)
+    if contiguous:
+        out64 = out64.contiguous()
+    out = out64.to(dtype)
+    own = out.clone()
+    reference.mira_adapter_(own, *inp.adapter_args(), slice_offsets=inp.slice_offsets, separation="affine", scale=0.7)
+    want = out64.clone()
+    reference.mira_adapter_(want, *inp64.adapter_args(), slice_offsets=inp.slice_offsets, separation="affine",
+                            scale=0.7)
+    target = out
+    tri.mira_adapter_(target, *inp.adapter_args(), inp.slice_offsets, "affine", 0.7, 1e-2)
+    assert target.data_ptr() == out.data_ptr()
+    assert_close_to_spec(out, want, own, factor=2.0, floor=FLOOR[dtype], what="adapter_")
+    outside = torch.ones(72, dtype=torch.bool)
+    for off in inp.slice_offsets:
+        outside[off : off + 24] = False
+    assert torch.equal(out[..., outside], out64.to(dtype)[..., outside]), "columns outside the slices changed"
+
+
+def test_deterministic_bitwise():
+    inp = _at(make_inputs(**{**SMALL, "T": 70, "B": 2}, seed=16), torch.float32)
+    grad = torch.randn(2, 70, 72)
+    y1, y2 = _forward(inp, "affine"), _forward(inp, "affine")
+    assert torch.equal(y1, y2)
+    g1 = _backward(tri.mira_linear_backward, grad, inp, "affine")
+    g2 = _backward(tri.mira_linear_backward, grad, inp, "affine")
+    assert all(torch.equal(a, b) for a, b in zip(g1, g2))
+
+
+def test_launch_plan_shapes_only():
+    # The plan's grids depend on shapes only: the same plan for two inputs of one shape.
+    a = _at(make_inputs(**SMALL, seed=17), torch.float16)
+    b = _at(make_inputs(**SMALL, seed=18), torch.float16)
+    grids_a = [(la.name, la.grid) for la in launchers.plan_linear(*a.linear_args(), a.slice_offsets, "affine", 1.0,
+                                                                  1e-2)[1]]
+    grids_b = [(la.name, la.grid) for la in launchers.plan_linear(*b.linear_args(), b.slice_offsets, "affine", 1.0,
+                                                                  1e-2)[1]]
+    assert grids_a == grids_b and [n for n, _ in grids_a] == ["mix_fwd", "shrink_fwd", "linear_fwd"]
+
+
+def test_many_slots_fall_back_to_reference():
+    inp = _at(make_inputs(B=2, T=3, d_in=8, d_out=24, N=600, S=2, r=2, seed=19), torch.float32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        y = _forward(inp, "softmax")
+    assert any("exceeds" in str(w.message) for w in caught)
+    assert torch.equal(y, _spec_forward(inp, "softmax"))
