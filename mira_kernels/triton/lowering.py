@@ -207,6 +207,8 @@ _cache: dict = {}
 def _intended(launch: launchers.Launch, signature: dict, arch: int) -> str:
     """Which matrix instructions a launch is meant to lower to (see :attr:`Lowered.intended`)."""
     c = launch.constexprs
+    if "*fp64" in signature.values():
+        return "mma.sync"  # DMMA (m8n8k4 f64) on both targets
     if launch.name.startswith("linear"):
         tensor_core = signature["x_ptr"] in ("*fp16", "*bf16") or c["BASE_PRECISION"] == "tf32"
         if not tensor_core:

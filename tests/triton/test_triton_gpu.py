@@ -1,0 +1,233 @@
+"""The Triton backend on a GPU: ViT-B sizes against the spec, determinism, CUDA graphs, torch.compile.
+
+Skipped without a CUDA device; written to run unchanged on one (``pytest -m gpu tests/triton``).
+All calls go through the public ops with ``use_backend("triton")``, so routing, autograd and
+the fake kernels are exercised as a user would.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mira_kernels as mk
+from mira_kernels import reference
+from mira_kernels.reference import SEPARATIONS
+from tests.mira_inputs import assert_close_to_spec, make_inputs
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+    pytest.mark.skipif(
+        torch.cuda.is_available() and "triton" not in mk.available_backends("cuda"),
+        reason="the triton backend cannot run here",
+    ),
+]
+
+# ViT-B/16 qkv projection with adapters on Q and V: d = 768, d_out = 2304, slices at 0 and 1536.
+VIT_B = dict(B=2, T=197, d_in=768, d_out=2304, N=30, S=2, r=4, d_s=768, offsets=[0, 1536])
+GRAD_NAMES = ("x", "query", "keys", "bank_a", "bank_b")
+HALF = (torch.float16, torch.bfloat16)
+
+
+def _cuda(inp, dtype):
+    out = inp.to(dtype, memory_dtype=torch.float32 if dtype in HALF else dtype)
+    for name in ("x", "weight", "bias", "query", "keys", "bank_a", "bank_b"):
+        t = getattr(out, name)
+        if t is not None:
+            setattr(out, name, t.cuda())
+    return out
+
+
+def _kw(inp, separation="affine", scale=1.0):
+    return dict(slice_offsets=inp.slice_offsets, separation=separation, scale=scale)
+
+
+def _forward_backward(inp, separation, grad_out, backend="triton"):
+    leaves = [getattr(inp, n).detach().clone().requires_grad_(True) for n in GRAD_NAMES]
+    x, q, k, a, b = leaves
+    with mk.use_backend(backend):
+        y = mk.mira_linear(x, inp.weight, inp.bias, q, k, a, b, **_kw(inp, separation))
+        y.backward(grad_out)
+    return y.detach(), [t.grad for t in leaves]
+
+
+def _check_against_spec(inp, separation, grad_out, what):
+    y, grads = _forward_backward(inp, separation, grad_out)
+    exact = _cuda(inp, torch.float64)  # the same (rounded) values, in float64
+    want = reference.mira_linear(*exact.linear_args(), **_kw(exact, separation))
+    same = reference.mira_linear(*inp.linear_args(), **_kw(inp, separation))
+    assert_close_to_spec(y, want, same, factor=2.0, what=f"forward {what}")
+    args = (inp.x, inp.weight, inp.query, inp.keys, inp.bank_a, inp.bank_b)
+    args64 = (exact.x, exact.weight, exact.query, exact.keys, exact.bank_a, exact.bank_b)
+    want_g = reference.mira_linear_backward(grad_out.double(), *args64, **_kw(inp, separation))
+    same_g = reference.mira_linear_backward(grad_out, *args, **_kw(inp, separation))
+    for name, got, w, s in zip(GRAD_NAMES, grads, want_g, same_g):
+        assert got.dtype == getattr(inp, name).dtype
+        assert_close_to_spec(got, w, s, factor=3.0, what=f"d{name} {what}")
+
+
+def test_backend_is_available():
+    import mira_kernels.triton as tri
+
+    assert tri.unavailable_reason() is None
+    assert "triton" in mk.available_backends("cuda")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("separation", ["affine", "softmax", "tanh"])
+def test_vit_b_matches_reference(dtype, separation):
+    # fp32 with TF32 off (PyTorch's default): the kernels use IEEE fp32 dots, like cuBLAS here.
+    assert not torch.backends.cuda.matmul.allow_tf32
+    inp = _cuda(make_inputs(**VIT_B, dtype=torch.float64), dtype)
+    grad_out = torch.randn(VIT_B["B"], VIT_B["T"], VIT_B["d_out"], device="cuda", dtype=dtype)
+    _check_against_spec(inp, separation, grad_out, f"{dtype} {separation}")
+
+
+@pytest.mark.parametrize("batch", [1, 64])
+def test_vit_b_batch_sizes_fp16(batch):
+    inp = _cuda(make_inputs(**{**VIT_B, "B": batch}, regime="negative", dtype=torch.float64), torch.float16)
+    grad_out = torch.randn(batch, VIT_B["T"], VIT_B["d_out"], device="cuda", dtype=torch.float16)
+    _check_against_spec(inp, "affine", grad_out, f"fp16 B={batch}")
+
+
+def test_fp32_with_tf32_enabled():
+    # TF32-aware bound: operands rounded to 10 mantissa bits, K = 768 products per output.
+    inp = _cuda(make_inputs(**VIT_B, dtype=torch.float64), torch.float32)
+    exact = _cuda(inp, torch.float64)
+    want = reference.mira_linear(*exact.linear_args(), **_kw(exact))
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        with torch.no_grad(), mk.use_backend("triton"):
+            y = mk.mira_linear(*inp.linear_args(), **_kw(inp))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+    rel = (y.double() - want).abs().max().item() / want.abs().max().item()
+    assert rel < 5e-3, f"TF32 relative error {rel:.2e}"
+
+
+@pytest.mark.parametrize("separation", SEPARATIONS)
+@pytest.mark.parametrize(
+    "shape",
+    [
+        dict(B=3, T=17, d_in=123, d_out=300, N=7, S=3, r=5, d_s=100, offsets=[200, 0, 100]),
+        dict(B=2, T=5, d_in=12, d_out=36, N=0, S=2, r=3),
+        dict(B=2, T=5, d_in=12, d_out=36, N=1, S=2, r=3),
+        dict(B=4, T=70, d_in=64, d_out=192, N=256, S=2, r=64, d_s=64, offsets=[0, 128]),
+    ],
+)
+def test_odd_shapes_float64(shape, separation):
+    inp = _cuda(make_inputs(**shape, dtype=torch.float64), torch.float64)
+    grad_out = torch.randn(inp.x.shape[0], inp.x.shape[1], inp.weight.shape[0], device="cuda", dtype=torch.float64)
+    y, grads = _forward_backward(inp, separation, grad_out)
+    want = reference.mira_linear(*inp.linear_args(), **_kw(inp, separation))
+    torch.testing.assert_close(y, want, rtol=1e-9, atol=1e-9)
+    want_g = reference.mira_linear_backward(
+        grad_out, inp.x, inp.weight, inp.query, inp.keys, inp.bank_a, inp.bank_b, **_kw(inp, separation)
+    )
+    for name, got, w in zip(GRAD_NAMES, grads, want_g):
+        torch.testing.assert_close(got, w, rtol=1e-8, atol=1e-8, msg=f"d{name}")
+
+
+def test_near_zero_affine_sum():
+    inp = _cuda(make_inputs(**VIT_B, regime="near_zero", dtype=torch.float64), torch.float32)
+    grad_out = torch.randn(VIT_B["B"], VIT_B["T"], VIT_B["d_out"], device="cuda")
+    _check_against_spec(inp, "affine", grad_out, "near-zero affine sum")
+
+
+def test_empty_batch():
+    inp = _cuda(make_inputs(B=0, T=4, d_in=12, d_out=36, N=3, S=2, r=3, dtype=torch.float32), torch.float32)
+    y, grads = _forward_backward(inp, "affine", torch.randn(0, 4, 36, device="cuda"))
+    assert y.shape == (0, 4, 36)
+    assert all(g is not None and torch.count_nonzero(g) == 0 for g in grads[1:])
+
+
+def test_adapter_in_place_on_strided_out():
+    inp = _cuda(make_inputs(**VIT_B, dtype=torch.float64), torch.float16)
+    base = torch.nn.functional.linear(inp.x, inp.weight, inp.bias)
+    storage = torch.zeros(VIT_B["T"], VIT_B["B"], 2 * VIT_B["d_out"], device="cuda", dtype=torch.float16)
+    out = storage.permute(1, 0, 2)[..., ::2]
+    out.copy_(base)
+    with torch.no_grad(), mk.use_backend("triton"):
+        mk.mira_adapter_(out, *inp.adapter_args(), **_kw(inp))
+    exact = _cuda(inp, torch.float64)
+    want = reference.mira_linear(*exact.linear_args(), **_kw(exact))
+    same = reference.mira_linear(*inp.linear_args(), **_kw(inp))
+    # The base was rounded to fp16 before the add: allow that rounding on top of the house bound.
+    assert_close_to_spec(out, want, same, factor=3.0, floor=1e-3, what="adapter_")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_two_runs_bitwise_equal(dtype):
+    inp = _cuda(make_inputs(**{**VIT_B, "B": 8}, dtype=torch.float64), dtype)
+    grad_out = torch.randn(8, VIT_B["T"], VIT_B["d_out"], device="cuda", dtype=dtype)
+    y1, g1 = _forward_backward(inp, "softmax", grad_out)
+    y2, g2 = _forward_backward(inp, "softmax", grad_out)
+    assert torch.equal(y1, y2)
+    for name, a, b in zip(GRAD_NAMES, g1, g2):
+        assert torch.equal(a, b), f"d{name} differs between runs (no atomics anywhere: it must not)"
+
+
+def test_cuda_graph_capture_and_replay():
+    inp = _cuda(make_inputs(**VIT_B, dtype=torch.float64), torch.bfloat16)
+    static = [t.clone() for t in inp.linear_args()]
+    kw = _kw(inp, "affine")
+
+    def step():
+        with torch.no_grad(), mk.use_backend("triton"):
+            return mk.mira_linear(*static, **kw)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):  # warm up outside the capture (Triton compile, allocator)
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y_static = step()
+
+    fresh = _cuda(make_inputs(**VIT_B, dtype=torch.float64, seed=7), torch.bfloat16)
+    for dst, src in zip(static, fresh.linear_args()):
+        dst.copy_(src)
+    graph.replay()
+    torch.cuda.synchronize()
+    with torch.no_grad(), mk.use_backend("triton"):
+        eager = mk.mira_linear(*fresh.linear_args(), **kw)
+    assert torch.equal(y_static, eager)
+
+
+class _MiraProjection(torch.nn.Module):
+    """A frozen qkv projection with a MIRA memory, calling the op directly (no mira/ layers)."""
+
+    def __init__(self, inp):
+        super().__init__()
+        self.register_buffer("weight", inp.weight)
+        self.register_buffer("bias", inp.bias)
+        self.keys = torch.nn.Parameter(inp.keys.clone())
+        self.bank_a = torch.nn.Parameter(inp.bank_a.clone(), requires_grad=False)
+        self.bank_b = torch.nn.Parameter(inp.bank_b.clone(), requires_grad=False)
+        self.offsets = list(inp.slice_offsets)
+
+    def forward(self, x):
+        query = x[:, 0, :].float()  # CLS token as the query (identity query module)
+        return mk.mira_linear(x, self.weight, self.bias, query, self.keys, self.bank_a, self.bank_b,
+                              slice_offsets=self.offsets, separation="affine")
+
+
+def test_torch_compile_reduce_overhead():
+    inp = _cuda(make_inputs(**VIT_B, dtype=torch.float64), torch.float16)
+    module = _MiraProjection(inp)
+    compiled = torch.compile(module, mode="reduce-overhead", fullgraph=True)
+    with mk.use_backend("triton"):
+        for seed in range(4):  # the first calls record, later ones replay the CUDA graph
+            x = _cuda(make_inputs(**VIT_B, dtype=torch.float64, seed=seed), torch.float16).x
+            with torch.no_grad():
+                got = compiled(x).clone()
+                want = module(x)
+            assert torch.equal(got, want), f"compiled output differs at call {seed}"
+        x = inp.x.clone().requires_grad_(True)
+        y = compiled(x)
+        y.float().square().mean().backward()
+        assert x.grad is not None and torch.isfinite(x.grad).all() and module.keys.grad is not None
