@@ -45,7 +45,6 @@ import datetime as _dt
 import json
 import math
 import os
-import random
 import subprocess
 import sys
 import time
@@ -58,6 +57,7 @@ import torch.nn as nn
 
 import mira
 import mira_kernels as mk
+from benchmarks import _pairs
 from benchmarks.eager_mira import EagerMiraLinear, attach_eager
 
 __all__ = [
@@ -479,96 +479,29 @@ def check_block_outputs(fused: torch.Tensor, ref32: torch.Tensor, ref64: torch.T
     return {"error": err, "pytorch_error": own}
 
 
-def _median_ci(values):  # provisional until benchmarks/_pairs.py lands
-    import numpy as np
-
-    v = np.asarray(values, dtype=float)
-    rng = np.random.default_rng(0)
-    meds = np.median(v[rng.integers(0, len(v), size=(2000, len(v)))], axis=1)
-    return float(np.median(v)), float(np.quantile(meds, 0.025)), float(np.quantile(meds, 0.975))
-
-
-def _machine_info():  # provisional
-    import platform
-
-    return {"cpu": platform.processor(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "python": platform.python_version()}
-
-
-# ----------------------------------------------------------------------------------------------
-# Interleaved rounds and their statistics.
-# ----------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Rounds:
-    """Times (seconds) of every variant, one entry per round; rounds interleave the variants."""
-
-    names: list[str]
-    times: dict[str, list[float]]
-    seconds: float
-    stopped_by: str
-
-    @property
-    def n(self) -> int:
-        return len(self.times[self.names[0]])
-
-    def ratio(self, num: str, den: str) -> dict:
-        """Median per-round ratio num/den with its bootstrap 95% interval."""
-        ratios = [a / b for a, b in zip(self.times[num], self.times[den])]
-        med, lo, hi = _median_ci(ratios)
-        return {"ratio": med, "lo": lo, "hi": hi, "pairs": len(ratios)}
-
-    def median(self, name: str) -> dict:
-        med, lo, hi = _median_ci(self.times[name])
-        return {"median_s": med, "lo_s": lo, "hi_s": hi, "runs": len(self.times[name])}
-
-
-def run_rounds(
-    variants: dict[str, Callable[[], object]],
+def interleave(
+    fns: dict[str, Callable[[], object]],
     timer: Callable[[Callable[[], object]], float],
     *,
-    headline: tuple[str, str],
+    watch: tuple[str, str],
     budget: float,
     width: float,
     min_rounds: int,
     warmup: int,
     seed: int,
-    max_rounds: int = 100_000,
-) -> Rounds:
-    """Runs every variant once per round, in a fresh random order each round.
+) -> _pairs.PairResult:
+    """Interleaved rounds (``benchmarks._pairs``) until the 95% interval of the ``watch`` ratio is
+    narrower than ``width`` percentage points, or ``budget`` seconds are spent."""
+    return _pairs.time_interleaved(
+        fns, watch=[watch], target_width=width / 100, budget_s=budget, min_rounds=min_rounds,
+        check_every=max(1, min(20, min_rounds)), warmup=warmup, timer=timer, seed=seed,
+    )
 
-    Stops after ``min_rounds`` once the 95% interval of the median ratio ``headline`` is narrower
-    than ``width`` percentage points, or when ``budget`` seconds are spent (warm-up excluded).
-    Random order keeps a variant from always following the same neighbour (caches, frequency).
-    """
-    names = list(variants)
-    rng = random.Random(seed)
-    for _ in range(warmup):
-        for name in names:
-            variants[name]()
-    times: dict[str, list[float]] = {name: [] for name in names}
-    start = time.perf_counter()
-    stopped_by = "max_rounds"
-    checked = 0
-    for n in range(1, max_rounds + 1):
-        order = names[:]
-        rng.shuffle(order)
-        for name in order:
-            times[name].append(timer(variants[name]))
-        if n >= min_rounds:
-            if time.perf_counter() - start >= budget:
-                stopped_by = "budget"
-                break
-            # The bootstrap costs O(n) per check: check after every ~10% growth, not every round.
-            if n - checked < max(1, n // 10):
-                continue
-            checked = n
-            r = Rounds(names, times, 0.0, "").ratio(*headline)
-            if 100 * (r["hi"] - r["lo"]) <= width:
-                stopped_by = "width"
-                break
-    return Rounds(names, times, time.perf_counter() - start, stopped_by)
+
+def median_of(result: _pairs.PairResult, name: str) -> dict:
+    """Median time (seconds) of one variant with its bootstrap 95% interval."""
+    m = result.median(name)
+    return {"median_s": m["seconds"], "lo_s": m["lo"], "hi_s": m["hi"], "runs": m["rounds"]}
 
 
 def time_small(fn: Callable[[], object], timer: Callable, *, budget: float, inner: int = 200) -> dict:
@@ -583,7 +516,7 @@ def time_small(fn: Callable[[], object], timer: Callable, *, budget: float, inne
     start = time.perf_counter()
     while len(samples) < 5 or (time.perf_counter() - start < budget and len(samples) < 2000):
         samples.append(timer(loop) / inner)
-    med, lo, hi = _median_ci(samples)
+    med, lo, hi = _pairs.median_ci(samples)
     return {"median_s": med, "lo_s": lo, "hi_s": hi, "samples": len(samples), "calls_per_sample": inner}
 
 
@@ -592,10 +525,10 @@ def time_small(fn: Callable[[], object], timer: Callable, *, budget: float, inne
 # ----------------------------------------------------------------------------------------------
 
 
-def _extra(pair: Rounds, num: str, den: str) -> dict:
+def _extra(pair: _pairs.PairResult, num: str, den: str) -> dict:
     """Extra time of num over den: (median ratio - 1) x den's median time, with the ratio's interval."""
     r = pair.ratio(num, den)
-    base = pair.median(den)["median_s"]
+    base = median_of(pair, den)["median_s"]
     return {
         **r,
         "base_median_s": base,
@@ -670,20 +603,20 @@ def decompose_block(
 
         out: dict = {"checks": checks, "slots": int(keys.shape[0]), "rank": int(bank_a.shape[2])}
         warm = 3
-        pair = run_rounds({"fused": fused, "same_gemm": same_gemm, "stock": stock}, timer,
-                          headline=("fused", "same_gemm"), budget=cfg.op_budget, width=cfg.op_width,
+        pair = interleave({"fused": fused, "same_gemm": same_gemm, "stock": stock}, timer,
+                          watch=("fused", "same_gemm"), budget=cfg.op_budget, width=cfg.op_width,
                           min_rounds=20, warmup=warm, seed=seed)
         out["op"] = _extra(pair, "fused", "same_gemm")
         out["op_vs_stock"] = _extra(pair, "fused", "stock")
         out["same_gemm_vs_stock"] = pair.ratio("same_gemm", "stock")
         out["query"] = time_small(lambda: make_query(x), timer, budget=min(2.0, cfg.op_budget / 4))
         if module is not None:
-            pair = run_rounds({"module": lambda: module(x), "stock": stock}, timer, headline=("module", "stock"),
+            pair = interleave({"module": lambda: module(x), "stock": stock}, timer, watch=("module", "stock"),
                               budget=0.75 * cfg.op_budget, width=cfg.op_width, min_rounds=20, warmup=warm,
                               seed=seed + 1)
             out["module"] = _extra(pair, "module", "stock")
         if eager is not None:
-            pair = run_rounds({"eager": lambda: eager(x), "stock": stock}, timer, headline=("eager", "stock"),
+            pair = interleave({"eager": lambda: eager(x), "stock": stock}, timer, watch=("eager", "stock"),
                               budget=0.4 * cfg.op_budget, width=4 * cfg.op_width, min_rounds=20, warmup=warm,
                               seed=seed + 2)
             out["eager"] = _extra(pair, "eager", "stock")
@@ -768,12 +701,12 @@ def end_to_end(variants: Variants, batch: int, cfg: BenchConfig, timer: Callable
     fns = _callables(variants, x, cfg, compiled)
     head = headline_pair(variants)
     with torch.inference_mode():
-        rounds = run_rounds(fns, timer, headline=head, budget=_budget_for(cfg, batch), width=cfg.e2e_width,
+        rounds = interleave(fns, timer, watch=head, budget=_budget_for(cfg, batch), width=cfg.e2e_width,
                             min_rounds=cfg.e2e_min_rounds, warmup=1 if cfg.quick else 2, seed=cfg.seed + batch)
-    out: dict = {"rounds": rounds.n, "seconds": rounds.seconds, "stopped_by": rounds.stopped_by,
+    out: dict = {"rounds": rounds.rounds, "seconds": rounds.seconds, "stopped_by": rounds.stopped_by,
                  "headline": list(head), "variants": {}}
     for name in rounds.names:
-        entry = {"label": VARIANT_LABELS[name], **rounds.median(name)}
+        entry = {"label": VARIANT_LABELS[name], **median_of(rounds, name)}
         if name != "backbone":
             entry["vs_backbone"] = rounds.ratio(name, "backbone")
         if variants.gemm_backbone is not None and name not in ("backbone", "gemm_backbone"):
@@ -826,7 +759,8 @@ def measure_batch(variants: Variants, batch: int, cfg: BenchConfig, timer: Calla
     head = e2e["variants"]["fused"]["vs_gemm_backbone" if variants.gemm_backbone is not None else "vs_backbone"]
     dec = overhead["decomposed"]["percent"]
     overhead["e2e_consistent"] = bool(100 * (head["lo"] - 1) <= dec <= 100 * (head["hi"] - 1))
-    return {"batch": batch, "end_to_end": e2e, "block": block, "overhead": overhead}
+    return {"batch": batch, "end_to_end": e2e, "block": block, "overhead": overhead,
+            "load_average_1m": _load_average()}
 
 
 def sweep(variants: Variants, cfg: BenchConfig, timer: Callable, backbone_s: dict[int, float]) -> list[dict]:
@@ -838,10 +772,10 @@ def sweep(variants: Variants, cfg: BenchConfig, timer: Callable, backbone_s: dic
     x_img = images(variants, batch, cfg.seed)
     if batch not in backbone_s:
         with torch.inference_mode():
-            rounds = run_rounds({"backbone": lambda: variants.backbone(x_img)}, timer,
-                                headline=("backbone", "backbone"), budget=_budget_for(cfg, batch) / 4,
+            rounds = interleave({"backbone": lambda: variants.backbone(x_img)}, timer,
+                                watch=("backbone", "backbone"), budget=_budget_for(cfg, batch) / 4,
                                 width=math.inf, min_rounds=5, warmup=1, seed=cfg.seed)
-        backbone_s[batch] = rounds.median("backbone")["median_s"]
+        backbone_s[batch] = median_of(rounds, "backbone")["median_s"]
     proj = mira.projections(variants.mira)[0]
     memory = proj.memory
     c = memory.config
@@ -870,6 +804,13 @@ def sweep(variants: Variants, cfg: BenchConfig, timer: Callable, backbone_s: dic
 # ----------------------------------------------------------------------------------------------
 # Records and the table.
 # ----------------------------------------------------------------------------------------------
+
+
+def _load_average() -> float:
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return -1.0
 
 
 def log(msg: str) -> None:
@@ -967,15 +908,21 @@ def format_table(record: dict) -> str:
 
 
 def _machine_line(m: dict) -> str:
-    keys = ("cpu", "threads", "torch", "python")
-    return ", ".join(f"{k} {m[k]}" for k in keys if k in m)
+    parts = [m.get("cpu", "?"), f"{m.get('logical_cpus', '?')} logical CPUs", f"{m.get('torch_threads', '?')} threads",
+             f"torch {m.get('torch', '?')}", f"python {m.get('python', '?')}"]
+    if "mira_cpu_isa" in m:
+        parts.append(f"MIRA CPU ISA {m['mira_cpu_isa']}")
+    if "load_average_1m" in m:
+        parts.append(f"load average {m['load_average_1m']:.1f} at the start, {m.get('load_average_1m_end', -1):.1f} "
+                     "at the end")
+    return ", ".join(str(p) for p in parts)
 
 
 def csv_rows(record: dict) -> list[dict]:
     """One flat row per (batch, measure) of a record."""
     base = {"timestamp": record["timestamp"], "commit": record["commit"], "model": record["config"]["model"],
             "rank": record["config"]["rank"], "slots": record["config"]["slots"], "backend": record["backend"],
-            "cpu": record["machine"].get("cpu", ""), "threads": record["machine"].get("threads", ""),
+            "cpu": record["machine"].get("cpu", ""), "threads": record["machine"].get("torch_threads", ""),
             "torch": record["machine"].get("torch", ""), "device": record["config"]["device"]}
     rows = []
     for res in record["results"]:
@@ -1030,6 +977,7 @@ def run(cfg: BenchConfig, *, model: nn.Module | None = None, argv: Sequence[str]
         torch.set_num_threads(cfg.threads)
     device = torch.device(cfg.device)
     started = time.perf_counter()
+    machine = _pairs.machine_info()  # the load average at the start, before this run adds to it
     log(f"building {cfg.model if model is None else type(model).__name__} variants on {device} ...")
     variants = build_variants(cfg, model=model)
     timer = DeviceTimer(device, flush_l2=cfg.flush_l2)
@@ -1052,7 +1000,7 @@ def run(cfg: BenchConfig, *, model: nn.Module | None = None, argv: Sequence[str]
         "argv": list(argv),
         "commit": git_commit(),
         "config": config,
-        "machine": _machine_info(),
+        "machine": {**machine, "load_average_1m_end": _load_average()},
         "backend": variants.backend,
         "available_backends": mk.available_backends(device),
         "base_gemm": "nn.Linear's (stock)" if variants.gemm_backbone is None else f"{variants.backend}'s own",
