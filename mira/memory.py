@@ -107,8 +107,18 @@ class AdapterMemory(nn.Module):
         return self.bank_a[:n], self.bank_b[:n]
 
     def make_query(self, tokens: torch.Tensor) -> torch.Tensor:
-        """State pattern of each sample: (B, T, d_in) attention input -> (B, d_k)."""
-        pooled = pool_tokens(tokens, self.config.query_token, self.config.num_prefix_tokens)
+        """State pattern of each sample: (B, T, d_in) attention input -> (B, d_k).
+
+        Computed in the memory's dtype, with autocast off: the affine separation divides by a sum
+        of cosines that can be small, so a 16-bit query error would be amplified into the weights
+        (the op likewise keeps scores and mixing in float32 for 16-bit x). The query is (B, d_k),
+        so this costs nothing next to the projection.
+        """
+        pooled = pool_tokens(tokens, self.config.query_token, self.config.num_prefix_tokens).to(self.keys.dtype)
+        device_type = pooled.device.type
+        if torch.is_autocast_enabled(device_type):
+            with torch.autocast(device_type, enabled=False):
+                return self.query_module(pooled)
         return self.query_module(pooled)
 
     def retrieval_keys(self) -> torch.Tensor:

@@ -264,3 +264,21 @@ def test_layer_gradcheck_float64_through_query_mask_and_per_feature_norm():
             return torch.func.functional_call(block, dict(zip(names, tensors)), (x,))
 
     assert torch.autograd.gradcheck(run, (x, *params), eps=1e-6, atol=1e-5, fast_mode=True)
+
+
+def test_autocast_bfloat16_keeps_the_query_in_float32_and_matches_the_reference_precision():
+    layer = make_layer(query="linear")
+    layer.memory.append(*random_adapters(3)[:2])
+    x = tokens(batch=3, t=7)
+    exact = handwritten(layer, x)
+    with torch.no_grad():
+        query = layer.memory.make_query(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            # The query feeds an affine separation that can amplify its error: kept in float32.
+            assert torch.equal(layer.memory.make_query(x), query)
+            got = layer(x)
+            with mira_kernels.use_backend("reference"):
+                yardstick = layer(x)  # plain PyTorch, same dtype rules
+    assert got.dtype == yardstick.dtype == torch.bfloat16
+    error = (got.double() - exact).abs().max().item()
+    assert error <= 2 * (yardstick.double() - exact).abs().max().item() + 1e-2

@@ -284,3 +284,13 @@ def test_torch_compile_has_no_graph_break_in_mira_layers():
         mira.memories(model)[0].append(*[t[:1] * 0.5 for t in mira.memories(model)[0].stored_adapters])
         torch.testing.assert_close(compiled(tokens), block(tokens), rtol=1e-5, atol=1e-5)
     torch._dynamo.reset()
+
+
+def test_detach_restores_the_backbone():
+    model = mira.attach(tiny_vit(depth=2))
+    fill_loras(model)
+    mira.detach(model)
+    assert not mira.projections(model) and not mira.memories(model)
+    assert sorted(model.state_dict()) == sorted(tiny_vit(depth=2).state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(model(images()), tiny_vit(depth=2)(images()), rtol=0, atol=0)
