@@ -32,7 +32,12 @@ Public API (names are stable; other packages build on them)::
         .num_slots, .capacity, .get_association_matrix(query | tokens=...), .make_query(tokens),
         .stored_keys, .stored_adapters, .forget_optimizer_state(optimizer)
     MiraProjection: .base_layer, .memory, .lora_a (S, r, d_in), .lora_b (S, d_s, r),
-        .slice_offsets, .stage, .reset_lora()
+        .slice_offsets, .slice_names, .stage, .reset_lora()
+
+Queries are made from each block's attention input (LN1's output; the CLS token by default):
+the wrapped ``attn.qkv`` receives exactly that tensor, which ``attach`` verifies on its dry run,
+so no hook carries activations between modules. Attach after loading the backbone's weights
+(the wrapped layer's state-dict keys gain ``.base_layer``).
 
 A typical run::
 
