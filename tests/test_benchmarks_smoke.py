@@ -53,9 +53,11 @@ def test_extra_time_and_overhead_arithmetic():
     rounds = _pairs.PairResult(["op", "base"], {"op": [1.02] * 9, "base": [1.0] * 9}, 1.0, "target_width")
     extra = latency._extra(rounds, "op", "base")
     assert extra["extra_s"] == pytest.approx(0.02) and extra["extra_lo_s"] == pytest.approx(0.02)
-    block = {"op": extra, "op_vs_stock": extra, "query": {"median_s": 0.001, "lo_s": 0.001, "hi_s": 0.001}}
-    # 12 blocks x 21 ms over a 10 s backbone = 2.52%.
-    assert latency.overhead_percent(block, 12, 10.0)["decomposed"]["percent"] == pytest.approx(2.52)
+    block = {"op": extra, "op_vs_empty": extra, "query": {"median_s": 0.001, "lo_s": 0.001, "hi_s": 0.001}}
+    # 12 blocks x (20 ms op + 1 ms query) over a 10 s backbone = 2.52%; the adapter alone 2.4%.
+    overhead = latency.overhead_percent(block, 12, 10.0)
+    assert overhead["decomposed"]["percent"] == pytest.approx(2.52)
+    assert overhead["adapter_only"]["percent"] == pytest.approx(2.4)
 
 
 def test_floor_of_the_published_configuration():
@@ -112,7 +114,7 @@ def test_a_whole_run_writes_its_record_table_and_plots(tmp_path):
     res = record["results"][0]
     assert set(res["end_to_end"]["variants"]) >= {"backbone", "fused", "reference", "eager"}
     assert res["end_to_end"]["rounds"] >= 3
-    for key in ("decomposed", "module", "eager"):
+    for key in ("decomposed", "adapter_only", "module", "eager"):
         d = res["overhead"][key]
         assert d["lo"] <= d["percent"] <= d["hi"]
     assert "batch 2: decomposed" in table and "arithmetic floor" in table
