@@ -294,3 +294,32 @@ def test_detach_restores_the_backbone():
     assert sorted(model.state_dict()) == sorted(tiny_vit(depth=2).state_dict())
     with torch.no_grad():
         torch.testing.assert_close(model(images()), tiny_vit(depth=2)(images()), rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+def test_fixed_capacity_append_is_seen_by_a_captured_cuda_graph():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    model = mira.attach(tiny_vit(depth=2).cuda(), capacity=4)
+    fill_loras(model)
+    mira.write_adapters(model)
+    mira.set_stage(model, "inference")
+    x = images(2).cuda()
+    with torch.no_grad():
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm-up outside the capture (allocations, Triton compilation)
+                model(x)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = model(x)
+        graph.replay()
+        before = static_out.clone()
+        torch.testing.assert_close(before, model(x), rtol=1e-4, atol=1e-4)
+        fill_loras(model, seed=3, std=0.5)
+        mira.write_adapters(model)  # in place: the captured graph reads the same storage
+        graph.replay()
+        torch.testing.assert_close(static_out, model(x), rtol=1e-4, atol=1e-4)
+        assert (static_out - before).abs().max() > 1e-3
