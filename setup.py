@@ -48,6 +48,10 @@ def _cuda_decision(torch, cpp_extension) -> tuple[bool, str]:
 
 
 def _extensions():
+    # torch derives CUDA_HOME from `which nvcc`; a wrapper script such as /usr/local/bin/nvcc makes that
+    # /usr/local, where libcudart is missing and the link fails. Prefer the standard toolkit prefix.
+    if not (os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")) and os.path.exists("/usr/local/cuda/bin/nvcc"):
+        os.environ["CUDA_HOME"] = "/usr/local/cuda"
     import torch
     from torch.utils import cpp_extension
 

@@ -1,0 +1,840 @@
+// CUDA kernels of the MIRA ops and the host-side plan that launches them, free of torch headers.
+//
+// This one source is compiled twice:
+//   * by nvcc, included from mira_cuda.cu (which adds ATen glue: checks, allocation, the base GEMM);
+//   * by g++ as plain C++, included from tests/cuda_emu/driver.cpp after tests/cuda_emu/simt_emu.h,
+//     which runs every CUDA thread of a block as a std::thread (see that header). The kernels
+//     therefore use only what that header emulates: threadIdx/blockIdx/blockDim/gridDim,
+//     __syncthreads, static and dynamic __shared__ memory. No warp intrinsics, no inline PTX,
+//     no tensor cores: reductions go through shared memory, in a fixed order (deterministic).
+//
+// Shapes (docs/contract.md):  x (B,T,d_in)  query (B,d_k)  keys (N,d_k)  bank_a (N,S,r,d_in)
+// bank_b (N,S,d_s,r);  FA = S*r*d_in and FB = S*d_s*r are the flattened widths of one slot's factors,
+// SR = S*r the adapter rows per token. acc_t is the compute dtype (float, or double for double x);
+// the memory side (query, keys, banks) arrives already converted to acc_t and contiguous.
+//
+// Kernels (one block = kThreads threads, 1-D grids so no dimension limit applies):
+//   mira_retrieve_kernel   (sample, column chunk): cosine scores, separation, and the mixed factors
+//                          A_b, B_b for one chunk of the FA+FB columns. Every chunk recomputes the
+//                          sample's scores (N*d_k MACs, cheap) so retrieval is one launch.
+//   mira_apply_kernel      (sample, token tile): h = x A_b^T, then out[slice] += scale * h B_b^T.
+//                          This is mira_adapter_; mira_linear is ATen's GEMM followed by it.
+//   mira_bwd_tokens_kernel (sample, token tile): h, dh = scale * G_slices B_b, dx += dh A_b.
+//   mira_bwd_factors_kernel(sample, column chunk): dA_b = dh^T x, dB_b = scale * G^T h, reduced
+//                          over T in order by the thread that owns the column.
+//   mira_bwd_scores_kernel (sample): dw = <dA_b, bank_a[n]> + <dB_b, bank_b[n]>, dz = sep'(dw), dq.
+//   mira_bwd_memory_kernel (slot, column chunk) and (slot): dbank = w^T dF, dk through the cosine.
+// No float atomics anywhere: every output element is reduced by one thread or one block.
+#pragma once
+
+#include <cstdint>
+
+#ifdef __CUDACC__
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <math.h>
+#endif
+
+namespace mira_cuda {
+
+constexpr int kThreads = 256;                // threads per block, every kernel
+constexpr int kLanes = 32;                   // a "warp" here is only an index split: 32 consecutive threads
+constexpr int kWarps = kThreads / kLanes;    // 8
+constexpr int kTokTile = kWarps;             // tokens per block in token kernels: one warp per token row
+constexpr int kJTile = 8;                    // adapter rows (s, k) accumulated in registers at once
+constexpr int kColsPerThread = 4;            // columns per thread in the column-chunk kernels
+constexpr int kColsPerBlock = kThreads * kColsPerThread;
+constexpr int kKeyChunk = 256;               // scores held in shared memory per pass over the keys
+constexpr int kMaxSlices = 16;               // slice offsets travel by value in the kernel arguments
+constexpr int64_t kSmemBudget = 32 * 1024;   // dynamic shared memory for the per-tile h / dh rows
+
+enum Separation : int { kAffine = 0, kSoftmax = 1, kRelu = 2, kTanh = 3, kSigmoid = 4, kIdentity = 5 };
+
+// ------------------------------------------------------------------------------------------------
+// Scalar helpers. Loads widen to acc_t, stores round once (round to nearest even).
+// ------------------------------------------------------------------------------------------------
+__device__ __forceinline__ float widen(float v) { return v; }
+__device__ __forceinline__ double widen(double v) { return v; }
+__device__ __forceinline__ float widen(__half v) { return __half2float(v); }
+__device__ __forceinline__ float widen(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T>
+struct Narrow;
+template <>
+struct Narrow<float> {
+  __device__ __forceinline__ static float from(float v) { return v; }
+};
+template <>
+struct Narrow<double> {
+  __device__ __forceinline__ static double from(double v) { return v; }
+};
+template <>
+struct Narrow<__half> {
+  __device__ __forceinline__ static __half from(float v) { return __float2half_rn(v); }
+};
+template <>
+struct Narrow<__nv_bfloat16> {
+  __device__ __forceinline__ static __nv_bfloat16 from(float v) { return __float2bfloat16_rn(v); }
+};
+
+__device__ __forceinline__ float msqrt(float v) { return sqrtf(v); }
+__device__ __forceinline__ double msqrt(double v) { return sqrt(v); }
+__device__ __forceinline__ float mexp(float v) { return expf(v); }
+__device__ __forceinline__ double mexp(double v) { return exp(v); }
+__device__ __forceinline__ float mtanh(float v) { return tanhf(v); }
+__device__ __forceinline__ double mtanh(double v) { return tanh(v); }
+template <typename T>
+__device__ __forceinline__ T mmax(T a, T b) { return a > b ? a : b; }
+template <typename T>
+__device__ __forceinline__ T mmin(T a, T b) { return a < b ? a : b; }
+
+// Norm floor of the cosine, as torch.nn.functional.normalize (reference.NORM_EPS).
+constexpr double kNormEps = 1e-12;
+
+// ------------------------------------------------------------------------------------------------
+// Kernel arguments (passed by value).
+// ------------------------------------------------------------------------------------------------
+template <typename acc_t>
+struct MemoryArgs {
+  int64_t B, N, d_k, FA, FB;
+  int sep;
+  acc_t eps;
+  const acc_t* query;   // (B, d_k)
+  const acc_t* keys;    // (N, d_k)
+  const acc_t* bank_a;  // (N, FA)
+  const acc_t* bank_b;  // (N, FB)
+  // Written by the retrieval kernel.
+  acc_t* z;        // (B, N) cosine scores
+  acc_t* w;        // (B, N) weights
+  acc_t* qnorm;    // (B,)
+  acc_t* knorm;    // (N,)
+  acc_t* mixed_a;  // (B, FA)
+  acc_t* mixed_b;  // (B, FB)
+  // Backward.
+  const acc_t* dmix_a;  // (B, FA) dA_b
+  const acc_t* dmix_b;  // (B, FB) dB_b
+  acc_t* dz;            // (B, N)
+  acc_t* dq;            // (B, d_k) or null
+  acc_t* dk;            // (N, d_k) or null
+  acc_t* dbank_a;       // (N, FA) or null
+  acc_t* dbank_b;       // (N, FB) or null
+};
+
+template <typename scalar_t, typename acc_t>
+struct TokenArgs {
+  int64_t B, T, d_in, S, r, d_s;
+  int64_t offsets[kMaxSlices];
+  acc_t scale;
+  const scalar_t* x;  // (B, T, d_in) contiguous
+  scalar_t* out;      // (B, T, d_out) strided, updated in place (forward)
+  int64_t out_sb, out_st, out_se;
+  const scalar_t* grad;  // (B, T, d_out) strided (backward)
+  int64_t g_sb, g_st, g_se;
+  scalar_t* dx;  // (B, T, d_in) contiguous, holds G W on entry (backward), or null
+  const acc_t* mixed_a;  // (B, S, r, d_in)
+  const acc_t* mixed_b;  // (B, S, d_s, r)
+  acc_t* h;              // (B, T, SR) shrink, backward only, or null
+  acc_t* dh;             // (B, T, SR) grad of the shrink, backward only, or null
+  acc_t* dmix_a;         // (B, FA) backward factors kernel
+  acc_t* dmix_b;         // (B, FB)
+  acc_t* row_spill;      // (blocks, kTokTile, SR) when the tile rows do not fit in shared memory, else null
+};
+
+// ------------------------------------------------------------------------------------------------
+// Shared-memory reductions, all threads of the block take part (uniform control flow).
+// ------------------------------------------------------------------------------------------------
+
+// Sums K values per thread over the whole block; red holds K * kThreads values. Tree order fixed.
+template <int K, typename acc_t>
+__device__ __forceinline__ void block_sum(acc_t (&v)[K], acc_t* red) {
+  const int tid = threadIdx.x;
+#pragma unroll
+  for (int k = 0; k < K; ++k) red[k * kThreads + tid] = v[k];
+  __syncthreads();
+  for (int o = kThreads / 2; o > 0; o >>= 1) {
+    if (tid < o) {
+#pragma unroll
+      for (int k = 0; k < K; ++k) red[k * kThreads + tid] += red[k * kThreads + tid + o];
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int k = 0; k < K; ++k) v[k] = red[k * kThreads];
+  __syncthreads();  // red is reused right after
+}
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t block_sum1(acc_t v, acc_t* red) {
+  acc_t a[1] = {v};
+  block_sum<1>(a, red);
+  return a[0];
+}
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t block_max1(acc_t v, acc_t* red) {
+  const int tid = threadIdx.x;
+  red[tid] = v;
+  __syncthreads();
+  for (int o = kThreads / 2; o > 0; o >>= 1) {
+    if (tid < o) red[tid] = mmax(red[tid], red[tid + o]);
+    __syncthreads();
+  }
+  const acc_t r = red[0];
+  __syncthreads();
+  return r;
+}
+
+// Sums K values over the 32 threads of each warp-sized group; every lane gets its group's sums.
+template <int K, typename acc_t>
+__device__ __forceinline__ void lane_sum(acc_t (&v)[K], acc_t* red) {
+  const int tid = threadIdx.x, warp = tid / kLanes, lane = tid % kLanes;
+  acc_t* base = red + warp * K * kLanes;
+#pragma unroll
+  for (int k = 0; k < K; ++k) base[k * kLanes + lane] = v[k];
+  __syncthreads();
+  for (int o = kLanes / 2; o > 0; o >>= 1) {
+    if (lane < o) {
+#pragma unroll
+      for (int k = 0; k < K; ++k) base[k * kLanes + lane] += base[k * kLanes + lane + o];
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int k = 0; k < K; ++k) v[k] = base[k * kLanes];
+  __syncthreads();
+}
+
+// ------------------------------------------------------------------------------------------------
+// Retrieval: scores, separation, mixing.
+// ------------------------------------------------------------------------------------------------
+
+// Scores of keys [n0, n0 + count) against the block's query into z_s; one warp per key.
+template <typename acc_t>
+__device__ void score_keys(const MemoryArgs<acc_t>& a, const acc_t* q, acc_t q_den, int64_t n0, int count,
+                           acc_t* z_s, acc_t* red, bool write_knorm) {
+  const int tid = threadIdx.x, warp = tid / kLanes, lane = tid % kLanes;
+  for (int g = 0; g < count; g += kWarps) {
+    const bool active = g + warp < count;
+    acc_t v[2] = {acc_t(0), acc_t(0)};  // q.k and |k|^2
+    if (active) {
+      const acc_t* k = a.keys + (n0 + g + warp) * a.d_k;
+      for (int64_t d = lane; d < a.d_k; d += kLanes) {
+        const acc_t kv = k[d];
+        v[0] += q[d] * kv;
+        v[1] += kv * kv;
+      }
+    }
+    lane_sum<2>(v, red);
+    if (active && lane == 0) {
+      const acc_t k_norm = msqrt(v[1]);
+      z_s[g + warp] = v[0] / (q_den * mmax(k_norm, acc_t(kNormEps)));
+      if (write_knorm) a.knorm[n0 + g + warp] = k_norm;
+    }
+  }
+  __syncthreads();
+}
+
+// Row statistics of the separation: the affine denominator, or the softmax max and sum.
+template <typename acc_t>
+struct SepStats {
+  acc_t denom, max, sum;
+};
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t separate_one(int sep, int64_t N, acc_t z, const SepStats<acc_t>& st) {
+  switch (sep) {
+    case kAffine: return N == 1 ? z : z / st.denom;
+    case kSoftmax: return mexp(z - st.max) / st.sum;
+    case kRelu: return z > acc_t(0) ? z : acc_t(0);
+    case kTanh: return mtanh(z);
+    case kSigmoid: return acc_t(1) / (acc_t(1) + mexp(-z));
+    default: return z;
+  }
+}
+
+// Sign-preserving clamp of the affine denominator: |d| >= eps, sign(0) taken as +.
+template <typename acc_t>
+__device__ __forceinline__ acc_t guarded_denominator(acc_t total, acc_t eps) {
+  if (total >= eps || total <= -eps) return total;
+  return total >= acc_t(0) ? eps : -eps;
+}
+
+// grid: B * chunks blocks, chunk = blockIdx.x % chunks covers kColsPerBlock of the FA+FB columns.
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads) mira_retrieve_kernel(const MemoryArgs<acc_t> a) {
+  __shared__ acc_t red[2 * kThreads];
+  __shared__ acc_t z_s[kKeyChunk];
+  __shared__ acc_t w_s[kKeyChunk];
+  const int tid = threadIdx.x;
+  const int64_t cols = a.FA + a.FB;
+  const int64_t chunks = mmax<int64_t>(1, (cols + kColsPerBlock - 1) / kColsPerBlock);
+  const int64_t b = blockIdx.x / chunks, chunk = blockIdx.x % chunks;
+  const bool lead = chunk == 0;  // one block per sample writes the per-sample side outputs
+  const acc_t* q = a.query + b * a.d_k;
+
+  acc_t qq = 0;
+  for (int64_t d = tid; d < a.d_k; d += kThreads) qq += q[d] * q[d];
+  const acc_t q_norm = msqrt(block_sum1(qq, red));
+  const acc_t q_den = mmax(q_norm, acc_t(kNormEps));
+  if (lead && tid == 0 && a.qnorm) a.qnorm[b] = q_norm;
+
+  const int64_t key_chunks = (a.N + kKeyChunk - 1) / kKeyChunk;
+  const bool resident = key_chunks == 1;  // all scores fit: compute them once
+  const bool write_knorm = lead && b == 0 && a.knorm != nullptr;
+  if (resident) score_keys(a, q, q_den, 0, static_cast<int>(a.N), z_s, red, write_knorm);
+  bool knorm_written = resident;
+
+  SepStats<acc_t> st{acc_t(1), acc_t(0), acc_t(1)};
+  if ((a.sep == kAffine && a.N > 1) || a.sep == kSoftmax) {
+    // Per-thread partials over the thread's scores; softmax keeps an online (max, sum) pair.
+    acc_t part_sum = 0, part_max = -INFINITY, part_exp = 0;
+    for (int64_t kc = 0; kc < key_chunks; ++kc) {
+      const int64_t n0 = kc * kKeyChunk;
+      const int count = static_cast<int>(mmin<int64_t>(kKeyChunk, a.N - n0));
+      if (!resident) score_keys(a, q, q_den, n0, count, z_s, red, write_knorm);
+      for (int i = tid; i < count; i += kThreads) {
+        const acc_t zi = z_s[i];
+        part_sum += zi;
+        if (zi > part_max) {
+          part_exp = part_exp * mexp(part_max - zi) + acc_t(1);
+          part_max = zi;
+        } else {
+          part_exp += mexp(zi - part_max);
+        }
+      }
+      if (!resident) __syncthreads();  // z_s is rewritten by the next chunk
+    }
+    knorm_written = true;
+    if (a.sep == kAffine) {
+      st.denom = guarded_denominator(block_sum1(part_sum, red), a.eps);
+    } else {
+      st.max = block_max1(part_max, red);
+      const acc_t mine = part_exp > acc_t(0) ? part_exp * mexp(part_max - st.max) : acc_t(0);
+      st.sum = block_sum1(mine, red);
+    }
+  }
+
+  // Mix: each thread owns kColsPerThread columns, strided by kThreads (coalesced bank reads).
+  const acc_t* src[kColsPerThread];
+  int64_t stride[kColsPerThread];
+  acc_t acc[kColsPerThread];
+#pragma unroll
+  for (int c = 0; c < kColsPerThread; ++c) {
+    const int64_t col = chunk * kColsPerBlock + c * kThreads + tid;
+    const bool in_a = col < a.FA;
+    src[c] = col >= cols ? nullptr : (in_a ? a.bank_a + col : a.bank_b + (col - a.FA));
+    stride[c] = in_a ? a.FA : a.FB;
+    acc[c] = 0;
+  }
+  for (int64_t kc = 0; kc < key_chunks; ++kc) {
+    const int64_t n0 = kc * kKeyChunk;
+    const int count = static_cast<int>(mmin<int64_t>(kKeyChunk, a.N - n0));
+    if (!resident) score_keys(a, q, q_den, n0, count, z_s, red, write_knorm && !knorm_written);
+    for (int i = tid; i < count; i += kThreads) {
+      const acc_t wi = separate_one(a.sep, a.N, z_s[i], st);
+      w_s[i] = wi;
+      if (lead) {
+        if (a.z) a.z[b * a.N + n0 + i] = z_s[i];
+        if (a.w) a.w[b * a.N + n0 + i] = wi;
+      }
+    }
+    __syncthreads();
+    for (int i = 0; i < count; ++i) {
+      const acc_t wi = w_s[i];
+      const int64_t n = n0 + i;
+#pragma unroll
+      for (int c = 0; c < kColsPerThread; ++c)
+        if (src[c]) acc[c] += wi * src[c][n * stride[c]];
+    }
+    __syncthreads();  // w_s / z_s are rewritten by the next chunk
+  }
+#pragma unroll
+  for (int c = 0; c < kColsPerThread; ++c) {
+    const int64_t col = chunk * kColsPerBlock + c * kThreads + tid;
+    if (col < a.FA)
+      a.mixed_a[b * a.FA + col] = acc[c];
+    else if (col < cols)
+      a.mixed_b[b * a.FB + (col - a.FA)] = acc[c];
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Token tiles: shrink (row dot products) and expand.
+// ------------------------------------------------------------------------------------------------
+
+// out[t * out_rs + j] = mul * sum_{i < len} in[t * in_rs + i * in_cs] * wt[j * wt_rs + i * wt_cs]
+// for the tile's rows t < rows and j < J. Warp t owns row t and its lanes split i; each input element
+// is loaded once for a register tile of kJTile values of j.
+template <typename scalar_t, typename acc_t>
+__device__ void tile_row_dots(const scalar_t* in, int64_t in_rs, int64_t in_cs, int rows, int64_t len,
+                              const acc_t* wt, int64_t wt_rs, int64_t wt_cs, int64_t J, acc_t mul, acc_t* out,
+                              int64_t out_rs, acc_t* red) {
+  const int tid = threadIdx.x, warp = tid / kLanes, lane = tid % kLanes;
+  const bool active = warp < rows;
+  const scalar_t* row = in + (active ? warp : 0) * in_rs;
+  for (int64_t j0 = 0; j0 < J; j0 += kJTile) {
+    acc_t acc[kJTile];
+#pragma unroll
+    for (int jj = 0; jj < kJTile; ++jj) acc[jj] = 0;
+    if (active) {
+      // Rows past J repeat the last row: read, never stored.
+      const acc_t* w0 = wt + j0 * wt_rs;
+      const int64_t last = J - 1 - j0;
+      for (int64_t i = lane; i < len; i += kLanes) {
+        const acc_t xv = widen(row[i * in_cs]);
+        const acc_t* wi = w0 + i * wt_cs;
+#pragma unroll
+        for (int jj = 0; jj < kJTile; ++jj) acc[jj] += xv * wi[mmin<int64_t>(jj, last) * wt_rs];
+      }
+    }
+    lane_sum<kJTile>(acc, red);
+    if (active && lane == 0) {
+#pragma unroll
+      for (int jj = 0; jj < kJTile; ++jj)
+        if (j0 + jj < J) out[warp * out_rs + j0 + jj] = mul * acc[jj];
+    }
+  }
+  __syncthreads();
+}
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t* tile_rows(acc_t* dyn_smem, acc_t* spill, int64_t SR) {
+  // The tile's (kTokTile, SR) rows: shared memory, or this block's slice of the global spill buffer.
+  return spill ? spill + static_cast<int64_t>(blockIdx.x) * kTokTile * SR : dyn_smem;
+}
+
+#ifdef __CUDACC__
+#define MIRA_DYNAMIC_SMEM(type, name) \
+  extern __shared__ __align__(16) unsigned char mira_dyn_smem_[]; \
+  type* name = reinterpret_cast<type*>(mira_dyn_smem_)
+#else
+#define MIRA_DYNAMIC_SMEM(type, name) type* name = reinterpret_cast<type*>(::emu::dynamic_smem())
+#endif
+
+// grid: B * tiles blocks; dynamic shared memory kTokTile * SR * sizeof(acc_t) unless row_spill is set.
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads) mira_apply_kernel(const TokenArgs<scalar_t, acc_t> a) {
+  __shared__ acc_t red[kJTile * kThreads];
+  MIRA_DYNAMIC_SMEM(acc_t, dyn);
+  const int tid = threadIdx.x;
+  const int64_t SR = a.S * a.r;
+  const int64_t tiles = (a.T + kTokTile - 1) / kTokTile;
+  const int64_t b = blockIdx.x / tiles, t0 = (blockIdx.x % tiles) * kTokTile;
+  const int rows = static_cast<int>(mmin<int64_t>(kTokTile, a.T - t0));
+  acc_t* h = tile_rows(dyn, a.row_spill, SR);
+
+  // h[t, j] = x[t] . A_b[j]
+  const acc_t* A = a.mixed_a + b * SR * a.d_in;
+  tile_row_dots(a.x + (b * a.T + t0) * a.d_in, a.d_in, 1, rows, a.d_in, A, a.d_in, 1, SR, acc_t(1), h, SR, red);
+
+  // out[t, off_s + e] += scale * sum_k h[t, s*r + k] B_b[s, e, k]; thread per e, tokens in registers.
+  for (int64_t s = 0; s < a.S; ++s) {
+    const acc_t* Bs = a.mixed_b + (b * a.S + s) * a.d_s * a.r;
+    const acc_t* hs = h + s * a.r;
+    for (int64_t e = tid; e < a.d_s; e += kThreads) {
+      acc_t acc[kTokTile];
+#pragma unroll
+      for (int t = 0; t < kTokTile; ++t) acc[t] = 0;
+      for (int64_t k = 0; k < a.r; ++k) {
+        const acc_t bv = Bs[e * a.r + k];
+#pragma unroll
+        for (int t = 0; t < kTokTile; ++t)
+          if (t < rows) acc[t] += hs[t * SR + k] * bv;
+      }
+#pragma unroll
+      for (int t = 0; t < kTokTile; ++t) {
+        if (t < rows) {
+          scalar_t* p = a.out + b * a.out_sb + (t0 + t) * a.out_st + (a.offsets[s] + e) * a.out_se;
+          *p = Narrow<scalar_t>::from(widen(*p) + a.scale * acc[t]);
+        }
+      }
+    }
+  }
+}
+
+// grid: B * tiles blocks. Writes h and dh (global, when a.h / a.dh are set) and dx += dh A_b (when a.dx).
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads) mira_bwd_tokens_kernel(const TokenArgs<scalar_t, acc_t> a) {
+  __shared__ acc_t red[kJTile * kThreads];
+  MIRA_DYNAMIC_SMEM(acc_t, dyn);
+  const int tid = threadIdx.x;
+  const int64_t SR = a.S * a.r, r = a.r, d_s = a.d_s, d_in = a.d_in;
+  const int64_t tiles = (a.T + kTokTile - 1) / kTokTile;
+  const int64_t b = blockIdx.x / tiles, t0 = (blockIdx.x % tiles) * kTokTile;
+  const int rows = static_cast<int>(mmin<int64_t>(kTokTile, a.T - t0));
+  acc_t* dh = tile_rows(dyn, a.row_spill, SR);
+  const acc_t* A = a.mixed_a + b * SR * d_in;
+
+  if (a.h) {  // the shrink, needed for dB_b
+    tile_row_dots(a.x + (b * a.T + t0) * d_in, d_in, 1, rows, d_in, A, d_in, 1, SR, acc_t(1),
+                  a.h + (b * a.T + t0) * SR, SR, red);
+  }
+  // dh[t, s*r + k] = scale * sum_e G[t, off_s + e] B_b[s, e, k], one slice at a time.
+  for (int64_t s = 0; s < a.S; ++s) {
+    tile_row_dots(a.grad + b * a.g_sb + t0 * a.g_st + a.offsets[s] * a.g_se, a.g_st, a.g_se, rows, d_s,
+                  a.mixed_b + (b * a.S + s) * d_s * r, 1, r, r, a.scale, dh + s * r, SR, red);
+  }
+  if (a.dh) {
+    for (int64_t i = tid; i < rows * SR; i += kThreads) a.dh[(b * a.T + t0) * SR + i] = dh[i];
+  }
+  if (a.dx) {  // dx[t, d] += sum_j dh[t, j] A_b[j, d], rounded once
+    for (int64_t d = tid; d < d_in; d += kThreads) {
+      acc_t acc[kTokTile];
+#pragma unroll
+      for (int t = 0; t < kTokTile; ++t) acc[t] = 0;
+      for (int64_t j = 0; j < SR; ++j) {
+        const acc_t av = A[j * d_in + d];
+#pragma unroll
+        for (int t = 0; t < kTokTile; ++t)
+          if (t < rows) acc[t] += dh[t * SR + j] * av;
+      }
+#pragma unroll
+      for (int t = 0; t < kTokTile; ++t) {
+        if (t < rows) {
+          scalar_t* p = a.dx + (b * a.T + t0 + t) * d_in + d;
+          *p = Narrow<scalar_t>::from(widen(*p) + acc[t]);
+        }
+      }
+    }
+  }
+}
+
+// grid: B * chunks blocks over the FA+FB columns. Each column is reduced over T by its one thread.
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads) mira_bwd_factors_kernel(const TokenArgs<scalar_t, acc_t> a) {
+  const int tid = threadIdx.x;
+  const int64_t SR = a.S * a.r, FA = SR * a.d_in, FB = a.S * a.d_s * a.r, cols = FA + FB;
+  const int64_t chunks = mmax<int64_t>(1, (cols + kColsPerBlock - 1) / kColsPerBlock);
+  const int64_t b = blockIdx.x / chunks, chunk = blockIdx.x % chunks;
+  // Column c of dA_b: (j, d), sum_t dh[t, j] x[t, d]; of dB_b: (s, e, k), scale * sum_t G[t, off_s+e] h[t, s*r+k].
+  const scalar_t* p1[kColsPerThread];
+  const acc_t* p2[kColsPerThread];
+  int64_t s1[kColsPerThread];
+  acc_t acc[kColsPerThread];
+#pragma unroll
+  for (int c = 0; c < kColsPerThread; ++c) {
+    const int64_t col = chunk * kColsPerBlock + c * kThreads + tid;
+    acc[c] = 0;
+    p1[c] = nullptr;
+    p2[c] = nullptr;
+    s1[c] = 0;
+    if (col < FA) {
+      const int64_t j = col / a.d_in, d = col % a.d_in;
+      p1[c] = a.x + b * a.T * a.d_in + d;
+      s1[c] = a.d_in;
+      p2[c] = a.dh + b * a.T * SR + j;
+    } else if (col < cols) {
+      const int64_t cb = col - FA, s = cb / (a.d_s * a.r), e = (cb / a.r) % a.d_s, k = cb % a.r;
+      p1[c] = a.grad + b * a.g_sb + (a.offsets[s] + e) * a.g_se;
+      s1[c] = a.g_st;
+      p2[c] = a.h + b * a.T * SR + s * a.r + k;
+    }
+  }
+  for (int64_t t = 0; t < a.T; ++t) {
+#pragma unroll
+    for (int c = 0; c < kColsPerThread; ++c)
+      if (p1[c]) acc[c] += widen(p1[c][t * s1[c]]) * p2[c][t * SR];
+  }
+#pragma unroll
+  for (int c = 0; c < kColsPerThread; ++c) {
+    const int64_t col = chunk * kColsPerBlock + c * kThreads + tid;
+    if (col < FA)
+      a.dmix_a[b * FA + col] = acc[c];
+    else if (col < cols)
+      a.dmix_b[b * FB + (col - FA)] = a.scale * acc[c];
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Backward of the memory side.
+// ------------------------------------------------------------------------------------------------
+
+// d/du of u / max(|u|, eps) applied to g, for one vector held in out (g on entry, the result on exit).
+// Every thread of the block calls it; each owns the elements d = tid, tid + kThreads, ...
+template <typename acc_t>
+__device__ void normalize_backward_inplace(const acc_t* u, acc_t norm, acc_t* out, int64_t len, acc_t* red) {
+  const int tid = threadIdx.x;
+  const acc_t den = mmax(norm, acc_t(kNormEps));
+  acc_t dot = 0;
+  for (int64_t d = tid; d < len; d += kThreads) dot += (u[d] / den) * out[d];
+  dot = block_sum1(dot, red);
+  for (int64_t d = tid; d < len; d += kThreads) {
+    const acc_t g = out[d];
+    out[d] = norm > acc_t(kNormEps) ? (g - (u[d] / den) * dot) / den : g / acc_t(kNormEps);
+  }
+}
+
+// grid: B blocks. dw row (N dot products of length FA+FB), dz = sep'(dw), and dq when asked.
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads) mira_bwd_scores_kernel(const MemoryArgs<acc_t> a) {
+  __shared__ acc_t red[kJTile * kThreads];
+  const int tid = threadIdx.x;
+  const int64_t b = blockIdx.x, N = a.N, FA = a.FA, FB = a.FB;
+  const acc_t* dA = a.dmix_a + b * FA;
+  const acc_t* dB = a.dmix_b + b * FB;
+  acc_t* dz = a.dz + b * N;  // holds dw first, then dz
+  const acc_t* z = a.z + b * N;
+  const acc_t* w = a.w + b * N;
+
+  for (int64_t n0 = 0; n0 < N; n0 += kJTile) {
+    acc_t v[kJTile];
+#pragma unroll
+    for (int i = 0; i < kJTile; ++i) {
+      v[i] = 0;
+      const int64_t n = n0 + i;
+      if (n < N) {
+        for (int64_t c = tid; c < FA; c += kThreads) v[i] += dA[c] * a.bank_a[n * FA + c];
+        for (int64_t c = tid; c < FB; c += kThreads) v[i] += dB[c] * a.bank_b[n * FB + c];
+      }
+    }
+    block_sum<kJTile>(v, red);
+    if (tid == 0) {
+#pragma unroll
+      for (int i = 0; i < kJTile; ++i)
+        if (n0 + i < N) dz[n0 + i] = v[i];
+    }
+  }
+  __syncthreads();  // dw visible to the block
+
+  // sep': the row statistics first (block sums over n), then element-wise.
+  acc_t part[2] = {acc_t(0), acc_t(0)};  // sum(dw * w), sum(z)
+  for (int64_t n = tid; n < N; n += kThreads) {
+    part[0] += dz[n] * w[n];
+    part[1] += z[n];
+  }
+  block_sum<2>(part, red);
+  const acc_t through = part[0], total = part[1];
+  const bool affine_sum = a.sep == kAffine && N > 1;
+  const acc_t denom = affine_sum ? guarded_denominator(total, a.eps) : acc_t(1);
+  const acc_t inside = (total >= a.eps || total <= -a.eps) ? acc_t(1) : acc_t(0);  // [|sum z| >= eps]
+  for (int64_t n = tid; n < N; n += kThreads) {
+    const acc_t g = dz[n], wn = w[n];
+    acc_t out = g;
+    switch (a.sep) {
+      case kAffine: out = affine_sum ? (g - through * inside) / denom : g; break;
+      case kSoftmax: out = wn * (g - through); break;
+      case kRelu: out = z[n] > acc_t(0) ? g : acc_t(0); break;
+      case kTanh: out = g * (acc_t(1) - wn * wn); break;
+      case kSigmoid: out = g * wn * (acc_t(1) - wn); break;
+      default: break;
+    }
+    dz[n] = out;
+  }
+  __syncthreads();  // dz visible to the block
+
+  if (a.dq) {  // dq = normalize'(q) applied to sum_n dz[n] k_n / max(|k_n|, eps)
+    acc_t* dq = a.dq + b * a.d_k;
+    for (int64_t d = tid; d < a.d_k; d += kThreads) {
+      acc_t g = 0;
+      for (int64_t n = 0; n < N; ++n) g += dz[n] * (a.keys[n * a.d_k + d] / mmax(a.knorm[n], acc_t(kNormEps)));
+      dq[d] = g;
+    }
+    normalize_backward_inplace(a.query + b * a.d_k, a.qnorm[b], dq, a.d_k, red);
+  }
+}
+
+// grid: N * chunks blocks for dbank (when asked), then N blocks for dk (when asked).
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads) mira_bwd_memory_kernel(const MemoryArgs<acc_t> a) {
+  __shared__ acc_t red[kThreads];
+  const int tid = threadIdx.x;
+  const int64_t N = a.N, B = a.B, FA = a.FA, FB = a.FB, cols = FA + FB;
+  const int64_t chunks = mmax<int64_t>(1, (cols + kColsPerBlock - 1) / kColsPerBlock);
+  const int64_t bank_blocks = (a.dbank_a || a.dbank_b) ? N * chunks : 0;
+  if (static_cast<int64_t>(blockIdx.x) < bank_blocks) {
+    // dbank[n, c] = sum_b w[b, n] dF[b, c], in order of b.
+    const int64_t n = blockIdx.x / chunks, chunk = blockIdx.x % chunks;
+#pragma unroll
+    for (int c = 0; c < kColsPerThread; ++c) {
+      const int64_t col = chunk * kColsPerBlock + c * kThreads + tid;
+      if (col >= cols) continue;
+      const bool in_a = col < FA;
+      acc_t* dst = in_a ? a.dbank_a : a.dbank_b;
+      if (!dst) continue;
+      const acc_t* src = in_a ? a.dmix_a + col : a.dmix_b + (col - FA);
+      const int64_t stride = in_a ? FA : FB;
+      acc_t acc = 0;
+      for (int64_t b = 0; b < B; ++b) acc += a.w[b * N + n] * src[b * stride];
+      dst[in_a ? n * FA + col : n * FB + (col - FA)] = acc;
+    }
+    return;  // uniform per block: no barrier below is shared with these blocks
+  }
+  // dk[n] = normalize'(k_n) applied to sum_b dz[b, n] q_b / max(|q_b|, eps)
+  const int64_t n = blockIdx.x - bank_blocks;
+  acc_t* dk = a.dk + n * a.d_k;
+  for (int64_t d = tid; d < a.d_k; d += kThreads) {
+    acc_t g = 0;
+    for (int64_t b = 0; b < B; ++b) g += a.dz[b * N + n] * (a.query[b * a.d_k + d] / mmax(a.qnorm[b], acc_t(kNormEps)));
+    dk[d] = g;
+  }
+  normalize_backward_inplace(a.keys + n * a.d_k, a.knorm[n], dk, a.d_k, red);
+}
+
+// ------------------------------------------------------------------------------------------------
+// Host-side plan: workspace layout and launch order, shared by the CUDA glue and the emulation.
+// ------------------------------------------------------------------------------------------------
+
+struct Dims {
+  int64_t B, T, d_in, N, d_k, S, r, d_s;
+  int64_t FA() const { return S * r * d_in; }
+  int64_t FB() const { return S * d_s * r; }
+  int64_t SR() const { return S * r; }
+  int64_t tiles() const { return (T + kTokTile - 1) / kTokTile; }
+  int64_t col_chunks() const {
+    const int64_t chunks = (FA() + FB() + kColsPerBlock - 1) / kColsPerBlock;
+    return chunks > 0 ? chunks : 1;  // the retrieval runs even without columns: it writes z and w
+  }
+};
+
+// Offsets (in acc_t elements) of the scratch arrays inside one workspace buffer.
+struct Workspace {
+  int64_t z, w, qnorm, knorm, mixed_a, mixed_b, row_spill, h, dh, dmix_a, dmix_b, dz, total;
+  bool spill;  // tile rows live in global memory (row_spill) instead of shared memory
+};
+
+// backward: also the buffers of the backward; memory_grads: dq/dk/dbank are asked for.
+// smem_budget: bytes of dynamic shared memory the tile rows may take (kSmemBudget; tests lower it).
+template <typename acc_t>
+inline Workspace plan_workspace(const Dims& d, bool backward, bool memory_grads, int64_t smem_budget) {
+  Workspace ws{};
+  int64_t at = 0;
+  auto take = [&at](int64_t n) {
+    const int64_t here = at;
+    at += (n + 3) / 4 * 4;  // keep every array 16-byte aligned for float
+    return here;
+  };
+  ws.z = take(d.B * d.N);
+  ws.w = take(d.B * d.N);
+  ws.qnorm = take(d.B);
+  ws.knorm = take(d.N);
+  ws.mixed_a = take(d.B * d.FA());
+  ws.mixed_b = take(d.B * d.FB());
+  ws.spill = static_cast<int64_t>(kTokTile) * d.SR() * static_cast<int64_t>(sizeof(acc_t)) > smem_budget;
+  ws.row_spill = take(ws.spill ? d.B * d.tiles() * kTokTile * d.SR() : 0);
+  const bool mem = backward && memory_grads;
+  ws.h = take(mem ? d.B * d.T * d.SR() : 0);
+  ws.dh = take(mem ? d.B * d.T * d.SR() : 0);
+  ws.dmix_a = take(mem ? d.B * d.FA() : 0);
+  ws.dmix_b = take(mem ? d.B * d.FB() : 0);
+  ws.dz = take(mem ? d.B * d.N : 0);
+  ws.total = at;
+  return ws;
+}
+
+inline int64_t dyn_smem_bytes(const Dims& d, const Workspace& ws, int64_t acc_size) {
+  return ws.spill ? 0 : static_cast<int64_t>(kTokTile) * d.SR() * acc_size;
+}
+
+}  // namespace mira_cuda
+
+// MIRA_LAUNCH(kernel, blocks, dyn_smem_bytes, stream, args): a kernel launch on `stream`.
+// The CUDA includer defines MIRA_CHECK_LAUNCH() (the launch-error check) before including.
+#ifdef __CUDACC__
+#define MIRA_LAUNCH(kernel, blocks, smem, stream, args)                                    \
+  do {                                                                                    \
+    kernel<<<static_cast<unsigned>(blocks), ::mira_cuda::kThreads, (smem), (stream)>>>(args); \
+    MIRA_CHECK_LAUNCH();                                                                  \
+  } while (0)
+#else
+#define MIRA_LAUNCH(kernel, blocks, smem, stream, args)                                       \
+  do {                                                                                        \
+    (void)(stream); /* the emulation runs launches in order, synchronously */                 \
+    ::emu::launch((kernel), static_cast<unsigned>(blocks), ::mira_cuda::kThreads, (smem), (args)); \
+  } while (0)
+#endif
+
+namespace mira_cuda {
+
+// Pointers of one call; null where not used. The caller owns every buffer.
+template <typename scalar_t, typename acc_t>
+struct CallBuffers {
+  const scalar_t* x;
+  scalar_t* out;  // forward: in place
+  int64_t out_sb, out_st, out_se;
+  const scalar_t* grad;  // backward
+  int64_t g_sb, g_st, g_se;
+  scalar_t* dx;  // backward: G W on entry, or null
+  const acc_t *query, *keys, *bank_a, *bank_b;
+  acc_t *dq, *dk, *dbank_a, *dbank_b;  // backward outputs or null
+  acc_t* ws;                           // plan_workspace(...).total elements
+};
+
+template <typename scalar_t, typename acc_t>
+inline void fill_args(const Dims& d, const int64_t* offsets, int sep, double scale, double eps,
+                      const CallBuffers<scalar_t, acc_t>& cb, const Workspace& ws, MemoryArgs<acc_t>& m,
+                      TokenArgs<scalar_t, acc_t>& t) {
+  m = MemoryArgs<acc_t>{};
+  m.B = d.B, m.N = d.N, m.d_k = d.d_k, m.FA = d.FA(), m.FB = d.FB();
+  m.sep = sep;
+  m.eps = static_cast<acc_t>(eps);
+  m.query = cb.query, m.keys = cb.keys, m.bank_a = cb.bank_a, m.bank_b = cb.bank_b;
+  m.z = cb.ws + ws.z, m.w = cb.ws + ws.w, m.qnorm = cb.ws + ws.qnorm, m.knorm = cb.ws + ws.knorm;
+  m.mixed_a = cb.ws + ws.mixed_a, m.mixed_b = cb.ws + ws.mixed_b;
+  m.dmix_a = cb.ws + ws.dmix_a, m.dmix_b = cb.ws + ws.dmix_b, m.dz = cb.ws + ws.dz;
+  m.dq = cb.dq, m.dk = cb.dk, m.dbank_a = cb.dbank_a, m.dbank_b = cb.dbank_b;
+
+  t = TokenArgs<scalar_t, acc_t>{};
+  t.B = d.B, t.T = d.T, t.d_in = d.d_in, t.S = d.S, t.r = d.r, t.d_s = d.d_s;
+  for (int64_t s = 0; s < d.S && s < kMaxSlices; ++s) t.offsets[s] = offsets[s];
+  t.scale = static_cast<acc_t>(scale);
+  t.x = cb.x, t.out = cb.out, t.out_sb = cb.out_sb, t.out_st = cb.out_st, t.out_se = cb.out_se;
+  t.grad = cb.grad, t.g_sb = cb.g_sb, t.g_st = cb.g_st, t.g_se = cb.g_se, t.dx = cb.dx;
+  t.mixed_a = m.mixed_a, t.mixed_b = m.mixed_b;
+  t.dmix_a = cb.ws + ws.dmix_a, t.dmix_b = cb.ws + ws.dmix_b;
+  t.row_spill = ws.spill ? cb.ws + ws.row_spill : nullptr;
+}
+
+// out[..., slices] += scale * adapter(x): two launches (retrieval, apply). B == 0 launches nothing.
+template <typename scalar_t, typename acc_t, typename stream_t>
+inline void launch_adapter(const Dims& d, const int64_t* offsets, int sep, double scale, double eps,
+                           const CallBuffers<scalar_t, acc_t>& cb, const Workspace& ws, stream_t stream) {
+  if (d.B == 0) return;
+  MemoryArgs<acc_t> m;
+  TokenArgs<scalar_t, acc_t> t;
+  fill_args(d, offsets, sep, scale, eps, cb, ws, m, t);
+  auto* retrieve = &mira_retrieve_kernel<acc_t>;
+  MIRA_LAUNCH(retrieve, d.B * d.col_chunks(), 0, stream, m);
+  if (d.T == 0 || d.d_s == 0) return;
+  auto* apply = &mira_apply_kernel<scalar_t, acc_t>;
+  MIRA_LAUNCH(apply, d.B * d.tiles(), dyn_smem_bytes(d, ws, sizeof(acc_t)), stream, t);
+}
+
+// The adapter part of the backward: dx += sum_s dh_s A_b,s (dx holds G W on entry) and the memory
+// gradients asked for (need_q, need_k, need_a, need_b). Up to five launches; B == 0 launches nothing.
+template <typename scalar_t, typename acc_t, typename stream_t>
+inline void launch_backward(const Dims& d, const int64_t* offsets, int sep, double scale, double eps,
+                            const CallBuffers<scalar_t, acc_t>& cb, const Workspace& ws, bool need_q, bool need_k,
+                            bool need_a, bool need_b, stream_t stream) {
+  if (d.B == 0) return;
+  const bool mem = need_q || need_k || need_a || need_b;
+  MemoryArgs<acc_t> m;
+  TokenArgs<scalar_t, acc_t> t;
+  fill_args(d, offsets, sep, scale, eps, cb, ws, m, t);
+  if (!need_q) m.dq = nullptr;
+  if (!need_k) m.dk = nullptr;
+  if (!need_a) m.dbank_a = nullptr;
+  if (!need_b) m.dbank_b = nullptr;
+  if (mem) {
+    t.h = cb.ws + ws.h;
+    t.dh = cb.ws + ws.dh;
+  }
+  auto* retrieve = &mira_retrieve_kernel<acc_t>;
+  MIRA_LAUNCH(retrieve, d.B * d.col_chunks(), 0, stream, m);
+  if (d.T > 0 && (mem || cb.dx)) {
+    auto* tokens = &mira_bwd_tokens_kernel<scalar_t, acc_t>;
+    MIRA_LAUNCH(tokens, d.B * d.tiles(), dyn_smem_bytes(d, ws, sizeof(acc_t)), stream, t);
+  }
+  if (!mem) return;
+  // With T == 0 the factor gradients are zero: the factors kernel writes them (its loop over T is empty).
+  auto* factors = &mira_bwd_factors_kernel<scalar_t, acc_t>;
+  MIRA_LAUNCH(factors, d.B * d.col_chunks(), 0, stream, t);
+  auto* scores = &mira_bwd_scores_kernel<acc_t>;
+  MIRA_LAUNCH(scores, d.B, 0, stream, m);
+  const int64_t memory_blocks = ((need_a || need_b) ? d.N * d.col_chunks() : 0) + (need_k ? d.N : 0);
+  if (memory_blocks > 0) {
+    auto* memory = &mira_bwd_memory_kernel<acc_t>;
+    MIRA_LAUNCH(memory, memory_blocks, 0, stream, m);
+  }
+}
+
+}  // namespace mira_cuda

@@ -1,0 +1,182 @@
+"""Host-side harness of the CUDA kernels' SIMT emulation: builds tests/cuda_emu/driver.cpp with g++ and runs it.
+
+The driver is a separate program (never loaded into the pytest process): it reads one case file,
+runs the exact kernel source of ``csrc/cuda/mira_kernels.cuh`` with every CUDA thread of a block
+as a ``std::thread``, and writes the results. :func:`run_forward` / :func:`run_backward` do in
+Python what ``csrc/cuda/mira_cuda.cu`` does with ATen (base GEMMs, dtype conversions), so the
+result is what the CUDA backend would return.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import struct
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from mira_kernels import reference
+
+ROOT = Path(__file__).resolve().parents[2]
+EMU_DIR = Path(__file__).resolve().parent
+KERNEL_HEADER = ROOT / "csrc" / "cuda" / "mira_kernels.cuh"
+SOURCES = (KERNEL_HEADER, EMU_DIR / "simt_emu.h", EMU_DIR / "driver.cpp")
+BUILD_DIR = ROOT / "build" / "cuda_emu"  # gitignored
+# AddressSanitizer + UBSan: out-of-bounds reads/writes of global or dynamic shared memory abort the run.
+CXX_FLAGS = (
+    "-std=c++20", "-O1", "-g", "-pthread", "-Wall", "-Wextra", "-Wno-unknown-pragmas", "-Werror",
+    "-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer",
+)
+TIMEOUT_S = 120  # a deadlocked barrier (divergent __syncthreads) must fail, not hang
+
+_MAGIC = 0x4D495241454D55
+_DTYPE_CODE = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
+_SEP_CODE = {name: i for i, name in enumerate(reference.SEPARATIONS)}
+SMEM_BUDGET = 32 * 1024  # mira_cuda::kSmemBudget, what the CUDA glue passes
+
+
+def build_driver() -> Path:
+    """Compiles the driver once per content of its sources and flags; returns the binary's path."""
+    cxx = os.environ.get("CXX", "g++")
+    if shutil.which(cxx) is None:
+        raise RuntimeError(f"the CUDA emulation needs a C++20 compiler; {cxx!r} was not found")
+    digest = hashlib.sha256()
+    for path in SOURCES:
+        digest.update(path.read_bytes())
+    digest.update(" ".join((cxx, *CXX_FLAGS)).encode())
+    binary = BUILD_DIR / f"driver-{digest.hexdigest()[:16]}"
+    if binary.exists():
+        return binary
+    BUILD_DIR.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=BUILD_DIR, prefix=".driver-", delete=False) as tmp:
+        tmp_path = Path(tmp.name)
+    cmd = [cxx, *CXX_FLAGS, f"-I{ROOT / 'csrc'}", f"-I{EMU_DIR}", str(EMU_DIR / "driver.cpp"), "-o", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tmp_path.unlink(missing_ok=True)
+        raise RuntimeError(f"building the emulation driver failed:\n{' '.join(cmd)}\n{proc.stderr}")
+    os.replace(tmp_path, binary)  # atomic: concurrent test runs never see a half-written binary
+    return binary
+
+
+def _raw(t: torch.Tensor) -> bytes:
+    t = t.detach().contiguous().cpu()
+    if t.dtype in (torch.float16, torch.bfloat16):
+        t = t.view(torch.int16)
+    return t.numpy().tobytes()
+
+
+def _from_raw(buf: bytes, dtype: torch.dtype, count: int) -> torch.Tensor:
+    if count == 0:
+        return torch.empty(0, dtype=dtype)
+    raw_dtype = torch.int16 if dtype in (torch.float16, torch.bfloat16) else dtype
+    t = torch.frombuffer(bytearray(buf), dtype=raw_dtype, count=count)
+    return t.view(dtype).clone()
+
+
+def acc_dtype(x_dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if x_dtype == torch.float64 else torch.float32
+
+
+@dataclass
+class EmuRun:
+    outputs: tuple
+    launches: int
+    blocks: int
+    spill: bool
+
+
+def _run(binary: Path, header: list[int], offsets, scale: float, eps: float, tensors: list[torch.Tensor],
+         outputs: list[tuple[torch.dtype, int]]) -> tuple[list[torch.Tensor], dict]:
+    assert len(header) == 24
+    blob = struct.pack("<24q", *header) + struct.pack(f"<{len(offsets)}q", *offsets) + struct.pack("<2d", scale, eps)
+    blob += b"".join(_raw(t) for t in tensors)
+    with tempfile.TemporaryDirectory(prefix="mira-emu-") as tmp:
+        case, result = Path(tmp) / "case.bin", Path(tmp) / "result.bin"
+        case.write_bytes(blob)
+        env = dict(os.environ, ASAN_OPTIONS="detect_leaks=0:abort_on_error=1")
+        proc = subprocess.run([str(binary), str(case), str(result)], capture_output=True, text=True,
+                              timeout=TIMEOUT_S, env=env)
+        if proc.returncode != 0:
+            tail = proc.stderr[-4000:]
+            raise AssertionError(f"emulated kernels failed (exit {proc.returncode}):\n{proc.stdout}\n{tail}")
+        data = result.read_bytes()
+    got, at = [], 0
+    for dtype, count in outputs:
+        size = count * torch.empty(0, dtype=dtype).element_size()
+        got.append(_from_raw(data[at : at + size], dtype, count))
+        at += size
+    assert at == len(data), f"driver wrote {len(data)} bytes, expected {at}"
+    stats = dict(kv.split("=") for kv in proc.stdout.split())
+    return got, {k: int(v) for k, v in stats.items()}
+
+
+def _header(mode, x, keys, bank_a, bank_b, separation, mask, smem_budget, io):
+    B, T, d_in = x.shape
+    N, d_k = keys.shape
+    _, S, r, _ = bank_a.shape
+    d_s = bank_b.shape[2]
+    io_storage_len = io.untyped_storage().nbytes() // io.element_size()
+    assert io.storage_offset() == 0
+    return [
+        _MAGIC, _DTYPE_CODE[x.dtype], mode, B, T, d_in, N, d_k, S, r, d_s, _SEP_CODE[separation], *map(int, mask),
+        smem_budget, io_storage_len, *io.stride(), 0, 0,
+    ]
+
+
+def _memory(query, keys, bank_a, bank_b, ct):
+    return [t.detach().to(ct).contiguous() for t in (query, keys, bank_a, bank_b)]
+
+
+def run_forward(binary, x, weight, bias, query, keys, bank_a, bank_b, *, slice_offsets, separation="affine",
+                scale=1.0, eps=reference.DEFAULT_EPS, out=None, smem_budget=SMEM_BUDGET) -> EmuRun:
+    """The CUDA backend's mira_linear, emulated: y = F.linear (as at::linear) then the adapter kernels in place.
+
+    ``out``: optional (B, T, d_out) view with storage offset 0 (any strides) to receive y, as mira_adapter_'s out.
+    """
+    base = F.linear(x, weight, bias)
+    if out is None:
+        out = base.clone()
+    else:
+        out.copy_(base)
+    storage = torch.as_strided(out, (out.untyped_storage().nbytes() // out.element_size(),), (1,))
+    ct = acc_dtype(x.dtype)
+    header = _header(0, x, keys, bank_a, bank_b, separation, (0,) * 5, smem_budget, out)
+    (flat,), stats = _run(binary, header, slice_offsets, scale, eps,
+                          [storage, x, *_memory(query, keys, bank_a, bank_b, ct)], [(x.dtype, storage.numel())])
+    storage.copy_(flat)
+    return EmuRun((out,), stats["launches"], stats["blocks"], bool(stats["spill"]))
+
+
+def run_backward(binary, grad_out, x, weight, query, keys, bank_a, bank_b, *, slice_offsets, separation="affine",
+                 scale=1.0, eps=reference.DEFAULT_EPS, output_mask=(True,) * 5, smem_budget=SMEM_BUDGET) -> EmuRun:
+    """The CUDA backend's mira_linear_backward, emulated: (dx, dquery, dkeys, dbank_a, dbank_b), None where not asked.
+
+    ``grad_out`` may be any strided view with storage offset 0.
+    """
+    need_x, need_q, need_k, need_a, need_b = output_mask
+    ct = acc_dtype(x.dtype)
+    storage = torch.as_strided(grad_out, (grad_out.untyped_storage().nbytes() // grad_out.element_size(),), (1,))
+    header = _header(1, x, keys, bank_a, bank_b, separation, output_mask, smem_budget, grad_out)
+    tensors = [storage, x]
+    if need_x:
+        tensors.append(grad_out @ weight)  # at::matmul in x's dtype
+    tensors += _memory(query, keys, bank_a, bank_b, ct)
+    B, T, d_in = x.shape
+    shapes = [
+        (need_x, x.dtype, x.shape), (need_q, ct, query.shape), (need_k, ct, keys.shape),
+        (need_a, ct, bank_a.shape), (need_b, ct, bank_b.shape),
+    ]
+    outputs = [(dtype, int(torch.Size(shape).numel()) if need else 0) for need, dtype, shape in shapes]
+    got, stats = _run(binary, header, slice_offsets, scale, eps, tensors, outputs)
+    like = (x, query, keys, bank_a, bank_b)
+    grads = tuple(
+        g.view(shape).to(src.dtype) if need else None for g, (need, _, shape), src in zip(got, shapes, like)
+    )
+    return EmuRun(grads, stats["launches"], stats["blocks"], bool(stats["spill"]))

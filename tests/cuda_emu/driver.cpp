@@ -1,0 +1,152 @@
+// Standalone driver that runs the CUDA kernels of csrc/cuda/mira_kernels.cuh on the CPU through the
+// SIMT emulation (simt_emu.h). Built and run by tests/test_cuda_emulation.py; never loaded into a
+// Python process.
+//
+//   driver <case.bin> <result.bin>
+//
+// case.bin (little endian): 24 int64 header fields (see Header), S int64 slice offsets, 2 float64
+// (scale, eps), then the tensors in the order below, raw. result.bin: the outputs in the order below.
+// It runs the same host plan (plan_workspace, launch_adapter, launch_backward) as csrc/cuda/mira_cuda.cu;
+// what the CUDA glue does with ATen (the base GEMMs, dtype conversions) the test does in Python.
+#include "simt_emu.h"
+// clang-format off
+#include "cuda/mira_kernels.cuh"
+// clang-format on
+
+#include <cstdio>
+#include <fstream>
+#include <string>
+#include <vector>
+
+namespace {
+
+struct Header {
+  int64_t magic, dtype, mode, B, T, d_in, N, d_k, S, r, d_s;
+  int64_t sep, need_x, need_q, need_k, need_a, need_b, smem_budget;
+  int64_t io_len, io_sb, io_st, io_se;  // storage length and strides of out (forward) or grad (backward)
+  int64_t reserved0, reserved1;
+};
+static_assert(sizeof(Header) == 24 * 8, "header layout");
+constexpr int64_t kMagic = 0x4d495241454d55;  // "MIRAEMU"
+
+[[noreturn]] void die(const std::string& msg) {
+  std::fprintf(stderr, "driver: %s\n", msg.c_str());
+  std::exit(2);
+}
+
+struct Reader {
+  std::ifstream in;
+  explicit Reader(const char* path) : in(path, std::ios::binary) {
+    if (!in) die(std::string("cannot open ") + path);
+  }
+  template <typename T>
+  std::vector<T> read(int64_t n) {
+    std::vector<T> v(static_cast<size_t>(n));
+    if (n > 0 && !in.read(reinterpret_cast<char*>(v.data()), n * static_cast<int64_t>(sizeof(T))))
+      die("case file is too short");
+    return v;
+  }
+};
+
+struct Writer {
+  std::ofstream out;
+  explicit Writer(const char* path) : out(path, std::ios::binary) {
+    if (!out) die(std::string("cannot open ") + path);
+  }
+  template <typename T>
+  void write(const std::vector<T>& v) {
+    out.write(reinterpret_cast<const char*>(v.data()), static_cast<std::streamsize>(v.size() * sizeof(T)));
+  }
+};
+
+// Deliberately broken kernels: the tests run them to show that the emulation's checks fire.
+__global__ void selftest_divergent_barrier_kernel(int unused) {
+  (void)unused;
+  if (threadIdx.x == 7) return;  // thread 7 skips the barrier the others wait at
+  __syncthreads();
+}
+
+__global__ void selftest_smem_overflow_kernel(int floats) {
+  MIRA_DYNAMIC_SMEM(float, buf);
+  buf[threadIdx.x * 2] = 1.0f;  // half the threads write past `floats` values
+  __syncthreads();
+  if (threadIdx.x == 0 && buf[0] != 1.0f) std::printf("unreachable %d\n", floats);
+}
+
+template <typename scalar_t, typename acc_t>
+void run(const Header& h, const std::vector<int64_t>& offsets, double scale, double eps, Reader& rd, Writer& wr) {
+  using namespace mira_cuda;
+  const Dims d{h.B, h.T, h.d_in, h.N, h.d_k, h.S, h.r, h.d_s};
+  const bool backward = h.mode == 1;
+  const bool need_q = h.need_q, need_k = h.need_k, need_a = h.need_a, need_b = h.need_b;
+  const bool memory_grads = need_q || need_k || need_a || need_b;
+
+  auto io = rd.read<scalar_t>(h.io_len);  // out (forward, in place) or grad (backward)
+  auto x = rd.read<scalar_t>(h.B * h.T * h.d_in);
+  std::vector<scalar_t> dx;
+  if (backward && h.need_x) dx = rd.read<scalar_t>(h.B * h.T * h.d_in);  // G W
+  auto query = rd.read<acc_t>(h.B * h.d_k);
+  auto keys = rd.read<acc_t>(h.N * h.d_k);
+  auto bank_a = rd.read<acc_t>(h.N * d.FA());
+  auto bank_b = rd.read<acc_t>(h.N * d.FB());
+
+  const Workspace ws = plan_workspace<acc_t>(d, backward, memory_grads, h.smem_budget);
+  // NaN-filled: a kernel that reads scratch it did not write shows NaN in the results.
+  std::vector<acc_t> work(static_cast<size_t>(ws.total > 0 ? ws.total : 1), static_cast<acc_t>(NAN));
+  std::vector<acc_t> dq(need_q ? h.B * h.d_k : 0), dk(need_k ? h.N * h.d_k : 0);
+  std::vector<acc_t> dba(need_a ? h.N * d.FA() : 0), dbb(need_b ? h.N * d.FB() : 0);
+
+  CallBuffers<scalar_t, acc_t> cb{};
+  cb.x = x.data();
+  cb.query = query.data(), cb.keys = keys.data(), cb.bank_a = bank_a.data(), cb.bank_b = bank_b.data();
+  cb.ws = work.data();
+  if (!backward) {
+    cb.out = io.data(), cb.out_sb = h.io_sb, cb.out_st = h.io_st, cb.out_se = h.io_se;
+    launch_adapter<scalar_t, acc_t>(d, offsets.data(), static_cast<int>(h.sep), scale, eps, cb, ws, nullptr);
+    wr.write(io);
+  } else {
+    cb.grad = io.data(), cb.g_sb = h.io_sb, cb.g_st = h.io_st, cb.g_se = h.io_se;
+    cb.dx = h.need_x ? dx.data() : nullptr;
+    cb.dq = need_q ? dq.data() : nullptr, cb.dk = need_k ? dk.data() : nullptr;
+    cb.dbank_a = need_a ? dba.data() : nullptr, cb.dbank_b = need_b ? dbb.data() : nullptr;
+    launch_backward<scalar_t, acc_t>(d, offsets.data(), static_cast<int>(h.sep), scale, eps, cb, ws, need_q, need_k,
+                                     need_a, need_b, nullptr);
+    wr.write(dx);
+    wr.write(dq);
+    wr.write(dk);
+    wr.write(dba);
+    wr.write(dbb);
+  }
+  std::printf("launches=%ld blocks=%ld spill=%d workspace=%ld\n", emu::launches.load(), emu::blocks_run.load(),
+              ws.spill ? 1 : 0, static_cast<long>(ws.total));
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc != 3) die("usage: driver <case.bin> <result.bin>");
+  Reader rd(argv[1]);
+  const auto hv = rd.read<Header>(1);
+  const Header& h = hv[0];
+  if (h.magic != kMagic) die("bad magic");
+  if (h.mode == 2) {  // self-test: must abort
+    emu::launch(&selftest_divergent_barrier_kernel, 2, mira_cuda::kThreads, 0, 0);
+    return 0;
+  }
+  if (h.mode == 3) {  // self-test: must abort (AddressSanitizer)
+    emu::launch(&selftest_smem_overflow_kernel, 1, mira_cuda::kThreads, mira_cuda::kThreads * 4, mira_cuda::kThreads);
+    return 0;
+  }
+  if (h.S < 1 || h.S > mira_cuda::kMaxSlices) die("S out of range");
+  const auto offsets = rd.read<int64_t>(h.S);
+  const auto sc = rd.read<double>(2);
+  Writer wr(argv[2]);
+  switch (h.dtype) {
+    case 0: run<float, float>(h, offsets, sc[0], sc[1], rd, wr); break;
+    case 1: run<double, double>(h, offsets, sc[0], sc[1], rd, wr); break;
+    case 2: run<__half, float>(h, offsets, sc[0], sc[1], rd, wr); break;
+    case 3: run<__nv_bfloat16, float>(h, offsets, sc[0], sc[1], rd, wr); break;
+    default: die("unknown dtype code");
+  }
+  return 0;
+}

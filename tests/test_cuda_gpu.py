@@ -1,0 +1,190 @@
+"""The CUDA backend on a GPU: ViT-B sizes against the reference, determinism, CUDA graphs, cuda vs triton.
+
+Skipped on machines without a CUDA device or without the extension's CUDA part; written to run
+unchanged where both exist (``pytest -m gpu tests/test_cuda_gpu.py``).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mira_kernels as mk
+from mira_kernels import reference
+from mira_kernels.reference import SEPARATIONS
+from tests.mira_inputs import assert_close_to_spec, make_inputs
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+    pytest.mark.skipif(
+        torch.cuda.is_available() and "cuda" not in mk.available_backends("cuda"),
+        reason="the extension was built without its CUDA part",
+    ),
+]
+
+# ViT-B/16 qkv projection with adapters on Q and V: d = 768, d_out = 2304, slices at 0 and 1536.
+VIT_B = dict(B=2, T=197, d_in=768, d_out=2304, N=30, S=2, r=4, d_s=768, offsets=[0, 1536])
+GRAD_NAMES = ("x", "query", "keys", "bank_a", "bank_b")
+
+
+def _cuda(inp, dtype):
+    out = inp.to(dtype, memory_dtype=torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype)
+    for name in ("x", "weight", "bias", "query", "keys", "bank_a", "bank_b"):
+        t = getattr(out, name)
+        if t is not None:
+            setattr(out, name, t.cuda())
+    return out
+
+
+def _kw(inp, separation="affine", scale=1.0):
+    return dict(slice_offsets=inp.slice_offsets, separation=separation, scale=scale)
+
+
+def _forward_backward(inp, separation, grad_out, backend="cuda"):
+    leaves = [getattr(inp, n).detach().clone().requires_grad_(True) for n in GRAD_NAMES]
+    x, q, k, a, b = leaves
+    with mk.use_backend(backend):
+        y = mk.mira_linear(x, inp.weight, inp.bias, q, k, a, b, **_kw(inp, separation))
+        y.backward(grad_out)
+    return y.detach(), [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("separation", ["affine", "softmax", "sigmoid"])
+def test_vit_b_matches_reference(dtype, separation):
+    base = make_inputs(**VIT_B, dtype=torch.float64)
+    inp = _cuda(base, dtype)
+    grad_out = torch.randn(VIT_B["B"], VIT_B["T"], VIT_B["d_out"], device="cuda", dtype=dtype)
+    y, grads = _forward_backward(inp, separation, grad_out)
+
+    exact = _cuda(inp, torch.float64)  # the same (rounded) values, in float64
+    want = reference.mira_linear(*exact.linear_args(), **_kw(exact, separation))
+    same = reference.mira_linear(*inp.linear_args(), **_kw(inp, separation))
+    assert_close_to_spec(y, want, same, factor=2.0, what=f"forward {dtype}")
+
+    args = (inp.x, inp.weight, inp.query, inp.keys, inp.bank_a, inp.bank_b)
+    args64 = (exact.x, exact.weight, exact.query, exact.keys, exact.bank_a, exact.bank_b)
+    want_g = reference.mira_linear_backward(grad_out.double(), *args64, **_kw(inp, separation))
+    same_g = reference.mira_linear_backward(grad_out, *args, **_kw(inp, separation))
+    for name, got, w, s in zip(GRAD_NAMES, grads, want_g, same_g):
+        assert_close_to_spec(got, w, s, factor=3.0, what=f"d{name} {dtype}")
+
+
+@pytest.mark.parametrize("separation", SEPARATIONS)
+@pytest.mark.parametrize(
+    "shape",
+    [
+        dict(B=3, T=17, d_in=123, d_out=300, N=7, S=3, r=5, d_s=100, offsets=[200, 0, 100]),
+        dict(B=2, T=5, d_in=12, d_out=36, N=0, S=2, r=3),
+        dict(B=2, T=5, d_in=12, d_out=36, N=1, S=2, r=3),
+        dict(B=2, T=3, d_in=8, d_out=8, N=300, S=1, r=1, d_s=8),
+        # S*r = 600: 8 tile rows of doubles exceed the 32 KiB shared budget, the rows go to global memory.
+        dict(B=2, T=4, d_in=16, d_out=2048, N=3, S=2, r=300, d_s=1024, offsets=[0, 1024]),
+    ],
+)
+def test_odd_shapes_float64(shape, separation):
+    inp = _cuda(make_inputs(**shape, dtype=torch.float64), torch.float64)
+    grad_out = torch.randn(inp.x.shape[0], inp.x.shape[1], inp.weight.shape[0], device="cuda", dtype=torch.float64)
+    y, grads = _forward_backward(inp, separation, grad_out)
+    want = reference.mira_linear(*inp.linear_args(), **_kw(inp, separation))
+    torch.testing.assert_close(y, want, rtol=1e-9, atol=1e-9)
+    want_g = reference.mira_linear_backward(
+        grad_out, inp.x, inp.weight, inp.query, inp.keys, inp.bank_a, inp.bank_b, **_kw(inp, separation)
+    )
+    for name, got, w in zip(GRAD_NAMES, grads, want_g):
+        torch.testing.assert_close(got, w, rtol=1e-8, atol=1e-8, msg=f"d{name}")
+
+
+def test_empty_batch():
+    inp = _cuda(make_inputs(B=0, T=4, d_in=12, d_out=36, N=3, S=2, r=3, dtype=torch.float32), torch.float32)
+    grad_out = torch.randn(0, 4, 36, device="cuda")
+    y, grads = _forward_backward(inp, "affine", grad_out)
+    assert y.shape == (0, 4, 36)
+    assert all(g is not None and torch.count_nonzero(g) == 0 for g in grads[1:])
+
+
+def test_adapter_inplace_on_strided_out():
+    inp = _cuda(make_inputs(**VIT_B, dtype=torch.float64), torch.float16)
+    base = torch.nn.functional.linear(inp.x, inp.weight, inp.bias)
+    storage = torch.zeros(VIT_B["T"], VIT_B["B"], 2 * VIT_B["d_out"], device="cuda", dtype=torch.float16)
+    out = storage.permute(1, 0, 2)[..., ::2]
+    out.copy_(base)
+    with torch.no_grad(), mk.use_backend("cuda"):
+        mk.mira_adapter_(out, *inp.adapter_args(), **_kw(inp))
+    with mk.use_backend("reference"):
+        want = mk.mira_linear(*inp.linear_args(), **_kw(inp))
+    torch.testing.assert_close(out, want, rtol=2e-3, atol=2e-3)
+
+
+def test_deterministic():
+    inp = _cuda(make_inputs(**VIT_B, dtype=torch.float64), torch.float32)
+    grad_out = torch.randn(VIT_B["B"], VIT_B["T"], VIT_B["d_out"], device="cuda")
+    y1, g1 = _forward_backward(inp, "softmax", grad_out)
+    y2, g2 = _forward_backward(inp, "softmax", grad_out)
+    assert torch.equal(y1, y2)
+    for name, a, b in zip(GRAD_NAMES, g1, g2):
+        # dx includes ATen's GEMM (G W); the adapter kernels themselves never use atomics.
+        assert torch.equal(a, b), f"d{name} differs between runs"
+
+
+def test_cuda_graph_capture_and_replay():
+    inp = _cuda(make_inputs(**VIT_B, dtype=torch.float64), torch.bfloat16)
+    static = [t.clone() for t in inp.linear_args()]
+    kw = _kw(inp, "affine")
+
+    def step():
+        with torch.no_grad(), mk.use_backend("cuda"):
+            return mk.mira_linear(*static, **kw)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):  # warm up outside the capture (allocator, lazy init)
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y_static = step()
+
+    fresh = _cuda(make_inputs(**VIT_B, dtype=torch.float64, seed=7), torch.bfloat16)
+    for dst, src in zip(static, fresh.linear_args()):
+        dst.copy_(src)
+    graph.replay()
+    torch.cuda.synchronize()
+    with torch.no_grad(), mk.use_backend("cuda"):
+        eager = mk.mira_linear(*fresh.linear_args(), **kw)
+    assert torch.equal(y_static, eager)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_agrees_with_triton(dtype):
+    if "triton" not in mk.available_backends("cuda"):
+        pytest.skip("the triton backend is not available")
+    inp = _cuda(make_inputs(**VIT_B, dtype=torch.float64), dtype)
+    grad_out = torch.randn(VIT_B["B"], VIT_B["T"], VIT_B["d_out"], device="cuda", dtype=dtype)
+    y_c, g_c = _forward_backward(inp, "affine", grad_out, backend="cuda")
+    y_t, g_t = _forward_backward(inp, "affine", grad_out, backend="triton")
+    exact = _cuda(inp, torch.float64)
+    want = reference.mira_linear(*exact.linear_args(), **_kw(exact))
+    same = reference.mira_linear(*inp.linear_args(), **_kw(inp))
+    # Both within the house bound of the spec, hence within twice that bound of each other.
+    assert_close_to_spec(y_c, want, same, factor=2.0, what="cuda forward")
+    assert_close_to_spec(y_t, want, same, factor=2.0, what="triton forward")
+    tol = 4.0 * (same.double() - want).abs().max().item() + 1e-6
+    assert (y_c.double() - y_t.double()).abs().max().item() <= tol
+    for name, a, b in zip(GRAD_NAMES, g_c, g_t):
+        scale = b.double().abs().max().item() + 1e-6
+        rel = (a.double() - b.double()).abs().max().item() / scale
+        assert rel < (1e-2 if dtype == torch.bfloat16 else 1e-4), f"d{name}: cuda vs triton relative gap {rel:.2e}"
+
+
+def test_opcheck_cuda_ops():
+    inp = _cuda(make_inputs(B=2, T=5, d_in=12, d_out=36, N=4, S=2, r=3, dtype=torch.float64), torch.float32)
+    args = (*inp.linear_args(), inp.slice_offsets, "softmax", 0.5, 1e-2)
+    # Schema only: the private backend ops have no fake kernels (the public op does) and no autograd.
+    torch.library.opcheck(torch.ops.mira._cuda_mira_linear.default, args, test_utils=("test_schema",))
+    grad_out = torch.randn(2, 5, 36, device="cuda")
+    bwd = (grad_out, inp.x, inp.weight, inp.query, inp.keys, inp.bank_a, inp.bank_b, inp.slice_offsets, "softmax",
+           0.5, 1e-2, [True] * 5)
+    torch.library.opcheck(torch.ops.mira._cuda_mira_linear_backward.default, bwd, test_utils=("test_schema",))
