@@ -717,6 +717,11 @@ def _callables(variants: Variants, x: torch.Tensor, cfg: BenchConfig, compiled: 
     return fns
 
 
+def _variant_names(variants: Variants, compiled: dict) -> list[str]:
+    gemm = ["gemm_backbone"] if variants.gemm_backbone is not None else []
+    return ["backbone", *gemm, "fused", "reference", "eager", *compiled]
+
+
 def headline_pair(variants: Variants) -> tuple[str, str]:
     return ("fused", "gemm_backbone" if variants.gemm_backbone is not None else "backbone")
 
@@ -724,9 +729,9 @@ def headline_pair(variants: Variants) -> tuple[str, str]:
 def end_to_end(variants: Variants, batch: int, cfg: BenchConfig, timer: Callable, compiled: dict) -> dict:
     """Interleaved rounds of every variant at ``batch``; ratios against the backbone(s)."""
     x = images(variants, batch, cfg.seed)
-    fns = _callables(variants, x, cfg, compiled)
     head = headline_pair(variants)
     with torch.inference_mode():
+        fns = _callables(variants, x, cfg, compiled)  # CUDA graphs are captured in inference mode too
         rounds = interleave(fns, timer, watch=head, budget=_budget_for(cfg, batch), width=cfg.e2e_width,
                             min_rounds=cfg.e2e_min_rounds, warmup=1 if cfg.quick else 2, seed=cfg.seed + batch)
     out: dict = {"rounds": rounds.rounds, "seconds": rounds.seconds, "stopped_by": rounds.stopped_by,
@@ -768,7 +773,7 @@ def compile_variants(variants: Variants, cfg: BenchConfig) -> dict:
 
 def measure_batch(variants: Variants, batch: int, cfg: BenchConfig, timer: Callable, compiled: dict) -> dict:
     """End-to-end rounds, then the decomposition of block 0, at one batch size."""
-    log(f"[B={batch}] end to end: {', '.join(_callables(variants, images(variants, 1, 0), cfg, compiled))} "
+    log(f"[B={batch}] end to end: {', '.join(_variant_names(variants, compiled))} "
         f"(budget {_budget_for(cfg, batch):.0f} s)")
     e2e = end_to_end(variants, batch, cfg, timer, compiled)
     log(f"[B={batch}] {e2e['rounds']} rounds in {e2e['seconds']:.0f} s; op-level pairs on block 0")
@@ -903,6 +908,8 @@ def format_table(record: dict) -> str:
             lines.append(f"  {v['label']:<32} {1e3 * v['median_s']:>8.1f} ms   {over:<34} {width:>9}")
             if "vs_gemm_backbone" in v:
                 lines.append(f"  {'  ... vs backbone on GEMM path':<32} {'':>11}  {_pct(v['vs_gemm_backbone'])}")
+            if "vs_compiled_backbone" in v:
+                lines.append(f"  {'  ... vs torch.compile(backbone)':<32} {'':>11}  {_pct(v['vs_compiled_backbone'])}")
         blk = res["block"]
         ov = res["overhead"]
         n = record["n_blocks"]
