@@ -19,16 +19,25 @@ pairs (tens of ms each) resolve a few tenths of a percent with a few hundred pai
    ``--compile``, ``torch.compile`` of the backbone and of the MIRA model.
 2. **Decomposed**: the 12 blocks have identical shapes, so one representative block (block 0, its
    real input activations) is measured at op level and multiplied by the number of adapted blocks:
-   the paired extra time of the fused op over the same op with an empty memory (the same GEMM path
-   without the adapter), plus the query module's time, over the backbone's median end-to-end time.
-   Beside it: the whole MIRA projection module (query, Python wrapper and dispatch included) over
-   the stock ``nn.Linear``, the eager baseline over the stock ``nn.Linear``, and the arithmetic
-   floor (extra multiply-adds over the backbone's).
+   the paired extra time of the fused op (public ``mira_kernels.mira_linear``, dispatch included)
+   over the plain projection on the same GEMM path (the stock ``nn.Linear`` where the backend's
+   base GEMM is ``nn.Linear``'s, else the same op with an empty memory), plus the query module's
+   time, over the backbone's median end-to-end time. Beside it: the adapter's math alone (the op
+   over the same op with an empty memory), the whole MIRA projection module (query, Python wrapper
+   and op) over the stock ``nn.Linear``, the eager baseline over the stock ``nn.Linear``, and the
+   arithmetic floor (extra multiply-adds over the backbone's).
 
 Correctness is asserted before anything is timed (MIRA fused vs the reference backend and the
 eager baseline, end to end and per block; the adapters must change the output). Results: a
 terminal table, one JSON line per run appended to ``benchmarks/results/latency.jsonl``, rows in
 ``latency.csv``, the table in ``latency.txt`` and PNG plots (``benchmarks/plots.py``).
+
+Usage::
+
+    python -m benchmarks.latency                      # B = 1 and 8, ~4 min on an idle 2-core CPU
+    python -m benchmarks.latency --quick              # ~1 min, wider intervals
+    python -m benchmarks.latency --batch-sizes 8 --sweep-slots 1 10 30 100 --sweep-ranks 4 16 64
+    python -m benchmarks.latency --compile            # adds torch.compile of backbone and MIRA
 
 On a CUDA device the same harness times with CUDA events, flushes the L2 cache before every timed
 call (``--no-flush-l2`` to keep it warm) and can replay CUDA graphs (``--cuda-graphs``). No GPU is
