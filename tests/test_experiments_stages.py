@@ -1,0 +1,122 @@
+"""The two stages on a tiny untrained ViT: pool layout, consolidation under DualGPM, CIL head masking."""
+
+import warnings
+
+import pytest
+import torch
+
+import mira
+from mira.experiments import protocols as P
+from mira.experiments.backbone import BackboneConfig, create_backbone
+from mira.experiments.dualgpm import GradientProjectionMemory
+from mira.experiments.stages import (
+    RecipeConfig,
+    Task,
+    _masked,
+    append_task_adapters,
+    attach_memory_model,
+    consolidate,
+    gpm_update,
+    train_adapter_pool,
+)
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*plain-PyTorch reference.*")
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    torch.manual_seed(0)
+    model = create_backbone(BackboneConfig(embed_dim=16, depth=2, num_heads=2, img_size=8, patch_size=4))
+    model.eval().requires_grad_(False)
+    return model
+
+
+def _tasks(n_tasks=2, n=24, classes_per_task=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    tasks = []
+    for t in range(n_tasks):
+        cls = tuple(range(10)) if classes_per_task is None else tuple(
+            range(t * classes_per_task, (t + 1) * classes_per_task))
+        y = torch.tensor(cls)[torch.randint(len(cls), (n,), generator=g)]
+        x = torch.rand(n, 1, 8, 8, generator=g) * 0.5 + y.view(-1, 1, 1, 1) / 20
+        tasks.append(Task(f"t{t}", x, y, x[:8], y[:8], cls))
+    return tasks
+
+
+CFG = RecipeConfig(adapters_per_task=2, batch_size=8, max_epochs=1, consolidation_epochs=1)
+
+
+def test_adapter_pool_writes_every_adapter_in_task_order(backbone):
+    tasks = _tasks(3, classes_per_task=2)
+    pool = train_adapter_pool(backbone, tasks, CFG, seed=0, local_labels=True)
+    assert pool.slot_task.tolist() == [0, 0, 1, 1, 2, 2]
+    assert len(pool.bank_a) == 2 and pool.bank_a[0].shape == (6, 2, 4, 16) and pool.bank_b[0].shape == (6, 2, 16, 4)
+    # trained adapters are not the zero-B initialisation, and copies differ (different seeds)
+    assert pool.bank_b[0].abs().amax(dim=(1, 2, 3)).min() > 0
+    assert not torch.equal(pool.bank_a[0][0], pool.bank_a[0][1])
+    assert [h[0].shape for h in pool.heads] == [(2, 16)] * 3  # CIL: one row per class of the task
+    assert all(torch.isfinite(b).all() for b in pool.bank_a + pool.bank_b)
+
+
+def test_consolidation_trains_keys_and_head_not_adapters_and_gpm_protects_old_outputs(backbone):
+    tasks = _tasks(2)
+    pool = train_adapter_pool(backbone, tasks, CFG, seed=1, local_labels=False)
+    model = attach_memory_model(backbone, rank=4, head_rows=10)
+    gen = torch.Generator().manual_seed(0)
+    gpm = GradientProjectionMemory(threshold=0.999)
+    append_task_adapters(model, pool, 0, [torch.randn(2, 16)] * 2)
+    consolidate(model, tasks[0].train_x, tasks[0].train_y, CFG, gen)
+    gpm_update(model, gpm, tasks[0].train_x)
+    probe = tasks[0].train_x[:16]
+    with torch.no_grad():
+        feats = model.forward_head(model.forward_features(probe * 2 - 1), pre_logits=True)
+        head_before = model.head(feats)
+    bank_before = mira.memories(model)[0].bank_a.clone()
+    keys_before = [m.keys.detach().clone() for m in mira.memories(model)]
+    append_task_adapters(model, pool, 1, [torch.randn(2, 16)] * 2)
+    consolidate(model, tasks[1].train_x, tasks[1].train_y, CFG, gen, gpm=gpm)
+    mem0 = mira.memories(model)[0]
+    assert torch.equal(mem0.bank_a[:2], bank_before)  # adapters frozen
+    assert mem0.num_slots == 4
+    # keys moved, but (block 0) only orthogonally to the stored queries
+    q_basis = gpm.basis("keys.0").float()
+    delta = mem0.keys.detach()[:2] - keys_before[0]
+    assert delta.abs().max() > 0
+    assert (delta @ q_basis).abs().max() < 1e-4 * max(delta.abs().max().item(), 1e-12) + 1e-6
+    # the head's logits on old-task features are unchanged up to the 0.999-energy residual
+    with torch.no_grad():
+        head_after = model.head(feats)
+    assert (head_after - head_before).abs().max() < 0.05 * head_before.abs().max()
+
+
+def test_cil_masks_old_classes_and_grows_head(backbone):
+    tasks = _tasks(2, classes_per_task=2)
+    pool = train_adapter_pool(backbone, tasks, CFG, seed=2, local_labels=True)
+    cfg = P.ProtocolConfig(recipe=CFG)
+    for variant in ("mira", "uniform_mean", "seq_lora"):
+        r = P.run_continual("cil", variant, backbone, tasks, pool, cfg, seed=0, keep_model=True)
+        assert r["model"].head.weight.shape == (4, 16)
+        assert len(r["acc"]) == 2 and all(0 <= a <= 1 for a in r["final_row"])
+    # masking: a loss on task-1 classes gives the old rows (0, 1) no gradient
+    model = r["model"]
+    mask = torch.zeros(10, dtype=torch.bool)
+    mask[[2, 3]] = True
+    model.head.weight.requires_grad_(True)
+    model.head.weight.grad = None
+    feats = torch.randn(5, 16)
+    loss = torch.nn.functional.cross_entropy(_masked(model.head(feats), mask), torch.tensor([2, 3, 2, 3, 2]))
+    loss.backward()
+    assert model.head.weight.grad[:2].abs().max() == 0 and model.head.weight.grad[2:].abs().max() > 0
+
+
+def test_uniform_mean_weights_are_exactly_uniform(backbone):
+    tasks = _tasks(2)
+    pool = train_adapter_pool(backbone, tasks, CFG, seed=3, local_labels=False)
+    cfg = P.ProtocolConfig(recipe=RecipeConfig(adapters_per_task=2, batch_size=8, max_epochs=1,
+                                               consolidation_epochs=0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        r = P.run_continual("dil", "uniform_mean", backbone, tasks, pool, cfg, seed=0, keep_model=True)
+    prof = P.retrieval_profile(r["model"], tasks)
+    w = torch.tensor(prof)
+    torch.testing.assert_close(w, torch.full_like(w, 0.25))
