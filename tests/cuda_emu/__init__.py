@@ -28,11 +28,18 @@ EMU_DIR = Path(__file__).resolve().parent
 KERNEL_HEADER = ROOT / "csrc" / "cuda" / "mira_kernels.cuh"
 SOURCES = (KERNEL_HEADER, EMU_DIR / "simt_emu.h", EMU_DIR / "driver.cpp")
 BUILD_DIR = ROOT / "build" / "cuda_emu"  # gitignored
-# AddressSanitizer + UBSan: out-of-bounds reads/writes of global or dynamic shared memory abort the run.
-CXX_FLAGS = (
-    "-std=c++20", "-O1", "-g", "-pthread", "-Wall", "-Wextra", "-Wno-unknown-pragmas", "-Werror",
-    "-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer",
-)
+CXX_FLAGS = ("-std=c++20", "-O1", "-g", "-pthread", "-Wall", "-Wextra", "-Wno-unknown-pragmas", "-Werror",
+             "-fno-omit-frame-pointer")
+SANITIZERS = {
+    # Out-of-bounds reads/writes of global or dynamic shared memory, undefined behaviour: abort the run.
+    "address": ("-fsanitize=address,undefined", "-fno-sanitize-recover=all"),
+    # Data races between the threads of a block (a missing __syncthreads): reported, exit code 66.
+    "thread": ("-fsanitize=thread",),
+}
+SANITIZER_ENV = {
+    "address": {"ASAN_OPTIONS": "detect_leaks=0:abort_on_error=1"},
+    "thread": {"TSAN_OPTIONS": "halt_on_error=1:exitcode=66"},
+}
 TIMEOUT_S = 120  # a deadlocked barrier (divergent __syncthreads) must fail, not hang
 
 _MAGIC = 0x4D495241454D55
@@ -41,22 +48,26 @@ _SEP_CODE = {name: i for i, name in enumerate(reference.SEPARATIONS)}
 SMEM_BUDGET = 32 * 1024  # mira_cuda::kSmemBudget, what the CUDA glue passes
 
 
-def build_driver() -> Path:
-    """Compiles the driver once per content of its sources and flags; returns the binary's path."""
+def build_driver(sanitizer: str = "address") -> Path:
+    """Compiles the driver once per content of its sources and flags; returns the binary's path.
+
+    ``sanitizer``: ``address`` (ASan + UBSan) or ``thread`` (TSan).
+    """
     cxx = os.environ.get("CXX", "g++")
     if shutil.which(cxx) is None:
         raise RuntimeError(f"the CUDA emulation needs a C++20 compiler; {cxx!r} was not found")
+    flags = (*CXX_FLAGS, *SANITIZERS[sanitizer])
     digest = hashlib.sha256()
     for path in SOURCES:
         digest.update(path.read_bytes())
-    digest.update(" ".join((cxx, *CXX_FLAGS)).encode())
-    binary = BUILD_DIR / f"driver-{digest.hexdigest()[:16]}"
+    digest.update(" ".join((cxx, *flags)).encode())
+    binary = BUILD_DIR / f"driver-{sanitizer}-{digest.hexdigest()[:16]}"
     if binary.exists():
         return binary
     BUILD_DIR.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=BUILD_DIR, prefix=".driver-", delete=False) as tmp:
         tmp_path = Path(tmp.name)
-    cmd = [cxx, *CXX_FLAGS, f"-I{ROOT / 'csrc'}", f"-I{EMU_DIR}", str(EMU_DIR / "driver.cpp"), "-o", str(tmp_path)]
+    cmd = [cxx, *flags, f"-I{ROOT / 'csrc'}", f"-I{EMU_DIR}", str(EMU_DIR / "driver.cpp"), "-o", str(tmp_path)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         tmp_path.unlink(missing_ok=True)
@@ -100,7 +111,7 @@ def _run(binary: Path, header: list[int], offsets, scale: float, eps: float, ten
     with tempfile.TemporaryDirectory(prefix="mira-emu-") as tmp:
         case, result = Path(tmp) / "case.bin", Path(tmp) / "result.bin"
         case.write_bytes(blob)
-        env = dict(os.environ, ASAN_OPTIONS="detect_leaks=0:abort_on_error=1")
+        env = dict(os.environ, **SANITIZER_ENV["thread" if "-thread-" in binary.name else "address"])
         proc = subprocess.run([str(binary), str(case), str(result)], capture_output=True, text=True,
                               timeout=TIMEOUT_S, env=env)
         if proc.returncode != 0:

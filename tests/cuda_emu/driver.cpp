@@ -73,6 +73,13 @@ __global__ void selftest_smem_overflow_kernel(int floats) {
   if (threadIdx.x == 0 && buf[0] != 1.0f) std::printf("unreachable %d\n", floats);
 }
 
+__global__ void selftest_shared_race_kernel(float* out) {
+  __shared__ float buf[mira_cuda::kThreads];
+  buf[threadIdx.x] = static_cast<float>(threadIdx.x);
+  // A __syncthreads() is missing here: the read below races with another thread's write.
+  out[threadIdx.x] = buf[(threadIdx.x + 1) % mira_cuda::kThreads];
+}
+
 template <typename scalar_t, typename acc_t>
 void run(const Header& h, const std::vector<int64_t>& offsets, double scale, double eps, Reader& rd, Writer& wr) {
   using namespace mira_cuda;
@@ -131,6 +138,11 @@ int main(int argc, char** argv) {
   if (h.magic != kMagic) die("bad magic");
   if (h.mode == 2) {  // self-test: must abort
     emu::launch(&selftest_divergent_barrier_kernel, 2, mira_cuda::kThreads, 0, 0);
+    return 0;
+  }
+  if (h.mode == 4) {  // self-test: must be reported by ThreadSanitizer
+    std::vector<float> out(mira_cuda::kThreads);
+    emu::launch(&selftest_shared_race_kernel, 1, mira_cuda::kThreads, 0, out.data());
     return 0;
   }
   if (h.mode == 3) {  // self-test: must abort (AddressSanitizer)

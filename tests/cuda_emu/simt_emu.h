@@ -14,9 +14,11 @@
 // executes (divergent barrier: some thread returned, or synchronised a different number of times);
 // reads and writes past the requested dynamic shared memory, or past any global buffer, are caught by
 // AddressSanitizer when the driver is built with it (the tests do).
-// Not modelled: warp-synchronous execution (the kernels use no warp intrinsics), memory-model
-// weaknesses beyond what the barrier orders, performance, CUDA's math-library ulp errors (host libm
-// is used), inline PTX and tensor cores (the kernels use neither).
+// Built with -fsanitize=thread, races between a block's threads (a missing __syncthreads) are
+// reported: the barrier is the only happens-before edge between them.
+// Not modelled: warp-synchronous execution (the kernels use no warp intrinsics), races between
+// blocks (blocks run in turn), performance, CUDA's math-library ulp errors (host libm is used),
+// inline PTX and tensor cores (the kernels use neither).
 #pragma once
 
 #include <atomic>
