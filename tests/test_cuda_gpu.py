@@ -124,7 +124,7 @@ def test_deterministic():
     y2, g2 = _forward_backward(inp, "softmax", grad_out)
     assert torch.equal(y1, y2)
     for name, a, b in zip(GRAD_NAMES, g1, g2):
-        # dx includes ATen's GEMM (G W); the adapter kernels themselves never use atomics.
+        # dx includes ATen's GEMM (G W), deterministic on one stream; the adapter kernels use no atomics.
         assert torch.equal(a, b), f"d{name} differs between runs"
 
 
@@ -154,7 +154,9 @@ def test_cuda_graph_capture_and_replay():
     torch.cuda.synchronize()
     with torch.no_grad(), mk.use_backend("cuda"):
         eager = mk.mira_linear(*fresh.linear_args(), **kw)
-    assert torch.equal(y_static, eager)
+    # The replay saw the new inputs (the adapter kernels are the same; cuBLAS may pick another GEMM
+    # algorithm under capture, hence a tolerance rather than bitwise equality).
+    torch.testing.assert_close(y_static, eager)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
