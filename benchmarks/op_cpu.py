@@ -415,9 +415,9 @@ def main(argv=None) -> int:
     for batch in args.batches:
         t0 = time.perf_counter()
         c = make_case(batch)
-        ref_kwargs = dict(slice_offsets=OFFSETS)
         compiled = torch.compile(
-            lambda x, q, c=c: reference.mira_linear(*_args(c, x, q), **ref_kwargs), dynamic=False, fullgraph=True
+            lambda x, q, c=c: reference.mira_linear(*_args(c, x, q), slice_offsets=OFFSETS), dynamic=False,
+            fullgraph=True,
         )
         checks = check_correctness(c, compiled)
         budget = args.budget * (0.5 if batch == 1 else 1.0 if batch <= 8 else 1.5)

@@ -16,9 +16,9 @@
 // processed in blocks of kRowBlock rows of one sample (at::parallel_for over (sample, block)):
 // the shrink h = x A_b^T (dot_block) then the expand per slice (axpy_block), row block in cache.
 //
-// Backward: one pass per sample (parallel over samples) recomputes h, forms dh = G_s B_b, writes
-// the adapter part of dx (dh A_b), and reduces dA_b = dh^T x and dB_b = scale G_s^T h over the
-// sample's tokens in token order; then dx += G W with one beta = 1 GEMM, and the small
+// Backward: a pass over token blocks recomputes h, forms dh = G_s B_b and writes the adapter part
+// of dx (dh A_b); a pass over (sample, feature chunk) reduces dA_b = dh^T x and dB_b = scale G_s^T h
+// over the sample's tokens in token order; then dx += G W with one beta = 1 GEMM, and the small
 // (B, N)-sized tail: dw, separation and cosine backward, dbank = w^T dA / w^T dB (ordered over b).
 // Every reduction of this file has a fixed order, so results are bitwise identical run to run
 // (and across thread counts); only the two MKL GEMMs (base projection and G W) are the GEMM
@@ -492,31 +492,53 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
   at::Tensor dx_adapter = need_x ? at::empty({s.B, s.T, s.d_in}, x.options().dtype(ct)) : at::Tensor();
   std::vector<T> dA(need_adapter ? s.B * Fa : 0), dBt(need_adapter ? s.B * Fb : 0);
 
-  // One task per sample: its dA_b, dB_b are ordered reductions over its tokens, no atomics.
-  if ((need_x || need_adapter) && s.B > 0) {
+  // Two parallel phases, so that even B = 1 keeps every thread busy:
+  //  1. per (sample, token block): dh = G_s (scale B_b) (Bt is pre-scaled), the adapter part of dx
+  //     (dh A_b), and h = x A_b^T when the memory side needs gradients;
+  //  2. per (sample, feature chunk): dA_b = dh^T x and dB_b^T = scale h_s^T G_s, each element an
+  //     ordered sum over the sample's tokens (no atomics, same bits at any thread count).
+  const int64_t blocks = (s.T + kRowBlock - 1) / kRowBlock;
+  std::vector<T> h(need_adapter ? s.B * s.T * s.SR : 0), dh(s.B * s.T * s.SR);
+  if ((need_x || need_adapter) && s.B * s.T > 0) {
     T* DX = need_x ? dx_adapter.data_ptr<T>() : nullptr;
-    at::parallel_for(0, s.B, 1, [&](int64_t begin, int64_t end) {
-      std::vector<T> h(s.T * s.SR), dh(s.T * s.SR);  // per task range, reused across its samples
-      for (int64_t b = begin; b < end; ++b) {
-        const T* Gb = G + b * s.T * d_out;
-        const T* Xb = X + b * s.T * s.d_in;
+    at::parallel_for(0, s.B * blocks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t b = task / blocks, t0 = (task % blocks) * kRowBlock;
+        const int64_t rows = std::min(kRowBlock, s.T - t0), row0 = b * s.T + t0;
         const T* A = m.A.data() + b * Fa;
         const T* Bt = m.Bt.data() + b * Fb;
-        for (int64_t sl = 0; sl < s.S; ++sl)  // dh = G_s (scale B_b): Bt is pre-scaled
-          K.dot_block(s.T, s.r, s.d_s, Gb + s.offsets[sl], d_out, Bt + sl * s.r * s.d_s, s.d_s, dh.data() + sl * s.r,
-                      s.SR, T(1));
-        if (need_x)  // adapter part of dx: dh A_b
-          K.axpy_block(s.T, s.SR, s.d_in, dh.data(), s.SR, 1, A, s.d_in, DX + b * s.T * s.d_in, s.d_in, nullptr,
-                       false);
-        if (need_adapter) {
-          K.dot_block(s.T, s.SR, s.d_in, Xb, s.d_in, A, s.d_in, h.data(), s.SR, T(1));  // h = x A_b^T
-          // dA_b = dh^T x, dB_b^T = scale h_s^T G_s: the token index is the reduction, in order.
-          K.axpy_block(s.SR, s.T, s.d_in, dh.data(), 1, s.SR, Xb, s.d_in, dA.data() + b * Fa, s.d_in, nullptr, false);
-          for (int64_t sl = 0; sl < s.S; ++sl)
-            K.axpy_block(s.r, s.T, s.d_s, h.data() + sl * s.r, 1, s.SR, Gb + s.offsets[sl], d_out,
-                         dBt.data() + b * Fb + sl * s.r * s.d_s, s.d_s, nullptr, false);
-          const T sc = T(scale);
-          for (int64_t i = 0; i < Fb; ++i) dBt[b * Fb + i] *= sc;
+        T* dhr = dh.data() + row0 * s.SR;
+        for (int64_t sl = 0; sl < s.S; ++sl)
+          K.dot_block(rows, s.r, s.d_s, G + row0 * d_out + s.offsets[sl], d_out, Bt + sl * s.r * s.d_s, s.d_s,
+                      dhr + sl * s.r, s.SR, T(1));
+        if (need_x)
+          K.axpy_block(rows, s.SR, s.d_in, dhr, s.SR, 1, A, s.d_in, DX + row0 * s.d_in, s.d_in, nullptr, false);
+        if (need_adapter)
+          K.dot_block(rows, s.SR, s.d_in, X + row0 * s.d_in, s.d_in, A, s.d_in, h.data() + row0 * s.SR, s.SR, T(1));
+      }
+    });
+  }
+  if (need_adapter && s.B > 0) {
+    constexpr int64_t kChunk = 256;  // feature columns per task: x/G column strips stay in L1/L2
+    const int64_t a_chunks = (s.d_in + kChunk - 1) / kChunk, b_chunks = (s.d_s + kChunk - 1) / kChunk;
+    const int64_t per_sample = a_chunks + s.S * b_chunks;
+    const T sc = T(scale);
+    at::parallel_for(0, s.B * per_sample, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t b = task / per_sample, c = task % per_sample;
+        const T* dhb = dh.data() + b * s.T * s.SR;
+        if (c < a_chunks) {
+          const int64_t c0 = c * kChunk, n = std::min(kChunk, s.d_in - c0);
+          K.axpy_block(s.SR, s.T, n, dhb, 1, s.SR, X + b * s.T * s.d_in + c0, s.d_in, dA.data() + b * Fa + c0, s.d_in,
+                       nullptr, false);
+        } else {
+          const int64_t sl = (c - a_chunks) / b_chunks, e0 = ((c - a_chunks) % b_chunks) * kChunk;
+          const int64_t n = std::min(kChunk, s.d_s - e0);
+          T* dst = dBt.data() + b * Fb + sl * s.r * s.d_s + e0;
+          K.axpy_block(s.r, s.T, n, h.data() + b * s.T * s.SR + sl * s.r, 1, s.SR,
+                       G + b * s.T * d_out + s.offsets[sl] + e0, d_out, dst, s.d_s, nullptr, false);
+          for (int64_t k2 = 0; k2 < s.r; ++k2)
+            for (int64_t i = 0; i < n; ++i) dst[k2 * s.d_s + i] *= sc;
         }
       }
     });
