@@ -108,7 +108,7 @@ def test_weight_regimes_float32(driver, regime):
 
 EDGE_SHAPES = {
     "N=0": dict(B=2, T=3, d_in=5, d_out=8, N=0, S=1, r=2, d_s=8),
-    "N=1": dict(B=2, T=3, d_in=5, d_out=8, N=1, S=1, r=2, d_s=8),
+    "N=1": dict(B=2, T=8, d_in=5, d_out=8, N=1, S=1, r=2, d_s=8),  # T = one full token tile
     "r=1,S=1,B=1": dict(B=1, T=9, d_in=6, d_out=6, N=3, S=1, r=1, d_s=6),
     # S*r = 15 spans two register tiles; three slices out of order with gaps.
     "S=3,r=5": dict(B=2, T=4, d_in=9, d_out=30, N=4, S=3, r=5, d_s=6, offsets=[20, 0, 8]),

@@ -193,14 +193,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mira_line
   const at::Tensor q = memory_operand(query, ct), k = memory_operand(keys, ct);
   const at::Tensor ba = memory_operand(bank_a, ct), bb = memory_operand(bank_b, ct);
   const auto acc_opts = x.options().dtype(ct);
-  const at::Tensor none = at::empty({0}, x.options());
+  // A gradient not asked for is an empty tensor, a distinct one per output (outputs must not alias).
+  const auto none = [&x] { return at::empty({0}, x.options()); };
 
   // dx starts as G W in x's dtype (as the reference's grad_out @ weight); the kernels add the adapter part.
-  at::Tensor dx = need_x ? at::matmul(grad_out, weight).contiguous() : none;
-  at::Tensor dq = need_q ? at::empty({d.B, d.d_k}, acc_opts) : none;
-  at::Tensor dk = need_k ? at::empty({d.N, d.d_k}, acc_opts) : none;
-  at::Tensor dba = need_a ? at::empty({d.N, d.S, d.r, d.d_in}, acc_opts) : none;
-  at::Tensor dbb = need_b ? at::empty({d.N, d.S, d.d_s, d.r}, acc_opts) : none;
+  at::Tensor dx = need_x ? at::matmul(grad_out, weight).contiguous() : none();
+  at::Tensor dq = need_q ? at::empty({d.B, d.d_k}, acc_opts) : none();
+  at::Tensor dk = need_k ? at::empty({d.N, d.d_k}, acc_opts) : none();
+  at::Tensor dba = need_a ? at::empty({d.N, d.S, d.r, d.d_in}, acc_opts) : none();
+  at::Tensor dbb = need_b ? at::empty({d.N, d.S, d.d_s, d.r}, acc_opts) : none();
   const bool memory_grads = need_q || need_k || need_a || need_b;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mira_linear_backward_cuda", [&] {
