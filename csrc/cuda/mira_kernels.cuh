@@ -13,7 +13,9 @@
 // SR = S*r the adapter rows per token. acc_t is the compute dtype (float, or double for double x);
 // the memory side (query, keys, banks) arrives already converted to acc_t and contiguous.
 //
-// Kernels (one block = kThreads threads, 1-D grids so no dimension limit applies):
+// Kernels (one block = kThreads threads, 1-D grids so no dimension limit applies). __launch_bounds__:
+// with the thread count alone ptxas picks its own register target, and for the factors and scores
+// kernels it chose to spill; asking for 2 resident blocks lets them use up to 128 registers instead.
 //   mira_retrieve_kernel   (sample, column chunk): cosine scores, separation, and the mixed factors
 //                          A_b, B_b for one chunk of the FA+FB columns. Every chunk recomputes the
 //                          sample's scores (N*d_k MACs, cheap) so retrieval is one launch.
@@ -21,8 +23,9 @@
 //                          This is mira_adapter_; mira_linear is ATen's GEMM followed by it.
 //   mira_bwd_tokens_kernel (sample, token tile): h, dh = scale * G_slices B_b, dx += dh A_b.
 //   mira_bwd_factors_kernel(sample, column chunk): dA_b = dh^T x, dB_b = scale * G^T h, reduced
-//                          over T in order by the thread that owns the column.
-//   mira_bwd_scores_kernel (sample): dw = <dA_b, bank_a[n]> + <dB_b, bank_b[n]>, dz = sep'(dw), dq.
+//                          over T in order by the thread that owns the column; and the chunk's part of
+//                          dw = <dA_b, bank_a[n]> + <dB_b, bank_b[n]>.
+//   mira_bwd_scores_kernel (sample): dw (chunk parts summed in order), dz = sep'(dw), dq.
 //   mira_bwd_memory_kernel (slot, column chunk) and (slot): dbank = w^T dF, dk through the cosine.
 // No float atomics anywhere: every output element is reduced by one thread or one block.
 #pragma once
@@ -42,6 +45,7 @@ constexpr int kLanes = 32;                   // a "warp" here is only an index s
 constexpr int kWarps = kThreads / kLanes;    // 8
 constexpr int kTokTile = kWarps;             // tokens per block in token kernels: one warp per token row
 constexpr int kJTile = 8;                    // adapter rows (s, k) accumulated in registers at once
+constexpr int kDwTile = 4;                   // slots per block reduction of the partial dw
 constexpr int kColsPerThread = 4;            // columns per thread in the column-chunk kernels
 constexpr int kColsPerBlock = kThreads * kColsPerThread;
 constexpr int kKeyChunk = 256;               // scores held in shared memory per pass over the keys
@@ -111,8 +115,9 @@ struct MemoryArgs {
   acc_t* mixed_a;  // (B, FA)
   acc_t* mixed_b;  // (B, FB)
   // Backward.
-  const acc_t* dmix_a;  // (B, FA) dA_b
-  const acc_t* dmix_b;  // (B, FB) dB_b
+  const acc_t* dmix_a;   // (B, FA) dA_b
+  const acc_t* dmix_b;   // (B, FB) dB_b
+  const acc_t* dw_part;  // (B, column chunks, N) per-chunk partial dw, from the factors kernel
   acc_t* dz;            // (B, N)
   acc_t* dq;            // (B, d_k) or null
   acc_t* dk;            // (N, d_k) or null
@@ -137,6 +142,10 @@ struct TokenArgs {
   acc_t* dh;             // (B, T, SR) grad of the shrink, backward only, or null
   acc_t* dmix_a;         // (B, FA) backward factors kernel
   acc_t* dmix_b;         // (B, FB)
+  int64_t N;             // slots, for the factors kernel's partial dw
+  const acc_t* bank_a;   // (N, FA)
+  const acc_t* bank_b;   // (N, FB)
+  acc_t* dw_part;        // (B, column chunks, N)
   acc_t* row_spill;      // (blocks, kTokTile, SR) when the tile rows do not fit in shared memory, else null
 };
 
@@ -499,9 +508,12 @@ __global__ void __launch_bounds__(kThreads) mira_bwd_tokens_kernel(const TokenAr
   }
 }
 
-// grid: B * chunks blocks over the FA+FB columns. Each column is reduced over T by its one thread.
+// grid: B * chunks blocks over the FA+FB columns. Each column is reduced over T by its one thread; the
+// block then reduces its columns' share of dw[b, n] = <dF_b, bank[n]> (the bulk of the dw work, spread
+// over every chunk instead of one block per sample), summed over chunks in order by the scores kernel.
 template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kThreads) mira_bwd_factors_kernel(const TokenArgs<scalar_t, acc_t> a) {
+__global__ void __launch_bounds__(kThreads, 2) mira_bwd_factors_kernel(const TokenArgs<scalar_t, acc_t> a) {
+  __shared__ acc_t red[kJTile * kThreads];
   const int tid = threadIdx.x;
   const int64_t SR = a.S * a.r, FA = SR * a.d_in, FB = a.S * a.d_s * a.r, cols = FA + FB;
   const int64_t chunks = mmax<int64_t>(1, (cols + kColsPerBlock - 1) / kColsPerBlock);
@@ -535,13 +547,41 @@ __global__ void __launch_bounds__(kThreads) mira_bwd_factors_kernel(const TokenA
     for (int c = 0; c < kColsPerThread; ++c)
       if (p1[c]) acc[c] += widen(p1[c][t * s1[c]]) * p2[c][t * SR];
   }
+  const acc_t* bank[kColsPerThread];  // column c of slot 0 in bank_a / bank_b, or null
+  int64_t bank_stride[kColsPerThread];
 #pragma unroll
   for (int c = 0; c < kColsPerThread; ++c) {
     const int64_t col = chunk * kColsPerBlock + c * kThreads + tid;
-    if (col < FA)
+    bank[c] = nullptr;
+    bank_stride[c] = 0;
+    if (col < FA) {
       a.dmix_a[b * FA + col] = acc[c];
-    else if (col < cols)
-      a.dmix_b[b * FB + (col - FA)] = a.scale * acc[c];
+      bank[c] = a.bank_a + col;
+      bank_stride[c] = FA;
+    } else if (col < cols) {
+      acc[c] *= a.scale;
+      a.dmix_b[b * FB + (col - FA)] = acc[c];
+      bank[c] = a.bank_b + (col - FA);
+      bank_stride[c] = FB;
+    }
+  }
+  for (int64_t n0 = 0; n0 < a.N; n0 += kDwTile) {
+    acc_t v[kDwTile];
+#pragma unroll
+    for (int i = 0; i < kDwTile; ++i) {
+      v[i] = 0;
+      if (n0 + i < a.N) {
+#pragma unroll
+        for (int c = 0; c < kColsPerThread; ++c)
+          if (bank[c]) v[i] += acc[c] * bank[c][(n0 + i) * bank_stride[c]];
+      }
+    }
+    block_sum<kDwTile>(v, red);
+    if (tid == 0) {
+#pragma unroll
+      for (int i = 0; i < kDwTile; ++i)
+        if (n0 + i < a.N) a.dw_part[(b * chunks + chunk) * a.N + n0 + i] = v[i];
+    }
   }
 }
 
@@ -564,35 +604,22 @@ __device__ void normalize_backward_inplace(const acc_t* u, acc_t norm, acc_t* ou
   }
 }
 
-// grid: B blocks. dw row (N dot products of length FA+FB), dz = sep'(dw), and dq when asked.
+// grid: B blocks. dw row (the factors kernel's per-chunk partials summed in chunk order), dz = sep'(dw),
+// and dq when asked.
 template <typename acc_t>
-__global__ void __launch_bounds__(kThreads) mira_bwd_scores_kernel(const MemoryArgs<acc_t> a) {
-  __shared__ acc_t red[kJTile * kThreads];
+__global__ void __launch_bounds__(kThreads, 2) mira_bwd_scores_kernel(const MemoryArgs<acc_t> a) {
+  __shared__ acc_t red[2 * kThreads];
   const int tid = threadIdx.x;
-  const int64_t b = blockIdx.x, N = a.N, FA = a.FA, FB = a.FB;
-  const acc_t* dA = a.dmix_a + b * FA;
-  const acc_t* dB = a.dmix_b + b * FB;
+  const int64_t b = blockIdx.x, N = a.N;
+  const int64_t chunks = mmax<int64_t>(1, (a.FA + a.FB + kColsPerBlock - 1) / kColsPerBlock);
   acc_t* dz = a.dz + b * N;  // holds dw first, then dz
   const acc_t* z = a.z + b * N;
   const acc_t* w = a.w + b * N;
 
-  for (int64_t n0 = 0; n0 < N; n0 += kJTile) {
-    acc_t v[kJTile];
-#pragma unroll
-    for (int i = 0; i < kJTile; ++i) {
-      v[i] = 0;
-      const int64_t n = n0 + i;
-      if (n < N) {
-        for (int64_t c = tid; c < FA; c += kThreads) v[i] += dA[c] * a.bank_a[n * FA + c];
-        for (int64_t c = tid; c < FB; c += kThreads) v[i] += dB[c] * a.bank_b[n * FB + c];
-      }
-    }
-    block_sum<kJTile>(v, red);
-    if (tid == 0) {
-#pragma unroll
-      for (int i = 0; i < kJTile; ++i)
-        if (n0 + i < N) dz[n0 + i] = v[i];
-    }
+  for (int64_t n = tid; n < N; n += kThreads) {
+    acc_t dw = 0;
+    for (int64_t ch = 0; ch < chunks; ++ch) dw += a.dw_part[(b * chunks + ch) * N + n];
+    dz[n] = dw;
   }
   __syncthreads();  // dw visible to the block
 
@@ -688,7 +715,7 @@ struct Dims {
 
 // Offsets (in acc_t elements) of the scratch arrays inside one workspace buffer.
 struct Workspace {
-  int64_t z, w, qnorm, knorm, mixed_a, mixed_b, row_spill, h, dh, dmix_a, dmix_b, dz, total;
+  int64_t z, w, qnorm, knorm, mixed_a, mixed_b, row_spill, h, dh, dmix_a, dmix_b, dw_part, dz, total;
   bool spill;  // tile rows live in global memory (row_spill) instead of shared memory
 };
 
@@ -716,6 +743,7 @@ inline Workspace plan_workspace(const Dims& d, bool backward, bool memory_grads,
   ws.dh = take(mem ? d.B * d.T * d.SR() : 0);
   ws.dmix_a = take(mem ? d.B * d.FA() : 0);
   ws.dmix_b = take(mem ? d.B * d.FB() : 0);
+  ws.dw_part = take(mem ? d.B * d.col_chunks() * d.N : 0);
   ws.dz = take(mem ? d.B * d.N : 0);
   ws.total = at;
   return ws;
@@ -771,6 +799,7 @@ inline void fill_args(const Dims& d, const int64_t* offsets, int sep, double sca
   m.z = cb.ws + ws.z, m.w = cb.ws + ws.w, m.qnorm = cb.ws + ws.qnorm, m.knorm = cb.ws + ws.knorm;
   m.mixed_a = cb.ws + ws.mixed_a, m.mixed_b = cb.ws + ws.mixed_b;
   m.dmix_a = cb.ws + ws.dmix_a, m.dmix_b = cb.ws + ws.dmix_b, m.dz = cb.ws + ws.dz;
+  m.dw_part = cb.ws + ws.dw_part;
   m.dq = cb.dq, m.dk = cb.dk, m.dbank_a = cb.dbank_a, m.dbank_b = cb.dbank_b;
 
   t = TokenArgs<scalar_t, acc_t>{};
@@ -781,6 +810,7 @@ inline void fill_args(const Dims& d, const int64_t* offsets, int sep, double sca
   t.grad = cb.grad, t.g_sb = cb.g_sb, t.g_st = cb.g_st, t.g_se = cb.g_se, t.dx = cb.dx;
   t.mixed_a = m.mixed_a, t.mixed_b = m.mixed_b;
   t.dmix_a = cb.ws + ws.dmix_a, t.dmix_b = cb.ws + ws.dmix_b;
+  t.N = d.N, t.bank_a = cb.bank_a, t.bank_b = cb.bank_b, t.dw_part = cb.ws + ws.dw_part;
   t.row_spill = ws.spill ? cb.ws + ws.row_spill : nullptr;
 }
 
