@@ -18,7 +18,7 @@ import warnings
 import torch
 
 from .. import reference
-from . import configs, launchers
+from . import configs
 
 __all__ = ["unavailable_reason", "mira_linear", "mira_linear_backward", "mira_adapter_"]
 
@@ -46,9 +46,17 @@ def unavailable_reason() -> str | None:
     return None
 
 
+def _launchers():
+    # The launchers (and through them Triton and the kernels) load on the first op call, so that
+    # `import mira_kernels.triton` for unavailable_reason() or the config table stays cheap.
+    from . import launchers
+
+    return launchers
+
+
 def _fallback(keys: torch.Tensor) -> bool:
     global _warned_large_n
-    if launchers.supports(keys):
+    if keys.shape[0] <= configs.MAX_SLOTS:
         return False
     if not _warned_large_n:
         _warned_large_n = True
@@ -66,9 +74,10 @@ def mira_linear(x, weight, bias, query, keys, bank_a, bank_b, slice_offsets, sep
     if _fallback(keys):
         return reference.mira_linear(x, weight, bias, query, keys, bank_a, bank_b, slice_offsets=slice_offsets,
                                      separation=separation, scale=scale, eps=eps)
-    y, plan = launchers.plan_linear(x, weight, bias, query, keys, bank_a, bank_b, list(slice_offsets), separation,
+    lm = _launchers()
+    y, plan = lm.plan_linear(x, weight, bias, query, keys, bank_a, bank_b, list(slice_offsets), separation,
                                     scale, eps)
-    launchers.run_all(plan, x.device)
+    lm.run_all(plan, x.device)
     return y
 
 
@@ -79,9 +88,10 @@ def mira_linear_backward(grad_out, x, weight, query, keys, bank_a, bank_b, slice
         return reference.mira_linear_backward(grad_out, x, weight, query, keys, bank_a, bank_b,
                                               slice_offsets=slice_offsets, separation=separation, scale=scale,
                                               eps=eps, output_mask=output_mask)
-    grads, plan = launchers.plan_linear_backward(grad_out, x, weight, query, keys, bank_a, bank_b,
+    lm = _launchers()
+    grads, plan = lm.plan_linear_backward(grad_out, x, weight, query, keys, bank_a, bank_b,
                                                  list(slice_offsets), separation, scale, eps, list(output_mask))
-    launchers.run_all(plan, x.device)
+    lm.run_all(plan, x.device)
     return grads
 
 
@@ -91,8 +101,9 @@ def mira_adapter_(out, x, query, keys, bank_a, bank_b, slice_offsets, separation
         reference.mira_adapter_(out, x, query, keys, bank_a, bank_b, slice_offsets=slice_offsets,
                                 separation=separation, scale=scale, eps=eps)
         return
-    target, plan = launchers.plan_adapter_(out, x, query, keys, bank_a, bank_b, list(slice_offsets), separation,
+    lm = _launchers()
+    target, plan = lm.plan_adapter_(out, x, query, keys, bank_a, bank_b, list(slice_offsets), separation,
                                            scale, eps)
-    launchers.run_all(plan, x.device)
+    lm.run_all(plan, x.device)
     if target is not out:
         out.copy_(target)

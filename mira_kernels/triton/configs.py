@@ -19,8 +19,10 @@ from dataclasses import dataclass
 
 import torch
 
-#: Largest slot count the Triton path holds in registers (weights of 16 samples x N_PAD slots).
-MAX_SLOTS = 512
+#: Largest slot count the Triton path runs (weights of 16 samples x N_PAD slots live in
+#: registers; the lowering sweep is spill-free up to N_PAD = 256, and N = 512 spills in the
+#: scores backward). Larger memories fall back to the reference.
+MAX_SLOTS = 256
 
 #: Per-tile dot operands are padded to this (the smallest K/N a 16-bit ``tl.dot`` lowers for).
 MIN_DOT = 16
@@ -59,6 +61,7 @@ class MemoryConfig:
     block_f: int
     n_pad: int
     num_warps: int
+    grad_k: int = 32  # d_k chunk of the dquery / dkeys programs
 
 
 def next_pow2(n: int) -> int:
@@ -114,12 +117,21 @@ def factor_config(j_pad: int, dtype: torch.dtype, precision: str = "tf32") -> Ro
     return row_config(j_pad, dtype, precision)
 
 
-def memory_config(n_slots: int, dtype: torch.dtype) -> MemoryConfig:
+def memory_config(n_slots: int, dtype: torch.dtype, precision: str = "tf32") -> MemoryConfig:
+    """Tiles of the memory-side kernels for N slots (padded to n_pad, held per 16-sample tile).
+
+    Chosen from an ahead-of-time sweep (sm_80 and sm_90, N = 30, 100, 256): 8 warps, the
+    scores' d_k step block_k = 16 (3xTF32 splits each operand in two, doubling its registers),
+    mixing column chunks of 64 for n_pad <= 64 and 32 above; dquery / dkeys d_k chunks of 32.
+    IEEE fp32 dots (FMA units, operands held per thread) need 16-wide chunks from n_pad = 128.
+    """
     n_pad = padded(n_slots)
-    per_elem = 8 if dtype == torch.float64 else 4
-    # Keep an (n_pad, chunk) bank or key tile at 16 KiB: chunk = 16 KiB / (n_pad * bytes).
-    chunk = max(MIN_DOT, min(64, (16 * 1024) // (n_pad * per_elem)))
-    return MemoryConfig(block_b=16, block_k=chunk, block_f=chunk, n_pad=n_pad, num_warps=8 if n_pad >= 256 else 4)
+    if dtype == torch.float64:
+        return MemoryConfig(block_b=16, block_k=16, block_f=16, n_pad=n_pad, num_warps=8, grad_k=16)
+    if precision == "ieee" and n_pad >= 128:
+        return MemoryConfig(block_b=16, block_k=16, block_f=16, n_pad=n_pad, num_warps=8, grad_k=16)
+    block_f = 64 if n_pad <= 64 else 32
+    return MemoryConfig(block_b=16, block_k=16, block_f=block_f, n_pad=n_pad, num_warps=8, grad_k=32)
 
 
 def split_for(programs: int, chunks: int, sms: int) -> int:

@@ -21,14 +21,18 @@ Design (forward, three launches, no atomics, grids from shapes only):
 
 Backward reuses 2 (dh = scale G_s B_b) and 3 (dx = G W + sum_s dh_s A_b) with other strides,
 and adds per-sample reductions over T in a fixed order (``_mira_factor_bwd_kernel``),
-``_mira_scores_bwd_kernel`` (dw, separation and cosine backward, dquery),
-``_mira_keys_bwd_kernel`` (dkeys, a reduction over B in fixed order) and
+``_mira_dw_bwd_kernel`` + ``_mira_scores_bwd_kernel`` (dw as a two-pass reduction, then
+separation and cosine backward, dquery), ``_mira_keys_bwd_kernel`` (dkeys, a reduction over B
+in fixed order) and
 ``_mira_bank_bwd_kernel`` (dbank = w^T dF). Everything is deterministic run to run.
 
 Precision: base products of 16-bit x use tensor cores with fp32 accumulation. The adapter
 path runs in fp32 (``LORA_PRECISION``: "tf32" for 16-bit x, where x and G are exact in TF32
 and the rounding of the fp32 factors stays below the final 16-bit rounding; for fp32 x it
-follows ``torch.backends.cuda.matmul.allow_tf32``, "ieee" by default). Scores use "ieee".
+follows ``torch.backends.cuda.matmul.allow_tf32``, "ieee" by default). The cosine scores (and
+their gradients) use "tf32x3" (three TF32 products, about fp32 accuracy, on tensor cores)
+where the adapter path uses TF32, else "ieee": every program of the mixing recomputes its
+tile's scores, and on the FMA units that would cost ~2 us per program at N = 32.
 """
 
 from __future__ import annotations
@@ -74,7 +78,8 @@ def _mira_mix_fwd_kernel(
     B, N, DK, FA, FB, eps,
     stride_qb, stride_qk, stride_kn, stride_kk,
     SEPARATION: tl.constexpr, SAVE_STATS: tl.constexpr, N_PAD: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_F: tl.constexpr, LORA_PRECISION: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_F: tl.constexpr, SCORE_PRECISION: tl.constexpr,
+    LORA_PRECISION: tl.constexpr,
 ):
     """Scores, separation and mixing for a tile of BLOCK_B samples.
 
@@ -104,7 +109,7 @@ def _mira_mix_fwd_kernel(
                      mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(ct)
         kt = tl.load(k_ptr + slots[:, None] * stride_kn + cols[None, :] * stride_kk,
                      mask=slot_ok[:, None] & col_ok[None, :], other=0.0).to(ct)
-        dots = tl.dot(qt, tl.trans(kt), dots, input_precision="ieee")
+        dots = tl.dot(qt, tl.trans(kt), dots, input_precision=SCORE_PRECISION)
         q_sq += tl.sum(qt * qt, axis=1)
         k_sq += tl.sum(kt * kt, axis=1)
     q_norm = tl.sqrt(q_sq)
@@ -375,45 +380,75 @@ def _normalize_grad(u, u_norm, g, g_dot_unit):
 
 
 @triton.jit
-def _mira_scores_bwd_kernel(
-    dmixed_a_ptr, dmixed_b_ptr, bank_a_ptr, bank_b_ptr, scores_ptr, weights_ptr, qnorm_ptr, knorm_ptr,
-    q_ptr, k_ptr, dz_ptr, dq_ptr,
-    B, N, DK, FA, FB, eps,
-    stride_qb, stride_qk, stride_kn, stride_kk,
-    SEPARATION: tl.constexpr, NEED_Q: tl.constexpr, N_PAD: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_F: tl.constexpr, LORA_PRECISION: tl.constexpr,
+def _mira_dw_bwd_kernel(
+    dmixed_a_ptr, dmixed_b_ptr, bank_a_ptr, bank_b_ptr, partial_ptr,
+    B, N, FA, FB,
+    N_PAD: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_F: tl.constexpr, LORA_PRECISION: tl.constexpr,
 ):
-    """dw = <dA_b, bank_a[n]> + <dB_b, bank_b[n]>, dz = sep'(dw), and dquery, for BLOCK_B samples.
+    """First pass of dw[b, n] = <dA_b, bank_a[n]> + <dB_b, bank_b[n]>: one partial per column share.
 
-    dmixed (B, FA), (B, FB) ct; banks (N, FA), (N, FB); scores/weights (B, N), norms from the
-    forward recompute. Writes dz (B, N) ct for the keys kernel and dq (B, DK) in query's dtype.
-    Grid: (cdiv(B, BLOCK_B),). Loops run in a fixed order: deterministic.
+    dmixed (B, FA), (B, FB) ct; banks flattened (N, FA), (N, FB); partial (SPLIT, B, N) ct.
+    Grid: (cdiv(B, BLOCK_B), SPLIT); program (i, j) reduces column chunks j, j+SPLIT, ... in
+    order. The second pass (``_mira_scores_bwd_kernel``) adds the SPLIT partials in order:
+    a deterministic two-pass reduction that reads the banks with the whole device.
     """
     pid_b = tl.program_id(0)
-    ct = dz_ptr.dtype.element_ty
+    pid_f = tl.program_id(1)
+    n_split = tl.num_programs(1)
+    ct = partial_ptr.dtype.element_ty
     rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
     slots = tl.arange(0, N_PAD)
     slot_ok = slots < N
-    valid = row_ok[:, None] & slot_ok[None, :]
 
     dw = tl.zeros((BLOCK_B, N_PAD), dtype=ct)
-    for f0 in range(0, FA, BLOCK_F):
+    for f0 in range(pid_f * BLOCK_F, FA, n_split * BLOCK_F):
         fcols = f0 + tl.arange(0, BLOCK_F)
         f_ok = fcols < FA
         d = tl.load(dmixed_a_ptr + rows[:, None] * FA + fcols[None, :], mask=row_ok[:, None] & f_ok[None, :], other=0.0)
         bank = tl.load(bank_a_ptr + slots[:, None] * FA + fcols[None, :],
                        mask=slot_ok[:, None] & f_ok[None, :], other=0.0).to(ct)
         dw = tl.dot(d, tl.trans(bank), dw, input_precision=LORA_PRECISION)
-    for f0 in range(0, FB, BLOCK_F):
+    for f0 in range(pid_f * BLOCK_F, FB, n_split * BLOCK_F):
         fcols = f0 + tl.arange(0, BLOCK_F)
         f_ok = fcols < FB
         d = tl.load(dmixed_b_ptr + rows[:, None] * FB + fcols[None, :], mask=row_ok[:, None] & f_ok[None, :], other=0.0)
         bank = tl.load(bank_b_ptr + slots[:, None] * FB + fcols[None, :],
                        mask=slot_ok[:, None] & f_ok[None, :], other=0.0).to(ct)
         dw = tl.dot(d, tl.trans(bank), dw, input_precision=LORA_PRECISION)
+    tl.store(partial_ptr + pid_f * B * N + rows[:, None] * N + slots[None, :], dw,
+             mask=row_ok[:, None] & slot_ok[None, :])
 
+
+@triton.jit
+def _mira_scores_bwd_kernel(
+    partial_ptr, scores_ptr, weights_ptr, qnorm_ptr, knorm_ptr, q_ptr, k_ptr, dz_ptr, dq_ptr,
+    B, N, DK, n_partials, eps,
+    stride_qb, stride_qk, stride_kn, stride_kk,
+    SEPARATION: tl.constexpr, NEED_Q: tl.constexpr, N_PAD: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, SCORE_PRECISION: tl.constexpr,
+):
+    """dw (sum of the partials, in order), dz = sep'(dw), and a column chunk of dquery.
+
+    partial (n_partials, B, N), scores/weights (B, N), norms (B,), (N,) from the forward
+    recompute; writes dz (B, N) ct (program column 0 only) and dq (B, DK) in query's dtype.
+    dquery = normalize'(q) (dz @ unit(K)); its projection term (q/|q|).g equals
+    sum_n dz[b, n] s[b, n] (s is the cosine), so every d_k chunk is independent.
+    Grid: (cdiv(B, BLOCK_B), cdiv(DK, BLOCK_K)).
+    """
+    pid_b = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    ct = dz_ptr.dtype.element_ty
+    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_ok = rows < B
+    slots = tl.arange(0, N_PAD)
+    slot_ok = slots < N
+    valid = row_ok[:, None] & slot_ok[None, :]
     bn = rows[:, None] * N + slots[None, :]
+
+    dw = tl.zeros((BLOCK_B, N_PAD), dtype=ct)
+    for i in range(0, n_partials):
+        dw += tl.load(partial_ptr + i * B * N + bn, mask=valid, other=0.0)
     s = tl.load(scores_ptr + bn, mask=valid, other=0.0)
     w = tl.load(weights_ptr + bn, mask=valid, other=0.0)
     if SEPARATION == AFFINE:
@@ -433,92 +468,66 @@ def _mira_scores_bwd_kernel(
     else:
         dz = dw
     dz = tl.where(valid, dz, 0.0).to(ct)
-    tl.store(dz_ptr + bn, dz, mask=valid)
+    tl.store(dz_ptr + bn, dz, mask=valid & (pid_k == 0))
 
     if NEED_Q:
-        # g = dz @ unit(K); dq = normalize'(q) g. Pass 1 gets (q/|q|).g over the full width,
-        # pass 2 recomputes g per chunk (cheaper than a read-back that would need a barrier).
         q_norm = tl.load(qnorm_ptr + rows, mask=row_ok, other=0.0)
         k_norm = tl.load(knorm_ptr + slots, mask=slot_ok, other=1.0)
+        g_dot_unit = tl.sum(dz * s, axis=1)
         dz_k = dz / tl.maximum(k_norm, NORM_EPS)[None, :]
-        g_dot_unit = tl.zeros((BLOCK_B,), dtype=ct)
-        for k0 in range(0, DK, BLOCK_K):
-            cols = k0 + tl.arange(0, BLOCK_K)
-            col_ok = cols < DK
-            kt = tl.load(k_ptr + slots[:, None] * stride_kn + cols[None, :] * stride_kk,
-                         mask=slot_ok[:, None] & col_ok[None, :], other=0.0).to(ct)
-            g = tl.dot(dz_k, kt, input_precision="ieee")
-            qt = tl.load(q_ptr + rows[:, None] * stride_qb + cols[None, :] * stride_qk,
-                         mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(ct)
-            g_dot_unit += tl.sum(qt * g, axis=1)
-        g_dot_unit = g_dot_unit / tl.maximum(q_norm, NORM_EPS)
-        for k0 in range(0, DK, BLOCK_K):
-            cols = k0 + tl.arange(0, BLOCK_K)
-            col_ok = cols < DK
-            kt = tl.load(k_ptr + slots[:, None] * stride_kn + cols[None, :] * stride_kk,
-                         mask=slot_ok[:, None] & col_ok[None, :], other=0.0).to(ct)
-            g = tl.dot(dz_k, kt, input_precision="ieee")
-            qt = tl.load(q_ptr + rows[:, None] * stride_qb + cols[None, :] * stride_qk,
-                         mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(ct)
-            dq = _normalize_grad(qt, q_norm[:, None], g, g_dot_unit[:, None])
-            tl.store(dq_ptr + rows[:, None] * DK + cols[None, :], dq.to(dq_ptr.dtype.element_ty),
-                     mask=row_ok[:, None] & col_ok[None, :])
+        cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+        col_ok = cols < DK
+        kt = tl.load(k_ptr + slots[:, None] * stride_kn + cols[None, :] * stride_kk,
+                     mask=slot_ok[:, None] & col_ok[None, :], other=0.0).to(ct)
+        g = tl.dot(dz_k, kt, input_precision=SCORE_PRECISION)
+        qt = tl.load(q_ptr + rows[:, None] * stride_qb + cols[None, :] * stride_qk,
+                     mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(ct)
+        dq = _normalize_grad(qt, q_norm[:, None], g, g_dot_unit[:, None])
+        tl.store(dq_ptr + rows[:, None] * DK + cols[None, :], dq.to(dq_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & col_ok[None, :])
 
 
 @triton.jit
 def _mira_keys_bwd_kernel(
-    dz_ptr, q_ptr, k_ptr, qnorm_ptr, knorm_ptr, dk_ptr,
+    dz_ptr, scores_ptr, q_ptr, k_ptr, qnorm_ptr, knorm_ptr, dk_ptr,
     B, N, DK,
     stride_qb, stride_qk, stride_kn, stride_kk,
-    BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, SCORE_PRECISION: tl.constexpr,
 ):
     """dkeys[n] = normalize'(k_n) (sum_b dz[b, n] q_b / |q_b|), summed over b in a fixed order.
 
-    dz (B, N) ct, norms from the forward recompute, dk (N, DK) in keys' dtype.
-    Grid: (cdiv(N, BLOCK_N),). Two passes over DK as in the query gradient.
+    dz, scores (B, N) ct, norms from the forward recompute, dk (N, DK) in keys' dtype. The
+    projection term (k/|k|).g is sum_b dz[b, n] s[b, n], so d_k chunks are independent.
+    Grid: (cdiv(N, BLOCK_N), cdiv(DK, BLOCK_K)).
     """
     pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
     ct = dz_ptr.dtype.element_ty
     slots = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     slot_ok = slots < N
+    cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    col_ok = cols < DK
     k_norm = tl.load(knorm_ptr + slots, mask=slot_ok, other=0.0)
 
     g_dot_unit = tl.zeros((BLOCK_N,), dtype=ct)
-    for k0 in range(0, DK, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        col_ok = cols < DK
-        g = tl.zeros((BLOCK_N, BLOCK_K), dtype=ct)
-        for b0 in range(0, B, BLOCK_B):
-            bs = b0 + tl.arange(0, BLOCK_B)
-            b_ok = bs < B
-            dzt = tl.load(dz_ptr + bs[:, None] * N + slots[None, :], mask=b_ok[:, None] & slot_ok[None, :], other=0.0)
-            q_norm = tl.load(qnorm_ptr + bs, mask=b_ok, other=1.0)
-            qt = tl.load(q_ptr + bs[:, None] * stride_qb + cols[None, :] * stride_qk,
-                         mask=b_ok[:, None] & col_ok[None, :], other=0.0).to(ct)
-            qt = qt / tl.maximum(q_norm, NORM_EPS)[:, None]
-            g = tl.dot(tl.trans(dzt), qt, g, input_precision="ieee")
-        kt = tl.load(k_ptr + slots[:, None] * stride_kn + cols[None, :] * stride_kk,
-                     mask=slot_ok[:, None] & col_ok[None, :], other=0.0).to(ct)
-        g_dot_unit += tl.sum(kt * g, axis=1)
-    g_dot_unit = g_dot_unit / tl.maximum(k_norm, NORM_EPS)
-    for k0 in range(0, DK, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        col_ok = cols < DK
-        g = tl.zeros((BLOCK_N, BLOCK_K), dtype=ct)
-        for b0 in range(0, B, BLOCK_B):
-            bs = b0 + tl.arange(0, BLOCK_B)
-            b_ok = bs < B
-            dzt = tl.load(dz_ptr + bs[:, None] * N + slots[None, :], mask=b_ok[:, None] & slot_ok[None, :], other=0.0)
-            q_norm = tl.load(qnorm_ptr + bs, mask=b_ok, other=1.0)
-            qt = tl.load(q_ptr + bs[:, None] * stride_qb + cols[None, :] * stride_qk,
-                         mask=b_ok[:, None] & col_ok[None, :], other=0.0).to(ct)
-            qt = qt / tl.maximum(q_norm, NORM_EPS)[:, None]
-            g = tl.dot(tl.trans(dzt), qt, g, input_precision="ieee")
-        kt = tl.load(k_ptr + slots[:, None] * stride_kn + cols[None, :] * stride_kk,
-                     mask=slot_ok[:, None] & col_ok[None, :], other=0.0).to(ct)
-        dk = _normalize_grad(kt, k_norm[:, None], g, g_dot_unit[:, None])
-        tl.store(dk_ptr + slots[:, None] * DK + cols[None, :], dk.to(dk_ptr.dtype.element_ty),
-                 mask=slot_ok[:, None] & col_ok[None, :])
+    g = tl.zeros((BLOCK_N, BLOCK_K), dtype=ct)
+    for b0 in range(0, B, BLOCK_B):
+        bs = b0 + tl.arange(0, BLOCK_B)
+        b_ok = bs < B
+        m = b_ok[:, None] & slot_ok[None, :]
+        dzt = tl.load(dz_ptr + bs[:, None] * N + slots[None, :], mask=m, other=0.0)
+        st = tl.load(scores_ptr + bs[:, None] * N + slots[None, :], mask=m, other=0.0)
+        g_dot_unit += tl.sum(dzt * st, axis=0)
+        q_norm = tl.load(qnorm_ptr + bs, mask=b_ok, other=1.0)
+        qt = tl.load(q_ptr + bs[:, None] * stride_qb + cols[None, :] * stride_qk,
+                     mask=b_ok[:, None] & col_ok[None, :], other=0.0).to(ct)
+        qt = qt / tl.maximum(q_norm, NORM_EPS)[:, None]
+        g = tl.dot(tl.trans(dzt), qt, g, input_precision=SCORE_PRECISION)
+    kt = tl.load(k_ptr + slots[:, None] * stride_kn + cols[None, :] * stride_kk,
+                 mask=slot_ok[:, None] & col_ok[None, :], other=0.0).to(ct)
+    dk = _normalize_grad(kt, k_norm[:, None], g, g_dot_unit[:, None])
+    tl.store(dk_ptr + slots[:, None] * DK + cols[None, :], dk.to(dk_ptr.dtype.element_ty),
+             mask=slot_ok[:, None] & col_ok[None, :])
 
 
 @triton.jit

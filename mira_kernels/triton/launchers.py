@@ -65,6 +65,11 @@ def _precisions(dtype: torch.dtype) -> tuple[str, str]:
     return "ieee", "tf32"  # the base precision is unused for 16-bit operands
 
 
+def _score_precision(lora_precision: str) -> str:
+    # Cosines on tensor cores at about fp32 accuracy where the adapter path may use TF32.
+    return "tf32x3" if lora_precision == "tf32" else "ieee"
+
+
 @dataclass
 class _Shapes:
     B: int
@@ -126,7 +131,7 @@ def _plan_mix(sh: _Shapes, query, keys, bank_a, bank_b, separation, eps, save_st
         mixed.weights = torch.empty(sh.B, sh.N, dtype=ct, device=device)
         mixed.qnorm = torch.empty(sh.B, dtype=ct, device=device)
         mixed.knorm = torch.empty(sh.N, dtype=ct, device=device)
-    cfg = configs.memory_config(sh.N, ct)
+    cfg = configs.memory_config(sh.N, ct, lora_precision)
     b_tiles = triton_cdiv(sh.B, cfg.block_b)
     split = configs.split_for(b_tiles, triton_cdiv(max(sh.fa, sh.fb), cfg.block_f), configs.num_sms(device))
     placeholder = mixed.a
@@ -142,7 +147,8 @@ def _plan_mix(sh: _Shapes, query, keys, bank_a, bank_b, separation, eps, save_st
             stride_qb=query.stride(0), stride_qk=query.stride(1), stride_kn=keys.stride(0), stride_kk=keys.stride(1),
         ),
         dict(SEPARATION=SEPARATION_CODES[separation], SAVE_STATS=bool(save_stats), N_PAD=cfg.n_pad,
-             BLOCK_B=cfg.block_b, BLOCK_K=cfg.block_k, BLOCK_F=cfg.block_f, LORA_PRECISION=lora_precision),
+             BLOCK_B=cfg.block_b, BLOCK_K=cfg.block_k, BLOCK_F=cfg.block_f,
+             SCORE_PRECISION=_score_precision(lora_precision), LORA_PRECISION=lora_precision),
         num_warps=cfg.num_warps, num_stages=2,
     ))
     return mixed
@@ -362,28 +368,41 @@ def plan_linear_backward(grad_out, x, weight, query, keys, bank_a, bank_b, slice
             num_warps=row_cfg.num_warps, num_stages=2,
         ))
 
-    mem = configs.memory_config(sh.N, sh.ct)
+    mem = configs.memory_config(sh.N, sh.ct, lora_precision)
     if need_dw:
-        dz = torch.empty(sh.B, sh.N, dtype=sh.ct, **dev)
+        # Two passes: partial dw per column share of the banks, then their ordered sum.
+        b_tiles = triton_cdiv(sh.B, mem.block_b)
+        split = configs.split_for(b_tiles, triton_cdiv(max(sh.fa, sh.fb), mem.block_f), configs.num_sms(device))
+        partial = torch.empty(split, sh.B, sh.N, dtype=sh.ct, **dev)
         launches.append(Launch(
-            "scores_bwd", kernels._mira_scores_bwd_kernel, (triton_cdiv(sh.B, mem.block_b),),
+            "dw_bwd", kernels._mira_dw_bwd_kernel, (b_tiles, split),
             dict(dmixed_a_ptr=dmixed_a, dmixed_b_ptr=dmixed_b, bank_a_ptr=bank_a, bank_b_ptr=bank_b,
-                 scores_ptr=mixed.scores, weights_ptr=mixed.weights, qnorm_ptr=mixed.qnorm, knorm_ptr=mixed.knorm,
-                 q_ptr=query, k_ptr=keys, dz_ptr=dz, dq_ptr=dq if need_q else dz,
-                 B=sh.B, N=sh.N, DK=sh.d_k, FA=sh.fa, FB=sh.fb, eps=float(eps),
+                 partial_ptr=partial, B=sh.B, N=sh.N, FA=sh.fa, FB=sh.fb),
+            dict(N_PAD=mem.n_pad, BLOCK_B=mem.block_b, BLOCK_F=mem.block_f, LORA_PRECISION=lora_precision),
+            num_warps=mem.num_warps, num_stages=2,
+        ))
+        dz = torch.empty(sh.B, sh.N, dtype=sh.ct, **dev)
+        score_precision = _score_precision(lora_precision)
+        k_chunks = triton_cdiv(sh.d_k, mem.grad_k) if need_q else 1
+        launches.append(Launch(
+            "scores_bwd", kernels._mira_scores_bwd_kernel, (b_tiles, k_chunks),
+            dict(partial_ptr=partial, scores_ptr=mixed.scores, weights_ptr=mixed.weights, qnorm_ptr=mixed.qnorm,
+                 knorm_ptr=mixed.knorm, q_ptr=query, k_ptr=keys, dz_ptr=dz, dq_ptr=dq if need_q else dz,
+                 B=sh.B, N=sh.N, DK=sh.d_k, n_partials=split, eps=float(eps),
                  stride_qb=query.stride(0), stride_qk=query.stride(1), stride_kn=keys.stride(0),
                  stride_kk=keys.stride(1)),
             dict(SEPARATION=SEPARATION_CODES[separation], NEED_Q=need_q, N_PAD=mem.n_pad, BLOCK_B=mem.block_b,
-                 BLOCK_K=mem.block_k, BLOCK_F=mem.block_f, LORA_PRECISION=lora_precision),
+                 BLOCK_K=mem.grad_k, SCORE_PRECISION=score_precision),
             num_warps=mem.num_warps, num_stages=2,
         ))
         if need_k:
+            keys_block_k = mem.grad_k
             launches.append(Launch(
-                "keys_bwd", kernels._mira_keys_bwd_kernel, (triton_cdiv(sh.N, 16),),
-                dict(dz_ptr=dz, q_ptr=query, k_ptr=keys, qnorm_ptr=mixed.qnorm, knorm_ptr=mixed.knorm, dk_ptr=dk,
-                     B=sh.B, N=sh.N, DK=sh.d_k, stride_qb=query.stride(0), stride_qk=query.stride(1),
-                     stride_kn=keys.stride(0), stride_kk=keys.stride(1)),
-                dict(BLOCK_N=16, BLOCK_B=16, BLOCK_K=64),
+                "keys_bwd", kernels._mira_keys_bwd_kernel, (triton_cdiv(sh.N, 16), triton_cdiv(sh.d_k, keys_block_k)),
+                dict(dz_ptr=dz, scores_ptr=mixed.scores, q_ptr=query, k_ptr=keys, qnorm_ptr=mixed.qnorm,
+                     knorm_ptr=mixed.knorm, dk_ptr=dk, B=sh.B, N=sh.N, DK=sh.d_k, stride_qb=query.stride(0),
+                     stride_qk=query.stride(1), stride_kn=keys.stride(0), stride_kk=keys.stride(1)),
+                dict(BLOCK_N=16, BLOCK_B=16, BLOCK_K=keys_block_k, SCORE_PRECISION=score_precision),
                 num_warps=4, num_stages=2,
             ))
     for need, name, dmixed, out, f in ((need_a, "bank_bwd_a", dmixed_a, da, sh.fa),

@@ -23,7 +23,8 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reas
 
 KERNELS = {
     "_mira_mix_fwd_kernel", "_mira_shrink_fwd_kernel", "_mira_linear_fwd_kernel", "_mira_adapter_fwd_kernel",
-    "_mira_factor_bwd_kernel", "_mira_scores_bwd_kernel", "_mira_keys_bwd_kernel", "_mira_bank_bwd_kernel",
+    "_mira_factor_bwd_kernel", "_mira_dw_bwd_kernel", "_mira_scores_bwd_kernel", "_mira_keys_bwd_kernel",
+    "_mira_bank_bwd_kernel",
 }
 
 
