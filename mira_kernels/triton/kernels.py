@@ -215,7 +215,7 @@ def _mira_linear_fwd_kernel(
     stride_xm, stride_wk, stride_wn, stride_eb, stride_es, stride_ej, stride_en, stride_om,
     S: tl.constexpr, OFFS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
     J_CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    BASE_PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BASE_PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr, UPCAST: tl.constexpr, W_ORDER: tl.constexpr,
 ):
     """out = x @ W + bias + scale * sum_s [n in slice s] h[:, s] @ E[b(m), s], rounded once.
 
@@ -224,6 +224,7 @@ def _mira_linear_fwd_kernel(
     E = mixed A (B, S, r, d_in), every slice at 0 of width d_in (their sum), scale 1, no bias.
     Grid: (cdiv(M, BLOCK_M) * cdiv(NOUT, BLOCK_N),), grouped along M for L2 reuse of W.
     UPCAST (bf16 under the interpreter only, whose bf16 dot is wrong) runs the base dot in fp32.
+    W_ORDER is W's fastest-varying dimension first: (0, 1) for weight^T (forward), (1, 0) for dx.
     """
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
@@ -247,7 +248,7 @@ def _mira_linear_fwd_kernel(
     # Block pointers: bounds are checked per block, not with (BLOCK, BLOCK) pointer and mask
     # tensors, which cost about 100 registers per thread at 128 x 128 x 64.
     x_blk = tl.make_block_ptr(x_ptr, (M, K), (stride_xm, 1), (row0, 0), (BLOCK_M, BLOCK_K), (1, 0))
-    w_blk = tl.make_block_ptr(w_ptr, (K, NOUT), (stride_wk, stride_wn), (0, col0), (BLOCK_K, BLOCK_N), (0, 1))
+    w_blk = tl.make_block_ptr(w_ptr, (K, NOUT), (stride_wk, stride_wn), (0, col0), (BLOCK_K, BLOCK_N), W_ORDER)
     for _ in range(0, tl.cdiv(K, BLOCK_K)):
         a = tl.load(x_blk, boundary_check=(0, 1), padding_option="zero")
         w = tl.load(w_blk, boundary_check=(0, 1), padding_option="zero")

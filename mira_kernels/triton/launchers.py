@@ -197,7 +197,8 @@ def _plan_gemm(name, a, w, w_strides, bias, h, e, e_strides, out, sh: _Shapes, j
         dict(S=len(offsets), OFFS=tuple(offsets), HAS_BIAS=bias is not None, HAS_LORA=bool(has_lora),
              J_CHUNK=configs.MIN_DOT, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
              GROUP_M=cfg.group_m, BASE_PRECISION=base_precision, LORA_PRECISION=lora_precision,
-             UPCAST=bool(interpreting() and x_dtype == torch.bfloat16)),
+             UPCAST=bool(interpreting() and x_dtype == torch.bfloat16),
+             W_ORDER=(0, 1) if w_strides[0] == 1 and w_strides[1] != 1 else (1, 0)),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     ))
 
