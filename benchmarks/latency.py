@@ -742,7 +742,7 @@ def end_to_end(variants: Variants, batch: int, cfg: BenchConfig, timer: Callable
     with torch.inference_mode():
         fns = _callables(variants, x, cfg, compiled)  # CUDA graphs are captured in inference mode too
         rounds = interleave(fns, timer, watch=head, budget=_budget_for(cfg, batch), width=cfg.e2e_width,
-                            min_rounds=cfg.e2e_min_rounds, warmup=1 if cfg.quick else 2, seed=cfg.seed + batch)
+                            min_rounds=cfg.e2e_min_rounds, warmup=1, seed=cfg.seed + batch)
     out: dict = {"rounds": rounds.rounds, "seconds": rounds.seconds, "stopped_by": rounds.stopped_by,
                  "headline": list(head), "variants": {}}
     for name in rounds.names:
