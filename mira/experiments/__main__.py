@@ -22,7 +22,7 @@ from . import protocols as P
 from .backbone import BackboneConfig, load_pretrained_backbone
 from .data import DOMAINS, digits_domains
 from .metrics import mean_std
-from .stages import RecipeConfig, train_adapter_pool
+from .stages import RecipeConfig, adapter_cross_accuracy, train_adapter_pool
 
 FULL = {
     "seeds": (0, 1, 2),
@@ -169,9 +169,9 @@ def main(argv=None) -> dict:
     bar = tqdm(total=units * len(seeds), desc="experiments", disable=args.no_progress, file=sys.stdout)
     timings: dict = {}
 
-    def timed(key, fn):
+    def timed(key, fn, *fn_args, **fn_kwargs):
         t0 = time.perf_counter()
-        r = fn()
+        r = fn(*fn_args, **fn_kwargs)
         timings[key] = timings.get(key, 0.0) + time.perf_counter() - t0
         return r
 
@@ -179,21 +179,22 @@ def main(argv=None) -> dict:
         dom_pool = cil_pool = None
         if need_dom_pool:
             bar.set_postfix_str(f"seed {seed}: adaptation, domains")
-            dom_pool = timed("adaptation", lambda: train_adapter_pool(backbone, dil_t, cfg.recipe, seed,
-                                                                      local_labels=False, progress=bar))
-            pools_info.setdefault("domains", []).append({"seed": seed, "info": dom_pool.info})
+            dom_pool = timed("adaptation", train_adapter_pool, backbone, dil_t, cfg.recipe, seed,
+                             local_labels=False, progress=bar)
+            pools_info.setdefault("domains", []).append({
+                "seed": seed, "info": dom_pool.info,
+                "own_head_cross_accuracy": adapter_cross_accuracy(backbone, dom_pool, dil_t, cfg.recipe.rank)})
         if "cil" in protocols:
             bar.set_postfix_str(f"seed {seed}: adaptation, class tasks")
-            cil_pool = timed("adaptation", lambda: train_adapter_pool(
-                backbone, cil_t, cfg.recipe, seed, local_labels=True, progress=bar,
-                adapters_per_task=cfg.cil_adapters_per_task))
+            cil_pool = timed("adaptation", train_adapter_pool, backbone, cil_t, cfg.recipe, seed, local_labels=True,
+                             progress=bar, adapters_per_task=cfg.cil_adapters_per_task)
             pools_info.setdefault("cil", []).append({"seed": seed, "info": cil_pool.info})
         for proto in protocols:
             if proto == "dg":
                 for v in P.DG_VARIANTS:
                     for h in range(len(domains)):
                         bar.set_postfix_str(f"seed {seed}: dg {v} held-out {domains[h].name}")
-                        r = timed(f"dg/{v}", lambda v=v, h=h: P.run_dg_fold(v, backbone, dil_t, h, dom_pool, cfg, seed))
+                        r = timed(f"dg/{v}", P.run_dg_fold, v, backbone, dil_t, h, dom_pool, cfg, seed)
                         results["dg"]["runs"].setdefault(v, []).append(_strip(r))
                         bar.update(1)
                 continue
@@ -201,9 +202,8 @@ def main(argv=None) -> dict:
             for v in P.CL_VARIANTS:
                 bar.set_postfix_str(f"seed {seed}: {proto} {v}")
                 keep = proto == "dil" and seed == seeds[0] and v in ("mira", "random_keys")
-                r = timed(f"{proto}/{v}", lambda v=v, tasks=tasks, pool=pool, proto=proto: P.run_continual(
-                    proto, v, backbone, tasks, pool, cfg, seed,
-                                                                  step=lambda: bar.update(1), keep_model=keep))
+                r = timed(f"{proto}/{v}", P.run_continual, proto, v, backbone, tasks, pool, cfg, seed,
+                          step=lambda: bar.update(1), keep_model=keep)
                 if keep:
                     profiles[v] = P.retrieval_profile(r["model"], tasks)
                     geometry[v] = P.query_geometry(r["model"], tasks)

@@ -36,6 +36,7 @@ __all__ = [
     "attach_memory_model",
     "consolidate",
     "evaluate",
+    "adapter_cross_accuracy",
     "train_adapter_pool",
     "train_lora",
 ]
@@ -132,20 +133,22 @@ def attach_memory_model(backbone: nn.Module, *, rank: int, separation: str = "af
 
 
 def train_lora(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: RecipeConfig, gen: torch.Generator, *,
-               class_mask: torch.Tensor | None = None, max_epochs: int | None = None) -> dict:
+               class_mask: torch.Tensor | None = None, max_epochs: int | None = None, train_head: bool = True) -> dict:
     """Adaptation-stage training of the model's live LoRA and head on (x, y), in place.
 
     AdamW(lr, wd), batch ``cfg.batch_size``; stops after the first epoch whose running train
     accuracy exceeds ``cfg.early_stop_acc``, else after ``max_epochs``. Returns
     ``{"epochs": ..., "train_acc": ...}``.
     """
-    mira.set_stage(model, "adaptation", extra_trainable=("head",))
+    mira.set_stage(model, "adaptation", extra_trainable=("head",) if train_head else ())
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     model.train()
     epochs = max_epochs or cfg.max_epochs
     acc = 0.0
-    for epoch in range(epochs):
+    epochs_run = 0
+    for _ in range(epochs):
+        epochs_run += 1
         correct = 0
         for idx in _batches(len(x), cfg.batch_size, gen):
             logits = _masked(model(normalize(x[idx])), class_mask)
@@ -158,7 +161,7 @@ def train_lora(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: RecipeCo
         if acc > cfg.early_stop_acc:
             break
     model.eval()
-    return {"epochs": epoch + 1, "train_acc": acc}
+    return {"epochs": epochs_run, "train_acc": acc}
 
 
 @dataclasses.dataclass
@@ -232,6 +235,27 @@ def train_adapter_pool(backbone: nn.Module, tasks: Sequence[Task], cfg: RecipeCo
     )
 
 
+@torch.no_grad()
+def adapter_cross_accuracy(backbone: nn.Module, pool: AdapterPool, tasks: Sequence[Task], rank: int) -> list:
+    """acc[i][j]: test accuracy on task j of task i's first adapter with task i's own adaptation head.
+
+    The diagonal is what perfect routing (one-hot weight on the right adapter, that adapter's own
+    head) would give; the off-diagonal shows how specific each adapter + head pair is.
+    """
+    model = attach_memory_model(backbone, rank=rank, head_rows=pool.heads[0][0].shape[0])
+    out = []
+    for i in range(len(tasks)):
+        slot = int(pool.task_slots(i)[0])
+        for proj, a, b in zip(mira.projections(model), pool.bank_a, pool.bank_b):
+            proj.lora_a.copy_(a[slot])
+            proj.lora_b.copy_(b[slot])
+        model.head = nn.Linear(model.embed_dim, pool.heads[i][0].shape[0], bias=False)
+        model.head.weight.copy_(pool.heads[i][0])
+        mira.set_stage(model, "adaptation")
+        out.append([evaluate(model, t.test_x, t.test_y) for t in tasks])
+    return out
+
+
 def append_task_adapters(model: nn.Module, pool: AdapterPool, t: int, keys: Sequence[torch.Tensor]) -> None:
     """Store task ``t``'s adapters in every block's memory with the given (n, d_k) keys per block."""
     slots = pool.task_slots(t)
@@ -256,11 +280,11 @@ def gpm_modules(model: nn.Module) -> list[tuple[ProjectedParameter, nn.Module, s
     every nn.Linear of a query module and the head against their inputs.
     """
     out = []
-    for l, mem in enumerate(mira.memories(model)):
-        out.append((ProjectedParameter(f"keys.{l}", mem.keys), mem.query_module, "out"))
+    for block, mem in enumerate(mira.memories(model)):
+        out.append((ProjectedParameter(f"keys.{block}", mem.keys), mem.query_module, "out"))
         for name, sub in mem.query_module.named_modules():
             if isinstance(sub, nn.Linear):
-                out.append((ProjectedParameter(f"query.{l}.{name}", sub.weight, sub.bias), sub, "in"))
+                out.append((ProjectedParameter(f"query.{block}.{name}", sub.weight, sub.bias), sub, "in"))
     head = model.head
     out.append((ProjectedParameter("head", head.weight, head.bias), head, "in"))
     return out
