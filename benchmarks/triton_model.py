@@ -19,6 +19,9 @@ of its compute or memory bound, with each tensor read from DRAM once (L2 reuse a
 re-reads of tiles, except the banks when they do not fit in L2). Real kernels reach a
 fraction of the roofline; that fraction is not modelled, so small overheads here are floors.
 
+Precisions follow the kernels: bf16 base GEMM, TF32 expand inside it, 3xTF32 (three TF32
+products) for the cosines and the memory-bound adapter kernels (mixing, shrink, reductions).
+
 Results: ``benchmarks/results/triton_model.txt`` (this script's output).
 """
 
@@ -190,7 +193,7 @@ def _mix(lay: Layer, hw: Hardware, save_stats: bool) -> Kernel:
     # sample tiles of one column share run side by side (grid axis 0), so a bank column chunk
     # comes from DRAM once and from L2 for the other tiles.
     score_flops = 3 * _gemm_flops(b_tiles * mem.block_b, mem.n_pad, lay.d_k) * split
-    mix_flops = _gemm_flops(b_tiles * mem.block_b, lay.fa + lay.fb, mem.n_pad)
+    mix_flops = 3 * _gemm_flops(b_tiles * mem.block_b, lay.fa + lay.fb, mem.n_pad)  # 3xTF32
     nbytes = ((lay.B + lay.N) * lay.d_k + lay.N * (lay.fa + lay.fb) + lay.B * (lay.fa + lay.fb)) * F32
     if save_stats:
         nbytes += (2 * lay.B * lay.N + lay.B + lay.N) * F32
@@ -203,7 +206,7 @@ def _shrink(lay: Layer, name: str, width: int, j: int, slices: int, reads_bytes:
     j_pad = configs.padded(j)
     row = configs.row_config(j_pad, torch.float32)
     spt = _samples_per_tile(lay, row.block_m)
-    flops = _gemm_flops(lay.M, j_pad * slices, width) * spt
+    flops = 3 * _gemm_flops(lay.M, j_pad * slices, width) * spt  # 3xTF32
     nbytes = reads_bytes + factor_bytes + lay.M * lay.S * lay.r * F32
     return Kernel(name, nbytes, {"tf32": flops}, math.ceil(lay.M / row.block_m) * slices)
 
@@ -252,10 +255,10 @@ def triton_backward(lay: Layer, hw: Hardware) -> Variant:
     fb = configs.factor_config(configs.padded(lay.r), torch.float32)
     fa = configs.factor_config(configs.padded(lay.S * lay.r), torch.float32)
     factor_b = Kernel("_mira_factor_bwd_kernel (dB)", g_slices + lay.M * lay.S * lay.r * F32 + lay.B * lay.fb * F32,
-                      {"tf32": _gemm_flops(lay.M, configs.padded(lay.r), lay.S * lay.d_s)},
+                      {"tf32": 3 * _gemm_flops(lay.M, configs.padded(lay.r), lay.S * lay.d_s)},
                       lay.B * lay.S * math.ceil(lay.d_s / fb.block_m))
     factor_a = Kernel("_mira_factor_bwd_kernel (dA)", lay.M * lay.d * xb + lay.M * lay.S * lay.r * F32
-                      + lay.B * lay.fa * F32, {"tf32": _gemm_flops(lay.M, configs.padded(lay.S * lay.r), lay.d)},
+                      + lay.B * lay.fa * F32, {"tf32": 3 * _gemm_flops(lay.M, configs.padded(lay.S * lay.r), lay.d)},
                       lay.B * math.ceil(lay.d / fa.block_m))
     mem = configs.memory_config(lay.N, torch.float32)
     b_tiles = math.ceil(lay.B / mem.block_b)
@@ -263,7 +266,7 @@ def triton_backward(lay: Layer, hw: Hardware) -> Variant:
     split = configs.split_for(b_tiles, math.ceil(max(lay.fa, lay.fb) / mem.block_f), hw.sms)
     dw = Kernel("_mira_dw_bwd_kernel (partial dw)", (lay.B * (lay.fa + lay.fb) + lay.N * (lay.fa + lay.fb)
                                                      + split * lay.B * lay.N) * F32,
-                {"tf32": _gemm_flops(b_pad, mem.n_pad, lay.fa + lay.fb)}, b_tiles * split)
+                {"tf32": 3 * _gemm_flops(b_pad, mem.n_pad, lay.fa + lay.fb)}, b_tiles * split)
     k_chunks = math.ceil(lay.d_k / mem.grad_k)
     scores = Kernel("_mira_scores_bwd_kernel (dz, dquery)", ((split + 4) * lay.B * lay.N + lay.N * lay.d_k
                                                              + 2 * lay.B * lay.d_k) * F32,

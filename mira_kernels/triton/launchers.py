@@ -70,6 +70,13 @@ def _score_precision(lora_precision: str) -> str:
     return "tf32x3" if lora_precision == "tf32" else "ieee"
 
 
+def _accurate(lora_precision: str) -> str:
+    # The memory-bound adapter kernels (mixing, shrink, per-sample reductions, in-place expand)
+    # can afford 3xTF32 (about fp32 accuracy on tensor cores); only the expand inside the
+    # compute-bound projection GEMM keeps one TF32 product.
+    return "tf32x3" if lora_precision == "tf32" else lora_precision
+
+
 @dataclass
 class _Shapes:
     B: int
@@ -148,7 +155,7 @@ def _plan_mix(sh: _Shapes, query, keys, bank_a, bank_b, separation, eps, save_st
         ),
         dict(SEPARATION=SEPARATION_CODES[separation], SAVE_STATS=bool(save_stats), N_PAD=cfg.n_pad,
              BLOCK_B=cfg.block_b, BLOCK_K=cfg.block_k, BLOCK_F=cfg.block_f,
-             SCORE_PRECISION=_score_precision(lora_precision), LORA_PRECISION=lora_precision),
+             SCORE_PRECISION=_score_precision(lora_precision), LORA_PRECISION=_accurate(lora_precision)),
         num_warps=cfg.num_warps, num_stages=2,
     ))
     return mixed
@@ -173,7 +180,7 @@ def _plan_shrink(name, inp, in_offsets, k, f, f_strides, j, sh: _Shapes, lora_pr
         dict(in_ptr=inp, f_ptr=f, out_ptr=out, M=sh.M, T=sh.T, K=k, J=j, stride_im=inp.stride(0),
              stride_fb=f_strides[0], stride_fs=f_strides[1], stride_fj=f_strides[2], stride_fk=f_strides[3]),
         dict(NUM_SLICES=num_slices, IN_OFFS=tuple(in_offsets), J_PAD=configs.padded(j),
-             BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, LORA_PRECISION=lora_precision),
+             BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, LORA_PRECISION=_accurate(lora_precision)),
         num_warps=cfg.num_warps, num_stages=2,
     ))
     return out
@@ -275,7 +282,7 @@ def plan_adapter_(out, x, query, keys, bank_a, bank_b, slice_offsets, separation
              stride_en=e_strides[3]),
         dict(S=sh.S, OFFS=tuple(slice_offsets), J_CHUNK=configs.MIN_DOT,
              BLOCK_M=cfg.block_m,
-             BLOCK_N=cfg.block_n, LORA_PRECISION=lora_precision),
+             BLOCK_N=cfg.block_n, LORA_PRECISION=_accurate(lora_precision)),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     ))
     return target, launches
@@ -351,7 +358,7 @@ def plan_linear_backward(grad_out, x, weight, query, keys, bank_a, bank_b, slice
                  stride_lm=g2.stride(0), stride_rm=h.stride(0), stride_ob=so[0], stride_os=so[1], stride_of=so[2],
                  stride_oj=so[3]),
             dict(NUM_SLICES=sh.S, L_OFFS=tuple(slice_offsets), J_PAD=configs.padded(sh.r),
-                 BLOCK_T=row_cfg.block_k, BLOCK_F=row_cfg.block_m, LORA_PRECISION=lora_precision),
+                 BLOCK_T=row_cfg.block_k, BLOCK_F=row_cfg.block_m, LORA_PRECISION=_accurate(lora_precision)),
             num_warps=row_cfg.num_warps, num_stages=2,
         ))
     if need_da:
@@ -365,7 +372,7 @@ def plan_linear_backward(grad_out, x, weight, query, keys, bank_a, bank_b, slice
                  stride_lm=x2.stride(0), stride_rm=dh.stride(0), stride_ob=dmixed_a.stride(0), stride_os=0,
                  stride_of=1, stride_oj=sh.d_in),
             dict(NUM_SLICES=1, L_OFFS=(0,), J_PAD=configs.padded(sh.S * sh.r),
-                 BLOCK_T=row_cfg.block_k, BLOCK_F=row_cfg.block_m, LORA_PRECISION=lora_precision),
+                 BLOCK_T=row_cfg.block_k, BLOCK_F=row_cfg.block_m, LORA_PRECISION=_accurate(lora_precision)),
             num_warps=row_cfg.num_warps, num_stages=2,
         ))
 
@@ -379,7 +386,7 @@ def plan_linear_backward(grad_out, x, weight, query, keys, bank_a, bank_b, slice
             "dw_bwd", kernels._mira_dw_bwd_kernel, (b_tiles, split),
             dict(dmixed_a_ptr=dmixed_a, dmixed_b_ptr=dmixed_b, bank_a_ptr=bank_a, bank_b_ptr=bank_b,
                  partial_ptr=partial, B=sh.B, N=sh.N, FA=sh.fa, FB=sh.fb),
-            dict(N_PAD=mem.n_pad, BLOCK_B=mem.block_b, BLOCK_F=mem.block_f, LORA_PRECISION=lora_precision),
+            dict(N_PAD=mem.n_pad, BLOCK_B=mem.block_b, BLOCK_F=mem.block_f, LORA_PRECISION=_accurate(lora_precision)),
             num_warps=mem.num_warps, num_stages=2,
         ))
         dz = torch.empty(sh.B, sh.N, dtype=sh.ct, **dev)
@@ -415,7 +422,7 @@ def plan_linear_backward(grad_out, x, weight, query, keys, bank_a, bank_b, slice
         launches.append(Launch(
             name, kernels._mira_bank_bwd_kernel, (n_tiles, split),
             dict(w_ptr=mixed.weights, d_ptr=dmixed, out_ptr=out, B=sh.B, N=sh.N, F=f),
-            dict(BLOCK_N=16, BLOCK_B=16, BLOCK_F=64, LORA_PRECISION=lora_precision),
+            dict(BLOCK_N=16, BLOCK_B=16, BLOCK_F=64, LORA_PRECISION=_accurate(lora_precision)),
             num_warps=4, num_stages=2,
         ))
     return grads, launches

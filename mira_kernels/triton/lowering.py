@@ -214,7 +214,7 @@ def _intended(launch: launchers.Launch, signature: dict, arch: int) -> str:
         if not tensor_core:
             return "fma"
         return "wgmma" if arch >= 90 else "mma.sync"
-    if c.get("LORA_PRECISION") == "tf32":
+    if c.get("LORA_PRECISION") in ("tf32", "tf32x3"):
         return "tensor cores"
     return "fma"  # IEEE fp32 dots, and the keys gradient (ieee by design, O(B N d_k)): FMA units
 
