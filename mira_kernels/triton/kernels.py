@@ -19,20 +19,28 @@ Design (forward, three launches, no atomics, grids from shapes only):
    accumulator (LoRAFusion style), the bias, and one rounding to x's dtype. The expand only
    runs on output tiles that intersect an adapted slice, with K = r padded to 16 by masks.
 
-Backward reuses 2 (dh = scale G_s B_b) and 3 (dx = G W + sum_s dh_s A_b) with other strides,
-and adds per-sample reductions over T in a fixed order (``_mira_factor_bwd_kernel``),
-``_mira_dw_bwd_kernel`` + ``_mira_scores_bwd_kernel`` (dw as a two-pass reduction, then
-separation and cosine backward, dquery), ``_mira_keys_bwd_kernel`` (dkeys, a reduction over B
-in fixed order) and
-``_mira_bank_bwd_kernel`` (dbank = w^T dF). Everything is deterministic run to run.
+Why the shrink is its own kernel (LoRAFusion does the same): the expand of an output tile
+needs h = x A_b^T over the whole d_in, i.e. before the tile's K loop ends. Computing h inside
+every GEMM tile would redo an (M, d_in) x (d_in, 16) product per adapted output tile (+12.5%
+tensor-core work at 128-wide tiles, 25% in TF32); the separate kernel re-reads x once instead
+(memory-bound, ~13% of the qkv GEMM at the H100 roofline when x comes from DRAM, less when it
+is still in L2). ``benchmarks/triton_model.py`` prices both parts.
 
-Precision: base products of 16-bit x use tensor cores with fp32 accumulation. The adapter
-path runs in fp32 (``LORA_PRECISION``: "tf32" for 16-bit x, where x and G are exact in TF32
-and the rounding of the fp32 factors stays below the final 16-bit rounding; for fp32 x it
-follows ``torch.backends.cuda.matmul.allow_tf32``, "ieee" by default). The cosine scores (and
-their gradients) use "tf32x3" (three TF32 products, about fp32 accuracy, on tensor cores)
-where the adapter path uses TF32, else "ieee": every program of the mixing recomputes its
-tile's scores, and on the FMA units that would cost ~2 us per program at N = 32.
+Backward reuses 2 (dh = G_s B_b, unscaled) and 3 (dx = G W + scale sum_s dh_s A_b) with other
+strides, and adds: per-sample reductions over T in a fixed order (``_mira_factor_bwd_kernel``
+for dA_b and dB_b); dw = <dA_b, bank_a> + <dB_b, bank_b> as a two-pass reduction
+(``_mira_dw_bwd_kernel`` partials per bank column share, summed in order by
+``_mira_scores_bwd_kernel``, which also applies the separation and cosine backward and writes
+dquery); ``_mira_keys_bwd_kernel`` (dkeys, a reduction over B in a fixed order) and
+``_mira_bank_bwd_kernel`` (dbank = w^T dF). No atomics anywhere: bitwise reproducible.
+
+Precision: base products of 16-bit x run on tensor cores with fp32 accumulation. The adapter
+path is fp32 as the spec says. With 16-bit x (or fp32 x with
+``torch.backends.cuda.matmul.allow_tf32``) its products use tensor cores: "tf32x3" (three TF32
+products, about fp32 accuracy) in the memory-bound kernels (mixing, shrink, reductions,
+in-place expand) and for the cosines, and one "tf32" product only for the expand inside the
+compute-bound GEMM (x and G are exact in TF32; h and B_b are rounded to 10 mantissa bits, below
+fp16's final rounding of the sum). Otherwise (fp32 x by default, fp64) every dot is "ieee".
 """
 
 from __future__ import annotations
