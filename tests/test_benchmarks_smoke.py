@@ -114,7 +114,7 @@ def test_a_whole_run_writes_its_record_table_and_plots(tmp_path):
     res = record["results"][0]
     assert set(res["end_to_end"]["variants"]) >= {"backbone", "fused", "reference", "eager"}
     assert res["end_to_end"]["rounds"] >= 3
-    for key in ("decomposed", "adapter_only", "module", "eager"):
+    for key in ("decomposed", "adapter_only", "call", "query", "gemm_path", "module", "eager"):
         d = res["overhead"][key]
         assert d["lo"] <= d["percent"] <= d["hi"]
     assert "batch 2: decomposed" in table and "arithmetic floor" in table
