@@ -231,3 +231,12 @@ def test_torch_compile_reduce_overhead():
         y = compiled(x)
         y.float().square().mean().backward()
         assert x.grad is not None and torch.isfinite(x.grad).all() and module.keys.grad is not None
+
+
+def test_opcheck_public_ops_with_triton():
+    inp = _cuda(make_inputs(B=2, T=5, d_in=12, d_out=36, N=4, S=2, r=3, dtype=torch.float64), torch.float32)
+    args = (*inp.linear_args(), inp.slice_offsets, "softmax", 0.5, 1e-2, "triton")
+    torch.library.opcheck(torch.ops.mira.mira_linear.default, args)
+    out = torch.randn(2, 5, 36, device="cuda")
+    adapter = (out, *inp.adapter_args(), inp.slice_offsets, "softmax", 0.5, 1e-2, "triton")
+    torch.library.opcheck(torch.ops.mira.mira_adapter_.default, adapter)
