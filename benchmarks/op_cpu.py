@@ -408,21 +408,28 @@ NOTES = """## How the kernel gets there, and what the floors mean
 - **Seeded accumulator.** ATen's Linear with bias (`addmm`) writes the broadcast bias into the
   output and then runs one GEMM with beta = 1 over it. The kernel writes `bias + adapter` into the
   Q/V slices in that same write pass (shrink `x A_b^T` and expand per block of 16 tokens of one
-  sample, in registers/L1), then runs the identical GEMM over the whole batch. So the adapter costs
-  no pass over the output beyond the stock Linear's own, and the base GEMM is nn.Linear's: the
-  "same base-GEMM path" (a) and stock nn.Linear (b) coincide (row "base path vs nn.Linear" is ~0).
-  There is therefore no faster base path to offer the backbone's other linears.
-- **Why not per-sample GEMMs**: see "GEMM paths": on this machine per-sample calls, plain or
-  MKL-packed for M=197, were slower than one call over all B*T rows, so no packed weight is kept
-  and there is no cache to invalidate.
-- **FLOP floor** = MIRA's extra multiply-adds (scores, mixing, shrink, expand) over the Linear's, i.e.
-  the overhead at the Linear's own GEMM rate. **Memory floor** = the bytes a separate adapter pass
-  must move (re-read x, read-modify-write the Q/V slices of the output) at the measured copy
-  bandwidth, over the Linear's time: what `mira_adapter_` (unfused) cannot go below, and what
-  the seeded accumulator avoids. The kernel still re-reads x once (for the shrink) before the GEMM.
+  sample, in registers/L1, AVX-512/AVX2/SSE2 loops picked at run time), then runs the same kind of
+  GEMM (`addmm_`, beta = 1) over the whole batch. The adapter costs no pass over the output beyond
+  the Linear's own; it re-reads x once (for the shrink) and does the FLOP-floor work.
+- **"Same base-GEMM path"** = the kernel with an empty memory (N = 0): identical seeding and GEMM,
+  no adapter work (public wrapper "base", raw op "base_op"). That is the ratio (a) of issue 3.
+- **Base path vs nn.Linear**: in these runs the kernel's base path came out *cheaper* than
+  nn.Linear (also by CPU time), although it calls the same ATen `addmm_` on the same operands, and
+  `torch.addmm` / a Python-level bias copy + `addmm_` were not cheaper than nn.Linear. The cause is
+  not identified (measured on a heavily shared machine); until it is, treat it as a property of
+  this machine, not a claim. If it holds on a quiet machine, `mira_kernels.mira_linear` with an
+  empty memory is a drop-in for the backbone's other linears (same result as F.linear to rounding).
+- **Why not per-sample GEMMs**: see "GEMM paths": per-sample calls, plain or MKL-packed for M=197,
+  were slower than one call over all B*T rows, so no packed weight is kept (nothing to invalidate).
+- **FLOP floor** = MIRA's extra multiply-adds (scores, mixing, shrink, expand) over the Linear's,
+  i.e. the overhead at the Linear's own GEMM rate. **Memory floor** = the bytes a separate adapter
+  pass must move (re-read x, read-modify-write the Q/V slices) at the measured copy bandwidth,
+  over the Linear's time: what `mira_adapter_` (unfused) cannot go below and the fused op avoids.
 - **Training floor** = extra multiply-adds of forward + backward (shrink recomputed, dh, dx's
   adapter part, dA, dB, mixing and dw) over the Linear's forward + backward GEMMs.
-- Overheads under ~0.3% are within the noise of this shared machine; the intervals say how far.
+- Wall-clock figures on this machine are dominated by other jobs sharing the 2 cores (the
+  nn.Linear times above are several times the ~21 ms an idle machine gives at B=8); read the
+  intervals, and the CPU-time table, before the medians.
 """
 
 

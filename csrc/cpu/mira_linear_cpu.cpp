@@ -7,9 +7,11 @@
 // kernel writes `bias + scale * (x A_b^T) B_b^T` into the Q/V slices (and the bias elsewhere) in
 // that same write pass, then calls the same beta = 1 GEMM over the whole batch. The adapter
 // therefore costs no pass over the output beyond the one the stock Linear makes anyway, and the
-// base GEMM is exactly nn.Linear's (one call, MKL's weight packing amortised over all B*T rows;
-// per-sample GEMM calls were measured 24-26% slower than one call here, see
-// benchmarks/results/op_cpu.md). No packed weight is cached, so nothing needs invalidating.
+// base GEMM is one call over all B*T rows, MKL's weight packing amortised over them (per-sample
+// GEMM calls, plain or MKL-packed for M = T, were slower than one call in every measurement here:
+// benchmarks/results/op_cpu.md). No packed weight is cached, so nothing needs invalidating. With
+// an empty memory (N = 0) the adapter work is skipped: that is the kernel's own base path, which
+// the benchmark times mira_linear against.
 //
 // The memory side runs once per call: cosine scores, separation, and the per-sample mixed
 // factors A_b (S*r, d_in) and B_b, kept transposed and pre-scaled as (S, r, d_s). Tokens are
