@@ -129,6 +129,7 @@ def test_half_precision_x(dtype, memory_fp32):
         dict(B=2, T=4, d_in=8, d_out=24, N=0),
         dict(B=2, T=4, d_in=8, d_out=24, N=1),
         dict(B=1, T=3, d_in=8, d_out=8, N=2, S=1, r=1, d_s=8, offsets=[0]),
+        dict(B=2, T=5, d_in=8, d_out=24, N=3, bias=False),
     ],
 )
 def test_degenerate_shapes(shape):
