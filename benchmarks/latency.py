@@ -119,7 +119,7 @@ class BenchConfig:
     # points of the ratio), or when the per-batch budget (seconds, scaled by batch) is spent.
     e2e_width: float = 1.0
     e2e_budget: dict[int, float] = field(default_factory=dict)
-    e2e_min_rounds: int = 5
+    e2e_min_rounds: int = 3
     # Op level (one block): target interval width (percentage points) of the headline pairs, and
     # their budget in seconds (0: the default of the batch size, DEFAULT_OP_BUDGET).
     op_width: float = 0.5

@@ -1,7 +1,8 @@
 """PNG plots of the latency records (``benchmarks/results/latency.jsonl``).
 
-``python -m benchmarks.plots [results_dir]`` redraws them; ``benchmarks.latency`` calls
-:func:`write_plots` after every run. Three figures:
+``python -m benchmarks.plots [results_dir]`` redraws them (and, when ``sweep_ops.json`` from
+``benchmarks/test_sweep_ops.py`` is there, writes its summary ``sweep_ops.md``);
+``benchmarks.latency`` calls :func:`write_plots` after every run. Three figures:
 
 - ``latency_overhead_vs_batch.png``: the latest run's batch sizes;
 - ``latency_overhead_vs_slots.png`` / ``latency_overhead_vs_rank.png``: the latest run that swept
@@ -19,7 +20,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["load_records", "write_plots"]
+__all__ = ["load_records", "sweep_summary", "write_plots"]
 
 TARGET_PERCENT = 0.4
 
@@ -140,6 +141,59 @@ def write_plots(results_dir: str | Path) -> list[Path]:
     return written
 
 
+def sweep_summary(json_path: str | Path) -> str:
+    """A markdown table of a pytest-benchmark JSON from ``benchmarks/test_sweep_ops.py``.
+
+    One row per sweep point (group), one column block per implementation: median latency, the
+    ratio to ``nn.Linear`` in the same group (medians of separate runs, not interleaved pairs),
+    throughput and peak memory.
+    """
+    data = json.loads(Path(json_path).read_text())
+    groups: dict[str, dict[str, dict]] = {}
+    for b in data["benchmarks"]:
+        groups.setdefault(b["group"], {})[b["extra_info"]["impl"]] = b
+    impls = ["linear", "fused", "reference", "compiled_reference"]
+    m = data.get("machine_info", {})
+    lines = [
+        "# Op-level sweep (pytest-benchmark), ViT-B/16 qkv shapes: T=197, 768 -> 2304, Q/V slices",
+        "",
+        f"Run {data.get('datetime', '?')}, commit {data.get('commit_info', {}).get('id', '?')[:10]}; "
+        f"{m.get('cpu', {}).get('brand_raw', m.get('processor', '?'))}; python {m.get('python_version', '?')}.",
+        "Latency = median of pytest-benchmark rounds; `x lin` = that median over `nn.Linear`'s in the same group",
+        "(separate runs, not interleaved pairs: the headline overheads are in latency.txt); img/s from the median;",
+        "peak = memory one call adds (CPU: resident-set high-water mark growth after malloc_trim, min of 3 calls).",
+        "",
+        "| point | " + " | ".join(f"{i}: ms, x lin, img/s, peak MB" for i in impls) + " |",
+        "|---|" + "---|" * len(impls),
+    ]
+
+    def order(name: str) -> tuple:
+        g = next(iter(groups[name].values()))["extra_info"]
+        return (g["dtype"], g["rank"], g["slots"], g["batch"])
+
+    for name in sorted(groups, key=order):
+        row = groups[name]
+        lin = row.get("linear", {}).get("stats", {}).get("median")
+        cells = []
+        for impl in impls:
+            b = row.get(impl)
+            if b is None:
+                cells.append("-")
+                continue
+            med = b["stats"]["median"]
+            peak = b["extra_info"].get("peak_memory_bytes")
+            peak_s = f"{peak / 2**20:.1f}" if peak is not None else "n/a"
+            ratio = f"{med / lin:.3f}" if lin else "-"
+            cells.append(f"{1e3 * med:.2f}, {ratio}, {b['extra_info']['images_per_s']:.1f}, {peak_s}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 if __name__ == "__main__":
-    for p in write_plots(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).resolve().parent / "results"):
+    results = Path(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).resolve().parent / "results")
+    for p in write_plots(results):
         print(p)
+    sweep_json = results / "sweep_ops.json"
+    if sweep_json.exists():
+        (results / "sweep_ops.md").write_text(sweep_summary(sweep_json))
+        print(results / "sweep_ops.md")

@@ -127,3 +127,19 @@ def test_a_whole_run_writes_its_record_table_and_plots(tmp_path):
     written = plots.write_plots(tmp_path)
     assert {p.name for p in written} == {"latency_overhead_vs_batch.png", "latency_overhead_vs_slots.png"}
     assert all(p.stat().st_size > 0 for p in written)
+
+
+def test_sweep_summary_reads_a_pytest_benchmark_json(tmp_path):
+    from benchmarks import plots
+
+    def bench(impl, median, peak):
+        info = {"impl": impl, "batch": 8, "rank": 4, "slots": 30, "dtype": "float32", "images_per_s": 8 / median,
+                "peak_memory_bytes": peak}
+        return {"group": "B8-r4-N30-fp32", "extra_info": info, "stats": {"median": median}}
+
+    data = {"datetime": "now", "commit_info": {"id": "abc"}, "machine_info": {},
+            "benchmarks": [bench("linear", 0.020, 14 * 2**20), bench("fused", 0.0202, None)]}
+    path = tmp_path / "sweep_ops.json"
+    path.write_text(json.dumps(data))
+    table = plots.sweep_summary(path)
+    assert "| B8-r4-N30-fp32 | 20.00, 1.000, 400.0, 14.0 | 20.20, 1.010, 396.0, n/a | - | - |" in table
