@@ -31,7 +31,8 @@ pairs (tens of ms each) resolve a few tenths of a percent with a few hundred pai
 Correctness is asserted before anything is timed (MIRA fused vs the reference backend and the
 eager baseline, end to end and per block; the adapters must change the output). Results: a
 terminal table, one JSON line per run appended to ``benchmarks/results/latency.jsonl``, rows in
-``latency.csv``, the table in ``latency.txt`` and PNG plots (``benchmarks/plots.py``).
+``latency.csv``, the table in ``latency.txt`` (and ``latency_sweep.txt`` for a run with a slot or
+rank sweep) and PNG plots (``benchmarks/plots.py``).
 
 Usage::
 
@@ -1082,7 +1083,11 @@ def write_record(record: dict, results_dir: str | os.PathLike, table: str) -> di
             writer.writeheader()
         writer.writerows(rows)
     command = "python -m benchmarks.latency " + " ".join(record["argv"])
-    paths["txt"].write_text(f"$ {command.strip()}\n# {record['timestamp']}, commit {record['commit']}\n\n{table}\n")
+    text = f"$ {command.strip()}\n# {record['timestamp']}, commit {record['commit']}\n\n{table}\n"
+    paths["txt"].write_text(text)
+    if record.get("sweep"):  # kept apart, so a later run without a sweep does not overwrite it
+        paths["sweep_txt"] = out / "latency_sweep.txt"
+        paths["sweep_txt"].write_text(text)
     return paths
 
 

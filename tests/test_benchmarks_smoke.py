@@ -119,6 +119,7 @@ def test_a_whole_run_writes_its_record_table_and_plots(tmp_path):
         assert d["lo"] <= d["percent"] <= d["hi"]
     assert "batch 2: decomposed" in table and "arithmetic floor" in table
     assert json.loads(paths["jsonl"].read_text().splitlines()[-1])["config"]["slots"] == 3
+    assert paths["sweep_txt"].read_text() == paths["txt"].read_text()
     rows = list(csv.DictReader(paths["csv"].open()))
     assert {"e2e:fused", "decomposed:decomposed", "floor", "sweep:decomposed"} <= {row["measure"] for row in rows}
 
