@@ -105,8 +105,10 @@ def row_config(j_pad: int, dtype: torch.dtype, precision: str = "tf32") -> RowCo
     """Config of the row kernels with a (block_m, j_pad) accumulator (shrink, per-sample reductions)."""
     if precision == "ieee" and j_pad >= 128:  # FMA dot operands held per thread: smallest tile
         return RowConfig(16, 32, 4)
-    if dtype == torch.float64 or precision == "ieee" or j_pad >= 64:
+    if dtype == torch.float64 or precision == "ieee":
         return RowConfig(32, 32, 4)
+    if j_pad >= 64:  # 3xTF32 doubles the operands' registers: 8 warps share them
+        return RowConfig(32, 32, 8)
     return RowConfig(64, 64, 4)
 
 
@@ -114,7 +116,9 @@ def factor_config(j_pad: int, dtype: torch.dtype, precision: str = "tf32") -> Ro
     """Config of the per-sample reductions over T: block_m = columns per program, block_k = T step."""
     if j_pad >= 128 or dtype == torch.float64 or (precision == "ieee" and j_pad >= 64):
         return RowConfig(16, 32, 4)
-    return row_config(j_pad, dtype, precision)
+    if j_pad >= 32:
+        return RowConfig(32, 32, 4)
+    return RowConfig(64, 64, 4)
 
 
 def memory_config(n_slots: int, dtype: torch.dtype, precision: str = "tf32") -> MemoryConfig:
@@ -123,13 +127,15 @@ def memory_config(n_slots: int, dtype: torch.dtype, precision: str = "tf32") -> 
     Chosen from an ahead-of-time sweep (sm_80 and sm_90, N = 30, 100, 256): 8 warps, the
     scores' d_k step block_k = 16 (3xTF32 splits each operand in two, doubling its registers),
     mixing column chunks of 64 for n_pad <= 64 and 32 above; dquery / dkeys d_k chunks of 32.
-    IEEE fp32 dots (FMA units, operands held per thread) need 16-wide chunks from n_pad = 128.
+    IEEE fp32 dots (FMA units, operands held per thread) need 16-wide d_k chunks, and 16-wide
+    mixing chunks from n_pad = 128.
     """
     n_pad = padded(n_slots)
     if dtype == torch.float64:
         return MemoryConfig(block_b=16, block_k=16, block_f=16, n_pad=n_pad, num_warps=8, grad_k=16)
-    if precision == "ieee" and n_pad >= 128:
-        return MemoryConfig(block_b=16, block_k=16, block_f=16, n_pad=n_pad, num_warps=8, grad_k=16)
+    if precision == "ieee":
+        block_f = 64 if n_pad <= 64 else 16
+        return MemoryConfig(block_b=16, block_k=16, block_f=block_f, n_pad=n_pad, num_warps=8, grad_k=16)
     block_f = 64 if n_pad <= 64 else 32
     return MemoryConfig(block_b=16, block_k=16, block_f=block_f, n_pad=n_pad, num_warps=8, grad_k=32)
 
