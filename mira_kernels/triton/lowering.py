@@ -275,6 +275,25 @@ def format_table(results: list[Lowered]) -> str:
     return "\n".join(lines)
 
 
+def format_summary(results: list[Lowered]) -> str:
+    """One line per kernel and target: how many variants, register range, worst spill, shared
+    memory range, and the matrix instructions found."""
+    groups: dict[tuple[str, int], list[Lowered]] = {}
+    for r in results:
+        groups.setdefault((r.kernel, r.arch), []).append(r)
+    header = (f"{'kernel':<26} {'sm':>3} {'variants':>8} {'regs min-max':>13} {'spill B max':>11} "
+              f"{'smem B min-max':>16}  matrix instructions")
+    lines = [header, "-" * len(header)]
+    for (kernel, arch), rows in sorted(groups.items()):
+        kinds = ",".join(sorted({k for r in rows for k in r.mma_kinds}))
+        regs = [r.registers for r in rows]
+        smem = [r.shared for r in rows]
+        spill = max(r.stack + r.local for r in rows)
+        lines.append(f"{kernel:<26} {arch:>3} {len(rows):>8} {min(regs):>6}-{max(regs):<6} {spill:>11} "
+                     f"{min(smem):>7}-{max(smem):<8}  {_short(kinds)}")
+    return "\n".join(lines)
+
+
 def _short(instr: str) -> str:
     """mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 -> mma m16n8k16 f16 (operand type)."""
     if not instr:
@@ -305,6 +324,8 @@ def main(argv=None) -> None:
     print("# compiled kernel; 'first case' is the first configuration that launches it. spill = STACK + LOCAL")
     print("# bytes, smem = static + dynamic shared memory (bytes), regs per thread, w/s = warps/stages.")
     print(format_table(results))
+    print()
+    print(format_summary(results))
     bad = [r for r in results if r.spills or r.shared > SMEM_LIMIT[r.arch] or not r.meets_intent]
     print(f"# {len(results)} kernels; {len(bad)} with spills, shared memory over the target's limit, or without "
           "the intended matrix instructions")
