@@ -107,8 +107,10 @@ def row_config(j_pad: int, dtype: torch.dtype, precision: str = "tf32") -> RowCo
         return RowConfig(16, 32, 4)
     if dtype == torch.float64 or precision == "ieee":
         return RowConfig(32, 32, 4)
-    if j_pad >= 64:  # 3xTF32 doubles the operands' registers: 8 warps share them
+    if j_pad == 64:  # 3xTF32 doubles the operands' registers: 8 warps share them (4 spill on sm_80)
         return RowConfig(32, 32, 8)
+    if j_pad >= 128:  # here 8 warps spill on sm_90 and 4 do not (ptxas heuristics; the sweep decides)
+        return RowConfig(32, 32, 4)
     return RowConfig(64, 64, 4)
 
 
