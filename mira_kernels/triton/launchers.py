@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -37,7 +37,6 @@ class Launch:
     constexprs: dict
     num_warps: int = 4
     num_stages: int = 2
-    tags: dict = field(default_factory=dict)
 
     def run(self) -> None:
         if any(g == 0 for g in self.grid):
@@ -104,11 +103,6 @@ class _Shapes:
     @property
     def fb(self) -> int:
         return self.S * self.d_s * self.r
-
-
-def supports(keys: torch.Tensor) -> bool:
-    """Whether the Triton path handles this slot count (see configs.MAX_SLOTS)."""
-    return keys.shape[0] <= configs.MAX_SLOTS
 
 
 # ----------------------------------------------------------------------------------------------
@@ -210,7 +204,7 @@ def _plan_gemm(name, a, w, w_strides, bias, h, e, e_strides, out, sh: _Shapes, j
     ))
 
 
-def _mixed_b_as_expand(mixed: _Mixed, sh: _Shapes) -> tuple[int, int, int, int]:
+def _mixed_b_as_expand(mixed: _Mixed) -> tuple[int, int, int, int]:
     # E[b, s, j, n] = mixed_b[b, s, n, j]
     st = mixed.b.stride()
     return st[0], st[1], st[3], st[2]
@@ -243,7 +237,7 @@ def plan_linear(x, weight, bias, query, keys, bank_a, bank_b, slice_offsets, sep
         h = _plan_shrink("shrink_fwd", x2, (0,), sh.d_in, mixed.a,
                          (mixed.a.stride(0), 0, mixed.a.stride(2), mixed.a.stride(3)), sh.S * sh.r, sh, lora_precision,
                          launches)
-        e, e_strides = mixed.b, _mixed_b_as_expand(mixed, sh)
+        e, e_strides = mixed.b, _mixed_b_as_expand(mixed)
     else:  # no slots: the adapter is zero, only the base projection runs
         h = e = x2.new_empty(0, dtype=sh.ct)
         e_strides = (0, 0, 0, 0)
@@ -272,7 +266,7 @@ def plan_adapter_(out, x, query, keys, bank_a, bank_b, slice_offsets, separation
                      (mixed.a.stride(0), 0, mixed.a.stride(2), mixed.a.stride(3)), sh.S * sh.r, sh, lora_precision,
                      launches)
     cfg = configs.adapter_config(x.dtype, lora_precision)
-    e_strides = _mixed_b_as_expand(mixed, sh)
+    e_strides = _mixed_b_as_expand(mixed)
     stride_om = target.stride(1)
     launches.append(Launch(
         "adapter_fwd", kernels._mira_adapter_fwd_kernel,
