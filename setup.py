@@ -61,9 +61,12 @@ def _extensions():
     cpp_sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
     # No -march=native: a wheel built here must run on any x86-64. The CPU kernel compiles its
     # hot loops once per instruction set (function target attributes) and picks one at run time.
-    cxx_flags = ["-O3", "-std=c++20", "-fvisibility=hidden", "-Wall", "-Wno-unused-function"]
+    # -fopenmp: at::parallel_for is inline (ATen/ParallelOpenMP.h) and runs serially in a file compiled
+    # without it; linking resolves libgomp.so.1 to the copy torch has already loaded.
+    cxx_flags = ["-O3", "-std=c++20", "-fvisibility=hidden", "-Wall", "-Wno-unused-function", "-fopenmp"]
     include_dirs = [os.path.join(ROOT, "csrc")]
-    kwargs = dict(name="mira_kernels._C", include_dirs=include_dirs, py_limited_api=False)
+    kwargs = dict(name="mira_kernels._C", include_dirs=include_dirs, py_limited_api=False,
+                  extra_link_args=["-fopenmp"])
     if with_cuda:
         cu_sources = _sources("csrc/cuda/*.cu")
         nvcc_flags = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"]
