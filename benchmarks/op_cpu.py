@@ -421,13 +421,16 @@ NOTES = """## How the kernel gets there, and what the floors mean
   the Linear's own; it re-reads x once (for the shrink) and does the FLOP-floor work.
 - **"Same base-GEMM path"** = the kernel with an empty memory (N = 0): identical seeding and GEMM,
   no adapter work (public wrapper "base", raw op "base_op"). That is the ratio (a) of issue 3.
-- **Base path vs nn.Linear**: in these runs the kernel's base path came out *cheaper* than
-  nn.Linear (also by CPU time). It is not a faster GEMM: `MKL_VERBOSE=1` shows the identical call
-  in both (`SGEMM(T,N,2304,197*B,768, ...)`, 2 threads), and `torch.addmm`, `torch.mm` or a Python
-  bias copy + `addmm_` are as slow as nn.Linear. The difference is in how the call lands on the
-  oversubscribed cores (a plausible cause, not verified: the kernel's own parallel seeding pass
-  leaves both OpenMP workers running when the GEMM starts). So it is not offered as a faster
-  linear for the backbone; ratio (a) is the figure to judge the adapter by.
+- **Base path vs nn.Linear**: the kernel's N = 0 path runs the identical SGEMM (`MKL_VERBOSE=1`
+  shows the same call, `SGEMM(T,N,2304,197*B,768, ...)`, 2 threads), yet costs ~1% more than
+  nn.Linear at B=8 (~2.5% at B=1): the Python wrapper and router of the public op (tens of us,
+  visible at B=1) and the kernel's own seeding pass against ATen's broadcast copy. That gap is
+  why ratio (b) misses 1.5% where ratio (a) meets it. (Runs on a heavily loaded machine showed
+  the base path *cheaper* than nn.Linear; that was scheduling, not a faster GEMM.) No faster base
+  path exists to offer the backbone's other linears.
+- **Before the OpenMP fix** (runs in op_cpu.json before commit 9eef403), the extension was built
+  without `-fopenmp`, so `at::parallel_for` (inline in ATen's headers) ran the kernel's loops on
+  one thread: those records understate the kernel.
 - **Why not per-sample GEMMs**: see "GEMM paths": per-sample calls, plain or MKL-packed for M=197,
   were slower than one call over all B*T rows, so no packed weight is kept (nothing to invalidate).
 - **FLOP floor** = MIRA's extra multiply-adds (scores, mixing, shrink, expand) over the Linear's,
