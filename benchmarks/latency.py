@@ -499,16 +499,21 @@ def check_model_outputs(variants: Variants, x: torch.Tensor) -> dict:
     return out
 
 
-def check_block_outputs(fused: torch.Tensor, ref32: torch.Tensor, ref64: torch.Tensor, what: str) -> dict:
-    """Per block: max-abs error vs float64 no worse than 2x plain PyTorch's own fp32 error, plus a floor."""
+def check_block_outputs(fused: torch.Tensor, ref32: torch.Tensor, ref64: torch.Tensor, what: str,
+                        *, strict: bool = True) -> dict:
+    """Per block: max-abs error vs float64 no worse than 2x plain PyTorch's own fp32 error, plus a floor.
+
+    ``strict``: raise when the check fails; otherwise return it with ``ok = False`` (the sweeps
+    record and print a failing point instead of losing the whole run).
+    """
     own = _max_abs(ref32, ref64)
     err = _max_abs(fused, ref64)
     floor = 1e-6 * max(1.0, float(ref64.abs().max()))
-    if not err <= 2 * own + floor:
-        raise AssertionError(
-            f"{what}: max-abs error {err:.3g} vs float64 exceeds 2 x PyTorch's {own:.3g} + {floor:.1g}"
-        )
-    return {"error": err, "pytorch_error": own}
+    ok = err <= 2 * own + floor
+    msg = f"{what}: max-abs error {err:.3g} vs float64 exceeds 2 x PyTorch's {own:.3g} + {floor:.1g}"
+    if not ok and strict:
+        raise AssertionError(msg)
+    return {"error": err, "pytorch_error": own, "floor": floor, "ok": ok, **({} if ok else {"message": msg})}
 
 
 def interleave(
@@ -595,6 +600,7 @@ def decompose_block(
     eager: nn.Module | None = None,
     seed: int = 0,
     budget: float = 0.0,
+    strict: bool = True,
 ) -> dict:
     """Op-level pairs for one block's projection; every time in seconds, per call.
 
@@ -621,6 +627,7 @@ def decompose_block(
         eager: the paper-style eager projection, timed against ``base_layer``.
         budget: seconds for the headline pairs (default: :func:`_op_budget_for` the batch size);
             the module and eager pairs get a third and a sixth of it.
+        strict: a failed correctness check raises (else it is recorded in ``checks`` and printed).
     """
     budget = budget or _op_budget_for(cfg, x.shape[0])
     backend = mk.resolve_backend(x.device)
@@ -644,11 +651,14 @@ def decompose_block(
                                          keys.double(), bank_a.double(), bank_b.double(), **opts)
         with mk.use_backend("reference"):
             ref32 = fused()
-        checks = {"fused": check_block_outputs(fused(), ref32, ref64, "fused op")}
+        checks = {"fused": check_block_outputs(fused(), ref32, ref64, "fused op", strict=strict)}
         if eager is not None:
-            checks["eager"] = check_block_outputs(eager(x), ref32, ref64, "eager projection")
+            checks["eager"] = check_block_outputs(eager(x), ref32, ref64, "eager projection", strict=strict)
         if module is not None:
-            checks["module"] = check_block_outputs(module(x), ref32, ref64, "MIRA projection module")
+            checks["module"] = check_block_outputs(module(x), ref32, ref64, "MIRA projection module", strict=strict)
+        for c in checks.values():
+            if not c["ok"]:
+                log(f"NUMERICS CHECK FAILED (recorded, timing continues): {c['message']}")
         if _max_abs(empty_op(), stock()) > 1e-4 * max(1.0, float(ref64.abs().max())):
             raise AssertionError("the op with an empty memory differs from the stock projection")
 
@@ -890,7 +900,7 @@ def sweep(variants: Variants, cfg: BenchConfig, timer: Callable, backbone_s: dic
         block = decompose_block(
             x, proj.base_layer, keys, bank_a, bank_b, memory.make_query, slice_offsets=proj.slice_offsets,
             separation=c.separation, scale=c.scale, eps=c.eps, timer=timer, cfg=cfg, eager=eager,
-            seed=cfg.seed + value, budget=_op_budget_for(cfg, batch) / 3,
+            seed=cfg.seed + value, budget=_op_budget_for(cfg, batch) / 3, strict=False,
         )
         floor = arithmetic_floor(variants.backbone, rank=rank, slots=slots, slices=c.num_slices,
                                  n_blocks=variants.n_blocks)
@@ -1024,6 +1034,9 @@ def format_table(record: dict) -> str:
             ov = p["overhead"]
             lines.append(f"  {p['axis']:>5}={p['value']:<4} (N={p['slots']}, r={p['rank']})  "
                          f"fused {_pp(ov['decomposed'])}  eager {_pp(ov['eager'])}  floor {p['floor']['percent']:.3f}%")
+            for c in p["block"]["checks"].values():
+                if not c.get("ok", True):
+                    lines.append(f"      NUMERICS CHECK FAILED at this point: {c['message']}")
         lines.append("")
     return "\n".join(lines)
 
