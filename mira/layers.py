@@ -24,35 +24,18 @@ keep state on modules across calls and complicate ``torch.compile`` and CUDA gra
 from __future__ import annotations
 
 import math
-import operator
 from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
 
 import mira_kernels
+from mira_kernels._validation import check_slice_offsets
 
 from .config import STAGES
 from .memory import AdapterMemory
 
 __all__ = ["MiraProjection"]
-
-
-def _check_slices(offsets: Sequence[int], width: int, out_features: int) -> tuple[int, ...]:
-    try:
-        offsets = tuple(operator.index(o) for o in offsets)
-    except TypeError:
-        raise TypeError(f"slice offsets must be ints, got {offsets!r}") from None
-    for off in offsets:
-        if off < 0 or off + width > out_features:
-            raise ValueError(
-                f"slice [{off}, {off + width}) lies outside the projection's {out_features} output features"
-            )
-    ordered = sorted(offsets)
-    for lo, hi in zip(ordered, ordered[1:]):
-        if hi < lo + width:
-            raise ValueError(f"slices at offsets {offsets} of width {width} overlap")
-    return offsets
 
 
 class MiraProjection(nn.Module):
@@ -87,7 +70,7 @@ class MiraProjection(nn.Module):
         c = memory.config
         if base_layer.in_features != c.d_in:
             raise ValueError(f"the memory expects inputs of width {c.d_in}, the layer has {base_layer.in_features}")
-        offsets = _check_slices(slice_offsets, c.slice_width, base_layer.out_features)
+        offsets = check_slice_offsets(slice_offsets, c.slice_width, base_layer.out_features)
         if len(offsets) != c.num_slices:
             raise ValueError(f"got {len(offsets)} slice offsets for a memory of {c.num_slices} slices")
         if slice_names is not None and len(slice_names) != len(offsets):

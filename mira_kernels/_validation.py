@@ -9,6 +9,7 @@ lives in :func:`check_finite`.
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -77,18 +78,7 @@ def check_memory(
     offsets = list(slice_offsets)
     if len(offsets) != s:
         raise ValueError(f"slice_offsets has {len(offsets)} entries but bank_a/bank_b have S = {s} slices")
-    d_s = bank_b.shape[2]
-    for off in offsets:
-        if not isinstance(off, int) or isinstance(off, bool):
-            raise TypeError(f"slice_offsets must be ints, got {offsets!r}")
-        if off < 0 or off + d_s > d_out:
-            raise ValueError(
-                f"slice_offsets: slice [{off}, {off + d_s}) of width d_s = {d_s} must fit in d_out = {d_out}"
-            )
-    ordered = sorted(offsets)
-    for lo, hi in zip(ordered, ordered[1:]):
-        if hi < lo + d_s:
-            raise ValueError(f"slice_offsets {offsets} give overlapping slices of width d_s = {d_s}")
+    check_slice_offsets(offsets, bank_b.shape[2], d_out)
 
     if separation not in SEPARATIONS:
         raise ValueError(f"unknown separation {separation!r}; expected one of {SEPARATIONS}")
@@ -96,6 +86,33 @@ def check_memory(
         raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
     if not (isinstance(scale, (int, float)) and math.isfinite(scale)):
         raise ValueError(f"scale must be a finite number, got {scale!r}")
+
+
+def as_offsets(slice_offsets: Sequence[int]) -> list[int]:
+    """Slice offsets as a list of Python ints (numpy and tensor scalars accepted); TypeError otherwise."""
+    try:
+        return [operator.index(o) for o in slice_offsets]
+    except TypeError:
+        raise TypeError(f"slice_offsets must be a sequence of ints, got {slice_offsets!r}") from None
+
+
+def check_slice_offsets(slice_offsets: Sequence[int], d_s: int, d_out: int) -> tuple[int, ...]:
+    """Slices [off, off + d_s) must be ints, fit in d_out, and not overlap (touching is fine, any order).
+
+    Shared by the ops and by layers that validate their slices once at construction.
+    """
+    offsets = tuple(as_offsets(slice_offsets))
+    for off in offsets:
+        if off < 0 or off + d_s > d_out:
+            raise ValueError(
+                f"slice_offsets: slice [{off}, {off + d_s}) of width d_s = {d_s} lies outside the projection's "
+                f"{d_out} output features (it must fit in d_out = {d_out})"
+            )
+    ordered = sorted(offsets)
+    for lo, hi in zip(ordered, ordered[1:]):
+        if hi < lo + d_s:
+            raise ValueError(f"slice_offsets {list(offsets)} give overlapping slices of width d_s = {d_s}")
+    return offsets
 
 
 def _check_x(x: torch.Tensor) -> None:

@@ -14,7 +14,6 @@ projection saves anyway.
 from __future__ import annotations
 
 import contextlib
-import operator
 from collections.abc import Sequence
 
 import torch
@@ -25,13 +24,6 @@ from .reference import DEFAULT_EPS
 __all__ = ["mira_linear", "mira_adapter_", "retrieval_weights"]
 
 _GRAD_INPUTS = ("x", "query", "keys", "bank_a", "bank_b")
-
-
-def _offsets(slice_offsets: Sequence[int]) -> list[int]:
-    try:
-        return [operator.index(o) for o in slice_offsets]
-    except TypeError:
-        raise TypeError(f"slice_offsets must be a sequence of ints, got {slice_offsets!r}") from None
 
 
 def _autocast_inputs(x, weight, bias, memory):
@@ -188,7 +180,7 @@ def mira_linear(
     Returns:
         (B, T, d_out) tensor of x's dtype. Differentiable in x, query, keys, bank_a, bank_b.
     """
-    slice_offsets = _offsets(slice_offsets)
+    slice_offsets = _validation.as_offsets(slice_offsets)
     x, weight, bias, (query, keys, bank_a, bank_b) = _autocast_inputs(x, weight, bias, (query, keys, bank_a, bank_b))
     _validation.check_mira_linear(x, weight, bias, query, keys, bank_a, bank_b, slice_offsets, separation, scale, eps)
     if torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad)):
@@ -228,7 +220,7 @@ def mira_adapter_(
     :func:`mira_linear`. Returns ``out``. A separate pass re-reads x and read-modify-writes the
     slices of ``out``; :func:`mira_linear` avoids that traffic by fusing the two.
     """
-    slice_offsets = _offsets(slice_offsets)
+    slice_offsets = _validation.as_offsets(slice_offsets)
     _validation.check_mira_adapter(out, x, query, keys, bank_a, bank_b, slice_offsets, separation, scale, eps)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (out, x, query, keys, bank_a, bank_b)):
         raise RuntimeError(
