@@ -61,10 +61,12 @@ def _draw(path: Path, xs: list, points: list[dict], floors: list[float], xlabel:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, with_eager in zip(axes, (False, True)):
         v, lo, hi = _series(points, "decomposed")
-        ax.errorbar(xs, v, yerr=[lo, hi], marker="o", capsize=4, label="MIRA fused, decomposed (op + query)")
+        ax.errorbar(xs, v, yerr=[lo, hi], marker="o", capsize=4,
+                    label="MIRA fused, decomposed (adapter + call + query)")
         if any("module" in p["overhead"] for p in points):
             v, lo, hi = _series(points, "module")
-            ax.errorbar(xs, v, yerr=[lo, hi], marker="s", capsize=4, alpha=0.8, label="MIRA projection module")
+            ax.errorbar(xs, v, yerr=[lo, hi], marker="s", capsize=4, alpha=0.8,
+                        label="MIRA projection module over nn.Linear")
         if not with_eager:
             # Zoom on what resolves the small effect; the end-to-end bars may run off this range.
             keys = [k for k in ("decomposed", "module") if any(k in p["overhead"] for p in points)]
@@ -81,7 +83,7 @@ def _draw(path: Path, xs: list, points: list[dict], floors: list[float], xlabel:
             v, lo, hi = _series(points, "eager")
             ax.errorbar(xs, v, yerr=[lo, hi], marker="D", capsize=4, color="tab:red",
                         label="paper-style eager, decomposed")
-        ax.plot(xs, floors, "k--", label="arithmetic floor")
+        ax.plot(xs, floors, "k--", label="arithmetic floor (extra MACs / backbone MACs)")
         ax.axhline(TARGET_PERCENT, color="tab:green", linestyle=":", label="target 0.4%")
         ax.axhline(0.0, color="grey", linewidth=0.5)
         ax.set_xlabel(xlabel)
