@@ -80,6 +80,20 @@ def _check_separation_capacity(separation: str, capacity: int | None) -> None:
         )
 
 
+def _check_memory_fields(cfg) -> None:
+    """Checks (and normalises in place) the fields MiraConfig and MemoryConfig share."""
+    _choice("query", cfg.query, QUERY_MODULES)
+    _choice("query_token", cfg.query_token, QUERY_TOKENS)
+    cfg.query_hidden = _positive_int("query_hidden", cfg.query_hidden, allow_none=True)
+    _choice("separation", cfg.separation, SEPARATIONS)
+    _choice("key_norm", cfg.key_norm, KEY_NORMS)
+    cfg.capacity = _positive_int("capacity", cfg.capacity, allow_none=True)
+    _check_separation_capacity(cfg.separation, cfg.capacity)
+    cfg.trainable_bank = bool(cfg.trainable_bank)
+    cfg.scale = _finite("scale", cfg.scale)
+    cfg.eps = _finite("eps", cfg.eps, positive=True)
+
+
 @dataclass
 class MiraConfig:
     """What :func:`mira.attach` inserts into each block.
@@ -138,17 +152,8 @@ class MiraConfig:
         self.slice_width = _positive_int("slice_width", self.slice_width, allow_none=True)
         if self.slice_width is None and not isinstance(self.slices[0], str):
             raise ValueError("integer slice offsets need slice_width (the width d_s of each slice)")
-        _choice("query", self.query, QUERY_MODULES)
-        _choice("query_token", self.query_token, QUERY_TOKENS)
-        self.query_hidden = _positive_int("query_hidden", self.query_hidden, allow_none=True)
         self.key_dim = _positive_int("key_dim", self.key_dim, allow_none=True)
-        _choice("separation", self.separation, SEPARATIONS)
-        _choice("key_norm", self.key_norm, KEY_NORMS)
-        self.capacity = _positive_int("capacity", self.capacity, allow_none=True)
-        _check_separation_capacity(self.separation, self.capacity)
-        self.trainable_bank = bool(self.trainable_bank)
-        self.scale = _finite("scale", self.scale)
-        self.eps = _finite("eps", self.eps, positive=True)
+        _check_memory_fields(self)
         if self.blocks is not None:
             if isinstance(self.blocks, int):
                 self.blocks = (self.blocks,)
@@ -194,16 +199,7 @@ class MemoryConfig:
         self.num_slices = _positive_int("num_slices", self.num_slices)
         self.slice_width = _positive_int("slice_width", self.slice_width)
         self.rank = _positive_int("rank", self.rank)
-        _choice("query", self.query, QUERY_MODULES)
-        _choice("query_token", self.query_token, QUERY_TOKENS)
-        self.query_hidden = _positive_int("query_hidden", self.query_hidden, allow_none=True)
-        _choice("separation", self.separation, SEPARATIONS)
-        _choice("key_norm", self.key_norm, KEY_NORMS)
-        self.capacity = _positive_int("capacity", self.capacity, allow_none=True)
-        _check_separation_capacity(self.separation, self.capacity)
-        self.trainable_bank = bool(self.trainable_bank)
-        self.scale = _finite("scale", self.scale)
-        self.eps = _finite("eps", self.eps, positive=True)
+        _check_memory_fields(self)
         self.num_prefix_tokens = _positive_int("num_prefix_tokens", self.num_prefix_tokens, allow_zero=True)
         if self.query == "identity" and self.d_k != self.d_in:
             raise ValueError(
