@@ -30,6 +30,7 @@ The backward may return None for a gradient ``output_mask`` does not ask for.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import warnings
@@ -112,8 +113,14 @@ def _reference_reason(device_type: str) -> str | None:
     return None
 
 
+@functools.cache
+def _triton_installed() -> bool:
+    # Resolution runs on every eager op call; without triton, find_spec would scan sys.path each time.
+    return importlib.util.find_spec("triton") is not None
+
+
 def _triton_reason(device_type: str) -> str | None:
-    if importlib.util.find_spec("triton") is None:
+    if not _triton_installed():
         return "triton is not installed"
     if not torch.cuda.is_available():
         return "no CUDA device is available"
