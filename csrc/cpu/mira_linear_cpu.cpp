@@ -10,8 +10,7 @@
 // base GEMM is one call over all B*T rows, MKL's weight packing amortised over them (per-sample
 // GEMM calls, plain or MKL-packed for M = T, were slower than one call in every measurement here:
 // benchmarks/results/op_cpu.md). No packed weight is cached, so nothing needs invalidating. With
-// an empty memory (N = 0) the adapter work is skipped: that is the kernel's own base path, which
-// the benchmark times mira_linear against.
+// an empty memory (N = 0) the op is at::linear itself: the base path is the stock Linear.
 //
 // The memory side runs once per call: cosine scores, separation, and the per-sample mixed
 // factors A_b (S*r, d_in) and B_b, kept transposed and pre-scaled as (S, r, d_s). Tokens are
@@ -34,6 +33,7 @@
 // Instruction sets: the hot loops (kernels_<isa>.cpp) are compiled for baseline x86-64, AVX2+FMA
 // and AVX-512; the best one the CPU supports is used, or the one named by the environment
 // variable MIRA_CPU_ISA (auto | baseline | avx2 | avx512), read at every call by active_table().
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -171,13 +171,56 @@ Shapes check_shapes(const at::Tensor& x, const at::Tensor& query, const at::Tens
   return s;
 }
 
+// Scratch for the mixed factors, one buffer per calling thread, reused across calls. The factors
+// are 2*B*S*r*d floats (384 KiB at ViT-B/16 qkv shapes, B = 8): allocated fresh, a buffer that size
+// comes from mmap and page-faults on every call (measured: ~70 minor faults per forward at B = 8).
+// A buffer grown beyond kScratchKeep bytes is released when its lease ends, so one huge batch does
+// not pin memory. A lease taken while another is live on the same thread (no op nests, but nothing
+// here relies on that) gets a private buffer instead.
+constexpr size_t kScratchKeep = size_t(16) << 20;
+
+template <typename T>
+class ScratchLease {
+ public:
+  explicit ScratchLease(size_t n) : shared_(!slot().busy), buf_(shared_ ? slot().buf : own_) {
+    if (shared_) slot().busy = true;
+    if (buf_.size() < n) buf_.resize(n);
+  }
+  ~ScratchLease() {
+    if (!shared_) return;
+    if (buf_.capacity() * sizeof(T) > kScratchKeep) std::vector<T>().swap(buf_);
+    slot().busy = false;
+  }
+  ScratchLease(const ScratchLease&) = delete;
+  ScratchLease& operator=(const ScratchLease&) = delete;
+  T* data() { return buf_.data(); }
+
+ private:
+  struct Slot {
+    std::vector<T> buf;
+    bool busy = false;
+  };
+  static Slot& slot() {
+    thread_local Slot s;
+    return s;
+  }
+  bool shared_;
+  std::vector<T> own_;
+  std::vector<T>& buf_;
+};
+
 // Everything the adapter needs that does not depend on the tokens, in compute dtype T.
 template <typename T>
 struct Memory {
+  explicit Memory(const Shapes& s) : factors(s.B * s.SR * (s.d_in + s.d_s)) {
+    A = factors.data();
+    Bt = A + s.B * s.SR * s.d_in;
+  }
   std::vector<T> q_unit, k_unit, q_norm, k_norm;  // (B, d_k), (N, d_k), (B), (N)
   std::vector<T> scores, weights;                 // (B, N)
-  std::vector<T> A;                               // (B, S*r, d_in): sum_n w[b,n] bank_a[n]
-  std::vector<T> Bt;                              // (B, S, r, d_s): scale * (sum_n w[b,n] bank_b[n])^T
+  ScratchLease<T> factors;
+  T* A;   // (B, S*r, d_in): sum_n w[b,n] bank_a[n]
+  T* Bt;  // (B, S, r, d_s): scale * (sum_n w[b,n] bank_b[n])^T
 };
 
 template <typename T>
@@ -241,15 +284,29 @@ at::Tensor as(const at::Tensor& t, at::ScalarType dt) { return t.to(dt).contiguo
 // and then amplifies the scores' rounding error by up to 1/eps: in float32 the kernel exceeded
 // twice plain PyTorch's error at N = 100. The cost, B*N*d_k multiply-adds, is nothing next to the
 // projection.
+//
+// The (B, d_k) and (N, d_k) inputs are read straight into double, whatever their dtype and strides:
+// two Tensor::to(kDouble) conversions cost ~45 us per call here, more than the arithmetic.
+std::vector<double> rows_in_double(const at::Tensor& t) {
+  const int64_t rows = t.size(0), n = t.size(1), s0 = t.stride(0), s1 = t.stride(1);
+  std::vector<double> out(rows * n);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "mira_rows_in_double", [&] {
+    const scalar_t* p = t.const_data_ptr<scalar_t>();
+    for (int64_t i = 0; i < rows; ++i)
+      for (int64_t j = 0; j < n; ++j) out[i * n + j] = static_cast<double>(p[i * s0 + j * s1]);
+  });
+  return out;
+}
+
 template <typename T>
 void retrieve_in_double(const Shapes& s, const at::Tensor& query, const at::Tensor& keys, Sep sep, double eps,
                         Memory<T>& m) {
   const Kernels<double>& K = kernels_of<double>(active_table());
-  const at::Tensor q = as(query, at::kDouble), k = as(keys, at::kDouble);
+  const std::vector<double> q = rows_in_double(query), k = rows_in_double(keys);
   std::vector<double> q_unit(s.B * s.d_k), k_unit(s.N * s.d_k), q_norm(s.B), k_norm(s.N);
   std::vector<double> scores(s.B * s.N), weights(s.B * s.N);
-  unit_rows(K, q.data_ptr<double>(), s.B, s.d_k, q_unit.data(), q_norm.data());
-  unit_rows(K, k.data_ptr<double>(), s.N, s.d_k, k_unit.data(), k_norm.data());
+  unit_rows(K, q.data(), s.B, s.d_k, q_unit.data(), q_norm.data());
+  unit_rows(K, k.data(), s.N, s.d_k, k_unit.data(), k_norm.data());
   K.dot_block(s.B, s.N, s.d_k, q_unit.data(), s.d_k, k_unit.data(), s.d_k, scores.data(), s.N, 1.0);
   separate_rows(sep, scores.data(), weights.data(), s.B, s.N, eps);
   m.q_unit.assign(q_unit.begin(), q_unit.end());
@@ -260,40 +317,55 @@ void retrieve_in_double(const Shapes& s, const at::Tensor& query, const at::Tens
   m.weights.assign(weights.begin(), weights.end());
 }
 
+// Fills m (constructed for s): retrieval in double, then the mixing, parallel over feature chunks
+// of A and over (slice, chunk of kOutChunk output columns) of B, all tasks kOutChunk*r wide (the
+// N bank rows of a task, 30 KiB at r = 4 and N = 30, stay in L1 across the sample blocks). A B task
+// mixes its (kOutChunk, r) block of bank_b, contiguous in the bank's (S, d_s, r) layout, for a few
+// samples at a time and writes it transposed and scaled into Bt, so the expand can run along
+// contiguous output columns without a serial transpose pass. Every element is an ordered sum
+// over n, whatever the split.
 template <typename T>
-Memory<T> prepare_memory(const Kernels<T>& K, const Shapes& s, const at::Tensor& query, const at::Tensor& keys,
-                         const at::Tensor& bank_a, const at::Tensor& bank_b, Sep sep, double scale, double eps) {
+void prepare_memory(const Kernels<T>& K, const Shapes& s, const at::Tensor& query, const at::Tensor& keys,
+                    const at::Tensor& bank_a, const at::Tensor& bank_b, Sep sep, double scale, double eps,
+                    Memory<T>& m) {
   const at::ScalarType ct = c10::CppTypeToScalarType<T>::value;
   const at::Tensor ba = as(bank_a, ct), bb = as(bank_b, ct);
-  Memory<T> m;
   retrieve_in_double(s, query, keys, sep, eps, m);
+  if (s.B == 0) return;
 
-  // Mixing, parallel over the flattened factor features; each element is an ordered sum over n.
-  const int64_t Fa = s.SR * s.d_in, Fb = s.S * s.d_s * s.r;
-  m.A.resize(s.B * Fa);
-  std::vector<T> Bm(s.B * Fb);
+  constexpr int64_t kOutChunk = 64, kSamples = 4;
+  const int64_t Fa = s.SR * s.d_in, Fb = s.SR * s.d_s;
+  const int64_t a_grain = kOutChunk * std::max<int64_t>(s.r, 1);  // A and B tasks of equal width
+  const int64_t a_tasks = (Fa + a_grain - 1) / a_grain;
+  const int64_t chunks = (s.d_s + kOutChunk - 1) / kOutChunk;
   const T* w = m.weights.data();
   const T* pa = ba.data_ptr<T>();
   const T* pb = bb.data_ptr<T>();
-  at::parallel_for(0, Fa + Fb, kFeatureGrain, [&](int64_t begin, int64_t end) {
-    if (begin < Fa) {
-      const int64_t e = std::min(end, Fa);
-      K.axpy_block(s.B, s.N, e - begin, w, s.N, 1, pa + begin, Fa, m.A.data() + begin, Fa, nullptr, false);
-    }
-    if (end > Fa) {
-      const int64_t b0 = std::max(begin, Fa) - Fa, b1 = end - Fa;
-      K.axpy_block(s.B, s.N, b1 - b0, w, s.N, 1, pb + b0, Fb, Bm.data() + b0, Fb, nullptr, false);
+  const T sc = T(scale);
+  at::parallel_for(0, a_tasks + s.S * chunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> tmp;  // (kSamples, kOutChunk * r): one per task range
+    for (int64_t task = begin; task < end; ++task) {
+      if (task < a_tasks) {
+        const int64_t f0 = task * a_grain, n = std::min(a_grain, Fa - f0);
+        K.axpy_block(s.B, s.N, n, w, s.N, 1, pa + f0, Fa, m.A + f0, Fa, nullptr, false);
+        continue;
+      }
+      const int64_t sl = (task - a_tasks) / chunks, e0 = ((task - a_tasks) % chunks) * kOutChunk;
+      const int64_t ne = std::min(kOutChunk, s.d_s - e0), width = ne * s.r;
+      tmp.resize(kSamples * kOutChunk * s.r);
+      const T* src = pb + (sl * s.d_s + e0) * s.r;  // bank_b[n, sl, e0:e0+ne, :], row stride Fb
+      for (int64_t b0 = 0; b0 < s.B; b0 += kSamples) {
+        const int64_t nb = std::min(kSamples, s.B - b0);
+        K.axpy_block(nb, s.N, width, w + b0 * s.N, s.N, 1, src, Fb, tmp.data(), width, nullptr, false);
+        for (int64_t j = 0; j < nb; ++j) {
+          T* dst = m.Bt + (b0 + j) * Fb + sl * s.r * s.d_s + e0;
+          const T* t = tmp.data() + j * width;
+          for (int64_t k2 = 0; k2 < s.r; ++k2)
+            for (int64_t e = 0; e < ne; ++e) dst[k2 * s.d_s + e] = sc * t[e * s.r + k2];
+        }
+      }
     }
   });
-  // (S, d_s, r) -> (S, r, d_s) per sample, so the expand runs along contiguous output columns.
-  m.Bt.resize(s.B * Fb);
-  const T sc = T(scale);
-  for (int64_t b = 0; b < s.B; ++b)
-    for (int64_t sl = 0; sl < s.S; ++sl)
-      for (int64_t e = 0; e < s.d_s; ++e)
-        for (int64_t k2 = 0; k2 < s.r; ++k2)
-          m.Bt[((b * s.S + sl) * s.r + k2) * s.d_s + e] = sc * Bm[((b * s.S + sl) * s.d_s + e) * s.r + k2];
-  return m;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -318,8 +390,8 @@ void apply_rows(const Kernels<T>& K, const Shapes& s, const Memory<T>& m, const 
   }
   const int64_t blocks = (s.T + kRowBlock - 1) / kRowBlock;
   const int64_t Fa = s.SR * s.d_in, Fb = s.S * s.r * s.d_s;
-  // An empty memory mixes to exactly zero factors: no adapter work, the bias (or nothing) only.
-  // This is also the kernel's base path without an adapter, which the benchmark times against.
+  // An empty memory mixes to exactly zero factors: the bias (or nothing) only. (The ops return
+  // before getting here for N = 0; this keeps the function total.)
   const bool adapter = s.N > 0;
   if (!adapter) {
     if (accumulate) return;
@@ -332,8 +404,8 @@ void apply_rows(const Kernels<T>& K, const Shapes& s, const Memory<T>& m, const 
       const int64_t rows = std::min(kRowBlock, s.T - t0);
       const T* xr = x + (b * s.T + t0) * s.d_in;
       T* yr = y + (b * s.T + t0) * d_out;
-      const T* A = m.A.data() + b * Fa;
-      const T* Bt = m.Bt.data() + b * Fb;
+      const T* A = m.A + b * Fa;
+      const T* Bt = m.Bt + b * Fb;
       if (adapter) {
         K.dot_block(rows, s.SR, s.d_in, xr, s.d_in, A, s.d_in, h.data(), s.SR, T(1));  // shrink
         for (int64_t sl = 0; sl < s.S; ++sl) {                                           // expand into each slice
@@ -368,7 +440,8 @@ void adapter_into(const Shapes& s, const at::Tensor& x_ct, at::Tensor& y_ct, con
                   const at::Tensor& keys, const at::Tensor& bank_a, const at::Tensor& bank_b, Sep sep, double scale,
                   double eps, const at::Tensor* bias_ct, bool accumulate) {
   const Kernels<T>& K = kernels_of<T>(active_table());
-  const Memory<T> m = prepare_memory<T>(K, s, query, keys, bank_a, bank_b, sep, scale, eps);
+  Memory<T> m(s);
+  prepare_memory<T>(K, s, query, keys, bank_a, bank_b, sep, scale, eps, m);
   apply_rows<T>(K, s, m, x_ct.data_ptr<T>(), y_ct.data_ptr<T>(), y_ct.size(-1),
                 bias_ct ? bias_ct->data_ptr<T>() : nullptr, accumulate);
 }
@@ -408,6 +481,8 @@ at::Tensor mira_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const 
     y.copy_(y32);
     return y;
   }
+  // An empty memory adds nothing: the op is then exactly the stock Linear (same ATen call).
+  if (s.N == 0) return at::linear(x, weight, has_bias ? *bias : at::Tensor());
   const at::Tensor xc = x.contiguous();
   at::Tensor y = at::empty({s.B, s.T, d_out}, x.options());
   if (y.numel() == 0) return y;
@@ -427,7 +502,7 @@ void mira_adapter_cpu(const at::Tensor& out, const at::Tensor& x, const at::Tens
               "out must be a CPU (B, T, d_out) tensor of x's dtype");
   const Shapes s = check_shapes(x, query, keys, bank_a, bank_b, slice_offsets, out.size(2));
   const Sep sep = parse_separation(std::string_view(separation.data(), separation.size()));
-  if (out.numel() == 0) return;
+  if (out.numel() == 0 || s.N == 0) return;  // an empty memory adds exactly zero
   // Work on a contiguous compute-dtype view of out; copy back only if that had to be a copy.
   at::Tensor work = as(out, ct);
   adapter_dispatch(s, as(x, ct), work, query, keys, bank_a, bank_b, sep, scale, eps, nullptr, true);
@@ -509,7 +584,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
   const at::ScalarType ct = c10::CppTypeToScalarType<T>::value;
   const Kernels<T>& K = kernels_of<T>(active_table());
   const int64_t d_out = weight.size(0);
-  const Memory<T> m = prepare_memory<T>(K, s, query, keys, bank_a, bank_b, sep, scale, eps);
+  Memory<T> m(s);
+  prepare_memory<T>(K, s, query, keys, bank_a, bank_b, sep, scale, eps, m);
   const at::Tensor g = as(grad_out, ct), xc = as(x, ct);
   const T* G = g.data_ptr<T>();
   const T* X = xc.data_ptr<T>();
@@ -531,8 +607,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
       for (int64_t task = begin; task < end; ++task) {
         const int64_t b = task / blocks, t0 = (task % blocks) * kRowBlock;
         const int64_t rows = std::min(kRowBlock, s.T - t0), row0 = b * s.T + t0;
-        const T* A = m.A.data() + b * Fa;
-        const T* Bt = m.Bt.data() + b * Fb;
+        const T* A = m.A + b * Fa;
+        const T* Bt = m.Bt + b * Fb;
         T* dhr = dh.data() + row0 * s.SR;
         for (int64_t sl = 0; sl < s.S; ++sl)
           K.dot_block(rows, s.r, s.d_s, G + row0 * d_out + s.offsets[sl], d_out, Bt + sl * s.r * s.d_s, s.d_s,
