@@ -25,6 +25,10 @@ watched ratio's interval is narrower than ``target_width`` (absolute width ``hi 
 ratio), or when ``budget_s`` seconds of rounds are spent, or after ``max_rounds``. The result
 says which rule stopped it. Warm-up calls (``warmup`` per variant) are not recorded.
 
+Python's cyclic garbage collector is paused while rounds run (as :mod:`timeit` does) and run
+explicitly between rounds at every stopping-rule check: a collection that lands inside one timed
+call charges that variant for allocations the others made.
+
 A ``timer`` can replace the default wall clock: any ``timer(fn) -> seconds`` that calls ``fn`` once
 (e.g. one that synchronises a CUDA device, or a scripted one in tests).
 
@@ -34,6 +38,7 @@ torch/MKL versions, load average); put it next to every result.
 
 from __future__ import annotations
 
+import gc
 import os
 import platform
 import random
@@ -169,21 +174,30 @@ def time_interleaved(
     times: dict[str, list[float]] = {n: [] for n in names}
     rng = random.Random(seed)
     order = list(names)
-    start = time.perf_counter()
     stopped_by = "max_rounds"
-    for rnd in range(1, max_rounds + 1):
-        rng.shuffle(order)
-        for name in order:
-            times[name].append(timer(fns[name]))
-        if rnd < min_rounds:
-            continue
-        if time.perf_counter() - start >= budget_s:
-            stopped_by = "budget"
-            break
-        if target_width is not None and watch and rnd % check_every == 0:
-            if all(ratio_stats(times[a], times[b])["width"] <= target_width for a, b in watch):
-                stopped_by = "target_width"
+    gc_was_enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    start = time.perf_counter()
+    try:
+        for rnd in range(1, max_rounds + 1):
+            rng.shuffle(order)
+            for name in order:
+                times[name].append(timer(fns[name]))
+            if rnd % check_every == 0:
+                gc.collect()
+            if rnd < min_rounds:
+                continue
+            if time.perf_counter() - start >= budget_s:
+                stopped_by = "budget"
                 break
+            if target_width is not None and watch and rnd % check_every == 0:
+                if all(ratio_stats(times[a], times[b])["width"] <= target_width for a, b in watch):
+                    stopped_by = "target_width"
+                    break
+    finally:
+        if gc_was_enabled:
+            gc.enable()
     return PairResult(names, times, time.perf_counter() - start, stopped_by, watch)
 
 

@@ -49,6 +49,17 @@ def test_interleave_stops_on_budget_when_the_interval_stays_wide():
     assert rounds.stopped_by == "budget" and rounds.rounds == 6
 
 
+def test_rounds_run_with_the_garbage_collector_paused_and_restore_it():
+    import gc
+
+    seen = []
+    variants = {"a": lambda: seen.append(gc.isenabled()) or 1.0, "b": lambda: 1.0}
+    assert gc.isenabled()
+    _pairs.time_interleaved(variants, timer=_scripted_timer, target_width=None, budget_s=60.0, min_rounds=5,
+                            max_rounds=5, warmup=0)
+    assert seen == [False] * 5 and gc.isenabled()
+
+
 def test_extra_time_and_overhead_arithmetic():
     rounds = _pairs.PairResult(["op", "base"], {"op": [1.02] * 9, "base": [1.0] * 9}, 1.0, "target_width")
     extra = latency._extra(rounds, "op", "base")
