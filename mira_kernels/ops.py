@@ -1,9 +1,11 @@
 """The public MIRA ops: typed wrappers, per-dispatch-key routing kernels, fake kernels, autograd.
 
-The schemas live once, in C++ (``csrc/mira_ops.cpp``). This module registers, for each public
-op, one kernel per dispatch key (CPU, CUDA) that routes to a backend by name
-(:mod:`mira_kernels.backends`), the fake (meta) kernels that ``torch.compile`` traces with, and
-the autograd formula of ``mira_linear`` (one backward op that returns every gradient).
+The schemas live once, in C++ (``csrc/mira_ops.cpp``), with the public ops' CPU/CUDA kernels: a
+call whose ``backend`` names the key's native backend ("cpu", "cuda") goes straight to it. This
+module registers the router for every other name (one kernel per dispatch key on the
+``_routed_*`` ops, picking a backend by name: :mod:`mira_kernels.backends`), the fake (meta)
+kernels that ``torch.compile`` traces with, and the autograd formula of ``mira_linear`` (one
+backward op that returns every gradient).
 
 What the forward saves: only its inputs. The backward recomputes scores, weights, mixed
 factors and the shrink ``x A_b^T`` (together about ``S*r*(d_in + d_s)`` MACs per token, under 1%
@@ -64,14 +66,16 @@ def _impl_for(backend: str, device: torch.device):
     return backends.implementation(backend)
 
 
-def _linear_kernel(x, weight, bias, query, keys, bank_a, bank_b, slice_offsets, separation, scale, eps, backend):
+# `backend="auto"`: the dispatcher leaves out trailing arguments equal to the schema's default.
+def _linear_kernel(x, weight, bias, query, keys, bank_a, bank_b, slice_offsets, separation, scale, eps, backend="auto"):
     impl = _impl_for(backend, x.device)
     with _autocast_off(x.device.type):
         return impl.mira_linear(x, weight, bias, query, keys, bank_a, bank_b, slice_offsets, separation, scale, eps)
 
 
 def _linear_backward_kernel(
-    grad_out, x, weight, query, keys, bank_a, bank_b, slice_offsets, separation, scale, eps, output_mask, backend
+    grad_out, x, weight, query, keys, bank_a, bank_b, slice_offsets, separation, scale, eps, output_mask,
+    backend="auto",
 ):
     impl = _impl_for(backend, x.device)
     with _autocast_off(x.device.type):
@@ -82,7 +86,7 @@ def _linear_backward_kernel(
     return tuple(g if g is not None else x.new_empty(0) for g in grads)
 
 
-def _adapter_kernel(out, x, query, keys, bank_a, bank_b, slice_offsets, separation, scale, eps, backend):
+def _adapter_kernel(out, x, query, keys, bank_a, bank_b, slice_offsets, separation, scale, eps, backend="auto"):
     impl = _impl_for(backend, x.device)
     with _autocast_off(x.device.type):
         impl.mira_adapter_(out, x, query, keys, bank_a, bank_b, slice_offsets, separation, scale, eps)
@@ -128,11 +132,13 @@ def _linear_backward(ctx, grad_out):
 
 
 if _extension.loaded:
+    # The public ops' CPU/CUDA kernels are in C++ (csrc/mira_ops.cpp): a call naming the key's
+    # native backend goes straight to it; every other backend name comes back here.
     _lib = torch.library.Library("mira", "IMPL")
     for _key in ("CPU", "CUDA"):
-        _lib.impl("mira_linear", _linear_kernel, _key)
-        _lib.impl("mira_linear_backward", _linear_backward_kernel, _key)
-        _lib.impl("mira_adapter_", _adapter_kernel, _key)
+        _lib.impl("_routed_mira_linear", _linear_kernel, _key)
+        _lib.impl("_routed_mira_linear_backward", _linear_backward_kernel, _key)
+        _lib.impl("_routed_mira_adapter_", _adapter_kernel, _key)
     torch.library.register_fake("mira::mira_linear", _linear_fake)
     torch.library.register_fake("mira::mira_linear_backward", _linear_backward_fake)
     torch.library.register_fake("mira::mira_adapter_", _adapter_fake)

@@ -73,6 +73,33 @@ def test_forced_backend_is_the_one_that_runs(monkeypatch):
     assert calls == [1]
 
 
+def _ops_run(fn) -> set[str]:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.name for e in prof.events() if e.name.startswith("mira::")}
+
+
+@pytest.mark.skipif(not _extension.has_kernel("_cpu_mira_linear", "CPU"), reason="the CPU kernel is not built")
+def test_native_backend_skips_the_python_router():
+    # backend="cpu" on a CPU tensor: the public op's C++ kernel calls the private op directly;
+    # any other name goes through the Python router (_routed_*), for every public op.
+    inp = make_inputs(dtype=torch.float32).requires_grad_("query")
+    out = torch.zeros(2, 5, 36)
+    for backend, routed in (("cpu", False), ("reference", True), ("auto", True)):
+        def run(backend=backend):
+            y = torch.ops.mira.mira_linear(*inp.linear_args(), inp.slice_offsets, "affine", 1.0, 1e-2, backend)
+            y.sum().backward()
+            with torch.no_grad():
+                torch.ops.mira.mira_adapter_(out, *inp.adapter_args(), inp.slice_offsets, "affine", 1.0, 1e-2,
+                                             backend)
+
+        ran = _ops_run(run)
+        for op in ("mira_linear", "mira_linear_backward", "mira_adapter_"):
+            assert f"mira::{op}" in ran
+            assert (f"mira::_routed_{op}" in ran) == routed, (backend, op, ran)
+            assert (f"mira::_cpu_{op}" in ran) == (backend != "reference"), (backend, op, ran)
+
+
 def test_missing_native_kernel_falls_back_with_one_warning(monkeypatch):
     monkeypatch.setattr(_extension, "has_kernel", lambda op, key: False)
     monkeypatch.setattr(backends, "_warned_fallback", set())
