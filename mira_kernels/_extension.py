@@ -7,6 +7,8 @@ public functions fall back to the reference (with a one-time warning from the ro
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 try:
@@ -21,8 +23,12 @@ loaded = load_error is None
 
 def has_kernel(op: str, dispatch_key: str) -> bool:
     """Whether ``mira::<op>`` has a kernel for ``dispatch_key`` (e.g. "CPU", "CUDA")."""
-    if not loaded:
-        return False
+    return loaded and _registered(op, dispatch_key)
+
+
+# Registrations happen when _C loads and never change afterwards; the router asks on every op call.
+@functools.cache
+def _registered(op: str, dispatch_key: str) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"mira::{op}", dispatch_key)
 
 

@@ -31,9 +31,11 @@ def _check_rank(name: str, t: torch.Tensor, rank: int, layout: str) -> None:
         raise ValueError(f"{name} must have shape {layout} ({rank} dims), got {_shape(t)}")
 
 
-def _check_dim(name: str, t: torch.Tensor, dim: int, expected, what: str, layout: str) -> None:
-    if t.shape[dim] != expected:
-        raise ValueError(f"{name} must have shape {layout} with {what} = {expected}, got {_shape(t)}")
+# Shapes are read once per tensor and passed around: the checks run on every op call, often with
+# cold caches right after a large GEMM, where each extra Python attribute lookup costs.
+def _check_dim(name: str, shape: tuple, dim: int, expected, what: str, layout: str) -> None:
+    if shape[dim] != expected:
+        raise ValueError(f"{name} must have shape {layout} with {what} = {expected}, got {tuple(shape)}")
 
 
 def check_memory(
@@ -56,17 +58,18 @@ def check_memory(
     _check_rank("keys", keys, 2, "(N, d_k)")
     _check_rank("bank_a", bank_a, 4, "(N, S, r, d_in)")
     _check_rank("bank_b", bank_b, 4, "(N, S, d_s, r)")
+    q_shape, a_shape, b_shape = query.shape, bank_a.shape, bank_b.shape
     n_slots, d_k = keys.shape
-    n, s, r, _ = bank_a.shape
+    n, s, r, _ = a_shape
     if r < 1 or s < 1:
-        raise ValueError(f"bank_a must have S >= 1 slices and rank r >= 1, got shape {_shape(bank_a)}")
-    _check_dim("query", query, 0, batch, "B (the batch of x)", "(B, d_k)")
-    _check_dim("query", query, 1, d_k, "d_k (the width of keys)", "(B, d_k)")
-    _check_dim("bank_a", bank_a, 0, n_slots, "N (the number of keys)", "(N, S, r, d_in)")
-    _check_dim("bank_a", bank_a, 3, d_in, "d_in (the width of x)", "(N, S, r, d_in)")
-    _check_dim("bank_b", bank_b, 0, n_slots, "N (the number of keys)", "(N, S, d_s, r)")
-    _check_dim("bank_b", bank_b, 1, s, "S (as bank_a)", "(N, S, d_s, r)")
-    _check_dim("bank_b", bank_b, 3, r, "r (the rank of bank_a)", "(N, S, d_s, r)")
+        raise ValueError(f"bank_a must have S >= 1 slices and rank r >= 1, got shape {tuple(a_shape)}")
+    _check_dim("query", q_shape, 0, batch, "B (the batch of x)", "(B, d_k)")
+    _check_dim("query", q_shape, 1, d_k, "d_k (the width of keys)", "(B, d_k)")
+    _check_dim("bank_a", a_shape, 0, n_slots, "N (the number of keys)", "(N, S, r, d_in)")
+    _check_dim("bank_a", a_shape, 3, d_in, "d_in (the width of x)", "(N, S, r, d_in)")
+    _check_dim("bank_b", b_shape, 0, n_slots, "N (the number of keys)", "(N, S, d_s, r)")
+    _check_dim("bank_b", b_shape, 1, s, "S (as bank_a)", "(N, S, d_s, r)")
+    _check_dim("bank_b", b_shape, 3, r, "r (the rank of bank_a)", "(N, S, d_s, r)")
 
     for name, t in (("query", query), ("keys", keys), ("bank_a", bank_a), ("bank_b", bank_b)):
         if t.device != device:
@@ -78,7 +81,7 @@ def check_memory(
     offsets = list(slice_offsets)
     if len(offsets) != s:
         raise ValueError(f"slice_offsets has {len(offsets)} entries but bank_a/bank_b have S = {s} slices")
-    check_slice_offsets(offsets, bank_b.shape[2], d_out)
+    check_slice_offsets(offsets, b_shape[2], d_out)
 
     if separation not in SEPARATIONS:
         raise ValueError(f"unknown separation {separation!r}; expected one of {SEPARATIONS}")
@@ -123,21 +126,23 @@ def _check_x(x: torch.Tensor) -> None:
 
 def check_mira_linear(x, weight, bias, query, keys, bank_a, bank_b, slice_offsets, separation, scale, eps) -> None:
     _check_x(x)
+    x_shape, dtype, device = x.shape, x.dtype, x.device
     _check_rank("weight", weight, 2, "(d_out, d_in)")
-    _check_dim("weight", weight, 1, x.shape[2], "d_in (the width of x)", "(d_out, d_in)")
-    d_out = weight.shape[0]
+    w_shape = weight.shape
+    _check_dim("weight", w_shape, 1, x_shape[2], "d_in (the width of x)", "(d_out, d_in)")
+    d_out = w_shape[0]
     for name, t in (("weight", weight), ("bias", bias)):
         if t is None:
             continue
-        if t.dtype != x.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but x has {x.dtype}; x, weight and bias share one dtype")
-        if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}; all inputs must share one device")
+        if t.dtype != dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but x has {dtype}; x, weight and bias share one dtype")
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device} but x is on {device}; all inputs must share one device")
     if bias is not None:
         _check_rank("bias", bias, 1, "(d_out,)")
-        _check_dim("bias", bias, 0, d_out, "d_out (the rows of weight)", "(d_out,)")
+        _check_dim("bias", bias.shape, 0, d_out, "d_out (the rows of weight)", "(d_out,)")
     check_memory(
-        x.dtype, x.device, x.shape[2], query, keys, bank_a, bank_b, x.shape[0], slice_offsets, d_out,
+        dtype, device, x_shape[2], query, keys, bank_a, bank_b, x_shape[0], slice_offsets, d_out,
         separation, scale, eps,
     )
 
@@ -149,8 +154,8 @@ def check_mira_adapter(out, x, query, keys, bank_a, bank_b, slice_offsets, separ
         raise TypeError(f"out has dtype {out.dtype} but x has {x.dtype}; they must match")
     if out.device != x.device:
         raise ValueError(f"out is on {out.device} but x is on {x.device}; all inputs must share one device")
-    _check_dim("out", out, 0, x.shape[0], "B (the batch of x)", "(B, T, d_out)")
-    _check_dim("out", out, 1, x.shape[1], "T (the tokens of x)", "(B, T, d_out)")
+    _check_dim("out", out.shape, 0, x.shape[0], "B (the batch of x)", "(B, T, d_out)")
+    _check_dim("out", out.shape, 1, x.shape[1], "T (the tokens of x)", "(B, T, d_out)")
     check_memory(
         x.dtype, x.device, x.shape[2], query, keys, bank_a, bank_b, x.shape[0], slice_offsets, out.shape[2],
         separation, scale, eps,

@@ -143,7 +143,7 @@ _warned_fallback: set[str] = set()
 
 
 def _device_type(device: torch.device | str) -> str:
-    return torch.device(device).type
+    return device.type if isinstance(device, torch.device) else torch.device(device).type
 
 
 def _reason(name: str, device_type: str) -> str | None:
