@@ -419,15 +419,26 @@ NOTES = """## How the kernel gets there, and what the floors mean
   sample, in registers/L1, AVX-512/AVX2/SSE2 loops picked at run time), then runs the same kind of
   GEMM (`addmm_`, beta = 1) over the whole batch. The adapter costs no pass over the output beyond
   the Linear's own; it re-reads x once (for the shrink) and does the FLOP-floor work.
-- **"Same base-GEMM path"** = the kernel with an empty memory (N = 0): identical seeding and GEMM,
-  no adapter work (public wrapper "base", raw op "base_op"). That is the ratio (a) of issue 3.
-- **Base path vs nn.Linear**: the kernel's N = 0 path runs the identical SGEMM (`MKL_VERBOSE=1`
-  shows the same call, `SGEMM(T,N,2304,197*B,768, ...)`, 2 threads), yet costs ~1% more than
-  nn.Linear at B=8 (~2.5% at B=1): the Python wrapper and router of the public op (tens of us,
-  visible at B=1) and the kernel's own seeding pass against ATen's broadcast copy. That gap is
-  why ratio (b) misses 1.5% where ratio (a) meets it. (Runs on a heavily loaded machine showed
-  the base path *cheaper* than nn.Linear; that was scheduling, not a faster GEMM.) No faster base
-  path exists to offer the backbone's other linears.
+- **"Same base-GEMM path"** = the op with an empty memory (N = 0). Since commit f905920 that is
+  `at::linear` itself (before, it ran the kernel's own seeding pass, ~1% slower than nn.Linear),
+  so ratio (a) of issue 3 and ratio (b) differ only by the public op's call cost: "base path vs
+  nn.Linear" is that cost (Python wrapper and checks, dispatcher), and "raw op vs raw base" is
+  the kernel alone over ATen's Linear.
+- **The public op's call cost** is far larger here than in a warm loop: with caches cold from the
+  previous GEMM, the wrapper's ~10 us of Python ran ~130 us (phase timers inside the op showed
+  the kernel itself unchanged). Commits b685e2d (the public op's C++ kernel calls the CPU kernel
+  directly instead of bouncing through a Python router) and 5f16e26 (cached registration lookups,
+  shapes read once) cut it to ~90 us. The rest is the checks and backend resolution in Python.
+- **Where the kernel's own time goes** (steady-clock phase timers inside the op, B=8, interleaved
+  with nn.Linear, medians; instrumentation not committed): retrieval in double ~55 us, mixing
+  ~85 us (the banks come back from L3/DRAM after each GEMM), the seeding pass with the adapter
+  ~650 us against ~370 us for the bias alone (shrink + expand: ~150 us of multiply-adds at
+  MKL's rate, plus re-reading x), then the same SGEMM as nn.Linear.
+- **Tried and not kept**: non-temporal stores in the seeding pass (-0.29% vs -0.27% for plain
+  stores, both over nn.Linear); an MKL pre-packed weight over the whole batch (-0.18% [-0.38,
+  +0.06] over nn.Linear: no faster base GEMM exists to offer the backbone's other linears);
+  packed calls per 394-row chunk (+7.1%); shrink and stores interleaved per 4 rows (no change).
+- **Garbage collection** is paused while rounds run (benchmarks/_pairs.py), from commit 4b38c18.
 - **Before the OpenMP fix** (runs in op_cpu.json before commit 9eef403), the extension was built
   without `-fopenmp`, so `at::parallel_for` (inline in ATen's headers) ran the kernel's loops on
   one thread: those records understate the kernel.
@@ -439,9 +450,9 @@ NOTES = """## How the kernel gets there, and what the floors mean
   over the Linear's time: what `mira_adapter_` (unfused) cannot go below and the fused op avoids.
 - **Training floor** = extra multiply-adds of forward + backward (shrink recomputed, dh, dx's
   adapter part, dA, dB, mixing and dw) over the Linear's forward + backward GEMMs.
-- Wall-clock figures on this machine are dominated by other jobs sharing the 2 cores (the
-  nn.Linear times above are several times the ~21 ms an idle machine gives at B=8); read the
-  intervals, and the CPU-time table, before the medians.
+- The 2 cores are shared with other jobs: nn.Linear at B=8 has measured 21-28 ms across runs and
+  single medians drift by ~0.3 percentage points between runs; read the intervals, and the
+  CPU-time table, before the medians.
 """
 
 
