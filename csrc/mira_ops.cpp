@@ -81,12 +81,7 @@ struct WithBackend<R(A...)> {
   using type = R(A..., c10::string_view);
 };
 
-template <class Fn>
-c10::TypedOperatorHandle<Fn> handle(const std::string& name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(("mira::" + name).c_str(), "").typed<Fn>();
-}
-
-// One routing kernel per (op, dispatch key). Key::name is the backend name native to the key.
+// The native backend of each dispatch key.
 struct CpuKey {
   static constexpr const char* backend = "cpu";
   static constexpr const char* prefix = "_cpu_";
@@ -98,33 +93,43 @@ struct CudaKey {
   static constexpr c10::DispatchKey key = c10::DispatchKey::CUDA;
 };
 
+// The routing of one public op on one dispatch key: its native private op (absent when this
+// build has no kernel for it; the Python router then explains why) and its _routed_ twin, both
+// looked up once. Fn is the private signature; the public one appends `backend`.
 template <class Key, class Fn>
-struct Route {
-  // The native op, or nothing when this build has no kernel for it (the router then explains).
-  static const std::optional<c10::TypedOperatorHandle<Fn>>& native(const char* op) {
-    static const std::optional<c10::TypedOperatorHandle<Fn>> h = [&]() -> std::optional<c10::TypedOperatorHandle<Fn>> {
-      auto typed = handle<Fn>(std::string(Key::prefix) + op);
-      if (!typed.hasKernelForDispatchKey(Key::key)) return std::nullopt;
-      return typed;
-    }();
-    return h;
+class Router {
+ public:
+  explicit Router(const char* op)
+      : native_(native_handle(std::string(Key::prefix) + op)),
+        routed_(handle<typename WithBackend<Fn>::type>(std::string("_routed_") + op)) {}
+
+  template <class... Args>
+  decltype(auto) operator()(c10::string_view backend, const Args&... args) const {
+    if (native_ && backend == Key::backend) return native_->call(args...);
+    return routed_.call(args..., backend);
   }
-  static c10::TypedOperatorHandle<typename WithBackend<Fn>::type> routed(const char* op) {
-    static const auto h = handle<typename WithBackend<Fn>::type>(std::string("_routed_") + op);
-    return h;
+
+ private:
+  template <class F>
+  static c10::TypedOperatorHandle<F> handle(const std::string& name) {
+    return c10::Dispatcher::singleton().findSchemaOrThrow(("mira::" + name).c_str(), "").template typed<F>();
   }
+  static std::optional<c10::TypedOperatorHandle<Fn>> native_handle(const std::string& name) {
+    auto typed = handle<Fn>(name);
+    if (!typed.hasKernelForDispatchKey(Key::key)) return std::nullopt;
+    return typed;
+  }
+  std::optional<c10::TypedOperatorHandle<Fn>> native_;
+  c10::TypedOperatorHandle<typename WithBackend<Fn>::type> routed_;
 };
 
+// The kernels: each op's Router is built on its first call, after every library has registered.
 template <class Key>
 Tensor linear(const Tensor& x, const Tensor& weight, const OptTensor& bias, const Tensor& query, const Tensor& keys,
               const Tensor& bank_a, const Tensor& bank_b, c10::IntArrayRef offsets, c10::string_view separation,
               double scale, double eps, c10::string_view backend) {
-  using R = Route<Key, LinearFn>;
-  if (backend == Key::backend && R::native("mira_linear"))
-    return R::native("mira_linear")->call(x, weight, bias, query, keys, bank_a, bank_b, offsets, separation, scale,
-                                          eps);
-  return R::routed("mira_linear").call(x, weight, bias, query, keys, bank_a, bank_b, offsets, separation, scale, eps,
-                                       backend);
+  static const Router<Key, LinearFn> route("mira_linear");
+  return route(backend, x, weight, bias, query, keys, bank_a, bank_b, offsets, separation, scale, eps);
 }
 
 template <class Key>
@@ -132,22 +137,16 @@ Grads linear_backward(const Tensor& grad_out, const Tensor& x, const Tensor& wei
                       const Tensor& keys, const Tensor& bank_a, const Tensor& bank_b, c10::IntArrayRef offsets,
                       c10::string_view separation, double scale, double eps, std::array<bool, 5> mask,
                       c10::string_view backend) {
-  using R = Route<Key, LinearBackwardFn>;
-  if (backend == Key::backend && R::native("mira_linear_backward"))
-    return R::native("mira_linear_backward")
-        ->call(grad_out, x, weight, query, keys, bank_a, bank_b, offsets, separation, scale, eps, mask);
-  return R::routed("mira_linear_backward")
-      .call(grad_out, x, weight, query, keys, bank_a, bank_b, offsets, separation, scale, eps, mask, backend);
+  static const Router<Key, LinearBackwardFn> route("mira_linear_backward");
+  return route(backend, grad_out, x, weight, query, keys, bank_a, bank_b, offsets, separation, scale, eps, mask);
 }
 
 template <class Key>
 void adapter(const Tensor& out, const Tensor& x, const Tensor& query, const Tensor& keys, const Tensor& bank_a,
              const Tensor& bank_b, c10::IntArrayRef offsets, c10::string_view separation, double scale, double eps,
              c10::string_view backend) {
-  using R = Route<Key, AdapterFn>;
-  if (backend == Key::backend && R::native("mira_adapter_"))
-    return R::native("mira_adapter_")->call(out, x, query, keys, bank_a, bank_b, offsets, separation, scale, eps);
-  R::routed("mira_adapter_").call(out, x, query, keys, bank_a, bank_b, offsets, separation, scale, eps, backend);
+  static const Router<Key, AdapterFn> route("mira_adapter_");
+  route(backend, out, x, query, keys, bank_a, bank_b, offsets, separation, scale, eps);
 }
 
 }  // namespace

@@ -7,9 +7,10 @@ Four backends implement the same contract (``docs/contract.md``):
 ``triton``     the Triton kernels in :mod:`mira_kernels.triton`, CUDA tensors.
 ``cuda``       the CUDA C++ kernels in ``csrc/cuda/`` (needs the extension built with CUDA).
 
-Exactly one kernel is registered per dispatch key for each public op (see :mod:`mira_kernels.ops`);
-it routes to a backend by name. The public functions resolve that name *before* entering the
-op, so it is read at call time in eager and at trace time under ``torch.compile``:
+Exactly one kernel is registered per dispatch key for each public op (``csrc/mira_ops.cpp``; the
+Python part of the routing is in :mod:`mira_kernels.ops`); it routes to a backend by name. The
+public functions resolve that name *before* entering the op, so it is read at call time in eager
+and at trace time under ``torch.compile``:
 
 1. the innermost :func:`use_backend` block, else the ``MIRA_BACKEND`` environment variable;
    a forced backend that cannot run on the tensors' device raises ``RuntimeError``;
