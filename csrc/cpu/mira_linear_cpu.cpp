@@ -399,13 +399,7 @@ void apply_rows(const Kernels<T>& K, const Shapes& s, const Memory<T>& m, const 
   }
   const int64_t blocks = (s.T + kRowBlock - 1) / kRowBlock;
   const int64_t Fa = s.SR * s.d_in, Fb = s.S * s.r * s.d_s;
-  // An empty memory mixes to exactly zero factors: the bias (or nothing) only. (The ops return
-  // before getting here for N = 0; this keeps the function total.)
-  const bool adapter = s.N > 0;
-  if (!adapter) {
-    if (accumulate) return;
-    gaps.assign(1, {0, d_out});
-  }
+  TORCH_INTERNAL_ASSERT_DEBUG_ONLY(s.N > 0, "the ops handle an empty memory without the row pass");
   at::parallel_for(0, s.B * blocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> h(kRowBlock * std::max<int64_t>(s.SR, 1));  // one buffer per task range, not per token
     for (int64_t task = begin; task < end; ++task) {
@@ -415,13 +409,11 @@ void apply_rows(const Kernels<T>& K, const Shapes& s, const Memory<T>& m, const 
       T* yr = y + (b * s.T + t0) * d_out;
       const T* A = m.A + b * Fa;
       const T* Bt = m.Bt + b * Fb;
-      if (adapter) {
-        K.dot_block(rows, s.SR, s.d_in, xr, s.d_in, A, s.d_in, h.data(), s.SR, T(1));  // shrink
-        for (int64_t sl = 0; sl < s.S; ++sl) {                                           // expand into each slice
-          const int64_t off = s.offsets[sl];
-          K.axpy_block(rows, s.r, s.d_s, h.data() + sl * s.r, s.SR, 1, Bt + sl * s.r * s.d_s, s.d_s, yr + off,
-                       d_out, bias ? bias + off : nullptr, accumulate);
-        }
+      K.dot_block(rows, s.SR, s.d_in, xr, s.d_in, A, s.d_in, h.data(), s.SR, T(1));  // shrink
+      for (int64_t sl = 0; sl < s.S; ++sl) {                                           // expand into each slice
+        const int64_t off = s.offsets[sl];
+        K.axpy_block(rows, s.r, s.d_s, h.data() + sl * s.r, s.SR, 1, Bt + sl * s.r * s.d_s, s.d_s, yr + off, d_out,
+                     bias ? bias + off : nullptr, accumulate);
       }
       if (!accumulate)
         for (int64_t t = 0; t < rows; ++t)
@@ -482,6 +474,8 @@ at::Tensor mira_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const 
   if (has_bias) TORCH_CHECK(bias->dim() == 1 && bias->size(0) == d_out && bias->scalar_type() == x.scalar_type(),
                             "bias must be (d_out,) of x's dtype");
 
+  // An empty memory adds nothing: the op is then exactly the stock Linear (same ATen call).
+  if (s.N == 0) return at::linear(x, weight, has_bias ? *bias : at::Tensor());
   if (is_half(x.scalar_type())) {
     // Base projection in x's dtype (as F.linear), adapter in float32, the sum rounded once.
     at::Tensor y = at::linear(x, weight, has_bias ? *bias : at::Tensor());
@@ -490,8 +484,6 @@ at::Tensor mira_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const 
     y.copy_(y32);
     return y;
   }
-  // An empty memory adds nothing: the op is then exactly the stock Linear (same ATen call).
-  if (s.N == 0) return at::linear(x, weight, has_bias ? *bias : at::Tensor());
   const at::Tensor xc = x.contiguous();
   at::Tensor y = at::empty({s.B, s.T, d_out}, x.options());
   if (y.numel() == 0) return y;
