@@ -6,6 +6,8 @@
 //     signature, whose kernels are the Python router in mira_kernels/ops.py.
 //   private backend ops (_cpu_*, _cuda_*): the C++ kernels in csrc/cpu/ and csrc/cuda/, with the
 //     same arguments minus `backend`.
+//   Every public kernel first checks its arguments (validation.h), so an eager call is checked in
+//     C++ only, once, whatever the backend.
 // Why the native call does not pass through the Python router: the round trip dispatcher ->
 // Python -> dispatcher measured +0.3..0.6% of a ViT-B/16 qkv projection at B = 8 in interleaved
 // runs (benchmarks/results/op_cpu.md), a third of the adapter's whole budget.
@@ -18,6 +20,8 @@
 #include <optional>
 
 #include <string>
+
+#include "validation.h"
 
 // `import mira_kernels._C` loads this library, whose static initialisers register the ops.
 PyMODINIT_FUNC PyInit__C(void) {
@@ -123,11 +127,14 @@ class Router {
   c10::TypedOperatorHandle<typename WithBackend<Fn>::type> routed_;
 };
 
-// The kernels: each op's Router is built on its first call, after every library has registered.
+// The kernels: each checks its arguments (validation.h: the checks of every eager call, whatever
+// the backend) and routes. Each op's Router is built on its first call, after every library has
+// registered.
 template <class Key>
 Tensor linear(const Tensor& x, const Tensor& weight, const OptTensor& bias, const Tensor& query, const Tensor& keys,
               const Tensor& bank_a, const Tensor& bank_b, c10::IntArrayRef offsets, c10::string_view separation,
               double scale, double eps, c10::string_view backend) {
+  mira::check_linear_args(x, weight, bias, query, keys, bank_a, bank_b, offsets, separation, scale, eps);
   static const Router<Key, LinearFn> route("mira_linear");
   return route(backend, x, weight, bias, query, keys, bank_a, bank_b, offsets, separation, scale, eps);
 }
@@ -137,6 +144,7 @@ Grads linear_backward(const Tensor& grad_out, const Tensor& x, const Tensor& wei
                       const Tensor& keys, const Tensor& bank_a, const Tensor& bank_b, c10::IntArrayRef offsets,
                       c10::string_view separation, double scale, double eps, std::array<bool, 5> mask,
                       c10::string_view backend) {
+  mira::check_linear_backward_args(grad_out, x, weight, query, keys, bank_a, bank_b, offsets, separation, scale, eps);
   static const Router<Key, LinearBackwardFn> route("mira_linear_backward");
   return route(backend, grad_out, x, weight, query, keys, bank_a, bank_b, offsets, separation, scale, eps, mask);
 }
@@ -145,6 +153,7 @@ template <class Key>
 void adapter(const Tensor& out, const Tensor& x, const Tensor& query, const Tensor& keys, const Tensor& bank_a,
              const Tensor& bank_b, c10::IntArrayRef offsets, c10::string_view separation, double scale, double eps,
              c10::string_view backend) {
+  mira::check_adapter_args(out, x, query, keys, bank_a, bank_b, offsets, separation, scale, eps);
   static const Router<Key, AdapterFn> route("mira_adapter_");
   route(backend, out, x, query, keys, bank_a, bank_b, offsets, separation, scale, eps);
 }

@@ -4,6 +4,12 @@ Nothing here reads tensor data, so the checks cost nothing on the device, never 
 and trace cleanly under ``torch.compile`` (shapes may be symbolic). Errors name the argument
 and the shape or dtype that was expected. The opt-in finiteness check is the one exception and
 lives in :func:`check_finite`.
+
+The same conditions are checked in C++ by the op kernels (``csrc/validation.cpp``), which are
+the only checks of an eager call (``ops.py`` says why); this module words the documented errors
+(the public functions call it once the op has rejected an argument) and checks traced calls. A
+condition added here must be added there: ``tests/test_validation.py`` runs every bad input
+through both.
 """
 
 from __future__ import annotations

@@ -92,7 +92,11 @@ def _adapter_kernel(out, x, query, keys, bank_a, bank_b, slice_offsets, separati
         impl.mira_adapter_(out, x, query, keys, bank_a, bank_b, slice_offsets, separation, scale, eps)
 
 
+# The fake kernels check their arguments: they run where the C++ checks of the op kernels do not
+# (tracing under torch.compile, meta tensors, and any call with one input on the meta device,
+# which the dispatcher sends here rather than to the CPU kernel).
 def _linear_fake(x, weight, bias, query, keys, bank_a, bank_b, slice_offsets, separation, scale, eps, backend):
+    _validation.check_mira_linear(x, weight, bias, query, keys, bank_a, bank_b, slice_offsets, separation, scale, eps)
     return x.new_empty(x.shape[0], x.shape[1], weight.shape[0])
 
 
@@ -104,6 +108,7 @@ def _linear_backward_fake(
 
 
 def _adapter_fake(out, x, query, keys, bank_a, bank_b, slice_offsets, separation, scale, eps, backend):
+    _validation.check_mira_adapter(out, x, query, keys, bank_a, bank_b, slice_offsets, separation, scale, eps)
     return None
 
 
@@ -147,7 +152,41 @@ if _extension.loaded:
 
 # ----------------------------------------------------------------------------------------------
 # Public functions.
+#
+# Two paths. The eager path, taken whenever nothing needs Python before the op (no autocast, no
+# finiteness check, not tracing): resolve the backend and call the op, whose C++ kernel checks
+# the arguments (csrc/validation.h). Python's checks would cost ~0.3-0.5% of a ViT-B/16 qkv
+# projection here: the call follows a large GEMM that has evicted the interpreter's caches. When
+# the op raises, the Python checks run and raise the documented error if an argument is bad;
+# otherwise the op's own error is re-raised. The traced path (the rest) checks in Python first:
+# under torch.compile the checks run once, at trace time.
 # ----------------------------------------------------------------------------------------------
+
+
+def _checked_in_kernel() -> bool:
+    """Whether this call may leave the argument checks to the op's C++ kernel (see above)."""
+    return (
+        _extension.loaded
+        and not torch.compiler.is_compiling()
+        and not torch._C._is_any_autocast_enabled()
+        and not _config.check_finite_enabled()
+    )
+
+
+def _check_frozen(weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    if torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad)):
+        raise RuntimeError(
+            "mira_linear: weight and bias are the frozen base projection and get no gradient, but "
+            "requires_grad is set on them; freeze them (requires_grad_(False)) or run under torch.no_grad()"
+        )
+
+
+def _check_inference_only(*tensors: torch.Tensor) -> None:
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        raise RuntimeError(
+            "mira_adapter_ is inference-only and has no autograd; use mira_linear for training, "
+            "or call it under torch.no_grad() / torch.inference_mode()"
+        )
 
 
 def mira_linear(
@@ -186,14 +225,25 @@ def mira_linear(
     Returns:
         (B, T, d_out) tensor of x's dtype. Differentiable in x, query, keys, bank_a, bank_b.
     """
+    if _checked_in_kernel():
+        try:
+            _check_frozen(weight, bias)
+            return torch.ops.mira.mira_linear(
+                x, weight, bias, query, keys, bank_a, bank_b, _validation.as_offsets(slice_offsets), separation,
+                float(scale), float(eps), backends.resolve_backend(x.device),
+            )
+        except Exception as e:  # noqa: BLE001 - re-raised below unless an argument is at fault
+            error = e
+        _validation.check_mira_linear(
+            x, weight, bias, query, keys, bank_a, bank_b, _validation.as_offsets(slice_offsets), separation, scale,
+            eps,
+        )
+        raise error
+
     slice_offsets = _validation.as_offsets(slice_offsets)
     x, weight, bias, (query, keys, bank_a, bank_b) = _autocast_inputs(x, weight, bias, (query, keys, bank_a, bank_b))
     _validation.check_mira_linear(x, weight, bias, query, keys, bank_a, bank_b, slice_offsets, separation, scale, eps)
-    if torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad)):
-        raise RuntimeError(
-            "mira_linear: weight and bias are the frozen base projection and get no gradient, but "
-            "requires_grad is set on them; freeze them (requires_grad_(False)) or run under torch.no_grad()"
-        )
+    _check_frozen(weight, bias)
     if _config.check_finite_enabled():
         _validation.check_finite(x=x, weight=weight, bias=bias, query=query, keys=keys, bank_a=bank_a, bank_b=bank_b)
     backend = backends.resolve_backend(x.device)
@@ -226,13 +276,24 @@ def mira_adapter_(
     :func:`mira_linear`. Returns ``out``. A separate pass re-reads x and read-modify-writes the
     slices of ``out``; :func:`mira_linear` avoids that traffic by fusing the two.
     """
+    if _checked_in_kernel():
+        try:
+            _check_inference_only(out, x, query, keys, bank_a, bank_b)
+            torch.ops.mira.mira_adapter_(
+                out, x, query, keys, bank_a, bank_b, _validation.as_offsets(slice_offsets), separation, float(scale),
+                float(eps), backends.resolve_backend(x.device),
+            )
+            return out
+        except Exception as e:  # noqa: BLE001 - re-raised below unless an argument is at fault
+            error = e
+        _validation.check_mira_adapter(
+            out, x, query, keys, bank_a, bank_b, _validation.as_offsets(slice_offsets), separation, scale, eps
+        )
+        raise error
+
     slice_offsets = _validation.as_offsets(slice_offsets)
     _validation.check_mira_adapter(out, x, query, keys, bank_a, bank_b, slice_offsets, separation, scale, eps)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (out, x, query, keys, bank_a, bank_b)):
-        raise RuntimeError(
-            "mira_adapter_ is inference-only and has no autograd; use mira_linear for training, "
-            "or call it under torch.no_grad() / torch.inference_mode()"
-        )
+    _check_inference_only(out, x, query, keys, bank_a, bank_b)
     if _config.check_finite_enabled():
         _validation.check_finite(out=out, x=x, query=query, keys=keys, bank_a=bank_a, bank_b=bank_b)
     backend = backends.resolve_backend(x.device)

@@ -1,4 +1,11 @@
-"""Every input-validation error of the public ops: the right type, naming the argument and shape."""
+"""Every input-validation error of the public ops: the right type, naming the argument and shape.
+
+The checks exist twice (ops.py explains why): in C++ in the op kernels, the only checks of an
+eager call, and in Python (mira_kernels/_validation.py), which word the documented error and
+check traced calls. Every bad input below is therefore tried three ways: through the public
+function (the documented type and message), and straight through the op with a native and a
+Python backend (the C++ checks alone must reject it, with the same exception type).
+"""
 
 from __future__ import annotations
 
@@ -6,12 +13,21 @@ import pytest
 import torch
 
 import mira_kernels as mk
+from mira_kernels import _extension, _validation
 from tests.mira_inputs import make_inputs
+
+needs_ext = pytest.mark.skipif(not _extension.loaded, reason="the C++ extension did not build")
 
 
 def call(inp, **kw):
     kw.setdefault("slice_offsets", inp.slice_offsets)
     return mk.mira_linear(*inp.linear_args(), **kw)
+
+
+def call_op(inp, backend, slice_offsets=None, separation="affine", scale=1.0, eps=mk.DEFAULT_EPS):
+    """The public op without its Python wrapper: only the C++ checks stand between input and kernel."""
+    offsets = inp.slice_offsets if slice_offsets is None else slice_offsets
+    return torch.ops.mira.mira_linear(*inp.linear_args(), offsets, separation, scale, eps, backend)
 
 
 def base():
@@ -23,18 +39,25 @@ CASES = [
     (lambda i: setattr(i, "x", i.x[0]), ValueError, r"x must have shape \(B, T, d_in\)"),
     (lambda i: setattr(i, "x", i.x.int()), TypeError, "x must be float32"),
     (lambda i: setattr(i, "weight", i.weight[:, :5]), ValueError, "weight must have shape .* d_in"),
+    (lambda i: setattr(i, "weight", i.weight[0]), ValueError, r"weight must have shape \(d_out, d_in\)"),
     (lambda i: setattr(i, "weight", i.weight.double()), TypeError, "weight has dtype torch.float64"),
     (lambda i: setattr(i, "bias", i.bias[:7]), ValueError, "bias must have shape"),
+    (lambda i: setattr(i, "bias", i.bias[None]), ValueError, r"bias must have shape \(d_out,\)"),
     (lambda i: setattr(i, "bias", i.bias.half()), TypeError, "bias has dtype"),
     (lambda i: setattr(i, "query", i.query[:1]), ValueError, "query must have shape .* B"),
     (lambda i: setattr(i, "query", i.query[:, :5]), ValueError, "query must have shape .* d_k"),
+    (lambda i: setattr(i, "query", i.query[0]), ValueError, r"query must have shape \(B, d_k\)"),
     (lambda i: setattr(i, "keys", i.keys[0]), ValueError, r"keys must have shape \(N, d_k\)"),
     (lambda i: setattr(i, "bank_a", i.bank_a[:2]), ValueError, "bank_a must have shape .* N"),
     (lambda i: setattr(i, "bank_a", i.bank_a[..., :5]), ValueError, "bank_a must have shape .* d_in"),
+    (lambda i: setattr(i, "bank_a", i.bank_a[0]), ValueError, r"bank_a must have shape \(N, S, r, d_in\)"),
+    (lambda i: setattr(i, "bank_a", i.bank_a[:, :0]), ValueError, "S >= 1 slices"),
+    (lambda i: setattr(i, "bank_b", i.bank_b[:2]), ValueError, "bank_b must have shape .* N"),
     (lambda i: setattr(i, "bank_b", i.bank_b[:, :1]), ValueError, "bank_b must have shape .* S"),
     (lambda i: setattr(i, "bank_b", i.bank_b[..., :2]), ValueError, "bank_b must have shape .* r"),
     (lambda i: setattr(i, "bank_b", i.bank_b[0]), ValueError, "bank_b must have shape"),
     (lambda i: setattr(i, "keys", i.keys.double()), TypeError, "keys has dtype torch.float64"),
+    (lambda i: setattr(i, "bank_b", i.bank_b.bfloat16()), TypeError, "bank_b has dtype torch.bfloat16"),
     (lambda i: setattr(i, "bank_a", i.bank_a[:, :, :0]), ValueError, "rank r >= 1"),
 ]
 
@@ -43,23 +66,43 @@ CASES = [
 def test_shape_and_dtype_errors(mutate, exc, msg):
     inp = base()
     mutate(inp)
-    with pytest.raises(exc, match=msg):
+    with pytest.raises(exc, match=msg) as info:
         call(inp)
+    # The documented error alone, not chained to the kernel's (the wrapper re-checks in Python).
+    assert info.value.__context__ is None and info.value.__cause__ is None
 
 
-@pytest.mark.parametrize(
-    "offsets, exc, msg",
-    [
-        ([0], ValueError, "slice_offsets has 1 entries but .* S = 2"),
-        ([0, 30], ValueError, r"slice \[30, 42\) .* must fit in d_out = 36"),
-        ([-1, 24], ValueError, "must fit"),
-        ([0, 6], ValueError, "overlapping"),
-        ([0, 1.5], TypeError, "slice_offsets must be a sequence of ints"),
-    ],
-)
+@needs_ext
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("mutate, exc, msg", CASES)
+def test_op_kernel_rejects_what_python_rejects(mutate, exc, msg, backend):
+    inp = base()
+    mutate(inp)
+    with pytest.raises(exc):
+        call_op(inp, backend)
+
+
+SLICE_CASES = [
+    ([0], ValueError, "slice_offsets has 1 entries but .* S = 2"),
+    ([0, 30], ValueError, r"slice \[30, 42\) .* must fit in d_out = 36"),
+    ([-1, 24], ValueError, "must fit"),
+    ([0, 6], ValueError, "overlapping"),
+    ([24, 18], ValueError, "overlapping"),
+]
+
+
+@pytest.mark.parametrize("offsets, exc, msg", [*SLICE_CASES, ([0, 1.5], TypeError, "slice_offsets must be a sequence")])
 def test_slice_errors(offsets, exc, msg):
     with pytest.raises(exc, match=msg):
         call(base(), slice_offsets=offsets)
+
+
+@needs_ext
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("offsets, exc, msg", SLICE_CASES)
+def test_op_kernel_rejects_bad_slices(offsets, exc, msg, backend):
+    with pytest.raises(exc):
+        call_op(base(), backend, slice_offsets=offsets)
 
 
 def test_slices_may_touch_and_be_unordered():
@@ -81,18 +124,54 @@ def test_mixed_dtypes_rules():
         call(f64)
 
 
-@pytest.mark.parametrize(
-    "kw, exc, msg",
-    [
-        (dict(separation="cosine"), ValueError, "unknown separation 'cosine'"),
-        (dict(eps=0.0), ValueError, "eps must be a finite number > 0"),
-        (dict(eps=float("nan")), ValueError, "eps must be"),
-        (dict(scale=float("inf")), ValueError, "scale must be a finite number"),
-    ],
-)
+SCALAR_CASES = [
+    (dict(separation="cosine"), ValueError, "unknown separation 'cosine'"),
+    (dict(eps=0.0), ValueError, "eps must be a finite number > 0"),
+    (dict(eps=-1.0), ValueError, "eps must be a finite number > 0"),
+    (dict(eps=float("nan")), ValueError, "eps must be"),
+    (dict(scale=float("inf")), ValueError, "scale must be a finite number"),
+    (dict(scale=float("nan")), ValueError, "scale must be a finite number"),
+]
+
+
+@pytest.mark.parametrize("kw, exc, msg", SCALAR_CASES)
 def test_scalar_argument_errors(kw, exc, msg):
     with pytest.raises(exc, match=msg):
         call(base(), **kw)
+
+
+@needs_ext
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("kw, exc, msg", SCALAR_CASES)
+def test_op_kernel_rejects_bad_scalars(kw, exc, msg, backend):
+    with pytest.raises(exc):
+        call_op(base(), backend, **kw)
+
+
+def test_non_tensor_argument_gets_the_documented_error():
+    inp = base()
+    inp.keys = inp.keys.tolist()
+    with pytest.raises(TypeError, match="keys must be a Tensor of shape"):
+        call(inp)
+
+
+@needs_ext
+def test_eager_calls_leave_the_checks_to_the_kernel(monkeypatch):
+    # The eager path's point (ops.py): valid calls never run the Python checks.
+    def fail(*args, **kwargs):
+        raise AssertionError("Python checks ran on a valid eager call")
+
+    monkeypatch.setattr(_validation, "check_mira_linear", fail)
+    monkeypatch.setattr(_validation, "check_mira_adapter", fail)
+    inp = base()
+    y = call(inp)
+    mk.mira_adapter_(y, *inp.adapter_args(), slice_offsets=inp.slice_offsets)
+
+
+def test_kernel_errors_that_are_not_argument_errors_pass_through():
+    # A backend that cannot run is not an argument fault: the RuntimeError reaches the caller.
+    with mk.use_backend("cuda"), pytest.raises(RuntimeError, match="backend 'cuda' was requested for cpu tensors"):
+        call(base())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device type")
@@ -111,14 +190,45 @@ def test_device_mismatch_meta():
         call(inp)
 
 
-def test_adapter_errors():
+ADAPTER_CASES = [
+    (lambda: torch.zeros(2, 4, 36), ValueError, r"out must have shape \(B, T, d_out\) with T"),
+    (lambda: torch.zeros(3, 5, 36), ValueError, r"out must have shape \(B, T, d_out\) with B"),
+    (lambda: torch.zeros(2, 5), ValueError, r"out must have shape \(B, T, d_out\)"),
+    (lambda: torch.zeros(2, 5, 36, dtype=torch.float64), TypeError, "out has dtype torch.float64"),
+    (lambda: torch.zeros(2, 5, 30), ValueError, "must fit in d_out = 30"),
+    (lambda: torch.zeros(2, 5, 36, device="meta"), ValueError, "out is on meta but x is on cpu"),
+]
+
+
+@pytest.mark.parametrize("make_out, exc, msg", ADAPTER_CASES)
+def test_adapter_errors(make_out, exc, msg):
     inp = base()
-    with pytest.raises(ValueError, match=r"out must have shape \(B, T, d_out\) with T"):
-        mk.mira_adapter_(torch.zeros(2, 4, 36), *inp.adapter_args(), slice_offsets=inp.slice_offsets)
-    with pytest.raises(TypeError, match="out has dtype torch.float64"):
-        mk.mira_adapter_(torch.zeros(2, 5, 36, dtype=torch.float64), *inp.adapter_args(), slice_offsets=[0, 24])
-    with pytest.raises(ValueError, match="must fit in d_out = 30"):
-        mk.mira_adapter_(torch.zeros(2, 5, 30), *inp.adapter_args(), slice_offsets=[0, 24])
+    with pytest.raises(exc, match=msg):
+        mk.mira_adapter_(make_out(), *inp.adapter_args(), slice_offsets=inp.slice_offsets)
+
+
+@needs_ext
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("make_out, exc, msg", [c for c in ADAPTER_CASES if "meta" not in c[2]])
+def test_op_kernel_rejects_bad_adapter_outputs(make_out, exc, msg, backend):
+    inp = base()
+    with pytest.raises(exc):
+        torch.ops.mira.mira_adapter_(make_out(), *inp.adapter_args(), inp.slice_offsets, "affine", 1.0, 0.01, backend)
+
+
+@needs_ext
+def test_op_kernel_rejects_bad_backward_arguments():
+    inp = base()
+    grad = torch.ones(2, 5, 36)
+    args = (inp.x, inp.weight, inp.query, inp.keys, inp.bank_a, inp.bank_b, inp.slice_offsets, "affine", 1.0, 0.01,
+            [True] * 5, "cpu")
+    torch.ops.mira.mira_linear_backward(grad, *args)  # valid
+    with pytest.raises(ValueError, match="grad_out must have shape"):
+        torch.ops.mira.mira_linear_backward(grad[:, :4], *args)
+    with pytest.raises(TypeError, match="grad_out has dtype"):
+        torch.ops.mira.mira_linear_backward(grad.double(), *args)
+    with pytest.raises(ValueError, match="bank_a must have shape"):
+        torch.ops.mira.mira_linear_backward(grad, *args[:4], inp.bank_a[:1], *args[5:])
 
 
 def test_retrieval_weights_errors():
