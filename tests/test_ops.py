@@ -236,6 +236,21 @@ def test_check_finite_switch(backend):
         run_linear(inp)
 
 
+def test_check_finite_environment_variable_read_at_call_time(backend, monkeypatch):
+    inp = make_inputs(dtype=torch.float32)
+    inp.keys[0, 0] = float("inf")
+    monkeypatch.setenv("MIRA_CHECK_FINITE", "1")
+    with pytest.raises(ValueError, match="keys contains inf or NaN"):
+        run_linear(inp)
+    monkeypatch.setenv("MIRA_CHECK_FINITE", "0")
+    run_linear(inp)
+    monkeypatch.delenv("MIRA_CHECK_FINITE")
+    run_linear(inp)
+    with mk.check_finite(False):  # the context manager wins over the environment
+        monkeypatch.setenv("MIRA_CHECK_FINITE", "1")
+        run_linear(inp)
+
+
 def test_retrieval_weights_public():
     inp = make_inputs(N=5, regime="negative").requires_grad_("query")
     w = mk.retrieval_weights(inp.query, inp.keys, separation="affine")
