@@ -425,19 +425,33 @@ NOTES = """## How the kernel gets there, and what the floors mean
   nn.Linear" is that cost (Python wrapper and checks, dispatcher), and "raw op vs raw base" is
   the kernel alone over ATen's Linear.
 - **The public op's call cost** is far larger here than in a warm loop: with caches cold from the
-  previous GEMM, the wrapper's ~10 us of Python ran ~130 us (phase timers inside the op showed
-  the kernel itself unchanged). Commits b685e2d (the public op's C++ kernel calls the CPU kernel
-  directly instead of bouncing through a Python router) and 5f16e26 (cached registration lookups,
-  shapes read once) cut it to ~90 us. The rest is the checks and backend resolution in Python.
-- **Where the kernel's own time goes** (steady-clock phase timers inside the op, B=8, interleaved
-  with nn.Linear, medians; instrumentation not committed): retrieval in double ~55 us, mixing
-  ~85 us (the banks come back from L3/DRAM after each GEMM), the seeding pass with the adapter
-  ~650 us against ~370 us for the bias alone (shrink + expand: ~150 us of multiply-adds at
-  MKL's rate, plus re-reading x), then the same SGEMM as nn.Linear.
+  previous GEMM, every Python frame of the wrapper costs ~5-10 us. Measured at a tiny shape right
+  after a 1576x768x2304 GEMM (medians of 300-400 shuffled rounds, several runs): nn.Linear
+  99-122 us, F.linear 61-70 us, the bare op call 82-141 us, the wrapper 181-233 us at 1f16c65 and
+  128-137 us at 34cceba.
+  The steps: b685e2d (the public op's C++ kernel calls the CPU kernel directly instead of
+  bouncing through a Python router), 5f16e26 (cached registration lookups), 1f16c65 (eager calls
+  are checked once, in C++, by the op kernel; Python re-checks only to word a rejection) and
+  34cceba (the CPU case skips the general backend resolution; environment reads without the
+  KeyError that os.environ.get raises and catches for an unset name, ~13 us each).
+  Under `torch.no_grad()` (not inference mode) the op also passes through torch.library's
+  Python autograd kernel: ~+35 us per call, not in these tables (they run in inference mode).
+- **Where the kernel's own time goes** (steady-clock phase timers inside the op, B=8, alternating
+  with nn.Linear, medians of 120-200 calls; instrumentation not committed; last measured at
+  34cceba): retrieval in double 34-47 us, retrieval + mixing 119-133 us (the keys and banks,
+  1.6 MB, come back from L3/DRAM after each GEMM), the seeding pass with the adapter ~690 us,
+  then the SGEMM, 26.16 ms against 26.71 ms for the whole nn.Linear (whose broadcast bias copy
+  and call make the difference). The seeding pass with the bias alone measured ~370 us.
 - **Tried and not kept**: non-temporal stores in the seeding pass (-0.29% vs -0.27% for plain
   stores, both over nn.Linear); an MKL pre-packed weight over the whole batch (-0.18% [-0.38,
   +0.06] over nn.Linear: no faster base GEMM exists to offer the backbone's other linears);
   packed calls per 394-row chunk (+7.1%); shrink and stores interleaved per 4 rows (no change).
+  At 34cceba, each against the same op without it, interleaved: software prefetch of the next
+  row block's x and output rows (+0.98..+1.08% against +1.09% over nn.Linear, inside the noise);
+  prefetching the banks during retrieval (+0.11% [-0.07, +0.27]); prefetching the next mixing
+  task's bank rows (-0.02% [-0.19, +0.20]); retrieval without its second parallel region or
+  without the copies only the backward needs (the memory side moved by <= 5 us: the cold misses
+  move to whichever phase touches memory first).
 - **Garbage collection** is paused while rounds run (benchmarks/_pairs.py), from commit 4b38c18.
 - **Before the OpenMP fix** (runs in op_cpu.json before commit 9eef403), the extension was built
   without `-fopenmp`, so `at::parallel_for` (inline in ATen's headers) ran the kernel's loops on
