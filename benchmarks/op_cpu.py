@@ -434,8 +434,10 @@ NOTES = """## How the kernel gets there, and what the floors mean
   are checked once, in C++, by the op kernel; Python re-checks only to word a rejection) and
   34cceba (the CPU case skips the general backend resolution; environment reads without the
   KeyError that os.environ.get raises and catches for an unset name, ~13 us each).
-  Under `torch.no_grad()` (not inference mode) the op also passes through torch.library's
-  Python autograd kernel: ~+35 us per call, not in these tables (they run in inference mode).
+  Under `torch.no_grad()` (not inference mode) the op also passed through torch.library's
+  Python autograd kernel, +20-35 us per call (these tables run in inference mode); the op's
+  autograd is C++ since the commit after 2943caa (bare op call under no_grad, same harness:
+  123 us before, 105 us after, nn.Linear 98-109 us).
 - **Where the kernel's own time goes** (steady-clock phase timers inside the op, B=8, alternating
   with nn.Linear, medians of 120-200 calls; instrumentation not committed; last measured at
   34cceba): retrieval in double 34-47 us, retrieval + mixing 119-133 us (the keys and banks,

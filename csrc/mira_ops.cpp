@@ -14,6 +14,7 @@
 // The contract (shapes, dtypes, semantics) is docs/contract.md.
 #include <Python.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 #include <array>
@@ -158,7 +159,73 @@ void adapter(const Tensor& out, const Tensor& x, const Tensor& query, const Tens
   route(backend, out, x, query, keys, bank_a, bank_b, offsets, separation, scale, eps);
 }
 
+// ---------------------------------------------------------------------------------------------
+// Autograd of mira_linear (contract section 5): one backward op returns every gradient. The
+// forward saves only its inputs; the backward recomputes what it needs.
+// In C++ rather than torch.library.register_autograd: that Python kernel runs on every call
+// made with grad mode on (also under torch.no_grad(), where it only redispatches), ~35 us per
+// call with the caches cold after a GEMM (benchmarks/results/op_cpu.md).
+// ---------------------------------------------------------------------------------------------
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+class MiraLinearFunction : public torch::autograd::Function<MiraLinearFunction> {
+ public:
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight, const OptTensor& bias,
+                        const Tensor& query, const Tensor& keys, const Tensor& bank_a, const Tensor& bank_b,
+                        c10::IntArrayRef offsets, c10::string_view separation, double scale, double eps,
+                        c10::string_view backend) {
+    ctx->save_for_backward({x, weight, query, keys, bank_a, bank_b});
+    ctx->saved_data["offsets"] = offsets.vec();
+    ctx->saved_data["separation"] = std::string(separation);
+    ctx->saved_data["scale"] = scale;
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["backend"] = std::string(backend);
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("mira::mira_linear", "")
+                               .typed<WithBackend<LinearFn>::type>();
+    return op.call(x, weight, bias, query, keys, bank_a, bank_b, offsets, separation, scale, eps, backend);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    TORCH_CHECK(!ctx->needs_input_grad(1) && !ctx->needs_input_grad(2),
+                "mira_linear: weight and bias are the frozen base projection and get no gradient; "
+                "call weight.requires_grad_(False) (and bias) or use a plain nn.Linear to train them");
+    const variable_list saved = ctx->get_saved_variables();
+    // Gradients of x, query, keys, bank_a, bank_b: forward arguments 0, 3, 4, 5, 6.
+    constexpr std::array<size_t, 5> kArg = {0, 3, 4, 5, 6};
+    std::array<bool, 5> mask{};
+    for (size_t i = 0; i < kArg.size(); ++i) mask[i] = ctx->needs_input_grad(kArg[i]);
+    const auto& d = ctx->saved_data;
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("mira::mira_linear_backward", "")
+                               .typed<WithBackend<LinearBackwardFn>::type>();
+    const std::vector<int64_t> offsets = d.at("offsets").toIntVector();
+    const std::string separation = d.at("separation").toStringRef(), backend = d.at("backend").toStringRef();
+    const auto grads = op.call(grad_outputs[0].contiguous(), saved[0], saved[1], saved[2], saved[3], saved[4],
+                               saved[5], offsets, separation, d.at("scale").toDouble(), d.at("eps").toDouble(), mask,
+                               backend);
+    const std::array<Tensor, 5> g = {std::get<0>(grads), std::get<1>(grads), std::get<2>(grads), std::get<3>(grads),
+                                     std::get<4>(grads)};
+    variable_list out(12);  // one entry per forward argument; undefined = no gradient
+    for (size_t i = 0; i < kArg.size(); ++i)
+      if (mask[i]) out[kArg[i]] = g[i];
+    return out;
+  }
+};
+
+Tensor linear_autograd(const Tensor& x, const Tensor& weight, const OptTensor& bias, const Tensor& query,
+                       const Tensor& keys, const Tensor& bank_a, const Tensor& bank_b, c10::IntArrayRef offsets,
+                       c10::string_view separation, double scale, double eps, c10::string_view backend) {
+  return MiraLinearFunction::apply(x, weight, bias, query, keys, bank_a, bank_b, offsets, separation, scale, eps,
+                                   backend);
+}
+
 }  // namespace
+
+TORCH_LIBRARY_IMPL(mira, Autograd, m) { m.impl("mira_linear", &linear_autograd); }
 
 TORCH_LIBRARY_IMPL(mira, CPU, m) {
   m.impl("mira_linear", &linear<CpuKey>);

@@ -3,9 +3,9 @@
 The schemas live once, in C++ (``csrc/mira_ops.cpp``), with the public ops' CPU/CUDA kernels: a
 call whose ``backend`` names the key's native backend ("cpu", "cuda") goes straight to it. This
 module registers the router for every other name (one kernel per dispatch key on the
-``_routed_*`` ops, picking a backend by name: :mod:`mira_kernels.backends`), the fake (meta)
-kernels that ``torch.compile`` traces with, and the autograd formula of ``mira_linear`` (one
-backward op that returns every gradient).
+``_routed_*`` ops, picking a backend by name: :mod:`mira_kernels.backends`) and the fake (meta)
+kernels that ``torch.compile`` traces with. The autograd of ``mira_linear`` (one backward op
+that returns every gradient) is C++ too, in ``csrc/mira_ops.cpp``.
 
 What the forward saves: only its inputs. The backward recomputes scores, weights, mixed
 factors and the shrink ``x A_b^T`` (together about ``S*r*(d_in + d_s)`` MACs per token, under 1%
@@ -25,7 +25,6 @@ from .reference import DEFAULT_EPS
 
 __all__ = ["mira_linear", "mira_adapter_", "retrieval_weights"]
 
-_GRAD_INPUTS = ("x", "query", "keys", "bank_a", "bank_b")
 
 
 def _autocast_inputs(x, weight, bias, memory):
@@ -112,30 +111,6 @@ def _adapter_fake(out, x, query, keys, bank_a, bank_b, slice_offsets, separation
     return None
 
 
-def _setup_context(ctx, inputs, output):
-    x, weight, bias, query, keys, bank_a, bank_b, slice_offsets, separation, scale, eps, backend = inputs
-    ctx.save_for_backward(x, weight, query, keys, bank_a, bank_b)
-    ctx.config = (slice_offsets, separation, scale, eps, backend)
-
-
-def _linear_backward(ctx, grad_out):
-    x, weight, query, keys, bank_a, bank_b = ctx.saved_tensors
-    slice_offsets, separation, scale, eps, backend = ctx.config
-    need = ctx.needs_input_grad
-    if need[1] or need[2]:
-        raise RuntimeError(
-            "mira_linear: weight and bias are the frozen base projection and get no gradient; "
-            "call weight.requires_grad_(False) (and bias) or use a plain nn.Linear to train them"
-        )
-    output_mask = [need[0], need[3], need[4], need[5], need[6]]
-    grads = torch.ops.mira.mira_linear_backward(
-        grad_out.contiguous(), x, weight, query, keys, bank_a, bank_b, slice_offsets, separation, scale, eps,
-        output_mask, backend,
-    )
-    dx, dq, dk, da, db = (g if m else None for g, m in zip(grads, output_mask))
-    return dx, None, None, dq, dk, da, db, None, None, None, None, None
-
-
 if _extension.loaded:
     # The public ops' CPU/CUDA kernels are in C++ (csrc/mira_ops.cpp): a call naming the key's
     # native backend goes straight to it; every other backend name comes back here.
@@ -147,7 +122,6 @@ if _extension.loaded:
     torch.library.register_fake("mira::mira_linear", _linear_fake)
     torch.library.register_fake("mira::mira_linear_backward", _linear_backward_fake)
     torch.library.register_fake("mira::mira_adapter_", _adapter_fake)
-    torch.library.register_autograd("mira::mira_linear", _linear_backward, setup_context=_setup_context)
 
 
 # ----------------------------------------------------------------------------------------------

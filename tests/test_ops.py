@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import mira_kernels as mk
-from mira_kernels import reference
+from mira_kernels import _extension, reference
 from mira_kernels.reference import SEPARATIONS
 from tests.mira_inputs import assert_close_to_spec, make_inputs, max_err
 
@@ -218,6 +218,22 @@ def test_frozen_weight_refuses_gradient(backend):
         run_linear(inp)
     with torch.no_grad():
         run_linear(inp)
+
+
+@pytest.mark.skipif(not _extension.loaded, reason="the C++ extension did not build")
+def test_op_autograd_refuses_weight_gradient(backend):
+    # The op's own autograd (C++), reached without the wrapper: the backward refuses, and the
+    # gradients it is asked for are still those of the wrapper.
+    inp = make_inputs(dtype=torch.float64).requires_grad_("query", "weight")
+    y = torch.ops.mira.mira_linear(*inp.linear_args(), inp.slice_offsets, "affine", 1.0, mk.DEFAULT_EPS, backend)
+    with pytest.raises(RuntimeError, match="frozen base projection"):
+        y.sum().backward()
+    inp.weight.requires_grad_(False)
+    y = torch.ops.mira.mira_linear(*inp.linear_args(), inp.slice_offsets, "affine", 1.0, mk.DEFAULT_EPS, backend)
+    (dq,) = torch.autograd.grad(y.sum(), inp.query)
+    want = reference.mira_linear(*inp.linear_args(), slice_offsets=inp.slice_offsets)
+    (dq_want,) = torch.autograd.grad(want.sum(), inp.query)
+    assert max_err(dq, dq_want) <= 1e-10
 
 
 def test_non_finite_inputs_propagate_and_finite_inputs_stay_finite(backend):
