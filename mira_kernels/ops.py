@@ -143,6 +143,8 @@ def _eager_backend(x: torch.Tensor) -> str | None:
     Every Python frame here costs ~5-10 us with cold caches, so the common case, a CPU tensor
     with the CPU kernel built and no other backend asked for, skips the general resolution.
     """
+    # is_compiling() before the rest: under torch.compile, Dynamo stops here and traces the
+    # Python path instead.
     if (
         not _extension.loaded
         or not isinstance(x, torch.Tensor)
