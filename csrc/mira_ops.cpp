@@ -6,8 +6,8 @@
 //     signature, whose kernels are the Python router in mira_kernels/ops.py.
 //   private backend ops (_cpu_*, _cuda_*): the C++ kernels in csrc/cpu/ and csrc/cuda/, with the
 //     same arguments minus `backend`.
-//   Every public kernel first checks its arguments (validation.h), so an eager call is checked in
-//     C++ only, once, whatever the backend.
+//   Every eager call is checked once, in C++, with the checks of validation.h: by the native
+//     private op itself, or by the public kernel before it hands the call to the Python router.
 // Why the native call does not pass through the Python router: the round trip dispatcher ->
 // Python -> dispatcher measured +0.3..0.6% of a ViT-B/16 qkv projection at B = 8 in interleaved
 // runs (benchmarks/results/op_cpu.md), a third of the adapter's whole budget.
@@ -98,6 +98,12 @@ struct CudaKey {
   static constexpr c10::DispatchKey key = c10::DispatchKey::CUDA;
 };
 
+// The typed handle of mira::<name>, looked up in the dispatcher.
+template <class F>
+c10::TypedOperatorHandle<F> op_handle(const std::string& name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(("mira::" + name).c_str(), "").template typed<F>();
+}
+
 // The routing of one public op on one dispatch key: its native private op (absent when this
 // build has no kernel for it; the Python router then explains why) and its _routed_ twin, both
 // looked up once. Fn is the private signature; the public one appends `backend`.
@@ -106,21 +112,20 @@ class Router {
  public:
   explicit Router(const char* op)
       : native_(native_handle(std::string(Key::prefix) + op)),
-        routed_(handle<typename WithBackend<Fn>::type>(std::string("_routed_") + op)) {}
+        routed_(op_handle<typename WithBackend<Fn>::type>(std::string("_routed_") + op)) {}
+
+  // Whether `backend` goes to the native op, which checks its own arguments.
+  bool native(c10::string_view backend) const { return native_ && backend == Key::backend; }
 
   template <class... Args>
   decltype(auto) operator()(c10::string_view backend, const Args&... args) const {
-    if (native_ && backend == Key::backend) return native_->call(args...);
+    if (native(backend)) return native_->call(args...);
     return routed_.call(args..., backend);
   }
 
  private:
-  template <class F>
-  static c10::TypedOperatorHandle<F> handle(const std::string& name) {
-    return c10::Dispatcher::singleton().findSchemaOrThrow(("mira::" + name).c_str(), "").template typed<F>();
-  }
   static std::optional<c10::TypedOperatorHandle<Fn>> native_handle(const std::string& name) {
-    auto typed = handle<Fn>(name);
+    auto typed = op_handle<Fn>(name);
     if (!typed.hasKernelForDispatchKey(Key::key)) return std::nullopt;
     return typed;
   }
@@ -128,15 +133,16 @@ class Router {
   c10::TypedOperatorHandle<typename WithBackend<Fn>::type> routed_;
 };
 
-// The kernels: each checks its arguments (validation.h: the checks of every eager call, whatever
-// the backend) and routes. Each op's Router is built on its first call, after every library has
-// registered.
+// The kernels. A call for the Python router is checked here first (validation.h); a native call
+// is checked by the native op. Each op's Router is built on its first call, after every library
+// has registered.
 template <class Key>
 Tensor linear(const Tensor& x, const Tensor& weight, const OptTensor& bias, const Tensor& query, const Tensor& keys,
               const Tensor& bank_a, const Tensor& bank_b, c10::IntArrayRef offsets, c10::string_view separation,
               double scale, double eps, c10::string_view backend) {
-  mira::check_linear_args(x, weight, bias, query, keys, bank_a, bank_b, offsets, separation, scale, eps);
   static const Router<Key, LinearFn> route("mira_linear");
+  if (!route.native(backend))
+    mira::check_linear_args(x, weight, bias, query, keys, bank_a, bank_b, offsets, separation, scale, eps);
   return route(backend, x, weight, bias, query, keys, bank_a, bank_b, offsets, separation, scale, eps);
 }
 
@@ -145,8 +151,10 @@ Grads linear_backward(const Tensor& grad_out, const Tensor& x, const Tensor& wei
                       const Tensor& keys, const Tensor& bank_a, const Tensor& bank_b, c10::IntArrayRef offsets,
                       c10::string_view separation, double scale, double eps, std::array<bool, 5> mask,
                       c10::string_view backend) {
-  mira::check_linear_backward_args(grad_out, x, weight, query, keys, bank_a, bank_b, offsets, separation, scale, eps);
   static const Router<Key, LinearBackwardFn> route("mira_linear_backward");
+  if (!route.native(backend))
+    mira::check_linear_backward_args(grad_out, x, weight, query, keys, bank_a, bank_b, offsets, separation, scale,
+                                     eps);
   return route(backend, grad_out, x, weight, query, keys, bank_a, bank_b, offsets, separation, scale, eps, mask);
 }
 
@@ -154,8 +162,9 @@ template <class Key>
 void adapter(const Tensor& out, const Tensor& x, const Tensor& query, const Tensor& keys, const Tensor& bank_a,
              const Tensor& bank_b, c10::IntArrayRef offsets, c10::string_view separation, double scale, double eps,
              c10::string_view backend) {
-  mira::check_adapter_args(out, x, query, keys, bank_a, bank_b, offsets, separation, scale, eps);
   static const Router<Key, AdapterFn> route("mira_adapter_");
+  if (!route.native(backend))
+    mira::check_adapter_args(out, x, query, keys, bank_a, bank_b, offsets, separation, scale, eps);
   route(backend, out, x, query, keys, bank_a, bank_b, offsets, separation, scale, eps);
 }
 
@@ -183,9 +192,7 @@ class MiraLinearFunction : public torch::autograd::Function<MiraLinearFunction> 
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["backend"] = std::string(backend);
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    static const auto op = c10::Dispatcher::singleton()
-                               .findSchemaOrThrow("mira::mira_linear", "")
-                               .typed<WithBackend<LinearFn>::type>();
+    static const auto op = op_handle<WithBackend<LinearFn>::type>("mira_linear");
     return op.call(x, weight, bias, query, keys, bank_a, bank_b, offsets, separation, scale, eps, backend);
   }
 
@@ -199,9 +206,7 @@ class MiraLinearFunction : public torch::autograd::Function<MiraLinearFunction> 
     std::array<bool, 5> mask{};
     for (size_t i = 0; i < kArg.size(); ++i) mask[i] = ctx->needs_input_grad(kArg[i]);
     const auto& d = ctx->saved_data;
-    static const auto op = c10::Dispatcher::singleton()
-                               .findSchemaOrThrow("mira::mira_linear_backward", "")
-                               .typed<WithBackend<LinearBackwardFn>::type>();
+    static const auto op = op_handle<WithBackend<LinearBackwardFn>::type>("mira_linear_backward");
     const std::vector<int64_t> offsets = d.at("offsets").toIntVector();
     const std::string separation = d.at("separation").toStringRef(), backend = d.at("backend").toStringRef();
     const auto grads = op.call(grad_outputs[0].contiguous(), saved[0], saved[1], saved[2], saved[3], saved[4],

@@ -2,8 +2,9 @@
 //
 // Why a second copy of mira_kernels/_validation.py: on every eager call the Python checks cost
 // ~0.3-0.5% of a ViT-B/16 qkv projection at B = 8 (measured, benchmarks/results/op_cpu.md),
-// because the call follows a large GEMM that has evicted the interpreter's caches. So the public
-// ops' kernels check here, in C++, and the Python wrappers skip their own checks. When a check
+// because the call follows a large GEMM that has evicted the interpreter's caches. So the ops
+// check here, in C++ (the native private ops themselves, the public ops' kernels for calls they
+// hand to the Python router), and the Python wrappers skip their own checks. When a check
 // here fails, the wrapper re-runs the Python checks, which raise the documented error (type and
 // wording): the Python file stays the one place of the messages, this file must reject exactly
 // the same inputs (tests/test_validation.py checks both against one catalogue of bad inputs).

@@ -26,7 +26,6 @@ from .reference import DEFAULT_EPS
 __all__ = ["mira_linear", "mira_adapter_", "retrieval_weights"]
 
 
-
 def _autocast_inputs(x, weight, bias, memory):
     """Under torch.autocast: x/weight/bias to the autocast dtype, the memory side to float32.
 

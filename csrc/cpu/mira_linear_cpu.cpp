@@ -52,6 +52,7 @@
 #include <vector>
 
 #include "cpu/kernels.h"
+#include "validation.h"
 
 namespace mira_cpu {
 namespace {
@@ -146,28 +147,14 @@ struct Shapes {
   std::vector<int64_t> offsets;
 };
 
-Shapes check_shapes(const at::Tensor& x, const at::Tensor& query, const at::Tensor& keys, const at::Tensor& bank_a,
-                    const at::Tensor& bank_b, at::IntArrayRef slice_offsets, int64_t d_out) {
-  for (const at::Tensor* t : {&x, &query, &keys, &bank_a, &bank_b})
-    TORCH_CHECK(t->device().is_cpu(), "mira CPU kernel: every input must be a CPU tensor");
-  TORCH_CHECK(x.dim() == 3, "x must be (B, T, d_in), got ", x.sizes());
-  TORCH_CHECK(query.dim() == 2 && keys.dim() == 2 && bank_a.dim() == 4 && bank_b.dim() == 4,
-              "query (B, d_k), keys (N, d_k), bank_a (N, S, r, d_in), bank_b (N, S, d_s, r) expected");
+// The problem's sizes. The arguments have passed the op contract's checks (csrc/validation.h,
+// run first by every op here); what is left is this backend's own precondition.
+Shapes shapes_of(const at::Tensor& x, const at::Tensor& keys, const at::Tensor& bank_a, const at::Tensor& bank_b,
+                 at::IntArrayRef slice_offsets) {
+  TORCH_CHECK(x.device().is_cpu(), "mira CPU kernel: the inputs must be CPU tensors, got ", x.device());
   Shapes s{x.size(0), x.size(1), x.size(2), keys.size(0), keys.size(1), bank_a.size(1), bank_a.size(2),
            bank_b.size(2), 0, std::vector<int64_t>(slice_offsets.begin(), slice_offsets.end())};
   s.SR = s.S * s.r;
-  TORCH_CHECK(query.size(0) == s.B && query.size(1) == s.d_k, "query must be (B, d_k), got ", query.sizes());
-  TORCH_CHECK(bank_a.size(0) == s.N && bank_a.size(3) == s.d_in, "bank_a must be (N, S, r, d_in), got ",
-              bank_a.sizes());
-  TORCH_CHECK(bank_b.size(0) == s.N && bank_b.size(1) == s.S && bank_b.size(3) == s.r,
-              "bank_b must be (N, S, d_s, r), got ", bank_b.sizes());
-  TORCH_CHECK(static_cast<int64_t>(s.offsets.size()) == s.S, "slice_offsets needs S = ", s.S, " entries");
-  std::vector<int64_t> sorted = s.offsets;
-  std::sort(sorted.begin(), sorted.end());
-  for (size_t i = 0; i < sorted.size(); ++i) {
-    TORCH_CHECK(sorted[i] >= 0 && sorted[i] + s.d_s <= d_out, "slice_offsets: slices must fit in d_out");
-    TORCH_CHECK(i == 0 || sorted[i] >= sorted[i - 1] + s.d_s, "slice_offsets: slices must not overlap");
-  }
   return s;
 }
 
@@ -430,11 +417,7 @@ void apply_rows(const Kernels<T>& K, const Shapes& s, const Memory<T>& m, const 
 
 bool is_half(at::ScalarType t) { return t == at::kHalf || t == at::kBFloat16; }
 
-at::ScalarType compute_type(at::ScalarType x) {
-  TORCH_CHECK(x == at::kFloat || x == at::kDouble || is_half(x), "mira CPU kernel: x must be float32, float64, ",
-              "float16 or bfloat16, got ", x);
-  return is_half(x) ? at::kFloat : x;
-}
+at::ScalarType compute_type(at::ScalarType x) { return is_half(x) ? at::kFloat : x; }
 
 template <typename T>
 void adapter_into(const Shapes& s, const at::Tensor& x_ct, at::Tensor& y_ct, const at::Tensor& query,
@@ -464,15 +447,11 @@ at::Tensor mira_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const 
                            const at::Tensor& query, const at::Tensor& keys, const at::Tensor& bank_a,
                            const at::Tensor& bank_b, at::IntArrayRef slice_offsets, c10::string_view separation,
                            double scale, double eps) {
-  compute_type(x.scalar_type());  // checks the dtype
-  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == x.size(-1), "weight must be (d_out, d_in)");
-  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), "weight must have x's dtype");
+  mira::check_linear_args(x, weight, bias, query, keys, bank_a, bank_b, slice_offsets, separation, scale, eps);
   const int64_t d_out = weight.size(0);
-  const Shapes s = check_shapes(x, query, keys, bank_a, bank_b, slice_offsets, d_out);
+  const Shapes s = shapes_of(x, keys, bank_a, bank_b, slice_offsets);
   const Sep sep = parse_separation(std::string_view(separation.data(), separation.size()));
   const bool has_bias = bias.has_value() && bias->defined();
-  if (has_bias) TORCH_CHECK(bias->dim() == 1 && bias->size(0) == d_out && bias->scalar_type() == x.scalar_type(),
-                            "bias must be (d_out,) of x's dtype");
 
   // An empty memory adds nothing: the op is then exactly the stock Linear (same ATen call).
   if (s.N == 0) return at::linear(x, weight, has_bias ? *bias : at::Tensor());
@@ -497,11 +476,9 @@ at::Tensor mira_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const 
 void mira_adapter_cpu(const at::Tensor& out, const at::Tensor& x, const at::Tensor& query, const at::Tensor& keys,
                       const at::Tensor& bank_a, const at::Tensor& bank_b, at::IntArrayRef slice_offsets,
                       c10::string_view separation, double scale, double eps) {
+  mira::check_adapter_args(out, x, query, keys, bank_a, bank_b, slice_offsets, separation, scale, eps);
   const at::ScalarType ct = compute_type(x.scalar_type());
-  TORCH_CHECK(out.dim() == 3 && out.size(0) == x.size(0) && out.size(1) == x.size(1) &&
-                  out.scalar_type() == x.scalar_type() && out.device().is_cpu(),
-              "out must be a CPU (B, T, d_out) tensor of x's dtype");
-  const Shapes s = check_shapes(x, query, keys, bank_a, bank_b, slice_offsets, out.size(2));
+  const Shapes s = shapes_of(x, keys, bank_a, bank_b, slice_offsets);
   const Sep sep = parse_separation(std::string_view(separation.data(), separation.size()));
   if (out.numel() == 0 || s.N == 0) return;  // an empty memory adds exactly zero
   // Work on a contiguous compute-dtype view of out; copy back only if that had to be a copy.
@@ -722,13 +699,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mira_line
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& query,
     const at::Tensor& keys, const at::Tensor& bank_a, const at::Tensor& bank_b, at::IntArrayRef slice_offsets,
     c10::string_view separation, double scale, double eps, std::array<bool, 5> output_mask) {
+  mira::check_linear_backward_args(grad_out, x, weight, query, keys, bank_a, bank_b, slice_offsets, separation, scale,
+                                   eps);
   const at::ScalarType ct = compute_type(x.scalar_type());
-  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == x.size(-1), "weight must be (d_out, d_in)");
-  const int64_t d_out = weight.size(0);
-  TORCH_CHECK(grad_out.dim() == 3 && grad_out.size(0) == x.size(0) && grad_out.size(1) == x.size(1) &&
-                  grad_out.size(2) == d_out,
-              "grad_out must be (B, T, d_out)");
-  const Shapes s = check_shapes(x, query, keys, bank_a, bank_b, slice_offsets, d_out);
+  const Shapes s = shapes_of(x, keys, bank_a, bank_b, slice_offsets);
   const Sep sep = parse_separation(std::string_view(separation.data(), separation.size()));
   if (ct == at::kDouble)
     return backward_impl<double>(grad_out, x, weight, query, keys, bank_a, bank_b, s, sep, scale, eps, output_mask);

@@ -1,8 +1,9 @@
 // CUDA backend of the MIRA ops: mira::_cuda_mira_linear, _cuda_mira_linear_backward, _cuda_mira_adapter_.
 //
 // The kernels and the launch plan are in mira_kernels.cuh (also run on the CPU by the SIMT emulation in
-// tests/cuda_emu). This file is the ATen glue: argument checks, device guard, current stream, dtype
-// dispatch, allocation of outputs and one workspace, and the base GEMMs, which go through ATen
+// tests/cuda_emu). This file is the ATen glue: argument checks (the contract's, csrc/validation.h,
+// and this backend's limits), device guard, current stream, dtype dispatch, allocation of
+// outputs and one workspace, and the base GEMMs, which go through ATen
 // (cuBLAS underneath; the toolkit on the build machines has no cuBLAS headers, and ATen picks the
 // right GEMM per dtype and GPU anyway).
 //
@@ -19,14 +20,12 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include <algorithm>
 #include <array>
-#include <cmath>
 #include <string>
-#include <vector>
 
 #define MIRA_CHECK_LAUNCH() C10_CUDA_KERNEL_LAUNCH_CHECK()
 #include "mira_kernels.cuh"
+#include "validation.h"
 
 namespace {
 
@@ -60,46 +59,16 @@ bool is_half(at::ScalarType t) { return t == at::kHalf || t == at::kBFloat16; }
 
 at::ScalarType compute_type(at::ScalarType x_type) { return is_half(x_type) ? at::kFloat : x_type; }
 
-// Checks the shared contract (docs/contract.md) on metadata, and returns the problem's sizes.
-Dims check_inputs(const char* op, const at::Tensor& x, const at::Tensor& query, const at::Tensor& keys,
-                  const at::Tensor& bank_a, const at::Tensor& bank_b, at::IntArrayRef offsets, int64_t d_out,
-                  double eps, double scale) {
+// The problem's sizes. The arguments have passed the op contract's checks (csrc/validation.h,
+// run first by every op here; among them, that slices do not overlap, so no two threads
+// read-modify-write one output element); what is left is this backend's own limits.
+Dims shapes_of(const char* op, const at::Tensor& x, const at::Tensor& keys, const at::Tensor& bank_a,
+               const at::Tensor& bank_b) {
   TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor, got ", x.device());
-  TORCH_CHECK(x.dim() == 3, op, ": x must have shape (B, T, d_in), got ", x.sizes());
-  const auto xt = x.scalar_type();
-  TORCH_CHECK(xt == at::kFloat || xt == at::kDouble || is_half(xt), op,
-              ": x must be float32, float64, float16 or bfloat16, got ", xt);
-  TORCH_CHECK(query.dim() == 2 && keys.dim() == 2, op, ": query (B, d_k) and keys (N, d_k) must be 2-D, got ",
-              query.sizes(), " and ", keys.sizes());
-  TORCH_CHECK(bank_a.dim() == 4 && bank_b.dim() == 4, op, ": bank_a (N, S, r, d_in) and bank_b (N, S, d_s, r) must be 4-D");
   const Dims d{x.size(0), x.size(1), x.size(2), keys.size(0), keys.size(1), bank_a.size(1), bank_a.size(2),
                bank_b.size(2)};
-  TORCH_CHECK(query.size(0) == d.B && query.size(1) == d.d_k, op, ": query must be (B, d_k) = (", d.B, ", ", d.d_k,
-              "), got ", query.sizes());
-  TORCH_CHECK(bank_a.size(0) == d.N && bank_a.size(3) == d.d_in, op, ": bank_a must be (N, S, r, d_in) with N = ",
-              d.N, ", d_in = ", d.d_in, ", got ", bank_a.sizes());
-  TORCH_CHECK(bank_b.size(0) == d.N && bank_b.size(1) == d.S && bank_b.size(3) == d.r, op,
-              ": bank_b must be (N, S, d_s, r) = (", d.N, ", ", d.S, ", d_s, ", d.r, "), got ", bank_b.sizes());
-  TORCH_CHECK(d.S >= 1 && d.r >= 1, op, ": bank_a must have S >= 1 and r >= 1, got ", bank_a.sizes());
   TORCH_CHECK(d.S <= mira_cuda::kMaxSlices, op, ": the cuda backend supports at most ", mira_cuda::kMaxSlices,
               " slices, got S = ", d.S);
-  TORCH_CHECK(static_cast<int64_t>(offsets.size()) == d.S, op, ": slice_offsets has ", offsets.size(),
-              " entries, S = ", d.S);
-  for (int64_t off : offsets)
-    TORCH_CHECK(off >= 0 && off + d.d_s <= d_out, op, ": slice [", off, ", ", off + d.d_s, ") must fit in d_out = ", d_out);
-  // Overlapping slices would have two threads read-modify-write one output element.
-  std::vector<int64_t> sorted(offsets.begin(), offsets.end());
-  std::sort(sorted.begin(), sorted.end());
-  for (size_t i = 1; i < sorted.size(); ++i)
-    TORCH_CHECK(sorted[i] >= sorted[i - 1] + d.d_s, op, ": slice_offsets ", offsets, " overlap for d_s = ", d.d_s);
-  TORCH_CHECK(eps > 0, op, ": eps must be > 0, got ", eps);
-  TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite, got ", scale);
-  for (const at::Tensor* t : {&query, &keys, &bank_a, &bank_b}) {
-    TORCH_CHECK(t->device() == x.device(), op, ": all inputs must be on ", x.device(), ", got one on ", t->device());
-    const auto tt = t->scalar_type();
-    TORCH_CHECK(tt == xt || (is_half(xt) && tt == at::kFloat), op, ": query/keys/banks must have x's dtype (", xt,
-                ") or float32 for 16-bit x, got ", tt);
-  }
   return d;
 }
 
@@ -140,12 +109,8 @@ at::Tensor mira_linear_cuda(const at::Tensor& x, const at::Tensor& weight, const
                             const at::Tensor& query, const at::Tensor& keys, const at::Tensor& bank_a,
                             const at::Tensor& bank_b, at::IntArrayRef slice_offsets, c10::string_view separation,
                             double scale, double eps) {
-  TORCH_CHECK(weight.dim() == 2 && x.dim() == 3 && weight.size(1) == x.size(2),
-              "mira_linear (cuda): weight must be (d_out, d_in) with d_in = x.size(2)");
-  TORCH_CHECK(weight.scalar_type() == x.scalar_type() && weight.device() == x.device(),
-              "mira_linear (cuda): weight must share x's dtype and device");
-  const Dims d = check_inputs("mira_linear (cuda)", x, query, keys, bank_a, bank_b, slice_offsets, weight.size(0),
-                              eps, scale);
+  mira::check_linear_args(x, weight, bias, query, keys, bank_a, bank_b, slice_offsets, separation, scale, eps);
+  const Dims d = shapes_of("mira_linear (cuda)", x, keys, bank_a, bank_b);
   const int sep = separation_code(std::string(separation));
   const c10::cuda::CUDAGuard guard(x.device());
   // Base projection in x's dtype, as F.linear; the adapter then adds into its slices in place, in the
@@ -158,12 +123,8 @@ at::Tensor mira_linear_cuda(const at::Tensor& x, const at::Tensor& weight, const
 void mira_adapter_cuda(const at::Tensor& out, const at::Tensor& x, const at::Tensor& query, const at::Tensor& keys,
                        const at::Tensor& bank_a, const at::Tensor& bank_b, at::IntArrayRef slice_offsets,
                        c10::string_view separation, double scale, double eps) {
-  TORCH_CHECK(out.dim() == 3 && x.dim() == 3 && out.size(0) == x.size(0) && out.size(1) == x.size(1),
-              "mira_adapter_ (cuda): out must be (B, T, d_out) with x's B and T, got ", out.sizes());
-  TORCH_CHECK(out.scalar_type() == x.scalar_type() && out.device() == x.device(),
-              "mira_adapter_ (cuda): out must share x's dtype and device");
-  const Dims d = check_inputs("mira_adapter_ (cuda)", x, query, keys, bank_a, bank_b, slice_offsets, out.size(2), eps,
-                              scale);
+  mira::check_adapter_args(out, x, query, keys, bank_a, bank_b, slice_offsets, separation, scale, eps);
+  const Dims d = shapes_of("mira_adapter_ (cuda)", x, keys, bank_a, bank_b);
   const int sep = separation_code(std::string(separation));
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor target = out;  // strided writes go straight into out's storage
@@ -174,16 +135,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mira_line
     const at::Tensor& grad_out, const at::Tensor& x_in, const at::Tensor& weight, const at::Tensor& query,
     const at::Tensor& keys, const at::Tensor& bank_a, const at::Tensor& bank_b, at::IntArrayRef slice_offsets,
     c10::string_view separation, double scale, double eps, std::array<bool, 5> output_mask) {
-  TORCH_CHECK(weight.dim() == 2 && x_in.dim() == 3 && weight.size(1) == x_in.size(2),
-              "mira_linear_backward (cuda): weight must be (d_out, d_in) with d_in = x.size(2)");
-  TORCH_CHECK(grad_out.dim() == 3 && grad_out.size(0) == x_in.size(0) && grad_out.size(1) == x_in.size(1) &&
-                  grad_out.size(2) == weight.size(0),
-              "mira_linear_backward (cuda): grad_out must be (B, T, d_out), got ", grad_out.sizes());
-  TORCH_CHECK(grad_out.scalar_type() == x_in.scalar_type() && weight.scalar_type() == x_in.scalar_type() &&
-                  grad_out.device() == x_in.device() && weight.device() == x_in.device(),
-              "mira_linear_backward (cuda): grad_out and weight must share x's dtype and device");
-  const Dims d = check_inputs("mira_linear_backward (cuda)", x_in, query, keys, bank_a, bank_b, slice_offsets,
-                              weight.size(0), eps, scale);
+  mira::check_linear_backward_args(grad_out, x_in, weight, query, keys, bank_a, bank_b, slice_offsets, separation,
+                                   scale, eps);
+  const Dims d = shapes_of("mira_linear_backward (cuda)", x_in, keys, bank_a, bank_b);
   const int sep = separation_code(std::string(separation));
   const auto [need_x, need_q, need_k, need_a, need_b] = output_mask;
   const c10::cuda::CUDAGuard guard(x_in.device());
