@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import mira_kernels as mk
-from mira_kernels import _extension, backends, reference
+from mira_kernels import _extension, backends, ops, reference
 from tests.mira_inputs import make_inputs, max_err
 
 
@@ -158,3 +158,15 @@ def test_build_info():
     info = mk.build_info()
     assert info["extension_loaded"] is True, info["load_error"]
     assert info["torch"] == torch.__version__
+
+
+@pytest.mark.skipif(not _extension.has_kernel("_cpu_mira_linear", "CPU"), reason="the CPU kernel is not built")
+def test_eager_shortcut_agrees_with_resolve_backend(monkeypatch):
+    # The public functions' eager path resolves the common CPU case itself (ops._eager_backend);
+    # it must give resolve_backend's answer whatever is requested.
+    x = torch.zeros(1, 1, 4)
+    for requested in (None, "cpu", "reference"):
+        with mk.use_backend(requested):
+            assert ops._eager_backend(x) == mk.resolve_backend("cpu")
+    monkeypatch.setenv("MIRA_BACKEND", "reference")
+    assert ops._eager_backend(x) == mk.resolve_backend("cpu") == "reference"
