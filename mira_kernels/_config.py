@@ -8,6 +8,11 @@
                        CPU supports), ``baseline``, ``avx2`` or ``avx512``; read by the kernel itself
                        (csrc/cpu/mira_linear_cpu.cpp, ``active_table``) at every call, so tests can
                        switch it; ``torch.ops.mira._cpu_isa_info()`` returns [active, supported...].
+``MIRA_CPU_STREAM``    store choice of the C++ CPU kernel's seeding passes (the output written before
+                       the beta = 1 GEMM): ``auto`` (default: streaming stores when the output exceeds
+                       the threads' L2 caches and its pages are resident), ``0`` (ordinary stores) or
+                       ``1`` (streaming); the values are the same bits either way. Read by the kernel
+                       at every call; ``torch.ops.mira._cpu_streams_into(out)`` gives the choice.
 
 Build-time switches (``MIRA_BUILD_CUDA``, ``TORCH_CUDA_ARCH_LIST``) are read by ``setup.py``.
 """

@@ -297,3 +297,49 @@ def test_adapter_inplace_matches_reference(dtype):
     torch.ops.mira._cpu_mira_adapter_(out_low, *low.adapter_args(), inp.slice_offsets, "affine", 1.0, EPS)
     assert out_low.data_ptr() == ptr
     assert_close_to_spec(out_low, want64, own, factor=2.0, floor=1e-12 if dtype == torch.float64 else 1e-6)
+
+
+# ---- streaming (non-temporal) stores in the seeding passes -----------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    "shape",
+    [
+        dict(B=3, T=21, d_in=40, d_out=96, N=5, S=2, r=4, d_s=32, offsets=[64, 0]),  # rows and slices aligned
+        dict(B=2, T=9, d_in=37, d_out=91, N=3, S=2, r=3, d_s=29, offsets=[5, 50]),  # nothing aligned, tails
+        dict(B=2, T=7, d_in=16, d_out=48, N=0),  # empty memory: the bias seeding of the Linear alone
+        dict(B=2, T=7, d_in=16, d_out=48, N=4, bias=False),  # zeros outside the slices
+    ],
+)
+def test_streaming_stores_give_the_same_bits(isa, monkeypatch, dtype, shape):
+    inp = make_inputs(**shape, dtype=dtype)
+    grad_out = torch.randn(*inp.x.shape[:2], inp.weight.shape[0], dtype=dtype)
+    results = {}
+    for mode in ("0", "1"):
+        monkeypatch.setenv("MIRA_CPU_STREAM", mode)
+        assert torch.ops.mira._cpu_streams_into(grad_out) == (mode == "1")
+        results[mode] = (cpu_forward(inp), *cpu_backward(inp, grad_out))
+    for name, a, b in zip(("y",) + GRAD_NAMES, results["0"], results["1"]):
+        assert torch.equal(a, b), name
+    if shape["N"] == 0:
+        assert torch.equal(results["1"][0], torch.nn.functional.linear(inp.x, inp.weight, inp.bias))
+
+
+def test_streaming_choice_follows_size_and_residency(monkeypatch):
+    monkeypatch.delenv("MIRA_CPU_STREAM", raising=False)
+    streams = torch.ops.mira._cpu_streams_into
+    assert not streams(torch.zeros(1024))  # fits in cache: ordinary stores
+    # 64 MiB: glibc maps a block this size afresh, so its pages have not been touched yet
+    # (streaming into pages the kernel has just zeroed through the cache loses, see the kernel).
+    fresh = torch.empty(16 << 20)
+    assert not streams(fresh)
+    fresh.fill_(1.0)  # now resident, and far larger than the L2 caches
+    assert streams(fresh)
+    monkeypatch.setenv("MIRA_CPU_STREAM", "0")
+    assert not streams(fresh)
+    monkeypatch.setenv("MIRA_CPU_STREAM", "1")
+    assert streams(torch.zeros(4))
+    monkeypatch.setenv("MIRA_CPU_STREAM", "sometimes")
+    with pytest.raises(RuntimeError, match="MIRA_CPU_STREAM"):
+        streams(fresh)

@@ -19,6 +19,7 @@ struct VF {
   static R zero() { return _mm256_setzero_ps(); }
   static R load(const T* p) { return _mm256_loadu_ps(p); }
   static void store(T* p, R v) { _mm256_storeu_ps(p, v); }
+  static void stream(T* p, R v) { _mm256_stream_ps(p, v); }  // p aligned to sizeof(R)
   static R set1(T a) { return _mm256_set1_ps(a); }
   static R fma(R a, R b, R c) { return _mm256_fmadd_ps(a, b, c); }
   static T hsum(R v) {
@@ -36,6 +37,7 @@ struct VD {
   static R zero() { return _mm256_setzero_pd(); }
   static R load(const T* p) { return _mm256_loadu_pd(p); }
   static void store(T* p, R v) { _mm256_storeu_pd(p, v); }
+  static void stream(T* p, R v) { _mm256_stream_pd(p, v); }
   static R set1(T a) { return _mm256_set1_pd(a); }
   static R fma(R a, R b, R c) { return _mm256_fmadd_pd(a, b, c); }
   static T hsum(R v) {

@@ -22,6 +22,7 @@ struct VF {
   static R zero() { return _mm512_setzero_ps(); }
   static R load(const T* p) { return _mm512_loadu_ps(p); }
   static void store(T* p, R v) { _mm512_storeu_ps(p, v); }
+  static void stream(T* p, R v) { _mm512_stream_ps(p, v); }  // p aligned to sizeof(R)
   static R set1(T a) { return _mm512_set1_ps(a); }
   static R fma(R a, R b, R c) { return _mm512_fmadd_ps(a, b, c); }
   static T hsum(R v) {
@@ -40,6 +41,7 @@ struct VD {
   static R zero() { return _mm512_setzero_pd(); }
   static R load(const T* p) { return _mm512_loadu_pd(p); }
   static void store(T* p, R v) { _mm512_storeu_pd(p, v); }
+  static void stream(T* p, R v) { _mm512_stream_pd(p, v); }
   static R set1(T a) { return _mm512_set1_pd(a); }
   static R fma(R a, R b, R c) { return _mm512_fmadd_pd(a, b, c); }
   static T hsum(R v) {

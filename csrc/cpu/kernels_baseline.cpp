@@ -17,6 +17,7 @@ struct VF {
   static R zero() { return _mm_setzero_ps(); }
   static R load(const T* p) { return _mm_loadu_ps(p); }
   static void store(T* p, R v) { _mm_storeu_ps(p, v); }
+  static void stream(T* p, R v) { _mm_stream_ps(p, v); }  // p aligned to sizeof(R)
   static R set1(T a) { return _mm_set1_ps(a); }
   static R fma(R a, R b, R c) { return _mm_add_ps(_mm_mul_ps(a, b), c); }
   static T hsum(R v) {
@@ -33,6 +34,7 @@ struct VD {
   static R zero() { return _mm_setzero_pd(); }
   static R load(const T* p) { return _mm_loadu_pd(p); }
   static void store(T* p, R v) { _mm_storeu_pd(p, v); }
+  static void stream(T* p, R v) { _mm_stream_pd(p, v); }
   static R set1(T a) { return _mm_set1_pd(a); }
   static R fma(R a, R b, R c) { return _mm_add_pd(_mm_mul_pd(a, b), c); }
   static T hsum(R v) { return _mm_cvtsd_f64(_mm_add_sd(v, _mm_unpackhi_pd(v, v))); }

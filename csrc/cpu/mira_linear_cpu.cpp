@@ -21,6 +21,18 @@
 // of dx (dh A_b); a pass over (sample, feature chunk) reduces dA_b = dh^T x and dB_b = scale G_s^T h
 // over the sample's tokens in token order; then dx += G W with one beta = 1 GEMM, and the small
 // (B, N)-sized tail: dw, separation and cosine backward, dbank = w^T dA / w^T dB (ordered over b).
+// Streaming stores: the seeding pass writes the whole output (14.5 MB at B = 8), which the GEMM
+// then reads back; with ordinary stores each written line is first read from memory (the write
+// allocates it in cache) and is long evicted by the time the GEMM gets to it. When the output
+// cannot stay in the threads' L2 caches anyway, the seeding pass writes it with non-temporal
+// stores, which skip that read: measured at B = 8, the op over nn.Linear went from +1.40% to +0.92%
+// (benchmarks/results/op_cpu.md). Two cases where they lose, both measured: an output that fits
+// in cache (B = 1, +0.27%), and freshly mapped pages (B >= 24: glibc maps blocks over 32 MiB anew
+// on every allocation, the first touch of each page faults, the kernel zeroes it through the cache,
+// and a streaming store to a cached line costs more than a plain one: +1.6%). So the pass streams
+// only when the output exceeds (threads x L2) and its pages are resident (mincore); the stored
+// values are the same either way. The backward's dx seeding pass follows the same rule.
+//
 // Every reduction of this file has a fixed order, so results are bitwise identical run to run
 // (and across thread counts); only the two MKL GEMMs (base projection and G W) are the GEMM
 // library's, which is deterministic run to run at a fixed thread count for a given alignment.
@@ -33,13 +45,17 @@
 // Instruction sets: the hot loops (kernels_<isa>.cpp) are compiled for baseline x86-64, AVX2+FMA
 // and AVX-512; the best one the CPU supports is used, or the one named by the environment
 // variable MIRA_CPU_ISA (auto | baseline | avx2 | avx512), read at every call by active_table().
+// MIRA_CPU_STREAM (auto | 0 | 1) forces the store choice above, for tests and benchmarks.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/linear.h>
 #include <ATen/ops/mm.h>
+#include <sys/mman.h>
+#include <unistd.h>
 #include <torch/library.h>
+#include <xmmintrin.h>
 
 #include <algorithm>
 #include <array>
@@ -119,6 +135,41 @@ std::vector<std::string> isa_info() {
   for (const char* isa : kIsas)
     if (cpu_supports(isa)) out.emplace_back(isa);
   return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Store choice of the seeding passes (see the file comment).
+// ---------------------------------------------------------------------------------------------
+
+int64_t l2_cache_bytes() {
+  static const int64_t bytes = [] {
+    const long v = sysconf(_SC_LEVEL2_CACHE_SIZE);
+    return v > 0 ? int64_t(v) : int64_t(1) << 20;  // unknown: assume 1 MiB
+  }();
+  return bytes;
+}
+
+// Whether the pages under [p, p + bytes) have been touched: looked at the first, middle and last
+// page (an allocation is either recycled heap memory, all resident, or a fresh mapping, none).
+bool pages_resident(const void* p, int64_t bytes) {
+  static const uintptr_t page = uintptr_t(sysconf(_SC_PAGESIZE));
+  const uintptr_t lo = reinterpret_cast<uintptr_t>(p), hi = lo + uintptr_t(bytes) - 1;
+  for (const uintptr_t at : {lo, lo + (hi - lo) / 2, hi}) {
+    unsigned char in_core = 0;
+    if (mincore(reinterpret_cast<void*>(at & ~(page - 1)), page, &in_core) != 0 || !(in_core & 1)) return false;
+  }
+  return true;
+}
+
+// The one place MIRA_CPU_STREAM is read (documented in mira_kernels/_config.py).
+bool stream_seeding(const at::Tensor& out) {
+  const char* env = std::getenv("MIRA_CPU_STREAM");
+  const std::string_view want = env ? env : "";
+  if (want == "0") return false;
+  if (want == "1") return true;
+  TORCH_CHECK(want.empty() || want == "auto", "MIRA_CPU_STREAM must be auto, 0 or 1, got '", want, "'");
+  const int64_t bytes = out.nbytes();
+  return bytes > at::get_num_threads() * l2_cache_bytes() && pages_resident(out.const_data_ptr(), bytes);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -368,9 +419,11 @@ void prepare_memory(const Kernels<T>& K, const Shapes& s, const at::Tensor& quer
 // Forward rows: y = (accumulate ? y : bias) + adapter, one (sample, token block) per task.
 // ---------------------------------------------------------------------------------------------
 
+// stream: write y with streaming stores (only when not accumulating: an update reads y anyway).
 template <typename T>
 void apply_rows(const Kernels<T>& K, const Shapes& s, const Memory<T>& m, const T* x, T* y, int64_t d_out,
-                const T* bias, bool accumulate) {
+                const T* bias, bool accumulate, bool stream) {
+  TORCH_INTERNAL_ASSERT(!(stream && accumulate), "streaming stores are for the seeding pass only");
   if (s.B == 0 || s.T == 0) return;
   // Output columns outside every slice: written with the bias (or zero) when not accumulating.
   std::vector<std::pair<int64_t, int64_t>> gaps;
@@ -399,19 +452,38 @@ void apply_rows(const Kernels<T>& K, const Shapes& s, const Memory<T>& m, const 
       K.dot_block(rows, s.SR, s.d_in, xr, s.d_in, A, s.d_in, h.data(), s.SR, T(1));  // shrink
       for (int64_t sl = 0; sl < s.S; ++sl) {                                           // expand into each slice
         const int64_t off = s.offsets[sl];
-        K.axpy_block(rows, s.r, s.d_s, h.data() + sl * s.r, s.SR, 1, Bt + sl * s.r * s.d_s, s.d_s, yr + off, d_out,
-                     bias ? bias + off : nullptr, accumulate);
+        (stream ? K.axpy_block_nt : K.axpy_block)(rows, s.r, s.d_s, h.data() + sl * s.r, s.SR, 1,
+                                                  Bt + sl * s.r * s.d_s, s.d_s, yr + off, d_out,
+                                                  bias ? bias + off : nullptr, accumulate);
       }
       if (!accumulate)
         for (int64_t t = 0; t < rows; ++t)
           for (const auto& [lo, hi] : gaps) {
             T* dst = yr + t * d_out;
-            if (bias)
+            if (bias && stream)
+              K.copy_nt(hi - lo, bias + lo, dst + lo);
+            else if (bias)
               std::copy(bias + lo, bias + hi, dst + lo);
             else
               std::fill(dst + lo, dst + hi, T(0));
           }
     }
+    if (stream) _mm_sfence();  // this thread's streaming stores, visible before the GEMM reads y
+  });
+}
+
+// y = broadcast bias, the seeding pass of a Linear without an adapter (the N = 0 op), with the
+// same store choice as apply_rows.
+template <typename T>
+void seed_bias(const Kernels<T>& K, const T* bias, T* y, int64_t rows, int64_t d_out, bool stream) {
+  at::parallel_for(0, rows, kRowBlock, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      if (stream)
+        K.copy_nt(d_out, bias, y + t * d_out);
+      else
+        std::copy(bias, bias + d_out, y + t * d_out);
+    }
+    if (stream) _mm_sfence();
   });
 }
 
@@ -426,8 +498,9 @@ void adapter_into(const Shapes& s, const at::Tensor& x_ct, at::Tensor& y_ct, con
   const Kernels<T>& K = kernels_of<T>(active_table());
   Memory<T> m(s);
   prepare_memory<T>(K, s, query, keys, bank_a, bank_b, sep, scale, eps, m);
+  const bool stream = !accumulate && stream_seeding(y_ct);
   apply_rows<T>(K, s, m, x_ct.data_ptr<T>(), y_ct.data_ptr<T>(), y_ct.size(-1),
-                bias_ct ? bias_ct->data_ptr<T>() : nullptr, accumulate);
+                bias_ct ? bias_ct->data_ptr<T>() : nullptr, accumulate, stream);
 }
 
 void adapter_dispatch(const Shapes& s, const at::Tensor& x_ct, at::Tensor& y_ct, const at::Tensor& query,
@@ -453,8 +526,10 @@ at::Tensor mira_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const 
   const Sep sep = parse_separation(std::string_view(separation.data(), separation.size()));
   const bool has_bias = bias.has_value() && bias->defined();
 
-  // An empty memory adds nothing: the op is then exactly the stock Linear (same ATen call).
-  if (s.N == 0) return at::linear(x, weight, has_bias ? *bias : at::Tensor());
+  // An empty memory adds nothing: the op is then the stock Linear, bit for bit. Without a bias
+  // (nothing to seed: one beta = 0 GEMM) and in 16 bits it is the same ATen call; with a bias in
+  // float32/float64 it is the Linear's own two steps below, the seeding with this kernel's stores.
+  if (s.N == 0 && (!has_bias || is_half(x.scalar_type()))) return at::linear(x, weight, has_bias ? *bias : at::Tensor());
   if (is_half(x.scalar_type())) {
     // Base projection in x's dtype (as F.linear), adapter in float32, the sum rounded once.
     at::Tensor y = at::linear(x, weight, has_bias ? *bias : at::Tensor());
@@ -467,7 +542,15 @@ at::Tensor mira_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const 
   at::Tensor y = at::empty({s.B, s.T, d_out}, x.options());
   if (y.numel() == 0) return y;
   const at::Tensor bias_c = has_bias ? bias->contiguous() : at::Tensor();
-  adapter_dispatch(s, xc, y, query, keys, bank_a, bank_b, sep, scale, eps, has_bias ? &bias_c : nullptr, false);
+  if (s.N == 0) {
+    const bool stream = stream_seeding(y);
+    AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "mira_seed_bias", [&] {
+      seed_bias<scalar_t>(kernels_of<scalar_t>(active_table()), bias_c.const_data_ptr<scalar_t>(),
+                          y.data_ptr<scalar_t>(), s.B * s.T, d_out, stream);
+    });
+  } else {
+    adapter_dispatch(s, xc, y, query, keys, bank_a, bank_b, sep, scale, eps, has_bias ? &bias_c : nullptr, false);
+  }
   // The same beta = 1 GEMM that at::linear / addmm runs after writing the broadcast bias.
   y.view({s.B * s.T, d_out}).addmm_(xc.view({s.B * s.T, s.d_in}), weight.t());
   return y;
@@ -581,6 +664,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
   std::vector<T> h(need_adapter ? s.B * s.T * s.SR : 0), dh(s.B * s.T * s.SR);
   if ((need_x || need_adapter) && s.B * s.T > 0) {
     T* DX = need_x ? dx_adapter.data_ptr<T>() : nullptr;
+    // dx's adapter part seeds the beta = 1 GEMM below (in 16 bits it is added to, so no streaming).
+    const bool stream = need_x && !is_half(x.scalar_type()) && stream_seeding(dx_adapter);
     at::parallel_for(0, s.B * blocks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t task = begin; task < end; ++task) {
         const int64_t b = task / blocks, t0 = (task % blocks) * kRowBlock;
@@ -592,10 +677,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
           K.dot_block(rows, s.r, s.d_s, G + row0 * d_out + s.offsets[sl], d_out, Bt + sl * s.r * s.d_s, s.d_s,
                       dhr + sl * s.r, s.SR, T(1));
         if (need_x)
-          K.axpy_block(rows, s.SR, s.d_in, dhr, s.SR, 1, A, s.d_in, DX + row0 * s.d_in, s.d_in, nullptr, false);
+          (stream ? K.axpy_block_nt : K.axpy_block)(rows, s.SR, s.d_in, dhr, s.SR, 1, A, s.d_in,
+                                                    DX + row0 * s.d_in, s.d_in, nullptr, false);
         if (need_adapter)
           K.dot_block(rows, s.SR, s.d_in, X + row0 * s.d_in, s.d_in, A, s.d_in, h.data() + row0 * s.SR, s.SR, T(1));
       }
+      if (stream) _mm_sfence();
     });
   }
   if (need_adapter && s.B > 0) {
@@ -715,6 +802,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mira_line
 TORCH_LIBRARY_FRAGMENT(mira, m) {
   // Introspection for tests and benchmark records: [active ISA, ISAs this CPU supports...].
   m.def("_cpu_isa_info() -> str[]", &mira_cpu::isa_info);
+  // Whether a seeding pass into `out` would use streaming stores (the rule in the file comment).
+  m.def("_cpu_streams_into(Tensor out) -> bool", &mira_cpu::stream_seeding);
 }
 
 TORCH_LIBRARY_IMPL(mira, CPU, m) {
