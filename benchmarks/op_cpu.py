@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import subprocess
 import sys
 import time
@@ -210,10 +211,17 @@ def forward_timings(c: dict, compiled, budget: float, target: float) -> dict:
         "linear": lambda: lin(x),
         "mira_linear": lambda: mk.mira_linear(*args, slice_offsets=OFFSETS),
     }
+    def raw_op(stores: str):  # the kernel's store choice for its seeding pass (MIRA_CPU_STREAM)
+        def run():
+            os.environ["MIRA_CPU_STREAM"] = stores
+            return torch.ops.mira._cpu_mira_linear(*args, OFFSETS, "affine", 1.0, EPS)
+        return run
+
     fns_raw = {
         "linear": fns_head["linear"],
         "base_op": lambda: torch.ops.mira._cpu_mira_linear(*empty, OFFSETS, "affine", 1.0, EPS),
-        "mira_op": lambda: torch.ops.mira._cpu_mira_linear(*args, OFFSETS, "affine", 1.0, EPS),
+        "mira_op": raw_op("auto"),
+        "mira_op_ordinary_stores": raw_op("0"),
         "aten_addmm": lambda: torch.addmm(b, x2d, w.t()).view(x.shape[0], T, D_OUT),
     }
     fns_cmp = {
@@ -229,8 +237,11 @@ def forward_timings(c: dict, compiled, budget: float, target: float) -> dict:
     with torch.inference_mode(), mk.use_backend("cpu"):
         head = _pairs.time_interleaved(fns_head, watch=[("mira_linear", "base"), ("mira_linear", "linear")],
                                        target_width=target, budget_s=budget)
-        raw = _pairs.time_interleaved(fns_raw, watch=[("mira_op", "base_op")], target_width=target,
-                                      budget_s=budget / 3)
+        try:
+            raw = _pairs.time_interleaved(fns_raw, watch=[("mira_op", "base_op")], target_width=target,
+                                          budget_s=budget / 3)
+        finally:
+            os.environ.pop("MIRA_CPU_STREAM", None)
         # The same headline pairs by process CPU time: on an oversubscribed machine wall time
         # mostly measures the scheduler, CPU time the work (see _pairs.process_timer).
         head_cpu = _pairs.time_interleaved(
@@ -249,7 +260,9 @@ def forward_timings(c: dict, compiled, budget: float, target: float) -> dict:
         "raw": raw.summary() | {"ratios": {
             "mira_op/base_op": raw.ratio("mira_op", "base_op"),
             "aten_addmm/linear": raw.ratio("aten_addmm", "linear"),
+            "mira_op/mira_op_ordinary_stores": raw.ratio("mira_op", "mira_op_ordinary_stores"),
         }},
+        "streams": bool(torch.ops.mira._cpu_streams_into(fns_head["linear"]())),
         # Each implementation over its own base: the kernel over its N = 0 path, the eager and
         # compiled ones (which call nn.Linear / F.linear inside) over nn.Linear.
         "compare": cmp_.summary() | {"ratios": {
@@ -330,8 +343,8 @@ def format_markdown(record: dict) -> str:
         "",
         "| B | nn.Linear | FLOP floor | memory floor of a separate pass | mira_linear vs same base-GEMM path "
         "| mira_linear vs nn.Linear | raw op vs raw base | base path vs nn.Linear | ATen addmm vs nn.Linear "
-        "| rounds (head / raw) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| kernel's stores vs ordinary stores (raw op) | rounds (head / raw) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in record["batches"]:
         h = r["forward"]["head"]["ratios"]
@@ -340,6 +353,8 @@ def format_markdown(record: dict) -> str:
             f"| {r['batch']} | {1e3 * r['forward']['linear_s']['seconds']:.2f} ms | {r['floors']['flop_pct']:.2f}% | "
             f"{r['floors']['memory_pct']:.2f}% | {_pct(h['mira_linear/base'])} | {_pct(h['mira_linear/linear'])} | "
             f"{_pct(rw['mira_op/base_op'])} | {_pct(h['base/linear'])} | {_pct(rw['aten_addmm/linear'])} | "
+            f"{'streaming' if r['forward']['streams'] else 'ordinary'}: "
+            f"{_pct(rw['mira_op/mira_op_ordinary_stores'])} | "
             f"{r['forward']['head']['rounds']} / {r['forward']['raw']['rounds']} |"
         )
     lines += [
@@ -419,11 +434,28 @@ NOTES = """## How the kernel gets there, and what the floors mean
   sample, in registers/L1, AVX-512/AVX2/SSE2 loops picked at run time), then runs the same kind of
   GEMM (`addmm_`, beta = 1) over the whole batch. The adapter costs no pass over the output beyond
   the Linear's own; it re-reads x once (for the shrink) and does the FLOP-floor work.
-- **"Same base-GEMM path"** = the op with an empty memory (N = 0). Since commit f905920 that is
-  `at::linear` itself (before, it ran the kernel's own seeding pass, ~1% slower than nn.Linear),
-  so ratio (a) of issue 3 and ratio (b) differ only by the public op's call cost: "base path vs
-  nn.Linear" is that cost (Python wrapper and checks, dispatcher), and "raw op vs raw base" is
-  the kernel alone over ATen's Linear.
+- **Streaming stores** (since 739f0ca). Phase timers at 7d1eefd (B=8, medians of 200 calls
+  alternating with nn.Linear) showed the seeding pass's two memory streams adding up instead of
+  overlapping: the shrink alone (reading x, 4.8 MB) 126-140 us, the stores alone 381-389 us,
+  both 510-550 us; with x forced into L1 the shrink cost 20-30 us, so it is the memory, not the
+  arithmetic. An ordinary store first reads the line it writes (write-allocate), and at 14.5 MB
+  the output is long evicted when the GEMM reads it back, so that read is wasted; non-temporal
+  stores skip it. Interleaved in one process (an experimental switch at 7d1eefd), the raw op
+  over nn.Linear: B=2 +1.18% -> +0.60%, B=4 +1.45% -> +1.08%, B=8 +1.40% -> +0.92%, B=16
+  +1.58% -> +0.90%; they lose at B=1 (+0.27%:
+  the output fits in cache and the GEMM would have found it there) and at B>=24 (+1.6%: glibc maps
+  a block over 32 MiB afresh on every allocation, each first touch faults and the kernel zeroes the
+  page through the cache, and streaming over a cached line is the slow case). Hence the rule:
+  stream when the output exceeds threads x L2 and its pages are resident (mincore), else ordinary
+  stores; the column "kernel's stores vs ordinary stores" measures the choice made at each B. The
+  bias-only seeding of the N = 0 path gains nothing from it (-0.09% [-0.20, +0.06] vs nn.Linear):
+  the stores alone were not the bottleneck, the two streams together were. (An earlier trial of
+  non-temporal stores, before the OpenMP and call-cost work, measured no gain: -0.29% vs -0.27%.)
+- **"Same base-GEMM path"** = the op with an empty memory (N = 0). Since 739f0ca that is the
+  kernel's own seeding pass with the bias alone (same store rule) and the same beta = 1 GEMM, bit
+  for bit `F.linear` (tested), so no speed-up of the Linear itself counts as MIRA being free.
+  "Base path vs nn.Linear" is then the public op's call cost plus any difference of the seeding
+  pass from ATen's bias copy, and "raw op vs raw base" is the kernel's adapter alone.
 - **The public op's call cost** is far larger here than in a warm loop: with caches cold from the
   previous GEMM, every Python frame of the wrapper costs ~5-10 us. Measured at a tiny shape right
   after a 1576x768x2304 GEMM (medians of 300-400 shuffled rounds, several runs): nn.Linear
@@ -439,14 +471,18 @@ NOTES = """## How the kernel gets there, and what the floors mean
   autograd is C++ since the commit after 2943caa (bare op call under no_grad, same harness:
   123 us before, 105 us after, nn.Linear 98-109 us).
 - **Where the kernel's own time goes** (steady-clock phase timers inside the op, B=8, alternating
-  with nn.Linear, medians of 120-200 calls; instrumentation not committed; last measured at
-  34cceba): retrieval in double 34-47 us, retrieval + mixing 119-133 us (the keys and banks,
-  1.6 MB, come back from L3/DRAM after each GEMM), the seeding pass with the adapter ~690 us,
-  then the SGEMM, 26.16 ms against 26.71 ms for the whole nn.Linear (whose broadcast bias copy
-  and call make the difference). The seeding pass with the bias alone measured ~370 us.
-- **Tried and not kept**: non-temporal stores in the seeding pass (-0.29% vs -0.27% for plain
-  stores, both over nn.Linear); an MKL pre-packed weight over the whole batch (-0.18% [-0.38,
-  +0.06] over nn.Linear: no faster base GEMM exists to offer the backbone's other linears);
+  with nn.Linear, medians of 200 calls; instrumentation not committed; measured at 739f0ca):
+  argument checks and allocation 8-9 us; retrieval in double 45-54 us (normalising the 38 cold
+  query/key rows 29-32 us, scores and separation 11 us, keeping the copies the backward needs
+  9-11 us); mixing 65-83 us (the banks, 1.5 MB, come back from DRAM after each GEMM); the seeding
+  pass with the adapter 445-482 us streaming, 526 us with ordinary stores; then the SGEMM
+  (25.2-26.4 ms). At 34cceba the seeding pass with the bias alone measured ~370 us.
+- **Tried and not kept**: mixing tasks of one contiguous feature range per thread instead of
+  256-float chunks (longer streams through the cold banks; at 739f0ca, raw op over nn.Linear
+  B=8 +1.00% vs +0.98% before, B=1 +1.57% vs +1.65%: inside the noise); an MKL pre-packed weight
+  over the whole batch (-0.18% [-0.38, +0.06] over nn.Linear; at 7d1eefd on a quiet machine
+  -0.31% [-0.42, -0.14], too small to build a weight cache for); per-sample packed calls from
+  one thread each inside the kernel's parallel region (+5.5%, plain addmm +4.6%);
   packed calls per 394-row chunk (+7.1%); shrink and stores interleaved per 4 rows (no change).
   At 34cceba, each against the same op without it, interleaved: software prefetch of the next
   row block's x and output rows (+0.98..+1.08% against +1.09% over nn.Linear, inside the noise);
