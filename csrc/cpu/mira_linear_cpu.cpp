@@ -49,6 +49,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/linear.h>
 #include <ATen/ops/mm.h>
@@ -472,8 +473,8 @@ void apply_rows(const Kernels<T>& K, const Shapes& s, const Memory<T>& m, const 
   });
 }
 
-// y = broadcast bias, the seeding pass of a Linear without an adapter (the N = 0 op), with the
-// same store choice as apply_rows.
+// y = broadcast bias, the seeding pass of a Linear without an adapter (the N = 0 op) when it
+// streams, as apply_rows does.
 template <typename T>
 void seed_bias(const Kernels<T>& K, const T* bias, T* y, int64_t rows, int64_t d_out, bool stream) {
   at::parallel_for(0, rows, kRowBlock, [&](int64_t begin, int64_t end) {
@@ -543,10 +544,16 @@ at::Tensor mira_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const 
   if (y.numel() == 0) return y;
   const at::Tensor bias_c = has_bias ? bias->contiguous() : at::Tensor();
   if (s.N == 0) {
-    const bool stream = stream_seeding(y);
+    // Where streaming does not pay, ATen's own addmm (its bias copy measured faster than
+    // seed_bias's on freshly faulted pages: +1.3% at B = 32).
+    if (!stream_seeding(y)) {
+      at::Tensor y2d = y.view({s.B * s.T, d_out});
+      at::addmm_out(y2d, bias_c, xc.view({s.B * s.T, s.d_in}), weight.t());
+      return y;
+    }
     AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "mira_seed_bias", [&] {
       seed_bias<scalar_t>(kernels_of<scalar_t>(active_table()), bias_c.const_data_ptr<scalar_t>(),
-                          y.data_ptr<scalar_t>(), s.B * s.T, d_out, stream);
+                          y.data_ptr<scalar_t>(), s.B * s.T, d_out, true);
     });
   } else {
     adapter_dispatch(s, xc, y, query, keys, bank_a, bank_b, sep, scale, eps, has_bias ? &bias_c : nullptr, false);
