@@ -91,7 +91,8 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 #: The decomposition never relies on this table: it measures the adapter against the same op with
 #: an empty memory, and reports that base path against ``nn.Linear`` separately.
 BASE_GEMM = {
-    # csrc/cpu/mira_linear_cpu.cpp: writes bias + adapter, then the same beta = 1 addmm as nn.Linear.
+    # csrc/cpu/mira_linear_cpu.cpp: writes bias + adapter (streaming stores for a large output),
+    # then the same beta = 1 addmm as nn.Linear.
     "cpu": "stock",
     # reference.py: F.linear, then the adapter added.
     "reference": "stock",

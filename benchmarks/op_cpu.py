@@ -264,7 +264,8 @@ def forward_timings(c: dict, compiled, budget: float, target: float, head_min_ro
             "aten_addmm/linear": raw.ratio("aten_addmm", "linear"),
             "mira_op/mira_op_ordinary_stores": raw.ratio("mira_op", "mira_op_ordinary_stores"),
         }},
-        "streams": bool(torch.ops.mira._cpu_streams_into(fns_head["linear"]())),
+        # The kernel decides on its freshly allocated output, before writing it: ask about one.
+        "streams": bool(torch.ops.mira._cpu_streams_into(torch.empty_like(out))),
         # Each implementation over its own base: the kernel over its N = 0 path, the eager and
         # compiled ones (which call nn.Linear / F.linear inside) over nn.Linear.
         "compare": cmp_.summary() | {"ratios": {

@@ -10,7 +10,9 @@
 // base GEMM is one call over all B*T rows, MKL's weight packing amortised over them (per-sample
 // GEMM calls, plain or MKL-packed for M = T, were slower than one call in every measurement here:
 // benchmarks/results/op_cpu.md). No packed weight is cached, so nothing needs invalidating. With
-// an empty memory (N = 0) the op is at::linear itself: the base path is the stock Linear.
+// an empty memory (N = 0) the op is the stock Linear bit for bit: at::linear / ATen's addmm, or,
+// where the output is written with streaming stores (below), the same two steps with the bias
+// alone, so that the adapter path and its base path differ by the adapter only.
 //
 // The memory side runs once per call: cosine scores, separation, and the per-sample mixed
 // factors A_b (S*r, d_in) and B_b, kept transposed and pre-scaled as (S, r, d_s). Tokens are
