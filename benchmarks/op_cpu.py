@@ -452,7 +452,13 @@ NOTES = """## How the kernel gets there, and what the floors mean
   stream when the output exceeds threads x L2 and its pages are resident (mincore), else ordinary
   stores; the column "kernel's stores vs ordinary stores" measures the choice made at each B. The
   bias-only seeding of the N = 0 path gains nothing from it (-0.09% [-0.20, +0.06] vs nn.Linear):
-  the stores alone were not the bottleneck, the two streams together were. (An earlier trial of
+  the stores alone were not the bottleneck, the two streams together were. A pass streams only
+  where it writes each output element once: an expand over more than one register block of
+  coefficients (K > 4 with AVX-512) re-reads its output between blocks, and streamed there it lost
+  (at cd9dac6, streaming vs ordinary, raw ops at B=8: forward at r=8 +0.80% [+0.49, +1.26]; the
+  backward's dx pass, K = S*r = 8: +0.50% [+0.26, +1.02] at r=4, +1.34% at r=8); since the next
+  commit those passes store normally (then: r=8 forward -0.16% [-0.48, +0.16], backward at r=4
+  -0.02% [-0.20, +0.22]). (An earlier trial of
   non-temporal stores, before the OpenMP and call-cost work, measured no gain: -0.29% vs -0.27%.)
 - **"Same base-GEMM path"** = the op with an empty memory (N = 0). Since 739f0ca, where the store
   rule streams, that is the kernel's own seeding pass with the bias alone and the same beta = 1

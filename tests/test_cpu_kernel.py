@@ -308,6 +308,8 @@ def test_adapter_inplace_matches_reference(dtype):
     [
         dict(B=3, T=21, d_in=40, d_out=96, N=5, S=2, r=4, d_s=32, offsets=[64, 0]),  # rows and slices aligned
         dict(B=2, T=9, d_in=37, d_out=91, N=3, S=2, r=3, d_s=29, offsets=[5, 50]),  # nothing aligned, tails
+        dict(B=2, T=9, d_in=24, d_out=72, N=3, S=1, r=9, d_s=48, offsets=[16]),  # rank over one register block
+        dict(B=2, T=9, d_in=24, d_out=72, N=3, S=2, r=1, d_s=24, offsets=[0, 48]),  # rank 1: S*r in one block
         dict(B=2, T=7, d_in=16, d_out=48, N=0),  # empty memory: the bias seeding of the Linear alone
         dict(B=2, T=7, d_in=16, d_out=48, N=4, bias=False),  # zeros outside the slices
     ],

@@ -27,9 +27,11 @@ struct Kernels {
   void (*axpy_block)(int64_t J, int64_t K, int64_t n, const T* coef, int64_t csj, int64_t csk, const T* V,
                      int64_t ldv, T* C, int64_t ldc, const T* init, bool accumulate);
   // axpy_block, and copy (dst[i] = src[i], i < n), writing C / dst with non-temporal (streaming)
-  // stores wherever a whole vector lands on an address aligned to the vector's size; the values
-  // are bit for bit those of the cached versions. The stores are weakly ordered: the writing
-  // thread must issue a store fence (_mm_sfence) before another thread reads C / dst.
+  // stores wherever a whole vector lands on an address aligned to the vector's size (axpy_block_nt:
+  // only when K fits one register block, AK, so that each element of C is written once; otherwise
+  // it is axpy_block). The values are bit for bit those of the cached versions. The stores are
+  // weakly ordered: the writing thread must issue a store fence (_mm_sfence) before another
+  // thread reads C / dst.
   void (*axpy_block_nt)(int64_t J, int64_t K, int64_t n, const T* coef, int64_t csj, int64_t csk, const T* V,
                         int64_t ldv, T* C, int64_t ldc, const T* init, bool accumulate);
   void (*copy_nt)(int64_t n, const T* src, T* dst);

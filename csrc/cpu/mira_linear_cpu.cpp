@@ -33,7 +33,10 @@
 // on every allocation, the first touch of each page faults, the kernel zeroes it through the cache,
 // and a streaming store to a cached line costs more than a plain one: +1.6%). So the pass streams
 // only when the output exceeds (threads x L2) and its pages are resident (mincore); the stored
-// values are the same either way. The backward's dx seeding pass follows the same rule.
+// values are the same either way. Only a pass that writes each element once streams (an expand
+// over more than one register block of coefficients re-reads its output between blocks: kernels.h,
+// axpy_block_nt), so the backward's dx seeding pass (K = S*r) streams under the same rule only
+// where S*r fits one block.
 //
 // Every reduction of this file has a fixed order, so results are bitwise identical run to run
 // (and across thread counts); only the two MKL GEMMs (base projection and G W) are the GEMM
