@@ -10,8 +10,9 @@ torch's default threads. Everything is checked against the float64 reference bef
 What is reported (all as median per-round ratios with bootstrap 95% intervals, from interleaved
 rounds, see benchmarks/_pairs.py):
   * forward, ``mira_linear`` (public op, CPU backend) over (a) the same base-GEMM path without the
-    adapter (``torch.addmm(bias, x, W^T)``, which is what the kernel runs after seeding the output)
-    and (b) the stock ``nn.Linear``; the raw private op too (no Python wrapper);
+    adapter (the op with an empty memory: the same seeding pass, bias only, and beta = 1 GEMM) and
+    (b) the stock ``nn.Linear``; the raw private op too (no Python wrapper), and its store choice
+    against ordinary stores;
   * the isolated ``mira_adapter_`` (a separate in-place pass), the paper-style eager implementation
     (benchmarks/eager_mira.py), a smart eager one (mixing GEMMs, bmm shrink, in-place baddbmm into
     the slices), and ``torch.compile`` of the reference;
@@ -445,10 +446,10 @@ NOTES = """## How the kernel gets there, and what the floors mean
   the output is long evicted when the GEMM reads it back, so that read is wasted; non-temporal
   stores skip it. Interleaved in one process (an experimental switch at 7d1eefd), the raw op
   over nn.Linear: B=2 +1.18% -> +0.60%, B=4 +1.45% -> +1.08%, B=8 +1.40% -> +0.92%, B=16
-  +1.58% -> +0.90%; they lose at B=1 (+0.27%:
-  the output fits in cache and the GEMM would have found it there) and at B>=24 (+1.6%: glibc maps
-  a block over 32 MiB afresh on every allocation, each first touch faults and the kernel zeroes the
-  page through the cache, and streaming over a cached line is the slow case). Hence the rule:
+  +1.58% -> +0.90%; they lose at B=1 (+0.27%: the output fits in cache and the GEMM would have
+  found it there) and at B>=24 (+1.6%: glibc maps a block over 32 MiB afresh on every allocation,
+  each first touch faults and the kernel zeroes the page through the cache, and streaming over a
+  cached line is the slow case). Hence the rule:
   stream when the output exceeds threads x L2 and its pages are resident (mincore), else ordinary
   stores; the column "kernel's stores vs ordinary stores" measures the choice made at each B. The
   bias-only seeding of the N = 0 path gains nothing from it (-0.09% [-0.20, +0.06] vs nn.Linear):
@@ -456,8 +457,8 @@ NOTES = """## How the kernel gets there, and what the floors mean
   where it writes each output element once: an expand over more than one register block of
   coefficients (K > 4 with AVX-512) re-reads its output between blocks, and streamed there it lost
   (at cd9dac6, streaming vs ordinary, raw ops at B=8: forward at r=8 +0.80% [+0.49, +1.26]; the
-  backward's dx pass, K = S*r = 8: +0.50% [+0.26, +1.02] at r=4, +1.34% at r=8); since the next
-  commit those passes store normally (then: r=8 forward -0.16% [-0.48, +0.16], backward at r=4
+  backward's dx pass, K = S*r = 8: +0.50% [+0.26, +1.02] at r=4, +1.34% at r=8); since 24e390f
+  those passes store normally (then: r=8 forward -0.16% [-0.48, +0.16], backward at r=4
   -0.02% [-0.20, +0.22]). (An earlier trial of
   non-temporal stores, before the OpenMP and call-cost work, measured no gain: -0.29% vs -0.27%.)
 - **"Same base-GEMM path"** = the op with an empty memory (N = 0). Since 739f0ca, where the store

@@ -478,18 +478,13 @@ void apply_rows(const Kernels<T>& K, const Shapes& s, const Memory<T>& m, const 
   });
 }
 
-// y = broadcast bias, the seeding pass of a Linear without an adapter (the N = 0 op) when it
-// streams, as apply_rows does.
+// y = broadcast bias with streaming stores: the seeding pass of a Linear without an adapter (the
+// N = 0 op) where the store rule streams; elsewhere that op is ATen's addmm itself.
 template <typename T>
-void seed_bias(const Kernels<T>& K, const T* bias, T* y, int64_t rows, int64_t d_out, bool stream) {
+void stream_bias(const Kernels<T>& K, const T* bias, T* y, int64_t rows, int64_t d_out) {
   at::parallel_for(0, rows, kRowBlock, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      if (stream)
-        K.copy_nt(d_out, bias, y + t * d_out);
-      else
-        std::copy(bias, bias + d_out, y + t * d_out);
-    }
-    if (stream) _mm_sfence();
+    for (int64_t t = begin; t < end; ++t) K.copy_nt(d_out, bias, y + t * d_out);
+    _mm_sfence();
   });
 }
 
@@ -534,8 +529,9 @@ at::Tensor mira_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const 
 
   // An empty memory adds nothing: the op is then the stock Linear, bit for bit. Without a bias
   // (nothing to seed: one beta = 0 GEMM) and in 16 bits it is the same ATen call; with a bias in
-  // float32/float64 it is the Linear's own two steps below, the seeding with this kernel's stores.
-  if (s.N == 0 && (!has_bias || is_half(x.scalar_type()))) return at::linear(x, weight, has_bias ? *bias : at::Tensor());
+  // float32/float64 it is ATen's addmm, or its two steps with streaming stores (below).
+  if (s.N == 0 && (!has_bias || is_half(x.scalar_type())))
+    return at::linear(x, weight, has_bias ? *bias : at::Tensor());
   if (is_half(x.scalar_type())) {
     // Base projection in x's dtype (as F.linear), adapter in float32, the sum rounded once.
     at::Tensor y = at::linear(x, weight, has_bias ? *bias : at::Tensor());
@@ -549,16 +545,16 @@ at::Tensor mira_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const 
   if (y.numel() == 0) return y;
   const at::Tensor bias_c = has_bias ? bias->contiguous() : at::Tensor();
   if (s.N == 0) {
-    // Where streaming does not pay, ATen's own addmm (its bias copy measured faster than
-    // seed_bias's on freshly faulted pages: +1.3% at B = 32).
+    // Where streaming does not pay, ATen's own addmm (its bias copy measured faster than this
+    // file's ordinary-store seeding on freshly faulted pages: +1.3% at B = 32).
     if (!stream_seeding(y)) {
       at::Tensor y2d = y.view({s.B * s.T, d_out});
       at::addmm_out(y2d, bias_c, xc.view({s.B * s.T, s.d_in}), weight.t());
       return y;
     }
-    AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "mira_seed_bias", [&] {
-      seed_bias<scalar_t>(kernels_of<scalar_t>(active_table()), bias_c.const_data_ptr<scalar_t>(),
-                          y.data_ptr<scalar_t>(), s.B * s.T, d_out, true);
+    AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "mira_stream_bias", [&] {
+      stream_bias<scalar_t>(kernels_of<scalar_t>(active_table()), bias_c.const_data_ptr<scalar_t>(),
+                            y.data_ptr<scalar_t>(), s.B * s.T, d_out);
     });
   } else {
     adapter_dispatch(s, xc, y, query, keys, bank_a, bank_b, sep, scale, eps, has_bias ? &bias_c : nullptr, false);
