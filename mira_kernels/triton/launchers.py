@@ -121,7 +121,7 @@ class _Mixed:
 
 
 def _plan_mix(sh: _Shapes, query, keys, bank_a, bank_b, separation, eps, save_stats, lora_precision, device,
-              launches) -> _Mixed:
+              launches, sms) -> _Mixed:
     ct = sh.ct
     mixed = _Mixed(
         a=torch.empty(sh.B, sh.S, sh.r, sh.d_in, dtype=ct, device=device),
@@ -134,7 +134,7 @@ def _plan_mix(sh: _Shapes, query, keys, bank_a, bank_b, separation, eps, save_st
         mixed.knorm = torch.empty(sh.N, dtype=ct, device=device)
     cfg = configs.memory_config(sh.N, ct, lora_precision)
     b_tiles = triton_cdiv(sh.B, cfg.block_b)
-    split = configs.split_for(b_tiles, triton_cdiv(max(sh.fa, sh.fb), cfg.block_f), configs.num_sms(device))
+    split = configs.split_for(b_tiles, triton_cdiv(max(sh.fa, sh.fb), cfg.block_f), sms)
     placeholder = mixed.a
     launches.append(Launch(
         "mix_fwd", kernels._mira_mix_fwd_kernel, (b_tiles, split),
@@ -153,6 +153,10 @@ def _plan_mix(sh: _Shapes, query, keys, bank_a, bank_b, separation, eps, save_st
         num_warps=cfg.num_warps, num_stages=2,
     ))
     return mixed
+
+
+def _sms(sms: int | None, device: torch.device) -> int:
+    return configs.num_sms(device) if sms is None else int(sms)
 
 
 def triton_cdiv(a: int, b: int) -> int:
@@ -220,7 +224,7 @@ def _memory_inputs(query, keys, bank_a, bank_b):
     return query, keys, bank_a.contiguous(), bank_b.contiguous()
 
 
-def plan_linear(x, weight, bias, query, keys, bank_a, bank_b, slice_offsets, separation, scale, eps):
+def plan_linear(x, weight, bias, query, keys, bank_a, bank_b, slice_offsets, separation, scale, eps, sms=None):
     """Plan of the forward: returns (y (B, T, d_out) in x's dtype, launches)."""
     sh = _Shapes.of(x, keys, bank_a, bank_b)
     d_out = weight.shape[0]
@@ -233,7 +237,8 @@ def plan_linear(x, weight, bias, query, keys, bank_a, bank_b, slice_offsets, sep
     lora_precision = _precisions(x.dtype)[1]
     has_lora = sh.N > 0
     if has_lora:
-        mixed = _plan_mix(sh, query, keys, bank_a, bank_b, separation, eps, False, lora_precision, x.device, launches)
+        mixed = _plan_mix(sh, query, keys, bank_a, bank_b, separation, eps, False, lora_precision, x.device, launches,
+                          _sms(sms, x.device))
         h = _plan_shrink("shrink_fwd", x2, (0,), sh.d_in, mixed.a,
                          (mixed.a.stride(0), 0, mixed.a.stride(2), mixed.a.stride(3)), sh.S * sh.r, sh, lora_precision,
                          launches)
@@ -250,7 +255,7 @@ def _flattenable(out: torch.Tensor) -> bool:
     return out.stride(2) == 1 and (out.shape[0] <= 1 or out.stride(0) == out.shape[1] * out.stride(1))
 
 
-def plan_adapter_(out, x, query, keys, bank_a, bank_b, slice_offsets, separation, scale, eps):
+def plan_adapter_(out, x, query, keys, bank_a, bank_b, slice_offsets, separation, scale, eps, sms=None):
     """Plan of the in-place adapter add. Returns (target, launches): ``target`` is ``out`` or a
     contiguous copy that the caller copies back (for outputs whose rows cannot be flattened)."""
     sh = _Shapes.of(x, keys, bank_a, bank_b)
@@ -261,7 +266,8 @@ def plan_adapter_(out, x, query, keys, bank_a, bank_b, slice_offsets, separation
     x2 = x.contiguous().view(sh.M, sh.d_in)
     query, keys, bank_a, bank_b = _memory_inputs(query, keys, bank_a, bank_b)
     lora_precision = _precisions(x.dtype)[1]
-    mixed = _plan_mix(sh, query, keys, bank_a, bank_b, separation, eps, False, lora_precision, x.device, launches)
+    mixed = _plan_mix(sh, query, keys, bank_a, bank_b, separation, eps, False, lora_precision, x.device, launches,
+                          _sms(sms, x.device))
     h = _plan_shrink("shrink_fwd", x2, (0,), sh.d_in, mixed.a,
                      (mixed.a.stride(0), 0, mixed.a.stride(2), mixed.a.stride(3)), sh.S * sh.r, sh, lora_precision,
                      launches)
@@ -283,7 +289,7 @@ def plan_adapter_(out, x, query, keys, bank_a, bank_b, slice_offsets, separation
 
 
 def plan_linear_backward(grad_out, x, weight, query, keys, bank_a, bank_b, slice_offsets, separation, scale, eps,
-                         output_mask):
+                         output_mask, sms=None):
     """Plan of the backward: returns ((dx, dquery, dkeys, dbank_a, dbank_b), launches).
 
     Recomputes weights, mixed factors and the shrink from the inputs (the forward saves only its
@@ -319,7 +325,7 @@ def plan_linear_backward(grad_out, x, weight, query, keys, bank_a, bank_b, slice
     mixed = None
     if has_lora:
         mixed = _plan_mix(sh, query, keys, bank_a, bank_b, separation, eps, need_dw or need_a or need_b,
-                          lora_precision, device, launches)
+                          lora_precision, device, launches, _sms(sms, device))
     h = dh = None
     if need_db:
         h = _plan_shrink("shrink_fwd", x2, (0,), sh.d_in, mixed.a,
@@ -374,7 +380,7 @@ def plan_linear_backward(grad_out, x, weight, query, keys, bank_a, bank_b, slice
     if need_dw:
         # Two passes: partial dw per column share of the banks, then their ordered sum.
         b_tiles = triton_cdiv(sh.B, mem.block_b)
-        split = configs.split_for(b_tiles, triton_cdiv(max(sh.fa, sh.fb), mem.block_f), configs.num_sms(device))
+        split = configs.split_for(b_tiles, triton_cdiv(max(sh.fa, sh.fb), mem.block_f), _sms(sms, device))
         partial = torch.empty(split, sh.B, sh.N, dtype=sh.ct, **dev)
         launches.append(Launch(
             "dw_bwd", kernels._mira_dw_bwd_kernel, (b_tiles, split),
@@ -412,7 +418,7 @@ def plan_linear_backward(grad_out, x, weight, query, keys, bank_a, bank_b, slice
         if not (need and has_lora):
             continue
         n_tiles = triton_cdiv(sh.N, 16)
-        split = configs.split_for(n_tiles, triton_cdiv(f, 64), configs.num_sms(device))
+        split = configs.split_for(n_tiles, triton_cdiv(f, 64), _sms(sms, device))
         launches.append(Launch(
             name, kernels._mira_bank_bwd_kernel, (n_tiles, split),
             dict(w_ptr=mixed.weights, d_ptr=dmixed, out_ptr=out, B=sh.B, N=sh.N, F=f),
