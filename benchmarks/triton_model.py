@@ -187,7 +187,7 @@ def _mix(lay: Layer, hw: Hardware, save_stats: bool) -> Kernel:
 
     mem = configs.memory_config(lay.N, torch.float32)
     b_tiles = math.ceil(lay.B / mem.block_b)
-    split = configs.split_for(b_tiles, math.ceil(max(lay.fa, lay.fb) / mem.block_f), hw.sms)
+    split = configs.split_for(b_tiles, math.ceil(max(lay.fa, lay.fb) / mem.block_f))
     # Each of the `split` programs of a 16-sample tile recomputes the tile's (16, n_pad) scores
     # (3xTF32: three tensor-core products); mixing is (16, n_pad) @ (n_pad, F) in TF32. The
     # sample tiles of one column share run side by side (grid axis 0), so a bank column chunk
@@ -263,7 +263,7 @@ def triton_backward(lay: Layer, hw: Hardware) -> Variant:
     mem = configs.memory_config(lay.N, torch.float32)
     b_tiles = math.ceil(lay.B / mem.block_b)
     b_pad = b_tiles * mem.block_b
-    split = configs.split_for(b_tiles, math.ceil(max(lay.fa, lay.fb) / mem.block_f), hw.sms)
+    split = configs.split_for(b_tiles, math.ceil(max(lay.fa, lay.fb) / mem.block_f))
     dw = Kernel("_mira_dw_bwd_kernel (partial dw)", (lay.B * (lay.fa + lay.fb) + lay.N * (lay.fa + lay.fb)
                                                      + split * lay.B * lay.N) * F32,
                 {"tf32": 3 * _gemm_flops(b_pad, mem.n_pad, lay.fa + lay.fb)}, b_tiles * split)

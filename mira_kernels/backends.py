@@ -55,8 +55,9 @@ use_backend = _config.use_backend
 @dataclass(frozen=True)
 class _Backend:
     device_types: tuple[str, ...]
-    # Returns None when the backend can run on that device type, else the reason it cannot.
-    unavailable_reason: Callable[[str], str | None]
+    # Returns None when the backend can run on that device (a torch.device: the index matters
+    # on machines whose GPUs differ), else the reason it cannot.
+    unavailable_reason: Callable[[torch.device], str | None]
     load: Callable[[], object]
 
 
@@ -97,19 +98,19 @@ def _native_impl(prefix: str) -> Callable[[], object]:
     return load
 
 
-def _native_reason(op: str, dispatch_key: str, what: str) -> Callable[[str], str | None]:
-    def reason(device_type: str) -> str | None:
+def _native_reason(op: str, dispatch_key: str, what: str) -> Callable[[torch.device], str | None]:
+    def reason(device: torch.device) -> str | None:
         if not _extension.has_kernel(op, dispatch_key):
             return f"the extension mira_kernels._C was built without {what}" + _extension.load_error_suffix()
-        if device_type == "cuda" and not torch.cuda.is_available():
+        if device.type == "cuda" and not torch.cuda.is_available():
             return "no CUDA device is available"
         return None
 
     return reason
 
 
-def _reference_reason(device_type: str) -> str | None:
-    if device_type == "cuda" and not torch.cuda.is_available():
+def _reference_reason(device: torch.device) -> str | None:
+    if device.type == "cuda" and not torch.cuda.is_available():
         return "no CUDA device is available"
     return None
 
@@ -120,12 +121,12 @@ def _triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def _triton_reason(device_type: str) -> str | None:
+def _triton_reason(device: torch.device) -> str | None:
     if not _triton_installed():
         return "triton is not installed"
     if not torch.cuda.is_available():
         return "no CUDA device is available"
-    return importlib.import_module("mira_kernels.triton").unavailable_reason()
+    return importlib.import_module("mira_kernels.triton").unavailable_reason(device)
 
 
 def _triton_load() -> object:
@@ -143,21 +144,21 @@ _loaded: dict[str, object] = {}
 _warned_fallback: set[str] = set()
 
 
-def _device_type(device: torch.device | str) -> str:
-    return device.type if isinstance(device, torch.device) else torch.device(device).type
+def _device(device: torch.device | str) -> torch.device:
+    return device if isinstance(device, torch.device) else torch.device(device)
 
 
-def _reason(name: str, device_type: str) -> str | None:
+def _reason(name: str, device: torch.device) -> str | None:
     backend = _REGISTRY[name]
-    if device_type not in backend.device_types:
-        return f"it runs on {' / '.join(backend.device_types)} tensors, not {device_type}"
-    return backend.unavailable_reason(device_type)
+    if device.type not in backend.device_types:
+        return f"it runs on {' / '.join(backend.device_types)} tensors, not {device.type}"
+    return backend.unavailable_reason(device)
 
 
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
     """Names of the backends that can run MIRA ops on tensors of ``device`` on this machine."""
-    device_type = _device_type(device)
-    return [name for name in BACKENDS if _reason(name, device_type) is None]
+    device = _device(device)
+    return [name for name in BACKENDS if _reason(name, device) is None]
 
 
 # Under torch.compile the choice is made once, when the call is traced, and baked into the graph:
@@ -165,14 +166,15 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
 @torch.compiler.assume_constant_result
 def resolve_backend(device: torch.device | str) -> str:
     """The backend a MIRA op on ``device`` runs with now (see the module docstring)."""
-    device_type = _device_type(device)
+    device = _device(device)
+    device_type = device.type
     forced = _config.requested_backend()
     if forced is not None:
         if forced not in _REGISTRY:
             raise ValueError(
                 f"unknown MIRA backend {forced!r} (from use_backend or MIRA_BACKEND); expected one of {BACKENDS}"
             )
-        reason = _reason(forced, device_type)
+        reason = _reason(forced, device)
         if reason is not None:
             raise RuntimeError(
                 f"MIRA backend {forced!r} was requested for {device_type} tensors but cannot run: {reason}"
@@ -181,7 +183,7 @@ def resolve_backend(device: torch.device | str) -> str:
     order = _DEFAULT_ORDER.get(device_type, ("reference",))
     skipped = []
     for name in order:
-        reason = _reason(name, device_type)
+        reason = _reason(name, device)
         if reason is None:
             if skipped and name == "reference" and device_type not in _warned_fallback:
                 _warned_fallback.add(device_type)

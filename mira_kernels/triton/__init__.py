@@ -13,6 +13,7 @@ once) rather than failing: the Triton mixing holds a sample tile's weights in re
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
@@ -32,18 +33,37 @@ _warned_large_n = False
 warnings.filterwarnings("ignore", message="tl.make_block_ptr is deprecated", category=UserWarning)
 
 
-def unavailable_reason() -> str | None:
-    """None when the kernels can run on the current CUDA device, else why not."""
+def unavailable_reason(device: torch.device | str | None = None) -> str | None:
+    """None when the kernels can run on ``device`` (default: the current CUDA device), else why not.
+
+    The capability is the device's own: on a machine with an sm_90 and an sm_75 GPU, tensors on
+    the second get another backend even while the first is current.
+    """
     try:
         import triton  # noqa: F401
     except ImportError as exc:  # pragma: no cover - the router checks find_spec first
         return f"triton failed to import: {exc}"
     if not torch.cuda.is_available():
         return "no CUDA device is available"
-    capability = torch.cuda.get_device_capability()
+    index = _device_index(device)
+    capability = _capability(index)
     if capability < MIN_CAPABILITY:
-        return f"the Triton kernels need compute capability >= 8.0, this device has {capability[0]}.{capability[1]}"
+        return (f"the Triton kernels need compute capability >= 8.0, cuda:{index} has "
+                f"{capability[0]}.{capability[1]}")
     return None
+
+
+def _device_index(device: torch.device | str | None) -> int:
+    if device is None:
+        return torch.cuda.current_device()
+    device = torch.device(device)
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+@functools.cache
+def _capability(index: int) -> tuple[int, int]:
+    # Read once per device: routing asks on every eager call.
+    return tuple(torch.cuda.get_device_capability(index))
 
 
 def _launchers():

@@ -27,8 +27,9 @@ MAX_SLOTS = 256
 #: Per-tile dot operands are padded to this (the smallest K/N a 16-bit ``tl.dot`` lowers for).
 MIN_DOT = 16
 
-#: SM count assumed when no device is at hand (ahead-of-time plans): H100 SXM.
-DEFAULT_SMS = 132
+#: Programs a split loop aims for: two waves on a 132-SM H100 / H200. Grids never read the
+#: device's SM count (see :func:`split_for`).
+TARGET_PROGRAMS = 2 * 132
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,8 @@ def adapter_config(dtype: torch.dtype, precision: str = "tf32") -> GemmConfig:
 
 def row_config(j_pad: int, dtype: torch.dtype, precision: str = "tf32") -> RowConfig:
     """Config of the row kernels with a (block_m, j_pad) accumulator (shrink, per-sample reductions)."""
+    if j_pad >= 256:  # S*r > 128: a (32, 256) accumulator; 16-wide K steps and 8 warps keep it spill-free
+        return RowConfig(32, 16, 8)
     if precision == "ieee" and j_pad >= 128:  # FMA dot operands held per thread: smallest tile
         return RowConfig(16, 32, 4)
     if dtype == torch.float64 or precision == "ieee":
@@ -120,7 +123,8 @@ def factor_config(j_pad: int, dtype: torch.dtype, precision: str = "tf32") -> Ro
         return RowConfig(16, 32, 4)
     if j_pad >= 32:
         return RowConfig(32, 32, 4)
-    return RowConfig(64, 64, 4)
+    # 32-token steps: with 64-bit row offsets a 64-token step spills 8 bytes (sm_80, 3xTF32).
+    return RowConfig(64, 32, 4)
 
 
 def memory_config(n_slots: int, dtype: torch.dtype, precision: str = "tf32") -> MemoryConfig:
@@ -142,15 +146,12 @@ def memory_config(n_slots: int, dtype: torch.dtype, precision: str = "tf32") -> 
     return MemoryConfig(block_b=16, block_k=16, block_f=block_f, n_pad=n_pad, num_warps=8, grad_k=32)
 
 
-def split_for(programs: int, chunks: int, sms: int) -> int:
-    """How many programs share a long loop so that about two waves cover the device."""
+def split_for(programs: int, chunks: int) -> int:
+    """How many programs share a long loop (e.g. a reduction over the banks' columns) so that about
+    :data:`TARGET_PROGRAMS` programs run. A constant, not the device's SM count: the split fixes the
+    order of a reduction's partial sums, so results are bitwise equal across devices (an H100 SXM
+    with 132 SMs, a PCIe card with 114, a MIG slice)."""
     if programs <= 0 or chunks <= 0:
         return 1
-    want = max(1, (2 * sms + programs - 1) // programs)
+    want = max(1, (TARGET_PROGRAMS + programs - 1) // programs)
     return max(1, min(want, chunks))
-
-
-def num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return DEFAULT_SMS

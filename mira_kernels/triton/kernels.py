@@ -70,6 +70,13 @@ def _tanh(v):
 
 
 @triton.jit
+def _f64(bits):
+    # A Python float that must keep float64 precision travels as its IEEE-754 bit pattern (an
+    # int64): Triton types float arguments as fp32, which would round scale and eps on the fp64 path.
+    return bits.to(tl.int64).to(tl.float64, bitcast=True)
+
+
+@triton.jit
 def _select_offset(pid_s, OFFS: tl.constexpr, S: tl.constexpr):
     # The slice offsets are compile-time constants (static per layer); pick the one of a
     # program's slice without a device-side table.
@@ -79,11 +86,11 @@ def _select_offset(pid_s, OFFS: tl.constexpr, S: tl.constexpr):
     return off
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["eps_bits"])
 def _mira_mix_fwd_kernel(
     q_ptr, k_ptr, bank_a_ptr, bank_b_ptr, mixed_a_ptr, mixed_b_ptr,
     scores_ptr, weights_ptr, qnorm_ptr, knorm_ptr,
-    B, N, DK, FA, FB, eps,
+    B, N, DK, FA, FB, eps_bits,
     stride_qb, stride_qk, stride_kn, stride_kk,
     SEPARATION: tl.constexpr, SAVE_STATS: tl.constexpr, N_PAD: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_F: tl.constexpr, SCORE_PRECISION: tl.constexpr,
@@ -100,6 +107,7 @@ def _mira_mix_fwd_kernel(
     pid_f = tl.program_id(1)
     n_split = tl.num_programs(1)
     ct = mixed_a_ptr.dtype.element_ty
+    eps = _f64(eps_bits).to(ct)
 
     rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
@@ -193,6 +201,7 @@ def _mira_shrink_fwd_kernel(
 
     row0 = pid_m * BLOCK_M
     rows = row0 + tl.arange(0, BLOCK_M)
+    rows64 = rows.to(tl.int64)  # row offsets times a row stride can pass 2^31 (Triton types ints as i32)
     row_ok = rows < M
     row_sample = rows // T
     b_first = row0 // T
@@ -204,7 +213,7 @@ def _mira_shrink_fwd_kernel(
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < K
-        a = tl.load(in_ptr + rows[:, None] * stride_im + (off + ks)[None, :],
+        a = tl.load(in_ptr + rows64[:, None] * stride_im + (off + ks)[None, :],
                     mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(ct)
         for b in tl.range(b_first, b_last + 1, num_stages=1):
             f = tl.load(f_ptr + b * stride_fb + pid_s * stride_fs + ks[:, None] * stride_fk + js[None, :] * stride_fj,
@@ -212,15 +221,15 @@ def _mira_shrink_fwd_kernel(
             part = tl.dot(a, f, input_precision=LORA_PRECISION)
             acc += tl.where((row_sample == b)[:, None], part, 0.0)
     out_cols = pid_s * J + js
-    tl.store(out_ptr + rows[:, None] * (NUM_SLICES * J) + out_cols[None, :], acc,
+    tl.store(out_ptr + rows64[:, None] * (NUM_SLICES * J) + out_cols[None, :], acc,
              mask=row_ok[:, None] & j_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["scale_bits"])
 def _mira_linear_fwd_kernel(
     x_ptr, w_ptr, bias_ptr, h_ptr, e_ptr, out_ptr,
-    M, NOUT, K, T, J, SLICE_W, scale,
-    stride_xm, stride_wk, stride_wn, stride_eb, stride_es, stride_ej, stride_en, stride_om,
+    M, NOUT, K, T, J, SLICE_W, scale_bits,
+    stride_xm, stride_wk, stride_wn, stride_eb, stride_es, stride_ej, stride_en, stride_om, stride_bias,
     S: tl.constexpr, OFFS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
     J_CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     BASE_PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr, UPCAST: tl.constexpr, W_ORDER: tl.constexpr,
@@ -244,10 +253,12 @@ def _mira_linear_fwd_kernel(
     pid_m = first_m + (pid % per_group) % group_rows
     pid_n = (pid % per_group) // group_rows
     acc_ty = h_ptr.dtype.element_ty
+    scale = _f64(scale_bits).to(acc_ty)
 
     row0 = pid_m * BLOCK_M
     col0 = pid_n * BLOCK_N
     rows = row0 + tl.arange(0, BLOCK_M)
+    rows64 = rows.to(tl.int64)  # row offsets times a row stride can pass 2^31 (Triton types ints as i32)
     cols = col0 + tl.arange(0, BLOCK_N)
     row_ok = rows < M
     col_ok = cols < NOUT
@@ -283,22 +294,22 @@ def _mira_linear_fwd_kernel(
                     for j0 in tl.range(0, J, J_CHUNK, num_stages=1):
                         js = j0 + tl.arange(0, J_CHUNK)
                         j_ok = js < J
-                        h = tl.load(h_ptr + rows[:, None] * (S * J) + (s * J + js)[None, :],
+                        h = tl.load(h_ptr + rows64[:, None] * (S * J) + (s * J + js)[None, :],
                                     mask=h_rows[:, None] & j_ok[None, :], other=0.0).to(acc_ty)
                         e = tl.load(e_ptr + b * stride_eb + s * stride_es + js[:, None] * stride_ej
                                     + e_cols[None, :] * stride_en, mask=j_ok[:, None] & e_ok[None, :], other=0.0)
                         acc = tl.dot(h, (e * scale).to(acc_ty), acc, input_precision=LORA_PRECISION)
 
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(acc_ty)[None, :]
-    tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], acc.to(out_ptr.dtype.element_ty),
+        acc += tl.load(bias_ptr + cols * stride_bias, mask=col_ok, other=0.0).to(acc_ty)[None, :]
+    tl.store(out_ptr + rows64[:, None] * stride_om + cols[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=row_ok[:, None] & col_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["scale_bits"])
 def _mira_adapter_fwd_kernel(
     out_ptr, h_ptr, e_ptr,
-    M, T, J, SLICE_W, scale,
+    M, T, J, SLICE_W, scale_bits,
     stride_om, stride_eb, stride_es, stride_ej, stride_en,
     S: tl.constexpr, OFFS: tl.constexpr, J_CHUNK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LORA_PRECISION: tl.constexpr,
@@ -315,9 +326,11 @@ def _mira_adapter_fwd_kernel(
     pid_n = pid_1 % n_tiles
     off = _select_offset(pid_s, OFFS, S)
     ct = h_ptr.dtype.element_ty
+    scale = _f64(scale_bits).to(ct)
 
     row0 = pid_m * BLOCK_M
     rows = row0 + tl.arange(0, BLOCK_M)
+    rows64 = rows.to(tl.int64)  # row offsets times a row stride can pass 2^31 (Triton types ints as i32)
     row_ok = rows < M
     row_sample = rows // T
     b_first = row0 // T
@@ -330,21 +343,21 @@ def _mira_adapter_fwd_kernel(
         for j0 in tl.range(0, J, J_CHUNK, num_stages=1):
             js = j0 + tl.arange(0, J_CHUNK)
             j_ok = js < J
-            h = tl.load(h_ptr + rows[:, None] * (S * J) + (pid_s * J + js)[None, :],
+            h = tl.load(h_ptr + rows64[:, None] * (S * J) + (pid_s * J + js)[None, :],
                         mask=h_rows[:, None] & j_ok[None, :], other=0.0)
             e = tl.load(e_ptr + b * stride_eb + pid_s * stride_es + js[:, None] * stride_ej
                         + cols[None, :] * stride_en, mask=j_ok[:, None] & col_ok[None, :], other=0.0)
             acc = tl.dot(h, e, acc, input_precision=LORA_PRECISION)
-    o_ptrs = out_ptr + rows[:, None] * stride_om + (off + cols)[None, :]
+    o_ptrs = out_ptr + rows64[:, None] * stride_om + (off + cols)[None, :]
     o_mask = row_ok[:, None] & col_ok[None, :]
     o = tl.load(o_ptrs, mask=o_mask, other=0.0).to(ct)
     tl.store(o_ptrs, (o + scale * acc).to(out_ptr.dtype.element_ty), mask=o_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["alpha_bits"])
 def _mira_factor_bwd_kernel(
     l_ptr, r_ptr, out_ptr,
-    T, FD, J, alpha,
+    T, FD, J, alpha_bits,
     stride_lm, stride_rm, stride_ob, stride_os, stride_of, stride_oj,
     NUM_SLICES: tl.constexpr, L_OFFS: tl.constexpr, J_PAD: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_F: tl.constexpr, LORA_PRECISION: tl.constexpr,
@@ -360,6 +373,7 @@ def _mira_factor_bwd_kernel(
     pid_s = tl.program_id(1)
     pid_f = tl.program_id(2)
     ct = out_ptr.dtype.element_ty
+    alpha = _f64(alpha_bits).to(ct)
     off = _select_offset(pid_s, L_OFFS, NUM_SLICES)
 
     fs = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)
@@ -370,7 +384,7 @@ def _mira_factor_bwd_kernel(
     for t0 in range(0, T, BLOCK_T):
         ts = t0 + tl.arange(0, BLOCK_T)
         t_ok = ts < T
-        m = pid_b * T + ts
+        m = pid_b.to(tl.int64) * T + ts  # row index: 64-bit before it meets a row stride
         lt = tl.load(l_ptr + m[:, None] * stride_lm + (off + fs)[None, :],
                      mask=t_ok[:, None] & f_ok[None, :], other=0.0).to(ct)
         rt = tl.load(r_ptr + m[:, None] * stride_rm + (pid_s * J + js)[None, :],
@@ -429,10 +443,10 @@ def _mira_dw_bwd_kernel(
              mask=row_ok[:, None] & slot_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["eps_bits"])
 def _mira_scores_bwd_kernel(
     partial_ptr, scores_ptr, weights_ptr, qnorm_ptr, knorm_ptr, q_ptr, k_ptr, dz_ptr, dq_ptr,
-    B, N, DK, n_partials, eps,
+    B, N, DK, n_partials, eps_bits,
     stride_qb, stride_qk, stride_kn, stride_kk,
     SEPARATION: tl.constexpr, NEED_Q: tl.constexpr, N_PAD: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, SCORE_PRECISION: tl.constexpr,
@@ -448,6 +462,7 @@ def _mira_scores_bwd_kernel(
     pid_b = tl.program_id(0)
     pid_k = tl.program_id(1)
     ct = dz_ptr.dtype.element_ty
+    eps = _f64(eps_bits).to(ct)
     rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
     slots = tl.arange(0, N_PAD)

@@ -11,6 +11,7 @@ tensor data on the host: the ops can be captured in a CUDA graph.
 from __future__ import annotations
 
 import os
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -20,6 +21,12 @@ from .. import reference
 from . import configs, kernels
 
 SEPARATION_CODES = {name: i for i, name in enumerate(reference.SEPARATIONS)}
+
+
+def float_bits(value: float) -> int:
+    """The IEEE-754 double bit pattern of ``value`` as an int (the kernels' ``*_bits`` arguments):
+    Triton types Python floats as fp32, which would round ``scale`` and ``eps`` on the fp64 path."""
+    return struct.unpack("<q", struct.pack("<d", float(value)))[0]
 
 
 def interpreting() -> bool:
@@ -121,7 +128,7 @@ class _Mixed:
 
 
 def _plan_mix(sh: _Shapes, query, keys, bank_a, bank_b, separation, eps, save_stats, lora_precision, device,
-              launches, sms) -> _Mixed:
+              launches) -> _Mixed:
     ct = sh.ct
     mixed = _Mixed(
         a=torch.empty(sh.B, sh.S, sh.r, sh.d_in, dtype=ct, device=device),
@@ -134,7 +141,7 @@ def _plan_mix(sh: _Shapes, query, keys, bank_a, bank_b, separation, eps, save_st
         mixed.knorm = torch.empty(sh.N, dtype=ct, device=device)
     cfg = configs.memory_config(sh.N, ct, lora_precision)
     b_tiles = triton_cdiv(sh.B, cfg.block_b)
-    split = configs.split_for(b_tiles, triton_cdiv(max(sh.fa, sh.fb), cfg.block_f), sms)
+    split = configs.split_for(b_tiles, triton_cdiv(max(sh.fa, sh.fb), cfg.block_f))
     placeholder = mixed.a
     launches.append(Launch(
         "mix_fwd", kernels._mira_mix_fwd_kernel, (b_tiles, split),
@@ -144,7 +151,7 @@ def _plan_mix(sh: _Shapes, query, keys, bank_a, bank_b, separation, eps, save_st
             weights_ptr=mixed.weights if save_stats else placeholder,
             qnorm_ptr=mixed.qnorm if save_stats else placeholder,
             knorm_ptr=mixed.knorm if save_stats else placeholder,
-            B=sh.B, N=sh.N, DK=sh.d_k, FA=sh.fa, FB=sh.fb, eps=float(eps),
+            B=sh.B, N=sh.N, DK=sh.d_k, FA=sh.fa, FB=sh.fb, eps_bits=float_bits(eps),
             stride_qb=query.stride(0), stride_qk=query.stride(1), stride_kn=keys.stride(0), stride_kk=keys.stride(1),
         ),
         dict(SEPARATION=SEPARATION_CODES[separation], SAVE_STATS=bool(save_stats), N_PAD=cfg.n_pad,
@@ -153,10 +160,6 @@ def _plan_mix(sh: _Shapes, query, keys, bank_a, bank_b, separation, eps, save_st
         num_warps=cfg.num_warps, num_stages=2,
     ))
     return mixed
-
-
-def _sms(sms: int | None, device: torch.device) -> int:
-    return configs.num_sms(device) if sms is None else int(sms)
 
 
 def triton_cdiv(a: int, b: int) -> int:
@@ -195,10 +198,10 @@ def _plan_gemm(name, a, w, w_strides, bias, h, e, e_strides, out, sh: _Shapes, j
     launches.append(Launch(
         name, kernels._mira_linear_fwd_kernel, grid,
         dict(x_ptr=a, w_ptr=w, bias_ptr=bias if bias is not None else out, h_ptr=h, e_ptr=e, out_ptr=out,
-             M=m, NOUT=n_out, K=k, T=sh.T, J=j, SLICE_W=slice_w, scale=float(scale),
+             M=m, NOUT=n_out, K=k, T=sh.T, J=j, SLICE_W=slice_w, scale_bits=float_bits(scale),
              stride_xm=a.stride(0), stride_wk=w_strides[0], stride_wn=w_strides[1],
              stride_eb=e_strides[0], stride_es=e_strides[1], stride_ej=e_strides[2], stride_en=e_strides[3],
-             stride_om=out.stride(0)),
+             stride_om=out.stride(0), stride_bias=bias.stride(0) if bias is not None else 0),
         dict(S=len(offsets), OFFS=tuple(offsets), HAS_BIAS=bias is not None, HAS_LORA=bool(has_lora),
              J_CHUNK=configs.MIN_DOT, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
              GROUP_M=cfg.group_m, BASE_PRECISION=base_precision, LORA_PRECISION=lora_precision,
@@ -224,7 +227,7 @@ def _memory_inputs(query, keys, bank_a, bank_b):
     return query, keys, bank_a.contiguous(), bank_b.contiguous()
 
 
-def plan_linear(x, weight, bias, query, keys, bank_a, bank_b, slice_offsets, separation, scale, eps, sms=None):
+def plan_linear(x, weight, bias, query, keys, bank_a, bank_b, slice_offsets, separation, scale, eps):
     """Plan of the forward: returns (y (B, T, d_out) in x's dtype, launches)."""
     sh = _Shapes.of(x, keys, bank_a, bank_b)
     d_out = weight.shape[0]
@@ -237,8 +240,7 @@ def plan_linear(x, weight, bias, query, keys, bank_a, bank_b, slice_offsets, sep
     lora_precision = _precisions(x.dtype)[1]
     has_lora = sh.N > 0
     if has_lora:
-        mixed = _plan_mix(sh, query, keys, bank_a, bank_b, separation, eps, False, lora_precision, x.device, launches,
-                          _sms(sms, x.device))
+        mixed = _plan_mix(sh, query, keys, bank_a, bank_b, separation, eps, False, lora_precision, x.device, launches)
         h = _plan_shrink("shrink_fwd", x2, (0,), sh.d_in, mixed.a,
                          (mixed.a.stride(0), 0, mixed.a.stride(2), mixed.a.stride(3)), sh.S * sh.r, sh, lora_precision,
                          launches)
@@ -255,7 +257,7 @@ def _flattenable(out: torch.Tensor) -> bool:
     return out.stride(2) == 1 and (out.shape[0] <= 1 or out.stride(0) == out.shape[1] * out.stride(1))
 
 
-def plan_adapter_(out, x, query, keys, bank_a, bank_b, slice_offsets, separation, scale, eps, sms=None):
+def plan_adapter_(out, x, query, keys, bank_a, bank_b, slice_offsets, separation, scale, eps):
     """Plan of the in-place adapter add. Returns (target, launches): ``target`` is ``out`` or a
     contiguous copy that the caller copies back (for outputs whose rows cannot be flattened)."""
     sh = _Shapes.of(x, keys, bank_a, bank_b)
@@ -266,8 +268,7 @@ def plan_adapter_(out, x, query, keys, bank_a, bank_b, slice_offsets, separation
     x2 = x.contiguous().view(sh.M, sh.d_in)
     query, keys, bank_a, bank_b = _memory_inputs(query, keys, bank_a, bank_b)
     lora_precision = _precisions(x.dtype)[1]
-    mixed = _plan_mix(sh, query, keys, bank_a, bank_b, separation, eps, False, lora_precision, x.device, launches,
-                          _sms(sms, x.device))
+    mixed = _plan_mix(sh, query, keys, bank_a, bank_b, separation, eps, False, lora_precision, x.device, launches)
     h = _plan_shrink("shrink_fwd", x2, (0,), sh.d_in, mixed.a,
                      (mixed.a.stride(0), 0, mixed.a.stride(2), mixed.a.stride(3)), sh.S * sh.r, sh, lora_precision,
                      launches)
@@ -277,9 +278,9 @@ def plan_adapter_(out, x, query, keys, bank_a, bank_b, slice_offsets, separation
     launches.append(Launch(
         "adapter_fwd", kernels._mira_adapter_fwd_kernel,
         (triton_cdiv(sh.M, cfg.block_m), sh.S * triton_cdiv(sh.d_s, cfg.block_n)),
-        dict(out_ptr=target, h_ptr=h, e_ptr=mixed.b, M=sh.M, T=sh.T, J=sh.r, SLICE_W=sh.d_s, scale=float(scale),
-             stride_om=stride_om, stride_eb=e_strides[0], stride_es=e_strides[1], stride_ej=e_strides[2],
-             stride_en=e_strides[3]),
+        dict(out_ptr=target, h_ptr=h, e_ptr=mixed.b, M=sh.M, T=sh.T, J=sh.r, SLICE_W=sh.d_s,
+             scale_bits=float_bits(scale), stride_om=stride_om, stride_eb=e_strides[0], stride_es=e_strides[1],
+             stride_ej=e_strides[2], stride_en=e_strides[3]),
         dict(S=sh.S, OFFS=tuple(slice_offsets), J_CHUNK=configs.MIN_DOT,
              BLOCK_M=cfg.block_m,
              BLOCK_N=cfg.block_n, LORA_PRECISION=_accurate(lora_precision)),
@@ -289,7 +290,7 @@ def plan_adapter_(out, x, query, keys, bank_a, bank_b, slice_offsets, separation
 
 
 def plan_linear_backward(grad_out, x, weight, query, keys, bank_a, bank_b, slice_offsets, separation, scale, eps,
-                         output_mask, sms=None):
+                         output_mask):
     """Plan of the backward: returns ((dx, dquery, dkeys, dbank_a, dbank_b), launches).
 
     Recomputes weights, mixed factors and the shrink from the inputs (the forward saves only its
@@ -325,7 +326,7 @@ def plan_linear_backward(grad_out, x, weight, query, keys, bank_a, bank_b, slice
     mixed = None
     if has_lora:
         mixed = _plan_mix(sh, query, keys, bank_a, bank_b, separation, eps, need_dw or need_a or need_b,
-                          lora_precision, device, launches, _sms(sms, device))
+                          lora_precision, device, launches)
     h = dh = None
     if need_db:
         h = _plan_shrink("shrink_fwd", x2, (0,), sh.d_in, mixed.a,
@@ -354,7 +355,7 @@ def plan_linear_backward(grad_out, x, weight, query, keys, bank_a, bank_b, slice
         launches.append(Launch(
             "factor_bwd_b", kernels._mira_factor_bwd_kernel,
             (sh.B, sh.S, triton_cdiv(sh.d_s, row_cfg.block_m)),
-            dict(l_ptr=g2, r_ptr=h, out_ptr=dmixed_b, T=sh.T, FD=sh.d_s, J=sh.r, alpha=float(scale),
+            dict(l_ptr=g2, r_ptr=h, out_ptr=dmixed_b, T=sh.T, FD=sh.d_s, J=sh.r, alpha_bits=float_bits(scale),
                  stride_lm=g2.stride(0), stride_rm=h.stride(0), stride_ob=so[0], stride_os=so[1], stride_of=so[2],
                  stride_oj=so[3]),
             dict(NUM_SLICES=sh.S, L_OFFS=tuple(slice_offsets), J_PAD=configs.padded(sh.r),
@@ -368,7 +369,7 @@ def plan_linear_backward(grad_out, x, weight, query, keys, bank_a, bank_b, slice
         launches.append(Launch(
             "factor_bwd_a", kernels._mira_factor_bwd_kernel,
             (sh.B, 1, triton_cdiv(sh.d_in, row_cfg.block_m)),
-            dict(l_ptr=x2, r_ptr=dh, out_ptr=dmixed_a, T=sh.T, FD=sh.d_in, J=sh.S * sh.r, alpha=float(scale),
+            dict(l_ptr=x2, r_ptr=dh, out_ptr=dmixed_a, T=sh.T, FD=sh.d_in, J=sh.S * sh.r, alpha_bits=float_bits(scale),
                  stride_lm=x2.stride(0), stride_rm=dh.stride(0), stride_ob=dmixed_a.stride(0), stride_os=0,
                  stride_of=1, stride_oj=sh.d_in),
             dict(NUM_SLICES=1, L_OFFS=(0,), J_PAD=configs.padded(sh.S * sh.r),
@@ -380,7 +381,7 @@ def plan_linear_backward(grad_out, x, weight, query, keys, bank_a, bank_b, slice
     if need_dw:
         # Two passes: partial dw per column share of the banks, then their ordered sum.
         b_tiles = triton_cdiv(sh.B, mem.block_b)
-        split = configs.split_for(b_tiles, triton_cdiv(max(sh.fa, sh.fb), mem.block_f), _sms(sms, device))
+        split = configs.split_for(b_tiles, triton_cdiv(max(sh.fa, sh.fb), mem.block_f))
         partial = torch.empty(split, sh.B, sh.N, dtype=sh.ct, **dev)
         launches.append(Launch(
             "dw_bwd", kernels._mira_dw_bwd_kernel, (b_tiles, split),
@@ -396,7 +397,7 @@ def plan_linear_backward(grad_out, x, weight, query, keys, bank_a, bank_b, slice
             "scores_bwd", kernels._mira_scores_bwd_kernel, (b_tiles, k_chunks),
             dict(partial_ptr=partial, scores_ptr=mixed.scores, weights_ptr=mixed.weights, qnorm_ptr=mixed.qnorm,
                  knorm_ptr=mixed.knorm, q_ptr=query, k_ptr=keys, dz_ptr=dz, dq_ptr=dq if need_q else dz,
-                 B=sh.B, N=sh.N, DK=sh.d_k, n_partials=split, eps=float(eps),
+                 B=sh.B, N=sh.N, DK=sh.d_k, n_partials=split, eps_bits=float_bits(eps),
                  stride_qb=query.stride(0), stride_qk=query.stride(1), stride_kn=keys.stride(0),
                  stride_kk=keys.stride(1)),
             dict(SEPARATION=SEPARATION_CODES[separation], NEED_Q=need_q, N_PAD=mem.n_pad, BLOCK_B=mem.block_b,
@@ -418,7 +419,7 @@ def plan_linear_backward(grad_out, x, weight, query, keys, bank_a, bank_b, slice
         if not (need and has_lora):
             continue
         n_tiles = triton_cdiv(sh.N, 16)
-        split = configs.split_for(n_tiles, triton_cdiv(f, 64), _sms(sms, device))
+        split = configs.split_for(n_tiles, triton_cdiv(f, 64))
         launches.append(Launch(
             name, kernels._mira_bank_bwd_kernel, (n_tiles, split),
             dict(w_ptr=mixed.weights, d_ptr=dmixed, out_ptr=out, B=sh.B, N=sh.N, F=f),

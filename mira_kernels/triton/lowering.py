@@ -103,39 +103,43 @@ _OPS = ("linear", "linear_backward", "adapter_")
 
 def benchmark_cases() -> list[Case]:
     """Every benchmark configuration: fp16, bf16, fp32 (TF32 and IEEE), B in {1, 8, 64, 256},
-    (r, N) in {(4, 30), (16, 30), (64, 256)}, the three ops."""
+    (r, N) in {(4, 30), (16, 30), (64, 256), (128, 30)}, the three ops."""
     cases = []
     for dtype, precision in ((torch.float16, "tf32"), (torch.bfloat16, "tf32"), (torch.float32, "tf32"),
                              (torch.float32, "ieee")):
         for batch in (1, 8, 64, 256):
-            for rank, slots in ((4, 30), (16, 30), (64, 256)):
+            for rank, slots in ((4, 30), (16, 30), (64, 256), (128, 30)):
                 cases.extend(Case(op, dtype, batch, rank, slots, fp32_precision=precision) for op in _OPS)
     return cases
 
 
 def test_cases() -> list[Case]:
     """The subset the tests compile (CI time): every kernel for 16-bit, fp32/TF32 and fp32/IEEE,
-    the three M buckets of the GEMM table, the rank and slot extremes (J_PAD 16/64, N_PAD 32/256)."""
+    the three M buckets of the GEMM table, the rank and slot extremes (J_PAD 16/64/256, N_PAD 32/256)."""
     cases = [Case(op, torch.float16, 256, 4, 30) for op in _OPS]
     cases += [Case(op, torch.bfloat16, 1, 64, 256) for op in ("linear", "linear_backward")]
     cases += [Case("linear", torch.bfloat16, 8, 16, 30)]
     cases += [Case(op, torch.float32, 64, 4, 30) for op in _OPS]
     cases += [Case(op, torch.float32, 1, 64, 256, fp32_precision="ieee") for op in _OPS]
+    # S*r = 256 > 128: the widest adapter the row kernels hold in registers.
+    cases += [Case(op, dtype, 8, 128, 30, fp32_precision=p) for op in ("linear", "linear_backward")
+              for dtype, p in ((torch.bfloat16, "tf32"), (torch.float32, "tf32"), (torch.float32, "ieee"))]
     return cases
 
 
-def plan_case(case: Case) -> list[launchers.Launch]:
-    """The launches of one configuration, planned on ``meta`` tensors (nothing is allocated)."""
+def plan_case(case: Case, shape: dict | None = None) -> list[launchers.Launch]:
+    """The launches of one configuration, planned on ``meta`` tensors (nothing is allocated), for the
+    ViT-B/16 qkv projection unless ``shape`` (keys of :data:`VIT_B`) says otherwise."""
     saved = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = case.fp32_precision == "tf32"
     try:
-        return _plan_case(case)
+        return _plan_case(case, shape or VIT_B)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = saved
 
 
-def _plan_case(case: Case) -> list[launchers.Launch]:
-    T, d, d_out, offsets, d_k = (VIT_B[k] for k in ("T", "d", "d_out", "offsets", "d_k"))
+def _plan_case(case: Case, shape: dict) -> list[launchers.Launch]:
+    T, d, d_out, offsets, d_k = (shape[k] for k in ("T", "d", "d_out", "offsets", "d_k"))
     meta = dict(device="meta")
     mem_dtype = torch.float32 if case.dtype in (torch.float16, torch.bfloat16) else case.dtype
     x = torch.empty(case.batch, T, d, dtype=case.dtype, **meta)
@@ -247,6 +251,109 @@ def compile_launch(launch: launchers.Launch, arch: int, case: str = "") -> Lower
     )
     _cache[key] = result
     return result
+
+
+def ttir(launch: launchers.Launch, arch: int = 90) -> str:
+    """The Triton IR (after Triton's own passes, before the GPU-specific ones) of one launch."""
+    from triton._C.libtriton import ir
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.compiler.compiler import make_backend
+
+    signature, attrs = _signature(launch)
+    src = ASTSource(fn=launch.kernel, signature=signature, constexprs=dict(launch.constexprs), attrs=attrs)
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    options = backend.parse_options(dict(num_warps=launch.num_warps, num_stages=launch.num_stages))
+    context = ir.context()
+    ir.load_dialects(context)
+    backend.load_dialects(context)
+    module = src.make_ir(target, options, backend.get_codegen_implementation(options), backend.get_module_map(),
+                         context)
+    stages: dict = {}
+    backend.add_stages(stages, options, src.language)
+    return str(stages["ttir"](module, {}))
+
+
+_DEF = re.compile(r"^\s*(%[\w.#]+)(?::\d+)?\s*=\s*([\w.]+)\s*(.*)$")
+_VALUE = re.compile(r"%[\w.#]+")
+
+
+def narrow_address_products(ir_text: str, pointers: set[str]) -> list[str]:
+    """Address arithmetic on the pointer arguments ``pointers`` that multiplies by a run-time
+    stride in 32 bits.
+
+    For every ``tt.addptr`` whose base derives from one of those arguments, the offset is
+    followed down through sums and shape ops to its products; a product on i32 values neither of
+    whose operands is a compile-time constant (an index times a run-time stride or width) is
+    reported. Triton types Python ints below 2^31 as i32, so ``rows * stride`` wraps once the
+    product passes 2^31 unless an operand is widened to i64 first (``arith.extsi``, where the
+    walk stops). Index arithmetic below the first product (``pid * BLOCK_M + arange``) is not an
+    address and is not inspected; an index times a compile-time width (``pid_n * BLOCK_N``, a
+    column index) is taken as an index, so a row index times a constexpr row width is not caught.
+    """
+    defs: dict[str, tuple[str, list[str], str]] = {}
+    for line in ir_text.splitlines():
+        m = _DEF.match(line)
+        if m:
+            name, op, rest = m.groups()
+            body = rest.split(" loc(")[0]
+            operands_part, _, types = body.partition(" : ")
+            defs[name] = (op, _VALUE.findall(operands_part), types)
+    shape_ops = ("tt.splat", "tt.broadcast", "tt.expand_dims", "tt.reshape", "tt.trans")
+
+    def root(value: str, depth: int = 0) -> str:
+        op, operands, _ = defs.get(value, ("", [], ""))
+        if depth > 200 or not operands or op not in (*shape_ops, "tt.addptr"):
+            return value
+        return root(operands[0], depth + 1)
+
+    def constant(value: str, depth: int = 0) -> bool:
+        op, operands, _ = defs.get(value, ("", [], ""))
+        if op == "arith.constant":
+            return True
+        if depth > 200 or not operands or not (op.startswith("arith.") or op in shape_ops):
+            return False
+        return all(constant(o, depth + 1) for o in operands)
+
+    problems: set[str] = set()
+
+    def walk(value: str, what: str, depth: int = 0) -> None:
+        op, operands, types = defs.get(value, ("", [], ""))
+        if depth > 200 or op in ("arith.extsi", "arith.extui"):
+            return
+        if op == "arith.muli":
+            if not any(constant(o) for o in operands) and re.search(r"(?:\b|x)i32\b", types):
+                problems.add(f"{what}: {value} = arith.muli {', '.join(operands)} : {types.strip()}")
+            return
+        if op in ("arith.addi", "arith.subi", "arith.select", *shape_ops):
+            for o in operands:
+                walk(o, what, depth + 1)
+
+    for op, operands, _ in defs.values():
+        if op == "tt.addptr" and len(operands) >= 2:
+            arg = root(operands[0]).lstrip("%")
+            if arg in pointers:
+                walk(operands[1], arg)
+    return sorted(problems)
+
+
+#: A shape at which every per-token tensor (x, the output, its gradient) has more than 2^31
+#: elements: ViT-L/16 at 384 px (T = 577, d = 1024, qkv 1024 -> 3072) with B = 4096.
+HUGE = dict(batch=4096, T=577, d=1024, d_out=3072, offsets=(0, 2048), d_k=1024)
+
+
+def narrow_addressing(op: str, arch: int = 90) -> list[str]:
+    """32-bit address products (:func:`narrow_address_products`) in the launches of ``op`` planned
+    at :data:`HUGE`, on every pointer argument whose tensor has 2^31 elements or more."""
+    case = Case(op, torch.bfloat16, HUGE["batch"], 4, 30)
+    problems = []
+    for launch in plan_case(case, shape=HUGE):
+        large = {name for name, value in launch.args.items()
+                 if isinstance(value, torch.Tensor) and value.numel() >= 2**31}
+        if large:
+            problems += [f"{launch.name}: {p}" for p in narrow_address_products(ttir(launch, arch), large)]
+    return problems
 
 
 def lower_cases(cases, archs=(80, 90)) -> list[Lowered]:

@@ -299,13 +299,17 @@ def allocations(plan: list[launchers.Launch], inputs) -> int:
 
 
 def describe(op: str, *args, sms: int | None = None) -> OpPlan:
-    """:class:`OpPlan` of one Triton op call (arguments as the backend interface; meta tensors)."""
+    """:class:`OpPlan` of one Triton op call (arguments as the backend interface; meta tensors).
+
+    ``sms`` is accepted for the protocol and ignored: the Triton grids depend on shapes only, so
+    reduction orders (and bits) do not change with the device (``configs.split_for``).
+    """
     if op == "mira_linear":
-        _, plan = launchers.plan_linear(*args, sms=sms)
+        _, plan = launchers.plan_linear(*args)
     elif op == "mira_linear_backward":
-        _, plan = launchers.plan_linear_backward(*args, sms=sms)
+        _, plan = launchers.plan_linear_backward(*args)
     elif op == "mira_adapter_":
-        _, plan = launchers.plan_adapter_(*args, sms=sms)
+        _, plan = launchers.plan_adapter_(*args)
     else:
         raise ValueError(f"unknown op {op!r}")
     launches = tuple(kernel_launch(launch) for launch in plan if all(g > 0 for g in launch.grid))

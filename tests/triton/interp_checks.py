@@ -142,6 +142,30 @@ def test_single_slot(separation):
     check_backward(inp, torch.float32, separation)
 
 
+def test_float64_keeps_float64_scalars():
+    # The affine guard active (|sum s| < eps: w = s / eps) and a scale that fp32 cannot hold: both
+    # scalars must reach the kernels as float64 (Triton would type them fp32: ~4.5e-8 off).
+    inp = make_inputs(**SMALL, regime="near_zero", seed=21)
+    assert (reference.cosine_scores(inp.query, inp.keys).sum(-1).abs() < 1e-2).all()
+    check_forward(inp, torch.float64, "affine", scale=0.7, eps=1e-2)
+    check_backward(inp, torch.float64, "affine", scale=0.7, eps=1e-2)
+
+
+@pytest.mark.parametrize("layout", ["strided", "expanded"])
+def test_bias_with_any_strides(layout):
+    # The bias is read through its stride: every other element of a buffer, or one value
+    # broadcast to d_out (stride 0, which a contiguous read would run past).
+    inp = _at(make_inputs(**SMALL, seed=22), torch.float32)
+    buf = torch.randn(2 * 72, generator=torch.Generator().manual_seed(3))
+    inp.bias = buf[::2] if layout == "strided" else buf[:1].expand(72)
+    assert inp.bias.stride(0) == (2 if layout == "strided" else 0)
+    got = _forward(inp, "affine")
+    exact = inp.to(torch.float64)
+    want = _spec_forward(exact, "affine")
+    own = _spec_forward(inp, "affine")
+    assert_close_to_spec(got, want, own, factor=2.0, floor=FLOOR[torch.float32], what=f"y with {layout} bias")
+
+
 def test_no_slots():
     inp = make_inputs(**{**SMALL, "N": 0}, seed=8)
     y = check_forward(inp, torch.float32, "affine")
