@@ -52,14 +52,18 @@ void check_base(const at::Tensor& x, const at::Tensor& weight, const at::Tensor*
   }
 }
 
+// Written so that no sum can overflow: an offset near 2^63 made `off + d_s` wrap negative (the
+// extension builds with -fwrapv), pass the check, and send the kernels to write far out of bounds.
+// d_s and d_out are sizes (>= 0), so d_out - d_s cannot overflow; once every offset lies in
+// [0, d_out - d_s], differences of offsets cannot either.
 void check_offsets(c10::IntArrayRef offsets, int64_t d_s, int64_t d_out) {
   for (int64_t off : offsets)
-    TORCH_CHECK_VALUE(off >= 0 && off + d_s <= d_out, "slice_offsets: slice [", off, ", ", off + d_s,
-                      ") of width d_s = ", d_s, " must fit in d_out = ", d_out);
+    TORCH_CHECK_VALUE(off >= 0 && off <= d_out - d_s, "slice_offsets: the slice at offset ", off, " of width d_s = ",
+                      d_s, " must fit in d_out = ", d_out);
   std::vector<int64_t> ordered(offsets.begin(), offsets.end());
   std::sort(ordered.begin(), ordered.end());
   for (size_t i = 1; i < ordered.size(); ++i)
-    TORCH_CHECK_VALUE(ordered[i] >= ordered[i - 1] + d_s, "slice_offsets ", offsets,
+    TORCH_CHECK_VALUE(ordered[i] - ordered[i - 1] >= d_s, "slice_offsets ", offsets,
                       " give overlapping slices of width d_s = ", d_s);
 }
 

@@ -7,6 +7,7 @@ a :class:`~mira.layers.MiraProjection`. No ViT code is copied; the model's own f
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -389,13 +390,29 @@ def write_adapters(
         per_block = list(keys)
         if len(per_block) != len(projs):
             raise ValueError(f"got {len(per_block)} keys for {len(projs)} memories")
+    # Check every block's key (and room) before any memory changes, so a failure changes nothing.
+    with _restored_on_error(generator):
+        prepared = [proj.memory._prepare_append(proj.lora_a, proj.lora_b, key, generator=generator)
+                    for proj, key in zip(projs, per_block)]
     slots = []
-    for proj, key in zip(projs, per_block):
-        (slot,) = proj.memory.append(proj.lora_a, proj.lora_b, key, generator=generator)
+    for proj, values in zip(projs, prepared):
+        (slot,) = proj.memory._commit_append(*values)
         slots.append(slot)
         if reset:
             proj.reset_lora(generator)
     return slots
+
+
+@contextlib.contextmanager
+def _restored_on_error(generator: torch.Generator | None):
+    """Puts ``generator`` back where it was if the block raises: a failed call draws nothing."""
+    state = generator.get_state() if generator is not None else None
+    try:
+        yield
+    except BaseException:
+        if generator is not None:
+            generator.set_state(state)
+        raise
 
 
 @torch.no_grad()

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from .config import MemoryConfig
-from .integration import named_memories, projections
+from .integration import _restored_on_error, named_memories, projections
 from .memory import AdapterMemory
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "save_memories", "load_memories", "import_peft"]
@@ -75,14 +75,129 @@ def save_memories(model: nn.Module, path: str | os.PathLike, *, metadata: Mappin
     if reserved:
         raise ValueError(f"metadata keys {sorted(reserved)} are reserved")
     meta.update(format=FORMAT, format_version=str(FORMAT_VERSION), memories=json.dumps(described))
-    save_file(tensors, os.fspath(path), metadata=meta)
+    # Written beside the target and renamed over it: a failed save never leaves a truncated file
+    # in place of a good one.
+    path = os.fspath(path)
+    partial = f"{path}.partial-{os.getpid()}"
+    try:
+        save_file(tensors, partial, metadata=meta)
+        os.replace(partial, path)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+
+
+def _read_memory_file(path: str) -> tuple[dict[str, str], dict[str, torch.Tensor], dict]:
+    """(metadata, tensors, described memories) of a MIRA memory file; errors name the file and the cause."""
+    from safetensors import SafetensorError, safe_open
+
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path} is a directory, not a MIRA memory file")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such MIRA memory file")
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, ValueError) as err:
+        raise ValueError(f"{path} cannot be read as a safetensors file ({err}); is it a MIRA memory file?") from None
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a MIRA memory file (metadata format={meta.get('format')!r})")
+    if "format_version" not in meta:
+        raise ValueError(f"{path}: the metadata entry format_version is missing")
+    try:
+        version = int(meta["format_version"])
+    except ValueError:
+        raise ValueError(f"{path}: format_version {meta['format_version']!r} is not an integer") from None
+    if not 1 <= version <= FORMAT_VERSION:
+        raise ValueError(f"{path} has format version {version}; this version reads 1..{FORMAT_VERSION}")
+    if "memories" not in meta:
+        raise ValueError(f"{path}: the metadata entry 'memories' (what each memory holds) is missing")
+    try:
+        described = json.loads(meta["memories"])
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: the metadata entry 'memories' is not valid JSON ({err})") from None
+    if not isinstance(described, dict):
+        raise ValueError(f"{path}: the metadata entry 'memories' must be a JSON object, got {type(described).__name__}")
+    return meta, tensors, described
+
+
+def _finite_tensor(path: str, key: str, value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``value`` as ``like``'s dtype and device, refused unless floating and finite before and after."""
+    if not value.is_floating_point():
+        raise TypeError(f"{path}: {key} has dtype {value.dtype}; MIRA memories hold floating tensors")
+    if not bool(torch.isfinite(value).all()):
+        raise ValueError(f"{path}: {key} holds NaN or inf values")
+    converted = value.to(dtype=like.dtype, device=like.device)
+    if not bool(torch.isfinite(converted).all()):
+        raise ValueError(f"{path}: {key} holds values too large for the model's {like.dtype}")
+    return converted
+
+
+def _plan_memory(path: str, name: str, entry, memory: AdapterMemory, proj, tensors: Mapping[str, torch.Tensor]):
+    """Everything one memory's load needs, checked and converted: (keys, bank_a, bank_b, query state).
+
+    Raises on any fault; changes nothing.
+    """
+    where = f"{path}: {name}"
+    if not isinstance(entry, dict) or not isinstance(entry.get("config"), dict):
+        raise ValueError(f"{where}: the metadata must hold a config object for each memory, got {entry!r}")
+    try:
+        saved = MemoryConfig.from_dict(entry["config"])
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{where}: the saved config is invalid ({err})") from None
+    diffs = [f"{k}: file {getattr(saved, k)!r}, model {getattr(memory.config, k)!r}"
+             for k in _MUST_MATCH if getattr(saved, k) != getattr(memory.config, k)]
+    offsets = entry.get("slice_offsets")
+    if proj is not None and offsets is not None and tuple(offsets) != proj.slice_offsets:
+        diffs.append(f"slice_offsets: file {offsets}, model {list(proj.slice_offsets)}")
+    if diffs:
+        raise ValueError(f"load_memories: {where} was saved with another configuration ({'; '.join(diffs)}); "
+                         "attach with the same arguments")
+    n = entry.get("num_slots")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"{where}: num_slots must be an int >= 0, got {n!r}")
+    if memory.capacity is not None and n > memory.capacity:
+        raise ValueError(f"load_memories: {where} holds {n} adapters but the model's capacity is {memory.capacity}")
+
+    c = memory.config
+    expected = {"keys": (n, c.d_k), "bank_a": (n, c.num_slices, c.rank, c.d_in),
+                "bank_b": (n, c.num_slices, c.slice_width, c.rank)}
+    query_prefix = f"{name}.query_module."
+    current_query = memory.query_module.state_dict()
+    file_query = {k[len(query_prefix):]: v for k, v in tensors.items() if k.startswith(query_prefix)}
+    own = {k[len(name) + 1:] for k in tensors if k.startswith(name + ".") and not k.startswith(query_prefix)}
+    missing = [f"{name}.{k}" for k in expected if k not in own]
+    missing += [query_prefix + k for k in current_query if k not in file_query]
+    unexpected = [f"{name}.{k}" for k in sorted(own - set(expected))]
+    unexpected += [query_prefix + k for k in sorted(set(file_query) - set(current_query))]
+    if missing or unexpected:
+        raise ValueError(f"{where}: tensors missing from the file: {missing}; in the file but not in the model's "
+                         f"memory: {unexpected}")
+    planned = {}
+    for k, shape in expected.items():
+        t = tensors[f"{name}.{k}"]
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{path}: {name}.{k} must have shape {shape} (num_slots = {n} and the model's "
+                             f"config), got {tuple(t.shape)}")
+        planned[k] = _finite_tensor(path, f"{name}.{k}", t, memory.keys)
+    query_state = {}
+    for k, like in current_query.items():
+        t = file_query[k]
+        if t.shape != like.shape:
+            raise ValueError(f"{path}: {query_prefix}{k} must have shape {tuple(like.shape)} (the model's query "
+                             f"module), got {tuple(t.shape)}")
+        query_state[k] = _finite_tensor(path, query_prefix + k, t, like)
+    return planned["keys"], planned["bank_a"], planned["bank_b"], query_state
 
 
 def load_memories(model: nn.Module, path: str | os.PathLike, *, strict: bool = True) -> dict[str, str]:
     """Replace the contents of ``model``'s memories by those saved in ``path``.
 
     The model must be attached with the same arguments (the same backbone need not be loaded:
-    the file holds no backbone weights). ``capacity`` and ``trainable_bank`` may differ.
+    the file holds no backbone weights). ``capacity`` and ``trainable_bank`` may differ. Every
+    tensor of the file is checked (shapes against the model, dtypes, finite values) before any
+    memory changes: a call that raises leaves the model as it was.
 
     Args:
         strict: every memory of the model must be in the file and vice versa.
@@ -90,53 +205,25 @@ def load_memories(model: nn.Module, path: str | os.PathLike, *, strict: bool = T
     Returns:
         The file's metadata.
     """
-    from safetensors import safe_open
-
-    with safe_open(os.fspath(path), framework="pt", device="cpu") as f:
-        meta = f.metadata() or {}
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"{os.fspath(path)} is not a MIRA memory file (metadata format={meta.get('format')!r})")
-        version = int(meta.get("format_version", "0"))
-        if not 1 <= version <= FORMAT_VERSION:
-            raise ValueError(f"{os.fspath(path)} has format version {version}; this version reads 1..{FORMAT_VERSION}")
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    described = json.loads(meta["memories"])
+    path = os.fspath(path)
+    meta, tensors, described = _read_memory_file(path)
     named = dict(named_memories(model))
     owners = _projection_of(model)
     if strict:
         missing = sorted(set(named) - set(described))
         unexpected = sorted(set(described) - set(named))
         if missing or unexpected:
-            raise KeyError(f"load_memories: memories missing from the file: {missing}; in the file but not in the "
-                           f"model: {unexpected}")
+            raise KeyError(f"load_memories: {path}: memories missing from the file: {missing}; in the file but not "
+                           f"in the model: {unexpected}")
+    stray = sorted(k for k in tensors if not any(k.startswith(name + ".") for name in described))
+    if stray:
+        raise ValueError(f"{path}: tensors {stray[:6]} belong to no memory the metadata describes")
 
-    plan = []
-    for name, entry in described.items():
-        memory = named.get(name)
-        if memory is None:
-            continue
-        saved = MemoryConfig.from_dict(entry["config"])
-        diffs = [f"{k}: file {getattr(saved, k)!r}, model {getattr(memory.config, k)!r}"
-                 for k in _MUST_MATCH if getattr(saved, k) != getattr(memory.config, k)]
-        proj = owners.get(id(memory))
-        if proj is not None and entry.get("slice_offsets") is not None and \
-                tuple(entry["slice_offsets"]) != proj.slice_offsets:
-            diffs.append(f"slice_offsets: file {entry['slice_offsets']}, model {list(proj.slice_offsets)}")
-        if diffs:
-            raise ValueError(f"load_memories: {name} was saved with another configuration ({'; '.join(diffs)}); "
-                             "attach with the same arguments")
-        n = entry["num_slots"]
-        if memory.capacity is not None and n > memory.capacity:
-            raise ValueError(f"load_memories: {name} holds {n} adapters but the model's capacity is {memory.capacity}")
-        query_state = {k[len(name) + len(".query_module."):]: v for k, v in tensors.items()
-                       if k.startswith(f"{name}.query_module.")}
-        plan.append((memory, tensors[f"{name}.keys"], tensors[f"{name}.bank_a"], tensors[f"{name}.bank_b"],
-                     query_state))
-    # Every check passed: now change the model.
-    for memory, keys, bank_a, bank_b, query_state in plan:
-        memory.clear()
-        if keys.shape[0]:
-            memory.append(bank_a, bank_b, keys)
+    plan = [(named[name], _plan_memory(path, name, entry, named[name], owners.get(id(named[name])), tensors))
+            for name, entry in described.items() if name in named]
+    # Every check passed and every tensor is converted: now change the model (nothing below can fail).
+    for memory, (keys, bank_a, bank_b, query_state) in plan:
+        memory._replace_contents(keys, bank_a, bank_b)
         memory.query_module.load_state_dict(query_state)
     return meta
 
@@ -310,6 +397,8 @@ def import_peft(
                 continue  # PEFT did not adapt this module: the equivalent value is zero
             used.add(path)
             lora_a, lora_b = factors["A"].float(), factors["B"].float()
+            if not (bool(torch.isfinite(lora_a).all()) and bool(torch.isfinite(lora_b).all())):
+                raise ValueError(f"{path}: the PEFT LoRA factors hold NaN or inf values")
             r = lora_a.shape[0]
             if lora_a.shape[1] != c.d_in or lora_b.shape[1] != r:
                 raise ValueError(f"{path}: lora_A {tuple(lora_a.shape)} / lora_B {tuple(lora_b.shape)} do not fit a "
@@ -346,8 +435,7 @@ def import_peft(
     if unmatched and not ignore_unmatched:
         raise ValueError(f"import_peft: the source also adapts {unmatched[:6]}{'...' if len(unmatched) > 6 else ''}, "
                          "which MIRA does not cover; pass ignore_unmatched=True to import the rest anyway")
-    slots = []
-    for (memory, bank_a, bank_b), key in zip(values, per_block):
-        (slot,) = memory.append(bank_a, bank_b, key, generator=generator)
-        slots.append(slot)
-    return slots
+    with _restored_on_error(generator):  # every memory checked before any changes
+        prepared = [(memory, memory._prepare_append(bank_a, bank_b, key, generator=generator))
+                    for (memory, bank_a, bank_b), key in zip(values, per_block)]
+    return [memory._commit_append(*checked)[0] for memory, checked in prepared]

@@ -79,6 +79,7 @@ class AdapterMemory(nn.Module):
         else:
             self.active = None
         self.query_module = build_query_module(c.query, c.d_in, c.d_k, c.query_hidden, **factory)
+        self.query_module._register_load_state_dict_pre_hook(self._query_state_pre_hook, with_module=True)
 
     # ------------------------------------------------------------------------------------------
     # Sizes and inspection.
@@ -229,6 +230,14 @@ class AdapterMemory(nn.Module):
         Returns:
             The slot indices of the new adapters.
         """
+        return self._commit_append(*self._prepare_append(bank_a, bank_b, keys, generator=generator))
+
+    # Mutations come in two steps so that a call touching several memories (write_adapters,
+    # import_peft, load_memories) can check every memory before it changes any: _prepare_*
+    # checks and converts and changes nothing; _commit_* / _replace_contents cannot fail.
+
+    def _prepare_append(self, bank_a, bank_b, keys=None, *, generator: torch.Generator | None = None):
+        """Checked, converted (bank_a, bank_b, keys) of an append; raises without changing anything."""
         c = self.config
         bank_a = self._as_batch("bank_a", bank_a, (c.num_slices, c.rank, c.d_in))
         bank_b = self._as_batch("bank_b", bank_b, (c.num_slices, c.slice_width, c.rank))
@@ -237,24 +246,42 @@ class AdapterMemory(nn.Module):
             raise ValueError(f"bank_a holds {n} adapters but bank_b holds {bank_b.shape[0]}")
         new_keys = self._new_keys(keys, n, generator)
         start = self.num_slots
+        if self.active is not None and start + n > c.capacity:
+            raise RuntimeError(
+                f"memory full: {start} of {c.capacity} slots used, cannot append {n}; "
+                "remove slots or attach with a larger capacity"
+            )
+        return bank_a, bank_b, new_keys
+
+    @torch.no_grad()
+    def _commit_append(self, bank_a: torch.Tensor, bank_b: torch.Tensor, keys: torch.Tensor) -> list[int]:
+        start, n = self.num_slots, bank_a.shape[0]
         if self.active is None:
             self._set_storage(
-                torch.cat([self.keys.data, new_keys]),
+                torch.cat([self.keys.data, keys]),
                 torch.cat([self.bank_a.data, bank_a]),
                 torch.cat([self.bank_b.data, bank_b]),
             )
         else:
-            if start + n > c.capacity:
-                raise RuntimeError(
-                    f"memory full: {start} of {c.capacity} slots used, cannot append {n}; "
-                    "remove slots or attach with a larger capacity"
-                )
             idx = slice(start, start + n)
-            self.keys.data[idx] = new_keys
+            self.keys.data[idx] = keys
             self.bank_a.data[idx] = bank_a
             self.bank_b.data[idx] = bank_b
             self.active[idx] = True
         return list(range(start, start + n))
+
+    @torch.no_grad()
+    def _replace_contents(self, keys: torch.Tensor, bank_a: torch.Tensor, bank_b: torch.Tensor) -> None:
+        """Hold exactly these (n, ...) adapters, already checked and converted (see _prepare_append)."""
+        n = keys.shape[0]
+        if self.active is None:
+            self._set_storage(keys.clone(), bank_a.clone(), bank_b.clone())
+            return
+        for t, new in ((self.keys.data, keys), (self.bank_a.data, bank_a), (self.bank_b.data, bank_b)):
+            t[:n] = new
+            t[n:].zero_()
+        self.active.zero_()
+        self.active[:n] = True
 
     @torch.no_grad()
     def remove(self, indices: int | Iterable[int]) -> None:
@@ -301,19 +328,58 @@ class AdapterMemory(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs) -> None:
+        # The memory's part of a state dict loads all or nothing: a growing memory resizes to the
+        # incoming slot count only when every incoming tensor of the memory (its query module's
+        # included) fits this memory's config; otherwise it reports every misfit and loads none
+        # of them, so a failed load_state_dict leaves the memory as it was.
+        misfits = self._state_misfits(state_dict, prefix)
+        if misfits:
+            error_msgs.extend(misfits)
+            self._refuse_query_state = True  # read by the query module's pre-hook, which runs next
+            return
         incoming = state_dict.get(prefix + "keys")
-        if self.active is None and isinstance(incoming, torch.Tensor) and incoming.dim() == 2:
-            n = incoming.shape[0]
-            if n != self.keys.shape[0]:
-                c, f = self.config, self._factory()
-                # Resize to the incoming slot count; the values are copied by the default loader.
-                self._set_storage(
-                    torch.zeros(n, c.d_k, **f),
-                    torch.zeros(n, c.num_slices, c.rank, c.d_in, **f),
-                    torch.zeros(n, c.num_slices, c.slice_width, c.rank, **f),
-                )
+        if self.active is None and isinstance(incoming, torch.Tensor) and incoming.shape[0] != self.keys.shape[0]:
+            n, c, f = incoming.shape[0], self.config, self._factory()
+            # Resize to the incoming slot count; the values are copied by the default loader.
+            self._set_storage(
+                torch.zeros(n, c.d_k, **f),
+                torch.zeros(n, c.num_slices, c.rank, c.d_in, **f),
+                torch.zeros(n, c.num_slices, c.slice_width, c.rank, **f),
+            )
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+
+    def _state_misfits(self, state_dict, prefix: str) -> list[str]:
+        """Why the memory's entries of ``state_dict`` cannot load into it (empty when they can)."""
+        c = self.config
+        n = self.keys.shape[0]
+        incoming = state_dict.get(prefix + "keys")
+        if self.active is None and isinstance(incoming, torch.Tensor) and incoming.dim() >= 1:
+            n = incoming.shape[0]  # a growing memory takes any slot count
+        expected = {"keys": (n, c.d_k), "bank_a": (n, c.num_slices, c.rank, c.d_in),
+                    "bank_b": (n, c.num_slices, c.slice_width, c.rank)}
+        if self.active is not None:
+            expected["active"] = (n,)
+        for name, t in self.query_module.state_dict().items():
+            expected["query_module." + name] = tuple(t.shape)
+        misfits = []
+        for name, shape in expected.items():
+            t = state_dict.get(prefix + name)
+            if isinstance(t, torch.Tensor) and tuple(t.shape) != shape:
+                misfits.append(f"size mismatch for {prefix}{name}: copying a param with shape {tuple(t.shape)} "
+                               f"from checkpoint, the shape in current model is {shape} (the memory's config: "
+                               f"{self.extra_repr()}); nothing of {prefix[:-1] or 'the memory'} was loaded")
+        return misfits
+
+    def _query_state_pre_hook(self, module, state_dict, prefix, *args) -> None:
+        # After the memory refused its state dict: load the query module's entries as no-ops
+        # (its current values), so that it too stays as it was; the memory reported the error.
+        if self.__dict__.pop("_refuse_query_state", False):
+            current = module.state_dict()
+            for name in [k for k in state_dict if k.startswith(prefix)]:
+                local = name[len(prefix):]
+                if local in current and state_dict[name].shape == current[local].shape:
+                    state_dict[name] = current[local]
 
     def extra_repr(self) -> str:
         c = self.config

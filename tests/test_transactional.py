@@ -1,0 +1,336 @@
+"""A failed mutating call changes nothing (issue 15): load_memories, load_state_dict, write_adapters,
+import_peft. Each case builds a model whose memories already hold adapters, makes a call that must
+fail on its *last* block (so a call that applies block by block would have changed the first), and
+checks the error and that every memory, LoRA and generator is bitwise what it was.
+
+Also: file errors name the file and the cause.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import timm
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import mira
+
+pytestmark = pytest.mark.filterwarnings("ignore:mira_kernels. no native backend:RuntimeWarning")
+
+IMG, WIDTH = 32, 192
+ARGS = {"query": "mlp", "key_dim": 24, "query_hidden": 16}
+
+
+def tiny_vit(depth=2):
+    torch.manual_seed(0)
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=IMG, patch_size=8, num_classes=5,
+                             depth=depth).eval()
+
+
+def filled(seed=3, n=2, **attach_args):
+    """An attached model whose memories hold ``n`` adapters, query modules moved, LoRAs non-zero."""
+    model = mira.attach(tiny_vit(), **{**ARGS, **attach_args})
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _ in range(n):
+            for p in mira.projections(model):
+                p.lora_b.copy_(torch.randn(p.lora_b.shape, generator=g) * 0.2)
+            mira.write_adapters(model, generator=g)
+        for p in mira.projections(model):
+            p.lora_b.copy_(torch.randn(p.lora_b.shape, generator=g) * 0.2)
+        for m in mira.memories(model):
+            for p in m.query_module.parameters():
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    return model
+
+
+def snapshot(model, loras=True):
+    """Every MIRA tensor (memories' state, LoRAs) and slot count, cloned."""
+    state = {}
+    for name, m in mira.named_memories(model):
+        state[name + ".num_slots"] = m.num_slots
+        for k, v in m.state_dict().items():
+            state[f"{name}.{k}"] = v.clone()
+    for i, p in enumerate(mira.projections(model) if loras else ()):
+        state[f"lora{i}"] = (p.lora_a.detach().clone(), p.lora_b.detach().clone())
+    return state
+
+
+def assert_unchanged(model, before, loras=True):
+    after = snapshot(model, loras)
+    assert after.keys() == before.keys()
+    for k, v in before.items():
+        w = after[k]
+        if isinstance(v, torch.Tensor):
+            assert v.shape == w.shape and v.dtype == w.dtype and torch.equal(v, w), f"{k} changed"
+        elif isinstance(v, tuple):
+            assert all(torch.equal(a, b) for a, b in zip(v, w)), f"{k} changed"
+        else:
+            assert v == w, f"{k}: {v} -> {w}"
+
+
+# ----------------------------------------------------------------------------------------------
+# load_memories
+# ----------------------------------------------------------------------------------------------
+
+LAST = "blocks.1.mira_memory"
+
+
+def _corrupt(tensors, meta):
+    return tensors, meta
+
+
+def _set(key, fn):
+    def corrupt(tensors, meta):
+        tensors[key] = fn(tensors[key])
+        return tensors, meta
+
+    return corrupt
+
+
+def _drop(key):
+    def corrupt(tensors, meta):
+        del tensors[key]
+        return tensors, meta
+
+    return corrupt
+
+
+def _add(key, value):
+    def corrupt(tensors, meta):
+        tensors[key] = value
+        return tensors, meta
+
+    return corrupt
+
+
+def _meta(fn):
+    def corrupt(tensors, meta):
+        described = json.loads(meta["memories"])
+        fn(described[LAST])
+        return tensors, {**meta, "memories": json.dumps(described)}
+
+    return corrupt
+
+
+def _nan_first(t):
+    t = t.clone()
+    t.view(-1)[0] = float("nan")
+    return t
+
+
+FILE_CASES = {
+    "bank_a width": (_set(f"{LAST}.bank_a", lambda t: t[..., :-1].contiguous()), ValueError, r"bank_a.*shape"),
+    "bank_b width": (_set(f"{LAST}.bank_b", lambda t: t[:, :, :-1].contiguous()), ValueError, r"bank_b.*shape"),
+    "key width": (_set(f"{LAST}.keys", lambda t: t[:, :-1].contiguous()), ValueError, r"keys.*shape"),
+    "keys vs banks count": (_set(f"{LAST}.keys", lambda t: t[:1].contiguous()), ValueError, r"keys.*shape|adapters"),
+    "banks count": (_set(f"{LAST}.bank_b", lambda t: t[:1].contiguous()), ValueError, r"bank_b.*shape"),
+    "num_slots vs tensors": (_meta(lambda e: e.update(num_slots=2)), ValueError, r"num_slots|shape"),
+    "missing keys tensor": (_drop(f"{LAST}.keys"), ValueError, r"keys.*missing|missing.*keys"),
+    "extra query tensor": (_add(f"{LAST}.query_module.fc3.weight", torch.zeros(2, 2)), ValueError,
+                           r"query_module.*fc3"),
+    "missing query tensor": (_drop(f"{LAST}.query_module.fc2.bias"), ValueError, r"query_module.*fc2.bias"),
+    "mis-shaped query tensor": (_set(f"{LAST}.query_module.fc1.weight", lambda t: t[:-1].contiguous()), ValueError,
+                                r"query_module.*fc1.weight"),
+    "query tensor dtype": (_set(f"{LAST}.query_module.fc1.bias", lambda t: t.to(torch.int32)), TypeError,
+                           r"fc1.bias.*dtype|dtype.*fc1.bias"),
+    "NaN key": (_set(f"{LAST}.keys", _nan_first), ValueError, r"keys.*(NaN|non-finite)"),
+    "inf bank": (_set(f"{LAST}.bank_b", lambda t: t.index_fill(0, torch.tensor([1]), float("inf"))), ValueError,
+                 r"bank_b.*(inf|non-finite)"),
+    "NaN query parameter": (_set(f"{LAST}.query_module.fc2.weight", _nan_first), ValueError,
+                            r"fc2.weight.*(NaN|non-finite)"),
+    "bad slice_offsets entry": (_meta(lambda e: e.update(slice_offsets=[0, 1])), ValueError, "slice_offsets"),
+    "config not a dict": (_meta(lambda e: e.update(config=7)), ValueError, "config"),
+}
+
+
+def _write_corrupted(tmp_path, corrupt):
+    path = tmp_path / "good.safetensors"
+    mira.save_memories(filled(seed=11, n=3), path)
+    tensors = load_file(path)
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    tensors, meta = corrupt(tensors, meta)
+    bad = tmp_path / "bad.safetensors"
+    save_file(tensors, bad, metadata=meta)
+    return bad
+
+
+@pytest.mark.parametrize("case", list(FILE_CASES))
+@pytest.mark.parametrize("capacity", [None, 4], ids=["growing", "fixed"])
+def test_load_memories_with_one_bad_tensor_changes_nothing(tmp_path, case, capacity):
+    corrupt, exc, msg = FILE_CASES[case]
+    bad = _write_corrupted(tmp_path, corrupt)
+    model = filled(capacity=capacity)
+    before = snapshot(model)
+    with pytest.raises(exc, match=msg) as info:
+        mira.load_memories(model, bad)
+    assert "bad.safetensors" in str(info.value), "the error names the file"
+    assert_unchanged(model, before)
+
+
+def test_load_memories_too_many_slots_for_the_capacity_changes_nothing(tmp_path):
+    path = tmp_path / "five.safetensors"
+    mira.save_memories(filled(seed=5, n=5), path)
+    model = filled(capacity=4)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="capacity is 4"):
+        mira.load_memories(model, path)
+    assert_unchanged(model, before)
+
+
+def test_a_good_file_still_loads_after_the_checks(tmp_path):
+    path = tmp_path / "good.safetensors"
+    source = filled(seed=11, n=3)
+    mira.save_memories(source, path)
+    model = filled(capacity=4)
+    mira.load_memories(model, path)
+    for (_, a), (_, b) in zip(mira.named_memories(source), mira.named_memories(model)):
+        assert b.num_slots == 3 and torch.equal(a.stored_keys, b.stored_keys)
+        assert all(torch.equal(x, y) for x, y in zip(a.stored_adapters, b.stored_adapters))
+
+
+def _metadata_file(tmp_path, **changes):
+    path = tmp_path / "good.safetensors"
+    mira.save_memories(filled(seed=11), path)
+    tensors = load_file(path)
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    meta.update(changes)
+    meta = {k: v for k, v in meta.items() if v is not None}
+    out = tmp_path / "meta.safetensors"
+    save_file(tensors, out, metadata=meta)
+    return out
+
+
+@pytest.mark.parametrize(
+    "make, exc, msg",
+    [
+        (lambda p: p, IsADirectoryError, "is a directory"),
+        (lambda p: p / "absent.safetensors", FileNotFoundError, "absent.safetensors"),
+        (lambda p: (p / "junk.safetensors").write_bytes(b"\x00" * 40) and p / "junk.safetensors", ValueError,
+         "junk.safetensors.*(not a safetensors|cannot be read)"),
+        (lambda p: _metadata_file(p, format_version="one"), ValueError, "meta.safetensors.*format_version 'one'"),
+        (lambda p: _metadata_file(p, format_version=None), ValueError, "meta.safetensors.*format_version.*missing"),
+        (lambda p: _metadata_file(p, memories=None), ValueError, "meta.safetensors.*'memories'.*missing"),
+        (lambda p: _metadata_file(p, memories="{not json"), ValueError, "meta.safetensors.*'memories'.*JSON"),
+        (lambda p: _metadata_file(p, memories="[1, 2]"), ValueError, "meta.safetensors.*'memories'"),
+    ],
+    ids=["directory", "missing", "not-safetensors", "version-text", "no-version", "no-memories", "broken-json",
+         "memories-not-object"],
+)
+def test_file_errors_name_the_file_and_the_cause(tmp_path, make, exc, msg):
+    path = make(tmp_path)
+    model = filled()
+    before = snapshot(model)
+    with pytest.raises(exc, match=msg):
+        mira.load_memories(model, path)
+    assert_unchanged(model, before)
+
+
+# ----------------------------------------------------------------------------------------------
+# load_state_dict
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "other",
+    [dict(rank=2), dict(rank=2, n=3), dict(key_dim=16, n=3), dict(query_hidden=8), dict(query_hidden=8, n=3)],
+    ids=["rank", "rank+slots", "key-width+slots", "query-hidden", "query-hidden+slots"],
+)
+def test_load_state_dict_of_another_model_changes_no_memory(other):
+    n = other.pop("n", 2)
+    source = filled(seed=9, n=n, **other)
+    model = filled()
+    before = snapshot(model, loras=False)
+    with pytest.raises(RuntimeError, match="size mismatch|mira_memory"):
+        model.load_state_dict(source.state_dict())
+    # The memories only: outside them, load_state_dict keeps torch's rule (tensors that fit are copied).
+    assert_unchanged(model, before, loras=False)
+
+
+def test_load_state_dict_of_another_slot_count_still_resizes():
+    source = filled(seed=9, n=3)
+    model = filled()
+    model.load_state_dict(source.state_dict())
+    for a, b in zip(mira.memories(source), mira.memories(model)):
+        assert b.num_slots == 3 and torch.equal(a.keys, b.keys) and torch.equal(a.bank_b, b.bank_b)
+
+
+# ----------------------------------------------------------------------------------------------
+# write_adapters / import_peft
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "keys, exc, msg",
+    [
+        (lambda: [torch.randn(24), torch.randn(23)], ValueError, "key width mismatch"),
+        (lambda: [torch.randn(24), "key"], TypeError, "keys must be a Tensor"),
+        (lambda: [torch.randn(24), torch.randn(2, 24)], ValueError, "got 2 keys for 1 adapters"),
+        (lambda: [torch.randn(24)], ValueError, "got 1 keys for 2 memories"),
+    ],
+    ids=["width", "type", "count", "blocks"],
+)
+@pytest.mark.parametrize("capacity", [None, 4], ids=["growing", "fixed"])
+def test_write_adapters_with_one_bad_key_changes_nothing(keys, exc, msg, capacity):
+    model = filled(capacity=capacity)
+    before = snapshot(model)
+    g = torch.Generator().manual_seed(1)
+    g_state = g.get_state()
+    with pytest.raises(exc, match=msg):
+        mira.write_adapters(model, keys(), generator=g)
+    assert_unchanged(model, before)
+    assert torch.equal(g.get_state(), g_state), "the generator advanced"
+
+
+def test_write_adapters_into_a_memory_that_is_full_in_its_last_block_changes_nothing():
+    model = filled(capacity=3)
+    last = mira.memories(model)[-1]
+    bank_a, bank_b = last.stored_adapters
+    last.append(bank_a[:1], bank_b[:1], last.stored_keys[:1])  # the last block: 3 of 3 slots used
+    before = snapshot(model)
+    with pytest.raises(RuntimeError, match="memory full"):
+        mira.write_adapters(model)
+    assert_unchanged(model, before)
+
+
+def _peft_state(r=4, alpha=8):
+    g = torch.Generator().manual_seed(5)
+    state = {}
+    for i in range(2):
+        state[f"base_model.model.blocks.{i}.attn.qkv.lora_A.weight"] = torch.randn(r, WIDTH, generator=g) * 0.1
+        b = torch.randn(3 * WIDTH, r, generator=g) * 0.1
+        b[WIDTH: 2 * WIDTH] = 0
+        state[f"base_model.model.blocks.{i}.attn.qkv.lora_B.weight"] = b
+    return state, {"peft_type": "LORA", "r": r, "lora_alpha": alpha}
+
+
+@pytest.mark.parametrize(
+    "keys, exc, msg",
+    [
+        (lambda: [torch.randn(24), torch.randn(23)], ValueError, "key width mismatch"),
+        (lambda: [torch.randn(24), torch.randn(3, 24)], ValueError, "got 3 keys for 1 adapters"),
+        (lambda: [torch.randn(24), None, None], ValueError, "got 3 keys for 2 memories"),
+    ],
+    ids=["width", "count", "blocks"],
+)
+def test_import_peft_with_one_bad_key_changes_nothing(keys, exc, msg):
+    model = filled()
+    before = snapshot(model)
+    with pytest.raises(exc, match=msg):
+        mira.import_peft(model, _peft_state(), keys=keys())
+    assert_unchanged(model, before)
+
+
+def test_import_peft_with_a_bad_last_block_changes_nothing():
+    state, config = _peft_state()
+    state["base_model.model.blocks.1.attn.qkv.lora_A.weight"] = torch.randn(4, WIDTH - 1)
+    model = filled()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="do not fit"):
+        mira.import_peft(model, (state, config))
+    assert_unchanged(model, before)
