@@ -20,7 +20,7 @@ import torch
 
 from mira_kernels import reference
 from mira_kernels.reference import SEPARATIONS
-from tests.cuda_emu import build_driver, run_backward, run_forward
+from tests.cuda_emu import PlanError, build_driver, plan_launches, run_backward, run_forward
 from tests.mira_inputs import assert_close_to_spec, make_inputs
 
 # B, T (2 token tiles, the last partial), d_in, d_out, N, S (offsets out of order), r, d_s.
@@ -153,6 +153,65 @@ def test_tile_rows_spilled_to_global_memory(driver):
     assert not check_forward(driver, inp, "affine").spill
 
 
+def test_more_than_sixteen_slices(driver):
+    # S = 20 > the 16 offsets that travel in the kernel arguments: they are uploaded to device memory by
+    # one extra launch (the backend used to reject S > 16). Out of order, with gaps, r = 1.
+    S, d_s = 20, 2
+    offsets = [(7 * s % S) * (d_s + 1) for s in range(S)]
+    inp = make_inputs(B=2, T=3, d_in=5, d_out=S * (d_s + 1), N=3, S=S, r=1, d_s=d_s, offsets=offsets,
+                      dtype=torch.float64)
+    run = check_forward(driver, inp, "softmax")
+    assert [launch.kernel for launch in run.plan] == ["mira_offsets_kernel", "mira_retrieve_kernel",
+                                                       "mira_apply_kernel"]
+    run = check_backward(driver, inp, "affine")
+    assert run.plan[0].kernel == "mira_offsets_kernel" and run.launches == 6
+
+
+def test_offsets_upload_in_chunks_of_256():
+    # Plan only (no data): 600 slices need three uploads of at most 256 offsets; 16 need none.
+    binary = build_driver()
+    dims = dict(dtype=torch.float32, B=1, T=4, d_in=8, N=2, d_k=8, r=1, d_s=1)
+    plan = plan_launches(binary, backward=False, S=600, **dims).plan
+    assert [launch.kernel for launch in plan].count("mira_offsets_kernel") == 3
+    plan = plan_launches(binary, backward=False, S=16, **dims).plan
+    assert [launch.kernel for launch in plan] == ["mira_retrieve_kernel", "mira_apply_kernel"]
+
+
+def test_grid_beyond_cuda_limit_is_refused_not_truncated():
+    # B * token tiles = 1.2e10 blocks: the launch used to cast the count to 32 bits and run a truncated
+    # grid silently; the plan now refuses it (the CUDA glue raises before any work).
+    binary = build_driver()
+    dims = dict(dtype=torch.bfloat16, T=577, d_in=1024, N=30, d_k=1024, S=2, r=4, d_s=1024,
+                slice_offsets=[0, 2048])
+    with pytest.raises(PlanError, match="2\\^31 - 1 blocks"):
+        plan_launches(binary, backward=False, B=160_000_000, **dims)
+    # ViT-L/16@384 at B = 1212 (M * d_out > 2^31 elements): plans with ordinary grids.
+    run = plan_launches(binary, backward=True, B=1212, **dims)
+    assert max(launch.blocks for launch in run.plan) < 2**31 - 1
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16bit_forward_follows_its_rounding_rule(driver, dtype):
+    # Contract, CUDA backend: the base projection comes out of cuBLAS rounded to x's dtype, the adapter
+    # term (float32) is added to it and the sum rounded again. Error bound of that rule against the
+    # float64 spec: u * |base| + u * |y| (two roundings, u the unit roundoff) plus the float32 work.
+    inp = make_inputs(**SHAPE, dtype=torch.float64)
+    low = inp.to(dtype, memory_dtype=torch.float32)
+    (got,) = run_forward(driver, *low.linear_args(), **_kw(low, "affine")).outputs
+    exact = low.to(torch.float64)  # the same rounded inputs, in float64
+    base = torch.nn.functional.linear(exact.x, exact.weight, exact.bias)
+    y = reference.mira_linear(*exact.linear_args(), **_kw(exact, "affine"))
+    u = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-11
+    bound = u * base.abs() + u * y.abs() + 1e-5 * (y - base).abs().amax() + 1e-6
+    err = (got.double() - y).abs()
+    assert bool((err <= bound).all()), f"max excess {(err - bound).max().item():.3e}"
+    # ... and the rule is what runs: rounding the base first then adding the float32 adapter, and rounding
+    # once more, reproduces the kernel's result to one unit in the last place.
+    rule = (base.to(dtype).double() + (y - base)).to(dtype)
+    ulps = ((got.double() - rule.double()).abs() / (u * 2 * rule.double().abs()).clamp_min(1e-30))
+    assert ulps.max().item() <= 1.0
+
+
 def test_strided_out_and_grad(driver):
     inp = make_inputs(**SHAPE, dtype=torch.float32)
     B, T, d_out = SHAPE["B"], SHAPE["T"], SHAPE["d_out"]
@@ -162,6 +221,12 @@ def test_strided_out_and_grad(driver):
     check_forward(driver, inp, "affine", out=out)
     grad = torch.randn(T, B, 2 * d_out).permute(1, 0, 2)[..., ::2]
     check_backward(driver, inp, "softmax", grad_out=grad)
+    # With a storage offset (a view that does not start at its storage's first element).
+    out = torch.zeros(1 + B * T * d_out)[1:].view(B, T, d_out)
+    assert out.storage_offset() == 1
+    check_forward(driver, inp, "softmax", out=out)
+    grad = torch.randn(3 + B * T * d_out)[3:].view(B, T, d_out)
+    check_backward(driver, inp, "affine", grad_out=grad)
 
 
 @pytest.mark.parametrize(

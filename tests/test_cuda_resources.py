@@ -31,10 +31,10 @@ NVCC_FLAGS = (
     "-D__CUDA_NO_HALF2_OPERATORS__",
 )
 # Every kernel template, and how many instantiations each has (x dtypes float/double/half/bf16; memory
-# kernels only per compute dtype float/double).
+# kernels only per compute dtype float/double; the offsets upload once).
 KERNELS = {
     "mira_retrieve_kernel": 2, "mira_apply_kernel": 4, "mira_bwd_tokens_kernel": 4, "mira_bwd_factors_kernel": 4,
-    "mira_bwd_scores_kernel": 2, "mira_bwd_memory_kernel": 2,
+    "mira_bwd_scores_kernel": 2, "mira_bwd_memory_kernel": 2, "mira_offsets_kernel": 1,
 }
 
 

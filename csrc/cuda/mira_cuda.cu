@@ -21,6 +21,7 @@
 #include <torch/library.h>
 
 #include <array>
+#include <atomic>
 #include <string>
 
 #define MIRA_CHECK_LAUNCH() C10_CUDA_KERNEL_LAUNCH_CHECK()
@@ -59,17 +60,55 @@ bool is_half(at::ScalarType t) { return t == at::kHalf || t == at::kBFloat16; }
 
 at::ScalarType compute_type(at::ScalarType x_type) { return is_half(x_type) ? at::kFloat : x_type; }
 
+// Whether this build has machine code (or PTX the driver can compile) for the GPU `device` holds. Asked of
+// the runtime for one kernel, so it follows whatever TORCH_CUDA_ARCH_LIST the extension was built with;
+// cached per device. The capability is the tensor's device's own, not the current device's.
+void check_kernel_image(const char* op, const at::Device& device) {
+  static std::array<std::atomic<int>, 256> verdict{};  // 0 unknown, 1 runs, 2 no image
+  const auto index = static_cast<size_t>(device.index());
+  if (index < verdict.size() && verdict[index].load(std::memory_order_relaxed) == 1) return;
+  const c10::cuda::CUDAGuard guard(device);
+  cudaFuncAttributes attributes;
+  const cudaError_t status = cudaFuncGetAttributes(&attributes, mira_cuda::mira_offsets_kernel);
+  if (status == cudaSuccess) {
+    if (index < verdict.size()) verdict[index].store(1, std::memory_order_relaxed);
+    return;
+  }
+  (void)cudaGetLastError();  // clear this (non-sticky) error: the next launch check must not report it
+  int major = 0, minor = 0;
+  (void)cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device.index());
+  (void)cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device.index());
+  TORCH_CHECK(false, op, ": this build of the cuda backend has no kernel image for ", device, " (compute capability ",
+              major, ".", minor, "): ", cudaGetErrorString(status),
+              ". Rebuild with TORCH_CUDA_ARCH_LIST including ", major, ".", minor,
+              ", or use another backend (mira_kernels.use_backend('triton' or 'reference')).");
+}
+
 // The problem's sizes. The arguments have passed the op contract's checks (csrc/validation.h,
 // run first by every op here; among them, that slices do not overlap, so no two threads
-// read-modify-write one output element); what is left is this backend's own limits.
+// read-modify-write one output element); what is left is this backend's own limits, checked before
+// any work so that a failed call changes nothing.
 Dims shapes_of(const char* op, const at::Tensor& x, const at::Tensor& keys, const at::Tensor& bank_a,
                const at::Tensor& bank_b) {
   TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor, got ", x.device());
-  const Dims d{x.size(0), x.size(1), x.size(2), keys.size(0), keys.size(1), bank_a.size(1), bank_a.size(2),
-               bank_b.size(2)};
-  TORCH_CHECK(d.S <= mira_cuda::kMaxSlices, op, ": the cuda backend supports at most ", mira_cuda::kMaxSlices,
-              " slices, got S = ", d.S);
-  return d;
+  check_kernel_image(op, x.device());
+  return Dims{x.size(0), x.size(1), x.size(2), keys.size(0), keys.size(1), bank_a.size(1), bank_a.size(2),
+              bank_b.size(2)};
+}
+
+// Raises when a launch of the call would exceed a CUDA limit (a grid above 2^31 - 1 blocks).
+void check_launches(const char* op, const Dims& d, at::ScalarType x_type, bool backward,
+                    const std::array<bool, 5>& mask) {
+  const bool dbl = x_type == at::kDouble;
+  const bool memory_grads = mask[1] || mask[2] || mask[3] || mask[4];
+  const Workspace ws = dbl ? mira_cuda::plan_workspace<double>(d, backward, memory_grads, mira_cuda::kSmemBudget)
+                           : mira_cuda::plan_workspace<float>(d, backward, memory_grads, mira_cuda::kSmemBudget);
+  const int64_t acc = dbl ? 8 : 4;
+  const auto list = backward ? mira_cuda::backward_launches(d, ws, acc, mask[0], mask[1], mask[2], mask[3], mask[4])
+                             : mira_cuda::adapter_launches(d, ws, acc);
+  const char* why = mira_cuda::grid_error(list);
+  TORCH_CHECK(why == nullptr, op, ": the problem is too large for the cuda backend's launches: ", why, " (B = ", d.B,
+              ", T = ", d.T, ", N = ", d.N, ", S = ", d.S, ", r = ", d.r, ", d_in = ", d.d_in, ", d_s = ", d.d_s, ")");
 }
 
 // The memory side in the compute dtype, contiguous (no copy in the usual case: already so).
@@ -111,6 +150,7 @@ at::Tensor mira_linear_cuda(const at::Tensor& x, const at::Tensor& weight, const
                             double scale, double eps) {
   mira::check_linear_args(x, weight, bias, query, keys, bank_a, bank_b, slice_offsets, separation, scale, eps);
   const Dims d = shapes_of("mira_linear (cuda)", x, keys, bank_a, bank_b);
+  check_launches("mira_linear (cuda)", d, x.scalar_type(), false, {});
   const int sep = separation_code(std::string(separation));
   const c10::cuda::CUDAGuard guard(x.device());
   // Base projection in x's dtype, as F.linear; the adapter then adds into its slices in place, in the
@@ -125,6 +165,7 @@ void mira_adapter_cuda(const at::Tensor& out, const at::Tensor& x, const at::Ten
                        c10::string_view separation, double scale, double eps) {
   mira::check_adapter_args(out, x, query, keys, bank_a, bank_b, slice_offsets, separation, scale, eps);
   const Dims d = shapes_of("mira_adapter_ (cuda)", x, keys, bank_a, bank_b);
+  check_launches("mira_adapter_ (cuda)", d, x.scalar_type(), false, {});
   const int sep = separation_code(std::string(separation));
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor target = out;  // strided writes go straight into out's storage
@@ -138,6 +179,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mira_line
   mira::check_linear_backward_args(grad_out, x_in, weight, query, keys, bank_a, bank_b, slice_offsets, separation,
                                    scale, eps);
   const Dims d = shapes_of("mira_linear_backward (cuda)", x_in, keys, bank_a, bank_b);
+  check_launches("mira_linear_backward (cuda)", d, x_in.scalar_type(), true, output_mask);
   const int sep = separation_code(std::string(separation));
   const auto [need_x, need_q, need_k, need_a, need_b] = output_mask;
   const c10::cuda::CUDAGuard guard(x_in.device());

@@ -31,6 +31,7 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 #ifdef __CUDACC__
 #include <cuda_bf16.h>
@@ -49,7 +50,9 @@ constexpr int kDwTile = 4;                   // slots per block reduction of the
 constexpr int kColsPerThread = 4;            // columns per thread in the column-chunk kernels
 constexpr int kColsPerBlock = kThreads * kColsPerThread;
 constexpr int kKeyChunk = 256;               // scores held in shared memory per pass over the keys
-constexpr int kMaxSlices = 16;               // slice offsets travel by value in the kernel arguments
+constexpr int kMaxSlices = 16;               // slice offsets that travel by value in the kernel arguments
+constexpr int kOffsetUpload = 256;           // offsets one upload launch carries (S > kMaxSlices only)
+constexpr int64_t kMaxGrid = 0x7fffffff;     // gridDim.x limit (compute capability >= 3.0)
 constexpr int64_t kSmemBudget = 32 * 1024;   // dynamic shared memory for the per-tile h / dh rows
 
 enum Separation : int { kAffine = 0, kSoftmax = 1, kRelu = 2, kTanh = 3, kSigmoid = 4, kIdentity = 5 };
@@ -128,7 +131,10 @@ struct MemoryArgs {
 template <typename scalar_t, typename acc_t>
 struct TokenArgs {
   int64_t B, T, d_in, S, r, d_s;
+  // Slice offsets: by value for S <= kMaxSlices (no extra launch, no copy); above that in device memory,
+  // written there by mira_offsets_kernel from its own by-value arguments (CUDA-graph safe: no host copy).
   int64_t offsets[kMaxSlices];
+  const int64_t* offsets_dev;  // null when the by-value array holds them
   acc_t scale;
   const scalar_t* x;  // (B, T, d_in) contiguous
   scalar_t* out;      // (B, T, d_out) strided, updated in place (forward)
@@ -148,6 +154,25 @@ struct TokenArgs {
   acc_t* dw_part;        // (B, column chunks, N)
   acc_t* row_spill;      // (blocks, kTokTile, SR) when the tile rows do not fit in shared memory, else null
 };
+
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ int64_t slice_offset(const TokenArgs<scalar_t, acc_t>& a, int64_t s) {
+  return a.offsets_dev ? a.offsets_dev[s] : a.offsets[s];
+}
+
+// The slice offsets of a call with S > kMaxSlices, copied into the workspace from the launch arguments,
+// kOffsetUpload per launch (kernel arguments are captured by value in a CUDA graph; a host-to-device
+// copy from pageable memory is not).
+struct OffsetUpload {
+  int64_t* dst;
+  int64_t count;
+  int64_t values[kOffsetUpload];
+};
+
+__global__ void __launch_bounds__(kThreads) mira_offsets_kernel(const OffsetUpload u) {
+  const int tid = threadIdx.x;
+  if (tid < u.count) u.dst[tid] = u.values[tid];
+}
 
 // ------------------------------------------------------------------------------------------------
 // Shared-memory reductions, all threads of the block take part (uniform control flow).
@@ -453,7 +478,7 @@ __global__ void __launch_bounds__(kThreads) mira_apply_kernel(const TokenArgs<sc
 #pragma unroll
       for (int t = 0; t < kTokTile; ++t) {
         if (t < rows) {
-          scalar_t* p = a.out + b * a.out_sb + (t0 + t) * a.out_st + (a.offsets[s] + e) * a.out_se;
+          scalar_t* p = a.out + b * a.out_sb + (t0 + t) * a.out_st + (slice_offset(a, s) + e) * a.out_se;
           *p = Narrow<scalar_t>::from(widen(*p) + a.scale * acc[t]);
         }
       }
@@ -480,7 +505,7 @@ __global__ void __launch_bounds__(kThreads) mira_bwd_tokens_kernel(const TokenAr
   }
   // dh[t, s*r + k] = scale * sum_e G[t, off_s + e] B_b[s, e, k], one slice at a time.
   for (int64_t s = 0; s < a.S; ++s) {
-    tile_row_dots(a.grad + b * a.g_sb + t0 * a.g_st + a.offsets[s] * a.g_se, a.g_st, a.g_se, rows, d_s,
+    tile_row_dots(a.grad + b * a.g_sb + t0 * a.g_st + slice_offset(a, s) * a.g_se, a.g_st, a.g_se, rows, d_s,
                   a.mixed_b + (b * a.S + s) * d_s * r, 1, r, r, a.scale, dh + s * r, SR, red);
   }
   if (a.dh) {
@@ -537,7 +562,7 @@ __global__ void __launch_bounds__(kThreads, 2) mira_bwd_factors_kernel(const Tok
       p2[c] = a.dh + b * a.T * SR + j;
     } else if (col < cols) {
       const int64_t cb = col - FA, s = cb / (a.d_s * a.r), e = (cb / a.r) % a.d_s, k = cb % a.r;
-      p1[c] = a.grad + b * a.g_sb + (a.offsets[s] + e) * a.g_se;
+      p1[c] = a.grad + b * a.g_sb + (slice_offset(a, s) + e) * a.g_se;
       s1[c] = a.g_st;
       p2[c] = a.h + b * a.T * SR + s * a.r + k;
     }
@@ -698,7 +723,9 @@ __global__ void __launch_bounds__(kThreads) mira_bwd_memory_kernel(const MemoryA
 }
 
 // ------------------------------------------------------------------------------------------------
-// Host-side plan: workspace layout and launch order, shared by the CUDA glue and the emulation.
+// Host-side plan: workspace layout and launch order, shared by the CUDA glue and the emulation
+// (and mirrored in Python by mira_kernels/cuda_plan.py for the GPU model; tests/test_cuda_plan.py
+// checks the two against each other through the emulation's plan-only mode).
 // ------------------------------------------------------------------------------------------------
 
 struct Dims {
@@ -711,11 +738,13 @@ struct Dims {
     const int64_t chunks = (FA() + FB() + kColsPerBlock - 1) / kColsPerBlock;
     return chunks > 0 ? chunks : 1;  // the retrieval runs even without columns: it writes z and w
   }
+  // Launches of mira_offsets_kernel a call needs: none while the offsets fit in the kernel arguments.
+  int64_t offset_uploads() const { return S > kMaxSlices ? (S + kOffsetUpload - 1) / kOffsetUpload : 0; }
 };
 
 // Offsets (in acc_t elements) of the scratch arrays inside one workspace buffer.
 struct Workspace {
-  int64_t z, w, qnorm, knorm, mixed_a, mixed_b, row_spill, h, dh, dmix_a, dmix_b, dw_part, dz, total;
+  int64_t z, w, qnorm, knorm, mixed_a, mixed_b, row_spill, h, dh, dmix_a, dmix_b, dw_part, dz, offsets, total;
   bool spill;  // tile rows live in global memory (row_spill) instead of shared memory
 };
 
@@ -727,7 +756,7 @@ inline Workspace plan_workspace(const Dims& d, bool backward, bool memory_grads,
   int64_t at = 0;
   auto take = [&at](int64_t n) {
     const int64_t here = at;
-    at += (n + 3) / 4 * 4;  // keep every array 16-byte aligned for float
+    at += (n + 3) / 4 * 4;  // keep every array 16-byte aligned for float (and int64)
     return here;
   };
   ws.z = take(d.B * d.N);
@@ -745,6 +774,8 @@ inline Workspace plan_workspace(const Dims& d, bool backward, bool memory_grads,
   ws.dmix_b = take(mem ? d.B * d.FB() : 0);
   ws.dw_part = take(mem ? d.B * d.col_chunks() * d.N : 0);
   ws.dz = take(mem ? d.B * d.N : 0);
+  constexpr int64_t per_offset = (static_cast<int64_t>(sizeof(int64_t)) + sizeof(acc_t) - 1) / sizeof(acc_t);
+  ws.offsets = take(d.offset_uploads() > 0 ? d.S * per_offset : 0);
   ws.total = at;
   return ws;
 }
@@ -753,21 +784,102 @@ inline int64_t dyn_smem_bytes(const Dims& d, const Workspace& ws, int64_t acc_si
   return ws.spill ? 0 : static_cast<int64_t>(kTokTile) * d.SR() * acc_size;
 }
 
+// ------------------------------------------------------------------------------------------------
+// The launch list of a call: which kernels, in which order, with how many blocks and how much dynamic
+// shared memory. The launch functions below walk this list, the CUDA glue checks it before any work
+// (grid limits), and the emulation reports it, so there is one source for all three.
+// ------------------------------------------------------------------------------------------------
+
+enum class Kernel : int { kOffsets, kRetrieve, kApply, kBwdTokens, kBwdFactors, kBwdScores, kBwdMemory };
+
+inline const char* kernel_name(Kernel k) {
+  switch (k) {
+    case Kernel::kOffsets: return "mira_offsets_kernel";
+    case Kernel::kRetrieve: return "mira_retrieve_kernel";
+    case Kernel::kApply: return "mira_apply_kernel";
+    case Kernel::kBwdTokens: return "mira_bwd_tokens_kernel";
+    case Kernel::kBwdFactors: return "mira_bwd_factors_kernel";
+    case Kernel::kBwdScores: return "mira_bwd_scores_kernel";
+    case Kernel::kBwdMemory: return "mira_bwd_memory_kernel";
+  }
+  return "?";
+}
+
+struct LaunchSpec {
+  Kernel kernel;
+  int64_t blocks;    // 1-D grid of kThreads-thread blocks
+  int64_t smem;      // dynamic shared memory in bytes
+  int64_t part;      // mira_offsets_kernel: which kOffsetUpload-chunk of the offsets
+};
+
+// A call's launches, in order (a short vector: host code only).
+struct LaunchList {
+  std::vector<LaunchSpec> items;
+  void add(Kernel k, int64_t blocks, int64_t smem = 0, int64_t part = 0) {
+    items.push_back(LaunchSpec{k, blocks, smem, part});
+  }
+};
+
+inline void add_offset_uploads(const Dims& d, LaunchList& list) {
+  for (int64_t p = 0; p < d.offset_uploads(); ++p) list.add(Kernel::kOffsets, 1, 0, p);
+}
+
+// mira_adapter_ (and the adapter part of mira_linear): B == 0 launches nothing.
+inline LaunchList adapter_launches(const Dims& d, const Workspace& ws, int64_t acc_size) {
+  LaunchList list;
+  if (d.B == 0) return list;
+  const bool apply = d.T > 0 && d.d_s > 0;
+  if (apply) add_offset_uploads(d, list);
+  list.add(Kernel::kRetrieve, d.B * d.col_chunks());
+  if (apply) list.add(Kernel::kApply, d.B * d.tiles(), dyn_smem_bytes(d, ws, acc_size));
+  return list;
+}
+
+// The adapter part of the backward: need_x (dx += sum_s dh_s A_b,s) and the memory gradients asked for.
+inline LaunchList backward_launches(const Dims& d, const Workspace& ws, int64_t acc_size, bool need_x, bool need_q,
+                                    bool need_k, bool need_a, bool need_b) {
+  LaunchList list;
+  if (d.B == 0) return list;
+  const bool mem = need_q || need_k || need_a || need_b;
+  const bool tokens = d.T > 0 && (mem || need_x);
+  if (tokens || mem) add_offset_uploads(d, list);
+  list.add(Kernel::kRetrieve, d.B * d.col_chunks());
+  if (tokens) list.add(Kernel::kBwdTokens, d.B * d.tiles(), dyn_smem_bytes(d, ws, acc_size));
+  if (!mem) return list;
+  // With T == 0 the factor gradients are zero: the factors kernel writes them (its loop over T is empty).
+  list.add(Kernel::kBwdFactors, d.B * d.col_chunks());
+  list.add(Kernel::kBwdScores, d.B);
+  const int64_t memory_blocks = ((need_a || need_b) ? d.N * d.col_chunks() : 0) + (need_k ? d.N : 0);
+  if (memory_blocks > 0) list.add(Kernel::kBwdMemory, memory_blocks);
+  return list;
+}
+
+// Why a launch list cannot run (a grid or shared-memory limit), or null. The CUDA glue raises it before
+// it launches or allocates anything, so a call that fails changes nothing.
+inline const char* grid_error(const LaunchList& list) {
+  for (const LaunchSpec& l : list.items) {
+    if (l.blocks > kMaxGrid) return "a grid would exceed 2^31 - 1 blocks";
+    if (l.smem > kSmemBudget) return "the dynamic shared memory would exceed its budget";
+  }
+  return nullptr;
+}
+
 }  // namespace mira_cuda
 
-// MIRA_LAUNCH(kernel, blocks, dyn_smem_bytes, stream, args): a kernel launch on `stream`.
+// MIRA_LAUNCH(fn, spec, stream, args): launch kernel `fn` with the grid and shared memory of `spec`.
 // The CUDA includer defines MIRA_CHECK_LAUNCH() (the launch-error check) before including.
 #ifdef __CUDACC__
-#define MIRA_LAUNCH(kernel, blocks, smem, stream, args)                                    \
-  do {                                                                                    \
-    kernel<<<static_cast<unsigned>(blocks), ::mira_cuda::kThreads, (smem), (stream)>>>(args); \
-    MIRA_CHECK_LAUNCH();                                                                  \
+#define MIRA_LAUNCH(fn, spec, stream, args)                                                                   \
+  do {                                                                                                        \
+    fn<<<static_cast<unsigned>((spec).blocks), ::mira_cuda::kThreads, (spec).smem, (stream)>>>(args);         \
+    MIRA_CHECK_LAUNCH();                                                                                      \
   } while (0)
 #else
-#define MIRA_LAUNCH(kernel, blocks, smem, stream, args)                                       \
-  do {                                                                                        \
-    (void)(stream); /* the emulation runs launches in order, synchronously */                 \
-    ::emu::launch((kernel), static_cast<unsigned>(blocks), ::mira_cuda::kThreads, (smem), (args)); \
+#define MIRA_LAUNCH(fn, spec, stream, args)                                                                   \
+  do {                                                                                                        \
+    (void)(stream); /* the emulation runs launches in order, synchronously */                                 \
+    ::emu::launch(::mira_cuda::kernel_name((spec).kernel), (fn), (spec).blocks, ::mira_cuda::kThreads,        \
+                  (spec).smem, (args));                                                                       \
   } while (0)
 #endif
 
@@ -804,7 +916,11 @@ inline void fill_args(const Dims& d, const int64_t* offsets, int sep, double sca
 
   t = TokenArgs<scalar_t, acc_t>{};
   t.B = d.B, t.T = d.T, t.d_in = d.d_in, t.S = d.S, t.r = d.r, t.d_s = d.d_s;
-  for (int64_t s = 0; s < d.S && s < kMaxSlices; ++s) t.offsets[s] = offsets[s];
+  if (d.offset_uploads() > 0) {
+    t.offsets_dev = reinterpret_cast<const int64_t*>(cb.ws + ws.offsets);
+  } else {
+    for (int64_t s = 0; s < d.S; ++s) t.offsets[s] = offsets[s];
+  }
   t.scale = static_cast<acc_t>(scale);
   t.x = cb.x, t.out = cb.out, t.out_sb = cb.out_sb, t.out_st = cb.out_st, t.out_se = cb.out_se;
   t.grad = cb.grad, t.g_sb = cb.g_sb, t.g_st = cb.g_st, t.g_se = cb.g_se, t.dx = cb.dx;
@@ -814,29 +930,76 @@ inline void fill_args(const Dims& d, const int64_t* offsets, int sep, double sca
   t.row_spill = ws.spill ? cb.ws + ws.row_spill : nullptr;
 }
 
-// out[..., slices] += scale * adapter(x): two launches (retrieval, apply). B == 0 launches nothing.
+// Runs one launch of a list; the kernel's arguments are m (memory kernels) or t (token kernels).
+template <typename scalar_t, typename acc_t, typename stream_t>
+inline void run_launch(const LaunchSpec& l, const Dims& d, const int64_t* offsets, const CallBuffers<scalar_t, acc_t>& cb,
+                       const Workspace& ws, const MemoryArgs<acc_t>& m, const TokenArgs<scalar_t, acc_t>& t,
+                       stream_t stream) {
+  switch (l.kernel) {
+    case Kernel::kOffsets: {
+      OffsetUpload u{};
+      const int64_t first = l.part * kOffsetUpload;
+      u.dst = reinterpret_cast<int64_t*>(cb.ws + ws.offsets) + first;
+      u.count = d.S - first < kOffsetUpload ? d.S - first : kOffsetUpload;
+      for (int64_t i = 0; i < u.count; ++i) u.values[i] = offsets[first + i];
+      auto* k = &mira_offsets_kernel;
+      MIRA_LAUNCH(k, l, stream, u);
+      break;
+    }
+    case Kernel::kRetrieve: {
+      auto* k = &mira_retrieve_kernel<acc_t>;
+      MIRA_LAUNCH(k, l, stream, m);
+      break;
+    }
+    case Kernel::kApply: {
+      auto* k = &mira_apply_kernel<scalar_t, acc_t>;
+      MIRA_LAUNCH(k, l, stream, t);
+      break;
+    }
+    case Kernel::kBwdTokens: {
+      auto* k = &mira_bwd_tokens_kernel<scalar_t, acc_t>;
+      MIRA_LAUNCH(k, l, stream, t);
+      break;
+    }
+    case Kernel::kBwdFactors: {
+      auto* k = &mira_bwd_factors_kernel<scalar_t, acc_t>;
+      MIRA_LAUNCH(k, l, stream, t);
+      break;
+    }
+    case Kernel::kBwdScores: {
+      auto* k = &mira_bwd_scores_kernel<acc_t>;
+      MIRA_LAUNCH(k, l, stream, m);
+      break;
+    }
+    case Kernel::kBwdMemory: {
+      auto* k = &mira_bwd_memory_kernel<acc_t>;
+      MIRA_LAUNCH(k, l, stream, m);
+      break;
+    }
+  }
+}
+
+// out[..., slices] += scale * adapter(x): adapter_launches(...) (retrieval, apply, and offset uploads when
+// S > kMaxSlices). The caller has checked grid_error.
 template <typename scalar_t, typename acc_t, typename stream_t>
 inline void launch_adapter(const Dims& d, const int64_t* offsets, int sep, double scale, double eps,
                            const CallBuffers<scalar_t, acc_t>& cb, const Workspace& ws, stream_t stream) {
-  if (d.B == 0) return;
+  const LaunchList list = adapter_launches(d, ws, sizeof(acc_t));
+  if (list.items.empty()) return;
   MemoryArgs<acc_t> m;
   TokenArgs<scalar_t, acc_t> t;
   fill_args(d, offsets, sep, scale, eps, cb, ws, m, t);
-  auto* retrieve = &mira_retrieve_kernel<acc_t>;
-  MIRA_LAUNCH(retrieve, d.B * d.col_chunks(), 0, stream, m);
-  if (d.T == 0 || d.d_s == 0) return;
-  auto* apply = &mira_apply_kernel<scalar_t, acc_t>;
-  MIRA_LAUNCH(apply, d.B * d.tiles(), dyn_smem_bytes(d, ws, sizeof(acc_t)), stream, t);
+  for (const LaunchSpec& l : list.items) run_launch(l, d, offsets, cb, ws, m, t, stream);
 }
 
-// The adapter part of the backward: dx += sum_s dh_s A_b,s (dx holds G W on entry) and the memory
-// gradients asked for (need_q, need_k, need_a, need_b). Up to five launches; B == 0 launches nothing.
+// The adapter part of the backward: dx += sum_s dh_s A_b,s (dx holds G W on entry; cb.dx null when not asked)
+// and the memory gradients asked for (need_q, need_k, need_a, need_b). The caller has checked grid_error.
 template <typename scalar_t, typename acc_t, typename stream_t>
 inline void launch_backward(const Dims& d, const int64_t* offsets, int sep, double scale, double eps,
                             const CallBuffers<scalar_t, acc_t>& cb, const Workspace& ws, bool need_q, bool need_k,
                             bool need_a, bool need_b, stream_t stream) {
-  if (d.B == 0) return;
-  const bool mem = need_q || need_k || need_a || need_b;
+  const LaunchList list = backward_launches(d, ws, sizeof(acc_t), cb.dx != nullptr, need_q, need_k, need_a, need_b);
+  if (list.items.empty()) return;
   MemoryArgs<acc_t> m;
   TokenArgs<scalar_t, acc_t> t;
   fill_args(d, offsets, sep, scale, eps, cb, ws, m, t);
@@ -844,27 +1007,11 @@ inline void launch_backward(const Dims& d, const int64_t* offsets, int sep, doub
   if (!need_k) m.dk = nullptr;
   if (!need_a) m.dbank_a = nullptr;
   if (!need_b) m.dbank_b = nullptr;
-  if (mem) {
+  if (need_q || need_k || need_a || need_b) {
     t.h = cb.ws + ws.h;
     t.dh = cb.ws + ws.dh;
   }
-  auto* retrieve = &mira_retrieve_kernel<acc_t>;
-  MIRA_LAUNCH(retrieve, d.B * d.col_chunks(), 0, stream, m);
-  if (d.T > 0 && (mem || cb.dx)) {
-    auto* tokens = &mira_bwd_tokens_kernel<scalar_t, acc_t>;
-    MIRA_LAUNCH(tokens, d.B * d.tiles(), dyn_smem_bytes(d, ws, sizeof(acc_t)), stream, t);
-  }
-  if (!mem) return;
-  // With T == 0 the factor gradients are zero: the factors kernel writes them (its loop over T is empty).
-  auto* factors = &mira_bwd_factors_kernel<scalar_t, acc_t>;
-  MIRA_LAUNCH(factors, d.B * d.col_chunks(), 0, stream, t);
-  auto* scores = &mira_bwd_scores_kernel<acc_t>;
-  MIRA_LAUNCH(scores, d.B, 0, stream, m);
-  const int64_t memory_blocks = ((need_a || need_b) ? d.N * d.col_chunks() : 0) + (need_k ? d.N : 0);
-  if (memory_blocks > 0) {
-    auto* memory = &mira_bwd_memory_kernel<acc_t>;
-    MIRA_LAUNCH(memory, memory_blocks, 0, stream, m);
-  }
+  for (const LaunchSpec& l : list.items) run_launch(l, d, offsets, cb, ws, m, t, stream);
 }
 
 }  // namespace mira_cuda

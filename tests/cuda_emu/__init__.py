@@ -95,16 +95,38 @@ def acc_dtype(x_dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if x_dtype == torch.float64 else torch.float32
 
 
+@dataclass(frozen=True)
+class Launch:
+    """One launch as the host plan issued it: kernel name, blocks (1-D grid), dynamic shared memory in bytes."""
+
+    kernel: str
+    blocks: int
+    smem: int
+
+
 @dataclass
 class EmuRun:
     outputs: tuple
     launches: int
     blocks: int
     spill: bool
+    plan: tuple[Launch, ...] = ()
+    workspace: int = 0
+
+
+def _parse_report(stdout: str) -> tuple[dict, tuple[Launch, ...]]:
+    lines = stdout.splitlines()
+    stats = {k: int(v) for k, v in (kv.split("=") for kv in lines[0].split())}
+    plan = []
+    for line in lines[1:]:
+        tag, kernel, blocks, smem = line.split()
+        assert tag == "launch", line
+        plan.append(Launch(kernel, int(blocks), int(smem)))
+    return stats, tuple(plan)
 
 
 def _run(binary: Path, header: list[int], offsets, scale: float, eps: float, tensors: list[torch.Tensor],
-         outputs: list[tuple[torch.dtype, int]]) -> tuple[list[torch.Tensor], dict]:
+         outputs: list[tuple[torch.dtype, int]]) -> tuple[list[torch.Tensor], dict, tuple[Launch, ...]]:
     assert len(header) == 24
     blob = struct.pack("<24q", *header) + struct.pack(f"<{len(offsets)}q", *offsets) + struct.pack("<2d", scale, eps)
     blob += b"".join(_raw(t) for t in tensors)
@@ -124,8 +146,8 @@ def _run(binary: Path, header: list[int], offsets, scale: float, eps: float, ten
         got.append(_from_raw(data[at : at + size], dtype, count))
         at += size
     assert at == len(data), f"driver wrote {len(data)} bytes, expected {at}"
-    stats = dict(kv.split("=") for kv in proc.stdout.split())
-    return got, {k: int(v) for k, v in stats.items()}
+    stats, plan = _parse_report(proc.stdout)
+    return got, stats, plan
 
 
 def _header(mode, x, keys, bank_a, bank_b, separation, mask, smem_budget, io):
@@ -134,11 +156,46 @@ def _header(mode, x, keys, bank_a, bank_b, separation, mask, smem_budget, io):
     _, S, r, _ = bank_a.shape
     d_s = bank_b.shape[2]
     io_storage_len = io.untyped_storage().nbytes() // io.element_size()
-    assert io.storage_offset() == 0
     return [
         _MAGIC, _DTYPE_CODE[x.dtype], mode, B, T, d_in, N, d_k, S, r, d_s, _SEP_CODE[separation], *map(int, mask),
-        smem_budget, io_storage_len, *io.stride(), 0, 0,
+        smem_budget, io_storage_len, *io.stride(), 0, io.storage_offset(),
     ]
+
+
+def _whole_storage(t: torch.Tensor) -> torch.Tensor:
+    # The tensor's entire storage as a flat view (what the kernels index into through the data pointer).
+    return torch.as_strided(t, (t.untyped_storage().nbytes() // t.element_size(),), (1,), 0)
+
+
+class PlanError(RuntimeError):
+    """The host plan refused the problem (a CUDA launch limit), with the glue's reason."""
+
+
+def plan_launches(binary: Path, *, backward: bool, dtype: torch.dtype, B: int, T: int, d_in: int, N: int, d_k: int,
+                  S: int, r: int, d_s: int, slice_offsets=None, separation: str = "affine",
+                  output_mask=(True,) * 5, smem_budget: int = SMEM_BUDGET) -> EmuRun:
+    """The launches the CUDA backend's host plan issues for these sizes, without data or execution.
+
+    Any size works (nothing is allocated): this is how the Python launch plan (mira_kernels.cuda_plan) is
+    checked against the C++ one at ViT sizes. Raises PlanError when the plan exceeds a launch limit.
+    """
+    offsets = list(slice_offsets) if slice_offsets is not None else [s * d_s for s in range(S)]
+    mask = tuple(output_mask) if backward else (False,) * 5
+    header = [_MAGIC, _DTYPE_CODE[dtype], int(backward), B, T, d_in, N, d_k, S, r, d_s, _SEP_CODE[separation],
+              *map(int, mask), smem_budget, 0, 0, 0, 0, 1, 0]
+    blob = struct.pack("<24q", *header) + struct.pack(f"<{S}q", *offsets) + struct.pack("<2d", 1.0, 0.01)
+    with tempfile.TemporaryDirectory(prefix="mira-emu-") as tmp:
+        case = Path(tmp) / "case.bin"
+        case.write_bytes(blob)
+        env = dict(os.environ, **SANITIZER_ENV["address"])
+        proc = subprocess.run([str(binary), str(case), str(Path(tmp) / "unused.bin")], capture_output=True,
+                              text=True, timeout=TIMEOUT_S, env=env)
+    if proc.returncode == 3:
+        raise PlanError(proc.stderr.strip())
+    if proc.returncode != 0:
+        raise AssertionError(f"plan-only driver run failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    stats, plan = _parse_report(proc.stdout)
+    return EmuRun((), stats["launches"], 0, bool(stats["spill"]), plan, stats["workspace"])
 
 
 def _memory(query, keys, bank_a, bank_b, ct):
@@ -149,31 +206,31 @@ def run_forward(binary, x, weight, bias, query, keys, bank_a, bank_b, *, slice_o
                 scale=1.0, eps=reference.DEFAULT_EPS, out=None, smem_budget=SMEM_BUDGET) -> EmuRun:
     """The CUDA backend's mira_linear, emulated: y = F.linear (as at::linear) then the adapter kernels in place.
 
-    ``out``: optional (B, T, d_out) view with storage offset 0 (any strides) to receive y, as mira_adapter_'s out.
+    ``out``: optional (B, T, d_out) view (any strides and storage offset) to receive y, as mira_adapter_'s out.
     """
     base = F.linear(x, weight, bias)
     if out is None:
         out = base.clone()
     else:
         out.copy_(base)
-    storage = torch.as_strided(out, (out.untyped_storage().nbytes() // out.element_size(),), (1,))
+    storage = _whole_storage(out)
     ct = acc_dtype(x.dtype)
     header = _header(0, x, keys, bank_a, bank_b, separation, (0,) * 5, smem_budget, out)
-    (flat,), stats = _run(binary, header, slice_offsets, scale, eps,
-                          [storage, x, *_memory(query, keys, bank_a, bank_b, ct)], [(x.dtype, storage.numel())])
+    (flat,), stats, plan = _run(binary, header, slice_offsets, scale, eps,
+                                [storage, x, *_memory(query, keys, bank_a, bank_b, ct)], [(x.dtype, storage.numel())])
     storage.copy_(flat)
-    return EmuRun((out,), stats["launches"], stats["blocks"], bool(stats["spill"]))
+    return EmuRun((out,), stats["launches"], stats["blocks"], bool(stats["spill"]), plan, stats["workspace"])
 
 
 def run_backward(binary, grad_out, x, weight, query, keys, bank_a, bank_b, *, slice_offsets, separation="affine",
                  scale=1.0, eps=reference.DEFAULT_EPS, output_mask=(True,) * 5, smem_budget=SMEM_BUDGET) -> EmuRun:
     """The CUDA backend's mira_linear_backward, emulated: (dx, dquery, dkeys, dbank_a, dbank_b), None where not asked.
 
-    ``grad_out`` may be any strided view with storage offset 0.
+    ``grad_out`` may be any strided view, with any storage offset.
     """
     need_x, need_q, need_k, need_a, need_b = output_mask
     ct = acc_dtype(x.dtype)
-    storage = torch.as_strided(grad_out, (grad_out.untyped_storage().nbytes() // grad_out.element_size(),), (1,))
+    storage = _whole_storage(grad_out)
     header = _header(1, x, keys, bank_a, bank_b, separation, output_mask, smem_budget, grad_out)
     tensors = [storage, x]
     if need_x:
@@ -185,9 +242,9 @@ def run_backward(binary, grad_out, x, weight, query, keys, bank_a, bank_b, *, sl
         (need_a, ct, bank_a.shape), (need_b, ct, bank_b.shape),
     ]
     outputs = [(dtype, int(torch.Size(shape).numel()) if need else 0) for need, dtype, shape in shapes]
-    got, stats = _run(binary, header, slice_offsets, scale, eps, tensors, outputs)
+    got, stats, plan = _run(binary, header, slice_offsets, scale, eps, tensors, outputs)
     like = (x, query, keys, bank_a, bank_b)
     grads = tuple(
         g.view(shape).to(src.dtype) if need else None for g, (need, _, shape), src in zip(got, shapes, like)
     )
-    return EmuRun(grads, stats["launches"], stats["blocks"], bool(stats["spill"]))
+    return EmuRun(grads, stats["launches"], stats["blocks"], bool(stats["spill"]), plan, stats["workspace"])

@@ -24,7 +24,8 @@ struct Header {
   int64_t magic, dtype, mode, B, T, d_in, N, d_k, S, r, d_s;
   int64_t sep, need_x, need_q, need_k, need_a, need_b, smem_budget;
   int64_t io_len, io_sb, io_st, io_se;  // storage length and strides of out (forward) or grad (backward)
-  int64_t reserved0, reserved1;
+  int64_t plan_only;                    // 1: no tensors follow; record the launches, run nothing
+  int64_t io_offset;                    // storage offset of out / grad, in elements
 };
 static_assert(sizeof(Header) == 24 * 8, "header layout");
 constexpr int64_t kMagic = 0x4d495241454d55;  // "MIRAEMU"
@@ -80,6 +81,50 @@ __global__ void selftest_shared_race_kernel(float* out) {
   out[threadIdx.x] = buf[(threadIdx.x + 1) % mira_cuda::kThreads];
 }
 
+// The launches of one call, printed one per line after the summary line.
+void report(long workspace, bool spill) {
+  std::printf("launches=%ld blocks=%ld spill=%d workspace=%ld\n", emu::launches.load(), emu::blocks_run.load(),
+              spill ? 1 : 0, workspace);
+  for (const auto& l : emu::launch_log) std::printf("launch %s %ld %ld\n", l.name, l.blocks, l.smem);
+}
+
+// Plan-only: the host plan at any size (no data, nothing executed). Pointers are placeholders that no
+// kernel dereferences. Exits 3 with the glue's message when the plan exceeds a launch limit.
+template <typename scalar_t, typename acc_t>
+void plan(const Header& h, const std::vector<int64_t>& offsets) {
+  using namespace mira_cuda;
+  const Dims d{h.B, h.T, h.d_in, h.N, h.d_k, h.S, h.r, h.d_s};
+  const bool backward = h.mode == 1;
+  const bool memory_grads = h.need_q || h.need_k || h.need_a || h.need_b;
+  const Workspace ws = plan_workspace<acc_t>(d, backward, memory_grads, h.smem_budget);
+  const LaunchList list = backward ? backward_launches(d, ws, sizeof(acc_t), h.need_x, h.need_q, h.need_k, h.need_a,
+                                                       h.need_b)
+                                   : adapter_launches(d, ws, sizeof(acc_t));
+  if (const char* why = grid_error(list)) {
+    std::fprintf(stderr, "driver: %s\n", why);
+    std::exit(3);
+  }
+  emu::plan_only = true;
+  alignas(16) static acc_t placeholder[4];
+  alignas(16) static scalar_t placeholder_x[4];
+  CallBuffers<scalar_t, acc_t> cb{};
+  cb.x = placeholder_x, cb.out = placeholder_x, cb.grad = placeholder_x;
+  cb.dx = h.need_x ? placeholder_x : nullptr;
+  cb.query = cb.keys = cb.bank_a = cb.bank_b = placeholder;
+  cb.dq = cb.dk = cb.dbank_a = cb.dbank_b = placeholder;
+  cb.ws = placeholder;
+  Workspace at_zero = ws;  // every scratch array at the placeholder: no pointer arithmetic past it
+  at_zero.z = at_zero.w = at_zero.qnorm = at_zero.knorm = at_zero.mixed_a = at_zero.mixed_b = 0;
+  at_zero.row_spill = at_zero.h = at_zero.dh = at_zero.dmix_a = at_zero.dmix_b = at_zero.dw_part = 0;
+  at_zero.dz = at_zero.offsets = 0;
+  if (backward)
+    launch_backward<scalar_t, acc_t>(d, offsets.data(), static_cast<int>(h.sep), 1.0, 1e-2, cb, at_zero, h.need_q,
+                                     h.need_k, h.need_a, h.need_b, nullptr);
+  else
+    launch_adapter<scalar_t, acc_t>(d, offsets.data(), static_cast<int>(h.sep), 1.0, 1e-2, cb, at_zero, nullptr);
+  report(static_cast<long>(ws.total), ws.spill);
+}
+
 template <typename scalar_t, typename acc_t>
 void run(const Header& h, const std::vector<int64_t>& offsets, double scale, double eps, Reader& rd, Writer& wr) {
   using namespace mira_cuda;
@@ -87,6 +132,13 @@ void run(const Header& h, const std::vector<int64_t>& offsets, double scale, dou
   const bool backward = h.mode == 1;
   const bool need_q = h.need_q, need_k = h.need_k, need_a = h.need_a, need_b = h.need_b;
   const bool memory_grads = need_q || need_k || need_a || need_b;
+  {
+    const Workspace ws = plan_workspace<acc_t>(d, backward, memory_grads, h.smem_budget);
+    const LaunchList list = backward ? backward_launches(d, ws, sizeof(acc_t), h.need_x, need_q, need_k, need_a,
+                                                         need_b)
+                                     : adapter_launches(d, ws, sizeof(acc_t));
+    if (const char* why = grid_error(list)) die(why);
+  }
 
   auto io = rd.read<scalar_t>(h.io_len);  // out (forward, in place) or grad (backward)
   auto x = rd.read<scalar_t>(h.B * h.T * h.d_in);
@@ -108,11 +160,11 @@ void run(const Header& h, const std::vector<int64_t>& offsets, double scale, dou
   cb.query = query.data(), cb.keys = keys.data(), cb.bank_a = bank_a.data(), cb.bank_b = bank_b.data();
   cb.ws = work.data();
   if (!backward) {
-    cb.out = io.data(), cb.out_sb = h.io_sb, cb.out_st = h.io_st, cb.out_se = h.io_se;
+    cb.out = io.data() + h.io_offset, cb.out_sb = h.io_sb, cb.out_st = h.io_st, cb.out_se = h.io_se;
     launch_adapter<scalar_t, acc_t>(d, offsets.data(), static_cast<int>(h.sep), scale, eps, cb, ws, nullptr);
     wr.write(io);
   } else {
-    cb.grad = io.data(), cb.g_sb = h.io_sb, cb.g_st = h.io_st, cb.g_se = h.io_se;
+    cb.grad = io.data() + h.io_offset, cb.g_sb = h.io_sb, cb.g_st = h.io_st, cb.g_se = h.io_se;
     cb.dx = h.need_x ? dx.data() : nullptr;
     cb.dq = need_q ? dq.data() : nullptr, cb.dk = need_k ? dk.data() : nullptr;
     cb.dbank_a = need_a ? dba.data() : nullptr, cb.dbank_b = need_b ? dbb.data() : nullptr;
@@ -124,8 +176,7 @@ void run(const Header& h, const std::vector<int64_t>& offsets, double scale, dou
     wr.write(dba);
     wr.write(dbb);
   }
-  std::printf("launches=%ld blocks=%ld spill=%d workspace=%ld\n", emu::launches.load(), emu::blocks_run.load(),
-              ws.spill ? 1 : 0, static_cast<long>(ws.total));
+  report(static_cast<long>(ws.total), ws.spill);
 }
 
 }  // namespace
@@ -137,21 +188,31 @@ int main(int argc, char** argv) {
   const Header& h = hv[0];
   if (h.magic != kMagic) die("bad magic");
   if (h.mode == 2) {  // self-test: must abort
-    emu::launch(&selftest_divergent_barrier_kernel, 2, mira_cuda::kThreads, 0, 0);
+    emu::launch("selftest", &selftest_divergent_barrier_kernel, 2, mira_cuda::kThreads, 0, 0);
     return 0;
   }
   if (h.mode == 4) {  // self-test: must be reported by ThreadSanitizer
     std::vector<float> out(mira_cuda::kThreads);
-    emu::launch(&selftest_shared_race_kernel, 1, mira_cuda::kThreads, 0, out.data());
+    emu::launch("selftest", &selftest_shared_race_kernel, 1, mira_cuda::kThreads, 0, out.data());
     return 0;
   }
   if (h.mode == 3) {  // self-test: must abort (AddressSanitizer)
-    emu::launch(&selftest_smem_overflow_kernel, 1, mira_cuda::kThreads, mira_cuda::kThreads * 4, mira_cuda::kThreads);
+    emu::launch("selftest", &selftest_smem_overflow_kernel, 1, mira_cuda::kThreads, mira_cuda::kThreads * 4, mira_cuda::kThreads);
     return 0;
   }
-  if (h.S < 1 || h.S > mira_cuda::kMaxSlices) die("S out of range");
+  if (h.S < 1) die("S out of range");
   const auto offsets = rd.read<int64_t>(h.S);
   const auto sc = rd.read<double>(2);
+  if (h.plan_only) {
+    switch (h.dtype) {
+      case 0: plan<float, float>(h, offsets); break;
+      case 1: plan<double, double>(h, offsets); break;
+      case 2: plan<__half, float>(h, offsets); break;
+      case 3: plan<__nv_bfloat16, float>(h, offsets); break;
+      default: die("unknown dtype code");
+    }
+    return 0;
+  }
   Writer wr(argv[2]);
   switch (h.dtype) {
     case 0: run<float, float>(h, offsets, sc[0], sc[1], rd, wr); break;

@@ -106,18 +106,29 @@ inline unsigned char* dynamic_smem() { return tl_block->dyn_smem; }
 inline std::atomic<long> launches{0};
 inline std::atomic<long> blocks_run{0};
 
+// Every launch, in order: kernel name, blocks, dynamic shared memory (what the driver reports).
+struct LaunchRecord {
+  const char* name;
+  long blocks, smem;
+};
+inline std::vector<LaunchRecord> launch_log;
+// Plan-only runs record the launches and execute nothing (any problem size, no data).
+inline bool plan_only = false;
+
 // Runs kernel(args) over `blocks` blocks of `threads` threads, blocks in turn.
 template <typename Arg>
-void launch(void (*kernel)(Arg), unsigned blocks, unsigned threads, long smem_bytes, const Arg& arg) {
-  if (blocks == 0) {
-    std::fprintf(stderr, "emu: launch with an empty grid (CUDA rejects it)\n");
+void launch(const char* name, void (*kernel)(Arg), long blocks, unsigned threads, long smem_bytes, const Arg& arg) {
+  if (blocks <= 0 || blocks > 0x7fffffffL) {
+    std::fprintf(stderr, "emu: launch of %s with %ld blocks (CUDA accepts 1 to 2^31 - 1)\n", name, blocks);
     std::abort();
   }
   if (smem_bytes < 0 || smem_bytes > 48 * 1024) {
     std::fprintf(stderr, "emu: %ld bytes of dynamic shared memory (CUDA default limit is 48 KiB)\n", smem_bytes);
     std::abort();
   }
+  launch_log.push_back(LaunchRecord{name, blocks, smem_bytes});
   launches++;
+  if (plan_only) return;
   std::barrier<> barrier(threads);
   // Exactly the requested size (ASan sees reads past it); at least one byte so the pointer is valid.
   std::vector<unsigned char> dyn(static_cast<size_t>(smem_bytes > 0 ? smem_bytes : 1));
@@ -129,14 +140,14 @@ void launch(void (*kernel)(Arg), unsigned blocks, unsigned threads, long smem_by
     tl_block = &state;
     threadIdx = dim3(tid);
     blockDim = dim3(threads);
-    gridDim = dim3(blocks);
-    for (unsigned blk = 0; blk < blocks; ++blk) {
+    gridDim = dim3(static_cast<unsigned>(blocks));
+    for (long blk = 0; blk < blocks; ++blk) {
       if (tid == 0) {
         std::memset(dyn.data(), 0xFF, dyn.size());
         state.min_exit_syncs = std::numeric_limits<long>::max();
       }
       barrier.arrive_and_wait();  // poison and counters are reset before any thread of the block starts
-      blockIdx = dim3(blk);
+      blockIdx = dim3(static_cast<unsigned>(blk));
       tl_syncs = 0;
       kernel(arg);
       syncs[tid] = tl_syncs;
@@ -148,7 +159,7 @@ void launch(void (*kernel)(Arg), unsigned blocks, unsigned threads, long smem_by
       if (tid == 0) {
         for (unsigned i = 1; i < threads; ++i) {
           if (syncs[i] != syncs[0]) {
-            std::fprintf(stderr, "emu: divergent __syncthreads in block %u: thread 0 passed %ld, thread %u %ld\n",
+            std::fprintf(stderr, "emu: divergent __syncthreads in block %ld: thread 0 passed %ld, thread %u %ld\n",
                          blk, syncs[0], i, syncs[i]);
             std::abort();
           }
