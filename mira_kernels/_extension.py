@@ -36,6 +36,14 @@ def load_error_suffix() -> str:
     return "" if loaded else f" (it did not load: {load_error}; build it with `make build`)"
 
 
+@functools.cache
+def cuda_archs() -> tuple[int, ...]:
+    """Virtual GPU architectures the CUDA part was compiled for (e.g. ``(800, 900)``); empty without it."""
+    if not loaded or not hasattr(torch.ops.mira, "_cuda_arch_list"):
+        return ()
+    return tuple(int(a) for a in torch.ops.mira._cuda_arch_list())
+
+
 def build_info() -> dict[str, object]:
     """What this installation was built with, and what loaded."""
     return {
@@ -43,6 +51,7 @@ def build_info() -> dict[str, object]:
         "load_error": load_error,
         "cpu_kernel": has_kernel("_cpu_mira_linear", "CPU"),
         "cuda_kernel": has_kernel("_cuda_mira_linear", "CUDA"),
+        "cuda_archs": cuda_archs(),
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
         "cuda_available": torch.cuda.is_available(),

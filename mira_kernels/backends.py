@@ -109,6 +109,29 @@ def _native_reason(op: str, dispatch_key: str, what: str) -> Callable[[torch.dev
     return reason
 
 
+@functools.cache
+def _capability(index: int) -> tuple[int, int]:
+    # Read once per device: routing asks on every eager call.
+    return tuple(torch.cuda.get_device_capability(index))
+
+
+def _cuda_reason(device: torch.device) -> str | None:
+    reason = _native_reason("_cuda_mira_linear", "CUDA", "CUDA")(device)
+    if reason is not None:
+        return reason
+    # The tensor's own device decides (machines can mix GPU generations): its capability must reach the
+    # oldest architecture the build carries code for (newer ones run the embedded PTX). The op itself
+    # checks again, exactly, by asking the runtime for a kernel image on that device.
+    archs = _extension.cuda_archs()
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    major, minor = _capability(index)
+    if archs and 100 * major + 10 * minor < min(archs):
+        oldest = min(archs)
+        return (f"the cuda backend was built for compute capability >= {oldest // 100}.{oldest % 100 // 10} "
+                f"(TORCH_CUDA_ARCH_LIST at build time), cuda:{index} has {major}.{minor}")
+    return None
+
+
 def _reference_reason(device: torch.device) -> str | None:
     if device.type == "cuda" and not torch.cuda.is_available():
         return "no CUDA device is available"
@@ -137,7 +160,7 @@ _REGISTRY: dict[str, _Backend] = {
     "reference": _Backend(("cpu", "cuda"), _reference_reason, _reference_impl),
     "cpu": _Backend(("cpu",), _native_reason("_cpu_mira_linear", "CPU", "its CPU kernel"), _native_impl("_cpu_")),
     "triton": _Backend(("cuda",), _triton_reason, _triton_load),
-    "cuda": _Backend(("cuda",), _native_reason("_cuda_mira_linear", "CUDA", "CUDA"), _native_impl("_cuda_")),
+    "cuda": _Backend(("cuda",), _cuda_reason, _native_impl("_cuda_")),
 }
 
 _loaded: dict[str, object] = {}

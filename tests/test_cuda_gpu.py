@@ -190,3 +190,65 @@ def test_opcheck_cuda_ops():
     bwd = (grad_out, inp.x, inp.weight, inp.query, inp.keys, inp.bank_a, inp.bank_b, inp.slice_offsets, "softmax",
            0.5, 1e-2, [True] * 5)
     torch.library.opcheck(torch.ops.mira._cuda_mira_linear_backward.default, bwd, test_utils=("test_schema",))
+
+
+def test_more_than_sixteen_slices_in_a_cuda_graph():
+    # S = 20: the offsets reach the kernels through mira_offsets_kernel; a captured graph must replay them.
+    S, d_s = 20, 3
+    offsets = [(7 * s % S) * (d_s + 1) for s in range(S)]
+    shape = dict(B=2, T=9, d_in=16, d_out=S * (d_s + 1), N=5, S=S, r=2, d_s=d_s, offsets=offsets)
+    inp = _cuda(make_inputs(**shape, dtype=torch.float64), torch.float64)
+    grad_out = torch.randn(2, 9, S * (d_s + 1), device="cuda", dtype=torch.float64)
+    y, grads = _forward_backward(inp, "softmax", grad_out)
+    torch.testing.assert_close(y, reference.mira_linear(*inp.linear_args(), **_kw(inp, "softmax")), rtol=1e-9,
+                               atol=1e-9)
+    want_g = reference.mira_linear_backward(grad_out, inp.x, inp.weight, inp.query, inp.keys, inp.bank_a,
+                                            inp.bank_b, **_kw(inp, "softmax"))
+    for name, got, w in zip(GRAD_NAMES, grads, want_g):
+        torch.testing.assert_close(got, w, rtol=1e-8, atol=1e-8, msg=f"d{name}")
+    static = [t.clone() for t in inp.linear_args()]
+    with torch.no_grad(), mk.use_backend("cuda"):
+        mk.mira_linear(*static, **_kw(inp, "softmax"))  # warm-up outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y_static = mk.mira_linear(*static, **_kw(inp, "softmax"))
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(y_static, y, rtol=1e-12, atol=1e-12)
+
+
+def test_every_argument_strided_expanded_and_offset():
+    base = make_inputs(B=3, T=7, d_in=12, d_out=36, N=4, S=2, r=3, dtype=torch.float64)
+    inp = _cuda(base, torch.float32)
+
+    def offset(t):  # same values, storage offset 1
+        buf = torch.empty(t.numel() + 1, device=t.device, dtype=t.dtype)
+        return buf[1:].view_as(t).copy_(t)
+
+    x = inp.x.transpose(0, 1).contiguous().transpose(0, 1)  # (B, T, d) with T-major storage
+    weight = torch.cat([inp.weight, inp.weight], dim=1)[:, ::2]  # column stride 2
+    bias = torch.stack([inp.bias, inp.bias], dim=1)[:, 0]  # stride 2
+    query = inp.query[:1].expand(3, -1)  # stride 0 over the batch
+    keys, bank_a = offset(inp.keys), offset(inp.bank_a)
+    bank_b = inp.bank_b.transpose(2, 3).contiguous().transpose(2, 3)  # (N, S, d_s, r) strided
+    args = (x, weight, bias, query, keys, bank_a, bank_b)
+    with torch.no_grad():
+        with mk.use_backend("cuda"):
+            got = mk.mira_linear(*args, **_kw(inp, "softmax"))
+        want = reference.mira_linear(*(t.contiguous().double() for t in args), **_kw(inp, "softmax"))
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+        out = offset(torch.nn.functional.linear(x, weight, bias))
+        with mk.use_backend("cuda"):
+            mk.mira_adapter_(out, x, query, keys, bank_a, bank_b, **_kw(inp, "softmax"))
+        torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_refuses_a_grid_beyond_the_cuda_limit_before_any_work():
+    # B * token tiles > 2^31 - 1 blocks, on zero-stride inputs: refused before the base GEMM or any allocation.
+    B = 300_000_000
+    x = torch.zeros(1, 1, 4, device="cuda").expand(B, 64, 4)
+    query = torch.zeros(1, 4, device="cuda").expand(B, 4)
+    weight, keys = torch.zeros(4, 4, device="cuda"), torch.zeros(2, 4, device="cuda")
+    bank_a, bank_b = torch.zeros(2, 1, 1, 4, device="cuda"), torch.zeros(2, 1, 4, 1, device="cuda")
+    with torch.no_grad(), pytest.raises(RuntimeError, match="2\\^31 - 1 blocks"):
+        torch.ops.mira._cuda_mira_linear(x, weight, None, query, keys, bank_a, bank_b, [0], "affine", 1.0, 1e-2)

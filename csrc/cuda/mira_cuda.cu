@@ -23,6 +23,7 @@
 #include <array>
 #include <atomic>
 #include <string>
+#include <vector>
 
 #define MIRA_CHECK_LAUNCH() C10_CUDA_KERNEL_LAUNCH_CHECK()
 #include "mira_kernels.cuh"
@@ -229,6 +230,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mira_line
 }
 
 }  // namespace
+
+// The virtual architectures this build carries code for (nvcc's __CUDA_ARCH_LIST__, e.g. {800, 900}): the
+// router (mira_kernels/backends.py) compares a device's capability with it, without launching anything.
+std::vector<int64_t> cuda_arch_list() { return {__CUDA_ARCH_LIST__}; }
+
+TORCH_LIBRARY_FRAGMENT(mira, m) { m.def("_cuda_arch_list() -> int[]", &cuda_arch_list); }
 
 TORCH_LIBRARY_IMPL(mira, CUDA, m) {
   m.impl("_cuda_mira_linear", &mira_linear_cuda);

@@ -1,0 +1,440 @@
+"""The CUDA C++ backend's launch plans as :class:`mira_kernels.launch_plan.OpPlan` records (for the GPU model).
+
+The backend's host plan is C++ (``csrc/cuda/mira_kernels.cuh``: ``plan_workspace``, ``adapter_launches``,
+``backward_launches``) and its ATen calls are in ``csrc/cuda/mira_cuda.cu``; this module restates both
+from shapes, dtypes and strides only, so it runs on ``meta`` tensors without the extension or a GPU.
+It must stay in step with the C++: ``tests/test_cuda_plan.py`` compares every kernel launch (name,
+grid, dynamic shared memory) with the C++ plan itself, run by the CPU emulation in plan-only mode.
+
+Costs are what the kernels execute (padding and per-block recomputation included; the math's own
+FLOPs go in ``useful_flops``). Every product of these kernels runs on the CUDA cores (no tensor cores:
+``fma_fp32``, or ``fma_fp64`` for float64 x); the base GEMMs are cuBLAS through ATen and leave tiling
+to the model.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .launch_plan import KernelLaunch, OpPlan
+
+__all__ = ["Dims", "KernelSpec", "kernel_launches", "describe"]
+
+# Constants of csrc/cuda/mira_kernels.cuh (names as there, without the k).
+THREADS = 256
+LANES = 32
+WARPS = THREADS // LANES
+TOK_TILE = WARPS  # tokens per block in the token kernels
+J_TILE = 8  # adapter rows per register tile
+DW_TILE = 4  # slots per block reduction of the partial dw
+COLS_PER_BLOCK = THREADS * 4
+KEY_CHUNK = 256
+MAX_SLICES = 16
+OFFSET_UPLOAD = 256
+SMEM_BUDGET = 32 * 1024
+MAX_GRID = 2**31 - 1
+TREE = int(math.log2(THREADS))  # barrier levels of a block reduction
+LANE_TREE = int(math.log2(LANES))
+
+_SIZE = {torch.float16: 2, torch.bfloat16: 2, torch.float32: 4, torch.float64: 8}
+_GEMM_UNIT = {torch.float16: "tc_fp16", torch.bfloat16: "tc_bf16", torch.float32: "fma_fp32", torch.float64: "tc_fp64"}
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@dataclass(frozen=True)
+class Dims:
+    """``mira_cuda::Dims``: the problem's sizes."""
+
+    B: int
+    T: int
+    d_in: int
+    N: int
+    d_k: int
+    S: int
+    r: int
+    d_s: int
+
+    @property
+    def FA(self) -> int:
+        return self.S * self.r * self.d_in
+
+    @property
+    def FB(self) -> int:
+        return self.S * self.d_s * self.r
+
+    @property
+    def SR(self) -> int:
+        return self.S * self.r
+
+    @property
+    def tiles(self) -> int:
+        return _cdiv(self.T, TOK_TILE)
+
+    @property
+    def col_chunks(self) -> int:
+        return max(1, _cdiv(self.FA + self.FB, COLS_PER_BLOCK))
+
+    @property
+    def offset_uploads(self) -> int:
+        return _cdiv(self.S, OFFSET_UPLOAD) if self.S > MAX_SLICES else 0
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """``mira_cuda::LaunchSpec``: one kernel launch, 1-D grid of THREADS-thread blocks."""
+
+    kernel: str
+    blocks: int
+    smem: int  # dynamic shared memory, bytes
+
+
+def _spill(d: Dims, acc_size: int, smem_budget: int) -> bool:
+    return TOK_TILE * d.SR * acc_size > smem_budget
+
+
+def _dyn_smem(d: Dims, acc_size: int, smem_budget: int) -> int:
+    return 0 if _spill(d, acc_size, smem_budget) else TOK_TILE * d.SR * acc_size
+
+
+def kernel_launches(op: str, d: Dims, acc_size: int, output_mask=(True,) * 5,
+                    smem_budget: int = SMEM_BUDGET) -> list[KernelSpec]:
+    """The backend's own kernel launches of ``op``, in order (``adapter_launches`` / ``backward_launches``).
+
+    ``mira_linear`` launches the adapter's kernels after ATen's GEMM; ``mira_adapter_`` the same kernels.
+    """
+    out: list[KernelSpec] = []
+    if d.B == 0:
+        return out
+    uploads = [KernelSpec("mira_offsets_kernel", 1, 0)] * d.offset_uploads
+    smem = _dyn_smem(d, acc_size, smem_budget)
+    if op in ("mira_linear", "mira_adapter_"):
+        apply = d.T > 0 and d.d_s > 0
+        if apply:
+            out += uploads
+        out.append(KernelSpec("mira_retrieve_kernel", d.B * d.col_chunks, 0))
+        if apply:
+            out.append(KernelSpec("mira_apply_kernel", d.B * d.tiles, smem))
+        return out
+    need_x, need_q, need_k, need_a, need_b = (bool(m) for m in output_mask)
+    mem = need_q or need_k or need_a or need_b
+    tokens = d.T > 0 and (mem or need_x)
+    if tokens or mem:
+        out += uploads
+    out.append(KernelSpec("mira_retrieve_kernel", d.B * d.col_chunks, 0))
+    if tokens:
+        out.append(KernelSpec("mira_bwd_tokens_kernel", d.B * d.tiles, smem))
+    if not mem:
+        return out
+    out.append(KernelSpec("mira_bwd_factors_kernel", d.B * d.col_chunks, 0))
+    out.append(KernelSpec("mira_bwd_scores_kernel", d.B, 0))
+    memory_blocks = (d.N * d.col_chunks if (need_a or need_b) else 0) + (d.N if need_k else 0)
+    if memory_blocks:
+        out.append(KernelSpec("mira_bwd_memory_kernel", memory_blocks, 0))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Cost of each kernel: what it executes and moves, read off its code in mira_kernels.cuh.
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Call:
+    d: Dims
+    xs: int  # bytes per element of x (and out, grad_out, weight)
+    acc: int  # bytes per element of the compute dtype
+    separation: str
+    mask: tuple[bool, ...]
+    spill: bool
+
+    @property
+    def unit(self) -> str:
+        return "fma_fp64" if self.acc == 8 else "fma_fp32"
+
+
+def _rows_dots_steps(j: int, length: int) -> int:
+    # tile_row_dots: per register tile of J_TILE rows, a lane-strided loop and a lane tree.
+    return _cdiv(j, J_TILE) * (_cdiv(length, LANES) + LANE_TREE + 1)
+
+
+def _retrieve(c: _Call) -> dict:
+    d = c.d
+    blocks = d.B * d.col_chunks
+    # Above KEY_CHUNK keys the scores are streamed: computed twice when the separation needs row statistics.
+    stats = c.separation == "softmax" or (c.separation == "affine" and d.N > 1)
+    passes = 2 if d.N > KEY_CHUNK and stats else 1
+    scores = blocks * (2.0 * d.d_k + passes * 4.0 * d.N * d.d_k)  # q norm, q.k and |k|^2 per block
+    mixing = 2.0 * d.B * d.N * (d.FA + d.FB)
+    keys, bank, query = d.N * d.d_k * c.acc, d.N * (d.FA + d.FB) * c.acc, d.B * d.d_k * c.acc
+    return dict(
+        flops={c.unit: scores + mixing},
+        bytes_read=query + keys + bank,
+        bytes_written=d.B * (d.FA + d.FB) * c.acc + (2 * d.B * d.N + d.B + d.N) * c.acc,
+        l2_bytes=keys * (blocks * passes - 1) + bank * (d.B - 1) + query * (d.col_chunks - 1),
+        steps=_cdiv(d.d_k, THREADS) + TREE + passes * _cdiv(d.N, WARPS) * (_cdiv(d.d_k, LANES) + LANE_TREE + 1)
+        + 2 * TREE + d.N,
+        useful_flops=2.0 * d.B * d.N * d.d_k + mixing,
+        smem_bytes=4 * THREADS * c.acc,
+        note=f"scores recomputed by each of the {d.col_chunks} column-chunk blocks of a sample",
+    )
+
+
+def _spill_bytes(c: _Call) -> float:
+    d = c.d
+    return d.B * d.tiles * TOK_TILE * d.SR * c.acc if c.spill else 0.0
+
+
+def _apply(c: _Call) -> dict:
+    d = c.d
+    M = d.B * d.T
+    shrink = 2.0 * M * _cdiv(d.SR, J_TILE) * J_TILE * d.d_in
+    expand = 2.0 * M * d.S * d.d_s * d.r
+    slices = M * d.S * d.d_s * c.xs
+    return dict(
+        flops={c.unit: shrink + expand},
+        bytes_read=M * d.d_in * c.xs + slices,
+        bytes_written=slices + _spill_bytes(c),
+        l2_bytes=d.B * d.tiles * (d.FA + d.FB) * c.acc + _spill_bytes(c),
+        steps=_rows_dots_steps(d.SR, d.d_in) + d.S * _cdiv(d.d_s, THREADS) * d.r,
+        useful_flops=2.0 * M * d.SR * d.d_in + expand,
+        smem_bytes=J_TILE * THREADS * c.acc,
+        note="read-modify-write of the output's slices after the base GEMM (x re-read for the shrink)",
+    )
+
+
+def _bwd_tokens(c: _Call) -> dict:
+    d = c.d
+    need_x, mem = c.mask[0], any(c.mask[1:])
+    M = d.B * d.T
+    flops = 2.0 * M * d.S * _cdiv(d.r, J_TILE) * J_TILE * d.d_s  # dh
+    useful = 2.0 * M * d.SR * d.d_s
+    read = M * d.S * d.d_s * c.xs
+    written = 0.0
+    if mem:
+        flops += 2.0 * M * _cdiv(d.SR, J_TILE) * J_TILE * d.d_in  # h
+        useful += 2.0 * M * d.SR * d.d_in
+        read += M * d.d_in * c.xs
+        written += 2.0 * M * d.SR * c.acc
+    if need_x:
+        flops += 2.0 * M * d.SR * d.d_in
+        useful += 2.0 * M * d.SR * d.d_in
+        read += M * d.d_in * c.xs
+        written += M * d.d_in * c.xs
+    steps = d.S * _rows_dots_steps(d.r, d.d_s) + (_rows_dots_steps(d.SR, d.d_in) if mem else 0)
+    steps += _cdiv(d.d_in, THREADS) * d.SR if need_x else 0
+    return dict(
+        flops={c.unit: flops},
+        bytes_read=read,
+        bytes_written=written + _spill_bytes(c),
+        l2_bytes=d.B * d.tiles * (d.FA + d.FB) * c.acc + _spill_bytes(c),
+        steps=steps,
+        useful_flops=useful,
+        smem_bytes=J_TILE * THREADS * c.acc,
+    )
+
+
+def _bwd_factors(c: _Call) -> dict:
+    d = c.d
+    M = d.B * d.T
+    cols = d.FA + d.FB
+    reduce_t = 2.0 * d.B * d.T * cols
+    dw = 2.0 * d.B * d.N * cols
+    bank = d.N * cols * c.acc
+    return dict(
+        flops={c.unit: reduce_t + dw},
+        bytes_read=M * d.d_in * c.xs + M * d.S * d.d_s * c.xs + bank,
+        bytes_written=d.B * cols * c.acc + d.B * d.col_chunks * d.N * c.acc,
+        # x columns are re-read once per adapter row, G's once per rank; h and dh just written; the bank per sample.
+        l2_bytes=(d.SR - 1) * M * d.d_in * c.xs + (d.r - 1) * M * d.S * d.d_s * c.xs + 2.0 * M * d.SR * c.acc
+        + bank * (d.B - 1),
+        steps=d.T + _cdiv(d.N, DW_TILE) * (TREE + 1),
+        useful_flops=reduce_t + dw,
+        smem_bytes=J_TILE * THREADS * c.acc,
+    )
+
+
+def _bwd_scores(c: _Call) -> dict:
+    d = c.d
+    need_q = c.mask[1]
+    flops = 1.0 * d.B * d.N * d.col_chunks + 6.0 * d.B * d.N
+    read = d.B * d.col_chunks * d.N * c.acc + 2.0 * d.B * d.N * c.acc
+    written = d.B * d.N * c.acc
+    if need_q:
+        flops += 3.0 * d.B * d.N * d.d_k + 6.0 * d.B * d.d_k
+        read += (d.N * d.d_k + d.B * d.d_k + d.N + d.B) * c.acc
+        written += d.B * d.d_k * c.acc
+    return dict(
+        flops={c.unit: flops},
+        bytes_read=read,
+        bytes_written=written,
+        l2_bytes=(d.B - 1) * d.N * d.d_k * c.acc if need_q else 0.0,
+        steps=d.col_chunks + 2 * TREE + ((d.N + TREE) if need_q else 0),
+        useful_flops=2.0 * d.B * d.N * d.d_k if need_q else 0.0,
+        smem_bytes=2 * THREADS * c.acc,
+    )
+
+
+def _bwd_memory(c: _Call) -> dict:
+    d = c.d
+    _, _, need_k, need_a, need_b = c.mask
+    cols = (d.FA if need_a else 0) + (d.FB if need_b else 0)
+    flops = 2.0 * d.N * d.B * cols + (3.0 * d.N * d.B * d.d_k + 6.0 * d.N * d.d_k if need_k else 0.0)
+    read = d.B * cols * c.acc + d.B * d.N * c.acc
+    written = d.N * cols * c.acc
+    if need_k:
+        read += (d.B * d.d_k + d.N * d.d_k + d.B + d.N) * c.acc
+        written += d.N * d.d_k * c.acc
+    return dict(
+        flops={c.unit: flops},
+        bytes_read=read,
+        bytes_written=written,
+        l2_bytes=(d.N - 1) * d.B * (d.N + (d.d_k if need_k else 0)) * c.acc,
+        steps=d.B + (TREE + 1 if need_k else 0),
+        useful_flops=2.0 * d.N * d.B * cols + (2.0 * d.N * d.B * d.d_k if need_k else 0.0),
+        smem_bytes=THREADS * c.acc,
+    )
+
+
+def _offsets(c: _Call) -> dict:
+    return dict(flops={}, bytes_read=0.0, bytes_written=min(c.d.S, OFFSET_UPLOAD) * 8.0, steps=1, smem_bytes=0,
+                note=f"S = {c.d.S} slice offsets copied from the launch arguments to the workspace")
+
+
+_COSTS = {
+    "mira_offsets_kernel": _offsets,
+    "mira_retrieve_kernel": _retrieve,
+    "mira_apply_kernel": _apply,
+    "mira_bwd_tokens_kernel": _bwd_tokens,
+    "mira_bwd_factors_kernel": _bwd_factors,
+    "mira_bwd_scores_kernel": _bwd_scores,
+    "mira_bwd_memory_kernel": _bwd_memory,
+}
+
+_ROLE = {
+    "mira_offsets_kernel": "offsets",
+    "mira_retrieve_kernel": "retrieve",
+    "mira_apply_kernel": "apply",
+    "mira_bwd_tokens_kernel": "bwd_tokens",
+    "mira_bwd_factors_kernel": "bwd_factors",
+    "mira_bwd_scores_kernel": "bwd_scores",
+    "mira_bwd_memory_kernel": "bwd_memory",
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# ATen's launches in mira_cuda.cu: the base GEMMs and the conversions around the kernels.
+# ----------------------------------------------------------------------------------------------
+
+
+def _gemm(name: str, kernel: str, m: int, n: int, k: int, dtype: torch.dtype, bias: bool) -> KernelLaunch:
+    s = _SIZE[dtype]
+    flops = 2.0 * m * n * k
+    note = "cuBLAS through ATen"
+    if dtype == torch.float32:
+        note += "; fp32 runs on the FMA pipes unless torch.backends.cuda.matmul.allow_tf32 is set"
+    return KernelLaunch(name=name, kernel=kernel, grid=(), threads=0, flops={_GEMM_UNIT[dtype]: flops},
+                        bytes_read=(m * k + k * n + (n if bias else 0)) * s, bytes_written=m * n * s,
+                        useful_flops=flops, library="cublas", gemm=(m, n, k), note=note)
+
+
+def _copy(name: str, numel: int, src: torch.dtype, dst: torch.dtype) -> KernelLaunch:
+    return KernelLaunch(name=name, kernel="at::copy_", grid=(), threads=0, flops={},
+                        bytes_read=numel * _SIZE[src], bytes_written=numel * _SIZE[dst], library="aten",
+                        note="dtype conversion or contiguous copy in the glue")
+
+
+def _memory_copies(tensors: dict[str, torch.Tensor], ct: torch.dtype) -> list[KernelLaunch]:
+    # memory_operand(): t.to(ct).contiguous() copies only when the dtype differs or the layout is strided.
+    return [_copy(f"{name}_to_compute", t.numel(), t.dtype, ct) for name, t in tensors.items()
+            if t.numel() and (t.dtype != ct or not t.is_contiguous())]
+
+
+def _dims(x, keys, bank_a, bank_b) -> Dims:
+    B, T, d_in = x.shape
+    N, d_k = keys.shape
+    return Dims(B, T, d_in, N, d_k, bank_a.shape[1], bank_a.shape[2], bank_b.shape[2])
+
+
+def _compute_dtype(x_dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if x_dtype == torch.float64 else torch.float32
+
+
+def _kernels(op: str, d: Dims, x_dtype: torch.dtype, separation: str, mask) -> list[KernelLaunch]:
+    acc = _SIZE[_compute_dtype(x_dtype)]
+    call = _Call(d, _SIZE[x_dtype], acc, separation, tuple(bool(m) for m in mask), _spill(d, acc, SMEM_BUDGET))
+    launches, uploads = [], 0
+    for spec in kernel_launches(op, d, acc, mask):
+        cost = dict(_COSTS[spec.kernel](call))
+        static = cost.pop("smem_bytes")  # static shared memory; spec.smem is the dynamic part
+        name = _ROLE[spec.kernel]
+        if spec.kernel == "mira_offsets_kernel":
+            name, uploads = f"offsets{uploads}", uploads + 1
+        launches.append(KernelLaunch(name=name, kernel=spec.kernel, grid=(spec.blocks,), threads=THREADS,
+                                     smem_bytes=static + spec.smem, **cost))
+    return launches
+
+
+def _check_grids(launches: list[KernelLaunch], op: str) -> None:
+    for k in launches:
+        if k.grid and k.grid[0] > MAX_GRID:
+            raise ValueError(f"cuda {op}: {k.kernel} would need {k.grid[0]} blocks (> 2^31 - 1); the backend "
+                             "refuses this size")
+
+
+def describe(op: str, *args, sms: int | None = None) -> OpPlan:
+    """:class:`OpPlan` of one call of the CUDA C++ backend (arguments as the backend interface; meta tensors).
+
+    ``sms`` is accepted for the protocol and ignored: no grid or reduction order of this backend depends on the
+    SM count, so results are bitwise the same on every GPU of one architecture (cuBLAS aside).
+    """
+    del sms
+    if op == "mira_linear":
+        x, weight, bias, query, keys, bank_a, bank_b, _offsets_, separation, _scale, _eps = args
+        mask = (False,) * 5
+    elif op == "mira_adapter_":
+        _out, x, query, keys, bank_a, bank_b, _offsets_, separation, _scale, _eps = args
+        mask = (False,) * 5
+    elif op == "mira_linear_backward":
+        grad_out, x, weight, query, keys, bank_a, bank_b, _offsets_, separation, _scale, _eps, mask = args
+        mask = tuple(bool(m) for m in mask)
+    else:
+        raise ValueError(f"unknown op {op!r}")
+    d = _dims(x, keys, bank_a, bank_b)
+    ct = _compute_dtype(x.dtype)
+    memory = dict(query=query, keys=keys, bank_a=bank_a, bank_b=bank_b)
+    launches: list[KernelLaunch] = []
+    allocations = 0
+    notes: list[str] = []
+    if op == "mira_linear":
+        launches.append(_gemm("base_gemm", "at::linear", d.B * d.T, weight.shape[0], d.d_in, x.dtype, bias is not None))
+        allocations += 1  # y
+        notes.append("16-bit: the base GEMM's output is rounded to x's dtype before the adapter is added")
+    if op == "mira_linear_backward" and mask[0]:
+        launches.append(_gemm("grad_gemm", "at::matmul", d.B * d.T, d.d_in, weight.shape[0], x.dtype, False))
+        allocations += 1  # dx
+    kernels = _kernels(op, d, x.dtype, separation, mask)
+    if kernels:
+        copies = _memory_copies(memory, ct)
+        if not x.is_contiguous():
+            copies.insert(0, _copy("x_contiguous", x.numel(), x.dtype, x.dtype))
+        launches += copies
+        allocations += len(copies) + 1  # the copies and the one workspace
+    _check_grids(kernels, op)
+    launches += kernels
+    if op == "mira_linear_backward":
+        for need, name, t, shape in zip(mask[1:], ("dquery", "dkeys", "dbank_a", "dbank_b"),
+                                        (query, keys, bank_a, bank_b), (query, keys, bank_a, bank_b)):
+            if not need:
+                continue
+            allocations += 1
+            if t.dtype != ct:  # computed in the compute dtype, returned in the input's
+                launches.append(_copy(f"{name}_to_input", shape.numel(), ct, t.dtype))
+                allocations += 1
+    return OpPlan(backend="cuda", op=op, launches=tuple(launches), allocations=allocations, host_syncs=0,
+                  notes=tuple(notes))
