@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMPS := .stamps
 NATIVE := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh' -o -name '*.inc' 2>/dev/null)
 
-.PHONY: setup build test bench demo lint clean
+.PHONY: setup build test bench demo lint clean gpu-check
 .DEFAULT_GOAL := test
 
 setup: $(STAMPS)/venv
@@ -32,6 +32,11 @@ bench: build
 
 demo: build
 	$(PY) -m mira_kernels.demo
+
+# For a lent GPU machine: the machine's own python3 builds and checks everything, nothing is
+# installed (benchmarks/gpu_check.py). GPU_CHECK_ARGS: e.g. --dry-run, --record, --phases op,model.
+gpu-check:
+	$(PYTHON) -m benchmarks.gpu_check $(GPU_CHECK_ARGS)
 
 lint: setup
 	$(PY) -m ruff check mira_kernels mira benchmarks tests

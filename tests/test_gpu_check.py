@@ -1,0 +1,261 @@
+"""``make gpu-check`` (benchmarks/gpu_check.py) without a GPU: what can be checked before the GPU exists.
+
+- the dry run plans every phase, writes the documented JSON and exits 0 on a CPU machine;
+- a real run on this machine (every phase skipped but env) writes nothing into tracked files;
+- the op and model phases' whole logic runs on CPU tensors with tiny shapes (the CPU and
+  reference backends stand in for the GPU ones), and its records match the schema;
+- the build tree mirrors the sources (same digest), the pytest result parsers, the time limit
+  that ends a phase's whole process group, and ``--record`` naming machine, versions, commit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+jsonschema = pytest.importorskip("jsonschema")  # pinned in requirements.txt; present wherever `make test` runs
+
+from benchmarks import _gpu_check_phases as phases  # noqa: E402
+from benchmarks import gpu_check  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SCHEMA = json.loads(gpu_check.SCHEMA_FILE.read_text())
+TINY = dict(gpu_check.WORKLOAD, tokens=5, d_in=16, d_out=48, slice_offsets=[0, 32], slots=3, batches=[1, 2],
+            dtypes=["float32", "bfloat16"], train_batch=2, max_rounds=3,
+            model_kwargs=dict(img_size=32, embed_dim=32, depth=2, num_heads=2))
+
+
+def _validate(doc: dict) -> None:
+    jsonschema.validate(doc, SCHEMA, cls=jsonschema.Draft202012Validator)
+
+
+def _main(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "OUT"}
+    env["PYTHONPATH"] = str(ROOT)
+    cmd = [sys.executable, "-m", "benchmarks.gpu_check", "--out", str(tmp_path / "out"), "--work",
+           str(tmp_path / "work"), *args]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+
+
+def _tracked_state() -> tuple[dict, str]:
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, text=True, check=True)
+    stat = {}
+    for name in filter(None, files.stdout.split("\0")):
+        path = ROOT / name
+        if path.exists():
+            st = path.stat()
+            stat[name] = (st.st_mtime_ns, st.st_size)
+    status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=ROOT,
+                            capture_output=True, text=True, check=True).stdout
+    return stat, status
+
+
+@pytest.fixture(scope="module")
+def cpu_runs(tmp_path_factory):
+    """One dry run and one real run on this (GPU-less) machine, with the checkout's state around them."""
+    if subprocess.run(["git", "rev-parse"], cwd=ROOT, capture_output=True).returncode != 0:
+        pytest.skip("the checkout is not a git repository")
+    before = _tracked_state()
+    dry_dir, real_dir = tmp_path_factory.mktemp("dry"), tmp_path_factory.mktemp("real")
+    dry = _main(dry_dir, "--dry-run")
+    real = _main(real_dir)
+    after = _tracked_state()
+    return {"dry": (dry, dry_dir / "out"), "real": (real, real_dir / "out"), "before": before, "after": after}
+
+
+def test_dry_run_plans_every_phase_writes_the_schema_and_exits_0(cpu_runs):
+    proc, out = cpu_runs["dry"]
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    doc = json.loads((out / "gpu_check.json").read_text())
+    _validate(doc)
+    assert doc["mode"] == "dry-run" and doc["exit_status"] == 0 and doc["finished"]
+    assert doc["environment"]["torch"] and doc["environment"]["versions"]["torch"]
+    assert all(err is None for err in doc["environment"]["imports"].values()), doc["environment"]["imports"]
+    phases_ = doc["phases"]
+    assert list(phases_) == list(gpu_check.PHASES) and phases_["env"]["status"] == "ok"
+    for name in gpu_check.PHASES[1:]:
+        ph = phases_[name]
+        assert ph["plan"]["does"], name
+        assert ph["status"] in ("planned", "skipped"), (name, ph)
+        assert ph["status"] == "planned" or ph["reason"], (name, ph)  # a skip always says why
+        assert ph["seconds"] is None  # nothing ran
+    if doc["environment"]["gpu"] is None:
+        assert "no CUDA device" in phases_["build"]["reason"]
+    assert len(phases_["op"]["plan"]["cells"]) == 10 and len(phases_["model"]["plan"]["cells"]) == 8
+    summary = (out / "summary.txt").read_text()
+    assert "phase" in summary and "dry-run" in summary and summary in proc.stdout
+    assert {p.name for p in out.iterdir()} <= set(gpu_check.OUTPUT_FILES)
+
+
+def test_a_real_run_without_gpu_reports_why_and_writes_nothing_into_the_checkout(cpu_runs):
+    proc, out = cpu_runs["real"]
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    doc = json.loads((out / "gpu_check.json").read_text())
+    _validate(doc)
+    assert doc["mode"] == "run" and doc["source"]["digest"] == gpu_check.source_digest()[0]
+    if doc["environment"]["gpu"] is None:
+        assert [doc["phases"][p]["status"] for p in gpu_check.PHASES] == ["ok"] + ["skipped"] * 4
+    # Neither run touched a tracked file or left an untracked one outside git's ignore rules.
+    assert cpu_runs["after"] == cpu_runs["before"]
+    files = sorted(p.name for p in out.iterdir())
+    assert len(files) <= 8 and set(files) <= set(gpu_check.OUTPUT_FILES)
+
+
+def test_op_phase_logic_on_cpu_tensors_matches_the_schema(tmp_path):
+    rec = phases.Partial(tmp_path / "op.json")
+    phases.run_op(rec, time.monotonic() + 120, TINY, device="cpu")
+    data = rec.data
+    assert data["status"] == "ok" and not data["not_measured"]
+    assert "triton" in data["excluded"] and "cuda" in data["excluded"]  # with the router's reasons
+    assert data["variants"][:2] == ["linear", "eager"] and "mira[reference]" in data["variants"]
+    rows = data["measurements"]
+    cells = {(r["mode"], r["dtype"], r["batch"]) for r in rows}
+    assert len(cells) == 6 and len(rows) == 6 * len(data["variants"])
+    for r in rows:
+        assert r["ok"] and r["error"] is None, r
+        assert r["eager_us"]["median"] > 0 and r["eager_us"]["rounds"] >= 1
+        assert r["graph_error"].startswith("CUDA graphs need a CUDA device")
+        if r["kind"] == "mira":  # the backends are as accurate as PyTorch (the eager baseline, in bf16, is not)
+            assert r["check"]["rel_err"] < 3 * r["check"]["pytorch_rel_err"] + 1e-6, r
+        if r["variant"] != "linear":
+            assert r["vs_baseline"]["eager"]["ratio"] > 0
+    doc = _document_with({"op": dict(data, status="ok", reason=None, seconds=1.0, budget_s=2.0)})
+    _validate(doc)
+    assert "mira[reference]" in gpu_check.render_summary(doc)
+
+
+def test_model_phase_logic_on_a_tiny_vit_on_cpu(tmp_path):
+    pytest.importorskip("timm")
+    rec = phases.Partial(tmp_path / "model.json")
+    workload = dict(TINY, batches=[2], dtypes=["float32"])
+    phases.run_model(rec, time.monotonic() + 120, workload, device="cpu")
+    data = rec.data
+    assert data["status"] == "ok"
+    rows = {r["variant"]: r for r in data["measurements"]}
+    assert set(rows) == set(data["variants"]) and "stock" in rows and "eager" in rows
+    for name, r in rows.items():
+        assert r["ok"] and r["eager_us"]["median"] > 0, r
+        if name.startswith("mira["):
+            # MIRA on a backend computes what the eager baseline computes (fp32 rounding apart).
+            assert r["check"]["rel_err"] < 1e-5, r
+    _validate(_document_with({"model": dict(data, status="ok", reason=None, seconds=1.0, budget_s=2.0)}))
+
+
+def _document_with(phase_records: dict) -> dict:
+    args = gpu_check.parse_args(["--dry-run"])
+    doc = gpu_check.new_document(args, list(gpu_check.PHASES), args.workload)
+    doc["mode"] = "run"
+    for name, record in phase_records.items():
+        doc["phases"][name] = record
+    return doc
+
+
+def test_schema_rejects_what_readers_could_not_use():
+    doc = _document_with({})
+    _validate(doc)
+    for broken in ({"schema": "mira-gpu-check/0"}, {"mode": "test"}, {"phases": {}}):
+        with pytest.raises(jsonschema.ValidationError):
+            _validate({**doc, **broken})
+    bad_status = json.loads(json.dumps(doc))
+    bad_status["phases"]["op"]["status"] = "done"
+    with pytest.raises(jsonschema.ValidationError):
+        _validate(bad_status)
+
+
+def test_build_tree_mirrors_the_sources_and_keeps_its_build_folder(tmp_path):
+    tree = tmp_path / "tree"
+    (tree / "build").mkdir(parents=True)
+    (tree / "build" / "keep.o").write_text("object")
+    (tree / "mira_kernels").mkdir()
+    (tree / "mira_kernels" / "deleted_upstream.py").write_text("stale")
+    count = gpu_check.sync_tree(ROOT, tree)
+    digest, files = gpu_check.source_digest(ROOT)
+    assert count == files and gpu_check.source_digest(tree) == (digest, files)
+    assert (tree / "build" / "keep.o").exists() and not (tree / "mira_kernels" / "deleted_upstream.py").exists()
+    assert (tree / "setup.py").stat().st_mtime_ns == (ROOT / "setup.py").stat().st_mtime_ns  # ninja sees no change
+
+
+def test_phase_time_limit_ends_the_whole_process_group(tmp_path):
+    # A child that starts a grandchild and both sleep: the limit must end both, promptly.
+    marker = tmp_path / "grandchild.pid"
+    script = (f"import subprocess, time; p = subprocess.Popen(['sleep', '60']); "
+              f"open({str(marker)!r}, 'w').write(str(p.pid)); time.sleep(60)")
+    t0 = time.monotonic()
+    rc, timed_out = gpu_check.run_logged([sys.executable, "-c", script], cwd=tmp_path, env=dict(os.environ),
+                                         timeout=2.0, log=tmp_path / "log", title="sleeper")
+    assert timed_out and time.monotonic() - t0 < 15
+    pid = int(marker.read_text())
+    deadline = time.monotonic() + 5
+    while _running(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _running(pid)
+    assert "killed at its time limit" in (tmp_path / "log").read_text()
+
+
+def _running(pid: int) -> bool:
+    # Gone, or a zombie (dead, not yet reaped by whoever adopted it), counts as ended.
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def test_pytest_results_are_read_from_junit_xml_and_from_a_killed_run_log(tmp_path):
+    (tmp_path / "test_sample.py").write_text(
+        "import pytest\n"
+        "def test_ok(): pass\n"
+        "def test_bad(): assert 1 == 2, 'one is not two'\n"
+        "@pytest.mark.skip(reason='no device')\ndef test_skip(): pass\n"
+        "@pytest.mark.xfail(reason='known')\ndef test_xfail(): assert False\n"
+    )
+    junit = tmp_path / "junit.xml"
+    cmd = [sys.executable, "-m", "pytest", "-v", "-rfE", "-p", "no:cacheprovider", f"--junitxml={junit}",
+           "test_sample.py"]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    parsed = gpu_check.parse_junit(junit)
+    assert parsed["counts"] == {"passed": 1, "failed": 1, "error": 0, "skipped": 1, "xfailed": 1, "xpassed": 0}
+    assert parsed["failures"][0]["test"].endswith("::test_bad") and "one is not two" in parsed["failures"][0]["message"]
+    assert parsed["skip_reasons"] == {"no device": 1}
+    # Verbose lines as pytest prints them, with and without pytest-xdist's worker prefix.
+    log = proc.stdout.replace("test_sample.py", "tests/test_sample.py") + (
+        "[gw1] [ 50%] PASSED tests/test_x.py::test_a[float32]\n[gw0] [100%] FAILED tests/test_x.py::test_b\n")
+    counts = gpu_check.parse_pytest_log(log)["counts"]
+    assert counts["passed"] == 2 and counts["failed"] == 2 and counts["skipped"] == 1 and counts["xfailed"] == 1
+
+
+def test_record_names_machine_driver_versions_and_commit(tmp_path, monkeypatch):
+    doc = _document_with({})
+    doc["environment"] = {"gpu": {"name": "NVIDIA H200", "capability": "9.0", "sms": 132, "memory_gib": 139.8,
+                                  "driver": "580.159.04"}, "versions": {"torch": "2.11.0", "triton": "3.6.0"},
+                          "torch_cuda": "13.0", "python": "3.12.3", "cpu": "x", "cpu_count": 16}
+    doc["source"] = {"commit": None, "dirty": None, "digest": "ab" * 32, "files": 3}
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "gpu_check.json").write_text(json.dumps(doc))
+    (results / "summary.txt").write_text("table\n")
+    monkeypatch.setattr(gpu_check, "source_identity",
+                        lambda repo=None: {"commit": "c0ffee" * 6 + "abcd", "dirty": False, "digest": "ab" * 32})
+    dest = gpu_check.record(results, dest_root=tmp_path / "gpu")
+    assert dest.name == f"{doc['started'][:10]}_nvidia-h200_c0ffeec0ffe"
+    text = (dest / "record.txt").read_text()
+    for fact in ("NVIDIA H200", "580.159.04", "torch: 2.11.0", "triton: 3.6.0", "c0ffee", "matched"):
+        assert fact in text, fact
+    assert (dest / "summary.txt").read_text() == "table\n"
+    doc["mode"] = "dry-run"
+    (results / "gpu_check.json").write_text(json.dumps(doc))
+    with pytest.raises(SystemExit, match="dry run"):
+        gpu_check.record(results, dest_root=tmp_path / "gpu")
+
+
+def test_budget_shares_fit_five_minutes_and_the_makefile_target_runs_the_script():
+    assert sum(gpu_check.BUDGET_SHARES.values()) <= gpu_check.TOTAL_BUDGET_S <= 300
+    make = subprocess.run(["make", "-n", "gpu-check", "GPU_CHECK_ARGS=--dry-run"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert make.returncode == 0 and "-m benchmarks.gpu_check --dry-run" in make.stdout
