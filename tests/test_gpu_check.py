@@ -64,7 +64,7 @@ def cpu_runs(tmp_path_factory):
     before = _tracked_state()
     dry_dir, real_dir = tmp_path_factory.mktemp("dry"), tmp_path_factory.mktemp("real")
     dry = _main(dry_dir, "--dry-run")
-    real = _main(real_dir)
+    real = _main(real_dir, "--budget", "600")  # a loaded CPU can take 10 s to import torch and probe
     after = _tracked_state()
     return {"dry": (dry, dry_dir / "out"), "real": (real, real_dir / "out"), "before": before, "after": after}
 
