@@ -297,6 +297,17 @@ def _rel_err(got, want) -> float:
     return torch.linalg.vector_norm(got - want).item() / (den if den > 0 else 1.0)
 
 
+def _finite_check(check: dict | None) -> dict | None:
+    """JSON has no inf: a non-finite output is recorded as finite=False with rel_err null."""
+    if check is None:
+        return None
+    out = dict(check, finite=math.isfinite(check["rel_err"]))
+    for key in ("rel_err", "pytorch_rel_err"):
+        if out.get(key) is not None and not math.isfinite(out[key]):
+            out[key] = None
+    return out
+
+
 def _measure(rec: Partial, *, mode: str, dtype_name: str, batch: int, variants: dict, checks: dict,
              baseline: str, kinds: dict, budget: float, profile: bool, timer, device, max_rounds: int) -> None:
     """Times one cell: eager (events) and graph replay of every variant that passed its run, then kernels."""
@@ -310,7 +321,7 @@ def _measure(rec: Partial, *, mode: str, dtype_name: str, batch: int, variants: 
         rows[name] = {
             "mode": mode, "dtype": dtype_name, "batch": batch, "variant": name, "kind": kind, "backend": backend,
             "ok": check.get("error") is None and check.get("rel_err", 0.0) <= GROSS_REL_ERR,
-            "error": check.get("error"), "check": check.get("check"), "baseline": baseline,
+            "error": check.get("error"), "check": _finite_check(check.get("check")), "baseline": baseline,
             "eager_us": None, "graph_us": None, "graph_error": None, "vs_baseline": {"eager": None, "graph": None},
             "kernels": None, "kernel_us_total": None, "kernels_error": None,
         }
@@ -324,7 +335,9 @@ def _measure(rec: Partial, *, mode: str, dtype_name: str, batch: int, variants: 
             rows[name]["eager_us"] = _stat_us(eager, name)
             rows[name]["vs_baseline"]["eager"] = _ratio(eager, name, baseline)
     graphs, replays = {}, {}
-    for name, fn in runnable.items():
+    # The reference is the likeliest to refuse capture (host syncs): capture it last, so that a
+    # capture that leaves the device in a bad state costs no other variant its graph timing.
+    for name, fn in sorted(runnable.items(), key=lambda item: "reference" in item[0]):
         if rows[name]["error"] is not None:
             continue
         if device.type != "cuda":
@@ -347,7 +360,10 @@ def _measure(rec: Partial, *, mode: str, dtype_name: str, batch: int, variants: 
     del graphs, replays
     if profile:
         for name, fn in runnable.items():
-            if rows[name]["error"] is not None or time.monotonic() - start > budget:
+            if rows[name]["error"] is not None:
+                continue
+            if time.monotonic() - start > budget:
+                rows[name]["kernels_error"] = "not profiled: the cell's share of the phase budget was spent"
                 continue
             if device.type != "cuda":
                 rows[name]["kernels_error"] = f"kernel times need a CUDA device, not {device.type}"

@@ -118,7 +118,7 @@ def test_op_phase_logic_on_cpu_tensors_matches_the_schema(tmp_path):
     cells = {(r["mode"], r["dtype"], r["batch"]) for r in rows}
     assert len(cells) == 6 and len(rows) == 6 * len(data["variants"])
     for r in rows:
-        assert r["ok"] and r["error"] is None, r
+        assert r["ok"] and r["error"] is None and r["check"]["finite"], r
         assert r["eager_us"]["median"] > 0 and r["eager_us"]["rounds"] >= 1
         assert r["graph_error"].startswith("CUDA graphs need a CUDA device")
         if r["kind"] == "mira":  # the backends are as accurate as PyTorch (the eager baseline, in bf16, is not)
@@ -259,3 +259,34 @@ def test_budget_shares_fit_five_minutes_and_the_makefile_target_runs_the_script(
     make = subprocess.run(["make", "-n", "gpu-check", "GPU_CHECK_ARGS=--dry-run"], cwd=ROOT, capture_output=True,
                           text=True, timeout=60)
     assert make.returncode == 0 and "-m benchmarks.gpu_check --dry-run" in make.stdout
+
+
+def test_failing_and_non_finite_variants_are_recorded_not_timed(tmp_path):
+    import math
+
+    import torch
+
+    from benchmarks.latency import DeviceTimer
+
+    rec = phases.Partial(tmp_path / "cell.json")
+    fns = {"linear": lambda: torch.ones(4).sum(), "mira[nan]": lambda: torch.ones(4).sum(),
+           "mira[raises]": lambda: torch.ones(4).sum()}
+    nan_check = {"against": "x", "rel_err": math.inf, "pytorch_rel_err": 1e-7}
+    checks = {"linear": {"rel_err": 0.0, "check": {"against": "x", "rel_err": 0.0, "pytorch_rel_err": 0.0}},
+              "mira[nan]": {"rel_err": math.inf, "check": nan_check},
+              "mira[raises]": {"error": "RuntimeError: no kernel image", "check": None}}
+    kinds = {"linear": ("linear", None), "mira[nan]": ("mira", "nan"), "mira[raises]": ("mira", "raises")}
+    phases._measure(rec, mode="forward", dtype_name="float32", batch=1, variants=fns, checks=checks,
+                    baseline="linear", kinds=kinds, budget=1.0, profile=True, timer=DeviceTimer(torch.device("cpu")),
+                    device=torch.device("cpu"), max_rounds=3)
+    rows = {r["variant"]: r for r in rec.data["measurements"]}
+    assert rows["linear"]["ok"] and rows["linear"]["check"]["finite"]
+    nan = rows["mira[nan]"]
+    assert not nan["ok"] and nan["check"] == dict(nan_check, rel_err=None, finite=False)
+    raised = rows["mira[raises]"]
+    assert not raised["ok"] and raised["error"] and raised["eager_us"] is None and raised["kernels"] is None
+    json.loads(json.dumps(rec.data, allow_nan=False))  # strict JSON: no inf or NaN anywhere
+    doc = _document_with({"op": dict(rec.data, status="ok", reason=None, seconds=1.0, budget_s=2.0)})
+    _validate(doc)
+    summary = gpu_check.render_summary(doc)
+    assert "WRONG (inf/NaN)" in summary and "ERROR" in summary and "no kernel image" in summary
