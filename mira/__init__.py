@@ -7,11 +7,14 @@ Public API (names are stable; other packages build on them)::
 
     mira.attach(model, *, rank=4, slices=("q", "v"), query="identity", separation="affine",
                 blocks=None, capacity=None, key_dim=None, query_token="cls", query_hidden=None,
-                key_norm="unit", trainable_bank=False, scale=1.0, eps=None, slice_width=None,
-                example_input=None) -> model
+                key_norm="per_feature", key_init="uniform", trainable_bank=False, scale=1.0, eps=None,
+                slice_width=None, example_input=None) -> model
         In place: each timm ViT block gets ``block.mira_memory`` (AdapterMemory, with its query
         module) and ``block.attn.qkv`` becomes a MiraProjection wrapping the original Linear.
-        Verified by dry runs; the backbone is frozen; the stage is "adaptation".
+        Verified by dry runs; the backbone is frozen; the stage is "adaptation". The defaults
+        are the authors' retrieval: keys normalised per feature across the stored keys, then
+        cosine (key_norm="per_feature"; "unit" = cosine only), new keys U(-1, 1)
+        (key_init="uniform"; "normal" = Gaussian, as the paper's text says).
     mira.detach(model) -> model                          undo attach
     mira.memories(model) -> list[AdapterMemory]          block order
     mira.named_memories(model) -> list[(name, AdapterMemory)]
@@ -24,8 +27,9 @@ Public API (names are stable; other packages build on them)::
     mira.count_parameters(model) -> dict   backbone / keys / query / bank / lora / added / trainable
     mira.association_matrices(model, images) -> {memory name: (B, num_slots) weights}
     mira.write_adapters(model, keys=None, *, generator=None, reset=True) -> list[int]
-        append each block's current LoRA to its memory (Gaussian key unless given), re-init LoRA
+        append each block's current LoRA to its memory (a U(-1, 1) key unless given), re-init LoRA
     mira.save_memories(model, path) / mira.load_memories(model, path)      safetensors, versioned
+        (a file saved with key_norm="unit" loads into a model attached with key_norm="unit")
     mira.import_peft(model, source, *, keys=None, module_names=None, drop_unused_rows=False, ...)
 
     AdapterMemory: .append(bank_a, bank_b, keys=None) -> slots, .remove(indices), .clear(),
@@ -50,7 +54,7 @@ A typical run::
     mira.set_stage(model, "inference"); model.eval(); logits = model(images)
 """
 
-from .config import KEY_NORMS, QUERY_MODULES, QUERY_TOKENS, STAGES, MemoryConfig, MiraConfig
+from .config import KEY_INITS, KEY_NORMS, QUERY_MODULES, QUERY_TOKENS, STAGES, MemoryConfig, MiraConfig
 from .integration import (
     MEMORY_ATTR,
     association_matrices,
@@ -71,6 +75,7 @@ from .query import IdentityQuery, LinearQuery, MlpQuery, build_query_module
 
 __all__ = [
     "FORMAT_VERSION",
+    "KEY_INITS",
     "KEY_NORMS",
     "MEMORY_ATTR",
     "QUERY_MODULES",

@@ -19,6 +19,7 @@ __all__ = [
     "QUERY_MODULES",
     "QUERY_TOKENS",
     "KEY_NORMS",
+    "KEY_INITS",
     "STAGES",
     "SLICE_NAMES",
     "MiraConfig",
@@ -30,9 +31,13 @@ QUERY_MODULES = ("identity", "linear", "mlp")
 #: Which token(s) of the attention input feed the query: the CLS token, or the mean of the
 #: patch tokens (prefix tokens such as CLS, registers and distillation excluded).
 QUERY_TOKENS = ("cls", "mean")
-#: ``unit``: cosine similarity only. ``per_feature``: the authors' code also L2-normalises the
-#: (N, d_k) key matrix per feature (across the N keys) before the cosine.
-KEY_NORMS = ("unit", "per_feature")
+#: ``per_feature`` (default, the authors' code): the (N, d_k) key matrix is L2-normalised per
+#: feature (each column across the N keys) before the cosine. ``unit``: cosine similarity only.
+#: They are different retrievals (per block the adapter change differs by 90-150%, method.md §1).
+KEY_NORMS = ("per_feature", "unit")
+#: How a key is drawn when an adapter is stored without one: ``uniform`` (default, the authors'
+#: code) draws every element from U(-1, 1); ``normal`` from N(0, 1) (what the paper's text says).
+KEY_INITS = ("uniform", "normal")
 #: Training stages (method section 3).
 STAGES = ("adaptation", "consolidation", "inference")
 #: Named output slices of a packed qkv projection, in the order timm packs them.
@@ -87,6 +92,7 @@ def _check_memory_fields(cfg) -> None:
     cfg.query_hidden = _positive_int("query_hidden", cfg.query_hidden, allow_none=True)
     _choice("separation", cfg.separation, SEPARATIONS)
     _choice("key_norm", cfg.key_norm, KEY_NORMS)
+    _choice("key_init", cfg.key_init, KEY_INITS)
     cfg.capacity = _positive_int("capacity", cfg.capacity, allow_none=True)
     _check_separation_capacity(cfg.separation, cfg.capacity)
     cfg.trainable_bank = bool(cfg.trainable_bank)
@@ -108,7 +114,10 @@ class MiraConfig:
         query_hidden: hidden width of the MLP query module (default: the block width).
         key_dim: key width d_k (default: the block width; ``"identity"`` needs exactly that).
         separation: one of ``mira_kernels.SEPARATIONS``; ``"affine"`` is the paper's default.
-        key_norm: ``"unit"`` (cosine only) or ``"per_feature"`` (see :data:`KEY_NORMS`).
+        key_norm: ``"per_feature"`` (default, the authors' retrieval) or ``"unit"`` (cosine
+            only); see :data:`KEY_NORMS`.
+        key_init: distribution of the keys drawn for adapters stored without one:
+            ``"uniform"`` U(-1, 1) (default, the authors' code) or ``"normal"`` N(0, 1).
         capacity: None for a memory that grows on append; an int pre-allocates that many slots
             with an active mask, so growth changes no shape (no recompilation, no CUDA-graph
             re-capture).
@@ -126,7 +135,8 @@ class MiraConfig:
     query_hidden: int | None = None
     key_dim: int | None = None
     separation: str = "affine"
-    key_norm: str = "unit"
+    key_norm: str = "per_feature"
+    key_init: str = "uniform"
     capacity: int | None = None
     trainable_bank: bool = False
     scale: float = 1.0
@@ -171,7 +181,7 @@ class MemoryConfig:
         d_k: key width.
         num_slices: S, the number of adapted output slices.
         slice_width: d_s, the width of each slice.
-        rank, query, query_token, query_hidden, separation, key_norm, capacity,
+        rank, query, query_token, query_hidden, separation, key_norm, key_init, capacity,
         trainable_bank, scale, eps: as :class:`MiraConfig`.
         num_prefix_tokens: tokens before the patch tokens (CLS, registers, distillation),
             excluded from the ``"mean"`` query.
@@ -186,7 +196,8 @@ class MemoryConfig:
     query_token: str = "cls"
     query_hidden: int | None = None
     separation: str = "affine"
-    key_norm: str = "unit"
+    key_norm: str = "per_feature"
+    key_init: str = "uniform"
     capacity: int | None = None
     trainable_bank: bool = False
     scale: float = 1.0

@@ -162,7 +162,8 @@ def attach(
     key_dim: int | None = None,
     query_token: str = "cls",
     query_hidden: int | None = None,
-    key_norm: str = "unit",
+    key_norm: str = "per_feature",
+    key_init: str = "uniform",
     trainable_bank: bool = False,
     scale: float = 1.0,
     eps: float | None = None,
@@ -175,7 +176,9 @@ def attach(
     ``capacity`` pre-allocated slots) and ``block.attn.qkv`` becomes a :class:`MiraProjection`
     wrapping the original linear layer. The whole backbone is frozen and the model is left in
     the ``adaptation`` stage (equal to the backbone until the LoRA trains). The arguments are
-    those of :class:`~mira.config.MiraConfig`.
+    those of :class:`~mira.config.MiraConfig`. The defaults are the authors' semantics: keys
+    normalised per feature before the cosine (``key_norm="per_feature"``) and drawn from
+    U(-1, 1) (``key_init="uniform"``); ``key_norm="unit"`` is plain cosine retrieval.
 
     Two dry runs (``example_input``, default a random batch of 2 at the model's input size)
     check that the model's attention calls ``attn.qkv`` on per-image tokens equal to the
@@ -189,8 +192,9 @@ def attach(
 
     config = MiraConfig(
         rank=rank, slices=slices, slice_width=slice_width, query=query, query_token=query_token,
-        query_hidden=query_hidden, key_dim=key_dim, separation=separation, key_norm=key_norm, capacity=capacity,
-        trainable_bank=trainable_bank, scale=scale, eps=DEFAULT_EPS if eps is None else eps, blocks=blocks,
+        query_hidden=query_hidden, key_dim=key_dim, separation=separation, key_norm=key_norm, key_init=key_init,
+        capacity=capacity, trainable_bank=trainable_bank, scale=scale, eps=DEFAULT_EPS if eps is None else eps,
+        blocks=blocks,
     )
     if not isinstance(model, nn.Module):
         raise TypeError(f"attach expects an nn.Module, got {type(model).__name__}")
@@ -233,8 +237,8 @@ def attach(
                 d_in=qkv.in_features, d_k=config.key_dim or qkv.in_features, num_slices=len(offsets),
                 slice_width=width, rank=config.rank, query=config.query, query_token=config.query_token,
                 query_hidden=config.query_hidden, separation=config.separation, key_norm=config.key_norm,
-                capacity=config.capacity, trainable_bank=config.trainable_bank, scale=config.scale,
-                eps=config.eps, num_prefix_tokens=num_prefix,
+                key_init=config.key_init, capacity=config.capacity, trainable_bank=config.trainable_bank,
+                scale=config.scale, eps=config.eps, num_prefix_tokens=num_prefix,
             ),
             offsets, names,
         ))
@@ -370,7 +374,8 @@ def write_adapters(
     """Append every block's current LoRA to its memory, then re-initialise the LoRA.
 
     Args:
-        keys: None (a Gaussian key per block, drawn from ``generator``), one (d_k,) key used by
+        keys: None (a random key per block, drawn from ``generator`` as the memory's ``key_init``
+            says: U(-1, 1) by default), one (d_k,) key used by
             every block, or a sequence with one key per memory.
         reset: re-initialise the LoRA afterwards (A kaiming-uniform, B zero) for the next run.
 

@@ -152,8 +152,15 @@ def _plan_memory(path: str, name: str, entry, memory: AdapterMemory, proj, tenso
     if proj is not None and offsets is not None and tuple(offsets) != proj.slice_offsets:
         diffs.append(f"slice_offsets: file {offsets}, model {list(proj.slice_offsets)}")
     if diffs:
+        hint = "attach with the same arguments"
+        if saved.key_norm != memory.config.key_norm:
+            # The default changed from "unit" to the authors' "per_feature": files saved with the
+            # old default stay loadable, into a model attached the way they were trained.
+            hint = (f"the keys were trained for key_norm={saved.key_norm!r} retrieval; load the file into a "
+                    f"model attached with mira.attach(model, key_norm={saved.key_norm!r}, ...) "
+                    "and otherwise the same arguments")
         raise ValueError(f"load_memories: {where} was saved with another configuration ({'; '.join(diffs)}); "
-                         "attach with the same arguments")
+                         f"{hint}")
     n = entry.get("num_slots")
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
         raise ValueError(f"{where}: num_slots must be an int >= 0, got {n!r}")

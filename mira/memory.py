@@ -125,7 +125,8 @@ class AdapterMemory(nn.Module):
     def retrieval_keys(self) -> torch.Tensor:
         """The (C or N, d_k) keys the op sees: empty slots zeroed, per-feature normalised if asked.
 
-        The op applies the per-key L2 normalisation of the cosine itself.
+        The op applies the per-key L2 normalisation of the cosine itself. This is the one place
+        the per-feature step is computed (anything that caches it caches this method's result).
         """
         keys = self.keys
         if self.active is not None:
@@ -187,9 +188,12 @@ class AdapterMemory(nn.Module):
     def _new_keys(self, keys, n: int, generator: torch.Generator | None) -> torch.Tensor:
         d_k = self.config.d_k
         if keys is None:
-            # Random Gaussian keys, as the paper writes each trained adapter (drawn on the CPU so a
-            # seeded generator gives the same keys on every device).
-            return torch.randn(n, d_k, generator=generator).to(**self._factory())
+            # Drawn on the CPU so a seeded generator gives the same keys on every device.
+            if self.config.key_init == "uniform":  # the authors' code: U(-1, 1)
+                drawn = torch.rand(n, d_k, generator=generator).mul_(2.0).sub_(1.0)
+            else:  # the paper's text: Gaussian
+                drawn = torch.randn(n, d_k, generator=generator)
+            return drawn.to(**self._factory())
         if not isinstance(keys, torch.Tensor):
             raise TypeError(f"keys must be a Tensor of shape ({n}, {d_k}) or None, got {type(keys).__name__}")
         if keys.dim() == 1:
@@ -225,7 +229,8 @@ class AdapterMemory(nn.Module):
         Args:
             bank_a: (n, S, r, d_in) or (S, r, d_in) A factors.
             bank_b: (n, S, d_s, r) or (S, d_s, r) B factors.
-            keys: (n, d_k) or (d_k,) keys; None draws Gaussian keys (from ``generator``).
+            keys: (n, d_k) or (d_k,) keys; None draws them from ``generator`` as the config's
+                ``key_init`` says (U(-1, 1) by default).
 
         Returns:
             The slot indices of the new adapters.
@@ -385,6 +390,6 @@ class AdapterMemory(nn.Module):
         c = self.config
         size = f"slots={self.keys.shape[0]}" if c.capacity is None else f"capacity={c.capacity}"
         return (f"{size}, d_k={c.d_k}, d_in={c.d_in}, slices={c.num_slices}x{c.slice_width}, rank={c.rank}, "
-                f"separation={c.separation}, key_norm={c.key_norm}, query_token={c.query_token}"
+                f"separation={c.separation}, key_norm={c.key_norm}, key_init={c.key_init}, query_token={c.query_token}"
                 + (", trainable_bank=True" if c.trainable_bank else ""))
 

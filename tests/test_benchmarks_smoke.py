@@ -110,7 +110,7 @@ def test_eager_baseline_equals_the_reference(slots):
 
 
 def test_a_whole_run_writes_its_record_table_and_plots(tmp_path):
-    cfg = latency.BenchConfig(model="tiny", batch_sizes=(2,), slots=3, e2e_budget={2: 0.05}, e2e_min_rounds=3,
+    cfg = latency.BenchConfig(model="tiny", batch_sizes=(2,), slots=4, e2e_budget={2: 0.05}, e2e_min_rounds=3,
                               op_budget=0.05, sweep_slots=(2,), sweep_batch=2, results_dir=str(tmp_path))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # toy shapes: a second thread only adds barrier stalls on a busy machine
@@ -129,7 +129,7 @@ def test_a_whole_run_writes_its_record_table_and_plots(tmp_path):
         d = res["overhead"][key]
         assert d["lo"] <= d["percent"] <= d["hi"]
     assert "batch 2: decomposed" in table and "arithmetic floor" in table
-    assert json.loads(paths["jsonl"].read_text().splitlines()[-1])["config"]["slots"] == 3
+    assert json.loads(paths["jsonl"].read_text().splitlines()[-1])["config"]["slots"] == 4
     assert paths["sweep_txt"].read_text() == paths["txt"].read_text()
     rows = list(csv.DictReader(paths["csv"].open()))
     assert {"e2e:fused", "decomposed:decomposed", "floor", "sweep:decomposed"} <= {row["measure"] for row in rows}

@@ -234,7 +234,9 @@ def test_fused_backend_equals_reference_backend(device, backend):
         pytest.skip(f"backend {backend!r} is not available for {device} tensors on this machine")
     layer = make_layer(query="mlp", d_k=8)
     _Block(layer).to(device)  # the projection only references its memory; the owner moves both
-    layer.memory.append(*random_adapters(3)[:2])
+    # Seeded keys (not the global RNG): an affine sum that lands near the guard gives gradients
+    # ~1e5 whose float32 rounding a fixed tolerance cannot take.
+    layer.memory.append(*random_adapters(3)[:2], generator=torch.Generator().manual_seed(0))
     x = tokens().to(device).requires_grad_(True)
     results = []
     for name in ("reference", backend):
