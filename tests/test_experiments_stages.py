@@ -120,3 +120,67 @@ def test_uniform_mean_weights_are_exactly_uniform(backbone):
     prof = P.retrieval_profile(r["model"], tasks)
     w = torch.tensor(prof)
     torch.testing.assert_close(w, torch.full_like(w, 0.25))
+
+
+def _block0_cosines(model, x):
+    """Cosine of block 0's query (the CLS token there: the same for every image) with every key."""
+    from mira.experiments.stages import _QueryTap
+
+    tap = _QueryTap(model)
+    try:
+        with torch.no_grad():
+            model(x * 2 - 1)
+    finally:
+        tap.close()
+    q = torch.nn.functional.normalize(tap.queries[0][:1], dim=-1)
+    return (q @ torch.nn.functional.normalize(mira.memories(model)[0].keys.detach(), dim=-1).T)[0]
+
+
+@pytest.mark.parametrize("gpm_keys", ["raw", "fixed_norm"])
+def test_gpm_on_raw_keys_moves_old_cosines_and_fixed_norm_keeps_them(backbone, gpm_keys):
+    # The structural flaw: DualGPM keeps q . k for protected queries, but retrieval reads q . k / |k|.
+    cfg = RecipeConfig(adapters_per_task=2, batch_size=8, max_epochs=1, consolidation_epochs=3, key_lr=0.2,
+                       key_norm="unit", gpm_keys=gpm_keys)
+    tasks = _tasks(2)
+    pool = train_adapter_pool(backbone, tasks, cfg, seed=4, local_labels=False)
+    model = attach_memory_model(backbone, rank=4, head_rows=10, cfg=cfg)
+    gen = torch.Generator().manual_seed(0)
+    gpm = GradientProjectionMemory(threshold=0.999)
+    append_task_adapters(model, pool, 0, [torch.randn(2, 16)] * 2)
+    consolidate(model, tasks[0].train_x, tasks[0].train_y, cfg, gen)
+    gpm_update(model, gpm, tasks[0].train_x)
+    before = _block0_cosines(model, tasks[0].train_x[:4])
+    append_task_adapters(model, pool, 1, [torch.randn(2, 16)] * 2)
+    consolidate(model, tasks[1].train_x, tasks[1].train_y, cfg, gen, gpm=gpm)
+    after = _block0_cosines(model, tasks[0].train_x[:4])[:2]
+    moved = (after - before).abs().max().item()
+    if gpm_keys == "raw":
+        assert moved > 1e-3  # projected, yet the old slots' cosines changed
+    else:
+        assert moved < 1e-5
+
+
+def test_routing_memory_records_mean_queries_and_its_penalties_reach_the_keys(backbone):
+    from mira.experiments.stages import RoutingMemory, _QueryTap
+
+    cfg = RecipeConfig(adapters_per_task=2, batch_size=8, max_epochs=1, consolidation_epochs=1)
+    tasks = _tasks(2)
+    pool = train_adapter_pool(backbone, tasks, cfg, seed=5, local_labels=False)
+    model = attach_memory_model(backbone, rank=4, head_rows=10, cfg=cfg)
+    append_task_adapters(model, pool, 0, [torch.rand(2, 16) * 2 - 1] * 2)
+    routing = RoutingMemory()
+    routing.record(model, 0, tasks[0].train_x)
+    assert [q.shape for q in routing.mean_queries[0]] == [(1, 16)] * 2 and routing.weights[0][0].shape == (2,)
+    append_task_adapters(model, pool, 1, [torch.rand(2, 16) * 2 - 1] * 2)
+    mira.set_stage(model, "consolidation")
+    slot_task = pool.slot_task
+    tap = _QueryTap(model)
+    try:
+        model(tasks[1].train_x[:8] * 2 - 1)
+        replay = routing.loss(tap, "replay", slot_task, torch.ones(8, dtype=torch.long))
+        supervised = routing.loss(tap, "supervised", slot_task, torch.ones(8, dtype=torch.long))
+    finally:
+        tap.close()
+    assert replay.item() >= 0 and supervised.item() > 0
+    supervised.backward()
+    assert mira.memories(model)[1].keys.grad.abs().max() > 0

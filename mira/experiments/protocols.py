@@ -1,24 +1,27 @@
-"""The DG / DIL / CIL protocols of method.md section 3, with the baselines run beside MIRA.
+"""The DG / DIL / CIL protocols of method.md section 3, with the controls run beside MIRA.
 
-Variants (same adapters, same initial random keys, same head initialisation, same data order):
+A :class:`Variant` is a *kind* (how the memory is used) with a :class:`~.recipe.RecipeConfig`.
+Kinds (same adapters, same initial random keys, same head initialisation, same data order):
 
 ============== ==================================================================================
-mira           affine separation, keys (+ query module) and head trained in consolidation
-mira_softmax   the same with softmax separation
-mira_no_gpm    DIL / CIL: mira with DualGPM switched off (what the projection costs / buys)
-random_keys    affine, the random Gaussian keys written at adaptation never trained (query module
-               frozen too); only the head trains: what key learning adds
-uniform_mean   every stored adapter with weight 1/N (softmax over identical frozen keys, which is
-               exactly uniform); only the head trains: the adapters without any retrieval
-seq_lora       DIL / CIL: one LoRA + head fine-tuned task after task (adaptation-stage training);
-               the forgetting reference
+mira           keys (+ query module) and head trained in consolidation, as the recipe says
+no_adapters    the frozen backbone and the head only (an empty memory): what the adapters add
+uniform_mean   every stored adapter with weight 1/N (softmax over identical frozen keys, exactly
+               uniform); only the head trains: the adapters without any retrieval
+oracle         one-hot routing on the adapters of the task the image comes from (the task id is
+               given, also at test time); only the head trains: what perfect routing reaches
+random_keys    the random keys written at adaptation never trained (query module frozen); only
+               the head trains: what key learning adds
+seq_lora       DIL / CIL: one LoRA + head fine-tuned task after task; the forgetting reference
 joint_lora     one LoRA + head trained on the union of all tasks (DIL / CIL) or all source
                domains (DG) in one go: the upper reference, no forgetting by construction
 ============== ==================================================================================
 
-DualGPM projects keys, query modules and head from the second task on for every memory variant
-that trains them (DIL / CIL). CIL: growing bias-free head, new rows initialised from the mean of
-that task's adaptation heads; old-class logits masked while a task trains (seq_lora too).
+The head follows the recipe: ``fresh_bias`` (a new linear head with bias), ``adaptation``
+(bias-free, from the adaptation heads) or ``shared`` (the backbone's frozen head). CIL: a growing
+bias-free head whose new rows come from that task's adaptation heads, old-class logits masked
+while a task trains (with the shared head: its rows, masked the same way). DualGPM projects
+keys, query modules and head from the second task on (``ProtocolConfig.gpm``).
 """
 
 from __future__ import annotations
@@ -34,14 +37,17 @@ import mira
 from .data import Domain
 from .dualgpm import GradientProjectionMemory
 from .metrics import average_accuracy, average_forgetting
+from .recipe import RecipeConfig
 from .stages import (
     AdapterPool,
-    RecipeConfig,
+    RoutingMemory,
     Task,
     append_task_adapters,
     attach_memory_model,
+    backbone_head,
     consolidate,
     evaluate,
+    features,
     gpm_update,
     train_lora,
 )
@@ -49,23 +55,41 @@ from .stages import (
 __all__ = [
     "CL_VARIANTS",
     "DG_VARIANTS",
+    "KINDS",
     "ProtocolConfig",
+    "Variant",
     "cil_tasks",
     "dil_tasks",
+    "linear_probe",
     "run_continual",
     "run_dg_fold",
     "query_geometry",
     "retrieval_profile",
 ]
 
-MEMORY_VARIANTS = ("mira", "mira_softmax", "random_keys", "uniform_mean")
-CL_VARIANTS = (*MEMORY_VARIANTS, "mira_no_gpm", "seq_lora", "joint_lora")
-DG_VARIANTS = (*MEMORY_VARIANTS, "joint_lora")
+KINDS = ("mira", "no_adapters", "uniform_mean", "oracle", "random_keys", "seq_lora", "joint_lora")
+MEMORY_KINDS = ("mira", "no_adapters", "uniform_mean", "oracle", "random_keys")
+#: Kinds of the continual and DG tables (the names the command line shows for the base recipe).
+CL_VARIANTS = KINDS
+DG_VARIANTS = ("mira", "no_adapters", "uniform_mean", "random_keys", "joint_lora")
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """A row of a table: ``kind`` run with ``recipe``, shown as ``name``."""
+
+    name: str
+    kind: str
+    recipe: RecipeConfig
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown kind {self.kind!r}; expected one of {KINDS}")
 
 
 @dataclasses.dataclass
 class ProtocolConfig:
-    """Protocol-level settings; ``recipe`` holds the stage hyper-parameters."""
+    """Protocol-level settings; ``recipe`` holds the stage hyper-parameters of plain-kind variants."""
 
     recipe: RecipeConfig = dataclasses.field(default_factory=RecipeConfig)
     joint_epochs: int = 2
@@ -74,42 +98,50 @@ class ProtocolConfig:
     dg_mixup: bool = True
     gpm: bool = True
     cil_classes_per_task: int = 2
+    num_classes: int = 10
 
 
-def dil_tasks(domains: Sequence[Domain]) -> list[Task]:
-    """DIL: one task per domain, every task has all 10 classes."""
-    return [Task(d.name, d.train_x, d.train_y, d.test_x, d.test_y, tuple(range(10))) for d in domains]
+def _as_variant(variant: str | Variant, cfg: ProtocolConfig) -> Variant:
+    return variant if isinstance(variant, Variant) else Variant(variant, variant, cfg.recipe)
 
 
-def cil_tasks(domains: Sequence[Domain], classes_per_task: int = 2) -> list[Task]:
+def dil_tasks(domains: Sequence[Domain], num_classes: int = 10) -> list[Task]:
+    """DIL: one task per domain, every task has every class."""
+    return [Task(d.name, d.train_x, d.train_y, d.test_x, d.test_y, tuple(range(num_classes))) for d in domains]
+
+
+def cil_tasks(domains: Sequence[Domain], classes_per_task: int = 2, num_classes: int = 10) -> list[Task]:
     """CIL: tasks are disjoint class groups (0-1, 2-3, ...), images pooled from every domain."""
     x_tr = torch.cat([d.train_x for d in domains])
     y_tr = torch.cat([d.train_y for d in domains])
     x_te = torch.cat([d.test_x for d in domains])
     y_te = torch.cat([d.test_y for d in domains])
     tasks = []
-    for start in range(0, 10, classes_per_task):
-        cls = tuple(range(start, min(start + classes_per_task, 10)))
+    for start in range(0, num_classes, classes_per_task):
+        cls = tuple(range(start, min(start + classes_per_task, num_classes)))
         tr = torch.isin(y_tr, torch.tensor(cls))
         te = torch.isin(y_te, torch.tensor(cls))
         tasks.append(Task(f"classes {cls[0]}-{cls[-1]}", x_tr[tr], y_tr[tr], x_te[te], y_te[te], cls))
     return tasks
 
 
-def _separation(variant: str) -> str:
-    return "softmax" if variant in ("mira_softmax", "uniform_mean") else "affine"
+def _separation(kind: str, rc: RecipeConfig) -> str:
+    return "softmax" if kind in ("uniform_mean", "oracle") else rc.separation
 
 
-def _task_keys(variant: str, model: nn.Module, n: int, seed: int, t: int) -> list[torch.Tensor]:
-    """Keys for task t's n adapters in each block: the same Gaussian draw for every variant
-    (so random_keys is exactly mira's starting point), identical constant keys for uniform_mean."""
+def _task_keys(kind: str, model: nn.Module, n: int, seed: int, t: int, rc: RecipeConfig) -> list[torch.Tensor]:
+    """Keys for task t's n adapters in each block: the same draw for every kind (so random_keys is
+    exactly mira's starting point), identical constant keys for uniform_mean and oracle."""
     keys = []
     for block, mem in enumerate(mira.memories(model)):
         d_k = mem.config.d_k
-        if variant == "uniform_mean":
+        if kind in ("uniform_mean", "oracle"):
             keys.append(torch.ones(n, d_k))
+            continue
+        gen = torch.Generator().manual_seed(1_000_003 * seed + 1009 * t + block)
+        if rc.key_init == "uniform":
+            keys.append(torch.rand(n, d_k, generator=gen) * 2 - 1)
         else:
-            gen = torch.Generator().manual_seed(1_000_003 * seed + 1009 * t + block)
             keys.append(torch.randn(n, d_k, generator=gen))
     return keys
 
@@ -118,12 +150,15 @@ def _head_init(pool: AdapterPool, t: int) -> torch.Tensor:
     return torch.stack(pool.heads[t]).mean(0)
 
 
-def _lora_model(backbone: nn.Module, rank: int, rows: int, gen: torch.Generator) -> nn.Module:
-    model = attach_memory_model(backbone, rank=rank, head_rows=rows)
+def _lora_model(backbone: nn.Module, rc: RecipeConfig, rows: int, gen: torch.Generator) -> nn.Module:
+    model = attach_memory_model(backbone, rank=rc.rank, head_rows=rows, cfg=rc)
     for proj in mira.projections(model):
         proj.reset_lora(gen)
-    with torch.no_grad():
-        model.head.weight.copy_(torch.randn(model.head.weight.shape, generator=gen) * model.embed_dim**-0.5)
+    if rc.adapt_head == "shared":
+        model.head = backbone_head(backbone)
+    else:
+        with torch.no_grad():
+            model.head.weight.copy_(torch.randn(model.head.weight.shape, generator=gen) * model.embed_dim**-0.5)
     return model
 
 
@@ -147,106 +182,169 @@ def _class_mask(task: Task, total: int) -> torch.Tensor:
     return mask
 
 
-def run_continual(setting: str, variant: str, backbone: nn.Module, tasks: Sequence[Task], pool: AdapterPool | None,
-                  cfg: ProtocolConfig, seed: int, *, step: Callable[[], None] | None = None,
-                  keep_model: bool = False) -> dict:
+def _set_memory(model: nn.Module, pool: AdapterPool, slots: torch.Tensor) -> None:
+    """Oracle: the memory holds exactly ``slots`` (identical keys, softmax: equal weights)."""
+    for mem, a, b in zip(mira.memories(model), pool.bank_a, pool.bank_b):
+        mem.clear()
+        mem.append(a[slots], b[slots], torch.ones(len(slots), mem.config.d_k))
+
+
+def _initial_head(model: nn.Module, backbone: nn.Module, rc: RecipeConfig, pool: AdapterPool | None,
+                  tasks_for_init: Sequence[int], rows: int, cil: bool) -> bool:
+    """Install the consolidation head the recipe asks for; returns whether it trains."""
+    if rc.head == "shared":
+        model.head = backbone_head(backbone)
+        return False
+    if rc.head == "fresh_bias" and not cil:
+        model.head = nn.Linear(model.embed_dim, rows, bias=True)  # seeded by torch.manual_seed(seed)
+        return True
+    with torch.no_grad():
+        model.head.weight.copy_(torch.stack([_head_init(pool, t) for t in tasks_for_init]).mean(0))
+    return True
+
+
+def run_continual(setting: str, variant: str | Variant, backbone: nn.Module, tasks: Sequence[Task],
+                  pool: AdapterPool | None, cfg: ProtocolConfig, seed: int, *,
+                  step: Callable[[], None] | None = None, keep_model: bool = False) -> dict:
     """DIL or CIL run of one variant. Returns the accuracy matrix, average accuracy and forgetting.
 
     ``acc[i][j]``: accuracy on task j's test set after task i (nan above the diagonal).
     """
     if setting not in ("dil", "cil"):
         raise ValueError(f"setting must be 'dil' or 'cil', got {setting!r}")
-    if variant not in CL_VARIANTS:
-        raise ValueError(f"unknown variant {variant!r}; expected one of {CL_VARIANTS}")
-    rc = cfg.recipe
+    v = _as_variant(variant, cfg)
+    kind, rc = v.kind, v.recipe
     gen = torch.Generator().manual_seed(7919 * seed + 17)
     torch.manual_seed(seed)
     cil = setting == "cil"
-    num_classes = 10
+    num_classes = cfg.num_classes
     nt = len(tasks)
-    out: dict = {"variant": variant, "seed": seed}
+    shared = rc.head == "shared"
+    out: dict = {"variant": v.name, "kind": kind, "seed": seed}
 
-    if variant == "joint_lora":
-        model = _lora_model(backbone, rc.rank, num_classes, gen)
+    if kind == "joint_lora":
+        model = _lora_model(backbone, rc, num_classes, gen)
         x = torch.cat([t.train_x for t in tasks])
         y = torch.cat([t.train_y for t in tasks])
-        out["train"] = train_lora(model, x, y, rc, gen, max_epochs=cfg.joint_epochs)
+        out["train"] = train_lora(model, x, y, rc, gen, max_epochs=cfg.joint_epochs,
+                                  train_head=rc.adapt_head != "shared")
         final = [evaluate(model, t.test_x, t.test_y) for t in tasks]
         out.update(final_row=final, avg_acc=sum(final) / nt, forgetting=None)
+        if keep_model:
+            out["model"] = model
         if step:
             step()
         return out
 
     acc = [[float("nan")] * nt for _ in range(nt)]
-    gpm = None
-    if variant in MEMORY_VARIANTS:
-        gpm = GradientProjectionMemory(rc.gpm_threshold, enabled=cfg.gpm)
-    if variant == "seq_lora":
-        model = _lora_model(backbone, rc.rank, len(tasks[0].classes) if cil else num_classes, gen)
+    gpm = GradientProjectionMemory(rc.gpm_threshold, enabled=cfg.gpm) if kind in MEMORY_KINDS else None
+    routing = RoutingMemory() if kind == "mira" and rc.routing != "none" else None
+    first_rows = len(tasks[0].classes) if cil and not shared else num_classes
+    train_head = True
+    if kind == "seq_lora":
+        model = _lora_model(backbone, rc, first_rows, gen)
     else:
-        model = attach_memory_model(backbone, rank=rc.rank, separation=_separation(variant), query="identity",
-                                    head_rows=len(tasks[0].classes) if cil else num_classes)
-        with torch.no_grad():
-            init = _head_init(pool, 0)
-            model.head.weight.copy_(init)
+        model = attach_memory_model(backbone, rank=rc.rank, separation=_separation(kind, rc), query="identity",
+                                    head_rows=first_rows, cfg=rc)
+        train_head = _initial_head(model, backbone, rc, pool, [0], first_rows, cil)
     ranks = []
     for t, task in enumerate(tasks):
         seen = 1 + max(task.classes)
         mask = _class_mask(task, num_classes) if cil else None
-        if variant == "seq_lora":
-            if cil and t > 0:
+        if kind == "seq_lora":
+            if cil and t > 0 and rc.adapt_head != "shared":
                 _grow_head(model, seen, None, gen)
-            train_lora(model, task.train_x, task.train_y, rc, gen, class_mask=mask)
+            train_lora(model, task.train_x, task.train_y, rc, gen, class_mask=mask,
+                       train_head=rc.adapt_head != "shared")
         else:
-            n = len(pool.task_slots(t))
-            append_task_adapters(model, pool, t, _task_keys(variant, model, n, seed, t))
-            if cil and t > 0:
-                rows = {c: w for c, w in zip(task.classes, _head_init(pool, t))}
+            if kind == "oracle":
+                _set_memory(model, pool, pool.task_slots(t))
+            elif kind != "no_adapters":
+                n = len(pool.task_slots(t))
+                append_task_adapters(model, pool, t, _task_keys(kind, model, n, seed, t, rc))
+            if cil and t > 0 and not shared:
+                rows = {c: w for c, w in zip(task.classes, _head_init(pool, t))} if pool is not None else None
                 _grow_head(model, seen, rows, gen)
-            train_keys = variant in ("mira", "mira_softmax", "mira_no_gpm")
+            slot_task = pool.slot_task[: mira.memories(model)[0].num_slots] if pool is not None else None
             out.setdefault("consolidation", []).append(
-                consolidate(model, task.train_x, task.train_y, rc, gen, train_keys=train_keys, class_mask=mask,
-                            gpm=gpm if t > 0 else None))
-            if gpm is not None and gpm.enabled:
+                consolidate(model, task.train_x, task.train_y, rc, gen, train_keys=kind == "mira",
+                            train_head=train_head, class_mask=mask, gpm=gpm if t > 0 else None, routing=routing,
+                            slot_task=slot_task, sample_task=torch.full((len(task.train_x),), t)))
+            if gpm is not None and gpm.enabled and kind != "oracle":
                 idx = torch.randperm(len(task.train_x), generator=gen)[: rc.gpm_batch]
                 ranks.append(gpm_update(model, gpm, task.train_x[idx]))
+            if routing is not None:
+                idx = torch.randperm(len(task.train_x), generator=gen)[: rc.gpm_batch]
+                routing.record(model, t, task.train_x[idx])
         for j in range(t + 1):
-            acc[t][j] = evaluate(model, tasks[j].test_x, tasks[j].test_y)
+            if kind == "oracle":
+                _set_memory(model, pool, pool.task_slots(j))
+            acc[t][j] = evaluate(model, tasks[j].test_x, tasks[j].test_y, rows=seen if cil else None)
+        if kind == "oracle":
+            _set_memory(model, pool, pool.task_slots(t))
         if step:
             step()
     out.update(acc=acc, avg_acc=average_accuracy(acc), forgetting=average_forgetting(acc), final_row=acc[-1])
     if ranks:
         out["gpm_ranks"] = ranks
+    if kind != "oracle":
+        out["probe"] = linear_probe(model, tasks)
     if keep_model:
         out["model"] = model
     return out
 
 
-def run_dg_fold(variant: str, backbone: nn.Module, domains_tasks: Sequence[Task], held_out: int,
+@torch.no_grad()
+def linear_probe(model: nn.Module, tasks: Sequence[Task], max_train: int = 600) -> float:
+    """Test accuracy of a logistic regression fitted on the model's final features of every task.
+
+    Separates what the features hold from what the model's own head reads out of them (at most
+    ``max_train`` training images per task, the first ones, for cost).
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    xs = torch.cat([features(model, t.train_x[:max_train]) for t in tasks]).double().numpy()
+    ys = torch.cat([t.train_y[:max_train] for t in tasks]).numpy()
+    xt = torch.cat([features(model, t.test_x) for t in tasks]).double().numpy()
+    yt = torch.cat([t.test_y for t in tasks]).numpy()
+    mean, std = xs.mean(0), xs.std(0) + 1e-6
+    clf = LogisticRegression(max_iter=300, C=1.0)
+    clf.fit((xs - mean) / std, ys)
+    return float((clf.predict((xt - mean) / std) == yt).mean())
+
+
+def run_dg_fold(variant: str | Variant, backbone: nn.Module, domains_tasks: Sequence[Task], held_out: int,
                 pool: AdapterPool, cfg: ProtocolConfig, seed: int, *, keep_model: bool = False) -> dict:
     """Leave-one-domain-out: train on every other domain, report accuracy on the held-out test set."""
-    if variant not in DG_VARIANTS:
-        raise ValueError(f"unknown variant {variant!r}; expected one of {DG_VARIANTS}")
-    rc = cfg.recipe
+    v = _as_variant(variant, cfg)
+    kind, rc = v.kind, v.recipe
+    if kind in ("seq_lora", "oracle"):
+        raise ValueError(f"kind {kind!r} has no DG form (the held-out domain has no adapter of its own)")
     gen = torch.Generator().manual_seed(7919 * seed + 31 * held_out + 5)
     torch.manual_seed(seed)
     sources = [i for i in range(len(domains_tasks)) if i != held_out]
     x = torch.cat([domains_tasks[i].train_x for i in sources])
     y = torch.cat([domains_tasks[i].train_y for i in sources])
+    sample_task = torch.cat([torch.full((len(domains_tasks[i].train_x),), i) for i in sources])
     target = domains_tasks[held_out]
-    out: dict = {"variant": variant, "seed": seed, "held_out": target.name}
-    if variant == "joint_lora":
-        model = _lora_model(backbone, rc.rank, 10, gen)
-        out["train"] = train_lora(model, x, y, rc, gen, max_epochs=cfg.joint_epochs)
+    out: dict = {"variant": v.name, "kind": kind, "seed": seed, "held_out": target.name}
+    if kind == "joint_lora":
+        model = _lora_model(backbone, rc, cfg.num_classes, gen)
+        out["train"] = train_lora(model, x, y, rc, gen, max_epochs=cfg.joint_epochs,
+                                  train_head=rc.adapt_head != "shared")
     else:
-        model = attach_memory_model(backbone, rank=rc.rank, separation=_separation(variant), query="mlp",
-                                    head_rows=10)
-        for t in sources:
-            append_task_adapters(model, pool, t, _task_keys(variant, model, len(pool.task_slots(t)), seed, t))
-        with torch.no_grad():
-            model.head.weight.copy_(torch.stack([_head_init(pool, t) for t in sources]).mean(0))
-        out["train"] = consolidate(model, x, y, rc, gen, train_keys=variant in ("mira", "mira_softmax"),
-                                   mixup=cfg.dg_mixup, epochs=cfg.dg_consolidation_epochs)
+        model = attach_memory_model(backbone, rank=rc.rank, separation=_separation(kind, rc), query="mlp",
+                                    head_rows=cfg.num_classes, cfg=rc)
+        if kind != "no_adapters":
+            for t in sources:
+                append_task_adapters(model, pool, t, _task_keys(kind, model, len(pool.task_slots(t)), seed, t, rc))
+        train_head = _initial_head(model, backbone, rc, pool, sources, cfg.num_classes, cil=False)
+        slot_task = torch.cat([pool.slot_task[pool.slot_task == t] for t in sources]) if pool is not None else None
+        routing = RoutingMemory() if kind == "mira" and rc.routing == "supervised" else None
+        out["train"] = consolidate(model, x, y, rc, gen, train_keys=kind == "mira", train_head=train_head,
+                                   mixup=cfg.dg_mixup, epochs=cfg.dg_consolidation_epochs,
+                                   key_lr=rc.lr * rc.dg_key_lr_factor if rc.routing == "none" else None,
+                                   routing=routing, slot_task=slot_task, sample_task=sample_task)
     out["held_out_acc"] = evaluate(model, target.test_x, target.test_y)
     if keep_model:
         out["model"] = model
@@ -311,4 +409,3 @@ def retrieval_profile(model: nn.Module, tasks: Sequence[Task], max_samples: int 
         for h in handles:
             h.remove()
     return prof
-

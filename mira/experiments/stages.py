@@ -1,16 +1,16 @@
 """MIRA's two training stages (method.md section 3) on a timm ViT with MIRA attached.
 
 * :func:`train_adapter_pool`, the **adaptation** stage: for each task and each of ``n`` copies
-  (different seeds) a fresh LoRA on Q/V of every block plus a fresh bias-free head, AdamW
-  (lr 1e-3, wd 1e-3, batch 128, up to ``max_epochs``, stop early above 99% train accuracy),
-  then :func:`mira.write_adapters`. Adapters do not depend on earlier tasks (the backbone is
-  frozen and every LoRA starts fresh), so one pool per seed serves every protocol and variant
-  that uses those tasks.
+  (different seeds) a fresh LoRA on Q/V of every block plus a head (a fresh bias-free head, the
+  authors; or the backbone's own frozen head, ``adapt_head="shared"``), then
+  :func:`mira.write_adapters`. Adapters do not depend on earlier tasks (the backbone is frozen and
+  every LoRA starts fresh), so one pool per seed serves every protocol and variant that uses them.
 * :func:`consolidate`, the **consolidation** stage: adapters frozen; keys, query modules and
-  the head trained with cross-entropy; optional class mask (CIL), within-class mixup (DG) and
-  DualGPM projection (DIL / CIL).
+  the head trained with cross-entropy; optional class mask (CIL), within-class mixup (DG),
+  DualGPM projection (DIL / CIL) and the routing options of :mod:`.recipe`.
 
-The model's own ``head`` attribute is the task head (bias-free ``nn.Linear``), trained through
+Both run through :func:`.training.fit` (one loop: sampler, step, early-stop decision, state).
+The model's own ``head`` attribute is the task head, trained through
 ``mira.set_stage(..., extra_trainable=("head",))``.
 """
 
@@ -28,15 +28,20 @@ import mira
 
 from .backbone import normalize
 from .dualgpm import GradientProjectionMemory, ProjectedParameter
+from .recipe import RecipeConfig
+from .training import EarlyStop, EpochSampler, StepStats, fit
 
 __all__ = [
     "AdapterPool",
     "RecipeConfig",
+    "RoutingMemory",
     "Task",
     "attach_memory_model",
+    "backbone_head",
     "consolidate",
     "evaluate",
     "adapter_cross_accuracy",
+    "features",
     "train_adapter_pool",
     "train_lora",
 ]
@@ -54,45 +59,8 @@ class Task:
     classes: tuple[int, ...]
 
 
-@dataclasses.dataclass
-class RecipeConfig:
-    """Hyper-parameters of both stages.
-
-    Published (method.md section 3): AdamW, wd 1e-3, rank 4, early stop above 99% train accuracy,
-    DualGPM threshold 0.7, mixup Beta(0.4, 0.4). Changed here, measured on this data: the paper's
-    batch 128 / lr 1e-3 / <= 5 epochs assumes 10^4-10^5 images (hundreds of steps per epoch);
-    with 899 images per domain that is 7 steps per epoch and a fresh head reached only 20-66%
-    train accuracy in 5 epochs (rotated 0.79 train after 12 epochs). Batch 32 and lr 3e-3 reach
-    0.84 / 0.62 / 0.995 (rotated / noisy / upright) in 4 epochs at similar cost. Not published,
-    our choices: ``consolidation_epochs``, ``key_lr``, ``head_lr``, ``gpm_batch``, and the
-    number of adapters per task (paper: 10; here 1-2 to fit the CPU budget).
-    """
-
-    rank: int = 4
-    adapters_per_task: int = 1
-    batch_size: int = 32
-    lr: float = 3e-3
-    weight_decay: float = 1e-3
-    max_epochs: int = 4
-    early_stop_acc: float = 0.99
-    consolidation_epochs: int = 3
-    key_lr: float = 1e-1
-    head_lr: float = 3e-3
-    gpm_threshold: float = 0.7
-    gpm_batch: int = 128
-    mixup_alpha: float = 0.4
-
-    def __post_init__(self):
-        if self.adapters_per_task < 1 or self.max_epochs < 1 or self.consolidation_epochs < 0:
-            raise ValueError("adapters_per_task and max_epochs must be >= 1, consolidation_epochs >= 0")
-        if not 0 < self.gpm_threshold <= 1:
-            raise ValueError("gpm_threshold must be in (0, 1]")
-
-
-def _batches(n: int, batch_size: int, gen: torch.Generator, shuffle: bool = True):
-    order = torch.randperm(n, generator=gen) if shuffle else torch.arange(n)
-    for i in range(0, n, batch_size):
-        yield order[i : i + batch_size]
+def _seed_from(gen: torch.Generator) -> int:
+    return int(torch.randint(2**31 - 1, (1,), generator=gen))
 
 
 def _masked(logits: torch.Tensor, class_mask: torch.Tensor | None) -> torch.Tensor:
@@ -112,29 +80,53 @@ def _logits(model: nn.Module, x: torch.Tensor, backbone_grad: bool) -> torch.Ten
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512) -> float:
-    """Top-1 accuracy of ``model`` (its own head) on images x (n, C, H, W) and labels y (n,)."""
+def features(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """(n, embed_dim) final pre-logit features of images x (the model in its current stage)."""
+    was_training = model.training
+    model.eval()
+    out = [model.forward_head(model.forward_features(normalize(x[i : i + batch_size])), pre_logits=True)
+           for i in range(0, len(x), batch_size)]
+    model.train(was_training)
+    return torch.cat(out) if out else x.new_zeros(0, model.embed_dim)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512,
+             rows: int | None = None) -> float:
+    """Top-1 accuracy of ``model`` (its own head; only its first ``rows`` logits if given)."""
     was_training = model.training
     model.eval()
     correct = 0
     for i in range(0, len(x), batch_size):
-        correct += (model(normalize(x[i : i + batch_size])).argmax(-1) == y[i : i + batch_size]).sum().item()
+        logits = model(normalize(x[i : i + batch_size]))
+        if rows is not None:
+            logits = logits[:, :rows]
+        correct += (logits.argmax(-1) == y[i : i + batch_size]).sum().item()
     model.train(was_training)
     return correct / max(len(x), 1)
 
 
+def backbone_head(backbone: nn.Module) -> nn.Linear:
+    """A frozen copy of the backbone's pre-trained classifier: the shared head (CLIP's text head's role)."""
+    head = copy.deepcopy(backbone.head)
+    head.requires_grad_(False)
+    return head
+
+
 def attach_memory_model(backbone: nn.Module, *, rank: int, separation: str = "affine", query: str = "identity",
-                        head_rows: int = 10) -> nn.Module:
+                        head_rows: int = 10, cfg: RecipeConfig | None = None) -> nn.Module:
     """A copy of the frozen backbone with MIRA attached to every block and a bias-free head."""
+    cfg = cfg or RecipeConfig()
     model = copy.deepcopy(backbone)
     model.head = nn.Linear(model.embed_dim, head_rows, bias=False)
-    mira.attach(model, rank=rank, slices=("q", "v"), query=query, separation=separation)
+    mira.attach(model, rank=rank, slices=("q", "v"), query=query, separation=separation, key_norm=cfg.key_norm,
+                key_init=cfg.key_init, query_token=cfg.query_token)
     return model
 
 
 def train_lora(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: RecipeConfig, gen: torch.Generator, *,
                class_mask: torch.Tensor | None = None, max_epochs: int | None = None, train_head: bool = True) -> dict:
-    """Adaptation-stage training of the model's live LoRA and head on (x, y), in place.
+    """Adaptation-stage training of the model's live LoRA (and head) on (x, y), in place.
 
     AdamW(lr, wd), batch ``cfg.batch_size``; stops after the first epoch whose running train
     accuracy exceeds ``cfg.early_stop_acc``, else after ``max_epochs``. Returns
@@ -144,24 +136,19 @@ def train_lora(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: RecipeCo
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     model.train()
-    epochs = max_epochs or cfg.max_epochs
-    acc = 0.0
-    epochs_run = 0
-    for _ in range(epochs):
-        epochs_run += 1
-        correct = 0
-        for idx in _batches(len(x), cfg.batch_size, gen):
-            logits = _masked(model(normalize(x[idx])), class_mask)
-            loss = F.cross_entropy(logits, y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            correct += (logits.argmax(-1) == y[idx]).sum().item()
-        acc = correct / len(x)
-        if acc > cfg.early_stop_acc:
-            break
+
+    def step(idx: torch.Tensor) -> StepStats:
+        logits = _masked(model(normalize(x[idx])), class_mask)
+        loss = F.cross_entropy(logits, y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return StepStats(loss.item() * len(idx), (logits.argmax(-1) == y[idx]).sum().item(), len(idx))
+
+    state = fit(step, EpochSampler(len(x), cfg.batch_size, _seed_from(gen)), epochs=max_epochs or cfg.max_epochs,
+                early_stop=EarlyStop(cfg.early_stop_acc))
     model.eval()
-    return {"epochs": epochs_run, "train_acc": acc}
+    return {"epochs": state.epochs_done, "train_acc": state.history[-1]["train_acc"]}
 
 
 @dataclasses.dataclass
@@ -171,7 +158,8 @@ class AdapterPool:
     Attributes:
         bank_a: per block, (T * n, S, r, d_in) stored A factors.
         bank_b: per block, (T * n, S, d_s, r) stored B factors.
-        heads: per task, the n adaptation heads (rows = that task's classes, in ``Task.classes`` order).
+        heads: per task, the n adaptation heads (rows = that task's classes, in ``Task.classes``
+            order, for CIL; all classes otherwise).
         slot_task: (T * n,) task index of every slot.
         info: per task and copy, epochs and train accuracy.
     """
@@ -192,21 +180,26 @@ def train_adapter_pool(backbone: nn.Module, tasks: Sequence[Task], cfg: RecipeCo
 
     Args:
         local_labels: CIL: each head has one row per class of its task (labels remapped to
-            0..k-1); otherwise every head covers all classes (DIL / DG).
+            0..k-1; with the shared head, the other classes are masked); otherwise every head
+            covers all classes (DIL / DG).
         progress: optional tqdm bar, advanced once per adapter.
         adapters_per_task: overrides ``cfg.adapters_per_task``.
     """
     copies = adapters_per_task or cfg.adapters_per_task
     num_classes = 1 + max(max(t.classes) for t in tasks)
-    model = attach_memory_model(backbone, rank=cfg.rank, head_rows=num_classes)
+    model = attach_memory_model(backbone, rank=cfg.rank, head_rows=num_classes, cfg=cfg)
+    shared = cfg.adapt_head == "shared"
     heads: list[list[torch.Tensor]] = []
     info: list[list[dict]] = []
     slot_task = []
     for t, task in enumerate(tasks):
         heads.append([])
         info.append([])
-        y = task.train_y
-        if local_labels:
+        y, mask = task.train_y, None
+        if local_labels and shared:
+            mask = torch.zeros(num_classes, dtype=torch.bool)
+            mask[list(task.classes)] = True
+        elif local_labels:
             remap = torch.full((num_classes,), -1, dtype=torch.long)
             remap[list(task.classes)] = torch.arange(len(task.classes))
             y = remap[y]
@@ -215,12 +208,16 @@ def train_adapter_pool(backbone: nn.Module, tasks: Sequence[Task], cfg: RecipeCo
             gen = torch.Generator().manual_seed(10_000 * seed + 100 * t + c)
             for proj in mira.projections(model):
                 proj.reset_lora(gen)
-            head = nn.Linear(model.embed_dim, rows, bias=False)
-            with torch.no_grad():
-                head.weight.copy_(torch.randn(head.weight.shape, generator=gen) * model.embed_dim**-0.5)
-            model.head = head
-            info[t].append(train_lora(model, task.train_x, y, cfg, gen))
-            heads[t].append(model.head.weight.detach().clone())
+            if shared:
+                model.head = backbone_head(backbone)
+            else:
+                head = nn.Linear(model.embed_dim, rows, bias=False)
+                with torch.no_grad():
+                    head.weight.copy_(torch.randn(head.weight.shape, generator=gen) * model.embed_dim**-0.5)
+                model.head = head
+            info[t].append(train_lora(model, task.train_x, y, cfg, gen, class_mask=mask, train_head=not shared))
+            weight = model.head.weight.detach().clone()
+            heads[t].append(weight[list(task.classes)] if shared and local_labels else weight)
             mira.write_adapters(model, generator=gen)
             slot_task.append(t)
             if progress is not None:
@@ -236,21 +233,24 @@ def train_adapter_pool(backbone: nn.Module, tasks: Sequence[Task], cfg: RecipeCo
 
 
 @torch.no_grad()
-def adapter_cross_accuracy(backbone: nn.Module, pool: AdapterPool, tasks: Sequence[Task], rank: int) -> list:
+def adapter_cross_accuracy(backbone: nn.Module, pool: AdapterPool, tasks: Sequence[Task], cfg: RecipeConfig) -> list:
     """acc[i][j]: test accuracy on task j of task i's first adapter with task i's own adaptation head.
 
     The diagonal is what perfect routing (one-hot weight on the right adapter, that adapter's own
     head) would give; the off-diagonal shows how specific each adapter + head pair is.
     """
-    model = attach_memory_model(backbone, rank=rank, head_rows=pool.heads[0][0].shape[0])
+    model = attach_memory_model(backbone, rank=cfg.rank, head_rows=pool.heads[0][0].shape[0], cfg=cfg)
     out = []
     for i in range(len(tasks)):
         slot = int(pool.task_slots(i)[0])
         for proj, a, b in zip(mira.projections(model), pool.bank_a, pool.bank_b):
             proj.lora_a.copy_(a[slot])
             proj.lora_b.copy_(b[slot])
-        model.head = nn.Linear(model.embed_dim, pool.heads[i][0].shape[0], bias=False)
-        model.head.weight.copy_(pool.heads[i][0])
+        if cfg.adapt_head == "shared":
+            model.head = backbone_head(backbone)
+        else:
+            model.head = nn.Linear(model.embed_dim, pool.heads[i][0].shape[0], bias=False)
+            model.head.weight.copy_(pool.heads[i][0])
         mira.set_stage(model, "adaptation")
         out.append([evaluate(model, t.test_x, t.test_y) for t in tasks])
     return out
@@ -312,56 +312,149 @@ def gpm_update(model: nn.Module, gpm: GradientProjectionMemory, x: torch.Tensor)
     return {pp.name: gpm.rank(pp.name) for pp, _, _ in bindings}
 
 
+class _QueryTap:
+    """Records each memory's (B, d_k) queries during a forward, keeping them differentiable."""
+
+    def __init__(self, model: nn.Module):
+        self.projs = mira.projections(model)
+        self.queries: list[torch.Tensor | None] = [None] * len(self.projs)
+        self._handles = [p.register_forward_pre_hook(self._hook(i)) for i, p in enumerate(self.projs)]
+
+    def _hook(self, i):
+        def hook(module, args):
+            self.queries[i] = module.memory.make_query(args[0])
+        return hook
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+class RoutingMemory:
+    """Per task and block: the mean query of the task's images and, for ``replay``, its weights then.
+
+    A few d_k vectors per task and block, no images (``routing="replay"`` / ``"supervised"``).
+    """
+
+    def __init__(self):
+        self.mean_queries: dict[int, list[torch.Tensor]] = {}
+        self.weights: dict[int, list[torch.Tensor]] = {}
+
+    @torch.no_grad()
+    def record(self, model: nn.Module, t: int, x: torch.Tensor) -> None:
+        tap = _QueryTap(model)
+        try:
+            model.eval()
+            model(normalize(x))
+        finally:
+            tap.close()
+        means = [q.mean(0, keepdim=True) for q in tap.queries]
+        self.mean_queries[t] = means
+        self.weights[t] = [p.memory.get_association_matrix(m)[0] for p, m in zip(tap.projs, means)]
+
+    def loss(self, tap: _QueryTap, mode: str, slot_task: torch.Tensor, batch_task: torch.Tensor) -> torch.Tensor:
+        """Mean over blocks of ||w - target||^2: the batch's queries (supervised) and old tasks' stored ones."""
+        total = 0.0
+        n = int(slot_task.numel())
+        own = (slot_task.view(1, -1) == batch_task.view(-1, 1)).float()
+        for i, proj in enumerate(tap.projs):
+            mem = proj.memory
+            if mode == "supervised":
+                w = mem.get_association_matrix(tap.queries[i])
+                total = total + ((w - own / own.sum(1, keepdim=True)) ** 2).sum(1).mean()
+            for t, means in self.mean_queries.items():
+                w_old = mem.get_association_matrix(means[i])[0]
+                if mode == "supervised":
+                    target = (slot_task == t).float()
+                    target = target / target.sum()
+                else:
+                    target = torch.zeros(n, dtype=w_old.dtype)
+                    target[: len(self.weights[t][i])] = self.weights[t][i]
+                total = total + ((w_old - target) ** 2).sum()
+        return total / max(len(tap.projs), 1)
+
+
 def consolidate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: RecipeConfig, gen: torch.Generator, *,
-                train_keys: bool = True, class_mask: torch.Tensor | None = None,
-                gpm: GradientProjectionMemory | None = None, mixup: bool = False,
-                key_lr: float | None = None, epochs: int | None = None) -> dict:
+                train_keys: bool = True, train_head: bool = True, class_mask: torch.Tensor | None = None,
+                gpm: GradientProjectionMemory | None = None, mixup: bool = False, key_lr: float | None = None,
+                epochs: int | None = None, routing: RoutingMemory | None = None,
+                slot_task: torch.Tensor | None = None, sample_task: torch.Tensor | None = None) -> dict:
     """Consolidation stage on (x, y): adapters frozen, keys + query modules (if ``train_keys``) and head train.
 
     With ``gpm``, every optimiser step is projected: the update of each protected parameter
     (keys, query-module linears, head) is replaced by its component orthogonal to the stored
     basis. The update, not only the gradient, is projected, because Adam's per-coordinate
     scaling and weight decay would otherwise move a projected gradient back into the protected
-    space.
+    space. ``cfg.gpm_keys="fixed_norm"`` then gives each key's component outside the protected
+    space its norm back, so cosines with protected queries stay fixed. With ``routing``
+    (and ``cfg.routing`` not ``none``), the routing penalty of :class:`RoutingMemory` is added;
+    ``slot_task`` (N,) is the task of every stored slot and ``sample_task`` (n,) that of every
+    training image.
     """
-    mira.set_stage(model, "consolidation", extra_trainable=("head",))
-    head_params = list(model.head.parameters())
-    groups = [{"params": head_params, "lr": cfg.head_lr}]
+    mira.set_stage(model, "consolidation", extra_trainable=("head",) if train_head else ())
+    groups = []
+    if train_head:
+        groups.append({"params": list(model.head.parameters()), "lr": cfg.head_lr,
+                       "weight_decay": cfg.head_weight_decay})
+    else:
+        model.head.requires_grad_(False)
     if train_keys:
-        mem_params = mira.trainable_parameters(model, "consolidation")
-        groups.append({"params": mem_params, "lr": cfg.key_lr if key_lr is None else key_lr})
+        groups.append({"params": mira.trainable_parameters(model, "consolidation"),
+                       "lr": cfg.key_lr if key_lr is None else key_lr, "weight_decay": cfg.weight_decay})
     else:
         for p in mira.trainable_parameters(model, "consolidation"):
             p.requires_grad_(False)
-    opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+    if not groups:
+        mira.set_stage(model, "inference")
+        return {"final_loss": float("nan"), "last_epoch_train_acc": float("nan")}
+    opt = torch.optim.AdamW(groups)
     bindings = [pp for pp, _, _ in gpm_modules(model)] if gpm is not None else []
     bindings = [pp for pp in bindings if pp.weight.requires_grad and pp.name in gpm]
+    use_routing = routing is not None and cfg.routing != "none" and train_keys
+    # fixed_norm: per key, the component orthogonal to the protected query space keeps its norm, so
+    # |k| and every protected dot product q . k stay as they were: cos(q, k) is protected too.
+    sphere = []
+    if train_keys and cfg.gpm_keys == "fixed_norm" and gpm is not None:
+        for block, mem in enumerate(mira.memories(model)):
+            if f"keys.{block}" in gpm and gpm.rank(f"keys.{block}"):
+                sphere.append((mem.keys, gpm.basis(f"keys.{block}").to(mem.keys.dtype)))
     model.train()
-    epochs = cfg.consolidation_epochs if epochs is None else epochs
-    losses = []
-    correct = 0
-    for _ in range(epochs):
-        correct = 0
-        for idx in _batches(len(x), cfg.batch_size, gen):
-            xb = _within_class_mixup(x[idx], y[idx], cfg.mixup_alpha, gen) if mixup else x[idx]
-            logits = _masked(_logits(model, xb, backbone_grad=train_keys), class_mask)
-            loss = F.cross_entropy(logits, y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            for pp in bindings:
-                pp.project(gpm)
-            before = [(pp, pp.weight.detach().clone(), None if pp.bias is None else pp.bias.detach().clone())
-                      for pp in bindings]
-            opt.step()
-            for pp, w0, b0 in before:
-                _project_update(pp, w0, b0, gpm)
-            losses.append(loss.item())
-            correct += (logits.argmax(-1) == y[idx]).sum().item()
+    tap = _QueryTap(model) if use_routing else None
+
+    def step(idx: torch.Tensor) -> StepStats:
+        xb = _within_class_mixup(x[idx], y[idx], cfg.mixup_alpha, gen) if mixup else x[idx]
+        logits = _masked(_logits(model, xb, backbone_grad=train_keys), class_mask)
+        loss = F.cross_entropy(logits, y[idx])
+        ce = loss.item()
+        if use_routing:
+            loss = loss + cfg.routing_weight * routing.loss(tap, cfg.routing, slot_task, sample_task[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        for pp in bindings:
+            pp.project(gpm)
+        before = [(pp, pp.weight.detach().clone(), None if pp.bias is None else pp.bias.detach().clone())
+                  for pp in bindings]
+        perp_norms = [(k - k @ u @ u.T).detach().norm(dim=1, keepdim=True) for k, u in sphere]
+        opt.step()
+        for pp, w0, b0 in before:
+            _project_update(pp, w0, b0, gpm)
+        with torch.no_grad():
+            for (k, u), n0 in zip(sphere, perp_norms):
+                inside = k @ u @ u.T
+                perp = k - inside
+                k.copy_(inside + perp * (n0 / perp.norm(dim=1, keepdim=True).clamp_min(1e-12)))
+        return StepStats(ce * len(idx), (logits.argmax(-1) == y[idx]).sum().item(), len(idx))
+
+    try:
+        state = fit(step, EpochSampler(len(x), cfg.batch_size, _seed_from(gen)),
+                    epochs=cfg.consolidation_epochs if epochs is None else epochs)
+    finally:
+        if tap is not None:
+            tap.close()
     model.eval()
     mira.set_stage(model, "inference")
-    tail = losses[-10:]
-    return {"final_loss": sum(tail) / len(tail) if tail else float("nan"),
-            "last_epoch_train_acc": correct / len(x) if epochs else float("nan")}
+    last = state.history[-1] if state.history else {"loss": float("nan"), "train_acc": float("nan")}
+    return {"final_loss": last["loss"], "last_epoch_train_acc": last["train_acc"]}
 
 
 @torch.no_grad()

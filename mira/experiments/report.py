@@ -1,0 +1,189 @@
+"""Tables, plots, and merging runs of single seeds (``python -m mira.experiments.report``).
+
+Seeds are independent, so a table can be made by separate processes, one per seed, and merged::
+
+    python -m mira.experiments all --seeds 0 --out /tmp/s0   # ... and 1, 2
+    python -m mira.experiments.report --record /tmp/s0 /tmp/s1 /tmp/s2
+
+The merged ``results.json`` keeps every run and each part's command, machine and timings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+
+import torch
+
+from .metrics import mean_std
+
+__all__ = ["merge", "plot_profiles", "tables"]
+
+
+def _fmt(values, pct=True) -> str:
+    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not values:
+        return "-"
+    m, s = mean_std(values)
+    k = 100.0 if pct else 1.0
+    return f"{m * k:.1f} ± {s * k:.1f}"
+
+
+def tables(results: dict, order: dict) -> str:
+    """The markdown tables: DIL / CIL (avg acc, forgetting, probe) and DG (per held-out domain), mean +- std."""
+    lines = []
+    for proto in ("dil", "cil"):
+        if proto not in results:
+            continue
+        conflict = any("cue_blind_agreement" in r for rs in results[proto]["runs"].values() for r in rs)
+        head = (f"| {proto.upper()} variant | avg acc (%) | forgetting (pts) | linear probe (%) |"
+                + (" cue-blind pairs (%) |" if conflict else ""))
+        lines += [head, "|---|---|---|---|" + ("---|" if conflict else "")]
+        for name in order[proto]:
+            runs = results[proto]["runs"].get(name, [])
+            cells = [_fmt([r["avg_acc"] for r in runs]), _fmt([r["forgetting"] for r in runs]),
+                     _fmt([r.get("probe") for r in runs])]
+            if conflict:
+                cells.append(_fmt([r.get("cue_blind_agreement") for r in runs]))
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append("")
+    if "dg" in results:
+        names = results["dg"]["domains"]
+        lines += ["| DG variant | " + " | ".join(names) + " | mean |", "|" + "---|" * (len(names) + 2)]
+        for v in order["dg"]:
+            runs = results["dg"]["runs"].get(v, [])
+            cells = [_fmt([r["held_out_acc"] for r in runs if r["held_out"] == n]) for n in names]
+            per_seed: dict = {}
+            for r in runs:
+                per_seed.setdefault(r["seed"], []).append(r["held_out_acc"])
+            cells.append(_fmt([sum(a) / len(a) for a in per_seed.values()]))
+            lines.append(f"| {v} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot_profiles(profiles: dict, domain_names, slot_task, path: str, seed: int) -> None:
+    """Heat maps of the mean retrieval weights per block (rows: test domain; columns: stored adapters)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    variants = list(profiles)
+    blocks = len(next(iter(profiles.values())))
+    fig, axes = plt.subplots(blocks, len(variants), figsize=(4.2 * len(variants), 2.0 * blocks + 0.6), squeeze=False)
+    for c, v in enumerate(variants):
+        for b in range(blocks):
+            w = torch.tensor(profiles[v][b])
+            ax = axes[b][c]
+            lim = max(float(w.abs().max()), 1e-6)
+            im = ax.imshow(w.numpy(), cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto")
+            ax.set_yticks(range(len(domain_names)), domain_names, fontsize=7)
+            ax.set_xticks(range(w.shape[1]), [f"{domain_names[t][:3]}" for t in slot_task[v]], fontsize=6,
+                          rotation=90)
+            ax.set_title(f"{v}: block {b}", fontsize=8)
+            fig.colorbar(im, ax=ax, fraction=0.04)
+    fig.suptitle("DIL, after the last task: mean retrieval weight of each stored adapter (columns, labelled by\n"
+                 f"the domain it was trained on) for the test images of each domain (rows), seed {seed}", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+
+def merge(parts: list[str], out_dir: str, command: str) -> dict:
+    """Merge the ``results.json`` of runs of disjoint seeds (same suite, preset and mode) into ``out_dir``."""
+    docs = [json.load(open(os.path.join(p, "results.json"))) for p in parts]
+    for d in docs:  # runs written before the row order and slot labels were recorded
+        d.setdefault("row_order", {p: [v["name"] for v in vs] for p, vs in d["variants"].items()})
+    first = docs[0]
+    for d in docs[1:]:
+        for key in ("suite", "preset", "mode", "row_order"):
+            if d.get(key) != first.get(key):
+                raise ValueError(f"cannot merge runs of different {key}: {first.get(key)!r} and {d.get(key)!r}")
+    seeds = [s for d in docs for s in d["seeds"]]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"the runs share seeds: {seeds}")
+    docs.sort(key=lambda d: min(d["seeds"]))
+    merged = dict(docs[0])
+    merged["command"] = command
+    merged["parts"] = [{k: d[k] for k in ("command", "seeds", "elapsed_seconds", "cpu_seconds", "timings_seconds",
+                                           "machine")} for d in docs]
+    merged["seeds"] = sorted(seeds)
+    merged["cpu_seconds"] = sum(d["cpu_seconds"] for d in docs)
+    merged["elapsed_seconds"] = max(d["elapsed_seconds"] for d in docs)
+    results: dict = {}
+    for d in docs:
+        for proto, block in d["results"].items():
+            target = results.setdefault(proto, {k: v for k, v in block.items() if k != "runs"} | {"runs": {}})
+            for name, runs in block["runs"].items():
+                target["runs"].setdefault(name, []).extend(runs)
+    merged["results"] = results
+    merged["adaptation"] = {}
+    for d in docs:
+        for key, entries in d["adaptation"].items():
+            merged["adaptation"].setdefault(key, []).extend(entries)
+    merged["summary_mean_std"] = summarise(results)
+    write(merged, out_dir)
+    return merged
+
+
+def summarise(results: dict) -> dict:
+    summary: dict = {}
+    for proto, block in results.items():
+        summary[proto] = {}
+        for name, runs in block["runs"].items():
+            if proto == "dg":
+                summary[proto][name] = {n: mean_std([r["held_out_acc"] for r in runs if r["held_out"] == n])
+                                        for n in block["domains"]}
+            else:
+                summary[proto][name] = {
+                    "avg_acc": mean_std([r["avg_acc"] for r in runs]),
+                    "forgetting": mean_std([r["forgetting"] for r in runs if r["forgetting"] is not None]),
+                }
+    return summary
+
+
+def write(doc: dict, out_dir: str) -> str:
+    """Write ``results.json``, ``results.md`` (and the retrieval plot if profiled); returns the tables."""
+    os.makedirs(out_dir, exist_ok=True)
+    table = tables(doc["results"], doc["row_order"])
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump(doc, f, indent=1)
+    m = doc["machine"]
+    load = m["loadavg_start"][0]
+    with open(os.path.join(out_dir, "results.md"), "w") as f:
+        f.write(f"`{doc['command']}`: suite {doc['suite']}, preset {doc['preset']}, {len(doc['seeds'])} seed(s) "
+                f"{doc['seeds']}, mean ± std over seeds; {doc['elapsed_seconds']:.0f} s wall clock "
+                f"({doc['cpu_seconds']:.0f} s of CPU time; load average {load:.1f} at start) on {m['cpu']}, "
+                f"{m['cpus']} CPUs, {m['torch_threads']} torch thread(s) per process.\n\n{table}\n")
+    profiles = doc.get("dil_retrieval_profile_seed0")
+    if profiles:
+        tasks = doc["results"]["dil"]["tasks"]
+        slot_tasks = doc.get("dil_retrieval_slot_tasks") or {
+            v: [j * len(tasks) // len(p[0][0]) for j in range(len(p[0][0]))] for v, p in profiles.items()}
+        plot_profiles(profiles, tasks, slot_tasks, os.path.join(out_dir, "retrieval_weights.png"), min(doc["seeds"]))
+    return table
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m mira.experiments.report", description=__doc__.splitlines()[0])
+    parser.add_argument("parts", nargs="+", help="output folders of runs of single seeds")
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--record", action="store_true", help="write to results/experiments/<suite>/")
+    args = parser.parse_args(argv)
+    if args.record == (args.out is not None):
+        parser.error("give exactly one of --out DIR or --record")
+    suite = json.load(open(os.path.join(args.parts[0], "results.json")))["suite"]
+    out = os.path.join("results", "experiments", suite) if args.record else args.out
+    command = "python -m mira.experiments.report " + " ".join(argv if argv is not None else sys.argv[1:])
+    merged = merge(args.parts, out, command)
+    print(tables(merged["results"], merged["row_order"]))
+    print(f"merged {len(args.parts)} runs (seeds {merged['seeds']}) into {out}")
+
+
+if __name__ == "__main__":
+    main()
