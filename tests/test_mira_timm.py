@@ -259,7 +259,10 @@ def test_attached_model_matches_reference_backend():
         outs.append((y.detach(), [m.keys.grad.clone() for m in mira.memories(model)]))
     torch.testing.assert_close(outs[1][0], outs[0][0], rtol=1e-5, atol=1e-5)
     for got, ref in zip(outs[1][1], outs[0][1]):
-        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+        # Under the default per-feature key normalisation every key's gradient is a sum over all
+        # keys with cancellation: float32 rounding is relative to the gradient's scale (measured
+        # 7e-5 of max |grad|), not to each element.
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
 
 
 def test_torch_compile_has_no_graph_break_in_mira_layers():
