@@ -613,7 +613,8 @@ def _vit_variants(workload: dict, dtype, dev, backends: list[str]):
     attached.eval()
     projection = mira.projections(attached)[0]
     eager = _sharing_copy(stock)
-    memories = [(m.stored_keys, *m.stored_adapters) for m in mira.memories(attached)]
+    # The keys the op sees (per-feature normalised by default), as benchmarks/latency.py passes them.
+    memories = [(m.retrieval_keys()[: m.num_slots].detach(), *m.stored_adapters) for m in mira.memories(attached)]
     attach_eager(eager, memories, list(projection.slice_offsets), scale=projection.memory.config.scale,
                  eps=projection.memory.config.eps)
     eager.eval()
