@@ -32,6 +32,8 @@ J_TILE = 8  # adapter rows per register tile
 DW_TILE = 4  # slots per block reduction of the partial dw
 COLS_PER_BLOCK = THREADS * 4
 KEY_CHUNK = 256
+SAMPLE_TILE = 8  # most samples one retrieval block mixes
+PAIRS_PER_WARP = 2  # score pairs a warp reduces per round
 MAX_SLICES = 16
 OFFSET_UPLOAD = 256
 SMEM_BUDGET = 32 * 1024
@@ -84,6 +86,15 @@ class Dims:
     def offset_uploads(self) -> int:
         return _cdiv(self.S, OFFSET_UPLOAD) if self.S > MAX_SLICES else 0
 
+    @property
+    def sample_tile(self) -> int:
+        B = self.B
+        return 1 if B <= 16 else 2 if B <= 32 else 4 if B <= 64 else SAMPLE_TILE
+
+    @property
+    def retrieve_blocks(self) -> int:
+        return _cdiv(self.B, self.sample_tile) * self.col_chunks
+
 
 @dataclass(frozen=True)
 class KernelSpec:
@@ -117,7 +128,7 @@ def kernel_launches(op: str, d: Dims, acc_size: int, output_mask=(True,) * 5,
         apply = d.T > 0 and d.d_s > 0
         if apply:
             out += uploads
-        out.append(KernelSpec("mira_retrieve_kernel", d.B * d.col_chunks, 0))
+        out.append(KernelSpec("mira_retrieve_kernel", d.retrieve_blocks, 0))
         if apply:
             out.append(KernelSpec("mira_apply_kernel", d.B * d.tiles, smem))
         return out
@@ -126,7 +137,7 @@ def kernel_launches(op: str, d: Dims, acc_size: int, output_mask=(True,) * 5,
     tokens = d.T > 0 and (mem or need_x)
     if tokens or mem:
         out += uploads
-    out.append(KernelSpec("mira_retrieve_kernel", d.B * d.col_chunks, 0))
+    out.append(KernelSpec("mira_retrieve_kernel", d.retrieve_blocks, 0))
     if tokens:
         out.append(KernelSpec("mira_bwd_tokens_kernel", d.B * d.tiles, smem))
     if not mem:
@@ -165,23 +176,31 @@ def _rows_dots_steps(j: int, length: int) -> int:
 
 def _retrieve(c: _Call) -> dict:
     d = c.d
-    blocks = d.B * d.col_chunks
+    blocks, tiles, bt = d.retrieve_blocks, _cdiv(d.B, d.sample_tile), d.sample_tile
     # Above KEY_CHUNK keys the scores are streamed: computed twice when the separation needs row statistics.
     stats = c.separation == "softmax" or (c.separation == "affine" and d.N > 1)
     passes = 2 if d.N > KEY_CHUNK and stats else 1
-    scores = blocks * (2.0 * d.d_k + passes * 4.0 * d.N * d.d_k)  # q norm, q.k and |k|^2 per block
+    # Every block recomputes its samples' query norms and scores (q.k and |k|^2 per pair).
+    scores = d.col_chunks * d.B * (2.0 * d.d_k + passes * 4.0 * d.N * d.d_k)
     mixing = 2.0 * d.B * d.N * (d.FA + d.FB)
     keys, bank, query = d.N * d.d_k * c.acc, d.N * (d.FA + d.FB) * c.acc, d.B * d.d_k * c.acc
+    # Dependent steps: the query norms (one load round, one tree for the tile), the score rounds (a load round
+    # and a lane tree for WARPS * PAIRS_PER_WARP pairs), the separation statistics (trees, one sample at a
+    # time), the mixing (loads independent of the sums: about one latency per few slots).
+    rounds = passes * _cdiv(bt * min(d.N, KEY_CHUNK), WARPS * PAIRS_PER_WARP) * _cdiv(d.N, KEY_CHUNK)
+    steps = 1 + TREE + rounds * (2 + LANE_TREE) + (bt * 2 * TREE if stats else 0) + _cdiv(d.N, 4) + 1
     return dict(
         flops={c.unit: scores + mixing},
         bytes_read=query + keys + bank,
         bytes_written=d.B * (d.FA + d.FB) * c.acc + (2 * d.B * d.N + d.B + d.N) * c.acc,
-        l2_bytes=keys * (blocks * passes - 1) + bank * (d.B - 1) + query * (d.col_chunks - 1),
-        steps=_cdiv(d.d_k, THREADS) + TREE + passes * _cdiv(d.N, WARPS) * (_cdiv(d.d_k, LANES) + LANE_TREE + 1)
-        + 2 * TREE + d.N,
+        # The keys are re-read by every block (once per pass), the banks once per sample tile, each query
+        # once per column chunk.
+        l2_bytes=keys * (blocks * passes - 1) + bank * (tiles - 1) + query * (d.col_chunks - 1),
+        steps=steps,
         useful_flops=2.0 * d.B * d.N * d.d_k + mixing,
-        smem_bytes=4 * THREADS * c.acc,
-        note=f"scores recomputed by each of the {d.col_chunks} column-chunk blocks of a sample",
+        # reduction buffer, scores, query norms, separation statistics
+        smem_bytes=(SAMPLE_TILE * THREADS + SAMPLE_TILE * KEY_CHUNK + 4 * SAMPLE_TILE) * c.acc,
+        note=f"{bt} sample(s) per block; scores recomputed by each of the {d.col_chunks} column chunks",
     )
 
 

@@ -135,6 +135,23 @@ def test_more_keys_than_one_score_pass_float64(driver, separation):
         check_backward(driver, inp, separation)
 
 
+@pytest.mark.parametrize("separation", ["affine", "softmax"])
+def test_sample_tiles_do_not_change_the_bits(driver, separation):
+    # B = 70: the retrieval mixes 8 samples per block (the last tile holds 6); each sample's sums run in
+    # the same order as alone, so every sample's output equals, bit for bit, a B = 1 call on it.
+    inp = make_inputs(B=70, T=2, d_in=3, d_out=6, N=5, S=2, r=1, d_s=2, dtype=torch.float64)
+    run = check_forward(driver, inp, separation)
+    assert run.plan[0].kernel == "mira_retrieve_kernel" and run.plan[0].blocks == 9  # ceil(70 / 8) tiles, 1 chunk
+    (got,) = run.outputs
+    for b in (0, 7, 8, 63, 64, 69):
+        one = make_inputs(B=70, T=2, d_in=3, d_out=6, N=5, S=2, r=1, d_s=2, dtype=torch.float64)
+        for name in ("x", "query"):
+            setattr(one, name, getattr(one, name)[b : b + 1].clone())
+        (alone,) = run_forward(driver, *one.linear_args(), **_kw(one, separation)).outputs
+        assert torch.equal(got[b : b + 1], alone), f"sample {b}"
+    check_backward(driver, inp, separation)
+
+
 def test_empty_batch_and_empty_tokens(driver):
     run = check_forward(driver, make_inputs(B=0, T=3, d_in=5, d_out=8, N=2, S=1, r=2, d_s=8), "affine")
     assert run.launches == 0

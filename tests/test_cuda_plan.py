@@ -102,7 +102,12 @@ def test_vit_b_forward_launches_and_costs():
     gemm, retrieve, apply = plan.launches
     M = 256 * 197
     assert gemm.library == "cublas" and gemm.gemm == (M, 2304, 768) and gemm.flops == {"tc_bf16": 2.0 * M * 2304 * 768}
-    assert retrieve.grid == (256 * 12,)  # 12 chunks of 1024 of the 2*4*768*2 factor columns per sample
+    # 32 tiles of 8 samples x 12 chunks of 1024 of the 2*4*768*2 factor columns: the banks (1.47 MB in fp32)
+    # are read 32 times from L2 instead of 256.
+    assert retrieve.grid == (32 * 12,)
+    bank, keys, queries = 30 * (2 * 4 * 768 * 2) * 4, 30 * 768 * 4, 256 * 768 * 4
+    assert retrieve.bytes_read >= bank
+    assert retrieve.l2_bytes == 31 * bank + 383 * keys + 11 * queries
     assert apply.grid == (256 * 25,)  # 25 tiles of 8 tokens per sample
     # The adapter's read-modify-write: both 768-wide bf16 slices read and written, x re-read.
     assert apply.bytes_written == M * 2 * 768 * 2

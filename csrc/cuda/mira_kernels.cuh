@@ -50,6 +50,8 @@ constexpr int kDwTile = 4;                   // slots per block reduction of the
 constexpr int kColsPerThread = 4;            // columns per thread in the column-chunk kernels
 constexpr int kColsPerBlock = kThreads * kColsPerThread;
 constexpr int kKeyChunk = 256;               // scores held in shared memory per pass over the keys
+constexpr int kSampleTile = 8;               // most samples one retrieval block mixes at once
+constexpr int kPairsPerWarp = 2;             // (query, key) score pairs a warp reduces per round
 constexpr int kMaxSlices = 16;               // slice offsets that travel by value in the kernel arguments
 constexpr int kOffsetUpload = 256;           // offsets one upload launch carries (S > kMaxSlices only)
 constexpr int64_t kMaxGrid = 0x7fffffff;     // gridDim.x limit (compute capability >= 3.0)
@@ -104,6 +106,7 @@ constexpr double kNormEps = 1e-12;
 template <typename acc_t>
 struct MemoryArgs {
   int64_t B, N, d_k, FA, FB;
+  int64_t bt;  // samples per retrieval block (sample_tile(B))
   int sep;
   acc_t eps;
   const acc_t* query;   // (B, d_k)
@@ -242,27 +245,42 @@ __device__ __forceinline__ void lane_sum(acc_t (&v)[K], acc_t* red) {
 // Retrieval: scores, separation, mixing.
 // ------------------------------------------------------------------------------------------------
 
-// Scores of keys [n0, n0 + count) against the block's query into z_s; one warp per key.
+// Scores of keys [n0, n0 + count) against the tile's nb queries into zw_s[t * kKeyChunk + i]. Each warp takes
+// kPairsPerWarp (sample t, key i) pairs per round, so a round's lane reduction (block barriers) serves
+// kWarps * kPairsPerWarp pairs. q_den[t] is the guarded norm of query t; red holds 2 * kPairsPerWarp * kThreads
+// values. Each score's sums run in the order of one query alone, so the scores do not depend on the tile.
 template <typename acc_t>
-__device__ void score_keys(const MemoryArgs<acc_t>& a, const acc_t* q, acc_t q_den, int64_t n0, int count,
-                           acc_t* z_s, acc_t* red, bool write_knorm) {
+__device__ void score_tile(const MemoryArgs<acc_t>& a, int64_t b0, int nb, const acc_t* q_den, int64_t n0,
+                           int count, acc_t* zw_s, acc_t* red, bool write_knorm) {
   const int tid = threadIdx.x, warp = tid / kLanes, lane = tid % kLanes;
-  for (int g = 0; g < count; g += kWarps) {
-    const bool active = g + warp < count;
-    acc_t v[2] = {acc_t(0), acc_t(0)};  // q.k and |k|^2
-    if (active) {
-      const acc_t* k = a.keys + (n0 + g + warp) * a.d_k;
-      for (int64_t d = lane; d < a.d_k; d += kLanes) {
-        const acc_t kv = k[d];
-        v[0] += q[d] * kv;
-        v[1] += kv * kv;
+  const int pairs = nb * count;
+  for (int g = 0; g < pairs; g += kWarps * kPairsPerWarp) {
+    acc_t v[2 * kPairsPerWarp];  // per pair: q.k and |k|^2
+#pragma unroll
+    for (int j = 0; j < kPairsPerWarp; ++j) {
+      const int p = g + j * kWarps + warp;
+      v[2 * j] = v[2 * j + 1] = acc_t(0);
+      if (p < pairs) {
+        const acc_t* q = a.query + (b0 + p / count) * a.d_k;
+        const acc_t* k = a.keys + (n0 + p % count) * a.d_k;
+        for (int64_t d = lane; d < a.d_k; d += kLanes) {
+          const acc_t kv = k[d];
+          v[2 * j] += q[d] * kv;
+          v[2 * j + 1] += kv * kv;
+        }
       }
     }
-    lane_sum<2>(v, red);
-    if (active && lane == 0) {
-      const acc_t k_norm = msqrt(v[1]);
-      z_s[g + warp] = v[0] / (q_den * mmax(k_norm, acc_t(kNormEps)));
-      if (write_knorm) a.knorm[n0 + g + warp] = k_norm;
+    lane_sum<2 * kPairsPerWarp>(v, red);
+    if (lane == 0) {
+#pragma unroll
+      for (int j = 0; j < kPairsPerWarp; ++j) {
+        const int p = g + j * kWarps + warp;
+        if (p >= pairs) continue;
+        const int t = p / count, i = p % count;
+        const acc_t k_norm = msqrt(v[2 * j + 1]);
+        zw_s[t * kKeyChunk + i] = v[2 * j] / (q_den[t] * mmax(k_norm, acc_t(kNormEps)));
+        if (write_knorm && t == 0) a.knorm[n0 + i] = k_norm;
+      }
     }
   }
   __syncthreads();
@@ -293,102 +311,160 @@ __device__ __forceinline__ acc_t guarded_denominator(acc_t total, acc_t eps) {
   return total >= acc_t(0) ? eps : -eps;
 }
 
-// grid: B * chunks blocks, chunk = blockIdx.x % chunks covers kColsPerBlock of the FA+FB columns.
+// grid: sample tiles * chunks blocks. A block mixes the columns of its chunk (kColsPerBlock of the FA+FB
+// columns) for the a.bt samples of its tile (fewer in the last tile): each bank element is loaded once for
+// all of them, so the banks are read B / bt times instead of B times (from L2). Every block recomputes its
+// samples' scores (N * d_k each, cheap next to the mixing's reads); mixing sums over n in order for each
+// sample, so the results do not depend on bt.
+// Two resident blocks (at most 128 registers) in float; float64, whose 32 accumulators take twice the
+// registers, gets one (ptxas spilled at 128).
 template <typename acc_t>
-__global__ void __launch_bounds__(kThreads) mira_retrieve_kernel(const MemoryArgs<acc_t> a) {
-  __shared__ acc_t red[2 * kThreads];
-  __shared__ acc_t z_s[kKeyChunk];
-  __shared__ acc_t w_s[kKeyChunk];
+__global__ void __launch_bounds__(kThreads, sizeof(acc_t) == 8 ? 1 : 2) mira_retrieve_kernel(const MemoryArgs<acc_t> a) {
+  __shared__ acc_t red[kSampleTile * kThreads];  // block_sum<kSampleTile>, lane_sum<2 * kPairsPerWarp>
+  __shared__ acc_t zw_s[kSampleTile * kKeyChunk];  // scores, then weights, per sample of the tile
+  __shared__ acc_t qden_s[kSampleTile];
+  __shared__ SepStats<acc_t> st_s[kSampleTile];
+  static_assert(2 * kPairsPerWarp <= kSampleTile, "red holds the score pairs' lane reduction");
   const int tid = threadIdx.x;
   const int64_t cols = a.FA + a.FB;
   const int64_t chunks = mmax<int64_t>(1, (cols + kColsPerBlock - 1) / kColsPerBlock);
-  const int64_t b = blockIdx.x / chunks, chunk = blockIdx.x % chunks;
+  const int64_t tile = blockIdx.x / chunks, chunk = blockIdx.x % chunks;
+  const int64_t b0 = tile * a.bt;
+  const int nb = static_cast<int>(mmin<int64_t>(a.bt, a.B - b0));
   const bool lead = chunk == 0;  // one block per sample writes the per-sample side outputs
-  const acc_t* q = a.query + b * a.d_k;
 
-  acc_t qq = 0;
-  for (int64_t d = tid; d < a.d_k; d += kThreads) qq += q[d] * q[d];
-  const acc_t q_norm = msqrt(block_sum1(qq, red));
-  const acc_t q_den = mmax(q_norm, acc_t(kNormEps));
-  if (lead && tid == 0 && a.qnorm) a.qnorm[b] = q_norm;
+  {  // The tile's query norms, reduced together (one tree for all of them).
+    acc_t qq[kSampleTile];
+#pragma unroll
+    for (int t = 0; t < kSampleTile; ++t) {
+      qq[t] = 0;
+      if (t < nb) {
+        const acc_t* q = a.query + (b0 + t) * a.d_k;
+        for (int64_t d = tid; d < a.d_k; d += kThreads) qq[t] += q[d] * q[d];
+      }
+    }
+    block_sum<kSampleTile>(qq, red);
+    if (tid < nb) {
+      acc_t q_norm = qq[0];
+#pragma unroll
+      for (int t = 1; t < kSampleTile; ++t)
+        if (t == tid) q_norm = qq[t];
+      q_norm = msqrt(q_norm);
+      qden_s[tid] = mmax(q_norm, acc_t(kNormEps));
+      if (lead && a.qnorm) a.qnorm[b0 + tid] = q_norm;
+    }
+  }
+  __syncthreads();  // qden_s visible to the block
 
   const int64_t key_chunks = (a.N + kKeyChunk - 1) / kKeyChunk;
   const bool resident = key_chunks == 1;  // all scores fit: compute them once
-  const bool write_knorm = lead && b == 0 && a.knorm != nullptr;
-  if (resident) score_keys(a, q, q_den, 0, static_cast<int>(a.N), z_s, red, write_knorm);
+  const bool write_knorm = lead && b0 == 0 && a.knorm != nullptr;
+  if (resident) score_tile(a, b0, nb, qden_s, 0, static_cast<int>(a.N), zw_s, red, write_knorm);
   bool knorm_written = resident;
 
-  SepStats<acc_t> st{acc_t(1), acc_t(0), acc_t(1)};
+  // Separation statistics, one sample at a time (scalar partials keep the registers for the mixing's
+  // accumulators); kept in shared memory for the mixing.
   if ((a.sep == kAffine && a.N > 1) || a.sep == kSoftmax) {
-    // Per-thread partials over the thread's scores; softmax keeps an online (max, sum) pair.
-    acc_t part_sum = 0, part_max = -INFINITY, part_exp = 0;
-    for (int64_t kc = 0; kc < key_chunks; ++kc) {
-      const int64_t n0 = kc * kKeyChunk;
-      const int count = static_cast<int>(mmin<int64_t>(kKeyChunk, a.N - n0));
-      if (!resident) score_keys(a, q, q_den, n0, count, z_s, red, write_knorm);
-      for (int i = tid; i < count; i += kThreads) {
-        const acc_t zi = z_s[i];
-        part_sum += zi;
-        if (zi > part_max) {
-          part_exp = part_exp * mexp(part_max - zi) + acc_t(1);
-          part_max = zi;
-        } else {
-          part_exp += mexp(zi - part_max);
+    for (int t = 0; t < nb; ++t) {
+      // Per-thread partials over the thread's scores; softmax keeps an online (max, sum) pair.
+      acc_t part_sum = 0, part_max = -INFINITY, part_exp = 0;
+      for (int64_t kc = 0; kc < key_chunks; ++kc) {
+        const int64_t n0 = kc * kKeyChunk;
+        const int count = static_cast<int>(mmin<int64_t>(kKeyChunk, a.N - n0));
+        acc_t* z_t = zw_s + t * kKeyChunk;
+        if (!resident) score_tile(a, b0 + t, 1, qden_s + t, n0, count, z_t, red, write_knorm && t == 0);
+        for (int i = tid; i < count; i += kThreads) {
+          const acc_t zi = z_t[i];
+          part_sum += zi;
+          if (zi > part_max) {
+            part_exp = part_exp * mexp(part_max - zi) + acc_t(1);
+            part_max = zi;
+          } else {
+            part_exp += mexp(zi - part_max);
+          }
         }
+        if (!resident) __syncthreads();  // zw_s is rewritten by the next chunk
       }
-      if (!resident) __syncthreads();  // z_s is rewritten by the next chunk
+      SepStats<acc_t> st{acc_t(1), acc_t(0), acc_t(1)};
+      if (a.sep == kAffine) {
+        st.denom = guarded_denominator(block_sum1(part_sum, red), a.eps);
+      } else {
+        st.max = block_max1(part_max, red);
+        const acc_t mine = part_exp > acc_t(0) ? part_exp * mexp(part_max - st.max) : acc_t(0);
+        st.sum = block_sum1(mine, red);
+      }
+      if (tid == 0) st_s[t] = st;
     }
     knorm_written = true;
-    if (a.sep == kAffine) {
-      st.denom = guarded_denominator(block_sum1(part_sum, red), a.eps);
-    } else {
-      st.max = block_max1(part_max, red);
-      const acc_t mine = part_exp > acc_t(0) ? part_exp * mexp(part_max - st.max) : acc_t(0);
-      st.sum = block_sum1(mine, red);
-    }
+  } else if (tid < kSampleTile) {
+    st_s[tid] = SepStats<acc_t>{acc_t(1), acc_t(0), acc_t(1)};
   }
+  __syncthreads();  // st_s visible to the block
 
-  // Mix: each thread owns kColsPerThread columns, strided by kThreads (coalesced bank reads).
+  // Mix: each thread owns kColsPerThread columns, strided by kThreads (coalesced bank reads), for every
+  // sample of the tile.
+  // src[c] walks column c of the bank down the slots (stride FA in bank_a, FB in bank_b; bit c of in_a).
   const acc_t* src[kColsPerThread];
-  int64_t stride[kColsPerThread];
-  acc_t acc[kColsPerThread];
+  unsigned in_a = 0;
+  acc_t acc[kColsPerThread][kSampleTile];
 #pragma unroll
   for (int c = 0; c < kColsPerThread; ++c) {
     const int64_t col = chunk * kColsPerBlock + c * kThreads + tid;
-    const bool in_a = col < a.FA;
-    src[c] = col >= cols ? nullptr : (in_a ? a.bank_a + col : a.bank_b + (col - a.FA));
-    stride[c] = in_a ? a.FA : a.FB;
-    acc[c] = 0;
+    if (col < a.FA) in_a |= 1u << c;
+    src[c] = col >= cols ? nullptr : (col < a.FA ? a.bank_a + col : a.bank_b + (col - a.FA));
+#pragma unroll
+    for (int t = 0; t < kSampleTile; ++t) acc[c][t] = 0;
   }
   for (int64_t kc = 0; kc < key_chunks; ++kc) {
     const int64_t n0 = kc * kKeyChunk;
     const int count = static_cast<int>(mmin<int64_t>(kKeyChunk, a.N - n0));
-    if (!resident) score_keys(a, q, q_den, n0, count, z_s, red, write_knorm && !knorm_written);
-    for (int i = tid; i < count; i += kThreads) {
-      const acc_t wi = separate_one(a.sep, a.N, z_s[i], st);
-      w_s[i] = wi;
-      if (lead) {
-        if (a.z) a.z[b * a.N + n0 + i] = z_s[i];
-        if (a.w) a.w[b * a.N + n0 + i] = wi;
+    if (!resident) score_tile(a, b0, nb, qden_s, n0, count, zw_s, red, write_knorm && !knorm_written);
+#pragma unroll
+    for (int t = 0; t < kSampleTile; ++t) {
+      if (t >= nb) continue;
+      const int64_t b = b0 + t;
+      for (int i = tid; i < count; i += kThreads) {
+        const acc_t zi = zw_s[t * kKeyChunk + i];
+        const acc_t wi = separate_one(a.sep, a.N, zi, st_s[t]);
+        zw_s[t * kKeyChunk + i] = wi;  // the thread that read the score writes the weight: no race
+        if (lead) {
+          if (a.z) a.z[b * a.N + n0 + i] = zi;
+          if (a.w) a.w[b * a.N + n0 + i] = wi;
+        }
       }
     }
     __syncthreads();
     for (int i = 0; i < count; ++i) {
-      const acc_t wi = w_s[i];
-      const int64_t n = n0 + i;
+      acc_t v[kColsPerThread];
 #pragma unroll
-      for (int c = 0; c < kColsPerThread; ++c)
-        if (src[c]) acc[c] += wi * src[c][n * stride[c]];
+      for (int c = 0; c < kColsPerThread; ++c) {
+        v[c] = acc_t(0);
+        if (src[c]) {
+          v[c] = *src[c];
+          src[c] += (in_a >> c) & 1u ? a.FA : a.FB;
+        }
+      }
+#pragma unroll
+      for (int t = 0; t < kSampleTile; ++t) {
+        if (t >= nb) break;
+        const acc_t wt = zw_s[t * kKeyChunk + i];
+#pragma unroll
+        for (int c = 0; c < kColsPerThread; ++c) acc[c][t] += wt * v[c];
+      }
     }
-    __syncthreads();  // w_s / z_s are rewritten by the next chunk
+    __syncthreads();  // zw_s is rewritten by the next chunk
   }
 #pragma unroll
   for (int c = 0; c < kColsPerThread; ++c) {
     const int64_t col = chunk * kColsPerBlock + c * kThreads + tid;
-    if (col < a.FA)
-      a.mixed_a[b * a.FA + col] = acc[c];
-    else if (col < cols)
-      a.mixed_b[b * a.FB + (col - a.FA)] = acc[c];
+#pragma unroll
+    for (int t = 0; t < kSampleTile; ++t) {
+      if (t >= nb) continue;
+      if (col < a.FA)
+        a.mixed_a[(b0 + t) * a.FA + col] = acc[c][t];
+      else if (col < cols)
+        a.mixed_b[(b0 + t) * a.FB + (col - a.FA)] = acc[c][t];
+    }
   }
 }
 
@@ -740,6 +816,12 @@ struct Dims {
   }
   // Launches of mira_offsets_kernel a call needs: none while the offsets fit in the kernel arguments.
   int64_t offset_uploads() const { return S > kMaxSlices ? (S + kOffsetUpload - 1) / kOffsetUpload : 0; }
+  // Samples per retrieval block, from B alone (never from the device, so no result depends on the GPU):
+  // one while the grid must spread over the SMs, up to kSampleTile where re-reading the banks from L2
+  // for every sample would dominate the retrieval (ViT-B/16: 1.47 MB per sample in fp32).
+  int64_t sample_tile() const { return B <= 16 ? 1 : B <= 32 ? 2 : B <= 64 ? 4 : kSampleTile; }
+  int64_t sample_tiles() const { return (B + sample_tile() - 1) / sample_tile(); }
+  int64_t retrieve_blocks() const { return sample_tiles() * col_chunks(); }
 };
 
 // Offsets (in acc_t elements) of the scratch arrays inside one workspace buffer.
@@ -830,7 +912,7 @@ inline LaunchList adapter_launches(const Dims& d, const Workspace& ws, int64_t a
   if (d.B == 0) return list;
   const bool apply = d.T > 0 && d.d_s > 0;
   if (apply) add_offset_uploads(d, list);
-  list.add(Kernel::kRetrieve, d.B * d.col_chunks());
+  list.add(Kernel::kRetrieve, d.retrieve_blocks());
   if (apply) list.add(Kernel::kApply, d.B * d.tiles(), dyn_smem_bytes(d, ws, acc_size));
   return list;
 }
@@ -843,7 +925,7 @@ inline LaunchList backward_launches(const Dims& d, const Workspace& ws, int64_t 
   const bool mem = need_q || need_k || need_a || need_b;
   const bool tokens = d.T > 0 && (mem || need_x);
   if (tokens || mem) add_offset_uploads(d, list);
-  list.add(Kernel::kRetrieve, d.B * d.col_chunks());
+  list.add(Kernel::kRetrieve, d.retrieve_blocks());
   if (tokens) list.add(Kernel::kBwdTokens, d.B * d.tiles(), dyn_smem_bytes(d, ws, acc_size));
   if (!mem) return list;
   // With T == 0 the factor gradients are zero: the factors kernel writes them (its loop over T is empty).
@@ -904,7 +986,7 @@ inline void fill_args(const Dims& d, const int64_t* offsets, int sep, double sca
                       const CallBuffers<scalar_t, acc_t>& cb, const Workspace& ws, MemoryArgs<acc_t>& m,
                       TokenArgs<scalar_t, acc_t>& t) {
   m = MemoryArgs<acc_t>{};
-  m.B = d.B, m.N = d.N, m.d_k = d.d_k, m.FA = d.FA(), m.FB = d.FB();
+  m.B = d.B, m.N = d.N, m.d_k = d.d_k, m.FA = d.FA(), m.FB = d.FB(), m.bt = d.sample_tile();
   m.sep = sep;
   m.eps = static_cast<acc_t>(eps);
   m.query = cb.query, m.keys = cb.keys, m.bank_a = cb.bank_a, m.bank_b = cb.bank_b;
