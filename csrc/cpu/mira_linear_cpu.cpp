@@ -66,6 +66,7 @@
 #include <algorithm>
 #include <array>
 #include <cctype>
+#include <chrono>
 #include <cmath>
 #include <cstdlib>
 #include <string>
@@ -176,6 +177,28 @@ bool stream_seeding(const at::Tensor& out) {
   TORCH_CHECK(want.empty() || want == "auto", "MIRA_CPU_STREAM must be auto, 0 or 1, got '", want, "'");
   const int64_t bytes = out.nbytes();
   return bytes > at::get_num_threads() * l2_cache_bytes() && pages_resident(out.const_data_ptr(), bytes);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Phase clock of the forward: where one call's time goes (benchmarks/budget.py). Off, it costs a
+// thread-local load per phase; _cpu_forward_phases turns it on for one call on the calling thread.
+// ---------------------------------------------------------------------------------------------
+
+enum Phase { kEntry, kRetrieval, kMixing, kSeeding, kGemm, kPhases };
+
+struct PhaseClock {
+  std::array<double, kPhases> seconds{};
+  std::chrono::steady_clock::time_point last = std::chrono::steady_clock::now();
+};
+
+thread_local PhaseClock* phase_clock = nullptr;
+
+// Charges the time since the previous mark to phase p.
+void mark(Phase p) {
+  if (!phase_clock) return;
+  const auto now = std::chrono::steady_clock::now();
+  phase_clock->seconds[p] += std::chrono::duration<double>(now - phase_clock->last).count();
+  phase_clock->last = now;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -384,6 +407,7 @@ void prepare_memory(const Kernels<T>& K, const Shapes& s, const at::Tensor& quer
   const at::ScalarType ct = c10::CppTypeToScalarType<T>::value;
   const at::Tensor ba = as(bank_a, ct), bb = as(bank_b, ct);
   retrieve_in_double(s, query, keys, sep, eps, m);
+  mark(kRetrieval);
   if (s.B == 0) return;
 
   constexpr int64_t kOutChunk = 64, kSamples = 4;
@@ -419,6 +443,7 @@ void prepare_memory(const Kernels<T>& K, const Shapes& s, const at::Tensor& quer
       }
     }
   });
+  mark(kMixing);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -530,26 +555,35 @@ at::Tensor mira_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const 
   // An empty memory adds nothing: the op is then the stock Linear, bit for bit. Without a bias
   // (nothing to seed: one beta = 0 GEMM) and in 16 bits it is the same ATen call; with a bias in
   // float32/float64 it is ATen's addmm, or its two steps with streaming stores (below).
-  if (s.N == 0 && (!has_bias || is_half(x.scalar_type())))
-    return at::linear(x, weight, has_bias ? *bias : at::Tensor());
+  if (s.N == 0 && (!has_bias || is_half(x.scalar_type()))) {
+    mark(kEntry);
+    at::Tensor y = at::linear(x, weight, has_bias ? *bias : at::Tensor());
+    mark(kGemm);
+    return y;
+  }
   if (is_half(x.scalar_type())) {
     // Base projection in x's dtype (as F.linear), adapter in float32, the sum rounded once.
+    mark(kEntry);
     at::Tensor y = at::linear(x, weight, has_bias ? *bias : at::Tensor());
+    mark(kGemm);
     at::Tensor y32 = as(y, at::kFloat);
     adapter_dispatch(s, as(x, at::kFloat), y32, query, keys, bank_a, bank_b, sep, scale, eps, nullptr, true);
     y.copy_(y32);
+    mark(kSeeding);
     return y;
   }
   const at::Tensor xc = x.contiguous();
   at::Tensor y = at::empty({s.B, s.T, d_out}, x.options());
   if (y.numel() == 0) return y;
   const at::Tensor bias_c = has_bias ? bias->contiguous() : at::Tensor();
+  mark(kEntry);
   if (s.N == 0) {
     // Where streaming does not pay, ATen's own addmm (its bias copy measured faster than this
     // file's ordinary-store seeding on freshly faulted pages: +1.3% at B = 32).
     if (!stream_seeding(y)) {
       at::Tensor y2d = y.view({s.B * s.T, d_out});
       at::addmm_out(y2d, bias_c, xc.view({s.B * s.T, s.d_in}), weight.t());
+      mark(kGemm);
       return y;
     }
     AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "mira_stream_bias", [&] {
@@ -559,9 +593,31 @@ at::Tensor mira_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const 
   } else {
     adapter_dispatch(s, xc, y, query, keys, bank_a, bank_b, sep, scale, eps, has_bias ? &bias_c : nullptr, false);
   }
+  mark(kSeeding);
   // The same beta = 1 GEMM that at::linear / addmm runs after writing the broadcast bias.
   y.view({s.B * s.T, d_out}).addmm_(xc.view({s.B * s.T, s.d_in}), weight.t());
+  mark(kGemm);
   return y;
+}
+
+// The forward with its phase clock on: (y, seconds per phase [entry: checks and allocation,
+// retrieval, mixing, seeding pass (bias and shrink/expand; for 16-bit x the whole adapter), GEMM]).
+// An N = 0 call that is ATen's addmm charges its bias copy to the GEMM.
+std::tuple<at::Tensor, std::vector<double>> forward_phases(
+    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias, const at::Tensor& query,
+    const at::Tensor& keys, const at::Tensor& bank_a, const at::Tensor& bank_b, at::IntArrayRef slice_offsets,
+    c10::string_view separation, double scale, double eps) {
+  PhaseClock clock;
+  phase_clock = &clock;
+  at::Tensor y;
+  try {
+    y = mira_linear_cpu(x, weight, bias, query, keys, bank_a, bank_b, slice_offsets, separation, scale, eps);
+  } catch (...) {
+    phase_clock = nullptr;
+    throw;
+  }
+  phase_clock = nullptr;
+  return {y, std::vector<double>(clock.seconds.begin(), clock.seconds.end())};
 }
 
 void mira_adapter_cpu(const at::Tensor& out, const at::Tensor& x, const at::Tensor& query, const at::Tensor& keys,
@@ -812,10 +868,14 @@ TORCH_LIBRARY_FRAGMENT(mira, m) {
   m.def("_cpu_isa_info() -> str[]", &mira_cpu::isa_info);
   // Whether a seeding pass into `out` would use streaming stores (the rule in the file comment).
   m.def("_cpu_streams_into(Tensor out) -> bool", &mira_cpu::stream_seeding);
+  // The CPU forward with its phase clock on (benchmarks/budget.py): (y, seconds per phase).
+  m.def("_cpu_forward_phases(Tensor x, Tensor weight, Tensor? bias, Tensor query, Tensor keys, Tensor bank_a, "
+        "Tensor bank_b, int[] slice_offsets, str separation, float scale, float eps) -> (Tensor, float[])");
 }
 
 TORCH_LIBRARY_IMPL(mira, CPU, m) {
   m.impl("_cpu_mira_linear", &mira_cpu::mira_linear_cpu);
   m.impl("_cpu_mira_linear_backward", &mira_cpu::mira_linear_backward_cpu);
   m.impl("_cpu_mira_adapter_", &mira_cpu::mira_adapter_cpu);
+  m.impl("_cpu_forward_phases", &mira_cpu::forward_phases);
 }
