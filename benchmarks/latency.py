@@ -384,15 +384,17 @@ def images(variants: Variants, batch: int, seed: int) -> torch.Tensor:
     return torch.randn(batch, *_image_shape(variants.backbone), generator=g).to(device=w.device, dtype=w.dtype)
 
 
-def block_input(model: nn.Module, x: torch.Tensor, block: int = 0) -> torch.Tensor:
-    """The real (B, T, d) activations entering ``model.blocks[block].attn`` for images ``x``."""
+def block_input(model: nn.Module, x: torch.Tensor, block: int = 0, *, where: str = "attn") -> torch.Tensor:
+    """The real (B, T, d) activations entering ``model.blocks[block].attn`` (``where="attn"``: LN1's
+    output, the qkv projection's input) or the block itself (``where="block"``) for images ``x``."""
     captured: list[torch.Tensor] = []
 
     def hook(module, args):
         captured.append(args[0].detach().clone())
         raise _Captured
 
-    handle = model.blocks[block].attn.register_forward_pre_hook(hook)
+    target = model.blocks[block] if where == "block" else model.blocks[block].attn
+    handle = target.register_forward_pre_hook(hook)
     try:
         with torch.inference_mode(), contextlib.suppress(_Captured):
             model(x)
