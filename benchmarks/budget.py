@@ -15,14 +15,15 @@ block).
 read of a buffer twice the last-level cache evicts everything, then the input is rewritten, as the
 LayerNorm before the projection leaves it hot), all variants interleaved per round:
 
-- query module: ``memory.make_query(x)`` (pooling, cast, query module);
-- key prep: ``memory.retrieval_keys()`` and ``retrieval_banks()`` (masking, normalisation);
-- op call cost: the public op with an empty memory over ``nn.Linear`` at the real shape (at B=1
-  the empty op is ATen's addmm itself, so this is the wrapper, dispatch and C++ checks), plus the
-  extra C++ entry time (checks of the memory tensors, allocation) of the fused call;
-- retrieval and mixing: the CPU kernel's phase clock (``torch.ops.mira._cpu_forward_phases``);
-- shrink/expand: the fused call's seeding pass + GEMM over the empty call's addmm;
-- Python layer (residual): the projection module over ``nn.Linear``, less all of the above.
+- Python layer and call: the module's wall time less the kernel's own phases (read from the
+  phase clock, ``torch.ops.mira._cpu_last_phases``) and less ``F.linear``'s call cost at a
+  1 x 1 x d_in input (what the stock Linear pays for its call); of which, timed alone: the query
+  (``memory.query_token(x)``, whose token index the eval fast path selects in C++, else
+  ``memory.make_query(x)``) and the key prep (``memory.retrieval_tensors()``, cached in eval);
+- the kernel's phases of the module's call: entry (checks, allocation), retrieval, mixing;
+- shrink/expand: the module's seeding pass over the same call's with an empty memory (bias only);
+- the rest: the module over ``nn.Linear`` less all of the above, i.e. the GEMM's difference, which
+  is the same work, and timing noise.
 
 Prints a table (and ``--json PATH`` writes the record); writes nothing else.
 """
@@ -43,6 +44,7 @@ import torch.nn as nn
 import mira
 import mira_kernels as mk
 from benchmarks import _pairs
+from mira_kernels.ops import eval_linear_cpu
 
 __all__ = ["ColdCache", "dram_read_bandwidth", "measure_floor", "time_budget", "main"]
 
@@ -157,9 +159,12 @@ def _diff_stats(a: Sequence[float], b: Sequence[float] | None = None) -> dict:
     return {"median_s": med, "lo_s": lo, "hi_s": hi}
 
 
+PHASES = ("entry", "retrieval", "mixing", "seeding", "gemm")
+
+
 def time_budget(proj, cache: ColdCache, *, budget_s: float = 20.0, seed: int = 0) -> dict:
     """Interleaved rounds of the projection, its parts and the stock Linear, each call after
-    ``cache.prepare()`` (its input is ``cache.x``).
+    ``cache.prepare()`` (its input is ``cache.x``), with the CPU kernel's phase clock on.
 
     Returns per-part medians (seconds) with bootstrap intervals, and the rounds' raw totals.
     """
@@ -170,74 +175,70 @@ def time_budget(proj, cache: ColdCache, *, budget_s: float = 20.0, seed: int = 0
     c = memory.config
     base = proj.base_layer
     w, b = base.weight, base.bias
-    offsets = list(proj.slice_offsets)
-    # The op's fixed call cost, where no GEMM difference can hide in it: the op with an empty
-    # memory against F.linear on a 1 x 1 x d_in input with the real weight's first rows.
-    S, width = len(offsets), 8
-    tiny_w = w[: S * width].clone()
-    tiny_b = None if b is None else b[: S * width].clone()
-    tiny_offsets = [i * width for i in range(S)]
+    offsets = tuple(proj.slice_offsets)
+    # F.linear's own call cost, where its GEMM is negligible: a 1 x 1 x d_in input, 16 outputs.
+    tiny_w = w[:16].clone()
+    tiny_b = None if b is None else b[:16].clone()
+    last = torch.ops.mira._cpu_last_phases
+    phases: dict[str, list[list[float]]] = {"module": [], "empty": []}
     with torch.inference_mode():
-        query = memory.make_query(x)
-        keys = memory.retrieval_keys()
-        bank_a, bank_b = memory.retrieval_banks()
+        keys, bank_a, bank_b = memory.retrieval_tensors()
         empty = (keys[:0], bank_a[:0], bank_b[:0])
-        tiny_empty = (keys[:0], bank_a[:0, :, :, :], bank_b[:0, :, :width])
-        phases: dict[str, list[list[float]]] = {"fused": [], "empty": []}
-        raw = torch.ops.mira._cpu_forward_phases
-        args = (offsets, c.separation, float(c.scale), float(c.eps))
+        query = memory.make_query(x)
 
-        def fused_phases() -> None:
-            phases["fused"].append(list(raw(cache.x, w, b, query, keys, bank_a, bank_b, *args)[1]))
+        def module() -> None:
+            proj(cache.x)
+            phases["module"].append(list(last()))
 
-        def empty_phases() -> None:
-            phases["empty"].append(list(raw(cache.x, w, b, query, *empty, *args)[1]))
+        def empty_op() -> None:  # the same call with an empty memory: the bias-only seeding pass
+            if eval_linear_cpu(cache.x, w, b, query, *empty, offsets, c.separation, c.scale, c.eps) is None:
+                mk.mira_linear(cache.x, w, b, query, *empty, slice_offsets=offsets, separation=c.separation,
+                               scale=c.scale, eps=c.eps)
+            phases["empty"].append(list(last()))
 
-        def key_prep() -> None:
-            memory.retrieval_keys()
-            memory.retrieval_banks()
-
-        def tiny_op() -> None:
-            x1 = cache.x[:1, :1]
-            mk.mira_linear(x1, tiny_w, tiny_b, query[:1], *tiny_empty, slice_offsets=tiny_offsets,
-                           separation=c.separation, scale=c.scale, eps=c.eps)
+        def query_part() -> object:  # as the module makes it
+            token = memory.query_token(cache.x)
+            return token if token is not None else memory.make_query(cache.x)
 
         fns = {
             "stock": lambda: base(cache.x),
-            "module": lambda: proj(cache.x),
-            "query": lambda: memory.make_query(cache.x),
-            "key_prep": key_prep,
+            "module": module,
+            "empty_op": empty_op,
+            "query": query_part,
+            "key_prep": memory.retrieval_tensors,
             "tiny_linear": lambda: torch.nn.functional.linear(cache.x[:1, :1], tiny_w, tiny_b),
-            "tiny_op": tiny_op,
-            "fused_phases": fused_phases,
-            "empty_phases": empty_phases,
         }
-        rounds = _pairs.time_interleaved(fns, watch=[("module", "stock")], target_width=None, budget_s=budget_s,
-                                         min_rounds=20, check_every=20, warmup=3, timer=cache.timer, seed=seed)
-    t = rounds.times
-    names = ("entry", "retrieval", "mixing", "seeding", "gemm")
-    fp = np.asarray(phases["fused"][-rounds.rounds:])
-    ep = np.asarray(phases["empty"][-rounds.rounds:])
-    entry, retrieval, mixing, seeding, gemm = fp.T
-    e_entry, _, _, e_seed, e_gemm = ep.T
+        torch.ops.mira._cpu_phase_clock(True)
+        try:
+            rounds = _pairs.time_interleaved(fns, watch=[("module", "stock")], target_width=None, budget_s=budget_s,
+                                             min_rounds=20, check_every=20, warmup=3, timer=cache.timer, seed=seed)
+        finally:
+            torch.ops.mira._cpu_phase_clock(False)
+    t = {k: np.asarray(v) for k, v in rounds.times.items()}
+    mp = np.asarray(phases["module"][-rounds.rounds:]).T
+    ep = np.asarray(phases["empty"][-rounds.rounds:]).T
+    mph, eph = dict(zip(PHASES, mp)), dict(zip(PHASES, ep))
+    python = t["module"] - mp.sum(axis=0) - t["tiny_linear"]
     parts = {
+        "python_layer": _diff_stats(python),
         "query_module": _diff_stats(t["query"]),
         "key_prep": _diff_stats(t["key_prep"]),
-        "op_call": _diff_stats(np.asarray(t["tiny_op"]) - np.asarray(t["tiny_linear"]) + (entry - e_entry)),
-        "retrieval": _diff_stats(retrieval),
-        "mixing": _diff_stats(mixing),
-        "shrink_expand": _diff_stats(seeding + gemm, e_seed + e_gemm),
+        "op_entry": _diff_stats(mph["entry"]),
+        "retrieval": _diff_stats(mph["retrieval"]),
+        "mixing": _diff_stats(mph["mixing"]),
+        "shrink_expand": _diff_stats(mph["seeding"], eph["seeding"]),
     }
     total = _diff_stats(t["module"], t["stock"])
-    accounted = sum(p["median_s"] for p in parts.values())
-    parts["python_layer"] = {"median_s": total["median_s"] - accounted, "lo_s": float("nan"), "hi_s": float("nan"),
-                             "note": "residual: module over nn.Linear less the parts above"}
+    counted = [k for k in parts if k not in ("query_module", "key_prep")]  # those two are inside python_layer
+    parts["rest"] = {"median_s": total["median_s"] - sum(parts[k]["median_s"] for k in counted),
+                     "lo_s": float("nan"), "hi_s": float("nan"),
+                     "note": "residual: the module's GEMM over the stock Linear's, and timing noise"}
     return {
         "batch": int(x.shape[0]), "rounds": rounds.rounds, "seconds": rounds.seconds, "evict": cache.evict,
         "stock": _diff_stats(t["stock"]), "module": _diff_stats(t["module"]), "extra": total, "parts": parts,
-        "phases_fused_s": {k: float(np.median(v)) for k, v in zip(names, fp.T)},
-        "phases_empty_s": {k: float(np.median(v)) for k, v in zip(names, ep.T)},
-        "tiny_s": {k: float(np.median(t[k])) for k in ("tiny_op", "tiny_linear")},
+        "phases_module_s": {k: float(np.median(v)) for k, v in mph.items()},
+        "phases_empty_s": {k: float(np.median(v)) for k, v in eph.items()},
+        "tiny_linear_s": float(np.median(t["tiny_linear"])),
     }
 
 
@@ -249,13 +250,14 @@ def backbone_median(model: nn.Module, x: torch.Tensor, *, runs: int = 15) -> flo
 
 
 PART_LABELS = {
-    "query_module": "query module (make_query)",
-    "key_prep": "key prep (retrieval_keys/banks)",
-    "op_call": "op call cost (wrapper, dispatch, checks)",
+    "python_layer": "Python layer and call (over F.linear's)",
+    "query_module": "  of which: query (query_token / make_query)",
+    "key_prep": "  of which: key prep (retrieval_tensors)",
+    "op_entry": "op entry (C++ checks, allocation)",
     "retrieval": "retrieval (kernel: scores, separation)",
     "mixing": "mixing (kernel: A_b, B_b from the banks)",
-    "shrink_expand": "shrink/expand (seeding + GEMM over addmm)",
-    "python_layer": "Python layer and the rest (residual)",
+    "shrink_expand": "shrink/expand (seeding pass over bias-only)",
+    "rest": "GEMM difference and noise (residual)",
 }
 
 

@@ -31,6 +31,7 @@ import torch.nn as nn
 
 import mira_kernels
 from mira_kernels._validation import check_slice_offsets
+from mira_kernels.ops import eval_linear_cpu
 
 from .config import STAGES
 from .memory import AdapterMemory
@@ -141,9 +142,20 @@ class MiraProjection(nn.Module):
                 slice_offsets=self.slice_offsets, separation="softmax", scale=c.scale, eps=c.eps,
             )
         memory = self._memory
-        bank_a, bank_b = memory.retrieval_banks()
+        keys, bank_a, bank_b = memory.retrieval_tensors()
+        weight, bias = base.weight, base.bias
+        # Eval on CPU: the kernel without the dispatcher where it would add nothing, and the CLS
+        # query taken from x in C++ (mira_kernels.ops.eval_linear_cpu; None when it cannot).
+        token = memory.query_token(x)
+        query = token if token is not None else memory.make_query(x)
+        y = eval_linear_cpu(x, weight, bias, query, keys, bank_a, bank_b, self.slice_offsets, c.separation, c.scale,
+                            c.eps)
+        if y is not None:
+            return y
+        if token is not None:
+            query = memory.make_query(x)
         return mira_kernels.mira_linear(
-            x, base.weight, base.bias, memory.make_query(x), memory.retrieval_keys(), bank_a, bank_b,
+            x, weight, bias, query, keys, bank_a, bank_b,
             slice_offsets=self.slice_offsets, separation=c.separation, scale=c.scale, eps=c.eps,
         )
 

@@ -21,6 +21,21 @@ Two storage modes:
   is refused). Appending writes in place: no shape changes, no recompilation, no CUDA-graph
   re-capture, and the optimiser state keeps its shape (a reused slot inherits the moments of
   what was there before; :meth:`remove` compacts slots, moving their moments' meaning).
+
+What the op sees (:meth:`AdapterMemory.retrieval_tensors`) is derived from the stored tensors:
+empty slots masked, keys normalised per feature when ``key_norm="per_feature"``. Where no
+autograd graph is needed (eval / inference: grad off, or no source requires grad) the derived
+tensors are cached, keyed so that they cannot be stale: the identity, storage address, version
+counter, shape, strides, dtype and device of every source tensor, the config fields they depend
+on and a counter that every mutation of the memory bumps. A ``.data`` swap (which does not bump
+the version counter) changes the storage address, and the cache holds an alias of the storage
+it was computed from, so no later tensor can reuse that address while the entry lives; in-place
+updates (an optimiser step, ``load_state_dict``, ``copy_`` under ``no_grad``) bump the version.
+Not cached, so computed from the sources every time: under ``torch.compile`` (the graph computes
+them), during CUDA-graph capture (the replay must recompute them) and whenever a graph is needed.
+One case no key can see, as autograd cannot either: writing *in place through* ``.data`` (for
+example ``memory.keys.data.copy_(new)``) bypasses version counters; do that under
+``torch.no_grad()`` on the tensor itself, or call :meth:`AdapterMemory.invalidate_cache` after.
 """
 
 from __future__ import annotations
@@ -36,9 +51,12 @@ import mira_kernels
 from mira_kernels.reference import NORM_EPS
 
 from .config import MemoryConfig
-from .query import build_query_module, pool_tokens
+from .query import IdentityQuery, build_query_module, pool_tokens
 
 __all__ = ["AdapterMemory"]
+
+# Where nn.Module keeps the hooks registered on every module (a skipped query-module call must have none).
+_MODULE_GLOBALS = torch.nn.modules.module
 
 
 class AdapterMemory(nn.Module):
@@ -80,6 +98,8 @@ class AdapterMemory(nn.Module):
             self.active = None
         self.query_module = build_query_module(c.query, c.d_in, c.d_k, c.query_hidden, **factory)
         self.query_module._register_load_state_dict_pre_hook(self._query_state_pre_hook, with_module=True)
+        self._mutations = 0  # bumped by every mutation of the memory: part of the cache's key
+        self._retrieval_cache: tuple | None = None  # (key, sources' aliases, derived tensors)
 
     # ------------------------------------------------------------------------------------------
     # Sizes and inspection.
@@ -122,27 +142,74 @@ class AdapterMemory(nn.Module):
                 return self.query_module(pooled)
         return self.query_module(pooled)
 
+    def query_token(self, tokens: torch.Tensor) -> int | None:
+        """The index i for which :meth:`make_query` of ``tokens`` is exactly ``tokens[:, i]``, else None.
+
+        That is the paper's query (identity query module, CLS token, the memory's dtype), which
+        the eval fast path takes from x itself (:func:`mira_kernels.ops.eval_linear_cpu`).
+        """
+        qm = self._modules["query_module"]
+        if (
+            type(qm) is IdentityQuery
+            and self.config.query_token == "cls"
+            and not (qm._forward_hooks or qm._forward_pre_hooks or _MODULE_GLOBALS._global_forward_hooks
+                     or _MODULE_GLOBALS._global_forward_pre_hooks)
+            and tokens.dtype == self._parameters["keys"].dtype
+        ):
+            return 0
+        return None
+
     def retrieval_keys(self) -> torch.Tensor:
         """The (C or N, d_k) keys the op sees: empty slots zeroed, per-feature normalised if asked.
 
-        The op applies the per-key L2 normalisation of the cosine itself. This is the one place
-        the per-feature step is computed (anything that caches it caches this method's result).
+        The op applies the per-key L2 normalisation of the cosine itself. The per-feature step is
+        computed in one place (``_derive``) and cached by :meth:`retrieval_tensors`.
         """
-        keys = self.keys
-        if self.active is not None:
-            keys = keys * self.active.unsqueeze(1).to(keys.dtype)
-        if self.config.key_norm == "per_feature":
-            # Each feature (column) to unit L2 norm across the stored keys; zero rows stay zero.
-            keys = F.normalize(keys, dim=0, eps=NORM_EPS)
-        return keys
+        return self.retrieval_tensors()[0]
 
     def retrieval_banks(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The banks the op sees. Only a trainable bank of fixed capacity needs masking: with
         sigmoid separation an empty slot has weight 0.5 and would otherwise get a gradient."""
-        if self.active is not None and self.config.trainable_bank:
-            mask = self.active.to(self.bank_a.dtype)
-            return self.bank_a * mask.view(-1, 1, 1, 1), self.bank_b * mask.view(-1, 1, 1, 1)
-        return self.bank_a, self.bank_b
+        return self.retrieval_tensors()[1:]
+
+    def retrieval_tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(keys, bank_a, bank_b) as the op sees them; cached where no graph is needed (module doc)."""
+        params, buffers = self._parameters, self._buffers
+        keys = params["keys"]
+        bank_a = params["bank_a"] if "bank_a" in params else buffers["bank_a"]
+        bank_b = params["bank_b"] if "bank_b" in params else buffers["bank_b"]
+        active = buffers.get("active")
+        c = self.config
+        mask_banks = active is not None and c.trainable_bank
+        if active is None and c.key_norm != "per_feature":
+            return keys, bank_a, bank_b  # nothing derived
+        sources = (keys, bank_a, bank_b, active) if mask_banks else (keys, active)
+        if not _cacheable(sources):
+            return self._derive(keys, bank_a, bank_b, active)
+        key = (self._mutations, c.key_norm, mask_banks, *map(_stamp, sources))
+        entry = self._retrieval_cache
+        if entry is not None and entry[0] == key:
+            return entry[2]
+        derived = self._derive(keys, bank_a, bank_b, active)
+        # The aliases keep the sources' storage alive, so no other tensor can take its address.
+        self._retrieval_cache = (key, tuple(t.detach() for t in sources if t is not None), derived)
+        return derived
+
+    def _derive(self, keys, bank_a, bank_b, active) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if active is not None:
+            keys = keys * active.unsqueeze(1).to(keys.dtype)
+            if self.config.trainable_bank:
+                mask = active.to(bank_a.dtype).view(-1, 1, 1, 1)
+                bank_a, bank_b = bank_a * mask, bank_b * mask
+        if self.config.key_norm == "per_feature":
+            # Each feature (column) to unit L2 norm across the stored keys; zero rows stay zero.
+            keys = F.normalize(keys, dim=0, eps=NORM_EPS)
+        return keys, bank_a, bank_b
+
+    def invalidate_cache(self) -> None:
+        """Drop the cached retrieval tensors (needed only after writing in place through ``.data``)."""
+        self._mutations += 1
+        self._retrieval_cache = None
 
     def get_association_matrix(
         self, query: torch.Tensor | None = None, *, tokens: torch.Tensor | None = None
@@ -207,6 +274,7 @@ class AdapterMemory(nn.Module):
 
     def _set_storage(self, keys: torch.Tensor, bank_a: torch.Tensor, bank_b: torch.Tensor) -> None:
         # Growing mode: keep the Parameter objects (an optimiser refers to them), swap their data.
+        self.invalidate_cache()
         self.keys.data = keys
         self.keys.grad = None
         if isinstance(self.bank_a, nn.Parameter):
@@ -268,6 +336,7 @@ class AdapterMemory(nn.Module):
                 torch.cat([self.bank_b.data, bank_b]),
             )
         else:
+            self.invalidate_cache()
             idx = slice(start, start + n)
             self.keys.data[idx] = keys
             self.bank_a.data[idx] = bank_a
@@ -282,6 +351,7 @@ class AdapterMemory(nn.Module):
         if self.active is None:
             self._set_storage(keys.clone(), bank_a.clone(), bank_b.clone())
             return
+        self.invalidate_cache()
         for t, new in ((self.keys.data, keys), (self.bank_a.data, bank_a), (self.bank_b.data, bank_b)):
             t[:n] = new
             t[n:].zero_()
@@ -307,6 +377,7 @@ class AdapterMemory(nn.Module):
             self._set_storage(self.keys.data[keep], self.bank_a.data[keep], self.bank_b.data[keep])
             return
         m = keep.numel()
+        self.invalidate_cache()
         for t in (self.keys.data, self.bank_a.data, self.bank_b.data):
             t[:m] = t[keep]
             t[m:].zero_()
@@ -351,6 +422,7 @@ class AdapterMemory(nn.Module):
                 torch.zeros(n, c.num_slices, c.rank, c.d_in, **f),
                 torch.zeros(n, c.num_slices, c.slice_width, c.rank, **f),
             )
+        self.invalidate_cache()
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
@@ -393,3 +465,22 @@ class AdapterMemory(nn.Module):
                 f"separation={c.separation}, key_norm={c.key_norm}, key_init={c.key_init}, query_token={c.query_token}"
                 + (", trainable_bank=True" if c.trainable_bank else ""))
 
+
+
+def _cacheable(sources) -> bool:
+    """Whether derived tensors of ``sources`` may come from a cache (see the module docstring)."""
+    if torch.compiler.is_compiling():
+        return False
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in sources):
+        return False
+    if any(t is not None and t.is_inference() for t in sources):
+        return False  # no version counter: an in-place change inside inference_mode is invisible
+    keys = sources[0]
+    return not (keys.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+def _stamp(t: torch.Tensor | None) -> tuple:
+    """What identifies a tensor's contents, short of reading them (the cache's key)."""
+    if t is None:
+        return ()
+    return (id(t), t.data_ptr(), t._version, t.shape, t.stride(), t.dtype, t.device)

@@ -10,7 +10,7 @@
                        switch it; ``torch.ops.mira._cpu_isa_info()`` returns [active, supported...].
 ``MIRA_CPU_STREAM``    store choice of the C++ CPU kernel's seeding passes (the output written before
                        the beta = 1 GEMM): ``auto`` (default: streaming stores when the output exceeds
-                       the threads' L2 caches and its pages are resident), ``0`` (ordinary stores) or
+                       the threads' L2 caches and 2 MiB and its pages are resident), ``0`` (ordinary stores) or
                        ``1`` (streaming); the values are the same bits either way. Read by the kernel
                        at every call; ``torch.ops.mira._cpu_streams_into(out)`` gives the choice.
 

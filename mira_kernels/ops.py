@@ -305,6 +305,32 @@ def mira_adapter_(
     return out
 
 
+# The eval fast path on CPU (csrc/cpu/fast_path.cpp): the kernel without the dispatcher, for calls
+# where it has nothing to add. None where the extension is not built.
+_cpu_eval_linear = getattr(getattr(_extension, "_C", None), "_cpu_eval_linear", None)
+
+
+def eval_linear_cpu(x, weight, bias, query, keys, bank_a, bank_b, slice_offsets, separation, scale, eps):
+    """:func:`mira_linear` of a plain eval call on CPU tensors, or None when the call needs the op.
+
+    Positional arguments as :func:`mira_linear`'s, ``slice_offsets`` a tuple or list of ints;
+    ``query`` may also be a token index ``i``, meaning ``x[:, i]``. The result is the op's, bit
+    for bit. It takes the call only when the op's routing and the dispatcher would add nothing:
+    the CPU kernel is built and chosen (no other backend forced, no finiteness check, not traced by
+    ``torch.compile``), and, checked in C++, the tensors are plain CPU tensors, no autograd graph is
+    needed, and no autocast, dispatch mode or torch-function mode is active. For MIRA layers in
+    eval, where a Python-level op costs tens of microseconds after the large GEMMs of a network.
+    """
+    if (
+        _cpu_eval_linear is None
+        or torch.compiler.is_compiling()
+        or _config.requested_backend() not in (None, "cpu")
+        or _config.check_finite_enabled()
+    ):
+        return None
+    return _cpu_eval_linear(x, weight, bias, query, keys, bank_a, bank_b, slice_offsets, separation, scale, eps)
+
+
 def retrieval_weights(
     query: torch.Tensor, keys: torch.Tensor, *, separation: str = "affine", eps: float = DEFAULT_EPS
 ) -> torch.Tensor:

@@ -28,11 +28,12 @@
 // allocates it in cache) and is long evicted by the time the GEMM gets to it. When the output
 // cannot stay in the threads' L2 caches anyway, the seeding pass writes it with non-temporal
 // stores, which skip that read: measured at B = 8, the op over nn.Linear went from +1.40% to +0.92%
-// (benchmarks/results/op_cpu.md). Two cases where they lose, both measured: an output that fits
-// in cache (B = 1, +0.27%), and freshly mapped pages (B >= 24: glibc maps blocks over 32 MiB anew
+// (benchmarks/results/op_cpu.md). Two cases where they lose, both measured: an output that stays
+// in cache (B = 1, 1.7 MiB: on the Zen 5 +0.27%, on a Zen 3 with 512 KiB L2 per core ~100 us per
+// call; see kStreamMinBytes), and freshly mapped pages (B >= 24: glibc maps blocks over 32 MiB anew
 // on every allocation, the first touch of each page faults, the kernel zeroes it through the cache,
 // and a streaming store to a cached line costs more than a plain one: +1.6%). So the pass streams
-// only when the output exceeds (threads x L2) and its pages are resident (mincore); the stored
+// only when the output exceeds both (threads x L2) and 2 MiB and its pages are resident (mincore); the stored
 // values are the same either way. Only a pass that writes each element once streams (an expand
 // over more than one register block of coefficients re-reads its output between blocks: kernels.h,
 // axpy_block_nt), so the backward's dx seeding pass (K = S*r) streams under the same rule only
@@ -75,6 +76,7 @@
 #include <vector>
 
 #include "cpu/kernels.h"
+#include "cpu/mira_linear_cpu.h"
 #include "validation.h"
 
 namespace mira_cpu {
@@ -168,6 +170,14 @@ bool pages_resident(const void* p, int64_t bytes) {
   return true;
 }
 
+// Outputs up to this size stay cached until the GEMM reads them back, on every machine measured
+// (the last-level caches there are 32 MiB): a ViT-B/16 qkv output at B = 1, 1.7 MiB, lost with
+// streaming stores on the Zen 5 (2 x 1 MiB L2: +0.27%) and on a 2-core Zen 3 (2 x 512 KiB L2, where
+// threads x L2 alone would stream it: module over nn.Linear, cold caches, streaming 335 us
+// [284, 381] per call against 234 us [190, 289] with ordinary stores); at B = 2 (3.5 MiB) streaming
+// won on the Zen 5.
+constexpr int64_t kStreamMinBytes = int64_t(2) << 20;
+
 // The one place MIRA_CPU_STREAM is read (documented in mira_kernels/_config.py).
 bool stream_seeding(const at::Tensor& out) {
   const char* env = std::getenv("MIRA_CPU_STREAM");
@@ -176,12 +186,14 @@ bool stream_seeding(const at::Tensor& out) {
   if (want == "1") return true;
   TORCH_CHECK(want.empty() || want == "auto", "MIRA_CPU_STREAM must be auto, 0 or 1, got '", want, "'");
   const int64_t bytes = out.nbytes();
-  return bytes > at::get_num_threads() * l2_cache_bytes() && pages_resident(out.const_data_ptr(), bytes);
+  return bytes > std::max(at::get_num_threads() * l2_cache_bytes(), kStreamMinBytes) &&
+         pages_resident(out.const_data_ptr(), bytes);
 }
 
 // ---------------------------------------------------------------------------------------------
 // Phase clock of the forward: where one call's time goes (benchmarks/budget.py). Off, it costs a
-// thread-local load per phase; _cpu_forward_phases turns it on for one call on the calling thread.
+// thread-local load per phase; _cpu_phase_clock(True) turns it on for the calling thread, and
+// _cpu_last_phases() reads the last forward's phases there (the fast path's calls included).
 // ---------------------------------------------------------------------------------------------
 
 enum Phase { kEntry, kRetrieval, kMixing, kSeeding, kGemm, kPhases };
@@ -192,6 +204,16 @@ struct PhaseClock {
 };
 
 thread_local PhaseClock* phase_clock = nullptr;
+thread_local PhaseClock phase_clock_state;
+
+void set_phase_clock(bool on) { phase_clock = on ? &phase_clock_state : nullptr; }
+
+// [entry: checks and allocation, retrieval, mixing, seeding pass (bias and shrink/expand; for
+// 16-bit x the whole adapter), GEMM], seconds. An N = 0 call that is ATen's addmm charges its bias
+// copy to the GEMM.
+std::vector<double> last_phases() {
+  return std::vector<double>(phase_clock_state.seconds.begin(), phase_clock_state.seconds.end());
+}
 
 // Charges the time since the previous mark to phase p.
 void mark(Phase p) {
@@ -291,17 +313,6 @@ struct Memory {
 };
 
 template <typename T>
-void unit_rows(const Kernels<T>& K, const T* u, int64_t rows, int64_t n, T* unit, T* norm) {
-  for (int64_t i = 0; i < rows; ++i) {
-    T sq;
-    K.dot_block(1, 1, n, u + i * n, n, u + i * n, n, &sq, 1, T(1));
-    norm[i] = std::sqrt(sq);
-    const T inv = T(1) / std::max(norm[i], T(kNormEps));
-    for (int64_t j = 0; j < n; ++j) unit[i * n + j] = u[i * n + j] * inv;
-  }
-}
-
-template <typename T>
 void separate_rows(Sep sep, const T* z, T* w, int64_t B, int64_t N, T eps) {
   for (int64_t b = 0; b < B; ++b) {
     const T* zb = z + b * N;
@@ -362,35 +373,63 @@ void row_in_double(const at::Tensor& t, int64_t i, double* out) {
   });
 }
 
-// Parallel over the B + N rows to normalise, then over samples for the scores: run serially this
-// was ~55 us per call at B = 8, N = 30 with the keys cold after the GEMM, the other core idle.
+// z[b,n] = (q_b . k_n) / (max(|q_b|, 1e-12) max(|k_n|, 1e-12)), the contract's cosine, from one
+// pass over the keys: each key row is read once, into double, and dotted with itself and with every
+// query; no normalised copy of the keys is written unless the backward needs it (`units`). The
+// forward and the backward both score this way, so they see the same weights. Parallel over the
+// keys: with them cold after the GEMM, two threads keep twice the misses in flight (serial, the
+// older two-region version of this was ~55 us at B = 8, N = 30). At B = 1 on a 2-core Zen 3 the
+// whole retrieval took 52-61 us with cold caches before (scratch vectors, two parallel regions,
+// copies), which is what this form removes.
 template <typename T>
-void retrieve_in_double(const Shapes& s, const at::Tensor& query, const at::Tensor& keys, Sep sep, double eps,
-                        Memory<T>& m) {
-  const Kernels<double>& K = kernels_of<double>(active_table());
-  std::vector<double> q_unit(s.B * s.d_k), k_unit(s.N * s.d_k), q_norm(s.B), k_norm(s.N);
-  std::vector<double> scores(s.B * s.N), weights(s.B * s.N);
-  at::parallel_for(0, s.B + s.N, 4, [&](int64_t begin, int64_t end) {
+void retrieve_in_double(const IsaTable& isa, const Shapes& s, const at::Tensor& query, const at::Tensor& keys,
+                        Sep sep, double eps, Memory<T>& m, bool units) {
+  const Kernels<double>& K = kernels_of<double>(isa);
+  std::vector<double> q(s.B * s.d_k), q_norm(s.B), k_norm(s.N), dots(s.B * s.N), k_unit(units ? s.N * s.d_k : 0);
+  for (int64_t b = 0; b < s.B; ++b) {
+    double* qb = q.data() + b * s.d_k;
+    row_in_double(query, b, qb);
+    double sq;
+    K.dot_block(1, 1, s.d_k, qb, s.d_k, qb, s.d_k, &sq, 1, 1.0);
+    q_norm[b] = std::sqrt(sq);
+  }
+  constexpr int64_t kKeyGrain = 8;
+  at::parallel_for(0, s.N, kKeyGrain, [&](int64_t begin, int64_t end) {
     std::vector<double> row(s.d_k);
-    for (int64_t i = begin; i < end; ++i) {
-      const bool is_query = i < s.B;
-      const int64_t j = is_query ? i : i - s.B;
-      row_in_double(is_query ? query : keys, j, row.data());
-      unit_rows(K, row.data(), 1, s.d_k, (is_query ? q_unit : k_unit).data() + j * s.d_k,
-                (is_query ? q_norm : k_norm).data() + j);
+    for (int64_t n = begin; n < end; ++n) {
+      row_in_double(keys, n, row.data());
+      double sq;
+      K.dot_block(1, 1, s.d_k, row.data(), s.d_k, row.data(), s.d_k, &sq, 1, 1.0);
+      k_norm[n] = std::sqrt(sq);
+      K.dot_block(s.B, 1, s.d_k, q.data(), s.d_k, row.data(), s.d_k, dots.data() + n, s.N, 1.0);
+      if (units) {
+        const double inv = 1.0 / std::max(k_norm[n], kNormEps);
+        for (int64_t j = 0; j < s.d_k; ++j) k_unit[n * s.d_k + j] = row[j] * inv;
+      }
     }
   });
-  at::parallel_for(0, s.B, 1, [&](int64_t b0, int64_t b1) {
-    K.dot_block(b1 - b0, s.N, s.d_k, q_unit.data() + b0 * s.d_k, s.d_k, k_unit.data(), s.d_k,
-                scores.data() + b0 * s.N, s.N, 1.0);
-    separate_rows(sep, scores.data() + b0 * s.N, weights.data() + b0 * s.N, b1 - b0, s.N, eps);
-  });
-  m.q_unit.assign(q_unit.begin(), q_unit.end());
+  std::vector<double> weights(s.B * s.N);
+  for (int64_t b = 0; b < s.B; ++b)
+    for (int64_t n = 0; n < s.N; ++n)
+      dots[b * s.N + n] /= std::max(q_norm[b], kNormEps) * std::max(k_norm[n], kNormEps);
+  separate_rows(sep, dots.data(), weights.data(), s.B, s.N, eps);
+  m.scores.assign(dots.begin(), dots.end());
+  m.weights.assign(weights.begin(), weights.end());
+  if (!units) return;
+  m.q_unit.resize(s.B * s.d_k);
+  for (int64_t b = 0; b < s.B; ++b) {
+    const double inv = 1.0 / std::max(q_norm[b], kNormEps);
+    for (int64_t j = 0; j < s.d_k; ++j) m.q_unit[b * s.d_k + j] = T(q[b * s.d_k + j] * inv);
+  }
   m.k_unit.assign(k_unit.begin(), k_unit.end());
   m.q_norm.assign(q_norm.begin(), q_norm.end());
   m.k_norm.assign(k_norm.begin(), k_norm.end());
-  m.scores.assign(scores.begin(), scores.end());
-  m.weights.assign(weights.begin(), weights.end());
+}
+
+// Contiguous view of t in dtype ct without a dispatcher call when it already is one (Tensor::to
+// always goes through the dispatcher, which costs microseconds with the caches cold).
+at::Tensor as_contiguous(const at::Tensor& t, at::ScalarType ct) {
+  return t.scalar_type() == ct && t.is_contiguous() ? t : as(t, ct);
 }
 
 // Fills m (constructed for s): retrieval in double, then the mixing, parallel over feature chunks
@@ -401,12 +440,13 @@ void retrieve_in_double(const Shapes& s, const at::Tensor& query, const at::Tens
 // contiguous output columns without a serial transpose pass. Every element is an ordered sum
 // over n, whatever the split.
 template <typename T>
-void prepare_memory(const Kernels<T>& K, const Shapes& s, const at::Tensor& query, const at::Tensor& keys,
+void prepare_memory(const IsaTable& isa, const Shapes& s, const at::Tensor& query, const at::Tensor& keys,
                     const at::Tensor& bank_a, const at::Tensor& bank_b, Sep sep, double scale, double eps,
-                    Memory<T>& m) {
+                    Memory<T>& m, bool units) {
+  const Kernels<T>& K = kernels_of<T>(isa);
   const at::ScalarType ct = c10::CppTypeToScalarType<T>::value;
-  const at::Tensor ba = as(bank_a, ct), bb = as(bank_b, ct);
-  retrieve_in_double(s, query, keys, sep, eps, m);
+  const at::Tensor ba = as_contiguous(bank_a, ct), bb = as_contiguous(bank_b, ct);
+  retrieve_in_double(isa, s, query, keys, sep, eps, m, units);
   mark(kRetrieval);
   if (s.B == 0) return;
 
@@ -521,9 +561,10 @@ template <typename T>
 void adapter_into(const Shapes& s, const at::Tensor& x_ct, at::Tensor& y_ct, const at::Tensor& query,
                   const at::Tensor& keys, const at::Tensor& bank_a, const at::Tensor& bank_b, Sep sep, double scale,
                   double eps, const at::Tensor* bias_ct, bool accumulate) {
-  const Kernels<T>& K = kernels_of<T>(active_table());
+  const IsaTable& isa = active_table();
+  const Kernels<T>& K = kernels_of<T>(isa);
   Memory<T> m(s);
-  prepare_memory<T>(K, s, query, keys, bank_a, bank_b, sep, scale, eps, m);
+  prepare_memory<T>(isa, s, query, keys, bank_a, bank_b, sep, scale, eps, m, false);
   const bool stream = !accumulate && stream_seeding(y_ct);
   apply_rows<T>(K, s, m, x_ct.data_ptr<T>(), y_ct.data_ptr<T>(), y_ct.size(-1),
                 bias_ct ? bias_ct->data_ptr<T>() : nullptr, accumulate, stream);
@@ -542,10 +583,13 @@ void adapter_dispatch(const Shapes& s, const at::Tensor& x_ct, at::Tensor& y_ct,
 // The ops.
 // ---------------------------------------------------------------------------------------------
 
+}  // namespace
+
 at::Tensor mira_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                            const at::Tensor& query, const at::Tensor& keys, const at::Tensor& bank_a,
                            const at::Tensor& bank_b, at::IntArrayRef slice_offsets, c10::string_view separation,
                            double scale, double eps) {
+  if (phase_clock) *phase_clock = PhaseClock{};
   mira::check_linear_args(x, weight, bias, query, keys, bank_a, bank_b, slice_offsets, separation, scale, eps);
   const int64_t d_out = weight.size(0);
   const Shapes s = shapes_of(x, keys, bank_a, bank_b, slice_offsets);
@@ -600,25 +644,7 @@ at::Tensor mira_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const 
   return y;
 }
 
-// The forward with its phase clock on: (y, seconds per phase [entry: checks and allocation,
-// retrieval, mixing, seeding pass (bias and shrink/expand; for 16-bit x the whole adapter), GEMM]).
-// An N = 0 call that is ATen's addmm charges its bias copy to the GEMM.
-std::tuple<at::Tensor, std::vector<double>> forward_phases(
-    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias, const at::Tensor& query,
-    const at::Tensor& keys, const at::Tensor& bank_a, const at::Tensor& bank_b, at::IntArrayRef slice_offsets,
-    c10::string_view separation, double scale, double eps) {
-  PhaseClock clock;
-  phase_clock = &clock;
-  at::Tensor y;
-  try {
-    y = mira_linear_cpu(x, weight, bias, query, keys, bank_a, bank_b, slice_offsets, separation, scale, eps);
-  } catch (...) {
-    phase_clock = nullptr;
-    throw;
-  }
-  phase_clock = nullptr;
-  return {y, std::vector<double>(clock.seconds.begin(), clock.seconds.end())};
-}
+namespace {
 
 void mira_adapter_cpu(const at::Tensor& out, const at::Tensor& x, const at::Tensor& query, const at::Tensor& keys,
                       const at::Tensor& bank_a, const at::Tensor& bank_b, at::IntArrayRef slice_offsets,
@@ -707,10 +733,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
   const bool need_w = need_q || need_k;
   const bool need_adapter = need_w || need_a || need_b;
   const at::ScalarType ct = c10::CppTypeToScalarType<T>::value;
-  const Kernels<T>& K = kernels_of<T>(active_table());
+  const IsaTable& isa = active_table();
+  const Kernels<T>& K = kernels_of<T>(isa);
   const int64_t d_out = weight.size(0);
   Memory<T> m(s);
-  prepare_memory<T>(K, s, query, keys, bank_a, bank_b, sep, scale, eps, m);
+  prepare_memory<T>(isa, s, query, keys, bank_a, bank_b, sep, scale, eps, m, true);
   const at::Tensor g = as(grad_out, ct), xc = as(x, ct);
   const T* G = g.data_ptr<T>();
   const T* X = xc.data_ptr<T>();
@@ -868,14 +895,14 @@ TORCH_LIBRARY_FRAGMENT(mira, m) {
   m.def("_cpu_isa_info() -> str[]", &mira_cpu::isa_info);
   // Whether a seeding pass into `out` would use streaming stores (the rule in the file comment).
   m.def("_cpu_streams_into(Tensor out) -> bool", &mira_cpu::stream_seeding);
-  // The CPU forward with its phase clock on (benchmarks/budget.py): (y, seconds per phase).
-  m.def("_cpu_forward_phases(Tensor x, Tensor weight, Tensor? bias, Tensor query, Tensor keys, Tensor bank_a, "
-        "Tensor bank_b, int[] slice_offsets, str separation, float scale, float eps) -> (Tensor, float[])");
+  // The forward's phase clock (benchmarks/budget.py): on/off for the calling thread, and the last
+  // forward's seconds per phase there.
+  m.def("_cpu_phase_clock(bool on) -> ()", &mira_cpu::set_phase_clock);
+  m.def("_cpu_last_phases() -> float[]", &mira_cpu::last_phases);
 }
 
 TORCH_LIBRARY_IMPL(mira, CPU, m) {
   m.impl("_cpu_mira_linear", &mira_cpu::mira_linear_cpu);
   m.impl("_cpu_mira_linear_backward", &mira_cpu::mira_linear_backward_cpu);
   m.impl("_cpu_mira_adapter_", &mira_cpu::mira_adapter_cpu);
-  m.impl("_cpu_forward_phases", &mira_cpu::forward_phases);
 }

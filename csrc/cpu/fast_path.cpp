@@ -1,0 +1,157 @@
+// The eval fast path of the CPU forward: mira_kernels._C._cpu_eval_linear, a direct CPython binding
+// of the same kernel the dispatcher calls (mira_linear_cpu), for the calls where the dispatcher has
+// nothing to add: plain CPU tensors, no autograd graph to record, no autocast, no Python dispatch or
+// torch-function mode, no dispatch keys beyond the dense CPU ones. Anything else gets None back and
+// the caller takes the op (mira_kernels/ops.py, eval_linear_cpu).
+//
+// Why: a MIRA projection inside a network runs right after large GEMMs that have evicted the
+// interpreter's caches, and there the boxed custom-op call (torch.ops -> IValue stack -> dispatcher)
+// measured ~80 us more than F.linear at a tiny shape, on a 2-core Zen 3 (benchmarks/budget.py): as
+// much as the whole 0.4% budget of a ViT-B/16 qkv projection at batch 1. This binding parses its
+// arguments as F.linear's does and calls the kernel, which checks them (csrc/validation.h).
+//
+// The query may be given as a token index i instead of a tensor: query = x[:, i], the CLS-token
+// query of an identity query module, taken here so that it costs no Python-level op either.
+#include <Python.h>
+#include <ATen/PythonTorchFunctionTLS.h>
+#include <ATen/autocast_mode.h>
+#include <ATen/core/grad_mode.h>
+#include <ATen/record_function.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <c10/core/impl/TorchDispatchModeTLS.h>
+#include <torch/csrc/autograd/python_variable.h>
+
+#include <exception>
+#include <optional>
+#include <string_view>
+#include <vector>
+
+#include "cpu/fast_path.h"
+
+namespace mira_cpu {
+namespace {
+
+// A tensor argument the kernel may take directly: an exact Tensor or Parameter (no
+// __torch_function__), on the CPU, whose dispatch keys are only the dense CPU ones.
+std::optional<at::Tensor> plain_cpu(PyObject* obj) {
+  if (!THPVariable_CheckExact(obj)) return std::nullopt;  // Tensor or Parameter, not a subclass
+  const at::Tensor& t = THPVariable_Unpack(obj);
+  if (!t.defined() || !t.device().is_cpu() || t.layout() != c10::kStrided) return std::nullopt;
+  for (const c10::DispatchKey k : t.key_set()) {
+    if (k != c10::DispatchKey::CPU && k != c10::DispatchKey::AutogradCPU && k != c10::DispatchKey::ADInplaceOrView &&
+        k != c10::DispatchKey::AutocastCPU)
+      return std::nullopt;  // Python, functorch, conjugate/negative views, sparse, ...
+  }
+  return t;
+}
+
+// No thread-local state that would route the op elsewhere: torch-function and dispatch modes,
+// TLS-included keys (functorch transforms, the Python dispatcher), CPU autocast.
+bool plain_context() {
+  if (at::impl::torch_function_mode_enabled() || c10::impl::TorchDispatchModeTLS::any_modes_set()) return false;
+  for (const c10::DispatchKey k : c10::impl::tls_local_dispatch_key_set().included_)
+    if (k != c10::DispatchKey::BackendSelect && k != c10::DispatchKey::ADInplaceOrView) return false;
+  return !at::autocast::is_autocast_enabled(at::kCPU);
+}
+
+bool int_list(PyObject* obj, std::vector<int64_t>& out) {
+  if (!PyTuple_Check(obj) && !PyList_Check(obj)) return false;
+  const Py_ssize_t n = PySequence_Fast_GET_SIZE(obj);
+  PyObject** items = PySequence_Fast_ITEMS(obj);
+  out.resize(n);
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    if (!PyLong_Check(items[i]) || PyBool_Check(items[i])) return false;
+    out[i] = PyLong_AsLongLong(items[i]);
+    if (out[i] == -1 && PyErr_Occurred()) {
+      PyErr_Clear();
+      return false;
+    }
+  }
+  return true;
+}
+
+bool as_double(PyObject* obj, double& out) {
+  if (!PyFloat_Check(obj) && !(PyLong_Check(obj) && !PyBool_Check(obj))) return false;
+  out = PyFloat_AsDouble(obj);
+  if (out == -1.0 && PyErr_Occurred()) {
+    PyErr_Clear();
+    return false;
+  }
+  return true;
+}
+
+// _cpu_eval_linear(x, weight, bias | None, query | token index, keys, bank_a, bank_b, slice_offsets,
+//                  separation, scale, eps) -> Tensor, or None when the call needs the op.
+PyObject* eval_linear(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  if (nargs != 11) {
+    PyErr_SetString(PyExc_TypeError, "_cpu_eval_linear takes 11 positional arguments");
+    return nullptr;
+  }
+  const auto take_op = []() -> PyObject* { Py_RETURN_NONE; };
+  if (!plain_context()) return take_op();
+  std::optional<at::Tensor> x = plain_cpu(args[0]), weight = plain_cpu(args[1]), keys = plain_cpu(args[4]),
+                            bank_a = plain_cpu(args[5]), bank_b = plain_cpu(args[6]);
+  std::optional<at::Tensor> bias;
+  if (args[2] != Py_None && !(bias = plain_cpu(args[2]))) return take_op();
+  if (!x || !weight || !keys || !bank_a || !bank_b) return take_op();
+  std::optional<at::Tensor> query;
+  if (PyLong_Check(args[3]) && !PyBool_Check(args[3])) {
+    const long long token = PyLong_AsLongLong(args[3]);
+    if (token == -1 && PyErr_Occurred()) {
+      PyErr_Clear();
+      return take_op();
+    }
+    if (x->dim() != 3 || token < 0 || token >= x->size(1)) return take_op();
+    query = x->select(1, token);
+  } else if (!(query = plain_cpu(args[3]))) {
+    return take_op();
+  }
+  if (at::GradMode::is_enabled()) {
+    for (const at::Tensor* t : {&*x, &*weight, &*query, &*keys, &*bank_a, &*bank_b})
+      if (t->requires_grad()) return take_op();
+    if (bias && bias->requires_grad()) return take_op();
+  }
+  std::vector<int64_t> offsets;
+  double scale = 0, eps = 0;
+  if (!int_list(args[7], offsets) || !PyUnicode_Check(args[8]) || !as_double(args[9], scale) ||
+      !as_double(args[10], eps))
+    return take_op();
+  Py_ssize_t len = 0;
+  const char* sep = PyUnicode_AsUTF8AndSize(args[8], &len);
+  if (sep == nullptr) {
+    PyErr_Clear();
+    return take_op();
+  }
+  try {
+    at::Tensor y;
+    {
+      RECORD_FUNCTION("mira::mira_linear", std::vector<c10::IValue>());
+      // The kernel is pure C++ and never calls back into Python: release the GIL, as F.linear does.
+      PyThreadState* state = PyEval_SaveThread();
+      try {
+        y = mira_linear_cpu(*x, *weight, bias, *query, *keys, *bank_a, *bank_b, offsets,
+                            c10::string_view(sep, static_cast<size_t>(len)), scale, eps);
+      } catch (...) {
+        PyEval_RestoreThread(state);
+        throw;
+      }
+      PyEval_RestoreThread(state);
+    }
+    return THPVariable_Wrap(std::move(y));
+  } catch (const std::exception&) {
+    // A rejected argument: the op's path raises the documented error for it.
+    return take_op();
+  }
+}
+
+PyMethodDef kMethods[] = {
+    {"_cpu_eval_linear", reinterpret_cast<PyCFunction>(reinterpret_cast<void*>(eval_linear)), METH_FASTCALL,
+     "The CPU forward without the dispatcher, for plain eval calls; None when the call needs the op."},
+    {nullptr, nullptr, 0, nullptr},
+};
+
+}  // namespace
+
+PyMethodDef* fast_path_methods() { return kMethods; }
+
+}  // namespace mira_cpu

@@ -1,0 +1,378 @@
+"""The eval-mode cache of what the op sees (AdapterMemory.retrieval_tensors), and the eval fast path.
+
+The cache may never be stale: every test changes the stored tensors in one of the ways a user or
+a library does (a ``.data`` swap, ``load_state_dict``, an optimiser step, the memory's own
+mutations, ``.to()``) and checks the layer against the same tensors derived afresh.
+"""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import mira_kernels
+from mira import AdapterMemory, MemoryConfig, MiraProjection
+from mira_kernels import ops
+
+pytestmark = pytest.mark.filterwarnings("ignore:mira_kernels. no native backend:RuntimeWarning")
+
+D, R, N = 16, 3, 5
+needs_fast_path = pytest.mark.skipif(ops._cpu_eval_linear is None, reason="the CPU extension is not built")
+
+
+def make_layer(seed=0, *, stage="inference", n=N, **config):
+    torch.manual_seed(seed)
+    config = {"d_in": D, "d_k": D, "num_slices": 2, "slice_width": D, "rank": R, "key_norm": "per_feature", **config}
+    memory = AdapterMemory(MemoryConfig(**config))
+    layer = MiraProjection(nn.Linear(D, 3 * D), memory, (0, 2 * D), stage=stage)
+    g = torch.Generator().manual_seed(seed + 1)
+    if n:
+        memory.append(torch.randn(n, 2, R, D, generator=g) / D**0.5, torch.randn(n, 2, D, R, generator=g),
+                      torch.randn(n, D, generator=g))
+    return layer
+
+
+def tokens(batch=3, seed=2):
+    return torch.randn(batch, 7, D, generator=torch.Generator().manual_seed(seed))
+
+
+def fresh(memory: AdapterMemory):
+    """What the op must see, derived now from the stored tensors (no cache involved)."""
+    return memory._derive(memory.keys, memory.bank_a, memory.bank_b, memory.active)
+
+
+def expected(layer: MiraProjection, x: torch.Tensor) -> torch.Tensor:
+    """The public op (same backend as the layer's) on freshly derived tensors."""
+    m, c = layer.memory, layer.memory.config
+    keys, bank_a, bank_b = fresh(m)
+    with torch.no_grad():
+        return mira_kernels.mira_linear(x, layer.weight, layer.bias, m.make_query(x), keys, bank_a, bank_b,
+                                        slice_offsets=layer.slice_offsets, separation=c.separation, scale=c.scale,
+                                        eps=c.eps)
+
+
+def assert_current(layer, x):
+    """The layer's output and the memory's tensors are those of its current state."""
+    with torch.no_grad():
+        got = layer(x)
+        for a, b in zip(layer.memory.retrieval_tensors(), fresh(layer.memory)):
+            assert torch.equal(a, b)
+        assert torch.equal(got, expected(layer, x))
+
+
+# ----------------------------------------------------------------------------------------------
+# When the cache is used.
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("config", [{"key_norm": "per_feature"}, {"key_norm": "unit", "capacity": 8},
+                                    {"key_norm": "per_feature", "capacity": 8, "trainable_bank": True,
+                                     "separation": "sigmoid"}])
+def test_eval_calls_reuse_the_derived_tensors(config):
+    layer = make_layer(**config)
+    with torch.no_grad():
+        first = layer.memory.retrieval_tensors()
+        second = layer.memory.retrieval_tensors()
+    assert all(a is b for a, b in zip(first, second))
+    assert all(torch.equal(a, b) for a, b in zip(first, fresh(layer.memory)))
+
+
+def test_nothing_is_cached_when_nothing_is_derived():
+    layer = make_layer(key_norm="unit")
+    m = layer.memory
+    with torch.no_grad():
+        keys, bank_a, bank_b = m.retrieval_tensors()
+    assert keys is m.keys and bank_a is m.bank_a and bank_b is m.bank_b
+    assert m._retrieval_cache is None
+
+
+def test_training_gets_a_graph_not_the_cache():
+    layer = make_layer(stage="consolidation")
+    layer.memory.keys.requires_grad_(True)
+    with torch.no_grad():
+        cached = layer.memory.retrieval_tensors()[0]
+    keys = layer.memory.retrieval_tensors()[0]
+    assert keys is not cached and keys.grad_fn is not None
+    layer(tokens()).sum().backward()
+    assert layer.memory.keys.grad is not None and layer.memory.keys.grad.abs().sum() > 0
+
+
+def test_inference_tensors_are_never_cached():
+    with torch.inference_mode():
+        layer = make_layer()  # inference tensors have no version counter
+        x = tokens()
+        assert_current(layer, x)
+    assert layer.memory._retrieval_cache is None
+
+
+# ----------------------------------------------------------------------------------------------
+# Every way the stored tensors change.
+# ----------------------------------------------------------------------------------------------
+
+
+def test_a_data_swap_is_seen():
+    layer, x = make_layer(), tokens()
+    assert_current(layer, x)
+    keys = layer.memory.keys
+    keys.data = torch.randn_like(keys)  # no version bump, new storage
+    assert_current(layer, x)
+
+
+def test_a_data_swap_to_a_reused_address_is_seen():
+    # Swap A -> B -> C with A freed before C is made: the allocator may give C A's address (and C's
+    # version counter can equal A's). The cache holds A's storage, so C cannot get that address.
+    layer, x = make_layer(), tokens()
+    keys = layer.memory.keys
+    assert_current(layer, x)
+    for seed in range(20):
+        keys.data = torch.randn(N, D, generator=torch.Generator().manual_seed(seed))
+        keys.data = torch.randn(N, D, generator=torch.Generator().manual_seed(100 + seed))
+        gc.collect()
+        assert_current(layer, x)
+
+
+def test_a_view_swap_of_another_shape_is_seen():
+    layer, x = make_layer(n=N + 2), tokens()
+    assert_current(layer, x)
+    m = layer.memory
+    m.keys.data, m.bank_a.data, m.bank_b.data = m.keys.data[:N], m.bank_a.data[:N], m.bank_b.data[:N]
+    assert_current(layer, x)
+
+
+def test_load_state_dict_is_seen():
+    layer, other, x = make_layer(seed=0), make_layer(seed=5), tokens()
+    assert_current(layer, x)
+    layer.memory.load_state_dict(other.memory.state_dict())
+    assert_current(layer, x)
+    assert torch.equal(layer.memory.keys, other.memory.keys)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "adam-foreach"])
+def test_an_optimizer_step_is_seen(optimizer):
+    layer, x = make_layer(stage="consolidation"), tokens()
+    keys = layer.memory.keys
+    keys.requires_grad_(True)
+    opt = {"sgd": lambda: torch.optim.SGD([keys], lr=0.5),
+           "adam": lambda: torch.optim.Adam([keys], lr=0.1, foreach=False),
+           "adam-foreach": lambda: torch.optim.Adam([keys], lr=0.1, foreach=True)}[optimizer]()
+    for _ in range(3):
+        assert_current(layer, x)  # eval between steps fills the cache
+        opt.zero_grad()
+        layer(x).square().sum().backward()
+        opt.step()
+    assert_current(layer, x)
+
+
+def test_in_place_updates_under_no_grad_are_seen():
+    layer, x = make_layer(), tokens()
+    assert_current(layer, x)
+    with torch.no_grad():
+        layer.memory.keys.mul_(-1.5)
+    assert_current(layer, x)
+    with torch.no_grad():
+        layer.memory.bank_a.add_(0.1)  # a bank is read by the op directly, never from the cache
+    assert_current(layer, x)
+
+
+@pytest.mark.parametrize("capacity", [None, 8])
+def test_append_remove_and_clear_are_seen(capacity):
+    layer, x = make_layer(capacity=capacity, separation="affine"), tokens()
+    m = layer.memory
+    assert_current(layer, x)
+    g = torch.Generator().manual_seed(9)
+    m.append(torch.randn(2, 2, R, D, generator=g), torch.randn(2, 2, D, R, generator=g), torch.randn(2, D, generator=g))
+    assert_current(layer, x)
+    m.remove([0, 3])
+    assert_current(layer, x)
+    m.clear()
+    assert_current(layer, x)
+
+
+def test_a_config_change_is_seen():
+    layer, x = make_layer(), tokens()
+    assert_current(layer, x)
+    layer.memory.config.key_norm = "unit"
+    assert_current(layer, x)
+    layer.memory.config.key_norm = "per_feature"
+    assert_current(layer, x)
+
+
+def test_to_another_dtype_is_seen():
+    layer, x = make_layer(), tokens()
+    assert_current(layer, x)
+    layer.memory.double()
+    layer.double()
+    with torch.no_grad():
+        got = layer(x.double())
+    assert got.dtype == torch.float64 and layer.memory.retrieval_tensors()[0].dtype == torch.float64
+    torch.testing.assert_close(got, expected(layer, x.double()))
+
+
+def test_writes_through_data_need_invalidate_cache():
+    # Documented: a write *through* .data bypasses version counters (as it bypasses autograd).
+    layer, x = make_layer(), tokens()
+    assert_current(layer, x)
+    layer.memory.keys.data.mul_(2.0).add_(1.0)
+    layer.memory.invalidate_cache()
+    assert_current(layer, x)
+
+
+def test_the_cache_holds_one_generation_only():
+    layer, x = make_layer(), tokens()
+    m = layer.memory
+    refs = []
+    for seed in range(10):
+        m.keys.data = torch.randn(N, D, generator=torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            layer(x)
+            refs.append(weakref.ref(m.retrieval_tensors()[0]))
+    gc.collect()
+    alive = [r for r in refs if r() is not None]
+    with torch.no_grad():
+        assert len(alive) == 1 and alive[0]() is m.retrieval_tensors()[0]
+    key, sources, derived = m._retrieval_cache
+    assert [s.data_ptr() for s in sources] == [m.keys.data_ptr()]  # the current storage, no older one
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.compile and CUDA graphs compute from the sources.
+# ----------------------------------------------------------------------------------------------
+
+
+def test_compiled_layer_follows_in_place_changes():
+    layer, x = make_layer(), tokens()
+    compiled = torch.compile(layer, fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), expected(layer, x), rtol=1e-5, atol=1e-5)
+        layer.memory.keys.mul_(-2.0).add_(0.5)
+        torch.testing.assert_close(compiled(x), expected(layer, x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_replay_follows_in_place_changes():
+    layer, x = make_layer(), tokens()
+    layer.cuda()
+    x = x.cuda()
+    with torch.no_grad():
+        layer(x)  # fills the cache before capture: the graph must not read it
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            layer(x)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = layer(x)
+        layer.memory.keys.mul_(-2.0).add_(0.5)
+        graph.replay()
+        torch.testing.assert_close(out, expected(layer, x), rtol=1e-4, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------
+# The eval fast path: the same bits as the op, and it steps aside whenever the op has work to do.
+# ----------------------------------------------------------------------------------------------
+
+
+def _through_the_op(layer, x, monkeypatch):
+    monkeypatch.setattr("mira.layers.eval_linear_cpu", lambda *args: None)
+    try:
+        with torch.no_grad():
+            return layer(x)
+    finally:
+        monkeypatch.undo()
+
+
+@needs_fast_path
+@pytest.mark.parametrize("config", [{}, {"query": "linear"}, {"query_token": "mean"}, {"capacity": 8},
+                                    {"key_norm": "unit", "separation": "softmax"}])
+def test_fast_path_gives_the_op_bits(config, monkeypatch):
+    layer, x = make_layer(**config), tokens()
+    calls = []
+    real = ops._cpu_eval_linear
+    monkeypatch.setattr(ops, "_cpu_eval_linear", lambda *a: calls.append(1) or real(*a))
+    with torch.no_grad():
+        got = layer(x)
+    assert calls and got is not None
+    assert torch.equal(got, _through_the_op(layer, x, monkeypatch))
+
+
+class _Recorder(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@needs_fast_path
+def test_fast_path_steps_aside(monkeypatch):
+    layer, x = make_layer(), tokens()
+    w, b, c = layer.weight, layer.bias, layer.memory.config
+    keys, bank_a, bank_b = layer.memory.retrieval_tensors()
+    args = (w, b, 0, keys, bank_a, bank_b, layer.slice_offsets, c.separation, c.scale, c.eps)
+    with torch.no_grad():
+        assert ops.eval_linear_cpu(x, *args) is not None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert ops.eval_linear_cpu(x, *args) is None
+        with _Recorder() as rec:
+            assert ops.eval_linear_cpu(x, *args) is None
+            layer(x)
+        assert any("mira.mira_linear" in op for op in rec.ops)  # the mode saw the op
+        with mira_kernels.use_backend("reference"):
+            assert ops.eval_linear_cpu(x, *args) is None
+        with mira_kernels.check_finite():
+            assert ops.eval_linear_cpu(x, *args) is None
+        assert ops.eval_linear_cpu(x[..., :-1], *args) is None  # a bad shape: the op raises for it
+        with pytest.raises(ValueError, match="x"):
+            layer(x[..., :-1])
+    # Grad enabled with an input that requires grad: autograd must record the op.
+    xg = x.clone().requires_grad_(True)
+    assert ops.eval_linear_cpu(xg, *args) is None
+    layer(xg).sum().backward()
+    assert xg.grad is not None
+    # A tensor subclass with its own __torch_function__ goes to the op.
+
+    class Tagged(torch.Tensor):
+        pass
+
+    assert ops.eval_linear_cpu(x.as_subclass(Tagged), *args) is None
+
+
+@needs_fast_path
+def test_fast_path_without_no_grad_in_eval():
+    # model.eval() without no_grad: nothing requires grad in the inference stage, so no graph.
+    layer, x = make_layer(), tokens()
+    layer.requires_grad_(False)
+    layer.memory.requires_grad_(False)  # what mira.set_stage(model, "inference") does
+    y = layer(x)
+    assert y.grad_fn is None
+    assert torch.equal(y, expected(layer, x))
+
+
+def test_a_hooked_query_module_is_called():
+    # The fast path takes the CLS token itself only when calling the identity query module would
+    # change nothing; a hook on it (or on every module) must still run.
+    layer, x = make_layer(), tokens()
+    seen = []
+    handle = layer.memory.query_module.register_forward_hook(lambda m, args, out: seen.append(out.shape))
+    with torch.no_grad():
+        assert layer.memory.query_token(x) is None
+        layer(x)
+    handle.remove()
+    assert seen == [(3, D)]
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, args, out: seen.append(type(m)))
+    try:
+        with torch.no_grad():
+            assert layer.memory.query_token(x) is None
+    finally:
+        handle.remove()
+    assert layer.memory.query_token(x) == 0
+    assert layer.memory.query_token(x.double()) is None  # make_query would cast
