@@ -49,7 +49,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-__all__ = ["PairResult", "median_ci", "ratio_stats", "time_interleaved", "wall_timer", "process_timer", "machine_info"]
+__all__ = ["PairResult", "cpu_line", "machine_info", "median_ci", "process_timer", "ratio_stats", "time_interleaved",
+           "wall_timer"]
 
 
 def median_ci(
@@ -57,18 +58,21 @@ def median_ci(
 ) -> tuple[float, float, float]:
     """Median of ``values`` and its percentile-bootstrap interval: ``(median, lo, hi)``.
 
-    Deterministic for a given ``seed``. With fewer than two values the interval is degenerate.
+    The bootstrap is SciPy's (``scipy.stats.bootstrap``, percentile method: the median's sampling
+    distribution is not smooth enough for BCa). Deterministic for a given ``seed``. With fewer than
+    two values, or values all equal, the interval is degenerate.
     """
+    from scipy import stats
+
     v = np.asarray(values, dtype=float)
     if v.size == 0:
         raise ValueError("median_ci needs at least one value")
     med = float(np.median(v))
-    if v.size < 2:
+    if v.size < 2 or np.all(v == v[0]):
         return med, med, med
-    rng = np.random.default_rng(seed)
-    meds = np.median(v[rng.integers(0, v.size, size=(n_boot, v.size))], axis=1)
-    alpha = (1.0 - confidence) / 2.0
-    return med, float(np.quantile(meds, alpha)), float(np.quantile(meds, 1.0 - alpha))
+    res = stats.bootstrap((v,), np.median, n_resamples=n_boot, confidence_level=confidence, method="percentile",
+                          vectorized=True, rng=np.random.default_rng(seed))
+    return med, float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 
 def ratio_stats(num: Sequence[float], den: Sequence[float], **kwargs) -> dict:
@@ -140,6 +144,7 @@ def time_interleaved(
     min_rounds: int = 30,
     max_rounds: int = 5000,
     check_every: int = 20,
+    width_after: int = 0,
     warmup: int = 3,
     timer: Callable[[Callable[[], object]], float] = wall_timer,
     seed: int = 0,
@@ -154,6 +159,8 @@ def time_interleaved(
             None disables the rule (then the budget or max_rounds stops it).
         budget_s: wall-clock seconds of rounds after which it stops (warm-up excluded).
         min_rounds, max_rounds, check_every: bounds on the rounds, and how often to test the rule.
+        width_after: the width rule applies only from this many rounds on (the budget from
+            ``min_rounds`` on).
         warmup: untimed calls of every variant before the first round.
         timer: ``timer(fn) -> seconds`` for one call.
         seed: seed of the per-round shuffles (the result is reproducible up to timing noise).
@@ -191,7 +198,7 @@ def time_interleaved(
             if time.perf_counter() - start >= budget_s:
                 stopped_by = "budget"
                 break
-            if target_width is not None and watch and rnd % check_every == 0:
+            if target_width is not None and watch and rnd % check_every == 0 and rnd >= width_after:
                 if all(ratio_stats(times[a], times[b])["width"] <= target_width for a, b in watch):
                     stopped_by = "target_width"
                     break
@@ -201,21 +208,52 @@ def time_interleaved(
     return PairResult(names, times, time.perf_counter() - start, stopped_by, watch)
 
 
-def _cpu_model() -> str:
+def cpu_identity() -> dict:
+    """CPU model name, vendor, family / model / stepping and the vector ISA flags (from /proc/cpuinfo)."""
+    fields = {"model name": "cpu", "vendor_id": "vendor", "cpu family": "family", "model": "model",
+              "stepping": "stepping", "flags": "flags", "Features": "flags", "CPU implementer": "vendor",
+              "CPU part": "model"}
+    out: dict = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                if not line.strip():
+                    break  # the first processor is enough
+                key, _, value = line.partition(":")
+                name = fields.get(key.strip())
+                if name and name not in out:
+                    out[name] = value.strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    flags = set(out.pop("flags", "").split())
+    wanted = ("sse2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_bf16", "amx_tile", "asimd", "sve")
+    out["isa_flags"] = [f for f in wanted if f in flags]
+    out.setdefault("cpu", platform.processor() or platform.machine())
+    out["arch"] = platform.machine()
+    return out
+
+
+def cpu_line(info: dict) -> str:
+    """One line naming the CPU: model, vendor family/model/stepping, the kernel's ISA."""
+    ident = " ".join(f"{label} {info[k]}" for k, label in (("family", "family"), ("model_id", "model"),
+                                                           ("stepping", "stepping")) if info.get(k) not in (None, ""))
+    isa = info.get("mira_cpu_isa")
+    chosen = f", MIRA CPU ISA {isa[0]}" if isa else ""
+    return f"{info.get('cpu', '?')} ({info.get('vendor', '?')} {ident}; flags {' '.join(info.get('isa_flags', []))}" \
+           f"{chosen})"
 
 
 def machine_info() -> dict:
     """What the numbers were measured on: CPU, cores, threads, library versions, load."""
+    ident = cpu_identity()
     info = {
-        "cpu": _cpu_model(),
+        "cpu": ident["cpu"],
+        "vendor": ident.get("vendor", ""),
+        "family": ident.get("family", ""),
+        "model_id": ident.get("model", ""),
+        "stepping": ident.get("stepping", ""),
+        "isa_flags": ident["isa_flags"],
+        "arch": ident["arch"],
         "logical_cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,

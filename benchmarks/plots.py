@@ -1,28 +1,37 @@
-"""PNG plots of the latency records (``benchmarks/results/latency.jsonl``).
+"""PNG plots of the latency records (``latency.jsonl`` in a results folder).
 
 ``python -m benchmarks.plots [results_dir]`` redraws them (and, when ``sweep_ops.json`` from
 ``benchmarks/test_sweep_ops.py`` is there, writes its summary ``sweep_ops.md``);
-``benchmarks.latency`` calls :func:`write_plots` after every run. Three figures:
+``benchmarks.latency`` calls :func:`write_plots` after every run it writes. Figures:
 
-- ``latency_overhead_vs_batch.png``: the latest run's batch sizes;
+- ``latency_overhead_vs_batch.png``: the latest record with the most batch sizes (a run with
+  ``--batch-sizes 1 2 4 8 16 32`` draws the full curve). Left: what a user pays at module level,
+  with the floor, the target and the decomposed (op-level) diagnostic; right: the end-to-end
+  figure with the module-level one. Each panel's range holds every error bar (none is clipped).
 - ``latency_overhead_vs_slots.png`` / ``latency_overhead_vs_rank.png``: the latest run that swept
   that axis (``--sweep-slots`` / ``--sweep-ranks``), op-level decomposed overheads.
 
-Each has two panels: MIRA fused (decomposed, with its 95% interval; the whole projection module;
-the end-to-end ratio where there is one; the arithmetic floor and the 0.4% target), and the same
-beside the paper-style eager baseline, whose overhead is an order of magnitude larger.
+Every figure carries the record's commit, date, CPU and the ISA the CPU kernel chose.
 """
 
 from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 
 __all__ = ["load_records", "sweep_summary", "write_plots"]
 
-TARGET_PERCENT = 0.4
+# Styles: each series its own colour, marker and line; targets and floors black/green lines.
+STYLE = {
+    "module": {"color": "tab:blue", "marker": "o", "linestyle": "-", "label": "module level (what a user pays)"},
+    "e2e": {"color": "tab:orange", "marker": "^", "linestyle": "--", "label": "end to end"},
+    "decomposed": {"color": "tab:purple", "marker": "s", "linestyle": ":", "label": "decomposed (diagnostic)"},
+    "eager": {"color": "tab:red", "marker": "D", "linestyle": "-.", "label": "paper-style eager, decomposed"},
+    "floor": {"color": "black", "marker": "x", "linestyle": "--", "label": "floor (extra MACs or bank bytes)"},
+    "target": {"color": "tab:green", "marker": "_", "linestyle": "-", "markersize": 18, "linewidth": 2,
+               "label": "target"},
+}
 
 
 def load_records(results_dir: str | Path) -> list[dict]:
@@ -39,107 +48,123 @@ def load_records(results_dir: str | Path) -> list[dict]:
     return records
 
 
-def _series(points: Sequence[dict], key: str) -> tuple[list, list, list]:
-    """(values, lower errors, upper errors) of overhead[key] over points that have it."""
-    vals, lo, hi = [], [], []
-    for p in points:
-        d = p["overhead"].get(key)
-        vals.append(d["percent"] if d else float("nan"))
-        lo.append(d["percent"] - d["lo"] if d else 0.0)
-        hi.append(d["hi"] - d["percent"] if d else 0.0)
-    return vals, lo, hi
+def _stamp(record: dict) -> str:
+    from benchmarks._pairs import cpu_line
+
+    return f"commit {record.get('commit', '?')}, {record.get('timestamp', '?')}\n{cpu_line(record.get('machine', {}))}"
 
 
-def _draw(path: Path, xs: list, points: list[dict], floors: list[float], xlabel: str, title: str,
-          e2e: list[dict] | None = None, log_x: bool = False) -> Path:
+def _bars(ax, xs, series: list[dict], style: dict) -> list[float]:
+    """Error bars of (percent, lo, hi) points; returns every value drawn, for the axis range."""
+    vals = [d["percent"] for d in series]
+    lo = [d["percent"] - d["lo"] for d in series]
+    hi = [d["hi"] - d["percent"] for d in series]
+    ax.errorbar(xs, vals, yerr=[lo, hi], capsize=4, **style)
+    return [d["lo"] for d in series] + [d["hi"] for d in series]
+
+
+def _fit(ax, values: list[float]) -> None:
+    lo, hi = min(values + [0.0]), max(values + [0.0])
+    pad = 0.08 * (hi - lo) + 0.02
+    ax.set_ylim(lo - pad, hi + pad)  # every bar inside: nothing clipped
+
+
+def _axes(ax, xs, xlabel: str) -> None:
+    import matplotlib.ticker
+
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(xs)
+    ax.set_xticklabels([str(x) for x in xs])
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.axhline(0.0, color="grey", linewidth=0.5)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("overhead over the frozen backbone (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+
+
+def _figure(path: Path, record: dict, title: str, draw) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import matplotlib.ticker
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, with_eager in zip(axes, (False, True)):
-        v, lo, hi = _series(points, "decomposed")
-        ax.errorbar(xs, v, yerr=[lo, hi], marker="o", capsize=4,
-                    label="MIRA fused, decomposed (adapter + call + query)")
-        if any("module" in p["overhead"] for p in points):
-            v, lo, hi = _series(points, "module")
-            ax.errorbar(xs, v, yerr=[lo, hi], marker="s", capsize=4, alpha=0.8,
-                        label="MIRA projection module over nn.Linear")
-        if not with_eager:
-            # Zoom on what resolves the small effect; the end-to-end bars may run off this range.
-            keys = [k for k in ("decomposed", "module") if any(k in p["overhead"] for p in points)]
-            spans = [p["overhead"][k][e] for p in points for k in keys if k in p["overhead"] for e in ("lo", "hi")]
-            spans += list(floors) + [TARGET_PERCENT, 0.0]
-            lo, hi = min(spans), max(spans)
-            pad = 0.15 * (hi - lo) + 0.05
-            ax.set_ylim(lo - pad, hi + pad)
-        if e2e and not with_eager:
-            ax.errorbar(xs, [e["percent"] for e in e2e], yerr=[[e["percent"] - e["lo"] for e in e2e],
-                        [e["hi"] - e["percent"] for e in e2e]], marker="^", capsize=4, linestyle=":", alpha=0.7,
-                        label="MIRA fused, end to end (noisy; bars may be clipped)")
-        if with_eager:
-            v, lo, hi = _series(points, "eager")
-            ax.errorbar(xs, v, yerr=[lo, hi], marker="D", capsize=4, color="tab:red",
-                        label="paper-style eager, decomposed")
-        ax.plot(xs, floors, "k--", label="arithmetic floor (extra MACs / backbone MACs)")
-        ax.axhline(TARGET_PERCENT, color="tab:green", linestyle=":", label="target 0.4%")
-        ax.axhline(0.0, color="grey", linewidth=0.5)
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("overhead over the frozen backbone (%)")
-        if log_x:
-            ax.set_xscale("log")
-            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-        ax.set_xticks(xs)
-        ax.set_xticklabels([str(x) for x in xs])
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        ax.set_title(("with the eager baseline" if with_eager else "MIRA fused") + f" - {title}", fontsize=9)
-    fig.tight_layout()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    draw(axes)
+    fig.suptitle(title, fontsize=10)
+    fig.text(0.01, 0.01, _stamp(record), fontsize=7, va="bottom")
+    fig.tight_layout(rect=(0, 0.07, 1, 0.95))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
 
-def _machine(record: dict) -> str:
-    m = record.get("machine", {})
-    return f"{m.get('cpu', '?')}, {m.get('torch_threads', '?')} threads, torch {m.get('torch', '?')}"
+def _batch_figure(path: Path, rec: dict) -> Path:
+    from benchmarks.latency import target_for
+
+    res = sorted(rec["results"], key=lambda r: r["batch"])
+    xs = [r["batch"] for r in res]
+    floors = [r["floor"].get("percent", float("nan")) for r in res]
+    targets = [target_for(r["batch"], f)["percent"] for r, f in zip(res, floors)]
+    c = rec["config"]
+
+    def draw(axes) -> None:
+        left, right = axes
+        drawn = _bars(left, xs, [r["module"] for r in res], STYLE["module"])
+        drawn += _bars(left, xs, [r["overhead"]["decomposed"] for r in res], STYLE["decomposed"])
+        left.plot(xs, floors, **STYLE["floor"])
+        left.plot(xs, targets, **{**STYLE["target"], "linestyle": "none"})
+        _fit(left, drawn + [f for f in floors if f == f] + targets)
+        left.set_title("what a user pays, module level", fontsize=9)
+        _axes(left, xs, "batch size")
+        drawn = _bars(right, xs, [r["end_to_end_headline"] for r in res], STYLE["e2e"])
+        drawn += _bars(right, xs, [r["module"] for r in res], STYLE["module"])
+        right.plot(xs, targets, **{**STYLE["target"], "linestyle": "none"})
+        _fit(right, drawn + targets)
+        right.set_title("end to end (noisier; intervals at full width)", fontsize=9)
+        _axes(right, xs, "batch size")
+
+    title = (f"MIRA on {c['model']} {c['dtype']}, r={c['rank']} N={c['slots']} {'/'.join(c['slices'])}, "
+             f"{rec['n_blocks']} blocks: overhead vs batch size")
+    return _figure(path, rec, title, draw)
+
+
+def _sweep_figure(path: Path, rec: dict, axis: str, xlabel: str) -> Path:
+    pts = sorted((p for p in rec["sweep"] if p["axis"] == axis), key=lambda p: p["value"])
+    xs = [p["value"] for p in pts]
+    floors = [p["floor"]["percent"] for p in pts]
+
+    def draw(axes) -> None:
+        left, right = axes
+        drawn = _bars(left, xs, [p["overhead"]["decomposed"] for p in pts], STYLE["decomposed"])
+        left.plot(xs, floors, **{**STYLE["floor"], "label": "arithmetic floor (extra MACs)"})
+        _fit(left, drawn + floors)
+        left.set_title("MIRA fused, decomposed (op level)", fontsize=9)
+        _axes(left, xs, xlabel)
+        drawn = _bars(right, xs, [p["overhead"]["eager"] for p in pts], STYLE["eager"])
+        drawn += _bars(right, xs, [p["overhead"]["decomposed"] for p in pts], STYLE["decomposed"])
+        _fit(right, drawn)
+        right.set_title("beside the paper-style eager baseline", fontsize=9)
+        _axes(right, xs, xlabel)
+
+    other = f"r={pts[0]['rank']}" if axis == "slots" else f"N={pts[0]['slots']}"
+    title = f"MIRA on {rec['config']['model']}, batch {pts[0]['batch']}, {other}: overhead vs {xlabel}"
+    return _figure(path, rec, title, draw)
 
 
 def write_plots(results_dir: str | Path) -> list[Path]:
     """Draws the figures the records allow; returns the paths written."""
     results_dir = Path(results_dir)
-    records = load_records(results_dir)
+    records = [r for r in load_records(results_dir) if r.get("results") and "module" in r["results"][0]]
     written: list[Path] = []
-    with_results = [r for r in records if r.get("results")]
-    if with_results:
-        rec = with_results[-1]
-        res = sorted(rec["results"], key=lambda r: r["batch"])
-        e2e = []
-        for r in res:
-            v = r["end_to_end"]["variants"]["fused"]
-            ratio = v.get("vs_gemm_backbone", v["vs_backbone"])
-            e2e.append({"percent": 100 * (ratio["ratio"] - 1), "lo": 100 * (ratio["lo"] - 1),
-                        "hi": 100 * (ratio["hi"] - 1)})
-        c = rec["config"]
-        written.append(_draw(
-            results_dir / "latency_overhead_vs_batch.png", [r["batch"] for r in res], res,
-            [rec["floor"]["percent"]] * len(res), "batch size",
-            f"{c['model']}, r={c['rank']}, N={c['slots']}\n{_machine(rec)}", e2e=e2e, log_x=True,
-        ))
+    if records:
+        most = max(len(r["results"]) for r in records)
+        rec = [r for r in records if len(r["results"]) == most][-1]
+        written.append(_batch_figure(results_dir / "latency_overhead_vs_batch.png", rec))
     for axis, xlabel in (("slots", "memory slots N"), ("rank", "rank r")):
         swept = [r for r in records if any(p["axis"] == axis for p in r.get("sweep", []))]
-        if not swept:
-            continue
-        rec = swept[-1]
-        pts = sorted((p for p in rec["sweep"] if p["axis"] == axis), key=lambda p: p["value"])
-        other = f"r={pts[0]['rank']}" if axis == "slots" else f"N={pts[0]['slots']}"
-        written.append(_draw(
-            results_dir / f"latency_overhead_vs_{axis}.png", [p["value"] for p in pts], pts,
-            [p["floor"]["percent"] for p in pts], xlabel,
-            f"{rec['config']['model']}, batch {pts[0]['batch']}, {other}\n{_machine(rec)}", log_x=True,
-        ))
+        if swept:
+            written.append(_sweep_figure(results_dir / f"latency_overhead_vs_{axis}.png", swept[-1], axis, xlabel))
     return written
 
 

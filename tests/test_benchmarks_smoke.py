@@ -109,9 +109,15 @@ def test_eager_baseline_equals_the_reference(slots):
         torch.testing.assert_close(eager(x), want)
 
 
-def test_a_whole_run_writes_its_record_table_and_plots(tmp_path):
-    cfg = latency.BenchConfig(model="tiny", batch_sizes=(2,), slots=4, e2e_budget={2: 0.05}, e2e_min_rounds=3,
-                              op_budget=0.05, sweep_slots=(2,), sweep_batch=2, results_dir=str(tmp_path))
+def _tiny_config(tmp_path, **kw) -> latency.BenchConfig:
+    settings = {"model": "tiny", "batch_sizes": (2,), "slots": 4, "e2e_budget": (0.05,), "module_budget": 0.05,
+                "min_module_pairs": 5, "min_e2e_rounds": 3, "op_budget": 0.05, "parts_budget": 0.05,
+                "results_dir": str(tmp_path)}
+    return latency.BenchConfig(**{**settings, **kw})
+
+
+def test_a_whole_run_leads_with_what_a_user_pays(tmp_path):
+    cfg = _tiny_config(tmp_path, baselines=True, sweep_slots=(2,), sweep_batch=2)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # toy shapes: a second thread only adds barrier stalls on a busy machine
     try:
@@ -123,22 +129,94 @@ def test_a_whole_run_writes_its_record_table_and_plots(tmp_path):
 
     assert record["checks"]["fused_vs_reference"] <= record["checks"]["tolerance"]
     res = record["results"][0]
-    assert set(res["end_to_end"]["variants"]) >= {"backbone", "fused", "reference", "eager"}
-    assert res["end_to_end"]["rounds"] >= 3
-    for key in ("decomposed", "adapter_only", "call", "query", "gemm_path", "module", "eager"):
-        d = res["overhead"][key]
+    for key in ("module", "end_to_end_headline"):
+        d = res[key]
         assert d["lo"] <= d["percent"] <= d["hi"]
-    assert "batch 2: decomposed" in table and "arithmetic floor" in table
+    assert res["module"]["pairs"] >= 20 and res["end_to_end_headline"]["rounds"] >= 3
+    assert set(res["end_to_end"]["variants"]) >= {"backbone", "fused", "reference", "eager"}
+    assert res["floor"]["bound"] in ("memory", "compute") and res["floor"]["percent"] > 0
+    assert {v["status"] for v in res["verdicts"]} <= {"met", "not met"}  # enough pairs for the tiny minimums
+    assert set(res["budget"]["parts"]) >= {"python_layer", "retrieval", "mixing", "shrink_expand"}
+    # The table leads with the headline and stamps commit, date, CPU and ISA.
+    lines = table.splitlines()
+    assert lines[1].startswith("commit ") and record["machine"]["cpu"] in lines[1]
+    assert lines.index(next(x for x in lines if x.startswith("What a user of mira.attach pays"))) < \
+        lines.index("Diagnostics")
+    assert "decomposed (op level" in table
     assert json.loads(paths["jsonl"].read_text().splitlines()[-1])["config"]["slots"] == 4
-    assert paths["sweep_txt"].read_text() == paths["txt"].read_text()
     rows = list(csv.DictReader(paths["csv"].open()))
-    assert {"e2e:fused", "decomposed:decomposed", "floor", "sweep:decomposed"} <= {row["measure"] for row in rows}
+    assert {"module", "end_to_end_headline", "e2e:fused", "decomposed:decomposed", "floor",
+            "sweep:decomposed"} <= {row["measure"] for row in rows}
 
     from benchmarks import plots
 
     written = plots.write_plots(tmp_path)
     assert {p.name for p in written} == {"latency_overhead_vs_batch.png", "latency_overhead_vs_slots.png"}
     assert all(p.stat().st_size > 0 for p in written)
+
+
+def test_no_verdict_from_too_few_pairs(tmp_path):
+    res = {"batch": 1, "floor": {"percent": 0.2},
+           "module": {"percent": 0.1, "lo": 0.0, "hi": 0.2, "pairs": 50},
+           "end_to_end_headline": {"percent": 0.1, "lo": -0.3, "hi": 0.5, "width": 0.8, "rounds": 40,
+                                   "contains_module": True}}
+    cfg = _tiny_config(tmp_path, min_module_pairs=100, min_e2e_rounds=30)
+    assert {v["status"] for v in latency.verdicts(res, cfg)} == {"no verdict", "met"}  # width check needs rounds only
+    res["module"]["pairs"] = 100
+    assert [v["status"] for v in latency.verdicts(res, cfg)] == ["met", "met", "met"]
+    res["end_to_end_headline"]["rounds"] = 29
+    assert [v["status"] for v in latency.verdicts(res, cfg)] == ["met", "no verdict", "no verdict"]
+
+
+def test_targets():
+    assert latency.target_for(1, 0.2)["percent"] == pytest.approx(0.40)  # the paper's figure applies
+    assert latency.target_for(1, 0.35)["percent"] == pytest.approx(0.45)  # floor + 0.10 pp
+    assert latency.target_for(8, 0.35)["percent"] == pytest.approx(0.25)
+
+
+def test_cli_help_shows_every_default(capsys):
+    with pytest.raises(SystemExit):
+        latency.parse_args(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    import dataclasses
+
+    for f in dataclasses.fields(latency.BenchConfig):
+        flag = "--" + f.name.replace("_", "-")
+        assert flag in out or "--no-" + f.name.replace("_", "-") in out, flag
+    assert "--dtype {float32,float64,bfloat16,float16}" in out and "(default: float32)" in out
+    assert "(default: 1 8)" in out and "(default: vit_base_patch16_224)" in out
+    cfg = latency.parse_args(["--batch-sizes", "1", "2", "--dtype", "bfloat16", "--no-plots"])
+    assert cfg.batch_sizes == (1, 2) and cfg.dtype == "bfloat16" and not cfg.plots
+    with pytest.raises(SystemExit):
+        latency.parse_args(["--quick", "--record"])  # quick runs are never recorded
+
+
+def test_runs_write_to_the_scratch_folder_and_change_no_tracked_file(monkeypatch):
+    import subprocess
+
+    root = latency.RESULTS_DIR.parent.parent
+
+    def status() -> str:
+        return subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=root, capture_output=True,
+                              text=True, check=True).stdout
+
+    if subprocess.run(["git", "rev-parse"], cwd=root, capture_output=True).returncode != 0:
+        pytest.skip("not a git checkout")
+    assert latency.BenchConfig().out_dir() == latency.SCRATCH_DIR
+    assert latency.BenchConfig(record=True).out_dir() == latency.RESULTS_DIR
+    monkeypatch.setattr(latency, "create_model", lambda name: _tiny_vit())
+    before = status()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for extra in (["--quick"], []):  # what `make bench` runs, quick and not
+            argv = ["--model", "tiny", "--batch-sizes", "2", "--slots", "4", "--e2e-budget", "0.05",
+                    "--module-budget", "0.05", "--op-budget", "0.05", "--parts-budget", "0.05", *extra]
+            assert latency.main(argv) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert status() == before  # .bench/ is ignored; benchmarks/results/ untouched
+    assert (latency.SCRATCH_DIR / "latency.jsonl").exists()
 
 
 def test_sweep_summary_reads_a_pytest_benchmark_json(tmp_path):
