@@ -20,7 +20,7 @@ import torch
 
 from mira_kernels import reference
 from mira_kernels.reference import SEPARATIONS
-from tests.cuda_emu import PlanError, build_driver, plan_launches, run_backward, run_forward
+from tests.cuda_emu import PlanError, build_driver, plan_launches, run_adapter_into_x, run_backward, run_forward
 from tests.mira_inputs import assert_close_to_spec, make_inputs
 
 # B, T (2 token tiles, the last partial), d_in, d_out, N, S (offsets out of order), r, d_s.
@@ -246,6 +246,38 @@ def test_strided_out_and_grad(driver):
     check_backward(driver, inp, "affine", grad_out=grad)
 
 
+# mira_adapter_ into x itself (d_out = d_in): the one overlap the contract allows. 3 token tiles, slices out of
+# order covering x's columns, S*r = 6 (a partial register tile).
+ALIAS_SHAPE = dict(B=2, T=19, d_in=16, d_out=16, N=3, S=2, r=3, d_s=8, offsets=[8, 0])
+
+
+def check_adapter_into_x(driver, inp, separation, *, smem_budget=None):
+    extra = {} if smem_budget is None else {"smem_budget": smem_budget}
+    before = inp.x.clone()
+    run = run_adapter_into_x(driver, *inp.adapter_args(), **_kw(inp, separation), **extra)
+    (got,) = run.outputs
+    assert torch.equal(inp.x, before)  # the harness sent a copy
+    # The spec: out = x + adapter(x), the adapter reading x as it was before the call.
+    inp64 = inp.to(torch.float64)
+    want, same = inp64.x.clone(), inp.x.clone()
+    reference.mira_adapter_(want, *inp64.adapter_args(), **_kw(inp, separation))
+    reference.mira_adapter_(same, *inp.adapter_args(), **_kw(inp, separation))
+    assert got.dtype == inp.x.dtype and got.shape == want.shape
+    assert_close_to_spec(got, want, same, factor=2.0, floor=_floor(inp.x.dtype), what=f"out is x ({separation})")
+    assert not torch.equal(got, before), "the adapter changed nothing: the test would not see a wrong order"
+    return run
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_adapter_into_x_itself(driver, dtype):
+    # Each block reads its own token rows of x in full (the shrink, then a barrier) before it writes those rows;
+    # no block touches another block's rows. A kernel that wrote a row before every read of it was done would
+    # fail here (the expand would read updated x values into h).
+    inp = make_inputs(**ALIAS_SHAPE, dtype=dtype)
+    assert check_adapter_into_x(driver, inp, "affine").launches == 2
+    check_adapter_into_x(driver, inp, "softmax", smem_budget=0)  # tile rows in global memory
+
+
 @pytest.mark.parametrize(
     "mask, launches",
     [
@@ -274,13 +306,15 @@ def test_no_intra_block_races_under_thread_sanitizer(tsan_driver, dtype):
     check_forward(tsan_driver, inp, "softmax")
     check_backward(tsan_driver, inp, "affine")
     check_backward(tsan_driver, inp, "tanh", smem_budget=0)  # tile rows in global memory
+    # out is x: the reads of x (shrink) and the writes of out are ordered by the block's barriers.
+    check_adapter_into_x(tsan_driver, make_inputs(**ALIAS_SHAPE, dtype=dtype), "affine")
 
 
 def _selftest(driver, mode, env):
-    header = [0x4D495241454D55, 0, mode] + [1] * 21
+    header = [0x4D495241454D55, 0, mode] + [1] * 21 + [0]
     with tempfile.TemporaryDirectory() as tmp:
         case = Path(tmp) / "case.bin"
-        case.write_bytes(struct.pack("<24q", *header) + struct.pack("<q", 0) + struct.pack("<2d", 1.0, 0.01))
+        case.write_bytes(struct.pack("<25q", *header) + struct.pack("<q", 0) + struct.pack("<2d", 1.0, 0.01))
         return subprocess.run([str(driver), str(case), str(Path(tmp) / "out.bin")], capture_output=True, text=True,
                               timeout=120, env=env)
 

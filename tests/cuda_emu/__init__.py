@@ -127,8 +127,8 @@ def _parse_report(stdout: str) -> tuple[dict, tuple[Launch, ...]]:
 
 def _run(binary: Path, header: list[int], offsets, scale: float, eps: float, tensors: list[torch.Tensor],
          outputs: list[tuple[torch.dtype, int]]) -> tuple[list[torch.Tensor], dict, tuple[Launch, ...]]:
-    assert len(header) == 24
-    blob = struct.pack("<24q", *header) + struct.pack(f"<{len(offsets)}q", *offsets) + struct.pack("<2d", scale, eps)
+    assert len(header) == 25
+    blob = struct.pack("<25q", *header) + struct.pack(f"<{len(offsets)}q", *offsets) + struct.pack("<2d", scale, eps)
     blob += b"".join(_raw(t) for t in tensors)
     with tempfile.TemporaryDirectory(prefix="mira-emu-") as tmp:
         case, result = Path(tmp) / "case.bin", Path(tmp) / "result.bin"
@@ -150,7 +150,7 @@ def _run(binary: Path, header: list[int], offsets, scale: float, eps: float, ten
     return got, stats, plan
 
 
-def _header(mode, x, keys, bank_a, bank_b, separation, mask, smem_budget, io):
+def _header(mode, x, keys, bank_a, bank_b, separation, mask, smem_budget, io, out_is_x=False):
     B, T, d_in = x.shape
     N, d_k = keys.shape
     _, S, r, _ = bank_a.shape
@@ -158,7 +158,7 @@ def _header(mode, x, keys, bank_a, bank_b, separation, mask, smem_budget, io):
     io_storage_len = io.untyped_storage().nbytes() // io.element_size()
     return [
         _MAGIC, _DTYPE_CODE[x.dtype], mode, B, T, d_in, N, d_k, S, r, d_s, _SEP_CODE[separation], *map(int, mask),
-        smem_budget, io_storage_len, *io.stride(), 0, io.storage_offset(),
+        smem_budget, io_storage_len, *io.stride(), 0, io.storage_offset(), int(out_is_x),
     ]
 
 
@@ -182,8 +182,8 @@ def plan_launches(binary: Path, *, backward: bool, dtype: torch.dtype, B: int, T
     offsets = list(slice_offsets) if slice_offsets is not None else [s * d_s for s in range(S)]
     mask = tuple(output_mask) if backward else (False,) * 5
     header = [_MAGIC, _DTYPE_CODE[dtype], int(backward), B, T, d_in, N, d_k, S, r, d_s, _SEP_CODE[separation],
-              *map(int, mask), smem_budget, 0, 0, 0, 0, 1, 0]
-    blob = struct.pack("<24q", *header) + struct.pack(f"<{S}q", *offsets) + struct.pack("<2d", 1.0, 0.01)
+              *map(int, mask), smem_budget, 0, 0, 0, 0, 1, 0, 0]
+    blob = struct.pack("<25q", *header) + struct.pack(f"<{S}q", *offsets) + struct.pack("<2d", 1.0, 0.01)
     with tempfile.TemporaryDirectory(prefix="mira-emu-") as tmp:
         case = Path(tmp) / "case.bin"
         case.write_bytes(blob)
@@ -220,6 +220,21 @@ def run_forward(binary, x, weight, bias, query, keys, bank_a, bank_b, *, slice_o
                                 [storage, x, *_memory(query, keys, bank_a, bank_b, ct)], [(x.dtype, storage.numel())])
     storage.copy_(flat)
     return EmuRun((out,), stats["launches"], stats["blocks"], bool(stats["spill"]), plan, stats["workspace"])
+
+
+def run_adapter_into_x(binary, x, query, keys, bank_a, bank_b, *, slice_offsets, separation="affine", scale=1.0,
+                       eps=reference.DEFAULT_EPS, smem_budget=SMEM_BUDGET) -> EmuRun:
+    """The CUDA backend's ``mira_adapter_(x, x, ...)``, emulated: out is x itself (d_out = d_in), the one alias
+    the contract allows. The glue passes one pointer for both (``x.contiguous()`` is x), and so does the driver:
+    the kernels read and write the same buffer. Returns x's new value (the argument is left unchanged).
+    """
+    x = x.detach().contiguous()
+    ct = acc_dtype(x.dtype)
+    header = _header(0, x, keys, bank_a, bank_b, separation, (0,) * 5, smem_budget, x, out_is_x=True)
+    (flat,), stats, plan = _run(binary, header, slice_offsets, scale, eps,
+                                [x, *_memory(query, keys, bank_a, bank_b, ct)], [(x.dtype, x.numel())])
+    return EmuRun((flat.view(x.shape),), stats["launches"], stats["blocks"], bool(stats["spill"]), plan,
+                  stats["workspace"])
 
 
 def run_backward(binary, grad_out, x, weight, query, keys, bank_a, bank_b, *, slice_offsets, separation="affine",

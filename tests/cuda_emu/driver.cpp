@@ -4,8 +4,10 @@
 //
 //   driver <case.bin> <result.bin>
 //
-// case.bin (little endian): 24 int64 header fields (see Header), S int64 slice offsets, 2 float64
+// case.bin (little endian): 25 int64 header fields (see Header), S int64 slice offsets, 2 float64
 // (scale, eps), then the tensors in the order below, raw. result.bin: the outputs in the order below.
+// With out_is_x (forward only), mira_adapter_(x, x, ...): no out tensor is sent, the kernels read and
+// write one buffer, and x is written back.
 // It runs the same host plan (plan_workspace, launch_adapter, launch_backward) as csrc/cuda/mira_cuda.cu;
 // what the CUDA glue does with ATen (the base GEMMs, dtype conversions) the test does in Python.
 #include "simt_emu.h"
@@ -26,8 +28,9 @@ struct Header {
   int64_t io_len, io_sb, io_st, io_se;  // storage length and strides of out (forward) or grad (backward)
   int64_t plan_only;                    // 1: no tensors follow; record the launches, run nothing
   int64_t io_offset;                    // storage offset of out / grad, in elements
+  int64_t out_is_x;                     // 1: forward into x itself (out and x one buffer, as the contract allows)
 };
-static_assert(sizeof(Header) == 24 * 8, "header layout");
+static_assert(sizeof(Header) == 25 * 8, "header layout");
 constexpr int64_t kMagic = 0x4d495241454d55;  // "MIRAEMU"
 
 [[noreturn]] void die(const std::string& msg) {
@@ -140,7 +143,7 @@ void run(const Header& h, const std::vector<int64_t>& offsets, double scale, dou
     if (const char* why = grid_error(list)) die(why);
   }
 
-  auto io = rd.read<scalar_t>(h.io_len);  // out (forward, in place) or grad (backward)
+  auto io = rd.read<scalar_t>(h.out_is_x ? 0 : h.io_len);  // out (forward, in place) or grad (backward)
   auto x = rd.read<scalar_t>(h.B * h.T * h.d_in);
   std::vector<scalar_t> dx;
   if (backward && h.need_x) dx = rd.read<scalar_t>(h.B * h.T * h.d_in);  // G W
@@ -159,7 +162,11 @@ void run(const Header& h, const std::vector<int64_t>& offsets, double scale, dou
   cb.x = x.data();
   cb.query = query.data(), cb.keys = keys.data(), cb.bank_a = bank_a.data(), cb.bank_b = bank_b.data();
   cb.ws = work.data();
-  if (!backward) {
+  if (!backward && h.out_is_x) {  // what the glue passes when out is x (contiguous): one pointer for both
+    cb.out = x.data(), cb.out_sb = h.T * h.d_in, cb.out_st = h.d_in, cb.out_se = 1;
+    launch_adapter<scalar_t, acc_t>(d, offsets.data(), static_cast<int>(h.sep), scale, eps, cb, ws, nullptr);
+    wr.write(x);
+  } else if (!backward) {
     cb.out = io.data() + h.io_offset, cb.out_sb = h.io_sb, cb.out_st = h.io_st, cb.out_se = h.io_se;
     launch_adapter<scalar_t, acc_t>(d, offsets.data(), static_cast<int>(h.sep), scale, eps, cb, ws, nullptr);
     wr.write(io);
@@ -201,6 +208,7 @@ int main(int argc, char** argv) {
     return 0;
   }
   if (h.S < 1) die("S out of range");
+  if (h.out_is_x && (h.mode != 0 || h.plan_only)) die("out_is_x is a forward case");
   const auto offsets = rd.read<int64_t>(h.S);
   const auto sc = rd.read<double>(2);
   if (h.plan_only) {

@@ -1,0 +1,92 @@
+"""The CUDA backend's host glue (``csrc/cuda/mira_cuda.cu``) run on the CPU: its checks, before any device work.
+
+The private ops ``mira::_cuda_*`` have kernels for the CUDA dispatch key only. Redispatching one to that key
+with CPU tensors runs the compiled glue on this machine: it checks the arguments with the contract's shared
+rules (``csrc/validation.h``), then refuses the CPU tensor (``x must be a CUDA tensor``) before it touches a
+device or allocates anything. So reaching that refusal proves a call passed every contract check, and a
+contract error proves the glue raised it first (a failed call changes nothing). What runs after the refusal
+(kernels, cuBLAS) is covered by the emulation (``tests/test_cuda_emulation.py``) and the ``gpu`` tests.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mira_kernels import _extension
+from tests.mira_inputs import make_inputs
+
+pytestmark = pytest.mark.skipif(not _extension.has_kernel("_cuda_mira_adapter_", "CUDA"),
+                                reason="the extension was built without its CUDA part" + _extension.load_error_suffix())
+
+CUDA_KEY = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
+PASSED_CHECKS = "x must be a CUDA tensor"  # the glue's first refusal after the contract's checks
+KW = ("affine", 1.0, 1e-2)
+
+
+def _adapter(out, x, query, keys, bank_a, bank_b, offsets):
+    torch.ops.mira._cuda_mira_adapter_.default.redispatch(CUDA_KEY, out, x, query, keys, bank_a, bank_b, offsets, *KW)
+
+
+def _linear(x, weight, bias, query, keys, bank_a, bank_b, offsets):
+    return torch.ops.mira._cuda_mira_linear.default.redispatch(CUDA_KEY, x, weight, bias, query, keys, bank_a, bank_b,
+                                                               offsets, *KW)
+
+
+def _square():
+    # d_out = d_in, two slices covering every column: the shape where out may be x itself.
+    return make_inputs(B=2, T=3, d_in=8, d_out=8, N=3, S=2, r=2, d_s=4, offsets=[4, 0], dtype=torch.float32)
+
+
+def _passes_checks(call, *args):
+    with pytest.raises(RuntimeError, match=PASSED_CHECKS):
+        call(*args)
+
+
+def test_valid_call_passes_the_checks_and_changes_nothing():
+    inp = _square()
+    out = torch.zeros(2, 3, 8)
+    _passes_checks(_adapter, out, *inp.adapter_args(), inp.slice_offsets)
+    assert not out.any()  # refused before any write
+    _passes_checks(_linear, *inp.linear_args(), inp.slice_offsets)
+
+
+def test_contract_errors_come_first():
+    inp = _square()
+    bad_bank = inp.bank_a[:, :1]  # S = 1 against two slice offsets
+    with pytest.raises(ValueError, match="bank_a"):
+        _adapter(torch.zeros(2, 3, 8), inp.x, inp.query, inp.keys, bad_bank, inp.bank_b, inp.slice_offsets)
+    with pytest.raises(ValueError):
+        _linear(inp.x, inp.weight, inp.bias, inp.query, inp.keys, inp.bank_a, inp.bank_b, [4, 2])  # overlapping slices
+
+
+def test_out_may_be_x_itself():
+    # The alias the contract allows (same view, d_out = d_in); the emulation checks the kernels' result
+    # (test_cuda_emulation.py::test_adapter_into_x_itself).
+    inp = _square()
+    x = inp.x.clone()
+    _passes_checks(_adapter, x, x, inp.query, inp.keys, inp.bank_a, inp.bank_b, inp.slice_offsets)
+    assert torch.equal(x, inp.x)
+
+
+def test_disjoint_views_of_one_buffer_may_be_out_and_inputs():
+    inp = _square()
+    buf = torch.zeros(2 * inp.x.numel())
+    x, out = buf[: inp.x.numel()].view(2, 3, 8), buf[inp.x.numel():].view(2, 3, 8)
+    x.copy_(inp.x)
+    _passes_checks(_adapter, out, x, inp.query, inp.keys, inp.bank_a, inp.bank_b, inp.slice_offsets)
+    # A strided out whose elements interleave with nothing else's span.
+    wide = torch.zeros(2, 3, 16)[..., ::2]
+    _passes_checks(_adapter, wide, inp.x, inp.query, inp.keys, inp.bank_a, inp.bank_b, inp.slice_offsets)
+
+
+def test_inputs_may_overlap_each_other_and_themselves():
+    # Inputs are only read: expanded (stride 0) x, query, keys and banks are fine, for both ops.
+    inp = _square()
+    x = inp.x[:1, :1].expand(2, 3, 8)
+    query = inp.query[:1].expand(2, -1)
+    keys = inp.keys[:1].expand(3, -1)
+    bank_a = inp.bank_a[:1].expand(3, -1, -1, -1)
+    bank_b = inp.bank_b[:1].expand(3, -1, -1, -1)
+    _passes_checks(_adapter, torch.zeros(2, 3, 8), x, query, keys, bank_a, bank_b, inp.slice_offsets)
+    _passes_checks(_linear, x, inp.weight, inp.bias, query, keys, bank_a, bank_b, inp.slice_offsets)
