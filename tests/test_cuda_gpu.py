@@ -117,6 +117,22 @@ def test_adapter_inplace_on_strided_out():
     torch.testing.assert_close(out, want, rtol=2e-3, atol=2e-3)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_adapter_into_x_itself(dtype):
+    # out = x, the one overlap the contract allows (d_out = d_in): every block reads its token rows of x before
+    # it writes them. Many blocks run at once here, unlike the emulation, which runs them one after another.
+    shape = dict(B=3, T=197, d_in=768, d_out=768, N=30, S=2, r=4, d_s=384, offsets=[384, 0])
+    inp = _cuda(make_inputs(**shape, dtype=torch.float64), dtype)
+    x = inp.x.clone()
+    with torch.no_grad(), mk.use_backend("cuda"):
+        mk.mira_adapter_(x, x, *inp.adapter_args()[1:], **_kw(inp))
+    exact = _cuda(inp, torch.float64)
+    want, same = exact.x.clone(), inp.x.clone()
+    reference.mira_adapter_(want, *exact.adapter_args(), **_kw(inp))
+    reference.mira_adapter_(same, *inp.adapter_args(), **_kw(inp))
+    assert_close_to_spec(x, want, same, factor=2.0, what=f"out is x, {dtype}")
+
+
 def test_deterministic():
     inp = _cuda(make_inputs(**VIT_B, dtype=torch.float64), torch.float32)
     grad_out = torch.randn(VIT_B["B"], VIT_B["T"], VIT_B["d_out"], device="cuda")
