@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mira_kernels import _extension
+from mira_kernels import _extension, _validation
 from tests.mira_inputs import make_inputs
 
 pytestmark = pytest.mark.skipif(not _extension.has_kernel("_cuda_mira_adapter_", "CUDA"),
@@ -90,3 +90,41 @@ def test_inputs_may_overlap_each_other_and_themselves():
     bank_b = inp.bank_b[:1].expand(3, -1, -1, -1)
     _passes_checks(_adapter, torch.zeros(2, 3, 8), x, query, keys, bank_a, bank_b, inp.slice_offsets)
     _passes_checks(_linear, x, inp.weight, inp.bias, query, keys, bank_a, bank_b, inp.slice_offsets)
+
+
+# The overlapping-memory rule (docs/contract.md section 6, issue 15): mira_adapter_ writes every element of out
+# while it reads its inputs. The glue must refuse these before any device work, and leave out unchanged. The rule
+# lives in the shared checks (csrc/validation.cpp, mirrored by _validation.check_out_overlap); until it lands on a
+# checkout these tests are skipped with that reason, and run as soon as it does.
+needs_overlap_rule = pytest.mark.skipif(not hasattr(_validation, "check_out_overlap"),
+                                        reason="the overlapping-memory rule (issue 15) is not in this checkout")
+
+
+
+@needs_overlap_rule
+def test_out_overlapping_itself_is_refused():
+    inp = _square()
+    expanded = torch.zeros(1, 3, 8).expand(2, 3, 8)  # stride 0: two samples write one element
+    with pytest.raises(ValueError, match="overlap"):
+        _adapter(expanded, *inp.adapter_args(), inp.slice_offsets)
+    interleaved = torch.zeros(64).as_strided((2, 3, 8), (8, 8, 1))  # tokens share rows
+    with pytest.raises(ValueError, match="overlap"):
+        _adapter(interleaved, *inp.adapter_args(), inp.slice_offsets)
+
+
+@needs_overlap_rule
+@pytest.mark.parametrize("victim", ["x", "query", "keys", "bank_a", "bank_b"])
+def test_out_overlapping_an_input_is_refused(victim):
+    inp = _square()
+    args = dict(zip(("x", "query", "keys", "bank_a", "bank_b"), inp.adapter_args()))
+    n_out = 2 * 3 * 8
+    # The input's storage holds out too, shifted by one element: their spans meet, and out is not the input itself.
+    buf = torch.zeros(n_out + args[victim].numel() + 1)
+    shared = buf[1 : 1 + args[victim].numel()].view(args[victim].shape)
+    shared.copy_(args[victim])
+    args[victim] = shared
+    out = buf[:n_out].view(2, 3, 8)
+    before = buf.clone()
+    with pytest.raises(ValueError, match=victim):
+        _adapter(out, *args.values(), inp.slice_offsets)
+    assert torch.equal(buf, before)  # refused before any write
