@@ -13,6 +13,7 @@ Switches (environment variables, read here only):
 from __future__ import annotations
 
 import glob
+import importlib.util
 import os
 import sys
 
@@ -27,10 +28,20 @@ def _sources(pattern: str) -> list[str]:
     return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
 
 
+def _read_env(name: str) -> str:
+    # The one parser of every MIRA_* variable (mira_kernels/_config.py), loaded by path: importing
+    # the package would load the extension this script is about to build.
+    spec = importlib.util.spec_from_file_location("_mira_config", os.path.join(ROOT, "mira_kernels", "_config.py"))
+    config = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # dataclasses look it up there
+    spec.loader.exec_module(config)
+    try:
+        return config.read(name)
+    except ValueError as err:
+        sys.exit(str(err))
+
+
 def _cuda_decision(torch, cpp_extension) -> tuple[bool, str]:
-    mode = os.environ.get("MIRA_BUILD_CUDA", "auto").strip().lower()
-    if mode not in {"auto", "1", "0"}:
-        sys.exit(f"MIRA_BUILD_CUDA must be auto, 1 or 0, got {mode!r}")
+    mode = _read_env("MIRA_BUILD_CUDA")
     if mode == "0":
         return False, "skipped (MIRA_BUILD_CUDA=0)"
     missing = []

@@ -259,7 +259,7 @@ def test_isa_variants_agree():
 def test_isa_override_rejects_unknown_and_unsupported(monkeypatch):
     monkeypatch.setenv("MIRA_CPU_ISA", "sse9")
     inp = make_inputs(B=1, T=2, d_in=4, d_out=12, N=2, dtype=torch.float32)
-    with pytest.raises(RuntimeError, match="MIRA_CPU_ISA"):
+    with pytest.raises(ValueError, match="MIRA_CPU_ISA"):  # a bad value (the rule of mira_kernels/_config.py)
         cpu_forward(inp)
     monkeypatch.setenv("MIRA_CPU_ISA", "AUTO")
     assert torch.ops.mira._cpu_isa_info()[0] == ISAS[-1]
@@ -343,5 +343,5 @@ def test_streaming_choice_follows_size_and_residency(monkeypatch):
     monkeypatch.setenv("MIRA_CPU_STREAM", "1")
     assert streams(torch.zeros(4))
     monkeypatch.setenv("MIRA_CPU_STREAM", "sometimes")
-    with pytest.raises(RuntimeError, match="MIRA_CPU_STREAM"):
+    with pytest.raises(ValueError, match="MIRA_CPU_STREAM"):  # a bad value (the rule of mira_kernels/_config.py)
         streams(fresh)

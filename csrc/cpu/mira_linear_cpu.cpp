@@ -77,6 +77,7 @@
 
 #include "cpu/kernels.h"
 #include "cpu/mira_linear_cpu.h"
+#include "env.h"
 #include "validation.h"
 
 namespace mira_cpu {
@@ -112,17 +113,13 @@ const IsaTable& table_of(std::string_view isa) {
   return t;
 }
 
-// The one place MIRA_CPU_ISA is read (documented in mira_kernels/_config.py).
+// The one place MIRA_CPU_ISA is read (documented in mira_kernels/_config.py, parsed by csrc/env.h).
 const IsaTable& active_table() {
-  const char* env = std::getenv("MIRA_CPU_ISA");
-  std::string want = env ? env : "";
-  std::transform(want.begin(), want.end(), want.begin(), [](unsigned char c) { return std::tolower(c); });
-  if (want.empty() || want == "auto") {
+  const std::string want = mira::env_choice("MIRA_CPU_ISA", "auto", {"auto", "baseline", "avx2", "avx512"});
+  if (want == "auto") {
     for (auto it = kIsas.rbegin(); it != kIsas.rend(); ++it)
       if (cpu_supports(*it)) return table_of(*it);
   }
-  TORCH_CHECK(want == "baseline" || want == "avx2" || want == "avx512",
-              "MIRA_CPU_ISA must be auto, baseline, avx2 or avx512, got '", want, "'");
   TORCH_CHECK(cpu_supports(want), "MIRA_CPU_ISA=", want, " but this CPU does not support that instruction set");
   return table_of(want);
 }
@@ -178,13 +175,13 @@ bool pages_resident(const void* p, int64_t bytes) {
 // won on the Zen 5.
 constexpr int64_t kStreamMinBytes = int64_t(2) << 20;
 
-// The one place MIRA_CPU_STREAM is read (documented in mira_kernels/_config.py).
+// The one place MIRA_CPU_STREAM is read (documented in mira_kernels/_config.py, parsed by csrc/env.h).
+std::string stream_mode() { return mira::env_choice("MIRA_CPU_STREAM", "auto", {"auto", "1", "0"}); }
+
 bool stream_seeding(const at::Tensor& out) {
-  const char* env = std::getenv("MIRA_CPU_STREAM");
-  const std::string_view want = env ? env : "";
+  const std::string want = stream_mode();
   if (want == "0") return false;
   if (want == "1") return true;
-  TORCH_CHECK(want.empty() || want == "auto", "MIRA_CPU_STREAM must be auto, 0 or 1, got '", want, "'");
   const int64_t bytes = out.nbytes();
   return bytes > std::max(at::get_num_threads() * l2_cache_bytes(), kStreamMinBytes) &&
          pages_resident(out.const_data_ptr(), bytes);
@@ -254,6 +251,9 @@ struct Shapes {
 Shapes shapes_of(const at::Tensor& x, const at::Tensor& keys, const at::Tensor& bank_a, const at::Tensor& bank_b,
                  at::IntArrayRef slice_offsets) {
   TORCH_CHECK(x.device().is_cpu(), "mira CPU kernel: the inputs must be CPU tensors, got ", x.device());
+  // Both variables are judged on every call, whichever path (N = 0, 16-bit, ...) it takes.
+  active_table();
+  stream_mode();
   Shapes s{x.size(0), x.size(1), x.size(2), keys.size(0), keys.size(1), bank_a.size(1), bank_a.size(2),
            bank_b.size(2), 0, std::vector<int64_t>(slice_offsets.begin(), slice_offsets.end())};
   s.SR = s.S * s.r;

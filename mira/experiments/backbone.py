@@ -30,6 +30,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from mira_kernels import _config
+
 from .data import IMAGE_SIZE, digits_pretrain
 
 __all__ = ["BackboneConfig", "cache_dir", "create_backbone", "load_pretrained_backbone", "features"]
@@ -81,7 +83,7 @@ def pretrain_images(name: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def cache_dir() -> str:
-    path = os.environ.get("MIRA_EXPERIMENTS_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "mira-kernels")
+    path = _config.read("MIRA_EXPERIMENTS_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "mira-kernels")
     os.makedirs(path, exist_ok=True)
     return path
 

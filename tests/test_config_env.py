@@ -1,0 +1,131 @@
+"""One parser and one rule for every MIRA_* environment variable (mira_kernels/_config.py; the C++
+kernel's two variables through csrc/env.h): whitespace and case alike everywhere, on/off spellings
+alike, and a bad value a ValueError naming the variable and the allowed values, on every path."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import mira_kernels as mk
+from mira_kernels import _config, _extension
+from tests.mira_inputs import make_inputs
+
+ROOT = Path(__file__).resolve().parents[1]
+needs_ext = pytest.mark.skipif(not _extension.loaded, reason="the C++ extension did not build")
+
+# (raw value, canonical value or None for a ValueError), per variable.
+SPELLINGS = {
+    "MIRA_CHECK_FINITE": [("1", "1"), (" ON ", "1"), ("True", "1"), ("yes\n", "1"), ("0", "0"), ("off", "0"),
+                          ("FALSE", "0"), ("\tno", "0"), ("", "0"), ("  ", "0"), ("2", None), ("maybe", None),
+                          ("enable", None), ("1 1", None)],
+    "MIRA_CPU_STREAM": [("auto", "auto"), (" AUTO", "auto"), ("1", "1"), ("on", "1"), ("Yes", "1"), ("0", "0"),
+                        ("off ", "0"), ("", "auto"), ("2", None), ("sometimes", None), ("-1", None)],
+    "MIRA_CPU_ISA": [("auto", "auto"), ("AVX2", "avx2"), (" baseline ", "baseline"), ("", "auto"), ("sse9", None),
+                     ("1", None), ("avx-2", None)],
+    "MIRA_BACKEND": [("reference", "reference"), (" Reference ", "reference"), ("CPU", "cpu"), ("", ""),
+                     ("1", None), ("ref", None)],
+    "MIRA_BUILD_CUDA": [("auto", "auto"), ("1", "1"), ("off", "0"), ("", "auto"), ("maybe", None)],
+}
+CASES = [(name, raw, want) for name, rows in SPELLINGS.items() for raw, want in rows]
+
+
+@pytest.mark.parametrize("name, raw, want", CASES)
+def test_one_rule_for_every_variable(monkeypatch, name, raw, want):
+    monkeypatch.setenv(name, raw)
+    if want is None:
+        with pytest.raises(ValueError, match=name) as info:
+            _config.read(name)
+        assert "expected" in str(info.value) and repr(raw) in str(info.value)
+    else:
+        assert _config.read(name) == want
+
+
+def test_every_mira_variable_of_the_code_is_in_the_table():
+    # Every MIRA_* name the package reads at run time (a quoted name in its code) is one of _config's,
+    # and none is read around the parser (os.environ / getenv with a MIRA_ name).
+    import re
+
+    files = [*ROOT.glob("mira_kernels/**/*.py"), *ROOT.glob("mira/**/*.py"), *ROOT.glob("csrc/**/*.cpp"),
+             *ROOT.glob("csrc/**/*.h"), *ROOT.glob("csrc/**/*.cu"), ROOT / "setup.py"]
+    text = {path: path.read_text() for path in files}
+    names = {n for t in text.values() for n in re.findall(r"\"(MIRA_[A-Z_]+)\"", t)}
+    assert {"MIRA_BACKEND", "MIRA_CPU_ISA", "MIRA_CPU_STREAM"} <= names <= set(_config.VARIABLES), names
+    around = [str(p) for p, t in text.items() if re.search(r"(environ\.get|environ\[|getenv)\(?\s*\"MIRA_", t)]
+    assert not around, around
+
+
+def _small():
+    return make_inputs(B=1, T=2, d_in=4, d_out=12, N=2, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("raw", ["2", "maybe", "enable"])
+def test_check_finite_rejects_unknown_values_on_every_call(monkeypatch, raw):
+    monkeypatch.setenv("MIRA_CHECK_FINITE", raw)
+    inp = _small()
+    with pytest.raises(ValueError, match="MIRA_CHECK_FINITE"):
+        mk.mira_linear(*inp.linear_args(), slice_offsets=inp.slice_offsets)
+
+
+def test_check_finite_accepts_every_on_spelling(monkeypatch):
+    inp = _small()
+    inp.keys[0, 0] = float("nan")
+    for raw in ("1", "true", " ON", "Yes"):
+        monkeypatch.setenv("MIRA_CHECK_FINITE", raw)
+        with pytest.raises(ValueError, match="keys contains inf or NaN"):
+            mk.mira_linear(*inp.linear_args(), slice_offsets=inp.slice_offsets)
+
+
+def test_backend_variable_accepts_case_and_spacing(monkeypatch):
+    monkeypatch.setenv("MIRA_BACKEND", "  Reference\n")
+    assert mk.resolve_backend("cpu") == "reference"
+    monkeypatch.setenv("MIRA_BACKEND", "ref")
+    with pytest.raises(ValueError, match="MIRA_BACKEND='ref' is not valid; expected reference, cpu, triton, cuda"):
+        mk.resolve_backend("cpu")
+
+
+@needs_ext
+@pytest.mark.parametrize("name, raw, want", [c for c in CASES if c[0] in ("MIRA_CPU_STREAM", "MIRA_CPU_ISA")])
+def test_the_kernel_reads_its_variables_by_the_same_rule(monkeypatch, name, raw, want):
+    # Every CPU path judges both variables: N = 0 (ATen's linear), 16-bit, the adapter, the backward.
+    monkeypatch.setenv(name, raw)
+    inp = _small()
+    calls = {
+        "fp32": lambda: torch.ops.mira._cpu_mira_linear(*inp.linear_args(), inp.slice_offsets, "affine", 1.0, 0.01),
+        "empty memory": lambda: torch.ops.mira._cpu_mira_linear(
+            inp.x, inp.weight, None, inp.query, inp.keys[:0], inp.bank_a[:0], inp.bank_b[:0], inp.slice_offsets,
+            "affine", 1.0, 0.01),
+        "bf16": lambda: torch.ops.mira._cpu_mira_linear(*inp.to(torch.bfloat16, torch.float32).linear_args(),
+                                                        inp.slice_offsets, "affine", 1.0, 0.01),
+        "adapter": lambda: torch.ops.mira._cpu_mira_adapter_(torch.zeros(1, 2, 12), *inp.adapter_args(),
+                                                             inp.slice_offsets, "affine", 1.0, 0.01),
+        "backward": lambda: torch.ops.mira._cpu_mira_linear_backward(
+            torch.ones(1, 2, 12), inp.x, inp.weight, inp.query, inp.keys, inp.bank_a, inp.bank_b, inp.slice_offsets,
+            "affine", 1.0, 0.01, [True] * 5),
+    }
+    for path, call in calls.items():
+        if want is None:
+            with pytest.raises(ValueError, match=f"{name}=.* is not valid; expected") as info:
+                call()
+            assert raw in str(info.value), path
+        elif name == "MIRA_CPU_ISA" and want != "auto" and want not in torch.ops.mira._cpu_isa_info()[1:]:
+            pytest.skip(f"this CPU does not support {want}")
+        else:
+            call()
+    if name == "MIRA_CPU_ISA" and want is not None:
+        active = torch.ops.mira._cpu_isa_info()[0]
+        assert active == (torch.ops.mira._cpu_isa_info()[-1] if want == "auto" else want)
+
+
+def test_build_switch_is_read_by_the_same_parser():
+    code = ("import sys, runpy; sys.argv = ['setup.py', '--name']; "
+            "runpy.run_path('setup.py', run_name='__main__')")
+    env = {**os.environ, "MIRA_BUILD_CUDA": "sometimes"}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env=env)
+    assert proc.returncode != 0 and "MIRA_BUILD_CUDA='sometimes' is not valid" in proc.stderr, proc.stderr[-2000:]
