@@ -187,6 +187,7 @@ class MiraLinearFunction : public torch::autograd::Function<MiraLinearFunction> 
                         c10::IntArrayRef offsets, c10::string_view separation, double scale, double eps,
                         c10::string_view backend) {
     ctx->save_for_backward({x, weight, query, keys, bank_a, bank_b});
+    ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
     ctx->saved_data["offsets"] = offsets.vec();
     ctx->saved_data["separation"] = std::string(separation);
     ctx->saved_data["scale"] = scale;
@@ -198,15 +199,19 @@ class MiraLinearFunction : public torch::autograd::Function<MiraLinearFunction> 
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    TORCH_CHECK(!ctx->needs_input_grad(1) && !ctx->needs_input_grad(2),
+    const auto& d = ctx->saved_data;
+    // needs_input_grad counts the tensor arguments that were given (its edges), so without a bias
+    // every argument after it moves down by one; the gradients returned count every argument.
+    const bool has_bias = d.at("has_bias").toBool();
+    const auto needs = [&](size_t arg) { return ctx->needs_input_grad(has_bias || arg < 2 ? arg : arg - 1); };
+    TORCH_CHECK(!needs(1) && !(has_bias && needs(2)),
                 "mira_linear: weight and bias are the frozen base projection and get no gradient; "
                 "call weight.requires_grad_(False) (and bias) or use a plain nn.Linear to train them");
     const variable_list saved = ctx->get_saved_variables();
     // Gradients of x, query, keys, bank_a, bank_b: forward arguments 0, 3, 4, 5, 6.
     constexpr std::array<size_t, 5> kArg = {0, 3, 4, 5, 6};
     std::array<bool, 5> mask{};
-    for (size_t i = 0; i < kArg.size(); ++i) mask[i] = ctx->needs_input_grad(kArg[i]);
-    const auto& d = ctx->saved_data;
+    for (size_t i = 0; i < kArg.size(); ++i) mask[i] = needs(kArg[i]);
     static const auto op = op_handle<WithBackend<LinearBackwardFn>::type>("mira_linear_backward");
     const std::vector<int64_t> offsets = d.at("offsets").toIntVector();
     const std::string separation = d.at("separation").toStringRef(), backend = d.at("backend").toStringRef();
@@ -222,6 +227,40 @@ class MiraLinearFunction : public torch::autograd::Function<MiraLinearFunction> 
   }
 };
 
+// The backward op's own autograd: double backward is not supported (contract section 5), so
+// differentiating a gradient of mira_linear raises. Without this the dispatcher's fallback for
+// ops without an autograd kernel warned and returned zeros. Only differentiating raises: a
+// backward run with create_graph=True whose gradients are not differentiated again works.
+class MiraLinearBackwardFunction : public torch::autograd::Function<MiraLinearBackwardFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const Tensor& grad_out, const Tensor& x, const Tensor& weight,
+                               const Tensor& query, const Tensor& keys, const Tensor& bank_a, const Tensor& bank_b,
+                               c10::IntArrayRef offsets, c10::string_view separation, double scale, double eps,
+                               std::array<bool, 5> mask, c10::string_view backend) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    static const auto op = op_handle<WithBackend<LinearBackwardFn>::type>("mira_linear_backward");
+    const auto g = op.call(grad_out, x, weight, query, keys, bank_a, bank_b, offsets, separation, scale, eps, mask,
+                           backend);
+    return {std::get<0>(g), std::get<1>(g), std::get<2>(g), std::get<3>(g), std::get<4>(g)};
+  }
+
+  static variable_list backward(AutogradContext*, variable_list) {
+    TORCH_CHECK(false,
+                "mira_linear: double backward is not supported (a gradient of mira_linear was differentiated "
+                "again, e.g. torch.autograd.grad(..., create_graph=True) followed by a second backward); use the "
+                "reference backend's plain PyTorch functions (mira_kernels.reference) for higher derivatives");
+  }
+};
+
+Grads linear_backward_autograd(const Tensor& grad_out, const Tensor& x, const Tensor& weight, const Tensor& query,
+                               const Tensor& keys, const Tensor& bank_a, const Tensor& bank_b,
+                               c10::IntArrayRef offsets, c10::string_view separation, double scale, double eps,
+                               std::array<bool, 5> mask, c10::string_view backend) {
+  const variable_list g = MiraLinearBackwardFunction::apply(grad_out, x, weight, query, keys, bank_a, bank_b, offsets,
+                                                            separation, scale, eps, mask, backend);
+  return {g[0], g[1], g[2], g[3], g[4]};
+}
+
 Tensor linear_autograd(const Tensor& x, const Tensor& weight, const OptTensor& bias, const Tensor& query,
                        const Tensor& keys, const Tensor& bank_a, const Tensor& bank_b, c10::IntArrayRef offsets,
                        c10::string_view separation, double scale, double eps, c10::string_view backend) {
@@ -231,7 +270,10 @@ Tensor linear_autograd(const Tensor& x, const Tensor& weight, const OptTensor& b
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(mira, Autograd, m) { m.impl("mira_linear", &linear_autograd); }
+TORCH_LIBRARY_IMPL(mira, Autograd, m) {
+  m.impl("mira_linear", &linear_autograd);
+  m.impl("mira_linear_backward", &linear_backward_autograd);
+}
 
 TORCH_LIBRARY_IMPL(mira, CPU, m) {
   m.impl("mira_linear", &linear<CpuKey>);

@@ -5,6 +5,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <initializer_list>
+#include <utility>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -107,6 +110,49 @@ void check_memory(const at::Tensor& x, int64_t d_out, const at::Tensor& query, c
   TORCH_CHECK_VALUE(std::isfinite(scale), "scale must be a finite number, got ", scale);
 }
 
+// Overlapping memory (contract section 6; _validation.check_out_overlap, same rule and order).
+// True when no two elements of a view with these sizes and strides share memory, proved by: with
+// the dimensions of size > 1 sorted by stride, each stride exceeds the span of the smaller ones.
+bool provably_no_internal_overlap(c10::IntArrayRef sizes, c10::IntArrayRef strides) {
+  std::vector<std::pair<int64_t, int64_t>> dims;  // (stride, size)
+  for (size_t d = 0; d < sizes.size(); ++d) {
+    if (sizes[d] == 0) return true;
+    if (sizes[d] > 1) dims.emplace_back(strides[d], sizes[d]);
+  }
+  std::sort(dims.begin(), dims.end());
+  int64_t span = 0;
+  for (auto [stride, size] : dims) {
+    if (stride <= span) return false;
+    span += (size - 1) * stride;
+  }
+  return true;
+}
+
+// [first byte, one past the last byte] that t's elements can touch (t.numel() > 0).
+std::pair<uintptr_t, uintptr_t> byte_span(const at::Tensor& t) {
+  int64_t extent = 1;
+  for (int64_t d = 0; d < t.dim(); ++d) extent += (t.size(d) - 1) * t.stride(d);
+  const auto start = reinterpret_cast<uintptr_t>(t.const_data_ptr());
+  return {start, start + uintptr_t(extent) * t.element_size()};
+}
+
+void check_out_overlap(const at::Tensor& out, std::initializer_list<std::pair<const char*, const at::Tensor*>> inputs) {
+  TORCH_CHECK_VALUE(provably_no_internal_overlap(out.sizes(), out.strides()),
+                    "out has elements that share memory (shape ", out.sizes(), ", strides ", out.strides(),
+                    "); mira_adapter_ writes every element of out, so out must not overlap itself");
+  if (out.numel() == 0) return;
+  const auto [lo, hi] = byte_span(out);
+  for (auto [name, t] : inputs) {
+    if (t->numel() == 0) continue;
+    if (t->const_data_ptr() == out.const_data_ptr() && t->scalar_type() == out.scalar_type() &&
+        t->sizes() == out.sizes() && t->strides() == out.strides())
+      continue;  // out is this very view (out = x): allowed
+    const auto [t_lo, t_hi] = byte_span(*t);
+    TORCH_CHECK_VALUE(!(t_lo < hi && lo < t_hi), "out overlaps ", name, " in memory; mira_adapter_ reads ", name,
+                      " while it writes out, so out must not share memory with any input (it may be x itself)");
+  }
+}
+
 }  // namespace
 
 void check_linear_args(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
@@ -145,6 +191,7 @@ void check_adapter_args(const at::Tensor& out, const at::Tensor& x, const at::Te
   check_dim("out", out, 0, x.size(0), "B (the batch of x)", "(B, T, d_out)");
   check_dim("out", out, 1, x.size(1), "T (the tokens of x)", "(B, T, d_out)");
   check_memory(x, out.size(2), query, keys, bank_a, bank_b, slice_offsets, separation, scale, eps);
+  check_out_overlap(out, {{"x", &x}, {"query", &query}, {"keys", &keys}, {"bank_a", &bank_a}, {"bank_b", &bank_b}});
 }
 
 }  // namespace mira

@@ -406,11 +406,13 @@ class AdapterMemory(nn.Module):
                               error_msgs) -> None:
         # The memory's part of a state dict loads all or nothing: a growing memory resizes to the
         # incoming slot count only when every incoming tensor of the memory (its query module's
-        # included) fits this memory's config; otherwise it reports every misfit and loads none
-        # of them, so a failed load_state_dict leaves the memory as it was.
-        misfits = self._state_misfits(state_dict, prefix)
+        # included) fits this memory's config, and under strict loading none is missing or
+        # unexpected; otherwise it reports why and loads none of them, so a failed
+        # load_state_dict leaves the memory as it was.
+        misfits = self._state_misfits(state_dict, prefix, strict)
         if misfits:
-            error_msgs.extend(misfits)
+            error_msgs.append(f"{prefix[:-1] or 'the memory'} ({self.extra_repr()}) was not loaded, nothing of it "
+                              f"changed: {'; '.join(misfits)}")
             self._refuse_query_state = True  # read by the query module's pre-hook, which runs next
             return
         incoming = state_dict.get(prefix + "keys")
@@ -426,7 +428,7 @@ class AdapterMemory(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
-    def _state_misfits(self, state_dict, prefix: str) -> list[str]:
+    def _state_misfits(self, state_dict, prefix: str, strict: bool) -> list[str]:
         """Why the memory's entries of ``state_dict`` cannot load into it (empty when they can)."""
         c = self.config
         n = self.keys.shape[0]
@@ -443,9 +445,14 @@ class AdapterMemory(nn.Module):
         for name, shape in expected.items():
             t = state_dict.get(prefix + name)
             if isinstance(t, torch.Tensor) and tuple(t.shape) != shape:
-                misfits.append(f"size mismatch for {prefix}{name}: copying a param with shape {tuple(t.shape)} "
-                               f"from checkpoint, the shape in current model is {shape} (the memory's config: "
-                               f"{self.extra_repr()}); nothing of {prefix[:-1] or 'the memory'} was loaded")
+                misfits.append(f"{prefix}{name} has shape {tuple(t.shape)}, this memory's is {shape}")
+        if strict:
+            missing = [prefix + name for name in expected if prefix + name not in state_dict]
+            unexpected = [k for k in state_dict if k.startswith(prefix) and k[len(prefix):] not in expected]
+            if missing:
+                misfits.append(f"missing {missing}")
+            if unexpected:
+                misfits.append(f"unexpected {unexpected}")
         return misfits
 
     def _query_state_pre_hook(self, module, state_dict, prefix, *args) -> None:

@@ -15,6 +15,7 @@ through both.
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 from collections.abc import Sequence
 
@@ -89,11 +90,36 @@ def check_memory(
         raise ValueError(f"slice_offsets has {len(offsets)} entries but bank_a/bank_b have S = {s} slices")
     check_slice_offsets(offsets, b_shape[2], d_out)
 
-    if separation not in SEPARATIONS:
+    check_separation(separation)
+    check_eps(eps)
+    check_scale(scale)
+
+
+# Scalars: real numbers only (int, float, numpy scalars, and the symbolic ints / floats of a
+# torch.compile trace); a str, a bool, a tensor or None is a TypeError on every path. The
+# comparisons below (no math.isfinite) also work on a torch.SymFloat, and NaN fails them.
+_REAL = (numbers.Real, torch.SymInt, torch.SymFloat)
+
+
+def check_real(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, _REAL):
+        raise TypeError(f"{name} must be a real number (int or float), got {type(value).__name__} {value!r}")
+
+
+def check_separation(separation) -> None:
+    if not isinstance(separation, str) or separation not in SEPARATIONS:
         raise ValueError(f"unknown separation {separation!r}; expected one of {SEPARATIONS}")
-    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
+
+
+def check_eps(eps) -> None:
+    check_real("eps", eps)
+    if not 0 < eps < math.inf:
         raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
-    if not (isinstance(scale, (int, float)) and math.isfinite(scale)):
+
+
+def check_scale(scale) -> None:
+    check_real("scale", scale)
+    if not -math.inf < scale < math.inf:
         raise ValueError(f"scale must be a finite number, got {scale!r}")
 
 
@@ -166,6 +192,78 @@ def check_mira_adapter(out, x, query, keys, bank_a, bank_b, slice_offsets, separ
         x.dtype, x.device, x.shape[2], query, keys, bank_a, bank_b, x.shape[0], slice_offsets, out.shape[2],
         separation, scale, eps,
     )
+    check_out_overlap(out, x=x, query=query, keys=keys, bank_a=bank_a, bank_b=bank_b)
+
+
+# ----------------------------------------------------------------------------------------------
+# Overlapping memory (contract section 6): an in-place op writes every element of `out` while it
+# reads its inputs, so out must not overlap itself, nor any input, except by being x itself
+# (the very same view), which every backend supports (x is read in full before out is written).
+# ----------------------------------------------------------------------------------------------
+
+
+def provably_no_internal_overlap(sizes: Sequence[int], strides: Sequence[int]) -> bool:
+    """True when no two elements share memory, proved by the rule: with the dimensions of size > 1
+    sorted by stride, each stride exceeds the offset span of all smaller ones. Every view made by
+    slicing, transposing or offsetting a tensor that has no overlap passes; an expanded dimension
+    (stride 0) or interleaved strides from as_strided do not."""
+    if any(n == 0 for n in sizes):
+        return True
+    span = 0
+    for stride, size in sorted((st, n) for n, st in zip(sizes, strides) if n > 1):
+        if stride <= span:
+            return False
+        span += (size - 1) * stride
+    return True
+
+
+def _byte_span(t: torch.Tensor) -> tuple[int, int]:
+    start = t.data_ptr()
+    extent = sum((n - 1) * st for n, st in zip(t.shape, t.stride())) + 1
+    return start, start + extent * t.element_size()
+
+
+def _has_memory(t: torch.Tensor) -> bool:
+    # Traced calls (FakeTensor) and meta tensors have no addresses: the op kernel checks the real call.
+    return t.device.type != "meta" and not torch._subclasses.fake_tensor.is_fake(t)
+
+
+def check_out_overlap(out: torch.Tensor, **inputs: torch.Tensor) -> None:
+    """``out`` must not overlap itself, and its memory span must not meet any input's, unless
+    that input is exactly ``out`` (the same address, shape, strides and dtype; only x can be)."""
+    if torch.compiler.is_compiling() or not _has_memory(out):
+        return
+    if not provably_no_internal_overlap(out.shape, out.stride()):
+        raise ValueError(
+            f"out has elements that share memory (shape {tuple(out.shape)}, strides {out.stride()}, e.g. an "
+            "expanded tensor); mira_adapter_ writes every element of out, so out must not overlap itself"
+        )
+    if out.numel() == 0:
+        return
+    lo, hi = _byte_span(out)
+    for name, t in inputs.items():
+        if t.numel() == 0 or not _has_memory(t):
+            continue
+        if (t.data_ptr() == out.data_ptr() and t.dtype == out.dtype and t.shape == out.shape
+                and t.stride() == out.stride()):
+            continue  # out is this very view (out = x): allowed
+        t_lo, t_hi = _byte_span(t)
+        if t_lo < hi and lo < t_hi:
+            raise ValueError(
+                f"out overlaps {name} in memory; mira_adapter_ reads {name} while it writes out, so out must not "
+                f"share memory with any input (it may be x itself: the same view)"
+            )
+
+
+def check_tensors(**named) -> None:
+    """TypeError naming the first argument that is not a Tensor (None allowed for bias)."""
+    for name, t in named.items():
+        if not isinstance(t, torch.Tensor) and not (name == "bias" and t is None):
+            raise TypeError(f"{name} must be a Tensor of shape {_LAYOUTS[name]}, got {type(t).__name__}")
+
+
+_LAYOUTS = {"x": "(B, T, d_in)", "weight": "(d_out, d_in)", "bias": "(d_out,)", "query": "(B, d_k)",
+            "keys": "(N, d_k)", "bank_a": "(N, S, r, d_in)", "bank_b": "(N, S, d_s, r)", "out": "(B, T, d_out)"}
 
 
 def check_finite(**tensors: torch.Tensor | None) -> None:

@@ -34,6 +34,7 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.util
+import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -45,9 +46,10 @@ from . import _config, _extension, reference
 
 __all__ = ["BACKENDS", "available_backends", "use_backend", "resolve_backend", "implementation"]
 
-BACKENDS = ("reference", "cpu", "triton", "cuda")
+BACKENDS = _config.BACKEND_NAMES
 
-_DEFAULT_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("triton", "cuda", "reference")}
+# Meta tensors (shape inference) run the ops' fake kernels whatever the name; "reference" says so.
+_DEFAULT_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("triton", "cuda", "reference"), "meta": ("reference",)}
 
 use_backend = _config.use_backend
 
@@ -147,6 +149,12 @@ def _triton_installed() -> bool:
 def _triton_reason(device: torch.device) -> str | None:
     if not _triton_installed():
         return "triton is not installed"
+    if device.type == "cpu":
+        # The interpreter runs the kernels on CPU tensors, one program at a time: how they are tested
+        # without a GPU (tests/fuzz/triton_interp.py forces this backend through the public API).
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            return None
+        return "it runs on cuda tensors (on cpu tensors only under the Triton interpreter, TRITON_INTERPRET=1)"
     if not torch.cuda.is_available():
         return "no CUDA device is available"
     return importlib.import_module("mira_kernels.triton").unavailable_reason(device)
@@ -157,9 +165,9 @@ def _triton_load() -> object:
 
 
 _REGISTRY: dict[str, _Backend] = {
-    "reference": _Backend(("cpu", "cuda"), _reference_reason, _reference_impl),
+    "reference": _Backend(("cpu", "cuda", "meta"), _reference_reason, _reference_impl),
     "cpu": _Backend(("cpu",), _native_reason("_cpu_mira_linear", "CPU", "its CPU kernel"), _native_impl("_cpu_")),
-    "triton": _Backend(("cuda",), _triton_reason, _triton_load),
+    "triton": _Backend(("cuda", "cpu"), _triton_reason, _triton_load),
     "cuda": _Backend(("cuda",), _cuda_reason, _native_impl("_cuda_")),
 }
 

@@ -93,19 +93,21 @@ def _adapter_kernel(out, x, query, keys, bank_a, bank_b, slice_offsets, separati
 # The fake kernels check their arguments: they run where the C++ checks of the op kernels do not
 # (tracing under torch.compile, meta tensors, and any call with one input on the meta device,
 # which the dispatcher sends here rather than to the CPU kernel).
-def _linear_fake(x, weight, bias, query, keys, bank_a, bank_b, slice_offsets, separation, scale, eps, backend):
+# `backend="auto"`: a direct torch.ops.mira.* call on meta tensors leaves out the schema default.
+def _linear_fake(x, weight, bias, query, keys, bank_a, bank_b, slice_offsets, separation, scale, eps, backend="auto"):
     _validation.check_mira_linear(x, weight, bias, query, keys, bank_a, bank_b, slice_offsets, separation, scale, eps)
     return x.new_empty(x.shape[0], x.shape[1], weight.shape[0])
 
 
 def _linear_backward_fake(
-    grad_out, x, weight, query, keys, bank_a, bank_b, slice_offsets, separation, scale, eps, output_mask, backend
+    grad_out, x, weight, query, keys, bank_a, bank_b, slice_offsets, separation, scale, eps, output_mask,
+    backend="auto",
 ):
     like = (x, query, keys, bank_a, bank_b)
     return tuple(torch.empty_like(t) if need else x.new_empty(0) for t, need in zip(like, output_mask))
 
 
-def _adapter_fake(out, x, query, keys, bank_a, bank_b, slice_offsets, separation, scale, eps, backend):
+def _adapter_fake(out, x, query, keys, bank_a, bank_b, slice_offsets, separation, scale, eps, backend="auto"):
     _validation.check_mira_adapter(out, x, query, keys, bank_a, bank_b, slice_offsets, separation, scale, eps)
     return None
 
@@ -164,6 +166,15 @@ def _eager_backend(x: torch.Tensor) -> str | None:
 _PARSED_SEQUENCES = (list, tuple)
 
 
+def _check_scalars(scale, eps) -> None:
+    # Before anything converts them with float(), which would take "2": a str is a TypeError on
+    # every path (the op's C++ checks see only the converted doubles). A float passes at once.
+    if type(scale) is not float:
+        _validation.check_real("scale", scale)
+    if type(eps) is not float:
+        _validation.check_real("eps", eps)
+
+
 def _check_frozen(weight: torch.Tensor, bias: torch.Tensor | None) -> None:
     if torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad)):
         raise RuntimeError(
@@ -216,6 +227,7 @@ def mira_linear(
     Returns:
         (B, T, d_out) tensor of x's dtype. Differentiable in x, query, keys, bank_a, bank_b.
     """
+    _check_scalars(scale, eps)
     backend = _eager_backend(x)
     if backend is not None:
         try:
@@ -235,6 +247,7 @@ def mira_linear(
         raise error
 
     slice_offsets = _validation.as_offsets(slice_offsets)
+    _validation.check_tensors(x=x, weight=weight, bias=bias, query=query, keys=keys, bank_a=bank_a, bank_b=bank_b)
     x, weight, bias, (query, keys, bank_a, bank_b) = _autocast_inputs(x, weight, bias, (query, keys, bank_a, bank_b))
     _validation.check_mira_linear(x, weight, bias, query, keys, bank_a, bank_b, slice_offsets, separation, scale, eps)
     _check_frozen(weight, bias)
@@ -270,6 +283,7 @@ def mira_adapter_(
     :func:`mira_linear`. Returns ``out``. A separate pass re-reads x and read-modify-writes the
     slices of ``out``; :func:`mira_linear` avoids that traffic by fusing the two.
     """
+    _check_scalars(scale, eps)
     backend = _eager_backend(x)
     if backend is not None:
         try:
@@ -288,6 +302,7 @@ def mira_adapter_(
         raise error
 
     slice_offsets = _validation.as_offsets(slice_offsets)
+    _validation.check_tensors(x=x, out=out, query=query, keys=keys, bank_a=bank_a, bank_b=bank_b)
     _validation.check_mira_adapter(out, x, query, keys, bank_a, bank_b, slice_offsets, separation, scale, eps)
     _check_inference_only(out, x, query, keys, bank_a, bank_b)
     if _config.check_finite_enabled():
@@ -350,8 +365,6 @@ def retrieval_weights(
     for name, t in (("query", query), ("keys", keys)):
         if not t.is_floating_point():
             raise TypeError(f"{name} must be a floating tensor, got {t.dtype}")
-    if separation not in reference.SEPARATIONS:
-        raise ValueError(f"unknown separation {separation!r}; expected one of {reference.SEPARATIONS}")
-    if not eps > 0:
-        raise ValueError(f"eps must be > 0, got {eps!r}")
+    _validation.check_separation(separation)
+    _validation.check_eps(eps)
     return reference.retrieval_weights(query, keys, separation=separation, eps=eps)

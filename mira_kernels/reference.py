@@ -28,6 +28,7 @@ __all__ = [
     "DEFAULT_EPS",
     "NORM_EPS",
     "compute_dtype",
+    "normalize",
     "cosine_scores",
     "separate",
     "retrieval_weights",
@@ -54,9 +55,31 @@ def compute_dtype(x_dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if x_dtype in (torch.float16, torch.bfloat16) else x_dtype
 
 
+def _scaled(u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(v, s, ||v||) with v = u / s, s = max_j |u_j| per row (1 for zero or non-finite rows).
+
+    ||u||^2 overflows float32 for |u| ~ 1e19 (and underflows for |u| ~ 1e-19), which turned a
+    huge query's unit vector into zeros; ||u|| = s * ||v|| with ||v|| in [1, sqrt(d)] cannot.
+    s is detached: u / ||u|| does not depend on it, so the gradient is exact.
+    """
+    m = u.detach().abs().amax(dim=-1, keepdim=True) if u.shape[-1] else u.new_zeros(*u.shape[:-1], 1)
+    s = torch.where(torch.isfinite(m) & (m > 0), m, torch.ones_like(m))
+    v = u / s
+    return v, s, torch.linalg.vector_norm(v, dim=-1, keepdim=True)
+
+
+def normalize(u: torch.Tensor) -> torch.Tensor:
+    """u / max(||u||, NORM_EPS) along the last dim, as ``F.normalize``, with ||u|| computed without
+    overflow or underflow (the op's kernels compute it in double). A row with inf or NaN gives NaN
+    where ``F.normalize`` does (inf / inf), so non-finite inputs still propagate."""
+    v, s, norm_v = _scaled(u)
+    above = ~(norm_v < NORM_EPS / s)  # ||u|| >= NORM_EPS, or NaN: the unit-vector branch
+    return torch.where(above, v / torch.where(above, norm_v, torch.ones_like(norm_v)), u / NORM_EPS)
+
+
 def cosine_scores(query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     """Cosine similarity of every query to every key, (B, d_k) x (N, d_k) -> (B, N)."""
-    return F.normalize(query, dim=-1, eps=NORM_EPS) @ F.normalize(keys, dim=-1, eps=NORM_EPS).T
+    return normalize(query) @ normalize(keys).T
 
 
 def _guarded_denominator(total: torch.Tensor, eps: float) -> torch.Tensor:
@@ -123,6 +146,8 @@ def adapter_delta(
 ) -> torch.Tensor:
     """MIRA's per-sample update of each slice, (B, T, S, d_s), in the compute dtype."""
     ct = compute_dtype(x.dtype)
+    if keys.shape[0] == 0:  # an empty memory adds exactly zero: x is not read for it (contract, section 1)
+        return x.new_zeros(*x.shape[:2], bank_b.shape[1], bank_b.shape[2], dtype=ct)
     weights = retrieval_weights(query.to(ct), keys.to(ct), separation=separation, eps=eps)
     mixed_a, mixed_b = mix_adapters(weights, bank_a, bank_b)
     shrunk = torch.einsum("btd,bsrd->btsr", x.to(ct), mixed_a)
@@ -186,10 +211,11 @@ def mira_adapter_(
 
 def _normalize_backward(u: torch.Tensor, grad_unit: torch.Tensor) -> torch.Tensor:
     # d/du of u / max(||u||, NORM_EPS): the tangent projection above the floor, 1/NORM_EPS below.
-    norm = u.norm(dim=-1, keepdim=True)
-    unit = u / norm.clamp_min(NORM_EPS)
+    _, s, norm_v = _scaled(u)
+    norm = s * norm_v  # overflows only where ||u|| exceeds the dtype's range
+    unit = normalize(u)
     tangent = (grad_unit - unit * (unit * grad_unit).sum(-1, keepdim=True)) / norm.clamp_min(NORM_EPS)
-    return torch.where(norm > NORM_EPS, tangent, grad_unit / NORM_EPS)
+    return torch.where(~(norm_v < NORM_EPS / s), tangent, grad_unit / NORM_EPS)
 
 
 def _separate_backward(
@@ -204,8 +230,8 @@ def _separate_backward(
         return (grad_w - through_sum) / denom
     if separation == "softmax":
         return weights * (grad_w - (grad_w * weights).sum(-1, keepdim=True))
-    if separation == "relu":
-        return grad_w * (scores > 0)
+    if separation == "relu":  # as autograd of torch.relu: a select, so a NaN gradient stops where z <= 0
+        return torch.where(scores <= 0, torch.zeros_like(grad_w), grad_w)
     if separation == "tanh":
         return grad_w * (1 - weights * weights)
     if separation == "sigmoid":
@@ -259,12 +285,15 @@ def mira_linear_backward(
     grad_bank_b = torch.einsum("bn,bser->nser", weights, grad_mixed_b).to(bank_b.dtype) if need_b else None
 
     grad_query = grad_keys = None
-    if need_q or need_k:
+    if (need_q or need_k) and keys.shape[0] == 0:  # an empty memory reads neither query nor keys
+        grad_query = torch.zeros_like(query) if need_q else None
+        grad_keys = torch.zeros_like(keys) if need_k else None
+    elif need_q or need_k:
         grad_w = torch.einsum("bsrd,nsrd->bn", grad_mixed_a, bank_a.to(ct))
         grad_w = grad_w + torch.einsum("bser,nser->bn", grad_mixed_b, bank_b.to(ct))
         grad_scores = _separate_backward(grad_w, scores, weights, separation, eps)
-        q_unit = F.normalize(q, dim=-1, eps=NORM_EPS)
-        k_unit = F.normalize(k, dim=-1, eps=NORM_EPS)
+        q_unit = normalize(q)
+        k_unit = normalize(k)
         if need_q:
             grad_query = _normalize_backward(q, grad_scores @ k_unit).to(query.dtype)
         if need_k:

@@ -14,8 +14,11 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
+import mira_kernels as mk
 from mira_kernels import _extension
+from tests.mira_inputs import make_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_ext = pytest.mark.skipif(not _extension.loaded, reason="the C++ extension did not build")
@@ -74,3 +77,366 @@ def test_overflowing_slice_offsets_are_rejected_not_a_crash():
         if name.startswith("reference"):
             continue  # the plain reference is not validated; checked through the public API above
         assert outcome.startswith("ValueError") and ("slice" in outcome), f"{name}: {outcome}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Silently wrong: non-finite query / keys must propagate on every backend, for every separation.
+# ----------------------------------------------------------------------------------------------
+
+def _inputs(dtype, **kw):
+    return make_inputs(B=3, T=4, d_in=8, d_out=24, N=4, S=2, r=2, offsets=[0, 16], **kw).to(
+        dtype, memory_dtype=torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype)
+
+
+def _poison(inp, where, value):
+    if where == "query":
+        inp.query[1, 2] = value
+    elif where == "key":
+        inp.keys[2, 0] = value
+    return inp
+
+
+def _forward_and_grads(inp, backend, separation):
+    inp = inp.to(inp.x.dtype, inp.query.dtype).requires_grad_("x", "query", "keys", "bank_a", "bank_b")
+    with mk.use_backend(backend):
+        y = mk.mira_linear(*inp.linear_args(), slice_offsets=inp.slice_offsets, separation=separation)
+        grads = torch.autograd.grad(y, [inp.x, inp.query, inp.keys, inp.bank_a, inp.bank_b],
+                                    torch.ones_like(y))
+    return [y.detach(), *grads]
+
+
+NAMES = ("y", "dx", "dquery", "dkeys", "dbank_a", "dbank_b")
+
+
+@needs_ext
+@pytest.mark.parametrize("separation", mk.SEPARATIONS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("where, value", [("query", float("nan")), ("key", float("nan")), ("query", float("inf")),
+                                          ("key", float("-inf"))], ids=["nan-query", "nan-key", "inf-query",
+                                                                        "-inf-key"])
+def test_non_finite_query_or_key_propagates_like_the_reference(separation, dtype, where, value):
+    inp = _poison(_inputs(dtype), where, value)
+    want = _forward_and_grads(inp, "reference", separation)
+    got = _forward_and_grads(inp, "cpu", separation)
+    assert not torch.isfinite(want[0]).all(), "the reference must propagate the non-finite input"
+    for name, g, w in zip(NAMES, got, want):
+        assert torch.equal(torch.isfinite(g), torch.isfinite(w)), f"{name}: non-finite entries differ"
+
+
+# ----------------------------------------------------------------------------------------------
+# Overlapping memory: out vs inputs, and out vs itself (contract section 6).
+# ----------------------------------------------------------------------------------------------
+
+def _adapter_inputs():
+    return make_inputs(B=1, T=40, d_in=16, d_out=16, N=3, S=1, r=2, d_s=8, offsets=[4], dtype=torch.float32)
+
+
+def _overlap_cases():
+    inp = _adapter_inputs()
+    buf = torch.randn(1, 41, 16)
+    wide = torch.randn(1, 40, 32)
+    yield "out shifted one row over x", buf[:, 1:], buf[:, :40], None
+    yield "out shifted one row under x", buf[:, :40], buf[:, 1:], None
+    yield "out and x interleaved in one buffer", wide[..., ::2], wide[..., 1::2], None
+    flat = torch.randn(600 + 3 * 1 * 2 * 16)
+    yield "out overlaps bank_a", flat[:640].view(1, 40, 16), inp.x, flat[600:].view(3, 1, 2, 16)
+    yield "out expanded (stride 0)", torch.zeros(1, 1, 16).expand(1, 40, 16), inp.x, None
+    yield "out with overlapping rows", torch.zeros(1 * 40 + 15).as_strided((1, 40, 16), (640, 1, 1)), inp.x, None
+
+
+OVERLAP_CASES = list(_overlap_cases())
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("case", range(len(OVERLAP_CASES)), ids=[c[0] for c in OVERLAP_CASES])
+def test_adapter_rejects_overlapping_out(case, backend):
+    _, out, x, bank_a = OVERLAP_CASES[case]
+    inp = _adapter_inputs()
+    inp.x = x
+    if bank_a is not None:
+        inp.bank_a = bank_a
+    before = out.clone()
+    with mk.use_backend(backend), pytest.raises(ValueError, match="overlap"):
+        mk.mira_adapter_(out, *inp.adapter_args(), slice_offsets=inp.slice_offsets)
+    assert torch.equal(out, before)
+
+
+@needs_ext
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("case", range(len(OVERLAP_CASES)), ids=[c[0] for c in OVERLAP_CASES])
+def test_op_kernel_rejects_overlapping_out(case, backend):
+    _, out, x, bank_a = OVERLAP_CASES[case]
+    inp = _adapter_inputs()
+    inp.x = x
+    if bank_a is not None:
+        inp.bank_a = bank_a
+    with pytest.raises(ValueError):
+        torch.ops.mira.mira_adapter_(out, *inp.adapter_args(), inp.slice_offsets, "affine", 1.0, 0.01, backend)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+def test_adapter_into_x_itself_still_works(backend, dtype):
+    inp = _adapter_inputs().to(dtype, torch.float32 if dtype == torch.float16 else dtype)
+    want = inp.x.clone()
+    mk.reference.mira_adapter_(want, inp.x.clone(), inp.query, inp.keys, inp.bank_a, inp.bank_b,
+                               slice_offsets=inp.slice_offsets)
+    x = inp.x.clone()
+    with mk.use_backend(backend):
+        mk.mira_adapter_(x, x, inp.query, inp.keys, inp.bank_a, inp.bank_b, slice_offsets=inp.slice_offsets)
+    torch.testing.assert_close(x, want, rtol=1e-3 if dtype == torch.float16 else 1e-6, atol=1e-3)
+
+
+def test_adapter_into_disjoint_views_of_one_buffer_works():
+    inp = _adapter_inputs()
+    buf = torch.randn(1, 80, 16)
+    x, out = buf[:, :40], buf[:, 40:]
+    x.copy_(inp.x)
+    want = out.clone()
+    mk.reference.mira_adapter_(want, inp.x, *inp.adapter_args()[1:], slice_offsets=inp.slice_offsets)
+    mk.mira_adapter_(out, x, *inp.adapter_args()[1:], slice_offsets=inp.slice_offsets)
+    torch.testing.assert_close(out, want)
+
+
+# ----------------------------------------------------------------------------------------------
+# Silently wrong: a huge query in fp32 / bf16 (its squared norm overflows).
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("magnitude", [1e30, 1e-30, 3e38], ids=["huge", "tiny", "near-max"])
+@pytest.mark.parametrize("separation", ["affine", "softmax"])
+def test_retrieval_weights_of_a_huge_or_tiny_query_are_right(dtype, magnitude, separation):
+    g = torch.Generator().manual_seed(0)
+    q64, k64 = torch.randn(3, 16, generator=g, dtype=torch.float64), torch.randn(5, 16, generator=g,
+                                                                                     dtype=torch.float64)
+    finfo = torch.finfo(dtype)
+    magnitude = min(magnitude, finfo.max / 4)
+    if magnitude < finfo.tiny * 1e3:
+        magnitude = finfo.tiny * 1e3
+    q = (q64 / q64.abs().amax() * magnitude).to(dtype)
+    want = mk.reference.retrieval_weights(q.double(), k64.to(dtype).double(), separation=separation)
+    got = mk.retrieval_weights(q, k64.to(dtype), separation=separation)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=5e-2 if dtype in (torch.bfloat16, torch.float16)
+                               else 1e-5)
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_association_matrix_agrees_with_the_op_for_a_huge_query(dtype):
+    inp = _inputs(dtype)
+    inp.query = inp.query * 1e30 if dtype != torch.float64 else inp.query * 1e200
+    weights = mk.retrieval_weights(inp.query, inp.keys)
+    # The op's weights, read through the gradient of y with bank_b = 0 and bank_a = identity-like:
+    # simpler, compare the outputs of the op with the reference backend, which uses the same weights.
+    with mk.use_backend("cpu"):
+        y_cpu = mk.mira_linear(*inp.linear_args(), slice_offsets=inp.slice_offsets)
+    with mk.use_backend("reference"):
+        y_ref = mk.mira_linear(*inp.linear_args(), slice_offsets=inp.slice_offsets)
+    q64 = inp.query.double()
+    torch.testing.assert_close(weights.double(), mk.reference.retrieval_weights(q64, inp.keys.double()), rtol=1e-2,
+                               atol=1e-2)
+    tol = {torch.bfloat16: 1e-2, torch.float32: 1e-4, torch.float64: 1e-9}[dtype]
+    torch.testing.assert_close(y_cpu.double(), y_ref.double(), rtol=tol, atol=tol)
+
+
+# ----------------------------------------------------------------------------------------------
+# Double backward: unsupported, so it raises (it used to return zeros with a warning).
+# ----------------------------------------------------------------------------------------------
+
+@needs_ext
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_double_backward_raises(backend):
+    inp = _inputs(torch.float64).requires_grad_("x", "query", "keys")
+    with mk.use_backend(backend):
+        y = mk.mira_linear(*inp.linear_args(), slice_offsets=inp.slice_offsets)
+        (gq,) = torch.autograd.grad(y.square().sum(), [inp.query], create_graph=True)
+        with pytest.raises(RuntimeError, match="double backward"):
+            torch.autograd.grad(gq.sum(), [inp.keys])
+        # create_graph alone is fine when nothing differentiates MIRA's gradients again.
+        (gx,) = torch.autograd.grad(y.sum(), [inp.x], create_graph=True)
+        assert torch.isfinite(gx).all()
+
+
+# ----------------------------------------------------------------------------------------------
+# scale is not clamped: x W^T and the adapter may overflow like any projection (contract 6).
+# ----------------------------------------------------------------------------------------------
+
+@needs_ext
+def test_huge_scale_is_honoured_not_clamped():
+    inp = _inputs(torch.float32)
+    with mk.use_backend("reference"):
+        want = mk.mira_linear(*inp.linear_args(), slice_offsets=inp.slice_offsets, scale=1e300)
+    got = mk.mira_linear(*inp.linear_args(), slice_offsets=inp.slice_offsets, scale=1e300)
+    # 1e300 is inf in the float32 compute dtype (scalars keep the tensors' precision): the adapter's
+    # slices overflow (inf, or NaN where backends sum infinities of both signs), the rest is x W^T + b.
+    assert torch.isinf(want).any() and torch.equal(torch.isfinite(got), torch.isfinite(want))
+    inp64 = _inputs(torch.float64)
+    with mk.use_backend("reference"):
+        want64 = mk.mira_linear(*inp64.linear_args(), slice_offsets=inp64.slice_offsets, scale=1e300)
+    got64 = mk.mira_linear(*inp64.linear_args(), slice_offsets=inp64.slice_offsets, scale=1e300)
+    assert torch.isfinite(want64).all()  # finite in float64: honoured, not clamped
+    torch.testing.assert_close(got64, want64)
+    # MIRA's own steps stay finite for finite inputs: the weights are bounded whatever the scale.
+    assert torch.isfinite(mk.retrieval_weights(inp.query * 1e30, inp.keys * 1e-30)).all()
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.compile with dynamic shapes and symbolic floats.
+# ----------------------------------------------------------------------------------------------
+
+@needs_ext
+def test_compile_fullgraph_dynamic():
+    torch._dynamo.reset()
+    inp = _inputs(torch.float32)
+
+    def f(x, q, k, scale, eps):
+        return mk.mira_linear(x, inp.weight, inp.bias, q, k, inp.bank_a, inp.bank_b, slice_offsets=inp.slice_offsets,
+                              scale=scale, eps=eps)
+
+    compiled = torch.compile(f, fullgraph=True, dynamic=True)
+    for B, scale, eps in ((3, 0.5, 1e-2), (5, 2.0, 0.25)):
+        x, q = torch.randn(B, 4, 8), torch.randn(B, 8)
+        want = f(x, q, inp.keys, scale, eps)
+        torch.testing.assert_close(compiled(x, q, inp.keys, scale, eps), want)
+    torch._dynamo.reset()
+
+
+# ----------------------------------------------------------------------------------------------
+# Meta tensors and FakeTensor: shape inference through the ops and the public functions.
+# ----------------------------------------------------------------------------------------------
+
+def _meta(inp):
+    return [t.to("meta") if isinstance(t, torch.Tensor) else t for t in inp.linear_args()]
+
+
+@needs_ext
+def test_meta_tensors_through_the_op_and_the_public_function():
+    inp = _inputs(torch.float32)
+    x, weight, bias, query, keys, bank_a, bank_b = _meta(inp)
+    y = torch.ops.mira.mira_linear(x, weight, bias, query, keys, bank_a, bank_b, inp.slice_offsets, "affine", 1.0,
+                                   0.01)
+    assert y.device.type == "meta" and y.shape == (3, 4, 24)
+    y = mk.mira_linear(x, weight, bias, query, keys, bank_a, bank_b, slice_offsets=inp.slice_offsets)
+    assert y.device.type == "meta" and y.shape == (3, 4, 24) and y.dtype == torch.float32
+    grads = torch.ops.mira.mira_linear_backward(torch.empty(3, 4, 24, device="meta"), x, weight, query, keys,
+                                                bank_a, bank_b, inp.slice_offsets, "affine", 1.0, 0.01, [True] * 5)
+    assert [tuple(g.shape) for g in grads] == [tuple(t.shape) for t in (x, query, keys, bank_a, bank_b)]
+    out = torch.empty(3, 4, 24, device="meta")
+    assert mk.mira_adapter_(out, x, query, keys, bank_a, bank_b, slice_offsets=inp.slice_offsets) is out
+    assert mk.retrieval_weights(query, keys).shape == (3, 4)
+    with pytest.raises(ValueError, match="bank_a must have shape"):
+        mk.mira_linear(x, weight, bias, query, keys, bank_a[:1], bank_b, slice_offsets=inp.slice_offsets)
+
+
+@needs_ext
+def test_fake_tensors_through_the_public_functions():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    inp = _inputs(torch.float32)
+    with FakeTensorMode() as mode:
+        fake = [mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in inp.linear_args()]
+        fake[0].requires_grad_(True)
+        y = mk.mira_linear(*fake, slice_offsets=inp.slice_offsets)
+        assert y.shape == (3, 4, 24)
+        (gx,) = torch.autograd.grad(y.sum(), [fake[0]])
+        assert gx.shape == fake[0].shape
+        out = mode.from_tensor(torch.zeros(3, 4, 24))
+        mk.mira_adapter_(out, fake[0].detach(), *fake[3:], slice_offsets=inp.slice_offsets)
+
+
+# ----------------------------------------------------------------------------------------------
+# Scalars and argument types: one rule on every path.
+# ----------------------------------------------------------------------------------------------
+
+BAD_SCALARS = [
+    (dict(scale="2"), TypeError, "scale must be a real number"),
+    (dict(eps="0.5"), TypeError, "eps must be a real number"),
+    (dict(scale=torch.tensor(2.0)), TypeError, "scale must be a real number"),
+    (dict(eps=None), TypeError, "eps must be a real number"),
+    (dict(scale=True), TypeError, "scale must be a real number"),
+    (dict(scale=1 + 2j), TypeError, "scale must be a real number"),
+    (dict(eps=float("inf")), ValueError, "eps must be a finite number > 0"),
+]
+
+
+@pytest.mark.parametrize("path", ["eager", "check_finite", "reference", "autocast"])
+@pytest.mark.parametrize("kw, exc, msg", BAD_SCALARS)
+def test_scalar_arguments_are_judged_alike_on_every_path(kw, exc, msg, path):
+    inp = _inputs(torch.float32)
+    import contextlib
+
+    ctx = {"eager": contextlib.nullcontext(), "check_finite": mk.check_finite(),
+           "reference": mk.use_backend("reference"), "autocast": torch.autocast("cpu", dtype=torch.bfloat16)}[path]
+    with ctx:
+        with pytest.raises(exc, match=msg):
+            mk.mira_linear(*inp.linear_args(), slice_offsets=inp.slice_offsets, **kw)
+        with pytest.raises(exc, match=msg):
+            out = torch.zeros(3, 4, 24)
+            mk.mira_adapter_(out, *inp.adapter_args(), slice_offsets=inp.slice_offsets, **kw)
+
+
+@pytest.mark.parametrize("eps", [float("inf"), float("nan"), 0.0, -1.0, "0.5", None])
+def test_retrieval_weights_judges_eps_like_the_ops(eps):
+    q, k = torch.randn(2, 8), torch.randn(3, 8)
+    with pytest.raises((ValueError, TypeError), match="eps must be"):
+        mk.retrieval_weights(q, k, eps=eps)
+
+
+def test_numeric_scalars_of_other_types_are_accepted():
+    np = pytest.importorskip("numpy")
+    inp = _inputs(torch.float64)
+    want = mk.mira_linear(*inp.linear_args(), slice_offsets=inp.slice_offsets, scale=2.0, eps=0.25)
+    for scale, eps in ((2, 0.25), (np.float32(2.0), np.float64(0.25)), (np.int64(2), 0.25)):
+        got = mk.mira_linear(*inp.linear_args(), slice_offsets=inp.slice_offsets, scale=scale, eps=eps)
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("which", ["x", "weight", "out"])
+def test_python_lists_give_a_clear_type_error(which):
+    inp = _inputs(torch.float32)
+    if which == "out":
+        with pytest.raises(TypeError, match="out must be a Tensor"):
+            mk.mira_adapter_(torch.zeros(3, 4, 24).tolist(), *inp.adapter_args(), slice_offsets=inp.slice_offsets)
+        return
+    setattr(inp, which, getattr(inp, which).tolist())
+    with pytest.raises(TypeError, match=f"{which} must be a Tensor"):
+        mk.mira_linear(*inp.linear_args(), slice_offsets=inp.slice_offsets)
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(TypeError, match=f"{which} must be a Tensor"):
+        mk.mira_linear(*inp.linear_args(), slice_offsets=inp.slice_offsets)
+
+
+@pytest.mark.parametrize("name, exc, msg", [(3, TypeError, "backend name"), (b"cpu", TypeError, "backend name"),
+                                            ("cuda9", ValueError, "unknown MIRA backend 'cuda9'")])
+def test_use_backend_rejects_bad_names_at_once(name, exc, msg):
+    with pytest.raises(exc, match=msg):
+        with mk.use_backend(name):
+            pass
+
+
+def test_use_backend_accepts_names_in_any_case_and_spacing():
+    inp = _inputs(torch.float64)
+    with mk.use_backend("  Reference "):
+        assert mk.resolve_backend("cpu") == "reference"
+        mk.mira_linear(*inp.linear_args(), slice_offsets=inp.slice_offsets)
+
+
+# ----------------------------------------------------------------------------------------------
+# Found by the property suite: without a bias the autograd node read the wrong arguments'
+# requires_grad (it counted the missing bias), refusing valid calls or failing "Index out of range".
+# ----------------------------------------------------------------------------------------------
+
+@needs_ext
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("wanted", [("x", "query", "keys", "bank_a", "bank_b"), ("x", "keys"), ("query",),
+                                    ("bank_b",)])
+def test_gradients_of_a_projection_without_bias(backend, wanted):
+    inp = make_inputs(bias=False, dtype=torch.float64).requires_grad_(*wanted)
+    leaves = [getattr(inp, n) for n in wanted]
+    want = torch.autograd.grad(mk.reference.mira_linear(*inp.linear_args(), slice_offsets=inp.slice_offsets).sum(),
+                               leaves)
+    with mk.use_backend(backend):
+        y = mk.mira_linear(*inp.linear_args(), slice_offsets=inp.slice_offsets)
+        got = torch.autograd.grad(y.sum(), leaves)
+    for name, g, w in zip(wanted, got, want):
+        torch.testing.assert_close(g, w, msg=name)

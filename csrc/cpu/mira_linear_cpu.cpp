@@ -305,8 +305,13 @@ struct Memory {
     A = factors.data();
     Bt = A + s.B * s.SR * s.d_in;
   }
-  std::vector<T> q_unit, k_unit, q_norm, k_norm;  // (B, d_k), (N, d_k), (B), (N)
-  std::vector<T> scores, weights;                 // (B, N)
+  // The retrieval in double (retrieve_in_double), kept for the backward's (B, N)-sized tail, which
+  // runs in double too: a zero query's gradient is its unit gradient / 1e-12 (the norm floor), so
+  // float rounding in dz (e.g. softmax's w (g - <w, g>), exactly zero-sum in double) came out
+  // amplified by 1e12 (found by tests/test_properties.py: -7450 where the reference gives 0).
+  std::vector<double> q_unit, k_unit, q_norm, k_norm;  // (B, d_k), (N, d_k), (B), (N); units only
+  std::vector<double> scores, weights64;               // (B, N); units only
+  std::vector<T> weights;                              // (B, N), for the mixing
   ScratchLease<T> factors;
   T* A;   // (B, S*r, d_in): sum_n w[b,n] bank_a[n]
   T* Bt;  // (B, S, r, d_s): scale * (sum_n w[b,n] bank_b[n])^T
@@ -338,8 +343,8 @@ void separate_rows(Sep sep, const T* z, T* w, int64_t B, int64_t N, T eps) {
         for (int64_t n = 0; n < N; ++n) wb[n] /= total;
         break;
       }
-      case Sep::Relu:
-        for (int64_t n = 0; n < N; ++n) wb[n] = zb[n] > 0 ? zb[n] : T(0);
+      case Sep::Relu:  // `z <= 0 ? 0 : z` keeps a NaN score NaN, as torch.relu (`z > 0 ? z : 0` dropped it)
+        for (int64_t n = 0; n < N; ++n) wb[n] = zb[n] <= 0 ? T(0) : zb[n];
         break;
       case Sep::Tanh:
         for (int64_t n = 0; n < N; ++n) wb[n] = std::tanh(zb[n]);
@@ -381,29 +386,46 @@ void row_in_double(const at::Tensor& t, int64_t i, double* out) {
 // older two-region version of this was ~55 us at B = 8, N = 30). At B = 1 on a 2-core Zen 3 the
 // whole retrieval took 52-61 us with cold caches before (scratch vectors, two parallel regions,
 // copies), which is what this form removes.
+// The norm of row u (n doubles) and the cosine's denominator for it, max(||u||, 1e-12), exact: where
+// ||u||^2 overflows (float64 rows beyond ~1e154, or an inf entry) the row is divided in place by
+// m = max_j |u_j| first (||u|| = m ||u / m||, as reference.normalize); the denominator is then that of
+// the scaled row, so the scores and unit vectors computed from it are unchanged. An inf entry makes
+// the scaled row NaN, as u / ||u|| does. Returns {||u||, denominator}.
+std::pair<double, double> exact_norm(const Kernels<double>& K, double* u, int64_t n) {
+  double sq;
+  K.dot_block(1, 1, n, u, n, u, n, &sq, 1, 1.0);
+  if (!std::isinf(sq)) {
+    const double norm = std::sqrt(sq);
+    return {norm, std::max(norm, kNormEps)};
+  }
+  double m = 0;
+  for (int64_t j = 0; j < n; ++j) m = std::max(m, std::abs(u[j]));
+  for (int64_t j = 0; j < n; ++j) u[j] /= m;
+  K.dot_block(1, 1, n, u, n, u, n, &sq, 1, 1.0);
+  const double scaled = std::sqrt(sq);
+  return {m * scaled, scaled};
+}
+
 template <typename T>
 void retrieve_in_double(const IsaTable& isa, const Shapes& s, const at::Tensor& query, const at::Tensor& keys,
                         Sep sep, double eps, Memory<T>& m, bool units) {
   const Kernels<double>& K = kernels_of<double>(isa);
   std::vector<double> q(s.B * s.d_k), q_norm(s.B), k_norm(s.N), dots(s.B * s.N), k_unit(units ? s.N * s.d_k : 0);
+  std::vector<double> q_den(s.B), k_den(s.N);  // the cosine's denominators (exact_norm)
   for (int64_t b = 0; b < s.B; ++b) {
     double* qb = q.data() + b * s.d_k;
     row_in_double(query, b, qb);
-    double sq;
-    K.dot_block(1, 1, s.d_k, qb, s.d_k, qb, s.d_k, &sq, 1, 1.0);
-    q_norm[b] = std::sqrt(sq);
+    std::tie(q_norm[b], q_den[b]) = exact_norm(K, qb, s.d_k);
   }
   constexpr int64_t kKeyGrain = 8;
   at::parallel_for(0, s.N, kKeyGrain, [&](int64_t begin, int64_t end) {
     std::vector<double> row(s.d_k);
     for (int64_t n = begin; n < end; ++n) {
       row_in_double(keys, n, row.data());
-      double sq;
-      K.dot_block(1, 1, s.d_k, row.data(), s.d_k, row.data(), s.d_k, &sq, 1, 1.0);
-      k_norm[n] = std::sqrt(sq);
+      std::tie(k_norm[n], k_den[n]) = exact_norm(K, row.data(), s.d_k);
       K.dot_block(s.B, 1, s.d_k, q.data(), s.d_k, row.data(), s.d_k, dots.data() + n, s.N, 1.0);
       if (units) {
-        const double inv = 1.0 / std::max(k_norm[n], kNormEps);
+        const double inv = 1.0 / k_den[n];
         for (int64_t j = 0; j < s.d_k; ++j) k_unit[n * s.d_k + j] = row[j] * inv;
       }
     }
@@ -411,19 +433,20 @@ void retrieve_in_double(const IsaTable& isa, const Shapes& s, const at::Tensor& 
   std::vector<double> weights(s.B * s.N);
   for (int64_t b = 0; b < s.B; ++b)
     for (int64_t n = 0; n < s.N; ++n)
-      dots[b * s.N + n] /= std::max(q_norm[b], kNormEps) * std::max(k_norm[n], kNormEps);
+      dots[b * s.N + n] /= q_den[b] * k_den[n];
   separate_rows(sep, dots.data(), weights.data(), s.B, s.N, eps);
-  m.scores.assign(dots.begin(), dots.end());
   m.weights.assign(weights.begin(), weights.end());
   if (!units) return;
   m.q_unit.resize(s.B * s.d_k);
   for (int64_t b = 0; b < s.B; ++b) {
-    const double inv = 1.0 / std::max(q_norm[b], kNormEps);
-    for (int64_t j = 0; j < s.d_k; ++j) m.q_unit[b * s.d_k + j] = T(q[b * s.d_k + j] * inv);
+    const double inv = 1.0 / q_den[b];
+    for (int64_t j = 0; j < s.d_k; ++j) m.q_unit[b * s.d_k + j] = q[b * s.d_k + j] * inv;
   }
-  m.k_unit.assign(k_unit.begin(), k_unit.end());
-  m.q_norm.assign(q_norm.begin(), q_norm.end());
-  m.k_norm.assign(k_norm.begin(), k_norm.end());
+  m.k_unit = std::move(k_unit);
+  m.q_norm = std::move(q_norm);
+  m.k_norm = std::move(k_norm);
+  m.scores = std::move(dots);
+  m.weights64 = std::move(weights);
 }
 
 // Contiguous view of t in dtype ct without a dispatcher call when it already is one (Tensor::to
@@ -693,8 +716,8 @@ void separate_backward(Sep sep, const T* gw, const T* z, const T* w, T* gz, int6
         for (int64_t n = 0; n < N; ++n) o[n] = wb[n] * (g[n] - dot);
         break;
       }
-      case Sep::Relu:
-        for (int64_t n = 0; n < N; ++n) o[n] = zb[n] > 0 ? g[n] : T(0);
+      case Sep::Relu:  // as autograd of torch.relu: `z <= 0 ? 0 : g` passes g for a NaN score (`z > 0` dropped it)
+        for (int64_t n = 0; n < N; ++n) o[n] = zb[n] <= 0 ? T(0) : g[n];
         break;
       case Sep::Tanh:
         for (int64_t n = 0; n < N; ++n) o[n] = g[n] * (T(1) - wb[n] * wb[n]);
@@ -843,27 +866,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
       if (need_b) db = gb.to(bank_b.scalar_type());
     }
     if (need_w) {
-      std::vector<T> gw(s.B * s.N), gw_b(s.B * s.N), gz(s.B * s.N);
+      std::vector<T> gw(s.B * s.N), gw_b(s.B * s.N);
       at::parallel_for(0, s.B, 1, [&](int64_t begin, int64_t end) {  // dw = <dA_b, bank_a[n]> + <dB_b, bank_b[n]>
         K.dot_block(end - begin, s.N, Fa, dA.data() + begin * Fa, Fa, ba.data_ptr<T>(), Fa, gw.data() + begin * s.N,
                     s.N, T(1));
         K.dot_block(end - begin, s.N, Fb, dB.data() + begin * Fb, Fb, bb.data_ptr<T>(), Fb,
                     gw_b.data() + begin * s.N, s.N, T(1));
       });
-      for (int64_t i = 0; i < s.B * s.N; ++i) gw[i] += gw_b[i];
-      separate_backward(sep, gw.data(), m.scores.data(), m.weights.data(), gz.data(), s.B, s.N, T(eps));
+      // The (B, N)-sized tail in double (see Memory): dw, separation and cosine backward.
+      const Kernels<double>& K64 = kernels_of<double>(isa);
+      std::vector<double> gw64(s.B * s.N), gz64(s.B * s.N);
+      for (int64_t i = 0; i < s.B * s.N; ++i) gw64[i] = double(gw[i]) + double(gw_b[i]);
+      separate_backward<double>(sep, gw64.data(), m.scores.data(), m.weights64.data(), gz64.data(), s.B, s.N, eps);
+      const auto opts64 = x.options().dtype(at::kDouble);
       if (need_q) {  // dq = normalize'(q) (gz k_unit)
-        std::vector<T> gu(s.B * s.d_k);
-        K.axpy_block(s.B, s.N, s.d_k, gz.data(), s.N, 1, m.k_unit.data(), s.d_k, gu.data(), s.d_k, nullptr, false);
-        at::Tensor t = at::empty({s.B, s.d_k}, x.options().dtype(ct));
-        normalize_backward(K, m.q_unit.data(), m.q_norm.data(), gu.data(), s.B, s.d_k, t.data_ptr<T>());
+        std::vector<double> gu(s.B * s.d_k);
+        K64.axpy_block(s.B, s.N, s.d_k, gz64.data(), s.N, 1, m.k_unit.data(), s.d_k, gu.data(), s.d_k, nullptr,
+                       false);
+        at::Tensor t = at::empty({s.B, s.d_k}, opts64);
+        normalize_backward(K64, m.q_unit.data(), m.q_norm.data(), gu.data(), s.B, s.d_k, t.data_ptr<double>());
         dq = t.to(query.scalar_type());
       }
       if (need_k) {  // dk = normalize'(k) (gz^T q_unit)
-        std::vector<T> gu(s.N * s.d_k);
-        K.axpy_block(s.N, s.B, s.d_k, gz.data(), 1, s.N, m.q_unit.data(), s.d_k, gu.data(), s.d_k, nullptr, false);
-        at::Tensor t = at::empty({s.N, s.d_k}, x.options().dtype(ct));
-        normalize_backward(K, m.k_unit.data(), m.k_norm.data(), gu.data(), s.N, s.d_k, t.data_ptr<T>());
+        std::vector<double> gu(s.N * s.d_k);
+        K64.axpy_block(s.N, s.B, s.d_k, gz64.data(), 1, s.N, m.q_unit.data(), s.d_k, gu.data(), s.d_k, nullptr,
+                       false);
+        at::Tensor t = at::empty({s.N, s.d_k}, opts64);
+        normalize_backward(K64, m.k_unit.data(), m.k_norm.data(), gu.data(), s.N, s.d_k, t.data_ptr<double>());
         dk = t.to(keys.scalar_type());
       }
     }
