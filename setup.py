@@ -6,6 +6,8 @@ not reinstalled:  ``pip install --no-build-isolation -e .``  (the Makefile does 
 Switches (environment variables, read here only):
   MIRA_BUILD_CUDA       auto (default): build csrc/cuda/*.cu if nvcc and a CUDA build of torch exist;
                         1: require the CUDA part (fail if impossible);  0: skip it.
+  MIRA_SANITIZE         1: build with AddressSanitizer + UndefinedBehaviorSanitizer (`make sanitize`).
+  (Both are read by the parser of every MIRA_* variable, mira_kernels/_config.py.)
   TORCH_CUDA_ARCH_LIST  GPU targets; default "8.0;9.0+PTX" (sm_80, sm_90, and PTX for newer GPUs).
   MAX_JOBS              parallel compile jobs (ninja).
 """
@@ -75,9 +77,16 @@ def _extensions():
     # -fopenmp: at::parallel_for is inline (ATen/ParallelOpenMP.h) and runs serially in a file compiled
     # without it; linking resolves libgomp.so.1 to the copy torch has already loaded.
     cxx_flags = ["-O3", "-std=c++20", "-fvisibility=hidden", "-Wall", "-Wno-unused-function", "-fopenmp"]
+    link_flags = ["-fopenmp"]
+    if _read_env("MIRA_SANITIZE") == "1":
+        # `make sanitize`: AddressSanitizer + UndefinedBehaviorSanitizer, and signed overflow
+        # undefined again (-fno-wrapv over Python's -fwrapv) so that UBSan reports it.
+        sanitizers = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer"]
+        cxx_flags = [f for f in cxx_flags if f != "-O3"] + ["-O1", "-g", "-fno-wrapv", *sanitizers]
+        link_flags += sanitizers
     include_dirs = [os.path.join(ROOT, "csrc")]
     kwargs = dict(name="mira_kernels._C", include_dirs=include_dirs, py_limited_api=False,
-                  extra_link_args=["-fopenmp"])
+                  extra_link_args=link_flags)
     if with_cuda:
         cu_sources = _sources("csrc/cuda/*.cu")
         nvcc_flags = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"]

@@ -1,0 +1,178 @@
+"""The judge of the property suite: one backend against the float64 reference, through the public API.
+
+* **Numerics.** ``got`` (the backend, on the drawn layouts) against ``want`` (the reference in
+  float64 on the same values) must be within ``factor`` x ``own`` (the reference at the case's
+  dtype on contiguous copies: PyTorch's own error) plus a floor: 2x for the forward, 3x for
+  gradients (docs/kernels.md section 5).
+* **Non-finite values.** Propagated, never created: the entries that are inf/NaN in ``got`` are
+  exactly those that are inf/NaN in ``want`` (the error bound then applies to the finite rest).
+* **Raise alike.** For the same arguments, every backend raises (the same exception type) or
+  every backend returns.
+"""
+
+from __future__ import annotations
+
+import torch
+
+import mira_kernels as mk
+from mira_kernels import reference
+
+from .cases import OpCase
+
+#: Absolute floor of the error bound, relative to max(1, the output's magnitude), per dtype.
+FLOOR = {torch.float64: 1e-10, torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+GRAD_NAMES = ("dx", "dquery", "dkeys", "dbank_a", "dbank_b")
+
+
+class Finding(AssertionError):
+    """A property does not hold: the message says which, with the numbers."""
+
+
+def _leaf(t: torch.Tensor) -> torch.Tensor:
+    # A detached view keeps the drawn strides (expanded, offset...) and is a leaf that can require grad.
+    return t.detach().requires_grad_(True)
+
+
+def run_linear(case: OpCase, backend: str | None, *, grads: bool = True):
+    """(y, [dx, dquery, dkeys, dbank_a, dbank_b]) of the public op under ``backend`` (None: the default)."""
+    x, q, k, a, b = (_leaf(t) for t in case.adapter_args())
+    with mk.use_backend(backend):
+        y = mk.mira_linear(x, case.weight, case.bias, q, k, a, b, **case.kwargs())
+        if not grads:
+            return y.detach(), None
+        g = torch.autograd.grad(y, [x, q, k, a, b], case.grad_out, allow_unused=True)
+    return y.detach(), [gi if gi is not None else torch.zeros_like(t) for gi, t in zip(g, (x, q, k, a, b))]
+
+
+def _spec_tensors(case: OpCase, dtype: torch.dtype | None):
+    """Contiguous copies of the case's values: in ``dtype`` (None: the case's own dtypes)."""
+    def conv(t):
+        if t is None:
+            return None
+        return (t.to(dtype) if dtype is not None else t).contiguous().detach()
+    return [conv(t) for t in case.linear_args()], conv(case.grad_out)
+
+
+def run_reference(case: OpCase, dtype: torch.dtype | None):
+    """The plain reference's forward and autograd gradients on contiguous copies."""
+    (x, w, bias, q, k, a, b), grad = _spec_tensors(case, dtype)
+    leaves = [t.requires_grad_(True) for t in (x, q, k, a, b)]
+    y = reference.mira_linear(x, w, bias, q, k, a, b, **case.kwargs())
+    g = torch.autograd.grad(y, leaves, grad, allow_unused=True)
+    return y.detach(), [gi if gi is not None else torch.zeros_like(t) for gi, t in zip(g, leaves)]
+
+
+def _max_err(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> float:
+    if not bool(mask.any()):
+        return 0.0
+    return (a.double() - b.double())[mask].abs().max().item()
+
+
+def judge(what: str, got: torch.Tensor, want: torch.Tensor, own: torch.Tensor, *, dtype: torch.dtype,
+          factor: float, like: torch.Tensor | None = None, degenerate: bool = False,
+          zero_times_nan: bool = False) -> None:
+    """Raises Finding unless ``got`` matches ``want`` as the module docstring says."""
+    if like is not None and (got.shape != like.shape or got.dtype != like.dtype):
+        raise Finding(f"{what}: shape/dtype {tuple(got.shape)} {got.dtype}, expected {tuple(like.shape)} "
+                      f"{like.dtype}")
+    got_bad, want_bad = ~torch.isfinite(got), ~torch.isfinite(want)
+    # An entry whose float64 value lies beyond (half of) the output dtype's range may overflow there:
+    # e.g. a zero query's gradient is grad / 1e-12 by the contract's norm floor, inf in float16.
+    may_overflow = want.double().abs() > torch.finfo(got.dtype).max / 2
+    # degenerate: scale = 0 or an empty B / T / N, where the float64 reference's NaN can come from an
+    # exact zero times NaN (0 * NaN, a sum over no samples back through a NaN key's norm) that the
+    # mathematics does not have; there a backend may return the finite value. zero_times_nan: such a
+    # case with a non-finite input, where the backend's own order of operations may meet 0 * NaN where
+    # the reference's does not (found by make fuzz: the reference backend's hand-written backward gave
+    # dkeys NaN for a finite key at T = 0, scale = 0, a NaN key, where autograd gave 0): either is
+    # accepted there, as both are the mathematics' 0 or the input's NaN, never a value created.
+    created, lost = got_bad & ~want_bad & ~may_overflow, want_bad & ~got_bad
+    if degenerate:
+        lost = torch.zeros_like(lost)
+    if zero_times_nan:
+        created = torch.zeros_like(created)
+    if bool(created.any()) or bool(lost.any()):
+        raise Finding(f"{what}: non-finite entries differ from the float64 reference (created at "
+                      f"{created.nonzero()[:3].tolist()}, lost at {lost.nonzero()[:3].tolist()})")
+    mask = ~want_bad & ~got_bad & torch.isfinite(own) & ~may_overflow
+    err = _max_err(got, want, mask)
+    own_err = _max_err(own, want, mask)
+    magnitude = want.double()[mask].abs().max().item() if bool(mask.any()) else 0.0
+    bound = factor * own_err + FLOOR[dtype] * max(1.0, magnitude)
+    if err > bound:
+        raise Finding(f"{what}: max-abs error {err:.3e} > {factor} x PyTorch's own {own_err:.3e} + floor = "
+                      f"{bound:.3e} (|output| up to {magnitude:.3e})")
+
+
+def is_degenerate(case: OpCase) -> bool:
+    return case.scale == 0 or min(case.x.shape[0], case.x.shape[1], case.keys.shape[0]) == 0
+
+
+def zero_times_nan(case: OpCase) -> bool:
+    """A degenerate case with a non-finite input value (judge's zero_times_nan)."""
+    return is_degenerate(case) and "non_finite" in case.notes
+
+
+def check_linear(case: OpCase, backend: str, *, grads: bool = True) -> None:
+    """``backend`` on ``case`` against the float64 reference: forward, and every gradient."""
+    dtype = case.x.dtype
+    degenerate = is_degenerate(case)
+    got_y, got_g = run_linear(case, backend, grads=grads)
+    want_y, want_g = run_reference(case, torch.float64)
+    own_y, own_g = run_reference(case, None)
+    judge(f"{backend} y", got_y, want_y, own_y, dtype=dtype, factor=2.0, like=case.x.new_empty(
+        case.x.shape[0], case.x.shape[1], case.weight.shape[0]), degenerate=degenerate,
+        zero_times_nan=zero_times_nan(case))
+    if not grads:
+        return
+    like = [case.x, case.query, case.keys, case.bank_a, case.bank_b]
+    for name, g, w, o, t in zip(GRAD_NAMES, got_g, want_g, own_g, like):
+        judge(f"{backend} {name}", g, w, o, dtype=t.dtype, factor=3.0, like=t, degenerate=degenerate,
+        zero_times_nan=zero_times_nan(case))
+
+
+def outcome(fn):
+    """('return', value) or ('raise', exception type name, message) of fn()."""
+    try:
+        return ("return", fn())
+    except (ValueError, TypeError, RuntimeError, IndexError) as err:
+        return ("raise", type(err).__name__, str(err).splitlines()[0] if str(err) else "")
+
+
+def check_raise_alike(case: OpCase, backends, call) -> str:
+    """Every backend raises the same exception type or every one returns; returns what they did."""
+    seen = {b: outcome(lambda b=b: call(case, b)) for b in backends}
+    kinds = {b: o[:2] if o[0] == "raise" else ("return",) for b, o in seen.items()}
+    if len(set(kinds.values())) != 1:
+        detail = "; ".join(f"{b}: {o[0]} {o[1] if o[0] == 'raise' else ''} {o[2] if o[0] == 'raise' else ''}"
+                           for b, o in seen.items())
+        raise Finding(f"backends disagree on {case!r}: {detail}")
+    return next(iter(kinds.values()))[0]
+
+
+def linear_call(case: OpCase, backend: str):
+    with mk.use_backend(backend):
+        return mk.mira_linear(*case.linear_args(), **case.kwargs())
+
+
+def adapter_call(case: OpCase, backend: str, out: torch.Tensor):
+    with mk.use_backend(backend):
+        return mk.mira_adapter_(out, *case.adapter_args(), **case.kwargs())
+
+
+def check_adapter(case: OpCase, backend: str, out: torch.Tensor) -> None:
+    """mira_adapter_ into ``out`` (may be x itself) against the reference's in-place update, in float64."""
+    is_alias = out is case.x
+    start = out.detach().clone()
+    want = start.double().contiguous()
+    (x, _, _, q, k, a, b), _ = _spec_tensors(case, torch.float64)
+    reference.mira_adapter_(want, x, q, k, a, b, **case.kwargs())
+    own = start.contiguous().clone()
+    (xo, _, _, qo, ko, ao, bo), _ = _spec_tensors(case, None)
+    reference.mira_adapter_(own, xo, qo, ko, ao, bo, **case.kwargs())
+    with torch.no_grad():
+        returned = adapter_call(case, backend, out)
+    if returned is not out:
+        raise Finding(f"{backend} mira_adapter_ returned a tensor other than out")
+    judge(f"{backend} adapter{' (out = x)' if is_alias else ''}", out, want, own, dtype=case.x.dtype, factor=2.0,
+          like=start, degenerate=is_degenerate(case), zero_times_nan=zero_times_nan(case))
