@@ -10,7 +10,8 @@ that names the variable, the value and the allowed values, raised wherever the v
                        call; read at call time in eager and at trace time under ``torch.compile``.
                        Unset: the default for the tensors' device (``mira_kernels.backends``).
 ``MIRA_CHECK_FINITE``  on/off, default off: every op call checks its inputs for inf/NaN (a data
-                       scan, so opt-in, for debugging; it synchronises with the device).
+                       scan, so opt-in, for debugging; it synchronises with the device). Read as
+                       ``MIRA_BACKEND``: at call time in eager, at trace time under ``torch.compile``.
 ``MIRA_CPU_ISA``       instruction-set variant of the C++ CPU kernel: ``auto`` (default: the best the
                        CPU supports), ``baseline``, ``avx2`` or ``avx512``. Read by the kernel itself
                        at every call (``csrc/env.h``, the same rule in C++), so tests can switch it;
@@ -38,6 +39,8 @@ import contextlib
 import contextvars
 import os
 from dataclasses import dataclass
+
+import torch
 
 #: Backend names (mira_kernels.backends documents them).
 BACKEND_NAMES = ("reference", "cpu", "triton", "cuda")
@@ -133,6 +136,13 @@ def backend_name(name) -> str:
     return key
 
 
+# Under torch.compile the two settings every op reads are taken once, when the call is traced, and
+# baked into the graph, like the backend choice (backends.resolve_backend): Dynamo calls these
+# functions instead of tracing them. Traced, their ContextVar.get broke fullgraph compiles on torch
+# 2.11, whose Dynamo has no support for it (2.14 traces it with a guard); assume_constant_result
+# exists in both, and gives one behaviour on every version: changing use_backend / check_finite /
+# the variables after a compile does not recompile (torch._dynamo.reset() does).
+@torch.compiler.assume_constant_result
 def requested_backend() -> str | None:
     """The backend forced by :func:`use_backend` (innermost wins) or else ``MIRA_BACKEND``."""
     forced = _forced_backend.get()
@@ -141,7 +151,9 @@ def requested_backend() -> str | None:
     return read("MIRA_BACKEND") or None
 
 
+@torch.compiler.assume_constant_result
 def check_finite_enabled() -> bool:
+    """Whether :func:`check_finite` (innermost wins) or else ``MIRA_CHECK_FINITE`` asks for the scan."""
     flag = _check_finite.get()
     if flag is not None:
         return flag

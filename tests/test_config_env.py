@@ -129,3 +129,48 @@ def test_build_switch_is_read_by_the_same_parser():
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env=env)
     assert proc.returncode != 0 and "MIRA_BUILD_CUDA='sometimes' is not valid" in proc.stderr, proc.stderr[-2000:]
+
+
+# ----------------------------------------------------------------------------------------------
+# Config reads under torch.compile(fullgraph=True): Dynamo calls requested_backend and
+# check_finite_enabled (assume_constant_result) instead of tracing their ContextVar.get, which
+# torch 2.11's Dynamo cannot trace (benchmarks/results/gpu/README.md, found on the H200 image).
+# ----------------------------------------------------------------------------------------------
+
+def _compiled_call_matches_eager():
+    inp = make_inputs(B=2, T=3, d_in=8, d_out=24, N=3, dtype=torch.float32)
+
+    def f(x, q):
+        return mk.mira_linear(x, inp.weight, inp.bias, q, inp.keys, inp.bank_a, inp.bank_b,
+                              slice_offsets=inp.slice_offsets)
+
+    torch._dynamo.reset()
+    got = torch.compile(f, fullgraph=True)(inp.x, inp.query)
+    torch.testing.assert_close(got, f(inp.x, inp.query))
+
+
+@pytest.mark.parametrize("forced", [None, "reference"])
+def test_config_reads_compile_with_fullgraph(monkeypatch, forced):
+    monkeypatch.setenv("MIRA_CHECK_FINITE", "off")
+    with mk.use_backend(forced), mk.check_finite(False):
+        _compiled_call_matches_eager()
+
+
+def test_config_reads_compile_where_dynamo_cannot_trace_contextvar_get(monkeypatch):
+    # torch 2.11 as far as the config is concerned: Dynamo's ContextVar.get support (2.14) removed,
+    # so tracing a .get() fails a fullgraph compile ("Unsupported method call" on 2.11).
+    from torch._dynamo.exc import unimplemented
+    from torch._dynamo.variables import misc
+
+    if not hasattr(misc, "ContextVarVariable"):  # an older Dynamo: the real thing, nothing to emulate
+        _compiled_call_matches_eager()
+        return
+
+    def unsupported_get(self, tx, args, kwargs):
+        unimplemented(gb_type="ContextVar.get unsupported (as torch 2.11)", context=self.cv_obj.name,
+                      explanation="emulates a Dynamo that cannot trace ContextVar.get", hints=[])
+
+    monkeypatch.setattr(misc.ContextVarVariable, "_handle_get", unsupported_get)
+    with mk.use_backend("cpu" if _extension.has_kernel("_cpu_mira_linear", "CPU") else "reference"):
+        _compiled_call_matches_eager()
+    torch._dynamo.reset()
