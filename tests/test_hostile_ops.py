@@ -198,6 +198,59 @@ def test_adapter_into_disjoint_views_of_one_buffer_works():
     torch.testing.assert_close(out, want)
 
 
+@needs_ext
+@pytest.mark.parametrize("case", range(len(OVERLAP_CASES)), ids=[c[0] for c in OVERLAP_CASES])
+def test_native_private_op_rejects_overlapping_out(case):
+    # The CPU kernel's own op (what the router calls for backend "cpu") runs the same shared check.
+    _, out, x, bank_a = OVERLAP_CASES[case]
+    inp = _adapter_inputs()
+    inp.x = x
+    if bank_a is not None:
+        inp.bank_a = bank_a
+    before = out.clone()
+    with pytest.raises(ValueError, match="overlap"):
+        torch.ops.mira._cpu_mira_adapter_(out, *inp.adapter_args(), inp.slice_offsets, "affine", 1.0, 0.01)
+    assert torch.equal(out, before)
+
+
+def _aliased_inputs():
+    """mira_linear inputs that share memory (only read, so allowed): keys, query = keys[:2], x (one row
+    expanded over B and T), weight, bias and the banks are overlapping views of one buffer."""
+    buf = torch.randn(260, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    views = dict(x=buf[0:8].view(1, 1, 8).expand(2, 4, 8), weight=buf[8:72].view(8, 8), bias=buf[5:13],
+                 query=buf[0:16].view(2, 8), keys=buf[0:24].view(3, 8), bank_a=buf[100:196].view(3, 2, 2, 8),
+                 bank_b=buf[150:198].view(3, 2, 4, 2))
+    return views, [0, 4]
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_linear_with_aliased_and_overlapping_inputs_matches_separate_copies(backend):
+    if backend == "cpu" and not _extension.has_kernel("_cpu_mira_linear", "CPU"):
+        pytest.skip("the C++ extension did not build")
+    views, offsets = _aliased_inputs()
+    trained = ("x", "query", "keys", "bank_a", "bank_b")
+
+    def run(tensors):
+        leaves = {n: t.detach().requires_grad_(n in trained) for n, t in tensors.items()}
+        with mk.use_backend(backend):
+            y = mk.mira_linear(*(leaves[n] for n in ("x", "weight", "bias", "query", "keys", "bank_a", "bank_b")),
+                               slice_offsets=offsets, separation="softmax")
+            grads = torch.autograd.grad(y, [leaves[n] for n in trained], torch.ones_like(y))
+        return [y.detach(), *grads]
+
+    got = run(views)  # detach() of a view shares its memory: the leaves still overlap
+    assert views["query"].data_ptr() == views["keys"].data_ptr() and views["x"].stride()[:2] == (0, 0)
+    want = run({n: t.clone().contiguous() for n, t in views.items()})
+    for name, g, w in zip(("y", *trained), got, want):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12, msg=name)
+
+
+def test_retrieval_weights_of_a_query_that_is_the_keys():
+    keys = torch.randn(4, 8, dtype=torch.float64)
+    got = mk.retrieval_weights(keys, keys)
+    torch.testing.assert_close(got, mk.retrieval_weights(keys.clone(), keys.clone()), rtol=0, atol=0)
+
+
 # ----------------------------------------------------------------------------------------------
 # Silently wrong: a huge query in fp32 / bf16 (its squared norm overflows).
 # ----------------------------------------------------------------------------------------------

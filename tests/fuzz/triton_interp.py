@@ -72,3 +72,28 @@ def test_triton_raises_like_the_reference(drawn):
     case, _ = drawn
     note(repr(case))
     check_raise_alike(case, ["reference", "triton"], linear_call)
+
+
+def test_triton_rejects_overlapping_out_and_takes_out_is_x():
+    # The overlapping-memory rule (contract section 6) on the Triton dispatch path: the public op's
+    # kernel runs the shared check before it hands the call to the Triton backend.
+    from tests.test_hostile_ops import OVERLAP_CASES, _adapter_inputs
+
+    for what, out, x, bank_a in OVERLAP_CASES:
+        inp = _adapter_inputs()
+        inp.x = x
+        if bank_a is not None:
+            inp.bank_a = bank_a
+        before = out.clone()
+        with mk.use_backend("triton"), pytest.raises(ValueError, match="overlap"):
+            mk.mira_adapter_(out, *inp.adapter_args(), slice_offsets=inp.slice_offsets)
+        with pytest.raises(ValueError, match="overlap"):
+            torch.ops.mira.mira_adapter_(out, *inp.adapter_args(), inp.slice_offsets, "affine", 1.0, 0.01, "triton")
+        assert torch.equal(out, before), what
+    inp = _adapter_inputs()
+    want = inp.x.clone()
+    mk.reference.mira_adapter_(want, inp.x.clone(), *inp.adapter_args()[1:], slice_offsets=inp.slice_offsets)
+    x = inp.x.clone()
+    with mk.use_backend("triton"):
+        mk.mira_adapter_(x, x, *inp.adapter_args()[1:], slice_offsets=inp.slice_offsets)
+    torch.testing.assert_close(x, want, rtol=1e-5, atol=1e-5)
