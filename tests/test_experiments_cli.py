@@ -1,14 +1,17 @@
 """CI smoke run of ``python -m mira.experiments all --quick`` from a clean cache: loose sanity only.
 
-The quick mode pre-trains its own backbone (CI starts clean), runs every protocol and every row
-of the tables for one seed on tiny data, and writes to a scratch folder, never to ``results/``.
-Assertions are deliberately loose (finite, in range, better than chance where the quick schedule
-can be); the recorded tables come from full runs.
+The quick mode pre-trains its own backbone (CI starts clean), runs every protocol and every kind
+and option of the tables for one seed on tiny data, and writes to a scratch folder, never to
+``results/``. Assertions are deliberately loose (finite, in range, better than chance where the
+quick schedule can be); the recorded tables come from full runs. The tests of this module share
+one experiments cache: the first run pre-trains the quick backbone (the clean-start path), the
+conflict control's run loads it (the cached path), as a second local run would.
 """
 
 import json
 import math
 import os
+import shutil
 
 import pytest
 
@@ -18,13 +21,28 @@ from mira.experiments import report
 CHANCE = 0.1
 
 
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory, idigits_cache):
+    """An experiments cache holding only the built domains, shared by this module's runs."""
+    cache = tmp_path_factory.mktemp("cli-cache")
+    shutil.copy(idigits_cache, cache / idigits_cache.name)
+    return cache
+
+
+def _backbone_files(cache):
+    return sorted(p.name for p in cache.iterdir() if p.name.startswith("digits_vit_"))
+
+
 @pytest.mark.filterwarnings("ignore")
-def test_quick_mode_end_to_end(tmp_path, monkeypatch, fresh_cache):
+def test_quick_mode_end_to_end(tmp_path, monkeypatch, shared_cache):
     monkeypatch.chdir(tmp_path)  # a run without --record must not write under ./results
+    monkeypatch.setenv("MIRA_EXPERIMENTS_CACHE", str(shared_cache))
+    had_backbone = bool(_backbone_files(shared_cache))
     doc = cli.main(["all", "--quick", "--no-progress"])
-    out = tmp_path / "cache" / "runs" / "idigits-quick"
+    out = shared_cache / "runs" / "idigits-quick"
     assert not (tmp_path / "results").exists()
-    assert not doc["backbone"]["cached"]  # the clean-start path, as in CI
+    # Run first (file order, as in CI), this pre-trains the backbone and caches it for the next run.
+    assert doc["backbone"]["cached"] == had_backbone and len(_backbone_files(shared_cache)) == 1
     assert (out / "retrieval_weights.png").stat().st_size > 1000
     table = (out / "results.md").read_text()
     assert "| mira |" in table and "| improved |" in table and "| shared head: oracle |" in table
@@ -35,7 +53,7 @@ def test_quick_mode_end_to_end(tmp_path, monkeypatch, fresh_cache):
 
     for setting in ("dil", "cil"):
         runs = doc["results"][setting]["runs"]
-        assert set(runs) == set(cli.QUICK_ROWS)
+        assert set(runs) == set(cli.QUICK_ROWS if setting == "dil" else cli.QUICK_CIL_ROWS)
         for variant, rs in runs.items():
             for r in rs:
                 assert all(math.isfinite(a) and 0 <= a <= 1 for a in r["final_row"]), (setting, variant)
@@ -66,7 +84,8 @@ def test_quick_mode_end_to_end(tmp_path, monkeypatch, fresh_cache):
 
 
 @pytest.mark.filterwarnings("ignore")
-def test_conflict_control_reports_the_cue_blind_bound(tmp_path, fresh_cache):
+def test_conflict_control_reports_the_cue_blind_bound(tmp_path, monkeypatch, shared_cache):
+    monkeypatch.setenv("MIRA_EXPERIMENTS_CACHE", str(shared_cache))
     out = tmp_path / "out"
     doc = cli.main(["dil", "--suite", "conflict", "--quick", "--no-progress", "--out", str(out),
                     "--variants", "no adapters", "oracle", "improved"])
