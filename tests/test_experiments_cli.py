@@ -17,6 +17,7 @@ import pytest
 
 from mira.experiments import __main__ as cli
 from mira.experiments import report
+from mira.experiments.recipe import preset
 
 CHANCE = 0.1
 
@@ -81,6 +82,21 @@ def test_quick_mode_end_to_end(tmp_path, monkeypatch, shared_cache):
     assert "| mira |" in (tmp_path / "merged" / "results.md").read_text()
     with pytest.raises(ValueError, match="share seeds"):
         report.merge([str(out), str(out)], str(tmp_path / "bad"), "merge")
+
+    # --record puts another preset's runs beside the default preset's tables, never over them.
+    paper = tmp_path / "paper"
+    paper.mkdir()
+    (paper / "results.json").write_text(json.dumps(dict(on_disk, preset="paper")))
+    report.main(["--record", str(paper)])
+    recorded = tmp_path / "results" / "experiments"
+    assert sorted(os.listdir(recorded)) == ["idigits-paper"]
+    assert "preset paper" in (recorded / "idigits-paper" / "results.md").read_text()
+
+
+def test_adapter_copies_follow_the_preset():
+    cfg = cli.P.ProtocolConfig(recipe=preset("default"), cil_adapters_per_task=2)
+    assert [cli.adapter_copies(preset(p), cfg, cil) for p in ("default", "paper") for cil in (False, True)] == \
+        [1, 2, 10, 10]
 
 
 @pytest.mark.filterwarnings("ignore")

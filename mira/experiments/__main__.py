@@ -4,7 +4,8 @@ Pre-trains (or loads from cache) the suite's backbone, trains the adapter pools,
 variant (MIRA as the preset says, its named options, the improved recipe, and the controls) for
 every seed, prints the tables (mean +- std over seeds) and writes ``results.json``,
 ``results.md`` and ``retrieval_weights.png`` to a scratch folder (``--out``, default
-``$MIRA_EXPERIMENTS_CACHE/runs/<suite>``), or to ``results/experiments/<suite>/`` with ``--record``.
+``$MIRA_EXPERIMENTS_CACHE/runs/<suite>``), or to ``results/experiments/<suite>/`` with ``--record``
+(``<suite>-<preset>/`` for a preset other than ``default``).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 from . import protocols as P
 from .backbone import cache_dir, load_pretrained_backbone
 from .recipe import PRESETS, preset
-from .report import summarise, write
+from .report import record_name, summarise, write
 from .stages import adapter_cross_accuracy, evaluate, train_adapter_pool
 from .suites import SUITES, subsample
 
@@ -81,6 +82,13 @@ def _cue_blind_agreement(model, tasks) -> float:
     return float((a == b).float().mean())
 
 
+def adapter_copies(recipe, cfg: P.ProtocolConfig, cil: bool) -> int:
+    """Adapters trained per task: the preset's count; CIL pools at least ``cfg.cil_adapters_per_task``
+    (2 for the 2-class tasks of the default preset; the paper preset's 10 where larger: the paper's
+    ablation finds the count matters mostly for CIL)."""
+    return max(cfg.cil_adapters_per_task, recipe.adapters_per_task) if cil else recipe.adapters_per_task
+
+
 def _pool_key(recipe, local: bool, copies: int) -> tuple:
     fields = ("adapt_head", "rank", "batch_size", "lr", "weight_decay", "max_epochs", "early_stop_acc", "key_norm",
               "key_init", "query_token")
@@ -97,13 +105,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
     parser.add_argument("--variants", nargs="+", default=None, help="only these rows (names as in the tables)")
     parser.add_argument("--out", default=None, help="output folder (default: a scratch folder in the cache)")
-    parser.add_argument("--record", action="store_true", help="write to results/experiments/<suite>/ instead")
+    parser.add_argument("--record", action="store_true", help="write to results/experiments/<suite>[-<preset>]/")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: shared machines)")
     parser.add_argument("--no-cache", action="store_true", help="pre-train the backbone even if cached")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     if args.record and args.out:
-        parser.error("--record writes to results/experiments/<suite>/; do not also pass --out")
+        parser.error("--record writes to results/experiments/<suite>[-<preset>]/; do not also pass --out")
 
     from tqdm.auto import tqdm
 
@@ -113,9 +121,10 @@ def main(argv=None) -> dict:
     setup = QUICK if args.quick else FULL
     seeds = tuple(args.seeds) if args.seeds else setup["seeds"]
     if args.record:
-        out_dir = os.path.join("results", "experiments", suite.name)
+        out_dir = os.path.join("results", "experiments", record_name(suite.name, args.preset))
     else:
-        out_dir = args.out or os.path.join(cache_dir(), "runs", suite.name + ("-quick" if args.quick else ""))
+        out_dir = args.out or os.path.join(cache_dir(), "runs", record_name(suite.name, args.preset)
+                                           + ("-quick" if args.quick else ""))
     os.makedirs(out_dir, exist_ok=True)
     protocols = suite.settings if args.protocol == "all" else (args.protocol,)
     if any(p not in suite.settings for p in protocols):
@@ -165,7 +174,7 @@ def main(argv=None) -> dict:
 
         def pool_for(recipe, proto, seed=seed, pools=pools):
             local = proto == "cil"
-            copies = cfg.cil_adapters_per_task if local else recipe.adapters_per_task
+            copies = adapter_copies(recipe, cfg, local)
             key = _pool_key(recipe, local, copies)
             if key not in pools:
                 bar.set_postfix_str(f"seed {seed}: adaptation ({proto}, {recipe.adapt_head} head)")

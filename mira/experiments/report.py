@@ -131,6 +131,13 @@ def merge(parts: list[str], out_dir: str, command: str) -> dict:
     return merged
 
 
+def record_name(suite: str, preset: str) -> str:
+    """The folder of a suite's results under results/experiments: the suite's name for the default preset
+    (the tables every README row cites), ``<suite>-<preset>`` for any other, so runs of one never overwrite
+    the other's."""
+    return suite if preset == "default" else f"{suite}-{preset}"
+
+
 def summarise(results: dict) -> dict:
     summary: dict = {}
     for proto, block in results.items():
@@ -173,12 +180,13 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m mira.experiments.report", description=__doc__.splitlines()[0])
     parser.add_argument("parts", nargs="+", help="output folders of runs of single seeds")
     parser.add_argument("--out", default=None)
-    parser.add_argument("--record", action="store_true", help="write to results/experiments/<suite>/")
+    parser.add_argument("--record", action="store_true", help="write to results/experiments/<suite>[-<preset>]/")
     args = parser.parse_args(argv)
     if args.record == (args.out is not None):
         parser.error("give exactly one of --out DIR or --record")
-    suite = json.load(open(os.path.join(args.parts[0], "results.json")))["suite"]
-    out = os.path.join("results", "experiments", suite) if args.record else args.out
+    first = json.load(open(os.path.join(args.parts[0], "results.json")))
+    out = os.path.join("results", "experiments", record_name(first["suite"], first["preset"])) if args.record \
+        else args.out
     command = "python -m mira.experiments.report " + " ".join(argv if argv is not None else sys.argv[1:])
     merged = merge(args.parts, out, command)
     print(tables(merged["results"], merged["row_order"]))
