@@ -99,6 +99,7 @@ class ProtocolConfig:
     gpm: bool = True
     cil_classes_per_task: int = 2
     num_classes: int = 10
+    probe_max_iter: int = 300  # L-BFGS iterations of the linear probe (quick mode: fewer)
 
 
 def _as_variant(variant: str | Variant, cfg: ProtocolConfig) -> Variant:
@@ -288,14 +289,14 @@ def run_continual(setting: str, variant: str | Variant, backbone: nn.Module, tas
     if ranks:
         out["gpm_ranks"] = ranks
     if kind != "oracle":
-        out["probe"] = linear_probe(model, tasks)
+        out["probe"] = linear_probe(model, tasks, max_iter=cfg.probe_max_iter)
     if keep_model:
         out["model"] = model
     return out
 
 
 @torch.no_grad()
-def linear_probe(model: nn.Module, tasks: Sequence[Task], max_train: int = 600) -> float:
+def linear_probe(model: nn.Module, tasks: Sequence[Task], max_train: int = 600, max_iter: int = 300) -> float:
     """Test accuracy of a logistic regression fitted on the model's final features of every task.
 
     Separates what the features hold from what the model's own head reads out of them (at most
@@ -308,7 +309,7 @@ def linear_probe(model: nn.Module, tasks: Sequence[Task], max_train: int = 600) 
     xt = torch.cat([features(model, t.test_x) for t in tasks]).double().numpy()
     yt = torch.cat([t.test_y for t in tasks]).numpy()
     mean, std = xs.mean(0), xs.std(0) + 1e-6
-    clf = LogisticRegression(max_iter=300, C=1.0)
+    clf = LogisticRegression(max_iter=max_iter, C=1.0)
     clf.fit((xs - mean) / std, ys)
     return float((clf.predict((xt - mean) / std) == yt).mean())
 
