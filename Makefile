@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMPS := .stamps
 NATIVE := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh' -o -name '*.inc' 2>/dev/null)
 
-.PHONY: setup build test bench demo lint clean gpu-check fuzz sanitize
+.PHONY: setup build test test-slow bench demo lint clean gpu-check fuzz sanitize
 .DEFAULT_GOAL := test
 
 setup: $(STAMPS)/venv
@@ -24,8 +24,12 @@ $(STAMPS)/build: $(STAMPS)/venv setup.py pyproject.toml $(NATIVE)
 	    $(PY) -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e .
 	@touch $@
 
+# Tests marked `slow` (AOTInductor compiles, ~30-90 s each) run in `make test-slow`, not in CI.
 test: build
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -m "not slow" tests
+
+test-slow: build
+	$(PY) -m pytest -q -m slow tests
 
 bench: build
 	$(PY) -m benchmarks.latency

@@ -1,0 +1,115 @@
+"""Export paths of an attached model: ``torch.export``, AOTInductor, ONNX.
+
+* :func:`export_program`: ``torch.export.export`` with a dynamic batch. The program keeps
+  ``mira::mira_linear`` as one node (its fake kernel gives the shapes); running it calls the
+  fused kernel of the backend resolved at export time.
+* :func:`export_aoti`: AOTInductor (``torch._inductor.aoti_compile_and_package``) of that
+  program: a ``.pt2`` package whose compiled code calls the fused op through the dispatcher;
+  load it with :func:`load_aoti` in a process where ``mira_kernels`` is imported (that
+  registers the op).
+* :func:`export_onnx`: ONNX through ``torch.onnx.export(dynamo=True)``, after
+  :func:`decompose` has spelled the op out in standard ops
+  (:mod:`mira_kernels.decompositions`), so any ONNX runtime runs it without this package.
+
+The decomposition is applied to the exported program only: eager calls and ``torch.compile``
+keep the fused kernels. Export a model in eval mode and in the stage it will serve in
+(``inference``), or folded (:func:`mira.fold`), whose graph is the plain backbone's.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+import torch
+import torch.nn as nn
+
+from mira_kernels.decompositions import export_decompositions
+
+__all__ = ["decompose", "export_aoti", "export_onnx", "export_program", "load_aoti"]
+
+
+def _as_tuple(example_inputs) -> tuple:
+    return example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+
+
+def _batched_examples(example_inputs: tuple, dynamic_batch: bool) -> tuple[tuple, tuple | None]:
+    """(example inputs, dynamic_shapes): every tensor input gets a dynamic dimension 0."""
+    if not dynamic_batch:
+        return example_inputs, None
+    batch = torch.export.Dim("batch", min=1)
+    examples, shapes = [], []
+    for arg in example_inputs:
+        if isinstance(arg, torch.Tensor) and arg.dim() >= 1:
+            if arg.shape[0] == 1:
+                # A traced size of 1 is specialised (broadcasting rules), so trace with 2 samples.
+                arg = torch.cat([arg, arg])
+            examples.append(arg)
+            shapes.append({0: batch})
+        else:
+            examples.append(arg)
+            shapes.append(None)
+    return tuple(examples), tuple(shapes)
+
+
+def export_program(model: nn.Module, example_inputs, *, dynamic_batch: bool = True,
+                   strict: bool = False) -> torch.export.ExportedProgram:
+    """``torch.export.export`` of ``model`` (the MIRA op stays one fused node).
+
+    Args:
+        example_inputs: a tensor or a tuple of positional inputs.
+        dynamic_batch: make dimension 0 of every tensor input dynamic (any batch size >= 1).
+        strict: passed to ``torch.export.export``.
+    """
+    examples, shapes = _batched_examples(_as_tuple(example_inputs), dynamic_batch)
+    return torch.export.export(model, examples, dynamic_shapes=shapes, strict=strict)
+
+
+def decompose(program: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
+    """The program with every MIRA op replaced by standard ATen ops (the rest untouched)."""
+    return program.run_decompositions(export_decompositions())
+
+
+def export_onnx(model: nn.Module | torch.export.ExportedProgram, example_inputs, path: str | os.PathLike | None = None,
+                *, dynamic_batch: bool = True, **onnx_kwargs):
+    """ONNX export through ``torch.onnx.export(dynamo=True)`` with the MIRA op decomposed.
+
+    Args:
+        model: an attached model, or a program from :func:`export_program`.
+        path: where to save the ``.onnx`` file (None: not saved).
+        onnx_kwargs: passed to ``torch.onnx.export`` (e.g. ``opset_version``).
+
+    Returns:
+        The ``torch.onnx.ONNXProgram``; run it with onnxruntime (input names as
+        ``program.model.graph.inputs``).
+    """
+    examples = _as_tuple(example_inputs)
+    if not isinstance(model, torch.export.ExportedProgram):
+        model = export_program(model, examples, dynamic_batch=dynamic_batch)
+    onnx_program = torch.onnx.export(decompose(model), examples, dynamo=True, verbose=False, **onnx_kwargs)
+    if path is not None:
+        onnx_program.save(os.fspath(path))
+    return onnx_program
+
+
+def export_aoti(model: nn.Module | torch.export.ExportedProgram, example_inputs, path: str | os.PathLike, *,
+                dynamic_batch: bool = True, inductor_configs: Mapping | None = None) -> str:
+    """Compile ``model`` ahead of time with AOTInductor into the package ``path`` (``.pt2``).
+
+    The package calls the fused MIRA op through the dispatcher (the backend resolved at export
+    time is baked in), so the process that loads it must import ``mira_kernels``.
+
+    Returns:
+        The package path.
+    """
+    if not isinstance(model, torch.export.ExportedProgram):
+        model = export_program(model, example_inputs, dynamic_batch=dynamic_batch)
+    return torch._inductor.aoti_compile_and_package(model, package_path=os.fspath(path),
+                                                    inductor_configs=dict(inductor_configs or {}))
+
+
+def load_aoti(path: str | os.PathLike):
+    """Load a package written by :func:`export_aoti` (a callable taking the example inputs' layout)."""
+    import mira_kernels  # noqa: F401  (registers the MIRA ops the package calls)
+
+    return torch._inductor.aoti_load_package(os.fspath(path))

@@ -1,0 +1,133 @@
+"""Export paths: the op's decomposition into standard ops, torch.export, ONNX (onnxruntime), AOTInductor."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+
+import mira
+import mira_kernels
+from mira.export import decompose, export_aoti, export_onnx, export_program, load_aoti
+from mira_kernels import reference
+from mira_kernels.decompositions import export_decompositions, mira_linear_decomposed
+
+from .mira_inputs import assert_close_to_spec, make_inputs
+
+pytestmark = pytest.mark.filterwarnings("ignore:mira_kernels. no native backend:RuntimeWarning")
+
+needs_extension = pytest.mark.skipif(not mira_kernels.build_info()["extension_loaded"],
+                                     reason="the native extension (which registers mira::mira_linear) is not built")
+
+
+def _spec(inputs, separation="affine", scale=1.0):
+    return reference.mira_linear(*inputs.linear_args(), slice_offsets=inputs.slice_offsets, separation=separation,
+                                 scale=scale)
+
+
+def _decomposed(inputs, separation="affine", scale=1.0):
+    return mira_linear_decomposed(*inputs.linear_args(), inputs.slice_offsets, separation, scale,
+                                  mira_kernels.DEFAULT_EPS, "cpu")
+
+
+@pytest.mark.parametrize("separation", mira_kernels.SEPARATIONS)
+@pytest.mark.parametrize(
+    "shape",
+    [
+        {},                                                        # two slices, bias
+        {"N": 0},                                                  # empty memory: the base projection
+        {"N": 1},                                                  # affine: the raw cosine
+        {"S": 3, "d_out": 40, "offsets": [27, 0, 13], "d_s": 13},  # unordered slices, gaps, a tail
+        {"S": 1, "offsets": [24], "bias": False},                  # a slice at the end, no bias
+        {"B": 0},
+    ],
+    ids=["qv", "N0", "N1", "unordered", "tail-no-bias", "B0"],
+)
+def test_decomposition_matches_the_reference_in_float64(separation, shape):
+    inputs = make_inputs(**shape)
+    got = _decomposed(inputs, separation, scale=0.7)
+    torch.testing.assert_close(got, _spec(inputs, separation, scale=0.7), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("regime", ["random", "near_zero"])
+def test_decomposition_precision_follows_the_contract(dtype, regime):
+    """16-bit x: memory side in float32 (contract section 4); error within 2x PyTorch's own."""
+    inputs64 = make_inputs(T=7, d_in=24, d_out=72, regime=regime)
+    memory_dtype = torch.float32 if dtype == torch.bfloat16 else dtype
+    low = inputs64.to(dtype, memory_dtype)
+    got = _decomposed(low)
+    assert got.dtype == dtype
+    assert_close_to_spec(got, _spec(inputs64), _spec(low), what=f"decomposition {dtype}")
+
+
+def tiny_vit(**kwargs):
+    torch.manual_seed(0)
+    kwargs = {"img_size": 32, "patch_size": 8, "num_classes": 5, "depth": 2, **kwargs}
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, **kwargs).eval()
+
+
+def served_model(**attach_args):
+    """An attached tiny ViT in the inference stage with 3 stored adapters per block."""
+    model = mira.attach(tiny_vit(), **attach_args)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for _ in range(3):
+            for p in mira.projections(model):
+                p.lora_b.copy_(torch.randn(p.lora_b.shape, generator=g) * 0.2)
+            mira.write_adapters(model, generator=g)
+    return mira.set_stage(model, "inference")
+
+
+def images(batch, seed=1):
+    return torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def _mira_nodes(program):
+    return [n for n in program.graph.nodes if n.op == "call_function" and str(n.target).startswith("mira.")]
+
+
+@needs_extension
+def test_torch_export_keeps_the_fused_op_and_the_decomposition_removes_it():
+    model = served_model(capacity=5)
+    program = export_program(model, images(1))  # a batch of 1 is traced as 2, with a dynamic batch
+    assert len(_mira_nodes(program)) == 2
+    decomposed = decompose(program)
+    assert not _mira_nodes(decomposed)
+    with torch.no_grad():
+        for batch in (1, 4):
+            x = images(batch, seed=batch)
+            expected = model(x)
+            torch.testing.assert_close(program.module()(x), expected, rtol=0, atol=0)  # the same kernel
+            torch.testing.assert_close(decomposed.module()(x), expected, rtol=1e-5, atol=1e-5)
+    # The decomposition is for export only: eager calls and torch.compile still use the fused kernel.
+    assert torch.ops.mira.mira_linear.default in export_decompositions()
+    assert not torch._C._dispatch_has_kernel_for_dispatch_key("mira::mira_linear", "CompositeImplicitAutograd")
+
+
+def test_onnx_export_runs_in_onnxruntime_and_matches_pytorch(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    model = served_model()
+    path = tmp_path / "mira_vit.onnx"
+    export_onnx(model, images(2), path)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (name,) = [i.name for i in session.get_inputs()]
+    for batch in (1, 3):  # the batch is dynamic
+        x = images(batch, seed=batch)
+        with torch.no_grad():
+            expected = model(x)
+        (got,) = session.run(None, {name: x.numpy()})
+        torch.testing.assert_close(torch.from_numpy(got), expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+@needs_extension
+def test_aoti_package_of_an_attached_vit_loads_and_matches_eager(tmp_path):
+    """AOTInductor compiles through the op's fake kernel; the package calls the fused kernel."""
+    model = served_model()
+    path = export_aoti(model, images(2), tmp_path / "mira_vit.pt2")
+    runner = load_aoti(path)
+    for batch in (1, 3):
+        x = images(batch, seed=batch)
+        with torch.no_grad():
+            torch.testing.assert_close(runner(x), model(x), rtol=1e-5, atol=1e-5)
