@@ -15,6 +15,10 @@ Stages (method section 3):
   association matrix, are applied; the live LoRA is ignored (write it into the memory first,
   :func:`mira.write_adapters`).
 
+A projection can also hold a fixed update in its base weight (:mod:`mira.merge`: the live LoRA
+merged, or a fixed mixture of the memory folded); it then runs the base layer alone, in every
+stage, until the update is taken out again.
+
 The query comes from the projection's own input. In a timm attention block that input is
 the attention input (LN1's output); :func:`mira.attach` verifies this on a dry run for every
 block it adapts, so no hook has to carry activations from one module to another (which would
@@ -86,6 +90,8 @@ class MiraProjection(nn.Module):
         self.lora_a = nn.Parameter(torch.empty(c.num_slices, c.rank, c.d_in, **factory))
         self.lora_b = nn.Parameter(torch.zeros(c.num_slices, c.slice_width, c.rank, **factory))
         self.stage = "adaptation"
+        # A fixed update held in base_layer.weight (mira.merge / mira.fold), or None.
+        self.merged_update = None
         self.set_stage(stage)
         self.reset_lora()
 
@@ -115,9 +121,20 @@ class MiraProjection(nn.Module):
 
     def set_stage(self, stage: str) -> None:
         """Choose the forward path (requires_grad is set by :func:`mira.set_stage`)."""
+        self.check_stage(stage)
+        self.stage = stage
+
+    def check_stage(self, stage: str) -> None:
+        """Raise if :meth:`set_stage` would refuse ``stage`` (an unknown stage, or a held update)."""
         if stage not in STAGES:
             raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
-        self.stage = stage
+        if self.merged_update is not None and stage != self.stage:
+            kind = self.merged_update.kind
+            undo = "mira.unmerge" if kind == "merged" else "mira.unfold"
+            raise RuntimeError(
+                f"this projection holds a {kind} update in its weight and runs it in every stage; "
+                f"take it out first ({undo}(model)) before switching to the {stage!r} stage"
+            )
 
     @torch.no_grad()
     def reset_lora(self, generator: torch.Generator | None = None) -> None:
@@ -133,6 +150,8 @@ class MiraProjection(nn.Module):
                 "spatial or windowed layouts are not supported"
             )
         base = self.base_layer
+        if self.merged_update is not None:  # merged / folded: the update is in base.weight
+            return base(x)
         c = self._memory.config
         if self.stage == "adaptation":
             # One slot, softmax over one score: weight exactly 1 for every sample.
@@ -162,4 +181,5 @@ class MiraProjection(nn.Module):
     def extra_repr(self) -> str:
         names = f"{self.slice_names}" if self.slice_names else f"offsets={self.slice_offsets}"
         c = self._memory.config
-        return f"slices={names}, width={c.slice_width}, rank={c.rank}, stage={self.stage}"
+        held = f", {self.merged_update.kind}" if self.merged_update is not None else ""
+        return f"slices={names}, width={c.slice_width}, rank={c.rank}, stage={self.stage}{held}"

@@ -1,0 +1,267 @@
+"""Merge and fold: a fixed update moved into the frozen qkv weight, so serving runs the plain backbone.
+
+Two kinds of fixed update, both ``W[slice_s] += scale * B_s A_s`` on every adapted slice s:
+
+* **merge**: the live adaptation LoRA (``lora_a``, ``lora_b``), what the ``adaptation`` stage
+  runs. As PEFT's ``merge_adapter``.
+* **fold**: a fixed mixture of the memory. Given per-block slot weights w (N,), the mixed
+  factors are ``A = sum_n w_n bank_a[n]`` and ``B = sum_n w_n bank_b[n]``: exactly the layer's
+  update for a sample whose retrieval weights are w. The weights are given by the caller, or
+  calibrated by :func:`mean_retrieval_weights` as the mean of each block's retrieval weights
+  over a calibration set. That is **the mean of the weights, not of the updates**: the update
+  is bilinear in w (A and B are both mixed), so the folded model equals the per-sample model
+  only for samples whose weights are the mean (for instance, a calibration set of one image);
+  elsewhere it is an approximation whose quality the caller measures.
+
+While an update is held, each :class:`~mira.layers.MiraProjection` runs its base layer alone,
+in every stage: no MIRA op and no memory read, so under ``torch.compile`` and ``torch.export``
+the graph is the backbone's, and in eager the only cost left is the wrapper's module call
+(:func:`unload` removes even that). Stage switches are refused while an update is held.
+
+:func:`unmerge` / :func:`unfold` subtract the recorded factors (recorded at merge / fold time,
+so later changes to the LoRA or the memory do not matter). Each step is computed in float64
+and rounded once into the weight's dtype, so the restored weight is the original to rounding
+(within one unit in the last place of ``max(|W|, |W + D|)``), not bit for bit: keep a copy of
+the state dict if you need the bits. A state dict taken while an update is held has it in the
+weights; save before merging, or unmerge first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from .integration import association_matrices, detach, named_memories, projections
+from .layers import MiraProjection
+
+__all__ = ["MergedUpdate", "fold", "mean_retrieval_weights", "merge", "unfold", "unload", "unmerge"]
+
+
+@dataclass
+class MergedUpdate:
+    """The update a projection holds in its weight: ``scale * factor_b[s] @ factor_a[s]`` per slice.
+
+    Attributes:
+        kind: ``"merged"`` (the live LoRA) or ``"folded"`` (a mixture of the memory).
+        factor_a: (S, r, d_in) float64.
+        factor_b: (S, d_s, r) float64.
+        slot_weights: (N,) float64 slot weights of a fold, else None.
+    """
+
+    kind: str
+    factor_a: torch.Tensor
+    factor_b: torch.Tensor
+    slot_weights: torch.Tensor | None = None
+
+
+def _require_projections(model: nn.Module, what: str) -> list[MiraProjection]:
+    projs = projections(model)
+    if not projs:
+        raise RuntimeError(f"{what}: the model has no MIRA layers (call mira.attach first)")
+    return projs
+
+
+@torch.no_grad()
+def _add_update(proj: MiraProjection, update: MergedUpdate, sign: float) -> None:
+    weight = proj.base_layer.weight
+    d_s = proj.memory.config.slice_width
+    scale = proj.memory.config.scale
+    factor_a = update.factor_a.to(weight.device)
+    factor_b = update.factor_b.to(weight.device)
+    for s, off in enumerate(proj.slice_offsets):
+        rows = weight[off: off + d_s]
+        delta = scale * (factor_b[s] @ factor_a[s])  # (d_s, d_in), float64
+        rows.copy_((rows.to(torch.float64) + sign * delta).to(weight.dtype))
+
+
+_UNDO = {"merged": "unmerge", "folded": "unfold"}
+
+
+def _hold(projs: list[MiraProjection], updates: list[MergedUpdate]) -> None:
+    held = [p for p in projs if p.merged_update is not None]
+    if held:
+        kind = held[0].merged_update.kind
+        raise RuntimeError(f"the model already holds a {kind} update; call mira.{_UNDO[kind]}(model) first")
+    for proj, update in zip(projs, updates):
+        _add_update(proj, update, +1.0)
+        proj.merged_update = update
+
+
+def _release(model: nn.Module, kind: str) -> nn.Module:
+    what = _UNDO[kind]
+    projs = _require_projections(model, what)
+    wrong = {p.merged_update.kind for p in projs if p.merged_update is not None} - {kind}
+    if wrong:
+        raise RuntimeError(f"{what}: the model holds a {wrong.pop()} update, not a {kind} one")
+    if not any(p.merged_update is not None for p in projs):
+        raise RuntimeError(f"{what}: the model holds no {kind} update")
+    for proj in projs:
+        if proj.merged_update is not None:
+            _add_update(proj, proj.merged_update, -1.0)
+            proj.merged_update = None
+    return model
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Add every projection's live adaptation LoRA into its frozen qkv weight (in place).
+
+    The model must be in the ``adaptation`` stage (the stage that runs the live LoRA); its
+    outputs are unchanged to rounding, and the projections then run the plain linear layer.
+
+    Returns:
+        ``model``.
+    """
+    projs = _require_projections(model, "merge")
+    stages = {p.stage for p in projs}
+    if stages != {"adaptation"}:
+        raise RuntimeError(
+            f"merge adds the live LoRA, which only the adaptation stage runs, but the model is in {sorted(stages)}; "
+            "to serve the memory with fixed slot weights, use mira.fold"
+        )
+    updates = [MergedUpdate("merged", p.lora_a.detach().to(torch.float64).clone(),
+                            p.lora_b.detach().to(torch.float64).clone()) for p in projs]
+    _hold(projs, updates)
+    return model
+
+
+def unmerge(model: nn.Module) -> nn.Module:
+    """Subtract the merged LoRA from the weights (restored to rounding); the LoRA runs again."""
+    return _release(model, "merged")
+
+
+def _slot_weights(model: nn.Module, weights) -> list[torch.Tensor]:
+    """One checked float64 (N,) tensor per memory, in block order."""
+    named = named_memories(model)
+    if isinstance(weights, Mapping):
+        names = [n for n, _ in named]
+        unknown = sorted(set(weights) - set(names))
+        missing = [n for n in names if n not in weights]
+        if unknown or missing:
+            raise KeyError(f"fold: slot weights for memories the model does not have: {unknown}; "
+                           f"memories without slot weights: {missing}")
+        per_memory = [weights[n] for n in names]
+    elif isinstance(weights, torch.Tensor) and weights.dim() <= 1 or isinstance(weights, Sequence) and all(
+            isinstance(w, (int, float)) for w in weights):
+        per_memory = [weights] * len(named)
+    elif isinstance(weights, Sequence) and not isinstance(weights, str) and len(weights) == len(named) and all(
+            isinstance(w, (torch.Tensor, Sequence)) for w in weights):
+        per_memory = list(weights)
+    else:
+        raise TypeError(
+            "fold: weights must be {memory name: (N,) weights} (as mean_retrieval_weights returns), a sequence "
+            f"with one (N,) tensor per memory ({len(named)} here), or one (N,) tensor for every memory; got "
+            f"{type(weights).__name__}"
+        )
+    checked = []
+    for (name, memory), w in zip(named, per_memory):
+        w = torch.as_tensor(w, dtype=torch.float64).detach().cpu()
+        n = memory.num_slots
+        if w.shape != (n,):
+            raise ValueError(f"fold: {name} holds {n} adapters, so its slot weights must have shape ({n},), "
+                             f"got {tuple(w.shape)}")
+        if not bool(torch.isfinite(w).all()):
+            raise ValueError(f"fold: the slot weights of {name} are not all finite: {w.tolist()}")
+        checked.append(w)
+    return checked
+
+
+def fold(model: nn.Module, weights) -> nn.Module:
+    """Fold a fixed mixture of each memory into its projection's weight (in place).
+
+    Args:
+        weights: per-block slot weights w (num_slots,): ``{memory name: w}`` (as
+            :func:`mean_retrieval_weights` returns), a sequence of one w per memory in block
+            order, or one w for every memory.
+
+    Every sample then gets the update the memory gives for weights w: ``A = sum_n w_n
+    bank_a[n]``, ``B = sum_n w_n bank_b[n]``, ``W[slice] += scale * B A``. The stage is kept
+    (it does not matter while folded) and restored with the weights by :func:`unfold`.
+
+    Returns:
+        ``model``.
+    """
+    projs = _require_projections(model, "fold")
+    per_memory = dict(zip((id(m) for _, m in named_memories(model)), _slot_weights(model, weights)))
+    updates = []
+    for proj in projs:
+        w = per_memory[id(proj.memory)]
+        bank_a, bank_b = proj.memory.stored_adapters
+        w = w.to(bank_a.device)
+        factor_a = torch.einsum("n,nsrd->srd", w, bank_a.detach().to(torch.float64))
+        factor_b = torch.einsum("n,nser->ser", w, bank_b.detach().to(torch.float64))
+        updates.append(MergedUpdate("folded", factor_a, factor_b, w.clone()))
+    _hold(projs, updates)
+    return model
+
+
+def unfold(model: nn.Module) -> nn.Module:
+    """Subtract the folded mixture from the weights (restored to rounding); the memory runs again."""
+    return _release(model, "folded")
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """Remove MIRA and keep the merged or folded updates in the weights: a plain timm model.
+
+    PEFT's ``merge_and_unload``: each ``attn.qkv`` becomes its base ``nn.Linear`` (holding the
+    update, if one was merged or folded), the memories are deleted. Not reversible.
+    """
+    for proj in _require_projections(model, "unload"):
+        proj.merged_update = None
+    return detach(model)
+
+
+def _inputs_of(batch):
+    if isinstance(batch, torch.Tensor):
+        return batch
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
+        return batch[0]  # (inputs, targets, ...) as data loaders yield
+    raise TypeError(f"calibration batches must be input tensors or (inputs, ...) tuples, got {type(batch).__name__}")
+
+
+@torch.no_grad()
+def mean_retrieval_weights(model: nn.Module, batches: Iterable, *, progress: bool | None = None
+                           ) -> dict[str, torch.Tensor]:
+    """Mean retrieval weights of each memory over a calibration set, for :func:`fold`.
+
+    Runs the model with the memory (the inference path, whatever the stage; eval mode) on every
+    batch and averages each block's association matrix over all samples. The mean of the
+    weights, not of the updates (see the module docstring).
+
+    Args:
+        batches: an iterable of input tensors, or of ``(inputs, ...)`` tuples (a data loader).
+        progress: show a progress bar (tqdm); None shows one when writing to a terminal.
+
+    Returns:
+        ``{memory name: (num_slots,) float64 mean weights}``.
+    """
+    from tqdm.auto import tqdm
+
+    projs = _require_projections(model, "mean_retrieval_weights")
+    if any(p.merged_update is not None for p in projs):
+        raise RuntimeError("mean_retrieval_weights: the model holds a merged or folded update, so its memories do "
+                           "not run; unmerge / unfold first")
+    device = next(model.parameters()).device
+    stages = [p.stage for p in projs]
+    was_training = model.training
+    totals: dict[str, torch.Tensor] = {}
+    count = 0
+    try:
+        for p in projs:
+            p.set_stage("inference")
+        model.eval()
+        for batch in tqdm(batches, desc="calibrating fold weights", disable=None if progress is None else not progress):
+            inputs = _inputs_of(batch).to(device)
+            for name, w in association_matrices(model, inputs).items():
+                part = w.to(torch.float64).sum(0)
+                totals[name] = totals[name] + part if name in totals else part
+            count += inputs.shape[0]
+    finally:
+        for p, stage in zip(projs, stages):
+            p.set_stage(stage)
+        model.train(was_training)
+    if count == 0:
+        raise ValueError("mean_retrieval_weights: the calibration set is empty")
+    return {name: total / count for name, total in totals.items()}

@@ -1,0 +1,204 @@
+"""Merge / unmerge of the live LoRA and fold / unfold of a fixed memory mixture, against the unmerged model."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+import torch.nn as nn
+
+import mira
+
+pytestmark = pytest.mark.filterwarnings("ignore:mira_kernels. no native backend:RuntimeWarning")
+
+
+def tiny_vit(depth=3):
+    torch.manual_seed(0)
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, num_classes=5,
+                             depth=depth).eval()
+
+
+def images(batch=3, seed=1, dtype=torch.float32):
+    return torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+def fill_loras(model, g, std=0.2):
+    with torch.no_grad():
+        for p in mira.projections(model):
+            p.lora_b.copy_(torch.randn(p.lora_b.shape, generator=g) * std)
+
+
+def trained(dtype=torch.float32, slots=3, **attach_args):
+    """An attached model with `slots` stored adapters and a trained-looking live LoRA."""
+    model = mira.attach(tiny_vit(), **attach_args)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(slots):
+        fill_loras(model, g)
+        mira.write_adapters(model, generator=g)
+    fill_loras(model, g)
+    return model.to(dtype)
+
+
+def err(a, b):
+    return (a.double() - b.double()).abs().max().item()
+
+
+def qkv_weights(model):
+    return [p.base_layer.weight.detach().clone() for p in mira.projections(model)]
+
+
+def assert_restored_to_rounding(model, before, merged):
+    """unmerge / unfold round twice (W + D, then - D): within eps * max(|W|, |W + D|) of the original."""
+    for p, w, w_merged in zip(mira.projections(model), before, merged):
+        now = p.base_layer.weight.detach()
+        bound = torch.finfo(w.dtype).eps * torch.maximum(w.abs(), w_merged.abs())
+        assert bool(((now - w).abs() <= bound).all()), err(now, w)
+        assert not torch.equal(w_merged, w)  # there was an update to take out
+
+
+@torch.no_grad()
+def test_merge_matches_the_unmerged_model_float64_to_rounding_and_unmerge_restores():
+    model = trained(torch.float64)
+    x = images(dtype=torch.float64)
+    expected = model(x)  # adaptation stage: the live LoRA runs through the op
+    before = qkv_weights(model)
+    assert mira.merge(model) is model
+    assert all(p.merged_update.kind == "merged" for p in mira.projections(model))
+    assert "merged" in repr(model.blocks[0].attn.qkv)
+    assert err(model(x), expected) < 1e-12
+    merged = qkv_weights(model)
+    mira.unmerge(model)
+    assert_restored_to_rounding(model, before, merged)
+    assert err(model(x), expected) < 1e-12
+    assert all(p.merged_update is None for p in mira.projections(model))
+
+
+@torch.no_grad()
+def test_merge_and_fold_in_float32_within_twice_pytorchs_own_error():
+    """The stated fp32 bound: error against the float64 unmerged model <= 2x the unmerged fp32 model's own."""
+    model64 = trained(torch.float64)
+    model32 = trained(torch.float32)
+    x = images()
+    expected64 = model64(x.double())
+    own = err(model32(x), expected64)
+    mira.merge(model32)
+    assert err(model32(x), expected64) <= 2 * own + 1e-6
+    mira.unmerge(model32)
+    for model in (model64, model32):
+        mira.set_stage(model, "inference")
+    one = x[:1]
+    expected64 = model64(one.double())
+    own = err(model32(one), expected64)
+    mira.fold(model32, mira.mean_retrieval_weights(model32, [one]))
+    assert err(model32(one), expected64) <= 2 * own + 1e-6
+
+
+@torch.no_grad()
+def test_fold_calibrated_on_one_image_reproduces_the_per_sample_model_float64():
+    """With a one-image calibration set the mean weights are that image's weights at every block, so
+    the folded model (a plain linear per block) must give that image's MIRA output to rounding."""
+    model = mira.set_stage(trained(torch.float64, query="linear", key_dim=32), "consolidation")
+    x = images(dtype=torch.float64)
+    expected = model(x)
+    for i in range(x.shape[0]):
+        before = qkv_weights(model)  # each round trip rounds anew
+        weights = mira.mean_retrieval_weights(model, [x[i:i + 1]], progress=False)
+        assert set(weights) == {n for n, _ in mira.named_memories(model)}
+        mira.fold(model, weights)
+        assert err(model(x[i:i + 1]), expected[i:i + 1]) < 1e-12
+        folded = qkv_weights(model)
+        mira.unfold(model)
+        assert_restored_to_rounding(model, before, folded)
+    assert {p.stage for p in mira.projections(model)} == {"consolidation"}  # kept through fold / unfold
+    assert err(model(x), expected) < 1e-12
+
+
+@torch.no_grad()
+def test_fold_with_given_weights_equals_the_live_lora_of_the_mixed_factors():
+    model = trained(torch.float64, slots=4)
+    w = torch.tensor([0.5, -0.25, 1.0, 0.0], dtype=torch.float64)
+    reference = trained(torch.float64, slots=4)  # same stored adapters; its live LoRA := the mixture
+    for p in mira.projections(reference):
+        bank_a, bank_b = p.memory.stored_adapters
+        p.lora_a.copy_(torch.einsum("n,nsrd->srd", w, bank_a))
+        p.lora_b.copy_(torch.einsum("n,nser->ser", w, bank_b))
+    x = images(dtype=torch.float64)
+    mira.set_stage(model, "inference")
+    mira.fold(model, w)  # one weight vector for every block; also a list per block or a dict by name
+    assert err(model(x), reference(x)) < 1e-12
+    mira.unfold(model)
+    mira.fold(model, [w.tolist()] * 3)
+    assert err(model(x), reference(x)) < 1e-12
+
+
+def test_mean_retrieval_weights_is_the_mean_over_samples_of_the_association_matrices():
+    model = mira.set_stage(trained(), "adaptation")
+    batches = [images(2, seed=1), (images(3, seed=2), torch.zeros(3))]  # tensors or (inputs, targets)
+    model.train()
+    means = mira.mean_retrieval_weights(model, batches, progress=False)
+    assert model.training and {p.stage for p in mira.projections(model)} == {"adaptation"}  # restored
+    mira.set_stage(model, "inference")
+    model.eval()
+    everything = torch.cat([images(2, seed=1), images(3, seed=2)])
+    for name, w in mira.association_matrices(model, everything).items():
+        torch.testing.assert_close(means[name], w.double().mean(0), rtol=1e-6, atol=1e-7)
+        assert means[name].shape == (3,)
+    with pytest.raises(ValueError, match="empty"):
+        mira.mean_retrieval_weights(model, [], progress=False)
+    with pytest.raises(TypeError, match="input tensors or"):
+        mira.mean_retrieval_weights(model, [{"x": images(1)}], progress=False)
+
+
+@torch.no_grad()
+def test_a_folded_model_runs_and_exports_as_the_plain_backbone():
+    model = mira.set_stage(trained(), "inference")
+    x = images()
+    mira.fold(model, torch.full((3,), 1 / 3))
+    folded = model(x)
+    backbone_ops = _ops(torch.export.export(tiny_vit(), (x,)))
+    assert _ops(torch.export.export(model, (x,))) == backbone_ops  # no MIRA op, no memory read
+    mira.unload(model)  # PEFT's merge_and_unload: the update stays in the weights
+    assert not mira.projections(model) and not mira.memories(model)
+    assert all(type(b.attn.qkv) is nn.Linear for b in model.blocks)
+    assert sorted(model.state_dict()) == sorted(tiny_vit().state_dict())
+    torch.testing.assert_close(model(x), folded, rtol=0, atol=0)
+
+
+def _ops(program):
+    return sorted(str(n.target) for n in program.graph.nodes if n.op == "call_function")
+
+
+def test_held_updates_refuse_what_would_be_wrong_and_failed_calls_change_nothing():
+    model = trained()
+    before = qkv_weights(model)
+    with pytest.raises(RuntimeError, match="holds no merged update"):
+        mira.unmerge(model)
+    mira.set_stage(model, "consolidation")
+    with pytest.raises(RuntimeError, match="only the adaptation stage runs"):
+        mira.merge(model)
+    # Bad fold weights are refused before any weight changes.
+    for bad, error, message in [
+        (torch.ones(2), ValueError, r"must have shape \(3,\)"),
+        (torch.tensor([1.0, float("nan"), 0.0]), ValueError, "not all finite"),
+        ({"blocks.0.mira_memory": torch.ones(3)}, KeyError, "memories without slot weights"),
+        ("uniform", TypeError, "fold: weights must be"),
+    ]:
+        with pytest.raises(error, match=message):
+            mira.fold(model, bad)
+        assert all(torch.equal(w, p.base_layer.weight) for w, p in zip(before, mira.projections(model)))
+        assert all(p.merged_update is None for p in mira.projections(model))
+    mira.fold(model, torch.ones(3))
+    with pytest.raises(RuntimeError, match="already holds a folded update; call mira.unfold"):
+        mira.fold(model, torch.ones(3))
+    with pytest.raises(RuntimeError, match="holds a folded update, not a merged one"):
+        mira.unmerge(model)
+    with pytest.raises(RuntimeError, match=r"mira.unfold\(model\)\) before switching to the 'adaptation' stage"):
+        mira.set_stage(model, "adaptation")
+    with pytest.raises(RuntimeError, match="detaching would not restore the backbone"):
+        mira.detach(model)
+    with pytest.raises(RuntimeError, match="memories do not run"):
+        mira.mean_retrieval_weights(model, [images(1)])
+    mira.unfold(model)
+    mira.detach(model)  # allowed again once the update is out
+    with pytest.raises(RuntimeError, match="no MIRA layers"):
+        mira.merge(model)
