@@ -5,16 +5,17 @@ Every adapted layer calls the public op :func:`mira_kernels.mira_linear`, so whi
 
 Public API (names are stable; other packages build on them)::
 
-    mira.attach(model, *, rank=4, slices=("q", "v"), query="identity", separation="affine",
-                blocks=None, capacity=None, key_dim=None, query_token="cls", query_hidden=None,
-                key_norm="per_feature", key_init="uniform", trainable_bank=False, scale=1.0, eps=None,
-                slice_width=None, example_input=None) -> model
-        In place: each timm ViT block gets ``block.mira_memory`` (AdapterMemory, with its query
-        module) and ``block.attn.qkv`` becomes a MiraProjection wrapping the original Linear.
-        Verified by dry runs; the backbone is frozen; the stage is "adaptation". The defaults
-        are the authors' retrieval: keys normalised per feature across the stored keys, then
-        cosine (key_norm="per_feature"; "unit" = cosine only), new keys U(-1, 1)
-        (key_init="uniform"; "normal" = Gaussian, as the paper's text says).
+    mira.attach(model, config=None, *, example_input=None, **options) -> model
+        config: a MiraConfig (PEFT style), or its fields as keyword arguments (rank=4,
+        slices=("q", "v"), query="identity", separation="affine", blocks=None, capacity=None,
+        key_dim=None, query_token="cls", query_hidden=None, key_norm="per_feature",
+        key_init="uniform", trainable_bank=False, scale=1.0, eps=..., slice_width=None). In place:
+        each timm ViT block gets ``block.mira_memory`` (AdapterMemory, with its query module) and
+        ``block.attn.qkv`` becomes a MiraProjection wrapping the original Linear. Verified by dry
+        runs; the backbone is frozen; the stage is "adaptation". The defaults are the authors'
+        retrieval: keys normalised per feature across the stored keys, then cosine
+        (key_norm="per_feature"; "unit" = cosine only), new keys U(-1, 1) (key_init="uniform";
+        "normal" = Gaussian, as the paper's text says).
     mira.detach(model) -> model                          undo attach
     mira.memories(model) -> list[AdapterMemory]          block order
     mira.named_memories(model) -> list[(name, AdapterMemory)]
@@ -24,13 +25,24 @@ Public API (names are stable; other packages build on them)::
         trainable_bank) train, memory used; inference: nothing trains. Everything else is frozen
         except modules named in extra_trainable (e.g. ("head",)).
     mira.trainable_parameters(model, stage) -> list[Parameter]     what that stage trains
-    mira.count_parameters(model) -> dict   backbone / keys / query / bank / lora / added / trainable
+    mira.count_parameters(model) -> dict   backbone / keys / query / bank / lora / added (keys + query
+        + bank) / added_bytes / total / trainable
+    mira.parameter_summary(model) -> str / mira.print_trainable_parameters(model)   totals and %
     mira.association_matrices(model, images) -> {memory name: (B, num_slots) weights}
     mira.write_adapters(model, keys=None, *, generator=None, reset=True) -> list[int]
         append each block's current LoRA to its memory (a U(-1, 1) key unless given), re-init LoRA
+    mira.forget_optimizer_state(model, optimizer)   after a memory grew (a step with stale state raises)
     mira.save_memories(model, path) / mira.load_memories(model, path)      safetensors, versioned
         (a file saved with key_norm="unit" loads into a model attached with key_norm="unit")
     mira.import_peft(model, source, *, keys=None, module_names=None, drop_unused_rows=False, ...)
+
+    Serving (mira.merge, mira.export):
+    mira.merge(model) / mira.unmerge(model)      the live LoRA into / out of the frozen qkv weights
+    mira.fold(model, weights) / mira.unfold(model)   a fixed mixture of each memory into / out of them
+    mira.mean_retrieval_weights(model, batches) -> {memory name: (N,)}   calibrated fold weights
+    mira.unload(model) -> model                  remove MIRA, keep a merged / folded update (plain timm)
+    mira.export.export_program(model, x) / .export_aoti(model, x, path) / .load_aoti(path)
+    mira.export.export_onnx(model, x, path)      the op decomposed into standard ops (export only)
 
     AdapterMemory: .append(bank_a, bank_b, keys=None) -> slots, .remove(indices), .clear(),
         .num_slots, .capacity, .get_association_matrix(query | tokens=...), .make_query(tokens),
@@ -54,6 +66,7 @@ A typical run::
     mira.set_stage(model, "inference"); model.eval(); logits = model(images)
 """
 
+from . import export
 from .config import KEY_INITS, KEY_NORMS, QUERY_MODULES, QUERY_TOKENS, STAGES, MemoryConfig, MiraConfig
 from .integration import (
     MEMORY_ATTR,
@@ -71,7 +84,10 @@ from .integration import (
 from .io import FORMAT_VERSION, import_peft, load_memories, save_memories
 from .layers import MiraProjection
 from .memory import AdapterMemory
+from .merge import MergedUpdate, fold, mean_retrieval_weights, merge, unfold, unload, unmerge
+from .optim_state import forget_optimizer_state
 from .query import IdentityQuery, LinearQuery, MlpQuery, build_query_module
+from .summary import parameter_summary, print_trainable_parameters
 
 __all__ = [
     "FORMAT_VERSION",
@@ -85,6 +101,7 @@ __all__ = [
     "IdentityQuery",
     "LinearQuery",
     "MemoryConfig",
+    "MergedUpdate",
     "MiraConfig",
     "MiraProjection",
     "MlpQuery",
@@ -93,13 +110,23 @@ __all__ = [
     "build_query_module",
     "count_parameters",
     "detach",
+    "export",
+    "fold",
+    "forget_optimizer_state",
     "import_peft",
     "load_memories",
+    "mean_retrieval_weights",
     "memories",
+    "merge",
     "named_memories",
+    "parameter_summary",
+    "print_trainable_parameters",
     "projections",
     "save_memories",
     "set_stage",
     "trainable_parameters",
+    "unfold",
+    "unload",
+    "unmerge",
     "write_adapters",
 ]

@@ -8,11 +8,13 @@ a :class:`~mira.layers.MiraProjection`. No ViT code is copied; the model's own f
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterable, Sequence
 
 import torch
 import torch.nn as nn
 
+from . import families
 from .config import SLICE_NAMES, STAGES, MemoryConfig, MiraConfig
 from .layers import MiraProjection
 from .memory import AdapterMemory
@@ -37,9 +39,10 @@ MEMORY_ATTR = "mira_memory"
 _SUPPORTED = (
     "mira.attach supports timm Vision Transformers whose blocks have an `attn.qkv` nn.Linear that the "
     "attention calls on per-image tokens (B, T, d): VisionTransformer (vit_tiny/small/base_patch16_224, ...), "
-    "DeiT (deit_*), and other timm models with that block structure. Not supported: models that call "
-    "F.linear on attn.qkv.weight directly (BEiT, EVA, SwinV2 in timm 1.0.31), windowed attention (Swin), "
-    "and attention with separate q/k/v projections."
+    "DeiT (deit_*), BEiT and EVA / EVA-02 with a fused qkv (eva02_tiny/small; their q/v biases are moved into "
+    "attn.qkv), and other timm models with that block structure. Not supported: attention with separate q/k/v "
+    "projections (EVA-02 base/large: qkv_fused=False), windowed or spatial attention (Swin, SwinV2, SAM), and "
+    "models that call F.linear on attn.qkv.weight in another way."
 )
 
 
@@ -150,34 +153,43 @@ def _slice_offsets(config: MiraConfig, out_features: int, where: str) -> tuple[t
     return offsets, width, names
 
 
+def _attach_config(config: MiraConfig | None, options: dict) -> MiraConfig:
+    """The MiraConfig of an attach call: ``config`` or the keyword arguments (MiraConfig's fields)."""
+    fields = [f.name for f in dataclasses.fields(MiraConfig)]
+    unknown = sorted(set(options) - set(fields))
+    if unknown:
+        raise TypeError(f"attach() got unexpected keyword arguments {unknown}; MIRA options are MiraConfig's fields: "
+                        f"{fields} (and example_input)")
+    if options.get("eps", 0.0) is None:  # eps=None has always meant the default guard
+        del options["eps"]
+    if config is None:
+        return MiraConfig(**options)
+    if not isinstance(config, MiraConfig):
+        raise TypeError(f"attach: config must be a mira.MiraConfig, got {type(config).__name__}")
+    if options:
+        raise TypeError(f"attach: pass the options either in the MiraConfig or as keyword arguments, not both "
+                        f"(got config and {sorted(options)}); use dataclasses.replace(config, ...) to change a config")
+    return config
+
+
 def attach(
     model: nn.Module,
+    config: MiraConfig | None = None,
     *,
-    rank: int = 4,
-    slices: Sequence = ("q", "v"),
-    query: str = "identity",
-    separation: str = "affine",
-    blocks: Sequence[int] | None = None,
-    capacity: int | None = None,
-    key_dim: int | None = None,
-    query_token: str = "cls",
-    query_hidden: int | None = None,
-    key_norm: str = "per_feature",
-    key_init: str = "uniform",
-    trainable_bank: bool = False,
-    scale: float = 1.0,
-    eps: float | None = None,
-    slice_width: int | None = None,
     example_input: torch.Tensor | None = None,
+    **options,
 ) -> nn.Module:
     """Insert MIRA into a timm Vision Transformer, in place.
 
     Every selected block gets ``block.mira_memory`` (an :class:`AdapterMemory`, empty, or with
     ``capacity`` pre-allocated slots) and ``block.attn.qkv`` becomes a :class:`MiraProjection`
     wrapping the original linear layer. The whole backbone is frozen and the model is left in
-    the ``adaptation`` stage (equal to the backbone until the LoRA trains). The arguments are
-    those of :class:`~mira.config.MiraConfig`. The defaults are the authors' semantics: keys
-    normalised per feature before the cosine (``key_norm="per_feature"``) and drawn from
+    the ``adaptation`` stage (equal to the backbone until the LoRA trains).
+
+    What to insert is a :class:`~mira.config.MiraConfig`, given as ``config`` (PEFT style:
+    ``mira.attach(model, MiraConfig(rank=8))``) or as its fields in keyword arguments
+    (``mira.attach(model, rank=8)``), not both. Defaults are MiraConfig's: the authors' semantics,
+    keys normalised per feature before the cosine (``key_norm="per_feature"``) and drawn from
     U(-1, 1) (``key_init="uniform"``); ``key_norm="unit"`` is plain cosine retrieval.
 
     Two dry runs (``example_input``, default a random batch of 2 at the model's input size)
@@ -188,14 +200,7 @@ def attach(
     Returns:
         ``model`` itself.
     """
-    from mira_kernels import DEFAULT_EPS
-
-    config = MiraConfig(
-        rank=rank, slices=slices, slice_width=slice_width, query=query, query_token=query_token,
-        query_hidden=query_hidden, key_dim=key_dim, separation=separation, key_norm=key_norm, key_init=key_init,
-        capacity=capacity, trainable_bank=trainable_bank, scale=scale, eps=DEFAULT_EPS if eps is None else eps,
-        blocks=blocks,
-    )
+    config = _attach_config(config, options)
     if not isinstance(model, nn.Module):
         raise TypeError(f"attach expects an nn.Module, got {type(model).__name__}")
     if projections(model):
@@ -220,6 +225,19 @@ def attach(
     elif isinstance(example_input, torch.Tensor) and example_input.shape[0] == 1:
         # With one image, windowed attention over a single window would look per-image.
         example_input = torch.cat([example_input, example_input])
+    for _, block in chosen:
+        families.fuse_qkv_bias(block.attn)  # BEiT / EVA: their qkv becomes a call of attn.qkv
+    try:
+        _install(model, chosen, config, example_input)
+    except Exception:
+        detach(model)  # restores whatever was changed, the moved biases included
+        raise
+    set_stage(model, "adaptation")
+    return model
+
+
+def _install(model: nn.Module, chosen: list[tuple[str, nn.Module]], config: MiraConfig,
+             example_input: torch.Tensor) -> None:
     _probe(model, chosen, example_input, "original model")
 
     has_cls = getattr(model, "cls_token", None) is not None
@@ -248,20 +266,24 @@ def attach(
         memory = AdapterMemory(mem_config, device=qkv.weight.device, dtype=qkv.weight.dtype)
         setattr(block, MEMORY_ATTR, memory)
         block.attn.qkv = MiraProjection(qkv, memory, offsets, slice_names=names)
-    try:
-        _probe(model, chosen, example_input, "model with MIRA installed")
-    except Exception:
-        detach(model)
-        raise
-    set_stage(model, "adaptation")
-    return model
+    _probe(model, chosen, example_input, "model with MIRA installed")
 
 
 def detach(model: nn.Module) -> nn.Module:
-    """Remove every MIRA layer: restore the original ``attn.qkv`` and delete the memories."""
+    """Remove every MIRA layer: restore the original ``attn.qkv`` and delete the memories.
+
+    Refused while a merged or folded update is held in the weights (:mod:`mira.merge`): take it
+    out first (``mira.unmerge`` / ``mira.unfold``), or keep it with ``mira.unload``.
+    """
+    held = [p.merged_update.kind for p in projections(model) if p.merged_update is not None]
+    if held:
+        undo = "mira.unmerge" if held[0] == "merged" else "mira.unfold"
+        raise RuntimeError(f"detach: the qkv weights hold a {held[0]} update, so detaching would not restore the "
+                           f"backbone; call {undo}(model) first, or mira.unload(model) to keep the update")
     for _, block in _qkv_blocks(model):
         if isinstance(block.attn.qkv, MiraProjection):
             block.attn.qkv = block.attn.qkv.base_layer
+        families.split_qkv_bias(block.attn)
         if isinstance(getattr(block, MEMORY_ATTR, None), AdapterMemory):
             delattr(block, MEMORY_ATTR)
     return model
@@ -318,6 +340,8 @@ def set_stage(model: nn.Module, stage: str, *, extra_trainable: Iterable[str] = 
         raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
     if not projections(model):
         raise RuntimeError("set_stage: the model has no MIRA layers (call mira.attach first)")
+    for proj in projections(model):
+        proj.check_stage(stage)  # before anything changes
     modules = dict(model.named_modules())
     extra = []
     for name in extra_trainable:
@@ -338,28 +362,37 @@ def set_stage(model: nn.Module, stage: str, *, extra_trainable: Iterable[str] = 
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:
-    """Element counts of the backbone and of each MIRA part.
+    """Element counts of the backbone and of each MIRA part, the stored adapters included.
 
     Returns:
-        ``backbone`` (every parameter outside MIRA), ``keys``, ``query`` (query modules),
-        ``bank`` (stored adapter values, buffers unless trainable), ``lora`` (the adaptation
-        adapters), ``added`` (keys + query + trainable bank: what consolidation adds to the
-        trained model) and ``trainable`` (parameters with requires_grad now).
+        ``backbone``: every parameter outside MIRA (the head included).
+        ``keys``, ``query`` (query modules), ``bank`` (the stored adapter values: buffers, or
+        parameters with ``trainable_bank``; every allocated slot of a fixed-capacity memory),
+        ``lora`` (the live adaptation adapters).
+        ``added``: keys + query + bank, what MIRA adds to a served model (the live LoRA does not
+        run in inference and is left out; it is in ``total``); ``added_bytes``: its size in
+        bytes in the tensors' dtypes.
+        ``total``: backbone + keys + query + bank + lora.
+        ``trainable``: parameters with requires_grad now.
     """
     mira_ids = set()
     counts = dict.fromkeys(("keys", "query", "bank", "lora"), 0)
+    added_bytes = 0
     for m in memories(model):
+        query_params = list(m.query_module.parameters())
         counts["keys"] += m.keys.numel()
         counts["bank"] += m.bank_a.numel() + m.bank_b.numel()
-        counts["query"] += sum(p.numel() for p in m.query_module.parameters())
+        counts["query"] += sum(p.numel() for p in query_params)
+        added_bytes += sum(t.numel() * t.element_size() for t in (m.keys, m.bank_a, m.bank_b, *query_params))
         mira_ids.update(id(p) for p in m.parameters())
     for p in projections(model):
         counts["lora"] += p.lora_a.numel() + p.lora_b.numel()
         mira_ids.update((id(p.lora_a), id(p.lora_b)))
     params = list(model.parameters())
     counts["backbone"] = sum(p.numel() for p in params if id(p) not in mira_ids)
-    trainable_bank = sum(m.bank_a.numel() + m.bank_b.numel() for m in memories(model) if m.config.trainable_bank)
-    counts["added"] = counts["keys"] + counts["query"] + trainable_bank
+    counts["added"] = counts["keys"] + counts["query"] + counts["bank"]
+    counts["added_bytes"] = added_bytes
+    counts["total"] = counts["backbone"] + counts["added"] + counts["lora"]
     counts["trainable"] = sum(p.numel() for p in params if p.requires_grad)
     return counts
 

@@ -14,7 +14,8 @@ Two storage modes:
   The ``keys`` Parameter object is kept across an append or remove (its ``.data`` is replaced)
   so an optimiser still refers to it, but per-parameter optimiser state (Adam moments) then has
   the old shape: call :meth:`AdapterMemory.forget_optimizer_state` (or build a new optimiser)
-  after growing. The step fails loudly otherwise, it never trains stale slots silently.
+  after growing. The step fails loudly otherwise, naming the cure (:mod:`mira.optim_state`);
+  it never trains stale slots silently.
 * fixed capacity (``capacity=C``): C slots are pre-allocated with a boolean ``active`` mask.
   Stored adapters always occupy slots ``0 .. num_slots-1``. Empty slots have zero keys and zero
   values, so their cosine score is 0 and they add nothing (see ``mira.config`` for why softmax
@@ -51,6 +52,7 @@ import mira_kernels
 from mira_kernels.reference import NORM_EPS
 
 from .config import MemoryConfig
+from .optim_state import note_resized
 from .query import IdentityQuery, build_query_module, pool_tokens
 
 __all__ = ["AdapterMemory"]
@@ -275,6 +277,8 @@ class AdapterMemory(nn.Module):
     def _set_storage(self, keys: torch.Tensor, bank_a: torch.Tensor, bank_b: torch.Tensor) -> None:
         # Growing mode: keep the Parameter objects (an optimiser refers to them), swap their data.
         self.invalidate_cache()
+        if keys.shape != self.keys.shape:
+            note_resized(self.keys, self.bank_a, self.bank_b)  # optimiser state of the old shape: a clear error
         self.keys.data = keys
         self.keys.grad = None
         if isinstance(self.bank_a, nn.Parameter):

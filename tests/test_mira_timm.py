@@ -92,15 +92,16 @@ def small(name, **kwargs):
 @pytest.mark.parametrize(
     "make,message",
     [
-        (lambda: small("beit_base_patch16_224", img_size=32, embed_dim=32, depth=1, num_heads=2), "never called"),
-        (lambda: small("eva02_tiny_patch14_224", img_size=28, depth=1), "never called"),
+        (lambda: small("eva02_base_patch14_224", img_size=28, depth=1, embed_dim=32, num_heads=2), "found no block"),
         (lambda: small("swinv2_tiny_window8_256", img_size=32, window_size=4, embed_dim=16, depths=(1, 1),
-                       num_heads=(1, 1)), "never called"),
+                       num_heads=(1, 1)), "windowed"),
+        (lambda: small("samvit_base_patch16", img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
+                       window_size=2, global_attn_indexes=(1,), neck_chans=8, use_rel_pos=False), "windowed"),
         (lambda: small("swin_tiny_patch4_window7_224", img_size=32, window_size=4, embed_dim=16, depths=(1, 1),
                        num_heads=(1, 1)), "windowed"),
         (lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten()), "found no block"),
     ],
-    ids=["beit", "eva", "swinv2", "swin", "no-blocks"],
+    ids=["eva02-separate-qkv", "swinv2", "sam", "swin", "no-blocks"],
 )
 def test_attach_refuses_unsupported_models_and_leaves_them_untouched(make, message):
     model = make()
@@ -109,6 +110,7 @@ def test_attach_refuses_unsupported_models_and_leaves_them_untouched(make, messa
         mira.attach(model)
     assert "mira.attach supports timm Vision Transformers" in str(info.value)
     assert not mira.projections(model) and not mira.memories(model)
+    assert sorted(model.state_dict()) == sorted(before)  # SwinV2's q/v biases moved into qkv and back
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 
@@ -206,9 +208,12 @@ def test_inference_stage_trains_nothing_and_counts_parameters():
     assert not _trainable_names(model)
     counts = mira.count_parameters(model)
     # 30 keys of width 192 in each of the 2 blocks; the identity query adds nothing.
-    assert counts["keys"] == counts["added"] == 2 * 30 * 192
+    assert counts["keys"] == 2 * 30 * 192 and counts["query"] == 0
     assert counts["bank"] == 2 * 30 * 2 * 2 * 4 * 192 and counts["lora"] == 2 * 2 * 2 * 4 * 192
+    # What a served model adds: keys and the stored adapters (buffers), fp32.
+    assert counts["added"] == counts["keys"] + counts["bank"] and counts["added_bytes"] == 4 * counts["added"]
     assert counts["backbone"] == sum(p.numel() for p in tiny_vit(depth=2).parameters())
+    assert counts["total"] == counts["backbone"] + counts["added"] + counts["lora"]
     assert counts["trainable"] == 0
 
 

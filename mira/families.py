@@ -1,0 +1,66 @@
+"""timm attention families whose qkv projection is not a plain call of ``attn.qkv``.
+
+BEiT, EVA / EVA-02 with a fused qkv (``eva02_tiny``, ``eva02_small``, EVA-01) and SwinV2 keep
+the q and v biases as separate parameters (k's is a zero buffer) and compute
+``F.linear(x, qkv.weight, cat(q_bias, k_bias, v_bias))``, which bypasses any module installed
+at ``attn.qkv``. Their forward calls ``self.qkv(x)`` instead when ``q_bias is None``. So
+:func:`fuse_qkv_bias` moves the concatenated bias into ``attn.qkv`` (an ``nn.Linear`` with that
+bias and the same weight Parameter) and sets the three bias attributes to None: the same
+arithmetic, through a module MIRA can wrap, and no model code copied. :func:`split_qkv_bias`
+puts them back (``mira.detach``). ``attach``'s dry runs still check that the wrapper is called
+on per-image tokens (SwinV2, windowed, is refused there).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+__all__ = ["fuse_qkv_bias", "split_qkv_bias"]
+
+_FUSED_MARK = "_mira_fused_qkv_bias"
+
+
+def _has_split_bias(attn: nn.Module) -> bool:
+    qkv = getattr(attn, "qkv", None)
+    return (
+        isinstance(qkv, nn.Linear) and qkv.bias is None
+        and isinstance(getattr(attn, "q_bias", None), torch.Tensor)
+        and isinstance(getattr(attn, "v_bias", None), torch.Tensor)
+        and isinstance(getattr(attn, "k_bias", None), torch.Tensor)
+        and not getattr(attn, "qkv_bias_separate", False)  # that variant already calls self.qkv(x)
+    )
+
+
+@torch.no_grad()
+def fuse_qkv_bias(attn: nn.Module) -> bool:
+    """Move ``attn``'s separate q/k/v biases into ``attn.qkv``; returns whether it did."""
+    if not _has_split_bias(attn):
+        return False
+    qkv = attn.qkv
+    bias = torch.cat([attn.q_bias, attn.k_bias, attn.v_bias]).detach().clone()
+    if bias.shape != (qkv.out_features,):
+        return False
+    fused = nn.Linear(qkv.in_features, qkv.out_features, bias=True, device="meta")
+    fused.weight = qkv.weight  # the same Parameter: nothing of the backbone is copied
+    fused.bias = nn.Parameter(bias, requires_grad=attn.q_bias.requires_grad)
+    attn.qkv = fused
+    attn.q_bias = attn.k_bias = attn.v_bias = None
+    object.__setattr__(attn, _FUSED_MARK, True)
+    return True
+
+
+@torch.no_grad()
+def split_qkv_bias(attn: nn.Module) -> None:
+    """Undo :func:`fuse_qkv_bias` (no-op for an attention it did not change)."""
+    if not attn.__dict__.pop(_FUSED_MARK, False):
+        return
+    qkv = attn.qkv
+    d = qkv.out_features // 3
+    bias = qkv.bias.detach()
+    plain = nn.Linear(qkv.in_features, qkv.out_features, bias=False, device="meta")
+    plain.weight = qkv.weight
+    attn.qkv = plain
+    attn.q_bias = nn.Parameter(bias[:d].clone(), requires_grad=qkv.bias.requires_grad)
+    attn.k_bias = bias[d: 2 * d].clone()  # a (non-persistent) buffer, as timm registers it
+    attn.v_bias = nn.Parameter(bias[2 * d:].clone(), requires_grad=qkv.bias.requires_grad)

@@ -1,0 +1,65 @@
+"""A clear error when an optimiser still holds state of a memory from before it grew.
+
+A growing memory (``capacity=None``) keeps its ``keys`` Parameter object across an append or a
+remove but changes its shape, so an optimiser's per-parameter state (Adam's moments, SGD's
+momentum) has the old shape and its next step would fail deep inside the update with a
+broadcasting error. Once any memory has been resized, a step pre-hook common to all optimisers
+(``torch.optim.optimizer.register_optimizer_step_pre_hook``, registered on the first resize)
+checks the resized tensors' state first and names the cure: :func:`forget_optimizer_state`.
+
+The check compares shapes, in the state entries that mirror the parameter in PyTorch's
+optimisers (factored state such as Adafactor's row and column statistics is left alone), so it
+cannot see a memory that shrank and grew back to its old size: call
+:func:`forget_optimizer_state` after every change of the memory, as the memory's docs say.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+import torch.nn as nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+__all__ = ["forget_optimizer_state", "note_resized"]
+
+# Per-parameter state entries of torch.optim's optimisers that have the parameter's shape.
+_MIRRORED_STATE = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "exp_inf", "momentum_buffer", "square_avg",
+                   "grad_avg", "acc_delta", "sum", "ax", "prev", "step_size")
+
+# id -> tensor, weakly (a WeakSet would compare tensors with ==, element-wise).
+_resized: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+_hook = None
+
+
+def note_resized(*tensors: torch.Tensor) -> None:
+    """Record memory tensors whose shape just changed (called by the memory when it resizes)."""
+    global _hook
+    _resized.update({id(t): t for t in tensors if isinstance(t, nn.Parameter)})
+    if _hook is None:
+        _hook = register_optimizer_step_pre_hook(_check_state)
+
+
+def _check_state(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+    state = optimizer.state
+    for param in list(_resized.values()):
+        if param not in state:  # a defaultdict: test, never index
+            continue
+        for key in _MIRRORED_STATE:
+            held = state[param].get(key)
+            if isinstance(held, torch.Tensor) and held.dim() and held.shape != param.shape:
+                raise RuntimeError(
+                    f"{type(optimizer).__name__}.step: its state {key!r} of a MIRA memory tensor has shape "
+                    f"{tuple(held.shape)}, but the tensor now has shape {tuple(param.shape)}: the memory grew or "
+                    "shrank (write_adapters, append, remove, load) after the optimizer last stepped. Call "
+                    "mira.forget_optimizer_state(model, optimizer) (or memory.forget_optimizer_state(optimizer)) "
+                    "after changing a memory, or build a new optimizer; nothing was updated"
+                )
+
+
+def forget_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Drop ``optimizer``'s per-parameter state of every memory of ``model`` (call after growing)."""
+    from .integration import memories
+
+    for memory in memories(model):
+        memory.forget_optimizer_state(optimizer)

@@ -1,0 +1,107 @@
+"""The PEFT-shaped API: attach(model, MiraConfig), the parameter summary, and the stale-optimiser-state error."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import timm
+import torch
+
+import mira
+
+pytestmark = pytest.mark.filterwarnings("ignore:mira_kernels. no native backend:RuntimeWarning")
+
+
+def tiny_vit(depth=2):
+    torch.manual_seed(0)
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, num_classes=5,
+                             depth=depth).eval()
+
+
+def images(batch=2, seed=1):
+    return torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def test_attach_takes_a_config_positionally_or_by_keyword_and_keywords_still_work():
+    config = mira.MiraConfig(rank=2, query="linear", key_dim=16, capacity=4, blocks=(1,))
+    snapshot = dataclasses.asdict(config)
+    by_config = mira.attach(tiny_vit(), config)
+    by_keyword = mira.attach(tiny_vit(), config=config)
+    by_options = mira.attach(tiny_vit(), rank=2, query="linear", key_dim=16, capacity=4, blocks=(1,))
+    assert dataclasses.asdict(config) == snapshot  # not modified
+    for model in (by_config, by_keyword, by_options):
+        (memory,) = mira.memories(model)
+        assert [n for n, _ in mira.named_memories(model)] == ["blocks.1.mira_memory"]
+        assert (memory.config.rank, memory.config.d_k, memory.capacity) == (2, 16, 4)
+    assert mira.memories(mira.attach(tiny_vit(), eps=None))[0].config.eps == mira.MiraConfig().eps  # as before
+    assert mira.memories(mira.attach(tiny_vit()))[0].config == mira.memories(mira.attach(tiny_vit(), mira.MiraConfig())
+                                                                              )[0].config
+
+
+@pytest.mark.parametrize(
+    "args,kwargs,message",
+    [
+        ((mira.MiraConfig(),), {"rank": 8}, "not both"),
+        (({"rank": 8},), {}, "config must be a mira.MiraConfig"),
+        ((), {"ranks": 8}, r"unexpected keyword arguments \['ranks'\]"),
+    ],
+)
+def test_attach_config_errors(args, kwargs, message):
+    model = tiny_vit()
+    with pytest.raises(TypeError, match=message):
+        mira.attach(model, *args, **kwargs)
+    assert not mira.projections(model)
+
+
+def test_parameter_summary_has_totals_percentages_and_the_banks(capsys):
+    model = mira.attach(tiny_vit(), capacity=30)
+    mira.set_stage(model, "consolidation", extra_trainable=("head",))
+    counts = mira.count_parameters(model)
+    mira.print_trainable_parameters(model)
+    text = capsys.readouterr().out
+    assert text == mira.parameter_summary(model) + "\n"
+    lines = text.splitlines()
+    assert lines[0].startswith("MIRA on VisionTransformer: 2 adapted blocks, 0 stored adapters per block, "
+                               "stage consolidation")
+    row = {line[:28].strip(): line[28:].split() for line in lines[2:8]}
+    assert row["stored adapters (bank)"] == [f"{counts['bank']:,d}", f"{100 * counts['bank'] / counts['backbone']:.4f}"]
+    assert row["added by MIRA (served)"][0] == f"{counts['keys'] + counts['bank']:,d}"
+    trainable = counts["keys"] + sum(p.numel() for p in model.head.parameters())
+    assert counts["trainable"] == trainable
+    assert lines[-1] == (f"trainable params: {trainable:,d} || all params: {counts['total']:,d} || "
+                         f"trainable%: {100 * trainable / counts['total']:.4f}")
+    assert "no MIRA layers" in mira.parameter_summary(tiny_vit())
+
+
+def store_random_adapter(model, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in mira.projections(model):
+            p.lora_b.copy_(torch.randn(p.lora_b.shape, generator=g) * 0.2)
+    mira.write_adapters(model, generator=g)
+
+
+def test_a_step_with_stale_optimizer_state_after_growth_raises_and_names_the_cure():
+    model = mira.attach(tiny_vit())
+    store_random_adapter(model, 0)
+    mira.set_stage(model, "consolidation")
+    params = [p for p in model.parameters() if p.requires_grad]
+    for optimizer in (torch.optim.AdamW(params, lr=1e-2), torch.optim.SGD(params, lr=1e-2, momentum=0.9)):
+        model(images()).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        store_random_adapter(model, len(optimizer.state))  # the keys grow from N to N + 1 slots
+        model(images()).sum().backward()
+        keys = [m.keys.detach().clone() for m in mira.memories(model)]
+        with pytest.raises(RuntimeError, match=r"mira.forget_optimizer_state\(model, optimizer\)"):
+            optimizer.step()
+        assert all(torch.equal(k, m.keys) for k, m in zip(keys, mira.memories(model)))  # nothing was updated
+        mira.forget_optimizer_state(model, optimizer)
+        optimizer.step()
+        assert not any(torch.equal(k, m.keys) for k, m in zip(keys, mira.memories(model)))
+        optimizer.zero_grad()
+    # Factored state of another shape (Adafactor's row / column statistics) is not mistaken for stale state.
+    adafactor = torch.optim.Adafactor(params, lr=1e-2)
+    model(images()).sum().backward()
+    adafactor.step()

@@ -1,0 +1,62 @@
+"""timm families beyond the plain ViT: BEiT and EVA-02 (fused qkv), whose q/v biases attach moves into attn.qkv."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+import torch.nn as nn
+
+import mira
+
+pytestmark = pytest.mark.filterwarnings("ignore:mira_kernels. no native backend:RuntimeWarning")
+
+FAMILIES = {
+    "beit": ("beit_base_patch16_224", {"img_size": 32, "embed_dim": 32, "depth": 2, "num_heads": 2}),
+    "eva02": ("eva02_tiny_patch14_224", {"img_size": 28, "depth": 2}),
+}
+
+
+def make(family):
+    name, kwargs = FAMILIES[family]
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, num_classes=5, **kwargs).eval()
+    with torch.no_grad():  # timm initialises the q/v biases to zero: make them matter
+        for block in model.blocks:
+            block.attn.q_bias.normal_(0, 0.5)
+            block.attn.v_bias.normal_(0, 0.5)
+    return model
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_attach_wraps_the_qkv_of_beit_and_eva02_and_detach_restores_them(family):
+    model = make(family)
+    x = torch.randn(2, 3, *model.patch_embed.img_size, generator=torch.Generator().manual_seed(1))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        expected = model(x)
+    mira.attach(model, separation="softmax")  # one stored slot gets weight 1
+    attn = model.blocks[0].attn
+    assert isinstance(attn.qkv, mira.MiraProjection) and attn.q_bias is None and attn.v_bias is None
+    torch.testing.assert_close(attn.qkv.bias[: attn.qkv.out_features // 3], before["blocks.0.attn.q_bias"])
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)  # the biases still apply
+        for p in mira.projections(model):
+            p.lora_b.normal_(0, 0.2)
+        mira.write_adapters(model)
+        mira.set_stage(model, "inference")
+        # The stored adapters act on the qkv projection (the backbone's head and layer scales are tiny at init).
+        seen = []
+        handle = attn.qkv.register_forward_hook(lambda module, args, out: seen.append((args[0], out)))
+        model(x)
+        handle.remove()
+        tokens, out = seen[0]
+        base = attn.qkv.base_layer(tokens)
+        assert (out - base).abs().max() > 1e-2 * base.abs().max()
+    mira.detach(model)
+    after = model.state_dict()
+    assert sorted(after) == sorted(before) and all(torch.equal(after[k], v) for k, v in before.items())
+    assert isinstance(attn.q_bias, nn.Parameter) and "k_bias" in attn._non_persistent_buffers_set
+    assert type(attn.qkv) is nn.Linear and attn.qkv.bias is None
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
