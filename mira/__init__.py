@@ -29,12 +29,18 @@ Public API (names are stable; other packages build on them)::
         + bank) / added_bytes / total / trainable
     mira.parameter_summary(model) -> str / mira.print_trainable_parameters(model)   totals and %
     mira.association_matrices(model, images) -> {memory name: (B, num_slots) weights}
-    mira.write_adapters(model, keys=None, *, generator=None, reset=True) -> list[int]
-        append each block's current LoRA to its memory (a U(-1, 1) key unless given), re-init LoRA
+    mira.write_adapters(model, keys=None, *, task=None, generator=None, reset=True) -> list[int]
+        append each block's current LoRA to its memory (a U(-1, 1) key unless given), re-init LoRA;
+        ``task`` names the new slots
+    mira.task_slots(model) -> {task: [slots]}; mira.remove_tasks / select_tasks(model, tasks);
+        mira.task_slot_weights(model, task) -> fold weights serving one task
     mira.forget_optimizer_state(model, optimizer)   after a memory grew (a step with stale state raises)
     mira.save_memories(model, path) / mira.load_memories(model, path)      safetensors, versioned
         (a file saved with key_norm="unit" loads into a model attached with key_norm="unit")
-    mira.import_peft(model, source, *, keys=None, module_names=None, drop_unused_rows=False, ...)
+    mira.save_model(model, path, *, modules=("head",)) / mira.load_model(backbone, path) -> model
+        memories + head + attach config in one file; rebuilt on a fresh backbone in one call
+    mira.config_of(model) -> MiraConfig          the config that attaches the same layers
+    mira.import_peft(model, source, *, into="lora" | "memory", module_names=None, drop_unused_rows=False, ...)
 
     Serving (mira.merge, mira.export):
     mira.merge(model) / mira.unmerge(model)      the live LoRA into / out of the frozen qkv weights
@@ -44,7 +50,8 @@ Public API (names are stable; other packages build on them)::
     mira.export.export_program(model, x) / .export_aoti(model, x, path) / .load_aoti(path)
     mira.export.export_onnx(model, x, path)      the op decomposed into standard ops (export only)
 
-    AdapterMemory: .append(bank_a, bank_b, keys=None) -> slots, .remove(indices), .clear(),
+    AdapterMemory: .append(bank_a, bank_b, keys=None, *, names=None) -> slots, .remove(indices or names),
+        .clear(), .slot_names, .slots_named(task),
         .num_slots, .capacity, .get_association_matrix(query | tokens=...), .make_query(tokens),
         .stored_keys, .stored_adapters, .forget_optimizer_state(optimizer)
     MiraProjection: .base_layer, .memory, .lora_a (S, r, d_in), .lora_b (S, d_s, r),
@@ -72,6 +79,7 @@ from .integration import (
     MEMORY_ATTR,
     association_matrices,
     attach,
+    config_of,
     count_parameters,
     detach,
     memories,
@@ -81,13 +89,14 @@ from .integration import (
     trainable_parameters,
     write_adapters,
 )
-from .io import FORMAT_VERSION, import_peft, load_memories, save_memories
+from .io import FORMAT_VERSION, import_peft, load_memories, load_model, save_memories, save_model
 from .layers import MiraProjection
 from .memory import AdapterMemory
 from .merge import MergedUpdate, fold, mean_retrieval_weights, merge, unfold, unload, unmerge
 from .optim_state import forget_optimizer_state
 from .query import IdentityQuery, LinearQuery, MlpQuery, build_query_module
 from .summary import parameter_summary, print_trainable_parameters
+from .tasks import remove_tasks, select_tasks, task_slot_weights, task_slots
 
 __all__ = [
     "FORMAT_VERSION",
@@ -108,6 +117,7 @@ __all__ = [
     "association_matrices",
     "attach",
     "build_query_module",
+    "config_of",
     "count_parameters",
     "detach",
     "export",
@@ -115,6 +125,7 @@ __all__ = [
     "forget_optimizer_state",
     "import_peft",
     "load_memories",
+    "load_model",
     "mean_retrieval_weights",
     "memories",
     "merge",
@@ -122,8 +133,13 @@ __all__ = [
     "parameter_summary",
     "print_trainable_parameters",
     "projections",
+    "remove_tasks",
     "save_memories",
+    "save_model",
+    "select_tasks",
     "set_stage",
+    "task_slot_weights",
+    "task_slots",
     "trainable_parameters",
     "unfold",
     "unload",

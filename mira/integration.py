@@ -23,6 +23,7 @@ __all__ = [
     "MEMORY_ATTR",
     "association_matrices",
     "attach",
+    "config_of",
     "detach",
     "memories",
     "named_memories",
@@ -269,6 +270,32 @@ def _install(model: nn.Module, chosen: list[tuple[str, nn.Module]], config: Mira
     _probe(model, chosen, example_input, "model with MIRA installed")
 
 
+def config_of(model: nn.Module) -> MiraConfig:
+    """The :class:`~mira.config.MiraConfig` that attaches MIRA to a fresh copy of ``model`` as it is.
+
+    Read back from the installed layers (blocks, slices, memory configs), so it also holds for
+    models attached by older versions. Raises if the blocks were attached with different options.
+    """
+    found = _qkv_blocks(model)
+    adapted = [(i, block.attn.qkv) for i, (_, block) in enumerate(found) if isinstance(block.attn.qkv, MiraProjection)]
+    if not adapted:
+        raise RuntimeError("config_of: the model has no MIRA layers (call mira.attach first)")
+    configs = set()
+    for _, proj in adapted:
+        c = proj.memory.config
+        slices = proj.slice_names if proj.slice_names is not None else proj.slice_offsets
+        configs.add((slices, None if proj.slice_names is not None else c.slice_width, c.rank, c.query, c.query_token,
+                     c.query_hidden, c.d_k, c.separation, c.key_norm, c.capacity, c.trainable_bank, c.scale, c.eps))
+    if len(configs) > 1:
+        raise ValueError(f"config_of: the blocks were attached with different options: {sorted(configs, key=str)}")
+    (slices, slice_width, rank, query, query_token, query_hidden, d_k, separation, key_norm, capacity,
+     trainable_bank, scale, eps) = configs.pop()
+    blocks = None if len(adapted) == len(found) else tuple(i for i, _ in adapted)
+    return MiraConfig(rank=rank, slices=slices, slice_width=slice_width, query=query, query_token=query_token,
+                      query_hidden=query_hidden, key_dim=d_k, separation=separation, key_norm=key_norm,
+                      capacity=capacity, trainable_bank=trainable_bank, scale=scale, eps=eps, blocks=blocks)
+
+
 def detach(model: nn.Module) -> nn.Module:
     """Remove every MIRA layer: restore the original ``attn.qkv`` and delete the memories.
 
@@ -401,6 +428,7 @@ def write_adapters(
     model: nn.Module,
     keys: torch.Tensor | Sequence[torch.Tensor] | None = None,
     *,
+    task: str | None = None,
     generator: torch.Generator | None = None,
     reset: bool = True,
 ) -> list[int]:
@@ -410,6 +438,8 @@ def write_adapters(
         keys: None (a random key per block, drawn from ``generator`` as the memory's ``key_init``
             says: U(-1, 1) by default), one (d_k,) key used by
             every block, or a sequence with one key per memory.
+        task: the name of the new slots (``"sketch"``); a task may store several adapters.
+            Listed by :func:`mira.task_slots`, removed or selected by name, saved with the memories.
         reset: re-initialise the LoRA afterwards (A kaiming-uniform, B zero) for the next run.
 
     Returns:
@@ -430,7 +460,7 @@ def write_adapters(
             raise ValueError(f"got {len(per_block)} keys for {len(projs)} memories")
     # Check every block's key (and room) before any memory changes, so a failure changes nothing.
     with _restored_on_error(generator):
-        prepared = [proj.memory._prepare_append(proj.lora_a, proj.lora_b, key, generator=generator)
+        prepared = [proj.memory._prepare_append(proj.lora_a, proj.lora_b, key, generator=generator, names=task)
                     for proj, key in zip(projs, per_block)]
     slots = []
     for proj, values in zip(projs, prepared):

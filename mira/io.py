@@ -1,17 +1,28 @@
-"""Saving and loading memories, and importing LoRA adapters saved in the PEFT format.
+"""Saving and loading memories and whole models, and importing LoRA adapters saved by PEFT.
 
 File format (``safetensors``; format version :data:`FORMAT_VERSION`): for every memory, named
 by its qualified module name (``blocks.3.mira_memory``), the tensors ``<name>.keys``
 (N, d_k), ``<name>.bank_a`` (N, S, r, d_in), ``<name>.bank_b`` (N, S, d_s, r) and
 ``<name>.query_module.<param>``, holding only the N stored adapters (not empty slots). The
 metadata holds ``format = "mira-memories"``, ``format_version`` and ``memories``: a JSON object
-mapping each name to its config (:class:`~mira.config.MemoryConfig`), slot count and slice
-offsets. Backbone weights are not in the file: load it into a model attached with the same
-arguments.
+mapping each name to its config (:class:`~mira.config.MemoryConfig`), slot count, slice
+offsets and (version 2) ``slot_names``. Backbone weights are not in the file.
+
+Version 2 (this version writes it; versions 1 and 2 load) adds:
+
+* ``slot_names`` per memory: the task name of each slot (None where unnamed);
+* ``attach_config``: the :class:`~mira.config.MiraConfig` that attaches the same layers
+  (:func:`mira.config_of`), so :func:`load_model` needs nothing but a fresh backbone;
+* ``modules`` and tensors ``modules/<module>.<key>``: the state of modules trained beside MIRA
+  (the head), written by :func:`save_model`.
+
+A version-1 file loads with :func:`load_memories` (its slots unnamed); :func:`load_model` refuses
+it with the way to load it, since it holds neither the attach config nor the head.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -22,14 +33,19 @@ from collections.abc import Mapping, Sequence
 import torch
 import torch.nn as nn
 
-from .config import MemoryConfig
-from .integration import _restored_on_error, named_memories, projections
+from .config import MemoryConfig, MiraConfig
+from .integration import _restored_on_error, attach, config_of, detach, named_memories, projections, set_stage
+from .layers import MiraProjection
 from .memory import AdapterMemory
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "save_memories", "load_memories", "import_peft"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "import_peft", "load_memories", "load_model", "save_memories", "save_model"]
 
 FORMAT = "mira-memories"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: Prefix of the tensors of modules saved beside the memories (``modules/head.weight``);
+#: module names never contain "/", so they cannot collide with a memory's tensors.
+MODULE_PREFIX = "modules/"
+_RESERVED = ("format", "format_version", "memories", "attach_config", "modules")
 
 # Config fields that change what a stored adapter means or how it is read; capacity and
 # trainable_bank are storage choices and may differ between the file and the model.
@@ -42,16 +58,54 @@ def _projection_of(model: nn.Module) -> dict[int, object]:
 
 
 def save_memories(model: nn.Module, path: str | os.PathLike, *, metadata: Mapping[str, str] | None = None) -> None:
-    """Write every memory of ``model`` (keys, stored adapters, query modules, config) to ``path``.
+    """Write every memory of ``model`` (keys, stored adapters, slot names, query modules, config) to ``path``.
 
     Args:
-        metadata: extra string entries for the file's metadata (``format*`` and ``memories`` are reserved).
+        metadata: extra string entries for the file's metadata (the format's own keys are reserved).
     """
+    _write_file(model, path, {}, metadata, "save_memories")
+
+
+def save_model(model: nn.Module, path: str | os.PathLike, *, modules: Sequence[str] | None = None,
+               metadata: Mapping[str, str] | None = None) -> None:
+    """Write what a trained MIRA model adds to its backbone, in one safetensors file.
+
+    The memories (keys, stored adapters, slot names, query modules), the state of ``modules``
+    (the trained head) and the attach config: :func:`load_model` rebuilds the model from a fresh
+    backbone with the same pretrained weights in one call.
+
+    Args:
+        modules: qualified names of modules trained beside MIRA, outside its layers; default
+            ``("head",)`` when the model has a ``head``.
+        metadata: extra string entries for the file's metadata (the format's own keys are reserved).
+    """
+    available = dict(model.named_modules())
+    if modules is None:
+        modules = ("head",) if "head" in available else ()
+    chosen = {}
+    for name in modules:
+        module = available.get(name)
+        if module is None or not name:
+            raise KeyError(f"save_model: the model has no module named {name!r}")
+        if any(isinstance(m, (AdapterMemory, MiraProjection)) for m in module.modules()):
+            raise ValueError(f"save_model: {name!r} contains MIRA layers, which are saved anyway; name modules "
+                             "outside them (e.g. 'head')")
+        chosen[name] = module
+    _write_file(model, path, chosen, metadata, "save_model")
+
+
+def _write_file(model: nn.Module, path, modules: Mapping[str, nn.Module], metadata, what: str) -> None:
     from safetensors.torch import save_file
 
     named = named_memories(model)
     if not named:
-        raise RuntimeError("save_memories: the model has no MIRA memories (call mira.attach first)")
+        raise RuntimeError(f"{what}: the model has no MIRA memories (call mira.attach first)")
+    try:
+        attach_config = json.dumps(dataclasses.asdict(config_of(model)))
+    except ValueError:
+        if modules:
+            raise
+        attach_config = None  # blocks attached by hand with different options: memories only
     owners = _projection_of(model)
     tensors: dict[str, torch.Tensor] = {}
     described = {}
@@ -69,12 +123,20 @@ def save_memories(model: nn.Module, path: str | os.PathLike, *, metadata: Mappin
             "config": memory.config.to_dict(),
             "num_slots": n,
             "slice_offsets": list(proj.slice_offsets) if proj is not None else None,
+            "slot_names": list(memory.slot_names),
         }
+    for module_name, module in modules.items():
+        for key, value in module.state_dict().items():
+            tensors[f"{MODULE_PREFIX}{module_name}.{key}"] = value.detach().clone()
     meta = dict(metadata or {})
-    reserved = {"format", "format_version", "memories"} & set(meta)
+    reserved = set(_RESERVED) & set(meta)
     if reserved:
         raise ValueError(f"metadata keys {sorted(reserved)} are reserved")
     meta.update(format=FORMAT, format_version=str(FORMAT_VERSION), memories=json.dumps(described))
+    if attach_config is not None:
+        meta["attach_config"] = attach_config
+    if modules:
+        meta["modules"] = json.dumps(list(modules))
     # Written beside the target and renamed over it: a failed save never leaves a truncated file
     # in place of a good one.
     path = os.fspath(path)
@@ -135,7 +197,7 @@ def _finite_tensor(path: str, key: str, value: torch.Tensor, like: torch.Tensor)
 
 
 def _plan_memory(path: str, name: str, entry, memory: AdapterMemory, proj, tensors: Mapping[str, torch.Tensor]):
-    """Everything one memory's load needs, checked and converted: (keys, bank_a, bank_b, query state).
+    """Everything one memory's load needs, checked and converted: (keys, bank_a, bank_b, names, query state).
 
     Raises on any fault; changes nothing.
     """
@@ -195,7 +257,12 @@ def _plan_memory(path: str, name: str, entry, memory: AdapterMemory, proj, tenso
             raise ValueError(f"{path}: {query_prefix}{k} must have shape {tuple(like.shape)} (the model's query "
                              f"module), got {tuple(t.shape)}")
         query_state[k] = _finite_tensor(path, query_prefix + k, t, like)
-    return planned["keys"], planned["bank_a"], planned["bank_b"], query_state
+    names = entry.get("slot_names")  # absent from version-1 files: the slots load unnamed
+    if names is not None:
+        if not isinstance(names, list) or len(names) != n or not all(
+                x is None or isinstance(x, str) and x for x in names):
+            raise ValueError(f"{where}: slot_names must be a list of {n} non-empty strings or nulls, got {names!r}")
+    return planned["keys"], planned["bank_a"], planned["bank_b"], names, query_state
 
 
 def load_memories(model: nn.Module, path: str | os.PathLike, *, strict: bool = True) -> dict[str, str]:
@@ -222,17 +289,94 @@ def load_memories(model: nn.Module, path: str | os.PathLike, *, strict: bool = T
         if missing or unexpected:
             raise KeyError(f"load_memories: {path}: memories missing from the file: {missing}; in the file but not "
                            f"in the model: {unexpected}")
-    stray = sorted(k for k in tensors if not any(k.startswith(name + ".") for name in described))
+    stray = sorted(k for k in tensors if not k.startswith(MODULE_PREFIX)
+                   and not any(k.startswith(name + ".") for name in described))
     if stray:
         raise ValueError(f"{path}: tensors {stray[:6]} belong to no memory the metadata describes")
 
     plan = [(named[name], _plan_memory(path, name, entry, named[name], owners.get(id(named[name])), tensors))
             for name, entry in described.items() if name in named]
     # Every check passed and every tensor is converted: now change the model (nothing below can fail).
-    for memory, (keys, bank_a, bank_b, query_state) in plan:
-        memory._replace_contents(keys, bank_a, bank_b)
+    for memory, (keys, bank_a, bank_b, names, query_state) in plan:
+        memory._replace_contents(keys, bank_a, bank_b, names)
         memory.query_module.load_state_dict(query_state)
     return meta
+
+
+def _plan_modules(path: str, meta: Mapping[str, str], tensors: Mapping[str, torch.Tensor], model: nn.Module):
+    """{module: checked state dict} of the modules saved beside the memories; changes nothing."""
+    try:
+        names = json.loads(meta.get("modules", "[]"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: the metadata entry 'modules' is not valid JSON ({err})") from None
+    if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+        raise ValueError(f"{path}: the metadata entry 'modules' must be a list of module names, got {names!r}")
+    available = dict(model.named_modules())
+    plan = {}
+    for name in names:
+        module = available.get(name)
+        if module is None:
+            raise KeyError(f"load_model: {path} holds the module {name!r}, which the backbone does not have")
+        prefix = f"{MODULE_PREFIX}{name}."
+        saved = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        current = module.state_dict()
+        if set(saved) != set(current):
+            raise ValueError(f"load_model: {path}: {name} holds {sorted(saved)}, the backbone's {sorted(current)}")
+        state = {}
+        for key, like in current.items():
+            t = saved[key]
+            if t.shape != like.shape:
+                raise ValueError(f"load_model: {path}: {name}.{key} has shape {tuple(t.shape)}, the backbone's "
+                                 f"{tuple(like.shape)} (create the backbone as it was saved, e.g. with the same "
+                                 "num_classes)")
+            state[key] = _finite_tensor(path, prefix + key, t, like) if t.is_floating_point() else t.to(like.device)
+        plan[module] = state
+    stray = sorted(k for k in tensors if k.startswith(MODULE_PREFIX) and not any(
+        k.startswith(f"{MODULE_PREFIX}{n}.") for n in names))
+    if stray:
+        raise ValueError(f"{path}: tensors {stray[:6]} belong to no module the metadata lists")
+    return plan
+
+
+def load_model(model: nn.Module, path: str | os.PathLike, *, example_input: torch.Tensor | None = None,
+               stage: str = "inference") -> nn.Module:
+    """Rebuild a model saved by :func:`save_model` from a fresh backbone, in one call.
+
+    ``model`` is the backbone as it was before ``attach`` (same architecture, same pretrained
+    weights, same head shape). This attaches MIRA with the saved config, loads the memories
+    (slot names included), the query modules and the saved modules (the head), then sets
+    ``stage`` and eval mode. Everything in the file is checked before the model changes; if a
+    step fails, MIRA is detached again and the backbone left as it was.
+
+    Returns:
+        ``model``, attached and loaded.
+    """
+    path = os.fspath(path)
+    meta, tensors, _ = _read_memory_file(path)
+    version = int(meta["format_version"])
+    if "attach_config" not in meta:
+        why = (f"it has format version {version}, written before whole-model files existed"
+               if version < 2 else "it was saved from blocks attached with different options")
+        raise ValueError(f"load_model: {path} holds memories only, without the attach config ({why}); attach the "
+                         "backbone with the arguments it was saved with, then call mira.load_memories(model, path)")
+    try:
+        config = MiraConfig(**json.loads(meta["attach_config"]))
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{path}: the saved attach config is invalid or from a newer version ({err})") from None
+    if projections(model):
+        raise RuntimeError("load_model: the model already has MIRA layers; pass the backbone before attach")
+    module_plan = _plan_modules(path, meta, tensors, model)
+    attach(model, config, example_input=example_input)
+    try:
+        load_memories(model, path)
+    except Exception:
+        detach(model)
+        raise
+    with torch.no_grad():
+        for module, state in module_plan.items():
+            module.load_state_dict(state)
+    set_stage(model, stage)
+    return model.eval()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -316,15 +460,34 @@ def import_peft(
     model: nn.Module,
     source,
     *,
+    into: str = "lora",
     adapter_name: str = "default",
     keys: torch.Tensor | Sequence[torch.Tensor] | None = None,
     generator: torch.Generator | None = None,
+    task: str | None = None,
     module_names: Mapping[str, str] | None = None,
     drop_unused_rows: bool = False,
     ignore_unmatched: bool = False,
     prefix: str = "base_model.model.",
 ) -> list[int]:
-    """Append a LoRA adapter saved by PEFT to every memory of ``model`` as one value each.
+    """Import a LoRA adapter saved by PEFT: as the live adaptation LoRA (default) or into the memory.
+
+    * ``into="lora"`` (default) sets every projection's live adaptation LoRA to the PEFT adapter.
+      The model then reproduces the PEFT model exactly in the ``adaptation`` stage (where
+      ``attach`` leaves it), or after :func:`mira.merge`; :func:`mira.write_adapters` stores it
+      in the memory later, like a LoRA trained here.
+    * ``into="memory"`` appends it to every memory as one value (with ``keys`` / ``generator`` /
+      ``task`` as :func:`mira.write_adapters`). Retrieval then weights it as MIRA weights any
+      slot, and **the authors' one-slot rule** applies: with the default affine separation a
+      memory of one slot uses the raw cosine ``cos(q, k)`` as that slot's weight (not 1), and
+      A and B are both scaled by it, so the model differs from PEFT's. A one-slot memory with
+      ``separation="softmax"`` gives weight exactly 1 and reproduces PEFT.
+
+    **PEFT LoRAs with nonzero k rows.** A PEFT LoRA on the packed qkv also changes the k rows
+    unless they are zero, and MIRA adapts only its slices (q and v by default). Such an adapter
+    is refused, whatever ``into``; ``drop_unused_rows=True`` drops the rows outside MIRA's
+    slices (outputs then differ from PEFT's), and attaching with ``slices=("q", "k", "v")``
+    imports it exactly.
 
     Two layouts are understood:
 
@@ -349,8 +512,13 @@ def import_peft(
         prefix: stripped from PEFT's module names (``base_model.model.`` for a PeftModel).
 
     Returns:
-        The slot index of the imported adapter in each memory (block order).
+        ``into="memory"``: the slot index of the imported adapter in each memory (block order);
+        ``into="lora"``: an empty list.
     """
+    if into not in ("lora", "memory"):
+        raise ValueError(f"import_peft: into must be 'lora' (the live adaptation LoRA) or 'memory', got {into!r}")
+    if into == "lora" and (keys is not None or generator is not None or task is not None):
+        raise ValueError("import_peft: keys, generator and task describe memory slots; pass into='memory' to use them")
     state, config = _read_peft(source)
     peft_type = str(config.get("peft_type", "LORA")).upper().split(".")[-1]
     if peft_type != "LORA":
@@ -442,7 +610,15 @@ def import_peft(
     if unmatched and not ignore_unmatched:
         raise ValueError(f"import_peft: the source also adapts {unmatched[:6]}{'...' if len(unmatched) > 6 else ''}, "
                          "which MIRA does not cover; pass ignore_unmatched=True to import the rest anyway")
+    if into == "lora":
+        if any(block.attn.qkv.merged_update is not None for _, block in blocks):
+            raise RuntimeError("import_peft: the model holds a merged or folded update; unmerge / unfold first")
+        with torch.no_grad():  # every block checked above; the copies cannot fail
+            for (_, block), (_, bank_a, bank_b) in zip(blocks, values):
+                block.attn.qkv.lora_a.copy_(bank_a)
+                block.attn.qkv.lora_b.copy_(bank_b)
+        return []
     with _restored_on_error(generator):  # every memory checked before any changes
-        prepared = [(memory, memory._prepare_append(bank_a, bank_b, key, generator=generator))
+        prepared = [(memory, memory._prepare_append(bank_a, bank_b, key, generator=generator, names=task))
                     for (memory, bank_a, bank_b), key in zip(values, per_block)]
     return [memory._commit_append(*checked)[0] for memory, checked in prepared]

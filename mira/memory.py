@@ -42,7 +42,7 @@ example ``memory.keys.data.copy_(new)``) bypasses version counters; do that unde
 from __future__ import annotations
 
 import operator
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 import torch.nn as nn
@@ -102,6 +102,9 @@ class AdapterMemory(nn.Module):
         self.query_module._register_load_state_dict_pre_hook(self._query_state_pre_hook, with_module=True)
         self._mutations = 0  # bumped by every mutation of the memory: part of the cache's key
         self._retrieval_cache: tuple | None = None  # (key, sources' aliases, derived tensors)
+        # One name (a task) or None per stored slot. Saved by mira.save_memories / save_model; a
+        # state dict carries no names, so loading one leaves its slots unnamed.
+        self._slot_names: list[str | None] = []
 
     # ------------------------------------------------------------------------------------------
     # Sizes and inspection.
@@ -128,6 +131,27 @@ class AdapterMemory(nn.Module):
         """(num_slots, S, r, d_in) and (num_slots, S, d_s, r) views of the stored values."""
         n = self.num_slots
         return self.bank_a[:n], self.bank_b[:n]
+
+    @property
+    def slot_names(self) -> tuple[str | None, ...]:
+        """The name (task) of each stored slot, None where unnamed; slot order."""
+        return tuple(self._slot_names)
+
+    def slots_named(self, name: str) -> list[int]:
+        """Indices of the slots named ``name`` (several when a task stored several adapters)."""
+        return [i for i, n in enumerate(self._slot_names) if n == name]
+
+    def _names_of(self, names, n: int) -> list[str | None]:
+        """``n`` checked slot names from None, one str (every slot) or a sequence of n (str or None)."""
+        if names is None or isinstance(names, str):
+            names = [names] * n
+        names = list(names)
+        if len(names) != n:
+            raise ValueError(f"got {len(names)} slot names for {n} adapters")
+        for name in names:
+            if name is not None and (not isinstance(name, str) or not name):
+                raise TypeError(f"a slot name (task) must be a non-empty str or None, got {name!r}")
+        return names
 
     def make_query(self, tokens: torch.Tensor) -> torch.Tensor:
         """State pattern of each sample: (B, T, d_in) attention input -> (B, d_k).
@@ -295,6 +319,7 @@ class AdapterMemory(nn.Module):
         keys: torch.Tensor | None = None,
         *,
         generator: torch.Generator | None = None,
+        names: str | Sequence[str | None] | None = None,
     ) -> list[int]:
         """Store adapters (values) with their keys.
 
@@ -303,24 +328,26 @@ class AdapterMemory(nn.Module):
             bank_b: (n, S, d_s, r) or (S, d_s, r) B factors.
             keys: (n, d_k) or (d_k,) keys; None draws them from ``generator`` as the config's
                 ``key_init`` says (U(-1, 1) by default).
+            names: the new slots' name (task): one str for all, a sequence of n, or None.
 
         Returns:
             The slot indices of the new adapters.
         """
-        return self._commit_append(*self._prepare_append(bank_a, bank_b, keys, generator=generator))
+        return self._commit_append(*self._prepare_append(bank_a, bank_b, keys, generator=generator, names=names))
 
     # Mutations come in two steps so that a call touching several memories (write_adapters,
     # import_peft, load_memories) can check every memory before it changes any: _prepare_*
     # checks and converts and changes nothing; _commit_* / _replace_contents cannot fail.
 
-    def _prepare_append(self, bank_a, bank_b, keys=None, *, generator: torch.Generator | None = None):
-        """Checked, converted (bank_a, bank_b, keys) of an append; raises without changing anything."""
+    def _prepare_append(self, bank_a, bank_b, keys=None, *, generator: torch.Generator | None = None, names=None):
+        """Checked, converted (bank_a, bank_b, keys, names) of an append; raises without changing anything."""
         c = self.config
         bank_a = self._as_batch("bank_a", bank_a, (c.num_slices, c.rank, c.d_in))
         bank_b = self._as_batch("bank_b", bank_b, (c.num_slices, c.slice_width, c.rank))
         n = bank_a.shape[0]
         if bank_b.shape[0] != n:
             raise ValueError(f"bank_a holds {n} adapters but bank_b holds {bank_b.shape[0]}")
+        names = self._names_of(names, n)
         new_keys = self._new_keys(keys, n, generator)
         start = self.num_slots
         if self.active is not None and start + n > c.capacity:
@@ -328,11 +355,13 @@ class AdapterMemory(nn.Module):
                 f"memory full: {start} of {c.capacity} slots used, cannot append {n}; "
                 "remove slots or attach with a larger capacity"
             )
-        return bank_a, bank_b, new_keys
+        return bank_a, bank_b, new_keys, names
 
     @torch.no_grad()
-    def _commit_append(self, bank_a: torch.Tensor, bank_b: torch.Tensor, keys: torch.Tensor) -> list[int]:
+    def _commit_append(self, bank_a: torch.Tensor, bank_b: torch.Tensor, keys: torch.Tensor,
+                       names: Sequence[str | None] | None = None) -> list[int]:
         start, n = self.num_slots, bank_a.shape[0]
+        self._slot_names.extend(names if names is not None else [None] * n)
         if self.active is None:
             self._set_storage(
                 torch.cat([self.keys.data, keys]),
@@ -349,9 +378,11 @@ class AdapterMemory(nn.Module):
         return list(range(start, start + n))
 
     @torch.no_grad()
-    def _replace_contents(self, keys: torch.Tensor, bank_a: torch.Tensor, bank_b: torch.Tensor) -> None:
+    def _replace_contents(self, keys: torch.Tensor, bank_a: torch.Tensor, bank_b: torch.Tensor,
+                          names: Sequence[str | None] | None = None) -> None:
         """Hold exactly these (n, ...) adapters, already checked and converted (see _prepare_append)."""
         n = keys.shape[0]
+        self._slot_names = list(names) if names is not None else [None] * n
         if self.active is None:
             self._set_storage(keys.clone(), bank_a.clone(), bank_b.clone())
             return
@@ -363,19 +394,12 @@ class AdapterMemory(nn.Module):
         self.active[:n] = True
 
     @torch.no_grad()
-    def remove(self, indices: int | Iterable[int]) -> None:
-        """Delete stored adapters; later slots move down (indices shift like a list's)."""
-        if isinstance(indices, int) or isinstance(indices, torch.Tensor) and indices.dim() == 0:
-            indices = [indices]
-        try:
-            drop = sorted({operator.index(i) for i in indices})
-        except TypeError:
-            raise TypeError(f"indices must be ints, got {indices!r}") from None
+    def remove(self, indices: int | str | Iterable[int | str]) -> None:
+        """Delete stored adapters, by index or by name (every slot of that task); later slots move
+        down (indices shift like a list's)."""
+        drop = self._slot_indices(indices)
         n = self.num_slots
-        drop = [i + n if i < 0 else i for i in drop]
-        bad = [i for i in drop if not 0 <= i < n]
-        if bad:
-            raise IndexError(f"slot indices {bad} out of range for a memory of {n} stored adapters")
+        self._slot_names = [name for i, name in enumerate(self._slot_names) if i not in set(drop)]
         keep = torch.tensor([i for i in range(n) if i not in set(drop)], dtype=torch.long, device=self.keys.device)
         if self.active is None:
             self._set_storage(self.keys.data[keep], self.bank_a.data[keep], self.bank_b.data[keep])
@@ -387,6 +411,32 @@ class AdapterMemory(nn.Module):
             t[m:].zero_()
         self.active.zero_()
         self.active[:m] = True
+
+    def _slot_indices(self, indices) -> list[int]:
+        """Sorted, checked slot indices from ints (negative allowed) and slot names; changes nothing."""
+        if isinstance(indices, (int, str)) or isinstance(indices, torch.Tensor) and indices.dim() == 0:
+            indices = [indices]
+        n = self.num_slots
+        found: set[int] = set()
+        unknown = []
+        for item in indices:
+            if isinstance(item, str):
+                slots = self.slots_named(item)
+                if not slots:
+                    unknown.append(item)
+                found.update(slots)
+                continue
+            try:
+                i = operator.index(item)
+            except TypeError:
+                raise TypeError(f"slots are given by int index or by name, got {item!r}") from None
+            i = i + n if i < 0 else i
+            if not 0 <= i < n:
+                raise IndexError(f"slot index {item} out of range for a memory of {n} stored adapters")
+            found.add(i)
+        if unknown:
+            raise KeyError(f"no slot named {unknown} in this memory; its slots are named {self.slot_names}")
+        return sorted(found)
 
     def clear(self) -> None:
         """Remove every stored adapter."""
@@ -431,6 +481,7 @@ class AdapterMemory(nn.Module):
         self.invalidate_cache()
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+        self._slot_names = [None] * self.num_slots  # a state dict carries no slot names
 
     def _state_misfits(self, state_dict, prefix: str, strict: bool) -> list[str]:
         """Why the memory's entries of ``state_dict`` cannot load into it (empty when they can)."""

@@ -63,7 +63,7 @@ def test_save_then_load_into_a_fresh_model_reproduces_outputs(tmp_path):
         # Zero keys of empty slots add exact zeros to the affine sum, but reduce in another order.
         torch.testing.assert_close(fixed(x), expected, rtol=1e-5, atol=1e-5)
     assert meta["task"] == "demo" and meta["format"] == "mira-memories"
-    assert meta["format_version"] == str(mira.FORMAT_VERSION) == "1"
+    assert meta["format_version"] == str(mira.FORMAT_VERSION) == "2"
     with safe_open(str(path), framework="pt") as f:
         described = json.loads(f.metadata()["memories"])
         assert sorted(f.keys()) == sorted(f"blocks.{i}.mira_memory.{t}" for i in range(2) for t in (
@@ -130,7 +130,7 @@ def test_peft_packed_qkv_import_reproduces_the_peft_model(tmp_path, lora):
         assert (expected - tiny_vit()(x)).abs().max() > 1e-3  # the PEFT adapter matters
         # One slot with softmax separation has weight exactly 1: the memory must equal PEFT's LoRA.
         model = mira.attach(tiny_vit(), separation="softmax", scale=0.5)
-        assert mira.import_peft(model, tmp_path) == [0, 0]
+        assert mira.import_peft(model, tmp_path, into="memory") == [0, 0]
         mira.set_stage(model, "inference")
         torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
 
@@ -141,7 +141,7 @@ def test_peft_import_refuses_k_rows_and_foreign_modules(tmp_path):
     with pytest.raises(ValueError, match="outside MIRA's slices"):
         mira.import_peft(model, tmp_path / "k")
     assert all(m.num_slots == 0 for m in mira.memories(model))
-    assert mira.import_peft(model, tmp_path / "k", drop_unused_rows=True) == [0, 0]
+    assert mira.import_peft(model, tmp_path / "k", into="memory", drop_unused_rows=True) == [0, 0]
 
     peft = pytest.importorskip("peft")
     wide = peft.get_peft_model(tiny_vit(), peft.LoraConfig(r=4, target_modules=["qkv", "proj"]))
@@ -173,7 +173,7 @@ def test_peft_separate_q_v_projections_import():
     config = {"peft_type": "LORA", "r": r, "lora_alpha": alpha, "alpha_pattern": {"1.attn.v_proj": 2 * alpha}}
     model = mira.attach(tiny_vit(), separation="softmax")
     module_names = {"q": "{block}.attn.q_proj", "v": "{block}.attn.v_proj"}
-    assert mira.import_peft(model, (state, config), module_names=module_names) == [0, 0]
+    assert mira.import_peft(model, (state, config), into="memory", module_names=module_names) == [0, 0]
     # The same adapters as a plain LoRA in the adaptation stage, alpha / r folded by hand
     # (alpha_pattern doubles alpha for block 1's v projection).
     reference = mira.attach(tiny_vit())

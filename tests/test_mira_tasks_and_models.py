@@ -1,0 +1,238 @@
+"""Named tasks and slots, whole-model save / load, the file format's version 2 (and version 1 still loading),
+and import_peft's default (the live LoRA, which reproduces PEFT)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import timm
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import mira
+
+pytestmark = pytest.mark.filterwarnings("ignore:mira_kernels. no native backend:RuntimeWarning")
+
+IMG, WIDTH = 32, 192
+
+
+def tiny_vit(depth=2, num_classes=5):
+    torch.manual_seed(0)
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=IMG, patch_size=8,
+                             num_classes=num_classes, depth=depth).eval()
+
+
+def images(batch=3, seed=1):
+    return torch.randn(batch, 3, IMG, IMG, generator=torch.Generator().manual_seed(seed))
+
+
+def write_tasks(model, tasks, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    for task in tasks:
+        with torch.no_grad():
+            for p in mira.projections(model):
+                p.lora_b.copy_(torch.randn(p.lora_b.shape, generator=g) * 0.2)
+        mira.write_adapters(model, task=task, generator=g)
+    return model
+
+
+@pytest.mark.parametrize("capacity", [None, 6])
+def test_named_tasks_list_remove_and_select_by_name(capacity):
+    model = write_tasks(mira.attach(tiny_vit(), capacity=capacity), ["photo", "sketch", "photo", "cartoon"])
+    mira.memories(model)[0].append(*[t[:1] for t in mira.memories(model)[0].stored_adapters])  # one unnamed slot
+    with pytest.raises(ValueError, match="the memories hold different slots"):
+        mira.task_slots(model)
+    mira.memories(model)[1].append(*[t[:1] for t in mira.memories(model)[1].stored_adapters])
+    assert mira.task_slots(model) == {"photo": [0, 2], "sketch": [1], "cartoon": [3], None: [4]}
+    memory = mira.memories(model)[0]
+    assert memory.slot_names == ("photo", "sketch", "photo", "cartoon", None)
+    values = {name: memory.stored_adapters[0][i].clone() for i, name in enumerate(memory.slot_names) if name}
+
+    before = [(m.stored_keys.clone(), m.slot_names) for m in mira.memories(model)]
+    with pytest.raises(KeyError, match=r"no slot named \['painting'\]"):
+        mira.remove_tasks(model, ["sketch", "painting"])
+    assert all(torch.equal(k, m.stored_keys) and n == m.slot_names for (k, n), m in zip(before, mira.memories(model)))
+    assert mira.remove_tasks(model, "sketch") == [1, 1]
+    assert mira.task_slots(model) == {"photo": [0, 1], "cartoon": [2], None: [3]}
+    assert torch.equal(memory.stored_adapters[0][2], values["cartoon"])  # the values moved with their names
+    assert mira.select_tasks(model, ["cartoon", "photo"]) == [3, 3]  # slot order kept, unnamed slot gone
+    assert memory.slot_names == ("photo", "photo", "cartoon")
+    memory.remove("cartoon")  # the memory itself also removes by name
+    assert memory.slot_names == ("photo", "photo") and memory.num_slots == 2
+    with pytest.raises(TypeError, match="non-empty str"):
+        mira.write_adapters(model, task="")
+
+
+@torch.no_grad()
+def test_fold_one_task_by_name_deploys_its_adapter():
+    """Softmax over the full memory vs the folded task: with task weights 1 on one slot, the
+    folded model equals the adaptation-stage model running that stored adapter as its LoRA."""
+    model = write_tasks(mira.attach(tiny_vit(), separation="softmax"), ["photo", "sketch"])
+    weights = mira.task_slot_weights(model, "sketch")
+    assert all(w.tolist() == [0.0, 1.0] for w in weights.values())
+    x = images()
+    reference = mira.attach(tiny_vit())
+    for p, memory in zip(mira.projections(reference), mira.memories(model)):
+        p.lora_a.copy_(memory.stored_adapters[0][1])
+        p.lora_b.copy_(memory.stored_adapters[1][1])
+    mira.fold(model, weights)
+    torch.testing.assert_close(model(x), reference(x), rtol=1e-5, atol=1e-5)
+
+
+ARGS = {"query": "mlp", "key_dim": 24, "query_hidden": 16, "capacity": 8, "blocks": (0, 2)}
+
+
+def trained_model():
+    model = write_tasks(mira.attach(tiny_vit(depth=3), **ARGS), ["a", "b", "a"])
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for m in mira.memories(model):
+            for p in m.query_module.parameters():
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+        model.head.weight.add_(torch.randn(model.head.weight.shape, generator=g))
+    return mira.set_stage(model, "inference")
+
+
+def test_save_model_then_load_model_into_a_fresh_backbone_in_one_call(tmp_path):
+    source = trained_model()
+    path = tmp_path / "model.safetensors"
+    mira.save_model(source, path, metadata={"dataset": "digits"})
+    x = images()
+    with torch.no_grad():
+        expected = source(x)
+    fresh = tiny_vit(depth=3)
+    assert mira.load_model(fresh, path) is fresh
+    assert mira.config_of(fresh) == mira.config_of(source) == mira.MiraConfig(rank=4, key_dim=24, **{
+        k: v for k, v in ARGS.items() if k != "key_dim"})
+    assert not fresh.training and {p.stage for p in mira.projections(fresh)} == {"inference"}
+    assert mira.task_slots(fresh) == {"a": [0, 2], "b": [1]}
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), expected, rtol=0, atol=0)  # the head came along
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        assert "modules/head.weight" in f.keys() and "modules/head.bias" in f.keys()
+    assert meta["format_version"] == "2" and meta["dataset"] == "digits" and json.loads(meta["modules"]) == ["head"]
+    described = json.loads(meta["memories"])
+    assert described["blocks.2.mira_memory"]["slot_names"] == ["a", "b", "a"]
+    # A memory file (save_memories) loads with load_memories, slot names included, and ignores no tensor.
+    mira.save_memories(source, tmp_path / "memories.safetensors")
+    other = mira.attach(tiny_vit(depth=3), **ARGS)
+    mira.load_memories(other, tmp_path / "memories.safetensors")
+    assert mira.task_slots(other) == {"a": [0, 2], "b": [1]}
+
+
+def test_load_model_refuses_clearly_and_leaves_the_backbone_as_it_was(tmp_path):
+    path = tmp_path / "model.safetensors"
+    mira.save_model(trained_model(), path)
+    other_head = tiny_vit(depth=3, num_classes=7)
+    state = {k: v.clone() for k, v in other_head.state_dict().items()}
+    with pytest.raises(ValueError, match=r"head.weight has shape \(5, 192\), the backbone's \(7, 192\)"):
+        mira.load_model(other_head, path)
+    assert not mira.projections(other_head)
+    assert sorted(other_head.state_dict()) == sorted(state)
+    with pytest.raises(RuntimeError, match="already has MIRA layers"):
+        mira.load_model(mira.attach(tiny_vit(depth=3)), path)
+    with pytest.raises(KeyError, match="no module named 'classifier'"):
+        mira.save_model(trained_model(), path, modules=("classifier",))
+    with pytest.raises(ValueError, match="contains MIRA layers"):
+        mira.save_model(trained_model(), path, modules=("blocks",))
+    with pytest.raises(ValueError, match="reserved"):
+        mira.save_model(trained_model(), path, metadata={"attach_config": "{}"})
+
+
+def _as_version_1(path, out):
+    """The file a version-1 writer produced: no slot names, no attach config, no modules."""
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    described = json.loads(meta["memories"])
+    for entry in described.values():
+        del entry["slot_names"]
+    tensors = {k: v for k, v in load_file(path).items() if not k.startswith("modules/")}
+    v1 = {k: v for k, v in meta.items() if k not in ("attach_config", "modules")}
+    save_file(tensors, out, metadata={**v1, "format_version": "1", "memories": json.dumps(described)})
+
+
+def test_version_1_files_still_load_and_newer_ones_are_refused(tmp_path):
+    source = trained_model()
+    mira.save_model(source, tmp_path / "v2.safetensors")
+    _as_version_1(tmp_path / "v2.safetensors", tmp_path / "v1.safetensors")
+    model = mira.attach(tiny_vit(depth=3), **ARGS)
+    meta = mira.load_memories(model, tmp_path / "v1.safetensors")
+    assert meta["format_version"] == "1"
+    assert mira.task_slots(model) == {None: [0, 1, 2]}  # version 1 had no names
+    mira.set_stage(model, "inference")
+    x = images()
+    with torch.no_grad():
+        model.head.load_state_dict(source.head.state_dict())
+        torch.testing.assert_close(model(x), source(x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"format version 1.*mira.load_memories\(model, path\)"):
+        mira.load_model(tiny_vit(depth=3), tmp_path / "v1.safetensors")
+    tensors = load_file(tmp_path / "v2.safetensors")
+    with safe_open(str(tmp_path / "v2.safetensors"), framework="pt") as f:
+        meta = f.metadata()
+    save_file(tensors, tmp_path / "v3.safetensors", metadata={**meta, "format_version": "3"})
+    with pytest.raises(ValueError, match=r"format version 3; this version reads 1\.\.2"):
+        mira.load_model(tiny_vit(depth=3), tmp_path / "v3.safetensors")
+    bad_names = json.loads(meta["memories"])
+    bad_names["blocks.0.mira_memory"]["slot_names"] = ["a"]
+    save_file(tensors, tmp_path / "bad.safetensors", metadata={**meta, "memories": json.dumps(bad_names)})
+    fresh = tiny_vit(depth=3)
+    with pytest.raises(ValueError, match="slot_names must be a list of 3"):
+        mira.load_model(fresh, tmp_path / "bad.safetensors")
+    assert not mira.projections(fresh)  # attached, the load failed, detached again
+
+
+# ----------------------------------------------------------------------------------------------
+# import_peft: the live LoRA by default.
+# ----------------------------------------------------------------------------------------------
+
+
+def peft_vit(tmp_path, *, k_rows_zero=True, **lora):
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(tiny_vit(), peft.LoraConfig(target_modules=["qkv"], **lora))
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if name.endswith("attn.qkv"):
+                weight = module.lora_B["default"].weight
+                weight.copy_(torch.randn(weight.shape, generator=g) * 0.3)
+                if k_rows_zero:
+                    weight[WIDTH:2 * WIDTH] = 0
+    model.save_pretrained(tmp_path)
+    return model.eval()
+
+
+@torch.no_grad()
+def test_import_peft_reproduces_the_peft_model_by_default(tmp_path):
+    peft_model = peft_vit(tmp_path, r=4, lora_alpha=8)
+    x = images()
+    expected = peft_model(x)
+    model = mira.attach(tiny_vit())  # default affine separation: the memory's one-slot rule would differ
+    assert mira.import_peft(model, tmp_path) == []
+    assert all(m.num_slots == 0 for m in mira.memories(model))
+    torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+    mira.merge(model)  # and merged, as PEFT's merge_and_unload
+    torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+    mira.unmerge(model)
+    # Into the memory, the authors' rule for one slot: weight = the raw cosine, so outputs differ.
+    assert mira.import_peft(model, tmp_path, into="memory", task="peft") == [0, 0]
+    assert mira.task_slots(model) == {"peft": [0]}
+    mira.set_stage(model, "inference")
+    assert (model(x) - expected).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="into='memory' to use them"):
+        mira.import_peft(model, tmp_path, task="peft")
+    with pytest.raises(ValueError, match="into must be"):
+        mira.import_peft(model, tmp_path, into="bank")
+
+
+@torch.no_grad()
+def test_peft_lora_with_nonzero_k_rows_imports_exactly_with_a_k_slice(tmp_path):
+    peft_model = peft_vit(tmp_path, k_rows_zero=False, r=4, lora_alpha=8)
+    x = images()
+    with pytest.raises(ValueError, match="outside MIRA's slices"):
+        mira.import_peft(mira.attach(tiny_vit()), tmp_path)
+    model = mira.attach(tiny_vit(), slices=("q", "k", "v"))
+    mira.import_peft(model, tmp_path)
+    torch.testing.assert_close(model(x), peft_model(x), rtol=1e-5, atol=1e-5)
