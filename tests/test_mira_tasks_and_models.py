@@ -81,7 +81,9 @@ def test_fold_one_task_by_name_deploys_its_adapter():
     torch.testing.assert_close(model(x), reference(x), rtol=1e-5, atol=1e-5)
 
 
-ARGS = {"query": "mlp", "key_dim": 24, "query_hidden": 16, "capacity": 8, "blocks": (0, 2)}
+# Non-default options, key_init included: the saved attach config must carry every MiraConfig field.
+ARGS = {"query": "mlp", "key_dim": 24, "query_hidden": 16, "capacity": 8, "blocks": (0, 2), "key_init": "normal",
+        "key_norm": "unit"}
 
 
 def trained_model():
@@ -143,12 +145,14 @@ def test_load_model_refuses_clearly_and_leaves_the_backbone_as_it_was(tmp_path):
 
 
 def _as_version_1(path, out):
-    """The file a version-1 writer produced: no slot names, no attach config, no modules."""
+    """The file a version-1 writer produced: no slot names, no attach config, no modules, and (before
+    key_init existed) no key_init in the memory configs."""
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
     described = json.loads(meta["memories"])
     for entry in described.values():
         del entry["slot_names"]
+        del entry["config"]["key_init"]
     tensors = {k: v for k, v in load_file(path).items() if not k.startswith("modules/")}
     v1 = {k: v for k, v in meta.items() if k not in ("attach_config", "modules")}
     save_file(tensors, out, metadata={**v1, "format_version": "1", "memories": json.dumps(described)})
