@@ -65,29 +65,47 @@ def _require_projections(model: nn.Module, what: str) -> list[MiraProjection]:
 
 
 @torch.no_grad()
-def _add_update(proj: MiraProjection, update: MergedUpdate, sign: float) -> None:
+def _updated_weight(proj: MiraProjection, update: MergedUpdate, sign: float, what: str) -> torch.Tensor:
+    """``W + sign * scale * B A`` on every slice, in float64 rounded once to W's dtype; W unchanged.
+
+    Raises if the result holds inf or NaN where W was finite (a huge update would overflow the
+    weight's dtype: refused, never created).
+    """
     weight = proj.base_layer.weight
     d_s = proj.memory.config.slice_width
     scale = proj.memory.config.scale
     factor_a = update.factor_a.to(weight.device)
     factor_b = update.factor_b.to(weight.device)
+    new = weight.detach().clone()
     for s, off in enumerate(proj.slice_offsets):
-        rows = weight[off: off + d_s]
+        rows = new[off: off + d_s]
         delta = scale * (factor_b[s] @ factor_a[s])  # (d_s, d_in), float64
         rows.copy_((rows.to(torch.float64) + sign * delta).to(weight.dtype))
+    created = ~torch.isfinite(new) & torch.isfinite(weight)
+    if bool(created.any()):
+        raise ValueError(f"{what}: the update would make {int(created.sum())} finite qkv weights inf or NaN "
+                         f"(too large for {weight.dtype}); nothing was changed")
+    return new
 
 
 _UNDO = {"merged": "unmerge", "folded": "unfold"}
 
 
-def _hold(projs: list[MiraProjection], updates: list[MergedUpdate]) -> None:
+def _apply(projs: list[MiraProjection], updates: list[MergedUpdate | None], sign: float, what: str) -> None:
+    """Every projection's new weight computed and checked first, then all written: all or nothing."""
+    new = [_updated_weight(p, u, sign, what) for p, u in zip(projs, updates)]
+    with torch.no_grad():
+        for proj, update, weight in zip(projs, updates, new):
+            proj.base_layer.weight.copy_(weight)
+            proj.merged_update = update if sign > 0 else None
+
+
+def _hold(projs: list[MiraProjection], updates: list[MergedUpdate], what: str) -> None:
     held = [p for p in projs if p.merged_update is not None]
     if held:
         kind = held[0].merged_update.kind
         raise RuntimeError(f"the model already holds a {kind} update; call mira.{_UNDO[kind]}(model) first")
-    for proj, update in zip(projs, updates):
-        _add_update(proj, update, +1.0)
-        proj.merged_update = update
+    _apply(projs, updates, +1.0, what)
 
 
 def _release(model: nn.Module, kind: str) -> nn.Module:
@@ -96,12 +114,10 @@ def _release(model: nn.Module, kind: str) -> nn.Module:
     wrong = {p.merged_update.kind for p in projs if p.merged_update is not None} - {kind}
     if wrong:
         raise RuntimeError(f"{what}: the model holds a {wrong.pop()} update, not a {kind} one")
-    if not any(p.merged_update is not None for p in projs):
+    holding = [p for p in projs if p.merged_update is not None]
+    if not holding:
         raise RuntimeError(f"{what}: the model holds no {kind} update")
-    for proj in projs:
-        if proj.merged_update is not None:
-            _add_update(proj, proj.merged_update, -1.0)
-            proj.merged_update = None
+    _apply(holding, [p.merged_update for p in holding], -1.0, what)
     return model
 
 
@@ -123,7 +139,7 @@ def merge(model: nn.Module) -> nn.Module:
         )
     updates = [MergedUpdate("merged", p.lora_a.detach().to(torch.float64).clone(),
                             p.lora_b.detach().to(torch.float64).clone()) for p in projs]
-    _hold(projs, updates)
+    _hold(projs, updates, "merge")
     return model
 
 
@@ -193,7 +209,7 @@ def fold(model: nn.Module, weights) -> nn.Module:
         factor_a = torch.einsum("n,nsrd->srd", w, bank_a.detach().to(torch.float64))
         factor_b = torch.einsum("n,nser->ser", w, bank_b.detach().to(torch.float64))
         updates.append(MergedUpdate("folded", factor_a, factor_b, w.clone()))
-    _hold(projs, updates)
+    _hold(projs, updates, "fold")
     return model
 
 

@@ -182,6 +182,8 @@ def test_held_updates_refuse_what_would_be_wrong_and_failed_calls_change_nothing
         (torch.tensor([1.0, float("nan"), 0.0]), ValueError, "not all finite"),
         ({"blocks.0.mira_memory": torch.ones(3)}, KeyError, "memories without slot weights"),
         ("uniform", TypeError, "fold: weights must be"),
+        # Finite weights whose update overflows float32 in the last block: refused, no block changed.
+        ([torch.zeros(3)] * 2 + [torch.full((3,), 1e30)], ValueError, "would make .* finite qkv weights inf"),
     ]:
         with pytest.raises(error, match=message):
             mira.fold(model, bad)
