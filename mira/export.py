@@ -112,4 +112,11 @@ def load_aoti(path: str | os.PathLike):
     """Load a package written by :func:`export_aoti` (a callable taking the example inputs' layout)."""
     import mira_kernels  # noqa: F401  (registers the MIRA ops the package calls)
 
-    return torch._inductor.aoti_load_package(os.fspath(path))
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"load_aoti: {path}: no such AOTInductor package (write one with export_aoti)")
+    try:
+        return torch._inductor.aoti_load_package(path)
+    except Exception as err:  # torch raises RuntimeError / zipfile / KeyError variants for foreign files
+        raise ValueError(f"load_aoti: {path} cannot be loaded as an AOTInductor package ({type(err).__name__}: "
+                         f"{err})") from err

@@ -613,10 +613,18 @@ def import_peft(
     if into == "lora":
         if any(block.attn.qkv.merged_update is not None for _, block in blocks):
             raise RuntimeError("import_peft: the model holds a merged or folded update; unmerge / unfold first")
+        converted = []
+        for (name, block), (_, bank_a, bank_b) in zip(blocks, values):
+            lora_a, lora_b = block.attn.qkv.lora_a, block.attn.qkv.lora_b
+            a, b = bank_a.to(lora_a), bank_b.to(lora_b)
+            if not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all())):
+                raise ValueError(f"import_peft: {name}: the LoRA factors scaled by lora_alpha / r are too large for "
+                                 f"the model's {lora_b.dtype}; nothing was changed")
+            converted.append((lora_a, lora_b, a, b))
         with torch.no_grad():  # every block checked above; the copies cannot fail
-            for (_, block), (_, bank_a, bank_b) in zip(blocks, values):
-                block.attn.qkv.lora_a.copy_(bank_a)
-                block.attn.qkv.lora_b.copy_(bank_b)
+            for lora_a, lora_b, a, b in converted:
+                lora_a.copy_(a)
+                lora_b.copy_(b)
         return []
     with _restored_on_error(generator):  # every memory checked before any changes
         prepared = [(memory, memory._prepare_append(bank_a, bank_b, key, generator=generator, names=task))

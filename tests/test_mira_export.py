@@ -131,3 +131,12 @@ def test_aoti_package_of_an_attached_vit_loads_and_matches_eager(tmp_path):
         x = images(batch, seed=batch)
         with torch.no_grad():
             torch.testing.assert_close(runner(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_load_aoti_refuses_missing_and_foreign_files_clearly(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such AOTInductor package"):
+        load_aoti(tmp_path / "missing.pt2")
+    foreign = tmp_path / "foreign.pt2"
+    foreign.write_bytes(b"not a zip archive")
+    with pytest.raises(ValueError, match="cannot be loaded as an AOTInductor package"):
+        load_aoti(foreign)

@@ -240,3 +240,20 @@ def test_peft_lora_with_nonzero_k_rows_imports_exactly_with_a_k_slice(tmp_path):
     model = mira.attach(tiny_vit(), slices=("q", "k", "v"))
     mira.import_peft(model, tmp_path)
     torch.testing.assert_close(model(x), peft_model(x), rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_import_peft_into_the_lora_refuses_factors_that_overflow_and_changes_nothing():
+    model = mira.attach(tiny_vit())
+    g = torch.Generator().manual_seed(2)
+    lora_b = torch.randn(3 * WIDTH, 4, generator=g)
+    lora_b[WIDTH:2 * WIDTH] = 0  # no k rows
+    state = {f"base_model.model.blocks.{i}.attn.qkv.lora_{f}.weight": t for i in range(2)
+             for f, t in (("A", torch.randn(4, WIDTH, generator=g)), ("B", lora_b))}
+    before = [(p.lora_a.clone(), p.lora_b.clone()) for p in mira.projections(model)]
+    with pytest.raises(ValueError, match="too large for the model's torch.float32; nothing was changed"):
+        mira.import_peft(model, (state, {"peft_type": "LORA", "r": 4, "lora_alpha": 4e39}))
+    assert all(torch.equal(a, p.lora_a) and torch.equal(b, p.lora_b)
+               for (a, b), p in zip(before, mira.projections(model)))
+    mira.import_peft(model, (state, {"peft_type": "LORA", "r": 4, "lora_alpha": 8}))  # a sane alpha imports
+    assert not torch.equal(before[0][1], mira.projections(model)[0].lora_b)
