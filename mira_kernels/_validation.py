@@ -157,6 +157,8 @@ def _check_x(x: torch.Tensor) -> None:
 
 
 def check_mira_linear(x, weight, bias, query, keys, bank_a, bank_b, slice_offsets, separation, scale, eps) -> None:
+    # Types first: every later check reads .dtype / .shape, which a list or number lacks.
+    check_tensors(x=x, weight=weight, bias=bias, query=query, keys=keys, bank_a=bank_a, bank_b=bank_b)
     _check_x(x)
     x_shape, dtype, device = x.shape, x.dtype, x.device
     _check_rank("weight", weight, 2, "(d_out, d_in)")
@@ -180,6 +182,7 @@ def check_mira_linear(x, weight, bias, query, keys, bank_a, bank_b, slice_offset
 
 
 def check_mira_adapter(out, x, query, keys, bank_a, bank_b, slice_offsets, separation, scale, eps) -> None:
+    check_tensors(x=x, out=out, query=query, keys=keys, bank_a=bank_a, bank_b=bank_b)
     _check_x(x)
     _check_rank("out", out, 3, "(B, T, d_out)")
     if out.dtype != x.dtype:

@@ -445,7 +445,8 @@ def test_numeric_scalars_of_other_types_are_accepted():
         torch.testing.assert_close(got, want)
 
 
-@pytest.mark.parametrize("which", ["x", "weight", "out"])
+# bias and the memory tensors: found by `make fuzz` (a list bias reached `.dtype` before the type check).
+@pytest.mark.parametrize("which", ["x", "weight", "bias", "query", "keys", "bank_a", "bank_b", "out"])
 def test_python_lists_give_a_clear_type_error(which):
     inp = _inputs(torch.float32)
     if which == "out":
