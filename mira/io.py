@@ -102,10 +102,10 @@ def _write_file(model: nn.Module, path, modules: Mapping[str, nn.Module], metada
         raise RuntimeError(f"{what}: the model has no MIRA memories (call mira.attach first)")
     try:
         attach_config = json.dumps(dataclasses.asdict(config_of(model)))
-    except ValueError:
+    except (ValueError, RuntimeError):  # RuntimeError: memories in no timm-style attn.qkv (installed by hand)
         if modules:
             raise
-        attach_config = None  # blocks attached by hand with different options: memories only
+        attach_config = None  # blocks attached by hand (other options, or other places): memories only
     owners = _projection_of(model)
     tensors: dict[str, torch.Tensor] = {}
     described = {}
