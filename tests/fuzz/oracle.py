@@ -92,20 +92,22 @@ def adapter_terms(case: OpCase) -> float:
     return terms.max().item() if terms.numel() else 0.0
 
 
-def query_grad_terms(case: OpCase) -> float:
-    """The largest |term| dquery sums: 2 sum_n |dL/ds_n| / max(|q|, 1e-12), float64 (d cos_n / dq =
-    (k_n^ - cos_n q^) / max(|q|, 1e-12), of norm <= 2 / max(|q|, 1e-12)).
+def score_grad_terms(case: OpCase) -> tuple[float, float]:
+    """The largest |term| dquery and dkeys sum, float64: 2 sum_n |dL/ds_bn| / max(|q_b|, 1e-12) and
+    2 sum_b |dL/ds_bn| / max(|k_n|, 1e-12) (d cos / dq = (k^ - cos q^) / max(|q|, 1e-12), of norm
+    <= 2 / max(|q|, 1e-12); likewise for a key).
 
-    Why (found by make fuzz, twice): keys that point one way (expanded, or d_k = 1 with keys of one sign)
-    make dquery = sum_n dL/ds_n (k^ - cos q^) / |q| cancel exactly (softmax and affine have sum_n dL/ds_n = 0),
-    so the float64 reference gives 0 (or 1e-11), while the summed terms are |dL/ds| / |q|: 1e12 x O(1) for a
-    zero query under the contract's 1e-12 norm floor (cpu float64: 5.6e-5 = 5e-17 of them), 1e4 x O(1) for
-    |q| = 1e-4 (reference float16, dquery computed in float32: 1.2e-2 = 1e-6 of them). Rounding of that
-    order is the standard bound n u sum |terms| of a sum, however small the sum; a wrong formula still errs
-    by O(terms), far above FLOOR x terms.
+    Why (found by make fuzz, three times): where the exact gradient cancels, the float64 reference gives 0
+    (or 1e-11) while the summed terms are |dL/ds| / |q| (or / |k|). Keys that point one way (expanded, or
+    d_k = 1 with keys of one sign) make dquery cancel (softmax and affine have sum_n dL/ds_n = 0): for a zero
+    query under the contract's 1e-12 norm floor the terms are ~1e12 (cpu float64: 5.6e-5 = 5e-17 of them);
+    for |q| = 1e-4 ~1e5 (reference float16, dquery computed in float32: 1.2e-2 = 1e-7 of them). With d_k = 1,
+    k^ - cos q^ is exactly 0, so dkeys cancels: a key of norm 0.04 gives terms ~1e2 (Triton float32 under
+    the interpreter: 4.2e-6 = 5e-9 of them). Rounding of that order is the standard bound n u sum |terms|
+    of a sum, however small the sum; a wrong formula still errs by O(terms), far above FLOOR x terms.
     """
     if case.keys.shape[0] == 0 or case.x.numel() == 0:
-        return 0.0
+        return 0.0, 0.0
     (x, w, _, q, k, a, b), grad = _spec_tensors(case, torch.float64)
     scores = reference.cosine_scores(q, k).detach().requires_grad_(True)
     weights = reference.separate(scores, case.separation, case.eps)
@@ -113,10 +115,13 @@ def query_grad_terms(case: OpCase) -> float:
     delta = case.scale * torch.einsum("btsr,bser->btse", torch.einsum("btd,bsrd->btsr", x, mixed_a), mixed_b)
     full = reference._scatter_slices(delta, case.slice_offsets, w.shape[0])
     (ds,) = torch.autograd.grad(full, scores, grad)
-    den = torch.linalg.vector_norm(q, dim=-1).clamp_min(reference.NORM_EPS)
-    terms = 2 * ds.abs().sum(-1) / den
-    terms = terms[torch.isfinite(terms)]
-    return terms.max().item() if terms.numel() else 0.0
+
+    def largest(sums, rows):
+        terms = 2 * sums / torch.linalg.vector_norm(rows, dim=-1).clamp_min(reference.NORM_EPS)
+        terms = terms[torch.isfinite(terms)]
+        return terms.max().item() if terms.numel() else 0.0
+
+    return largest(ds.abs().sum(-1), q), largest(ds.abs().sum(0), k)
 
 
 def judge(what: str, got: torch.Tensor, want: torch.Tensor, own: torch.Tensor, *, dtype: torch.dtype,
@@ -178,10 +183,10 @@ def check_linear(case: OpCase, backend: str, *, grads: bool = True) -> None:
     if not grads:
         return
     like = [case.x, case.query, case.keys, case.bank_a, case.bank_b]
-    q_terms = query_grad_terms(case)
+    terms = dict(zip(("dquery", "dkeys"), score_grad_terms(case)))
     for name, g, w, o, t in zip(GRAD_NAMES, got_g, want_g, own_g, like):
         judge(f"{backend} {name}", g, w, o, dtype=t.dtype, factor=3.0, like=t, degenerate=degenerate,
-              zero_times_nan=zero_times_nan(case), terms=q_terms if name == "dquery" else 0.0)
+              zero_times_nan=zero_times_nan(case), terms=terms.get(name, 0.0))
 
 
 def outcome(fn):
