@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMPS := .stamps
 NATIVE := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh' -o -name '*.inc' 2>/dev/null)
 
-.PHONY: setup build test test-slow bench demo lint clean gpu-check fuzz sanitize
+.PHONY: setup build test test-slow bench demo lint clean gpu-check fuzz sanitize cross-aarch64
 .DEFAULT_GOAL := test
 
 setup: $(STAMPS)/venv
@@ -65,6 +65,11 @@ sanitize: setup
 	    $$(gcc -print-file-name=libubsan.so)" ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
 	    UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
 	    $(PY) -m pytest -q -p no:cacheprovider $(SAN_TESTS) -k "not triton" $(SAN_ARGS)
+
+# Every C++ source compiled for aarch64 with Debian's cross compiler (apt-get install
+# g++-aarch64-linux-gnu); `make test` checks only the architecture-specific files (minutes vs seconds).
+cross-aarch64: setup
+	CROSS_COMPILE_ALL=1 $(PY) -m pytest -q tests/test_cross_aarch64.py
 
 lint: setup
 	$(PY) -m ruff check mira_kernels mira benchmarks tests

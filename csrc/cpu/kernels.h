@@ -11,6 +11,14 @@
 
 #include <cstdint>
 
+// The x86 instruction-set variants (kernels_avx2.cpp, kernels_avx512.cpp) and streaming stores
+// exist only on x86-64; everywhere else (aarch64, ...) the portable baseline kernel is the only one.
+#if defined(__x86_64__) || defined(_M_X64)
+#define MIRA_CPU_X86 1
+#else
+#define MIRA_CPU_X86 0
+#endif
+
 namespace mira_cpu {
 
 // Kernels for one element type. All are single-threaded; callers parallelise around them.
@@ -30,7 +38,7 @@ struct Kernels {
   // stores wherever a whole vector lands on an address aligned to the vector's size (axpy_block_nt:
   // only when K fits one register block, AK, so that each element of C is written once; otherwise
   // it is axpy_block). The values are bit for bit those of the cached versions. The stores are
-  // weakly ordered: the writing thread must issue a store fence (_mm_sfence) before another
+  // weakly ordered: the writing thread must issue a store fence (store_fence) before another
   // thread reads C / dst.
   void (*axpy_block_nt)(int64_t J, int64_t K, int64_t n, const T* coef, int64_t csj, int64_t csk, const T* V,
                         int64_t ldv, T* C, int64_t ldc, const T* init, bool accumulate);
@@ -44,15 +52,17 @@ struct IsaTable {
 };
 
 // Each returns its table; call avx2/avx512 only on a CPU that supports them (the functions
-// themselves are compiled for that instruction set).
+// themselves are compiled for that instruction set). avx2/avx512 are defined on x86-64 only.
 namespace baseline {
 IsaTable table();
 }
+#if MIRA_CPU_X86
 namespace avx2 {
 IsaTable table();
 }
 namespace avx512 {
 IsaTable table();
 }
+#endif
 
 }  // namespace mira_cpu

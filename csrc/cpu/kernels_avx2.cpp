@@ -1,9 +1,10 @@
 // AVX2 + FMA variant of the hot loops; chosen at run time only on CPUs that report AVX2 and FMA.
 #include <cstdint>
 
-#include <immintrin.h>
-
 #include "cpu/kernels.h"
+
+#if MIRA_CPU_X86  // the whole file: an x86-64 instruction set
+#include <immintrin.h>
 
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
@@ -56,3 +57,5 @@ IsaTable table() { return IsaTable{"avx2", make_kernels<VF>(), make_kernels<VD>(
 }  // namespace mira_cpu::avx2
 
 #pragma GCC pop_options
+
+#endif  // MIRA_CPU_X86

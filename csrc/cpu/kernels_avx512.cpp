@@ -1,9 +1,10 @@
 // AVX-512 (F + DQ) variant of the hot loops; chosen at run time only on CPUs that report AVX-512F/DQ.
 #include <cstdint>
 
-#include <immintrin.h>
-
 #include "cpu/kernels.h"
+
+#if MIRA_CPU_X86  // the whole file: an x86-64 instruction set
+#include <immintrin.h>
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512dq,avx2,fma")
@@ -61,3 +62,5 @@ IsaTable table() { return IsaTable{"avx512", make_kernels<VF>(), make_kernels<VD
 }  // namespace mira_cpu::avx512
 
 #pragma GCC pop_options
+
+#endif  // MIRA_CPU_X86

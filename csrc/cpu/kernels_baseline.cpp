@@ -1,15 +1,20 @@
-// Baseline x86-64 (SSE2) variant of the hot loops: runs on every x86-64 CPU. No FMA here, so
-// both the vector and the scalar paths round the product and the sum separately (setup.py's
-// -std=c++20 disables floating-point contraction, so `a * b + c` is not fused behind our back).
+// Baseline variant of the hot loops: SSE2 on x86-64 (every x86-64 CPU has it), GCC's generic
+// 128-bit vectors elsewhere (NEON on aarch64). No FMA here, so both the vector and the scalar paths
+// round the product and the sum separately (setup.py's -std=c++20 disables floating-point
+// contraction, so `a * b + c` is not fused behind our back). Both forms add the lanes in the same
+// order, so they give the same bits.
 #include <cstdint>
 
-#include <emmintrin.h>
-
 #include "cpu/kernels.h"
+
+#if MIRA_CPU_X86
+#include <emmintrin.h>
+#endif
 
 namespace mira_cpu::baseline {
 namespace {
 
+#if MIRA_CPU_X86
 struct VF {
   using T = float;
   using R = __m128;
@@ -40,6 +45,33 @@ struct VD {
   static T hsum(R v) { return _mm_cvtsd_f64(_mm_add_sd(v, _mm_unpackhi_pd(v, v))); }
   static T sfma(T a, T b, T c) { return a * b + c; }
 };
+#else
+// Portable form: GCC/Clang vector extensions, unaligned loads and stores through memcpy; there are
+// no streaming stores (stream is an ordinary store), and hsum adds the lanes as the SSE2 form does.
+template <typename Elem, int Lanes>
+struct VGeneric {
+  using T = Elem;
+  typedef T R __attribute__((vector_size(Lanes * sizeof(T))));
+  static constexpr int W = Lanes, DT = 2, DJ = 4, AJ = 2, AK = 4;
+  static R zero() { return R{}; }
+  static R load(const T* p) {
+    R v;
+    __builtin_memcpy(&v, p, sizeof(R));
+    return v;
+  }
+  static void store(T* p, R v) { __builtin_memcpy(p, &v, sizeof(R)); }
+  static void stream(T* p, R v) { store(p, v); }
+  static R set1(T a) { return R{} + a; }
+  static R fma(R a, R b, R c) { return a * b + c; }
+  static T hsum(R v) {
+    if constexpr (Lanes == 4) return (v[0] + v[2]) + (v[1] + v[3]);
+    else return v[0] + v[1];
+  }
+  static T sfma(T a, T b, T c) { return a * b + c; }
+};
+using VF = VGeneric<float, 4>;
+using VD = VGeneric<double, 2>;
+#endif
 
 #include "cpu/kernels_impl.inc"
 

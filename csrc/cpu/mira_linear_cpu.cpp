@@ -62,7 +62,6 @@
 #include <sys/mman.h>
 #include <unistd.h>
 #include <torch/library.h>
-#include <xmmintrin.h>
 
 #include <algorithm>
 #include <array>
@@ -80,6 +79,12 @@
 #include "env.h"
 #include "validation.h"
 
+#if MIRA_CPU_X86
+#include <xmmintrin.h>
+#else
+#include <atomic>
+#endif
+
 namespace mira_cpu {
 namespace {
 
@@ -88,12 +93,23 @@ namespace {
 // ---------------------------------------------------------------------------------------------
 
 bool cpu_supports(std::string_view isa) {
-  __builtin_cpu_init();  // libgcc's checks include the OS's XSAVE support of the wider registers
   if (isa == "baseline") return true;
+#if MIRA_CPU_X86
+  __builtin_cpu_init();  // libgcc's checks include the OS's XSAVE support of the wider registers
   const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   if (isa == "avx2") return avx2;
   if (isa == "avx512") return avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq");
-  return false;
+#endif
+  return false;  // off x86-64 only the portable baseline exists
+}
+
+// Makes this thread's streaming stores visible before another thread reads what they wrote.
+inline void store_fence() {
+#if MIRA_CPU_X86
+  _mm_sfence();
+#else
+  std::atomic_thread_fence(std::memory_order_release);  // no streaming stores here: ordinary ordering
+#endif
 }
 
 constexpr std::array<const char*, 3> kIsas = {"baseline", "avx2", "avx512"};
@@ -101,6 +117,7 @@ constexpr std::array<const char*, 3> kIsas = {"baseline", "avx2", "avx512"};
 // Each table is built on first use only, and only after the CPU check: the avx2/avx512 table()
 // functions are themselves compiled for that instruction set.
 const IsaTable& table_of(std::string_view isa) {
+#if MIRA_CPU_X86
   if (isa == "avx512") {
     static const IsaTable t = avx512::table();
     return t;
@@ -109,6 +126,7 @@ const IsaTable& table_of(std::string_view isa) {
     static const IsaTable t = avx2::table();
     return t;
   }
+#endif
   static const IsaTable t = baseline::table();
   return t;
 }
@@ -182,6 +200,7 @@ bool stream_seeding(const at::Tensor& out) {
   const std::string want = stream_mode();
   if (want == "0") return false;
   if (want == "1") return true;
+  if (!MIRA_CPU_X86) return false;  // no streaming stores there: the portable kernel's are ordinary
   const int64_t bytes = out.nbytes();
   return bytes > std::max(at::get_num_threads() * l2_cache_bytes(), kStreamMinBytes) &&
          pages_resident(out.const_data_ptr(), bytes);
@@ -562,7 +581,7 @@ void apply_rows(const Kernels<T>& K, const Shapes& s, const Memory<T>& m, const 
               std::fill(dst + lo, dst + hi, T(0));
           }
     }
-    if (stream) _mm_sfence();  // this thread's streaming stores, visible before the GEMM reads y
+    if (stream) store_fence();  // this thread's streaming stores, visible before the GEMM reads y
   });
 }
 
@@ -572,7 +591,7 @@ template <typename T>
 void stream_bias(const Kernels<T>& K, const T* bias, T* y, int64_t rows, int64_t d_out) {
   at::parallel_for(0, rows, kRowBlock, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) K.copy_nt(d_out, bias, y + t * d_out);
-    _mm_sfence();
+    store_fence();
   });
 }
 
@@ -796,7 +815,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
         if (need_adapter)
           K.dot_block(rows, s.SR, s.d_in, X + row0 * s.d_in, s.d_in, A, s.d_in, h.data() + row0 * s.SR, s.SR, T(1));
       }
-      if (stream) _mm_sfence();
+      if (stream) store_fence();
     });
   }
   if (need_adapter && s.B > 0) {
