@@ -147,14 +147,20 @@ def _overlap_cases():
 OVERLAP_CASES = list(_overlap_cases())
 
 
-@pytest.mark.parametrize("backend", ["cpu", "reference"])
-@pytest.mark.parametrize("case", range(len(OVERLAP_CASES)), ids=[c[0] for c in OVERLAP_CASES])
-def test_adapter_rejects_overlapping_out(case, backend):
+def _overlap_case(case):
+    """``out`` and the adapter inputs of overlap case ``case`` (its x, and its bank_a if it has one)."""
     _, out, x, bank_a = OVERLAP_CASES[case]
     inp = _adapter_inputs()
     inp.x = x
     if bank_a is not None:
         inp.bank_a = bank_a
+    return out, inp
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("case", range(len(OVERLAP_CASES)), ids=[c[0] for c in OVERLAP_CASES])
+def test_adapter_rejects_overlapping_out(case, backend):
+    out, inp = _overlap_case(case)
     before = out.clone()
     with mk.use_backend(backend), pytest.raises(ValueError, match="overlap"):
         mk.mira_adapter_(out, *inp.adapter_args(), slice_offsets=inp.slice_offsets)
@@ -165,11 +171,7 @@ def test_adapter_rejects_overlapping_out(case, backend):
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
 @pytest.mark.parametrize("case", range(len(OVERLAP_CASES)), ids=[c[0] for c in OVERLAP_CASES])
 def test_op_kernel_rejects_overlapping_out(case, backend):
-    _, out, x, bank_a = OVERLAP_CASES[case]
-    inp = _adapter_inputs()
-    inp.x = x
-    if bank_a is not None:
-        inp.bank_a = bank_a
+    out, inp = _overlap_case(case)
     with pytest.raises(ValueError):
         torch.ops.mira.mira_adapter_(out, *inp.adapter_args(), inp.slice_offsets, "affine", 1.0, 0.01, backend)
 
@@ -202,11 +204,7 @@ def test_adapter_into_disjoint_views_of_one_buffer_works():
 @pytest.mark.parametrize("case", range(len(OVERLAP_CASES)), ids=[c[0] for c in OVERLAP_CASES])
 def test_native_private_op_rejects_overlapping_out(case):
     # The CPU kernel's own op (what the router calls for backend "cpu") runs the same shared check.
-    _, out, x, bank_a = OVERLAP_CASES[case]
-    inp = _adapter_inputs()
-    inp.x = x
-    if bank_a is not None:
-        inp.bank_a = bank_a
+    out, inp = _overlap_case(case)
     before = out.clone()
     with pytest.raises(ValueError, match="overlap"):
         torch.ops.mira._cpu_mira_adapter_(out, *inp.adapter_args(), inp.slice_offsets, "affine", 1.0, 0.01)
