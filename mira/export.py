@@ -14,19 +14,30 @@
 The decomposition is applied to the exported program only: eager calls and ``torch.compile``
 keep the fused kernels. Export a model in eval mode and in the stage it will serve in
 (``inference``), or folded (:func:`mira.fold`), whose graph is the plain backbone's.
+
+:func:`check_against_float64` is how an export is judged (the tests and ``benchmarks/serving.py``
+use it): an exported model computes the same function in another operation order (fused
+attention, GEMM blocking, the decomposed op), so it cannot equal eager bit for bit, and a fixed
+tolerance is either loose for a small model or tight for a deep one. The specification is the
+same model run eagerly in float64; an export passes when its error against that is within
+``factor`` (2) times eager's own error at the model's dtype, the error any other correct op
+order is expected to have.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
 from mira_kernels.decompositions import export_decompositions
 
-__all__ = ["decompose", "export_aoti", "export_onnx", "export_program", "load_aoti"]
+__all__ = ["Float64Check", "check_against_float64", "decompose", "export_aoti", "export_onnx", "export_program",
+           "load_aoti"]
 
 
 def _as_tuple(example_inputs) -> tuple:
@@ -120,3 +131,51 @@ def load_aoti(path: str | os.PathLike):
     except Exception as err:  # torch raises RuntimeError / zipfile / KeyError variants for foreign files
         raise ValueError(f"load_aoti: {path} cannot be loaded as an AOTInductor package ({type(err).__name__}: "
                          f"{err})") from err
+
+
+@dataclass(frozen=True)
+class Float64Check:
+    """Errors (max |difference|) against the float64 eager model, and the bound each must meet."""
+
+    eager_error: float  # eager at the model's own dtype: the error of PyTorch's op order
+    errors: dict  # {name: error} of each checked output
+    bound: float  # factor * eager_error + floor * max(1, scale)
+    scale: float  # max |output| of the float64 model
+    factor: float = 2.0
+
+    @property
+    def failed(self) -> dict:
+        return {name: e for name, e in self.errors.items() if not e <= self.bound}  # NaN fails
+
+    def raise_if_failed(self) -> None:
+        if self.failed:
+            worst = ", ".join(f"{name} {e:.3e}" for name, e in self.failed.items())
+            raise AssertionError(f"error against the float64 eager model above {self.bound:.3e} "
+                                 f"({self.factor:g} x eager's own {self.eager_error:.3e} + floor): {worst}")
+
+
+def _max_error(got, want: torch.Tensor) -> float:
+    return float((torch.as_tensor(got).to(torch.float64) - want).abs().max())
+
+
+@torch.no_grad()
+def check_against_float64(model: nn.Module, example_inputs, outputs: Mapping, *, factor: float = 2.0,
+                          floor: float = 1e-6) -> Float64Check:
+    """Judge ``outputs`` (``{name: output for example_inputs}``, tensors or numpy arrays) against
+    ``model`` run eagerly in float64 on the same inputs.
+
+    Each output's max-abs error must be at most ``factor`` x the error of ``model`` itself (eager,
+    its own dtype) + ``floor`` x max(1, |float64 output|) (a few units in the last place: a
+    margin for a model so shallow that eager's error is near zero). A copy of ``model`` is cast
+    to float64; ``model`` is not changed.
+    """
+    examples = _as_tuple(example_inputs)
+    own = model(*examples)
+    reference = copy.deepcopy(model).to(torch.float64)
+    want = reference(*(a.to(torch.float64) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                       for a in examples)).to(torch.float64)
+    eager_error = _max_error(own, want)
+    scale = float(want.abs().max()) if want.numel() else 0.0
+    bound = factor * eager_error + floor * max(1.0, scale)
+    errors = {name: _max_error(out, want) for name, out in outputs.items()}
+    return Float64Check(eager_error, errors, bound, scale, factor)
