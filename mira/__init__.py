@@ -49,6 +49,8 @@ Public API (names are stable; other packages build on them)::
     mira.unload(model) -> model                  remove MIRA, keep a merged / folded update (plain timm)
     mira.export.export_program(model, x) / .export_aoti(model, x, path) / .load_aoti(path)
     mira.export.export_onnx(model, x, path)      the op decomposed into standard ops (export only)
+    mira.export.check_against_float64(model, x, {name: output}) -> Float64Check   judge an export: its
+        error against the float64 eager model within 2x eager fp32's own (.failed, .raise_if_failed())
 
     AdapterMemory: .append(bank_a, bank_b, keys=None, *, names=None) -> slots, .remove(indices or names),
         .clear(), .slot_names, .slots_named(task),
