@@ -144,7 +144,50 @@ PyObject* eval_linear(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   }
 }
 
+// _retrieval_stamp(mutations, *sources) -> bytes; False when the sources' derived tensors may not
+// come from a cache; None when this cannot tell (the caller builds its Python key then). The key of mira.memory's retrieval cache (AdapterMemory.retrieval_tensors), in
+// one call. Per source (a tensor or None): the Python object's identity, the data address, the
+// version counter, dtype, device, sizes and strides; the same fields as the Python key it stands in
+// for (mira/memory.py, _stamp), packed into one bytes object that compares with one memcmp. In a
+// network the call follows large GEMMs that have evicted the interpreter's caches, and there the
+// ~30 attribute reads and comparisons of the Python key cost ~70 us per call (measured, 2-core
+// Zen 3, benchmarks/budget.py); this is one call. False (not cacheable) when a graph is needed (grad
+// mode on and a source requires grad) or for an inference tensor (no version counter); None for a
+// tensor subclass or a tensor off the CPU (the Python key handles those: it checks CUDA-graph capture).
+PyObject* retrieval_stamp(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  if (nargs < 1 || !PyLong_Check(args[0])) {
+    PyErr_SetString(PyExc_TypeError, "_retrieval_stamp(mutations: int, *sources)");
+    return nullptr;
+  }
+  const long long mutations = PyLong_AsLongLong(args[0]);
+  if (mutations == -1 && PyErr_Occurred()) return nullptr;
+  std::vector<int64_t> words{mutations};
+  const bool grad = at::GradMode::is_enabled();
+  for (Py_ssize_t i = 1; i < nargs; ++i) {
+    PyObject* obj = args[i];
+    if (obj == Py_None) {
+      words.push_back(-1);  // a marker no tensor's entry starts with (its dimension count)
+      continue;
+    }
+    if (!THPVariable_CheckExact(obj)) Py_RETURN_NONE;
+    const at::Tensor& t = THPVariable_Unpack(obj);
+    if (!t.defined() || !t.device().is_cpu() || t.layout() != c10::kStrided) Py_RETURN_NONE;
+    if (t.is_inference() || (grad && t.requires_grad())) Py_RETURN_FALSE;
+    words.push_back(t.dim());
+    words.push_back(static_cast<int64_t>(reinterpret_cast<uintptr_t>(obj)));
+    words.push_back(static_cast<int64_t>(reinterpret_cast<uintptr_t>(t.const_data_ptr())));
+    words.push_back(static_cast<int64_t>(t._version()));
+    words.push_back(static_cast<int64_t>(t.scalar_type()));
+    for (const int64_t v : t.sizes()) words.push_back(v);
+    for (const int64_t v : t.strides()) words.push_back(v);
+  }
+  return PyBytes_FromStringAndSize(reinterpret_cast<const char*>(words.data()),
+                                   static_cast<Py_ssize_t>(words.size() * sizeof(int64_t)));
+}
+
 PyMethodDef kMethods[] = {
+    {"_retrieval_stamp", reinterpret_cast<PyCFunction>(reinterpret_cast<void*>(retrieval_stamp)), METH_FASTCALL,
+     "The key of mira.memory's retrieval cache for CPU tensors in one call; None when not cacheable there."},
     {"_cpu_eval_linear", reinterpret_cast<PyCFunction>(reinterpret_cast<void*>(eval_linear)), METH_FASTCALL,
      "The CPU forward without the dispatcher, for plain eval calls; None when the call needs the op."},
     {nullptr, nullptr, 0, nullptr},
