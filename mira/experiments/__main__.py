@@ -5,7 +5,7 @@ variant (MIRA as the preset says, its named options, the improved recipe, and th
 every seed, prints the tables (mean +- std over seeds) and writes ``results.json``,
 ``results.md`` and ``retrieval_weights.png`` to a scratch folder (``--out``, default
 ``$MIRA_EXPERIMENTS_CACHE/runs/<suite>``), or to ``results/experiments/<suite>/`` with ``--record``
-(``<suite>-<preset>/`` for a preset other than ``default``).
+(``<suite>-<preset>/`` for a preset other than ``default``; ``--table ablations`` adds ``-ablations``).
 """
 
 from __future__ import annotations
@@ -73,6 +73,42 @@ def build_variants(base, improved, protocol: str) -> list[P.Variant]:
     return rows
 
 
+def ablation_variants(base, improved, protocol: str) -> list[P.Variant]:
+    """``--table ablations``: the faithful recipe with one cause of its collapse removed at a time
+    (block 0's constant CLS query; affine weights that grow with the slots), then both, and the
+    improved recipe with the backbone query and better-trained adapters, beside their controls.
+    DIL and CIL only (the causes are measured on DIL's retrieval weights)."""
+    if protocol == "dg":
+        return []
+    shared = improved  # the controls' recipe (as in the main table): shared head, improved's adapters
+    longer = {"max_epochs": 10}
+    return [
+        P.Variant("mira", "mira", base),
+        P.Variant("mira, block 0 off", "mira", base.replace(first_block="off")),
+        P.Variant("mira, patch-mean query", "mira", base.replace(query_token="mean")),
+        P.Variant("mira, backbone query", "mira", base.replace(query_source="backbone")),
+        P.Variant("mira, relu", "mira", base.replace(separation="relu")),
+        P.Variant("mira, relu, backbone query", "mira", base.replace(separation="relu", query_source="backbone")),
+        P.Variant("no adapters", "no_adapters", base),
+        P.Variant("uniform mean", "uniform_mean", base),
+        P.Variant("improved", "mira", improved),
+        P.Variant("improved, backbone query", "mira", improved.replace(query_source="backbone")),
+        P.Variant("improved, affine", "mira", improved.replace(separation="affine")),
+        P.Variant("improved, affine, backbone query", "mira",
+                  improved.replace(separation="affine", query_source="backbone")),
+        P.Variant("improved, affine, backbone query, 10-epoch adapters", "mira",
+                  improved.replace(separation="affine", query_source="backbone", **longer)),
+        P.Variant("shared head: no adapters", "no_adapters", shared),
+        P.Variant("shared head: uniform mean", "uniform_mean", shared),
+        P.Variant("shared head: oracle", "oracle", shared),
+        P.Variant("shared head: uniform mean, 10-epoch adapters", "uniform_mean", shared.replace(**longer)),
+        P.Variant("shared head: oracle, 10-epoch adapters", "oracle", shared.replace(**longer)),
+    ]
+
+
+TABLES = {"main": build_variants, "ablations": ablation_variants}
+
+
 @torch.no_grad()
 def _cue_blind_agreement(model, tasks) -> float:
     """Conflict suite: the share of (plain, cued) test pairs given the same class (then one is wrong)."""
@@ -105,6 +141,9 @@ def main(argv=None) -> dict:
                         help="recipe of the 'mira' rows and the controls (default: default)")
     parser.add_argument("--quick", action="store_true", help="CI smoke run (1 seed, 3 domains, tiny data)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
+    parser.add_argument("--table", choices=tuple(TABLES), default="main",
+                        help="main: MIRA, its options and the controls; ablations: the causes of the faithful "
+                             "recipe's collapse one at a time (default: main)")
     parser.add_argument("--variants", nargs="+", default=None, help="only these rows (names as in the tables)")
     parser.add_argument("--out", default=None, help="output folder (default: a scratch folder in the cache)")
     parser.add_argument("--record", action="store_true", help="write to results/experiments/<suite>[-<preset>]/")
@@ -123,9 +162,9 @@ def main(argv=None) -> dict:
     setup = QUICK if args.quick else FULL
     seeds = tuple(args.seeds) if args.seeds else setup["seeds"]
     if args.record:
-        out_dir = os.path.join("results", "experiments", record_name(suite.name, args.preset))
+        out_dir = os.path.join("results", "experiments", record_name(suite.name, args.preset, args.table))
     else:
-        out_dir = args.out or os.path.join(cache_dir(), "runs", record_name(suite.name, args.preset)
+        out_dir = args.out or os.path.join(cache_dir(), "runs", record_name(suite.name, args.preset, args.table)
                                            + ("-quick" if args.quick else ""))
     os.makedirs(out_dir, exist_ok=True)
     protocols = suite.settings if args.protocol == "all" else (args.protocol,)
@@ -145,13 +184,17 @@ def main(argv=None) -> dict:
         domains = [subsample(d, setup["train"], setup["test"]) for d in domains[: suite.quick_domains]]
     dil_t = P.dil_tasks(domains)
     cil_t = P.cil_tasks(domains, cfg.cil_classes_per_task)
-    variants = {p: build_variants(base, improved, p) for p in protocols}
+    variants = {p: TABLES[args.table](base, improved, p) for p in protocols}
     if args.variants:
+        unknown = set(args.variants) - {v.name for vs in variants.values() for v in vs}
+        if unknown:
+            parser.error(f"no rows named {sorted(unknown)} in the {args.table} table of suite {suite.name!r}")
         variants = {p: [v for v in vs if v.name in args.variants] for p, vs in variants.items()}
     elif args.quick:
         quick_rows = {"dil": QUICK_ROWS, "cil": QUICK_CIL_ROWS, "dg": QUICK_DG_ROWS}
         variants = {p: [v for v in vs if v.name in quick_rows[p]] for p, vs in variants.items()}
-    order = {p: [v.name for v in vs] for p, vs in variants.items()}
+    protocols = tuple(p for p in protocols if variants[p])  # a table may have no rows for a setting
+    order = {p: [v.name for v in vs] for p, vs in variants.items() if p in protocols}
 
     results: dict = {}
     for proto in protocols:
@@ -203,7 +246,7 @@ def main(argv=None) -> dict:
                     continue
                 tasks = dil_t if proto == "dil" else cil_t
                 profile = proto == "dil" and seed == seeds[0] and v.name in ("mira", "improved")
-                keep = profile or suite.name == "conflict"
+                keep = profile or suite.name == "conflict" or (proto == "dil" and v.kind == "mira")
                 r = timed(f"{proto}/{v.name}", P.run_continual, proto, v, backbone, tasks, pool, cfg, seed,
                           keep_model=keep)
                 model = r.pop("model", None)
@@ -212,6 +255,8 @@ def main(argv=None) -> dict:
                 if profile and model is not None:
                     profiles[v.name] = P.retrieval_profile(model, tasks)
                     slot_tasks[v.name] = pool.slot_task.tolist()
+                if proto == "dil" and v.kind == "mira" and model is not None:
+                    r["weight_mass"] = P.weight_mass(model, tasks)
                 results[proto]["runs"].setdefault(v.name, []).append(r)
                 bar.update(1)
     bar.close()
@@ -221,7 +266,8 @@ def main(argv=None) -> dict:
     cpu_model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                      platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
     doc = {
-        "command": command, "suite": suite.name, "preset": args.preset, "mode": "quick" if args.quick else "full",
+        "command": command, "suite": suite.name, "preset": args.preset, "table": args.table,
+        "mode": "quick" if args.quick else "full",
         "seeds": list(seeds), "elapsed_seconds": elapsed, "cpu_seconds": cpu_seconds, "timings_seconds": timings,
         "machine": {"platform": platform.platform(), "cpu": cpu_model, "cpus": os.cpu_count(),
                     "torch_threads": args.threads, "loadavg_start": load_start, "loadavg_end": os.getloadavg(),

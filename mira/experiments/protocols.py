@@ -65,6 +65,7 @@ __all__ = [
     "run_dg_fold",
     "query_geometry",
     "retrieval_profile",
+    "weight_mass",
 ]
 
 KINDS = ("mira", "no_adapters", "uniform_mean", "oracle", "random_keys", "seq_lora", "joint_lora")
@@ -128,6 +129,11 @@ def cil_tasks(domains: Sequence[Domain], classes_per_task: int = 2, num_classes:
 
 def _separation(kind: str, rc: RecipeConfig) -> str:
     return "softmax" if kind in ("uniform_mean", "oracle") else rc.separation
+
+
+def _first_block(kind: str, rc: RecipeConfig) -> str:
+    # The controls (uniform mean, oracle, random keys) use every block, whatever the recipe routes.
+    return rc.first_block if kind == "mira" else "route"
 
 
 def _task_keys(kind: str, model: nn.Module, n: int, seed: int, t: int, rc: RecipeConfig) -> list[torch.Tensor]:
@@ -262,11 +268,12 @@ def run_continual(setting: str, variant: str | Variant, backbone: nn.Module, tas
                 _set_memory(model, pool, pool.task_slots(t))
             elif kind != "no_adapters":
                 n = len(pool.task_slots(t))
-                append_task_adapters(model, pool, t, _task_keys(kind, model, n, seed, t, rc))
+                append_task_adapters(model, pool, t, _task_keys(kind, model, n, seed, t, rc),
+                                     first_block=_first_block(kind, rc))
             if cil and t > 0 and not shared:
                 rows = {c: w for c, w in zip(task.classes, _head_init(pool, t))} if pool is not None else None
                 _grow_head(model, seen, rows, gen)
-            slot_task = pool.slot_task[: mira.memories(model)[0].num_slots] if pool is not None else None
+            slot_task = pool.slot_task[: mira.memories(model)[-1].num_slots] if pool is not None else None
             out.setdefault("consolidation", []).append(
                 consolidate(model, task.train_x, task.train_y, rc, gen, train_keys=kind == "mira",
                             train_head=train_head, class_mask=mask, gpm=gpm if t > 0 else None, routing=routing,
@@ -338,7 +345,8 @@ def run_dg_fold(variant: str | Variant, backbone: nn.Module, domains_tasks: Sequ
                                     head_rows=cfg.num_classes, cfg=rc)
         if kind != "no_adapters":
             for t in sources:
-                append_task_adapters(model, pool, t, _task_keys(kind, model, len(pool.task_slots(t)), seed, t, rc))
+                append_task_adapters(model, pool, t, _task_keys(kind, model, len(pool.task_slots(t)), seed, t, rc),
+                                     first_block=_first_block(kind, rc))
         train_head = _initial_head(model, backbone, rc, pool, sources, cfg.num_classes, cil=False)
         slot_task = torch.cat([pool.slot_task[pool.slot_task == t] for t in sources]) if pool is not None else None
         routing = RoutingMemory() if kind == "mira" and rc.routing == "supervised" else None
@@ -389,24 +397,49 @@ def query_geometry(model: nn.Module, tasks: Sequence[Task], max_samples: int = 2
     return out
 
 
-@torch.no_grad()
-def retrieval_profile(model: nn.Module, tasks: Sequence[Task], max_samples: int = 256) -> list[list[list[float]]]:
-    """Mean retrieval weights per block and domain: [block][task][slot], from each task's test images."""
+def _block_weights(model: nn.Module, tasks: Sequence[Task], max_samples: int) -> list[list[torch.Tensor]]:
+    """[block][task]: the (n, N) retrieval weights of (at most ``max_samples`` of) each task's test images."""
     from .backbone import normalize
 
     projs = mira.projections(model)
     captured: dict[int, torch.Tensor] = {}
     handles = [p.register_forward_hook(lambda mod, args, out, i=i: captured.__setitem__(i, args[0]))
                for i, p in enumerate(projs)]
-    prof = [[] for _ in projs]
+    out: list[list[torch.Tensor]] = [[] for _ in projs]
     model.eval()
     try:
         for task in tasks:
             model(normalize(task.test_x[:max_samples]))
             for i, p in enumerate(projs):
-                w = p.memory.get_association_matrix(tokens=captured[i])
-                prof[i].append(w.mean(0).tolist())
+                out[i].append(p.memory.get_association_matrix(tokens=captured[i]))
     finally:
         for h in handles:
             h.remove()
-    return prof
+    return out
+
+
+@torch.no_grad()
+def retrieval_profile(model: nn.Module, tasks: Sequence[Task], max_samples: int = 256) -> list[list[list[float]]]:
+    """Mean retrieval weights per block and domain: [block][task][slot], from each task's test images."""
+    return [[w.mean(0).tolist() for w in per_task] for per_task in _block_weights(model, tasks, max_samples)]
+
+
+@torch.no_grad()
+def weight_mass(model: nn.Module, tasks: Sequence[Task], max_samples: int = 256) -> list[dict]:
+    """Per block, from each task's test images: how large and how input-dependent the weights are.
+
+    ``abs_sum``: mean over images of sum_n |w_n| (1 for a convex mixture; more: adapters added and
+    subtracted beyond their trained scale). ``max_abs``: the largest |w_n| of any image.
+    ``domain_spread``: the largest difference between two domains' mean weights of a slot (0: the
+    block mixes every domain alike, it does not route). An empty memory gives zeros.
+    """
+    out = []
+    for per_task in _block_weights(model, tasks, max_samples):
+        allw = torch.cat(per_task)
+        if allw.shape[1] == 0:
+            out.append({"abs_sum": 0.0, "max_abs": 0.0, "domain_spread": 0.0})
+            continue
+        means = torch.stack([w.mean(0) for w in per_task])
+        out.append({"abs_sum": allw.abs().sum(1).mean().item(), "max_abs": allw.abs().max().item(),
+                    "domain_spread": (means.max(0).values - means.min(0).values).max().item()})
+    return out

@@ -41,6 +41,15 @@ Named options (each a field; the README of ``results/experiments`` gives its mea
   consolidations keep them, an MSE penalty) | ``supervised`` (the task is known during training:
   the current batch's queries and the stored mean queries of old tasks are pulled towards weight
   1 on their task's own adapters, an MSE penalty on the affine weights).
+* ``first_block``: ``route`` (authors: block 0 retrieves like every block) | ``off`` (block 0's
+  memory stays empty: its adapters' block-0 factors are not used). With the paper's CLS query,
+  block 0's query is ``LN1(cls + pos_0)``, the same vector for every image, so block 0 cannot route
+  and applies one fixed, signed mixture to every input; ``off`` isolates that cause. Not combined
+  with a routing penalty (``routing`` must be ``none``).
+* ``query_source``: ``block`` (authors: each block's own attention input, pooled by
+  ``query_token``) | ``backbone`` (every block's query is the frozen backbone's final pre-logit
+  feature of the image, one extra adapter-free forward per batch, as L2P / DualPrompt / CODA-Prompt
+  query their prompt pools; :mod:`.queries`). The query module (identity, MLP) then reads that feature.
 * ``key_norm``, ``key_init``, ``query_token``: as :func:`mira.attach`.
 """
 
@@ -51,12 +60,15 @@ import dataclasses
 from mira.config import KEY_INITS, KEY_NORMS, QUERY_TOKENS
 from mira_kernels import SEPARATIONS
 
-__all__ = ["ADAPT_HEADS", "CONSOLIDATION_HEADS", "GPM_KEYS", "PRESETS", "ROUTINGS", "RecipeConfig", "preset"]
+__all__ = ["ADAPT_HEADS", "CONSOLIDATION_HEADS", "FIRST_BLOCKS", "GPM_KEYS", "PRESETS", "QUERY_SOURCES", "ROUTINGS",
+           "RecipeConfig", "preset"]
 
 ADAPT_HEADS = ("fresh", "shared")
 CONSOLIDATION_HEADS = ("fresh_bias", "adaptation", "shared")
 GPM_KEYS = ("raw", "fixed_norm")
 ROUTINGS = ("none", "replay", "supervised")
+FIRST_BLOCKS = ("route", "off")
+QUERY_SOURCES = ("block", "backbone")
 
 
 @dataclasses.dataclass
@@ -90,6 +102,8 @@ class RecipeConfig:
     key_norm: str = "per_feature"
     key_init: str = "uniform"
     query_token: str = "cls"
+    first_block: str = "route"
+    query_source: str = "block"
 
     def __post_init__(self):
         if self.adapters_per_task < 1 or self.max_epochs < 1 or self.consolidation_epochs < 0:
@@ -101,12 +115,17 @@ class RecipeConfig:
                                      ("gpm_keys", self.gpm_keys, GPM_KEYS), ("routing", self.routing, ROUTINGS),
                                      ("key_norm", self.key_norm, KEY_NORMS), ("key_init", self.key_init, KEY_INITS),
                                      ("query_token", self.query_token, QUERY_TOKENS),
-                                     ("separation", self.separation, SEPARATIONS)):
+                                     ("separation", self.separation, SEPARATIONS),
+                                     ("first_block", self.first_block, FIRST_BLOCKS),
+                                     ("query_source", self.query_source, QUERY_SOURCES)):
             if value not in choices:
                 raise ValueError(f"unknown {name} {value!r}; expected one of {choices}")
         if self.head == "shared" and self.adapt_head != "shared":
             raise ValueError("head='shared' keeps the backbone's head, which only adapters trained with "
                              "adapt_head='shared' were trained to feed")
+        if self.first_block == "off" and self.routing != "none":
+            raise ValueError("first_block='off' leaves block 0's memory empty, which the routing penalty "
+                             f"(routing={self.routing!r}) does not handle; use routing='none'")
 
     def replace(self, **changes) -> RecipeConfig:
         return dataclasses.replace(self, **changes)

@@ -101,7 +101,7 @@ def merge(parts: list[str], out_dir: str, command: str) -> dict:
         d.setdefault("row_order", {p: [v["name"] for v in vs] for p, vs in d["variants"].items()})
     first = docs[0]
     for d in docs[1:]:
-        for key in ("suite", "preset", "mode", "row_order"):
+        for key in ("suite", "preset", "table", "mode", "row_order"):
             if d.get(key) != first.get(key):
                 raise ValueError(f"cannot merge runs of different {key}: {first.get(key)!r} and {d.get(key)!r}")
     seeds = [s for d in docs for s in d["seeds"]]
@@ -131,11 +131,12 @@ def merge(parts: list[str], out_dir: str, command: str) -> dict:
     return merged
 
 
-def record_name(suite: str, preset: str) -> str:
+def record_name(suite: str, preset: str, table: str = "main") -> str:
     """The folder of a suite's results under results/experiments: the suite's name for the default preset
     (the tables every README row cites), ``<suite>-<preset>`` for any other, so runs of one never overwrite
-    the other's."""
-    return suite if preset == "default" else f"{suite}-{preset}"
+    the other's; ``-<table>`` appended for a table other than ``main`` (e.g. ``idigits-ablations``)."""
+    name = suite if preset == "default" else f"{suite}-{preset}"
+    return name if table == "main" else f"{name}-{table}"
 
 
 def summarise(results: dict) -> dict:
@@ -185,7 +186,8 @@ def main(argv=None) -> None:
     if args.record == (args.out is not None):
         parser.error("give exactly one of --out DIR or --record")
     first = json.load(open(os.path.join(args.parts[0], "results.json")))
-    out = os.path.join("results", "experiments", record_name(first["suite"], first["preset"])) if args.record \
+    out = os.path.join("results", "experiments", record_name(first["suite"], first["preset"],
+                                                              first.get("table", "main"))) if args.record \
         else args.out
     command = "python -m mira.experiments.report " + " ".join(argv if argv is not None else sys.argv[1:])
     merged = merge(args.parts, out, command)

@@ -28,6 +28,7 @@ import mira
 
 from .backbone import normalize
 from .dualgpm import GradientProjectionMemory, ProjectedParameter
+from .queries import use_backbone_query
 from .recipe import RecipeConfig
 from .training import EarlyStop, EpochSampler, StepStats, fit
 
@@ -121,6 +122,8 @@ def attach_memory_model(backbone: nn.Module, *, rank: int, separation: str = "af
     model.head = nn.Linear(model.embed_dim, head_rows, bias=False)
     mira.attach(model, rank=rank, slices=("q", "v"), query=query, separation=separation, key_norm=cfg.key_norm,
                 key_init=cfg.key_init, query_token=cfg.query_token)
+    if cfg.query_source == "backbone":
+        use_backbone_query(model, backbone)
     return model
 
 
@@ -256,10 +259,14 @@ def adapter_cross_accuracy(backbone: nn.Module, pool: AdapterPool, tasks: Sequen
     return out
 
 
-def append_task_adapters(model: nn.Module, pool: AdapterPool, t: int, keys: Sequence[torch.Tensor]) -> None:
-    """Store task ``t``'s adapters in every block's memory with the given (n, d_k) keys per block."""
+def append_task_adapters(model: nn.Module, pool: AdapterPool, t: int, keys: Sequence[torch.Tensor], *,
+                         first_block: str = "route") -> None:
+    """Store task ``t``'s adapters in every block's memory with the given (n, d_k) keys per block
+    (``first_block="off"``: not in block 0's, which stays empty)."""
     slots = pool.task_slots(t)
-    for mem, a, b, k in zip(mira.memories(model), pool.bank_a, pool.bank_b, keys):
+    for block, (mem, a, b, k) in enumerate(zip(mira.memories(model), pool.bank_a, pool.bank_b, keys)):
+        if block == 0 and first_block == "off":
+            continue
         mem.append(a[slots], b[slots], k)
 
 
