@@ -42,13 +42,15 @@ def tables(results: dict, order: dict) -> str:
         head = (f"| {proto.upper()} variant | avg acc (%) | forgetting (pts) | linear probe (%) |"
                 + (" cue-blind pairs (%) |" if conflict else ""))
         lines += [head, "|---|---|---|---|" + ("---|" if conflict else "")]
+        most = max((len(rs) for rs in results[proto]["runs"].values()), default=0)
         for name in order[proto]:
             runs = results[proto]["runs"].get(name, [])
             cells = [_fmt([r["avg_acc"] for r in runs]), _fmt([r["forgetting"] for r in runs]),
                      _fmt([r.get("probe") for r in runs])]
             if conflict:
                 cells.append(_fmt([r.get("cue_blind_agreement") for r in runs]))
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+            label = name if len(runs) == most else f"{name} ({len(runs)} seed{'s' * (len(runs) != 1)})"
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
         lines.append("")
     if "dg" in results:
         names = results["dg"]["domains"]
@@ -95,26 +97,43 @@ def plot_profiles(profiles: dict, domain_names, slot_task, path: str, seed: int)
 
 
 def merge(parts: list[str], out_dir: str, command: str) -> dict:
-    """Merge the ``results.json`` of runs of disjoint seeds (same suite, preset and mode) into ``out_dir``."""
+    """Merge the ``results.json`` of runs (same suite, preset, table and mode) into ``out_dir``.
+
+    Parts may hold different rows (e.g. every row for seed 0, the promising ones for seeds 1 and 2)
+    and the same seed for different rows; a (setting, row, seed) run in two parts is refused. The
+    row order is the union of the parts' orders; a row run on fewer seeds than others shows its count.
+    """
     docs = [json.load(open(os.path.join(p, "results.json"))) for p in parts]
     for d in docs:  # runs written before the row order and slot labels were recorded
         d.setdefault("row_order", {p: [v["name"] for v in vs] for p, vs in d["variants"].items()})
     first = docs[0]
     for d in docs[1:]:
-        for key in ("suite", "preset", "table", "mode", "row_order"):
+        for key in ("suite", "preset", "table", "mode"):
             if d.get(key) != first.get(key):
                 raise ValueError(f"cannot merge runs of different {key}: {first.get(key)!r} and {d.get(key)!r}")
-    seeds = [s for d in docs for s in d["seeds"]]
-    if len(set(seeds)) != len(seeds):
-        raise ValueError(f"the runs share seeds: {seeds}")
+    seen: set = set()
+    for d in docs:
+        for proto, block in d["results"].items():
+            for name, runs in block["runs"].items():
+                for r in runs:
+                    key = (proto, name, r["seed"])
+                    if key in seen:
+                        raise ValueError(f"the runs share seeds: {proto} {name!r} seed {r['seed']} is in two parts")
+                    seen.add(key)
     docs.sort(key=lambda d: min(d["seeds"]))
     merged = dict(docs[0])
     merged["command"] = command
     merged["parts"] = [{k: d[k] for k in ("command", "seeds", "elapsed_seconds", "cpu_seconds", "timings_seconds",
                                            "machine")} for d in docs]
-    merged["seeds"] = sorted(seeds)
+    merged["seeds"] = sorted({s for d in docs for s in d["seeds"]})
     merged["cpu_seconds"] = sum(d["cpu_seconds"] for d in docs)
     merged["elapsed_seconds"] = max(d["elapsed_seconds"] for d in docs)
+    order: dict = {}
+    for d in sorted(docs, key=lambda d: -sum(map(len, d["row_order"].values()))):
+        for proto, names in d["row_order"].items():
+            order.setdefault(proto, [])
+            order[proto] += [n for n in names if n not in order[proto]]
+    merged["row_order"] = order
     results: dict = {}
     for d in docs:
         for proto, block in d["results"].items():
