@@ -93,6 +93,8 @@ def ablation_variants(base, improved, protocol: str) -> list[P.Variant]:
         P.Variant("uniform mean", "uniform_mean", base),
         P.Variant("improved", "mira", improved),
         P.Variant("improved, backbone query", "mira", improved.replace(query_source="backbone")),
+        P.Variant("improved, backbone query, 10-epoch adapters", "mira",
+                  improved.replace(query_source="backbone", **longer)),
         P.Variant("improved, affine", "mira", improved.replace(separation="affine")),
         P.Variant("improved, affine, backbone query", "mira",
                   improved.replace(separation="affine", query_source="backbone")),

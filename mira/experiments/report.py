@@ -116,7 +116,7 @@ def merge(parts: list[str], out_dir: str, command: str) -> dict:
         for proto, block in d["results"].items():
             for name, runs in block["runs"].items():
                 for r in runs:
-                    key = (proto, name, r["seed"])
+                    key = (proto, name, r["seed"], r.get("held_out"))  # DG: one run per held-out domain
                     if key in seen:
                         raise ValueError(f"the runs share seeds: {proto} {name!r} seed {r['seed']} is in two parts")
                     seen.add(key)
