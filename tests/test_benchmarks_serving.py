@@ -21,7 +21,8 @@ TINY = {"img_size": 32, "patch_size": 8, "depth": 2}
 
 def test_a_tiny_run_times_every_path_against_stock_and_records_machine_and_commit(tmp_path, capsys):
     argv = ["--model", "vit_tiny_patch16_224", "--batch-sizes", "1", "3", "--slots", "4", "--paths", "folded",
-            "lora", "merged", "export", "--budget", "0", "--min-rounds", "3", "--out", str(tmp_path)]
+            "lora", "merged", "export", "--budget", "0", "--min-rounds", "3", "--out", str(tmp_path),
+            "--cache", str(tmp_path / "cache")]
     assert serving.main(argv, model_kwargs=TINY) == 0
     record = json.loads((tmp_path / "serving.jsonl").read_text().splitlines()[-1])
     assert record["machine"]["cpu"] and record["commit"] != "unknown"

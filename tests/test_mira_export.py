@@ -93,10 +93,16 @@ def _mira_nodes(program):
     return [n for n in program.graph.nodes if n.op == "call_function" and str(n.target).startswith("mira.")]
 
 
-@needs_extension
-def test_torch_export_keeps_the_fused_op_and_the_decomposition_removes_it():
+@pytest.fixture(scope="module")
+def exported():
+    """(served model, its torch.export program): exported once for the torch.export and ONNX tests."""
     model = served_model(capacity=5)
-    program = export_program(model, images(1))  # a batch of 1 is traced as 2, with a dynamic batch
+    return model, export_program(model, images(1))  # a batch of 1 is traced as 2, with a dynamic batch
+
+
+@needs_extension
+def test_torch_export_keeps_the_fused_op_and_the_decomposition_removes_it(exported):
+    model, program = exported
     assert len(_mira_nodes(program)) == 2
     decomposed = decompose(program)
     assert not _mira_nodes(decomposed)
@@ -110,11 +116,11 @@ def test_torch_export_keeps_the_fused_op_and_the_decomposition_removes_it():
     assert not torch._C._dispatch_has_kernel_for_dispatch_key("mira::mira_linear", "CompositeImplicitAutograd")
 
 
-def test_onnx_export_runs_in_onnxruntime_and_matches_pytorch(tmp_path):
+def test_onnx_export_runs_in_onnxruntime_and_matches_pytorch(exported, tmp_path):
     ort = pytest.importorskip("onnxruntime")
-    model = served_model()
+    model, program = exported
     path = tmp_path / "mira_vit.onnx"
-    export_onnx(model, images(2), path)
+    export_onnx(program, images(2), path)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     (name,) = [i.name for i in session.get_inputs()]
     for batch in JUDGE_BATCHES:  # the batch is dynamic
