@@ -49,22 +49,30 @@ gpu-check:
 fuzz: build
 	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest -q -p no:cacheprovider tests/test_properties.py $(FUZZ_ARGS)
 
-# The C++ CPU kernel built with AddressSanitizer + UndefinedBehaviorSanitizer in its own folder
-# (build/sanitize: the normal build is untouched), then the tests that drive the C++ ops run
-# against it, libasan preloaded into python. Not part of CI (several times slower).
+# The C++ CPU kernel built with AddressSanitizer + UndefinedBehaviorSanitizer, then the tests that drive
+# the C++ ops run against it, libasan preloaded into python (it must be the first library loaded). Not
+# part of CI (several times slower). The build and the run happen in a copy of the sources,
+# build/sanitize/tree, with the sanitized _C*.so in place of the normal one: pytest puts the tree that
+# holds tests/ first on sys.path, and child processes started by the tests get that tree as PYTHONPATH,
+# so a copy is the one layout in which every import of mira_kernels (parent and children) is the
+# sanitized build. The normal build is untouched. --capture=sys: sanitizer reports are written to fd 2,
+# which pytest's default (fd) capture would swallow when the process aborts. SAN_TESTS / SAN_ARGS
+# narrow the run (e.g. SAN_TESTS=tests/test_hostile_ops.py).
 SAN_DIR := build/sanitize
+SAN_TREE := $(SAN_DIR)/tree
 SAN_TESTS ?= tests/test_hostile_ops.py tests/test_validation.py tests/test_cpu_kernel.py tests/test_ops.py \
 	tests/test_reference.py tests/test_routing.py tests/test_mira_memory.py tests/test_transactional.py \
 	tests/test_config_env.py tests/test_properties.py
+SAN_ENV := LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libubsan.so)" \
+	ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 sanitize: setup
-	rm -rf $(SAN_DIR)/lib/mira_kernels && mkdir -p $(SAN_DIR)/lib/mira_kernels
-	cp -rs $(CURDIR)/mira_kernels/. $(SAN_DIR)/lib/mira_kernels/ && rm -f $(SAN_DIR)/lib/mira_kernels/_C*.so
-	MIRA_SANITIZE=1 MIRA_BUILD_CUDA=0 MAX_JOBS=$${MAX_JOBS:-2} $(PY) setup.py -q build_ext \
-	    --build-lib $(SAN_DIR)/lib --build-temp $(SAN_DIR)/temp
-	PYTHONPATH=$(CURDIR)/$(SAN_DIR)/lib:$(CURDIR) LD_PRELOAD="$$(gcc -print-file-name=libasan.so) \
-	    $$(gcc -print-file-name=libubsan.so)" ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
-	    UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
-	    $(PY) -m pytest -q -p no:cacheprovider $(SAN_TESTS) -k "not triton" $(SAN_ARGS)
+	rm -rf $(SAN_TREE) && mkdir -p $(SAN_TREE)
+	cp -rp mira_kernels mira tests csrc setup.py pyproject.toml $(SAN_TREE)/
+	find $(SAN_TREE) \( -name '_C*.so' -o -name __pycache__ \) -prune -exec rm -rf {} +
+	cd $(SAN_TREE) && MIRA_SANITIZE=1 MIRA_BUILD_CUDA=0 MAX_JOBS=$${MAX_JOBS:-2} $(CURDIR)/$(PY) setup.py -q \
+	    build_ext --inplace --build-temp $(CURDIR)/$(SAN_DIR)/temp
+	cd $(SAN_TREE) && PYTHONPATH=$(CURDIR)/$(SAN_TREE) $(SAN_ENV) $(CURDIR)/$(PY) -m pytest -q -p no:cacheprovider \
+	    --capture=sys $(SAN_TESTS) -k "not triton" $(SAN_ARGS)
 
 # Every C++ source compiled for aarch64 with Debian's cross compiler (apt-get install
 # g++-aarch64-linux-gnu); `make test` checks only the architecture-specific files (minutes vs seconds).
