@@ -40,6 +40,8 @@ from tests.fuzz.oracle import (
     check_linear,
     check_raise_alike,
     linear_call,
+    relu_kink_within_rounding,
+    run_linear,
     score_grad_terms,
 )
 from tests.triton._subprocess import run as run_child
@@ -68,6 +70,27 @@ def test_found_by_fuzz_empty_tokens_zero_scale_nan_key(backend):
                   bank_b=torch.tensor([0.4033, 0.8380]).view(2, 1, 1, 1), slice_offsets=[0], separation="affine",
                   scale=0.0, eps=0.01, grad_out=torch.zeros(1, 0, 1), notes={"seed": 0, "non_finite": "keys[0] = nan"})
     check_linear(case, backend)
+
+
+@pytest.mark.parametrize("backend", IN_PROCESS)
+def test_found_by_fuzz_relu_score_below_float32(backend):
+    # make fuzz found: relu, float32, x = NaN, |q| = 1e-37 and keys ~1e-37, all below the 1e-12 norm floor, so
+    # the scores are ~1e-50: float32 rounds them to 0 and relu's select stops the NaN (dquery = 0), float64
+    # keeps +1e-50 and passes it (dquery = NaN). Either side of that kink is allowed (oracle.py,
+    # relu_kink_within_rounding); the same case with unit-sized query and keys must still carry the NaN.
+    nan = float("nan")
+    case = OpCase(x=torch.tensor([[[nan]]]), weight=torch.tensor([[-0.2934]]), bias=None,
+                  query=torch.tensor([[-1e-37]]), keys=torch.tensor([[5.2413e-38], [-1e-37]]),
+                  bank_a=torch.tensor([-1.3986, 0.4033]).view(2, 1, 1, 1),
+                  bank_b=torch.tensor([0.8380, -0.7193]).view(2, 1, 1, 1), slice_offsets=[0], separation="relu",
+                  scale=1.0, eps=0.01, grad_out=torch.tensor([[[-0.4033]]]),
+                  notes={"regime": "tiny", "seed": 0, "non_finite": "x[0] = nan"})
+    assert relu_kink_within_rounding(case)
+    check_linear(case, backend)
+    case.query, case.keys = case.query * 1e37, case.keys * 1e37
+    assert not relu_kink_within_rounding(case)
+    check_linear(case, backend)
+    assert torch.isnan(run_linear(case, backend)[1][1]).all()
 
 
 @st.composite

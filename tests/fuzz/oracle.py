@@ -124,9 +124,31 @@ def score_grad_terms(case: OpCase) -> tuple[float, float]:
     return largest(ds.abs().sum(-1), q), largest(ds.abs().sum(0), k)
 
 
+def relu_kink_within_rounding(case: OpCase) -> bool:
+    """relu separation with a score whose sign the case's compute dtype cannot resolve: |s| (float64) within
+    the rounding of the cosine there, 4 (d_k + 2) u sum_i |q^_i k^_i| plus d_k x the smallest normal number.
+
+    Why (found by make fuzz: reference backend, float32, relu, x = NaN, |q| = 1e-37 and |k_n| ~ 1e-37): both
+    lie below the contract's 1e-12 norm floor, so q^ = q / 1e-12 and the scores are ~1e-50, which float32
+    rounds to 0 while float64 keeps +1e-50. relu's gradient is a select (autograd of torch.relu: a NaN
+    gradient stops where s <= 0), so dquery is NaN in float64 and exactly 0 at float32, the select taken on
+    either side of a kink the float32 score cannot place. Both are the input's NaN or the mathematics' 0,
+    never a value created, so dquery and dkeys may differ from float64 in which entries are non-finite
+    there (the finite values are still judged). A dropped NaN away from the kink is still a finding.
+    """
+    if case.separation != "relu" or case.keys.shape[0] == 0 or case.query.shape[0] == 0:
+        return False
+    (_, _, _, q, k, _, _), _ = _spec_tensors(case, torch.float64)
+    q_unit, k_unit = reference.normalize(q), reference.normalize(k)
+    finfo = torch.finfo(reference.compute_dtype(case.x.dtype))
+    d_k = q.shape[-1]
+    rounding = 4 * (d_k + 2) * finfo.eps * (q_unit.abs() @ k_unit.abs().T) + d_k * finfo.tiny
+    return bool(((q_unit @ k_unit.T).abs() <= rounding).any())
+
+
 def judge(what: str, got: torch.Tensor, want: torch.Tensor, own: torch.Tensor, *, dtype: torch.dtype,
           factor: float, like: torch.Tensor | None = None, degenerate: bool = False,
-          zero_times_nan: bool = False, terms: float = 0.0) -> None:
+          zero_times_nan: bool = False, terms: float = 0.0, select_ambiguous: bool = False) -> None:
     """Raises Finding unless ``got`` matches ``want`` as the module docstring says."""
     if like is not None and (got.shape != like.shape or got.dtype != like.dtype):
         raise Finding(f"{what}: shape/dtype {tuple(got.shape)} {got.dtype}, expected {tuple(like.shape)} "
@@ -147,6 +169,8 @@ def judge(what: str, got: torch.Tensor, want: torch.Tensor, own: torch.Tensor, *
         lost = torch.zeros_like(lost)
     if zero_times_nan:
         created = torch.zeros_like(created)
+    if select_ambiguous:  # relu_kink_within_rounding: the select may fall either way at the case's dtype
+        created, lost = torch.zeros_like(created), torch.zeros_like(lost)
     if bool(created.any()) or bool(lost.any()):
         raise Finding(f"{what}: non-finite entries differ from the float64 reference (created at "
                       f"{created.nonzero()[:3].tolist()}, lost at {lost.nonzero()[:3].tolist()})")
@@ -184,9 +208,11 @@ def check_linear(case: OpCase, backend: str, *, grads: bool = True) -> None:
         return
     like = [case.x, case.query, case.keys, case.bank_a, case.bank_b]
     terms = dict(zip(("dquery", "dkeys"), score_grad_terms(case)))
+    at_kink = relu_kink_within_rounding(case)
     for name, g, w, o, t in zip(GRAD_NAMES, got_g, want_g, own_g, like):
         judge(f"{backend} {name}", g, w, o, dtype=t.dtype, factor=3.0, like=t, degenerate=degenerate,
-              zero_times_nan=zero_times_nan(case), terms=terms.get(name, 0.0))
+              zero_times_nan=zero_times_nan(case), terms=terms.get(name, 0.0),
+              select_ambiguous=at_kink and name in ("dquery", "dkeys"))
 
 
 def outcome(fn):
