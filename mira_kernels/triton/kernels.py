@@ -146,7 +146,7 @@ def _mira_mix_fwd_kernel(
         total = tl.sum(e, axis=1)
         weights = e / tl.where(total > 0, total, 1.0)[:, None]
     elif SEPARATION == RELU:
-        weights = tl.maximum(scores, 0.0)
+        weights = tl.maximum(scores, 0.0, propagate_nan=tl.PropagateNan.ALL)  # relu(NaN) = NaN, as torch
     elif SEPARATION == TANH:
         weights = _tanh(scores)
     elif SEPARATION == SIGMOID:
@@ -291,6 +291,9 @@ def _mira_linear_fwd_kernel(
                 e_ok = col_ok & (e_cols >= 0) & (e_cols < SLICE_W)
                 for b in tl.range(b_first, b_last + 1, num_stages=1):
                     h_rows = row_ok & (row_sample == b)
+                    # Sample b's part apart, then selected into b's rows: other rows load h = 0, and 0 times a
+                    # NaN / inf in b's factor is NaN, which must not reach another sample (make fuzz found it).
+                    part = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc_ty)
                     for j0 in tl.range(0, J, J_CHUNK, num_stages=1):
                         js = j0 + tl.arange(0, J_CHUNK)
                         j_ok = js < J
@@ -298,7 +301,8 @@ def _mira_linear_fwd_kernel(
                                     mask=h_rows[:, None] & j_ok[None, :], other=0.0).to(acc_ty)
                         e = tl.load(e_ptr + b * stride_eb + s * stride_es + js[:, None] * stride_ej
                                     + e_cols[None, :] * stride_en, mask=j_ok[:, None] & e_ok[None, :], other=0.0)
-                        acc = tl.dot(h, (e * scale).to(acc_ty), acc, input_precision=LORA_PRECISION)
+                        part = tl.dot(h, (e * scale).to(acc_ty), part, input_precision=LORA_PRECISION)
+                    acc += tl.where(h_rows[:, None], part, 0.0)
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols * stride_bias, mask=col_ok, other=0.0).to(acc_ty)[None, :]
@@ -340,6 +344,7 @@ def _mira_adapter_fwd_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ct)
     for b in tl.range(b_first, b_last + 1, num_stages=1):
         h_rows = row_ok & (row_sample == b)
+        part = tl.zeros((BLOCK_M, BLOCK_N), dtype=ct)  # sample b's rows only (see _mira_linear_fwd_kernel)
         for j0 in tl.range(0, J, J_CHUNK, num_stages=1):
             js = j0 + tl.arange(0, J_CHUNK)
             j_ok = js < J
@@ -347,7 +352,8 @@ def _mira_adapter_fwd_kernel(
                         mask=h_rows[:, None] & j_ok[None, :], other=0.0)
             e = tl.load(e_ptr + b * stride_eb + pid_s * stride_es + js[:, None] * stride_ej
                         + cols[None, :] * stride_en, mask=j_ok[:, None] & col_ok[None, :], other=0.0)
-            acc = tl.dot(h, e, acc, input_precision=LORA_PRECISION)
+            part = tl.dot(h, e, part, input_precision=LORA_PRECISION)
+        acc += tl.where(h_rows[:, None], part, 0.0)
     o_ptrs = out_ptr + rows64[:, None] * stride_om + (off + cols)[None, :]
     o_mask = row_ok[:, None] & col_ok[None, :]
     o = tl.load(o_ptrs, mask=o_mask, other=0.0).to(ct)
@@ -484,7 +490,7 @@ def _mira_scores_bwd_kernel(
     elif SEPARATION == SOFTMAX:
         dz = w * (dw - tl.sum(dw * w, axis=1)[:, None])
     elif SEPARATION == RELU:
-        dz = tl.where(s > 0, dw, 0.0)
+        dz = tl.where(s <= 0, 0.0, dw)  # as autograd of torch.relu: a NaN score passes its gradient
     elif SEPARATION == TANH:
         dz = dw * (1.0 - w * w)
     elif SEPARATION == SIGMOID:

@@ -102,6 +102,23 @@ def test_triton_cancelling_dkeys_is_judged_against_the_terms_it_sums():
     check_linear(case, "triton")
 
 
+@pytest.mark.parametrize("separation", ["affine", "softmax", "relu"])
+def test_triton_nan_query_stays_in_its_sample(separation):
+    # Found by make fuzz (affine, float32, B = 2, T = 1): query row 0 NaN made sample 1's output NaN too. The
+    # expand of a tile that spans samples loaded other samples' h as 0 and summed 0 x sample 0's NaN factor
+    # into their rows; relu also dropped the NaN (tl.maximum ignores NaN unless told to propagate it).
+    from tests.fuzz.cases import OpCase
+
+    nan = float("nan")
+    case = OpCase(x=torch.tensor([[[1.5410]], [[-0.2934]]]), weight=torch.tensor([[-2.1788]]), bias=None,
+                  query=torch.tensor([[nan], [-1.0845]]), keys=torch.tensor([[-1.3986]]),
+                  bank_a=torch.tensor([[[[0.4033]]]]), bank_b=torch.tensor([[[[0.8380]]]]), slice_offsets=[0],
+                  separation=separation, scale=1.0, eps=0.01, grad_out=torch.tensor([[[-0.7193]], [[-0.4033]]]),
+                  notes={"regime": "random", "seed": 0, "non_finite": "query[0] = nan"})
+    check_linear(case, "triton")
+    check_adapter(case, "triton", torch.tensor([[[0.6614]], [[0.2669]]]))
+
+
 @given(case=op_cases(**SMALL, huge=False), alias=st.booleans(),
        layout=st.sampled_from(["contiguous", "transposed", "offset"]))
 def test_triton_adapter_matches_the_float64_reference(case, alias, layout):
