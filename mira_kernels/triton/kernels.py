@@ -302,7 +302,7 @@ def _mira_linear_fwd_kernel(
                         e = tl.load(e_ptr + b * stride_eb + s * stride_es + js[:, None] * stride_ej
                                     + e_cols[None, :] * stride_en, mask=j_ok[:, None] & e_ok[None, :], other=0.0)
                         part = tl.dot(h, (e * scale).to(acc_ty), part, input_precision=LORA_PRECISION)
-                    acc += tl.where(h_rows[:, None], part, 0.0)
+                    acc += tl.where(h_rows[:, None] & e_ok[None, :], part, 0.0)  # and the slice's columns only
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols * stride_bias, mask=col_ok, other=0.0).to(acc_ty)[None, :]

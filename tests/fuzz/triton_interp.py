@@ -119,6 +119,20 @@ def test_triton_nan_query_stays_in_its_sample(separation):
     check_adapter(case, "triton", torch.tensor([[[0.6614]], [[0.2669]]]))
 
 
+def test_triton_nan_key_stays_in_the_slices():
+    # Found by make fuzz (affine, float32, a NaN key, slices [0, 1] of width 1 in d_out = 4): columns 2 and 3,
+    # outside every slice, came out NaN: the expand multiplied the NaN h by the zeros loaded for those columns.
+    from tests.fuzz.cases import OpCase
+
+    case = OpCase(x=torch.tensor([[[1.5410, -0.2934]]]), weight=torch.tensor([[0.1, 0.2]] * 4), bias=None,
+                  query=torch.tensor([[-1.0882]]), keys=torch.tensor([[float("nan")]]),
+                  bank_a=torch.tensor([[[[-0.3100, -0.2566]], [[-0.1877, 0.4951]]]]),
+                  bank_b=torch.tensor([[[[0.6281]], [[-0.1132]]]]), slice_offsets=[0, 1], separation="affine",
+                  scale=2.7, eps=0.01, grad_out=torch.tensor([[[0.6032, -1.5447, -0.1095, 1.0134]]]),
+                  notes={"regime": "random", "seed": 0, "non_finite": "keys[0] = nan"})
+    check_linear(case, "triton")
+
+
 @given(case=op_cases(**SMALL, huge=False), alias=st.booleans(),
        layout=st.sampled_from(["contiguous", "transposed", "offset"]))
 def test_triton_adapter_matches_the_float64_reference(case, alias, layout):
