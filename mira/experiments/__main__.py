@@ -6,6 +6,10 @@ every seed, prints the tables (mean +- std over seeds) and writes ``results.json
 ``results.md`` and ``retrieval_weights.png`` to a scratch folder (``--out``, default
 ``$MIRA_EXPERIMENTS_CACHE/runs/<suite>``), or to ``results/experiments/<suite>/`` with ``--record``
 (``<suite>-<preset>/`` for a preset other than ``default``; ``--table ablations`` adds ``-ablations``).
+
+The same command runs data-parallel under ``torchrun`` (``torchrun --nproc-per-node K -m
+mira.experiments dil``; ``--strategy ddp|fsdp``): every rank computes its share of each global
+batch, rank 0 alone prints, shows progress and writes the files, which record the world size.
 """
 
 from __future__ import annotations
@@ -20,6 +24,9 @@ import warnings
 
 import torch
 
+from mira import distributed as md
+
+from . import parallel
 from . import protocols as P
 from .backbone import cache_dir, load_pretrained_backbone
 from .recipe import PRESETS, preset
@@ -152,14 +159,56 @@ def main(argv=None) -> dict:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: shared machines)")
     parser.add_argument("--no-cache", action="store_true", help="pre-train the backbone even if cached")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--checkpoint-dir", default=None, metavar="DIR",
+                        help="save each DIL / CIL run after every task and resume finished tasks from here")
+    parser.add_argument("--strategy", choices=md.STRATEGIES, default="ddp",
+                        help="under torchrun: DistributedDataParallel or FSDP2 (default ddp)")
+    parser.add_argument("--dist-timeout", type=float, default=md.DEFAULT_TIMEOUT_S, metavar="S",
+                        help="under torchrun: seconds a rank waits for the others before failing "
+                             f"(default {md.DEFAULT_TIMEOUT_S:.0f})")
     args = parser.parse_args(argv)
     if args.record and args.out:
         parser.error("--record writes to results/experiments/<suite>[-<preset>]/; do not also pass --out")
+    if not args.dist_timeout > 0:
+        parser.error("--dist-timeout must be > 0")
+    settings = SUITES[args.suite].settings
+    if args.protocol != "all" and args.protocol not in settings:
+        parser.error(f"suite {args.suite!r} runs {settings} only")
+    ctx = md.init_distributed(timeout_s=args.dist_timeout)
+    try:
+        with md.explain_collective_failures(ctx, args.dist_timeout):
+            return _run(args, argv, ctx, parser)
+    finally:
+        md.shutdown()
 
+
+def _load_backbone(bb_cfg, args, ctx: md.DistributedContext):
+    # Rank 0 pre-trains (or loads) first, so K ranks do not pre-train K times; then every rank
+    # takes rank 0's weights, so ranks on hosts without a shared cache still agree bitwise.
+    if not ctx.is_main:
+        md.barrier(ctx)
+    backbone, info = load_pretrained_backbone(bb_cfg, use_cache=not args.no_cache,
+                                              progress=not args.no_progress and ctx.is_main)
+    if ctx.is_main:
+        md.barrier(ctx)
+    md.broadcast_tensors_(list(backbone.state_dict().values()), context=ctx)
+    return backbone, info
+
+
+def _launcher(ctx: md.DistributedContext) -> str:
+    if not ctx.active:
+        return "python -m"
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size))
+    nodes = f"--nnodes {ctx.world_size // per_node} " if per_node != ctx.world_size else ""
+    return f"torchrun {nodes}--nproc-per-node {per_node} -m"
+
+
+def _run(args, argv, ctx: md.DistributedContext, parser: argparse.ArgumentParser) -> dict:
     from tqdm.auto import tqdm
 
     warnings.filterwarnings("ignore", message=".*falling back to the plain-PyTorch reference.*")
     torch.set_num_threads(args.threads)
+    parallel.set_strategy(args.strategy)
     suite = SUITES[args.suite]
     setup = QUICK if args.quick else FULL
     seeds = tuple(args.seeds) if args.seeds else setup["seeds"]
@@ -168,10 +217,9 @@ def main(argv=None) -> dict:
     else:
         out_dir = args.out or os.path.join(cache_dir(), "runs", record_name(suite.name, args.preset, args.table)
                                            + ("-quick" if args.quick else ""))
-    os.makedirs(out_dir, exist_ok=True)
+    if ctx.is_main:
+        os.makedirs(out_dir, exist_ok=True)
     protocols = suite.settings if args.protocol == "all" else (args.protocol,)
-    if any(p not in suite.settings for p in protocols):
-        parser.error(f"suite {suite.name!r} runs {suite.settings} only")
     overrides = setup.get("recipe", {})
     base, improved = preset(args.preset, **overrides), preset("improved", **overrides)
     cfg = P.ProtocolConfig(recipe=base, joint_epochs=setup["joint_epochs"],
@@ -180,7 +228,7 @@ def main(argv=None) -> dict:
     t_start, cpu_start, load_start = time.perf_counter(), time.process_time(), os.getloadavg()
 
     bb_cfg = dataclasses.replace(suite.backbone, epochs=min(suite.backbone.epochs, 8)) if args.quick else suite.backbone
-    backbone, bb_info = load_pretrained_backbone(bb_cfg, use_cache=not args.no_cache, progress=not args.no_progress)
+    backbone, bb_info = _load_backbone(bb_cfg, args, ctx)
     domains = suite.domains()
     if args.quick:
         domains = [subsample(d, setup["train"], setup["test"]) for d in domains[: suite.quick_domains]]
@@ -204,7 +252,8 @@ def main(argv=None) -> dict:
         if proto != "dg":
             results[proto]["tasks"] = [t.name for t in (dil_t if proto == "dil" else cil_t)]
     units = sum(len(domains) * len(vs) if p == "dg" else len(vs) for p, vs in variants.items())
-    bar = tqdm(total=units * len(seeds), desc=f"{suite.name}", disable=args.no_progress, file=sys.stdout)
+    bar = tqdm(total=units * len(seeds), desc=f"{suite.name}", disable=args.no_progress or not ctx.is_main,
+               file=sys.stdout)
     timings: dict = {}
     pools_info: dict = {}
     profiles: dict = {}
@@ -249,8 +298,13 @@ def main(argv=None) -> dict:
                 tasks = dil_t if proto == "dil" else cil_t
                 profile = proto == "dil" and seed == seeds[0] and v.name in ("mira", "improved")
                 keep = profile or suite.name == "conflict" or (proto == "dil" and v.kind == "mira")
+                ckpt = None
+                if args.checkpoint_dir:
+                    slug = "".join(c if c.isalnum() else "_" for c in v.name)
+                    ckpt = os.path.join(args.checkpoint_dir, f"{suite.name}-{args.preset}-seed{seed}-{proto}-{slug}"
+                                        f"{'-quick' if args.quick else ''}.safetensors")
                 r = timed(f"{proto}/{v.name}", P.run_continual, proto, v, backbone, tasks, pool, cfg, seed,
-                          keep_model=keep)
+                          keep_model=keep, checkpoint=ckpt)
                 model = r.pop("model", None)
                 if suite.name == "conflict" and model is not None and v.kind != "oracle":
                     r["cue_blind_agreement"] = _cue_blind_agreement(model, tasks)
@@ -263,13 +317,16 @@ def main(argv=None) -> dict:
                 bar.update(1)
     bar.close()
     elapsed, cpu_seconds = time.perf_counter() - t_start, time.process_time() - cpu_start
+    (cpu_seconds,) = md.all_reduce_sum([cpu_seconds], ctx)  # every rank's CPU time
 
-    command = "python -m mira.experiments " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = f"{_launcher(ctx)} mira.experiments " + " ".join(argv if argv is not None else sys.argv[1:])
     cpu_model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                      platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
     doc = {
         "command": command, "suite": suite.name, "preset": args.preset, "table": args.table,
         "mode": "quick" if args.quick else "full",
+        "distributed": {"world_size": ctx.world_size, "backend": ctx.backend,
+                        "strategy": args.strategy if ctx.active else None},
         "seeds": list(seeds), "elapsed_seconds": elapsed, "cpu_seconds": cpu_seconds, "timings_seconds": timings,
         "machine": {"platform": platform.platform(), "cpu": cpu_model, "cpus": os.cpu_count(),
                     "torch_threads": args.threads, "loadavg_start": load_start, "loadavg_end": os.getloadavg(),
@@ -283,9 +340,12 @@ def main(argv=None) -> dict:
         "summary_mean_std": summarise(results), "results": results, "adaptation": pools_info,
         "dil_retrieval_profile_seed0": profiles, "dil_retrieval_slot_tasks": slot_tasks, "row_order": order,
     }
+    if not ctx.is_main:
+        return doc
     table = write(doc, out_dir)
     print(table)
-    print(f"elapsed {elapsed:.1f} s wall clock, {cpu_seconds:.1f} s CPU; results in {out_dir}")
+    print(f"elapsed {elapsed:.1f} s wall clock, {cpu_seconds:.1f} s CPU ({ctx.world_size} process(es)); "
+          f"results in {out_dir}")
     return doc
 
 

@@ -95,6 +95,28 @@ class GradientProjectionMemory:
     def is_dual(self, name: str) -> bool:
         return self._bases[name].dual
 
+    def state_dict(self) -> dict:
+        """Every basis (float64, as stored: primal or dual), for checkpoints and for broadcasting
+        one rank's bases to the others."""
+        # The memory layout is part of the state: LAPACK returns column-major bases, and a product
+        # with a row-major copy rounds differently; "strides" lets a reload (from a format that
+        # stores row-major, such as safetensors) continue bit for bit.
+        bases = {name: {"dim": b.dim, "dual": b.dual, "mat": b.mat.clone(), "strides": list(b.mat.stride())}
+                 for name, b in self._bases.items()}
+        return {"threshold": self.threshold, "enabled": self.enabled, "bases": bases}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Replace every basis by those of ``state`` (from :meth:`state_dict`)."""
+        bases = {}
+        for name, b in state["bases"].items():
+            basis = _Basis(int(b["dim"]))
+            basis.dual = bool(b["dual"])
+            mat = b["mat"].to("cpu", torch.float64)
+            strides = tuple(b.get("strides", mat.stride()))
+            basis.mat = torch.empty_strided(mat.shape, strides, dtype=torch.float64).copy_(mat)
+            bases[name] = basis
+        self.threshold, self.enabled, self._bases = float(state["threshold"]), bool(state["enabled"]), bases
+
     @torch.no_grad()
     def update(self, name: str, activations: torch.Tensor) -> int:
         """Grow the basis of ``name`` from activations (n, d); returns how many directions were added."""

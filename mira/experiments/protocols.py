@@ -27,6 +27,7 @@ keys, query modules and head from the second task on (``ProtocolConfig.gpm``).
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable, Sequence
 
 import torch
@@ -38,6 +39,7 @@ from .data import Domain
 from .dualgpm import GradientProjectionMemory
 from .metrics import average_accuracy, average_forgetting
 from .recipe import RecipeConfig
+from .resume import TaskCheckpoint, load_trained_tensors, trained_tensors
 from .stages import (
     AdapterPool,
     RoutingMemory,
@@ -212,10 +214,14 @@ def _initial_head(model: nn.Module, backbone: nn.Module, rc: RecipeConfig, pool:
 
 def run_continual(setting: str, variant: str | Variant, backbone: nn.Module, tasks: Sequence[Task],
                   pool: AdapterPool | None, cfg: ProtocolConfig, seed: int, *,
-                  step: Callable[[], None] | None = None, keep_model: bool = False) -> dict:
+                  step: Callable[[], None] | None = None, keep_model: bool = False,
+                  checkpoint: str | os.PathLike | None = None) -> dict:
     """DIL or CIL run of one variant. Returns the accuracy matrix, average accuracy and forgetting.
 
     ``acc[i][j]``: accuracy on task j's test set after task i (nan above the diagonal).
+    ``checkpoint``: a file saved after every task; a run given the file of a run that stopped
+    resumes after its last finished task and ends as that run would have (:mod:`.resume`).
+    ``joint_lora`` has no tasks to resume between and ignores it.
     """
     if setting not in ("dil", "cil"):
         raise ValueError(f"setting must be 'dil' or 'cil', got {setting!r}")
@@ -255,7 +261,26 @@ def run_continual(setting: str, variant: str | Variant, backbone: nn.Module, tas
                                     head_rows=first_rows, cfg=rc)
         train_head = _initial_head(model, backbone, rc, pool, [0], first_rows, cil)
     ranks = []
+    ckpt = None
+    if checkpoint is not None:
+        ckpt = TaskCheckpoint(checkpoint, {"setting": setting, "variant": v.name, "kind": kind, "seed": seed,
+                                           "tasks": [t.name for t in tasks], "recipe": dataclasses.asdict(rc)})
+    saved = ckpt.load() if ckpt is not None else None
+    start = 0
+    if saved is not None:
+        start, acc, ranks = saved["tasks_done"], saved["acc"], saved["gpm_ranks"]
+        load_trained_tensors(model, saved["model"])
+        if gpm is not None:
+            gpm.load_state_dict(saved["gpm"])
+        if routing is not None:
+            routing.load_state_dict(saved["routing"])
+        if "consolidation" in saved:
+            out["consolidation"] = saved["consolidation"]
+        gen.set_state(saved["generator"])
+        torch.set_rng_state(saved["global_generator"])
     for t, task in enumerate(tasks):
+        if t < start:
+            continue
         seen = 1 + max(task.classes)
         mask = _class_mask(task, num_classes) if cil else None
         if kind == "seq_lora":
@@ -290,6 +315,16 @@ def run_continual(setting: str, variant: str | Variant, backbone: nn.Module, tas
             acc[t][j] = evaluate(model, tasks[j].test_x, tasks[j].test_y, rows=seen if cil else None)
         if kind == "oracle":
             _set_memory(model, pool, pool.task_slots(t))
+        if ckpt is not None:
+            state = {"tasks_done": t + 1, "acc": acc, "gpm_ranks": ranks, "model": trained_tensors(model),
+                     "generator": gen.get_state(), "global_generator": torch.get_rng_state()}
+            if gpm is not None:
+                state["gpm"] = gpm.state_dict()
+            if routing is not None:
+                state["routing"] = routing.state_dict()
+            if "consolidation" in out:
+                state["consolidation"] = out["consolidation"]
+            ckpt.save(state)
         if step:
             step()
     out.update(acc=acc, avg_acc=average_accuracy(acc), forgetting=average_forgetting(acc), final_row=acc[-1])

@@ -182,11 +182,14 @@ def write(doc: dict, out_dir: str) -> str:
         json.dump(doc, f, indent=1)
     m = doc["machine"]
     load = m["loadavg_start"][0]
+    dist = doc.get("distributed") or {}
+    ranks = (f"{dist['world_size']} rank(s) ({dist['strategy']}, {dist['backend']}), " if dist.get("backend")
+             else "")
     with open(os.path.join(out_dir, "results.md"), "w") as f:
         f.write(f"`{doc['command']}`: suite {doc['suite']}, preset {doc['preset']}, {len(doc['seeds'])} seed(s) "
                 f"{doc['seeds']}, mean ± std over seeds; {doc['elapsed_seconds']:.0f} s wall clock "
                 f"({doc['cpu_seconds']:.0f} s of CPU time; load average {load:.1f} at start) on {m['cpu']}, "
-                f"{m['cpus']} CPUs, {m['torch_threads']} torch thread(s) per process.\n\n{table}\n")
+                f"{m['cpus']} CPUs, {ranks}{m['torch_threads']} torch thread(s) per process.\n\n{table}\n")
     profiles = doc.get("dil_retrieval_profile_seed0")
     if profiles:
         tasks = doc["results"]["dil"]["tasks"]

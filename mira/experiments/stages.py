@@ -9,7 +9,9 @@
   the head trained with cross-entropy; optional class mask (CIL), within-class mixup (DG),
   DualGPM projection (DIL / CIL) and the routing options of :mod:`.recipe`.
 
-Both run through :func:`.training.fit` (one loop: sampler, step, early-stop decision, state).
+Both run through :func:`.training.fit` (one loop: sampler, step, early-stop decision, state),
+with the seams filled by :mod:`.parallel`: under ``torchrun`` every rank computes its share of
+each global batch and DDP / FSDP2 sums the gradients, so K ranks take one process's steps.
 The model's own ``head`` attribute is the task head, trained through
 ``mira.set_stage(..., extra_trainable=("head",))``.
 """
@@ -22,15 +24,15 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import mira
 
+from . import parallel
 from .backbone import normalize
 from .dualgpm import GradientProjectionMemory, ProjectedParameter
 from .queries import use_backbone_query
 from .recipe import RecipeConfig
-from .training import EarlyStop, EpochSampler, StepStats, fit
+from .training import EarlyStop, StepStats, fit
 
 __all__ = [
     "AdapterPool",
@@ -71,13 +73,18 @@ def _masked(logits: torch.Tensor, class_mask: torch.Tensor | None) -> torch.Tens
     return logits.masked_fill(~class_mask[: logits.shape[1]], float("-inf"))
 
 
-def _logits(model: nn.Module, x: torch.Tensor, backbone_grad: bool) -> torch.Tensor:
-    if backbone_grad:
-        return model(normalize(x))
-    # Nothing before the head trains: run the backbone without autograd (a large saving).
-    with torch.no_grad():
-        feats = model.forward_head(model.forward_features(normalize(x)), pre_logits=True)
-    return model.head(feats)
+class _HeadOnFrozenFeatures(nn.Module):
+    """Logits when nothing before the head trains: the backbone runs without autograd (a large
+    saving). A module, so that a data-parallel wrapper sees (and reduces) the head's gradients."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            feats = self.model.forward_head(self.model.forward_features(x), pre_logits=True)
+        return self.model.head(feats)
 
 
 @torch.no_grad()
@@ -94,17 +101,21 @@ def features(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.
 @torch.no_grad()
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512,
              rows: int | None = None) -> float:
-    """Top-1 accuracy of ``model`` (its own head; only its first ``rows`` logits if given)."""
+    """Top-1 accuracy of ``model`` (its own head; only its first ``rows`` logits if given).
+
+    Under ``torchrun`` each rank scores its share of every batch and the counts are summed.
+    """
     was_training = model.training
     model.eval()
     correct = 0
-    for i in range(0, len(x), batch_size):
-        logits = model(normalize(x[i : i + batch_size]))
+    for shard in parallel.eval_batches(len(x), batch_size):
+        logits = model(normalize(x[shard.indices]))
         if rows is not None:
             logits = logits[:, :rows]
-        correct += (logits.argmax(-1) == y[i : i + batch_size]).sum().item()
+        correct += (logits.argmax(-1) == y[shard.indices])[: shard.real].sum().item()
     model.train(was_training)
-    return correct / max(len(x), 1)
+    (correct,) = parallel.sum_over_ranks([correct])
+    return int(correct) / max(len(x), 1)
 
 
 def backbone_head(backbone: nn.Module) -> nn.Linear:
@@ -138,18 +149,20 @@ def train_lora(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: RecipeCo
     mira.set_stage(model, "adaptation", extra_trainable=("head",) if train_head else ())
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    net = parallel.wrap(model)
     model.train()
 
-    def step(idx: torch.Tensor) -> StepStats:
-        logits = _masked(model(normalize(x[idx])), class_mask)
-        loss = F.cross_entropy(logits, y[idx])
+    def step(shard) -> StepStats:
+        idx = shard.indices
+        loss, stats = parallel.batch_loss(_masked(net(normalize(x[idx])), class_mask), y[idx], shard)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        return StepStats(loss.item() * len(idx), (logits.argmax(-1) == y[idx]).sum().item(), len(idx))
+        return stats
 
-    state = fit(step, EpochSampler(len(x), cfg.batch_size, _seed_from(gen)), epochs=max_epochs or cfg.max_epochs,
-                early_stop=EarlyStop(cfg.early_stop_acc))
+    state = fit(step, parallel.GlobalBatchSampler(len(x), cfg.batch_size, _seed_from(gen)),
+                epochs=max_epochs or cfg.max_epochs, early_stop=EarlyStop(cfg.early_stop_acc),
+                reduce=parallel.reduce_stats)
     model.eval()
     return {"epochs": state.epochs_done, "train_acc": state.history[-1]["train_acc"]}
 
@@ -270,14 +283,22 @@ def append_task_adapters(model: nn.Module, pool: AdapterPool, t: int, keys: Sequ
         mem.append(a[slots], b[slots], k)
 
 
-def _within_class_mixup(x: torch.Tensor, y: torch.Tensor, alpha: float, gen: torch.Generator) -> torch.Tensor:
-    # Partner of each sample: a random sample of the same class in the batch (itself if alone).
-    partner = torch.arange(len(y))
-    for c in y.unique():
-        idx = torch.nonzero(y == c).flatten()
+def _within_class_mixup(x: torch.Tensor, y: torch.Tensor, shard, alpha: float, gen: torch.Generator) -> torch.Tensor:
+    """Mixed images of this rank's share of one global batch (x, y: the whole training set).
+
+    Partner of each sample: a random sample of the same class in the global batch (itself if
+    alone). The draws are made for the whole global batch on every rank (``gen`` and the global
+    generator in the same state everywhere), so K ranks mix exactly as one process does.
+    """
+    yg = y[shard.global_indices]
+    partner = torch.arange(len(yg))
+    for c in yg.unique():
+        idx = torch.nonzero(yg == c).flatten()
         partner[idx] = idx[torch.randperm(len(idx), generator=gen)]
-    lam = torch.distributions.Beta(alpha, alpha).sample((len(y),)).view(-1, *([1] * (x.dim() - 1)))
-    return lam * x + (1 - lam) * x[partner]
+    lam = torch.distributions.Beta(alpha, alpha).sample((len(yg),))
+    pos = shard.position
+    lam = lam[pos].view(-1, *([1] * (x.dim() - 1)))
+    return lam * x[shard.global_indices[pos]] + (1 - lam) * x[shard.global_indices[partner[pos]]]
 
 
 def gpm_modules(model: nn.Module) -> list[tuple[ProjectedParameter, nn.Module, str]]:
@@ -307,15 +328,19 @@ def gpm_update(model: nn.Module, gpm: GradientProjectionMemory, x: torch.Tensor)
         def hook(mod, args, output, pp=pp, where=where):
             captured[pp.name] = (output if where == "out" else args[0]).detach()
         handles.append(module.register_forward_hook(hook))
+    # Under torchrun each rank computes its share of the batch; the rows are gathered in the
+    # batch's order and rank 0's bases are broadcast, so every rank projects with the same bases.
+    shard = parallel.eval_batches(len(x), len(x)).shard(0)
     try:
         model.eval()
-        model(normalize(x))
+        model(normalize(x[shard.indices]))
     finally:
         for h in handles:
             h.remove()
     for pp, _, _ in bindings:
         if pp.name in captured:
-            gpm.update(pp.name, pp.augment(captured[pp.name]))
+            gpm.update(pp.name, pp.augment(parallel.gather_global_rows(captured[pp.name], shard)))
+    parallel.share_gpm_(gpm)
     return {pp.name: gpm.rank(pp.name) for pp, _, _ in bindings}
 
 
@@ -346,6 +371,15 @@ class RoutingMemory:
     def __init__(self):
         self.mean_queries: dict[int, list[torch.Tensor]] = {}
         self.weights: dict[int, list[torch.Tensor]] = {}
+
+    def state_dict(self) -> dict:
+        """The stored queries and weights (copies), for checkpoints."""
+        return {"mean_queries": {t: [q.clone() for q in qs] for t, qs in self.mean_queries.items()},
+                "weights": {t: [w.clone() for w in ws] for t, ws in self.weights.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.mean_queries = {int(t): list(qs) for t, qs in state["mean_queries"].items()}
+        self.weights = {int(t): list(ws) for t, ws in state["weights"].items()}
 
     @torch.no_grad()
     def record(self, model: nn.Module, t: int, x: torch.Tensor) -> None:
@@ -425,16 +459,22 @@ def consolidate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: RecipeC
         for block, mem in enumerate(mira.memories(model)):
             if f"keys.{block}" in gpm and gpm.rank(f"keys.{block}"):
                 sphere.append((mem.keys, gpm.basis(f"keys.{block}").to(mem.keys.dtype)))
+    net = parallel.wrap(model if train_keys else _HeadOnFrozenFeatures(model))
+    if mixup:
+        parallel.sync_global_rng_()
     model.train()
     tap = _QueryTap(model) if use_routing else None
 
-    def step(idx: torch.Tensor) -> StepStats:
-        xb = _within_class_mixup(x[idx], y[idx], cfg.mixup_alpha, gen) if mixup else x[idx]
-        logits = _masked(_logits(model, xb, backbone_grad=train_keys), class_mask)
-        loss = F.cross_entropy(logits, y[idx])
-        ce = loss.item()
+    def step(shard) -> StepStats:
+        idx = shard.indices
+        xb = _within_class_mixup(x, y, shard, cfg.mixup_alpha, gen) if mixup else x[idx]
+        loss, stats = parallel.batch_loss(_masked(net(normalize(xb)), class_mask), y[idx], shard)
         if use_routing:
-            loss = loss + cfg.routing_weight * routing.loss(tap, cfg.routing, slot_task, sample_task[idx])
+            # The share's part of the global batch's penalty: the batch term is a mean over the
+            # share, the old tasks' term is the same on every rank; real / G of each sums to it.
+            share = shard.real / shard.global_size
+            penalty = routing.loss(tap, cfg.routing, slot_task, sample_task[idx])
+            loss = loss + cfg.routing_weight * (penalty if share == 1 else penalty * share)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         for pp in bindings:
@@ -450,11 +490,11 @@ def consolidate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: RecipeC
                 inside = k @ u @ u.T
                 perp = k - inside
                 k.copy_(inside + perp * (n0 / perp.norm(dim=1, keepdim=True).clamp_min(1e-12)))
-        return StepStats(ce * len(idx), (logits.argmax(-1) == y[idx]).sum().item(), len(idx))
+        return stats
 
     try:
-        state = fit(step, EpochSampler(len(x), cfg.batch_size, _seed_from(gen)),
-                    epochs=cfg.consolidation_epochs if epochs is None else epochs)
+        state = fit(step, parallel.GlobalBatchSampler(len(x), cfg.batch_size, _seed_from(gen)),
+                    epochs=cfg.consolidation_epochs if epochs is None else epochs, reduce=parallel.reduce_stats)
     finally:
         if tap is not None:
             tap.close()

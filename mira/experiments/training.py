@@ -71,13 +71,15 @@ class EpochSampler:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def __iter__(self) -> Iterator[torch.Tensor]:
+    def order(self) -> torch.Tensor:
+        """(n,) the current epoch's permutation of every index (before sharding)."""
         if self.shuffle:
             gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-            order = torch.randperm(self.n, generator=gen)
-        else:
-            order = torch.arange(self.n)
-        order = order[self.rank :: self.world_size]
+            return torch.randperm(self.n, generator=gen)
+        return torch.arange(self.n)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        order = self.order()[self.rank :: self.world_size]
         for i in range(0, len(order), self.batch_size):
             yield order[i : i + self.batch_size]
 

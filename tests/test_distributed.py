@@ -1,0 +1,309 @@
+"""mira.distributed and the recipe under torch.distributed: gloo on loopback, 2 and 3 ranks.
+
+Every multi-rank check runs its ranks as subprocesses with a timeout (:mod:`tests.distributed_worker`).
+What is compared with one process on the same global batches: the adaptation pool (LoRA banks
+and heads), consolidated keys, query modules and heads, DualGPM bases, accuracies and losses.
+Measured here (AMD EPYC Zen 3, AVX2): accuracies, epochs and early-stop decisions identical; trained
+tensors within 1.3e-5 and single-step gradients within 3.5e-5 of the largest entry (the summation
+order of each global batch's gradient differs: within each rank's share, then over ranks); every
+rank's state bitwise equal to every other rank's.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mira import distributed as md
+from tests import distributed_worker as W
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*plain-PyTorch reference.*")
+
+ROOT = Path(__file__).resolve().parents[1]
+# Trained tensors and gradients: largest deviation from one process over the largest entry. The
+# measured worst case is 3.5e-5 (see above); a gradient reduced twice or not at all is off by
+# 1e-3 (after Adam) to 1.
+TOLERANCE = 2e-4
+
+
+def _flat(obj, prefix: str = "") -> dict:
+    if isinstance(obj, dict):
+        return {k: v for key, val in obj.items() for k, v in _flat(val, f"{prefix}/{key}").items()}
+    if isinstance(obj, (list, tuple)):
+        return {k: v for i, val in enumerate(obj) for k, v in _flat(val, f"{prefix}/{i}").items()}
+    return {prefix: obj}
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, float) and math.isnan(a):
+        return isinstance(b, float) and math.isnan(b)
+    return a == b
+
+
+def _ok(results: list[dict]) -> list[dict]:
+    for r, res in enumerate(results):
+        assert "ok" in res, f"rank {r} failed: {res.get('traceback', res)}"
+    return [_flat({k: v for k, v in res["ok"].items() if k != "context"}) for res in results]
+
+
+# ------------------------------------------------------------------------------------------------
+# One process: sharding, losses, checkpoints, refusals.
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 5])
+def test_shards_of_every_rank_make_up_each_global_batch_in_order(world):
+    order = torch.randperm(23, generator=torch.Generator().manual_seed(0))
+    shares = [list(md.ShardedBatches(order, 8, context=md.DistributedContext(r, world, r, "gloo")))
+              for r in range(world)]
+    assert {len(s) for s in shares} == {3}  # the same number of steps on every rank
+    for i in range(3):
+        glob = order[8 * i : 8 * (i + 1)]
+        rebuilt = torch.empty_like(glob)
+        seen = torch.zeros(len(glob), dtype=torch.int64)
+        for s in shares:
+            shard = s[i]
+            assert torch.equal(shard.global_indices, glob) and shard.indices.numel() >= 1
+            real = shard.position[: shard.real]
+            rebuilt[real] = shard.indices[: shard.real]
+            seen[real] += 1
+        assert torch.equal(rebuilt, glob) and seen.eq(1).all()  # each sample exactly once, no padding counted
+        sizes = [s[i].real for s in shares]
+        assert max(sizes) - min(sizes) <= 1
+    if world == 5:  # the last global batch has 7 samples: shares of 2, 2, 1, 1, 1
+        assert [s[2].real for s in shares] == [2, 2, 1, 1, 1]
+
+
+def test_a_rank_with_an_empty_share_computes_a_padding_sample_that_contributes_nothing():
+    order = torch.arange(10)
+    last = [md.ShardedBatches(order, 4, context=md.DistributedContext(r, 3, r, "gloo")).shard(2) for r in range(3)]
+    assert [s.real for s in last] == [1, 1, 0]
+    pad = last[2]
+    assert pad.indices.numel() == 1 and pad.weights.tolist() == [0.0]
+    w = torch.randn(3, requires_grad=True)
+    pad.loss(w[:1] * 5.0).backward()
+    assert w.grad.abs().max() == 0 and torch.isfinite(w.grad).all()
+    # the shares' losses sum to the global batch's mean
+    per_sample = torch.tensor([1.0, 2.0, 4.0, 8.0])
+    full = md.ShardedBatches(order, 4, context=md.DistributedContext()).shard(0)
+    parts = [md.ShardedBatches(order, 4, context=md.DistributedContext(r, 3, r, "gloo")).shard(0) for r in range(3)]
+    assert sum(p.loss(per_sample[p.indices]) for p in parts) == full.loss(per_sample) == per_sample.mean()
+
+
+def test_sharded_batches_resume_where_their_state_left_off():
+    batches = md.ShardedBatches(torch.randperm(30), 7, context=md.DistributedContext(1, 2, 1, "gloo"))
+    it = iter(batches)
+    first = [next(it) for _ in range(2)]
+    resumed = md.ShardedBatches.from_state_dict(batches.state_dict(), context=md.DistributedContext(1, 2, 1, "gloo"))
+    rest = list(resumed)
+    assert len(first) + len(rest) == len(batches) == 5
+    fresh = list(md.ShardedBatches(batches.order, 7, context=md.DistributedContext(1, 2, 1, "gloo")))
+    assert all(torch.equal(a.indices, b.indices) for a, b in zip(first + rest, fresh))
+    with pytest.raises(ValueError, match="batch_size"):
+        md.ShardedBatches(torch.arange(3), 0)
+    with pytest.raises(TypeError, match="int64"):
+        md.ShardedBatches(torch.arange(3.0), 2)
+
+
+def test_checkpoint_round_trip_keeps_structure_types_and_bits(tmp_path):
+    gen = torch.Generator().manual_seed(3)
+    state = {"model": {"keys": torch.randn(3, 4), "active": torch.tensor([True, False])},
+             "optimizer": {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.randn(2)}},
+                           "param_groups": [{"lr": 1e-3, "params": [0]}]},
+             "rng": gen.get_state(), "progress": {"task": 1, "epoch": 0, "acc": [[0.5, float("nan")], [0.25, 0.75]]},
+             "name": "dil", "shape": (2, 3), "nothing": None}
+    path = tmp_path / "ckpt" / "run.safetensors"
+    md.save_checkpoint(path, state)
+    loaded = md.load_checkpoint(path)
+    flat_in, flat_out = _flat(state), _flat(loaded)
+    assert flat_in.keys() == flat_out.keys() and all(_same(flat_in[k], flat_out[k]) for k in flat_in)
+    assert isinstance(loaded["shape"], tuple) and 0 in loaded["optimizer"]["state"]
+    assert md.load_checkpoint(tmp_path / "missing.safetensors") is None
+    assert not list(path.parent.glob("*.tmp*"))  # written atomically, nothing left behind
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(1)}, tmp_path / "other.safetensors")
+    with pytest.raises(ValueError, match="not a mira.distributed checkpoint"):
+        md.load_checkpoint(tmp_path / "other.safetensors")
+    with pytest.raises(TypeError, match="cannot checkpoint"):
+        md.save_checkpoint(tmp_path / "bad.safetensors", {"x": object()})
+
+
+def test_without_torchrun_everything_is_one_process(monkeypatch):
+    for var in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    ctx = md.init_distributed()
+    assert ctx == md.DistributedContext() and not ctx.active and ctx.is_main
+    assert md.all_reduce_sum([1, 2.5]) == [1.0, 2.5]
+    assert md.broadcast_object({"a": 1}) == {"a": 1}
+    t = torch.arange(3.0)
+    assert md.all_gather_rows(t) is t
+    model = torch.nn.Linear(2, 2)
+    wrapped = md.DistributedModel(model, "fsdp")
+    x = torch.randn(4, 2)
+    assert torch.equal(wrapped(x), model(x)) and wrapped.wrapped is model and wrapped.builds == 0
+    with pytest.raises(ValueError, match="unknown strategy"):
+        md.DistributedModel(model, "zero3")
+    with pytest.raises(ValueError, match="grad_reduction"):
+        md.DistributedModel(model, "ddp", grad_reduction="max")
+    with pytest.raises(ValueError, match="timeout_s"):
+        monkeypatch.setenv("RANK", "0")
+        monkeypatch.setenv("WORLD_SIZE", "1")
+        md.init_distributed(timeout_s=0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Ranks against one process: the recipe's two stages, DualGPM, mixup, a growing memory.
+# ------------------------------------------------------------------------------------------------
+
+RUNS = [(2, "ddp"), (2, "fsdp"), (3, "ddp"), (3, "fsdp")]
+
+
+@pytest.fixture(scope="module")
+def one_process() -> dict:
+    return _ok(W.launch("recipe", 1, {"strategy": "ddp"}, process_group=False))[0]
+
+
+@pytest.fixture(scope="module")
+def runs() -> dict:
+    return {(k, s): _ok(W.launch("recipe", k, {"strategy": s})) for k, s in RUNS}
+
+
+def test_every_rank_holds_bitwise_the_same_state_and_dualgpm_bases(runs):
+    for (k, strategy), ranks in runs.items():
+        bases = [key for key in ranks[0] if key.startswith("/gpm/bases/") and key.endswith("/mat")]
+        assert bases and any(ranks[0][key].shape[1] > 0 for key in bases)
+        for r in range(1, k):
+            differ = [key for key in ranks[0] if not _same(ranks[0][key], ranks[r][key])]
+            assert not differ, f"{strategy} x{k}: rank {r} differs from rank 0 in {differ[:5]}"
+
+
+def test_ranks_compute_what_one_process_computes_on_the_same_global_batches(runs, one_process):
+    ref = one_process
+    for (k, strategy), ranks in runs.items():
+        got = ranks[0]
+        assert got.keys() == ref.keys()
+        for key, want in ref.items():
+            have = got[key]
+            where = f"{strategy} x{k}: {key}"
+            if isinstance(want, torch.Tensor):
+                assert have.shape == want.shape and have.dtype == want.dtype, where
+                scale = want.abs().max().item() if want.numel() else 0.0
+                assert (have - want).abs().max().item() <= TOLERANCE * max(scale, 1e-30), where
+            elif "loss" in key:  # a float64 sum of the ranks' float32 shares
+                assert math.isclose(have, want, rel_tol=1e-6), (where, have, want)
+            else:  # accuracies, epochs run, early-stop train accuracies, DualGPM ranks, slots, builds
+                assert _same(have, want) or key == "/growth/builds", (where, have, want)
+
+
+def test_two_ranks_under_ddp_and_fsdp_agree_bitwise(runs):
+    # Two ranks sum two gradients, a + b, whatever the algorithm; FSDP's all-gathered backbone
+    # weights are the same numbers: so the two strategies agree to the bit.
+    ddp, fsdp = runs[(2, "ddp")][0], runs[(2, "fsdp")][0]
+    assert [key for key in ddp if not _same(ddp[key], fsdp[key])] == []
+
+
+def test_a_growing_memory_rebuilds_the_strategy_instead_of_failing(runs, one_process):
+    for (k, strategy), ranks in runs.items():
+        assert ranks[0]["/growth/builds"] == 2, (strategy, k)  # built once, rebuilt once after growth
+        assert [ranks[0][f"/growth/slots/{i}"] for i in range(2)] == [3, 3]
+    assert one_process["/growth/grads/1/keys.0"].shape == (3, 16)
+
+
+def test_a_run_killed_mid_task_resumes_to_bitwise_the_uninterrupted_result(tmp_path):
+    # 2 runs x 3 tasks = 6 consolidations; rank 1 dies as the 5th starts (the improved run's second
+    # task, its adapters already appended): the default run's checkpoint is complete, the improved
+    # run's holds one task.
+    killed = W.launch("resume", 2, {"strategy": "ddp", "dir": str(tmp_path / "ckpt"), "die_at": 5}, grace=30)
+    assert killed[1] == {"exitcode": 3}
+    assert "stopped because a collective failed" in killed[0]["error"], killed[0]
+    resumed = _ok(W.launch("resume", 2, {"strategy": "ddp", "dir": str(tmp_path / "ckpt")}))
+    assert resumed[0]["/consolidations_run"] == 2  # the improved run's tasks 1 and 2 only
+    whole = _ok(W.launch("resume", 2, {"strategy": "ddp", "dir": str(tmp_path / "fresh")}))
+    assert whole[0]["/consolidations_run"] == 6
+    for ranks in (resumed, whole):
+        assert not [key for key in ranks[0] if not _same(ranks[0][key], ranks[1][key])]
+    differ = [key for key in whole[0] if key != "/consolidations_run" and not _same(whole[0][key], resumed[0][key])]
+    assert not differ, differ[:5]
+    # A checkpoint of another run is refused, not resumed.
+    from mira.experiments.resume import TaskCheckpoint
+
+    with pytest.raises(ValueError, match="belongs to another run"):
+        TaskCheckpoint(tmp_path / "ckpt" / "mira.safetensors", {"setting": "cil"}).load()
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_a_rank_that_dies_makes_the_others_fail_within_seconds(strategy, tmp_path):
+    marker = tmp_path / "died"
+    results = W.launch("lost_rank", 2, {"strategy": strategy, "mode": "die", "timeout": 120.0,
+                                        "marker": str(marker)}, timeout=120, grace=30)
+    assert results[1] == {"exitcode": 3}
+    err = results[0]
+    assert "mira.distributed: rank 0 of 2 stopped because a collective failed" in err["error"], err
+    waited = err["failed_at"] - torch.load(marker)
+    assert 0 <= waited < 10, waited  # its sockets closed: no waiting for the 120 s timeout (measured 0.1 s)
+
+
+def test_a_rank_that_hangs_makes_the_others_fail_after_the_timeout(tmp_path):
+    marker = tmp_path / "hung"
+    results = W.launch("lost_rank", 2, {"strategy": "ddp", "mode": "hang", "timeout": 2.0,
+                                        "marker": str(marker)}, timeout=120, grace=1)
+    assert results[1].get("killed")  # still sleeping: the launcher, like torchrun, ended it
+    err = results[0]
+    assert "did not answer within the 2 s timeout" in err["error"], err
+    waited = err["failed_at"] - torch.load(marker)
+    assert 1.5 <= waited < 30, waited
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices (NCCL)")
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_nccl_on_two_gpus_matches_one_gpu_through_memory_growth(strategy):
+    ref = _ok(W.launch("growth", 1, {"strategy": strategy, "device": "cuda"}, process_group=False))[0]
+    ranks = _ok(W.launch("growth", 2, {"strategy": strategy, "device": "cuda", "backend": "nccl"}))
+    assert ranks[0]["/builds"] == 2 and ranks[0]["/slots/0"] == 3
+    for key, want in ref.items():
+        if isinstance(want, torch.Tensor):
+            assert _same(ranks[0][key], ranks[1][key]), key
+            assert (ranks[0][key] - want).abs().max() <= TOLERANCE * want.abs().max(), key
+
+
+# ------------------------------------------------------------------------------------------------
+# The command line under torchrun.
+# ------------------------------------------------------------------------------------------------
+
+
+def test_the_command_line_runs_unchanged_under_torchrun_and_matches_one_process(tmp_path, monkeypatch):
+    from tests import experiments_tiny
+
+    monkeypatch.setenv("MIRA_EXPERIMENTS_CACHE", str(tmp_path / "cache"))
+    args = ["dil", "--suite", "tiny", "--quick", "--no-progress", "--variants", "mira", "improved"]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    launched = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(W._free_port()),
+         "-m", "tests.experiments_tiny", *args, "--out", str(tmp_path / "two")],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    assert launched.stdout.count("| mira |") == 1  # rank 0 alone prints
+    two = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert two["distributed"] == {"world_size": 2, "backend": "gloo", "strategy": "ddp"}
+    assert two["command"].startswith("torchrun --nproc-per-node 2 -m mira.experiments dil --suite tiny --quick")
+    assert "2 rank(s) (ddp, gloo)" in (tmp_path / "two" / "results.md").read_text()
+
+    one = experiments_tiny.main([*args, "--out", str(tmp_path / "one")])
+    assert one["distributed"]["world_size"] == 1 and one["backbone"]["cached"]  # the backbone rank 0 made
+    for variant, runs in one["results"]["dil"]["runs"].items():
+        (a,), (b,) = runs, two["results"]["dil"]["runs"][variant]
+        assert a["acc"] == b["acc"], variant
+        for ca, cb in zip(a["consolidation"], b["consolidation"], strict=True):
+            assert ca["last_epoch_train_acc"] == cb["last_epoch_train_acc"], variant
+            assert math.isclose(ca["final_loss"], cb["final_loss"], rel_tol=1e-6), variant
