@@ -237,10 +237,11 @@ def recipe(args: dict) -> dict:
 
 
 def resume(args: dict) -> dict:
-    """DIL runs of the default and the improved recipe over 3 tasks, each with a checkpoint file.
+    """A DIL run of the improved recipe (DualGPM with fixed-norm keys, routing memory) over 3 tasks,
+    saving a checkpoint after each.
 
-    ``args["die_at"]``: rank 1 dies (``os._exit``) when the n-th consolidation starts (counting
-    across both runs), i.e. mid-task, after that task's adapters were appended to the memory.
+    ``args["die_at"]``: rank 1 dies (``os._exit``) when the n-th consolidation starts, i.e. mid-task,
+    after that task's adapters were appended to the memory.
     """
     ctx = md.init_distributed(timeout_s=60.0)
     parallel.set_strategy(args["strategy"])
@@ -255,17 +256,13 @@ def resume(args: dict) -> dict:
         return real_consolidate(*a, **k)
 
     P.consolidate = consolidate
-    cfg = P.ProtocolConfig(recipe=CFG)
-    out = {}
     with md.explain_collective_failures(ctx, 60.0):
-        for name, recipe in (("mira", CFG), ("improved", IMPROVED)):
-            pool = train_adapter_pool(backbone, tasks, recipe, seed=0, local_labels=False)
-            r = P.run_continual("dil", P.Variant(name, "mira", recipe), backbone, tasks, pool, cfg, seed=0,
-                                keep_model=True, checkpoint=os.path.join(args["dir"], f"{name}.safetensors"))
-            out[name] = {"acc": r["acc"], "consolidation": r["consolidation"], "gpm_ranks": r["gpm_ranks"],
-                         "probe": r["probe"], "state": _mira_state(r["model"])}
-    out["consolidations_run"] = calls[0]
-    return out
+        pool = train_adapter_pool(backbone, tasks, IMPROVED, seed=0, local_labels=False)
+        r = P.run_continual("dil", P.Variant("improved", "mira", IMPROVED), backbone, tasks, pool,
+                            P.ProtocolConfig(recipe=CFG), seed=0, keep_model=True,
+                            checkpoint=os.path.join(args["dir"], "improved.safetensors"))
+    return {"acc": r["acc"], "consolidation": r["consolidation"], "gpm_ranks": r["gpm_ranks"], "probe": r["probe"],
+            "state": _mira_state(r["model"]), "consolidations_run": calls[0]}
 
 
 # ------------------------------------------------------------------------------------------------

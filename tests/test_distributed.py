@@ -220,25 +220,24 @@ def test_a_growing_memory_rebuilds_the_strategy_instead_of_failing(runs, one_pro
 
 
 def test_a_run_killed_mid_task_resumes_to_bitwise_the_uninterrupted_result(tmp_path):
-    # 2 runs x 3 tasks = 6 consolidations; rank 1 dies as the 5th starts (the improved run's second
-    # task, its adapters already appended): the default run's checkpoint is complete, the improved
-    # run's holds one task.
-    killed = W.launch("resume", 2, {"strategy": "ddp", "dir": str(tmp_path / "ckpt"), "die_at": 5}, grace=30)
+    # 3 tasks; rank 1 dies as the second consolidation starts (task 1's adapters already appended to
+    # the memory), so the checkpoint holds task 0 and the resumed run redoes tasks 1 and 2.
+    killed = W.launch("resume", 2, {"strategy": "ddp", "dir": str(tmp_path / "ckpt"), "die_at": 2}, grace=30)
     assert killed[1] == {"exitcode": 3}
     assert "stopped because a collective failed" in killed[0]["error"], killed[0]
     resumed = _ok(W.launch("resume", 2, {"strategy": "ddp", "dir": str(tmp_path / "ckpt")}))
-    assert resumed[0]["/consolidations_run"] == 2  # the improved run's tasks 1 and 2 only
     whole = _ok(W.launch("resume", 2, {"strategy": "ddp", "dir": str(tmp_path / "fresh")}))
-    assert whole[0]["/consolidations_run"] == 6
+    assert resumed[0]["/consolidations_run"] == 2 and whole[0]["/consolidations_run"] == 3
     for ranks in (resumed, whole):
         assert not [key for key in ranks[0] if not _same(ranks[0][key], ranks[1][key])]
+    assert any(key.startswith("/state/") for key in whole[0])
     differ = [key for key in whole[0] if key != "/consolidations_run" and not _same(whole[0][key], resumed[0][key])]
     assert not differ, differ[:5]
     # A checkpoint of another run is refused, not resumed.
     from mira.experiments.resume import TaskCheckpoint
 
     with pytest.raises(ValueError, match="belongs to another run"):
-        TaskCheckpoint(tmp_path / "ckpt" / "mira.safetensors", {"setting": "cil"}).load()
+        TaskCheckpoint(tmp_path / "ckpt" / "improved.safetensors", {"setting": "cil"}).load()
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
