@@ -199,8 +199,9 @@ def test_ranks_compute_what_one_process_computes_on_the_same_global_batches(runs
                 assert have.shape == want.shape and have.dtype == want.dtype, where
                 scale = want.abs().max().item() if want.numel() else 0.0
                 assert (have - want).abs().max().item() <= TOLERANCE * max(scale, 1e-30), where
-            elif "loss" in key:  # a float64 sum of the ranks' float32 shares
-                assert math.isclose(have, want, rel_tol=1e-6), (where, have, want)
+            elif "loss" in key:  # per-sample float32 losses summed over ranks, of parameters that agree to
+                # float32 rounding (TOLERANCE); measured 3.1e-6 relative (ddp x2, consolidate1)
+                assert math.isclose(have, want, rel_tol=TOLERANCE), (where, have, want)
             else:  # accuracies, epochs run, early-stop train accuracies, DualGPM ranks, slots, builds
                 assert _same(have, want) or key == "/growth/builds", (where, have, want)
 
