@@ -165,7 +165,7 @@ def test_without_torchrun_everything_is_one_process(monkeypatch):
 # Ranks against one process: the recipe's two stages, DualGPM, mixup, a growing memory.
 # ------------------------------------------------------------------------------------------------
 
-RUNS = [(2, "ddp"), (2, "fsdp"), (3, "ddp"), (3, "fsdp")]
+RUNS = [(2, "ddp"), (2, "fsdp"), (3, "ddp")]  # 3 x fsdp adds CI time, not coverage: fsdp is checked at 2
 
 
 @pytest.fixture(scope="module")
@@ -306,4 +306,4 @@ def test_the_command_line_runs_unchanged_under_torchrun_and_matches_one_process(
         assert a["acc"] == b["acc"], variant
         for ca, cb in zip(a["consolidation"], b["consolidation"], strict=True):
             assert ca["last_epoch_train_acc"] == cb["last_epoch_train_acc"], variant
-            assert math.isclose(ca["final_loss"], cb["final_loss"], rel_tol=1e-6), variant
+            assert math.isclose(ca["final_loss"], cb["final_loss"], rel_tol=TOLERANCE), variant
