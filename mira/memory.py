@@ -231,7 +231,10 @@ class AdapterMemory(nn.Module):
                 bank_a, bank_b = bank_a * mask, bank_b * mask
         if self.config.key_norm == "per_feature":
             # Each feature (column) to unit L2 norm across the stored keys; zero rows stay zero.
-            keys = F.normalize(keys, dim=0, eps=NORM_EPS)
+            normed = F.normalize(keys, dim=0, eps=NORM_EPS)
+            if keys.requires_grad and torch.is_grad_enabled():
+                normed = _without_rounding_gradient_of_one_key(keys, normed, active)
+            keys = normed
         return keys, bank_a, bank_b
 
     def invalidate_cache(self) -> None:
@@ -529,6 +532,26 @@ class AdapterMemory(nn.Module):
                 f"separation={c.separation}, key_norm={c.key_norm}, key_init={c.key_init}, query_token={c.query_token}"
                 + (", trainable_bank=True" if c.trainable_bank else ""))
 
+
+
+def _without_rounding_gradient_of_one_key(keys: torch.Tensor, normed: torch.Tensor,
+                                          active: torch.Tensor | None) -> torch.Tensor:
+    """``normed`` (the per-feature normalised ``keys``) with no gradient where it is constant.
+
+    With one stored key every column holds one nonzero entry, so each normalised entry is
+    k / |k| = +-1 whatever the key: the exact gradient is zero. Autograd's is not: it computes
+    g / |k| - k (k g) / |k|^3, rounding noise of ~1e-8 |g / k| whose bits depend on the summation
+    order (batch split, threads, ranks), and Adam scales any nonzero gradient to lr-sized steps, so
+    such keys took random walks that flipped the sign of small entries (one process against two
+    ranks: keys apart by 0.4 of their largest entry after two tasks). Entries under ``NORM_EPS``
+    (scaled by 1 / eps, not normalised) keep their gradient. The forward is bitwise unchanged.
+    """
+    if active is None and keys.shape[0] != 1:
+        return normed
+    constant = keys.abs() > NORM_EPS
+    if active is not None:  # a fixed capacity: count the stored keys without a host sync
+        constant = constant & (active.sum() == 1)
+    return torch.where(constant, normed.detach(), normed)
 
 
 # The CPU key in one native call (csrc/cpu/fast_path.cpp); None without the extension.

@@ -284,3 +284,20 @@ def test_autocast_bfloat16_keeps_the_query_in_float32_and_matches_the_reference_
     assert got.dtype == yardstick.dtype == torch.bfloat16
     error = (got.double() - exact).abs().max().item()
     assert error <= 2 * (yardstick.double() - exact).abs().max().item() + 1e-2
+
+
+@pytest.mark.parametrize("capacity", [None, 4])
+def test_one_stored_key_under_per_feature_norm_gets_exactly_zero_gradient(capacity):
+    # Each normalised column of one key is k / |k| = +-1 whatever the key: the exact gradient is zero,
+    # and the rounding noise autograd would compute (~1e-8) is what Adam turns into lr-sized steps.
+    layer = make_layer(key_norm="per_feature", capacity=capacity)
+    bank_a, bank_b, keys = random_adapters(1)
+    layer.memory.append(bank_a, bank_b, keys)
+    layer(tokens()).square().sum().backward()
+    assert layer.memory.keys.grad.eq(0).all()
+    assert torch.equal(layer.memory.retrieval_keys().detach()[0], keys[0].sign())  # the forward: unchanged
+    # Two keys: a real gradient everywhere.
+    layer.memory.keys.grad = None
+    layer.memory.append(*random_adapters(1, seed=5))
+    layer(tokens()).square().sum().backward()
+    assert layer.memory.keys.grad[: layer.memory.num_slots].abs().amin() > 0
