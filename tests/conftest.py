@@ -17,3 +17,16 @@ def idigits_cache(tmp_path_factory):
         idigits.idigits_domains()
     (path,) = [p for p in os.listdir(root) if p.startswith("idigits_")]
     return root / path
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    """The recipe tests' tiny frozen ViT (16 wide, 2 blocks, 8x8 images): seconds, not minutes, per stage."""
+    import torch
+
+    from mira.experiments.backbone import BackboneConfig, create_backbone
+
+    torch.manual_seed(0)
+    model = create_backbone(BackboneConfig(embed_dim=16, depth=2, num_heads=2, img_size=8, patch_size=4))
+    model.eval().requires_grad_(False)
+    return model

@@ -8,21 +8,12 @@ import torch
 import mira
 from mira.experiments import __main__ as cli
 from mira.experiments import protocols as P
-from mira.experiments.backbone import BackboneConfig, create_backbone
 from mira.experiments.report import record_name
 from mira.experiments.stages import RecipeConfig, Task, _QueryTap, attach_memory_model, train_adapter_pool
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*plain-PyTorch reference.*")
 
 CFG = RecipeConfig(adapters_per_task=2, batch_size=8, max_epochs=1, consolidation_epochs=1)
-
-
-@pytest.fixture(scope="module")
-def backbone():
-    torch.manual_seed(0)
-    model = create_backbone(BackboneConfig(embed_dim=16, depth=2, num_heads=2, img_size=8, patch_size=4))
-    model.eval().requires_grad_(False)
-    return model
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ import torch
 
 import mira
 from mira.experiments import protocols as P
-from mira.experiments.backbone import BackboneConfig, create_backbone
 from mira.experiments.dualgpm import GradientProjectionMemory
 from mira.experiments.stages import (
     RecipeConfig,
@@ -21,14 +20,6 @@ from mira.experiments.stages import (
 )
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*plain-PyTorch reference.*")
-
-
-@pytest.fixture(scope="module")
-def backbone():
-    torch.manual_seed(0)
-    model = create_backbone(BackboneConfig(embed_dim=16, depth=2, num_heads=2, img_size=8, patch_size=4))
-    model.eval().requires_grad_(False)
-    return model
 
 
 def _tasks(n_tasks=2, n=24, classes_per_task=None, seed=0):
