@@ -5,27 +5,14 @@ from __future__ import annotations
 import json
 
 import pytest
-import timm
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import mira
+from tests.tiny_models import WIDTH, images, peft_vit, tiny_vit
 
 pytestmark = pytest.mark.filterwarnings("ignore:mira_kernels. no native backend:RuntimeWarning")
-
-IMG, WIDTH = 32, 192
-
-
-def tiny_vit(depth=2):
-    torch.manual_seed(0)
-    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=IMG, patch_size=8, num_classes=5,
-                             depth=depth).eval()
-
-
-def images(batch=3, seed=1):
-    return torch.randn(batch, 3, IMG, IMG, generator=torch.Generator().manual_seed(seed))
-
 
 def trained_memories(**attach_args):
     """An attached model whose memories hold 3 adapters and whose keys / query modules moved."""
@@ -102,22 +89,6 @@ def test_load_refuses_other_configs_versions_and_files(tmp_path):
 # ----------------------------------------------------------------------------------------------
 # PEFT import.
 # ----------------------------------------------------------------------------------------------
-
-
-def peft_vit(tmp_path, *, k_rows_zero=True, **lora):
-    """A PEFT LoRA on timm's packed qkv, with random B (PEFT initialises B to zero)."""
-    peft = pytest.importorskip("peft")
-    model = peft.get_peft_model(tiny_vit(), peft.LoraConfig(target_modules=["qkv"], **lora))
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for name, module in model.named_modules():
-            if name.endswith("attn.qkv"):
-                weight = module.lora_B["default"].weight
-                weight.copy_(torch.randn(weight.shape, generator=g) * 0.3)
-                if k_rows_zero:
-                    weight[WIDTH:2 * WIDTH] = 0
-    model.save_pretrained(tmp_path)
-    return model.eval()
 
 
 @pytest.mark.parametrize("lora", [{"r": 4, "lora_alpha": 8}, {"r": 2, "lora_alpha": 6, "use_rslora": True}],

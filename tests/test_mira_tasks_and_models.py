@@ -6,27 +6,14 @@ from __future__ import annotations
 import json
 
 import pytest
-import timm
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import mira
+from tests.tiny_models import WIDTH, images, peft_vit, tiny_vit
 
 pytestmark = pytest.mark.filterwarnings("ignore:mira_kernels. no native backend:RuntimeWarning")
-
-IMG, WIDTH = 32, 192
-
-
-def tiny_vit(depth=2, num_classes=5):
-    torch.manual_seed(0)
-    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=IMG, patch_size=8,
-                             num_classes=num_classes, depth=depth).eval()
-
-
-def images(batch=3, seed=1):
-    return torch.randn(batch, 3, IMG, IMG, generator=torch.Generator().manual_seed(seed))
-
 
 def write_tasks(model, tasks, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -191,21 +178,6 @@ def test_version_1_files_still_load_and_newer_ones_are_refused(tmp_path):
 # ----------------------------------------------------------------------------------------------
 # import_peft: the live LoRA by default.
 # ----------------------------------------------------------------------------------------------
-
-
-def peft_vit(tmp_path, *, k_rows_zero=True, **lora):
-    peft = pytest.importorskip("peft")
-    model = peft.get_peft_model(tiny_vit(), peft.LoraConfig(target_modules=["qkv"], **lora))
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for name, module in model.named_modules():
-            if name.endswith("attn.qkv"):
-                weight = module.lora_B["default"].weight
-                weight.copy_(torch.randn(weight.shape, generator=g) * 0.3)
-                if k_rows_zero:
-                    weight[WIDTH:2 * WIDTH] = 0
-    model.save_pretrained(tmp_path)
-    return model.eval()
 
 
 @torch.no_grad()
