@@ -35,7 +35,9 @@ of images, as trained keys are, and the check is sharp.
 
 Statistic: median over rounds of the per-round ratio path / stock (and path / live), with a
 bootstrap 95% interval (:mod:`benchmarks._pairs`). Results go to a scratch folder
-(``build/bench/serving``) unless ``--record`` appends them to ``benchmarks/results/serving.{jsonl,md}``.
+(``build/bench/serving``) unless ``--record`` appends them to ``benchmarks/results/serving.{jsonl,md}``:
+one jsonl line and one table per batch size, written as soon as that batch size is timed (a run
+stopped later keeps them; the lines of one run share its ``timestamp``).
 The record holds the machine (CPU, ISA variant of the MIRA kernel, threads, load) and the commit.
 
 The AOTInductor and ONNX files are kept in ``build/bench/serving/cache/<model, slots, torch,
@@ -219,7 +221,12 @@ def judge(runners: dict, references: dict, x: torch.Tensor) -> dict:
     return verdicts
 
 
-def run(args, model_kwargs: dict | None = None) -> dict:
+def run(args, model_kwargs: dict | None = None, on_batch=None) -> dict:
+    """Build, judge and time; returns the record of the whole run.
+
+    ``on_batch(record)`` is called after each batch size with a record holding that batch size's
+    result alone, so a caller can keep what was measured even if a later batch size never ends.
+    """
     if args.threads:
         torch.set_num_threads(args.threads)
     stock, model = build_models(args.model, args.slots, **(model_kwargs or {}))
@@ -233,6 +240,13 @@ def run(args, model_kwargs: dict | None = None) -> dict:
     # judgement covers every batch size.
     judge_x = torch.randn(args.judge_batch, 3, *img, generator=torch.Generator().manual_seed(1000))
     results = []
+    header = {
+        "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "commit": git_commit(), "machine": _pairs.machine_info(),
+        "config": {"model": args.model, "model_kwargs": model_kwargs or {}, "slots": args.slots,
+                   "threads": torch.get_num_threads(), "paths": list(args.paths), "dtype": "float32",
+                   "judge_batch": args.judge_batch},
+    }
     with torch.no_grad():
         log(f"{args.model}: building {args.paths}")
         runners, references, build_s = build_paths(model, args.paths, calibration, cache_dir(args, model_kwargs))
@@ -263,14 +277,9 @@ def run(args, model_kwargs: dict | None = None) -> dict:
                 "ratio_vs_live": {n: timed.ratio(n, "live") for n in calls if n != "live"},
                 "rounds": timed.rounds, "stopped_by": timed.stopped_by,
             })
-    return {
-        "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "commit": git_commit(), "machine": _pairs.machine_info(),
-        "config": {"model": args.model, "model_kwargs": model_kwargs or {}, "slots": args.slots,
-                   "threads": torch.get_num_threads(), "paths": list(args.paths), "dtype": "float32",
-                   "judge_batch": args.judge_batch},
-        "build_s": build_s, "vs_float64": verdicts, "results": results,
-    }
+            if on_batch is not None:
+                on_batch({**header, "build_s": build_s, "vs_float64": verdicts, "results": results[-1:]})
+    return {**header, "build_s": build_s, "vs_float64": verdicts, "results": results}
 
 
 def git_commit(paths: tuple[str, ...] = ()) -> str:
@@ -320,18 +329,23 @@ def format_table(record: dict) -> str:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="vit_base_patch16_224")
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
-    p.add_argument("--slots", type=int, default=30)
-    p.add_argument("--paths", nargs="+", default=list(DEFAULT_PATHS), choices=PATHS)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="vit_base_patch16_224", help="timm model name (random weights)")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8],
+                   help="batch sizes, timed one after another (each is written as soon as it is timed)")
+    p.add_argument("--slots", type=int, default=30, help="stored adapters per block (N)")
+    p.add_argument("--paths", nargs="+", default=list(DEFAULT_PATHS), choices=PATHS,
+                   help="paths timed besides stock and live")
     p.add_argument("--budget", type=float, default=45.0, help="seconds of timed rounds per batch size")
     p.add_argument("--width", type=float, default=0.02, help="stop when every ratio's 95%% CI is this narrow")
-    p.add_argument("--min-rounds", type=int, default=10)
+    p.add_argument("--min-rounds", type=int, default=10, help="timed rounds at least, whatever the budget")
     p.add_argument("--judge-batch", type=int, default=16, help="images in the float64 check of every path")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    p.add_argument("--record", action="store_true", help="append to benchmarks/results/ (default: a scratch folder)")
-    p.add_argument("--out", type=Path, default=None, help="output folder (overrides the default and --record)")
+    p.add_argument("--record", action="store_true",
+                   help=f"append to {RESULTS_DIR.relative_to(RESULTS_DIR.parent.parent)}/ instead of {SCRATCH_DIR}")
+    p.add_argument("--out", type=Path, default=None,
+                   help="output folder (None: the scratch folder, or benchmarks/results/ with --record)")
     p.add_argument("--cache", type=Path, default=CACHE_DIR, help="folder of reusable AOTInductor / ONNX files")
     p.add_argument("--build-only", action="store_true", help="build the exports into --cache, time nothing")
     return p
@@ -341,19 +355,21 @@ def main(argv=None, model_kwargs: dict | None = None) -> int:
     args = parser().parse_args(argv)
     if any(b < 1 for b in args.batch_sizes) or args.slots < 1 or args.judge_batch < 1:
         raise SystemExit("batch sizes, --slots and --judge-batch must be >= 1")
-    record = run(args, model_kwargs)
+    out = args.out or (RESULTS_DIR if args.record else SCRATCH_DIR)
+
+    def write(record: dict) -> None:  # one jsonl line and one table per batch size, as soon as it is timed
+        table = format_table(record)
+        print(table, flush=True)
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / "serving.jsonl", "a") as f:
+            f.write(json.dumps(record, default=float) + "\n")
+        with open(out / "serving.md", "a") as f:
+            f.write("```\n" + table + "\n```\n\n")
+        log(f"wrote batch {record['results'][0]['batch']} to {out / 'serving.jsonl'} and serving.md")
+
+    record = run(args, model_kwargs, on_batch=None if args.build_only else write)
     if args.build_only:
         log(f"built {record['build_s'] or 'nothing new'} in {cache_dir(args, model_kwargs)}")
-        return 0
-    table = format_table(record)
-    print(table)
-    out = args.out or (RESULTS_DIR if args.record else SCRATCH_DIR)
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "serving.jsonl", "a") as f:
-        f.write(json.dumps(record, default=float) + "\n")
-    with open(out / "serving.md", "a") as f:  # one table per run, like the jsonl lines
-        f.write("```\n" + table + "\n```\n\n")
-    log(f"wrote {out / 'serving.jsonl'} and serving.md")
     return 0
 
 
