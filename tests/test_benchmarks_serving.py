@@ -1,8 +1,9 @@
 """Smoke test of the serving benchmark (benchmarks/serving.py) on a tiny ViT: every cheap path is
 built, judged against the float64 model and timed, and the record says what it ran on. Timing
-itself is not asserted (a test cannot know a machine's speed); torch.compile, AOTInductor and ONNX
-are left to the benchmark itself and to tests/test_mira_export.py (their builds take tens of
-seconds)."""
+itself is not asserted (a test cannot know a machine's speed). The paths whose builds take tens of
+seconds (torch.compile, AOTInductor, ONNX) run in the `slow` test (`make test-slow`), which also
+checks that the cache of compiled exports is reused; CI covers their export functions in
+tests/test_mira_export.py."""
 
 from __future__ import annotations
 
@@ -16,13 +17,13 @@ import torch  # noqa: E402
 from benchmarks import serving  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:mira_kernels. no native backend:RuntimeWarning")
-TINY = {"img_size": 32, "patch_size": 8, "depth": 2}
+TINY = {"img_size": 32, "patch_size": 8, "depth": 1}
+QUICK = ["--model", "vit_tiny_patch16_224", "--slots", "4", "--judge-batch", "4", "--budget", "0", "--min-rounds", "3"]
 
 
 def test_a_tiny_run_times_every_path_against_stock_and_records_machine_and_commit(tmp_path, capsys):
-    argv = ["--model", "vit_tiny_patch16_224", "--batch-sizes", "1", "3", "--slots", "4", "--paths", "folded",
-            "lora", "merged", "export", "--budget", "0", "--min-rounds", "3", "--out", str(tmp_path),
-            "--cache", str(tmp_path / "cache")]
+    argv = [*QUICK, "--batch-sizes", "1", "3", "--paths", "folded", "lora", "merged", "export",
+            "--out", str(tmp_path), "--cache", str(tmp_path / "cache")]
     assert serving.main(argv, model_kwargs=TINY) == 0
     # One line per batch size, written as each is timed (a killed run keeps the finished ones).
     records = [json.loads(line) for line in (tmp_path / "serving.jsonl").read_text().splitlines()]
@@ -85,3 +86,26 @@ def test_cached_exports_are_reused_and_a_failed_build_leaves_nothing(tmp_path):
     with pytest.raises(RuntimeError, match="compile failed"):
         serving._cached(tmp_path / "model.onnx", failing, {}, "onnx")
     assert not list(tmp_path.glob("model*.onnx"))
+
+
+@pytest.mark.slow
+def test_the_compiled_paths_build_into_the_cache_once_then_are_judged_and_timed(tmp_path):
+    """torch.compile, AOTInductor and onnxruntime on the tiny ViT: --build-only fills the cache, the
+    timing run reuses its files (no AOTInductor / ONNX build) and still judges them against float64."""
+    pytest.importorskip("onnxruntime")
+    paths = ["compile", "aoti", "onnxruntime"]
+    common = [*QUICK, "--batch-sizes", "1", "2", "--paths", *paths, "--cache", str(tmp_path / "cache")]
+    assert serving.main([*common, "--build-only", "--out", str(tmp_path / "built")], model_kwargs=TINY) == 0
+    assert not (tmp_path / "built").exists()  # --build-only times and writes nothing
+    (folder,) = (tmp_path / "cache").iterdir()
+    assert sorted(f.name for f in folder.iterdir()) == ["model.onnx", "model.pt2"]
+    assert serving.main([*common, "--out", str(tmp_path)], model_kwargs=TINY) == 0
+    records = [json.loads(line) for line in (tmp_path / "serving.jsonl").read_text().splitlines()]
+    assert [r["batch"] for record in records for r in record["results"]] == [1, 2]
+    record = records[-1]
+    assert "aoti" not in record["build_s"] and "onnx" not in record["build_s"]  # reused, not rebuilt
+    assert set(record["vs_float64"]) == set(paths)
+    assert all(0 < v["error"] <= v["bound"] for v in record["vs_float64"].values())
+    for res in (r for record in records for r in record["results"]):
+        assert set(res["median_ms"]) == {"stock", "live", *paths} and all(ms > 0 for ms in res["median_ms"].values())
+        assert all(res["max_abs_diff_vs_live"][p] < 1e-4 for p in paths)

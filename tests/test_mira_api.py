@@ -5,22 +5,17 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-import timm
 import torch
 
 import mira
+from tests import tiny_models
+from tests.tiny_models import tiny_vit
 
 pytestmark = pytest.mark.filterwarnings("ignore:mira_kernels. no native backend:RuntimeWarning")
 
 
-def tiny_vit(depth=2):
-    torch.manual_seed(0)
-    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, num_classes=5,
-                             depth=depth).eval()
-
-
 def images(batch=2, seed=1):
-    return torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+    return tiny_models.images(batch, seed)
 
 
 def test_attach_takes_a_config_positionally_or_by_keyword_and_keywords_still_work():

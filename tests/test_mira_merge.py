@@ -3,23 +3,24 @@
 from __future__ import annotations
 
 import pytest
-import timm
 import torch
 import torch.nn as nn
 
 import mira
+from tests import tiny_models
 
 pytestmark = pytest.mark.filterwarnings("ignore:mira_kernels. no native backend:RuntimeWarning")
 
 
-def tiny_vit(depth=3):
-    torch.manual_seed(0)
-    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, num_classes=5,
-                             depth=depth).eval()
+DEPTH = 3  # three blocks: fold takes one weight vector per block, and the overflow check names the last
+
+
+def tiny_vit():
+    return tiny_models.tiny_vit(depth=DEPTH)
 
 
 def images(batch=3, seed=1, dtype=torch.float32):
-    return torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    return tiny_models.images(batch, seed).to(dtype)
 
 
 def fill_loras(model, g, std=0.2):
@@ -127,7 +128,7 @@ def test_fold_with_given_weights_equals_the_live_lora_of_the_mixed_factors():
     mira.fold(model, w)  # one weight vector for every block; also a list per block or a dict by name
     assert err(model(x), reference(x)) < 1e-12
     mira.unfold(model)
-    mira.fold(model, [w.tolist()] * 3)
+    mira.fold(model, [w.tolist()] * DEPTH)
     assert err(model(x), reference(x)) < 1e-12
 
 
@@ -183,7 +184,7 @@ def test_held_updates_refuse_what_would_be_wrong_and_failed_calls_change_nothing
         ({"blocks.0.mira_memory": torch.ones(3)}, KeyError, "memories without slot weights"),
         ("uniform", TypeError, "fold: weights must be"),
         # Finite weights whose update overflows float32 in the last block: refused, no block changed.
-        ([torch.zeros(3)] * 2 + [torch.full((3,), 1e30)], ValueError, "would make .* finite qkv weights inf"),
+        ([torch.zeros(3)] * (DEPTH - 1) + [torch.full((3,), 1e30)], ValueError, "would make .* finite qkv weights inf"),
     ]:
         with pytest.raises(error, match=message):
             mira.fold(model, bad)
