@@ -300,8 +300,8 @@ def format_table(record: dict) -> str:
     lines = [
         f"MIRA serving: {c['model']}, N = {c['slots']} slots per block, {c['dtype']}, {c['threads']} torch threads, "
         f"commit {record['commit']}",
-        f"machine: {m['cpu']} ({m['logical_cpus']} logical CPUs; MIRA CPU kernel ISA: "
-        f"{m.get('mira_cpu_isa', 'n/a')}); torch {m['torch']}; load {m.get('load_average_1m', float('nan')):.1f}",
+        f"machine: {_pairs.cpu_line(m)}; {m['logical_cpus']} logical CPUs; torch {m['torch']}; "
+        f"load {m.get('load_average_1m', float('nan')):.1f}; {record['timestamp']}",
         "",
         f"{'batch':>5}  {'path':<12} {'median ms':>10}  {'vs stock (95% CI)':<26} {'vs live':>8} "
         f"{'max|diff| vs live':>18}  {'error vs float64 (bound)':<24}",
@@ -328,6 +328,114 @@ def format_table(record: dict) -> str:
     return "\n".join(lines)
 
 
+SUMMARY_ORDER = ("stock", "live", "folded", "lora", "merged", "compile", "export", "aoti", "onnxruntime")
+WHAT_RUNS = {
+    "stock": "timm ViT without MIRA",
+    "live": "attached model, eager PyTorch (fused CPU kernel)",
+    "folded": "mira.fold (mean retrieval weights), still wrapped",
+    "lora": "adaptation stage, live LoRA unmerged",
+    "merged": "mira.merge of the live LoRA",
+    "compile": "torch.compile of the live model",
+    "export": "torch.export program .module()",
+    "aoti": "AOTInductor package (mira.export.export_aoti)",
+    "onnxruntime": "ONNX (op decomposed) in onnxruntime",
+}
+
+
+def _same_setup(a: dict, b: dict) -> bool:
+    """Whether two records timed the same model on the same machine (so their rows share a table)."""
+    same_config = all(a["config"].get(k) == b["config"].get(k)
+                      for k in ("model", "model_kwargs", "slots", "threads", "dtype"))
+    return same_config and all(a["machine"].get(k) == b["machine"].get(k) for k in ("cpu", "family", "model_id"))
+
+
+def summary_markdown(records: list[dict]) -> str:
+    """One markdown table of every path at every batch size, from the newest record timing it (the
+    records of the newest run's setup only: model, slots, threads, dtype, CPU).
+
+    Each ratio comes from one process (the path and its reference timed interleaved); a path and
+    its reference are never compared across runs."""
+    records = [r for r in records if r.get("results")]
+    if not records:
+        return ""
+    newest = records[-1]
+    records = [r for r in records if _same_setup(r, newest)]
+    cells: dict = {}  # (path, batch) -> (record, result)
+    for record in records:  # later records replace earlier ones
+        for res in record["results"]:
+            for name in res["median_ms"]:
+                cells[(name, res["batch"])] = (record, res)
+    batches = sorted({b for _, b in cells})
+    names = [n for n in SUMMARY_ORDER if any((n, b) in cells for b in batches)]
+    m, c = newest["machine"], newest["config"]
+    kwargs = ", ".join(f"{k}={v}" for k, v in c["model_kwargs"].items())
+    lines = [
+        f"### Serving paths: {c['model']}{f' ({kwargs})' if kwargs else ''}, N = {c['slots']} slots per block, "
+        f"{c['dtype']}, {c['threads']} torch threads",
+        "",
+        f"Machine: {_pairs.cpu_line(m)}; {m['logical_cpus']} logical CPUs; torch {m['torch']}.",
+        "Works: the path's output on the judged images is within the bound of the float64 eager model "
+        "(2x eager fp32's own error + 1e-6 x max(1, |output|)); folded differs by design (mean weights) and "
+        "is not judged. Ratios: median over interleaved rounds of the per-round ratio, 95% bootstrap interval, "
+        "path and reference timed in one process.",
+        "",
+        "| path | what runs | works: error vs float64 (bound) | "
+        + " | ".join(f"B={b} ms | B={b} vs live | B={b} vs stock" for b in batches) + " |",
+        "|---|---|---|" + "---:|---:|---:|" * len(batches),
+    ]
+
+    used = []  # the runs that fill cells, numbered in the order they ran
+    for record in records:
+        if any(cell[0] is record for cell in cells.values()):
+            used.append(record)
+    run_no = {id(record): k for k, record in enumerate(used, 1)}
+
+    def ratio_text(r):
+        return "" if r is None else f"{r['ratio']:.3f} [{r['lo']:.3f}, {r['hi']:.3f}]"
+
+    for name in names:
+        verdicts = [rec["vs_float64"][name] for rec, _ in (cells[(name, b)] for b in batches if (name, b) in cells)
+                    if name in rec.get("vs_float64", {})]
+        if name in ("stock", "live", "lora"):
+            works = "reference" if name != "stock" else "no MIRA"
+        elif name == "folded":
+            works = "not judged (a mean by design)"
+        elif verdicts:
+            worst = max(verdicts, key=lambda v: v["error"] / v["bound"])
+            works = f"yes: {worst['error']:.2e} ({worst['bound']:.2e})"
+        else:
+            works = "not judged"
+        row = [name, WHAT_RUNS.get(name, ""), works]
+        for b in batches:
+            if (name, b) not in cells:
+                row += ["not timed"] * 3
+                continue
+            record, res = cells[(name, b)]
+            row += [f"{res['median_ms'][name]:.1f} (run {run_no[id(record)]})",
+                    "1" if name == "live" else ratio_text(res["ratio_vs_live"].get(name)),
+                    "1" if name == "stock" else ratio_text(res["ratio_vs_stock"].get(name))]
+        lines.append("| " + " | ".join(row) + " |")
+    lines += ["", "Runs (each cell comes from the newest run timing that path at that batch size; milliseconds "
+              "from different runs saw different machine states, so compare the ratios):", ""]
+    for k, record in enumerate(used, 1):
+        for res in record["results"]:
+            lines.append(f"{k}. {record['timestamp']}, commit {record['commit']}, batch {res['batch']}: "
+                         f"{', '.join(res['median_ms'])}; {res['rounds']} rounds (stopped by {res['stopped_by']}), "
+                         f"load {record['machine'].get('load_average_1m', float('nan')):.1f}")
+    return "\n".join(lines) + "\n"
+
+
+def write_summary(out: Path) -> str:
+    """Rewrite ``out/serving_summary.md`` from every record in ``out/serving.jsonl``; returns its text."""
+    source = out / "serving.jsonl"
+    if not source.is_file():
+        raise SystemExit(f"no {source} to summarize (run the benchmark first)")
+    records = [json.loads(line) for line in source.read_text().splitlines() if line.strip()]
+    text = summary_markdown(records)
+    (out / "serving_summary.md").write_text(text)
+    return text
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -348,6 +456,8 @@ def parser() -> argparse.ArgumentParser:
                    help="output folder (None: the scratch folder, or benchmarks/results/ with --record)")
     p.add_argument("--cache", type=Path, default=CACHE_DIR, help="folder of reusable AOTInductor / ONNX files")
     p.add_argument("--build-only", action="store_true", help="build the exports into --cache, time nothing")
+    p.add_argument("--summarize", action="store_true",
+                   help="only rewrite serving_summary.md from the output folder's serving.jsonl")
     return p
 
 
@@ -356,6 +466,9 @@ def main(argv=None, model_kwargs: dict | None = None) -> int:
     if any(b < 1 for b in args.batch_sizes) or args.slots < 1 or args.judge_batch < 1:
         raise SystemExit("batch sizes, --slots and --judge-batch must be >= 1")
     out = args.out or (RESULTS_DIR if args.record else SCRATCH_DIR)
+    if args.summarize:
+        print(write_summary(out), end="")
+        return 0
 
     def write(record: dict) -> None:  # one jsonl line and one table per batch size, as soon as it is timed
         table = format_table(record)
@@ -365,7 +478,9 @@ def main(argv=None, model_kwargs: dict | None = None) -> int:
             f.write(json.dumps(record, default=float) + "\n")
         with open(out / "serving.md", "a") as f:
             f.write("```\n" + table + "\n```\n\n")
-        log(f"wrote batch {record['results'][0]['batch']} to {out / 'serving.jsonl'} and serving.md")
+        write_summary(out)
+        log(f"wrote batch {record['results'][0]['batch']} to {out / 'serving.jsonl'}, serving.md and "
+            "serving_summary.md")
 
     record = run(args, model_kwargs, on_batch=None if args.build_only else write)
     if args.build_only:

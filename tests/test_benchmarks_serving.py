@@ -48,6 +48,18 @@ def test_a_tiny_run_times_every_path_against_stock_and_records_machine_and_commi
     for table in filter(str.strip, tables):
         assert "vs stock (95% CI)" in table and "error vs float64" in table
         assert table.strip("`\n") in printed
+    # The summary: one row per path, a cell per batch size, rebuilt from the jsonl after each batch size.
+    summary = (tmp_path / "serving_summary.md").read_text()
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in summary.splitlines()
+            if line.startswith("| ") and not line.startswith("| path")}
+    assert list(rows) == ["stock", "live", "folded", "lora", "merged", "export"]
+    assert rows["export"][2].startswith("yes: ") and rows["folded"][2].startswith("not judged")
+    ms_columns = (3, 6)  # B=1 ms, B=3 ms
+    for name, row in rows.items():
+        assert all(float(row[i].split()[0]) == pytest.approx(res["median_ms"][name], abs=0.05)
+                   for i, res in zip(ms_columns, (r for record in records for r in record["results"])))
+    assert "B=1 vs live | B=1 vs stock" in summary and "B=3 ms" in summary and "family" in summary
+    assert serving.main(["--out", str(tmp_path), "--summarize"]) == 0 and capsys.readouterr().out == summary
 
 
 def test_help_shows_every_default():
