@@ -1,0 +1,77 @@
+"""The GPU precision rules (docs/contract.md section 9): each rule's CPU emulation stays inside its bound.
+
+``mira_kernels.precision.emulate`` rounds the operands exactly where a GPU path does (TF32
+truncation, 16-bit factors and h, a base rounded before the adapter); ``bound`` is the rule's
+elementwise error bound against the float64 reference. Both are checked here on the CPU for every
+rule, in the weight regimes that stress the op, and the bound is checked to be tight enough to
+mean something (the emulation's error reaches a sizeable part of it, and it is far below |y|).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mira_kernels import precision, reference
+from tests.mira_inputs import make_inputs
+
+SHAPE = dict(B=3, T=9, d_in=64, d_out=96, N=6, S=2, r=4, d_s=32, offsets=[0, 64])
+X_DTYPE = {"fp64": torch.float64, "fp32": torch.float32, "fp32-tf32": torch.float32, "fp16": torch.float16,
+           "bf16": torch.bfloat16, "cuda-16bit": torch.bfloat16, "cuda-fp32-tf32": torch.float32}
+
+
+def _inputs(rule_name, regime, seed):
+    dtype = X_DTYPE[rule_name]
+    mem = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    return make_inputs(**SHAPE, regime=regime, seed=seed).to(dtype, memory_dtype=mem)
+
+
+def _check(rule_name, regime, separation, seed=0, scale=0.7):
+    rule = precision.RULES[rule_name]
+    inp = _inputs(rule_name, regime, seed)
+    kw = dict(slice_offsets=inp.slice_offsets, separation=separation, scale=scale)
+    y = precision.emulate(rule, *inp.linear_args(), **kw)
+    assert y.dtype == inp.x.dtype
+    exact = reference.mira_linear(*inp.to(torch.float64).linear_args(), **kw)
+    limit = precision.bound(rule, *inp.linear_args(), **kw)
+    err = (y.double() - exact).abs()
+    worst = (err / limit).max().item()
+    assert worst <= 1.0, f"{rule_name} {regime} {separation}: error reaches {worst:.2f} x the bound"
+    return worst, (limit / exact.abs().max()).max().item()
+
+
+@pytest.mark.parametrize("rule_name", sorted(precision.RULES))
+@pytest.mark.parametrize("regime", ["random", "negative", "near_zero", "one_slot"])
+def test_emulation_within_bound(rule_name, regime):
+    for separation in ("affine", "softmax"):
+        _check(rule_name, regime, separation)
+
+
+@pytest.mark.parametrize("rule_name", ["fp32", "fp32-tf32", "fp16", "bf16", "cuda-16bit"])
+def test_bound_is_tight(rule_name):
+    # Over a few seeds the emulation's error reaches a good part of the bound (it is not vacuous),
+    # and the bound stays a small fraction of the output (it says something). Softmax weights: the
+    # affine ones are ill-conditioned by design when sum(s) is small (the bound then grows with
+    # N |w| / |sum s|, correctly, and is no test of tightness).
+    worst, relative = max(_check(rule_name, "random", "softmax", seed=s) for s in range(4))
+    assert worst > 0.02, f"{rule_name}: the bound is {1 / worst:.0f}x the largest error seen"
+    assert relative < {"fp32": 1e-4, "fp32-tf32": 0.05, "fp16": 0.02, "bf16": 0.1, "cuda-16bit": 0.1}[rule_name]
+
+
+def test_rounding_helpers():
+    t = torch.tensor([1.0 + 2.0**-12, 1.0 + 2.0**-9, -3.1415926])
+    tf = precision.round_to(t, "tf32")
+    assert tf[0] == 1.0 and tf[1] == 1.0 + 2.0**-9  # low 13 bits dropped, bit 10 kept
+    assert (tf - t).abs().max() <= 2.0**-10 * t.abs().max()
+    assert torch.equal(precision.round_to(t, "bf16"), t.to(torch.bfloat16).float())
+    assert torch.equal(precision.round_to(t, "exact"), t)
+
+
+def test_rule_for_each_backend():
+    assert precision.rule_for("triton", torch.bfloat16).name == "bf16"
+    assert precision.rule_for("triton", torch.float32, allow_tf32=True).name == "fp32-tf32"
+    assert precision.rule_for("triton", torch.float32).name == "fp32"
+    assert precision.rule_for("cuda", torch.float16).name == "cuda-16bit"
+    assert precision.rule_for("cuda", torch.float64).name == "fp64"
+    with pytest.raises(TypeError):
+        precision.rule_for("triton", torch.int32)
