@@ -1,4 +1,4 @@
-"""The precision rule of every GPU path, its CPU emulation, and its error bound (docs/contract.md section 9).
+"""The precision rule of every GPU path, its CPU emulation, and its error bound (docs/contract.md section 11).
 
 A GPU path does not compute ``mira_linear`` in the reference's arithmetic: tensor cores take their
 operands in TF32 or a 16-bit type, the adapter's factors may be stored in 16 bits, a library GEMM

@@ -1,4 +1,4 @@
-"""The GPU precision rules (docs/contract.md section 9): each rule's CPU emulation stays inside its bound.
+"""The GPU precision rules (docs/contract.md section 11): each rule's CPU emulation stays inside its bound.
 
 ``mira_kernels.precision.emulate`` rounds the operands exactly where a GPU path does (TF32
 truncation, 16-bit factors and h, a base rounded before the adapter); ``bound`` is the rule's
