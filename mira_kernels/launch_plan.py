@@ -77,6 +77,9 @@ class KernelLaunch:
         useful_flops: the FLOPs the math needs (no padding, no recomputation), for efficiency reports.
         library: ``"cublas"`` (a GEMM through ATen / cuBLAS) or ``"aten"`` (another ATen kernel), else None.
         gemm: (m, n, k) of the main matrix product, for library GEMMs and fused GEMMs alike.
+        tile: (BLOCK_M, BLOCK_N, BLOCK_K) of a GEMM-like launch's output tiles, if it has them.
+        tiles_per_program: output tiles each program computes in sequence (persistent or grouped
+            schedules); 1 for one tile per program.
         pdl: launched with programmatic dependent launch: may start while its predecessor runs.
         wait_fraction: with ``pdl``, the fraction of each program's work done before it waits for
             the predecessor's results (``gdc_wait``); 0 when it waits at once.
@@ -97,6 +100,8 @@ class KernelLaunch:
     useful_flops: float = 0.0
     library: str | None = None
     gemm: tuple[int, int, int] | None = None
+    tile: tuple[int, int, int] | None = None
+    tiles_per_program: int = 1
     pdl: bool = False
     wait_fraction: float = 0.0
     programs_per_sm: int | None = None

@@ -7,8 +7,7 @@ never imports Triton. The three callables below follow the backend interface doc
 :mod:`.configs`. They also run on CPU tensors under the Triton interpreter
 (``TRITON_INTERPRET=1``), which is how they are tested on machines without a GPU.
 
-Slot counts above :data:`configs.MAX_SLOTS` fall back to the plain-PyTorch reference (warned
-once) rather than failing: the Triton mixing holds a sample tile's weights in registers.
+Any slot count runs in the kernels (slots are taken in chunks); there is no reference fallback.
 """
 
 from __future__ import annotations
@@ -18,15 +17,10 @@ import warnings
 
 import torch
 
-from .. import reference
-from . import configs
-
 __all__ = ["unavailable_reason", "mira_linear", "mira_linear_backward", "mira_adapter_"]
 
 #: Oldest GPU generation the kernels are written and lowered for (bf16 tl.dot needs sm_80).
 MIN_CAPABILITY = (8, 0)
-
-_warned_large_n = False
 
 # The fused GEMM walks x and W with block pointers (far fewer registers than pointer tensors);
 # Triton 3.8 marks them deprecated in favour of TMA descriptors, which need host-side set-up.
@@ -74,26 +68,8 @@ def _launchers():
     return launchers
 
 
-def _fallback(keys: torch.Tensor) -> bool:
-    global _warned_large_n
-    if keys.shape[0] <= configs.MAX_SLOTS:
-        return False
-    if not _warned_large_n:
-        _warned_large_n = True
-        warnings.warn(
-            f"mira_kernels triton backend: N = {keys.shape[0]} slots exceeds {configs.MAX_SLOTS}; "
-            "running the plain-PyTorch reference for these calls",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-    return True
-
-
 def mira_linear(x, weight, bias, query, keys, bank_a, bank_b, slice_offsets, separation, scale, eps):
-    """Forward of ``mira::mira_linear``: (B, T, d_out) in x's dtype (three kernel launches)."""
-    if _fallback(keys):
-        return reference.mira_linear(x, weight, bias, query, keys, bank_a, bank_b, slice_offsets=slice_offsets,
-                                     separation=separation, scale=scale, eps=eps)
+    """Forward of ``mira::mira_linear``: (B, T, d_out) in x's dtype (two kernel launches)."""
     lm = _launchers()
     y, plan = lm.plan_linear(x, weight, bias, query, keys, bank_a, bank_b, list(slice_offsets), separation,
                                     scale, eps)
@@ -104,10 +80,6 @@ def mira_linear(x, weight, bias, query, keys, bank_a, bank_b, slice_offsets, sep
 def mira_linear_backward(grad_out, x, weight, query, keys, bank_a, bank_b, slice_offsets, separation, scale, eps,
                          output_mask):
     """Backward of ``mira::mira_linear``: (dx, dquery, dkeys, dbank_a, dbank_b), None where not asked."""
-    if _fallback(keys):
-        return reference.mira_linear_backward(grad_out, x, weight, query, keys, bank_a, bank_b,
-                                              slice_offsets=slice_offsets, separation=separation, scale=scale,
-                                              eps=eps, output_mask=output_mask)
     lm = _launchers()
     grads, plan = lm.plan_linear_backward(grad_out, x, weight, query, keys, bank_a, bank_b,
                                                  list(slice_offsets), separation, scale, eps, list(output_mask))
@@ -117,10 +89,6 @@ def mira_linear_backward(grad_out, x, weight, query, keys, bank_a, bank_b, slice
 
 def mira_adapter_(out, x, query, keys, bank_a, bank_b, slice_offsets, separation, scale, eps):
     """``mira::mira_adapter_``: adds the adapter into ``out`` in place."""
-    if _fallback(keys):
-        reference.mira_adapter_(out, x, query, keys, bank_a, bank_b, slice_offsets=slice_offsets,
-                                separation=separation, scale=scale, eps=eps)
-        return
     lm = _launchers()
     target, plan = lm.plan_adapter_(out, x, query, keys, bank_a, bank_b, list(slice_offsets), separation,
                                            scale, eps)

@@ -15,14 +15,10 @@ Tile choices, with H100 (132 SMs) in mind:
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
-
-#: Largest slot count the Triton path runs (weights of 16 samples x N_PAD slots live in
-#: registers; the lowering sweep is spill-free up to N_PAD = 256, and N = 512 spills in the
-#: scores backward). Larger memories fall back to the reference.
-MAX_SLOTS = 256
 
 #: Per-tile dot operands are padded to this (the smallest K/N a 16-bit ``tl.dot`` lowers for).
 MIN_DOT = 16
@@ -33,15 +29,27 @@ TARGET_PROGRAMS = 2 * 132
 
 
 @dataclass(frozen=True)
-class GemmConfig:
-    """Tiles of the fused projection GEMM (``_mira_linear_fwd_kernel``)."""
+class FusedConfig:
+    """Tiles of the fused projection GEMM (``_mira_gemm_kernel``)."""
 
     block_m: int
     block_n: int
     block_k: int
-    group_m: int
     num_warps: int
     num_stages: int
+    samples_per_block: int = 1  # samples a BLOCK_M-row window can touch (T-dependent)
+    j_pad: int = MIN_DOT  # stacked adapter columns (samples_per_block * S*r), padded for tl.dot
+
+
+@dataclass(frozen=True)
+class RetrieveConfig:
+    """Tiles of the retrieval (``_mira_retrieve_kernel``)."""
+
+    block_b: int
+    block_k: int
+    block_f: int
+    slot_chunk: int
+    num_warps: int
 
 
 @dataclass(frozen=True)
@@ -60,7 +68,7 @@ class MemoryConfig:
     block_b: int
     block_k: int
     block_f: int
-    n_pad: int
+    slot_chunk: int  # slots held per program at once (padded(N) up to 128, else chunks of 128)
     num_warps: int
     grad_k: int = 32  # d_k chunk of the dquery / dkeys programs
 
@@ -74,36 +82,97 @@ def padded(n: int) -> int:
     return max(MIN_DOT, next_pow2(n))
 
 
-def gemm_config(m: int, n_out: int, k: int, dtype: torch.dtype, precision: str = "tf32") -> GemmConfig:
-    """Config of the fused GEMM for an (m, k) @ (k, n_out) product of x's dtype.
+#: Widest stacked adapter (samples per row block x S*r) whose shrink is folded into the GEMM's
+#: main loop; wider ones (large ranks, or short sequences packing many samples in a row block)
+#: get a separate shrink launch.
+MAX_FUSED_J = 32
 
-    ``precision`` is the fp32 dot precision: "ieee" runs on the FMA units (no tensor cores), whose
-    operand layouts need smaller tiles to stay clear of spills.
+#: Programs the retrieval aims for at small batch: few enough to leave most SMs to the GEMM it
+#: overlaps, enough to read the banks with many SMs.
+RETRIEVE_PROGRAMS = 64
+
+
+def samples_per_block(T: int, block_m: int) -> int:
+    """Most samples a window of block_m consecutive rows can touch (rows are samples of T tokens)."""
+    return min(block_m, -(-(block_m - 1) // max(T, 1)) + 1)
+
+
+def stacked_width(T: int, j: int, block_m: int) -> int:
+    return samples_per_block(T, block_m) * j
+
+
+@functools.cache
+def fused_config(m: int, n_out: int, k: int, dtype: torch.dtype, precision: str, T: int, j: int,
+                 capability: tuple[int, int] = (9, 0)) -> FusedConfig:
+    """Config of the fused GEMM for an (m, k) @ (k, n_out) product of x's dtype; ``j`` = S*r when the
+    shrink is folded into the main loop (0 otherwise); ``capability`` the target generation.
+
+    From the ahead-of-time sweep (tests/triton, ``python -m mira_kernels.triton.lowering``): on
+    sm_90 128 x 128 x 64 tiles with 8 warps and 3 stages (wgmma) carry the folded shrink without
+    spills; on sm_80 (mma.sync, operands in registers) the same tiles spill 200-260 bytes with the
+    shrink, so 64 x 64 x 64 with 4 warps. ``precision`` "ieee" (fp32 on the FMA units) and fp64
+    need smaller tiles.
     """
     if dtype == torch.float64:
-        return GemmConfig(32, 32, 16, 8, 4, 2)
-    if dtype == torch.float32:
+        tile = (32, 32, 16, 4, 2)
+    elif dtype == torch.float32:
         if precision == "ieee":
-            # 8 warps: the expand's per-sample accumulator (a second 64x64 fp32 tile, 25815fe) spilled 8 bytes
-            # on sm_80 at r=64, N=256 with 4; halving each thread's share of both tiles keeps every case at 0.
-            return GemmConfig(64, 64, 16, 8, 8, 2)
-        if m <= 2048:
-            return GemmConfig(64, 64, 32, 8, 4, 3)
-        return GemmConfig(128, 128, 32, 8, 8, 3)
-    if m <= 512:
-        return GemmConfig(64, 64, 64, 8, 4, 4)
-    if m <= 4096:
-        return GemmConfig(128, 64, 64, 8, 4, 4)
-    return GemmConfig(128, 128, 64, 8, 8, 3)
+            tile = (64, 64, 16, 4, 2)
+        else:
+            tile = (128, 128, 32, 8, 3) if (m > 2048 and capability >= (9, 0)) else (64, 64, 32, 4, 3)
+    elif m <= 512 or capability < (9, 0):
+        tile = (64, 64, 64, 4, 3)
+    else:
+        tile = (128, 128, 64, 8, 3)
+    spb = samples_per_block(T, tile[0])
+    return FusedConfig(*tile, samples_per_block=spb, j_pad=padded(spb * j) if j else MIN_DOT)
 
 
-def adapter_config(dtype: torch.dtype, precision: str = "tf32") -> GemmConfig:
-    """Config of the in-place expand (memory bound: one read-modify-write of the slices)."""
+@functools.cache
+def column_groups(m_tiles: int, n_tiles: int, block_n: int, j_pad: int, plain_tiles: int = 0) -> int:
+    """How many programs share a row block's column tiles (each takes every GROUPS-th tile).
+
+    Fewer groups compute h fewer times (once per program) and let programs finish the tiles
+    without an adapter (``plain_tiles`` of them, visited first) before they wait for the
+    retrieval; more groups fill the device. The count minimises, in tile times on a 132-SM device,
+    waves x tiles per program x (1 + the program's shrink cost) + one tile time when some program
+    starts on an adapted tile (it waits for the retrieval at once: about a tile's time at small
+    batch). It reads no device property (the split is a schedule, not a reduction order, but plans
+    stay comparable across devices).
+    """
+    if n_tiles <= 1:
+        return 1
+    best, best_cost = 1, None
+    for groups in range(1, n_tiles + 1):
+        tiles = -(-n_tiles // groups)
+        if groups > 1 and -(-n_tiles // (groups - 1)) == tiles:
+            continue  # same tiles per program as fewer groups: only more programs
+        waves = -(-(m_tiles * groups) // (TARGET_PROGRAMS // 2))
+        exposed = 1.0 if (j_pad and groups > plain_tiles) else 0.0
+        cost = waves * tiles * (1.0 + j_pad / (block_n * tiles)) + exposed
+        if best_cost is None or cost < best_cost - 1e-9:
+            best, best_cost = groups, cost
+    return best
+
+
+@functools.cache
+def retrieve_config(n_slots: int, dtype: torch.dtype, precision: str = "tf32") -> RetrieveConfig:
+    """Tiles of the retrieval for N slots: 16-sample tiles (the smallest tl.dot M), one chunk of
+    padded(N) slots up to 128 (scores kept in registers), else chunks of 64."""
+    chunk = padded(n_slots) if padded(n_slots) <= 128 else 64
     if dtype == torch.float64 or precision == "ieee":
-        return GemmConfig(32, 64, 0, 0, 4, 2)
-    return GemmConfig(64, 64, 0, 0, 4, 2)
+        return RetrieveConfig(block_b=16, block_k=16, block_f=32 if chunk >= 64 else 64, slot_chunk=chunk,
+                              num_warps=4)
+    return RetrieveConfig(block_b=16, block_k=64, block_f=64, slot_chunk=chunk, num_warps=4)
 
 
+def retrieve_split(b_tiles: int, chunks: int) -> int:
+    """Column shares per sample tile: about RETRIEVE_PROGRAMS programs at small batch, one share
+    per tile once the batch alone gives that many (each share re-reads the keys for its scores)."""
+    return max(1, min(chunks, -(-RETRIEVE_PROGRAMS // max(b_tiles, 1))))
+
+
+@functools.cache
 def row_config(j_pad: int, dtype: torch.dtype, precision: str = "tf32") -> RowConfig:
     """Config of the row kernels with a (block_m, j_pad) accumulator (shrink, per-sample reductions)."""
     if j_pad >= 256:  # S*r > 128: a (32, 256) accumulator; 16-wide K steps and 8 warps keep it spill-free
@@ -119,6 +188,7 @@ def row_config(j_pad: int, dtype: torch.dtype, precision: str = "tf32") -> RowCo
     return RowConfig(64, 64, 4)
 
 
+@functools.cache
 def factor_config(j_pad: int, dtype: torch.dtype, precision: str = "tf32") -> RowConfig:
     """Config of the per-sample reductions over T: block_m = columns per program, block_k = T step."""
     if j_pad >= 128 or dtype == torch.float64 or (precision == "ieee" and j_pad >= 64):
@@ -129,23 +199,23 @@ def factor_config(j_pad: int, dtype: torch.dtype, precision: str = "tf32") -> Ro
     return RowConfig(64, 32, 4)
 
 
+@functools.cache
 def memory_config(n_slots: int, dtype: torch.dtype, precision: str = "tf32") -> MemoryConfig:
-    """Tiles of the memory-side kernels for N slots (padded to n_pad, held per 16-sample tile).
+    """Tiles of the backward's memory-side kernels (dw, scores, keys) for N slots.
 
-    Chosen from an ahead-of-time sweep (sm_80 and sm_90, N = 30, 100, 256): 8 warps, the
-    scores' d_k step block_k = 16 (3xTF32 splits each operand in two, doubling its registers),
-    mixing column chunks of 64 for n_pad <= 64 and 32 above; dquery / dkeys d_k chunks of 32.
-    IEEE fp32 dots (FMA units, operands held per thread) need 16-wide d_k chunks, and 16-wide
-    mixing chunks from n_pad = 128.
+    Slots are held slot_chunk at a time per 16-sample tile (padded(N) up to 128, else chunks of
+    128), so any N runs. From the ahead-of-time sweep (sm_80 and sm_90): 8 warps, bank column chunks
+    of 64 for chunks <= 64 and 32 above; dquery / dkeys d_k chunks of 32. IEEE fp32 dots (FMA units,
+    operands held per thread) need 16-wide d_k chunks, and 16-wide bank chunks from 128 slots.
     """
-    n_pad = padded(n_slots)
+    chunk = min(padded(n_slots), 128)
     if dtype == torch.float64:
-        return MemoryConfig(block_b=16, block_k=16, block_f=16, n_pad=n_pad, num_warps=8, grad_k=16)
+        return MemoryConfig(block_b=16, block_k=16, block_f=16, slot_chunk=chunk, num_warps=8, grad_k=16)
     if precision == "ieee":
-        block_f = 64 if n_pad <= 64 else 16
-        return MemoryConfig(block_b=16, block_k=16, block_f=block_f, n_pad=n_pad, num_warps=8, grad_k=16)
-    block_f = 64 if n_pad <= 64 else 32
-    return MemoryConfig(block_b=16, block_k=16, block_f=block_f, n_pad=n_pad, num_warps=8, grad_k=32)
+        block_f = 64 if chunk <= 64 else 16
+        return MemoryConfig(block_b=16, block_k=16, block_f=block_f, slot_chunk=chunk, num_warps=8, grad_k=16)
+    block_f = 64 if chunk <= 64 else 32
+    return MemoryConfig(block_b=16, block_k=16, block_f=block_f, slot_chunk=chunk, num_warps=8, grad_k=32)
 
 
 def split_for(programs: int, chunks: int) -> int:

@@ -4,49 +4,47 @@ Notation (docs of :mod:`mira_kernels.reference`): B samples, T tokens, M = B*T r
 S slices, r rank, d_in / d_out / d_s / d_k widths. ``ct`` is the compute dtype: float32 for
 16-bit x, else x's dtype. Every kernel reads its ct from an output or workspace pointer.
 
-Design (forward, three launches, no atomics, grids from shapes only):
+Design (forward, two launches, no atomics, grids from shapes only):
 
-1. ``_mira_mix_fwd_kernel``: scores + separation + mixing. One program owns a tile of 16
-   samples and a strided share of the flattened factor columns; it computes that tile's
-   (16, N) cosine scores with ``tl.dot``, separates them in registers, and mixes the banks with
-   a second ``tl.dot`` (weights (16, N) @ bank (N, F)). Mixing per sample tile reads the banks
-   once per 16 samples; fusing it into the token-row kernels would re-read them once per
-   64-row tile (about 3x per sample at T=197).
-2. ``_mira_shrink_fwd_kernel``: h = x A_b^T over row tiles of the flattened (M, d_in) input.
-   Tiles ignore sample boundaries; each row knows its sample (row // T) and a tile loops over
-   the (usually one or two) samples it touches, masking rows. T=197 thus wastes no tiles.
-3. ``_mira_linear_fwd_kernel``: the base GEMM x W^T with the LoRA expand fused into the same
-   accumulator (LoRAFusion style), the bias, and one rounding to x's dtype. The expand only
-   runs on output tiles that intersect an adapted slice, with K = r padded to 16 by masks.
+1. ``_mira_retrieve_kernel``: cosine scores, separation and mixing, computed once per tile of 16
+   samples. Program (tile, share) computes its tile's (16, N) scores with ``tl.dot`` (slots in
+   chunks: any N), separates them in registers and mixes its share of the banks' flattened columns
+   with a second ``tl.dot`` (weights (16, N) @ bank (N, F)): the banks are read once per 16 samples.
+   The mixed factors are stored in the adapter's operand dtype (contract section 11).
+2. ``_mira_gemm_kernel``: the base GEMM x W^T with the whole adapter fused in. The shrink h = x A_b^T
+   is folded into the main loop of a program's first adapted output tile (the x tile is already
+   loaded: one extra (BLOCK_M, 16) dot per K step), for the row block's samples at once; the expand
+   h B_b^T is added to the same accumulator (LoRAFusion style), then the bias, and the tile is
+   rounded once to x's dtype. Programs visit the column tiles no slice touches first; on Hopper the
+   GEMM is launched with programmatic dependent launch and waits for the retrieval (``gdc_wait``)
+   only before its first adapted tile, so the retrieval runs under the GEMM's first tiles.
 
-Why the shrink is its own kernel (LoRAFusion does the same): the expand of an output tile
-needs h = x A_b^T over the whole d_in, i.e. before the tile's K loop ends. Computing h inside
-every GEMM tile would redo an (M, d_in) x (d_in, 16) product per adapted output tile (+12.5%
-tensor-core work at 128-wide tiles, 25% in TF32); the separate kernel re-reads x once instead
-(memory-bound, ~13% of the qkv GEMM at the H100 roofline when x comes from DRAM, less when it
-is still in L2). ``benchmarks/triton_model.py`` prices both parts.
+Wide adapters (a row block's samples x S*r above ``configs.MAX_FUSED_J``: large ranks, or short
+sequences packing many samples per block) get a third launch between the two,
+``_mira_shrink_fwd_kernel``, and the GEMM reads h from it. ViT shapes (T = 197, S*r <= 16) never do.
 
-Backward reuses 2 (dh = G_s B_b, unscaled) and 3 (dx = G W + scale sum_s dh_s A_b) with other
-strides, and adds: per-sample reductions over T in a fixed order (``_mira_factor_bwd_kernel``
-for dA_b and dB_b); dw = <dA_b, bank_a> + <dB_b, bank_b> as a two-pass reduction
-(``_mira_dw_bwd_kernel`` partials per bank column share, summed in order by
+Backward reuses the GEMM with other roles (dx = G W + scale sum_s dh_s A_b, keeping
+dh = scale G_s B_b) and the shrink (h = x A_b^T for dB), and adds: per-sample reductions over T in
+a fixed order (``_mira_factor_bwd_kernel`` for dA_b and dB_b); dw = <dA_b, bank_a> + <dB_b, bank_b>
+as a two-pass reduction (``_mira_dw_bwd_kernel`` partials per bank column share, summed in order by
 ``_mira_scores_bwd_kernel``, which also applies the separation and cosine backward and writes
 dquery); ``_mira_keys_bwd_kernel`` (dkeys, a reduction over B in a fixed order) and
 ``_mira_bank_bwd_kernel`` (dbank = w^T dF). No atomics anywhere: bitwise reproducible.
 
-Precision: base products of 16-bit x run on tensor cores with fp32 accumulation. The adapter
-path is fp32 as the spec says. With 16-bit x (or fp32 x with
-``torch.backends.cuda.matmul.allow_tf32``) its products use tensor cores: "tf32x3" (three TF32
-products, about fp32 accuracy) in the memory-bound kernels (mixing, shrink, reductions,
-in-place expand) and for the cosines, and one "tf32" product only for the expand inside the
-compute-bound GEMM (x and G are exact in TF32; h and B_b are rounded to 10 mantissa bits, below
-fp16's final rounding of the sum). Otherwise (fp32 x by default, fp64) every dot is "ieee".
+Precision (the rules and their error bounds: docs/contract.md section 11). Base products of 16-bit
+x run on tensor cores with fp32 accumulation; the mixed factors and h are stored in x's dtype and
+the shrink and expand run on 16-bit operands. With fp32 x and
+``torch.backends.cuda.matmul.allow_tf32`` the GEMM's products are TF32. Scores and mixing use
+"tf32x3" (three TF32 products, about fp32 accuracy) wherever the adapter may use TF32. Otherwise
+(fp32 x by default, fp64) every dot is "ieee". Every ``tl.dot`` names its ``out_dtype`` (the
+accumulator's): Triton 3.6 defaults it to fp32, which breaks the fp64 path; 3.8 infers it.
 """
 
 from __future__ import annotations
 
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 # Separation codes (constexpr): the order of mira_kernels.reference.SEPARATIONS.
 AFFINE: tl.constexpr = tl.constexpr(0)
@@ -86,65 +84,44 @@ def _select_offset(pid_s, OFFS: tl.constexpr, S: tl.constexpr):
     return off
 
 
-@triton.jit(do_not_specialize=["eps_bits"])
-def _mira_mix_fwd_kernel(
-    q_ptr, k_ptr, bank_a_ptr, bank_b_ptr, mixed_a_ptr, mixed_b_ptr,
-    scores_ptr, weights_ptr, qnorm_ptr, knorm_ptr,
-    B, N, DK, FA, FB, eps_bits,
-    stride_qb, stride_qk, stride_kn, stride_kk,
-    SEPARATION: tl.constexpr, SAVE_STATS: tl.constexpr, N_PAD: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_F: tl.constexpr, SCORE_PRECISION: tl.constexpr,
-    LORA_PRECISION: tl.constexpr,
-):
-    """Scores, separation and mixing for a tile of BLOCK_B samples.
-
-    Shapes: q (B, DK), keys (N, DK), banks flattened (N, FA) and (N, FB) with FA = S*r*d_in and
-    FB = S*d_s*r, mixed outputs (B, FA), (B, FB) in ct. With SAVE_STATS the raw scores and the
-    weights (B, N) and the norms of q (B,) and keys (N,) are stored for the backward.
-    Grid: (cdiv(B, BLOCK_B), SPLIT); program (i, j) mixes column chunks j, j+SPLIT, ...
-    """
-    pid_b = tl.program_id(0)
-    pid_f = tl.program_id(1)
-    n_split = tl.num_programs(1)
-    ct = mixed_a_ptr.dtype.element_ty
-    eps = _f64(eps_bits).to(ct)
-
-    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    row_ok = rows < B
-    slots = tl.arange(0, N_PAD)
-    slot_ok = slots < N
-    valid = row_ok[:, None] & slot_ok[None, :]
-
-    dots = tl.zeros((BLOCK_B, N_PAD), dtype=ct)
+@triton.jit
+def _cosines(q_ptr, k_ptr, rows, row_ok, slots, slot_ok, DK, stride_qb, stride_qk, stride_kn, stride_kk,
+             BLOCK_B: tl.constexpr, NC: tl.constexpr, BLOCK_K: tl.constexpr, ct: tl.constexpr,
+             PRECISION: tl.constexpr):
+    """Cosines of the queries ``rows`` to the keys ``slots``: (BLOCK_B, NC) scores, |q| (BLOCK_B,), |k| (NC,)."""
+    dots = tl.zeros((BLOCK_B, NC), dtype=ct)
     q_sq = tl.zeros((BLOCK_B,), dtype=ct)
-    k_sq = tl.zeros((N_PAD,), dtype=ct)
+    k_sq = tl.zeros((NC,), dtype=ct)
+    rows64 = rows.to(tl.int64)
+    slots64 = slots.to(tl.int64)
     for k0 in range(0, DK, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         col_ok = cols < DK
-        qt = tl.load(q_ptr + rows[:, None] * stride_qb + cols[None, :] * stride_qk,
+        qt = tl.load(q_ptr + rows64[:, None] * stride_qb + cols[None, :] * stride_qk,
                      mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(ct)
-        kt = tl.load(k_ptr + slots[:, None] * stride_kn + cols[None, :] * stride_kk,
+        kt = tl.load(k_ptr + slots64[:, None] * stride_kn + cols[None, :] * stride_kk,
                      mask=slot_ok[:, None] & col_ok[None, :], other=0.0).to(ct)
-        dots = tl.dot(qt, tl.trans(kt), dots, input_precision=SCORE_PRECISION)
+        dots = tl.dot(qt, tl.trans(kt), dots, input_precision=PRECISION, out_dtype=dots.dtype)
         q_sq += tl.sum(qt * qt, axis=1)
         k_sq += tl.sum(kt * kt, axis=1)
     q_norm = tl.sqrt(q_sq)
     k_norm = tl.sqrt(k_sq)
-    scores = dots / tl.maximum(q_norm, NORM_EPS)[:, None] / tl.maximum(k_norm, NORM_EPS)[None, :]
-    scores = tl.where(valid, scores, 0.0)
+    floor = tl.full((), NORM_EPS, ct)
+    scores = dots / tl.maximum(q_norm, floor)[:, None] / tl.maximum(k_norm, floor)[None, :]
+    return tl.where(row_ok[:, None] & slot_ok[None, :], scores, 0.0), q_norm, k_norm
 
+
+@triton.jit
+def _weights(scores, valid, total, top, expsum, N, eps, SEPARATION: tl.constexpr):
+    """sep(scores) for one chunk of slots, given the row statistics over all N slots: the affine
+    sum, and the softmax maximum and sum of exp(s - max)."""
     if SEPARATION == AFFINE:
         # Sign-preserving clamp of the denominator (sign(0) = +); N = 1 keeps the raw cosine.
-        total = tl.sum(scores, axis=1)
         denom = tl.where(tl.abs(total) >= eps, total, tl.where(total >= 0, eps, -eps))
         weights = tl.where(N == 1, scores, scores / denom[:, None])
     elif SEPARATION == SOFTMAX:
-        logits = tl.where(valid, scores, float("-inf"))
-        top = tl.max(logits, axis=1)
-        top = tl.where(top == float("-inf"), 0.0, top)  # N = 0 or a padding row
-        e = tl.where(valid, tl.exp(logits - top[:, None]), 0.0)
-        total = tl.sum(e, axis=1)
-        weights = e / tl.where(total > 0, total, 1.0)[:, None]
+        e = tl.where(valid, tl.exp(scores - top[:, None]), 0.0)
+        weights = e / tl.where(expsum > 0, expsum, 1.0)[:, None]
     elif SEPARATION == RELU:
         weights = tl.maximum(scores, 0.0, propagate_nan=tl.PropagateNan.ALL)  # relu(NaN) = NaN, as torch
     elif SEPARATION == TANH:
@@ -153,31 +130,309 @@ def _mira_mix_fwd_kernel(
         weights = tl.sigmoid(scores)
     else:
         weights = scores
-    weights = tl.where(valid, weights, 0.0).to(ct)
+    return tl.where(valid, weights, 0.0)
+
+
+@triton.jit(do_not_specialize=["eps_bits"])
+def _mira_retrieve_kernel(
+    q_ptr, k_ptr, bank_a_ptr, bank_b_ptr, mixed_a_ptr, mixed_b_ptr,
+    scores_ptr, weights_ptr, qnorm_ptr, knorm_ptr, scratch_ptr,
+    B, N, DK, FA, FB, eps_bits,
+    stride_qb, stride_qk, stride_kn, stride_kk,
+    SEPARATION: tl.constexpr, SAVE_STATS: tl.constexpr, NC: tl.constexpr, ONE_CHUNK: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_F: tl.constexpr, SCORE_PRECISION: tl.constexpr,
+    MIX_PRECISION: tl.constexpr, USE_PDL: tl.constexpr,
+):
+    """Retrieval: cosine scores, separation and mixing, A_b = sum_n w[b,n] bank_a[n] (and B_b).
+
+    Shapes: q (B, DK), keys (N, DK), banks read as flat rows (N, FA) and (N, FB) with FA = S*r*d_in,
+    FB = S*d_s*r; mixed outputs (B, FA), (B, FB) in the adapter's operand dtype (rounded once, from
+    fp32 sums: contract section 11). Any N: slots are taken NC at a time; with one chunk (ONE_CHUNK:
+    N <= NC) the scores stay in registers, otherwise a first pass gathers the row statistics over all
+    chunks (affine sum; softmax maximum and sum) and parks the scores in this program's own
+    ``scratch`` rows (BLOCK_B, N), read back by the mixing pass. SAVE_STATS stores scores, weights
+    (B, N) and the norms for the backward (program column 0 only).
+
+    Grid: (cdiv(B, BLOCK_B), SPLIT); program (i, j) mixes column chunks j, j+SPLIT, ... of both banks
+    for samples [16i, 16i+16). With USE_PDL (Hopper) it lets the fused GEMM launch at once: the GEMM
+    overlaps this kernel and waits (gdc_wait) only where it first reads the mixed factors.
+    """
+    if USE_PDL:
+        gdc_launch_dependents()
+    pid_b = tl.program_id(0)
+    pid_f = tl.program_id(1)
+    n_split = tl.num_programs(1)
+    ct = scores_ptr.dtype.element_ty
+    eps = _f64(eps_bits).to(ct)
+
+    local = tl.arange(0, BLOCK_B)
+    rows = pid_b * BLOCK_B + local
+    row_ok = rows < B
+    rows64 = rows.to(tl.int64)
+    lanes = tl.arange(0, NC)
+    first = pid_f == 0
+    scratch = scratch_ptr + (pid_b * n_split + pid_f).to(tl.int64) * BLOCK_B * N
+
+    # Row statistics over every slot (one pass per chunk of NC slots).
+    total = tl.zeros((BLOCK_B,), dtype=ct)
+    top = tl.full((BLOCK_B,), float("-inf"), dtype=ct)
+    expsum = tl.zeros((BLOCK_B,), dtype=ct)
+    scores = tl.zeros((BLOCK_B, NC), dtype=ct)
+    for c0 in range(0, N, NC):
+        slots = c0 + lanes
+        slot_ok = slots < N
+        valid = row_ok[:, None] & slot_ok[None, :]
+        scores, q_norm, k_norm = _cosines(q_ptr, k_ptr, rows, row_ok, slots, slot_ok, DK, stride_qb, stride_qk,
+                                          stride_kn, stride_kk, BLOCK_B, NC, BLOCK_K, ct, SCORE_PRECISION)
+        total += tl.sum(scores, axis=1)
+        chunk_top = tl.max(tl.where(valid, scores, float("-inf")), axis=1)
+        new_top = tl.maximum(top, chunk_top)
+        safe = tl.where(new_top == float("-inf"), 0.0, new_top)  # N = 0 or a padding row
+        expsum = expsum * tl.exp(top - safe) + tl.sum(tl.where(valid, tl.exp(scores - safe[:, None]), 0.0), axis=1)
+        top = new_top
+        if not ONE_CHUNK:
+            tl.store(scratch + local[:, None] * N + slots[None, :], scores, mask=valid)
+        if SAVE_STATS:
+            tl.store(qnorm_ptr + rows, q_norm, mask=row_ok & first & (c0 == 0))
+            tl.store(knorm_ptr + slots, k_norm, mask=slot_ok & first & (pid_b == 0))
+    top = tl.where(top == float("-inf"), 0.0, top)
+    if not ONE_CHUNK:
+        tl.debug_barrier()  # the scratch rows are read back by other threads of this program
 
     if SAVE_STATS:
-        first = pid_f == 0
-        out_bn = rows[:, None] * N + slots[None, :]
-        tl.store(scores_ptr + out_bn, scores, mask=valid & first)
-        tl.store(weights_ptr + out_bn, weights, mask=valid & first)
-        tl.store(qnorm_ptr + rows, q_norm, mask=row_ok & first)
-        tl.store(knorm_ptr + slots, k_norm, mask=slot_ok & first & (pid_b == 0))
+        for c0 in range(0, N, NC):
+            slots = c0 + lanes
+            valid = row_ok[:, None] & (slots < N)[None, :]
+            if not ONE_CHUNK:
+                scores = tl.load(scratch + local[:, None] * N + slots[None, :], mask=valid,
+                                 other=0.0)
+            w = _weights(scores, valid, total, top, expsum, N, eps, SEPARATION)
+            out_bn = rows64[:, None] * N + slots[None, :]
+            tl.store(scores_ptr + out_bn, scores, mask=valid & first)
+            tl.store(weights_ptr + out_bn, w, mask=valid & first)
 
-    # Mixing: (BLOCK_B, N_PAD) @ (N_PAD, BLOCK_F) per chunk; padded slots carry weight 0.
-    for f0 in range(pid_f * BLOCK_F, FA, n_split * BLOCK_F):
+    # Mixing: (BLOCK_B, NC) @ (NC, BLOCK_F) per column chunk and slot chunk; padding slots weigh 0.
+    w_one = _weights(scores, row_ok[:, None] & (lanes < N)[None, :], total, top, expsum, N, eps, SEPARATION)
+    _mix(bank_a_ptr, mixed_a_ptr, FA, w_one, scratch, local, rows64, row_ok, lanes, total, top, expsum, N, eps,
+         pid_f, n_split, SEPARATION, NC, ONE_CHUNK, BLOCK_B, BLOCK_F, MIX_PRECISION)
+    _mix(bank_b_ptr, mixed_b_ptr, FB, w_one, scratch, local, rows64, row_ok, lanes, total, top, expsum, N, eps,
+         pid_f, n_split, SEPARATION, NC, ONE_CHUNK, BLOCK_B, BLOCK_F, MIX_PRECISION)
+
+
+@triton.jit
+def _mix(bank_ptr, out_ptr, F, w_one, scratch, local, rows64, row_ok, lanes, total, top, expsum, N, eps, pid_f,
+         n_split, SEPARATION: tl.constexpr, NC: tl.constexpr, ONE_CHUNK: tl.constexpr, BLOCK_B: tl.constexpr,
+         BLOCK_F: tl.constexpr, MIX_PRECISION: tl.constexpr):
+    # out[b, f] = sum_n w[b, n] bank[n, f] for this program's column chunks (pid_f, pid_f + n_split, ...).
+    ct = w_one.dtype
+    for f0 in range(pid_f * BLOCK_F, F, n_split * BLOCK_F):
         fcols = f0 + tl.arange(0, BLOCK_F)
-        f_ok = fcols < FA
-        bank = tl.load(bank_a_ptr + slots[:, None] * FA + fcols[None, :],
-                       mask=slot_ok[:, None] & f_ok[None, :], other=0.0).to(ct)
-        mixed = tl.dot(weights, bank, input_precision=LORA_PRECISION)
-        tl.store(mixed_a_ptr + rows[:, None] * FA + fcols[None, :], mixed, mask=row_ok[:, None] & f_ok[None, :])
-    for f0 in range(pid_f * BLOCK_F, FB, n_split * BLOCK_F):
-        fcols = f0 + tl.arange(0, BLOCK_F)
-        f_ok = fcols < FB
-        bank = tl.load(bank_b_ptr + slots[:, None] * FB + fcols[None, :],
-                       mask=slot_ok[:, None] & f_ok[None, :], other=0.0).to(ct)
-        mixed = tl.dot(weights, bank, input_precision=LORA_PRECISION)
-        tl.store(mixed_b_ptr + rows[:, None] * FB + fcols[None, :], mixed, mask=row_ok[:, None] & f_ok[None, :])
+        f_ok = fcols < F
+        mixed = tl.zeros((BLOCK_B, BLOCK_F), dtype=ct)
+        for c0 in range(0, N, NC):
+            slots = c0 + lanes
+            slot_ok = slots < N
+            if ONE_CHUNK:
+                w = w_one
+            else:
+                valid = row_ok[:, None] & slot_ok[None, :]
+                s = tl.load(scratch + local[:, None] * N + slots[None, :], mask=valid, other=0.0)
+                w = _weights(s, valid, total, top, expsum, N, eps, SEPARATION)
+            bank = tl.load(bank_ptr + slots.to(tl.int64)[:, None] * F + fcols[None, :],
+                           mask=slot_ok[:, None] & f_ok[None, :], other=0.0).to(ct)
+            mixed = tl.dot(w, bank, mixed, input_precision=MIX_PRECISION, out_dtype=mixed.dtype)
+        tl.store(out_ptr + rows64[:, None] * F + fcols[None, :], mixed.to(out_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & f_ok[None, :])
+
+
+@triton.jit
+def _pick(index, VALUES: tl.constexpr, COUNT: tl.constexpr):
+    # VALUES[index] for a run-time index into a compile-time tuple (no device-side table).
+    out = index * 0
+    for i in tl.static_range(COUNT):
+        out = tl.where(index == i, VALUES[i], out)
+    return out
+
+
+@triton.jit
+def _stacked(t, J, R, S: tl.constexpr, OFFS: tl.constexpr, SLICED: tl.constexpr):
+    # Index t of the stacked adapter axis (sample slot p of the row block, slice s, rank rr) and the
+    # offset of slice s along the sliced axis (0 when the axis is not sliced).
+    p = t // J
+    j = t % J
+    s = j // R
+    off = s * 0
+    if SLICED:
+        for i in tl.static_range(S):
+            off = tl.where(s == i, OFFS[i], off)
+    return p, s, j % R, off
+
+
+@triton.jit
+def _factor_rows(ptr, b_first, b_last, t, J, R, stride_b, stride_s, stride_r, S: tl.constexpr, OFFS: tl.constexpr,
+                 SLICED: tl.constexpr, SPB: tl.constexpr):
+    """Row pointers of a per-sample factor stacked over a row block's samples: row t is
+    F[b_first + p, s, rr, :] with (p, s, rr) from t; also which rows exist (sample <= b_last, t
+    not padding) and each row's slice offset along the long axis (0 unless SLICED)."""
+    p, s, rr, off = _stacked(t, J, R, S, OFFS, SLICED)
+    b = b_first + p
+    ok = (t < SPB * J) & (b <= b_last)
+    return ptr + (b.to(tl.int64) * stride_b + s * stride_s + rr * stride_r), ok, off
+
+
+@triton.jit
+def _factor_tile(rows, ok, off, idx, WIDTH, stride_i):
+    # (len(rows), len(idx)) tile: rows[t][idx - off_t], zero outside [0, WIDTH) and on missing rows.
+    local = idx[None, :] - off[:, None]
+    return tl.load(rows[:, None] + local * stride_i, mask=ok[:, None] & (local >= 0) & (local < WIDTH), other=0.0)
+
+
+@triton.jit(do_not_specialize=["scale_bits"])
+def _mira_gemm_kernel(
+    x_ptr, w_ptr, bias_ptr, f_ptr, e_ptr, out_ptr, h_ptr,
+    M, NOUT, K, T, J, R, NB, F_WIDTH, E_WIDTH, scale_bits,
+    stride_xm, stride_wk, stride_wn, stride_bias, stride_om,
+    stride_fb, stride_fs, stride_fr, stride_fk, stride_eb, stride_es, stride_er, stride_en,
+    S: tl.constexpr, OFFS: tl.constexpr, F_SLICED: tl.constexpr, E_SLICED: tl.constexpr,
+    HAS_BASE: tl.constexpr, HAS_BIAS: tl.constexpr, LORA: tl.constexpr, IN_PLACE: tl.constexpr,
+    STORE_H: tl.constexpr, SPB: tl.constexpr, J_PAD: tl.constexpr, J_CHUNK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUPS: tl.constexpr,
+    ORDER: tl.constexpr, TILES: tl.constexpr, BASE_PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, W_ORDER: tl.constexpr, USE_PDL: tl.constexpr,
+):
+    """The projection GEMM with MIRA's adapter fused in: out = x W + bias + scale * (x F_b^T) E_b, one rounding.
+
+    x (M, K) rows of B samples of T tokens; W (K, NOUT) (W_ORDER: its fastest dimension first); the
+    per-sample factors F (shrink, (J = S*R) x K) and E (expand, J x NOUT) are read through four
+    strides (sample, slice, rank, position); a SLICED factor covers only the S slices of its long
+    axis, at OFFS, F_WIDTH / E_WIDTH wide (zero elsewhere). A dense F must be (NB samples, J, K)
+    contiguous in its sample and rank axes (it is read as NB * J rows of K). Forward: F = mixed A (dense over d_in),
+    E = mixed B (sliced over d_out). Backward dx: x = G, W = weight, F = mixed B (sliced over d_out),
+    E = mixed A (dense over d_in), and STORE_H keeps h = scale * G F^T (dh) for dA.
+
+    LORA = 0: no adapter. LORA = 1 (small adapters, SPB * J <= 64): the shrink is folded into the
+    main loop of the first adapted tile a program computes (the x tile is already loaded): h for the
+    row block's SPB samples at once, as one dot against the stacked factors; rows keep their own
+    sample's columns. LORA = 2: h was computed by ``_mira_shrink_fwd_kernel`` and is read from h_ptr
+    (M, J) in fp32; the expand loops over the samples of the tile in chunks of J_CHUNK.
+
+    Grid: (cdiv(M, BLOCK_M) * GROUPS,): program (row block, group g) computes the column tiles
+    ORDER[g], ORDER[g + GROUPS], ... (ORDER lists the tiles without an adapter first, so a program
+    waits for the retrieval (USE_PDL: gdc_wait) only after them, and computes h once per row block
+    for all its adapted tiles). HAS_BASE = False (in-place adapter): the main loop only shrinks and
+    the accumulator starts from out (IN_PLACE). UPCAST (bf16 under the interpreter only, whose bf16
+    dot is wrong) runs the dots in fp32.
+    """
+    pid = tl.program_id(0)
+    pm = pid // GROUPS
+    group = pid % GROUPS
+    acc_ty = tl.float64 if out_ptr.dtype.element_ty == tl.float64 else tl.float32
+    op_ty = tl.float32 if UPCAST else f_ptr.dtype.element_ty  # the adapter's operand dtype
+    scale = _f64(scale_bits).to(acc_ty)
+
+    row0 = pm * BLOCK_M
+    rows = row0 + tl.arange(0, BLOCK_M)
+    rows64 = rows.to(tl.int64)  # row offsets times a row stride can pass 2^31 (Triton types ints as i32)
+    row_ok = rows < M
+    row_sample = rows // T
+    b_first = row0 // T
+    b_last = (tl.minimum(row0 + BLOCK_M, M) - 1) // T
+    t = tl.arange(0, J_PAD)
+    own = (row_sample[:, None] - b_first) == (t // J)[None, :]  # LORA = 1: a row's own sample's columns
+
+    h = tl.zeros((BLOCK_M, J_PAD), dtype=op_ty)
+    h_ready = pid < 0  # False: no tile of this program has computed h yet
+    for i in range(0, TILES):
+        n_tile = _pick(group + i * GROUPS, ORDER, TILES * GROUPS)  # -1: past the last tile
+        live = n_tile >= 0
+        col0 = n_tile * BLOCK_N
+        cols = col0 + tl.arange(0, BLOCK_N)
+        col_ok = (cols < NOUT) & live
+        adapted = live & (LORA > 0)
+        if E_SLICED:
+            hit = col0 < 0
+            for s in tl.static_range(S):
+                hit = hit | ((col0 < OFFS[s] + E_WIDTH) & (col0 + BLOCK_N > OFFS[s]))
+            adapted = adapted & hit
+        shrink_here = adapted & (LORA == 1) & (h_ready == 0)
+        if USE_PDL:
+            if adapted:
+                gdc_wait()  # the mixed factors come from the retrieval launch
+
+        if IN_PLACE:
+            acc = tl.load(out_ptr + rows64[:, None] * stride_om + cols[None, :],
+                          mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(acc_ty)
+        else:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc_ty)
+        x_blk = tl.make_block_ptr(x_ptr, (M, K), (stride_xm, 1), (row0, 0), (BLOCK_M, BLOCK_K), (1, 0))
+        w_blk = tl.make_block_ptr(w_ptr, (K, NOUT), (stride_wk, stride_wn), (0, col0), (BLOCK_K, BLOCK_N), W_ORDER)
+        if shrink_here:
+            # The main loop with the shrink folded in: one extra (BLOCK_M, J_PAD) dot per K step.
+            h_part = tl.zeros((BLOCK_M, J_PAD), dtype=acc_ty)
+            f_rows, f_ok, f_off = _factor_rows(f_ptr, b_first, b_last, t, J, R, stride_fb, stride_fs, stride_fr, S,
+                                               OFFS, F_SLICED, SPB)
+            # A dense F (forward: mixed A, (B, S*R, K) contiguous) stacks the row block's samples as
+            # consecutive rows: one block of (J_PAD, BLOCK_K) from row b_first * J, no gather.
+            f_blk = tl.make_block_ptr(f_ptr, (NB * J, K), (stride_fr, stride_fk), (b_first * J, 0), (J_PAD, BLOCK_K),
+                                      (1, 0))
+            for k0 in range(0, K, BLOCK_K):
+                a = tl.load(x_blk, boundary_check=(0, 1), padding_option="zero")
+                if UPCAST:
+                    a = a.to(tl.float32)
+                if HAS_BASE:
+                    w = tl.load(w_blk, boundary_check=(0, 1), padding_option="zero")
+                    if UPCAST:
+                        w = w.to(tl.float32)
+                    acc = tl.dot(a, w, acc, input_precision=BASE_PRECISION, out_dtype=acc.dtype)
+                if F_SLICED:
+                    f = _factor_tile(f_rows, f_ok, f_off, k0 + tl.arange(0, BLOCK_K), F_WIDTH, stride_fk)
+                else:
+                    f = tl.load(f_blk, boundary_check=(0, 1), padding_option="zero")
+                    f_blk = tl.advance(f_blk, (0, BLOCK_K))
+                h_part = tl.dot(a.to(op_ty), tl.trans(f.to(op_ty)), h_part, input_precision=LORA_PRECISION,
+                                out_dtype=h_part.dtype)
+                x_blk = tl.advance(x_blk, (0, BLOCK_K))
+                w_blk = tl.advance(w_blk, (BLOCK_K, 0))
+            h_scaled = tl.where(own, h_part, 0.0) * scale
+            if STORE_H:
+                tl.store(h_ptr + rows64[:, None] * J + (t % J)[None, :], h_scaled,
+                         mask=row_ok[:, None] & own & (t < SPB * J)[None, :] & (group == 0))
+            h = h_scaled.to(op_ty)  # the shrink's one rounding (contract section 11)
+            h_ready = pid >= 0
+        elif HAS_BASE:
+            if live:
+                for _ in range(0, K, BLOCK_K):
+                    a = tl.load(x_blk, boundary_check=(0, 1), padding_option="zero")
+                    w = tl.load(w_blk, boundary_check=(0, 1), padding_option="zero")
+                    if UPCAST:
+                        a = a.to(tl.float32)
+                        w = w.to(tl.float32)
+                    acc = tl.dot(a, w, acc, input_precision=BASE_PRECISION, out_dtype=acc.dtype)
+                    x_blk = tl.advance(x_blk, (0, BLOCK_K))
+                    w_blk = tl.advance(w_blk, (BLOCK_K, 0))
+
+        if adapted:
+            if LORA == 1:
+                e_rows, e_ok, e_off = _factor_rows(e_ptr, b_first, b_last, t, J, R, stride_eb, stride_es, stride_er, S,
+                                                   OFFS, E_SLICED, SPB)
+                e = _factor_tile(e_rows, e_ok, e_off, cols, E_WIDTH, stride_en)
+                acc = tl.dot(h, e.to(op_ty), acc, input_precision=LORA_PRECISION, out_dtype=acc.dtype)
+            else:
+                for b in tl.range(b_first, b_last + 1, num_stages=1):
+                    h_rows = row_ok & (row_sample == b)
+                    for j0 in tl.range(0, J, J_CHUNK, num_stages=1):
+                        tj = j0 + tl.arange(0, J_CHUNK)
+                        hj = tl.load(h_ptr + rows64[:, None] * J + tj[None, :],
+                                     mask=h_rows[:, None] & (tj < J)[None, :], other=0.0)
+                        e_rows, e_ok, e_off = _factor_rows(e_ptr, b, b, tj, J, R, stride_eb, stride_es, stride_er, S,
+                                                           OFFS, E_SLICED, J_CHUNK)
+                        ej = _factor_tile(e_rows, e_ok, e_off, cols, E_WIDTH, stride_en)
+                        acc = tl.dot((hj * scale).to(op_ty), ej.to(op_ty), acc, input_precision=LORA_PRECISION,
+                                     out_dtype=acc.dtype)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + cols * stride_bias, mask=col_ok, other=0.0).to(acc_ty)[None, :]
+        tl.store(out_ptr + rows64[:, None] * stride_om + cols[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & col_ok[None, :])
 
 
 @triton.jit
@@ -218,146 +473,11 @@ def _mira_shrink_fwd_kernel(
         for b in tl.range(b_first, b_last + 1, num_stages=1):
             f = tl.load(f_ptr + b * stride_fb + pid_s * stride_fs + ks[:, None] * stride_fk + js[None, :] * stride_fj,
                         mask=k_ok[:, None] & j_ok[None, :], other=0.0).to(ct)
-            part = tl.dot(a, f, input_precision=LORA_PRECISION)
+            part = tl.dot(a, f, input_precision=LORA_PRECISION, out_dtype=ct)
             acc += tl.where((row_sample == b)[:, None], part, 0.0)
     out_cols = pid_s * J + js
     tl.store(out_ptr + rows64[:, None] * (NUM_SLICES * J) + out_cols[None, :], acc,
              mask=row_ok[:, None] & j_ok[None, :])
-
-
-@triton.jit(do_not_specialize=["scale_bits"])
-def _mira_linear_fwd_kernel(
-    x_ptr, w_ptr, bias_ptr, h_ptr, e_ptr, out_ptr,
-    M, NOUT, K, T, J, SLICE_W, scale_bits,
-    stride_xm, stride_wk, stride_wn, stride_eb, stride_es, stride_ej, stride_en, stride_om, stride_bias,
-    S: tl.constexpr, OFFS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
-    J_CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    BASE_PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr, UPCAST: tl.constexpr, W_ORDER: tl.constexpr,
-):
-    """out = x @ W + bias + scale * sum_s [n in slice s] h[:, s] @ E[b(m), s], rounded once.
-
-    Forward: x (M, d_in), W[k, n] = weight[n, k], h (M, S*r) ct, E[b, s, j, n] = mixed B[b, s, n, j],
-    slices at OFFS of width SLICE_W = d_s. Backward dx: x = G (M, d_out), W = weight, h = dh,
-    E = mixed A (B, S, r, d_in), every slice at 0 of width d_in (their sum), scale 1, no bias.
-    Grid: (cdiv(M, BLOCK_M) * cdiv(NOUT, BLOCK_N),), grouped along M for L2 reuse of W.
-    UPCAST (bf16 under the interpreter only, whose bf16 dot is wrong) runs the base dot in fp32.
-    W_ORDER is W's fastest-varying dimension first: (0, 1) for weight^T (forward), (1, 0) for dx.
-    """
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(NOUT, BLOCK_N)
-    per_group = GROUP_M * num_n
-    group = pid // per_group
-    first_m = group * GROUP_M
-    group_rows = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_rows
-    pid_n = (pid % per_group) // group_rows
-    acc_ty = h_ptr.dtype.element_ty
-    scale = _f64(scale_bits).to(acc_ty)
-
-    row0 = pid_m * BLOCK_M
-    col0 = pid_n * BLOCK_N
-    rows = row0 + tl.arange(0, BLOCK_M)
-    rows64 = rows.to(tl.int64)  # row offsets times a row stride can pass 2^31 (Triton types ints as i32)
-    cols = col0 + tl.arange(0, BLOCK_N)
-    row_ok = rows < M
-    col_ok = cols < NOUT
-
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc_ty)
-    # Block pointers: bounds are checked per block, not with (BLOCK, BLOCK) pointer and mask
-    # tensors, which cost about 100 registers per thread at 128 x 128 x 64.
-    x_blk = tl.make_block_ptr(x_ptr, (M, K), (stride_xm, 1), (row0, 0), (BLOCK_M, BLOCK_K), (1, 0))
-    w_blk = tl.make_block_ptr(w_ptr, (K, NOUT), (stride_wk, stride_wn), (0, col0), (BLOCK_K, BLOCK_N), W_ORDER)
-    for _ in range(0, tl.cdiv(K, BLOCK_K)):
-        a = tl.load(x_blk, boundary_check=(0, 1), padding_option="zero")
-        w = tl.load(w_blk, boundary_check=(0, 1), padding_option="zero")
-        if UPCAST:
-            a = a.to(tl.float32)
-            w = w.to(tl.float32)
-        acc = tl.dot(a, w, acc, input_precision=BASE_PRECISION)
-        x_blk = tl.advance(x_blk, (0, BLOCK_K))
-        w_blk = tl.advance(w_blk, (BLOCK_K, 0))
-
-    if HAS_LORA:
-        # K of the expand is r: walk it in chunks of 16 so the h / E tiles stay small at r = 64
-        # (whole-r tiles spill next to a 128 x 128 accumulator); rows of other samples load as 0.
-        row_sample = rows // T
-        b_first = row0 // T
-        b_last = (tl.minimum(row0 + BLOCK_M, M) - 1) // T
-        for s in tl.static_range(S):
-            off = OFFS[s]
-            if (col0 < off + SLICE_W) & (col0 + BLOCK_N > off):
-                e_cols = cols - off
-                e_ok = col_ok & (e_cols >= 0) & (e_cols < SLICE_W)
-                for b in tl.range(b_first, b_last + 1, num_stages=1):
-                    h_rows = row_ok & (row_sample == b)
-                    # Sample b's part apart, then selected into b's rows: other rows load h = 0, and 0 times a
-                    # NaN / inf in b's factor is NaN, which must not reach another sample (make fuzz found it).
-                    part = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc_ty)
-                    for j0 in tl.range(0, J, J_CHUNK, num_stages=1):
-                        js = j0 + tl.arange(0, J_CHUNK)
-                        j_ok = js < J
-                        h = tl.load(h_ptr + rows64[:, None] * (S * J) + (s * J + js)[None, :],
-                                    mask=h_rows[:, None] & j_ok[None, :], other=0.0).to(acc_ty)
-                        e = tl.load(e_ptr + b * stride_eb + s * stride_es + js[:, None] * stride_ej
-                                    + e_cols[None, :] * stride_en, mask=j_ok[:, None] & e_ok[None, :], other=0.0)
-                        part = tl.dot(h, (e * scale).to(acc_ty), part, input_precision=LORA_PRECISION)
-                    acc += tl.where(h_rows[:, None] & e_ok[None, :], part, 0.0)  # and the slice's columns only
-
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + cols * stride_bias, mask=col_ok, other=0.0).to(acc_ty)[None, :]
-    tl.store(out_ptr + rows64[:, None] * stride_om + cols[None, :], acc.to(out_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & col_ok[None, :])
-
-
-@triton.jit(do_not_specialize=["scale_bits"])
-def _mira_adapter_fwd_kernel(
-    out_ptr, h_ptr, e_ptr,
-    M, T, J, SLICE_W, scale_bits,
-    stride_om, stride_eb, stride_es, stride_ej, stride_en,
-    S: tl.constexpr, OFFS: tl.constexpr, J_CHUNK: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LORA_PRECISION: tl.constexpr,
-):
-    """In place: out[m, OFFS[s] + n] += scale * h[m, s] @ E[b(m), s, :, n], for n < SLICE_W.
-
-    out (M, d_out) in x's dtype (upcast, added, rounded once), h (M, S*r) ct, E as the forward's.
-    Grid: (cdiv(M, BLOCK_M), S * cdiv(SLICE_W, BLOCK_N)); only the slices' columns are touched.
-    """
-    pid_m = tl.program_id(0)
-    pid_1 = tl.program_id(1)
-    n_tiles = tl.cdiv(SLICE_W, BLOCK_N)
-    pid_s = pid_1 // n_tiles
-    pid_n = pid_1 % n_tiles
-    off = _select_offset(pid_s, OFFS, S)
-    ct = h_ptr.dtype.element_ty
-    scale = _f64(scale_bits).to(ct)
-
-    row0 = pid_m * BLOCK_M
-    rows = row0 + tl.arange(0, BLOCK_M)
-    rows64 = rows.to(tl.int64)  # row offsets times a row stride can pass 2^31 (Triton types ints as i32)
-    row_ok = rows < M
-    row_sample = rows // T
-    b_first = row0 // T
-    b_last = (tl.minimum(row0 + BLOCK_M, M) - 1) // T
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < SLICE_W
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ct)
-    for b in tl.range(b_first, b_last + 1, num_stages=1):
-        h_rows = row_ok & (row_sample == b)
-        part = tl.zeros((BLOCK_M, BLOCK_N), dtype=ct)  # sample b's rows only (see _mira_linear_fwd_kernel)
-        for j0 in tl.range(0, J, J_CHUNK, num_stages=1):
-            js = j0 + tl.arange(0, J_CHUNK)
-            j_ok = js < J
-            h = tl.load(h_ptr + rows64[:, None] * (S * J) + (pid_s * J + js)[None, :],
-                        mask=h_rows[:, None] & j_ok[None, :], other=0.0)
-            e = tl.load(e_ptr + b * stride_eb + pid_s * stride_es + js[:, None] * stride_ej
-                        + cols[None, :] * stride_en, mask=j_ok[:, None] & col_ok[None, :], other=0.0)
-            part = tl.dot(h, e, part, input_precision=LORA_PRECISION)
-        acc += tl.where(h_rows[:, None], part, 0.0)
-    o_ptrs = out_ptr + rows64[:, None] * stride_om + (off + cols)[None, :]
-    o_mask = row_ok[:, None] & col_ok[None, :]
-    o = tl.load(o_ptrs, mask=o_mask, other=0.0).to(ct)
-    tl.store(o_ptrs, (o + scale * acc).to(out_ptr.dtype.element_ty), mask=o_mask)
 
 
 @triton.jit(do_not_specialize=["alpha_bits"])
@@ -395,7 +515,7 @@ def _mira_factor_bwd_kernel(
                      mask=t_ok[:, None] & f_ok[None, :], other=0.0).to(ct)
         rt = tl.load(r_ptr + m[:, None] * stride_rm + (pid_s * J + js)[None, :],
                      mask=t_ok[:, None] & j_ok[None, :], other=0.0).to(ct)
-        acc = tl.dot(tl.trans(lt), rt, acc, input_precision=LORA_PRECISION)
+        acc = tl.dot(tl.trans(lt), rt, acc, input_precision=LORA_PRECISION, out_dtype=acc.dtype)
     tl.store(out_ptr + pid_b * stride_ob + pid_s * stride_os + fs[:, None] * stride_of + js[None, :] * stride_oj,
              alpha * acc, mask=f_ok[:, None] & j_ok[None, :])
 
@@ -412,41 +532,56 @@ def _normalize_grad(u, u_norm, g, g_dot_unit):
 def _mira_dw_bwd_kernel(
     dmixed_a_ptr, dmixed_b_ptr, bank_a_ptr, bank_b_ptr, partial_ptr,
     B, N, FA, FB,
-    N_PAD: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_F: tl.constexpr, LORA_PRECISION: tl.constexpr,
+    NC: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_F: tl.constexpr, LORA_PRECISION: tl.constexpr,
 ):
     """First pass of dw[b, n] = <dA_b, bank_a[n]> + <dB_b, bank_b[n]>: one partial per column share.
 
     dmixed (B, FA), (B, FB) ct; banks flattened (N, FA), (N, FB); partial (SPLIT, B, N) ct.
-    Grid: (cdiv(B, BLOCK_B), SPLIT); program (i, j) reduces column chunks j, j+SPLIT, ... in
-    order. The second pass (``_mira_scores_bwd_kernel``) adds the SPLIT partials in order:
-    a deterministic two-pass reduction that reads the banks with the whole device.
+    Grid: (cdiv(B, BLOCK_B), SPLIT, cdiv(N, NC)); program (i, j, c) reduces column chunks j,
+    j+SPLIT, ... in order for slots [c NC, c NC + NC). The second pass (``_mira_scores_bwd_kernel``)
+    adds the SPLIT partials in order: a deterministic two-pass reduction that reads the banks with
+    the whole device.
     """
     pid_b = tl.program_id(0)
     pid_f = tl.program_id(1)
+    pid_c = tl.program_id(2)
     n_split = tl.num_programs(1)
     ct = partial_ptr.dtype.element_ty
     rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
-    slots = tl.arange(0, N_PAD)
+    rows64 = rows.to(tl.int64)
+    slots = pid_c * NC + tl.arange(0, NC)
     slot_ok = slots < N
+    slots64 = slots.to(tl.int64)
 
-    dw = tl.zeros((BLOCK_B, N_PAD), dtype=ct)
+    dw = tl.zeros((BLOCK_B, NC), dtype=ct)
     for f0 in range(pid_f * BLOCK_F, FA, n_split * BLOCK_F):
         fcols = f0 + tl.arange(0, BLOCK_F)
         f_ok = fcols < FA
-        d = tl.load(dmixed_a_ptr + rows[:, None] * FA + fcols[None, :], mask=row_ok[:, None] & f_ok[None, :], other=0.0)
-        bank = tl.load(bank_a_ptr + slots[:, None] * FA + fcols[None, :],
+        d = tl.load(dmixed_a_ptr + rows64[:, None] * FA + fcols[None, :], mask=row_ok[:, None] & f_ok[None, :],
+                    other=0.0)
+        bank = tl.load(bank_a_ptr + slots64[:, None] * FA + fcols[None, :],
                        mask=slot_ok[:, None] & f_ok[None, :], other=0.0).to(ct)
-        dw = tl.dot(d, tl.trans(bank), dw, input_precision=LORA_PRECISION)
+        dw = tl.dot(d, tl.trans(bank), dw, input_precision=LORA_PRECISION, out_dtype=dw.dtype)
     for f0 in range(pid_f * BLOCK_F, FB, n_split * BLOCK_F):
         fcols = f0 + tl.arange(0, BLOCK_F)
         f_ok = fcols < FB
-        d = tl.load(dmixed_b_ptr + rows[:, None] * FB + fcols[None, :], mask=row_ok[:, None] & f_ok[None, :], other=0.0)
-        bank = tl.load(bank_b_ptr + slots[:, None] * FB + fcols[None, :],
+        d = tl.load(dmixed_b_ptr + rows64[:, None] * FB + fcols[None, :], mask=row_ok[:, None] & f_ok[None, :],
+                    other=0.0)
+        bank = tl.load(bank_b_ptr + slots64[:, None] * FB + fcols[None, :],
                        mask=slot_ok[:, None] & f_ok[None, :], other=0.0).to(ct)
-        dw = tl.dot(d, tl.trans(bank), dw, input_precision=LORA_PRECISION)
-    tl.store(partial_ptr + pid_f * B * N + rows[:, None] * N + slots[None, :], dw,
+        dw = tl.dot(d, tl.trans(bank), dw, input_precision=LORA_PRECISION, out_dtype=dw.dtype)
+    tl.store(partial_ptr + (pid_f * B + rows64[:, None]) * N + slots[None, :], dw,
              mask=row_ok[:, None] & slot_ok[None, :])
+
+
+@triton.jit
+def _dw_chunk(partial_ptr, rows64, slots, valid, B, N, n_partials, BLOCK_B: tl.constexpr, NC: tl.constexpr, ct):
+    # dw for one chunk of slots: the partials summed in their fixed order.
+    dw = tl.zeros((BLOCK_B, NC), dtype=ct)
+    for i in range(0, n_partials):
+        dw += tl.load(partial_ptr + (i * B + rows64[:, None]) * N + slots[None, :], mask=valid, other=0.0)
+    return dw
 
 
 @triton.jit(do_not_specialize=["eps_bits"])
@@ -454,13 +589,15 @@ def _mira_scores_bwd_kernel(
     partial_ptr, scores_ptr, weights_ptr, qnorm_ptr, knorm_ptr, q_ptr, k_ptr, dz_ptr, dq_ptr,
     B, N, DK, n_partials, eps_bits,
     stride_qb, stride_qk, stride_kn, stride_kk,
-    SEPARATION: tl.constexpr, NEED_Q: tl.constexpr, N_PAD: tl.constexpr,
+    SEPARATION: tl.constexpr, NEED_Q: tl.constexpr, NC: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, SCORE_PRECISION: tl.constexpr,
 ):
     """dw (sum of the partials, in order), dz = sep'(dw), and a column chunk of dquery.
 
     partial (n_partials, B, N), scores/weights (B, N), norms (B,), (N,) from the forward
     recompute; writes dz (B, N) ct (program column 0 only) and dq (B, DK) in query's dtype.
+    Slots are taken NC at a time (any N): a first pass sums the row terms the separation's
+    backward needs (sum_n dw w), a second forms dz and accumulates dquery's pieces.
     dquery = normalize'(q) (dz @ unit(K)); its projection term (q/|q|).g equals
     sum_n dz[b, n] s[b, n] (s is the cosine), so every d_k chunk is independent.
     Grid: (cdiv(B, BLOCK_B), cdiv(DK, BLOCK_K)).
@@ -469,51 +606,71 @@ def _mira_scores_bwd_kernel(
     pid_k = tl.program_id(1)
     ct = dz_ptr.dtype.element_ty
     eps = _f64(eps_bits).to(ct)
+    floor = tl.full((), NORM_EPS, ct)
     rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
-    slots = tl.arange(0, N_PAD)
-    slot_ok = slots < N
-    valid = row_ok[:, None] & slot_ok[None, :]
-    bn = rows[:, None] * N + slots[None, :]
+    rows64 = rows.to(tl.int64)
+    lanes = tl.arange(0, NC)
 
-    dw = tl.zeros((BLOCK_B, N_PAD), dtype=ct)
-    for i in range(0, n_partials):
-        dw += tl.load(partial_ptr + i * B * N + bn, mask=valid, other=0.0)
-    s = tl.load(scores_ptr + bn, mask=valid, other=0.0)
-    w = tl.load(weights_ptr + bn, mask=valid, other=0.0)
-    if SEPARATION == AFFINE:
-        total = tl.sum(s, axis=1)
-        denom = tl.where(tl.abs(total) >= eps, total, tl.where(total >= 0, eps, -eps))
-        # Inside the clamp the denominator is a constant: no gradient through the sum.
-        through_sum = tl.where(tl.abs(total) >= eps, tl.sum(dw * w, axis=1), 0.0)
-        dz = tl.where(N == 1, dw, (dw - through_sum[:, None]) / denom[:, None])
-    elif SEPARATION == SOFTMAX:
-        dz = w * (dw - tl.sum(dw * w, axis=1)[:, None])
-    elif SEPARATION == RELU:
-        dz = tl.where(s <= 0, 0.0, dw)  # as autograd of torch.relu: a NaN score passes its gradient
-    elif SEPARATION == TANH:
-        dz = dw * (1.0 - w * w)
-    elif SEPARATION == SIGMOID:
-        dz = dw * w * (1.0 - w)
-    else:
-        dz = dw
-    dz = tl.where(valid, dz, 0.0).to(ct)
-    tl.store(dz_ptr + bn, dz, mask=valid & (pid_k == 0))
+    # Row sums accumulate elementwise over the chunks and are reduced once (a reduction inside the
+    # loop trips Triton 3.8's thread-locality pass).
+    s_acc = tl.zeros((BLOCK_B, NC), dtype=ct)
+    dww_acc = tl.zeros((BLOCK_B, NC), dtype=ct)
+    for c0 in range(0, N, NC):
+        slots = c0 + lanes
+        valid = row_ok[:, None] & (slots < N)[None, :]
+        bn = rows64[:, None] * N + slots[None, :]
+        dw = _dw_chunk(partial_ptr, rows64, slots, valid, B, N, n_partials, BLOCK_B, NC, ct)
+        w = tl.load(weights_ptr + bn, mask=valid, other=0.0)
+        s_acc += tl.load(scores_ptr + bn, mask=valid, other=0.0)
+        dww_acc += dw * w
+    total = tl.sum(s_acc, axis=1)
+    dw_w = tl.sum(dww_acc, axis=1)
+
+    cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    col_ok = cols < DK
+    g = tl.zeros((BLOCK_B, BLOCK_K), dtype=ct)
+    dzs_acc = tl.zeros((BLOCK_B, NC), dtype=ct)
+    for c0 in range(0, N, NC):
+        slots = c0 + lanes
+        slot_ok = slots < N
+        valid = row_ok[:, None] & slot_ok[None, :]
+        bn = rows64[:, None] * N + slots[None, :]
+        dw = _dw_chunk(partial_ptr, rows64, slots, valid, B, N, n_partials, BLOCK_B, NC, ct)
+        s = tl.load(scores_ptr + bn, mask=valid, other=0.0)
+        w = tl.load(weights_ptr + bn, mask=valid, other=0.0)
+        if SEPARATION == AFFINE:
+            denom = tl.where(tl.abs(total) >= eps, total, tl.where(total >= 0, eps, -eps))
+            # Inside the clamp the denominator is a constant: no gradient through the sum.
+            through_sum = tl.where(tl.abs(total) >= eps, dw_w, 0.0)
+            dz = tl.where(N == 1, dw, (dw - through_sum[:, None]) / denom[:, None])
+        elif SEPARATION == SOFTMAX:
+            dz = w * (dw - dw_w[:, None])
+        elif SEPARATION == RELU:
+            dz = tl.where(s <= 0, 0.0, dw)  # as autograd of torch.relu: a NaN score passes its gradient
+        elif SEPARATION == TANH:
+            dz = dw * (1.0 - w * w)
+        elif SEPARATION == SIGMOID:
+            dz = dw * w * (1.0 - w)
+        else:
+            dz = dw
+        dz = tl.where(valid, dz, 0.0).to(ct)
+        tl.store(dz_ptr + bn, dz, mask=valid & (pid_k == 0))
+        if NEED_Q:
+            k_norm = tl.load(knorm_ptr + slots, mask=slot_ok, other=1.0)
+            dzs_acc += dz * s
+            kt = tl.load(k_ptr + slots.to(tl.int64)[:, None] * stride_kn + cols[None, :] * stride_kk,
+                         mask=slot_ok[:, None] & col_ok[None, :], other=0.0).to(ct)
+            g = tl.dot(dz / tl.maximum(k_norm, floor)[None, :], kt, g, input_precision=SCORE_PRECISION,
+                       out_dtype=g.dtype)
 
     if NEED_Q:
+        g_dot_unit = tl.sum(dzs_acc, axis=1)
         q_norm = tl.load(qnorm_ptr + rows, mask=row_ok, other=0.0)
-        k_norm = tl.load(knorm_ptr + slots, mask=slot_ok, other=1.0)
-        g_dot_unit = tl.sum(dz * s, axis=1)
-        dz_k = dz / tl.maximum(k_norm, NORM_EPS)[None, :]
-        cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-        col_ok = cols < DK
-        kt = tl.load(k_ptr + slots[:, None] * stride_kn + cols[None, :] * stride_kk,
-                     mask=slot_ok[:, None] & col_ok[None, :], other=0.0).to(ct)
-        g = tl.dot(dz_k, kt, input_precision=SCORE_PRECISION)
-        qt = tl.load(q_ptr + rows[:, None] * stride_qb + cols[None, :] * stride_qk,
+        qt = tl.load(q_ptr + rows64[:, None] * stride_qb + cols[None, :] * stride_qk,
                      mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(ct)
         dq = _normalize_grad(qt, q_norm[:, None], g, g_dot_unit[:, None])
-        tl.store(dq_ptr + rows[:, None] * DK + cols[None, :], dq.to(dq_ptr.dtype.element_ty),
+        tl.store(dq_ptr + rows64[:, None] * DK + cols[None, :], dq.to(dq_ptr.dtype.element_ty),
                  mask=row_ok[:, None] & col_ok[None, :])
 
 
@@ -552,7 +709,7 @@ def _mira_keys_bwd_kernel(
         qt = tl.load(q_ptr + bs[:, None] * stride_qb + cols[None, :] * stride_qk,
                      mask=b_ok[:, None] & col_ok[None, :], other=0.0).to(ct)
         qt = qt / tl.maximum(q_norm, NORM_EPS)[:, None]
-        g = tl.dot(tl.trans(dzt), qt, g, input_precision=SCORE_PRECISION)
+        g = tl.dot(tl.trans(dzt), qt, g, input_precision=SCORE_PRECISION, out_dtype=g.dtype)
     kt = tl.load(k_ptr + slots[:, None] * stride_kn + cols[None, :] * stride_kk,
                  mask=slot_ok[:, None] & col_ok[None, :], other=0.0).to(ct)
     dk = _normalize_grad(kt, k_norm[:, None], g, g_dot_unit[:, None])
@@ -586,6 +743,6 @@ def _mira_bank_bwd_kernel(
             b_ok = bs < B
             wt = tl.load(w_ptr + bs[:, None] * N + slots[None, :], mask=b_ok[:, None] & slot_ok[None, :], other=0.0)
             dt = tl.load(d_ptr + bs[:, None] * F + fcols[None, :], mask=b_ok[:, None] & f_ok[None, :], other=0.0)
-            acc = tl.dot(tl.trans(wt), dt, acc, input_precision=LORA_PRECISION)
+            acc = tl.dot(tl.trans(wt), dt, acc, input_precision=LORA_PRECISION, out_dtype=acc.dtype)
         tl.store(out_ptr + slots[:, None] * F + fcols[None, :], acc.to(out_ptr.dtype.element_ty),
                  mask=slot_ok[:, None] & f_ok[None, :])

@@ -10,6 +10,8 @@ tensor data on the host: the ops can be captured in a CUDA graph.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import struct
 from collections.abc import Sequence
@@ -29,7 +31,9 @@ def float_bits(value: float) -> int:
     return struct.unpack("<q", struct.pack("<d", float(value)))[0]
 
 
+@functools.cache
 def interpreting() -> bool:
+    # Read once: Triton reads TRITON_INTERPRET when the kernels are decorated (at import).
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
@@ -44,11 +48,16 @@ class Launch:
     constexprs: dict
     num_warps: int = 4
     num_stages: int = 2
+    #: Launched with programmatic dependent launch (Hopper): may start while the previous launch
+    #: runs; the kernel waits (gdc_wait) before it reads that launch's results.
+    pdl: bool = False
 
     def run(self) -> None:
         if any(g == 0 for g in self.grid):
             return
-        self.kernel[self.grid](**self.args, **self.constexprs, num_warps=self.num_warps, num_stages=self.num_stages)
+        extra = dict(launch_pdl=True) if self.pdl else {}
+        self.kernel[self.grid](**self.args, **self.constexprs, num_warps=self.num_warps, num_stages=self.num_stages,
+                               **extra)
 
 
 def run_all(launches: Sequence[Launch], device: torch.device) -> None:
@@ -113,50 +122,84 @@ class _Shapes:
 
 
 # ----------------------------------------------------------------------------------------------
-# Memory side: scores + separation + mixing.
+# Retrieval: scores + separation + mixing (launch 1 of the forward).
 # ----------------------------------------------------------------------------------------------
 
 
 @dataclass
 class _Mixed:
-    a: torch.Tensor  # (B, S, r, d_in) ct
-    b: torch.Tensor  # (B, S, d_s, r) ct
+    a: torch.Tensor  # (B, S, r, d_in) in the adapter's operand dtype
+    b: torch.Tensor  # (B, S, d_s, r)
     scores: torch.Tensor | None = None  # (B, N) ct
     weights: torch.Tensor | None = None  # (B, N) ct
     qnorm: torch.Tensor | None = None  # (B,) ct
     knorm: torch.Tensor | None = None  # (N,) ct
 
 
-def _plan_mix(sh: _Shapes, query, keys, bank_a, bank_b, separation, eps, save_stats, lora_precision, device,
-              launches) -> _Mixed:
+def factor_dtype(x_dtype: torch.dtype) -> torch.dtype:
+    """Dtype the mixed factors are stored in (contract section 11): x's for 16-bit x, else the compute dtype."""
+    return x_dtype if x_dtype in (torch.float16, torch.bfloat16) else reference.compute_dtype(x_dtype)
+
+
+_planning_capability: list[tuple[int, int] | None] = [None]
+
+
+@contextlib.contextmanager
+def planning_for(capability: tuple[int, int]):
+    """Plans made inside (on meta tensors) are those a device of ``capability`` would run."""
+    _planning_capability.append(tuple(capability))
+    try:
+        yield
+    finally:
+        _planning_capability.pop()
+
+
+def target_capability(device: torch.device) -> tuple[int, int]:
+    """The GPU generation plans are made for: the device's own; for meta tensors the one set by
+    :func:`planning_for` (Hopper by default: the performance model's target); CPU tensors (the
+    interpreter) plan as Hopper too, without its launch features."""
+    if device.type == "cuda":
+        from . import _capability
+
+        return _capability(device.index if device.index is not None else torch.cuda.current_device())
+    return _planning_capability[-1] or (9, 0)
+
+
+def use_pdl(device: torch.device) -> bool:
+    """Programmatic dependent launch: Hopper and later, compiled kernels only."""
+    if interpreting() or device.type == "cpu":
+        return False
+    return target_capability(device) >= (9, 0)
+
+
+def _plan_retrieve(sh: _Shapes, query, keys, bank_a, bank_b, separation, eps, save_stats, precision, x_dtype,
+                   device, launches, pdl) -> _Mixed:
     ct = sh.ct
-    mixed = _Mixed(
-        a=torch.empty(sh.B, sh.S, sh.r, sh.d_in, dtype=ct, device=device),
-        b=torch.empty(sh.B, sh.S, sh.d_s, sh.r, dtype=ct, device=device),
-    )
+    fdt = factor_dtype(x_dtype)
+    mixed = _Mixed(a=torch.empty(sh.B, sh.S, sh.r, sh.d_in, dtype=fdt, device=device),
+                   b=torch.empty(sh.B, sh.S, sh.d_s, sh.r, dtype=fdt, device=device))
+    stats = torch.empty(0, dtype=ct, device=device)
     if save_stats:
         mixed.scores = torch.empty(sh.B, sh.N, dtype=ct, device=device)
         mixed.weights = torch.empty(sh.B, sh.N, dtype=ct, device=device)
         mixed.qnorm = torch.empty(sh.B, dtype=ct, device=device)
         mixed.knorm = torch.empty(sh.N, dtype=ct, device=device)
-    cfg = configs.memory_config(sh.N, ct, lora_precision)
+    cfg = configs.retrieve_config(sh.N, ct, precision)
     b_tiles = triton_cdiv(sh.B, cfg.block_b)
-    split = configs.split_for(b_tiles, triton_cdiv(max(sh.fa, sh.fb), cfg.block_f))
-    placeholder = mixed.a
+    split = configs.retrieve_split(b_tiles, triton_cdiv(max(sh.fa, sh.fb), cfg.block_f))
+    one_chunk = sh.N <= cfg.slot_chunk
+    scratch = stats if one_chunk else torch.empty(b_tiles * split, cfg.block_b, sh.N, dtype=ct, device=device)
     launches.append(Launch(
-        "mix_fwd", kernels._mira_mix_fwd_kernel, (b_tiles, split),
-        dict(
-            q_ptr=query, k_ptr=keys, bank_a_ptr=bank_a, bank_b_ptr=bank_b, mixed_a_ptr=mixed.a, mixed_b_ptr=mixed.b,
-            scores_ptr=mixed.scores if save_stats else placeholder,
-            weights_ptr=mixed.weights if save_stats else placeholder,
-            qnorm_ptr=mixed.qnorm if save_stats else placeholder,
-            knorm_ptr=mixed.knorm if save_stats else placeholder,
-            B=sh.B, N=sh.N, DK=sh.d_k, FA=sh.fa, FB=sh.fb, eps_bits=float_bits(eps),
-            stride_qb=query.stride(0), stride_qk=query.stride(1), stride_kn=keys.stride(0), stride_kk=keys.stride(1),
-        ),
-        dict(SEPARATION=SEPARATION_CODES[separation], SAVE_STATS=bool(save_stats), N_PAD=cfg.n_pad,
-             BLOCK_B=cfg.block_b, BLOCK_K=cfg.block_k, BLOCK_F=cfg.block_f,
-             SCORE_PRECISION=_score_precision(lora_precision), LORA_PRECISION=_accurate(lora_precision)),
+        "retrieve", kernels._mira_retrieve_kernel, (b_tiles, split),
+        dict(q_ptr=query, k_ptr=keys, bank_a_ptr=bank_a, bank_b_ptr=bank_b, mixed_a_ptr=mixed.a, mixed_b_ptr=mixed.b,
+             scores_ptr=mixed.scores if save_stats else stats, weights_ptr=mixed.weights if save_stats else stats,
+             qnorm_ptr=mixed.qnorm if save_stats else stats, knorm_ptr=mixed.knorm if save_stats else stats,
+             scratch_ptr=scratch, B=sh.B, N=sh.N, DK=sh.d_k, FA=sh.fa, FB=sh.fb, eps_bits=float_bits(eps),
+             stride_qb=query.stride(0), stride_qk=query.stride(1), stride_kn=keys.stride(0),
+             stride_kk=keys.stride(1)),
+        dict(SEPARATION=SEPARATION_CODES[separation], SAVE_STATS=bool(save_stats), NC=cfg.slot_chunk,
+             ONE_CHUNK=one_chunk, BLOCK_B=cfg.block_b, BLOCK_K=cfg.block_k, BLOCK_F=cfg.block_f,
+             SCORE_PRECISION=_accurate(precision), MIX_PRECISION=_accurate(precision), USE_PDL=bool(pdl)),
         num_warps=cfg.num_warps, num_stages=2,
     ))
     return mixed
@@ -167,12 +210,12 @@ def triton_cdiv(a: int, b: int) -> int:
 
 
 # ----------------------------------------------------------------------------------------------
-# Row kernels.
+# The fused projection GEMM (launch 2), the separate shrink for large adapters.
 # ----------------------------------------------------------------------------------------------
 
 
 def _plan_shrink(name, inp, in_offsets, k, f, f_strides, j, sh: _Shapes, lora_precision, launches) -> torch.Tensor:
-    """out (M, len(in_offsets) * j) = per-row in[:, off_s : off_s + k] @ F[b, s]^T (see the kernel)."""
+    """out (M, len(in_offsets) * j) fp32 = per-row in[:, off_s : off_s + k] @ F[b, s]^T (see the kernel)."""
     num_slices = len(in_offsets)
     out = torch.empty(sh.M, num_slices * j, dtype=sh.ct, device=inp.device)
     cfg = configs.row_config(configs.padded(j), sh.ct, lora_precision)
@@ -187,34 +230,90 @@ def _plan_shrink(name, inp, in_offsets, k, f, f_strides, j, sh: _Shapes, lora_pr
     return out
 
 
-def _plan_gemm(name, a, w, w_strides, bias, h, e, e_strides, out, sh: _Shapes, j, offsets, slice_w, scale,
-               has_lora, x_dtype, launches) -> None:
-    """out (M, n_out) = a (M, k) @ W + bias + scale * fused expand of h with E (see the kernel)."""
-    m, k = a.shape
+@dataclass
+class _Factor:
+    """A per-sample factor as the fused GEMM reads it: F[b, s, rr, i] through four strides; ``sliced``:
+    position i covers only the S slices (at the layer's offsets, ``width`` wide) of its axis."""
+
+    tensor: torch.Tensor
+    strides: tuple[int, int, int, int]  # (sample, slice, rank, position)
+    sliced: bool
+    width: int
+
+
+def _mixed_a_factor(mixed: _Mixed, sh: _Shapes) -> _Factor:
+    st = mixed.a.stride()  # (B, S, r, d_in)
+    return _Factor(mixed.a, (st[0], st[1], st[2], st[3]), False, sh.d_in)
+
+
+def _mixed_b_factor(mixed: _Mixed, sh: _Shapes) -> _Factor:
+    st = mixed.b.stride()  # (B, S, d_s, r): position = output column in the slice
+    return _Factor(mixed.b, (st[0], st[1], st[3], st[2]), True, sh.d_s)
+
+
+@functools.cache
+def _column_order(n_tiles: int, block_n: int, offsets: tuple, width: int, e_sliced: bool, adapted_only: bool):
+    """Column tiles in the order a program visits them: tiles no slice touches first (computed
+    before the program waits for the retrieval), then adapted ones; adapted_only drops the first."""
+    def adapted(n):
+        return not e_sliced or any(n * block_n < off + width and n * block_n + block_n > off for off in offsets)
+
+    plain = [n for n in range(n_tiles) if not adapted(n)]
+    lora = [n for n in range(n_tiles) if adapted(n)]
+    return tuple(lora if adapted_only else plain + lora)
+
+
+def _plan_gemm(name, a, w, w_strides, bias, out, sh: _Shapes, offsets, scale, x_dtype, launches, *,
+               f: _Factor | None = None, e: _Factor | None = None, h: torch.Tensor | None = None,
+               store_h: torch.Tensor | None = None, in_place: bool = False, pdl: bool = False) -> None:
+    """out (M, n_out) = a (M, k) @ W + bias + scale * (a F_b^T) E_b, fused (see ``_mira_gemm_kernel``).
+
+    ``f``/``e``: the shrink and expand factors (None: no adapter). ``h``: the shrink computed by a
+    separate launch (large adapters), else it is folded into the main loop. ``store_h``: keep
+    scale * a F_b^T there (M, S*r) fp32. ``in_place``: no base product, out is read and updated.
+    """
+    m = a.shape[0]
+    k = a.shape[1]
     n_out = out.shape[1]
     base_precision, lora_precision = _precisions(x_dtype)
-    cfg = configs.gemm_config(m, n_out, k, x_dtype, base_precision)
-    grid = (triton_cdiv(m, cfg.block_m) * triton_cdiv(n_out, cfg.block_n),)
+    if x_dtype in (torch.float16, torch.bfloat16):
+        lora_precision = "ieee"  # 16-bit operands: the dot's input precision does not apply
+    j = sh.S * sh.r
+    lora = 0 if e is None else (2 if h is not None else 1)
+    cfg = configs.fused_config(m, n_out, k, x_dtype, base_precision, sh.T, j if lora == 1 else 0,
+                               target_capability(a.device))
+    m_tiles, n_tiles = triton_cdiv(m, cfg.block_m), triton_cdiv(n_out, cfg.block_n)
+    order = list(_column_order(n_tiles, cfg.block_n, tuple(offsets), e.width if e else 0, bool(e and e.sliced),
+                               in_place))
+    adapted = set(_column_order(n_tiles, cfg.block_n, tuple(offsets), e.width if e else 0, bool(e and e.sliced),
+                                True)) if e is not None else set()
+    plain = sum(1 for n in order if n not in adapted)
+    groups = configs.column_groups(m_tiles, len(order), cfg.block_n, cfg.j_pad if lora == 1 else 0, plain)
+    tiles = triton_cdiv(len(order), groups)
+    order = tuple(order + [-1] * (tiles * groups - len(order)))
+    placeholder = out
+    fac_f = f if f is not None else _Factor(placeholder, (0, 0, 0, 0), False, 0)
+    fac_e = e if e is not None else _Factor(placeholder, (0, 0, 0, 0), False, 0)
     launches.append(Launch(
-        name, kernels._mira_linear_fwd_kernel, grid,
-        dict(x_ptr=a, w_ptr=w, bias_ptr=bias if bias is not None else out, h_ptr=h, e_ptr=e, out_ptr=out,
-             M=m, NOUT=n_out, K=k, T=sh.T, J=j, SLICE_W=slice_w, scale_bits=float_bits(scale),
-             stride_xm=a.stride(0), stride_wk=w_strides[0], stride_wn=w_strides[1],
-             stride_eb=e_strides[0], stride_es=e_strides[1], stride_ej=e_strides[2], stride_en=e_strides[3],
-             stride_om=out.stride(0), stride_bias=bias.stride(0) if bias is not None else 0),
-        dict(S=len(offsets), OFFS=tuple(offsets), HAS_BIAS=bias is not None, HAS_LORA=bool(has_lora),
-             J_CHUNK=configs.MIN_DOT, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-             GROUP_M=cfg.group_m, BASE_PRECISION=base_precision, LORA_PRECISION=lora_precision,
+        name, kernels._mira_gemm_kernel, (m_tiles * groups,),
+        dict(x_ptr=a, w_ptr=w if w is not None else a, bias_ptr=bias if bias is not None else out,
+             f_ptr=fac_f.tensor, e_ptr=fac_e.tensor, out_ptr=out,
+             h_ptr=h if h is not None else (store_h if store_h is not None else placeholder),
+             M=m, NOUT=n_out, K=k, T=sh.T, J=j, R=sh.r, NB=sh.B, F_WIDTH=fac_f.width, E_WIDTH=fac_e.width,
+             scale_bits=float_bits(scale), stride_xm=a.stride(0), stride_wk=w_strides[0], stride_wn=w_strides[1],
+             stride_bias=bias.stride(0) if bias is not None else 0, stride_om=out.stride(0),
+             stride_fb=fac_f.strides[0], stride_fs=fac_f.strides[1], stride_fr=fac_f.strides[2],
+             stride_fk=fac_f.strides[3], stride_eb=fac_e.strides[0], stride_es=fac_e.strides[1],
+             stride_er=fac_e.strides[2], stride_en=fac_e.strides[3]),
+        dict(S=sh.S, OFFS=tuple(offsets), F_SLICED=fac_f.sliced, E_SLICED=fac_e.sliced, HAS_BASE=w is not None,
+             HAS_BIAS=bias is not None, LORA=lora, IN_PLACE=bool(in_place), STORE_H=store_h is not None,
+             SPB=cfg.samples_per_block, J_PAD=cfg.j_pad, J_CHUNK=configs.MIN_DOT,
+             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUPS=groups, ORDER=order,
+             TILES=tiles, BASE_PRECISION=base_precision, LORA_PRECISION=lora_precision,
              UPCAST=bool(interpreting() and x_dtype == torch.bfloat16),
-             W_ORDER=(0, 1) if w_strides[0] == 1 and w_strides[1] != 1 else (1, 0)),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+             W_ORDER=(0, 1) if w_strides[0] == 1 and w_strides[1] != 1 else (1, 0), USE_PDL=bool(pdl and lora > 0)),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, pdl=bool(pdl and lora > 0),
     ))
-
-
-def _mixed_b_as_expand(mixed: _Mixed) -> tuple[int, int, int, int]:
-    # E[b, s, j, n] = mixed_b[b, s, n, j]
-    st = mixed.b.stride()
-    return st[0], st[1], st[3], st[2]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -227,29 +326,66 @@ def _memory_inputs(query, keys, bank_a, bank_b):
     return query, keys, bank_a.contiguous(), bank_b.contiguous()
 
 
+def _rows(t: torch.Tensor, m: int) -> torch.Tensor:
+    """(B, T, d) as (M, d) rows with unit column stride: a view when the strides allow, else a copy."""
+    if t.stride(-1) == 1:
+        try:
+            return t.view(m, t.shape[-1])
+        except RuntimeError:
+            pass
+    return t.contiguous().view(m, t.shape[-1])
+
+
+def _fused_shrink(sh: _Shapes, n_out: int, k: int, x_dtype: torch.dtype, device: torch.device,
+                  backward: bool = False) -> bool:
+    """Whether the shrink folds into the GEMM's main loop (two launches) or gets its own launch.
+
+    Folded while the row block's stacked adapter columns (samples per block x S*r) fit one small
+    dot, for 16-bit x only: the ahead-of-time sweep found the folded shrink spilling (136-392 bytes)
+    in the fp32/TF32 GEMM on sm_80 and sm_90 and in the 16-bit dx GEMM on sm_80, and spill-free
+    in the 16-bit forward on both and the 16-bit dx GEMM on sm_90. fp32 and fp64 x (and the sm_80
+    backward) keep the separate shrink launch.
+    """
+    if x_dtype not in (torch.float16, torch.bfloat16):
+        return False
+    capability = target_capability(device)
+    if backward and capability < (9, 0):
+        return False
+    cfg = configs.fused_config(sh.M, n_out, k, x_dtype, _precisions(x_dtype)[0], sh.T, sh.S * sh.r, capability)
+    return cfg.samples_per_block * sh.S * sh.r <= configs.MAX_FUSED_J
+
+
 def plan_linear(x, weight, bias, query, keys, bank_a, bank_b, slice_offsets, separation, scale, eps):
-    """Plan of the forward: returns (y (B, T, d_out) in x's dtype, launches)."""
+    """Plan of the forward: returns (y (B, T, d_out) in x's dtype, launches).
+
+    Two launches: the retrieval and the fused GEMM (which waits for it, on Hopper, only where it
+    first reads the mixed factors); a third, the shrink, only for wide adapters. No slots: the GEMM.
+    """
     sh = _Shapes.of(x, keys, bank_a, bank_b)
     d_out = weight.shape[0]
     launches: list[Launch] = []
     y = torch.empty(sh.B, sh.T, d_out, dtype=x.dtype, device=x.device)
     if sh.M == 0:
         return y, launches
-    x2 = x.contiguous().view(sh.M, sh.d_in)
+    x2 = _rows(x, sh.M)
+    w_strides = (weight.stride(1), weight.stride(0))  # W[k, n] = weight[n, k]
+    if sh.N == 0:  # no slots: the adapter is zero, only the base projection runs
+        _plan_gemm("gemm", x2, weight, w_strides, bias, y.view(sh.M, d_out), sh, slice_offsets, scale, x.dtype,
+                   launches)
+        return y, launches
     query, keys, bank_a, bank_b = _memory_inputs(query, keys, bank_a, bank_b)
-    lora_precision = _precisions(x.dtype)[1]
-    has_lora = sh.N > 0
-    if has_lora:
-        mixed = _plan_mix(sh, query, keys, bank_a, bank_b, separation, eps, False, lora_precision, x.device, launches)
-        h = _plan_shrink("shrink_fwd", x2, (0,), sh.d_in, mixed.a,
-                         (mixed.a.stride(0), 0, mixed.a.stride(2), mixed.a.stride(3)), sh.S * sh.r, sh, lora_precision,
+    precision = _precisions(x.dtype)[1]
+    pdl = use_pdl(x.device)
+    mixed = _plan_retrieve(sh, query, keys, bank_a, bank_b, separation, eps, False, precision, x.dtype, x.device,
+                           launches, pdl)
+    h = None
+    if not _fused_shrink(sh, d_out, sh.d_in, x.dtype, x.device):
+        st = mixed.a.stride()
+        h = _plan_shrink("shrink", x2, (0,), sh.d_in, mixed.a, (st[0], 0, st[2], st[3]), sh.S * sh.r, sh, precision,
                          launches)
-        e, e_strides = mixed.b, _mixed_b_as_expand(mixed)
-    else:  # no slots: the adapter is zero, only the base projection runs
-        h = e = x2.new_empty(0, dtype=sh.ct)
-        e_strides = (0, 0, 0, 0)
-    _plan_gemm("linear_fwd", x2, weight, (weight.stride(1), weight.stride(0)), bias, h, e, e_strides,
-               y.view(sh.M, d_out), sh, sh.r, slice_offsets, sh.d_s, scale, has_lora, x.dtype, launches)
+        pdl = False  # the shrink sits between the two
+    _plan_gemm("gemm", x2, weight, w_strides, bias, y.view(sh.M, d_out), sh, slice_offsets, scale, x.dtype,
+               launches, f=_mixed_a_factor(mixed, sh), e=_mixed_b_factor(mixed, sh), h=h, pdl=pdl)
     return y, launches
 
 
@@ -257,35 +393,50 @@ def _flattenable(out: torch.Tensor) -> bool:
     return out.stride(2) == 1 and (out.shape[0] <= 1 or out.stride(0) == out.shape[1] * out.stride(1))
 
 
+def _byte_span(t: torch.Tensor) -> tuple[int, int]:
+    # [first, last + 1) bytes a tensor's elements can occupy (non-negative strides, numel > 0).
+    size = t.element_size()
+    return t.data_ptr(), t.data_ptr() + size * (1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride())))
+
+
+def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the memory of a and b can meet (meta tensors have no addresses: never)."""
+    if a.device.type == "meta" or a.device != b.device or a.numel() == 0 or b.numel() == 0:
+        return False
+    (a0, a1), (b0, b1) = _byte_span(a), _byte_span(b)
+    return a0 < b1 and b0 < a1
+
+
 def plan_adapter_(out, x, query, keys, bank_a, bank_b, slice_offsets, separation, scale, eps):
     """Plan of the in-place adapter add. Returns (target, launches): ``target`` is ``out`` or a
-    contiguous copy that the caller copies back (for outputs whose rows cannot be flattened)."""
+    contiguous copy that the caller copies back (for outputs whose rows cannot be flattened).
+
+    The fused GEMM without its base product: for each adapted column tile it reads out, adds the
+    expand, writes it back; the first tile of a program computes h in its (shrink-only) main loop.
+    When ``out`` is ``x`` (the one alias the contract allows), programs that share a row block
+    would overwrite x before another program's shrink read it: the shrink then runs as its own
+    launch first, so every read of x precedes every write of out.
+    """
     sh = _Shapes.of(x, keys, bank_a, bank_b)
     launches: list[Launch] = []
     if sh.M == 0 or sh.N == 0:
         return out, launches
     target = out if _flattenable(out) else out.contiguous()
-    x2 = x.contiguous().view(sh.M, sh.d_in)
+    x2 = _rows(x, sh.M)
     query, keys, bank_a, bank_b = _memory_inputs(query, keys, bank_a, bank_b)
-    lora_precision = _precisions(x.dtype)[1]
-    mixed = _plan_mix(sh, query, keys, bank_a, bank_b, separation, eps, False, lora_precision, x.device, launches)
-    h = _plan_shrink("shrink_fwd", x2, (0,), sh.d_in, mixed.a,
-                     (mixed.a.stride(0), 0, mixed.a.stride(2), mixed.a.stride(3)), sh.S * sh.r, sh, lora_precision,
-                     launches)
-    cfg = configs.adapter_config(x.dtype, lora_precision)
-    e_strides = _mixed_b_as_expand(mixed)
-    stride_om = target.stride(1)
-    launches.append(Launch(
-        "adapter_fwd", kernels._mira_adapter_fwd_kernel,
-        (triton_cdiv(sh.M, cfg.block_m), sh.S * triton_cdiv(sh.d_s, cfg.block_n)),
-        dict(out_ptr=target, h_ptr=h, e_ptr=mixed.b, M=sh.M, T=sh.T, J=sh.r, SLICE_W=sh.d_s,
-             scale_bits=float_bits(scale), stride_om=stride_om, stride_eb=e_strides[0], stride_es=e_strides[1],
-             stride_ej=e_strides[2], stride_en=e_strides[3]),
-        dict(S=sh.S, OFFS=tuple(slice_offsets), J_CHUNK=configs.MIN_DOT,
-             BLOCK_M=cfg.block_m,
-             BLOCK_N=cfg.block_n, LORA_PRECISION=_accurate(lora_precision)),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    ))
+    precision = _precisions(x.dtype)[1]
+    pdl = use_pdl(x.device)
+    mixed = _plan_retrieve(sh, query, keys, bank_a, bank_b, separation, eps, False, precision, x.dtype, x.device,
+                           launches, pdl)
+    h = None
+    if not _fused_shrink(sh, target.shape[2], sh.d_in, x.dtype, x.device) or _overlaps(target, x):
+        st = mixed.a.stride()
+        h = _plan_shrink("shrink", x2, (0,), sh.d_in, mixed.a, (st[0], 0, st[2], st[3]), sh.S * sh.r, sh, precision,
+                         launches)
+        pdl = False
+    rows = target.as_strided((sh.M, target.shape[2]), (target.stride(1), 1)) if sh.M else target
+    _plan_gemm("gemm", x2, None, (0, 0), None, rows, sh, slice_offsets, scale, x.dtype, launches,
+               f=_mixed_a_factor(mixed, sh), e=_mixed_b_factor(mixed, sh), h=h, in_place=True, pdl=pdl)
     return target, launches
 
 
@@ -293,8 +444,10 @@ def plan_linear_backward(grad_out, x, weight, query, keys, bank_a, bank_b, slice
                          output_mask):
     """Plan of the backward: returns ((dx, dquery, dkeys, dbank_a, dbank_b), launches).
 
-    Recomputes weights, mixed factors and the shrink from the inputs (the forward saves only its
-    inputs). Gradients not asked for are None.
+    Recomputes weights and mixed factors from the inputs (the forward saves only its inputs). dx
+    is the fused GEMM with the roles swapped (x = G, the shrink factor B_b over the slices of
+    d_out, the expand factor A_b), which also keeps dh = scale G_s B_b for dA; h = x A_b^T for dB
+    is one shrink launch. Gradients not asked for are None.
     """
     sh = _Shapes.of(x, keys, bank_a, bank_b)
     need_x, need_q, need_k, need_a, need_b = (bool(m) for m in output_mask)
@@ -312,40 +465,47 @@ def plan_linear_backward(grad_out, x, weight, query, keys, bank_a, bank_b, slice
             dx.zero_()
         return grads, launches
 
-    d_out = weight.shape[0]
-    g2 = grad_out.contiguous().view(sh.M, d_out)
-    x2 = x.contiguous().view(sh.M, sh.d_in)
+    g2 = _rows(grad_out, sh.M)
+    x2 = _rows(x, sh.M)
     query, keys, bank_a, bank_b = _memory_inputs(query, keys, bank_a, bank_b)
-    lora_precision = _precisions(x.dtype)[1]
+    precision = lora_precision = _precisions(x.dtype)[1]
     has_lora = sh.N > 0
     need_dw = has_lora and (need_q or need_k)
     need_da = has_lora and (need_a or need_dw)
     need_db = has_lora and (need_b or need_dw)
     need_dh = has_lora and (need_x or need_da)
+    w_strides = (weight.stride(0), weight.stride(1))  # W[k, n] = weight[k, n]: dx = G weight
 
     mixed = None
     if has_lora:
-        mixed = _plan_mix(sh, query, keys, bank_a, bank_b, separation, eps, need_dw or need_a or need_b,
-                          lora_precision, device, launches)
+        mixed = _plan_retrieve(sh, query, keys, bank_a, bank_b, separation, eps, need_dw or need_a or need_b,
+                               precision, x.dtype, device, launches, False)
     h = dh = None
     if need_db:
-        h = _plan_shrink("shrink_fwd", x2, (0,), sh.d_in, mixed.a,
-                         (mixed.a.stride(0), 0, mixed.a.stride(2), mixed.a.stride(3)), sh.S * sh.r, sh,
-                         lora_precision, launches)
-    if need_dh:
-        # Unscaled dh_s = G_s B_b,s; F[b, s, j, k] = mixed_b[b, s, k, j].
-        st = mixed.b.stride()
-        dh = _plan_shrink("shrink_bwd", g2, tuple(slice_offsets), sh.d_s, mixed.b, (st[0], st[1], st[3], st[2]),
-                          sh.r, sh, lora_precision, launches)
-
+        st = mixed.a.stride()
+        h = _plan_shrink("shrink_h", x2, (0,), sh.d_in, mixed.a, (st[0], 0, st[2], st[3]), sh.S * sh.r, sh,
+                         precision, launches)
+    dh_scaled = False
     if need_x:
         if has_lora:
-            e, e_strides = mixed.a, mixed.a.stride()
+            fused = _fused_shrink(sh, sh.d_in, weight.shape[0], x.dtype, x.device, backward=True)
+            if not fused:  # wide adapters: dh (unscaled) from its own launch, read by the GEMM
+                st = mixed.b.stride()
+                dh = _plan_shrink("shrink_dh", g2, tuple(slice_offsets), sh.d_s, mixed.b, (st[0], st[1], st[3], st[2]),
+                                  sh.r, sh, precision, launches)
+            else:
+                dh = torch.empty(sh.M, sh.S * sh.r, dtype=sh.ct, **dev)
+                dh_scaled = True
+            _plan_gemm("gemm_dx", g2, weight, w_strides, None, dx.view(sh.M, sh.d_in), sh, slice_offsets, scale,
+                       x.dtype, launches, f=_mixed_b_factor(mixed, sh), e=_mixed_a_factor(mixed, sh),
+                       h=None if fused else dh, store_h=dh if fused else None)
         else:
-            dh = e = x2.new_empty(0, dtype=sh.ct)
-            e_strides = (0, 0, 0, 0)
-        _plan_gemm("linear_bwd_dx", g2, weight, (weight.stride(0), weight.stride(1)), None, dh, e, e_strides,
-                   dx.view(sh.M, sh.d_in), sh, sh.r, (0,) * sh.S, sh.d_in, scale, has_lora, x.dtype, launches)
+            _plan_gemm("gemm_dx", g2, weight, w_strides, None, dx.view(sh.M, sh.d_in), sh, slice_offsets, scale,
+                       x.dtype, launches)
+    elif need_dh:
+        st = mixed.b.stride()
+        dh = _plan_shrink("shrink_dh", g2, tuple(slice_offsets), sh.d_s, mixed.b, (st[0], st[1], st[3], st[2]), sh.r,
+                          sh, precision, launches)
 
     dmixed_a = dmixed_b = None
     if need_db:
@@ -369,7 +529,8 @@ def plan_linear_backward(grad_out, x, weight, query, keys, bank_a, bank_b, slice
         launches.append(Launch(
             "factor_bwd_a", kernels._mira_factor_bwd_kernel,
             (sh.B, 1, triton_cdiv(sh.d_in, row_cfg.block_m)),
-            dict(l_ptr=x2, r_ptr=dh, out_ptr=dmixed_a, T=sh.T, FD=sh.d_in, J=sh.S * sh.r, alpha_bits=float_bits(scale),
+            dict(l_ptr=x2, r_ptr=dh, out_ptr=dmixed_a, T=sh.T, FD=sh.d_in, J=sh.S * sh.r,
+                 alpha_bits=float_bits(1.0 if dh_scaled else scale),
                  stride_lm=x2.stride(0), stride_rm=dh.stride(0), stride_ob=dmixed_a.stride(0), stride_os=0,
                  stride_of=1, stride_oj=sh.d_in),
             dict(NUM_SLICES=1, L_OFFS=(0,), J_PAD=configs.padded(sh.S * sh.r),
@@ -384,10 +545,11 @@ def plan_linear_backward(grad_out, x, weight, query, keys, bank_a, bank_b, slice
         split = configs.split_for(b_tiles, triton_cdiv(max(sh.fa, sh.fb), mem.block_f))
         partial = torch.empty(split, sh.B, sh.N, dtype=sh.ct, **dev)
         launches.append(Launch(
-            "dw_bwd", kernels._mira_dw_bwd_kernel, (b_tiles, split),
+            "dw_bwd", kernels._mira_dw_bwd_kernel, (b_tiles, split, triton_cdiv(sh.N, mem.slot_chunk)),
             dict(dmixed_a_ptr=dmixed_a, dmixed_b_ptr=dmixed_b, bank_a_ptr=bank_a, bank_b_ptr=bank_b,
                  partial_ptr=partial, B=sh.B, N=sh.N, FA=sh.fa, FB=sh.fb),
-            dict(N_PAD=mem.n_pad, BLOCK_B=mem.block_b, BLOCK_F=mem.block_f, LORA_PRECISION=_accurate(lora_precision)),
+            dict(NC=mem.slot_chunk, BLOCK_B=mem.block_b, BLOCK_F=mem.block_f,
+                 LORA_PRECISION=_accurate(lora_precision)),
             num_warps=mem.num_warps, num_stages=2,
         ))
         dz = torch.empty(sh.B, sh.N, dtype=sh.ct, **dev)
@@ -400,7 +562,7 @@ def plan_linear_backward(grad_out, x, weight, query, keys, bank_a, bank_b, slice
                  B=sh.B, N=sh.N, DK=sh.d_k, n_partials=split, eps_bits=float_bits(eps),
                  stride_qb=query.stride(0), stride_qk=query.stride(1), stride_kn=keys.stride(0),
                  stride_kk=keys.stride(1)),
-            dict(SEPARATION=SEPARATION_CODES[separation], NEED_Q=need_q, N_PAD=mem.n_pad, BLOCK_B=mem.block_b,
+            dict(SEPARATION=SEPARATION_CODES[separation], NEED_Q=need_q, NC=mem.slot_chunk, BLOCK_B=mem.block_b,
                  BLOCK_K=mem.grad_k, SCORE_PRECISION=score_precision),
             num_warps=mem.num_warps, num_stages=2,
         ))

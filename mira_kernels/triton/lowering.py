@@ -213,12 +213,12 @@ def _intended(launch: launchers.Launch, signature: dict, arch: int) -> str:
     c = launch.constexprs
     if "*fp64" in signature.values():
         return "mma.sync"  # DMMA (m8n8k4 f64) on both targets
-    if launch.name.startswith("linear"):
+    if launch.name.startswith("gemm"):
         tensor_core = signature["x_ptr"] in ("*fp16", "*bf16") or c["BASE_PRECISION"] == "tf32"
         if not tensor_core:
             return "fma"
         return "wgmma" if arch >= 90 else "mma.sync"
-    if c.get("LORA_PRECISION") in ("tf32", "tf32x3"):
+    if c.get("LORA_PRECISION") in ("tf32", "tf32x3") or c.get("MIX_PRECISION") in ("tf32", "tf32x3"):
         return "tensor cores"
     return "fma"  # IEEE fp32 dots, and the keys gradient (ieee by design, O(B N d_k)): FMA units
 
@@ -240,7 +240,8 @@ def compile_launch(launch: launchers.Launch, arch: int, case: str = "") -> Lower
     usage = _resource_usage(compiled.asm["cubin"])
     kinds = tuple(sorted(set(re.findall(r"\b((?:mma\.sync|wgmma\.mma_async\.sync)\.aligned\.[\w.]+)", ptx))))
     intended = _intended(launch, signature, arch)
-    shown = {k: v for k, v in launch.constexprs.items() if k.startswith(("BLOCK", "N_PAD", "J_PAD", "S", "NUM"))}
+    shown = {k: v for k, v in launch.constexprs.items()
+             if k.startswith(("BLOCK", "NC", "J_PAD", "SPB", "GROUPS", "TILES", "LORA", "NUM", "USE_PDL"))}
     result = Lowered(
         kernel=launch.kernel.fn.__name__, arch=arch, case=case,
         constexprs=" ".join(f"{k}={v}" for k, v in shown.items()),
@@ -360,8 +361,11 @@ def lower_cases(cases, archs=(80, 90)) -> list[Lowered]:
     """Compile every distinct launch of ``cases`` for every arch (duplicates compiled once)."""
     results, seen = [], set()
     for case in cases:
-        for launch in plan_case(case):
-            for arch in archs:
+        for arch in archs:
+            # Planned as for a device of that generation (Hopper: programmatic dependent launch).
+            with launchers.planning_for(capability=divmod(arch, 10)):
+                plan = plan_case(case)
+            for launch in plan:
                 lowered = compile_launch(launch, arch, case.label)
                 if id(lowered) not in seen:  # compile_launch returns the cached object for a repeat
                     seen.add(id(lowered))

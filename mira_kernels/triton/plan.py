@@ -66,28 +66,34 @@ def _samples_per_tile(T: int, block_m: int, M: int) -> float:
 # ----------------------------------------------------------------------------------------------
 
 
-def _mix_fwd(launch) -> dict:
+def _retrieve(launch) -> dict:
     a, c = launch.args, launch.constexprs
     b_tiles, split = launch.grid
     B, N, DK, FA, FB = a["B"], a["N"], a["DK"], a["FA"], a["FB"]
-    bb, n_pad, bk, bf = c["BLOCK_B"], c["N_PAD"], c["BLOCK_K"], c["BLOCK_F"]
-    ct = a["mixed_a_ptr"].dtype
+    bb, nc, bk, bf = c["BLOCK_B"], c["NC"], c["BLOCK_K"], c["BLOCK_F"]
+    ct = a["scores_ptr"].dtype
+    chunks = _cdiv(N, nc)
     k_steps = _cdiv(DK, bk)
-    score = 2.0 * bb * n_pad * k_steps * bk * b_tiles * split  # every program recomputes its tile's scores
-    mixing = 2.0 * b_tiles * bb * n_pad * (_cdiv(FA, bf) + _cdiv(FB, bf)) * bf
+    programs = b_tiles * split
+    # Every program computes its sample tile's scores (all chunks; the multi-chunk path reads them
+    # back from its scratch for the mixing), then mixes its share of the bank columns.
+    score = 2.0 * bb * chunks * nc * k_steps * bk * programs
+    mixing = 2.0 * b_tiles * bb * chunks * nc * (_cdiv(FA, bf) + _cdiv(FB, bf)) * bf
     qs, ks, bs = _size(a["q_ptr"]), _size(a["k_ptr"]), _size(a["bank_a_ptr"])
+    fs = _size(a["mixed_a_ptr"])
     keys_bytes = N * DK * ks
     bank_bytes = N * (FA + FB) * bs
     stats = (2 * B * N + B + N) * _SIZE[ct] if c["SAVE_STATS"] else 0
-    chunks = _cdiv(_cdiv(FA, bf), split) + _cdiv(_cdiv(FB, bf), split)
+    scratch = 0 if c["ONE_CHUNK"] else 2 * programs * bb * N * _SIZE[ct]
+    share = _cdiv(_cdiv(FA, bf), split) + _cdiv(_cdiv(FB, bf), split)
     return dict(
-        flops=_add(_dot_flops(c["SCORE_PRECISION"], ct, score), _dot_flops(c["LORA_PRECISION"], ct, mixing)),
+        flops=_add(_dot_flops(c["SCORE_PRECISION"], ct, score), _dot_flops(c["MIX_PRECISION"], ct, mixing)),
         bytes_read=B * DK * qs + keys_bytes + bank_bytes,
-        bytes_written=B * (FA + FB) * _SIZE[ct] + stats,
-        l2_bytes=keys_bytes * (b_tiles * split - 1) + bank_bytes * (b_tiles - 1) + B * DK * qs * (split - 1),
-        steps=k_steps + chunks,
+        bytes_written=B * (FA + FB) * fs + stats,
+        l2_bytes=keys_bytes * (programs - 1) + bank_bytes * (b_tiles - 1) + B * DK * qs * (split - 1) + scratch,
+        steps=chunks * _pipelined(k_steps, 2) + share * chunks + (chunks if not c["ONE_CHUNK"] else 0),
         useful_flops=2.0 * B * N * DK + 2.0 * B * N * (FA + FB),
-        note=f"scores recomputed by each of {split} column-share programs per {bb}-sample tile",
+        note=f"{split} column shares per 16-sample tile, each recomputing its tile's scores",
     )
 
 
@@ -112,58 +118,79 @@ def _shrink(launch) -> dict:
     )
 
 
-def _linear_fwd(launch) -> dict:
+def _gemm(launch) -> dict:
     a, c = launch.args, launch.constexprs
-    M, NOUT, K, T, J, SW = a["M"], a["NOUT"], a["K"], a["T"], a["J"], a["SLICE_W"]
+    M, NOUT, K, T, J = a["M"], a["NOUT"], a["K"], a["T"], a["J"]
     bm, bn, bk = c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"]
-    m_tiles, n_tiles = _cdiv(M, bm), _cdiv(NOUT, bn)
-    x, w, out = a["x_ptr"], a["w_ptr"], a["out_ptr"]
+    groups, tiles, order = c["GROUPS"], c["TILES"], c["ORDER"]
+    m_tiles = _cdiv(M, bm)
     k_steps = _cdiv(K, bk)
-    base = 2.0 * m_tiles * bm * n_tiles * bn * k_steps * bk
-    flops = _dot_flops(c["BASE_PRECISION"], x.dtype, base)
-    useful = 2.0 * M * NOUT * K
+    x, out = a["x_ptr"], a["out_ptr"]
+    live = [n for n in order if n >= 0]
+    lora = c["LORA"]
+
+    def adapted(n):
+        if lora == 0:
+            return False
+        if not c["E_SLICED"]:
+            return True
+        return any(n * bn < off + a["E_WIDTH"] and n * bn + bn > off for off in c["OFFS"])
+
+    n_adapted = sum(adapted(n) for n in live)
+    # Programs of a row block: group g visits order[g], order[g + groups], ...; it computes h in the
+    # first adapted tile it meets (LORA = 1) and waits for the retrieval there.
+    sequences = [[n for n in order[g::groups] if n >= 0] for g in range(groups)]
+    shrinking = sum(1 for seq in sequences if any(adapted(n) for n in seq))
+    before_wait = [next(i for i, n in enumerate(seq) if adapted(n)) / len(seq)
+                   for seq in sequences if seq and any(adapted(n) for n in seq)]
+    flops: dict[str, float] = {}
+    useful = 0.0
+    if c["HAS_BASE"]:
+        flops = _dot_flops(c["BASE_PRECISION"], x.dtype, 2.0 * m_tiles * bm * len(live) * bn * k_steps * bk)
+        useful = 2.0 * M * NOUT * K
     lora_bytes = 0.0
-    extra_steps = 0
-    if c["HAS_LORA"]:
-        S, offs = c["S"], c["OFFS"]
-        adapted_tiles = sum(1 for n in range(n_tiles) for off in offs if n * bn < off + SW and n * bn + bn > off)
-        spt = _samples_per_tile(T, bm, M)
-        chunks = _cdiv(J, c["J_CHUNK"])
-        expand = 2.0 * m_tiles * adapted_tiles * bm * bn * chunks * c["J_CHUNK"] * spt
-        flops = _add(flops, _dot_flops(c["LORA_PRECISION"], a["h_ptr"].dtype, expand))
-        useful += 2.0 * M * S * SW * J
+    factor_l2 = 0.0
+    if lora:
+        j_pad = c["J_PAD"]
         B = _cdiv(M, T)
-        lora_bytes = M * S * J * _size(a["h_ptr"]) + B * S * J * SW * _size(a["e_ptr"])
-        extra_steps = chunks * math.ceil(spt) * S
-    in_bytes = M * K * _size(x) + K * NOUT * _size(w)
-    bias = NOUT * _size(out) if c["HAS_BIAS"] else 0
+        op = a["f_ptr"].dtype
+        if lora == 1:
+            shrink = 2.0 * m_tiles * shrinking * bm * j_pad * k_steps * bk
+            expand = 2.0 * m_tiles * n_adapted * bm * bn * j_pad
+        else:
+            spt = _samples_per_tile(T, bm, M)
+            shrink = 0.0
+            expand = 2.0 * m_tiles * n_adapted * bm * bn * _cdiv(J, c["J_CHUNK"]) * c["J_CHUNK"] * spt
+            lora_bytes += M * J * _size(a["h_ptr"])
+        flops = _add(flops, _dot_flops(c["LORA_PRECISION"], op, shrink + expand))
+        factor_bytes = B * J * (a["F_WIDTH"] + a["E_WIDTH"]) * _size(a["f_ptr"])
+        lora_bytes += factor_bytes
+        # Each shrinking program reads its samples' F; each adapted tile its samples' E columns.
+        spb = c["SPB"]
+        factor_l2 = m_tiles * spb * J * (shrinking * a["F_WIDTH"] + n_adapted * bn) * _size(a["f_ptr"])
+        useful += 2.0 * M * J * (a["F_WIDTH"] + a["E_WIDTH"])
+    x_bytes = M * K * _size(x) if (c["HAS_BASE"] or lora == 1) else 0
+    w_bytes = K * NOUT * _size(a["w_ptr"]) if c["HAS_BASE"] else 0
+    out_cols = min(len(live) * bn, NOUT) if c["IN_PLACE"] else NOUT
+    out_bytes = M * out_cols * _size(out)
+    bias = NOUT * _size(a["bias_ptr"]) if c["HAS_BIAS"] else 0
+    store_h = M * J * 4 if c["STORE_H"] else 0
+    x_passes = m_tiles * (len(live) if c["HAS_BASE"] else shrinking)
+    steps_per_tile = _pipelined(k_steps, launch.num_stages) if (c["HAS_BASE"] or lora == 1) else 1
     return dict(
         flops=flops,
-        bytes_read=in_bytes + bias + lora_bytes,
-        bytes_written=M * NOUT * _size(out),
-        l2_bytes=M * K * _size(x) * (n_tiles - 1) + K * NOUT * _size(w) * (m_tiles - 1),
-        steps=_pipelined(k_steps, launch.num_stages) + extra_steps,
+        bytes_read=x_bytes + w_bytes + bias + lora_bytes + (out_bytes if c["IN_PLACE"] else 0),
+        bytes_written=out_bytes + store_h,
+        l2_bytes=(x_bytes * max(x_passes / m_tiles - 1, 0)) + w_bytes * (m_tiles - 1) + max(factor_l2 - lora_bytes, 0),
+        steps=tiles * (steps_per_tile + 2),
         useful_flops=useful,
         gemm=(M, NOUT, K),
-    )
-
-
-def _adapter_fwd(launch) -> dict:
-    a, c = launch.args, launch.constexprs
-    m_tiles, cols = launch.grid
-    M, T, J, SW = a["M"], a["T"], a["J"], a["SLICE_W"]
-    S, bm, bn = c["S"], c["BLOCK_M"], c["BLOCK_N"]
-    spt = _samples_per_tile(T, bm, M)
-    chunks = _cdiv(J, c["J_CHUNK"])
-    flops = 2.0 * m_tiles * cols * bm * bn * chunks * c["J_CHUNK"] * spt
-    B = _cdiv(M, T)
-    out = a["out_ptr"]
-    return dict(
-        flops=_dot_flops(c["LORA_PRECISION"], a["h_ptr"].dtype, flops),
-        bytes_read=M * S * J * _size(a["h_ptr"]) + B * S * J * SW * _size(a["e_ptr"]) + M * S * SW * _size(out),
-        bytes_written=M * S * SW * _size(out),
-        steps=chunks * math.ceil(spt) + 2,
-        useful_flops=2.0 * M * S * SW * J,
+        tile=(bm, bn, bk),
+        tiles_per_program=tiles,
+        pdl=launch.pdl,
+        wait_fraction=min(before_wait) if (launch.pdl and before_wait) else 0.0,
+        note=f"{groups} group(s) x {tiles} tile(s) per row block; shrink "
+             + ("folded into the main loop" if lora == 1 else "from its own launch" if lora == 2 else "none"),
     )
 
 
@@ -189,11 +216,11 @@ def _factor_bwd(launch) -> dict:
 
 def _dw_bwd(launch) -> dict:
     a, c = launch.args, launch.constexprs
-    b_tiles, split = launch.grid
+    b_tiles, split, n_chunks = launch.grid
     B, N, FA, FB = a["B"], a["N"], a["FA"], a["FB"]
-    bb, bf, n_pad = c["BLOCK_B"], c["BLOCK_F"], c["N_PAD"]
+    bb, bf, nc = c["BLOCK_B"], c["BLOCK_F"], c["NC"]
     ct = a["partial_ptr"].dtype
-    flops = 2.0 * b_tiles * bb * n_pad * (_cdiv(FA, bf) + _cdiv(FB, bf)) * bf
+    flops = 2.0 * b_tiles * bb * n_chunks * nc * (_cdiv(FA, bf) + _cdiv(FB, bf)) * bf
     bank_bytes = N * (FA + FB) * _size(a["bank_a_ptr"])
     return dict(
         flops=_dot_flops(c["LORA_PRECISION"], ct, flops),
@@ -209,16 +236,16 @@ def _scores_bwd(launch) -> dict:
     a, c = launch.args, launch.constexprs
     b_tiles, k_chunks = launch.grid
     B, N, DK, parts = a["B"], a["N"], a["DK"], a["n_partials"]
-    bb, bk, n_pad = c["BLOCK_B"], c["BLOCK_K"], c["N_PAD"]
+    bb, bk, nc = c["BLOCK_B"], c["BLOCK_K"], c["NC"]
     ct = a["dz_ptr"].dtype
-    flops = 2.0 * b_tiles * bb * n_pad * k_chunks * bk if c["NEED_Q"] else 0.0
+    flops = 2.0 * b_tiles * bb * _cdiv(N, nc) * nc * k_chunks * bk if c["NEED_Q"] else 0.0
     es = _SIZE[ct]
     return dict(
         flops=_dot_flops(c["SCORE_PRECISION"], ct, flops),
         bytes_read=(parts + 2) * B * N * es + (B + N) * es + (B + N) * DK * _size(a["q_ptr"]),
         bytes_written=B * N * es + (B * DK * _size(a["dq_ptr"]) if c["NEED_Q"] else 0),
         l2_bytes=(parts + 2) * B * N * es * (k_chunks - 1),
-        steps=parts + 3,
+        steps=2 * _cdiv(N, nc) * (parts + 1) + 2,
         useful_flops=2.0 * B * N * DK,
     )
 
@@ -262,10 +289,9 @@ def _bank_bwd(launch) -> dict:
 
 
 _COSTS = {
-    "_mira_mix_fwd_kernel": _mix_fwd,
+    "_mira_retrieve_kernel": _retrieve,
     "_mira_shrink_fwd_kernel": _shrink,
-    "_mira_linear_fwd_kernel": _linear_fwd,
-    "_mira_adapter_fwd_kernel": _adapter_fwd,
+    "_mira_gemm_kernel": _gemm,
     "_mira_factor_bwd_kernel": _factor_bwd,
     "_mira_dw_bwd_kernel": _dw_bwd,
     "_mira_scores_bwd_kernel": _scores_bwd,
@@ -278,6 +304,7 @@ def kernel_launch(launch: launchers.Launch) -> KernelLaunch:
     """The model's record of one planned Triton launch."""
     kernel = launch.kernel.fn.__name__
     cost = _COSTS[kernel](launch)
+    cost.setdefault("pdl", launch.pdl)
     return KernelLaunch(name=launch.name, kernel=kernel, grid=tuple(launch.grid), threads=32 * launch.num_warps,
                         **cost)
 
@@ -302,8 +329,14 @@ def describe(op: str, *args, sms: int | None = None) -> OpPlan:
     """:class:`OpPlan` of one Triton op call (arguments as the backend interface; meta tensors).
 
     ``sms`` is accepted for the protocol and ignored: the Triton grids depend on shapes only, so
-    reduction orders (and bits) do not change with the device (``configs.split_for``).
+    reduction orders (and bits) do not change with the device (``configs.split_for``). Meta
+    tensors are planned for a Hopper device (programmatic dependent launch on), the model's target.
     """
+    with launchers.planning_for(capability=(9, 0)):
+        return _describe(op, *args)
+
+
+def _describe(op: str, *args) -> OpPlan:
     if op == "mira_linear":
         _, plan = launchers.plan_linear(*args)
     elif op == "mira_linear_backward":

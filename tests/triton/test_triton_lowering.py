@@ -22,7 +22,7 @@ from tests.triton._subprocess import run
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
 KERNELS = {
-    "_mira_mix_fwd_kernel", "_mira_shrink_fwd_kernel", "_mira_linear_fwd_kernel", "_mira_adapter_fwd_kernel",
+    "_mira_retrieve_kernel", "_mira_gemm_kernel", "_mira_shrink_fwd_kernel",
     "_mira_factor_bwd_kernel", "_mira_dw_bwd_kernel", "_mira_scores_bwd_kernel", "_mira_keys_bwd_kernel",
     "_mira_bank_bwd_kernel",
 }
@@ -41,7 +41,7 @@ def test_every_kernel_compiles_for_both_targets(lowered):
     for arch in (80, 90):
         assert {r["kernel"] for r in lowered if r["arch"] == arch} == KERNELS, f"sm_{arch}"
     # 16-bit, fp32/TF32 and fp32/IEEE GEMMs, each for both targets.
-    gemm = {(r["arch"], r["intended"]) for r in lowered if r["kernel"] == "_mira_linear_fwd_kernel"}
+    gemm = {(r["arch"], r["intended"]) for r in lowered if r["kernel"] == "_mira_gemm_kernel"}
     assert gemm >= {(80, "mma.sync"), (90, "wgmma"), (80, "fma"), (90, "fma")}
 
 
@@ -61,7 +61,7 @@ def test_intended_matrix_instructions(lowered):
                if not r["meets_intent"]]
     assert not missing
     # The 16-bit projection GEMM: f16/bf16 operands on the tensor cores of both targets.
-    kinds = {(r["arch"], k) for r in lowered if r["kernel"] == "_mira_linear_fwd_kernel" for k in r["mma_kinds"]}
+    kinds = {(r["arch"], k) for r in lowered if r["kernel"] == "_mira_gemm_kernel" for k in r["mma_kinds"]}
     assert any(a == 80 and k.startswith("mma.sync") and ".f16.f16" in k for a, k in kinds)
     assert any(a == 80 and k.startswith("mma.sync") and ".bf16.bf16" in k for a, k in kinds)
     assert any(a == 90 and k.startswith("wgmma") and k.endswith(".f16.f16") for a, k in kinds)

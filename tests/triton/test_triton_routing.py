@@ -47,7 +47,7 @@ def test_capability_is_read_from_the_tensors_device(two_gpus):
 def _backward_grids(sms: int):
     from mira_kernels.triton import launchers
 
-    props = SimpleNamespace(multi_processor_count=sms, name="fake")
+    props = SimpleNamespace(multi_processor_count=sms, name="fake", major=9, minor=0)
     with FakeTensorMode(), mock.patch("torch.cuda.get_device_properties", lambda d=None: props):
         dev = dict(device="cuda")
         B, T, d = 64, 197, 768
