@@ -1,0 +1,603 @@
+"""A MODEL (not a measurement) of MIRA on an NVIDIA H200: ViT-B/16 end to end, built from the real launch plans.
+
+``python -m benchmarks.gpu_model`` prices every launch of a ViT-B/16 forward (patch embedding, 12
+blocks of LayerNorm, qkv, attention, proj, residuals, MLP, the head) on an H200, for the plain
+model and for MIRA on the qkv projection of every block (adapters on Q and V, r = 4, N = 30 slots,
+the layer's query and key normalisation included), for B in {1, 8, 64, 256}, in a CUDA graph and
+eagerly. MIRA's launches are not written here: they are the GPU backends' own launch plans
+(``mira_kernels.launch_plan.describe`` on meta tensors), so the model follows the kernels.
+
+Variants: ``plain`` (timm's ViT-B/16), ``triton`` and ``cuda`` (the two GPU backends; a backend
+without a planner yet is reported as such), ``unfused`` (the paper-style eager implementation:
+ATen ops and cuBLAS), and ``vllm-style`` (the peer design: cuBLAS base GEMM, then a shrink and an
+expand that adds into the output slices, as vLLM's multi-LoRA ``lora_shrink`` / ``lora_expand``
+Triton kernels do, fed by MIRA's retrieval).
+
+How a launch is priced (every constant is a :class:`Machine` field with its source):
+
+- a GEMM-like launch (a cuBLAS GEMM, or a plan record with output tiles): programs of whole tiles
+  run in waves over the SMs; a program's time is its FLOPs at the per-SM rate (the measured large
+  bf16 GEMM rate over the SMs) plus a per-tile pipeline fill and epilogue; cuBLAS is given the best
+  of its common tile shapes for the problem (wave quantisation charged to it too);
+- any other launch: the longest of its FLOPs at the unit's rate over the SMs it occupies, its
+  device-memory bytes at the bandwidth those SMs can draw (Little's law), its L2 re-reads at the L2
+  bandwidth, and its per-program latency (dependent steps x memory latency, per wave);
+- launches follow each other with a graph node gap (CUDA graph) or at the host's pace (eager:
+  max of the host's and the device's time); a launch with programmatic dependent launch starts
+  with its producer and overlaps it up to its ``wait_fraction``.
+
+Measurements: ``--measured gpu_check.json`` (``make gpu-check``, schema ``mira-gpu-check/1``)
+prints the measured per-kernel and per-call times beside the model's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from mira_kernels import launch_plan
+from mira_kernels.launch_plan import KernelLaunch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+# ----------------------------------------------------------------------------------------------
+# The machine.
+# ----------------------------------------------------------------------------------------------
+
+KINDS = "read on an H200 lent to this project (2026-10-28 and 11-04; PyTorch on the device, not this repo's code)"
+H200 = "NVIDIA H200 / H100 SXM datasheet figures"
+DOCS = "docs/kernels.md section 2 (public figures collected for this project)"
+
+
+@dataclass(frozen=True)
+class Machine:
+    """An H200 SXM and the host costs of eager PyTorch. Each value names its source in SOURCES."""
+
+    name: str = "NVIDIA H200 SXM (model)"
+    sms: int = 132
+    clock_hz: float = 1.98e9
+    hbm_bw: float = 4.3e12  # bytes/s, device-to-device copy (read + written)
+    bf16_rate: float = 788e12  # FLOP/s, 8192^3 bf16 GEMM through PyTorch, random data
+    bf16_peak: float = 989e12  # dense bf16 tensor cores, datasheet
+    tf32_peak: float = 494e12
+    fp32_peak: float = 67e12  # CUDA cores
+    fp64_peak: float = 67e12  # fp64 tensor cores (DMMA)
+    l2_bw: float = 10e12  # bytes/s, aggregate L2 -> SM
+    sm_inflight: float = 64e3  # bytes one SM keeps in flight to device memory
+    dram_latency: float = 0.30e-6  # s, one dependent device-memory round trip (~600 cycles)
+    l2_latency: float = 0.13e-6  # s, one dependent L2 round trip (~260 cycles)
+    graph_gap: float = 0.6e-6  # s between consecutive kernels of a CUDA graph (empty kernels)
+    attention_rate: float = 0.33  # fraction of bf16 peak flash attention reaches at T = 197, d = 64
+    host_aten_op: float = 5e-6  # s, one eager ATen op from Python
+    host_custom_op: float = 14e-6  # s, the MIRA torch.library op (wrapper, validation, dispatch)
+    host_triton_launch: float = 10e-6  # s, one Triton launch from Python
+    host_alloc: float = 1.5e-6  # s, one caching-allocator allocation
+    host_planning: float = 0.0  # s, the Triton backend's planning (measured at start-up)
+
+    @property
+    def sm_rate_bf16(self) -> float:
+        return self.bf16_rate / self.sms
+
+    @property
+    def efficiency(self) -> float:
+        """Fraction of the datasheet tensor-core peak a well-shaped GEMM reaches (measured / datasheet)."""
+        return self.bf16_rate / self.bf16_peak
+
+    def unit_rate(self, unit: str) -> float:
+        """Realistic whole-device FLOP/s of one unit class (launch_plan.UNITS)."""
+        return {
+            "tc_bf16": self.bf16_rate, "tc_fp16": self.bf16_rate, "tc_tf32": self.tf32_peak * self.efficiency,
+            "tc_fp64": self.fp64_peak * self.efficiency, "fma_fp32": self.fp32_peak * 0.5,
+            "fma_fp64": self.fp64_peak * 0.25,
+        }[unit]
+
+
+SOURCES = {
+    "sms": f"132 multiprocessors, {KINDS}",
+    "clock_hz": f"1980 MHz SM clock under load, {KINDS}",
+    "hbm_bw": f"device-to-device copy 4.3 TB/s counting bytes read and written, {KINDS}",
+    "bf16_rate": f"8192^3 bf16 matmul 769-798 TFLOP/s on random data, {KINDS}",
+    "bf16_peak": f"dense bf16 ~989 TFLOP/s, {H200}",
+    "tf32_peak": f"dense TF32 = half the bf16 rate, {H200}; used at the measured bf16 GEMM efficiency",
+    "fp32_peak": f"~67 TFLOP/s on CUDA cores, {H200}; tl.dot 'ieee' taken at half of it",
+    "fp64_peak": "67 TFLOP/s fp64 tensor cores, NVIDIA H100/H200 datasheet (same SM as H100)",
+    "l2_bw": "~10 TB/s aggregate L2, public H100 memory-hierarchy summaries (fp4-site.pages.dev "
+             "'GPU memory hierarchy'; visualgrok.com 'GPU memory hierarchy'): a lead, not measured here",
+    "sm_inflight": "Little's law: ~64 KB in flight per SM over a ~0.5 us round trip saturates HBM from ~34 "
+                   "SMs; assumption",
+    "dram_latency": "~600 cycles HBM3 round trip at 1.98 GHz, public H100 summaries (fp4-site.pages.dev): lead",
+    "l2_latency": "~200-260 cycles L2 hit, public microbenchmarks (chipsandcheese 'H100: funny L2'; "
+                  "arXiv 2606.22588 for L40): lead",
+    "graph_gap": f"~0.6 us between empty kernels in a CUDA graph, {DOCS}",
+    "attention_rate": "flash attention at T = 197, head dim 64: ~1/3 of bf16 peak (FlashAttention-2/3 papers "
+                      "report 35-60% at sequence lengths >= 512, falling with length); assumption",
+    "host_aten_op": f"~5 us per eager ATen op from Python, {DOCS}",
+    "host_custom_op": f"~14 us per torch.library custom-op call (measured on this project's CPUs), {DOCS}",
+    "host_triton_launch": f"~9-13 us of host time per Triton launch from Python, {DOCS}",
+    "host_alloc": "~1-2 us per CUDA caching-allocator allocation (PyTorch): assumption",
+    "host_planning": "the Triton backend's planning code, timed at start-up on this machine (CPU tensors)",
+}
+
+# ----------------------------------------------------------------------------------------------
+# Pricing one launch.
+# ----------------------------------------------------------------------------------------------
+
+#: Output tiles cuBLAS is given the choice of for a GEMM (its heuristics pick among such kernels).
+CUBLAS_TILES = ((128, 256, 64), (256, 128, 64), (128, 128, 64), (64, 128, 64), (64, 64, 64))
+
+
+def _gemm_time(m: int, n: int, k: int, tile, tiles_per_program: int, programs: int, extra_flops: float,
+               out_bytes: int, mach: Machine) -> float:
+    """Waves of programs of whole tiles: a tile's MMA time at the per-SM rate, plus a pipeline fill
+    (two L2 round trips) and its epilogue store; extra_flops (an adapter) spread over the programs."""
+    del m, n
+    bm, bn, bk = tile
+    tile_flops = 2.0 * bm * bn * math.ceil(k / bk) * bk
+    # The epilogue's store lands in L2 (write-back): the SM's share of L2 bandwidth.
+    tile_time = tile_flops / mach.sm_rate_bf16 + 2 * mach.l2_latency + bm * bn * out_bytes / (mach.l2_bw / mach.sms)
+    program_time = tiles_per_program * tile_time + extra_flops / max(programs, 1) / mach.sm_rate_bf16
+    waves = math.ceil(programs / mach.sms)
+    return waves * program_time + mach.dram_latency
+
+
+def cublas_time(m: int, n: int, k: int, mach: Machine, out_bytes: int = 2) -> tuple[float, tuple]:
+    best = None
+    for tile in CUBLAS_TILES:
+        programs = math.ceil(m / tile[0]) * math.ceil(n / tile[1])
+        t = _gemm_time(m, n, k, tile, 1, programs, 0.0, out_bytes, mach)
+        if best is None or t < best[0]:
+            best = (t, tile)
+    return best
+
+
+@dataclass
+class Priced:
+    name: str
+    kernel: str
+    us: float
+    bound: str
+    launch: KernelLaunch | None = None
+
+
+def price(k: KernelLaunch, mach: Machine) -> Priced:
+    """Device time of one launch alone on the device (no gaps)."""
+    if k.library == "cublas":
+        m, n, kk = k.gemm
+        t, tile = cublas_time(m, n, kk, mach)
+        mem = k.bytes / mach.hbm_bw
+        return Priced(k.name, k.kernel, max(t, mem) * 1e6, f"tiles {tile[0]}x{tile[1]}", k)
+    if k.library in ("aten", "flash"):
+        compute = sum(f / (mach.unit_rate(u) * (mach.attention_rate / mach.efficiency if k.library == "flash"
+                                                  else 1.0)) for u, f in k.flops.items())
+        memory = k.bytes / mach.hbm_bw
+        latency = max(k.steps, 1) * mach.dram_latency + mach.l2_latency
+        t = max(compute, memory, latency)
+        bound = "compute" if t == compute else "memory" if t == memory else "latency"
+        return Priced(k.name, k.kernel, t * 1e6, bound, k)
+    programs = max(k.programs, 1)
+    active = min(programs, mach.sms)
+    if k.tile is not None and k.gemm is not None:
+        m, n, kk = k.gemm
+        extra = max(k.total_flops - _padded_base(k), 0.0)
+        t = _gemm_time(m, n, kk, k.tile, k.tiles_per_program, programs, extra, 2, mach)
+        t = max(t, k.bytes / mach.hbm_bw)
+        return Priced(k.name, k.kernel, t * 1e6, f"{programs} programs x {k.tiles_per_program} tiles", k)
+    compute = sum(f / mach.unit_rate(u) for u, f in k.flops.items()) * mach.sms / active
+    bandwidth = min(mach.hbm_bw, active * mach.sm_inflight / mach.dram_latency)
+    memory = k.bytes / bandwidth + k.l2_bytes / (mach.l2_bw * active / mach.sms)
+    waves = math.ceil(programs / (2 * mach.sms))
+    latency = waves * k.steps * mach.l2_latency + mach.dram_latency
+    t = max(compute, memory, latency)
+    bound = "compute" if t == compute else "memory" if t == memory else "latency"
+    return Priced(k.name, k.kernel, t * 1e6, bound, k)
+
+
+def _padded_base(k: KernelLaunch) -> float:
+    # The base product of a GEMM-like record, as its tiles execute it (the rest is adapter work).
+    m, n, kk = k.gemm
+    bm, bn, bk = k.tile
+    return 2.0 * math.ceil(m / bm) * bm * math.ceil(n / bn) * bn * math.ceil(kk / bk) * bk
+
+
+def sequence_time(launches: list[KernelLaunch], mach: Machine) -> tuple[float, list[Priced]]:
+    """Device time (s) of launches in stream order inside a CUDA graph: graph gaps between them,
+    except that a launch with programmatic dependent launch starts with its predecessor and
+    overlaps it until its wait point."""
+    priced = [price(k, mach) for k in launches]
+    total = 0.0
+    for i, p in enumerate(priced):
+        t = p.us * 1e-6
+        if i > 0 and p.launch is not None and p.launch.pdl:
+            prev = priced[i - 1].us * 1e-6
+            total -= prev  # replace the producer's time by the overlapped pair
+            total += max(prev, p.launch.wait_fraction * t) + (1 - p.launch.wait_fraction) * t
+            continue
+        total += t + (mach.graph_gap if i > 0 else 0.0)
+    return total, priced
+
+
+# ----------------------------------------------------------------------------------------------
+# ViT-B/16 as launches.
+# ----------------------------------------------------------------------------------------------
+
+T, D, HEADS, MLP, PATCHES, CLASSES = 197, 768, 12, 3072, 196, 1000
+R, SLOTS, OFFSETS = 4, 30, (0, 1536)
+
+
+def _aten(name: str, read: float, write: float, flops: float = 0.0, steps: int = 1, unit: str = "fma_fp32",
+          library: str = "aten") -> KernelLaunch:
+    return KernelLaunch(name=name, kernel=name.split(" ")[0], grid=(), threads=0, flops={unit: flops} if flops else {},
+                        bytes_read=read, bytes_written=write, steps=steps, library=library)
+
+
+def _linear(name: str, m: int, n: int, k: int, xb: int) -> KernelLaunch:
+    unit = "tc_bf16" if xb == 2 else "tc_tf32"
+    return KernelLaunch(name=name, kernel="cublas gemm", grid=(), threads=0, flops={unit: 2.0 * m * n * k},
+                        bytes_read=(m * k + k * n + n) * xb, bytes_written=m * n * xb, library="cublas", gemm=(m, n, k),
+                        useful_flops=2.0 * m * n * k)
+
+
+@dataclass
+class Op:
+    """One PyTorch-level call: its launches and its host time in eager mode."""
+
+    name: str
+    launches: list[KernelLaunch]
+    host: float
+    mira: bool = False
+
+
+def _meta(shape, dtype):
+    return torch.empty(*shape, dtype=dtype, device="meta")
+
+
+def mira_args(op: str, B: int, dtype: torch.dtype):
+    mem = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    x = _meta((B, T, D), dtype)
+    common = (_meta((B, D), mem), _meta((SLOTS, D), mem), _meta((SLOTS, 2, R, D), mem), _meta((SLOTS, 2, D, R), mem),
+              list(OFFSETS), "affine", 1.0, 1e-2)
+    if op == "mira_linear":
+        return (x, _meta((3 * D, D), dtype), _meta((3 * D,), dtype), *common)
+    return (_meta((B, T, 3 * D), dtype), x, _meta((3 * D, D), dtype), *common, [True, True, True, False, False])
+
+
+def plan_records(backend: str, op: str, B: int, dtype: torch.dtype) -> launch_plan.OpPlan | str:
+    """The backend's OpPlan, or why there is none."""
+    try:
+        return launch_plan.describe(backend, op, *mira_args(op, B, dtype), sms=132)
+    except ImportError as exc:
+        return f"no launch planner yet ({exc.name})"
+
+
+def _layer_extras(B: int, xb: int, mach: Machine) -> list[Op]:
+    """What the MIRA layer runs before its op (mira/memory.py): the query's cast to fp32 (16-bit x)
+    and the per-feature normalisation of the keys across the slots (norm, clamp, divide)."""
+    ops = []
+    if xb == 2:
+        ops.append(Op("query cast", [_aten("copy query->fp32", B * D * xb, B * D * 4)], mach.host_aten_op, True))
+    kb = SLOTS * D * 4
+    ops.append(Op("key norm", [_aten("norm keys per feature", kb, D * 4, 2 * SLOTS * D),
+                               _aten("clamp_min", D * 4, D * 4), _aten("div keys", kb + D * 4, kb, SLOTS * D)],
+                  3 * mach.host_aten_op, True))
+    return ops
+
+
+def qkv_ops(variant: str, B: int, dtype: torch.dtype, mach: Machine) -> list[Op] | str:
+    """The qkv projection of one block as the variant runs it."""
+    xb = 2 if dtype in (torch.float16, torch.bfloat16) else 4
+    M = B * T
+    plain = Op("qkv linear", [_linear("qkv", M, 3 * D, D, xb)], mach.host_aten_op)
+    if variant == "plain":
+        return [plain]
+    extras = _layer_extras(B, xb, mach)
+    if variant in ("triton", "cuda"):
+        plan = plan_records(variant, "mira_linear", B, dtype)
+        if isinstance(plan, str):
+            return plan
+        n_triton = len(plan.launches) if variant == "triton" else 0
+        host = (mach.host_custom_op + n_triton * mach.host_triton_launch + plan.allocations * mach.host_alloc
+                + (mach.host_planning if variant == "triton" else 0.0))
+        return extras + [Op(f"mira_linear[{variant}]", list(plan.launches), host, True)]
+    retrieval = plan_records("triton", "mira_linear", B, dtype)
+    if variant == "vllm-style":
+        if isinstance(retrieval, str):
+            return retrieval
+        retrieve = retrieval.launch("retrieve")
+        j = 2 * R
+        shrink = KernelLaunch("lora_shrink", "lora_shrink (vLLM-style)", (math.ceil(M / 64), 2), 128,
+                              {"tc_bf16": 2.0 * M * j * D}, M * D * xb + B * j * D * 2, M * j * 4, steps=6,
+                              useful_flops=2.0 * M * j * D)
+        expand = KernelLaunch("lora_expand", "lora_expand (vLLM-style, add_inputs)", (math.ceil(M / 64), 24), 128,
+                              {"tc_bf16": 2.0 * M * 2 * D * 16}, M * j * 4 + B * j * D * 2 + M * 2 * D * xb,
+                              M * 2 * D * xb, steps=3, useful_flops=2.0 * M * j * D)
+        host = mach.host_aten_op + mach.host_custom_op + 3 * mach.host_triton_launch
+        return extras + [Op("vllm-style", [plain.launches[0], retrieve, shrink, expand], host, True)]
+    if variant == "unfused":
+        return extras + [Op("unfused", unfused_launches(B, xb), 15 * mach.host_aten_op, True)]
+    raise ValueError(variant)
+
+
+def unfused_launches(B: int, xb: int) -> list[KernelLaunch]:
+    """The paper-style eager implementation: every step an ATen op (fp32 retrieval, x's dtype adapter)."""
+    M, N, F = B * T, SLOTS, 2 * R * D
+    f4 = 4
+    ks = [
+        _aten("normalize q (norm)", B * D * f4, B * f4, 2 * B * D), _aten("normalize q (div)", B * D * f4, B * D * f4),
+        _aten("normalize K (norm)", N * D * f4, N * f4, 2 * N * D), _aten("normalize K (div)", N * D * f4, N * D * f4),
+        _linear("scores q K^T", B, N, D, 4),
+        _aten("affine sum", B * N * f4, B * f4), _aten("affine guard", 2 * B * f4, B * f4),
+        _aten("affine divide", B * N * f4, B * N * f4),
+        _linear("mix A", B, F, N, 4), _linear("mix B", B, F, N, 4),
+        _aten("mixed A to x dtype", B * F * f4, B * F * xb), _aten("mixed B to x dtype", B * F * f4, B * F * xb),
+        _linear("qkv", M, 3 * D, D, xb),
+        KernelLaunch("shrink bmm", "cublas bmm", (), 0, {"tc_bf16": 2.0 * M * 2 * R * D}, M * D * xb + B * F * xb,
+                     M * 2 * R * xb, library="aten", steps=4),
+    ]
+    for s in range(2):
+        ks.append(KernelLaunch(f"expand bmm {s}", "cublas bmm", (), 0, {"tc_bf16": 2.0 * M * D * R},
+                               M * R * xb + B * R * D * xb, M * D * xb, library="aten", steps=4))
+        ks.append(_aten(f"y slice {s} += delta", 2 * M * D * xb, M * D * xb, M * D))
+    return ks
+
+
+def block_ops(variant: str, B: int, dtype: torch.dtype, mach: Machine) -> list[Op] | str:
+    xb = 2 if dtype in (torch.float16, torch.bfloat16) else 4
+    M = B * T
+    act = M * D * xb
+    qkv = qkv_ops(variant, B, dtype, mach)
+    if isinstance(qkv, str):
+        return qkv
+    attn_flops = 4.0 * B * HEADS * T * T * (D // HEADS)
+    return [
+        Op("norm1", [_aten("layer_norm", act + 2 * D * xb, act, 8.0 * M * D)], mach.host_aten_op),
+        *qkv,
+        Op("attention", [_aten("flash attention", 3 * act, act, attn_flops, steps=4, unit="tc_bf16",
+                               library="flash")], 3 * mach.host_aten_op),
+        Op("proj", [_linear("proj", M, D, D, xb)], mach.host_aten_op),
+        Op("residual 1", [_aten("add", 2 * act, act, M * D)], mach.host_aten_op),
+        Op("norm2", [_aten("layer_norm", act + 2 * D * xb, act, 8.0 * M * D)], mach.host_aten_op),
+        Op("fc1", [_linear("fc1", M, MLP, D, xb)], mach.host_aten_op),
+        Op("gelu", [_aten("gelu", M * MLP * xb, M * MLP * xb, 8.0 * M * MLP)], mach.host_aten_op),
+        Op("fc2", [_linear("fc2", M, D, MLP, xb)], mach.host_aten_op),
+        Op("residual 2", [_aten("add", 2 * act, act, M * D)], mach.host_aten_op),
+    ]
+
+
+def model_ops(variant: str, B: int, dtype: torch.dtype, mach: Machine) -> list[Op] | str:
+    xb = 2 if dtype in (torch.float16, torch.bfloat16) else 4
+    M = B * T
+    image = B * 3 * 224 * 224 * xb
+    blk = block_ops(variant, B, dtype, mach)
+    if isinstance(blk, str):
+        return blk
+    stem = [
+        Op("patch embed", [_aten("im2col", image, B * PATCHES * D * xb), _linear("patch", B * PATCHES, D, D, xb)],
+           2 * mach.host_aten_op),
+        Op("cls + pos", [_aten("cat", B * PATCHES * D * xb, M * D * xb), _aten("add pos", M * D * xb, M * D * xb)],
+           2 * mach.host_aten_op),
+    ]
+    head = [Op("final norm + head", [_aten("layer_norm", B * D * xb, B * D * xb), _linear("head", B, CLASSES, D, xb)],
+               2 * mach.host_aten_op)]
+    return stem + blk * 12 + head
+
+
+@dataclass
+class Timing:
+    graph: float  # s
+    eager: float  # s
+    device: float
+    host: float
+    launches: int
+    priced: list[Priced] = field(default_factory=list)
+
+
+def time_ops(ops: list[Op], mach: Machine) -> Timing:
+    launches = [k for op in ops for k in op.launches]
+    graph, priced = sequence_time(launches, mach)
+    host = sum(op.host for op in ops)
+    # Eager: the host enqueues ahead of the device; a launch cannot start before the host issued
+    # it, so the slower side sets the pace (PDL overlap kept: it is a launch attribute).
+    eager = max(host, graph)
+    return Timing(graph, eager, graph, host, len(launches), priced)
+
+
+# ----------------------------------------------------------------------------------------------
+# Report.
+# ----------------------------------------------------------------------------------------------
+
+BATCHES = (1, 8, 64, 256)
+VARIANTS = ("plain", "triton", "cuda", "vllm-style", "unfused")
+TARGETS = {1: None, 8: 1.0, 64: 0.4, 256: 0.4}  # % end to end, CUDA graph, bf16 (issue 17)
+
+
+def floor_us(B: int, dtype: torch.dtype, mach: Machine) -> float:
+    """MIRA's floor per forward: the adapter's and the mixing's useful FLOPs at the realistic bf16
+    rate (tensor cores, every block), nothing else (banks read under the GEMM, no extra launch)."""
+    M = B * T
+    per_block = 2.0 * M * 2 * R * (D + D) + 2.0 * B * SLOTS * 2 * R * (D + D) + 2.0 * B * SLOTS * D
+    return 12 * per_block / mach.bf16_rate * 1e6
+
+
+def _pct(a: float, b: float) -> str:
+    return f"{100 * (a / b - 1):+7.2f}%"
+
+
+def report(mach: Machine, dtypes=(torch.bfloat16, torch.float32), batches=BATCHES, measured: dict | None = None,
+           before: dict | None = None) -> str:
+    out = [
+        "MODEL, NOT A MEASUREMENT: ViT-B/16 forward on an " + mach.name + ", priced from the launch plans.",
+        "MIRA on every block's qkv (Q and V adapted, r = 4, N = 30, affine), the layer's query cast and key",
+        "normalisation included. Times in microseconds per forward; overhead = variant / plain - 1.",
+        "",
+        "Assumptions (value: source):",
+    ]
+    for key, source in SOURCES.items():
+        value = getattr(mach, key)
+        out.append(f"  {key} = {value:.4g}: {source}")
+    out.append("")
+    for dtype in dtypes:
+        dn = {torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
+        out.append(f"== End to end, {dn} ==")
+        head = (f"{'B':>4} {'variant':<11} {'launches':>8} {'graph us':>11} {'overhead':>9} {'eager us':>11} "
+                f"{'overhead':>9} {'host us':>9}  bound (eager)")
+        out += [head, "-" * len(head)]
+        for B in batches:
+            plain = time_ops(model_ops("plain", B, dtype, mach), mach)
+            for variant in VARIANTS:
+                ops = model_ops(variant, B, dtype, mach)
+                if isinstance(ops, str):
+                    out.append(f"{B:>4} {variant:<11} {ops}")
+                    continue
+                t = time_ops(ops, mach)
+                bound = "host" if t.host > t.graph else "device"
+                out.append(f"{B:>4} {variant:<11} {t.launches:>8} {t.graph * 1e6:>11.1f} "
+                           f"{'' if variant == 'plain' else _pct(t.graph, plain.graph):>9} {t.eager * 1e6:>11.1f} "
+                           f"{'' if variant == 'plain' else _pct(t.eager, plain.eager):>9} {t.host * 1e6:>9.1f}  "
+                           f"{bound}")
+            fl = floor_us(B, dtype, mach)
+            target = TARGETS.get(B)
+            out.append(f"{B:>4} {'floor':<11} {'':>8} {plain.graph * 1e6 + fl:>11.1f} "
+                       f"{_pct(plain.graph * 1e6 + fl, plain.graph * 1e6):>9}   (useful adapter + mixing FLOPs at "
+                       f"the bf16 rate; target {'beside the floor' if target is None else f'<= {target}%'})")
+            out.append("")
+    out += qkv_tables(mach, batches, before)
+    if measured:
+        out += measured_tables(measured, mach)
+    return "\n".join(out)
+
+
+def qkv_tables(mach: Machine, batches, before: dict | None) -> list[str]:
+    """Per kernel of the qkv op, bf16: plain cuBLAS, the Triton plan now, and (given) before."""
+    out = ["== The qkv op per kernel, bf16, CUDA graph (model) =="]
+    for B in batches:
+        base = price(_linear("qkv", B * T, 3 * D, D, 2), mach)
+        out.append(f"-- B={B}: plain cuBLAS qkv {base.us:.2f} us ({base.bound})")
+        rows = [("now", plan_records("triton", "mira_linear", B, torch.bfloat16))]
+        if before and str(B) in before:
+            rows.insert(0, ("before", [KernelLaunch(**k) for k in before[str(B)]]))
+        for label, plan in rows:
+            if isinstance(plan, str):
+                out.append(f"   {label}: {plan}")
+                continue
+            launches = list(plan.launches) if hasattr(plan, "launches") else plan
+            total, priced = sequence_time(launches, mach)
+            out.append(f"   {label}: {len(launches)} launches, {total * 1e6:.2f} us in a graph "
+                       f"({_pct(total * 1e6, base.us)} over cuBLAS)")
+            out.append(f"     {'launch':<14} {'grid':>14} {'thr':>4} {'GFLOP':>9} {'useful':>8} {'MB':>8} "
+                       f"{'L2 MB':>8} {'steps':>5} {'us':>8}  bound / schedule")
+            for p in priced:
+                k = p.launch
+                out.append(f"     {k.name:<14} {str(k.grid):>14} {k.threads:>4} {k.total_flops / 1e9:>9.4f} "
+                           f"{k.useful_flops / 1e9:>8.4f} {k.bytes / 1e6:>8.3f} {k.l2_bytes / 1e6:>8.3f} "
+                           f"{k.steps:>5} {p.us:>8.2f}  {p.bound}{_pdl_note(k)}")
+    out.append("")
+    return out
+
+
+def _pdl_note(k: KernelLaunch) -> str:
+    return f"  [PDL, waits at {100 * k.wait_fraction:.0f}%]" if k.pdl else ""
+
+
+def measured_tables(doc: dict, mach: Machine) -> list[str]:
+    """Model vs measurement for every measured cell of a gpu_check.json (schema mira-gpu-check/1)."""
+    out = [f"== Model vs measurement ({doc.get('schema')}, started {doc.get('started')}, "
+           f"GPU {((doc.get('environment') or {}).get('gpu') or {}).get('name')}) =="]
+    for phase in ("op", "model"):
+        for m in (doc.get("phases", {}).get(phase, {}) or {}).get("measurements", []) or []:
+            if m.get("mode") != "forward" or not m.get("ok") or m.get("dtype") not in ("bf16", "fp32"):
+                continue
+            dtype = torch.bfloat16 if m["dtype"] == "bf16" else torch.float32
+            B = m["batch"]
+            variant = {"linear": "plain", "stock": "plain", "eager": "unfused"}.get(m["kind"], m.get("backend"))
+            if phase == "op":
+                ops = qkv_ops(variant, B, dtype, mach)
+                ops = ops if isinstance(ops, list) else []
+                ops = [op for op in ops if not op.mira or op.name.startswith(("mira", "vllm", "unfused"))] or ops
+            else:
+                ops = model_ops(variant, B, dtype, mach)
+            if isinstance(ops, str) or not ops:
+                continue
+            t = time_ops(ops, mach)
+            g = (m.get("graph_us") or {}).get("median")
+            e = (m.get("eager_us") or {}).get("median")
+            out.append(f"  {phase:<5} {m['variant']:<16} {m['dtype']} B={B:<4} graph: model {t.graph * 1e6:9.1f} "
+                       f"measured {g if g is not None else float('nan'):9.1f} | eager: model {t.eager * 1e6:9.1f} "
+                       f"measured {e if e is not None else float('nan'):9.1f}")
+            if phase == "op" and m.get("kernels"):
+                priced = {p.kernel: p.us for p in t.priced}
+                for kern in m["kernels"]:
+                    mine = next((us for name, us in priced.items() if name in kern["name"]), None)
+                    out.append(f"      {kern['name'][:48]:<48} measured {kern['us']:8.2f} us x{kern['calls']:g}  "
+                               f"model {'-' if mine is None else f'{mine:8.2f}'}")
+    out.append("")
+    return out
+
+
+def measure_host_planning(repeat: int = 200) -> float:
+    """Seconds of the Triton backend's planning for one ViT-B qkv call, measured here (CPU tensors)."""
+    try:
+        from mira_kernels.triton import launchers
+    except ImportError:
+        return 0.0
+    args = [torch.empty(a.shape, dtype=a.dtype) if isinstance(a, torch.Tensor) else a
+            for a in mira_args("mira_linear", 8, torch.bfloat16)]
+    launchers.plan_linear(*args)
+    start = time.perf_counter()
+    for _ in range(repeat):
+        launchers.plan_linear(*args)
+    return (time.perf_counter() - start) / repeat
+
+
+def dump_plans(batches) -> dict:
+    """The Triton forward plans as JSON (to price an older checkout's kernels with this model)."""
+    out = {}
+    for B in batches:
+        plan = plan_records("triton", "mira_linear", B, torch.bfloat16)
+        out[str(B)] = [] if isinstance(plan, str) else [
+            {k: v for k, v in asdict(k).items() if k in KernelLaunch.__dataclass_fields__} for k in plan.launches]
+    return out
+
+
+def plans_from_tree(tree: str, batches) -> dict:
+    """Run :func:`dump_plans` with another checkout's ``mira_kernels`` (e.g. the commit before the rewrite)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([tree, env_path()]))
+    proc = subprocess.run([sys.executable, __file__, "--dump-plans", *map(str, batches)], env=env,
+                          capture_output=True, text=True, timeout=600, check=True)
+    return json.loads(proc.stdout)
+
+
+def env_path() -> str:
+    return os.environ.get("PYTHONPATH", "")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--measured", help="gpu_check.json from `make gpu-check`: print model vs measurement")
+    parser.add_argument("--before", help="JSON of older Triton plans (--dump-plans run in that checkout)")
+    parser.add_argument("--batches", type=int, nargs="+", default=list(BATCHES))
+    parser.add_argument("--record", action="store_true", help="also write benchmarks/results/gpu_model.txt")
+    parser.add_argument("--dump-plans", type=int, nargs="*", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.dump_plans is not None:
+        print(json.dumps(dump_plans(args.dump_plans or BATCHES)))
+        return
+    mach = replace(Machine(), host_planning=measure_host_planning())
+    measured = json.loads(Path(args.measured).read_text()) if args.measured else None
+    before = json.loads(Path(args.before).read_text()) if args.before else None
+    text = report(mach, batches=tuple(args.batches), measured=measured, before=before)
+    print(text)
+    if args.record:
+        (RESULTS / "gpu_model.txt").write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

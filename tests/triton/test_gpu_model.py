@@ -1,0 +1,88 @@
+"""The GPU performance model (benchmarks/gpu_model.py): labelled, sourced, built from the launch plans.
+
+A smoke test kept cheap for CI (two batch sizes, bf16, meta tensors only; ~1 s here): it checks the
+report is labelled as a model, every assumption names its source, the MIRA variants' launches are
+the backends' planned launches (not hard-coded), the accounting is consistent, and a measured
+gpu-check record is printed beside the model.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+
+gm = pytest.importorskip("benchmarks.gpu_model")
+
+
+@pytest.fixture(scope="module")
+def mach():
+    return gm.Machine()
+
+
+def test_report_is_labelled_and_sourced(mach):
+    text = gm.report(mach, dtypes=(torch.bfloat16,), batches=(1, 8))
+    assert text.startswith("MODEL, NOT A MEASUREMENT")
+    for key in gm.SOURCES:
+        assert f"  {key} = " in text, key
+    # Every Machine field that prices something names where its value comes from.
+    assert set(gm.SOURCES) == {f for f in gm.Machine.__dataclass_fields__ if f != "name"}
+    for B in (1, 8):
+        for variant in gm.VARIANTS:
+            assert f"{B:>4} {variant:<11}" in text, (B, variant)
+        assert f"-- B={B}: plain cuBLAS qkv" in text
+
+
+@pytest.mark.parametrize("B", [1, 64])
+def test_mira_launches_come_from_the_plans(mach, B):
+    from mira_kernels import launch_plan
+
+    plan = launch_plan.describe("triton", "mira_linear", *gm.mira_args("mira_linear", B, torch.bfloat16), sms=132)
+    ops = gm.qkv_ops("triton", B, torch.bfloat16, mach)
+    mira_op = next(op for op in ops if op.name.startswith("mira_linear"))
+    assert [k.name for k in mira_op.launches] == [k.name for k in plan.launches] == ["retrieve", "gemm"]
+    assert all(a == b for a, b in zip(mira_op.launches, plan.launches))
+    # End to end, each of the 12 blocks swaps the plain cuBLAS qkv launch for the op's planned
+    # launches and the layer's extras (query cast, key normalisation).
+    plain = gm.model_ops("plain", B, torch.bfloat16, mach)
+    mira = gm.model_ops("triton", B, torch.bfloat16, mach)
+    per_block = sum(len(op.launches) for op in ops)
+    assert per_block == len(plan.launches) + 4  # + query cast + three key-normalisation ops
+    assert sum(len(op.launches) for op in mira) == sum(len(op.launches) for op in plain) + 12 * (per_block - 1)
+
+
+def test_accounting_is_consistent(mach):
+    for dtype in (torch.bfloat16, torch.float32):
+        for B in (1, 64):
+            plain = gm.time_ops(gm.model_ops("plain", B, dtype, mach), mach)
+            floor = gm.floor_us(B, dtype, mach)
+            assert floor > 0
+            for variant in ("triton", "vllm-style", "unfused"):
+                t = gm.time_ops(gm.model_ops(variant, B, dtype, mach), mach)
+                # Nothing runs faster than the plain model it contains, nor beats the floor.
+                assert t.graph > plain.graph + floor * 1e-6, (variant, dtype, B)
+                assert t.eager >= t.graph and t.eager >= t.host
+    # A launch with programmatic dependent launch overlaps its producer: the pair costs less than
+    # the two in sequence, and no less than either alone.
+    ops = gm.qkv_ops("triton", 8, torch.bfloat16, mach)
+    launches = next(op for op in ops if op.name.startswith("mira_linear")).launches
+    assert launches[-1].pdl
+    total, priced = gm.sequence_time(list(launches), mach)
+    serial = sum(p.us for p in priced) * 1e-6 + mach.graph_gap
+    assert max(p.us for p in priced) * 1e-6 <= total < serial
+
+
+def test_measured_record_printed_beside_the_model(mach):
+    doc = {"schema": "mira-gpu-check/1", "started": "2026-12-01T00:00:00Z",
+           "environment": {"gpu": {"name": "NVIDIA H200"}},
+           "phases": {"op": {"measurements": [
+               {"mode": "forward", "ok": True, "dtype": "bf16", "batch": 8, "kind": "mira", "backend": "triton",
+                "variant": "triton", "graph_us": {"median": 17.5}, "eager_us": {"median": 60.0},
+                "kernels": [{"name": "_mira_gemm_kernel", "us": 15.0, "calls": 1}]}]}}}
+    lines = gm.measured_tables(doc, mach)
+    row = next(line for line in lines if "B=8" in line)
+    assert "measured      17.5" in row and "measured      60.0" in row
+    assert any("_mira_gemm_kernel" in line and "model" in line and "15.00" in line for line in lines)
