@@ -437,6 +437,8 @@ def report(mach: Machine, dtypes=(torch.bfloat16, torch.float32), batches=BATCHE
         "MODEL, NOT A MEASUREMENT: ViT-B/16 forward on an " + mach.name + ", priced from the launch plans.",
         "MIRA on every block's qkv (Q and V adapted, r = 4, N = 30, affine), the layer's query cast and key",
         "normalisation included. Times in microseconds per forward; overhead = variant / plain - 1.",
+        "The key normalisation is charged on every forward: a CUDA graph recomputes it at each replay",
+        "(mira/memory.py caches it only in eager inference), so the eager rows overstate it (3 ATen ops a block).",
         "",
         "Assumptions (value: source):",
     ]

@@ -375,15 +375,15 @@ def plan_linear(x, weight, bias, query, keys, bank_a, bank_b, slice_offsets, sep
         return y, launches
     query, keys, bank_a, bank_b = _memory_inputs(query, keys, bank_a, bank_b)
     precision = _precisions(x.dtype)[1]
-    pdl = use_pdl(x.device)
+    fused = _fused_shrink(sh, d_out, sh.d_in, x.dtype, x.device)
+    pdl = use_pdl(x.device) and fused  # a separate shrink would sit between the two
     mixed = _plan_retrieve(sh, query, keys, bank_a, bank_b, separation, eps, False, precision, x.dtype, x.device,
                            launches, pdl)
     h = None
-    if not _fused_shrink(sh, d_out, sh.d_in, x.dtype, x.device):
+    if not fused:
         st = mixed.a.stride()
         h = _plan_shrink("shrink", x2, (0,), sh.d_in, mixed.a, (st[0], 0, st[2], st[3]), sh.S * sh.r, sh, precision,
                          launches)
-        pdl = False  # the shrink sits between the two
     _plan_gemm("gemm", x2, weight, w_strides, bias, y.view(sh.M, d_out), sh, slice_offsets, scale, x.dtype,
                launches, f=_mixed_a_factor(mixed, sh), e=_mixed_b_factor(mixed, sh), h=h, pdl=pdl)
     return y, launches
@@ -425,15 +425,15 @@ def plan_adapter_(out, x, query, keys, bank_a, bank_b, slice_offsets, separation
     x2 = _rows(x, sh.M)
     query, keys, bank_a, bank_b = _memory_inputs(query, keys, bank_a, bank_b)
     precision = _precisions(x.dtype)[1]
-    pdl = use_pdl(x.device)
+    fused = _fused_shrink(sh, target.shape[2], sh.d_in, x.dtype, x.device) and not _overlaps(target, x)
+    pdl = use_pdl(x.device) and fused
     mixed = _plan_retrieve(sh, query, keys, bank_a, bank_b, separation, eps, False, precision, x.dtype, x.device,
                            launches, pdl)
     h = None
-    if not _fused_shrink(sh, target.shape[2], sh.d_in, x.dtype, x.device) or _overlaps(target, x):
+    if not fused:
         st = mixed.a.stride()
         h = _plan_shrink("shrink", x2, (0,), sh.d_in, mixed.a, (st[0], 0, st[2], st[3]), sh.S * sh.r, sh, precision,
                          launches)
-        pdl = False
     rows = target.as_strided((sh.M, target.shape[2]), (target.stride(1), 1)) if sh.M else target
     _plan_gemm("gemm", x2, None, (0, 0), None, rows, sh, slice_offsets, scale, x.dtype, launches,
                f=_mixed_a_factor(mixed, sh), e=_mixed_b_factor(mixed, sh), h=h, in_place=True, pdl=pdl)

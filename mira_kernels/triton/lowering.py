@@ -344,10 +344,11 @@ def narrow_address_products(ir_text: str, pointers: set[str]) -> list[str]:
 HUGE = dict(batch=4096, T=577, d=1024, d_out=3072, offsets=(0, 2048), d_k=1024)
 
 
-def narrow_addressing(op: str, arch: int = 90) -> list[str]:
+def narrow_addressing(op: str, arch: int = 90, dtype: torch.dtype = torch.bfloat16) -> list[str]:
     """32-bit address products (:func:`narrow_address_products`) in the launches of ``op`` planned
-    at :data:`HUGE`, on every pointer argument whose tensor has 2^31 elements or more."""
-    case = Case(op, torch.bfloat16, HUGE["batch"], 4, 30)
+    at :data:`HUGE`, on every pointer argument whose tensor has 2^31 elements or more (16-bit x:
+    the shrink folded into the GEMM; fp32 x: the separate shrink launch)."""
+    case = Case(op, dtype, HUGE["batch"], 4, 30)
     problems = []
     for launch in plan_case(case, shape=HUGE):
         large = {name for name, value in launch.args.items()

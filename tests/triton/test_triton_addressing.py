@@ -17,10 +17,13 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reas
 
 
 @pytest.mark.parametrize("op", ["linear", "linear_backward", "adapter_"])
-def test_no_32_bit_address_products_at_huge_shapes(op):
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_no_32_bit_address_products_at_huge_shapes(op, dtype):
+    import torch
+
     from mira_kernels.triton import lowering
 
-    assert not lowering.narrow_addressing(op)
+    assert not lowering.narrow_addressing(op, dtype=getattr(torch, dtype))
 
 
 def test_the_check_finds_a_32_bit_row_product():
