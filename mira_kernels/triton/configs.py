@@ -161,9 +161,10 @@ def retrieve_config(n_slots: int, dtype: torch.dtype, precision: str = "tf32") -
     padded(N) slots up to 128 (scores kept in registers), else chunks of 64."""
     chunk = padded(n_slots) if padded(n_slots) <= 128 else 64
     if dtype == torch.float64 or precision == "ieee":
-        # FMA dots hold their operands per thread: 32-wide bank chunks (64 left 8 bytes of stack on
-        # sm_80 and sm_90 in the ahead-of-time sweep).
-        return RetrieveConfig(block_b=16, block_k=16, block_f=32, slot_chunk=chunk, num_warps=4)
+        # FMA dots hold their operands per thread. Ahead-of-time sweep (N = 30, r = 128): 64-wide bank
+        # chunks left 8 bytes of stack on sm_80 and sm_90, 32-wide 16 bytes on sm_90, 16-wide none.
+        return RetrieveConfig(block_b=16, block_k=16, block_f=32 if chunk >= 64 else 16, slot_chunk=chunk,
+                              num_warps=4)
     # Several slot chunks (N > 128) with the backward's statistics need 8 warps (4 spill on sm_90).
     multi_chunk = padded(n_slots) > 128
     return RetrieveConfig(block_b=16, block_k=64, block_f=64, slot_chunk=chunk, num_warps=8 if multi_chunk else 4)
