@@ -20,8 +20,9 @@ Design (forward, two launches, no atomics, grids from shapes only):
    only before its first adapted tile, so the retrieval runs under the GEMM's first tiles.
 
 Wide adapters (a row block's samples x S*r above ``configs.MAX_FUSED_J``: large ranks, or short
-sequences packing many samples per block) get a third launch between the two,
-``_mira_shrink_fwd_kernel``, and the GEMM reads h from it. ViT shapes (T = 197, S*r <= 16) never do.
+sequences packing many samples per block) and fp32 factors (fp16, fp32 and fp64 x: the folded
+shrink spills with fp32 operands) get a third launch between the two, ``_mira_shrink_fwd_kernel``,
+and the GEMM reads h from it. bf16 ViT shapes (T = 197, S*r <= 16) never do.
 
 Backward reuses the GEMM with other roles (dx = G W + scale sum_s dh_s A_b, keeping
 dh = scale G_s B_b) and the shrink (h = x A_b^T for dB), and adds: per-sample reductions over T in
@@ -32,8 +33,9 @@ dquery); ``_mira_keys_bwd_kernel`` (dkeys, a reduction over B in a fixed order) 
 ``_mira_bank_bwd_kernel`` (dbank = w^T dF). No atomics anywhere: bitwise reproducible.
 
 Precision (the rules and their error bounds: docs/contract.md section 11). Base products of 16-bit
-x run on tensor cores with fp32 accumulation; the mixed factors and h are stored in x's dtype and
-the shrink and expand run on 16-bit operands. With fp32 x and
+x run on tensor cores with fp32 accumulation; for bf16 x the mixed factors and h are stored in bf16
+and the shrink and expand run on bf16 operands; for fp16 x they stay fp32 (fp16's range would
+overflow where the reference does not) and the adapter's products are TF32. With fp32 x and
 ``torch.backends.cuda.matmul.allow_tf32`` the GEMM's products are TF32. Scores and mixing use
 "tf32x3" (three TF32 products, about fp32 accuracy) wherever the adapter may use TF32. Otherwise
 (fp32 x by default, fp64) every dot is "ieee". Every ``tl.dot`` names its ``out_dtype`` (the
@@ -246,6 +248,40 @@ def _mix(bank_ptr, out_ptr, F, w_one, scratch, local, rows64, row_ok, lanes, tot
 
 
 @triton.jit
+def _expand(acc, h, e, t_sample, t_slice, row_sample, cols, S: tl.constexpr, OFFS: tl.constexpr, WIDTH,
+            SLICED: tl.constexpr, SAMPLES: tl.constexpr, PRECISION: tl.constexpr):
+    """acc + h e for the stacked expand: h (BLOCK_M, J) holds each row's shrink in its own sample's
+    columns t (``t_sample[t]``, relative to the row block; zero elsewhere), e (J, BLOCK_N) each
+    sample's factor rows, zero outside the slices' columns; ``row_sample``: each row's sample (-1:
+    none).
+
+    One dot is exact only while h and e are finite: their zeros times NaN or inf make NaN where the
+    reference adds nothing (another sample's rows, another slice's columns). So a tile with a
+    non-finite value takes the dot of the finite values, and the entries the reference makes
+    non-finite are set to NaN: a row's slice s columns when its h of slice s is non-finite, a
+    column on a sample's rows when that sample's factor has a non-finite value in it. One
+    accumulator either way (selecting between two spilled on sm_80 and sm_90).
+    """
+    h_ok = h * 0.0 == 0.0
+    e_ok = e * 0.0 == 0.0
+    if tl.sum(tl.where(h_ok, 0, 1)) + tl.sum(tl.where(e_ok, 0, 1)) == 0:
+        return tl.dot(h, e, acc, input_precision=PRECISION, out_dtype=acc.dtype)
+    acc = tl.dot(tl.where(h_ok, h, 0.0).to(h.dtype), tl.where(e_ok, e, 0.0).to(e.dtype), acc,
+                 input_precision=PRECISION, out_dtype=acc.dtype)
+    poison = (row_sample[:, None] < -1) & (cols[None, :] < 0)
+    for s in tl.static_range(S):
+        bad = tl.max(tl.where(h_ok | (t_slice != s)[None, :], 0, 1), axis=1) > 0
+        inside = cols >= 0
+        if SLICED:
+            inside = (cols >= OFFS[s]) & (cols < OFFS[s] + WIDTH)
+        poison = poison | (bad[:, None] & inside[None, :])
+    for p in tl.static_range(SAMPLES):
+        bad = tl.max(tl.where(e_ok | (t_sample != p)[:, None], 0, 1), axis=0) > 0
+        poison = poison | ((row_sample == p)[:, None] & bad[None, :])
+    return tl.where(poison, float("nan"), acc)
+
+
+@triton.jit
 def _pick(index, VALUES: tl.constexpr, COUNT: tl.constexpr):
     # VALUES[index] for a run-time index into a compile-time tuple (no device-side table).
     out = index * 0
@@ -415,8 +451,9 @@ def _mira_gemm_kernel(
             if LORA == 1:
                 e_rows, e_ok, e_off = _factor_rows(e_ptr, b_first, b_last, t, J, R, stride_eb, stride_es, stride_er, S,
                                                    OFFS, E_SLICED, SPB)
-                e = _factor_tile(e_rows, e_ok, e_off, cols, E_WIDTH, stride_en)
-                acc = tl.dot(h, e.to(op_ty), acc, input_precision=LORA_PRECISION, out_dtype=acc.dtype)
+                e = _factor_tile(e_rows, e_ok, e_off, cols, E_WIDTH, stride_en).to(op_ty)
+                acc = _expand(acc, h, e, t // J, (t % J) // R, row_sample - b_first, cols, S, OFFS, E_WIDTH,
+                              E_SLICED, SPB, LORA_PRECISION)
             else:
                 for b in tl.range(b_first, b_last + 1, num_stages=1):
                     h_rows = row_ok & (row_sample == b)
@@ -427,8 +464,8 @@ def _mira_gemm_kernel(
                         e_rows, e_ok, e_off = _factor_rows(e_ptr, b, b, tj, J, R, stride_eb, stride_es, stride_er, S,
                                                            OFFS, E_SLICED, J_CHUNK)
                         ej = _factor_tile(e_rows, e_ok, e_off, cols, E_WIDTH, stride_en)
-                        acc = tl.dot((hj * scale).to(op_ty), ej.to(op_ty), acc, input_precision=LORA_PRECISION,
-                                     out_dtype=acc.dtype)
+                        acc = _expand(acc, (hj * scale).to(op_ty), ej.to(op_ty), tj * 0, tj // R,
+                                      tl.where(h_rows, 0, -1), cols, S, OFFS, E_WIDTH, E_SLICED, 1, LORA_PRECISION)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + cols * stride_bias, mask=col_ok, other=0.0).to(acc_ty)[None, :]
         tl.store(out_ptr + rows64[:, None] * stride_om + cols[None, :], acc.to(out_ptr.dtype.element_ty),

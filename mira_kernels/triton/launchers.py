@@ -70,6 +70,13 @@ def run_all(launches: Sequence[Launch], device: torch.device) -> None:
             launch.run()
 
 
+def interpreter_upcast(a: torch.Tensor, x_dtype: torch.dtype) -> bool:
+    """Whether the fused GEMM runs its bf16 dots in fp32: only under the interpreter (whose bf16
+    ``tl.dot`` is wrong), which runs on CPU tensors. Plans for a GPU or for compiling ahead of time
+    (meta tensors) never take it, whatever the environment says."""
+    return bool(interpreting() and a.device.type == "cpu" and x_dtype == torch.bfloat16)
+
+
 def _precisions(dtype: torch.dtype) -> tuple[str, str]:
     """(base, adapter) ``input_precision`` of the dots for x of ``dtype``; see kernels.py."""
     if dtype == torch.float32:
@@ -136,9 +143,19 @@ class _Mixed:
     knorm: torch.Tensor | None = None  # (N,) ct
 
 
-def factor_dtype(x_dtype: torch.dtype) -> torch.dtype:
-    """Dtype the mixed factors are stored in (contract section 11): x's for 16-bit x, else the compute dtype."""
-    return x_dtype if x_dtype in (torch.float16, torch.bfloat16) else reference.compute_dtype(x_dtype)
+def factor_dtype(x_dtype: torch.dtype, memory_dtypes: Sequence[torch.dtype] | None = None) -> torch.dtype:
+    """Dtype the mixed factors (and h) are stored in (contract section 11).
+
+    bf16 only for bf16 x: it has fp32's range, so no overflow the fp32 reference would not have, and
+    it is no coarser than the bf16 output. Backward plans pass ``memory_dtypes`` (query, keys, banks):
+    a gradient of an fp32 tensor is owed fp32 accuracy (a bf16 factor would cost it 2^-8 relative),
+    so the backward keeps bf16 factors only when every memory tensor is bf16. fp16 x stores fp32:
+    fp16 factors or h overflow at 65504 where the fp32 reference stays finite (a created inf); the
+    adapter's products are then TF32, which holds fp16 x exactly and rounds the factors as fp16 would.
+    """
+    if x_dtype == torch.bfloat16 and all(d == torch.bfloat16 for d in memory_dtypes or ()):
+        return x_dtype
+    return reference.compute_dtype(x_dtype)
 
 
 _planning_capability: list[tuple[int, int] | None] = [None]
@@ -172,10 +189,9 @@ def use_pdl(device: torch.device) -> bool:
     return target_capability(device) >= (9, 0)
 
 
-def _plan_retrieve(sh: _Shapes, query, keys, bank_a, bank_b, separation, eps, save_stats, precision, x_dtype,
+def _plan_retrieve(sh: _Shapes, query, keys, bank_a, bank_b, separation, eps, save_stats, precision, fdt,
                    device, launches, pdl) -> _Mixed:
     ct = sh.ct
-    fdt = factor_dtype(x_dtype)
     mixed = _Mixed(a=torch.empty(sh.B, sh.S, sh.r, sh.d_in, dtype=fdt, device=device),
                    b=torch.empty(sh.B, sh.S, sh.d_s, sh.r, dtype=fdt, device=device))
     stats = torch.empty(0, dtype=ct, device=device)
@@ -276,7 +292,7 @@ def _plan_gemm(name, a, w, w_strides, bias, out, sh: _Shapes, offsets, scale, x_
     k = a.shape[1]
     n_out = out.shape[1]
     base_precision, lora_precision = _precisions(x_dtype)
-    if x_dtype in (torch.float16, torch.bfloat16):
+    if e is not None and e.tensor.dtype in (torch.float16, torch.bfloat16):
         lora_precision = "ieee"  # 16-bit operands: the dot's input precision does not apply
     j = sh.S * sh.r
     lora = 0 if e is None else (2 if h is not None else 1)
@@ -310,7 +326,7 @@ def _plan_gemm(name, a, w, w_strides, bias, out, sh: _Shapes, offsets, scale, x_
              SPB=cfg.samples_per_block, J_PAD=cfg.j_pad, J_CHUNK=configs.MIN_DOT,
              BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUPS=groups, ORDER=order,
              TILES=tiles, BASE_PRECISION=base_precision, LORA_PRECISION=lora_precision,
-             UPCAST=bool(interpreting() and x_dtype == torch.bfloat16),
+             UPCAST=interpreter_upcast(a, x_dtype),
              W_ORDER=(0, 1) if w_strides[0] == 1 and w_strides[1] != 1 else (1, 0), USE_PDL=bool(pdl and lora > 0)),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, pdl=bool(pdl and lora > 0),
     ))
@@ -336,17 +352,18 @@ def _rows(t: torch.Tensor, m: int) -> torch.Tensor:
     return t.contiguous().view(m, t.shape[-1])
 
 
-def _fused_shrink(sh: _Shapes, n_out: int, k: int, x_dtype: torch.dtype, device: torch.device,
+def _fused_shrink(sh: _Shapes, n_out: int, k: int, x_dtype: torch.dtype, fdt: torch.dtype, device: torch.device,
                   backward: bool = False) -> bool:
     """Whether the shrink folds into the GEMM's main loop (two launches) or gets its own launch.
 
     Folded while the row block's stacked adapter columns (samples per block x S*r) fit one small
-    dot, for 16-bit x only: the ahead-of-time sweep found the folded shrink spilling (136-392 bytes)
-    in the fp32/TF32 GEMM on sm_80 and sm_90 and in the 16-bit dx GEMM on sm_80, and spill-free
-    in the 16-bit forward on both and the 16-bit dx GEMM on sm_90. fp32 and fp64 x (and the sm_80
-    backward) keep the separate shrink launch.
+    dot, for 16-bit factors only (``fdt``: bf16 x, see :func:`factor_dtype`): the ahead-of-time sweep
+    found the folded shrink spilling (136-392 bytes) with fp32 operands (the fp32/TF32 GEMM) on sm_80
+    and sm_90 and in the 16-bit dx GEMM on sm_80, and spill-free in the 16-bit forward on both and the
+    16-bit dx GEMM on sm_90. fp32 factors (fp16, fp32, fp64 x) and the sm_80 backward keep the
+    separate shrink launch.
     """
-    if x_dtype not in (torch.float16, torch.bfloat16):
+    if fdt not in (torch.float16, torch.bfloat16):
         return False
     capability = target_capability(device)
     if backward and capability < (9, 0):
@@ -375,9 +392,10 @@ def plan_linear(x, weight, bias, query, keys, bank_a, bank_b, slice_offsets, sep
         return y, launches
     query, keys, bank_a, bank_b = _memory_inputs(query, keys, bank_a, bank_b)
     precision = _precisions(x.dtype)[1]
-    fused = _fused_shrink(sh, d_out, sh.d_in, x.dtype, x.device)
+    fdt = factor_dtype(x.dtype)
+    fused = _fused_shrink(sh, d_out, sh.d_in, x.dtype, fdt, x.device)
     pdl = use_pdl(x.device) and fused  # a separate shrink would sit between the two
-    mixed = _plan_retrieve(sh, query, keys, bank_a, bank_b, separation, eps, False, precision, x.dtype, x.device,
+    mixed = _plan_retrieve(sh, query, keys, bank_a, bank_b, separation, eps, False, precision, fdt, x.device,
                            launches, pdl)
     h = None
     if not fused:
@@ -425,9 +443,10 @@ def plan_adapter_(out, x, query, keys, bank_a, bank_b, slice_offsets, separation
     x2 = _rows(x, sh.M)
     query, keys, bank_a, bank_b = _memory_inputs(query, keys, bank_a, bank_b)
     precision = _precisions(x.dtype)[1]
-    fused = _fused_shrink(sh, target.shape[2], sh.d_in, x.dtype, x.device) and not _overlaps(target, x)
+    fdt = factor_dtype(x.dtype)
+    fused = _fused_shrink(sh, target.shape[2], sh.d_in, x.dtype, fdt, x.device) and not _overlaps(target, x)
     pdl = use_pdl(x.device) and fused
-    mixed = _plan_retrieve(sh, query, keys, bank_a, bank_b, separation, eps, False, precision, x.dtype, x.device,
+    mixed = _plan_retrieve(sh, query, keys, bank_a, bank_b, separation, eps, False, precision, fdt, x.device,
                            launches, pdl)
     h = None
     if not fused:
@@ -477,9 +496,10 @@ def plan_linear_backward(grad_out, x, weight, query, keys, bank_a, bank_b, slice
     w_strides = (weight.stride(0), weight.stride(1))  # W[k, n] = weight[k, n]: dx = G weight
 
     mixed = None
+    fdt = factor_dtype(x.dtype, (query.dtype, keys.dtype, bank_a.dtype, bank_b.dtype))
     if has_lora:
         mixed = _plan_retrieve(sh, query, keys, bank_a, bank_b, separation, eps, need_dw or need_a or need_b,
-                               precision, x.dtype, device, launches, False)
+                               precision, fdt, device, launches, False)
     h = dh = None
     if need_db:
         st = mixed.a.stride()
@@ -488,7 +508,7 @@ def plan_linear_backward(grad_out, x, weight, query, keys, bank_a, bank_b, slice
     dh_scaled = False
     if need_x:
         if has_lora:
-            fused = _fused_shrink(sh, sh.d_in, weight.shape[0], x.dtype, x.device, backward=True)
+            fused = _fused_shrink(sh, sh.d_in, weight.shape[0], x.dtype, fdt, x.device, backward=True)
             if not fused:  # wide adapters: dh (unscaled) from its own launch, read by the GEMM
                 st = mixed.b.stride()
                 dh = _plan_shrink("shrink_dh", g2, tuple(slice_offsets), sh.d_s, mixed.b, (st[0], st[1], st[3], st[2]),

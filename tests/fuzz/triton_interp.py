@@ -25,7 +25,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 import mira_kernels as mk  # noqa: E402
 from tests.fuzz import profiles  # noqa: E402
-from tests.fuzz.cases import faulty_calls, lay_out, op_cases  # noqa: E402
+from tests.fuzz.cases import OpCase, faulty_calls, lay_out, op_cases  # noqa: E402
 from tests.fuzz.oracle import check_adapter, check_linear, check_raise_alike, linear_call  # noqa: E402
 
 profiles.load("ci-triton")
@@ -131,6 +131,114 @@ def test_triton_nan_key_stays_in_the_slices():
                   scale=2.7, eps=0.01, grad_out=torch.tensor([[[0.6032, -1.5447, -0.1095, 1.0134]]]),
                   notes={"regime": "random", "seed": 0, "non_finite": "keys[0] = nan"})
     check_linear(case, "triton")
+
+
+def _fp16_overflow_case(x_value: float, bank_a_value: float) -> OpCase:
+    # fp16 x, fp32 memory, softmax weights (summing to 1): A_b = bank_a_value and h = d_in x_value A_b,
+    # while y = x W^T + h B_b stays far inside fp16's range (B_b = 1e-3).
+    g = torch.Generator().manual_seed(0)
+    B, T, d, N, dk = 1, 3, 8, 2, 4
+    return OpCase(
+        x=torch.full((B, T, d), x_value).half(), weight=(torch.randn(d, d, generator=g) * 0.1).half(), bias=None,
+        query=torch.randn(B, dk, generator=g), keys=torch.randn(N, dk, generator=g),
+        bank_a=torch.full((N, 1, 1, d), bank_a_value), bank_b=torch.full((N, 1, d, 1), 1e-3), slice_offsets=[0],
+        separation="softmax", scale=1.0, eps=0.01, grad_out=torch.randn(B, T, d, generator=g).half(),
+        notes={"regime": "fp16 overflow of an intermediate"})
+
+
+@pytest.mark.parametrize("what, x_value, bank_a_value",
+                         [("mixed factor 1e5", 0.01, 1e5), ("shrink 7.2e4", 300.0, 30.0)])
+def test_triton_fp16_intermediates_do_not_overflow(what, x_value, bank_a_value):
+    # Found by the property suite (an fp16 adapter created inf): fp16 factors or h overflowed at 65504
+    # where the fp32 reference (contract section 4) stays finite. The fp16 rule keeps them in fp32.
+    case = _fp16_overflow_case(x_value, bank_a_value)
+    check_linear(case, "triton")
+    check_adapter(case, "triton", torch.zeros(1, 3, 8, dtype=torch.float16))
+
+
+def test_triton_fp16_x_with_fp32_banks_gives_fp32_accurate_bank_gradients():
+    # Found by the property suite: x fp16, bank_b fp32, affine weights at the guard (w = -100, 100), so
+    # A_b = 90.1; stored in fp16 it lost 2.8e-4 relative, and dbank_b (|2800|) erred by 0.79 where an
+    # fp32 gradient is owed ~1e-4. The backward keeps fp32 factors unless every memory tensor is bf16.
+    h = torch.float16
+    case = OpCase(
+        x=torch.tensor([[[0.7705]]], dtype=h), weight=torch.tensor([[-0.1467]], dtype=h), bias=None,
+        query=torch.tensor([[-2.1797]], dtype=h), keys=torch.tensor([[0.5684], [-1.0850]], dtype=h),
+        bank_a=torch.tensor([-0.6992, 0.2017], dtype=h).view(2, 1, 1, 1),
+        bank_b=torch.tensor([0.4190, -0.3596]).view(2, 1, 1, 1), slice_offsets=[0], separation="affine",
+        scale=1.0, eps=0.01, grad_out=torch.tensor([[[-0.4033]]], dtype=h), notes={"regime": "random"})
+    check_linear(case, "triton")
+
+
+@pytest.mark.parametrize("dtype, T", [(torch.float32, 1), (torch.float32, 5), (torch.bfloat16, 33)])
+def test_triton_non_finite_query_stays_on_its_own_sample(dtype, T):
+    # Found by the property suite (float32, B = 2, T = 1, query[0] = NaN): the GEMM added the samples'
+    # expands of a row block in one dot, where a row's zeros in sample 0's columns times sample 0's NaN
+    # factor made sample 1 NaN too. bf16 at T = 33 takes the folded shrink (several samples in a block).
+    g = torch.Generator().manual_seed(3)
+    B, d, N = 3, 8, 3
+    q = torch.randn(B, d, generator=g)
+    q[0, 1] = float("nan")
+    q[2, 0] = float("inf")
+    case = OpCase(
+        x=torch.randn(B, T, d, generator=g).to(dtype), weight=(torch.randn(2 * d, d, generator=g) / 3).to(dtype),
+        bias=None, query=q, keys=torch.randn(N, d, generator=g),
+        bank_a=torch.randn(N, 2, 2, d, generator=g), bank_b=torch.randn(N, 2, d, 2, generator=g),
+        slice_offsets=[0, d], separation="softmax", scale=0.5, eps=0.01,
+        grad_out=torch.randn(B, T, 2 * d, generator=g).to(dtype), notes={"regime": "random", "seed": 3})
+    with mk.use_backend("triton"):
+        y = mk.mira_linear(*case.linear_args(), **case.kwargs())
+    assert bool(torch.isnan(y[0]).all()) and bool(torch.isnan(y[2]).all()) and bool(torch.isfinite(y[1]).all())
+    check_linear(case, "triton", grads=dtype != torch.bfloat16)
+    check_adapter(case, "triton", torch.zeros(B, T, 2 * d, dtype=dtype))
+
+
+@pytest.mark.parametrize("dtype, T", [(torch.float32, 1), (torch.bfloat16, 33)])
+def test_triton_non_finite_x_leaves_the_columns_outside_the_slices(dtype, T):
+    # Found by the property suite (float32 mira_adapter_, x = NaN, d_out = 2, one slice of width 1):
+    # the expand's NaN h times the zero factor of column 1 (outside the slice, in the same tile) made
+    # out[..., 1] NaN, which the reference never touches. Here the K columns of a qkv-like layout
+    # (slices Q and V) share a tile with Q and V; bf16 at T = 33 takes the folded shrink.
+    g = torch.Generator().manual_seed(5)
+    B, d, N = 3, 8, 3
+    x = torch.randn(B, T, d, generator=g)
+    x[1, 0, 2] = float("nan")
+    x[2, T - 1, 0] = float("inf")
+    case = OpCase(
+        x=x.to(dtype), weight=(torch.randn(3 * d, d, generator=g) / 3).to(dtype), bias=None,
+        query=torch.randn(B, d, generator=g), keys=torch.randn(N, d, generator=g),
+        bank_a=torch.randn(N, 2, 2, d, generator=g), bank_b=torch.randn(N, 2, d, 2, generator=g),
+        slice_offsets=[0, 2 * d], separation="softmax", scale=0.5, eps=0.01,
+        grad_out=torch.randn(B, T, 3 * d, generator=g).to(dtype), notes={"regime": "random", "seed": 5})
+    out = torch.zeros(B, T, 3 * d, dtype=dtype)
+    with torch.no_grad(), mk.use_backend("triton"):
+        mk.mira_adapter_(out, *case.adapter_args(), **case.kwargs())
+    assert torch.equal(out[..., d:2 * d], torch.zeros_like(out[..., d:2 * d]))
+    assert bool(torch.isnan(out[1, 0, :d]).all()) and bool(torch.isfinite(out[0]).all())
+    check_adapter(case, "triton", torch.zeros(B, T, 3 * d, dtype=dtype))
+    check_linear(case, "triton", grads=dtype != torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype, T", [(torch.float32, 1), (torch.bfloat16, 33)])
+def test_triton_non_finite_factor_of_one_slice_leaves_the_other_slice(dtype, T):
+    # Found by the property suite (float32 mira_adapter_, S = 2 slices of width 1, bank_a[0] slice 0 = NaN):
+    # slice 0's NaN h times slice 0's zero factor in slice 1's column made column 1 NaN; the reference's
+    # slice 1 only sees slice 1's (finite) shrink.
+    g = torch.Generator().manual_seed(7)
+    B, d, N = 3, 8, 2
+    bank_a = torch.randn(N, 2, 2, d, generator=g)
+    bank_a[0, 0, 1, 3] = float("nan")
+    case = OpCase(
+        x=torch.randn(B, T, d, generator=g).to(dtype), weight=(torch.randn(3 * d, d, generator=g) / 3).to(dtype),
+        bias=None, query=torch.randn(B, d, generator=g), keys=torch.randn(N, d, generator=g), bank_a=bank_a,
+        bank_b=torch.randn(N, 2, d, 2, generator=g), slice_offsets=[0, 2 * d], separation="softmax", scale=0.5,
+        eps=0.01, grad_out=torch.randn(B, T, 3 * d, generator=g).to(dtype), notes={"regime": "random", "seed": 7})
+    out = torch.zeros(B, T, 3 * d, dtype=dtype)
+    with torch.no_grad(), mk.use_backend("triton"):
+        mk.mira_adapter_(out, *case.adapter_args(), **case.kwargs())
+    assert bool(torch.isnan(out[..., :d]).all()) and bool(torch.isfinite(out[..., d:]).all())
+    check_adapter(case, "triton", torch.zeros(B, T, 3 * d, dtype=dtype))
+    check_linear(case, "triton", grads=False)
 
 
 @given(case=op_cases(**SMALL, huge=False), alias=st.booleans(),

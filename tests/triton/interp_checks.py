@@ -35,10 +35,10 @@ HALF = (torch.float16, torch.bfloat16)
 # Absolute floors (relative to the output's magnitude) under the 2x / 3x PyTorch-error bound.
 FLOOR = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 SMALL = dict(B=3, T=7, d_in=24, d_out=72, N=5, S=2, r=3)
-# The two-launch forward (16-bit x; the shrink folded into the GEMM's main loop) needs a row block's
+# The two-launch forward (bf16 x; the shrink folded into the GEMM's main loop) needs a row block's
 # samples x S*r to fit configs.MAX_FUSED_J: T = 33 puts 3 samples in a 64-row block (3 x 6 = 18
-# columns), as ViT-B/16 (T = 197, S*r = 8) does. SMALL (T = 7: 10 samples per block) and fp32 / fp64
-# x take the three-launch path (a separate shrink).
+# columns), as ViT-B/16 (T = 197, S*r = 8) does. SMALL (T = 7: 10 samples per block) and fp16 / fp32 /
+# fp64 x (fp32 factors, contract section 11) take the three-launch path (a separate shrink).
 FUSED = dict(SMALL, T=33)
 SHAPES = {"fused": FUSED, "small": SMALL}
 
@@ -233,7 +233,7 @@ def test_output_mask(mask):
     check_backward(inp, torch.float32, "softmax", mask=mask)
 
 
-@pytest.mark.parametrize("dtype, contiguous, shape", [(torch.float16, True, "fused"), (torch.float16, False, "fused"),
+@pytest.mark.parametrize("dtype, contiguous, shape", [(torch.bfloat16, True, "fused"), (torch.float16, False, "fused"),
                                                      (torch.float32, True, "fused"), (torch.float32, False, "small")])
 def test_adapter_in_place(dtype, contiguous, shape):
     inp64 = make_inputs(**SHAPES[shape], seed=15)
@@ -258,7 +258,7 @@ def test_adapter_in_place(dtype, contiguous, shape):
     assert torch.equal(out[..., outside], out64.to(dtype)[..., outside]), "columns outside the slices changed"
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_adapter_in_place_on_its_own_input(dtype):
     # out is x (d_out = d_in), the one alias the contract allows: every read of x (the shrink) must
     # precede every write of out. Two programs share each row block here (column groups), so the
@@ -288,16 +288,19 @@ def test_deterministic_bitwise():
 
 @pytest.mark.parametrize("shape", SHAPES)
 def test_launch_plan_shapes_only(shape):
-    # The plan's grids depend on shapes only: the same plan for two inputs of one shape. Small
-    # adapters per row block run in two launches; wide ones add a shrink launch between them.
-    a = _at(make_inputs(**SHAPES[shape], seed=17), torch.float16)
-    b = _at(make_inputs(**SHAPES[shape], seed=18), torch.float16)
-    grids_a = [(la.name, la.grid) for la in launchers.plan_linear(*a.linear_args(), a.slice_offsets, "affine", 1.0,
-                                                                  1e-2)[1]]
-    grids_b = [(la.name, la.grid) for la in launchers.plan_linear(*b.linear_args(), b.slice_offsets, "affine", 1.0,
-                                                                  1e-2)[1]]
-    want = ["retrieve", "gemm"] if shape == "fused" else ["retrieve", "shrink", "gemm"]
-    assert grids_a == grids_b and [n for n, _ in grids_a] == want
+    # The plan's grids depend on shapes only: the same plan for two inputs of one shape. Small bf16
+    # adapters per row block run in two launches; wide ones, and fp16 x (fp32 factors), add a shrink
+    # launch between them.
+    for dtype in (torch.bfloat16, torch.float16):
+        a = _at(make_inputs(**SHAPES[shape], seed=17), dtype)
+        b = _at(make_inputs(**SHAPES[shape], seed=18), dtype)
+        grids_a = [(la.name, la.grid) for la in launchers.plan_linear(*a.linear_args(), a.slice_offsets, "affine",
+                                                                      1.0, 1e-2)[1]]
+        grids_b = [(la.name, la.grid) for la in launchers.plan_linear(*b.linear_args(), b.slice_offsets, "affine",
+                                                                      1.0, 1e-2)[1]]
+        fused = shape == "fused" and dtype == torch.bfloat16
+        want = ["retrieve", "gemm"] if fused else ["retrieve", "shrink", "gemm"]
+        assert grids_a == grids_b and [n for n, _ in grids_a] == want, dtype
 
 
 @pytest.mark.parametrize("separation", ["affine", "softmax"])
@@ -315,18 +318,18 @@ def test_many_slots_run_in_the_kernels(separation):
 
 def test_programs_with_several_column_tiles(monkeypatch):
     # One program per row block (column_groups = 1): it computes the tile no slice touches first,
-    # then h once in the first adapted tile's main loop (16-bit x), reused by the next adapted tiles.
+    # then h once in the first adapted tile's main loop (bf16 x), reused by the next adapted tiles.
     from mira_kernels.triton import configs
 
     monkeypatch.setattr(configs, "column_groups", lambda *args: 1)
     inp = make_inputs(B=2, T=40, d_in=32, d_out=192, N=4, S=2, r=4, d_s=64, offsets=[0, 128], seed=23)
-    _, plan = launchers.plan_linear(*_at(inp, torch.float16).linear_args(), inp.slice_offsets, "affine", 1.0, 1e-2)
+    _, plan = launchers.plan_linear(*_at(inp, torch.bfloat16).linear_args(), inp.slice_offsets, "affine", 1.0, 1e-2)
     gemm = plan[-1]
     assert [la.name for la in plan] == ["retrieve", "gemm"] and gemm.constexprs["LORA"] == 1
     assert gemm.constexprs["GROUPS"] == 1 and gemm.constexprs["TILES"] == 3
     assert gemm.constexprs["ORDER"] == (1, 0, 2)  # the tile of columns 64..127 carries no adapter
-    check_forward(inp, torch.float16, "affine")
-    check_backward(inp, torch.float16, "affine")
+    check_forward(inp, torch.bfloat16, "affine")
+    check_backward(inp, torch.bfloat16, "affine")
     check_forward(inp, torch.float32, "affine")  # the same tiles with h from the shrink launch
 
 

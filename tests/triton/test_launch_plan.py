@@ -76,3 +76,32 @@ def test_records_reject_malformed_input():
         launch_plan.describe("triton", "linear")
     with pytest.raises(ValueError, match="no launch planner"):
         launch_plan.planner("cpu")
+
+
+@pytest.mark.parametrize("op", ["linear", "linear_backward", "adapter_"])
+def test_interpreter_upcast_never_reaches_a_compiled_plan(op, monkeypatch):
+    # The fused GEMM runs bf16 dots in fp32 only under the interpreter (whose bf16 tl.dot is wrong):
+    # plans for a GPU or for compiling ahead of time (meta tensors) keep bf16 operands even when the
+    # process has TRITON_INTERPRET set.
+    from mira_kernels.triton import launchers, lowering
+
+    monkeypatch.setattr(launchers, "interpreting", lambda: True)
+    gemms = [launch for launch in lowering.plan_case(lowering.Case(op, torch.bfloat16, 8, 4, 30))
+             if "UPCAST" in launch.constexprs]
+    assert gemms and not any(launch.constexprs["UPCAST"] for launch in gemms)
+    assert launchers.interpreter_upcast(torch.empty(1, dtype=torch.bfloat16), torch.bfloat16)
+    assert not launchers.interpreter_upcast(torch.empty(1, dtype=torch.float16), torch.float16)
+
+
+def test_factor_storage_follows_the_precision_rules():
+    # Contract section 11: bf16 factors only for bf16 x (in the backward only with bf16 memory); fp16 x
+    # keeps fp32 factors (fp16 would overflow at 65504 where the fp32 reference does not).
+    from mira_kernels.triton import launchers
+
+    bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
+    assert launchers.factor_dtype(bf16) == bf16
+    assert launchers.factor_dtype(fp16) == fp32
+    assert launchers.factor_dtype(bf16, (bf16,) * 4) == bf16
+    assert launchers.factor_dtype(bf16, (bf16, bf16, fp32, bf16)) == fp32
+    assert launchers.factor_dtype(fp16, (fp16,) * 4) == fp32
+    assert launchers.factor_dtype(torch.float64) == torch.float64
