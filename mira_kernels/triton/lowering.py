@@ -8,7 +8,8 @@ read with the ``cuobjdump`` shipped in the Triton wheel; dynamic shared memory c
 compiled metadata; the PTX is searched for the matrix instructions (``mma.sync`` / ``wgmma``).
 
 Run ``python -m mira_kernels.triton.lowering`` to print the table (``--quick`` for the subset
-the tests compile). Do not set ``TRITON_INTERPRET`` in this process.
+``make test-slow`` compiles, ``--ci`` for the few launches ``make test`` compiles). Do not set
+``TRITON_INTERPRET`` in this process.
 """
 
 from __future__ import annotations
@@ -125,6 +126,16 @@ def test_cases() -> list[Case]:
     cases += [Case(op, dtype, 8, 128, 30, fp32_precision=p) for op in ("linear", "linear_backward")
               for dtype, p in ((torch.bfloat16, "tf32"), (torch.float32, "tf32"), (torch.float32, "ieee"))]
     return cases
+
+
+def ci_cases() -> list[tuple[Case, tuple[int, ...]]]:
+    """The few launches CI compiles (each compile takes seconds; CI's share is minutes): every kernel
+    once for sm_90 (the ViT-B/16 bf16 backward at B = 8 plans them all), and the forward at B = 64
+    (retrieval and the GEMM with the shrink folded in, the variant nearest to spilling) for both
+    targets. ``test_cases`` (``make test-slow``) and ``benchmark_cases`` (``python -m
+    mira_kernels.triton.lowering``) compile the rest."""
+    return [(Case("linear", torch.bfloat16, 64, 4, 30), (80, 90)),
+            (Case("linear_backward", torch.bfloat16, 8, 4, 30), (90,))]
 
 
 def plan_case(case: Case, shape: dict | None = None) -> list[launchers.Launch]:
@@ -422,7 +433,8 @@ def _short(instr: str) -> str:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="only the subset the tests compile")
+    parser.add_argument("--quick", action="store_true", help="only the subset `make test-slow` compiles")
+    parser.add_argument("--ci", action="store_true", help="only the few launches `make test` compiles")
     parser.add_argument("--arch", type=int, action="append", help="80 and/or 90 (default both)")
     parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
@@ -431,7 +443,12 @@ def main(argv=None) -> None:
     import triton
 
     archs = tuple(args.arch or (80, 90))
-    results = lower_cases(test_cases() if args.quick else benchmark_cases(), archs)
+    if args.ci:
+        compiled = [r for case, case_archs in ci_cases()
+                    for r in lower_cases([case], tuple(a for a in case_archs if a in archs))]
+        results = list({id(r): r for r in compiled}.values())  # a launch two cases share, once
+    else:
+        results = lower_cases(test_cases() if args.quick else benchmark_cases(), archs)
     print(f"# MIRA Triton kernels lowered ahead of time (triton {triton.__version__}, no GPU): one row per distinct")
     print("# compiled kernel; 'first case' is the first configuration that launches it. spill = STACK + LOCAL")
     print("# bytes, smem = static + dynamic shared memory (bytes), regs per thread, w/s = warps/stages.")

@@ -1,13 +1,17 @@
-"""Ahead-of-time lowering of every MIRA Triton kernel for sm_80 and sm_90, without a GPU.
+"""Ahead-of-time lowering of the MIRA Triton kernels for sm_80 and sm_90, without a GPU.
 
-Compiles the launches of ``mira_kernels.triton.lowering.test_cases()`` (ViT-B/16 qkv shapes;
-fp16, bf16, fp32 with TF32 and with IEEE dots; the GEMM's three tile buckets; r = 4 and 64;
-N = 30 and 256) in a child process, and asserts, per compiled kernel and target: no register
-spills (cuobjdump STACK and LOCAL are 0), shared memory within the target's per-block limit,
-and the intended matrix instructions in the PTX (wgmma for the projection GEMM on sm_90,
-mma.sync on sm_80, tensor-core instructions for the TF32 adapter kernels). The table of
-registers and shared memory is printed (``pytest -s``). The full benchmark sweep:
-``python -m mira_kernels.triton.lowering`` (benchmarks/results/triton_lowering.txt).
+Compiles launch plans of ViT-B/16 qkv shapes in a child process and asserts, per compiled kernel
+and target: no register spills (cuobjdump STACK and LOCAL are 0), shared memory within the
+target's per-block limit, and the intended matrix instructions in the PTX (wgmma for the projection
+GEMM on sm_90, mma.sync on sm_80, tensor-core instructions for the TF32 adapter kernels).
+
+Each compile takes seconds, so CI (``make test``) compiles ``lowering.ci_cases()``: every kernel
+once for sm_90 and the bf16 forward (the GEMM with the shrink folded in) for both targets.
+``make test-slow`` runs the same checks on ``lowering.test_cases()`` (158 compiles: fp16, bf16,
+fp32 with TF32 and IEEE dots, the GEMM's tile buckets, r = 4 to 128, N = 30 and 256), and
+``python -m mira_kernels.triton.lowering`` compiles the whole benchmark sweep
+(benchmarks/results/triton_lowering.txt). The table of registers and shared memory is printed
+(``pytest -s``).
 """
 
 from __future__ import annotations
@@ -28,40 +32,61 @@ KERNELS = {
 }
 
 
-@pytest.fixture(scope="module")
-def lowered(tmp_path_factory):
+def _lower(tmp_path_factory, subset: str, timeout: float) -> list[dict]:
     path = tmp_path_factory.mktemp("lowering") / "kernels.json"
-    proc = run(["-m", "mira_kernels.triton.lowering", "--quick", "--json", str(path)], interpret=False, timeout=900)
+    proc = run(["-m", "mira_kernels.triton.lowering", subset, "--json", str(path)], interpret=False, timeout=timeout)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
     print(proc.stdout)
     return json.loads(path.read_text())
 
 
-def test_every_kernel_compiles_for_both_targets(lowered):
-    for arch in (80, 90):
-        assert {r["kernel"] for r in lowered if r["arch"] == arch} == KERNELS, f"sm_{arch}"
-    # 16-bit, fp32/TF32 and fp32/IEEE GEMMs, each for both targets.
-    gemm = {(r["arch"], r["intended"]) for r in lowered if r["kernel"] == "_mira_gemm_kernel"}
-    assert gemm >= {(80, "mma.sync"), (90, "wgmma"), (80, "fma"), (90, "fma")}
+@pytest.fixture(scope="module")
+def ci(tmp_path_factory):
+    return _lower(tmp_path_factory, "--ci", 600)
 
 
-def test_no_spills(lowered):
+@pytest.fixture(scope="module")
+def full(tmp_path_factory):
+    return _lower(tmp_path_factory, "--quick", 3600)
+
+
+def _check_resources(lowered):
     spilled = [(r["kernel"], r["arch"], r["case"], r["stack"], r["local"]) for r in lowered if r["spills"]]
     assert not spilled
-
-
-def test_shared_memory_fits_target(lowered):
     over = [(r["kernel"], r["arch"], r["case"], r["shared"]) for r in lowered if r["shared"] > r["smem_limit"]]
     assert not over
     assert all(r["registers"] <= 255 for r in lowered)
-
-
-def test_intended_matrix_instructions(lowered):
     missing = [(r["kernel"], r["arch"], r["case"], r["intended"], r["mma_kinds"]) for r in lowered
                if not r["meets_intent"]]
     assert not missing
+
+
+def _gemm_kinds(lowered):
+    return {(r["arch"], k) for r in lowered if r["kernel"] == "_mira_gemm_kernel" for k in r["mma_kinds"]}
+
+
+def test_ci_subset_compiles_every_kernel_without_spills(ci):
+    assert {r["kernel"] for r in ci if r["arch"] == 90} == KERNELS
+    _check_resources(ci)
+    kinds = _gemm_kinds(ci)
+    assert any(a == 80 and k.startswith("mma.sync") and ".bf16.bf16" in k for a, k in kinds)
+    assert any(a == 90 and k.startswith("wgmma") and k.endswith(".bf16.bf16") for a, k in kinds)
+
+
+@pytest.mark.slow
+def test_every_kernel_compiles_for_both_targets(full):
+    for arch in (80, 90):
+        assert {r["kernel"] for r in full if r["arch"] == arch} == KERNELS, f"sm_{arch}"
+    # 16-bit, fp32/TF32 and fp32/IEEE GEMMs, each for both targets.
+    gemm = {(r["arch"], r["intended"]) for r in full if r["kernel"] == "_mira_gemm_kernel"}
+    assert gemm >= {(80, "mma.sync"), (90, "wgmma"), (80, "fma"), (90, "fma")}
+
+
+@pytest.mark.slow
+def test_no_spills_and_intended_instructions_across_the_test_matrix(full):
+    _check_resources(full)
     # The 16-bit projection GEMM: f16/bf16 operands on the tensor cores of both targets.
-    kinds = {(r["arch"], k) for r in lowered if r["kernel"] == "_mira_gemm_kernel" for k in r["mma_kinds"]}
+    kinds = _gemm_kinds(full)
     assert any(a == 80 and k.startswith("mma.sync") and ".f16.f16" in k for a, k in kinds)
     assert any(a == 80 and k.startswith("mma.sync") and ".bf16.bf16" in k for a, k in kinds)
     assert any(a == 90 and k.startswith("wgmma") and k.endswith(".f16.f16") for a, k in kinds)
