@@ -82,6 +82,18 @@ def padded(n: int) -> int:
     return max(MIN_DOT, next_pow2(n))
 
 
+def gemm_maxnreg(num_warps: int) -> int | None:
+    """Registers per thread a fused-GEMM program of ``num_warps`` may use (PTX ``.maxnreg``).
+
+    Without a bound ptxas caps a 4-warp program near 168 registers (room for three programs per
+    SM) and spilled the expand's non-finite marks there (8-72 bytes, sm_80 and sm_90, fp32 and
+    16-bit; tests/triton/test_triton_lowering.py); allowing the hardware's 255 fits them (one or
+    two programs per SM, as a tensor-core GEMM's tiles want). 8-warp programs get 255 by default
+    and a bound made ptxas spill (304 bytes, fp32/TF32 on sm_90), so they keep none.
+    """
+    return 255 if num_warps <= 4 else None
+
+
 #: Widest stacked adapter (samples per row block x S*r) whose shrink is folded into the GEMM's
 #: main loop; wider ones (large ranks, or short sequences packing many samples in a row block)
 #: get a separate shrink launch.
@@ -110,8 +122,8 @@ def fused_config(m: int, n_out: int, k: int, dtype: torch.dtype, precision: str,
     From the ahead-of-time sweep (tests/triton, ``python -m mira_kernels.triton.lowering``): on
     sm_90 128 x 128 x 64 tiles with 8 warps and 3 stages (wgmma) carry the folded shrink without
     spills; on sm_80 (mma.sync, operands in registers) the same tiles spill 200-260 bytes with the
-    shrink, so 64 x 64 x 64 with 4 warps. ``precision`` "ieee" (fp32 on the FMA units) and fp64
-    need smaller tiles.
+    shrink, so 64 x 64 x 64 (8 warps with the shrink, 4 without). ``precision`` "ieee" (fp32 on the
+    FMA units) and fp64 need smaller tiles.
     """
     if dtype == torch.float64:
         tile = (32, 32, 16, 4, 2)
@@ -120,6 +132,9 @@ def fused_config(m: int, n_out: int, k: int, dtype: torch.dtype, precision: str,
             tile = (64, 64, 16, 4, 2)
         else:
             tile = (128, 128, 32, 8, 3) if (m > 2048 and capability >= (9, 0)) else (64, 64, 32, 4, 3)
+    elif capability < (9, 0) and j:
+        # sm_80 with the shrink folded in: 8 warps (4 left 8-96 bytes of stack at 255 registers).
+        tile = (64, 64, 64, 8, 3)
     elif m <= 512 or capability < (9, 0):
         tile = (64, 64, 64, 4, 3)
     else:

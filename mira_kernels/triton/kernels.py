@@ -256,29 +256,28 @@ def _expand(acc, h, e, t_sample, t_slice, row_sample, cols, S: tl.constexpr, OFF
     none).
 
     One dot is exact only while h and e are finite: their zeros times NaN or inf make NaN where the
-    reference adds nothing (another sample's rows, another slice's columns). So a tile with a
-    non-finite value takes the dot of the finite values, and the entries the reference makes
-    non-finite are set to NaN: a row's slice s columns when its h of slice s is non-finite, a
-    column on a sample's rows when that sample's factor has a non-finite value in it. One
-    accumulator either way (selecting between two spilled on sm_80 and sm_90).
+    reference adds nothing (another sample's rows, another slice's columns). So the dot takes the
+    finite values, and the entries the reference makes non-finite are set to NaN: a row's slice s
+    columns when its h of slice s is non-finite, a column on a sample's rows when that sample's
+    factor has a non-finite value in it. The marks go straight into the accumulator, one (rows,
+    columns) vector pair at a time, in a branch taken only when a value is non-finite: a
+    (BLOCK_M, BLOCK_N) mask or a second accumulator beside it spilled (sm_80 and sm_90).
     """
     h_ok = h * 0.0 == 0.0
     e_ok = e * 0.0 == 0.0
-    if tl.sum(tl.where(h_ok, 0, 1)) + tl.sum(tl.where(e_ok, 0, 1)) == 0:
-        return tl.dot(h, e, acc, input_precision=PRECISION, out_dtype=acc.dtype)
     acc = tl.dot(tl.where(h_ok, h, 0.0).to(h.dtype), tl.where(e_ok, e, 0.0).to(e.dtype), acc,
                  input_precision=PRECISION, out_dtype=acc.dtype)
-    poison = (row_sample[:, None] < -1) & (cols[None, :] < 0)
-    for s in tl.static_range(S):
-        bad = tl.max(tl.where(h_ok | (t_slice != s)[None, :], 0, 1), axis=1) > 0
-        inside = cols >= 0
-        if SLICED:
-            inside = (cols >= OFFS[s]) & (cols < OFFS[s] + WIDTH)
-        poison = poison | (bad[:, None] & inside[None, :])
-    for p in tl.static_range(SAMPLES):
-        bad = tl.max(tl.where(e_ok | (t_sample != p)[:, None], 0, 1), axis=0) > 0
-        poison = poison | ((row_sample == p)[:, None] & bad[None, :])
-    return tl.where(poison, float("nan"), acc)
+    if tl.sum(tl.where(h_ok, 0, 1)) + tl.sum(tl.where(e_ok, 0, 1)) > 0:
+        for s in tl.static_range(S):
+            bad = tl.max(tl.where(h_ok | (t_slice != s)[None, :], 0, 1), axis=1) > 0
+            inside = cols >= 0
+            if SLICED:
+                inside = (cols >= OFFS[s]) & (cols < OFFS[s] + WIDTH)
+            acc = tl.where(bad[:, None] & inside[None, :], float("nan"), acc)
+        for p in tl.static_range(SAMPLES):
+            bad = tl.max(tl.where(e_ok | (t_sample != p)[:, None], 0, 1), axis=0) > 0
+            acc = tl.where((row_sample == p)[:, None] & bad[None, :], float("nan"), acc)
+    return acc
 
 
 @triton.jit

@@ -51,11 +51,16 @@ class Launch:
     #: Launched with programmatic dependent launch (Hopper): may start while the previous launch
     #: runs; the kernel waits (gdc_wait) before it reads that launch's results.
     pdl: bool = False
+    #: Registers per thread ptxas may use (``.maxnreg``); None: ptxas chooses, and its occupancy
+    #: heuristic may cap a kernel below what it needs and spill.
+    maxnreg: int | None = None
 
     def run(self) -> None:
         if any(g == 0 for g in self.grid):
             return
         extra = dict(launch_pdl=True) if self.pdl else {}
+        if self.maxnreg is not None:
+            extra["maxnreg"] = self.maxnreg
         self.kernel[self.grid](**self.args, **self.constexprs, num_warps=self.num_warps, num_stages=self.num_stages,
                                **extra)
 
@@ -329,6 +334,7 @@ def _plan_gemm(name, a, w, w_strides, bias, out, sh: _Shapes, offsets, scale, x_
              UPCAST=interpreter_upcast(a, x_dtype),
              W_ORDER=(0, 1) if w_strides[0] == 1 and w_strides[1] != 1 else (1, 0), USE_PDL=bool(pdl and lora > 0)),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, pdl=bool(pdl and lora > 0),
+        maxnreg=configs.gemm_maxnreg(cfg.num_warps),
     ))
 
 

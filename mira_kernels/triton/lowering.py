@@ -234,6 +234,14 @@ def _intended(launch: launchers.Launch, signature: dict, arch: int) -> str:
     return "fma"  # IEEE fp32 dots, and the keys gradient (ieee by design, O(B N d_k)): FMA units
 
 
+def _options(launch: launchers.Launch) -> dict:
+    """The compile options a GPU launch of ``launch`` passes (Launch.run)."""
+    options = dict(num_warps=launch.num_warps, num_stages=launch.num_stages)
+    if launch.maxnreg is not None:
+        options["maxnreg"] = launch.maxnreg
+    return options
+
+
 def compile_launch(launch: launchers.Launch, arch: int, case: str = "") -> Lowered:
     import triton
     from triton.backends.compiler import GPUTarget
@@ -241,12 +249,13 @@ def compile_launch(launch: launchers.Launch, arch: int, case: str = "") -> Lower
 
     signature, attrs = _signature(launch)
     key = (launch.kernel.fn.__name__, arch, tuple(sorted(signature.items())), tuple(sorted(attrs)),
-           tuple(sorted((k, repr(v)) for k, v in launch.constexprs.items())), launch.num_warps, launch.num_stages)
+           tuple(sorted((k, repr(v)) for k, v in launch.constexprs.items())), launch.num_warps, launch.num_stages,
+           launch.maxnreg)
     if key in _cache:
         return _cache[key]
     src = ASTSource(fn=launch.kernel, signature=signature, constexprs=dict(launch.constexprs), attrs=attrs)
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                              options=dict(num_warps=launch.num_warps, num_stages=launch.num_stages))
+                              options=_options(launch))
     ptx = compiled.asm["ptx"]
     usage = _resource_usage(compiled.asm["cubin"])
     kinds = tuple(sorted(set(re.findall(r"\b((?:mma\.sync|wgmma\.mma_async\.sync)\.aligned\.[\w.]+)", ptx))))
@@ -276,7 +285,7 @@ def ttir(launch: launchers.Launch, arch: int = 90) -> str:
     src = ASTSource(fn=launch.kernel, signature=signature, constexprs=dict(launch.constexprs), attrs=attrs)
     target = GPUTarget("cuda", arch, 32)
     backend = make_backend(target)
-    options = backend.parse_options(dict(num_warps=launch.num_warps, num_stages=launch.num_stages))
+    options = backend.parse_options(_options(launch))
     context = ir.context()
     ir.load_dialects(context)
     backend.load_dialects(context)
