@@ -10,14 +10,15 @@
 // base GEMM is one call over all B*T rows, MKL's weight packing amortised over them (per-sample
 // GEMM calls, plain or MKL-packed for M = T, were slower than one call in every measurement here:
 // benchmarks/results/op_cpu.md). No packed weight is cached, so nothing needs invalidating. With
-// an empty memory (N = 0) the op is the stock Linear bit for bit: at::linear / ATen's addmm, or,
-// where the output is written with streaming stores (below), the same two steps with the bias
-// alone, so that the adapter path and its base path differ by the adapter only.
+// an empty memory (N = 0) the op is the stock Linear bit for bit: ATen's addmm's two steps (bias
+// copy, beta = 1 GEMM), the copy made with streaming stores where the rule below says so, so that
+// the adapter path and its base path differ by the adapter only.
 //
 // The memory side runs once per call: cosine scores, separation, and the per-sample mixed
 // factors A_b (S*r, d_in) and B_b, kept transposed and pre-scaled as (S, r, d_s). Tokens are
-// processed in blocks of kRowBlock rows of one sample (at::parallel_for over (sample, block)):
-// the shrink h = x A_b^T (dot_block) then the expand per slice (axpy_block), row block in cache.
+// processed in blocks of up to kRowBlock rows of one sample (the threads split the rows evenly):
+// the shrink h = x A_b^T (dot_block), then each output row written left to right, the slices'
+// expand (axpy_block) and the bias between them, row block in cache (apply_rows).
 //
 // Backward: a pass over token blocks recomputes h, forms dh = G_s B_b and writes the adapter part
 // of dx (dh A_b); a pass over (sample, feature chunk) reduces dA_b = dh^T x and dB_b = scale G_s^T h
@@ -225,8 +226,8 @@ thread_local PhaseClock phase_clock_state;
 void set_phase_clock(bool on) { phase_clock = on ? &phase_clock_state : nullptr; }
 
 // [entry: checks and allocation, retrieval, mixing, seeding pass (bias and shrink/expand; for
-// 16-bit x the whole adapter), GEMM], seconds. An N = 0 call that is ATen's addmm charges its bias
-// copy to the GEMM.
+// 16-bit x the whole adapter), GEMM], seconds. An N = 0 call with a bias charges its bias copy to
+// seeding (one without a bias, or in 16 bits, is a single at::linear, charged to the GEMM).
 std::vector<double> last_phases() {
   return std::vector<double>(phase_clock_state.seconds.begin(), phase_clock_state.seconds.end());
 }
@@ -533,60 +534,82 @@ void prepare_memory(const IsaTable& isa, const Shapes& s, const at::Tensor& quer
 // ---------------------------------------------------------------------------------------------
 
 // stream: write y with streaming stores (only when not accumulating: an update reads y anyway).
+//
+// Layout of the pass (at B = 1 on a 2-core Zen 3 its arithmetic is ~30 us, and the earlier layout
+// took ~190 us, about what writing the 1.8 MB output cold costs when it is not written linearly):
+//  - the threads split the B*T rows evenly (a split into whole 16-row blocks gave 112 / 85 rows at
+//    T = 197), a block of up to kRowBlock rows never crossing a sample;
+//  - per block, the shrink h = x A_b^T, then the output is written row pair by row pair, each pair
+//    left to right: the slices' expand (bias + h B_b^T) and the bias copies of the columns between
+//    them in one ascending sweep, so every written line is a sequential store stream that the
+//    hardware prefetchers follow (the old layout swept each slice over all rows of the block,
+//    then the gaps: three interleaved strided streams per row).
+// Every element is still the same ordered FMA chain (axpy_block), so the values are unchanged.
 template <typename T>
 void apply_rows(const Kernels<T>& K, const Shapes& s, const Memory<T>& m, const T* x, T* y, int64_t d_out,
                 const T* bias, bool accumulate, bool stream) {
   TORCH_INTERNAL_ASSERT(!(stream && accumulate), "streaming stores are for the seeding pass only");
   if (s.B == 0 || s.T == 0) return;
-  // Output columns outside every slice: written with the bias (or zero) when not accumulating.
-  std::vector<std::pair<int64_t, int64_t>> gaps;
+  // An output row in ascending column order: slices (slice >= 0) and the columns between them (-1).
+  struct Segment {
+    int64_t lo, hi, slice;
+  };
+  std::vector<Segment> segments;
   {
-    std::vector<int64_t> sorted = s.offsets;
-    std::sort(sorted.begin(), sorted.end());
+    std::vector<int64_t> order(s.S);
+    for (int64_t i = 0; i < s.S; ++i) order[i] = i;
+    std::sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return s.offsets[a] < s.offsets[b]; });
     int64_t lo = 0;
-    for (int64_t off : sorted) {
-      if (off > lo) gaps.emplace_back(lo, off);
+    for (const int64_t sl : order) {
+      const int64_t off = s.offsets[sl];
+      if (off > lo) segments.push_back({lo, off, -1});
+      segments.push_back({off, off + s.d_s, sl});
       lo = off + s.d_s;
     }
-    if (lo < d_out) gaps.emplace_back(lo, d_out);
+    if (lo < d_out) segments.push_back({lo, d_out, -1});
   }
-  const int64_t blocks = (s.T + kRowBlock - 1) / kRowBlock;
   const int64_t Fa = s.SR * s.d_in, Fb = s.S * s.r * s.d_s;
+  constexpr int64_t kRowsPerSweep = 2;  // rows written together: B_b's vectors loaded once for both
   TORCH_INTERNAL_ASSERT_DEBUG_ONLY(s.N > 0, "the ops handle an empty memory without the row pass");
-  at::parallel_for(0, s.B * blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> h(kRowBlock * std::max<int64_t>(s.SR, 1));  // one buffer per task range, not per token
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / blocks, t0 = (task % blocks) * kRowBlock;
-      const int64_t rows = std::min(kRowBlock, s.T - t0);
-      const T* xr = x + (b * s.T + t0) * s.d_in;
-      T* yr = y + (b * s.T + t0) * d_out;
+  at::parallel_for(0, s.B * s.T, kRowBlock, [&](int64_t begin, int64_t end) {
+    std::vector<T> h(kRowBlock * std::max<int64_t>(s.SR, 1));  // one buffer per thread, not per block
+    for (int64_t row = begin; row < end;) {
+      const int64_t b = row / s.T, t0 = row % s.T;
+      const int64_t rows = std::min({kRowBlock, s.T - t0, end - row});
+      const T* xr = x + row * s.d_in;
+      T* yr = y + row * d_out;
       const T* A = m.A + b * Fa;
       const T* Bt = m.Bt + b * Fb;
       K.dot_block(rows, s.SR, s.d_in, xr, s.d_in, A, s.d_in, h.data(), s.SR, T(1));  // shrink
-      for (int64_t sl = 0; sl < s.S; ++sl) {                                           // expand into each slice
-        const int64_t off = s.offsets[sl];
-        (stream ? K.axpy_block_nt : K.axpy_block)(rows, s.r, s.d_s, h.data() + sl * s.r, s.SR, 1,
-                                                  Bt + sl * s.r * s.d_s, s.d_s, yr + off, d_out,
-                                                  bias ? bias + off : nullptr, accumulate);
-      }
-      if (!accumulate)
-        for (int64_t t = 0; t < rows; ++t)
-          for (const auto& [lo, hi] : gaps) {
-            T* dst = yr + t * d_out;
-            if (bias && stream)
-              K.copy_nt(hi - lo, bias + lo, dst + lo);
-            else if (bias)
-              std::copy(bias + lo, bias + hi, dst + lo);
-            else
-              std::fill(dst + lo, dst + hi, T(0));
+      for (int64_t t = 0; t < rows; t += kRowsPerSweep) {
+        const int64_t n = std::min(kRowsPerSweep, rows - t);
+        T* yt = yr + t * d_out;
+        for (const Segment& g : segments) {
+          if (g.slice >= 0) {  // expand: (bias or y or 0) + h_slice B_slice^T
+            (stream ? K.axpy_block_nt : K.axpy_block)(n, s.r, s.d_s, h.data() + t * s.SR + g.slice * s.r, s.SR, 1,
+                                                      Bt + g.slice * s.r * s.d_s, s.d_s, yt + g.lo, d_out,
+                                                      bias ? bias + g.lo : nullptr, accumulate);
+          } else if (!accumulate) {
+            for (int64_t i = 0; i < n; ++i) {
+              T* dst = yt + i * d_out;
+              if (bias && stream)
+                K.copy_nt(g.hi - g.lo, bias + g.lo, dst + g.lo);
+              else if (bias)
+                std::copy(bias + g.lo, bias + g.hi, dst + g.lo);
+              else
+                std::fill(dst + g.lo, dst + g.hi, T(0));
+            }
           }
+        }
+      }
+      row += rows;
     }
     if (stream) store_fence();  // this thread's streaming stores, visible before the GEMM reads y
   });
 }
 
 // y = broadcast bias with streaming stores: the seeding pass of a Linear without an adapter (the
-// N = 0 op) where the store rule streams; elsewhere that op is ATen's addmm itself.
+// N = 0 op) where the store rule streams; elsewhere that op makes ATen's addmm's bias copy.
 template <typename T>
 void stream_bias(const Kernels<T>& K, const T* bias, T* y, int64_t rows, int64_t d_out) {
   at::parallel_for(0, rows, kRowBlock, [&](int64_t begin, int64_t end) {
@@ -640,7 +663,8 @@ at::Tensor mira_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const 
 
   // An empty memory adds nothing: the op is then the stock Linear, bit for bit. Without a bias
   // (nothing to seed: one beta = 0 GEMM) and in 16 bits it is the same ATen call; with a bias in
-  // float32/float64 it is ATen's addmm, or its two steps with streaming stores (below).
+  // float32/float64 it is ATen's addmm's two steps (bias copy, beta = 1 GEMM), the copy made with
+  // streaming stores where the store rule says so (below).
   if (s.N == 0 && (!has_bias || is_half(x.scalar_type()))) {
     mark(kEntry);
     at::Tensor y = at::linear(x, weight, has_bias ? *bias : at::Tensor());
@@ -664,18 +688,21 @@ at::Tensor mira_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const 
   const at::Tensor bias_c = has_bias ? bias->contiguous() : at::Tensor();
   mark(kEntry);
   if (s.N == 0) {
-    // Where streaming does not pay, ATen's own addmm (its bias copy measured faster than this
-    // file's ordinary-store seeding on freshly faulted pages: +1.3% at B = 32).
+    // Where streaming does not pay, ATen's own addmm's two steps (its bias copy measured faster
+    // than this file's ordinary-store seeding on freshly faulted pages: +1.3% at B = 32): the copy
+    // of the broadcast bias, then the beta = 1 GEMM below, the calls addmm_out makes, so the bits
+    // are at::linear's. Made here rather than inside addmm_out so that the phase clock charges the
+    // bias copy to seeding, as for the adapter path: benchmarks/budget.py's shrink/expand is the
+    // seeding phase over this one (when the copy was charged to the GEMM, the budget showed the
+    // whole cold write of the output, ~150 us at B = 1 on a 2-core Zen 3, as adapter cost).
     if (!stream_seeding(y)) {
-      at::Tensor y2d = y.view({s.B * s.T, d_out});
-      at::addmm_out(y2d, bias_c, xc.view({s.B * s.T, s.d_in}), weight.t());
-      mark(kGemm);
-      return y;
+      y.view({s.B * s.T, d_out}).copy_(bias_c.expand({s.B * s.T, d_out}));
+    } else {
+      AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "mira_stream_bias", [&] {
+        stream_bias<scalar_t>(kernels_of<scalar_t>(active_table()), bias_c.const_data_ptr<scalar_t>(),
+                              y.data_ptr<scalar_t>(), s.B * s.T, d_out);
+      });
     }
-    AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "mira_stream_bias", [&] {
-      stream_bias<scalar_t>(kernels_of<scalar_t>(active_table()), bias_c.const_data_ptr<scalar_t>(),
-                            y.data_ptr<scalar_t>(), s.B * s.T, d_out);
-    });
   } else {
     adapter_dispatch(s, xc, y, query, keys, bank_a, bank_b, sep, scale, eps, has_bias ? &bias_c : nullptr, false);
   }
