@@ -149,7 +149,9 @@ class MiraProjection(nn.Module):
                 f"MiraProjection expects per-image tokens (B, T, d_in), got shape {tuple(x.shape)}; "
                 "spatial or windowed layouts are not supported"
             )
-        base = self.base_layer
+        # The dicts, not attribute access: nn.Module.__getattr__ is a Python call, ~9 us per forward
+        # with the interpreter's caches cold, as in a network (a 2-core Zen 3, benchmarks/budget.py).
+        base = self._modules["base_layer"]
         if self.merged_update is not None:  # merged / folded: the update is in base.weight
             return base(x)
         c = self._memory.config
@@ -162,7 +164,11 @@ class MiraProjection(nn.Module):
             )
         memory = self._memory
         keys, bank_a, bank_b = memory.retrieval_tensors()
-        weight, bias = base.weight, base.bias
+        if type(base) is nn.Linear:  # there the dict is what the attributes return (a subclass may override them)
+            params = base._parameters
+            weight, bias = params["weight"], params["bias"]
+        else:
+            weight, bias = base.weight, base.bias
         # Eval on CPU: the kernel without the dispatcher where it would add nothing, and the CLS
         # query taken from x in C++ (mira_kernels.ops.eval_linear_cpu; None when it cannot).
         token = memory.query_token(x)
