@@ -12,6 +12,10 @@ the base GEMM's operands to fp32 under the interpreter (``UPCAST``); the compile
 keeps bf16 operands, and only the GPU tests check that path's numerics.
 
 Shapes are tiny (T <= 70, d <= 48, N <= 8) because the interpreter runs one program at a time.
+
+CI (``make test``) runs every kernel, dtype and separation once and every defect's regression test;
+the cases marked ``slow`` (more separations per dtype, more weight regimes, more output masks) run
+under ``make test-slow`` (tests/triton/test_triton_interpreter.py passes ``-m slow`` there).
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ SMALL = dict(B=3, T=7, d_in=24, d_out=72, N=5, S=2, r=3)
 # fp64 x (fp32 factors, contract section 11) take the three-launch path (a separate shrink).
 FUSED = dict(SMALL, T=33)
 SHAPES = {"fused": FUSED, "small": SMALL}
+SLOW = pytest.mark.slow
 
 
 def _at(inp, dtype):
@@ -106,8 +111,9 @@ def test_fp32_every_separation(separation):
 
 @pytest.mark.parametrize(
     "dtype, separation",
-    [(torch.float16, "affine"), (torch.float16, "softmax"), (torch.bfloat16, "affine"), (torch.bfloat16, "tanh"),
-     (torch.float64, "affine"), (torch.float64, "sigmoid")],
+    [(torch.float16, "affine"), pytest.param(torch.float16, "softmax", marks=SLOW), (torch.bfloat16, "affine"),
+     pytest.param(torch.bfloat16, "tanh", marks=SLOW), (torch.float64, "affine"),
+     pytest.param(torch.float64, "sigmoid", marks=SLOW)],
 )
 def test_other_dtypes(dtype, separation):
     inp = make_inputs(**FUSED, seed=4)
@@ -115,7 +121,8 @@ def test_other_dtypes(dtype, separation):
     check_backward(inp, dtype, separation)
 
 
-@pytest.mark.parametrize("regime", ["one_slot", "uniform", "negative", "near_zero"])
+@pytest.mark.parametrize("regime", [*(pytest.param(r, marks=SLOW) for r in ("one_slot", "uniform", "negative")),
+                                    "near_zero"])
 def test_weight_regimes(regime):
     inp = make_inputs(**SMALL, regime=regime, seed=5)
     if regime == "negative":
@@ -140,7 +147,7 @@ def test_near_zero_affine_sum_exactly_zero_and_around_eps():
         check_backward(inp, torch.float32, "affine", eps=eps)
 
 
-@pytest.mark.parametrize("separation", ["affine", "softmax", "relu"])
+@pytest.mark.parametrize("separation", ["affine", *(pytest.param(s, marks=SLOW) for s in ("softmax", "relu"))])
 def test_single_slot(separation):
     # N = 1: affine keeps the raw cosine (no division by the sum).
     inp = make_inputs(**{**SMALL, "N": 1}, seed=7)
@@ -194,7 +201,7 @@ def test_empty_batch_or_tokens(B, T):
     assert dx.shape == (B, T, 24) and float(dq.abs().sum()) == 0 and float(da.abs().sum()) == 0
 
 
-@pytest.mark.parametrize("T", [1, 3, 70])
+@pytest.mark.parametrize("T", [pytest.param(1, marks=SLOW), 3, 70])
 def test_tiles_across_sample_boundaries(T):
     # 64-row tiles: T=3 puts many samples in a tile, T=70 splits samples across tiles.
     inp = make_inputs(**{**SMALL, "B": 2, "T": T, "N": 3}, seed=10)
@@ -227,14 +234,17 @@ def test_non_contiguous_inputs():
 
 
 @pytest.mark.parametrize("mask", [(True, False, False, False, False), (False, True, True, False, False),
-                                  (False, False, False, True, True), (False, False, True, False, True)])
+                                  pytest.param((False, False, False, True, True), marks=SLOW),
+                                  pytest.param((False, False, True, False, True), marks=SLOW)])
 def test_output_mask(mask):
     inp = make_inputs(**SMALL, seed=14)
     check_backward(inp, torch.float32, "softmax", mask=mask)
 
 
-@pytest.mark.parametrize("dtype, contiguous, shape", [(torch.bfloat16, True, "fused"), (torch.float16, False, "fused"),
-                                                     (torch.float32, True, "fused"), (torch.float32, False, "small")])
+@pytest.mark.parametrize("dtype, contiguous, shape", [(torch.bfloat16, True, "fused"),
+                                                     pytest.param(torch.float16, False, "fused", marks=SLOW),
+                                                     pytest.param(torch.float32, True, "fused", marks=SLOW),
+                                                     (torch.float32, False, "small")])
 def test_adapter_in_place(dtype, contiguous, shape):
     inp64 = make_inputs(**SHAPES[shape], seed=15)
     inp = _at(inp64, dtype)
@@ -303,7 +313,7 @@ def test_launch_plan_shapes_only(shape):
         assert grids_a == grids_b and [n for n, _ in grids_a] == want, dtype
 
 
-@pytest.mark.parametrize("separation", ["affine", "softmax"])
+@pytest.mark.parametrize("separation", ["affine", pytest.param("softmax", marks=SLOW)])
 def test_many_slots_run_in_the_kernels(separation):
     # N = 300: the retrieval takes slots 64 at a time (scores parked in its scratch rows), the
     # backward's dw and scores kernels 128 at a time. No reference fallback, no warning.
