@@ -120,10 +120,10 @@ def fused_config(m: int, n_out: int, k: int, dtype: torch.dtype, precision: str,
     shrink is folded into the main loop (0 otherwise); ``capability`` the target generation.
 
     From the ahead-of-time sweep (tests/triton, ``python -m mira_kernels.triton.lowering``): on
-    sm_90 128 x 128 x 64 tiles with 8 warps and 3 stages (wgmma) carry the folded shrink without
-    spills; on sm_80 (mma.sync, operands in registers) the same tiles spill 200-260 bytes with the
-    shrink, so 64 x 64 x 64 (8 warps with the shrink, 4 without). ``precision`` "ieee" (fp32 on the
-    FMA units) and fp64 need smaller tiles.
+    sm_90 128 x 256 x 32 tiles (bf16; fp16: 128 x 128 x 64) with 8 warps (wgmma) carry the folded
+    shrink without spills (m > 512; 64 x 64 x 64 below); on sm_80 (mma.sync, operands in registers) 128 x 128
+    tiles spilled 200-260 bytes with the shrink, so 64 x 64 x 64 (8 warps with the shrink, 4
+    without). ``precision`` "ieee" (fp32 on the FMA units) and fp64 need smaller tiles.
     """
     if dtype == torch.float64:
         tile = (32, 32, 16, 4, 2)
@@ -137,6 +137,12 @@ def fused_config(m: int, n_out: int, k: int, dtype: torch.dtype, precision: str,
         tile = (64, 64, 64, 8, 3)
     elif m <= 512 or capability < (9, 0):
         tile = (64, 64, 64, 4, 3)
+    elif dtype == torch.bfloat16:
+        # 128 x 256 (cuBLAS's tile for these shapes: half the per-tile fill and epilogue per FLOP of
+        # 128 x 128, one wave of one-tile programs at ViT-B/16 B = 8) on two warpgroups; 32-wide K
+        # steps in 4 stages (64-wide ones left 32 bytes of stack with the folded shrink). fp16 x
+        # (fp32 factors, TF32 expand) spilled 96-408 bytes at this tile: it keeps 128 x 128.
+        tile = (128, 256, 32, 8, 4)
     else:
         tile = (128, 128, 64, 8, 3)
     spb = samples_per_block(T, tile[0])

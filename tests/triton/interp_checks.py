@@ -343,3 +343,12 @@ def test_programs_with_several_column_tiles(monkeypatch):
     check_forward(inp, torch.float32, "affine")  # the same tiles with h from the shrink launch
 
 
+def test_large_batches_take_the_wide_tiles():
+    # M > 512 rows of bf16 x: the GEMM runs 128 x 256 tiles (two warpgroups on Hopper), here with
+    # five samples in a row block and both slices inside one column tile (d_out = 72 < 256).
+    inp = make_inputs(**{**FUSED, "B": 17}, seed=25)
+    _, plan = launchers.plan_linear(*_at(inp, torch.bfloat16).linear_args(), inp.slice_offsets, "affine", 1.0, 1e-2)
+    gemm = plan[-1].constexprs
+    assert (gemm["BLOCK_M"], gemm["BLOCK_N"], gemm["LORA"]) == (128, 256, 1)
+    check_forward(inp, torch.bfloat16, "affine")
+    check_backward(inp, torch.bfloat16, "affine")
