@@ -62,6 +62,12 @@ def test_a_tiny_run_times_every_path_against_stock_and_records_machine_and_commi
     assert serving.main(["--out", str(tmp_path), "--summarize"]) == 0 and capsys.readouterr().out == summary
 
 
+def test_summarize_without_records_says_so(tmp_path):
+    with pytest.raises(SystemExit, match="serving.jsonl to summarize"):
+        serving.main(["--out", str(tmp_path), "--summarize"])
+    assert not list(tmp_path.iterdir())
+
+
 def test_help_shows_every_default():
     text = " ".join(serving.parser().format_help().split())
     for action in serving.parser()._actions:
