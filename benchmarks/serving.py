@@ -284,12 +284,14 @@ def run(args, model_kwargs: dict | None = None, on_batch=None) -> dict:
 
 def git_commit(paths: tuple[str, ...] = ()) -> str:
     """Short commit of this tree (of the last change to ``paths`` when given), with "+dirty" when
-    tracked files (under ``paths``) differ from it."""
+    tracked files (under ``paths``) differ from it. The recorded results are not part of the tree a
+    figure was measured on, so a run right after a recorded one is not called dirty."""
     root = Path(__file__).resolve().parent.parent
+    where = list(paths) or [".", f":(exclude){RESULTS_DIR.relative_to(root)}"]
     try:
         head = subprocess.run(["git", "log", "-1", "--format=%h", "HEAD", "--", *paths], capture_output=True,
                               text=True, check=True, cwd=root).stdout.strip()
-        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", *paths], cwd=root).returncode != 0
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", *where], cwd=root).returncode != 0
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return (head or "unknown") + ("+dirty" if dirty else "")
