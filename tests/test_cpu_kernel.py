@@ -219,6 +219,41 @@ def test_adapter_bitwise_equal_at_any_thread_count():
     assert torch.equal(outs[0], outs[1])
 
 
+def test_seeding_pass_is_bias_plus_adapter_at_any_thread_count():
+    # The forward's seeding pass writes bias + adapter into every row (slices in any order, bias in
+    # the columns between them), the threads splitting the rows evenly, so a split can fall inside
+    # a sample (T = 45 at 1, 2, 3 threads). With a zero weight the GEMM adds exact zeros, so the
+    # output is that pass's, bit for bit: the adapter op's chain over a bias-filled output.
+    inp = make_inputs(B=3, T=45, d_in=40, d_out=120, N=5, S=2, r=4, d_s=32, offsets=[64, 0], dtype=torch.float32)
+    inp.weight = torch.zeros_like(inp.weight)
+    want = inp.bias.expand(3, 45, 120).clone()
+    torch.ops.mira._cpu_mira_adapter_(want, *inp.adapter_args(), inp.slice_offsets, "affine", 1.0, EPS)
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            assert torch.equal(cpu_forward(inp), want), n
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_phase_clock_charges_the_bias_copy_to_seeding():
+    # benchmarks/budget.py reads shrink/expand as the seeding phase over the empty-memory op's:
+    # that op's bias copy must be in its seeding phase, not in its GEMM (where it hid ~150 us).
+    inp = make_inputs(B=2, T=9, d_in=16, d_out=48, N=3, dtype=torch.float32)
+    empty = make_inputs(B=2, T=9, d_in=16, d_out=48, N=0, dtype=torch.float32)
+    torch.ops.mira._cpu_phase_clock(True)
+    try:
+        cpu_forward(empty)
+        entry, retrieval, mixing, seeding, gemm = torch.ops.mira._cpu_last_phases()
+        assert retrieval == 0 and mixing == 0 and seeding > 0 and gemm > 0
+        cpu_forward(inp)
+        assert all(p > 0 for p in torch.ops.mira._cpu_last_phases())
+    finally:
+        torch.ops.mira._cpu_phase_clock(False)
+    assert torch.equal(cpu_forward(empty), torch.nn.functional.linear(empty.x, empty.weight, empty.bias))
+
+
 def test_scratch_reuse_across_shapes_and_threads():
     # The mixed factors live in a per-thread scratch buffer reused across calls: calls of growing
     # and shrinking sizes, and calls from several threads at once, must each get their own answer.
