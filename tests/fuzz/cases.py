@@ -19,6 +19,8 @@ from hypothesis import strategies as st
 
 from mira_kernels import SEPARATIONS
 
+from ..mira_inputs import OpInputs
+
 HALF = (torch.float16, torch.bfloat16)
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 LAYOUTS = ("contiguous", "transposed", "strided", "expanded", "offset")
@@ -29,26 +31,14 @@ TINY = {torch.float64: 1e-300, torch.float32: 1e-37, torch.bfloat16: 1e-37, torc
 
 
 @dataclass
-class OpCase:
-    x: torch.Tensor
-    weight: torch.Tensor
-    bias: torch.Tensor | None
-    query: torch.Tensor
-    keys: torch.Tensor
-    bank_a: torch.Tensor
-    bank_b: torch.Tensor
-    slice_offsets: list[int]
+class OpCase(OpInputs):
+    """A drawn case: :class:`OpInputs`' tensors and slices, plus the op's scalar arguments."""
+
     separation: str
     scale: float
     eps: float
     grad_out: torch.Tensor
     notes: dict = field(default_factory=dict)
-
-    def linear_args(self):
-        return (self.x, self.weight, self.bias, self.query, self.keys, self.bank_a, self.bank_b)
-
-    def adapter_args(self):
-        return (self.x, self.query, self.keys, self.bank_a, self.bank_b)
 
     def kwargs(self):
         return dict(slice_offsets=self.slice_offsets, separation=self.separation, scale=self.scale, eps=self.eps)
