@@ -77,16 +77,6 @@ def _f64(bits):
 
 
 @triton.jit
-def _select_offset(pid_s, OFFS: tl.constexpr, S: tl.constexpr):
-    # The slice offsets are compile-time constants (static per layer); pick the one of a
-    # program's slice without a device-side table.
-    off = pid_s * 0
-    for i in tl.static_range(S):
-        off = tl.where(pid_s == i, OFFS[i], off)
-    return off
-
-
-@triton.jit
 def _cosines(q_ptr, k_ptr, rows, row_ok, slots, slot_ok, DK, stride_qb, stride_qk, stride_kn, stride_kk,
              BLOCK_B: tl.constexpr, NC: tl.constexpr, BLOCK_K: tl.constexpr, ct: tl.constexpr,
              PRECISION: tl.constexpr):
@@ -282,7 +272,8 @@ def _expand(acc, h, e, t_sample, t_slice, row_sample, cols, S: tl.constexpr, OFF
 
 @triton.jit
 def _pick(index, VALUES: tl.constexpr, COUNT: tl.constexpr):
-    # VALUES[index] for a run-time index into a compile-time tuple (no device-side table).
+    # VALUES[index] for a run-time index into a compile-time tuple (e.g. a program's slice offset,
+    # static per layer) without a device-side table.
     out = index * 0
     for i in tl.static_range(COUNT):
         out = tl.where(index == i, VALUES[i], out)
@@ -488,7 +479,7 @@ def _mira_shrink_fwd_kernel(
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
     ct = out_ptr.dtype.element_ty
-    off = _select_offset(pid_s, IN_OFFS, NUM_SLICES)
+    off = _pick(pid_s, IN_OFFS, NUM_SLICES)
 
     row0 = pid_m * BLOCK_M
     rows = row0 + tl.arange(0, BLOCK_M)
@@ -536,7 +527,7 @@ def _mira_factor_bwd_kernel(
     pid_f = tl.program_id(2)
     ct = out_ptr.dtype.element_ty
     alpha = _f64(alpha_bits).to(ct)
-    off = _select_offset(pid_s, L_OFFS, NUM_SLICES)
+    off = _pick(pid_s, L_OFFS, NUM_SLICES)
 
     fs = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)
     f_ok = fs < FD

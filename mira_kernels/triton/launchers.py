@@ -378,6 +378,22 @@ def _fused_shrink(sh: _Shapes, n_out: int, k: int, x_dtype: torch.dtype, fdt: to
     return cfg.samples_per_block * sh.S * sh.r <= configs.MAX_FUSED_J
 
 
+def _plan_factors(sh: _Shapes, x2, query, keys, bank_a, bank_b, separation, eps, fused, launches):
+    """The forward's launches before the GEMM: the retrieval (mixed factors), then, unless the GEMM
+    folds the shrink in (``fused``), the shrink's own launch. Returns (mixed, h or None, pdl)."""
+    query, keys, bank_a, bank_b = _memory_inputs(query, keys, bank_a, bank_b)
+    precision = _precisions(x2.dtype)[1]
+    pdl = use_pdl(x2.device) and fused  # a separate shrink would sit between the retrieval and the GEMM
+    mixed = _plan_retrieve(sh, query, keys, bank_a, bank_b, separation, eps, False, precision,
+                           factor_dtype(x2.dtype), x2.device, launches, pdl)
+    h = None
+    if not fused:
+        st = mixed.a.stride()
+        h = _plan_shrink("shrink", x2, (0,), sh.d_in, mixed.a, (st[0], 0, st[2], st[3]), sh.S * sh.r, sh, precision,
+                         launches)
+    return mixed, h, pdl
+
+
 def plan_linear(x, weight, bias, query, keys, bank_a, bank_b, slice_offsets, separation, scale, eps):
     """Plan of the forward: returns (y (B, T, d_out) in x's dtype, launches).
 
@@ -396,18 +412,8 @@ def plan_linear(x, weight, bias, query, keys, bank_a, bank_b, slice_offsets, sep
         _plan_gemm("gemm", x2, weight, w_strides, bias, y.view(sh.M, d_out), sh, slice_offsets, scale, x.dtype,
                    launches)
         return y, launches
-    query, keys, bank_a, bank_b = _memory_inputs(query, keys, bank_a, bank_b)
-    precision = _precisions(x.dtype)[1]
-    fdt = factor_dtype(x.dtype)
-    fused = _fused_shrink(sh, d_out, sh.d_in, x.dtype, fdt, x.device)
-    pdl = use_pdl(x.device) and fused  # a separate shrink would sit between the two
-    mixed = _plan_retrieve(sh, query, keys, bank_a, bank_b, separation, eps, False, precision, fdt, x.device,
-                           launches, pdl)
-    h = None
-    if not fused:
-        st = mixed.a.stride()
-        h = _plan_shrink("shrink", x2, (0,), sh.d_in, mixed.a, (st[0], 0, st[2], st[3]), sh.S * sh.r, sh, precision,
-                         launches)
+    fused = _fused_shrink(sh, d_out, sh.d_in, x.dtype, factor_dtype(x.dtype), x.device)
+    mixed, h, pdl = _plan_factors(sh, x2, query, keys, bank_a, bank_b, separation, eps, fused, launches)
     _plan_gemm("gemm", x2, weight, w_strides, bias, y.view(sh.M, d_out), sh, slice_offsets, scale, x.dtype,
                launches, f=_mixed_a_factor(mixed, sh), e=_mixed_b_factor(mixed, sh), h=h, pdl=pdl)
     return y, launches
@@ -447,18 +453,9 @@ def plan_adapter_(out, x, query, keys, bank_a, bank_b, slice_offsets, separation
         return out, launches
     target = out if _flattenable(out) else out.contiguous()
     x2 = _rows(x, sh.M)
-    query, keys, bank_a, bank_b = _memory_inputs(query, keys, bank_a, bank_b)
-    precision = _precisions(x.dtype)[1]
-    fdt = factor_dtype(x.dtype)
-    fused = _fused_shrink(sh, target.shape[2], sh.d_in, x.dtype, fdt, x.device) and not _overlaps(target, x)
-    pdl = use_pdl(x.device) and fused
-    mixed = _plan_retrieve(sh, query, keys, bank_a, bank_b, separation, eps, False, precision, fdt, x.device,
-                           launches, pdl)
-    h = None
-    if not fused:
-        st = mixed.a.stride()
-        h = _plan_shrink("shrink", x2, (0,), sh.d_in, mixed.a, (st[0], 0, st[2], st[3]), sh.S * sh.r, sh, precision,
-                         launches)
+    fused = (_fused_shrink(sh, target.shape[2], sh.d_in, x.dtype, factor_dtype(x.dtype), x.device)
+             and not _overlaps(target, x))
+    mixed, h, pdl = _plan_factors(sh, x2, query, keys, bank_a, bank_b, separation, eps, fused, launches)
     rows = target.as_strided((sh.M, target.shape[2]), (target.stride(1), 1)) if sh.M else target
     _plan_gemm("gemm", x2, None, (0, 0), None, rows, sh, slice_offsets, scale, x.dtype, launches,
                f=_mixed_a_factor(mixed, sh), e=_mixed_b_factor(mixed, sh), h=h, in_place=True, pdl=pdl)
