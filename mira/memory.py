@@ -211,8 +211,14 @@ class AdapterMemory(nn.Module):
         if active is None and c.key_norm != "per_feature":
             return keys, bank_a, bank_b  # nothing derived
         sources = (keys, bank_a, bank_b, active) if mask_banks else (keys, active)
-        stamp = _cache_stamp(self._mutations, sources)
-        if stamp is None:
+        # The CPU hit path inlined (no _cache_stamp frame): after a network's GEMMs each Python
+        # frame entered costs microseconds of cold caches (benchmarks/budget.py, "key prep").
+        stamp = None
+        if _native_stamp is not None and not torch.compiler.is_compiling():
+            stamp = _native_stamp(self._mutations, *sources)
+        if stamp is None:  # not plain CPU tensors (or compiling): the general key
+            stamp = _cache_stamp(self._mutations, sources)
+        if not stamp:  # False or None: not cacheable
             return self._derive(keys, bank_a, bank_b, active)
         key = (stamp, c.key_norm, mask_banks)
         entry = self._retrieval_cache
