@@ -202,6 +202,18 @@ class AdapterMemory(nn.Module):
     def retrieval_tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(keys, bank_a, bank_b) as the op sees them; cached where no graph is needed (module doc)."""
         params, buffers = self._parameters, self._buffers
+        # The hit path first, touching as little as it can: after a network's GEMMs every object
+        # read costs cache misses: 31.4 -> 23.7 us per call, -7.7 [-8.1, -7.3] (cold caches, 2-core
+        # Zen 3, interleaved in one process). Its key is the one built below: with the banks
+        # unmasked the sources are (keys, active).
+        entry = self._retrieval_cache
+        if entry is not None and _native_stamp is not None and not _is_compiling():
+            c = self.config
+            active = buffers.get("active")
+            if active is None or not c.trainable_bank:
+                stamp = _native_stamp(self._mutations, params["keys"], active)
+                if stamp and entry[0] == (stamp, c.key_norm, False):
+                    return entry[2]
         keys = params["keys"]
         bank_a = params["bank_a"] if "bank_a" in params else buffers["bank_a"]
         bank_b = params["bank_b"] if "bank_b" in params else buffers["bank_b"]
@@ -562,6 +574,9 @@ def _without_rounding_gradient_of_one_key(keys: torch.Tensor, normed: torch.Tens
 
 # The CPU key in one native call (csrc/cpu/fast_path.cpp); None without the extension.
 _native_stamp = getattr(getattr(_extension, "_C", None), "_retrieval_stamp", None)
+# Bound once (the same function, which Dynamo folds to True when tracing): two attribute reads
+# fewer on the hit path.
+_is_compiling = torch.compiler.is_compiling
 
 
 def _cache_stamp(mutations: int, sources) -> object | None:
