@@ -271,6 +271,20 @@ def _expand(acc, h, e, t_sample, t_slice, row_sample, cols, S: tl.constexpr, OFF
 
 
 @triton.jit
+def _row_block(row0, M, T, BLOCK_M: tl.constexpr):
+    """The rows of a block of BLOCK_M token rows starting at row0: their indices (also as int64:
+    row offsets times a row stride can pass 2^31, and Triton types ints as i32), which are inside
+    the M rows, each row's sample (T tokens per sample), and the first and last sample they touch."""
+    rows = row0 + tl.arange(0, BLOCK_M)
+    rows64 = rows.to(tl.int64)
+    row_ok = rows < M
+    row_sample = rows // T
+    b_first = row0 // T
+    b_last = (tl.minimum(row0 + BLOCK_M, M) - 1) // T
+    return rows, rows64, row_ok, row_sample, b_first, b_last
+
+
+@triton.jit
 def _pick(index, VALUES: tl.constexpr, COUNT: tl.constexpr):
     # VALUES[index] for a run-time index into a compile-time tuple (e.g. a program's slice offset,
     # static per layer) without a device-side table.
@@ -357,12 +371,7 @@ def _mira_gemm_kernel(
     scale = _f64(scale_bits).to(acc_ty)
 
     row0 = pm * BLOCK_M
-    rows = row0 + tl.arange(0, BLOCK_M)
-    rows64 = rows.to(tl.int64)  # row offsets times a row stride can pass 2^31 (Triton types ints as i32)
-    row_ok = rows < M
-    row_sample = rows // T
-    b_first = row0 // T
-    b_last = (tl.minimum(row0 + BLOCK_M, M) - 1) // T
+    rows, rows64, row_ok, row_sample, b_first, b_last = _row_block(row0, M, T, BLOCK_M)
     t = tl.arange(0, J_PAD)
     own = (row_sample[:, None] - b_first) == (t // J)[None, :]  # LORA = 1: a row's own sample's columns
 
@@ -482,12 +491,7 @@ def _mira_shrink_fwd_kernel(
     off = _pick(pid_s, IN_OFFS, NUM_SLICES)
 
     row0 = pid_m * BLOCK_M
-    rows = row0 + tl.arange(0, BLOCK_M)
-    rows64 = rows.to(tl.int64)  # row offsets times a row stride can pass 2^31 (Triton types ints as i32)
-    row_ok = rows < M
-    row_sample = rows // T
-    b_first = row0 // T
-    b_last = (tl.minimum(row0 + BLOCK_M, M) - 1) // T
+    rows, rows64, row_ok, row_sample, b_first, b_last = _row_block(row0, M, T, BLOCK_M)
     js = tl.arange(0, J_PAD)
     j_ok = js < J
 
