@@ -226,7 +226,7 @@ class AdapterMemory(nn.Module):
         # The CPU hit path inlined (no _cache_stamp frame): after a network's GEMMs each Python
         # frame entered costs microseconds of cold caches (benchmarks/budget.py, "key prep").
         stamp = None
-        if _native_stamp is not None and not torch.compiler.is_compiling():
+        if _native_stamp is not None and not _is_compiling():
             stamp = _native_stamp(self._mutations, *sources)
         if stamp is None:  # not plain CPU tensors (or compiling): the general key
             stamp = _cache_stamp(self._mutations, sources)
