@@ -18,9 +18,15 @@ $(STAMPS)/venv: requirements.txt
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
 	@touch $@
 
+# Without a GPU (CI) the CUDA sources are only compile-checked: one architecture (sm_90) instead of
+# setup.py's default list (sm_80, sm_90, PTX) saves ~19 s of nvcc on a 2-core Zen 3 (40.7 vs 59.4 s
+# for mira_cuda.cu), more on slower CI machines. A machine with a GPU, or an explicit
+# TORCH_CUDA_ARCH_LIST, builds what setup.py says.
+CI_CUDA_ARCHS := $(if $(TORCH_CUDA_ARCH_LIST),,$(shell nvidia-smi -L >/dev/null 2>&1 || echo 9.0))
+
 # flock: several shells (or helpers) may ask for a build at once; ninja's build dir is shared.
 $(STAMPS)/build: $(STAMPS)/venv setup.py pyproject.toml $(NATIVE)
-	flock $(STAMPS)/build.lock env MAX_JOBS=$${MAX_JOBS:-2} \
+	flock $(STAMPS)/build.lock env MAX_JOBS=$${MAX_JOBS:-2} $(if $(CI_CUDA_ARCHS),TORCH_CUDA_ARCH_LIST=$(CI_CUDA_ARCHS)) \
 	    $(PY) -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e .
 	@touch $@
 
