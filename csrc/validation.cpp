@@ -89,12 +89,21 @@ void check_memory(const at::Tensor& x, int64_t d_out, const at::Tensor& query, c
   check_dim("bank_b", bank_b, 3, r, "r (the rank of bank_a)", "(N, S, d_s, r)");
 
   const at::ScalarType dt = x.scalar_type();
-  for (auto [name, t] : {std::pair{"query", &query}, std::pair{"keys", &keys}, std::pair{"bank_a", &bank_a},
-                         std::pair{"bank_b", &bank_b}}) {
+  for (auto [name, t] : {std::pair{"query", &query}, std::pair{"keys", &keys}}) {
     check_device(name, *t, x);
     TORCH_CHECK_TYPE(t->scalar_type() == dt || (is_half(dt) && t->scalar_type() == at::kFloat), name,
                      " has dtype ", t->scalar_type(), "; with x of dtype ", dt, " it must be ", dt,
                      is_half(dt) ? " or float32" : "");
+  }
+  // The banks: float32, bfloat16 or float16 wherever the compute dtype is float32 (x float32 or
+  // 16-bit; 16-bit banks are widened exactly and mixed in float32), float64 for float64 x.
+  for (auto [name, t] : {std::pair{"bank_a", &bank_a}, std::pair{"bank_b", &bank_b}}) {
+    check_device(name, *t, x);
+    const at::ScalarType bt = t->scalar_type();
+    const bool f64 = dt == at::kDouble;
+    TORCH_CHECK_TYPE(f64 ? bt == at::kDouble : (bt == at::kFloat || is_half(bt)), name, " has dtype ", bt,
+                     "; with x of dtype ", dt, " it must be ",
+                     f64 ? "float64 (16-bit banks need float32 compute)" : "float32, bfloat16 or float16");
   }
 
   TORCH_CHECK_VALUE(static_cast<int64_t>(offsets.size()) == s, "slice_offsets has ", offsets.size(),

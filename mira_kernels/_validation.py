@@ -25,6 +25,8 @@ from .reference import SEPARATIONS
 
 _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _HALF = (torch.float16, torch.bfloat16)
+#: Storage dtypes of bank_a / bank_b with float32 compute (x float32, float16 or bfloat16).
+BANK_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _shape(t: torch.Tensor) -> tuple:
@@ -78,12 +80,24 @@ def check_memory(
     _check_dim("bank_b", b_shape, 1, s, "S (as bank_a)", "(N, S, d_s, r)")
     _check_dim("bank_b", b_shape, 3, r, "r (the rank of bank_a)", "(N, S, d_s, r)")
 
-    for name, t in (("query", query), ("keys", keys), ("bank_a", bank_a), ("bank_b", bank_b)):
+    for name, t in (("query", query), ("keys", keys)):
         if t.device != device:
             raise ValueError(f"{name} is on {t.device} but x is on {device}; all inputs must share one device")
         if t.dtype != x_dtype and not (x_dtype in _HALF and t.dtype == torch.float32):
             allowed = f"{x_dtype} or torch.float32" if x_dtype in _HALF else str(x_dtype)
             raise TypeError(f"{name} has dtype {t.dtype}; with x of dtype {x_dtype} it must be {allowed}")
+    # The banks (contract section 4): float32, bfloat16 or float16 wherever the compute dtype is
+    # float32 (16-bit banks are widened exactly and mixed in float32), float64 for float64 x.
+    for name, t in (("bank_a", bank_a), ("bank_b", bank_b)):
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device} but x is on {device}; all inputs must share one device")
+        if x_dtype == torch.float64:
+            if t.dtype != torch.float64:
+                raise TypeError(f"{name} has dtype {t.dtype}; with x of dtype {x_dtype} it must be torch.float64 "
+                                "(16-bit banks need float32 compute: x float32, bfloat16 or float16)")
+        elif t.dtype not in BANK_DTYPES:
+            raise TypeError(f"{name} has dtype {t.dtype}; with x of dtype {x_dtype} it must be torch.float32, "
+                            "torch.bfloat16 or torch.float16")
 
     offsets = list(slice_offsets)
     if len(offsets) != s:

@@ -126,7 +126,9 @@ def mix_adapters(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Affine combination of the stored factors: (B,S,r,d_in) and (B,S,d_s,r).
 
-    A and B are mixed separately, so the applied update is (sum w A)(sum w B), rank r.
+    A and B are mixed separately, so the applied update is (sum w A)(sum w B), rank r. The banks
+    are converted to the weights' dtype first: 16-bit banks (contract section 4) are widened
+    exactly, so the mixing is that of a float32 copy of them.
     """
     mixed_a = torch.einsum("bn,nsrd->bsrd", weights, bank_a.to(weights.dtype))
     mixed_b = torch.einsum("bn,nser->bser", weights, bank_b.to(weights.dtype))

@@ -57,7 +57,8 @@ CASES = [
     (lambda i: setattr(i, "bank_b", i.bank_b[..., :2]), ValueError, "bank_b must have shape .* r"),
     (lambda i: setattr(i, "bank_b", i.bank_b[0]), ValueError, "bank_b must have shape"),
     (lambda i: setattr(i, "keys", i.keys.double()), TypeError, "keys has dtype torch.float64"),
-    (lambda i: setattr(i, "bank_b", i.bank_b.bfloat16()), TypeError, "bank_b has dtype torch.bfloat16"),
+    (lambda i: setattr(i, "bank_b", i.bank_b.double()), TypeError, "bank_b has dtype torch.float64"),
+    (lambda i: setattr(i, "bank_a", i.bank_a.int()), TypeError, "bank_a has dtype torch.int32"),
     (lambda i: setattr(i, "bank_a", i.bank_a[:, :, :0]), ValueError, "rank r >= 1"),
 ]
 
@@ -122,6 +123,33 @@ def test_mixed_dtypes_rules():
     f64.query = f64.query.float()
     with pytest.raises(TypeError, match="query has dtype torch.float32"):
         call(f64)
+
+
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bank_dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_16bit_banks_allowed_with_float32_compute(x_dtype, bank_dtype):
+    # Contract section 4: with float32 compute the banks may be stored in 16 bits, each on its own.
+    inp = base().to(x_dtype, torch.float32 if x_dtype != torch.float32 else None)
+    inp.bank_a = inp.bank_a.to(bank_dtype)
+    y = call(inp)
+    assert y.dtype == x_dtype and torch.isfinite(y).all()
+    inp.bank_b = inp.bank_b.to(bank_dtype)
+    assert torch.isfinite(call(inp)).all()
+
+
+@pytest.mark.parametrize("bank_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("backend", [None, "cpu", "reference"])
+def test_16bit_banks_refused_with_float64_x(bank_dtype, backend):
+    # float64 x computes in float64, where a 16-bit bank would be the one low-precision operand:
+    # refused, naming the rule, by the public function and by the op's C++ checks.
+    inp = base().to(torch.float64)
+    inp.bank_b = inp.bank_b.to(bank_dtype)
+    if backend is None:
+        with pytest.raises(TypeError, match="bank_b has dtype .*it must be torch.float64 .16-bit banks need float32"):
+            call(inp)
+    elif _extension.loaded:
+        with pytest.raises(TypeError, match="bank_b"):
+            call_op(inp, backend)
 
 
 SCALAR_CASES = [

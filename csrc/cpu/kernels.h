@@ -21,6 +21,20 @@
 
 namespace mira_cpu {
 
+// 16-bit storage of the memory banks (contract section 4): the bits of a bfloat16 / an IEEE
+// binary16 value. Distinct types so that the two widenings cannot be confused; plain data, so a
+// pointer to them crosses the per-ISA boundary as freely as a float pointer. Both widen to float32
+// exactly (every bfloat16 and binary16 value is a float32 value): bfloat16 is the top half of a
+// float32 (a 16-bit shift), binary16 converts with F16C where the ISA has it (avx2, avx512) and in
+// portable integer code elsewhere (baseline).
+struct Bf16 {
+  uint16_t bits;
+};
+struct F16 {
+  uint16_t bits;
+};
+static_assert(sizeof(Bf16) == 2 && sizeof(F16) == 2, "16-bit bank elements must be 2 bytes");
+
 // Kernels for one element type. All are single-threaded; callers parallelise around them.
 // Every output element is a fixed-order reduction that does not depend on how the caller blocks
 // or splits rows, so results are bitwise identical at any thread count.
@@ -43,6 +57,14 @@ struct Kernels {
   void (*axpy_block_nt)(int64_t J, int64_t K, int64_t n, const T* coef, int64_t csj, int64_t csk, const T* V,
                         int64_t ldv, T* C, int64_t ldc, const T* init, bool accumulate);
   void (*copy_nt)(int64_t n, const T* src, T* dst);
+  // axpy_block with V stored in 16 bits, each element widened exactly to T before its FMA: the
+  // same ordered chain as axpy_block over the widened values, so the result is bit for bit
+  // axpy_block's over a float32 copy of V (the mixing of 16-bit banks, without that copy).
+  // Only for T = float (nullptr in the double table: 16-bit banks need float32 compute).
+  void (*axpy_block_bf16)(int64_t J, int64_t K, int64_t n, const T* coef, int64_t csj, int64_t csk, const Bf16* V,
+                          int64_t ldv, T* C, int64_t ldc, const T* init, bool accumulate);
+  void (*axpy_block_f16)(int64_t J, int64_t K, int64_t n, const T* coef, int64_t csj, int64_t csk, const F16* V,
+                         int64_t ldv, T* C, int64_t ldc, const T* init, bool accumulate);
 };
 
 struct IsaTable {

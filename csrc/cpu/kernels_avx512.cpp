@@ -16,6 +16,8 @@
 namespace mira_cpu::avx512 {
 namespace {
 
+#include "cpu/widen16.inc"
+
 struct VF {
   using T = float;
   using R = __m512;
@@ -33,6 +35,15 @@ struct VF {
     return _mm_cvtss_f32(_mm_add_ss(p, _mm_shuffle_ps(p, p, 1)));
   }
   static T sfma(T a, T b, T c) { return __builtin_fmaf(a, b, c); }
+  // 16 16-bit bank elements widened exactly: bfloat16 by a 16-bit shift, binary16 by AVX-512F's
+  // vcvtph2ps.
+  static R load_bf16(const uint16_t* p) {
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  }
+  static R load_f16(const uint16_t* p) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  }
 };
 
 struct VD {

@@ -14,6 +14,8 @@
 namespace mira_cpu::baseline {
 namespace {
 
+#include "cpu/widen16.inc"
+
 #if MIRA_CPU_X86
 struct VF {
   using T = float;
@@ -30,6 +32,15 @@ struct VF {
     return _mm_cvtss_f32(_mm_add_ss(p, _mm_shuffle_ps(p, p, 1)));
   }
   static T sfma(T a, T b, T c) { return a * b + c; }
+  // 4 16-bit bank elements widened exactly: bfloat16 by interleaving zero low halves (SSE2), binary16
+  // in integer code (SSE2 has no conversion for it).
+  static R load_bf16(const uint16_t* p) {
+    const __m128i h = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+    return _mm_castsi128_ps(_mm_unpacklo_epi16(_mm_setzero_si128(), h));
+  }
+  static R load_f16(const uint16_t* p) {
+    return _mm_setr_ps(f16_to_float(p[0]), f16_to_float(p[1]), f16_to_float(p[2]), f16_to_float(p[3]));
+  }
 };
 
 struct VD {
@@ -68,6 +79,17 @@ struct VGeneric {
     else return v[0] + v[1];
   }
   static T sfma(T a, T b, T c) { return a * b + c; }
+  // 16-bit bank elements widened exactly, lane by lane (used for float lanes only).
+  static R load_bf16(const uint16_t* p) {
+    R v;
+    for (int i = 0; i < Lanes; ++i) v[i] = bf16_to_float(p[i]);
+    return v;
+  }
+  static R load_f16(const uint16_t* p) {
+    R v;
+    for (int i = 0; i < Lanes; ++i) v[i] = f16_to_float(p[i]);
+    return v;
+  }
 };
 using VF = VGeneric<float, 4>;
 using VD = VGeneric<double, 2>;

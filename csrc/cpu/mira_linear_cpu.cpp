@@ -49,6 +49,12 @@
 // to x's dtype, as the reference does. This path favours exact reference semantics over speed
 // (it keeps a float32 copy of x and of the output).
 //
+// 16-bit banks (contract section 4: bfloat16 / float16 bank_a, bank_b with float32 compute): the
+// mixing reads them in their 2-byte storage and widens each element exactly as it loads it
+// (axpy_block_bf16 / _f16), so the call computes the bits of the same call with a float32 copy of
+// the banks while reading half the bytes; at batch 1 those bytes come from DRAM on every call and
+// set the adapter's floor (benchmarks/latency.py). The backward, not on that path, converts them.
+//
 // Instruction sets: the hot loops (kernels_<isa>.cpp) are compiled for baseline x86-64, AVX2+FMA
 // and AVX-512; the best one the CPU supports is used, or the one named by the environment
 // variable MIRA_CPU_ISA (auto | baseline | avx2 | avx512), read at every call by active_table().
@@ -73,6 +79,7 @@
 #include <string>
 #include <string_view>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/kernels.h"
@@ -97,7 +104,8 @@ bool cpu_supports(std::string_view isa) {
   if (isa == "baseline") return true;
 #if MIRA_CPU_X86
   __builtin_cpu_init();  // libgcc's checks include the OS's XSAVE support of the wider registers
-  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  // F16C too: the avx2 kernels widen binary16 banks with it (every AVX2 CPU made has it).
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
   if (isa == "avx2") return avx2;
   if (isa == "avx512") return avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq");
 #endif
@@ -478,6 +486,40 @@ at::Tensor as_contiguous(const at::Tensor& t, at::ScalarType ct) {
   return t.scalar_type() == ct && t.is_contiguous() ? t : as(t, ct);
 }
 
+// One bank as the mixing reads it: contiguous, in its stored dtype when that is 16-bit storage and
+// T is float (widened exactly on load by the axpy_block_bf16 / _f16 kernels, so the 2-byte bank is
+// read, never copied to float32), else converted to T (float32 banks are already so: no copy).
+struct BankOperand {
+  at::Tensor t;
+  at::ScalarType dt;
+};
+
+template <typename T>
+BankOperand bank_operand(const at::Tensor& bank) {
+  const at::ScalarType dt = bank.scalar_type();
+  if (std::is_same_v<T, float> && (dt == at::kBFloat16 || dt == at::kHalf))
+    return {bank.is_contiguous() ? bank : bank.contiguous(), dt};
+  const at::ScalarType ct = c10::CppTypeToScalarType<T>::value;
+  return {as_contiguous(bank, ct), ct};
+}
+
+// C[j, :] = sum_k coef[j, k] V[k, :] (axpy_block) with V the bank's elements from `offset` on.
+template <typename T>
+void mix_rows(const Kernels<T>& K, const BankOperand& bank, int64_t offset, int64_t J, int64_t Kn, int64_t n,
+              const T* coef, int64_t csj, int64_t csk, int64_t ldv, T* C, int64_t ldc) {
+  const void* base = bank.t.const_data_ptr();
+  switch (bank.dt) {
+    case at::kBFloat16:
+      K.axpy_block_bf16(J, Kn, n, coef, csj, csk, static_cast<const Bf16*>(base) + offset, ldv, C, ldc, nullptr, false);
+      break;
+    case at::kHalf:
+      K.axpy_block_f16(J, Kn, n, coef, csj, csk, static_cast<const F16*>(base) + offset, ldv, C, ldc, nullptr, false);
+      break;
+    default:
+      K.axpy_block(J, Kn, n, coef, csj, csk, static_cast<const T*>(base) + offset, ldv, C, ldc, nullptr, false);
+  }
+}
+
 // Fills m (constructed for s): retrieval in double, then the mixing, parallel over feature chunks
 // of A and over (slice, chunk of kOutChunk output columns) of B, all tasks kOutChunk*r wide (the
 // N bank rows of a task, 30 KiB at r = 4 and N = 30, stay in L1 across the sample blocks). A B task
@@ -490,8 +532,7 @@ void prepare_memory(const IsaTable& isa, const Shapes& s, const at::Tensor& quer
                     const at::Tensor& bank_a, const at::Tensor& bank_b, Sep sep, double scale, double eps,
                     Memory<T>& m, bool units) {
   const Kernels<T>& K = kernels_of<T>(isa);
-  const at::ScalarType ct = c10::CppTypeToScalarType<T>::value;
-  const at::Tensor ba = as_contiguous(bank_a, ct), bb = as_contiguous(bank_b, ct);
+  const BankOperand ba = bank_operand<T>(bank_a), bb = bank_operand<T>(bank_b);
   retrieve_in_double(isa, s, query, keys, sep, eps, m, units);
   mark(kRetrieval);
   if (s.B == 0) return;
@@ -502,24 +543,22 @@ void prepare_memory(const IsaTable& isa, const Shapes& s, const at::Tensor& quer
   const int64_t a_tasks = (Fa + a_grain - 1) / a_grain;
   const int64_t chunks = (s.d_s + kOutChunk - 1) / kOutChunk;
   const T* w = m.weights.data();
-  const T* pa = ba.data_ptr<T>();
-  const T* pb = bb.data_ptr<T>();
   const T sc = T(scale);
   at::parallel_for(0, a_tasks + s.S * chunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> tmp;  // (kSamples, kOutChunk * r): one per task range
     for (int64_t task = begin; task < end; ++task) {
       if (task < a_tasks) {
         const int64_t f0 = task * a_grain, n = std::min(a_grain, Fa - f0);
-        K.axpy_block(s.B, s.N, n, w, s.N, 1, pa + f0, Fa, m.A + f0, Fa, nullptr, false);
+        mix_rows<T>(K, ba, f0, s.B, s.N, n, w, s.N, 1, Fa, m.A + f0, Fa);
         continue;
       }
       const int64_t sl = (task - a_tasks) / chunks, e0 = ((task - a_tasks) % chunks) * kOutChunk;
       const int64_t ne = std::min(kOutChunk, s.d_s - e0), width = ne * s.r;
       tmp.resize(kSamples * kOutChunk * s.r);
-      const T* src = pb + (sl * s.d_s + e0) * s.r;  // bank_b[n, sl, e0:e0+ne, :], row stride Fb
+      const int64_t src = (sl * s.d_s + e0) * s.r;  // bank_b[n, sl, e0:e0+ne, :], row stride Fb
       for (int64_t b0 = 0; b0 < s.B; b0 += kSamples) {
         const int64_t nb = std::min(kSamples, s.B - b0);
-        K.axpy_block(nb, s.N, width, w + b0 * s.N, s.N, 1, src, Fb, tmp.data(), width, nullptr, false);
+        mix_rows<T>(K, bb, src, nb, s.N, width, w + b0 * s.N, s.N, 1, Fb, tmp.data(), width);
         for (int64_t j = 0; j < nb; ++j) {
           T* dst = m.Bt + (b0 + j) * Fb + sl * s.r * s.d_s + e0;
           const T* t = tmp.data() + j * width;

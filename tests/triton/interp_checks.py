@@ -121,6 +121,30 @@ def test_other_dtypes(dtype, separation):
     check_backward(inp, dtype, separation)
 
 
+@pytest.mark.parametrize("bank_dtype", [torch.bfloat16, torch.float16])
+def test_fp32_x_with_16bit_banks(bank_dtype):
+    # Contract section 4: 16-bit banks are data, widened exactly (the kernels' `.to(ct)` loads) and
+    # mixed in fp32; judged against the float64 spec of the stored values, within the fp32 criterion.
+    # The memory gradients have the banks' dtype (fp32 sums rounded once to it).
+    inp64 = make_inputs(**SMALL, seed=6)
+    inp64.bank_a, inp64.bank_b = (b.to(bank_dtype).double() for b in (inp64.bank_a, inp64.bank_b))
+    inp = inp64.to(torch.float32)
+    inp.bank_a, inp.bank_b = inp.bank_a.to(bank_dtype), inp.bank_b.to(bank_dtype)
+    got = _forward(inp, "affine")
+    assert got.dtype == torch.float32
+    assert_close_to_spec(got, _spec_forward(inp64, "affine"), _spec_forward(inp.to(torch.float32), "affine"),
+                         factor=2.0, floor=FLOOR[torch.float32], what=f"y, {bank_dtype} banks")
+    grad64 = torch.randn(*got.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    grads = _backward(tri.mira_linear_backward, grad64.float(), inp, "affine")
+    want = _backward(reference.mira_linear_backward, grad64, inp64, "affine")
+    own = _backward(reference.mira_linear_backward, grad64.float(), inp, "affine")
+    for name, a, w, o, floor in zip(("dx", "dquery", "dkeys", "dbank_a", "dbank_b"), grads, want, own,
+                                    (FLOOR[torch.float32],) * 3 + (FLOOR[bank_dtype],) * 2):
+        like = {"dbank_a": inp.bank_a, "dbank_b": inp.bank_b}.get(name, inp.x if name == "dx" else inp.keys)
+        assert a.dtype == like.dtype, f"{name}: {a.dtype}"
+        assert_close_to_spec(a, w, o, factor=3.0, floor=floor, what=f"{name}, {bank_dtype} banks")
+
+
 @pytest.mark.parametrize("regime", [*(pytest.param(r, marks=SLOW) for r in ("one_slot", "uniform", "negative")),
                                     "near_zero"])
 def test_weight_regimes(regime):
