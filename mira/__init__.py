@@ -9,7 +9,9 @@ Public API (names are stable; other packages build on them)::
         config: a MiraConfig (PEFT style), or its fields as keyword arguments (rank=4,
         slices=("q", "v"), query="identity", separation="affine", blocks=None, capacity=None,
         key_dim=None, query_token="cls", query_hidden=None, key_norm="per_feature",
-        key_init="uniform", trainable_bank=False, scale=1.0, eps=..., slice_width=None). In place:
+        key_init="uniform", trainable_bank=False, bank_dtype=None, scale=1.0, eps=..., slice_width=None).
+        bank_dtype=torch.bfloat16 stores the adapter banks in 16 bits (half the bytes each forward
+        reads; float32 mixing; each stored entry rounded by <= 2^-8 relative). In place:
         each timm ViT block gets ``block.mira_memory`` (AdapterMemory, with its query module) and
         ``block.attn.qkv`` becomes a MiraProjection wrapping the original Linear. Verified by dry
         runs; the backbone is frozen; the stage is "adaptation". The defaults are the authors'

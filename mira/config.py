@@ -13,6 +13,8 @@ import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import torch
+
 from mira_kernels import DEFAULT_EPS, SEPARATIONS
 
 __all__ = [
@@ -22,6 +24,7 @@ __all__ = [
     "KEY_INITS",
     "STAGES",
     "SLICE_NAMES",
+    "BANK_DTYPES",
     "MiraConfig",
     "MemoryConfig",
 ]
@@ -42,6 +45,20 @@ KEY_INITS = ("uniform", "normal")
 STAGES = ("adaptation", "consolidation", "inference")
 #: Named output slices of a packed qkv projection, in the order timm packs them.
 SLICE_NAMES = ("q", "k", "v")
+#: Storage dtypes of the adapter banks (``bank_dtype``; None: the model's dtype). 16-bit banks
+#: halve the bytes every forward reads from memory, with float32 mixing (contract section 4).
+BANK_DTYPES = ("bfloat16", "float16", "float32")
+
+
+def _bank_dtype(value) -> str | None:
+    """``bank_dtype`` as its name: None, a torch dtype or its name (``"bfloat16"``, ``"torch.bfloat16"``)."""
+    if value is None:
+        return None
+    name = str(value).removeprefix("torch.") if isinstance(value, (str, torch.dtype)) else None
+    if name not in BANK_DTYPES:
+        raise ValueError(f"unknown bank_dtype {value!r}; expected None (the model's dtype) or one of "
+                         f"{tuple('torch.' + n for n in BANK_DTYPES)}")
+    return name
 
 
 def _positive_int(name: str, value, *, allow_none: bool = False, allow_zero: bool = False) -> int | None:
@@ -96,6 +113,13 @@ def _check_memory_fields(cfg) -> None:
     cfg.capacity = _positive_int("capacity", cfg.capacity, allow_none=True)
     _check_separation_capacity(cfg.separation, cfg.capacity)
     cfg.trainable_bank = bool(cfg.trainable_bank)
+    cfg.bank_dtype = _bank_dtype(cfg.bank_dtype)
+    if cfg.trainable_bank and cfg.bank_dtype in ("bfloat16", "float16"):
+        raise ValueError(
+            f"trainable_bank=True cannot use bank_dtype={cfg.bank_dtype!r}: an optimiser step on 16-bit storage "
+            "drops every update smaller than 2^-8 (bfloat16) or 2^-11 (float16) of the entry; keep the bank frozen "
+            "or store it in float32"
+        )
     cfg.scale = _finite("scale", cfg.scale)
     cfg.eps = _finite("eps", cfg.eps, positive=True)
 
@@ -122,6 +146,15 @@ class MiraConfig:
             with an active mask, so growth changes no shape (no recompilation, no CUDA-graph
             re-capture).
         trainable_bank: make the stored adapters trainable in consolidation (an ablation).
+        bank_dtype: storage dtype of the adapter banks: None (default: the model's dtype),
+            ``torch.bfloat16`` / ``"bfloat16"``, ``torch.float16`` or ``torch.float32``. 16-bit banks
+            halve the bytes every forward reads (at batch 1 they come from DRAM and set the floor
+            of MIRA's overhead); the op widens them exactly and mixes in float32, so the only error
+            is the rounding of each stored entry, at most 2^-8 (bfloat16) / 2^-11 (float16)
+            relative, which moves the adapter's contribution by at most ~2x that relative (contract
+            section 4). float16 holds |entries| <= 65504 only: larger ones are refused on append.
+            Not with ``trainable_bank`` (an optimiser step on 16-bit storage loses small updates),
+            nor with a float64 model (the op computes in float64 there).
         scale: multiplies every adapter's contribution (the paper uses 1, no alpha/r).
         eps: guard of the affine denominator (see ``mira_kernels.DEFAULT_EPS``).
         blocks: indices of the blocks to adapt (negative allowed); None for every block.
@@ -139,6 +172,7 @@ class MiraConfig:
     key_init: str = "uniform"
     capacity: int | None = None
     trainable_bank: bool = False
+    bank_dtype: str | None = None
     scale: float = 1.0
     eps: float = DEFAULT_EPS
     blocks: tuple | None = None
@@ -182,7 +216,8 @@ class MemoryConfig:
         num_slices: S, the number of adapted output slices.
         slice_width: d_s, the width of each slice.
         rank, query, query_token, query_hidden, separation, key_norm, key_init, capacity,
-        trainable_bank, scale, eps: as :class:`MiraConfig`.
+        trainable_bank, bank_dtype, scale, eps: as :class:`MiraConfig` (``bank_dtype`` held as
+        its name, e.g. ``"bfloat16"``, so that the config is JSON).
         num_prefix_tokens: tokens before the patch tokens (CLS, registers, distillation),
             excluded from the ``"mean"`` query.
     """
@@ -200,6 +235,7 @@ class MemoryConfig:
     key_init: str = "uniform"
     capacity: int | None = None
     trainable_bank: bool = False
+    bank_dtype: str | None = None
     scale: float = 1.0
     eps: float = DEFAULT_EPS
     num_prefix_tokens: int = 1

@@ -257,7 +257,7 @@ def _install(model: nn.Module, chosen: list[tuple[str, nn.Module]], config: Mira
                 slice_width=width, rank=config.rank, query=config.query, query_token=config.query_token,
                 query_hidden=config.query_hidden, separation=config.separation, key_norm=config.key_norm,
                 key_init=config.key_init, capacity=config.capacity, trainable_bank=config.trainable_bank,
-                scale=config.scale, eps=config.eps, num_prefix_tokens=num_prefix,
+                bank_dtype=config.bank_dtype, scale=config.scale, eps=config.eps, num_prefix_tokens=num_prefix,
             ),
             offsets, names,
         ))
@@ -286,16 +286,16 @@ def config_of(model: nn.Module) -> MiraConfig:
         slices = proj.slice_names if proj.slice_names is not None else proj.slice_offsets
         configs.add((slices, None if proj.slice_names is not None else c.slice_width, c.rank, c.query, c.query_token,
                      c.query_hidden, c.d_k, c.separation, c.key_norm, c.key_init, c.capacity, c.trainable_bank, c.scale,
-                     c.eps))
+                     c.eps, c.bank_dtype))
     if len(configs) > 1:
         raise ValueError(f"config_of: the blocks were attached with different options: {sorted(configs, key=str)}")
     (slices, slice_width, rank, query, query_token, query_hidden, d_k, separation, key_norm, key_init, capacity,
-     trainable_bank, scale, eps) = configs.pop()
+     trainable_bank, scale, eps, bank_dtype) = configs.pop()
     blocks = None if len(adapted) == len(found) else tuple(i for i, _ in adapted)
     return MiraConfig(rank=rank, slices=slices, slice_width=slice_width, query=query, query_token=query_token,
                       query_hidden=query_hidden, key_dim=d_k, separation=separation, key_norm=key_norm,
-                      key_init=key_init, capacity=capacity, trainable_bank=trainable_bank, scale=scale, eps=eps,
-                      blocks=blocks)
+                      key_init=key_init, capacity=capacity, trainable_bank=trainable_bank, bank_dtype=bank_dtype,
+                      scale=scale, eps=eps, blocks=blocks)
 
 
 def detach(model: nn.Module) -> nn.Module:

@@ -48,7 +48,8 @@ MODULE_PREFIX = "modules/"
 _RESERVED = ("format", "format_version", "memories", "attach_config", "modules")
 
 # Config fields that change what a stored adapter means or how it is read; capacity and
-# trainable_bank are storage choices and may differ between the file and the model.
+# trainable_bank are storage choices and may differ between the file and the model; so is
+# bank_dtype (the banks load converted to the model's: exact from 16 bits up, rounded down to them).
 _MUST_MATCH = ("d_in", "d_k", "num_slices", "slice_width", "rank", "query", "query_hidden", "query_token",
                "num_prefix_tokens", "separation", "key_norm", "scale", "eps")
 
@@ -101,7 +102,7 @@ def _write_file(model: nn.Module, path, modules: Mapping[str, nn.Module], metada
     if not named:
         raise RuntimeError(f"{what}: the model has no MIRA memories (call mira.attach first)")
     try:
-        attach_config = json.dumps(dataclasses.asdict(config_of(model)))
+        attach_config = json.dumps(_portable(dataclasses.asdict(config_of(model))))
     except (ValueError, RuntimeError):  # RuntimeError: memories in no timm-style attn.qkv (installed by hand)
         if modules:
             raise
@@ -120,7 +121,7 @@ def _write_file(model: nn.Module, path, modules: Mapping[str, nn.Module], metada
             tensors[f"{name}.query_module.{key}"] = value.detach().clone()
         proj = owners.get(id(memory))
         described[name] = {
-            "config": memory.config.to_dict(),
+            "config": _portable(memory.config.to_dict()),
             "num_slots": n,
             "slice_offsets": list(proj.slice_offsets) if proj is not None else None,
             "slot_names": list(memory.slot_names),
@@ -147,6 +148,14 @@ def _write_file(model: nn.Module, path, modules: Mapping[str, nn.Module], metada
     finally:
         if os.path.exists(partial):
             os.remove(partial)
+
+
+def _portable(config: dict) -> dict:
+    """A config as written: ``bank_dtype`` only where set, so that a file of a model attached without
+    it reads in versions that predate the option (the format version is unchanged)."""
+    if config.get("bank_dtype", "") is None:
+        config = {k: v for k, v in config.items() if k != "bank_dtype"}
+    return config
 
 
 def _read_memory_file(path: str) -> tuple[dict[str, str], dict[str, torch.Tensor], dict]:
@@ -193,6 +202,7 @@ def _finite_tensor(path: str, key: str, value: torch.Tensor, like: torch.Tensor)
     converted = value.to(dtype=like.dtype, device=like.device)
     if not bool(torch.isfinite(converted).all()):
         raise ValueError(f"{path}: {key} holds values too large for the model's {like.dtype}")
+    # (like.dtype is the model's: for the banks their bank_dtype, which may differ from the file's.)
     return converted
 
 
@@ -249,7 +259,10 @@ def _plan_memory(path: str, name: str, entry, memory: AdapterMemory, proj, tenso
         if tuple(t.shape) != shape:
             raise ValueError(f"{path}: {name}.{k} must have shape {shape} (num_slots = {n} and the model's "
                              f"config), got {tuple(t.shape)}")
-        planned[k] = _finite_tensor(path, f"{name}.{k}", t, memory.keys)
+        # Into the model's storage dtype: the banks' own (bank_dtype), which may differ from the file's
+        # (a storage choice): float32 banks into 16-bit ones round as contract section 4 bounds;
+        # float16 refuses entries beyond its range (finite in the file, inf after conversion).
+        planned[k] = _finite_tensor(path, f"{name}.{k}", t, memory.keys if k == "keys" else getattr(memory, k))
     query_state = {}
     for k, like in current_query.items():
         t = file_query[k]

@@ -87,8 +87,9 @@ class AdapterMemory(nn.Module):
         n = config.capacity or 0
         c = config
         self.keys = nn.Parameter(torch.zeros(n, c.d_k, **factory))
-        bank_a = torch.zeros(n, c.num_slices, c.rank, c.d_in, **factory)
-        bank_b = torch.zeros(n, c.num_slices, c.slice_width, c.rank, **factory)
+        bank_factory = {"device": device, "dtype": self._bank_dtype_for(self.keys.dtype)}
+        bank_a = torch.zeros(n, c.num_slices, c.rank, c.d_in, **bank_factory)
+        bank_b = torch.zeros(n, c.num_slices, c.slice_width, c.rank, **bank_factory)
         if c.trainable_bank:
             self.bank_a = nn.Parameter(bank_a)
             self.bank_b = nn.Parameter(bank_b)
@@ -290,6 +291,51 @@ class AdapterMemory(nn.Module):
     def _factory(self) -> dict:
         return {"device": self.keys.device, "dtype": self.keys.dtype}
 
+    def _bank_dtype_for(self, dtype: torch.dtype) -> torch.dtype:
+        """The banks' storage dtype in a memory whose other tensors have ``dtype`` (config.bank_dtype)."""
+        name = self.config.bank_dtype
+        if name is None:
+            return dtype
+        bank_dtype = getattr(torch, name)
+        if dtype == torch.float64 and bank_dtype != torch.float64:
+            raise ValueError(f"bank_dtype={name!r} needs float32 compute, but this memory's dtype is float64 "
+                             "(the op computes in float64 there); use bank_dtype=None for a float64 model")
+        return bank_dtype
+
+    def _bank_factory(self) -> dict:
+        return {"device": self.keys.device, "dtype": self._bank_dtype_for(self.keys.dtype)}
+
+    def _as_bank(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        """``t`` (already checked, detached) in the banks' storage dtype; refuses entries it cannot hold.
+
+        Rounding into 16-bit storage moves each entry by at most 2^-8 (bfloat16) / 2^-11 (float16)
+        of itself (contract section 4); float16 cannot hold |entries| above 65504, which would become
+        inf (a value created from finite ones), so those are refused, as NaN or inf entries are not.
+        """
+        stored = t.to(**self._bank_factory())
+        if stored.dtype != t.dtype and stored.dtype.itemsize < t.dtype.itemsize:
+            if not bool(torch.isfinite(stored).all()) and bool(torch.isfinite(t).all()):
+                raise ValueError(f"{name} holds entries beyond {stored.dtype}'s range "
+                                 f"(|x| <= {torch.finfo(stored.dtype).max:g}), this memory's bank_dtype; use "
+                                 "bank_dtype=torch.bfloat16 (float32's range) or float32")
+        return stored
+
+    def _apply(self, fn, recurse=True):
+        # model.to(dtype) / .half() / .float() cast every floating tensor; a memory with a chosen
+        # bank_dtype keeps its banks in it (moving devices as asked): with 16-bit banks a model-wide
+        # cast would otherwise double the bank bytes (.float()) or round them again (.half() of bf16).
+        if self.config.bank_dtype is None:
+            return super()._apply(fn, recurse)
+        banks = {name: self._buffers.pop(name) for name in ("bank_a", "bank_b") if name in self._buffers}
+        try:
+            out = super()._apply(fn, recurse)
+        finally:
+            device = self._parameters["keys"].device
+            for name, bank in banks.items():
+                self._buffers[name] = bank if bank is None else bank.to(device=device)
+        self._retrieval_cache = None
+        return out
+
     def _as_batch(self, name: str, t: torch.Tensor, tail: tuple[int, ...]) -> torch.Tensor:
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
@@ -299,7 +345,7 @@ class AdapterMemory(nn.Module):
         if t.dim() != len(tail) + 1 or tuple(t.shape[1:]) != tail:
             raise ValueError(f"{name} must have shape {layout} (S, r, d_in / S, d_s, r of this memory), "
                              f"got {tuple(t.shape)}")
-        return t.detach().to(**self._factory())
+        return self._as_bank(name, t.detach())
 
     def _new_keys(self, keys, n: int, generator: torch.Generator | None) -> torch.Tensor:
         d_k = self.config.d_k
@@ -494,12 +540,13 @@ class AdapterMemory(nn.Module):
             return
         incoming = state_dict.get(prefix + "keys")
         if self.active is None and isinstance(incoming, torch.Tensor) and incoming.shape[0] != self.keys.shape[0]:
-            n, c, f = incoming.shape[0], self.config, self._factory()
-            # Resize to the incoming slot count; the values are copied by the default loader.
+            n, c, f, fb = incoming.shape[0], self.config, self._factory(), self._bank_factory()
+            # Resize to the incoming slot count; the values are copied by the default loader (into the
+            # banks' storage dtype: a float32 state dict into 16-bit banks rounds, contract section 4).
             self._set_storage(
                 torch.zeros(n, c.d_k, **f),
-                torch.zeros(n, c.num_slices, c.rank, c.d_in, **f),
-                torch.zeros(n, c.num_slices, c.slice_width, c.rank, **f),
+                torch.zeros(n, c.num_slices, c.rank, c.d_in, **fb),
+                torch.zeros(n, c.num_slices, c.slice_width, c.rank, **fb),
             )
         self.invalidate_cache()
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
@@ -548,7 +595,8 @@ class AdapterMemory(nn.Module):
         size = f"slots={self.keys.shape[0]}" if c.capacity is None else f"capacity={c.capacity}"
         return (f"{size}, d_k={c.d_k}, d_in={c.d_in}, slices={c.num_slices}x{c.slice_width}, rank={c.rank}, "
                 f"separation={c.separation}, key_norm={c.key_norm}, key_init={c.key_init}, query_token={c.query_token}"
-                + (", trainable_bank=True" if c.trainable_bank else ""))
+                + (", trainable_bank=True" if c.trainable_bank else "")
+                + (f", bank_dtype={c.bank_dtype}" if c.bank_dtype is not None else ""))
 
 
 

@@ -229,3 +229,136 @@ def test_eval_fast_path_compile_and_opcheck_with_bf16_banks():
         assert torch.equal(compiled(*low.linear_args()), want)
     torch.library.opcheck(torch.ops.mira.mira_linear.default, args)
 
+
+# ----------------------------------------------------------------------------------------------
+# The memory option: mira.attach(..., bank_dtype=torch.bfloat16).
+# ----------------------------------------------------------------------------------------------
+
+
+def filled(bank_dtype=None, **attach):
+    """A tiny attached ViT whose memories hold 3 adapters with entries of a few magnitudes."""
+    import mira
+    from tests.tiny_models import tiny_vit
+
+    model = mira.attach(tiny_vit(), bank_dtype=bank_dtype, **attach)
+    g = torch.Generator().manual_seed(3)
+    for m in mira.memories(model):
+        c = m.config
+        m.append(torch.randn(3, c.num_slices, c.rank, c.d_in, generator=g) / 8,
+                 torch.randn(3, c.num_slices, c.slice_width, c.rank, generator=g) * 0.3, generator=g)
+    return mira.set_stage(model, "inference")
+
+
+@pytest.mark.parametrize("bank_dtype", BANK_DTYPES)
+def test_attach_stores_banks_in_bank_dtype_and_computes_the_rounded_model(bank_dtype):
+    # The only difference from float32 banks is the storage rounding: a float32-bank model holding
+    # the rounded values gives the same output, bit for bit.
+    import mira
+    from tests.tiny_models import images
+
+    low, full = filled(bank_dtype), filled()
+    for m_low, m_full in zip(mira.memories(low), mira.memories(full)):
+        assert m_low.bank_a.dtype == m_low.bank_b.dtype == bank_dtype and m_low.keys.dtype == torch.float32
+        assert m_low.config.bank_dtype == str(bank_dtype).removeprefix("torch.")
+        with torch.no_grad():
+            m_full.bank_a.copy_(m_low.bank_a)
+            m_full.bank_b.copy_(m_low.bank_b)
+    x = images()
+    with torch.no_grad():
+        torch.testing.assert_close(low(x), full(x), rtol=0, atol=0)
+    summary = mira.count_parameters(low)
+    assert summary["added_bytes"] < mira.count_parameters(full)["added_bytes"]
+
+
+def test_bank_dtype_is_validated():
+    import mira
+    from mira.config import MemoryConfig, MiraConfig
+    from tests.tiny_models import tiny_vit
+
+    assert MiraConfig(bank_dtype=torch.bfloat16).bank_dtype == "bfloat16"
+    assert MiraConfig(bank_dtype="torch.float16").bank_dtype == "float16"
+    for bad in ("int8", torch.float64, 16, True):
+        with pytest.raises(ValueError, match="unknown bank_dtype"):
+            MiraConfig(bank_dtype=bad)
+    with pytest.raises(ValueError, match="trainable_bank=True cannot use bank_dtype='bfloat16'"):
+        MiraConfig(bank_dtype=torch.bfloat16, trainable_bank=True)
+    with pytest.raises(ValueError, match="trainable_bank"):
+        MemoryConfig(d_in=8, d_k=8, num_slices=1, slice_width=8, bank_dtype="float16", trainable_bank=True)
+    assert MiraConfig(bank_dtype=torch.float32, trainable_bank=True).bank_dtype == "float32"
+    with pytest.raises(ValueError, match="needs float32 compute"):
+        mira.attach(tiny_vit().double(), bank_dtype=torch.bfloat16)
+
+
+def test_model_casts_keep_the_chosen_bank_dtype():
+    # model.float() / .to(dtype) / .half() cast floating tensors: the banks stay in bank_dtype.
+    import mira
+
+    model = filled(torch.bfloat16)
+    before = [m.bank_a.clone() for m in mira.memories(model)]
+    model.float()
+    model.to(torch.float32)
+    model.half()
+    for m, b in zip(mira.memories(model), before):
+        assert m.keys.dtype == torch.float16 and m.bank_a.dtype == m.bank_b.dtype == torch.bfloat16
+        assert torch.equal(m.bank_a, b)
+    plain = filled()
+    plain.half()
+    assert all(m.bank_a.dtype == torch.float16 for m in mira.memories(plain))  # default: the model's dtype
+
+
+def test_float16_banks_refuse_entries_beyond_their_range():
+    import mira
+
+    model = filled(torch.float16)
+    memory = mira.memories(model)[0]
+    c = memory.config
+    state = {k: v.clone() for k, v in memory.state_dict().items()}
+    big = torch.zeros(1, c.num_slices, c.rank, c.d_in)
+    big[0, 0, 0, 0] = 1e5
+    with pytest.raises(ValueError, match="bank_a holds entries beyond torch.float16's range"):
+        memory.append(big, torch.zeros(1, c.num_slices, c.slice_width, c.rank))
+    assert all(torch.equal(v, memory.state_dict()[k]) for k, v in state.items())  # nothing changed
+
+
+def test_save_and_load_keep_or_convert_the_bank_dtype(tmp_path):
+    import json
+
+    from safetensors import safe_open
+
+    import mira
+    from tests.tiny_models import images, tiny_vit
+
+    source = filled(torch.bfloat16)
+    path = tmp_path / "bf16.safetensors"
+    mira.save_model(source, path)
+    with safe_open(str(path), framework="pt") as f:
+        name = next(k for k in f.keys() if k.endswith(".bank_a"))
+        assert f.get_tensor(name).dtype == torch.bfloat16  # safetensors keeps the dtype
+        meta = f.metadata()
+    assert json.loads(meta["attach_config"])["bank_dtype"] == "bfloat16"
+    assert meta["format_version"] == str(mira.io.FORMAT_VERSION) == "2"
+    x = images()
+    with torch.no_grad():
+        want = source(x)
+        loaded = mira.load_model(tiny_vit(), path)  # attached with the saved bank_dtype
+        assert all(m.bank_a.dtype == torch.bfloat16 for m in mira.memories(loaded))
+        torch.testing.assert_close(loaded(x), want, rtol=0, atol=0)
+        # Into a float32-bank model: widened exactly, same output.
+        wide = mira.attach(tiny_vit())
+        mira.load_memories(wide, path)
+        assert all(m.bank_a.dtype == torch.float32 for m in mira.memories(wide))
+        torch.testing.assert_close(mira.set_stage(wide, "inference")(x), want, rtol=0, atol=0)
+    # float32 banks into a bfloat16-bank model: rounded to the model's storage (the stated choice).
+    plain = filled()
+    mira.save_memories(plain, tmp_path / "fp32.safetensors")
+    with safe_open(str(tmp_path / "fp32.safetensors"), framework="pt") as f:
+        assert "bank_dtype" not in f.metadata()["memories"]  # default configs stay readable by older versions
+    narrow = mira.attach(tiny_vit(), bank_dtype=torch.bfloat16)
+    mira.load_memories(narrow, tmp_path / "fp32.safetensors")
+    for m, p in zip(mira.memories(narrow), mira.memories(plain)):
+        assert m.bank_a.dtype == torch.bfloat16 and torch.equal(m.bank_a, p.bank_a.bfloat16())
+    # A state dict too (torch's copy_ rounds into the buffer).
+    again = mira.attach(tiny_vit(), bank_dtype=torch.bfloat16)
+    again.load_state_dict(plain.state_dict())
+    for m, p in zip(mira.memories(again), mira.memories(plain)):
+        assert m.bank_b.dtype == torch.bfloat16 and torch.equal(m.bank_b, p.bank_b.bfloat16())
