@@ -266,7 +266,9 @@ PART_LABELS = {
 
 def format_budget(rec: dict) -> str:
     m = rec["machine"]
+    banks = rec.get("bank_dtype") or "model dtype"
     lines = [f"MIRA per-block time budget and floor: {rec['model']} fp32, r={rec['rank']} N={rec['slots']}, "
+             f"banks {banks}, "
              f"block 0, {rec['n_blocks']} blocks; commit {rec['commit']}, {rec['timestamp']}",
              f"machine: {m.get('cpu')}, {m.get('torch_threads')} threads, ISA {m.get('mira_cpu_isa')}, "
              f"load {m.get('load_average_1m', -1):.1f} at start; caches "
@@ -304,11 +306,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--budget", type=float, default=20.0, help="seconds of interleaved rounds per batch size")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's own choice)")
     p.add_argument("--warm", action="store_true", help="keep caches warm between calls (default: evict them)")
+    p.add_argument("--bank-dtype", default="", choices=("", "bfloat16", "float16", "float32"),
+                   help="storage dtype of MIRA's banks (mira.attach's bank_dtype; '' = the model's dtype)")
     p.add_argument("--json", default=None, help="also write the record here")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    cfg = latency.BenchConfig(batch_sizes=tuple(a.batch_sizes), device="cpu")
+    cfg = latency.BenchConfig(batch_sizes=tuple(a.batch_sizes), device="cpu", bank_dtype=a.bank_dtype)
     machine = _pairs.machine_info()
     variants = latency.build_variants(cfg)
     proj = mira.projections(variants.mira)[0]
@@ -325,7 +329,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         floor = measure_floor(proj, cache.x, n_blocks=variants.n_blocks, backbone_s=backbone_s,
                               stock_s=bud["stock"]["median_s"], bandwidth=bandwidth)
         batches.append({"batch": batch, "backbone_s": backbone_s, "floor": floor, "budget": bud})
-    rec = {"kind": "budget", "model": cfg.model, "rank": cfg.rank, "slots": cfg.slots, "n_blocks": variants.n_blocks,
+    rec = {"kind": "budget", "model": cfg.model, "rank": cfg.rank, "slots": cfg.slots,
+           "bank_dtype": cfg.bank_dtype or None, "n_blocks": variants.n_blocks,
            "commit": latency.git_commit(), "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
            "machine": machine, "bandwidth": bandwidth, "batches": batches}
     print(format_budget(rec))

@@ -136,6 +136,8 @@ class BenchConfig:
     slices: tuple[str, ...] = _opt(("q", "v"), "adapted output slices of qkv")
     query: str = _opt("identity", "query module", choices=("identity", "linear", "mlp"))
     separation: str = _opt("affine", "separation function")
+    bank_dtype: str = _opt("", "storage dtype of MIRA's banks (mira.attach's bank_dtype; '' = the model's dtype)",
+                           choices=("", "bfloat16", "float16", "float32"))
     seed: int = _opt(0, "seed of the model, adapters, keys and inputs")
     module_budget: float = _opt(0.0, "seconds of module-level pairs per batch size (0: 40 at B=1, 60 above; "
                                      "quick: 6 / 7)")
@@ -388,7 +390,7 @@ def build_variants(cfg: BenchConfig, *, model: nn.Module | None = None) -> Varia
     mira_model = _sharing_copy(backbone)
     example = torch.randn(2, *_image_shape(backbone), generator=generator).to(device=device, dtype=dtype)
     mira.attach(mira_model, rank=cfg.rank, slices=cfg.slices, query=cfg.query, separation=cfg.separation,
-                example_input=example)
+                bank_dtype=cfg.bank_dtype or None, example_input=example)
     _fill(mira_model, cfg.slots, generator)
     mira.set_stage(mira_model, "inference")
     mira_model.eval()
@@ -396,7 +398,8 @@ def build_variants(cfg: BenchConfig, *, model: nn.Module | None = None) -> Varia
     offsets = tuple(projections[0].slice_offsets)
 
     eager = _sharing_copy(backbone)
-    memories = [(m.retrieval_keys(), *m.retrieval_banks()) for m in mira.memories(mira_model)]
+    # The eager baseline computes in the model's dtype: 16-bit banks (bank_dtype) widened for it.
+    memories = [(m.retrieval_keys(), *(b.to(dtype) for b in m.retrieval_banks())) for m in mira.memories(mira_model)]
     attach_eager(eager, memories, offsets, scale=projections[0].memory.config.scale,
                  eps=projections[0].memory.config.eps)
     eager.eval()
