@@ -278,11 +278,22 @@ def plan_records(backend: str, op: str, B: int, dtype: torch.dtype) -> launch_pl
         return f"no launch planner yet ({exc.name})"
 
 
+def _layer_takes_the_cls_view() -> bool:
+    """Whether the layer, for 16-bit x over a float32 memory of the default config, passes the
+    strided view x[:, 0] to the op (no cast launch; issue 17). Read from the layer's own rule
+    (AdapterMemory.query_token), so the model charges what the layer does."""
+    from mira import AdapterMemory, MemoryConfig
+
+    memory = AdapterMemory(MemoryConfig(d_in=8, d_k=8, num_slices=2, slice_width=8, rank=2), dtype=torch.float32)
+    return memory.query_token(torch.empty(1, 2, 8, dtype=torch.bfloat16)) == 0
+
+
 def _layer_extras(B: int, xb: int, mach: Machine) -> list[Op]:
     """What the MIRA layer runs before its op (mira/memory.py): the query's cast to fp32 (16-bit x)
-    and the per-feature normalisation of the keys across the slots (norm, clamp, divide)."""
+    unless the layer passes x's CLS view, and the per-feature normalisation of the keys across the
+    slots (norm, clamp, divide)."""
     ops = []
-    if xb == 2:
+    if xb == 2 and not _layer_takes_the_cls_view():
         ops.append(Op("query cast", [_aten("copy query->fp32", B * D * xb, B * D * 4)], mach.host_aten_op, True))
     kb = SLOTS * D * 4
     ops.append(Op("key norm", [_aten("norm keys per feature", kb, D * 4, 2 * SLOTS * D),

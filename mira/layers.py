@@ -178,7 +178,7 @@ class MiraProjection(nn.Module):
         if y is not None:
             return y
         if token is not None:
-            query = memory.make_query(x)
+            query = x[:, token]  # a view, no copy: the op widens a 16-bit query exactly in-kernel
         return mira_kernels.mira_linear(
             x, weight, bias, query, keys, bank_a, bank_b,
             slice_offsets=self.slice_offsets, separation=c.separation, scale=c.scale, eps=c.eps,

@@ -173,8 +173,11 @@ class AdapterMemory(nn.Module):
     def query_token(self, tokens: torch.Tensor) -> int | None:
         """The index i for which :meth:`make_query` of ``tokens`` is exactly ``tokens[:, i]``, else None.
 
-        That is the paper's query (identity query module, CLS token, the memory's dtype), which
-        the eval fast path takes from x itself (:func:`mira_kernels.ops.eval_linear_cpu`).
+        That is the paper's query (identity query module, CLS token), which the layer takes from x
+        itself (the strided view, or the token index for :func:`mira_kernels.ops.eval_linear_cpu`).
+        x may be 16-bit over a float32 memory: widening bf16/fp16 to float32 is exact and the op
+        accepts a query in x's 16-bit dtype and widens it in-kernel, so the result is bit for bit
+        the float32 query's, without a cast launch per block on GPU (issue 17).
         """
         qm = self._modules["query_module"]
         if (
@@ -182,7 +185,8 @@ class AdapterMemory(nn.Module):
             and self.config.query_token == "cls"
             and not (qm._forward_hooks or qm._forward_pre_hooks or _MODULE_GLOBALS._global_forward_hooks
                      or _MODULE_GLOBALS._global_forward_pre_hooks)
-            and tokens.dtype == self._parameters["keys"].dtype
+            and (tokens.dtype == (kd := self._parameters["keys"].dtype)
+                 or (kd == torch.float32 and tokens.dtype in (torch.bfloat16, torch.float16)))
         ):
             return 0
         return None

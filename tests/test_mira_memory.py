@@ -301,3 +301,30 @@ def test_one_stored_key_under_per_feature_norm_gets_exactly_zero_gradient(capaci
     layer.memory.append(*random_adapters(1, seed=5))
     layer(tokens()).square().sum().backward()
     assert layer.memory.keys.grad[: layer.memory.num_slots].abs().amin() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("grad", [False, True])
+def test_16bit_x_over_a_float32_memory_takes_the_cls_view_bit_for_bit(dtype, grad):
+    # Issue 17: the layer passes x[:, 0] (a strided view, no cast launch) and the op widens it
+    # exactly, so output and gradients equal those of the explicit float32 query.
+    layer = make_layer(separation="affine", key_norm="per_feature")
+    bank_a, bank_b, keys = random_adapters(3)
+    layer.memory.append(bank_a, bank_b, keys)
+    layer.base_layer.to(dtype)
+    layer.train(grad)  # eval without grad: the C++ fast path with the token index
+    x = tokens(dtype=dtype).requires_grad_(grad)
+    assert layer.memory.query_token(x) == 0
+    with torch.set_grad_enabled(grad):
+        got = layer(x)
+        k, a, b = layer.memory.retrieval_tensors()
+        w = layer.base_layer
+        x2 = x.detach().requires_grad_(grad)
+        want = mira_kernels.mira_linear(x2, w.weight, w.bias, x2[:, 0].float(), k, a, b,
+                                        slice_offsets=layer.slice_offsets, separation="affine",
+                                        scale=layer.memory.config.scale, eps=layer.memory.config.eps)
+    assert got.dtype == dtype and torch.equal(got, want)
+    if grad:
+        got.float().square().sum().backward()
+        want.float().square().sum().backward()
+        assert torch.equal(x.grad, x2.grad)
