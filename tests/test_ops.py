@@ -182,6 +182,27 @@ def test_mixed_fp32_memory_with_bf16_x(backend):
     assert gq.dtype == torch.float32 and gk.dtype == torch.float32 and torch.isfinite(gq).all()
 
 
+@pytest.mark.parametrize("half", [torch.bfloat16, torch.float16])
+def test_16bit_query_over_float32_keys_is_the_float32_query_bit_for_bit(backend, half):
+    # Issue 17: the layer passes x[:, 0] itself (a strided view of 16-bit x); widening is exact,
+    # so outputs and gradients equal the explicit float32 query's, and dquery has the query's dtype.
+    mixed = make_inputs(B=3, T=6, d_in=16, d_out=48, N=4).to(half, torch.float32)
+    outs = []
+    for query in (mixed.x[:, 0], mixed.x[:, 0].float()):
+        q = query.detach().requires_grad_()
+        k = mixed.keys.detach().requires_grad_()
+        y = mk.mira_linear(mixed.x, mixed.weight, mixed.bias, q, k, mixed.bank_a, mixed.bank_b,
+                           slice_offsets=mixed.slice_offsets)
+        outs.append((y, *torch.autograd.grad(y.float().square().sum(), [q, k])))
+    (y16, gq16, gk16), (y32, gq32, gk32) = outs
+    assert torch.equal(y16, y32) and torch.equal(gk16, gk32)
+    assert gq16.dtype == half
+    if backend == "triton":  # its backward rounds dquery through the query's dtype earlier: 1 ulp off
+        torch.testing.assert_close(gq16, gq32.to(half), rtol=2 * torch.finfo(half).eps, atol=0)
+        pytest.xfail("Triton dquery for a 16-bit query is not yet the float32 gradient rounded once (issue 17)")
+    assert torch.equal(gq16, gq32.to(half))
+
+
 def test_autocast_bf16(backend):
     inp = make_inputs(B=2, T=6, d_in=16, d_out=48, N=4, dtype=torch.float32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
