@@ -758,8 +758,8 @@ def _slug(text: str) -> str:
 def record(results: Path, dest_root: Path = RECORD_DIR, repo: Path = ROOT) -> Path:
     """Copies a finished run's files into ``dest_root/<date>_<gpu>_<commit>/`` with a record.txt.
 
-    The commit is the run's own when it had git; otherwise this checkout's HEAD, provided the
-    run's source digest equals HEAD's (else the record says the commit is unknown).
+    The commit is the run's own when it had a clean git checkout; otherwise this checkout's HEAD,
+    provided the run's source digest equals HEAD's (else the run's dirty commit, or unknown).
     """
     doc = json.loads((results / "gpu_check.json").read_text())
     if doc.get("schema") != SCHEMA:
@@ -772,11 +772,15 @@ def record(results: Path, dest_root: Path = RECORD_DIR, repo: Path = ROOT) -> Pa
     commit, how = src.get("commit"), "the run's own git checkout"
     if commit and src.get("dirty"):
         how += " (with uncommitted changes)"
-    if not commit:
+    if not commit or src.get("dirty"):
+        # The lent machine's git copy can be older than the tree it received (it was seen naming an
+        # earlier commit "with uncommitted changes"): the digest of the sources decides.
         here = source_identity(repo)
         if here["digest"] == src.get("digest") and here["commit"] and not here["dirty"]:
             commit, how = here["commit"], "matched: the run's source digest equals this checkout's HEAD"
-        else:
+            if src.get("commit") and src["commit"] != here["commit"]:
+                how += f" (the run's git named {src['commit'][:12]} with uncommitted changes)"
+        elif not commit:
             how = "unknown: the run had no git and its source digest matches no clean checkout here"
     versions = env.get("versions") or {}
     day = (doc.get("started") or _now_iso())[:10]
