@@ -294,6 +294,7 @@ def test_compiled_layer_follows_in_place_changes():
 def test_cuda_graph_replay_follows_in_place_changes():
     layer, x = make_layer(), tokens()
     layer.cuda()
+    layer.memory.cuda()  # not a child of the layer (the block owns it): moved on its own
     x = x.cuda()
     with torch.no_grad():
         layer(x)  # fills the cache before capture: the graph must not read it
