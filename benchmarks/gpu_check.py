@@ -82,9 +82,10 @@ SCHEMA_FILE = Path(__file__).with_name("gpu_check.schema.json")
 PHASES = ("env", "build", "tests", "op", "model")
 # Each phase's guaranteed share of the total budget (seconds); unused time flows to later phases.
 # The build gets the most: without it nothing else runs.
-# A share is what the later phases keep back while a phase runs, not a target: env takes a few
-# seconds of its 30 on a GPU machine, and the rest flows on.
-BUDGET_SHARES = {"env": 30.0, "build": 135.0, "tests": 50.0, "op": 45.0, "model": 30.0}
+# A share is what the later phases keep back while a phase runs, not a target. Seen on an H200
+# (16 CPUs, 2026-12-04, budget 330): env 11 s, a cold build 58 s, the gpu tests 59 s; the op phase
+# takes all it is given, and the model phase (the figure users pay) ran out of time at 34 s.
+BUDGET_SHARES = {"env": 20.0, "build": 100.0, "tests": 65.0, "op": 50.0, "model": 55.0}
 TOTAL_BUDGET_S = 290.0
 OUTPUT_FILES = ("gpu_check.json", "summary.txt", "build.log", "tests.log", "phases.log")
 RECORD_DIR = ROOT / "benchmarks" / "results" / "gpu"
