@@ -15,6 +15,8 @@ Tile choices, with H100 (132 SMs) in mind:
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 from dataclasses import dataclass
 
@@ -26,6 +28,31 @@ MIN_DOT = 16
 #: Programs a split loop aims for: two waves on a 132-SM H100 / H200. Grids never read the
 #: device's SM count (see :func:`split_for`).
 TARGET_PROGRAMS = 2 * 132
+
+
+#: Launch parameters forced by :func:`overriding`; the bottom entry (no overrides) is the product's.
+_OVERRIDES: list[dict] = [{}]
+
+
+@contextlib.contextmanager
+def overriding(*, gemm: dict | None = None, gemm_groups: int | None = None, retrieve: dict | None = None,
+               retrieve_split: int | None = None):
+    """Plans made inside use these launch parameters instead of the table's: for tuning sweeps
+    (``benchmarks.gpu_sweep``) only; the ops never enter it. ``gemm``: fields of
+    :class:`FusedConfig` (samples_per_block and j_pad follow block_m); ``gemm_groups``: the
+    programs per row block (at most the column tiles); ``retrieve``: fields of
+    :class:`RetrieveConfig`; ``retrieve_split``: column shares per sample tile (at most the
+    chunks). Not thread-safe: the override is process-wide while the block runs.
+    """
+    for name, fields, cls in (("gemm", gemm, FusedConfig), ("retrieve", retrieve, RetrieveConfig)):
+        unknown = set(fields or ()) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"{name}: no such field(s) {sorted(unknown)} in {cls.__name__}")
+    _OVERRIDES.append(dict(gemm=gemm, gemm_groups=gemm_groups, retrieve=retrieve, retrieve_split=retrieve_split))
+    try:
+        yield
+    finally:
+        _OVERRIDES.pop()
 
 
 @dataclass(frozen=True)
@@ -113,9 +140,21 @@ def stacked_width(T: int, j: int, block_m: int) -> int:
     return samples_per_block(T, block_m) * j
 
 
-@functools.cache
 def fused_config(m: int, n_out: int, k: int, dtype: torch.dtype, precision: str, T: int, j: int,
                  capability: tuple[int, int] = (9, 0)) -> FusedConfig:
+    """The table's :func:`_fused_config`, or the tile :func:`overriding` forces (sweeps only)."""
+    cfg = _fused_config(m, n_out, k, dtype, precision, T, j, capability)
+    fields = _OVERRIDES[-1].get("gemm")
+    if not fields:
+        return cfg
+    cfg = dataclasses.replace(cfg, **fields)
+    spb = samples_per_block(T, cfg.block_m)  # both follow the row tile
+    return dataclasses.replace(cfg, samples_per_block=spb, j_pad=padded(spb * j) if j else MIN_DOT)
+
+
+@functools.cache
+def _fused_config(m: int, n_out: int, k: int, dtype: torch.dtype, precision: str, T: int, j: int,
+                  capability: tuple[int, int] = (9, 0)) -> FusedConfig:
     """Config of the fused GEMM for an (m, k) @ (k, n_out) product of x's dtype; ``j`` = S*r when the
     shrink is folded into the main loop (0 otherwise); ``capability`` the target generation.
 
@@ -149,8 +188,16 @@ def fused_config(m: int, n_out: int, k: int, dtype: torch.dtype, precision: str,
     return FusedConfig(*tile, samples_per_block=spb, j_pad=padded(spb * j) if j else MIN_DOT)
 
 
-@functools.cache
 def column_groups(m_tiles: int, n_tiles: int, block_n: int, j_pad: int, plain_tiles: int = 0) -> int:
+    """The table's :func:`_column_groups`, or the count :func:`overriding` forces (at most n_tiles)."""
+    forced = _OVERRIDES[-1].get("gemm_groups")
+    if forced:
+        return max(1, min(forced, n_tiles))
+    return _column_groups(m_tiles, n_tiles, block_n, j_pad, plain_tiles)
+
+
+@functools.cache
+def _column_groups(m_tiles: int, n_tiles: int, block_n: int, j_pad: int, plain_tiles: int = 0) -> int:
     """How many programs share a row block's column tiles (each takes every GROUPS-th tile).
 
     Fewer groups compute h fewer times (once per program) and let programs finish the tiles
@@ -176,8 +223,15 @@ def column_groups(m_tiles: int, n_tiles: int, block_n: int, j_pad: int, plain_ti
     return best
 
 
-@functools.cache
 def retrieve_config(n_slots: int, dtype: torch.dtype, precision: str = "tf32") -> RetrieveConfig:
+    """The table's :func:`_retrieve_config`, or the fields :func:`overriding` forces (sweeps only)."""
+    cfg = _retrieve_config(n_slots, dtype, precision)
+    fields = _OVERRIDES[-1].get("retrieve")
+    return dataclasses.replace(cfg, **fields) if fields else cfg
+
+
+@functools.cache
+def _retrieve_config(n_slots: int, dtype: torch.dtype, precision: str = "tf32") -> RetrieveConfig:
     """Tiles of the retrieval for N slots: 16-sample tiles (the smallest tl.dot M), one chunk of
     padded(N) slots up to 128 (scores kept in registers), else chunks of 64."""
     chunk = padded(n_slots) if padded(n_slots) <= 128 else 64
@@ -194,6 +248,9 @@ def retrieve_config(n_slots: int, dtype: torch.dtype, precision: str = "tf32") -
 def retrieve_split(b_tiles: int, chunks: int) -> int:
     """Column shares per sample tile: about RETRIEVE_PROGRAMS programs at small batch, one share
     per tile once the batch alone gives that many (each share re-reads the keys for its scores)."""
+    forced = _OVERRIDES[-1].get("retrieve_split")
+    if forced:
+        return max(1, min(forced, chunks))
     return max(1, min(chunks, -(-RETRIEVE_PROGRAMS // max(b_tiles, 1))))
 
 

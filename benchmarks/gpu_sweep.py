@@ -1,0 +1,682 @@
+"""Tuning data for the Triton forward's two kernels, within a fixed budget of GPU seconds.
+
+Run on the GPU machine from a tree where the extension is built (after ``benchmarks.gpu_check``:
+``cd build/gpu-check/tree && python3 -m benchmarks.gpu_sweep --budget 60 --out $OUT``), with the
+machine's own python3 (torch, triton; nothing installed). For the ViT-B/16 qkv projection of the
+``op`` phase (``benchmarks.gpu_check.WORKLOAD``: T=197, 768 -> 2304, r=4, N=30, slices q and v,
+affine; the same seeded inputs, all tensors in the dtype, query = x[:, 0]) at each dtype and
+batch it times
+
+- ``pair``: the planner's two launches (retrieve, then the fused GEMM), as ``mira_linear`` runs them;
+- ``retrieve``: ``_mira_retrieve_kernel`` alone, the planner's launch parameters, then variants of
+  BLOCK_B / BLOCK_K / BLOCK_F, the column split (grid[1]), num_warps, num_stages;
+- ``gemm``: ``_mira_gemm_kernel`` alone (its factors from the planner's retrieval), the planner's
+  tile, then variants of BLOCK_M / N / K, num_warps, num_stages and the column groups;
+- ``linear``: ``F.linear`` (cuBLAS), the baseline, timed again after every config (interleaved).
+
+Variants are planned by the product's own launchers under :func:`mira_kernels.triton.configs.overriding`
+(so grids, orders, samples per block follow the tile exactly as they would in the table), except
+the retrieval's num_stages, which the launcher fixes at 2: it is set on the planned launch. Each
+variant is run once and checked against the planner's output (mixed factors for ``retrieve``, y for
+``gemm``); a wrong one is recorded and not timed; one that fails to compile is recorded with its
+error. Each record lists the parameters read back from the launch that ran (the override reached
+it, or the record says so), and the compiled kernel's registers and spills when Triton exposes them.
+
+Timing (CUDA): ``CALLS`` back-to-back launches captured in one CUDA graph, the replay timed with
+CUDA events, per launch: ``warm_us`` is the median over ``REPS`` replays (inputs stay in L2 between
+launches: a steady state, not a cold call); ``flushed_us`` the median over replays of the
+difference between a graph of (L2 flush, launch) pairs and one of flushes alone (flush = zeroing
+twice the L2 size; a launch that starts early under programmatic dependent launch may overlap the
+flush's tail). Compile and check time is not timed.
+
+Budget: ``--budget`` seconds of wall time in all; a config starts only if ``--margin`` seconds are
+left (Triton compiles take ~0.5-2 s, the dominant cost). The JSON is rewritten after every config,
+so a kill keeps what was measured. Configs run in order of expected value: the planner's at every
+batch first, then the variants by rank, batch-interleaved, bf16 before fp32.
+
+``--dry-run`` plans every config on ``meta`` tensors (no GPU, no compile), checks that each override
+reaches its launch, and estimates the run's time. ``--device cpu`` (with ``TRITON_INTERPRET=1``)
+runs the whole loop under the Triton interpreter, timed by the wall clock: a test, not a figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import platform
+import statistics
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SCHEMA = "mira-gpu-sweep/1"
+CALLS = 20  # launches per captured graph
+REPS = 9  # graph replays per measurement (medians)
+#: Assumed cost of one config on the GPU machine, for the dry run's estimate: a Triton compile
+#: (~0.5-2 s; the planner's configs are usually cached by the gpu-check tests) plus check and timing.
+EST_CONFIG_S = 1.6
+EST_SETUP_S = 6.0  # imports, CUDA context, inputs, references
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One config: ``kernel`` is "pair" (the planner's two launches), "retrieve" or "gemm"."""
+
+    kernel: str
+    name: str
+    rank: int  # order of expected value (0: the planner's)
+    retrieve: dict | None = None  # RetrieveConfig fields
+    split: int | None = None  # retrieval column shares (grid[1])
+    stages: int | None = None  # retrieval num_stages (set on the launch)
+    gemm: dict | None = None  # FusedConfig fields
+    groups: int | None = None  # GEMM programs per row block
+
+    @property
+    def override(self) -> dict:
+        return {k: v for k, v in dict(retrieve=self.retrieve, split=self.split, stages=self.stages, gemm=self.gemm,
+                                      groups=self.groups).items() if v is not None}
+
+
+#: A group count above any column-tile count: one program per column tile (overriding clamps it).
+ALL = 1 << 20
+
+
+def _tile(m, n, k, w, s) -> dict:
+    return dict(block_m=m, block_n=n, block_k=k, num_warps=w, num_stages=s)
+
+
+def variants(dtype_name: str, batch: int, tokens: int) -> list[Variant]:
+    """The configs of one (dtype, batch), the planner's first; ``rank`` orders them across batches.
+
+    16-bit: the retrieval's 19 us at B=1 looks like a serial chain of cold loads (12 BLOCK_K=64
+    steps of the cosine loop), so wider K steps and deeper pipelining come first, then more or fewer
+    programs; the GEMM tries the neighbours of the planner's tile (cuBLAS picks 192 x 192 at B=64,
+    which Triton's power-of-two blocks cannot). fp32 (IEEE, FMA units; torch's default
+    allow_tf32=False) gets a few K-step and tile neighbours.
+    """
+    out = [Variant("pair", "planner", 0), Variant("retrieve", "planner", 0), Variant("gemm", "planner", 0)]
+    m = batch * tokens
+    R = lambda name, rank, **kw: Variant("retrieve", name, rank, **kw)  # noqa: E731
+    G = lambda name, rank, **kw: Variant("gemm", name, rank, **kw)  # noqa: E731
+    if dtype_name in ("bfloat16", "float16"):
+        out += [
+            R("k256", 1, retrieve=dict(block_k=256)),
+            R("k128-s3", 2, retrieve=dict(block_k=128), stages=3),
+            R("k256-w8", 3, retrieve=dict(block_k=256, num_warps=8)),
+            R("s4", 4, stages=4),
+            R("f32-split2x", 4, retrieve=dict(block_f=32), split=-2),  # -2: twice the planner's split
+            R("k128-f128", 5, retrieve=dict(block_k=128, block_f=128)),
+        ]
+        if batch >= 32:
+            out += [R("b64", 2, retrieve=dict(block_b=64)), R("b32-k128", 3, retrieve=dict(block_b=32, block_k=128))]
+        # ALL: one program per column tile (the planner's cost model counts 132 programs a wave and
+        # gives B=1 only 48 programs of 3 tiles each; an SM holds several 4-warp programs).
+        if m <= 512:
+            out += [
+                G("groups-all", 1, groups=ALL),
+                G("64x128x64-w4s3", 2, gemm=_tile(64, 128, 64, 4, 3)),
+                G("32x64x64-w4s3-all", 2, gemm=_tile(32, 64, 64, 4, 3), groups=ALL),
+                G("64x64x128-w4s3-all", 3, gemm=_tile(64, 64, 128, 4, 3), groups=ALL),
+                G("64x64x64-w4s4", 4, gemm=_tile(64, 64, 64, 4, 4)),
+                G("128x64x64-w8s3", 5, gemm=_tile(128, 64, 64, 8, 3)),
+            ]
+        else:
+            out += [
+                G("128x256x64-w8s3", 1, gemm=_tile(128, 256, 64, 8, 3)),
+                G("128x128x64-w8s4-all", 2, gemm=_tile(128, 128, 64, 8, 4), groups=ALL),
+                G("groups3", 3, groups=3),  # h computed by 3 programs per row block, not 9
+                G("256x128x64-w8s3", 3, gemm=_tile(256, 128, 64, 8, 3)),
+                G("128x128x64-w4s4", 4, gemm=_tile(128, 128, 64, 4, 4)),
+                G("64x256x64-w4s3", 5, gemm=_tile(64, 256, 64, 4, 3)),
+            ]
+    else:
+        out += [
+            R("k32", 1, retrieve=dict(block_k=32)),
+            R("k16-s3", 2, stages=3),
+            R("k64-f16", 3, retrieve=dict(block_k=64, block_f=16)),
+            G("64x64x32-w4s2", 1, gemm=_tile(64, 64, 32, 4, 2)),
+            G("64x64x16-w4s3", 2, gemm=_tile(64, 64, 16, 4, 3)),
+            G("128x64x16-w8s2", 3, gemm=_tile(128, 64, 16, 8, 2)),
+        ]
+    return out
+
+
+def schedule(dtypes: list[str], batches: list[int], tokens: int) -> list[tuple[str, int, Variant]]:
+    """Every config in run order: by dtype (listed order), then rank, then batch; per (rank, batch)
+    the pair, then retrieve before gemm variants."""
+    kinds = {"pair": 0, "retrieve": 1, "gemm": 2}
+    rows = []
+    for di, d in enumerate(dtypes):
+        for b in batches:
+            for i, v in enumerate(variants(d, b, tokens)):
+                rows.append(((di, v.rank, batches.index(b), kinds[v.kernel], i), (d, b, v)))
+    return [r for _, r in sorted(rows, key=lambda t: t[0])]
+
+
+# ----------------------------------------------------------------------------------------------
+# Planning with overrides, and reading back what the launch got.
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Case:
+    """Inputs of one (dtype, batch) and the planner's own launches and outputs."""
+
+    dtype_name: str
+    batch: int
+    inputs: dict
+    opts: dict
+    planner: list = field(default_factory=list)  # Launch list of the planner
+    y: object = None
+    shapes: dict = field(default_factory=dict)
+
+
+def plan(case: Case, v: Variant | None = None, base: list | None = None):
+    """(y, launches) of mira_linear for ``case`` with ``v``'s overrides. Relative counts (split or
+    groups < 0: -k times the planner's) are resolved against ``base`` (the planner's launches)."""
+    from mira_kernels.triton import configs, launchers
+
+    v = v or Variant("pair", "planner", 0)
+    split, groups = v.split, v.groups
+    if split is not None and split < 0:
+        split = -split * _launch(base, "retrieve").grid[1]
+    if groups is not None and groups < 0:
+        groups = -groups * _launch(base, "gemm").constexprs["GROUPS"]
+    i = case.inputs
+    with configs.overriding(retrieve=v.retrieve, retrieve_split=split, gemm=v.gemm, gemm_groups=groups):
+        y, launches = launchers.plan_linear(i["x"], i["weight"], i["bias"], i["x"][:, 0], i["keys"], i["bank_a"],
+                                            i["bank_b"], **case.opts)
+    if v.stages is not None:
+        _launch(launches, "retrieve").num_stages = v.stages
+    return y, launches, dict(split=split, groups=groups)
+
+
+def _launch(launches, name: str):
+    return next(launch for launch in launches if launch.name == name)
+
+
+_SHOWN = ("BLOCK_B", "BLOCK_K", "BLOCK_F", "NC", "BLOCK_M", "BLOCK_N", "GROUPS", "TILES", "SPB", "J_PAD", "LORA",
+          "USE_PDL")
+
+
+def params(launch) -> dict:
+    """The launch parameters that ran (read back from the planned launch)."""
+    p = {k: v for k, v in launch.constexprs.items() if k in _SHOWN}
+    p.update(grid=list(launch.grid), num_warps=launch.num_warps, num_stages=launch.num_stages)
+    if launch.maxnreg is not None:
+        p["maxnreg"] = launch.maxnreg
+    return p
+
+
+_RETRIEVE_FIELDS = dict(block_b="BLOCK_B", block_k="BLOCK_K", block_f="BLOCK_F", slot_chunk="NC")
+_GEMM_FIELDS = dict(block_m="BLOCK_M", block_n="BLOCK_N", block_k="BLOCK_K")
+
+
+def mismatches(v: Variant, launches, resolved: dict) -> list[str]:
+    """Override fields that did not reach the launch (empty: every one did)."""
+    bad = []
+
+    def want(ok, what):
+        if not ok:
+            bad.append(what)
+
+    if v.kernel == "retrieve":
+        r = _launch(launches, "retrieve")
+        for f, value in (v.retrieve or {}).items():
+            got = r.num_warps if f == "num_warps" else r.constexprs[_RETRIEVE_FIELDS[f]]
+            want(got == value, f"retrieve {f}={value} but the launch has {got}")
+        if resolved.get("split") is not None:
+            want(r.grid[1] == resolved["split"], f"split={resolved['split']} but grid={r.grid}")
+        if v.stages is not None:
+            want(r.num_stages == v.stages, f"num_stages={v.stages} but {r.num_stages}")
+    if v.kernel == "gemm":
+        g = _launch(launches, "gemm")
+        for f, value in (v.gemm or {}).items():
+            got = getattr(g, f) if f in ("num_warps", "num_stages") else g.constexprs[_GEMM_FIELDS[f]]
+            want(got == value, f"gemm {f}={value} but the launch has {got}")
+        if resolved.get("groups") is not None:
+            got = g.constexprs["GROUPS"]
+            tiles = sum(n >= 0 for n in g.constexprs["ORDER"])  # column tiles of a row block
+            want(got == min(resolved["groups"], tiles), f"groups={resolved['groups']} but GROUPS={got}")
+    return bad
+
+
+def _phases():
+    from benchmarks import _gpu_check_phases
+
+    return _gpu_check_phases
+
+
+def _rel_err(got, want) -> float:
+    return _phases()._rel_err(got, want)  # 2-norm relative error; inf when got is not finite
+
+
+def _short(exc: BaseException) -> str:
+    # Head and tail: a Triton compile error names the failing pass first and the cause last.
+    text = f"{type(exc).__name__}: {exc}".strip()
+    return text if len(text) <= 1200 else text[:700] + " ... " + text[-500:]
+
+
+# ----------------------------------------------------------------------------------------------
+# Timing.
+# ----------------------------------------------------------------------------------------------
+
+
+class Timer:
+    """CUDA: graphs of CALLS launches (warm, and with an L2 flush before each); CPU: the wall clock."""
+
+    def __init__(self, device, reps: int = REPS, calls: int = CALLS):
+        import torch
+
+        self.device, self.reps, self.calls = device, reps, calls
+        self.cuda = device.type == "cuda"
+        self._flush_buf = None
+        if self.cuda:
+            l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or 50 * 2**20
+            self._flush_buf = torch.empty(max(2 * l2, 64 * 2**20) // 4, dtype=torch.int32, device=device)
+            self._flush_graph = self._graph(lambda: None, flush=True)
+
+    def _flush(self):
+        self._flush_buf.zero_()
+
+    def _graph(self, fn: Callable[[], object], flush: bool):
+        import torch
+
+        def body():
+            for _ in range(self.calls):
+                if flush:
+                    self._flush()
+                fn()
+
+        graph, replay = _phases()._capture(body)
+        replay()  # the first replay uploads the graph
+        torch.cuda.synchronize(self.device)
+        return graph
+
+    def _replay_us(self, graph) -> float:
+        import torch
+
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) * 1000.0 / self.calls
+
+    def time(self, fn: Callable[[], object], flushed: bool = True) -> dict:
+        if not self.cuda:
+            times = []
+            for _ in range(3):
+                t0 = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t0) * 1e6)
+            return {"warm_us": statistics.median(times), "flushed_us": None}
+        warm = self._graph(fn, flush=False)
+        cold = self._graph(fn, flush=True) if flushed else None
+        w, f = [], []
+        for _ in range(self.reps):
+            w.append(self._replay_us(warm))
+            if cold is not None:
+                f.append(self._replay_us(cold) - self._replay_us(self._flush_graph))
+        del warm, cold
+        return {"warm_us": statistics.median(w), "flushed_us": statistics.median(f) if f else None,
+                "warm_spread_us": [min(w), max(w)]}
+
+
+# ----------------------------------------------------------------------------------------------
+# One config.
+# ----------------------------------------------------------------------------------------------
+
+
+def tolerance(dtype_name: str) -> float:
+    """Largest relative error (2-norm) a variant may differ from the planner's output by: other
+    tiles sum in another order and round the 16-bit outputs at other places; a wrong config
+    (missed tiles, wrong factors) is off by O(1)."""
+    return 2e-2 if dtype_name in ("bfloat16", "float16") else 2e-3
+
+
+def _compiled(kernel, before: set) -> object | None:
+    """The kernel Triton compiled since ``before`` (its JIT caches' keys), for registers and spills;
+    None if this Triton keeps them elsewhere."""
+    try:
+        for cache in getattr(kernel, "device_caches", {}).values():
+            for key, compiled in cache[0].items():
+                if key not in before:
+                    return compiled
+    except Exception:  # noqa: BLE001 - an internal layout this code does not know
+        return None
+    return None
+
+
+def _cache_keys(kernel) -> set:
+    try:
+        return {key for cache in getattr(kernel, "device_caches", {}).values() for key in cache[0]}
+    except Exception:  # noqa: BLE001
+        return set()
+
+
+def prepare(case: Case, v: Variant):
+    """Plans ``v`` and checks its overrides reached the launch: (record, y, launches, target kernel);
+    the record has a status when the config stops here (plan error, override lost, the planner's)."""
+    rec: dict = {"dtype": case.dtype_name, "batch": case.batch, "kernel": v.kernel, "variant": v.name, "rank": v.rank,
+                 "override": v.override}
+    try:
+        y, launches, resolved = plan(case, v, case.planner)
+    except Exception as exc:  # noqa: BLE001
+        rec.update(status="plan_error", error=_short(exc))
+        return rec, None, None, None
+    target = {"pair": None, "retrieve": "retrieve", "gemm": "gemm"}[v.kernel]
+    shown = launches if target is None else [_launch(launches, target)]
+    rec["params"] = {launch.name: params(launch) for launch in shown}
+    bad = mismatches(v, launches, resolved)
+    if bad:
+        rec.update(status="override_not_applied", error="; ".join(bad))
+    elif v.name != "planner" and target and rec["params"][target] == params(_launch(case.planner, target)):
+        rec.update(status="same_as_planner")  # e.g. a split or group count the planner takes already
+    return rec, y, launches, target
+
+
+def run_config(case: Case, v: Variant, timer: Timer, sync: Callable[[], None]) -> dict:
+    """Plans, compiles, checks and times one config; returns its record (never raises)."""
+    import torch
+
+    t0 = time.monotonic()
+    rec, y, launches, target = prepare(case, v)
+    if "status" in rec:
+        return rec
+    timed = [_launch(launches, target)] if target else launches
+    try:
+        before = {id(launch.kernel): _cache_keys(launch.kernel) for launch in timed}
+        for launch in launches:  # the GEMM variants need the factors the (planner's) retrieval mixes
+            launch.run()
+        sync()
+        rec["compile_s"] = round(time.monotonic() - t0, 3)
+        res = {}
+        for launch in timed:
+            k = _compiled(launch.kernel, before[id(launch.kernel)])
+            if k is not None:
+                res[launch.name] = {a: getattr(k, a, None) for a in ("n_regs", "n_spills")}
+        if res:
+            rec["resources"] = res
+    except Exception as exc:  # noqa: BLE001 - Triton rejects a config: record it, continue
+        rec.update(status="compile_error", error=_short(exc), compile_s=round(time.monotonic() - t0, 3))
+        return rec
+    if v.kernel == "retrieve":
+        mine, ref = _launch(launches, "retrieve").args, _launch(case.planner, "retrieve").args
+        err = max(_rel_err(mine["mixed_a_ptr"], ref["mixed_a_ptr"]), _rel_err(mine["mixed_b_ptr"], ref["mixed_b_ptr"]))
+    else:
+        err = _rel_err(y, case.y)
+    rec["rel_err_vs_planner"] = err
+    if not err <= tolerance(case.dtype_name):
+        rec.update(status="wrong",
+                   error=f"relative error {err:.3g} vs the planner's output > {tolerance(case.dtype_name)}")
+        return rec
+
+    def call():
+        for launch in timed:
+            launch.run()
+
+    try:
+        with torch.no_grad():
+            rec.update(timer.time(call))
+            i = case.inputs
+            lin = timer.time(lambda: torch.nn.functional.linear(i["x"], i["weight"], i["bias"]), flushed=False)
+        rec["linear_warm_us"] = lin["warm_us"]  # interleaved baseline: measured right after this config
+        rec["status"] = "ok"
+    except Exception as exc:  # noqa: BLE001
+        rec.update(status="timing_error", error=_short(exc))
+    return rec
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs, machine, output.
+# ----------------------------------------------------------------------------------------------
+
+
+def _workload(tiny: bool) -> dict:
+    from benchmarks.gpu_check import WORKLOAD
+
+    w = dict(WORKLOAD)
+    if tiny:  # CPU test under the interpreter
+        w.update(tokens=5, d_in=16, d_out=48, slice_offsets=[0, 32], slots=3)
+    return w
+
+
+def make_case(workload: dict, dtype_name: str, batch: int, device) -> Case:
+    import torch
+
+    from mira_kernels import reference
+
+    phases = _phases()
+    dtype = getattr(torch, dtype_name)
+    if device.type == "meta":
+        base = phases._op_inputs(workload, 1, 0)  # shapes only
+        low = {k: torch.empty((batch,) + v.shape[1:] if k == "x" else v.shape, dtype=dtype, device="meta")
+               for k, v in base.items()}
+    else:
+        low = {k: v.to(device=device, dtype=dtype)
+               for k, v in phases._op_inputs(workload, batch, workload["seed"] + batch).items()}
+    opts = dict(slice_offsets=list(workload["slice_offsets"]), separation=workload["separation"],
+                scale=float(workload["scale"]), eps=reference.DEFAULT_EPS)
+    shapes = {k: list(v.shape) for k, v in low.items()}
+    shapes.update(query="x[:, 0]", M=batch * workload["tokens"])
+    return Case(dtype_name, batch, low, opts, shapes=shapes)
+
+
+def machine(device) -> dict:
+    import torch
+
+    info = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+            "tf32_matmul": torch.backends.cuda.matmul.allow_tf32}
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        info.update(gpu=p.name, capability=list(torch.cuda.get_device_capability(device)), sms=p.multi_processor_count,
+                    memory_gib=round(p.total_memory / 2**30, 1), l2_bytes=getattr(p, "L2_cache_size", None))
+    else:
+        info["gpu"] = None
+    return info
+
+
+def table(doc: dict) -> str:
+    """The readable summary (gpu_sweep.txt)."""
+    m = doc["machine"]
+    lines = [f"mira-kernels gpu_sweep ({doc['mode']}), started {doc['started']}, status {doc['status']}",
+             f"  machine: {m.get('gpu')} sm {m.get('capability')} {m.get('sms')} SMs; torch {m['torch']}, "
+             f"triton {m.get('triton')}, tf32 {m['tf32_matmul']}",
+             f"  timing: {doc['timing']['method']}",
+             f"  {len(doc['results'])} configs run, {len(doc['not_run'])} not run; {doc.get('elapsed_s', 0):.1f} s"]
+    if doc.get("estimate_s") is not None:
+        fit = max(0, int((doc["budget_s"] - EST_SETUP_S) // EST_CONFIG_S))
+        lines.append(f"  estimate: {doc['estimate_s']:.0f} s for all {len(doc['results'])} configs "
+                     f"({EST_CONFIG_S} s each + {EST_SETUP_S} s setup); --budget {doc['budget_s']:g} runs about "
+                     f"the first {min(fit, len(doc['results']))}")
+    groups: dict = {}
+    for r in doc["results"]:
+        groups.setdefault((r["dtype"], r["batch"]), []).append(r)
+    for (d, b), rows in groups.items():
+        lines.append(f"\n{d} B={b}   (us per launch: warm | L2-flushed; linear = F.linear warm, measured right after)")
+        for r in sorted(rows, key=lambda r: ({"pair": 0, "retrieve": 1, "gemm": 2}[r["kernel"]], r["rank"])):
+            p = r.get("params", {})
+            desc = " ".join(_brief(name, q) for name, q in p.items())
+            if r["status"] == "ok":
+                fl = r.get("flushed_us")
+                t = f"{r['warm_us']:8.1f} | {fl:7.1f}" if fl is not None else f"{r['warm_us']:8.1f} |     n/a"
+                t += f"  linear {r['linear_warm_us']:6.1f}"
+                res = r.get("resources") or {}
+                spills = [f"{k}:{q.get('n_regs')}r/{q.get('n_spills')}sp" for k, q in res.items()]
+                t += "  " + " ".join(spills)
+            else:
+                t = r["status"] + (f": {r['error'].splitlines()[0][:100]}" if r.get("error") else "")
+                for k, q in (r.get("lowered") or {}).items():
+                    t += (f"  {k}: sm_{q['arch']} {q['registers']}r stack {q['stack']} shared {q['shared']}"
+                          f"{' wgmma' if q['wgmma'] else ''} {q['compile_s']}s")
+            lines.append(f"  {r['kernel']:8} {r['variant']:16} {t}\n      {desc}")
+    if doc["not_run"]:
+        names = [f"{n['dtype']} B={n['batch']} {n['kernel']}:{n['variant']}" for n in doc["not_run"][:40]]
+        lines.append(f"\nnot run (budget): {len(doc['not_run'])}: " + ", ".join(names))
+    return "\n".join(lines) + "\n"
+
+
+def _brief(name: str, p: dict) -> str:
+    keys = ("BLOCK_B", "BLOCK_K", "BLOCK_F") if name == "retrieve" else ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUPS",
+                                                                          "TILES", "SPB")
+    inner = ",".join(f"{k.replace('BLOCK_', '')}={p[k]}" for k in keys if k in p)
+    return f"[{name} grid={tuple(p['grid'])} {inner} w{p['num_warps']} s{p['num_stages']}]"
+
+
+class Writer:
+    def __init__(self, out: Path, doc: dict):
+        self.out, self.doc = out, doc
+        out.mkdir(parents=True, exist_ok=True)
+
+    def write(self) -> None:
+        for name, text in (("gpu_sweep.json", json.dumps(self.doc, indent=1, default=str)),
+                           ("gpu_sweep.txt", table(self.doc))):
+            tmp = self.out / (name + ".tmp")
+            tmp.write_text(text)
+            tmp.replace(self.out / name)
+
+
+# ----------------------------------------------------------------------------------------------
+# Main.
+# ----------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python3 -m benchmarks.gpu_sweep", description=__doc__.splitlines()[0])
+    ap.add_argument("--budget", type=float, default=60.0, help="wall seconds in all (default 60)")
+    ap.add_argument("--margin", type=float, default=2.5, help="start a config only with this many seconds left")
+    ap.add_argument("--out", type=Path, required=True, help="folder for gpu_sweep.json and gpu_sweep.txt")
+    ap.add_argument("--dtypes", default="bfloat16,float32")
+    ap.add_argument("--batches", default="1,8,64")
+    ap.add_argument("--device", default="cuda", help="cuda (default) or cpu (Triton interpreter: a test)")
+    ap.add_argument("--dry-run", action="store_true", help="plan every config on meta tensors, check, estimate")
+    ap.add_argument("--lower", type=int, default=None, metavar="ARCH",
+                    help="with --dry-run: compile each config for sm_ARCH (e.g. 90; no GPU needed), record spills")
+    ap.add_argument("--tiny", action="store_true", help="tiny shapes (CPU tests)")
+    ap.add_argument("--max-configs", type=int, default=None, help="run at most this many configs")
+    args = ap.parse_args(argv)
+    t_start = time.monotonic()
+    deadline = t_start + args.budget
+
+    import torch
+
+    dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    batches = [int(b) for b in args.batches.split(",")]
+    workload = _workload(args.tiny)
+    device = torch.device("meta" if args.dry_run else args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("gpu_sweep: no CUDA device (use --dry-run or --device cpu)", file=sys.stderr)
+        return 2
+    todo = schedule(dtypes, batches, workload["tokens"])
+    if args.max_configs is not None:
+        todo = todo[:args.max_configs]
+    doc = {
+        "schema": SCHEMA, "mode": "dry-run" if args.dry_run else "run",
+        "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "status": "running", "budget_s": args.budget, "argv": sys.argv[1:] if argv is None else argv,
+        "machine": machine(device),
+        "workload": {k: workload[k] for k in ("tokens", "d_in", "d_out", "rank", "slots", "slices", "slice_offsets",
+                                              "separation", "scale", "seed") if k in workload},
+        "timing": {
+            "method": (f"CUDA graph of {CALLS} back-to-back launches, replay timed by CUDA events, median of {REPS}; "
+                       "warm_us: inputs L2-resident; flushed_us: graph of (zero 2 x L2, launch) pairs minus "
+                       "flush-only graph, median of per-replay differences" if device.type == "cuda" else
+                       "wall clock (Triton interpreter on CPU: a test of the code path, not a GPU figure)"
+                       if device.type == "cpu" else "none (dry run: planning only)"),
+            "calls_per_graph": CALLS, "reps": REPS, "tolerance_vs_planner": {d: tolerance(d) for d in dtypes},
+        },
+        "cases": {}, "results": [], "not_run": [],
+    }
+    writer = Writer(args.out, doc)
+    writer.write()
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    timer = Timer(device) if device.type != "meta" else None
+    cases: dict = {}
+    for index, (d, b, v) in enumerate(todo):
+        if not args.dry_run and time.monotonic() + args.margin > deadline:
+            doc["not_run"] = [{"dtype": d2, "batch": b2, "kernel": v2.kernel, "variant": v2.name}
+                              for d2, b2, v2 in todo[index:]]
+            doc["status"] = "timeout"
+            break
+        try:
+            case = cases.get((d, b))
+            if case is None:
+                case = cases[(d, b)] = _new_case(workload, d, b, device, sync, doc)
+            if args.dry_run:
+                rec = _dry(case, v, args.lower)
+            else:
+                rec = run_config(case, v, timer, sync)
+        except Exception as exc:  # noqa: BLE001 - one config's failure costs only itself
+            rec = {"dtype": d, "batch": b, "kernel": v.kernel, "variant": v.name, "rank": v.rank,
+                   "override": v.override, "status": "error", "error": _short(exc),
+                   "traceback": traceback.format_exc()[-2000:]}
+        rec["t_s"] = round(time.monotonic() - t_start, 2)
+        doc["results"].append(rec)
+        doc["elapsed_s"] = time.monotonic() - t_start
+        writer.write()
+    else:
+        doc["status"] = "ok"
+    doc["elapsed_s"] = time.monotonic() - t_start
+    if args.dry_run:
+        doc["estimate_s"] = EST_SETUP_S + EST_CONFIG_S * len(doc["results"])
+        bad = [r for r in doc["results"] if r["status"] not in ("planned", "same_as_planner", "compile_error")]
+        doc["status"] = "ok" if not bad else "failed"
+    writer.write()
+    print(table(doc), end="")
+    return 0 if doc["status"] in ("ok", "timeout") else 1
+
+
+def _new_case(workload, d, b, device, sync, doc) -> Case:
+    import torch
+
+    from mira_kernels import reference
+
+    case = make_case(workload, d, b, device)
+    case.y, case.planner, _ = plan(case)
+    info = {"shapes": case.shapes, "planner": {launch.name: params(launch) for launch in case.planner}}
+    if device.type != "meta":
+        with torch.no_grad():
+            for launch in case.planner:
+                launch.run()
+            sync()
+            i = case.inputs
+            want = reference.mira_linear(*(i[k].double() for k in ("x", "weight", "bias")), i["x"][:, 0].double(),
+                                         *(i[k].double() for k in ("keys", "bank_a", "bank_b")), **case.opts)
+            info["planner_rel_err_vs_float64"] = _rel_err(case.y, want)
+    doc["cases"][f"{d} B={b}"] = info
+    return case
+
+
+def _dry(case: Case, v: Variant, lower: int | None) -> dict:
+    rec, _, launches, target = prepare(case, v)
+    if "status" in rec:
+        return rec
+    rec["status"] = "planned"
+    if lower:  # compile for sm_<lower> without a GPU: does Triton take the config, does it spill
+        from mira_kernels.triton import lowering
+
+        for launch in launches if target is None else [_launch(launches, target)]:
+            t0 = time.monotonic()
+            try:
+                low = lowering.compile_launch(launch, lower)
+                rec.setdefault("lowered", {})[launch.name] = dict(
+                    arch=lower, registers=low.registers, stack=low.stack, local=low.local, shared=low.shared,
+                    wgmma=low.wgmma, mma=low.mma, compile_s=round(time.monotonic() - t0, 2))
+            except Exception as exc:  # noqa: BLE001 - the GPU run would record a compile error here
+                rec.update(status="compile_error", error=_short(exc))
+    return rec
+
+
+if __name__ == "__main__":
+    sys.exit(main())
