@@ -35,7 +35,8 @@ dquery); ``_mira_keys_bwd_kernel`` (dkeys, a reduction over B in a fixed order) 
 Precision (the rules and their error bounds: docs/contract.md section 11). Base products of 16-bit
 x run on tensor cores with fp32 accumulation; for bf16 x the mixed factors and h are stored in bf16
 and the shrink and expand run on bf16 operands; for fp16 x they stay fp32 (fp16's range would
-overflow where the reference does not) and the adapter's products are TF32. With fp32 x and
+overflow where the reference does not) and the adapter's products are 3xTF32 (one TF32 product,
+10 bits of h and B_b, cost fp16 outputs several ulp where the adapter dominates). With fp32 x and
 ``torch.backends.cuda.matmul.allow_tf32`` the GEMM's products are TF32. Scores and mixing use
 "tf32x3" (three TF32 products, about fp32 accuracy) wherever the adapter may use TF32. Otherwise
 (fp32 x by default, fp64) every dot is "ieee". Every ``tl.dot`` names its ``out_dtype`` (the

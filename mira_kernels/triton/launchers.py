@@ -98,10 +98,26 @@ def _score_precision(lora_precision: str) -> str:
 
 
 def _accurate(lora_precision: str) -> str:
-    # The memory-bound adapter kernels (mixing, shrink, per-sample reductions, in-place expand)
-    # can afford 3xTF32 (about fp32 accuracy on tensor cores); only the expand inside the
-    # compute-bound projection GEMM keeps one TF32 product.
+    # The memory-bound adapter kernels (mixing, shrink, per-sample reductions) can afford 3xTF32
+    # (about fp32 accuracy on tensor cores); for the expand inside the projection GEMM see
+    # :func:`_expand_precision`.
     return "tf32x3" if lora_precision == "tf32" else lora_precision
+
+
+def _expand_precision(x_dtype: torch.dtype, lora_precision: str) -> str:
+    """``input_precision`` of the adapter's dots inside the fused GEMM (the expand, a folded shrink).
+
+    fp16 x: 3xTF32. Its factors and h are fp32 (fp16 would overflow where the reference does not)
+    and its output is fp16: one TF32 product truncates h and B_b to 10 bits, up to 2^-9 of the
+    adapter's size, which is up to 4 ulp of an fp16 output the adapter dominates. The first GPU run
+    (H200, ViT-B qkv, "negative" affine weights, B = 1) measured 1.05 against PyTorch's 0.25 (one
+    rounding of |y| ~ 800), exactly what truncating h and B_b to TF32 gives on the CPU; fp32 factors
+    with 3xTF32 products give PyTorch's 0.25. The cost: three TF32 dots of depth 16 per sample in
+    an adapted tile, beside the tile's K = d_in of fp16 products. fp32 x with ``allow_tf32`` keeps
+    one TF32 product (the user chose TF32 for the base GEMM too, as for torch.matmul); bf16 x has
+    bf16 factors (the precision does not apply); IEEE stays IEEE.
+    """
+    return _accurate(lora_precision) if x_dtype == torch.float16 else lora_precision
 
 
 @dataclass
@@ -156,7 +172,7 @@ def factor_dtype(x_dtype: torch.dtype, memory_dtypes: Sequence[torch.dtype] | No
     a gradient of an fp32 tensor is owed fp32 accuracy (a bf16 factor would cost it 2^-8 relative),
     so the backward keeps bf16 factors only when every memory tensor is bf16. fp16 x stores fp32:
     fp16 factors or h overflow at 65504 where the fp32 reference stays finite (a created inf); the
-    adapter's products are then TF32, which holds fp16 x exactly and rounds the factors as fp16 would.
+    adapter's products are then 3xTF32 (:func:`_expand_precision`), about fp32 accuracy.
     """
     if x_dtype == torch.bfloat16 and all(d == torch.bfloat16 for d in memory_dtypes or ()):
         return x_dtype
@@ -297,6 +313,7 @@ def _plan_gemm(name, a, w, w_strides, bias, out, sh: _Shapes, offsets, scale, x_
     k = a.shape[1]
     n_out = out.shape[1]
     base_precision, lora_precision = _precisions(x_dtype)
+    lora_precision = _expand_precision(x_dtype, lora_precision)
     if e is not None and e.tensor.dtype in (torch.float16, torch.bfloat16):
         lora_precision = "ieee"  # 16-bit operands: the dot's input precision does not apply
     j = sh.S * sh.r
