@@ -452,6 +452,10 @@ def describe(op: str, *args, sms: int | None = None) -> OpPlan:
             if not need:
                 continue
             allocations += 1
+            if d.B == 0 and shape.numel():  # caller_zeroes_memory_grads: no kernel runs, the glue zero-fills
+                launches.append(KernelLaunch(name=f"{name}_zero", kernel="at::zeros", grid=(), threads=0, flops={},
+                                             bytes_read=0, bytes_written=shape.numel() * _SIZE[ct], library="aten",
+                                             note="B = 0: a sum over no samples, zero-filled by the glue"))
             if t.dtype != ct:  # computed in the compute dtype, returned in the input's
                 launches.append(_copy(f"{name}_to_input", shape.numel(), ct, t.dtype))
                 allocations += 1

@@ -2,9 +2,10 @@
 
 The private ops ``mira::_cuda_*`` have kernels for the CUDA dispatch key only. Redispatching one to that key
 with CPU tensors runs the compiled glue on this machine: it checks the arguments with the contract's shared
-rules (``csrc/validation.h``), then refuses the CPU tensor (``x must be a CUDA tensor``) before it touches a
-device or allocates anything. So reaching that refusal proves a call passed every contract check, and a
-contract error proves the glue raised it first (a failed call changes nothing). What runs after the refusal
+rules (``csrc/validation.h``), then this backend's launch limits (from the sizes alone), then refuses the CPU
+tensor (``x must be a CUDA tensor``) before it touches a device or allocates anything. So reaching that refusal
+proves a call passed every check, and a contract or limit error proves the glue raised it first (a failed call
+changes nothing). What runs after the refusal
 (kernels, cuBLAS) is covered by the emulation (``tests/test_cuda_emulation.py``) and the ``gpu`` tests.
 """
 
@@ -26,6 +27,11 @@ KW = ("affine", 1.0, 1e-2)
 
 def _adapter(out, x, query, keys, bank_a, bank_b, offsets):
     torch.ops.mira._cuda_mira_adapter_.default.redispatch(CUDA_KEY, out, x, query, keys, bank_a, bank_b, offsets, *KW)
+
+
+def _backward(grad_out, x, weight, query, keys, bank_a, bank_b, offsets, mask=(True,) * 5):
+    return torch.ops.mira._cuda_mira_linear_backward.default.redispatch(
+        CUDA_KEY, grad_out, x, weight, query, keys, bank_a, bank_b, offsets, *KW, list(mask))
 
 
 def _linear(x, weight, bias, query, keys, bank_a, bank_b, offsets):
@@ -128,3 +134,37 @@ def test_out_overlapping_an_input_is_refused(victim):
     with pytest.raises(ValueError, match=victim):
         _adapter(out, *args.values(), inp.slice_offsets)
     assert torch.equal(buf, before)  # refused before any write
+
+
+def _oversized():
+    # B * 8 token tiles = 2.4e9 > 2^31 - 1 blocks of the token kernels, on zero-stride views of a few bytes: x
+    # "holds" 19.2e9 rows (307 GB in float32), so anything that copied, reshaped into a GEMM or allocated per row
+    # before the limit check would fail (or crash) instead of raising the limit's error.
+    B = 300_000_000
+    x = torch.zeros(1, 1, 4).expand(B, 64, 4)
+    query = torch.zeros(1, 4).expand(B, 4)
+    memory = (query, torch.zeros(2, 4), torch.zeros(2, 1, 1, 4), torch.zeros(2, 1, 4, 1))
+    return x, torch.zeros(4, 4), memory
+
+
+def test_oversized_grid_is_refused_from_the_sizes_before_the_device():
+    # The launch limits are size arithmetic, checked before anything touches the device or the data (the GPU
+    # run's test_refuses_a_grid_beyond_the_cuda_limit_before_any_work crashed its worker on this call). Before,
+    # this CPU call reached the device refusal first, so the limit check was not reachable without a GPU.
+    x, weight, memory = _oversized()
+    with pytest.raises(RuntimeError, match="2\\^31 - 1 blocks") as err:
+        _linear(x, weight, None, *memory, [0])
+    assert "B = 300000000" in str(err.value) and "mira_linear (cuda)" in str(err.value)
+    grad_out = torch.zeros(1, 1, 4).expand_as(x)
+    for mask in [(True,) * 5, (True, False, False, False, False), (False, True, True, True, True)]:
+        with pytest.raises(RuntimeError, match="2\\^31 - 1 blocks"):
+            _backward(grad_out, x, weight, *memory, [0], mask)
+
+
+def test_grid_at_the_limit_passes_the_checks():
+    # Just under the limit (B * 8 tiles = 2^31 - 8 blocks) the call passes every check and reaches the device
+    # refusal: the limit is not off by a tile.
+    x, weight, memory = _oversized()
+    B = (2**31 - 1) // 8
+    x, query = x[:1].expand(B, 64, 4), memory[0][:1].expand(B, 4)
+    _passes_checks(_linear, x, weight, None, query, *memory[1:], [0])

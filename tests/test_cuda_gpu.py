@@ -96,12 +96,27 @@ def test_odd_shapes_float64(shape, separation):
         torch.testing.assert_close(got, w, rtol=1e-8, atol=1e-8, msg=f"d{name}")
 
 
-def test_empty_batch():
-    inp = _cuda(make_inputs(B=0, T=4, d_in=12, d_out=36, N=3, S=2, r=3, dtype=torch.float32), torch.float32)
-    grad_out = torch.randn(0, 4, 36, device="cuda")
+def _poison_cuda_allocator():
+    # at::empty returns whatever the caching allocator's block last held. Fill a few MB of small-pool blocks with
+    # NaN and free them, so an output element no kernel writes shows up every run instead of by chance.
+    blocks = [torch.full((1 << 16,), float("nan"), device="cuda") for _ in range(32)]
+    del blocks
+
+
+@pytest.mark.parametrize("B, T", [(0, 4), (2, 0), (0, 0)])
+def test_empty_batch(B, T):
+    # Every gradient is a sum over no samples or no tokens: exactly zero. With B = 0 no kernel runs at all, so the
+    # glue must zero the memory gradients itself (it used to hand back at::empty's leftovers).
+    inp = _cuda(make_inputs(B=B, T=T, d_in=12, d_out=36, N=3, S=2, r=3, dtype=torch.float32), torch.float32)
+    grad_out = torch.randn(B, T, 36, device="cuda")
+    _poison_cuda_allocator()
     y, grads = _forward_backward(inp, "affine", grad_out)
-    assert y.shape == (0, 4, 36)
-    assert all(g is not None and torch.count_nonzero(g) == 0 for g in grads[1:])
+    assert y.shape == (B, T, 36)
+    want = reference.mira_linear(*inp.linear_args(), **_kw(inp))
+    torch.testing.assert_close(y, want)
+    for name, g, src in zip(GRAD_NAMES, grads, (inp.x, inp.query, inp.keys, inp.bank_a, inp.bank_b)):
+        assert g is not None and g.shape == src.shape, f"d{name}"
+        assert torch.count_nonzero(g) == 0, f"d{name} is not all zeros: {g}"
 
 
 def test_adapter_inplace_on_strided_out():
@@ -259,12 +274,57 @@ def test_every_argument_strided_expanded_and_offset():
         torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
 
 
-def test_refuses_a_grid_beyond_the_cuda_limit_before_any_work():
-    # B * token tiles > 2^31 - 1 blocks, on zero-stride inputs: refused before the base GEMM or any allocation.
-    B = 300_000_000
-    x = torch.zeros(1, 1, 4, device="cuda").expand(B, 64, 4)
-    query = torch.zeros(1, 4, device="cuda").expand(B, 4)
-    weight, keys = torch.zeros(4, 4, device="cuda"), torch.zeros(2, 4, device="cuda")
-    bank_a, bank_b = torch.zeros(2, 1, 1, 4, device="cuda"), torch.zeros(2, 1, 4, 1, device="cuda")
-    with torch.no_grad(), pytest.raises(RuntimeError, match="2\\^31 - 1 blocks"):
-        torch.ops.mira._cuda_mira_linear(x, weight, None, query, keys, bank_a, bank_b, [0], "affine", 1.0, 1e-2)
+# Run in a fresh interpreter: on the first H200 run (2026-12-04) this call crashed the xdist worker with a
+# segfault inside the op instead of raising. In a child process a crash fails this test alone, with its exit
+# status, the child's stderr and, where gdb exists, the native stack.
+_OVERSIZED_CALL = r"""
+import sys
+import torch
+import mira_kernels  # noqa: F401  (registers the ops)
+
+device = sys.argv[1]
+B = 300_000_000  # B * 8 token tiles = 2.4e9 > 2^31 - 1 blocks; zero-stride views of a few bytes
+x = torch.zeros(1, 1, 4, device=device).expand(B, 64, 4)
+query = torch.zeros(1, 4, device=device).expand(B, 4)
+weight, keys = torch.zeros(4, 4, device=device), torch.zeros(2, 4, device=device)
+bank_a, bank_b = torch.zeros(2, 1, 1, 4, device=device), torch.zeros(2, 1, 4, 1, device=device)
+args = (x, weight, None, query, keys, bank_a, bank_b, [0], "affine", 1.0, 1e-2)
+before = torch.cuda.memory_allocated() if device == "cuda" else 0
+try:
+    with torch.no_grad():
+        if device == "cuda":
+            torch.ops.mira._cuda_mira_linear(*args)
+        else:  # the same glue on CPU tensors: no device involved at all
+            torch.ops.mira._cuda_mira_linear.default.redispatch(torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA),
+                                                                *args)
+except RuntimeError as e:
+    print("raised:", e, flush=True)
+    grew = (torch.cuda.memory_allocated() if device == "cuda" else 0) - before
+    sys.exit(0 if "2^31 - 1 blocks" in str(e) and grew == 0 else 2)
+print("returned without raising", flush=True)
+sys.exit(1)
+"""
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_refuses_a_grid_beyond_the_cuda_limit_before_any_work(device):
+    # B * token tiles > 2^31 - 1 blocks, on zero-stride inputs: refused from the sizes alone, before the device
+    # check, the base GEMM or any allocation. "cpu" runs the compiled glue on CPU tensors on this machine (as
+    # tests/test_cuda_glue.py does), so a crash in "cuda" alone points at the device side or the toolchain.
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-X", "faulthandler", "-c", _OVERSIZED_CALL, device]
+    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300)
+    if proc.returncode == 0:
+        return
+    report = f"exit status {proc.returncode}\nstdout:\n{proc.stdout[-2000:]}\nstderr:\n{proc.stderr[-4000:]}"
+    gdb = shutil.which("gdb")
+    if proc.returncode < 0 and gdb:  # killed by a signal: the native frames say where
+        trace = subprocess.run([gdb, "-batch", "-ex", "run", "-ex", "bt 40", "--args", *cmd], cwd=root,
+                               capture_output=True, text=True, timeout=300)
+        report += f"\ngdb:\n{trace.stdout[-6000:]}"
+    pytest.fail(report)

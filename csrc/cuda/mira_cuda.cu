@@ -15,6 +15,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/linear.h>
 #include <ATen/ops/matmul.h>
+#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -85,19 +86,24 @@ void check_kernel_image(const char* op, const at::Device& device) {
               ", or use another backend (mira_kernels.use_backend('triton' or 'reference')).");
 }
 
-// The problem's sizes. The arguments have passed the op contract's checks (csrc/validation.h,
-// run first by every op here; among them, that slices do not overlap, so no two threads
-// read-modify-write one output element); what is left is this backend's own limits, checked before
-// any work so that a failed call changes nothing.
-Dims shapes_of(const char* op, const at::Tensor& x, const at::Tensor& keys, const at::Tensor& bank_a,
-               const at::Tensor& bank_b) {
-  TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor, got ", x.device());
-  check_kernel_image(op, x.device());
+// The problem's sizes, from the shapes alone: no device access, no allocation, no copy. The arguments have
+// passed the op contract's checks (csrc/validation.h, run first by every op here; among them, that slices
+// do not overlap, so no two threads read-modify-write one output element).
+Dims dims_of(const at::Tensor& x, const at::Tensor& keys, const at::Tensor& bank_a, const at::Tensor& bank_b) {
   return Dims{x.size(0), x.size(1), x.size(2), keys.size(0), keys.size(1), bank_a.size(1), bank_a.size(2),
               bank_b.size(2)};
 }
 
-// Raises when a launch of the call would exceed a CUDA limit (a grid above 2^31 - 1 blocks).
+// This backend's device: a CUDA tensor, on a GPU this build has code for.
+void check_device(const char* op, const at::Tensor& x) {
+  TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor, got ", x.device());
+  check_kernel_image(op, x.device());
+}
+
+// Raises when a launch of the call would exceed a CUDA limit (a grid above 2^31 - 1 blocks). Size arithmetic
+// only (int64; no product in the plan comes near 2^63 for tensors that exist), so every op runs it right
+// after the contract's checks, before it touches the device: the base GEMM, `.contiguous()` of an expanded
+// x and every allocation come after. Also what lets tests/test_cuda_glue.py check it on CPU tensors.
 void check_launches(const char* op, const Dims& d, at::ScalarType x_type, bool backward,
                     const std::array<bool, 5>& mask) {
   const bool dbl = x_type == at::kDouble;
@@ -150,8 +156,9 @@ at::Tensor mira_linear_cuda(const at::Tensor& x, const at::Tensor& weight, const
                             const at::Tensor& bank_b, at::IntArrayRef slice_offsets, c10::string_view separation,
                             double scale, double eps) {
   mira::check_linear_args(x, weight, bias, query, keys, bank_a, bank_b, slice_offsets, separation, scale, eps);
-  const Dims d = shapes_of("mira_linear (cuda)", x, keys, bank_a, bank_b);
+  const Dims d = dims_of(x, keys, bank_a, bank_b);
   check_launches("mira_linear (cuda)", d, x.scalar_type(), false, {});
+  check_device("mira_linear (cuda)", x);
   const int sep = separation_code(std::string(separation));
   const c10::cuda::CUDAGuard guard(x.device());
   // Base projection in x's dtype, as F.linear; the adapter then adds into its slices in place, in the
@@ -165,8 +172,9 @@ void mira_adapter_cuda(const at::Tensor& out, const at::Tensor& x, const at::Ten
                        const at::Tensor& bank_a, const at::Tensor& bank_b, at::IntArrayRef slice_offsets,
                        c10::string_view separation, double scale, double eps) {
   mira::check_adapter_args(out, x, query, keys, bank_a, bank_b, slice_offsets, separation, scale, eps);
-  const Dims d = shapes_of("mira_adapter_ (cuda)", x, keys, bank_a, bank_b);
+  const Dims d = dims_of(x, keys, bank_a, bank_b);
   check_launches("mira_adapter_ (cuda)", d, x.scalar_type(), false, {});
+  check_device("mira_adapter_ (cuda)", x);
   const int sep = separation_code(std::string(separation));
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor target = out;  // strided writes go straight into out's storage
@@ -179,8 +187,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mira_line
     c10::string_view separation, double scale, double eps, std::array<bool, 5> output_mask) {
   mira::check_linear_backward_args(grad_out, x_in, weight, query, keys, bank_a, bank_b, slice_offsets, separation,
                                    scale, eps);
-  const Dims d = shapes_of("mira_linear_backward (cuda)", x_in, keys, bank_a, bank_b);
+  const Dims d = dims_of(x_in, keys, bank_a, bank_b);
   check_launches("mira_linear_backward (cuda)", d, x_in.scalar_type(), true, output_mask);
+  check_device("mira_linear_backward (cuda)", x_in);
   const int sep = separation_code(std::string(separation));
   const auto [need_x, need_q, need_k, need_a, need_b] = output_mask;
   const c10::cuda::CUDAGuard guard(x_in.device());
@@ -195,10 +204,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mira_line
 
   // dx starts as G W in x's dtype (as the reference's grad_out @ weight); the kernels add the adapter part.
   at::Tensor dx = need_x ? at::matmul(grad_out, weight).contiguous() : none();
-  at::Tensor dq = need_q ? at::empty({d.B, d.d_k}, acc_opts) : none();
-  at::Tensor dk = need_k ? at::empty({d.N, d.d_k}, acc_opts) : none();
-  at::Tensor dba = need_a ? at::empty({d.N, d.S, d.r, d.d_in}, acc_opts) : none();
-  at::Tensor dbb = need_b ? at::empty({d.N, d.S, d.d_s, d.r}, acc_opts) : none();
+  // The memory gradients: written in full by the launches, except over an empty batch, where no kernel runs
+  // and they are zero (sums over no samples); at::empty there returned whatever the allocator's block held.
+  const bool zeroed = mira_cuda::caller_zeroes_memory_grads(d);
+  const auto grad = [&](at::IntArrayRef shape) {
+    return zeroed ? at::zeros(shape, acc_opts) : at::empty(shape, acc_opts);
+  };
+  at::Tensor dq = need_q ? grad({d.B, d.d_k}) : none();
+  at::Tensor dk = need_k ? grad({d.N, d.d_k}) : none();
+  at::Tensor dba = need_a ? grad({d.N, d.S, d.r, d.d_in}) : none();
+  at::Tensor dbb = need_b ? grad({d.N, d.S, d.d_s, d.r}) : none();
   const bool memory_grads = need_q || need_k || need_a || need_b;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mira_linear_backward_cuda", [&] {

@@ -936,6 +936,13 @@ inline LaunchList backward_launches(const Dims& d, const Workspace& ws, int64_t 
   return list;
 }
 
+// Whether the caller must zero the memory gradients it hands to launch_backward (dkeys, dbank_a, dbank_b)
+// before the call. With B == 0 they are sums over no samples, exactly zero, and backward_launches is empty
+// (a grid of zero blocks cannot be launched), so no kernel writes them; for any B > 0 the launches write
+// every element of each gradient asked for, whatever T, N, S or d_s (the emulation hands them over
+// NaN-filled to check that). The CUDA glue allocates with at::zeros when this holds, at::empty otherwise.
+inline bool caller_zeroes_memory_grads(const Dims& d) { return d.B == 0; }
+
 // Why a launch list cannot run (a grid or shared-memory limit), or null. The CUDA glue raises it before
 // it launches or allocates anything, so a call that fails changes nothing.
 inline const char* grid_error(const LaunchList& list) {

@@ -155,8 +155,11 @@ void run(const Header& h, const std::vector<int64_t>& offsets, double scale, dou
   const Workspace ws = plan_workspace<acc_t>(d, backward, memory_grads, h.smem_budget);
   // NaN-filled: a kernel that reads scratch it did not write shows NaN in the results.
   std::vector<acc_t> work(static_cast<size_t>(ws.total > 0 ? ws.total : 1), static_cast<acc_t>(NAN));
-  std::vector<acc_t> dq(need_q ? h.B * h.d_k : 0), dk(need_k ? h.N * h.d_k : 0);
-  std::vector<acc_t> dba(need_a ? h.N * d.FA() : 0), dbb(need_b ? h.N * d.FB() : 0);
+  // The gradients as the glue allocates them: zeros where caller_zeroes_memory_grads says the launches leave
+  // them to the caller, else uninitialised (at::empty), here NaN-filled, so an element no kernel writes shows.
+  const acc_t unwritten = caller_zeroes_memory_grads(d) ? acc_t(0) : static_cast<acc_t>(NAN);
+  std::vector<acc_t> dq(need_q ? h.B * h.d_k : 0, unwritten), dk(need_k ? h.N * h.d_k : 0, unwritten);
+  std::vector<acc_t> dba(need_a ? h.N * d.FA() : 0, unwritten), dbb(need_b ? h.N * d.FB() : 0, unwritten);
 
   CallBuffers<scalar_t, acc_t> cb{};
   cb.x = x.data();
