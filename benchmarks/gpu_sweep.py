@@ -93,7 +93,7 @@ def variants(dtype_name: str, batch: int, tokens: int) -> list[Variant]:
     """The configs of one (dtype, batch), the planner's first; ``rank`` orders them across batches.
 
     16-bit: the retrieval's 19 us at B=1 looks like a serial chain of cold loads (12 BLOCK_K=64
-    steps of the cosine loop), so wider K steps and deeper pipelining come first, then more or fewer
+    steps of the cosine loop), so wider K steps (to 128) and deeper pipelining come first, then more or fewer
     programs; the GEMM tries the neighbours of the planner's tile (cuBLAS picks 192 x 192 at B=64,
     which Triton's power-of-two blocks cannot). fp32 (IEEE, FMA units; torch's default
     allow_tf32=False) gets a few K-step and tile neighbours.
@@ -103,44 +103,52 @@ def variants(dtype_name: str, batch: int, tokens: int) -> list[Variant]:
     R = lambda name, rank, **kw: Variant("retrieve", name, rank, **kw)  # noqa: E731
     G = lambda name, rank, **kw: Variant("gemm", name, rank, **kw)  # noqa: E731
     if dtype_name in ("bfloat16", "float16"):
+        # Spills from `--dry-run --lower 90` (Triton 3.6): the planner's retrieval has 8 bytes of stack
+        # at 168 registers; BLOCK_K=256 spilled 488-712 bytes (4 or 8 warps), so K steps stop at 128.
         out += [
-            R("k256", 1, retrieve=dict(block_k=256)),
+            R("k128", 1, retrieve=dict(block_k=128)),
+            R("s3", 1, stages=3),
             R("k128-s3", 2, retrieve=dict(block_k=128), stages=3),
-            R("k256-w8", 3, retrieve=dict(block_k=256, num_warps=8)),
-            R("s4", 4, stages=4),
-            R("f32-split2x", 4, retrieve=dict(block_f=32), split=-2),  # -2: twice the planner's split
-            R("k128-f128", 5, retrieve=dict(block_k=128, block_f=128)),
+            R("w8", 2, retrieve=dict(num_warps=8)),
+            R("f32-split2x", 3, retrieve=dict(block_f=32), split=-2),  # -2: twice the planner's split
+            R("k128-f128", 4, retrieve=dict(block_k=128, block_f=128)),
+            R("k128-w8-s3", 4, retrieve=dict(block_k=128, num_warps=8), stages=3),
+            R("s4", 5, stages=4),
         ]
         if batch >= 32:
-            out += [R("b64", 2, retrieve=dict(block_b=64)), R("b32-k128", 3, retrieve=dict(block_b=32, block_k=128))]
+            out += [R("b64", 2, retrieve=dict(block_b=64)), R("b32", 3, retrieve=dict(block_b=32))]
         # ALL: one program per column tile (the planner's cost model counts 132 programs a wave and
-        # gives B=1 only 48 programs of 3 tiles each; an SM holds several 4-warp programs).
+        # gives B=1 only 48 programs of 3 tiles each; an SM holds several 4-warp programs). Above
+        # M=512 the planner's 128 x 256 x 32 spills 40 bytes; 128 x 256 x 64, 256 x 128, 64 x 256 and
+        # 4-warp 128 x 128 tiles spilled 80-2152, 256 x 128 x 32 680, programs of several tiles (fewer
+        # groups) 360-392; the ones below do not spill (128 x 256 x 32 in 3 stages: 48 bytes).
         if m <= 512:
             out += [
                 G("groups-all", 1, groups=ALL),
                 G("64x128x64-w4s3", 2, gemm=_tile(64, 128, 64, 4, 3)),
                 G("32x64x64-w4s3-all", 2, gemm=_tile(32, 64, 64, 4, 3), groups=ALL),
                 G("64x64x128-w4s3-all", 3, gemm=_tile(64, 64, 128, 4, 3), groups=ALL),
-                G("64x64x64-w4s4", 4, gemm=_tile(64, 64, 64, 4, 4)),
+                G("64x64x64-w4s4-all", 4, gemm=_tile(64, 64, 64, 4, 4), groups=ALL),
                 G("128x64x64-w8s3", 5, gemm=_tile(128, 64, 64, 8, 3)),
             ]
         else:
             out += [
-                G("128x256x64-w8s3", 1, gemm=_tile(128, 256, 64, 8, 3)),
-                G("128x128x64-w8s4-all", 2, gemm=_tile(128, 128, 64, 8, 4), groups=ALL),
-                G("groups3", 3, groups=3),  # h computed by 3 programs per row block, not 9
-                G("256x128x64-w8s3", 3, gemm=_tile(256, 128, 64, 8, 3)),
-                G("128x128x64-w4s4", 4, gemm=_tile(128, 128, 64, 4, 4)),
-                G("64x256x64-w4s3", 5, gemm=_tile(64, 256, 64, 4, 3)),
+                G("128x128x64-w8s4-all", 1, gemm=_tile(128, 128, 64, 8, 4), groups=ALL),
+                G("128x256x32-w8s3", 2, gemm=_tile(128, 256, 32, 8, 3)),
+                G("128x128x64-w8s3-all", 2, gemm=_tile(128, 128, 64, 8, 3), groups=ALL),
+                G("128x128x32-w8s4-all", 3, gemm=_tile(128, 128, 32, 8, 4), groups=ALL),
+                G("64x128x64-w4s4-all", 4, gemm=_tile(64, 128, 64, 4, 4), groups=ALL),
+                G("128x64x64-w4s4-all", 5, gemm=_tile(128, 64, 64, 4, 4), groups=ALL),
             ]
     else:
         out += [
             R("k32", 1, retrieve=dict(block_k=32)),
             R("k16-s3", 2, stages=3),
             R("k64-f16", 3, retrieve=dict(block_k=64, block_f=16)),
-            G("64x64x32-w4s2", 1, gemm=_tile(64, 64, 32, 4, 2)),
-            G("64x64x16-w4s3", 2, gemm=_tile(64, 64, 16, 4, 3)),
-            G("128x64x16-w8s2", 3, gemm=_tile(128, 64, 16, 8, 2)),
+            # The planner's fp32 GEMM spills 24 bytes, 128 x 64 x 16 on 8 warps none (sm_90, Triton 3.6).
+            G("128x64x16-w8s2", 1, gemm=_tile(128, 64, 16, 8, 2)),
+            G("64x64x32-w4s2", 2, gemm=_tile(64, 64, 32, 4, 2)),
+            G("64x64x16-w4s3", 3, gemm=_tile(64, 64, 16, 4, 3)),
         ]
     return out
 
