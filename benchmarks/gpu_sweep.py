@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
+import os
 import platform
 import statistics
 import sys
@@ -388,6 +389,21 @@ def prepare(case: Case, v: Variant):
     return rec, y, launches, target
 
 
+def run_launches(launches, watched, sync) -> dict:
+    """Runs ``launches`` once (compiling what is new) and returns, for each of ``watched`` that this
+    run compiled or loaded, the kernel's registers per thread and spill (local memory) bytes."""
+    before = {id(launch.kernel): _cache_keys(launch.kernel) for launch in watched}
+    for launch in launches:
+        launch.run()
+    sync()
+    res = {}
+    for launch in watched:
+        k = _compiled(launch.kernel, before[id(launch.kernel)])
+        if k is not None:
+            res[launch.name] = {a: getattr(k, a, None) for a in ("n_regs", "n_spills")}
+    return res
+
+
 def run_config(case: Case, v: Variant, timer: Timer, sync: Callable[[], None]) -> dict:
     """Plans, compiles, checks and times one config; returns its record (never raises)."""
     import torch
@@ -398,16 +414,8 @@ def run_config(case: Case, v: Variant, timer: Timer, sync: Callable[[], None]) -
         return rec
     timed = [_launch(launches, target)] if target else launches
     try:
-        before = {id(launch.kernel): _cache_keys(launch.kernel) for launch in timed}
-        for launch in launches:  # the GEMM variants need the factors the (planner's) retrieval mixes
-            launch.run()
-        sync()
+        res = run_launches(launches, timed, sync)
         rec["compile_s"] = round(time.monotonic() - t0, 3)
-        res = {}
-        for launch in timed:
-            k = _compiled(launch.kernel, before[id(launch.kernel)])
-            if k is not None:
-                res[launch.name] = {a: getattr(k, a, None) for a in ("n_regs", "n_spills")}
         if res:
             rec["resources"] = res
     except Exception as exc:  # noqa: BLE001 - Triton rejects a config: record it, continue
@@ -441,6 +449,102 @@ def run_config(case: Case, v: Variant, timer: Timer, sync: Callable[[], None]) -
 
 
 # ----------------------------------------------------------------------------------------------
+# Compiling ahead in worker processes (compiles dominate the budget; the GPU machine has 16 cores).
+# ----------------------------------------------------------------------------------------------
+
+#: Configs the parent compiles itself while the workers start (the planner's: often cached already).
+WORKER_SKIP = 3
+
+
+def launch_options(launch) -> dict:
+    """The keywords ``Launch.run`` passes besides the arguments and constexprs (mirrored here for
+    ``kernel.warmup``, which compiles without launching; tests/test_gpu_sweep.py compares the two:
+    a difference would only cost the worker's compile, the parent compiling its own)."""
+    options = dict(num_warps=launch.num_warps, num_stages=launch.num_stages)
+    if launch.pdl:
+        options["launch_pdl"] = True
+    if launch.maxnreg is not None:
+        options["maxnreg"] = launch.maxnreg
+    return options
+
+
+def precompile(launch) -> None:
+    """Compiles ``launch`` into Triton's on-disk cache (no launch: no GPU time taken from the timing)."""
+    if any(g == 0 for g in launch.grid):
+        return
+    launch.kernel.warmup(grid=launch.grid, **launch.args, **launch.constexprs, **launch_options(launch))
+
+
+def _worker(spec: str, todo, workload, device, deadline) -> int:
+    """``--worker I/N``: compiles configs WORKER_SKIP + I, + I + N, ... until the deadline; the parent's
+    first run of each then loads it from the cache. Prints a JSON line (counts, first error) per config."""
+    i, n = (int(p) for p in spec.split("/"))
+    cases: dict = {}
+    stats = {"worker": i, "of": n, "compiled": 0, "failed": 0, "first_error": None}
+    for d, b, v in todo[WORKER_SKIP + i::n]:
+        if time.monotonic() > deadline:
+            break
+        try:
+            case = cases.get((d, b))
+            if case is None:
+                case = cases[(d, b)] = make_case(workload, d, b, device, empty=True)
+                case.y, case.planner, _ = plan(case)
+            rec, _, launches, target = prepare(case, v)
+            if "status" in rec:
+                continue
+            for launch in launches if target is None else [_launch(launches, target)]:
+                precompile(launch)
+            stats["compiled"] += 1
+        except Exception as exc:  # noqa: BLE001 - the parent compiles (and records) it itself
+            stats["failed"] += 1
+            stats["first_error"] = stats["first_error"] or _short(exc)[:300]
+        print(json.dumps(stats), flush=True)  # after every config: a terminated worker still reports
+    stats["finished"] = True
+    print(json.dumps(stats), flush=True)
+    return 0
+
+
+def _start_workers(args, n: int, budget: float) -> list:
+    import subprocess
+    import tempfile
+
+    procs = []
+    for i in range(n):
+        cmd = [sys.executable, "-m", "benchmarks.gpu_sweep", "--worker", f"{i}/{n}", "--budget", f"{budget:.1f}",
+               "--out", str(args.out), "--dtypes", args.dtypes, "--batches", args.batches, "--device", args.device]
+        cmd += ["--tiny"] if args.tiny else []
+        cmd += ["--max-configs", str(args.max_configs)] if args.max_configs is not None else []
+        out = tempfile.TemporaryFile(mode="w+")
+        procs.append((subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT), out))
+    return procs
+
+
+def _stop_workers(procs) -> list[dict]:
+    """Ends the workers this run started (each by its own handle) and reports what they did."""
+    import subprocess
+
+    report = []
+    for proc, out in procs:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        out.seek(0)
+        lines = [ln for ln in out.read().splitlines() if ln.strip()]
+        out.close()
+        entry: dict = {"rc": proc.returncode}
+        try:
+            entry.update(json.loads(lines[-1]))
+        except (IndexError, ValueError):
+            entry["output_tail"] = "\n".join(lines[-8:])[-1500:]
+        report.append(entry)
+    return report
+
+
+# ----------------------------------------------------------------------------------------------
 # Inputs, machine, output.
 # ----------------------------------------------------------------------------------------------
 
@@ -454,16 +558,18 @@ def _workload(tiny: bool) -> dict:
     return w
 
 
-def make_case(workload: dict, dtype_name: str, batch: int, device) -> Case:
+def make_case(workload: dict, dtype_name: str, batch: int, device, empty: bool = False) -> Case:
+    """Inputs of the op phase (same seed) on ``device``; ``empty``: uninitialised (shapes, strides and
+    alignment only, as a compile-ahead worker needs)."""
     import torch
 
     from mira_kernels import reference
 
     phases = _phases()
     dtype = getattr(torch, dtype_name)
-    if device.type == "meta":
+    if device.type == "meta" or empty:
         base = phases._op_inputs(workload, 1, 0)  # shapes only
-        low = {k: torch.empty((batch,) + v.shape[1:] if k == "x" else v.shape, dtype=dtype, device="meta")
+        low = {k: torch.empty((batch,) + v.shape[1:] if k == "x" else v.shape, dtype=dtype, device=device)
                for k, v in base.items()}
     else:
         low = {k: v.to(device=device, dtype=dtype)
@@ -503,6 +609,9 @@ def table(doc: dict) -> str:
              f"triton {m.get('triton')}, tf32 {m['tf32_matmul']}",
              f"  timing: {doc['timing']['method']}",
              f"  {len(doc['results'])} configs run, {len(doc['not_run'])} not run; {doc.get('elapsed_s', 0):.1f} s"]
+    for w in doc.get("workers") or []:
+        lines.append(f"  compile-ahead worker {w.get('worker')}: rc {w.get('rc')}, compiled {w.get('compiled')}, "
+                     f"failed {w.get('failed')}" + (f" ({w['first_error'][:100]})" if w.get("first_error") else ""))
     if doc.get("estimate_s") is not None:
         fit = max(0, int((doc["budget_s"] - EST_SETUP_S) // EST_CONFIG_S))
         lines.append(f"  estimate: {doc['estimate_s']:.0f} s for all {len(doc['results'])} configs "
@@ -573,6 +682,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="with --dry-run: compile each config for sm_ARCH (e.g. 90; no GPU needed), record spills")
     ap.add_argument("--tiny", action="store_true", help="tiny shapes (CPU tests)")
     ap.add_argument("--max-configs", type=int, default=None, help="run at most this many configs")
+    ap.add_argument("--workers", type=int, default=None,
+                    help="processes compiling configs ahead into Triton's cache (default on CUDA: "
+                         "min(8, CPUs - 4); else 0)")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # I/N: run as compile-ahead worker I of N
     args = ap.parse_args(argv)
     t_start = time.monotonic()
     deadline = t_start + args.budget
@@ -589,6 +702,13 @@ def main(argv: list[str] | None = None) -> int:
     todo = schedule(dtypes, batches, workload["tokens"])
     if args.max_configs is not None:
         todo = todo[:args.max_configs]
+    if args.worker:
+        return _worker(args.worker, todo, workload, device, deadline)
+    n_workers = args.workers
+    if n_workers is None:
+        n_workers = min(8, max(0, (os.cpu_count() or 1) - 4)) if device.type == "cuda" else 0
+    if args.dry_run or len(todo) <= WORKER_SKIP:
+        n_workers = 0
     doc = {
         "schema": SCHEMA, "mode": "dry-run" if args.dry_run else "run",
         "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -604,37 +724,42 @@ def main(argv: list[str] | None = None) -> int:
                        if device.type == "cpu" else "none (dry run: planning only)"),
             "calls_per_graph": CALLS, "reps": REPS, "tolerance_vs_planner": {d: tolerance(d) for d in dtypes},
         },
-        "cases": {}, "results": [], "not_run": [],
+        "compile_ahead_workers": n_workers, "cases": {}, "results": [], "not_run": [],
     }
     writer = Writer(args.out, doc)
     writer.write()
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-    timer = Timer(device) if device.type != "meta" else None
-    cases: dict = {}
-    for index, (d, b, v) in enumerate(todo):
-        if not args.dry_run and time.monotonic() + args.margin > deadline:
-            doc["not_run"] = [{"dtype": d2, "batch": b2, "kernel": v2.kernel, "variant": v2.name}
-                              for d2, b2, v2 in todo[index:]]
-            doc["status"] = "timeout"
-            break
-        try:
-            case = cases.get((d, b))
-            if case is None:
-                case = cases[(d, b)] = _new_case(workload, d, b, device, sync, doc)
-            if args.dry_run:
-                rec = _dry(case, v, args.lower)
-            else:
-                rec = run_config(case, v, timer, sync)
-        except Exception as exc:  # noqa: BLE001 - one config's failure costs only itself
-            rec = {"dtype": d, "batch": b, "kernel": v.kernel, "variant": v.name, "rank": v.rank,
-                   "override": v.override, "status": "error", "error": _short(exc),
-                   "traceback": traceback.format_exc()[-2000:]}
-        rec["t_s"] = round(time.monotonic() - t_start, 2)
-        doc["results"].append(rec)
-        doc["elapsed_s"] = time.monotonic() - t_start
-        writer.write()
-    else:
-        doc["status"] = "ok"
+    workers = _start_workers(args, n_workers, deadline - time.monotonic()) if n_workers else []
+    try:
+        sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+        timer = Timer(device) if device.type != "meta" else None
+        cases: dict = {}
+        for index, (d, b, v) in enumerate(todo):
+            if not args.dry_run and time.monotonic() + args.margin > deadline:
+                doc["not_run"] = [{"dtype": d2, "batch": b2, "kernel": v2.kernel, "variant": v2.name}
+                                  for d2, b2, v2 in todo[index:]]
+                doc["status"] = "timeout"
+                break
+            try:
+                case = cases.get((d, b))
+                if case is None:
+                    case = cases[(d, b)] = _new_case(workload, d, b, device, sync, doc)
+                if args.dry_run:
+                    rec = _dry(case, v, args.lower)
+                else:
+                    rec = run_config(case, v, timer, sync)
+            except Exception as exc:  # noqa: BLE001 - one config's failure costs only itself
+                rec = {"dtype": d, "batch": b, "kernel": v.kernel, "variant": v.name, "rank": v.rank,
+                       "override": v.override, "status": "error", "error": _short(exc),
+                       "traceback": traceback.format_exc()[-2000:]}
+            rec["t_s"] = round(time.monotonic() - t_start, 2)
+            doc["results"].append(rec)
+            doc["elapsed_s"] = time.monotonic() - t_start
+            writer.write()
+        else:
+            doc["status"] = "ok"
+    finally:
+        if workers:
+            doc["workers"] = _stop_workers(workers)
     doc["elapsed_s"] = time.monotonic() - t_start
     if args.dry_run:
         doc["estimate_s"] = EST_SETUP_S + EST_CONFIG_S * len(doc["results"])
@@ -655,9 +780,9 @@ def _new_case(workload, d, b, device, sync, doc) -> Case:
     info = {"shapes": case.shapes, "planner": {launch.name: params(launch) for launch in case.planner}}
     if device.type != "meta":
         with torch.no_grad():
-            for launch in case.planner:
-                launch.run()
-            sync()
+            res = run_launches(case.planner, case.planner, sync)
+            if res:
+                info["planner_resources"] = res
             i = case.inputs
             want = reference.mira_linear(*(i[k].double() for k in ("x", "weight", "bias")), i["x"][:, 0].double(),
                                          *(i[k].double() for k in ("keys", "bank_a", "bank_b")), **case.opts)

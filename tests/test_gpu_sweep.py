@@ -149,6 +149,45 @@ def test_failures_are_recorded_not_timed(monkeypatch, behaviour, status):
     assert same["status"] == "same_as_planner"
 
 
+class _Recorder:
+    """A kernel that records the keywords of ``kernel[grid](...)`` and ``kernel.warmup(...)``."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __getitem__(self, grid):
+        return lambda **kw: self.calls.append(("run", grid, kw))
+
+    def warmup(self, *, grid, **kw):
+        self.calls.append(("warmup", grid, kw))
+
+
+@pytest.mark.parametrize("pdl,maxnreg", [(True, 255), (False, None)])
+def test_the_compile_ahead_worker_compiles_what_the_run_launches(pdl, maxnreg):
+    from mira_kernels.triton import launchers
+
+    kernel = _Recorder()
+    launch = launchers.Launch("gemm", kernel, (3, 2), dict(x_ptr=torch.zeros(2), M=7), dict(BLOCK_M=64),
+                              num_warps=8, num_stages=3, pdl=pdl, maxnreg=maxnreg)
+    launch.run()
+    gpu_sweep.precompile(launch)
+    (run, g1, kw1), (warm, g2, kw2) = kernel.calls
+    assert (run, warm, g1, g2) == ("run", "warmup", (3, 2), (3, 2))
+    assert kw1.keys() == kw2.keys() and all(kw1[k] is kw2[k] or kw1[k] == kw2[k] for k in kw1)
+    launch.grid = (0, 2)
+    gpu_sweep.precompile(launch)  # an empty grid compiles nothing, as run launches nothing
+    assert len(kernel.calls) == 2
+
+
+def test_a_worker_survives_configs_it_cannot_compile(tmp_path, capsys):
+    # No GPU and no interpreter here: every warmup fails, and the worker still walks its share.
+    rc = gpu_sweep.main(["--worker", "1/3", "--device", "cpu", "--tiny", "--batches", "1", "--dtypes", "bfloat16",
+                         "--budget", "30", "--out", str(tmp_path)])
+    assert rc == 0 and not list(tmp_path.iterdir())
+    stats = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert stats["worker"] == 1 and stats["of"] == 3 and stats["compiled"] + stats["failed"] >= 3
+
+
 def _child(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
     return subprocess.run([sys.executable, "-m", "benchmarks.gpu_sweep", *args], cwd=ROOT, env=env,
@@ -163,7 +202,7 @@ def test_the_loop_runs_under_the_interpreter_and_keeps_to_its_budget(tmp_path):
         pytest.skip(f"the kernels' interpreter runs need Triton >= 3.8, not {triton.__version__}")
     out = tmp_path / "run"
     proc = _child("--device", "cpu", "--tiny", "--batches", "1", "--dtypes", "bfloat16,float32", "--max-configs", "8",
-                  "--budget", "60", "--out", str(out))
+                  "--budget", "60", "--workers", "2", "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     doc = json.loads((out / "gpu_sweep.json").read_text())
     assert doc["status"] == "ok" and len(doc["results"]) == 8
@@ -173,6 +212,7 @@ def test_the_loop_runs_under_the_interpreter_and_keeps_to_its_budget(tmp_path):
     assert all(r["warm_us"] > 0 and r["linear_warm_us"] > 0 for r in ok)
     assert doc["cases"]["bfloat16 B=1"]["planner_rel_err_vs_float64"] < 1e-2
     assert "pair" in (out / "gpu_sweep.txt").read_text()
+    assert doc["compile_ahead_workers"] == 2 and [w["rc"] is not None for w in doc["workers"]] == [True, True]
 
     out = tmp_path / "none"
     proc = _child("--device", "cpu", "--tiny", "--budget", "0", "--out", str(out))
