@@ -38,6 +38,7 @@ MAX_SLICES = 16
 OFFSET_UPLOAD = 256
 SMEM_BUDGET = 32 * 1024
 MAX_GRID = 2**31 - 1
+MAX_ELEMS = 2**58  # mira_cuda::kMaxElems: the bound on every product of sizes the plan forms (size_error)
 TREE = int(math.log2(THREADS))  # barrier levels of a block reduction
 LANE_TREE = int(math.log2(LANES))
 
@@ -399,6 +400,16 @@ def _kernels(op: str, d: Dims, x_dtype: torch.dtype, separation: str, mask) -> l
     return launches
 
 
+def _check_sizes(d: Dims, op: str) -> None:
+    # mira_cuda::size_error: the same products, each at most 2^58 elements (zero when any factor is zero).
+    products = [(d.S, d.r, d.d_in), (d.S, d.r, d.d_s), (d.B, d.S, d.r, d.d_in), (d.B, d.S, d.r, d.d_s),
+                (d.N, d.S, d.r, d.d_in), (d.N, d.S, d.r, d.d_s), (d.B, d.T + TOK_TILE, d.S, d.r), (d.B, d.T, d.d_in),
+                (d.B, d.N), (d.B, d.d_k), (d.N, d.d_k), (d.B, d.N, d.S, d.r, d.d_in + d.d_s)]
+    if any(math.prod(p) > MAX_ELEMS for p in products):
+        raise ValueError(f"cuda {op}: a product of the sizes would exceed 2^58 elements (64-bit index arithmetic); "
+                         "the backend refuses this size")
+
+
 def _check_grids(launches: list[KernelLaunch], op: str) -> None:
     for k in launches:
         if k.grid and k.grid[0] > MAX_GRID:
@@ -425,6 +436,7 @@ def describe(op: str, *args, sms: int | None = None) -> OpPlan:
     else:
         raise ValueError(f"unknown op {op!r}")
     d = _dims(x, keys, bank_a, bank_b)
+    _check_sizes(d, op)
     ct = _compute_dtype(x.dtype)
     memory = dict(query=query, keys=keys, bank_a=bank_a, bank_b=bank_b)
     launches: list[KernelLaunch] = []

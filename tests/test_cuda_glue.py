@@ -168,3 +168,14 @@ def test_grid_at_the_limit_passes_the_checks():
     B = (2**31 - 1) // 8
     x, query = x[:1].expand(B, 64, 4), memory[0][:1].expand(B, 4)
     _passes_checks(_linear, x, weight, None, query, *memory[1:], [0])
+
+
+def test_size_products_beyond_int64_are_refused():
+    # Zero-stride banks of rank r = 2^30 and a zero-stride x of 2^34 tokens: every grid fits, but the workspace's
+    # tile rows (B * T * S * r elements) overflow int64. Refused from the sizes, before the device check.
+    B, T, r = 1, 8 * (2**31 - 1), 2**30
+    x = torch.zeros(1, 1, 1).expand(B, T, 1)
+    bank_a = torch.zeros(1, 1, 1, 1).expand(1, 1, r, 1)
+    bank_b = torch.zeros(1, 1, 1, 1).expand(1, 1, 1, r)
+    with pytest.raises(RuntimeError, match="2\\^58 elements"):
+        _linear(x, torch.zeros(1, 1), None, torch.zeros(B, 1), torch.zeros(1, 1), bank_a, bank_b, [0])

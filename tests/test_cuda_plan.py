@@ -136,3 +136,15 @@ def test_oversized_grid_refused_by_both(driver):
         cuda_plan.describe("mira_linear", *_meta_args("mira_linear", case))
     with pytest.raises(PlanError):
         _emulated(driver, "mira_linear", case, (False,) * 5)
+
+
+def test_size_products_beyond_int64_refused_by_both(driver):
+    # Every grid fits (T / 8 = 2^31 - 1 token tiles, 2^21 column chunks), but the tile-row scratch B * T * S * r
+    # (2^34 * 2^30) does not fit in int64: the plan used to multiply it anyway (signed overflow, caught here by
+    # UBSan) and would have sized the workspace from the wrapped value.
+    case = dict(B=1, T=8 * (2**31 - 1), d_in=1, d_out=1, N=1, d_k=1, S=1, r=2**30, d_s=1, dtype=torch.float32)
+    for op, mask in [("mira_linear", (False,) * 5), ("mira_linear_backward", (True,) * 5)]:
+        with pytest.raises(ValueError, match="2\\^58 elements"):
+            cuda_plan.describe(op, *_meta_args(op, case, mask))
+        with pytest.raises(PlanError, match="2\\^58 elements"):
+            _emulated(driver, op, case, mask)

@@ -106,6 +106,10 @@ void check_device(const char* op, const at::Tensor& x) {
 // x and every allocation come after. Also what lets tests/test_cuda_glue.py check it on CPU tensors.
 void check_launches(const char* op, const Dims& d, at::ScalarType x_type, bool backward,
                     const std::array<bool, 5>& mask) {
+  const char* too_big = mira_cuda::size_error(d);  // first: plan_workspace multiplies these sizes
+  TORCH_CHECK(too_big == nullptr, op, ": the problem is too large for the cuda backend: ", too_big, " (B = ", d.B,
+              ", T = ", d.T, ", N = ", d.N, ", d_k = ", d.d_k, ", S = ", d.S, ", r = ", d.r, ", d_in = ", d.d_in,
+              ", d_s = ", d.d_s, ")");
   const bool dbl = x_type == at::kDouble;
   const bool memory_grads = mask[1] || mask[2] || mask[3] || mask[4];
   const Workspace ws = dbl ? mira_cuda::plan_workspace<double>(d, backward, memory_grads, mira_cuda::kSmemBudget)

@@ -31,6 +31,7 @@
 #pragma once
 
 #include <cstdint>
+#include <initializer_list>
 #include <vector>
 
 #ifdef __CUDACC__
@@ -823,6 +824,35 @@ struct Dims {
   int64_t sample_tiles() const { return (B + sample_tile() - 1) / sample_tile(); }
   int64_t retrieve_blocks() const { return sample_tiles() * col_chunks(); }
 };
+
+// Whether every product of sizes that the plan and the kernels form (workspace arrays, factor columns per sample
+// and per slot, token rows, x's elements) stays at or below kMaxElems, or why not. Expanded (zero-stride) inputs
+// make any size without memory, and the grid limit alone does not bound these products (B = 1, T = 2^34 tokens,
+// r = 2^30: every grid fits, the tile-row scratch B * T * S * r does not fit in int64). Below 2^58 each, no
+// product or sum of them in int64 can wrap (no tensor comes near: 2^58 floats are 1 EiB). Checked before
+// plan_workspace, whose products would otherwise overflow (undefined behaviour) and size the allocation.
+constexpr int64_t kMaxElems = int64_t(1) << 58;
+
+inline bool product_fits(std::initializer_list<int64_t> factors) {
+  for (int64_t f : factors)
+    if (f == 0) return true;
+  int64_t p = 1;
+  for (int64_t f : factors) {  // every factor >= 1 here, so the partial products only grow
+    if (f < 0 || f > kMaxElems || p > kMaxElems / f) return false;
+    p *= f;
+  }
+  return true;
+}
+
+inline const char* size_error(const Dims& d) {
+  const bool fits = product_fits({d.S, d.r, d.d_in}) && product_fits({d.S, d.r, d.d_s}) &&
+                    product_fits({d.B, d.S, d.r, d.d_in}) && product_fits({d.B, d.S, d.r, d.d_s}) &&
+                    product_fits({d.N, d.S, d.r, d.d_in}) && product_fits({d.N, d.S, d.r, d.d_s}) &&
+                    product_fits({d.B, d.T + kTokTile, d.S, d.r}) && product_fits({d.B, d.T, d.d_in}) &&
+                    product_fits({d.B, d.N}) && product_fits({d.B, d.d_k}) && product_fits({d.N, d.d_k}) &&
+                    product_fits({d.B, d.N, d.S, d.r, d.d_in + d.d_s});  // >= B * N * column chunks (dw_part)
+  return fits ? nullptr : "a product of the sizes would exceed 2^58 elements (64-bit index arithmetic)";
+}
 
 // Offsets (in acc_t elements) of the scratch arrays inside one workspace buffer.
 struct Workspace {

@@ -99,6 +99,10 @@ void plan(const Header& h, const std::vector<int64_t>& offsets) {
   const Dims d{h.B, h.T, h.d_in, h.N, h.d_k, h.S, h.r, h.d_s};
   const bool backward = h.mode == 1;
   const bool memory_grads = h.need_q || h.need_k || h.need_a || h.need_b;
+  if (const char* why = size_error(d)) {  // as the glue, before plan_workspace multiplies the sizes
+    std::fprintf(stderr, "driver: %s\n", why);
+    std::exit(3);
+  }
   const Workspace ws = plan_workspace<acc_t>(d, backward, memory_grads, h.smem_budget);
   const LaunchList list = backward ? backward_launches(d, ws, sizeof(acc_t), h.need_x, h.need_q, h.need_k, h.need_a,
                                                        h.need_b)
@@ -135,6 +139,7 @@ void run(const Header& h, const std::vector<int64_t>& offsets, double scale, dou
   const bool backward = h.mode == 1;
   const bool need_q = h.need_q, need_k = h.need_k, need_a = h.need_a, need_b = h.need_b;
   const bool memory_grads = need_q || need_k || need_a || need_b;
+  if (const char* why = size_error(d)) die(why);
   {
     const Workspace ws = plan_workspace<acc_t>(d, backward, memory_grads, h.smem_budget);
     const LaunchList list = backward ? backward_launches(d, ws, sizeof(acc_t), h.need_x, need_q, need_k, need_a,
