@@ -61,6 +61,8 @@ REPS = 9  # graph replays per measurement (medians)
 #: (~0.5-2 s; the planner's configs are usually cached by the gpu-check tests) plus check and timing.
 EST_CONFIG_S = 1.6
 EST_SETUP_S = 6.0  # imports, CUDA context, inputs, references
+EST_RUN_S = 0.3  # a config compiled ahead: cache load, check, graphs and replays
+GPU_WORKERS = 8  # compile-ahead workers on the 16-core GPU machine (the default there)
 
 
 @dataclass(frozen=True)
@@ -115,6 +117,7 @@ def variants(dtype_name: str, batch: int, tokens: int) -> list[Variant]:
             R("k128-f128", 4, retrieve=dict(block_k=128, block_f=128)),
             R("k128-w8-s3", 4, retrieve=dict(block_k=128, num_warps=8), stages=3),
             R("s4", 5, stages=4),
+            R("split32", 5, split=32),  # B <= 16: half the planner's 64 programs; B=64: twice its 16 shares
         ]
         if batch >= 32:
             out += [R("b64", 2, retrieve=dict(block_b=64)), R("b32", 3, retrieve=dict(block_b=32))]
@@ -613,10 +616,15 @@ def table(doc: dict) -> str:
         lines.append(f"  compile-ahead worker {w.get('worker')}: rc {w.get('rc')}, compiled {w.get('compiled')}, "
                      f"failed {w.get('failed')}" + (f" ({w['first_error'][:100]})" if w.get("first_error") else ""))
     if doc.get("estimate_s") is not None:
+        n = len(doc["results"])
         fit = max(0, int((doc["budget_s"] - EST_SETUP_S) // EST_CONFIG_S))
-        lines.append(f"  estimate: {doc['estimate_s']:.0f} s for all {len(doc['results'])} configs "
+        lines.append(f"  estimate without compile-ahead workers: {doc['estimate_s']:.0f} s for all {n} configs "
                      f"({EST_CONFIG_S} s each + {EST_SETUP_S} s setup); --budget {doc['budget_s']:g} runs about "
-                     f"the first {min(fit, len(doc['results']))}")
+                     f"the first {min(fit, n)}")
+        per = max(EST_RUN_S, EST_CONFIG_S / (1 + GPU_WORKERS))
+        fit = max(0, int((doc["budget_s"] - EST_SETUP_S) // per))
+        lines.append(f"  with {GPU_WORKERS} workers (16 CPUs): about {EST_SETUP_S + per * n:.0f} s for all {n} "
+                     f"({per:.2f} s each); --budget {doc['budget_s']:g} runs about the first {min(fit, n)}")
     groups: dict = {}
     for r in doc["results"]:
         groups.setdefault((r["dtype"], r["batch"]), []).append(r)
@@ -763,6 +771,8 @@ def main(argv: list[str] | None = None) -> int:
     doc["elapsed_s"] = time.monotonic() - t_start
     if args.dry_run:
         doc["estimate_s"] = EST_SETUP_S + EST_CONFIG_S * len(doc["results"])
+        doc["estimate_with_workers_s"] = EST_SETUP_S + max(EST_RUN_S, EST_CONFIG_S / (1 + GPU_WORKERS)) * len(
+            doc["results"])
         bad = [r for r in doc["results"] if r["status"] not in ("planned", "same_as_planner", "compile_error")]
         doc["status"] = "ok" if not bad else "failed"
     writer.write()
