@@ -162,6 +162,16 @@ def test_empty_batch_and_empty_tokens(driver):
     check_backward(driver, inp, "softmax")  # factor gradients are zero; dq still flows through nothing
 
 
+@pytest.mark.parametrize("shape", [dict(d_s=0), dict(d_in=0), dict(T=0, N=0), dict(B=0, N=0)])
+def test_zero_sized_dims_leave_no_gradient_unwritten(driver, shape):
+    # The driver hands the gradients over NaN-filled, as at::empty may (the first GPU run returned its leftovers
+    # at B = 0): every element must be written, or zero-filled by the glue where no kernel runs.
+    inp = make_inputs(**dict(dict(B=2, T=3, d_in=5, d_out=8, N=2, S=1, r=2, d_s=4), **shape), dtype=torch.float64)
+    for separation in ("affine", "softmax"):
+        check_forward(driver, inp, separation)
+        check_backward(driver, inp, separation)
+
+
 def test_tile_rows_spilled_to_global_memory(driver):
     # The path taken when S*r is too large for the tile rows' shared memory, forced with a zero budget.
     inp = make_inputs(**SHAPE, dtype=torch.float64)
