@@ -46,6 +46,7 @@ import datetime as _dt
 import json
 import os
 import platform
+import signal
 import statistics
 import sys
 import time
@@ -736,6 +737,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     writer = Writer(args.out, doc)
     writer.write()
+    # An outer `timeout` (SIGTERM) ends the run through the finally below: workers stopped, JSON kept.
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     workers = _start_workers(args, n_workers, deadline - time.monotonic()) if n_workers else []
     try:
         sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
@@ -766,8 +769,13 @@ def main(argv: list[str] | None = None) -> int:
         else:
             doc["status"] = "ok"
     finally:
+        signal.signal(signal.SIGTERM, previous)
         if workers:
             doc["workers"] = _stop_workers(workers)
+        if doc["status"] == "running":  # left by an exception or a signal, not by the loop
+            doc["status"] = "interrupted"
+            doc["elapsed_s"] = time.monotonic() - t_start
+            writer.write()
     doc["elapsed_s"] = time.monotonic() - t_start
     if args.dry_run:
         doc["estimate_s"] = EST_SETUP_S + EST_CONFIG_S * len(doc["results"])

@@ -11,10 +11,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -194,12 +197,16 @@ def _child(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=timeout)
 
 
-def test_the_loop_runs_under_the_interpreter_and_keeps_to_its_budget(tmp_path):
+def _needs_interpreter():
     triton = pytest.importorskip("triton")
     if tuple(int(p) for p in triton.__version__.split(".")[:2]) < (3, 8):
         # Triton 3.6's interpreter cannot run the kernels (a loop bound from a runtime argument fails
         # to convert); requirements.txt pins 3.8 for the interpreter tests.
         pytest.skip(f"the kernels' interpreter runs need Triton >= 3.8, not {triton.__version__}")
+
+
+def test_the_loop_runs_under_the_interpreter_and_keeps_to_its_budget(tmp_path):
+    _needs_interpreter()
     out = tmp_path / "run"
     proc = _child("--device", "cpu", "--tiny", "--batches", "1", "--dtypes", "bfloat16,float32", "--max-configs", "8",
                   "--budget", "60", "--workers", "2", "--out", str(out))
@@ -219,3 +226,23 @@ def test_the_loop_runs_under_the_interpreter_and_keeps_to_its_budget(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     doc = json.loads((out / "gpu_sweep.json").read_text())
     assert doc["status"] == "timeout" and not doc["results"] and len(doc["not_run"]) > 20
+
+
+def test_sigterm_keeps_the_results_and_stops_the_workers(tmp_path):
+    _needs_interpreter()
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-m", "benchmarks.gpu_sweep", "--device", "cpu", "--tiny", "--budget",
+                             "120", "--workers", "1", "--out", str(tmp_path)], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    doc: dict = {}
+    while time.monotonic() < deadline and len(doc.get("results", [])) < 2:
+        time.sleep(0.2)
+        with contextlib.suppress(FileNotFoundError, ValueError):
+            doc = json.loads((tmp_path / "gpu_sweep.json").read_text())
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    doc = json.loads((tmp_path / "gpu_sweep.json").read_text())
+    assert doc["status"] == "interrupted" and len(doc["results"]) >= 2
+    assert len(doc["workers"]) == 1 and doc["workers"][0]["rc"] is not None
