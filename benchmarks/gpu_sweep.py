@@ -287,11 +287,14 @@ class Timer:
 
         self.device, self.reps, self.calls = device, reps, calls
         self.cuda = device.type == "cuda"
-        self._flush_buf = None
+        self._flush_buf = self._flush_graph = self.flush_error = None
         if self.cuda:
             l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or 50 * 2**20
             self._flush_buf = torch.empty(max(2 * l2, 64 * 2**20) // 4, dtype=torch.int32, device=device)
-            self._flush_graph = self._graph(lambda: None, flush=True)
+            try:
+                self._flush_graph = self._graph(lambda: None, flush=True)
+            except Exception as exc:  # noqa: BLE001 - warm timings can still be taken
+                self.flush_error = _short(exc)
 
     def _flush(self):
         self._flush_buf.zero_()
@@ -329,7 +332,7 @@ class Timer:
                 times.append((time.perf_counter() - t0) * 1e6)
             return {"warm_us": statistics.median(times), "flushed_us": None}
         warm = self._graph(fn, flush=False)
-        cold = self._graph(fn, flush=True) if flushed else None
+        cold = self._graph(fn, flush=True) if flushed and self._flush_graph is not None else None
         w, f = [], []
         for _ in range(self.reps):
             w.append(self._replay_us(warm))
@@ -738,11 +741,15 @@ def main(argv: list[str] | None = None) -> int:
     writer = Writer(args.out, doc)
     writer.write()
     # An outer `timeout` (SIGTERM) ends the run through the finally below: workers stopped, JSON kept.
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    # The timer allocates on the device first: this process holds its CUDA context before any worker
+    # (were the GPU in an exclusive compute mode, the workers would fail, not the sweep).
+    timer = Timer(device) if device.type != "meta" else None
+    if timer is not None and timer.flush_error:
+        doc["timing"]["flush_error"] = timer.flush_error
     previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     workers = _start_workers(args, n_workers, deadline - time.monotonic()) if n_workers else []
     try:
-        sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-        timer = Timer(device) if device.type != "meta" else None
         cases: dict = {}
         for index, (d, b, v) in enumerate(todo):
             if not args.dry_run and time.monotonic() + args.margin > deadline:
