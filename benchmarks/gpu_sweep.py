@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
+import math
 import os
 import platform
 import signal
@@ -632,6 +633,11 @@ def table(doc: dict) -> str:
     groups: dict = {}
     for r in doc["results"]:
         groups.setdefault((r["dtype"], r["batch"]), []).append(r)
+    best = best_variants(doc["results"])
+    if best:
+        lines.append("\nbest per kernel (us per launch; planner -> best variant; L2-flushed where measured, else warm)")
+        lines += [f"  {b['dtype']:8} B={b['batch']:<3} {b['kernel']:8} {b['planner_us']:7.1f} -> {b['best_us']:7.1f} "
+                  f"({b['speedup']:.2f}x) {b['variant']}  [{b['measure']}]" for b in best]
     for (d, b), rows in groups.items():
         lines.append(f"\n{d} B={b}   (us per launch: warm | L2-flushed; linear = F.linear warm, measured right after)")
         for r in sorted(rows, key=lambda r: ({"pair": 0, "retrieve": 1, "gemm": 2}[r["kernel"]], r["rank"])):
@@ -656,6 +662,24 @@ def table(doc: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def best_variants(results: list[dict]) -> list[dict]:
+    """Per (dtype, batch, kernel): the planner's time and the fastest measured variant's."""
+    out = []
+    keys = dict.fromkeys((r["dtype"], r["batch"], r["kernel"]) for r in results if r["kernel"] != "pair")
+    for d, b, k in keys:
+        rows = [r for r in results if (r["dtype"], r["batch"], r["kernel"]) == (d, b, k) and r["status"] == "ok"]
+        planner = next((r for r in rows if r["variant"] == "planner"), None)
+        if planner is None:
+            continue
+        measure = "flushed_us" if planner.get("flushed_us") is not None else "warm_us"
+        rows = [r for r in rows if r.get(measure) is not None]
+        fastest = min(rows, key=lambda r: r[measure])
+        out.append(dict(dtype=d, batch=b, kernel=k, planner_us=planner[measure], best_us=fastest[measure],
+                        speedup=planner[measure] / fastest[measure] if fastest[measure] > 0 else math.nan,
+                        variant=fastest["variant"], measure=measure))
+    return out
+
+
 def _brief(name: str, p: dict) -> str:
     keys = ("BLOCK_B", "BLOCK_K", "BLOCK_F") if name == "retrieve" else ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUPS",
                                                                           "TILES", "SPB")
@@ -669,6 +693,7 @@ class Writer:
         out.mkdir(parents=True, exist_ok=True)
 
     def write(self) -> None:
+        self.doc["best"] = best_variants(self.doc["results"])
         for name, text in (("gpu_sweep.json", json.dumps(self.doc, indent=1, default=str)),
                            ("gpu_sweep.txt", table(self.doc))):
             tmp = self.out / (name + ".tmp")

@@ -208,18 +208,19 @@ def _needs_interpreter():
 def test_the_loop_runs_under_the_interpreter_and_keeps_to_its_budget(tmp_path):
     _needs_interpreter()
     out = tmp_path / "run"
-    proc = _child("--device", "cpu", "--tiny", "--batches", "1", "--dtypes", "bfloat16,float32", "--max-configs", "8",
-                  "--budget", "60", "--workers", "2", "--out", str(out))
+    proc = _child("--device", "cpu", "--tiny", "--batches", "1", "--dtypes", "bfloat16,float32", "--max-configs", "6",
+                  "--budget", "60", "--workers", "1", "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     doc = json.loads((out / "gpu_sweep.json").read_text())
-    assert doc["status"] == "ok" and len(doc["results"]) == 8
+    assert doc["status"] == "ok" and len(doc["results"]) == 6
     ok = [r for r in doc["results"] if r["status"] == "ok"]
     assert {r["status"] for r in doc["results"]} <= {"ok", "same_as_planner"}, [r.get("error") for r in doc["results"]]
-    assert len(ok) >= 6 and all(r["rel_err_vs_planner"] <= gpu_sweep.tolerance("bfloat16") for r in ok)
+    assert len(ok) >= 5 and all(r["rel_err_vs_planner"] <= gpu_sweep.tolerance("bfloat16") for r in ok)
     assert all(r["warm_us"] > 0 and r["linear_warm_us"] > 0 for r in ok)
     assert doc["cases"]["bfloat16 B=1"]["planner_rel_err_vs_float64"] < 1e-2
     assert "pair" in (out / "gpu_sweep.txt").read_text()
-    assert doc["compile_ahead_workers"] == 2 and [w["rc"] is not None for w in doc["workers"]] == [True, True]
+    assert {(b["kernel"], b["measure"]) for b in doc["best"]} == {("retrieve", "warm_us"), ("gemm", "warm_us")}
+    assert doc["compile_ahead_workers"] == 1 and doc["workers"][0]["rc"] is not None
 
     out = tmp_path / "none"
     proc = _child("--device", "cpu", "--tiny", "--budget", "0", "--out", str(out))
@@ -232,11 +233,11 @@ def test_sigterm_keeps_the_results_and_stops_the_workers(tmp_path):
     _needs_interpreter()
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
     proc = subprocess.Popen([sys.executable, "-m", "benchmarks.gpu_sweep", "--device", "cpu", "--tiny", "--budget",
-                             "120", "--workers", "1", "--out", str(tmp_path)], cwd=ROOT, env=env,
+                             "120", "--workers", "1", "--dtypes", "float32", "--out", str(tmp_path)], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
     doc: dict = {}
-    while time.monotonic() < deadline and len(doc.get("results", [])) < 2:
+    while time.monotonic() < deadline and not doc.get("results"):
         time.sleep(0.2)
         with contextlib.suppress(FileNotFoundError, ValueError):
             doc = json.loads((tmp_path / "gpu_sweep.json").read_text())
@@ -244,5 +245,5 @@ def test_sigterm_keeps_the_results_and_stops_the_workers(tmp_path):
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
     doc = json.loads((tmp_path / "gpu_sweep.json").read_text())
-    assert doc["status"] == "interrupted" and len(doc["results"]) >= 2
+    assert doc["status"] == "interrupted" and doc["results"]
     assert len(doc["workers"]) == 1 and doc["workers"][0]["rc"] is not None
