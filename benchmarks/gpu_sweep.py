@@ -27,16 +27,25 @@ CUDA events, per launch: ``warm_us`` is the median over ``REPS`` replays (inputs
 launches: a steady state, not a cold call); ``flushed_us`` the median over replays of the
 difference between a graph of (L2 flush, launch) pairs and one of flushes alone (flush = zeroing
 twice the L2 size; a launch that starts early under programmatic dependent launch may overlap the
-flush's tail). Compile and check time is not timed.
+flush's tail). The GEMM alone keeps the planner's programmatic dependent launch: each launch waits
+(gdc_wait) for the one before only where it first reads the factors, as it waits for the
+retrieval in the product. Compile and check time is not timed.
 
 Budget: ``--budget`` seconds of wall time in all; a config starts only if ``--margin`` seconds are
-left (Triton compiles take ~0.5-2 s, the dominant cost). The JSON is rewritten after every config,
-so a kill keeps what was measured. Configs run in order of expected value: the planner's at every
-batch first, then the variants by rank, batch-interleaved, bf16 before fp32.
+left. Triton compiles (~0.5-2.5 s each) are the dominant cost, so on CUDA ``--workers`` child
+processes (default min(8, CPUs - 4)) compile the configs ahead into Triton's on-disk cache with
+``kernel.warmup`` (no launch, no GPU time), and the parent's first run of a config loads it. The
+JSON is rewritten after every config, so a kill keeps what was measured; SIGTERM (an outer
+``timeout``) stops the workers and marks the record interrupted. Configs run in order of expected
+value: the planner's at every batch first, then the variants by rank, batch-interleaved, bf16
+before fp32. ``best`` (JSON and the table's head) lists, per kernel, the planner's time and the
+fastest variant's.
 
 ``--dry-run`` plans every config on ``meta`` tensors (no GPU, no compile), checks that each override
-reaches its launch, and estimates the run's time. ``--device cpu`` (with ``TRITON_INTERPRET=1``)
-runs the whole loop under the Triton interpreter, timed by the wall clock: a test, not a figure.
+reaches its launch, and estimates the run's time; with ``--lower 90`` it also compiles each for
+sm_90 without a GPU (``mira_kernels.triton.lowering``) and records registers, stack and shared memory.
+``--device cpu`` (with ``TRITON_INTERPRET=1``) runs the whole loop under the Triton interpreter,
+timed by the wall clock: a test, not a figure.
 """
 
 from __future__ import annotations
