@@ -272,6 +272,12 @@ def _expand(acc, h, e, t_sample, t_slice, row_sample, cols, S: tl.constexpr, OFF
 
 
 @triton.jit
+def _tf32_hi(v):
+    # v (fp32) with its low 13 mantissa bits cleared: exact in TF32, and v - hi is exact in fp32.
+    return (v.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _row_block(row0, M, T, BLOCK_M: tl.constexpr):
     """The rows of a block of BLOCK_M token rows starting at row0: their indices (also as int64:
     row offsets times a row stride can pass 2^31, and Triton types ints as i32), which are inside
@@ -337,6 +343,7 @@ def _mira_gemm_kernel(
     S: tl.constexpr, OFFS: tl.constexpr, F_SLICED: tl.constexpr, E_SLICED: tl.constexpr,
     HAS_BASE: tl.constexpr, HAS_BIAS: tl.constexpr, LORA: tl.constexpr, IN_PLACE: tl.constexpr,
     STORE_H: tl.constexpr, SPB: tl.constexpr, J_PAD: tl.constexpr, J_CHUNK: tl.constexpr,
+    J_STEP: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUPS: tl.constexpr,
     ORDER: tl.constexpr, TILES: tl.constexpr, BASE_PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr, W_ORDER: tl.constexpr, USE_PDL: tl.constexpr,
@@ -355,7 +362,12 @@ def _mira_gemm_kernel(
     main loop of the first adapted tile a program computes (the x tile is already loaded): h for the
     row block's SPB samples at once, as one dot against the stacked factors; rows keep their own
     sample's columns. LORA = 2: h was computed by ``_mira_shrink_fwd_kernel`` and is read from h_ptr
-    (M, J) in fp32; the expand loops over the samples of the tile in chunks of J_CHUNK.
+    (M, J) in fp32; the expand loops over the samples of the tile, J_STEP columns of h at a time
+    (J_CHUNK = J_STEP unless SPLIT). SPLIT (fp16 x: 3xTF32 accuracy, contract section 11) splits h
+    and E into TF32-exact hi and fp32 lo halves and adds h_hi E_hi + h_lo E_hi + h_hi E_lo, the
+    three products of a 3xTF32 dot, as two TF32 dots of J_CHUNK = 2 J_STEP columns: [h_hi | h_lo]
+    against [E_hi; E_hi], then [h_hi | 0] against [E_lo; 0]. Triton's tf32x3 takes three dots and
+    spilled in this kernel; the columns J_STEP pads a small J (8 for ViT's S*r) to are used here.
 
     Grid: (cdiv(M, BLOCK_M) * GROUPS,): program (row block, group g) computes the column tiles
     ORDER[g], ORDER[g + GROUPS], ... (ORDER lists the tiles without an adapter first, so a program
@@ -457,14 +469,27 @@ def _mira_gemm_kernel(
             else:
                 for b in tl.range(b_first, b_last + 1, num_stages=1):
                     h_rows = row_ok & (row_sample == b)
-                    for j0 in tl.range(0, J, J_CHUNK, num_stages=1):
-                        tj = j0 + tl.arange(0, J_CHUNK)
+                    for j0 in tl.range(0, J, J_STEP, num_stages=1):
+                        lane = tl.arange(0, J_CHUNK)
+                        tj = j0 + lane % J_STEP
                         hj = tl.load(h_ptr + rows64[:, None] * J + tj[None, :],
                                      mask=h_rows[:, None] & (tj < J)[None, :], other=0.0)
                         e_rows, e_ok, e_off = _factor_rows(e_ptr, b, b, tj, J, R, stride_eb, stride_es, stride_er, S,
                                                            OFFS, E_SLICED, J_CHUNK)
                         ej = _factor_tile(e_rows, e_ok, e_off, cols, E_WIDTH, stride_en)
-                        acc = _expand(acc, (hj * scale).to(op_ty), ej.to(op_ty), tj * 0, tj // R,
+                        hs = (hj * scale).to(op_ty)
+                        ej = ej.to(op_ty)
+                        if SPLIT:
+                            # Lanes [0, J_STEP) carry h_hi, lanes [J_STEP, J_CHUNK) the same columns' h_lo
+                            # (a non-finite h makes its lo NaN: _expand marks those rows either way).
+                            first = (lane < J_STEP)
+                            h_hi = _tf32_hi(hs)
+                            e_hi = _tf32_hi(ej)
+                            hs = tl.where(first[None, :], h_hi, hs - h_hi)
+                            acc = _expand(acc, hs, e_hi, tj * 0, tj // R, tl.where(h_rows, 0, -1), cols, S, OFFS,
+                                          E_WIDTH, E_SLICED, 1, LORA_PRECISION)
+                            ej = tl.where(first[:, None], ej - e_hi, 0.0)  # h_hi E_lo; h_lo E_lo dropped
+                        acc = _expand(acc, hs, ej, tj * 0, tj // R,
                                       tl.where(h_rows, 0, -1), cols, S, OFFS, E_WIDTH, E_SLICED, 1, LORA_PRECISION)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + cols * stride_bias, mask=col_ok, other=0.0).to(acc_ty)[None, :]

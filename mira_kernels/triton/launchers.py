@@ -112,8 +112,11 @@ def _expand_precision(x_dtype: torch.dtype, lora_precision: str) -> str:
     adapter's size, which is up to 4 ulp of an fp16 output the adapter dominates. The first GPU run
     (H200, ViT-B qkv, "negative" affine weights, B = 1) measured 1.05 against PyTorch's 0.25 (one
     rounding of |y| ~ 800), exactly what truncating h and B_b to TF32 gives on the CPU; fp32 factors
-    with 3xTF32 products give PyTorch's 0.25. The cost: three TF32 dots of depth 16 per sample in
-    an adapted tile, beside the tile's K = d_in of fp16 products. fp32 x with ``allow_tf32`` keeps
+    with 3xTF32 products give PyTorch's 0.25. The cost, with h from the shrink launch (always, for
+    fp32 factors): two TF32 dots of depth 16 per 8 columns of h and sample in an adapted tile (the
+    kernel's SPLIT) instead of one per 16, beside the tile's K = d_in of fp16 products; Triton's own
+    tf32x3 (three dots) spilled 16-88 bytes in these GEMMs on sm_90 (Triton 3.6), the split none.
+    fp32 x with ``allow_tf32`` keeps
     one TF32 product (the user chose TF32 for the base GEMM too, as for torch.matmul); bf16 x has
     bf16 factors (the precision does not apply); IEEE stays IEEE.
     """
@@ -314,6 +317,11 @@ def _plan_gemm(name, a, w, w_strides, bias, out, sh: _Shapes, offsets, scale, x_
     n_out = out.shape[1]
     base_precision, lora_precision = _precisions(x_dtype)
     lora_precision = _expand_precision(x_dtype, lora_precision)
+    # With h from the shrink launch (LORA = 2) a 3xTF32 expand runs as the kernel's SPLIT: the same
+    # three products in two TF32 dots (h's hi and lo halves share one dot's columns), not three.
+    split = lora_precision == "tf32x3" and h is not None
+    if split:
+        lora_precision = "tf32"
     if e is not None and e.tensor.dtype in (torch.float16, torch.bfloat16):
         lora_precision = "ieee"  # 16-bit operands: the dot's input precision does not apply
     j = sh.S * sh.r
@@ -346,6 +354,7 @@ def _plan_gemm(name, a, w, w_strides, bias, out, sh: _Shapes, offsets, scale, x_
         dict(S=sh.S, OFFS=tuple(offsets), F_SLICED=fac_f.sliced, E_SLICED=fac_e.sliced, HAS_BASE=w is not None,
              HAS_BIAS=bias is not None, LORA=lora, IN_PLACE=bool(in_place), STORE_H=store_h is not None,
              SPB=cfg.samples_per_block, J_PAD=cfg.j_pad, J_CHUNK=configs.MIN_DOT,
+             J_STEP=configs.MIN_DOT // 2 if split else configs.MIN_DOT, SPLIT=split,
              BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUPS=groups, ORDER=order,
              TILES=tiles, BASE_PRECISION=base_precision, LORA_PRECISION=lora_precision,
              UPCAST=interpreter_upcast(a, x_dtype),

@@ -160,7 +160,9 @@ def _gemm(launch) -> dict:
         else:
             spt = _samples_per_tile(T, bm, M)
             shrink = 0.0
-            expand = 2.0 * m_tiles * n_adapted * bm * bn * _cdiv(J, c["J_CHUNK"]) * c["J_CHUNK"] * spt
+            # J_STEP columns of h per step, one dot of J_CHUNK (two with SPLIT: 3xTF32 as hi/lo halves).
+            dots = _cdiv(J, c["J_STEP"]) * (2 if c["SPLIT"] else 1)
+            expand = 2.0 * m_tiles * n_adapted * bm * bn * dots * c["J_CHUNK"] * spt
             lora_bytes += M * J * _size(a["h_ptr"])
         flops = _add(flops, _dot_flops(c["LORA_PRECISION"], op, shrink + expand))
         factor_bytes = B * J * (a["F_WIDTH"] + a["E_WIDTH"]) * _size(a["f_ptr"])
