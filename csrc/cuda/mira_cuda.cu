@@ -80,10 +80,10 @@ void check_kernel_image(const char* op, const at::Device& device) {
   int major = 0, minor = 0;
   (void)cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device.index());
   (void)cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device.index());
+  const std::string capability = std::to_string(major) + "." + std::to_string(minor);  // no ostream << int: below
   TORCH_CHECK(false, op, ": this build of the cuda backend has no kernel image for ", device, " (compute capability ",
-              major, ".", minor, "): ", cudaGetErrorString(status),
-              ". Rebuild with TORCH_CUDA_ARCH_LIST including ", major, ".", minor,
-              ", or use another backend (mira_kernels.use_backend('triton' or 'reference')).");
+              capability, "): ", cudaGetErrorString(status), ". Rebuild with TORCH_CUDA_ARCH_LIST including ",
+              capability, ", or use another backend (mira_kernels.use_backend('triton' or 'reference')).");
 }
 
 // The problem's sizes, from the shapes alone: no device access, no allocation, no copy. The arguments have
@@ -104,12 +104,21 @@ void check_device(const char* op, const at::Tensor& x) {
 // only (int64; no product in the plan comes near 2^63 for tensors that exist), so every op runs it right
 // after the contract's checks, before it touches the device: the base GEMM, `.contiguous()` of an expanded
 // x and every allocation come after. Also what lets tests/test_cuda_glue.py check it on CPU tensors.
+// The sizes for an error message, formatted without `ostream << int64_t`. On the H200 image (torch 2.11,
+// nvcc 13.0, 2026-12-04) a TORCH_CHECK message with integer arguments, built in this nvcc-compiled file,
+// crashed the process (SIGSEGV in a std::ostream::_M_insert<long> instantiated inside _C.so, likely a
+// local copy of the num_put facet's id), while messages of strings alone raised normally.
+std::string sizes_text(const Dims& d) {
+  const auto s = [](int64_t v) { return std::to_string(v); };
+  return "(B = " + s(d.B) + ", T = " + s(d.T) + ", N = " + s(d.N) + ", d_k = " + s(d.d_k) + ", S = " + s(d.S) +
+         ", r = " + s(d.r) + ", d_in = " + s(d.d_in) + ", d_s = " + s(d.d_s) + ")";
+}
+
 void check_launches(const char* op, const Dims& d, at::ScalarType x_type, bool backward,
                     const std::array<bool, 5>& mask) {
   const char* too_big = mira_cuda::size_error(d);  // first: plan_workspace multiplies these sizes
-  TORCH_CHECK(too_big == nullptr, op, ": the problem is too large for the cuda backend: ", too_big, " (B = ", d.B,
-              ", T = ", d.T, ", N = ", d.N, ", d_k = ", d.d_k, ", S = ", d.S, ", r = ", d.r, ", d_in = ", d.d_in,
-              ", d_s = ", d.d_s, ")");
+  TORCH_CHECK(too_big == nullptr, op, ": the problem is too large for the cuda backend: ", too_big, " ",
+              sizes_text(d));
   const bool dbl = x_type == at::kDouble;
   const bool memory_grads = mask[1] || mask[2] || mask[3] || mask[4];
   const Workspace ws = dbl ? mira_cuda::plan_workspace<double>(d, backward, memory_grads, mira_cuda::kSmemBudget)
@@ -118,8 +127,8 @@ void check_launches(const char* op, const Dims& d, at::ScalarType x_type, bool b
   const auto list = backward ? mira_cuda::backward_launches(d, ws, acc, mask[0], mask[1], mask[2], mask[3], mask[4])
                              : mira_cuda::adapter_launches(d, ws, acc);
   const char* why = mira_cuda::grid_error(list);
-  TORCH_CHECK(why == nullptr, op, ": the problem is too large for the cuda backend's launches: ", why, " (B = ", d.B,
-              ", T = ", d.T, ", N = ", d.N, ", S = ", d.S, ", r = ", d.r, ", d_in = ", d.d_in, ", d_s = ", d.d_s, ")");
+  TORCH_CHECK(why == nullptr, op, ": the problem is too large for the cuda backend's launches: ", why, " ",
+              sizes_text(d));
 }
 
 // The memory side in the compute dtype, contiguous (no copy in the usual case: already so).
