@@ -526,11 +526,15 @@ def measured_tables(doc: dict, mach: Machine) -> list[str]:
            f"GPU {((doc.get('environment') or {}).get('gpu') or {}).get('name')}) =="]
     for phase in ("op", "model"):
         for m in (doc.get("phases", {}).get(phase, {}) or {}).get("measurements", []) or []:
-            if m.get("mode") != "forward" or not m.get("ok") or m.get("dtype") not in ("bf16", "fp32"):
+            # gpu_check names dtypes as torch does ("bfloat16"); the short names are kept for older files.
+            dtype = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32,
+                     "fp32": torch.float32}.get(m.get("dtype"))
+            if m.get("mode") != "forward" or not m.get("ok") or dtype is None:
                 continue
-            dtype = torch.bfloat16 if m["dtype"] == "bf16" else torch.float32
             B = m["batch"]
             variant = {"linear": "plain", "stock": "plain", "eager": "unfused"}.get(m["kind"], m.get("backend"))
+            if variant not in ("plain", "unfused", "triton", "cuda"):
+                continue  # measured but not modelled (the reference backend)
             if phase == "op":
                 ops = qkv_ops(variant, B, dtype, mach)
                 ops = ops if isinstance(ops, list) else []

@@ -80,10 +80,27 @@ def test_measured_record_printed_beside_the_model(mach):
     doc = {"schema": "mira-gpu-check/1", "started": "2026-12-01T00:00:00Z",
            "environment": {"gpu": {"name": "NVIDIA H200"}},
            "phases": {"op": {"measurements": [
-               {"mode": "forward", "ok": True, "dtype": "bf16", "batch": 8, "kind": "mira", "backend": "triton",
+               {"mode": "forward", "ok": True, "dtype": "bfloat16", "batch": 8, "kind": "mira", "backend": "triton",
                 "variant": "triton", "graph_us": {"median": 17.5}, "eager_us": {"median": 60.0},
                 "kernels": [{"name": "_mira_gemm_kernel", "us": 15.0, "calls": 1}]}]}}}
     lines = gm.measured_tables(doc, mach)
     row = next(line for line in lines if "B=8" in line)
     assert "measured      17.5" in row and "measured      60.0" in row
     assert any("_mira_gemm_kernel" in line and "model" in line and "15.00" in line for line in lines)
+
+
+def test_a_recorded_gpu_check_run_is_read_cell_by_cell(mach):
+    # The schema names dtypes as torch does ("bfloat16"): a reader keyed on "bf16" printed nothing
+    # for the first real runs. Every timed forward cell of the Triton backend gets its row.
+    import json
+    from pathlib import Path
+
+    path = next(Path(__file__).resolve().parents[2].glob("benchmarks/results/gpu/*ede8e19*/gpu_check.json"))
+    doc = json.loads(path.read_text())
+    lines = gm.measured_tables(doc, mach)
+    timed = {(m["dtype"], m["batch"]) for m in doc["phases"]["op"]["measurements"]
+             if m["mode"] == "forward" and m["ok"] and m.get("backend") == "triton"}
+    assert len(timed) == 8
+    for dtype, batch in timed:
+        assert any(line.startswith("  op    mira[triton]") and dtype in line and f"B={batch} " in line
+                   for line in lines), (dtype, batch)
