@@ -35,6 +35,7 @@ import functools
 import importlib
 import importlib.util
 import os
+import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -157,7 +158,10 @@ def _triton_reason(device: torch.device) -> str | None:
         return "it runs on cuda tensors (on cpu tensors only under the Triton interpreter, TRITON_INTERPRET=1)"
     if not torch.cuda.is_available():
         return "no CUDA device is available"
-    return importlib.import_module("mira_kernels.triton").unavailable_reason(device)
+    # The rest of mira_kernels.triton.unavailable_reason: triton is installed (above) and importing
+    # mira_kernels.triton imports it only when a kernel runs.
+    module = sys.modules.get("mira_kernels.triton") or importlib.import_module("mira_kernels.triton")
+    return module._capability_reason(device)
 
 
 def _triton_load() -> object:

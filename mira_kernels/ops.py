@@ -66,8 +66,13 @@ def _impl_for(backend: str, device: torch.device):
 
 # `backend="auto"`: the dispatcher leaves out trailing arguments equal to the schema's default.
 def _linear_kernel(x, weight, bias, query, keys, bank_a, bank_b, slice_offsets, separation, scale, eps, backend="auto"):
-    impl = _impl_for(backend, x.device)
-    with _autocast_off(x.device.type):
+    device = x.device
+    impl = _impl_for(backend, device)
+    # The eager forward's hot path (benchmarks/host_path.py): a generator context manager costs
+    # ~2 us a call, so it is entered only when there is autocast to switch off.
+    if not torch.is_autocast_enabled(device.type):
+        return impl.mira_linear(x, weight, bias, query, keys, bank_a, bank_b, slice_offsets, separation, scale, eps)
+    with _autocast_off(device.type):
         return impl.mira_linear(x, weight, bias, query, keys, bank_a, bank_b, slice_offsets, separation, scale, eps)
 
 

@@ -33,12 +33,30 @@ def unavailable_reason(device: torch.device | str | None = None) -> str | None:
     The capability is the device's own: on a machine with an sm_90 and an sm_75 GPU, tensors on
     the second get another backend even while the first is current.
     """
+    error = _import_error()
+    if error is not None:
+        return error
+    if not torch.cuda.is_available():
+        return "no CUDA device is available"
+    return _capability_reason(device)
+
+
+@functools.cache
+def _import_error() -> str | None:
     try:
         import triton  # noqa: F401
     except ImportError as exc:  # pragma: no cover - the router checks find_spec first
         return f"triton failed to import: {exc}"
-    if not torch.cuda.is_available():
-        return "no CUDA device is available"
+    return None
+
+
+def _capability_reason(device: torch.device | str | None) -> str | None:
+    """:func:`unavailable_reason` once CUDA is known to be available: the router, which has checked
+    that, calls this on every eager call (``torch.cuda.is_available`` reads an environment variable
+    each time: ~2 us warm, more with cold caches)."""
+    error = _import_error()
+    if error is not None:
+        return error
     index = _device_index(device)
     capability = _capability(index)
     if capability < MIN_CAPABILITY:
@@ -60,19 +78,35 @@ def _capability(index: int) -> tuple[int, int]:
     return tuple(torch.cuda.get_device_capability(index))
 
 
+_modules: dict = {}
+
+
 def _launchers():
     # The launchers (and through them Triton and the kernels) load on the first op call, so that
-    # `import mira_kernels.triton` for unavailable_reason() or the config table stays cheap.
-    from . import launchers
+    # `import mira_kernels.triton` for unavailable_reason() or the config table stays cheap. Held
+    # here after that: an import statement per call costs ~1 us of import machinery.
+    lm = _modules.get("launchers")
+    if lm is None:
+        from . import launchers as lm
 
-    return launchers
+        _modules["launchers"] = lm
+    return lm
+
+
+def _plan_cache():
+    pc = _modules.get("plan_cache")
+    if pc is None:
+        from . import plan_cache as pc
+
+        _modules["plan_cache"] = pc
+    return pc
 
 
 def mira_linear(x, weight, bias, query, keys, bank_a, bank_b, slice_offsets, separation, scale, eps):
     """Forward of ``mira::mira_linear``: (B, T, d_out) in x's dtype (two kernel launches)."""
     lm = _launchers()
-    y, plan = lm.plan_linear(x, weight, bias, query, keys, bank_a, bank_b, list(slice_offsets), separation,
-                                    scale, eps)
+    y, plan = _plan_cache().plan_linear(x, weight, bias, query, keys, bank_a, bank_b, list(slice_offsets),
+                                        separation, scale, eps)
     lm.run_all(plan, x.device)
     return y
 

@@ -1,0 +1,215 @@
+"""Replayed launch plans of the forward: planned once per argument signature, then refilled per call.
+
+Why: the planner (:func:`.launchers.plan_linear`) costs ~65 us of Python per call on a 2-core EPYC
+(``python -m benchmarks.host_path``), and an eager call pays it every time although the plan depends
+only on what the key below holds. A hit allocates the plan's outputs and workspaces afresh (the
+same sizes and dtypes, so nothing is shared between calls: a CUDA graph or a second stream sees
+what an uncached call gives) and launches the recorded kernels with the recorded grids and
+arguments, the tensor arguments replaced by this call's.
+
+The key holds everything the planner reads: every tensor's shape, strides, dtype and device (and
+whether bias is None), the slice offsets, the separation, the bit patterns of scale and eps, the
+dot precisions for x's dtype (``allow_tf32`` for float32), the target capability and whether the
+interpreter plans. Plans made under :func:`.configs.overriding` (sweeps) are never cached. The
+planner does not read data pointers, so tensors that alias each other get the same plan; a plan
+is recorded only when each tensor argument of its launches is unambiguously one input (the very
+pointer and dtype) or one allocation the planner made with ``empty``: a plan that copied an input
+(a non-contiguous x or bank, whose copy holds data) or whose arguments cannot be told apart is
+planned afresh on every call. A call that fails records nothing (the template is stored after a
+successful plan, and it never depends on the call's data).
+
+Used for CUDA tensors only (:data:`DEVICE_TYPES`): the interpreter's tests keep planning every
+call (and may monkeypatch the planner's configs, which the key does not see). Tests add ``"cpu"``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from . import configs, kernels, launchers
+
+#: Device types whose calls use the cache.
+DEVICE_TYPES = {"cuda"}
+#: Signatures kept; past it the cache starts again (a model has a handful of shapes per layer).
+MAX_ENTRIES = 512
+
+_CACHE: dict[tuple, _Template] = {}
+
+
+def clear() -> None:
+    _CACHE.clear()
+
+
+# A replay lines up this call's tensors in one list of slots: the inputs (x, weight, bias, query,
+# keys, bank_a, bank_b), then the fresh allocations (the output first), then the zero-size
+# workspaces (no memory: made once, at recording, and shared by every call); each tensor
+# argument of a launch names its slot.
+_INPUTS = 7
+
+
+@dataclass(frozen=True)
+class _LaunchTemplate:
+    kernel_name: str
+    grid: tuple[int, ...]
+    kwargs: dict  # every keyword of kernel[grid](...) but the tensors
+    fills: tuple[tuple[str, int], ...]  # (keyword, slot)
+
+
+@dataclass(frozen=True)
+class _Template:
+    fresh: tuple[tuple[tuple[int, ...], torch.dtype], ...]  # (shape, dtype); fresh[0] is the output
+    empties: tuple[torch.Tensor, ...]
+    launches: tuple[_LaunchTemplate, ...]
+
+
+class _Replayed:
+    """A launch of a replayed plan: ``run()`` as :meth:`.launchers.Launch.run`."""
+
+    __slots__ = ("kernel", "grid", "kwargs")
+
+    def __init__(self, kernel, grid, kwargs):
+        self.kernel, self.grid, self.kwargs = kernel, grid, kwargs
+
+    def run(self) -> None:
+        self.kernel[self.grid](**self.kwargs)
+
+
+def key(x, weight, bias, query, keys, bank_a, bank_b, slice_offsets, separation, scale, eps) -> tuple:
+    """Everything :func:`.launchers.plan_linear` reads (module doc). Devices: every input's, since
+    the planner is also called directly (the op has checked that they agree)."""
+    return (
+        x.shape, x.stride(), x.dtype, x.device, weight.shape, weight.stride(), weight.dtype, weight.device,
+        None if bias is None else (bias.shape, bias.stride(), bias.dtype, bias.device),
+        query.shape, query.stride(), query.dtype, query.device, keys.shape, keys.stride(), keys.dtype, keys.device,
+        bank_a.shape, bank_a.stride(), bank_a.dtype, bank_a.device,
+        bank_b.shape, bank_b.stride(), bank_b.dtype, bank_b.device,
+        tuple(slice_offsets), separation, launchers.float_bits(scale), launchers.float_bits(eps),
+        launchers._precisions(x.dtype), launchers.target_capability(x.device), launchers.interpreting(),
+    )
+
+
+class _Allocations(TorchDispatchMode):
+    """Records the data pointers of tensors the planner creates with ``empty`` (data-free), and
+    whether it created any other tensor with storage of its own (a copy: data the replay lacks)."""
+
+    _EMPTY = {torch.ops.aten.empty.memory_format, torch.ops.aten.empty_strided.default}
+
+    def __init__(self):
+        super().__init__()
+        self.empty_ptrs: set[int] = set()
+        self.copied = False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in self._EMPTY:
+            self.empty_ptrs.add(out.data_ptr())
+        elif func._schema.is_mutable or not _is_view(func):
+            self.copied = True
+        return out
+
+
+def _is_view(func) -> bool:
+    # An op whose tensor output aliases its input (view, as_strided, alias ...): no new data.
+    returns = func._schema.returns
+    return bool(returns) and all(r.alias_info is not None for r in returns)
+
+
+def _record(inputs, y, launches, empty_ptrs: set[int]) -> _Template | None:
+    """The plan made on ``inputs`` (distinct probes) as a template, or None when one of its tensor
+    arguments is not one input or one ``empty`` allocation of the planner (module doc)."""
+    by_ptr: dict[int, int] = {}
+    for i, t in enumerate(inputs):
+        if t is not None:
+            if t.data_ptr() in by_ptr or t.untyped_storage().nbytes() == 0:
+                return None  # zero-size probes have no memory of their own to tell them apart
+            by_ptr[t.data_ptr()] = i
+    fresh_ptrs = {y.data_ptr(): 0}
+    fresh = [(tuple(y.shape), y.dtype)]
+    empties: dict[torch.dtype, int] = {}
+    fills_of = []  # per launch: (keyword, kind, index)
+    records = []
+    for launch in launches:
+        if any(g == 0 for g in launch.grid):
+            continue  # Launch.run skips it; it depends only on shapes, which the key holds
+        kwargs = dict(launch.constexprs, num_warps=launch.num_warps, num_stages=launch.num_stages)
+        if launch.pdl:
+            kwargs["launch_pdl"] = True
+        if launch.maxnreg is not None:
+            kwargs["maxnreg"] = launch.maxnreg
+        fills = []
+        for name, value in launch.args.items():
+            if not isinstance(value, torch.Tensor):
+                kwargs[name] = value
+                continue
+            ptr, dtype = value.data_ptr(), value.dtype
+            if ptr in by_ptr:
+                i = by_ptr[ptr]
+                if inputs[i].dtype != dtype:
+                    return None
+                fills.append((name, "input", i))
+            elif value.untyped_storage().nbytes() == 0:
+                fills.append((name, "empty", empties.setdefault(dtype, len(empties))))
+            elif ptr in fresh_ptrs:
+                j = fresh_ptrs[ptr]
+                if fresh[j][1] != dtype:
+                    return None
+                fills.append((name, "fresh", j))
+            elif ptr in empty_ptrs and value.untyped_storage().data_ptr() == ptr:
+                fresh_ptrs[ptr] = len(fresh)
+                fresh.append(((value.untyped_storage().nbytes() // value.element_size(),), dtype))
+                fills.append((name, "fresh", fresh_ptrs[ptr]))
+            else:
+                return None  # a copy, or a view into the middle of something
+        records.append((launch.kernel.fn.__name__, tuple(launch.grid), kwargs))
+        fills_of.append(fills)
+    base = {"input": 0, "fresh": _INPUTS, "empty": _INPUTS + len(fresh)}
+    device = y.device
+    return _Template(
+        tuple(fresh), tuple(torch.empty(0, dtype=d, device=device) for d in empties),
+        tuple(_LaunchTemplate(name, grid, kwargs, tuple((kw, base[kind] + index) for kw, kind, index in fills))
+              for (name, grid, kwargs), fills in zip(records, fills_of)))
+
+
+def _replay(template: _Template, inputs, device) -> tuple[torch.Tensor, list[_Replayed]]:
+    fresh = [torch.empty(shape, dtype=dtype, device=device) for shape, dtype in template.fresh]
+    slots = (*inputs, *fresh, *template.empties)
+    launches = []
+    for lt in template.launches:
+        kw = dict(lt.kwargs)
+        for name, slot in lt.fills:
+            kw[name] = slots[slot]
+        launches.append(_Replayed(getattr(kernels, lt.kernel_name), lt.grid, kw))
+    return fresh[0], launches
+
+
+def plan_linear(x, weight, bias, query, keys, bank_a, bank_b, slice_offsets, separation, scale, eps):
+    """:func:`.launchers.plan_linear`, replayed from the cache where it can be (module doc).
+
+    Returns (y, launches); each launch has ``run()``, for :func:`.launchers.run_all`.
+    """
+    args = (x, weight, bias, query, keys, bank_a, bank_b, slice_offsets, separation, scale, eps)
+    if x.device.type not in DEVICE_TYPES or len(configs._OVERRIDES) > 1:
+        return launchers.plan_linear(*args)
+    k = key(*args)
+    template = _CACHE.get(k)
+    inputs = (x, weight, bias, query, keys, bank_a, bank_b)
+    if template is not None:
+        return _replay(template, inputs, x.device)
+    # Planned once on probes: empty tensors of the inputs' shapes, strides, dtypes and devices, each
+    # with its own memory, so every tensor argument of the plan names one input (the planner reads
+    # no pointers, so the template holds for any aliasing of the real inputs).
+    probes = tuple(None if t is None else torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device)
+                   for t in inputs)
+    recorder = _Allocations()
+    with recorder:
+        y, launches = launchers.plan_linear(*probes, *args[7:])
+    template = None if recorder.copied else _record(probes, y, launches, recorder.empty_ptrs)
+    if template is None:
+        return launchers.plan_linear(*args)
+    if len(_CACHE) >= MAX_ENTRIES:
+        _CACHE.clear()
+    _CACHE[k] = template
+    return _replay(template, inputs, x.device)

@@ -1,0 +1,196 @@
+"""The forward's plan cache (mira_kernels/triton/plan_cache.py) and the host-path harness
+(benchmarks/host_path.py), on CPU: replayed plans must launch exactly what the planner launches."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from mira_kernels.triton import configs, launchers, plan_cache  # noqa: E402
+
+from .triton import _subprocess  # noqa: E402
+
+
+@pytest.fixture
+def cache_on_cpu(monkeypatch):
+    monkeypatch.setattr(plan_cache, "DEVICE_TYPES", {"cpu"})
+    plan_cache.clear()
+    yield
+    plan_cache.clear()
+
+
+def _inputs(B=2, T=5, d=32, d_out=96, r=4, N=3, dtype=torch.bfloat16, bias=True, offsets=(0, 64), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mem = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+    def t(*shape, dt=dtype):
+        return torch.randn(*shape, generator=g).to(dt)
+
+    S = len(offsets)
+    return [t(B, T, d), t(d_out, d), t(d_out) if bias else None, t(B, d, dt=mem), t(N, d, dt=mem),
+            t(N, S, r, d, dt=mem), t(N, S, d, r, dt=mem)], list(offsets)
+
+
+def _same_launches(replayed, y_new, planned, y_ref, inputs):
+    """Replayed launches equal the planner's: kernels, grids, every non-tensor keyword; tensor
+    arguments the same inputs (pointer) or fresh memory of the same dtype and at least the size."""
+    live = [la for la in planned if all(g > 0 for g in la.grid)]
+    assert len(replayed) == len(live)
+    assert y_new.shape == y_ref.shape and y_new.dtype == y_ref.dtype
+    in_ptrs = {t.data_ptr() for t in inputs if t is not None and t.numel()}
+    for rep, la in zip(replayed, live):
+        assert rep.kernel is la.kernel
+        assert tuple(rep.grid) == tuple(la.grid)
+        want = _keywords(la)
+        got = _keywords(rep) if isinstance(rep, launchers.Launch) else rep.kwargs
+        assert set(got) == set(want), la.name
+        for name, w in want.items():
+            g = got[name]
+            if isinstance(w, torch.Tensor):
+                assert isinstance(g, torch.Tensor) and g.dtype == w.dtype, (la.name, name)
+                if w.data_ptr() in in_ptrs:
+                    assert g.data_ptr() == w.data_ptr(), (la.name, name)
+                else:
+                    assert g.data_ptr() not in in_ptrs, (la.name, name)
+                    assert g.untyped_storage().nbytes() >= w.untyped_storage().nbytes(), (la.name, name)
+            else:
+                assert g == w and type(g) is type(w), (la.name, name)
+
+
+def _keywords(la: launchers.Launch) -> dict:
+    """What Launch.run passes to kernel[grid](...)."""
+    kw = dict(la.args, **la.constexprs, num_warps=la.num_warps, num_stages=la.num_stages)
+    if la.pdl:
+        kw["launch_pdl"] = True
+    if la.maxnreg is not None:
+        kw["maxnreg"] = la.maxnreg
+    return kw
+
+
+CASES = {
+    "bf16": dict(),
+    "fp16": dict(dtype=torch.float16),
+    "fp32": dict(dtype=torch.float32),
+    "fp64": dict(dtype=torch.float64),
+    "no_bias": dict(bias=False),
+    "no_slots": dict(N=0),
+    "no_tokens": dict(B=0),
+    "one_slice": dict(offsets=(32,)),
+    "wide_rank": dict(r=48),  # the separate shrink launch
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_replay_launches_what_the_planner_launches(cache_on_cpu, name):
+    inputs, offsets = _inputs(**CASES[name])
+    args = (*inputs, offsets, "affine", 0.5, 1e-2)
+    y_ref, planned = launchers.plan_linear(*args)
+    y1, first = plan_cache.plan_linear(*args)  # the miss: planned on probes, then replayed
+    y2, second = plan_cache.plan_linear(*args)  # the hit
+    for y, launches in ((y1, first), (y2, second)):
+        _same_launches(launches, y, planned, y_ref, inputs)
+    assert y1.numel() == 0 or y1.data_ptr() != y2.data_ptr()  # every call allocates its own output and workspaces
+    # Zero-size inputs have no memory to tell the probes apart: planned on every call.
+    assert len(plan_cache._CACHE) == (0 if name in ("no_slots", "no_tokens") else 1)
+
+
+def test_key_sees_everything_the_plan_reads(cache_on_cpu):
+    inputs, offsets = _inputs(dtype=torch.float32)
+    base = (*inputs, offsets, "affine", 0.5, 1e-2)
+    variants = [
+        (*inputs, offsets, "softmax", 0.5, 1e-2),
+        (*inputs, offsets, "affine", -0.5, 1e-2),
+        (*inputs, offsets, "affine", 0.5, 2e-2),
+        (*inputs, [32, 0], "affine", 0.5, 1e-2),
+        (inputs[0], inputs[1].t().contiguous().t(), *inputs[2:], offsets, "affine", 0.5, 1e-2),  # weight strides
+    ]
+    plan_cache.plan_linear(*base)
+    for v in variants:
+        y_ref, planned = launchers.plan_linear(*v)
+        y, replayed = plan_cache.plan_linear(*v)
+        _same_launches(replayed, y, planned, y_ref, v[:7])
+    assert len(plan_cache._CACHE) == 1 + len(variants)
+    old = torch.backends.cuda.matmul.allow_tf32
+    try:
+        for flag in (not old, old):  # fp32 dot precision follows allow_tf32 at call time
+            torch.backends.cuda.matmul.allow_tf32 = flag
+            y_ref, planned = launchers.plan_linear(*base)
+            y, replayed = plan_cache.plan_linear(*base)
+            _same_launches(replayed, y, planned, y_ref, inputs)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def test_inputs_the_planner_copies_are_never_replayed(cache_on_cpu):
+    inputs, offsets = _inputs()
+    x_strided = torch.randn(2, 32, 5).to(torch.bfloat16).transpose(1, 2)  # rows cannot be viewed: copied
+    bank_t = inputs[5].transpose(2, 3).contiguous().transpose(2, 3)  # non-contiguous bank: copied
+    for args in ((x_strided, *inputs[1:], offsets, "affine", 1.0, 1e-2),
+                 (*inputs[:5], bank_t, inputs[6], offsets, "affine", 1.0, 1e-2)):
+        y_ref, planned = launchers.plan_linear(*args)
+        y, launches = plan_cache.plan_linear(*args)
+        assert [la.name for la in launches] == [la.name for la in planned]  # planned afresh
+    assert plan_cache._CACHE == {}
+
+
+def test_aliased_inputs_get_the_planners_mapping(cache_on_cpu):
+    # fp32 with the CLS token of x as the query (MIRA's identity query): query and x share a pointer.
+    inputs, offsets = _inputs(dtype=torch.float32)
+    x = inputs[0]
+    aliased = [x, *inputs[1:3], x[:, 0], *inputs[4:]]
+    # Recorded from a query with the same strides that aliases nothing; then replayed for the alias.
+    plan_cache.plan_linear(*inputs[:3], torch.randn(2 * 5 * 32)[: 2 * 5 * 32].as_strided((2, 32), x[:, 0].stride()),
+                           *inputs[4:], offsets, "affine", 1.0, 1e-2)
+    y_ref, planned = launchers.plan_linear(*aliased, offsets, "affine", 1.0, 1e-2)
+    y, replayed = plan_cache.plan_linear(*aliased, offsets, "affine", 1.0, 1e-2)
+    _same_launches(replayed, y, planned, y_ref, aliased)
+    q_arg = next(r for r in replayed if r.kernel is planned[0].kernel).kwargs["q_ptr"]
+    assert q_arg is aliased[3]
+
+
+def test_a_failed_plan_records_nothing(cache_on_cpu):
+    inputs, offsets = _inputs()
+    with pytest.raises(KeyError):
+        plan_cache.plan_linear(*inputs, offsets, "no-such-separation", 1.0, 1e-2)
+    assert plan_cache._CACHE == {}
+
+
+def test_sweeps_and_other_devices_plan_every_call(cache_on_cpu, monkeypatch):
+    inputs, offsets = _inputs()
+    with configs.overriding(gemm_groups=1):
+        plan_cache.plan_linear(*inputs, offsets, "affine", 1.0, 1e-2)
+    monkeypatch.setattr(plan_cache, "DEVICE_TYPES", {"cuda"})
+    plan_cache.plan_linear(*inputs, offsets, "affine", 1.0, 1e-2)
+    assert plan_cache._CACHE == {}
+
+
+def test_harness_runs():
+    proc = _subprocess.run(["-m", "benchmarks.host_path", "--quick"], interpret=False, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for stage in ("op_total", "dispatch", "plan", "plan_cached", "launch_ours", "triton_jit_est"):
+        assert f"  {stage} " in proc.stdout, proc.stdout
+
+
+@pytest.mark.slow
+def test_cached_forward_under_the_interpreter_matches_the_reference():
+    code = r"""
+import torch, mira_kernels as mk
+from mira_kernels import reference
+from mira_kernels.triton import plan_cache
+plan_cache.DEVICE_TYPES.add("cpu")
+g = torch.Generator().manual_seed(0)
+x = torch.randn(2, 3, 16, generator=g); w = torch.randn(48, 16, generator=g); b = torch.randn(48, generator=g)
+q = torch.randn(2, 16, generator=g); k = torch.randn(3, 16, generator=g)
+A = torch.randn(3, 2, 2, 16, generator=g) * 0.1; B = torch.randn(3, 2, 16, 2, generator=g) * 0.1
+want = reference.mira_linear(*(t.double() for t in (x, w, b, q, k, A, B)), slice_offsets=[0, 32])
+with mk.use_backend("triton"):
+    for _ in range(2):
+        y = mk.mira_linear(x, w, b, q, k, A, B, slice_offsets=[0, 32])
+        assert (y.double() - want).abs().max() < 1e-3, (y.double() - want).abs().max()
+assert len(plan_cache._CACHE) == 1
+print("ok")
+"""
+    proc = _subprocess.run(["-c", code], interpret=True, timeout=600)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
