@@ -1,6 +1,7 @@
 """Host-side cost of one Triton-backend ``mira_linear`` call, stage by stage, on a CPU. Not a test.
 
     python -m benchmarks.host_path            # ~1 min; run under /work/tools/timing when recording
+    python -m benchmarks.host_path --cold     # one call per sample, after a 64 MiB cache sweep
     python -m benchmarks.host_path --quick    # smoke run (tests/test_host_path.py): numbers not meaningful
 
 Why: on the H200 host (benchmarks/results/gpu/README.md) an eager Triton call of ``mira_linear``
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import platform
 import statistics
@@ -214,6 +216,13 @@ def stages(batch: int, dtype: torch.dtype) -> dict[str, Callable[[], object]]:
 
     out["wrapper"] = wrapper
 
+    from mira_kernels import _validation
+
+    def py_checks():  # the Python checks: traced calls and the error path only (eager leaves them to C++)
+        _validation.check_mira_linear(x, weight, bias, query, keys, bank_a, bank_b, offsets, "affine", 1.0, 1e-2)
+
+    out["py_checks"] = py_checks
+
     cuda0 = torch.device("cuda", 0)
 
     def resolve_cuda():  # routing's CUDA branch (run() fakes torch.cuda's answers: fake_cuda)
@@ -319,6 +328,38 @@ def measure(fns: dict[str, Callable[[], object]], rounds: int, inner: int) -> di
     return result
 
 
+_EVICT = None
+
+
+def _evict() -> None:
+    """Sweeps 64 MiB through the caches, as the op's neighbours (a large GEMM) do on a real host."""
+    global _EVICT
+    if _EVICT is None:
+        _EVICT = torch.ones(16 * 1024 * 1024, dtype=torch.float32)
+    _EVICT.add_(1.0)
+
+
+def measure_cold(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, dict]:
+    """Median (and quartiles) over ``rounds`` single calls, each after :func:`_evict`, us."""
+    for fn in fns.values():
+        for _ in range(3):
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    order = list(fns)
+    for i in range(rounds):
+        for name in order[i % len(order):] + order[: i % len(order)]:
+            fn = fns[name]
+            _evict()
+            start = time.perf_counter()
+            fn()
+            samples[name].append((time.perf_counter() - start) * 1e6)
+    result = {}
+    for name, s in samples.items():
+        q = statistics.quantiles(s, n=4) if len(s) >= 2 else [s[0]] * 3
+        result[name] = dict(median=statistics.median(s), q1=q[0], q3=q[2], rounds=len(s))
+    return result
+
+
 def machine() -> dict:
     import triton
 
@@ -339,6 +380,7 @@ DESCRIPTIONS = {
     "op_total": "mk.mira_linear under use_backend('triton'), kernels stubbed: everything ours up to the launch",
     "op_uncached": "the same with the plan cache off (every call plans)",
     "wrapper": "public wrapper's Python before the op (_check_scalars, _eager_backend, _check_frozen)",
+    "py_checks": "_validation.check_mira_linear (NOT on the eager path: traced calls and errors only)",
     "resolve_cuda": "resolve_backend(cuda:0), torch.cuda queries faked (on CUDA the wrapper runs this branch)",
     "dispatch": "torch.ops.mira.mira_linear: C++ autograd + C++ checks + route to the Python router, no plan",
     "plan": "launchers.plan_linear (configs, grids, Launch records, allocations)",
@@ -350,7 +392,7 @@ DESCRIPTIONS = {
 }
 
 
-def run(batch: int, dtype: torch.dtype, rounds: int, inner: int) -> dict:
+def run(batch: int, dtype: torch.dtype, rounds: int, inner: int, cold: bool = False) -> dict:
     plan_cache = _plan_cache()
     if plan_cache is not None:  # the harness's tensors are CPU tensors standing in for CUDA ones
         plan_cache.DEVICE_TYPES.add("cpu")
@@ -358,12 +400,13 @@ def run(batch: int, dtype: torch.dtype, rounds: int, inner: int) -> dict:
     try:
         with torch.no_grad(), triton_routes_cpu(), stubbed_kernels(), fake_cuda():
             fns = stages(batch, dtype)
-            result = measure(fns, rounds, inner)
+            result = measure_cold(fns, rounds) if cold else measure(fns, rounds, inner)
     finally:
         if plan_cache is not None:
             plan_cache.DEVICE_TYPES.discard("cpu")
             plan_cache.clear()
-    return dict(machine=machine(), batch=batch, dtype=str(dtype), rounds=rounds, inner=inner, stages=result)
+    return dict(machine=machine(), batch=batch, dtype=str(dtype), rounds=rounds, inner=1 if cold else inner,
+                cold=cold, stages=result)
 
 
 def format_table(record: dict) -> str:
@@ -373,7 +416,9 @@ def format_table(record: dict) -> str:
         "HOST ONLY (no GPU, kernels not launched)",
         f"machine: {m['cpu']}, {m['cores']} cores, ISA {m['isa']}, load {tuple(round(v, 2) for v in m['load'])}; "
         f"python {m['python']}, torch {m['torch']}, triton {m['triton']}",
-        f"median of {record['rounds']} interleaved rounds of {record['inner']} warm calls (us, [q1, q3])",
+        (f"median of {record['rounds']} interleaved single calls, each after a 64 MiB cache sweep (us, [q1, q3])"
+         if record.get("cold") else
+         f"median of {record['rounds']} interleaved rounds of {record['inner']} warm calls (us, [q1, q3])"),
     ]
     for name, r in record["stages"].items():
         lines.append(f"  {name:15s} {r['median']:8.1f}  [{r['q1']:.1f}, {r['q3']:.1f}]  {DESCRIPTIONS.get(name, '')}")
@@ -386,12 +431,19 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--rounds", type=int, default=60)
     parser.add_argument("--inner", type=int, default=20)
+    parser.add_argument("--cold", action="store_true", help="one call per sample, after a cache sweep")
+    parser.add_argument("--json", help="append the record (one JSON line) to this file")
+    parser.add_argument("--label", default="", help="a name for the code measured (e.g. a commit)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 3 rounds of 2 calls")
     opts = parser.parse_args(argv)
     if opts.quick:
         opts.rounds, opts.inner = 3, 2
-    record = run(opts.batch, getattr(torch, opts.dtype), opts.rounds, opts.inner)
+    record = run(opts.batch, getattr(torch, opts.dtype), opts.rounds, opts.inner, opts.cold)
+    record["label"] = opts.label
     print(format_table(record))
+    if opts.json:
+        with open(opts.json, "a") as f:
+            f.write(json.dumps(record) + "\n")
     return 0
 
 
