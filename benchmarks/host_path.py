@@ -72,8 +72,14 @@ class _NoLaunch:
     def __init__(self, jit):
         self.jit = jit
         self.fn = jit.fn
+        self.arg_names = jit.arg_names
 
     def __getitem__(self, grid):
+        return _no_op
+
+
+    @classmethod
+    def __class_getitem__(cls, grid):  # the class itself stands in for a CompiledKernel: K[grid](*args)
         return _no_op
 
 
@@ -273,6 +279,19 @@ def stages(batch: int, dtype: torch.dtype) -> dict[str, Callable[[], object]]:
             launchers.run_all(replayed, x.device)
 
         out["launch_cached"] = launch_cached
+        _, direct = plan_cache.plan_linear(*plan_args)
+        for la in direct:  # as if each replay had compiled: a no-op stands in for Triton's CompiledKernel
+            kw = la.kwargs
+            la.template.compiled[tuple(kw[n].data_ptr() % 16 == 0 for n in la.template.input_names)] = _NoLaunch
+
+        def launch_direct():  # plan_cache.DIRECT_LAUNCH: our part (alignment lookup, positional arguments)
+            plan_cache.DIRECT_LAUNCH = True
+            try:
+                launchers.run_all(direct, x.device)
+            finally:
+                plan_cache.DIRECT_LAUNCH = False
+
+        out["launch_direct"] = launch_direct
 
     binders = triton_binders(plan_launches)
     if not isinstance(binders, str):
@@ -388,6 +407,7 @@ DESCRIPTIONS = {
     "alloc": "the plan's allocations alone (torch.empty on CPU; CUDA's caching allocator differs)",
     "launch_ours": "run_all: Launch.run bookkeeping up to kernel[grid](...) (no-op kernels)",
     "launch_cached": "run_all over the replayed launches (keyword dicts prepared once)",
+    "launch_direct": "run_all with plan_cache.DIRECT_LAUNCH, our part only (Triton's CompiledKernel is a no-op)",
     "triton_jit_est": "ESTIMATE of Triton's JITFunction.run per call (all launches): binder + cache key",
 }
 

@@ -194,3 +194,101 @@ print("ok")
 """
     proc = _subprocess.run(["-c", code], interpret=True, timeout=600)
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
+
+
+# ----------------------------------------------------------------------------------------------
+# DIRECT_LAUNCH (opt-in): replays through the compiled kernel, checked here with fakes; on a GPU
+# against the ordinary launch.
+# ----------------------------------------------------------------------------------------------
+
+
+class _FakeCompiled:
+    packed_metadata = object()
+
+    def __init__(self, log):
+        self.log = log
+
+    def __getitem__(self, grid):
+        return lambda *args: self.log.append(("direct", grid, args))
+
+
+class _FakeJIT:
+    def __init__(self, real, log):
+        self.fn, self.arg_names, self.log = real.fn, real.arg_names, log
+
+    def __getitem__(self, grid):
+        def launch(**kw):
+            self.log.append(("jit", grid, kw))
+            return _FakeCompiled(self.log)
+
+        return launch
+
+
+def test_direct_launch_passes_the_binders_arguments(cache_on_cpu, monkeypatch):
+    from mira_kernels.triton import kernels
+
+    log: list = []
+    for name in ("_mira_retrieve_kernel", "_mira_gemm_kernel", "_mira_shrink_fwd_kernel"):
+        monkeypatch.setattr(kernels, name, _FakeJIT(getattr(kernels, name), log))
+    monkeypatch.setattr(plan_cache, "DIRECT_LAUNCH", True)
+    inputs, offsets = _inputs()
+    args = (*inputs, offsets, "affine", 1.0, 1e-2)
+    for _ in range(2):
+        _, launches = plan_cache.plan_linear(*args)
+        launchers.run_all(launches, inputs[0].device)
+    n = len(launches)
+    assert [entry[0] for entry in log] == ["jit"] * n + ["direct"] * n
+    for (_, grid, kw), (_, grid3, positional), launch in zip(log[:n], log[n:], launches):
+        assert tuple(grid3) == tuple(grid) + (1,) * (3 - len(grid))
+        names = launch.template.arg_names
+        assert names == tuple(launch.kernel.arg_names) and len(positional) == len(names)
+        for name, value in zip(names, positional):  # the same values, except this call's tensors
+            if isinstance(value, torch.Tensor):
+                assert value.dtype == kw[name].dtype
+            else:
+                assert value == kw[name], name
+    # An input whose pointer is not 16-byte aligned goes through Triton again (another specialisation).
+    log.clear()
+    x_odd = torch.empty(inputs[0].numel() + 1, dtype=inputs[0].dtype)[1:].view(inputs[0].shape)
+    _, launches = plan_cache.plan_linear(x_odd, *inputs[1:], offsets, "affine", 1.0, 1e-2)
+    launchers.run_all(launches, x_odd.device)
+    x_launches = sum(1 for la in launches if "x_ptr" in la.kwargs or "in_ptr" in la.kwargs)
+    assert [entry[0] for entry in log].count("jit") == x_launches > 0
+
+
+def test_direct_launch_order_is_tritons_binder_order(cache_on_cpu):
+    jit = pytest.importorskip("triton.runtime.jit")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+
+    backend = make_backend(GPUTarget("cuda", 90, 32))
+    inputs, offsets = _inputs()
+    _, launches = plan_cache.plan_linear(*inputs, offsets, "affine", 1.0, 1e-2)
+    for launch in launches:
+        kernel = launch.kernel
+        binder = jit.create_function_from_signature(kernel.signature, kernel.params, backend)
+        bound, _, _ = binder(**launch.kwargs)
+        assert tuple(bound) == launch.template.arg_names
+        assert all(bound[n] is launch.kwargs[n] for n in bound)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("batch", [1, 8])
+def test_direct_launch_matches_on_gpu(monkeypatch, dtype, batch):
+    import mira_kernels as mk
+
+    plan_cache.clear()
+    inputs, offsets = _inputs(B=batch, T=197, d=768, d_out=2304, N=30, dtype=dtype, offsets=(0, 1536))
+    inputs = [t.cuda() if t is not None else None for t in inputs]
+    x_odd = torch.empty(inputs[0].numel() + 1, dtype=dtype, device="cuda")[1:].view(inputs[0].shape)
+    x_odd.copy_(inputs[0])
+    with mk.use_backend("triton"):
+        want = [mk.mira_linear(x, *inputs[1:], slice_offsets=offsets) for x in (inputs[0], x_odd)]
+        monkeypatch.setattr(plan_cache, "DIRECT_LAUNCH", True)
+        for _ in range(3):  # the first replay compiles and keeps the kernel, the next ones launch it
+            got = [mk.mira_linear(x, *inputs[1:], slice_offsets=offsets) for x in (inputs[0], x_odd)]
+            for g, w in zip(got, want):
+                assert torch.equal(g, w)
+    assert any(lt.compiled for t in plan_cache._CACHE.values() for lt in t.launches)
+    plan_cache.clear()

@@ -24,7 +24,7 @@ call (and may monkeypatch the planner's configs, which the key does not see). Te
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -56,6 +56,11 @@ class _LaunchTemplate:
     grid: tuple[int, ...]
     kwargs: dict  # every keyword of kernel[grid](...) but the tensors
     fills: tuple[tuple[str, int], ...]  # (keyword, slot)
+    #: The kernel's parameters in order, and the keywords filled from the inputs (for DIRECT_LAUNCH).
+    arg_names: tuple[str, ...] = ()
+    input_names: tuple[str, ...] = ()
+    #: DIRECT_LAUNCH: the compiled kernel Triton returned, per 16-byte alignment of the inputs' pointers.
+    compiled: dict = field(default_factory=dict, compare=False)
 
 
 @dataclass(frozen=True)
@@ -65,16 +70,43 @@ class _Template:
     launches: tuple[_LaunchTemplate, ...]
 
 
+#: Opt-in, off by default until a GPU run has checked it (tests/test_host_path.py, on CUDA): replayed
+#: launches go through the ``CompiledKernel`` that ``kernel[grid](...)`` returned on the first replay,
+#: ``compiled[grid](*args)``, skipping ``JITFunction.run``'s binder and cache key (~15 us per launch,
+#: estimated: results/host_path.md). Sound because a template fixes every argument Triton specialises
+#: on (ints, constexprs, options, the tensors' dtypes) except the pointers' 16-byte alignment, which
+#: is part of the lookup (fresh allocations are always aligned; inputs may not be). Skipped with it:
+#: Triton's check that a kernel's global variables did not change since it compiled (ours read none
+#: that change) and pre-run hooks (ours have none).
+DIRECT_LAUNCH = False
+
+
+def _is_compiled(kernel) -> bool:
+    return kernel is not None and hasattr(kernel, "packed_metadata") and hasattr(kernel, "__getitem__")
+
+
 class _Replayed:
     """A launch of a replayed plan: ``run()`` as :meth:`.launchers.Launch.run`."""
 
-    __slots__ = ("kernel", "grid", "kwargs")
+    __slots__ = ("kernel", "grid", "kwargs", "template")
 
-    def __init__(self, kernel, grid, kwargs):
-        self.kernel, self.grid, self.kwargs = kernel, grid, kwargs
+    def __init__(self, kernel, grid, kwargs, template=None):
+        self.kernel, self.grid, self.kwargs, self.template = kernel, grid, kwargs, template
 
     def run(self) -> None:
-        self.kernel[self.grid](**self.kwargs)
+        if not DIRECT_LAUNCH or self.template is None or not self.template.arg_names:
+            self.kernel[self.grid](**self.kwargs)
+            return
+        kw, lt = self.kwargs, self.template
+        alignment = tuple(kw[name].data_ptr() % 16 == 0 for name in lt.input_names)
+        compiled = lt.compiled.get(alignment)
+        if compiled is not None:
+            grid = self.grid
+            compiled[(*grid, *(1,) * (3 - len(grid)))](*[kw[name] for name in lt.arg_names])
+            return
+        compiled = self.kernel[self.grid](**kw)
+        if _is_compiled(compiled):  # the interpreter returns nothing: it keeps this path
+            lt.compiled[alignment] = compiled
 
 
 def key(x, weight, bias, query, keys, bank_a, bank_b, slice_offsets, separation, scale, eps) -> tuple:
@@ -163,14 +195,16 @@ def _record(inputs, y, launches, empty_ptrs: set[int]) -> _Template | None:
                 fills.append((name, "fresh", fresh_ptrs[ptr]))
             else:
                 return None  # a copy, or a view into the middle of something
-        records.append((launch.kernel.fn.__name__, tuple(launch.grid), kwargs))
+        records.append((launch.kernel.fn.__name__, tuple(launch.grid), kwargs,
+                        tuple(getattr(launch.kernel, "arg_names", ()))))
         fills_of.append(fills)
     base = {"input": 0, "fresh": _INPUTS, "empty": _INPUTS + len(fresh)}
     device = y.device
     return _Template(
         tuple(fresh), tuple(torch.empty(0, dtype=d, device=device) for d in empties),
-        tuple(_LaunchTemplate(name, grid, kwargs, tuple((kw, base[kind] + index) for kw, kind, index in fills))
-              for (name, grid, kwargs), fills in zip(records, fills_of)))
+        tuple(_LaunchTemplate(name, grid, kwargs, tuple((kw, base[kind] + index) for kw, kind, index in fills),
+                              arg_names, tuple(kw for kw, kind, _ in fills if kind == "input"))
+              for (name, grid, kwargs, arg_names), fills in zip(records, fills_of)))
 
 
 def _replay(template: _Template, inputs, device) -> tuple[torch.Tensor, list[_Replayed]]:
@@ -181,7 +215,7 @@ def _replay(template: _Template, inputs, device) -> tuple[torch.Tensor, list[_Re
         kw = dict(lt.kwargs)
         for name, slot in lt.fills:
             kw[name] = slots[slot]
-        launches.append(_Replayed(getattr(kernels, lt.kernel_name), lt.grid, kw))
+        launches.append(_Replayed(getattr(kernels, lt.kernel_name), lt.grid, kw, lt))
     return fresh[0], launches
 
 
