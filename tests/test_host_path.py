@@ -292,3 +292,22 @@ def test_direct_launch_matches_on_gpu(monkeypatch, dtype, batch):
                 assert torch.equal(g, w)
     assert any(lt.compiled for t in plan_cache._CACHE.values() for lt in t.launches)
     plan_cache.clear()
+
+
+def test_the_key_knows_every_setting_the_planner_reads():
+    # A tripwire: the planner's reads of process-wide settings, each of which plan_cache.key holds
+    # (allow_tf32 through _precisions, TRITON_INTERPRET through interpreting(), the overrides by
+    # bypassing the cache). A new one must join the key, then this list.
+    import re
+    from pathlib import Path
+
+    root = Path(launchers.__file__).parent
+    found = set()
+    for name in ("launchers.py", "configs.py"):
+        for line in (root / name).read_text().splitlines():
+            if line.lstrip().startswith("#"):
+                continue
+            found.update(re.findall(r"torch\.backends\.[\w.]+|os\.environ|os\.getenv|torch\.get_\w+|torch\.is_\w+"
+                                    r"|_OVERRIDES\[-1\]|_planning_capability\[-1\]", line))
+    assert found == {"torch.backends.cuda.matmul.allow_tf32", "os.environ", "_OVERRIDES[-1]",
+                     "_planning_capability[-1]"}, found

@@ -6,6 +6,10 @@ dtypes, so the same code plans for real CUDA tensors, for CPU tensors under the 
 interpreter (tests), and for ``meta`` tensors when the lowering tests compile the exact
 launches of the benchmark shapes ahead of time. Grids depend on shapes only and nothing reads
 tensor data on the host: the ops can be captured in a CUDA graph.
+
+The forward's plans are replayed from a cache (:mod:`.plan_cache`) keyed on everything the
+planner reads: a setting read here (a ``torch.backends`` flag, an environment variable, a module
+global) must join ``plan_cache.key`` (``tests/test_host_path.py`` lists the ones read now).
 """
 
 from __future__ import annotations
