@@ -293,6 +293,23 @@ def stages(batch: int, dtype: torch.dtype) -> dict[str, Callable[[], object]]:
 
         out["launch_direct"] = launch_direct
 
+    grad_out = torch.randn(batch, T, D_OUT).to(dtype)
+    backward_args = (grad_out, x, weight, query, keys, bank_a, bank_b, offsets, "affine", 1.0, 1e-2,
+                     [True, True, True, False, False])
+
+    def plan_backward():  # training: the backward's plan (dx, dquery, dkeys), not cached
+        return launchers.plan_linear_backward(*backward_args)
+
+    out["plan_backward"] = plan_backward
+    _, backward_launches = launchers.plan_linear_backward(*backward_args)
+    backward_binders = triton_binders(backward_launches)
+    if not isinstance(backward_binders, str):
+        def triton_jit_backward():
+            for call in backward_binders:
+                call()
+
+        out["triton_jit_bwd_est"] = triton_jit_backward
+
     binders = triton_binders(plan_launches)
     if not isinstance(binders, str):
         def triton_jit():
@@ -408,6 +425,8 @@ DESCRIPTIONS = {
     "launch_ours": "run_all: Launch.run bookkeeping up to kernel[grid](...) (no-op kernels)",
     "launch_cached": "run_all over the replayed launches (keyword dicts prepared once)",
     "launch_direct": "run_all with plan_cache.DIRECT_LAUNCH, our part only (Triton's CompiledKernel is a no-op)",
+    "plan_backward": "launchers.plan_linear_backward into dx, dquery, dkeys (training; not cached)",
+    "triton_jit_bwd_est": "ESTIMATE of Triton's JITFunction.run for all the backward's launches",
     "triton_jit_est": "ESTIMATE of Triton's JITFunction.run per call (all launches): binder + cache key",
 }
 
