@@ -297,10 +297,15 @@ def stages(batch: int, dtype: torch.dtype) -> dict[str, Callable[[], object]]:
     backward_args = (grad_out, x, weight, query, keys, bank_a, bank_b, offsets, "affine", 1.0, 1e-2,
                      [True, True, True, False, False])
 
-    def plan_backward():  # training: the backward's plan (dx, dquery, dkeys), not cached
+    def plan_backward():  # training: the backward's plan (dx, dquery, dkeys), uncached
         return launchers.plan_linear_backward(*backward_args)
 
     out["plan_backward"] = plan_backward
+    if plan_cache is not None:
+        def plan_backward_cached():
+            return plan_cache.plan_linear_backward(*backward_args)
+
+        out["plan_bwd_cached"] = plan_backward_cached
     _, backward_launches = launchers.plan_linear_backward(*backward_args)
     backward_binders = triton_binders(backward_launches)
     if not isinstance(backward_binders, str):
@@ -425,7 +430,8 @@ DESCRIPTIONS = {
     "launch_ours": "run_all: Launch.run bookkeeping up to kernel[grid](...) (no-op kernels)",
     "launch_cached": "run_all over the replayed launches (keyword dicts prepared once)",
     "launch_direct": "run_all with plan_cache.DIRECT_LAUNCH, our part only (Triton's CompiledKernel is a no-op)",
-    "plan_backward": "launchers.plan_linear_backward into dx, dquery, dkeys (training; not cached)",
+    "plan_backward": "launchers.plan_linear_backward into dx, dquery, dkeys (training), uncached",
+    "plan_bwd_cached": "plan_cache.plan_linear_backward, a hit",
     "triton_jit_bwd_est": "ESTIMATE of Triton's JITFunction.run for all the backward's launches",
     "triton_jit_est": "ESTIMATE of Triton's JITFunction.run per call (all launches): binder + cache key",
 }

@@ -96,6 +96,33 @@ def test_replay_launches_what_the_planner_launches(cache_on_cpu, name):
     assert len(plan_cache._CACHE) == (0 if name in ("no_slots", "no_tokens") else 1)
 
 
+MASKS = {"all": [True] * 5, "x_query_keys": [True, True, True, False, False],
+         "x_only": [True, False, False, False, False], "banks_only": [False, False, False, True, True]}
+
+
+@pytest.mark.parametrize("mask", list(MASKS))
+@pytest.mark.parametrize("name", ["bf16", "fp32", "fp16", "wide_rank", "one_slice"])
+def test_backward_replay_launches_what_the_planner_launches(cache_on_cpu, name, mask):
+    inputs, offsets = _inputs(**CASES[name])
+    x, weight, _, query, keys, bank_a, bank_b = inputs
+    grad_out = torch.randn(x.shape[0], x.shape[1], weight.shape[0]).to(x.dtype)
+    tensors = (grad_out, x, weight, query, keys, bank_a, bank_b)
+    args = (*tensors, offsets, "affine", 0.5, 1e-2, MASKS[mask])
+    grads_ref, planned = launchers.plan_linear_backward(*args)
+    for _ in range(2):  # the miss, then the hit
+        grads, launches = plan_cache.plan_linear_backward(*args)
+        assert len(grads) == len(grads_ref) == 5
+        for i, (g, w) in enumerate(zip(grads, grads_ref)):
+            assert (g is None) == (w is None)
+            if g is not None:
+                assert g.shape == w.shape and g.dtype == w.dtype and g.is_contiguous()
+                if i > 0:  # the memory gradients are accumulated into zeros: a replay zero-fills them too
+                    assert bool((w == 0).all()) and bool((g == 0).all())
+        first = next(i for i, w in enumerate(grads_ref) if w is not None)
+        _same_launches(launches, grads[first], planned, grads_ref[first], tensors)
+    assert len(plan_cache._CACHE) == 1
+
+
 def test_key_sees_everything_the_plan_reads(cache_on_cpu):
     inputs, offsets = _inputs(dtype=torch.float32)
     base = (*inputs, offsets, "affine", 0.5, 1e-2)
@@ -185,11 +212,19 @@ x = torch.randn(2, 3, 16, generator=g); w = torch.randn(48, 16, generator=g); b 
 q = torch.randn(2, 16, generator=g); k = torch.randn(3, 16, generator=g)
 A = torch.randn(3, 2, 2, 16, generator=g) * 0.1; B = torch.randn(3, 2, 16, 2, generator=g) * 0.1
 want = reference.mira_linear(*(t.double() for t in (x, w, b, q, k, A, B)), slice_offsets=[0, 32])
+g_out = torch.randn(2, 3, 48, generator=g)
+leaves = [t.double().requires_grad_() for t in (x, q, k, A, B)]
+want_y = reference.mira_linear(leaves[0], w.double(), b.double(), *leaves[1:], slice_offsets=[0, 32])
+want_grads = torch.autograd.grad(want_y, leaves, g_out.double())
 with mk.use_backend("triton"):
-    for _ in range(2):
-        y = mk.mira_linear(x, w, b, q, k, A, B, slice_offsets=[0, 32])
+    for _ in range(2):  # the miss, then the hit, of both plans
+        ins = [t.clone().requires_grad_() for t in (x, q, k, A, B)]
+        y = mk.mira_linear(ins[0], w, b, *ins[1:], slice_offsets=[0, 32])
         assert (y.double() - want).abs().max() < 1e-3, (y.double() - want).abs().max()
-assert len(plan_cache._CACHE) == 1
+        grads = torch.autograd.grad(y, ins, g_out)
+        for got, ref in zip(grads, want_grads):
+            assert (got.double() - ref).abs().max() < 1e-3, (got.double() - ref).abs().max()
+assert len(plan_cache._CACHE) == 2
 print("ok")
 """
     proc = _subprocess.run(["-c", code], interpret=True, timeout=600)

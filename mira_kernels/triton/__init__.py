@@ -115,8 +115,8 @@ def mira_linear_backward(grad_out, x, weight, query, keys, bank_a, bank_b, slice
                          output_mask):
     """Backward of ``mira::mira_linear``: (dx, dquery, dkeys, dbank_a, dbank_b), None where not asked."""
     lm = _launchers()
-    grads, plan = lm.plan_linear_backward(grad_out, x, weight, query, keys, bank_a, bank_b,
-                                                 list(slice_offsets), separation, scale, eps, list(output_mask))
+    grads, plan = _plan_cache().plan_linear_backward(grad_out, x, weight, query, keys, bank_a, bank_b,
+                                                     list(slice_offsets), separation, scale, eps, list(output_mask))
     lm.run_all(plan, x.device)
     return grads
 

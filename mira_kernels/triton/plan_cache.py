@@ -1,11 +1,14 @@
-"""Replayed launch plans of the forward: planned once per argument signature, then refilled per call.
+"""Replayed launch plans of ``mira_linear`` and its backward: planned once per argument signature,
+then refilled per call.
 
-Why: the planner (:func:`.launchers.plan_linear`) costs ~65 us of Python per call on a 2-core EPYC
-(``python -m benchmarks.host_path``), and an eager call pays it every time although the plan depends
+Why: the forward's planner (:func:`.launchers.plan_linear`) costs ~33-58 us of Python per call on a
+2-core EPYC, the backward's ~2.7x that (``python -m benchmarks.host_path``,
+``benchmarks/results/host_path.md``), and an eager call pays it every time although the plan depends
 only on what the key below holds. A hit allocates the plan's outputs and workspaces afresh (the
-same sizes and dtypes, so nothing is shared between calls: a CUDA graph or a second stream sees
-what an uncached call gives) and launches the recorded kernels with the recorded grids and
-arguments, the tensor arguments replaced by this call's.
+same sizes and dtypes, zero-filled where the planner zero-fills: the backward's gradients; nothing is
+shared between calls, so a CUDA graph or a second stream sees what an uncached call gives) and
+launches the recorded kernels with the recorded grids and arguments, the tensor arguments replaced
+by this call's. The backward's key adds grad_out and the output mask.
 
 The key holds everything the planner reads: every tensor's shape, strides, dtype and device (and
 whether bias is None), the slice offsets, the separation, the bit patterns of scale and eps, the
@@ -13,9 +16,9 @@ dot precisions for x's dtype (``allow_tf32`` for float32), the target capability
 interpreter plans. Plans made under :func:`.configs.overriding` (sweeps) are never cached. The
 planner does not read data pointers, so tensors that alias each other get the same plan; a plan
 is recorded only when each tensor argument of its launches is unambiguously one input (the very
-pointer and dtype) or one allocation the planner made with ``empty``: a plan that copied an input
-(a non-contiguous x or bank, whose copy holds data) or whose arguments cannot be told apart is
-planned afresh on every call. A call that fails records nothing (the template is stored after a
+pointer and dtype) or one allocation the planner made with ``empty`` or ``zeros``: a plan that
+copied an input (a non-contiguous x or bank, whose copy holds data) or whose arguments cannot be
+told apart is planned afresh on every call. A call that fails records nothing (the template is stored after a
 successful plan, and it never depends on the call's data).
 
 Used for CUDA tensors only (:data:`DEVICE_TYPES`): the interpreter's tests keep planning every
@@ -43,11 +46,10 @@ def clear() -> None:
     _CACHE.clear()
 
 
-# A replay lines up this call's tensors in one list of slots: the inputs (x, weight, bias, query,
-# keys, bank_a, bank_b), then the fresh allocations (the output first), then the zero-size
+# A replay lines up this call's tensors in one list of slots: the inputs (the planner's tensor
+# arguments, in order), then the fresh allocations (the outputs first), then the zero-size
 # workspaces (no memory: made once, at recording, and shared by every call); each tensor
 # argument of a launch names its slot.
-_INPUTS = 7
 
 
 @dataclass(frozen=True)
@@ -65,9 +67,10 @@ class _LaunchTemplate:
 
 @dataclass(frozen=True)
 class _Template:
-    fresh: tuple[tuple[tuple[int, ...], torch.dtype], ...]  # (shape, dtype); fresh[0] is the output
+    fresh: tuple[tuple[tuple[int, ...], torch.dtype, bool], ...]  # (shape, dtype, zero-filled)
     empties: tuple[torch.Tensor, ...]
     launches: tuple[_LaunchTemplate, ...]
+    outputs: tuple[int | None, ...]  # the planner's returned tensors: fresh indices (None stays None)
 
 
 #: Opt-in, off by default until a GPU run has checked it (tests/test_host_path.py, on CUDA): replayed
@@ -127,17 +130,22 @@ class _Allocations(TorchDispatchMode):
     """Records the data pointers of tensors the planner creates with ``empty`` (data-free), and
     whether it created any other tensor with storage of its own (a copy: data the replay lacks)."""
 
-    _EMPTY = {torch.ops.aten.empty.memory_format, torch.ops.aten.empty_strided.default}
+    _EMPTY = {torch.ops.aten.empty.memory_format, torch.ops.aten.empty_strided.default,
+              torch.ops.aten.empty_like.default}
+    _ZEROS = {torch.ops.aten.zeros.default}  # the backward's gradients: a replay zero-fills them too
 
     def __init__(self):
         super().__init__()
         self.empty_ptrs: set[int] = set()
+        self.zero_ptrs: set[int] = set()
         self.copied = False
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         if func in self._EMPTY:
             self.empty_ptrs.add(out.data_ptr())
+        elif func in self._ZEROS:
+            self.zero_ptrs.add(out.data_ptr())
         elif func._schema.is_mutable or not _is_view(func):
             self.copied = True
         return out
@@ -149,7 +157,7 @@ def _is_view(func) -> bool:
     return bool(returns) and all(r.alias_info is not None for r in returns)
 
 
-def _record(inputs, y, launches, empty_ptrs: set[int]) -> _Template | None:
+def _record(inputs, outputs, launches, recorder: _Allocations) -> _Template | None:
     """The plan made on ``inputs`` (distinct probes) as a template, or None when one of its tensor
     arguments is not one input or one ``empty`` allocation of the planner (module doc)."""
     by_ptr: dict[int, int] = {}
@@ -158,8 +166,21 @@ def _record(inputs, y, launches, empty_ptrs: set[int]) -> _Template | None:
             if t.data_ptr() in by_ptr or t.untyped_storage().nbytes() == 0:
                 return None  # zero-size probes have no memory of their own to tell them apart
             by_ptr[t.data_ptr()] = i
-    fresh_ptrs = {y.data_ptr(): 0}
-    fresh = [(tuple(y.shape), y.dtype)]
+    empty_ptrs, zero_ptrs = recorder.empty_ptrs, recorder.zero_ptrs
+    fresh_ptrs: dict[int, int] = {}
+    fresh = []
+    out_slots = []
+    for t in outputs:
+        if t is None:
+            out_slots.append(None)
+            continue
+        ptr = t.data_ptr()
+        if t.untyped_storage().nbytes() == 0 or ptr in fresh_ptrs or ptr in by_ptr or not (
+                ptr in empty_ptrs or ptr in zero_ptrs) or t.untyped_storage().data_ptr() != ptr:
+            return None
+        fresh_ptrs[ptr] = len(fresh)
+        out_slots.append(len(fresh))
+        fresh.append((tuple(t.shape), t.dtype, ptr in zero_ptrs))
     empties: dict[torch.dtype, int] = {}
     fills_of = []  # per launch: (keyword, kind, index)
     records = []
@@ -189,26 +210,28 @@ def _record(inputs, y, launches, empty_ptrs: set[int]) -> _Template | None:
                 if fresh[j][1] != dtype:
                     return None
                 fills.append((name, "fresh", j))
-            elif ptr in empty_ptrs and value.untyped_storage().data_ptr() == ptr:
+            elif (ptr in empty_ptrs or ptr in zero_ptrs) and value.untyped_storage().data_ptr() == ptr:
                 fresh_ptrs[ptr] = len(fresh)
-                fresh.append(((value.untyped_storage().nbytes() // value.element_size(),), dtype))
+                fresh.append(((value.untyped_storage().nbytes() // value.element_size(),), dtype, ptr in zero_ptrs))
                 fills.append((name, "fresh", fresh_ptrs[ptr]))
             else:
                 return None  # a copy, or a view into the middle of something
         records.append((launch.kernel.fn.__name__, tuple(launch.grid), kwargs,
                         tuple(getattr(launch.kernel, "arg_names", ()))))
         fills_of.append(fills)
-    base = {"input": 0, "fresh": _INPUTS, "empty": _INPUTS + len(fresh)}
-    device = y.device
+    base = {"input": 0, "fresh": len(inputs), "empty": len(inputs) + len(fresh)}
+    device = next(t.device for t in inputs if t is not None)
     return _Template(
         tuple(fresh), tuple(torch.empty(0, dtype=d, device=device) for d in empties),
         tuple(_LaunchTemplate(name, grid, kwargs, tuple((kw, base[kind] + index) for kw, kind, index in fills),
                               arg_names, tuple(kw for kw, kind, _ in fills if kind == "input"))
-              for (name, grid, kwargs, arg_names), fills in zip(records, fills_of)))
+              for (name, grid, kwargs, arg_names), fills in zip(records, fills_of)),
+        tuple(out_slots))
 
 
-def _replay(template: _Template, inputs, device) -> tuple[torch.Tensor, list[_Replayed]]:
-    fresh = [torch.empty(shape, dtype=dtype, device=device) for shape, dtype in template.fresh]
+def _replay(template: _Template, inputs, device) -> tuple[tuple, list[_Replayed]]:
+    fresh = [(torch.zeros if zero else torch.empty)(shape, dtype=dtype, device=device)
+             for shape, dtype, zero in template.fresh]
     slots = (*inputs, *fresh, *template.empties)
     launches = []
     for lt in template.launches:
@@ -216,7 +239,35 @@ def _replay(template: _Template, inputs, device) -> tuple[torch.Tensor, list[_Re
         for name, slot in lt.fills:
             kw[name] = slots[slot]
         launches.append(_Replayed(getattr(kernels, lt.kernel_name), lt.grid, kw, lt))
-    return fresh[0], launches
+    return tuple(None if j is None else fresh[j] for j in template.outputs), launches
+
+
+def _cached(planner, k, inputs: tuple, rest: tuple, outputs_of):
+    """``planner(*inputs, *rest)`` replayed from the cache under key ``k`` where it can be (module doc).
+    ``outputs_of`` maps the planner's first result to a tuple of tensors (or None)."""
+    template = _CACHE.get(k)
+    device = inputs[0].device
+    if template is not None:
+        return _replay(template, inputs, device)
+    # Planned once on probes: empty tensors of the inputs' shapes, strides, dtypes and devices, each
+    # with its own memory, so every tensor argument of the plan names one input (the planner reads
+    # no pointers, so the template holds for any aliasing of the real inputs).
+    probes = tuple(None if t is None else torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device)
+                   for t in inputs)
+    recorder = _Allocations()
+    with recorder:
+        result, launches = planner(*probes, *rest)
+    template = None if recorder.copied else _record(probes, outputs_of(result), launches, recorder)
+    if template is None:
+        return None
+    if len(_CACHE) >= MAX_ENTRIES:
+        _CACHE.clear()
+    _CACHE[k] = template
+    return _replay(template, inputs, device)
+
+
+def _use_cache(device: torch.device) -> bool:
+    return device.type in DEVICE_TYPES and len(configs._OVERRIDES) == 1
 
 
 def plan_linear(x, weight, bias, query, keys, bank_a, bank_b, slice_offsets, separation, scale, eps):
@@ -225,25 +276,24 @@ def plan_linear(x, weight, bias, query, keys, bank_a, bank_b, slice_offsets, sep
     Returns (y, launches); each launch has ``run()``, for :func:`.launchers.run_all`.
     """
     args = (x, weight, bias, query, keys, bank_a, bank_b, slice_offsets, separation, scale, eps)
-    if x.device.type not in DEVICE_TYPES or len(configs._OVERRIDES) > 1:
-        return launchers.plan_linear(*args)
-    k = key(*args)
-    template = _CACHE.get(k)
-    inputs = (x, weight, bias, query, keys, bank_a, bank_b)
-    if template is not None:
-        return _replay(template, inputs, x.device)
-    # Planned once on probes: empty tensors of the inputs' shapes, strides, dtypes and devices, each
-    # with its own memory, so every tensor argument of the plan names one input (the planner reads
-    # no pointers, so the template holds for any aliasing of the real inputs).
-    probes = tuple(None if t is None else torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device)
-                   for t in inputs)
-    recorder = _Allocations()
-    with recorder:
-        y, launches = launchers.plan_linear(*probes, *args[7:])
-    template = None if recorder.copied else _record(probes, y, launches, recorder.empty_ptrs)
-    if template is None:
-        return launchers.plan_linear(*args)
-    if len(_CACHE) >= MAX_ENTRIES:
-        _CACHE.clear()
-    _CACHE[k] = template
-    return _replay(template, inputs, x.device)
+    if _use_cache(x.device):
+        replayed = _cached(launchers.plan_linear, ("linear", *key(*args)), args[:7], args[7:], lambda y: (y,))
+        if replayed is not None:
+            (y,), launches = replayed
+            return y, launches
+    return launchers.plan_linear(*args)
+
+
+def plan_linear_backward(grad_out, x, weight, query, keys, bank_a, bank_b, slice_offsets, separation, scale, eps,
+                         output_mask):
+    """:func:`.launchers.plan_linear_backward`, replayed from the cache where it can be: returns
+    ((dx, dquery, dkeys, dbank_a, dbank_b), launches), None where a gradient is not asked for."""
+    args = (grad_out, x, weight, query, keys, bank_a, bank_b, slice_offsets, separation, scale, eps, output_mask)
+    if _use_cache(x.device):
+        k = ("linear_backward", grad_out.shape, grad_out.stride(), grad_out.dtype, grad_out.device,
+             *key(x, weight, None, query, keys, bank_a, bank_b, slice_offsets, separation, scale, eps),
+             tuple(bool(m) for m in output_mask))
+        replayed = _cached(launchers.plan_linear_backward, k, args[:7], args[7:], tuple)
+        if replayed is not None:
+            return replayed
+    return launchers.plan_linear_backward(*args)
