@@ -55,6 +55,13 @@ class Rule:
         h: format the shrink's result h is rounded to before the expand ("fp32": not rounded).
         base_rounded: the base output is rounded to x's dtype before the adapter is added (a
             library GEMM followed by a separate adapter pass): two roundings of y instead of one.
+        grad_scores: format of the backward's cosines, their affine sum and the weights (each
+            rounded once to the compute dtype): dquery and dkeys scale the sum's error by about
+            1/sum^2, so near the affine guard they need more than fp32 (contract section 11).
+            The ``fp32`` rule is shared: there the Triton backend computes them in fp64, the
+            ``cuda`` backend (so far) in fp32.
+        grad_dw: product format of the backward's dw = <dA_b, bank_a> + <dB_b, bank_b> ("fp32":
+            FMA units, rounding to nearest; not tensor cores, whose fp32 sums round toward zero).
     """
 
     name: str
@@ -66,13 +73,15 @@ class Rule:
     adapter: str
     h: str
     base_rounded: bool = False
+    grad_scores: str = "fp64"
+    grad_dw: str = "fp32"
 
 
 RULES = {
     r.name: r
     for r in (
         Rule("fp64", base="fp64", accumulate="fp64", scores="fp64", mixing="fp64", factors="fp64", adapter="fp64",
-             h="fp64"),
+             h="fp64", grad_dw="fp64"),
         Rule("fp32", base="fp32", accumulate="fp32", scores="fp32", mixing="fp32", factors="fp32", adapter="fp32",
              h="fp32"),
         Rule("fp32-tf32", base="tf32", accumulate="fp32", scores="3xtf32", mixing="3xtf32", factors="fp32",
@@ -86,9 +95,9 @@ RULES = {
              adapter="exact", h="bf16"),
         # The CUDA C++ backend: cuBLAS base GEMM rounded to x's dtype, adapter on CUDA cores in fp32.
         Rule("cuda-16bit", base="exact", accumulate="fp32", scores="fp32", mixing="fp32", factors="fp32",
-             adapter="fp32", h="fp32", base_rounded=True),
+             adapter="fp32", h="fp32", base_rounded=True, grad_scores="fp32"),
         Rule("cuda-fp32-tf32", base="tf32", accumulate="fp32", scores="fp32", mixing="fp32", factors="fp32",
-             adapter="fp32", h="fp32", base_rounded=True),
+             adapter="fp32", h="fp32", base_rounded=True, grad_scores="fp32"),
     )
 }
 

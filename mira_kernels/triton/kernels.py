@@ -39,7 +39,9 @@ overflow where the reference does not) and the adapter's products are 3xTF32 (on
 10 bits of h and B_b, cost fp16 outputs several ulp where the adapter dominates). With fp32 x and
 ``torch.backends.cuda.matmul.allow_tf32`` the GEMM's products are TF32. Scores and mixing use
 "tf32x3" (three TF32 products, about fp32 accuracy) wherever the adapter may use TF32. Otherwise
-(fp32 x by default, fp64) every dot is "ieee". Every ``tl.dot`` names its ``out_dtype`` (the
+(fp32 x by default, fp64) every dot is "ieee". The backward of fp32 ct recomputes the cosines, their
+affine sum and the weights in fp64 (WIDE_SCORES) and runs dw on FMA units ("ieee"): dquery and
+dkeys scale the affine sum's error by about 1/sum^2 (contract section 11). Every ``tl.dot`` names its ``out_dtype`` (the
 accumulator's): Triton 3.6 defaults it to fp32, which breaks the fp64 path; 3.8 infers it.
 """
 
@@ -80,26 +82,31 @@ def _f64(bits):
 @triton.jit
 def _cosines(q_ptr, k_ptr, rows, row_ok, slots, slot_ok, DK, stride_qb, stride_qk, stride_kn, stride_kk,
              BLOCK_B: tl.constexpr, NC: tl.constexpr, BLOCK_K: tl.constexpr, ct: tl.constexpr,
-             PRECISION: tl.constexpr):
-    """Cosines of the queries ``rows`` to the keys ``slots``: (BLOCK_B, NC) scores, |q| (BLOCK_B,), |k| (NC,)."""
-    dots = tl.zeros((BLOCK_B, NC), dtype=ct)
-    q_sq = tl.zeros((BLOCK_B,), dtype=ct)
-    k_sq = tl.zeros((NC,), dtype=ct)
+             PRECISION: tl.constexpr, WIDE: tl.constexpr):
+    """Cosines of the queries ``rows`` to the keys ``slots``: (BLOCK_B, NC) scores, |q| (BLOCK_B,), |k| (NC,).
+
+    WIDE: everything in fp64 (the dot "ieee" on fp64 operands; the results are fp64), for the
+    backward of fp32 ct (see ``_mira_retrieve_kernel``); else in ct with PRECISION.
+    """
+    st = tl.float64 if WIDE else ct
+    dots = tl.zeros((BLOCK_B, NC), dtype=st)
+    q_sq = tl.zeros((BLOCK_B,), dtype=st)
+    k_sq = tl.zeros((NC,), dtype=st)
     rows64 = rows.to(tl.int64)
     slots64 = slots.to(tl.int64)
     for k0 in range(0, DK, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         col_ok = cols < DK
         qt = tl.load(q_ptr + rows64[:, None] * stride_qb + cols[None, :] * stride_qk,
-                     mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(ct)
+                     mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(st)
         kt = tl.load(k_ptr + slots64[:, None] * stride_kn + cols[None, :] * stride_kk,
-                     mask=slot_ok[:, None] & col_ok[None, :], other=0.0).to(ct)
-        dots = tl.dot(qt, tl.trans(kt), dots, input_precision=PRECISION, out_dtype=dots.dtype)
+                     mask=slot_ok[:, None] & col_ok[None, :], other=0.0).to(st)
+        dots = tl.dot(qt, tl.trans(kt), dots, input_precision="ieee" if WIDE else PRECISION, out_dtype=dots.dtype)
         q_sq += tl.sum(qt * qt, axis=1)
         k_sq += tl.sum(kt * kt, axis=1)
     q_norm = tl.sqrt(q_sq)
     k_norm = tl.sqrt(k_sq)
-    floor = tl.full((), NORM_EPS, ct)
+    floor = tl.full((), NORM_EPS, st)
     scores = dots / tl.maximum(q_norm, floor)[:, None] / tl.maximum(k_norm, floor)[None, :]
     return tl.where(row_ok[:, None] & slot_ok[None, :], scores, 0.0), q_norm, k_norm
 
@@ -134,7 +141,7 @@ def _mira_retrieve_kernel(
     stride_qb, stride_qk, stride_kn, stride_kk,
     SEPARATION: tl.constexpr, SAVE_STATS: tl.constexpr, NC: tl.constexpr, ONE_CHUNK: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_F: tl.constexpr, SCORE_PRECISION: tl.constexpr,
-    MIX_PRECISION: tl.constexpr, USE_PDL: tl.constexpr,
+    MIX_PRECISION: tl.constexpr, USE_PDL: tl.constexpr, WIDE_SCORES: tl.constexpr,
 ):
     """Retrieval: cosine scores, separation and mixing, A_b = sum_n w[b,n] bank_a[n] (and B_b).
 
@@ -149,6 +156,12 @@ def _mira_retrieve_kernel(
     Grid: (cdiv(B, BLOCK_B), SPLIT); program (i, j) mixes column chunks j, j+SPLIT, ... of both banks
     for samples [16i, 16i+16). With USE_PDL (Hopper) it lets the fused GEMM launch at once: the GEMM
     overlaps this kernel and waits (gdc_wait) only where it first reads the mixed factors.
+
+    WIDE_SCORES (the backward's recompute, fp32 ct): cosines, the row statistics (the affine sum)
+    and the weights in fp64, each rounded once to ct where it is stored or mixed. dquery and dkeys
+    scale the affine sum's error by about 1/sum^2: near the guard (|sum| just above eps) fp32
+    cosines, and tensor cores' 3xTF32 ones far more, left dquery several times PyTorch's error
+    (contract section 11).
     """
     if USE_PDL:
         gdc_launch_dependents()
@@ -156,7 +169,8 @@ def _mira_retrieve_kernel(
     pid_f = tl.program_id(1)
     n_split = tl.num_programs(1)
     ct = scores_ptr.dtype.element_ty
-    eps = _f64(eps_bits).to(ct)
+    st = tl.float64 if WIDE_SCORES else ct
+    eps = _f64(eps_bits).to(st)
 
     local = tl.arange(0, BLOCK_B)
     rows = pid_b * BLOCK_B + local
@@ -167,16 +181,17 @@ def _mira_retrieve_kernel(
     scratch = scratch_ptr + (pid_b * n_split + pid_f).to(tl.int64) * BLOCK_B * N
 
     # Row statistics over every slot (one pass per chunk of NC slots).
-    total = tl.zeros((BLOCK_B,), dtype=ct)
-    top = tl.full((BLOCK_B,), float("-inf"), dtype=ct)
-    expsum = tl.zeros((BLOCK_B,), dtype=ct)
-    scores = tl.zeros((BLOCK_B, NC), dtype=ct)
+    total = tl.zeros((BLOCK_B,), dtype=st)
+    top = tl.full((BLOCK_B,), float("-inf"), dtype=st)
+    expsum = tl.zeros((BLOCK_B,), dtype=st)
+    scores = tl.zeros((BLOCK_B, NC), dtype=st)
     for c0 in range(0, N, NC):
         slots = c0 + lanes
         slot_ok = slots < N
         valid = row_ok[:, None] & slot_ok[None, :]
         scores, q_norm, k_norm = _cosines(q_ptr, k_ptr, rows, row_ok, slots, slot_ok, DK, stride_qb, stride_qk,
-                                          stride_kn, stride_kk, BLOCK_B, NC, BLOCK_K, ct, SCORE_PRECISION)
+                                          stride_kn, stride_kk, BLOCK_B, NC, BLOCK_K, ct, SCORE_PRECISION,
+                                          WIDE_SCORES)
         total += tl.sum(scores, axis=1)
         chunk_top = tl.max(tl.where(valid, scores, float("-inf")), axis=1)
         new_top = tl.maximum(top, chunk_top)
@@ -184,10 +199,10 @@ def _mira_retrieve_kernel(
         expsum = expsum * tl.exp(top - safe) + tl.sum(tl.where(valid, tl.exp(scores - safe[:, None]), 0.0), axis=1)
         top = new_top
         if not ONE_CHUNK:
-            tl.store(scratch + local[:, None] * N + slots[None, :], scores, mask=valid)
+            tl.store(scratch + local[:, None] * N + slots[None, :], scores.to(ct), mask=valid)
         if SAVE_STATS:
-            tl.store(qnorm_ptr + rows, q_norm, mask=row_ok & first & (c0 == 0))
-            tl.store(knorm_ptr + slots, k_norm, mask=slot_ok & first & (pid_b == 0))
+            tl.store(qnorm_ptr + rows, q_norm.to(ct), mask=row_ok & first & (c0 == 0))
+            tl.store(knorm_ptr + slots, k_norm.to(ct), mask=slot_ok & first & (pid_b == 0))
     top = tl.where(top == float("-inf"), 0.0, top)
     if not ONE_CHUNK:
         tl.debug_barrier()  # the scratch rows are read back by other threads of this program
@@ -198,14 +213,14 @@ def _mira_retrieve_kernel(
             valid = row_ok[:, None] & (slots < N)[None, :]
             if not ONE_CHUNK:
                 scores = tl.load(scratch + local[:, None] * N + slots[None, :], mask=valid,
-                                 other=0.0)
+                                 other=0.0).to(st)
             w = _weights(scores, valid, total, top, expsum, N, eps, SEPARATION)
             out_bn = rows64[:, None] * N + slots[None, :]
-            tl.store(scores_ptr + out_bn, scores, mask=valid & first)
-            tl.store(weights_ptr + out_bn, w, mask=valid & first)
+            tl.store(scores_ptr + out_bn, scores.to(ct), mask=valid & first)
+            tl.store(weights_ptr + out_bn, w.to(ct), mask=valid & first)
 
     # Mixing: (BLOCK_B, NC) @ (NC, BLOCK_F) per column chunk and slot chunk; padding slots weigh 0.
-    w_one = _weights(scores, row_ok[:, None] & (lanes < N)[None, :], total, top, expsum, N, eps, SEPARATION)
+    w_one = _weights(scores, row_ok[:, None] & (lanes < N)[None, :], total, top, expsum, N, eps, SEPARATION).to(ct)
     _mix(bank_a_ptr, mixed_a_ptr, FA, w_one, scratch, local, rows64, row_ok, lanes, total, top, expsum, N, eps,
          pid_f, n_split, SEPARATION, NC, ONE_CHUNK, BLOCK_B, BLOCK_F, MIX_PRECISION)
     _mix(bank_b_ptr, mixed_b_ptr, FB, w_one, scratch, local, rows64, row_ok, lanes, total, top, expsum, N, eps,
@@ -230,7 +245,7 @@ def _mix(bank_ptr, out_ptr, F, w_one, scratch, local, rows64, row_ok, lanes, tot
             else:
                 valid = row_ok[:, None] & slot_ok[None, :]
                 s = tl.load(scratch + local[:, None] * N + slots[None, :], mask=valid, other=0.0)
-                w = _weights(s, valid, total, top, expsum, N, eps, SEPARATION)
+                w = _weights(s, valid, total, top, expsum, N, eps, SEPARATION).to(ct)
             bank = tl.load(bank_ptr + slots.to(tl.int64)[:, None] * F + fcols[None, :],
                            mask=slot_ok[:, None] & f_ok[None, :], other=0.0).to(ct)
             mixed = tl.dot(w, bank, mixed, input_precision=MIX_PRECISION, out_dtype=mixed.dtype)
@@ -647,7 +662,7 @@ def _mira_scores_bwd_kernel(
     B, N, DK, n_partials, eps_bits,
     stride_qb, stride_qk, stride_kn, stride_kk,
     SEPARATION: tl.constexpr, NEED_Q: tl.constexpr, NC: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, SCORE_PRECISION: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, SCORE_PRECISION: tl.constexpr, WIDE_SCORES: tl.constexpr,
 ):
     """dw (sum of the partials, in order), dz = sep'(dw), and a column chunk of dquery.
 
@@ -657,12 +672,15 @@ def _mira_scores_bwd_kernel(
     backward needs (sum_n dw w), a second forms dz and accumulates dquery's pieces.
     dquery = normalize'(q) (dz @ unit(K)); its projection term (q/|q|).g equals
     sum_n dz[b, n] s[b, n] (s is the cosine), so every d_k chunk is independent.
+    WIDE_SCORES: the affine sum (its final reduction) and the guarded denominator in fp64 (see
+    ``_mira_retrieve_kernel``; an fp64 accumulator across chunks spilled on sm_90).
     Grid: (cdiv(B, BLOCK_B), cdiv(DK, BLOCK_K)).
     """
     pid_b = tl.program_id(0)
     pid_k = tl.program_id(1)
     ct = dz_ptr.dtype.element_ty
-    eps = _f64(eps_bits).to(ct)
+    st = tl.float64 if WIDE_SCORES else ct
+    eps = _f64(eps_bits).to(st)
     floor = tl.full((), NORM_EPS, ct)
     rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
@@ -681,7 +699,7 @@ def _mira_scores_bwd_kernel(
         w = tl.load(weights_ptr + bn, mask=valid, other=0.0)
         s_acc += tl.load(scores_ptr + bn, mask=valid, other=0.0)
         dww_acc += dw * w
-    total = tl.sum(s_acc, axis=1)
+    total = tl.sum(s_acc.to(st), axis=1)  # exact in fp64 for N <= NC: one chunk, no elementwise sums
     dw_w = tl.sum(dww_acc, axis=1)
 
     cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)

@@ -108,6 +108,36 @@ def _accurate(lora_precision: str) -> str:
     return "tf32x3" if lora_precision == "tf32" else lora_precision
 
 
+def _wide_scores(ct: torch.dtype) -> bool:
+    """Whether the backward computes the cosines, their affine sum and the weights in fp64 (each
+    rounded once to ct): for every fp32 ct (16-bit and fp32 x), the ``grad_scores`` of the
+    precision rules (contract section 11).
+
+    dquery and dkeys scale the affine sum's error by about 1/sum^2 (dz = (dw - sum_m dw_m w_m) / d,
+    w = s / d): where |sum_n s| is just above eps, fp32 cosines leave dquery 1.4-3.4x PyTorch's own
+    (fp32) error, a coin toss against the 3x criterion, and tensor cores' 3xTF32 cosines (fp32
+    accumulation rounded toward zero) 5-9x in the CPU model of the kernels; the second H200 run
+    measured 5.5x (fp16 x, ViT-B qkv, B = 64, "negative" weights: 42 vs 7.7). In fp64: 0.02-0.14x.
+    A (16, N) x d_k dot per program, on fp64 tensor cores on sm_80 / sm_90.
+    """
+    return ct == torch.float32
+
+
+#: d_k step of the fp64 cosines (ahead-of-time sweep, sm_80 / sm_90).
+WIDE_BLOCK_K = 16
+#: Registers of the retrieval with fp64 cosines: ptxas chose 96-168 and left 8 bytes of stack in 3 of 8
+#: backward cases (sm_80, sm_90), a cap of 128 in 2; with 160 none spills (ahead-of-time sweep).
+WIDE_MAXNREG = 160
+
+#: ``input_precision`` of the backward's dw = <dA_b, bank_a> + <dB_b, bank_b> (d_in S r + d_s S r long
+#: sums, scaled like the cosines by about 1/sum^2 into dquery): "ieee", fp32 on FMA units (rounding
+#: to nearest) for every dtype. Tensor cores' 3xTF32 accumulate in fp32 rounded toward zero, an error
+#: that grows with the length instead of its square root. At B = 64 the column split keeps each
+#: partial short (0.13x PyTorch's dquery error in the CPU model, fp64 cosines), but the split falls
+#: to one share as B grows, and one long sum left 2.5-7x; fp32 FMA stays under 1x at any B.
+_DW_PRECISION = "ieee"
+
+
 def _expand_precision(x_dtype: torch.dtype, lora_precision: str) -> str:
     """``input_precision`` of the adapter's dots inside the fused GEMM (the expand, a folded shrink).
 
@@ -218,7 +248,7 @@ def use_pdl(device: torch.device) -> bool:
 
 
 def _plan_retrieve(sh: _Shapes, query, keys, bank_a, bank_b, separation, eps, save_stats, precision, fdt,
-                   device, launches, pdl) -> _Mixed:
+                   device, launches, pdl, wide_scores=False) -> _Mixed:
     ct = sh.ct
     mixed = _Mixed(a=torch.empty(sh.B, sh.S, sh.r, sh.d_in, dtype=fdt, device=device),
                    b=torch.empty(sh.B, sh.S, sh.d_s, sh.r, dtype=fdt, device=device))
@@ -232,6 +262,8 @@ def _plan_retrieve(sh: _Shapes, query, keys, bank_a, bank_b, separation, eps, sa
     b_tiles = triton_cdiv(sh.B, cfg.block_b)
     split = configs.retrieve_split(b_tiles, triton_cdiv(max(sh.fa, sh.fb), cfg.block_f))
     one_chunk = sh.N <= cfg.slot_chunk
+    # fp64 cosines hold twice the operand registers: 64-wide d_k steps spilled 24 bytes on sm_90, 32-wide 8.
+    block_k = min(cfg.block_k, WIDE_BLOCK_K) if wide_scores else cfg.block_k
     scratch = stats if one_chunk else torch.empty(b_tiles * split, cfg.block_b, sh.N, dtype=ct, device=device)
     launches.append(Launch(
         "retrieve", kernels._mira_retrieve_kernel, (b_tiles, split),
@@ -242,9 +274,10 @@ def _plan_retrieve(sh: _Shapes, query, keys, bank_a, bank_b, separation, eps, sa
              stride_qb=query.stride(0), stride_qk=query.stride(1), stride_kn=keys.stride(0),
              stride_kk=keys.stride(1)),
         dict(SEPARATION=SEPARATION_CODES[separation], SAVE_STATS=bool(save_stats), NC=cfg.slot_chunk,
-             ONE_CHUNK=one_chunk, BLOCK_B=cfg.block_b, BLOCK_K=cfg.block_k, BLOCK_F=cfg.block_f,
-             SCORE_PRECISION=_accurate(precision), MIX_PRECISION=_accurate(precision), USE_PDL=bool(pdl)),
-        num_warps=cfg.num_warps, num_stages=2,
+             ONE_CHUNK=one_chunk, BLOCK_B=cfg.block_b, BLOCK_K=block_k, BLOCK_F=cfg.block_f,
+             SCORE_PRECISION=_accurate(precision), MIX_PRECISION=_accurate(precision), USE_PDL=bool(pdl),
+             WIDE_SCORES=bool(wide_scores)),
+        num_warps=cfg.num_warps, num_stages=2, maxnreg=WIDE_MAXNREG if wide_scores else None,
     ))
     return mixed
 
@@ -532,7 +565,7 @@ def plan_linear_backward(grad_out, x, weight, query, keys, bank_a, bank_b, slice
     fdt = factor_dtype(x.dtype, (query.dtype, keys.dtype, bank_a.dtype, bank_b.dtype))
     if has_lora:
         mixed = _plan_retrieve(sh, query, keys, bank_a, bank_b, separation, eps, need_dw or need_a or need_b,
-                               precision, fdt, device, launches, False)
+                               precision, fdt, device, launches, False, wide_scores=_wide_scores(sh.ct))
     h = dh = None
     if need_db:
         st = mixed.a.stride()
@@ -593,17 +626,18 @@ def plan_linear_backward(grad_out, x, weight, query, keys, bank_a, bank_b, slice
 
     mem = configs.memory_config(sh.N, sh.ct, lora_precision)
     if need_dw:
-        # Two passes: partial dw per column share of the banks, then their ordered sum.
+        # Two passes: partial dw per column share of the banks, then their ordered sum. The first
+        # on FMA units (see _DW_PRECISION), with the IEEE tiles.
+        mem_dw = configs.memory_config(sh.N, sh.ct, _DW_PRECISION)
         b_tiles = triton_cdiv(sh.B, mem.block_b)
-        split = configs.split_for(b_tiles, triton_cdiv(max(sh.fa, sh.fb), mem.block_f))
+        split = configs.split_for(b_tiles, triton_cdiv(max(sh.fa, sh.fb), mem_dw.block_f))
         partial = torch.empty(split, sh.B, sh.N, dtype=sh.ct, **dev)
         launches.append(Launch(
-            "dw_bwd", kernels._mira_dw_bwd_kernel, (b_tiles, split, triton_cdiv(sh.N, mem.slot_chunk)),
+            "dw_bwd", kernels._mira_dw_bwd_kernel, (b_tiles, split, triton_cdiv(sh.N, mem_dw.slot_chunk)),
             dict(dmixed_a_ptr=dmixed_a, dmixed_b_ptr=dmixed_b, bank_a_ptr=bank_a, bank_b_ptr=bank_b,
                  partial_ptr=partial, B=sh.B, N=sh.N, FA=sh.fa, FB=sh.fb),
-            dict(NC=mem.slot_chunk, BLOCK_B=mem.block_b, BLOCK_F=mem.block_f,
-                 LORA_PRECISION=_accurate(lora_precision)),
-            num_warps=mem.num_warps, num_stages=2,
+            dict(NC=mem_dw.slot_chunk, BLOCK_B=mem_dw.block_b, BLOCK_F=mem_dw.block_f, LORA_PRECISION=_DW_PRECISION),
+            num_warps=mem_dw.num_warps, num_stages=2,
         ))
         dz = torch.empty(sh.B, sh.N, dtype=sh.ct, **dev)
         score_precision = _score_precision(lora_precision)
@@ -616,7 +650,7 @@ def plan_linear_backward(grad_out, x, weight, query, keys, bank_a, bank_b, slice
                  stride_qb=query.stride(0), stride_qk=query.stride(1), stride_kn=keys.stride(0),
                  stride_kk=keys.stride(1)),
             dict(SEPARATION=SEPARATION_CODES[separation], NEED_Q=need_q, NC=mem.slot_chunk, BLOCK_B=mem.block_b,
-                 BLOCK_K=mem.grad_k, SCORE_PRECISION=score_precision),
+                 BLOCK_K=mem.grad_k, SCORE_PRECISION=score_precision, WIDE_SCORES=_wide_scores(sh.ct)),
             num_warps=mem.num_warps, num_stages=2,
         ))
         if need_k:

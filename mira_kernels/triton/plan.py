@@ -87,7 +87,8 @@ def _retrieve(launch) -> dict:
     scratch = 0 if c["ONE_CHUNK"] else 2 * programs * bb * N * _SIZE[ct]
     share = _cdiv(_cdiv(FA, bf), split) + _cdiv(_cdiv(FB, bf), split)
     return dict(
-        flops=_add(_dot_flops(c["SCORE_PRECISION"], ct, score), _dot_flops(c["MIX_PRECISION"], ct, mixing)),
+        flops=_add(_dot_flops(c["SCORE_PRECISION"], torch.float64 if c.get("WIDE_SCORES") else ct, score),
+                   _dot_flops(c["MIX_PRECISION"], ct, mixing)),
         bytes_read=B * DK * qs + keys_bytes + bank_bytes,
         bytes_written=B * (FA + FB) * fs + stats,
         l2_bytes=keys_bytes * (programs - 1) + bank_bytes * (b_tiles - 1) + B * DK * qs * (split - 1) + scratch,

@@ -435,3 +435,67 @@ def test_fp16_adapter_is_fp32_accurate_with_tf32_dots(monkeypatch, op):
         got = torch.nn.functional.linear(inp.x, inp.weight, inp.bias)
         tri.mira_adapter_(got, *inp.adapter_args(), inp.slice_offsets, "affine", 1.0, 1e-2)
     assert_close_to_spec(got, want, same, factor=2.0 if op == "linear" else 3.0, what=f"fp16 {op}, TF32 dots")
+
+
+def _tensor_core_dots(monkeypatch):
+    """Make the interpreter's fp32 "tf32" / "tf32x3" ``tl.dot`` compute as tensor cores do
+    (``tests/triton/tensor_cores.py``: TF32 operands, Triton's hi/lo split, k-groups of 8 added to an
+    fp32 accumulator rounded toward zero). "ieee", 16-bit and fp64 dots keep the interpreter's."""
+    import numpy as np
+    from triton._C.libtriton import ir
+    from triton.runtime.interpreter import InterpreterBuilder, TensorHandle
+
+    from tests.triton import tensor_cores
+
+    plain = InterpreterBuilder.create_dot
+    modelled = {ir.INPUT_PRECISION.TF32: "tf32", ir.INPUT_PRECISION.TF32x3: "tf32x3"}
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        precision = modelled.get(input_precision)
+        if precision is None or a.data.dtype != np.float32 or b.data.dtype != np.float32:
+            return plain(self, a, b, d, input_precision, max_num_imprecise_acc)
+
+        def tensor(h):
+            return torch.from_numpy(np.ascontiguousarray(h.data))
+
+        out = tensor_cores.dot(tensor(a), tensor(b), tensor(d), precision)
+        return TensorHandle(out.numpy(), d.dtype.scalar)
+
+    monkeypatch.setattr(InterpreterBuilder, "create_dot", create_dot)
+
+
+def _near_the_guard(shape, target, seed=0):
+    # Random inputs whose sample 0 has its affine sum sum_n cos(q_0, k_n) = target: the last key is
+    # turned (its norm kept) so that its cosine to q_0 makes up the difference.
+    inp = make_inputs(**shape, regime="random", dtype=torch.float64, seed=seed)
+    unit_q = inp.query[0] / inp.query[0].norm()
+    keys = inp.keys
+    missing = target - ((keys[:-1] / keys[:-1].norm(dim=1, keepdim=True)) @ unit_q).sum()
+    ortho = keys[-1] - (keys[-1] @ unit_q) * unit_q
+    ortho = ortho / ortho.norm()
+    keys[-1] = (missing * unit_q + (1 - missing**2).sqrt() * ortho) * keys[-1].norm()
+    return inp
+
+
+def test_dquery_near_the_affine_guard_with_tensor_core_dots(monkeypatch):
+    # Regression (second GPU run, H200): fp16 x, ViT-B qkv, B = 64, "negative" weights, dquery 5.5x
+    # PyTorch's error. Where the affine sum d of a sample's cosines is just above eps, dquery and dkeys
+    # scale d's error by about 1/d^2; the backward's tf32x3 cosines on tensor cores (fp32 sums rounded
+    # toward zero) made it many times PyTorch's fp32 error. Here d = 1.02 eps with d_k = 256: with the
+    # dots modelled as tensor cores compute them, the kernels before the fix gave 17x PyTorch's error
+    # in dquery and dkeys; with fp64 cosines (and dw on FMA units) 0.08x and 0.11x.
+    _tensor_core_dots(monkeypatch)
+    shape = dict(B=2, T=16, d_in=256, d_out=96, N=8, S=2, r=4, d_s=32, offsets=[0, 64])
+    inp64 = _near_the_guard(shape, target=1.02e-2)
+    assert abs(reference.cosine_scores(inp64.query, inp64.keys).sum(-1)[0].item() - 1.02e-2) < 1e-9
+    inp = _at(inp64, torch.float16)
+    grad = torch.randn(2, 16, 96, dtype=torch.float64, generator=torch.Generator().manual_seed(0)).to(torch.float16)
+    kw = dict(slice_offsets=inp.slice_offsets, separation="affine", scale=1.0)
+    exact = inp.to(torch.float64)
+    want = reference.mira_linear_backward(grad.double(), exact.x, exact.weight, exact.query, exact.keys,
+                                          exact.bank_a, exact.bank_b, **kw)
+    same = reference.mira_linear_backward(grad, inp.x, inp.weight, inp.query, inp.keys, inp.bank_a, inp.bank_b, **kw)
+    got = tri.mira_linear_backward(grad, inp.x, inp.weight, inp.query, inp.keys, inp.bank_a, inp.bank_b,
+                                   inp.slice_offsets, "affine", 1.0, 1e-2, (True,) * 5)
+    for name, g, w, s in zip(("x", "query", "keys", "bank_a", "bank_b"), got, want, same):
+        assert_close_to_spec(g, w, s, factor=3.0, what=f"d{name} near the affine guard, tensor-core dots")
