@@ -307,22 +307,20 @@ def stages(batch: int, dtype: torch.dtype) -> dict[str, Callable[[], object]]:
 
         out["plan_bwd_cached"] = plan_backward_cached
     _, backward_launches = launchers.plan_linear_backward(*backward_args)
-    backward_binders = triton_binders(backward_launches)
-    if not isinstance(backward_binders, str):
-        def triton_jit_backward():
-            for call in backward_binders:
-                call()
-
-        out["triton_jit_bwd_est"] = triton_jit_backward
-
-    binders = triton_binders(plan_launches)
-    if not isinstance(binders, str):
-        def triton_jit():
-            for call in binders:
-                call()
-
-        out["triton_jit_est"] = triton_jit
+    for name, launches in (("triton_jit_bwd_est", backward_launches), ("triton_jit_est", plan_launches)):
+        binders = triton_binders(launches)
+        if not isinstance(binders, str):
+            out[name] = _each(binders)
     return out
+
+
+def _each(calls):
+    """One stage that makes every call of ``calls`` in turn."""
+    def run():
+        for call in calls:
+            call()
+
+    return run
 
 
 def _plan_cache():
