@@ -162,6 +162,21 @@ def test_inputs_the_planner_copies_are_never_replayed(cache_on_cpu):
     assert plan_cache._CACHE == {}
 
 
+def test_an_uncacheable_signature_plans_once_per_call_after_the_first(cache_on_cpu, monkeypatch):
+    # The probes' verdict depends only on the key: later calls skip the probe planning.
+    inputs, offsets = _inputs()
+    x_strided = torch.randn(2, 32, 5).to(torch.bfloat16).transpose(1, 2)  # copied by the planner
+    args = (x_strided, *inputs[1:], offsets, "affine", 1.0, 1e-2)
+    plan_cache.plan_linear(*args)
+    calls = []
+    real = launchers.plan_linear
+    monkeypatch.setattr(launchers, "plan_linear", lambda *a: calls.append(a) or real(*a))
+    for _ in range(2):
+        plan_cache.plan_linear(*args)
+    assert len(calls) == 2 and all(c[0] is x_strided for c in calls)
+    assert plan_cache._CACHE == {}
+
+
 def test_aliased_inputs_get_the_planners_mapping(cache_on_cpu):
     # fp32 with the CLS token of x as the query (MIRA's identity query): query and x share a pointer.
     inputs, offsets = _inputs(dtype=torch.float32)

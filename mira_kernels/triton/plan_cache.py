@@ -40,10 +40,15 @@ DEVICE_TYPES = {"cuda"}
 MAX_ENTRIES = 512
 
 _CACHE: dict[tuple, _Template] = {}
+#: Keys whose plan cannot be replayed (a copied input, zero-size inputs): the verdict depends only on
+#: the key (the probes are always distinct), so such a call plans once, on its real inputs, not first
+#: on probes as well.
+_UNCACHEABLE: set[tuple] = set()
 
 
 def clear() -> None:
     _CACHE.clear()
+    _UNCACHEABLE.clear()
 
 
 # A replay lines up this call's tensors in one list of slots: the inputs (the planner's tensor
@@ -249,6 +254,8 @@ def _cached(planner, k, inputs: tuple, rest: tuple, outputs_of):
     device = inputs[0].device
     if template is not None:
         return _replay(template, inputs, device)
+    if k in _UNCACHEABLE:
+        return None
     # Planned once on probes: empty tensors of the inputs' shapes, strides, dtypes and devices, each
     # with its own memory, so every tensor argument of the plan names one input (the planner reads
     # no pointers, so the template holds for any aliasing of the real inputs).
@@ -258,10 +265,11 @@ def _cached(planner, k, inputs: tuple, rest: tuple, outputs_of):
     with recorder:
         result, launches = planner(*probes, *rest)
     template = None if recorder.copied else _record(probes, outputs_of(result), launches, recorder)
+    if len(_CACHE) + len(_UNCACHEABLE) >= MAX_ENTRIES:
+        clear()
     if template is None:
+        _UNCACHEABLE.add(k)
         return None
-    if len(_CACHE) >= MAX_ENTRIES:
-        _CACHE.clear()
     _CACHE[k] = template
     return _replay(template, inputs, device)
 
