@@ -78,28 +78,21 @@ def _capability(index: int) -> tuple[int, int]:
     return tuple(torch.cuda.get_device_capability(index))
 
 
-_modules: dict = {}
-
-
+@functools.cache
 def _launchers():
     # The launchers (and through them Triton and the kernels) load on the first op call, so that
-    # `import mira_kernels.triton` for unavailable_reason() or the config table stays cheap. Held
-    # here after that: an import statement per call costs ~1 us of import machinery.
-    lm = _modules.get("launchers")
-    if lm is None:
-        from . import launchers as lm
+    # `import mira_kernels.triton` for unavailable_reason() or the config table stays cheap. Cached
+    # after that: an import statement per call costs ~1 us of import machinery.
+    from . import launchers
 
-        _modules["launchers"] = lm
-    return lm
+    return launchers
 
 
+@functools.cache
 def _plan_cache():
-    pc = _modules.get("plan_cache")
-    if pc is None:
-        from . import plan_cache as pc
+    from . import plan_cache
 
-        _modules["plan_cache"] = pc
-    return pc
+    return plan_cache
 
 
 def mira_linear(x, weight, bias, query, keys, bank_a, bank_b, slice_offsets, separation, scale, eps):
