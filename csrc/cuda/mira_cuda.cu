@@ -100,10 +100,6 @@ void check_device(const char* op, const at::Tensor& x) {
   check_kernel_image(op, x.device());
 }
 
-// Raises when a launch of the call would exceed a CUDA limit (a grid above 2^31 - 1 blocks). Size arithmetic
-// only (int64; no product in the plan comes near 2^63 for tensors that exist), so every op runs it right
-// after the contract's checks, before it touches the device: the base GEMM, `.contiguous()` of an expanded
-// x and every allocation come after. Also what lets tests/test_cuda_glue.py check it on CPU tensors.
 // The sizes for an error message, formatted without `ostream << int64_t`. On the H200 image (torch 2.11,
 // nvcc 13.0, 2026-12-04) a TORCH_CHECK message with integer arguments, built in this nvcc-compiled file,
 // crashed the process (SIGSEGV in a std::ostream::_M_insert<long> instantiated inside _C.so, likely a
@@ -114,6 +110,10 @@ std::string sizes_text(const Dims& d) {
          ", r = " + s(d.r) + ", d_in = " + s(d.d_in) + ", d_s = " + s(d.d_s) + ")";
 }
 
+// Raises when a launch of the call would exceed a CUDA limit (a grid above 2^31 - 1 blocks). Size arithmetic
+// only (int64; no product in the plan comes near 2^63 for tensors that exist), so every op runs it right
+// after the contract's checks, before it touches the device: the base GEMM, `.contiguous()` of an expanded
+// x and every allocation come after. Also what lets tests/test_cuda_glue.py check it on CPU tensors.
 void check_launches(const char* op, const Dims& d, at::ScalarType x_type, bool backward,
                     const std::array<bool, 5>& mask) {
   const char* too_big = mira_cuda::size_error(d);  // first: plan_workspace multiplies these sizes
