@@ -39,7 +39,6 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
@@ -402,16 +401,12 @@ def measure_cold(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str,
 def machine() -> dict:
     import triton
 
-    model = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from benchmarks._pairs import cpu_identity
+
+    ident = cpu_identity()  # the model name, and family / model / stepping, as every CPU record names them
     isa = torch.backends.cpu.get_cpu_capability()
-    return dict(cpu=model, cores=os.cpu_count(), isa=isa, load=os.getloadavg(), python=platform.python_version(),
+    return dict(cpu=ident["cpu"], family=ident.get("family"), model=ident.get("model"), stepping=ident.get("stepping"),
+                cores=os.cpu_count(), isa=isa, load=os.getloadavg(), python=platform.python_version(),
                 torch=torch.__version__, triton=triton.__version__)
 
 
@@ -457,7 +452,8 @@ def format_table(record: dict) -> str:
     lines = [
         f"host path of one Triton mira_linear call, {record['dtype']} ViT-B qkv B={record['batch']}, "
         "HOST ONLY (no GPU, kernels not launched)",
-        f"machine: {m['cpu']}, {m['cores']} cores, ISA {m['isa']}, load {tuple(round(v, 2) for v in m['load'])}; "
+        f"machine: {m['cpu']} (family {m.get('family')} model {m.get('model')} stepping {m.get('stepping')}), "
+        f"{m['cores']} cores, ISA {m['isa']}, load {tuple(round(v, 2) for v in m['load'])}; "
         f"python {m['python']}, torch {m['torch']}, triton {m['triton']}",
         (f"median of {record['rounds']} interleaved single calls, each after a 64 MiB cache sweep (us, [q1, q3])"
          if record.get("cold") else
