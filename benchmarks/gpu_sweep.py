@@ -78,7 +78,7 @@ GPU_WORKERS = 8  # compile-ahead workers on the 16-core GPU machine (the default
 
 @dataclass(frozen=True)
 class Variant:
-    """One config: ``kernel`` is "pair" (the planner's two launches), "retrieve" or "gemm"."""
+    """One config: ``kernel`` is "pair" (both launches, as the op runs them), "retrieve" or "gemm"."""
 
     kernel: str
     name: str
@@ -116,6 +116,10 @@ def variants(dtype_name: str, batch: int, tokens: int) -> list[Variant]:
     m = batch * tokens
     R = lambda name, rank, **kw: Variant("retrieve", name, rank, **kw)  # noqa: E731
     G = lambda name, rank, **kw: Variant("gemm", name, rank, **kw)  # noqa: E731
+    # Pairs: the best retrieval and GEMM variants of the first H200 sweep (ede8e19) launched together,
+    # as the op runs them (on Hopper the GEMM overlaps the retrieval through PDL): what a planner
+    # change would buy is the pair's time, not the sum of the kernels timed alone.
+    P = lambda name, rank, **kw: Variant("pair", name, rank, **kw)  # noqa: E731
     if dtype_name in ("bfloat16", "float16"):
         # Spills from `--dry-run --lower 90` (Triton 3.6): the planner's retrieval has 8 bytes of stack
         # at 168 registers; BLOCK_K=256 spilled 488-712 bytes (4 or 8 warps), so K steps stop at 128.
@@ -129,6 +133,8 @@ def variants(dtype_name: str, batch: int, tokens: int) -> list[Variant]:
             R("k128-w8-s3", 4, retrieve=dict(block_k=128, num_warps=8), stages=3),
             R("s4", 5, stages=4),
             R("split32", 5, split=32),  # B <= 16: half the planner's 64 programs; B=64: twice its 16 shares
+            P("s3", 1, stages=3),
+            P("k128-f128", 2, retrieve=dict(block_k=128, block_f=128)),
         ]
         if batch >= 32:
             out += [R("b64", 2, retrieve=dict(block_b=64)), R("b32", 3, retrieve=dict(block_b=32))]
@@ -139,6 +145,10 @@ def variants(dtype_name: str, batch: int, tokens: int) -> list[Variant]:
         # groups) 360-392; the ones below do not spill (128 x 256 x 32 in 3 stages: 48 bytes).
         if m <= 512:
             out += [
+                P("groups-all", 1, groups=ALL),
+                P("s3+groups-all", 1, stages=3, groups=ALL),
+                P("s3+64x64x128-w4s3-all", 2, stages=3, gemm=_tile(64, 64, 128, 4, 3), groups=ALL),
+                P("f32-split2x+groups-all", 3, retrieve=dict(block_f=32), split=-2, groups=ALL),
                 G("groups-all", 1, groups=ALL),
                 G("64x128x64-w4s3", 2, gemm=_tile(64, 128, 64, 4, 3)),
                 G("32x64x64-w4s3-all", 2, gemm=_tile(32, 64, 64, 4, 3), groups=ALL),
@@ -164,6 +174,8 @@ def variants(dtype_name: str, batch: int, tokens: int) -> list[Variant]:
             G("128x64x16-w8s2", 1, gemm=_tile(128, 64, 16, 8, 2)),
             G("64x64x32-w4s2", 2, gemm=_tile(64, 64, 32, 4, 2)),
             G("64x64x16-w4s3", 3, gemm=_tile(64, 64, 16, 4, 3)),
+            P("s3", 1, stages=3),
+            P("s3+128x64x16-w8s2", 1, stages=3, gemm=_tile(128, 64, 16, 8, 2)),
         ]
     return out
 
@@ -247,7 +259,7 @@ def mismatches(v: Variant, launches, resolved: dict) -> list[str]:
         if not ok:
             bad.append(what)
 
-    if v.kernel == "retrieve":
+    if v.kernel in ("retrieve", "pair"):
         r = _launch(launches, "retrieve")
         for f, value in (v.retrieve or {}).items():
             got = r.num_warps if f == "num_warps" else r.constexprs[_RETRIEVE_FIELDS[f]]
@@ -256,7 +268,7 @@ def mismatches(v: Variant, launches, resolved: dict) -> list[str]:
             want(r.grid[1] == resolved["split"], f"split={resolved['split']} but grid={r.grid}")
         if v.stages is not None:
             want(r.num_stages == v.stages, f"num_stages={v.stages} but {r.num_stages}")
-    if v.kernel == "gemm":
+    if v.kernel in ("gemm", "pair"):
         g = _launch(launches, "gemm")
         for f, value in (v.gemm or {}).items():
             got = getattr(g, f) if f in ("num_warps", "num_stages") else g.constexprs[_GEMM_FIELDS[f]]
@@ -674,7 +686,7 @@ def table(doc: dict) -> str:
 def best_variants(results: list[dict]) -> list[dict]:
     """Per (dtype, batch, kernel): the planner's time and the fastest measured variant's."""
     out = []
-    keys = dict.fromkeys((r["dtype"], r["batch"], r["kernel"]) for r in results if r["kernel"] != "pair")
+    keys = dict.fromkeys((r["dtype"], r["batch"], r["kernel"]) for r in results)
     for d, b, k in keys:
         rows = [r for r in results if (r["dtype"], r["batch"], r["kernel"]) == (d, b, k) and r["status"] == "ok"]
         planner = next((r for r in rows if r["variant"] == "planner"), None)
