@@ -111,3 +111,18 @@ def assert_close_to_spec(got, want64, pytorch_same_dtype, *, factor=2.0, floor=1
 
 def affine_sum(inputs: OpInputs) -> torch.Tensor:
     return reference.cosine_scores(inputs.query, inputs.keys).sum(-1)
+
+
+def cls_query_forward_backward(inp, grad_out, backend, scale=1.0):
+    """y and the gradients of (x, keys, bank_a, bank_b) of a projection whose query is x's CLS token
+    view ``x[:, 0]``, as the layers pass it for a 16-bit x over a float32 memory (no cast): the
+    query's gradient flows into x. Runs the public op under ``use_backend(backend)``."""
+    import mira_kernels as mk
+
+    leaves = [t.detach().clone().requires_grad_(True) for t in (inp.x, inp.keys, inp.bank_a, inp.bank_b)]
+    x, k, a, b = leaves
+    with mk.use_backend(backend):
+        y = mk.mira_linear(x, inp.weight, inp.bias, x[:, 0], k, a, b, slice_offsets=inp.slice_offsets,
+                           separation="affine", scale=scale)
+        y.backward(grad_out.to(y.dtype))
+    return y.detach(), [t.grad for t in leaves]

@@ -85,7 +85,7 @@ def _cosines(q_ptr, k_ptr, rows, row_ok, slots, slot_ok, DK, stride_qb, stride_q
              PRECISION: tl.constexpr, WIDE: tl.constexpr):
     """Cosines of the queries ``rows`` to the keys ``slots``: (BLOCK_B, NC) scores, |q| (BLOCK_B,), |k| (NC,).
 
-    WIDE: everything in fp64 (the dot "ieee" on fp64 operands; the results are fp64), for the
+    WIDE: everything in fp64 (products and sums on FMA units; the results are fp64), for the
     backward of fp32 ct (see ``_mira_retrieve_kernel``); else in ct with PRECISION.
     """
     st = tl.float64 if WIDE else ct
@@ -101,7 +101,13 @@ def _cosines(q_ptr, k_ptr, rows, row_ok, slots, slot_ok, DK, stride_qb, stride_q
                      mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(st)
         kt = tl.load(k_ptr + slots64[:, None] * stride_kn + cols[None, :] * stride_kk,
                      mask=slot_ok[:, None] & col_ok[None, :], other=0.0).to(st)
-        dots = tl.dot(qt, tl.trans(kt), dots, input_precision="ieee" if WIDE else PRECISION, out_dtype=dots.dtype)
+        if WIDE:
+            # fp64 products on FMA units, not tl.dot: Triton (3.6, 3.8) cannot lower an fp64 dot whose
+            # operand was loaded as 16 bits (the backward of a bf16 / fp16 CLS query; "fp64 don't support
+            # largeK MMA", an abort in the sm_80 / sm_90 MMA lowering). The work is B N d_k, tiny.
+            dots += tl.sum(qt[:, None, :] * kt[None, :, :], axis=2)
+        else:
+            dots = tl.dot(qt, tl.trans(kt), dots, input_precision=PRECISION, out_dtype=dots.dtype)
         q_sq += tl.sum(qt * qt, axis=1)
         k_sq += tl.sum(kt * kt, axis=1)
     q_norm = tl.sqrt(q_sq)

@@ -123,8 +123,22 @@ def _wide_scores(ct: torch.dtype) -> bool:
     return ct == torch.float32
 
 
-#: d_k step of the fp64 cosines (ahead-of-time sweep, sm_80 / sm_90).
-WIDE_BLOCK_K = 16
+def _wide_forward_scores(x_dtype: torch.dtype) -> bool:
+    """Whether the forward forms the cosines, their affine sum and the weights in fp64 (each rounded
+    once to fp32), as the backward does (:func:`_wide_scores`): for fp32 x.
+
+    Near the affine guard an error in the sum d moves every weight by d's relative error, times
+    weights up to ~9: fp32 cosines summed in the kernel's order left the fp32 forward 5.5x PyTorch's
+    own fp32 error on the H200 (ViT-B qkv, B = 64, "negative" weights: 0.10 vs 0.018; PyTorch's
+    order is no better, only different: a coin toss against the 2x criterion). For 16-bit x the
+    same shift is far under the output's ulp, so its forward keeps the cheaper tensor-core cosines.
+    """
+    return x_dtype == torch.float32
+
+
+#: d_k step of the fp64 cosines (products on FMA units, a (BLOCK_B, N, WIDE_BLOCK_K) fp64 tile per step): 16 spilled
+#: 56 bytes on sm_90 (fp32 x), 8 none on sm_80 / sm_90 with 16- or 32-bit queries (ahead-of-time sweep).
+WIDE_BLOCK_K = 8
 #: Registers of the retrieval with fp64 cosines: ptxas chose 96-168 and left 8 bytes of stack in 3 of 8
 #: backward cases (sm_80, sm_90), a cap of 128 in 2; with 160 none spills (ahead-of-time sweep).
 WIDE_MAXNREG = 160
@@ -448,7 +462,8 @@ def _plan_factors(sh: _Shapes, x2, query, keys, bank_a, bank_b, separation, eps,
     precision = _precisions(x2.dtype)[1]
     pdl = use_pdl(x2.device) and fused  # a separate shrink would sit between the retrieval and the GEMM
     mixed = _plan_retrieve(sh, query, keys, bank_a, bank_b, separation, eps, False, precision,
-                           factor_dtype(x2.dtype), x2.device, launches, pdl)
+                           factor_dtype(x2.dtype), x2.device, launches, pdl,
+                           wide_scores=_wide_forward_scores(x2.dtype))
     h = None
     if not fused:
         st = mixed.a.stride()
@@ -651,7 +666,9 @@ def plan_linear_backward(grad_out, x, weight, query, keys, bank_a, bank_b, slice
                  stride_kk=keys.stride(1)),
             dict(SEPARATION=SEPARATION_CODES[separation], NEED_Q=need_q, NC=mem.slot_chunk, BLOCK_B=mem.block_b,
                  BLOCK_K=mem.grad_k, SCORE_PRECISION=score_precision, WIDE_SCORES=_wide_scores(sh.ct)),
-            num_warps=mem.num_warps, num_stages=2,
+            # 4 warps: at 8 ptxas held 64 registers and left 8 bytes of stack with a 16-bit query (the
+            # layers' CLS view; sm_90, B = 1 and 8); at 4, 84-96 registers, none (ahead-of-time, Triton 3.8).
+            num_warps=4, num_stages=2,
         ))
         if need_k:
             keys_block_k = mem.grad_k

@@ -156,7 +156,10 @@ def _plan_case(case: Case, shape: dict) -> list[launchers.Launch]:
     x = torch.empty(case.batch, T, d, dtype=case.dtype, **meta)
     weight = torch.empty(d_out, d, dtype=case.dtype, **meta)
     bias = torch.empty(d_out, dtype=case.dtype, **meta)
-    query = torch.empty(case.batch, d_k, dtype=mem_dtype, **meta)
+    # The query as the layers pass it: a 16-bit x over a float32 memory gives the CLS view x[:, 0]
+    # itself (no cast); the fp64 cosines of the backward failed to lower only with such a query.
+    query = x[:, 0] if case.dtype in (torch.float16, torch.bfloat16) and d_k == d else torch.empty(
+        case.batch, d_k, dtype=mem_dtype, **meta)
     keys = torch.empty(case.slots, d_k, dtype=mem_dtype, **meta)
     bank_a = torch.empty(case.slots, len(offsets), case.rank, d, dtype=mem_dtype, **meta)
     bank_b = torch.empty(case.slots, len(offsets), d, case.rank, dtype=mem_dtype, **meta)

@@ -126,10 +126,11 @@ def test_backward_plans_follow_the_grad_rules(dtype, fp32_precision, batch):
     plan = _planned(dtype, "linear_backward", batch, fp32_precision)
     assert plan["retrieve"]["WIDE_SCORES"] is wide and plan["scores_bwd"]["WIDE_SCORES"] is wide
     assert plan["dw_bwd"]["LORA_PRECISION"] == "ieee"  # FMA units (fp64 for fp64 x)
-    # The forward's weights are not ill-conditioned the same way (an error in d moves y by d's
-    # relative error, far under an fp16 ulp): its cosines stay 3xTF32.
+    # The forward's weights move by d's relative error: far under a 16-bit ulp (its cosines stay
+    # 3xTF32), not under fp32's (the H200 measured the fp32 forward at 5.5x PyTorch's error near the
+    # guard with fp32 cosines): fp32 x forms them in fp64 too.
     forward = _planned(dtype, "linear", batch, fp32_precision)
-    assert forward["retrieve"]["WIDE_SCORES"] is False
+    assert forward["retrieve"]["WIDE_SCORES"] is (dtype == torch.float32)
 
 
 def test_cuda_rules_keep_fp32_cosines():

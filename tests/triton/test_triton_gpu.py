@@ -13,7 +13,7 @@ import torch
 import mira_kernels as mk
 from mira_kernels import reference
 from mira_kernels.reference import SEPARATIONS
-from tests.mira_inputs import assert_close_to_spec, make_inputs
+from tests.mira_inputs import assert_close_to_spec, cls_query_forward_backward, make_inputs
 
 pytestmark = [
     pytest.mark.gpu,
@@ -253,3 +253,19 @@ def test_opcheck_public_ops_with_triton():
     out = torch.randn(2, 5, 36, device="cuda")
     adapter = (out, *inp.adapter_args(), inp.slice_offsets, "softmax", 0.5, 1e-2, "triton")
     torch.library.opcheck(torch.ops.mira.mira_adapter_.default, adapter)
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("batch", [1, 64])
+def test_cls_view_query_as_the_layers_pass_it(dtype, batch):
+    # A 16-bit x over a float32 memory: the layers pass the CLS view x[:, 0] itself as the query. The
+    # third H200 run's bf16 Triton backward aborted in compilation on exactly that (fp64 cosines fed by
+    # a 16-bit load), which the other tests' float32 queries never reach.
+    inp = _cuda(make_inputs(**{**VIT_B, "B": batch}, dtype=torch.float64), dtype)
+    grad_out = torch.randn(batch, VIT_B["T"], VIT_B["d_out"], device="cuda", dtype=torch.float64)
+    y, grads = cls_query_forward_backward(inp, grad_out, "triton")
+    want, want_g = cls_query_forward_backward(_cuda(inp, torch.float64), grad_out, "reference")
+    same, same_g = cls_query_forward_backward(inp, grad_out, "reference")
+    assert_close_to_spec(y, want, same, factor=2.0, what=f"forward {dtype} B={batch}")
+    for name, got, w, s in zip(("x", "keys", "bank_a", "bank_b"), grads, want_g, same_g):
+        assert_close_to_spec(got, w, s, factor=3.0, what=f"d{name} {dtype} B={batch}")
