@@ -166,10 +166,12 @@ def variants(dtype_name: str, batch: int, tokens: int) -> list[Variant]:
                 G("128x64x64-w4s4-all", 5, gemm=_tile(128, 64, 64, 4, 4), groups=ALL),
             ]
     else:
+        # The fp32-x retrieval forms its cosines in fp64 on FMA units in 8-wide d_k steps
+        # (launchers.WIDE_BLOCK_K; a block_k override cannot widen them).
         out += [
-            R("k32", 1, retrieve=dict(block_k=32)),
-            R("k16-s3", 2, stages=3),
-            R("k64-f16", 3, retrieve=dict(block_k=64, block_f=16)),
+            R("s3", 1, stages=3),
+            R("f32", 2, retrieve=dict(block_f=32)),
+            R("split2x", 3, split=-2),
             # The planner's fp32 GEMM spills 24 bytes, 128 x 64 x 16 on 8 warps none (sm_90, Triton 3.6).
             G("128x64x16-w8s2", 1, gemm=_tile(128, 64, 16, 8, 2)),
             G("64x64x32-w4s2", 2, gemm=_tile(64, 64, 32, 4, 2)),

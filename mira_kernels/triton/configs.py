@@ -174,6 +174,11 @@ def _fused_config(m: int, n_out: int, k: int, dtype: torch.dtype, precision: str
     elif capability < (9, 0) and j:
         # sm_80 with the shrink folded in: 8 warps (4 left 8-96 bytes of stack at 255 registers).
         tile = (64, 64, 64, 8, 3)
+    elif m <= 512 and capability >= (9, 0) and dtype == torch.bfloat16 and j:
+        # 64-wide K steps took 9.0 us alone at ViT-B/16 B = 1, 128-wide 8.8; launched with the
+        # retrieval (the op's pair) 29.7 vs 26.9 us (H200 sweeps, one tile per program). 253
+        # registers, no stack on sm_90 (Triton 3.6 and 3.8).
+        tile = (64, 64, 128, 4, 3)
     elif m <= 512 or capability < (9, 0):
         tile = (64, 64, 64, 4, 3)
     elif dtype == torch.bfloat16:
@@ -188,16 +193,18 @@ def _fused_config(m: int, n_out: int, k: int, dtype: torch.dtype, precision: str
     return FusedConfig(*tile, samples_per_block=spb, j_pad=padded(spb * j) if j else MIN_DOT)
 
 
-def column_groups(m_tiles: int, n_tiles: int, block_n: int, j_pad: int, plain_tiles: int = 0) -> int:
+def column_groups(m_tiles: int, n_tiles: int, block_n: int, j_pad: int, plain_tiles: int = 0,
+                  num_warps: int = 8) -> int:
     """The table's :func:`_column_groups`, or the count :func:`overriding` forces (at most n_tiles)."""
     forced = _OVERRIDES[-1].get("gemm_groups")
     if forced:
         return max(1, min(forced, n_tiles))
-    return _column_groups(m_tiles, n_tiles, block_n, j_pad, plain_tiles)
+    return _column_groups(m_tiles, n_tiles, block_n, j_pad, plain_tiles, num_warps)
 
 
 @functools.cache
-def _column_groups(m_tiles: int, n_tiles: int, block_n: int, j_pad: int, plain_tiles: int = 0) -> int:
+def _column_groups(m_tiles: int, n_tiles: int, block_n: int, j_pad: int, plain_tiles: int = 0,
+                   num_warps: int = 8) -> int:
     """How many programs share a row block's column tiles (each takes every GROUPS-th tile).
 
     Fewer groups compute h fewer times (once per program) and let programs finish the tiles
@@ -206,8 +213,11 @@ def _column_groups(m_tiles: int, n_tiles: int, block_n: int, j_pad: int, plain_t
     waves x tiles per program x (1 + the program's shrink cost) + one tile time when some program
     starts on an adapted tile (it waits for the retrieval at once: about a tile's time at small
     batch). It reads no device property (the split is a schedule, not a reduction order, but plans
-    stay comparable across devices).
+    stay comparable across devices). A wave is one program per SM, two for 4-warp programs (up to
+    255 registers x 128 threads: half an SM's register file): at ViT-B/16 B = 1 on the H200, 144
+    one-tile programs of 4 warps took 9.0 us where 48 three-tile ones (one wave of one per SM) took 16.3.
     """
+    resident = 2 if num_warps <= 4 else 1
     if n_tiles <= 1:
         return 1
     best, best_cost = 1, None
@@ -215,7 +225,7 @@ def _column_groups(m_tiles: int, n_tiles: int, block_n: int, j_pad: int, plain_t
         tiles = -(-n_tiles // groups)
         if groups > 1 and -(-n_tiles // (groups - 1)) == tiles:
             continue  # same tiles per program as fewer groups: only more programs
-        waves = -(-(m_tiles * groups) // (TARGET_PROGRAMS // 2))
+        waves = -(-(m_tiles * groups) // (TARGET_PROGRAMS // 2 * resident))
         exposed = 1.0 if (j_pad and groups > plain_tiles) else 0.0
         cost = waves * tiles * (1.0 + j_pad / (block_n * tiles)) + exposed
         if best_cost is None or cost < best_cost - 1e-9:

@@ -385,7 +385,8 @@ def _plan_gemm(name, a, w, w_strides, bias, out, sh: _Shapes, offsets, scale, x_
     adapted = set(_column_order(n_tiles, cfg.block_n, tuple(offsets), e.width if e else 0, bool(e and e.sliced),
                                 True)) if e is not None else set()
     plain = sum(1 for n in order if n not in adapted)
-    groups = configs.column_groups(m_tiles, len(order), cfg.block_n, cfg.j_pad if lora == 1 else 0, plain)
+    groups = configs.column_groups(m_tiles, len(order), cfg.block_n, cfg.j_pad if lora == 1 else 0, plain,
+                                   cfg.num_warps)
     tiles = triton_cdiv(len(order), groups)
     order = tuple(order + [-1] * (tiles * groups - len(order)))
     placeholder = out
