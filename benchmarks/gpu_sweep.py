@@ -88,11 +88,17 @@ class Variant:
     stages: int | None = None  # retrieval num_stages (set on the launch)
     gemm: dict | None = None  # FusedConfig fields
     groups: int | None = None  # GEMM programs per row block
+    fold: bool | None = None  # False: the shrink in its own launch (where the planner folds it)
+    #: Diagnostics time a different problem, so their output is not compared with the planner's:
+    #: "no-adapter" (N = 0: the GEMM alone, LORA = 0), "dk64" (query and keys cut to 64 columns: the
+    #: retrieval with one cosine step).
+    problem: str | None = None
 
     @property
     def override(self) -> dict:
         return {k: v for k, v in dict(retrieve=self.retrieve, split=self.split, stages=self.stages, gemm=self.gemm,
-                                      groups=self.groups).items() if v is not None}
+                                      groups=self.groups, fold=self.fold, problem=self.problem).items()
+                if v is not None}
 
 
 #: A group count above any column-tile count: one program per column tile (overriding clamps it).
@@ -120,7 +126,14 @@ def variants(dtype_name: str, batch: int, tokens: int) -> list[Variant]:
     # as the op runs them (on Hopper the GEMM overlaps the retrieval through PDL): what a planner
     # change would buy is the pair's time, not the sum of the kernels timed alone.
     P = lambda name, rank, **kw: Variant("pair", name, rank, **kw)  # noqa: E731
+    # Where the time goes (diagnostics, 16-bit only): the GEMM without any adapter (vs cuBLAS and the
+    # planner's fused GEMM: the adapter's cost inside the GEMM), with the shrink in its own launch
+    # (the folded shrink's cost in the main loop), the retrieval with a single 64-wide cosine step
+    # (vs the planner's 12: the score chain's share).
+    diagnostics = [G("no-adapter", 1, problem="no-adapter"), G("unfolded", 1, fold=False),
+                   P("unfolded", 2, fold=False), R("dk64", 1, problem="dk64")]
     if dtype_name in ("bfloat16", "float16"):
+        out += diagnostics
         # Spills from `--dry-run --lower 90` (Triton 3.6): the planner's retrieval has 8 bytes of stack
         # at 168 registers; BLOCK_K=256 spilled 488-712 bytes (4 or 8 warps), so K steps stop at 128.
         out += [
@@ -224,9 +237,13 @@ def plan(case: Case, v: Variant | None = None, base: list | None = None):
     if groups is not None and groups < 0:
         groups = -groups * _launch(base, "gemm").constexprs["GROUPS"]
     i = case.inputs
-    with configs.overriding(retrieve=v.retrieve, retrieve_split=split, gemm=v.gemm, gemm_groups=groups):
-        y, launches = launchers.plan_linear(i["x"], i["weight"], i["bias"], i["x"][:, 0], i["keys"], i["bank_a"],
-                                            i["bank_b"], **case.opts)
+    query, keys, bank_a, bank_b = i["x"][:, 0], i["keys"], i["bank_a"], i["bank_b"]
+    if v.problem == "no-adapter":
+        keys, bank_a, bank_b = keys[:0], bank_a[:0], bank_b[:0]
+    elif v.problem == "dk64":
+        query, keys = query[:, :64], keys[:, :64]
+    with configs.overriding(retrieve=v.retrieve, retrieve_split=split, gemm=v.gemm, gemm_groups=groups, fold=v.fold):
+        y, launches = launchers.plan_linear(i["x"], i["weight"], i["bias"], query, keys, bank_a, bank_b, **case.opts)
     if v.stages is not None:
         _launch(launches, "retrieve").num_stages = v.stages
     return y, launches, dict(split=split, groups=groups)
@@ -415,7 +432,8 @@ def prepare(case: Case, v: Variant):
     bad = mismatches(v, launches, resolved)
     if bad:
         rec.update(status="override_not_applied", error="; ".join(bad))
-    elif v.name != "planner" and target and rec["params"][target] == params(_launch(case.planner, target)):
+    elif (v.name != "planner" and v.problem is None and target
+          and rec["params"][target] == params(_launch(case.planner, target))):
         rec.update(status="same_as_planner")  # e.g. a split or group count the planner takes already
     return rec, y, launches, target
 
@@ -452,13 +470,15 @@ def run_config(case: Case, v: Variant, timer: Timer, sync: Callable[[], None]) -
     except Exception as exc:  # noqa: BLE001 - Triton rejects a config: record it, continue
         rec.update(status="compile_error", error=_short(exc), compile_s=round(time.monotonic() - t0, 3))
         return rec
-    if v.kernel == "retrieve":
+    if v.problem is not None:
+        err = None  # another problem: nothing to compare with (a timing diagnostic only)
+    elif v.kernel == "retrieve":
         mine, ref = _launch(launches, "retrieve").args, _launch(case.planner, "retrieve").args
         err = max(_rel_err(mine["mixed_a_ptr"], ref["mixed_a_ptr"]), _rel_err(mine["mixed_b_ptr"], ref["mixed_b_ptr"]))
     else:
         err = _rel_err(y, case.y)
     rec["rel_err_vs_planner"] = err
-    if not err <= tolerance(case.dtype_name):
+    if err is not None and not err <= tolerance(case.dtype_name):
         rec.update(status="wrong",
                    error=f"relative error {err:.3g} vs the planner's output > {tolerance(case.dtype_name)}")
         return rec
@@ -690,7 +710,8 @@ def best_variants(results: list[dict]) -> list[dict]:
     out = []
     keys = dict.fromkeys((r["dtype"], r["batch"], r["kernel"]) for r in results)
     for d, b, k in keys:
-        rows = [r for r in results if (r["dtype"], r["batch"], r["kernel"]) == (d, b, k) and r["status"] == "ok"]
+        rows = [r for r in results if (r["dtype"], r["batch"], r["kernel"]) == (d, b, k) and r["status"] == "ok"
+                and "problem" not in r["override"]]  # diagnostics time another problem
         planner = next((r for r in rows if r["variant"] == "planner"), None)
         if planner is None:
             continue

@@ -80,6 +80,11 @@ def test_dry_run_plans_every_config_and_each_override_reaches_its_launch(tmp_pat
     assert (g["BLOCK_M"], g["BLOCK_N"], g["BLOCK_K"], g["num_warps"], g["num_stages"]) == (128, 64, 16, 8, 2)
     g = by["bfloat16", 1, "gemm", "groups-all"]["params"]["gemm"]
     assert (g["GROUPS"], g["TILES"], g["grid"]) == (36, 1, [4 * 36])
+    # Diagnostics: the GEMM without an adapter, the shrink in its own launch.
+    assert by["bfloat16", 64, "gemm", "no-adapter"]["params"]["gemm"]["LORA"] == 0
+    unfolded = by["bfloat16", 64, "pair", "unfolded"]["params"]
+    assert set(unfolded) == {"retrieve", "shrink", "gemm"} and unfolded["gemm"]["LORA"] == 2
+    assert by["bfloat16", 64, "retrieve", "dk64"]["status"] == "planned"  # not "same_as_planner"
     pair = by["bfloat16", 64, "pair", "planner"]["params"]
     assert pair["gemm"]["USE_PDL"] and pair["gemm"]["LORA"] == 1  # Hopper plan: PDL, shrink folded in
     assert doc["estimate_s"] > 0 and "estimate" in (tmp_path / "gpu_sweep.txt").read_text()

@@ -36,23 +36,30 @@ _OVERRIDES: list[dict] = [{}]
 
 @contextlib.contextmanager
 def overriding(*, gemm: dict | None = None, gemm_groups: int | None = None, retrieve: dict | None = None,
-               retrieve_split: int | None = None):
+               retrieve_split: int | None = None, fold: bool | None = None):
     """Plans made inside use these launch parameters instead of the table's: for tuning sweeps
     (``benchmarks.gpu_sweep``) only; the ops never enter it. ``gemm``: fields of
     :class:`FusedConfig` (samples_per_block and j_pad follow block_m); ``gemm_groups``: the
     programs per row block (at most the column tiles); ``retrieve``: fields of
     :class:`RetrieveConfig`; ``retrieve_split``: column shares per sample tile (at most the
-    chunks). Not thread-safe: the override is process-wide while the block runs.
+    chunks); ``fold``: False gives the shrink its own launch where the planner folds it into the
+    GEMM. Not thread-safe: the override is process-wide while the block runs.
     """
     for name, fields, cls in (("gemm", gemm, FusedConfig), ("retrieve", retrieve, RetrieveConfig)):
         unknown = set(fields or ()) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ValueError(f"{name}: no such field(s) {sorted(unknown)} in {cls.__name__}")
-    _OVERRIDES.append(dict(gemm=gemm, gemm_groups=gemm_groups, retrieve=retrieve, retrieve_split=retrieve_split))
+    _OVERRIDES.append(dict(gemm=gemm, gemm_groups=gemm_groups, retrieve=retrieve, retrieve_split=retrieve_split,
+                           fold=fold))
     try:
         yield
     finally:
         _OVERRIDES.pop()
+
+
+def forced_unfolded() -> bool:
+    """Whether :func:`overriding` asks for the shrink's own launch (a sweep's diagnostic)."""
+    return _OVERRIDES[-1].get("fold") is False
 
 
 @dataclass(frozen=True)

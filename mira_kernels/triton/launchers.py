@@ -447,7 +447,7 @@ def _fused_shrink(sh: _Shapes, n_out: int, k: int, x_dtype: torch.dtype, fdt: to
     16-bit dx GEMM on sm_90. fp32 factors (fp16, fp32, fp64 x) and the sm_80 backward keep the
     separate shrink launch.
     """
-    if fdt not in (torch.float16, torch.bfloat16):
+    if fdt not in (torch.float16, torch.bfloat16) or configs.forced_unfolded():
         return False
     capability = target_capability(device)
     if backward and capability < (9, 0):
