@@ -7,12 +7,16 @@ machine's own python3 (torch, triton; nothing installed). For the ViT-B/16 qkv p
 affine; the same seeded inputs, all tensors in the dtype, query = x[:, 0]) at each dtype and
 batch it times
 
-- ``pair``: the planner's two launches (retrieve, then the fused GEMM), as ``mira_linear`` runs them;
+- ``pair``: the planner's two launches (retrieve, then the fused GEMM), as ``mira_linear`` runs them,
+  then the best retrieval and GEMM variants of earlier sweeps launched together;
 - ``retrieve``: ``_mira_retrieve_kernel`` alone, the planner's launch parameters, then variants of
   BLOCK_B / BLOCK_K / BLOCK_F, the column split (grid[1]), num_warps, num_stages;
 - ``gemm``: ``_mira_gemm_kernel`` alone (its factors from the planner's retrieval), the planner's
   tile, then variants of BLOCK_M / N / K, num_warps, num_stages and the column groups;
-- ``linear``: ``F.linear`` (cuBLAS), the baseline, timed again after every config (interleaved).
+- ``linear``: ``F.linear`` (cuBLAS), the baseline, timed again after every config (interleaved);
+- diagnostics (16-bit): the GEMM with no adapter, the shrink in its own launch, the retrieval with
+  one 64-wide cosine step: differences against the planner's place the time (their outputs solve
+  another problem and are not checked against the planner's).
 
 Variants are planned by the product's own launchers under :func:`mira_kernels.triton.configs.overriding`
 (so grids, orders, samples per block follow the tile exactly as they would in the table), except

@@ -252,3 +252,15 @@ def test_sigterm_keeps_the_results_and_stops_the_workers(tmp_path):
     doc = json.loads((tmp_path / "gpu_sweep.json").read_text())
     assert doc["status"] == "interrupted" and doc["results"]
     assert len(doc["workers"]) == 1 and doc["workers"][0]["rc"] is not None
+
+
+def test_ncu_probe_runs_the_planned_launches_under_the_interpreter():
+    _needs_interpreter()
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    argv = ["--device", "cpu", "--tiny", "--batches", "1,3", "--repeats", "1"]
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.ncu_probe", *argv], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert [ln.split(":")[0] for ln in lines] == ["bfloat16 B=1", "bfloat16 B=3"]
+    assert all("retrieve grid=" in ln and "gemm grid=" in ln for ln in lines)
