@@ -23,12 +23,15 @@
 #include <string>
 
 #include "cpu/fast_path.h"
+#include "eval_plan.h"
 #include "validation.h"
 
 // `import mira_kernels._C` loads this library, whose static initialisers register the ops.
 PyMODINIT_FUNC PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, mira_cpu::fast_path_methods()};
-  return PyModule_Create(&module_def);
+  PyObject* module = PyModule_Create(&module_def);
+  if (module != nullptr && mira::add_eval_plan_type(module) < 0) Py_CLEAR(module);
+  return module;
 }
 
 namespace {

@@ -35,12 +35,17 @@ import torch.nn as nn
 
 import mira_kernels
 from mira_kernels._validation import check_slice_offsets
-from mira_kernels.ops import eval_linear_cpu
+from mira_kernels.ops import PLAN_ABSENT, eval_linear_cpu, eval_plan
 
 from .config import STAGES
 from .memory import AdapterMemory
 
 __all__ = ["MiraProjection"]
+
+# Whether Dynamo is tracing (it folds the call to True): the forward's first read. Not
+# torch.compiler.is_compiling, which also covers non-strict export and TorchScript at two Python
+# calls (~6 us with cold caches): there a plan steps aside by itself (fake tensors, dispatch modes).
+_is_tracing = getattr(torch.compiler, "is_dynamo_compiling", torch.compiler.is_compiling)
 
 
 class MiraProjection(nn.Module):
@@ -57,6 +62,8 @@ class MiraProjection(nn.Module):
 
     Shapes: forward takes x (B, T, d_in) and returns (B, T, d_out).
     """
+
+    _eval_plan = None  # the default where an instance has none (one unpickled from an older version)
 
     def __init__(
         self,
@@ -92,6 +99,8 @@ class MiraProjection(nn.Module):
         self.stage = "adaptation"
         # A fixed update held in base_layer.weight (mira.merge / mira.fold), or None.
         self.merged_update = None
+        # The prepared eval call (_plan_eval), or None; never copied or pickled (__getstate__).
+        self._eval_plan = None
         self.set_stage(stage)
         self.reset_lora()
 
@@ -143,7 +152,22 @@ class MiraProjection(nn.Module):
             nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
         self.lora_b.zero_()
 
+    def __getstate__(self) -> dict:
+        # A plan guards this very object's attributes: a copy makes its own.
+        state = self.__dict__.copy()
+        state["_eval_plan"] = None
+        return state
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Eval on CPU, after the first call: the call prepared by _plan_eval, which checks in C that
+        # nothing it was made from has changed (csrc/eval_plan.cpp), else answers None. Read before
+        # anything else: after a network's GEMMs each Python-level read costs microseconds.
+        if not _is_tracing():
+            plan = self._eval_plan
+            if plan is not None:
+                y = plan(x)
+                if y is not None:
+                    return y
         if x.dim() != 3:
             raise ValueError(
                 f"MiraProjection expects per-image tokens (B, T, d_in), got shape {tuple(x.shape)}; "
@@ -176,12 +200,39 @@ class MiraProjection(nn.Module):
         y = eval_linear_cpu(x, weight, bias, query, keys, bank_a, bank_b, self.slice_offsets, c.separation, c.scale,
                             c.eps)
         if y is not None:
+            self._plan_eval(memory, base, weight, bias, token, keys, bank_a, bank_b)
             return y
         if token is not None:
             query = x[:, token]  # a view, no copy: the op widens a 16-bit query exactly in-kernel
         return mira_kernels.mira_linear(
             x, weight, bias, query, keys, bank_a, bank_b,
             slice_offsets=self.slice_offsets, separation=c.separation, scale=c.scale, eps=c.eps,
+        )
+
+    def _plan_eval(self, memory, base, weight, bias, token, keys, bank_a, bank_b) -> None:
+        """Prepare the eval call just made (same arguments) for the next calls, unless one is prepared.
+
+        The plan guards every object the forward above read to make the call: this module's
+        attributes, the base layer and its parameters, the config fields, and the memory's part
+        (:meth:`AdapterMemory._eval_plan_parts`: its tensors, mutation count and query).
+        """
+        plan = self.__dict__.get("_eval_plan")
+        if plan is not None and not plan.stale:
+            return  # it stepped aside for this call only (a setting, x's dtype, grad mode)
+        self.__dict__["_eval_plan"] = None
+        parts = memory._eval_plan_parts(token) if type(base) is nn.Linear else None
+        if parts is None:
+            return
+        guards, empty, sources, x_dtypes, query_fn = parts
+        mine, c = self.__dict__, memory.config
+        guards += [(mine, "stage", self.stage), (mine, "merged_update", None),
+                   (mine, "slice_offsets", self.slice_offsets), (mine, "_memory", memory),
+                   (self._modules, "base_layer", base),
+                   (base._parameters, "weight", weight), (base._parameters, "bias", bias),
+                   *((c.__dict__, f, c.__dict__.get(f, PLAN_ABSENT)) for f in ("separation", "scale", "eps"))]
+        self.__dict__["_eval_plan"] = eval_plan(
+            weight, bias, token, keys, bank_a, bank_b, self.slice_offsets, c.separation, c.scale, c.eps,
+            query_fn=query_fn, guards=guards, empty=empty, sources=sources, x_dtypes=x_dtypes,
         )
 
     def extra_repr(self) -> str:

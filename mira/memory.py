@@ -34,6 +34,10 @@ it was computed from, so no later tensor can reuse that address while the entry 
 updates (an optimiser step, ``load_state_dict``, ``copy_`` under ``no_grad``) bump the version.
 Not cached, so computed from the sources every time: under ``torch.compile`` (the graph computes
 them), during CUDA-graph capture (the replay must recompute them) and whenever a graph is needed.
+A projection's eval forward goes one step further (:class:`mira.layers.MiraProjection`, ``csrc/
+eval_plan.cpp``): after its first eval call on CPU it replays that call from C, with these derived
+tensors, while the same key holds and every attribute, parameter, buffer, config field and hook
+dict the forward reads is the very object it was (:meth:`AdapterMemory._eval_plan_parts`).
 One case no key can see, as autograd cannot either: writing *in place through* ``.data`` (for
 example ``memory.keys.data.copy_(new)``) bypasses version counters; do that under
 ``torch.no_grad()`` on the tensor itself, or call :meth:`AdapterMemory.invalidate_cache` after.
@@ -50,6 +54,7 @@ import torch.nn.functional as F
 
 import mira_kernels
 from mira_kernels import _extension
+from mira_kernels.ops import PLAN_ABSENT
 from mira_kernels.reference import NORM_EPS
 
 from .config import MemoryConfig
@@ -185,11 +190,47 @@ class AdapterMemory(nn.Module):
             and self.config.query_token == "cls"
             and not (qm._forward_hooks or qm._forward_pre_hooks or _MODULE_GLOBALS._global_forward_hooks
                      or _MODULE_GLOBALS._global_forward_pre_hooks)
-            and (tokens.dtype == (kd := self._parameters["keys"].dtype)
-                 or (kd == torch.float32 and tokens.dtype in (torch.bfloat16, torch.float16)))
+            and tokens.dtype in _token_query_dtypes(self._parameters["keys"].dtype)
         ):
             return 0
         return None
+
+    def _eval_plan_parts(self, token: int | None) -> tuple | None:
+        """The memory's part of a projection's eval plan (:func:`mira_kernels.ops.eval_plan`), or None.
+
+        ``token``: :meth:`query_token`'s answer for the call being planned. Returns ``(guards,
+        empty, sources, x_dtypes, query_fn)``: every object :meth:`retrieval_tensors` and (with a
+        token) :meth:`query_token` read, to be found unchanged on each call, the sources of the
+        derived tensors, and the query: the token (x's dtype in ``x_dtypes``) or ``query_fn(x)``.
+        None where :meth:`retrieval_tensors` may not cache (module docstring): then nothing may
+        be planned either.
+        """
+        params, buffers, c = self._parameters, self._buffers, self.config
+        keys, active = params["keys"], buffers.get("active")
+        bank_a = params["bank_a"] if "bank_a" in params else buffers["bank_a"]
+        bank_b = params["bank_b"] if "bank_b" in params else buffers["bank_b"]
+        sources = (keys, bank_a, bank_b, active) if active is not None and c.trainable_bank else (keys, active)
+        if _native_stamp is None or _is_compiling() or not _native_stamp(self._mutations, *sources):
+            return None
+        absent = PLAN_ABSENT
+        fields = c.__dict__
+        guards = [(self.__dict__, "config", c), (self.__dict__, "_mutations", self._mutations),
+                  *((fields, f, fields[f]) for f in ("key_norm", "trainable_bank", "query_token")),
+                  *((d, name, d.get(name, absent)) for d in (params, buffers)
+                    for name in ("keys", "bank_a", "bank_b", "active"))]
+        empty: tuple = ()
+        x_dtypes: tuple = ()
+        query_fn = self.make_query
+        if token is not None:  # the reads of query_token
+            qm = self._modules["query_module"]
+            hooks = (qm._forward_hooks, qm._forward_pre_hooks, _MODULE_GLOBALS._global_forward_hooks,
+                     _MODULE_GLOBALS._global_forward_pre_hooks)
+            guards += [(self._modules, "query_module", qm),
+                       (qm.__dict__, "_forward_hooks", hooks[0]), (qm.__dict__, "_forward_pre_hooks", hooks[1]),
+                       (vars(_MODULE_GLOBALS), "_global_forward_hooks", hooks[2]),
+                       (vars(_MODULE_GLOBALS), "_global_forward_pre_hooks", hooks[3])]
+            empty, x_dtypes, query_fn = hooks, _token_query_dtypes(keys.dtype), None
+        return guards, empty, tuple(t for t in sources if t is not None), x_dtypes, query_fn
 
     def retrieval_keys(self) -> torch.Tensor:
         """The (C or N, d_k) keys the op sees: empty slots zeroed, per-feature normalised if asked.
@@ -218,7 +259,9 @@ class AdapterMemory(nn.Module):
             if active is None or not c.trainable_bank:
                 stamp = _native_stamp(self._mutations, params["keys"], active)
                 if stamp and entry[0] == (stamp, c.key_norm, False):
-                    return entry[2]
+                    # Unmasked banks are not sources: the current ones (a buffer may have been replaced).
+                    return (entry[2][0], params["bank_a"] if "bank_a" in params else buffers["bank_a"],
+                            params["bank_b"] if "bank_b" in params else buffers["bank_b"])
         keys = params["keys"]
         bank_a = params["bank_a"] if "bank_a" in params else buffers["bank_a"]
         bank_b = params["bank_b"] if "bank_b" in params else buffers["bank_b"]
@@ -240,7 +283,7 @@ class AdapterMemory(nn.Module):
         key = (stamp, c.key_norm, mask_banks)
         entry = self._retrieval_cache
         if entry is not None and entry[0] == key:
-            return entry[2]
+            return entry[2] if mask_banks else (entry[2][0], bank_a, bank_b)
         derived = self._derive(keys, bank_a, bank_b, active)
         # The aliases keep the sources' storage alive, so no other tensor can take its address.
         self._retrieval_cache = (key, tuple(t.detach() for t in sources if t is not None), derived)
@@ -629,6 +672,13 @@ _native_stamp = getattr(getattr(_extension, "_C", None), "_retrieval_stamp", Non
 # Bound once (the same function, which Dynamo folds to True when tracing): two attribute reads
 # fewer on the hit path.
 _is_compiling = torch.compiler.is_compiling
+
+
+def _token_query_dtypes(keys_dtype: torch.dtype) -> tuple[torch.dtype, ...]:
+    """The dtypes of x whose token is exactly the query over keys of ``keys_dtype`` (query_token)."""
+    if keys_dtype == torch.float32:
+        return (torch.float32, torch.bfloat16, torch.float16)
+    return (keys_dtype,)
 
 
 def _cache_stamp(mutations: int, sources) -> object | None:

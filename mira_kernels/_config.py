@@ -160,6 +160,15 @@ def check_finite_enabled() -> bool:
     return enabled("MIRA_CHECK_FINITE")
 
 
+def call_time_reads() -> tuple[tuple[contextvars.ContextVar, ...], dict | None, tuple]:
+    """What :func:`requested_backend` and :func:`check_finite_enabled` read, for a prepared call
+    that checks them itself (``mira_kernels.ops.eval_plan``): the default holds when both context
+    variables are None and the environment's dict holds neither key. The dict is None where
+    ``os.environ`` is not CPython's (then nothing may be prepared)."""
+    environ = _ENVIRON if type(_ENVIRON) is dict else None
+    return (_forced_backend, _check_finite), environ, (_KEYS["MIRA_BACKEND"], _KEYS["MIRA_CHECK_FINITE"])
+
+
 @contextlib.contextmanager
 def use_backend(name: str | None):
     """Force the backend of every MIRA op called inside the block (``None`` restores the default).

@@ -354,6 +354,36 @@ def eval_linear_cpu(x, weight, bias, query, keys, bank_a, bank_b, slice_offsets,
     return _cpu_eval_linear(x, weight, bias, query, keys, bank_a, bank_b, slice_offsets, separation, scale, eps)
 
 
+# A prepared eval call (csrc/eval_plan.cpp); None where the extension is not built.
+_EvalPlan = getattr(getattr(_extension, "_C", None), "_EvalPlan", None)
+
+#: The expected "object" of an eval-plan guard whose key must be absent from its dict.
+PLAN_ABSENT = object()
+
+
+def eval_plan(weight, bias, query, keys, bank_a, bank_b, slice_offsets, separation, scale, eps, *, query_fn,
+              guards, empty, sources, x_dtypes):
+    """A prepared :func:`eval_linear_cpu` call, ``plan(x) -> y or None``, or None where none can be made.
+
+    Arguments as :func:`eval_linear_cpu`'s without x (``query`` a token index, or None with
+    ``query_fn(x)`` making the query); the plan replays them while ``guards`` (``(dict, key,
+    object)``: ``dict[key] is object``, :data:`PLAN_ABSENT` for an absent key) and ``empty``
+    (dicts) hold, ``sources`` (tensors the arguments were derived from) keep their data address,
+    version, dtype, sizes and strides, and x's dtype is in ``x_dtypes`` (any when empty). It
+    checks the settings :func:`eval_linear_cpu` reads (backend, finiteness check) itself. Once a
+    guard or source has changed it answers None for good and ``plan.stale`` is True: make a new one.
+    The caller guards every object whose change would change the call; csrc/eval_plan.cpp says why.
+    """
+    if _EvalPlan is None or _cpu_eval_linear is None or _is_compiling():
+        return None
+    variables, environ, env_keys = _config.call_time_reads()
+    if environ is None:
+        return None
+    args = (None, weight, bias, query, keys, bank_a, bank_b, tuple(slice_offsets), separation, scale, eps)
+    return _EvalPlan(_cpu_eval_linear, args, query_fn, tuple(guards), tuple(empty), variables, environ, env_keys,
+                     tuple(sources), tuple(x_dtypes), PLAN_ABSENT)
+
+
 def retrieval_weights(
     query: torch.Tensor, keys: torch.Tensor, *, separation: str = "affine", eps: float = DEFAULT_EPS
 ) -> torch.Tensor:

@@ -8,6 +8,7 @@ mutations, ``.to()``) and checks the layer against the same tensors derived afre
 from __future__ import annotations
 
 import gc
+import types
 import weakref
 
 import pytest
@@ -318,6 +319,7 @@ def test_cuda_graph_replay_follows_in_place_changes():
 
 def _through_the_op(layer, x, monkeypatch):
     monkeypatch.setattr("mira.layers.eval_linear_cpu", lambda *args: None)
+    layer._eval_plan = None  # a prepared call would take it past the op
     try:
         with torch.no_grad():
             return layer(x)
@@ -413,3 +415,225 @@ def test_a_hooked_query_module_is_called():
         handle.remove()
     assert layer.memory.query_token(x) == 0
     assert layer.memory.query_token(x.double()) is None  # make_query would cast
+
+
+# ----------------------------------------------------------------------------------------------
+# The eval plan (csrc/eval_plan.cpp): after the first eval call on CPU, the layer replays that call
+# while everything it was made from is unchanged. Every change a user or library makes must be
+# seen: the tests above call the layer after each change (through the plan from the second call on);
+# these cover what only the plan guards.
+# ----------------------------------------------------------------------------------------------
+
+needs_plan = pytest.mark.skipif(ops._EvalPlan is None, reason="the CPU extension is not built")
+
+
+def planned(layer, x):
+    """The layer with a fresh plan for x (two eval calls), and the plan."""
+    with torch.no_grad():
+        layer(x)
+        layer(x)
+    plan = layer._eval_plan
+    assert plan is not None and not plan.stale
+    return plan
+
+
+def plan_only(monkeypatch):
+    """From here on, any call that leaves the plan fails (the layer's own path is cut off)."""
+    def refuse(*args):
+        raise AssertionError("the layer's own path ran")
+
+    monkeypatch.setattr("mira.layers.eval_linear_cpu", refuse)
+    monkeypatch.setattr("mira.layers.mira_kernels", types.SimpleNamespace(mira_linear=refuse))
+
+
+@needs_plan
+@pytest.mark.parametrize("config", [{}, {"query": "linear"}, {"query_token": "mean"}, {"capacity": 8},
+                                    {"capacity": 8, "trainable_bank": True, "separation": "sigmoid"},
+                                    {"key_norm": "unit", "separation": "softmax"}])
+def test_the_plan_replays_the_fast_paths_bits(config, monkeypatch):
+    layer, x = make_layer(**config), tokens()
+    xt = x.transpose(0, 1).contiguous().transpose(0, 1)  # strided
+    planned(layer, x)
+    want, want_t = _through_the_op(layer, x, monkeypatch), _through_the_op(layer, xt, monkeypatch)
+    planned(layer, x)
+    other = expected(layer, x[:, 1:])
+    plan_only(monkeypatch)
+    with torch.no_grad():
+        assert torch.equal(layer(x), want)
+        assert torch.equal(layer(x[:, 1:]), other)  # another x: the plan's x is the call's
+        assert torch.equal(layer(xt), want_t)
+    assert not layer._eval_plan.stale
+
+
+@needs_plan
+def test_a_16_bit_x_over_a_float32_memory_uses_the_token():
+    layer, x = make_layer(), tokens()
+    layer.base_layer.bfloat16()
+    xb = x.bfloat16()
+    plan = planned(layer, xb)
+    with torch.no_grad():
+        assert torch.equal(layer(xb), expected(layer, xb))
+        with pytest.raises(TypeError, match="dtype"):
+            layer(x.double())  # not the token's dtype: the plan steps aside, the op's rules decide
+    assert layer._eval_plan is plan and not plan.stale
+
+
+def _swap_stage(layer):
+    layer.set_stage("consolidation")
+    layer.set_stage("inference")
+
+
+@needs_plan
+@pytest.mark.parametrize("change", [
+    "stage", "weight_parameter", "weight_data", "bias_none", "base_layer", "slice_offsets", "scale", "eps",
+    "separation", "keys_parameter", "bank_buffer", "bank_data", "query_module", "memory",
+])
+def test_the_plan_sees_every_attribute_the_forward_reads(change):
+    layer, x = make_layer(), tokens()
+    plan = planned(layer, x)
+    g = torch.Generator().manual_seed(7)
+    m, base = layer.memory, layer.base_layer
+    with torch.no_grad():
+        if change == "stage":
+            layer.stage = "adaptation"  # plain assignment, not set_stage
+        elif change == "weight_parameter":
+            base.weight = nn.Parameter(torch.randn(3 * D, D, generator=g), requires_grad=False)
+        elif change == "weight_data":
+            base.weight.data = torch.randn(3 * D, D, generator=g)
+        elif change == "bias_none":
+            base.bias = None
+        elif change == "base_layer":
+            layer.base_layer = nn.Linear(D, 3 * D)
+            layer.base_layer.requires_grad_(False)
+        elif change == "slice_offsets":
+            layer.slice_offsets = (D, 2 * D)
+        elif change == "scale":
+            m.config.scale = 0.5
+        elif change == "eps":
+            m.config.eps = 0.25
+        elif change == "separation":
+            m.config.separation = "relu"
+        elif change == "keys_parameter":
+            m.keys = nn.Parameter(torch.randn(N, D, generator=g), requires_grad=False)
+        elif change == "bank_buffer":
+            m.bank_a = torch.randn(N, 2, R, D, generator=g)
+        elif change == "bank_data":
+            m.bank_b.data = torch.randn(N, 2, D, R, generator=g)
+        elif change == "query_module":
+            m.query_module = nn.Linear(D, D)
+        elif change == "memory":
+            other = make_layer(seed=4).memory
+            object.__setattr__(layer, "_memory", other)
+        got = layer(x)
+    if change == "stage":
+        assert plan.stale and not gc.get_referents(plan)  # adaptation: never planned; the stale plan holds nothing
+        return
+    assert torch.equal(got, expected(layer, x))
+    # Live arguments (the weight, an unmasked bank: their .data is read at the call) need no new
+    # plan; everything else makes one.
+    assert plan.stale != (change in ("weight_data", "bank_data"))
+
+
+@needs_plan
+def test_a_hook_added_after_planning_runs():
+    layer, x = make_layer(), tokens()
+    planned(layer, x)
+    seen = []
+    handle = layer.memory.query_module.register_forward_hook(lambda m, args, out: seen.append(1))
+    with torch.no_grad():
+        layer(x)
+    handle.remove()
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(lambda m, args: seen.append(2))
+    try:
+        with torch.no_grad():
+            layer(x)
+    finally:
+        handle.remove()
+    assert seen[0] == 1 and 2 in seen
+    with torch.no_grad():
+        assert torch.equal(layer(x), expected(layer, x))
+
+
+@needs_plan
+def test_the_plan_steps_aside_where_the_op_has_work(monkeypatch):
+    layer, x = make_layer(), tokens()
+    plan = planned(layer, x)
+    with torch.no_grad():
+        with _Recorder() as rec:
+            layer(x)
+        assert any("mira.mira_linear" in op for op in rec.ops)
+        with mira_kernels.use_backend("reference"):
+            torch.testing.assert_close(layer(x), expected(layer, x))
+        with mira_kernels.check_finite(), pytest.raises(ValueError, match="inf|NaN|finite"):
+            layer(torch.full_like(x, float("nan")))
+        with pytest.raises(ValueError, match="x"):
+            layer(x[..., :-1])  # a failed call changes nothing
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert layer(x).dtype == torch.bfloat16
+        monkeypatch.setenv("MIRA_CHECK_FINITE", "1")
+        with pytest.raises(ValueError, match="inf|NaN|finite"):
+            layer(torch.full_like(x, float("nan")))
+        monkeypatch.delenv("MIRA_CHECK_FINITE")
+    # Grad on and a source requires grad: autograd records the op.
+    layer.memory.keys.requires_grad_(True)
+    layer(x).sum().backward()
+    assert layer.memory.keys.grad is not None
+    assert layer._eval_plan is plan and not plan.stale  # it stepped aside for those calls only
+    want = expected(layer, x)
+    plan_only(monkeypatch)
+    with torch.no_grad():
+        assert torch.equal(layer(x), want)
+
+
+@needs_plan
+def test_the_plan_holds_one_generation_and_dies_with_the_layer():
+    layer, x = make_layer(), tokens()
+    m = layer.memory
+    for seed in range(10):
+        m.keys.data = torch.randn(N, D, generator=torch.Generator().manual_seed(seed))
+        planned(layer, x)
+    gc.collect()
+    held = [t for t in gc.get_referents(layer._eval_plan) if isinstance(t, torch.Tensor)]
+    held += [t for r in gc.get_referents(layer._eval_plan) if isinstance(r, tuple) for t in r
+             if isinstance(t, torch.Tensor)]
+    with torch.no_grad():
+        current = (*m.parameters(), *m.buffers(), *layer.parameters(), *m.retrieval_tensors())
+    stale_storage = [t for t in held if t.untyped_storage().data_ptr() not in
+                     {p.untyped_storage().data_ptr() for p in current}]
+    assert not stale_storage  # no older storage kept alive
+    ref = weakref.ref(layer)
+    plan_ref = weakref.ref(layer._eval_plan)
+    del layer, held, m, current
+    gc.collect()
+    assert ref() is None and plan_ref() is None  # the plan <-> module cycle is collected
+
+
+@needs_plan
+def test_copies_make_their_own_plan(tmp_path):
+    import copy
+
+    layer, x = make_layer(), tokens()
+    planned(layer, x)
+    clone = copy.deepcopy(layer)
+    assert clone._eval_plan is None
+    shallow = copy.copy(layer)
+    assert shallow._eval_plan is None
+    torch.save(layer, tmp_path / "layer.pt")
+    loaded = torch.load(tmp_path / "layer.pt", weights_only=False)
+    assert loaded._eval_plan is None
+    with torch.no_grad():
+        clone.memory.config.scale = 3.0  # the deep copy's own config
+        assert torch.equal(clone(x), expected(clone, x))
+        assert torch.equal(layer(x), expected(layer, x))
+        assert torch.equal(loaded(x), expected(loaded, x))
+
+
+@needs_plan
+def test_compile_after_eager_calls_traces_the_layer():
+    layer, x = make_layer(), tokens()
+    planned(layer, x)
+    compiled = torch.compile(layer, fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), expected(layer, x), rtol=1e-5, atol=1e-5)
+        layer.memory.keys.mul_(-2.0)
+        torch.testing.assert_close(compiled(x), expected(layer, x), rtol=1e-5, atol=1e-5)

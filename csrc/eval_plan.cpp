@@ -1,0 +1,398 @@
+// mira_kernels._C._EvalPlan: one eval call of a MIRA projection, prepared once and replayed while
+// everything it was prepared from is unchanged (mira/layers.py, MiraProjection._plan_eval).
+//
+// Why: in a network the projection runs right after large GEMMs that have evicted the
+// interpreter's caches, and there every Python frame and attribute read of the layer's forward
+// costs microseconds: the forward, the query choice and the retrieval cache's key measured ~68 us
+// per block at B = 1 on a Zen 4 (benchmarks/budget.py), over a third of the module's cost over
+// nn.Linear. A plan does the same work in one C call: it checks that nothing the layer's Python
+// would read has changed (guards), then calls the eval fast path (_cpu_eval_linear, csrc/cpu/
+// fast_path.cpp) with the arguments the layer computed when it made the plan.
+//
+// What it checks on every call, and its answer when a check fails:
+//  - guards: (dict, key, object): dict[key] is that very object (or the key is absent, for the
+//    `absent` marker). The plan holds a reference to each object, so no other object can take its
+//    address: identity is exact. Covers the module attributes, parameter and buffer entries and
+//    config fields the forward reads. Failed: stale (below).
+//  - empty: dicts that must be empty (the query module's and the global forward hooks, when the
+//    plan takes the CLS token itself instead of calling the identity query module). Failed: stale.
+//  - sources: the tensors derived arguments were computed from (keys, the active mask; banks where
+//    they are masked): the data address, version counter, dtype, sizes and strides each had, as
+//    the retrieval cache keys them (mira/memory.py). The plan holds aliases of their storage, so a
+//    `.data` swap (which bumps no version counter) always moves the address. Failed: stale. With
+//    grad mode on and a source requiring grad: None (autograd must record the op).
+//  - unset: context variables that must hold None (use_backend, check_finite) and environment keys
+//    that must be absent (MIRA_BACKEND, MIRA_CHECK_FINITE): otherwise None (the op's routing has work).
+//  - x_dtypes: x's dtype must be one of these (the CLS-token query's dtype rule), else None.
+// A stale plan answers None from then on (`stale` becomes True; it lets go of every object it held)
+// and the layer makes a new one; a
+// None answer means "take the layer's own path for this call". _cpu_eval_linear itself checks the
+// rest (plain CPU tensors, no autocast / modes / graph needed) and answers None where it steps aside.
+#include <Python.h>
+#include <ATen/core/grad_mode.h>
+#include <torch/csrc/Dtype.h>
+#include <torch/csrc/autograd/python_variable.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "eval_plan.h"
+
+namespace mira {
+namespace {
+
+struct Stamp {
+  PyObject* tensor;  // owned
+  const void* data;
+  int64_t version;
+  c10::ScalarType dtype;
+  std::vector<int64_t> sizes, strides;
+};
+
+struct Guard {
+  PyObject* dict;      // owned
+  PyObject* key;       // owned
+  PyObject* expected;  // owned; the plan's `absent` marker for "key not present"
+};
+
+struct EvalPlan {
+  PyObject_HEAD
+  vectorcallfunc vectorcall_slot;  // plan_call: the type's calls skip building an args tuple
+  PyObject* fn;        // the eval fast path
+  PyObject* args;      // tuple: its arguments, x's slot (0) unused, the query's (3) a token index or unused
+  PyObject* query_fn;  // None: args[3] is the query; else query_fn(x) makes it
+  PyObject* absent;
+  PyObject* environ;   // os.environ's dict (None: not checked)
+  std::vector<Guard>* guards;
+  std::vector<PyObject*>* empty;      // owned
+  std::vector<PyObject*>* unset_vars;  // owned ContextVars
+  std::vector<PyObject*>* env_keys;   // owned
+  std::vector<Stamp>* sources;
+  PyObject* aliases;  // tuple keeping the sources' storage alive
+  std::vector<c10::ScalarType>* x_dtypes;
+  bool stale;
+  PyObject* weakrefs;  // weak references to the plan (tests check that it dies with its layer)
+};
+
+PyObject* as_new_ref(PyObject* o) {
+  Py_INCREF(o);
+  return o;
+}
+
+bool stamp_of(PyObject* obj, Stamp& s) {
+  if (!THPVariable_Check(obj)) {
+    PyErr_SetString(PyExc_TypeError, "_EvalPlan: a source is not a tensor");
+    return false;
+  }
+  const at::Tensor& t = THPVariable_Unpack(obj);
+  if (!t.defined() || !t.device().is_cpu() || t.layout() != c10::kStrided || t.is_inference()) {
+    PyErr_SetString(PyExc_ValueError, "_EvalPlan: sources must be strided CPU tensors with a version counter");
+    return false;
+  }
+  s.tensor = as_new_ref(obj);
+  s.data = t.const_data_ptr();
+  s.version = static_cast<int64_t>(t._version());
+  s.dtype = t.scalar_type();
+  s.sizes.assign(t.sizes().begin(), t.sizes().end());
+  s.strides.assign(t.strides().begin(), t.strides().end());
+  return true;
+}
+
+// 0: unchanged; 1: changed (stale); 2: a graph is needed now.
+int check_stamp(const Stamp& s, bool grad) {
+  if (!THPVariable_CheckExact(s.tensor)) return 1;
+  const at::Tensor& t = THPVariable_Unpack(s.tensor);
+  if (!t.defined() || t.const_data_ptr() != s.data || static_cast<int64_t>(t._version()) != s.version ||
+      t.scalar_type() != s.dtype || t.sizes() != c10::IntArrayRef(s.sizes) || t.strides() != c10::IntArrayRef(s.strides))
+    return 1;
+  return grad && t.requires_grad() ? 2 : 0;
+}
+
+void plan_clear_vectors(EvalPlan* p) {
+  if (p->guards) {
+    for (Guard& g : *p->guards) {
+      Py_CLEAR(g.dict);
+      Py_CLEAR(g.key);
+      Py_CLEAR(g.expected);
+    }
+  }
+  for (auto* v : {p->empty, p->unset_vars, p->env_keys})
+    if (v)
+      for (PyObject*& o : *v) Py_CLEAR(o);
+  if (p->sources)
+    for (Stamp& s : *p->sources) Py_CLEAR(s.tensor);
+}
+
+int plan_traverse(PyObject* self, visitproc visit, void* arg) {
+  auto* p = reinterpret_cast<EvalPlan*>(self);
+  Py_VISIT(p->fn);
+  Py_VISIT(p->args);
+  Py_VISIT(p->query_fn);
+  Py_VISIT(p->absent);
+  Py_VISIT(p->environ);
+  Py_VISIT(p->aliases);
+  if (p->guards)
+    for (const Guard& g : *p->guards) {
+      Py_VISIT(g.dict);
+      Py_VISIT(g.key);
+      Py_VISIT(g.expected);
+    }
+  for (auto* v : {p->empty, p->unset_vars, p->env_keys})
+    if (v)
+      for (PyObject* o : *v) Py_VISIT(o);
+  if (p->sources)
+    for (const Stamp& s : *p->sources) Py_VISIT(s.tensor);
+  return 0;
+}
+
+int plan_clear(PyObject* self) {
+  auto* p = reinterpret_cast<EvalPlan*>(self);
+  Py_CLEAR(p->fn);
+  Py_CLEAR(p->args);
+  Py_CLEAR(p->query_fn);
+  Py_CLEAR(p->absent);
+  Py_CLEAR(p->environ);
+  Py_CLEAR(p->aliases);
+  plan_clear_vectors(p);
+  p->stale = true;  // a cleared plan must never run
+  return 0;
+}
+
+// A stale plan never runs again: it lets go of everything at once (the old storage its aliases
+// keep alive, the derived tensors), so that a plan the layer has not replaced yet holds no memory.
+PyObject* go_stale(EvalPlan* p) {
+  plan_clear(reinterpret_cast<PyObject*>(p));
+  Py_RETURN_NONE;
+}
+
+void plan_dealloc(PyObject* self) {
+  auto* p = reinterpret_cast<EvalPlan*>(self);
+  PyObject_GC_UnTrack(self);
+  if (p->weakrefs != nullptr) PyObject_ClearWeakRefs(self);
+  plan_clear(self);
+  delete p->guards;
+  delete p->empty;
+  delete p->unset_vars;
+  delete p->env_keys;
+  delete p->sources;
+  delete p->x_dtypes;
+  Py_TYPE(self)->tp_free(self);
+}
+
+bool objects_of(PyObject* seq, const char* what, std::vector<PyObject*>& out) {
+  if (!PyTuple_Check(seq)) {
+    PyErr_Format(PyExc_TypeError, "_EvalPlan: %s must be a tuple", what);
+    return false;
+  }
+  for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(seq); ++i) out.push_back(as_new_ref(PyTuple_GET_ITEM(seq, i)));
+  return true;
+}
+
+// _EvalPlan(fn, args, query_fn, guards, empty, unset_vars, environ, env_keys, sources, x_dtypes, absent)
+int plan_init(PyObject* self, PyObject* a, PyObject* kw) {
+  auto* p = reinterpret_cast<EvalPlan*>(self);
+  PyObject *fn, *args, *query_fn, *guards, *empty, *unset_vars, *environ, *env_keys, *sources, *x_dtypes, *absent;
+  if (kw != nullptr && PyDict_GET_SIZE(kw) != 0) {
+    PyErr_SetString(PyExc_TypeError, "_EvalPlan takes positional arguments only");
+    return -1;
+  }
+  if (!PyArg_UnpackTuple(a, "_EvalPlan", 11, 11, &fn, &args, &query_fn, &guards, &empty, &unset_vars, &environ,
+                         &env_keys, &sources, &x_dtypes, &absent))
+    return -1;
+  if (p->guards != nullptr) {
+    PyErr_SetString(PyExc_RuntimeError, "_EvalPlan is initialised once");
+    return -1;
+  }
+  if (!PyCallable_Check(fn) || !PyTuple_Check(args) || PyTuple_GET_SIZE(args) != 11 ||
+      (query_fn != Py_None && !PyCallable_Check(query_fn)) || (environ != Py_None && !PyDict_Check(environ)) ||
+      !PyTuple_Check(guards) || !PyTuple_Check(sources) || !PyTuple_Check(x_dtypes)) {
+    PyErr_SetString(PyExc_TypeError, "_EvalPlan: bad arguments (see csrc/eval_plan.cpp)");
+    return -1;
+  }
+  p->guards = new std::vector<Guard>();
+  p->empty = new std::vector<PyObject*>();
+  p->unset_vars = new std::vector<PyObject*>();
+  p->env_keys = new std::vector<PyObject*>();
+  p->sources = new std::vector<Stamp>();
+  p->x_dtypes = new std::vector<c10::ScalarType>();
+  p->stale = true;  // until initialised completely
+  p->fn = as_new_ref(fn);
+  p->args = as_new_ref(args);
+  p->query_fn = as_new_ref(query_fn);
+  p->absent = as_new_ref(absent);
+  p->environ = as_new_ref(environ);
+  for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(guards); ++i) {
+    PyObject* g = PyTuple_GET_ITEM(guards, i);
+    if (!PyTuple_Check(g) || PyTuple_GET_SIZE(g) != 3 || !PyDict_Check(PyTuple_GET_ITEM(g, 0))) {
+      PyErr_SetString(PyExc_TypeError, "_EvalPlan: a guard is a (dict, key, object) tuple");
+      return -1;
+    }
+    p->guards->push_back({as_new_ref(PyTuple_GET_ITEM(g, 0)), as_new_ref(PyTuple_GET_ITEM(g, 1)),
+                          as_new_ref(PyTuple_GET_ITEM(g, 2))});
+  }
+  if (!objects_of(empty, "empty", *p->empty) || !objects_of(unset_vars, "unset_vars", *p->unset_vars) ||
+      !objects_of(env_keys, "env_keys", *p->env_keys))
+    return -1;
+  for (PyObject* d : *p->empty)
+    if (!PyDict_Check(d)) {
+      PyErr_SetString(PyExc_TypeError, "_EvalPlan: `empty` holds dicts");
+      return -1;
+    }
+  for (PyObject* v : *p->unset_vars)
+    if (!PyContextVar_CheckExact(v)) {
+      PyErr_SetString(PyExc_TypeError, "_EvalPlan: `unset_vars` holds ContextVars");
+      return -1;
+    }
+  PyObject* alias_list = PyList_New(0);
+  if (alias_list == nullptr) return -1;
+  for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(sources); ++i) {
+    Stamp s{};
+    if (!stamp_of(PyTuple_GET_ITEM(sources, i), s)) {
+      Py_DECREF(alias_list);
+      return -1;
+    }
+    p->sources->push_back(std::move(s));
+    // An alias of the storage (a detached view): no later tensor can be allocated at its address.
+    PyObject* alias = THPVariable_Wrap(THPVariable_Unpack(PyTuple_GET_ITEM(sources, i)).detach());
+    if (alias == nullptr || PyList_Append(alias_list, alias) != 0) {
+      Py_XDECREF(alias);
+      Py_DECREF(alias_list);
+      return -1;
+    }
+    Py_DECREF(alias);
+  }
+  p->aliases = PyList_AsTuple(alias_list);
+  Py_DECREF(alias_list);
+  if (p->aliases == nullptr) return -1;
+  for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(x_dtypes); ++i) {
+    PyObject* d = PyTuple_GET_ITEM(x_dtypes, i);
+    if (!THPDtype_Check(d)) {
+      PyErr_SetString(PyExc_TypeError, "_EvalPlan: x_dtypes holds torch.dtype objects");
+      return -1;
+    }
+    p->x_dtypes->push_back(reinterpret_cast<THPDtype*>(d)->scalar_type);
+  }
+  p->stale = false;
+  return 0;
+}
+
+// Whether every guard holds (false: the plan is stale); -1 with an exception set on a lookup error.
+int guards_hold(EvalPlan* p) {
+  for (const Guard& g : *p->guards) {
+    PyObject* v = PyDict_GetItemWithError(g.dict, g.key);  // borrowed
+    if (v == nullptr) {
+      if (PyErr_Occurred()) return -1;
+      v = p->absent;
+    }
+    if (v != g.expected) return 0;
+  }
+  for (PyObject* d : *p->empty)
+    if (PyDict_GET_SIZE(d) != 0) return 0;
+  return 1;
+}
+
+PyObject* plan_call(PyObject* self, PyObject* const* args, size_t nargsf, PyObject* kwnames) {
+  auto* p = reinterpret_cast<EvalPlan*>(self);
+  const Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+  if (nargs != 1 || (kwnames != nullptr && PyTuple_GET_SIZE(kwnames) != 0)) {
+    PyErr_SetString(PyExc_TypeError, "an _EvalPlan is called with x alone");
+    return nullptr;
+  }
+  if (p->stale) Py_RETURN_NONE;
+  const int held = guards_hold(p);
+  if (held < 0) return nullptr;
+  if (!held) return go_stale(p);
+  bool needs_graph = false;
+  const bool grad = at::GradMode::is_enabled();
+  for (const Stamp& s : *p->sources) {
+    const int r = check_stamp(s, grad);
+    if (r == 1) return go_stale(p);
+    needs_graph |= r == 2;
+  }
+  if (needs_graph) Py_RETURN_NONE;
+  for (PyObject* v : *p->unset_vars) {
+    PyObject* value = nullptr;
+    if (PyContextVar_Get(v, Py_None, &value) != 0) return nullptr;
+    const bool unset = value == Py_None;
+    Py_DECREF(value);
+    if (!unset) Py_RETURN_NONE;
+  }
+  if (p->environ != Py_None)
+    for (PyObject* k : *p->env_keys) {
+      const int present = PyDict_Contains(p->environ, k);
+      if (present < 0) return nullptr;
+      if (present) Py_RETURN_NONE;
+    }
+  PyObject* x = args[0];
+  if (!p->x_dtypes->empty()) {
+    if (!THPVariable_Check(x)) Py_RETURN_NONE;
+    const c10::ScalarType dt = THPVariable_Unpack(x).scalar_type();
+    bool ok = false;
+    for (c10::ScalarType d : *p->x_dtypes) ok |= d == dt;
+    if (!ok) Py_RETURN_NONE;
+  }
+  PyObject* argv[11];
+  for (Py_ssize_t i = 0; i < 11; ++i) argv[i] = PyTuple_GET_ITEM(p->args, i);
+  argv[0] = x;
+  PyObject* query = nullptr;
+  if (p->query_fn != Py_None) {
+    query = PyObject_CallOneArg(p->query_fn, x);
+    if (query == nullptr) return nullptr;
+    argv[3] = query;
+  }
+  PyObject* y = PyObject_Vectorcall(p->fn, argv, 11, nullptr);
+  Py_XDECREF(query);
+  return y;
+}
+
+// tp_call, for callers that do not use vectorcall.
+PyObject* plan_tp_call(PyObject* self, PyObject* args, PyObject* kwargs) { return PyVectorcall_Call(self, args, kwargs); }
+
+PyObject* plan_get_stale(PyObject* self, void*) { return PyBool_FromLong(reinterpret_cast<EvalPlan*>(self)->stale); }
+
+PyGetSetDef kGetSet[] = {
+    {"stale", plan_get_stale, nullptr, "True once something the plan was made from has changed.", nullptr},
+    {nullptr, nullptr, nullptr, nullptr, nullptr},
+};
+
+PyObject* plan_new(PyTypeObject* type, PyObject*, PyObject*) {
+  PyObject* self = type->tp_alloc(type, 0);
+  if (self == nullptr) return nullptr;
+  auto* p = reinterpret_cast<EvalPlan*>(self);
+  p->stale = true;
+  p->vectorcall_slot = plan_call;
+  return self;
+}
+
+PyTypeObject kEvalPlanType = [] {
+  PyTypeObject t{PyVarObject_HEAD_INIT(nullptr, 0)};
+  t.tp_name = "mira_kernels._C._EvalPlan";
+  t.tp_basicsize = sizeof(EvalPlan);
+  t.tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL;
+  t.tp_doc = "One eval call of a MIRA projection, replayed while what it was made from is unchanged "
+             "(csrc/eval_plan.cpp).";
+  t.tp_new = plan_new;
+  t.tp_init = plan_init;
+  t.tp_dealloc = plan_dealloc;
+  t.tp_traverse = plan_traverse;
+  t.tp_clear = plan_clear;
+  t.tp_call = plan_tp_call;
+  t.tp_vectorcall_offset = offsetof(EvalPlan, vectorcall_slot);
+  t.tp_getset = kGetSet;
+  t.tp_weaklistoffset = offsetof(EvalPlan, weakrefs);
+  return t;
+}();
+
+}  // namespace
+
+int add_eval_plan_type(PyObject* module) {
+  if (PyType_Ready(&kEvalPlanType) < 0) return -1;
+  Py_INCREF(&kEvalPlanType);
+  if (PyModule_AddObject(module, "_EvalPlan", reinterpret_cast<PyObject*>(&kEvalPlanType)) < 0) {
+    Py_DECREF(&kEvalPlanType);
+    return -1;
+  }
+  return 0;
+}
+
+}  // namespace mira
