@@ -75,3 +75,23 @@ def test_rule_for_each_backend():
     assert precision.rule_for("cuda", torch.float64).name == "fp64"
     with pytest.raises(TypeError):
         precision.rule_for("triton", torch.int32)
+
+
+def test_bf16_rule_emulation_reproduces_the_h200_cls_query_forward():
+    # The fourth H200 run (9c67b4a) measured the Triton bf16 forward with the layers' CLS-view query
+    # (ViT-B/16 qkv, B = 1, these seeded inputs) at max-abs error 2.031 against PyTorch's 0.980: 2.07x,
+    # over the house 2x criterion (test_triton_gpu's strict xfail). The CPU emulation of the bf16 rule
+    # (factors and h stored in bf16) gives the same figure, so the gap is the rule's, not a kernel bug,
+    # and a fix can be designed on the CPU.
+    vit_b = dict(B=1, T=197, d_in=768, d_out=2304, N=30, S=2, r=4, d_s=768, offsets=[0, 1536])
+    inp = make_inputs(**vit_b, dtype=torch.float64).to(torch.bfloat16, memory_dtype=torch.float32)
+    ex = inp.to(torch.float64)
+    kw = dict(slice_offsets=inp.slice_offsets)
+    want = reference.mira_linear(ex.x, ex.weight, ex.bias, ex.x[:, 0], ex.keys, ex.bank_a, ex.bank_b, **kw)
+    same = reference.mira_linear(inp.x, inp.weight, inp.bias, inp.x[:, 0], inp.keys, inp.bank_a, inp.bank_b, **kw)
+    emulated = precision.emulate(precision.rule_for("triton", torch.bfloat16), inp.x, inp.weight, inp.bias,
+                                 inp.x[:, 0], inp.keys, inp.bank_a, inp.bank_b, **kw)
+    own = (same.double() - want).abs().max().item()
+    err = (emulated.double() - want).abs().max().item()
+    assert abs(own - 0.9795) < 1e-3 and abs(err - 2.031) < 0.03, (own, err)
+    assert err > 2.0 * own  # the gap the xfail documents
