@@ -404,7 +404,7 @@ def build_variants(cfg: BenchConfig, *, model: nn.Module | None = None) -> Varia
                  eps=projections[0].memory.config.eps)
     eager.eval()
 
-    backend = mk.resolve_backend(device)
+    backend = mk.resolve_backend(device, dtype)
     gemm_backbone = None
     if cfg.gemm_backbone or BASE_GEMM.get(backend, "own") != "stock":
         # The same op and backend with an empty memory: MIRA's GEMM path without the adapter.
@@ -681,7 +681,7 @@ def decompose_block(
         strict: a failed correctness check raises (else it is recorded in ``checks`` and printed).
     """
     budget = budget or _op_budget_for(cfg, x.shape[0])
-    backend = mk.resolve_backend(x.device)
+    backend = mk.resolve_backend(x.device, x.dtype)
     w, b = base_layer.weight, base_layer.bias
     opts = {"slice_offsets": list(slice_offsets), "separation": separation, "scale": scale, "eps": eps}
     with torch.inference_mode():

@@ -183,7 +183,8 @@ def test_sweep(benchmark, point: dict, impl: str) -> None:
         benchmark.group = _point_id(point)
         benchmark.extra_info.update(
             {**point, "impl": impl, "tokens": T, "d_in": D, "d_out": D_OUT, "device": str(DEVICE),
-             "backend": mk.resolve_backend(DEVICE) if impl == "fused" else ("reference" if impl != "linear" else ""),
+             "backend": (mk.resolve_backend(DEVICE, getattr(torch, point["dtype"])) if impl == "fused"
+                         else ("reference" if impl != "linear" else "")),
              "threads": torch.get_num_threads()}
         )
         benchmark(call)

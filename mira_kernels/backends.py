@@ -14,8 +14,9 @@ and at trace time under ``torch.compile``:
 
 1. the innermost :func:`use_backend` block, else the ``MIRA_BACKEND`` environment variable;
    a forced backend that cannot run on the tensors' device raises ``RuntimeError``;
-2. otherwise the default for the device: CPU -> ``cpu`` if built, else ``reference``;
-   CUDA -> ``triton``, else ``cuda``, else ``reference``. Falling back to ``reference`` because
+2. otherwise the default for the device and x's dtype: CPU -> ``cpu`` if built, else
+   ``reference``; CUDA -> ``triton``, else ``cuda``, else ``reference``, except float32 x, which
+   tries ``cuda`` first (see :data:`_CUDA_FLOAT32_ORDER`). Falling back to ``reference`` because
    a native part is missing warns once.
 
 A backend implementation is any object with three callables whose positional arguments are
@@ -51,6 +52,13 @@ BACKENDS = _config.BACKEND_NAMES
 
 # Meta tensors (shape inference) run the ops' fake kernels whatever the name; "reference" says so.
 _DEFAULT_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("triton", "cuda", "reference"), "meta": ("reference",)}
+#: float32 x on CUDA: the CUDA C++ backend first. Measured on an H200 (benchmarks/results/gpu, runs at
+#: bd60c98 and 9c67b4a; ViT-B/16 forward in a CUDA graph, ratio over stock): cuda 1.26 / 1.10 / 1.05 /
+#: 1.05 at B = 1 / 8 / 64 / 256 against triton 2.04 / 1.89 / 1.73 / 1.82 (cuBLAS's fp32 GEMM plus its
+#: adapter pass beats Triton's IEEE-fp32 GEMM), and it meets the 2x / 3x criteria near the affine
+#: guard (tests/test_cuda_gpu.py::test_vit_b_batch_64_negative_float32). 16-bit x keeps triton first
+#: (bf16: 1.62 / 1.39 / 1.16 / 1.25 against cuda's 2.24 / 1.85 / 1.50 / 1.42).
+_CUDA_FLOAT32_ORDER = ("cuda", "triton", "reference")
 
 use_backend = _config.use_backend
 
@@ -199,8 +207,9 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
 # Under torch.compile the choice is made once, when the call is traced, and baked into the graph:
 # changing MIRA_BACKEND or use_backend afterwards does not recompile (call torch._dynamo.reset()).
 @torch.compiler.assume_constant_result
-def resolve_backend(device: torch.device | str) -> str:
-    """The backend a MIRA op on ``device`` runs with now (see the module docstring)."""
+def resolve_backend(device: torch.device | str, dtype: torch.dtype | None = None) -> str:
+    """The backend a MIRA op on ``device`` with x of ``dtype`` runs with now (see the module docstring;
+    ``dtype`` only changes the default order)."""
     device = _device(device)
     device_type = device.type
     forced = _config.requested_backend()
@@ -215,7 +224,10 @@ def resolve_backend(device: torch.device | str) -> str:
                 f"MIRA backend {forced!r} was requested for {device_type} tensors but cannot run: {reason}"
             )
         return forced
-    order = _DEFAULT_ORDER.get(device_type, ("reference",))
+    if device_type == "cuda" and dtype == torch.float32:
+        order = _CUDA_FLOAT32_ORDER
+    else:
+        order = _DEFAULT_ORDER.get(device_type, ("reference",))
     skipped = []
     for name in order:
         reason = _reason(name, device)

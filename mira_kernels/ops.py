@@ -58,16 +58,16 @@ def _autocast_off(device_type: str):
 # ----------------------------------------------------------------------------------------------
 
 
-def _impl_for(backend: str, device: torch.device):
+def _impl_for(backend: str, device: torch.device, dtype: torch.dtype):
     if backend == "auto":  # direct torch.ops.mira.* calls that did not resolve a name
-        backend = backends.resolve_backend(device)
+        backend = backends.resolve_backend(device, dtype)
     return backends.implementation(backend)
 
 
 # `backend="auto"`: the dispatcher leaves out trailing arguments equal to the schema's default.
 def _linear_kernel(x, weight, bias, query, keys, bank_a, bank_b, slice_offsets, separation, scale, eps, backend="auto"):
     device = x.device
-    impl = _impl_for(backend, device)
+    impl = _impl_for(backend, device, x.dtype)
     # The eager forward's hot path (benchmarks/host_path.py): a generator context manager costs
     # ~2 us a call, so it is entered only when there is autocast to switch off.
     if not torch.is_autocast_enabled(device.type):
@@ -80,7 +80,7 @@ def _linear_backward_kernel(
     grad_out, x, weight, query, keys, bank_a, bank_b, slice_offsets, separation, scale, eps, output_mask,
     backend="auto",
 ):
-    impl = _impl_for(backend, x.device)
+    impl = _impl_for(backend, x.device, x.dtype)
     with _autocast_off(x.device.type):
         grads = impl.mira_linear_backward(
             grad_out, x, weight, query, keys, bank_a, bank_b, slice_offsets, separation, scale, eps, output_mask
@@ -90,7 +90,7 @@ def _linear_backward_kernel(
 
 
 def _adapter_kernel(out, x, query, keys, bank_a, bank_b, slice_offsets, separation, scale, eps, backend="auto"):
-    impl = _impl_for(backend, x.device)
+    impl = _impl_for(backend, x.device, x.dtype)
     with _autocast_off(x.device.type):
         impl.mira_adapter_(out, x, query, keys, bank_a, bank_b, slice_offsets, separation, scale, eps)
 
@@ -162,7 +162,7 @@ def _eager_backend(x: torch.Tensor) -> str | None:
     requested = _config.requested_backend()
     if x.is_cpu and (requested is None or requested == "cpu") and _extension.has_kernel("_cpu_mira_linear", "CPU"):
         return "cpu"
-    return backends.resolve_backend(x.device)
+    return backends.resolve_backend(x.device, x.dtype)
 
 
 # The op's argument parser takes lists and tuples of ints (numpy ints too) and rejects any other
@@ -258,7 +258,7 @@ def mira_linear(
     _check_frozen(weight, bias)
     if _config.check_finite_enabled():
         _validation.check_finite(x=x, weight=weight, bias=bias, query=query, keys=keys, bank_a=bank_a, bank_b=bank_b)
-    backend = backends.resolve_backend(x.device)
+    backend = backends.resolve_backend(x.device, x.dtype)
     if not _extension.loaded:  # the router already warned that it fell back
         return reference.mira_linear(
             x, weight, bias, query, keys, bank_a, bank_b,
@@ -312,7 +312,7 @@ def mira_adapter_(
     _check_inference_only(out, x, query, keys, bank_a, bank_b)
     if _config.check_finite_enabled():
         _validation.check_finite(out=out, x=x, query=query, keys=keys, bank_a=bank_a, bank_b=bank_b)
-    backend = backends.resolve_backend(x.device)
+    backend = backends.resolve_backend(x.device, x.dtype)
     if not _extension.loaded:
         reference.mira_adapter_(
             out, x, query, keys, bank_a, bank_b,

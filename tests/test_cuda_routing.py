@@ -46,3 +46,19 @@ def test_arch_list_of_the_build():
     # setup.py's default TORCH_CUDA_ARCH_LIST "8.0;9.0+PTX" unless the builder chose others.
     assert archs and all(a % 10 == 0 and a >= 300 for a in archs), archs
     assert list(archs) == sorted(archs)
+
+
+def test_float32_defaults_to_cuda_and_16_bit_to_triton(monkeypatch):
+    # The default order only (every backend made available): fp32 x on CUDA measured faster through
+    # the CUDA C++ backend (cuBLAS fp32 GEMM + adapter pass) than through Triton's IEEE-fp32 GEMM.
+    monkeypatch.setattr(backends, "_reason", lambda name, device: None)
+    monkeypatch.delenv("MIRA_BACKEND", raising=False)
+    cuda = torch.device("cuda:0")
+    assert backends.resolve_backend(cuda, torch.float32) == "cuda"
+    for dtype in (torch.bfloat16, torch.float16, torch.float64, None):
+        assert backends.resolve_backend(cuda, dtype) == "triton"
+    assert backends.resolve_backend(torch.device("cpu"), torch.float32) == "cpu"
+    with mock.patch.dict("os.environ", {"MIRA_BACKEND": "triton"}):
+        assert backends.resolve_backend(cuda, torch.float32) == "triton"  # a forced name still wins
+    monkeypatch.setattr(backends, "_reason", lambda name, device: "absent" if name == "cuda" else None)
+    assert backends.resolve_backend(cuda, torch.float32) == "triton"
