@@ -17,9 +17,12 @@ LayerNorm before the projection leaves it hot), all variants interleaved per rou
 
 - Python layer and call: the module's wall time less the kernel's own phases (read from the
   phase clock, ``torch.ops.mira._cpu_last_phases``) and less ``F.linear``'s call cost at a
-  1 x 1 x d_in input (what the stock Linear pays for its call); of which, timed alone: the query
-  (``memory.query_token(x)``, whose token index the eval fast path selects in C++, else
-  ``memory.make_query(x)``) and the key prep (``memory.retrieval_tensors()``, cached in eval);
+  1 x 1 x d_in input (what the stock Linear pays for its call); of which, timed alone: with an
+  eval plan (``MiraProjection``'s prepared call, ``csrc/eval_plan.cpp``, made on the first eval
+  call), the plan's checks (``plan.check(x)``: guards and stamps; it replays the query and the
+  key prep); without one, the query (``memory.query_token(x)``, whose token index the eval fast
+  path selects in C++, else ``memory.make_query(x)``) and the key prep
+  (``memory.retrieval_tensors()``, cached in eval);
 - the kernel's phases of the module's call: entry (checks, allocation), retrieval, mixing;
 - shrink/expand: the module's seeding pass over the same call's with an empty memory (bias only);
 - the rest: the module over ``nn.Linear`` less all of the above: the GEMM's difference (the same
@@ -185,6 +188,10 @@ def time_budget(proj, cache: ColdCache, *, budget_s: float = 20.0, seed: int = 0
     last = torch.ops.mira._cpu_last_phases
     phases: dict[str, list[list[float]]] = {"module": [], "empty": []}
     with torch.inference_mode():
+        for _ in range(2):  # as in a network after its first call: with an eval plan where one applies
+            proj(cache.x)
+        plan = proj.__dict__.get("_eval_plan")
+        planned = plan is not None and not plan.stale
         keys, bank_a, bank_b = memory.retrieval_tensors()
         empty = (keys[:0], bank_a[:0], bank_b[:0])
         query = memory.make_query(x)
@@ -207,10 +214,12 @@ def time_budget(proj, cache: ColdCache, *, budget_s: float = 20.0, seed: int = 0
             "stock": lambda: base(cache.x),
             "module": module,
             "empty_op": empty_op,
-            "query": query_part,
-            "key_prep": memory.retrieval_tensors,
             "tiny_linear": lambda: torch.nn.functional.linear(cache.x[:1, :1], tiny_w, tiny_b),
         }
+        if planned:
+            fns["plan_checks"] = lambda: plan.check(cache.x)
+        else:
+            fns["query"], fns["key_prep"] = query_part, memory.retrieval_tensors
         torch.ops.mira._cpu_phase_clock(True)
         try:
             rounds = _pairs.time_interleaved(fns, watch=[("module", "stock")], target_width=None, budget_s=budget_s,
@@ -222,22 +231,24 @@ def time_budget(proj, cache: ColdCache, *, budget_s: float = 20.0, seed: int = 0
     ep = np.asarray(phases["empty"][-rounds.rounds:]).T
     mph, eph = dict(zip(PHASES, mp)), dict(zip(PHASES, ep))
     python = t["module"] - mp.sum(axis=0) - t["tiny_linear"]
+    within = ({"plan_checks": _diff_stats(t["plan_checks"])} if planned else
+              {"query_module": _diff_stats(t["query"]), "key_prep": _diff_stats(t["key_prep"])})
     parts = {
         "python_layer": _diff_stats(python),
-        "query_module": _diff_stats(t["query"]),
-        "key_prep": _diff_stats(t["key_prep"]),
+        **within,
         "op_entry": _diff_stats(mph["entry"]),
         "retrieval": _diff_stats(mph["retrieval"]),
         "mixing": _diff_stats(mph["mixing"]),
         "shrink_expand": _diff_stats(mph["seeding"], eph["seeding"]),
     }
     total = _diff_stats(t["module"], t["stock"])
-    counted = [k for k in parts if k not in ("query_module", "key_prep")]  # those two are inside python_layer
+    counted = [k for k in parts if k not in within]  # those are inside python_layer
     parts["rest"] = {"median_s": total["median_s"] - sum(parts[k]["median_s"] for k in counted),
                      "lo_s": float("nan"), "hi_s": float("nan"),
                      "note": "residual: the GEMM's difference, the op's cold call cost beyond F.linear's, noise"}
     return {
         "batch": int(x.shape[0]), "rounds": rounds.rounds, "seconds": rounds.seconds, "evict": cache.evict,
+        "eval_plan": planned,
         "stock": _diff_stats(t["stock"]), "module": _diff_stats(t["module"]), "extra": total, "parts": parts,
         "phases_module_s": {k: float(np.median(v)) for k, v in mph.items()},
         "phases_empty_s": {k: float(np.median(v)) for k, v in eph.items()},
@@ -254,6 +265,7 @@ def backbone_median(model: nn.Module, x: torch.Tensor, *, runs: int = 15) -> flo
 
 PART_LABELS = {
     "python_layer": "Python layer and call (over F.linear's)",
+    "plan_checks": "  of which: eval plan's checks (guards, stamps)",
     "query_module": "  of which: query (query_token / make_query)",
     "key_prep": "  of which: key prep (retrieval_tensors)",
     "op_entry": "op entry (C++ checks, allocation)",
@@ -286,6 +298,8 @@ def format_budget(rec: dict) -> str:
                      f"{f['percent']:.3f}% of the backbone")
         scale = 100.0 * rec["n_blocks"] / r["backbone_s"]
         for key, label in PART_LABELS.items():
+            if key not in bud["parts"]:
+                continue  # the query and key prep where an eval plan replays them, or the plan's checks
             p = bud["parts"][key]
             ci = "" if not np.isfinite(p["lo_s"]) else f" [{us * p['lo_s']:.1f}, {us * p['hi_s']:.1f}]"
             lines.append(f"  {label:<44} {us * p['median_s']:8.1f} us{ci:<18} {scale * p['median_s']:+.3f}%")

@@ -1202,6 +1202,8 @@ def format_table(record: dict) -> str:
             lines.append(f"batch {b}: time budget of one projection call (cold caches, {bud['rounds']} rounds), "
                          "us per block")
             for key, label in PART_LABELS.items():
+                if key not in bud["parts"]:
+                    continue  # benchmarks/budget.py: with or without an eval plan
                 p = bud["parts"][key]
                 ci = "" if not math.isfinite(p["lo_s"]) else f" [{1e6 * p['lo_s']:.1f}, {1e6 * p['hi_s']:.1f}]"
                 lines.append(f"  {label:<48} {1e6 * p['median_s']:8.1f}{ci:<18} {scale * p['median_s']:+.3f}%")

@@ -46,6 +46,13 @@ __all__ = ["MiraProjection"]
 # torch.compiler.is_compiling, which also covers non-strict export and TorchScript at two Python
 # calls (~6 us with cold caches): there a plan steps aside by itself (fake tensors, dispatch modes).
 _is_tracing = getattr(torch.compiler, "is_dynamo_compiling", torch.compiler.is_compiling)
+_module_call = nn.Module.__call__
+# What nn.Module.__call__ reads to decide whether a call runs anything besides forward (its hook
+# dicts, global and per module): a plan that skips that call checks them all still empty.
+_MODULE_GLOBALS = torch.nn.modules.module
+_GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+                 "_global_backward_pre_hooks")
+_MODULE_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 
 
 class MiraProjection(nn.Module):
@@ -158,16 +165,22 @@ class MiraProjection(nn.Module):
         state["_eval_plan"] = None
         return state
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         # Eval on CPU, after the first call: the call prepared by _plan_eval, which checks in C that
-        # nothing it was made from has changed (csrc/eval_plan.cpp), else answers None. Read before
-        # anything else: after a network's GEMMs each Python-level read costs microseconds.
-        if not _is_tracing():
+        # nothing it was made from has changed (csrc/eval_plan.cpp), else answers None. Before
+        # nn.Module's call machinery, which it may skip: a plan is made only while this module has
+        # no hooks, no global module hooks exist and neither forward nor the compiled call is
+        # replaced, and it checks that this still holds. After a network's GEMMs, each Python frame
+        # costs microseconds: the two of nn.Module.__call__ cost nn.Linear ~10 us per call (Zen 4).
+        if not args and not kwargs and not _is_tracing():
             plan = self._eval_plan
             if plan is not None:
                 y = plan(x)
                 if y is not None:
                     return y
+        return _module_call(self, x, *args, **kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 3:
             raise ValueError(
                 f"MiraProjection expects per-image tokens (B, T, d_in), got shape {tuple(x.shape)}; "
@@ -216,23 +229,31 @@ class MiraProjection(nn.Module):
         attributes, the base layer and its parameters, the config fields, and the memory's part
         (:meth:`AdapterMemory._eval_plan_parts`: its tensors, mutation count and query).
         """
-        plan = self.__dict__.get("_eval_plan")
+        mine = self.__dict__
+        plan = mine.get("_eval_plan")
         if plan is not None and not plan.stale:
             return  # it stepped aside for this call only (a setting, x's dtype, grad mode)
-        self.__dict__["_eval_plan"] = None
+        mine["_eval_plan"] = None
+        hooks = [mine[name] for name in _MODULE_HOOKS] + [getattr(_MODULE_GLOBALS, name) for name in _GLOBAL_HOOKS]
+        if any(hooks) or "forward" in mine or mine.get("_compiled_call_impl") is not None:
+            return  # nn.Module.__call__ has work: no plan may skip it
         parts = memory._eval_plan_parts(token) if type(base) is nn.Linear else None
         if parts is None:
             return
         guards, empty, sources, x_dtypes, query_fn = parts
-        mine, c = self.__dict__, memory.config
-        guards += [(mine, "stage", self.stage), (mine, "merged_update", None),
+        c = memory.config
+        guards += [*((mine, name, mine[name]) for name in _MODULE_HOOKS),
+                   *((vars(_MODULE_GLOBALS), name, getattr(_MODULE_GLOBALS, name)) for name in _GLOBAL_HOOKS),
+                   (mine, "forward", PLAN_ABSENT),
+                   (mine, "_compiled_call_impl", mine.get("_compiled_call_impl", PLAN_ABSENT)),
+                   (mine, "stage", self.stage), (mine, "merged_update", None),
                    (mine, "slice_offsets", self.slice_offsets), (mine, "_memory", memory),
                    (self._modules, "base_layer", base),
                    (base._parameters, "weight", weight), (base._parameters, "bias", bias),
                    *((c.__dict__, f, c.__dict__.get(f, PLAN_ABSENT)) for f in ("separation", "scale", "eps"))]
-        self.__dict__["_eval_plan"] = eval_plan(
+        mine["_eval_plan"] = eval_plan(
             weight, bias, token, keys, bank_a, bank_b, self.slice_offsets, c.separation, c.scale, c.eps,
-            query_fn=query_fn, guards=guards, empty=empty, sources=sources, x_dtypes=x_dtypes,
+            query_fn=query_fn, guards=guards, empty=(*empty, *hooks), sources=sources, x_dtypes=x_dtypes,
         )
 
     def extra_repr(self) -> str:

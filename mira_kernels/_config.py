@@ -162,7 +162,7 @@ def check_finite_enabled() -> bool:
 
 def call_time_reads() -> tuple[tuple[contextvars.ContextVar, ...], dict | None, tuple]:
     """What :func:`requested_backend` and :func:`check_finite_enabled` read, for a prepared call
-    that checks them itself (``mira_kernels.ops.eval_plan``): the default holds when both context
+    that checks them itself (``mira_kernels.ops.eval_plan``): the defaults hold when both context
     variables are None and the environment's dict holds neither key. The dict is None where
     ``os.environ`` is not CPython's (then nothing may be prepared)."""
     environ = _ENVIRON if type(_ENVIRON) is dict else None

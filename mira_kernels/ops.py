@@ -370,18 +370,20 @@ def eval_plan(weight, bias, query, keys, bank_a, bank_b, slice_offsets, separati
     object)``: ``dict[key] is object``, :data:`PLAN_ABSENT` for an absent key) and ``empty``
     (dicts) hold, ``sources`` (tensors the arguments were derived from) keep their data address,
     version, dtype, sizes and strides, and x's dtype is in ``x_dtypes`` (any when empty). It
-    checks the settings :func:`eval_linear_cpu` reads (backend, finiteness check) itself. Once a
+    checks the settings :func:`eval_linear_cpu` reads (backend, finiteness check) itself; none is
+    made while one of their environment variables is set. Once a
     guard or source has changed it answers None for good and ``plan.stale`` is True: make a new one.
     The caller guards every object whose change would change the call; csrc/eval_plan.cpp says why.
     """
     if _EvalPlan is None or _cpu_eval_linear is None or _is_compiling():
         return None
     variables, environ, env_keys = _config.call_time_reads()
-    if environ is None:
+    if environ is None or any(k in environ for k in env_keys):
         return None
+    guards = (*guards, *((environ, k, PLAN_ABSENT) for k in env_keys))
     args = (None, weight, bias, query, keys, bank_a, bank_b, tuple(slice_offsets), separation, scale, eps)
-    return _EvalPlan(_cpu_eval_linear, args, query_fn, tuple(guards), tuple(empty), variables, environ, env_keys,
-                     tuple(sources), tuple(x_dtypes), PLAN_ABSENT)
+    return _EvalPlan(_cpu_eval_linear, args, query_fn, guards, tuple(empty), variables, tuple(sources),
+                     tuple(x_dtypes), PLAN_ABSENT)
 
 
 def retrieval_weights(

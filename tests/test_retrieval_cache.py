@@ -555,6 +555,45 @@ def test_a_hook_added_after_planning_runs():
 
 
 @needs_plan
+@pytest.mark.parametrize("where", ["forward_hook", "forward_pre_hook", "global_forward_hook", "forward_patched"])
+def test_the_plan_never_skips_what_module_call_runs(where):
+    # The plan runs before nn.Module.__call__: it must step aside for anything that call would run.
+    layer, x = make_layer(), tokens()
+    plan = planned(layer, x)
+    seen = []
+    handle = None
+    if where == "forward_hook":
+        handle = layer.register_forward_hook(lambda m, args, out: seen.append(1))
+    elif where == "forward_pre_hook":
+        handle = layer.register_forward_pre_hook(lambda m, args: seen.append(1))
+    elif where == "global_forward_hook":
+        handle = torch.nn.modules.module.register_module_forward_hook(lambda m, args, out: seen.append(1))
+    else:
+        real = layer.forward
+        layer.forward = lambda x: seen.append(1) or real(x)
+    try:
+        with torch.no_grad():
+            got = layer(x)
+            layer(x)
+    finally:
+        if handle is not None:
+            handle.remove()
+    assert plan.stale and len(seen) >= 2
+    assert torch.equal(got, expected(layer, x))
+
+
+@needs_plan
+def test_jit_trace_records_the_op():
+    layer, x = make_layer(), tokens()
+    layer.requires_grad_(False)
+    layer.memory.requires_grad_(False)
+    planned(layer, x)
+    with torch.no_grad(), pytest.warns(FutureWarning):
+        traced = torch.jit.trace(layer, x, check_trace=False)
+    assert "mira::mira_linear" in [n.kind() for n in traced.graph.nodes()]
+
+
+@needs_plan
 def test_the_plan_steps_aside_where_the_op_has_work(monkeypatch):
     layer, x = make_layer(), tokens()
     plan = planned(layer, x)
@@ -570,15 +609,20 @@ def test_the_plan_steps_aside_where_the_op_has_work(monkeypatch):
             layer(x[..., :-1])  # a failed call changes nothing
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert layer(x).dtype == torch.bfloat16
-        monkeypatch.setenv("MIRA_CHECK_FINITE", "1")
-        with pytest.raises(ValueError, match="inf|NaN|finite"):
-            layer(torch.full_like(x, float("nan")))
-        monkeypatch.delenv("MIRA_CHECK_FINITE")
     # Grad on and a source requires grad: autograd records the op.
     layer.memory.keys.requires_grad_(True)
     layer(x).sum().backward()
     assert layer.memory.keys.grad is not None
     assert layer._eval_plan is plan and not plan.stale  # it stepped aside for those calls only
+    # A variable of the op's routing set: no plan while it is (the environment is guarded).
+    monkeypatch.setenv("MIRA_CHECK_FINITE", "1")
+    with torch.no_grad(), pytest.raises(ValueError, match="inf|NaN|finite"):
+        layer(torch.full_like(x, float("nan")))
+    with torch.no_grad():
+        layer(x)
+    assert plan.stale and layer._eval_plan.stale
+    monkeypatch.delenv("MIRA_CHECK_FINITE")
+    planned(layer, x)
     want = expected(layer, x)
     plan_only(monkeypatch)
     with torch.no_grad():
@@ -637,3 +681,9 @@ def test_compile_after_eager_calls_traces_the_layer():
         torch.testing.assert_close(compiled(x), expected(layer, x), rtol=1e-5, atol=1e-5)
         layer.memory.keys.mul_(-2.0)
         torch.testing.assert_close(compiled(x), expected(layer, x), rtol=1e-5, atol=1e-5)
+    # In place (Module.compile): the compiled call replaces nn.Module's, which a plan must not skip.
+    planned(layer, x)
+    layer.compile(fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), expected(layer, x), rtol=1e-5, atol=1e-5)
+    assert layer._compiled_call_impl is not None and layer._eval_plan.stale
