@@ -12,6 +12,7 @@ import csv
 import itertools
 import json
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -233,3 +234,22 @@ def test_sweep_summary_reads_a_pytest_benchmark_json(tmp_path):
     path.write_text(json.dumps(data))
     table = plots.sweep_summary(path)
     assert "| B8-r4-N30-fp32 | 20.00, 1.000, 400.0, 14.0 | 20.20, 1.010, 396.0, n/a | - | - |" in table
+
+
+def test_e2e_interval_study_recovers_a_known_overhead(tmp_path, capsys):
+    from benchmarks import e2e_interval
+
+    rng = np.random.default_rng(0)
+    backbone = 0.25 * np.exp(rng.normal(0, 0.05, 300))  # round-to-round drift, shared by the pair
+    fused = backbone * 1.02 * np.exp(rng.normal(0, 0.01, 300))
+    rec = {"commit": "x", "machine": {"cpu": "test"},
+           "results": [{"batch": 1, "end_to_end": {"seconds": 150.0, "times_s": {"fused": fused.tolist(),
+                                                                               "backbone": backbone.tolist()}}}]}
+    path = tmp_path / "records.jsonl"
+    path.write_text(json.dumps(rec) + "\n")
+    for name, est in e2e_interval.ESTIMATORS.items():
+        mid, lo, hi = e2e_interval.interval(est, fused, backbone, n_boot=200)
+        assert lo <= mid <= hi and lo < 2.0 < hi + 0.3, name
+    assert e2e_interval.main([str(path), "--target", "0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "median of ratios" in out and "0.5 pp: ~" in out
