@@ -255,6 +255,10 @@ void mark(Phase p) {
 constexpr double kNormEps = 1e-12;  // reference.NORM_EPS, the cosine's norm floor
 constexpr int64_t kRowBlock = 16;   // tokens per task: x rows (16 x d_in) and the output rows stay in L1/L2
 constexpr int64_t kFeatureGrain = 1024;
+// Mixing (mix_banks): threads split the columns in whole cache lines of floats, at least
+// kMixGrainLines (4 KiB) each; a pass over the slots covers up to kMixAccumulator accumulator
+// elements (64 KiB in float32: L2-resident on any x86-64 or Arm core in use).
+constexpr int64_t kMixLine = 16, kMixGrainLines = 64, kMixAccumulator = 16384;
 
 enum class Sep { Affine, Softmax, Relu, Tanh, Sigmoid, Identity };
 
@@ -520,13 +524,56 @@ void mix_rows(const Kernels<T>& K, const BankOperand& bank, int64_t offset, int6
   }
 }
 
-// Fills m (constructed for s): retrieval in double, then the mixing, parallel over feature chunks
-// of A and over (slice, chunk of kOutChunk output columns) of B, all tasks kOutChunk*r wide (the
-// N bank rows of a task, 30 KiB at r = 4 and N = 30, stay in L1 across the sample blocks). A B task
-// mixes its (kOutChunk, r) block of bank_b, contiguous in the bank's (S, d_s, r) layout, for a few
-// samples at a time and writes it transposed and scaled into Bt, so the expand can run along
-// contiguous output columns without a serial transpose pass. Every element is an ordered sum
-// over n, whatever the split.
+// The mixing: A_b = sum_n w[b,n] bank_a[n] and Bt_b = scale * (sum_n w[b,n] bank_b[n])^T, seen as
+// one row of F = Fa + Fb columns per slot (bank_a's row, then bank_b's; each bank's rows are
+// contiguous, so the whole of it is one array). Each thread takes one contiguous range of these
+// columns, whole cache lines, and sweeps every slot's part of it in slot order: every bank byte is
+// read once, in long sequential runs that the hardware prefetchers follow, and at batch 1, where
+// the banks come from DRAM on every call, the threads stream equal shares concurrently. (Split over
+// slots instead, the partial sums would need a reduction in a thread-dependent order.) The earlier
+// layout, 48 tasks of 1 KiB columns each reading its 1 KiB piece of all 30 bank rows, took 65.5 us
+// against 54.6 us for this one (Zen 4, batch 1, ViT-B/16 qkv, N = 30, 2 threads, the banks of 12
+// blocks cycled so that they come from DRAM, medians interleaved in one process), and
+// single-threaded 104 us against 72 us.
+// A pass over the slots covers at most kMixAccumulator accumulator elements (B rows of its
+// columns), so that at larger batches the accumulators stay in L2 while the bank rows stream past.
+// B's columns are mixed in the bank's (S, d_s, r) order into a per-thread buffer, then written
+// transposed and scaled into Bt. Every element is the same ordered FMA chain over n (axpy_block),
+// whatever the split, the pass width or the thread count.
+template <typename T>
+void mix_banks(const Kernels<T>& K, const Shapes& s, const BankOperand& ba, const BankOperand& bb, const T* w, T sc,
+               T* A, T* Bt) {
+  const int64_t Fa = s.SR * s.d_in, Fb = s.SR * s.d_s, F = Fa + Fb;
+  const int64_t lines = (F + kMixLine - 1) / kMixLine;
+  const int64_t width = std::max<int64_t>(kMixLine, kMixAccumulator / std::max<int64_t>(s.B, 1) / kMixLine * kMixLine);
+  at::parallel_for(0, lines, kMixGrainLines, [&](int64_t begin, int64_t end) {
+    std::vector<T> tmp;  // (B, this pass's columns of bank_b), in the bank's order
+    const int64_t f_end = std::min(end * kMixLine, F);
+    for (int64_t c0 = begin * kMixLine; c0 < f_end; c0 += width) {
+      const int64_t c1 = std::min(c0 + width, f_end);
+      if (c0 < Fa) mix_rows<T>(K, ba, c0, s.B, s.N, std::min(c1, Fa) - c0, w, s.N, 1, Fa, A + c0, Fa);
+      if (c1 <= Fa) continue;
+      const int64_t b0 = std::max(c0, Fa) - Fa, nb = c1 - Fa - b0;
+      tmp.resize(s.B * nb);
+      mix_rows<T>(K, bb, b0, s.B, s.N, nb, w, s.N, 1, Fb, tmp.data(), nb);
+      // Column f of bank_b's row is (slice, e, k) with f = (slice * d_s + e) * r + k.
+      for (int64_t b = 0; b < s.B; ++b) {
+        const T* t = tmp.data() + b * nb;
+        T* dst = Bt + b * Fb;
+        int64_t k = b0 % s.r, e = b0 / s.r % s.d_s, sl = b0 / (s.r * s.d_s);
+        for (int64_t i = 0; i < nb; ++i) {
+          dst[(sl * s.r + k) * s.d_s + e] = sc * t[i];
+          if (++k == s.r) {
+            k = 0;
+            if (++e == s.d_s) e = 0, ++sl;
+          }
+        }
+      }
+    }
+  });
+}
+
+// Fills m (constructed for s): retrieval in double, then the mixing (mix_banks).
 template <typename T>
 void prepare_memory(const IsaTable& isa, const Shapes& s, const at::Tensor& query, const at::Tensor& keys,
                     const at::Tensor& bank_a, const at::Tensor& bank_b, Sep sep, double scale, double eps,
@@ -536,38 +583,7 @@ void prepare_memory(const IsaTable& isa, const Shapes& s, const at::Tensor& quer
   retrieve_in_double(isa, s, query, keys, sep, eps, m, units);
   mark(kRetrieval);
   if (s.B == 0) return;
-
-  constexpr int64_t kOutChunk = 64, kSamples = 4;
-  const int64_t Fa = s.SR * s.d_in, Fb = s.SR * s.d_s;
-  const int64_t a_grain = kOutChunk * std::max<int64_t>(s.r, 1);  // A and B tasks of equal width
-  const int64_t a_tasks = (Fa + a_grain - 1) / a_grain;
-  const int64_t chunks = (s.d_s + kOutChunk - 1) / kOutChunk;
-  const T* w = m.weights.data();
-  const T sc = T(scale);
-  at::parallel_for(0, a_tasks + s.S * chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> tmp;  // (kSamples, kOutChunk * r): one per task range
-    for (int64_t task = begin; task < end; ++task) {
-      if (task < a_tasks) {
-        const int64_t f0 = task * a_grain, n = std::min(a_grain, Fa - f0);
-        mix_rows<T>(K, ba, f0, s.B, s.N, n, w, s.N, 1, Fa, m.A + f0, Fa);
-        continue;
-      }
-      const int64_t sl = (task - a_tasks) / chunks, e0 = ((task - a_tasks) % chunks) * kOutChunk;
-      const int64_t ne = std::min(kOutChunk, s.d_s - e0), width = ne * s.r;
-      tmp.resize(kSamples * kOutChunk * s.r);
-      const int64_t src = (sl * s.d_s + e0) * s.r;  // bank_b[n, sl, e0:e0+ne, :], row stride Fb
-      for (int64_t b0 = 0; b0 < s.B; b0 += kSamples) {
-        const int64_t nb = std::min(kSamples, s.B - b0);
-        mix_rows<T>(K, bb, src, nb, s.N, width, w + b0 * s.N, s.N, 1, Fb, tmp.data(), width);
-        for (int64_t j = 0; j < nb; ++j) {
-          T* dst = m.Bt + (b0 + j) * Fb + sl * s.r * s.d_s + e0;
-          const T* t = tmp.data() + j * width;
-          for (int64_t k2 = 0; k2 < s.r; ++k2)
-            for (int64_t e = 0; e < ne; ++e) dst[k2 * s.d_s + e] = sc * t[e * s.r + k2];
-        }
-      }
-    }
-  });
+  mix_banks<T>(K, s, ba, bb, m.weights.data(), T(scale), m.A, m.Bt);
   mark(kMixing);
 }
 
@@ -581,11 +597,16 @@ void prepare_memory(const IsaTable& isa, const Shapes& s, const at::Tensor& quer
 // took ~190 us, about what writing the 1.8 MB output cold costs when it is not written linearly):
 //  - the threads split the B*T rows evenly (a split into whole 16-row blocks gave 112 / 85 rows at
 //    T = 197), a block of up to kRowBlock rows never crossing a sample;
-//  - per block, the shrink h = x A_b^T, then the output is written row pair by row pair, each pair
+//  - per block, the shrink h = x A_b^T, then the output is written kRowsPerSweep rows at a time,
 //    left to right: the slices' expand (bias + h B_b^T) and the bias copies of the columns between
 //    them in one ascending sweep, so every written line is a sequential store stream that the
 //    hardware prefetchers follow (the old layout swept each slice over all rows of the block,
-//    then the gaps: three interleaved strided streams per row).
+//    then the gaps: three interleaved strided streams per row). Four rows per sweep, the expand's
+//    register tile on AVX-512 (two tiles of two on AVX2), load each B_b vector once for the four
+//    (with two rows per sweep the AVX-512 expand ran two one-row tiles): single-threaded on a Zen 4
+//    (batch 1, 12 blocks cycled, cold output) the pass's time over the bias-only pass went from
+//    141 us to 91 us; one row per sweep, the stores one stream but B_b reloaded for every row,
+//    was slower than either.
 // Every element is still the same ordered FMA chain (axpy_block), so the values are unchanged.
 template <typename T>
 void apply_rows(const Kernels<T>& K, const Shapes& s, const Memory<T>& m, const T* x, T* y, int64_t d_out,
@@ -611,7 +632,7 @@ void apply_rows(const Kernels<T>& K, const Shapes& s, const Memory<T>& m, const 
     if (lo < d_out) segments.push_back({lo, d_out, -1});
   }
   const int64_t Fa = s.SR * s.d_in, Fb = s.S * s.r * s.d_s;
-  constexpr int64_t kRowsPerSweep = 2;  // rows written together: B_b's vectors loaded once for both
+  constexpr int64_t kRowsPerSweep = 4;  // rows written together: B_b's vectors loaded once for them
   TORCH_INTERNAL_ASSERT_DEBUG_ONLY(s.N > 0, "the ops handle an empty memory without the row pass");
   at::parallel_for(0, s.B * s.T, kRowBlock, [&](int64_t begin, int64_t end) {
     std::vector<T> h(kRowBlock * std::max<int64_t>(s.SR, 1));  // one buffer per thread, not per block
