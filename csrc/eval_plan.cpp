@@ -370,17 +370,25 @@ PyObject* plan_call(PyObject* self, PyObject* const* args, size_t nargsf, PyObje
     if (r < 0) return nullptr;
     Py_RETURN_NONE;
   }
+  // Owned for the call: the query module's Python code, or another thread while the kernel runs
+  // without the GIL, may make the plan stale, which lets go of these.
+  PyObject* held = p->args;
+  PyObject* fn = p->fn;
+  PyObject* query_fn = p->query_fn;
+  Py_INCREF(held);
+  Py_INCREF(fn);
+  Py_INCREF(query_fn);
   PyObject* argv[11];
-  for (Py_ssize_t i = 0; i < 11; ++i) argv[i] = PyTuple_GET_ITEM(p->args, i);
+  for (Py_ssize_t i = 0; i < 11; ++i) argv[i] = PyTuple_GET_ITEM(held, i);
   argv[0] = x;
   PyObject* query = nullptr;
-  if (p->query_fn != Py_None) {
-    query = PyObject_CallOneArg(p->query_fn, x);
-    if (query == nullptr) return nullptr;
-    argv[3] = query;
-  }
-  PyObject* y = PyObject_Vectorcall(p->fn, argv, 11, nullptr);
+  PyObject* y = nullptr;
+  if (query_fn != Py_None) query = argv[3] = PyObject_CallOneArg(query_fn, x);
+  if (query_fn == Py_None || query != nullptr) y = PyObject_Vectorcall(fn, argv, 11, nullptr);
   Py_XDECREF(query);
+  Py_DECREF(query_fn);
+  Py_DECREF(fn);
+  Py_DECREF(held);
   return y;
 }
 

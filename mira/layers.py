@@ -19,6 +19,13 @@ A projection can also hold a fixed update in its base weight (:mod:`mira.merge`:
 merged, or a fixed mixture of the memory folded); it then runs the base layer alone, in every
 stage, until the update is taken out again.
 
+Eval calls on CPU are replayed: the first one makes a plan of the call (the fast path's arguments,
+the derived keys, the query as a token index or the memory's ``make_query``), and the next ones run
+it from C (``csrc/eval_plan.cpp``) before nn.Module's call machinery, after checking that every
+object the forward and that machinery would read is unchanged (attributes, parameter, buffer and
+hook dicts, config fields, the derived tensors' sources, the backend settings). Anything else (a
+change, grad needed, autocast, a mode, another device, torch.compile) takes the forward below.
+
 The query comes from the projection's own input. In a timm attention block that input is
 the attention input (LN1's output); :func:`mira.attach` verifies this on a dry run for every
 block it adapts, so no hook has to carry activations from one module to another (which would

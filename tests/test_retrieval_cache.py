@@ -687,3 +687,30 @@ def test_compile_after_eager_calls_traces_the_layer():
     with torch.no_grad():
         torch.testing.assert_close(layer(x), expected(layer, x), rtol=1e-5, atol=1e-5)
     assert layer._compiled_call_impl is not None and layer._eval_plan.stale
+
+
+@needs_plan
+def test_a_plan_made_stale_during_its_own_call_finishes_that_call():
+    # The query module's Python code runs inside the plan's call (query="linear"): if it changes
+    # what the plan guards, the plan lets go of its objects while the call still uses them.
+    layer, x = make_layer(query="linear"), tokens()
+    plan = planned(layer, x)
+    want = expected(layer, x)
+    fired = []
+
+    def hook(module, args, out):
+        if not fired:
+            fired.append(1)
+            layer.memory.config.scale = 1.0 * layer.memory.config.scale  # a new float object: stale
+            assert plan.check(x) is False and plan.stale
+            gc.collect()
+        return out
+
+    handle = layer.memory.query_module.register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            assert torch.equal(layer(x), want)  # this call, with the objects it started with
+            assert torch.equal(layer(x), want)  # the next: a fresh plan (the hook keeps the query module's path)
+    finally:
+        handle.remove()
+    assert fired
