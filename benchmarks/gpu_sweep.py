@@ -136,8 +136,15 @@ def variants(dtype_name: str, batch: int, tokens: int) -> list[Variant]:
     # (vs the planner's 12: the score chain's share).
     diagnostics = [G("no-adapter", 1, problem="no-adapter"), G("unfolded", 1, fold=False),
                    P("unfolded", 2, fold=False), R("dk64", 1, problem="dk64")]
+    # The fourth sweep (9c67b4a): the cosine loop is ~14 of the retrieval's 20 us at B <= 8 (dk64:
+    # 6.5 us) and ncu shows it issue-bound (one warp per scheduler, 5.3 cycles per instruction):
+    # cosines on FMA units ("ieee", fp32 rounding to nearest) take 28% fewer instructions per d_k
+    # element than 3xTF32 (sm_90 SASS); 32-wide steps keep fewer operand registers.
+    candidates = [R("ieee-scores", 1, retrieve=dict(score_precision="ieee")),
+                  R("ieee-scores-k32", 2, retrieve=dict(score_precision="ieee", block_k=32)),
+                  P("ieee-scores", 1, retrieve=dict(score_precision="ieee"))]
     if dtype_name in ("bfloat16", "float16"):
-        out += diagnostics
+        out += candidates + diagnostics
         # Spills from `--dry-run --lower 90` (Triton 3.6): the planner's retrieval has 8 bytes of stack
         # at 168 registers; BLOCK_K=256 spilled 488-712 bytes (4 or 8 warps), so K steps stop at 128.
         out += [
@@ -258,7 +265,7 @@ def _launch(launches, name: str):
 
 
 _SHOWN = ("BLOCK_B", "BLOCK_K", "BLOCK_F", "NC", "BLOCK_M", "BLOCK_N", "GROUPS", "TILES", "SPB", "J_PAD", "LORA",
-          "USE_PDL")
+          "USE_PDL", "SCORE_PRECISION")
 
 
 def params(launch) -> dict:
@@ -270,7 +277,8 @@ def params(launch) -> dict:
     return p
 
 
-_RETRIEVE_FIELDS = dict(block_b="BLOCK_B", block_k="BLOCK_K", block_f="BLOCK_F", slot_chunk="NC")
+_RETRIEVE_FIELDS = dict(block_b="BLOCK_B", block_k="BLOCK_K", block_f="BLOCK_F", slot_chunk="NC",
+                        score_precision="SCORE_PRECISION")
 _GEMM_FIELDS = dict(block_m="BLOCK_M", block_n="BLOCK_N", block_k="BLOCK_K")
 
 

@@ -84,6 +84,10 @@ class RetrieveConfig:
     block_f: int
     slot_chunk: int
     num_warps: int
+    #: The cosines' dot precision; None: the precision rule's (launchers). Sweeps set "ieee" (fp32 on
+    #: FMA units) for 16-bit x, whose rule says 3xTF32: 28% fewer instructions per d_k element in the
+    #: cosine loop (sm_90 SASS), the loop being ~14 of the retrieval's 20 us at B <= 8 (H200 sweep).
+    score_precision: str | None = None
 
 
 @dataclass(frozen=True)

@@ -136,12 +136,18 @@ def _wide_forward_scores(x_dtype: torch.dtype) -> bool:
     return x_dtype == torch.float32
 
 
-#: d_k step of the fp64 cosines (products on FMA units, a (BLOCK_B, N, WIDE_BLOCK_K) fp64 tile per step): 16 spilled
-#: 56 bytes on sm_90 (fp32 x), 8 none on sm_80 / sm_90 with 16- or 32-bit queries (ahead-of-time sweep).
+#: d_k step of the fp64 cosines at 32-slot chunks (products on FMA units, a (BLOCK_B, NC, step) fp64
+#: tile per step; wider chunks take proportionally narrower steps): 16 spilled 56 bytes on sm_90
+#: (fp32 x), 8 none on sm_80 / sm_90 with 16- or 32-bit queries (ahead-of-time sweep).
 WIDE_BLOCK_K = 8
-#: Registers of the retrieval with fp64 cosines: ptxas chose 96-168 and left 8 bytes of stack in 3 of 8
-#: backward cases (sm_80, sm_90), a cap of 128 in 2; with 160 none spills (ahead-of-time sweep).
-WIDE_MAXNREG = 160
+#: Registers of the retrieval with fp64 cosines (FMA units): with 192, no stack in 32 cases (forward and
+#: backward, fp32 x with and without TF32, N = 30 and 256, r = 4 and 64, sm_80 and sm_90; Triton 3.8);
+#: 160 left 8 bytes at N = 256 on sm_80, ptxas's own choice (72-178) 8-24 bytes in 9.
+WIDE_MAXNREG = 192
+#: Registers of the other retrievals: ptxas's own choice (168) left 8-16 bytes of stack in 12 of 32
+#: 16-bit forward cases with the layers' 16-bit CLS query on sm_90 (B = 1-256, r = 4 and 16; Triton
+#: 3.8), 255 in none. At most one ~64-program wave runs (configs.RETRIEVE_PROGRAMS): occupancy is moot.
+RETRIEVE_MAXNREG = 255
 
 #: ``input_precision`` of the backward's dw = <dA_b, bank_a> + <dB_b, bank_b> (d_in S r + d_s S r long
 #: sums, scaled like the cosines by about 1/sum^2 into dquery): "ieee", fp32 on FMA units (rounding
@@ -276,8 +282,9 @@ def _plan_retrieve(sh: _Shapes, query, keys, bank_a, bank_b, separation, eps, sa
     b_tiles = triton_cdiv(sh.B, cfg.block_b)
     split = configs.retrieve_split(b_tiles, triton_cdiv(max(sh.fa, sh.fb), cfg.block_f))
     one_chunk = sh.N <= cfg.slot_chunk
-    # fp64 cosines hold twice the operand registers: 64-wide d_k steps spilled 24 bytes on sm_90, 32-wide 8.
-    block_k = min(cfg.block_k, WIDE_BLOCK_K) if wide_scores else cfg.block_k
+    # fp64 cosines on FMA units hold a (BLOCK_B, NC, block_k) product tile: WIDE_BLOCK_K steps at 32-slot
+    # chunks, narrower ones at wider chunks (64 slots at 8 wide left 16 bytes of stack on sm_80).
+    block_k = max(1, min(cfg.block_k, WIDE_BLOCK_K * 32 // cfg.slot_chunk)) if wide_scores else cfg.block_k
     scratch = stats if one_chunk else torch.empty(b_tiles * split, cfg.block_b, sh.N, dtype=ct, device=device)
     launches.append(Launch(
         "retrieve", kernels._mira_retrieve_kernel, (b_tiles, split),
@@ -289,9 +296,10 @@ def _plan_retrieve(sh: _Shapes, query, keys, bank_a, bank_b, separation, eps, sa
              stride_kk=keys.stride(1)),
         dict(SEPARATION=SEPARATION_CODES[separation], SAVE_STATS=bool(save_stats), NC=cfg.slot_chunk,
              ONE_CHUNK=one_chunk, BLOCK_B=cfg.block_b, BLOCK_K=block_k, BLOCK_F=cfg.block_f,
-             SCORE_PRECISION=_accurate(precision), MIX_PRECISION=_accurate(precision), USE_PDL=bool(pdl),
+             SCORE_PRECISION=cfg.score_precision or _accurate(precision), MIX_PRECISION=_accurate(precision),
+             USE_PDL=bool(pdl),
              WIDE_SCORES=bool(wide_scores)),
-        num_warps=cfg.num_warps, num_stages=2, maxnreg=WIDE_MAXNREG if wide_scores else None,
+        num_warps=cfg.num_warps, num_stages=2, maxnreg=WIDE_MAXNREG if wide_scores else RETRIEVE_MAXNREG,
     ))
     return mixed
 
@@ -657,7 +665,11 @@ def plan_linear_backward(grad_out, x, weight, query, keys, bank_a, bank_b, slice
         ))
         dz = torch.empty(sh.B, sh.N, dtype=sh.ct, **dev)
         score_precision = _score_precision(lora_precision)
-        k_chunks = triton_cdiv(sh.d_k, mem.grad_k) if need_q else 1
+        # 4 warps and 16-wide d_k chunks: the only pair of (8, 4) warps x (16, 32) columns with no stack
+        # on sm_80 and sm_90 across 16- and 32-bit x at B = 1-256 (8 warps with 32 held 64 registers and
+        # spilled with the layers' 16-bit CLS query; ahead-of-time, Triton 3.8).
+        dq_block_k = min(mem.grad_k, 16)
+        k_chunks = triton_cdiv(sh.d_k, dq_block_k) if need_q else 1
         launches.append(Launch(
             "scores_bwd", kernels._mira_scores_bwd_kernel, (b_tiles, k_chunks),
             dict(partial_ptr=partial, scores_ptr=mixed.scores, weights_ptr=mixed.weights, qnorm_ptr=mixed.qnorm,
@@ -666,9 +678,7 @@ def plan_linear_backward(grad_out, x, weight, query, keys, bank_a, bank_b, slice
                  stride_qb=query.stride(0), stride_qk=query.stride(1), stride_kn=keys.stride(0),
                  stride_kk=keys.stride(1)),
             dict(SEPARATION=SEPARATION_CODES[separation], NEED_Q=need_q, NC=mem.slot_chunk, BLOCK_B=mem.block_b,
-                 BLOCK_K=mem.grad_k, SCORE_PRECISION=score_precision, WIDE_SCORES=_wide_scores(sh.ct)),
-            # 4 warps: at 8 ptxas held 64 registers and left 8 bytes of stack with a 16-bit query (the
-            # layers' CLS view; sm_90, B = 1 and 8); at 4, 84-96 registers, none (ahead-of-time, Triton 3.8).
+                 BLOCK_K=dq_block_k, SCORE_PRECISION=score_precision, WIDE_SCORES=_wide_scores(sh.ct)),
             num_warps=4, num_stages=2,
         ))
         if need_k:
