@@ -140,9 +140,18 @@ def variants(dtype_name: str, batch: int, tokens: int) -> list[Variant]:
     # 6.5 us) and ncu shows it issue-bound (one warp per scheduler, 5.3 cycles per instruction):
     # cosines on FMA units ("ieee", fp32 rounding to nearest) take 28% fewer instructions per d_k
     # element than 3xTF32 (sm_90 SASS); 32-wide steps keep fewer operand registers.
+    # At small batch the 16-sample tile is mostly padding (B = 1: 15 of 16 rows): FMA-unit dots on
+    # a tile of next_pow2(B) rows (tl.dot allows M >= 1 for 32-bit operands) take 245 instead of 725
+    # instructions per cosine step, and FMA mixing 116-156 instead of 297 per column chunk (sm_90 SASS).
     candidates = [R("ieee-scores", 1, retrieve=dict(score_precision="ieee")),
                   R("ieee-scores-k32", 2, retrieve=dict(score_precision="ieee", block_k=32)),
                   P("ieee-scores", 1, retrieve=dict(score_precision="ieee"))]
+    if batch < 16:
+        small = dict(block_b=1 << (batch - 1).bit_length(), score_precision="ieee")
+        candidates += [R("small-tile", 1, retrieve=small),
+                       R("small-tile-fma-mix", 1, retrieve=dict(small, mix_precision="ieee")),
+                       P("small-tile", 1, retrieve=small),
+                       P("small-tile-fma-mix", 1, retrieve=dict(small, mix_precision="ieee"))]
     if dtype_name in ("bfloat16", "float16"):
         out += candidates + diagnostics
         # Spills from `--dry-run --lower 90` (Triton 3.6): the planner's retrieval has 8 bytes of stack
@@ -278,7 +287,7 @@ def params(launch) -> dict:
 
 
 _RETRIEVE_FIELDS = dict(block_b="BLOCK_B", block_k="BLOCK_K", block_f="BLOCK_F", slot_chunk="NC",
-                        score_precision="SCORE_PRECISION")
+                        score_precision="SCORE_PRECISION", mix_precision="MIX_PRECISION")
 _GEMM_FIELDS = dict(block_m="BLOCK_M", block_n="BLOCK_N", block_k="BLOCK_K")
 
 

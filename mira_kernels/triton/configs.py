@@ -88,6 +88,10 @@ class RetrieveConfig:
     #: FMA units) for 16-bit x, whose rule says 3xTF32: 28% fewer instructions per d_k element in the
     #: cosine loop (sm_90 SASS), the loop being ~14 of the retrieval's 20 us at B <= 8 (H200 sweep).
     score_precision: str | None = None
+    #: The mixing dots' precision; None: the rule's (launchers). Sweeps set "ieee" with small sample
+    #: tiles (BLOCK_B < 16), where FMA units do the (BLOCK_B, NC) x (NC, BLOCK_F) product in fewer
+    #: instructions than tensor cores' 3xTF32 on a padded tile.
+    mix_precision: str | None = None
 
 
 @dataclass(frozen=True)
