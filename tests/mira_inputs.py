@@ -126,3 +126,19 @@ def cls_query_forward_backward(inp, grad_out, backend, scale=1.0):
                            separation="affine", scale=scale)
         y.backward(grad_out.to(y.dtype))
     return y.detach(), [t.grad for t in leaves]
+
+
+def check_cls_query_against_spec(inp, exact, grad_out, backend, what, forward_bound=None):
+    """The projection with the CLS-view query (:func:`cls_query_forward_backward`) on ``backend``
+    against the float64 spec (``exact``: the same values in float64): y within 2x PyTorch's own error
+    at the dtype, or inside the elementwise ``forward_bound`` when given; every gradient within 3x."""
+    y, grads = cls_query_forward_backward(inp, grad_out, backend)
+    want, want_g = cls_query_forward_backward(exact, grad_out, "reference")
+    same, same_g = cls_query_forward_backward(inp, grad_out, "reference")
+    if forward_bound is None:
+        assert_close_to_spec(y, want, same, factor=2.0, what=f"forward {what}")
+    else:
+        excess = ((y.double() - want.double()).abs() - forward_bound).max().item()
+        assert excess <= 0, f"forward {what}: outside the bound by {excess:.3e}"
+    for name, got, w, s in zip(("x", "keys", "bank_a", "bank_b"), grads, want_g, same_g):
+        assert_close_to_spec(got, w, s, factor=3.0, what=f"d{name} {what}")

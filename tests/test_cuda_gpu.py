@@ -12,7 +12,7 @@ import torch
 import mira_kernels as mk
 from mira_kernels import reference
 from mira_kernels.reference import SEPARATIONS
-from tests.mira_inputs import assert_close_to_spec, cls_query_forward_backward, make_inputs
+from tests.mira_inputs import assert_close_to_spec, check_cls_query_against_spec, make_inputs
 
 pytestmark = [
     pytest.mark.gpu,
@@ -340,12 +340,7 @@ def test_cls_view_query_as_the_layers_pass_it(dtype, batch):
     # a 16-bit load), which the other tests' float32 queries never reach.
     inp = _cuda(make_inputs(**{**VIT_B, "B": batch}, dtype=torch.float64), dtype)
     grad_out = torch.randn(batch, VIT_B["T"], VIT_B["d_out"], device="cuda", dtype=torch.float64)
-    y, grads = cls_query_forward_backward(inp, grad_out, "cuda")
-    want, want_g = cls_query_forward_backward(_cuda(inp, torch.float64), grad_out, "reference")
-    same, same_g = cls_query_forward_backward(inp, grad_out, "reference")
-    assert_close_to_spec(y, want, same, factor=2.0, what=f"forward {dtype} B={batch}")
-    for name, got, w, s in zip(("x", "keys", "bank_a", "bank_b"), grads, want_g, same_g):
-        assert_close_to_spec(got, w, s, factor=3.0, what=f"d{name} {dtype} B={batch}")
+    check_cls_query_against_spec(inp, _cuda(inp, torch.float64), grad_out, "cuda", f"{dtype} B={batch}")
 
 
 def test_vit_b_batch_64_negative_float32():
