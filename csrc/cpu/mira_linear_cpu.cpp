@@ -255,7 +255,7 @@ void mark(Phase p) {
 constexpr double kNormEps = 1e-12;  // reference.NORM_EPS, the cosine's norm floor
 constexpr int64_t kRowBlock = 16;   // tokens per task: x rows (16 x d_in) and the output rows stay in L1/L2
 constexpr int64_t kFeatureGrain = 1024;
-// Mixing (mix_banks): threads split the columns in whole cache lines of floats, at least
+// Mixing (mix_columns): threads split the columns in whole cache lines of floats, at least
 // kMixGrainLines (4 KiB) each; a pass over the slots covers up to kMixAccumulator accumulator
 // elements (64 KiB in float32: L2-resident on any x86-64 or Arm core in use).
 constexpr int64_t kMixLine = 16, kMixGrainLines = 64, kMixAccumulator = 16384;
@@ -413,14 +413,10 @@ void row_in_double(const at::Tensor& t, int64_t i, double* out) {
 // z[b,n] = (q_b . k_n) / (max(|q_b|, 1e-12) max(|k_n|, 1e-12)), the contract's cosine, from one
 // pass over the keys: each key row is read once, into double, and dotted with itself and with every
 // query; no normalised copy of the keys is written unless the backward needs it (`units`). The
-// forward and the backward both score this way, so they see the same weights. Parallel over the
-// keys: with them cold after the GEMM, two threads keep twice the misses in flight (serial, the
-// older two-region version of this was ~55 us at B = 8, N = 30). At B = 1 on a 2-core Zen 3 the
-// whole retrieval took 52-61 us with cold caches before (scratch vectors, two parallel regions,
-// copies), which is what this form removes. Serial at B = 1 is no cheaper: with every call's
-// keys run on one thread, interleaved with this form in one process (quiet, cold caches, ViT-B/16
-// block 0, N = 30), the retrieval phase took 32.7 us against 30.2 us (medians); what remains is
-// cold code and the keys' DRAM reads, not OpenMP start-up (the threads still spin after the GEMM).
+// forward and the backward both score this way, so they see the same weights. `serial`: all keys on
+// the calling thread (see prepare_memory); else parallel over the keys: cold after the GEMM, two
+// threads keep twice the misses in flight (serial, an older two-region version of this was ~55 us
+// at B = 8, N = 30).
 // The norm of row u (n doubles) and the cosine's denominator for it, max(||u||, 1e-12), exact: where
 // ||u||^2 overflows (float64 rows beyond ~1e154, or an inf entry) the row is divided in place by
 // m = max_j |u_j| first (||u|| = m ||u / m||, as reference.normalize); the denominator is then that of
@@ -441,9 +437,14 @@ std::pair<double, double> exact_norm(const Kernels<double>& K, double* u, int64_
   return {m * scaled, scaled};
 }
 
+// Below this many multiply-adds (B * N * d_k) a forward call scores the keys inside the mixing's
+// parallel region (prepare_memory): 30 keys of 768 at batch 1 are 23K.
+constexpr int64_t kKeyGrain = 8, kSerialScoreMacs = int64_t(1) << 16;
+
 template <typename T>
 void retrieve_in_double(const IsaTable& isa, const Shapes& s, const at::Tensor& query, const at::Tensor& keys,
-                        Sep sep, double eps, Memory<T>& m, bool units) {
+                        Sep sep, double eps, bool serial, std::vector<T>& weights_out, Memory<T>* units_out) {
+  const bool units = units_out != nullptr;
   const Kernels<double>& K = kernels_of<double>(isa);
   std::vector<double> q(s.B * s.d_k), q_norm(s.B), k_norm(s.N), dots(s.B * s.N), k_unit(units ? s.N * s.d_k : 0);
   std::vector<double> q_den(s.B), k_den(s.N);  // the cosine's denominators (exact_norm)
@@ -452,8 +453,7 @@ void retrieve_in_double(const IsaTable& isa, const Shapes& s, const at::Tensor& 
     row_in_double(query, b, qb);
     std::tie(q_norm[b], q_den[b]) = exact_norm(K, qb, s.d_k);
   }
-  constexpr int64_t kKeyGrain = 8;
-  at::parallel_for(0, s.N, kKeyGrain, [&](int64_t begin, int64_t end) {
+  const auto score = [&](int64_t begin, int64_t end) {
     std::vector<double> row(s.d_k);
     for (int64_t n = begin; n < end; ++n) {
       row_in_double(keys, n, row.data());
@@ -464,14 +464,19 @@ void retrieve_in_double(const IsaTable& isa, const Shapes& s, const at::Tensor& 
         for (int64_t j = 0; j < s.d_k; ++j) k_unit[n * s.d_k + j] = row[j] * inv;
       }
     }
-  });
+  };
+  if (serial)
+    score(0, s.N);
+  else
+    at::parallel_for(0, s.N, kKeyGrain, score);
   std::vector<double> weights(s.B * s.N);
   for (int64_t b = 0; b < s.B; ++b)
     for (int64_t n = 0; n < s.N; ++n)
       dots[b * s.N + n] /= q_den[b] * k_den[n];
   separate_rows(sep, dots.data(), weights.data(), s.B, s.N, eps);
-  m.weights.assign(weights.begin(), weights.end());
+  weights_out.assign(weights.begin(), weights.end());
   if (!units) return;
+  Memory<T>& m = *units_out;
   m.q_unit.resize(s.B * s.d_k);
   for (int64_t b = 0; b < s.B; ++b) {
     const double inv = 1.0 / q_den[b];
@@ -540,50 +545,77 @@ void mix_rows(const Kernels<T>& K, const BankOperand& bank, int64_t offset, int6
 // B's columns are mixed in the bank's (S, d_s, r) order into a per-thread buffer, then written
 // transposed and scaled into Bt. Every element is the same ordered FMA chain over n (axpy_block),
 // whatever the split, the pass width or the thread count.
+// This function mixes the columns of cache lines [begin, end) (kMixLine columns each, mix_lines in
+// all); the caller splits the lines among the threads (prepare_memory).
 template <typename T>
-void mix_banks(const Kernels<T>& K, const Shapes& s, const BankOperand& ba, const BankOperand& bb, const T* w, T sc,
-               T* A, T* Bt) {
+void mix_columns(const Kernels<T>& K, const Shapes& s, const BankOperand& ba, const BankOperand& bb, const T* w,
+                 T sc, T* A, T* Bt, int64_t begin, int64_t end) {
   const int64_t Fa = s.SR * s.d_in, Fb = s.SR * s.d_s, F = Fa + Fb;
-  const int64_t lines = (F + kMixLine - 1) / kMixLine;
   const int64_t width = std::max<int64_t>(kMixLine, kMixAccumulator / std::max<int64_t>(s.B, 1) / kMixLine * kMixLine);
-  at::parallel_for(0, lines, kMixGrainLines, [&](int64_t begin, int64_t end) {
-    std::vector<T> tmp;  // (B, this pass's columns of bank_b), in the bank's order
-    const int64_t f_end = std::min(end * kMixLine, F);
-    for (int64_t c0 = begin * kMixLine; c0 < f_end; c0 += width) {
-      const int64_t c1 = std::min(c0 + width, f_end);
-      if (c0 < Fa) mix_rows<T>(K, ba, c0, s.B, s.N, std::min(c1, Fa) - c0, w, s.N, 1, Fa, A + c0, Fa);
-      if (c1 <= Fa) continue;
-      const int64_t b0 = std::max(c0, Fa) - Fa, nb = c1 - Fa - b0;
-      tmp.resize(s.B * nb);
-      mix_rows<T>(K, bb, b0, s.B, s.N, nb, w, s.N, 1, Fb, tmp.data(), nb);
-      // Column f of bank_b's row is (slice, e, k) with f = (slice * d_s + e) * r + k.
-      for (int64_t b = 0; b < s.B; ++b) {
-        const T* t = tmp.data() + b * nb;
-        T* dst = Bt + b * Fb;
-        int64_t k = b0 % s.r, e = b0 / s.r % s.d_s, sl = b0 / (s.r * s.d_s);
-        for (int64_t i = 0; i < nb; ++i) {
-          dst[(sl * s.r + k) * s.d_s + e] = sc * t[i];
-          if (++k == s.r) {
-            k = 0;
-            if (++e == s.d_s) e = 0, ++sl;
-          }
+  std::vector<T> tmp;  // (B, this pass's columns of bank_b), in the bank's order
+  const int64_t f_end = std::min(end * kMixLine, F);
+  for (int64_t c0 = begin * kMixLine; c0 < f_end; c0 += width) {
+    const int64_t c1 = std::min(c0 + width, f_end);
+    if (c0 < Fa) mix_rows<T>(K, ba, c0, s.B, s.N, std::min(c1, Fa) - c0, w, s.N, 1, Fa, A + c0, Fa);
+    if (c1 <= Fa) continue;
+    const int64_t b0 = std::max(c0, Fa) - Fa, nb = c1 - Fa - b0;
+    tmp.resize(s.B * nb);
+    mix_rows<T>(K, bb, b0, s.B, s.N, nb, w, s.N, 1, Fb, tmp.data(), nb);
+    // Column f of bank_b's row is (slice, e, k) with f = (slice * d_s + e) * r + k.
+    for (int64_t b = 0; b < s.B; ++b) {
+      const T* t = tmp.data() + b * nb;
+      T* dst = Bt + b * Fb;
+      int64_t k = b0 % s.r, e = b0 / s.r % s.d_s, sl = b0 / (s.r * s.d_s);
+      for (int64_t i = 0; i < nb; ++i) {
+        dst[(sl * s.r + k) * s.d_s + e] = sc * t[i];
+        if (++k == s.r) {
+          k = 0;
+          if (++e == s.d_s) e = 0, ++sl;
         }
       }
     }
-  });
+  }
 }
 
-// Fills m (constructed for s): retrieval in double, then the mixing (mix_banks).
+// Cache lines of mixing columns, F = S*r*(d_in + d_s) columns in all.
+int64_t mix_lines(const Shapes& s) { return (s.SR * (s.d_in + s.d_s) + kMixLine - 1) / kMixLine; }
+
+// Fills m (constructed for s): retrieval in double, then the mixing (mix_columns), the threads
+// splitting the columns. A small retrieval (below kSerialScoreMacs) of a forward call runs inside
+// the mixing's parallel region instead, on every thread: each thread scores the keys itself (the
+// same code on the same inputs, so the same weights, bit for bit) and goes on to its columns, with
+// no barrier between. Why: at batch 1 the scoring is tiny, and its own parallel region costs more
+// than it saves. The first region of a call pays for waking the other threads (~8 us here between
+// calls), wherever it is: on a 2-core Zen 4 with the retrieval serial, its phase took 25.5 us
+// against 33.5 us parallel, but the mixing then took 61.3 us against 52.2 (medians, one process).
+// In one region the calling thread scores while the others wake up: retrieval + mixing measured
+// 73 / 85 / 85 us against 76 / 92 / 98 us for the two regions (3 alternated runs, load ~2.1), and
+// it is one region fewer per call: with other work on the machine (load 3-4 on 2 cores) each
+// region, waiting for a descheduled thread, cost ~8 ms. The backward, which keeps the unit vectors, and larger
+// retrievals score the keys first (serially too when small, in parallel over the keys otherwise).
 template <typename T>
 void prepare_memory(const IsaTable& isa, const Shapes& s, const at::Tensor& query, const at::Tensor& keys,
                     const at::Tensor& bank_a, const at::Tensor& bank_b, Sep sep, double scale, double eps,
                     Memory<T>& m, bool units) {
   const Kernels<T>& K = kernels_of<T>(isa);
   const BankOperand ba = bank_operand<T>(bank_a), bb = bank_operand<T>(bank_b);
-  retrieve_in_double(isa, s, query, keys, sep, eps, m, units);
-  mark(kRetrieval);
-  if (s.B == 0) return;
-  mix_banks<T>(K, s, ba, bb, m.weights.data(), T(scale), m.A, m.Bt);
+  const bool small = s.B * s.N * s.d_k < kSerialScoreMacs;
+  const T sc = T(scale);
+  if (units || !small || s.B == 0) {
+    retrieve_in_double(isa, s, query, keys, sep, eps, small, m.weights, units ? &m : nullptr);
+    mark(kRetrieval);
+    if (s.B == 0) return;
+    at::parallel_for(0, mix_lines(s), kMixGrainLines, [&](int64_t begin, int64_t end) {
+      mix_columns<T>(K, s, ba, bb, m.weights.data(), sc, m.A, m.Bt, begin, end);
+    });
+  } else {
+    at::parallel_for(0, mix_lines(s), kMixGrainLines, [&](int64_t begin, int64_t end) {
+      std::vector<T> w;
+      retrieve_in_double<T>(isa, s, query, keys, sep, eps, true, w, nullptr);
+      mark(kRetrieval);  // the calling thread's (the phase clock is thread-local; no-op elsewhere)
+      mix_columns<T>(K, s, ba, bb, w.data(), sc, m.A, m.Bt, begin, end);
+    });
+  }
   mark(kMixing);
 }
 
