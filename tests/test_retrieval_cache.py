@@ -714,3 +714,69 @@ def test_a_plan_made_stale_during_its_own_call_finishes_that_call():
     finally:
         handle.remove()
     assert fired
+
+
+@needs_plan
+def test_hostile_inputs_through_the_plan(monkeypatch):
+    layer, x = make_layer(), tokens()
+    cases = {
+        "expanded": x[:1].expand(3, -1, -1),
+        "offset": torch.randn(2 * x.numel() + 5)[5:5 + x.numel()].view_as(x),
+        "strided": torch.randn(3, 7, 2 * D)[..., ::2],
+        "nan_inf": x.clone().index_fill_(2, torch.tensor([0]), float("nan")).index_fill_(2, torch.tensor([1]),
+                                                                                          float("inf")),
+    }
+    want = {name: _through_the_op(layer, xi, monkeypatch) for name, xi in cases.items()}
+    planned(layer, x)
+    plan_only(monkeypatch)
+    with torch.no_grad():
+        for name, xi in cases.items():
+            torch.testing.assert_close(layer(xi), want[name], rtol=0, atol=0, equal_nan=True, msg=name)
+    assert not layer._eval_plan.stale
+    monkeypatch.undo()
+    with torch.no_grad():
+        with pytest.raises((TypeError, AttributeError)):
+            layer([[1.0] * D])  # not a tensor: the plan steps aside, the layer's own error (as without a plan)
+        with pytest.raises(ValueError, match="per-image tokens"):
+            layer(x[0])
+    with pytest.raises(TypeError):
+        layer._eval_plan(x, x)
+    with pytest.raises(TypeError):
+        layer._eval_plan.check()
+
+
+@needs_plan
+def test_a_plan_refuses_bad_construction():
+    plan_type, absent = ops._EvalPlan, ops.PLAN_ABSENT
+    fn, args = ops._cpu_eval_linear, (None,) * 11
+    ok = dict(fn=fn, args=args, query_fn=None, guards=(), empty=(), unset=(), sources=(), x_dtypes=(), absent=absent)
+
+    def make(**changes):
+        return plan_type(*{**ok, **changes}.values())
+
+    make()  # the baseline is valid
+    with pytest.raises(TypeError):
+        make(args=(None,) * 3)
+    with pytest.raises(TypeError):
+        make(fn=3)
+    with pytest.raises(TypeError):
+        make(guards=((1, "a", None),))  # not a dict
+    with pytest.raises(TypeError):
+        make(empty=([],))
+    with pytest.raises(TypeError):
+        make(unset=(3,))
+    with pytest.raises(TypeError):
+        make(sources=("not a tensor",))
+    with pytest.raises(TypeError):
+        make(x_dtypes=("float32",))
+    with torch.inference_mode():
+        t = torch.ones(2)
+    with pytest.raises(ValueError):
+        make(sources=(t,))  # no version counter
+    with pytest.raises(TypeError):
+        plan_type(fn, args)  # too few arguments
+    with pytest.raises(TypeError):
+        plan_type(*ok.values(), extra=1)
+    plan = make()
+    with pytest.raises(RuntimeError):
+        plan.__init__(*ok.values())  # once
