@@ -297,6 +297,31 @@ def test_torch_compile_has_no_graph_break_in_mira_layers():
     torch._dynamo.reset()
 
 
+def test_torch_compile_in_eval_ignores_the_eager_calls_eval_plans():
+    # Eager eval calls on CPU make eval plans (mira.layers); Dynamo must not see them: no graph break,
+    # and no recompile when eager calls remake them (the forward reads a plan only outside tracing).
+    model = mira.attach(tiny_vit(depth=2), capacity=4)
+    fill_loras(model)
+    mira.write_adapters(model)
+    mira.set_stage(model, "inference")
+    model.eval()
+    x = images(2)
+    with torch.no_grad():
+        model(x)
+        model(x)
+        assert all(p._eval_plan is not None and not p._eval_plan.stale for p in mira.projections(model))
+        torch._dynamo.reset()
+        explained = torch._dynamo.explain(model)(x)
+        assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            mira.memories(model)[0].append(*[t[:1] * 0.5 for t in mira.memories(model)[0].stored_adapters])
+            want = model(x)  # eager: remakes block 0's plan
+            torch.testing.assert_close(compiled(x), want, rtol=1e-5, atol=1e-5)
+    torch._dynamo.reset()
+
+
 def test_detach_restores_the_backbone():
     model = mira.attach(tiny_vit(depth=2))
     fill_loras(model)

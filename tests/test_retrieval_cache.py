@@ -633,10 +633,12 @@ def test_the_plan_steps_aside_where_the_op_has_work(monkeypatch):
 def test_the_plan_holds_one_generation_and_dies_with_the_layer():
     layer, x = make_layer(), tokens()
     m = layer.memory
+    plans = []
     for seed in range(10):
         m.keys.data = torch.randn(N, D, generator=torch.Generator().manual_seed(seed))
-        planned(layer, x)
+        plans.append(weakref.ref(planned(layer, x)))
     gc.collect()
+    assert [p() for p in plans if p() is not None] == [layer._eval_plan]  # one plan alive, the current one
     held = [t for t in gc.get_referents(layer._eval_plan) if isinstance(t, torch.Tensor)]
     held += [t for r in gc.get_referents(layer._eval_plan) if isinstance(r, tuple) for t in r
              if isinstance(t, torch.Tensor)]
