@@ -53,7 +53,6 @@ __all__ = ["MiraProjection"]
 # torch.compiler.is_compiling, which also covers non-strict export and TorchScript at two Python
 # calls (~6 us with cold caches): there a plan steps aside by itself (fake tensors, dispatch modes).
 _is_tracing = getattr(torch.compiler, "is_dynamo_compiling", torch.compiler.is_compiling)
-_module_call = nn.Module.__call__
 # What nn.Module.__call__ reads to decide whether a call runs anything besides forward (its hook
 # dicts, global and per module): a plan that skips that call checks them all still empty.
 _MODULE_GLOBALS = torch.nn.modules.module
@@ -185,7 +184,8 @@ class MiraProjection(nn.Module):
                 y = plan(x)
                 if y is not None:
                     return y
-        return _module_call(self, x, *args, **kwargs)
+        # Looked up at the call, not bound at import: tools patch nn.Module.__call__ (torch.fx).
+        return nn.Module.__call__(self, x, *args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 3:
