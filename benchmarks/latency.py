@@ -180,10 +180,13 @@ class BenchConfig:
         return RESULTS_DIR if self.record else SCRATCH_DIR
 
 
-# Seconds of rounds per batch size. Default total: about 7 minutes on an idle 2-core machine.
+# Seconds of rounds per batch size. Default total: up to about 14 minutes on an idle 2-core machine.
+# B=1 gets up to 600 s: its end-to-end interval must be at most 1 pp wide (issue 18), which on a 2-core
+# machine takes ~430-1030 interleaved rounds, ~310-630 s (benchmarks/results/e2e_interval.md: no robust
+# statistic gets there sooner); the width rule (--e2e-width) stops the rounds as soon as it is met.
 # Quick: 95 s in all (interpreter start included) on a 2-core Zen 3 with 12/15 and 8/10 s at 9ca5de5,
 # of which ~30 s building and checking the models; these leave margin under the 90 s promised.
-DEFAULT_E2E_BUDGET = {1: 150.0, 8: 150.0}
+DEFAULT_E2E_BUDGET = {1: 600.0, 8: 150.0}
 QUICK_E2E_BUDGET = {1: 9.0, 8: 10.0}
 DEFAULT_MODULE_BUDGET = {1: 40.0, 8: 60.0}
 QUICK_MODULE_BUDGET = {1: 6.0, 8: 7.0}
