@@ -80,20 +80,14 @@ def _f64(bits):
 
 
 @triton.jit
-def _cosines(q_ptr, k_ptr, rows, row_ok, slots, slot_ok, DK, stride_qb, stride_qk, stride_kn, stride_kk,
-             BLOCK_B: tl.constexpr, NC: tl.constexpr, BLOCK_K: tl.constexpr, ct: tl.constexpr,
-             PRECISION: tl.constexpr, WIDE: tl.constexpr):
-    """Cosines of the queries ``rows`` to the keys ``slots``: (BLOCK_B, NC) scores, |q| (BLOCK_B,), |k| (NC,).
-
-    WIDE: everything in fp64 (products and sums on FMA units; the results are fp64), for the
-    backward of fp32 ct (see ``_mira_retrieve_kernel``); else in ct with PRECISION.
-    """
-    st = tl.float64 if WIDE else ct
+def _cosine_sums(q_ptr, k_ptr, rows64, row_ok, slots64, slot_ok, DK, stride_qb, stride_qk, stride_kn, stride_kk,
+                 q_scale, k_scale, BLOCK_B: tl.constexpr, NC: tl.constexpr, BLOCK_K: tl.constexpr,
+                 st: tl.constexpr, PRECISION: tl.constexpr, WIDE: tl.constexpr, SCALED: tl.constexpr):
+    """One pass over d_k: q.k (BLOCK_B, NC), |q|^2 (BLOCK_B,) and |k|^2 (NC,) in st, each row of q and
+    of k multiplied by its q_scale / k_scale (a power of two, so exactly) when SCALED."""
     dots = tl.zeros((BLOCK_B, NC), dtype=st)
     q_sq = tl.zeros((BLOCK_B,), dtype=st)
     k_sq = tl.zeros((NC,), dtype=st)
-    rows64 = rows.to(tl.int64)
-    slots64 = slots.to(tl.int64)
     for k0 in range(0, DK, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         col_ok = cols < DK
@@ -101,6 +95,9 @@ def _cosines(q_ptr, k_ptr, rows, row_ok, slots, slot_ok, DK, stride_qb, stride_q
                      mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(st)
         kt = tl.load(k_ptr + slots64[:, None] * stride_kn + cols[None, :] * stride_kk,
                      mask=slot_ok[:, None] & col_ok[None, :], other=0.0).to(st)
+        if SCALED:
+            qt = qt * q_scale[:, None]
+            kt = kt * k_scale[:, None]
         if WIDE:
             # fp64 products on FMA units, not tl.dot: Triton (3.6, 3.8) cannot lower an fp64 dot whose
             # operand was loaded as 16 bits (the backward of a bf16 / fp16 CLS query; "fp64 don't support
@@ -110,10 +107,58 @@ def _cosines(q_ptr, k_ptr, rows, row_ok, slots, slot_ok, DK, stride_qb, stride_q
             dots = tl.dot(qt, tl.trans(kt), dots, input_precision=PRECISION, out_dtype=dots.dtype)
         q_sq += tl.sum(qt * qt, axis=1)
         k_sq += tl.sum(kt * kt, axis=1)
-    q_norm = tl.sqrt(q_sq)
-    k_norm = tl.sqrt(k_sq)
+    return dots, q_sq, k_sq
+
+
+# Where |u|^2 overflows (|u| > ~1.8e19 in fp32, a bf16 or fp32 query or key; > ~1.3e154 in fp64),
+# the row is rescored scaled by a power of two that brings every finite row's squares back in range
+# (fp32: 3.4e38 * 2^-80 ~ 2.8e14, and 1e5 such squares sum to < 3.4e38; fp64: 1.8e308 * 2^-600 ~
+# 4e127) while a row that overflowed, whose largest entry is at least |u| / sqrt(d_k), keeps normal
+# squares (fp32: 5.8e16 * 2^-80 ~ 5e-8 at d_k = 1e5; fp64: 4e151 * 2^-600 ~ 1e-29).
+OVERFLOW_SCALE_F32: tl.constexpr = tl.constexpr(2.0**-80)
+OVERFLOW_SCALE_F64: tl.constexpr = tl.constexpr(2.0**-600)
+
+
+@triton.jit
+def _cosines(q_ptr, k_ptr, rows, row_ok, slots, slot_ok, DK, stride_qb, stride_qk, stride_kn, stride_kk,
+             BLOCK_B: tl.constexpr, NC: tl.constexpr, BLOCK_K: tl.constexpr, ct: tl.constexpr,
+             PRECISION: tl.constexpr, WIDE: tl.constexpr):
+    """Cosines of the queries ``rows`` to the keys ``slots``: (BLOCK_B, NC) scores, |q| (BLOCK_B,), |k| (NC,).
+
+    WIDE: everything in fp64 (products and sums on FMA units; the results are fp64), for the
+    backward of fp32 ct (see ``_mira_retrieve_kernel``); else in ct with PRECISION. Exact norms
+    either way (contract section 2): in ct, a program whose |q|^2 or |k|^2 overflowed rescores its
+    tile once with those rows scaled by OVERFLOW_SCALE_* (an inf entry stays inf, so its cosines are
+    NaN, as the reference's u / |u|); other programs never take that branch.
+    """
+    st = tl.float64 if WIDE else ct
+    rows64 = rows.to(tl.int64)
+    slots64 = slots.to(tl.int64)
+    q_scale = tl.full((BLOCK_B,), 1.0, st)
+    k_scale = tl.full((NC,), 1.0, st)
+    dots, q_sq, k_sq = _cosine_sums(q_ptr, k_ptr, rows64, row_ok, slots64, slot_ok, DK, stride_qb, stride_qk,
+                                    stride_kn, stride_kk, q_scale, k_scale, BLOCK_B, NC, BLOCK_K, st, PRECISION,
+                                    WIDE, False)
+    if not WIDE:
+        if (tl.max(q_sq, axis=0) == float("inf")) | (tl.max(k_sq, axis=0) == float("inf")):
+            # tl.full, not a Python float: Triton would type the literal fp32 (2^-600 is 0 there).
+            if st == tl.float64:
+                over = tl.full((), OVERFLOW_SCALE_F64, st)
+            else:
+                over = tl.full((), OVERFLOW_SCALE_F32, st)
+            q_scale = tl.where(q_sq == float("inf"), over, q_scale)
+            k_scale = tl.where(k_sq == float("inf"), over, k_scale)
+            dots, q_sq, k_sq = _cosine_sums(q_ptr, k_ptr, rows64, row_ok, slots64, slot_ok, DK, stride_qb,
+                                            stride_qk, stride_kn, stride_kk, q_scale, k_scale, BLOCK_B, NC,
+                                            BLOCK_K, st, PRECISION, WIDE, True)
+    q_root = tl.sqrt(q_sq)
+    k_root = tl.sqrt(k_sq)
     floor = tl.full((), NORM_EPS, st)
-    scores = dots / tl.maximum(q_norm, floor)[:, None] / tl.maximum(k_norm, floor)[None, :]
+    # A scaled row's cosine is that of the scaled row (its floor scaled alike), its norm the root over
+    # the scale: both exact rescalings. Unscaled rows (scale 1) compute what they always did.
+    scores = dots / tl.maximum(q_root, floor * q_scale)[:, None] / tl.maximum(k_root, floor * k_scale)[None, :]
+    q_norm = q_root / q_scale
+    k_norm = k_root / k_scale
     return tl.where(row_ok[:, None] & slot_ok[None, :], scores, 0.0), q_norm, k_norm
 
 

@@ -29,9 +29,6 @@ from tests.fuzz.cases import OpCase, faulty_calls, lay_out, op_cases  # noqa: E4
 from tests.fuzz.oracle import check_adapter, check_linear, check_raise_alike, linear_call  # noqa: E402
 
 profiles.load("ci-triton")
-# huge=False: the Triton 16-bit-x forward squares the query / key norms in float32 (a known gap, the
-# strict xfail below; fp32 x has its own test); every other regime, layout and value is drawn as for
-# the other backends.
 SMALL = dict(max_b=2, max_t=4, max_d=8, max_n=3, max_dk=6)
 
 
@@ -48,22 +45,66 @@ def test_triton_huge_query_float32():
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 17: the 16-bit-x forward computes ||q||^2 in float32, which "
-                                       "overflows for |q| > ~1e19 (contract section 2 asks for the exact norm)")
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_triton_huge_query_known_gap(dtype):
+def test_triton_huge_query_float16_x():
+    # The 16-bit-x forward squares the norms in fp32: ||q||^2 ~1e40 overflowed, and every cosine of the
+    # sample came out 0 / inf. Rows whose squares overflow are now rescored scaled (kernels._cosines).
     from tests.mira_inputs import assert_close_to_spec, make_inputs
 
-    inp = make_inputs(B=2, T=3, d_in=8, d_out=24, N=3, dtype=torch.float64).to(dtype, memory_dtype=torch.float32)
+    inp = make_inputs(B=2, T=3, d_in=8, d_out=24, N=3, dtype=torch.float64).to(torch.float16,
+                                                                                memory_dtype=torch.float32)
     inp.query = inp.query * 1e20
     with mk.use_backend("triton"):
         got = mk.mira_linear(*inp.linear_args(), slice_offsets=inp.slice_offsets)
     want = mk.reference.mira_linear(*inp.to(torch.float64).linear_args(), slice_offsets=inp.slice_offsets)
     same = mk.reference.mira_linear(*inp.linear_args(), slice_offsets=inp.slice_offsets)
-    assert_close_to_spec(got, want, same, factor=2.0, what=f"huge query, {dtype} x")
+    assert_close_to_spec(got, want, same, factor=2.0, what="huge query, float16 x")
 
 
-@given(case=op_cases(**SMALL, huge=False))
+# (x dtype, memory dtype, a power of two whose square overflows that memory dtype's squares)
+OVERFLOWING = [pytest.param(torch.bfloat16, torch.float32, 2.0**66, id="bf16"),
+               pytest.param(torch.float16, torch.float32, 2.0**66, id="fp16"),
+               pytest.param(torch.float64, torch.float64, 2.0**520, id="fp64")]
+
+
+@pytest.mark.parametrize(("dtype", "memory_dtype", "big"), OVERFLOWING)
+@pytest.mark.parametrize("which", ["query", "keys", "both"])
+def test_triton_overflowing_norms_score_as_the_unscaled_rows(dtype, memory_dtype, big, which):
+    # Cosines do not change when a row is scaled by a power of two; the rescored rows are such a
+    # scaling, so the output must equal the unscaled call's bit for bit. Valid for bf16 too, which
+    # the interpreter cannot judge against the reference (its bf16 tl.dot is wrong).
+    from tests.mira_inputs import make_inputs
+
+    inp = make_inputs(B=3, T=2, d_in=8, d_out=24, N=5, dtype=torch.float64).to(dtype, memory_dtype=memory_dtype)
+    with mk.use_backend("triton"):
+        plain = mk.mira_linear(*inp.linear_args(), slice_offsets=inp.slice_offsets)
+        if which in ("query", "both"):
+            inp.query = inp.query.clone()
+            inp.query[1] *= big  # one sample: the program's other rows stay unscaled
+        if which in ("keys", "both"):
+            inp.keys = inp.keys.clone()
+            inp.keys[2] *= big
+        scaled = mk.mira_linear(*inp.linear_args(), slice_offsets=inp.slice_offsets)
+    assert torch.isfinite(scaled).all()
+    assert torch.equal(scaled, plain)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_triton_inf_query_entry_gives_nan_cosines_as_the_reference(dtype):
+    # An inf entry keeps its row's squares inf after the rescoring: the sample's adapter is NaN (the
+    # reference's u / |u| = inf / inf), the other samples are untouched.
+    from tests.mira_inputs import make_inputs
+
+    inp = make_inputs(B=2, T=2, d_in=8, d_out=24, N=3, dtype=torch.float64).to(dtype, memory_dtype=torch.float32)
+    inp.query = inp.query.clone()
+    inp.query[0, 3] = float("inf")
+    with mk.use_backend("triton"):
+        got = mk.mira_linear(*inp.linear_args(), slice_offsets=inp.slice_offsets)
+    want = mk.reference.mira_linear(*inp.linear_args(), slice_offsets=inp.slice_offsets)
+    assert torch.equal(torch.isnan(got), torch.isnan(want)) and bool(torch.isnan(got[0]).any())
+    assert torch.isfinite(got[1]).all()
+
+
+@given(case=op_cases(**SMALL))
 def test_triton_linear_matches_the_float64_reference(case):
     note(repr(case))
     check_linear(case, "triton")
@@ -257,7 +298,7 @@ def test_triton_non_finite_factor_of_one_slice_leaves_the_other_slice(dtype, T):
     check_linear(case, "triton", grads=False)
 
 
-@given(case=op_cases(**SMALL, huge=False), alias=st.booleans(),
+@given(case=op_cases(**SMALL), alias=st.booleans(),
        layout=st.sampled_from(["contiguous", "transposed", "offset"]))
 def test_triton_adapter_matches_the_float64_reference(case, alias, layout):
     note(repr(case))
