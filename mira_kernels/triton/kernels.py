@@ -82,9 +82,11 @@ def _f64(bits):
 @triton.jit
 def _cosine_sums(q_ptr, k_ptr, rows64, row_ok, slots64, slot_ok, DK, stride_qb, stride_qk, stride_kn, stride_kk,
                  q_scale, k_scale, BLOCK_B: tl.constexpr, NC: tl.constexpr, BLOCK_K: tl.constexpr,
-                 st: tl.constexpr, PRECISION: tl.constexpr, WIDE: tl.constexpr, SCALED: tl.constexpr):
-    """One pass over d_k: q.k (BLOCK_B, NC), |q|^2 (BLOCK_B,) and |k|^2 (NC,) in st, each row of q and
-    of k multiplied by its q_scale / k_scale (a power of two, so exactly) when SCALED."""
+                 st: tl.constexpr, PRECISION: tl.constexpr, WIDE: tl.constexpr, SCALED: tl.constexpr,
+                 DOTS: tl.constexpr = True, SQUARES: tl.constexpr = True):
+    """One pass over d_k: q.k (BLOCK_B, NC) if DOTS, |q|^2 (BLOCK_B,) and |k|^2 (NC,) if SQUARES (zeros
+    otherwise), in st; each row of q and of k multiplied by its q_scale / k_scale (a power of two, so
+    exactly) when SCALED."""
     dots = tl.zeros((BLOCK_B, NC), dtype=st)
     q_sq = tl.zeros((BLOCK_B,), dtype=st)
     k_sq = tl.zeros((NC,), dtype=st)
@@ -98,15 +100,16 @@ def _cosine_sums(q_ptr, k_ptr, rows64, row_ok, slots64, slot_ok, DK, stride_qb, 
         if SCALED:
             qt = qt * q_scale[:, None]
             kt = kt * k_scale[:, None]
-        if WIDE:
+        if DOTS and WIDE:
             # fp64 products on FMA units, not tl.dot: Triton (3.6, 3.8) cannot lower an fp64 dot whose
             # operand was loaded as 16 bits (the backward of a bf16 / fp16 CLS query; "fp64 don't support
             # largeK MMA", an abort in the sm_80 / sm_90 MMA lowering). The work is B N d_k, tiny.
             dots += tl.sum(qt[:, None, :] * kt[None, :, :], axis=2)
-        else:
+        elif DOTS:
             dots = tl.dot(qt, tl.trans(kt), dots, input_precision=PRECISION, out_dtype=dots.dtype)
-        q_sq += tl.sum(qt * qt, axis=1)
-        k_sq += tl.sum(kt * kt, axis=1)
+        if SQUARES:
+            q_sq += tl.sum(qt * qt, axis=1)
+            k_sq += tl.sum(kt * kt, axis=1)
     return dots, q_sq, k_sq
 
 
@@ -127,38 +130,56 @@ def _cosines(q_ptr, k_ptr, rows, row_ok, slots, slot_ok, DK, stride_qb, stride_q
 
     WIDE: everything in fp64 (products and sums on FMA units; the results are fp64), for the
     backward of fp32 ct (see ``_mira_retrieve_kernel``); else in ct with PRECISION. Exact norms
-    either way (contract section 2): in ct, a program whose |q|^2 or |k|^2 overflowed rescores its
-    tile once with those rows scaled by OVERFLOW_SCALE_* (an inf entry stays inf, so its cosines are
-    NaN, as the reference's u / |u|); other programs never take that branch.
+    either way (contract section 2): in ct, a program whose |q|^2 or |k|^2 overflowed sums the squares
+    again with those rows scaled by OVERFLOW_SCALE_*, and the dots too if one of them overflowed (an
+    inf entry stays inf, so its cosines are NaN, as the reference's u / |u|); the cosines are the
+    unscaled rows' bit for bit. Other programs never take that branch.
     """
     st = tl.float64 if WIDE else ct
     rows64 = rows.to(tl.int64)
     slots64 = slots.to(tl.int64)
-    q_scale = tl.full((BLOCK_B,), 1.0, st)
-    k_scale = tl.full((NC,), 1.0, st)
+    floor = tl.full((), NORM_EPS, st)
     dots, q_sq, k_sq = _cosine_sums(q_ptr, k_ptr, rows64, row_ok, slots64, slot_ok, DK, stride_qb, stride_qk,
-                                    stride_kn, stride_kk, q_scale, k_scale, BLOCK_B, NC, BLOCK_K, st, PRECISION,
-                                    WIDE, False)
+                                    stride_kn, stride_kk, None, None, BLOCK_B, NC, BLOCK_K, st, PRECISION, WIDE,
+                                    False)
+    q_norm = tl.sqrt(q_sq)
+    k_norm = tl.sqrt(k_sq)
+    scores = dots / tl.maximum(q_norm, floor)[:, None] / tl.maximum(k_norm, floor)[None, :]
     if not WIDE:
+        # Rows whose squares overflowed: their norms again, scaled (exact). The dots need it only where
+        # q.k may have overflowed too (|q| |k| near the range); they are then recomputed scaled as well.
+        # Two passes of one kind each, not one of both: the 16-bit forward's retrieval has no registers
+        # to spare (with one pass of both, 8 bytes of stack on sm_90 at 255 registers).
         if (tl.max(q_sq, axis=0) == float("inf")) | (tl.max(k_sq, axis=0) == float("inf")):
             # tl.full, not a Python float: Triton would type the literal fp32 (2^-600 is 0 there).
             if st == tl.float64:
                 over = tl.full((), OVERFLOW_SCALE_F64, st)
+                half_range = tl.full((), 2.0**1023, st)
             else:
                 over = tl.full((), OVERFLOW_SCALE_F32, st)
-            q_scale = tl.where(q_sq == float("inf"), over, q_scale)
-            k_scale = tl.where(k_sq == float("inf"), over, k_scale)
-            dots, q_sq, k_sq = _cosine_sums(q_ptr, k_ptr, rows64, row_ok, slots64, slot_ok, DK, stride_qb,
-                                            stride_qk, stride_kn, stride_kk, q_scale, k_scale, BLOCK_B, NC,
-                                            BLOCK_K, st, PRECISION, WIDE, True)
-    q_root = tl.sqrt(q_sq)
-    k_root = tl.sqrt(k_sq)
-    floor = tl.full((), NORM_EPS, st)
-    # A scaled row's cosine is that of the scaled row (its floor scaled alike), its norm the root over
-    # the scale: both exact rescalings. Unscaled rows (scale 1) compute what they always did.
-    scores = dots / tl.maximum(q_root, floor * q_scale)[:, None] / tl.maximum(k_root, floor * k_scale)[None, :]
-    q_norm = q_root / q_scale
-    k_norm = k_root / k_scale
+                half_range = tl.full((), 2.0**127, st)
+            q_scale = tl.where(q_sq == float("inf"), over, 1.0).to(st)
+            k_scale = tl.where(k_sq == float("inf"), over, 1.0).to(st)
+            unused, q_sq, k_sq = _cosine_sums(q_ptr, k_ptr, rows64, row_ok, slots64, slot_ok, DK, stride_qb,
+                                              stride_qk, stride_kn, stride_kk, q_scale, k_scale, BLOCK_B, NC,
+                                              BLOCK_K, st, PRECISION, WIDE, True, False, True)
+            q_root = tl.sqrt(q_sq)
+            k_root = tl.sqrt(k_sq)
+            q_norm = q_root / q_scale  # exact: a power of two
+            k_norm = k_root / k_scale
+            # |q.k| <= |q| |k| (Cauchy-Schwarz, and so are the partial sums): below half the range, no dot
+            # overflowed (inf, or NaN where overflowed terms of both signs met).
+            if tl.max(q_norm, axis=0) * tl.max(k_norm, axis=0) >= half_range:
+                dots, unused_q, unused_k = _cosine_sums(q_ptr, k_ptr, rows64, row_ok, slots64, slot_ok, DK,
+                                                        stride_qb, stride_qk, stride_kn, stride_kk, q_scale,
+                                                        k_scale, BLOCK_B, NC, BLOCK_K, st, PRECISION, WIDE, True,
+                                                        True, False)
+                # The scaled rows' cosines (each floor scaled alike): rows of scale 1 as in the first pass.
+                q_den = tl.maximum(q_root, floor * q_scale)
+                scores = dots / q_den[:, None] / tl.maximum(k_root, floor * k_scale)[None, :]
+            else:
+                # q.k over the true norms: an exact rescaling of the scaled rows' cosines.
+                scores = dots / tl.maximum(q_norm, floor)[:, None] / tl.maximum(k_norm, floor)[None, :]
     return tl.where(row_ok[:, None] & slot_ok[None, :], scores, 0.0), q_norm, k_norm
 
 
