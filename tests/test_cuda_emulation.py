@@ -342,3 +342,45 @@ def test_emulation_catches_shared_memory_overflow(driver):
 def test_emulation_catches_missing_syncthreads_race(tsan_driver):
     proc = _selftest(tsan_driver, 4, {"TSAN_OPTIONS": "halt_on_error=1:exitcode=66"})
     assert proc.returncode == 66 and "ThreadSanitizer: data race" in proc.stderr, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize(("dtype", "memory_dtype", "big"), [
+    pytest.param(torch.bfloat16, torch.float32, 2.0**66, id="bf16"),
+    pytest.param(torch.float32, torch.float32, 2.0**66, id="fp32"),
+    pytest.param(torch.float64, torch.float64, 2.0**520, id="fp64")])
+@pytest.mark.parametrize("which", ["query", "keys", "both"])
+def test_overflowing_norms_score_as_the_unscaled_rows(driver, dtype, memory_dtype, big, which):
+    # A query or key whose |u|^2 overflows the accumulator is rescored scaled by a power of two
+    # (overflow_scale); cosines do not change under such a scaling, so the output must be the unscaled
+    # call's bit for bit. It scored 0 / inf before (every case failed).
+    _check_overflow_is_scale_free(driver, make_inputs(**SHAPE, dtype=torch.float64), dtype, memory_dtype, big,
+                                  which, "affine")
+
+
+@pytest.mark.parametrize("which", ["query", "keys"])
+def test_overflowing_norms_with_more_keys_than_one_score_pass(driver, which):
+    # N = 300: the keys are scored in two chunks, per sample (softmax's statistics) and per tile (mixing).
+    inp = make_inputs(B=2, T=2, d_in=3, d_out=4, N=300, S=1, r=1, d_s=4, dtype=torch.float64)
+    _check_overflow_is_scale_free(driver, inp, torch.float32, torch.float32, 2.0**66, which, "softmax")
+
+
+def _check_overflow_is_scale_free(driver, inp, dtype, memory_dtype, big, which, separation):
+    inp = inp.to(dtype, memory_dtype=memory_dtype)
+    (plain,) = run_forward(driver, *inp.linear_args(), **_kw(inp, separation)).outputs
+    for name in ("query", "keys") if which == "both" else (which,):
+        t = getattr(inp, name).clone()
+        t[1] *= big
+        setattr(inp, name, t)
+    (scaled,) = run_forward(driver, *inp.linear_args(), **_kw(inp, separation)).outputs
+    assert torch.isfinite(scaled).all()
+    assert torch.equal(scaled, plain)
+
+
+def test_inf_query_entry_gives_nan_cosines_as_the_reference(driver):
+    inp = make_inputs(**SHAPE, dtype=torch.float64).to(torch.float32)
+    inp.query = inp.query.clone()
+    inp.query[0, 2] = float("inf")
+    (got,) = run_forward(driver, *inp.linear_args(), **_kw(inp, "affine")).outputs
+    want = reference.mira_linear(*inp.linear_args(), **_kw(inp, "affine"))
+    assert torch.equal(torch.isnan(got), torch.isnan(want)) and bool(torch.isnan(got[0]).any())
+    assert torch.isfinite(got[1]).all()

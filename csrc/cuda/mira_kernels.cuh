@@ -246,45 +246,90 @@ __device__ __forceinline__ void lane_sum(acc_t (&v)[K], acc_t* red) {
 // Retrieval: scores, separation, mixing.
 // ------------------------------------------------------------------------------------------------
 
-// Scores of keys [n0, n0 + count) against the tile's nb queries into zw_s[t * kKeyChunk + i]. Each warp takes
-// kPairsPerWarp (sample t, key i) pairs per round, so a round's lane reduction (block barriers) serves
-// kWarps * kPairsPerWarp pairs. q_den[t] is the guarded norm of query t; red holds 2 * kPairsPerWarp * kThreads
-// values. Each score's sums run in the order of one query alone, so the scores do not depend on the tile.
-template <typename acc_t>
-__device__ void score_tile(const MemoryArgs<acc_t>& a, int64_t b0, int nb, const acc_t* q_den, int64_t n0,
-                           int count, acc_t* zw_s, acc_t* red, bool write_knorm) {
+// Where |u|^2 overflows acc_t (|u| > ~1.8e19 in float, ~1.3e154 in double), the row is rescored scaled by
+// a power of two, exactly: it brings every finite row's squares back in range (float: 3.4e38 * 2^-80 ~
+// 2.8e14, and 1e5 such squares sum to < 3.4e38; double: 1.8e308 * 2^-600 ~ 4e127) while a row that
+// overflowed, whose largest entry is at least |u| / sqrt(d_k), keeps normal squares (float: 5.8e16 * 2^-80 ~
+// 5e-8 at d_k = 1e5; double: 4e151 * 2^-600 ~ 1e-29). The cosine of the scaled row is the row's; its
+// norm is the scaled root over the scale. An inf entry stays inf: its cosines are NaN, as u / |u|.
+__device__ __forceinline__ float overflow_scale(float) { return 0x1p-80f; }
+__device__ __forceinline__ double overflow_scale(double) { return 0x1p-600; }
+
+// One pass of score_tile, kPairs pairs per warp and round. kScaled: query t's entries are multiplied by
+// q_scale[t] and key i's by k_scale[i] (1 for rows that did not overflow, whose scores are then the
+// unscaled pass's, bit for bit); else the keys' overflow scales are written to k_scale (by the t = 0 pair
+// of each key).
+template <bool kScaled, int kPairs, typename acc_t>
+__device__ void score_pass(const MemoryArgs<acc_t>& a, int64_t b0, int nb, const acc_t* q_den, const acc_t* q_scale,
+                           int64_t n0, int count, acc_t* zw_s, acc_t* red, bool write_knorm, acc_t* k_scale) {
   const int tid = threadIdx.x, warp = tid / kLanes, lane = tid % kLanes;
   const int pairs = nb * count;
-  for (int g = 0; g < pairs; g += kWarps * kPairsPerWarp) {
-    acc_t v[2 * kPairsPerWarp];  // per pair: q.k and |k|^2
+  for (int g = 0; g < pairs; g += kWarps * kPairs) {
+    acc_t v[2 * kPairs];  // per pair: q.k and |k|^2
 #pragma unroll
-    for (int j = 0; j < kPairsPerWarp; ++j) {
+    for (int j = 0; j < kPairs; ++j) {
       const int p = g + j * kWarps + warp;
       v[2 * j] = v[2 * j + 1] = acc_t(0);
       if (p < pairs) {
         const acc_t* q = a.query + (b0 + p / count) * a.d_k;
         const acc_t* k = a.keys + (n0 + p % count) * a.d_k;
-        for (int64_t d = lane; d < a.d_k; d += kLanes) {
-          const acc_t kv = k[d];
-          v[2 * j] += q[d] * kv;
-          v[2 * j + 1] += kv * kv;
+        if (kScaled) {
+          const acc_t qs = q_scale[p / count], ks = k_scale[p % count];
+          for (int64_t d = lane; d < a.d_k; d += kLanes) {
+            const acc_t kv = k[d] * ks;
+            v[2 * j] += (q[d] * qs) * kv;
+            v[2 * j + 1] += kv * kv;
+          }
+        } else {
+          for (int64_t d = lane; d < a.d_k; d += kLanes) {
+            const acc_t kv = k[d];
+            v[2 * j] += q[d] * kv;
+            v[2 * j + 1] += kv * kv;
+          }
         }
       }
     }
-    lane_sum<2 * kPairsPerWarp>(v, red);
+    lane_sum<2 * kPairs>(v, red);
     if (lane == 0) {
 #pragma unroll
-      for (int j = 0; j < kPairsPerWarp; ++j) {
+      for (int j = 0; j < kPairs; ++j) {
         const int p = g + j * kWarps + warp;
         if (p >= pairs) continue;
         const int t = p / count, i = p % count;
-        const acc_t k_norm = msqrt(v[2 * j + 1]);
-        zw_s[t * kKeyChunk + i] = v[2 * j] / (q_den[t] * mmax(k_norm, acc_t(kNormEps)));
-        if (write_knorm && t == 0) a.knorm[n0 + i] = k_norm;
+        const acc_t k_root = msqrt(v[2 * j + 1]);
+        if (kScaled) {
+          const acc_t ks = k_scale[i];
+          zw_s[t * kKeyChunk + i] = v[2 * j] / (q_den[t] * mmax(k_root, acc_t(kNormEps) * ks));
+          if (write_knorm && t == 0) a.knorm[n0 + i] = k_root / ks;
+        } else {
+          zw_s[t * kKeyChunk + i] = v[2 * j] / (q_den[t] * mmax(k_root, acc_t(kNormEps)));
+          if (write_knorm && t == 0) a.knorm[n0 + i] = k_root;
+          if (t == 0) k_scale[i] = v[2 * j + 1] == acc_t(INFINITY) ? overflow_scale(acc_t(0)) : acc_t(1);
+        }
       }
     }
   }
   __syncthreads();
+}
+
+// Scores of keys [n0, n0 + count) against the tile's nb queries into zw_s[t * kKeyChunk + i]. Each warp takes
+// kPairsPerWarp (sample t, key i) pairs per round, so a round's lane reduction (block barriers) serves
+// kWarps * kPairsPerWarp pairs. q_den[t] is the guarded norm of query t (of the scaled row, q_scale[t]
+// its scale); red holds 2 * kPairsPerWarp * kThreads values; k_scale holds kKeyChunk values. Each score's
+// sums run in the order of one query alone, so the scores do not depend on the tile. Where a query or a key of the tile overflowed (overflow_scale), the tile is scored once more,
+// scaled: a uniform decision (both scales are read from shared memory after a barrier).
+template <typename acc_t>
+__device__ void score_tile(const MemoryArgs<acc_t>& a, int64_t b0, int nb, const acc_t* q_den, const acc_t* q_scale,
+                           int64_t n0, int count, acc_t* zw_s, acc_t* red, bool write_knorm, acc_t* k_scale) {
+  score_pass<false, kPairsPerWarp>(a, b0, nb, q_den, q_scale, n0, count, zw_s, red, write_knorm, k_scale);
+  // Read from shared memory here rather than carried in a register through the mixing loop (which has
+  // none to spare at two blocks per SM: a carried flag cost 8 bytes of stack on sm_90).
+  bool rescore = false;
+  for (int t = 0; t < nb && !rescore; ++t) rescore = q_scale[t] != acc_t(1);
+  for (int i = 0; i < count && nb > 0 && !rescore; ++i) rescore = k_scale[i] != acc_t(1);
+  // One pair per warp and round when scaled: the scales' registers fit where the mixing loop calls this
+  // (with two, 8 bytes of stack on sm_90); a score's bits do not depend on how pairs share a round.
+  if (rescore) score_pass<true, 1>(a, b0, nb, q_den, q_scale, n0, count, zw_s, red, write_knorm, k_scale);
 }
 
 // Row statistics of the separation: the affine denominator, or the softmax max and sum.
@@ -324,6 +369,8 @@ __global__ void __launch_bounds__(kThreads, sizeof(acc_t) == 8 ? 1 : 2) mira_ret
   __shared__ acc_t red[kSampleTile * kThreads];  // block_sum<kSampleTile>, lane_sum<2 * kPairsPerWarp>
   __shared__ acc_t zw_s[kSampleTile * kKeyChunk];  // scores, then weights, per sample of the tile
   __shared__ acc_t qden_s[kSampleTile];
+  __shared__ acc_t qscale_s[kSampleTile];  // overflow_scale or 1 per query
+  __shared__ acc_t kscale_s[kKeyChunk];    // score_tile's key scales
   __shared__ SepStats<acc_t> st_s[kSampleTile];
   static_assert(2 * kPairsPerWarp <= kSampleTile, "red holds the score pairs' lane reduction");
   const int tid = threadIdx.x;
@@ -345,22 +392,43 @@ __global__ void __launch_bounds__(kThreads, sizeof(acc_t) == 8 ? 1 : 2) mira_ret
       }
     }
     block_sum<kSampleTile>(qq, red);
+    unsigned over = 0;  // bit t: query t's squares overflowed (a mask, not an array of scales: registers)
+#pragma unroll
+    for (int t = 0; t < kSampleTile; ++t)
+      if (t < nb && qq[t] == acc_t(INFINITY)) over |= 1u << t;
+    if (over != 0) {  // uniform (block-wide sums): the squares again, scaled; rows of scale 1 sum as before
+#pragma unroll
+      for (int t = 0; t < kSampleTile; ++t) {
+        qq[t] = 0;
+        if (t < nb) {
+          const acc_t* q = a.query + (b0 + t) * a.d_k;
+          const acc_t scale = (over >> t) & 1u ? overflow_scale(acc_t(0)) : acc_t(1);
+          for (int64_t d = tid; d < a.d_k; d += kThreads) {
+            const acc_t qv = q[d] * scale;
+            qq[t] += qv * qv;
+          }
+        }
+      }
+      block_sum<kSampleTile>(qq, red);
+    }
     if (tid < nb) {
-      acc_t q_norm = qq[0];
+      acc_t q_sq = qq[0];
 #pragma unroll
       for (int t = 1; t < kSampleTile; ++t)
-        if (t == tid) q_norm = qq[t];
-      q_norm = msqrt(q_norm);
-      qden_s[tid] = mmax(q_norm, acc_t(kNormEps));
-      if (lead && a.qnorm) a.qnorm[b0 + tid] = q_norm;
+        if (t == tid) q_sq = qq[t];
+      const acc_t scale = (over >> tid) & 1u ? overflow_scale(acc_t(0)) : acc_t(1);
+      const acc_t q_root = msqrt(q_sq);
+      qden_s[tid] = mmax(q_root, acc_t(kNormEps) * scale);
+      qscale_s[tid] = scale;
+      if (lead && a.qnorm) a.qnorm[b0 + tid] = q_root / scale;
     }
   }
-  __syncthreads();  // qden_s visible to the block
+  __syncthreads();  // qden_s, qscale_s visible to the block
 
   const int64_t key_chunks = (a.N + kKeyChunk - 1) / kKeyChunk;
   const bool resident = key_chunks == 1;  // all scores fit: compute them once
   const bool write_knorm = lead && b0 == 0 && a.knorm != nullptr;
-  if (resident) score_tile(a, b0, nb, qden_s, 0, static_cast<int>(a.N), zw_s, red, write_knorm);
+  if (resident) score_tile(a, b0, nb, qden_s, qscale_s, 0, static_cast<int>(a.N), zw_s, red, write_knorm, kscale_s);
   bool knorm_written = resident;
 
   // Separation statistics, one sample at a time (scalar partials keep the registers for the mixing's
@@ -373,7 +441,8 @@ __global__ void __launch_bounds__(kThreads, sizeof(acc_t) == 8 ? 1 : 2) mira_ret
         const int64_t n0 = kc * kKeyChunk;
         const int count = static_cast<int>(mmin<int64_t>(kKeyChunk, a.N - n0));
         acc_t* z_t = zw_s + t * kKeyChunk;
-        if (!resident) score_tile(a, b0 + t, 1, qden_s + t, n0, count, z_t, red, write_knorm && t == 0);
+        if (!resident) score_tile(a, b0 + t, 1, qden_s + t, qscale_s + t, n0, count, z_t, red, write_knorm && t == 0,
+                                  kscale_s);
         for (int i = tid; i < count; i += kThreads) {
           const acc_t zi = z_t[i];
           part_sum += zi;
@@ -419,7 +488,8 @@ __global__ void __launch_bounds__(kThreads, sizeof(acc_t) == 8 ? 1 : 2) mira_ret
   for (int64_t kc = 0; kc < key_chunks; ++kc) {
     const int64_t n0 = kc * kKeyChunk;
     const int count = static_cast<int>(mmin<int64_t>(kKeyChunk, a.N - n0));
-    if (!resident) score_tile(a, b0, nb, qden_s, n0, count, zw_s, red, write_knorm && !knorm_written);
+    if (!resident)
+      score_tile(a, b0, nb, qden_s, qscale_s, n0, count, zw_s, red, write_knorm && !knorm_written, kscale_s);
 #pragma unroll
     for (int t = 0; t < kSampleTile; ++t) {
       if (t >= nb) continue;
