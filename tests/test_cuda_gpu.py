@@ -361,3 +361,22 @@ def test_vit_b_batch_64_negative_float32():
     same_g = reference.mira_linear_backward(grad_out, *args, **_kw(inp))
     for name, got, w, s in zip(GRAD_NAMES, grads, want_g, same_g):
         assert_close_to_spec(got, w, s, factor=3.0, what=f"d{name} float32 B=64 negative")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("which", ["query", "keys", "both"])
+def test_overflowing_norms_score_as_the_unscaled_rows(dtype, which):
+    # A row times a power of two whose square overflows the accumulator (2^66 in fp32, 2^520 in fp64)
+    # has the same cosines: the output must be the unscaled call's bit for bit (the SIMT emulation's
+    # test at ViT-B/16 shapes, on the device).
+    big = 2.0**520 if dtype == torch.float64 else 2.0**66
+    inp = _cuda(make_inputs(**VIT_B, dtype=torch.float64), dtype)
+    with mk.use_backend("cuda"):
+        plain = mk.mira_linear(*inp.linear_args(), **_kw(inp))
+        for name in ("query", "keys") if which == "both" else (which,):
+            t = getattr(inp, name).clone()
+            t[1] *= big
+            setattr(inp, name, t)
+        scaled = mk.mira_linear(*inp.linear_args(), **_kw(inp))
+    assert torch.isfinite(scaled).all()
+    assert torch.equal(scaled, plain)

@@ -278,3 +278,22 @@ def test_bf16_forward_with_a_cls_query_meets_the_house_criterion():
     inp = _cuda(make_inputs(**{**VIT_B, "B": 1}, dtype=torch.float64), torch.bfloat16)
     grad_out = torch.randn(1, VIT_B["T"], VIT_B["d_out"], device="cuda", dtype=torch.float64)
     check_cls_query_against_spec(inp, _cuda(inp, torch.float64), grad_out, "triton", "bf16 B=1")
+
+
+@pytest.mark.parametrize("dtype", [*HALF, torch.float64])
+@pytest.mark.parametrize("which", ["query", "keys", "both"])
+def test_overflowing_norms_score_as_the_unscaled_rows(dtype, which):
+    # A row times a power of two whose square overflows the forward's compute type (2^66 in fp32, 2^520 in
+    # fp64) has the same cosines: the output must be the unscaled call's bit for bit (the interpreter
+    # test at ViT-B/16 shapes, compiled; bf16 included, which the interpreter cannot judge).
+    big = 2.0**520 if dtype == torch.float64 else 2.0**66
+    inp = _cuda(make_inputs(**VIT_B, dtype=torch.float64), dtype)
+    with mk.use_backend("triton"):
+        plain = mk.mira_linear(*inp.linear_args(), slice_offsets=inp.slice_offsets)
+        for name in ("query", "keys") if which == "both" else (which,):
+            t = getattr(inp, name).clone()
+            t[1] *= big
+            setattr(inp, name, t)
+        scaled = mk.mira_linear(*inp.linear_args(), slice_offsets=inp.slice_offsets)
+    assert torch.isfinite(scaled).all()
+    assert torch.equal(scaled, plain)
