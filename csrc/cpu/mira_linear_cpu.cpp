@@ -439,6 +439,11 @@ std::pair<double, double> exact_norm(const Kernels<double>& K, double* u, int64_
 
 // Below this many multiply-adds (B * N * d_k) a forward call scores the keys inside the mixing's
 // parallel region (prepare_memory): 30 keys of 768 at batch 1 are 23K.
+// Tried and measured slower (batch 1, N = 30, Zen 4 AVX-512, 2 threads, one process, interleaved):
+// keys scored 8 at a time (a unit-stride conversion of 8 rows, their 8 norm chains and the 8 dots as
+// one dot_block tile, bit-identical) took the retrieval phase from 19.5 to 26.0 us cold and 14.7 to
+// 17.2 us warm, and chunks of 2 and 4 lay in between; prefetching the next key rows changed nothing.
+// perf (one thread, warm) puts a third of the phase in the row conversion's loads.
 constexpr int64_t kKeyGrain = 8, kSerialScoreMacs = int64_t(1) << 16;
 
 template <typename T>
