@@ -376,6 +376,36 @@ def _check_overflow_is_scale_free(driver, inp, dtype, memory_dtype, big, which, 
     assert torch.equal(scaled, plain)
 
 
+@pytest.mark.parametrize(("dtype", "memory_dtype", "big"), [
+    pytest.param(torch.bfloat16, torch.float32, 2.0**66, id="bf16"),
+    pytest.param(torch.float32, torch.float32, 2.0**66, id="fp32"),
+    pytest.param(torch.float64, torch.float64, 2.0**520, id="fp64")])
+@pytest.mark.parametrize("which", ["query", "keys"])
+def test_overflowing_norms_backward_is_the_unscaled_rows_scaled(driver, dtype, memory_dtype, big, which):
+    # The backward reads the retrieval's norms and scores: with a row times 2^66 (2^520), every gradient is
+    # the unscaled call's, bit for bit, except that row's own, which is divided by the same power of two.
+    inp = make_inputs(**SHAPE, dtype=torch.float64).to(dtype, memory_dtype=memory_dtype)
+    g = torch.Generator().manual_seed(1)
+    grad_out = torch.randn(inp.x.shape[0], inp.x.shape[1], inp.weight.shape[0], generator=g,
+                           dtype=torch.float64).to(dtype)
+
+    def grads():
+        args = (inp.x, inp.weight, inp.query, inp.keys, inp.bank_a, inp.bank_b)
+        return run_backward(driver, grad_out, *args, **_kw(inp, "affine")).outputs
+
+    plain = grads()
+    t = getattr(inp, which).clone()
+    t[1] *= big
+    setattr(inp, which, t)
+    scaled = grads()
+    own = 1 if which == "query" else 2  # (dx, dquery, dkeys, dbank_a, dbank_b)
+    for i, (p, s) in enumerate(zip(plain, scaled)):
+        want = p.clone()
+        if i == own:
+            want[1] = p[1] / big
+        assert torch.equal(s, want), ("dx", "dquery", "dkeys", "dbank_a", "dbank_b")[i]
+
+
 def test_inf_query_entry_gives_nan_cosines_as_the_reference(driver):
     inp = make_inputs(**SHAPE, dtype=torch.float64).to(torch.float32)
     inp.query = inp.query.clone()
