@@ -10,22 +10,30 @@ tiles, S*r spans partial register tiles, d_s and N exceed one block's stride.
 
 from __future__ import annotations
 
+import os
 import struct
 import subprocess
 import tempfile
 from pathlib import Path
 
+import hypothesis
 import pytest
 import torch
+from hypothesis import given, note, settings
 
 from mira_kernels import reference
 from mira_kernels.reference import SEPARATIONS
 from tests.cuda_emu import PlanError, build_driver, plan_launches, run_adapter_into_x, run_backward, run_forward
+from tests.fuzz import profiles
+from tests.fuzz.cases import op_cases
+from tests.fuzz.oracle import judge_linear
 from tests.mira_inputs import assert_close_to_spec, make_inputs
 
 # B, T (2 token tiles, the last partial), d_in, d_out, N, S (offsets out of order), r, d_s.
 SHAPE = dict(B=2, T=11, d_in=13, d_out=24, N=5, S=2, r=3, d_s=7, offsets=[10, 0])
 SCALE = 0.7
+# Drawn cases per run of the property test below (each is two emulator subprocesses).
+EMU_EXAMPLES = int(os.environ.get("MIRA_EMU_EXAMPLES", "16"))
 
 
 @pytest.fixture(scope="module")
@@ -414,3 +422,37 @@ def test_inf_query_entry_gives_nan_cosines_as_the_reference(driver):
     want = reference.mira_linear(*inp.linear_args(), **_kw(inp, "affine"))
     assert torch.equal(torch.isnan(got), torch.isnan(want)) and bool(torch.isnan(got[0]).any())
     assert torch.isfinite(got[1]).all()
+
+
+def test_relu_keeps_a_nan_score_nan_forward_and_backward(driver):
+    # A NaN query entry makes that sample's scores NaN; relu must keep them NaN (as torch.relu) rather
+    # than map them to 0, which would hand the sample a silently finite output.
+    inp = make_inputs(**SHAPE, dtype=torch.float64).to(torch.float32)
+    inp.query = inp.query.clone()
+    inp.query[0, 1] = float("nan")
+    kw = _kw(inp, "relu")
+    (got,) = run_forward(driver, *inp.linear_args(), **kw).outputs
+    want = reference.mira_linear(*inp.linear_args(), **kw)
+    assert bool(torch.isnan(want[0]).any()) and torch.equal(torch.isnan(got), torch.isnan(want))
+    grad_out = torch.ones_like(want)
+    args = (inp.x, inp.weight, inp.query, inp.keys, inp.bank_a, inp.bank_b)
+    got_g = run_backward(driver, grad_out, *args, **kw).outputs
+    want_g = reference.mira_linear_backward(grad_out, *args, **kw)
+    for name, g, w in zip(("dx", "dquery", "dkeys", "dbank_a", "dbank_b"), got_g, want_g):
+        assert torch.equal(torch.isnan(g), torch.isnan(w)), name
+
+
+# The property suite's drawn cases (tests/fuzz/cases.py: hostile regimes included, huge and non-finite
+# values among them), run on the emulated kernels and judged by the same oracle as the other backends.
+# Layouts do not matter here (the glue makes every operand contiguous before the kernels); the emulation
+# runs each case in a subprocess, so the draw is small and bounded.
+@settings(parent=profiles.settings.get_profile("ci"), max_examples=EMU_EXAMPLES)
+@given(case=op_cases(max_b=3, max_t=4, max_d=8, max_n=4, max_dk=6, layouts=("contiguous",)))
+def test_drawn_cases_match_the_float64_reference(driver, case):
+    note(repr(case))
+    hypothesis.assume(case.x.shape[0] > 0 and case.x.shape[1] > 0 and case.keys.shape[0] > 0)
+    args = (case.x, case.weight, case.bias, case.query, case.keys, case.bank_a, case.bank_b)
+    (y,) = run_forward(driver, *args, **case.kwargs()).outputs
+    grads = run_backward(driver, case.grad_out, case.x, case.weight, case.query, case.keys, case.bank_a,
+                         case.bank_b, **case.kwargs()).outputs
+    judge_linear(case, "cuda (emulated)", y, list(grads))

@@ -316,8 +316,9 @@ __device__ void score_pass(const MemoryArgs<acc_t>& a, int64_t b0, int nb, const
 // kPairsPerWarp (sample t, key i) pairs per round, so a round's lane reduction (block barriers) serves
 // kWarps * kPairsPerWarp pairs. q_den[t] is the guarded norm of query t (of the scaled row, q_scale[t]
 // its scale); red holds 2 * kPairsPerWarp * kThreads values; k_scale holds kKeyChunk values. Each score's
-// sums run in the order of one query alone, so the scores do not depend on the tile. Where a query or a key of the tile overflowed (overflow_scale), the tile is scored once more,
-// scaled: a uniform decision (both scales are read from shared memory after a barrier).
+// sums run in the order of one query alone, so the scores do not depend on the tile. Where a query or a key
+// of the tile overflowed (overflow_scale), the tile is scored once more, scaled: a uniform decision (both
+// scales are read from shared memory after a barrier).
 template <typename acc_t>
 __device__ void score_tile(const MemoryArgs<acc_t>& a, int64_t b0, int nb, const acc_t* q_den, const acc_t* q_scale,
                            int64_t n0, int count, acc_t* zw_s, acc_t* red, bool write_knorm, acc_t* k_scale) {
@@ -343,7 +344,7 @@ __device__ __forceinline__ acc_t separate_one(int sep, int64_t N, acc_t z, const
   switch (sep) {
     case kAffine: return N == 1 ? z : z / st.denom;
     case kSoftmax: return mexp(z - st.max) / st.sum;
-    case kRelu: return z > acc_t(0) ? z : acc_t(0);
+    case kRelu: return z <= acc_t(0) ? acc_t(0) : z;  // keeps a NaN score NaN, as torch.relu
     case kTanh: return mtanh(z);
     case kSigmoid: return acc_t(1) / (acc_t(1) + mexp(-z));
     default: return z;
@@ -812,7 +813,7 @@ __global__ void __launch_bounds__(kThreads, 2) mira_bwd_scores_kernel(const Memo
     switch (a.sep) {
       case kAffine: out = affine_sum ? (g - through * inside) / denom : g; break;
       case kSoftmax: out = wn * (g - through); break;
-      case kRelu: out = z[n] > acc_t(0) ? g : acc_t(0); break;
+      case kRelu: out = z[n] <= acc_t(0) ? acc_t(0) : g; break;  // a NaN score passes g, as torch.relu's autograd
       case kTanh: out = g * (acc_t(1) - wn * wn); break;
       case kSigmoid: out = g * wn * (acc_t(1) - wn); break;
       default: break;

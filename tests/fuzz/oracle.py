@@ -196,21 +196,27 @@ def zero_times_nan(case: OpCase) -> bool:
 
 def check_linear(case: OpCase, backend: str, *, grads: bool = True) -> None:
     """``backend`` on ``case`` against the float64 reference: forward, and every gradient."""
+    got_y, got_g = run_linear(case, backend, grads=grads)
+    judge_linear(case, backend, got_y, got_g)
+
+
+def judge_linear(case: OpCase, label: str, got_y: torch.Tensor, got_g: list[torch.Tensor] | None) -> None:
+    """An op's output on ``case`` and, unless ``got_g`` is None, its gradients (dx, dquery, dkeys,
+    dbank_a, dbank_b for ``case.grad_out``), against the float64 reference (check_linear's verdict)."""
     dtype = case.x.dtype
     degenerate = is_degenerate(case)
-    got_y, got_g = run_linear(case, backend, grads=grads)
     want_y, want_g = run_reference(case, torch.float64)
     own_y, own_g = run_reference(case, None)
-    judge(f"{backend} y", got_y, want_y, own_y, dtype=dtype, factor=2.0, like=case.x.new_empty(
+    judge(f"{label} y", got_y, want_y, own_y, dtype=dtype, factor=2.0, like=case.x.new_empty(
         case.x.shape[0], case.x.shape[1], case.weight.shape[0]), degenerate=degenerate,
         zero_times_nan=zero_times_nan(case), terms=adapter_terms(case))
-    if not grads:
+    if got_g is None:
         return
     like = [case.x, case.query, case.keys, case.bank_a, case.bank_b]
     terms = dict(zip(("dquery", "dkeys"), score_grad_terms(case)))
     at_kink = relu_kink_within_rounding(case)
     for name, g, w, o, t in zip(GRAD_NAMES, got_g, want_g, own_g, like):
-        judge(f"{backend} {name}", g, w, o, dtype=t.dtype, factor=3.0, like=t, degenerate=degenerate,
+        judge(f"{label} {name}", g, w, o, dtype=t.dtype, factor=3.0, like=t, degenerate=degenerate,
               zero_times_nan=zero_times_nan(case), terms=terms.get(name, 0.0),
               select_ambiguous=at_kink and name in ("dquery", "dkeys"))
 
