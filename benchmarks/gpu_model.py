@@ -28,6 +28,15 @@ How a launch is priced (every constant is a :class:`Machine` field with its sour
 
 Measurements: ``--measured gpu_check.json`` (``make gpu-check``, schema ``mira-gpu-check/1``)
 prints the measured per-kernel and per-call times beside the model's.
+
+Calibration: a priori, the model priced the stock ViT-B/16 at 0.23-0.77x of what the fourth H200
+run measured (fp32 GEMMs were priced on TF32 tensor cores, which PyTorch does not use by default;
+every launch was charged ~0.4 us of latency where a small kernel takes ~3 us; the retrieval's
+cosine steps were priced as L2 round trips where Nsight Compute shows ~700 issue-bound instructions
+each). ``--calibrate gpu_check.json`` fits eight constants (CALIBRATION: a per-launch floor, a
+device-work scale per dtype, a per-step time per MIRA backend, three host costs), each to one cell
+of that run's model phase, and prints how the model does on every other cell (held out). The
+recorded report (``--record``, benchmarks/results/gpu_model.txt) is calibrated to the fourth run.
 """
 
 from __future__ import annotations
@@ -82,6 +91,15 @@ class Machine:
     host_triton_launch: float = 10e-6  # s, one Triton launch from Python
     host_alloc: float = 1.5e-6  # s, one caching-allocator allocation
     host_planning: float = 0.0  # s, the Triton backend's planning (measured at start-up)
+    sgemm_rate: float = 67e12 * 0.8  # FLOP/s, cuBLAS fp32 GEMM on CUDA cores (PyTorch's default: no TF32)
+    # Calibration (calibrate()): 0 / 1 until fitted to a recorded run.
+    launch_floor: float = 0.0  # s of device time every launch costs beyond its priced work
+    # s per dependent step of a MIRA kernel's program (a priori: one L2 round trip), per backend.
+    step_time_triton: float = 0.13e-6
+    step_time_cuda: float = 0.13e-6
+    work_scale_bf16: float = 1.0  # measured / a-priori device work of 16-bit launches
+    work_scale_fp32: float = 1.0  # the same for fp32 launches
+    work_scale: float = 1.0  # the scale in force (for_dtype picks one of the two)
 
     @property
     def sm_rate_bf16(self) -> float:
@@ -91,6 +109,14 @@ class Machine:
     def efficiency(self) -> float:
         """Fraction of the datasheet tensor-core peak a well-shaped GEMM reaches (measured / datasheet)."""
         return self.bf16_rate / self.bf16_peak
+
+    def for_dtype(self, dtype: torch.dtype) -> Machine:
+        """This machine with the device-work scale of x's dtype in force."""
+        return replace(self, work_scale=self.work_scale_fp32 if dtype == torch.float32 else self.work_scale_bf16)
+
+    def gemm_rate(self, unit: str) -> float:
+        """Whole-device FLOP/s of a library (cuBLAS) GEMM in the unit's arithmetic."""
+        return self.sgemm_rate if unit == "fma_fp32" else self.unit_rate(unit)
 
     def unit_rate(self, unit: str) -> float:
         """Realistic whole-device FLOP/s of one unit class (launch_plan.UNITS)."""
@@ -125,6 +151,18 @@ SOURCES = {
     "host_triton_launch": f"~9-13 us of host time per Triton launch from Python, {DOCS}",
     "host_alloc": "~1-2 us per CUDA caching-allocator allocation (PyTorch): assumption",
     "host_planning": "the Triton backend's planning code, timed at start-up on this machine (CPU tensors)",
+    "sgemm_rate": f"fp32 GEMM without TF32 (torch.backends.cuda.matmul.allow_tf32 is False by default, and so in "
+                  f"every make gpu-check run): ~67 TFLOP/s on CUDA cores, {H200}, at the bf16 GEMM's ~80% efficiency",
+    "step_time_triton": "one dependent step (a K step of a loop) of a Triton MIRA kernel's program that is "
+                        "neither a GEMM nor memory-bound: a priori one L2 round trip (l2_latency); calibration: fitted "
+                        "to a recorded run (Triton bf16 B = 1, CUDA graph; the fourth H200 run's Nsight Compute: the "
+                        "retrieval is issue-bound, ~700 SASS instructions a cosine step at ~5 cycles each)",
+    "step_time_cuda": "the same for the CUDA C++ kernels; calibration: fitted to a recorded run (CUDA C++ bf16 B = 1, "
+                      "CUDA graph)",
+    "launch_floor": "calibration: fitted to a recorded make gpu-check run (stock bf16 B = 1, CUDA graph), 0 a priori",
+    "work_scale_bf16": "calibration: fitted to a recorded run (stock bf16 B = 256, CUDA graph), 1 a priori",
+    "work_scale_fp32": "calibration: fitted to a recorded run (stock fp32 B = 256, CUDA graph), 1 a priori",
+    "work_scale": "the work scale of the dtype being priced (work_scale_bf16 or work_scale_fp32)",
 }
 
 # ----------------------------------------------------------------------------------------------
@@ -136,24 +174,26 @@ CUBLAS_TILES = ((128, 256, 64), (256, 128, 64), (128, 128, 64), (64, 128, 64), (
 
 
 def _gemm_time(m: int, n: int, k: int, tile, tiles_per_program: int, programs: int, extra_flops: float,
-               out_bytes: int, mach: Machine) -> float:
+               out_bytes: int, mach: Machine, sm_rate: float | None = None) -> float:
     """Waves of programs of whole tiles: a tile's MMA time at the per-SM rate, plus a pipeline fill
     (two L2 round trips) and its epilogue store; extra_flops (an adapter) spread over the programs."""
     del m, n
+    rate = sm_rate or mach.sm_rate_bf16
     bm, bn, bk = tile
     tile_flops = 2.0 * bm * bn * math.ceil(k / bk) * bk
     # The epilogue's store lands in L2 (write-back): the SM's share of L2 bandwidth.
-    tile_time = tile_flops / mach.sm_rate_bf16 + 2 * mach.l2_latency + bm * bn * out_bytes / (mach.l2_bw / mach.sms)
-    program_time = tiles_per_program * tile_time + extra_flops / max(programs, 1) / mach.sm_rate_bf16
+    tile_time = tile_flops / rate + 2 * mach.l2_latency + bm * bn * out_bytes / (mach.l2_bw / mach.sms)
+    program_time = tiles_per_program * tile_time + extra_flops / max(programs, 1) / rate
     waves = math.ceil(programs / mach.sms)
     return waves * program_time + mach.dram_latency
 
 
-def cublas_time(m: int, n: int, k: int, mach: Machine, out_bytes: int = 2) -> tuple[float, tuple]:
+def cublas_time(m: int, n: int, k: int, mach: Machine, out_bytes: int = 2,
+                unit: str = "tc_bf16") -> tuple[float, tuple]:
     best = None
     for tile in CUBLAS_TILES:
         programs = math.ceil(m / tile[0]) * math.ceil(n / tile[1])
-        t = _gemm_time(m, n, k, tile, 1, programs, 0.0, out_bytes, mach)
+        t = _gemm_time(m, n, k, tile, 1, programs, 0.0, out_bytes, mach, mach.gemm_rate(unit) / mach.sms)
         if best is None or t < best[0]:
             best = (t, tile)
     return best
@@ -169,10 +209,18 @@ class Priced:
 
 
 def price(k: KernelLaunch, mach: Machine) -> Priced:
-    """Device time of one launch alone on the device (no gaps)."""
+    """Device time of one launch alone on the device (no gaps): its a-priori price (below) times the
+    calibrated work scale, plus the calibrated per-launch floor."""
+    p = _price(k, mach)
+    p.us = p.us * mach.work_scale + mach.launch_floor * 1e6
+    return p
+
+
+def _price(k: KernelLaunch, mach: Machine) -> Priced:
     if k.library == "cublas":
         m, n, kk = k.gemm
-        t, tile = cublas_time(m, n, kk, mach)
+        unit = next(iter(k.flops), "tc_bf16")
+        t, tile = cublas_time(m, n, kk, mach, out_bytes=4 if unit == "fma_fp32" else 2, unit=unit)
         mem = k.bytes / mach.hbm_bw
         return Priced(k.name, k.kernel, max(t, mem) * 1e6, f"tiles {tile[0]}x{tile[1]}", k)
     if k.library in ("aten", "flash"):
@@ -188,14 +236,19 @@ def price(k: KernelLaunch, mach: Machine) -> Priced:
     if k.tile is not None and k.gemm is not None:
         m, n, kk = k.gemm
         extra = max(k.total_flops - _padded_base(k), 0.0)
-        t = _gemm_time(m, n, kk, k.tile, k.tiles_per_program, programs, extra, 2, mach)
+        # The launch's own arithmetic (an fp32 'ieee' GEMM runs on CUDA cores): its FLOPs over their time.
+        seconds = sum(f / mach.unit_rate(u) for u, f in k.flops.items())
+        sm_rate = k.total_flops / seconds / mach.sms if seconds > 0 else None
+        t = _gemm_time(m, n, kk, k.tile, k.tiles_per_program, programs, extra, 2, mach, sm_rate)
         t = max(t, k.bytes / mach.hbm_bw)
         return Priced(k.name, k.kernel, t * 1e6, f"{programs} programs x {k.tiles_per_program} tiles", k)
     compute = sum(f / mach.unit_rate(u) for u, f in k.flops.items()) * mach.sms / active
     bandwidth = min(mach.hbm_bw, active * mach.sm_inflight / mach.dram_latency)
     memory = k.bytes / bandwidth + k.l2_bytes / (mach.l2_bw * active / mach.sms)
     waves = math.ceil(programs / (2 * mach.sms))
-    latency = waves * k.steps * mach.l2_latency + mach.dram_latency
+    # Triton kernels are the backend's Python functions (_mira_*); the CUDA C++ ones are mira_*.
+    step = mach.step_time_triton if k.kernel.startswith("_") else mach.step_time_cuda
+    latency = waves * k.steps * step + mach.dram_latency
     t = max(compute, memory, latency)
     bound = "compute" if t == compute else "memory" if t == memory else "latency"
     return Priced(k.name, k.kernel, t * 1e6, bound, k)
@@ -240,7 +293,8 @@ def _aten(name: str, read: float, write: float, flops: float = 0.0, steps: int =
 
 
 def _linear(name: str, m: int, n: int, k: int, xb: int) -> KernelLaunch:
-    unit = "tc_bf16" if xb == 2 else "tc_tf32"
+    # fp32: CUDA cores, as PyTorch runs it by default (allow_tf32 False; recorded by every gpu-check run).
+    unit = "tc_bf16" if xb == 2 else "fma_fp32"
     return KernelLaunch(name=name, kernel="cublas gemm", grid=(), threads=0, flops={unit: 2.0 * m * n * k},
                         bytes_read=(m * k + k * n + n) * xb, bytes_written=m * n * xb, library="cublas", gemm=(m, n, k),
                         useful_flops=2.0 * m * n * k)
@@ -371,8 +425,9 @@ def block_ops(variant: str, B: int, dtype: torch.dtype, mach: Machine) -> list[O
     return [
         Op("norm1", [_aten("layer_norm", act + 2 * D * xb, act, 8.0 * M * D)], mach.host_aten_op),
         *qkv,
-        Op("attention", [_aten("flash attention", 3 * act, act, attn_flops, steps=4, unit="tc_bf16",
-                               library="flash")], 3 * mach.host_aten_op),
+        # fp32: no flash kernel (16-bit only); SDPA's memory-efficient kernel on CUDA cores.
+        Op("attention", [_aten("flash attention", 3 * act, act, attn_flops, steps=4,
+                               unit="tc_bf16" if xb == 2 else "fma_fp32", library="flash")], 3 * mach.host_aten_op),
         Op("proj", [_linear("proj", M, D, D, xb)], mach.host_aten_op),
         Op("residual 1", [_aten("add", 2 * act, act, M * D)], mach.host_aten_op),
         Op("norm2", [_aten("layer_norm", act + 2 * D * xb, act, 8.0 * M * D)], mach.host_aten_op),
@@ -411,6 +466,77 @@ class Timing:
     priced: list[Priced] = field(default_factory=list)
 
 
+# ----------------------------------------------------------------------------------------------
+# Calibration against a recorded run.
+# ----------------------------------------------------------------------------------------------
+
+#: The cells of a make gpu-check model phase each calibrated constant is fitted to (one each, in this
+#: order, repeated until they settle); every other cell is held out and judges the model.
+CALIBRATION = (
+    ("launch_floor", "plain", torch.bfloat16, 1, "graph", (0.0, 50e-6)),
+    ("work_scale_bf16", "plain", torch.bfloat16, 256, "graph", (0.1, 10.0)),
+    ("work_scale_fp32", "plain", torch.float32, 256, "graph", (0.1, 10.0)),
+    ("step_time_triton", "triton", torch.bfloat16, 1, "graph", (0.0, 20e-6)),
+    ("step_time_cuda", "cuda", torch.bfloat16, 1, "graph", (0.0, 20e-6)),
+    ("host_aten_op", "plain", torch.bfloat16, 1, "eager", (0.0, 500e-6)),
+    ("host_custom_op", "cuda", torch.bfloat16, 1, "eager", (0.0, 5e-3)),
+    ("host_triton_launch", "triton", torch.bfloat16, 1, "eager", (0.0, 5e-3)),
+)
+
+_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32}
+
+
+def measured_cells(doc: dict) -> dict:
+    """{(variant, dtype, B): {"graph": us, "eager": us}} of a gpu_check.json's model phase (forward)."""
+    cells = {}
+    for m in (doc.get("phases", {}).get("model", {}) or {}).get("measurements", []) or []:
+        dtype = _DTYPES.get(m.get("dtype"))
+        if m.get("mode") != "forward" or not m.get("ok") or dtype is None:
+            continue
+        variant = {"stock": "plain", "eager": "unfused"}.get(m["kind"], m.get("backend"))
+        cells[(variant, dtype, m["batch"])] = {k: (m.get(f"{k}_us") or {}).get("median") for k in ("graph", "eager")}
+    return cells
+
+
+def modelled(variant: str, B: int, dtype: torch.dtype, mach: Machine) -> Timing | None:
+    m = mach.for_dtype(dtype)
+    ops = model_ops(variant, B, dtype, m)
+    return None if isinstance(ops, str) else time_ops(ops, m)
+
+
+def calibrate(mach: Machine, doc: dict, rounds: int = 4) -> tuple[Machine, list[str]]:
+    """``mach`` with the CALIBRATION constants fitted to a recorded run: each solves model == measured
+    on its cell (bisection: every cell's time grows with its constant). Returns the machine and a line
+    per constant saying what it was fitted to."""
+    cells = measured_cells(doc)
+    notes = {}
+    for _ in range(rounds):
+        for name, variant, dtype, B, mode, (lo, hi) in CALIBRATION:
+            want = (cells.get((variant, dtype, B)) or {}).get(mode)
+            if want is None:
+                notes[name] = f"{name}: not fitted (the run has no {variant} {dtype} B={B} {mode} time)"
+                continue
+
+            def at(value, base=mach, name=name, variant=variant, dtype=dtype, B=B, mode=mode):
+                t = modelled(variant, B, dtype, replace(base, **{name: value}))
+                return (t.graph if mode == "graph" else t.eager) * 1e6
+
+            if at(lo) >= want or at(hi) <= want:
+                notes[name] = f"{name}: not fitted (the model cannot reach {want:.1f} us on {variant} B={B} {mode})"
+                continue
+            for _ in range(60):
+                mid = 0.5 * (lo + hi)
+                lo, hi = (mid, hi) if at(mid) < want else (lo, mid)
+            mach = replace(mach, **{name: 0.5 * (lo + hi)})
+            notes[name] = (f"{name} = {getattr(mach, name):.4g}: fitted to {variant} {str(dtype)[6:]} B={B} {mode} "
+                           f"{want:.1f} us")
+    return mach, [notes[name] for name, *_ in CALIBRATION if name in notes]
+
+
+def fitted_cells() -> set:
+    return {(variant, dtype, B, mode) for _, variant, dtype, B, mode, _ in CALIBRATION}
+
+
 def time_ops(ops: list[Op], mach: Machine) -> Timing:
     launches = [k for op in ops for k in op.launches]
     graph, priced = sequence_time(launches, mach)
@@ -443,7 +569,7 @@ def _pct(a: float, b: float) -> str:
 
 
 def report(mach: Machine, dtypes=(torch.bfloat16, torch.float32), batches=BATCHES, measured: dict | None = None,
-           before: dict | None = None) -> str:
+           before: dict | None = None, calibration: tuple[str, list[str], dict] | None = None) -> str:
     out = [
         "MODEL, NOT A MEASUREMENT: ViT-B/16 forward on an " + mach.name + ", priced from the launch plans.",
         "MIRA on every block's qkv (Q and V adapted, r = 4, N = 30, affine), the layer's query cast and key",
@@ -451,8 +577,15 @@ def report(mach: Machine, dtypes=(torch.bfloat16, torch.float32), batches=BATCHE
         "The key normalisation is charged on every forward: a CUDA graph recomputes it at each replay",
         "(mira/memory.py caches it only in eager inference), so the eager rows overstate it (3 ATen ops a block).",
         "",
-        "Assumptions (value: source):",
     ]
+    if calibration:
+        run, notes, _ = calibration
+        out += [f"Calibrated to {run} (each constant solves model = measured on one cell; every other cell",
+                "of that run is held out and judges the model: see 'Model vs measurement'):"]
+        out += [f"  {line}" for line in notes] + [""]
+    else:
+        out += ["A priori: not calibrated to any run (--calibrate gpu_check.json fits the calibration constants).", ""]
+    out.append("Assumptions (value: source):")
     for key, source in SOURCES.items():
         value = getattr(mach, key)
         out.append(f"  {key} = {value:.4g}: {source}")
@@ -463,28 +596,29 @@ def report(mach: Machine, dtypes=(torch.bfloat16, torch.float32), batches=BATCHE
         head = (f"{'B':>4} {'variant':<11} {'launches':>8} {'graph us':>11} {'overhead':>9} {'eager us':>11} "
                 f"{'overhead':>9} {'host us':>9}  bound (eager)")
         out += [head, "-" * len(head)]
+        dmach = mach.for_dtype(dtype)
         for B in batches:
-            plain = time_ops(model_ops("plain", B, dtype, mach), mach)
+            plain = time_ops(model_ops("plain", B, dtype, dmach), dmach)
             for variant in VARIANTS:
-                ops = model_ops(variant, B, dtype, mach)
+                ops = model_ops(variant, B, dtype, dmach)
                 if isinstance(ops, str):
                     out.append(f"{B:>4} {variant:<11} {ops}")
                     continue
-                t = time_ops(ops, mach)
+                t = time_ops(ops, dmach)
                 bound = "host" if t.host > t.graph else "device"
                 out.append(f"{B:>4} {variant:<11} {t.launches:>8} {t.graph * 1e6:>11.1f} "
                            f"{'' if variant == 'plain' else _pct(t.graph, plain.graph):>9} {t.eager * 1e6:>11.1f} "
                            f"{'' if variant == 'plain' else _pct(t.eager, plain.eager):>9} {t.host * 1e6:>9.1f}  "
                            f"{bound}")
-            fl = floor_us(B, dtype, mach)
+            fl = floor_us(B, dtype, dmach)
             target = TARGETS.get(B)
             out.append(f"{B:>4} {'floor':<11} {'':>8} {plain.graph * 1e6 + fl:>11.1f} "
                        f"{_pct(plain.graph * 1e6 + fl, plain.graph * 1e6):>9}   (useful adapter + mixing FLOPs at "
                        f"the bf16 rate; target {'beside the floor' if target is None else f'<= {target}%'})")
             out.append("")
-    out += qkv_tables(mach, batches, before)
+    out += qkv_tables(mach.for_dtype(torch.bfloat16), batches, before)
     if measured:
-        out += measured_tables(measured, mach)
+        out += measured_tables(measured, mach, calibrated=bool(calibration) and calibration[2] is measured)
     return "\n".join(out)
 
 
@@ -520,10 +654,13 @@ def _pdl_note(k: KernelLaunch) -> str:
     return f"  [PDL, waits at {100 * k.wait_fraction:.0f}%]" if k.pdl else ""
 
 
-def measured_tables(doc: dict, mach: Machine) -> list[str]:
+def measured_tables(doc: dict, mach: Machine, calibrated: bool = False) -> list[str]:
     """Model vs measurement for every measured cell of a gpu_check.json (schema mira-gpu-check/1)."""
     out = [f"== Model vs measurement ({doc.get('schema')}, started {doc.get('started')}, "
-           f"GPU {((doc.get('environment') or {}).get('gpu') or {}).get('name')}) =="]
+           f"GPU {((doc.get('environment') or {}).get('gpu') or {}).get('name')}) ==",
+           "   (xR: model / measured; 'fit': a cell a calibration constant was fitted to, when calibrated to this run)"]
+    fitted = fitted_cells() if calibrated else set()
+    held_out: list[float] = []
     for phase in ("op", "model"):
         for m in (doc.get("phases", {}).get(phase, {}) or {}).get("measurements", []) or []:
             # gpu_check names dtypes as torch does ("bfloat16"); the short names are kept for older files.
@@ -535,26 +672,43 @@ def measured_tables(doc: dict, mach: Machine) -> list[str]:
             variant = {"linear": "plain", "stock": "plain", "eager": "unfused"}.get(m["kind"], m.get("backend"))
             if variant not in ("plain", "unfused", "triton", "cuda"):
                 continue  # measured but not modelled (the reference backend)
+            dmach = mach.for_dtype(dtype)
             if phase == "op":
-                ops = qkv_ops(variant, B, dtype, mach)
+                ops = qkv_ops(variant, B, dtype, dmach)
                 ops = ops if isinstance(ops, list) else []
                 ops = [op for op in ops if not op.mira or op.name.startswith(("mira", "vllm", "unfused"))] or ops
             else:
-                ops = model_ops(variant, B, dtype, mach)
+                ops = model_ops(variant, B, dtype, dmach)
             if isinstance(ops, str) or not ops:
                 continue
-            t = time_ops(ops, mach)
+            t = time_ops(ops, dmach)
             g = (m.get("graph_us") or {}).get("median")
             e = (m.get("eager_us") or {}).get("median")
-            out.append(f"  {phase:<5} {m['variant']:<16} {m['dtype']} B={B:<4} graph: model {t.graph * 1e6:9.1f} "
-                       f"measured {g if g is not None else float('nan'):9.1f} | eager: model {t.eager * 1e6:9.1f} "
-                       f"measured {e if e is not None else float('nan'):9.1f}")
+
+            def cell(model_s, got, mode, variant=variant, dtype=dtype, B=B, phase=phase):
+                if got is None:
+                    return f"model {model_s * 1e6:9.1f} measured       nan"
+                tag = " fit" if phase == "model" and (variant, dtype, B, mode) in fitted else "    "
+                return f"model {model_s * 1e6:9.1f} measured {got:9.1f} x{model_s * 1e6 / got:5.2f}{tag}"
+
+            out.append(f"  {phase:<5} {m['variant']:<16} {m['dtype']} B={B:<4} graph: {cell(t.graph, g, 'graph')} "
+                       f"| eager: {cell(t.eager, e, 'eager')}")
+            if phase == "model":
+                for mode, model_s, got in (("graph", t.graph, g), ("eager", t.eager, e)):
+                    if got and (variant, dtype, B, mode) not in fitted:
+                        held_out.append(model_s * 1e6 / got)
             if phase == "op" and m.get("kernels"):
                 priced = {p.kernel: p.us for p in t.priced}
                 for kern in m["kernels"]:
                     mine = next((us for name, us in priced.items() if name in kern["name"]), None)
                     out.append(f"      {kern['name'][:48]:<48} measured {kern['us']:8.2f} us x{kern['calls']:g}  "
                                f"model {'-' if mine is None else f'{mine:8.2f}'}")
+    if held_out:
+        ratios = sorted(held_out)
+        within = sum(1 for r in ratios if 0.8 <= r <= 1.25)
+        out.append(f"  model / measured over the {len(ratios)} end-to-end cells not fitted: median "
+                   f"{ratios[len(ratios) // 2]:.2f}, range [{ratios[0]:.2f}, {ratios[-1]:.2f}], {within} within "
+                   f"0.8-1.25x")
     out.append("")
     return out
 
@@ -599,6 +753,8 @@ def env_path() -> str:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--measured", help="gpu_check.json from `make gpu-check`: print model vs measurement")
+    parser.add_argument("--calibrate", help="gpu_check.json whose model phase the calibration constants are fitted "
+                        "to (launch floor, work scales, host costs; see CALIBRATION)")
     parser.add_argument("--before", help="JSON of older Triton plans (--dump-plans run in that checkout)")
     parser.add_argument("--batches", type=int, nargs="+", default=list(BATCHES))
     parser.add_argument("--record", action="store_true", help="also write benchmarks/results/gpu_model.txt")
@@ -610,7 +766,13 @@ def main(argv=None) -> None:
     mach = replace(Machine(), host_planning=measure_host_planning())
     measured = json.loads(Path(args.measured).read_text()) if args.measured else None
     before = json.loads(Path(args.before).read_text()) if args.before else None
-    text = report(mach, batches=tuple(args.batches), measured=measured, before=before)
+    calibration = None
+    if args.calibrate:
+        doc = measured if args.measured and Path(args.measured).resolve() == Path(args.calibrate).resolve() else \
+            json.loads(Path(args.calibrate).read_text())
+        mach, notes = calibrate(mach, doc)
+        calibration = (args.calibrate, notes, doc)
+    text = report(mach, batches=tuple(args.batches), measured=measured, before=before, calibration=calibration)
     print(text)
     if args.record:
         (RESULTS / "gpu_model.txt").write_text(text + "\n")

@@ -9,6 +9,7 @@ gpu-check record is printed beside the model.
 from __future__ import annotations
 
 import importlib.util
+import re
 
 import pytest
 import torch
@@ -104,3 +105,45 @@ def test_a_recorded_gpu_check_run_is_read_cell_by_cell(mach):
     for dtype, batch in timed:
         assert any(line.startswith("  op    mira[triton]") and dtype in line and f"B={batch} " in line
                    for line in lines), (dtype, batch)
+
+
+def _fourth_run():
+    import json
+    from pathlib import Path
+
+    path = next(Path(__file__).resolve().parents[2].glob("benchmarks/results/gpu/*9c67b4a*/gpu_check.json"))
+    return json.loads(path.read_text())
+
+
+def test_fp32_gemms_are_priced_on_cuda_cores(mach):
+    # PyTorch runs fp32 matmuls without TF32 by default (every gpu-check run records allow_tf32 False):
+    # the a-priori model priced them on TF32 tensor cores at the bf16 rate, ~10x under the measured
+    # stock fp32 forward on the H200.
+    assert gm._linear("qkv", 1576, 2304, 768, 4).flops.keys() == {"fma_fp32"}
+    fp32 = gm.price(gm._linear("qkv", 50432, 2304, 768, 4), mach).us
+    bf16 = gm.price(gm._linear("qkv", 50432, 2304, 768, 2), mach).us
+    assert fp32 > 8 * bf16  # the CUDA-core fp32 rate is ~1/15 of the bf16 tensor-core rate
+    t = gm.modelled("plain", 256, torch.float32, mach)
+    assert 0.8 < t.graph * 1e6 / 195148.0 < 1.25  # the fourth H200 run's stock fp32 B=256, a priori
+
+
+def test_calibration_fits_each_constant_to_its_cell_and_holds_the_rest_out(mach):
+    doc = _fourth_run()
+    cal, notes = gm.calibrate(mach, doc)
+    cells = gm.measured_cells(doc)
+    assert len(notes) == len(gm.CALIBRATION) and all("fitted to" in n for n in notes), notes
+    for name, variant, dtype, B, mode, _ in gm.CALIBRATION:
+        assert getattr(cal, name) != getattr(mach, name), name
+        t = gm.modelled(variant, B, dtype, cal)
+        got = (t.graph if mode == "graph" else t.eager) * 1e6
+        assert got == pytest.approx(cells[(variant, dtype, B)][mode], rel=1e-3), name
+    lines = gm.measured_tables(doc, cal, calibrated=True)
+    marked = [line for line in lines if re.search(r"x *[0-9.]+ fit( |$)", line)]
+    assert len(marked) == len({(v, d, b) for _, v, d, b, _, _ in gm.CALIBRATION})
+    summary = next(line for line in lines if "cells not fitted" in line)
+    modelled = [key for key in cells if key[0] in gm.VARIANTS or key[0] == "unfused"]  # not the reference backend
+    assert f"over the {2 * len(modelled) - len(gm.CALIBRATION)} " in summary  # graph + eager per cell, minus the fitted
+    # A run without the cell a constant needs leaves it at its a-priori value, and says so.
+    missing = {"phases": {"model": {"measurements": []}}}
+    same, notes = gm.calibrate(mach, missing)
+    assert same == mach and all("not fitted" in n for n in notes)
