@@ -612,6 +612,11 @@ int64_t mix_lines(const Shapes& s) { return (s.SR * (s.d_in + s.d_s) + kMixLine 
 // it is one region fewer per call: with other work on the machine (load 3-4 on 2 cores) each
 // region, waiting for a descheduled thread, cost ~8 ms. The backward, which keeps the unit vectors, and larger
 // retrievals score the keys first (serially too when small, in parallel over the keys otherwise).
+// Tried and measured no better (batch 1, Zen 4 AVX-512, 2 threads, caches evicted, benchmarks.budget, runs
+// alternated with the unchanged build): each thread requesting its first 64-512 KiB of bank lines into L2
+// (prefetcht1, a share after each key) while it scores. The mixing phase fell from ~44 to ~34 us, but the
+// retrieval rose from ~20 to ~30 us: retrieval + mixing stayed at 59-68 us either way. The two phases
+// together already draw the banks at ~28 GB/s of the ~35 GB/s the machine streams (2 threads).
 template <typename T>
 void prepare_memory(const IsaTable& isa, const Shapes& s, const at::Tensor& query, const at::Tensor& keys,
                     const at::Tensor& bank_a, const at::Tensor& bank_b, Sep sep, double scale, double eps,
