@@ -65,6 +65,11 @@ struct Kernels {
                           int64_t ldv, T* C, int64_t ldc, const T* init, bool accumulate);
   void (*axpy_block_f16)(int64_t J, int64_t K, int64_t n, const T* coef, int64_t csj, int64_t csk, const F16* V,
                          int64_t ldv, T* C, int64_t ldc, const T* init, bool accumulate);
+  // The retrieval's sums over one float32 key row k (n values, each widened exactly to T on load):
+  // returns sum_i q[i] k[i] and stores sum_i k[i]^2 in *sq (unless sq is null), both in T, in one
+  // pass with several accumulators per sum (a fixed order: the same inputs give the same bits).
+  // Only for T = double (nullptr in the float table: the cosines are computed in double).
+  T (*key_dot_f32)(int64_t n, const T* q, const float* k, T* sq);
 };
 
 struct IsaTable {

@@ -55,6 +55,7 @@ struct VD {
     return _mm_cvtsd_f64(_mm_add_sd(q, _mm_unpackhi_pd(q, q)));
   }
   static T sfma(T a, T b, T c) { return __builtin_fma(a, b, c); }
+  static R load_f32(const float* p) { return _mm256_cvtps_pd(_mm_loadu_ps(p)); }  // exact widening
 };
 
 #include "cpu/kernels_impl.inc"

@@ -55,6 +55,7 @@ struct VD {
   static R fma(R a, R b, R c) { return _mm_add_pd(_mm_mul_pd(a, b), c); }
   static T hsum(R v) { return _mm_cvtsd_f64(_mm_add_sd(v, _mm_unpackhi_pd(v, v))); }
   static T sfma(T a, T b, T c) { return a * b + c; }
+  static R load_f32(const float* p) { return _mm_setr_pd(p[0], p[1]); }  // exact widening
 };
 #else
 // Portable form: GCC/Clang vector extensions, unaligned loads and stores through memcpy; there are
@@ -88,6 +89,12 @@ struct VGeneric {
   static R load_f16(const uint16_t* p) {
     R v;
     for (int i = 0; i < Lanes; ++i) v[i] = f16_to_float(p[i]);
+    return v;
+  }
+  // float32 values widened exactly (used for double lanes only).
+  static R load_f32(const float* p) {
+    R v;
+    for (int i = 0; i < Lanes; ++i) v[i] = static_cast<T>(p[i]);
     return v;
   }
 };

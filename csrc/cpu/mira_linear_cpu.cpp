@@ -444,6 +444,10 @@ std::pair<double, double> exact_norm(const Kernels<double>& K, double* u, int64_
 // one dot_block tile, bit-identical) took the retrieval phase from 19.5 to 26.0 us cold and 14.7 to
 // 17.2 us warm, and chunks of 2 and 4 lay in between; prefetching the next key rows changed nothing.
 // perf (one thread, warm) puts a third of the phase in the row conversion's loads.
+// What did pay: float32 keys read as float32 and summed in one pass per key (key_dot_f32: square and
+// dot sums with four accumulators each, where dot_block's single chain per sum was latency-bound and
+// ran twice per key after a scalar conversion): retrieval phase 19.0-19.4 -> 12.9-13.5 us cold and
+// 14.8-15.4 -> 6.7-9.0 us warm (benchmarks.budget, B = 1, runs alternated with the previous build).
 constexpr int64_t kKeyGrain = 8, kSerialScoreMacs = int64_t(1) << 16;
 
 template <typename T>
@@ -458,9 +462,30 @@ void retrieve_in_double(const IsaTable& isa, const Shapes& s, const at::Tensor& 
     row_in_double(query, b, qb);
     std::tie(q_norm[b], q_den[b]) = exact_norm(K, qb, s.d_k);
   }
+  // float32 keys in rows of unit stride (the layers' keys): each key row is read once, as float32,
+  // and its square and dot sums run in one pass (key_dot_f32). A row whose square sum overflows
+  // goes the exact way below (scaled first), as every other key layout does.
+  const float* keys32 = keys.scalar_type() == at::kFloat && (keys.stride(1) == 1 || s.d_k <= 1) && s.B > 0
+                            ? keys.const_data_ptr<float>()
+                            : nullptr;
   const auto score = [&](int64_t begin, int64_t end) {
     std::vector<double> row(s.d_k);
     for (int64_t n = begin; n < end; ++n) {
+      if (keys32) {
+        const float* k = keys32 + n * keys.stride(0);
+        double sq = 0;
+        for (int64_t b = 0; b < s.B; ++b)
+          dots[b * s.N + n] = K.key_dot_f32(s.d_k, q.data() + b * s.d_k, k, b == 0 ? &sq : nullptr);
+        if (!std::isinf(sq)) {
+          k_norm[n] = std::sqrt(sq);
+          k_den[n] = std::max(k_norm[n], kNormEps);
+          if (units) {
+            const double inv = 1.0 / k_den[n];
+            for (int64_t j = 0; j < s.d_k; ++j) k_unit[n * s.d_k + j] = static_cast<double>(k[j]) * inv;
+          }
+          continue;
+        }
+      }
       row_in_double(keys, n, row.data());
       std::tie(k_norm[n], k_den[n]) = exact_norm(K, row.data(), s.d_k);
       K.dot_block(s.B, 1, s.d_k, q.data(), s.d_k, row.data(), s.d_k, dots.data() + n, s.N, 1.0);
