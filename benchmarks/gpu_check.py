@@ -73,7 +73,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -806,8 +806,26 @@ def record(results: Path, dest_root: Path = RECORD_DIR, repo: Path = ROOT) -> Pa
         "phases: " + ", ".join(f"{p} {ph.get('status')}" for p, ph in phases.items()),
         f"files: {', '.join(copied)}",
     ]
+    model = model_vs_measured(doc, dest.name)
+    if model is not None:
+        (dest / "model_vs_measured.txt").write_text(model + "\n", encoding="utf-8")
+        lines.append("model_vs_measured.txt: benchmarks.gpu_model calibrated to this run, every other cell held out")
     (dest / "record.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return dest
+
+
+def model_vs_measured(doc: dict, name: str) -> str | None:
+    """The performance model calibrated to a run with a model phase, beside its measurements (so each
+    recorded run says how far the model is from it); None without one, or a line saying why not."""
+    if not ((doc.get("phases") or {}).get("model") or {}).get("measurements"):
+        return None
+    try:
+        from benchmarks import gpu_model
+    except ImportError as exc:  # the model needs the Triton planner (triton installed)
+        return f"no model: {exc}"
+    mach = replace(gpu_model.Machine(), host_planning=gpu_model.measure_host_planning())
+    cal, notes = gpu_model.calibrate(mach, doc)
+    return gpu_model.report(cal, measured=doc, calibration=(f"this run ({name})", notes, doc))
 
 
 # ----------------------------------------------------------------------------------------------

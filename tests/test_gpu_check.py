@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -315,3 +316,21 @@ def test_model_check_can_fail_and_is_well_conditioned_in_16_bit(dtype_name):
     assert phases._rel_err(out["stock"], out["eager"]) > 2 * phases.GROSS_REL_ERR
     for name in ("mira[reference]", "mira[cpu]"):
         assert phases._rel_err(out[name], out["eager"]) < phases.GROSS_REL_ERR / 2, name
+
+
+def test_a_recorded_run_with_a_model_phase_gets_the_calibrated_model_beside_it(tmp_path, monkeypatch):
+    pytest.importorskip("triton")  # the model prices the Triton backend's launch plans
+    run = next(ROOT.glob("benchmarks/results/gpu/*9c67b4a*/gpu_check.json"))
+    results = tmp_path / "results"
+    results.mkdir()
+    shutil.copy(run, results / "gpu_check.json")
+    monkeypatch.setattr(gpu_check, "source_identity", lambda repo=None: {"commit": None, "dirty": None, "digest": ""})
+    dest = gpu_check.record(results, dest_root=tmp_path / "gpu")
+    text = (dest / "model_vs_measured.txt").read_text()
+    assert text.startswith("MODEL, NOT A MEASUREMENT") and f"Calibrated to this run ({dest.name})" in text
+    assert "cells not fitted: median" in text and "model_vs_measured.txt" in (dest / "record.txt").read_text()
+    # A run without a model phase gets no model file.
+    doc = json.loads(run.read_text())
+    doc["phases"]["model"] = {"status": "skipped"}
+    (results / "gpu_check.json").write_text(json.dumps(doc))
+    assert not (gpu_check.record(results, dest_root=tmp_path / "other") / "model_vs_measured.txt").exists()
