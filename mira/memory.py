@@ -34,6 +34,9 @@ it was computed from, so no later tensor can reuse that address while the entry 
 updates (an optimiser step, ``load_state_dict``, ``copy_`` under ``no_grad``) bump the version.
 Not cached, so computed from the sources every time: under ``torch.compile`` (the graph computes
 them), during CUDA-graph capture (the replay must recompute them) and whenever a graph is needed.
+On a GPU the Triton backend runs on, the per-feature normalisation without an autograd graph is one
+launch (``mira_kernels.triton.normalize_columns``: fp64 sums, one rounding) instead of ATen's three,
+so a captured forward replays one launch per block for it.
 A projection's eval forward goes one step further (:class:`mira.layers.MiraProjection`, ``csrc/
 eval_plan.cpp``): after its first eval call on CPU it replays that call from C, with these derived
 tensors, while the same key holds and every attribute, parameter, buffer, config field and hook
@@ -297,10 +300,10 @@ class AdapterMemory(nn.Module):
                 bank_a, bank_b = bank_a * mask, bank_b * mask
         if self.config.key_norm == "per_feature":
             # Each feature (column) to unit L2 norm across the stored keys; zero rows stay zero.
-            normed = F.normalize(keys, dim=0, eps=NORM_EPS)
             if keys.requires_grad and torch.is_grad_enabled():
-                normed = _without_rounding_gradient_of_one_key(keys, normed, active)
-            keys = normed
+                keys = _without_rounding_gradient_of_one_key(keys, F.normalize(keys, dim=0, eps=NORM_EPS), active)
+            else:
+                keys = _per_feature_unit(keys)
         return keys, bank_a, bank_b
 
     def invalidate_cache(self) -> None:
@@ -679,6 +682,29 @@ def _token_query_dtypes(keys_dtype: torch.dtype) -> tuple[torch.dtype, ...]:
     if keys_dtype == torch.float32:
         return (torch.float32, torch.bfloat16, torch.float16)
     return (keys_dtype,)
+
+
+def _per_feature_unit(keys: torch.Tensor) -> torch.Tensor:
+    """``F.normalize(keys, dim=0)`` where no autograd graph is needed. On a GPU the Triton backend runs
+    on, one launch (``mira_kernels.triton.normalize_columns``: fp64 sums, one rounding) instead of
+    ATen's three (norm, clamp, divide): a CUDA graph replays this on every forward (derived keys are
+    not cached under capture), where each small launch costs ~3 us (the fourth H200 run, calibrated
+    in benchmarks/results/gpu_model.txt: 36 of a ViT-B/16 forward's launches)."""
+    if _fused_key_norm_applies(keys):
+        return _fused_normalize_columns(keys)
+    return F.normalize(keys, dim=0, eps=NORM_EPS)
+
+
+def _fused_key_norm_applies(keys: torch.Tensor) -> bool:
+    # Not under torch.compile: Inductor fuses F.normalize itself, and traces no raw Triton launch.
+    return (keys.is_cuda and not torch.compiler.is_compiling()
+            and mira_kernels.backends.fused_helpers_available(keys.device))
+
+
+def _fused_normalize_columns(keys: torch.Tensor) -> torch.Tensor:
+    from mira_kernels import triton as mira_triton  # loads Triton: only on the GPU path
+
+    return mira_triton.normalize_columns(keys, NORM_EPS)
 
 
 def _cache_stamp(mutations: int, sources) -> object | None:

@@ -246,6 +246,16 @@ def resolve_backend(device: torch.device | str, dtype: torch.dtype | None = None
     raise RuntimeError(f"no MIRA backend can run on {device_type} tensors")
 
 
+def fused_helpers_available(device: torch.device | str) -> bool:
+    """Whether the layers may run MIRA's auxiliary Triton kernels (``mira_kernels.triton.normalize_columns``)
+    on ``device``: a CUDA device the Triton backend can run on, and no other backend requested
+    (``use_backend("reference")`` or ``"cuda"`` keeps the layers on ATen ops too)."""
+    device = _device(device)
+    if device.type != "cuda" or _config.requested_backend() not in (None, "triton"):
+        return False
+    return _reason("triton", device) is None
+
+
 def implementation(name: str) -> object:
     """The implementation object of backend ``name`` (loaded on first use)."""
     impl = _loaded.get(name)

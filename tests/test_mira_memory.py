@@ -328,3 +328,40 @@ def test_16bit_x_over_a_float32_memory_takes_the_cls_view_bit_for_bit(dtype, gra
         got.float().square().sum().backward()
         want.float().square().sum().backward()
         assert torch.equal(x.grad, x2.grad)
+
+
+def test_per_feature_key_norm_runs_the_one_launch_kernel_only_where_no_graph_is_needed(monkeypatch):
+    # On a GPU the layer normalises its keys with mira_kernels.triton.normalize_columns (one launch, not
+    # ATen's three) where no autograd graph is needed; with one, F.normalize (its gradient is needed).
+    # Without a GPU the dispatch is checked with the predicate forced and the kernel replaced by a spy.
+    import mira.memory as mm
+
+    layer = make_layer(key_norm="per_feature")
+    bank_a, bank_b, keys = random_adapters(4)
+    layer.memory.append(bank_a, bank_b, keys)
+    memory = layer.memory
+    want = F.normalize(memory.stored_keys.detach(), dim=0, eps=mm.NORM_EPS)
+    assert not mm._fused_key_norm_applies(memory.keys)  # CPU keys: ATen
+    assert torch.equal(memory.retrieval_tensors()[0], want)  # (grad on, keys trainable: not cached)
+    calls = []
+
+    def spy(k):
+        calls.append(k.shape)
+        return F.normalize(k, dim=0, eps=mm.NORM_EPS)
+
+    monkeypatch.setattr(mm, "_fused_key_norm_applies", lambda k: True)
+    monkeypatch.setattr(mm, "_fused_normalize_columns", spy)
+    derived = memory.retrieval_tensors()[0]  # keys require grad, grad enabled: the autograd path
+    assert not calls and derived.requires_grad
+    with torch.no_grad():
+        memory.invalidate_cache()
+        assert torch.equal(memory.retrieval_tensors()[0], want)
+    assert calls == [tuple(memory.keys.shape)]
+
+
+def test_the_fused_helpers_run_only_on_a_cuda_device_the_triton_backend_can_use():
+    assert not mira_kernels.backends.fused_helpers_available("cpu")
+    with mira_kernels.use_backend("reference"):
+        assert not mira_kernels.backends.fused_helpers_available("cuda")  # the user asked for ATen ops
+    if not torch.cuda.is_available():
+        assert not mira_kernels.backends.fused_helpers_available("cuda")

@@ -17,7 +17,7 @@ import warnings
 
 import torch
 
-__all__ = ["unavailable_reason", "mira_linear", "mira_linear_backward", "mira_adapter_"]
+__all__ = ["unavailable_reason", "mira_linear", "mira_linear_backward", "mira_adapter_", "normalize_columns"]
 
 #: Oldest GPU generation the kernels are written and lowered for (bf16 tl.dot needs sm_80).
 MIN_CAPABILITY = (8, 0)
@@ -122,3 +122,13 @@ def mira_adapter_(out, x, query, keys, bank_a, bank_b, slice_offsets, separation
     lm.run_all(plan, x.device)
     if target is not out:
         out.copy_(target)
+
+
+def normalize_columns(keys: torch.Tensor, eps: float) -> torch.Tensor:
+    """Each column of keys (N, D) to unit L2 norm across the rows, ``F.normalize(keys, dim=0, eps=eps)``
+    computed in fp64 and rounded once, in one launch (ATen takes three: norm, clamp, divide). No
+    autograd: the layers use it where no graph is needed (mira/memory.py)."""
+    lm = _launchers()
+    out, launch = lm.plan_normalize_columns(keys, eps)
+    lm.run_all([launch], keys.device)
+    return out

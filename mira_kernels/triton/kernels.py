@@ -893,3 +893,49 @@ def _mira_bank_bwd_kernel(
             acc = tl.dot(tl.trans(wt), dt, acc, input_precision=LORA_PRECISION, out_dtype=acc.dtype)
         tl.store(out_ptr + slots[:, None] * F + fcols[None, :], acc.to(out_ptr.dtype.element_ty),
                  mask=slot_ok[:, None] & f_ok[None, :])
+
+
+@triton.jit(do_not_specialize=["eps_bits"])
+def _normalize_columns_kernel(k_ptr, out_ptr, N, D, stride_kn, stride_kd, eps_bits,
+                              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """out[:, j] = k[:, j] / max(||k[:, j]||, eps): each column (feature) to unit L2 norm across the N
+    rows (the layers' per-feature key normalisation, ``F.normalize(keys, dim=0)``), in one launch.
+
+    In fp64 whatever k's dtype, rounded once to out's: the norm is m ||k / m|| with m the column's
+    largest |k| (1 for a zero or non-finite column), so no column's squares overflow or underflow.
+    Non-finite entries propagate as in ``F.normalize``: an inf entry makes its column's norm inf
+    (finite entries 0, the inf one NaN), a NaN entry makes its column NaN. Three passes over the
+    column block (max, squares, divide); the keys are a few KB, read from L2 after the first.
+    """
+    cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    col_ok = cols < D
+    cols64 = cols.to(tl.int64)
+    eps = _f64(eps_bits)
+    top = tl.zeros((BLOCK_D,), dtype=tl.float64)
+    nan = tl.zeros((BLOCK_D,), dtype=tl.int32)
+    for n0 in range(0, N, BLOCK_N):
+        rows = n0 + tl.arange(0, BLOCK_N)
+        ok = (rows < N)[:, None] & col_ok[None, :]
+        k = tl.load(k_ptr + rows.to(tl.int64)[:, None] * stride_kn + cols64[None, :] * stride_kd, mask=ok,
+                    other=0.0).to(tl.float64)
+        top = tl.maximum(top, tl.max(tl.abs(k), axis=0))
+        nan = tl.maximum(nan, tl.max((k != k).to(tl.int32), axis=0))
+    scale = tl.where((nan == 0) & (top > 0) & (top < float("inf")), top, 1.0)
+    squares = tl.zeros((BLOCK_D,), dtype=tl.float64)
+    for n0 in range(0, N, BLOCK_N):
+        rows = n0 + tl.arange(0, BLOCK_N)
+        ok = (rows < N)[:, None] & col_ok[None, :]
+        k = tl.load(k_ptr + rows.to(tl.int64)[:, None] * stride_kn + cols64[None, :] * stride_kd, mask=ok,
+                    other=0.0).to(tl.float64)
+        v = k / scale[None, :]
+        squares += tl.sum(v * v, axis=0)
+    norm = scale * tl.sqrt(squares)
+    denom = tl.maximum(norm, eps, propagate_nan=tl.PropagateNan.ALL)  # a NaN norm stays NaN (as clamp_min)
+    for n0 in range(0, N, BLOCK_N):
+        rows = n0 + tl.arange(0, BLOCK_N)
+        ok = (rows < N)[:, None] & col_ok[None, :]
+        rows64 = rows.to(tl.int64)
+        k = tl.load(k_ptr + rows64[:, None] * stride_kn + cols64[None, :] * stride_kd, mask=ok,
+                    other=0.0).to(tl.float64)
+        tl.store(out_ptr + rows64[:, None] * D + cols64[None, :], (k / denom[None, :]).to(out_ptr.dtype.element_ty),
+                 mask=ok)

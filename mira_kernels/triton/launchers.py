@@ -482,6 +482,22 @@ def _plan_factors(sh: _Shapes, x2, query, keys, bank_a, bank_b, separation, eps,
     return mixed, h, pdl
 
 
+#: Columns per program of the per-feature key normalisation: 768 features in 12 programs.
+NORMALIZE_BLOCK_D = 64
+
+
+def plan_normalize_columns(keys: torch.Tensor, eps: float) -> tuple[torch.Tensor, Launch]:
+    """The per-feature normalisation of keys (N, D) in one launch: (the contiguous output, its launch)."""
+    N, D = keys.shape
+    out = torch.empty((N, D), dtype=keys.dtype, device=keys.device)
+    block_n = min(32, 1 << max(N - 1, 0).bit_length())
+    launch = Launch("normalize_columns", kernels._normalize_columns_kernel, (triton_cdiv(D, NORMALIZE_BLOCK_D),),
+                    dict(k_ptr=keys, out_ptr=out, N=N, D=D, stride_kn=keys.stride(0), stride_kd=keys.stride(1),
+                         eps_bits=float_bits(eps)),
+                    dict(BLOCK_N=block_n, BLOCK_D=NORMALIZE_BLOCK_D), num_warps=2, num_stages=1)
+    return out, launch
+
+
 def plan_linear(x, weight, bias, query, keys, bank_a, bank_b, slice_offsets, separation, scale, eps):
     """Plan of the forward: returns (y (B, T, d_out) in x's dtype, launches).
 

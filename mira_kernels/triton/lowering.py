@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from .. import reference
 from . import launchers
 
 #: Dynamic shared memory one block may use (opt-in maximum), bytes.
@@ -43,7 +44,7 @@ VIT_B = dict(T=197, d=768, d_out=2304, offsets=(0, 1536), d_k=768)
 class Case:
     """One benchmark configuration of the op."""
 
-    op: str  # "linear", "linear_backward", "adapter_"
+    op: str  # "linear", "linear_backward", "adapter_", "key_norm" (the layers' key normalisation)
     dtype: torch.dtype
     batch: int
     rank: int
@@ -125,6 +126,7 @@ def test_cases() -> list[Case]:
     # S*r = 256 > 128: the widest adapter the row kernels hold in registers.
     cases += [Case(op, dtype, 8, 128, 30, fp32_precision=p) for op in ("linear", "linear_backward")
               for dtype, p in ((torch.bfloat16, "tf32"), (torch.float32, "tf32"), (torch.float32, "ieee"))]
+    cases += [Case("key_norm", dtype, 1, 4, n) for dtype in (torch.float32, torch.float64) for n in (30, 256)]
     return cases
 
 
@@ -135,7 +137,8 @@ def ci_cases() -> list[tuple[Case, tuple[int, ...]]]:
     targets. ``test_cases`` (``make test-slow``) and ``benchmark_cases`` (``python -m
     mira_kernels.triton.lowering``) compile the rest."""
     return [(Case("linear", torch.bfloat16, 64, 4, 30), (80, 90)),
-            (Case("linear_backward", torch.bfloat16, 8, 4, 30), (90,))]
+            (Case("linear_backward", torch.bfloat16, 8, 4, 30), (90,)),
+            (Case("key_norm", torch.float32, 1, 4, 30), (80, 90))]
 
 
 def plan_case(case: Case, shape: dict | None = None) -> list[launchers.Launch]:
@@ -164,6 +167,8 @@ def _plan_case(case: Case, shape: dict) -> list[launchers.Launch]:
     bank_a = torch.empty(case.slots, len(offsets), case.rank, d, dtype=mem_dtype, **meta)
     bank_b = torch.empty(case.slots, len(offsets), d, case.rank, dtype=mem_dtype, **meta)
     common = (query, keys, bank_a, bank_b, list(offsets), case.separation, 1.0, 1e-2)
+    if case.op == "key_norm":  # the layers' per-feature key normalisation (mira.memory._per_feature_unit)
+        return [launchers.plan_normalize_columns(keys, reference.NORM_EPS)[1]]
     if case.op == "linear":
         _, plan = launchers.plan_linear(x, weight, bias, *common)
     elif case.op == "adapter_":
@@ -225,6 +230,8 @@ _cache: dict = {}
 def _intended(launch: launchers.Launch, signature: dict, arch: int) -> str:
     """Which matrix instructions a launch is meant to lower to (see :attr:`Lowered.intended`)."""
     c = launch.constexprs
+    if launch.name == "normalize_columns":
+        return "fma"  # elementwise sums and divisions: no matrix product
     if "*fp64" in signature.values():
         return "mma.sync"  # DMMA (m8n8k4 f64) on both targets
     if launch.name.startswith("gemm"):

@@ -499,3 +499,42 @@ def test_dquery_near_the_affine_guard_with_tensor_core_dots(monkeypatch):
                                    inp.slice_offsets, "affine", 1.0, 1e-2, (True,) * 5)
     for name, g, w, s in zip(("x", "query", "keys", "bank_a", "bank_b"), got, want, same):
         assert_close_to_spec(g, w, s, factor=3.0, what=f"d{name} near the affine guard, tensor-core dots")
+
+
+def _key_layouts(keys: torch.Tensor):
+    # Contiguous; rows of non-unit column stride (a transpose's view); an offset view; a row expanded.
+    yield "contiguous", keys
+    yield "transposed", keys.T.contiguous().T
+    padded = torch.zeros(keys.shape[0] + 1, keys.shape[1] + 3, dtype=keys.dtype)
+    padded[1:, 2:-1] = keys
+    yield "offset", padded[1:, 2:-1]
+    yield "expanded", keys[:1].expand_as(keys)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_key_normalization_matches_f_normalize_on_every_layout_and_hostile_column(dtype):
+    # The layers' per-feature key normalisation in one launch (mira.memory._per_feature_unit on a GPU):
+    # F.normalize(keys, dim=0), spec'd by reference.normalize on the columns in float64 (exact norms).
+    g = torch.Generator().manual_seed(3)
+    keys = torch.randn(37, 70, generator=g, dtype=torch.float64)  # N > BLOCK_N (two row chunks), D > BLOCK_D
+    keys[:, 0] = 0.0  # a zero column stays zero
+    keys[:, 1] *= 1e-30  # below eps: divided by eps, as F.normalize
+    keys[:, 2] *= 1e200 if dtype == torch.float64 else 1e30  # squares overflow without the scaling
+    keys[5, 3] = float("inf")  # finite entries 0, the inf one NaN
+    keys[6, 4] = float("nan")  # the column NaN
+    keys = keys.to(dtype)
+    for name, k in _key_layouts(keys):
+        got = tri.normalize_columns(k, reference.NORM_EPS)
+        want = reference.normalize(k.double().T).T
+        own = torch.nn.functional.normalize(k, dim=0, eps=reference.NORM_EPS).double()
+        assert got.dtype == dtype and got.shape == k.shape and got.is_contiguous(), name
+        assert torch.equal(torch.isnan(got), torch.isnan(want)), name
+        finite = torch.isfinite(want)
+        err = (got.double() - want)[finite].abs().max().item()
+        ulp = torch.finfo(dtype).eps
+        # F.normalize overflows on the huge column (its own error there is the whole column), so the
+        # bound is against its error on the ordinary columns, floored at one ulp of a unit vector.
+        ordinary = finite.clone()
+        ordinary[:, :5] = False
+        own_err = (own - want)[ordinary].abs().max().item()
+        assert err <= max(2 * own_err, ulp), (name, err, own_err)

@@ -297,3 +297,25 @@ def test_overflowing_norms_score_as_the_unscaled_rows(dtype, which):
         scaled = mk.mira_linear(*inp.linear_args(), slice_offsets=inp.slice_offsets)
     assert torch.isfinite(scaled).all()
     assert torch.equal(scaled, plain)
+
+
+def test_layers_normalize_keys_in_one_launch_under_a_cuda_graph():
+    # mira.memory._per_feature_unit on a GPU: normalize_columns, in a captured graph too (derived keys
+    # are recomputed at every replay), equal to F.normalize within its own error.
+    import mira.memory as mm
+    from mira_kernels import triton as mt
+
+    keys = torch.randn(30, 768, device="cuda")
+    assert mm._fused_key_norm_applies(keys)
+    want = torch.nn.functional.normalize(keys.double(), dim=0, eps=reference.NORM_EPS)
+    own = (torch.nn.functional.normalize(keys, dim=0, eps=reference.NORM_EPS).double() - want).abs().max().item()
+    got = mt.normalize_columns(keys, reference.NORM_EPS)
+    assert (got.double() - want).abs().max().item() <= max(2 * own, torch.finfo(torch.float32).eps)
+    out = torch.empty_like(keys)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out.copy_(mm._per_feature_unit(keys))
+    keys.mul_(3.0)  # an in-place update between replays is seen (nothing cached in the graph)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, mt.normalize_columns(keys, reference.NORM_EPS))

@@ -28,7 +28,7 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reas
 KERNELS = {
     "_mira_retrieve_kernel", "_mira_gemm_kernel", "_mira_shrink_fwd_kernel",
     "_mira_factor_bwd_kernel", "_mira_dw_bwd_kernel", "_mira_scores_bwd_kernel", "_mira_keys_bwd_kernel",
-    "_mira_bank_bwd_kernel",
+    "_mira_bank_bwd_kernel", "_normalize_columns_kernel",
 }
 
 
