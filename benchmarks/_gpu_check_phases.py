@@ -161,6 +161,14 @@ def run_env(rec: Partial, deadline: float, workload: dict, device: str = "cuda")
             "driver": _driver_version(),
         }
         env["tf32"] = {"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32}
+        # How the layers normalise their keys on this GPU (benchmarks/gpu_model.py prices the run with it).
+        try:
+            import mira_kernels
+
+            fused = mira_kernels.backends.fused_helpers_available("cuda")
+            env["layer"] = {"key_norm": "fused" if fused else "aten"}
+        except Exception as exc:  # the build phase reports import problems; this is informational
+            env["layer"] = {"key_norm": None, "error": repr(exc)[:200]}
     else:
         env["cuda_reason"] = ("torch is a CPU-only build" if torch.version.cuda is None
                               else "torch.cuda.is_available() is False")

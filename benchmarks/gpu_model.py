@@ -103,6 +103,7 @@ class Machine:
     work_scale_bf16: float = 1.0  # measured / a-priori device work of 16-bit launches
     work_scale_fp32: float = 1.0  # the same for fp32 launches
     work_scale: float = 1.0  # the scale in force (for_dtype picks one of the two)
+    key_norm_fused: bool = True  # the layer's key normalisation in one Triton launch (else ATen's three)
 
     @property
     def sm_rate_bf16(self) -> float:
@@ -170,6 +171,9 @@ SOURCES = {
     "work_scale_bf16": "calibration: fitted to a recorded run (stock bf16 B = 256, CUDA graph), 1 a priori",
     "work_scale_fp32": "calibration: fitted to a recorded run (stock fp32 B = 256, CUDA graph), 1 a priori",
     "work_scale": "the work scale of the dtype being priced (work_scale_bf16 or work_scale_fp32)",
+    "key_norm_fused": "the layer's code (mira.memory._per_feature_unit: one Triton launch on a GPU since "
+                      "2026-12-05); a recorded run is priced as it ran (its environment.layer.key_norm; "
+                      "runs before that field ran ATen's three launches)",
 }
 
 # ----------------------------------------------------------------------------------------------
@@ -352,15 +356,28 @@ def _layer_takes_the_cls_view() -> bool:
 def _layer_extras(B: int, xb: int, mach: Machine) -> list[Op]:
     """What the MIRA layer runs before its op (mira/memory.py): the query's cast to fp32 (16-bit x)
     unless the layer passes x's CLS view, and the per-feature normalisation of the keys across the
-    slots (norm, clamp, divide)."""
+    slots (_key_norm_op)."""
     ops = []
     if xb == 2 and not _layer_takes_the_cls_view():
         ops.append(Op("query cast", [_aten("copy query->fp32", B * D * xb, B * D * 4)], mach.host_aten_op, True))
-    kb = SLOTS * D * 4
-    ops.append(Op("key norm", [_aten("norm keys per feature", kb, D * 4, 2 * SLOTS * D),
-                               _aten("clamp_min", D * 4, D * 4), _aten("div keys", kb + D * 4, kb, SLOTS * D)],
-                  3 * mach.host_aten_op, True))
+    ops.append(_key_norm_op(mach))
     return ops
+
+
+def _key_norm_op(mach: Machine) -> Op:
+    """The layer's per-feature key normalisation as it runs on the GPU (mira.memory._per_feature_unit):
+    one Triton launch where the Triton backend is installed, else ATen's three (norm, clamp, divide)."""
+    try:
+        from mira_kernels.triton import plan as triton_plan
+    except ImportError:
+        triton_plan = None
+    if triton_plan is None or not mach.key_norm_fused:
+        kb = SLOTS * D * 4
+        return Op("key norm", [_aten("norm keys per feature", kb, D * 4, 2 * SLOTS * D),
+                               _aten("clamp_min", D * 4, D * 4), _aten("div keys", kb + D * 4, kb, SLOTS * D)],
+                  3 * mach.host_aten_op, True)
+    launch = triton_plan.describe_key_normalization(_meta((SLOTS, D), torch.float32))
+    return Op("key norm", [launch], mach.host_triton_launch, True)
 
 
 def qkv_ops(variant: str, B: int, dtype: torch.dtype, mach: Machine) -> list[Op] | str:
@@ -519,6 +536,8 @@ def calibrate(mach: Machine, doc: dict, rounds: int = 4) -> tuple[Machine, list[
     per constant saying what it was fitted to."""
     cells = measured_cells(doc)
     notes = {}
+    current = mach.key_norm_fused
+    mach = as_run(mach, doc)  # fitted to what the run ran
     for _ in range(rounds):
         for name, variant, dtype, B, mode, (lo, hi) in CALIBRATION:
             want = (cells.get((variant, dtype, B)) or {}).get(mode)
@@ -544,7 +563,13 @@ def calibrate(mach: Machine, doc: dict, rounds: int = 4) -> tuple[Machine, list[
             mach = replace(mach, **{name: 0.5 * (lo + hi)})
             notes[name] = (f"{name} = {getattr(mach, name):.4g}: fitted to {variant} {str(dtype)[6:]} B={B} {mode} "
                            f"{want:.1f} us")
-    return mach, [notes[name] for name, *_ in CALIBRATION if name in notes]
+    return replace(mach, key_norm_fused=current), [notes[name] for name, *_ in CALIBRATION if name in notes]
+
+
+def as_run(mach: Machine, doc: dict) -> Machine:
+    """``mach`` pricing the layer as a recorded run ran it (the key normalisation's launches)."""
+    layer = (doc.get("environment") or {}).get("layer") or {}
+    return replace(mach, key_norm_fused=layer.get("key_norm") == "fused")
 
 
 def fitted_cells() -> set:
@@ -675,6 +700,7 @@ def measured_tables(doc: dict, mach: Machine, calibrated: bool = False) -> list[
            "   (xR: model / measured; 'fit': a cell a calibration constant was fitted to, when calibrated to this run)"]
     fitted = fitted_cells() if calibrated else set()
     held_out: list[float] = []
+    mach = as_run(mach, doc)  # each cell priced as the run ran it
     for phase in ("op", "model"):
         for m in (doc.get("phases", {}).get(phase, {}) or {}).get("measurements", []) or []:
             # gpu_check names dtypes as torch does ("bfloat16"); the short names are kept for older files.

@@ -291,12 +291,24 @@ def _bank_bwd(launch) -> dict:
     )
 
 
+def _normalize_columns(launch) -> dict:
+    # Three passes over each column block (max, squares, divide) in fp64 on FMA units; the keys come
+    # from device memory once, the two re-reads from L2.
+    a, c = launch.args, launch.constexprs
+    N, D = a["N"], a["D"]
+    size = _size(a["k_ptr"])
+    passes = _cdiv(N, c["BLOCK_N"])
+    return dict(flops={"fma_fp64": 4.0 * N * D}, bytes_read=N * D * size, bytes_written=N * D * size,
+                l2_bytes=2 * N * D * size, steps=3 * passes, useful_flops=3.0 * N * D)
+
+
 _COSTS = {
     "_mira_retrieve_kernel": _retrieve,
     "_mira_shrink_fwd_kernel": _shrink,
     "_mira_gemm_kernel": _gemm,
     "_mira_factor_bwd_kernel": _factor_bwd,
     "_mira_dw_bwd_kernel": _dw_bwd,
+    "_normalize_columns_kernel": _normalize_columns,
     "_mira_scores_bwd_kernel": _scores_bwd,
     "_mira_keys_bwd_kernel": _keys_bwd,
     "_mira_bank_bwd_kernel": _bank_bwd,
@@ -326,6 +338,15 @@ def allocations(plan: list[launchers.Launch], inputs) -> int:
             if isinstance(value, torch.Tensor) and id(_root(value)) not in given:
                 fresh.add(id(_root(value)))
     return len(fresh)
+
+
+def describe_key_normalization(keys: torch.Tensor) -> KernelLaunch:
+    """The record of the layers' per-feature key normalisation on a GPU (one launch:
+    ``mira_kernels.triton.normalize_columns``, which ``mira.memory._per_feature_unit`` runs there)."""
+    from ..reference import NORM_EPS
+
+    _, launch = launchers.plan_normalize_columns(keys, NORM_EPS)
+    return kernel_launch(launch)
 
 
 def describe(op: str, *args, sms: int | None = None) -> OpPlan:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
+from dataclasses import replace
 
 import pytest
 import torch
@@ -47,13 +48,20 @@ def test_mira_launches_come_from_the_plans(mach, B):
     assert [k.name for k in mira_op.launches] == [k.name for k in plan.launches] == ["retrieve", "gemm"]
     assert all(a == b for a, b in zip(mira_op.launches, plan.launches))
     # End to end, each of the 12 blocks swaps the plain cuBLAS qkv launch for the op's planned
-    # launches and the layer's extras: three key-normalisation ops (a 16-bit x passes its CLS view
-    # x[:, 0] as the float32 memory's query, so no query cast is charged).
+    # launches and the layer's extras: the key normalisation, one launch (mira.memory._per_feature_unit
+    # on a GPU; three ATen ops for a run recorded before it), and no query cast (a 16-bit x passes its
+    # CLS view x[:, 0] as the float32 memory's query).
     plain = gm.model_ops("plain", B, torch.bfloat16, mach)
-    mira = gm.model_ops("triton", B, torch.bfloat16, mach)
-    per_block = sum(len(op.launches) for op in ops)
-    assert per_block == len(plan.launches) + 3
-    assert sum(len(op.launches) for op in mira) == sum(len(op.launches) for op in plain) + 12 * (per_block - 1)
+    for fused, extra in ((True, 1), (False, 3)):
+        m = replace(mach, key_norm_fused=fused)
+        ops = gm.qkv_ops("triton", B, torch.bfloat16, m)
+        key_norm = next(op for op in ops if op.name == "key norm")
+        assert [k.kernel for k in key_norm.launches] == (["_normalize_columns_kernel"] if fused else
+                                                         ["norm", "clamp_min", "div"])
+        mira = gm.model_ops("triton", B, torch.bfloat16, m)
+        per_block = sum(len(op.launches) for op in ops)
+        assert per_block == len(plan.launches) + extra
+        assert sum(len(op.launches) for op in mira) == sum(len(op.launches) for op in plain) + 12 * (per_block - 1)
 
 
 def test_accounting_is_consistent(mach):
@@ -132,9 +140,11 @@ def test_calibration_fits_each_constant_to_its_cell_and_holds_the_rest_out(mach)
     cal, notes = gm.calibrate(mach, doc)
     cells = gm.measured_cells(doc)
     assert len(notes) == len(gm.CALIBRATION) and all("fitted to" in n for n in notes), notes
+    # The fourth run's layers normalised their keys with ATen's three ops; the model prices today's code.
+    assert cal.key_norm_fused and not gm.as_run(cal, doc).key_norm_fused
     for name, variant, dtype, B, mode, _ in gm.CALIBRATION:
         assert getattr(cal, name) != getattr(mach, name), name
-        t = gm.modelled(variant, B, dtype, cal)
+        t = gm.modelled(variant, B, dtype, gm.as_run(cal, doc))  # the cell as that run ran it
         got = (t.graph if mode == "graph" else t.eager) * 1e6
         assert got == pytest.approx(cells[(variant, dtype, B)][mode], rel=1e-3), name
     lines = gm.measured_tables(doc, cal, calibrated=True)
