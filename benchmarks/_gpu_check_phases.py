@@ -161,14 +161,6 @@ def run_env(rec: Partial, deadline: float, workload: dict, device: str = "cuda")
             "driver": _driver_version(),
         }
         env["tf32"] = {"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32}
-        # How the layers normalise their keys on this GPU (benchmarks/gpu_model.py prices the run with it).
-        try:
-            import mira_kernels
-
-            fused = mira_kernels.backends.fused_helpers_available("cuda")
-            env["layer"] = {"key_norm": "fused" if fused else "aten"}
-        except Exception as exc:  # the build phase reports import problems; this is informational
-            env["layer"] = {"key_norm": None, "error": repr(exc)[:200]}
     else:
         env["cuda_reason"] = ("torch is a CPU-only build" if torch.version.cuda is None
                               else "torch.cuda.is_available() is False")
@@ -690,8 +682,13 @@ def run_model(rec: Partial, deadline: float, workload: dict, device: str = "cuda
     variants = ["stock", "eager"] + [f"mira[{b}]" for b in backends]
     kinds = {"stock": ("stock", None), "eager": ("eager", None), **{f"mira[{b}]": ("mira", b) for b in backends}}
     meta["kernels"] = "not profiled in this phase (see op)"
+    import mira_kernels
+
+    # How the layers normalise their keys here (mira.memory._per_feature_unit; benchmarks/gpu_model.py
+    # prices the run with it): one Triton launch, or F.normalize's three.
+    layer = {"key_norm": "fused" if mira_kernels.backends.fused_helpers_available(dev) else "aten"}
     rec.data.update(model=workload["model"], weights="random (timm pretrained=False)", variants=variants,
-                    excluded=excluded, timing=meta, measurements=[], not_measured=[])
+                    excluded=excluded, timing=meta, layer=layer, measurements=[], not_measured=[])
     rec.flush()
     cells = _cells(workload, ("forward",))
     built: dict = {}

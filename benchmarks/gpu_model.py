@@ -172,7 +172,7 @@ SOURCES = {
     "work_scale_fp32": "calibration: fitted to a recorded run (stock fp32 B = 256, CUDA graph), 1 a priori",
     "work_scale": "the work scale of the dtype being priced (work_scale_bf16 or work_scale_fp32)",
     "key_norm_fused": "the layer's code (mira.memory._per_feature_unit: one Triton launch on a GPU since "
-                      "2026-12-05); a recorded run is priced as it ran (its environment.layer.key_norm; "
+                      "2026-12-05); a recorded run is priced as it ran (its model phase's layer.key_norm; "
                       "runs before that field ran ATen's three launches)",
 }
 
@@ -568,7 +568,7 @@ def calibrate(mach: Machine, doc: dict, rounds: int = 4) -> tuple[Machine, list[
 
 def as_run(mach: Machine, doc: dict) -> Machine:
     """``mach`` pricing the layer as a recorded run ran it (the key normalisation's launches)."""
-    layer = (doc.get("environment") or {}).get("layer") or {}
+    layer = ((doc.get("phases") or {}).get("model") or {}).get("layer") or {}
     return replace(mach, key_norm_fused=layer.get("key_norm") == "fused")
 
 
