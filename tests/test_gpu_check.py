@@ -144,6 +144,7 @@ def test_model_phase_logic_on_a_tiny_vit_on_cpu(tmp_path):
     phases.run_model(rec, time.monotonic() + 120, workload, device="cpu")
     data = rec.data
     assert data["status"] == "ok"
+    assert data["layer"] == {"key_norm": "aten"}  # CPU tensors: F.normalize (the model prices runs with it)
     rows = {r["variant"]: r for r in data["measurements"]}
     assert set(rows) == set(data["variants"]) and "stock" in rows and "eager" in rows
     for name, r in rows.items():
