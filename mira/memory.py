@@ -697,7 +697,9 @@ def _per_feature_unit(keys: torch.Tensor) -> torch.Tensor:
 
 def _fused_key_norm_applies(keys: torch.Tensor) -> bool:
     # Not under torch.compile: Inductor fuses F.normalize itself, and traces no raw Triton launch.
-    return (keys.is_cuda and not torch.compiler.is_compiling()
+    # float32 / float64 keys only (the layers' memory of a 16-bit model is float32; 16-bit keys
+    # keep F.normalize: the kernel's 16-bit path is not checked by the interpreter).
+    return (keys.is_cuda and keys.dtype in (torch.float32, torch.float64) and not torch.compiler.is_compiling()
             and mira_kernels.backends.fused_helpers_available(keys.device))
 
 

@@ -125,9 +125,9 @@ def mira_adapter_(out, x, query, keys, bank_a, bank_b, slice_offsets, separation
 
 
 def normalize_columns(keys: torch.Tensor, eps: float) -> torch.Tensor:
-    """Each column of keys (N, D) to unit L2 norm across the rows, ``F.normalize(keys, dim=0, eps=eps)``
-    computed in fp64 and rounded once, in one launch (ATen takes three: norm, clamp, divide). No
-    autograd: the layers use it where no graph is needed (mira/memory.py)."""
+    """Each column of float32 / float64 keys (N, D) to unit L2 norm across the rows,
+    ``F.normalize(keys, dim=0, eps=eps)`` computed in fp64 and rounded once, in one launch (ATen takes
+    three: norm, clamp, divide). No autograd: the layers use it where no graph is needed (mira/memory.py)."""
     lm = _launchers()
     out, launch = lm.plan_normalize_columns(keys, eps)
     lm.run_all([launch], keys.device)

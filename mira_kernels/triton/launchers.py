@@ -488,6 +488,9 @@ NORMALIZE_BLOCK_D = 64
 
 def plan_normalize_columns(keys: torch.Tensor, eps: float) -> tuple[torch.Tensor, Launch]:
     """The per-feature normalisation of keys (N, D) in one launch: (the contiguous output, its launch)."""
+    if keys.dim() != 2 or keys.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"normalize_columns takes float32 or float64 keys (N, D), got {keys.dtype} of shape "
+                         f"{tuple(keys.shape)}")
     N, D = keys.shape
     out = torch.empty((N, D), dtype=keys.dtype, device=keys.device)
     block_n = min(32, 1 << max(N - 1, 0).bit_length())

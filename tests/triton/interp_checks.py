@@ -538,3 +538,16 @@ def test_key_normalization_matches_f_normalize_on_every_layout_and_hostile_colum
         ordinary[:, :5] = False
         own_err = (own - want)[ordinary].abs().max().item()
         assert err <= max(2 * own_err, ulp), (name, err, own_err)
+
+
+def test_key_normalization_refuses_16_bit_keys_and_handles_empty_ones():
+    # 16-bit keys keep F.normalize in the layers (mira.memory._fused_key_norm_applies): the kernel's
+    # 16-bit conversions are not checked here, so it refuses them rather than run unchecked.
+    for dtype in (torch.bfloat16, torch.float16):
+        with pytest.raises(ValueError, match="float32 or float64"):
+            tri.normalize_columns(torch.ones(3, 4, dtype=dtype), reference.NORM_EPS)
+    for shape in ((0, 16), (5, 0)):
+        got = tri.normalize_columns(torch.randn(*shape), reference.NORM_EPS)
+        assert got.shape == shape
+    one = torch.randn(1, 7)
+    assert torch.allclose(tri.normalize_columns(one, reference.NORM_EPS), one.sign(), rtol=0, atol=1e-7)
