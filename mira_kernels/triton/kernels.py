@@ -895,6 +895,15 @@ def _mira_bank_bwd_kernel(
                  mask=slot_ok[:, None] & f_ok[None, :])
 
 
+@triton.jit
+def _key_rows(k_ptr, n0, N, cols64, col_ok, stride_kn, stride_kd, BLOCK_N: tl.constexpr):
+    """Rows [n0, n0 + BLOCK_N) of the column block, in fp64 (0 outside): (values, in-bounds mask, rows64)."""
+    rows64 = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
+    ok = (rows64 < N)[:, None] & col_ok[None, :]
+    k = tl.load(k_ptr + rows64[:, None] * stride_kn + cols64[None, :] * stride_kd, mask=ok, other=0.0)
+    return k.to(tl.float64), ok, rows64
+
+
 @triton.jit(do_not_specialize=["eps_bits"])
 def _normalize_columns_kernel(k_ptr, out_ptr, N, D, stride_kn, stride_kd, eps_bits,
                               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -914,28 +923,18 @@ def _normalize_columns_kernel(k_ptr, out_ptr, N, D, stride_kn, stride_kd, eps_bi
     top = tl.zeros((BLOCK_D,), dtype=tl.float64)
     nan = tl.zeros((BLOCK_D,), dtype=tl.int32)
     for n0 in range(0, N, BLOCK_N):
-        rows = n0 + tl.arange(0, BLOCK_N)
-        ok = (rows < N)[:, None] & col_ok[None, :]
-        k = tl.load(k_ptr + rows.to(tl.int64)[:, None] * stride_kn + cols64[None, :] * stride_kd, mask=ok,
-                    other=0.0).to(tl.float64)
+        k, ok, rows64 = _key_rows(k_ptr, n0, N, cols64, col_ok, stride_kn, stride_kd, BLOCK_N)
         top = tl.maximum(top, tl.max(tl.abs(k), axis=0))
         nan = tl.maximum(nan, tl.max((k != k).to(tl.int32), axis=0))
     scale = tl.where((nan == 0) & (top > 0) & (top < float("inf")), top, 1.0)
     squares = tl.zeros((BLOCK_D,), dtype=tl.float64)
     for n0 in range(0, N, BLOCK_N):
-        rows = n0 + tl.arange(0, BLOCK_N)
-        ok = (rows < N)[:, None] & col_ok[None, :]
-        k = tl.load(k_ptr + rows.to(tl.int64)[:, None] * stride_kn + cols64[None, :] * stride_kd, mask=ok,
-                    other=0.0).to(tl.float64)
+        k, ok, rows64 = _key_rows(k_ptr, n0, N, cols64, col_ok, stride_kn, stride_kd, BLOCK_N)
         v = k / scale[None, :]
         squares += tl.sum(v * v, axis=0)
     norm = scale * tl.sqrt(squares)
     denom = tl.maximum(norm, eps, propagate_nan=tl.PropagateNan.ALL)  # a NaN norm stays NaN (as clamp_min)
     for n0 in range(0, N, BLOCK_N):
-        rows = n0 + tl.arange(0, BLOCK_N)
-        ok = (rows < N)[:, None] & col_ok[None, :]
-        rows64 = rows.to(tl.int64)
-        k = tl.load(k_ptr + rows64[:, None] * stride_kn + cols64[None, :] * stride_kd, mask=ok,
-                    other=0.0).to(tl.float64)
+        k, ok, rows64 = _key_rows(k_ptr, n0, N, cols64, col_ok, stride_kn, stride_kd, BLOCK_N)
         tl.store(out_ptr + rows64[:, None] * D + cols64[None, :], (k / denom[None, :]).to(out_ptr.dtype.element_ty),
                  mask=ok)
