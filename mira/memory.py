@@ -703,10 +703,23 @@ def _fused_key_norm_applies(keys: torch.Tensor) -> bool:
             and mira_kernels.backends.fused_helpers_available(keys.device))
 
 
+# Launch signatures of normalize_columns already run outside a CUDA-graph capture in this process.
+_warm_key_norms: set = set()
+
+
 def _fused_normalize_columns(keys: torch.Tensor) -> torch.Tensor:
+    """normalize_columns, except inside a CUDA-graph capture for a launch signature not yet run: its first
+    launch compiles and loads the kernel, which a capture cannot contain (a capture normally follows an
+    eager warm-up, whose first forward derives the keys through here; a capture without one gets ATen's
+    three launches, as before)."""
     from mira_kernels import triton as mira_triton  # loads Triton: only on the GPU path
 
-    return mira_triton.normalize_columns(keys, NORM_EPS)
+    signature = (keys.device, keys.dtype, tuple(keys.shape), tuple(keys.stride()), keys.data_ptr() % 16)
+    if signature not in _warm_key_norms and torch.cuda.is_current_stream_capturing():
+        return F.normalize(keys, dim=0, eps=NORM_EPS)
+    out = mira_triton.normalize_columns(keys, NORM_EPS)
+    _warm_key_norms.add(signature)
+    return out
 
 
 def _cache_stamp(mutations: int, sources) -> object | None:

@@ -365,3 +365,25 @@ def test_the_fused_helpers_run_only_on_a_cuda_device_the_triton_backend_can_use(
         assert not mira_kernels.backends.fused_helpers_available("cuda")  # the user asked for ATen ops
     if not torch.cuda.is_available():
         assert not mira_kernels.backends.fused_helpers_available("cuda")
+
+
+def test_a_graph_capture_never_contains_the_key_norm_kernels_first_launch(monkeypatch):
+    # A first launch compiles and loads the Triton kernel, which a CUDA-graph capture cannot contain:
+    # inside a capture an unseen launch signature gets F.normalize; once run outside, the kernel.
+    import mira.memory as mm
+    from mira_kernels import triton as mira_triton
+
+    calls = []
+    monkeypatch.setattr(mira_triton, "normalize_columns", lambda k, eps: calls.append(k.shape) or k.clone())
+    monkeypatch.setattr(mm, "_warm_key_norms", set())
+    keys = torch.randn(5, D)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert torch.equal(mm._fused_normalize_columns(keys), F.normalize(keys, dim=0, eps=mm.NORM_EPS))
+    assert not calls
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    mm._fused_normalize_columns(keys)  # the eager warm-up
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    mm._fused_normalize_columns(keys)
+    assert calls == [keys.shape, keys.shape]
+    mm._fused_normalize_columns(torch.randn(6, D))  # another signature: not warm, F.normalize
+    assert len(calls) == 2
