@@ -511,17 +511,27 @@ CALIBRATION = (
     ("host_triton_launch", "triton", torch.bfloat16, 1, "eager", (0.0, 5e-3)),
 )
 
+# gpu_check names dtypes as torch does ("bfloat16"); the short names are kept for older files.
 _DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32}
+_VARIANTS = {"linear": "plain", "stock": "plain", "eager": "unfused"}  # a measurement's kind -> model variant
+
+
+def _forward_cell(m: dict) -> tuple[str, torch.dtype] | None:
+    """(model variant, dtype) of a timed forward measurement of gpu_check, or None for any other."""
+    dtype = _DTYPES.get(m.get("dtype"))
+    if m.get("mode") != "forward" or not m.get("ok") or dtype is None:
+        return None
+    return _VARIANTS.get(m["kind"], m.get("backend")), dtype
 
 
 def measured_cells(doc: dict) -> dict:
     """{(variant, dtype, B): {"graph": us, "eager": us}} of a gpu_check.json's model phase (forward)."""
     cells = {}
     for m in (doc.get("phases", {}).get("model", {}) or {}).get("measurements", []) or []:
-        dtype = _DTYPES.get(m.get("dtype"))
-        if m.get("mode") != "forward" or not m.get("ok") or dtype is None:
+        cell = _forward_cell(m)
+        if cell is None:
             continue
-        variant = {"stock": "plain", "eager": "unfused"}.get(m["kind"], m.get("backend"))
+        variant, dtype = cell
         cells[(variant, dtype, m["batch"])] = {k: (m.get(f"{k}_us") or {}).get("median") for k in ("graph", "eager")}
     return cells
 
@@ -705,13 +715,11 @@ def measured_tables(doc: dict, mach: Machine, calibrated: bool = False) -> list[
     mach = as_run(mach, doc)  # each cell priced as the run ran it
     for phase in ("op", "model"):
         for m in (doc.get("phases", {}).get(phase, {}) or {}).get("measurements", []) or []:
-            # gpu_check names dtypes as torch does ("bfloat16"); the short names are kept for older files.
-            dtype = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32,
-                     "fp32": torch.float32}.get(m.get("dtype"))
-            if m.get("mode") != "forward" or not m.get("ok") or dtype is None:
+            cell = _forward_cell(m)
+            if cell is None:
                 continue
+            variant, dtype = cell
             B = m["batch"]
-            variant = {"linear": "plain", "stock": "plain", "eager": "unfused"}.get(m["kind"], m.get("backend"))
             if variant not in ("plain", "unfused", "triton", "cuda"):
                 continue  # measured but not modelled (the reference backend)
             dmach = mach.for_dtype(dtype)
