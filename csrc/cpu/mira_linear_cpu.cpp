@@ -469,7 +469,7 @@ void retrieve_in_double(const IsaTable& isa, const Shapes& s, const at::Tensor& 
                             ? keys.const_data_ptr<float>()
                             : nullptr;
   const auto score = [&](int64_t begin, int64_t end) {
-    std::vector<double> row(s.d_k);
+    std::vector<double> row;  // a key row in double, for the general path only
     for (int64_t n = begin; n < end; ++n) {
       if (keys32) {
         const float* k = keys32 + n * keys.stride(0);
@@ -486,6 +486,7 @@ void retrieve_in_double(const IsaTable& isa, const Shapes& s, const at::Tensor& 
           continue;
         }
       }
+      row.resize(s.d_k);
       row_in_double(keys, n, row.data());
       std::tie(k_norm[n], k_den[n]) = exact_norm(K, row.data(), s.d_k);
       K.dot_block(s.B, 1, s.d_k, q.data(), s.d_k, row.data(), s.d_k, dots.data() + n, s.N, 1.0);
