@@ -643,6 +643,12 @@ int64_t mix_lines(const Shapes& s) { return (s.SR * (s.d_in + s.d_s) + kMixLine 
 // (prefetcht1, a share after each key) while it scores. The mixing phase fell from ~44 to ~34 us, but the
 // retrieval rose from ~20 to ~30 us: retrieval + mixing stayed at 59-68 us either way. The two phases
 // together already draw the banks at ~28 GB/s of the ~35 GB/s the machine streams (2 threads).
+// Also tried at batch 1 (same machine and method, 2026-12-05, the output bit for bit the same): one
+// task per slice in a single region (mix its A rows, shrink all tokens, mix its B rows, write its own
+// output columns), with bank_b's lines prefetched to L2 during the shrink so that those DRAM reads
+// would overlap its arithmetic. Retrieval + mixing + seeding: 161-249 us against 149-153 us for
+// this layout; the prefetches stalled the shrink (17.6 -> 45.5 us: the misses they queue fill the
+// core's miss buffers) and without them the split only moved the same work between the phases.
 template <typename T>
 void prepare_memory(const IsaTable& isa, const Shapes& s, const at::Tensor& query, const at::Tensor& keys,
                     const at::Tensor& bank_a, const at::Tensor& bank_b, Sep sep, double scale, double eps,
