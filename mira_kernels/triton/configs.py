@@ -248,18 +248,40 @@ def _column_groups(m_tiles: int, n_tiles: int, block_n: int, j_pad: int, plain_t
     return best
 
 
-def retrieve_config(n_slots: int, dtype: torch.dtype, precision: str = "tf32") -> RetrieveConfig:
+def retrieve_config(n_slots: int, dtype: torch.dtype, precision: str = "tf32", batch: int = 16) -> RetrieveConfig:
     """The table's :func:`_retrieve_config`, or the fields :func:`overriding` forces (sweeps only)."""
-    cfg = _retrieve_config(n_slots, dtype, precision)
+    cfg = _retrieve_config(n_slots, dtype, precision, min(max(int(batch), 1), 16))
     fields = _OVERRIDES[-1].get("retrieve")
     return dataclasses.replace(cfg, **fields) if fields else cfg
 
 
+#: Elements of the (samples, slots, d_k) product tile that the small-batch retrieval's deferred
+#: cosine sums hold across its d_k loop (64 per thread at 4 warps): the d_k step is cut to fit it.
+SMALL_BATCH_PRODUCTS = 8192
+
+
 @functools.cache
-def _retrieve_config(n_slots: int, dtype: torch.dtype, precision: str = "tf32") -> RetrieveConfig:
-    """Tiles of the retrieval for N slots: 16-sample tiles (the smallest tl.dot M), one chunk of
-    padded(N) slots up to 128 (scores kept in registers), else chunks of 64."""
+def _retrieve_config(n_slots: int, dtype: torch.dtype, precision: str = "tf32", batch: int = 16) -> RetrieveConfig:
+    """Tiles of the retrieval for N slots and a batch of ``batch`` samples (16: any larger batch).
+
+    From 16 samples: 16-sample tiles (the smallest tensor-core tl.dot M), one chunk of padded(N)
+    slots up to 128 (scores kept in registers), else chunks of 64. Below 16 samples with an fp32
+    compute dtype (16-bit and fp32 x): a tile of next_pow2(batch) samples on the FMA units, the cosines
+    with their reductions deferred past the d_k loop ("fma", kernels._cosine_sums_deferred) and the
+    mixing as an fp32 FMA dot ("ieee"), both at least as accurate as the 3xTF32 they replace. Why: at
+    B = 1 15 of the 16 rows were padding and the launch was issue-bound in the cosine loop (H200,
+    Nsight Compute: an instruction every 5.3 cycles, one warp per scheduler; ~14 of its ~20 us). The
+    sm_90 SASS of that loop, per d_k element (bf16 x, N = 30): 11.2 instructions (3xTF32, 16 rows),
+    3.9 (FMA dot, next_pow2(B) rows), 1.8 / 2.1 / 2.9 / 4.1 at B = 1 / 2 / 4 / 8 here (d_k steps of
+    64 / 64 / 32 / 32; 16- and 8-wide steps took more per element). Modelled from instruction counts,
+    not yet timed on a GPU (``benchmarks.gpu_sweep`` times both).
+    """
     chunk = padded(n_slots) if padded(n_slots) <= 128 else 64
+    if batch < 16 and dtype == torch.float32:
+        block_b = next_pow2(batch)
+        block_k = max(8, min(64, SMALL_BATCH_PRODUCTS // (block_b * chunk)))
+        return RetrieveConfig(block_b=block_b, block_k=block_k, block_f=64 if chunk <= 32 else 32, slot_chunk=chunk,
+                              num_warps=4, score_precision="fma", mix_precision="ieee")
     if dtype == torch.float64 or precision == "ieee":
         # FMA dots hold their operands per thread. Ahead-of-time sweep (N = 30, r = 128): 64-wide bank
         # chunks left 8 bytes of stack on sm_80 and sm_90, 32-wide 16 bytes on sm_90, 16-wide none.

@@ -87,6 +87,23 @@ def _cosine_sums(q_ptr, k_ptr, rows64, row_ok, slots64, slot_ok, DK, stride_qb, 
     """One pass over d_k: q.k (BLOCK_B, NC) if DOTS, |q|^2 (BLOCK_B,) and |k|^2 (NC,) if SQUARES (zeros
     otherwise), in st; each row of q and of k multiplied by its q_scale / k_scale (a power of two, so
     exactly) when SCALED."""
+    if PRECISION == "fma":
+        dots, q_sq, k_sq = _cosine_sums_deferred(q_ptr, k_ptr, rows64, row_ok, slots64, slot_ok, DK, stride_qb,
+                                                 stride_qk, stride_kn, stride_kk, q_scale, k_scale, BLOCK_B, NC,
+                                                 BLOCK_K, st, SCALED, DOTS, SQUARES)
+    else:
+        dots, q_sq, k_sq = _cosine_sums_stepwise(q_ptr, k_ptr, rows64, row_ok, slots64, slot_ok, DK, stride_qb,
+                                                 stride_qk, stride_kn, stride_kk, q_scale, k_scale, BLOCK_B, NC,
+                                                 BLOCK_K, st, PRECISION, WIDE, SCALED, DOTS, SQUARES)
+    return dots, q_sq, k_sq
+
+
+@triton.jit
+def _cosine_sums_stepwise(q_ptr, k_ptr, rows64, row_ok, slots64, slot_ok, DK, stride_qb, stride_qk, stride_kn,
+                          stride_kk, q_scale, k_scale, BLOCK_B: tl.constexpr, NC: tl.constexpr,
+                          BLOCK_K: tl.constexpr, st: tl.constexpr, PRECISION: tl.constexpr, WIDE: tl.constexpr,
+                          SCALED: tl.constexpr, DOTS: tl.constexpr, SQUARES: tl.constexpr):
+    # Each step's products reduced in the step: tl.dot with PRECISION, or (WIDE) fp64 FMA products.
     dots = tl.zeros((BLOCK_B, NC), dtype=st)
     q_sq = tl.zeros((BLOCK_B,), dtype=st)
     k_sq = tl.zeros((NC,), dtype=st)
@@ -111,6 +128,44 @@ def _cosine_sums(q_ptr, k_ptr, rows64, row_ok, slots64, slot_ok, DK, stride_qb, 
             q_sq += tl.sum(qt * qt, axis=1)
             k_sq += tl.sum(kt * kt, axis=1)
     return dots, q_sq, k_sq
+
+
+@triton.jit
+def _cosine_sums_deferred(q_ptr, k_ptr, rows64, row_ok, slots64, slot_ok, DK, stride_qb, stride_qk, stride_kn,
+                          stride_kk, q_scale, k_scale, BLOCK_B: tl.constexpr, NC: tl.constexpr,
+                          BLOCK_K: tl.constexpr, st: tl.constexpr, SCALED: tl.constexpr, DOTS: tl.constexpr,
+                          SQUARES: tl.constexpr):
+    """_cosine_sums on FMA units with every reduction deferred past the d_k loop ("fma" precision).
+
+    Each thread keeps running sums per (row, slot, lane of the step): a step is only loads and
+    FMAs, and the cross-lane reductions (shuffles, shared memory) run once at the end instead of
+    once per step. The sums are st's (fp32 for 16-bit or fp32 operands: products rounded to fp32,
+    as "ieee" dots; at least as accurate as 3xTF32), in a different order: lane sums over d_k / BLOCK_K
+    steps, then a tree over the lanes. Why: at small batch the retrieval is issue-bound in this loop
+    (Nsight Compute, H200, B = 1: one warp per scheduler, an instruction every 5.3 cycles) and the
+    per-step reductions were most of its 700+ instructions per 64-wide step (sm_90 SASS).
+    The (BLOCK_B, NC, BLOCK_K) product tile is held per thread: keep BLOCK_B * NC * BLOCK_K small
+    (launchers pick BLOCK_K from it).
+    """
+    prods = tl.zeros((BLOCK_B, NC, BLOCK_K), dtype=st)
+    q_lanes = tl.zeros((BLOCK_B, BLOCK_K), dtype=st)
+    k_lanes = tl.zeros((NC, BLOCK_K), dtype=st)
+    for k0 in range(0, DK, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        col_ok = cols < DK
+        qt = tl.load(q_ptr + rows64[:, None] * stride_qb + cols[None, :] * stride_qk,
+                     mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(st)
+        kt = tl.load(k_ptr + slots64[:, None] * stride_kn + cols[None, :] * stride_kk,
+                     mask=slot_ok[:, None] & col_ok[None, :], other=0.0).to(st)
+        if SCALED:
+            qt = qt * q_scale[:, None]
+            kt = kt * k_scale[:, None]
+        if DOTS:
+            prods += qt[:, None, :] * kt[None, :, :]
+        if SQUARES:
+            q_lanes += qt * qt
+            k_lanes += kt * kt
+    return tl.sum(prods, axis=2), tl.sum(q_lanes, axis=1), tl.sum(k_lanes, axis=1)
 
 
 # Where |u|^2 overflows (|u| > ~1.8e19 in fp32, a bf16 or fp32 query or key; > ~1.3e154 in fp64),

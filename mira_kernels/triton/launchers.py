@@ -278,7 +278,7 @@ def _plan_retrieve(sh: _Shapes, query, keys, bank_a, bank_b, separation, eps, sa
         mixed.weights = torch.empty(sh.B, sh.N, dtype=ct, device=device)
         mixed.qnorm = torch.empty(sh.B, dtype=ct, device=device)
         mixed.knorm = torch.empty(sh.N, dtype=ct, device=device)
-    cfg = configs.retrieve_config(sh.N, ct, precision)
+    cfg = configs.retrieve_config(sh.N, ct, precision, sh.B)
     b_tiles = triton_cdiv(sh.B, cfg.block_b)
     split = configs.retrieve_split(b_tiles, triton_cdiv(max(sh.fa, sh.fb), cfg.block_f))
     one_chunk = sh.N <= cfg.slot_chunk

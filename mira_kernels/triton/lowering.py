@@ -133,10 +133,11 @@ def test_cases() -> list[Case]:
 def ci_cases() -> list[tuple[Case, tuple[int, ...]]]:
     """The few launches CI compiles (each compile takes seconds; CI's share is minutes): every kernel
     once for sm_90 (the ViT-B/16 bf16 backward at B = 8 plans them all), and the forward at B = 64
-    (retrieval and the GEMM with the shrink folded in, the variant nearest to spilling) for both
-    targets. ``test_cases`` (``make test-slow``) and ``benchmark_cases`` (``python -m
-    mira_kernels.triton.lowering``) compile the rest."""
+    (retrieval and the GEMM with the shrink folded in, the variant nearest to spilling) and at B = 1
+    (the small-batch retrieval) for both targets. ``test_cases`` (``make test-slow``) and
+    ``benchmark_cases`` (``python -m mira_kernels.triton.lowering``) compile the rest."""
     return [(Case("linear", torch.bfloat16, 64, 4, 30), (80, 90)),
+            (Case("linear", torch.bfloat16, 1, 4, 30), (80, 90)),  # the small-batch retrieval (deferred FMA sums)
             (Case("linear_backward", torch.bfloat16, 8, 4, 30), (90,)),
             (Case("key_norm", torch.float32, 1, 4, 30), (80, 90))]
 
