@@ -137,38 +137,47 @@ def variants(dtype_name: str, batch: int, tokens: int) -> list[Variant]:
     diagnostics = [G("no-adapter", 1, problem="no-adapter"), G("unfolded", 1, fold=False),
                    P("unfolded", 2, fold=False), R("dk64", 1, problem="dk64")]
     # The fourth sweep (9c67b4a): the cosine loop is ~14 of the retrieval's 20 us at B <= 8 (dk64:
-    # 6.5 us) and ncu shows it issue-bound (one warp per scheduler, 5.3 cycles per instruction):
-    # cosines on FMA units ("ieee", fp32 rounding to nearest) take 28% fewer instructions per d_k
-    # element than 3xTF32 (sm_90 SASS); 32-wide steps keep fewer operand registers.
-    # At small batch the 16-sample tile is mostly padding (B = 1: 15 of 16 rows): FMA-unit dots on
-    # a tile of next_pow2(B) rows (tl.dot allows M >= 1 for 32-bit operands) take 245 instead of 725
-    # instructions per cosine step, and FMA mixing 116-156 instead of 297 per column chunk (sm_90 SASS).
-    candidates = [R("ieee-scores", 1, retrieve=dict(score_precision="ieee")),
-                  R("ieee-scores-k32", 2, retrieve=dict(score_precision="ieee", block_k=32)),
-                  P("ieee-scores", 1, retrieve=dict(score_precision="ieee"))]
+    # 6.5 us) and ncu shows it issue-bound (one warp per scheduler, 5.3 cycles per instruction).
+    # Since then the planner's retrieval below 16 samples is a tile of next_pow2(B) rows with the
+    # cosines' reductions deferred past the d_k loop ("fma") and FMA mixing (configs._retrieve_config:
+    # 1.8-4.1 instead of 11.2 sm_90 SASS instructions per d_k element, not yet timed). Against it: the
+    # previous planner's 16-row tile with the precision rule's dots ("rows16"), the stepwise FMA dot
+    # on the small tile ("ieee-dot": 3.9 per element), the d_k step halved.
     if batch < 16:
-        small = dict(block_b=1 << (batch - 1).bit_length(), score_precision="ieee")
-        candidates += [R("small-tile", 1, retrieve=small),
-                       R("small-tile-fma-mix", 1, retrieve=dict(small, mix_precision="ieee")),
-                       P("small-tile", 1, retrieve=small),
-                       P("small-tile-fma-mix", 1, retrieve=dict(small, mix_precision="ieee"))]
+        rows16 = (dict(block_b=16, block_k=64, block_f=64, score_precision=None, mix_precision=None)
+                  if dtype_name in ("bfloat16", "float16") else
+                  dict(block_b=16, block_k=16, block_f=16, score_precision=None, mix_precision=None))
+        half_k = 32 if batch <= 2 else 16  # the planner's d_k step at N = 30 slots halved (64 / 32)
+        candidates = [R("rows16", 1, retrieve=rows16), P("rows16", 1, retrieve=rows16),
+                      R("ieee-dot", 1, retrieve=dict(score_precision="ieee")),
+                      P("ieee-dot", 2, retrieve=dict(score_precision="ieee")),
+                      R(f"k{half_k}", 2, retrieve=dict(block_k=half_k))]
+    else:
+        # cosines on FMA units ("ieee", fp32 rounding to nearest) take 28% fewer instructions per d_k
+        # element than 3xTF32 (sm_90 SASS); 32-wide steps keep fewer operand registers.
+        candidates = [R("ieee-scores", 1, retrieve=dict(score_precision="ieee")),
+                      R("ieee-scores-k32", 2, retrieve=dict(score_precision="ieee", block_k=32)),
+                      P("ieee-scores", 1, retrieve=dict(score_precision="ieee"))]
     if dtype_name in ("bfloat16", "float16"):
         out += candidates + diagnostics
         # Spills from `--dry-run --lower 90` (Triton 3.6): the planner's retrieval has 8 bytes of stack
         # at 168 registers; BLOCK_K=256 spilled 488-712 bytes (4 or 8 warps), so K steps stop at 128.
         out += [
-            R("k128", 1, retrieve=dict(block_k=128)),
             R("s3", 1, stages=3),
-            R("k128-s3", 2, retrieve=dict(block_k=128), stages=3),
             R("w8", 2, retrieve=dict(num_warps=8)),
             R("f32-split2x", 3, retrieve=dict(block_f=32), split=-2),  # -2: twice the planner's split
-            R("k128-f128", 4, retrieve=dict(block_k=128, block_f=128)),
-            R("k128-w8-s3", 4, retrieve=dict(block_k=128, num_warps=8), stages=3),
             R("s4", 5, stages=4),
             R("split32", 5, split=32),  # B <= 16: half the planner's 64 programs; B=64: twice its 16 shares
             P("s3", 1, stages=3),
-            P("k128-f128", 2, retrieve=dict(block_k=128, block_f=128)),
         ]
+        if batch >= 16:  # below, the deferred sums' product tile bounds the d_k step (configs)
+            out += [
+                R("k128", 1, retrieve=dict(block_k=128)),
+                R("k128-s3", 2, retrieve=dict(block_k=128), stages=3),
+                R("k128-f128", 4, retrieve=dict(block_k=128, block_f=128)),
+                R("k128-w8-s3", 4, retrieve=dict(block_k=128, num_warps=8), stages=3),
+                P("k128-f128", 2, retrieve=dict(block_k=128, block_f=128)),
+            ]
         if batch >= 32:
             out += [R("b64", 2, retrieve=dict(block_b=64)), R("b32", 3, retrieve=dict(block_b=32))]
         # ALL: one program per column tile (the planner's cost model counts 132 programs a wave and
@@ -204,7 +213,7 @@ def variants(dtype_name: str, batch: int, tokens: int) -> list[Variant]:
         out += [
             R("s3", 1, stages=3),
             R("f32", 2, retrieve=dict(block_f=32)),
-            R("split2x", 3, split=-2),
+            R("split2x", 3, retrieve=dict(block_f=32) if batch < 16 else None, split=-2),
             # The planner's fp32 GEMM spills 24 bytes, 128 x 64 x 16 on 8 warps none (sm_90, Triton 3.6).
             G("128x64x16-w8s2", 1, gemm=_tile(128, 64, 16, 8, 2)),
             G("64x64x32-w4s2", 2, gemm=_tile(64, 64, 32, 4, 2)),
@@ -303,6 +312,9 @@ def mismatches(v: Variant, launches, resolved: dict) -> list[str]:
         r = _launch(launches, "retrieve")
         for f, value in (v.retrieve or {}).items():
             got = r.num_warps if f == "num_warps" else r.constexprs[_RETRIEVE_FIELDS[f]]
+            if value is None and f.endswith("_precision"):  # None: the precision rule's, never "fma"
+                want(got != "fma", f"retrieve {f}=None (the rule's) but the launch has {got}")
+                continue
             want(got == value, f"retrieve {f}={value} but the launch has {got}")
         if resolved.get("split") is not None:
             want(r.grid[1] == resolved["split"], f"split={resolved['split']} but grid={r.grid}")

@@ -67,8 +67,12 @@ def test_dry_run_plans_every_config_and_each_override_reaches_its_launch(tmp_pat
     by = {(r["dtype"], r["batch"], r["kernel"], r["variant"]): r for r in doc["results"]}
     planner = by["bfloat16", 1, "retrieve", "planner"]["params"]["retrieve"]
     assert (planner["BLOCK_K"], planner["grid"], planner["num_stages"]) == (64, [1, 64], 2)
-    r = by["bfloat16", 1, "retrieve", "k128-s3"]["params"]["retrieve"]
-    assert (r["BLOCK_K"], r["num_stages"], r["grid"]) == (128, 3, [1, 64])
+    # Below 16 samples: a one-row tile with deferred FMA cosines; "rows16" is the planner before it.
+    assert (planner["BLOCK_B"], planner["SCORE_PRECISION"]) == (1, "fma")
+    r = by["bfloat16", 1, "retrieve", "rows16"]["params"]["retrieve"]
+    assert (r["BLOCK_B"], r["BLOCK_K"], r["SCORE_PRECISION"]) == (16, 64, "tf32x3")
+    r = by["bfloat16", 64, "retrieve", "k128-s3"]["params"]["retrieve"]
+    assert (r["BLOCK_K"], r["num_stages"], r["grid"][1]) == (128, 3, 16)
     r = by["bfloat16", 8, "retrieve", "f32-split2x"]["params"]["retrieve"]
     assert (r["BLOCK_F"], r["grid"]) == (32, [1, 128])
     r = by["bfloat16", 64, "retrieve", "b64"]["params"]["retrieve"]
