@@ -15,21 +15,25 @@ block).
 read of a buffer twice the last-level cache evicts everything, then the input is rewritten, as the
 LayerNorm before the projection leaves it hot), all variants interleaved per round:
 
-- Python layer and call: the module's wall time less the kernel's own phases (read from the
-  phase clock, ``torch.ops.mira._cpu_last_phases``) and less ``F.linear``'s call cost at a
-  1 x 1 x d_in input (what the stock Linear pays for its call); of which, timed alone: with an
-  eval plan (``MiraProjection``'s prepared call, ``csrc/eval_plan.cpp``, made on the first eval
-  call), the plan's checks (``plan.check(x)``: guards and stamps; it replays the query and the
-  key prep); without one, the query (``memory.query_token(x)``, whose token index the eval fast
-  path selects in C++, else ``memory.make_query(x)``) and the key prep
-  (``memory.retrieval_tensors()``, cached in eval);
+- Python layer and call: the time the module's call spends outside the kernel's phases (read from
+  the phase clock, ``torch.ops.mira._cpu_last_phases``: the Python frames, the eval plan, the
+  binding's argument parsing, the output's wrapping and release) less the same for the stock
+  ``nn.Linear``: its wall time less the empty-memory op's bias copy and GEMM phases (the same two
+  steps addmm runs). Of which, timed alone: with an eval plan (``MiraProjection``'s prepared call,
+  ``csrc/eval_plan.cpp``, made on the first eval call), the plan's checks (``plan.check(x)``:
+  guards and stamps; it replays the query and the key prep); without one, the query
+  (``memory.query_token(x)``, whose token index the eval fast path selects in C++, else
+  ``memory.make_query(x)``) and the key prep (``memory.retrieval_tensors()``, cached in eval);
 - the kernel's phases of the module's call: entry (checks, allocation), retrieval, mixing;
 - shrink/expand: the module's seeding pass over the same call's with an empty memory (bias only);
-- the rest: the module over ``nn.Linear`` less all of the above: the GEMM's difference (the same
-  work: measured as the op's GEMM phase over the empty-memory op's, -9 us [-48, +21] at B=1 on a
-  2-core Zen 3), the part of the op's cold call cost that ``F.linear``'s at a tiny shape does not
-  match (there the empty-memory op called natively took +50 us [29, 69] over ``nn.Linear``, and
-  ``F.linear`` -34 us), and timing noise.
+- the GEMM phase over the empty-memory op's (the same GEMM: its noise).
+
+Each part is a per-round difference, so the parts add up to the module over ``nn.Linear`` round by
+round (their medians nearly). Until 2026-12-05 the call's part was taken over ``F.linear``'s cold
+call at a 1 x 1 x d_in input, which costs far more than the stock Linear's call outside its bias copy
+and GEMM (85 against ~30 us on Zen 4): that made this part negative and left ~35-50 us in a
+"residual" that was in fact the call path (measured with timestamps in the binding: the Python
+frames and the plan 14, argument parsing 9, the GIL, record-function, wrapping and return ~12 us).
 
 Prints a table (and ``--json PATH`` writes the record); writes nothing else.
 """
@@ -182,9 +186,6 @@ def time_budget(proj, cache: ColdCache, *, budget_s: float = 20.0, seed: int = 0
     base = proj.base_layer
     w, b = base.weight, base.bias
     offsets = tuple(proj.slice_offsets)
-    # F.linear's own call cost, where its GEMM is negligible: a 1 x 1 x d_in input, 16 outputs.
-    tiny_w = w[:16].clone()
-    tiny_b = None if b is None else b[:16].clone()
     last = torch.ops.mira._cpu_last_phases
     phases: dict[str, list[list[float]]] = {"module": [], "empty": []}
     with torch.inference_mode():
@@ -214,7 +215,6 @@ def time_budget(proj, cache: ColdCache, *, budget_s: float = 20.0, seed: int = 0
             "stock": lambda: base(cache.x),
             "module": module,
             "empty_op": empty_op,
-            "tiny_linear": lambda: torch.nn.functional.linear(cache.x[:1, :1], tiny_w, tiny_b),
         }
         if planned:
             fns["plan_checks"] = lambda: plan.check(cache.x)
@@ -230,7 +230,9 @@ def time_budget(proj, cache: ColdCache, *, budget_s: float = 20.0, seed: int = 0
     mp = np.asarray(phases["module"][-rounds.rounds:]).T
     ep = np.asarray(phases["empty"][-rounds.rounds:]).T
     mph, eph = dict(zip(PHASES, mp)), dict(zip(PHASES, ep))
-    python = t["module"] - mp.sum(axis=0) - t["tiny_linear"]
+    # Outside the kernel's phases, the module's call over the stock Linear's (its bias copy and
+    # GEMM are the empty-memory op's seeding and GEMM phases).
+    python = (t["module"] - mp.sum(axis=0)) - (t["stock"] - eph["seeding"] - eph["gemm"])
     within = ({"plan_checks": _diff_stats(t["plan_checks"])} if planned else
               {"query_module": _diff_stats(t["query"]), "key_prep": _diff_stats(t["key_prep"])})
     parts = {
@@ -240,19 +242,15 @@ def time_budget(proj, cache: ColdCache, *, budget_s: float = 20.0, seed: int = 0
         "retrieval": _diff_stats(mph["retrieval"]),
         "mixing": _diff_stats(mph["mixing"]),
         "shrink_expand": _diff_stats(mph["seeding"], eph["seeding"]),
+        "gemm": _diff_stats(mph["gemm"], eph["gemm"]),
     }
     total = _diff_stats(t["module"], t["stock"])
-    counted = [k for k in parts if k not in within]  # those are inside python_layer
-    parts["rest"] = {"median_s": total["median_s"] - sum(parts[k]["median_s"] for k in counted),
-                     "lo_s": float("nan"), "hi_s": float("nan"),
-                     "note": "residual: the GEMM's difference, the op's cold call cost beyond F.linear's, noise"}
     return {
         "batch": int(x.shape[0]), "rounds": rounds.rounds, "seconds": rounds.seconds, "evict": cache.evict,
         "eval_plan": planned,
         "stock": _diff_stats(t["stock"]), "module": _diff_stats(t["module"]), "extra": total, "parts": parts,
         "phases_module_s": {k: float(np.median(v)) for k, v in mph.items()},
         "phases_empty_s": {k: float(np.median(v)) for k, v in eph.items()},
-        "tiny_linear_s": float(np.median(t["tiny_linear"])),
     }
 
 
@@ -264,7 +262,7 @@ def backbone_median(model: nn.Module, x: torch.Tensor, *, runs: int = 15) -> flo
 
 
 PART_LABELS = {
-    "python_layer": "Python layer and call (over F.linear's)",
+    "python_layer": "Python layer and call (over nn.Linear's)",
     "plan_checks": "  of which: eval plan's checks (guards, stamps)",
     "query_module": "  of which: query (query_token / make_query)",
     "key_prep": "  of which: key prep (retrieval_tensors)",
@@ -272,7 +270,7 @@ PART_LABELS = {
     "retrieval": "retrieval (kernel: scores, separation)",
     "mixing": "mixing (kernel: A_b, B_b from the banks)",
     "shrink_expand": "shrink/expand (seeding pass over bias-only)",
-    "rest": "residual: call cost, GEMM diff., noise",
+    "gemm": "GEMM phase over the empty-memory op's (noise)",
 }
 
 
