@@ -99,6 +99,22 @@ def _cosine_sums(q_ptr, k_ptr, rows64, row_ok, slots64, slot_ok, DK, stride_qb, 
 
 
 @triton.jit
+def _qk_step(q_ptr, k_ptr, rows64, row_ok, slots64, slot_ok, k0, DK, stride_qb, stride_qk, stride_kn, stride_kk,
+             q_scale, k_scale, BLOCK_K: tl.constexpr, st: tl.constexpr, SCALED: tl.constexpr):
+    # The query rows' and keys' columns [k0, k0 + BLOCK_K) in st, each row times its scale when SCALED.
+    cols = k0 + tl.arange(0, BLOCK_K)
+    col_ok = cols < DK
+    qt = tl.load(q_ptr + rows64[:, None] * stride_qb + cols[None, :] * stride_qk,
+                 mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(st)
+    kt = tl.load(k_ptr + slots64[:, None] * stride_kn + cols[None, :] * stride_kk,
+                 mask=slot_ok[:, None] & col_ok[None, :], other=0.0).to(st)
+    if SCALED:
+        qt = qt * q_scale[:, None]
+        kt = kt * k_scale[:, None]
+    return qt, kt
+
+
+@triton.jit
 def _cosine_sums_stepwise(q_ptr, k_ptr, rows64, row_ok, slots64, slot_ok, DK, stride_qb, stride_qk, stride_kn,
                           stride_kk, q_scale, k_scale, BLOCK_B: tl.constexpr, NC: tl.constexpr,
                           BLOCK_K: tl.constexpr, st: tl.constexpr, PRECISION: tl.constexpr, WIDE: tl.constexpr,
@@ -108,15 +124,8 @@ def _cosine_sums_stepwise(q_ptr, k_ptr, rows64, row_ok, slots64, slot_ok, DK, st
     q_sq = tl.zeros((BLOCK_B,), dtype=st)
     k_sq = tl.zeros((NC,), dtype=st)
     for k0 in range(0, DK, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        col_ok = cols < DK
-        qt = tl.load(q_ptr + rows64[:, None] * stride_qb + cols[None, :] * stride_qk,
-                     mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(st)
-        kt = tl.load(k_ptr + slots64[:, None] * stride_kn + cols[None, :] * stride_kk,
-                     mask=slot_ok[:, None] & col_ok[None, :], other=0.0).to(st)
-        if SCALED:
-            qt = qt * q_scale[:, None]
-            kt = kt * k_scale[:, None]
+        qt, kt = _qk_step(q_ptr, k_ptr, rows64, row_ok, slots64, slot_ok, k0, DK, stride_qb, stride_qk, stride_kn,
+                          stride_kk, q_scale, k_scale, BLOCK_K, st, SCALED)
         if DOTS and WIDE:
             # fp64 products on FMA units, not tl.dot: Triton (3.6, 3.8) cannot lower an fp64 dot whose
             # operand was loaded as 16 bits (the backward of a bf16 / fp16 CLS query; "fp64 don't support
@@ -139,27 +148,20 @@ def _cosine_sums_deferred(q_ptr, k_ptr, rows64, row_ok, slots64, slot_ok, DK, st
 
     Each thread keeps running sums per (row, slot, lane of the step): a step is only loads and
     FMAs, and the cross-lane reductions (shuffles, shared memory) run once at the end instead of
-    once per step. The sums are st's (fp32 for 16-bit or fp32 operands: products rounded to fp32,
-    as "ieee" dots; at least as accurate as 3xTF32), in a different order: lane sums over d_k / BLOCK_K
+    once per step. The sums are st's (fp32, or fp64 for WIDE: products rounded to st as "ieee" dots
+    round them; fp32 is at least as accurate as 3xTF32), in a different order: lane sums over d_k / BLOCK_K
     steps, then a tree over the lanes. Why: at small batch the retrieval is issue-bound in this loop
     (Nsight Compute, H200, B = 1: one warp per scheduler, an instruction every 5.3 cycles) and the
     per-step reductions were most of its 700+ instructions per 64-wide step (sm_90 SASS).
-    The (BLOCK_B, NC, BLOCK_K) product tile is held per thread: keep BLOCK_B * NC * BLOCK_K small
-    (launchers pick BLOCK_K from it).
+    The (BLOCK_B, NC, BLOCK_K) product tile is held in registers: configs._retrieve_config bounds
+    BLOCK_B * NC * BLOCK_K (SMALL_BATCH_PRODUCTS).
     """
     prods = tl.zeros((BLOCK_B, NC, BLOCK_K), dtype=st)
     q_lanes = tl.zeros((BLOCK_B, BLOCK_K), dtype=st)
     k_lanes = tl.zeros((NC, BLOCK_K), dtype=st)
     for k0 in range(0, DK, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        col_ok = cols < DK
-        qt = tl.load(q_ptr + rows64[:, None] * stride_qb + cols[None, :] * stride_qk,
-                     mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(st)
-        kt = tl.load(k_ptr + slots64[:, None] * stride_kn + cols[None, :] * stride_kk,
-                     mask=slot_ok[:, None] & col_ok[None, :], other=0.0).to(st)
-        if SCALED:
-            qt = qt * q_scale[:, None]
-            kt = kt * k_scale[:, None]
+        qt, kt = _qk_step(q_ptr, k_ptr, rows64, row_ok, slots64, slot_ok, k0, DK, stride_qb, stride_qk, stride_kn,
+                          stride_kk, q_scale, k_scale, BLOCK_K, st, SCALED)
         if DOTS:
             prods += qt[:, None, :] * kt[None, :, :]
         if SQUARES:
