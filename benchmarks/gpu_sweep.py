@@ -208,8 +208,9 @@ def variants(dtype_name: str, batch: int, tokens: int) -> list[Variant]:
                 G("128x64x64-w4s4-all", 5, gemm=_tile(128, 64, 64, 4, 4), groups=ALL),
             ]
     else:
-        # The fp32-x retrieval forms its cosines in fp64 on FMA units in 8-wide d_k steps
-        # (launchers.WIDE_BLOCK_K; a block_k override cannot widen them).
+        # The fp32-x retrieval forms its cosines in fp64 on FMA units, in d_k steps the launcher bounds
+        # (8 wide on 16-sample tiles, launchers.WIDE_BLOCK_K; 64 / 16 at B = 1 / 8): an override cannot
+        # widen them.
         out += [
             R("s3", 1, stages=3),
             R("f32", 2, retrieve=dict(block_f=32)),

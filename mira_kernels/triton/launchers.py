@@ -282,9 +282,15 @@ def _plan_retrieve(sh: _Shapes, query, keys, bank_a, bank_b, separation, eps, sa
     b_tiles = triton_cdiv(sh.B, cfg.block_b)
     split = configs.retrieve_split(b_tiles, triton_cdiv(max(sh.fa, sh.fb), cfg.block_f))
     one_chunk = sh.N <= cfg.slot_chunk
-    # fp64 cosines on FMA units hold a (BLOCK_B, NC, block_k) product tile: WIDE_BLOCK_K steps at 32-slot
-    # chunks, narrower ones at wider chunks (64 slots at 8 wide left 16 bytes of stack on sm_80).
-    block_k = max(1, min(cfg.block_k, WIDE_BLOCK_K * 32 // cfg.slot_chunk)) if wide_scores else cfg.block_k
+    # fp64 cosines on FMA units hold a (BLOCK_B, NC, block_k) product tile: at 16-sample tiles WIDE_BLOCK_K
+    # steps at 32-slot chunks, narrower ones at wider chunks (64 slots at 8 wide left 16 bytes of stack on
+    # sm_80); smaller sample tiles take wider steps for the same tile size. The deferred sums ("fma") also
+    # keep a (NC, block_k) fp64 tile of the keys' squares across the loop: at most 2048 elements (N = 256
+    # with 64-wide steps left 232 bytes of stack on sm_90, 32-wide none).
+    wide_k = WIDE_BLOCK_K * 32 * 16 // (cfg.slot_chunk * cfg.block_b)
+    if cfg.score_precision == "fma":
+        wide_k = min(wide_k, 2048 // cfg.slot_chunk)
+    block_k = max(1, min(cfg.block_k, wide_k)) if wide_scores else cfg.block_k
     scratch = stats if one_chunk else torch.empty(b_tiles * split, cfg.block_b, sh.N, dtype=ct, device=device)
     launches.append(Launch(
         "retrieve", kernels._mira_retrieve_kernel, (b_tiles, split),
