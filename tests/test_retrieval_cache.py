@@ -386,6 +386,38 @@ def test_fast_path_steps_aside(monkeypatch):
 
 
 @needs_fast_path
+@pytest.mark.parametrize("layout", ["contiguous", "strided", "offset", "expanded"])
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_fast_path_token_query_is_the_token_row_in_any_layout(layout, mode):
+    # The fast path takes the query x[:, token] as an alias of x's storage made without the
+    # dispatcher (csrc/cpu/fast_path.cpp, token_rows): the same bits as the row passed as a tensor and
+    # as the op, for every token and any strides or storage offset of x, and x itself untouched.
+    layer, base = make_layer(), tokens()
+    w, b, c = layer.weight, layer.bias, layer.memory.config
+    keys, bank_a, bank_b = layer.memory.retrieval_tensors()
+    rest = (keys, bank_a, bank_b, layer.slice_offsets, c.separation, c.scale, c.eps)
+    if layout == "strided":  # (B, T, D) with a gap between features and tokens
+        x = torch.zeros(base.shape[0], base.shape[1], 2 * D)[..., ::2]
+        x.copy_(base)
+    elif layout == "offset":
+        x = torch.cat([torch.zeros(5 * D), base.flatten()])[5 * D:].view_as(base)
+    elif layout == "expanded":  # every sample the same tokens: stride 0 over the batch
+        x = base[:1].expand(base.shape)
+    else:
+        x = base
+    version = x._version
+    with torch.inference_mode() if mode == "inference_mode" else torch.no_grad():
+        for token in (0, x.shape[1] - 1):
+            got = ops.eval_linear_cpu(x, w, b, token, *rest)
+            row = ops.eval_linear_cpu(x, w, b, x[:, token], *rest)
+            op = mira_kernels.mira_linear(x, w, b, x[:, token].contiguous(), *rest[:3], slice_offsets=rest[3],
+                                          separation=rest[4], scale=rest[5], eps=rest[6])
+            assert got is not None and row is not None
+            assert torch.equal(got, row) and torch.equal(got, op)
+    assert x._version == version and not x.requires_grad
+
+
+@needs_fast_path
 def test_fast_path_without_no_grad_in_eval():
     # model.eval() without no_grad: nothing requires grad in the inference stage, so no graph.
     layer, x = make_layer(), tokens()

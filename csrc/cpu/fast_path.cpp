@@ -45,6 +45,20 @@ std::optional<at::Tensor> plain_cpu(PyObject* obj) {
   return t;
 }
 
+// x[:, token] as a plain strided alias of x's storage, made without the dispatcher. Why: select()
+// is a dispatched view op (with autograd's view metadata), and cold, as a projection runs in a
+// network, it took 6.2-7.1 us of the ~15 us this function spends before the kernel (Zen 4, B = 1,
+// timestamps here, benchmarks.budget's cold caches); this takes 1.1. The alias has no autograd or
+// view metadata, which is right here: this path runs only where no graph is recorded, and the
+// kernel only reads the query.
+at::Tensor token_rows(const at::Tensor& x, int64_t token) {
+  auto impl = c10::make_intrusive<c10::TensorImpl>(c10::Storage(x.storage()), x.key_set(), x.dtype());
+  const int64_t sizes[2] = {x.size(0), x.size(2)}, strides[2] = {x.stride(0), x.stride(2)};
+  impl->set_sizes_and_strides(c10::IntArrayRef(sizes), c10::IntArrayRef(strides),
+                              std::optional<int64_t>(x.storage_offset() + token * x.stride(1)));
+  return at::Tensor(std::move(impl));
+}
+
 // No thread-local state that would route the op elsewhere: torch-function and dispatch modes,
 // TLS-included keys (functorch transforms, the Python dispatcher), CPU autocast.
 bool plain_context() {
@@ -102,7 +116,7 @@ PyObject* eval_linear(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
       return take_op();
     }
     if (x->dim() != 3 || token < 0 || token >= x->size(1)) return take_op();
-    query = x->select(1, token);
+    query = token_rows(*x, token);
   } else if (!(query = plain_cpu(args[3]))) {
     return take_op();
   }
