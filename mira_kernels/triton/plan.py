@@ -94,7 +94,9 @@ def _retrieve(launch) -> dict:
         l2_bytes=keys_bytes * (programs - 1) + bank_bytes * (b_tiles - 1) + B * DK * qs * (split - 1) + scratch,
         steps=chunks * _pipelined(k_steps, 2) + share * chunks + (chunks if not c["ONE_CHUNK"] else 0),
         useful_flops=2.0 * B * N * DK + 2.0 * B * N * (FA + FB),
-        note=f"{split} column shares per 16-sample tile, each recomputing its tile's scores",
+        note=(f"{split} column shares per {bb}-sample tile, each recomputing its tile's scores"
+              + ("; cosine sums deferred past the d_k loop: a step here takes ~1/6 of the 3xTF32 loop's sm_90"
+                 " instructions, which `steps` does not see" if c["SCORE_PRECISION"] == "fma" else "")),
     )
 
 
