@@ -147,7 +147,13 @@ def variants(dtype_name: str, batch: int, tokens: int) -> list[Variant]:
         rows16 = (dict(block_b=16, block_k=64, block_f=64, score_precision=None, mix_precision=None)
                   if dtype_name in ("bfloat16", "float16") else
                   dict(block_b=16, block_k=16, block_f=16, score_precision=None, mix_precision=None))
-        half_k = 32 if batch <= 2 else 16  # the planner's d_k step at N = 30 slots halved (64 / 32)
+        import torch
+
+        from benchmarks.gpu_check import WORKLOAD
+        from mira_kernels.triton import configs
+
+        # The planner's d_k step for the workload, halved.
+        half_k = configs.retrieve_config(WORKLOAD["slots"], torch.float32, "tf32", batch).block_k // 2
         candidates = [R("rows16", 1, retrieve=rows16), P("rows16", 1, retrieve=rows16),
                       R("ieee-dot", 1, retrieve=dict(score_precision="ieee")),
                       P("ieee-dot", 2, retrieve=dict(score_precision="ieee")),

@@ -272,8 +272,9 @@ def _retrieve_config(n_slots: int, dtype: torch.dtype, precision: str = "tf32", 
     B = 1 15 of the 16 rows were padding and the launch was issue-bound in the cosine loop (H200,
     Nsight Compute: an instruction every 5.3 cycles, one warp per scheduler; ~14 of its ~20 us). The
     sm_90 SASS of that loop, per d_k element (bf16 x, N = 30): 11.2 instructions (3xTF32, 16 rows),
-    3.9 (FMA dot, next_pow2(B) rows), 1.8 / 2.1 / 2.9 / 4.1 at B = 1 / 2 / 4 / 8 here (d_k steps of
-    64 / 64 / 32 / 32; 16- and 8-wide steps took more per element). The fp64 cosines of fp32 x's
+    3.9 (FMA dot, next_pow2(B) rows), 1.8 / 2.1 / 2.8 / 4.1 at B = 1 / 2 / 4 / 8 here (d_k steps of
+    64 / 64 / 64 / 32; narrower steps took more per element: 2.5 / 2.9 / 4.6 at 32 / 32 / 16 wide for
+    B = 2 / 4 / 8). The fp64 cosines of fp32 x's
     forward and of every backward (launchers bound their d_k step): 2.3 per element at B = 1 (64-wide
     steps) against 53.5 on the 16-row tile (8-wide), 5.1 at B = 8 (16-wide). Counted from instruction
     counts, not yet timed on a GPU (``benchmarks.gpu_sweep`` times both).
