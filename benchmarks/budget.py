@@ -6,7 +6,10 @@
 **The floor per block** = max(extra multiply-adds at the measured GEMM rate, memory bytes read per
 call at the measured DRAM bandwidth), x the adapted blocks, over the backbone's median time. The
 GEMM rate is the stock qkv ``nn.Linear``'s own at the real shape (cold caches, as in the network);
-the bandwidth is a 2-thread read of a buffer far larger than the caches. The bytes are the banks
+the bandwidth is that of the cold-cache eviction reads made in the same timed rounds (a read of
+twice the last-level cache before each call; with warm caches, a read of four times it at the
+start): on a shared host the bandwidth drifts, and the floor should see what the timed calls
+saw. The bytes are the banks
 (N*S*r*(d_in+d_s) elements) and the keys (N*d_k): every call reads them, and in a network they
 come back from DRAM (the rest of the model streams ~350 MB of weights between two calls of a
 block).
@@ -74,12 +77,32 @@ class ColdCache:
         self.refresh = refresh
         self.evict = evict
         self._buffer = torch.ones(2 * last_level_cache_bytes() // 4, dtype=torch.float32) if evict else None
+        self.read_seconds: list[float] = []  # each eviction read's wall time (read_bandwidth)
         self.x = refresh()
 
     def prepare(self) -> None:
         if self._buffer is not None:
+            t0 = time.perf_counter()
             self._buffer.sum()
+            self.read_seconds.append(time.perf_counter() - t0)
         self.x = self.refresh()
+
+    def read_bandwidth(self) -> dict | None:
+        """DRAM read bandwidth from the eviction reads made so far, in :func:`dram_read_bandwidth`'s
+        record form, or None without them.
+
+        Each read is of a buffer twice the last-level cache, made in the same rounds as the timed
+        calls: on a shared host, whose bandwidth drifts with the neighbours' load (one 2-core
+        Xeon VM read 13 to 33 GB/s within an hour), the floor then sees the bandwidth the timed
+        calls saw, not a sample taken minutes before them.
+        """
+        if self._buffer is None or len(self.read_seconds) < 3:
+            return None
+        med, lo, hi = _pairs.median_ci(self.read_seconds)
+        n = self._buffer.numel() * 4
+        return {"bytes_per_s": n / med, "lo": n / hi, "hi": n / lo, "buffer_bytes": n,
+                "threads": torch.get_num_threads(), "reads": len(self.read_seconds),
+                "source": "the eviction reads of the timed rounds"}
 
     def timer(self, fn: Callable[[], object]) -> float:
         self.prepare()
@@ -112,8 +135,12 @@ def last_level_cache_bytes() -> int:
 
 
 def dram_read_bandwidth(*, mib: int = 512, repeats: int = 9) -> dict:
-    """Bytes per second of a ``torch.sum`` over a buffer far larger than the caches (all threads)."""
-    buf = torch.ones(mib * (1 << 20) // 4, dtype=torch.float32)
+    """Bytes per second of a ``torch.sum`` over a buffer far larger than the caches (all threads).
+
+    The buffer is ``mib`` MiB or four times the last-level cache, whichever is larger: a 256 MiB
+    buffer on a Xeon with a 300 MiB L3 is read partly from the L3 and overstates the bandwidth.
+    """
+    buf = torch.ones(max(mib << 20, 4 * last_level_cache_bytes()) // 4, dtype=torch.float32)
     buf.sum()
     times = []
     for _ in range(repeats):
@@ -156,7 +183,8 @@ def measure_floor(proj, x: torch.Tensor, *, n_blocks: int, backbone_s: float, st
     per_block = max(compute_s, memory_s)
     return {
         "gemm_macs_per_s": rate, "extra_macs": int(extra), "compute_s": compute_s,
-        "bytes": nbytes, "dram_bytes_per_s": bandwidth["bytes_per_s"], "memory_s": memory_s,
+        "bytes": nbytes, "dram_bytes_per_s": bandwidth["bytes_per_s"], "bandwidth_source": bandwidth.get("source"),
+        "memory_s": memory_s,
         "per_block_s": per_block, "bound": "memory" if memory_s >= compute_s else "compute",
         "percent": 100.0 * n_blocks * per_block / backbone_s,
     }
@@ -291,7 +319,7 @@ def format_budget(rec: dict) -> str:
              f"machine: {m.get('cpu')}, {m.get('torch_threads')} threads, ISA {m.get('mira_cpu_isa')}, "
              f"load {m.get('load_average_1m', -1):.1f} at start; caches "
              f"{'evicted' if rec['batches'][0]['budget']['evict'] else 'warm'} before each call",
-             f"DRAM read bandwidth {rec['bandwidth']['bytes_per_s'] / 1e9:.1f} GB/s "
+             f"DRAM read bandwidth at the start {rec['bandwidth']['bytes_per_s'] / 1e9:.1f} GB/s "
              f"({rec['bandwidth']['threads']} threads)", ""]
     for r in rec["batches"]:
         f, bud = r["floor"], r["budget"]
@@ -299,7 +327,9 @@ def format_budget(rec: dict) -> str:
         lines.append(f"batch {r['batch']}: backbone median {1e3 * r['backbone_s']:.1f} ms; stock qkv "
                      f"{1e3 * bud['stock']['median_s']:.3f} ms (GEMM rate {f['gemm_macs_per_s'] / 1e9:.1f} GMAC/s)")
         lines.append(f"  floor per block: compute {us * f['compute_s']:.1f} us ({f['extra_macs'] / 1e6:.2f}M MACs), "
-                     f"memory {us * f['memory_s']:.1f} us ({(f['bytes']['banks'] + f['bytes']['keys']) / 1e6:.2f} MB)"
+                     f"memory {us * f['memory_s']:.1f} us ({(f['bytes']['banks'] + f['bytes']['keys']) / 1e6:.2f} MB "
+                     f"at {f['dram_bytes_per_s'] / 1e9:.1f} GB/s"
+                     f"{', in the timed rounds' if f.get('bandwidth_source') else ''})"
                      f" -> {us * f['per_block_s']:.1f} us ({f['bound']}-bound), x{rec['n_blocks']} = "
                      f"{f['percent']:.3f}% of the backbone")
         scale = 100.0 * rec["n_blocks"] / r["backbone_s"]
@@ -347,7 +377,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             cache = ColdCache(lambda r=resid: norm1(r), evict=not a.warm)
         bud = time_budget(proj, cache, budget_s=a.budget)
         floor = measure_floor(proj, cache.x, n_blocks=variants.n_blocks, backbone_s=backbone_s,
-                              stock_s=bud["stock"]["median_s"], bandwidth=bandwidth)
+                              stock_s=bud["stock"]["median_s"], bandwidth=cache.read_bandwidth() or bandwidth)
         batches.append({"batch": batch, "backbone_s": backbone_s, "floor": floor, "budget": bud})
     rec = {"kind": "budget", "model": cfg.model, "rank": cfg.rank, "slots": cfg.slots,
            "bank_dtype": cfg.bank_dtype or None, "n_blocks": variants.n_blocks,

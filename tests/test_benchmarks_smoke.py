@@ -136,6 +136,9 @@ def test_a_whole_run_leads_with_what_a_user_pays(tmp_path):
     assert res["module"]["pairs"] >= 20 and res["end_to_end_headline"]["rounds"] >= 3
     assert set(res["end_to_end"]["variants"]) >= {"backbone", "fused", "reference", "eager"}
     assert res["floor"]["bound"] in ("memory", "compute") and res["floor"]["percent"] > 0
+    # The floor's bandwidth is the module pairs' own eviction reads; the start-of-run one beside it.
+    assert res["floor"]["bandwidth_source"] == "the eviction reads of the timed rounds"
+    assert res["floor"]["dram_bytes_per_s_at_start"] > 0
     assert {v["status"] for v in res["verdicts"]} <= {"met", "not met"}  # enough pairs for the tiny minimums
     assert set(res["budget"]["parts"]) >= {"python_layer", "retrieval", "mixing", "shrink_expand"}
     # The table leads with the headline and stamps commit, date, CPU and ISA.
@@ -154,6 +157,22 @@ def test_a_whole_run_leads_with_what_a_user_pays(tmp_path):
     written = plots.write_plots(tmp_path)
     assert {p.name for p in written} == {"latency_overhead_vs_batch.png", "latency_overhead_vs_slots.png"}
     assert all(p.stat().st_size > 0 for p in written)
+
+
+def test_cold_cache_reads_give_the_bandwidth_of_the_timed_rounds(monkeypatch):
+    from benchmarks import budget
+
+    monkeypatch.setattr(budget, "last_level_cache_bytes", lambda: 1 << 20)
+    cache = budget.ColdCache(lambda: torch.ones(3))
+    assert cache.read_bandwidth() is None  # no reads yet
+    times = [cache.timer(lambda: None) for _ in range(5)]
+    assert len(times) == 5 and len(cache.read_seconds) == 5
+    bw = cache.read_bandwidth()
+    assert bw["buffer_bytes"] == 2 << 20 and bw["reads"] == 5
+    assert bw["lo"] <= bw["bytes_per_s"] <= bw["hi"]
+    assert budget.ColdCache(lambda: torch.ones(3), evict=False).read_bandwidth() is None
+    # The start-of-run read is of at least four times the last-level cache.
+    assert budget.dram_read_bandwidth(mib=1, repeats=3)["buffer_bytes"] == 4 << 20
 
 
 def test_no_verdict_from_too_few_pairs(tmp_path):
