@@ -18,10 +18,11 @@ that names the variable, the value and the allowed values, raised wherever the v
                        ``torch.ops.mira._cpu_isa_info()`` returns [active, supported...].
 ``MIRA_CPU_STREAM``    store choice of the C++ CPU kernel's seeding passes (the output written before
                        the beta = 1 GEMM): ``auto`` (default: streaming stores when the output exceeds
-                       the threads' L2 caches and 2 MiB and its pages are resident), off (ordinary stores) or
-                       on (streaming); the values are the same bits either way. Read by the kernel
-                       at every call (``csrc/env.h``); ``torch.ops.mira._cpu_streams_into(out)``
-                       gives the choice.
+                       the threads' L2 caches, 2 MiB and a quarter of the last-level cache, and its
+                       pages are resident), off (ordinary stores) or on (streaming); the values are
+                       the same bits either way. Read by the kernel at every call (``csrc/env.h``);
+                       ``torch.ops.mira._cpu_streams_into(out)`` gives the choice,
+                       ``torch.ops.mira._cpu_stream_threshold_bytes()`` the size rule.
 ``MIRA_BUILD_CUDA``    build time (``setup.py``): ``auto`` (default), on (require the CUDA part) or
                        off (skip it).
 ``MIRA_SANITIZE``      build time (``setup.py``): on builds the C++ CPU kernel with AddressSanitizer and

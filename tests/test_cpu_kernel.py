@@ -7,6 +7,8 @@ small absolute floor; at float64 it matches to ~1e-10 relative.
 
 from __future__ import annotations
 
+import glob
+
 import pytest
 import torch
 
@@ -363,16 +365,30 @@ def test_streaming_stores_give_the_same_bits(isa, monkeypatch, dtype, shape):
         assert torch.equal(results["1"][0], torch.nn.functional.linear(inp.x, inp.weight, inp.bias))
 
 
+def _last_level_cache_bytes() -> int:
+    """The largest cache size sysfs lists (0 where it lists none)."""
+    sizes = []
+    for path in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
+        text = open(path).read().strip()
+        sizes.append(int(text[:-1]) << {"K": 10, "M": 20, "G": 30}[text[-1]] if text[-1] in "KMG" else int(text))
+    return max(sizes, default=0)
+
+
 def test_streaming_choice_follows_size_and_residency(monkeypatch):
     monkeypatch.delenv("MIRA_CPU_STREAM", raising=False)
     streams = torch.ops.mira._cpu_streams_into
     assert not streams(torch.zeros(1024))  # fits in cache: ordinary stores
-    # 64 MiB: glibc maps a block this size afresh, so its pages have not been touched yet
+    # The threshold: the threads' L2 caches, 2 MiB, and a quarter of the last-level cache.
+    threshold = torch.ops.mira._cpu_stream_threshold_bytes()
+    assert threshold >= max(2 << 20, _last_level_cache_bytes() // 4)
+    # Over 32 MiB: glibc maps a block this size afresh, so its pages have not been touched yet
     # (streaming into pages the kernel has just zeroed through the cache loses, see the kernel).
-    fresh = torch.empty(16 << 20)
+    fresh = torch.empty(max(threshold, 32 << 20) // 4 + 1024)
     assert not streams(fresh)
-    fresh.fill_(1.0)  # now resident, and far larger than the L2 caches
+    fresh.fill_(1.0)  # now resident, and larger than the threshold
     assert streams(fresh)
+    at_threshold = torch.ones(threshold // 4)  # resident, but small enough to stay in cache
+    assert not streams(at_threshold)
     monkeypatch.setenv("MIRA_CPU_STREAM", "0")
     assert not streams(fresh)
     monkeypatch.setenv("MIRA_CPU_STREAM", "1")

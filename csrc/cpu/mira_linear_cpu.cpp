@@ -34,7 +34,8 @@
 // call; see kStreamMinBytes), and freshly mapped pages (B >= 24: glibc maps blocks over 32 MiB anew
 // on every allocation, the first touch of each page faults, the kernel zeroes it through the cache,
 // and a streaming store to a cached line costs more than a plain one: +1.6%). So the pass streams
-// only when the output exceeds both (threads x L2) and 2 MiB and its pages are resident (mincore); the stored
+// only when the output exceeds (threads x L2), 2 MiB and a quarter of the last-level cache (a 300 MiB
+// L3 keeps a 14.5 MB output for the GEMM; see kStreamLlcShare) and its pages are resident (mincore); the stored
 // values are the same either way. Only a pass that writes each element once streams (an expand
 // over more than one register block of coefficients re-reads its output between blocks: kernels.h,
 // axpy_block_nt), so the backward's dx seeding pass (K = S*r) streams under the same rule only
@@ -75,6 +76,7 @@
 #include <cctype>
 #include <chrono>
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <string>
 #include <string_view>
@@ -194,6 +196,41 @@ bool pages_resident(const void* p, int64_t bytes) {
   return true;
 }
 
+// Size of the largest cache level, from sysfs (under KVM glibc's sysconf can report a bogus or no
+// L3: on the Xeon below it reports none), else sysconf's L3, else 0 (unknown).
+int64_t last_level_cache_bytes() {
+  static const int64_t bytes = [] {
+    int64_t best = 0;
+    for (int index = 0; index < 8; ++index) {
+      const std::string path = "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(index) + "/size";
+      FILE* f = std::fopen(path.c_str(), "r");
+      if (!f) continue;
+      long long v = 0;
+      char unit = 0;
+      const int got = std::fscanf(f, "%lld%c", &v, &unit);
+      std::fclose(f);
+      if (got < 1 || v <= 0) continue;
+      const int64_t scale = unit == 'K' ? 1 << 10 : unit == 'M' ? 1 << 20 : unit == 'G' ? 1 << 30 : 1;
+      best = std::max(best, int64_t(v) * scale);
+    }
+    if (best == 0) {
+      const long v = sysconf(_SC_LEVEL3_CACHE_SIZE);
+      best = v > 0 ? int64_t(v) : 0;
+    }
+    return best;
+  }();
+  return bytes;
+}
+
+// An output up to this share of the last-level cache stays there until the GEMM reads it back
+// (beside the GEMM's own x and weights), so ordinary stores win: a ViT-B/16 qkv output at B = 8,
+// 14.5 MB, is 45% of a Zen 5 / Zen 3 CCD's 32 MiB L3, where streaming won (+1.40% -> +0.92%, see
+// above), and 5% of a 2-core Xeon VM's 300 MiB L3 (GenuineIntel family 6 model 207), where
+// streaming lost: module over nn.Linear, cold caches, 120 interleaved rounds in one process,
+// +652 us per call streaming against +109 us with ordinary stores (the GEMM then reads the
+// streamed output back from DRAM, ~30 GB/s there, instead of from the L3).
+constexpr int64_t kStreamLlcShare = 4;  // stream only above LLC / 4
+
 // Outputs up to this size stay cached until the GEMM reads them back, on every machine measured
 // (the last-level caches there are 32 MiB): a ViT-B/16 qkv output at B = 1, 1.7 MiB, lost with
 // streaming stores on the Zen 5 (2 x 1 MiB L2: +0.27%) and on a 2-core Zen 3 (2 x 512 KiB L2, where
@@ -201,6 +238,13 @@ bool pages_resident(const void* p, int64_t bytes) {
 // [284, 381] per call against 234 us [190, 289] with ordinary stores); at B = 2 (3.5 MiB) streaming
 // won on the Zen 5.
 constexpr int64_t kStreamMinBytes = int64_t(2) << 20;
+
+// The seeding pass streams an output (pages resident) larger than this many bytes: one that would
+// not stay in the threads' L2 caches, nor in a quarter of the last-level cache.
+int64_t stream_threshold_bytes() {
+  return std::max({at::get_num_threads() * l2_cache_bytes(), kStreamMinBytes,
+                   last_level_cache_bytes() / kStreamLlcShare});
+}
 
 // The one place MIRA_CPU_STREAM is read (documented in mira_kernels/_config.py, parsed by csrc/env.h).
 std::string stream_mode() { return mira::env_choice("MIRA_CPU_STREAM", "auto", {"auto", "1", "0"}); }
@@ -211,8 +255,7 @@ bool stream_seeding(const at::Tensor& out) {
   if (want == "1") return true;
   if (!MIRA_CPU_X86) return false;  // no streaming stores there: the portable kernel's are ordinary
   const int64_t bytes = out.nbytes();
-  return bytes > std::max(at::get_num_threads() * l2_cache_bytes(), kStreamMinBytes) &&
-         pages_resident(out.const_data_ptr(), bytes);
+  return bytes > stream_threshold_bytes() && pages_resident(out.const_data_ptr(), bytes);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1121,6 +1164,7 @@ TORCH_LIBRARY_FRAGMENT(mira, m) {
   m.def("_cpu_isa_info() -> str[]", &mira_cpu::isa_info);
   // Whether a seeding pass into `out` would use streaming stores (the rule in the file comment).
   m.def("_cpu_streams_into(Tensor out) -> bool", &mira_cpu::stream_seeding);
+  m.def("_cpu_stream_threshold_bytes() -> int", &mira_cpu::stream_threshold_bytes);
   // The forward's phase clock (benchmarks/budget.py): on/off for the calling thread, and the last
   // forward's seconds per phase there.
   m.def("_cpu_phase_clock(bool on) -> ()", &mira_cpu::set_phase_clock);
