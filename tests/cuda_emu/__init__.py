@@ -203,12 +203,15 @@ def _memory(query, keys, bank_a, bank_b, ct):
 
 
 def run_forward(binary, x, weight, bias, query, keys, bank_a, bank_b, *, slice_offsets, separation="affine",
-                scale=1.0, eps=reference.DEFAULT_EPS, out=None, smem_budget=SMEM_BUDGET) -> EmuRun:
+                scale=1.0, eps=reference.DEFAULT_EPS, out=None, smem_budget=SMEM_BUDGET, base=None) -> EmuRun:
     """The CUDA backend's mira_linear, emulated: y = F.linear (as at::linear) then the adapter kernels in place.
 
     ``out``: optional (B, T, d_out) view (any strides and storage offset) to receive y, as mira_adapter_'s out.
+    ``base``: the base GEMM's result to use instead of computing it. A test of the kernels' own bits passes rows
+    of one batched GEMM: the host BLAS is not batch invariant (its kernel, and so whether it fuses the bias add
+    into an FMA, can depend on the row count and the CPU), and those bits are not the kernels' to keep.
     """
-    base = F.linear(x, weight, bias)
+    base = F.linear(x, weight, bias) if base is None else base
     if out is None:
         out = base.clone()
     else:
