@@ -692,6 +692,14 @@ int64_t mix_lines(const Shapes& s) { return (s.SR * (s.d_in + s.d_s) + kMixLine 
 // would overlap its arithmetic. Retrieval + mixing + seeding: 161-249 us against 149-153 us for
 // this layout; the prefetches stalled the shrink (17.6 -> 45.5 us: the misses they queue fill the
 // core's miss buffers) and without them the split only moved the same work between the phases.
+// And on a 2-vCPU Xeon (family 6 model 207, AVX-512; benchmarks.budget, B = 1, 3 runs alternated with
+// the unchanged build, 2026-12-06): the other threads, instead of scoring too, claimed 2 KiB column
+// chunks from one counter and prefetched them into L2 (they held 5-6 of 24, ~370 KB, when the weights
+// were published ~18 us in), then everyone mixed the rest by claims. Retrieval + mixing: 70.7-74.2 us
+// against 74.5-77.1 with guided claims, and 69.3-75.5 against 67.6-74.3 with claims from both ends;
+// the scoring thread's phase rose by 2-4 us (its key reads now share the memory with the prefetches),
+// and the mixing after it, ~21 GB/s, is bound by what one core draws from L3 or DRAM (~16-27 GB/s
+// here), not by the bytes left. No gain beyond the machine's drift between runs.
 template <typename T>
 void prepare_memory(const IsaTable& isa, const Shapes& s, const at::Tensor& query, const at::Tensor& keys,
                     const at::Tensor& bank_a, const at::Tensor& bank_b, Sep sep, double scale, double eps,
