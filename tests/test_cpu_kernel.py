@@ -221,6 +221,30 @@ def test_adapter_bitwise_equal_at_any_thread_count():
     assert torch.equal(outs[0], outs[1])
 
 
+@pytest.mark.parametrize(("dtype", "bank_dtype"), [(torch.float32, None), (torch.float64, None),
+                                                   (torch.float32, torch.bfloat16), (torch.float32, torch.float16)])
+def test_each_sample_of_a_batch_is_its_batch_of_one_bit_for_bit(isa, dtype, bank_dtype):
+    # From two samples on, the mixing keeps every slot's term in registers for several samples at
+    # once (mix_block); one sample takes axpy_block's tiles. Both are the same FMA chain per element,
+    # so a sample's adapter must not depend on the batch it came in: B covers the row blocks of both
+    # register widths (2 AJ, AJ, a pair, a single row), and F = S r (d_in + d_s) = 402 a scalar tail.
+    for B in (2, 3, 9, 11):
+        inp = make_inputs(B=B, T=3, d_in=37, d_out=70, N=7, S=2, r=3, d_s=30, offsets=[40, 0], dtype=dtype, seed=B)
+        if bank_dtype is not None:
+            inp.bank_a, inp.bank_b = inp.bank_a.to(bank_dtype), inp.bank_b.to(bank_dtype)
+        batch = torch.zeros(B, 3, 70, dtype=dtype)
+        torch.ops.mira._cpu_mira_adapter_(batch, *inp.adapter_args(), inp.slice_offsets, "affine", 1.0, EPS)
+        assert batch.abs().sum() > 0
+        for b in range(B):
+            one = make_inputs(B=B, T=3, d_in=37, d_out=70, N=7, S=2, r=3, d_s=30, offsets=[40, 0], dtype=dtype,
+                              seed=B)
+            one.bank_a, one.bank_b = inp.bank_a, inp.bank_b
+            one.x, one.query = inp.x[b : b + 1].clone(), inp.query[b : b + 1].clone()
+            alone = torch.zeros(1, 3, 70, dtype=dtype)
+            torch.ops.mira._cpu_mira_adapter_(alone, *one.adapter_args(), one.slice_offsets, "affine", 1.0, EPS)
+            assert torch.equal(batch[b : b + 1], alone), (B, b)
+
+
 def test_seeding_pass_is_bias_plus_adapter_at_any_thread_count():
     # The forward's seeding pass writes bias + adapter into every row (slices in any order, bias in
     # the columns between them), the threads splitting the rows evenly, so a split can fall inside

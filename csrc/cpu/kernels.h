@@ -65,6 +65,15 @@ struct Kernels {
                           int64_t ldv, T* C, int64_t ldc, const T* init, bool accumulate);
   void (*axpy_block_f16)(int64_t J, int64_t K, int64_t n, const T* coef, int64_t csj, int64_t csk, const F16* V,
                          int64_t ldv, T* C, int64_t ldc, const T* init, bool accumulate);
+  // axpy_block's result, bit for bit, with every k kept in registers (C stored once per element, not
+  // once per AK coefficients), V in T, bfloat16 or binary16 (the 16-bit ones float-only, as above).
+  // For the mixing's several rows of C (J >= 2: the batch) over its N slots.
+  void (*mix_block)(int64_t J, int64_t K, int64_t n, const T* coef, int64_t csj, int64_t csk, const T* V,
+                    int64_t ldv, T* C, int64_t ldc, const T* init, bool accumulate);
+  void (*mix_block_bf16)(int64_t J, int64_t K, int64_t n, const T* coef, int64_t csj, int64_t csk, const Bf16* V,
+                         int64_t ldv, T* C, int64_t ldc, const T* init, bool accumulate);
+  void (*mix_block_f16)(int64_t J, int64_t K, int64_t n, const T* coef, int64_t csj, int64_t csk, const F16* V,
+                        int64_t ldv, T* C, int64_t ldc, const T* init, bool accumulate);
   // The retrieval's sums over one float32 key row k (n values, each widened exactly to T on load):
   // returns sum_i q[i] k[i] and stores sum_i k[i]^2 in *sq (unless sq is null), both in T, in one
   // pass with several accumulators per sum (a fixed order: the same inputs give the same bits).

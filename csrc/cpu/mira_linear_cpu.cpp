@@ -586,20 +586,30 @@ BankOperand bank_operand(const at::Tensor& bank) {
   return {as_contiguous(bank, ct), ct};
 }
 
+// From this many rows of C (the batch) on, the mixing keeps every slot's term in registers
+// (mix_block); below, it takes axpy_block's AK-slot tiles, whose AK concurrent row streams the
+// hardware prefetchers follow better when the banks come from DRAM and nothing else is to be saved.
+constexpr int64_t kMixResidentRows = 2;
+
 // C[j, :] = sum_k coef[j, k] V[k, :] (axpy_block) with V the bank's elements from `offset` on.
 template <typename T>
 void mix_rows(const Kernels<T>& K, const BankOperand& bank, int64_t offset, int64_t J, int64_t Kn, int64_t n,
               const T* coef, int64_t csj, int64_t csk, int64_t ldv, T* C, int64_t ldc) {
   const void* base = bank.t.const_data_ptr();
+  const bool resident = J >= kMixResidentRows;
   switch (bank.dt) {
     case at::kBFloat16:
-      K.axpy_block_bf16(J, Kn, n, coef, csj, csk, static_cast<const Bf16*>(base) + offset, ldv, C, ldc, nullptr, false);
+      (resident ? K.mix_block_bf16 : K.axpy_block_bf16)(J, Kn, n, coef, csj, csk,
+                                                         static_cast<const Bf16*>(base) + offset, ldv, C, ldc, nullptr,
+                                                         false);
       break;
     case at::kHalf:
-      K.axpy_block_f16(J, Kn, n, coef, csj, csk, static_cast<const F16*>(base) + offset, ldv, C, ldc, nullptr, false);
+      (resident ? K.mix_block_f16 : K.axpy_block_f16)(J, Kn, n, coef, csj, csk, static_cast<const F16*>(base) + offset,
+                                                       ldv, C, ldc, nullptr, false);
       break;
     default:
-      K.axpy_block(J, Kn, n, coef, csj, csk, static_cast<const T*>(base) + offset, ldv, C, ldc, nullptr, false);
+      (resident ? K.mix_block : K.axpy_block)(J, Kn, n, coef, csj, csk, static_cast<const T*>(base) + offset, ldv, C,
+                                              ldc, nullptr, false);
   }
 }
 
