@@ -491,6 +491,9 @@ std::pair<double, double> exact_norm(const Kernels<double>& K, double* u, int64_
 // dot sums with four accumulators each, where dot_block's single chain per sum was latency-bound and
 // ran twice per key after a scalar conversion): retrieval phase 19.0-19.4 -> 12.9-13.5 us cold and
 // 14.8-15.4 -> 6.7-9.0 us warm (benchmarks.budget, B = 1, runs alternated with the previous build).
+// Raising the threshold to 2^18 (B = 8 scored inside the mixing's region, on every thread) measured no
+// better on a 2-vCPU Xeon (family 6 model 207, B = 8, caches evicted, 3 alternated runs, 2026-12-06):
+// retrieval + mixing 105.7-116.3 us against 107.6-121.7.
 constexpr int64_t kKeyGrain = 8, kSerialScoreMacs = int64_t(1) << 16;
 
 template <typename T>
