@@ -592,6 +592,8 @@ BankOperand bank_operand(const at::Tensor& bank) {
 // From this many rows of C (the batch) on, the mixing keeps every slot's term in registers
 // (mix_block); below, it takes axpy_block's AK-slot tiles, whose AK concurrent row streams the
 // hardware prefetchers follow better when the banks come from DRAM and nothing else is to be saved.
+// (mix_block at B = 1, with its prefetches, measured the same: mixing 36.3-41.0 us against 38.3-39.0,
+// Xeon family 6 model 207, caches evicted, 3 alternated runs.)
 constexpr int64_t kMixResidentRows = 2;
 
 // C[j, :] = sum_k coef[j, k] V[k, :] (axpy_block) with V the bank's elements from `offset` on.
