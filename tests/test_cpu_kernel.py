@@ -7,7 +7,7 @@ small absolute floor; at float64 it matches to ~1e-10 relative.
 
 from __future__ import annotations
 
-import glob
+import dataclasses
 
 import pytest
 import torch
@@ -236,10 +236,7 @@ def test_each_sample_of_a_batch_is_its_batch_of_one_bit_for_bit(isa, dtype, bank
         torch.ops.mira._cpu_mira_adapter_(batch, *inp.adapter_args(), inp.slice_offsets, "affine", 1.0, EPS)
         assert batch.abs().sum() > 0
         for b in range(B):
-            one = make_inputs(B=B, T=3, d_in=37, d_out=70, N=7, S=2, r=3, d_s=30, offsets=[40, 0], dtype=dtype,
-                              seed=B)
-            one.bank_a, one.bank_b = inp.bank_a, inp.bank_b
-            one.x, one.query = inp.x[b : b + 1].clone(), inp.query[b : b + 1].clone()
+            one = dataclasses.replace(inp, x=inp.x[b : b + 1].clone(), query=inp.query[b : b + 1].clone())
             alone = torch.zeros(1, 3, 70, dtype=dtype)
             torch.ops.mira._cpu_mira_adapter_(alone, *one.adapter_args(), one.slice_offsets, "affine", 1.0, EPS)
             assert torch.equal(batch[b : b + 1], alone), (B, b)
@@ -389,22 +386,15 @@ def test_streaming_stores_give_the_same_bits(isa, monkeypatch, dtype, shape):
         assert torch.equal(results["1"][0], torch.nn.functional.linear(inp.x, inp.weight, inp.bias))
 
 
-def _last_level_cache_bytes() -> int:
-    """The largest cache size sysfs lists (0 where it lists none)."""
-    sizes = []
-    for path in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
-        text = open(path).read().strip()
-        sizes.append(int(text[:-1]) << {"K": 10, "M": 20, "G": 30}[text[-1]] if text[-1] in "KMG" else int(text))
-    return max(sizes, default=0)
-
-
 def test_streaming_choice_follows_size_and_residency(monkeypatch):
     monkeypatch.delenv("MIRA_CPU_STREAM", raising=False)
     streams = torch.ops.mira._cpu_streams_into
     assert not streams(torch.zeros(1024))  # fits in cache: ordinary stores
     # The threshold: the threads' L2 caches, 2 MiB, and a quarter of the last-level cache.
+    from benchmarks.budget import last_level_cache_bytes
+
     threshold = torch.ops.mira._cpu_stream_threshold_bytes()
-    assert threshold >= max(2 << 20, _last_level_cache_bytes() // 4)
+    assert threshold >= max(2 << 20, last_level_cache_bytes() // 4)
     # Over 32 MiB: glibc maps a block this size afresh, so its pages have not been touched yet
     # (streaming into pages the kernel has just zeroed through the cache loses, see the kernel).
     fresh = torch.empty(max(threshold, 32 << 20) // 4 + 1024)
