@@ -760,8 +760,18 @@ void prepare_memory(const IsaTable& isa, const Shapes& s, const at::Tensor& quer
 //    (with two rows per sweep the AVX-512 expand ran two one-row tiles): single-threaded on a Zen 4
 //    (batch 1, 12 blocks cycled, cold output) the pass's time over the bias-only pass went from
 //    141 us to 91 us; one row per sweep, the stores one stream but B_b reloaded for every row,
-//    was slower than either.
-// Every element is still the same ordered FMA chain (axpy_block), so the values are unchanged.
+//    was slower than either;
+//  - the shrink of a sweep's rows right before their stores, not of the whole block up front: the
+//    output's stores are the pass's bottleneck (each line a read-for-ownership from L3 or DRAM), and
+//    a 4-row shrink (~800 cycles of FMAs and x reads) runs while the store buffer still drains the
+//    previous sweep, where a 16-row one left the stores idle for most of its ~3000 cycles. Measured
+//    on a 2-vCPU Xeon (family 6 model 207, AVX-512; ViT-B/16 qkv, N = 30, caches evicted, both forms
+//    interleaved call by call in one process, 100 rounds, the seeding pass over the bias-only one,
+//    paired medians, 2026-12-06): B = 8: 281 / 174 -> 213 / 132 us in two runs; B = 1: 6.0 -> 3.6 us.
+//    (Software prefetches of the next sweeps' x rows measured worse: 134-159 us against 115; the
+//    shrink of every row in a pass of its own, before the stores, took 284 us alone with x coming
+//    from L3, while the expand pass after it cost nothing over the bias-only one.)
+// Every element is still the same ordered FMA chain (dot_block, axpy_block), so the values are unchanged.
 template <typename T>
 void apply_rows(const Kernels<T>& K, const Shapes& s, const Memory<T>& m, const T* x, T* y, int64_t d_out,
                 const T* bias, bool accumulate, bool stream) {
@@ -797,9 +807,9 @@ void apply_rows(const Kernels<T>& K, const Shapes& s, const Memory<T>& m, const 
       T* yr = y + row * d_out;
       const T* A = m.A + b * Fa;
       const T* Bt = m.Bt + b * Fb;
-      K.dot_block(rows, s.SR, s.d_in, xr, s.d_in, A, s.d_in, h.data(), s.SR, T(1));  // shrink
       for (int64_t t = 0; t < rows; t += kRowsPerSweep) {
         const int64_t n = std::min(kRowsPerSweep, rows - t);
+        K.dot_block(n, s.SR, s.d_in, xr + t * s.d_in, s.d_in, A, s.d_in, h.data() + t * s.SR, s.SR, T(1));  // shrink
         T* yt = yr + t * d_out;
         for (const Segment& g : segments) {
           if (g.slice >= 0) {  // expand: (bias or y or 0) + h_slice B_slice^T
