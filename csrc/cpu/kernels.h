@@ -74,11 +74,13 @@ struct Kernels {
                          int64_t ldv, T* C, int64_t ldc, const T* init, bool accumulate);
   void (*mix_block_f16)(int64_t J, int64_t K, int64_t n, const T* coef, int64_t csj, int64_t csk, const F16* V,
                         int64_t ldv, T* C, int64_t ldc, const T* init, bool accumulate);
-  // The retrieval's sums over one float32 key row k (n values, each widened exactly to T on load):
-  // returns sum_i q[i] k[i] and stores sum_i k[i]^2 in *sq (unless sq is null), both in T, in one
-  // pass with several accumulators per sum (a fixed order: the same inputs give the same bits).
-  // Only for T = double (nullptr in the float table: the cosines are computed in double).
-  T (*key_dot_f32)(int64_t n, const T* q, const float* k, T* sq);
+  // The retrieval's sums over one float32 key row k (n values, each widened exactly to T on load),
+  // for nq >= 1 query rows q (row j at q + j * ldq): out[j * ldo] = sum_i q_j[i] k[i], and
+  // *sq = sum_i k[i]^2 (unless sq is null), all in T, in one pass over k with several accumulators
+  // per sum. A fixed order per sum: the same key and query give the same bits whatever nq and the
+  // query's place among them. Only for T = double (nullptr in the float table: the cosines are
+  // computed in double).
+  void (*key_dots_f32)(int64_t nq, int64_t n, const T* q, int64_t ldq, const float* k, T* out, int64_t ldo, T* sq);
 };
 
 struct IsaTable {

@@ -491,6 +491,12 @@ std::pair<double, double> exact_norm(const Kernels<double>& K, double* u, int64_
 // dot sums with four accumulators each, where dot_block's single chain per sum was latency-bound and
 // ran twice per key after a scalar conversion): retrieval phase 19.0-19.4 -> 12.9-13.5 us cold and
 // 14.8-15.4 -> 6.7-9.0 us warm (benchmarks.budget, B = 1, runs alternated with the previous build).
+// Then all queries at once per key (key_dots_f32: the key widened and squared once, not per query):
+// Xeon family 6 model 207 (AVX-512), B = 8, caches evicted, 3 runs alternated with the previous
+// build, 2026-12-06: retrieval 44.5 / 51.4 / 44.0 -> 39.7 / 42.4 / 43.5 us. What is left there is
+// memory latency, not arithmetic (phase marks inside, same machine, B = 8 cold: scratch allocation
+// 4.5 us, query rows 4.7, their norms 1.9, the scoring region 19.5, separation 1.6); prefetching the
+// query rows or the keys at op entry, or a kept query buffer, moved that time between the parts.
 // Raising the threshold to 2^18 (B = 8 scored inside the mixing's region, on every thread) measured no
 // better on a 2-vCPU Xeon (family 6 model 207, B = 8, caches evicted, 3 alternated runs, 2026-12-06):
 // retrieval + mixing 105.7-116.3 us against 107.6-121.7.
@@ -509,7 +515,7 @@ void retrieve_in_double(const IsaTable& isa, const Shapes& s, const at::Tensor& 
     std::tie(q_norm[b], q_den[b]) = exact_norm(K, qb, s.d_k);
   }
   // float32 keys in rows of unit stride (the layers' keys): each key row is read once, as float32,
-  // and its square and dot sums run in one pass (key_dot_f32). A row whose square sum overflows
+  // and its square and dot sums run in one pass (key_dots_f32, all queries at once). A row whose square sum overflows
   // goes the exact way below (scaled first), as every other key layout does.
   const float* keys32 = keys.scalar_type() == at::kFloat && (keys.stride(1) == 1 || s.d_k <= 1) && s.B > 0
                             ? keys.const_data_ptr<float>()
@@ -520,8 +526,7 @@ void retrieve_in_double(const IsaTable& isa, const Shapes& s, const at::Tensor& 
       if (keys32) {
         const float* k = keys32 + n * keys.stride(0);
         double sq = 0;
-        for (int64_t b = 0; b < s.B; ++b)
-          dots[b * s.N + n] = K.key_dot_f32(s.d_k, q.data() + b * s.d_k, k, b == 0 ? &sq : nullptr);
+        K.key_dots_f32(s.B, s.d_k, q.data(), s.d_k, k, dots.data() + n, s.N, &sq);
         if (!std::isinf(sq)) {
           k_norm[n] = std::sqrt(sq);
           k_den[n] = std::max(k_norm[n], kNormEps);
