@@ -629,6 +629,11 @@ void mix_rows(const Kernels<T>& K, const BankOperand& bank, int64_t offset, int6
 // element with the index arithmetic, this transpose took ~6 us of one thread at ViT-B/16 shapes,
 // all of it on the thread that mixes bank_b's columns at batch 1; this form cut the mixing phase
 // from 76.5 / 75.8 to 69.2 / 73.3 us single-threaded (Zen 4, alternated runs, load ~3).
+// Tried (Xeon family 6 model 207, AVX-512, 2026-12-06): each run as one transpose that GCC 12
+// vectorizes (constant r, whole-vector loads and vpermt2ps). Mixing phase, alternated runs: B = 8
+// 85.9 / 83.3 / 81.1 -> 77.9 / 70.8 / 75.7 us cold, but B = 1 53-55 -> 58-59 us cold and 25-29 ->
+// 26-33 warm, and perf (B = 1, warm) put 4.3 us of CPU in the vector transpose against 1.2 us for
+// this loop inlined. Not kept: batch 1 is the tighter target.
 template <typename T>
 void write_bt(const Shapes& s, const T* t, int64_t f0, int64_t f1, T sc, T* Bt) {
   const int64_t group = s.r * s.d_s;
