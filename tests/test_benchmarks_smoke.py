@@ -20,7 +20,7 @@ import torch.nn as nn
 pytest.importorskip("timm")
 from timm.models.vision_transformer import VisionTransformer  # noqa: E402
 
-from benchmarks import _pairs, latency  # noqa: E402
+from benchmarks import _pairs, in_situ, latency  # noqa: E402
 from benchmarks.eager_mira import EagerMiraLinear  # noqa: E402
 from mira_kernels import reference  # noqa: E402
 
@@ -272,3 +272,20 @@ def test_e2e_interval_study_recovers_a_known_overhead(tmp_path, capsys):
     assert e2e_interval.main([str(path), "--target", "0.5"]) == 0
     out = capsys.readouterr().out
     assert "median of ratios" in out and "0.5 pp: ~" in out
+
+
+def test_in_situ_times_every_block_and_splits_the_op_by_phase():
+    record = in_situ.measure(batch=2, rounds=4, model=_tiny_vit())
+    assert record["blocks"] == 2 and record["rounds"] == 4
+    assert set(record["over_backbone_percent"]) == {"whole forward", "qkv calls, in place", "everything else",
+                                                    "empty-memory op's qkv calls"}
+    for iv in record["over_backbone_percent"].values():
+        assert iv["lo"] <= iv["median"] <= iv["hi"]
+    assert all(v > 0 for v in record["qkv_ms_per_forward"].values())
+    # MIRA's op scores and mixes, the empty-memory op does neither (the CPU backend's phase clock).
+    phases = record["phases_us_per_call"]
+    assert phases["fused"]["retrieval"] > 0 and phases["fused"]["mixing"] > 0
+    assert phases["empty"]["retrieval"] == 0 and phases["empty"]["mixing"] == 0
+    assert set(record["phase_difference_us_per_call"]) == set(in_situ.PHASES)
+    with pytest.raises(ValueError, match="at least 3"):
+        in_situ.measure(rounds=2, model=_tiny_vit())

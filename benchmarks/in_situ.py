@@ -1,0 +1,178 @@
+"""What each MIRA projection costs where it really runs, inside the network: a diagnostic of the
+module-level figure.
+
+``make bench``'s module-level figure times one projection over its stock ``nn.Linear`` with the
+caches evicted before each call (``benchmarks.budget.ColdCache``), a model of the state a projection
+meets in a network. This tool checks that model against the network itself. It times interleaved
+forwards of three variants that share the backbone's weights: the stock backbone, the backbone on
+MIRA's op with an empty memory (the op's base path), and the MIRA model. Every block's qkv call is
+wrapped in a timer, and on the CPU backend the op's phase clock is read after each call. It prints:
+
+- the whole forward, the qkv calls (all blocks, in place) and everything else, each as the median
+  per-round difference over the backbone's forward, with its 95% interval;
+- MIRA's qkv calls over the empty-memory op's, in us per block, and that difference split by the op's
+  phases (entry, retrieval, mixing, seeding pass, GEMM).
+
+``python -m benchmarks.in_situ [--batch 1] [--rounds 200] [--threads 2] [--json PATH]``
+Writes nothing unless ``--json`` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import random
+import statistics
+import time
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from benchmarks import _pairs, latency
+
+__all__ = ["PHASES", "measure", "main"]
+
+PHASES = ("entry", "retrieval", "mixing", "seeding", "gemm")  # torch.ops.mira._cpu_last_phases()' order
+VARIANTS = ("backbone", "empty", "fused")  # stock; MIRA's op, empty memory; MIRA
+
+
+class _TimedCall(nn.Module):
+    """Wraps a block's qkv: the wall time of each call, and the op's phases when it has them."""
+
+    def __init__(self, inner: nn.Module, times: list, phases: list | None) -> None:
+        super().__init__()
+        self.inner = inner
+        self.times = times
+        self.phases = phases
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t0 = time.perf_counter()
+        y = self.inner(x)
+        self.times.append(time.perf_counter() - t0)
+        if self.phases is not None:
+            self.phases.append(list(torch.ops.mira._cpu_last_phases()))
+        return y
+
+
+def _interval(values: list[float], scale: float = 1.0) -> dict:
+    med, lo, hi = _pairs.median_ci(values)
+    return {"median": med * scale, "lo": lo * scale, "hi": hi * scale}
+
+
+def measure(batch: int = 1, rounds: int = 200, *, model: nn.Module | None = None, seed: int = 0) -> dict:
+    """Interleaved forwards of the three variants at ``batch`` (``model``: a timm ViT in place of the
+    benchmark's; tests pass a tiny one). Returns the record that :func:`report` prints."""
+    if rounds < 3:
+        raise ValueError(f"in_situ: rounds must be at least 3 for an interval, got {rounds}")
+    cfg = dataclasses.replace(latency.parse_args([]), gemm_backbone=True, seed=seed)
+    variants = latency.build_variants(cfg, model=model)
+    models = {"backbone": variants.backbone, "empty": variants.gemm_backbone, "fused": variants.mira}
+    phase_clock = variants.backend == "cpu" and hasattr(torch.ops.mira, "_cpu_last_phases")
+    calls = {name: [] for name in VARIANTS}
+    phases: dict[str, list | None] = {name: ([] if phase_clock and name != "backbone" else None) for name in VARIANTS}
+    for name, m in models.items():
+        for block in m.blocks:
+            block.attn.qkv = _TimedCall(block.attn.qkv, calls[name], phases[name])
+    x = latency.images(variants, batch, seed)
+    total = {name: [] for name in VARIANTS}
+    qkv = {name: [] for name in VARIANTS}
+    per_call: dict[str, list] = {name: [] for name in VARIANTS if phases[name] is not None}
+    order = random.Random(seed)
+    if phase_clock:
+        torch.ops.mira._cpu_phase_clock(True)
+    try:
+        with torch.inference_mode():
+            for m in models.values():  # warm-up: plans, allocator, lazy initialisation
+                m(x)
+                m(x)
+            for _ in range(rounds):
+                for name in order.sample(VARIANTS, len(VARIANTS)):
+                    calls[name].clear()
+                    if phases[name] is not None:
+                        phases[name].clear()
+                    t0 = time.perf_counter()
+                    models[name](x)
+                    total[name].append(time.perf_counter() - t0)
+                    qkv[name].append(sum(calls[name]))
+                    if phases[name] is not None:
+                        per_call[name].append([statistics.median(p[i] for p in phases[name])
+                                               for i in range(len(PHASES))])
+    finally:
+        if phase_clock:
+            torch.ops.mira._cpu_phase_clock(False)
+    n_blocks = variants.n_blocks
+    base = total["backbone"]
+    record: dict = {
+        "batch": batch, "rounds": rounds, "blocks": n_blocks, "backend": variants.backend,
+        "backbone_ms": statistics.median(base) * 1e3,
+        "qkv_ms_per_forward": {name: statistics.median(qkv[name]) * 1e3 for name in VARIANTS},
+        "over_backbone_percent": {
+            "whole forward": _interval([a / b - 1 for a, b in zip(total["fused"], base)], 100),
+            "qkv calls, in place": _interval([(a - b) / c for a, b, c in zip(qkv["fused"], qkv["backbone"], base)],
+                                             100),
+            "everything else": _interval([((ta - qa) - (tb - qb)) / tb for ta, qa, tb, qb in
+                                          zip(total["fused"], qkv["fused"], base, qkv["backbone"])], 100),
+            "empty-memory op's qkv calls": _interval([(a - b) / c for a, b, c in
+                                                      zip(qkv["empty"], qkv["backbone"], base)], 100),
+        },
+        "fused_over_empty_us_per_block": _interval([(a - b) / n_blocks for a, b in zip(qkv["fused"], qkv["empty"])],
+                                                   1e6),
+    }
+    if per_call:
+        record["phases_us_per_call"] = {
+            name: {p: statistics.median(r[i] for r in per_call[name]) * 1e6 for i, p in enumerate(PHASES)}
+            for name in per_call}
+        record["phase_difference_us_per_call"] = {
+            p: _interval([a[i] - b[i] for a, b in zip(per_call["fused"], per_call["empty"])], 1e6)
+            for i, p in enumerate(PHASES)}
+    return record
+
+
+def report(record: dict, machine: dict, commit: str, when: str) -> str:
+    lines = [f"MIRA in the running network (benchmarks.in_situ): commit {commit}, {when}",
+             f"machine: {_pairs.cpu_line(machine)}, {machine['torch_threads']} threads, "
+             f"load {machine.get('load_average_1m', float('nan')):.1f}",
+             f"batch {record['batch']}, {record['rounds']} interleaved rounds of backbone / empty-memory op / MIRA; "
+             f"backbone median {record['backbone_ms']:.1f} ms; qkv per forward: "
+             + ", ".join(f"{k} {v:.2f} ms" for k, v in record["qkv_ms_per_forward"].items()),
+             "over the backbone's forward (median per-round difference [95% CI]):"]
+    for label, iv in record["over_backbone_percent"].items():
+        lines.append(f"  {label:<30} {iv['median']:+.3f}% [{iv['lo']:+.3f}, {iv['hi']:+.3f}]")
+    iv = record["fused_over_empty_us_per_block"]
+    lines.append(f"MIRA's qkv over the empty-memory op's: {iv['median']:.1f} us per block "
+                 f"[{iv['lo']:.1f}, {iv['hi']:.1f}]")
+    if "phase_difference_us_per_call" in record:
+        lines.append("  by the op's phases (MIRA - empty-memory op, median per call, us):")
+        for p, d in record["phase_difference_us_per_call"].items():
+            lines.append(f"    {p:<10} {d['median']:+8.1f} [{d['lo']:+.1f}, {d['hi']:+.1f}]   "
+                         f"(MIRA {record['phases_us_per_call']['fused'][p]:.1f}, "
+                         f"empty {record['phases_us_per_call']['empty'][p]:.1f})")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.in_situ", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--batch", type=int, default=1, help="batch size")
+    parser.add_argument("--rounds", type=int, default=200, help="interleaved rounds (each runs all three variants)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (0: torch's own choice)")
+    parser.add_argument("--json", default=None, help="also write the record here")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    record = measure(args.batch, args.rounds)
+    machine = _pairs.machine_info()
+    commit = latency.git_commit()
+    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    print(report(record, machine, commit, when))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"commit": commit, "time": when, "machine": machine, **record}, f, indent=1)
+    return record
+
+
+if __name__ == "__main__":
+    main()
