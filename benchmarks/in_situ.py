@@ -62,34 +62,45 @@ def _interval(values: list[float], scale: float = 1.0) -> dict:
     return {"median": med * scale, "lo": lo * scale, "hi": hi * scale}
 
 
-def measure(batch: int = 1, rounds: int = 200, *, model: nn.Module | None = None, seed: int = 0) -> dict:
-    """Interleaved forwards of the three variants at ``batch`` (``model``: a timm ViT in place of the
-    benchmark's; tests pass a tiny one). Returns the record that :func:`report` prints."""
+def measure(batch: int = 1, rounds: int = 200, *, model: nn.Module | None = None, seed: int = 0,
+            variants: latency.Variants | None = None, budget_s: float | None = None) -> dict:
+    """Interleaved forwards at ``batch``: ``rounds`` of them, or as many as ``budget_s`` seconds allow
+    (at least 3). ``variants``: the models of a ``benchmarks.latency`` run, measured in place and left
+    as they were (the empty-memory op is then timed only if that run built it); otherwise they are
+    built here, ``model`` (a timm ViT) replacing the benchmark's (tests pass a tiny one). Returns the
+    record that :func:`report` prints."""
     if rounds < 3:
         raise ValueError(f"in_situ: rounds must be at least 3 for an interval, got {rounds}")
-    cfg = dataclasses.replace(latency.parse_args([]), gemm_backbone=True, seed=seed)
-    variants = latency.build_variants(cfg, model=model)
+    if variants is None:
+        cfg = dataclasses.replace(latency.parse_args([]), gemm_backbone=True, seed=seed)
+        variants = latency.build_variants(cfg, model=model)
     models = {"backbone": variants.backbone, "empty": variants.gemm_backbone, "fused": variants.mira}
+    names = tuple(name for name in VARIANTS if models[name] is not None)
     phase_clock = variants.backend == "cpu" and hasattr(torch.ops.mira, "_cpu_last_phases")
-    calls = {name: [] for name in VARIANTS}
-    phases: dict[str, list | None] = {name: ([] if phase_clock and name != "backbone" else None) for name in VARIANTS}
-    for name, m in models.items():
-        for block in m.blocks:
-            block.attn.qkv = _TimedCall(block.attn.qkv, calls[name], phases[name])
+    calls: dict[str, list] = {name: [] for name in names}
+    phases: dict[str, list | None] = {name: ([] if phase_clock and name != "backbone" else None) for name in names}
+    wrapped = []  # (attention module, its own qkv): put back afterwards
     x = latency.images(variants, batch, seed)
-    total = {name: [] for name in VARIANTS}
-    qkv = {name: [] for name in VARIANTS}
-    per_call: dict[str, list] = {name: [] for name in VARIANTS if phases[name] is not None}
+    total: dict[str, list] = {name: [] for name in names}
+    qkv: dict[str, list] = {name: [] for name in names}
+    per_call: dict[str, list] = {name: [] for name in names if phases[name] is not None}
     order = random.Random(seed)
     if phase_clock:
         torch.ops.mira._cpu_phase_clock(True)
     try:
+        for name in names:
+            for block in models[name].blocks:
+                wrapped.append((block.attn, block.attn.qkv))
+                block.attn.qkv = _TimedCall(block.attn.qkv, calls[name], phases[name])
         with torch.inference_mode():
-            for m in models.values():  # warm-up: plans, allocator, lazy initialisation
-                m(x)
-                m(x)
-            for _ in range(rounds):
-                for name in order.sample(VARIANTS, len(VARIANTS)):
+            for name in names:  # warm-up: plans, allocator, lazy initialisation
+                models[name](x)
+                models[name](x)
+            start = time.perf_counter()
+            done = 0
+            while done < 3 or (budget_s is None and done < rounds) or (
+                    budget_s is not None and time.perf_counter() - start < budget_s):
+                for name in order.sample(names, len(names)):
                     calls[name].clear()
                     if phases[name] is not None:
                         phases[name].clear()
@@ -100,31 +111,38 @@ def measure(batch: int = 1, rounds: int = 200, *, model: nn.Module | None = None
                     if phases[name] is not None:
                         per_call[name].append([statistics.median(p[i] for p in phases[name])
                                                for i in range(len(PHASES))])
+                done += 1
     finally:
+        for attn, inner in wrapped:
+            attn.qkv = inner
         if phase_clock:
             torch.ops.mira._cpu_phase_clock(False)
     n_blocks = variants.n_blocks
     base = total["backbone"]
+    over = {
+        "whole forward": _interval([a / b - 1 for a, b in zip(total["fused"], base)], 100),
+        "qkv calls, in place": _interval([(a - b) / c for a, b, c in zip(qkv["fused"], qkv["backbone"], base)], 100),
+        "everything else": _interval([((ta - qa) - (tb - qb)) / tb for ta, qa, tb, qb in
+                                      zip(total["fused"], qkv["fused"], base, qkv["backbone"])], 100),
+    }
     record: dict = {
-        "batch": batch, "rounds": rounds, "blocks": n_blocks, "backend": variants.backend,
+        "batch": batch, "rounds": len(base), "blocks": n_blocks, "backend": variants.backend,
         "backbone_ms": statistics.median(base) * 1e3,
-        "qkv_ms_per_forward": {name: statistics.median(qkv[name]) * 1e3 for name in VARIANTS},
-        "over_backbone_percent": {
-            "whole forward": _interval([a / b - 1 for a, b in zip(total["fused"], base)], 100),
-            "qkv calls, in place": _interval([(a - b) / c for a, b, c in zip(qkv["fused"], qkv["backbone"], base)],
-                                             100),
-            "everything else": _interval([((ta - qa) - (tb - qb)) / tb for ta, qa, tb, qb in
-                                          zip(total["fused"], qkv["fused"], base, qkv["backbone"])], 100),
-            "empty-memory op's qkv calls": _interval([(a - b) / c for a, b, c in
-                                                      zip(qkv["empty"], qkv["backbone"], base)], 100),
-        },
-        "fused_over_empty_us_per_block": _interval([(a - b) / n_blocks for a, b in zip(qkv["fused"], qkv["empty"])],
+        "qkv_ms_per_forward": {name: statistics.median(qkv[name]) * 1e3 for name in names},
+        "over_backbone_percent": over,
+        "fused_over_stock_us_per_block": _interval([(a - b) / n_blocks for a, b in zip(qkv["fused"], qkv["backbone"])],
                                                    1e6),
     }
+    if "empty" in names:
+        over["empty-memory op's qkv calls"] = _interval([(a - b) / c for a, b, c in
+                                                         zip(qkv["empty"], qkv["backbone"], base)], 100)
+        record["fused_over_empty_us_per_block"] = _interval([(a - b) / n_blocks for a, b in
+                                                             zip(qkv["fused"], qkv["empty"])], 1e6)
     if per_call:
         record["phases_us_per_call"] = {
             name: {p: statistics.median(r[i] for r in per_call[name]) * 1e6 for i, p in enumerate(PHASES)}
             for name in per_call}
+    if "empty" in per_call:
         record["phase_difference_us_per_call"] = {
             p: _interval([a[i] - b[i] for a, b in zip(per_call["fused"], per_call["empty"])], 1e6)
             for i, p in enumerate(PHASES)}
@@ -135,15 +153,20 @@ def report(record: dict, machine: dict, commit: str, when: str) -> str:
     lines = [f"MIRA in the running network (benchmarks.in_situ): commit {commit}, {when}",
              f"machine: {_pairs.cpu_line(machine)}, {machine['torch_threads']} threads, "
              f"load {machine.get('load_average_1m', float('nan')):.1f}",
-             f"batch {record['batch']}, {record['rounds']} interleaved rounds of backbone / empty-memory op / MIRA; "
+             f"batch {record['batch']}, {record['rounds']} interleaved rounds of "
+             + " / ".join(record["qkv_ms_per_forward"]) + "; "
              f"backbone median {record['backbone_ms']:.1f} ms; qkv per forward: "
              + ", ".join(f"{k} {v:.2f} ms" for k, v in record["qkv_ms_per_forward"].items()),
              "over the backbone's forward (median per-round difference [95% CI]):"]
     for label, iv in record["over_backbone_percent"].items():
         lines.append(f"  {label:<30} {iv['median']:+.3f}% [{iv['lo']:+.3f}, {iv['hi']:+.3f}]")
-    iv = record["fused_over_empty_us_per_block"]
-    lines.append(f"MIRA's qkv over the empty-memory op's: {iv['median']:.1f} us per block "
+    iv = record["fused_over_stock_us_per_block"]
+    lines.append(f"MIRA's qkv over the stock nn.Linear's: {iv['median']:.1f} us per block "
                  f"[{iv['lo']:.1f}, {iv['hi']:.1f}]")
+    if "fused_over_empty_us_per_block" in record:
+        iv = record["fused_over_empty_us_per_block"]
+        lines.append(f"MIRA's qkv over the empty-memory op's: {iv['median']:.1f} us per block "
+                     f"[{iv['lo']:.1f}, {iv['hi']:.1f}]")
     if "phase_difference_us_per_call" in record:
         lines.append("  by the op's phases (MIRA - empty-memory op, median per call, us):")
         for p, d in record["phase_difference_us_per_call"].items():

@@ -153,6 +153,9 @@ class BenchConfig:
                                  "above; quick: 3)")
     op_width: float = _opt(0.5, "stop op-level pairs once the ratio's 95%% interval is this narrow (pp)")
     parts_budget: float = _opt(15.0, "seconds of the CPU time budget per batch size (0 or --quick: skipped)")
+    in_situ_budget: float = _opt(0.0, "seconds of in-place rounds per batch size, every block's qkv timed inside "
+                                      "interleaved forwards (benchmarks.in_situ; CPU only; 0: 30 at B=1, 40 "
+                                      "above; --quick: skipped)")
     baselines: bool = _opt(False, "also time the reference backend and the paper-style eager MIRA end to end")
     compile: bool = _opt(False, "also time torch.compile of the backbone and of the MIRA model end to end")
     gemm_backbone: bool = _opt(False, "also time the backbone on MIRA's GEMM path (the op, empty memory)")
@@ -212,6 +215,12 @@ def _module_budget_for(cfg: BenchConfig, batch: int) -> float:
     if cfg.module_budget > 0:
         return cfg.module_budget
     return _per_batch(QUICK_MODULE_BUDGET if cfg.quick else DEFAULT_MODULE_BUDGET, batch)
+
+
+def _in_situ_budget_for(cfg: BenchConfig, batch: int) -> float:
+    if cfg.quick:
+        return 0.0
+    return cfg.in_situ_budget or (30.0 if batch == 1 else 40.0)
 
 
 def _budget_for(cfg: BenchConfig, batch: int) -> float:
@@ -983,7 +992,18 @@ def measure_batch(variants: Variants, batch: int, cfg: BenchConfig, timer: Devic
     if in_rounds is not None and bandwidth is not None:
         floor["dram_bytes_per_s_at_start"] = bandwidth["bytes_per_s"]
     log(f"[B={batch}] module level {module['percent']:+.3f}% [{module['lo']:+.3f}, {module['hi']:+.3f}], "
-        f"end to end {end['percent']:+.2f}% [{end['lo']:+.2f}, {end['hi']:+.2f}]; decomposed diagnostic")
+        f"end to end {end['percent']:+.2f}% [{end['lo']:+.2f}, {end['hi']:+.2f}]")
+    in_place = None
+    if torch.device(cfg.device).type == "cpu" and _in_situ_budget_for(cfg, batch) > 0:
+        # ColdCache models the state a projection meets in the network; this times it there (on a
+        # 2-vCPU Xeon the module-level pairs charged ~68 us per block at B=1, in place ~107).
+        from benchmarks import in_situ
+
+        log(f"[B={batch}] in place: every block's qkv inside interleaved forwards "
+            f"(budget {_in_situ_budget_for(cfg, batch):.0f} s)")
+        in_place = in_situ.measure(batch, variants=variants, budget_s=_in_situ_budget_for(cfg, batch),
+                                   seed=cfg.seed + batch)
+    log(f"[B={batch}] decomposed diagnostic")
 
     proj = mira.projections(variants.mira)[0]
     memory = proj.memory
@@ -1004,7 +1024,8 @@ def measure_batch(variants: Variants, batch: int, cfg: BenchConfig, timer: Devic
         log(f"[B={batch}] time budget of the projection ({cfg.parts_budget:.0f} s)")
         parts = time_budget(proj, mod["cache"], budget_s=cfg.parts_budget, seed=cfg.seed + batch)
     return {"batch": batch, "module": module, "end_to_end_headline": end, "floor": floor, "end_to_end": e2e,
-            "block": block, "overhead": overhead, "budget": parts, "load_average_1m": _load_average()}
+            "in_place": in_place, "block": block, "overhead": overhead, "budget": parts,
+            "load_average_1m": _load_average()}
 
 
 def target_for(batch: int, floor_percent: float) -> dict:
@@ -1165,6 +1186,14 @@ def format_table(record: dict) -> str:
                      f"{end['rounds']:>6}  {floor_pct:>6.3f}%  {1e3 * bb:.1f} ms")
     lines.append("  module level: the installed projection over its stock nn.Linear per call (caches "
                  "as in a network), x blocks / the backbone's median")
+    for res in record["results"]:
+        ip = res.get("in_place")
+        if ip:
+            iv = ip["over_backbone_percent"]["qkv calls, in place"]
+            us = ip["fused_over_stock_us_per_block"]
+            lines.append(f"  in place, B={res['batch']}: {iv['median']:+.3f}% [{iv['lo']:+.3f}, {iv['hi']:+.3f}] "
+                         f"({us['median']:.1f} us per block over nn.Linear, {ip['rounds']} rounds): every block's "
+                         "qkv timed inside interleaved forwards (benchmarks.in_situ), over the backbone's median")
     lines.append("")
     for res in record["results"]:
         for v in res["verdicts"]:

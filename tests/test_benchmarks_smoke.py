@@ -113,6 +113,7 @@ def test_eager_baseline_equals_the_reference(slots):
 def _tiny_config(tmp_path, **kw) -> latency.BenchConfig:
     settings = {"model": "tiny", "batch_sizes": (2,), "slots": 4, "e2e_budget": (0.05,), "module_budget": 0.05,
                 "min_module_pairs": 5, "min_e2e_rounds": 3, "op_budget": 0.05, "parts_budget": 0.05,
+                "in_situ_budget": 0.05,
                 "results_dir": str(tmp_path)}
     return latency.BenchConfig(**{**settings, **kw})
 
@@ -141,12 +142,15 @@ def test_a_whole_run_leads_with_what_a_user_pays(tmp_path):
     assert res["floor"]["dram_bytes_per_s_at_start"] > 0
     assert {v["status"] for v in res["verdicts"]} <= {"met", "not met"}  # enough pairs for the tiny minimums
     assert set(res["budget"]["parts"]) >= {"python_layer", "retrieval", "mixing", "shrink_expand"}
+    # In place: the run's own models, every block's qkv timed inside forwards, and left unwrapped after.
+    in_place = res["in_place"]["over_backbone_percent"]["qkv calls, in place"]
+    assert in_place["lo"] <= in_place["median"] <= in_place["hi"] and res["in_place"]["rounds"] >= 3
     # The table leads with the headline and stamps commit, date, CPU and ISA.
     lines = table.splitlines()
     assert lines[1].startswith("commit ") and record["machine"]["cpu"] in lines[1]
     assert lines.index(next(x for x in lines if x.startswith("What a user of mira.attach pays"))) < \
         lines.index("Diagnostics")
-    assert "decomposed (op level" in table
+    assert "decomposed (op level" in table and "in place, B=2" in table
     assert json.loads(paths["jsonl"].read_text().splitlines()[-1])["config"]["slots"] == 4
     rows = list(csv.DictReader(paths["csv"].open()))
     assert {"module", "end_to_end_headline", "e2e:fused", "decomposed:decomposed", "floor",
@@ -231,7 +235,8 @@ def test_runs_write_to_the_scratch_folder_and_change_no_tracked_file(monkeypatch
     try:
         for extra in (["--quick"], []):  # what `make bench` runs, quick and not
             argv = ["--model", "tiny", "--batch-sizes", "2", "--slots", "4", "--e2e-budget", "0.05",
-                    "--module-budget", "0.05", "--op-budget", "0.05", "--parts-budget", "0.05", *extra]
+                    "--module-budget", "0.05", "--op-budget", "0.05", "--parts-budget", "0.05",
+                    "--in-situ-budget", "0.05", *extra]
             assert latency.main(argv) == 0
     finally:
         torch.set_num_threads(threads)
@@ -289,3 +294,13 @@ def test_in_situ_times_every_block_and_splits_the_op_by_phase():
     assert set(record["phase_difference_us_per_call"]) == set(in_situ.PHASES)
     with pytest.raises(ValueError, match="at least 3"):
         in_situ.measure(rounds=2, model=_tiny_vit())
+
+
+def test_in_situ_on_a_runs_models_leaves_them_as_they_were():
+    cfg = latency.BenchConfig(model="tiny", slots=4)
+    variants = latency.build_variants(cfg, model=_tiny_vit())
+    own = [(b.attn, b.attn.qkv) for m in (variants.backbone, variants.mira) for b in m.blocks]
+    record = in_situ.measure(2, variants=variants, budget_s=0.01)
+    assert record["rounds"] >= 3  # the budget's minimum
+    assert set(record["qkv_ms_per_forward"]) == {"backbone", "fused"}  # that run built no empty-memory op
+    assert all(attn.qkv is qkv for attn, qkv in own)
