@@ -994,15 +994,14 @@ def measure_batch(variants: Variants, batch: int, cfg: BenchConfig, timer: Devic
     log(f"[B={batch}] module level {module['percent']:+.3f}% [{module['lo']:+.3f}, {module['hi']:+.3f}], "
         f"end to end {end['percent']:+.2f}% [{end['lo']:+.2f}, {end['hi']:+.2f}]")
     in_place = None
-    if torch.device(cfg.device).type == "cpu" and _in_situ_budget_for(cfg, batch) > 0:
+    in_situ_s = _in_situ_budget_for(cfg, batch)
+    if torch.device(cfg.device).type == "cpu" and in_situ_s > 0:
         # ColdCache models the state a projection meets in the network; this times it there (on a
         # 2-vCPU Xeon the module-level pairs charged ~68 us per block at B=1, in place ~107).
         from benchmarks import in_situ
 
-        log(f"[B={batch}] in place: every block's qkv inside interleaved forwards "
-            f"(budget {_in_situ_budget_for(cfg, batch):.0f} s)")
-        in_place = in_situ.measure(batch, variants=variants, budget_s=_in_situ_budget_for(cfg, batch),
-                                   seed=cfg.seed + batch)
+        log(f"[B={batch}] in place: every block's qkv inside interleaved forwards (budget {in_situ_s:.0f} s)")
+        in_place = in_situ.measure(batch, variants=variants, budget_s=in_situ_s, seed=cfg.seed + batch)
     log(f"[B={batch}] decomposed diagnostic")
 
     proj = mira.projections(variants.mira)[0]
