@@ -13,6 +13,11 @@
 // an empty memory (N = 0) the op is the stock Linear bit for bit: ATen's addmm's two steps (bias
 // copy, beta = 1 GEMM), the copy made with streaming stores where the rule below says so, so that
 // the adapter path and its base path differ by the adapter only.
+// Tried at batch 1, where the output (1.8 MB) stays in cache: the GEMM first (beta = 0, so that the
+// output's reads-for-ownership happen under the compute-bound GEMM instead of in the seeding pass),
+// then bias and adapter added in place. Zen 5 (AMD family 26 model 2, AVX-512, 2 threads, ViT-B/16
+// block 0's installed projection, caches evicted before each call, 2500 rounds interleaved with the
+// seeded order in one process, 2026-12-06): +0.1 us [-4.4, +5.4] per call. No gain; not kept.
 //
 // The memory side runs once per call: cosine scores, separation, and the per-sample mixed
 // factors A_b (S*r, d_in) and B_b, kept transposed and pre-scaled as (S, r, d_s). Tokens are
@@ -781,6 +786,17 @@ void prepare_memory(const IsaTable& isa, const Shapes& s, const at::Tensor& quer
 //    (Software prefetches of the next sweeps' x rows measured worse: 134-159 us against 115; the
 //    shrink of every row in a pass of its own, before the stores, took 284 us alone with x coming
 //    from L3, while the expand pass after it cost nothing over the bias-only one.)
+//  - what the pass's extra time is made of, Zen 5 (AMD family 26 model 2, AVX-512, 2026-12-06): the
+//    hot loops alone (kernels_avx512.cpp linked into a small harness, one thread, hot caches, the
+//    B = 1 shapes) run the shrink at 81 GMAC/s, the peak at the 2.6 GHz that /proc/cpuinfo reports
+//    (83), and the expand with its stores at 59 GMAC/s (15 and 20 us; the bias copy of the whole
+//    output 16 us). Inside the op (one thread, repeated calls) the pass took 57 us over the bias-only
+//    one, 38 without the shrink, 40 without the expand, 11.5 with neither (the sweeps' bias copies
+//    against ATen's copy_), each in its own process: about twice the arithmetic. The rest is memory,
+//    x's and the output's lines coming from L3 or DRAM (an L3 shared with the host's other tenants).
+//    Requesting the next sweep's output lines for writing (prefetchw) before each shrink took 4 us
+//    off the pass (repeated calls, interleaved), but nothing measurable off the projection with the
+//    caches as a network leaves them (-0.8 us [-6.4, +5.0], 2500 interleaved rounds): not kept.
 // Every element is still the same ordered FMA chain (dot_block, axpy_block), so the values are unchanged.
 template <typename T>
 void apply_rows(const Kernels<T>& K, const Shapes& s, const Memory<T>& m, const T* x, T* y, int64_t d_out,
