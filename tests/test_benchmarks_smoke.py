@@ -283,7 +283,9 @@ def test_in_situ_times_every_block_and_splits_the_op_by_phase():
     record = in_situ.measure(batch=2, rounds=4, model=_tiny_vit())
     assert record["blocks"] == 2 and record["rounds"] == 4
     assert set(record["over_backbone_percent"]) == {"whole forward", "qkv calls, in place", "everything else",
-                                                    "empty-memory op's qkv calls"}
+                                                    "empty-memory op's qkv calls", "empty-memory op's forward",
+                                                    "empty-memory op's everything else",
+                                                    "everything else, MIRA over empty-memory op"}
     for iv in record["over_backbone_percent"].values():
         assert iv["lo"] <= iv["median"] <= iv["hi"]
     assert all(v > 0 for v in record["qkv_ms_per_forward"].values())
