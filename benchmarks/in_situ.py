@@ -39,6 +39,10 @@ __all__ = ["PHASES", "measure", "main"]
 
 PHASES = ("entry", "retrieval", "mixing", "seeding", "gemm")  # torch.ops.mira._cpu_last_phases()' order
 VARIANTS = ("backbone", "empty", "fused")  # stock; MIRA's op, empty memory; MIRA
+# The other layers of a block timed with `layers=True` (those a block has), and the attention as a whole
+# ("attn"), from which the attention between qkv and proj is derived ("attn, between qkv and proj").
+# (attn.proj before attn: once attn is wrapped, its proj is no longer reached by the path.)
+LAYERS = ("norm1", "attn.proj", "attn", "norm2", "mlp.fc1", "mlp.act", "mlp.fc2")
 
 
 class _TimedCall(nn.Module):
@@ -50,9 +54,9 @@ class _TimedCall(nn.Module):
         self.times = times
         self.phases = phases
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, *args, **kwargs):
         t0 = time.perf_counter()
-        y = self.inner(x)
+        y = self.inner(*args, **kwargs)
         self.times.append(time.perf_counter() - t0)
         if self.phases is not None:
             self.phases.append(list(torch.ops.mira._cpu_last_phases()))
@@ -65,12 +69,14 @@ def _interval(values: list[float], scale: float = 1.0) -> dict:
 
 
 def measure(batch: int = 1, rounds: int = 200, *, model: nn.Module | None = None, seed: int = 0,
-            variants: latency.Variants | None = None, budget_s: float | None = None) -> dict:
+            variants: latency.Variants | None = None, budget_s: float | None = None, layers: bool = False) -> dict:
     """Interleaved forwards at ``batch``: ``rounds`` of them, or as many as ``budget_s`` seconds allow
     (at least 3). ``variants``: the models of a ``benchmarks.latency`` run, measured in place and left
     as they were (the empty-memory op is then timed only if that run built it); otherwise they are
-    built here, ``model`` (a timm ViT) replacing the benchmark's (tests pass a tiny one). Returns the
-    record that :func:`report` prints."""
+    built here, ``model`` (a timm ViT) replacing the benchmark's (tests pass a tiny one). ``layers``:
+    also time every block's other layers (``LAYERS``), to see which of them the adapter slows down
+    (their timers then add the same small cost to every variant's forward). Returns the record that
+    :func:`report` prints."""
     if rounds < 3:
         raise ValueError(f"in_situ: rounds must be at least 3 for an interval, got {rounds}")
     if variants is None:
@@ -81,7 +87,9 @@ def measure(batch: int = 1, rounds: int = 200, *, model: nn.Module | None = None
     phase_clock = variants.backend == "cpu" and hasattr(torch.ops.mira, "_cpu_last_phases")
     calls: dict[str, list] = {name: [] for name in names}
     phases: dict[str, list | None] = {name: ([] if phase_clock and name != "backbone" else None) for name in names}
-    wrapped = []  # (attention module, its own qkv): put back afterwards
+    wrapped = []  # (parent module, attribute, the module there before): put back afterwards
+    layer_calls: dict[str, dict[str, list]] = {name: {} for name in names}
+    per_layer: dict[str, dict[str, list]] = {name: {} for name in names}
     x = latency.images(variants, batch, seed)
     total: dict[str, list] = {name: [] for name in names}
     qkv: dict[str, list] = {name: [] for name in names}
@@ -92,8 +100,16 @@ def measure(batch: int = 1, rounds: int = 200, *, model: nn.Module | None = None
     try:
         for name in names:
             for block in models[name].blocks:
-                wrapped.append((block.attn, block.attn.qkv))
+                wrapped.append((block.attn, "qkv", block.attn.qkv))
                 block.attn.qkv = _TimedCall(block.attn.qkv, calls[name], phases[name])
+                for path in LAYERS if layers else ():
+                    parent_path, _, attr = path.rpartition(".")
+                    parent = block.get_submodule(parent_path) if parent_path else block
+                    if not isinstance(getattr(parent, attr, None), nn.Module):
+                        continue
+                    wrapped.append((parent, attr, getattr(parent, attr)))
+                    setattr(parent, attr, _TimedCall(getattr(parent, attr), layer_calls[name].setdefault(path, []),
+                                                     None))
         with torch.inference_mode():
             for name in names:  # warm-up: plans, allocator, lazy initialisation
                 models[name](x)
@@ -110,13 +126,16 @@ def measure(batch: int = 1, rounds: int = 200, *, model: nn.Module | None = None
                     models[name](x)
                     total[name].append(time.perf_counter() - t0)
                     qkv[name].append(sum(calls[name]))
+                    for path, times in layer_calls[name].items():
+                        per_layer[name].setdefault(path, []).append(sum(times))
+                        times.clear()
                     if phases[name] is not None:
                         per_call[name].append([statistics.median(p[i] for p in phases[name])
                                                for i in range(len(PHASES))])
                 done += 1
     finally:
-        for attn, inner in wrapped:
-            attn.qkv = inner
+        for parent, attr, inner in reversed(wrapped):
+            setattr(parent, attr, inner)
         if phase_clock:
             torch.ops.mira._cpu_phase_clock(False)
     n_blocks = variants.n_blocks
@@ -150,6 +169,15 @@ def measure(batch: int = 1, rounds: int = 200, *, model: nn.Module | None = None
              zip(total["fused"], qkv["fused"], total["empty"], qkv["empty"], base)], 100)
         record["fused_over_empty_us_per_block"] = _interval([(a - b) / n_blocks for a, b in
                                                              zip(qkv["fused"], qkv["empty"])], 1e6)
+    if layers and "empty" in names:
+        rows = dict(per_layer["fused"]), dict(per_layer["empty"])
+        for r, name in zip(rows, ("fused", "empty")):  # the attention between qkv and proj
+            if "attn" in r and "attn.proj" in r:
+                r["attn, between qkv and proj"] = [a - q - p for a, q, p in
+                                                   zip(r.pop("attn"), qkv[name], r["attn.proj"])]
+        record["layers_fused_over_empty_us_per_block"] = {
+            path: _interval([(a - b) / n_blocks for a, b in zip(rows[0][path], rows[1][path])], 1e6)
+            for path in rows[0] if path in rows[1]}
     if per_call:
         record["phases_us_per_call"] = {
             name: {p: statistics.median(r[i] for r in per_call[name]) * 1e6 for i, p in enumerate(PHASES)}
@@ -185,6 +213,10 @@ def report(record: dict, machine: dict, commit: str, when: str) -> str:
             lines.append(f"    {p:<10} {d['median']:+8.1f} [{d['lo']:+.1f}, {d['hi']:+.1f}]   "
                          f"(MIRA {record['phases_us_per_call']['fused'][p]:.1f}, "
                          f"empty {record['phases_us_per_call']['empty'][p]:.1f})")
+    if "layers_fused_over_empty_us_per_block" in record:
+        lines.append("the other layers, MIRA model over the empty-memory op's (median per round, us per block):")
+        for path, d in record["layers_fused_over_empty_us_per_block"].items():
+            lines.append(f"    {path:<28} {d['median']:+8.1f} [{d['lo']:+.1f}, {d['hi']:+.1f}]")
     return "\n".join(lines)
 
 
@@ -194,11 +226,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--batch", type=int, default=1, help="batch size")
     parser.add_argument("--rounds", type=int, default=200, help="interleaved rounds (each runs all three variants)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (0: torch's own choice)")
+    parser.add_argument("--layers", action="store_true",
+                        help="also time every block's other layers (which of them the adapter slows down)")
     parser.add_argument("--json", default=None, help="also write the record here")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    record = measure(args.batch, args.rounds)
+    record = measure(args.batch, args.rounds, layers=args.layers)
     machine = _pairs.machine_info()
     commit = latency.git_commit()
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -306,3 +306,16 @@ def test_in_situ_on_a_runs_models_leaves_them_as_they_were():
     assert record["rounds"] >= 3  # the budget's minimum
     assert set(record["qkv_ms_per_forward"]) == {"backbone", "fused"}  # that run built no empty-memory op
     assert all(attn.qkv is qkv for attn, qkv in own)
+
+
+def test_in_situ_layers_times_the_other_layers_and_puts_the_model_back():
+    model = _tiny_vit()
+    record = in_situ.measure(batch=1, rounds=3, model=model, layers=True)
+    rows = record["layers_fused_over_empty_us_per_block"]
+    assert {"norm1", "attn.proj", "attn, between qkv and proj", "norm2", "mlp.fc1", "mlp.fc2"} <= set(rows)
+    for iv in rows.values():
+        assert iv["lo"] <= iv["median"] <= iv["hi"]
+    # Every wrapper is gone afterwards: the model's layers are its own modules again.
+    assert not any(isinstance(m, in_situ._TimedCall) for m in model.modules())
+    text = in_situ.report(record, _pairs.machine_info(), "commit", "time")
+    assert "the other layers, MIRA model over the empty-memory op's" in text and "mlp.fc1" in text
