@@ -104,7 +104,10 @@ def measure(batch: int = 1, rounds: int = 200, *, model: nn.Module | None = None
                 block.attn.qkv = _TimedCall(block.attn.qkv, calls[name], phases[name])
                 for path in LAYERS if layers else ():
                     parent_path, _, attr = path.rpartition(".")
-                    parent = block.get_submodule(parent_path) if parent_path else block
+                    try:
+                        parent = block.get_submodule(parent_path) if parent_path else block
+                    except AttributeError:  # a block without that part (e.g. no `mlp`)
+                        continue
                     if not isinstance(getattr(parent, attr, None), nn.Module):
                         continue
                     wrapped.append((parent, attr, getattr(parent, attr)))
@@ -140,11 +143,16 @@ def measure(batch: int = 1, rounds: int = 200, *, model: nn.Module | None = None
             torch.ops.mira._cpu_phase_clock(False)
     n_blocks = variants.n_blocks
     base = total["backbone"]
+    rest = {name: [t - q for t, q in zip(total[name], qkv[name])] for name in names}  # a forward but its qkv calls
+
+    def share(num: list, den: list) -> dict:
+        """Per-round num - den over the backbone's forward, percent."""
+        return _interval([(a - b) / c for a, b, c in zip(num, den, base)], 100)
+
     over = {
         "whole forward": _interval([a / b - 1 for a, b in zip(total["fused"], base)], 100),
-        "qkv calls, in place": _interval([(a - b) / c for a, b, c in zip(qkv["fused"], qkv["backbone"], base)], 100),
-        "everything else": _interval([((ta - qa) - (tb - qb)) / tb for ta, qa, tb, qb in
-                                      zip(total["fused"], qkv["fused"], base, qkv["backbone"])], 100),
+        "qkv calls, in place": share(qkv["fused"], qkv["backbone"]),
+        "everything else": share(rest["fused"], rest["backbone"]),
     }
     record: dict = {
         "batch": batch, "rounds": len(base), "blocks": n_blocks, "backend": variants.backend,
@@ -155,18 +163,13 @@ def measure(batch: int = 1, rounds: int = 200, *, model: nn.Module | None = None
                                                    1e6),
     }
     if "empty" in names:
-        over["empty-memory op's qkv calls"] = _interval([(a - b) / c for a, b, c in
-                                                         zip(qkv["empty"], qkv["backbone"], base)], 100)
+        over["empty-memory op's qkv calls"] = share(qkv["empty"], qkv["backbone"])
         # The control for "everything else": the same model and wrappers with MIRA's op but no adapter.
         # What MIRA's adapter does to the rest of the forward (its bank reads evicting what the next
         # layers would have found in cache, say) shows as the fused model's share over this one's.
         over["empty-memory op's forward"] = _interval([a / b - 1 for a, b in zip(total["empty"], base)], 100)
-        over["empty-memory op's everything else"] = _interval(
-            [((te - qe) - (tb - qb)) / tb
-             for te, qe, tb, qb in zip(total["empty"], qkv["empty"], base, qkv["backbone"])], 100)
-        over["everything else, MIRA over empty-memory op"] = _interval(
-            [((tf - qf) - (te - qe)) / tb for tf, qf, te, qe, tb in
-             zip(total["fused"], qkv["fused"], total["empty"], qkv["empty"], base)], 100)
+        over["empty-memory op's everything else"] = share(rest["empty"], rest["backbone"])
+        over["everything else, MIRA over empty-memory op"] = share(rest["fused"], rest["empty"])
         record["fused_over_empty_us_per_block"] = _interval([(a - b) / n_blocks for a, b in
                                                              zip(qkv["fused"], qkv["empty"])], 1e6)
     if layers and "empty" in names:
