@@ -736,6 +736,15 @@ int64_t mix_lines(const Shapes& s) { return (s.SR * (s.d_in + s.d_s) + kMixLine 
 // stream instead of before it (identity, relu, tanh and sigmoid bit for bit as before). Retrieval + mixing,
 // caches evicted, 800 rounds interleaved in one process: 48.9 us against 44.2, and 46.9 with the next
 // 4 keys prefetched during each step's mixing; at module level, -1.3 us [-8.4, +5.6]. Not kept.
+// Also on that Zen 5 (same method, 300 rounds, 2026-12-06): the keys shared among the region's threads
+// (claims of 4 keys from one counter, a spin wait until all are scored, then every thread separating on
+// its own), the output bit for bit the same. Retrieval phase +0.8 us [+0.6, +1.0], retrieval + mixing
+// +0.6 [+0.2, +1.0]. Timestamps inside one call say why: both threads enter ~1.5 us after the region
+// starts, their query rows take ~2.5 us, and then a claim of 4 keys costs ~1 us (the first ~2): the
+// scoring of all 30 keys is ~8 us of the phase on one thread, ~4 us split, and the wait and the copies
+// took the rest back. And the banks and keys in 2 MiB pages (madvise(MADV_HUGEPAGE), so that the
+// bank stream meets no 4 KiB page walk or prefetcher stop): mixing 35.6 against 36.3 us cold, 35.8
+// against 35.8 warm; retrieval 10.6 against 10.8. The stream is bound by what the two cores draw.
 template <typename T>
 void prepare_memory(const IsaTable& isa, const Shapes& s, const at::Tensor& query, const at::Tensor& keys,
                     const at::Tensor& bank_a, const at::Tensor& bank_b, Sep sep, double scale, double eps,
