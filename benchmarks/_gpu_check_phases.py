@@ -442,14 +442,22 @@ def run_op(rec: Partial, deadline: float, workload: dict, device: str = "cuda") 
     import torch.nn.functional as F
 
     import mira_kernels as mk
+    from benchmarks import gemm_probe
     from benchmarks.eager_mira import EagerMiraLinear
     from mira_kernels import reference
 
     dev = torch.device(device)
     backends, excluded = _mira_backends(dev)
     timer, meta = _timing_meta("linear", dev)
-    variants = ["linear", "eager"] + [f"mira[{b}]" for b in backends]
-    kinds = {"linear": ("linear", None), "eager": ("eager", None), **{f"mira[{b}]": ("mira", b) for b in backends}}
+    # The plain Triton GEMM of benchmarks.gemm_probe beside cuBLAS, 16-bit cells only: how near a
+    # Triton base GEMM gets (issue 17's design question), not a MIRA variant.
+    probe_off = gemm_probe.unavailable_reason(dev)
+    probes = {} if probe_off else {f"probe[{c.name}]": c for c in gemm_probe.CONFIGS}
+    variants = ["linear", "eager"] + [f"mira[{b}]" for b in backends] + list(probes)
+    kinds = {"linear": ("linear", None), "eager": ("eager", None), **{f"mira[{b}]": ("mira", b) for b in backends},
+             **{name: ("probe", None) for name in probes}}
+    if probe_off:
+        excluded["probe"] = probe_off
     rec.data.update(variants=variants, excluded=excluded, timing=meta, measurements=[], not_measured=[])
     rec.flush()
     opts = dict(slice_offsets=workload["slice_offsets"], separation=workload["separation"], scale=workload["scale"])
@@ -473,7 +481,8 @@ def run_op(rec: Partial, deadline: float, workload: dict, device: str = "cuda") 
         eager = EagerMiraLinear(linear, low["keys"], low["bank_a"], low["bank_b"], workload["slice_offsets"],
                                 scale=workload["scale"])
         if mode == "forward":
-            fns, checks = _op_forward(low, exact, eager, backends, opts, mk, reference, F)
+            fns, checks = _op_forward(low, exact, eager, backends, opts, mk, reference, F,
+                                      probes if dtype.itemsize == 2 else {})
         else:
             fns, checks = _op_training(low, exact, eager, backends, opts, mk, reference, F, dev)
         _measure(rec, mode=mode, dtype_name=dtype_name, batch=batch, variants=fns, checks=checks, baseline="linear",
@@ -498,12 +507,16 @@ def _check_each(fns: dict, want_of: Callable[[str], object], compare: Callable[[
     return checks
 
 
-def _op_forward(low, exact, eager, backends, opts, mk, reference, F):
+def _op_forward(low, exact, eager, backends, opts, mk, reference, F, probes):
     import torch
+
+    from benchmarks import gemm_probe
 
     x = low["x"]
     query = x[:, 0]
     fns = {"linear": lambda: F.linear(x, low["weight"], low["bias"]), "eager": lambda: eager(x)}
+    for name, config in probes.items():
+        fns[name] = lambda c=config: gemm_probe.linear(x, low["weight"], low["bias"], c)
     for b in backends:
         def call(b=b):
             with mk.use_backend(b):
@@ -519,8 +532,9 @@ def _op_forward(low, exact, eager, backends, opts, mk, reference, F):
                                      **opts)
         pytorch = {"linear": _rel_err(F.linear(x, low["weight"], low["bias"]), want_linear),
                    "mira": _rel_err(same, want_mira)}
-        per_variant = {n: pytorch["linear" if n == "linear" else "mira"] for n in fns}
-        checks = _check_each(fns, lambda n: want_linear if n == "linear" else want_mira, _rel_err,
+        plain = {"linear", *probes}  # variants that compute the plain projection
+        per_variant = {n: pytorch["linear" if n in plain else "mira"] for n in fns}
+        checks = _check_each(fns, lambda n: want_linear if n in plain else want_mira, _rel_err,
                              {"against": "float64 reference of the same rounded inputs", "value": per_variant})
 
     def no_grad(fn):

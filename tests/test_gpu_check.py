@@ -120,7 +120,9 @@ def test_op_phase_logic_on_cpu_tensors_matches_the_schema(tmp_path):
     data = rec.data
     assert data["status"] == "ok" and not data["not_measured"]
     assert "triton" in data["excluded"] and "cuda" in data["excluded"]  # with the router's reasons
+    assert "CUDA" in data["excluded"]["probe"]  # benchmarks.gemm_probe: TMA needs an sm_90 device
     assert data["variants"][:2] == ["linear", "eager"] and "mira[reference]" in data["variants"]
+    assert not any(v.startswith("probe[") for v in data["variants"])
     rows = data["measurements"]
     cells = {(r["mode"], r["dtype"], r["batch"]) for r in rows}
     assert len(cells) == 4 and len(rows) == 4 * len(data["variants"])

@@ -212,7 +212,8 @@ def _cuobjdump() -> str:
     return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
 
 
-def _resource_usage(cubin: bytes) -> dict[str, int]:
+def resource_usage(cubin: bytes) -> dict[str, int]:
+    """{"REG", "STACK", "SHARED", "LOCAL": count} of a cubin, read with the cuobjdump in the Triton wheel."""
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "kernel.cubin")
         with open(path, "wb") as f:
@@ -268,7 +269,7 @@ def compile_launch(launch: launchers.Launch, arch: int, case: str = "") -> Lower
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                               options=_options(launch))
     ptx = compiled.asm["ptx"]
-    usage = _resource_usage(compiled.asm["cubin"])
+    usage = resource_usage(compiled.asm["cubin"])
     kinds = tuple(sorted(set(re.findall(r"\b((?:mma\.sync|wgmma\.mma_async\.sync)\.aligned\.[\w.]+)", ptx))))
     intended = _intended(launch, signature, arch)
     shown = {k: v for k, v in launch.constexprs.items()
