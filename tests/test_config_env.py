@@ -122,6 +122,44 @@ def test_the_kernel_reads_its_variables_by_the_same_rule(monkeypatch, name, raw,
         assert active == (torch.ops.mira._cpu_isa_info()[-1] if want == "auto" else want)
 
 
+@needs_ext
+def test_the_kernel_sees_every_change_to_its_variables_at_the_next_call(monkeypatch):
+    # The C++ side keeps each variable's parsed value until the environment changes (csrc/env.h):
+    # every os.environ write must reach the next call, on this thread and on any other.
+    import threading
+
+    supported = torch.ops.mira._cpu_isa_info()[1:]
+    best, out = supported[-1], torch.empty(1 << 20)  # 4 MiB: streamed under auto on none of ours, forced by "1"
+
+    def isa() -> str:
+        return torch.ops.mira._cpu_isa_info()[0]
+
+    def in_thread(fn):
+        got = []
+        worker = threading.Thread(target=lambda: got.append(fn()))
+        worker.start()
+        worker.join()
+        return got[0]
+
+    monkeypatch.delenv("MIRA_CPU_ISA", raising=False)
+    monkeypatch.delenv("MIRA_CPU_STREAM", raising=False)
+    assert isa() == best and in_thread(isa) == best
+    monkeypatch.setenv("MIRA_CPU_ISA", "baseline")
+    assert isa() == "baseline" and in_thread(isa) == "baseline"
+    monkeypatch.setenv("MIRA_CPU_ISA", "bogus")
+    for _ in range(2):  # an invalid value is not kept: it raises at every call
+        with pytest.raises(ValueError, match="MIRA_CPU_ISA='bogus' is not valid"):
+            isa()
+    monkeypatch.setenv("MIRA_CPU_ISA", " BASELINE ")
+    assert isa() == "baseline"
+    monkeypatch.delenv("MIRA_CPU_ISA")
+    assert isa() == best
+    monkeypatch.setenv("MIRA_CPU_STREAM", "1")  # a new variable, another one's change
+    assert torch.ops.mira._cpu_streams_into(out) and isa() == best
+    monkeypatch.setenv("MIRA_CPU_STREAM", "0")
+    assert not torch.ops.mira._cpu_streams_into(out) and not in_thread(lambda: torch.ops.mira._cpu_streams_into(out))
+
+
 def test_build_switch_is_read_by_the_same_parser():
     code = ("import sys, runpy; sys.argv = ['setup.py', '--name']; "
             "runpy.run_path('setup.py', run_name='__main__')")
