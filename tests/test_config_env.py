@@ -124,8 +124,8 @@ def test_the_kernel_reads_its_variables_by_the_same_rule(monkeypatch, name, raw,
 
 @needs_ext
 def test_the_kernel_sees_every_change_to_its_variables_at_the_next_call(monkeypatch):
-    # The C++ side keeps each variable's parsed value until the environment changes (csrc/env.h):
-    # every os.environ write must reach the next call, on this thread and on any other.
+    # The kernel reads its variables at every call (csrc/env.h): every os.environ write must reach
+    # the next call, on this thread and on any other, and an invalid value must raise at every call.
     import threading
 
     supported = torch.ops.mira._cpu_isa_info()[1:]

@@ -149,8 +149,7 @@ const IsaTable& table_of(std::string_view isa) {
 
 // The one place MIRA_CPU_ISA is read (documented in mira_kernels/_config.py, parsed by csrc/env.h).
 const IsaTable& active_table() {
-  thread_local mira::CachedChoice variable;
-  const std::string& want = variable.get("MIRA_CPU_ISA", "auto", {"auto", "baseline", "avx2", "avx512"});
+  const std::string want = mira::env_choice("MIRA_CPU_ISA", "auto", {"auto", "baseline", "avx2", "avx512"});
   if (want == "auto") {
     for (auto it = kIsas.rbegin(); it != kIsas.rend(); ++it)
       if (cpu_supports(*it)) return table_of(*it);
@@ -253,13 +252,10 @@ int64_t stream_threshold_bytes() {
 }
 
 // The one place MIRA_CPU_STREAM is read (documented in mira_kernels/_config.py, parsed by csrc/env.h).
-const std::string& stream_mode() {
-  thread_local mira::CachedChoice variable;
-  return variable.get("MIRA_CPU_STREAM", "auto", {"auto", "1", "0"});
-}
+std::string stream_mode() { return mira::env_choice("MIRA_CPU_STREAM", "auto", {"auto", "1", "0"}); }
 
 bool stream_seeding(const at::Tensor& out) {
-  const std::string& want = stream_mode();
+  const std::string want = stream_mode();
   if (want == "0") return false;
   if (want == "1") return true;
   if (!MIRA_CPU_X86) return false;  // no streaming stores there: the portable kernel's are ordinary
