@@ -36,8 +36,10 @@
 
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <vector>
 
+#include "cpu/fast_path.h"
 #include "eval_plan.h"
 
 namespace mira {
@@ -131,6 +133,9 @@ struct EvalPlan {
   bool stale;
   Hints* hints;
   PyObject* weakrefs;  // weak references to the plan (tests check that it dies with its layer)
+  // fn's arguments parsed once, where fn is the CPU fast path (its tensors held by the objects the
+  // guards watch); empty: fn is called with them. Shared with a running call (see plan_call).
+  std::shared_ptr<mira_cpu::PreparedEval>* prepared;
 };
 
 PyObject* as_new_ref(PyObject* o) {
@@ -215,6 +220,7 @@ int plan_clear(PyObject* self) {
   Py_CLEAR(p->absent);
   Py_CLEAR(p->aliases);
   plan_clear_vectors(p);
+  if (p->prepared) p->prepared->reset();
   p->stale = true;  // a cleared plan must never run
   return 0;
 }
@@ -237,6 +243,7 @@ void plan_dealloc(PyObject* self) {
   delete p->sources;
   delete p->x_dtypes;
   delete p->hints;
+  delete p->prepared;
   Py_TYPE(self)->tp_free(self);
 }
 
@@ -359,6 +366,15 @@ int plan_init(PyObject* self, PyObject* a, PyObject* kw) {
     PyObject* arg = PyTuple_GET_ITEM(p->args, i);
     if (THPVariable_Check(arg)) p->hints->add_tensor(arg);
   }
+  p->prepared = new std::shared_ptr<mira_cpu::PreparedEval>();
+  if (mira_cpu::is_eval_linear(fn)) {
+    p->prepared->reset(mira_cpu::prepare_eval(reinterpret_cast<PyTupleObject*>(p->args)->ob_item, query_fn == Py_None),
+                       mira_cpu::free_prepared_eval);
+    if (*p->prepared) {
+      p->hints->add(p->prepared->get(), 3);
+      p->hints->add_vector((*p->prepared)->args.offsets);
+    }
+  }
   p->stale = false;
   return 0;
 }
@@ -444,13 +460,15 @@ PyObject* plan_call(PyObject* self, PyObject* const* args, size_t nargsf, PyObje
   Py_INCREF(held);
   Py_INCREF(fn);
   Py_INCREF(query_fn);
+  const std::shared_ptr<mira_cpu::PreparedEval> prepared = *p->prepared;
   PyObject* argv[11];
   for (Py_ssize_t i = 0; i < 11; ++i) argv[i] = PyTuple_GET_ITEM(held, i);
   argv[0] = x;
   PyObject* query = nullptr;
   PyObject* y = nullptr;
   if (query_fn != Py_None) query = argv[3] = PyObject_CallOneArg(query_fn, x);
-  if (query_fn == Py_None || query != nullptr) y = PyObject_Vectorcall(fn, argv, 11, nullptr);
+  if (query_fn == Py_None || query != nullptr)
+    y = prepared ? mira_cpu::eval_prepared(*prepared, x, query) : PyObject_Vectorcall(fn, argv, 11, nullptr);
   Py_XDECREF(query);
   Py_DECREF(query_fn);
   Py_DECREF(fn);

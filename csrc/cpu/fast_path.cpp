@@ -94,47 +94,55 @@ bool as_double(PyObject* obj, double& out) {
   return true;
 }
 
-// _cpu_eval_linear(x, weight, bias | None, query | token index, keys, bank_a, bank_b, slice_offsets,
-//                  separation, scale, eps) -> Tensor, or None when the call needs the op.
-PyObject* eval_linear(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
-  if (nargs != 11) {
-    PyErr_SetString(PyExc_TypeError, "_cpu_eval_linear takes 11 positional arguments");
-    return nullptr;
-  }
-  const auto take_op = []() -> PyObject* { Py_RETURN_NONE; };
-  if (!plain_context()) return take_op();
-  std::optional<at::Tensor> x = plain_cpu(args[0]), weight = plain_cpu(args[1]), keys = plain_cpu(args[4]),
-                            bank_a = plain_cpu(args[5]), bank_b = plain_cpu(args[6]);
-  std::optional<at::Tensor> bias;
-  if (args[2] != Py_None && !(bias = plain_cpu(args[2]))) return take_op();
-  if (!x || !weight || !keys || !bank_a || !bank_b) return take_op();
-  std::optional<at::Tensor> query;
-  if (PyLong_Check(args[3]) && !PyBool_Check(args[3])) {
-    const long long token = PyLong_AsLongLong(args[3]);
-    if (token == -1 && PyErr_Occurred()) {
-      PyErr_Clear();
-      return take_op();
-    }
-    if (x->dim() != 3 || token < 0 || token >= x->size(1)) return take_op();
-    query = token_rows(*x, token);
-  } else if (!(query = plain_cpu(args[3]))) {
-    return take_op();
-  }
-  if (at::GradMode::is_enabled()) {
-    for (const at::Tensor* t : {&*x, &*weight, &*query, &*keys, &*bank_a, &*bank_b})
-      if (t->requires_grad()) return take_op();
-    if (bias && bias->requires_grad()) return take_op();
-  }
-  std::vector<int64_t> offsets;
-  double scale = 0, eps = 0;
-  if (!int_list(args[7], offsets) || !PyUnicode_Check(args[8]) || !as_double(args[9], scale) ||
-      !as_double(args[10], eps))
-    return take_op();
+
+// args[1], args[2], args[4..10] of _cpu_eval_linear into a; false: the call needs the op.
+bool parse_fixed(PyObject* const* args, EvalArgs& a) {
+  a.weight = plain_cpu(args[1]);
+  a.keys = plain_cpu(args[4]);
+  a.bank_a = plain_cpu(args[5]);
+  a.bank_b = plain_cpu(args[6]);
+  if (args[2] != Py_None && !(a.bias = plain_cpu(args[2]))) return false;
+  if (!a.weight || !a.keys || !a.bank_a || !a.bank_b) return false;
+  if (!int_list(args[7], a.offsets) || !PyUnicode_Check(args[8]) || !as_double(args[9], a.scale) ||
+      !as_double(args[10], a.eps))
+    return false;
   Py_ssize_t len = 0;
   const char* sep = PyUnicode_AsUTF8AndSize(args[8], &len);
   if (sep == nullptr) {
     PyErr_Clear();
-    return take_op();
+    return false;
+  }
+  a.sep.assign(sep, static_cast<size_t>(len));
+  return true;
+}
+
+// The query argument into q: a token index or a plain CPU tensor; false: neither (the call needs the op).
+bool parse_query(PyObject* obj, Query& q) {
+  if (PyLong_Check(obj) && !PyBool_Check(obj)) {
+    q.token = PyLong_AsLongLong(obj);
+    if (q.token == -1 && PyErr_Occurred()) {
+      PyErr_Clear();
+      return false;
+    }
+    return q.token >= 0;
+  }
+  return static_cast<bool>(q.tensor = plain_cpu(obj));
+}
+
+// The eval call with x and parsed arguments: x's own checks (and the token's), the graph check,
+// then the kernel; None (as a new reference) where the call needs the op.
+PyObject* run(const at::Tensor& x, const EvalArgs& a, const Query& q) {
+  const auto take_op = []() -> PyObject* { Py_RETURN_NONE; };
+  std::optional<at::Tensor> token_query;
+  if (q.token >= 0) {
+    if (x.dim() != 3 || q.token >= x.size(1)) return take_op();
+    token_query = token_rows(x, q.token);
+  }
+  const at::Tensor& query = token_query ? *token_query : *q.tensor;
+  if (at::GradMode::is_enabled()) {
+    for (const at::Tensor* t : {&x, &*a.weight, &query, &*a.keys, &*a.bank_a, &*a.bank_b})
+      if (t->requires_grad()) return take_op();
+    if (a.bias && a.bias->requires_grad()) return take_op();
   }
   try {
     at::Tensor y;
@@ -143,8 +151,8 @@ PyObject* eval_linear(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
       // The kernel is pure C++ and never calls back into Python: release the GIL, as F.linear does.
       PyThreadState* state = PyEval_SaveThread();
       try {
-        y = mira_linear_cpu(*x, *weight, bias, *query, *keys, *bank_a, *bank_b, offsets,
-                            c10::string_view(sep, static_cast<size_t>(len)), scale, eps);
+        y = mira_linear_cpu(x, *a.weight, a.bias, query, *a.keys, *a.bank_a, *a.bank_b, a.offsets, a.sep, a.scale,
+                            a.eps);
       } catch (...) {
         PyEval_RestoreThread(state);
         throw;
@@ -156,6 +164,21 @@ PyObject* eval_linear(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     // A rejected argument: the op's path raises the documented error for it.
     return take_op();
   }
+}
+
+// _cpu_eval_linear(x, weight, bias | None, query | token index, keys, bank_a, bank_b, slice_offsets,
+//                  separation, scale, eps) -> Tensor, or None when the call needs the op.
+PyObject* eval_linear(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  if (nargs != 11) {
+    PyErr_SetString(PyExc_TypeError, "_cpu_eval_linear takes 11 positional arguments");
+    return nullptr;
+  }
+  EvalArgs a;
+  Query q;
+  std::optional<at::Tensor> x;
+  if (!plain_context() || !(x = plain_cpu(args[0])) || !parse_fixed(args, a) || !parse_query(args[3], q))
+    Py_RETURN_NONE;
+  return run(*x, a, q);
 }
 
 // _retrieval_stamp(mutations, *sources) -> bytes; False when the sources' derived tensors may not
@@ -210,5 +233,31 @@ PyMethodDef kMethods[] = {
 }  // namespace
 
 PyMethodDef* fast_path_methods() { return kMethods; }
+
+bool is_eval_linear(PyObject* fn) {
+  return PyCFunction_Check(fn) &&
+         PyCFunction_GET_FUNCTION(fn) == reinterpret_cast<PyCFunction>(reinterpret_cast<void*>(eval_linear));
+}
+
+PreparedEval* prepare_eval(PyObject* const* args, bool with_query) {
+  auto* p = new PreparedEval();
+  if (!parse_fixed(args, p->args) || (with_query && !parse_query(args[3], p->query))) {
+    delete p;
+    return nullptr;
+  }
+  p->with_query = with_query;
+  return p;
+}
+
+void free_prepared_eval(PreparedEval* p) { delete p; }
+
+PyObject* eval_prepared(const PreparedEval& p, PyObject* x_obj, PyObject* query_obj) {
+  std::optional<at::Tensor> x;
+  if (!plain_context() || !(x = plain_cpu(x_obj))) Py_RETURN_NONE;
+  if (p.with_query) return run(*x, p.args, p.query);
+  Query q;
+  if (!parse_query(query_obj, q)) Py_RETURN_NONE;
+  return run(*x, p.args, q);
+}
 
 }  // namespace mira_cpu
