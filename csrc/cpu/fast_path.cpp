@@ -8,7 +8,8 @@
 // interpreter's caches, and there the boxed custom-op call (torch.ops -> IValue stack -> dispatcher)
 // measured ~80 us more than F.linear at a tiny shape, on a 2-core Zen 3 (benchmarks/budget.py): as
 // much as the whole 0.4% budget of a ViT-B/16 qkv projection at batch 1. This binding parses its
-// arguments as F.linear's does and calls the kernel, which checks them (csrc/validation.h).
+// arguments as F.linear's does and calls the kernel, which checks them (csrc/validation.h). An
+// _EvalPlan (csrc/eval_plan.cpp) has the arguments other than x parsed once (eval_prepared).
 //
 // The query may be given as a token index i instead of a tensor: query = x[:, i], the CLS-token
 // query of an identity query module, taken here so that it costs no Python-level op either.
@@ -93,7 +94,6 @@ bool as_double(PyObject* obj, double& out) {
   }
   return true;
 }
-
 
 // args[1], args[2], args[4..10] of _cpu_eval_linear into a; false: the call needs the op.
 bool parse_fixed(PyObject* const* args, EvalArgs& a) {
