@@ -137,6 +137,14 @@ def test_op_phase_logic_on_cpu_tensors_matches_the_schema(tmp_path):
     doc = _document_with({"op": dict(data, status="ok", reason=None, seconds=1.0, budget_s=2.0)})
     _validate(doc)
     assert "mira[reference]" in gpu_check.render_summary(doc)
+    # On an sm_90 GPU the 16-bit cells also carry benchmarks.gemm_probe's rows: the schema and the
+    # summary take them (a probe row is a plain projection, kind "probe", beside "linear").
+    probe = "probe[128x256x64-w8s3]"
+    rows = [dict(r, variant=probe, kind="probe") for r in rows if r["variant"] == "linear"]
+    doc["phases"]["op"] = dict(doc["phases"]["op"], variants=[*data["variants"], probe],
+                               measurements=data["measurements"] + rows)
+    _validate(doc)
+    assert probe in gpu_check.render_summary(doc)
 
 
 def test_model_phase_logic_on_a_tiny_vit_on_cpu(tmp_path):
