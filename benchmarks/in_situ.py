@@ -150,7 +150,7 @@ def measure(batch: int = 1, rounds: int = 200, *, model: nn.Module | None = None
         return _interval([(a - b) / c for a, b, c in zip(num, den, base)], 100)
 
     over = {
-        "whole forward": _interval([a / b - 1 for a, b in zip(total["fused"], base)], 100),
+        "whole forward": share(total["fused"], base),
         "qkv calls, in place": share(qkv["fused"], qkv["backbone"]),
         "everything else": share(rest["fused"], rest["backbone"]),
     }
@@ -167,7 +167,7 @@ def measure(batch: int = 1, rounds: int = 200, *, model: nn.Module | None = None
         # The control for "everything else": the same model and wrappers with MIRA's op but no adapter.
         # What MIRA's adapter does to the rest of the forward (its bank reads evicting what the next
         # layers would have found in cache, say) shows as the fused model's share over this one's.
-        over["empty-memory op's forward"] = _interval([a / b - 1 for a, b in zip(total["empty"], base)], 100)
+        over["empty-memory op's forward"] = share(total["empty"], base)
         over["empty-memory op's everything else"] = share(rest["empty"], rest["backbone"])
         over["everything else, MIRA over empty-memory op"] = share(rest["fused"], rest["empty"])
         record["fused_over_empty_us_per_block"] = _interval([(a - b) / n_blocks for a, b in

@@ -461,14 +461,20 @@ PyObject* plan_call(PyObject* self, PyObject* const* args, size_t nargsf, PyObje
   Py_INCREF(fn);
   Py_INCREF(query_fn);
   const std::shared_ptr<mira_cpu::PreparedEval> prepared = *p->prepared;
-  PyObject* argv[11];
-  for (Py_ssize_t i = 0; i < 11; ++i) argv[i] = PyTuple_GET_ITEM(held, i);
-  argv[0] = x;
   PyObject* query = nullptr;
   PyObject* y = nullptr;
-  if (query_fn != Py_None) query = argv[3] = PyObject_CallOneArg(query_fn, x);
-  if (query_fn == Py_None || query != nullptr)
-    y = prepared ? mira_cpu::eval_prepared(*prepared, x, query) : PyObject_Vectorcall(fn, argv, 11, nullptr);
+  if (query_fn != Py_None) query = PyObject_CallOneArg(query_fn, x);
+  if (query_fn == Py_None || query != nullptr) {
+    if (prepared) {
+      y = mira_cpu::eval_prepared(*prepared, x, query);
+    } else {
+      PyObject* argv[11];
+      for (Py_ssize_t i = 0; i < 11; ++i) argv[i] = PyTuple_GET_ITEM(held, i);
+      argv[0] = x;
+      if (query != nullptr) argv[3] = query;
+      y = PyObject_Vectorcall(fn, argv, 11, nullptr);
+    }
+  }
   Py_XDECREF(query);
   Py_DECREF(query_fn);
   Py_DECREF(fn);
