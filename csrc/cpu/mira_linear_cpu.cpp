@@ -18,6 +18,16 @@
 // then bias and adapter added in place. Zen 5 (AMD family 26 model 2, AVX-512, 2 threads, ViT-B/16
 // block 0's installed projection, caches evicted before each call, 2500 rounds interleaved with the
 // seeded order in one process, 2026-12-06): +0.1 us [-4.4, +5.4] per call. No gain; not kept.
+// Also tried there (2026-12-07): the memory side on the calling thread alone while the other thread
+// computed the first 16 output columns (bias + x W^T, one single-threaded MKL call inside the region),
+// the seeding pass then adding the adapter to those columns and the beta = 1 GEMM covering the rest,
+// so that the banks' DRAM stream would run beside GEMM work. Slower: +66 us [44, 102] and +45 us
+// [33, 56] per call (two runs of 400 rounds interleaved with this layout call by call, block 0's
+// projection, caches evicted). One thread draws almost what two do, but not quite: alone, retrieval
+// 13.3 and mixing 43.6 us against 8.7 and 30.8 on two threads; the other thread's 16 columns took
+// 65-93 us cold (55 hot) plus 4-6 us to enter ATen from a worker, so the region outlasted the memory
+// side, and the remaining GEMM was not the 16 columns' share shorter. On two cores the bank stream
+// and the GEMM compete for the same cores: the floor's max(arithmetic, bytes) is not reachable here.
 //
 // The memory side runs once per call: cosine scores, separation, and the per-sample mixed
 // factors A_b (S*r, d_in) and B_b, kept transposed and pre-scaled as (S, r, d_s). Tokens are
