@@ -36,21 +36,23 @@ _OVERRIDES: list[dict] = [{}]
 
 @contextlib.contextmanager
 def overriding(*, gemm: dict | None = None, gemm_groups: int | None = None, retrieve: dict | None = None,
-               retrieve_split: int | None = None, fold: bool | None = None):
+               retrieve_split: int | None = None, fold: bool | None = None, tma: bool | None = None):
     """Plans made inside use these launch parameters instead of the table's: for tuning sweeps
     (``benchmarks.gpu_sweep``) only; the ops never enter it. ``gemm``: fields of
     :class:`FusedConfig` (samples_per_block and j_pad follow block_m); ``gemm_groups``: the
     programs per row block (at most the column tiles); ``retrieve``: fields of
     :class:`RetrieveConfig`; ``retrieve_split``: column shares per sample tile (at most the
     chunks); ``fold``: False gives the shrink its own launch where the planner folds it into the
-    GEMM. Not thread-safe: the override is process-wide while the block runs.
+    GEMM; ``tma``: True loads the projection GEMM's x and W tiles through TMA tensor descriptors
+    where the operands allow it (:func:`.launchers.tma_descriptors`; ``make gpu-check`` times it).
+    Not thread-safe: the override is process-wide while the block runs.
     """
     for name, fields, cls in (("gemm", gemm, FusedConfig), ("retrieve", retrieve, RetrieveConfig)):
         unknown = set(fields or ()) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ValueError(f"{name}: no such field(s) {sorted(unknown)} in {cls.__name__}")
     _OVERRIDES.append(dict(gemm=gemm, gemm_groups=gemm_groups, retrieve=retrieve, retrieve_split=retrieve_split,
-                           fold=fold))
+                           fold=fold, tma=tma))
     try:
         yield
     finally:
@@ -60,6 +62,11 @@ def overriding(*, gemm: dict | None = None, gemm_groups: int | None = None, retr
 def forced_unfolded() -> bool:
     """Whether :func:`overriding` asks for the shrink's own launch (a sweep's diagnostic)."""
     return _OVERRIDES[-1].get("fold") is False
+
+
+def forced_tma() -> bool:
+    """Whether :func:`overriding` asks for the GEMM's TMA main loop (a measurement's opt-in)."""
+    return _OVERRIDES[-1].get("tma") is True
 
 
 @dataclass(frozen=True)
@@ -208,6 +215,28 @@ def _fused_config(m: int, n_out: int, k: int, dtype: torch.dtype, precision: str
     return FusedConfig(*tile, samples_per_block=spb, j_pad=padded(spb * j) if j else MIN_DOT)
 
 
+#: The fallback of the 128 x 256 tile (:func:`narrow_tile`): fp16's 128 x 128 x 64 tile, 8 warps, 3 stages.
+NARROW_TILE = (128, 128, 64, 8, 3)
+
+
+def one_tile_fits(cfg: FusedConfig, *, tiles: int, in_place: bool, lora: int) -> bool:
+    """Whether the table's tile compiles without spills as planned. The 128 x 256 tile (its fp32
+    accumulator alone is 128 registers a thread) fits only a program that computes one column tile
+    with the shrink folded in or no adapter: the ahead-of-time sweep with Triton 3.8 (sm_90, bf16)
+    found it leaving 104-464 bytes of stack in programs of 3 to 9 tiles (ViT-B/16 at B = 256, and
+    the backward's dx GEMM with h from its own launch at B = 64) and 64-280 bytes in the in-place
+    adapter, where :data:`NARROW_TILE` left none. A tile forced by :func:`overriding` is kept."""
+    if _OVERRIDES[-1].get("gemm") or cfg.block_n < 256:
+        return True
+    return tiles == 1 and not in_place and lora != 2
+
+
+def narrow_tile(cfg: FusedConfig, T: int, j: int) -> FusedConfig:
+    """:data:`NARROW_TILE` in place of ``cfg``'s tile (samples per block and the shrink's padding follow)."""
+    spb = samples_per_block(T, NARROW_TILE[0])
+    return FusedConfig(*NARROW_TILE, samples_per_block=spb, j_pad=padded(spb * j) if j else MIN_DOT)
+
+
 def column_groups(m_tiles: int, n_tiles: int, block_n: int, j_pad: int, plain_tiles: int = 0,
                   num_warps: int = 8) -> int:
     """The table's :func:`_column_groups`, or the count :func:`overriding` forces (at most n_tiles)."""
@@ -282,14 +311,23 @@ def _retrieve_config(n_slots: int, dtype: torch.dtype, precision: str = "tf32", 
     chunk = padded(n_slots) if padded(n_slots) <= 128 else 64
     if batch < 16 and dtype == torch.float32:
         block_b = next_pow2(batch)
-        block_k = max(8, min(64, SMALL_BATCH_PRODUCTS // (block_b * chunk)))
-        return RetrieveConfig(block_b=block_b, block_k=block_k, block_f=64 if chunk <= 32 else 32, slot_chunk=chunk,
+        # Chunks above 32 slots (N > 32): half the products and 16 bank columns. The ahead-of-time
+        # sweep with Triton 3.8 (N = 256, r = 64) found 32 columns leaving 24 bytes of stack at B = 8 on
+        # sm_90 and the full products 8-24 bytes at B = 2 (bf16 x, 64-wide d_k steps) on both targets;
+        # this pair none at B = 1 to 8.
+        wide = chunk > 32
+        products = SMALL_BATCH_PRODUCTS // 2 if wide else SMALL_BATCH_PRODUCTS
+        block_k = max(8, min(64, products // (block_b * chunk)))
+        block_f = 16 if wide else 64
+        return RetrieveConfig(block_b=block_b, block_k=block_k, block_f=block_f, slot_chunk=chunk,
                               num_warps=4, score_precision="fma", mix_precision="ieee")
     if dtype == torch.float64 or precision == "ieee":
         # FMA dots hold their operands per thread. Ahead-of-time sweep (N = 30, r = 128): 64-wide bank
-        # chunks left 8 bytes of stack on sm_80 and sm_90, 32-wide 16 bytes on sm_90, 16-wide none.
-        return RetrieveConfig(block_b=16, block_k=16, block_f=32 if chunk >= 64 else 16, slot_chunk=chunk,
-                              num_warps=4)
+        # chunks left 8 bytes of stack on sm_80 and sm_90, 32-wide 16 bytes on sm_90, 16-wide none; with
+        # Triton 3.8, 32-wide also left 8 bytes with 64-slot chunks (N = 256, the fp32 IEEE backward), and
+        # 16-wide 8 bytes on sm_80 there: several chunks take 8 warps, as below.
+        return RetrieveConfig(block_b=16, block_k=16, block_f=16, slot_chunk=chunk,
+                              num_warps=8 if padded(n_slots) > 128 else 4)
     # Several slot chunks (N > 128) with the backward's statistics need 8 warps (4 spill on sm_90).
     multi_chunk = padded(n_slots) > 128
     return RetrieveConfig(block_b=16, block_k=64, block_f=64, slot_chunk=chunk, num_warps=8 if multi_chunk else 4)

@@ -480,7 +480,7 @@ def _factor_tile(rows, ok, off, idx, WIDTH, stride_i):
 
 @triton.jit(do_not_specialize=["scale_bits"])
 def _mira_gemm_kernel(
-    x_ptr, w_ptr, bias_ptr, f_ptr, e_ptr, out_ptr, h_ptr,
+    x_ptr, w_ptr, bias_ptr, f_ptr, e_ptr, out_ptr, h_ptr, x_desc, w_desc,
     M, NOUT, K, T, J, R, NB, F_WIDTH, E_WIDTH, scale_bits,
     stride_xm, stride_wk, stride_wn, stride_bias, stride_om,
     stride_fb, stride_fs, stride_fr, stride_fk, stride_eb, stride_es, stride_er, stride_en,
@@ -490,7 +490,7 @@ def _mira_gemm_kernel(
     J_STEP: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUPS: tl.constexpr,
     ORDER: tl.constexpr, TILES: tl.constexpr, BASE_PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr, W_ORDER: tl.constexpr, USE_PDL: tl.constexpr,
+    UPCAST: tl.constexpr, W_ORDER: tl.constexpr, USE_PDL: tl.constexpr, TMA: tl.constexpr,
 ):
     """The projection GEMM with MIRA's adapter fused in: out = x W + bias + scale * (x F_b^T) E_b, one rounding.
 
@@ -519,6 +519,12 @@ def _mira_gemm_kernel(
     for all its adapted tiles). HAS_BASE = False (in-place adapter): the main loop only shrinks and
     the accumulator starts from out (IN_PLACE). UPCAST (bf16 under the interpreter only, whose bf16
     dot is wrong) runs the dots in fp32.
+
+    TMA (an opt-in of :func:`.configs.overriding`, for measuring on Hopper): the main loop's x and W
+    tiles come through the tensor descriptors x_desc ((M, K), [BLOCK_M, BLOCK_K] boxes) and w_desc
+    (the weight as (NOUT, K), [BLOCK_N, BLOCK_K] boxes) instead of block pointers, the copy engine
+    zero-filling what lies outside, as the boundary checks do: the same values, the same dots. Else
+    both are None.
     """
     pid = tl.program_id(0)
     pm = pid // GROUPS
@@ -568,11 +574,17 @@ def _mira_gemm_kernel(
             f_blk = tl.make_block_ptr(f_ptr, (NB * J, K), (stride_fr, stride_fk), (b_first * J, 0), (J_PAD, BLOCK_K),
                                       (1, 0))
             for k0 in range(0, K, BLOCK_K):
-                a = tl.load(x_blk, boundary_check=(0, 1), padding_option="zero")
+                if TMA:
+                    a = x_desc.load([row0, k0])
+                else:
+                    a = tl.load(x_blk, boundary_check=(0, 1), padding_option="zero")
                 if UPCAST:
                     a = a.to(tl.float32)
                 if HAS_BASE:
-                    w = tl.load(w_blk, boundary_check=(0, 1), padding_option="zero")
+                    if TMA:
+                        w = w_desc.load([col0, k0]).T
+                    else:
+                        w = tl.load(w_blk, boundary_check=(0, 1), padding_option="zero")
                     if UPCAST:
                         w = w.to(tl.float32)
                     acc = tl.dot(a, w, acc, input_precision=BASE_PRECISION, out_dtype=acc.dtype)
@@ -593,9 +605,13 @@ def _mira_gemm_kernel(
             h_ready = pid >= 0
         elif HAS_BASE:
             if live:
-                for _ in range(0, K, BLOCK_K):
-                    a = tl.load(x_blk, boundary_check=(0, 1), padding_option="zero")
-                    w = tl.load(w_blk, boundary_check=(0, 1), padding_option="zero")
+                for k0 in range(0, K, BLOCK_K):
+                    if TMA:
+                        a = x_desc.load([row0, k0])
+                        w = w_desc.load([col0, k0]).T
+                    else:
+                        a = tl.load(x_blk, boundary_check=(0, 1), padding_option="zero")
+                        w = tl.load(w_blk, boundary_check=(0, 1), padding_option="zero")
                     if UPCAST:
                         a = a.to(tl.float32)
                         w = w.to(tl.float32)

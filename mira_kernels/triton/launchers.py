@@ -369,6 +369,28 @@ def _column_order(n_tiles: int, block_n: int, offsets: tuple, width: int, e_slic
     return tuple(lora if adapted_only else plain + lora)
 
 
+def tma_descriptors(a: torch.Tensor, w: torch.Tensor | None, w_strides: tuple[int, int], n_out: int, block_m: int,
+                    block_n: int, block_k: int):
+    """(x_desc, w_desc) for the GEMM's TMA main loop (``_mira_gemm_kernel``'s TMA), or None where the
+    operands do not allow it: a 16-bit x (M, K) with unit column stride and W (``w_strides``: its k
+    and n strides) the weight as (NOUT, K), row-major (the forward's; the backward's dx GEMM reads
+    the weight the other way round), both of one dtype, their bases and row strides 16-byte aligned
+    (what a TMA descriptor needs), and a Triton with host tensor descriptors."""
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+    except ImportError:
+        return None
+    if w is None or a.dtype not in (torch.float16, torch.bfloat16) or w.dtype != a.dtype:
+        return None
+    if w.dim() != 2 or tuple(w.shape) != (n_out, a.shape[1]) or w_strides != (1, w.stride(0)) or w.stride(1) != 1:
+        return None
+    size = a.element_size()
+    for t in (a, w):
+        if t.stride(1) != 1 or (t.stride(0) * size) % 16 or (t.device.type != "meta" and t.data_ptr() % 16):
+            return None
+    return (TensorDescriptor.from_tensor(a, [block_m, block_k]), TensorDescriptor.from_tensor(w, [block_n, block_k]))
+
+
 def _plan_gemm(name, a, w, w_strides, bias, out, sh: _Shapes, offsets, scale, x_dtype, launches, *,
                f: _Factor | None = None, e: _Factor | None = None, h: torch.Tensor | None = None,
                store_h: torch.Tensor | None = None, in_place: bool = False, pdl: bool = False) -> None:
@@ -394,16 +416,26 @@ def _plan_gemm(name, a, w, w_strides, bias, out, sh: _Shapes, offsets, scale, x_
     lora = 0 if e is None else (2 if h is not None else 1)
     cfg = configs.fused_config(m, n_out, k, x_dtype, base_precision, sh.T, j if lora == 1 else 0,
                                target_capability(a.device))
-    m_tiles, n_tiles = triton_cdiv(m, cfg.block_m), triton_cdiv(n_out, cfg.block_n)
-    order = list(_column_order(n_tiles, cfg.block_n, tuple(offsets), e.width if e else 0, bool(e and e.sliced),
-                               in_place))
-    adapted = set(_column_order(n_tiles, cfg.block_n, tuple(offsets), e.width if e else 0, bool(e and e.sliced),
-                                True)) if e is not None else set()
-    plain = sum(1 for n in order if n not in adapted)
-    groups = configs.column_groups(m_tiles, len(order), cfg.block_n, cfg.j_pad if lora == 1 else 0, plain,
-                                   cfg.num_warps)
-    tiles = triton_cdiv(len(order), groups)
-    order = tuple(order + [-1] * (tiles * groups - len(order)))
+
+    def schedule(cfg):
+        m_tiles, n_tiles = triton_cdiv(m, cfg.block_m), triton_cdiv(n_out, cfg.block_n)
+        order = list(_column_order(n_tiles, cfg.block_n, tuple(offsets), e.width if e else 0, bool(e and e.sliced),
+                                   in_place))
+        adapted = set(_column_order(n_tiles, cfg.block_n, tuple(offsets), e.width if e else 0,
+                                    bool(e and e.sliced), True)) if e is not None else set()
+        plain = sum(1 for n in order if n not in adapted)
+        groups = configs.column_groups(m_tiles, len(order), cfg.block_n, cfg.j_pad if lora == 1 else 0, plain,
+                                       cfg.num_warps)
+        tiles = triton_cdiv(len(order), groups)
+        return m_tiles, groups, tiles, tuple(order + [-1] * (tiles * groups - len(order)))
+
+    m_tiles, groups, tiles, order = schedule(cfg)
+    if not configs.one_tile_fits(cfg, tiles=tiles, in_place=in_place, lora=lora):
+        cfg = configs.narrow_tile(cfg, sh.T, j if lora == 1 else 0)
+        m_tiles, groups, tiles, order = schedule(cfg)
+    # The TMA main loop only where a measurement asks for it, and only for the weight as (NOUT, K).
+    descs = (tma_descriptors(a, w, tuple(w_strides), n_out, cfg.block_m, cfg.block_n, cfg.block_k)
+             if configs.forced_tma() else None)
     placeholder = out
     fac_f = f if f is not None else _Factor(placeholder, (0, 0, 0, 0), False, 0)
     fac_e = e if e is not None else _Factor(placeholder, (0, 0, 0, 0), False, 0)
@@ -412,6 +444,7 @@ def _plan_gemm(name, a, w, w_strides, bias, out, sh: _Shapes, offsets, scale, x_
         dict(x_ptr=a, w_ptr=w if w is not None else a, bias_ptr=bias if bias is not None else out,
              f_ptr=fac_f.tensor, e_ptr=fac_e.tensor, out_ptr=out,
              h_ptr=h if h is not None else (store_h if store_h is not None else placeholder),
+             x_desc=descs[0] if descs else None, w_desc=descs[1] if descs else None,
              M=m, NOUT=n_out, K=k, T=sh.T, J=j, R=sh.r, NB=sh.B, F_WIDTH=fac_f.width, E_WIDTH=fac_e.width,
              scale_bits=float_bits(scale), stride_xm=a.stride(0), stride_wk=w_strides[0], stride_wn=w_strides[1],
              stride_bias=bias.stride(0) if bias is not None else 0, stride_om=out.stride(0),
@@ -425,7 +458,8 @@ def _plan_gemm(name, a, w, w_strides, bias, out, sh: _Shapes, offsets, scale, x_
              BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUPS=groups, ORDER=order,
              TILES=tiles, BASE_PRECISION=base_precision, LORA_PRECISION=lora_precision,
              UPCAST=interpreter_upcast(a, x_dtype),
-             W_ORDER=(0, 1) if w_strides[0] == 1 and w_strides[1] != 1 else (1, 0), USE_PDL=bool(pdl and lora > 0)),
+             W_ORDER=(0, 1) if w_strides[0] == 1 and w_strides[1] != 1 else (1, 0), USE_PDL=bool(pdl and lora > 0),
+             TMA=descs is not None),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, pdl=bool(pdl and lora > 0),
         maxnreg=configs.gemm_maxnreg(cfg.num_warps),
     ))

@@ -15,6 +15,7 @@ Run ``python -m mira_kernels.triton.lowering`` to print the table (``--quick`` f
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -26,7 +27,7 @@ from pathlib import Path
 import torch
 
 from .. import reference
-from . import launchers
+from . import configs, launchers
 
 #: Dynamic shared memory one block may use (opt-in maximum), bytes.
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
@@ -52,13 +53,15 @@ class Case:
     separation: str = "affine"
     #: fp32 dot precision: "tf32" (tensor cores, torch.backends.cuda.matmul.allow_tf32) or "ieee".
     fp32_precision: str = "tf32"
+    #: Planned under ``configs.overriding(tma=True)``: the GEMM's main loop on TMA descriptors.
+    tma: bool = False
 
     @property
     def label(self) -> str:
         dtype = _DTYPE_NAMES[self.dtype]
         if self.dtype == torch.float32:
             dtype += f"/{self.fp32_precision}"
-        return f"{self.op} {dtype} B={self.batch} r={self.rank} N={self.slots}"
+        return f"{self.op} {dtype} B={self.batch} r={self.rank} N={self.slots}" + (" tma" if self.tma else "")
 
 
 @dataclass
@@ -80,6 +83,8 @@ class Lowered:
     #: What the kernel is meant to run its dots on: "wgmma" (the projection GEMM on sm_90),
     #: "mma.sync" (the GEMM on sm_80), "tensor cores" (mma.sync or wgmma), or "fma" (no requirement).
     intended: str = "fma"
+    #: Whether the PTX loads through TMA (cp.async.bulk.tensor): the GEMM planned with ``tma``.
+    tma: bool = False
 
     @property
     def meets_intent(self) -> bool:
@@ -118,7 +123,7 @@ def benchmark_cases() -> list[Case]:
 def test_cases() -> list[Case]:
     """The subset the tests compile (CI time): every kernel for 16-bit, fp32/TF32 and fp32/IEEE,
     the three M buckets of the GEMM table, the rank and slot extremes (J_PAD 16/64/256, N_PAD 32/256)."""
-    cases = [Case(op, torch.float16, 256, 4, 30) for op in _OPS]
+    cases = [Case(op, dtype, 256, 4, 30) for op in _OPS for dtype in (torch.float16, torch.bfloat16)]
     cases += [Case(op, torch.bfloat16, 1, 64, 256) for op in ("linear", "linear_backward")]
     cases += [Case("linear", torch.bfloat16, 8, 16, 30)]
     cases += [Case(op, torch.float32, 64, 4, 30) for op in _OPS]
@@ -132,14 +137,19 @@ def test_cases() -> list[Case]:
 
 def ci_cases() -> list[tuple[Case, tuple[int, ...]]]:
     """The few launches CI compiles (each compile takes seconds; CI's share is minutes): every kernel
-    once for sm_90 (the ViT-B/16 bf16 backward at B = 8 plans them all), and the forward at B = 64
-    (retrieval and the GEMM with the shrink folded in, the variant nearest to spilling) and at B = 1
-    (the small-batch retrieval) for both targets. ``test_cases`` (``make test-slow``) and
-    ``benchmark_cases`` (``python -m mira_kernels.triton.lowering``) compile the rest."""
+    once for sm_90 (the ViT-B/16 bf16 backward at B = 8 plans them all), the forward at B = 64
+    (retrieval and the GEMM with the shrink folded in, 253 registers on sm_90) and at B = 1 (the
+    small-batch retrieval) for both targets, and for sm_90 the forward at B = 256 (programs of many
+    column tiles) and the forward's GEMM with its TMA main loop. ``test_cases`` (``make test-slow``)
+    and ``benchmark_cases`` (``python -m mira_kernels.triton.lowering``) compile the rest."""
     return [(Case("linear", torch.bfloat16, 64, 4, 30), (80, 90)),
             (Case("linear", torch.bfloat16, 1, 4, 30), (80, 90)),  # the small-batch retrieval (deferred FMA sums)
             (Case("linear_backward", torch.bfloat16, 8, 4, 30), (90,)),
-            (Case("key_norm", torch.float32, 1, 4, 30), (80, 90))]
+            (Case("key_norm", torch.float32, 1, 4, 30), (80, 90)),
+            # B = 256: the wide tile's programs would walk every column tile (configs.one_tile_fits).
+            (Case("linear", torch.bfloat16, 256, 4, 30), (90,)),
+            # The GEMM's TMA main loop (an opt-in that make gpu-check times): sm_90 only.
+            (Case("linear", torch.bfloat16, 64, 4, 30, tma=True), (90,))]
 
 
 def plan_case(case: Case, shape: dict | None = None) -> list[launchers.Launch]:
@@ -148,7 +158,8 @@ def plan_case(case: Case, shape: dict | None = None) -> list[launchers.Launch]:
     saved = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = case.fp32_precision == "tf32"
     try:
-        return _plan_case(case, shape or VIT_B)
+        with configs.overriding(tma=True) if case.tma else contextlib.nullcontext():
+            return _plan_case(case, shape or VIT_B)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = saved
 
@@ -190,6 +201,14 @@ def _signature(launch: launchers.Launch):
             signature[name] = "constexpr"
             continue
         value = launch.args[name]
+        if value is None:  # an argument the launch does not use (a TMA descriptor without TMA)
+            signature[name] = "constexpr"
+            continue
+        if _is_descriptor(value):
+            from triton.runtime.jit import mangle_type
+
+            signature[name] = mangle_type(value)
+            continue
         if isinstance(value, torch.Tensor):
             signature[name] = "*" + _DTYPE_NAMES[value.dtype]
             attrs[(i,)] = [["tt.divisibility", 16]]  # torch allocations are 16-byte aligned, as the JIT sees
@@ -204,6 +223,19 @@ def _signature(launch: launchers.Launch):
         else:
             raise TypeError(f"{launch.name}: cannot type argument {name}={value!r}")
     return signature, attrs
+
+
+def _constexprs(launch: launchers.Launch) -> dict:
+    # The launch's constexprs and its None arguments, which the JIT specializes as constexprs too.
+    return {**launch.constexprs, **{n: None for n, v in launch.args.items() if v is None}}
+
+
+def _is_descriptor(value) -> bool:
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+    except ImportError:
+        return False
+    return isinstance(value, TensorDescriptor)
 
 
 def _cuobjdump() -> str:
@@ -265,7 +297,7 @@ def compile_launch(launch: launchers.Launch, arch: int, case: str = "") -> Lower
            launch.maxnreg)
     if key in _cache:
         return _cache[key]
-    src = ASTSource(fn=launch.kernel, signature=signature, constexprs=dict(launch.constexprs), attrs=attrs)
+    src = ASTSource(fn=launch.kernel, signature=signature, constexprs=_constexprs(launch), attrs=attrs)
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                               options=_options(launch))
     ptx = compiled.asm["ptx"]
@@ -273,7 +305,8 @@ def compile_launch(launch: launchers.Launch, arch: int, case: str = "") -> Lower
     kinds = tuple(sorted(set(re.findall(r"\b((?:mma\.sync|wgmma\.mma_async\.sync)\.aligned\.[\w.]+)", ptx))))
     intended = _intended(launch, signature, arch)
     shown = {k: v for k, v in launch.constexprs.items()
-             if k.startswith(("BLOCK", "NC", "J_PAD", "SPB", "GROUPS", "TILES", "LORA", "NUM", "USE_PDL"))}
+             if k.startswith(("BLOCK", "NC", "J_PAD", "SPB", "GROUPS", "TILES", "LORA", "NUM", "USE_PDL"))
+             or (k == "TMA" and v)}
     result = Lowered(
         kernel=launch.kernel.fn.__name__, arch=arch, case=case,
         constexprs=" ".join(f"{k}={v}" for k, v in shown.items()),
@@ -281,6 +314,7 @@ def compile_launch(launch: launchers.Launch, arch: int, case: str = "") -> Lower
         registers=usage["REG"], stack=usage.get("STACK", 0), local=usage.get("LOCAL", 0),
         static_shared=usage.get("SHARED", 0), dynamic_shared=int(compiled.metadata.shared),
         mma="mma.sync" in ptx, wgmma="wgmma.mma_async" in ptx, mma_kinds=kinds, intended=intended,
+        tma="cp.async.bulk.tensor" in ptx,
     )
     _cache[key] = result
     return result
@@ -294,7 +328,7 @@ def ttir(launch: launchers.Launch, arch: int = 90) -> str:
     from triton.compiler.compiler import make_backend
 
     signature, attrs = _signature(launch)
-    src = ASTSource(fn=launch.kernel, signature=signature, constexprs=dict(launch.constexprs), attrs=attrs)
+    src = ASTSource(fn=launch.kernel, signature=signature, constexprs=_constexprs(launch), attrs=attrs)
     target = GPUTarget("cuda", arch, 32)
     backend = make_backend(target)
     options = backend.parse_options(_options(launch))
