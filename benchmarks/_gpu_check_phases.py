@@ -453,11 +453,18 @@ def run_op(rec: Partial, deadline: float, workload: dict, device: str = "cuda") 
     # Triton base GEMM gets (issue 17's design question), not a MIRA variant.
     probe_off = gemm_probe.unavailable_reason(dev)
     probes = {} if probe_off else {f"probe[{c.name}]": c for c in gemm_probe.CONFIGS}
-    variants = ["linear", "eager"] + [f"mira[{b}]" for b in backends] + list(probes)
+    # The product's Triton forward with its GEMM's x and W tiles through TMA descriptors
+    # (configs.overriding(tma=True)), same cells: whether the loads are the fused GEMM's gap to cuBLAS.
+    # Overridden plans are planned on every call (never cached): read its graph time and its kernels.
+    tma_off = probe_off or (None if "triton" in backends else "the triton backend is not available here")
+    tma = [] if tma_off else ["mira[triton+tma]"]
+    variants = ["linear", "eager"] + [f"mira[{b}]" for b in backends] + list(probes) + tma
     kinds = {"linear": ("linear", None), "eager": ("eager", None), **{f"mira[{b}]": ("mira", b) for b in backends},
-             **{name: ("probe", None) for name in probes}}
+             **{name: ("probe", None) for name in probes}, **{name: ("mira", "triton") for name in tma}}
     if probe_off:
         excluded["probe"] = probe_off
+    if tma_off:
+        excluded["triton+tma"] = tma_off
     rec.data.update(variants=variants, excluded=excluded, timing=meta, measurements=[], not_measured=[])
     rec.flush()
     opts = dict(slice_offsets=workload["slice_offsets"], separation=workload["separation"], scale=workload["scale"])
@@ -481,8 +488,9 @@ def run_op(rec: Partial, deadline: float, workload: dict, device: str = "cuda") 
         eager = EagerMiraLinear(linear, low["keys"], low["bank_a"], low["bank_b"], workload["slice_offsets"],
                                 scale=workload["scale"])
         if mode == "forward":
-            fns, checks = _op_forward(low, exact, eager, backends, opts, mk, reference, F,
-                                      probes if dtype.itemsize == 2 else {})
+            half = dtype.itemsize == 2
+            fns, checks = _op_forward(low, exact, eager, backends, opts, mk, reference, F, probes if half else {},
+                                      tma if half else [])
         else:
             fns, checks = _op_training(low, exact, eager, backends, opts, mk, reference, F, dev)
         _measure(rec, mode=mode, dtype_name=dtype_name, batch=batch, variants=fns, checks=checks, baseline="linear",
@@ -507,7 +515,7 @@ def _check_each(fns: dict, want_of: Callable[[str], object], compare: Callable[[
     return checks
 
 
-def _op_forward(low, exact, eager, backends, opts, mk, reference, F, probes):
+def _op_forward(low, exact, eager, backends, opts, mk, reference, F, probes, tma=()):
     import torch
 
     from benchmarks import gemm_probe
@@ -523,6 +531,14 @@ def _op_forward(low, exact, eager, backends, opts, mk, reference, F, probes):
                 return mk.mira_linear(x, low["weight"], low["bias"], query, low["keys"], low["bank_a"], low["bank_b"],
                                       **opts)
         fns[f"mira[{b}]"] = call
+    for name in tma:
+        def call_tma():
+            from mira_kernels.triton import configs as triton_configs  # only where the backend runs
+
+            with mk.use_backend("triton"), triton_configs.overriding(tma=True):
+                return mk.mira_linear(x, low["weight"], low["bias"], query, low["keys"], low["bank_a"], low["bank_b"],
+                                      **opts)
+        fns[name] = call_tma
     with torch.no_grad():
         e = exact
         want_mira = reference.mira_linear(e["x"], e["weight"], e["bias"], e["x"][:, 0], e["keys"], e["bank_a"],

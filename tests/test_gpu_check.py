@@ -121,8 +121,9 @@ def test_op_phase_logic_on_cpu_tensors_matches_the_schema(tmp_path):
     assert data["status"] == "ok" and not data["not_measured"]
     assert "triton" in data["excluded"] and "cuda" in data["excluded"]  # with the router's reasons
     assert "CUDA" in data["excluded"]["probe"]  # benchmarks.gemm_probe: TMA needs an sm_90 device
+    assert "CUDA" in data["excluded"]["triton+tma"]  # and so does the triton backend's TMA main loop
     assert data["variants"][:2] == ["linear", "eager"] and "mira[reference]" in data["variants"]
-    assert not any(v.startswith("probe[") for v in data["variants"])
+    assert not any(v.startswith("probe[") or v == "mira[triton+tma]" for v in data["variants"])
     rows = data["measurements"]
     cells = {(r["mode"], r["dtype"], r["batch"]) for r in rows}
     assert len(cells) == 4 and len(rows) == 4 * len(data["variants"])
@@ -145,6 +146,12 @@ def test_op_phase_logic_on_cpu_tensors_matches_the_schema(tmp_path):
                                measurements=data["measurements"] + rows)
     _validate(doc)
     assert probe in gpu_check.render_summary(doc)
+    # ... and the triton backend's TMA variant: a MIRA row (kind mira, backend triton) of its own name.
+    tma = [dict(r, variant="mira[triton+tma]", backend="triton") for r in data["measurements"] if r["kind"] == "mira"]
+    doc["phases"]["op"] = dict(doc["phases"]["op"], variants=[*doc["phases"]["op"]["variants"], "mira[triton+tma]"],
+                               measurements=doc["phases"]["op"]["measurements"] + tma)
+    _validate(doc)
+    assert "mira[triton+tma]" in gpu_check.render_summary(doc)
 
 
 def test_model_phase_logic_on_a_tiny_vit_on_cpu(tmp_path):

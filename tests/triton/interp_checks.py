@@ -378,6 +378,41 @@ def test_large_batches_take_the_wide_tiles():
     check_backward(inp, torch.bfloat16, "affine")
 
 
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("shape", [FUSED, {**FUSED, "B": 17},
+                                   dict(B=2, T=40, d_in=32, d_out=192, N=4, S=2, r=4, d_s=64, offsets=[0, 128])],
+                         ids=["one-tile", "wide-tiles", "several-column-tiles"])
+def test_tma_main_loop_gives_the_pointer_loop_bits(dtype, shape):
+    # configs.overriding(tma=True): x and W tiles through TMA descriptors, zero-filled at the edges
+    # as the block pointers' boundary checks are; partial row, column and K tiles in every shape.
+    from mira_kernels.triton import configs
+
+    inp = _at(make_inputs(**shape, seed=29), dtype)
+    args = (*inp.linear_args(), inp.slice_offsets, "affine", 0.7, 1e-2)
+    with configs.overriding(tma=True):
+        _, plan = launchers.plan_linear(*args)
+        got = tri.mira_linear(*args)
+    assert [la.constexprs["TMA"] for la in plan if la.name == "gemm"] == [True]
+    assert torch.equal(got, tri.mira_linear(*args))
+    check_forward(make_inputs(**shape, seed=29), dtype, "affine")
+
+
+def test_tma_main_loop_only_where_descriptors_can_read_the_operands():
+    # A row of 20 bf16 elements is 40 bytes, not a multiple of TMA's 16: the pointer loop, asked or not.
+    from mira_kernels.triton import configs
+
+    inp = _at(make_inputs(**{**FUSED, "d_in": 20}, seed=31), torch.bfloat16)
+    args = (*inp.linear_args(), inp.slice_offsets, "affine", 0.7, 1e-2)
+    with configs.overriding(tma=True):
+        _, plan = launchers.plan_linear(*args)
+    assert [la.constexprs["TMA"] for la in plan if la.name == "gemm"] == [False]
+    assert launchers.tma_descriptors(inp.x.reshape(-1, 20), inp.weight, (1, 20), 72, 64, 64, 32) is None
+    # The weight read as (K, NOUT) (the backward's dx GEMM) is not the (NOUT, K) the descriptor is made for.
+    w = torch.zeros(72, 32, dtype=torch.bfloat16)
+    assert launchers.tma_descriptors(torch.zeros(10, 72, dtype=torch.bfloat16), w, (32, 1), 32, 64, 64, 32) is None
+    assert launchers.tma_descriptors(torch.zeros(10, 32, dtype=torch.bfloat16), w, (1, 32), 72, 64, 64, 32) is not None
+
+
 def _tf32(a):
     # What a tensor core reads of an fp32 operand: the low 13 mantissa bits dropped (truncation).
     import numpy as np
