@@ -524,7 +524,7 @@ def _mira_gemm_kernel(
     tiles come through the tensor descriptors x_desc ((M, K), [BLOCK_M, BLOCK_K] boxes) and w_desc
     (the weight as (NOUT, K), [BLOCK_N, BLOCK_K] boxes) instead of block pointers, the copy engine
     zero-filling what lies outside, as the boundary checks do: the same values, the same dots. Else
-    both are None.
+    they are x's and W's pointers again, unused.
     """
     pid = tl.program_id(0)
     pm = pid // GROUPS

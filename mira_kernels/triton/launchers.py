@@ -444,7 +444,9 @@ def _plan_gemm(name, a, w, w_strides, bias, out, sh: _Shapes, offsets, scale, x_
         dict(x_ptr=a, w_ptr=w if w is not None else a, bias_ptr=bias if bias is not None else out,
              f_ptr=fac_f.tensor, e_ptr=fac_e.tensor, out_ptr=out,
              h_ptr=h if h is not None else (store_h if store_h is not None else placeholder),
-             x_desc=descs[0] if descs else None, w_desc=descs[1] if descs else None,
+             # Without TMA the descriptors' places hold the operands' pointers, never read (a pointer
+             # argument works on every Triton, where a None one is a specialisation some may lack).
+             x_desc=descs[0] if descs else a, w_desc=descs[1] if descs else (w if w is not None else a),
              M=m, NOUT=n_out, K=k, T=sh.T, J=j, R=sh.r, NB=sh.B, F_WIDTH=fac_f.width, E_WIDTH=fac_e.width,
              scale_bits=float_bits(scale), stride_xm=a.stride(0), stride_wk=w_strides[0], stride_wn=w_strides[1],
              stride_bias=bias.stride(0) if bias is not None else 0, stride_om=out.stride(0),

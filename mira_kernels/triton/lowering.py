@@ -201,9 +201,6 @@ def _signature(launch: launchers.Launch):
             signature[name] = "constexpr"
             continue
         value = launch.args[name]
-        if value is None:  # an argument the launch does not use (a TMA descriptor without TMA)
-            signature[name] = "constexpr"
-            continue
         if _is_descriptor(value):
             from triton.runtime.jit import mangle_type
 
@@ -223,11 +220,6 @@ def _signature(launch: launchers.Launch):
         else:
             raise TypeError(f"{launch.name}: cannot type argument {name}={value!r}")
     return signature, attrs
-
-
-def _constexprs(launch: launchers.Launch) -> dict:
-    # The launch's constexprs and its None arguments, which the JIT specializes as constexprs too.
-    return {**launch.constexprs, **{n: None for n, v in launch.args.items() if v is None}}
 
 
 def _is_descriptor(value) -> bool:
@@ -297,7 +289,7 @@ def compile_launch(launch: launchers.Launch, arch: int, case: str = "") -> Lower
            launch.maxnreg)
     if key in _cache:
         return _cache[key]
-    src = ASTSource(fn=launch.kernel, signature=signature, constexprs=_constexprs(launch), attrs=attrs)
+    src = ASTSource(fn=launch.kernel, signature=signature, constexprs=dict(launch.constexprs), attrs=attrs)
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                               options=_options(launch))
     ptx = compiled.asm["ptx"]
@@ -328,7 +320,7 @@ def ttir(launch: launchers.Launch, arch: int = 90) -> str:
     from triton.compiler.compiler import make_backend
 
     signature, attrs = _signature(launch)
-    src = ASTSource(fn=launch.kernel, signature=signature, constexprs=_constexprs(launch), attrs=attrs)
+    src = ASTSource(fn=launch.kernel, signature=signature, constexprs=dict(launch.constexprs), attrs=attrs)
     target = GPUTarget("cuda", arch, 32)
     backend = make_backend(target)
     options = backend.parse_options(_options(launch))
