@@ -454,11 +454,13 @@ def run_op(rec: Partial, deadline: float, workload: dict, device: str = "cuda") 
     probe_off = gemm_probe.unavailable_reason(dev)
     probes = {} if probe_off else {f"probe[{c.name}]": c for c in gemm_probe.CONFIGS}
     # The product's Triton forward with its GEMM's x and W tiles through TMA descriptors
-    # (configs.overriding(tma=True)), same cells: whether the loads are the fused GEMM's gap to cuBLAS.
-    # Overridden plans are planned on every call (never cached): read its graph time and its kernels.
+    # (configs.overriding(tma=True)), and that GEMM also persistent (132 programs walking the work
+    # items), same cells: how much of the fused GEMM's gap to cuBLAS the loads are, and the schedule.
+    # Overridden plans are planned on every call (never cached): read their graph times and kernels.
     tma_off = probe_off or (None if "triton" in backends else "the triton backend is not available here")
-    tma = [] if tma_off else ["mira[triton+tma]"]
-    variants = ["linear", "eager"] + [f"mira[{b}]" for b in backends] + list(probes) + tma
+    tma = {} if tma_off else {"mira[triton+tma]": dict(tma=True),
+                              "mira[triton+tma+persistent]": dict(tma=True, persistent=True)}
+    variants = ["linear", "eager"] + [f"mira[{b}]" for b in backends] + list(probes) + list(tma)
     kinds = {"linear": ("linear", None), "eager": ("eager", None), **{f"mira[{b}]": ("mira", b) for b in backends},
              **{name: ("probe", None) for name in probes}, **{name: ("mira", "triton") for name in tma}}
     if probe_off:
@@ -490,7 +492,7 @@ def run_op(rec: Partial, deadline: float, workload: dict, device: str = "cuda") 
         if mode == "forward":
             half = dtype.itemsize == 2
             fns, checks = _op_forward(low, exact, eager, backends, opts, mk, reference, F, probes if half else {},
-                                      tma if half else [])
+                                      tma if half else {})
         else:
             fns, checks = _op_training(low, exact, eager, backends, opts, mk, reference, F, dev)
         _measure(rec, mode=mode, dtype_name=dtype_name, batch=batch, variants=fns, checks=checks, baseline="linear",
@@ -515,7 +517,7 @@ def _check_each(fns: dict, want_of: Callable[[str], object], compare: Callable[[
     return checks
 
 
-def _op_forward(low, exact, eager, backends, opts, mk, reference, F, probes, tma=()):
+def _op_forward(low, exact, eager, backends, opts, mk, reference, F, probes, tma=None):
     import torch
 
     from benchmarks import gemm_probe
@@ -531,11 +533,11 @@ def _op_forward(low, exact, eager, backends, opts, mk, reference, F, probes, tma
                 return mk.mira_linear(x, low["weight"], low["bias"], query, low["keys"], low["bank_a"], low["bank_b"],
                                       **opts)
         fns[f"mira[{b}]"] = call
-    for name in tma:
-        def call_tma():
+    for name, overrides in (tma or {}).items():
+        def call_tma(overrides=overrides):
             from mira_kernels.triton import configs as triton_configs  # only where the backend runs
 
-            with mk.use_backend("triton"), triton_configs.overriding(tma=True):
+            with mk.use_backend("triton"), triton_configs.overriding(**overrides):
                 return mk.mira_linear(x, low["weight"], low["bias"], query, low["keys"], low["bank_a"], low["bank_b"],
                                       **opts)
         fns[name] = call_tma

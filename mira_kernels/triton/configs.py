@@ -36,7 +36,8 @@ _OVERRIDES: list[dict] = [{}]
 
 @contextlib.contextmanager
 def overriding(*, gemm: dict | None = None, gemm_groups: int | None = None, retrieve: dict | None = None,
-               retrieve_split: int | None = None, fold: bool | None = None, tma: bool | None = None):
+               retrieve_split: int | None = None, fold: bool | None = None, tma: bool | None = None,
+               persistent: bool | None = None):
     """Plans made inside use these launch parameters instead of the table's: for tuning sweeps
     (``benchmarks.gpu_sweep``) only; the ops never enter it. ``gemm``: fields of
     :class:`FusedConfig` (samples_per_block and j_pad follow block_m); ``gemm_groups``: the
@@ -44,7 +45,9 @@ def overriding(*, gemm: dict | None = None, gemm_groups: int | None = None, retr
     :class:`RetrieveConfig`; ``retrieve_split``: column shares per sample tile (at most the
     chunks); ``fold``: False gives the shrink its own launch where the planner folds it into the
     GEMM; ``tma``: True loads the projection GEMM's x and W tiles through TMA tensor descriptors
-    where the operands allow it (:func:`.launchers.tma_descriptors`; ``make gpu-check`` times it).
+    where the operands allow it (:func:`.launchers.tma_descriptors`; ``make gpu-check`` times it);
+    ``persistent``: True launches that GEMM with :data:`PERSISTENT_PROGRAMS` programs walking its work
+    items (row block, column group) instead of one program per item.
     Not thread-safe: the override is process-wide while the block runs.
     """
     for name, fields, cls in (("gemm", gemm, FusedConfig), ("retrieve", retrieve, RetrieveConfig)):
@@ -52,7 +55,7 @@ def overriding(*, gemm: dict | None = None, gemm_groups: int | None = None, retr
         if unknown:
             raise ValueError(f"{name}: no such field(s) {sorted(unknown)} in {cls.__name__}")
     _OVERRIDES.append(dict(gemm=gemm, gemm_groups=gemm_groups, retrieve=retrieve, retrieve_split=retrieve_split,
-                           fold=fold, tma=tma))
+                           fold=fold, tma=tma, persistent=persistent))
     try:
         yield
     finally:
@@ -67,6 +70,16 @@ def forced_unfolded() -> bool:
 def forced_tma() -> bool:
     """Whether :func:`overriding` asks for the GEMM's TMA main loop (a measurement's opt-in)."""
     return _OVERRIDES[-1].get("tma") is True
+
+
+#: Programs of a persistent GEMM launch: the SM count of an H100 SXM / H200 (one 8-warp program per
+#: SM; a fixed count, so that plans do not read the device).
+PERSISTENT_PROGRAMS = 132
+
+
+def forced_persistent() -> bool:
+    """Whether :func:`overriding` asks for the persistent GEMM launch (a measurement's opt-in)."""
+    return _OVERRIDES[-1].get("persistent") is True
 
 
 @dataclass(frozen=True)
@@ -225,10 +238,11 @@ def one_tile_fits(cfg: FusedConfig, *, tiles: int, in_place: bool, lora: int) ->
     with the shrink folded in or no adapter: the ahead-of-time sweep with Triton 3.8 (sm_90, bf16)
     found it leaving 104-464 bytes of stack in programs of 3 to 9 tiles (ViT-B/16 at B = 256, and
     the backward's dx GEMM with h from its own launch at B = 64) and 64-280 bytes in the in-place
-    adapter, where :data:`NARROW_TILE` left none. A tile forced by :func:`overriding` is kept."""
+    adapter, where :data:`NARROW_TILE` left none; so did a persistent launch's programs (136-144 bytes at
+    B = 64), which walk several work items. A tile forced by :func:`overriding` is kept."""
     if _OVERRIDES[-1].get("gemm") or cfg.block_n < 256:
         return True
-    return tiles == 1 and not in_place and lora != 2
+    return tiles == 1 and not in_place and lora != 2 and not forced_persistent()
 
 
 def narrow_tile(cfg: FusedConfig, T: int, j: int) -> FusedConfig:

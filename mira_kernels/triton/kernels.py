@@ -478,10 +478,11 @@ def _factor_tile(rows, ok, off, idx, WIDTH, stride_i):
     return tl.load(rows[:, None] + local * stride_i, mask=ok[:, None] & (local >= 0) & (local < WIDTH), other=0.0)
 
 
-@triton.jit(do_not_specialize=["scale_bits"])
-def _mira_gemm_kernel(
+@triton.jit
+def _gemm_work_item(
+    item,
     x_ptr, w_ptr, bias_ptr, f_ptr, e_ptr, out_ptr, h_ptr, x_desc, w_desc,
-    M, NOUT, K, T, J, R, NB, F_WIDTH, E_WIDTH, scale_bits,
+    M, NOUT, K, T, J, R, NB, F_WIDTH, E_WIDTH, scale_bits, ITEMS, PROGRAMS,
     stride_xm, stride_wk, stride_wn, stride_bias, stride_om,
     stride_fb, stride_fs, stride_fr, stride_fk, stride_eb, stride_es, stride_er, stride_en,
     S: tl.constexpr, OFFS: tl.constexpr, F_SLICED: tl.constexpr, E_SLICED: tl.constexpr,
@@ -492,43 +493,11 @@ def _mira_gemm_kernel(
     ORDER: tl.constexpr, TILES: tl.constexpr, BASE_PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr, W_ORDER: tl.constexpr, USE_PDL: tl.constexpr, TMA: tl.constexpr,
 ):
-    """The projection GEMM with MIRA's adapter fused in: out = x W + bias + scale * (x F_b^T) E_b, one rounding.
-
-    x (M, K) rows of B samples of T tokens; W (K, NOUT) (W_ORDER: its fastest dimension first); the
-    per-sample factors F (shrink, (J = S*R) x K) and E (expand, J x NOUT) are read through four
-    strides (sample, slice, rank, position); a SLICED factor covers only the S slices of its long
-    axis, at OFFS, F_WIDTH / E_WIDTH wide (zero elsewhere). A dense F must be (NB samples, J, K)
-    contiguous in its sample and rank axes (it is read as NB * J rows of K). Forward: F = mixed A (dense over d_in),
-    E = mixed B (sliced over d_out). Backward dx: x = G, W = weight, F = mixed B (sliced over d_out),
-    E = mixed A (dense over d_in), and STORE_H keeps h = scale * G F^T (dh) for dA.
-
-    LORA = 0: no adapter. LORA = 1 (small adapters, SPB * J <= 64): the shrink is folded into the
-    main loop of the first adapted tile a program computes (the x tile is already loaded): h for the
-    row block's SPB samples at once, as one dot against the stacked factors; rows keep their own
-    sample's columns. LORA = 2: h was computed by ``_mira_shrink_fwd_kernel`` and is read from h_ptr
-    (M, J) in fp32; the expand loops over the samples of the tile, J_STEP columns of h at a time
-    (J_CHUNK = J_STEP unless SPLIT). SPLIT (fp16 x: 3xTF32 accuracy, contract section 11) splits h
-    and E into TF32-exact hi and fp32 lo halves and adds h_hi E_hi + h_lo E_hi + h_hi E_lo, the
-    three products of a 3xTF32 dot, as two TF32 dots of J_CHUNK = 2 J_STEP columns: [h_hi | h_lo]
-    against [E_hi; E_hi], then [h_hi | 0] against [E_lo; 0]. Triton's tf32x3 takes three dots and
-    spilled in this kernel; the columns J_STEP pads a small J (8 for ViT's S*r) to are used here.
-
-    Grid: (cdiv(M, BLOCK_M) * GROUPS,): program (row block, group g) computes the column tiles
-    ORDER[g], ORDER[g + GROUPS], ... (ORDER lists the tiles without an adapter first, so a program
-    waits for the retrieval (USE_PDL: gdc_wait) only after them, and computes h once per row block
-    for all its adapted tiles). HAS_BASE = False (in-place adapter): the main loop only shrinks and
-    the accumulator starts from out (IN_PLACE). UPCAST (bf16 under the interpreter only, whose bf16
-    dot is wrong) runs the dots in fp32.
-
-    TMA (an opt-in of :func:`.configs.overriding`, for measuring on Hopper): the main loop's x and W
-    tiles come through the tensor descriptors x_desc ((M, K), [BLOCK_M, BLOCK_K] boxes) and w_desc
-    (the weight as (NOUT, K), [BLOCK_N, BLOCK_K] boxes) instead of block pointers, the copy engine
-    zero-filling what lies outside, as the boundary checks do: the same values, the same dots. Else
-    they are x's and W's pointers again, unused.
-    """
-    pid = tl.program_id(0)
-    pm = pid // GROUPS
-    group = pid % GROUPS
+    """One work item of ``_mira_gemm_kernel``: row block ``item // GROUPS``, its column tiles of group
+    ``item % GROUPS`` (a separate function so that the one-item launch compiles exactly as before the
+    persistent one existed: a loop around this body raised registers and spilled, sm_80 and sm_90)."""
+    pm = item // GROUPS
+    group = item % GROUPS
     acc_ty = tl.float64 if out_ptr.dtype.element_ty == tl.float64 else tl.float32
     op_ty = tl.float32 if UPCAST else f_ptr.dtype.element_ty  # the adapter's operand dtype
     scale = _f64(scale_bits).to(acc_ty)
@@ -539,7 +508,7 @@ def _mira_gemm_kernel(
     own = (row_sample[:, None] - b_first) == (t // J)[None, :]  # LORA = 1: a row's own sample's columns
 
     h = tl.zeros((BLOCK_M, J_PAD), dtype=op_ty)
-    h_ready = pid < 0  # False: no tile of this program has computed h yet
+    h_ready = item < 0  # False: no tile of this work item has computed h yet
     for i in range(0, TILES):
         n_tile = _pick(group + i * GROUPS, ORDER, TILES * GROUPS)  # -1: past the last tile
         live = n_tile >= 0
@@ -602,7 +571,7 @@ def _mira_gemm_kernel(
                 tl.store(h_ptr + rows64[:, None] * J + (t % J)[None, :], h_scaled,
                          mask=row_ok[:, None] & own & (t < SPB * J)[None, :] & (group == 0))
             h = h_scaled.to(op_ty)  # the shrink's one rounding (contract section 11)
-            h_ready = pid >= 0
+            h_ready = item >= 0
         elif HAS_BASE:
             if live:
                 for k0 in range(0, K, BLOCK_K):
@@ -655,6 +624,78 @@ def _mira_gemm_kernel(
             acc += tl.load(bias_ptr + cols * stride_bias, mask=col_ok, other=0.0).to(acc_ty)[None, :]
         tl.store(out_ptr + rows64[:, None] * stride_om + cols[None, :], acc.to(out_ptr.dtype.element_ty),
                  mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit(do_not_specialize=["scale_bits"])
+def _mira_gemm_kernel(
+    x_ptr, w_ptr, bias_ptr, f_ptr, e_ptr, out_ptr, h_ptr, x_desc, w_desc,
+    M, NOUT, K, T, J, R, NB, F_WIDTH, E_WIDTH, scale_bits, ITEMS, PROGRAMS,
+    stride_xm, stride_wk, stride_wn, stride_bias, stride_om,
+    stride_fb, stride_fs, stride_fr, stride_fk, stride_eb, stride_es, stride_er, stride_en,
+    S: tl.constexpr, OFFS: tl.constexpr, F_SLICED: tl.constexpr, E_SLICED: tl.constexpr,
+    HAS_BASE: tl.constexpr, HAS_BIAS: tl.constexpr, LORA: tl.constexpr, IN_PLACE: tl.constexpr,
+    STORE_H: tl.constexpr, SPB: tl.constexpr, J_PAD: tl.constexpr, J_CHUNK: tl.constexpr,
+    J_STEP: tl.constexpr, SPLIT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUPS: tl.constexpr,
+    ORDER: tl.constexpr, TILES: tl.constexpr, BASE_PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, W_ORDER: tl.constexpr, USE_PDL: tl.constexpr, TMA: tl.constexpr, PERSISTENT: tl.constexpr,
+):
+    """The projection GEMM with MIRA's adapter fused in: out = x W + bias + scale * (x F_b^T) E_b, one rounding.
+
+    x (M, K) rows of B samples of T tokens; W (K, NOUT) (W_ORDER: its fastest dimension first); the
+    per-sample factors F (shrink, (J = S*R) x K) and E (expand, J x NOUT) are read through four
+    strides (sample, slice, rank, position); a SLICED factor covers only the S slices of its long
+    axis, at OFFS, F_WIDTH / E_WIDTH wide (zero elsewhere). A dense F must be (NB samples, J, K)
+    contiguous in its sample and rank axes (it is read as NB * J rows of K). Forward: F = mixed A (dense over d_in),
+    E = mixed B (sliced over d_out). Backward dx: x = G, W = weight, F = mixed B (sliced over d_out),
+    E = mixed A (dense over d_in), and STORE_H keeps h = scale * G F^T (dh) for dA.
+
+    LORA = 0: no adapter. LORA = 1 (small adapters, SPB * J <= 64): the shrink is folded into the
+    main loop of the first adapted tile a program computes (the x tile is already loaded): h for the
+    row block's SPB samples at once, as one dot against the stacked factors; rows keep their own
+    sample's columns. LORA = 2: h was computed by ``_mira_shrink_fwd_kernel`` and is read from h_ptr
+    (M, J) in fp32; the expand loops over the samples of the tile, J_STEP columns of h at a time
+    (J_CHUNK = J_STEP unless SPLIT). SPLIT (fp16 x: 3xTF32 accuracy, contract section 11) splits h
+    and E into TF32-exact hi and fp32 lo halves and adds h_hi E_hi + h_lo E_hi + h_hi E_lo, the
+    three products of a 3xTF32 dot, as two TF32 dots of J_CHUNK = 2 J_STEP columns: [h_hi | h_lo]
+    against [E_hi; E_hi], then [h_hi | 0] against [E_lo; 0]. Triton's tf32x3 takes three dots and
+    spilled in this kernel; the columns J_STEP pads a small J (8 for ViT's S*r) to are used here.
+
+    Grid: (cdiv(M, BLOCK_M) * GROUPS,): program (row block, group g) computes the column tiles
+    ORDER[g], ORDER[g + GROUPS], ... (ORDER lists the tiles without an adapter first, so a program
+    waits for the retrieval (USE_PDL: gdc_wait) only after them, and computes h once per row block
+    for all its adapted tiles). HAS_BASE = False (in-place adapter): the main loop only shrinks and
+    the accumulator starts from out (IN_PLACE). UPCAST (bf16 under the interpreter only, whose bf16
+    dot is wrong) runs the dots in fp32.
+
+    TMA (an opt-in of :func:`.configs.overriding`, for measuring on Hopper): the main loop's x and W
+    tiles come through the tensor descriptors x_desc ((M, K), [BLOCK_M, BLOCK_K] boxes) and w_desc
+    (the weight as (NOUT, K), [BLOCK_N, BLOCK_K] boxes) instead of block pointers, the copy engine
+    zero-filling what lies outside, as the boundary checks do: the same values, the same dots. Else
+    they are x's and W's pointers again, unused.
+
+    PERSISTENT (an opt-in of :func:`.configs.overriding`): PROGRAMS programs walk the ITEMS work items
+    (row block, group), each computed whole by one program as in the one-item launch, so the bits are
+    the same; otherwise the grid has one program per item.
+    """
+    if PERSISTENT:
+        for item in range(tl.program_id(0), ITEMS, PROGRAMS):
+            _gemm_work_item(
+                item,
+                x_ptr, w_ptr, bias_ptr, f_ptr, e_ptr, out_ptr, h_ptr, x_desc, w_desc, M, NOUT, K, T, J, R, NB,
+                F_WIDTH, E_WIDTH, scale_bits, ITEMS, PROGRAMS, stride_xm, stride_wk, stride_wn, stride_bias,
+                stride_om, stride_fb, stride_fs, stride_fr, stride_fk, stride_eb, stride_es, stride_er, stride_en, S,
+                OFFS, F_SLICED, E_SLICED, HAS_BASE, HAS_BIAS, LORA, IN_PLACE, STORE_H, SPB, J_PAD, J_CHUNK, J_STEP,
+                SPLIT, BLOCK_M, BLOCK_N, BLOCK_K, GROUPS, ORDER, TILES, BASE_PRECISION, LORA_PRECISION, UPCAST,
+                W_ORDER, USE_PDL, TMA)
+    else:
+        _gemm_work_item(
+            tl.program_id(0),
+            x_ptr, w_ptr, bias_ptr, f_ptr, e_ptr, out_ptr, h_ptr, x_desc, w_desc, M, NOUT, K, T, J, R, NB, F_WIDTH,
+            E_WIDTH, scale_bits, ITEMS, PROGRAMS, stride_xm, stride_wk, stride_wn, stride_bias, stride_om, stride_fb,
+            stride_fs, stride_fr, stride_fk, stride_eb, stride_es, stride_er, stride_en, S, OFFS, F_SLICED, E_SLICED,
+            HAS_BASE, HAS_BIAS, LORA, IN_PLACE, STORE_H, SPB, J_PAD, J_CHUNK, J_STEP, SPLIT, BLOCK_M, BLOCK_N,
+            BLOCK_K, GROUPS, ORDER, TILES, BASE_PRECISION, LORA_PRECISION, UPCAST, W_ORDER, USE_PDL, TMA)
 
 
 @triton.jit

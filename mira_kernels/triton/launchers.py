@@ -439,8 +439,12 @@ def _plan_gemm(name, a, w, w_strides, bias, out, sh: _Shapes, offsets, scale, x_
     placeholder = out
     fac_f = f if f is not None else _Factor(placeholder, (0, 0, 0, 0), False, 0)
     fac_e = e if e is not None else _Factor(placeholder, (0, 0, 0, 0), False, 0)
+    # A persistent launch (a measurement's opt-in) walks the work items with PERSISTENT_PROGRAMS programs;
+    # each item is computed whole by one program either way, so the bits do not depend on it.
+    items = m_tiles * groups
+    programs = min(items, configs.PERSISTENT_PROGRAMS) if configs.forced_persistent() else items
     launches.append(Launch(
-        name, kernels._mira_gemm_kernel, (m_tiles * groups,),
+        name, kernels._mira_gemm_kernel, (programs,),
         dict(x_ptr=a, w_ptr=w if w is not None else a, bias_ptr=bias if bias is not None else out,
              f_ptr=fac_f.tensor, e_ptr=fac_e.tensor, out_ptr=out,
              h_ptr=h if h is not None else (store_h if store_h is not None else placeholder),
@@ -448,7 +452,8 @@ def _plan_gemm(name, a, w, w_strides, bias, out, sh: _Shapes, offsets, scale, x_
              # argument works on every Triton, where a None one is a specialisation some may lack).
              x_desc=descs[0] if descs else a, w_desc=descs[1] if descs else (w if w is not None else a),
              M=m, NOUT=n_out, K=k, T=sh.T, J=j, R=sh.r, NB=sh.B, F_WIDTH=fac_f.width, E_WIDTH=fac_e.width,
-             scale_bits=float_bits(scale), stride_xm=a.stride(0), stride_wk=w_strides[0], stride_wn=w_strides[1],
+             scale_bits=float_bits(scale), ITEMS=items, PROGRAMS=programs, stride_xm=a.stride(0),
+             stride_wk=w_strides[0], stride_wn=w_strides[1],
              stride_bias=bias.stride(0) if bias is not None else 0, stride_om=out.stride(0),
              stride_fb=fac_f.strides[0], stride_fs=fac_f.strides[1], stride_fr=fac_f.strides[2],
              stride_fk=fac_f.strides[3], stride_eb=fac_e.strides[0], stride_es=fac_e.strides[1],
@@ -461,7 +466,7 @@ def _plan_gemm(name, a, w, w_strides, bias, out, sh: _Shapes, offsets, scale, x_
              TILES=tiles, BASE_PRECISION=base_precision, LORA_PRECISION=lora_precision,
              UPCAST=interpreter_upcast(a, x_dtype),
              W_ORDER=(0, 1) if w_strides[0] == 1 and w_strides[1] != 1 else (1, 0), USE_PDL=bool(pdl and lora > 0),
-             TMA=descs is not None),
+             TMA=descs is not None, PERSISTENT=programs < items),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, pdl=bool(pdl and lora > 0),
         maxnreg=configs.gemm_maxnreg(cfg.num_warps),
     ))

@@ -55,13 +55,16 @@ class Case:
     fp32_precision: str = "tf32"
     #: Planned under ``configs.overriding(tma=True)``: the GEMM's main loop on TMA descriptors.
     tma: bool = False
+    #: Planned under ``configs.overriding(persistent=True)``: the GEMM launched persistent.
+    persistent: bool = False
 
     @property
     def label(self) -> str:
         dtype = _DTYPE_NAMES[self.dtype]
         if self.dtype == torch.float32:
             dtype += f"/{self.fp32_precision}"
-        return f"{self.op} {dtype} B={self.batch} r={self.rank} N={self.slots}" + (" tma" if self.tma else "")
+        return (f"{self.op} {dtype} B={self.batch} r={self.rank} N={self.slots}" + (" tma" if self.tma else "")
+                + (" persistent" if self.persistent else ""))
 
 
 @dataclass
@@ -140,16 +143,18 @@ def ci_cases() -> list[tuple[Case, tuple[int, ...]]]:
     once for sm_90 (the ViT-B/16 bf16 backward at B = 8 plans them all), the forward at B = 64
     (retrieval and the GEMM with the shrink folded in, 253 registers on sm_90) and at B = 1 (the
     small-batch retrieval) for both targets, and for sm_90 the forward at B = 256 (programs of many
-    column tiles) and the forward's GEMM with its TMA main loop. ``test_cases`` (``make test-slow``)
-    and ``benchmark_cases`` (``python -m mira_kernels.triton.lowering``) compile the rest."""
+    column tiles) and the forward's GEMM with its TMA main loop, one item per program and persistent.
+    ``test_cases`` (``make test-slow``) and ``benchmark_cases`` (``python -m mira_kernels.triton.lowering``)
+    compile the rest."""
     return [(Case("linear", torch.bfloat16, 64, 4, 30), (80, 90)),
             (Case("linear", torch.bfloat16, 1, 4, 30), (80, 90)),  # the small-batch retrieval (deferred FMA sums)
             (Case("linear_backward", torch.bfloat16, 8, 4, 30), (90,)),
             (Case("key_norm", torch.float32, 1, 4, 30), (80, 90)),
             # B = 256: the wide tile's programs would walk every column tile (configs.one_tile_fits).
             (Case("linear", torch.bfloat16, 256, 4, 30), (90,)),
-            # The GEMM's TMA main loop (an opt-in that make gpu-check times): sm_90 only.
-            (Case("linear", torch.bfloat16, 64, 4, 30, tma=True), (90,))]
+            # The GEMM's TMA main loop, also launched persistent (opt-ins make gpu-check times): sm_90 only.
+            (Case("linear", torch.bfloat16, 64, 4, 30, tma=True), (90,)),
+            (Case("linear", torch.bfloat16, 64, 4, 30, tma=True, persistent=True), (90,))]
 
 
 def plan_case(case: Case, shape: dict | None = None) -> list[launchers.Launch]:
@@ -158,7 +163,8 @@ def plan_case(case: Case, shape: dict | None = None) -> list[launchers.Launch]:
     saved = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = case.fp32_precision == "tf32"
     try:
-        with configs.overriding(tma=True) if case.tma else contextlib.nullcontext():
+        opt_ins = {k: True for k in ("tma", "persistent") if getattr(case, k)}
+        with configs.overriding(**opt_ins) if opt_ins else contextlib.nullcontext():
             return _plan_case(case, shape or VIT_B)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = saved
@@ -298,7 +304,7 @@ def compile_launch(launch: launchers.Launch, arch: int, case: str = "") -> Lower
     intended = _intended(launch, signature, arch)
     shown = {k: v for k, v in launch.constexprs.items()
              if k.startswith(("BLOCK", "NC", "J_PAD", "SPB", "GROUPS", "TILES", "LORA", "NUM", "USE_PDL"))
-             or (k == "TMA" and v)}
+             or (k in ("TMA", "PERSISTENT") and v)}
     result = Lowered(
         kernel=launch.kernel.fn.__name__, arch=arch, case=case,
         constexprs=" ".join(f"{k}={v}" for k, v in shown.items()),

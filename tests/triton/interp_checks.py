@@ -397,6 +397,26 @@ def test_tma_main_loop_gives_the_pointer_loop_bits(dtype, shape):
     check_forward(make_inputs(**shape, seed=29), dtype, "affine")
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_persistent_gemm_gives_the_one_item_per_program_bits(monkeypatch, dtype):
+    # configs.overriding(persistent=True): fewer programs than work items (row block, column group),
+    # each walking several; an item is computed whole by one program, so the bits are the same.
+    from mira_kernels.triton import configs
+
+    monkeypatch.setattr(configs, "PERSISTENT_PROGRAMS", 3)
+    shape = dict(B=2, T=40, d_in=32, d_out=192, N=4, S=2, r=4, d_s=64, offsets=[0, 128])
+    inp = _at(make_inputs(**shape, seed=37), dtype)
+    args = (*inp.linear_args(), inp.slice_offsets, "affine", 0.7, 1e-2)
+    want = tri.mira_linear(*args)
+    for tma in (False, True):
+        with configs.overriding(persistent=True, tma=tma):
+            _, plan = launchers.plan_linear(*args)
+            got = tri.mira_linear(*args)
+        gemm = next(la for la in plan if la.name == "gemm")
+        assert gemm.grid == (3,) and gemm.args["ITEMS"] > 3 and gemm.args["PROGRAMS"] == 3
+        assert torch.equal(got, want)
+
+
 def test_tma_main_loop_only_where_descriptors_can_read_the_operands():
     # A row of 20 bf16 elements is 40 bytes, not a multiple of TMA's 16: the pointer loop, asked or not.
     from mira_kernels.triton import configs

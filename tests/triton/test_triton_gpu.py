@@ -184,17 +184,19 @@ def test_two_runs_bitwise_equal(dtype):
 
 @pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability() < (9, 0),
                     reason="TMA descriptors need sm_90")
-@pytest.mark.parametrize("batch", [1, 8, 64])
-def test_tma_main_loop_gives_the_pointer_loop_bits_and_replays_in_a_graph(batch):
+@pytest.mark.parametrize("overrides", [dict(tma=True), dict(tma=True, persistent=True)], ids=["tma", "tma-persistent"])
+@pytest.mark.parametrize("batch", [1, 8, 64, 256])
+def test_tma_main_loop_gives_the_pointer_loop_bits_and_replays_in_a_graph(batch, overrides):
     # configs.overriding(tma=True) (what make gpu-check times as mira[triton+tma]): the same tiles,
-    # zero-filled at the edges by the copy engine, the same dots in the same order.
+    # zero-filled at the edges by the copy engine, the same dots in the same order; persistent: the
+    # same work items, fewer programs.
     from mira_kernels.triton import configs
 
     inp = _cuda(make_inputs(**{**VIT_B, "B": batch}, dtype=torch.float64), torch.bfloat16)
     kw = _kw(inp, "affine")
     with torch.no_grad(), mk.use_backend("triton"):
         want = mk.mira_linear(*inp.linear_args(), **kw)
-        with configs.overriding(tma=True):
+        with configs.overriding(**overrides):
             got = mk.mira_linear(*inp.linear_args(), **kw)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):

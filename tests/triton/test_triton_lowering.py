@@ -73,8 +73,10 @@ def test_ci_subset_compiles_every_kernel_without_spills(ci):
     assert any(a == 90 and k.startswith("wgmma") and k.endswith(".bf16.bf16") for a, k in kinds)
     # The TMA main loop (configs.overriding(tma=True)) lowers to TMA copies, and only where asked for.
     gemm90 = [r for r in ci if r["kernel"] == "_mira_gemm_kernel" and r["arch"] == 90]
-    assert [r["tma"] for r in gemm90 if r["case"].endswith(" tma")] == [True]
-    assert not any(r["tma"] for r in ci if not r["case"].endswith(" tma"))
+    assert [r["tma"] for r in gemm90 if " tma" in r["case"]] == [True, True]
+    assert not any(r["tma"] for r in ci if " tma" not in r["case"])
+    assert [r["case"] for r in gemm90 if "PERSISTENT=True" in r["constexprs"]] == [
+        "linear bf16 B=64 r=4 N=30 tma persistent"]
 
 
 @pytest.mark.slow
