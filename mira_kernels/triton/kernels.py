@@ -626,7 +626,8 @@ def _gemm_work_item(
                  mask=row_ok[:, None] & col_ok[None, :])
 
 
-@triton.jit(do_not_specialize=["scale_bits"])
+# ITEMS and PROGRAMS are read by the persistent launch only: not specialised (no compile per batch size).
+@triton.jit(do_not_specialize=["scale_bits", "ITEMS", "PROGRAMS"])
 def _mira_gemm_kernel(
     x_ptr, w_ptr, bias_ptr, f_ptr, e_ptr, out_ptr, h_ptr, x_desc, w_desc,
     M, NOUT, K, T, J, R, NB, F_WIDTH, E_WIDTH, scale_bits, ITEMS, PROGRAMS,
