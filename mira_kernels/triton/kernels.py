@@ -481,7 +481,7 @@ def _factor_tile(rows, ok, off, idx, WIDTH, stride_i):
 @triton.jit
 def _gemm_work_item(
     item,
-    x_ptr, w_ptr, bias_ptr, f_ptr, e_ptr, out_ptr, h_ptr, x_desc, w_desc,
+    x_ptr, w_ptr, bias_ptr, f_ptr, e_ptr, out_ptr, h_ptr, x_desc, w_desc, out_desc,
     M, NOUT, K, T, J, R, NB, F_WIDTH, E_WIDTH, scale_bits, ITEMS, PROGRAMS,
     stride_xm, stride_wk, stride_wn, stride_bias, stride_om,
     stride_fb, stride_fs, stride_fr, stride_fk, stride_eb, stride_es, stride_er, stride_en,
@@ -622,14 +622,18 @@ def _gemm_work_item(
                                       tl.where(h_rows, 0, -1), cols, S, OFFS, E_WIDTH, E_SLICED, 1, LORA_PRECISION)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + cols * stride_bias, mask=col_ok, other=0.0).to(acc_ty)[None, :]
-        tl.store(out_ptr + rows64[:, None] * stride_om + cols[None, :], acc.to(out_ptr.dtype.element_ty),
-                 mask=row_ok[:, None] & col_ok[None, :])
+        if TMA:  # the tile through the copy engine, clipped at the edges (padding tiles store nothing)
+            if live:
+                out_desc.store([row0, col0], acc.to(out_ptr.dtype.element_ty))
+        else:
+            tl.store(out_ptr + rows64[:, None] * stride_om + cols[None, :], acc.to(out_ptr.dtype.element_ty),
+                     mask=row_ok[:, None] & col_ok[None, :])
 
 
 # ITEMS and PROGRAMS are read by the persistent launch only: not specialised (no compile per batch size).
 @triton.jit(do_not_specialize=["scale_bits", "ITEMS", "PROGRAMS"])
 def _mira_gemm_kernel(
-    x_ptr, w_ptr, bias_ptr, f_ptr, e_ptr, out_ptr, h_ptr, x_desc, w_desc,
+    x_ptr, w_ptr, bias_ptr, f_ptr, e_ptr, out_ptr, h_ptr, x_desc, w_desc, out_desc,
     M, NOUT, K, T, J, R, NB, F_WIDTH, E_WIDTH, scale_bits, ITEMS, PROGRAMS,
     stride_xm, stride_wk, stride_wn, stride_bias, stride_om,
     stride_fb, stride_fs, stride_fr, stride_fk, stride_eb, stride_es, stride_er, stride_en,
@@ -672,8 +676,9 @@ def _mira_gemm_kernel(
     TMA (an opt-in of :func:`.configs.overriding`, for measuring on Hopper): the main loop's x and W
     tiles come through the tensor descriptors x_desc ((M, K), [BLOCK_M, BLOCK_K] boxes) and w_desc
     (the weight as (NOUT, K), [BLOCK_N, BLOCK_K] boxes) instead of block pointers, the copy engine
-    zero-filling what lies outside, as the boundary checks do: the same values, the same dots. Else
-    they are x's and W's pointers again, unused.
+    zero-filling what lies outside, as the boundary checks do: the same values, the same dots; and
+    the output tile leaves through out_desc ((M, NOUT), [BLOCK_M, BLOCK_N] boxes), clipped at the
+    edges as the masked store is. Else the three are x's, W's and out's pointers again, unused.
 
     PERSISTENT (an opt-in of :func:`.configs.overriding`): PROGRAMS programs walk the ITEMS work items
     (row block, group), each computed whole by one program as in the one-item launch, so the bits are
@@ -683,7 +688,7 @@ def _mira_gemm_kernel(
         for item in range(tl.program_id(0), ITEMS, PROGRAMS):
             _gemm_work_item(
                 item,
-                x_ptr, w_ptr, bias_ptr, f_ptr, e_ptr, out_ptr, h_ptr, x_desc, w_desc, M, NOUT, K, T, J, R, NB,
+                x_ptr, w_ptr, bias_ptr, f_ptr, e_ptr, out_ptr, h_ptr, x_desc, w_desc, out_desc, M, NOUT, K, T, J, R, NB,
                 F_WIDTH, E_WIDTH, scale_bits, ITEMS, PROGRAMS, stride_xm, stride_wk, stride_wn, stride_bias,
                 stride_om, stride_fb, stride_fs, stride_fr, stride_fk, stride_eb, stride_es, stride_er, stride_en, S,
                 OFFS, F_SLICED, E_SLICED, HAS_BASE, HAS_BIAS, LORA, IN_PLACE, STORE_H, SPB, J_PAD, J_CHUNK, J_STEP,
@@ -692,11 +697,11 @@ def _mira_gemm_kernel(
     else:
         _gemm_work_item(
             tl.program_id(0),
-            x_ptr, w_ptr, bias_ptr, f_ptr, e_ptr, out_ptr, h_ptr, x_desc, w_desc, M, NOUT, K, T, J, R, NB, F_WIDTH,
-            E_WIDTH, scale_bits, ITEMS, PROGRAMS, stride_xm, stride_wk, stride_wn, stride_bias, stride_om, stride_fb,
-            stride_fs, stride_fr, stride_fk, stride_eb, stride_es, stride_er, stride_en, S, OFFS, F_SLICED, E_SLICED,
-            HAS_BASE, HAS_BIAS, LORA, IN_PLACE, STORE_H, SPB, J_PAD, J_CHUNK, J_STEP, SPLIT, BLOCK_M, BLOCK_N,
-            BLOCK_K, GROUPS, ORDER, TILES, BASE_PRECISION, LORA_PRECISION, UPCAST, W_ORDER, USE_PDL, TMA)
+            x_ptr, w_ptr, bias_ptr, f_ptr, e_ptr, out_ptr, h_ptr, x_desc, w_desc, out_desc, M, NOUT, K, T, J, R, NB,
+            F_WIDTH, E_WIDTH, scale_bits, ITEMS, PROGRAMS, stride_xm, stride_wk, stride_wn, stride_bias, stride_om,
+            stride_fb, stride_fs, stride_fr, stride_fk, stride_eb, stride_es, stride_er, stride_en, S, OFFS, F_SLICED,
+            E_SLICED, HAS_BASE, HAS_BIAS, LORA, IN_PLACE, STORE_H, SPB, J_PAD, J_CHUNK, J_STEP, SPLIT, BLOCK_M,
+            BLOCK_N, BLOCK_K, GROUPS, ORDER, TILES, BASE_PRECISION, LORA_PRECISION, UPCAST, W_ORDER, USE_PDL, TMA)
 
 
 @triton.jit

@@ -369,26 +369,31 @@ def _column_order(n_tiles: int, block_n: int, offsets: tuple, width: int, e_slic
     return tuple(lora if adapted_only else plain + lora)
 
 
-def tma_descriptors(a: torch.Tensor, w: torch.Tensor | None, w_strides: tuple[int, int], n_out: int, block_m: int,
-                    block_n: int, block_k: int):
-    """(x_desc, w_desc) for the GEMM's TMA main loop (``_mira_gemm_kernel``'s TMA), or None where the
-    operands do not allow it: a 16-bit x (M, K) with unit column stride and W (``w_strides``: its k
-    and n strides) the weight as (NOUT, K), row-major (the forward's; the backward's dx GEMM reads
-    the weight the other way round), both of one dtype, their bases and row strides 16-byte aligned
-    (what a TMA descriptor needs), and a Triton with host tensor descriptors."""
+def tma_descriptors(a: torch.Tensor, w: torch.Tensor | None, w_strides: tuple[int, int], out: torch.Tensor,
+                    block_m: int, block_n: int, block_k: int):
+    """(x_desc, w_desc, out_desc) for the GEMM's TMA main loop and store (``_mira_gemm_kernel``'s TMA),
+    or None where the operands do not allow it: a 16-bit x (M, K) with unit column stride, W
+    (``w_strides``: its k and n strides) the weight as (NOUT, K), row-major (the forward's; the
+    backward's dx GEMM reads the weight the other way round), out (M, NOUT), all of one dtype, their
+    bases and row strides 16-byte aligned (what a TMA descriptor needs), and a Triton with host tensor
+    descriptors."""
     try:
         from triton.tools.tensor_descriptor import TensorDescriptor
     except ImportError:
         return None
     if w is None or a.dtype not in (torch.float16, torch.bfloat16) or w.dtype != a.dtype:
         return None
+    n_out = out.shape[1]
     if w.dim() != 2 or tuple(w.shape) != (n_out, a.shape[1]) or w_strides != (1, w.stride(0)) or w.stride(1) != 1:
         return None
+    if out.dtype != a.dtype or out.dim() != 2 or out.shape[0] != a.shape[0]:
+        return None
     size = a.element_size()
-    for t in (a, w):
+    for t in (a, w, out):
         if t.stride(1) != 1 or (t.stride(0) * size) % 16 or (t.device.type != "meta" and t.data_ptr() % 16):
             return None
-    return (TensorDescriptor.from_tensor(a, [block_m, block_k]), TensorDescriptor.from_tensor(w, [block_n, block_k]))
+    return (TensorDescriptor.from_tensor(a, [block_m, block_k]), TensorDescriptor.from_tensor(w, [block_n, block_k]),
+            TensorDescriptor.from_tensor(out, [block_m, block_n]))
 
 
 def _plan_gemm(name, a, w, w_strides, bias, out, sh: _Shapes, offsets, scale, x_dtype, launches, *,
@@ -433,9 +438,9 @@ def _plan_gemm(name, a, w, w_strides, bias, out, sh: _Shapes, offsets, scale, x_
     if not configs.one_tile_fits(cfg, tiles=tiles, in_place=in_place, lora=lora):
         cfg = configs.narrow_tile(cfg, sh.T, j if lora == 1 else 0)
         m_tiles, groups, tiles, order = schedule(cfg)
-    # The TMA main loop only where a measurement asks for it, and only for the weight as (NOUT, K).
-    descs = (tma_descriptors(a, w, tuple(w_strides), n_out, cfg.block_m, cfg.block_n, cfg.block_k)
-             if configs.forced_tma() else None)
+    # The TMA main loop and store only where a measurement asks for it, for the weight as (NOUT, K).
+    descs = (tma_descriptors(a, w, tuple(w_strides), out, cfg.block_m, cfg.block_n, cfg.block_k)
+             if configs.forced_tma() and not in_place else None)
     placeholder = out
     fac_f = f if f is not None else _Factor(placeholder, (0, 0, 0, 0), False, 0)
     fac_e = e if e is not None else _Factor(placeholder, (0, 0, 0, 0), False, 0)
@@ -451,6 +456,7 @@ def _plan_gemm(name, a, w, w_strides, bias, out, sh: _Shapes, offsets, scale, x_
              # Without TMA the descriptors' places hold the operands' pointers, never read (a pointer
              # argument works on every Triton, where a None one is a specialisation some may lack).
              x_desc=descs[0] if descs else a, w_desc=descs[1] if descs else (w if w is not None else a),
+             out_desc=descs[2] if descs else out,
              M=m, NOUT=n_out, K=k, T=sh.T, J=j, R=sh.r, NB=sh.B, F_WIDTH=fac_f.width, E_WIDTH=fac_e.width,
              scale_bits=float_bits(scale), ITEMS=items, PROGRAMS=programs, stride_xm=a.stride(0),
              stride_wk=w_strides[0], stride_wn=w_strides[1],

@@ -426,11 +426,17 @@ def test_tma_main_loop_only_where_descriptors_can_read_the_operands():
     with configs.overriding(tma=True):
         _, plan = launchers.plan_linear(*args)
     assert [la.constexprs["TMA"] for la in plan if la.name == "gemm"] == [False]
-    assert launchers.tma_descriptors(inp.x.reshape(-1, 20), inp.weight, (1, 20), 72, 64, 64, 32) is None
+    out = torch.empty(inp.x.shape[0] * inp.x.shape[1], 72, dtype=torch.bfloat16)
+    assert launchers.tma_descriptors(inp.x.reshape(-1, 20), inp.weight, (1, 20), out, 64, 64, 32) is None
     # The weight read as (K, NOUT) (the backward's dx GEMM) is not the (NOUT, K) the descriptor is made for.
-    w = torch.zeros(72, 32, dtype=torch.bfloat16)
-    assert launchers.tma_descriptors(torch.zeros(10, 72, dtype=torch.bfloat16), w, (32, 1), 32, 64, 64, 32) is None
-    assert launchers.tma_descriptors(torch.zeros(10, 32, dtype=torch.bfloat16), w, (1, 32), 72, 64, 64, 32) is not None
+    w, bf16 = torch.zeros(72, 32, dtype=torch.bfloat16), dict(dtype=torch.bfloat16)
+    assert launchers.tma_descriptors(torch.zeros(10, 72, **bf16), w, (32, 1), torch.zeros(10, 32, **bf16), 64, 64,
+                                     32) is None
+    assert launchers.tma_descriptors(torch.zeros(10, 32, **bf16), w, (1, 32), torch.zeros(10, 72, **bf16), 64, 64,
+                                     32) is not None
+    # An output whose rows are 180 bytes apart (a column slice of a 90-wide buffer): not 16-byte aligned.
+    wide = torch.zeros(10, 90, **bf16)[:, :72]
+    assert launchers.tma_descriptors(torch.zeros(10, 32, **bf16), w, (1, 32), wide, 64, 64, 32) is None
 
 
 def _tf32(a):
