@@ -453,7 +453,7 @@ def run_op(rec: Partial, deadline: float, workload: dict, device: str = "cuda") 
     # Triton base GEMM gets (issue 17's design question), not a MIRA variant.
     probe_off = gemm_probe.unavailable_reason(dev)
     probes = {} if probe_off else {f"probe[{c.name}]": c for c in gemm_probe.CONFIGS}
-    # The product's Triton forward with its GEMM's x and W tiles through TMA descriptors
+    # The product's Triton forward with its GEMM's x, W and output tiles through TMA descriptors
     # (configs.overriding(tma=True)), and that GEMM also persistent (132 programs walking the work
     # items), same cells: how much of the fused GEMM's gap to cuBLAS the loads are, and the schedule.
     # Overridden plans are planned on every call (never cached): read their graph times and kernels.
