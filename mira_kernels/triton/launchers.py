@@ -381,12 +381,11 @@ def tma_descriptors(a: torch.Tensor, w: torch.Tensor | None, w_strides: tuple[in
         from triton.tools.tensor_descriptor import TensorDescriptor
     except ImportError:
         return None
-    if w is None or a.dtype not in (torch.float16, torch.bfloat16) or w.dtype != a.dtype:
+    if w is None or a.dtype not in (torch.float16, torch.bfloat16) or {w.dtype, out.dtype} != {a.dtype}:
         return None
-    n_out = out.shape[1]
-    if w.dim() != 2 or tuple(w.shape) != (n_out, a.shape[1]) or w_strides != (1, w.stride(0)) or w.stride(1) != 1:
+    if out.dim() != 2 or out.shape[0] != a.shape[0] or tuple(w.shape) != (out.shape[1], a.shape[1]):
         return None
-    if out.dtype != a.dtype or out.dim() != 2 or out.shape[0] != a.shape[0]:
+    if w_strides != (1, w.stride(0)):  # W[k, n] = weight[n, k]; the unit stride is checked below
         return None
     size = a.element_size()
     for t in (a, w, out):
