@@ -45,9 +45,10 @@ def overriding(*, gemm: dict | None = None, gemm_groups: int | None = None, retr
     :class:`RetrieveConfig`; ``retrieve_split``: column shares per sample tile (at most the
     chunks); ``fold``: False gives the shrink its own launch where the planner folds it into the
     GEMM; ``tma``: True loads the projection GEMM's x and W tiles, and stores its output tiles,
-    through TMA tensor descriptors where the operands allow it (:func:`.launchers.tma_descriptors`; ``make gpu-check`` times it);
-    ``persistent``: True launches that GEMM with :data:`PERSISTENT_PROGRAMS` programs walking its work
-    items (row block, column group) instead of one program per item.
+    through TMA tensor descriptors where the operands allow it (:func:`.launchers.tma_descriptors`;
+    ``make gpu-check`` times it); ``persistent``: True launches that GEMM with
+    :data:`PERSISTENT_PROGRAMS` programs walking its work items (row block, column group) instead of
+    one program per item.
     Not thread-safe: the override is process-wide while the block runs.
     """
     for name, fields, cls in (("gemm", gemm, FusedConfig), ("retrieve", retrieve, RetrieveConfig)):
