@@ -454,12 +454,14 @@ def run_op(rec: Partial, deadline: float, workload: dict, device: str = "cuda") 
     probe_off = gemm_probe.unavailable_reason(dev)
     probes = {} if probe_off else {f"probe[{c.name}]": c for c in gemm_probe.CONFIGS}
     # The product's Triton forward with its GEMM's x, W and output tiles through TMA descriptors
-    # (configs.overriding(tma=True)), and that GEMM also persistent (132 programs walking the work
-    # items), same cells: how much of the fused GEMM's gap to cuBLAS the loads are, and the schedule.
-    # Overridden plans are planned on every call (never cached): read their graph times and kernels.
+    # (configs.overriding(tma=True)), and that GEMM also persistent (one program per SM walking the
+    # work items, as the probe's), same cells: how much of the fused GEMM's gap to cuBLAS the loads
+    # are, and the schedule. Overridden plans are planned on every call (never cached): read their
+    # graph times and kernels.
     tma_off = probe_off or (None if "triton" in backends else "the triton backend is not available here")
+    sms = None if tma_off else torch.cuda.get_device_properties(dev).multi_processor_count
     tma = {} if tma_off else {"mira[triton+tma]": dict(tma=True),
-                              "mira[triton+tma+persistent]": dict(tma=True, persistent=True)}
+                              "mira[triton+tma+persistent]": dict(tma=True, persistent=sms)}
     variants = ["linear", "eager"] + [f"mira[{b}]" for b in backends] + list(probes) + list(tma)
     kinds = {"linear": ("linear", None), "eager": ("eager", None), **{f"mira[{b}]": ("mira", b) for b in backends},
              **{name: ("probe", None) for name in probes}, **{name: ("mira", "triton") for name in tma}}

@@ -37,7 +37,7 @@ _OVERRIDES: list[dict] = [{}]
 @contextlib.contextmanager
 def overriding(*, gemm: dict | None = None, gemm_groups: int | None = None, retrieve: dict | None = None,
                retrieve_split: int | None = None, fold: bool | None = None, tma: bool | None = None,
-               persistent: bool | None = None):
+               persistent: bool | int | None = None):
     """Plans made inside use these launch parameters instead of the table's: for tuning sweeps
     (``benchmarks.gpu_sweep``) only; the ops never enter it. ``gemm``: fields of
     :class:`FusedConfig` (samples_per_block and j_pad follow block_m); ``gemm_groups``: the
@@ -48,9 +48,13 @@ def overriding(*, gemm: dict | None = None, gemm_groups: int | None = None, retr
     through TMA tensor descriptors where the operands allow it (:func:`.launchers.tma_descriptors`;
     ``make gpu-check`` times it); ``persistent``: True launches that GEMM with
     :data:`PERSISTENT_PROGRAMS` programs walking its work items (row block, column group) instead of
-    one program per item.
+    one program per item, a positive int with that many (``make gpu-check`` passes the device's SM
+    count: an H100 PCIe has 114, and 132 programs there would run a second, 18-program wave).
     Not thread-safe: the override is process-wide while the block runs.
     """
+    if persistent is not None and not isinstance(persistent, bool) and not (
+            isinstance(persistent, int) and persistent > 0):
+        raise ValueError(f"persistent: expected True, False or a positive number of programs, got {persistent!r}")
     for name, fields, cls in (("gemm", gemm, FusedConfig), ("retrieve", retrieve, RetrieveConfig)):
         unknown = set(fields or ()) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
@@ -78,9 +82,13 @@ def forced_tma() -> bool:
 PERSISTENT_PROGRAMS = 132
 
 
-def forced_persistent() -> bool:
-    """Whether :func:`overriding` asks for the persistent GEMM launch (a measurement's opt-in)."""
-    return _OVERRIDES[-1].get("persistent") is True
+def persistent_programs() -> int | None:
+    """The programs of the persistent GEMM launch :func:`overriding` asks for (a measurement's
+    opt-in), or None: one program per work item."""
+    asked = _OVERRIDES[-1].get("persistent")
+    if asked is True:
+        return PERSISTENT_PROGRAMS
+    return None if asked is None or asked is False else asked
 
 
 @dataclass(frozen=True)
@@ -243,7 +251,7 @@ def one_tile_fits(cfg: FusedConfig, *, tiles: int, in_place: bool, lora: int) ->
     B = 64), which walk several work items. A tile forced by :func:`overriding` is kept."""
     if _OVERRIDES[-1].get("gemm") or cfg.block_n < 256:
         return True
-    return tiles == 1 and not in_place and lora != 2 and not forced_persistent()
+    return tiles == 1 and not in_place and lora != 2 and persistent_programs() is None
 
 
 def narrow_tile(cfg: FusedConfig, T: int, j: int) -> FusedConfig:

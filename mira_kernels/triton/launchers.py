@@ -443,10 +443,11 @@ def _plan_gemm(name, a, w, w_strides, bias, out, sh: _Shapes, offsets, scale, x_
     placeholder = out
     fac_f = f if f is not None else _Factor(placeholder, (0, 0, 0, 0), False, 0)
     fac_e = e if e is not None else _Factor(placeholder, (0, 0, 0, 0), False, 0)
-    # A persistent launch (a measurement's opt-in) walks the work items with PERSISTENT_PROGRAMS programs;
-    # each item is computed whole by one program either way, so the bits do not depend on it.
+    # A persistent launch (a measurement's opt-in) walks the work items with fewer programs; each item
+    # is computed whole by one program either way, so the bits do not depend on the count.
     items = m_tiles * groups
-    programs = min(items, configs.PERSISTENT_PROGRAMS) if configs.forced_persistent() else items
+    persistent = configs.persistent_programs()
+    programs = items if persistent is None else min(items, persistent)
     launches.append(Launch(
         name, kernels._mira_gemm_kernel, (programs,),
         dict(x_ptr=a, w_ptr=w if w is not None else a, bias_ptr=bias if bias is not None else out,

@@ -415,6 +415,12 @@ def test_persistent_gemm_gives_the_one_item_per_program_bits(monkeypatch, dtype)
         gemm = next(la for la in plan if la.name == "gemm")
         assert gemm.grid == (3,) and gemm.args["ITEMS"] > 3 and gemm.args["PROGRAMS"] == 3
         assert torch.equal(got, want)
+    # A program count of its own (make gpu-check passes the device's SM count) overrides the constant.
+    with configs.overriding(persistent=2):
+        _, plan = launchers.plan_linear(*args)
+        got = tri.mira_linear(*args)
+    assert next(la for la in plan if la.name == "gemm").grid == (2,)
+    assert torch.equal(got, want)
 
 
 def test_tma_main_loop_only_where_descriptors_can_read_the_operands():

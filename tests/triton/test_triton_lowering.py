@@ -121,3 +121,30 @@ def test_the_wide_tile_only_where_a_program_computes_one_column_tile():
     # A sweep's forced tile is its own business: kept as forced.
     with configs.overriding(gemm=dict(block_n=256, block_k=32, num_warps=8, num_stages=4)):
         assert gemm(lowering.Case("linear", bf16, 256, 4, 30))[:2] == (128, 256)
+
+
+def test_persistent_launch_takes_the_programs_asked_for():
+    # configs.overriding(persistent=...): True gives PERSISTENT_PROGRAMS (an H100 SXM's / H200's 132
+    # SMs), a positive int that many (make gpu-check passes the device's SM count: 114 on an H100
+    # PCIe); planned on meta tensors for sm_90, bf16 B = 64 (396 work items on the narrow tile).
+    import torch
+
+    from mira_kernels.triton import configs, launchers, lowering
+
+    def launch(persistent):
+        with launchers.planning_for(capability=(9, 0)), configs.overriding(persistent=persistent):
+            plan = lowering.plan_case(lowering.Case("linear", torch.bfloat16, 64, 4, 30))
+        g = next(la for la in plan if la.name.startswith("gemm"))
+        return g.grid, g.args["ITEMS"], g.constexprs["BLOCK_N"]
+
+    grid, items, block_n = launch(None)
+    assert grid == (items,) and block_n == 256  # one program per item, the wide tile
+    grid, items, block_n = launch(True)
+    assert grid == (configs.PERSISTENT_PROGRAMS,) < (items,) and block_n == 128
+    assert launch(114)[0] == (114,)
+    grid, items, _ = launch(10_000)  # never more programs than items
+    assert grid == (items,)
+    for bad in (0, -3, 1.5, "132"):
+        with pytest.raises(ValueError, match="persistent"):
+            with configs.overriding(persistent=bad):
+                pass
