@@ -575,7 +575,22 @@ def calibrate(mach: Machine, doc: dict, rounds: int = 4) -> tuple[Machine, list[
             mach = replace(mach, **{name: 0.5 * (lo + hi)})
             notes[name] = (f"{name} = {getattr(mach, name):.4g}: fitted to {variant} {str(dtype)[6:]} B={B} {mode} "
                            f"{want:.1f} us")
-    return replace(mach, key_norm_fused=current), [notes[name] for name, *_ in CALIBRATION if name in notes]
+    lines = [notes[name] for name, *_ in CALIBRATION if name in notes]
+    other = other_device(mach, doc)
+    return replace(mach, key_norm_fused=current), ([other] if other else []) + lines
+
+
+def other_device(mach: Machine, doc: dict) -> str | None:
+    """A line saying so when a recorded run's GPU is not the chip the model's constants describe (an
+    H200: a lent machine may be an H100, SXM with 132 SMs and 3.35 TB/s or PCIe with 114 and 2.0):
+    the fitted constants absorb some of the difference, the bandwidths, peaks and SM count do not."""
+    gpu = (doc.get("environment") or {}).get("gpu") or {}
+    name, sms = gpu.get("name"), gpu.get("sms")
+    if not name or ("H200" in name and sms in (None, mach.sms)):
+        return None
+    return (f"the run's GPU is {name} ({sms} SMs), the model's constants an H200's ({mach.sms} SMs; SOURCES): "
+            "the fits absorb part of the difference, not the bandwidths, peak rates or SM count; "
+            "read 'model vs measurement' as across two chips")
 
 
 def as_run(mach: Machine, doc: dict) -> Machine:

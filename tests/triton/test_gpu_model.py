@@ -157,3 +157,15 @@ def test_calibration_fits_each_constant_to_its_cell_and_holds_the_rest_out(mach)
     missing = {"phases": {"model": {"measurements": []}}}
     same, notes = gm.calibrate(mach, missing)
     assert same == mach and all("not fitted" in n for n in notes)
+
+
+def test_calibration_says_when_the_run_was_on_another_chip(mach):
+    # The constants are an H200's; a lent machine may be an H100 (SXM 132 SMs, PCIe 114).
+    doc = _fourth_run()
+    assert gm.other_device(mach, doc) is None  # the fourth run was on the H200
+    for name, sms in (("NVIDIA H100 PCIe", 114), ("NVIDIA H100 80GB HBM3", 132), ("NVIDIA H200", 114)):
+        other = {**doc, "environment": {**doc["environment"], "gpu": {**doc["environment"]["gpu"],
+                                                                       "name": name, "sms": sms}}}
+        _, notes = gm.calibrate(mach, other)
+        assert notes[0].startswith(f"the run's GPU is {name} ({sms} SMs)"), notes[0]
+        assert len(notes) == len(gm.CALIBRATION) + 1
