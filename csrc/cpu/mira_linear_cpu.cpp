@@ -755,6 +755,16 @@ int64_t mix_lines(const Shapes& s) { return (s.SR * (s.d_in + s.d_s) + kMixLine 
 // took the rest back. And the banks and keys in 2 MiB pages (madvise(MADV_HUGEPAGE), so that the
 // bank stream meets no 4 KiB page walk or prefetcher stop): mixing 35.6 against 36.3 us cold, 35.8
 // against 35.8 warm; retrieval 10.6 against 10.8. The stream is bound by what the two cores draw.
+// And the prefetching helpers again on that Zen 5 (B = 1, caches evicted, benchmarks.budget, each
+// variant behind an environment switch and alternated with it off in the same build, 2026-12-07),
+// retrieval + mixing in us, variant against the unchanged path: the second thread requesting its
+// whole column share into L2 (prefetcht1) before it scores, 61.5 / 48.5 against 64.0 / 47.8; the
+// second thread not scoring but prefetching its share while the first scores, then mixing with the
+// first's weights, 45.0 / 45.1 against 44.0 / 43.6 (the first thread's share, alone on the memory
+// after its scoring, is the longer path); and it prefetching (or loading) 2 KiB column chunks
+// claimed from a counter until the weights are published, then both mixing the rest by claims,
+// 58.0 / 57.1 (prefetches) and 55.5 / 60.6 (loads) against 45.6 / 55.8 (claims cut each slot's
+// stream into 2 KiB runs that the hardware prefetchers must start again).
 template <typename T>
 void prepare_memory(const IsaTable& isa, const Shapes& s, const at::Tensor& query, const at::Tensor& keys,
                     const at::Tensor& bank_a, const at::Tensor& bank_b, Sep sep, double scale, double eps,
@@ -933,6 +943,8 @@ at::Tensor mira_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const 
                            const at::Tensor& bank_b, at::IntArrayRef slice_offsets, c10::string_view separation,
                            double scale, double eps) {
   if (phase_clock) *phase_clock = PhaseClock{};
+  // The checks cost ~0.1-0.2 us of the entry phase's 4-6 us at batch 1 (benchmarks.budget on a Zen 5
+  // with them switched off, 2026-12-07): an eval plan gains nothing by skipping them.
   mira::check_linear_args(x, weight, bias, query, keys, bank_a, bank_b, slice_offsets, separation, scale, eps);
   const int64_t d_out = weight.size(0);
   const Shapes s = shapes_of(x, keys, bank_a, bank_b, slice_offsets);
