@@ -1209,7 +1209,8 @@ def format_table(record: dict) -> str:
                          f"{1e6 * f['compute_s']:.1f} us; {(f['bytes']['banks'] + f['bytes']['keys']) / 1e6:.2f} MB "
                          f"at {f['dram_bytes_per_s'] / 1e9:.1f} GB/s{_bandwidth_note(f)} = "
                          f"{1e6 * f['memory_s']:.1f} us) -> "
-                         f"{f['percent']:.3f}%; module extra {1e6 * res['module']['extra_per_block_s']:.1f} us per "
+                         f"{f['percent']:.3f}% (without overlap, the sum: {f['serial_percent']:.3f}%); "
+                         f"module extra {1e6 * res['module']['extra_per_block_s']:.1f} us per "
                          f"block over {1e3 * res['module']['stock_median_s']:.3f} ms")
         lines.append(f"batch {b}: end to end, {e2e['rounds']} interleaved rounds in {e2e['seconds']:.0f} s "
                      f"(stopped by {e2e['stopped_by']})")

@@ -137,6 +137,9 @@ def test_a_whole_run_leads_with_what_a_user_pays(tmp_path):
     assert res["module"]["pairs"] >= 20 and res["end_to_end_headline"]["rounds"] >= 3
     assert set(res["end_to_end"]["variants"]) >= {"backbone", "fused", "reference", "eager"}
     assert res["floor"]["bound"] in ("memory", "compute") and res["floor"]["percent"] > 0
+    f = res["floor"]  # the no-overlap floor is the two terms' sum: above the max, at most twice it
+    assert f["serial_s"] == f["compute_s"] + f["memory_s"] and f["percent"] < f["serial_percent"] <= 2 * f["percent"]
+    assert f"(without overlap, the sum: {f['serial_percent']:.3f}%)" in table
     # The floor's bandwidth is the module pairs' own eviction reads; the start-of-run one beside it.
     assert res["floor"]["bandwidth_source"] == "the eviction reads of the timed rounds"
     assert res["floor"]["dram_bytes_per_s_at_start"] > 0
