@@ -682,10 +682,45 @@ def report(mach: Machine, dtypes=(torch.bfloat16, torch.float32), batches=BATCHE
                        f"{_pct(plain.graph * 1e6 + fl, plain.graph * 1e6):>9}   (useful adapter + mixing FLOPs at "
                        f"the bf16 rate; target {'beside the floor' if target is None else f'<= {target}%'})")
             out.append("")
+    out += sensitivity(mach, batches)
     out += qkv_tables(mach.for_dtype(torch.bfloat16), batches, before)
     if measured:
         out += measured_tables(measured, mach, calibrated=bool(calibration) and calibration[2] is measured)
     return "\n".join(out)
+
+
+#: The model's assumptions lifted one after another (cumulative) in the sensitivity table: what each
+#: part of the Triton forward's modelled excess is worth, so that a GPU run knows what to measure first.
+WHAT_IF = (
+    ("as modelled", {}),
+    ("+ fused GEMM mainloop at cuBLAS's rate (triton_gemm_efficiency = 1)", {"triton_gemm_efficiency": 1.0}),
+    ("+ MIRA kernels' dependent steps free (step_time_triton = 0)", {"step_time_triton": 0.0}),
+    ("+ no per-launch floor, stock launches too (launch_floor = 0)", {"launch_floor": 0.0}),
+)
+
+
+def sensitivity(mach: Machine, batches) -> list[str]:
+    """The Triton forward over the stock model (bf16, CUDA graph) with WHAT_IF's assumptions lifted in turn."""
+    dtype = torch.bfloat16
+    width = max(len(label) for label, _ in WHAT_IF)
+    out = ["== What the Triton forward's excess is made of (bf16, CUDA graph, over the stock model; model) ==",
+           f"{'assumptions lifted in turn':<{width}} " + " ".join(f"{f'B={B}':>9}" for B in batches)]
+    for label, change in WHAT_IF:
+        mach = replace(mach, **change)
+        dmach = mach.for_dtype(dtype)
+        cells = []
+        for B in batches:
+            triton = model_ops("triton", B, dtype, dmach)
+            if isinstance(triton, str):
+                cells.append(f"{'-':>9}")
+                continue
+            plain = time_ops(model_ops("plain", B, dtype, dmach), dmach).graph
+            cells.append(f"{_pct(time_ops(triton, dmach).graph, plain):>9}")
+        out.append(f"{label:<{width}} " + " ".join(cells))
+    out.append(f"{'target (issue 17)':<{width}} " + " ".join(
+        f"{'floor' if TARGETS.get(B) is None else f'<= {TARGETS[B]}%':>9}" for B in batches))
+    out.append("")
+    return out
 
 
 def qkv_tables(mach: Machine, batches, before: dict | None) -> list[str]:

@@ -169,3 +169,22 @@ def test_calibration_says_when_the_run_was_on_another_chip(mach):
         _, notes = gm.calibrate(mach, other)
         assert notes[0].startswith(f"the run's GPU is {name} ({sms} SMs)"), notes[0]
         assert len(notes) == len(gm.CALIBRATION) + 1
+
+
+def test_sensitivity_rows_lift_the_assumptions_in_turn():
+    # Calibrated to the fourth run: the first row is the end-to-end table's Triton overhead; the
+    # fused GEMM at cuBLAS's mainloop rate can only be faster.
+    cal, _ = gm.calibrate(gm.Machine(), _fourth_run())
+    text = gm.report(cal, dtypes=(torch.bfloat16,), batches=(8, 256))
+    lines = text.splitlines()
+    start = lines.index(next(x for x in lines if x.startswith("== What the Triton forward's excess")))
+    cells = [re.fullmatch(r"(.*?) +([+-][0-9.]+)% +([+-][0-9.]+)%", line).groups()
+             for line in lines[start + 2:start + 2 + len(gm.WHAT_IF)]]
+    rows = {label: [float(a), float(b)] for label, a, b in cells}
+    assert list(rows) == [label for label, _ in gm.WHAT_IF]
+    for B, got in zip((8, 256), rows["as modelled"]):
+        table = next(x for x in lines if x.startswith(f"{B:>4} {'triton':<11}"))
+        assert f"{got:+7.2f}%" in table
+    modelled, cublas_rate = rows["as modelled"], rows[gm.WHAT_IF[1][0]]
+    assert all(c < m for c, m in zip(cublas_rate, modelled))
+    assert lines[start + 2 + len(gm.WHAT_IF)].split()[-4:] == ["<=", "1.0%", "<=", "0.4%"]  # the targets row
