@@ -944,7 +944,11 @@ at::Tensor mira_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const 
                            double scale, double eps) {
   if (phase_clock) *phase_clock = PhaseClock{};
   // The checks cost ~0.1-0.2 us of the entry phase's 4-6 us at batch 1 (benchmarks.budget on a Zen 5
-  // with them switched off, 2026-12-07): an eval plan gains nothing by skipping them.
+  // with them switched off, 2026-12-07): an eval plan gains nothing by skipping them. Nor did
+  // requesting the forward's code into L2 here (the first 4 or 8 KiB of each of 11 hot functions,
+  // in case cold instruction fetches were the phases' cold-cache excess): entry +2 to +6 us, the
+  // later phases within their run-to-run spread (same machine and method, two alternated pairs of
+  // runs per size).
   mira::check_linear_args(x, weight, bias, query, keys, bank_a, bank_b, slice_offsets, separation, scale, eps);
   const int64_t d_out = weight.size(0);
   const Shapes s = shapes_of(x, keys, bank_a, bank_b, slice_offsets);
