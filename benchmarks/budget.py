@@ -181,9 +181,9 @@ def measure_floor(proj, x: torch.Tensor, *, n_blocks: int, backbone_s: float, st
     compute_s = extra / rate
     memory_s = (nbytes["banks"] + nbytes["keys"]) / bandwidth["bytes_per_s"]
     per_block = max(compute_s, memory_s)
-    # The floor above presumes the bank stream overlaps the arithmetic. On a machine whose cores all
-    # do both (2 cores here), it has not: every overlap tried measured no gain (csrc/cpu/
-    # mira_linear_cpu.cpp), so the sum is printed beside it, what the kernel's phases approach.
+    # The floor above presumes the bank stream overlaps the arithmetic. On the 2-core machines measured
+    # so far, where both cores do both, every overlap tried measured no gain (csrc/cpu/
+    # mira_linear_cpu.cpp), so the sum is printed beside it: what the kernel's phases approach.
     serial = compute_s + memory_s
     return {
         "gemm_macs_per_s": rate, "extra_macs": int(extra), "compute_s": compute_s,
