@@ -270,6 +270,33 @@ def test_attach_stores_banks_in_bank_dtype_and_computes_the_rounded_model(bank_d
     assert summary["added_bytes"] < mira.count_parameters(full)["added_bytes"]
 
 
+def test_the_bank_rounding_study_computes_what_bfloat16_storage_computes():
+    # mira.experiments.bank_rounding rounds a float32-bank model's banks in place: its outputs are
+    # then those of the same model attached with bank_dtype=bfloat16, bit for bit, and a second
+    # rounding changes nothing; its comparison counts the predictions that change.
+    from types import SimpleNamespace
+
+    import mira
+    from mira.experiments import bank_rounding
+    from mira.experiments.backbone import normalize
+    from tests.tiny_models import images
+
+    low, full = filled(torch.bfloat16), filled()
+    assert bank_rounding.round_banks_(full) > 0 and bank_rounding.round_banks_(full) == 0
+    x = images(batch=6).sigmoid()  # images in [0, 1], as the study's tasks hold them
+    with torch.no_grad():
+        torch.testing.assert_close(full(normalize(x)), low(normalize(x)), rtol=0, atol=0)
+    model = filled()
+    with torch.no_grad():
+        labels = model(normalize(x)).argmax(1)
+    task = SimpleNamespace(name="t", test_x=x, test_y=labels)
+    result = bank_rounding.compare(model, [task])
+    row = result["tasks"][0]
+    assert result["bank_entries_changed"] > 0 and row["n"] == 6 and row["acc_f32"] == 1.0
+    assert row["acc_bf16"] == 1.0 - row["flipped"] / 6 and 0 < row["max_rel_logit_change"] < 0.1
+    assert all(m.bank_a.dtype == torch.float32 for m in mira.memories(model))  # rounded in place, not cast
+
+
 def test_bank_dtype_is_validated():
     import mira
     from mira.config import MemoryConfig, MiraConfig
