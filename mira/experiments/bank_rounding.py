@@ -67,10 +67,10 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m mira.experiments.bank_rounding",
                                      description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--seeds", type=int, nargs="+", default=list(FULL["seeds"]))
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(FULL["seeds"]), help="training seeds")
     parser.add_argument("--variants", nargs="+", default=["mira", "improved"],
                         help="DIL rows of the main table (MIRA kinds only)")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--json", default=None, help="also write the record here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
