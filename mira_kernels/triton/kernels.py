@@ -482,7 +482,7 @@ def _factor_tile(rows, ok, off, idx, WIDTH, stride_i):
 def _gemm_work_item(
     item,
     x_ptr, w_ptr, bias_ptr, f_ptr, e_ptr, out_ptr, h_ptr, x_desc, w_desc, out_desc,
-    M, NOUT, K, T, J, R, NB, F_WIDTH, E_WIDTH, scale_bits, ITEMS, PROGRAMS,
+    M, NOUT, K, T, J, R, NB, F_WIDTH, E_WIDTH, scale_bits,
     stride_xm, stride_wk, stride_wn, stride_bias, stride_om,
     stride_fb, stride_fs, stride_fr, stride_fk, stride_eb, stride_es, stride_er, stride_en,
     S: tl.constexpr, OFFS: tl.constexpr, F_SLICED: tl.constexpr, E_SLICED: tl.constexpr,
@@ -689,16 +689,15 @@ def _mira_gemm_kernel(
             _gemm_work_item(
                 item,
                 x_ptr, w_ptr, bias_ptr, f_ptr, e_ptr, out_ptr, h_ptr, x_desc, w_desc, out_desc, M, NOUT, K, T, J, R, NB,
-                F_WIDTH, E_WIDTH, scale_bits, ITEMS, PROGRAMS, stride_xm, stride_wk, stride_wn, stride_bias,
-                stride_om, stride_fb, stride_fs, stride_fr, stride_fk, stride_eb, stride_es, stride_er, stride_en, S,
-                OFFS, F_SLICED, E_SLICED, HAS_BASE, HAS_BIAS, LORA, IN_PLACE, STORE_H, SPB, J_PAD, J_CHUNK, J_STEP,
-                SPLIT, BLOCK_M, BLOCK_N, BLOCK_K, GROUPS, ORDER, TILES, BASE_PRECISION, LORA_PRECISION, UPCAST,
-                W_ORDER, USE_PDL, TMA)
+                F_WIDTH, E_WIDTH, scale_bits, stride_xm, stride_wk, stride_wn, stride_bias, stride_om, stride_fb,
+                stride_fs, stride_fr, stride_fk, stride_eb, stride_es, stride_er, stride_en, S, OFFS, F_SLICED,
+                E_SLICED, HAS_BASE, HAS_BIAS, LORA, IN_PLACE, STORE_H, SPB, J_PAD, J_CHUNK, J_STEP, SPLIT, BLOCK_M,
+                BLOCK_N, BLOCK_K, GROUPS, ORDER, TILES, BASE_PRECISION, LORA_PRECISION, UPCAST, W_ORDER, USE_PDL, TMA)
     else:
         _gemm_work_item(
             tl.program_id(0),
             x_ptr, w_ptr, bias_ptr, f_ptr, e_ptr, out_ptr, h_ptr, x_desc, w_desc, out_desc, M, NOUT, K, T, J, R, NB,
-            F_WIDTH, E_WIDTH, scale_bits, ITEMS, PROGRAMS, stride_xm, stride_wk, stride_wn, stride_bias, stride_om,
+            F_WIDTH, E_WIDTH, scale_bits, stride_xm, stride_wk, stride_wn, stride_bias, stride_om,
             stride_fb, stride_fs, stride_fr, stride_fk, stride_eb, stride_es, stride_er, stride_en, S, OFFS, F_SLICED,
             E_SLICED, HAS_BASE, HAS_BIAS, LORA, IN_PLACE, STORE_H, SPB, J_PAD, J_CHUNK, J_STEP, SPLIT, BLOCK_M,
             BLOCK_N, BLOCK_K, GROUPS, ORDER, TILES, BASE_PRECISION, LORA_PRECISION, UPCAST, W_ORDER, USE_PDL, TMA)
