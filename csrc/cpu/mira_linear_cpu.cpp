@@ -765,6 +765,16 @@ int64_t mix_lines(const Shapes& s) { return (s.SR * (s.d_in + s.d_s) + kMixLine 
 // claimed from a counter until the weights are published, then both mixing the rest by claims,
 // 58.0 / 57.1 (prefetches) and 55.5 / 60.6 (loads) against 45.6 / 55.8 (claims cut each slot's
 // stream into 2 KiB runs that the hardware prefetchers must start again).
+// And overlapping the bank stream with the base GEMM instead (same Zen 5, B = 1, caches evicted,
+// 2026-12-07). Retrieval + mixing on one thread alone take 53-60 us against 12.6 + 41.6 on both: the
+// second thread buys almost nothing there, so the calling thread ran a panel of the GEMM meanwhile
+// (columns no slice touches, ATen's addmm_ on a column view; MKL runs single-threaded inside the
+// region; output bit for bit the same). But every GEMM call packs all of x (197 x 768) whatever its
+// width: the panel took 121 / 122 / 165 / 267 us at 8 / 16 / 32 / 64 columns (alone, cold: 112 /
+// 116 / 156 / 256 us), and the module came out +36 us [18, 51] over the unchanged one (32 columns,
+// 192 interleaved rounds). Packing x on that thread with MKL's packed API instead (cblas_sgemm_pack,
+// ~81 us cold on one thread, longer than the window), then cblas_sgemm_compute (bit-identical to
+// addmm here), saves only ~17 us of the GEMM (paired median of 150 rounds). Not kept.
 template <typename T>
 void prepare_memory(const IsaTable& isa, const Shapes& s, const at::Tensor& query, const at::Tensor& keys,
                     const at::Tensor& bank_a, const at::Tensor& bank_b, Sep sep, double scale, double eps,
