@@ -16,6 +16,10 @@ textbook Hopper design, and nothing of MIRA's in it, so that it isolates the que
   computed whole by one program in one K order, so the bits do not depend on the SM count.
 - ``y = x W^T + bias``, the bias added to the fp32 accumulator and the sum rounded once, as
   cuBLASLt's bias epilogue (``F.linear``) does.
+- No warp specialisation: with Triton 3.8, ``tl.range(..., warp_specialize=True)`` on the tile loop
+  compiles for sm_90 to the same kernel as without it (same registers and shared memory at both
+  configurations, no ``setmaxnreg`` in the PTX; checked ahead of time 2026-12-07), so producer /
+  consumer warpgroups, which cuBLAS's Hopper kernels use, are out of this probe's reach.
 
 ``make gpu-check`` times it (``probe[...]`` rows of the op phase, bf16 forward on sm_90 and newer)
 against ``F.linear`` in the same rounds: if it is near cuBLAS, the fused forward should be rebuilt on
