@@ -58,7 +58,7 @@ import torch.nn.functional as F
 import mira_kernels
 from mira_kernels import _extension
 from mira_kernels.ops import PLAN_ABSENT
-from mira_kernels.reference import NORM_EPS
+from mira_kernels.reference import NORM_EPS, normalize
 
 from .config import MemoryConfig
 from .optim_state import note_resized
@@ -301,7 +301,7 @@ class AdapterMemory(nn.Module):
         if self.config.key_norm == "per_feature":
             # Each feature (column) to unit L2 norm across the stored keys; zero rows stay zero.
             if keys.requires_grad and torch.is_grad_enabled():
-                keys = _without_rounding_gradient_of_one_key(keys, F.normalize(keys, dim=0, eps=NORM_EPS), active)
+                keys = _without_rounding_gradient_of_one_key(keys, _unit_columns(keys), active)
             else:
                 keys = _per_feature_unit(keys)
         return keys, bank_a, bank_b
@@ -395,6 +395,7 @@ class AdapterMemory(nn.Module):
         if t.dim() != len(tail) + 1 or tuple(t.shape[1:]) != tail:
             raise ValueError(f"{name} must have shape {layout} (S, r, d_in / S, d_s, r of this memory), "
                              f"got {tuple(t.shape)}")
+        _refuse_non_finite(name, t)
         return self._as_bank(name, t.detach())
 
     def _new_keys(self, keys, n: int, generator: torch.Generator | None) -> torch.Tensor:
@@ -415,6 +416,7 @@ class AdapterMemory(nn.Module):
                              f"{tuple(keys.shape)}")
         if keys.shape[0] != n:
             raise ValueError(f"got {keys.shape[0]} keys for {n} adapters")
+        _refuse_non_finite("keys", keys)
         return keys.detach().to(**self._factory())
 
     def _set_storage(self, keys: torch.Tensor, bank_a: torch.Tensor, bank_b: torch.Tensor) -> None:
@@ -514,8 +516,8 @@ class AdapterMemory(nn.Module):
 
     @torch.no_grad()
     def remove(self, indices: int | str | Iterable[int | str]) -> None:
-        """Delete stored adapters, by index or by name (every slot of that task); later slots move
-        down (indices shift like a list's)."""
+        """Delete stored adapters, by index, by name (every slot of that task) or by a boolean mask
+        (a bool tensor of one entry per slot); later slots move down (indices shift like a list's)."""
         drop = self._slot_indices(indices)
         n = self.num_slots
         self._slot_names = [name for i, name in enumerate(self._slot_names) if i not in set(drop)]
@@ -532,10 +534,15 @@ class AdapterMemory(nn.Module):
         self.active[:m] = True
 
     def _slot_indices(self, indices) -> list[int]:
-        """Sorted, checked slot indices from ints (negative allowed) and slot names; changes nothing."""
+        """Sorted, checked slot indices from ints (negative allowed), slot names, or a boolean mask
+        over the slots (a bool tensor of num_slots entries); changes nothing."""
+        n = self.num_slots
+        if isinstance(indices, torch.Tensor) and indices.dtype == torch.bool and indices.dim() == 1:
+            if indices.numel() != n:
+                raise ValueError(f"a boolean slot mask needs one entry per stored adapter ({n}), got {indices.numel()}")
+            return indices.nonzero().flatten().tolist()
         if isinstance(indices, (int, str)) or isinstance(indices, torch.Tensor) and indices.dim() == 0:
             indices = [indices]
-        n = self.num_slots
         found: set[int] = set()
         unknown = []
         for item in indices:
@@ -545,6 +552,10 @@ class AdapterMemory(nn.Module):
                     unknown.append(item)
                 found.update(slots)
                 continue
+            if isinstance(item, bool) or isinstance(item, torch.Tensor) and item.dtype == torch.bool:
+                # operator.index(True) is 1: a list of flags would silently name slots 0 and 1
+                raise TypeError(f"slots are given by int index, by name or by a 1-D bool tensor mask, got the "
+                                f"flag {item!r}")
             try:
                 i = operator.index(item)
             except TypeError:
@@ -579,10 +590,13 @@ class AdapterMemory(nn.Module):
                               error_msgs) -> None:
         # The memory's part of a state dict loads all or nothing: a growing memory resizes to the
         # incoming slot count only when every incoming tensor of the memory (its query module's
-        # included) fits this memory's config, and under strict loading none is missing or
-        # unexpected; otherwise it reports why and loads none of them, so a failed
-        # load_state_dict leaves the memory as it was.
-        misfits = self._state_misfits(state_dict, prefix, strict)
+        # included) fits this memory's config, none is of another config, and (a resize keeps
+        # nothing of the old slots) none is missing; otherwise it reports why and loads none of
+        # them, so a failed load_state_dict leaves the memory as it was. Other missing entries are
+        # torch's to report as the caller's `strict` says: torch passes strict=True here whatever
+        # the caller asked, so the memory cannot judge them itself (it used to, and refused every
+        # strict=False load that lacked the memory, e.g. a checkpoint of the head alone).
+        misfits = self._state_misfits(state_dict, prefix)
         if misfits:
             error_msgs.append(f"{prefix[:-1] or 'the memory'} ({self.extra_repr()}) was not loaded, nothing of it "
                               f"changed: {'; '.join(misfits)}")
@@ -603,7 +617,7 @@ class AdapterMemory(nn.Module):
                                       error_msgs)
         self._slot_names = [None] * self.num_slots  # a state dict carries no slot names
 
-    def _state_misfits(self, state_dict, prefix: str, strict: bool) -> list[str]:
+    def _state_misfits(self, state_dict, prefix: str) -> list[str]:
         """Why the memory's entries of ``state_dict`` cannot load into it (empty when they can)."""
         c = self.config
         n = self.keys.shape[0]
@@ -621,13 +635,23 @@ class AdapterMemory(nn.Module):
             t = state_dict.get(prefix + name)
             if isinstance(t, torch.Tensor) and tuple(t.shape) != shape:
                 misfits.append(f"{prefix}{name} has shape {tuple(t.shape)}, this memory's is {shape}")
-        if strict:
-            missing = [prefix + name for name in expected if prefix + name not in state_dict]
-            unexpected = [k for k in state_dict if k.startswith(prefix) and k[len(prefix):] not in expected]
-            if missing:
-                misfits.append(f"missing {missing}")
-            if unexpected:
-                misfits.append(f"unexpected {unexpected}")
+        # Entries this memory does not have come from a memory of another config (another query
+        # module): refused whatever `strict` says, as a misfit of shape is.
+        unexpected = [k for k in state_dict if k.startswith(prefix) and k[len(prefix):] not in expected]
+        if unexpected:
+            misfits.append(f"entries of another memory config {unexpected[:6]} (this memory: "
+                           f"query={c.query!r}, capacity={c.capacity})")
+        absent = [prefix + name for name in expected if not isinstance(state_dict.get(prefix + name), torch.Tensor)]
+        if n != self.keys.shape[0] and absent:  # a resize keeps nothing of the old state: it needs all of it
+            misfits.append(f"resizing to {n} slots needs every entry of the memory, missing {absent}")
+        bank_dtype = self._bank_dtype_for(self.keys.dtype)
+        for name in ("bank_a", "bank_b"):
+            t = state_dict.get(prefix + name)
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != bank_dtype:
+                # Finite entries that the banks' storage dtype cannot hold would load as inf (float16).
+                if bool((torch.isfinite(t) & ~torch.isfinite(t.to(bank_dtype))).any()):
+                    misfits.append(f"{prefix}{name} holds entries beyond {bank_dtype}'s range "
+                                   f"(|x| <= {torch.finfo(bank_dtype).max:g}), this memory's bank_dtype")
         return misfits
 
     def _query_state_pre_hook(self, module, state_dict, prefix, *args) -> None:
@@ -648,6 +672,13 @@ class AdapterMemory(nn.Module):
                 + (", trainable_bank=True" if c.trainable_bank else "")
                 + (f", bank_dtype={c.bank_dtype}" if c.bank_dtype is not None else ""))
 
+
+
+def _refuse_non_finite(name: str, t: torch.Tensor) -> None:
+    # A stored adapter or key reaches every sample's output (affine weights are all nonzero), and
+    # load_memories refuses such files: refused on the way in, as on the way back.
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} holds NaN or inf values; a memory stores finite adapters and keys only")
 
 
 def _without_rounding_gradient_of_one_key(keys: torch.Tensor, normed: torch.Tensor,
@@ -692,7 +723,17 @@ def _per_feature_unit(keys: torch.Tensor) -> torch.Tensor:
     in benchmarks/results/gpu_model.txt: 36 of a ViT-B/16 forward's launches)."""
     if _fused_key_norm_applies(keys):
         return _fused_normalize_columns(keys)
-    return F.normalize(keys, dim=0, eps=NORM_EPS)
+    return _unit_columns(keys)
+
+
+def _unit_columns(keys: torch.Tensor) -> torch.Tensor:
+    """``F.normalize(keys, dim=0)``, bit for bit, except in a column whose sum of squares overflows
+    (finite entries above ~1e19 in float32): F.normalize divides it by inf (zeros, or wrong weights
+    beside the other columns), so those columns are normalised as the op normalises its query and keys
+    (``reference.normalize``: scaled by their largest entry first). Branch-free (no host sync)."""
+    plain = F.normalize(keys, dim=0, eps=NORM_EPS)
+    overflowed = ~torch.isfinite(torch.linalg.vector_norm(keys, dim=0)) & torch.isfinite(keys).all(dim=0)
+    return torch.where(overflowed, normalize(keys.mT).mT, plain)
 
 
 def _fused_key_norm_applies(keys: torch.Tensor) -> bool:
