@@ -198,21 +198,32 @@ class MiraProjection(nn.Module):
         base = self._modules["base_layer"]
         if self.merged_update is not None:  # merged / folded: the update is in base.weight
             return base(x)
+        if base._forward_pre_hooks or base._forward_hooks or "weight" not in base._parameters:
+            # The base layer's own forward has work the fused op would skip (hooks: torch.nn.utils.prune
+            # recomputes the weight in one; or no weight parameter at all): run it as it is, and add
+            # the adapter on x, as PEFT's LoRA layers do. The op's GEMM is then over a zero weight:
+            # correct, not fast.
+            zero = base.weight.new_zeros(()).expand(base.weight.shape)
+            return base(x) + self._fused(x, zero, None)
+        if type(base) is nn.Linear:  # there the dict is what the attributes return (a subclass may override them)
+            params = base._parameters
+            return self._fused(x, params["weight"], params["bias"], plan=True)
+        return self._fused(x, base.weight, base.bias)
+
+    def _fused(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, plan: bool = False):
+        """x weight^T + bias + the adapter, in one op; ``plan``: prepare the eval call on the CPU."""
+        base = self._modules["base_layer"]
         c = self._memory.config
         if self.stage == "adaptation":
-            # One slot, softmax over one score: weight exactly 1 for every sample.
-            ones = x.new_ones(x.shape[0], 1)
+            # One slot, softmax over one score: weight exactly 1 for every sample (the key a tensor
+            # of its own: ones[:1] has no row at batch 0).
             return mira_kernels.mira_linear(
-                x, base.weight, base.bias, ones, ones[:1], self.lora_a.unsqueeze(0), self.lora_b.unsqueeze(0),
-                slice_offsets=self.slice_offsets, separation="softmax", scale=c.scale, eps=c.eps,
+                x, weight, bias, x.new_ones(x.shape[0], 1), x.new_ones(1, 1), self.lora_a.unsqueeze(0),
+                self.lora_b.unsqueeze(0), slice_offsets=self.slice_offsets, separation="softmax", scale=c.scale,
+                eps=c.eps,
             )
         memory = self._memory
         keys, bank_a, bank_b = memory.retrieval_tensors()
-        if type(base) is nn.Linear:  # there the dict is what the attributes return (a subclass may override them)
-            params = base._parameters
-            weight, bias = params["weight"], params["bias"]
-        else:
-            weight, bias = base.weight, base.bias
         # Eval on CPU: the kernel without the dispatcher where it would add nothing, and the CLS
         # query taken from x in C++ (mira_kernels.ops.eval_linear_cpu; None when it cannot).
         token = memory.query_token(x)
@@ -220,7 +231,8 @@ class MiraProjection(nn.Module):
         y = eval_linear_cpu(x, weight, bias, query, keys, bank_a, bank_b, self.slice_offsets, c.separation, c.scale,
                             c.eps)
         if y is not None:
-            self._plan_eval(memory, base, weight, bias, token, keys, bank_a, bank_b)
+            if plan:
+                self._plan_eval(memory, base, weight, bias, token, keys, bank_a, bank_b)
             return y
         if token is not None:
             query = x[:, token]  # a view, no copy: the op widens a 16-bit query exactly in-kernel
@@ -248,6 +260,7 @@ class MiraProjection(nn.Module):
         if parts is None:
             return
         guards, empty, sources, x_dtypes, query_fn = parts
+        empty = (*empty, *(base.__dict__[name] for name in ("_forward_hooks", "_forward_pre_hooks")))
         c = memory.config
         guards += [*((mine, name, mine[name]) for name in _MODULE_HOOKS),
                    *((vars(_MODULE_GLOBALS), name, getattr(_MODULE_GLOBALS, name)) for name in _GLOBAL_HOOKS),

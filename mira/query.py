@@ -25,7 +25,12 @@ def pool_tokens(x: torch.Tensor, query_token: str, num_prefix_tokens: int) -> to
         (B, d).
     """
     if query_token == "cls":
+        if x.shape[1] == 0:
+            raise ValueError(f"query_token='cls' takes token 0, but the tokens {tuple(x.shape)} hold none")
         return x[:, 0]
+    if x.shape[1] <= num_prefix_tokens:  # the mean of no token would be NaN, made from finite inputs
+        raise ValueError(f"query_token='mean' averages the tokens after the {num_prefix_tokens} prefix token(s), "
+                         f"but the tokens {tuple(x.shape)} hold none")
     return x[:, num_prefix_tokens:].mean(dim=1)
 
 
