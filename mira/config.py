@@ -201,6 +201,9 @@ class MiraConfig:
         if self.blocks is not None:
             if isinstance(self.blocks, int):
                 self.blocks = (self.blocks,)
+            if isinstance(self.blocks, (str, bytes)) or any(isinstance(b, bool) for b in self.blocks):
+                # operator.index(True) is 1: blocks=True would adapt block 1
+                raise TypeError(f"blocks must be block indices (ints) or None, got {self.blocks!r}")
             self.blocks = tuple(operator.index(b) for b in self.blocks)
             if len(set(self.blocks)) != len(self.blocks):
                 raise ValueError(f"blocks must be distinct, got {self.blocks!r}")

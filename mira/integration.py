@@ -216,7 +216,11 @@ def attach(
         bad = [b for b in config.blocks if not -len(found) <= b < len(found)]
         if bad:
             raise IndexError(f"blocks {bad} out of range: the model has {len(found)} attention blocks")
-        chosen = [found[b] for b in sorted({b % len(found) for b in config.blocks})]
+        resolved = [b % len(found) for b in config.blocks]
+        if len(set(resolved)) != len(resolved):
+            raise ValueError(f"blocks {config.blocks} name the same block twice in a model of {len(found)} "
+                             f"attention blocks (as {resolved})")
+        chosen = [found[b] for b in sorted(resolved)]
     for name, block in chosen:
         if hasattr(block, MEMORY_ATTR):
             raise RuntimeError(f"mira.attach: block {name!r} already has an attribute {MEMORY_ATTR!r}")
@@ -226,6 +230,7 @@ def attach(
     elif isinstance(example_input, torch.Tensor) and example_input.shape[0] == 1:
         # With one image, windowed attention over a single window would look per-image.
         example_input = torch.cat([example_input, example_input])
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
     for _, block in chosen:
         families.fuse_qkv_bias(block.attn)  # BEiT / EVA: their qkv becomes a call of attn.qkv
     try:
@@ -233,6 +238,7 @@ def attach(
     except Exception:
         detach(model)  # restores whatever was changed, the moved biases included
         raise
+    model.__dict__[_REQUIRES_GRAD_ATTR] = flags  # for detach, which undoes the freezing below
     set_stage(model, "adaptation")
     return model
 
@@ -298,8 +304,14 @@ def config_of(model: nn.Module) -> MiraConfig:
                       scale=scale, eps=eps, blocks=blocks)
 
 
+#: Where attach keeps every parameter's requires_grad as it found them (a dict name -> bool on the
+#: model), so that detach can undo its freezing.
+_REQUIRES_GRAD_ATTR = "_mira_requires_grad_before_attach"
+
+
 def detach(model: nn.Module) -> nn.Module:
-    """Remove every MIRA layer: restore the original ``attn.qkv`` and delete the memories.
+    """Remove every MIRA layer: restore the original ``attn.qkv``, delete the memories, and give
+    every parameter back the ``requires_grad`` it had before :func:`attach` froze the backbone.
 
     Refused while a merged or folded update is held in the weights (:mod:`mira.merge`): take it
     out first (``mira.unmerge`` / ``mira.unfold``), or keep it with ``mira.unload``.
@@ -315,6 +327,11 @@ def detach(model: nn.Module) -> nn.Module:
         families.split_qkv_bias(block.attn)
         if isinstance(getattr(block, MEMORY_ATTR, None), AdapterMemory):
             delattr(block, MEMORY_ATTR)
+    flags = model.__dict__.pop(_REQUIRES_GRAD_ATTR, None)
+    if flags is not None:
+        for name, p in model.named_parameters():
+            if name in flags:
+                p.requires_grad_(flags[name])
     return model
 
 
@@ -371,6 +388,9 @@ def set_stage(model: nn.Module, stage: str, *, extra_trainable: Iterable[str] = 
         raise RuntimeError("set_stage: the model has no MIRA layers (call mira.attach first)")
     for proj in projections(model):
         proj.check_stage(stage)  # before anything changes
+    if isinstance(extra_trainable, str):
+        raise TypeError(f"extra_trainable takes a sequence of module names, e.g. ({extra_trainable!r},), "
+                        f"not the string {extra_trainable!r}")
     modules = dict(model.named_modules())
     extra = []
     for name in extra_trainable:

@@ -33,7 +33,7 @@ from collections.abc import Mapping, Sequence
 import torch
 import torch.nn as nn
 
-from .config import MemoryConfig, MiraConfig
+from .config import STAGES, MemoryConfig, MiraConfig
 from .integration import _restored_on_error, attach, config_of, detach, named_memories, projections, set_stage
 from .layers import MiraProjection
 from .memory import AdapterMemory
@@ -81,6 +81,9 @@ def save_model(model: nn.Module, path: str | os.PathLike, *, modules: Sequence[s
         metadata: extra string entries for the file's metadata (the format's own keys are reserved).
     """
     available = dict(model.named_modules())
+    if isinstance(modules, str):
+        raise TypeError(f"save_model: modules takes a sequence of module names, e.g. ({modules!r},), not the "
+                        f"string {modules!r}")
     if modules is None:
         modules = ("head",) if "head" in available else ()
     chosen = {}
@@ -129,6 +132,11 @@ def _write_file(model: nn.Module, path, modules: Mapping[str, nn.Module], metada
     for module_name, module in modules.items():
         for key, value in module.state_dict().items():
             tensors[f"{MODULE_PREFIX}{module_name}.{key}"] = value.detach().clone()
+    # The loaders refuse NaN and inf (a model that diverged): refuse them here too, before writing a
+    # file that could not be loaded back.
+    broken = [key for key, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if broken:
+        raise ValueError(f"{what}: {broken[:6]} hold NaN or inf values (did training diverge?); nothing was written")
     meta = dict(metadata or {})
     reserved = set(_RESERVED) & set(meta)
     if reserved:
@@ -221,6 +229,8 @@ def _plan_memory(path: str, name: str, entry, memory: AdapterMemory, proj, tenso
     diffs = [f"{k}: file {getattr(saved, k)!r}, model {getattr(memory.config, k)!r}"
              for k in _MUST_MATCH if getattr(saved, k) != getattr(memory.config, k)]
     offsets = entry.get("slice_offsets")
+    if offsets is not None and not (isinstance(offsets, list) and all(type(o) is int for o in offsets)):
+        raise ValueError(f"{where}: slice_offsets must be a list of ints or null, got {offsets!r}")
     if proj is not None and offsets is not None and tuple(offsets) != proj.slice_offsets:
         diffs.append(f"slice_offsets: file {offsets}, model {list(proj.slice_offsets)}")
     if diffs:
@@ -364,6 +374,8 @@ def load_model(model: nn.Module, path: str | os.PathLike, *, example_input: torc
     Returns:
         ``model``, attached and loaded.
     """
+    if stage not in STAGES:  # checked first: the model must not change on a call that fails
+        raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
     path = os.fspath(path)
     meta, tensors, _ = _read_memory_file(path)
     version = int(meta["format_version"])
@@ -382,13 +394,13 @@ def load_model(model: nn.Module, path: str | os.PathLike, *, example_input: torc
     attach(model, config, example_input=example_input)
     try:
         load_memories(model, path)
+        set_stage(model, stage)
     except Exception:
         detach(model)
         raise
-    with torch.no_grad():
+    with torch.no_grad():  # planned and checked above (_plan_modules): cannot fail
         for module, state in module_plan.items():
             module.load_state_dict(state)
-    set_stage(model, stage)
     return model.eval()
 
 

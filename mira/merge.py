@@ -247,7 +247,8 @@ def mean_retrieval_weights(model: nn.Module, batches: Iterable, *, progress: boo
     weights, not of the updates (see the module docstring).
 
     Args:
-        batches: an iterable of input tensors, or of ``(inputs, ...)`` tuples (a data loader).
+        batches: an iterable of input tensors, or of ``(inputs, ...)`` tuples (a data loader);
+            a single input tensor is one batch.
         progress: show a progress bar (tqdm); None shows one when writing to a terminal.
 
     Returns:
@@ -255,6 +256,10 @@ def mean_retrieval_weights(model: nn.Module, batches: Iterable, *, progress: boo
     """
     from tqdm.auto import tqdm
 
+    if isinstance(batches, torch.Tensor):
+        # Iterating a tensor yields single images (C, H, W): take it as one batch instead of failing
+        # on the first image's shape.
+        batches = [batches]
     projs = _require_projections(model, "mean_retrieval_weights")
     if any(p.merged_update is not None for p in projs):
         raise RuntimeError("mean_retrieval_weights: the model holds a merged or folded update, so its memories do "
