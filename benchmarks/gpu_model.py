@@ -68,7 +68,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 KINDS = "read on an H200 lent to this project (2026-10-28 and 11-04; PyTorch on the device, not this repo's code)"
 H200 = "NVIDIA H200 / H100 SXM datasheet figures"
-DOCS = "docs/kernels.md section 2 (public figures collected for this project)"
+DOCS = "public figures collected in the project's kernel notes (section 2; the notes are not part of this repository)"
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,7 @@ carries the commit, date, CPU and the instruction set the CPU kernel chose.
 
 Usage::
 
-    python -m benchmarks.latency                      # B = 1 and 8, ~7 min on an idle 2-core CPU
+    python -m benchmarks.latency                      # B = 1 and 8, ~8-10 min on an idle 2-core CPU
     python -m benchmarks.latency --quick              # <= 90 s, wide intervals, no verdict
     python -m benchmarks.latency --record             # the same, written to benchmarks/results/
     python -m benchmarks.latency --batch-sizes 1 2 4 8 16 32 --e2e-budget 20 --record   # the batch plot

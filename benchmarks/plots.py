@@ -17,7 +17,6 @@ Every figure carries the record's commit, date, CPU and the ISA the CPU kernel c
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 __all__ = ["load_records", "sweep_summary", "write_plots"]
@@ -217,7 +216,13 @@ def sweep_summary(json_path: str | Path) -> str:
 
 
 if __name__ == "__main__":
-    results = Path(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).resolve().parent / "results")
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.plots", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("results_dir", nargs="?", default=str(Path(__file__).resolve().parent / "results"),
+                        help="folder holding latency.jsonl (and sweep_ops.json); the plots are written there")
+    results = Path(parser.parse_args().results_dir)
     for p in write_plots(results):
         print(p)
     sweep_json = results / "sweep_ops.json"

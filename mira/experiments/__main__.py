@@ -4,7 +4,8 @@ Pre-trains (or loads from cache) the suite's backbone, trains the adapter pools,
 variant (MIRA as the preset says, its named options, the improved recipe, and the controls) for
 every seed, prints the tables (mean +- std over seeds) and writes ``results.json``,
 ``results.md`` and ``retrieval_weights.png`` to a scratch folder (``--out``, default
-``$MIRA_EXPERIMENTS_CACHE/runs/<suite>``), or to ``results/experiments/<suite>/`` with ``--record``
+``$MIRA_EXPERIMENTS_CACHE/runs/<suite>[-<preset>][-ablations][-quick]``),
+or to ``results/experiments/<suite>/`` with ``--record``
 (``<suite>-<preset>/`` for a preset other than ``default``; ``--table ablations`` adds ``-ablations``).
 
 The same command runs data-parallel under ``torchrun`` (``torchrun --nproc-per-node K -m
