@@ -213,6 +213,8 @@ def attach(
     if config.blocks is None:
         chosen = found
     else:
+        if not config.blocks:
+            raise ValueError("mira.attach: blocks=() selects no block; pass None for every block")
         bad = [b for b in config.blocks if not -len(found) <= b < len(found)]
         if bad:
             raise IndexError(f"blocks {bad} out of range: the model has {len(found)} attention blocks")

@@ -326,6 +326,9 @@ class AdapterMemory(nn.Module):
         if (query is None) == (tokens is None):
             raise ValueError("pass exactly one of query (B, d_k) or tokens (B, T, d_in)")
         if query is None:
+            if not isinstance(tokens, torch.Tensor) or tokens.dim() != 3 or tokens.shape[-1] != self.config.d_in:
+                shape = tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
+                raise ValueError(f"tokens must have shape (B, T, {self.config.d_in}), got {shape}")
             query = self.make_query(tokens)
         if query.dim() != 2 or query.shape[1] != self.config.d_k:
             raise ValueError(f"query must have shape (B, {self.config.d_k}), got {tuple(query.shape)}")

@@ -226,6 +226,16 @@ def test_block_lists_that_name_a_block_twice_or_use_flags_are_refused():
         mira.attach(tiny_vit(depth=2), blocks=(0, -2))
     with pytest.raises(TypeError, match="block indices"):
         mira.MiraConfig(blocks=True)
+    model = tiny_vit()
+    with pytest.raises(ValueError, match="selects no block"):
+        mira.attach(model, blocks=())
+    assert not mira.projections(model)
+
+
+def test_association_matrix_names_the_tokens_argument():
+    memory = mira.memories(filled())[0]
+    with pytest.raises(ValueError, match=r"tokens must have shape \(B, T, 192\)"):
+        memory.get_association_matrix(tokens=torch.randn(2, 192))
 
 
 def test_a_string_where_names_are_expected_is_refused(tmp_path):
