@@ -525,15 +525,18 @@ def import_peft(
       ``{"q": "{block}.attn.q_proj", "v": "{block}.attn.v_proj"}``.
 
     PEFT's ``lora_alpha / r`` (``/ sqrt(r)`` with rslora; ``alpha_pattern`` honoured) is folded
-    into the stored B (divided by the memory's ``scale``). A PEFT rank below the memory's is
-    zero-padded (exact); a higher one is refused. Blocks without a LoRA in the file get a zero
-    adapter, as PEFT leaves them unchanged; LoRA modules the import does not consume are refused
+    into the stored B (divided by the memory's ``scale``), in float64 and rounded once to the
+    model's dtype. A PEFT rank below the memory's is padded (exact: B's extra columns are zero; with
+    ``into="lora"`` A's extra rows start as a fresh LoRA's, so that they train); a higher one is
+    refused. Blocks without a LoRA in the file get a zero update, as PEFT leaves them unchanged
+    (``into="lora"``: a fresh LoRA, B zero); LoRA modules the import does not consume are refused
     (outputs could not match) unless ``ignore_unmatched=True``.
 
     Args:
         source: a PEFT adapter directory (``save_pretrained``) or a ``(state_dict, config)`` pair.
         adapter_name: which adapter of a multi-adapter state dict to read.
-        keys, generator: the new slots' keys, as :func:`mira.write_adapters`.
+        keys, generator: the new slots' keys, as :func:`mira.write_adapters` (``into="memory"``);
+            with ``into="lora"``, ``generator`` draws the fresh LoRA rows PEFT gave no value.
         prefix: stripped from PEFT's module names (``base_model.model.`` for a PeftModel).
 
     Returns:
@@ -542,8 +545,8 @@ def import_peft(
     """
     if into not in ("lora", "memory"):
         raise ValueError(f"import_peft: into must be 'lora' (the live adaptation LoRA) or 'memory', got {into!r}")
-    if into == "lora" and (keys is not None or generator is not None or task is not None):
-        raise ValueError("import_peft: keys, generator and task describe memory slots; pass into='memory' to use them")
+    if into == "lora" and (keys is not None or task is not None):
+        raise ValueError("import_peft: keys and task describe memory slots; pass into='memory' to use them")
     state, config = _read_peft(source)
     peft_type = str(config.get("peft_type", "LORA")).upper().split(".")[-1]
     if peft_type != "LORA":
@@ -589,14 +592,16 @@ def import_peft(
             if missing:
                 raise ValueError(f"module_names has no entry for slices {missing}")
             sources = {s: (module_names[n].format(block=name), 0) for s, n in enumerate(proj.slice_names)}
-        bank_a = torch.zeros(c.num_slices, c.rank, c.d_in)
-        bank_b = torch.zeros(c.num_slices, c.slice_width, c.rank)
+        # float64 work buffers, rounded once into the model's dtype at the end (float64 LoRAs exactly)
+        bank_a = torch.zeros(c.num_slices, c.rank, c.d_in, dtype=torch.float64)
+        bank_b = torch.zeros(c.num_slices, c.slice_width, c.rank, dtype=torch.float64)
+        imported = torch.zeros(c.num_slices, c.rank, dtype=torch.bool)  # rank rows PEFT gave values
         for s, (path, offset) in sources.items():
             factors = available.get(path)
             if factors is None:
                 continue  # PEFT did not adapt this module: the equivalent value is zero
             used.add(path)
-            lora_a, lora_b = factors["A"].float(), factors["B"].float()
+            lora_a, lora_b = factors["A"].double(), factors["B"].double()
             if not (bool(torch.isfinite(lora_a).all()) and bool(torch.isfinite(lora_b).all())):
                 raise ValueError(f"{path}: the PEFT LoRA factors hold NaN or inf values")
             r = lora_a.shape[0]
@@ -616,6 +621,7 @@ def import_peft(
             rows = lora_b[offset: offset + c.slice_width]
             bank_a[s, :r] = lora_a
             bank_b[s, :, :r] = rows * (scaling / c.scale)
+            imported[s, :r] = True
         if module_names is None and f"{block_path}attn.qkv" in used:
             lora_b = available[f"{block_path}attn.qkv"]["B"]
             keep = torch.zeros(lora_b.shape[0], dtype=torch.bool)
@@ -627,7 +633,7 @@ def import_peft(
                     f"{proj.slice_names or proj.slice_offsets} (e.g. the k rows of a packed qkv); MIRA cannot "
                     "store them. Pass drop_unused_rows=True to drop them (outputs will differ from PEFT's)"
                 )
-        values.append((memory, bank_a, bank_b))
+        values.append((memory, bank_a, bank_b, imported))
     if not used:
         raise ValueError(f"import_peft: no LoRA module of the source matches the model's MIRA blocks; the source "
                          f"adapts {sorted(available)[:6]}...")
@@ -639,9 +645,17 @@ def import_peft(
         if any(block.attn.qkv.merged_update is not None for _, block in blocks):
             raise RuntimeError("import_peft: the model holds a merged or folded update; unmerge / unfold first")
         converted = []
-        for (name, block), (_, bank_a, bank_b) in zip(blocks, values):
+        for (name, block), (_, bank_a, bank_b, imported) in zip(blocks, values):
             lora_a, lora_b = block.attn.qkv.lora_a, block.attn.qkv.lora_b
             a, b = bank_a.to(lora_a), bank_b.to(lora_b)
+            if not bool(imported.all()):
+                # Rank rows PEFT gave no value (a lower rank, a block it did not adapt) start as a fresh
+                # LoRA's do (A kaiming-uniform, B zero: MiraProjection.reset_lora), not as zeros, whose
+                # gradients are exactly zero: the outputs are the same and the adapter still trains.
+                fresh = torch.empty_like(a)
+                for slice_a in fresh:
+                    nn.init.kaiming_uniform_(slice_a, a=math.sqrt(5), generator=generator)
+                a = torch.where(imported.to(a.device).unsqueeze(-1), a, fresh)
             if not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all())):
                 raise ValueError(f"import_peft: {name}: the LoRA factors scaled by lora_alpha / r are too large for "
                                  f"the model's {lora_b.dtype}; nothing was changed")
@@ -652,6 +666,7 @@ def import_peft(
                 lora_b.copy_(b)
         return []
     with _restored_on_error(generator):  # every memory checked before any changes
-        prepared = [(memory, memory._prepare_append(bank_a, bank_b, key, generator=generator, names=task))
-                    for (memory, bank_a, bank_b), key in zip(values, per_block)]
+        prepared = [(memory, memory._prepare_append(bank_a.to(memory.keys.dtype), bank_b.to(memory.keys.dtype), key,
+                                                    generator=generator, names=task))
+                    for (memory, bank_a, bank_b, _), key in zip(values, per_block)]
     return [memory._commit_append(*checked)[0] for memory, checked in prepared]
