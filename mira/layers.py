@@ -165,6 +165,26 @@ class MiraProjection(nn.Module):
             nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
         self.lora_b.zero_()
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        # While merged or folded the base weight holds an update that merged_update describes: a
+        # loaded weight (with it or without it, no one can tell) would leave that record wrong,
+        # the forward running the bare base layer and unmerge subtracting the update again. The
+        # base layer's entries are therefore not loaded (set to their current values here, before
+        # the base layer's own loader runs), and the load fails with the reason.
+        held = self.merged_update
+        base_keys = [k for k in state_dict if k.startswith(prefix + "base_layer.")]
+        if held is not None and base_keys:
+            undo = "mira.unmerge" if held.kind == "merged" else "mira.unfold"
+            error_msgs.append(f"{prefix[:-1] or 'the projection'} holds a {held.kind} update in its base weight; "
+                              f"its base layer was not loaded: call {undo}(model) first")
+            current = self._modules["base_layer"].state_dict(prefix=prefix + "base_layer.")
+            for k in base_keys:
+                if k in current:
+                    state_dict[k] = current[k]
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
     def __getstate__(self) -> dict:
         # A plan guards this very object's attributes: a copy makes its own.
         state = self.__dict__.copy()

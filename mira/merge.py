@@ -221,8 +221,10 @@ def unfold(model: nn.Module) -> nn.Module:
 def unload(model: nn.Module) -> nn.Module:
     """Remove MIRA and keep the merged or folded updates in the weights: a plain timm model.
 
-    PEFT's ``merge_and_unload``: each ``attn.qkv`` becomes its base ``nn.Linear`` (holding the
-    update, if one was merged or folded), the memories are deleted. Not reversible.
+    Like PEFT's ``unload`` after a merge: each ``attn.qkv`` becomes its base ``nn.Linear``
+    (holding the update, if one was merged or folded), the memories are deleted. Not reversible.
+    Unlike PEFT's ``merge_and_unload`` it merges nothing itself: call :func:`mira.merge` (the live
+    LoRA) or :func:`mira.fold` (the memory) first, or the adapters are dropped.
     """
     for proj in _require_projections(model, "unload"):
         proj.merged_update = None
@@ -266,7 +268,7 @@ def mean_retrieval_weights(model: nn.Module, batches: Iterable, *, progress: boo
                            "not run; unmerge / unfold first")
     device = next(model.parameters()).device
     stages = [p.stage for p in projs]
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]  # each module's own: a model may mix them
     totals: dict[str, torch.Tensor] = {}
     count = 0
     try:
@@ -282,7 +284,8 @@ def mean_retrieval_weights(model: nn.Module, batches: Iterable, *, progress: boo
     finally:
         for p, stage in zip(projs, stages):
             p.set_stage(stage)
-        model.train(was_training)
+        for m, training in modes:
+            m.training = training
     if count == 0:
         raise ValueError("mean_retrieval_weights: the calibration set is empty")
     return {name: total / count for name, total in totals.items()}

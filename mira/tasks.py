@@ -42,10 +42,12 @@ def task_slots(model: nn.Module) -> dict[str | None, list[int]]:
     return slots
 
 
-def _as_tasks(tasks: str | Iterable[str]) -> list[str]:
+def _as_tasks(tasks: str | Iterable[str], what: str) -> list[str]:
+    if tasks is None:
+        raise TypeError(f"{what}: tasks are given by name (a str or a sequence of str), got None")
     tasks = [tasks] if isinstance(tasks, str) else list(tasks)
     if not all(isinstance(t, str) for t in tasks):
-        raise TypeError(f"tasks are given by name (str), got {tasks!r}")
+        raise TypeError(f"{what}: tasks are given by name (str), got {tasks!r}")
     return tasks
 
 
@@ -63,7 +65,7 @@ def remove_tasks(model: nn.Module, tasks: str | Iterable[str]) -> list[int]:
         The number of slots each memory removed (block order).
     """
     named = _memories(model, "remove_tasks")
-    tasks = _as_tasks(tasks)
+    tasks = _as_tasks(tasks, "remove_tasks")
     _check_known(named, tasks, "remove_tasks")
     removed = [len(m._slot_indices(tasks)) for _, m in named]
     for _, memory in named:
@@ -73,12 +75,16 @@ def remove_tasks(model: nn.Module, tasks: str | Iterable[str]) -> list[int]:
 
 def select_tasks(model: nn.Module, tasks: str | Iterable[str]) -> list[int]:
     """Keep only the slots of ``tasks`` in every memory (slot order kept; unnamed slots go).
+    An empty selection is refused (it would empty every memory: ``clear`` each memory for that).
 
     Returns:
         The number of slots each memory kept (block order).
     """
     named = _memories(model, "select_tasks")
-    tasks = _as_tasks(tasks)
+    tasks = _as_tasks(tasks, "select_tasks")
+    if not tasks:
+        raise ValueError("select_tasks: no task given, which would remove every slot; to empty the memories call "
+                         "memory.clear() on each (mira.memories(model))")
     _check_known(named, tasks, "select_tasks")
     drops = [(m, [i for i, name in enumerate(m.slot_names) if name not in tasks]) for _, m in named]
     for memory, drop in drops:
@@ -94,6 +100,9 @@ def task_slot_weights(model: nn.Module, task: str) -> dict[str, torch.Tensor]:
     plain backbone (with one slot per task, exactly the adapter as trained).
     """
     named = _memories(model, "task_slot_weights")
+    if not isinstance(task, str):
+        raise TypeError(f"task_slot_weights: a task is given by name (str), got {task!r} (unnamed slots have no "
+                        "task: fold them with explicit weights)")
     _check_known(named, [task], "task_slot_weights")
     weights = {}
     for name, memory in named:

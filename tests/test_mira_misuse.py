@@ -251,3 +251,88 @@ def test_mean_retrieval_weights_takes_one_tensor_as_one_batch():
     x = images()
     assert mira.mean_retrieval_weights(model, x, progress=False).keys() == \
         mira.mean_retrieval_weights(model, [x], progress=False).keys()
+
+
+# ----------------------------------------------------------------------------------------------
+# Serving and model surgery (a second review, 2026-12-07)
+# ----------------------------------------------------------------------------------------------
+
+
+def test_loading_base_weights_into_a_merged_model_is_refused_and_changes_nothing():
+    import copy
+
+    model = filled()
+    x = images()
+    saved = copy.deepcopy(model.state_dict())
+    mira.merge(model)
+    with torch.no_grad():
+        merged = model(x)
+    with pytest.raises(RuntimeError, match=r"merged update.*mira.unmerge"):
+        model.load_state_dict(saved)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), merged, rtol=0, atol=0)
+    mira.unmerge(model)
+    model.load_state_dict(saved)  # after unmerge: the saved bits back
+
+
+def test_the_float64_judge_takes_16_bit_banks():
+    from mira.export import check_against_float64
+
+    model = filled(bank_dtype=torch.bfloat16)
+    mira.set_stage(model, "inference")
+    x = images()
+    with torch.no_grad():
+        check = check_against_float64(model, x, {"eager": model(x)})
+    assert check.errors["eager"] <= check.bound
+    assert all(m.bank_a.dtype == torch.bfloat16 for m in mira.memories(model))  # the model is not changed
+
+
+def test_mean_retrieval_weights_gives_each_module_its_own_mode_back():
+    model = filled()
+    model.train()
+    model.blocks.eval()
+    mira.mean_retrieval_weights(model, [images(batch=2)], progress=False)
+    assert model.training and model.head.training and not model.blocks[0].training
+
+
+def test_task_functions_refuse_none_and_an_empty_selection():
+    model = filled()
+    with pytest.raises(TypeError, match="remove_tasks: tasks are given by name"):
+        mira.remove_tasks(model, None)
+    with pytest.raises(ValueError, match="would remove every slot"):
+        mira.select_tasks(model, [])
+    with pytest.raises(TypeError, match="by name"):
+        mira.task_slot_weights(model, None)
+    assert all(m.num_slots == 2 for m in mira.memories(model))
+
+
+def test_import_peft_into_the_lora_leaves_no_untrainable_rows(tmp_path):
+    from tests.tiny_models import peft_vit
+
+    peft_model = peft_vit(tmp_path, r=2, lora_alpha=4)  # rank 2 into the default rank 4: 2 padded rows
+    model = mira.attach(tiny_vit())
+    mira.import_peft(model, tmp_path, generator=torch.Generator().manual_seed(0))
+    x = images()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), peft_model(x), rtol=1e-5, atol=1e-5)  # outputs as PEFT's
+    model(x).square().sum().backward()
+    for p in mira.projections(model):
+        assert bool((p.lora_a[:, 2:].abs().sum(-1) > 0).all())  # padded A rows drawn, not zero
+        assert bool(p.lora_b.grad[..., 2:].abs().sum() > 0)  # and their B columns get gradients
+
+
+def test_import_peft_keeps_float64_factors_exact(tmp_path):
+    from tests.tiny_models import peft_vit
+
+    peft_model = peft_vit(tmp_path, r=4, lora_alpha=8).double()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # A factors float32 cannot hold (B's k rows must stay zero)
+        for name, p in peft_model.named_parameters():
+            if "lora_A" in name:
+                p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 1e-9)
+    state = {k: v for k, v in peft_model.state_dict().items() if "lora_" in k}
+    model = mira.attach(tiny_vit().double())
+    mira.import_peft(model, (state, {"r": 4, "lora_alpha": 8}))
+    x = images().double()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), peft_model(x), rtol=1e-12, atol=1e-12)
