@@ -204,7 +204,9 @@ def explain_collective_failures(context: DistributedContext | None = None, timeo
         wait = f" within the {timeout_s:.0f} s timeout" if timeout_s is not None else ""
         raise RuntimeError(
             f"mira.distributed: rank {ctx.rank} of {ctx.world_size} stopped because a collective failed: another "
-            f"rank died or did not answer{wait} (see that rank's log for the cause). The backend said: "
+            f"rank died or did not answer{wait} (see that rank's log for the cause; if no rank failed, the ranks "
+            "ran different collectives: e.g. one rank wrote adapters, grew a memory or switched stages and another "
+            "did not, which every rank must do identically). The backend said: "
             f"{str(err).splitlines()[0]}") from err
 
 
@@ -404,10 +406,16 @@ def mira_state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def _layout(module: nn.Module) -> tuple:
     """What a strategy is built for: name, shape, dtype and requires_grad of every parameter, and
-    name and shape of every buffer. A memory that grows, or a stage switch, changes it."""
+    name and shape of every buffer; and each memory's mutation count. A memory that grows, or a
+    stage switch, changes it; so does a write into a memory of fixed capacity, which changes no
+    shape, and after which rank 0's contents must be broadcast as after a growth (else the ranks'
+    models silently differ)."""
+    from .memory import AdapterMemory
+
     params = tuple((n, tuple(p.shape), p.dtype, p.requires_grad) for n, p in module.named_parameters())
     buffers = tuple((n, tuple(b.shape)) for n, b in module.named_buffers())
-    return params, buffers
+    writes = tuple((n, m._mutations) for n, m in module.named_modules() if isinstance(m, AdapterMemory))
+    return params, buffers, writes
 
 
 def _describe_change(old: tuple, new: tuple) -> str:
@@ -426,6 +434,9 @@ def _describe_change(old: tuple, new: tuple) -> str:
         parts.append(f"{len(trainable)} parameters changed requires_grad (e.g. {trainable[0]})")
     if added or removed:
         parts.append(f"{len(added)} tensors added, {len(removed)} removed")
+    written = [n for n, count in new[2] if dict(old[2]).get(n) != count]
+    if written and not grown:
+        parts.append(f"{len(written)} memories written in place (e.g. {written[0] or 'the memory'})")
     return "; ".join(parts) or "no change"
 
 
@@ -577,7 +588,7 @@ class DistributedModel:
     def _check_same_layout(self, layout: tuple) -> None:
         if self.context.world_size == 1:
             return
-        mine = [(n, s, str(d), g) for n, s, d, g in layout[0]], list(layout[1])
+        mine = [(n, s, str(d), g) for n, s, d, g in layout[0]], list(layout[1]) + list(layout[2])
         every = [None] * self.context.world_size
         dist.all_gather_object(every, mine)
         for r, theirs in enumerate(every):

@@ -187,6 +187,25 @@ def growth(args: dict) -> dict:
     return _growth_steps(device)
 
 
+def capacity_writes(args: dict) -> dict:
+    """A memory of fixed capacity written between steps, each rank drawing other keys: a write changes
+    no shape, and the wrapper must still broadcast rank 0's contents (as after a growth)."""
+    ctx = md.init_distributed(timeout_s=60.0)
+    torch.manual_seed(1)
+    model = mira.attach(tiny_backbone(), rank=2, capacity=4)
+    model.head = torch.nn.Linear(16, 10, bias=False)
+    mira.set_stage(model, "consolidation", extra_trainable=("head",))
+    net = md.DistributedModel(model, "ddp")
+    gen = torch.Generator().manual_seed(100 + ctx.rank)  # a different draw on every rank
+    x = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(7))
+    for _ in range(2):
+        _grow(model, gen)
+        mira.set_stage(model, "consolidation", extra_trainable=("head",))
+        net(x).square().sum().backward()
+        model.zero_grad(set_to_none=True)
+    return {"state": _mira_state(model), "builds": net.builds}
+
+
 def recipe(args: dict) -> dict:
     """Adaptation pool, DIL consolidation under DualGPM, a DG fold with mixup, and a growing memory."""
     md.init_distributed(timeout_s=args.get("timeout", 120.0))

@@ -230,6 +230,17 @@ def test_a_growing_memory_rebuilds_the_strategy_instead_of_failing(runs, one_pro
     assert one_process["/growth/grads/1/keys.0"].shape == (3, 16)
 
 
+def test_writes_into_a_memory_of_fixed_capacity_leave_every_rank_with_rank_0s_contents():
+    # A write into pre-allocated slots changes no shape: the wrapper used to miss it, and each rank
+    # kept the keys it drew (ranks silently differed by up to 1.9).
+    ranks = _ok(W.launch("capacity_writes", 2))
+    assert ranks[0]["/builds"] == 2  # built at the first forward, rebuilt after the second write
+    state = [k for k in ranks[0] if k.startswith("/state/")]
+    assert any(k.endswith("mira_memory.keys") for k in state)
+    differ = [k for k in state if not _same(ranks[0][k], ranks[1][k])]
+    assert not differ, differ[:5]
+
+
 def test_a_run_killed_mid_task_resumes_to_bitwise_the_uninterrupted_result(tmp_path):
     # 3 tasks; rank 1 dies as the second consolidation starts (task 1's adapters already appended to
     # the memory), so the checkpoint holds task 0 and the resumed run redoes tasks 1 and 2.
