@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -77,11 +78,18 @@ def _positive_int(name: str, value, *, allow_none: bool = False, allow_zero: boo
 
 
 def _finite(name: str, value, *, positive: bool = False) -> float:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+    # numbers.Real: Python and NumPy scalars alike (the ops take both); bool is not a scale.
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
-    if positive and not value > 0:
+    try:
+        as_float = float(value)
+    except OverflowError:  # an int beyond float's range
+        as_float = math.inf
+    if not math.isfinite(as_float):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if positive and not as_float > 0:
         raise ValueError(f"{name} must be > 0, got {value!r}")
-    return float(value)
+    return as_float
 
 
 def _choice(name: str, value, choices: Sequence[str]) -> str:
@@ -112,7 +120,8 @@ def _check_memory_fields(cfg) -> None:
     _choice("key_init", cfg.key_init, KEY_INITS)
     cfg.capacity = _positive_int("capacity", cfg.capacity, allow_none=True)
     _check_separation_capacity(cfg.separation, cfg.capacity)
-    cfg.trainable_bank = bool(cfg.trainable_bank)
+    if not isinstance(cfg.trainable_bank, bool):  # bool("false") is True
+        raise TypeError(f"trainable_bank must be True or False, got {cfg.trainable_bank!r}")
     cfg.bank_dtype = _bank_dtype(cfg.bank_dtype)
     if cfg.trainable_bank and cfg.bank_dtype in ("bfloat16", "float16"):
         raise ValueError(
@@ -181,6 +190,9 @@ class MiraConfig:
         self.rank = _positive_int("rank", self.rank)
         if isinstance(self.slices, (str, int)):
             self.slices = (self.slices,)
+        if isinstance(self.slices, (set, frozenset, dict)):
+            # a set's order depends on the process's string hashing: q and v would swap between runs
+            raise TypeError(f"slices must be ordered (a tuple or list), got {self.slices!r}")
         self.slices = tuple(self.slices)
         if not self.slices:
             raise ValueError("slices must name at least one output slice, e.g. ('q', 'v')")
@@ -201,6 +213,8 @@ class MiraConfig:
         if self.blocks is not None:
             if isinstance(self.blocks, int):
                 self.blocks = (self.blocks,)
+            if not isinstance(self.blocks, (str, bytes)):
+                self.blocks = tuple(self.blocks)  # once: a generator is read here, not by the checks below
             if isinstance(self.blocks, (str, bytes)) or any(isinstance(b, bool) for b in self.blocks):
                 # operator.index(True) is 1: blocks=True would adapt block 1
                 raise TypeError(f"blocks must be block indices (ints) or None, got {self.blocks!r}")
@@ -266,6 +280,8 @@ class MemoryConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> MemoryConfig:
+        if not isinstance(data, dict):
+            raise TypeError(f"a memory config is a dict of its fields, got {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - known
         if unknown:

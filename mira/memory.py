@@ -14,8 +14,10 @@ Two storage modes:
   The ``keys`` Parameter object is kept across an append or remove (its ``.data`` is replaced)
   so an optimiser still refers to it, but per-parameter optimiser state (Adam moments) then has
   the old shape: call :meth:`AdapterMemory.forget_optimizer_state` (or build a new optimiser)
-  after growing. The step fails loudly otherwise, naming the cure (:mod:`mira.optim_state`);
-  it never trains stale slots silently.
+  after growing. The step fails loudly otherwise, naming the cure (:mod:`mira.optim_state`).
+  The check compares shapes: after a remove and an append that restore the slot count, the
+  moments of the removed slots carry over to the new ones without an error (as in the fixed-
+  capacity mode below); call ``forget_optimizer_state`` after any remove to start them afresh.
 * fixed capacity (``capacity=C``): C slots are pre-allocated with a boolean ``active`` mask.
   Stored adapters always occupy slots ``0 .. num_slots-1``. Empty slots have zero keys and zero
   values, so their cosine score is 0 and they add nothing (see ``mira.config`` for why softmax

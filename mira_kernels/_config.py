@@ -189,7 +189,9 @@ def use_backend(name: str | None):
 @contextlib.contextmanager
 def check_finite(enabled: bool = True):
     """Check every op's floating inputs for inf/NaN inside the block (debugging aid)."""
-    token = _check_finite.set(bool(enabled))
+    if not isinstance(enabled, bool):  # bool("false") is True
+        raise TypeError(f"check_finite takes True or False, got {enabled!r}")
+    token = _check_finite.set(enabled)
     try:
         yield
     finally:

@@ -336,3 +336,35 @@ def test_import_peft_keeps_float64_factors_exact(tmp_path):
     x = images().double()
     with torch.no_grad():
         torch.testing.assert_close(model(x), peft_model(x), rtol=1e-12, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration (a third review, 2026-12-07)
+# ----------------------------------------------------------------------------------------------
+
+
+def test_config_takes_numpy_scalars_and_refuses_what_bool_or_set_would_silently_misread():
+    import numpy as np
+
+    import mira_kernels as mk
+
+    assert mira.MiraConfig(scale=np.float32(2)).scale == 2.0
+    with pytest.raises(ValueError, match="scale must be a finite number"):
+        mira.MiraConfig(scale=10**400)
+    with pytest.raises(TypeError, match="trainable_bank must be True or False"):
+        mira.MiraConfig(trainable_bank="false")
+    with pytest.raises(TypeError, match="slices must be ordered"):
+        mira.MiraConfig(slices={"q", "v"})
+    assert mira.MiraConfig(blocks=(i for i in range(2))).blocks == (0, 1)
+    with pytest.raises(TypeError, match="a dict of its fields"):
+        mira.MemoryConfig.from_dict("notadict")
+    with pytest.raises(TypeError, match="True or False"), mk.check_finite("false"):
+        pass
+
+
+def test_the_experiments_cache_expands_a_tilde(monkeypatch, tmp_path):
+    from mira.experiments.backbone import cache_dir
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("MIRA_EXPERIMENTS_CACHE", "~/mk")
+    assert cache_dir() == str(tmp_path / "mk")

@@ -83,7 +83,8 @@ def pretrain_images(name: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def cache_dir() -> str:
-    path = _config.read("MIRA_EXPERIMENTS_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "mira-kernels")
+    # expanduser: "~/..." from an env file or a container reaches here unexpanded by any shell
+    path = os.path.expanduser(_config.read("MIRA_EXPERIMENTS_CACHE") or os.path.join("~", ".cache", "mira-kernels"))
     os.makedirs(path, exist_ok=True)
     return path
 
