@@ -271,7 +271,27 @@ Tensor linear_autograd(const Tensor& x, const Tensor& weight, const OptTensor& b
                                    backend);
 }
 
+// mira_adapter_ writes into `out` (schema `Tensor(a!) out`): like every in-place op, bump its
+// version counter, so that autograd refuses a backward that saved `out` before this call (PyTorch's
+// "modified by an inplace operation"), and an inference tensor is refused outside inference mode.
+// Without this kernel the CPU and CUDA kernels changed `out` silently and such a backward used the
+// new values (the reference backend, made of ATen in-place ops, already bumped it).
+void adapter_inplace_or_view(const Tensor& out, const Tensor& x, const Tensor& query, const Tensor& keys,
+                             const Tensor& bank_a, const Tensor& bank_b, c10::IntArrayRef offsets,
+                             c10::string_view separation, double scale, double eps, c10::string_view backend) {
+  {
+    at::AutoDispatchBelowADInplaceOrView below;
+    static const auto op = op_handle<WithBackend<AdapterFn>::type>("mira_adapter_");
+    op.call(out, x, query, keys, bank_a, bank_b, offsets, separation, scale, eps, backend);
+  }
+  out.unsafeGetTensorImpl()->bump_version();  // what torch::autograd::increment_version does
+}
+
 }  // namespace
+
+TORCH_LIBRARY_IMPL(mira, ADInplaceOrView, m) {
+  m.impl("mira_adapter_", &adapter_inplace_or_view);
+}
 
 TORCH_LIBRARY_IMPL(mira, Autograd, m) {
   m.impl("mira_linear", &linear_autograd);

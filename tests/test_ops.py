@@ -232,6 +232,27 @@ def test_adapter_refuses_autograd(backend):
         mk.mira_adapter_(out, *inp.adapter_args(), slice_offsets=inp.slice_offsets)
 
 
+def test_adapter_bumps_the_version_of_out_as_inplace_ops_do(backend):
+    # Autograd must see the write: a backward that saved `out` before it is refused (the CPU and CUDA
+    # kernels used to change `out` silently, and such a backward used the new values), and an
+    # inference tensor is written only inside inference mode, as for any in-place op.
+    inp = make_inputs(dtype=torch.float32)
+    w = torch.randn(2, 5, 36, requires_grad=True)
+    out = torch.randn(2, 5, 36)
+    loss = (out * w).sum()
+    with torch.no_grad():
+        mk.mira_adapter_(out, *inp.adapter_args(), slice_offsets=inp.slice_offsets)
+    assert out._version == 1
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+    with torch.inference_mode():
+        frozen = torch.zeros(2, 5, 36)
+    with pytest.raises(RuntimeError, match="inference tensor"), torch.no_grad():
+        mk.mira_adapter_(frozen, *inp.adapter_args(), slice_offsets=inp.slice_offsets)
+    with torch.inference_mode():
+        mk.mira_adapter_(frozen, *inp.adapter_args(), slice_offsets=inp.slice_offsets)
+
+
 def test_frozen_weight_refuses_gradient(backend):
     inp = make_inputs(dtype=torch.float32)
     inp.weight.requires_grad_(True)
