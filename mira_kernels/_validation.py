@@ -118,10 +118,18 @@ _REAL = (numbers.Real, torch.SymInt, torch.SymFloat)
 def check_real(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, _REAL):
         raise TypeError(f"{name} must be a real number (int or float), got {type(value).__name__} {value!r}")
+    if isinstance(value, int) and not isinstance(value, bool):
+        try:  # the ops take float(value): an int beyond float's range is not a finite number
+            float(value)
+        except OverflowError:
+            raise ValueError(f"{name} must be a finite number, got an int of {value.bit_length()} bits") from None
 
 
 def check_separation(separation) -> None:
-    if not isinstance(separation, str) or separation not in SEPARATIONS:
+    if not isinstance(separation, str):  # bytes too: the traced path and the eager one must agree
+        raise TypeError(f"separation must be a str, one of {SEPARATIONS}; got {type(separation).__name__} "
+                        f"{separation!r}")
+    if separation not in SEPARATIONS:
         raise ValueError(f"unknown separation {separation!r}; expected one of {SEPARATIONS}")
 
 
@@ -284,7 +292,15 @@ _LAYOUTS = {"x": "(B, T, d_in)", "weight": "(d_out, d_in)", "bias": "(d_out,)", 
 
 
 def check_finite(**tensors: torch.Tensor | None) -> None:
-    """Raises ValueError naming the first input that holds inf or NaN (scans the data)."""
+    """Raises ValueError naming the first input that holds inf or NaN (scans the data). Under
+    torch.compile an asynchronous assert instead (a RuntimeError with the same message): a branch
+    on the data would break the graph, and fullgraph=True refuse it."""
+    compiling = torch.compiler.is_compiling()
     for name, t in tensors.items():
-        if t is not None and t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise ValueError(f"{name} contains inf or NaN (MIRA_CHECK_FINITE is on)")
+        if t is None or not t.is_floating_point():
+            continue
+        message = f"{name} contains inf or NaN (MIRA_CHECK_FINITE is on)"
+        if compiling:
+            torch._assert_async(torch.isfinite(t).all(), message)
+        elif not bool(torch.isfinite(t).all()):
+            raise ValueError(message)

@@ -233,7 +233,7 @@ def mira_linear(
         (B, T, d_out) tensor of x's dtype. Differentiable in x, query, keys, bank_a, bank_b.
     """
     _check_scalars(scale, eps)
-    backend = _eager_backend(x)
+    backend = _eager_backend(x) if type(separation) is str else None  # bytes: judged by the traced path
     if backend is not None:
         try:
             _check_frozen(weight, bias)
@@ -289,7 +289,7 @@ def mira_adapter_(
     slices of ``out``; :func:`mira_linear` avoids that traffic by fusing the two.
     """
     _check_scalars(scale, eps)
-    backend = _eager_backend(x)
+    backend = _eager_backend(x) if type(separation) is str else None  # bytes: judged by the traced path
     if backend is not None:
         try:
             _check_inference_only(out, x, query, keys, bank_a, bank_b)
@@ -407,4 +407,4 @@ def retrieval_weights(
             raise TypeError(f"{name} must be a floating tensor, got {t.dtype}")
     _validation.check_separation(separation)
     _validation.check_eps(eps)
-    return reference.retrieval_weights(query, keys, separation=separation, eps=eps)
+    return reference.retrieval_weights(query, keys, separation=separation, eps=float(eps))

@@ -269,3 +269,35 @@ def test_retrieval_weights_errors():
         mk.retrieval_weights(q.long(), k)
     with pytest.raises(ValueError, match=r"keys must have shape \(N, d_k\)"):
         mk.retrieval_weights(q, k[0])
+
+
+def test_separation_types_scalars_and_fractions_are_judged_alike_on_every_path():
+    # A review found bytes accepted by the eager path only, None / 1 reported as ValueError, an
+    # int scale beyond float's range escaping as OverflowError, and retrieval_weights failing on a
+    # Fraction eps that mira_linear accepts.
+    from fractions import Fraction
+
+    inp = make_inputs(dtype=torch.float32)
+    args = inp.linear_args()
+    for bad in (b"affine", None, 1):
+        with pytest.raises(TypeError, match="separation must be a str"):
+            mk.mira_linear(*args, slice_offsets=inp.slice_offsets, separation=bad)
+        with pytest.raises(TypeError, match="separation must be a str"):
+            mk.retrieval_weights(inp.query, inp.keys, separation=bad)
+    with pytest.raises(ValueError, match="scale must be a finite number"):
+        mk.mira_linear(*args, slice_offsets=inp.slice_offsets, scale=10**400)
+    torch.testing.assert_close(mk.retrieval_weights(inp.query, inp.keys, eps=Fraction(1, 100)),
+                               mk.retrieval_weights(inp.query, inp.keys, eps=0.01), rtol=0, atol=0)
+
+
+def test_check_finite_keeps_a_full_graph_under_compile():
+    inp = make_inputs(dtype=torch.float32)
+
+    def f(x):
+        return mk.mira_linear(x, *inp.linear_args()[1:], slice_offsets=inp.slice_offsets)
+
+    with mk.check_finite():
+        compiled = torch.compile(f, fullgraph=True)
+        torch.testing.assert_close(compiled(inp.x), f(inp.x))
+        with pytest.raises(RuntimeError, match="x contains inf or NaN"):
+            compiled(inp.x * float("nan"))
