@@ -1,7 +1,9 @@
 """The DG / DIL / CIL protocols of method.md section 3, with the controls run beside MIRA.
 
 A :class:`Variant` is a *kind* (how the memory is used) with a :class:`~.recipe.RecipeConfig`.
-Kinds (same adapters, same initial random keys, same head initialisation, same data order):
+Kinds (same adapters, same initial random keys, same head initialisation; the same data order,
+except that the oracle and routing-replay kinds draw from the shared generator differently, which
+shifts their later tasks' consolidation order):
 
 ============== ==================================================================================
 mira           keys (+ query module) and head trained in consolidation, as the recipe says
@@ -96,7 +98,7 @@ class ProtocolConfig:
 
     recipe: RecipeConfig = dataclasses.field(default_factory=RecipeConfig)
     joint_epochs: int = 2
-    dg_consolidation_epochs: int = 1
+    dg_consolidation_epochs: int = 1  # every row and preset: the recipe's consolidation_epochs is not read by DG
     cil_adapters_per_task: int = 2
     dg_mixup: bool = True
     gpm: bool = True
