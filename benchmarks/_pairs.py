@@ -60,7 +60,10 @@ def median_ci(
 
     The bootstrap is SciPy's (``scipy.stats.bootstrap``, percentile method: the median's sampling
     distribution is not smooth enough for BCa). Deterministic for a given ``seed``. With fewer than
-    two values, or values all equal, the interval is degenerate.
+    two values, or values all equal, the interval is degenerate. At small sizes it covers less than
+    its label (simulated on heavy-tailed t3 data, 2026-12-07: 0.74 at 3 values, 0.91 at 13, 0.94 at
+    30): read intervals from fewer than ~30 rounds as indicative. Rounds stopped as soon as an
+    interval is narrow enough (``target_width``) cover 0-3.5 points less than fixed-size runs.
     """
     from scipy import stats
 

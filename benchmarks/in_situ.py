@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import gc
 import json
 import random
 import statistics
@@ -86,15 +87,18 @@ def measure(batch: int = 1, rounds: int = 200, *, model: nn.Module | None = None
     names = tuple(name for name in VARIANTS if models[name] is not None)
     phase_clock = variants.backend == "cpu" and hasattr(torch.ops.mira, "_cpu_last_phases")
     calls: dict[str, list] = {name: [] for name in names}
-    phases: dict[str, list | None] = {name: ([] if phase_clock and name != "backbone" else None) for name in names}
+    # Every variant reads the phase clock after each qkv call, the backbone too (its readout unused):
+    # a cold readout costs microseconds, which only MIRA's forwards used to carry.
+    phases: dict[str, list | None] = {name: ([] if phase_clock else None) for name in names}
     wrapped = []  # (parent module, attribute, the module there before): put back afterwards
     layer_calls: dict[str, dict[str, list]] = {name: {} for name in names}
     per_layer: dict[str, dict[str, list]] = {name: {} for name in names}
     x = latency.images(variants, batch, seed)
     total: dict[str, list] = {name: [] for name in names}
     qkv: dict[str, list] = {name: [] for name in names}
-    per_call: dict[str, list] = {name: [] for name in names if phases[name] is not None}
+    per_call: dict[str, list] = {name: [] for name in names if phases[name] is not None and name != "backbone"}
     order = random.Random(seed)
+    gc_was_enabled = gc.isenabled()
     if phase_clock:
         torch.ops.mira._cpu_phase_clock(True)
     try:
@@ -113,6 +117,7 @@ def measure(batch: int = 1, rounds: int = 200, *, model: nn.Module | None = None
                     wrapped.append((parent, attr, getattr(parent, attr)))
                     setattr(parent, attr, _TimedCall(getattr(parent, attr), layer_calls[name].setdefault(path, []),
                                                      None))
+        gc.disable()  # as benchmarks._pairs does: no collection lands in one variant's forward
         with torch.inference_mode():
             for name in names:  # warm-up: plans, allocator, lazy initialisation
                 models[name](x)
@@ -132,7 +137,7 @@ def measure(batch: int = 1, rounds: int = 200, *, model: nn.Module | None = None
                     for path, times in layer_calls[name].items():
                         per_layer[name].setdefault(path, []).append(sum(times))
                         times.clear()
-                    if phases[name] is not None:
+                    if name in per_call:
                         per_call[name].append([statistics.median(p[i] for p in phases[name])
                                                for i in range(len(PHASES))])
                 done += 1
@@ -141,6 +146,8 @@ def measure(batch: int = 1, rounds: int = 200, *, model: nn.Module | None = None
             setattr(parent, attr, inner)
         if phase_clock:
             torch.ops.mira._cpu_phase_clock(False)
+        if gc_was_enabled:
+            gc.enable()
     n_blocks = variants.n_blocks
     base = total["backbone"]
     rest = {name: [t - q for t, q in zip(total[name], qkv[name])] for name in names}  # a forward but its qkv calls

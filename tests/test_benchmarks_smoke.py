@@ -143,7 +143,8 @@ def test_a_whole_run_leads_with_what_a_user_pays(tmp_path):
     # The floor's bandwidth is the module pairs' own eviction reads; the start-of-run one beside it.
     assert res["floor"]["bandwidth_source"] == "the eviction reads of the timed rounds"
     assert res["floor"]["dram_bytes_per_s_at_start"] > 0
-    assert {v["status"] for v in res["verdicts"]} <= {"met", "not met"}  # enough pairs for the tiny minimums
+    # enough pairs for the tiny minimums: a verdict, whichever
+    assert {v["status"] for v in res["verdicts"]} <= {"met", "not met", "inconclusive"}
     assert set(res["budget"]["parts"]) >= {"python_layer", "retrieval", "mixing", "shrink_expand"}
     # In place: the run's own models, every block's qkv timed inside forwards, and left unwrapped after.
     in_place = res["in_place"]["over_backbone_percent"]["qkv calls, in place"]
@@ -193,6 +194,23 @@ def test_no_verdict_from_too_few_pairs(tmp_path):
     assert [v["status"] for v in latency.verdicts(res, cfg)] == ["met", "met", "met"]
     res["end_to_end_headline"]["rounds"] = 29
     assert [v["status"] for v in latency.verdicts(res, cfg)] == ["met", "no verdict", "no verdict"]
+
+
+def test_the_module_verdict_reads_the_whole_interval(tmp_path):
+    # From the median alone +0.396% [0.363, 0.421] against 0.40% read "met", and 0.01 pp of drift
+    # "not met": an interval that straddles the target is inconclusive.
+    res = {"batch": 1, "floor": {"percent": 0.2},
+           "module": {"percent": 0.396, "lo": 0.363, "hi": 0.421, "pairs": 1000},
+           "end_to_end_headline": {"percent": 0.4, "lo": -0.1, "hi": 0.8, "width": 0.9, "rounds": 40,
+                                   "contains_module": True}}
+    cfg = _tiny_config(tmp_path, min_module_pairs=100, min_e2e_rounds=30)
+    first = latency.verdicts(res, cfg)[0]
+    assert first["status"] == "inconclusive" and "straddles" in first["detail"]
+    res["module"].update(lo=0.35, hi=0.399)
+    assert latency.verdicts(res, cfg)[0]["status"] == "met"
+    res["module"].update(lo=0.401, hi=0.45)
+    assert latency.verdicts(res, cfg)[0]["status"] == "not met"
+    assert latency.target_for(1, float("nan"))["rule"] == "the paper's 0.40% (no floor measured)"
 
 
 def test_targets():
