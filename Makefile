@@ -12,11 +12,27 @@ NATIVE := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -nam
 setup: $(STAMPS)/venv
 build: $(STAMPS)/build
 
-$(STAMPS)/venv: requirements.txt
+# pyvenv.cfg, not bin/python (a symlink whose time is the system python's): a deleted .venv is made
+# again, and being newer than the stamp, gets its packages installed again.
+$(VENV)/pyvenv.cfg:
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 10))' || \
+	    { echo "$(PYTHON) is $$($(PYTHON) -V 2>&1); mira-kernels needs Python 3.10 or newer (make PYTHON=python3.11 ...)"; exit 1; }
 	@mkdir -p $(STAMPS)
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
+	flock $(STAMPS)/venv.lock $(PYTHON) -m venv $(VENV)
+
+$(STAMPS)/venv: requirements.txt $(VENV)/pyvenv.cfg
+	@mkdir -p $(STAMPS)
+	flock $(STAMPS)/venv.lock $(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
 	@touch $@
+
+# The build switches the extension was built with (README): a change rebuilds it. The file is
+# rewritten only when its content changes, so an unchanged configuration rebuilds nothing.
+BUILD_CONFIG = MIRA_BUILD_CUDA=$(MIRA_BUILD_CUDA) TORCH_CUDA_ARCH_LIST=$(TORCH_CUDA_ARCH_LIST) CI_CUDA_ARCHS=$(CI_CUDA_ARCHS)
+$(STAMPS)/build-config: FORCE
+	@mkdir -p $(STAMPS)
+	@echo '$(BUILD_CONFIG)' | cmp -s - $@ || echo '$(BUILD_CONFIG)' > $@
+.PHONY: FORCE
+FORCE:
 
 # Without a GPU (CI) the CUDA sources are only compile-checked: one architecture (sm_90) instead of
 # setup.py's default list (sm_80, sm_90, PTX) saves ~19 s of nvcc on a 2-core Zen 3 (40.7 vs 59.4 s
@@ -25,7 +41,7 @@ $(STAMPS)/venv: requirements.txt
 CI_CUDA_ARCHS := $(if $(TORCH_CUDA_ARCH_LIST),,$(shell nvidia-smi -L >/dev/null 2>&1 || echo 9.0))
 
 # flock: several shells (or helpers) may ask for a build at once; ninja's build dir is shared.
-$(STAMPS)/build: $(STAMPS)/venv setup.py pyproject.toml $(NATIVE)
+$(STAMPS)/build: $(STAMPS)/venv $(STAMPS)/build-config setup.py pyproject.toml mira_kernels/_config.py $(NATIVE)
 	flock $(STAMPS)/build.lock env MAX_JOBS=$${MAX_JOBS:-2} $(if $(CI_CUDA_ARCHS),TORCH_CUDA_ARCH_LIST=$(CI_CUDA_ARCHS)) \
 	    $(PY) -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e .
 	@touch $@
@@ -75,9 +91,9 @@ sanitize: setup
 	rm -rf $(SAN_TREE) && mkdir -p $(SAN_TREE)
 	cp -rp mira_kernels mira benchmarks tests csrc setup.py pyproject.toml $(SAN_TREE)/
 	find $(SAN_TREE) \( -name '_C*.so' -o -name __pycache__ \) -prune -exec rm -rf {} +
-	cd $(SAN_TREE) && MIRA_SANITIZE=1 MIRA_BUILD_CUDA=0 MAX_JOBS=$${MAX_JOBS:-2} $(CURDIR)/$(PY) setup.py -q \
-	    build_ext --inplace --build-temp $(CURDIR)/$(SAN_DIR)/temp
-	cd $(SAN_TREE) && PYTHONPATH=$(CURDIR)/$(SAN_TREE) $(SAN_ENV) $(CURDIR)/$(PY) -m pytest -q -p no:cacheprovider \
+	cd $(SAN_TREE) && MIRA_SANITIZE=1 MIRA_BUILD_CUDA=0 MAX_JOBS=$${MAX_JOBS:-2} "$(CURDIR)/$(PY)" setup.py -q \
+	    build_ext --inplace --build-temp "$(CURDIR)/$(SAN_DIR)/temp"
+	cd $(SAN_TREE) && PYTHONPATH="$(CURDIR)/$(SAN_TREE)" $(SAN_ENV) "$(CURDIR)/$(PY)" -m pytest -q -p no:cacheprovider \
 	    --capture=sys $(SAN_TESTS) -k "not triton" $(SAN_ARGS)
 
 # Every C++ source compiled for aarch64 with Debian's cross compiler (apt-get install
