@@ -48,7 +48,7 @@ folder fetched from another machine (its commit is matched by the source digest 
 machine had no git).
 
 Exit status: 0 when no phase failed or timed out (skipped phases do not count), 1 otherwise,
-2 for bad arguments or a dry run that found no usable torch.
+2 for bad arguments or a run (dry or not) that found no usable torch: nothing could run.
 
 On a lent machine: commit first (the machine gets the working tree without git; the record
 finds the commit by the source digest), run ``make gpu-check`` there with a limit of about
@@ -934,10 +934,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         run.write()
         raise
     statuses = [ph["status"] for ph in run.doc["phases"].values()]
-    if args.dry_run:
-        status = 2 if _torch_ok(run) else 0
+    if _torch_ok(run):  # nothing could run: a lent machine's wrong python must not read as a pass
+        status = 2
     else:
-        status = 1 if any(s in ("failed", "timeout") for s in statuses) else 0
+        status = 1 if not args.dry_run and any(s in ("failed", "timeout") for s in statuses) else 0
     run.doc["exit_status"] = status
     run.doc["finished"] = _now_iso()
     run.write()

@@ -352,3 +352,19 @@ def test_a_recorded_run_with_a_model_phase_gets_the_calibrated_model_beside_it(t
     doc["phases"]["model"] = {"status": "skipped"}
     (results / "gpu_check.json").write_text(json.dumps(doc))
     assert not (gpu_check.record(results, dest_root=tmp_path / "other") / "model_vs_measured.txt").exists()
+
+
+def test_a_run_where_torch_does_not_import_exits_2_not_0(tmp_path):
+    # On a lent machine whose python3 lacks torch every phase after env is skipped; the run used to
+    # exit 0, reading as a pass. A python without torch (the system's, where it has none) plays it.
+    import shutil
+
+    python = shutil.which("python3")
+    if python is None or subprocess.run([python, "-c", "import torch"], capture_output=True).returncode == 0:
+        pytest.skip("needs a python3 without torch")
+    env = {k: v for k, v in os.environ.items() if k not in ("OUT", "PYTHONPATH", "VIRTUAL_ENV")}
+    proc = subprocess.run([python, "-m", "benchmarks.gpu_check", "--out", str(tmp_path / "out"), "--work",
+                           str(tmp_path / "work"), "--budget", "60"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=240)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "torch does not import" in proc.stdout + proc.stderr
