@@ -41,7 +41,7 @@ FORCE:
 CI_CUDA_ARCHS := $(if $(TORCH_CUDA_ARCH_LIST),,$(shell nvidia-smi -L >/dev/null 2>&1 || echo 9.0))
 
 # flock: several shells (or helpers) may ask for a build at once; ninja's build dir is shared.
-$(STAMPS)/build: $(STAMPS)/venv $(STAMPS)/build-config setup.py pyproject.toml mira_kernels/_config.py $(NATIVE)
+$(STAMPS)/build: $(STAMPS)/venv $(STAMPS)/build-config setup.py pyproject.toml mira_kernels/_config.py mira_kernels/_sources.py $(NATIVE)
 	flock $(STAMPS)/build.lock env MAX_JOBS=$${MAX_JOBS:-2} $(if $(CI_CUDA_ARCHS),TORCH_CUDA_ARCH_LIST=$(CI_CUDA_ARCHS)) \
 	    $(PY) -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e .
 	@touch $@

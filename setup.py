@@ -30,12 +30,18 @@ def _sources(pattern: str) -> list[str]:
     return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
 
 
+def _load_by_path(name: str, relative: str):
+    # Package files loaded by path: importing the package would load the extension this script is
+    # about to build.
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, relative))
+    module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # dataclasses look it up there
+    spec.loader.exec_module(module)
+    return module
+
+
 def _read_env(name: str) -> str:
-    # The one parser of every MIRA_* variable (mira_kernels/_config.py), loaded by path: importing
-    # the package would load the extension this script is about to build.
-    spec = importlib.util.spec_from_file_location("_mira_config", os.path.join(ROOT, "mira_kernels", "_config.py"))
-    config = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # dataclasses look it up there
-    spec.loader.exec_module(config)
+    # The one parser of every MIRA_* variable (mira_kernels/_config.py).
+    config = _load_by_path("_mira_config", os.path.join("mira_kernels", "_config.py"))
     try:
         return config.read(name)
     except ValueError as err:
@@ -106,7 +112,18 @@ def _extensions():
         f"  C++ flags    {' '.join(cxx_flags)}",
         flush=True,
     )
-    return [ext], cpp_extension.BuildExtension.with_options(use_ninja=True)
+    sources = _load_by_path("_mira_sources", os.path.join("mira_kernels", "_sources.py"))
+
+    class BuildAndRecord(cpp_extension.BuildExtension.with_options(use_ninja=True)):
+        """The build, then the digest of its sources beside the library (mira_kernels/_sources.py)."""
+
+        def run(self):
+            super().run()
+            library_dir = os.path.dirname(self.get_ext_fullpath("mira_kernels._C"))
+            with open(os.path.join(library_dir, sources.RECORD_NAME), "w") as f:
+                f.write(sources.source_digest(ROOT) + "\n")
+
+    return [ext], BuildAndRecord
 
 
 ext_modules, build_ext = _extensions()

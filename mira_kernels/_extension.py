@@ -8,8 +8,12 @@ public functions fall back to the reference (with a one-time warning from the ro
 from __future__ import annotations
 
 import functools
+import os
+import warnings
 
 import torch
+
+from . import _sources
 
 try:
     from . import _C  # noqa: F401  (registers the ops as a side effect)
@@ -19,6 +23,14 @@ except ImportError as exc:  # not built, or built against another torch
     load_error = f"{type(exc).__name__}: {exc}"
 
 loaded = load_error is None
+
+#: Why the loaded library does not match this source checkout's sources, or None (see _sources).
+stale: str | None = None
+if loaded:
+    stale = _sources.stale_note(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                os.path.dirname(os.path.abspath(_C.__file__)))
+    if stale is not None:
+        warnings.warn(stale, RuntimeWarning, stacklevel=2)
 
 
 def has_kernel(op: str, dispatch_key: str) -> bool:
@@ -49,6 +61,7 @@ def build_info() -> dict[str, object]:
     return {
         "extension_loaded": loaded,
         "load_error": load_error,
+        "stale_sources": stale,
         "cpu_kernel": has_kernel("_cpu_mira_linear", "CPU"),
         "cuda_kernel": has_kernel("_cuda_mira_linear", "CUDA"),
         "cuda_archs": cuda_archs(),

@@ -212,3 +212,25 @@ def test_config_reads_compile_where_dynamo_cannot_trace_contextvar_get(monkeypat
     with mk.use_backend("cpu" if _extension.has_kernel("_cpu_mira_linear", "CPU") else "reference"):
         _compiled_call_matches_eager()
     torch._dynamo.reset()
+
+
+def test_a_library_built_from_other_sources_is_named(tmp_path):
+    # A `git pull` without `make build` used to run the old kernels silently: setup.py now records the
+    # sources' digest beside the library, and the import compares it with the checkout's.
+    from mira_kernels import _extension, _sources
+
+    (tmp_path / "csrc" / "cpu").mkdir(parents=True)
+    (tmp_path / "csrc" / "cpu" / "k.cpp").write_text("int f() { return 1; }\n")
+    (tmp_path / "setup.py").write_text("# build\n")
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    assert _sources.stale_note(str(tmp_path), str(lib)) is None  # no record (a wheel, an old build)
+    (lib / _sources.RECORD_NAME).write_text(_sources.source_digest(str(tmp_path)) + "\n")
+    assert _sources.stale_note(str(tmp_path), str(lib)) is None
+    (tmp_path / "csrc" / "cpu" / "k.cpp").write_text("int f() { return 2; }\n")
+    assert "make build" in _sources.stale_note(str(tmp_path), str(lib))
+    (tmp_path / "csrc" / "cpu" / "k.cpp").write_text("int f() { return 1; }\n")
+    (tmp_path / "csrc" / "cpu" / "new.h").write_text("\n")  # an added (or deleted) file counts too
+    assert _sources.stale_note(str(tmp_path), str(lib)) is not None
+    if _extension.loaded:  # this checkout's own build matches its sources
+        assert _extension.stale is None and _extension.build_info()["stale_sources"] is None
