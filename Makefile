@@ -25,9 +25,11 @@ $(STAMPS)/venv: requirements.txt $(VENV)/pyvenv.cfg
 	flock $(STAMPS)/venv.lock $(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
 	@touch $@
 
-# The build switches the extension was built with (README): a change rebuilds it. The file is
-# rewritten only when its content changes, so an unchanged configuration rebuilds nothing.
-BUILD_CONFIG = MIRA_BUILD_CUDA=$(MIRA_BUILD_CUDA) TORCH_CUDA_ARCH_LIST=$(TORCH_CUDA_ARCH_LIST) CI_CUDA_ARCHS=$(CI_CUDA_ARCHS)
+# The build switches the extension was built with (README) and the list of native sources: a change
+# of either rebuilds it (a deleted source leaves no newer file behind). The file is rewritten only
+# when its content changes, so an unchanged configuration rebuilds nothing.
+BUILD_CONFIG = MIRA_BUILD_CUDA=$(MIRA_BUILD_CUDA) TORCH_CUDA_ARCH_LIST=$(TORCH_CUDA_ARCH_LIST) \
+	CI_CUDA_ARCHS=$(CI_CUDA_ARCHS) SOURCES=$(sort $(NATIVE))
 $(STAMPS)/build-config: FORCE
 	@mkdir -p $(STAMPS)
 	@echo '$(BUILD_CONFIG)' | cmp -s - $@ || echo '$(BUILD_CONFIG)' > $@
