@@ -12,21 +12,14 @@ import torch
 import torch.nn.utils.prune as prune
 
 import mira
-from tests.tiny_models import images, tiny_vit
+from tests.tiny_models import filled_vit, images, tiny_vit
 
 pytestmark = pytest.mark.filterwarnings("ignore:mira_kernels. no native backend:RuntimeWarning")
 
 
 def filled(seed=3, n=2, **attach_args):
     """An attached tiny ViT whose memories hold ``n`` adapters (non-zero LoRA B)."""
-    model = mira.attach(tiny_vit(), **attach_args)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _ in range(n):
-            for p in mira.projections(model):
-                p.lora_b.copy_(torch.randn(p.lora_b.shape, generator=g) * 0.2)
-            mira.write_adapters(model, generator=g)
-    return model
+    return filled_vit(seed, n, **attach_args)
 
 
 def memory_state(model):

@@ -17,6 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import mira
+from tests.tiny_models import filled_vit
 
 pytestmark = pytest.mark.filterwarnings("ignore:mira_kernels. no native backend:RuntimeWarning")
 
@@ -32,19 +33,7 @@ def tiny_vit(depth=2):
 
 def filled(seed=3, n=2, **attach_args):
     """An attached model whose memories hold ``n`` adapters, query modules moved, LoRAs non-zero."""
-    model = mira.attach(tiny_vit(), **{**ARGS, **attach_args})
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _ in range(n):
-            for p in mira.projections(model):
-                p.lora_b.copy_(torch.randn(p.lora_b.shape, generator=g) * 0.2)
-            mira.write_adapters(model, generator=g)
-        for p in mira.projections(model):
-            p.lora_b.copy_(torch.randn(p.lora_b.shape, generator=g) * 0.2)
-        for m in mira.memories(model):
-            for p in m.query_module.parameters():
-                p.add_(torch.randn(p.shape, generator=g) * 0.1)
-    return model
+    return filled_vit(seed, n, move_query=True, **{**ARGS, **attach_args})
 
 
 def snapshot(model, loras=True):

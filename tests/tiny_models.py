@@ -15,6 +15,26 @@ def tiny_vit(depth=2, num_classes=5):
                              num_classes=num_classes, depth=depth).eval()
 
 
+def filled_vit(seed=3, n=2, *, move_query=False, **attach_args):
+    """An attached tiny ViT whose memories hold ``n`` adapters written with non-zero LoRA B, the live
+    LoRA B non-zero too; ``move_query``: the query modules' parameters moved off their init."""
+    import mira
+
+    model = mira.attach(tiny_vit(), **attach_args)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _ in range(n):
+            for p in mira.projections(model):
+                p.lora_b.copy_(torch.randn(p.lora_b.shape, generator=g) * 0.2)
+            mira.write_adapters(model, generator=g)
+        for p in mira.projections(model):
+            p.lora_b.copy_(torch.randn(p.lora_b.shape, generator=g) * 0.2)
+        for m in mira.memories(model) if move_query else ():
+            for p in m.query_module.parameters():
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    return model
+
+
 def images(batch=3, seed=1):
     return torch.randn(batch, 3, IMG, IMG, generator=torch.Generator().manual_seed(seed))
 
