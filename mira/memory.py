@@ -51,6 +51,7 @@ example ``memory.keys.data.copy_(new)``) bypasses version counters; do that unde
 from __future__ import annotations
 
 import operator
+import sys
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -596,12 +597,13 @@ class AdapterMemory(nn.Module):
         # The memory's part of a state dict loads all or nothing: a growing memory resizes to the
         # incoming slot count only when every incoming tensor of the memory (its query module's
         # included) fits this memory's config, none is of another config, and (a resize keeps
-        # nothing of the old slots) none is missing; otherwise it reports why and loads none of
-        # them, so a failed load_state_dict leaves the memory as it was. Other missing entries are
-        # torch's to report as the caller's `strict` says: torch passes strict=True here whatever
-        # the caller asked, so the memory cannot judge them itself (it used to, and refused every
-        # strict=False load that lacked the memory, e.g. a checkpoint of the head alone).
-        misfits = self._state_misfits(state_dict, prefix)
+        # nothing of the old slots) none is missing; under strict loading none may be missing at
+        # all. Otherwise it reports why and loads none of them, so a failed load_state_dict leaves
+        # the memory as it was. torch passes strict=True here whatever the caller asked (it filters
+        # missing keys itself afterwards), so the caller's own `strict` is read from its frame: a
+        # strict=False load of a checkpoint without the memory, or of its trainable keys alone,
+        # loads what it holds (the memory used to refuse those).
+        misfits = self._state_misfits(state_dict, prefix, _callers_strict())
         if misfits:
             error_msgs.append(f"{prefix[:-1] or 'the memory'} ({self.extra_repr()}) was not loaded, nothing of it "
                               f"changed: {'; '.join(misfits)}")
@@ -622,7 +624,7 @@ class AdapterMemory(nn.Module):
                                       error_msgs)
         self._slot_names = [None] * self.num_slots  # a state dict carries no slot names
 
-    def _state_misfits(self, state_dict, prefix: str) -> list[str]:
+    def _state_misfits(self, state_dict, prefix: str, strict: bool) -> list[str]:
         """Why the memory's entries of ``state_dict`` cannot load into it (empty when they can)."""
         c = self.config
         n = self.keys.shape[0]
@@ -647,7 +649,10 @@ class AdapterMemory(nn.Module):
             misfits.append(f"entries of another memory config {unexpected[:6]} (this memory: "
                            f"query={c.query!r}, capacity={c.capacity})")
         absent = [prefix + name for name in expected if not isinstance(state_dict.get(prefix + name), torch.Tensor)]
-        if n != self.keys.shape[0] and absent:  # a resize keeps nothing of the old state: it needs all of it
+        if absent and len(absent) < len(expected) and strict:
+            # torch would load the rest and then raise: the memory half-loaded by a failed call
+            misfits.append(f"missing {absent}")
+        elif n != self.keys.shape[0] and absent:  # a resize keeps nothing of the old state: it needs all of it
             misfits.append(f"resizing to {n} slots needs every entry of the memory, missing {absent}")
         bank_dtype = self._bank_dtype_for(self.keys.dtype)
         for name in ("bank_a", "bank_b"):
@@ -677,6 +682,18 @@ class AdapterMemory(nn.Module):
                 + (", trainable_bank=True" if c.trainable_bank else "")
                 + (f", bank_dtype={c.bank_dtype}" if c.bank_dtype is not None else ""))
 
+
+
+def _callers_strict() -> bool:
+    """The ``strict`` argument of the ``nn.Module.load_state_dict`` call this load is part of (True
+    when called otherwise, e.g. ``_load_from_state_dict`` directly: the stricter reading)."""
+    frame = sys._getframe(2)
+    code = nn.Module.load_state_dict.__code__
+    while frame is not None:
+        if frame.f_code is code:
+            return bool(frame.f_locals.get("strict", True))
+        frame = frame.f_back
+    return True
 
 
 def _refuse_non_finite(name: str, t: torch.Tensor) -> None:

@@ -59,6 +59,21 @@ def test_a_non_strict_load_of_the_trainable_parameters_loads_the_keys():
         assert torch.equal(a.keys, b.keys)
 
 
+def test_a_strict_load_missing_part_of_a_memory_changes_nothing():
+    # The fuzzer's case (make fuzz, 2026-12-07): a growing memory's state (no active mask) into a
+    # fixed-capacity memory of the same slot count. torch loads what fits and then raises for the
+    # missing key; the memory must not be left half-loaded by that failed call.
+    model, source = filled(capacity=2), filled(seed=5)
+    before = memory_state(model)
+    with pytest.raises(RuntimeError, match=r"missing \[.*active"):
+        model.load_state_dict(source.state_dict())
+    assert same(before, memory_state(model))
+    result = model.load_state_dict(source.state_dict(), strict=False)  # loads what it holds
+    assert any(k.endswith("active") for k in result.missing_keys)
+    for a, b in zip(mira.memories(model), mira.memories(source), strict=True):
+        assert torch.equal(a.keys, b.keys)
+
+
 def test_a_resize_needs_every_entry_and_a_foreign_config_is_refused():
     model, bigger = filled(), filled(seed=5, n=3)
     before = memory_state(model)
