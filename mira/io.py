@@ -652,10 +652,10 @@ def import_peft(
                 # Rank rows PEFT gave no value (a lower rank, a block it did not adapt) start as a fresh
                 # LoRA's do (A kaiming-uniform, B zero: MiraProjection.reset_lora), not as zeros, whose
                 # gradients are exactly zero: the outputs are the same and the adapter still trains.
-                fresh = torch.empty_like(a)
+                fresh = torch.empty(a.shape, dtype=a.dtype)  # drawn on the CPU: a CPU generator serves any device
                 for slice_a in fresh:
                     nn.init.kaiming_uniform_(slice_a, a=math.sqrt(5), generator=generator)
-                a = torch.where(imported.to(a.device).unsqueeze(-1), a, fresh)
+                a = torch.where(imported.to(a.device).unsqueeze(-1), a, fresh.to(a.device))
             if not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all())):
                 raise ValueError(f"import_peft: {name}: the LoRA factors scaled by lora_alpha / r are too large for "
                                  f"the model's {lora_b.dtype}; nothing was changed")
