@@ -434,7 +434,8 @@ def _describe_change(old: tuple, new: tuple) -> str:
         parts.append(f"{len(trainable)} parameters changed requires_grad (e.g. {trainable[0]})")
     if added or removed:
         parts.append(f"{len(added)} tensors added, {len(removed)} removed")
-    written = [n for n, count in new[2] if dict(old[2]).get(n) != count]
+    old_writes = dict(old[2])
+    written = [n for n, count in new[2] if old_writes.get(n) != count]
     if written and not grown:
         parts.append(f"{len(written)} memories written in place (e.g. {written[0] or 'the memory'})")
     return "; ".join(parts) or "no change"

@@ -753,8 +753,11 @@ def _unit_columns(keys: torch.Tensor) -> torch.Tensor:
     (finite entries above ~1e19 in float32): F.normalize divides it by inf (zeros, or wrong weights
     beside the other columns), so those columns are normalised as the op normalises its query and keys
     (``reference.normalize``: scaled by their largest entry first). Branch-free (no host sync)."""
-    plain = F.normalize(keys, dim=0, eps=NORM_EPS)
-    overflowed = ~torch.isfinite(torch.linalg.vector_norm(keys, dim=0)) & torch.isfinite(keys).all(dim=0)
+    # F.normalize's own steps (norm, clamp, divide: the same bits and gradient), so that its norm
+    # serves the overflow test too instead of being computed twice.
+    norm = torch.linalg.vector_norm(keys, dim=0, keepdim=True)
+    plain = keys / norm.clamp_min(NORM_EPS)
+    overflowed = ~torch.isfinite(norm) & torch.isfinite(keys).all(dim=0, keepdim=True)
     return torch.where(overflowed, normalize(keys.mT).mT, plain)
 
 
