@@ -183,11 +183,17 @@ def test_cold_cache_reads_give_the_bandwidth_of_the_timed_rounds(monkeypatch):
     assert budget.dram_read_bandwidth(mib=1, repeats=3)["buffer_bytes"] == 4 << 20
 
 
+def _headline(module: tuple[float, float, float], pairs: int, end: tuple[float, float, float]) -> dict:
+    """A B=1 result as latency.verdicts reads it: module (percent, lo, hi) over that many pairs,
+    end to end (percent, lo, hi) over 40 rounds containing the module figure; floor 0.2%."""
+    return {"batch": 1, "floor": {"percent": 0.2},
+            "module": dict(zip(("percent", "lo", "hi"), module), pairs=pairs),
+            "end_to_end_headline": dict(zip(("percent", "lo", "hi"), end), width=end[2] - end[1], rounds=40,
+                                        contains_module=True)}
+
+
 def test_no_verdict_from_too_few_pairs(tmp_path):
-    res = {"batch": 1, "floor": {"percent": 0.2},
-           "module": {"percent": 0.1, "lo": 0.0, "hi": 0.2, "pairs": 50},
-           "end_to_end_headline": {"percent": 0.1, "lo": -0.3, "hi": 0.5, "width": 0.8, "rounds": 40,
-                                   "contains_module": True}}
+    res = _headline((0.1, 0.0, 0.2), 50, (0.1, -0.3, 0.5))
     cfg = _tiny_config(tmp_path, min_module_pairs=100, min_e2e_rounds=30)
     assert {v["status"] for v in latency.verdicts(res, cfg)} == {"no verdict", "met"}  # width check needs rounds only
     res["module"]["pairs"] = 100
@@ -199,10 +205,7 @@ def test_no_verdict_from_too_few_pairs(tmp_path):
 def test_the_module_verdict_reads_the_whole_interval(tmp_path):
     # From the median alone +0.396% [0.363, 0.421] against 0.40% read "met", and 0.01 pp of drift
     # "not met": an interval that straddles the target is inconclusive.
-    res = {"batch": 1, "floor": {"percent": 0.2},
-           "module": {"percent": 0.396, "lo": 0.363, "hi": 0.421, "pairs": 1000},
-           "end_to_end_headline": {"percent": 0.4, "lo": -0.1, "hi": 0.8, "width": 0.9, "rounds": 40,
-                                   "contains_module": True}}
+    res = _headline((0.396, 0.363, 0.421), 1000, (0.4, -0.1, 0.8))
     cfg = _tiny_config(tmp_path, min_module_pairs=100, min_e2e_rounds=30)
     first = latency.verdicts(res, cfg)[0]
     assert first["status"] == "inconclusive" and "straddles" in first["detail"]
