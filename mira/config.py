@@ -115,6 +115,9 @@ def _check_memory_fields(cfg) -> None:
     _choice("query", cfg.query, QUERY_MODULES)
     _choice("query_token", cfg.query_token, QUERY_TOKENS)
     cfg.query_hidden = _positive_int("query_hidden", cfg.query_hidden, allow_none=True)
+    if cfg.query_hidden is not None and cfg.query != "mlp":  # else a width that silently does nothing
+        raise ValueError(f"query_hidden={cfg.query_hidden!r} sets the hidden width of the 'mlp' query module; "
+                         f"query={cfg.query!r} has no hidden layer (leave query_hidden=None)")
     _choice("separation", cfg.separation, SEPARATIONS)
     _choice("key_norm", cfg.key_norm, KEY_NORMS)
     _choice("key_init", cfg.key_init, KEY_INITS)
@@ -144,7 +147,7 @@ class MiraConfig:
         slice_width: width d_s of integer slices; names use ``out_features // 3``.
         query: query module, one of :data:`QUERY_MODULES`.
         query_token: ``"cls"`` (default, the paper) or ``"mean"`` of the patch tokens.
-        query_hidden: hidden width of the MLP query module (default: the block width).
+        query_hidden: hidden width of the MLP query module (default: the block width); only with ``query="mlp"``.
         key_dim: key width d_k (default: the block width; ``"identity"`` needs exactly that).
         separation: one of ``mira_kernels.SEPARATIONS``; ``"affine"`` is the paper's default.
         key_norm: ``"per_feature"`` (default, the authors' retrieval) or ``"unit"`` (cosine

@@ -222,8 +222,12 @@ def _plan_memory(path: str, name: str, entry, memory: AdapterMemory, proj, tenso
     where = f"{path}: {name}"
     if not isinstance(entry, dict) or not isinstance(entry.get("config"), dict):
         raise ValueError(f"{where}: the metadata must hold a config object for each memory, got {entry!r}")
+    saved_fields = entry["config"]
+    if saved_fields.get("query") != "mlp" and saved_fields.get("query_hidden") is not None:
+        # Written before query_hidden was refused without an MLP query: there it was inert.
+        saved_fields = {**saved_fields, "query_hidden": None}
     try:
-        saved = MemoryConfig.from_dict(entry["config"])
+        saved = MemoryConfig.from_dict(saved_fields)
     except (TypeError, ValueError) as err:
         raise ValueError(f"{where}: the saved config is invalid ({err})") from None
     diffs = [f"{k}: file {getattr(saved, k)!r}, model {getattr(memory.config, k)!r}"

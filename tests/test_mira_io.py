@@ -160,3 +160,21 @@ def test_peft_separate_q_v_projections_import():
         x = images()
         mira.set_stage(model, "inference")
         torch.testing.assert_close(model(x), reference(x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_file_from_before_the_query_hidden_rule_still_loads(tmp_path):
+    # Files written when query_hidden was accepted (and inert) beside a query without a hidden
+    # layer: the config rule now refuses that pair, the load drops the inert width.
+    path = tmp_path / "m.safetensors"
+    mira.save_memories(trained_memories(query="identity", key_dim=None, query_hidden=None), path)
+    tensors = load_file(path)
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    described = json.loads(meta["memories"])
+    for entry in described.values():
+        entry["config"]["query_hidden"] = 16
+    old = tmp_path / "old.safetensors"
+    save_file(tensors, old, metadata={**meta, "memories": json.dumps(described)})
+    model = mira.attach(tiny_vit(), query="identity")
+    mira.load_memories(model, old)
+    assert [m.num_slots for m in mira.memories(model)] == [3, 3]

@@ -376,3 +376,11 @@ def test_the_experiments_cache_expands_a_tilde(monkeypatch, tmp_path):
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.setenv("MIRA_EXPERIMENTS_CACHE", "~/mk")
     assert cache_dir() == str(tmp_path / "mk")
+
+
+@pytest.mark.parametrize("query", ["identity", "linear"])
+def test_query_hidden_without_an_mlp_query_is_refused(query):
+    # The width only shapes MlpQuery; elsewhere it was accepted and silently did nothing.
+    with pytest.raises(ValueError, match="query_hidden=8 sets the hidden width of the 'mlp' query module"):
+        mira.attach(tiny_vit(), query=query, query_hidden=8)
+    mira.attach(tiny_vit(), query="mlp", query_hidden=8)
