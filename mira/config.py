@@ -165,8 +165,9 @@ class MiraConfig:
             is the rounding of each stored entry, at most 2^-8 (bfloat16) / 2^-11 (float16)
             relative, which moves the adapter's contribution by at most ~2x that relative (contract
             section 4). float16 holds |entries| <= 65504 only: larger ones are refused on append.
-            Not with ``trainable_bank`` (an optimiser step on 16-bit storage loses small updates),
-            nor with a float64 model (the op computes in float64 there).
+            In a float64 model (``model.double()`` keeps bank_dtype) the layers widen them to
+            float64 for the op, exactly. Not with ``trainable_bank`` (an optimiser step on 16-bit
+            storage loses small updates).
         scale: multiplies every adapter's contribution (the paper uses 1, no alpha/r).
         eps: guard of the affine denominator (see ``mira_kernels.DEFAULT_EPS``).
         blocks: indices of the blocks to adapt (negative allowed); None for every block.

@@ -36,8 +36,6 @@ import torch.nn as nn
 
 from mira_kernels.decompositions import export_decompositions
 
-from .integration import memories
-
 __all__ = ["Float64Check", "check_against_float64", "decompose", "export_aoti", "export_onnx", "export_program",
            "load_aoti"]
 
@@ -173,12 +171,8 @@ def check_against_float64(model: nn.Module, example_inputs, outputs: Mapping, *,
     """
     examples = _as_tuple(example_inputs)
     own = model(*examples)
-    reference = copy.deepcopy(model)
-    for memory in memories(reference):
-        # 16-bit banks are data (every entry exact in float64), but a memory keeps its bank_dtype
-        # through .to(): the float64 reference widens them, which is what the kernels compute.
-        memory.config.bank_dtype = None
-    reference = reference.to(torch.float64)
+    # 16-bit banks stay 16-bit through .to(): the float64 layers widen them exactly, as the kernels do.
+    reference = copy.deepcopy(model).to(torch.float64)
     want = reference(*(a.to(torch.float64) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
                        for a in examples)).to(torch.float64)
     eager_error = _max_error(own, want)

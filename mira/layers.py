@@ -244,6 +244,10 @@ class MiraProjection(nn.Module):
             )
         memory = self._memory
         keys, bank_a, bank_b = memory.retrieval_tensors()
+        if keys.dtype == torch.float64 and bank_a.dtype != torch.float64:
+            # 16-bit banks in a float64 model (model.double() keeps bank_dtype): the op computes in
+            # float64 with float64 banks, and widening is exact. Per call, a copy: not planned.
+            bank_a, bank_b, plan = bank_a.double(), bank_b.double(), False
         # Eval on CPU: the kernel without the dispatcher where it would add nothing, and the CLS
         # query taken from x in C++ (mira_kernels.ops.eval_linear_cpu; None when it cannot).
         token = memory.query_token(x)

@@ -349,14 +349,9 @@ class AdapterMemory(nn.Module):
 
     def _bank_dtype_for(self, dtype: torch.dtype) -> torch.dtype:
         """The banks' storage dtype in a memory whose other tensors have ``dtype`` (config.bank_dtype)."""
+        # In a float64 memory the banks keep bank_dtype too: the layer widens them for the op, exactly.
         name = self.config.bank_dtype
-        if name is None:
-            return dtype
-        bank_dtype = getattr(torch, name)
-        if dtype == torch.float64 and bank_dtype != torch.float64:
-            raise ValueError(f"bank_dtype={name!r} needs float32 compute, but this memory's dtype is float64 "
-                             "(the op computes in float64 there); use bank_dtype=None for a float64 model")
-        return bank_dtype
+        return dtype if name is None else getattr(torch, name)
 
     def _bank_factory(self) -> dict:
         return {"device": self.keys.device, "dtype": self._bank_dtype_for(self.keys.dtype)}

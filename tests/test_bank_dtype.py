@@ -317,8 +317,30 @@ def test_bank_dtype_is_validated():
     with pytest.raises(ValueError, match="trainable_bank"):
         MemoryConfig(d_in=8, d_k=8, num_slices=1, slice_width=8, bank_dtype="float16", trainable_bank=True)
     assert MiraConfig(bank_dtype=torch.float32, trainable_bank=True).bank_dtype == "float32"
-    with pytest.raises(ValueError, match="needs float32 compute"):
-        mira.attach(tiny_vit().double(), bank_dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("bank_dtype", [torch.bfloat16, torch.float16])
+def test_a_float64_model_widens_16_bit_banks_exactly(bank_dtype):
+    # model.double() keeps bank_dtype (as every cast does); the forward used to refuse the 16-bit
+    # banks there. Widening is exact: the float64 model computes with the stored values.
+    import mira
+    from tests.tiny_models import images, tiny_vit
+
+    model, x = filled(bank_dtype), images(2, seed=1)
+    want_model = filled(None).double()
+    for ours, theirs in zip(mira.memories(model), mira.memories(want_model), strict=True):
+        with torch.no_grad():  # the reference holds the very values the 16-bit banks store
+            theirs.bank_a.copy_(ours.bank_a.double())
+            theirs.bank_b.copy_(ours.bank_b.double())
+    model.double()
+    assert {m.bank_a.dtype for m in mira.memories(model)} == {bank_dtype}
+    with torch.no_grad():
+        torch.testing.assert_close(model(x.double()), want_model(x.double()), rtol=1e-12, atol=1e-12)
+    model.float()
+    assert {m.keys.dtype for m in mira.memories(model)} == {torch.float32}
+    assert {m.bank_a.dtype for m in mira.memories(model)} == {bank_dtype}
+    doubled = mira.attach(tiny_vit().double(), bank_dtype=bank_dtype)  # attached in float64 alike
+    assert {m.bank_a.dtype for m in mira.memories(doubled)} == {bank_dtype}
 
 
 def test_model_casts_keep_the_chosen_bank_dtype():
