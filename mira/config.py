@@ -8,8 +8,6 @@ is the fully resolved description of one block's memory (widths included). The l
 from __future__ import annotations
 
 import dataclasses
-import math
-import numbers
 import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from mira_kernels import DEFAULT_EPS, SEPARATIONS
+from mira_kernels._validation import check_eps, check_scale
 
 __all__ = [
     "QUERY_MODULES",
@@ -77,21 +76,6 @@ def _positive_int(name: str, value, *, allow_none: bool = False, allow_zero: boo
     return as_int
 
 
-def _finite(name: str, value, *, positive: bool = False) -> float:
-    # numbers.Real: Python and NumPy scalars alike (the ops take both); bool is not a scale.
-    if not isinstance(value, numbers.Real) or isinstance(value, bool):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    try:
-        as_float = float(value)
-    except OverflowError:  # an int beyond float's range
-        as_float = math.inf
-    if not math.isfinite(as_float):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    if positive and not as_float > 0:
-        raise ValueError(f"{name} must be > 0, got {value!r}")
-    return as_float
-
-
 def _choice(name: str, value, choices: Sequence[str]) -> str:
     if value not in choices:
         raise ValueError(f"unknown {name} {value!r}; expected one of {tuple(choices)}")
@@ -132,8 +116,11 @@ def _check_memory_fields(cfg) -> None:
             "drops every update smaller than 2^-8 (bfloat16) or 2^-11 (float16) of the entry; keep the bank frozen "
             "or store it in float32"
         )
-    cfg.scale = _finite("scale", cfg.scale)
-    cfg.eps = _finite("eps", cfg.eps, positive=True)
+    # The ops' own rules for the two scalars (numpy scalars too; a bool is not a scale), then
+    # stored as floats.
+    check_scale(cfg.scale)
+    check_eps(cfg.eps)
+    cfg.scale, cfg.eps = float(cfg.scale), float(cfg.eps)
 
 
 @dataclass
