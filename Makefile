@@ -4,7 +4,8 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMPS := .stamps
-NATIVE := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh' -o -name '*.inc' 2>/dev/null)
+# What the build reads (native sources and the Python files it runs): mira_kernels/_sources.py lists them.
+NATIVE := $(shell $(PYTHON) mira_kernels/_sources.py 2>/dev/null)
 
 .PHONY: setup build test test-slow bench demo lint clean gpu-check fuzz sanitize cross-aarch64
 .DEFAULT_GOAL := test
@@ -43,7 +44,7 @@ FORCE:
 CI_CUDA_ARCHS := $(if $(TORCH_CUDA_ARCH_LIST),,$(shell nvidia-smi -L >/dev/null 2>&1 || echo 9.0))
 
 # flock: several shells (or helpers) may ask for a build at once; ninja's build dir is shared.
-$(STAMPS)/build: $(STAMPS)/venv $(STAMPS)/build-config setup.py pyproject.toml mira_kernels/_config.py mira_kernels/_sources.py $(NATIVE)
+$(STAMPS)/build: $(STAMPS)/venv $(STAMPS)/build-config pyproject.toml mira_kernels/_sources.py $(NATIVE)
 	flock $(STAMPS)/build.lock env MAX_JOBS=$${MAX_JOBS:-2} $(if $(CI_CUDA_ARCHS),TORCH_CUDA_ARCH_LIST=$(CI_CUDA_ARCHS)) \
 	    $(PY) -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e .
 	@touch $@

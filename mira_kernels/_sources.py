@@ -55,3 +55,7 @@ def stale_note(root: str, library_dir: str) -> str | None:
         return None
     return (f"mira_kernels._C was built from other sources than this checkout's (built from {built}, the "
             f"sources now {now}): the native kernels may not be the code you read; rebuild with `make build`")
+
+
+if __name__ == "__main__":  # the Makefile's list of what the build reads (one list, here)
+    print(" ".join(source_files(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))))

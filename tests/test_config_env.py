@@ -234,3 +234,18 @@ def test_a_library_built_from_other_sources_is_named(tmp_path):
     assert _sources.stale_note(str(tmp_path), str(lib)) is not None
     if _extension.loaded:  # this checkout's own build matches its sources
         assert _extension.stale is None and _extension.build_info()["stale_sources"] is None
+
+
+def test_the_makefile_rebuilds_on_the_files_the_digest_covers():
+    # One list of what the build reads: the Makefile's prerequisites come from _sources.py (they
+    # were a `find` of their own, which could drift from the digest the import checks).
+    from mira_kernels import _sources
+
+    root = Path(__file__).resolve().parents[1]
+    listed = subprocess.run([sys.executable, os.path.join("mira_kernels", "_sources.py")], cwd=root,
+                            capture_output=True, text=True, check=True).stdout.split()
+    assert listed == _sources.source_files(str(root)) and "csrc/cpu/mira_linear_cpu.cpp" in listed
+    make = subprocess.run(["make", "-pn", f"PYTHON={sys.executable}", "build"], cwd=root, capture_output=True,
+                          text=True)
+    native = [line for line in make.stdout.splitlines() if line.startswith("NATIVE := ")]
+    assert native and native[0].split(" := ", 1)[1].split() == listed
