@@ -303,9 +303,7 @@ def test_the_bank_rounding_study_computes_what_bfloat16_storage_computes():
 
 
 def test_bank_dtype_is_validated():
-    import mira
     from mira.config import MemoryConfig, MiraConfig
-    from tests.tiny_models import tiny_vit
 
     assert MiraConfig(bank_dtype=torch.bfloat16).bank_dtype == "bfloat16"
     assert MiraConfig(bank_dtype="torch.float16").bank_dtype == "float16"
