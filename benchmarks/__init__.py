@@ -1,5 +1,5 @@
 """Benchmarks of mira_kernels (run as modules, e.g. ``python -m benchmarks.op_cpu``); not tests.
 
 ``_pairs`` is the shared measurement core: interleaved A/B rounds, median per-pair ratios with
-bootstrap intervals, stopping rules, and machine/version records. Results go to ``results/``.
+distribution-free median intervals, stopping rules, and machine/version records. Results go to ``results/``.
 """

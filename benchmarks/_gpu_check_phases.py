@@ -10,7 +10,7 @@ only when the phase finished. ``env`` runs from the checkout before anything is 
 
 Timing method (``op`` and ``model``): per (dtype, batch) cell, every variant is first run once
 and checked, then the variants that ran are timed interleaved (``benchmarks._pairs``: one call of
-each per round in a shuffled order, medians over rounds with percentile-bootstrap 95% intervals,
+each per round in a shuffled order, medians over rounds with distribution-free 95% intervals,
 ratios over the baseline as the median of per-round ratios), each call between CUDA events with
 the L2 cache flushed before it (``benchmarks.latency.DeviceTimer``); then the same with every
 variant captured in a CUDA graph and replayed; then (``op``) each variant's kernels are timed by
@@ -212,16 +212,23 @@ def _mira_backends(device) -> tuple[list[str], dict[str, str]]:
     return names, excluded
 
 
+def _bound(value: float, scale: float = 1.0) -> float | None:
+    # An interval from fewer than 6 rounds is unbounded (_pairs.median_ci): null in the JSON,
+    # which has no infinity.
+    return value * scale if math.isfinite(value) else None
+
+
 def _stat_us(result, name: str) -> dict:
     m = result.median(name)
-    return {"median": m["seconds"] * 1e6, "lo": m["lo"] * 1e6, "hi": m["hi"] * 1e6, "rounds": m["rounds"]}
+    return {"median": m["seconds"] * 1e6, "lo": _bound(m["lo"], 1e6), "hi": _bound(m["hi"], 1e6),
+            "rounds": m["rounds"]}
 
 
 def _ratio(result, num: str, den: str) -> dict | None:
     if den not in result.times or num == den:
         return None
     r = result.ratio(num, den)
-    return {"ratio": r["ratio"], "lo": r["lo"], "hi": r["hi"], "pairs": r["pairs"]}
+    return {"ratio": r["ratio"], "lo": _bound(r["lo"]), "hi": _bound(r["hi"]), "pairs": r["pairs"]}
 
 
 def _capture(fn: Callable[[], object]) -> tuple[object, Callable[[], object]]:
@@ -399,7 +406,8 @@ def _timing_meta(baseline: str, device) -> tuple[Callable, dict]:
     return timer, {
         "eager": timer.describe() + "; variants interleaved in shuffled rounds (benchmarks._pairs)",
         "graph": "each variant captured in a CUDA graph (inputs fixed), replays timed as above",
-        "statistic": "median over rounds with a 95% percentile-bootstrap interval; ratios are medians of "
+        "statistic": "median over rounds with a distribution-free 95% interval (order statistics; null below 6 "
+                     "rounds); ratios are medians of "
                      f"per-round ratios over {baseline}",
         "kernels": "torch.profiler device events of 5 eager calls, summed per name, per call",
         "units": "microseconds",

@@ -8,8 +8,8 @@ shares its base layer and holds the same memory with its banks stored as ``--ban
 three calls in random order, each with the caches as a network leaves them (``budget.ColdCache``):
 the stock Linear, the MIRA projection, its twin. It prints, as ``benchmarks.latency`` does at
 module level, each projection's extra time over the stock Linear ((median per-round ratio - 1) x
-the Linear's median, bootstrap 95% interval) x the adapted blocks over the backbone's median, and
-the paired difference twin - MIRA per block (median of per-round differences, bootstrap 95%
+the Linear's median, 95% interval) x the adapted blocks over the backbone's median, and
+the paired difference twin - MIRA per block (median of per-round differences, 95%
 interval); and the floor per block of each (``budget.measure_floor``:
 bank and key bytes at the measured DRAM bandwidth against the extra multiply-adds at the stock
 GEMM's rate). Records the machine (vendor, family, model, stepping, the kernel's ISA) and commit.

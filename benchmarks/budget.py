@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -100,7 +101,8 @@ class ColdCache:
             return None
         med, lo, hi = _pairs.median_ci(self.read_seconds)
         n = self._buffer.numel() * 4
-        return {"bytes_per_s": n / med, "lo": n / hi, "hi": n / lo, "buffer_bytes": n,
+        # Unbounded time bounds (too few reads for 95%) give bandwidth bounds 0 and inf.
+        return {"bytes_per_s": n / med, "lo": n / hi, "hi": n / lo if lo > 0 else math.inf, "buffer_bytes": n,
                 "threads": torch.get_num_threads(), "reads": len(self.read_seconds),
                 "source": "the eviction reads of the timed rounds"}
 
@@ -196,7 +198,7 @@ def measure_floor(proj, x: torch.Tensor, *, n_blocks: int, backbone_s: float, st
 
 
 def _diff_stats(a: Sequence[float], b: Sequence[float] | None = None) -> dict:
-    """Median of per-round a (or a - b) with its bootstrap interval, seconds."""
+    """Median of per-round a (or a - b) with its 95% interval, seconds."""
     v = np.asarray(a, dtype=float) - (0.0 if b is None else np.asarray(b, dtype=float))
     med, lo, hi = _pairs.median_ci(v)
     return {"median_s": med, "lo_s": lo, "hi_s": hi}
@@ -209,7 +211,7 @@ def time_budget(proj, cache: ColdCache, *, budget_s: float = 20.0, seed: int = 0
     """Interleaved rounds of the projection, its parts and the stock Linear, each call after
     ``cache.prepare()`` (its input is ``cache.x``), with the CPU kernel's phase clock on.
 
-    Returns per-part medians (seconds) with bootstrap intervals, and the rounds' raw totals.
+    Returns per-part medians (seconds) with 95% intervals, and the rounds' raw totals.
     """
     x = cache.x
     if x.device.type != "cpu":

@@ -22,7 +22,7 @@ phase that runs out of time still leaves what it measured:
            (``benchmarks/eager_mira.py``). Then the training step (forward + backward into x and
            the keys) at B=64. Each variant is first checked against the float64 reference, then
            timed with CUDA events (L2 flushed before every call, variants interleaved, medians
-           with bootstrap intervals, ratios over ``F.linear`` per round) and as CUDA-graph
+           with 95% intervals, ratios over ``F.linear`` per round) and as CUDA-graph
            replays, and its kernels are timed one by one with ``torch.profiler`` (by name).
 ``model``  the ViT-B/16 forward (random weights: no hub access): stock timm, MIRA attached on
            every backend, and the eager baseline attached, at the same batches and dtypes,

@@ -603,7 +603,7 @@ def interleave(
 
 
 def median_of(result: _pairs.PairResult, name: str) -> dict:
-    """Median time (seconds) of one variant with its bootstrap 95% interval."""
+    """Median time (seconds) of one variant with its 95% interval."""
     m = result.median(name)
     return {"median_s": m["seconds"], "lo_s": m["lo"], "hi_s": m["hi"], "runs": m["rounds"]}
 

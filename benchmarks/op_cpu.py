@@ -7,7 +7,7 @@ Shapes: T=197 tokens, d_in=768 -> d_out=2304 (packed qkv), rank r=4, N=30 slots,
 offset 0, V at 1536), query = the CLS token (MIRA's identity query), fp32, batch B in {1, 8, 32},
 torch's default threads. Everything is checked against the float64 reference before it is timed.
 
-What is reported (all as median per-round ratios with bootstrap 95% intervals, from interleaved
+What is reported (all as median per-round ratios with distribution-free 95% intervals, from interleaved
 rounds, see benchmarks/_pairs.py):
   * forward, ``mira_linear`` (public op, CPU backend) over (a) the same base-GEMM path without the
     adapter (the op with an empty memory: the same seeding pass, bias only, and beta = 1 GEMM) and
@@ -340,7 +340,7 @@ def format_markdown(record: dict) -> str:
         f"{m['torch']}, MKL {m['mkl']}, kernel ISA {m.get('mira_cpu_isa')}, load average at start "
         f"{m.get('load_average_1m', float('nan')):.1f} (the 2 cores are shared with other jobs: noisy).",
         f"Shapes: T={T}, d_in={D_IN}, d_out={D_OUT}, r={RANK}, N={SLOTS}, S={SLICES} at offsets {OFFSETS}, fp32, "
-        "query = CLS token. Ratios: median per-round ratio of interleaved rounds, [bootstrap 95% interval].",
+        "query = CLS token. Ratios: median per-round ratio of interleaved rounds, [95% interval, order statistics].",
         f"Measured copy bandwidth: {record['bandwidth_GBps']:.1f} GB/s (read + write).",
         "",
         "## Forward (inference)",

@@ -17,6 +17,7 @@ Every figure carries the record's commit, date, CPU and the ISA the CPU kernel c
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 __all__ = ["load_records", "sweep_summary", "write_plots"]
@@ -56,10 +57,13 @@ def _stamp(record: dict) -> str:
 def _bars(ax, xs, series: list[dict], style: dict) -> list[float]:
     """Error bars of (percent, lo, hi) points; returns every value drawn, for the axis range."""
     vals = [d["percent"] for d in series]
-    lo = [d["percent"] - d["lo"] for d in series]
-    hi = [d["hi"] - d["percent"] for d in series]
+    # A point from fewer than 6 rounds has no 95% interval (unbounded, benchmarks._pairs.median_ci):
+    # drawn without a bar, and left out of the axis range.
+    bounded = [math.isfinite(d["lo"]) and math.isfinite(d["hi"]) for d in series]
+    lo = [d["percent"] - d["lo"] if b else 0.0 for d, b in zip(series, bounded)]
+    hi = [d["hi"] - d["percent"] if b else 0.0 for d, b in zip(series, bounded)]
     ax.errorbar(xs, vals, yerr=[lo, hi], capsize=4, **style)
-    return [d["lo"] for d in series] + [d["hi"] for d in series]
+    return vals + [d[end] for d, b in zip(series, bounded) if b for end in ("lo", "hi")]
 
 
 def _fit(ax, values: list[float]) -> None:

@@ -34,7 +34,7 @@ matched eager float64 to 2e-11 (so no defect; plain reassociation). Hence the ke
 of images, as trained keys are, and the check is sharp.
 
 Statistic: median over rounds of the per-round ratio path / stock (and path / live), with a
-bootstrap 95% interval (:mod:`benchmarks._pairs`). Results go to a scratch folder
+distribution-free 95% interval (:mod:`benchmarks._pairs`). Results go to a scratch folder
 (``build/bench/serving``) unless ``--record`` appends them to ``benchmarks/results/serving.{jsonl,md}``:
 one jsonl line and one table per batch size, written as soon as that batch size is timed (a run
 stopped later keeps them; the lines of one run share its ``timestamp``).
@@ -378,7 +378,7 @@ def summary_markdown(records: list[dict]) -> str:
         f"Machine: {_pairs.cpu_line(m)}; {m['logical_cpus']} logical CPUs; torch {m['torch']}.",
         "Works: the path's output on the judged images is within the bound of the float64 eager model "
         "(2x eager fp32's own error + 1e-6 x max(1, |output|)); folded differs by design (mean weights) and "
-        "is not judged. Ratios: median over interleaved rounds of the per-round ratio, 95% bootstrap interval, "
+        "is not judged. Ratios: median over interleaved rounds of the per-round ratio, distribution-free 95% interval, "
         "path and reference timed in one process.",
         "",
         "| path | what runs | works: error vs float64 (bound) | "
