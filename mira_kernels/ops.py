@@ -85,8 +85,9 @@ def _linear_backward_kernel(
         grads = impl.mira_linear_backward(
             grad_out, x, weight, query, keys, bank_a, bank_b, slice_offsets, separation, scale, eps, output_mask
         )
-    # The schema returns Tensors: a gradient not asked for is an empty tensor.
-    return tuple(g if g is not None else x.new_empty(0) for g in grads)
+    # The schema returns Tensors: a gradient not asked for is an empty tensor. Contiguous, as the
+    # native backends allocate them and the fake kernel says (the reference's follow the inputs' strides).
+    return tuple(g.contiguous() if g is not None else x.new_empty(0) for g in grads)
 
 
 def _adapter_kernel(out, x, query, keys, bank_a, bank_b, slice_offsets, separation, scale, eps, backend="auto"):
@@ -108,8 +109,10 @@ def _linear_backward_fake(
     grad_out, x, weight, query, keys, bank_a, bank_b, slice_offsets, separation, scale, eps, output_mask,
     backend="auto",
 ):
+    # Contiguous, whatever the inputs' strides: every backend returns its gradients so, and
+    # empty_like (the inputs' strides) failed torch.compile's stride check for a permuted x or keys.
     like = (x, query, keys, bank_a, bank_b)
-    return tuple(torch.empty_like(t) if need else x.new_empty(0) for t, need in zip(like, output_mask))
+    return tuple(t.new_empty(t.shape) if need else x.new_empty(0) for t, need in zip(like, output_mask))
 
 
 def _adapter_fake(out, x, query, keys, bank_a, bank_b, slice_offsets, separation, scale, eps, backend="auto"):

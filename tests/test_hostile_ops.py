@@ -359,6 +359,44 @@ def test_compile_fullgraph_dynamic():
     torch._dynamo.reset()
 
 
+def _permuted(t):
+    """t with the same values in a dense but non-contiguous layout (its dimensions stored in reverse)."""
+    dims = list(range(t.dim()))[::-1]
+    return t.permute(*dims).contiguous().permute(*dims)
+
+
+@needs_ext
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("n_slots", [4, 0])
+def test_backward_fake_kernel_has_the_gradients_strides(backend, n_slots):
+    # The gradients are returned contiguous whatever the inputs' layout; the fake kernel said they
+    # had the inputs' strides, so torch.compile's stride check failed for a permuted x or keys.
+    inp = make_inputs(B=2, T=3, d_in=6, d_out=12, N=n_slots, S=2, r=2, d_s=4, offsets=[0, 8], dtype=torch.float32)
+    x, query, keys, bank_a, bank_b = (_permuted(t) for t in inp.adapter_args())
+    grad_out = _permuted(torch.randn(2, 3, 12))
+    args = (grad_out, x, inp.weight, query, keys, bank_a, bank_b, inp.slice_offsets, "affine", 1.0, 0.01,
+            [True] * 5, backend)
+    torch.library.opcheck(torch.ops.mira.mira_linear_backward.default, args, test_utils=("test_faketensor",))
+
+
+@needs_ext
+def test_compiled_training_step_with_permuted_inputs():
+    torch._dynamo.reset()
+    inp = make_inputs(B=2, T=3, d_in=6, d_out=12, N=4, S=2, r=2, d_s=4, offsets=[0, 8], dtype=torch.float32)
+
+    def loss(x, query, keys, bank_a, bank_b):
+        y = mk.mira_linear(x, inp.weight, inp.bias, query, keys, bank_a, bank_b, slice_offsets=inp.slice_offsets)
+        return (y * y).sum()
+
+    def grads(fn):
+        leaves = [_permuted(t).requires_grad_() for t in inp.adapter_args()]
+        return torch.autograd.grad(fn(*leaves), leaves)
+
+    for got, want in zip(grads(torch.compile(loss, fullgraph=True)), grads(loss)):
+        torch.testing.assert_close(got, want)
+    torch._dynamo.reset()
+
+
 # ----------------------------------------------------------------------------------------------
 # Meta tensors and FakeTensor: shape inference through the ops and the public functions.
 # ----------------------------------------------------------------------------------------------
