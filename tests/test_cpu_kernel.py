@@ -162,6 +162,20 @@ def test_gradcheck_through_public_op(separation):
         assert torch.autograd.gradcheck(f, [getattr(inp, n) for n in GRAD_NAMES], eps=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("separation", ["softmax", "affine"])
+def test_norm_at_the_floor_takes_the_unit_vector_branch(separation):
+    # ||u|| exactly 1e-12 (the cosine's floor): the reference's gradient is the tangent projection
+    # (normalize(u) = u / ||u|| there, as F.normalize's clamp_min passes it), not g / 1e-12.
+    inp = make_inputs(B=2, T=3, d_in=4, d_out=12, N=3, S=2, r=2, d_s=4, offsets=[8, 0])
+    inp.query[0] = torch.tensor([1e-12, 0.0, 0.0, 0.0], dtype=torch.float64)
+    inp.keys[1] = torch.tensor([0.0, -1e-12, 0.0, 0.0], dtype=torch.float64)
+    grad_out = torch.randn(2, 3, 12, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    got = cpu_backward(inp, grad_out, separation)
+    want = ref_backward(inp, grad_out, separation)
+    for name, a, w in zip(GRAD_NAMES, got, want):
+        assert max_err(a, w) <= 1e-10 * max(1.0, w.abs().max().item()), name
+
+
 def test_opcheck():
     inp = make_inputs(B=2, T=3, d_in=6, d_out=12, N=3, S=2, r=2, d_s=4, offsets=[0, 8], dtype=torch.float32)
     inp.requires_grad_(*GRAD_NAMES)

@@ -1089,7 +1089,10 @@ void normalize_backward(const Kernels<T>& K, const T* unit, const T* norm, const
     T proj;
     K.dot_block(1, 1, n, u, n, g, n, &proj, 1, T(1));
     const T nrm = norm[i];
-    if (nrm > T(kNormEps)) {
+    // The unit-vector branch from ||u|| = 1e-12 on (and for NaN), as the reference's `~(norm < eps)`:
+    // `nrm > eps` sent a norm of exactly 1e-12 (e.g. u = [1e-12, 0, ...]) to g / eps, dropping the
+    // projection that removes g's component along u.
+    if (!(nrm < T(kNormEps))) {
       for (int64_t j = 0; j < n; ++j) out[i * n + j] = (g[j] - u[j] * proj) / nrm;
     } else {
       for (int64_t j = 0; j < n; ++j) out[i * n + j] = g[j] / T(kNormEps);
