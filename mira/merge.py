@@ -71,6 +71,13 @@ def _updated_weight(proj: MiraProjection, update: MergedUpdate, sign: float, wha
     Raises if the result holds inf or NaN where W was finite (a huge update would overflow the
     weight's dtype: refused, never created).
     """
+    if "weight" not in proj.base_layer._parameters:
+        # torch.nn.utils.prune and parametrize make the weight a tensor recomputed from other ones at
+        # every forward: an update written into it would be gone at the next call (a merge that does
+        # nothing, an unmerge that subtracts from a copy), so the weight must be a parameter again first.
+        raise RuntimeError(f"{what}: a qkv base layer's weight is recomputed at every forward (torch.nn.utils.prune "
+                           "or parametrize), so an update written into it would be lost; make it a plain parameter "
+                           "first (prune.remove / parametrize.remove_parametrizations); nothing was changed")
     weight = proj.base_layer.weight
     d_s = proj.memory.config.slice_width
     scale = proj.memory.config.scale

@@ -205,3 +205,32 @@ def test_held_updates_refuse_what_would_be_wrong_and_failed_calls_change_nothing
     mira.detach(model)  # allowed again once the update is out
     with pytest.raises(RuntimeError, match="no MIRA layers"):
         mira.merge(model)
+
+
+@torch.no_grad()
+def test_a_pruned_or_parametrized_base_weight_is_refused_not_merged_into_a_copy():
+    """prune / parametrize recompute the weight at every forward: an update written into it would be lost."""
+    import torch.nn.utils.parametrize as parametrize
+    import torch.nn.utils.prune as prune
+
+    class Identity(nn.Module):
+        def forward(self, w):
+            return w
+
+    for reparametrize in (lambda base: prune.l1_unstructured(base, "weight", 0.3),
+                          lambda base: parametrize.register_parametrization(base, "weight", Identity())):
+        model = trained()
+        reparametrize(mira.projections(model)[-1].base_layer)  # the last block: the first was checked before it
+        before = qkv_weights(model)
+        for call in (mira.merge, lambda m: mira.fold(m, torch.ones(3))):
+            with pytest.raises(RuntimeError, match="recomputed at every forward.*nothing was changed"):
+                call(model)
+            assert all(torch.equal(w, p.base_layer.weight) for w, p in zip(before, mira.projections(model)))
+            assert all(p.merged_update is None for p in mira.projections(model))
+    # Pruned after a merge: unmerge would subtract from the recomputed copy and leave the update in place.
+    model = trained()
+    mira.merge(model)
+    prune.l1_unstructured(mira.projections(model)[0].base_layer, "weight", 0.3)
+    with pytest.raises(RuntimeError, match="recomputed at every forward"):
+        mira.unmerge(model)
+    assert all(p.merged_update is not None for p in mira.projections(model))
