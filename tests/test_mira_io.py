@@ -178,3 +178,27 @@ def test_a_file_from_before_the_query_hidden_rule_still_loads(tmp_path):
     model = mira.attach(tiny_vit(), query="identity")
     mira.load_memories(model, old)
     assert [m.num_slots for m in mira.memories(model)] == [3, 3]
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_a_file_of_8_bit_floats_loads_widened_and_its_nan_is_refused_by_name(tmp_path, dtype):
+    """A file compressed to 8-bit floats for shipping: every 8-bit value is exact in the model's dtype
+    (isfinite has no kernel for float8_e4m3fn, which made the load fail with torch's NotImplementedError)."""
+    path = tmp_path / "memories.safetensors"
+    mira.save_memories(trained_memories(), path)
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    small = {k: v.to(dtype) for k, v in load_file(path).items()}
+    save_file(small, tmp_path / "fp8.safetensors", metadata=meta)
+    model = mira.attach(tiny_vit())
+    mira.load_memories(model, tmp_path / "fp8.safetensors")
+    for name, memory in mira.named_memories(model):
+        assert torch.equal(memory.stored_keys, small[f"{name}.keys"].float())
+        assert torch.equal(memory.stored_adapters[0], small[f"{name}.bank_a"].float())
+    small["blocks.1.mira_memory.keys"] = small["blocks.1.mira_memory.keys"].float().index_fill(
+        0, torch.tensor([0]), float("nan")).to(dtype)
+    save_file(small, tmp_path / "nan.safetensors", metadata=meta)
+    fresh = mira.attach(tiny_vit())
+    with pytest.raises(ValueError, match=r"nan.safetensors: blocks.1.mira_memory.keys holds NaN"):
+        mira.load_memories(fresh, tmp_path / "nan.safetensors")
+    assert all(m.num_slots == 0 for m in mira.memories(fresh))
