@@ -39,8 +39,9 @@ Public API (names are stable; other packages build on them)::
     mira.forget_optimizer_state(model, optimizer)   after a memory grew (a step with stale state raises)
     mira.save_memories(model, path) / mira.load_memories(model, path)      safetensors, versioned
         (a file saved with key_norm="unit" loads into a model attached with key_norm="unit")
-    mira.save_model(model, path, *, modules=("head",)) / mira.load_model(backbone, path) -> model
-        memories + head + attach config in one file; rebuilt on a fresh backbone in one call
+    mira.save_model(model, path, *, modules=None) / mira.load_model(backbone, path) -> model
+        memories + head (and a distilled DeiT's head_dist) + attach config in one file; rebuilt on a
+        fresh backbone in one call
     mira.config_of(model) -> MiraConfig          the config that attaches the same layers
     mira.import_peft(model, source, *, into="lora" | "memory", module_names=None, drop_unused_rows=False, ...)
 

@@ -77,7 +77,8 @@ def save_model(model: nn.Module, path: str | os.PathLike, *, modules: Sequence[s
 
     Args:
         modules: qualified names of modules trained beside MIRA, outside its layers; default
-            ``("head",)`` when the model has a ``head``.
+            the model's classifiers as timm names them (``pretrained_cfg["classifier"]``: ``head``,
+            and ``head_dist`` for a distilled DeiT), else ``("head",)`` when it has a ``head``.
         metadata: extra string entries for the file's metadata (the format's own keys are reserved).
     """
     available = dict(model.named_modules())
@@ -85,7 +86,7 @@ def save_model(model: nn.Module, path: str | os.PathLike, *, modules: Sequence[s
         raise TypeError(f"save_model: modules takes a sequence of module names, e.g. ({modules!r},), not the "
                         f"string {modules!r}")
     if modules is None:
-        modules = ("head",) if "head" in available else ()
+        modules = _default_modules(model, available)
     chosen = {}
     for name in modules:
         module = available.get(name)
@@ -96,6 +97,14 @@ def save_model(model: nn.Module, path: str | os.PathLike, *, modules: Sequence[s
                              "outside them (e.g. 'head')")
         chosen[name] = module
     _write_file(model, path, chosen, metadata, "save_model")
+
+
+def _default_modules(model: nn.Module, available: Mapping[str, nn.Module]) -> tuple[str, ...]:
+    # Every classifier, not only "head": a distilled DeiT averages head and head_dist, so a file
+    # without head_dist would load into a model whose head_dist is the fresh backbone's random one.
+    classifier = (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or "head"
+    names = (classifier,) if isinstance(classifier, str) else tuple(classifier)
+    return tuple(name for name in names if name in available)
 
 
 def _write_file(model: nn.Module, path, modules: Mapping[str, nn.Module], metadata, what: str) -> None:

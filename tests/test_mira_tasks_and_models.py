@@ -229,3 +229,28 @@ def test_import_peft_into_the_lora_refuses_factors_that_overflow_and_changes_not
                for (a, b), p in zip(before, mira.projections(model)))
     mira.import_peft(model, (state, {"peft_type": "LORA", "r": 4, "lora_alpha": 8}))  # a sane alpha imports
     assert not torch.equal(before[0][1], mira.projections(model)[0].lora_b)
+
+
+def test_save_model_keeps_both_heads_of_a_distilled_deit(tmp_path):
+    """A distilled DeiT averages head and head_dist: both are saved by default, or the loaded model
+    would run the fresh backbone's random head_dist."""
+    import timm
+
+    def deit(head_seed):
+        """The same backbone (the pretrained weights), heads initialised from head_seed (new classes)."""
+        torch.manual_seed(0)
+        model = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False, img_size=32, patch_size=8,
+                                  num_classes=5, depth=2).eval()
+        torch.manual_seed(head_seed)
+        model.head.reset_parameters()
+        model.head_dist.reset_parameters()
+        return model
+
+    source = mira.set_stage(mira.attach(deit(0)), "inference")
+    path = tmp_path / "deit.safetensors"
+    mira.save_model(source, path)
+    with safe_open(str(path), framework="pt") as f:
+        assert json.loads(f.metadata()["modules"]) == ["head", "head_dist"]
+    x = images()
+    with torch.no_grad():
+        torch.testing.assert_close(mira.load_model(deit(1), path)(x), source(x), rtol=0, atol=0)
