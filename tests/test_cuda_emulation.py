@@ -93,6 +93,18 @@ def test_backward_every_separation_float64(driver, separation):
     assert run.launches == 5  # retrieval, tokens, factors, scores, memory
 
 
+def test_norm_at_the_floor_takes_the_unit_vector_branch(driver):
+    # ||u|| exactly 1e-12 (the cosine's floor): the tangent projection, as the reference
+    # (F.normalize's clamp_min passes the gradient at equality), not g / 1e-12.
+    inp = make_inputs(**SHAPE, dtype=torch.float64)
+    inp.query[0] = 0.0
+    inp.query[0, 0] = 1e-12
+    inp.keys[1] = 0.0
+    inp.keys[1, 2] = -1e-12
+    for separation in ("affine", "softmax"):
+        check_backward(driver, inp, separation)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("separation", ["affine", "softmax"])
 def test_low_precision_within_pytorch_error(driver, dtype, separation):

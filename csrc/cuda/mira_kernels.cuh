@@ -773,7 +773,9 @@ __device__ void normalize_backward_inplace(const acc_t* u, acc_t norm, acc_t* ou
   dot = block_sum1(dot, red);
   for (int64_t d = tid; d < len; d += kThreads) {
     const acc_t g = out[d];
-    out[d] = norm > acc_t(kNormEps) ? (g - (u[d] / den) * dot) / den : g / acc_t(kNormEps);
+    // From ||u|| = eps on (and for NaN), as the reference's ~(norm < eps): F.normalize's clamp_min
+    // passes the gradient at equality.
+    out[d] = !(norm < acc_t(kNormEps)) ? (g - (u[d] / den) * dot) / den : g / acc_t(kNormEps);
   }
 }
 

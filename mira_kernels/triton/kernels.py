@@ -785,10 +785,14 @@ def _mira_factor_bwd_kernel(
 
 @triton.jit
 def _normalize_grad(u, u_norm, g, g_dot_unit):
-    # d/du of u / max(|u|, eps) applied to g, with (u/|u|).g precomputed over the full width.
-    unit = u / tl.maximum(u_norm, NORM_EPS)
-    tangent = (g - unit * g_dot_unit) / tl.maximum(u_norm, NORM_EPS)
-    return tl.where(u_norm > NORM_EPS, tangent, g / NORM_EPS)
+    # d/du of u / max(|u|, eps) applied to g, with (u/|u|).g precomputed over the full width. The floor
+    # in u's dtype: Triton types the bare constant fp32 (9.99999996e-13), which in float64 moved the
+    # branch below the reference's 1e-12.
+    floor = tl.full((), NORM_EPS, u_norm.dtype)
+    den = tl.maximum(u_norm, floor)
+    tangent = (g - (u / den) * g_dot_unit) / den
+    # The tangent from |u| = eps on (and for NaN), as the reference's ~(norm < eps).
+    return tl.where(u_norm < floor, g / floor, tangent)
 
 
 @triton.jit
@@ -974,7 +978,7 @@ def _mira_keys_bwd_kernel(
         q_norm = tl.load(qnorm_ptr + bs, mask=b_ok, other=1.0)
         qt = tl.load(q_ptr + bs[:, None] * stride_qb + cols[None, :] * stride_qk,
                      mask=b_ok[:, None] & col_ok[None, :], other=0.0).to(ct)
-        qt = qt / tl.maximum(q_norm, NORM_EPS)[:, None]
+        qt = qt / tl.maximum(q_norm, tl.full((), NORM_EPS, q_norm.dtype))[:, None]  # the floor in ct, not fp32
         g = tl.dot(tl.trans(dzt), qt, g, input_precision=SCORE_PRECISION, out_dtype=g.dtype)
     kt = tl.load(k_ptr + slots[:, None] * stride_kn + cols[None, :] * stride_kk,
                  mask=slot_ok[:, None] & col_ok[None, :], other=0.0).to(ct)

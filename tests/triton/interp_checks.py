@@ -171,6 +171,20 @@ def test_near_zero_affine_sum_exactly_zero_and_around_eps():
         check_backward(inp, torch.float32, "affine", eps=eps)
 
 
+@pytest.mark.parametrize("norm", [1e-12, 0.999999999e-12])
+def test_norms_at_the_floor_take_the_reference_branch(norm):
+    # ||u|| exactly 1e-12 (the cosine's floor): the tangent projection (F.normalize's clamp_min
+    # passes the gradient at equality), not g / 1e-12. Just below it (above the floor's fp32
+    # rounding, 9.99999996e-13): g / 1e-12, where a bare fp32 constant took the tangent.
+    inp = make_inputs(**SMALL, seed=8)
+    inp.query[0] = 0.0
+    inp.query[0, 0] = norm
+    inp.keys[1] = 0.0
+    inp.keys[1, 2] = -norm
+    for separation in ("affine", "softmax"):
+        check_backward(inp, torch.float64, separation)
+
+
 @pytest.mark.parametrize("separation", ["affine", *(pytest.param(s, marks=SLOW) for s in ("softmax", "relu"))])
 def test_single_slot(separation):
     # N = 1: affine keeps the raw cosine (no division by the sum).
