@@ -147,6 +147,10 @@ def _write_file(model: nn.Module, path, modules: Mapping[str, nn.Module], metada
     if broken:
         raise ValueError(f"{what}: {broken[:6]} hold NaN or inf values (did training diverge?); nothing was written")
     meta = dict(metadata or {})
+    not_text = {k: v for k, v in meta.items() if not (isinstance(k, str) and isinstance(v, str))}
+    if not_text:  # safetensors' own error names neither the entry nor the call
+        raise TypeError(f"{what}: metadata keys and values must be str (safetensors stores text), got "
+                        f"{not_text!r}; e.g. metadata={{'epoch': '3'}}")
     reserved = set(_RESERVED) & set(meta)
     if reserved:
         raise ValueError(f"metadata keys {sorted(reserved)} are reserved")
@@ -157,7 +161,7 @@ def _write_file(model: nn.Module, path, modules: Mapping[str, nn.Module], metada
         meta["modules"] = json.dumps(list(modules))
     # Written beside the target and renamed over it: a failed save never leaves a truncated file
     # in place of a good one.
-    path = os.fspath(path)
+    path = os.fsdecode(path)  # bytes paths too (f-strings would write "b'...'")
     partial = f"{path}.partial-{os.getpid()}"
     try:
         save_file(tensors, partial, metadata=meta)
@@ -316,7 +320,7 @@ def load_memories(model: nn.Module, path: str | os.PathLike, *, strict: bool = T
     Returns:
         The file's metadata.
     """
-    path = os.fspath(path)
+    path = os.fsdecode(path)
     meta, tensors, described = _read_memory_file(path)
     named = dict(named_memories(model))
     owners = _projection_of(model)
@@ -366,6 +370,10 @@ def _plan_modules(path: str, meta: Mapping[str, str], tensors: Mapping[str, torc
                 raise ValueError(f"load_model: {path}: {name}.{key} has shape {tuple(t.shape)}, the backbone's "
                                  f"{tuple(like.shape)} (create the backbone as it was saved, e.g. with the same "
                                  "num_classes)")
+            kind, kind_like = (t.is_floating_point(), t.dtype == torch.bool), (like.is_floating_point(),
+                                                                              like.dtype == torch.bool)
+            if kind != kind_like:  # a float into an integer buffer would truncate, an int skip the checks
+                raise TypeError(f"load_model: {path}: {name}.{key} has dtype {t.dtype}, the backbone's {like.dtype}")
             state[key] = _finite_tensor(path, prefix + key, t, like) if t.is_floating_point() else t.to(like.device)
         plan[module] = state
     stray = sorted(k for k in tensors if k.startswith(MODULE_PREFIX) and not any(
@@ -390,7 +398,7 @@ def load_model(model: nn.Module, path: str | os.PathLike, *, example_input: torc
     """
     if stage not in STAGES:  # checked first: the model must not change on a call that fails
         raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
-    path = os.fspath(path)
+    path = os.fsdecode(path)
     meta, tensors, _ = _read_memory_file(path)
     version = int(meta["format_version"])
     if "attach_config" not in meta:

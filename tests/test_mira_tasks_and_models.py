@@ -4,6 +4,7 @@ and import_peft's default (the live LoRA, which reproduces PEFT)."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -254,3 +255,28 @@ def test_save_model_keeps_both_heads_of_a_distilled_deit(tmp_path):
     x = images()
     with torch.no_grad():
         torch.testing.assert_close(mira.load_model(deit(1), path)(x), source(x), rtol=0, atol=0)
+
+
+def test_save_and_load_name_what_is_wrong_with_metadata_paths_and_dtypes(tmp_path):
+    # A review of the file format (2026-12-07): safetensors' error for non-text metadata named
+    # neither the entry nor the call; a bytes path wrote a file named "b'...'"; a hand-edited float
+    # head stored as integers loaded unchecked (and a float into an integer buffer would truncate).
+    source = trained_model()
+    with pytest.raises(TypeError, match=r"save_model: metadata keys and values must be str .*'epoch': 3"):
+        mira.save_model(source, tmp_path / "m.safetensors", metadata={"epoch": 3})
+    assert not list(tmp_path.iterdir())
+    path = tmp_path / "model.safetensors"
+    mira.save_model(source, os.fsencode(path))
+    assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]
+    fresh = mira.load_model(tiny_vit(depth=3), os.fsencode(path))
+    assert torch.equal(fresh.head.weight, source.head.weight)
+    tensors = load_file(path)
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    tensors["modules/head.weight"] = tensors["modules/head.weight"].mul(100).to(torch.int64)
+    save_file(tensors, tmp_path / "int_head.safetensors", metadata=meta)
+    backbone = tiny_vit(depth=3)
+    before = {k: v.clone() for k, v in backbone.state_dict().items()}
+    with pytest.raises(TypeError, match=r"head.weight has dtype torch.int64, the backbone's torch.float32"):
+        mira.load_model(backbone, tmp_path / "int_head.safetensors")
+    assert mira.memories(backbone) == [] and all(torch.equal(v, before[k]) for k, v in backbone.state_dict().items())
