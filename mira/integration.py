@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -76,13 +77,28 @@ def _example_input(model: nn.Module, batch: int) -> torch.Tensor:
     return torch.randn(batch, *size, device=param.device, dtype=param.dtype)
 
 
-def _probe(model: nn.Module, blocks: list[tuple[str, nn.Module]], example_input: torch.Tensor, what: str) -> None:
+def _probe(model: nn.Module, blocks: list[tuple[str, nn.Module]], example_input: torch.Tensor,
+           what: str) -> tuple[dict[str, int], torch.Size | None]:
     """Run the model once and check that each block's ``attn.qkv`` is called once per forward on
-    per-image tokens (B, T, d) equal to the attention module's input (from which the query is made)."""
+    per-image tokens (B, T, d) equal to the attention module's input (from which the query is made).
+
+    Returns:
+        Each block's token count T, and the shape of ``model.patch_embed``'s output (None without one).
+    """
     batch = example_input.shape[0]
     attn_inputs: dict[str, torch.Tensor] = {}
     calls: dict[str, list[tuple[tuple, bool]]] = {name: [] for name, _ in blocks}
     handles = []
+    patch_shape: list[torch.Size] = []
+
+    patch_embed = getattr(model, "patch_embed", None)
+    if isinstance(patch_embed, nn.Module):
+        def patch_hook(module, args, out):
+            out = out[0] if isinstance(out, (tuple, list)) else out  # XCiT's also returns the grid
+            if isinstance(out, torch.Tensor):
+                patch_shape.append(out.shape)
+
+        handles.append(patch_embed.register_forward_hook(patch_hook))
 
     for name, block in blocks:
         def attn_hook(module, args, kwargs, name=name):
@@ -133,6 +149,15 @@ def _probe(model: nn.Module, blocks: list[tuple[str, nn.Module]], example_input:
                 f"mira.attach: {where} does not receive the attention module's input, from which MIRA "
                 f"makes its query.\n{_SUPPORTED}"
             )
+    return {name: calls[name][0][0][1] for name, _ in blocks}, (patch_shape[0] if patch_shape else None)
+
+
+def _patch_tokens(patch_shape: torch.Size | None, width: int) -> int | None:
+    """How many patch tokens of width ``width`` the patch embedding made ((B, P, d) or NHWC
+    (B, H, W, d)); None where its output is not such tokens (no patch_embed, NCHW maps)."""
+    if patch_shape is None or patch_shape[-1] != width or len(patch_shape) not in (3, 4):
+        return None
+    return math.prod(patch_shape[1:-1])
 
 
 def _slice_offsets(config: MiraConfig, out_features: int, where: str) -> tuple[tuple[int, ...], int, tuple | None]:
@@ -247,7 +272,7 @@ def attach(
 
 def _install(model: nn.Module, chosen: list[tuple[str, nn.Module]], config: MiraConfig,
              example_input: torch.Tensor) -> None:
-    _probe(model, chosen, example_input, "original model")
+    token_counts, patch_shape = _probe(model, chosen, example_input, "original model")
 
     has_cls = getattr(model, "cls_token", None) is not None
     num_prefix = int(getattr(model, "num_prefix_tokens", 1 if has_cls else 0))
@@ -258,14 +283,26 @@ def _install(model: nn.Module, chosen: list[tuple[str, nn.Module]], config: Mira
     memory_configs = []
     for name, block in chosen:
         qkv = block.attn.qkv
-        offsets, width, names = _slice_offsets(config, qkv.out_features, f"{name}.attn.qkv")
+        where = f"{name}.attn.qkv" if name else "attn.qkv"
+        offsets, width, names = _slice_offsets(config, qkv.out_features, where)
+        block_prefix = num_prefix
+        patches = _patch_tokens(patch_shape, qkv.in_features)
+        if num_prefix and token_counts[name] == patches:
+            # The block sees the patch tokens alone (CaiT and XCiT add their CLS token only in the
+            # class-attention blocks after it): its token 0 is a patch, and no token is a prefix.
+            if config.query_token == "cls":
+                raise ValueError(
+                    f"query_token='cls': {where} receives the {patches} patch tokens of each image and no CLS "
+                    f"token ({type(model).__name__} adds its CLS token only after these blocks), so token 0 "
+                    f"is a patch; use query_token='mean'")
+            block_prefix = 0
         memory_configs.append((
             MemoryConfig(
                 d_in=qkv.in_features, d_k=config.key_dim or qkv.in_features, num_slices=len(offsets),
                 slice_width=width, rank=config.rank, query=config.query, query_token=config.query_token,
                 query_hidden=config.query_hidden, separation=config.separation, key_norm=config.key_norm,
                 key_init=config.key_init, capacity=config.capacity, trainable_bank=config.trainable_bank,
-                bank_dtype=config.bank_dtype, scale=config.scale, eps=config.eps, num_prefix_tokens=num_prefix,
+                bank_dtype=config.bank_dtype, scale=config.scale, eps=config.eps, num_prefix_tokens=block_prefix,
             ),
             offsets, names,
         ))

@@ -60,3 +60,32 @@ def test_attach_wraps_the_qkv_of_beit_and_eva02_and_detach_restores_them(family)
     assert type(attn.qkv) is nn.Linear and attn.qkv.bias is None
     with torch.no_grad():
         torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+
+
+# CaiT and XCiT run their self-attention blocks on the patch tokens alone: the CLS token joins only
+# in the class-attention blocks after them (separate q/k/v projections, not adapted).
+PATCH_TOKENS_ONLY = {
+    "cait": ("cait_xxs24_224", {"img_size": 32, "depth": 2}),
+    "xcit": ("xcit_nano_12_p16_224", {"img_size": 32, "depth": 2}),
+}
+
+
+@pytest.mark.parametrize("family", sorted(PATCH_TOKENS_ONLY))
+def test_blocks_that_see_no_cls_token_refuse_a_cls_query_and_average_every_token(family):
+    name, kwargs = PATCH_TOKENS_ONLY[family]
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, num_classes=5, **kwargs).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    # Token 0 of these blocks' input is a patch: a "cls" query would silently be that patch.
+    with pytest.raises(ValueError, match=r"blocks\.0\.attn\.qkv receives the \d+ patch tokens.*no CLS token.*'mean'"):
+        mira.attach(model)
+    assert not mira.projections(model) and sorted(model.state_dict()) == sorted(before)
+    mira.attach(model, query_token="mean")
+    seen = []
+    handle = model.blocks[0].attn.qkv.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    with torch.no_grad():
+        model(torch.randn(2, 3, 32, 32))
+    handle.remove()
+    memory = model.blocks[0].mira_memory
+    assert memory.config.num_prefix_tokens == 0  # every token is a patch: none is left out of the mean
+    torch.testing.assert_close(memory.make_query(seen[0]), seen[0].mean(1))
