@@ -12,7 +12,8 @@ Public API (names are stable; other packages build on them)::
         key_init="uniform", trainable_bank=False, bank_dtype=None, scale=1.0, eps=..., slice_width=None).
         bank_dtype=torch.bfloat16 stores the adapter banks in 16 bits (half the bytes each forward
         reads; float32 mixing; each stored entry rounded by <= 2^-8 relative). In place:
-        each timm ViT block gets ``block.mira_memory`` (AdapterMemory, with its query module) and
+        each timm ViT block gets ``block.mira_memory`` (AdapterMemory, with its query module; a block
+        that is an nn.Sequential, such as a parallel ViT's attention branch, holds it in ``attn``) and
         ``block.attn.qkv`` becomes a MiraProjection wrapping the original Linear. Verified by dry
         runs; the backbone is frozen; the stage is "adaptation". The defaults are the authors'
         retrieval: keys normalised per feature across the stored keys, then cosine

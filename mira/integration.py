@@ -58,6 +58,13 @@ def _qkv_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return found
 
 
+def _memory_owner(block: nn.Module) -> nn.Module:
+    """The module that holds a block's memory as ``mira_memory``: the block itself, unless its
+    forward calls every child in turn (an nn.Sequential, as each attention branch of timm's parallel
+    ViT blocks is: the memory would be called as a layer); then its attention module."""
+    return block.attn if isinstance(block, nn.Sequential) else block
+
+
 def _example_input(model: nn.Module, batch: int) -> torch.Tensor:
     param = next(model.parameters())
     size = None
@@ -208,8 +215,9 @@ def attach(
     """Insert MIRA into a timm Vision Transformer, in place.
 
     Every selected block gets ``block.mira_memory`` (an :class:`AdapterMemory`, empty, or with
-    ``capacity`` pre-allocated slots) and ``block.attn.qkv`` becomes a :class:`MiraProjection`
-    wrapping the original linear layer. The whole backbone is frozen and the model is left in
+    ``capacity`` pre-allocated slots; ``block.attn.mira_memory`` where the block is an
+    nn.Sequential) and ``block.attn.qkv`` becomes a :class:`MiraProjection` wrapping the
+    original linear layer. The whole backbone is frozen and the model is left in
     the ``adaptation`` stage (equal to the backbone until the LoRA trains).
 
     What to insert is a :class:`~mira.config.MiraConfig`, given as ``config`` (PEFT style:
@@ -249,7 +257,7 @@ def attach(
                              f"attention blocks (as {resolved})")
         chosen = [found[b] for b in sorted(resolved)]
     for name, block in chosen:
-        if hasattr(block, MEMORY_ATTR):
+        if hasattr(_memory_owner(block), MEMORY_ATTR):
             raise RuntimeError(f"mira.attach: block {name!r} already has an attribute {MEMORY_ATTR!r}")
 
     if example_input is None:
@@ -310,7 +318,7 @@ def _install(model: nn.Module, chosen: list[tuple[str, nn.Module]], config: Mira
     for (_, block), (mem_config, offsets, names) in zip(chosen, memory_configs):
         qkv = block.attn.qkv
         memory = AdapterMemory(mem_config, device=qkv.weight.device, dtype=qkv.weight.dtype)
-        setattr(block, MEMORY_ATTR, memory)
+        setattr(_memory_owner(block), MEMORY_ATTR, memory)
         block.attn.qkv = MiraProjection(qkv, memory, offsets, slice_names=names)
     _probe(model, chosen, example_input, "model with MIRA installed")
 
@@ -364,8 +372,9 @@ def detach(model: nn.Module) -> nn.Module:
         if isinstance(block.attn.qkv, MiraProjection):
             block.attn.qkv = block.attn.qkv.base_layer
         families.split_qkv_bias(block.attn)
-        if isinstance(getattr(block, MEMORY_ATTR, None), AdapterMemory):
-            delattr(block, MEMORY_ATTR)
+        owner = _memory_owner(block)
+        if isinstance(getattr(owner, MEMORY_ATTR, None), AdapterMemory):
+            delattr(owner, MEMORY_ATTR)
     flags = model.__dict__.pop(_REQUIRES_GRAD_ATTR, None)
     if flags is not None:
         for name, p in model.named_parameters():

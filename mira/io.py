@@ -34,7 +34,17 @@ import torch
 import torch.nn as nn
 
 from .config import STAGES, MemoryConfig, MiraConfig
-from .integration import _restored_on_error, attach, config_of, detach, named_memories, projections, set_stage
+from .integration import (
+    MEMORY_ATTR,
+    _memory_owner,
+    _restored_on_error,
+    attach,
+    config_of,
+    detach,
+    named_memories,
+    projections,
+    set_stage,
+)
 from .layers import MiraProjection
 from .memory import AdapterMemory
 
@@ -588,7 +598,7 @@ def import_peft(
 
     blocks = [(name, block) for name, block in model.named_modules()
               if isinstance(getattr(getattr(block, "attn", None), "qkv", None), nn.Module)
-              and isinstance(getattr(block, "mira_memory", None), AdapterMemory)]
+              and isinstance(getattr(_memory_owner(block), MEMORY_ATTR, None), AdapterMemory)]
     if not blocks:
         raise RuntimeError("import_peft: the model has no MIRA layers (call mira.attach first)")
     if keys is None or isinstance(keys, torch.Tensor):
@@ -601,7 +611,7 @@ def import_peft(
     used: set[str] = set()
     values = []
     for name, block in blocks:
-        proj, memory = block.attn.qkv, block.mira_memory
+        proj, memory = block.attn.qkv, getattr(_memory_owner(block), MEMORY_ATTR)
         c = memory.config
         block_path = f"{name}." if name else ""
         if module_names is None:

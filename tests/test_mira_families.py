@@ -89,3 +89,36 @@ def test_blocks_that_see_no_cls_token_refuse_a_cls_query_and_average_every_token
     memory = model.blocks[0].mira_memory
     assert memory.config.num_prefix_tokens == 0  # every token is a patch: none is left out of the mean
     torch.testing.assert_close(memory.make_query(seen[0]), seen[0].mean(1))
+
+
+def test_parallel_vit_branches_hold_their_memory_in_the_attention():
+    # vit_*_18x2: every block runs two attention branches, each an nn.Sequential(norm, attn, ls,
+    # drop_path) that calls every child in turn: a memory held by the branch would be called as a layer.
+    torch.manual_seed(0)
+    model = timm.create_model("vit_small_patch16_18x2_224", pretrained=False, num_classes=5, img_size=32,
+                              patch_size=8, depth=2).eval()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        expected = model(x)
+    mira.attach(model)
+    assert [n for n, _ in mira.named_memories(model)] == [
+        f"blocks.{b}.attns.{i}.attn.mira_memory" for b in range(2) for i in range(2)]
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+        for p in mira.projections(model):
+            p.lora_b.normal_(0, 0.2)
+    mira.write_adapters(model)
+    mira.set_stage(model, "inference")
+    qkv = model.blocks[1].attns[1].attn.qkv
+    seen = []
+    handle = qkv.register_forward_hook(lambda module, args, out: seen.append((args[0], out)))
+    with torch.no_grad():
+        model(x)
+        handle.remove()
+        tokens, out = seen[0]
+        assert (out - qkv.base_layer(tokens)).abs().max() > 1e-3  # the stored adapters act
+    mira.detach(model)
+    after = model.state_dict()
+    assert sorted(after) == sorted(before) and all(torch.equal(after[k], v) for k, v in before.items())
+    assert not mira.memories(model)
