@@ -44,23 +44,39 @@ def fuse_qkv_bias(attn: nn.Module) -> bool:
     fused = nn.Linear(qkv.in_features, qkv.out_features, bias=True, device="meta")
     fused.weight = qkv.weight  # the same Parameter: nothing of the backbone is copied
     fused.bias = nn.Parameter(bias, requires_grad=attn.q_bias.requires_grad)
+    # The originals, unregistered, for split_qkv_bias to put back: the very Parameters (an optimiser
+    # or a reference made before attach still names the model's own) and the module (its hooks).
+    originals = (qkv, attn.q_bias, attn.k_bias, attn.v_bias)
     attn.qkv = fused
     attn.q_bias = attn.k_bias = attn.v_bias = None
-    object.__setattr__(attn, _FUSED_MARK, True)
+    object.__setattr__(attn, _FUSED_MARK, originals)
     return True
 
 
 @torch.no_grad()
 def split_qkv_bias(attn: nn.Module) -> None:
     """Undo :func:`fuse_qkv_bias` (no-op for an attention it did not change)."""
-    if not attn.__dict__.pop(_FUSED_MARK, False):
+    originals = attn.__dict__.pop(_FUSED_MARK, None)
+    if not originals:
         return
+    if originals is True:  # marked by an older version, which kept no originals
+        plain = nn.Linear(attn.qkv.in_features, attn.qkv.out_features, bias=False, device="meta")
+        originals = (plain, None, None, None)
     qkv = attn.qkv
     d = qkv.out_features // 3
     bias = qkv.bias.detach()
-    plain = nn.Linear(qkv.in_features, qkv.out_features, bias=False, device="meta")
-    plain.weight = qkv.weight
+    plain, q_bias, k_bias, v_bias = originals
+    plain.weight = qkv.weight  # the current Parameter (the same one unless it was replaced)
     attn.qkv = plain
-    attn.q_bias = nn.Parameter(bias[:d].clone(), requires_grad=qkv.bias.requires_grad)
-    attn.k_bias = bias[d: 2 * d].clone()  # a (non-persistent) buffer, as timm registers it
-    attn.v_bias = nn.Parameter(bias[2 * d:].clone(), requires_grad=qkv.bias.requires_grad)
+    # The values the fused bias holds now (loaded, converted to another dtype or device while
+    # attached), put into the original tensors in place of theirs, as nn.Module.to does.
+    for name, original, value in (("q_bias", q_bias, bias[:d]), ("k_bias", k_bias, bias[d: 2 * d]),
+                                  ("v_bias", v_bias, bias[2 * d:])):
+        value = value.clone()
+        if original is None:
+            original = value if name == "k_bias" else nn.Parameter(value)
+        else:
+            original.data = value
+        if isinstance(original, nn.Parameter):
+            original.requires_grad_(qkv.bias.requires_grad)
+        setattr(attn, name, original)  # k_bias: a (non-persistent) buffer, as timm registers it

@@ -122,3 +122,26 @@ def test_parallel_vit_branches_hold_their_memory_in_the_attention():
     after = model.state_dict()
     assert sorted(after) == sorted(before) and all(torch.equal(after[k], v) for k, v in before.items())
     assert not mira.memories(model)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_detach_gives_back_the_very_bias_parameters_and_qkv_module_with_their_current_values(family):
+    model = make(family)
+    attn = model.blocks[0].attn
+    qkv, params, q_bias = attn.qkv, dict(model.named_parameters()), attn.q_bias.detach().clone()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)  # made before attach, used after detach
+    mira.attach(model)
+    with torch.no_grad():  # changed while attached (a load, a conversion): detach keeps the change
+        attn.qkv.base_layer.bias.add_(1.0)
+    model.double()
+    mira.detach(model)
+    assert attn.qkv is qkv and set(dict(model.named_parameters())) == set(params)
+    assert all(p is params[n] for n, p in model.named_parameters())
+    assert attn.q_bias.dtype == torch.float64 and attn.k_bias.dtype == torch.float64
+    torch.testing.assert_close(attn.q_bias.detach(), q_bias.double() + 1.0)
+    assert torch.equal(attn.k_bias, torch.ones_like(attn.k_bias))  # timm's zero k bias, moved by the add above
+    x = torch.randn(2, 3, *model.patch_embed.img_size, dtype=torch.float64)
+    model(x).square().mean().backward()
+    before = attn.v_bias.detach().clone()
+    optimizer.step()
+    assert not torch.equal(attn.v_bias, before)  # the optimizer still trains the model's own biases
