@@ -125,7 +125,10 @@ def _probe(model: nn.Module, blocks: list[tuple[str, nn.Module]], example_input:
         with torch.no_grad():
             model(example_input)
     except Exception as err:
-        message = f"mira.attach: a dry run of the {what} ({type(model).__name__}) failed: {err}"
+        # The input is attach's guess unless the caller gave one: say which, so a wrong one can be replaced.
+        message = (f"mira.attach: a dry run of the {what} ({type(model).__name__}) on an input of shape "
+                   f"{tuple(example_input.shape)} failed: {err}\nIf the model takes other inputs, pass "
+                   f"example_input=<a batch it accepts>.")
         raise RuntimeError(f"{message}\n{_SUPPORTED}") from err
     finally:
         for h in handles:

@@ -359,3 +359,12 @@ def test_fixed_capacity_append_is_seen_by_a_captured_cuda_graph():
         graph.replay()
         torch.testing.assert_close(static_out, model(x), rtol=1e-4, atol=1e-4)
         assert (static_out - before).abs().max() > 1e-3
+
+
+def test_a_failed_dry_run_names_the_input_it_ran_on_and_how_to_give_another():
+    # The input size is read from patch_embed.img_size or pretrained_cfg: a model built for other
+    # inputs (or a wrong example_input) fails its dry run, and the error must say on what input.
+    model = tiny_vit(depth=1)
+    with pytest.raises(RuntimeError, match=r"(?s)on an input of shape \(2, 3, 64, 64\) failed.*pass example_input="):
+        mira.attach(model, example_input=torch.randn(2, 3, 64, 64))
+    assert not mira.projections(model)
