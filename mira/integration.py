@@ -285,8 +285,11 @@ def _install(model: nn.Module, chosen: list[tuple[str, nn.Module]], config: Mira
              example_input: torch.Tensor) -> None:
     token_counts, patch_shape = _probe(model, chosen, example_input, "original model")
 
-    has_cls = getattr(model, "cls_token", None) is not None
-    num_prefix = int(getattr(model, "num_prefix_tokens", 1 if has_cls else 0))
+    cls_token = getattr(model, "cls_token", None)
+    has_cls = cls_token is not None
+    # Without num_prefix_tokens, the prefix is the cls_token's tokens (PiT: CLS and distillation in one (1, 2, d)).
+    cls_tokens = cls_token.shape[-2] if isinstance(cls_token, torch.Tensor) and cls_token.dim() == 3 else 1
+    num_prefix = int(getattr(model, "num_prefix_tokens", cls_tokens if has_cls else 0))
     if config.query_token == "cls" and not has_cls:
         raise ValueError(f"query_token='cls' needs a CLS token, but {type(model).__name__} has none "
                          "(e.g. class_token=False); use query_token='mean'")

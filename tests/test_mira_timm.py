@@ -368,3 +368,11 @@ def test_a_failed_dry_run_names_the_input_it_ran_on_and_how_to_give_another():
     with pytest.raises(RuntimeError, match=r"(?s)on an input of shape \(2, 3, 64, 64\) failed.*pass example_input="):
         mira.attach(model, example_input=torch.randn(2, 3, 64, 64))
     assert not mira.projections(model)
+
+
+def test_the_mean_query_leaves_out_every_token_of_a_model_without_num_prefix_tokens():
+    # PiT keeps its CLS and distillation tokens in one cls_token (1, 2, d) and has no num_prefix_tokens.
+    model = timm.create_model("pit_ti_distilled_224", pretrained=False, num_classes=5).eval()
+    assert not hasattr(model, "num_prefix_tokens") and model.cls_token.shape[1] == 2
+    mira.attach(model, query_token="mean")
+    assert {m.config.num_prefix_tokens for m in mira.memories(model)} == {2}
