@@ -148,9 +148,13 @@ def check_scale(scale) -> None:
 def as_offsets(slice_offsets: Sequence[int]) -> list[int]:
     """Slice offsets as a list of Python ints (numpy and tensor scalars accepted); TypeError otherwise."""
     try:
-        return [operator.index(o) for o in slice_offsets]
+        offsets = [operator.index(o) for o in slice_offsets]
     except TypeError:
         raise TypeError(f"slice_offsets must be a sequence of ints, got {slice_offsets!r}") from None
+    # operator.index takes a bool (True is 1): a flag where an offset belongs is a mistake, not column 1.
+    if any(isinstance(o, bool) for o in slice_offsets):
+        raise TypeError(f"slice_offsets must be a sequence of ints, got bools in {slice_offsets!r}")
+    return offsets
 
 
 def check_slice_offsets(slice_offsets: Sequence[int], d_s: int, d_out: int) -> tuple[int, ...]:

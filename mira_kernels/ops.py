@@ -170,7 +170,8 @@ def _eager_backend(x: torch.Tensor) -> str | None:
 
 # The op's argument parser takes lists and tuples of ints (numpy ints too) and rejects any other
 # sequence, so only those (a tensor, a range) go through the Python conversion on the eager path:
-# a ~14 us call with cold caches.
+# a ~14 us call with cold caches. It also takes a bool as an int (True as column 1): lists holding
+# one go through the conversion as well, which refuses them.
 _PARSED_SEQUENCES = (list, tuple)
 
 
@@ -240,7 +241,7 @@ def mira_linear(
     if backend is not None:
         try:
             _check_frozen(weight, bias)
-            if type(slice_offsets) not in _PARSED_SEQUENCES:
+            if type(slice_offsets) not in _PARSED_SEQUENCES or bool in map(type, slice_offsets):
                 slice_offsets = _validation.as_offsets(slice_offsets)
             return torch.ops.mira.mira_linear(
                 x, weight, bias, query, keys, bank_a, bank_b, slice_offsets, separation, float(scale), float(eps),
@@ -296,7 +297,7 @@ def mira_adapter_(
     if backend is not None:
         try:
             _check_inference_only(out, x, query, keys, bank_a, bank_b)
-            if type(slice_offsets) not in _PARSED_SEQUENCES:
+            if type(slice_offsets) not in _PARSED_SEQUENCES or bool in map(type, slice_offsets):
                 slice_offsets = _validation.as_offsets(slice_offsets)
             torch.ops.mira.mira_adapter_(
                 out, x, query, keys, bank_a, bank_b, slice_offsets, separation, float(scale), float(eps), backend

@@ -258,7 +258,7 @@ def mira_linear_backward(
 ) -> tuple[torch.Tensor | None, ...]:
     """Explicit backward of :func:`mira_linear`: (dx, dquery, dkeys, dbank_a, dbank_b).
 
-    This is the formula every backend's backward implements (docs/contract.md section 4). It
+    This is the formula every backend's backward implements (docs/contract.md section 5). It
     recomputes scores, weights, mixed factors and the shrink from the inputs; the forward saves
     nothing else. Gradients not asked for in ``output_mask`` are returned as None. Each gradient
     has the dtype of its input.

@@ -10,9 +10,10 @@
 // base GEMM is one call over all B*T rows, MKL's weight packing amortised over them (per-sample
 // GEMM calls, plain or MKL-packed for M = T, were slower than one call in every measurement here:
 // benchmarks/results/op_cpu.md). No packed weight is cached, so nothing needs invalidating. With
-// an empty memory (N = 0) the op is the stock Linear bit for bit: ATen's addmm's two steps (bias
-// copy, beta = 1 GEMM), the copy made with streaming stores where the rule below says so, so that
-// the adapter path and its base path differ by the adapter only.
+// an empty memory (N = 0) the op is the stock Linear for contiguous x, bit for bit: ATen's addmm's
+// two steps (bias copy, beta = 1 GEMM), the copy made with streaming stores where the rule below
+// says so, so that the adapter path and its base path differ by the adapter only. (For strided x,
+// at::linear takes its matmul path while the op makes x contiguous first: a different summation.)
 // Tried at batch 1, where the output (1.8 MB) stays in cache: the GEMM first (beta = 0, so that the
 // output's reads-for-ownership happen under the compute-bound GEMM instead of in the seeding pass),
 // then bias and adapter added in place. Zen 5 (AMD family 26 model 2, AVX-512, 2 threads, ViT-B/16
@@ -965,7 +966,7 @@ at::Tensor mira_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const 
   const Sep sep = parse_separation(std::string_view(separation.data(), separation.size()));
   const bool has_bias = bias.has_value() && bias->defined();
 
-  // An empty memory adds nothing: the op is then the stock Linear, bit for bit. Without a bias
+  // An empty memory adds nothing: the op is then the stock Linear, bit for bit for contiguous x. Without a bias
   // (nothing to seed: one beta = 0 GEMM) and in 16 bits it is the same ATen call; with a bias in
   // float32/float64 it is ATen's addmm's two steps (bias copy, beta = 1 GEMM), the copy made with
   // streaming stores where the store rule says so (below).
