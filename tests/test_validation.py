@@ -93,7 +93,8 @@ SLICE_CASES = [
 
 
 @pytest.mark.parametrize("offsets, exc, msg", [*SLICE_CASES, ([0, 1.5], TypeError, "slice_offsets must be a sequence"),
-                                               ([True, 8], TypeError, "got bools"), ((0, False), TypeError, "got bools")])
+                                               ([True, 8], TypeError, "got bools"),
+                                               ((0, False), TypeError, "got bools")])
 def test_slice_errors(offsets, exc, msg):
     with pytest.raises(exc, match=msg):
         call(base(), slice_offsets=offsets)
