@@ -8,8 +8,9 @@ broadcasting error. Once any memory has been resized, a step pre-hook common to 
 checks the resized tensors' state first and names the cure: :func:`forget_optimizer_state`.
 
 The check compares shapes, in the state entries that mirror the parameter in PyTorch's
-optimisers (factored state such as Adafactor's row and column statistics is left alone), so it
-cannot see a memory that shrank and grew back to its old size: call
+optimisers and in Adafactor's factored row and column statistics (the parameter's shape with its
+last, or second-to-last, dimension 1), so it cannot see a memory that shrank and grew back to its
+old size: call
 :func:`forget_optimizer_state` after every change of the memory, as the memory's docs say.
 """
 
@@ -25,7 +26,16 @@ __all__ = ["forget_optimizer_state", "note_resized"]
 
 # Per-parameter state entries of torch.optim's optimisers that have the parameter's shape.
 _MIRRORED_STATE = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "exp_inf", "momentum_buffer", "square_avg",
-                   "grad_avg", "acc_delta", "sum", "ax", "prev", "step_size")
+                   "grad_avg", "acc_delta", "sum", "ax", "prev", "step_size", "variance")
+
+
+def _expected_shapes(shape: torch.Size) -> dict[str, tuple[int, ...]]:
+    """Each checked state entry's shape for a parameter of ``shape``."""
+    expected = dict.fromkeys(_MIRRORED_STATE, tuple(shape))
+    if len(shape) >= 2:  # torch.optim.Adafactor's factored second moment
+        expected["row_var"] = (*shape[:-1], 1)
+        expected["col_var"] = (*shape[:-2], 1, shape[-1])
+    return expected
 
 # id -> tensor, weakly (a WeakSet would compare tensors with ==, element-wise).
 _resized: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
@@ -45,9 +55,9 @@ def _check_state(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
     for param in list(_resized.values()):
         if param not in state:  # a defaultdict: test, never index
             continue
-        for key in _MIRRORED_STATE:
+        for key, shape in _expected_shapes(param.shape).items():
             held = state[param].get(key)
-            if isinstance(held, torch.Tensor) and held.dim() and held.shape != param.shape:
+            if isinstance(held, torch.Tensor) and held.dim() and tuple(held.shape) != shape:
                 raise RuntimeError(
                     f"{type(optimizer).__name__}.step: its state {key!r} of a MIRA memory tensor has shape "
                     f"{tuple(held.shape)}, but the tensor now has shape {tuple(param.shape)}: the memory grew or "

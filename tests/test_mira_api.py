@@ -82,7 +82,8 @@ def test_a_step_with_stale_optimizer_state_after_growth_raises_and_names_the_cur
     store_random_adapter(model, 0)
     mira.set_stage(model, "consolidation")
     params = [p for p in model.parameters() if p.requires_grad]
-    for optimizer in (torch.optim.AdamW(params, lr=1e-2), torch.optim.SGD(params, lr=1e-2, momentum=0.9)):
+    for optimizer in (torch.optim.AdamW(params, lr=1e-2), torch.optim.SGD(params, lr=1e-2, momentum=0.9),
+                      torch.optim.Adafactor(params, lr=1e-2)):  # Adafactor: factored row / column state
         model(images()).sum().backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -96,7 +97,7 @@ def test_a_step_with_stale_optimizer_state_after_growth_raises_and_names_the_cur
         optimizer.step()
         assert not any(torch.equal(k, m.keys) for k, m in zip(keys, mira.memories(model)))
         optimizer.zero_grad()
-    # Factored state of another shape (Adafactor's row / column statistics) is not mistaken for stale state.
+    # Adafactor's factored state of the current shape is not mistaken for stale state.
     adafactor = torch.optim.Adafactor(params, lr=1e-2)
     model(images()).sum().backward()
     adafactor.step()
