@@ -81,7 +81,10 @@ def _example_input(model: nn.Module, batch: int) -> torch.Tensor:
             f"mira.attach cannot tell the input size of {type(model).__name__} for its dry run; "
             "pass example_input=<a small input batch>"
         )
-    return torch.randn(batch, *size, device=param.device, dtype=param.dtype)
+    # A generator of its own: attaching draws nothing from the global random stream (a seeded run
+    # then draws the same numbers with or without MIRA attached).
+    generator = torch.Generator(device=param.device).manual_seed(0)
+    return torch.randn(batch, *size, device=param.device, dtype=param.dtype, generator=generator)
 
 
 def _probe(model: nn.Module, blocks: list[tuple[str, nn.Module]], example_input: torch.Tensor,
@@ -119,7 +122,8 @@ def _probe(model: nn.Module, blocks: list[tuple[str, nn.Module]], example_input:
         handles.append(block.attn.register_forward_pre_hook(attn_hook, with_kwargs=True))
         handles.append(block.attn.qkv.register_forward_pre_hook(qkv_hook))
 
-    was_training = model.training
+    # Each module's own mode, put back as it was (model.train(flag) would set one flag everywhere).
+    modes = [(m, m.training) for m in model.modules()]
     try:
         model.eval()
         with torch.no_grad():
@@ -133,7 +137,8 @@ def _probe(model: nn.Module, blocks: list[tuple[str, nn.Module]], example_input:
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
+        for m, training in modes:
+            m.training = training
 
     for name, _ in blocks:
         seen = calls[name]
@@ -323,9 +328,11 @@ def _install(model: nn.Module, chosen: list[tuple[str, nn.Module]], config: Mira
 
     for (_, block), (mem_config, offsets, names) in zip(chosen, memory_configs):
         qkv = block.attn.qkv
-        memory = AdapterMemory(mem_config, device=qkv.weight.device, dtype=qkv.weight.dtype)
-        setattr(_memory_owner(block), MEMORY_ATTR, memory)
-        block.attn.qkv = MiraProjection(qkv, memory, offsets, slice_names=names)
+        owner = _memory_owner(block)
+        # The new modules in the mode of what they join (a block in eval inside a training model stays so).
+        memory = AdapterMemory(mem_config, device=qkv.weight.device, dtype=qkv.weight.dtype).train(owner.training)
+        setattr(owner, MEMORY_ATTR, memory)
+        block.attn.qkv = MiraProjection(qkv, memory, offsets, slice_names=names).train(qkv.training)
     _probe(model, chosen, example_input, "model with MIRA installed")
 
 

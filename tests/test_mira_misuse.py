@@ -384,3 +384,21 @@ def test_query_hidden_without_an_mlp_query_is_refused(query):
     with pytest.raises(ValueError, match="query_hidden=8 sets the hidden width of the 'mlp' query module"):
         mira.attach(tiny_vit(), query=query, query_hidden=8)
     mira.attach(tiny_vit(), query="mlp", query_hidden=8)
+
+
+def test_attach_keeps_each_module_mode_and_its_dry_run_input_off_the_global_random_stream():
+    # attach's dry runs put every module in eval and then set one flag everywhere (a frozen
+    # BatchNorm or dropout in eval inside a training model came back in train); the dry run's input
+    # came from the global generator (the memories' initialisation draws from it, as any module's).
+    from mira.integration import _example_input
+
+    model = tiny_vit().train()
+    model.blocks[0].eval()
+    modes = {name: m.training for name, m in model.named_modules()}
+    mira.attach(model)
+    assert {name: m.training for name, m in model.named_modules() if name in modes} == modes
+    torch.manual_seed(11)
+    want = torch.rand(3)
+    torch.manual_seed(11)
+    first = _example_input(model, 2)
+    assert torch.equal(torch.rand(3), want) and torch.equal(_example_input(model, 2), first)
