@@ -263,7 +263,12 @@ def _plan_memory(path: str, name: str, entry, memory: AdapterMemory, proj, tenso
         diffs.append(f"slice_offsets: file {offsets}, model {list(proj.slice_offsets)}")
     if diffs:
         hint = "attach with the same arguments"
-        if saved.key_norm != memory.config.key_norm:
+        if saved.num_prefix_tokens != memory.config.num_prefix_tokens:
+            # Not an argument of attach: the backbone's CLS / register / distillation tokens.
+            hint = (f"the file comes from a backbone with {saved.num_prefix_tokens} prefix token(s) (CLS, registers, "
+                    f"distillation), this model has {memory.config.num_prefix_tokens}: load it into the "
+                    "architecture it was trained on")
+        elif saved.key_norm != memory.config.key_norm:
             # The default changed from "unit" to the authors' "per_feature": files saved with the
             # old default stay loadable, into a model attached the way they were trained.
             hint = (f"the keys were trained for key_norm={saved.key_norm!r} retrieval; load the file into a "

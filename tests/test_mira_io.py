@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import timm
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -202,3 +203,16 @@ def test_a_file_of_8_bit_floats_loads_widened_and_its_nan_is_refused_by_name(tmp
     with pytest.raises(ValueError, match=r"nan.safetensors: blocks.1.mira_memory.keys holds NaN"):
         mira.load_memories(fresh, tmp_path / "nan.safetensors")
     assert all(m.num_slots == 0 for m in mira.memories(fresh))
+
+
+def test_a_file_from_a_backbone_with_other_prefix_tokens_names_the_architecture(tmp_path):
+    # "attach with the same arguments" misled: the prefix count is the backbone's, not an argument.
+    path = tmp_path / "m.safetensors"
+    mira.save_memories(trained_memories(), path)
+    torch.manual_seed(0)
+    registers = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8,
+                                  num_classes=5, depth=2, reg_tokens=2).eval()
+    model = mira.attach(registers)
+    with pytest.raises(ValueError, match=r"backbone with 1 prefix token\(s\) .* this model has 3"):
+        mira.load_memories(model, path)
+    assert all(m.num_slots == 0 for m in mira.memories(model))
