@@ -266,7 +266,8 @@ def test_mean_retrieval_weights_takes_one_tensor_as_one_batch():
 # ----------------------------------------------------------------------------------------------
 
 
-def test_loading_base_weights_into_a_merged_model_is_refused_and_changes_nothing():
+def test_loading_base_weights_into_a_merged_model_is_refused_and_keeps_the_merged_weight():
+    # As torch reports a mismatched entry: that entry is not loaded, the others are, then the load raises.
     import copy
 
     model = filled()
