@@ -47,15 +47,23 @@ def test_emulation_within_bound(rule_name, regime):
         _check(rule_name, regime, separation)
 
 
-@pytest.mark.parametrize("rule_name", ["fp32", "fp32-tf32", "fp16", "bf16", "cuda-16bit"])
+# Per rule: (the least part of the bound the emulation's error must reach over the seeds below, the most
+# the bound may be of |y|), each about half (twice) what the rule measures here. One 0.02 for every rule let
+# an fp16 bound 8x too loose pass (fp16's output roundoff taken as bf16's: 0.12 of it reached, 1.4e-2 of |y|).
+TIGHTNESS = {"fp32": (0.02, 1e-4), "fp32-tf32": (0.1, 0.015), "fp16": (0.5, 0.004), "bf16": (0.5, 0.05),
+             "cuda-16bit": (0.4, 0.02), "cuda-fp32-tf32": (0.1, 0.008)}
+
+
+@pytest.mark.parametrize("rule_name", sorted(TIGHTNESS))
 def test_bound_is_tight(rule_name):
     # Over a few seeds the emulation's error reaches a good part of the bound (it is not vacuous),
     # and the bound stays a small fraction of the output (it says something). Softmax weights: the
     # affine ones are ill-conditioned by design when sum(s) is small (the bound then grows with
     # N |w| / |sum s|, correctly, and is no test of tightness).
     worst, relative = max(_check(rule_name, "random", "softmax", seed=s) for s in range(4))
-    assert worst > 0.02, f"{rule_name}: the bound is {1 / worst:.0f}x the largest error seen"
-    assert relative < {"fp32": 1e-4, "fp32-tf32": 0.05, "fp16": 0.02, "bf16": 0.1, "cuda-16bit": 0.1}[rule_name]
+    least_reached, most_relative = TIGHTNESS[rule_name]
+    assert worst > least_reached, f"{rule_name}: the bound is {1 / worst:.1f}x the largest error seen"
+    assert relative < most_relative, f"{rule_name}: the bound reaches {relative:.2e} x |y|"
 
 
 def test_rounding_helpers():
