@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mira_kernels import _extension, _validation
+from mira_kernels import _extension
 from tests.mira_inputs import make_inputs
 
 pytestmark = pytest.mark.skipif(not _extension.has_kernel("_cuda_mira_adapter_", "CUDA"),
@@ -100,14 +100,9 @@ def test_inputs_may_overlap_each_other_and_themselves():
 
 # The overlapping-memory rule (docs/contract.md section 6, issue 15): mira_adapter_ writes every element of out
 # while it reads its inputs. The glue must refuse these before any device work, and leave out unchanged. The rule
-# lives in the shared checks (csrc/validation.cpp, mirrored by _validation.check_out_overlap); until it lands on a
-# checkout these tests are skipped with that reason, and run as soon as it does.
-needs_overlap_rule = pytest.mark.skipif(not hasattr(_validation, "check_out_overlap"),
-                                        reason="the overlapping-memory rule (issue 15) is not in this checkout")
+# lives in the shared checks (csrc/validation.cpp, mirrored by _validation.check_out_overlap).
 
 
-
-@needs_overlap_rule
 def test_out_overlapping_itself_is_refused():
     inp = _square()
     expanded = torch.zeros(1, 3, 8).expand(2, 3, 8)  # stride 0: two samples write one element
@@ -118,7 +113,6 @@ def test_out_overlapping_itself_is_refused():
         _adapter(interleaved, *inp.adapter_args(), inp.slice_offsets)
 
 
-@needs_overlap_rule
 @pytest.mark.parametrize("victim", ["x", "query", "keys", "bank_a", "bank_b"])
 def test_out_overlapping_an_input_is_refused(victim):
     inp = _square()
