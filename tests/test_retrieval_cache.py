@@ -190,7 +190,7 @@ def test_load_state_dict_is_seen():
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam", "adam-foreach"])
-def test_an_optimizer_step_is_seen(optimizer):
+def test_an_optimizer_step_is_seen(optimizer, key_impl):
     layer, x = make_layer(stage="consolidation"), tokens()
     keys = layer.memory.keys
     keys.requires_grad_(True)
@@ -205,7 +205,7 @@ def test_an_optimizer_step_is_seen(optimizer):
     assert_current(layer, x)
 
 
-def test_in_place_updates_under_no_grad_are_seen():
+def test_in_place_updates_under_no_grad_are_seen(key_impl):
     layer, x = make_layer(), tokens()
     assert_current(layer, x)
     with torch.no_grad():
