@@ -5,6 +5,19 @@ import os
 import pytest
 
 
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """Torch's thread count is the process's: a command line run in process (``mira.experiments``'
+    ``--threads``, default 1; the benchmarks' mains) sets it for every later test of the session, which
+    then ran the CPU kernels on one thread whatever the machine. Restored after each test."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def idigits_cache(tmp_path_factory):
     """A cache folder holding the built iDigits-style domains (built once per session, ~3 s of CPU:
