@@ -212,12 +212,18 @@ def test_device_mismatch():
         call(inp)
 
 
-def test_device_mismatch_meta():
-    # A meta tensor is a second device on any machine.
+@pytest.mark.parametrize("name", ["weight", "bias", "query", "keys", "bank_a", "bank_b"])
+def test_device_mismatch_meta(name):
+    # A meta tensor is a second device on any machine. Among CPU inputs it sends the op to its fake
+    # kernel, not the C++ one: the Python checks are all that stop it returning an empty CPU tensor (with
+    # query's and keys' device check disabled, both calls below returned one).
     inp = base()
-    inp.bank_b = inp.bank_b.to("meta")
-    with pytest.raises(ValueError, match="bank_b is on meta but x is on cpu"):
+    setattr(inp, name, getattr(inp, name).to("meta"))
+    with pytest.raises(ValueError, match=f"{name} is on meta but x is on cpu"):
         call(inp)
+    if _extension.loaded:
+        with pytest.raises(ValueError, match=f"{name} is on meta but x is on cpu"):
+            call_op(inp, "cpu")
 
 
 ADAPTER_CASES = [
