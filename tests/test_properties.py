@@ -34,21 +34,57 @@ from mira_kernels import _extension
 from tests.fuzz import profiles
 from tests.fuzz.cases import OpCase, faulty_calls, lay_out, op_cases
 from tests.fuzz.oracle import (
+    Finding,
     adapter_call,
     adapter_terms,
     check_adapter,
     check_linear,
     check_raise_alike,
+    judge_linear,
     linear_call,
     relu_kink_within_rounding,
     run_linear,
     score_grad_terms,
 )
+from tests.mira_inputs import make_inputs
 from tests.triton._subprocess import run as run_child
 
 PROFILE = profiles.load()
 IN_PROCESS = ["reference", "cpu"] if _extension.has_kernel("_cpu_mira_linear", "CPU") else ["reference"]
 pytestmark = pytest.mark.filterwarnings("ignore:mira_kernels. no native backend:RuntimeWarning")
+
+
+def _plain_case(**overrides) -> OpCase:
+    inp = make_inputs(B=2, T=3, d_in=6, d_out=18, N=3, dtype=torch.float32)
+    grad_out = torch.randn(2, 3, 18, generator=torch.Generator().manual_seed(1))
+    case = OpCase(*inp.linear_args(), inp.slice_offsets, separation="affine", scale=1.0, eps=0.01, grad_out=grad_out)
+    for name, value in overrides.items():
+        setattr(case, name, value)
+    return case
+
+
+def test_the_oracle_finds_wrong_values_and_created_or_lost_non_finite_entries():
+    # The judge of every property here (and of test_cuda_emulation's): with its error bound disabled, all of
+    # them still passed. It must pass the reference backend and find each kind of wrong answer.
+    case = _plain_case()
+    y, grads = run_linear(case, "reference")
+    judge_linear(case, "reference", y, grads)
+    off = 1e-3 * y.abs().max()
+    with pytest.raises(Finding, match="y: max-abs error"):
+        judge_linear(case, "off", y + off, grads)
+    with pytest.raises(Finding, match="dkeys: max-abs error"):
+        judge_linear(case, "off", y, [g + off if i == 2 else g for i, g in enumerate(grads)])
+    created = y.clone()
+    created[1, 2, 0] = float("nan")
+    with pytest.raises(Finding, match=r"y: non-finite entries differ .*created at \[\[1, 2, 0\]\]"):
+        judge_linear(case, "created", created, None)
+    x = case.x.clone()
+    x[0, 1, 0] = float("nan")  # row (0, 1) of y is NaN in float64
+    nan_case = _plain_case(x=x)
+    lost, _ = run_linear(nan_case, "reference", grads=False)
+    lost[0, 1] = 0.0
+    with pytest.raises(Finding, match=r"y: non-finite entries differ .*lost at \[\[0, 1, 0\]"):
+        judge_linear(nan_case, "lost", lost, None)
 
 
 @pytest.mark.parametrize("backend", IN_PROCESS)
