@@ -18,6 +18,20 @@ def _restore_torch_threads():
         torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def without_extension(monkeypatch):
+    """The package as on a machine where mira_kernels._C did not build: the public functions run the
+    reference after the Python checks, which are then the only ones (elsewhere the op's C++ checks back
+    them up, so a Python check that stopped working went unseen)."""
+    from mira_kernels import _extension, backends
+
+    monkeypatch.setattr(_extension, "loaded", False)
+    monkeypatch.setattr(_extension, "has_kernel", lambda op, key: False)
+    monkeypatch.setattr(backends, "_warned_fallback", set())
+    with pytest.warns(RuntimeWarning, match="no native backend"):
+        backends.resolve_backend("cpu")  # the fallback's one warning, here rather than in the test
+
+
 @pytest.fixture(scope="session")
 def idigits_cache(tmp_path_factory):
     """A cache folder holding the built iDigits-style domains (built once per session, ~3 s of CPU:

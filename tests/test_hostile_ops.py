@@ -167,6 +167,15 @@ def test_adapter_rejects_overlapping_out(case, backend):
     assert torch.equal(out, before)
 
 
+@pytest.mark.parametrize("case", range(len(OVERLAP_CASES)), ids=[c[0] for c in OVERLAP_CASES])
+def test_python_checks_alone_reject_overlapping_out(case, without_extension):
+    out, inp = _overlap_case(case)
+    before = out.clone()
+    with pytest.raises(ValueError, match="overlap"):
+        mk.mira_adapter_(out, *inp.adapter_args(), slice_offsets=inp.slice_offsets)
+    assert torch.equal(out, before)
+
+
 @needs_ext
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
 @pytest.mark.parametrize("case", range(len(OVERLAP_CASES)), ids=[c[0] for c in OVERLAP_CASES])

@@ -83,6 +83,14 @@ def test_op_kernel_rejects_what_python_rejects(mutate, exc, msg, backend):
         call_op(inp, backend)
 
 
+@pytest.mark.parametrize("mutate, exc, msg", CASES)
+def test_python_checks_alone_reject_it(mutate, exc, msg, without_extension):
+    inp = base()
+    mutate(inp)
+    with pytest.raises(exc, match=msg):
+        call(inp)
+
+
 SLICE_CASES = [
     ([0], ValueError, "slice_offsets has 1 entries but .* S = 2"),
     ([0, 30], ValueError, r"slice \[30, 42\) .* must fit in d_out = 36"),
@@ -96,6 +104,12 @@ SLICE_CASES = [
                                                ([True, 8], TypeError, "got bools"),
                                                ((0, False), TypeError, "got bools")])
 def test_slice_errors(offsets, exc, msg):
+    with pytest.raises(exc, match=msg):
+        call(base(), slice_offsets=offsets)
+
+
+@pytest.mark.parametrize("offsets, exc, msg", SLICE_CASES)
+def test_python_checks_alone_reject_bad_slices(offsets, exc, msg, without_extension):
     with pytest.raises(exc, match=msg):
         call(base(), slice_offsets=offsets)
 
@@ -166,6 +180,12 @@ SCALAR_CASES = [
 
 @pytest.mark.parametrize("kw, exc, msg", SCALAR_CASES)
 def test_scalar_argument_errors(kw, exc, msg):
+    with pytest.raises(exc, match=msg):
+        call(base(), **kw)
+
+
+@pytest.mark.parametrize("kw, exc, msg", SCALAR_CASES)
+def test_python_checks_alone_reject_bad_scalars(kw, exc, msg, without_extension):
     with pytest.raises(exc, match=msg):
         call(base(), **kw)
 
