@@ -24,6 +24,9 @@ from ..mira_inputs import OpInputs
 HALF = (torch.float16, torch.bfloat16)
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 LAYOUTS = ("contiguous", "transposed", "strided", "expanded", "offset")
+# Value regimes of query and keys: one slot aligned with each query, an affine sum near zero, norms
+# whose squares overflow or underflow, a zero query.
+REGIMES = ("random", "one_slot", "near_zero", "huge", "tiny", "zero_query")
 MEMORY = ("query", "keys", "bank_a", "bank_b")
 #: Largest magnitude of a query / key that each dtype holds with room (scores stay exact).
 HUGE = {torch.float64: 1e300, torch.float32: 1e37, torch.bfloat16: 1e37, torch.float16: 6e4}
@@ -106,16 +109,17 @@ def _near_zero_keys(g, query, n, d_k):
 
 @st.composite
 def op_cases(draw, *, max_b=4, max_t=6, max_d=12, max_n=5, max_dk=8, dtypes=DTYPES, hostile=True,
-             layouts=LAYOUTS, separations=SEPARATIONS, huge=True):
+             layouts=LAYOUTS, separations=SEPARATIONS, huge=True, regimes=None, min_size=0, non_finite=True):
     """A valid op call. ``hostile``: also extreme and non-finite values (``huge``: query / key
-    magnitudes whose squared norm overflows float32)."""
+    magnitudes whose squared norm overflows float32). ``regimes``: only these value regimes;
+    ``min_size``: the least B, T and N; ``non_finite``: may put a NaN or inf in one tensor."""
     dtype = draw(st.sampled_from(dtypes))
     mem_dtypes = {n: (draw(st.sampled_from([dtype, torch.float32])) if dtype in HALF else dtype) for n in MEMORY}
-    b = draw(st.integers(0, max_b))
-    t = draw(st.integers(0, max_t))
+    b = draw(st.integers(min_size, max_b))
+    t = draw(st.integers(min_size, max_t))
     d_in = draw(st.integers(1, max_d))
     d_k = draw(st.integers(1, max_dk))
-    n = draw(st.integers(0, max_n))
+    n = draw(st.integers(min_size, max_n))
     r = draw(st.integers(1, 4))
     d_s, offsets, d_out = draw(slice_layouts())
     s = len(offsets)
@@ -134,8 +138,8 @@ def op_cases(draw, *, max_b=4, max_t=6, max_d=12, max_n=5, max_dk=8, dtypes=DTYP
     weight = randn(d_out, d_in) * mag / math.sqrt(d_in)
     bias = randn(d_out) if draw(st.booleans()) else None
     query, keys = randn(b, d_k), randn(n, d_k)
-    regimes = ["random", "one_slot", "near_zero", "huge", "tiny", "zero_query"] if hostile else \
-        ["random", "one_slot", "near_zero"]
+    if regimes is None:
+        regimes = list(REGIMES) if hostile else ["random", "one_slot", "near_zero"]
     if not huge:
         regimes = [r for r in regimes if r != "huge"]
     regime = draw(st.sampled_from(regimes))
@@ -161,7 +165,7 @@ def op_cases(draw, *, max_b=4, max_t=6, max_d=12, max_n=5, max_dk=8, dtypes=DTYP
 
     values = dict(x=x, weight=weight, bias=bias, query=query, keys=keys, bank_a=bank_a, bank_b=bank_b)
     notes = {"regime": regime, "seed": seed}
-    if hostile and draw(st.integers(0, 3)) == 0:  # a non-finite entry in one tensor
+    if hostile and non_finite and draw(st.integers(0, 3)) == 0:  # a non-finite entry in one tensor
         name = draw(st.sampled_from([k for k, v in values.items() if v is not None and v.numel() > 0] or ["x"]))
         target = values[name]
         if target is not None and target.numel() > 0:
