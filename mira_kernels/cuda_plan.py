@@ -126,6 +126,8 @@ def kernel_launches(op: str, d: Dims, acc_size: int, output_mask=(True,) * 5,
     uploads = [KernelSpec("mira_offsets_kernel", 1, 0)] * d.offset_uploads
     smem = _dyn_smem(d, acc_size, smem_budget)
     if op in ("mira_linear", "mira_adapter_"):
+        if d.N == 0:  # an empty memory adds exactly zero, x unread: nothing to launch
+            return out
         apply = d.T > 0 and d.d_s > 0
         if apply:
             out += uploads

@@ -187,6 +187,23 @@ def test_empty_batch_and_empty_tokens(driver):
     check_backward(driver, inp, "softmax")  # factor gradients are zero; dq still flows through nothing
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_empty_memory_leaves_inf_in_x_alone(driver, dtype):
+    # N = 0 adds exactly zero without reading x (contract section 1): y is the base projection, inf
+    # included. The apply kernel used to run with mixed factors of zero, and x A_b^T = inf * 0 = NaN
+    # turned the inf row's slice columns NaN (mira_adapter_ wrote NaN into a finite out the same way).
+    inp = make_inputs(B=2, T=3, d_in=5, d_out=8, N=0, S=1, r=2, d_s=8, dtype=torch.float64).to(dtype)
+    inp.x = inp.x.clone()
+    inp.x[0, 1, 2] = float("inf")
+    base = torch.nn.functional.linear(inp.x, inp.weight, inp.bias)
+    assert bool(torch.isinf(base[0, 1]).all()) and not bool(torch.isnan(base).any())
+    run = run_forward(driver, *inp.linear_args(), **_kw(inp, "affine"))
+    assert run.launches == 0 and torch.equal(run.outputs[0], base)
+    out = torch.ones(2, 3, 8, dtype=dtype)
+    run_forward(driver, *inp.linear_args(), **_kw(inp, "affine"), out=out, base=out.clone())
+    assert torch.equal(out, torch.ones_like(out))
+
+
 @pytest.mark.parametrize("shape", [dict(d_s=0), dict(d_in=0), dict(T=0, N=0), dict(B=0, N=0)])
 def test_zero_sized_dims_leave_no_gradient_unwritten(driver, shape):
     # The driver hands the gradients over NaN-filled, as at::empty may (the first GPU run returned its leftovers

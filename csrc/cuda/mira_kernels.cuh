@@ -1009,10 +1009,12 @@ inline void add_offset_uploads(const Dims& d, LaunchList& list) {
   for (int64_t p = 0; p < d.offset_uploads(); ++p) list.add(Kernel::kOffsets, 1, 0, p);
 }
 
-// mira_adapter_ (and the adapter part of mira_linear): B == 0 launches nothing.
+// mira_adapter_ (and the adapter part of mira_linear): B == 0 launches nothing, and neither does an empty
+// memory (N == 0), which adds exactly zero without reading x (contract section 1): the apply kernel's
+// x A_b^T with A_b = 0 is NaN where x holds an inf, which its add would write into out's slices.
 inline LaunchList adapter_launches(const Dims& d, const Workspace& ws, int64_t acc_size) {
   LaunchList list;
-  if (d.B == 0) return list;
+  if (d.B == 0 || d.N == 0) return list;
   const bool apply = d.T > 0 && d.d_s > 0;
   if (apply) add_offset_uploads(d, list);
   list.add(Kernel::kRetrieve, d.retrieve_blocks());
