@@ -976,11 +976,13 @@ def _mira_keys_bwd_kernel(
         st = tl.load(scores_ptr + bs[:, None] * N + slots[None, :], mask=m, other=0.0)
         g_dot_unit += tl.sum(dzt * st, axis=0)
         q_norm = tl.load(qnorm_ptr + bs, mask=b_ok, other=1.0)
-        qt = tl.load(q_ptr + bs[:, None] * stride_qb + cols[None, :] * stride_qk,
+        # 64-bit before the row stride: the layers' query is x[:, 0], a view whose row stride is T * d_in,
+        # so (B - 1) * stride_qb passes 2^31 with a large x (Triton types ints as i32).
+        qt = tl.load(q_ptr + bs.to(tl.int64)[:, None] * stride_qb + cols[None, :] * stride_qk,
                      mask=b_ok[:, None] & col_ok[None, :], other=0.0).to(ct)
         qt = qt / tl.maximum(q_norm, tl.full((), NORM_EPS, q_norm.dtype))[:, None]  # the floor in ct, not fp32
         g = tl.dot(tl.trans(dzt), qt, g, input_precision=SCORE_PRECISION, out_dtype=g.dtype)
-    kt = tl.load(k_ptr + slots[:, None] * stride_kn + cols[None, :] * stride_kk,
+    kt = tl.load(k_ptr + slots.to(tl.int64)[:, None] * stride_kn + cols[None, :] * stride_kk,
                  mask=slot_ok[:, None] & col_ok[None, :], other=0.0).to(ct)
     dk = _normalize_grad(kt, k_norm[:, None], g, g_dot_unit[:, None])
     tl.store(dk_ptr + slots[:, None] * DK + cols[None, :], dk.to(dk_ptr.dtype.element_ty),

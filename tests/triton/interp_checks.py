@@ -217,6 +217,23 @@ def test_bias_with_any_strides(layout):
     assert_close_to_spec(got, want, own, factor=2.0, floor=FLOOR[torch.float32], what=f"y with {layout} bias")
 
 
+def test_query_rows_more_than_2_31_elements_apart():
+    # The layers pass the CLS view x[:, 0] as the query: its rows are T * d_in apart, so with a large x
+    # (B - 1) * stride_qb passes 2^31 while the stride itself fits in an i32. dkeys multiplied the row
+    # index by it in 32 bits: a wrapped address (a segfault here, before the fix). The storage (4 GiB of
+    # bf16, as a bf16 x's CLS query) is allocated, not touched: only the query's rows are written.
+    shape = dict(B=3, T=2, d_in=8, d_out=16, N=3, S=2, r=2, d_s=4, offsets=[0, 8])
+    inp = make_inputs(**shape, seed=26).to(torch.bfloat16, memory_dtype=torch.bfloat16)
+    stride = 2**30 + 64
+    query = torch.empty(2 * stride + 8, dtype=torch.bfloat16).as_strided((3, 8), (stride, 1))
+    query.copy_(inp.query)
+    grad = torch.randn(3, 2, 16, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
+    want = _backward(tri.mira_linear_backward, grad, inp, "affine")
+    inp.query = query
+    got = _backward(tri.mira_linear_backward, grad, inp, "affine")
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
 def test_no_slots():
     inp = make_inputs(**{**SMALL, "N": 0}, seed=8)
     y = check_forward(inp, torch.float32, "affine")
