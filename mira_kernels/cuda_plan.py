@@ -136,7 +136,7 @@ def kernel_launches(op: str, d: Dims, acc_size: int, output_mask=(True,) * 5,
             out.append(KernelSpec("mira_apply_kernel", d.B * d.tiles, smem))
         return out
     need_x, need_q, need_k, need_a, need_b = (bool(m) for m in output_mask)
-    mem = need_q or need_k or need_a or need_b
+    mem = d.N > 0 and (need_q or need_k or need_a or need_b)  # runs_memory_kernels: none for an empty memory
     tokens = d.T > 0 and (mem or need_x)
     if tokens or mem:
         out += uploads
@@ -466,10 +466,10 @@ def describe(op: str, *args, sms: int | None = None) -> OpPlan:
             if not need:
                 continue
             allocations += 1
-            if d.B == 0 and shape.numel():  # caller_zeroes_memory_grads: no kernel runs, the glue zero-fills
+            if (d.B == 0 or d.N == 0) and shape.numel():  # caller_zeroes_memory_grads: the glue zero-fills
                 launches.append(KernelLaunch(name=f"{name}_zero", kernel="at::zeros", grid=(), threads=0, flops={},
                                              bytes_read=0, bytes_written=shape.numel() * _SIZE[ct], library="aten",
-                                             note="B = 0: a sum over no samples, zero-filled by the glue"))
+                                             note="B = 0 or N = 0: no memory kernel writes it; zero-filled"))
             if t.dtype != ct:  # computed in the compute dtype, returned in the input's
                 launches.append(_copy(f"{name}_to_input", shape.numel(), ct, t.dtype))
                 allocations += 1

@@ -204,6 +204,19 @@ def test_empty_memory_leaves_inf_in_x_alone(driver, dtype):
     assert torch.equal(out, torch.ones_like(out))
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_empty_memory_gives_zero_dquery_for_a_non_finite_query(driver, bad):
+    # N = 0 reads neither query nor keys: dquery is exact zeros (the reference), whatever the query holds. The
+    # scores kernel used to run the normalisation's backward on a zero gradient, and (u / |u|) . 0 made NaN of
+    # the whole row of a query with a NaN or inf. With N = 0 no memory kernel runs; the glue zero-fills dquery.
+    inp = make_inputs(B=2, T=3, d_in=5, d_out=8, N=0, S=1, r=2, d_s=8, dtype=torch.float64).to(torch.float32)
+    inp.query = inp.query.clone()
+    inp.query[1, 2] = bad
+    run = check_backward(driver, inp, "affine", mask=(False, True, True, True, True))
+    assert torch.equal(run.outputs[1], torch.zeros_like(inp.query))
+    assert [launch.kernel for launch in run.plan] == ["mira_retrieve_kernel"]
+
+
 @pytest.mark.parametrize("shape", [dict(d_s=0), dict(d_in=0), dict(T=0, N=0), dict(B=0, N=0)])
 def test_zero_sized_dims_leave_no_gradient_unwritten(driver, shape):
     # The driver hands the gradients over NaN-filled, as at::empty may (the first GPU run returned its leftovers

@@ -217,8 +217,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mira_line
 
   // dx starts as G W in x's dtype (as the reference's grad_out @ weight); the kernels add the adapter part.
   at::Tensor dx = need_x ? at::matmul(grad_out, weight).contiguous() : none();
-  // The memory gradients: written in full by the launches, except over an empty batch, where no kernel runs
-  // and they are zero (sums over no samples); at::empty there returned whatever the allocator's block held.
+  // The memory gradients: written in full by the launches, except over an empty batch or an empty memory, where
+  // no memory kernel runs and they are zero (caller_zeroes_memory_grads); at::empty there returned whatever the
+  // allocator's block held.
   const bool zeroed = mira_cuda::caller_zeroes_memory_grads(d);
   const auto grad = [&](at::IntArrayRef shape) {
     return zeroed ? at::zeros(shape, acc_opts) : at::empty(shape, acc_opts);

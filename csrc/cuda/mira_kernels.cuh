@@ -1022,12 +1022,20 @@ inline LaunchList adapter_launches(const Dims& d, const Workspace& ws, int64_t a
   return list;
 }
 
+// Whether the backward runs its memory kernels (factors, scores, memory) for the memory gradients asked for:
+// not for an empty memory (N == 0), which reads neither query nor keys (contract section 5; the reference's
+// dquery is exact zeros there, where the scores kernel's normalisation backward made NaN of a NaN or inf
+// query), and whose dkeys and dbanks have no elements.
+inline bool runs_memory_kernels(const Dims& d, bool need_q, bool need_k, bool need_a, bool need_b) {
+  return d.N > 0 && (need_q || need_k || need_a || need_b);
+}
+
 // The adapter part of the backward: need_x (dx += sum_s dh_s A_b,s) and the memory gradients asked for.
 inline LaunchList backward_launches(const Dims& d, const Workspace& ws, int64_t acc_size, bool need_x, bool need_q,
                                     bool need_k, bool need_a, bool need_b) {
   LaunchList list;
   if (d.B == 0) return list;
-  const bool mem = need_q || need_k || need_a || need_b;
+  const bool mem = runs_memory_kernels(d, need_q, need_k, need_a, need_b);
   const bool tokens = d.T > 0 && (mem || need_x);
   if (tokens || mem) add_offset_uploads(d, list);
   list.add(Kernel::kRetrieve, d.retrieve_blocks());
@@ -1041,12 +1049,13 @@ inline LaunchList backward_launches(const Dims& d, const Workspace& ws, int64_t 
   return list;
 }
 
-// Whether the caller must zero the memory gradients it hands to launch_backward (dkeys, dbank_a, dbank_b)
-// before the call. With B == 0 they are sums over no samples, exactly zero, and backward_launches is empty
-// (a grid of zero blocks cannot be launched), so no kernel writes them; for any B > 0 the launches write
-// every element of each gradient asked for, whatever T, N, S or d_s (the emulation hands them over
-// NaN-filled to check that). The CUDA glue allocates with at::zeros when this holds, at::empty otherwise.
-inline bool caller_zeroes_memory_grads(const Dims& d) { return d.B == 0; }
+// Whether the caller must zero the memory gradients it hands to launch_backward (dquery, dkeys, dbank_a,
+// dbank_b) before the call. With B == 0 they are sums over no samples, exactly zero, and backward_launches is
+// empty (a grid of zero blocks cannot be launched), so no kernel writes them; with N == 0 no memory kernel runs
+// (runs_memory_kernels) and dquery is zero. Otherwise the launches write every element of each gradient asked
+// for, whatever T, S or d_s (the emulation hands them over NaN-filled to check that). The CUDA glue allocates
+// with at::zeros when this holds, at::empty otherwise.
+inline bool caller_zeroes_memory_grads(const Dims& d) { return d.B == 0 || d.N == 0; }
 
 // Why a launch list cannot run (a grid or shared-memory limit), or null. The CUDA glue raises it before
 // it launches or allocates anything, so a call that fails changes nothing.
@@ -1201,7 +1210,7 @@ inline void launch_backward(const Dims& d, const int64_t* offsets, int sep, doub
   if (!need_k) m.dk = nullptr;
   if (!need_a) m.dbank_a = nullptr;
   if (!need_b) m.dbank_b = nullptr;
-  if (need_q || need_k || need_a || need_b) {
+  if (runs_memory_kernels(d, need_q, need_k, need_a, need_b)) {
     t.h = cb.ws + ws.h;
     t.dh = cb.ws + ws.dh;
   }
