@@ -135,8 +135,10 @@ def kernel_launches(op: str, d: Dims, acc_size: int, output_mask=(True,) * 5,
         if apply:
             out.append(KernelSpec("mira_apply_kernel", d.B * d.tiles, smem))
         return out
+    if d.N == 0:  # dx is the G W it holds on entry, the memory gradients the glue's zeros
+        return out
     need_x, need_q, need_k, need_a, need_b = (bool(m) for m in output_mask)
-    mem = d.N > 0 and (need_q or need_k or need_a or need_b)  # runs_memory_kernels: none for an empty memory
+    mem = need_q or need_k or need_a or need_b  # runs_memory_kernels
     tokens = d.T > 0 and (mem or need_x)
     if tokens or mem:
         out += uploads

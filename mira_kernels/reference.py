@@ -279,7 +279,9 @@ def mira_linear_backward(
     grad_mixed_a = torch.einsum("btsr,btd->bsrd", grad_shrunk, xc)
 
     grad_x = None
-    if need_x:
+    if need_x and keys.shape[0] == 0:  # an empty memory adds exactly zero: grad_out is not read for it
+        grad_x = (grad_out @ weight).to(x.dtype)
+    elif need_x:
         adapter_part = torch.einsum("btsr,bsrd->btd", grad_shrunk, mixed_a)
         grad_x = ((grad_out @ weight).to(ct) + adapter_part).to(x.dtype)
 

@@ -545,3 +545,27 @@ def test_gradients_of_a_projection_without_bias(backend, wanted):
         got = torch.autograd.grad(y.sum(), leaves)
     for name, g, w in zip(wanted, got, want):
         torch.testing.assert_close(g, w, msg=name)
+
+
+@needs_ext
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_empty_memory_backward_leaves_an_inf_gradient_alone(backend, dtype):
+    # N = 0 adds exactly zero (the forward reads no x for it): the backward's adapter part of dx, a
+    # product with zero factors, turned an inf of grad_out into NaN; autograd of the forward gives
+    # grad_out @ weight, inf included.
+    inp = make_inputs(B=2, T=3, d_in=4, d_out=12, N=0, S=2, r=2, d_s=4, offsets=[8, 0]).to(
+        dtype, torch.float32 if dtype == torch.bfloat16 else dtype)
+    grad_out = torch.randn(2, 3, 12, generator=torch.Generator().manual_seed(4)).to(dtype)
+    grad_out[1, 0, 3] = float("inf")
+    grad_out[0, 2, 9] = float("-inf")  # inside a slice: the column the adapter part covers
+    x = inp.x.clone().requires_grad_()
+    with mk.use_backend(backend):
+        y = mk.mira_linear(x, inp.weight, inp.bias, inp.query, inp.keys, inp.bank_a, inp.bank_b,
+                           slice_offsets=inp.slice_offsets)
+        (dx,) = torch.autograd.grad(y, [x], grad_out)
+    want = grad_out @ inp.weight
+    assert torch.equal(dx.isnan(), want.isnan()) and not dx.isnan().any()
+    assert torch.equal(dx.isinf(), want.isinf()) and dx.isinf().any()
+    finite = want.isfinite()
+    torch.testing.assert_close(dx[finite], want[finite])

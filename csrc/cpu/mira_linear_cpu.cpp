@@ -83,6 +83,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/linear.h>
 #include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
 #include <sys/mman.h>
 #include <unistd.h>
 #include <torch/library.h>
@@ -1120,7 +1121,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
   const T* X = xc.data_ptr<T>();
   const int64_t Fa = s.SR * s.d_in, Fb = s.S * s.r * s.d_s;
 
-  at::Tensor dx_adapter = need_x ? at::empty({s.B, s.T, s.d_in}, x.options().dtype(ct)) : at::Tensor();
+  // An empty memory adds exactly zero, and grad_out is not read for it (as x is not in the forward):
+  // no pass over the token blocks, whose zero factors would turn an inf of grad_out into NaN.
+  const bool empty_memory = s.N == 0;
+  at::Tensor dx_adapter = !need_x ? at::Tensor()
+                          : empty_memory ? at::zeros({s.B, s.T, s.d_in}, x.options().dtype(ct))
+                                         : at::empty({s.B, s.T, s.d_in}, x.options().dtype(ct));
   std::vector<T> dA(need_adapter ? s.B * Fa : 0), dBt(need_adapter ? s.B * Fb : 0);
 
   // Two parallel phases, so that even B = 1 keeps every thread busy:
@@ -1130,7 +1136,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
   //     ordered sum over the sample's tokens (no atomics, same bits at any thread count).
   const int64_t blocks = (s.T + kRowBlock - 1) / kRowBlock;
   std::vector<T> h(need_adapter ? s.B * s.T * s.SR : 0), dh(s.B * s.T * s.SR);
-  if ((need_x || need_adapter) && s.B * s.T > 0) {
+  if ((need_x || need_adapter) && s.B * s.T > 0 && !empty_memory) {
     T* DX = need_x ? dx_adapter.data_ptr<T>() : nullptr;
     // dx's adapter part seeds the beta = 1 GEMM below (in 16 bits it is added to, so no streaming).
     const bool stream = need_x && !is_half(x.scalar_type()) && stream_seeding(dx_adapter);

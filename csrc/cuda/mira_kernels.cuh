@@ -1034,7 +1034,9 @@ inline bool runs_memory_kernels(const Dims& d, bool need_q, bool need_k, bool ne
 inline LaunchList backward_launches(const Dims& d, const Workspace& ws, int64_t acc_size, bool need_x, bool need_q,
                                     bool need_k, bool need_a, bool need_b) {
   LaunchList list;
-  if (d.B == 0) return list;
+  // An empty memory adds exactly zero: dx is the G W it holds on entry (the tokens kernel's zero factors
+  // would turn an inf of G into NaN), and the memory gradients are the caller's zeros.
+  if (d.B == 0 || d.N == 0) return list;
   const bool mem = runs_memory_kernels(d, need_q, need_k, need_a, need_b);
   const bool tokens = d.T > 0 && (mem || need_x);
   if (tokens || mem) add_offset_uploads(d, list);
