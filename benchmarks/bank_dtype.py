@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 import mira
-from benchmarks import _pairs
+from benchmarks import _cli, _pairs
 from benchmarks.budget import ColdCache, backbone_median, dram_read_bandwidth, measure_floor
 from mira.layers import MiraProjection
 from mira.memory import AdapterMemory
@@ -91,6 +91,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's own choice)")
     p.add_argument("--json", default=None, help="also write the record here")
     a = p.parse_args(argv)
+    if a.json and (problem := _cli.output_problem(a.json, folder=False)):
+        p.error(f"--json: {problem}")
     if a.threads:
         torch.set_num_threads(a.threads)
     cfg = latency.BenchConfig(batch_sizes=tuple(a.batch_sizes), device="cpu")

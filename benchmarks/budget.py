@@ -57,7 +57,7 @@ import torch.nn as nn
 
 import mira
 import mira_kernels as mk
-from benchmarks import _pairs
+from benchmarks import _cli, _pairs
 from mira_kernels.ops import eval_linear_cpu
 
 __all__ = ["ColdCache", "dram_read_bandwidth", "measure_floor", "time_budget", "main"]
@@ -368,6 +368,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="storage dtype of MIRA's banks (mira.attach's bank_dtype; '' = the model's dtype)")
     p.add_argument("--json", default=None, help="also write the record here")
     a = p.parse_args(argv)
+    if a.json and (problem := _cli.output_problem(a.json, folder=False)):
+        p.error(f"--json: {problem}")
     if a.threads:
         torch.set_num_threads(a.threads)
     cfg = latency.BenchConfig(batch_sizes=tuple(a.batch_sizes), device="cpu", bank_dtype=a.bank_dtype)

@@ -76,6 +76,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from benchmarks import _cli
+
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = "mira-gpu-check/1"
 SCHEMA_FILE = Path(__file__).with_name("gpu_check.schema.json")
@@ -879,6 +881,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         p.error("--budget must be at least 30 seconds")
     if args.out is None:
         args.out = Path(os.environ["OUT"]) if os.environ.get("OUT") else args.work / "out"
+    for flag, folder in (("--out", args.out), ("--work", args.work)):
+        if problem := _cli.output_problem(folder, folder=True):
+            p.error(f"{flag}: {problem}")
     return args
 
 

@@ -69,6 +69,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from benchmarks import _cli
+
 SCHEMA = "mira-gpu-sweep/1"
 CALLS = 20  # launches per captured graph
 REPS = 9  # graph replays per measurement (medians)
@@ -810,6 +812,8 @@ def main(argv: list[str] | None = None) -> int:
                          "min(8, CPUs - 4); else 0)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # I/N: run as compile-ahead worker I of N
     args = ap.parse_args(argv)
+    if problem := _cli.output_problem(args.out, folder=True):
+        ap.error(f"--out: {problem}")
     t_start = time.monotonic()
     deadline = t_start + args.budget
 

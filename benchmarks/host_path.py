@@ -42,6 +42,8 @@ from collections.abc import Callable
 
 import torch
 
+from benchmarks import _cli
+
 T, D, D_OUT, R, SLOTS, OFFSETS = 197, 768, 2304, 4, 30, (0, 1536)
 
 
@@ -475,6 +477,8 @@ def main(argv=None) -> int:
     parser.add_argument("--label", default="", help="a name for the code measured (e.g. a commit)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 3 rounds of 2 calls")
     opts = parser.parse_args(argv)
+    if opts.json and (problem := _cli.output_problem(opts.json, folder=False)):
+        parser.error(f"--json: {problem}")
     if opts.quick:
         opts.rounds, opts.inner = 3, 2
     record = run(opts.batch, getattr(torch, opts.dtype), opts.rounds, opts.inner, opts.cold)

@@ -34,7 +34,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from benchmarks import _pairs, latency
+from benchmarks import _cli, _pairs, latency
 
 __all__ = ["PHASES", "measure", "main"]
 
@@ -240,6 +240,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
                         help="also time every block's other layers (which of them the adapter slows down)")
     parser.add_argument("--json", default=None, help="also write the record here")
     args = parser.parse_args(argv)
+    if args.json and (problem := _cli.output_problem(args.json, folder=False)):
+        parser.error(f"--json: {problem}")
     if args.threads:
         torch.set_num_threads(args.threads)
     record = measure(args.batch, args.rounds, layers=args.layers)

@@ -73,7 +73,7 @@ import torch.nn as nn
 
 import mira
 import mira_kernels as mk
-from benchmarks import _pairs
+from benchmarks import _cli, _pairs
 from benchmarks.eager_mira import EagerMiraLinear, attach_eager
 
 __all__ = [
@@ -272,9 +272,14 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchConfig:
     if a["quick"]:
         a["op_width"] = max(a["op_width"], 1.0)
     try:
-        return BenchConfig(**a)
+        cfg = BenchConfig(**a)
     except ValueError as e:
         p.error(str(e))
+    # Before the run, not after it: a results folder that cannot be written lost the whole run.
+    problem = _cli.output_problem(cfg.out_dir(), folder=True)
+    if problem:
+        p.error(f"--results-dir: {problem}")
+    return cfg
 
 
 # ----------------------------------------------------------------------------------------------

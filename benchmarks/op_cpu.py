@@ -42,7 +42,7 @@ import torch.nn.functional as F
 import mira_kernels as mk
 from mira_kernels import reference
 
-from . import _pairs
+from . import _cli, _pairs
 from .eager_mira import EagerMiraLinear
 
 T, D_IN, D_OUT, RANK, SLOTS, SLICES = 197, 768, 2304, 4, 30, 2
@@ -539,6 +539,8 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny budgets (smoke run; numbers not meaningful)")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
+    if not args.quick and (problem := _cli.output_problem(args.out, folder=True)):
+        p.error(f"--out: {problem}")  # before the run, not after it
     if args.quick:
         args.budget, args.batches, args.train_batches = 1.0, [1], [1]
     if "cpu" not in mk.available_backends("cpu"):

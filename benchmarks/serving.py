@@ -68,7 +68,7 @@ import timm
 import torch
 
 import mira
-from benchmarks import _pairs
+from benchmarks import _cli, _pairs
 from mira.export import check_against_float64, export_aoti, export_onnx, export_program, load_aoti
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -464,10 +464,15 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None, model_kwargs: dict | None = None) -> int:
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
     if any(b < 1 for b in args.batch_sizes) or args.slots < 1 or args.judge_batch < 1:
         raise SystemExit("batch sizes, --slots and --judge-batch must be >= 1")
     out = args.out or (RESULTS_DIR if args.record else SCRATCH_DIR)
+    # Before the run, not when its first batch size is written (after the exports are built and judged).
+    for flag, folder in (("--out", out), ("--cache", None if args.summarize else args.cache)):
+        if folder is not None and (problem := _cli.output_problem(folder, folder=True)):
+            p.error(f"{flag}: {problem}")
     if args.summarize:
         print(write_summary(out), end="")
         return 0

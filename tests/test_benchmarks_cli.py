@@ -1,0 +1,79 @@
+"""The benchmark tools' command lines, as a performance engineer meets them: a bad argument is a
+one-line error and exit code 2 before any work starts (not a traceback minutes into a run, nor a
+run that loses its results at the end), and what the tools write is valid for strict JSON readers.
+
+Nothing is timed here: the work each tool would start is replaced by a function that fails the
+test, so a check that came too late shows as that failure, at once.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+
+pytest.importorskip("timm")
+
+from benchmarks import _cli, latency  # noqa: E402
+
+
+class _Started(AssertionError):
+    pass
+
+
+def _never(*args, **kwargs):
+    raise _Started("the tool started its run before checking its arguments")
+
+
+@pytest.fixture
+def no_runs(monkeypatch):
+    """Every tool's first piece of real work fails the test."""
+    from benchmarks import host_path, op_cpu, serving
+
+    monkeypatch.setattr(latency, "build_variants", _never)  # latency, budget, bank_dtype, in_situ
+    monkeypatch.setattr(host_path, "run", _never)
+    monkeypatch.setattr(serving, "run", _never)
+    monkeypatch.setattr(op_cpu, "measure_bandwidth", _never)
+
+
+def _exits_2(tool: str, argv: list[str], capsys) -> str:
+    main = importlib.import_module(f"benchmarks.{tool}").main
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2, f"{tool} {argv}: exit {exc.value.code}"
+    err = capsys.readouterr().err.strip().splitlines()
+    return err[-1]
+
+
+def test_output_paths_that_cannot_be_written_are_refused_before_the_run(tmp_path, no_runs, capsys):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    missing = tmp_path / "no" / "such" / "folder" / "out.json"
+    cases = [
+        ("latency", ["--results-dir", str(a_file)], "--results-dir"),
+        ("budget", ["--json", str(tmp_path)], "--json"),
+        ("budget", ["--json", str(missing)], "--json"),
+        ("bank_dtype", ["--json", str(tmp_path)], "--json"),
+        ("in_situ", ["--json", str(tmp_path)], "--json"),
+        ("host_path", ["--json", str(tmp_path)], "--json"),
+        ("serving", ["--out", str(a_file)], "--out"),
+        ("serving", ["--out", str(tmp_path), "--cache", str(a_file)], "--cache"),
+        ("op_cpu", ["--out", str(a_file)], "--out"),
+        ("gpu_check", ["--dry-run", "--out", str(a_file)], "--out"),
+        ("gpu_sweep", ["--dry-run", "--out", str(a_file)], "--out"),
+    ]
+    for tool, argv, flag in cases:
+        assert flag in _exits_2(tool, argv, capsys), (tool, argv)
+    assert a_file.read_text() == "x" and sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+
+
+def test_output_problem_says_why_and_leaves_nothing_behind(tmp_path):
+    a_file = tmp_path / "f"
+    a_file.write_text("")
+    assert _cli.output_problem(tmp_path / "new" / "folder", folder=True) is None  # created by the run
+    assert _cli.output_problem(tmp_path / "new.json", folder=False) is None
+    assert "not a folder" in _cli.output_problem(a_file, folder=True)
+    assert "cannot be created" in _cli.output_problem(a_file / "sub", folder=True)
+    assert "is a folder" in _cli.output_problem(tmp_path, folder=False)
+    assert "does not exist" in _cli.output_problem(tmp_path / "no" / "x.json", folder=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f"]
