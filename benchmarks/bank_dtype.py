@@ -85,10 +85,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(prog="python -m benchmarks.bank_dtype", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
-    p.add_argument("--budget", type=float, default=60.0, help="seconds of interleaved rounds per batch size")
+    p.add_argument("--batch-sizes", type=_cli.positive_int, nargs="+", default=[1, 8])
+    p.add_argument("--budget", type=_cli.non_negative_float, default=60.0,
+                   help="seconds of interleaved rounds per batch size")
     p.add_argument("--bank-dtype", default="bfloat16", choices=("bfloat16", "float16"))
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's own choice)")
+    p.add_argument("--threads", type=_cli.non_negative_int, default=0, help="torch threads (0: torch's own choice)")
     p.add_argument("--json", default=None, help="also write the record here")
     a = p.parse_args(argv)
     if a.json and (problem := _cli.output_problem(a.json, folder=False)):

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks import _cli
+
 __all__ = ["ESTIMATORS", "interval", "main"]
 
 
@@ -97,11 +99,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.e2e_interval", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("records", nargs="?", default=str(Path(__file__).parent / "results" / "latency.jsonl"))
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--target", type=float, default=1.0, help="interval width to reach, pp")
-    p.add_argument("--block", type=int, default=1, help="adjacent rounds resampled together")
-    p.add_argument("--min-rounds", type=int, default=100, help="skip records with fewer rounds")
+    p.add_argument("--batch", type=_cli.positive_int, default=1)
+    p.add_argument("--target", type=_cli.positive_float, default=1.0, help="interval width to reach, pp")
+    p.add_argument("--block", type=_cli.positive_int, default=1, help="adjacent rounds resampled together")
+    p.add_argument("--min-rounds", type=_cli.non_negative_int, default=100, help="skip records with fewer rounds")
     a = p.parse_args(argv)
+    if not Path(a.records).is_file():
+        p.error(f"no records file {a.records}")
     for rec, res, fused, backbone in _records(Path(a.records), a.batch):
         n = fused.size
         if n < a.min_rounds:

@@ -57,6 +57,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks import _cli
 from mira_kernels import launch_plan
 from mira_kernels.launch_plan import KernelLaunch
 
@@ -856,7 +857,7 @@ def main(argv=None) -> None:
     parser.add_argument("--calibrate", help="gpu_check.json whose model phase the calibration constants are fitted "
                         "to (launch floor, work scales, host costs; see CALIBRATION)")
     parser.add_argument("--before", help="JSON of older Triton plans (--dump-plans run in that checkout)")
-    parser.add_argument("--batches", type=int, nargs="+", default=list(BATCHES))
+    parser.add_argument("--batches", type=_cli.positive_int, nargs="+", default=list(BATCHES))
     parser.add_argument("--record", action="store_true", help="also write benchmarks/results/gpu_model.txt")
     parser.add_argument("--dump-plans", type=int, nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -605,7 +605,8 @@ def _start_workers(args, n: int, budget: float) -> list:
 
     procs = []
     for i in range(n):
-        cmd = [sys.executable, "-m", "benchmarks.gpu_sweep", "--worker", f"{i}/{n}", "--budget", f"{budget:.1f}",
+        cmd = [sys.executable, "-m", "benchmarks.gpu_sweep", "--worker", f"{i}/{n}", "--budget",
+               f"{max(budget, 0.0):.1f}",  # the time left, which --budget refuses when negative
                "--out", str(args.out), "--dtypes", args.dtypes, "--batches", args.batches, "--device", args.device]
         cmd += ["--tiny"] if args.tiny else []
         cmd += ["--max-configs", str(args.max_configs)] if args.max_configs is not None else []
@@ -796,8 +797,9 @@ class Writer:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python3 -m benchmarks.gpu_sweep", description=__doc__.splitlines()[0])
-    ap.add_argument("--budget", type=float, default=60.0, help="wall seconds in all (default 60)")
-    ap.add_argument("--margin", type=float, default=2.5, help="start a config only with this many seconds left")
+    ap.add_argument("--budget", type=_cli.non_negative_float, default=60.0, help="wall seconds in all (default 60)")
+    ap.add_argument("--margin", type=_cli.non_negative_float, default=2.5,
+                    help="start a config only with this many seconds left")
     ap.add_argument("--out", type=Path, required=True, help="folder for gpu_sweep.json and gpu_sweep.txt")
     ap.add_argument("--dtypes", default="bfloat16,float32")
     ap.add_argument("--batches", default="1,8,64")
@@ -806,21 +808,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lower", type=int, default=None, metavar="ARCH",
                     help="with --dry-run: compile each config for sm_ARCH (e.g. 90; no GPU needed), record spills")
     ap.add_argument("--tiny", action="store_true", help="tiny shapes (CPU tests)")
-    ap.add_argument("--max-configs", type=int, default=None, help="run at most this many configs")
-    ap.add_argument("--workers", type=int, default=None,
+    ap.add_argument("--max-configs", type=_cli.positive_int, default=None, help="run at most this many configs")
+    ap.add_argument("--workers", type=_cli.non_negative_int, default=None,
                     help="processes compiling configs ahead into Triton's cache (default on CUDA: "
                          "min(8, CPUs - 4); else 0)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # I/N: run as compile-ahead worker I of N
     args = ap.parse_args(argv)
     if problem := _cli.output_problem(args.out, folder=True):
         ap.error(f"--out: {problem}")
+    dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    if not dtypes or set(dtypes) - {"bfloat16", "float16", "float32"}:
+        ap.error(f"--dtypes: {args.dtypes!r}; expected bfloat16, float16 and/or float32")
+    try:
+        batches = [_cli.positive_int(b) for b in args.batches.split(",")]
+    except argparse.ArgumentTypeError as exc:
+        ap.error(f"--batches: {exc}")
     t_start = time.monotonic()
     deadline = t_start + args.budget
 
     import torch
 
-    dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
-    batches = [int(b) for b in args.batches.split(",")]
     workload = _workload(args.tiny)
     device = torch.device("meta" if args.dry_run else args.device)
     if device.type == "cuda" and not torch.cuda.is_available():

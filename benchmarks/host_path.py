@@ -468,10 +468,10 @@ def format_table(record: dict) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--batch", type=_cli.positive_int, default=1)
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    parser.add_argument("--rounds", type=int, default=60)
-    parser.add_argument("--inner", type=int, default=20)
+    parser.add_argument("--rounds", type=_cli.positive_int, default=60)
+    parser.add_argument("--inner", type=_cli.positive_int, default=20)
     parser.add_argument("--cold", action="store_true", help="one call per sample, after a cache sweep")
     parser.add_argument("--json", help="append the record (one JSON line) to this file")
     parser.add_argument("--label", default="", help="a name for the code measured (e.g. a commit)")

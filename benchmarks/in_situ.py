@@ -233,15 +233,18 @@ def report(record: dict, machine: dict, commit: str, when: str) -> str:
 def main(argv: Sequence[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.in_situ", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--batch", type=int, default=1, help="batch size")
+    parser.add_argument("--batch", type=_cli.positive_int, default=1, help="batch size")
     parser.add_argument("--rounds", type=int, default=200, help="interleaved rounds (each runs all three variants)")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads (0: torch's own choice)")
+    parser.add_argument("--threads", type=_cli.non_negative_int, default=2,
+                        help="torch threads (0: torch's own choice)")
     parser.add_argument("--layers", action="store_true",
                         help="also time every block's other layers (which of them the adapter slows down)")
     parser.add_argument("--json", default=None, help="also write the record here")
     args = parser.parse_args(argv)
     if args.json and (problem := _cli.output_problem(args.json, folder=False)):
         parser.error(f"--json: {problem}")
+    if args.rounds < 3:
+        parser.error(f"--rounds: at least 3 rounds make an interval, got {args.rounds}")
     if args.threads:
         torch.set_num_threads(args.threads)
     record = measure(args.batch, args.rounds, layers=args.layers)

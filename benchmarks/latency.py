@@ -178,6 +178,26 @@ class BenchConfig:
             raise ValueError("--quick runs are never recorded: drop --record or --quick")
         if self.e2e_budget and len(self.e2e_budget) not in (1, len(self.batch_sizes)):
             raise ValueError("--e2e-budget takes one value or one per batch size")
+        # Known before the model is built: batch 0 used to fail after the end-to-end rounds (a division
+        # by zero), a negative budget silently meant the default, a negative thread count a traceback.
+        for name in ("batch_sizes", "sweep_slots", "sweep_ranks"):
+            if any(not isinstance(v, int) or v < 1 for v in getattr(self, name)):
+                raise ValueError(f"--{name.replace('_', '-')} takes integers >= 1, got {getattr(self, name)}")
+        for name in ("rank", "slots", "sweep_batch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        for name in ("threads", "min_module_pairs", "min_e2e_rounds"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        for name in ("module_budget", "e2e_budget", "op_budget", "parts_budget", "in_situ_budget"):
+            values = getattr(self, name)
+            if any(not 0 <= v < math.inf for v in (values if isinstance(values, tuple) else (values,))):
+                raise ValueError(f"--{name.replace('_', '-')}: seconds must be finite and >= 0, got {values}")
+        for name in ("e2e_width", "op_width"):
+            if not 0 < getattr(self, name) < math.inf:
+                raise ValueError(f"--{name.replace('_', '-')} must be a positive number, got {getattr(self, name)}")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"--device {self.device}: no CUDA device is available here")
 
     def out_dir(self) -> Path:
         if self.results_dir:

@@ -442,16 +442,20 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="vit_base_patch16_224", help="timm model name (random weights)")
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8],
+    p.add_argument("--batch-sizes", type=_cli.positive_int, nargs="+", default=[1, 8],
                    help="batch sizes, timed one after another (each is written as soon as it is timed)")
-    p.add_argument("--slots", type=int, default=30, help="stored adapters per block (N)")
+    p.add_argument("--slots", type=_cli.positive_int, default=30, help="stored adapters per block (N)")
     p.add_argument("--paths", nargs="+", default=list(DEFAULT_PATHS), choices=PATHS,
                    help="paths timed besides stock and live")
-    p.add_argument("--budget", type=float, default=45.0, help="seconds of timed rounds per batch size")
-    p.add_argument("--width", type=float, default=0.02, help="stop when every ratio's 95%% CI is this narrow")
-    p.add_argument("--min-rounds", type=int, default=10, help="timed rounds at least, whatever the budget")
-    p.add_argument("--judge-batch", type=int, default=16, help="images in the float64 check of every path")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--budget", type=_cli.non_negative_float, default=45.0,
+                   help="seconds of timed rounds per batch size")
+    p.add_argument("--width", type=_cli.positive_float, default=0.02,
+                   help="stop when every ratio's 95%% CI is this narrow")
+    p.add_argument("--min-rounds", type=_cli.positive_int, default=10,
+                   help="timed rounds at least, whatever the budget")
+    p.add_argument("--judge-batch", type=_cli.positive_int, default=16,
+                   help="images in the float64 check of every path")
+    p.add_argument("--threads", type=_cli.non_negative_int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--record", action="store_true",
                    help=f"append to {RESULTS_DIR.relative_to(RESULTS_DIR.parent.parent)}/ instead of {SCRATCH_DIR}")
     p.add_argument("--out", type=Path, default=None,
@@ -466,8 +470,6 @@ def parser() -> argparse.ArgumentParser:
 def main(argv=None, model_kwargs: dict | None = None) -> int:
     p = parser()
     args = p.parse_args(argv)
-    if any(b < 1 for b in args.batch_sizes) or args.slots < 1 or args.judge_batch < 1:
-        raise SystemExit("batch sizes, --slots and --judge-batch must be >= 1")
     out = args.out or (RESULTS_DIR if args.record else SCRATCH_DIR)
     # Before the run, not when its first batch size is written (after the exports are built and judged).
     for flag, folder in (("--out", out), ("--cache", None if args.summarize else args.cache)):

@@ -77,3 +77,42 @@ def test_output_problem_says_why_and_leaves_nothing_behind(tmp_path):
     assert "is a folder" in _cli.output_problem(tmp_path, folder=False)
     assert "does not exist" in _cli.output_problem(tmp_path / "no" / "x.json", folder=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f"]
+
+
+@pytest.mark.parametrize("tool, argv", [
+    ("latency", ["--batch-sizes", "0"]),  # ran its end-to-end rounds, then divided by zero
+    ("latency", ["--batch-sizes", "1", "-2"]),
+    ("latency", ["--module-budget", "-1"]),  # silently meant the default
+    ("latency", ["--e2e-budget", "-5"]),
+    ("latency", ["--e2e-budget", "inf"]),
+    ("latency", ["--threads", "-3"]),
+    ("latency", ["--slots", "0"]),
+    ("latency", ["--e2e-width", "0"]),
+    ("latency", ["--sweep-slots", "0"]),
+    ("latency", ["--device", "cuda:0"] if not __import__("torch").cuda.is_available() else ["--rank", "0"]),
+    ("budget", ["--batch-sizes", "0"]),
+    ("budget", ["--budget", "-1"]),
+    ("budget", ["--threads", "-1"]),
+    ("bank_dtype", ["--batch-sizes", "-1"]),
+    ("bank_dtype", ["--budget", "nan"]),
+    ("in_situ", ["--batch", "0"]),
+    ("in_situ", ["--rounds", "2"]),
+    ("host_path", ["--batch", "0"]),
+    ("host_path", ["--inner", "0"]),
+    ("op_cpu", ["--batches", "0"]),
+    ("op_cpu", ["--target", "0"]),
+    ("serving", ["--batch-sizes", "0"]),  # exited 1, not 2
+    ("serving", ["--budget", "-1"]),
+    ("serving", ["--min-rounds", "0"]),
+    ("e2e_interval", ["--block", "0"]),  # ZeroDivisionError
+    ("e2e_interval", ["--target", "0"]),
+    ("e2e_interval", ["/no/such/records.jsonl"]),
+    ("gpu_model", ["--batches", "0"]),  # KeyError deep in the model
+    ("gpu_sweep", ["--dry-run", "--out", "OUT", "--batches", "0"]),
+    ("gpu_sweep", ["--dry-run", "--out", "OUT", "--dtypes", "float8"]),
+    ("gpu_sweep", ["--dry-run", "--out", "OUT", "--budget", "-1"]),
+])
+def test_bad_numbers_are_one_line_errors_with_exit_code_2(tool, argv, tmp_path, no_runs, capsys):
+    argv = [str(tmp_path) if a == "OUT" else a for a in argv]
+    last = _exits_2(tool, argv, capsys)
+    assert "error:" in last and "Traceback" not in last
