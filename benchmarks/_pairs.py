@@ -39,6 +39,7 @@ torch/MKL versions, load average); put it next to every result.
 from __future__ import annotations
 
 import gc
+import json
 import math
 import os
 import platform
@@ -50,8 +51,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-__all__ = ["PairResult", "cpu_line", "machine_info", "median_ci", "process_timer", "ratio_stats", "time_interleaved",
-           "wall_timer"]
+__all__ = ["PairResult", "cpu_line", "machine_info", "median_ci", "process_timer", "ratio_stats", "record_json",
+           "time_interleaved", "wall_timer"]
 
 
 def median_ci(values: Sequence[float], *, confidence: float = 0.95) -> tuple[float, float, float]:
@@ -87,6 +88,29 @@ def ratio_stats(num: Sequence[float], den: Sequence[float], **kwargs) -> dict:
     ratios = [a / b for a, b in zip(num, den)]
     med, lo, hi = median_ci(ratios, **kwargs)
     return {"ratio": med, "lo": lo, "hi": hi, "pairs": len(ratios), "width": hi - lo}
+
+
+def _json_ready(value):
+    if isinstance(value, dict):
+        return {k: _json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_ready(v) for v in value]
+    if isinstance(value, (np.generic, torch.Tensor)) and np.ndim(value) == 0:
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def record_json(record, **kwargs) -> str:
+    """A record as JSON text that strict parsers read: every non-finite number written as null.
+
+    ``json.dumps`` writes ``Infinity`` / ``NaN``, which ``jq``, JavaScript and most JSON libraries
+    refuse. The non-finite numbers a record holds are the bounds of an interval from fewer than 6
+    rounds (:func:`median_ci`: unbounded) and quantities not measured on the device (a floor without a
+    DRAM bandwidth on CUDA): null says "no value", which is what they are; readers of a record treat a
+    null bound as unbounded. ``kwargs`` go to ``json.dumps`` (``indent``, ``sort_keys``)."""
+    return json.dumps(_json_ready(record), allow_nan=False, **kwargs)
 
 
 def wall_timer(fn: Callable[[], object]) -> float:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import time
 from collections.abc import Sequence
@@ -136,7 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         rec = {"kind": "bank_dtype", "bank_dtype": a.bank_dtype, "model": cfg.model, "commit": latency.git_commit(),
                "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": machine,
                "bandwidth": bandwidth, "batches": batches}
-        Path(a.json).write_text(json.dumps(rec, indent=1, default=float))
+        Path(a.json).write_text(_pairs.record_json(rec, indent=1))
     return 0
 
 

@@ -44,7 +44,6 @@ Prints a table (and ``--json PATH`` writes the record); writes nothing else.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -396,7 +395,7 @@ def main(argv: Sequence[str] | None = None) -> int:
            "machine": machine, "bandwidth": bandwidth, "batches": batches}
     print(format_budget(rec))
     if a.json:
-        Path(a.json).write_text(json.dumps(rec, indent=1, default=float))
+        Path(a.json).write_text(_pairs.record_json(rec, indent=1))
     return 0
 
 

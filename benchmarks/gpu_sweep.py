@@ -782,8 +782,10 @@ class Writer:
         out.mkdir(parents=True, exist_ok=True)
 
     def write(self) -> None:
+        from benchmarks._pairs import record_json  # a config's error is inf when its output is not finite
+
         self.doc["best"] = best_variants(self.doc["results"])
-        for name, text in (("gpu_sweep.json", json.dumps(self.doc, indent=1, default=str)),
+        for name, text in (("gpu_sweep.json", record_json(self.doc, indent=1, default=str)),
                            ("gpu_sweep.txt", table(self.doc))):
             tmp = self.out / (name + ".tmp")
             tmp.write_text(text)

@@ -25,7 +25,6 @@ import argparse
 import dataclasses
 import datetime
 import gc
-import json
 import random
 import statistics
 import time
@@ -254,7 +253,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     print(report(record, machine, commit, when))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"commit": commit, "time": when, "machine": machine, **record}, f, indent=1)
+            f.write(_pairs.record_json({"commit": commit, "time": when, "machine": machine, **record}, indent=1))
     return record
 
 

@@ -58,7 +58,6 @@ import copy
 import csv
 import dataclasses
 import datetime as _dt
-import json
 import math
 import os
 import subprocess
@@ -1359,7 +1358,7 @@ def write_record(record: dict, results_dir: str | os.PathLike, table: str) -> di
     out.mkdir(parents=True, exist_ok=True)
     paths = {"jsonl": out / "latency.jsonl", "csv": out / "latency.csv", "txt": out / "latency.txt"}
     with open(paths["jsonl"], "a") as f:
-        f.write(json.dumps(record, sort_keys=True) + "\n")
+        f.write(_pairs.record_json(record, sort_keys=True) + "\n")
     new = not paths["csv"].exists()
     with open(paths["csv"], "a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)

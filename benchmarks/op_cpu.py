@@ -596,7 +596,7 @@ def main(argv=None) -> int:
         (args.out / "op_cpu.md").write_text(md)
         log = args.out / "op_cpu.json"
         runs = json.loads(log.read_text())["runs"] if log.exists() else []
-        log.write_text(json.dumps({"runs": runs + [record]}, indent=1, default=str) + "\n")
+        log.write_text(_pairs.record_json({"runs": runs + [record]}, indent=1, default=str) + "\n")
     print(md)
     return 0
 

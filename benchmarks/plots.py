@@ -54,12 +54,17 @@ def _stamp(record: dict) -> str:
     return f"commit {record.get('commit', '?')}, {record.get('timestamp', '?')}\n{cpu_line(record.get('machine', {}))}"
 
 
+def _number(value) -> float:
+    """A record's number: null (how records write a non-finite one, ``_pairs.record_json``) is NaN."""
+    return math.nan if value is None else float(value)
+
+
 def _bars(ax, xs, series: list[dict], style: dict) -> list[float]:
     """Error bars of (percent, lo, hi) points; returns every value drawn, for the axis range."""
     vals = [d["percent"] for d in series]
-    # A point from fewer than 6 rounds has no 95% interval (unbounded, benchmarks._pairs.median_ci):
-    # drawn without a bar, and left out of the axis range.
-    bounded = [math.isfinite(d["lo"]) and math.isfinite(d["hi"]) for d in series]
+    # A point from fewer than 6 rounds has no 95% interval (unbounded, benchmarks._pairs.median_ci; null in
+    # the record): drawn without a bar, and left out of the axis range.
+    bounded = [math.isfinite(_number(d["lo"])) and math.isfinite(_number(d["hi"])) for d in series]
     lo = [d["percent"] - d["lo"] if b else 0.0 for d, b in zip(series, bounded)]
     hi = [d["hi"] - d["percent"] if b else 0.0 for d, b in zip(series, bounded)]
     ax.errorbar(xs, vals, yerr=[lo, hi], capsize=4, **style)
@@ -107,7 +112,7 @@ def _batch_figure(path: Path, rec: dict) -> Path:
 
     res = sorted(rec["results"], key=lambda r: r["batch"])
     xs = [r["batch"] for r in res]
-    floors = [r["floor"].get("percent", float("nan")) for r in res]
+    floors = [_number(r["floor"].get("percent")) for r in res]  # none measured on CUDA
     targets = [target_for(r["batch"], f)["percent"] for r, f in zip(res, floors)]
     c = rec["config"]
 

@@ -59,6 +59,7 @@ import argparse
 import copy
 import datetime as _dt
 import json
+import math
 import re
 import subprocess
 import time
@@ -297,6 +298,15 @@ def git_commit(paths: tuple[str, ...] = ()) -> str:
     return (head or "unknown") + ("+dirty" if dirty else "")
 
 
+def _ratio_text(r: dict) -> str:
+    """A ratio with its 95% interval; one from fewer than 6 rounds has none (unbounded in the run, null in
+    serving.jsonl: ``_pairs.record_json``)."""
+    lo, hi = (math.nan if v is None else v for v in (r["lo"], r["hi"]))
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return f"{r['ratio']:.3f} [no interval: {r['pairs']} rounds]"
+    return f"{r['ratio']:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
 def format_table(record: dict) -> str:
     m, c = record["machine"], record["config"]
     lines = [
@@ -311,7 +321,7 @@ def format_table(record: dict) -> str:
     for res in record["results"]:
         for name, ms in res["median_ms"].items():
             r = res["ratio_vs_stock"].get(name)
-            ratio = "1 (reference)" if r is None else f"{r['ratio']:.3f} [{r['lo']:.3f}, {r['hi']:.3f}]"
+            ratio = "1 (reference)" if r is None else _ratio_text(r)
             live = res["ratio_vs_live"].get(name)
             live_text = "1" if live is None else f"{live['ratio']:.3f}"
             err = res["max_abs_diff_vs_live"].get(name)
@@ -393,7 +403,7 @@ def summary_markdown(records: list[dict]) -> str:
     run_no = {id(record): k for k, record in enumerate(used, 1)}
 
     def ratio_text(r):
-        return "" if r is None else f"{r['ratio']:.3f} [{r['lo']:.3f}, {r['hi']:.3f}]"
+        return "" if r is None else _ratio_text(r)
 
     for name in names:
         verdicts = [rec["vs_float64"][name] for rec, _ in (cells[(name, b)] for b in batches if (name, b) in cells)
@@ -484,7 +494,7 @@ def main(argv=None, model_kwargs: dict | None = None) -> int:
         print(table, flush=True)
         out.mkdir(parents=True, exist_ok=True)
         with open(out / "serving.jsonl", "a") as f:
-            f.write(json.dumps(record, default=float) + "\n")
+            f.write(_pairs.record_json(record) + "\n")
         with open(out / "serving.md", "a") as f:
             f.write("```\n" + table + "\n```\n\n")
         write_summary(out)

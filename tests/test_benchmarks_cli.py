@@ -9,12 +9,15 @@ test, so a check that came too late shows as that failure, at once.
 from __future__ import annotations
 
 import importlib
+import json
+import math
 
 import pytest
+import torch
 
 pytest.importorskip("timm")
 
-from benchmarks import _cli, latency  # noqa: E402
+from benchmarks import _cli, _pairs, latency  # noqa: E402
 
 
 class _Started(AssertionError):
@@ -116,3 +119,52 @@ def test_bad_numbers_are_one_line_errors_with_exit_code_2(tool, argv, tmp_path, 
     argv = [str(tmp_path) if a == "OUT" else a for a in argv]
     last = _exits_2(tool, argv, capsys)
     assert "error:" in last and "Traceback" not in last
+
+
+def _strict_json(text: str):
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON (jq, JavaScript and most parsers refuse it)")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_record_json_writes_non_finite_numbers_as_null():
+    import numpy as np
+    import torch
+
+    record = {"lo": -math.inf, "hi": math.inf, "floor": math.nan, "n": 3, "x": [1.5, np.float32("nan")],
+              "t": (np.float64(2.0), torch.tensor(float("inf")))}
+    assert _strict_json(_pairs.record_json(record)) == {"lo": None, "hi": None, "floor": None, "n": 3,
+                                                        "x": [1.5, None], "t": [2.0, None]}
+
+
+def test_a_short_latency_run_writes_strict_json_and_its_plot_reads_it(tmp_path, monkeypatch):
+    # Fewer than 6 end-to-end rounds: an unbounded interval, which json.dumps wrote as -Infinity / Infinity.
+    from benchmarks import plots
+    from tests.test_benchmarks_smoke import _tiny_vit
+
+    monkeypatch.setattr(latency, "create_model", lambda name: _tiny_vit())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        argv = ["--model", "tiny", "--batch-sizes", "2", "--slots", "4", "--e2e-budget", "0", "--module-budget", "0.05",
+                "--op-budget", "0.05", "--quick", "--results-dir", str(tmp_path)]
+        assert latency.main(argv) == 0
+    finally:
+        torch.set_num_threads(threads)
+    record = _strict_json((tmp_path / "latency.jsonl").read_text().splitlines()[-1])
+    head = record["results"][0]["end_to_end_headline"]
+    assert head["rounds"] < 6 and head["lo"] is None and head["hi"] is None
+    assert [p.name for p in plots.write_plots(tmp_path)] == ["latency_overhead_vs_batch.png"]
+
+
+def test_a_short_serving_run_writes_strict_json_and_its_summary_reads_it(tmp_path):
+    from benchmarks import serving
+
+    argv = ["--model", "vit_tiny_patch16_224", "--slots", "4", "--judge-batch", "4", "--budget", "0",
+            "--min-rounds", "3", "--batch-sizes", "1", "--paths", "folded", "--out", str(tmp_path),
+            "--cache", str(tmp_path / "cache")]
+    assert serving.main(argv, model_kwargs={"img_size": 32, "patch_size": 8, "depth": 1}) == 0
+    record = _strict_json((tmp_path / "serving.jsonl").read_text().splitlines()[-1])
+    assert record["results"][0]["ratio_vs_stock"]["live"]["lo"] is None
+    assert "[no interval: 3 rounds]" in serving.write_summary(tmp_path)
