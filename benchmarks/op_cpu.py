@@ -1,7 +1,8 @@
 """Op-level CPU benchmark of ``mira_linear`` at ViT-B/16 qkv shapes (issue 3). Not a test.
 
-    python -m benchmarks.op_cpu                 # full run, ~6-8 min on 2 busy cores
-    python -m benchmarks.op_cpu --quick         # smoke run: tiny budgets, numbers not meaningful
+    python -m benchmarks.op_cpu                 # full run, ~6-8 min on 2 busy cores (written to .bench/)
+    python -m benchmarks.op_cpu --record        # the same, written to benchmarks/results/
+    python -m benchmarks.op_cpu --quick         # smoke run: tiny budgets, numbers not meaningful, never written
 
 Shapes: T=197 tokens, d_in=768 -> d_out=2304 (packed qkv), rank r=4, N=30 slots, S=2 slices (Q at
 offset 0, V at 1536), query = the CLS token (MIRA's identity query), fp32, batch B in {1, 8, 32},
@@ -22,7 +23,8 @@ rounds, see benchmarks/_pairs.py):
     of any separate adapter pass (re-read x, read-modify-write the slices, at measured bandwidth);
   * the GEMM facts behind the design: one Linear call vs per-sample addmm vs per-sample MKL-packed.
 
-Results: benchmarks/results/op_cpu.md (latest run, table) and op_cpu.json (every run, appended).
+Results: op_cpu.md (latest run, table) and op_cpu.json (every run, appended) in a scratch folder (``.bench/``,
+ignored by git), or with ``--record`` in benchmarks/results/, as ``benchmarks.latency`` does.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ OFFSETS = [0, 2 * D_IN]  # Q and V of a packed qkv
 EPS = reference.DEFAULT_EPS
 HEAD_MIN_ROUNDS = 400  # interleaved rounds of the headline ratios, whatever the stopping rule says
 RESULTS = Path(__file__).resolve().parent / "results"
+SCRATCH = Path(__file__).resolve().parent.parent / ".bench"  # benchmarks.latency's scratch folder
 
 
 # ----------------------------------------------------------------------------------------------
@@ -530,6 +533,12 @@ def git_commit() -> str:
         return "unknown"
 
 
+def results_folder(out: Path | None, *, record: bool) -> Path:
+    """Where a run writes: ``--out``, else benchmarks/results/ with ``--record``, else the scratch folder.
+    A run that is not recorded changes no tracked file (before 2026-12-07 it wrote benchmarks/results/)."""
+    return out or (RESULTS if record else SCRATCH)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batches", type=_cli.positive_int, nargs="+", default=[1, 8, 32])
@@ -539,8 +548,13 @@ def main(argv=None) -> int:
                    help="stop a headline run at this 95%% interval width")
     p.add_argument("--train-batches", type=_cli.positive_int, nargs="*", default=[1, 8])
     p.add_argument("--quick", action="store_true", help="tiny budgets (smoke run; numbers not meaningful)")
-    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--record", action="store_true", help="write to benchmarks/results/ (default: .bench/)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="where op_cpu.md and op_cpu.json go (default: .bench/, or benchmarks/results/ with --record)")
     args = p.parse_args(argv)
+    if args.quick and args.record:
+        p.error("--quick runs are never recorded: drop --record or --quick")
+    args.out = results_folder(args.out, record=args.record)
     if not args.quick and (problem := _cli.output_problem(args.out, folder=True)):
         p.error(f"--out: {problem}")  # before the run, not after it
     if args.quick:
@@ -590,9 +604,9 @@ def main(argv=None) -> int:
         h = fwd["head"]["ratios"]
         print(f"B={batch}: mira/base {_pct(h['mira_linear/base'])}, mira/linear {_pct(h['mira_linear/linear'])} "
               f"({time.perf_counter() - t0:.0f} s)", flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
     md = format_markdown(record)
     if not args.quick:
+        args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "op_cpu.md").write_text(md)
         log = args.out / "op_cpu.json"
         runs = json.loads(log.read_text())["runs"] if log.exists() else []

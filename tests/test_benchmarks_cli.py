@@ -168,3 +168,11 @@ def test_a_short_serving_run_writes_strict_json_and_its_summary_reads_it(tmp_pat
     record = _strict_json((tmp_path / "serving.jsonl").read_text().splitlines()[-1])
     assert record["results"][0]["ratio_vs_stock"]["live"]["lo"] is None
     assert "[no interval: 3 rounds]" in serving.write_summary(tmp_path)
+
+
+def test_op_cpu_writes_the_tracked_results_only_with_record(no_runs, capsys):
+    from benchmarks import op_cpu
+
+    assert op_cpu.results_folder(None, record=False) == latency.SCRATCH_DIR
+    assert op_cpu.results_folder(None, record=True) == latency.RESULTS_DIR
+    assert "never recorded" in _exits_2("op_cpu", ["--quick", "--record"], capsys)
