@@ -103,8 +103,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     bandwidth = dram_read_bandwidth()
     norm1 = variants.mira.blocks[0].norm1
     n = variants.n_blocks
-    print(f"# {_pairs.cpu_line(machine)}; commit {latency.git_commit()}; {torch.get_num_threads()} threads; "
-          f"DRAM read {bandwidth['bytes_per_s'] / 1e9:.1f} GB/s")
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    print(f"# {_pairs.cpu_line(machine)}; commit {latency.git_commit()}, {started}; {torch.get_num_threads()} "
+          f"threads; DRAM read {bandwidth['bytes_per_s'] / 1e9:.1f} GB/s")
     batches = []
     for batch in a.batch_sizes:
         imgs = latency.images(variants, batch, cfg.seed)
@@ -133,7 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         batches.append({"batch": batch, "backbone_s": backbone_s, "pairs": res, "floors": floors})
     if a.json:
         rec = {"kind": "bank_dtype", "bank_dtype": a.bank_dtype, "model": cfg.model, "commit": latency.git_commit(),
-               "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": machine,
+               "timestamp": started, "machine": machine,
                "bandwidth": bandwidth, "batches": batches}
         Path(a.json).write_text(_pairs.record_json(rec, indent=1))
     return 0

@@ -322,7 +322,7 @@ def format_budget(rec: dict) -> str:
     lines = [f"MIRA per-block time budget and floor: {rec['model']} fp32, r={rec['rank']} N={rec['slots']}, "
              f"banks {banks}, "
              f"block 0, {rec['n_blocks']} blocks; commit {rec['commit']}, {rec['timestamp']}",
-             f"machine: {m.get('cpu')}, {m.get('torch_threads')} threads, ISA {m.get('mira_cpu_isa')}, "
+             f"machine: {_pairs.cpu_line(m)}, {m.get('torch_threads')} threads, "
              f"load {m.get('load_average_1m', -1):.1f} at start; caches "
              f"{'evicted' if rec['batches'][0]['budget']['evict'] else 'warm'} before each call",
              f"DRAM read bandwidth at the start {rec['bandwidth']['bytes_per_s'] / 1e9:.1f} GB/s "

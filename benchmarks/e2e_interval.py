@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks import _cli
+from benchmarks import _cli, _pairs
 
 __all__ = ["ESTIMATORS", "interval", "main"]
 
@@ -113,7 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         e2e = res["end_to_end"]
         per_round = e2e["seconds"] / n
         m = rec.get("machine", {})
-        print(f"commit {rec.get('commit')} {rec.get('timestamp')}, {m.get('cpu', '?')}, batch {a.batch}: {n} rounds "
+        print(f"commit {rec.get('commit')} {rec.get('timestamp')}, {_pairs.cpu_line(m)}, batch {a.batch}: {n} rounds "
               f"in {e2e['seconds']:.0f} s, load {m.get('load_average_1m', float('nan')):.1f} at the start; "
               f"block {a.block}")
         for name, est in ESTIMATORS.items():

@@ -42,7 +42,7 @@ from collections.abc import Callable
 
 import torch
 
-from benchmarks import _cli
+from benchmarks import _cli, latency
 
 T, D, D_OUT, R, SLOTS, OFFSETS = 197, 768, 2304, 4, 30, (0, 1536)
 
@@ -454,6 +454,7 @@ def format_table(record: dict) -> str:
     lines = [
         f"host path of one Triton mira_linear call, {record['dtype']} ViT-B qkv B={record['batch']}, "
         "HOST ONLY (no GPU, kernels not launched)",
+        f"commit {record.get('commit', '?')}, {record.get('timestamp', '?')}",
         f"machine: {m['cpu']} (family {m.get('family')} model {m.get('model')} stepping {m.get('stepping')}), "
         f"{m['cores']} cores, ISA {m['isa']}, load {tuple(round(v, 2) for v in m['load'])}; "
         f"python {m['python']}, torch {m['torch']}, triton {m['triton']}",
@@ -483,6 +484,8 @@ def main(argv=None) -> int:
         opts.rounds, opts.inner = 3, 2
     record = run(opts.batch, getattr(torch, opts.dtype), opts.rounds, opts.inner, opts.cold)
     record["label"] = opts.label
+    record["commit"] = latency.git_commit()  # the label is free text: the record names the code measured
+    record["timestamp"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     print(format_table(record))
     if opts.json:
         with open(opts.json, "a") as f:

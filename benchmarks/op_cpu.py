@@ -33,7 +33,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -44,7 +43,7 @@ import torch.nn.functional as F
 import mira_kernels as mk
 from mira_kernels import reference
 
-from . import _cli, _pairs
+from . import _cli, _pairs, latency
 from .eager_mira import EagerMiraLinear
 
 T, D_IN, D_OUT, RANK, SLOTS, SLICES = 197, 768, 2304, 4, 30, 2
@@ -53,7 +52,6 @@ OFFSETS = [0, 2 * D_IN]  # Q and V of a packed qkv
 EPS = reference.DEFAULT_EPS
 HEAD_MIN_ROUNDS = 400  # interleaved rounds of the headline ratios, whatever the stopping rule says
 RESULTS = Path(__file__).resolve().parent / "results"
-SCRATCH = Path(__file__).resolve().parent.parent / ".bench"  # benchmarks.latency's scratch folder
 
 
 # ----------------------------------------------------------------------------------------------
@@ -339,8 +337,8 @@ def format_markdown(record: dict) -> str:
         "# mira_linear on CPU: op-level benchmark (ViT-B/16 qkv shapes)",
         "",
         f"Run {record['date']} (commit {record['commit']}): `{record['command']}`",
-        f"Machine: {m['cpu']}, {m['logical_cpus']} logical CPUs, torch threads {m['torch_threads']}, torch "
-        f"{m['torch']}, MKL {m['mkl']}, kernel ISA {m.get('mira_cpu_isa')}, load average at start "
+        f"Machine: {_pairs.cpu_line(m)}, {m['logical_cpus']} logical CPUs, torch threads {m['torch_threads']}, torch "
+        f"{m['torch']}, MKL {m['mkl']}, load average at start "
         f"{m.get('load_average_1m', float('nan')):.1f} (the 2 cores are shared with other jobs: noisy).",
         f"Shapes: T={T}, d_in={D_IN}, d_out={D_OUT}, r={RANK}, N={SLOTS}, S={SLICES} at offsets {OFFSETS}, fp32, "
         "query = CLS token. Ratios: median per-round ratio of interleaved rounds, [95% interval, order statistics].",
@@ -525,18 +523,10 @@ NOTES = """## How the kernel gets there, and what the floors mean
 """
 
 
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def results_folder(out: Path | None, *, record: bool) -> Path:
     """Where a run writes: ``--out``, else benchmarks/results/ with ``--record``, else the scratch folder.
     A run that is not recorded changes no tracked file (before 2026-12-07 it wrote benchmarks/results/)."""
-    return out or (RESULTS if record else SCRATCH)
+    return out or (RESULTS if record else latency.SCRATCH_DIR)
 
 
 def main(argv=None) -> int:
@@ -565,7 +555,7 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     record = {
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "commit": git_commit(),
+        "commit": latency.git_commit(),  # this checkout's, +dirty when its tracked files are edited
         "command": "python -m benchmarks.op_cpu " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": _pairs.machine_info(),
         "config": dict(T=T, d_in=D_IN, d_out=D_OUT, rank=RANK, slots=SLOTS, slices=SLICES, offsets=OFFSETS),
@@ -573,7 +563,8 @@ def main(argv=None) -> int:
         "batches": [],
         "notes": NOTES,
     }
-    print(f"machine: {record['machine']}\nbandwidth {record['bandwidth_GBps']:.1f} GB/s", flush=True)
+    print(f"commit {record['commit']}, {record['date']}, {_pairs.cpu_line(record['machine'])}\n"
+          f"bandwidth {record['bandwidth_GBps']:.1f} GB/s", flush=True)
     for batch in args.batches:
         t0 = time.perf_counter()
         c = make_case(batch)

@@ -176,3 +176,35 @@ def test_op_cpu_writes_the_tracked_results_only_with_record(no_runs, capsys):
     assert op_cpu.results_folder(None, record=False) == latency.SCRATCH_DIR
     assert op_cpu.results_folder(None, record=True) == latency.RESULTS_DIR
     assert "never recorded" in _exits_2("op_cpu", ["--quick", "--record"], capsys)
+
+
+def _says_where_and_when(text: str, machine: dict, commit: str) -> None:
+    assert f"family {machine['family']} model {machine['model_id']} stepping {machine['stepping']}" in text, text
+    assert f"commit {commit}" in text and "2026-" in text, text
+
+
+def test_printed_figures_name_commit_date_cpu_and_isa(tmp_path, capsys):
+    from benchmarks import budget, e2e_interval
+
+    machine = {**_pairs.machine_info(), "family": "25", "model_id": "17", "stepping": "1", "mira_cpu_isa": ["avx2"]}
+    floor = {"gemm_macs_per_s": 1e11, "compute_s": 1e-5, "extra_macs": 1e6, "memory_s": 2e-5,
+             "bytes": {"banks": 10**6, "keys": 10**4}, "dram_bytes_per_s": 5e10, "per_block_s": 2e-5,
+             "bound": "memory", "percent": 0.1, "serial_s": 3e-5, "serial_percent": 0.15}
+    part = {"median_s": 1e-5, "lo_s": 0.5e-5, "hi_s": 2e-5}
+    rec = {"model": "m", "rank": 4, "slots": 30, "n_blocks": 12, "commit": "abc1234",
+           "timestamp": "2026-12-07T00:00:00Z", "machine": machine, "bandwidth": {"bytes_per_s": 5e10, "threads": 2},
+           "batches": [{"batch": 1, "backbone_s": 0.2, "floor": floor,
+                        "budget": {"stock": part, "parts": {"retrieval": part}, "extra": part, "rounds": 30,
+                                   "evict": True}}]}
+    text = budget.format_budget(rec)  # printed "AMD EPYC, ... ISA [...]": no family / model / stepping
+    _says_where_and_when(text, machine, "abc1234")
+    assert "MIRA CPU ISA avx2" in text
+
+    rounds = [0.010 + 0.0001 * (i % 7) for i in range(40)]
+    line = {"commit": "abc1234", "timestamp": "2026-12-07T00:00:00Z", "machine": machine,
+            "results": [{"batch": 1, "end_to_end": {"seconds": 2.0, "times_s": {"fused": [1.01 * t for t in rounds],
+                                                                                "backbone": rounds}}}]}
+    path = tmp_path / "latency.jsonl"
+    path.write_text(json.dumps(line) + "\n")
+    assert e2e_interval.main([str(path), "--min-rounds", "10"]) == 0  # printed the CPU's model name alone
+    _says_where_and_when(capsys.readouterr().out, machine, "abc1234")

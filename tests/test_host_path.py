@@ -211,6 +211,7 @@ def test_sweeps_and_other_devices_plan_every_call(cache_on_cpu, monkeypatch):
 def test_harness_runs():
     proc = _subprocess.run(["-m", "benchmarks.host_path", "--quick"], interpret=False, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "\ncommit " in proc.stdout, proc.stdout  # which code, and when: the label is optional free text
     for stage in ("op_total", "dispatch", "plan", "plan_cached", "launch_ours", "triton_jit_est"):
         assert f"  {stage} " in proc.stdout, proc.stdout
 
