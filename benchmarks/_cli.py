@@ -13,7 +13,26 @@ import os
 import tempfile
 from pathlib import Path
 
-__all__ = ["non_negative_float", "non_negative_int", "output_problem", "positive_float", "positive_int"]
+__all__ = ["HelpFormatter", "non_negative_float", "non_negative_int", "output_problem", "positive_float",
+           "positive_int"]
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` shows every option's default: appended to its help unless the help states it itself
+    (argparse's own formatter appended a second one, or none where an option had no help text), a flag's
+    as off / on, a missing value's as none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default is argparse.SUPPRESS:
+            return text
+        if action.nargs == 0:  # store_true / store_false
+            shown = "on" if action.default else "off"
+        elif action.default is None or action.default == "":
+            shown = "none"
+        else:
+            shown = "%(default)s"
+        return f"{text} (default: {shown})".lstrip()
 
 
 def _number(kind, text: str, ok, what: str):

@@ -83,11 +83,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from benchmarks import latency
 
     p = argparse.ArgumentParser(prog="python -m benchmarks.bank_dtype", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--batch-sizes", type=_cli.positive_int, nargs="+", default=[1, 8])
+                                formatter_class=_cli.HelpFormatter)
+    p.add_argument("--batch-sizes", type=_cli.positive_int, nargs="+", default=[1, 8], help="batch sizes")
     p.add_argument("--budget", type=_cli.non_negative_float, default=60.0,
                    help="seconds of interleaved rounds per batch size")
-    p.add_argument("--bank-dtype", default="bfloat16", choices=("bfloat16", "float16"))
+    p.add_argument("--bank-dtype", default="bfloat16", choices=("bfloat16", "float16"),
+                   help="storage dtype of the twin's banks")
     p.add_argument("--threads", type=_cli.non_negative_int, default=0, help="torch threads (0: torch's own choice)")
     p.add_argument("--json", default=None, help="also write the record here")
     a = p.parse_args(argv)

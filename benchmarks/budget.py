@@ -358,14 +358,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     from benchmarks import latency
 
     p = argparse.ArgumentParser(prog="python -m benchmarks.budget", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--batch-sizes", type=_cli.positive_int, nargs="+", default=[1, 8])
+                                formatter_class=_cli.HelpFormatter)
+    p.add_argument("--batch-sizes", type=_cli.positive_int, nargs="+", default=[1, 8], help="batch sizes")
     p.add_argument("--budget", type=_cli.non_negative_float, default=20.0,
                    help="seconds of interleaved rounds per batch size")
     p.add_argument("--threads", type=_cli.non_negative_int, default=0, help="torch threads (0: torch's own choice)")
-    p.add_argument("--warm", action="store_true", help="keep caches warm between calls (default: evict them)")
+    p.add_argument("--warm", action="store_true",
+                   help="keep caches warm between calls instead of evicting them before each")
     p.add_argument("--bank-dtype", default="", choices=("", "bfloat16", "float16", "float32"),
-                   help="storage dtype of MIRA's banks (mira.attach's bank_dtype; '' = the model's dtype)")
+                   help="storage dtype of MIRA's banks (mira.attach's bank_dtype; default: the model's dtype)")
     p.add_argument("--json", default=None, help="also write the record here")
     a = p.parse_args(argv)
     if a.json and (problem := _cli.output_problem(a.json, folder=False)):

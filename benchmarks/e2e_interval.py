@@ -97,9 +97,10 @@ def _records(path: Path, batch: int):
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.e2e_interval", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("records", nargs="?", default=str(Path(__file__).parent / "results" / "latency.jsonl"))
-    p.add_argument("--batch", type=_cli.positive_int, default=1)
+                                formatter_class=_cli.HelpFormatter)
+    p.add_argument("records", nargs="?", default=str(Path(__file__).parent / "results" / "latency.jsonl"),
+                   help="latency.jsonl to read")
+    p.add_argument("--batch", type=_cli.positive_int, default=1, help="the batch size whose rounds are read")
     p.add_argument("--target", type=_cli.positive_float, default=1.0, help="interval width to reach, pp")
     p.add_argument("--block", type=_cli.positive_int, default=1, help="adjacent rounds resampled together")
     p.add_argument("--min-rounds", type=_cli.non_negative_int, default=100, help="skip records with fewer rounds")

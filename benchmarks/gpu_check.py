@@ -835,9 +835,13 @@ def model_vs_measured(doc: dict, name: str) -> str | None:
 # ----------------------------------------------------------------------------------------------
 
 
+class _HelpFormatter(_cli.HelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Every option's default, and the description as written."""
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python3 -m benchmarks.gpu_check", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=_HelpFormatter)
     p.add_argument("--dry-run", action="store_true", help="probe the environment and plan every phase; run nothing")
     p.add_argument("--out", type=Path, help="result folder (default: $OUT when set, else build/gpu-check/out)")
     p.add_argument("--work", type=Path, default=ROOT / "build" / "gpu-check",

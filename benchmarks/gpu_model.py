@@ -852,12 +852,13 @@ def env_path() -> str:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_model", description=__doc__.splitlines()[0],
+                                     formatter_class=_cli.HelpFormatter)
     parser.add_argument("--measured", help="gpu_check.json from `make gpu-check`: print model vs measurement")
     parser.add_argument("--calibrate", help="gpu_check.json whose model phase the calibration constants are fitted "
                         "to (launch floor, work scales, host costs; see CALIBRATION)")
     parser.add_argument("--before", help="JSON of older Triton plans (--dump-plans run in that checkout)")
-    parser.add_argument("--batches", type=_cli.positive_int, nargs="+", default=list(BATCHES))
+    parser.add_argument("--batches", type=_cli.positive_int, nargs="+", default=list(BATCHES), help="batch sizes")
     parser.add_argument("--record", action="store_true", help="also write benchmarks/results/gpu_model.txt")
     parser.add_argument("--dump-plans", type=int, nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -798,13 +798,14 @@ class Writer:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python3 -m benchmarks.gpu_sweep", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python3 -m benchmarks.gpu_sweep", description=__doc__.splitlines()[0],
+                                 formatter_class=_cli.HelpFormatter)
     ap.add_argument("--budget", type=_cli.non_negative_float, default=60.0, help="wall seconds in all (default 60)")
     ap.add_argument("--margin", type=_cli.non_negative_float, default=2.5,
                     help="start a config only with this many seconds left")
     ap.add_argument("--out", type=Path, required=True, help="folder for gpu_sweep.json and gpu_sweep.txt")
-    ap.add_argument("--dtypes", default="bfloat16,float32")
-    ap.add_argument("--batches", default="1,8,64")
+    ap.add_argument("--dtypes", default="bfloat16,float32", help="comma-separated dtypes")
+    ap.add_argument("--batches", default="1,8,64", help="comma-separated batch sizes")
     ap.add_argument("--device", default="cuda", help="cuda (default) or cpu (Triton interpreter: a test)")
     ap.add_argument("--dry-run", action="store_true", help="plan every config on meta tensors, check, estimate")
     ap.add_argument("--lower", type=int, default=None, metavar="ARCH",

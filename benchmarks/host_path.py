@@ -468,14 +468,15 @@ def format_table(record: dict) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=_cli.positive_int, default=1)
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    parser.add_argument("--rounds", type=_cli.positive_int, default=60)
-    parser.add_argument("--inner", type=_cli.positive_int, default=20)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.host_path", description=__doc__.splitlines()[0],
+                                     formatter_class=_cli.HelpFormatter)
+    parser.add_argument("--batch", type=_cli.positive_int, default=1, help="batch size")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"], help="dtype of x")
+    parser.add_argument("--rounds", type=_cli.positive_int, default=60, help="interleaved rounds")
+    parser.add_argument("--inner", type=_cli.positive_int, default=20, help="warm calls per round")
     parser.add_argument("--cold", action="store_true", help="one call per sample, after a cache sweep")
     parser.add_argument("--json", help="append the record (one JSON line) to this file")
-    parser.add_argument("--label", default="", help="a name for the code measured (e.g. a commit)")
+    parser.add_argument("--label", default="", help="a name for the code measured (e.g. an experiment)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 3 rounds of 2 calls")
     opts = parser.parse_args(argv)
     if opts.json and (problem := _cli.output_problem(opts.json, folder=False)):

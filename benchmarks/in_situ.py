@@ -231,7 +231,7 @@ def report(record: dict, machine: dict, commit: str, when: str) -> str:
 
 def main(argv: Sequence[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.in_situ", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=_cli.HelpFormatter)
     parser.add_argument("--batch", type=_cli.positive_int, default=1, help="batch size")
     parser.add_argument("--rounds", type=int, default=200, help="interleaved rounds (each runs all three variants)")
     parser.add_argument("--threads", type=_cli.non_negative_int, default=2,

@@ -115,6 +115,20 @@ BATCHED_TARGET_PERCENT = 0.25
 E2E_B1_MAX_WIDTH_PP = 1.0
 
 
+# Seconds of rounds per batch size. Default total: up to about 14 minutes on an idle 2-core machine.
+# B=1 gets up to 600 s: its end-to-end interval must be at most 1 pp wide (issue 18), which on a 2-core
+# machine takes ~430-1030 interleaved rounds, ~310-630 s (benchmarks/results/e2e_interval.md: no robust
+# statistic gets there sooner); the width rule (--e2e-width) stops the rounds as soon as it is met.
+# Quick: 95 s in all (interpreter start included) on a 2-core Zen 3 with 12/15 and 8/10 s at 9ca5de5,
+# of which ~30 s building and checking the models; these leave margin under the 90 s promised.
+DEFAULT_E2E_BUDGET = {1: 600.0, 8: 150.0}
+QUICK_E2E_BUDGET = {1: 9.0, 8: 10.0}
+DEFAULT_MODULE_BUDGET = {1: 40.0, 8: 60.0}
+QUICK_MODULE_BUDGET = {1: 6.0, 8: 7.0}
+DEFAULT_OP_BUDGET = {1: 15.0, 8: 30.0}
+QUICK_OP_BUDGET = 3.0
+
+
 def _opt(default, help: str, **kw):
     """A BenchConfig field whose help (and default) the CLI shows."""
     if isinstance(default, (list, dict, tuple)) and not isinstance(default, tuple):
@@ -140,16 +154,20 @@ class BenchConfig:
     bank_dtype: str = _opt("", "storage dtype of MIRA's banks (mira.attach's bank_dtype; '' = the model's dtype)",
                            choices=("", "bfloat16", "float16", "float32"))
     seed: int = _opt(0, "seed of the model, adapters, keys and inputs")
-    module_budget: float = _opt(0.0, "seconds of module-level pairs per batch size (0: 40 at B=1, 60 above; "
-                                     "quick: 6 / 7)")
+    module_budget: float = _opt(0.0, "seconds of module-level pairs per batch size "
+                                     f"(0: {DEFAULT_MODULE_BUDGET[1]:.0f} at B=1, "
+                                     f"{DEFAULT_MODULE_BUDGET[8]:.0f} above; "
+                                     f"quick: {QUICK_MODULE_BUDGET[1]:.0f} / {QUICK_MODULE_BUDGET[8]:.0f})")
     min_module_pairs: int = _opt(100, "fewest module-level pairs a verdict is drawn from")
     e2e_width: float = _opt(1.0, "stop end-to-end rounds once the ratio's 95%% interval is this narrow (pp)")
     e2e_budget: tuple[float, ...] = _opt((), "seconds of end-to-end rounds, one value or one per batch size "
-                                             "(default: 150 at B=1 and 8, scaled with the batch elsewhere; "
-                                             "quick: 9 / 10)")
+                                             f"(default: {DEFAULT_E2E_BUDGET[1]:.0f} at B=1, "
+                                             f"{DEFAULT_E2E_BUDGET[8]:.0f} at B=8, scaled with the batch elsewhere; "
+                                             f"quick: {QUICK_E2E_BUDGET[1]:.0f} / {QUICK_E2E_BUDGET[8]:.0f})")
     min_e2e_rounds: int = _opt(30, "fewest end-to-end rounds an end-to-end verdict is drawn from")
-    op_budget: float = _opt(0.0, "seconds of the decomposed (op-level) pairs per batch size (0: 15 at B=1, 30 "
-                                 "above; quick: 3)")
+    op_budget: float = _opt(0.0, "seconds of the decomposed (op-level) pairs per batch size "
+                                 f"(0: {DEFAULT_OP_BUDGET[1]:.0f} at B=1, {DEFAULT_OP_BUDGET[8]:.0f} above; "
+                                 f"quick: {QUICK_OP_BUDGET:.0f})")
     op_width: float = _opt(0.5, "stop op-level pairs once the ratio's 95%% interval is this narrow (pp)")
     parts_budget: float = _opt(15.0, "seconds of the CPU time budget per batch size (0 or --quick: skipped)")
     in_situ_budget: float = _opt(0.0, "seconds of in-place rounds per batch size, every block's qkv timed inside "
@@ -204,20 +222,6 @@ class BenchConfig:
         return RESULTS_DIR if self.record else SCRATCH_DIR
 
 
-# Seconds of rounds per batch size. Default total: up to about 14 minutes on an idle 2-core machine.
-# B=1 gets up to 600 s: its end-to-end interval must be at most 1 pp wide (issue 18), which on a 2-core
-# machine takes ~430-1030 interleaved rounds, ~310-630 s (benchmarks/results/e2e_interval.md: no robust
-# statistic gets there sooner); the width rule (--e2e-width) stops the rounds as soon as it is met.
-# Quick: 95 s in all (interpreter start included) on a 2-core Zen 3 with 12/15 and 8/10 s at 9ca5de5,
-# of which ~30 s building and checking the models; these leave margin under the 90 s promised.
-DEFAULT_E2E_BUDGET = {1: 600.0, 8: 150.0}
-QUICK_E2E_BUDGET = {1: 9.0, 8: 10.0}
-DEFAULT_MODULE_BUDGET = {1: 40.0, 8: 60.0}
-QUICK_MODULE_BUDGET = {1: 6.0, 8: 7.0}
-DEFAULT_OP_BUDGET = {1: 15.0, 8: 30.0}
-QUICK_OP_BUDGET = 3.0
-
-
 def _per_batch(table: dict[int, float], batch: int) -> float:
     if batch in table:
         return table[batch]
@@ -264,13 +268,16 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchConfig:
         meta = f.metadata
         flag = "--" + f.name.replace("_", "-")
         shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
-        help_text = f"{meta['help']} (default: {shown if shown != '' else 'none'})"
+        # A help that says its own default (a rule rather than one value) gets no second one.
+        says_default = "default" in meta["help"]
+        help_text = meta["help"] if says_default else f"{meta['help']} (default: {shown if shown != '' else 'none'})"
         if isinstance(default, bool):
             if default:
                 p.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false",
-                               help=f"{meta['help']}: turn off (default: on)")
+                               help=f"{meta['help']}: turn off" + ("" if says_default else " (default: on)"))
             else:
-                p.add_argument(flag, dest=f.name, action="store_true", help=f"{meta['help']} (default: off)")
+                p.add_argument(flag, dest=f.name, action="store_true",
+                               help=meta["help"] + ("" if says_default else " (default: off)"))
             continue
         kind = type(default[0]) if isinstance(default, tuple) and default else None
         if isinstance(default, tuple):

@@ -530,13 +530,15 @@ def results_folder(out: Path | None, *, record: bool) -> Path:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--batches", type=_cli.positive_int, nargs="+", default=[1, 8, 32])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.op_cpu", description=__doc__.splitlines()[0],
+                                formatter_class=_cli.HelpFormatter)
+    p.add_argument("--batches", type=_cli.positive_int, nargs="+", default=[1, 8, 32], help="forward batch sizes")
     p.add_argument("--budget", type=_cli.non_negative_float, default=40.0,
                    help="seconds of headline rounds at B=8 (scaled by B)")
     p.add_argument("--target", type=_cli.positive_float, default=0.005,
                    help="stop a headline run at this 95%% interval width")
-    p.add_argument("--train-batches", type=_cli.positive_int, nargs="*", default=[1, 8])
+    p.add_argument("--train-batches", type=_cli.positive_int, nargs="*", default=[1, 8],
+                   help="batch sizes (of --batches) also timed as a training step")
     p.add_argument("--quick", action="store_true", help="tiny budgets (smoke run; numbers not meaningful)")
     p.add_argument("--record", action="store_true", help="write to benchmarks/results/ (default: .bench/)")
     p.add_argument("--out", type=Path, default=None,

@@ -227,8 +227,10 @@ def sweep_summary(json_path: str | Path) -> str:
 if __name__ == "__main__":
     import argparse
 
+    from benchmarks import _cli
+
     parser = argparse.ArgumentParser(prog="python -m benchmarks.plots", description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=_cli.HelpFormatter)
     parser.add_argument("results_dir", nargs="?", default=str(Path(__file__).resolve().parent / "results"),
                         help="folder holding latency.jsonl (and sweep_ops.json); the plots are written there")
     results = Path(parser.parse_args().results_dir)

@@ -449,8 +449,8 @@ def write_summary(out: Path) -> str:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m benchmarks.serving", description=__doc__.split("\n")[0],
+                                formatter_class=_cli.HelpFormatter)
     p.add_argument("--model", default="vit_base_patch16_224", help="timm model name (random weights)")
     p.add_argument("--batch-sizes", type=_cli.positive_int, nargs="+", default=[1, 8],
                    help="batch sizes, timed one after another (each is written as soon as it is timed)")

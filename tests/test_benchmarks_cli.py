@@ -208,3 +208,31 @@ def test_printed_figures_name_commit_date_cpu_and_isa(tmp_path, capsys):
     path.write_text(json.dumps(line) + "\n")
     assert e2e_interval.main([str(path), "--min-rounds", "10"]) == 0  # printed the CPU's model name alone
     _says_where_and_when(capsys.readouterr().out, machine, "abc1234")
+
+
+TOOLS = ("latency", "budget", "op_cpu", "serving", "host_path", "in_situ", "bank_dtype", "e2e_interval", "gpu_check",
+         "gpu_model", "gpu_sweep")
+
+
+@pytest.mark.parametrize("tool", TOOLS)
+def test_help_shows_every_option_with_its_default(tool, capsys):
+    import re
+
+    main = importlib.import_module(f"benchmarks.{tool}").main
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    blocks = re.split(r"\n(?=  -)", text.split("options:", 1)[1])
+    for block in filter(str.strip, blocks):
+        option = block.split()[0]
+        if option.startswith("-h"):
+            continue
+        said = " ".join(block.split())
+        assert "default" in said, f"{tool} {option}: no default in its help: {said!r}"
+        assert said.count("default") == 1 or "(default: " not in said.split("(default: ", 1)[1], \
+            f"{tool} {option}: two defaults: {said!r}"
+        assert "(default: )" not in said and "(default: None)" not in said, f"{tool} {option}: {said!r}"
+    if tool == "latency":  # the help said 150 s at B=1, where the run takes up to 600
+        budgets = latency.DEFAULT_E2E_BUDGET
+        assert f"(default: {budgets[1]:.0f} at B=1, {budgets[8]:.0f} at B=8" in " ".join(text.split())
