@@ -9,12 +9,17 @@ numbers; :func:`output_problem` says why an output path cannot be written (``par
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
+import sys
 import tempfile
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 __all__ = ["HelpFormatter", "non_negative_float", "non_negative_int", "output_problem", "positive_float",
-           "positive_int"]
+           "positive_int", "run_main", "whole_or_not_at_all"]
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -89,3 +94,33 @@ def output_problem(path: str | os.PathLike, *, folder: bool) -> str | None:
     except OSError as e:
         return f"cannot write into {probe}: {e.strerror or e}"
     return None
+
+
+@contextlib.contextmanager
+def whole_or_not_at_all() -> Iterator[None]:
+    """Ctrl-C waits for the block to end: a record (a JSON line, its CSV rows, a table) is written whole
+    or not at all, never as a half line that the next reader of the history chokes on. The interrupt
+    is raised as the block ends, as it would have been."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: pending.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if pending and callable(previous):
+            previous(signal.SIGINT, None)  # Python's own handler raises KeyboardInterrupt here
+
+
+def run_main(main: Callable[[], int | None]) -> int:
+    """A tool's ``main()``, with Ctrl-C as a one-line exit (code 130, as the shell reports a SIGINT)
+    instead of a traceback: what was written before the interrupt is whole (:func:`whole_or_not_at_all`)."""
+    try:
+        code = main()
+        return code if isinstance(code, int) else 0  # some mains return their record
+    except KeyboardInterrupt:
+        print("interrupted (Ctrl-C): nothing more is written; what was written before it is complete",
+              file=sys.stderr, flush=True)
+        return 130

@@ -137,9 +137,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         rec = {"kind": "bank_dtype", "bank_dtype": a.bank_dtype, "model": cfg.model, "commit": latency.git_commit(),
                "timestamp": started, "machine": machine,
                "bandwidth": bandwidth, "batches": batches}
-        Path(a.json).write_text(_pairs.record_json(rec, indent=1))
+        with _cli.whole_or_not_at_all():
+            Path(a.json).write_text(_pairs.record_json(rec, indent=1))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(_cli.run_main(main))

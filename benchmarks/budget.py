@@ -396,9 +396,10 @@ def main(argv: Sequence[str] | None = None) -> int:
            "machine": machine, "bandwidth": bandwidth, "batches": batches}
     print(format_budget(rec))
     if a.json:
-        Path(a.json).write_text(_pairs.record_json(rec, indent=1))
+        with _cli.whole_or_not_at_all():
+            Path(a.json).write_text(_pairs.record_json(rec, indent=1))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(_cli.run_main(main))

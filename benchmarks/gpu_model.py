@@ -881,4 +881,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(_cli.run_main(main))

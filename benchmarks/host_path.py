@@ -489,10 +489,10 @@ def main(argv=None) -> int:
     record["timestamp"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     print(format_table(record))
     if opts.json:
-        with open(opts.json, "a") as f:
+        with _cli.whole_or_not_at_all(), open(opts.json, "a") as f:
             f.write(json.dumps(record) + "\n")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(_cli.run_main(main))

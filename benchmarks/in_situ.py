@@ -27,6 +27,7 @@ import datetime
 import gc
 import random
 import statistics
+import sys
 import time
 from collections.abc import Sequence
 
@@ -252,10 +253,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     print(report(record, machine, commit, when))
     if args.json:
-        with open(args.json, "w") as f:
+        with _cli.whole_or_not_at_all(), open(args.json, "w") as f:
             f.write(_pairs.record_json({"commit": commit, "time": when, "machine": machine, **record}, indent=1))
     return record
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(_cli.run_main(main))

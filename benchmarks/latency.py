@@ -1364,20 +1364,22 @@ def write_record(record: dict, results_dir: str | os.PathLike, table: str) -> di
     out = Path(results_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"jsonl": out / "latency.jsonl", "csv": out / "latency.csv", "txt": out / "latency.txt"}
-    with open(paths["jsonl"], "a") as f:
-        f.write(_pairs.record_json(record, sort_keys=True) + "\n")
-    new = not paths["csv"].exists()
-    with open(paths["csv"], "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-        if new:
-            writer.writeheader()
-        writer.writerows(csv_rows(record))
+    line = _pairs.record_json(record, sort_keys=True) + "\n"
     command = "python -m benchmarks.latency " + " ".join(record["argv"])
     text = f"$ {command.strip()}\n# {stamp(record)}\n\n{table}\n"
-    paths["txt"].write_text(text)
-    if record.get("sweep"):  # kept apart, so a later run without a sweep does not overwrite it
-        paths["sweep_txt"] = out / "latency_sweep.txt"
-        paths["sweep_txt"].write_text(text)
+    with _cli.whole_or_not_at_all():  # the three files agree: a Ctrl-C lands before or after them
+        with open(paths["jsonl"], "a") as f:
+            f.write(line)
+        new = not paths["csv"].exists()
+        with open(paths["csv"], "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+            if new:
+                writer.writeheader()
+            writer.writerows(csv_rows(record))
+        paths["txt"].write_text(text)
+        if record.get("sweep"):  # kept apart, so a later run without a sweep does not overwrite it
+            paths["sweep_txt"] = out / "latency_sweep.txt"
+            paths["sweep_txt"].write_text(text)
     return paths
 
 
@@ -1471,4 +1473,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(_cli.run_main(main))

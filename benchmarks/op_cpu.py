@@ -600,13 +600,14 @@ def main(argv=None) -> int:
     md = format_markdown(record)
     if not args.quick:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "op_cpu.md").write_text(md)
         log = args.out / "op_cpu.json"
         runs = json.loads(log.read_text())["runs"] if log.exists() else []
-        log.write_text(_pairs.record_json({"runs": runs + [record]}, indent=1, default=str) + "\n")
+        with _cli.whole_or_not_at_all():  # op_cpu.json holds every run: rewritten whole or not at all
+            (args.out / "op_cpu.md").write_text(md)
+            log.write_text(_pairs.record_json({"runs": runs + [record]}, indent=1, default=str) + "\n")
     print(md)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(_cli.run_main(main))

@@ -62,6 +62,7 @@ import json
 import math
 import re
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -493,11 +494,12 @@ def main(argv=None, model_kwargs: dict | None = None) -> int:
         table = format_table(record)
         print(table, flush=True)
         out.mkdir(parents=True, exist_ok=True)
-        with open(out / "serving.jsonl", "a") as f:
-            f.write(_pairs.record_json(record) + "\n")
-        with open(out / "serving.md", "a") as f:
-            f.write("```\n" + table + "\n```\n\n")
-        write_summary(out)
+        with _cli.whole_or_not_at_all():  # no half line in the history a Ctrl-C would leave
+            with open(out / "serving.jsonl", "a") as f:
+                f.write(_pairs.record_json(record) + "\n")
+            with open(out / "serving.md", "a") as f:
+                f.write("```\n" + table + "\n```\n\n")
+            write_summary(out)
         log(f"wrote batch {record['results'][0]['batch']} to {out / 'serving.jsonl'}, serving.md and "
             "serving_summary.md")
 
@@ -508,4 +510,4 @@ def main(argv=None, model_kwargs: dict | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(_cli.run_main(main))

@@ -236,3 +236,43 @@ def test_help_shows_every_option_with_its_default(tool, capsys):
     if tool == "latency":  # the help said 150 s at B=1, where the run takes up to 600
         budgets = latency.DEFAULT_E2E_BUDGET
         assert f"(default: {budgets[1]:.0f} at B=1, {budgets[8]:.0f} at B=8" in " ".join(text.split())
+
+
+def test_ctrl_c_inside_a_record_write_waits_for_the_write_to_end():
+    import os
+    import signal
+
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with _cli.whole_or_not_at_all():
+            os.kill(os.getpid(), signal.SIGINT)
+            done.append("the rest of the record")
+    assert done == ["the rest of the record"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_ctrl_c_during_a_run_is_a_one_line_exit_130_and_writes_nothing(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "results"
+    cmd = [sys.executable, "-m", "benchmarks.latency", "--model", "vit_tiny_patch16_224", "--batch-sizes", "1",
+           "--threads", "1", "--e2e-budget", "60", "--results-dir", str(out)]
+    root = latency.RESULTS_DIR.parent.parent
+    log = tmp_path / "stderr"
+    with open(log, "w") as err:
+        proc = subprocess.Popen(cmd, cwd=root, stdout=subprocess.DEVNULL, stderr=err,
+                                env={**os.environ, "PYTHONPATH": str(root)})
+        deadline = time.monotonic() + 240
+        while "end to end:" not in log.read_text() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(1.0)  # inside the timed rounds
+        proc.send_signal(signal.SIGINT)
+        rc = proc.wait(timeout=120)
+    text = log.read_text()
+    assert rc == 130, text[-3000:]
+    assert "Traceback" not in text and text.strip().splitlines()[-1].startswith("interrupted (Ctrl-C)"), text[-3000:]
+    assert not out.exists() or not any(out.iterdir())
