@@ -11,8 +11,9 @@ module level, each projection's extra time over the stock Linear ((median per-ro
 the Linear's median, 95% interval) x the adapted blocks over the backbone's median, and
 the paired difference twin - MIRA per block (median of per-round differences, 95%
 interval); and the floor per block of each (``budget.measure_floor``:
-bank and key bytes at the measured DRAM bandwidth against the extra multiply-adds at the stock
-GEMM's rate). Records the machine (vendor, family, model, stepping, the kernel's ISA) and commit.
+bank and key bytes at the DRAM bandwidth of the rounds' own cache-evicting reads, as ``budget`` and
+``latency`` read it, against the extra multiply-adds at the stock GEMM's rate). Records the machine
+(vendor, family, model, stepping, the kernel's ISA) and commit.
 Writes nothing unless ``--json PATH``.
 """
 
@@ -117,7 +118,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         res = compare(proj, twin, cache, budget_s=a.budget, seed=cfg.seed + batch)
         stock_s = res["stock"]["seconds"]
         floors = {name: measure_floor(m, cache.x, n_blocks=n, backbone_s=backbone_s, stock_s=stock_s,
-                                      bandwidth=bandwidth) for name, m in (("float32", proj), (a.bank_dtype, twin))}
+                                      bandwidth=cache.read_bandwidth() or bandwidth)
+                  for name, m in (("float32", proj), (a.bank_dtype, twin))}
         pct = 100.0 * n / backbone_s
         print(f"B={batch}: backbone {backbone_s * 1e3:.1f} ms, {res['rounds']} rounds; module level over nn.Linear, "
               f"x{n} / backbone:")

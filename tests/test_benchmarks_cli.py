@@ -276,3 +276,17 @@ def test_ctrl_c_during_a_run_is_a_one_line_exit_130_and_writes_nothing(tmp_path)
     assert rc == 130, text[-3000:]
     assert "Traceback" not in text and text.strip().splitlines()[-1].startswith("interrupted (Ctrl-C)"), text[-3000:]
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_bank_dtype_reads_its_floor_as_budget_and_latency_do(tmp_path, monkeypatch):
+    # The floor's bandwidth is the timed rounds' own eviction reads (budget, latency); bank_dtype used
+    # the start-of-run read, so the three tools printed different floors for the same projection.
+    from benchmarks import bank_dtype
+    from tests.test_benchmarks_smoke import _tiny_vit
+
+    build = latency.build_variants
+    monkeypatch.setattr(latency, "build_variants", lambda cfg, model=None: build(cfg, model=_tiny_vit()))
+    out = tmp_path / "bank_dtype.json"
+    assert bank_dtype.main(["--batch-sizes", "2", "--budget", "0", "--threads", "1", "--json", str(out)]) == 0
+    floors = _strict_json(out.read_text())["batches"][0]["floors"]
+    assert {f["bandwidth_source"] for f in floors.values()} == {"the eviction reads of the timed rounds"}
