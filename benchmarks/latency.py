@@ -1097,9 +1097,12 @@ def verdicts(result: dict, cfg: BenchConfig) -> list[dict]:
     enough_e2e = end["rounds"] >= cfg.min_e2e_rounds and enough_mod
     short = f" ({end['rounds']} rounds < {cfg.min_e2e_rounds})" if end["rounds"] < cfg.min_e2e_rounds else ""
     # A consistency check of little power: an interval ~1 pp wide also contains a module figure
-    # several times larger; the module-level pairs are the measurement.
-    add("end-to-end interval contains the module-level figure", end["contains_module"], enough_e2e,
-        f"[{end['lo']:+.2f}, {end['hi']:+.2f}] vs {mod['percent']:+.3f}%{short}")
+    # several times larger; the module-level pairs are the measurement. An unbounded one (fewer than 6
+    # rounds, with --min-e2e-rounds below that) contains every figure: it decides nothing.
+    bounded = math.isfinite(end["lo"]) and math.isfinite(end["hi"])
+    add("end-to-end interval contains the module-level figure", end["contains_module"] if bounded else None,
+        enough_e2e, f"[{end['lo']:+.2f}, {end['hi']:+.2f}] vs {mod['percent']:+.3f}%{short}"
+        + ("" if bounded else " (fewer than 6 rounds: no 95% interval)"))
     if b == 1:
         add(f"end-to-end interval <= {E2E_B1_MAX_WIDTH_PP:.1f} pp wide", end["width"] <= E2E_B1_MAX_WIDTH_PP,
             end["rounds"] >= cfg.min_e2e_rounds, f"{end['width']:.2f} pp{short}")

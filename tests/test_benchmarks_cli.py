@@ -290,3 +290,14 @@ def test_bank_dtype_reads_its_floor_as_budget_and_latency_do(tmp_path, monkeypat
     assert bank_dtype.main(["--batch-sizes", "2", "--budget", "0", "--threads", "1", "--json", str(out)]) == 0
     floors = _strict_json(out.read_text())["batches"][0]["floors"]
     assert {f["bandwidth_source"] for f in floors.values()} == {"the eviction reads of the timed rounds"}
+
+
+def test_an_unbounded_end_to_end_interval_is_no_evidence_of_agreement(tmp_path):
+    # With --min-e2e-rounds below 6 a run of 5 rounds has the interval (-inf, inf), which contains any
+    # module figure: that read "met".
+    res = {"batch": 8, "floor": {"percent": 0.1}, "module": {"percent": 0.1, "lo": 0.05, "hi": 0.2, "pairs": 200},
+           "end_to_end_headline": {"percent": 0.3, "lo": -math.inf, "hi": math.inf, "width": math.inf, "rounds": 5,
+                                   "contains_module": True}}
+    cfg = latency.BenchConfig(min_module_pairs=100, min_e2e_rounds=3, results_dir=str(tmp_path))
+    check = latency.verdicts(res, cfg)[1]
+    assert check["check"].startswith("end-to-end interval contains") and check["status"] == "inconclusive"
