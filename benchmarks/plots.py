@@ -1,7 +1,8 @@
 """PNG plots of the latency records (``latency.jsonl`` in a results folder).
 
-``python -m benchmarks.plots [results_dir]`` redraws them (and, when ``sweep_ops.json`` from
-``benchmarks/test_sweep_ops.py`` is there, writes its summary ``sweep_ops.md``);
+``python -m benchmarks.plots [results_dir]`` redraws them (default: ``.bench/``; ``--record``:
+``benchmarks/results/``), and when ``sweep_ops.json`` from ``benchmarks/test_sweep_ops.py`` is
+there, writes its summary ``sweep_ops.md``;
 ``benchmarks.latency`` calls :func:`write_plots` after every run it writes. Figures:
 
 - ``latency_overhead_vs_batch.png``: the latest record with the most batch sizes (a run with
@@ -16,9 +17,13 @@ Every figure carries the record's commit, date, CPU and the ISA the CPU kernel c
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
+import sys
 from pathlib import Path
+
+from benchmarks import _cli
 
 __all__ = ["load_records", "sweep_summary", "write_plots"]
 
@@ -224,19 +229,32 @@ def sweep_summary(json_path: str | Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-if __name__ == "__main__":
-    import argparse
-
-    from benchmarks import _cli
+def main(argv=None) -> int:
+    from benchmarks.latency import RESULTS_DIR, SCRATCH_DIR
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks.plots", description=__doc__.splitlines()[0],
                                      formatter_class=_cli.HelpFormatter)
-    parser.add_argument("results_dir", nargs="?", default=str(Path(__file__).resolve().parent / "results"),
-                        help="folder holding latency.jsonl (and sweep_ops.json); the plots are written there")
-    results = Path(parser.parse_args().results_dir)
+    parser.add_argument("results_dir", nargs="?", default=None,
+                        help="folder holding latency.jsonl (and sweep_ops.json); the plots are written there "
+                             "(default: .bench/, where benchmarks.latency writes; benchmarks/results/ with "
+                             "--record)")
+    parser.add_argument("--record", action="store_true",
+                        help="redraw the plots in benchmarks/results/ (tracked files)")
+    args = parser.parse_args(argv)
+    # Like every benchmark, it changes tracked files only when told to (it redrew benchmarks/results/ by default).
+    results = Path(args.results_dir or (RESULTS_DIR if args.record else SCRATCH_DIR))
+    sweep_json = results / "sweep_ops.json"
+    if not (results / "latency.jsonl").is_file() and not sweep_json.is_file():
+        parser.error(f"no latency.jsonl or sweep_ops.json in {results}: nothing to draw")
+    if problem := _cli.output_problem(results, folder=True):
+        parser.error(problem)
     for p in write_plots(results):
         print(p)
-    sweep_json = results / "sweep_ops.json"
     if sweep_json.exists():
         (results / "sweep_ops.md").write_text(sweep_summary(sweep_json))
         print(results / "sweep_ops.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_cli.run_main(main))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -211,7 +212,7 @@ def test_printed_figures_name_commit_date_cpu_and_isa(tmp_path, capsys):
 
 
 TOOLS = ("latency", "budget", "op_cpu", "serving", "host_path", "in_situ", "bank_dtype", "e2e_interval", "gpu_check",
-         "gpu_model", "gpu_sweep")
+         "gpu_model", "gpu_sweep", "plots")
 
 
 @pytest.mark.parametrize("tool", TOOLS)
@@ -301,3 +302,15 @@ def test_an_unbounded_end_to_end_interval_is_no_evidence_of_agreement(tmp_path):
     cfg = latency.BenchConfig(min_module_pairs=100, min_e2e_rounds=3, results_dir=str(tmp_path))
     check = latency.verdicts(res, cfg)[1]
     assert check["check"].startswith("end-to-end interval contains") and check["status"] == "inconclusive"
+
+
+def test_plots_redraw_the_tracked_results_only_with_record(tmp_path, monkeypatch, capsys):
+    from benchmarks import plots
+
+    drawn = []
+    monkeypatch.setattr(plots, "write_plots", lambda folder: drawn.append(Path(folder)) or [])
+    monkeypatch.setattr(latency, "SCRATCH_DIR", tmp_path)  # .bench/ as a fresh checkout has it: empty
+    assert "nothing to draw" in _exits_2("plots", [], capsys)
+    (tmp_path / "latency.jsonl").write_text("")
+    assert plots.main([]) == 0 and drawn == [tmp_path]
+    assert plots.main(["--record"]) == 0 and drawn[-1] == latency.RESULTS_DIR
