@@ -604,7 +604,10 @@ def main(argv=None) -> int:
         runs = json.loads(log.read_text())["runs"] if log.exists() else []
         with _cli.whole_or_not_at_all():  # op_cpu.json holds every run: rewritten whole or not at all
             (args.out / "op_cpu.md").write_text(md)
-            log.write_text(_pairs.record_json({"runs": runs + [record]}, indent=1, default=str) + "\n")
+            # Beside it, then renamed over it: a crash or kill mid-write cannot truncate the history.
+            partial = log.with_name(log.name + ".partial")
+            partial.write_text(_pairs.record_json({"runs": runs + [record]}, indent=1, default=str) + "\n")
+            os.replace(partial, log)
     print(md)
     return 0
 
