@@ -198,6 +198,34 @@ def test_adapter_into_x_itself_still_works(backend, dtype):
     torch.testing.assert_close(x, want, rtol=1e-3 if dtype == torch.float16 else 1e-6, atol=1e-3)
 
 
+_INT_VIEW = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
+_NAN_PAYLOADS = {torch.bfloat16: [-61, 0x7F81], torch.float16: [-509, 0x7C01], torch.float32: [-4194301, 0x7F800001]}
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided"])
+def test_adapter_leaves_the_columns_between_slices_bit_for_bit(backend, dtype, strided):
+    # The CPU kernel used to work on a float32 copy of a 16-bit (or strided) out and copy all of it
+    # back: numbers survive that round trip, NaN payloads do not (bfloat16 0xFFC3 came back 0xFFFF).
+    inp = _adapter_inputs().to(dtype, torch.float32)
+    store = torch.randn(1, 40, 32).to(dtype)
+    out = store[..., ::2] if strided else store[..., :16].contiguous()
+    bits = out.view(_INT_VIEW[dtype]) if not strided else None
+    outside = [c for c in range(16) if not 4 <= c < 12]
+    payloads = torch.tensor(_NAN_PAYLOADS[dtype], dtype=_INT_VIEW[dtype])
+    for i, c in enumerate(outside):  # NaNs with payloads (signalling and quiet) in every other outside column
+        if i % 2 == 0:
+            col = payloads[i // 2 % 2].expand(40).clone().view(dtype)
+            out[0, :, c] = col
+    before = out.clone().view(_INT_VIEW[dtype]) if not strided else out.contiguous().view(_INT_VIEW[dtype])
+    with mk.use_backend(backend):
+        mk.mira_adapter_(out, inp.x, inp.query, inp.keys, inp.bank_a, inp.bank_b, slice_offsets=inp.slice_offsets)
+    after = (bits if bits is not None else out.contiguous().view(_INT_VIEW[dtype]))
+    assert torch.equal(after[..., outside], before[..., outside])
+    assert not torch.equal(after[..., 4:12], before[..., 4:12])  # the slice did get the adapter
+
+
 def test_adapter_into_disjoint_views_of_one_buffer_works():
     inp = _adapter_inputs()
     buf = torch.randn(1, 80, 16)

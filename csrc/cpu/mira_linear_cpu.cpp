@@ -1032,7 +1032,12 @@ void mira_adapter_cpu(const at::Tensor& out, const at::Tensor& x, const at::Tens
   // Work on a contiguous compute-dtype view of out; copy back only if that had to be a copy.
   at::Tensor work = as(out, ct);
   adapter_dispatch(s, as(x, ct), work, query, keys, bank_a, bank_b, sep, scale, eps, nullptr, true);
-  if (!work.is_same(out)) const_cast<at::Tensor&>(out).copy_(work);
+  if (work.is_same(out)) return;
+  // Back into out's slices only: the columns between them are not the op's to write. A whole-tensor
+  // copy_ would round-trip them through the compute dtype, which keeps every number but not a 16-bit
+  // NaN's payload (bfloat16 0xFFC3 came back 0xFFFF).
+  for (const int64_t off : s.offsets)
+    const_cast<at::Tensor&>(out).narrow(-1, off, s.d_s).copy_(work.narrow(-1, off, s.d_s));
 }
 
 // ---------------------------------------------------------------------------------------------
