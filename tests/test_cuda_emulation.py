@@ -333,6 +333,18 @@ def check_adapter_into_x(driver, inp, separation, *, smem_budget=None):
     return run
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_adapter_leaves_the_columns_between_slices_bit_for_bit(driver, dtype):
+    # Slices with gaps around and between them (columns 0-1, 6-9 and 14-15 belong to no slice): the
+    # apply kernel may write only the slices' columns; the others keep x's bits exactly.
+    inp = make_inputs(**{**ALIAS_SHAPE, "d_s": 4, "offsets": [10, 2]}, dtype=dtype)
+    run = run_adapter_into_x(driver, *inp.adapter_args(), **_kw(inp, "affine"))
+    (got,) = run.outputs
+    outside = [c for c in range(16) if not (2 <= c < 6 or 10 <= c < 14)]
+    assert torch.equal(got[..., outside], inp.x[..., outside])
+    assert not torch.equal(got[..., 2:6], inp.x[..., 2:6]) and not torch.equal(got[..., 10:14], inp.x[..., 10:14])
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 def test_adapter_into_x_itself(driver, dtype):
     # Each block reads its own token rows of x in full (the shrink, then a barrier) before it writes those rows;
