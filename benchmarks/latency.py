@@ -203,9 +203,11 @@ class BenchConfig:
         for name in ("rank", "slots", "sweep_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        for name in ("threads", "min_module_pairs", "min_e2e_rounds"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if self.threads < 0:
+            raise ValueError(f"--threads must be >= 0, got {self.threads}")
+        for name in ("min_module_pairs", "min_e2e_rounds"):  # 0 drew a verdict from no measurement at all
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         for name in ("module_budget", "e2e_budget", "op_budget", "parts_budget", "in_situ_budget"):
             values = getattr(self, name)
             if any(not 0 <= v < math.inf for v in (values if isinstance(values, tuple) else (values,))):
@@ -1325,8 +1327,14 @@ def _machine_line(m: dict) -> str:
     return ", ".join(str(p) for p in parts)
 
 
+def _csv_number(v):
+    """A figure as a CSV cell: empty where there is none (an unbounded interval's end, a missing floor),
+    as the JSON record's null; a spreadsheet reads 'inf' and 'nan' as text."""
+    return v if isinstance(v, (int, float)) and math.isfinite(v) else ""
+
+
 def csv_rows(record: dict) -> list[dict]:
-    """One flat row per (batch, measure) of a record."""
+    """One flat row per (batch, measure) of a record; an undefined figure is an empty cell."""
     m = record["machine"]
     base = {"timestamp": record["timestamp"], "commit": record["commit"], "model": record["config"]["model"],
             "rank": record["config"]["rank"], "slots": record["config"]["slots"], "backend": record["backend"],
@@ -1355,7 +1363,8 @@ def csv_rows(record: dict) -> list[dict]:
             rows.append({**base, "batch": p["batch"], "rank": p["rank"], "slots": p["slots"],
                          "measure": f"sweep:{name}", "median_ms": "", "overhead_pct": d["percent"],
                          "lo_pct": d["lo"], "hi_pct": d["hi"], "pairs": ""})
-    return rows
+    numeric = ("median_ms", "overhead_pct", "lo_pct", "hi_pct")
+    return [{**row, **{k: _csv_number(row[k]) for k in numeric}} for row in rows]
 
 
 CSV_FIELDS = ["timestamp", "commit", "device", "model", "batch", "rank", "slots", "backend", "measure", "median_ms",

@@ -314,3 +314,27 @@ def test_plots_redraw_the_tracked_results_only_with_record(tmp_path, monkeypatch
     (tmp_path / "latency.jsonl").write_text("")
     assert plots.main([]) == 0 and drawn == [tmp_path]
     assert plots.main(["--record"]) == 0 and drawn[-1] == latency.RESULTS_DIR
+
+
+def test_csv_leaves_undefined_figures_empty():
+    # An unbounded interval (fewer than 6 pairs) was written as the text 'inf' / '-inf', and a missing
+    # floor as 'nan': a spreadsheet reads those cells as text. Now they are empty, as null in the JSON.
+    inf = math.inf
+    figure = {"percent": 0.3, "lo": -inf, "hi": inf, "pairs": 4, "rounds": 4}
+    record = {"timestamp": "t", "commit": "c", "backend": "cpu", "machine": {"cpu": "x"},
+              "config": {"model": "m", "rank": 4, "slots": 30, "device": "cpu"},
+              "results": [{"batch": 1, "module": figure, "end_to_end_headline": figure, "floor": {"percent": math.nan},
+                           "end_to_end": {"variants": {"mira": {"median_s": 0.1, "runs": 4,
+                                                                "vs_backbone": {"ratio": 1.01, "lo": -inf, "hi": inf,
+                                                                                "pairs": 4}}}},
+                           "overhead": {}}]}
+    rows = latency.csv_rows(record)
+    assert [r["measure"] for r in rows] == ["module", "end_to_end_headline", "e2e:mira", "floor"]
+    for r in rows:
+        assert r["lo_pct"] == "" and r["hi_pct"] == ""
+    assert rows[0]["overhead_pct"] == 0.3 and rows[3]["overhead_pct"] == ""
+
+
+@pytest.mark.parametrize("flag", ["--min-module-pairs", "--min-e2e-rounds"])
+def test_a_verdict_needs_at_least_one_measurement(flag, no_runs, capsys):
+    assert "must be >= 1" in _exits_2("latency", [flag, "0"], capsys)
