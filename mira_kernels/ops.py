@@ -192,11 +192,18 @@ def _check_frozen(weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         )
 
 
-def _check_inference_only(*tensors: torch.Tensor) -> None:
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+def _check_inference_only(out: torch.Tensor, *tensors: torch.Tensor) -> None:
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (out, *tensors)):
         raise RuntimeError(
             "mira_adapter_ is inference-only and has no autograd; use mira_linear for training, "
             "or call it under torch.no_grad() / torch.inference_mode()"
+        )
+    # ATen's own check comes after the kernel has written (as for add_): refused here, out is unchanged.
+    # (Eager only: Dynamo cannot trace is_inference(), and a traced call's out is checked when it runs.)
+    if not torch.compiler.is_compiling() and out.is_inference() and not torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            "mira_adapter_: out is an inference tensor (made under torch.inference_mode()), which cannot be "
+            "updated in place outside inference mode; call it under torch.inference_mode(), or pass out.clone()"
         )
 
 

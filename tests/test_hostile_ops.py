@@ -597,3 +597,17 @@ def test_empty_memory_backward_leaves_an_inf_gradient_alone(backend, dtype):
     assert torch.equal(dx.isinf(), want.isinf()) and dx.isinf().any()
     finite = want.isfinite()
     torch.testing.assert_close(dx[finite], want[finite])
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_adapter_into_an_inference_tensor_outside_inference_mode_changes_nothing(backend):
+    # ATen raised this too, but only after the kernel had written the slices (as for add_).
+    inp = _adapter_inputs()
+    with torch.inference_mode():
+        out = torch.zeros(1, 40, 16)
+    with mk.use_backend(backend), pytest.raises(RuntimeError, match="inference tensor"):
+        mk.mira_adapter_(out, *inp.adapter_args(), slice_offsets=inp.slice_offsets)
+    assert torch.equal(out, torch.zeros(1, 40, 16))
+    with torch.inference_mode(), mk.use_backend(backend):  # inside inference mode it is allowed
+        mk.mira_adapter_(out, *inp.adapter_args(), slice_offsets=inp.slice_offsets)
+    assert not torch.equal(out, torch.zeros(1, 40, 16))

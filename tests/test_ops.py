@@ -133,6 +133,21 @@ def test_torch_compile_fullgraph_forward_and_backward(backend):
         assert max_err(g, w) <= 1e-5 * max(1.0, w.abs().max().item())
 
 
+def test_torch_compile_fullgraph_adapter_inplace(backend):
+    # The eager checks before the write (an inference tensor outside inference mode) stay out of the
+    # trace: Dynamo cannot trace Tensor.is_inference(), and a graph break here failed fullgraph.
+    inp = make_inputs(B=2, T=5, d_in=8, d_out=24, N=3, dtype=torch.float32)
+
+    def add(out, x):
+        return mk.mira_adapter_(out, x, inp.query, inp.keys, inp.bank_a, inp.bank_b, slice_offsets=inp.slice_offsets)
+
+    got, want = torch.zeros(2, 5, 24), torch.zeros(2, 5, 24)
+    with torch.no_grad():
+        torch.compile(add, fullgraph=True)(got, inp.x)
+        add(want, inp.x)
+    assert max_err(got, want) <= 1e-6 * want.abs().max().item() and want.abs().max() > 0
+
+
 @pytest.mark.parametrize(
     "shape",
     [
