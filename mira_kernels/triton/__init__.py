@@ -120,8 +120,10 @@ def mira_adapter_(out, x, query, keys, bank_a, bank_b, slice_offsets, separation
     target, plan = lm.plan_adapter_(out, x, query, keys, bank_a, bank_b, list(slice_offsets), separation,
                                            scale, eps)
     lm.run_all(plan, x.device)
-    if target is not out:
-        out.copy_(target)
+    if target is not out:  # only the slices' columns: the others are not the op's to write
+        width = bank_b.shape[2]
+        for off in slice_offsets:
+            out[..., off : off + width].copy_(target[..., off : off + width])
 
 
 def normalize_columns(keys: torch.Tensor, eps: float) -> torch.Tensor:

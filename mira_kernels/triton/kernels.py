@@ -521,6 +521,14 @@ def _gemm_work_item(
             for s in tl.static_range(S):
                 hit = hit | ((col0 < OFFS[s] + E_WIDTH) & (col0 + BLOCK_N > OFFS[s]))
             adapted = adapted & hit
+            if IN_PLACE:
+                # out is read and written only in the slices' columns: a tile's columns between and after
+                # them would come back through acc + 0 and a round trip (-0.0 as +0.0, a signalling NaN
+                # quieted), and would race with any other writer of those columns.
+                in_slice = cols < 0
+                for s in tl.static_range(S):
+                    in_slice = in_slice | ((cols >= OFFS[s]) & (cols < OFFS[s] + E_WIDTH))
+                col_ok = col_ok & in_slice
         shrink_here = adapted & (LORA == 1) & (h_ready == 0)
         if USE_PDL:
             if adapted:

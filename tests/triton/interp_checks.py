@@ -323,6 +323,49 @@ def test_adapter_in_place(dtype, contiguous, shape):
     assert torch.equal(out[..., outside], out64.to(dtype)[..., outside]), "columns outside the slices changed"
 
 
+#: Bit patterns an add of 0 or a float round trip would change: -0.0 (-0 + 0 = +0), signalling NaNs (quieted
+#: by arithmetic and by hardware conversions), quiet NaNs with payloads (bf16 0xFFC3), the largest subnormal.
+_OUTSIDE_BITS = {
+    torch.bfloat16: (torch.int16, [-0x8000, -0x7F, 0x7F81, -0x3D, 0x7FC3, 0x007F]),  # 0xFF81, 0xFFC3, 0x7F81 ...
+    torch.float16: (torch.int16, [-0x8000, 0x7C01, -0x03FB, 0x7E05, 0x03FF]),  # -0, sNaN, -sNaN (0xFC05), qNaN
+    torch.float32: (torch.int32, [-2**31, 0x7F800001, -0x003FFFFF, 0x7FC00123, 0x007FFFFF]),
+}
+
+
+@pytest.mark.parametrize("dtype", list(_OUTSIDE_BITS))
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_adapter_in_place_leaves_columns_outside_the_slices_bit_for_bit(dtype, contiguous):
+    # Regression: the in-place GEMM loaded whole column tiles of out, added the expand (zero outside the
+    # slices) and stored the tiles back: the columns between and after the slices came back through
+    # acc + 0 and a float round trip (-0.0 became +0.0, signalling NaNs quiet ones), and a concurrent
+    # writer of those columns could be overwritten. Only [off, off + d_s) of each slice may be touched.
+    inp = _at(make_inputs(**SMALL, seed=43), dtype)  # slices [0, 24) and [36, 60) of 72 columns
+    int_dtype, patterns = _OUTSIDE_BITS[dtype]
+    g = torch.Generator().manual_seed(7)
+    out = torch.randn(3, 72, 7, generator=g).to(dtype).transpose(1, 2)  # (B, T, d_out), T stride 1
+    if contiguous:
+        out = out.contiguous()
+    outside = torch.ones(72, dtype=torch.bool)
+    for off in inp.slice_offsets:
+        outside[off : off + 24] = False
+    bits = torch.tensor(patterns, dtype=int_dtype)
+    fill = bits[torch.arange(int(outside.sum())) % len(bits)].view(dtype)
+    out[..., outside] = fill.expand(3, 7, -1)
+    before = out[..., outside].contiguous().view(int_dtype).clone()
+    want = out.double()
+    want[..., outside] = 0.0
+    reference.mira_adapter_(want, *inp.to(torch.float64).adapter_args(), slice_offsets=inp.slice_offsets,
+                            separation="affine", scale=0.7)
+    tri.mira_adapter_(out, *inp.adapter_args(), inp.slice_offsets, "affine", 0.7, 1e-2)
+    after = out[..., outside].contiguous().view(int_dtype)
+    changed = (after != before).nonzero()
+    if len(changed):
+        first = tuple(changed[0])
+        pytest.fail(f"{len(changed)} entries outside the slices changed, e.g. {before[first]:#x} -> {after[first]:#x}")
+    inside = ~outside
+    assert max_err(out[..., inside], want[..., inside]) <= 1e-2 * max(1.0, want.abs().max().item())
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_adapter_in_place_on_its_own_input(dtype):
     # out is x (d_out = d_in), the one alias the contract allows: every read of x (the shrink) must
