@@ -241,12 +241,11 @@ def _cosines(q_ptr, k_ptr, rows, row_ok, slots, slot_ok, DK, stride_qb, stride_q
 
 
 @triton.jit
-def _weights(scores, valid, total, top, expsum, N, eps, SEPARATION: tl.constexpr):
+def _weights(scores, valid, denom, top, expsum, N, SEPARATION: tl.constexpr):
     """sep(scores) for one chunk of slots, given the row statistics over all N slots: the affine
-    sum, and the softmax maximum and sum of exp(s - max)."""
+    guard's denominator (``_mira_retrieve_kernel``), and the softmax maximum and sum of exp(s - max)."""
     if SEPARATION == AFFINE:
-        # Sign-preserving clamp of the denominator (sign(0) = +); N = 1 keeps the raw cosine.
-        denom = tl.where(tl.abs(total) >= eps, total, tl.where(total >= 0, eps, -eps))
+        # N = 1 keeps the raw cosine.
         weights = tl.where(N == 1, scores, scores / denom[:, None])
     elif SEPARATION == SOFTMAX:
         e = tl.where(valid, tl.exp(scores - top[:, None]), 0.0)
@@ -265,12 +264,13 @@ def _weights(scores, valid, total, top, expsum, N, eps, SEPARATION: tl.constexpr
 @triton.jit(do_not_specialize=["eps_bits"])
 def _mira_retrieve_kernel(
     q_ptr, k_ptr, bank_a_ptr, bank_b_ptr, mixed_a_ptr, mixed_b_ptr,
-    scores_ptr, weights_ptr, qnorm_ptr, knorm_ptr, scratch_ptr,
+    scores_ptr, weights_ptr, qnorm_ptr, knorm_ptr, scratch_ptr, total_ptr, branch_ptr, denom_ptr,
     B, N, DK, FA, FB, eps_bits,
     stride_qb, stride_qk, stride_kn, stride_kk,
     SEPARATION: tl.constexpr, SAVE_STATS: tl.constexpr, NC: tl.constexpr, ONE_CHUNK: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_F: tl.constexpr, SCORE_PRECISION: tl.constexpr,
     MIX_PRECISION: tl.constexpr, USE_PDL: tl.constexpr, WIDE_SCORES: tl.constexpr,
+    SAVE_TOTAL: tl.constexpr = False, FWD_BRANCH: tl.constexpr = False, MIX: tl.constexpr = True,
 ):
     """Retrieval: cosine scores, separation and mixing, A_b = sum_n w[b,n] bank_a[n] (and B_b).
 
@@ -291,6 +291,14 @@ def _mira_retrieve_kernel(
     scale the affine sum's error by about 1/sum^2: near the guard (|sum| just above eps) fp32
     cosines, and tensor cores' 3xTF32 ones far more, left dquery several times PyTorch's error
     (contract section 11).
+
+    The affine guard (sign-preserving clamp of the denominator d = sum_n s: ``|d| >= eps`` keeps d,
+    else sign(d) eps, sign(0) = +): SAVE_TOTAL stores this program's d (B,) in ``total``'s dtype
+    (st: exact); FWD_BRANCH takes the branch and the clamp's sign from ``branch`` instead, the forward's
+    own d (compared with eps in its dtype, as the forward did), so that the backward's fp64 recompute
+    differentiates the function the forward evaluated (its d, and the forward's, can fall on two sides
+    of eps); SAVE_STATS also stores the denominator used (B,) in ``denom`` (st) for the scores backward.
+    MIX = False (the backward's replay of the forward's sums, with SAVE_TOTAL): no mixing, no factors.
     """
     if USE_PDL:
         gdc_launch_dependents()
@@ -333,6 +341,17 @@ def _mira_retrieve_kernel(
             tl.store(qnorm_ptr + rows, q_norm.to(ct), mask=row_ok & first & (c0 == 0))
             tl.store(knorm_ptr + slots, k_norm.to(ct), mask=slot_ok & first & (pid_b == 0))
     top = tl.where(top == float("-inf"), 0.0, top)
+    keep = tl.abs(total) >= eps
+    positive = total >= 0
+    if SAVE_TOTAL:
+        tl.store(total_ptr + rows, total.to(total_ptr.dtype.element_ty), mask=row_ok & first)
+    if FWD_BRANCH:
+        fwd_total = tl.load(branch_ptr + rows, mask=row_ok, other=0.0)
+        keep = tl.abs(fwd_total) >= _f64(eps_bits).to(branch_ptr.dtype.element_ty)
+        positive = fwd_total >= 0
+    denom = tl.where(keep, total, tl.where(positive, eps, -eps))
+    if SAVE_STATS:
+        tl.store(denom_ptr + rows, denom.to(denom_ptr.dtype.element_ty), mask=row_ok & first)
     if not ONE_CHUNK:
         tl.debug_barrier()  # the scratch rows are read back by other threads of this program
 
@@ -343,21 +362,22 @@ def _mira_retrieve_kernel(
             if not ONE_CHUNK:
                 scores = tl.load(scratch + local[:, None] * N + slots[None, :], mask=valid,
                                  other=0.0).to(st)
-            w = _weights(scores, valid, total, top, expsum, N, eps, SEPARATION)
+            w = _weights(scores, valid, denom, top, expsum, N, SEPARATION)
             out_bn = rows64[:, None] * N + slots[None, :]
             tl.store(scores_ptr + out_bn, scores.to(ct), mask=valid & first)
             tl.store(weights_ptr + out_bn, w.to(ct), mask=valid & first)
 
-    # Mixing: (BLOCK_B, NC) @ (NC, BLOCK_F) per column chunk and slot chunk; padding slots weigh 0.
-    w_one = _weights(scores, row_ok[:, None] & (lanes < N)[None, :], total, top, expsum, N, eps, SEPARATION).to(ct)
-    _mix(bank_a_ptr, mixed_a_ptr, FA, w_one, scratch, local, rows64, row_ok, lanes, total, top, expsum, N, eps,
-         pid_f, n_split, SEPARATION, NC, ONE_CHUNK, BLOCK_B, BLOCK_F, MIX_PRECISION)
-    _mix(bank_b_ptr, mixed_b_ptr, FB, w_one, scratch, local, rows64, row_ok, lanes, total, top, expsum, N, eps,
-         pid_f, n_split, SEPARATION, NC, ONE_CHUNK, BLOCK_B, BLOCK_F, MIX_PRECISION)
+    if MIX:  # (not the backward's replay of the forward's sums: its mixing code alone spilled at B = 256)
+        # Mixing: (BLOCK_B, NC) @ (NC, BLOCK_F) per column chunk and slot chunk; padding slots weigh 0.
+        w_one = _weights(scores, row_ok[:, None] & (lanes < N)[None, :], denom, top, expsum, N, SEPARATION).to(ct)
+        _mix(bank_a_ptr, mixed_a_ptr, FA, w_one, scratch, local, rows64, row_ok, lanes, denom, top, expsum, N,
+             pid_f, n_split, SEPARATION, NC, ONE_CHUNK, BLOCK_B, BLOCK_F, MIX_PRECISION)
+        _mix(bank_b_ptr, mixed_b_ptr, FB, w_one, scratch, local, rows64, row_ok, lanes, denom, top, expsum, N,
+             pid_f, n_split, SEPARATION, NC, ONE_CHUNK, BLOCK_B, BLOCK_F, MIX_PRECISION)
 
 
 @triton.jit
-def _mix(bank_ptr, out_ptr, F, w_one, scratch, local, rows64, row_ok, lanes, total, top, expsum, N, eps, pid_f,
+def _mix(bank_ptr, out_ptr, F, w_one, scratch, local, rows64, row_ok, lanes, denom, top, expsum, N, pid_f,
          n_split, SEPARATION: tl.constexpr, NC: tl.constexpr, ONE_CHUNK: tl.constexpr, BLOCK_B: tl.constexpr,
          BLOCK_F: tl.constexpr, MIX_PRECISION: tl.constexpr):
     # out[b, f] = sum_n w[b, n] bank[n, f] for this program's column chunks (pid_f, pid_f + n_split, ...).
@@ -374,7 +394,7 @@ def _mix(bank_ptr, out_ptr, F, w_one, scratch, local, rows64, row_ok, lanes, tot
             else:
                 valid = row_ok[:, None] & slot_ok[None, :]
                 s = tl.load(scratch + local[:, None] * N + slots[None, :], mask=valid, other=0.0)
-                w = _weights(s, valid, total, top, expsum, N, eps, SEPARATION).to(ct)
+                w = _weights(s, valid, denom, top, expsum, N, SEPARATION).to(ct)
             bank = tl.load(bank_ptr + slots.to(tl.int64)[:, None] * F + fcols[None, :],
                            mask=slot_ok[:, None] & f_ok[None, :], other=0.0).to(ct)
             mixed = tl.dot(w, bank, mixed, input_precision=MIX_PRECISION, out_dtype=mixed.dtype)
@@ -861,7 +881,7 @@ def _dw_chunk(partial_ptr, rows64, slots, valid, B, N, n_partials, BLOCK_B: tl.c
 
 @triton.jit(do_not_specialize=["eps_bits"])
 def _mira_scores_bwd_kernel(
-    partial_ptr, scores_ptr, weights_ptr, qnorm_ptr, knorm_ptr, q_ptr, k_ptr, dz_ptr, dq_ptr,
+    partial_ptr, scores_ptr, weights_ptr, qnorm_ptr, knorm_ptr, denom_ptr, branch_ptr, q_ptr, k_ptr, dz_ptr, dq_ptr,
     B, N, DK, n_partials, eps_bits,
     stride_qb, stride_qk, stride_kn, stride_kk,
     SEPARATION: tl.constexpr, NEED_Q: tl.constexpr, NC: tl.constexpr,
@@ -875,15 +895,15 @@ def _mira_scores_bwd_kernel(
     backward needs (sum_n dw w), a second forms dz and accumulates dquery's pieces.
     dquery = normalize'(q) (dz @ unit(K)); its projection term (q/|q|).g equals
     sum_n dz[b, n] s[b, n] (s is the cosine), so every d_k chunk is independent.
-    WIDE_SCORES: the affine sum (its final reduction) and the guarded denominator in fp64 (see
-    ``_mira_retrieve_kernel``; an fp64 accumulator across chunks spilled on sm_90).
+    Affine: the guarded denominator (B,) is the one the retrieval divided by (``denom``, fp64 when
+    WIDE_SCORES), and whether the gradient flows through the sum is the forward's branch: ``branch``
+    holds the forward's own affine sum (B,), compared with eps in its dtype as the forward compared
+    it; a sum recomputed here (or in the backward's fp64 retrieval) can fall on the other side of eps.
     Grid: (cdiv(B, BLOCK_B), cdiv(DK, BLOCK_K)).
     """
     pid_b = tl.program_id(0)
     pid_k = tl.program_id(1)
     ct = dz_ptr.dtype.element_ty
-    st = tl.float64 if WIDE_SCORES else ct
-    eps = _f64(eps_bits).to(st)
     floor = tl.full((), NORM_EPS, ct)
     rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
@@ -892,7 +912,6 @@ def _mira_scores_bwd_kernel(
 
     # Row sums accumulate elementwise over the chunks and are reduced once (a reduction inside the
     # loop trips Triton 3.8's thread-locality pass).
-    s_acc = tl.zeros((BLOCK_B, NC), dtype=ct)
     dww_acc = tl.zeros((BLOCK_B, NC), dtype=ct)
     for c0 in range(0, N, NC):
         slots = c0 + lanes
@@ -900,10 +919,13 @@ def _mira_scores_bwd_kernel(
         bn = rows64[:, None] * N + slots[None, :]
         dw = _dw_chunk(partial_ptr, rows64, slots, valid, B, N, n_partials, BLOCK_B, NC, ct)
         w = tl.load(weights_ptr + bn, mask=valid, other=0.0)
-        s_acc += tl.load(scores_ptr + bn, mask=valid, other=0.0)
         dww_acc += dw * w
-    total = tl.sum(s_acc.to(st), axis=1)  # exact in fp64 for N <= NC: one chunk, no elementwise sums
     dw_w = tl.sum(dww_acc, axis=1)
+    if SEPARATION == AFFINE:
+        denom = tl.load(denom_ptr + rows, mask=row_ok, other=1.0)
+        fwd_total = tl.load(branch_ptr + rows, mask=row_ok, other=0.0)
+        # Inside the clamp the denominator is a constant: no gradient through the sum.
+        through_sum = tl.where(tl.abs(fwd_total) >= _f64(eps_bits).to(branch_ptr.dtype.element_ty), dw_w, 0.0)
 
     cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     col_ok = cols < DK
@@ -918,9 +940,6 @@ def _mira_scores_bwd_kernel(
         s = tl.load(scores_ptr + bn, mask=valid, other=0.0)
         w = tl.load(weights_ptr + bn, mask=valid, other=0.0)
         if SEPARATION == AFFINE:
-            denom = tl.where(tl.abs(total) >= eps, total, tl.where(total >= 0, eps, -eps))
-            # Inside the clamp the denominator is a constant: no gradient through the sum.
-            through_sum = tl.where(tl.abs(total) >= eps, dw_w, 0.0)
             dz = tl.where(N == 1, dw, (dw - through_sum[:, None]) / denom[:, None])
         elif SEPARATION == SOFTMAX:
             dz = w * (dw - dw_w[:, None])

@@ -149,6 +149,10 @@ WIDE_MAXNREG = 192
 #: 3.8), 255 in none. At most one ~64-program wave runs (configs.RETRIEVE_PROGRAMS): occupancy is moot.
 RETRIEVE_MAXNREG = 255
 
+#: Registers of the scores backward: ptxas's own choice (80 on sm_90, fp32 x with IEEE dots, B = 8, r = 128)
+#: left 8 bytes of stack once it read the affine denominators (B,) from the retrieval; at most 229 used elsewhere.
+SCORES_BWD_MAXNREG = 255
+
 #: ``input_precision`` of the backward's dw = <dA_b, bank_a> + <dB_b, bank_b> (d_in S r + d_s S r long
 #: sums, scaled like the cosines by about 1/sum^2 into dquery): "ieee", fp32 on FMA units (rounding
 #: to nearest) for every dtype. Tensor cores' 3xTF32 accumulate in fp32 rounded toward zero, an error
@@ -219,6 +223,8 @@ class _Mixed:
     weights: torch.Tensor | None = None  # (B, N) ct
     qnorm: torch.Tensor | None = None  # (B,) ct
     knorm: torch.Tensor | None = None  # (N,) ct
+    denom: torch.Tensor | None = None  # (B,) the affine guard's denominator, in the retrieval's sum dtype
+    total: torch.Tensor | None = None  # (B,) the affine sum, in the retrieval's sum dtype (``save_total``)
 
 
 def factor_dtype(x_dtype: torch.dtype, memory_dtypes: Sequence[torch.dtype] | None = None) -> torch.dtype:
@@ -268,19 +274,32 @@ def use_pdl(device: torch.device) -> bool:
 
 
 def _plan_retrieve(sh: _Shapes, query, keys, bank_a, bank_b, separation, eps, save_stats, precision, fdt,
-                   device, launches, pdl, wide_scores=False) -> _Mixed:
+                   device, launches, pdl, wide_scores=False, save_total=False, branch=None,
+                   totals_only=False) -> _Mixed:
+    """The retrieval launch (see ``_mira_retrieve_kernel``). ``save_total``: store the affine sum
+    (B,) in ``mixed.total`` (fp64 with ``wide_scores``, else ct); ``branch``: the forward's sum, from
+    which the affine guard takes its branch; ``totals_only``: no mixing (no factors), only the sums
+    (with ``save_total``): the forward's retrieval replayed by the backward for its sum."""
     ct = sh.ct
-    mixed = _Mixed(a=torch.empty(sh.B, sh.S, sh.r, sh.d_in, dtype=fdt, device=device),
-                   b=torch.empty(sh.B, sh.S, sh.d_s, sh.r, dtype=fdt, device=device))
+    st = torch.float64 if wide_scores else ct
     stats = torch.empty(0, dtype=ct, device=device)
+    if totals_only:
+        mixed = _Mixed(a=stats, b=stats)
+    else:
+        mixed = _Mixed(a=torch.empty(sh.B, sh.S, sh.r, sh.d_in, dtype=fdt, device=device),
+                       b=torch.empty(sh.B, sh.S, sh.d_s, sh.r, dtype=fdt, device=device))
     if save_stats:
         mixed.scores = torch.empty(sh.B, sh.N, dtype=ct, device=device)
         mixed.weights = torch.empty(sh.B, sh.N, dtype=ct, device=device)
         mixed.qnorm = torch.empty(sh.B, dtype=ct, device=device)
         mixed.knorm = torch.empty(sh.N, dtype=ct, device=device)
+        mixed.denom = torch.empty(sh.B, dtype=st, device=device)
+    if save_total:
+        mixed.total = torch.empty(sh.B, dtype=st, device=device)
+    fa, fb = (0, 0) if totals_only else (sh.fa, sh.fb)
     cfg = configs.retrieve_config(sh.N, ct, precision, sh.B)
     b_tiles = triton_cdiv(sh.B, cfg.block_b)
-    split = configs.retrieve_split(b_tiles, triton_cdiv(max(sh.fa, sh.fb), cfg.block_f))
+    split = 1 if totals_only else configs.retrieve_split(b_tiles, triton_cdiv(max(fa, fb), cfg.block_f))
     one_chunk = sh.N <= cfg.slot_chunk
     # fp64 cosines on FMA units hold a (BLOCK_B, NC, block_k) product tile: at 16-sample tiles WIDE_BLOCK_K
     # steps at 32-slot chunks, narrower ones at wider chunks (64 slots at 8 wide left 16 bytes of stack on
@@ -293,11 +312,13 @@ def _plan_retrieve(sh: _Shapes, query, keys, bank_a, bank_b, separation, eps, sa
     block_k = max(1, min(cfg.block_k, wide_k)) if wide_scores else cfg.block_k
     scratch = stats if one_chunk else torch.empty(b_tiles * split, cfg.block_b, sh.N, dtype=ct, device=device)
     launches.append(Launch(
-        "retrieve", kernels._mira_retrieve_kernel, (b_tiles, split),
+        "retrieve_total" if totals_only else "retrieve", kernels._mira_retrieve_kernel, (b_tiles, split),
         dict(q_ptr=query, k_ptr=keys, bank_a_ptr=bank_a, bank_b_ptr=bank_b, mixed_a_ptr=mixed.a, mixed_b_ptr=mixed.b,
              scores_ptr=mixed.scores if save_stats else stats, weights_ptr=mixed.weights if save_stats else stats,
              qnorm_ptr=mixed.qnorm if save_stats else stats, knorm_ptr=mixed.knorm if save_stats else stats,
-             scratch_ptr=scratch, B=sh.B, N=sh.N, DK=sh.d_k, FA=sh.fa, FB=sh.fb, eps_bits=float_bits(eps),
+             scratch_ptr=scratch, total_ptr=mixed.total if save_total else stats,
+             branch_ptr=branch if branch is not None else stats, denom_ptr=mixed.denom if save_stats else stats,
+             B=sh.B, N=sh.N, DK=sh.d_k, FA=fa, FB=fb, eps_bits=float_bits(eps),
              stride_qb=query.stride(0), stride_qk=query.stride(1), stride_kn=keys.stride(0),
              stride_kk=keys.stride(1)),
         dict(SEPARATION=SEPARATION_CODES[separation], SAVE_STATS=bool(save_stats), NC=cfg.slot_chunk,
@@ -305,8 +326,12 @@ def _plan_retrieve(sh: _Shapes, query, keys, bank_a, bank_b, separation, eps, sa
              SCORE_PRECISION=cfg.score_precision or _accurate(precision),
              MIX_PRECISION=cfg.mix_precision or _accurate(precision),
              USE_PDL=bool(pdl),
-             WIDE_SCORES=bool(wide_scores)),
-        num_warps=cfg.num_warps, num_stages=2, maxnreg=WIDE_MAXNREG if wide_scores else RETRIEVE_MAXNREG,
+             WIDE_SCORES=bool(wide_scores), SAVE_TOTAL=bool(save_total), FWD_BRANCH=branch is not None,
+             MIX=not totals_only),
+        # The replay of the forward's sums in one stage: with two, storing them left 32-88 bytes of stack at
+        # B = 256 (16-bit x, sm_80 / sm_90). Pipelining moves the loads, not the order of the sums.
+        num_warps=cfg.num_warps, num_stages=1 if totals_only else 2,
+        maxnreg=WIDE_MAXNREG if wide_scores else RETRIEVE_MAXNREG,
     ))
     return mixed
 
@@ -626,7 +651,8 @@ def plan_linear_backward(grad_out, x, weight, query, keys, bank_a, bank_b, slice
                          output_mask):
     """Plan of the backward: returns ((dx, dquery, dkeys, dbank_a, dbank_b), launches).
 
-    Recomputes weights and mixed factors from the inputs (the forward saves only its inputs). dx
+    Recomputes weights and mixed factors from the inputs (the forward saves only its inputs), the
+    affine guard's branch as the forward took it (a replay of the forward's sums for 16-bit x). dx
     is the fused GEMM with the roles swapped (x = G, the shrink factor B_b over the slices of
     d_out, the expand factor A_b), which also keeps dh = scale G_s B_b for dA; h = x A_b^T for dB
     is one shrink launch. Gradients not asked for are None.
@@ -660,9 +686,26 @@ def plan_linear_backward(grad_out, x, weight, query, keys, bank_a, bank_b, slice
 
     mixed = None
     fdt = factor_dtype(x.dtype, (query.dtype, keys.dtype, bank_a.dtype, bank_b.dtype))
+    fwd_total = None
     if has_lora:
+        # The affine guard's branch (and the clamp's sign) is the forward's, whose sum no tensor carries
+        # (the forward saves only its inputs): where the backward forms the sum as the forward does (fp32
+        # and fp64 x: the same kernel, sums and config) its retrieval keeps its own for the scores backward;
+        # 16-bit x's forward sums fp32 cosines, the backward fp64 ones, so the forward's retrieval is
+        # replayed first (the sums only) and the backward's takes the branch from it.
+        wide = _wide_scores(sh.ct)
+        affine = separation == "affine"
+        replay = affine and sh.N > 1 and wide != _wide_forward_scores(x.dtype)  # N = 1: raw cosines, no sum
+        if replay:
+            fwd_total = _plan_retrieve(sh, query, keys, bank_a, bank_b, separation, eps, False, precision, fdt, device,
+                                       launches, False, wide_scores=_wide_forward_scores(x.dtype), save_total=True,
+                                       totals_only=True).total
+        own_total = affine and need_dw and not replay
         mixed = _plan_retrieve(sh, query, keys, bank_a, bank_b, separation, eps, need_dw or need_a or need_b,
-                               precision, fdt, device, launches, False, wide_scores=_wide_scores(sh.ct))
+                               precision, fdt, device, launches, False, wide_scores=wide, save_total=own_total,
+                               branch=fwd_total)
+        if own_total:
+            fwd_total = mixed.total
     h = dh = None
     if need_db:
         st = mixed.a.stride()
@@ -746,13 +789,14 @@ def plan_linear_backward(grad_out, x, weight, query, keys, bank_a, bank_b, slice
         launches.append(Launch(
             "scores_bwd", kernels._mira_scores_bwd_kernel, (b_tiles, k_chunks),
             dict(partial_ptr=partial, scores_ptr=mixed.scores, weights_ptr=mixed.weights, qnorm_ptr=mixed.qnorm,
-                 knorm_ptr=mixed.knorm, q_ptr=query, k_ptr=keys, dz_ptr=dz, dq_ptr=dq if need_q else dz,
+                 knorm_ptr=mixed.knorm, denom_ptr=mixed.denom, branch_ptr=fwd_total if fwd_total is not None else dz,
+                 q_ptr=query, k_ptr=keys, dz_ptr=dz, dq_ptr=dq if need_q else dz,
                  B=sh.B, N=sh.N, DK=sh.d_k, n_partials=split, eps_bits=float_bits(eps),
                  stride_qb=query.stride(0), stride_qk=query.stride(1), stride_kn=keys.stride(0),
                  stride_kk=keys.stride(1)),
             dict(SEPARATION=SEPARATION_CODES[separation], NEED_Q=need_q, NC=mem.slot_chunk, BLOCK_B=mem.block_b,
                  BLOCK_K=dq_block_k, SCORE_PRECISION=score_precision, WIDE_SCORES=_wide_scores(sh.ct)),
-            num_warps=4, num_stages=2,
+            num_warps=4, num_stages=2, maxnreg=SCORES_BWD_MAXNREG,
         ))
         if need_k:
             keys_block_k = mem.grad_k

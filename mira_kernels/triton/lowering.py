@@ -259,12 +259,17 @@ def resource_usage(cubin: bytes) -> dict[str, int]:
 _cache: dict = {}
 
 
+#: Per-sample (B,) statistics, read and written by row only: the affine sums and denominators, fp64 in
+#: the backward of every fp32 compute dtype, say nothing of the dtype of a kernel's dots.
+_ROW_STATS = frozenset({"total_ptr", "branch_ptr", "denom_ptr"})
+
+
 def _intended(launch: launchers.Launch, signature: dict, arch: int) -> str:
     """Which matrix instructions a launch is meant to lower to (see :attr:`Lowered.intended`)."""
     c = launch.constexprs
     if launch.name == "normalize_columns":
         return "fma"  # elementwise sums and divisions: no matrix product
-    if "*fp64" in signature.values():
+    if any(kind == "*fp64" for name, kind in signature.items() if name not in _ROW_STATS):
         return "mma.sync"  # DMMA (m8n8k4 f64) on both targets
     if launch.name.startswith("gemm"):
         tensor_core = signature["x_ptr"] in ("*fp16", "*bf16") or c["BASE_PRECISION"] == "tf32"

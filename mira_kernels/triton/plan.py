@@ -83,13 +83,16 @@ def _retrieve(launch) -> dict:
     fs = _size(a["mixed_a_ptr"])
     keys_bytes = N * DK * ks
     bank_bytes = N * (FA + FB) * bs
-    stats = (2 * B * N + B + N) * _SIZE[ct] if c["SAVE_STATS"] else 0
+    stats = (2 * B * N + B + N) * _SIZE[ct] + B * _size(a["denom_ptr"]) if c["SAVE_STATS"] else 0
+    # The affine sums (B,): stored (the backward's replay of the forward's), read (the forward's branch).
+    stats += B * _size(a["total_ptr"]) if c.get("SAVE_TOTAL") else 0
+    branch = B * _size(a["branch_ptr"]) if c.get("FWD_BRANCH") else 0
     scratch = 0 if c["ONE_CHUNK"] else 2 * programs * bb * N * _SIZE[ct]
     share = _cdiv(_cdiv(FA, bf), split) + _cdiv(_cdiv(FB, bf), split)
     return dict(
         flops=_add(_dot_flops(c["SCORE_PRECISION"], torch.float64 if c.get("WIDE_SCORES") else ct, score),
                    _dot_flops(c["MIX_PRECISION"], ct, mixing)),
-        bytes_read=B * DK * qs + keys_bytes + bank_bytes,
+        bytes_read=B * DK * qs + keys_bytes + bank_bytes + branch,
         bytes_written=B * (FA + FB) * fs + stats,
         l2_bytes=keys_bytes * (programs - 1) + bank_bytes * (b_tiles - 1) + B * DK * qs * (split - 1) + scratch,
         steps=chunks * _pipelined(k_steps, 2) + share * chunks + (chunks if not c["ONE_CHUNK"] else 0),
@@ -247,7 +250,8 @@ def _scores_bwd(launch) -> dict:
     es = _SIZE[ct]
     return dict(
         flops=_dot_flops(c["SCORE_PRECISION"], ct, flops),
-        bytes_read=(parts + 2) * B * N * es + (B + N) * es + (B + N) * DK * _size(a["q_ptr"]),
+        bytes_read=(parts + 2) * B * N * es + (B + N) * es + (B + N) * DK * _size(a["q_ptr"])
+        + (B * (_size(a["denom_ptr"]) + _size(a["branch_ptr"])) if c["SEPARATION"] == 0 else 0),
         bytes_written=B * N * es + (B * DK * _size(a["dq_ptr"]) if c["NEED_Q"] else 0),
         l2_bytes=(parts + 2) * B * N * es * (k_chunks - 1),
         steps=2 * _cdiv(N, nc) * (parts + 1) + 2,

@@ -642,6 +642,71 @@ def test_dquery_near_the_affine_guard_with_tensor_core_dots(monkeypatch):
         assert_close_to_spec(g, w, s, factor=3.0, what=f"d{name} near the affine guard, tensor-core dots")
 
 
+def _keys_across_the_guard(x_dtype, eps=1e-2):
+    """Keys (2, 2) whose cosines to the query (1, 0) sum to d with the forward taking the affine guard's
+    pass-through branch (|d| >= eps as its kernel computes d) while a sum formed in another precision or
+    order falls inside the clamp: the boundary case of the backward's own recomputed sums.
+
+    With q = (1, 0) and k = (a, 1) every step the kernels take is one IEEE rounding (the dot is a, |q| = 1,
+    |k|^2 = a^2 + 1, the two cosines' sum), so d is computed here exactly as the kernels compute it:
+    16-bit x: the forward in fp32 (eps rounded to fp32, 0.0099999998, below 0.01), the backward in fp64;
+    fp32 x: both retrievals in fp64, the scores backward's sum of the stored fp32 cosines. The first key
+    carries ~1e-4 of d (its cosine's fine grid lets the sum land anywhere near eps), the second the rest.
+    fp64 x has no such input: the forward, the backward's retrieval and the scores backward all sum the
+    same fp64 cosines in fp64, one rounding for two slots."""
+    a1 = torch.tensor(1e-4, dtype=torch.float32)
+    rest = eps - 1e-4 / (1 + 1e-8) ** 0.5  # the second key's cosine: a2 = rest / sqrt(1 - rest^2)
+    a2 = torch.tensor(rest / (1 - rest**2) ** 0.5, dtype=torch.float32)
+    steps = torch.arange(-400, 400, dtype=torch.float32)
+    # fp32 values around 1e-4 (two ulps apart) and around 0.0099 (one ulp apart): every pair.
+    a1, a2 = torch.broadcast_tensors(a1 + steps[:, None] * 2**-36, a2 + steps[None, :] * 2**-30)
+
+    def cos32(a):
+        return a / torch.sqrt(a * a + 1.0)
+
+    def cos64(a):
+        a = a.double()
+        return a / torch.sqrt(a * a + 1.0)
+
+    d64 = cos64(a1) + cos64(a2)
+    if x_dtype in HALF:
+        forward = (cos32(a1) + cos32(a2)) >= torch.tensor(eps, dtype=torch.float32)
+    else:
+        forward = d64 >= eps
+    stored = cos64(a1).float().double() + cos64(a2).float().double()  # the scores backward's old sum
+    other = (d64 < eps) & (stored < eps) if x_dtype in HALF else stored < eps
+    i, j = (forward & other).nonzero()[0].tolist()
+    return torch.tensor([[a1[i, j].item(), 1.0], [a2[i, j].item(), 1.0]], dtype=torch.float64), d64[i, j].item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_backward_takes_the_forwards_affine_branch(dtype):
+    # Regression: the backward decided the affine guard's branch from sums of its own (fp64 cosines for
+    # 16-bit x, whose forward sums fp32 ones; the stored fp32 cosines in the scores backward for fp32 x),
+    # so where the forward's d = sum_n s is at eps the two disagreed: dquery and dkeys were the
+    # gradient of the clamped function (no gradient through d) while the forward had divided by d. The
+    # gradients must be the reference's for the function the forward evaluated, w = s / d.
+    shape = dict(B=2, T=5, d_in=8, d_out=24, N=2, S=2, r=2, seed=41)
+    inp64 = make_inputs(**shape)
+    keys, d = _keys_across_the_guard(dtype)
+    inp64.keys = keys
+    inp64.query = torch.randn(2, 2, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    inp64.query[0] = torch.tensor([1.0, 0.0])
+    inp = _at(inp64, dtype)
+    exact = inp.to(torch.float64)
+    assert abs(reference.cosine_scores(exact.query, exact.keys).sum(-1)[0].item() - d) < 1e-15
+    grad = torch.randn(2, 5, 24, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    got = _backward(tri.mira_linear_backward, grad.to(dtype), inp, "affine")
+    # The forward's function near its d (pass-through at any eps below |d|); the clamped one (eps just above
+    # |d|: the same denominator, no gradient through it), which the criterion must tell from it.
+    passing = _backward(reference.mira_linear_backward, grad, exact, "affine", eps=abs(d) / 2)
+    own = _backward(reference.mira_linear_backward, grad.to(dtype), inp, "affine", eps=abs(d) / 2)
+    clamped = _backward(reference.mira_linear_backward, grad, exact, "affine", eps=abs(d) * (1 + 1e-12))
+    assert max_err(clamped[1], passing[1]) > 10 * max_err(own[1], passing[1]), "the test cannot tell the branches"
+    for name, g, w, o in zip(("dx", "dquery", "dkeys", "dbank_a", "dbank_b"), got, passing, own):
+        assert_close_to_spec(g, w, o, factor=3.0, floor=FLOOR[dtype], what=f"{name} {dtype} at the affine guard")
+
+
 def _key_layouts(keys: torch.Tensor):
     # Contiguous; rows of non-unit column stride (a transpose's view); an offset view; a row expanded.
     yield "contiguous", keys

@@ -43,7 +43,7 @@ def _cosines(query, keys, arithmetic):
 
     "tensor cores": before the fix, ``_cosines`` with a tf32x3 dot in 64-deep steps, fp32 norms and
     sums. "fp64": the rule's ``grad_scores``: fp64 throughout, scores and weights rounded once to
-    fp32; ``_mira_scores_bwd_kernel`` sums the stored fp32 scores in fp64."""
+    fp32; ``_mira_scores_bwd_kernel`` divides by the retrieval's fp64 sum (its guarded denominator)."""
     q, k = query.float(), keys.float()
     if arithmetic == "tensor cores":
         dots = tensor_cores.chunked_dot(q, k.T, block_k=64)
@@ -53,7 +53,8 @@ def _cosines(query, keys, arithmetic):
     qd, kd = q.double(), k.double()
     s64 = (qd @ kd.T) / qd.norm(dim=1)[:, None] / kd.norm(dim=1)[None, :]
     s = s64.float()
-    return s, (s64 / _guarded(s64.sum(-1))[:, None]).float(), s.double().sum(-1)
+    total = s64.sum(-1)
+    return s, (s64 / _guarded(total)[:, None]).float(), total
 
 
 def _dquery(inp, grad_out, arithmetic):
