@@ -45,7 +45,10 @@ def task_slots(model: nn.Module) -> dict[str | None, list[int]]:
 def _as_tasks(tasks: str | Iterable[str], what: str) -> list[str]:
     if tasks is None:
         raise TypeError(f"{what}: tasks are given by name (a str or a sequence of str), got None")
-    tasks = [tasks] if isinstance(tasks, str) else list(tasks)
+    try:
+        tasks = [tasks] if isinstance(tasks, str) else list(tasks)
+    except TypeError:  # an int or a 0-d tensor: list() would say only "not iterable"
+        raise TypeError(f"{what}: tasks are given by name (a str or a sequence of str), got {tasks!r}") from None
     if not all(isinstance(t, str) for t in tasks):
         raise TypeError(f"{what}: tasks are given by name (str), got {tasks!r}")
     return tasks

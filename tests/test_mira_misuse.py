@@ -403,3 +403,17 @@ def test_attach_keeps_each_module_mode_and_its_dry_run_input_off_the_global_rand
     torch.manual_seed(11)
     first = _example_input(model, 2)
     assert torch.equal(torch.rand(3), want) and torch.equal(_example_input(model, 2), first)
+
+
+# ----------------------------------------------------------------------------------------------
+# The task, optimiser-state, summary and query functions under careless input (review of 2026-12-07)
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tasks", [5, 1.5, torch.tensor(0)])
+def test_task_functions_name_the_argument_for_a_non_iterable(tasks):
+    model = filled()
+    for fn in (mira.remove_tasks, mira.select_tasks):
+        with pytest.raises(TypeError, match=f"{fn.__name__}: tasks are given by name"):
+            fn(model, tasks)
+    assert all(m.num_slots == 2 for m in mira.memories(model))
