@@ -520,6 +520,8 @@ class AdapterMemory(nn.Module):
         """Delete stored adapters, by index, by name (every slot of that task) or by a boolean mask
         (a bool tensor of one entry per slot); later slots move down (indices shift like a list's)."""
         drop = self._slot_indices(indices)
+        if not drop:  # nothing to remove: keep the storage and the gradients as they are
+            return
         n = self.num_slots
         self._slot_names = [name for i, name in enumerate(self._slot_names) if i not in set(drop)]
         keep = torch.tensor([i for i in range(n) if i not in set(drop)], dtype=torch.long, device=self.keys.device)
@@ -531,6 +533,11 @@ class AdapterMemory(nn.Module):
         for t in (self.keys.data, self.bank_a.data, self.bank_b.data):
             t[:m] = t[keep]
             t[m:].zero_()
+        # the slots moved down but a gradient's rows did not: a step would move each slot by the
+        # gradient of the slot that sat there before (a growing memory drops its gradients too)
+        self.keys.grad = None
+        if isinstance(self.bank_a, nn.Parameter):
+            self.bank_a.grad = self.bank_b.grad = None
         self.active.zero_()
         self.active[:m] = True
 

@@ -417,3 +417,30 @@ def test_task_functions_name_the_argument_for_a_non_iterable(tasks):
         with pytest.raises(TypeError, match=f"{fn.__name__}: tasks are given by name"):
             fn(model, tasks)
     assert all(m.num_slots == 2 for m in mira.memories(model))
+
+
+@pytest.mark.parametrize("capacity", [None, 4])
+def test_removing_no_task_keeps_the_gradients(capacity):
+    model = filled(capacity=capacity)
+    mira.set_stage(model, "consolidation")
+    model(images(batch=2)).sum().backward()
+    grads = [m.keys.grad.clone() for m in mira.memories(model)]
+    assert mira.remove_tasks(model, []) == [0, 0]
+    assert all(m.keys.grad is not None and torch.equal(m.keys.grad, g) for m, g in zip(mira.memories(model), grads))
+
+
+def test_removing_a_slot_of_a_fixed_capacity_memory_leaves_no_gradient_on_the_wrong_slot():
+    model = mira.attach(tiny_vit(), capacity=4)
+    g = torch.Generator().manual_seed(0)
+    for task in ("a", "b"):
+        with torch.no_grad():
+            for p in mira.projections(model):
+                p.lora_b.normal_(generator=g)
+        mira.write_adapters(model, task=task, generator=g)
+    mira.set_stage(model, "consolidation")
+    model(images(batch=2)).sum().backward()
+    assert all(m.keys.grad[0].any() for m in mira.memories(model))
+    mira.remove_tasks(model, "a")
+    for m in mira.memories(model):
+        # slot 0 now holds task b: the gradient of a's key must not step it (a growing memory drops it too)
+        assert m.keys.grad is None or not m.keys.grad.any()
