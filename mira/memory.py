@@ -64,7 +64,7 @@ from mira_kernels.ops import PLAN_ABSENT
 from mira_kernels.reference import NORM_EPS, normalize
 
 from .config import MemoryConfig
-from .optim_state import note_resized
+from .optim_state import check_optimizer, note_resized
 from .query import IdentityQuery, build_query_module, pool_tokens
 
 __all__ = ["AdapterMemory"]
@@ -582,6 +582,7 @@ class AdapterMemory(nn.Module):
 
     def forget_optimizer_state(self, optimizer: torch.optim.Optimizer) -> None:
         """Drop ``optimizer``'s per-parameter state of this memory's tensors (call after growing)."""
+        check_optimizer(optimizer, "forget_optimizer_state")
         for p in (self.keys, self.bank_a, self.bank_b):
             optimizer.state.pop(p, None)
 

@@ -17,12 +17,13 @@ old size: call
 from __future__ import annotations
 
 import weakref
+from collections.abc import MutableMapping
 
 import torch
 import torch.nn as nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-__all__ = ["forget_optimizer_state", "note_resized"]
+__all__ = ["check_optimizer", "forget_optimizer_state", "note_resized"]
 
 # Per-parameter state entries of torch.optim's optimisers that have the parameter's shape.
 _MIRRORED_STATE = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "exp_inf", "momentum_buffer", "square_avg",
@@ -67,9 +68,23 @@ def _check_state(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
                 )
 
 
+def check_optimizer(optimizer, what: str) -> None:
+    """Raise a TypeError naming ``what`` unless ``optimizer`` holds per-parameter state as torch's do."""
+    if not isinstance(getattr(optimizer, "state", None), MutableMapping):  # None.state: an AttributeError
+        raise TypeError(f"{what}: optimizer must be a torch.optim.Optimizer (its per-parameter state is dropped), "
+                        f"got {type(optimizer).__name__}")
+
+
 def forget_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """Drop ``optimizer``'s per-parameter state of every memory of ``model`` (call after growing)."""
     from .integration import memories
 
-    for memory in memories(model):
+    if not isinstance(model, nn.Module):  # (optimizer, model) swapped: "'SGD' has no attribute named_modules"
+        raise TypeError(f"forget_optimizer_state: model must be an nn.Module with MIRA attached, got "
+                        f"{type(model).__name__} (the arguments are (model, optimizer))")
+    check_optimizer(optimizer, "forget_optimizer_state")
+    found = memories(model)
+    if not found:  # the backbone or a submodule passed for the model: nothing would be forgotten
+        raise RuntimeError("forget_optimizer_state: the model has no MIRA memories (call mira.attach first)")
+    for memory in found:
         memory.forget_optimizer_state(optimizer)

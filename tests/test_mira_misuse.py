@@ -444,3 +444,17 @@ def test_removing_a_slot_of_a_fixed_capacity_memory_leaves_no_gradient_on_the_wr
     for m in mira.memories(model):
         # slot 0 now holds task b: the gradient of a's key must not step it (a growing memory drops it too)
         assert m.keys.grad is None or not m.keys.grad.any()
+
+
+def test_forget_optimizer_state_refuses_swapped_or_wrong_arguments_and_a_model_without_mira():
+    model = filled()
+    optimizer = torch.optim.SGD(mira.trainable_parameters(model, "consolidation"), lr=0.1)
+    with pytest.raises(TypeError, match="forget_optimizer_state: model must be an nn.Module"):
+        mira.forget_optimizer_state(optimizer, model)
+    for wrong in (None, list(model.parameters())):
+        with pytest.raises(TypeError, match="optimizer must be a torch.optim.Optimizer"):
+            mira.forget_optimizer_state(model, wrong)
+        with pytest.raises(TypeError, match="optimizer must be a torch.optim.Optimizer"):
+            mira.memories(model)[0].forget_optimizer_state(wrong)
+    with pytest.raises(RuntimeError, match="no MIRA memories"):  # e.g. the backbone passed for the model
+        mira.forget_optimizer_state(tiny_vit(), optimizer)
