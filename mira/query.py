@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from .config import _positive_int
+
 __all__ = ["IdentityQuery", "LinearQuery", "MlpQuery", "build_query_module", "pool_tokens"]
 
 
@@ -24,6 +26,10 @@ def pool_tokens(x: torch.Tensor, query_token: str, num_prefix_tokens: int) -> to
     Returns:
         (B, d).
     """
+    if query_token not in ("cls", "mean"):  # anything else was taken as "mean"
+        raise ValueError(f"unknown query_token {query_token!r}; expected one of ('cls', 'mean')")
+    if num_prefix_tokens < 0:  # x[:, -1:] would be the last token alone
+        raise ValueError(f"num_prefix_tokens must be >= 0, got {num_prefix_tokens!r}")
     if query_token == "cls":
         if x.shape[1] == 0:
             raise ValueError(f"query_token='cls' takes token 0, but the tokens {tuple(x.shape)} hold none")
@@ -34,11 +40,17 @@ def pool_tokens(x: torch.Tensor, query_token: str, num_prefix_tokens: int) -> to
     return x[:, num_prefix_tokens:].mean(dim=1)
 
 
+def _widths(in_features, out_features) -> tuple[int, int]:
+    """Checked widths: a flag, a str or a negative width would build a module of no real width."""
+    return _positive_int("in_features", in_features), _positive_int("out_features", out_features)
+
+
 class IdentityQuery(nn.Module):
     """g(t) = t (the paper's continual-learning runs). Needs d_k == d_in."""
 
     def __init__(self, in_features: int, out_features: int, hidden_features: int | None = None, **factory) -> None:
         super().__init__()
+        in_features, out_features = _widths(in_features, out_features)
         if in_features != out_features:
             raise ValueError(f"IdentityQuery needs in_features == out_features, got {in_features} and {out_features}")
         self.in_features = self.out_features = in_features
@@ -57,7 +69,7 @@ class LinearQuery(nn.Linear):
     """g(t) = W t + b."""
 
     def __init__(self, in_features: int, out_features: int, hidden_features: int | None = None, **factory) -> None:
-        super().__init__(in_features, out_features, **factory)
+        super().__init__(*_widths(in_features, out_features), **factory)
 
 
 class MlpQuery(nn.Module):
@@ -65,7 +77,9 @@ class MlpQuery(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, hidden_features: int | None = None, **factory) -> None:
         super().__init__()
-        hidden_features = hidden_features or in_features
+        in_features, out_features = _widths(in_features, out_features)
+        # None is the default width; 0 (which `or` took for the default) is refused
+        hidden_features = in_features if hidden_features is None else _positive_int("hidden_features", hidden_features)
         self.fc1 = nn.Linear(in_features, hidden_features, **factory)
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden_features, out_features, **factory)
@@ -85,8 +99,13 @@ def build_query_module(
     kind: str, in_features: int, out_features: int, hidden_features: int | None = None, **factory
 ) -> nn.Module:
     """The query module named ``kind`` (``identity``, ``linear``, ``mlp``)."""
+    if not isinstance(kind, str):  # a list raised "unhashable type"
+        raise TypeError(f"kind names a query module (str), one of {tuple(_QUERY_CLASSES)}; got {kind!r}")
     try:
         cls = _QUERY_CLASSES[kind]
     except KeyError:
         raise ValueError(f"unknown query module {kind!r}; expected one of {tuple(_QUERY_CLASSES)}") from None
+    if hidden_features is not None and cls is not MlpQuery:  # as MiraConfig: a width that would do nothing
+        raise ValueError(f"hidden_features={hidden_features!r} sets the hidden width of the 'mlp' query module; "
+                         f"{kind!r} has no hidden layer (leave hidden_features=None)")
     return cls(in_features, out_features, hidden_features, **factory)

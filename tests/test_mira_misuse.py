@@ -458,3 +458,24 @@ def test_forget_optimizer_state_refuses_swapped_or_wrong_arguments_and_a_model_w
             mira.memories(model)[0].forget_optimizer_state(wrong)
     with pytest.raises(RuntimeError, match="no MIRA memories"):  # e.g. the backbone passed for the model
         mira.forget_optimizer_state(tiny_vit(), optimizer)
+
+
+def test_query_modules_refuse_sizes_and_kinds_they_cannot_build():
+    from mira.query import pool_tokens
+
+    with pytest.raises(TypeError, match="kind"):
+        mira.build_query_module(["mlp"], 4, 4)  # was "unhashable type: 'list'"
+    # a flag, a str, a negative width or a hidden width of 0 built a module (0 meant the default)
+    for args in (("linear", True, 4), ("identity", "4", "4"), ("identity", -1, -1), ("mlp", 4, 4, 0)):
+        with pytest.raises((TypeError, ValueError), match="features"):
+            mira.build_query_module(*args)
+    with pytest.raises(ValueError, match="hidden_features=8"):  # a width that would do nothing
+        mira.build_query_module("linear", 4, 4, 8)
+    with pytest.raises(ValueError, match="hidden_features must be >= 1"):
+        mira.MlpQuery(4, 4, 0)
+    x = torch.randn(2, 5, 3)
+    with pytest.raises(ValueError, match="query_token"):  # was the mean of the patch tokens
+        pool_tokens(x, "CLS", 1)
+    with pytest.raises(ValueError, match="num_prefix_tokens"):  # was the mean of the last token alone
+        pool_tokens(x, "mean", -1)
+    assert mira.build_query_module("mlp", 4, 3, 8).fc1.out_features == 8
