@@ -512,8 +512,16 @@ class AdapterMemory(nn.Module):
         for t, new in ((self.keys.data, keys), (self.bank_a.data, bank_a), (self.bank_b.data, bank_b)):
             t[:n] = new
             t[n:].zero_()
+        self._drop_slot_grads()
         self.active.zero_()
         self.active[:n] = True
+
+    def _drop_slot_grads(self) -> None:
+        """A fixed-capacity memory's slots got new contents in place: a gradient's rows belong to what sat
+        there before, and a step would move each slot by it (a growing memory's new storage has none)."""
+        self.keys.grad = None
+        if isinstance(self.bank_a, nn.Parameter):
+            self.bank_a.grad = self.bank_b.grad = None
 
     @torch.no_grad()
     def remove(self, indices: int | str | Iterable[int | str]) -> None:
@@ -533,11 +541,7 @@ class AdapterMemory(nn.Module):
         for t in (self.keys.data, self.bank_a.data, self.bank_b.data):
             t[:m] = t[keep]
             t[m:].zero_()
-        # the slots moved down but a gradient's rows did not: a step would move each slot by the
-        # gradient of the slot that sat there before (a growing memory drops its gradients too)
-        self.keys.grad = None
-        if isinstance(self.bank_a, nn.Parameter):
-            self.bank_a.grad = self.bank_b.grad = None
+        self._drop_slot_grads()  # the slots moved down; a gradient's rows did not
         self.active.zero_()
         self.active[:m] = True
 

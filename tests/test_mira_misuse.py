@@ -485,3 +485,16 @@ def test_query_modules_refuse_sizes_and_kinds_they_cannot_build():
 def test_parameter_summary_names_a_model_that_is_not_a_module(fn):
     with pytest.raises(TypeError, match=r"parameter_summary: model must be an nn.Module, got str"):
         fn("vit_tiny_patch16_224")  # was "'str' object has no attribute 'named_modules'"
+
+
+def test_loading_into_a_fixed_capacity_memory_leaves_no_gradient_of_the_old_contents(tmp_path):
+    # The load overwrote the slots in place and kept their gradients: a step right after it moved the
+    # loaded keys by the gradients of the keys that sat there before.
+    source = filled(seed=4, capacity=4)
+    mira.save_memories(source, tmp_path / "m.safetensors")
+    model = filled(seed=3, capacity=4)
+    mira.set_stage(model, "consolidation")
+    model(images(batch=2)).sum().backward()
+    assert all(m.keys.grad is not None and m.keys.grad.any() for m in mira.memories(model))
+    mira.load_memories(model, tmp_path / "m.safetensors")
+    assert all(m.keys.grad is None for m in mira.memories(model))
