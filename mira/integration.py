@@ -396,13 +396,22 @@ def detach(model: nn.Module) -> nn.Module:
     return model
 
 
+def _check_module(model) -> None:
+    # Every function of this package that takes the model finds its MIRA parts through the two below:
+    # a model name or a state dict raised "'str' object has no attribute 'modules'" from inside them.
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module (the model MIRA is attached to), got {type(model).__name__}")
+
+
 def projections(model: nn.Module) -> list[MiraProjection]:
     """Every :class:`MiraProjection` of ``model``, in module (block) order."""
+    _check_module(model)
     return [m for m in model.modules() if isinstance(m, MiraProjection)]
 
 
 def named_memories(model: nn.Module) -> list[tuple[str, AdapterMemory]]:
     """(qualified name, memory) pairs in block order; the names key the save files."""
+    _check_module(model)
     return [(n, m) for n, m in model.named_modules() if isinstance(m, AdapterMemory)]
 
 

@@ -20,8 +20,6 @@ def parameter_summary(model: nn.Module) -> str:
     ``all params`` counts every element the model holds: parameters and the stored adapters
     (buffers unless ``trainable_bank``), so the percentage is of the served model's size.
     """
-    if not isinstance(model, nn.Module):  # a model name or a state dict: "no attribute 'named_modules'"
-        raise TypeError(f"parameter_summary: model must be an nn.Module, got {type(model).__name__}")
     counts = count_parameters(model)
     projs, mems = projections(model), memories(model)
     backbone = counts["backbone"]

@@ -481,9 +481,10 @@ def test_query_modules_refuse_sizes_and_kinds_they_cannot_build():
     assert mira.build_query_module("mlp", 4, 3, 8).fc1.out_features == 8
 
 
-@pytest.mark.parametrize("fn", [mira.parameter_summary, mira.print_trainable_parameters])
-def test_parameter_summary_names_a_model_that_is_not_a_module(fn):
-    with pytest.raises(TypeError, match=r"parameter_summary: model must be an nn.Module, got str"):
+@pytest.mark.parametrize("fn", [mira.parameter_summary, mira.print_trainable_parameters, mira.count_parameters,
+                                mira.memories, mira.projections, mira.task_slots, mira.unfold])
+def test_functions_taking_the_model_name_one_that_is_not_a_module(fn):
+    with pytest.raises(TypeError, match=r"model must be an nn.Module .*got str"):
         fn("vit_tiny_patch16_224")  # was "'str' object has no attribute 'named_modules'"
 
 
