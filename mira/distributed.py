@@ -148,6 +148,19 @@ def init_distributed(backend: str | None = None, *, timeout_s: float = DEFAULT_T
         existing process group is used as it is.
     """
     global _initialised_here
+    # The arguments are checked first, in every launch: a script tried with a plain python launch
+    # (where nothing else happens) must not first fail once started under torchrun.
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)):
+        raise TypeError(f"timeout_s must be a number of seconds, got {type(timeout_s).__name__}")
+    if not timeout_s > 0:
+        raise ValueError(f"timeout_s must be > 0, got {timeout_s!r}")
+    try:  # inf and huge values overflow the timedelta the process group takes
+        timeout = datetime.timedelta(seconds=timeout_s)
+    except OverflowError:
+        raise ValueError(f"timeout_s must be a finite number of seconds (at most "
+                         f"{datetime.timedelta.max.total_seconds():.0f}), got {timeout_s!r}") from None
+    if backend not in (None, "gloo", "nccl"):
+        raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
     if dist.is_available() and dist.is_initialized():
         return get_context()
     if not all(v in os.environ for v in _TORCHRUN_VARS):
@@ -155,18 +168,14 @@ def init_distributed(backend: str | None = None, *, timeout_s: float = DEFAULT_T
     if not dist.is_available():
         raise RuntimeError("RANK and WORLD_SIZE are set (a torchrun launch) but this torch build has no "
                            "torch.distributed support")
-    if not timeout_s > 0:
-        raise ValueError(f"timeout_s must be > 0, got {timeout_s!r}")
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend not in ("gloo", "nccl"):
-        raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
     local_rank = int(os.environ.get("LOCAL_RANK", os.environ["RANK"]))
     kwargs = {}
     if backend == "nccl":
         torch.cuda.set_device(local_rank)
         kwargs["device_id"] = torch.device("cuda", local_rank)
-    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+    dist.init_process_group(backend, timeout=timeout, **kwargs)
     _initialised_here = True
     return get_context()
 

@@ -171,6 +171,24 @@ def test_without_torchrun_everything_is_one_process(monkeypatch):
         md.init_distributed(timeout_s=0)
 
 
+@pytest.mark.parametrize("timeout_s", [0, -1.0, float("nan"), float("inf"), 1e20, "300", True, None])
+def test_init_distributed_refuses_a_bad_timeout_in_one_process_too(monkeypatch, timeout_s):
+    # A script checked with a plain python launch must not first fail (or fail unreadably: inf and
+    # 1e20 overflowed timedelta, "300" raised "'>' not supported") once launched under torchrun.
+    for var in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises((ValueError, TypeError), match="timeout_s"):
+        md.init_distributed(timeout_s=timeout_s)
+    with pytest.raises(ValueError, match="backend"):
+        md.init_distributed("mpi")
+    assert md.init_distributed(timeout_s=1) == md.DistributedContext()
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises((ValueError, TypeError), match="timeout_s"):  # refused before any process group
+        md.init_distributed(timeout_s=timeout_s)
+    assert not torch.distributed.is_initialized()
+
+
 # ------------------------------------------------------------------------------------------------
 # Ranks against one process: the recipe's two stages, DualGPM, mixup, a growing memory.
 # ------------------------------------------------------------------------------------------------
