@@ -326,14 +326,20 @@ class Shard:
         """This rank's part of the global batch's mean: sum of its per-sample losses / global batch size.
 
         With gradients summed over ranks (``grad_reduction="sum"``) the result is the gradient of
-        the global batch's mean loss. Padding contributes exactly zero (0 times a finite loss).
+        the global batch's mean loss. Padding contributes exactly zero, whatever its loss.
         """
-        if per_sample.shape[:1] != self.indices.shape:
-            raise ValueError(f"per_sample must have one loss per index ({self.indices.numel()}), "
+        if not isinstance(per_sample, torch.Tensor):
+            raise TypeError(f"per_sample must be a tensor of per-sample losses, got {type(per_sample).__name__}")
+        # Exactly (n,): an (n, k) tensor of per-element losses (reduction="none" on a loss that is
+        # not per sample) would be summed over k as well, k times the mean one process computes.
+        if per_sample.shape != self.indices.shape:
+            raise ValueError(f"per_sample must have one loss per index, shape ({self.indices.numel()},), "
                              f"got shape {tuple(per_sample.shape)}")
         if self.real == self.indices.numel():
             return per_sample.sum() / self.global_size
-        return (per_sample * self.weights.to(per_sample)).sum() / self.global_size
+        # Only the real entries are summed (real is 0 here): weighting the padding by 0 made 0 * inf
+        # a NaN that the global batch's loss does not have. Its gradient is still exactly zero.
+        return per_sample[: self.real].sum() / self.global_size
 
 
 class ShardedBatches:

@@ -109,6 +109,25 @@ def test_a_rank_with_an_empty_share_computes_a_padding_sample_that_contributes_n
     assert sum(p.loss(per_sample[p.indices]) for p in parts) == full.loss(per_sample) == per_sample.mean()
 
 
+def test_shard_loss_takes_one_finite_or_not_loss_per_index_and_padding_adds_exactly_zero():
+    full = md.ShardedBatches(torch.arange(4), 4).shard(0)
+    # (n, k) per-element losses (an MSE with reduction="none") were summed: k times the mean
+    for bad in (torch.ones(4, 3), torch.ones(4, 1), torch.tensor(1.0), torch.ones(3)):
+        with pytest.raises(ValueError, match="per_sample"):
+            full.loss(bad)
+    with pytest.raises(TypeError, match="per_sample"):
+        full.loss([1.0, 1.0, 1.0, 1.0])
+    assert full.loss(torch.tensor([1.0, float("nan"), 1.0, 1.0])).isnan()  # propagated
+    assert full.loss(torch.tensor([1.0, float("inf"), 1.0, 1.0])) == float("inf")
+    pad = md.ShardedBatches(torch.arange(2), 4, context=md.DistributedContext(2, 3, 2, "gloo")).shard(0)
+    assert pad.real == 0
+    for value in (float("inf"), float("nan")):  # 0 * inf made a NaN the global batch does not have
+        w = torch.tensor([value], requires_grad=True)
+        loss = pad.loss(w * 1.0)
+        loss.backward()
+        assert loss.item() == 0.0 and w.grad.tolist() == [0.0]
+
+
 def test_sharded_batches_resume_where_their_state_left_off():
     batches = md.ShardedBatches(torch.randperm(30), 7, context=md.DistributedContext(1, 2, 1, "gloo"))
     it = iter(batches)
