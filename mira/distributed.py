@@ -359,9 +359,17 @@ class ShardedBatches:
     def __init__(self, order: torch.Tensor, batch_size: int, *, context: DistributedContext | None = None,
                  position: int = 0) -> None:
         if not isinstance(order, torch.Tensor) or order.dim() != 1 or order.dtype != torch.int64:
-            raise TypeError("order must be a 1-D int64 tensor of sample indices")
+            got = (f"a {order.dim()}-D {order.dtype} tensor" if isinstance(order, torch.Tensor)
+                   else type(order).__name__)
+            raise TypeError(f"order must be a 1-D int64 tensor of sample indices, got {got}")
+        # A negative index would pick a sample counted from the end of the data: silently another
+        # sample than the one meant, and that sample twice in the epoch.
+        if order.numel() and int(order.min()) < 0:
+            raise ValueError(f"order must hold sample indices >= 0, got {int(order.min())}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        if isinstance(position, bool) or not isinstance(position, int):  # 1.5 failed only at the first step
+            raise TypeError(f"position must be an int (the next batch), got {type(position).__name__}")
         ctx = _ctx(context)
         self.order = order
         self.batch_size = batch_size
@@ -375,6 +383,12 @@ class ShardedBatches:
 
     def shard(self, i: int) -> Shard:
         """The share of global batch ``i``."""
+        # A batch past the end was an empty slice, whose "padding sample" raised an IndexError about
+        # an empty tensor; i = -2 sliced order[-4:-2], silently a batch that is none of the epoch's.
+        if isinstance(i, bool) or not isinstance(i, int):
+            raise TypeError(f"batch index must be an int, got {type(i).__name__}")
+        if not 0 <= i < len(self):
+            raise IndexError(f"batch {i} out of range for {len(self)} batches")
         start = i * self.batch_size
         global_idx = self.order[start : start + self.batch_size]
         pos = torch.arange(self.rank, global_idx.numel(), self.world_size)

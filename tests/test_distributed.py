@@ -143,6 +143,28 @@ def test_sharded_batches_resume_where_their_state_left_off():
         md.ShardedBatches(torch.arange(3.0), 2)
 
 
+def test_sharded_batches_refuse_what_they_would_shard_wrongly_or_fail_on_later():
+    ctx = md.DistributedContext(1, 2, 1, "gloo")
+    # a negative index silently picked a sample from the end of the data (twice, with its own)
+    with pytest.raises(ValueError, match="order"):
+        md.ShardedBatches(torch.tensor([3, -1, 0, 2]), 2, context=ctx)
+    with pytest.raises(TypeError, match="int32"):
+        md.ShardedBatches(torch.arange(4, dtype=torch.int32), 2, context=ctx)
+    # position 1.5 was accepted and failed at the first step ("slice indices must be integers")
+    for position in (1.5, True, "1"):
+        with pytest.raises(TypeError, match="position"):
+            md.ShardedBatches(torch.arange(4), 2, context=ctx, position=position)
+    batches = md.ShardedBatches(torch.arange(5), 2, context=ctx)
+    for i in (3, -1, -2, 1.0):  # past the end: an IndexError about an empty tensor; -2: order[-4:-2]
+        with pytest.raises((IndexError, TypeError), match="batch"):
+            batches.shard(i)
+    assert batches.shard(2).real == 0 and batches.shard(2).indices.tolist() == [4]
+    assert list(md.ShardedBatches(torch.arange(0), 2, context=ctx)) == []  # an empty epoch: no steps
+    big = [list(md.ShardedBatches(torch.arange(3), 8, context=md.DistributedContext(r, 2, r, "gloo")))
+           for r in range(2)]
+    assert [[s.indices.tolist() for s in b] for b in big] == [[[0, 2]], [[1]]]
+
+
 def test_checkpoint_round_trip_keeps_structure_types_and_bits(tmp_path):
     gen = torch.Generator().manual_seed(3)
     state = {"model": {"keys": torch.randn(3, 4), "active": torch.tensor([True, False])},
