@@ -555,6 +555,14 @@ class DistributedModel:
             raise ValueError(f"unknown strategy {strategy!r}; expected one of {STRATEGIES}")
         if grad_reduction not in ("mean", "sum"):
             raise ValueError(f"grad_reduction must be 'mean' or 'sum', got {grad_reduction!r}")
+        # Checked here, not by DDP at the first forward: that comes after the ranks' layout exchange,
+        # and "25" raised about a 2-million-digit integer, nan about converting NaN.
+        if bucket_cap_mb is not None:
+            if isinstance(bucket_cap_mb, bool) or not isinstance(bucket_cap_mb, (int, float)):
+                raise TypeError(f"bucket_cap_mb must be a number of megabytes or None, got "
+                                f"{type(bucket_cap_mb).__name__}")
+            if not 0 <= bucket_cap_mb < float("inf"):
+                raise ValueError(f"bucket_cap_mb must be finite and >= 0, got {bucket_cap_mb!r}")
         self.module = module
         self.strategy = strategy
         self.grad_reduction = grad_reduction

@@ -165,6 +165,17 @@ def test_sharded_batches_refuse_what_they_would_shard_wrongly_or_fail_on_later()
     assert [[s.indices.tolist() for s in b] for b in big] == [[[0, 2]], [[1]]]
 
 
+def test_distributed_model_refuses_a_bad_bucket_size_at_construction():
+    # under DDP "25" raised "Exceeds the limit (4300 digits)" at the first forward, after the ranks'
+    # layout exchange; nan "cannot convert float NaN to integer"; -1 was passed on
+    model = torch.nn.Linear(2, 2)
+    for bad in ("25", float("nan"), float("inf"), -1, True):
+        with pytest.raises((TypeError, ValueError), match="bucket_cap_mb"):
+            md.DistributedModel(model, "ddp", bucket_cap_mb=bad)
+    assert md.DistributedModel(model, "ddp", bucket_cap_mb=0.5).bucket_cap_mb == 0.5
+    assert md.DistributedModel(model, "ddp", bucket_cap_mb=None).bucket_cap_mb is None
+
+
 def test_checkpoint_round_trip_keeps_structure_types_and_bits(tmp_path):
     gen = torch.Generator().manual_seed(3)
     state = {"model": {"keys": torch.randn(3, 4), "active": torch.tensor([True, False])},
