@@ -661,13 +661,15 @@ class DistributedModel:
         from torch.distributed.tensor import DTensor
 
         if first:
+            # Refused before the broadcast: a failed call must not have replaced the ranks' weights
+            # (every rank has the same layout, checked above, so every rank refuses).
+            blocks = _transformer_blocks(self.module)
+            if not blocks:
+                raise ValueError("strategy='fsdp' shards transformer blocks (modules with attn.qkv); found none")
             replicated = set(mira_state_tensors(self.module).values()) | set(self._trainable())
             replicated = {p for p in replicated if isinstance(p, nn.Parameter)}
             plain = [t for t in (*self.module.parameters(), *self.module.buffers()) if not isinstance(t, DTensor)]
             broadcast_tensors_(plain, context=self.context)
-            blocks = _transformer_blocks(self.module)
-            if not blocks:
-                raise ValueError("strategy='fsdp' shards transformer blocks (modules with attn.qkv); found none")
             for block in blocks:
                 if not isinstance(block, FSDPModule):  # a model wrapped before keeps its sharding
                     fully_shard(block, ignored_params=replicated)

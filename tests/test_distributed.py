@@ -176,6 +176,18 @@ def test_distributed_model_refuses_a_bad_bucket_size_at_construction():
     assert md.DistributedModel(model, "ddp", bucket_cap_mb=None).bucket_cap_mb is None
 
 
+def test_fsdp_on_a_model_without_transformer_blocks_is_refused_before_rank_0s_weights_are_broadcast(monkeypatch):
+    # Measured at 2 gloo ranks: the refusal came after the broadcast, so the failed call had
+    # replaced rank 1's weights with rank 0's. A one-rank group stands in (no collective runs).
+    sent = []
+    monkeypatch.setattr(md, "broadcast_tensors_", lambda tensors, **kw: sent.append(len(tensors)))
+    model = torch.nn.Linear(2, 2)
+    net = md.DistributedModel(model, "fsdp", context=md.DistributedContext(0, 1, 0, "gloo"), verbose=False)
+    with pytest.raises(ValueError, match="transformer blocks"):
+        net(torch.randn(1, 2))
+    assert sent == [] and net.builds == 0
+
+
 def test_checkpoint_round_trip_keeps_structure_types_and_bits(tmp_path):
     gen = torch.Generator().manual_seed(3)
     state = {"model": {"keys": torch.randn(3, 4), "active": torch.tensor([True, False])},
