@@ -49,6 +49,7 @@ import dataclasses
 import datetime
 import gc
 import json
+import numbers
 import os
 import weakref
 from collections.abc import Iterator, Sequence
@@ -150,12 +151,12 @@ def init_distributed(backend: str | None = None, *, timeout_s: float = DEFAULT_T
     global _initialised_here
     # The arguments are checked first, in every launch: a script tried with a plain python launch
     # (where nothing else happens) must not first fail once started under torchrun.
-    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)):
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, numbers.Real):
         raise TypeError(f"timeout_s must be a number of seconds, got {type(timeout_s).__name__}")
     if not timeout_s > 0:
         raise ValueError(f"timeout_s must be > 0, got {timeout_s!r}")
     try:  # inf and huge values overflow the timedelta the process group takes
-        timeout = datetime.timedelta(seconds=timeout_s)
+        timeout = datetime.timedelta(seconds=float(timeout_s))  # numpy scalars too
     except OverflowError:
         raise ValueError(f"timeout_s must be a finite number of seconds (at most "
                          f"{datetime.timedelta.max.total_seconds():.0f}), got {timeout_s!r}") from None
@@ -368,7 +369,7 @@ class ShardedBatches:
             raise ValueError(f"order must hold sample indices >= 0, got {int(order.min())}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-        if isinstance(position, bool) or not isinstance(position, int):  # 1.5 failed only at the first step
+        if isinstance(position, bool) or not isinstance(position, numbers.Integral):  # 1.5 failed at the first step
             raise TypeError(f"position must be an int (the next batch), got {type(position).__name__}")
         ctx = _ctx(context)
         self.order = order
@@ -376,7 +377,7 @@ class ShardedBatches:
         self.rank, self.world_size = ctx.rank, ctx.world_size
         if not 0 <= position <= len(self):
             raise ValueError(f"position {position} out of range for {len(self)} batches")
-        self.position = position
+        self.position = int(position)
 
     def __len__(self) -> int:
         return -(-self.order.numel() // self.batch_size)
@@ -385,11 +386,11 @@ class ShardedBatches:
         """The share of global batch ``i``."""
         # A batch past the end was an empty slice, whose "padding sample" raised an IndexError about
         # an empty tensor; i = -2 sliced order[-4:-2], silently a batch that is none of the epoch's.
-        if isinstance(i, bool) or not isinstance(i, int):
+        if isinstance(i, bool) or not isinstance(i, numbers.Integral):
             raise TypeError(f"batch index must be an int, got {type(i).__name__}")
         if not 0 <= i < len(self):
             raise IndexError(f"batch {i} out of range for {len(self)} batches")
-        start = i * self.batch_size
+        start = int(i) * self.batch_size
         global_idx = self.order[start : start + self.batch_size]
         pos = torch.arange(self.rank, global_idx.numel(), self.world_size)
         real = pos.numel()
@@ -558,7 +559,7 @@ class DistributedModel:
         # Checked here, not by DDP at the first forward: that comes after the ranks' layout exchange,
         # and "25" raised about a 2-million-digit integer, nan about converting NaN.
         if bucket_cap_mb is not None:
-            if isinstance(bucket_cap_mb, bool) or not isinstance(bucket_cap_mb, (int, float)):
+            if isinstance(bucket_cap_mb, bool) or not isinstance(bucket_cap_mb, numbers.Real):
                 raise TypeError(f"bucket_cap_mb must be a number of megabytes or None, got "
                                 f"{type(bucket_cap_mb).__name__}")
             if not 0 <= bucket_cap_mb < float("inf"):

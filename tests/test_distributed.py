@@ -22,6 +22,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -159,6 +160,7 @@ def test_sharded_batches_refuse_what_they_would_shard_wrongly_or_fail_on_later()
         with pytest.raises((IndexError, TypeError), match="batch"):
             batches.shard(i)
     assert batches.shard(2).real == 0 and batches.shard(2).indices.tolist() == [4]
+    assert md.ShardedBatches(torch.arange(5), 2, context=ctx, position=np.int64(1)).shard(np.int64(1)).real == 1
     assert list(md.ShardedBatches(torch.arange(0), 2, context=ctx)) == []  # an empty epoch: no steps
     big = [list(md.ShardedBatches(torch.arange(3), 8, context=md.DistributedContext(r, 2, r, "gloo")))
            for r in range(2)]
@@ -173,6 +175,7 @@ def test_distributed_model_refuses_a_bad_bucket_size_at_construction():
         with pytest.raises((TypeError, ValueError), match="bucket_cap_mb"):
             md.DistributedModel(model, "ddp", bucket_cap_mb=bad)
     assert md.DistributedModel(model, "ddp", bucket_cap_mb=0.5).bucket_cap_mb == 0.5
+    assert md.DistributedModel(model, "ddp", bucket_cap_mb=np.float32(25)).bucket_cap_mb == 25
     assert md.DistributedModel(model, "ddp", bucket_cap_mb=None).bucket_cap_mb is None
 
 
@@ -245,7 +248,8 @@ def test_init_distributed_refuses_a_bad_timeout_in_one_process_too(monkeypatch, 
         md.init_distributed(timeout_s=timeout_s)
     with pytest.raises(ValueError, match="backend"):
         md.init_distributed("mpi")
-    assert md.init_distributed(timeout_s=1) == md.DistributedContext()
+    for good in (1, 0.5, np.float32(2), np.int64(3)):
+        assert md.init_distributed(timeout_s=good) == md.DistributedContext()
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "1")
     with pytest.raises((ValueError, TypeError), match="timeout_s"):  # refused before any process group
