@@ -106,6 +106,17 @@ class DistributedContext:
     local_rank: int = 0
     backend: str | None = None
 
+    def __post_init__(self) -> None:
+        # Built by hand (tests, a custom launcher), a rank outside 0..world_size-1 made ShardedBatches
+        # take positions of no rank or another rank's: samples silently dropped and duplicated.
+        for name in ("rank", "world_size", "local_rank"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+        if self.world_size < 1 or not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank must be in 0..world_size-1 with world_size >= 1, got rank {self.rank} "
+                             f"of world_size {self.world_size}")
+
     @property
     def active(self) -> bool:
         """True when a process group exists (even of size 1, as under ``torchrun --nproc-per-node 1``)."""

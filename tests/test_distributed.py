@@ -191,6 +191,14 @@ def test_fsdp_on_a_model_without_transformer_blocks_is_refused_before_rank_0s_we
     assert sent == [] and net.builds == 0
 
 
+@pytest.mark.parametrize("rank, world", [(-1, 2), (2, 2), (0, 0), (1.0, 2)])
+def test_a_context_whose_rank_is_not_one_of_its_world_is_refused(rank, world):
+    # ShardedBatches took rank -1 of 2 as positions -1, 1, ... ([2, 1] of a batch [0, 1, 2]) and rank
+    # 2 of 2 as rank 0's positions again: samples silently duplicated and dropped.
+    with pytest.raises((ValueError, TypeError), match="rank|world_size"):
+        md.DistributedContext(rank, world, 0, "gloo")
+
+
 def test_checkpoint_round_trip_keeps_structure_types_and_bits(tmp_path):
     gen = torch.Generator().manual_seed(3)
     state = {"model": {"keys": torch.randn(3, 4), "active": torch.tensor([True, False])},
