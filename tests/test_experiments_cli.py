@@ -115,3 +115,34 @@ def test_conflict_control_reports_the_cue_blind_bound(tmp_path, monkeypatch, sha
     assert "cue-blind pairs" in (out / "results.md").read_text()
     assert os.path.exists(out / "results.json")
 
+
+
+@pytest.mark.parametrize(
+    "args, msg",
+    [
+        (["--threads", "0"], "--threads must be >= 1"),
+        (["--threads", "-3"], "--threads must be >= 1"),
+        (["--dist-timeout", "inf"], "--dist-timeout must be"),
+        (["--dist-timeout", "1e300"], "--dist-timeout must be"),
+        (["--seeds", "0", "1", "0"], "--seeds repeats"),
+        (["--seeds", str(2 ** 70)], "--seeds must be"),
+        (["--out", "{file}"], "--out"),
+        (["--out", "{file}/sub"], "--out"),
+        (["--checkpoint-dir", "{file}"], "--checkpoint-dir"),
+    ],
+    ids=["threads-0", "threads-negative", "timeout-inf", "timeout-huge", "seeds-repeated", "seed-huge",
+         "out-file", "out-under-file", "checkpoint-dir-file"],
+)
+def test_bad_options_are_one_line_usage_errors_before_any_work(args, msg, tmp_path, monkeypatch, capsys):
+    # As argparse's own errors: exit status 2 and one line naming the option, not a traceback after the
+    # backbone's pre-training (--seeds 0 0 ran seed 0 twice and reported its "± 0.0" as two seeds'; a
+    # --checkpoint-dir that is a file failed after the first task was trained).
+    monkeypatch.setenv("MIRA_EXPERIMENTS_CACHE", str(tmp_path / "cache"))  # nothing may be built there
+    file = tmp_path / "file"
+    file.write_text("x")
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["dil", "--quick", "--no-progress", *(a.format(file=file) for a in args)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("python -m mira.experiments: error: ") and msg in err, err
+    assert not (tmp_path / "cache").exists() and file.read_text() == "x"

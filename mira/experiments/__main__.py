@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import os
 import platform
 import sys
@@ -170,8 +171,27 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     if args.record and args.out:
         parser.error("--record writes to results/experiments/<suite>[-<preset>]/; do not also pass --out")
-    if not args.dist_timeout > 0:
-        parser.error("--dist-timeout must be > 0")
+    # Checked here, as argparse checks its own: otherwise each failed as a traceback once started, some
+    # after the backbone's pre-training or a task's training.
+    if not 0 < args.dist_timeout <= datetime.timedelta.max.total_seconds():  # inf overflows the group's timedelta
+        parser.error(f"--dist-timeout must be > 0 and finite (at most "
+                     f"{datetime.timedelta.max.total_seconds():.0f} s), got {args.dist_timeout}")
+    if args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
+    if args.seeds:
+        repeated = sorted({s for s in args.seeds if args.seeds.count(s) > 1})
+        if repeated:  # a repeat is the same run again: the mean and std would count it as another seed
+            parser.error(f"--seeds repeats {repeated}; each seed is one run of the mean +- std")
+        big = [s for s in args.seeds if not -2 ** 32 < s < 2 ** 32]
+        if big:  # the recipe's generators take e.g. 1_000_003 * seed + epoch, which must fit in 64 bits
+            parser.error(f"--seeds must be between -2**32 and 2**32, got {big}")
+    for option, folder in (("--out", args.out), ("--checkpoint-dir", args.checkpoint_dir)):
+        if folder:
+            parent = os.path.abspath(folder)
+            while not os.path.exists(parent):  # the nearest part of the path that exists must be a folder
+                parent = os.path.dirname(parent)
+            if not os.path.isdir(parent):
+                parser.error(f"{option} {folder}: {parent} is a file, not a folder")
     settings = SUITES[args.suite].settings
     if args.protocol != "all" and args.protocol not in settings:
         parser.error(f"suite {args.suite!r} runs {settings} only")
