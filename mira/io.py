@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 import os
 import re
 import warnings
@@ -510,6 +511,15 @@ def _lora_modules(state: Mapping[str, torch.Tensor], adapter_name: str, prefix: 
     return modules
 
 
+def _check_alpha(where: str, value) -> None:
+    # Checked before any use: a NaN or inf alpha was reported as factors "too large" for the model's
+    # dtype, a string or null one as "unsupported operand type(s) for /".
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"import_peft: {where} in the PEFT config must be a finite number, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"import_peft: {where} in the PEFT config must be a finite number, got {value!r}")
+
+
 def _pattern_value(patterns: Mapping[str, object], module: str, default):
     # PEFT's rank/alpha patterns name a module by a suffix (a regex) of its qualified name.
     for pattern, value in patterns.items():
@@ -595,8 +605,16 @@ def import_peft(
         raise ValueError(f"the PEFT config enables {variants}, which change the LoRA forward beyond "
                          "scale * B A x; only plain LoRA (optionally rslora) can be imported")
     alpha = config.get("lora_alpha", 8)
+    _check_alpha("lora_alpha", alpha)
     alpha_pattern = config.get("alpha_pattern") or {}
-    rslora = bool(config.get("use_rslora", False))
+    if not isinstance(alpha_pattern, Mapping):
+        raise TypeError(f"import_peft: alpha_pattern in the PEFT config must be a mapping of module patterns to "
+                        f"alphas, got {alpha_pattern!r}")
+    for pattern, value in alpha_pattern.items():
+        _check_alpha(f"alpha_pattern[{pattern!r}]", value)
+    rslora = config.get("use_rslora", False)
+    if not isinstance(rslora, bool):  # bool("false") is True: it would silently scale by alpha / sqrt(r)
+        raise TypeError(f"import_peft: use_rslora in the PEFT config must be true or false, got {rslora!r}")
     available = _lora_modules(state, adapter_name, prefix)
     if not available:
         raise ValueError("no LoRA weights (lora_A / lora_B) found in the PEFT source")

@@ -323,3 +323,28 @@ def test_import_peft_with_a_bad_last_block_changes_nothing():
     with pytest.raises(ValueError, match="do not fit"):
         mira.import_peft(model, (state, config))
     assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize(
+    "change, exc, msg",
+    [
+        ({"use_rslora": "false"}, TypeError, "use_rslora .* must be true or false, got 'false'"),
+        ({"lora_alpha": float("nan")}, ValueError, "lora_alpha .* must be a finite number, got nan"),
+        ({"lora_alpha": float("inf")}, ValueError, "lora_alpha .* must be a finite number, got inf"),
+        ({"lora_alpha": "16"}, TypeError, "lora_alpha .* must be a finite number, got '16'"),
+        ({"lora_alpha": None}, TypeError, "lora_alpha .* must be a finite number, got None"),
+        ({"alpha_pattern": {"qkv": float("nan")}}, ValueError, r"alpha_pattern\['qkv'\] .* must be a finite number"),
+        ({"alpha_pattern": ["qkv"]}, TypeError, "alpha_pattern .* must be a mapping"),
+    ],
+    ids=["rslora-string", "alpha-nan", "alpha-inf", "alpha-string", "alpha-none", "pattern-nan", "pattern-list"],
+)
+@pytest.mark.parametrize("into", ["lora", "memory"])
+def test_import_peft_refuses_config_values_it_would_misread_and_changes_nothing(change, exc, msg, into):
+    # use_rslora "false" was truthy (silently scaled by alpha / sqrt(r)); a NaN alpha was reported as
+    # factors "too large", a string or null one as "unsupported operand type(s) for /".
+    state, config = _peft_state()
+    model = filled()
+    before = snapshot(model)
+    with pytest.raises(exc, match=msg):
+        mira.import_peft(model, (state, {**config, **change}), into=into)
+    assert_unchanged(model, before)
