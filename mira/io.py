@@ -497,7 +497,11 @@ def _lora_modules(state: Mapping[str, torch.Tensor], adapter_name: str, prefix: 
         module = match["module"]
         if module.startswith(prefix):
             module = module[len(prefix):]
-        modules.setdefault(module, {})[match["factor"]] = value
+        factors = modules.setdefault(module, {})
+        if match["factor"] in factors:  # e.g. saved with and without the adapter name: which one is meant?
+            raise ValueError(f"PEFT module {module} has lora_{match['factor']} twice (the last key: {key}); "
+                             "keep one, or name the adapter with adapter_name")
+        factors[match["factor"]] = value
     if others:
         # e.g. modules_to_save (a trained head): part of the PEFT model, not of an adapter value.
         warnings.warn(
@@ -656,10 +660,22 @@ def import_peft(
             if factors is None:
                 continue  # PEFT did not adapt this module: the equivalent value is zero
             used.add(path)
+            for factor, t in (("lora_A", factors["A"]), ("lora_B", factors["B"])):
+                # Named here: these raised IndexError or expand() errors; .double() drops a complex
+                # factor's imaginary part silently.
+                if not isinstance(t, torch.Tensor):
+                    raise TypeError(f"{path}: {factor} is a {type(t).__name__}, not a Tensor")
+                if t.is_complex():
+                    raise TypeError(f"{path}: {factor} has dtype {t.dtype}; a LoRA factor is real")
+                if t.dim() != 2:
+                    raise ValueError(f"{path}: {factor} has shape {tuple(t.shape)}; expected a 2-D (out, in) "
+                                     "weight of a linear LoRA")
             lora_a, lora_b = factors["A"].double(), factors["B"].double()
             if not (bool(torch.isfinite(lora_a).all()) and bool(torch.isfinite(lora_b).all())):
                 raise ValueError(f"{path}: the PEFT LoRA factors hold NaN or inf values")
             r = lora_a.shape[0]
+            if r == 0:  # its scaling alpha / r divided by zero
+                raise ValueError(f"{path}: the PEFT LoRA has rank 0 (lora_A {tuple(lora_a.shape)})")
             if lora_a.shape[1] != c.d_in or lora_b.shape[1] != r:
                 raise ValueError(f"{path}: lora_A {tuple(lora_a.shape)} / lora_B {tuple(lora_b.shape)} do not fit a "
                                  f"projection of input width {c.d_in}")

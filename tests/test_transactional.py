@@ -348,3 +348,34 @@ def test_import_peft_refuses_config_values_it_would_misread_and_changes_nothing(
     with pytest.raises(exc, match=msg):
         mira.import_peft(model, (state, {**config, **change}), into=into)
     assert_unchanged(model, before)
+
+
+def _with_factor(key, value):
+    state, config = _peft_state()
+    if key == "rank 0":  # both factors of rank 0
+        key, state["base_model.model.blocks.1.attn.qkv.lora_B.weight"] = "lora_A.weight", torch.zeros(3 * WIDTH, 0)
+    state[f"base_model.model.blocks.1.attn.qkv.{key}"] = value
+    return state, config
+
+
+@pytest.mark.parametrize(
+    "key, value, exc, msg",
+    [
+        ("lora_A.weight", torch.randn(WIDTH), ValueError, r"lora_A has shape \(192,\); expected a 2-D"),
+        ("lora_A.weight", torch.randn(4, WIDTH, 1), ValueError, r"lora_A has shape \(4, 192, 1\); expected a 2-D"),
+        ("lora_B.weight", torch.randn(3 * WIDTH, 4, 1), ValueError, r"lora_B has shape \(576, 4, 1\)"),
+        ("rank 0", torch.zeros(0, WIDTH), ValueError, "rank 0"),
+        ("lora_A.weight", torch.randn(4, WIDTH).numpy(), TypeError, "lora_A is a ndarray, not a Tensor"),
+        ("lora_A.weight", torch.randn(4, WIDTH, dtype=torch.complex64), TypeError, "lora_A has dtype torch.complex64"),
+        ("lora_A.default.weight", torch.randn(4, WIDTH), ValueError, "lora_A twice"),
+    ],
+    ids=["A-1d", "A-3d", "B-3d", "rank-0", "numpy", "complex", "named-and-unnamed"],
+)
+def test_import_peft_refuses_factors_it_cannot_read_by_name_and_changes_nothing(key, value, exc, msg):
+    # These raised IndexError, an expand() RuntimeError or ZeroDivisionError; a complex factor lost its
+    # imaginary part and a factor saved with and without the adapter name was imported as whichever came last.
+    model = filled()
+    before = snapshot(model)
+    with pytest.raises(exc, match=msg):
+        mira.import_peft(model, _with_factor(key, value))
+    assert_unchanged(model, before)
