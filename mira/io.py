@@ -459,18 +459,34 @@ def _read_peft(source) -> tuple[dict[str, torch.Tensor], dict]:
         root = os.fspath(source)
         if not os.path.isdir(root):
             raise FileNotFoundError(f"{root} is not a PEFT adapter directory (adapter_config.json + weights)")
-        with open(os.path.join(root, "adapter_config.json")) as f:
-            config = json.load(f)
+        # Errors name the file and the cause (JSON, safetensors and unpickling errors name neither).
+        config_path = os.path.join(root, "adapter_config.json")
+        if not os.path.isfile(config_path):
+            raise FileNotFoundError(f"{config_path}: no such file; a PEFT adapter directory holds "
+                                    "adapter_config.json + weights")
+        with open(config_path) as f:
+            try:
+                config = json.load(f)
+            except ValueError as err:
+                raise ValueError(f"{config_path} is not valid JSON ({err})") from None
+        if not isinstance(config, dict):
+            raise ValueError(f"{config_path} must hold a JSON object, got {type(config).__name__}")
         weights = os.path.join(root, "adapter_model.safetensors")
-        if os.path.exists(weights):
-            from safetensors.torch import load_file
+        try:
+            if os.path.exists(weights):
+                from safetensors.torch import load_file
 
-            state = load_file(weights)
-        else:
-            weights = os.path.join(root, "adapter_model.bin")
-            if not os.path.exists(weights):
-                raise FileNotFoundError(f"{root} has neither adapter_model.safetensors nor adapter_model.bin")
-            state = torch.load(weights, map_location="cpu", weights_only=True)
+                state = load_file(weights)
+            else:
+                weights = os.path.join(root, "adapter_model.bin")
+                if not os.path.exists(weights):
+                    raise FileNotFoundError(f"{root} has neither adapter_model.safetensors nor adapter_model.bin")
+                state = torch.load(weights, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise
+        except Exception as err:  # SafetensorError, UnpicklingError, EOFError, ...: whatever the reader raises
+            raise ValueError(f"{weights}: cannot read the PEFT weights ({type(err).__name__}: "
+                             f"{str(err).splitlines()[0] if str(err) else err!r})") from None
         return state, config
     try:
         state, config = source

@@ -379,3 +379,35 @@ def test_import_peft_refuses_factors_it_cannot_read_by_name_and_changes_nothing(
     with pytest.raises(exc, match=msg):
         mira.import_peft(model, _with_factor(key, value))
     assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize(
+    "files, exc, msg",
+    [
+        ({"adapter_model.safetensors": None}, FileNotFoundError, "adapter_config.json: no such file"),
+        ({"adapter_config.json": b"{bad json"}, ValueError, "adapter_config.json is not valid JSON"),
+        ({"adapter_config.json": b"[1, 2]"}, ValueError, "adapter_config.json must hold a JSON object, got list"),
+        ({"adapter_model.safetensors": b"garbage123456789"}, ValueError,
+         "adapter_model.safetensors: cannot read the PEFT weights"),
+        ({"adapter_model.safetensors": False, "adapter_model.bin": b"garbage"}, ValueError,
+         "adapter_model.bin: cannot read the PEFT weights"),
+    ],
+    ids=["no-config", "bad-json", "config-list", "corrupt-safetensors", "corrupt-bin"],
+)
+def test_import_peft_names_the_adapter_file_it_cannot_read_and_changes_nothing(files, exc, msg, tmp_path):
+    # The JSON, config and weights errors named no file (JSONDecodeError, "'list' object has no attribute
+    # 'get'", SafetensorError "header too large", an UnpicklingError about weights_only).
+    state, config = _peft_state()
+    save_file(state, tmp_path / "adapter_model.safetensors")
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    for name, content in files.items():
+        (tmp_path / name).unlink(missing_ok=True)
+        if content is None:
+            (tmp_path / "adapter_config.json").unlink()
+        elif content is not False:
+            (tmp_path / name).write_bytes(content)
+    model = filled()
+    before = snapshot(model)
+    with pytest.raises(exc, match=msg):
+        mira.import_peft(model, tmp_path)
+    assert_unchanged(model, before)
