@@ -146,3 +146,16 @@ def test_bad_options_are_one_line_usage_errors_before_any_work(args, msg, tmp_pa
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("python -m mira.experiments: error: ") and msg in err, err
     assert not (tmp_path / "cache").exists() and file.read_text() == "x"
+
+
+def test_an_unknown_variant_is_refused_before_the_backbone_is_pre_trained(tmp_path, monkeypatch, capsys):
+    # It was refused only after _load_backbone: minutes of pre-training on a clean cache, then exit 2.
+    from tests.experiments_tiny import tiny_suite
+
+    monkeypatch.setenv("MIRA_EXPERIMENTS_CACHE", str(tmp_path / "cache"))
+    with tiny_suite(), pytest.raises(SystemExit) as exc:
+        cli.main(["dil", "--suite", "tiny", "--quick", "--no-progress", "--out", str(tmp_path / "out"),
+                  "--variants", "mira", "miraa"])
+    assert exc.value.code == 2
+    assert "no rows named ['miraa'] in the main table of suite 'tiny'" in capsys.readouterr().err
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "out").exists()
