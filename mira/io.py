@@ -632,6 +632,11 @@ def import_peft(
                         f"alphas, got {alpha_pattern!r}")
     for pattern, value in alpha_pattern.items():
         _check_alpha(f"alpha_pattern[{pattern!r}]", value)
+        try:  # checked alone: re.error's position is otherwise one in the pattern _pattern_value wraps it in
+            re.compile(pattern)
+        except (re.error, TypeError) as err:
+            raise ValueError(f"import_peft: alpha_pattern key {pattern!r} is not a regular expression "
+                             f"({err})") from None
     rslora = config.get("use_rslora", False)
     if not isinstance(rslora, bool):  # bool("false") is True: it would silently scale by alpha / sqrt(r)
         raise TypeError(f"import_peft: use_rslora in the PEFT config must be true or false, got {rslora!r}")
@@ -666,7 +671,16 @@ def import_peft(
             missing = [s for s in proj.slice_names if s not in module_names]
             if missing:
                 raise ValueError(f"module_names has no entry for slices {missing}")
-            sources = {s: (module_names[n].format(block=name), 0) for s, n in enumerate(proj.slice_names)}
+            sources = {}
+            for s, n in enumerate(proj.slice_names):
+                template = module_names[n]
+                if not isinstance(template, str):
+                    raise TypeError(f"import_peft: module_names[{n!r}] must be a string, got {template!r}")
+                try:  # a typo such as {blk} raised a bare KeyError('blk')
+                    sources[s] = (template.format(block=name), 0)
+                except (KeyError, IndexError, ValueError) as err:
+                    raise ValueError(f"import_peft: module_names[{n!r}] {template!r} is not a module path with "
+                                     f"{{block}} as its only field ({type(err).__name__}: {err})") from None
         # float64 work buffers, rounded once into the model's dtype at the end (float64 LoRAs exactly)
         bank_a = torch.zeros(c.num_slices, c.rank, c.d_in, dtype=torch.float64)
         bank_b = torch.zeros(c.num_slices, c.slice_width, c.rank, dtype=torch.float64)

@@ -411,3 +411,25 @@ def test_import_peft_names_the_adapter_file_it_cannot_read_and_changes_nothing(f
     with pytest.raises(exc, match=msg):
         mira.import_peft(model, tmp_path)
     assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize(
+    "module_names, alpha_pattern, exc, msg",
+    [
+        ({"q": "{blk}.attn.q_proj", "v": "{block}.attn.v_proj"}, {}, ValueError,
+         r"module_names\['q'\] '\{blk\}.attn.q_proj' .* \{block\}"),
+        ({"q": "{0}.attn.q_proj", "v": "{block}.attn.v_proj"}, {}, ValueError, r"module_names\['q'\]"),
+        ({"q": 3, "v": "{block}.attn.v_proj"}, {}, TypeError, r"module_names\['q'\] must be a string, got 3"),
+        (None, {"(qkv": 3}, ValueError, r"alpha_pattern key '\(qkv' is not a regular expression"),
+    ],
+    ids=["template-key", "template-index", "not-a-string", "bad-regex"],
+)
+def test_import_peft_names_a_module_name_or_pattern_it_cannot_use(module_names, alpha_pattern, exc, msg):
+    # They raised KeyError('blk'), IndexError, AttributeError ("'int' object has no attribute 'format'") and
+    # re.error at a position in the wrapped pattern, not the user's.
+    state, config = _peft_state()
+    model = filled(slices=("q", "v"))
+    before = snapshot(model)
+    with pytest.raises(exc, match=msg):
+        mira.import_peft(model, (state, {**config, "alpha_pattern": alpha_pattern}), module_names=module_names)
+    assert_unchanged(model, before)
