@@ -37,6 +37,7 @@ import torch.nn as nn
 from .config import STAGES, MemoryConfig, MiraConfig
 from .integration import (
     MEMORY_ATTR,
+    _check_module,
     _memory_owner,
     _restored_on_error,
     attach,
@@ -492,9 +493,16 @@ def _read_peft(source) -> tuple[dict[str, torch.Tensor], dict]:
         state, config = source
     except (TypeError, ValueError):
         raise TypeError("source must be a PEFT adapter directory or a (state_dict, config) pair") from None
+    # Named here: these raised "vars() argument must have __dict__ attribute" and "'NoneType' object is not iterable".
     if not isinstance(config, Mapping):
+        if not hasattr(config, "to_dict") and not hasattr(config, "__dict__"):
+            raise TypeError(f"config must be a mapping or a PEFT config, got {type(config).__name__}")
         config = config.to_dict() if hasattr(config, "to_dict") else vars(config)
-    return dict(state), dict(config)
+    try:
+        state = dict(state)
+    except (TypeError, ValueError):
+        raise TypeError(f"state_dict must be a mapping of tensors, got {type(state).__name__}") from None
+    return state, dict(config)
 
 
 def _lora_modules(state: Mapping[str, torch.Tensor], adapter_name: str, prefix: str) -> dict[str, dict]:
@@ -610,6 +618,7 @@ def import_peft(
         ``into="memory"``: the slot index of the imported adapter in each memory (block order);
         ``into="lora"``: an empty list.
     """
+    _check_module(model)  # before the adapter is read
     if into not in ("lora", "memory"):
         raise ValueError(f"import_peft: into must be 'lora' (the live adaptation LoRA) or 'memory', got {into!r}")
     if into == "lora" and (keys is not None or task is not None):

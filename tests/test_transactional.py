@@ -433,3 +433,19 @@ def test_import_peft_names_a_module_name_or_pattern_it_cannot_use(module_names, 
     with pytest.raises(exc, match=msg):
         mira.import_peft(model, (state, {**config, "alpha_pattern": alpha_pattern}), module_names=module_names)
     assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize(
+    "model, source, exc, msg",
+    [
+        ("model", _peft_state(), TypeError, "model must be an nn.Module .* got str"),
+        (None, (_peft_state()[0], None), TypeError, "config must be a mapping or a PEFT config, got NoneType"),
+        (None, (None, _peft_state()[1]), TypeError, "state_dict must be a mapping of tensors, got NoneType"),
+    ],
+    ids=["model-str", "config-none", "state-none"],
+)
+def test_import_peft_names_a_model_or_pair_of_the_wrong_kind(model, source, exc, msg):
+    # They raised "'str' object has no attribute 'named_modules'" (after reading the whole adapter),
+    # "vars() argument must have __dict__ attribute" and "'NoneType' object is not iterable".
+    with pytest.raises(exc, match=msg):
+        mira.import_peft(filled() if model is None else model, source)
