@@ -503,25 +503,27 @@ class AdapterMemory(nn.Module):
     def _replace_contents(self, keys: torch.Tensor, bank_a: torch.Tensor, bank_b: torch.Tensor,
                           names: Sequence[str | None] | None = None) -> None:
         """Hold exactly these (n, ...) adapters, already checked and converted (see _prepare_append)."""
-        n = keys.shape[0]
-        self._slot_names = list(names) if names is not None else [None] * n
+        self._slot_names = list(names) if names is not None else [None] * keys.shape[0]
+        self._hold(keys.clone(), bank_a.clone(), bank_b.clone())
+
+    def _hold(self, keys: torch.Tensor, bank_a: torch.Tensor, bank_b: torch.Tensor) -> None:
+        """The slots' new contents, (n, ...) tensors this memory may keep: a growing memory takes them as
+        its storage; a fixed-capacity one copies them into its first n slots, zeroes the rest and drops
+        the gradients (their rows belong to what sat there before: a step would move each slot by the
+        gradient of another; a growing memory's new storage has none)."""
         if self.active is None:
-            self._set_storage(keys.clone(), bank_a.clone(), bank_b.clone())
+            self._set_storage(keys, bank_a, bank_b)
             return
+        n = keys.shape[0]
         self.invalidate_cache()
         for t, new in ((self.keys.data, keys), (self.bank_a.data, bank_a), (self.bank_b.data, bank_b)):
             t[:n] = new
             t[n:].zero_()
-        self._drop_slot_grads()
-        self.active.zero_()
-        self.active[:n] = True
-
-    def _drop_slot_grads(self) -> None:
-        """A fixed-capacity memory's slots got new contents in place: a gradient's rows belong to what sat
-        there before, and a step would move each slot by it (a growing memory's new storage has none)."""
         self.keys.grad = None
         if isinstance(self.bank_a, nn.Parameter):
             self.bank_a.grad = self.bank_b.grad = None
+        self.active.zero_()
+        self.active[:n] = True
 
     @torch.no_grad()
     def remove(self, indices: int | str | Iterable[int | str]) -> None:
@@ -533,17 +535,7 @@ class AdapterMemory(nn.Module):
         n = self.num_slots
         self._slot_names = [name for i, name in enumerate(self._slot_names) if i not in set(drop)]
         keep = torch.tensor([i for i in range(n) if i not in set(drop)], dtype=torch.long, device=self.keys.device)
-        if self.active is None:
-            self._set_storage(self.keys.data[keep], self.bank_a.data[keep], self.bank_b.data[keep])
-            return
-        m = keep.numel()
-        self.invalidate_cache()
-        for t in (self.keys.data, self.bank_a.data, self.bank_b.data):
-            t[:m] = t[keep]
-            t[m:].zero_()
-        self._drop_slot_grads()  # the slots moved down; a gradient's rows did not
-        self.active.zero_()
-        self.active[:m] = True
+        self._hold(self.keys.data[keep], self.bank_a.data[keep], self.bank_b.data[keep])
 
     def _slot_indices(self, indices) -> list[int]:
         """Sorted, checked slot indices from ints (negative allowed), slot names, or a boolean mask
