@@ -26,15 +26,17 @@ from . import reference
 __all__ = ["Rule", "RULES", "rule_for", "round_to", "emulate", "bound", "UNIT_ROUNDOFF"]
 
 #: Unit roundoff of each operand format: the largest relative error of one rounding. ``tf32`` is
-#: taken as truncation (tensor cores read an fp32 register's top 19 bits; rounding would halve
-#: it); ``3xtf32`` is the error of one product of a three-pass split-TF32 dot (the dropped
-#: lo*lo term and the truncation of each lo part: 3 * 2^-20); ``exact`` operands are not rounded.
+#: taken as truncation (tensor cores read an fp32 register's top 19 bits); ``tf32-rn`` is an fp32
+#: value the kernel rounds to the nearest TF32 value itself before the dot (half the error);
+#: ``3xtf32`` is the error of one product of a three-pass split-TF32 dot (the dropped lo*lo term and
+#: the truncation of each lo part: 3 * 2^-20); ``exact`` operands are not rounded.
 UNIT_ROUNDOFF = {
     "exact": 0.0,
     "fp64": 2.0**-53,
     "fp32": 2.0**-24,
     "3xtf32": 3 * 2.0**-20,
     "tf32": 2.0**-10,
+    "tf32-rn": 2.0**-11,
     "fp16": 2.0**-11,
     "bf16": 2.0**-8,
 }
@@ -50,9 +52,11 @@ class Rule:
         accumulate: format every product is accumulated in.
         scores: product format of the cosine scores (q . k).
         mixing: product format of the mixing sum_n w_n bank[n].
-        factors: format the mixed A_b, B_b are stored in before the adapter products.
-        adapter: operand format of the shrink x A_b^T and the expand h B_b^T.
+        factors: format the mixed A_b is stored in before the shrink (and B_b, unless ``factors_b``).
+        adapter: operand format of the shrink x A_b^T (and of the expand, unless ``expand``).
         h: format the shrink's result h is rounded to before the expand ("fp32": not rounded).
+        factors_b: format the mixed B_b is stored in (None: ``factors``).
+        expand: operand format of the expand h B_b^T (None: ``adapter``).
         base_rounded: the base output is rounded to x's dtype before the adapter is added (a
             library GEMM followed by a separate adapter pass): two roundings of y instead of one.
         grad_scores: format of the backward's cosines, their affine sum and the weights (each
@@ -75,6 +79,16 @@ class Rule:
     base_rounded: bool = False
     grad_scores: str = "fp64"
     grad_dw: str = "fp32"
+    factors_b: str | None = None
+    expand: str | None = None
+
+    @property
+    def b_format(self) -> str:
+        return self.factors_b or self.factors
+
+    @property
+    def expand_format(self) -> str:
+        return self.expand or self.adapter
 
 
 RULES = {
@@ -91,8 +105,12 @@ RULES = {
         # fp16 output the adapter dominates, 4x PyTorch's error on the first GPU run.
         Rule("fp16", base="exact", accumulate="fp32", scores="3xtf32", mixing="3xtf32", factors="fp32",
              adapter="3xtf32", h="fp32"),
+        # bf16 x: the shrink on bf16 operands (x and A_b stored in bf16); h and B_b kept in fp32 and
+        # rounded to nearest TF32 for the expand's TF32 dot. With h and B_b in bf16 (the rule until
+        # 2026-12-07) their two roundings, 2^-9 of the adapter each, came on top of the output's own:
+        # 2.07x PyTorch's error on the H200 (ViT-B/16, B = 1, CLS query), up to 2.9x emulated.
         Rule("bf16", base="exact", accumulate="fp32", scores="3xtf32", mixing="3xtf32", factors="bf16",
-             adapter="exact", h="bf16"),
+             adapter="exact", h="fp32", factors_b="fp32", expand="tf32-rn"),
         # The CUDA C++ backend: cuBLAS base GEMM rounded to x's dtype, adapter on CUDA cores in fp32.
         Rule("cuda-16bit", base="exact", accumulate="fp32", scores="fp32", mixing="fp32", factors="fp32",
              adapter="fp32", h="fp32", base_rounded=True, grad_scores="fp32"),
@@ -126,13 +144,21 @@ _TORCH = {"fp64": torch.float64, "fp32": torch.float32, "fp16": torch.float16, "
 
 
 def round_to(t: torch.Tensor, fmt: str) -> torch.Tensor:
-    """``t`` rounded to operand format ``fmt`` (returned in t's dtype). TF32 truncates the low 13
-    mantissa bits of the fp32 value; ``3xtf32`` and ``exact`` leave the value as it is."""
+    """``t`` rounded to operand format ``fmt`` (returned in t's dtype). ``tf32`` truncates the low 13
+    mantissa bits of the fp32 value; ``tf32-rn`` rounds it to nearest, ties away from zero, as the
+    Triton kernels' ``_tf32_round`` does (a finite value that would round past the largest one is
+    truncated; non-finite values are kept); ``3xtf32`` and ``exact`` leave the value as it is."""
     if fmt in ("exact", "3xtf32"):
         return t
-    if fmt == "tf32":
-        bits = t.to(torch.float32).contiguous().view(torch.int32) & ~0x1FFF
-        return bits.view(torch.float32).to(t.dtype)
+    if fmt in ("tf32", "tf32-rn"):
+        bits = t.to(torch.float32).contiguous().view(torch.int32)
+        cut = bits & ~0x1FFF
+        if fmt == "tf32-rn":
+            up = (bits + 0x1000) & ~0x1FFF  # on the magnitude bits: the sign bit is never reached
+            finite = (bits & 0x7F800000) != 0x7F800000
+            fits = (up & 0x7F800000) != 0x7F800000
+            cut = torch.where(finite & fits, up, torch.where(finite, cut, bits))
+        return cut.view(torch.float32).to(t.dtype)
     return t.to(_TORCH[fmt]).to(t.dtype)
 
 
@@ -149,11 +175,11 @@ def emulate(rule: Rule, x, weight, bias, query, keys, bank_a, bank_b, *, slice_o
     weights = reference.retrieval_weights(query.to(ct), keys.to(ct), separation=separation, eps=eps).to(acc)
     mixed_a, mixed_b = reference.mix_adapters(weights, bank_a.to(acc), bank_b.to(acc))
     mixed_a = round_to(round_to(mixed_a, rule.factors), rule.adapter)
-    mixed_b = round_to(round_to(mixed_b, rule.factors), rule.adapter)
+    mixed_b = round_to(round_to(mixed_b, rule.b_format), rule.expand_format)
     xa = round_to(x.to(acc), rule.adapter)
     h = torch.einsum("btd,bsrd->btsr", xa, mixed_a)
-    h = round_to(round_to(h, rule.h), rule.adapter)
-    delta = scale * torch.einsum("btsr,bser->btse", h, mixed_b)
+    h = round_to(round_to(scale * h, rule.h), rule.expand_format)  # the kernels scale h before rounding it
+    delta = torch.einsum("btsr,bser->btse", h, mixed_b)
     base = round_to(x.to(acc), rule.base) @ round_to(weight.to(acc), rule.base).T
     if bias is not None:
         base = base + bias.to(acc)
@@ -204,10 +230,11 @@ def bound(rule: Rule, x, weight, bias, query, keys, bank_a, bank_b, *, slice_off
                                        + [base_rounded] u_out |x W^T + bias|
                                        + |scale| e_ad (|x| |A|_w^T) |B|_w^T + |scale| (|x| dA) |B|_w^T + ... ]
 
-    where ``e_ad = 2 u_adapter + 2 u_factors + u_h + 2 g(K + r) + g_mix(N)`` (x and each factor
-    rounded to the adapter's operand format, each factor stored, h stored, the two sums, the mixing
-    sum) and the dA / dB terms carry the weights' error through the mixing. Second-order terms are
-    covered by a factor 1.01. Not covered: where |sum_n s| is within N ds of 0 under the affine
+    where ``e_ad = 2 u_adapter + 2 u_expand + u_factors + u_factors_b + u_h + 2 g(K + r) + g_mix(N)``
+    (x and A_b rounded to the shrink's operand format, h and B_b to the expand's, each factor stored,
+    h stored, the two sums, the mixing sum; until 2026-12-07 the expand's two operand roundings were
+    missing, which under-counted the TF32 rules by 2^-9 of the adapter) and the dA / dB terms carry
+    the weights' error through the mixing. Second-order terms are covered by a factor 1.01. Not covered: where |sum_n s| is within N ds of 0 under the affine
     guard the sign of the guarded denominator is decided by rounding (the weights may flip sign).
     """
     f64 = torch.float64
@@ -244,8 +271,8 @@ def bound(rule: Rule, x, weight, bias, query, keys, bank_a, bank_b, *, slice_off
         da = torch.einsum("bn,nsrd->bsrd", dw, bank_a.to(f64).abs())
         db = torch.einsum("bn,nser->bser", dw, bank_b.to(f64).abs())
         h_abs = torch.einsum("btd,bsrd->btsr", X.abs(), a_abs)
-        e_ad = (2 * u[rule.adapter] + 2 * u[rule.factors] + u[rule.h] + 2 * _gamma(d_in + r, u_acc)
-                + _gamma(n_slots, u[rule.mixing]))
+        e_ad = (2 * u[rule.adapter] + 2 * u[rule.expand_format] + u[rule.factors] + u[rule.b_format] + u[rule.h]
+                + 2 * _gamma(d_in + r, u_acc) + _gamma(n_slots, u[rule.mixing]))
         rounding = e_ad * torch.einsum("btsr,bser->btse", h_abs, b_abs)
         weights_err = (torch.einsum("btsr,bser->btse", torch.einsum("btd,bsrd->btsr", X.abs(), da), b_abs)
                        + torch.einsum("btsr,bser->btse", h_abs, db))

@@ -33,10 +33,12 @@ dquery); ``_mira_keys_bwd_kernel`` (dkeys, a reduction over B in a fixed order) 
 ``_mira_bank_bwd_kernel`` (dbank = w^T dF). No atomics anywhere: bitwise reproducible.
 
 Precision (the rules and their error bounds: docs/contract.md section 11). Base products of 16-bit
-x run on tensor cores with fp32 accumulation; for bf16 x the mixed factors and h are stored in bf16
-and the shrink and expand run on bf16 operands; for fp16 x they stay fp32 (fp16's range would
-overflow where the reference does not) and the adapter's products are 3xTF32 (one TF32 product,
-10 bits of h and B_b, cost fp16 outputs several ulp where the adapter dominates). With fp32 x and
+x run on tensor cores with fp32 accumulation; for bf16 x the mixed A_b is stored in bf16 and the
+shrink runs on bf16 operands, while h and B_b stay fp32 and are rounded to nearest TF32 for a TF32
+expand (EXPAND_TF32: in bf16 their roundings took the output to 2x PyTorch's error); for fp16 x the
+factors stay fp32 (fp16's range would overflow where the reference does not) and the adapter's
+products are 3xTF32 (one TF32 product, 10 bits of h and B_b, cost fp16 outputs several ulp where the
+adapter dominates). With fp32 x and
 ``torch.backends.cuda.matmul.allow_tf32`` the GEMM's products are TF32. Scores and mixing use
 "tf32x3" (three TF32 products, about fp32 accuracy) wherever the adapter may use TF32. Otherwise
 (fp32 x by default, fp64) every dot is "ieee". The backward of fp32 ct recomputes the cosines, their
@@ -442,6 +444,21 @@ def _tf32_hi(v):
 
 
 @triton.jit
+def _tf32_round(v):
+    # v (fp32) rounded to the nearest TF32 value (ties away from zero, as cvt.rna.tf32.f32): a TF32 dot
+    # then reads it exactly, where the tensor cores alone would truncate (twice the error), and the
+    # interpreter, whose dot ignores input_precision, computes the same products. Non-finite values are
+    # kept (the expand takes them out of the dot), and a value that would round up past the largest
+    # finite one is truncated instead: rounding may not create an inf the fp32 value does not have.
+    bits = v.to(tl.uint32, bitcast=True)
+    up = (bits + 0x1000) & 0xFFFFE000
+    finite = (bits & 0x7F800000) != 0x7F800000
+    fits = (up & 0x7F800000) != 0x7F800000
+    out = tl.where(finite & fits, up, tl.where(finite, bits & 0xFFFFE000, bits))
+    return out.to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _row_block(row0, M, T, BLOCK_M: tl.constexpr):
     """The rows of a block of BLOCK_M token rows starting at row0: their indices (also as int64:
     row offsets times a row stride can pass 2^31, and Triton types ints as i32), which are inside
@@ -511,7 +528,8 @@ def _gemm_work_item(
     J_STEP: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUPS: tl.constexpr,
     ORDER: tl.constexpr, TILES: tl.constexpr, BASE_PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr, W_ORDER: tl.constexpr, USE_PDL: tl.constexpr, TMA: tl.constexpr,
+    EXPAND_PRECISION: tl.constexpr, EXPAND_TF32: tl.constexpr, UPCAST: tl.constexpr, W_ORDER: tl.constexpr,
+    USE_PDL: tl.constexpr, TMA: tl.constexpr,
 ):
     """One work item of ``_mira_gemm_kernel``: row block ``item // GROUPS``, its column tiles of group
     ``item % GROUPS`` (a separate function so that the one-item launch compiles exactly as before the
@@ -519,7 +537,9 @@ def _gemm_work_item(
     pm = item // GROUPS
     group = item % GROUPS
     acc_ty = tl.float64 if out_ptr.dtype.element_ty == tl.float64 else tl.float32
-    op_ty = tl.float32 if UPCAST else f_ptr.dtype.element_ty  # the adapter's operand dtype
+    op_ty = tl.float32 if UPCAST else f_ptr.dtype.element_ty  # the shrink's operand dtype
+    # The expand's: fp32 rounded to TF32 for bf16 x (EXPAND_TF32, contract section 11), else the shrink's.
+    ex_ty = tl.float32 if EXPAND_TF32 else op_ty
     scale = _f64(scale_bits).to(acc_ty)
 
     row0 = pm * BLOCK_M
@@ -527,7 +547,7 @@ def _gemm_work_item(
     t = tl.arange(0, J_PAD)
     own = (row_sample[:, None] - b_first) == (t // J)[None, :]  # LORA = 1: a row's own sample's columns
 
-    h = tl.zeros((BLOCK_M, J_PAD), dtype=op_ty)
+    h = tl.zeros((BLOCK_M, J_PAD), dtype=ex_ty)
     h_ready = item < 0  # False: no tile of this work item has computed h yet
     for i in range(0, TILES):
         n_tile = _pick(group + i * GROUPS, ORDER, TILES * GROUPS)  # -1: past the last tile
@@ -598,7 +618,10 @@ def _gemm_work_item(
             if STORE_H:
                 tl.store(h_ptr + rows64[:, None] * J + (t % J)[None, :], h_scaled,
                          mask=row_ok[:, None] & own & (t < SPB * J)[None, :] & (group == 0))
-            h = h_scaled.to(op_ty)  # the shrink's one rounding (contract section 11)
+            if EXPAND_TF32:
+                h = _tf32_round(h_scaled)  # the shrink's one rounding (contract section 11)
+            else:
+                h = h_scaled.to(op_ty)
             h_ready = item >= 0
         elif HAS_BASE:
             if live:
@@ -620,9 +643,13 @@ def _gemm_work_item(
             if LORA == 1:
                 e_rows, e_ok, e_off = _factor_rows(e_ptr, b_first, b_last, t, J, R, stride_eb, stride_es, stride_er, S,
                                                    OFFS, E_SLICED, SPB)
-                e = _factor_tile(e_rows, e_ok, e_off, cols, E_WIDTH, stride_en).to(op_ty)
+                e = _factor_tile(e_rows, e_ok, e_off, cols, E_WIDTH, stride_en)
+                if EXPAND_TF32:
+                    e = _tf32_round(e.to(tl.float32))
+                else:
+                    e = e.to(op_ty)
                 acc = _expand(acc, h, e, t // J, (t % J) // R, row_sample - b_first, cols, S, OFFS, E_WIDTH,
-                              E_SLICED, SPB, LORA_PRECISION)
+                              E_SLICED, SPB, EXPAND_PRECISION)
             else:
                 for b in tl.range(b_first, b_last + 1, num_stages=1):
                     h_rows = row_ok & (row_sample == b)
@@ -634,8 +661,12 @@ def _gemm_work_item(
                         e_rows, e_ok, e_off = _factor_rows(e_ptr, b, b, tj, J, R, stride_eb, stride_es, stride_er, S,
                                                            OFFS, E_SLICED, J_CHUNK)
                         ej = _factor_tile(e_rows, e_ok, e_off, cols, E_WIDTH, stride_en)
-                        hs = (hj * scale).to(op_ty)
-                        ej = ej.to(op_ty)
+                        if EXPAND_TF32:
+                            hs = _tf32_round((hj * scale).to(tl.float32))
+                            ej = _tf32_round(ej.to(tl.float32))
+                        else:
+                            hs = (hj * scale).to(op_ty)
+                            ej = ej.to(op_ty)
                         if SPLIT:
                             # Lanes [0, J_STEP) carry h_hi, lanes [J_STEP, J_CHUNK) the same columns' h_lo
                             # (a non-finite h makes its lo NaN: _expand marks those rows either way).
@@ -644,10 +675,10 @@ def _gemm_work_item(
                             e_hi = _tf32_hi(ej)
                             hs = tl.where(first[None, :], h_hi, hs - h_hi)
                             acc = _expand(acc, hs, e_hi, tj * 0, tj // R, tl.where(h_rows, 0, -1), cols, S, OFFS,
-                                          E_WIDTH, E_SLICED, 1, LORA_PRECISION)
+                                          E_WIDTH, E_SLICED, 1, EXPAND_PRECISION)
                             ej = tl.where(first[:, None], ej - e_hi, 0.0)  # h_hi E_lo; h_lo E_lo dropped
                         acc = _expand(acc, hs, ej, tj * 0, tj // R,
-                                      tl.where(h_rows, 0, -1), cols, S, OFFS, E_WIDTH, E_SLICED, 1, LORA_PRECISION)
+                                      tl.where(h_rows, 0, -1), cols, S, OFFS, E_WIDTH, E_SLICED, 1, EXPAND_PRECISION)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + cols * stride_bias, mask=col_ok, other=0.0).to(acc_ty)[None, :]
         if TMA:  # the tile through the copy engine, clipped at the edges (padding tiles store nothing)
@@ -671,7 +702,8 @@ def _mira_gemm_kernel(
     J_STEP: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUPS: tl.constexpr,
     ORDER: tl.constexpr, TILES: tl.constexpr, BASE_PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr, W_ORDER: tl.constexpr, USE_PDL: tl.constexpr, TMA: tl.constexpr, PERSISTENT: tl.constexpr,
+    EXPAND_PRECISION: tl.constexpr, EXPAND_TF32: tl.constexpr, UPCAST: tl.constexpr, W_ORDER: tl.constexpr,
+    USE_PDL: tl.constexpr, TMA: tl.constexpr, PERSISTENT: tl.constexpr,
 ):
     """The projection GEMM with MIRA's adapter fused in: out = x W + bias + scale * (x F_b^T) E_b, one rounding.
 
@@ -720,7 +752,8 @@ def _mira_gemm_kernel(
                 F_WIDTH, E_WIDTH, scale_bits, stride_xm, stride_wk, stride_wn, stride_bias, stride_om, stride_fb,
                 stride_fs, stride_fr, stride_fk, stride_eb, stride_es, stride_er, stride_en, S, OFFS, F_SLICED,
                 E_SLICED, HAS_BASE, HAS_BIAS, LORA, IN_PLACE, STORE_H, SPB, J_PAD, J_CHUNK, J_STEP, SPLIT, BLOCK_M,
-                BLOCK_N, BLOCK_K, GROUPS, ORDER, TILES, BASE_PRECISION, LORA_PRECISION, UPCAST, W_ORDER, USE_PDL, TMA)
+                BLOCK_N, BLOCK_K, GROUPS, ORDER, TILES, BASE_PRECISION, LORA_PRECISION, EXPAND_PRECISION, EXPAND_TF32,
+                UPCAST, W_ORDER, USE_PDL, TMA)
     else:
         _gemm_work_item(
             tl.program_id(0),
@@ -728,7 +761,8 @@ def _mira_gemm_kernel(
             F_WIDTH, E_WIDTH, scale_bits, stride_xm, stride_wk, stride_wn, stride_bias, stride_om,
             stride_fb, stride_fs, stride_fr, stride_fk, stride_eb, stride_es, stride_er, stride_en, S, OFFS, F_SLICED,
             E_SLICED, HAS_BASE, HAS_BIAS, LORA, IN_PLACE, STORE_H, SPB, J_PAD, J_CHUNK, J_STEP, SPLIT, BLOCK_M,
-            BLOCK_N, BLOCK_K, GROUPS, ORDER, TILES, BASE_PRECISION, LORA_PRECISION, UPCAST, W_ORDER, USE_PDL, TMA)
+            BLOCK_N, BLOCK_K, GROUPS, ORDER, TILES, BASE_PRECISION, LORA_PRECISION, EXPAND_PRECISION, EXPAND_TF32,
+            UPCAST, W_ORDER, USE_PDL, TMA)
 
 
 @triton.jit

@@ -175,8 +175,9 @@ def _expand_precision(x_dtype: torch.dtype, lora_precision: str) -> str:
     kernel's SPLIT) instead of one per 16, beside the tile's K = d_in of fp16 products; Triton's own
     tf32x3 (three dots) spilled 16-88 bytes in these GEMMs on sm_90 (Triton 3.6), the split none.
     fp32 x with ``allow_tf32`` keeps
-    one TF32 product (the user chose TF32 for the base GEMM too, as for torch.matmul); bf16 x has
-    bf16 factors (the precision does not apply); IEEE stays IEEE.
+    one TF32 product (the user chose TF32 for the base GEMM too, as for torch.matmul); bf16 x: the
+    shrink's bf16 operands take none, and its expand is a TF32 dot of rounded fp32 operands
+    (:func:`_plan_gemm`); IEEE stays IEEE.
     """
     return _accurate(lora_precision) if x_dtype == torch.float16 else lora_precision
 
@@ -228,14 +229,22 @@ class _Mixed:
 
 
 def factor_dtype(x_dtype: torch.dtype, memory_dtypes: Sequence[torch.dtype] | None = None) -> torch.dtype:
-    """Dtype the mixed factors (and h) are stored in (contract section 11).
+    """Dtype the mixed factors are stored in (contract section 11): in the forward, the shrink's A_b
+    (its B_b and h are always in the compute dtype, see below); in the backward, both.
 
     bf16 only for bf16 x: it has fp32's range, so no overflow the fp32 reference would not have, and
-    it is no coarser than the bf16 output. Backward plans pass ``memory_dtypes`` (query, keys, banks):
-    a gradient of an fp32 tensor is owed fp32 accuracy (a bf16 factor would cost it 2^-8 relative),
-    so the backward keeps bf16 factors only when every memory tensor is bf16. fp16 x stores fp32:
-    fp16 factors or h overflow at 65504 where the fp32 reference stays finite (a created inf); the
-    adapter's products are then 3xTF32 (:func:`_expand_precision`), about fp32 accuracy.
+    the shrink's products with the bf16 x tile are then bf16 products, fp32 accumulated. The forward's
+    expand keeps B_b and h in fp32, each rounded to nearest TF32 for a TF32 dot: with both in bf16
+    the rounding of each (2^-9 of the adapter's size) added to the output's own, and the H200 measured
+    2.07x PyTorch's error (ViT-B/16 qkv, B = 1, CLS query; the CPU emulation up to 2.9x over the
+    test regimes at B = 64), where TF32 (2^-11 each) emulates at 1.0-1.6x (A_b stays bf16: in fp32
+    too it brings the emulation to 1.0x, but the folded shrink spills with fp32 operands).
+
+    Backward plans pass ``memory_dtypes`` (query, keys, banks): a gradient of an fp32 tensor is owed
+    fp32 accuracy (a bf16 factor would cost it 2^-8 relative), so the backward keeps bf16 factors
+    only when every memory tensor is bf16. fp16 x stores fp32: fp16 factors or h overflow at 65504
+    where the fp32 reference stays finite (a created inf); the adapter's products are then 3xTF32
+    (:func:`_expand_precision`), about fp32 accuracy.
     """
     if x_dtype == torch.bfloat16 and all(d == torch.bfloat16 for d in memory_dtypes or ()):
         return x_dtype
@@ -275,9 +284,10 @@ def use_pdl(device: torch.device) -> bool:
 
 def _plan_retrieve(sh: _Shapes, query, keys, bank_a, bank_b, separation, eps, save_stats, precision, fdt,
                    device, launches, pdl, wide_scores=False, save_total=False, branch=None,
-                   totals_only=False) -> _Mixed:
-    """The retrieval launch (see ``_mira_retrieve_kernel``). ``save_total``: store the affine sum
-    (B,) in ``mixed.total`` (fp64 with ``wide_scores``, else ct); ``branch``: the forward's sum, from
+                   totals_only=False, fdt_b=None) -> _Mixed:
+    """The retrieval launch (see ``_mira_retrieve_kernel``): the mixed A_b in ``fdt``, B_b in
+    ``fdt_b`` (default ``fdt``; the forward's is the compute dtype, see :func:`factor_dtype`).
+    ``save_total``: store the affine sum (B,) in ``mixed.total`` (fp64 with ``wide_scores``, else ct); ``branch``: the forward's sum, from
     which the affine guard takes its branch; ``totals_only``: no mixing (no factors), only the sums
     (with ``save_total``): the forward's retrieval replayed by the backward for its sum."""
     ct = sh.ct
@@ -287,7 +297,7 @@ def _plan_retrieve(sh: _Shapes, query, keys, bank_a, bank_b, separation, eps, sa
         mixed = _Mixed(a=stats, b=stats)
     else:
         mixed = _Mixed(a=torch.empty(sh.B, sh.S, sh.r, sh.d_in, dtype=fdt, device=device),
-                       b=torch.empty(sh.B, sh.S, sh.d_s, sh.r, dtype=fdt, device=device))
+                       b=torch.empty(sh.B, sh.S, sh.d_s, sh.r, dtype=fdt_b or fdt, device=device))
     if save_stats:
         mixed.scores = torch.empty(sh.B, sh.N, dtype=ct, device=device)
         mixed.weights = torch.empty(sh.B, sh.N, dtype=ct, device=device)
@@ -439,8 +449,14 @@ def _plan_gemm(name, a, w, w_strides, bias, out, sh: _Shapes, offsets, scale, x_
     split = lora_precision == "tf32x3" and h is not None
     if split:
         lora_precision = "tf32"
-    if e is not None and e.tensor.dtype in (torch.float16, torch.bfloat16):
-        lora_precision = "ieee"  # 16-bit operands: the dot's input precision does not apply
+    half = (torch.float16, torch.bfloat16)
+    # bf16 x expands with fp32 B_b and h, each rounded to nearest TF32 in the kernel (contract section 11);
+    # 16-bit operands take no input precision ("ieee" names none).
+    expand_tf32 = x_dtype == torch.bfloat16 and e is not None and e.tensor.dtype == torch.float32
+    expand_precision = "tf32" if expand_tf32 else ("ieee" if e is not None and e.tensor.dtype in half
+                                                    else lora_precision)
+    if f is not None and f.tensor.dtype in half:
+        lora_precision = "ieee"
     j = sh.S * sh.r
     lora = 0 if e is None else (2 if h is not None else 1)
     cfg = configs.fused_config(m, n_out, k, x_dtype, base_precision, sh.T, j if lora == 1 else 0,
@@ -495,6 +511,7 @@ def _plan_gemm(name, a, w, w_strides, bias, out, sh: _Shapes, offsets, scale, x_
              J_STEP=configs.MIN_DOT // 2 if split else configs.MIN_DOT, SPLIT=split,
              BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUPS=groups, ORDER=order,
              TILES=tiles, BASE_PRECISION=base_precision, LORA_PRECISION=lora_precision,
+             EXPAND_PRECISION=expand_precision, EXPAND_TF32=expand_tf32,
              UPCAST=interpreter_upcast(a, x_dtype),
              W_ORDER=(0, 1) if w_strides[0] == 1 and w_strides[1] != 1 else (1, 0), USE_PDL=bool(pdl and lora > 0),
              TMA=descs is not None, PERSISTENT=programs < items),
@@ -551,7 +568,7 @@ def _plan_factors(sh: _Shapes, x2, query, keys, bank_a, bank_b, separation, eps,
     pdl = use_pdl(x2.device) and fused  # a separate shrink would sit between the retrieval and the GEMM
     mixed = _plan_retrieve(sh, query, keys, bank_a, bank_b, separation, eps, False, precision,
                            factor_dtype(x2.dtype), x2.device, launches, pdl,
-                           wide_scores=_wide_forward_scores(x2.dtype))
+                           wide_scores=_wide_forward_scores(x2.dtype), fdt_b=sh.ct)
     h = None
     if not fused:
         st = mixed.a.stride()

@@ -159,7 +159,7 @@ def _gemm(launch) -> dict:
     if lora:
         j_pad = c["J_PAD"]
         B = _cdiv(M, T)
-        op = a["f_ptr"].dtype
+        op, eop = a["f_ptr"].dtype, a["e_ptr"].dtype  # the shrink's and the expand's operand dtypes
         if lora == 1:
             shrink = 2.0 * m_tiles * shrinking * bm * j_pad * k_steps * bk
             expand = 2.0 * m_tiles * n_adapted * bm * bn * j_pad
@@ -170,12 +170,14 @@ def _gemm(launch) -> dict:
             dots = _cdiv(J, c["J_STEP"]) * (2 if c["SPLIT"] else 1)
             expand = 2.0 * m_tiles * n_adapted * bm * bn * dots * c["J_CHUNK"] * spt
             lora_bytes += M * J * _size(a["h_ptr"])
-        flops = _add(flops, _dot_flops(c["LORA_PRECISION"], op, shrink + expand))
-        factor_bytes = B * J * (a["F_WIDTH"] + a["E_WIDTH"]) * _size(a["f_ptr"])
+        flops = _add(flops, _dot_flops(c["LORA_PRECISION"], op, shrink),
+                     _dot_flops(c["EXPAND_PRECISION"], eop, expand))
+        factor_bytes = B * J * (a["F_WIDTH"] * _size(a["f_ptr"]) + a["E_WIDTH"] * _size(a["e_ptr"]))
         lora_bytes += factor_bytes
         # Each shrinking program reads its samples' F; each adapted tile its samples' E columns.
         spb = c["SPB"]
-        factor_l2 = m_tiles * spb * J * (shrinking * a["F_WIDTH"] + n_adapted * bn) * _size(a["f_ptr"])
+        factor_l2 = m_tiles * spb * J * (shrinking * a["F_WIDTH"] * _size(a["f_ptr"])
+                                         + n_adapted * bn * _size(a["e_ptr"]))
         useful += 2.0 * M * J * (a["F_WIDTH"] + a["E_WIDTH"])
     x_bytes = M * K * _size(x) if (c["HAS_BASE"] or lora == 1) else 0
     w_bytes = K * NOUT * _size(a["w_ptr"]) if c["HAS_BASE"] else 0

@@ -76,9 +76,9 @@ def test_fp16_rule_meets_the_house_criterion(case):
 
 # input_precision of a tl.dot for each operand format of a rule (16-bit operands: the precision
 # does not apply, the launchers pass "ieee").
-_DOT_PRECISION = {"3xtf32": "tf32x3", "tf32": "tf32", "fp32": "ieee", "fp64": "ieee", "exact": "ieee",
+_DOT_PRECISION = {"3xtf32": "tf32x3", "tf32": "tf32", "tf32-rn": "tf32", "fp32": "ieee", "fp64": "ieee", "exact": "ieee",
                   "bf16": "ieee"}
-_ADAPTER_KEYS = ("LORA_PRECISION", "MIX_PRECISION", "SCORE_PRECISION")
+_ADAPTER_KEYS = ("LORA_PRECISION", "EXPAND_PRECISION", "MIX_PRECISION", "SCORE_PRECISION")
 
 
 def _planned_precisions(dtype, op, batch, fp32_precision="tf32"):
@@ -114,12 +114,24 @@ def test_fp16_plans_follow_the_rule(op, batch):
 @needs_triton
 @pytest.mark.parametrize("op", ["linear", "linear_backward", "adapter_"])
 def test_bf16_and_fp32_tf32_gemms_keep_their_precision(op):
-    # The fix is fp16's alone: the bf16 forward GEMM's adapter operands are bf16 (precision unused),
-    # its dx GEMM (fp32 factors: the memory is fp32) keeps one TF32 product into a bf16 output, and
-    # fp32 x with allow_tf32 keeps one TF32 product in the GEMM (the `fp32-tf32` rule).
+    # The 3xTF32 fix is fp16's alone. The bf16 forward GEMM's shrink operands are bf16 (precision
+    # unused); its expand is one TF32 product of fp32 h and B_b that the kernel rounds to nearest TF32
+    # first (EXPAND_TF32, the bf16 rule), as is the dx GEMM's (fp32 factors: the memory is fp32), whose
+    # shrink keeps one TF32 product into a bf16 output; fp32 x with allow_tf32 keeps one TF32 product
+    # in the GEMM, truncated by the tensor cores (the `fp32-tf32` rule).
     bf16 = _planned_precisions(torch.bfloat16, op, 8)
     gemm = [v for (name, key), v in bf16.items() if name.startswith("gemm") and key == "LORA_PRECISION"]
     assert gemm and set(gemm) == {"tf32" if op == "linear_backward" else "ieee"}
+    expand = {v for (name, key), v in bf16.items() if name.startswith("gemm") and key == "EXPAND_PRECISION"}
+    assert expand == {_DOT_PRECISION["tf32"]} and precision.RULES["bf16"].expand == "tf32-rn"
+    from mira_kernels.triton import lowering
+
+    gemms = [launch for launch in lowering.plan_case(lowering.Case(op, torch.bfloat16, 8, 4, 30))
+             if launch.name.startswith("gemm") and launch.constexprs["LORA"]]
+    assert gemms and all(launch.constexprs["EXPAND_TF32"] for launch in gemms)
     fp32 = _planned_precisions(torch.float32, op, 8, fp32_precision="tf32")
-    gemm = [v for (name, key), v in fp32.items() if name.startswith("gemm") and key == "LORA_PRECISION"]
-    assert gemm and set(gemm) == {_DOT_PRECISION[precision.RULES["fp32-tf32"].adapter]}
+    for key in ("LORA_PRECISION", "EXPAND_PRECISION"):
+        gemm = [v for (name, k), v in fp32.items() if name.startswith("gemm") and k == key]
+        assert gemm and set(gemm) == {_DOT_PRECISION[precision.RULES["fp32-tf32"].adapter]}
+    assert not any(launch.constexprs["EXPAND_TF32"] for launch in lowering.plan_case(
+        lowering.Case(op, torch.float32, 8, 4, 30, fp32_precision="tf32")) if launch.name.startswith("gemm"))
