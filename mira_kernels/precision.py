@@ -234,8 +234,9 @@ def bound(rule: Rule, x, weight, bias, query, keys, bank_a, bank_b, *, slice_off
     (x and A_b rounded to the shrink's operand format, h and B_b to the expand's, each factor stored,
     h stored, the two sums, the mixing sum; until 2026-12-07 the expand's two operand roundings were
     missing, which under-counted the TF32 rules by 2^-9 of the adapter) and the dA / dB terms carry
-    the weights' error through the mixing. Second-order terms are covered by a factor 1.01. Not covered: where |sum_n s| is within N ds of 0 under the affine
-    guard the sign of the guarded denominator is decided by rounding (the weights may flip sign).
+    the weights' error through the mixing. Second-order terms are covered by a factor 1.01. Not
+    covered: where |sum_n s| is within N ds of 0 under the affine guard the sign of the guarded
+    denominator is decided by rounding (the weights may flip sign).
     """
     f64 = torch.float64
     u = UNIT_ROUNDOFF

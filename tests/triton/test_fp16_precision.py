@@ -76,8 +76,8 @@ def test_fp16_rule_meets_the_house_criterion(case):
 
 # input_precision of a tl.dot for each operand format of a rule (16-bit operands: the precision
 # does not apply, the launchers pass "ieee").
-_DOT_PRECISION = {"3xtf32": "tf32x3", "tf32": "tf32", "tf32-rn": "tf32", "fp32": "ieee", "fp64": "ieee", "exact": "ieee",
-                  "bf16": "ieee"}
+_DOT_PRECISION = {"3xtf32": "tf32x3", "tf32": "tf32", "tf32-rn": "tf32", "fp32": "ieee", "fp64": "ieee",
+                  "exact": "ieee", "bf16": "ieee"}
 _ADAPTER_KEYS = ("LORA_PRECISION", "EXPAND_PRECISION", "MIX_PRECISION", "SCORE_PRECISION")
 
 
