@@ -275,6 +275,17 @@ def _padded_base(k: KernelLaunch) -> float:
     return 2.0 * math.ceil(m / bm) * bm * math.ceil(n / bn) * bn * math.ceil(kk / bk) * bk
 
 
+def wait_fraction(k: KernelLaunch, mach: Machine) -> float:
+    """The part of a PDL launch's time that passes before any of its programs waits for the
+    predecessor: each program's own share before its wait (``k.wait_fraction``), or the whole waves
+    its leading programs fill (``k.leading_programs``, one program per SM as :func:`_gemm_time`
+    schedules them), whichever is longer."""
+    if not k.leading_programs or not k.programs:
+        return k.wait_fraction
+    waves = math.ceil(k.programs / mach.sms)
+    return max(k.wait_fraction, (k.leading_programs // mach.sms) / waves)
+
+
 def sequence_time(launches: list[KernelLaunch], mach: Machine) -> tuple[float, list[Priced]]:
     """Device time (s) of launches in stream order inside a CUDA graph: graph gaps between them,
     except that a launch with programmatic dependent launch starts with its predecessor and
@@ -285,8 +296,9 @@ def sequence_time(launches: list[KernelLaunch], mach: Machine) -> tuple[float, l
         t = p.us * 1e-6
         if i > 0 and p.launch is not None and p.launch.pdl:
             prev = priced[i - 1].us * 1e-6
+            wait = wait_fraction(p.launch, mach)
             total -= prev  # replace the producer's time by the overlapped pair
-            total += max(prev, p.launch.wait_fraction * t) + (1 - p.launch.wait_fraction) * t
+            total += max(prev, wait * t) + (1 - wait) * t
             continue
         total += t + (mach.graph_gap if i > 0 else 0.0)
     return total, priced
@@ -747,13 +759,13 @@ def qkv_tables(mach: Machine, batches, before: dict | None) -> list[str]:
                 k = p.launch
                 out.append(f"     {k.name:<14} {str(k.grid):>14} {k.threads:>4} {k.total_flops / 1e9:>9.4f} "
                            f"{k.useful_flops / 1e9:>8.4f} {k.bytes / 1e6:>8.3f} {k.l2_bytes / 1e6:>8.3f} "
-                           f"{k.steps:>5} {p.us:>8.2f}  {p.bound}{_pdl_note(k)}")
+                           f"{k.steps:>5} {p.us:>8.2f}  {p.bound}{_pdl_note(k, mach)}")
     out.append("")
     return out
 
 
-def _pdl_note(k: KernelLaunch) -> str:
-    return f"  [PDL, waits at {100 * k.wait_fraction:.0f}%]" if k.pdl else ""
+def _pdl_note(k: KernelLaunch, mach: Machine) -> str:
+    return f"  [PDL, waits at {100 * wait_fraction(k, mach):.0f}%]" if k.pdl else ""
 
 
 def measured_tables(doc: dict, mach: Machine, calibrated: bool = False) -> list[str]:

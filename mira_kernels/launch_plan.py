@@ -83,6 +83,9 @@ class KernelLaunch:
         pdl: launched with programmatic dependent launch: may start while its predecessor runs.
         wait_fraction: with ``pdl``, the fraction of each program's work done before it waits for
             the predecessor's results (``gdc_wait``); 0 when it waits at once.
+        leading_programs: with ``pdl``, programs at the front of the launch order that reach no wait
+            before their work is done (their tiles need nothing from the predecessor): while they
+            fill the device no program waits. 0 when the launch order puts none first.
         programs_per_sm: programs one SM can hold at once (shared memory and registers), if known.
         smem_bytes: shared memory per program (bytes), if known.
         note: anything a reader of the model's table should know (config, what is redundant).
@@ -104,6 +107,7 @@ class KernelLaunch:
     tiles_per_program: int = 1
     pdl: bool = False
     wait_fraction: float = 0.0
+    leading_programs: int = 0
     programs_per_sm: int | None = None
     smem_bytes: int = 0
     note: str = ""

@@ -527,6 +527,7 @@ def _gemm_work_item(
     STORE_H: tl.constexpr, SPB: tl.constexpr, J_PAD: tl.constexpr, J_CHUNK: tl.constexpr,
     J_STEP: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUPS: tl.constexpr,
+    LEAD_GROUPS: tl.constexpr,
     ORDER: tl.constexpr, TILES: tl.constexpr, BASE_PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
     EXPAND_PRECISION: tl.constexpr, EXPAND_TF32: tl.constexpr, UPCAST: tl.constexpr, W_ORDER: tl.constexpr,
     USE_PDL: tl.constexpr, TMA: tl.constexpr,
@@ -534,8 +535,17 @@ def _gemm_work_item(
     """One work item of ``_mira_gemm_kernel``: row block ``item // GROUPS``, its column tiles of group
     ``item % GROUPS`` (a separate function so that the one-item launch compiles exactly as before the
     persistent one existed: a loop around this body raised registers and spilled, sm_80 and sm_90)."""
-    pm = item // GROUPS
-    group = item % GROUPS
+    if LEAD_GROUPS > 0 and LEAD_GROUPS < GROUPS:
+        # The items of the LEAD_GROUPS groups whose first tile has no adapter come first, for every row
+        # block, then the others: launched in this order, the first waves need nothing from the
+        # retrieval, which runs beside them (PDL) instead of holding adapted programs at their start.
+        lead = tl.cdiv(M, BLOCK_M) * LEAD_GROUPS
+        rest = item - lead
+        pm = tl.where(item < lead, item // LEAD_GROUPS, rest // (GROUPS - LEAD_GROUPS))
+        group = tl.where(item < lead, item % LEAD_GROUPS, LEAD_GROUPS + rest % (GROUPS - LEAD_GROUPS))
+    else:
+        pm = item // GROUPS
+        group = item % GROUPS
     acc_ty = tl.float64 if out_ptr.dtype.element_ty == tl.float64 else tl.float32
     op_ty = tl.float32 if UPCAST else f_ptr.dtype.element_ty  # the shrink's operand dtype
     # The expand's: fp32 rounded to TF32 for bf16 x (EXPAND_TF32, contract section 11), else the shrink's.
@@ -701,6 +711,7 @@ def _mira_gemm_kernel(
     STORE_H: tl.constexpr, SPB: tl.constexpr, J_PAD: tl.constexpr, J_CHUNK: tl.constexpr,
     J_STEP: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUPS: tl.constexpr,
+    LEAD_GROUPS: tl.constexpr,
     ORDER: tl.constexpr, TILES: tl.constexpr, BASE_PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
     EXPAND_PRECISION: tl.constexpr, EXPAND_TF32: tl.constexpr, UPCAST: tl.constexpr, W_ORDER: tl.constexpr,
     USE_PDL: tl.constexpr, TMA: tl.constexpr, PERSISTENT: tl.constexpr,
@@ -729,7 +740,10 @@ def _mira_gemm_kernel(
     Grid: (cdiv(M, BLOCK_M) * GROUPS,): program (row block, group g) computes the column tiles
     ORDER[g], ORDER[g + GROUPS], ... (ORDER lists the tiles without an adapter first, so a program
     waits for the retrieval (USE_PDL: gdc_wait) only after them, and computes h once per row block
-    for all its adapted tiles). HAS_BASE = False (in-place adapter): the main loop only shrinks and
+    for all its adapted tiles). Programs are numbered row block by row block, except that the items of
+    the first LEAD_GROUPS groups (0 < LEAD_GROUPS < GROUPS: the groups whose first tile has no
+    adapter) come first for every row block: the first waves then wait for nothing, and on Hopper
+    the retrieval runs beside them. HAS_BASE = False (in-place adapter): the main loop only shrinks and
     the accumulator starts from out (IN_PLACE). UPCAST (bf16 under the interpreter only, whose bf16
     dot is wrong) runs the dots in fp32.
 
@@ -752,8 +766,8 @@ def _mira_gemm_kernel(
                 F_WIDTH, E_WIDTH, scale_bits, stride_xm, stride_wk, stride_wn, stride_bias, stride_om, stride_fb,
                 stride_fs, stride_fr, stride_fk, stride_eb, stride_es, stride_er, stride_en, S, OFFS, F_SLICED,
                 E_SLICED, HAS_BASE, HAS_BIAS, LORA, IN_PLACE, STORE_H, SPB, J_PAD, J_CHUNK, J_STEP, SPLIT, BLOCK_M,
-                BLOCK_N, BLOCK_K, GROUPS, ORDER, TILES, BASE_PRECISION, LORA_PRECISION, EXPAND_PRECISION, EXPAND_TF32,
-                UPCAST, W_ORDER, USE_PDL, TMA)
+                BLOCK_N, BLOCK_K, GROUPS, LEAD_GROUPS, ORDER, TILES, BASE_PRECISION, LORA_PRECISION, EXPAND_PRECISION,
+                EXPAND_TF32, UPCAST, W_ORDER, USE_PDL, TMA)
     else:
         _gemm_work_item(
             tl.program_id(0),
@@ -761,8 +775,8 @@ def _mira_gemm_kernel(
             F_WIDTH, E_WIDTH, scale_bits, stride_xm, stride_wk, stride_wn, stride_bias, stride_om,
             stride_fb, stride_fs, stride_fr, stride_fk, stride_eb, stride_es, stride_er, stride_en, S, OFFS, F_SLICED,
             E_SLICED, HAS_BASE, HAS_BIAS, LORA, IN_PLACE, STORE_H, SPB, J_PAD, J_CHUNK, J_STEP, SPLIT, BLOCK_M,
-            BLOCK_N, BLOCK_K, GROUPS, ORDER, TILES, BASE_PRECISION, LORA_PRECISION, EXPAND_PRECISION, EXPAND_TF32,
-            UPCAST, W_ORDER, USE_PDL, TMA)
+            BLOCK_N, BLOCK_K, GROUPS, LEAD_GROUPS, ORDER, TILES, BASE_PRECISION, LORA_PRECISION, EXPAND_PRECISION,
+            EXPAND_TF32, UPCAST, W_ORDER, USE_PDL, TMA)
 
 
 @triton.jit

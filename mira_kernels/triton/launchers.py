@@ -287,9 +287,10 @@ def _plan_retrieve(sh: _Shapes, query, keys, bank_a, bank_b, separation, eps, sa
                    totals_only=False, fdt_b=None) -> _Mixed:
     """The retrieval launch (see ``_mira_retrieve_kernel``): the mixed A_b in ``fdt``, B_b in
     ``fdt_b`` (default ``fdt``; the forward's is the compute dtype, see :func:`factor_dtype`).
-    ``save_total``: store the affine sum (B,) in ``mixed.total`` (fp64 with ``wide_scores``, else ct); ``branch``: the forward's sum, from
-    which the affine guard takes its branch; ``totals_only``: no mixing (no factors), only the sums
-    (with ``save_total``): the forward's retrieval replayed by the backward for its sum."""
+    ``save_total``: store the affine sum (B,) in ``mixed.total`` (fp64 with ``wide_scores``, else
+    ct); ``branch``: the forward's sum, from which the affine guard takes its branch; ``totals_only``:
+    no mixing (no factors), only the sums (with ``save_total``): the forward's retrieval replayed by
+    the backward for its sum."""
     ct = sh.ct
     st = torch.float64 if wide_scores else ct
     stats = torch.empty(0, dtype=ct, device=device)
@@ -472,12 +473,14 @@ def _plan_gemm(name, a, w, w_strides, bias, out, sh: _Shapes, offsets, scale, x_
         groups = configs.column_groups(m_tiles, len(order), cfg.block_n, cfg.j_pad if lora == 1 else 0, plain,
                                        cfg.num_warps)
         tiles = triton_cdiv(len(order), groups)
-        return m_tiles, groups, tiles, tuple(order + [-1] * (tiles * groups - len(order)))
+        # Groups whose first tile (order[g]) has no adapter: launched first for every row block.
+        lead = min(groups, plain) if adapted else 0
+        return m_tiles, groups, lead, tiles, tuple(order + [-1] * (tiles * groups - len(order)))
 
-    m_tiles, groups, tiles, order = schedule(cfg)
+    m_tiles, groups, lead_groups, tiles, order = schedule(cfg)
     if not configs.one_tile_fits(cfg, tiles=tiles, in_place=in_place, lora=lora):
         cfg = configs.narrow_tile(cfg, sh.T, j if lora == 1 else 0)
-        m_tiles, groups, tiles, order = schedule(cfg)
+        m_tiles, groups, lead_groups, tiles, order = schedule(cfg)
     # The TMA main loop and store only where a measurement asks for it, for the weight as (NOUT, K).
     descs = (tma_descriptors(a, w, tuple(w_strides), out, cfg.block_m, cfg.block_n, cfg.block_k)
              if configs.forced_tma() and not in_place else None)
@@ -509,7 +512,8 @@ def _plan_gemm(name, a, w, w_strides, bias, out, sh: _Shapes, offsets, scale, x_
              HAS_BIAS=bias is not None, LORA=lora, IN_PLACE=bool(in_place), STORE_H=store_h is not None,
              SPB=cfg.samples_per_block, J_PAD=cfg.j_pad, J_CHUNK=configs.MIN_DOT,
              J_STEP=configs.MIN_DOT // 2 if split else configs.MIN_DOT, SPLIT=split,
-             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUPS=groups, ORDER=order,
+             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUPS=groups,
+             LEAD_GROUPS=lead_groups if 0 < lead_groups < groups else 0, ORDER=order,
              TILES=tiles, BASE_PRECISION=base_precision, LORA_PRECISION=lora_precision,
              EXPAND_PRECISION=expand_precision, EXPAND_TF32=expand_tf32,
              UPCAST=interpreter_upcast(a, x_dtype),

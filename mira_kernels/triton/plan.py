@@ -199,6 +199,7 @@ def _gemm(launch) -> dict:
         tiles_per_program=tiles,
         pdl=launch.pdl,
         wait_fraction=min(before_wait) if (launch.pdl and before_wait) else 0.0,
+        leading_programs=m_tiles * c["LEAD_GROUPS"] if launch.pdl else 0,
         note=f"{groups} group(s) x {tiles} tile(s) per row block; shrink "
              + ("folded into the main loop" if lora == 1 else "from its own launch" if lora == 2 else "none"),
     )

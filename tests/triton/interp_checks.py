@@ -445,6 +445,32 @@ def test_programs_with_several_column_tiles(monkeypatch):
     check_forward(inp, torch.float32, "affine")  # the same tiles with h from the shrink launch
 
 
+def test_programs_without_an_adapted_first_tile_run_first(monkeypatch):
+    # One tile per program (3 groups) and 3 row blocks: the group whose tile carries no adapter is
+    # launched first for every row block (LEAD_GROUPS), then the adapted ones. Every (row block, tile)
+    # is still computed once, by one program: the bits are those of row-block order, and the spec's.
+    from mira_kernels.triton import configs
+
+    monkeypatch.setattr(configs, "column_groups", lambda *args: 3)
+    inp = make_inputs(B=3, T=50, d_in=32, d_out=192, N=4, S=2, r=4, d_s=64, offsets=[0, 128], seed=29)
+    outputs = []
+    for lead in (None, 0):
+        y, plan = launchers.plan_linear(*_at(inp, torch.bfloat16).linear_args(), inp.slice_offsets, "affine", 1.0,
+                                        1e-2)
+        gemm = plan[-1]
+        assert gemm.constexprs["GROUPS"] == 3 and gemm.constexprs["ORDER"][0] == 1 and gemm.grid[0] >= 6
+        if lead is None:
+            assert gemm.constexprs["LEAD_GROUPS"] == 1  # the tile of columns 64..127
+        else:
+            gemm.constexprs["LEAD_GROUPS"] = lead  # row-block order
+        y.fill_(float("nan"))
+        launchers.run_all(plan, y.device)
+        outputs.append(y)
+    assert torch.isfinite(outputs[0]).all()
+    assert torch.equal(outputs[0], outputs[1])
+    check_forward(inp, torch.bfloat16, "affine")
+
+
 def test_large_batches_take_the_wide_tiles():
     # M > 512 rows of bf16 x: the GEMM runs 128 x 256 tiles (two warpgroups on Hopper), here with
     # five samples in a row block and both slices inside one column tile (d_out = 72 < 256).

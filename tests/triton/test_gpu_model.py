@@ -85,6 +85,24 @@ def test_accounting_is_consistent(mach):
     assert max(p.us for p in priced) * 1e-6 <= total < serial
 
 
+def test_leading_programs_hide_the_retrieval_behind_whole_waves(mach):
+    # bf16 ViT-B/16 qkv at B = 64: one 128 x 256 tile per program, 9 column tiles of which 3 (the K
+    # slice) carry no adapter. Those programs are launched first for every row block (LEAD_GROUPS),
+    # filling whole waves of the 132 SMs before any program waits for the retrieval, which PDL runs
+    # beside them: the pair then costs the GEMM alone. In row-block order (the launch order until
+    # 2026-12-07) adapted programs sit in the first wave and wait at once: the pair costs the sum.
+    ops = gm.qkv_ops("triton", 64, torch.bfloat16, mach)
+    retrieve, gemm = next(op for op in ops if op.name.startswith("mira_linear")).launches
+    assert gemm.pdl and gemm.wait_fraction == 0.0 and gemm.leading_programs == gemm.programs // 3
+    assert gemm.leading_programs >= 2 * mach.sms
+    assert gm.wait_fraction(gemm, mach) == pytest.approx((gemm.leading_programs // mach.sms)
+                                                         / -(-gemm.programs // mach.sms))
+    total, priced = gm.sequence_time([retrieve, gemm], mach)
+    assert total == pytest.approx(priced[1].us * 1e-6)
+    row_block_order, _ = gm.sequence_time([retrieve, replace(gemm, leading_programs=0)], mach)
+    assert row_block_order == pytest.approx((priced[0].us + priced[1].us) * 1e-6)
+
+
 def test_measured_record_printed_beside_the_model(mach):
     doc = {"schema": "mira-gpu-check/1", "started": "2026-12-01T00:00:00Z",
            "environment": {"gpu": {"name": "NVIDIA H200"}},
