@@ -291,17 +291,19 @@ def sequence_time(launches: list[KernelLaunch], mach: Machine) -> tuple[float, l
     except that a launch with programmatic dependent launch starts with its predecessor and
     overlaps it until its wait point."""
     priced = [price(k, mach) for k in launches]
-    total = 0.0
+    start = end = 0.0  # the previous launch's start and end
     for i, p in enumerate(priced):
         t = p.us * 1e-6
         if i > 0 and p.launch is not None and p.launch.pdl:
-            prev = priced[i - 1].us * 1e-6
+            # Starts with its predecessor (which let it launch at once), runs up to its wait point, and
+            # goes on once the predecessor has ended: a chain of such launches (retrieval, shrink, GEMM)
+            # overlaps as a whole.
             wait = wait_fraction(p.launch, mach)
-            total -= prev  # replace the producer's time by the overlapped pair
-            total += max(prev, wait * t) + (1 - wait) * t
+            end = max(start + wait * t, end) + (1 - wait) * t
             continue
-        total += t + (mach.graph_gap if i > 0 else 0.0)
-    return total, priced
+        start = end + (mach.graph_gap if i > 0 else 0.0)
+        end = start + t
+    return end, priced
 
 
 # ----------------------------------------------------------------------------------------------

@@ -44,8 +44,9 @@ def overriding(*, gemm: dict | None = None, gemm_groups: int | None = None, retr
     programs per row block (at most the column tiles); ``retrieve``: fields of
     :class:`RetrieveConfig`; ``retrieve_split``: column shares per sample tile (at most the
     chunks); ``fold``: False gives the shrink its own launch where the planner folds it into the
-    GEMM; ``tma``: True loads the projection GEMM's x and W tiles, and stores its output tiles,
-    through TMA tensor descriptors where the operands allow it (:func:`.launchers.tma_descriptors`;
+    GEMM, True folds it where the planner runs it beside the GEMM (small batches on Hopper);
+    ``tma``: True loads the projection GEMM's x and W tiles, and stores its output tiles, through TMA
+    tensor descriptors where the operands allow it (:func:`.launchers.tma_descriptors`;
     ``make gpu-check`` times it); ``persistent``: True launches that GEMM with
     :data:`PERSISTENT_PROGRAMS` programs walking its work items (row block, column group) instead of
     one program per item, a positive int with that many (``make gpu-check`` passes the device's SM
@@ -70,6 +71,12 @@ def overriding(*, gemm: dict | None = None, gemm_groups: int | None = None, retr
 def forced_unfolded() -> bool:
     """Whether :func:`overriding` asks for the shrink's own launch (a sweep's diagnostic)."""
     return _OVERRIDES[-1].get("fold") is False
+
+
+def forced_folded() -> bool:
+    """Whether :func:`overriding` asks for the shrink folded into the GEMM where the planner would run
+    it beside the GEMM (a sweep's comparison with the two-launch plan)."""
+    return _OVERRIDES[-1].get("fold") is True
 
 
 def forced_tma() -> bool:
@@ -170,6 +177,13 @@ def gemm_maxnreg(num_warps: int) -> int | None:
 #: get a separate shrink launch.
 MAX_FUSED_J = 32
 
+#: Up to this many token rows (ViT-B/16 at B <= 10) the bf16 forward on Hopper runs the shrink as
+#: its own launch instead of folding it into the GEMM's main loop: the GEMM's programs then fit about
+#: one wave, and with the shrink apart its main loop needs nothing from the retrieval, so it runs
+#: beside the retrieval and the shrink (programmatic dependent launch) and waits only before its
+#: expand, where a folded shrink waits for the retrieval before its first step.
+SHRINK_BESIDE_ROWS = 2048
+
 #: Programs the retrieval aims for at small batch: few enough to leave most SMs to the GEMM it
 #: overlaps, enough to read the banks with many SMs.
 RETRIEVE_PROGRAMS = 64
@@ -241,17 +255,20 @@ def _fused_config(m: int, n_out: int, k: int, dtype: torch.dtype, precision: str
 NARROW_TILE = (128, 128, 64, 8, 3)
 
 
-def one_tile_fits(cfg: FusedConfig, *, tiles: int, in_place: bool, lora: int) -> bool:
+def one_tile_fits(cfg: FusedConfig, *, tiles: int, in_place: bool, lora: int, beside: bool = False) -> bool:
     """Whether the table's tile compiles without spills as planned. The 128 x 256 tile (its fp32
     accumulator alone is 128 registers a thread) fits only a program that computes one column tile
     with the shrink folded in or no adapter: the ahead-of-time sweep with Triton 3.8 (sm_90, bf16)
     found it leaving 104-464 bytes of stack in programs of 3 to 9 tiles (ViT-B/16 at B = 256, and
     the backward's dx GEMM with h from its own launch at B = 64) and 64-280 bytes in the in-place
     adapter, where :data:`NARROW_TILE` left none; so did a persistent launch's programs (136-144 bytes at
-    B = 64), which walk several work items. A tile forced by :func:`overriding` is kept."""
+    B = 64), which walk several work items. With h from the shrink's launch (``lora`` 2) only the
+    forward's one-tile programs beside that launch (``beside``: bf16 ViT-B/16 at B <= 10 on sm_90, 255
+    registers and no stack) fit it; the backward's dx GEMM spilled. A tile forced by
+    :func:`overriding` is kept."""
     if _OVERRIDES[-1].get("gemm") or cfg.block_n < 256:
         return True
-    return tiles == 1 and not in_place and lora != 2 and persistent_programs() is None
+    return tiles == 1 and not in_place and (lora != 2 or beside) and persistent_programs() is None
 
 
 def narrow_tile(cfg: FusedConfig, T: int, j: int) -> FusedConfig:
@@ -379,6 +396,17 @@ def row_config(j_pad: int, dtype: torch.dtype, precision: str = "tf32") -> RowCo
     if j_pad >= 128:  # here 8 warps spill on sm_90 and 4 do not (ptxas heuristics; the sweep decides)
         return RowConfig(32, 32, 4)
     return RowConfig(64, 64, 4)
+
+
+def beside_config(j_pad: int, dtype: torch.dtype, precision: str = "tf32", native: bool = False) -> RowConfig:
+    """Config of the forward's shrink when it runs beside the GEMM (on Hopper): the GEMM waits for it,
+    so its latency counts, not its throughput: 16-row programs (13 at ViT-B/16 B = 1, 99 at B = 8,
+    where 64 rows made 4 and 25), and with bf16 operands taken as loaded (``native``) 128-wide K steps
+    (6 dependent steps at d_in = 768 instead of 12; with fp32 operands and 3xTF32 these spilled 8-48
+    bytes on sm_90, so they keep 64). Wide adapters, fp64 and FMA dots keep :func:`row_config`."""
+    if j_pad > 32 or dtype == torch.float64 or precision == "ieee":
+        return row_config(j_pad, dtype, precision)
+    return RowConfig(16, 128 if native else 64, 4)
 
 
 @functools.cache

@@ -22,7 +22,11 @@ Design (forward, two launches, no atomics, grids from shapes only):
 Wide adapters (a row block's samples x S*r above ``configs.MAX_FUSED_J``: large ranks, or short
 sequences packing many samples per block) and fp32 factors (fp16, fp32 and fp64 x: the folded
 shrink spills with fp32 operands) get a third launch between the two, ``_mira_shrink_fwd_kernel``,
-and the GEMM reads h from it. bf16 ViT shapes (T = 197, S*r <= 16) never do.
+and the GEMM reads h from it; so do small batches on Hopper (``configs.SHRINK_BESIDE_ROWS``: bf16
+ViT-B/16 at B <= 10), where the GEMM's programs fit about one wave. There the three launches are
+chained by programmatic dependent launch: the shrink starts with the retrieval and waits for its
+factors, the GEMM starts with both and waits only after its main loop (which needs neither), before
+the expand, so the retrieval and the shrink run beside the base product instead of before it.
 
 Backward reuses the GEMM with other roles (dx = G W + scale sum_s dh_s A_b, keeping
 dh = scale G_s B_b) and the shrink (h = x A_b^T for dB), and adds: per-sample reductions over T in
@@ -580,9 +584,9 @@ def _gemm_work_item(
                     in_slice = in_slice | ((cols >= OFFS[s]) & (cols < OFFS[s] + E_WIDTH))
                 col_ok = col_ok & in_slice
         shrink_here = adapted & (LORA == 1) & (h_ready == 0)
-        if USE_PDL:
+        if USE_PDL and LORA == 1:
             if adapted:
-                gdc_wait()  # the mixed factors come from the retrieval launch
+                gdc_wait()  # the main loop's shrink reads the mixed A_b of the retrieval launch
 
         if IN_PLACE:
             acc = tl.load(out_ptr + rows64[:, None] * stride_om + cols[None, :],
@@ -649,6 +653,11 @@ def _gemm_work_item(
                     x_blk = tl.advance(x_blk, (0, BLOCK_K))
                     w_blk = tl.advance(w_blk, (BLOCK_K, 0))
 
+        if USE_PDL and LORA == 2:
+            if adapted:
+                # h comes from the shrink launch (which waited for the retrieval): only the expand reads
+                # the predecessors' results, so the main loop above ran beside them.
+                gdc_wait()
         if adapted:
             if LORA == 1:
                 e_rows, e_ok, e_off = _factor_rows(e_ptr, b_first, b_last, t, J, R, stride_eb, stride_es, stride_er, S,
@@ -785,14 +794,24 @@ def _mira_shrink_fwd_kernel(
     M, T, K, J,
     stride_im, stride_fb, stride_fs, stride_fj, stride_fk,
     NUM_SLICES: tl.constexpr, IN_OFFS: tl.constexpr, J_PAD: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, LORA_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, LORA_PRECISION: tl.constexpr, USE_PDL: tl.constexpr,
+    NATIVE: tl.constexpr,
 ):
     """out[m, s*J + j] = sum_k in[m, IN_OFFS[s] + k] * F[b(m), s, j, k], with b(m) = m // T.
 
     Forward shrink: in = x (M, d_in), F = mixed A viewed (B, 1, S*r, d_in), one slice.
     Backward dh (unscaled): in = G (M, d_out), F[b, s, j, k] = mixed B[b, s, k, j], S slices.
     out (M, NUM_SLICES*J) in ct. Grid: (cdiv(M, BLOCK_M), NUM_SLICES).
+
+    USE_PDL (the forward on Hopper): launched while the retrieval runs, it lets the GEMM launch at once
+    (whose main loop needs neither) and waits for the retrieval's mixed factors before reading them.
+    NATIVE (in and F both bf16, compiled): one dot on the operands as loaded, whose products are exact
+    in the fp32 accumulator, as the GEMM's folded shrink computes them; else operands in ct and
+    LORA_PRECISION.
     """
+    if USE_PDL:
+        gdc_launch_dependents()
+        gdc_wait()
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
     ct = out_ptr.dtype.element_ty
@@ -808,11 +827,16 @@ def _mira_shrink_fwd_kernel(
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < K
         a = tl.load(in_ptr + rows64[:, None] * stride_im + (off + ks)[None, :],
-                    mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(ct)
+                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        if not NATIVE:
+            a = a.to(ct)
         for b in tl.range(b_first, b_last + 1, num_stages=1):
             f = tl.load(f_ptr + b * stride_fb + pid_s * stride_fs + ks[:, None] * stride_fk + js[None, :] * stride_fj,
-                        mask=k_ok[:, None] & j_ok[None, :], other=0.0).to(ct)
-            part = tl.dot(a, f, input_precision=LORA_PRECISION, out_dtype=ct)
+                        mask=k_ok[:, None] & j_ok[None, :], other=0.0)
+            if NATIVE:
+                part = tl.dot(a, f, out_dtype=ct)
+            else:
+                part = tl.dot(a, f.to(ct), input_precision=LORA_PRECISION, out_dtype=ct)
             acc += tl.where((row_sample == b)[:, None], part, 0.0)
     out_cols = pid_s * J + js
     tl.store(out_ptr + rows64[:, None] * (NUM_SLICES * J) + out_cols[None, :], acc,

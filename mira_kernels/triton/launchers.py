@@ -356,18 +356,24 @@ def triton_cdiv(a: int, b: int) -> int:
 # ----------------------------------------------------------------------------------------------
 
 
-def _plan_shrink(name, inp, in_offsets, k, f, f_strides, j, sh: _Shapes, lora_precision, launches) -> torch.Tensor:
-    """out (M, len(in_offsets) * j) fp32 = per-row in[:, off_s : off_s + k] @ F[b, s]^T (see the kernel)."""
+def _plan_shrink(name, inp, in_offsets, k, f, f_strides, j, sh: _Shapes, lora_precision, launches,
+                 pdl: bool = False) -> torch.Tensor:
+    """out (M, len(in_offsets) * j) fp32 = per-row in[:, off_s : off_s + k] @ F[b, s]^T (see the kernel);
+    ``pdl``: launched while its predecessor (the retrieval) runs, waiting for its results."""
     num_slices = len(in_offsets)
     out = torch.empty(sh.M, num_slices * j, dtype=sh.ct, device=inp.device)
-    cfg = configs.row_config(configs.padded(j), sh.ct, lora_precision)
+    native = inp.dtype == f.dtype == torch.bfloat16 and not interpreting()
+    # Beside the GEMM (pdl): many short programs, its latency is the wait the GEMM may see.
+    cfg = (configs.beside_config(configs.padded(j), sh.ct, lora_precision, native) if pdl
+           else configs.row_config(configs.padded(j), sh.ct, lora_precision))
     launches.append(Launch(
         name, kernels._mira_shrink_fwd_kernel, (triton_cdiv(sh.M, cfg.block_m), num_slices),
         dict(in_ptr=inp, f_ptr=f, out_ptr=out, M=sh.M, T=sh.T, K=k, J=j, stride_im=inp.stride(0),
              stride_fb=f_strides[0], stride_fs=f_strides[1], stride_fj=f_strides[2], stride_fk=f_strides[3]),
         dict(NUM_SLICES=num_slices, IN_OFFS=tuple(in_offsets), J_PAD=configs.padded(j),
-             BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, LORA_PRECISION=_accurate(lora_precision)),
-        num_warps=cfg.num_warps, num_stages=2,
+             BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, LORA_PRECISION=_accurate(lora_precision),
+             USE_PDL=bool(pdl), NATIVE=native),
+        num_warps=cfg.num_warps, num_stages=2, pdl=bool(pdl),
     ))
     return out
 
@@ -478,7 +484,7 @@ def _plan_gemm(name, a, w, w_strides, bias, out, sh: _Shapes, offsets, scale, x_
         return m_tiles, groups, lead, tiles, tuple(order + [-1] * (tiles * groups - len(order)))
 
     m_tiles, groups, lead_groups, tiles, order = schedule(cfg)
-    if not configs.one_tile_fits(cfg, tiles=tiles, in_place=in_place, lora=lora):
+    if not configs.one_tile_fits(cfg, tiles=tiles, in_place=in_place, lora=lora, beside=pdl):
         cfg = configs.narrow_tile(cfg, sh.T, j if lora == 1 else 0)
         m_tiles, groups, lead_groups, tiles, order = schedule(cfg)
     # The TMA main loop and store only where a measurement asks for it, for the weight as (NOUT, K).
@@ -553,10 +559,13 @@ def _fused_shrink(sh: _Shapes, n_out: int, k: int, x_dtype: torch.dtype, fdt: to
     found the folded shrink spilling (136-392 bytes) with fp32 operands (the fp32/TF32 GEMM) on sm_80
     and sm_90 and in the 16-bit dx GEMM on sm_80, and spill-free in the 16-bit forward on both and the
     16-bit dx GEMM on sm_90. fp32 factors (fp16, fp32, fp64 x) and the sm_80 backward keep the
-    separate shrink launch.
+    separate shrink launch, and so does the forward of a small batch where launches overlap
+    (:data:`.configs.SHRINK_BESIDE_ROWS`; not under the interpreter, which runs launches in turn).
     """
     if fdt not in (torch.float16, torch.bfloat16) or configs.forced_unfolded():
         return False
+    if not backward and sh.M <= configs.SHRINK_BESIDE_ROWS and use_pdl(device) and not configs.forced_folded():
+        return False  # small batch on Hopper: the shrink's own launch runs beside the GEMM's main loop
     capability = target_capability(device)
     if backward and capability < (9, 0):
         return False
@@ -569,7 +578,10 @@ def _plan_factors(sh: _Shapes, x2, query, keys, bank_a, bank_b, separation, eps,
     folds the shrink in (``fused``), the shrink's own launch. Returns (mixed, h or None, pdl)."""
     query, keys, bank_a, bank_b = _memory_inputs(query, keys, bank_a, bank_b)
     precision = _precisions(x2.dtype)[1]
-    pdl = use_pdl(x2.device) and fused  # a separate shrink would sit between the retrieval and the GEMM
+    # On Hopper each launch starts while its predecessor runs (programmatic dependent launch): the
+    # GEMM waits for the mixed factors before its main loop when the shrink is folded in, else (h from
+    # the shrink launch, which waits for the retrieval) only before its expand.
+    pdl = use_pdl(x2.device)
     mixed = _plan_retrieve(sh, query, keys, bank_a, bank_b, separation, eps, False, precision,
                            factor_dtype(x2.dtype), x2.device, launches, pdl,
                            wide_scores=_wide_forward_scores(x2.dtype), fdt_b=sh.ct)
@@ -577,7 +589,7 @@ def _plan_factors(sh: _Shapes, x2, query, keys, bank_a, bank_b, separation, eps,
     if not fused:
         st = mixed.a.stride()
         h = _plan_shrink("shrink", x2, (0,), sh.d_in, mixed.a, (st[0], 0, st[2], st[3]), sh.S * sh.r, sh, precision,
-                         launches)
+                         launches, pdl=pdl)
     return mixed, h, pdl
 
 

@@ -144,10 +144,14 @@ def _gemm(launch) -> dict:
 
     n_adapted = sum(adapted(n) for n in live)
     # Programs of a row block: group g visits order[g], order[g + groups], ...; it computes h in the
-    # first adapted tile it meets (LORA = 1) and waits for the retrieval there.
+    # first adapted tile it meets (LORA = 1) and waits for the retrieval there, before that tile's
+    # main loop; with h from the shrink launch (LORA = 2) it waits after the main loop, before the
+    # expand: a tile is its pipelined K steps plus two (fill and epilogue), as `steps` counts it.
     sequences = [[n for n in order[g::groups] if n >= 0] for g in range(groups)]
     shrinking = sum(1 for seq in sequences if any(adapted(n) for n in seq))
-    before_wait = [next(i for i, n in enumerate(seq) if adapted(n)) / len(seq)
+    k_tile = _pipelined(k_steps, launch.num_stages) if (c["HAS_BASE"] or lora == 1) else 0
+    inside = k_tile / (k_tile + 2) if lora == 2 else 0.0
+    before_wait = [(next(i for i, n in enumerate(seq) if adapted(n)) + inside) / len(seq)
                    for seq in sequences if seq and any(adapted(n) for n in seq)]
     flops: dict[str, float] = {}
     useful = 0.0

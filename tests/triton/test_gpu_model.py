@@ -45,7 +45,9 @@ def test_mira_launches_come_from_the_plans(mach, B):
     plan = launch_plan.describe("triton", "mira_linear", *gm.mira_args("mira_linear", B, torch.bfloat16), sms=132)
     ops = gm.qkv_ops("triton", B, torch.bfloat16, mach)
     mira_op = next(op for op in ops if op.name.startswith("mira_linear"))
-    assert [k.name for k in mira_op.launches] == [k.name for k in plan.launches] == ["retrieve", "gemm"]
+    # B = 1 on Hopper: the shrink's own launch beside the GEMM's main loop; B = 64: folded into it.
+    names = ["retrieve", "shrink", "gemm"] if B == 1 else ["retrieve", "gemm"]
+    assert [k.name for k in mira_op.launches] == [k.name for k in plan.launches] == names
     assert all(a == b for a, b in zip(mira_op.launches, plan.launches))
     # End to end, each of the 12 blocks swaps the plain cuBLAS qkv launch for the op's planned
     # launches and the layer's extras: the key normalisation, one launch (mira.memory._per_feature_unit
@@ -101,6 +103,22 @@ def test_leading_programs_hide_the_retrieval_behind_whole_waves(mach):
     assert total == pytest.approx(priced[1].us * 1e-6)
     row_block_order, _ = gm.sequence_time([retrieve, replace(gemm, leading_programs=0)], mach)
     assert row_block_order == pytest.approx((priced[0].us + priced[1].us) * 1e-6)
+
+
+def test_a_chain_of_dependent_launches_overlaps_as_a_whole(mach):
+    # bf16 ViT-B/16 qkv at B = 8: retrieval, the shrink (PDL, waits for the retrieval at once) and the
+    # GEMM (PDL, waits before its expand). All three start together; the GEMM ends after the longer
+    # of its main loop and the retrieval + shrink chain. Pricing pairs alone (the model until
+    # 2026-12-07) let the GEMM overlap only the shrink.
+    ops = gm.qkv_ops("triton", 8, torch.bfloat16, mach)
+    launches = next(op for op in ops if op.name.startswith("mira_linear")).launches
+    assert [k.name for k in launches] == ["retrieve", "shrink", "gemm"]
+    total, priced = gm.sequence_time(list(launches), mach)
+    r, s, g = (p.us * 1e-6 for p in priced)
+    w = gm.wait_fraction(launches[2], mach)
+    assert gm.wait_fraction(launches[1], mach) == 0.0 and 0.75 < w < 1.0
+    assert total == pytest.approx(max(r + s, w * g) + (1 - w) * g)
+    assert total < r + s + g
 
 
 def test_measured_record_printed_beside_the_model(mach):

@@ -105,3 +105,33 @@ def test_factor_storage_follows_the_precision_rules():
     assert launchers.factor_dtype(bf16, (bf16, bf16, fp32, bf16)) == fp32
     assert launchers.factor_dtype(fp16, (fp16,) * 4) == fp32
     assert launchers.factor_dtype(torch.float64) == torch.float64
+
+
+@pytest.mark.parametrize("B", [1, 8, 64])
+def test_small_batches_run_the_shrink_beside_the_gemm_on_hopper(B):
+    # bf16 ViT-B/16 on Hopper up to configs.SHRINK_BESIDE_ROWS rows: the shrink's own launch (bf16
+    # operands as loaded, 16-row programs), chained to the retrieval and the GEMM by programmatic
+    # dependent launch; the GEMM (one 128 x 256 tile per program at B = 8) reads h from it and waits
+    # only before its expand, so its main loop runs beside both. From B = 64 the shrink is folded in.
+    from mira_kernels.triton import configs, launchers, plan
+
+    with launchers.planning_for((9, 0)):
+        _, launches = launchers.plan_linear(*_args("mira_linear", B))
+    names = [la.name for la in launches]
+    gemm = launches[-1].constexprs
+    if B * T > configs.SHRINK_BESIDE_ROWS:
+        assert names == ["retrieve", "gemm"] and gemm["LORA"] == 1 and launches[-1].pdl
+        return
+    assert names == ["retrieve", "shrink", "gemm"] and all(la.pdl for la in launches[1:])
+    shrink = launches[1].constexprs
+    assert shrink["USE_PDL"] and shrink["NATIVE"] and shrink["BLOCK_M"] == 16
+    assert gemm["LORA"] == 2 and gemm["USE_PDL"] and gemm["EXPAND_TF32"]
+    if B == 8:
+        assert (gemm["BLOCK_M"], gemm["BLOCK_N"], gemm["TILES"]) == (128, 256, 1)
+    record = plan.kernel_launch(launches[-1])
+    assert 0.75 < record.wait_fraction < 1.0  # after the main loop, before the expand
+    # Without programmatic dependent launch (sm_80, or CPU tensors under the interpreter) launches run
+    # in turn, and the folded shrink is the faster plan.
+    with launchers.planning_for((8, 0)):
+        _, launches = launchers.plan_linear(*_args("mira_linear", B))
+    assert [la.name for la in launches] == ["retrieve", "gemm"] and not any(la.pdl for la in launches)
