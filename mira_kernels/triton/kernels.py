@@ -4,7 +4,7 @@ Notation (docs of :mod:`mira_kernels.reference`): B samples, T tokens, M = B*T r
 S slices, r rank, d_in / d_out / d_s / d_k widths. ``ct`` is the compute dtype: float32 for
 16-bit x, else x's dtype. Every kernel reads its ct from an output or workspace pointer.
 
-Design (forward, two launches, no atomics, grids from shapes only):
+Design (forward, two launches, three at small batch on Hopper, no atomics, grids from shapes only):
 
 1. ``_mira_retrieve_kernel``: cosine scores, separation and mixing, computed once per tile of 16
    samples. Program (tile, share) computes its tile's (16, N) scores with ``tl.dot`` (slots in
@@ -738,7 +738,8 @@ def _mira_gemm_kernel(
     LORA = 0: no adapter. LORA = 1 (small adapters, SPB * J <= 64): the shrink is folded into the
     main loop of the first adapted tile a program computes (the x tile is already loaded): h for the
     row block's SPB samples at once, as one dot against the stacked factors; rows keep their own
-    sample's columns. LORA = 2: h was computed by ``_mira_shrink_fwd_kernel`` and is read from h_ptr
+    sample's columns. LORA = 2: h was computed by ``_mira_shrink_fwd_kernel`` (with USE_PDL the GEMM waits
+    for it after a tile's main loop, before the expand) and is read from h_ptr
     (M, J) in fp32; the expand loops over the samples of the tile, J_STEP columns of h at a time
     (J_CHUNK = J_STEP unless SPLIT). SPLIT (fp16 x: 3xTF32 accuracy, contract section 11) splits h
     and E into TF32-exact hi and fp32 lo halves and adds h_hi E_hi + h_lo E_hi + h_hi E_lo, the
