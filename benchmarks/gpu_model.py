@@ -24,7 +24,10 @@ How a launch is priced (every constant is a :class:`Machine` field with its sour
   bandwidth, and its per-program latency (dependent steps x memory latency, per wave);
 - launches follow each other with a graph node gap (CUDA graph) or at the host's pace (eager:
   max of the host's and the device's time); a launch with programmatic dependent launch starts
-  with its producer and overlaps it up to its ``wait_fraction``.
+  with its producer and overlaps it up to its ``wait_fraction`` (or the whole waves of its leading
+  programs), as if its programs found room beside the producer's on every SM: the model does not
+  see residency (registers, shared memory), so the planner chains launches only where the
+  dependent's programs are small enough to share an SM (``configs.SHRINK_BESIDE_ROWS``).
 
 Measurements: ``--measured gpu_check.json`` (``make gpu-check``, schema ``mira-gpu-check/1``)
 prints the measured per-kernel and per-call times beside the model's.

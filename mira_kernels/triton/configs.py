@@ -177,12 +177,17 @@ def gemm_maxnreg(num_warps: int) -> int | None:
 #: get a separate shrink launch.
 MAX_FUSED_J = 32
 
-#: Up to this many token rows (ViT-B/16 at B <= 10) the bf16 forward on Hopper runs the shrink as
-#: its own launch instead of folding it into the GEMM's main loop: the GEMM's programs then fit about
-#: one wave, and with the shrink apart its main loop needs nothing from the retrieval, so it runs
-#: beside the retrieval and the shrink (programmatic dependent launch) and waits only before its
-#: expand, where a folded shrink waits for the retrieval before its first step.
-SHRINK_BESIDE_ROWS = 2048
+#: Up to this many token rows (ViT-B/16 at B <= 2) the bf16 forward on Hopper runs the shrink as
+#: its own launch instead of folding it into the GEMM's main loop: with the shrink apart the GEMM's
+#: main loop needs nothing from the retrieval, so it runs beside the retrieval and the shrink
+#: (programmatic dependent launch) and waits only before its expand, where a folded shrink waits for
+#: the retrieval before its first step. Only where the GEMM's programs are small (64 x 64 tiles of 4
+#: warps, ~23K registers on sm_90) can they share an SM's 64K registers with the retrieval's and the
+#: shrink's programs (16K and 12K at B = 1): from 513 rows the GEMM takes 128 x 256 tiles of 8 warps
+#: at 255 registers, a whole register file, so every SM holding a small program is closed to it, and
+#: 64 retrieval plus 99 shrink programs (B = 8) would hold all 132 SMs: the launches would run in
+#: turn. (The GPU model does not see residency: it prices B = 8 this way at +2.7% against +9.6%.)
+SHRINK_BESIDE_ROWS = 512
 
 #: Programs the retrieval aims for at small batch: few enough to leave most SMs to the GEMM it
 #: overlaps, enough to read the banks with many SMs.
@@ -255,20 +260,17 @@ def _fused_config(m: int, n_out: int, k: int, dtype: torch.dtype, precision: str
 NARROW_TILE = (128, 128, 64, 8, 3)
 
 
-def one_tile_fits(cfg: FusedConfig, *, tiles: int, in_place: bool, lora: int, beside: bool = False) -> bool:
+def one_tile_fits(cfg: FusedConfig, *, tiles: int, in_place: bool, lora: int) -> bool:
     """Whether the table's tile compiles without spills as planned. The 128 x 256 tile (its fp32
     accumulator alone is 128 registers a thread) fits only a program that computes one column tile
     with the shrink folded in or no adapter: the ahead-of-time sweep with Triton 3.8 (sm_90, bf16)
     found it leaving 104-464 bytes of stack in programs of 3 to 9 tiles (ViT-B/16 at B = 256, and
     the backward's dx GEMM with h from its own launch at B = 64) and 64-280 bytes in the in-place
     adapter, where :data:`NARROW_TILE` left none; so did a persistent launch's programs (136-144 bytes at
-    B = 64), which walk several work items. With h from the shrink's launch (``lora`` 2) only the
-    forward's one-tile programs beside that launch (``beside``: bf16 ViT-B/16 at B <= 10 on sm_90, 255
-    registers and no stack) fit it; the backward's dx GEMM spilled. A tile forced by
-    :func:`overriding` is kept."""
+    B = 64), which walk several work items. A tile forced by :func:`overriding` is kept."""
     if _OVERRIDES[-1].get("gemm") or cfg.block_n < 256:
         return True
-    return tiles == 1 and not in_place and (lora != 2 or beside) and persistent_programs() is None
+    return tiles == 1 and not in_place and lora != 2 and persistent_programs() is None
 
 
 def narrow_tile(cfg: FusedConfig, T: int, j: int) -> FusedConfig:
@@ -400,8 +402,8 @@ def row_config(j_pad: int, dtype: torch.dtype, precision: str = "tf32") -> RowCo
 
 def beside_config(j_pad: int, dtype: torch.dtype, precision: str = "tf32", native: bool = False) -> RowConfig:
     """Config of the forward's shrink when it runs beside the GEMM (on Hopper): the GEMM waits for it,
-    so its latency counts, not its throughput: 16-row programs (13 at ViT-B/16 B = 1, 99 at B = 8,
-    where 64 rows made 4 and 25), and with bf16 operands taken as loaded (``native``) 128-wide K steps
+    so its latency counts, not its throughput: 16-row programs (13 at ViT-B/16 B = 1, where 64 rows
+    made 4), and with bf16 operands taken as loaded (``native``) 128-wide K steps
     (6 dependent steps at d_in = 768 instead of 12; with fp32 operands and 3xTF32 these spilled 8-48
     bytes on sm_90, so they keep 64). Wide adapters, fp64 and FMA dots keep :func:`row_config`."""
     if j_pad > 32 or dtype == torch.float64 or precision == "ieee":

@@ -23,7 +23,7 @@ Wide adapters (a row block's samples x S*r above ``configs.MAX_FUSED_J``: large 
 sequences packing many samples per block) and fp32 factors (fp16, fp32 and fp64 x: the folded
 shrink spills with fp32 operands) get a third launch between the two, ``_mira_shrink_fwd_kernel``,
 and the GEMM reads h from it; so do small batches on Hopper (``configs.SHRINK_BESIDE_ROWS``: bf16
-ViT-B/16 at B <= 10), where the GEMM's programs fit about one wave. There the three launches are
+ViT-B/16 at B <= 2), whose small GEMM programs fit beside the others on an SM. There the three launches are
 chained by programmatic dependent launch: the shrink starts with the retrieval and waits for its
 factors, the GEMM starts with both and waits only after its main loop (which needs neither), before
 the expand, so the retrieval and the shrink run beside the base product instead of before it.

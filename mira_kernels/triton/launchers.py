@@ -484,7 +484,7 @@ def _plan_gemm(name, a, w, w_strides, bias, out, sh: _Shapes, offsets, scale, x_
         return m_tiles, groups, lead, tiles, tuple(order + [-1] * (tiles * groups - len(order)))
 
     m_tiles, groups, lead_groups, tiles, order = schedule(cfg)
-    if not configs.one_tile_fits(cfg, tiles=tiles, in_place=in_place, lora=lora, beside=pdl):
+    if not configs.one_tile_fits(cfg, tiles=tiles, in_place=in_place, lora=lora):
         cfg = configs.narrow_tile(cfg, sh.T, j if lora == 1 else 0)
         m_tiles, groups, lead_groups, tiles, order = schedule(cfg)
     # The TMA main loop and store only where a measurement asks for it, for the weight as (NOUT, K).
@@ -578,10 +578,12 @@ def _plan_factors(sh: _Shapes, x2, query, keys, bank_a, bank_b, separation, eps,
     folds the shrink in (``fused``), the shrink's own launch. Returns (mixed, h or None, pdl)."""
     query, keys, bank_a, bank_b = _memory_inputs(query, keys, bank_a, bank_b)
     precision = _precisions(x2.dtype)[1]
-    # On Hopper each launch starts while its predecessor runs (programmatic dependent launch): the
-    # GEMM waits for the mixed factors before its main loop when the shrink is folded in, else (h from
-    # the shrink launch, which waits for the retrieval) only before its expand.
-    pdl = use_pdl(x2.device)
+    # On Hopper each launch starts while its predecessor runs (programmatic dependent launch): the GEMM
+    # waits for the mixed factors before its main loop when the shrink is folded in; with h from the
+    # shrink launch (which waits for the retrieval) it waits only before its expand, for small batches
+    # (configs.SHRINK_BESIDE_ROWS), whose small GEMM programs can share an SM with the waiting ones.
+    # Larger unfolded plans run their launches in turn: a big GEMM program cannot sit beside them.
+    pdl = use_pdl(x2.device) and (fused or sh.M <= configs.SHRINK_BESIDE_ROWS)
     mixed = _plan_retrieve(sh, query, keys, bank_a, bank_b, separation, eps, False, precision,
                            factor_dtype(x2.dtype), x2.device, launches, pdl,
                            wide_scores=_wide_forward_scores(x2.dtype), fdt_b=sh.ct)

@@ -106,11 +106,11 @@ def test_leading_programs_hide_the_retrieval_behind_whole_waves(mach):
 
 
 def test_a_chain_of_dependent_launches_overlaps_as_a_whole(mach):
-    # bf16 ViT-B/16 qkv at B = 8: retrieval, the shrink (PDL, waits for the retrieval at once) and the
+    # bf16 ViT-B/16 qkv at B = 1: retrieval, the shrink (PDL, waits for the retrieval at once) and the
     # GEMM (PDL, waits before its expand). All three start together; the GEMM ends after the longer
     # of its main loop and the retrieval + shrink chain. Pricing pairs alone (the model until
     # 2026-12-07) let the GEMM overlap only the shrink.
-    ops = gm.qkv_ops("triton", 8, torch.bfloat16, mach)
+    ops = gm.qkv_ops("triton", 1, torch.bfloat16, mach)
     launches = next(op for op in ops if op.name.startswith("mira_linear")).launches
     assert [k.name for k in launches] == ["retrieve", "shrink", "gemm"]
     total, priced = gm.sequence_time(list(launches), mach)
