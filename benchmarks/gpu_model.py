@@ -25,9 +25,10 @@ How a launch is priced (every constant is a :class:`Machine` field with its sour
 - launches follow each other with a graph node gap (CUDA graph) or at the host's pace (eager:
   max of the host's and the device's time); a launch with programmatic dependent launch starts
   with its producer and overlaps it up to its ``wait_fraction`` (or the whole waves of its leading
-  programs), as if its programs found room beside the producer's on every SM: the model does not
-  see residency (registers, shared memory), so the planner chains launches only where the
-  dependent's programs are small enough to share an SM (``configs.SHRINK_BESIDE_ROWS``).
+  programs) on the SMs the producer's programs leave free (the model does not see residency:
+  registers, shared memory; it assumes a dependent's program never shares an SM with a producer's,
+  which is right for the 8-warp GEMM programs and pessimistic for the small ones the planner chains
+  at small batch, ``configs.SHRINK_BESIDE_ROWS``).
 
 Measurements: ``--measured gpu_check.json`` (``make gpu-check``, schema ``mira-gpu-check/1``)
 prints the measured per-kernel and per-call times beside the model's.
@@ -300,9 +301,15 @@ def sequence_time(launches: list[KernelLaunch], mach: Machine) -> tuple[float, l
         if i > 0 and p.launch is not None and p.launch.pdl:
             # Starts with its predecessor (which let it launch at once), runs up to its wait point, and
             # goes on once the predecessor has ended: a chain of such launches (retrieval, shrink, GEMM)
-            # overlaps as a whole.
+            # overlaps as a whole. While the predecessor runs, its programs hold their share of the SMs
+            # (the model cannot tell whether the dependent's would fit beside them: it assumes not).
             wait = wait_fraction(p.launch, mach)
-            end = max(start + wait * t, end) + (1 - wait) * t
+            before = wait * t
+            prev = priced[i - 1].launch
+            held = min(1.0, prev.programs / mach.sms) if prev is not None and prev.programs else 1.0
+            room = (end - start) * (1.0 - held)  # full-device time the dependent gets while it runs
+            reached = start + before / (1.0 - held) if before <= room else end + (before - room)
+            end = max(reached, end) + (t - before)
             continue
         start = end + (mach.graph_gap if i > 0 else 0.0)
         end = start + t
