@@ -27,8 +27,8 @@ How a launch is priced (every constant is a :class:`Machine` field with its sour
   with its producer and overlaps it up to its ``wait_fraction`` (or the whole waves of its leading
   programs) on the SMs the producer's programs leave free (the model does not see residency:
   registers, shared memory; it assumes a dependent's program never shares an SM with a producer's,
-  which is right for the 8-warp GEMM programs and pessimistic for the small ones the planner chains
-  at small batch, ``configs.SHRINK_BESIDE_ROWS``).
+  which is right for the 8-warp GEMM programs and pessimistic for the small ones an unfolded plan
+  chains at small batch, ``configs.SHRINK_BESIDE_ROWS``).
 
 Measurements: ``--measured gpu_check.json`` (``make gpu-check``, schema ``mira-gpu-check/1``)
 prints the measured per-kernel and per-call times beside the model's.

@@ -44,8 +44,7 @@ def overriding(*, gemm: dict | None = None, gemm_groups: int | None = None, retr
     programs per row block (at most the column tiles); ``retrieve``: fields of
     :class:`RetrieveConfig`; ``retrieve_split``: column shares per sample tile (at most the
     chunks); ``fold``: False gives the shrink its own launch where the planner folds it into the
-    GEMM, True folds it where the planner runs it beside the GEMM (small batches on Hopper);
-    ``tma``: True loads the projection GEMM's x and W tiles, and stores its output tiles, through TMA
+    GEMM; ``tma``: True loads the projection GEMM's x and W tiles, and stores its output tiles, through TMA
     tensor descriptors where the operands allow it (:func:`.launchers.tma_descriptors`;
     ``make gpu-check`` times it); ``persistent``: True launches that GEMM with
     :data:`PERSISTENT_PROGRAMS` programs walking its work items (row block, column group) instead of
@@ -71,12 +70,6 @@ def overriding(*, gemm: dict | None = None, gemm_groups: int | None = None, retr
 def forced_unfolded() -> bool:
     """Whether :func:`overriding` asks for the shrink's own launch (a sweep's diagnostic)."""
     return _OVERRIDES[-1].get("fold") is False
-
-
-def forced_folded() -> bool:
-    """Whether :func:`overriding` asks for the shrink folded into the GEMM where the planner would run
-    it beside the GEMM (a sweep's comparison with the two-launch plan)."""
-    return _OVERRIDES[-1].get("fold") is True
 
 
 def forced_tma() -> bool:
@@ -177,16 +170,20 @@ def gemm_maxnreg(num_warps: int) -> int | None:
 #: get a separate shrink launch.
 MAX_FUSED_J = 32
 
-#: Up to this many token rows (ViT-B/16 at B <= 2) the bf16 forward on Hopper runs the shrink as
-#: its own launch instead of folding it into the GEMM's main loop: with the shrink apart the GEMM's
-#: main loop needs nothing from the retrieval, so it runs beside the retrieval and the shrink
-#: (programmatic dependent launch) and waits only before its expand, where a folded shrink waits for
-#: the retrieval before its first step. Only where the GEMM's programs are small (64 x 64 tiles of 4
-#: warps, ~23K registers on sm_90) can they share an SM's 64K registers with the retrieval's and the
-#: shrink's programs (16K and 12K at B = 1): from 513 rows the GEMM takes 128 x 256 tiles of 8 warps
-#: at 255 registers, a whole register file, so every SM holding a small program is closed to it, and
-#: 64 retrieval plus 99 shrink programs (B = 8) would hold all 132 SMs: the launches would run in
-#: turn. (The GPU model does not see residency: it prices B = 8 this way at +2.7% against +9.6%.)
+#: Up to this many token rows (ViT-B/16 at B <= 2) a forward whose shrink has its own launch (fp16,
+#: fp32 and fp64 x, wide adapters) chains its three launches by programmatic dependent launch on
+#: Hopper: the shrink starts with the retrieval and waits for its factors, and the GEMM, whose main
+#: loop needs neither, starts with both and waits only before its expand. Only where the GEMM's
+#: programs are small (64 x 64 tiles of 4 warps, ~23K registers on sm_90) can they share an SM's 64K
+#: registers with the retrieval's and the shrink's waiting programs (16K and 12K at B = 1); from 513
+#: rows the GEMM's programs take a whole register file (128 x 128 or 128 x 256 tiles of 8 warps), so
+#: every SM holding a small program is closed to them, and at B = 8 the small programs alone would
+#: hold all 132 SMs: the launches run in turn there, as before.
+#: bf16 x keeps its shrink folded into the GEMM at every batch: run beside it instead (tried
+#: 2026-12-07), it bought the CUDA graph ~4 pp at B = 1 a priori and ~0.8 pp calibrated to the fourth
+#: H200 run (whose retrieval, 20 us, is the chain's critical path), and cost every eager call a third
+#: launch (~56 us of host time each in that run, ~21 pp at B = 1); planned only inside a capture, it
+#: would make a graph's bits differ from the eager call's.
 SHRINK_BESIDE_ROWS = 512
 
 #: Programs the retrieval aims for at small batch: few enough to leave most SMs to the GEMM it
@@ -401,11 +398,12 @@ def row_config(j_pad: int, dtype: torch.dtype, precision: str = "tf32") -> RowCo
 
 
 def beside_config(j_pad: int, dtype: torch.dtype, precision: str = "tf32", native: bool = False) -> RowConfig:
-    """Config of the forward's shrink when it runs beside the GEMM (on Hopper): the GEMM waits for it,
-    so its latency counts, not its throughput: 16-row programs (13 at ViT-B/16 B = 1, where 64 rows
-    made 4), and with bf16 operands taken as loaded (``native``) 128-wide K steps
-    (6 dependent steps at d_in = 768 instead of 12; with fp32 operands and 3xTF32 these spilled 8-48
-    bytes on sm_90, so they keep 64). Wide adapters, fp64 and FMA dots keep :func:`row_config`."""
+    """Config of the forward's shrink when it runs beside the GEMM (launches chained,
+    :data:`SHRINK_BESIDE_ROWS`): the GEMM waits for it, so its latency counts, not its throughput:
+    16-row programs (13 at ViT-B/16 B = 1, where 64 rows made 4), and with bf16 operands taken as
+    loaded (``native``) 128-wide K steps (6 dependent steps at d_in = 768 instead of 12; with fp32
+    operands and 3xTF32 these spilled 8-48 bytes on sm_90, so they keep 64). Wide adapters, fp64 and
+    FMA dots keep :func:`row_config`."""
     if j_pad > 32 or dtype == torch.float64 or precision == "ieee":
         return row_config(j_pad, dtype, precision)
     return RowConfig(16, 128 if native else 64, 4)

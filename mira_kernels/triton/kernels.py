@@ -4,7 +4,7 @@ Notation (docs of :mod:`mira_kernels.reference`): B samples, T tokens, M = B*T r
 S slices, r rank, d_in / d_out / d_s / d_k widths. ``ct`` is the compute dtype: float32 for
 16-bit x, else x's dtype. Every kernel reads its ct from an output or workspace pointer.
 
-Design (forward, two launches, three at small batch on Hopper, no atomics, grids from shapes only):
+Design (forward, two launches, no atomics, grids from shapes only):
 
 1. ``_mira_retrieve_kernel``: cosine scores, separation and mixing, computed once per tile of 16
    samples. Program (tile, share) computes its tile's (16, N) scores with ``tl.dot`` (slots in
@@ -22,11 +22,11 @@ Design (forward, two launches, three at small batch on Hopper, no atomics, grids
 Wide adapters (a row block's samples x S*r above ``configs.MAX_FUSED_J``: large ranks, or short
 sequences packing many samples per block) and fp32 factors (fp16, fp32 and fp64 x: the folded
 shrink spills with fp32 operands) get a third launch between the two, ``_mira_shrink_fwd_kernel``,
-and the GEMM reads h from it; so do small batches on Hopper (``configs.SHRINK_BESIDE_ROWS``: bf16
-ViT-B/16 at B <= 2), whose small GEMM programs fit beside the others on an SM. There the three launches are
-chained by programmatic dependent launch: the shrink starts with the retrieval and waits for its
-factors, the GEMM starts with both and waits only after its main loop (which needs neither), before
-the expand, so the retrieval and the shrink run beside the base product instead of before it.
+and the GEMM reads h from it. At small batch on Hopper (``configs.SHRINK_BESIDE_ROWS``: ViT-B/16 at
+B <= 2, whose small GEMM programs fit beside the others on an SM) the three launches are chained by
+programmatic dependent launch: the shrink starts with the retrieval and waits for its factors, the
+GEMM starts with both and waits only after its main loop (which needs neither), before the expand,
+so the retrieval and the shrink run beside the base product instead of before it.
 
 Backward reuses the GEMM with other roles (dx = G W + scale sum_s dh_s A_b, keeping
 dh = scale G_s B_b) and the shrink (h = x A_b^T for dB), and adds: per-sample reductions over T in

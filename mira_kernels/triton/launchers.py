@@ -559,13 +559,11 @@ def _fused_shrink(sh: _Shapes, n_out: int, k: int, x_dtype: torch.dtype, fdt: to
     found the folded shrink spilling (136-392 bytes) with fp32 operands (the fp32/TF32 GEMM) on sm_80
     and sm_90 and in the 16-bit dx GEMM on sm_80, and spill-free in the 16-bit forward on both and the
     16-bit dx GEMM on sm_90. fp32 factors (fp16, fp32, fp64 x) and the sm_80 backward keep the
-    separate shrink launch, and so does the forward of a small batch where launches overlap
-    (:data:`.configs.SHRINK_BESIDE_ROWS`; not under the interpreter, which runs launches in turn).
+    separate shrink launch (at small batch chained beside the GEMM: :data:`.configs.SHRINK_BESIDE_ROWS`,
+    which also says why bf16 keeps the folded shrink there).
     """
     if fdt not in (torch.float16, torch.bfloat16) or configs.forced_unfolded():
         return False
-    if not backward and sh.M <= configs.SHRINK_BESIDE_ROWS and use_pdl(device) and not configs.forced_folded():
-        return False  # small batch on Hopper: the shrink's own launch runs beside the GEMM's main loop
     capability = target_capability(device)
     if backward and capability < (9, 0):
         return False
@@ -580,7 +578,7 @@ def _plan_factors(sh: _Shapes, x2, query, keys, bank_a, bank_b, separation, eps,
     precision = _precisions(x2.dtype)[1]
     # On Hopper each launch starts while its predecessor runs (programmatic dependent launch): the GEMM
     # waits for the mixed factors before its main loop when the shrink is folded in; with h from the
-    # shrink launch (which waits for the retrieval) it waits only before its expand, for small batches
+    # shrink launch (which waits for the retrieval) it waits only before its expand, at small batch
     # (configs.SHRINK_BESIDE_ROWS), whose small GEMM programs can share an SM with the waiting ones.
     # Larger unfolded plans run their launches in turn: a big GEMM program cannot sit beside them.
     pdl = use_pdl(x2.device) and (fused or sh.M <= configs.SHRINK_BESIDE_ROWS)

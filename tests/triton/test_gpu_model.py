@@ -45,9 +45,7 @@ def test_mira_launches_come_from_the_plans(mach, B):
     plan = launch_plan.describe("triton", "mira_linear", *gm.mira_args("mira_linear", B, torch.bfloat16), sms=132)
     ops = gm.qkv_ops("triton", B, torch.bfloat16, mach)
     mira_op = next(op for op in ops if op.name.startswith("mira_linear"))
-    # B = 1 on Hopper: the shrink's own launch beside the GEMM's main loop; B = 64: folded into it.
-    names = ["retrieve", "shrink", "gemm"] if B == 1 else ["retrieve", "gemm"]
-    assert [k.name for k in mira_op.launches] == [k.name for k in plan.launches] == names
+    assert [k.name for k in mira_op.launches] == [k.name for k in plan.launches] == ["retrieve", "gemm"]
     assert all(a == b for a, b in zip(mira_op.launches, plan.launches))
     # End to end, each of the 12 blocks swaps the plain cuBLAS qkv launch for the op's planned
     # launches and the layer's extras: the key normalisation, one launch (mira.memory._per_feature_unit
@@ -110,11 +108,11 @@ def test_leading_programs_hide_the_retrieval_behind_whole_waves(mach):
 
 
 def test_a_chain_of_dependent_launches_overlaps_as_a_whole(mach):
-    # bf16 ViT-B/16 qkv at B = 1: retrieval, the shrink (PDL, waits for the retrieval at once) and the
-    # GEMM (PDL, waits before its expand). All three start together; the GEMM ends after the longer
-    # of its main loop and the retrieval + shrink chain. Pricing pairs alone (the model until
-    # 2026-12-07) let the GEMM overlap only the shrink.
-    ops = gm.qkv_ops("triton", 1, torch.bfloat16, mach)
+    # fp16 ViT-B/16 qkv at B = 1 (its shrink has its own launch): retrieval, the shrink (PDL, waits for
+    # the retrieval at once) and the GEMM (PDL, waits before its expand). All three start together; the
+    # GEMM ends after the longer of its main loop and the retrieval + shrink chain. Pricing pairs alone
+    # (the model until 2026-12-07) let the GEMM overlap only the shrink.
+    ops = gm.qkv_ops("triton", 1, torch.float16, mach)
     launches = next(op for op in ops if op.name.startswith("mira_linear")).launches
     assert [k.name for k in launches] == ["retrieve", "shrink", "gemm"]
     total, priced = gm.sequence_time(list(launches), mach)
