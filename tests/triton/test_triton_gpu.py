@@ -211,6 +211,28 @@ def test_tma_main_loop_gives_the_pointer_loop_bits_and_replays_in_a_graph(batch,
     assert torch.equal(got, want) and torch.equal(replayed, want)
 
 
+def test_programs_without_an_adapted_first_tile_first_give_row_block_order_bits():
+    # bf16 ViT-B/16 at B = 64: one 128 x 256 tile per program, the K slice's programs launched first
+    # (LEAD_GROUPS, with PDL on Hopper). Each (row block, tile) is still one program's whole work: the
+    # bits must be those of row-block order (the interpreter checks the mapping; this, the compiled
+    # kernel and the wait placement).
+    from mira_kernels.triton import launchers
+
+    inp = _cuda(make_inputs(**{**VIT_B, "B": 64}, dtype=torch.float64), torch.bfloat16)
+    outputs = []
+    for lead in (None, 0):
+        y, plan = launchers.plan_linear(*inp.linear_args(), inp.slice_offsets, "affine", 1.0, 1e-2)
+        if lead is None:
+            assert plan[-1].constexprs["LEAD_GROUPS"] > 0
+        else:
+            plan[-1].constexprs["LEAD_GROUPS"] = lead
+        y.fill_(float("nan"))
+        launchers.run_all(plan, y.device)
+        torch.cuda.synchronize()
+        outputs.append(y)
+    assert torch.isfinite(outputs[0]).all() and torch.equal(outputs[0], outputs[1])
+
+
 def test_cuda_graph_capture_and_replay():
     inp = _cuda(make_inputs(**VIT_B, dtype=torch.float64), torch.bfloat16)
     static = [t.clone() for t in inp.linear_args()]
