@@ -142,15 +142,16 @@ def ci_cases() -> list[tuple[Case, tuple[int, ...]]]:
     """The few launches CI compiles (each compile takes seconds; CI's share is minutes): every kernel
     once for sm_90 (the ViT-B/16 bf16 backward at B = 8 plans them all), the forward at B = 64
     (retrieval and the GEMM with the shrink folded in, 253 registers on sm_90) and at B = 1 (the
-    small-batch retrieval; on sm_90 the shrink's own launch beside the GEMM) for both targets, and for
-    sm_90 the forward at B = 256 (programs of many column tiles) and the forward's GEMM with its TMA
-    main loop, one item per program and persistent.
+    small-batch retrieval) for both targets, and for sm_90 the fp16 forward at B = 1 (its shrink
+    launch chained beside the GEMM by PDL), the forward at B = 256 (programs of many column tiles) and
+    the forward's GEMM with its TMA main loop, one item per program and persistent.
     ``test_cases`` (``make test-slow``) and ``benchmark_cases`` (``python -m mira_kernels.triton.lowering``)
     compile the rest."""
     return [(Case("linear", torch.bfloat16, 64, 4, 30), (80, 90)),
             (Case("linear", torch.bfloat16, 1, 4, 30), (80, 90)),  # the small-batch retrieval (deferred FMA sums)
             (Case("linear_backward", torch.bfloat16, 8, 4, 30), (90,)),
             (Case("key_norm", torch.float32, 1, 4, 30), (80, 90)),
+            (Case("linear", torch.float16, 1, 4, 30), (90,)),  # shrink and GEMM chained (USE_PDL, LORA = 2)
             # B = 256: the wide tile's programs would walk every column tile (configs.one_tile_fits).
             (Case("linear", torch.bfloat16, 256, 4, 30), (90,)),
             # The GEMM's TMA main loop, also launched persistent (opt-ins make gpu-check times): sm_90 only.
