@@ -308,7 +308,10 @@ def sequence_time(launches: list[KernelLaunch], mach: Machine) -> tuple[float, l
             prev = priced[i - 1].launch
             held = min(1.0, prev.programs / mach.sms) if prev is not None and prev.programs else 1.0
             room = (end - start) * (1.0 - held)  # full-device time the dependent gets while it runs
-            reached = start + before / (1.0 - held) if before <= room else end + (before - room)
+            if before <= room:  # its wait point reached while the predecessor still runs (or at once)
+                reached = start + (before / (1.0 - held) if before > 0 else 0.0)
+            else:
+                reached = end + (before - room)
             end = max(reached, end) + (t - before)
             continue
         start = end + (mach.graph_gap if i > 0 else 0.0)

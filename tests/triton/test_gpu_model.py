@@ -128,6 +128,17 @@ def test_a_chain_of_dependent_launches_overlaps_as_a_whole(mach):
     assert max(g, r + s) <= total < r + s + g
 
 
+def test_a_launch_behind_a_producer_that_fills_the_device_waits_it_out(mach):
+    # A PDL launch that waits at once behind a producer whose programs hold every SM gets no room
+    # beside it: the pair costs the two in sequence (and is priced, not divided by zero).
+    ops = gm.qkv_ops("triton", 64, torch.bfloat16, mach)
+    retrieve, gemm = next(op for op in ops if op.name.startswith("mira_linear")).launches
+    full = replace(retrieve, grid=(mach.sms, 2))
+    dependent = replace(gemm, wait_fraction=0.0, leading_programs=0)
+    total, priced = gm.sequence_time([full, dependent], mach)
+    assert total == pytest.approx((priced[0].us + priced[1].us) * 1e-6)
+
+
 def test_measured_record_printed_beside_the_model(mach):
     doc = {"schema": "mira-gpu-check/1", "started": "2026-12-01T00:00:00Z",
            "environment": {"gpu": {"name": "NVIDIA H200"}},
