@@ -44,8 +44,8 @@ def overriding(*, gemm: dict | None = None, gemm_groups: int | None = None, retr
     programs per row block (at most the column tiles); ``retrieve``: fields of
     :class:`RetrieveConfig`; ``retrieve_split``: column shares per sample tile (at most the
     chunks); ``fold``: False gives the shrink its own launch where the planner folds it into the
-    GEMM; ``tma``: True loads the projection GEMM's x and W tiles, and stores its output tiles, through TMA
-    tensor descriptors where the operands allow it (:func:`.launchers.tma_descriptors`;
+    GEMM; ``tma``: True loads the projection GEMM's x and W tiles, and stores its output tiles,
+    through TMA tensor descriptors where the operands allow it (:func:`.launchers.tma_descriptors`;
     ``make gpu-check`` times it); ``persistent``: True launches that GEMM with
     :data:`PERSISTENT_PROGRAMS` programs walking its work items (row block, column group) instead of
     one program per item, a positive int with that many (``make gpu-check`` passes the device's SM

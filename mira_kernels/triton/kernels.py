@@ -463,6 +463,17 @@ def _tf32_round(v):
 
 
 @triton.jit
+def _expand_operand(v, EXPAND_TF32: tl.constexpr, op_ty: tl.constexpr):
+    # An operand of the expand (h or B_b): rounded to nearest TF32 in fp32 for bf16 x, else op_ty. (One
+    # return: Triton types every return of a function alike, the constexpr branch not taken included.)
+    if EXPAND_TF32:
+        out = _tf32_round(v.to(tl.float32))
+    else:
+        out = v.to(op_ty)
+    return out
+
+
+@triton.jit
 def _row_block(row0, M, T, BLOCK_M: tl.constexpr):
     """The rows of a block of BLOCK_M token rows starting at row0: their indices (also as int64:
     row offsets times a row stride can pass 2^31, and Triton types ints as i32), which are inside
@@ -632,10 +643,7 @@ def _gemm_work_item(
             if STORE_H:
                 tl.store(h_ptr + rows64[:, None] * J + (t % J)[None, :], h_scaled,
                          mask=row_ok[:, None] & own & (t < SPB * J)[None, :] & (group == 0))
-            if EXPAND_TF32:
-                h = _tf32_round(h_scaled)  # the shrink's one rounding (contract section 11)
-            else:
-                h = h_scaled.to(op_ty)
+            h = _expand_operand(h_scaled, EXPAND_TF32, op_ty)  # the shrink's one rounding (contract section 11)
             h_ready = item >= 0
         elif HAS_BASE:
             if live:
@@ -662,11 +670,7 @@ def _gemm_work_item(
             if LORA == 1:
                 e_rows, e_ok, e_off = _factor_rows(e_ptr, b_first, b_last, t, J, R, stride_eb, stride_es, stride_er, S,
                                                    OFFS, E_SLICED, SPB)
-                e = _factor_tile(e_rows, e_ok, e_off, cols, E_WIDTH, stride_en)
-                if EXPAND_TF32:
-                    e = _tf32_round(e.to(tl.float32))
-                else:
-                    e = e.to(op_ty)
+                e = _expand_operand(_factor_tile(e_rows, e_ok, e_off, cols, E_WIDTH, stride_en), EXPAND_TF32, op_ty)
                 acc = _expand(acc, h, e, t // J, (t % J) // R, row_sample - b_first, cols, S, OFFS, E_WIDTH,
                               E_SLICED, SPB, EXPAND_PRECISION)
             else:
@@ -680,12 +684,8 @@ def _gemm_work_item(
                         e_rows, e_ok, e_off = _factor_rows(e_ptr, b, b, tj, J, R, stride_eb, stride_es, stride_er, S,
                                                            OFFS, E_SLICED, J_CHUNK)
                         ej = _factor_tile(e_rows, e_ok, e_off, cols, E_WIDTH, stride_en)
-                        if EXPAND_TF32:
-                            hs = _tf32_round((hj * scale).to(tl.float32))
-                            ej = _tf32_round(ej.to(tl.float32))
-                        else:
-                            hs = (hj * scale).to(op_ty)
-                            ej = ej.to(op_ty)
+                        hs = _expand_operand(hj * scale, EXPAND_TF32, op_ty)
+                        ej = _expand_operand(ej, EXPAND_TF32, op_ty)
                         if SPLIT:
                             # Lanes [0, J_STEP) carry h_hi, lanes [J_STEP, J_CHUNK) the same columns' h_lo
                             # (a non-finite h makes its lo NaN: _expand marks those rows either way).

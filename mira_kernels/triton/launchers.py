@@ -479,8 +479,9 @@ def _plan_gemm(name, a, w, w_strides, bias, out, sh: _Shapes, offsets, scale, x_
         groups = configs.column_groups(m_tiles, len(order), cfg.block_n, cfg.j_pad if lora == 1 else 0, plain,
                                        cfg.num_warps)
         tiles = triton_cdiv(len(order), groups)
-        # Groups whose first tile (order[g]) has no adapter: launched first for every row block.
-        lead = min(groups, plain) if adapted else 0
+        # Groups whose first tile (order[g]) has no adapter, launched first for every row block; none
+        # when every group starts on such a tile (row-block order is then the same thing).
+        lead = plain if adapted and plain < groups else 0
         return m_tiles, groups, lead, tiles, tuple(order + [-1] * (tiles * groups - len(order)))
 
     m_tiles, groups, lead_groups, tiles, order = schedule(cfg)
@@ -519,7 +520,7 @@ def _plan_gemm(name, a, w, w_strides, bias, out, sh: _Shapes, offsets, scale, x_
              SPB=cfg.samples_per_block, J_PAD=cfg.j_pad, J_CHUNK=configs.MIN_DOT,
              J_STEP=configs.MIN_DOT // 2 if split else configs.MIN_DOT, SPLIT=split,
              BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUPS=groups,
-             LEAD_GROUPS=lead_groups if 0 < lead_groups < groups else 0, ORDER=order,
+             LEAD_GROUPS=lead_groups, ORDER=order,
              TILES=tiles, BASE_PRECISION=base_precision, LORA_PRECISION=lora_precision,
              EXPAND_PRECISION=expand_precision, EXPAND_TF32=expand_tf32,
              UPCAST=interpreter_upcast(a, x_dtype),
