@@ -13,7 +13,10 @@ wrapped in a timer, and on the CPU backend the op's phase clock is read after ea
   the empty-memory op (the control: wrappers and op, no adapter), and everything else of the MIRA
   model over that control's (what the adapter costs the layers around it);
 - MIRA's qkv calls over the empty-memory op's, in us per block, and that difference split by the op's
-  phases (entry, retrieval, mixing, seeding pass, GEMM).
+  phases (entry, retrieval, mixing, seeding pass, GEMM);
+- each op variant's time per call outside the op's phases: the projection's Python call, the eval
+  plan's checks, the binding's argument handling and the result's return (the call path that the
+  empty-memory op pays over ``nn.Linear``, with what ``nn.Linear``'s own call costs subtracted).
 
 ``python -m benchmarks.in_situ [--batch 1] [--rounds 200] [--threads 2] [--json PATH]``
 Writes nothing unless ``--json`` is given.
@@ -97,6 +100,7 @@ def measure(batch: int = 1, rounds: int = 200, *, model: nn.Module | None = None
     total: dict[str, list] = {name: [] for name in names}
     qkv: dict[str, list] = {name: [] for name in names}
     per_call: dict[str, list] = {name: [] for name in names if phases[name] is not None and name != "backbone"}
+    outside: dict[str, list] = {name: [] for name in per_call}  # per round: median of call - its phases
     order = random.Random(seed)
     gc_was_enabled = gc.isenabled()
     if phase_clock:
@@ -140,6 +144,8 @@ def measure(batch: int = 1, rounds: int = 200, *, model: nn.Module | None = None
                     if name in per_call:
                         per_call[name].append([statistics.median(p[i] for p in phases[name])
                                                for i in range(len(PHASES))])
+                        outside[name].append(statistics.median(t - sum(p) for t, p in zip(calls[name],
+                                                                                          phases[name])))
                 done += 1
     finally:
         for parent, attr, inner in reversed(wrapped):
@@ -192,6 +198,10 @@ def measure(batch: int = 1, rounds: int = 200, *, model: nn.Module | None = None
         record["phases_us_per_call"] = {
             name: {p: statistics.median(r[i] for r in per_call[name]) * 1e6 for i, p in enumerate(PHASES)}
             for name in per_call}
+    if per_call:
+        # The call outside the op's phases (the phase clock starts in the kernel's entry and stops
+        # after its GEMM): the layer's Python, the eval plan's checks, the binding, the return.
+        record["outside_phases_us_per_call"] = {name: _interval(outside[name], 1e6) for name in outside}
     if "empty" in per_call:
         record["phase_difference_us_per_call"] = {
             p: _interval([a[i] - b[i] for a, b in zip(per_call["fused"], per_call["empty"])], 1e6)
@@ -223,6 +233,12 @@ def report(record: dict, machine: dict, commit: str, when: str) -> str:
             lines.append(f"    {p:<10} {d['median']:+8.1f} [{d['lo']:+.1f}, {d['hi']:+.1f}]   "
                          f"(MIRA {record['phases_us_per_call']['fused'][p]:.1f}, "
                          f"empty {record['phases_us_per_call']['empty'][p]:.1f})")
+    if "outside_phases_us_per_call" in record:
+        lines.append("  outside the op's phases (the layer's Python, the eval plan's checks, the binding, the "
+                     "return; median per call, us): "
+                     + ", ".join(f"{'MIRA' if name == 'fused' else 'empty-memory op'} {iv['median']:.1f} "
+                                 f"[{iv['lo']:.1f}, {iv['hi']:.1f}]"
+                                 for name, iv in record["outside_phases_us_per_call"].items()))
     if "layers_fused_over_empty_us_per_block" in record:
         lines.append("the other layers, MIRA model over the empty-memory op's (median per round, us per block):")
         for path, d in record["layers_fused_over_empty_us_per_block"].items():

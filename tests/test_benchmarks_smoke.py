@@ -338,6 +338,12 @@ def test_in_situ_times_every_block_and_splits_the_op_by_phase():
     assert phases["fused"]["retrieval"] > 0 and phases["fused"]["mixing"] > 0
     assert phases["empty"]["retrieval"] == 0 and phases["empty"]["mixing"] == 0
     assert set(record["phase_difference_us_per_call"]) == set(in_situ.PHASES)
+    # The call path around the kernel: positive (a Python call and a binding take time) and below the
+    # call itself (4 rounds give no finite interval).
+    for name in ("fused", "empty"):
+        iv = record["outside_phases_us_per_call"][name]
+        per_call_us = 1e3 * record["qkv_ms_per_forward"][name] / record["blocks"]
+        assert iv["lo"] <= iv["median"] <= iv["hi"] and 0 < iv["median"] < per_call_us
     with pytest.raises(ValueError, match="at least 3"):
         in_situ.measure(rounds=2, model=_tiny_vit())
 
