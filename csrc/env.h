@@ -20,7 +20,9 @@ namespace mira {
 // Read at every call. Tried: each value kept until the environment's array of variable pointers
 // changed, instead of getenv's four scans per forward; the op's entry phase inside a running
 // ViT-B/16 (batch 1, Zen 5, three runs alternated with this code, 2026-12-06) read 5.9-7.1 us
-// before and 6.2-8.0 after. Not kept.
+// before and 6.2-8.0 after. Not kept. Timestamps inside the call (same setting, 2026-12-07) say
+// why: the first read of a call (active_table) takes 3.2 us and the second 0.1; with the pointer
+// check, 2.7 and 0.7. The first read's time is the cold code and data on its way, not the scan.
 inline std::string env_choice(const char* name, const char* fallback, std::initializer_list<std::string_view> choices) {
   const char* raw = std::getenv(name);
   std::string value = raw ? raw : "";

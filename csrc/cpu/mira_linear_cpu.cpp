@@ -777,6 +777,15 @@ int64_t mix_lines(const Shapes& s) { return (s.SR * (s.d_in + s.d_s) + kMixLine 
 // 192 interleaved rounds). Packing x on that thread with MKL's packed API instead (cblas_sgemm_pack,
 // ~81 us cold on one thread, longer than the window), then cblas_sgemm_compute (bit-identical to
 // addmm here), saves only ~17 us of the GEMM (paired median of 150 rounds). Not kept.
+// And within one thread, the bank stream interleaved with the shrink's arithmetic so that the core
+// would run FMAs while bank lines arrive (same Zen 5, 2026-12-07; a standalone harness on the B = 1
+// shapes, one thread, banks cold, x and A_b in cache, AVX-512): mixing B_b alone 39-40 us, the shrink
+// alone 20-24, one after the other 61-64; each mixed row of B_b followed by an eighth of the shrink,
+// 57-59; every shrink step issuing 2 / 3 / 4 vector steps of the mixing, 62 / 56-58 / 52 (with
+// software prefetches 50-55); A_b mixed and shrunk column chunk by column chunk, 62-97 (short runs
+// of each bank row). One core's stream is bound by the misses it keeps in flight, and FMAs queued
+// behind them fill the reorder window: at best 12 us of the 62 are hidden, where a perfect overlap
+// would hide the shorter part, ~22. Not pursued.
 template <typename T>
 void prepare_memory(const IsaTable& isa, const Shapes& s, const at::Tensor& query, const at::Tensor& keys,
                     const at::Tensor& bank_a, const at::Tensor& bank_b, Sep sep, double scale, double eps,
