@@ -1238,9 +1238,12 @@ def format_table(record: dict) -> str:
         if ip:
             iv = ip["over_backbone_percent"]["qkv calls, in place"]
             us = ip["fused_over_stock_us_per_block"]
+            outside = ip.get("outside_phases_us_per_call", {}).get("fused")
+            path = f"; MIRA's call outside its kernel's phases {outside['median']:.1f} us" if outside else ""
             lines.append(f"  in place, B={res['batch']}: {iv['median']:+.3f}% [{iv['lo']:+.3f}, {iv['hi']:+.3f}] "
-                         f"({us['median']:.1f} us per block over nn.Linear, {ip['rounds']} rounds): every block's "
-                         "qkv timed inside interleaved forwards (benchmarks.in_situ), over the backbone's median")
+                         f"({us['median']:.1f} us per block over nn.Linear, {ip['rounds']} rounds{path}): every "
+                         "block's qkv timed inside interleaved forwards (benchmarks.in_situ), over the backbone's "
+                         "median")
     lines.append("")
     for res in record["results"]:
         for v in res["verdicts"]:

@@ -175,6 +175,7 @@ def test_a_whole_run_leads_with_what_a_user_pays(tmp_path):
     assert lines.index(next(x for x in lines if x.startswith("What a user of mira.attach pays"))) < \
         lines.index("Diagnostics")
     assert "decomposed (op level" in table and "in place, B=2" in table
+    assert "outside its kernel's phases" in table  # the in-place call path, beside the in-place figure
     assert json.loads(paths["jsonl"].read_text().splitlines()[-1])["config"]["slots"] == 4
     rows = list(csv.DictReader(paths["csv"].open()))
     assert {"module", "end_to_end_headline", "e2e:fused", "decomposed:decomposed", "floor",
