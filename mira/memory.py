@@ -36,6 +36,8 @@ it was computed from, so no later tensor can reuse that address while the entry 
 updates (an optimiser step, ``load_state_dict``, ``copy_`` under ``no_grad``) bump the version.
 Not cached, so computed from the sources every time: under ``torch.compile`` (the graph computes
 them), during CUDA-graph capture (the replay must recompute them) and whenever a graph is needed.
+Cached tensors are never inference tensors (a call under ``torch.inference_mode`` derives them
+outside it), so a later forward that records a graph, say for an input's gradient, can save them.
 On a GPU the Triton backend runs on, the per-feature normalisation without an autograd graph is one
 launch (``mira_kernels.triton.normalize_columns``: fp64 sums, one rounding) instead of ATen's three,
 so a captured forward replays one launch per block for it.
@@ -290,7 +292,15 @@ class AdapterMemory(nn.Module):
         entry = self._retrieval_cache
         if entry is not None and entry[0] == key:
             return entry[2] if mask_banks else (entry[2][0], bank_a, bank_b)
-        derived = self._derive(keys, bank_a, bank_b, active)
+        if torch.is_inference_mode_enabled():
+            # Made under inference_mode they would be inference tensors, which autograd refuses to
+            # save: a later forward that records a graph (an input that requires grad, the memory
+            # frozen) would take them from the cache and fail. No graph is needed here (the key
+            # says so), and ordinary tensors serve inference mode the same.
+            with torch.inference_mode(False), torch.no_grad():
+                derived = self._derive(keys, bank_a, bank_b, active)
+        else:
+            derived = self._derive(keys, bank_a, bank_b, active)
         # The aliases keep the sources' storage alive, so no other tensor can take its address.
         self._retrieval_cache = (key, tuple(t.detach() for t in sources if t is not None), derived)
         return derived

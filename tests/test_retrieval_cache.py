@@ -112,6 +112,29 @@ def test_inference_tensors_are_never_cached():
     assert layer.memory._retrieval_cache is None
 
 
+@pytest.mark.parametrize("config", [{"key_norm": "per_feature"}, {"key_norm": "unit", "capacity": 8},
+                                    {"key_norm": "per_feature", "capacity": 8, "trainable_bank": True}])
+@pytest.mark.parametrize("key_impl", ["native", "python"], indirect=True)
+def test_a_forward_under_inference_mode_leaves_nothing_autograd_cannot_save(config, key_impl):
+    # Derived under inference_mode, the cached tensors were inference tensors; a later forward that
+    # records a graph (an input that requires grad, as for saliency maps or input attacks, the memory
+    # frozen) then got them from the cache and failed: "Inference tensors cannot be saved for backward".
+    layer, twin = make_layer(**config), make_layer(**config)
+    x = tokens()
+    with torch.inference_mode():
+        layer(x)
+        layer(x)  # the eval plan too, where there is one
+    assert layer.memory._retrieval_cache is not None
+    assert not any(t.is_inference() for t in layer.memory._retrieval_cache[2])
+    xs = [x.clone().requires_grad_(True) for _ in range(2)]
+    for net, xg in zip((layer, twin), xs):  # twin: never called under inference_mode
+        net(xg).square().sum().backward()
+    assert torch.equal(xs[0].grad, xs[1].grad)
+    with torch.inference_mode():  # and the cache serves inference mode as before
+        assert torch.equal(layer(x), twin(x))
+    assert_current(layer, x)
+
+
 # ----------------------------------------------------------------------------------------------
 # Every way the stored tensors change.
 # ----------------------------------------------------------------------------------------------
