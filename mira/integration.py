@@ -81,6 +81,8 @@ def _example_input(model: nn.Module, batch: int) -> torch.Tensor:
             f"mira.attach cannot tell the input size of {type(model).__name__} for its dry run; "
             "pass example_input=<a small input batch>"
         )
+    if param.device.type == "meta":  # a model built on the meta device: shapes only, no values to draw
+        return torch.empty(batch, *size, device=param.device, dtype=param.dtype)
     # A generator of its own: attaching draws nothing from the global random stream (a seeded run
     # then draws the same numbers with or without MIRA attached).
     generator = torch.Generator(device=param.device).manual_seed(0)

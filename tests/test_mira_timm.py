@@ -48,6 +48,30 @@ def test_attached_model_equals_backbone_at_init_and_with_empty_memory():
             torch.testing.assert_close(model(x), expected, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("capacity", [None, 4])
+def test_attach_to_a_model_built_on_the_meta_device_then_load_a_checkpoint(capacity):
+    # The large-model pattern: build without memory, attach, materialise, load the weights. attach's
+    # dry run drew its input with a generator, which the meta device has none of, and failed there.
+    real = mira.attach(tiny_vit(depth=2), capacity=capacity)
+    for memory in mira.memories(real):
+        c = memory.config
+        g = torch.Generator().manual_seed(3)
+        memory.append(torch.randn(3, c.num_slices, c.rank, c.d_in, generator=g),
+                      torch.randn(3, c.num_slices, c.slice_width, c.rank, generator=g), generator=g)
+    fill_loras(real)
+    with torch.device("meta"):
+        model = tiny_vit(depth=2)
+    mira.attach(model, capacity=capacity)
+    assert all(p.is_meta for p in model.parameters())
+    model = model.to_empty(device="cpu")
+    model.load_state_dict(real.state_dict())
+    for m in (real, model):
+        mira.set_stage(m, "inference")
+    x = images()
+    with torch.no_grad():
+        assert torch.equal(model(x), real(x))
+
+
 @pytest.mark.parametrize(
     "name,kwargs",
     [
