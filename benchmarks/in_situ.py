@@ -15,8 +15,8 @@ wrapped in a timer, and on the CPU backend the op's phase clock is read after ea
 - MIRA's qkv calls over the empty-memory op's, in us per block, and that difference split by the op's
   phases (entry, retrieval, mixing, seeding pass, GEMM);
 - each op variant's time per call outside the op's phases: the projection's Python call, the eval
-  plan's checks, the binding's argument handling and the result's return (the call path that the
-  empty-memory op pays over ``nn.Linear``, with what ``nn.Linear``'s own call costs subtracted).
+  plan's checks, the binding's argument handling and the result's return (absolute: ``nn.Linear``'s
+  own call path, which no clock splits, is not subtracted).
 
 ``python -m benchmarks.in_situ [--batch 1] [--rounds 200] [--threads 2] [--json PATH]``
 Writes nothing unless ``--json`` is given.
