@@ -684,6 +684,12 @@ void write_bt(const Shapes& s, const T* t, int64_t f0, int64_t f1, T sc, T* Bt) 
 // single-threaded 104 us against 72 us.
 // A pass over the slots covers at most kMixAccumulator accumulator elements (B rows of its
 // columns), so that at larger batches the accumulators stay in L2 while the bank rows stream past.
+// Tried at batch 1 (Zen 5, AMD family 26 model 2, AVX-512, 2026-12-07): 16 bank rows per sweep over
+// the accumulator instead of axpy_block's 4 (one output row needs 16 + 2 registers). In a standalone
+// harness, two threads each mixing 737 KB cold, 15-16 us against 20-21 (8 rows: 20; 24 or 30: 25-30);
+// called as the op right after a 96 MB read, mixing phase 21-29 us against 28-34. But where it counts,
+// block 0's installed projection with the caches as benchmarks.budget leaves them, 300 rounds
+// alternated call by call in one process: +1.1 us [+0.2, +1.7]. Not kept.
 // B's columns are mixed in the bank's (S, d_s, r) order into a per-thread buffer, then written
 // transposed and scaled into Bt. Every element is the same ordered FMA chain over n (axpy_block),
 // whatever the split, the pass width or the thread count.
