@@ -149,7 +149,7 @@ bool stamp_of(PyObject* obj, Stamp& s) {
     return false;
   }
   const at::Tensor& t = THPVariable_Unpack(obj);
-  if (!t.defined() || !t.device().is_cpu() || t.layout() != c10::kStrided || t.is_inference()) {
+  if (!t.defined() || !t.device().is_cpu() || t.layout() != c10::kStrided || !mira_cpu::tracks_version(t)) {
     PyErr_SetString(PyExc_ValueError, "_EvalPlan: sources must be strided CPU tensors with a version counter");
     return false;
   }
@@ -166,7 +166,8 @@ bool stamp_of(PyObject* obj, Stamp& s) {
 int check_stamp(const Stamp& s, bool grad) {
   if (!THPVariable_CheckExact(s.tensor)) return 1;
   const at::Tensor& t = THPVariable_Unpack(s.tensor);
-  if (!t.defined() || t.const_data_ptr() != s.data || static_cast<int64_t>(t._version()) != s.version ||
+  if (!t.defined() || !mira_cpu::tracks_version(t) || t.const_data_ptr() != s.data ||
+      static_cast<int64_t>(t._version()) != s.version ||
       t.scalar_type() != s.dtype || t.sizes() != c10::IntArrayRef(s.sizes) || t.strides() != c10::IntArrayRef(s.strides))
     return 1;
   return grad && t.requires_grad() ? 2 : 0;

@@ -432,6 +432,16 @@ class AdapterMemory(nn.Module):
 
     def _set_storage(self, keys: torch.Tensor, bank_a: torch.Tensor, bank_b: torch.Tensor) -> None:
         # Growing mode: keep the Parameter objects (an optimiser refers to them), swap their data.
+        # The new data is made the kind of tensor the parameters are. Parameters made under
+        # torch.inference_mode are inference tensors, and ordinary data swapped into one makes a
+        # tensor that says it is ordinary but has no version counter (reading it raises). Any other
+        # parameter gets ordinary data even from a change made under inference_mode: inference data
+        # would refuse the next stage's requires_grad_ and autograd.
+        inference = self.keys.is_inference()
+        if any(t.is_inference() != inference for t in (keys, bank_a, bank_b)):
+            with torch.inference_mode(inference):
+                keys, bank_a, bank_b = (t if t.is_inference() == inference else t.clone()
+                                        for t in (keys, bank_a, bank_b))
         self.invalidate_cache()
         if keys.shape != self.keys.shape:
             note_resized(self.keys, self.bank_a, self.bank_b)  # optimiser state of the old shape: a clear error
@@ -822,10 +832,23 @@ def _cacheable(sources) -> bool:
         return False
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in sources):
         return False
-    if any(t is not None and t.is_inference() for t in sources):
+    if not all(t is None or _tracks_version(t) for t in sources):
         return False  # no version counter: an in-place change inside inference_mode is invisible
     keys = sources[0]
     return not (keys.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+def _tracks_version(t: torch.Tensor) -> bool:
+    """Whether ``t`` has a version counter. Not an inference tensor, nor a parameter made under
+    ``torch.inference_mode`` whose data was swapped for an ordinary tensor (it then says it is no
+    inference tensor, but reading its version raises)."""
+    if t.is_inference():
+        return False
+    try:
+        t._version  # noqa: B018 (the read is the test)
+    except RuntimeError:
+        return False
+    return True
 
 
 def _stamp(t: torch.Tensor | None) -> tuple:

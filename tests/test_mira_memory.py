@@ -172,6 +172,32 @@ def test_growing_memory_keeps_its_parameter_for_the_optimizer():
     assert opt.state[keys]["exp_avg"].shape == (3, D)
 
 
+@pytest.mark.parametrize("capacity", [None, 4])
+@pytest.mark.parametrize("change", ["append", "remove", "clear", "load_state_dict"])
+def test_a_memory_changed_under_inference_mode_can_still_be_trained(change, capacity):
+    # Under torch.inference_mode a growing memory's new storage was made of inference tensors, which
+    # its parameters then held: the next stage's requires_grad_ failed ("Setting requires_grad=True
+    # on inference tensor outside InferenceMode is not allowed"), and so did any backward through them.
+    layer, twin = make_layer(capacity=capacity), make_layer(capacity=capacity)
+    for m in (layer, twin):
+        m.memory.append(*random_adapters(3))
+    source = make_layer(seed=5, capacity=capacity)
+    source.memory.append(*random_adapters(2, seed=4))
+    changes = {"append": lambda m: m.memory.append(*random_adapters(1, seed=9)),
+               "remove": lambda m: m.memory.remove([1]), "clear": lambda m: m.memory.clear(),
+               "load_state_dict": lambda m: m.memory.load_state_dict(source.memory.state_dict())}
+    with torch.inference_mode():
+        changes[change](layer)
+    changes[change](twin)
+    memory = layer.memory
+    assert not any(t.is_inference() for t in (memory.keys, memory.bank_a, memory.bank_b))
+    for m in (layer, twin):
+        m.set_stage("consolidation")
+        m.memory.keys.requires_grad_(True)
+        m(tokens()).square().sum().backward()
+    assert torch.equal(layer.memory.keys.grad, twin.memory.keys.grad)
+
+
 def test_state_dict_round_trip_resizes_a_growing_memory():
     src = make_layer(query="mlp", query_hidden=8)
     src.memory.append(*random_adapters(3))

@@ -209,7 +209,7 @@ PyObject* retrieval_stamp(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     if (!THPVariable_CheckExact(obj)) Py_RETURN_NONE;
     const at::Tensor& t = THPVariable_Unpack(obj);
     if (!t.defined() || !t.device().is_cpu() || t.layout() != c10::kStrided) Py_RETURN_NONE;
-    if (t.is_inference() || (grad && t.requires_grad())) Py_RETURN_FALSE;
+    if (!tracks_version(t) || (grad && t.requires_grad())) Py_RETURN_FALSE;
     words.push_back(t.dim());
     words.push_back(static_cast<int64_t>(reinterpret_cast<uintptr_t>(obj)));
     words.push_back(static_cast<int64_t>(reinterpret_cast<uintptr_t>(t.const_data_ptr())));

@@ -13,6 +13,15 @@ namespace mira_cpu {
 
 PyMethodDef* fast_path_methods();
 
+// Whether reading t's version counter works. Not for an inference tensor, nor for a parameter made
+// under torch.inference_mode whose data was later swapped (`.data =`) for an ordinary tensor: it
+// then reports is_inference() false but still has no version counter, and reading it throws (from a
+// CPython method, with nothing to catch it: the process aborted). The caches' keys treat both as
+// not cacheable.
+inline bool tracks_version(const at::Tensor& t) {
+  return !t.is_inference() && t.unsafeGetTensorImpl()->version_counter().enabled();
+}
+
 // The arguments of an eval call but x and the query, parsed: every tensor a plain CPU one.
 struct EvalArgs {
   std::optional<at::Tensor> weight, bias, keys, bank_a, bank_b;
