@@ -15,15 +15,14 @@ Two storage modes:
   so an optimiser still refers to it, but per-parameter optimiser state (Adam moments) then has
   the old shape: call :meth:`AdapterMemory.forget_optimizer_state` (or build a new optimiser)
   after growing. The step fails loudly otherwise, naming the cure (:mod:`mira.optim_state`).
-  The check compares shapes: after a remove and an append that restore the slot count, the
-  moments of the removed slots carry over to the new ones without an error (as in the fixed-
-  capacity mode below); call ``forget_optimizer_state`` after any remove to start them afresh.
+  A remove (or clear, select_tasks, load_memories) moves the slots whatever the shapes do: a step
+  with moments from before it raises too, until ``forget_optimizer_state`` starts them afresh.
 * fixed capacity (``capacity=C``): C slots are pre-allocated with a boolean ``active`` mask.
   Stored adapters always occupy slots ``0 .. num_slots-1``. Empty slots have zero keys and zero
   values, so their cosine score is 0 and they add nothing (see ``mira.config`` for why softmax
   is refused). Appending writes in place: no shape changes, no recompilation, no CUDA-graph
-  re-capture, and the optimiser state keeps its shape (a reused slot inherits the moments of
-  what was there before; :meth:`remove` compacts slots, moving their moments' meaning).
+  re-capture, and the optimiser state keeps its shape; :meth:`remove` compacts slots, so a step
+  with moments from before it raises (:mod:`mira.optim_state`) until ``forget_optimizer_state``.
 
 What the op sees (:meth:`AdapterMemory.retrieval_tensors`) is derived from the stored tensors:
 empty slots masked, keys normalised per feature when ``key_norm="per_feature"``. Where no
@@ -66,7 +65,7 @@ from mira_kernels.ops import PLAN_ABSENT
 from mira_kernels.reference import NORM_EPS, normalize
 
 from .config import MemoryConfig
-from .optim_state import check_optimizer, note_resized
+from .optim_state import check_optimizer, note_moved, note_resized
 from .query import IdentityQuery, build_query_module, pool_tokens
 
 __all__ = ["AdapterMemory"]
@@ -531,6 +530,7 @@ class AdapterMemory(nn.Module):
         its storage; a fixed-capacity one copies them into its first n slots, zeroes the rest and drops
         the gradients (their rows belong to what sat there before: a step would move each slot by the
         gradient of another; a growing memory's new storage has none)."""
+        note_moved(self.keys, self.bank_a, self.bank_b)  # an optimiser's moments of them belong elsewhere now
         if self.active is None:
             self._set_storage(keys, bank_a, bank_b)
             return

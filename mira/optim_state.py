@@ -1,4 +1,4 @@
-"""A clear error when an optimiser still holds state of a memory from before it grew.
+"""A clear error when an optimiser still holds state of a memory from before it grew or its slots moved.
 
 A growing memory (``capacity=None``) keeps its ``keys`` Parameter object across an append or a
 remove but changes its shape, so an optimiser's per-parameter state (Adam's moments, SGD's
@@ -9,13 +9,21 @@ checks the resized tensors' state first and names the cure: :func:`forget_optimi
 
 The check compares shapes, in the state entries that mirror the parameter in PyTorch's
 optimisers and in Adafactor's factored row and column statistics (the parameter's shape with its
-last, or second-to-last, dimension 1), so it cannot see a memory that shrank and grew back to its
-old size: call
-:func:`forget_optimizer_state` after every change of the memory, as the memory's docs say.
+last, or second-to-last, dimension 1).
+
+Slots can also move without any change of shape: ``remove`` compacts the stored adapters (and
+``clear``, ``select_tasks`` and ``load_memories`` replace them) in a fixed-capacity memory, or in a
+growing one that then grows back to its old size. The state would then update each slot with the
+moments of another. So every such move counts as a new generation of the memory's tensors, and the
+same hook refuses a step whose optimiser holds state of a moved tensor that it did not start
+afresh after the move: it remembers, per optimiser, the generation it last saw each such tensor
+without state, which a new state (a first step, or one after :func:`forget_optimizer_state`) then
+belongs to.
 """
 
 from __future__ import annotations
 
+import itertools
 import weakref
 from collections.abc import MutableMapping
 
@@ -40,18 +48,66 @@ def _expected_shapes(shape: torch.Size) -> dict[str, tuple[int, ...]]:
 
 # id -> tensor, weakly (a WeakSet would compare tensors with ==, element-wise).
 _resized: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+_moved: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+_generation: dict[int, int] = {}  # id of a tensor in _moved -> the number of its last move
+_moves = itertools.count(1)  # numbers every move: unique, so an id reused by a new tensor cannot match
+# optimiser -> {id of a moved tensor: the generation it last stepped that tensor without state}
+_fresh_since: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _hook = None
 
 
-def note_resized(*tensors: torch.Tensor) -> None:
-    """Record memory tensors whose shape just changed (called by the memory when it resizes)."""
+def _register_hook() -> None:
     global _hook
-    _resized.update({id(t): t for t in tensors if isinstance(t, nn.Parameter)})
     if _hook is None:
         _hook = register_optimizer_step_pre_hook(_check_state)
 
 
+def note_resized(*tensors: torch.Tensor) -> None:
+    """Record memory tensors whose shape just changed (called by the memory when it resizes)."""
+    _resized.update({id(t): t for t in tensors if isinstance(t, nn.Parameter)})
+    _register_hook()
+
+
+def note_moved(*tensors: torch.Tensor) -> None:
+    """Record memory tensors whose slots just moved or were replaced (called by the memory)."""
+    for t in tensors:
+        if isinstance(t, nn.Parameter):
+            _generation[id(t)] = next(_moves)
+            _moved[id(t)] = t
+    for key in [k for k in _generation if k not in _moved]:  # tensors gone since: their ids may be reused
+        del _generation[key]
+    _register_hook()
+
+
 def _check_state(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+    _check_shapes(optimizer)
+    _check_moves(optimizer)
+
+
+def _check_moves(optimizer: torch.optim.Optimizer) -> None:
+    if not _moved:
+        return
+    state = optimizer.state
+    fresh = _fresh_since.setdefault(optimizer, {})
+    managed = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    for key, param in list(_moved.items()):
+        generation = _generation.get(key)
+        if generation is None or key not in managed:
+            continue
+        if param not in state:  # a defaultdict: test, never index. Any state made from here on is new
+            fresh[key] = generation
+        elif fresh.get(key) != generation:
+            raise RuntimeError(
+                f"{type(optimizer).__name__}.step: it holds state of a MIRA memory tensor of shape "
+                f"{tuple(param.shape)} whose slots have moved or been replaced since that state began (remove, "
+                "clear, select_tasks, load_memories): the step would update each slot with the moments of "
+                "another. Call mira.forget_optimizer_state(model, optimizer) (or "
+                "memory.forget_optimizer_state(optimizer)) after changing a memory, or build a new optimizer; "
+                "nothing was updated"
+            )
+
+
+def _check_shapes(optimizer: torch.optim.Optimizer) -> None:
     state = optimizer.state
     for param in list(_resized.values()):
         if param not in state:  # a defaultdict: test, never index

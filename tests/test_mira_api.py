@@ -77,6 +77,41 @@ def store_random_adapter(model, seed):
     mira.write_adapters(model, generator=g)
 
 
+@pytest.mark.parametrize("capacity", [4, None])
+def test_a_step_with_moments_of_slots_that_moved_raises_and_names_the_cure(capacity):
+    # remove compacts the slots: each slot's moments would then update another slot. In a fixed-capacity
+    # memory (and a growing one back at its old size) no shape changes, and the step used to run.
+    model = mira.attach(tiny_vit(), capacity=capacity)
+    for seed in range(3):
+        store_random_adapter(model, seed)
+    mira.set_stage(model, "consolidation")
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    model(images()).sum().backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    for memory in mira.memories(model):
+        memory.remove([0])
+    if capacity is None:
+        store_random_adapter(model, 7)  # back to three slots: the shapes the moments have
+    model(images()).sum().backward()
+    keys = [m.keys.detach().clone() for m in mira.memories(model)]
+    with pytest.raises(RuntimeError, match=r"slots have moved.*mira.forget_optimizer_state\(model, optimizer\)"):
+        optimizer.step()
+    assert all(torch.equal(k, m.keys) for k, m in zip(keys, mira.memories(model)))  # nothing was updated
+    fresh = torch.optim.AdamW(params, lr=1e-2)  # an optimizer made after the move starts afresh
+    fresh.step()
+    fresh.step()
+    mira.forget_optimizer_state(model, optimizer)
+    optimizer.step()
+    optimizer.step()  # its new moments belong to the slots as they are now
+    assert not any(torch.equal(k, m.keys) for k, m in zip(keys, mira.memories(model)))
+    for memory in mira.memories(model):
+        memory.remove([0])
+    with pytest.raises(RuntimeError, match=r"forget_optimizer_state"):  # every move again (a growing one: shrank)
+        optimizer.step()
+
+
 def test_a_step_with_stale_optimizer_state_after_growth_raises_and_names_the_cure():
     model = mira.attach(tiny_vit())
     store_random_adapter(model, 0)
