@@ -37,7 +37,8 @@ Public API (names are stable; other packages build on them)::
         ``task`` names the new slots
     mira.task_slots(model) -> {task: [slots]}; mira.remove_tasks / select_tasks(model, tasks);
         mira.task_slot_weights(model, task) -> fold weights serving one task
-    mira.forget_optimizer_state(model, optimizer)   after a memory grew (a step with stale state raises)
+    mira.forget_optimizer_state(model, optimizer)   after a memory grew or its slots moved
+        (a step with stale state raises)
     mira.save_memories(model, path) / mira.load_memories(model, path)      safetensors, versioned
         (a file saved with key_norm="unit" loads into a model attached with key_norm="unit")
     mira.save_model(model, path, *, modules=None) / mira.load_model(backbone, path) -> model

@@ -597,7 +597,8 @@ class AdapterMemory(nn.Module):
         self.remove(range(self.num_slots))
 
     def forget_optimizer_state(self, optimizer: torch.optim.Optimizer) -> None:
-        """Drop ``optimizer``'s per-parameter state of this memory's tensors (call after growing)."""
+        """Drop ``optimizer``'s per-parameter state of this memory's tensors (call after it grows or its
+        slots move)."""
         check_optimizer(optimizer, "forget_optimizer_state")
         for p in (self.keys, self.bank_a, self.bank_b):
             optimizer.state.pop(p, None)

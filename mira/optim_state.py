@@ -132,7 +132,8 @@ def check_optimizer(optimizer, what: str) -> None:
 
 
 def forget_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Drop ``optimizer``'s per-parameter state of every memory of ``model`` (call after growing)."""
+    """Drop ``optimizer``'s per-parameter state of every memory of ``model`` (call after one grows or its
+    slots move)."""
     from .integration import memories
 
     if not isinstance(model, nn.Module):  # (optimizer, model) swapped: "'SGD' has no attribute named_modules"
