@@ -125,6 +125,9 @@ def _write_file(model: nn.Module, path, modules: Mapping[str, nn.Module], metada
     named = named_memories(model)
     if not named:
         raise RuntimeError(f"{what}: the model has no MIRA memories (call mira.attach first)")
+    folder = os.path.dirname(os.path.abspath(os.fsdecode(path)))
+    if not os.path.isdir(folder):  # safetensors' own error names its temporary file, not the path asked for
+        raise FileNotFoundError(f"{what}: cannot write {os.fsdecode(path)}: the folder {folder} does not exist")
     try:
         attach_config = json.dumps(_portable(dataclasses.asdict(config_of(model))))
     except (ValueError, RuntimeError):  # RuntimeError: memories in no timm-style attn.qkv (installed by hand)

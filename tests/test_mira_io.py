@@ -33,6 +33,16 @@ def trained_memories(**attach_args):
 ARGS = {"query": "mlp", "key_dim": 24, "query_hidden": 16, "key_norm": "per_feature"}
 
 
+@pytest.mark.parametrize("save", [mira.save_memories, mira.save_model])
+def test_saving_into_a_missing_folder_names_the_path_and_writes_nothing(tmp_path, save):
+    # safetensors' own error named its temporary file, not the path the caller gave.
+    model = trained_memories()
+    target = tmp_path / "no such folder" / "memories.safetensors"
+    with pytest.raises(FileNotFoundError, match=r"cannot write .*no such folder.*does not exist"):
+        save(model, target)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_save_then_load_into_a_fresh_model_reproduces_outputs(tmp_path):
     source = trained_memories(**ARGS)
     path = tmp_path / "memories.safetensors"
