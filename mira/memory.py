@@ -65,7 +65,7 @@ from mira_kernels.ops import PLAN_ABSENT
 from mira_kernels.reference import NORM_EPS, normalize
 
 from .config import MemoryConfig
-from .optim_state import check_optimizer, note_moved, note_resized
+from .optim_state import check_optimizer, note_moved, note_resized, watch
 from .query import IdentityQuery, build_query_module, pool_tokens
 
 __all__ = ["AdapterMemory"]
@@ -94,6 +94,7 @@ class AdapterMemory(nn.Module):
         super().__init__()
         if not isinstance(config, MemoryConfig):
             raise TypeError(f"config must be a MemoryConfig, got {type(config).__name__}")
+        watch()  # optimiser steps are recorded from now on (mira.optim_state): a later move of slots sees them
         self.config = config
         factory = {"device": device, "dtype": dtype}
         n = config.capacity or 0

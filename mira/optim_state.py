@@ -14,16 +14,15 @@ last, or second-to-last, dimension 1).
 Slots can also move without any change of shape: ``remove`` compacts the stored adapters (and
 ``clear``, ``select_tasks`` and ``load_memories`` replace them) in a fixed-capacity memory, or in a
 growing one that then grows back to its old size. The state would then update each slot with the
-moments of another. So every such move counts as a new generation of the memory's tensors, and the
-same hook refuses a step whose optimiser holds state of a moved tensor that it did not start
-afresh after the move: it remembers, per optimiser, the generation it last saw each such tensor
-without state, which a new state (a first step, or one after :func:`forget_optimizer_state`) then
-belongs to.
+moments of another. So at every such move the state that optimisers which have already stepped
+hold of the memory's tensors is marked stale, and the same hook refuses their next step until
+:func:`forget_optimizer_state` drops it. To know those optimisers, the hook is registered as soon as
+a memory is made (it records each optimiser that steps; the checks cost nothing while no memory
+has changed).
 """
 
 from __future__ import annotations
 
-import itertools
 import weakref
 from collections.abc import MutableMapping
 
@@ -48,15 +47,15 @@ def _expected_shapes(shape: torch.Size) -> dict[str, tuple[int, ...]]:
 
 # id -> tensor, weakly (a WeakSet would compare tensors with ==, element-wise).
 _resized: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
-_moved: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
-_generation: dict[int, int] = {}  # id of a tensor in _moved -> the number of its last move
-_moves = itertools.count(1)  # numbers every move: unique, so an id reused by a new tensor cannot match
-# optimiser -> {id of a moved tensor: the generation it last stepped that tensor without state}
-_fresh_since: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_stepped: weakref.WeakSet = weakref.WeakSet()  # optimisers that have stepped since the hook was registered
+# optimiser -> ids of memory tensors whose state in it is from before their slots moved
+_stale: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _hook = None
 
 
-def _register_hook() -> None:
+def watch() -> None:
+    """Register the step pre-hook (once per process; every memory calls it when it is made), so that
+    every optimiser that steps is known before a memory's slots move."""
     global _hook
     if _hook is None:
         _hook = register_optimizer_step_pre_hook(_check_state)
@@ -65,45 +64,45 @@ def _register_hook() -> None:
 def note_resized(*tensors: torch.Tensor) -> None:
     """Record memory tensors whose shape just changed (called by the memory when it resizes)."""
     _resized.update({id(t): t for t in tensors if isinstance(t, nn.Parameter)})
-    _register_hook()
+    watch()
 
 
 def note_moved(*tensors: torch.Tensor) -> None:
-    """Record memory tensors whose slots just moved or were replaced (called by the memory)."""
-    for t in tensors:
-        if isinstance(t, nn.Parameter):
-            _generation[id(t)] = next(_moves)
-            _moved[id(t)] = t
-    for key in [k for k in _generation if k not in _moved]:  # tensors gone since: their ids may be reused
-        del _generation[key]
-    _register_hook()
+    """Record memory tensors whose slots just moved or were replaced (called by the memory): the state
+    that optimisers which have stepped hold of them now belongs to other slots. (State that an
+    optimiser made before it ever stepped, such as Adagrad's initial sums, is the same for every slot.)"""
+    params = [t for t in tensors if isinstance(t, nn.Parameter)]
+    for optimizer in list(_stepped):
+        held = {id(p) for p in params if p in optimizer.state}  # a defaultdict: test, never index
+        if held:
+            _stale.setdefault(optimizer, set()).update(held)
+    watch()
 
 
 def _check_state(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+    _stepped.add(optimizer)
     _check_shapes(optimizer)
     _check_moves(optimizer)
 
 
 def _check_moves(optimizer: torch.optim.Optimizer) -> None:
-    if not _moved:
+    stale = _stale.get(optimizer)
+    if not stale:
         return
     state = optimizer.state
-    fresh = _fresh_since.setdefault(optimizer, {})
-    managed = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    for key, param in list(_moved.items()):
-        generation = _generation.get(key)
-        if generation is None or key not in managed:
-            continue
-        if param not in state:  # a defaultdict: test, never index. Any state made from here on is new
-            fresh[key] = generation
-        elif fresh.get(key) != generation:
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            if id(param) not in stale:
+                continue
+            if param not in state:  # forgotten (forget_optimizer_state): what it makes from here on is new
+                stale.discard(id(param))
+                continue
             raise RuntimeError(
                 f"{type(optimizer).__name__}.step: it holds state of a MIRA memory tensor of shape "
-                f"{tuple(param.shape)} whose slots have moved or been replaced since that state began (remove, "
-                "clear, select_tasks, load_memories): the step would update each slot with the moments of "
-                "another. Call mira.forget_optimizer_state(model, optimizer) (or "
-                "memory.forget_optimizer_state(optimizer)) after changing a memory, or build a new optimizer; "
-                "nothing was updated"
+                f"{tuple(param.shape)} whose slots have moved or been replaced since (remove, clear, "
+                "select_tasks, load_memories): the step would update each slot with the moments of another. "
+                "Call mira.forget_optimizer_state(model, optimizer) (or memory.forget_optimizer_state(optimizer)) "
+                "after changing a memory, or build a new optimizer; nothing was updated"
             )
 
 

@@ -99,9 +99,9 @@ def test_a_step_with_moments_of_slots_that_moved_raises_and_names_the_cure(capac
     with pytest.raises(RuntimeError, match=r"slots have moved.*mira.forget_optimizer_state\(model, optimizer\)"):
         optimizer.step()
     assert all(torch.equal(k, m.keys) for k, m in zip(keys, mira.memories(model)))  # nothing was updated
-    fresh = torch.optim.AdamW(params, lr=1e-2)  # an optimizer made after the move starts afresh
-    fresh.step()
-    fresh.step()
+    for fresh in (torch.optim.AdamW(params, lr=1e-2), torch.optim.Adagrad(params, lr=1e-2)):
+        fresh.step()  # made after the move: its state is new (Adagrad's, made at construction, too)
+        fresh.step()
     mira.forget_optimizer_state(model, optimizer)
     optimizer.step()
     optimizer.step()  # its new moments belong to the slots as they are now
