@@ -675,6 +675,14 @@ class AdapterMemory(nn.Module):
             misfits.append(f"missing {absent}")
         elif n != self.keys.shape[0] and absent:  # a resize keeps nothing of the old state: it needs all of it
             misfits.append(f"resizing to {n} slots needs every entry of the memory, missing {absent}")
+        # A memory stores finite keys and adapters only, as append and the file loaders enforce: a
+        # state dict of a run that diverged is refused here too, not loaded into NaN outputs.
+        broken = [prefix + name for name in ("keys", "bank_a", "bank_b")
+                  if isinstance(t := state_dict.get(prefix + name), torch.Tensor) and t.is_floating_point()
+                  and not bool(torch.isfinite(t).all())]
+        if broken:
+            misfits.append(f"{broken} hold NaN or inf values (did training diverge?); a memory stores finite "
+                           "adapters and keys only")
         bank_dtype = self._bank_dtype_for(self.keys.dtype)
         for name in ("bank_a", "bank_b"):
             t = state_dict.get(prefix + name)

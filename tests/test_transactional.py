@@ -241,6 +241,21 @@ def test_load_state_dict_of_another_model_changes_no_memory(other):
     assert_unchanged(model, before, loras=False)
 
 
+@pytest.mark.parametrize("entry", ["keys", "bank_a", "bank_b"])
+@pytest.mark.parametrize("n", [2, 3], ids=["same-slots", "resize"])
+def test_load_state_dict_with_non_finite_memory_entries_changes_no_memory(entry, n):
+    # append and the file loaders refused NaN and inf; a state dict of a run that diverged loaded them.
+    state = filled(seed=9, n=n).state_dict()
+    for name in [k for k in state if k.endswith(f"mira_memory.{entry}")]:  # every block's memory
+        state[name] = state[name].clone()
+        state[name].view(-1)[1] = float("nan") if entry == "keys" else float("inf")
+    model = filled()
+    before = snapshot(model, loras=False)
+    with pytest.raises(RuntimeError, match="NaN or inf values"):
+        model.load_state_dict(state)
+    assert_unchanged(model, before, loras=False)
+
+
 def test_load_state_dict_of_another_slot_count_still_resizes():
     source = filled(seed=9, n=3)
     model = filled()
