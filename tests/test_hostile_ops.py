@@ -30,6 +30,35 @@ def run_child(code: str, timeout: float = 300) -> subprocess.CompletedProcess:
 
 
 # ----------------------------------------------------------------------------------------------
+# Crash: a memory tensor whose version counter cannot be read.
+# ----------------------------------------------------------------------------------------------
+
+_WITHOUT_VERSION_COUNTER = """
+import torch, torch.nn as nn
+from mira import AdapterMemory, MemoryConfig, MiraProjection
+with torch.inference_mode():
+    memory = AdapterMemory(MemoryConfig(d_in=8, d_k=8, num_slices=2, slice_width=8, rank=2, key_norm="unit"))
+    layer = MiraProjection(nn.Linear(8, 24), memory, (0, 16), stage="inference")
+# Ordinary data in parameters made under inference mode: they say they are ordinary tensors, but have
+# no version counter (PyTorch's own view ops refuse them; the cache's key must not read it).
+memory.keys.data = torch.randn(3, 8)
+memory.bank_a.data, memory.bank_b.data = torch.randn(3, 2, 2, 8), torch.randn(3, 2, 8, 2)
+with torch.no_grad():
+    first, second = layer(torch.ones(2, 5, 8)), layer(torch.ones(2, 5, 8))
+assert torch.equal(first, second) and memory._retrieval_cache is None
+print("ok")
+"""
+
+
+@needs_ext
+def test_a_parameter_without_a_version_counter_is_never_cached():
+    # In a child process: the eval plan's and the retrieval cache's native keys read the missing
+    # counter, which threw from a CPython method with nothing to catch it, and the interpreter aborted.
+    proc = run_child(_WITHOUT_VERSION_COUNTER, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-2000:]
+
+
+# ----------------------------------------------------------------------------------------------
 # Crash: slice offsets whose end overflows int64.
 # ----------------------------------------------------------------------------------------------
 
