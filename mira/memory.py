@@ -292,14 +292,10 @@ class AdapterMemory(nn.Module):
         entry = self._retrieval_cache
         if entry is not None and entry[0] == key:
             return entry[2] if mask_banks else (entry[2][0], bank_a, bank_b)
-        if torch.is_inference_mode_enabled():
-            # Made under inference_mode they would be inference tensors, which autograd refuses to
-            # save: a later forward that records a graph (an input that requires grad, the memory
-            # frozen) would take them from the cache and fail. No graph is needed here (the key
-            # says so), and ordinary tensors serve inference mode the same.
-            with torch.inference_mode(False), torch.no_grad():
-                derived = self._derive(keys, bank_a, bank_b, active)
-        else:
+        # Never inference tensors, which autograd refuses to save: a later forward that records a
+        # graph (an input that requires grad, the memory frozen) takes them from the cache. No graph
+        # is needed here (the key says so), and ordinary tensors serve inference mode the same.
+        with torch.inference_mode(False), torch.no_grad():
             derived = self._derive(keys, bank_a, bank_b, active)
         # The aliases keep the sources' storage alive, so no other tensor can take its address.
         self._retrieval_cache = (key, tuple(t.detach() for t in sources if t is not None), derived)
