@@ -125,9 +125,10 @@ def _write_file(model: nn.Module, path, modules: Mapping[str, nn.Module], metada
     named = named_memories(model)
     if not named:
         raise RuntimeError(f"{what}: the model has no MIRA memories (call mira.attach first)")
-    folder = os.path.dirname(os.path.abspath(os.fsdecode(path)))
+    path = os.fsdecode(path)  # bytes paths too (f-strings would write "b'...'")
+    folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):  # safetensors' own error names its temporary file, not the path asked for
-        raise FileNotFoundError(f"{what}: cannot write {os.fsdecode(path)}: the folder {folder} does not exist")
+        raise FileNotFoundError(f"{what}: cannot write {path}: the folder {folder} does not exist")
     try:
         attach_config = json.dumps(_portable(dataclasses.asdict(config_of(model))))
     except (ValueError, RuntimeError):  # RuntimeError: memories in no timm-style attn.qkv (installed by hand)
@@ -176,7 +177,6 @@ def _write_file(model: nn.Module, path, modules: Mapping[str, nn.Module], metada
         meta["modules"] = json.dumps(list(modules))
     # Written beside the target and renamed over it: a failed save never leaves a truncated file
     # in place of a good one.
-    path = os.fsdecode(path)  # bytes paths too (f-strings would write "b'...'")
     partial = f"{path}.partial-{os.getpid()}"
     try:
         save_file(tensors, partial, metadata=meta)
