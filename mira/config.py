@@ -266,6 +266,14 @@ class MemoryConfig:
                 "query_token='cls' needs a CLS (prefix) token but the model has none; use query_token='mean'"
             )
 
+    @property
+    def hidden_width(self) -> int | None:
+        """The MLP query module's hidden width as built (``query_hidden=None`` means the block width);
+        None without an MLP query."""
+        if self.query != "mlp":
+            return None
+        return self.d_in if self.query_hidden is None else self.query_hidden
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

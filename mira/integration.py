@@ -343,27 +343,43 @@ def config_of(model: nn.Module) -> MiraConfig:
 
     Read back from the installed layers (blocks, slices, memory configs), so it also holds for
     models attached by older versions. Raises if the blocks were attached with different options.
+    Widths that default to the block width (``key_dim``, ``query_hidden``) read back as None when
+    every block has its own width there, so a model whose blocks differ in width (PiT) round-trips.
     """
     found = _qkv_blocks(model)
     adapted = [(i, block.attn.qkv) for i, (_, block) in enumerate(found) if isinstance(block.attn.qkv, MiraProjection)]
     if not adapted:
         raise RuntimeError("config_of: the model has no MIRA layers (call mira.attach first)")
+    memory_configs = [proj.memory.config for _, proj in adapted]
+    d_k = _width_option("key_dim", [(c.d_in, c.d_k) for c in memory_configs])
+    query_hidden = _width_option("query_hidden", [(c.d_in, c.hidden_width) for c in memory_configs
+                                                  if c.hidden_width is not None])
     configs = set()
-    for _, proj in adapted:
-        c = proj.memory.config
+    for (_, proj), c in zip(adapted, memory_configs):
         slices = proj.slice_names if proj.slice_names is not None else proj.slice_offsets
         configs.add((slices, None if proj.slice_names is not None else c.slice_width, c.rank, c.query, c.query_token,
-                     c.query_hidden, c.d_k, c.separation, c.key_norm, c.key_init, c.capacity, c.trainable_bank, c.scale,
-                     c.eps, c.bank_dtype))
+                     c.separation, c.key_norm, c.key_init, c.capacity, c.trainable_bank, c.scale, c.eps, c.bank_dtype))
     if len(configs) > 1:
         raise ValueError(f"config_of: the blocks were attached with different options: {sorted(configs, key=str)}")
-    (slices, slice_width, rank, query, query_token, query_hidden, d_k, separation, key_norm, key_init, capacity,
+    (slices, slice_width, rank, query, query_token, separation, key_norm, key_init, capacity,
      trainable_bank, scale, eps, bank_dtype) = configs.pop()
     blocks = None if len(adapted) == len(found) else tuple(i for i, _ in adapted)
     return MiraConfig(rank=rank, slices=slices, slice_width=slice_width, query=query, query_token=query_token,
                       query_hidden=query_hidden, key_dim=d_k, separation=separation, key_norm=key_norm,
                       key_init=key_init, capacity=capacity, trainable_bank=trainable_bank, bank_dtype=bank_dtype,
                       scale=scale, eps=eps, blocks=blocks)
+
+
+def _width_option(option: str, widths: list[tuple[int, int]]) -> int | None:
+    """The attach option that gives every block its width: None (the block's own width, d_in) when
+    that holds for each block, else the one fixed width they share. ``widths``: (d_in, width) per block."""
+    if all(width == d_in for d_in, width in widths):
+        return None
+    fixed = {width for _, width in widths}
+    if len(fixed) > 1:
+        raise ValueError(f"config_of: the blocks were attached with different {option} values: "
+                         f"{[width for _, width in widths]} for block widths {[d_in for d_in, _ in widths]}")
+    return fixed.pop()
 
 
 #: Where attach keeps every parameter's requires_grad as it found them (a dict name -> bool on the

@@ -259,8 +259,10 @@ def _plan_memory(path: str, name: str, entry, memory: AdapterMemory, proj, tenso
         saved = MemoryConfig.from_dict(saved_fields)
     except (TypeError, ValueError) as err:
         raise ValueError(f"{where}: the saved config is invalid ({err})") from None
-    diffs = [f"{k}: file {getattr(saved, k)!r}, model {getattr(memory.config, k)!r}"
-             for k in _MUST_MATCH if getattr(saved, k) != getattr(memory.config, k)]
+    # query_hidden as built: None and the block width make the same module.
+    field = {"query_hidden": "hidden_width"}
+    diffs = [f"{k}: file {getattr(saved, field.get(k, k))!r}, model {getattr(memory.config, field.get(k, k))!r}"
+             for k in _MUST_MATCH if getattr(saved, field.get(k, k)) != getattr(memory.config, field.get(k, k))]
     offsets = entry.get("slice_offsets")
     if offsets is not None and not (isinstance(offsets, list) and all(type(o) is int for o in offsets)):
         raise ValueError(f"{where}: slice_offsets must be a list of ints or null, got {offsets!r}")

@@ -280,3 +280,46 @@ def test_save_and_load_name_what_is_wrong_with_metadata_paths_and_dtypes(tmp_pat
     with pytest.raises(TypeError, match=r"head.weight has dtype torch.int64, the backbone's torch.float32"):
         mira.load_model(backbone, tmp_path / "int_head.safetensors")
     assert mira.memories(backbone) == [] and all(torch.equal(v, before[k]) for k, v in backbone.state_dict().items())
+
+
+@pytest.mark.parametrize("options", [{}, {"query": "linear", "key_dim": 32}, {"query": "mlp", "query_hidden": 48}])
+def test_a_model_whose_blocks_differ_in_width_saves_and_loads_in_one_call(tmp_path, options):
+    # PiT's stages are 64, 128 and 256 wide. config_of read the resolved key width of each block,
+    # found three, and refused the model as "attached with different options": save_model failed.
+    import timm
+
+    def pit():
+        torch.manual_seed(0)
+        return timm.create_model("pit_ti_distilled_224", pretrained=False, num_classes=5).eval()
+
+    source = write_tasks(mira.attach(pit(), **options), ["a", "b"])
+    assert len({m.config.d_in for m in mira.memories(source)}) == 3
+    assert mira.config_of(source) == mira.MiraConfig(**options)
+    path = tmp_path / "pit.safetensors"
+    mira.save_model(mira.set_stage(source, "inference"), path)
+    x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(mira.load_model(pit(), path)(x), source(x), rtol=0, atol=0)
+
+
+def test_config_of_names_width_options_the_blocks_do_not_share():
+    model = mira.attach(tiny_vit(depth=2), query="linear", key_dim=24)
+    mira.memories(model)[1].config.d_k = 32  # as if the blocks had been attached one by one
+    with pytest.raises(ValueError, match=r"different key_dim values: \[24, 32\] for block widths \[192, 192\]"):
+        mira.config_of(model)
+
+
+def test_query_hidden_left_to_its_default_and_given_as_the_block_width_load_into_each_other(tmp_path):
+    # Both build the same MLP query module; the file check compared the raw option (None vs 192).
+    path = tmp_path / "memories.safetensors"
+    source = write_tasks(mira.attach(tiny_vit(), query="mlp"), ["a"])
+    mira.save_memories(source, path)
+    target = mira.attach(tiny_vit(), query="mlp", query_hidden=WIDTH)
+    mira.load_memories(target, path)
+    x = images()
+    with torch.no_grad():
+        torch.testing.assert_close(target(x), source(x), rtol=0, atol=0)
+    mira.save_memories(target, path)
+    mira.load_memories(mira.attach(tiny_vit(), query="mlp"), path)
+    with pytest.raises(ValueError, match="query_hidden: file 192, model 16"):
+        mira.load_memories(mira.attach(tiny_vit(), query="mlp", query_hidden=16), path)
