@@ -302,8 +302,12 @@ class AdapterMemory(nn.Module):
         return derived
 
     def _derive(self, keys, bank_a, bank_b, active) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if active is not None:
-            keys = keys * active.unsqueeze(1).to(keys.dtype)
+        # Empty slots are masked with where, not a product: the op's gradient of a zero key is
+        # g / eps (eps = 1e-12), inf in float16, and inf * 0 is NaN, which the per-feature norm's
+        # backward then spreads to every stored key. where drops the masked rows' gradient instead.
+        empty = None if active is None else ~active.unsqueeze(1)
+        if empty is not None:
+            keys = keys.masked_fill(empty, 0)
             if self.config.trainable_bank:
                 mask = active.to(bank_a.dtype).view(-1, 1, 1, 1)
                 bank_a, bank_b = bank_a * mask, bank_b * mask
@@ -311,6 +315,8 @@ class AdapterMemory(nn.Module):
             # Each feature (column) to unit L2 norm across the stored keys; zero rows stay zero.
             if keys.requires_grad and torch.is_grad_enabled():
                 keys = _without_rounding_gradient_of_one_key(keys, _unit_columns(keys), active)
+                if empty is not None:  # (zeros already: this only cuts the empty rows' gradient)
+                    keys = keys.masked_fill(empty, 0)
             else:
                 keys = _per_feature_unit(keys)
         return keys, bank_a, bank_b
@@ -402,7 +408,7 @@ class AdapterMemory(nn.Module):
         if t.dim() != len(tail) + 1 or tuple(t.shape[1:]) != tail:
             raise ValueError(f"{name} must have shape {layout} (S, r, d_in / S, d_s, r of this memory), "
                              f"got {tuple(t.shape)}")
-        _refuse_non_finite(name, t)
+        _refuse_unstorable(name, t)
         return self._as_bank(name, t.detach())
 
     def _new_keys(self, keys, n: int, generator: torch.Generator | None) -> torch.Tensor:
@@ -423,7 +429,12 @@ class AdapterMemory(nn.Module):
                              f"{tuple(keys.shape)}")
         if keys.shape[0] != n:
             raise ValueError(f"got {keys.shape[0]} keys for {n} adapters")
-        _refuse_non_finite("keys", keys)
+        _refuse_unstorable("keys", keys)
+        if not keys.is_meta and bool((keys == 0).all(dim=1).any()):
+            # No direction: its cosine is 0 for every query, and the op's gradient of a zero key is
+            # g / eps (eps = 1e-12), which overflows float16 and throws any optimiser's step off.
+            zero = (keys == 0).all(dim=1).nonzero().flatten().tolist()
+            raise ValueError(f"keys {zero} are all zeros; a key needs a direction (cosine retrieval)")
         return keys.detach().to(**self._factory())
 
     def _set_storage(self, keys: torch.Tensor, bank_a: torch.Tensor, bank_b: torch.Tensor) -> None:
@@ -721,10 +732,13 @@ def _callers_strict() -> bool:
     return True
 
 
-def _refuse_non_finite(name: str, t: torch.Tensor) -> None:
-    # A stored adapter or key reaches every sample's output (affine weights are all nonzero), and
-    # load_memories refuses such files: refused on the way in, as on the way back.
-    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+def _refuse_unstorable(name: str, t: torch.Tensor) -> None:
+    """Refuse what a memory must not store: non-real values (a complex tensor would be cast to its
+    real part, with only a warning), and NaN or inf, which reach every sample's output (affine weights
+    are all nonzero) and which load_memories refuses in files: refused on the way in, as on the way back."""
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a real floating-point tensor, got {t.dtype}")
+    if not t.is_meta and not bool(torch.isfinite(t).all()):  # (a meta tensor has no values to check)
         raise ValueError(f"{name} holds NaN or inf values; a memory stores finite adapters and keys only")
 
 

@@ -413,3 +413,37 @@ def test_a_graph_capture_never_contains_the_key_norm_kernels_first_launch(monkey
     assert calls == [keys.shape, keys.shape]
     mm._fused_normalize_columns(torch.randn(6, D))  # another signature: not warm, F.normalize
     assert len(calls) == 2
+
+
+@pytest.mark.parametrize("key_norm", ["per_feature", "unit"])
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_a_float16_memory_with_empty_slots_gets_finite_key_gradients(key_norm, backend):
+    # The op's gradient of an empty slot's zero key is g / 1e-12: inf in float16. The empty slots
+    # were masked by a product, and inf * 0 gave NaN, which the per-feature norm spread to every key.
+    layer = make_layer(dtype=torch.float16, capacity=4, key_norm=key_norm)
+    layer.memory.append(*(t.half() for t in random_adapters(2)))
+    x = tokens(dtype=torch.float16)
+    with mira_kernels.use_backend(backend):
+        layer(x).float().square().mean().backward()
+    grad = layer.memory.keys.grad
+    assert torch.isfinite(grad).all()
+    assert grad[:2].abs().sum() > 0 and not grad[2:].any()  # stored keys learn; empty slots get exact zeros
+
+
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.int64, torch.bool])
+def test_append_refuses_tensors_that_are_not_real_floats_and_keys_without_a_direction(dtype):
+    # A complex bank was cast to its real part with only a warning, so a NaN real part got past the
+    # finiteness check; integer and bool tensors were taken as numbers.
+    layer = make_layer(capacity=4)
+    bank_a, bank_b, keys = random_adapters(2)
+    layer.memory.append(bank_a, bank_b, keys)
+    before = {k: v.clone() for k, v in layer.memory.state_dict().items()}
+    for args, name in (((bank_a.to(dtype), bank_b, keys), "bank_a"), ((bank_a, bank_b.to(dtype), keys), "bank_b"),
+                       ((bank_a, bank_b, keys.to(dtype)), "keys")):
+        with pytest.raises(TypeError, match=f"{name} must be a real floating-point tensor, got {dtype}"):
+            layer.memory.append(*args)
+    zero = keys.clone()
+    zero[1] = 0
+    with pytest.raises(ValueError, match=r"keys \[1\] are all zeros; a key needs a direction"):
+        layer.memory.append(bank_a, bank_b, zero)
+    assert all(torch.equal(v, before[k]) for k, v in layer.memory.state_dict().items())
