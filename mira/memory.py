@@ -690,6 +690,7 @@ class AdapterMemory(nn.Module):
         if broken:
             misfits.append(f"{broken} hold NaN or inf values (did training diverge?); a memory stores finite "
                            "adapters and keys only")
+        misfits += self._slot_layout_misfits(state_dict, prefix, n)
         bank_dtype = self._bank_dtype_for(self.keys.dtype)
         for name in ("bank_a", "bank_b"):
             t = state_dict.get(prefix + name)
@@ -699,6 +700,25 @@ class AdapterMemory(nn.Module):
                     misfits.append(f"{prefix}{name} holds entries beyond {bank_dtype}'s range "
                                    f"(|x| <= {torch.finfo(bank_dtype).max:g}), this memory's bank_dtype")
         return misfits
+
+    def _slot_layout_misfits(self, state_dict, prefix: str, n: int) -> list[str]:
+        """A fixed capacity's invariant, which append, remove and num_slots rely on: the stored
+        adapters fill slots 0..num_slots-1, and empty slots hold zero keys and adapters (a mask with
+        holes let append overwrite a stored adapter; values in empty slots moved non-affine outputs)."""
+        active = state_dict.get(prefix + "active")
+        if self.active is None or not isinstance(active, torch.Tensor) or tuple(active.shape) != (n,):
+            return []  # a growing memory, or a misfit already reported
+        if active.dtype != torch.bool:
+            return [f"{prefix}active has dtype {active.dtype}; it is a bool mask of the used slots"]
+        count = int(active.sum())
+        if not bool(active[:count].all()):
+            return [f"{prefix}active is {active.int().tolist()}; the used slots must come first (0..num_slots-1)"]
+        unused = [prefix + name for name in ("keys", "bank_a", "bank_b")
+                  if isinstance(t := state_dict.get(prefix + name, getattr(self, name)), torch.Tensor)
+                  and t.shape[:1] == (n,) and bool(t[count:].any())]
+        if unused:
+            return [f"{unused} hold nonzero values in the empty slots {count}..{n - 1}; empty slots hold zeros"]
+        return []
 
     def _query_state_pre_hook(self, module, state_dict, prefix, *args) -> None:
         # After the memory refused its state dict: load the query module's entries as no-ops

@@ -447,3 +447,24 @@ def test_append_refuses_tensors_that_are_not_real_floats_and_keys_without_a_dire
     with pytest.raises(ValueError, match=r"keys \[1\] are all zeros; a key needs a direction"):
         layer.memory.append(bank_a, bank_b, zero)
     assert all(torch.equal(v, before[k]) for k, v in layer.memory.state_dict().items())
+
+
+def test_load_state_dict_refuses_a_slot_layout_a_fixed_capacity_cannot_hold():
+    # A mask with holes loaded: num_slots counted 2 of [T, F, T, F], and the next append wrote over
+    # the adapter in slot 2. Values in slots marked empty loaded too and moved the outputs.
+    layer = make_layer(capacity=4, separation="relu")
+    layer.memory.append(*random_adapters(2))
+    good = {k: v.clone() for k, v in layer.memory.state_dict().items()}
+    holes = {**good, "active": torch.tensor([True, False, True, False]), "keys": good["keys"][[0, 2, 1, 3]],
+             "bank_a": good["bank_a"][[0, 2, 1, 3]], "bank_b": good["bank_b"][[0, 2, 1, 3]]}
+    stray = {**good, "bank_b": good["bank_b"].clone().index_fill_(0, torch.tensor([3]), 0.5)}
+    as_ints = {**good, "active": good["active"].int()}
+    for state, cause in ((holes, r"active is \[1, 0, 1, 0\]; the used slots must come first"),
+                         (stray, r"\['bank_b'\] hold nonzero values in the empty slots 2..3"),
+                         (as_ints, "active has dtype torch.int32; it is a bool mask")):
+        with pytest.raises(RuntimeError, match=cause):
+            layer.memory.load_state_dict(state)
+        assert all(torch.equal(v, good[k]) for k, v in layer.memory.state_dict().items())
+    layer.memory.load_state_dict({**good, "active": torch.tensor([True, True, True, False]),
+                                  "keys": good["keys"].index_fill(0, torch.tensor([2]), 1.0)})
+    assert layer.memory.num_slots == 3
