@@ -331,10 +331,13 @@ def _install(model: nn.Module, chosen: list[tuple[str, nn.Module]], config: Mira
     for (_, block), (mem_config, offsets, names) in zip(chosen, memory_configs):
         qkv = block.attn.qkv
         owner = _memory_owner(block)
-        # The new modules in the mode of what they join (a block in eval inside a training model stays so).
-        memory = AdapterMemory(mem_config, device=qkv.weight.device, dtype=qkv.weight.dtype).train(owner.training)
-        setattr(owner, MEMORY_ATTR, memory)
-        block.attn.qkv = MiraProjection(qkv, memory, offsets, slice_names=names).train(qkv.training)
+        # Ordinary parameters even when attach runs under torch.inference_mode: inference tensors
+        # cannot be made trainable or written outside it (set_stage, write_adapters would fail).
+        with torch.inference_mode(False):
+            # The new modules in the mode of what they join (a block in eval inside a training model stays so).
+            memory = AdapterMemory(mem_config, device=qkv.weight.device, dtype=qkv.weight.dtype).train(owner.training)
+            setattr(owner, MEMORY_ATTR, memory)
+            block.attn.qkv = MiraProjection(qkv, memory, offsets, slice_names=names).train(qkv.training)
     _probe(model, chosen, example_input, "model with MIRA installed")
 
 
@@ -568,16 +571,22 @@ def write_adapters(
         per_block = list(keys)
         if len(per_block) != len(projs):
             raise ValueError(f"got {len(per_block)} keys for {len(projs)} memories")
-    # Check every block's key (and room) before any memory changes, so a failure changes nothing.
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"write_adapters: generator must be a torch.Generator or None, got {type(generator).__name__}")
+    # Check every block's key (and room) and draw the fresh LoRAs before any memory changes, so a
+    # failure (a generator on another device, say) changes nothing. The draws keep their order: the
+    # keys, then each block's LoRA A.
     with _restored_on_error(generator):
         prepared = [proj.memory._prepare_append(proj.lora_a, proj.lora_b, key, generator=generator, names=task)
                     for proj, key in zip(projs, per_block)]
+        fresh = [proj._fresh_lora_a(generator) for proj in projs] if reset else [None] * len(projs)
     slots = []
     for proj, values in zip(projs, prepared):
         (slot,) = proj.memory._commit_append(*values)
         slots.append(slot)
-        if reset:
-            proj.reset_lora(generator)
+    for proj, lora_a in zip(projs, fresh):
+        if lora_a is not None:
+            proj._set_lora(lora_a)
     return slots
 
 

@@ -161,8 +161,22 @@ class MiraProjection(nn.Module):
     @torch.no_grad()
     def reset_lora(self, generator: torch.Generator | None = None) -> None:
         """Fresh adapter: A kaiming-uniform (as ``nn.Linear`` initialises weights), B zero."""
-        for a in self.lora_a:
-            nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
+        self._set_lora(self._fresh_lora_a(generator))
+
+    def _fresh_lora_a(self, generator: torch.Generator | None) -> torch.Tensor:
+        """The A that :meth:`reset_lora` sets (the same draws), drawn without changing anything."""
+        if self.lora_a.is_inference() and not torch.is_inference_mode_enabled():
+            raise RuntimeError(f"the LoRA of {self.base_layer} was made under torch.inference_mode and cannot be "
+                               "reset outside it (attach the model outside inference mode)")
+        with torch.no_grad():
+            fresh = torch.empty_like(self.lora_a)
+            for a in fresh:
+                nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
+        return fresh
+
+    @torch.no_grad()
+    def _set_lora(self, lora_a: torch.Tensor) -> None:
+        self.lora_a.copy_(lora_a)
         self.lora_b.zero_()
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,

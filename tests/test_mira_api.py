@@ -136,3 +136,44 @@ def test_a_step_with_stale_optimizer_state_after_growth_raises_and_names_the_cur
     adafactor = torch.optim.Adafactor(params, lr=1e-2)
     model(images()).sum().backward()
     adafactor.step()
+
+
+def test_a_model_attached_under_inference_mode_trains_and_writes_adapters_outside_it():
+    # attach under torch.inference_mode made the LoRAs inference tensors: write_adapters then
+    # appended to the first memory and failed resetting its LoRA (a failed call that changed the
+    # model), and set_stage could not make them trainable.
+    model = tiny_vit()
+    with torch.inference_mode():
+        mira.attach(model)
+    projections = mira.projections(model)
+    assert not any(t.is_inference() for p in projections for t in (p.lora_a, p.lora_b, p.memory.keys))
+    assert mira.write_adapters(model) == [0, 0]
+    mira.set_stage(model, "consolidation")
+    model(images()).sum().backward()
+    assert all(m.keys.grad is not None for m in mira.memories(model))
+
+
+def test_write_adapters_draws_the_fresh_loras_before_it_stores_anything():
+    model = mira.attach(tiny_vit())
+    g = torch.Generator().manual_seed(0)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(TypeError, match="generator must be a torch.Generator or None, got int"):
+        mira.write_adapters(model, generator=5)
+    # A LoRA that cannot be reset (an inference tensor outside inference mode) fails before any append.
+    with torch.inference_mode():
+        frozen = torch.zeros_like(mira.projections(model)[1].lora_a)
+    mira.projections(model)[1].lora_a.data = frozen
+    with pytest.raises(RuntimeError, match="made under torch.inference_mode and cannot be reset outside it"):
+        mira.write_adapters(model, generator=g)
+    assert [m.num_slots for m in mira.memories(model)] == [0, 0]
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items() if "1.attn.qkv.lora_a" not in k)
+    # The draws are reset_lora's: keys first, then each block's A, in block order.
+    mira.projections(model)[1].lora_a.data = state["blocks.1.attn.qkv.lora_a"].clone()
+    mira.write_adapters(model, generator=torch.Generator().manual_seed(1))
+    replay = mira.attach(tiny_vit())
+    g = torch.Generator().manual_seed(1)
+    for m in mira.memories(replay):
+        m._new_keys(None, 1, g)
+    for p in mira.projections(replay):
+        p.reset_lora(g)
+    assert all(torch.equal(a.lora_a, b.lora_a) for a, b in zip(mira.projections(model), mira.projections(replay)))
