@@ -387,15 +387,31 @@ class AdapterMemory(nn.Module):
         # model.to(dtype) / .half() / .float() cast every floating tensor; a memory with a chosen
         # bank_dtype keeps its banks in it (moving devices as asked): with 16-bit banks a model-wide
         # cast would otherwise double the bank bytes (.float()) or round them again (.half() of bf16).
+        # Trainable banks are parameters: the same rule, keeping the Parameter objects (an optimiser
+        # holds them) and their gradients, as nn.Module moves parameters.
         if self.config.bank_dtype is None:
             return super()._apply(fn, recurse)
-        banks = {name: self._buffers.pop(name) for name in ("bank_a", "bank_b") if name in self._buffers}
+        orders = {"buffer": list(self._buffers), "parameter": list(self._parameters)}
+        banks = {(name, kind): table.pop(name) for kind, table in (("buffer", self._buffers),
+                                                                   ("parameter", self._parameters))
+                 for name in ("bank_a", "bank_b") if name in table}
         try:
             out = super()._apply(fn, recurse)
         finally:
             device = self._parameters["keys"].device
-            for name, bank in banks.items():
-                self._buffers[name] = bank if bank is None else bank.to(device=device)
+            for (name, kind), bank in banks.items():
+                if kind == "buffer":
+                    self._buffers[name] = bank if bank is None else bank.to(device=device)
+                    continue
+                with torch.no_grad():
+                    bank.data = bank.data.to(device=device)
+                    if bank.grad is not None:
+                        bank.grad = bank.grad.to(device=device)
+                self._parameters[name] = bank
+            # In their places again: state_dict and named_parameters keep their order.
+            for kind, table in (("buffer", self._buffers), ("parameter", self._parameters)):
+                entries = {name: table.pop(name) for name in orders[kind] if name in table}
+                table.update(entries)
         self._retrieval_cache = None
         return out
 

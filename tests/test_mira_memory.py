@@ -468,3 +468,18 @@ def test_load_state_dict_refuses_a_slot_layout_a_fixed_capacity_cannot_hold():
     layer.memory.load_state_dict({**good, "active": torch.tensor([True, True, True, False]),
                                   "keys": good["keys"].index_fill(0, torch.tensor([2]), 1.0)})
     assert layer.memory.num_slots == 3
+
+
+@pytest.mark.parametrize("capacity", [None, 3])
+def test_a_trainable_bank_keeps_its_bank_dtype_through_a_model_wide_cast(capacity):
+    # bank_dtype was kept for frozen banks (buffers) only: .half() made trainable banks float16
+    # parameters (the pairing MiraConfig refuses), and a growing memory's next append made them float32 again.
+    layer = make_layer(capacity=capacity, trainable_bank=True, bank_dtype="float32")
+    layer.memory.append(*random_adapters(2))
+    bank = layer.memory.bank_a
+    order = [name for name, _ in layer.memory.named_parameters()], list(layer.memory.state_dict())
+    layer.memory.half()  # (the block owns the memory: a model-wide cast reaches it as this does)
+    assert layer.memory.bank_a is bank and bank.dtype == torch.float32 and layer.memory.keys.dtype == torch.float16
+    assert ([name for name, _ in layer.memory.named_parameters()], list(layer.memory.state_dict())) == order
+    layer.memory.append(*(t.half() for t in random_adapters(1)))
+    assert layer.memory.bank_a.dtype == layer.memory.bank_b.dtype == torch.float32
