@@ -567,7 +567,12 @@ def write_adapters(
         raise RuntimeError("write_adapters: the model has no MIRA layers (call mira.attach first)")
     if keys is None or isinstance(keys, torch.Tensor):
         per_block = [keys] * len(projs)
+    elif isinstance(keys, torch.Generator):
+        raise TypeError("write_adapters: keys got a torch.Generator; pass it as generator=")
     else:
+        if not isinstance(keys, Sequence):
+            raise TypeError(f"write_adapters: keys must be None, a Tensor or a sequence of one per memory, got "
+                            f"{type(keys).__name__}")
         per_block = list(keys)
         if len(per_block) != len(projs):
             raise ValueError(f"got {len(per_block)} keys for {len(projs)} memories")
@@ -610,6 +615,8 @@ def association_matrices(model: nn.Module, inputs: torch.Tensor) -> dict[str, to
         {memory name: (B, num_slots) weights}, the weights the consolidation / inference forward
         uses (computed in any stage, from each block's actual attention input).
     """
+    if not projections(model):
+        raise RuntimeError("association_matrices: the model has no MIRA layers (call mira.attach first)")
     names = {id(m): n for n, m in named_memories(model)}
     results: dict[str, torch.Tensor] = {}
     handles = []

@@ -160,6 +160,9 @@ class AdapterMemory(nn.Module):
         """``n`` checked slot names from None, one str (every slot) or a sequence of n (str or None)."""
         if names is None or isinstance(names, str):
             names = [names] * n
+        if not isinstance(names, (list, tuple)):  # (bytes would become a list of ints)
+            raise TypeError(f"slot names (task) must be None, a str or a list of them, got {type(names).__name__} "
+                            f"{names!r}")
         names = list(names)
         if len(names) != n:
             raise ValueError(f"got {len(names)} slot names for {n} adapters")
@@ -589,7 +592,12 @@ class AdapterMemory(nn.Module):
             if indices.numel() != n:
                 raise ValueError(f"a boolean slot mask needs one entry per stored adapter ({n}), got {indices.numel()}")
             return indices.nonzero().flatten().tolist()
-        if isinstance(indices, (int, str)) or isinstance(indices, torch.Tensor) and indices.dim() == 0:
+        if isinstance(indices, torch.Tensor) and indices.dtype == torch.uint8:
+            # A byte tensor is the legacy mask of old PyTorch indexing; read as indices it names slots 0 and 1.
+            raise TypeError("slots are given by int index, by name or by a 1-D bool tensor mask, got a uint8 tensor "
+                            "(for a mask, use .bool())")
+        if (isinstance(indices, str) or isinstance(indices, torch.Tensor) and indices.dim() == 0
+                or not isinstance(indices, (Iterable, torch.Tensor))):  # one slot: an int, numpy int, ...
             indices = [indices]
         found: set[int] = set()
         unknown = []

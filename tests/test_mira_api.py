@@ -177,3 +177,32 @@ def test_write_adapters_draws_the_fresh_loras_before_it_stores_anything():
     for p in mira.projections(replay):
         p.reset_lora(g)
     assert all(torch.equal(a.lora_a, b.lora_a) for a, b in zip(mira.projections(model), mira.projections(replay)))
+
+
+def test_slot_and_name_arguments_of_the_wrong_kind_are_named_and_change_nothing():
+    # Each of these raised "'int' object is not iterable" or the like, or (a byte mask) silently
+    # removed slots 0 and 1 by reading the mask's values as indices.
+    import numpy as np
+
+    model = mira.attach(tiny_vit())
+    mira.write_adapters(model, generator=torch.Generator().manual_seed(0))
+    mira.write_adapters(model, generator=torch.Generator().manual_seed(1))
+    memory = mira.memories(model)[0]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    calls = [
+        (lambda: memory.remove(torch.tensor([1, 0], dtype=torch.uint8)), TypeError, "got a uint8 tensor"),
+        (lambda: memory.remove(1.0), TypeError, "by int index or by name, got 1.0"),
+        (lambda: mira.write_adapters(model, task=5), TypeError, "slot names .task. must be None, a str or a list"),
+        (lambda: mira.write_adapters(model, task=b"x"), TypeError, "got bytes"),
+        (lambda: memory.append(*memory.stored_adapters, names=5), TypeError, "got int 5"),
+        (lambda: mira.write_adapters(model, torch.Generator()), TypeError, "keys got a torch.Generator; pass it as"),
+        (lambda: mira.write_adapters(model, 5), TypeError, "keys must be None, a Tensor or a sequence"),
+    ]
+    for call, error, message in calls:
+        with pytest.raises(error, match=message):
+            call()
+        assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    memory.remove(np.int64(1))  # a numpy index (an argmax, say) names one slot
+    assert memory.num_slots == 1
+    with pytest.raises(RuntimeError, match="no MIRA layers"):
+        mira.association_matrices(tiny_vit(), images())
