@@ -500,6 +500,10 @@ class AdapterMemory(nn.Module):
 
         Returns:
             The slot indices of the new adapters.
+
+        Refused, with the memory unchanged: tensors that are not real floating point, NaN or inf
+        entries, entries a 16-bit ``bank_dtype`` cannot hold, and all-zero keys (no direction to
+        retrieve by; the op's gradient of a zero key is g / eps).
         """
         return self._commit_append(*self._prepare_append(bank_a, bank_b, keys, generator=generator, names=names))
 
