@@ -145,16 +145,51 @@ def check_scale(scale) -> None:
         raise ValueError(f"scale must be a finite number, got {scale!r}")
 
 
+def _is_offsets_sequence(slice_offsets) -> bool:
+    # Ordered and re-readable: a list, tuple, range, or a 1-D tensor or numpy array. Not a set or dict
+    # (hash order; a dict's keys), nor an iterator (which the first look would consume).
+    return isinstance(slice_offsets, Sequence) or (
+        getattr(slice_offsets, "ndim", None) == 1 and hasattr(slice_offsets, "__len__")
+    )
+
+
+def _is_bool(offset) -> bool:
+    # operator.index takes a bool (True is 1) and a 0-d bool tensor: a flag where an offset belongs is a
+    # mistake, not column 1. numpy's bools (scalars, 0-d arrays) by their dtype's kind: no numpy import.
+    # Ints first: they are the common case, and Dynamo cannot trace getattr with a default on them.
+    if isinstance(offset, (int, torch.SymInt)):
+        return isinstance(offset, bool)
+    if isinstance(offset, torch.Tensor):
+        return offset.dtype == torch.bool
+    return getattr(getattr(offset, "dtype", None), "kind", None) == "b"
+
+
+def _as_offset(offset) -> int:
+    # operator.index refuses floats (numpy's too) and float tensors, but takes a 1-element integer tensor of
+    # any rank (a 2-D tensor's rows): a tensor must be 0-d, as a number is.
+    if isinstance(offset, torch.Tensor) and offset.dim() != 0:
+        raise TypeError(f"a {offset.dim()}-D tensor")
+    return operator.index(offset)
+
+
 def as_offsets(slice_offsets: Sequence[int]) -> list[int]:
-    """Slice offsets as a list of Python ints (numpy and tensor scalars accepted); TypeError otherwise."""
+    """Slice offsets as a list of Python ints; a TypeError naming slice_offsets otherwise.
+
+    Takes a sequence (a list, tuple, range, 1-D tensor or numpy array) of ints, numpy ints, or 0-d
+    integer tensors or arrays. Refuses floats of every kind (torch's int[] parser truncates numpy
+    float32 scalars and float tensors, 15.9 -> 15), bools of every kind, tensors that are not 0-d, and
+    sets, dicts and iterators. The eager path hands every form but a list or tuple of Python ints to
+    this function, so every path accepts exactly these (contract section 6).
+    """
+    if not _is_offsets_sequence(slice_offsets):
+        raise TypeError(f"slice_offsets must be a sequence of ints (a list, tuple, range, or 1-D integer tensor "
+                        f"or array), got {type(slice_offsets).__name__} {slice_offsets!r}")
+    if any(_is_bool(o) for o in slice_offsets):
+        raise TypeError(f"slice_offsets must be a sequence of ints, got bools in {slice_offsets!r}")
     try:
-        offsets = [operator.index(o) for o in slice_offsets]
+        return [_as_offset(o) for o in slice_offsets]
     except TypeError:
         raise TypeError(f"slice_offsets must be a sequence of ints, got {slice_offsets!r}") from None
-    # operator.index takes a bool (True is 1): a flag where an offset belongs is a mistake, not column 1.
-    if any(isinstance(o, bool) for o in slice_offsets):
-        raise TypeError(f"slice_offsets must be a sequence of ints, got bools in {slice_offsets!r}")
-    return offsets
 
 
 def check_slice_offsets(slice_offsets: Sequence[int], d_s: int, d_out: int) -> tuple[int, ...]:
@@ -253,8 +288,10 @@ def _byte_span(t: torch.Tensor) -> tuple[int, int]:
 
 
 def _has_memory(t: torch.Tensor) -> bool:
-    # Traced calls (FakeTensor) and meta tensors have no addresses: the op kernel checks the real call.
-    return t.device.type != "meta" and not torch._subclasses.fake_tensor.is_fake(t)
+    # Traced calls (FakeTensor), meta tensors and functorch's wrappers (torch.vmap's BatchedTensor,
+    # torch.func.grad's) have no addresses of their own: the op kernel checks the real call.
+    return (t.device.type != "meta" and not torch._subclasses.fake_tensor.is_fake(t)
+            and not torch._C._functorch.is_functorch_wrapped_tensor(t))
 
 
 def check_out_overlap(out: torch.Tensor, **inputs: torch.Tensor) -> None:
@@ -301,7 +338,7 @@ def check_finite(**tensors: torch.Tensor | None) -> None:
     on the data would break the graph, and fullgraph=True refuse it."""
     compiling = torch.compiler.is_compiling()
     for name, t in tensors.items():
-        if t is None or not t.is_floating_point():
+        if t is None or not t.is_floating_point() or t.device.type == "meta":  # meta tensors hold no values
             continue
         message = f"{name} contains inf or NaN (MIRA_CHECK_FINITE is on)"
         if compiling:

@@ -13,7 +13,8 @@ public functions resolve that name *before* entering the op, so it is read at ca
 and at trace time under ``torch.compile``:
 
 1. the innermost :func:`use_backend` block, else the ``MIRA_BACKEND`` environment variable;
-   a forced backend that cannot run on the tensors' device raises ``RuntimeError``;
+   a forced backend that cannot run on the tensors' device raises ``RuntimeError``, except on
+   meta tensors, which run the fake kernels whatever is forced (the name is ``reference``);
 2. otherwise the default for the device and x's dtype: CPU -> ``cpu`` if built, else
    ``reference``; CUDA -> ``triton``, else ``cuda``, else ``reference``, except float32 x, which
    tries ``cuda`` first (see :data:`_CUDA_FLOAT32_ORDER`). Falling back to ``reference`` because
@@ -218,6 +219,10 @@ def resolve_backend(device: torch.device | str, dtype: torch.dtype | None = None
             raise ValueError(
                 f"unknown MIRA backend {forced!r} (from use_backend or MIRA_BACKEND); expected one of {BACKENDS}"
             )
+        # Meta tensors run the ops' fake kernels (shape inference), not a backend: what is forced for
+        # the real tensors of the same code ("cpu" refused them, as it cannot run on meta) does not matter.
+        if device_type == "meta":
+            return "reference"
         reason = _reason(forced, device)
         if reason is not None:
             raise RuntimeError(

@@ -27,17 +27,24 @@ __all__ = ["mira_linear", "mira_adapter_", "retrieval_weights"]
 
 
 def _autocast_inputs(x, weight, bias, memory):
-    """Under torch.autocast: x/weight/bias to the autocast dtype, the memory side to float32.
+    """Under torch.autocast, the casts PyTorch's autocast makes: x/weight/bias to the autocast dtype,
+    the memory side to float32 (for a 16-bit autocast dtype).
 
-    Returns the cast tensors (unchanged when autocast is off for x's device).
+    Only what ATen's autocast would cast (autocast_mode.h, ``is_eligible``): floating tensors other
+    than float64. A float64 call stays float64, as ``F.linear``'s does, and a tensor that is not
+    floating reaches the checks as it is, which refuse it as they do without autocast. Returns the
+    tensors (unchanged when autocast is off for x's device, or does not know it: meta tensors).
     """
     device_type = x.device.type
-    if not torch.is_autocast_enabled(device_type):
+    # is_autocast_enabled raises for a device type autocast has no key for (meta), whose ops it never casts.
+    if not (torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)):
         return x, weight, bias, memory
     dtype = torch.get_autocast_dtype(device_type)
 
     def cast(t, to):
-        return t if t is None or t.dtype == to else t.to(to)
+        if t is None or t.dtype in (to, torch.float64) or not t.is_floating_point():
+            return t
+        return t.to(to)
 
     memory_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
     return cast(x, dtype), cast(weight, dtype), cast(bias, dtype), [cast(t, memory_dtype) for t in memory]
@@ -168,11 +175,26 @@ def _eager_backend(x: torch.Tensor) -> str | None:
     return backends.resolve_backend(x.device, x.dtype)
 
 
-# The op's argument parser takes lists and tuples of ints (numpy ints too) and rejects any other
-# sequence, so only those (a tensor, a range) go through the Python conversion on the eager path:
-# a ~14 us call with cold caches. It also takes a bool as an int (True as column 1): lists holding
-# one go through the conversion as well, which refuses them.
+# The op's argument parser takes lists and tuples and rejects any other sequence. It also reads a
+# bool as 0 / 1 and truncates numpy float32 scalars and float tensors (15.9 -> 15), which
+# _validation.as_offsets refuses, as the checked paths do: so only a list or tuple of Python ints
+# (type() is int, not bool) goes straight to the op on the eager path, and every other form (numpy
+# ints, tensors, a range) through that conversion, a ~14 us call with cold caches. The test is a loop
+# written in place: ~120 ns for two offsets (warm), where `bool in map(type, ...)` cost ~190 ns and
+# all() over a generator expression ~280 ns (its frame).
 _PARSED_SEQUENCES = (list, tuple)
+
+
+def _recheck(check, *args) -> None:
+    """Runs the Python checks on a call the op rejected: their documented TypeError or ValueError goes
+    to the caller. Any other exception means they could not judge these arguments (a functorch
+    BatchedTensor has no data pointer to compare), and the caller re-raises the op's own error."""
+    try:
+        check(*args)
+    except (TypeError, ValueError):
+        raise
+    except Exception:  # noqa: BLE001 - the op's error says more than a check that could not run
+        pass
 
 
 def _check_scalars(scale, eps) -> None:
@@ -248,17 +270,22 @@ def mira_linear(
     if backend is not None:
         try:
             _check_frozen(weight, bias)
-            if type(slice_offsets) not in _PARSED_SEQUENCES or bool in map(type, slice_offsets):
+            if type(slice_offsets) not in _PARSED_SEQUENCES:
                 slice_offsets = _validation.as_offsets(slice_offsets)
+            else:
+                for offset in slice_offsets:  # a loop in place: no generator frame (see _PARSED_SEQUENCES)
+                    if type(offset) is not int:
+                        slice_offsets = _validation.as_offsets(slice_offsets)
+                        break
             return torch.ops.mira.mira_linear(
                 x, weight, bias, query, keys, bank_a, bank_b, slice_offsets, separation, float(scale), float(eps),
                 backend,
             )
         except Exception as e:  # noqa: BLE001 - re-raised below unless an argument is at fault
             error = e
-        _validation.check_mira_linear(
-            x, weight, bias, query, keys, bank_a, bank_b, _validation.as_offsets(slice_offsets), separation, scale,
-            eps,
+        _recheck(
+            _validation.check_mira_linear, x, weight, bias, query, keys, bank_a, bank_b,
+            _validation.as_offsets(slice_offsets), separation, scale, eps,
         )
         raise error
 
@@ -304,16 +331,22 @@ def mira_adapter_(
     if backend is not None:
         try:
             _check_inference_only(out, x, query, keys, bank_a, bank_b)
-            if type(slice_offsets) not in _PARSED_SEQUENCES or bool in map(type, slice_offsets):
+            if type(slice_offsets) not in _PARSED_SEQUENCES:
                 slice_offsets = _validation.as_offsets(slice_offsets)
+            else:
+                for offset in slice_offsets:  # a loop in place: no generator frame (see _PARSED_SEQUENCES)
+                    if type(offset) is not int:
+                        slice_offsets = _validation.as_offsets(slice_offsets)
+                        break
             torch.ops.mira.mira_adapter_(
                 out, x, query, keys, bank_a, bank_b, slice_offsets, separation, float(scale), float(eps), backend
             )
             return out
         except Exception as e:  # noqa: BLE001 - re-raised below unless an argument is at fault
             error = e
-        _validation.check_mira_adapter(
-            out, x, query, keys, bank_a, bank_b, _validation.as_offsets(slice_offsets), separation, scale, eps
+        _recheck(
+            _validation.check_mira_adapter, out, x, query, keys, bank_a, bank_b,
+            _validation.as_offsets(slice_offsets), separation, scale, eps,
         )
         raise error
 
@@ -414,8 +447,15 @@ def retrieval_weights(
     if query.device != keys.device:
         raise ValueError(f"query is on {query.device} but keys are on {keys.device}")
     for name, t in (("query", query), ("keys", keys)):
-        if not t.is_floating_point():
-            raise TypeError(f"{name} must be a floating tensor, got {t.dtype}")
+        # The dtypes the ops take (float8 is floating, but failed deep inside PyTorch).
+        if t.dtype not in _validation._FLOATS:
+            raise TypeError(f"{name} must be a floating tensor (float32, float64, float16 or bfloat16), got {t.dtype}")
     _validation.check_separation(separation)
     _validation.check_eps(eps)
+    device_type = query.device.type
+    # The weights the op uses, which runs its memory side with autocast off (float32 for 16-bit inputs):
+    # under autocast the cosines were bfloat16, 0.4 off near the affine guard. Meta: no autocast key.
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        with torch.autocast(device_type, enabled=False):
+            return reference.retrieval_weights(query, keys, separation=separation, eps=float(eps))
     return reference.retrieval_weights(query, keys, separation=separation, eps=float(eps))

@@ -364,6 +364,131 @@ def test_association_matrix_agrees_with_the_op_for_a_huge_query(dtype):
 
 
 # ----------------------------------------------------------------------------------------------
+# Silently wrong: torch.autocast reached retrieval_weights (16-bit cosines) and float64 op inputs.
+# ----------------------------------------------------------------------------------------------
+
+def _near_guard_query_and_keys(d=64, n_slots=4):
+    # Sample 0's cosines sum to 0.02, near the affine guard, where w = s / sum(s) amplifies every
+    # rounding error of the scores: the last key cancels the others' cosines.
+    g = torch.Generator().manual_seed(0)
+    query, keys = torch.randn(2, d, generator=g), torch.randn(n_slots, d, generator=g)
+    unit_q = query[0] / query[0].norm()
+    others = (torch.nn.functional.normalize(keys[:-1], dim=-1) @ unit_q).sum()
+    ortho = torch.randn(d, generator=g)
+    ortho = ortho - (ortho @ unit_q) * unit_q
+    target = -(others - 0.02)
+    keys[-1] = target * unit_q + (1 - target**2).clamp_min(0).sqrt() * ortho / ortho.norm()
+    return query, keys
+
+
+@pytest.mark.parametrize("autocast_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_retrieval_weights_under_autocast_are_the_weights_the_op_uses(dtype, autocast_dtype):
+    # The op runs its memory side in float32 with autocast off (contract section 4), and
+    # get_association_matrix promises its weights: under autocast they were computed in bfloat16,
+    # 0.42 off near the guard (of weights up to 12.8).
+    query, keys = _near_guard_query_and_keys()
+    query, keys = query.to(dtype), keys.to(dtype)
+    want = mk.retrieval_weights(query, keys)
+    with torch.autocast("cpu", dtype=autocast_dtype):
+        got = mk.retrieval_weights(query, keys)
+    assert got.dtype == torch.float32
+    assert torch.equal(got, want)
+    exact = mk.reference.retrieval_weights(query.double(), keys.double())
+    assert (got.double() - exact).abs().max() < 1e-4 * exact.abs().max()
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_autocast_leaves_float64_calls_alone(backend):
+    # As PyTorch's autocast does (F.linear of float64 stays float64): the float64 call was cast down to
+    # bfloat16 (x, weight, bias) and float32 (the memory), and returned bfloat16 0.08 off.
+    inp = _inputs(torch.float64)
+    with mk.use_backend(backend):
+        want = mk.mira_linear(*inp.linear_args(), slice_offsets=inp.slice_offsets)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = mk.mira_linear(*inp.linear_args(), slice_offsets=inp.slice_offsets)
+            weights = mk.retrieval_weights(inp.query, inp.keys)
+    assert got.dtype == torch.float64 and torch.equal(got, want)
+    assert weights.dtype == torch.float64
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_autocast_casts_the_other_floating_inputs_as_pytorch_does(backend):
+    # Every floating dtype but float64 goes to the autocast dtype (ATen: float16 under bfloat16 autocast
+    # becomes bfloat16), the memory side to float32; a tensor that is not floating is not cast, so
+    # the checks refuse it as they do without autocast.
+    inp = _inputs(torch.float16)
+    cast = inp.to(torch.bfloat16, torch.float32)
+    with mk.use_backend(backend):
+        want = mk.mira_linear(*cast.linear_args(), slice_offsets=inp.slice_offsets)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = mk.mira_linear(*inp.linear_args(), slice_offsets=inp.slice_offsets)
+            assert got.dtype == torch.bfloat16 and torch.equal(got, want)
+            inp.x = inp.x.to(torch.int32)
+            with pytest.raises(TypeError, match="x must be float32, float64, float16 or bfloat16, got torch.int32"):
+                mk.mira_linear(*inp.linear_args(), slice_offsets=inp.slice_offsets)
+
+
+def test_meta_tensors_under_autocast_and_the_finiteness_check():
+    # Both take the Python path, which asked torch.is_autocast_enabled("meta"): "unknown device type for
+    # autocast"; meta tensors have no data to scan for inf / NaN.
+    inp = _inputs(torch.float32)
+    args = _meta(inp)
+    for ctx in (torch.autocast("cpu", dtype=torch.bfloat16), mk.check_finite()):
+        with ctx:
+            y = mk.mira_linear(*args, slice_offsets=inp.slice_offsets)
+            assert y.device.type == "meta" and y.shape == (3, 4, 24) and y.dtype == torch.float32
+            out = torch.empty(3, 4, 24, device="meta")
+            assert mk.mira_adapter_(out, args[0], *args[3:], slice_offsets=inp.slice_offsets) is out
+            assert mk.retrieval_weights(args[3], args[4]).shape == (3, 4)
+
+
+# ----------------------------------------------------------------------------------------------
+# Unclear: a failed call's re-check must not replace the op's own error.
+# ----------------------------------------------------------------------------------------------
+
+@needs_ext
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_vmap_over_the_adapter_reports_pytorchs_error(backend):
+    # The re-check after the op's error read data_ptr() of the BatchedTensor: "Cannot access data
+    # pointer of Tensor that doesn't have storage" replaced "Batching rule not implemented".
+    inp = _adapter_inputs()
+    out = torch.zeros(1, 40, 16)
+
+    def one(o, x, q):
+        return mk.mira_adapter_(o[None], x[None], q[None], inp.keys, inp.bank_a, inp.bank_b,
+                                slice_offsets=inp.slice_offsets)
+
+    with mk.use_backend(backend), pytest.raises(RuntimeError, match="Batching rule not implemented"):
+        torch.vmap(one)(out, inp.x, inp.query)
+
+
+@needs_ext
+@pytest.mark.parametrize("fn", ["mira_linear", "mira_adapter_"])
+def test_a_recheck_that_cannot_run_leaves_the_ops_error(fn, monkeypatch):
+    from mira_kernels import _validation, backends
+
+    impl = backends.implementation("reference")
+
+    def kernel_fails(*args):
+        raise RuntimeError("the kernel failed")
+
+    def recheck_fails(*args):
+        raise RuntimeError("the re-check failed")
+
+    monkeypatch.setattr(impl, fn, kernel_fails)
+    monkeypatch.setattr(_validation, "check_mira_linear", recheck_fails)
+    monkeypatch.setattr(_validation, "check_mira_adapter", recheck_fails)
+    inp = _inputs(torch.float32)
+    with mk.use_backend("reference"), pytest.raises(RuntimeError, match="the kernel failed"):
+        if fn == "mira_linear":
+            mk.mira_linear(*inp.linear_args(), slice_offsets=inp.slice_offsets)
+        else:
+            with torch.no_grad():
+                mk.mira_adapter_(torch.zeros(3, 4, 24), *inp.adapter_args(), slice_offsets=inp.slice_offsets)
+
+
+# ----------------------------------------------------------------------------------------------
 # Double backward: unsupported, so it raises (it used to return zeros with a warning).
 # ----------------------------------------------------------------------------------------------
 

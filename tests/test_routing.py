@@ -171,3 +171,25 @@ def test_eager_shortcut_agrees_with_resolve_backend(monkeypatch):
             assert ops._eager_backend(x) == mk.resolve_backend("cpu")
     monkeypatch.setenv("MIRA_BACKEND", "reference")
     assert ops._eager_backend(x) == mk.resolve_backend("cpu") == "reference"
+
+
+@pytest.mark.parametrize("forced_by", ["use_backend", "MIRA_BACKEND"])
+@pytest.mark.parametrize("name", ["cpu", "reference", "triton", "cuda"])
+def test_a_forced_backend_does_not_stop_meta_tensors(name, forced_by, monkeypatch):
+    # Meta tensors run the ops' fake kernels (shape inference), whatever backend is forced (contract
+    # section 6); a forced "cpu" refused them: "backend 'cpu' was requested for meta tensors but cannot run".
+    inp = make_inputs(dtype=torch.float32)
+    x, weight, bias, query, keys, bank_a, bank_b = (t.to("meta") for t in inp.linear_args())
+    out = torch.empty(2, 5, 36, device="meta")
+    if forced_by == "MIRA_BACKEND":
+        monkeypatch.setenv("MIRA_BACKEND", name)
+        forced = mk.use_backend(None)
+    else:
+        forced = mk.use_backend(name)
+    with forced:
+        assert mk.resolve_backend("meta") == "reference"
+        y = mk.mira_linear(x, weight, bias, query, keys, bank_a, bank_b, slice_offsets=inp.slice_offsets)
+        assert y.device.type == "meta" and y.shape == (2, 5, 36)
+        assert mk.mira_adapter_(out, x, query, keys, bank_a, bank_b, slice_offsets=inp.slice_offsets) is out
+        with pytest.raises(ValueError, match="bank_a must have shape"):  # still checked
+            mk.mira_linear(x, weight, bias, query, keys, bank_a[:1], bank_b, slice_offsets=inp.slice_offsets)

@@ -122,6 +122,101 @@ def test_op_kernel_rejects_bad_slices(offsets, exc, msg, backend):
         call_op(base(), backend, slice_offsets=offsets)
 
 
+def _offset_forms():
+    np = pytest.importorskip("numpy")
+    # The eager path handed lists and tuples to torch's int[] parser, which truncates numpy float32
+    # scalars and float tensors (15.9 -> 15) and reads bool scalars as 0 / 1; the Python checks refused
+    # some of these, and sets (hash order) and dicts (their keys) got through both.
+    bad = {
+        "float list": lambda: [0.0, 24.0],
+        "np.float32 tuple": lambda: (np.float32(0), np.float32(23.9)),
+        "np.float64 list": lambda: [np.float64(0), np.float64(24)],
+        "0-d float tensors": lambda: [torch.tensor(0.0), torch.tensor(23.9)],
+        "0-d complex tensors": lambda: [torch.tensor(0j), torch.tensor(24 + 0j)],
+        "1-element int tensors": lambda: [torch.tensor([0]), torch.tensor([24])],
+        "1-element float tensors": lambda: [torch.tensor([0.0]), torch.tensor([24.0])],
+        "np.bool_ list": lambda: [np.bool_(True), np.bool_(False)],
+        "0-d bool tensors": lambda: [torch.tensor(True), torch.tensor(False)],
+        "0-d bool arrays": lambda: [np.array(True), np.array(False)],
+        "bool tensor": lambda: torch.tensor([True, False]),
+        "bool array": lambda: np.array([True, False]),
+        "float tensor": lambda: torch.tensor([0.0, 24.0]),
+        "float array": lambda: np.array([0.0, 24.0]),
+        "2-D tensor": lambda: torch.tensor([[0], [24]]),
+        "2-D array": lambda: np.array([[0], [24]]),
+        "set": lambda: {0, 24},
+        "dict": lambda: {0: "q", 24: "v"},
+        "generator": lambda: (o for o in (0, 24)),
+        "iterator": lambda: iter([0, 24]),
+        "str": lambda: "0,24",
+    }
+    good = {
+        "list": lambda: [0, 24],
+        "tuple": lambda: (0, 24),
+        "range": lambda: range(0, 48, 24),
+        "numpy ints": lambda: [np.int64(0), np.int32(24)],
+        "int array": lambda: np.array([0, 24]),
+        "0-d int arrays": lambda: (np.array(0), np.array(24)),
+        "int tensor": lambda: torch.tensor([0, 24]),
+        "int32 tensor": lambda: torch.tensor([0, 24], dtype=torch.int32),
+        "0-d int tensors": lambda: [torch.tensor(0), torch.tensor(24)],
+        "torch.Size": lambda: torch.Size([0, 24]),
+    }
+    return bad, good
+
+
+_BAD_OFFSETS, _GOOD_OFFSETS = _offset_forms()
+# "eager": the op's C++ checks first (Python only on failure); "reference": the same through the Python
+# router; "check_finite": the Python checks first (as under autocast and torch.compile).
+_OFFSET_PATHS = ["eager", "reference", "check_finite"]
+
+
+def _offsets_inputs():
+    # Slices of width 1: the offsets a bool or a truncated float would become ([1, 0], [0, 23]) are valid
+    # too, so only the type check can refuse them.
+    return make_inputs(B=2, T=5, d_in=12, d_out=36, N=4, S=2, r=3, d_s=1, offsets=[0, 24], dtype=torch.float32)
+
+
+def _offsets_path(path):
+    import contextlib
+
+    return {"eager": contextlib.nullcontext(), "reference": mk.use_backend("reference"),
+            "check_finite": mk.check_finite()}[path]
+
+
+@pytest.mark.parametrize("path", _OFFSET_PATHS)
+@pytest.mark.parametrize("form", list(_BAD_OFFSETS))
+def test_offsets_that_are_not_a_sequence_of_ints_are_refused_on_every_path(form, path):
+    inp = _offsets_inputs()
+    with _offsets_path(path):
+        with pytest.raises(TypeError, match="slice_offsets must be a sequence of ints"):
+            call(inp, slice_offsets=_BAD_OFFSETS[form]())
+        out = torch.zeros(2, 5, 36)
+        with pytest.raises(TypeError, match="slice_offsets must be a sequence of ints"):
+            mk.mira_adapter_(out, *inp.adapter_args(), slice_offsets=_BAD_OFFSETS[form]())
+        assert torch.equal(out, torch.zeros(2, 5, 36))
+
+
+@pytest.mark.parametrize("form", list(_BAD_OFFSETS))
+def test_python_checks_alone_refuse_offsets_that_are_not_ints(form, without_extension):
+    with pytest.raises(TypeError, match="slice_offsets must be a sequence of ints"):
+        call(_offsets_inputs(), slice_offsets=_BAD_OFFSETS[form]())
+
+
+@pytest.mark.parametrize("path", _OFFSET_PATHS)
+@pytest.mark.parametrize("form", list(_GOOD_OFFSETS))
+def test_every_integer_form_of_the_offsets_gives_the_list_of_ints_result(form, path):
+    inp = _offsets_inputs()
+    with _offsets_path(path):
+        want = call(inp, slice_offsets=[0, 24])
+        assert torch.equal(call(inp, slice_offsets=_GOOD_OFFSETS[form]()), want)
+        out = torch.zeros(2, 5, 36)
+        mk.mira_adapter_(out, *inp.adapter_args(), slice_offsets=_GOOD_OFFSETS[form]())
+        want_out = torch.zeros(2, 5, 36)
+        mk.mira_adapter_(want_out, *inp.adapter_args(), slice_offsets=[0, 24])
+        assert torch.equal(out, want_out)
+
+
 def test_slices_may_touch_and_be_unordered():
     inp = base()
     call(inp, slice_offsets=[12, 0])
@@ -297,6 +392,17 @@ def test_retrieval_weights_errors():
         mk.retrieval_weights(q.long(), k)
     with pytest.raises(ValueError, match=r"keys must have shape \(N, d_k\)"):
         mk.retrieval_weights(q, k[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+@pytest.mark.parametrize("name", ["query", "keys"])
+def test_retrieval_weights_refuse_float8_naming_the_argument_and_the_dtypes(name, dtype):
+    # Floating, but not a dtype the cosines are computed in: it failed deep in PyTorch
+    # ("max_values_cpu" not implemented for Float8_e4m3fn), where mira_linear names the rule.
+    tensors = {"query": torch.randn(2, 8), "keys": torch.randn(3, 8)}
+    tensors[name] = tensors[name].to(dtype)
+    with pytest.raises(TypeError, match=f"{name} must be a floating tensor .*float32, float64, float16 or bfloat16"):
+        mk.retrieval_weights(tensors["query"], tensors["keys"])
 
 
 def test_separation_types_scalars_and_fractions_are_judged_alike_on_every_path():
