@@ -39,6 +39,7 @@ from .integration import (
     MEMORY_ATTR,
     _check_module,
     _memory_owner,
+    _qkv_blocks,
     _restored_on_error,
     attach,
     config_of,
@@ -127,8 +128,13 @@ def _write_file(model: nn.Module, path, modules: Mapping[str, nn.Module], metada
         raise RuntimeError(f"{what}: the model has no MIRA memories (call mira.attach first)")
     path = os.fsdecode(path)  # bytes paths too (f-strings would write "b'...'")
     folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):  # safetensors' own error names its temporary file, not the path asked for
+    # safetensors' own errors name its temporary file (path.partial-<pid>), not the path asked for.
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{what}: cannot write {path}: it is a directory; give a file path, e.g. "
+                                f"{os.path.join(path, 'model.safetensors' if modules else 'memories.safetensors')}")
+    if not os.path.isdir(folder):
         raise FileNotFoundError(f"{what}: cannot write {path}: the folder {folder} does not exist")
+    meta = _checked_metadata(metadata, what)
     try:
         attach_config = json.dumps(_portable(dataclasses.asdict(config_of(model))))
     except (ValueError, RuntimeError):  # RuntimeError: memories in no timm-style attn.qkv (installed by hand)
@@ -162,14 +168,6 @@ def _write_file(model: nn.Module, path, modules: Mapping[str, nn.Module], metada
     broken = [key for key, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
     if broken:
         raise ValueError(f"{what}: {broken[:6]} hold NaN or inf values (did training diverge?); nothing was written")
-    meta = dict(metadata or {})
-    not_text = {k: v for k, v in meta.items() if not (isinstance(k, str) and isinstance(v, str))}
-    if not_text:  # safetensors' own error names neither the entry nor the call
-        raise TypeError(f"{what}: metadata keys and values must be str (safetensors stores text), got "
-                        f"{not_text!r}; e.g. metadata={{'epoch': '3'}}")
-    reserved = set(_RESERVED) & set(meta)
-    if reserved:
-        raise ValueError(f"metadata keys {sorted(reserved)} are reserved")
     meta.update(format=FORMAT, format_version=str(FORMAT_VERSION), memories=json.dumps(described))
     if attach_config is not None:
         meta["attach_config"] = attach_config
@@ -184,6 +182,27 @@ def _write_file(model: nn.Module, path, modules: Mapping[str, nn.Module], metada
     finally:
         if os.path.exists(partial):
             os.remove(partial)
+
+
+def _checked_metadata(metadata: Mapping[str, str] | None, what: str) -> dict[str, str]:
+    """The caller's metadata entries, refused by name unless safetensors can store them (checked before
+    any work: a refused save writes nothing)."""
+    meta = dict(metadata or {})
+    not_text = {k: v for k, v in meta.items() if not (isinstance(k, str) and isinstance(v, str))}
+    if not_text:  # safetensors' own error names neither the entry nor the call
+        raise TypeError(f"{what}: metadata keys and values must be str (safetensors stores text), got "
+                        f"{not_text!r}; e.g. metadata={{'epoch': '3'}}")
+    for key, value in meta.items():
+        for part, text in (("key", key), ("value", value)):
+            try:  # stored as UTF-8: a lone surrogate (a surrogateescape decode) raised a bare UnicodeEncodeError
+                text.encode("utf-8")
+            except UnicodeEncodeError as err:
+                raise ValueError(f"{what}: the metadata entry {key!r}: {value!r} is not valid UTF-8 text ({part} "
+                                 f"position {err.start}: {err.reason}); nothing was written") from None
+    reserved = set(_RESERVED) & set(meta)
+    if reserved:
+        raise ValueError(f"{what}: metadata keys {sorted(reserved)} are reserved")
+    return meta
 
 
 def _portable(config: dict) -> dict:
@@ -337,21 +356,31 @@ def load_memories(model: nn.Module, path: str | os.PathLike, *, strict: bool = T
     memory changes: a call that raises leaves the model as it was.
 
     Args:
-        strict: every memory of the model must be in the file and vice versa.
+        strict: every memory of the model must be in the file and vice versa; with False, the
+            memories both hold are loaded, and a file that shares none with the model is refused.
 
     Returns:
         The file's metadata.
     """
+    named = dict(named_memories(model))
+    if not named:  # else strict blamed the file ("missing from the file: []") and strict=False loaded nothing
+        raise RuntimeError("load_memories: the model has no MIRA memories (call mira.attach first)")
     path = os.fsdecode(path)
     meta, tensors, described = _read_memory_file(path)
-    named = dict(named_memories(model))
     owners = _projection_of(model)
-    if strict:
-        missing = sorted(set(named) - set(described))
-        unexpected = sorted(set(described) - set(named))
-        if missing or unexpected:
-            raise KeyError(f"load_memories: {path}: memories missing from the file: {missing}; in the file but not "
-                           f"in the model: {unexpected}")
+    missing = sorted(set(named) - set(described))
+    unexpected = sorted(set(described) - set(named))
+    if strict and (missing or unexpected):
+        raise KeyError(f"load_memories: {path}: memories missing from the file: {missing}; in the file but not "
+                       f"in the model: {unexpected}")
+    if not set(named) & set(described):
+        # Refused, not warned, also with strict=False: it loads the memories the file and the model share
+        # (a model attached to fewer blocks), and none shared is never that case but a mismatch of names
+        # (a file saved from a wrapped model: "0." or DDP's "module." before each name) or of models. A
+        # warning would let the model serve with memories it was never given (empty, or stale).
+        raise KeyError(f"load_memories: {path}: no memory of the file is one of the model's (file: {unexpected}; "
+                       f"model: {missing}); nothing was loaded. Memories are named by their qualified module "
+                       "names: save and load the same module (not a wrapper of it)")
     stray = sorted(k for k in tensors if not k.startswith(MODULE_PREFIX)
                    and not any(k.startswith(name + ".") for name in described))
     if stray:
@@ -366,8 +395,21 @@ def load_memories(model: nn.Module, path: str | os.PathLike, *, strict: bool = T
     return meta
 
 
-def _plan_modules(path: str, meta: Mapping[str, str], tensors: Mapping[str, torch.Tensor], model: nn.Module):
-    """{module: checked state dict} of the modules saved beside the memories; changes nothing."""
+def _adapted_qkv(model: nn.Module, config: MiraConfig) -> list[tuple[str, nn.Module]]:
+    """(qualified name, module) of every ``attn.qkv`` that ``attach(model, config)`` will wrap, chosen as
+    attach chooses them; changes nothing."""
+    found = _qkv_blocks(model)
+    if config.blocks is not None:  # indices out of range or repeated: attach refuses them before any change
+        found = [found[b % len(found)] for b in config.blocks if -len(found) <= b < len(found)]
+    return [(f"{name}.attn.qkv" if name else "attn.qkv", block.attn.qkv) for name, block in found]
+
+
+def _plan_modules(path: str, meta: Mapping[str, str], tensors: Mapping[str, torch.Tensor], model: nn.Module,
+                  adapted: Sequence[tuple[str, nn.Module]]):
+    """{name: (module, checked state dict)} of the modules saved beside the memories; changes nothing.
+
+    ``model`` is the bare backbone, ``adapted`` the qkv projections attach will wrap in it.
+    """
     try:
         names = json.loads(meta.get("modules", "[]"))
     except json.JSONDecodeError as err:
@@ -380,6 +422,15 @@ def _plan_modules(path: str, meta: Mapping[str, str], tensors: Mapping[str, torc
         module = available.get(name)
         if module is None:
             raise KeyError(f"load_model: {path} holds the module {name!r}, which the backbone does not have")
+        # Its state is checked here against the bare backbone, but attach changes it (wraps the qkv,
+        # adds the block's memory, moves BEiT's q/v biases): loading it after attach fails, or loads
+        # the backbone's frozen qkv weight (the wrapped layer). save_model never writes such a module.
+        inside = [qkv_name for qkv_name, qkv in adapted if any(m is qkv for m in module.modules())]
+        if inside:
+            raise ValueError(f"load_model: {path} holds the state of {name!r}, which is or contains {inside[0]!r}, a "
+                             "qkv projection that attach adapts (the saved attach config): its state is not the "
+                             "attached model's, and nothing was changed; a file of save_model holds only modules "
+                             "outside MIRA's layers (e.g. 'head')")
         prefix = f"{MODULE_PREFIX}{name}."
         saved = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
         current = module.state_dict()
@@ -397,7 +448,7 @@ def _plan_modules(path: str, meta: Mapping[str, str], tensors: Mapping[str, torc
             if kind != kind_like:  # a float into an integer buffer would truncate, an int skip the checks
                 raise TypeError(f"load_model: {path}: {name}.{key} has dtype {t.dtype}, the backbone's {like.dtype}")
             state[key] = _finite_tensor(path, prefix + key, t, like) if t.is_floating_point() else t.to(like.device)
-        plan[module] = state
+        plan[name] = (module, state)
     stray = sorted(k for k in tensors if k.startswith(MODULE_PREFIX) and not any(
         k.startswith(f"{MODULE_PREFIX}{n}.") for n in names))
     if stray:
@@ -413,7 +464,8 @@ def load_model(model: nn.Module, path: str | os.PathLike, *, example_input: torc
     weights, same head shape). This attaches MIRA with the saved config, loads the memories
     (slot names included), the query modules and the saved modules (the head), then sets
     ``stage`` and eval mode. Everything in the file is checked before the model changes; if a
-    step fails, MIRA is detached again and the backbone left as it was.
+    step fails, MIRA is detached again and the backbone left as it was. A saved module that attach
+    changes (one holding an adapted block's ``attn.qkv``) is refused: save_model saves none.
 
     Returns:
         ``model``, attached and loaded.
@@ -434,17 +486,35 @@ def load_model(model: nn.Module, path: str | os.PathLike, *, example_input: torc
         raise ValueError(f"{path}: the saved attach config is invalid or from a newer version ({err})") from None
     if projections(model):
         raise RuntimeError("load_model: the model already has MIRA layers; pass the backbone before attach")
-    module_plan = _plan_modules(path, meta, tensors, model)
+    module_plan = _plan_modules(path, meta, tensors, model, _adapted_qkv(model, config))
+    # The planned modules' tensors as they are, to put back if a load fails part way (detach
+    # restores what attach changed, not the head).
+    originals = {name: {k: t.detach().clone() for k, t in module.state_dict(keep_vars=True).items()}
+                 for name, (module, _) in module_plan.items()}
     attach(model, config, example_input=example_input)
     try:
         load_memories(model, path)
         set_stage(model, stage)
+        attached = dict(model.named_modules())
+        for name, (module, _) in module_plan.items():
+            # _adapted_qkv chose the blocks as attach does; checked again on what attach did.
+            if attached.get(name) is not module or any(isinstance(m, (AdapterMemory, MiraProjection))
+                                                       for m in module.modules()):
+                raise RuntimeError(f"load_model: attach changed {name!r}, whose state {path} holds; nothing was "
+                                   "changed")
+        with torch.no_grad():  # checked above (_plan_modules); a failure (a hook of the caller's) restores all
+            for module, state in module_plan.values():
+                module.load_state_dict(state)
     except Exception:
-        detach(model)
+        try:
+            with torch.no_grad():  # in place, as load_state_dict copies, and without the modules' load hooks
+                for name, (module, _) in module_plan.items():
+                    current = module.state_dict(keep_vars=True)
+                    for key, value in originals[name].items():
+                        current[key].copy_(value)
+        finally:
+            detach(model)
         raise
-    with torch.no_grad():  # planned and checked above (_plan_modules): cannot fail
-        for module, state in module_plan.items():
-            module.load_state_dict(state)
     return model.eval()
 
 
@@ -461,8 +531,8 @@ _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<factor>[AB])(?:\.(?P<adapter>
 
 def _read_peft(source) -> tuple[dict[str, torch.Tensor], dict]:
     """(state dict, config dict) from a PEFT adapter directory or a (state_dict, config) pair."""
-    if isinstance(source, (str, os.PathLike)):
-        root = os.fspath(source)
+    if isinstance(source, (str, bytes, os.PathLike)):
+        root = os.fsdecode(source)  # bytes paths too, as save_* / load_* take them
         if not os.path.isdir(root):
             raise FileNotFoundError(f"{root} is not a PEFT adapter directory (adapter_config.json + weights)")
         # Errors name the file and the cause (JSON, safetensors and unpickling errors name neither).

@@ -186,6 +186,11 @@ class MiraProjection(nn.Module):
         # the forward running the bare base layer and unmerge subtracting the update again. The
         # base layer's entries are therefore not loaded (set to their current values here, before
         # the base layer's own loader runs), and the load fails with the reason.
+        # The last line of defence: mira.merge / mira.fold register a pre-hook on the model they
+        # were given and on each module down to this one and its base layer (mira.merge._guard_loads),
+        # which refuses the whole call before anything loads. A load reaches here unrefused only
+        # without those hooks (merged_update set by hand, a model pickled by an older version), after
+        # the modules before this one have loaded, as torch's own load errors come.
         held = self.merged_update
         base_keys = [k for k in state_dict if k.startswith(prefix + "base_layer.")]
         if held is not None and base_keys:

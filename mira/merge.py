@@ -23,11 +23,13 @@ so later changes to the LoRA or the memory do not matter). Each step is computed
 and rounded once into the weight's dtype, so the restored weight is the original to rounding
 (within one unit in the last place of ``max(|W|, |W + D|)``), not bit for bit: keep a copy of
 the state dict if you need the bits. A state dict taken while an update is held has it in the
-weights; save before merging, or unmerge first.
+weights; save before merging, or unmerge first. Loading a state dict that holds a held base
+weight is refused, before anything loads, until the update is taken out.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -107,12 +109,82 @@ def _apply(projs: list[MiraProjection], updates: list[MergedUpdate | None], sign
             proj.merged_update = update if sign > 0 else None
 
 
-def _hold(projs: list[MiraProjection], updates: list[MergedUpdate], what: str) -> None:
+def _refuse_load_while_held(module: nn.Module, state_dict, prefix: str, *args) -> None:
+    """Load-state-dict pre-hook of a module holding, or above, a projection that holds an update.
+
+    A state dict with that projection's base weight would overwrite the weight that holds the
+    update (the record merged_update would then describe a weight no longer there: unmerge
+    subtracting it again). nn.Module.load_state_dict loads module by module, parents first: the
+    projection's own refusal (MiraProjection._load_from_state_dict) comes after every module before
+    it has loaded, memories, LoRA and head. This runs before the module it is registered on loads
+    anything, so the call raises with the model unchanged.
+    """
+    for name, sub in module.named_modules():
+        held = sub.merged_update if isinstance(sub, MiraProjection) else None
+        base = f"{prefix}{name}.base_layer." if name else f"{prefix}base_layer."
+        if held is not None and any(key.startswith(base) for key in state_dict):
+            where = base[: -len(".base_layer.")] or "the projection"
+            raise RuntimeError(f"load_state_dict: {where} holds a {held.kind} update in its base weight, which the "
+                               f"state dict would overwrite; nothing was loaded: call mira.{_UNDO[held.kind]}(model) "
+                               "first")
+
+
+def _refuse_load_into_held_base(kind: str, module: nn.Module, state_dict, prefix: str, *args) -> None:
+    """Load-state-dict pre-hook of the base layer of a projection that holds a ``kind`` update (the
+    base layer cannot see its projection: a load started on it directly would overwrite the update)."""
+    if any(key.startswith(prefix) for key in state_dict):
+        raise RuntimeError(f"load_state_dict: this layer is the base layer of a MIRA projection that holds a {kind} "
+                           "update in its weight, which the state dict would overwrite; nothing was loaded: call "
+                           f"mira.{_UNDO[kind]}(model) first")
+
+
+def _is_refusal(hook) -> bool:
+    hook = getattr(hook, "hook", hook)  # torch wraps it (_WrappedHook)
+    return hook is _refuse_load_while_held or getattr(hook, "func", None) is _refuse_load_into_held_base
+
+
+def _register_once(module: nn.Module, hook) -> None:
+    if not any(_is_refusal(h) for h in module._load_state_dict_pre_hooks.values()):
+        module.register_load_state_dict_pre_hook(hook)
+
+
+def _guard_loads(model: nn.Module) -> None:
+    """Register the refusal on every module on the path from ``model`` to each projection that holds an
+    update, both ends included, and on that projection's base layer: a load_state_dict started on any
+    of them refuses before it loads.
+
+    Registered here (not at attach) and removed by :func:`_unguard_loads`: a model holding no update
+    keeps the hooks attach left. The hooks are module-level functions (a partial of one) given their
+    module by torch, so a deep copy or a pickled model refuses for itself.
+    """
+    for name, sub in model.named_modules():
+        if not (isinstance(sub, MiraProjection) and sub.merged_update is not None):
+            continue
+        parts = name.split(".") if name else []
+        for depth in range(len(parts) + 1):
+            _register_once(model.get_submodule(".".join(parts[:depth])), _refuse_load_while_held)
+        _register_once(sub.base_layer, functools.partial(_refuse_load_into_held_base, sub.merged_update.kind))
+
+
+def _unguard_loads(model: nn.Module) -> None:
+    """Remove the refusals from every module of ``model`` that no longer holds an update below it."""
+    held = [m for m in model.modules() if isinstance(m, MiraProjection) and m.merged_update is not None]
+    keep = {id(p) for p in held} | {id(p.base_layer) for p in held}
+    for module in model.modules():
+        if any(id(m) in keep for m in module.modules()):  # it holds, or is above, a projection still holding
+            continue
+        hooks = module._load_state_dict_pre_hooks
+        for key in [key for key, hook in hooks.items() if _is_refusal(hook)]:
+            del hooks[key]
+
+
+def _hold(model: nn.Module, projs: list[MiraProjection], updates: list[MergedUpdate], what: str) -> None:
     held = [p for p in projs if p.merged_update is not None]
     if held:
         kind = held[0].merged_update.kind
         raise RuntimeError(f"the model already holds a {kind} update; call mira.{_UNDO[kind]}(model) first")
     _apply(projs, updates, +1.0, what)
+    _guard_loads(model)
 
 
 def _release(model: nn.Module, kind: str) -> nn.Module:
@@ -125,6 +197,7 @@ def _release(model: nn.Module, kind: str) -> nn.Module:
     if not holding:
         raise RuntimeError(f"{what}: the model holds no {kind} update")
     _apply(holding, [p.merged_update for p in holding], -1.0, what)
+    _unguard_loads(model)
     return model
 
 
@@ -146,7 +219,7 @@ def merge(model: nn.Module) -> nn.Module:
         )
     updates = [MergedUpdate("merged", p.lora_a.detach().to(torch.float64).clone(),
                             p.lora_b.detach().to(torch.float64).clone()) for p in projs]
-    _hold(projs, updates, "merge")
+    _hold(model, projs, updates, "merge")
     return model
 
 
@@ -216,7 +289,7 @@ def fold(model: nn.Module, weights) -> nn.Module:
         factor_a = torch.einsum("n,nsrd->srd", w, bank_a.detach().to(torch.float64))
         factor_b = torch.einsum("n,nser->ser", w, bank_b.detach().to(torch.float64))
         updates.append(MergedUpdate("folded", factor_a, factor_b, w.clone()))
-    _hold(projs, updates, "fold")
+    _hold(model, projs, updates, "fold")
     return model
 
 
@@ -235,6 +308,7 @@ def unload(model: nn.Module) -> nn.Module:
     """
     for proj in _require_projections(model, "unload"):
         proj.merged_update = None
+    _unguard_loads(model)  # the update is now the plain model's weight, which loads as any
     return detach(model)
 
 

@@ -100,7 +100,9 @@ def task_slot_weights(model: nn.Module, task: str) -> dict[str, torch.Tensor]:
     """Fold weights that serve one task: ``1/k`` on each of its k slots, 0 elsewhere, per memory.
 
     ``mira.fold(model, mira.task_slot_weights(model, "sketch"))`` deploys the task's adapter as a
-    plain backbone (with one slot per task, exactly the adapter as trained).
+    plain backbone (with one slot per task, exactly the adapter as trained). With k > 1 slots the
+    fold applies mean(B) @ mean(A) of the task's slots: none of its adapters, nor the mean of their
+    updates (the update is bilinear in the weights).
     """
     named = _memories(model, "task_slot_weights")
     if not isinstance(task, str):

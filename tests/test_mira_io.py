@@ -226,3 +226,66 @@ def test_a_file_from_a_backbone_with_other_prefix_tokens_names_the_architecture(
     with pytest.raises(ValueError, match=r"backbone with 1 prefix token\(s\) .* this model has 3"):
         mira.load_memories(model, path)
     assert all(m.num_slots == 0 for m in mira.memories(model))
+
+
+# ----------------------------------------------------------------------------------------------
+# Calls on the wrong model or path, named before any work.
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_load_memories_into_a_model_without_memories_says_to_attach(tmp_path, strict):
+    # strict=True blamed the file ("memories missing from the file: []"), strict=False loaded nothing silently.
+    path = tmp_path / "m.safetensors"
+    mira.save_memories(trained_memories(), path)
+    plain = tiny_vit()
+    with pytest.raises(RuntimeError, match=r"load_memories: the model has no MIRA memories \(call mira.attach first\)"):
+        mira.load_memories(plain, path, strict=strict)
+    assert not mira.memories(plain)
+
+
+def test_load_memories_not_strict_refuses_a_file_none_of_whose_memories_the_model_has(tmp_path):
+    # A file saved from a wrapped model names its memories "0.blocks.0.mira_memory": strict=False matched
+    # none of them and returned as if it had loaded.
+    path = tmp_path / "wrapped.safetensors"
+    mira.save_memories(torch.nn.Sequential(trained_memories()), path)
+    model = mira.attach(tiny_vit())
+    with pytest.raises(KeyError, match=r"no memory of the file.*'0.blocks.0.mira_memory'.*'blocks.0.mira_memory'"):
+        mira.load_memories(model, path, strict=False)
+    assert all(m.num_slots == 0 for m in mira.memories(model))
+    # Some in common: strict=False loads those (the model attached to block 1 only).
+    mira.save_memories(trained_memories(), tmp_path / "both.safetensors")
+    one = mira.attach(tiny_vit(), blocks=(1,))
+    mira.load_memories(one, tmp_path / "both.safetensors", strict=False)
+    assert [m.num_slots for m in mira.memories(one)] == [3]
+
+
+@pytest.mark.parametrize("save", [mira.save_memories, mira.save_model])
+def test_saving_onto_a_directory_names_the_path_and_writes_nothing(tmp_path, save):
+    # The error named safetensors' temporary file ("....partial-8559"), not the path the caller gave.
+    target = tmp_path / "checkpoints"
+    target.mkdir()
+    with pytest.raises(IsADirectoryError, match=rf"{save.__name__}: cannot write .*checkpoints: it is a directory"):
+        save(trained_memories(), target)
+    assert list(tmp_path.iterdir()) == [target] and list(target.iterdir()) == []
+
+
+@pytest.mark.parametrize("entry", [{"note": "\ud800"}, {"\udcff": "x"}], ids=["value", "key"])
+def test_metadata_that_is_not_utf8_text_is_refused_by_name_and_writes_nothing(tmp_path, entry):
+    # A lone surrogate raised a bare UnicodeEncodeError from inside safetensors.
+    with pytest.raises(ValueError, match=r"save_memories: the metadata entry .* is not valid UTF-8 text"):
+        mira.save_memories(trained_memories(), tmp_path / "m.safetensors", metadata=entry)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_import_peft_takes_a_bytes_path_as_save_and_load_do(tmp_path):
+    import os
+
+    peft_vit(tmp_path, r=4, lora_alpha=8)
+    by_str, by_bytes = mira.attach(tiny_vit()), mira.attach(tiny_vit())
+    mira.import_peft(by_str, str(tmp_path))
+    mira.import_peft(by_bytes, os.fsencode(tmp_path))
+    for a, b in zip(mira.projections(by_str), mira.projections(by_bytes)):
+        assert torch.equal(a.lora_a, b.lora_a) and torch.equal(a.lora_b, b.lora_b)
+    with pytest.raises(FileNotFoundError, match="absent is not a PEFT adapter directory"):
+        mira.import_peft(by_bytes, os.fsencode(tmp_path / "absent"))

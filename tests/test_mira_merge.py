@@ -234,3 +234,110 @@ def test_a_pruned_or_parametrized_base_weight_is_refused_not_merged_into_a_copy(
     with pytest.raises(RuntimeError, match="recomputed at every forward"):
         mira.unmerge(model)
     assert all(p.merged_update is not None for p in mira.projections(model))
+
+
+def named_trained(tasks=("a", "b", "a")):
+    """trained() with its slots written under task names."""
+    model = mira.attach(tiny_vit())
+    g = torch.Generator().manual_seed(0)
+    for task in tasks:
+        fill_loras(model, g)
+        mira.write_adapters(model, task=task, generator=g)
+    fill_loras(model, g)
+    return model
+
+
+def _state_of(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("hold", ["fold", "merge"])
+@pytest.mark.parametrize("root", ["model", "block", "wrapper", "base-layer"])
+def test_load_state_dict_while_an_update_is_held_is_refused_before_anything_loads(hold, root):
+    # The refusal was an error_msgs entry of the projection, so PyTorch had loaded every other module
+    # by then (memories, LoRA, head) and the slot names were wiped: a failed call changed the model.
+    model = named_trained()
+    if hold == "fold":
+        mira.set_stage(model, "inference")
+        mira.fold(model, torch.tensor([0.5, 0.25, 0.25]))
+    else:
+        mira.merge(model)
+    other = trained(slots=2)
+    other.head.weight.add_(1.0)
+    wrapped = nn.Sequential(model)
+    target, state = {"model": (model, other.state_dict()),
+                     "block": (model.blocks[1], other.blocks[1].state_dict()),
+                     "wrapper": (wrapped, nn.Sequential(other).state_dict()),
+                     "base-layer": (model.blocks[1].attn.qkv.base_layer,
+                                    other.blocks[1].attn.qkv.base_layer.state_dict())}[root]
+    x = images()
+    before, names, out = _state_of(model), [m.slot_names for m in mira.memories(model)], model(x)
+    held, undo = ("folded", "unfold") if hold == "fold" else ("merged", "unmerge")
+    with pytest.raises(RuntimeError, match=rf"holds a {held} update .*nothing was loaded.*mira.{undo}\(model\)"):
+        target.load_state_dict(state)
+    after = _state_of(model)
+    assert sorted(after) == sorted(before)
+    assert all(torch.equal(before[k], after[k]) for k in before), [k for k in before if not torch.equal(before[k],
+                                                                                                         after[k])]
+    assert [m.slot_names for m in mira.memories(model)] == names
+    assert torch.equal(model(x), out)
+    # A state dict without the held base weights (the head alone) still loads, and taking the update out
+    # lets the whole state dict load again.
+    model.load_state_dict({"head.weight": other.head.weight}, strict=False)
+    assert torch.equal(model.head.weight, other.head.weight)
+    getattr(mira, undo)(model)
+    model.load_state_dict(other.state_dict())
+    assert [m.num_slots for m in mira.memories(model)] == [2] * DEPTH
+
+
+@torch.no_grad()
+def test_a_copy_of_a_folded_model_refuses_loads_for_itself_and_unfold_leaves_no_hook():
+    import copy
+    import io
+
+    model = trained()
+    hooks_before = [dict(m._load_state_dict_pre_hooks) for m in model.modules()]
+    mira.set_stage(model, "inference")
+    mira.fold(model, torch.ones(3) / 3)
+    state = trained(slots=2).state_dict()
+    buffer = io.BytesIO()
+    torch.save(model, buffer)  # the refusal must not make the model unpicklable
+    buffer.seek(0)
+    for copied in (copy.deepcopy(model), torch.load(buffer, weights_only=False)):
+        with pytest.raises(RuntimeError, match="nothing was loaded"):
+            copied.load_state_dict(state)
+        mira.unfold(copied)
+        copied.load_state_dict(state)  # the copy's hook looks at the copy, not at the original
+    with pytest.raises(RuntimeError, match="nothing was loaded"):
+        model.load_state_dict(state)
+    mira.unfold(model)
+    assert [dict(m._load_state_dict_pre_hooks) for m in model.modules()] == hooks_before
+    mira.fold(model, torch.ones(3) / 3)
+    mira.unload(model)  # the update kept in a plain timm model: no refusal left behind
+    assert all(not m._load_state_dict_pre_hooks for m in model.modules())
+
+
+@torch.no_grad()
+def test_folding_a_task_of_two_slots_applies_the_product_of_its_mean_factors():
+    # What the README says of task_slot_weights: one slot folds to its adapter exactly; k slots fold to
+    # mean(B) mean(A), which is none of the task's adapters (the update is bilinear in the weights).
+    model = named_trained(("a", "b", "a")).double()
+    mira.set_stage(model, "inference")
+    x = images(dtype=torch.float64)
+
+    def as_lora(pick):
+        reference = mira.attach(tiny_vit()).double()
+        for p, memory in zip(mira.projections(reference), mira.memories(model)):
+            bank_a, bank_b = memory.stored_adapters
+            p.lora_a.copy_(pick(bank_a))
+            p.lora_b.copy_(pick(bank_b))
+        return reference(x)
+
+    mira.fold(model, mira.task_slot_weights(model, "b"))
+    torch.testing.assert_close(model(x), as_lora(lambda bank: bank[1]), rtol=1e-12, atol=1e-12)
+    mira.unfold(model)
+    mira.fold(model, mira.task_slot_weights(model, "a"))
+    folded = model(x)
+    torch.testing.assert_close(folded, as_lora(lambda bank: (bank[0] + bank[2]) / 2), rtol=1e-12, atol=1e-12)
+    assert min(err(folded, as_lora(lambda bank: bank[0])), err(folded, as_lora(lambda bank: bank[2]))) > 1e-3

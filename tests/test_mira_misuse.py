@@ -267,7 +267,7 @@ def test_mean_retrieval_weights_takes_one_tensor_as_one_batch():
 
 
 def test_loading_base_weights_into_a_merged_model_is_refused_and_keeps_the_merged_weight():
-    # As torch reports a mismatched entry: that entry is not loaded, the others are, then the load raises.
+    # Refused before anything loads (mira.merge registers the refusal as a load-state-dict pre-hook).
     import copy
 
     model = filled()

@@ -464,3 +464,87 @@ def test_import_peft_names_a_model_or_pair_of_the_wrong_kind(model, source, exc,
     # "vars() argument must have __dict__ attribute" and "'NoneType' object is not iterable".
     with pytest.raises(exc, match=msg):
         mira.import_peft(filled() if model is None else model, source)
+
+
+# ----------------------------------------------------------------------------------------------
+# load_model
+# ----------------------------------------------------------------------------------------------
+
+
+def backbone_snapshot(model):
+    """Everything load_model may change on a backbone: its state (keys and bits), requires_grad, modes, modules."""
+    return ({k: v.clone() for k, v in model.state_dict().items()},
+            {n: p.requires_grad for n, p in model.named_parameters()},
+            [(n, type(m).__name__, m.training) for n, m in model.named_modules()])
+
+
+def assert_backbone_unchanged(model, before):
+    state, grads, modules = backbone_snapshot(model)
+    assert sorted(state) == sorted(before[0])
+    for k, v in before[0].items():
+        assert v.dtype == state[k].dtype and torch.equal(v, state[k]), f"{k} changed"
+    assert grads == before[1]
+    assert modules == before[2]
+    assert not mira.projections(model) and not mira.memories(model)
+
+
+def _with_bare_module(tmp_path, module_name):
+    """A save_model file that also lists ``module_name`` with the bare backbone's state of that module."""
+    path = tmp_path / "model.safetensors"
+    mira.save_model(filled(seed=11), path)
+    tensors = load_file(path)
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    bare = dict(tiny_vit().named_modules())[module_name]
+    for key, value in bare.state_dict().items():
+        tensors[f"modules/{module_name}.{key}"] = value.clone()
+    meta["modules"] = json.dumps(["head", module_name])
+    out = tmp_path / "inside.safetensors"
+    save_file(tensors, out, metadata=meta)
+    return out
+
+
+@pytest.mark.parametrize("module_name", ["blocks.1.attn", "blocks.1", "blocks", "blocks.1.attn.qkv"])
+def test_load_model_refuses_a_module_that_attach_changes_and_leaves_the_backbone_as_it_was(tmp_path, module_name):
+    # Checked against the bare backbone, such a module passed, then its load failed after attach and
+    # left MIRA attached, the backbone frozen, the memories loaded (the qkv: its weight went into the
+    # wrapped base layer).
+    path = _with_bare_module(tmp_path, module_name)
+    model = tiny_vit()
+    before = backbone_snapshot(model)
+    with pytest.raises(ValueError, match=rf"inside.safetensors.*'{module_name}'.*attach adapts"):
+        mira.load_model(model, path)
+    assert_backbone_unchanged(model, before)
+
+
+def test_load_model_loads_a_module_of_a_block_that_attach_leaves_alone(tmp_path):
+    # blocks=(1,): block 0 keeps its plain attention, which may be saved (trained beside MIRA) and loaded.
+    source = filled(seed=11, blocks=(1,))
+    with torch.no_grad():
+        source.blocks[0].attn.proj.weight.add_(1.0)
+    path = tmp_path / "model.safetensors"
+    mira.save_model(source, path, modules=("head", "blocks.0.attn"))
+    model = mira.load_model(tiny_vit(), path)
+    assert torch.equal(model.blocks[0].attn.proj.weight, source.blocks[0].attn.proj.weight)
+    assert len(mira.projections(model)) == 1
+
+
+def test_load_model_whose_last_step_fails_detaches_and_restores_the_backbone(tmp_path):
+    # The saved modules are loaded last: a failure there (here a hook of the caller's) must undo the
+    # attach and every module already loaded, as a failure in the memories does.
+    path = tmp_path / "model.safetensors"
+    source = filled(seed=11)
+    with torch.no_grad():
+        source.head.weight.add_(1.0)
+        source.norm.weight.add_(1.0)
+    mira.save_model(source, path, modules=("head", "norm"))
+    model = tiny_vit()
+
+    def refuse(*args):
+        raise RuntimeError("the caller's hook refuses")
+
+    model.norm.register_load_state_dict_pre_hook(refuse)  # norm loads after head: head was loaded then
+    before = backbone_snapshot(model)
+    with pytest.raises(RuntimeError, match="the caller's hook refuses"):
+        mira.load_model(model, path)
+    assert_backbone_unchanged(model, before)
