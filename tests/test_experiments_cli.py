@@ -129,15 +129,31 @@ def test_conflict_control_reports_the_cue_blind_bound(tmp_path, monkeypatch, sha
         (["--out", "{file}"], "--out"),
         (["--out", "{file}/sub"], "--out"),
         (["--checkpoint-dir", "{file}"], "--checkpoint-dir"),
+        # torch's CPU generator keeps a seed's low 32 bits: -1 and 2**32 - 1, 0 and 2**32 are one run each.
+        (["--seeds", "-1"], "--seeds must be"),
+        (["--seeds", "0", str(2 ** 32)], "--seeds must be"),
+        # Folders that exist or not but cannot be written (root ignores permission bits; /proc refuses it).
+        (["--checkpoint-dir", "/proc"], "--checkpoint-dir /proc: cannot write"),
+        (["--checkpoint-dir", "/proc/ckpt"], "--checkpoint-dir /proc/ckpt: cannot write"),
+        (["--out", "/proc"], "--out /proc: cannot write"),
+        (["--checkpoint-dir", ""], "--checkpoint-dir must not be empty"),
+        (["--out", ""], "--out must not be empty"),
+        (["--record"], "--record writes the full run's tables; not with --quick"),
+        (["--table", "ablations", "--variants", "oracle", "mira, relu"], "no rows named ['oracle'] in the ablations"),
     ],
     ids=["threads-0", "threads-negative", "timeout-inf", "timeout-huge", "seeds-repeated", "seed-huge",
-         "out-file", "out-under-file", "checkpoint-dir-file"],
+         "out-file", "out-under-file", "checkpoint-dir-file", "seed-negative", "seed-2**32", "checkpoint-dir-proc",
+         "checkpoint-dir-under-proc", "out-proc", "checkpoint-dir-empty", "out-empty", "record-quick",
+         "variant-of-another-table"],
 )
 def test_bad_options_are_one_line_usage_errors_before_any_work(args, msg, tmp_path, monkeypatch, capsys):
     # As argparse's own errors: exit status 2 and one line naming the option, not a traceback after the
     # backbone's pre-training (--seeds 0 0 ran seed 0 twice and reported its "± 0.0" as two seeds'; a
     # --checkpoint-dir that is a file failed after the first task was trained).
     monkeypatch.setenv("MIRA_EXPERIMENTS_CACHE", str(tmp_path / "cache"))  # nothing may be built there
+    # --record writes relative to the working directory: a case the CLI failed to refuse would
+    # otherwise overwrite the repository's recorded results (it did, before --record --quick was refused).
+    monkeypatch.chdir(tmp_path)
     file = tmp_path / "file"
     file.write_text("x")
     with pytest.raises(SystemExit) as exc:
@@ -159,3 +175,79 @@ def test_an_unknown_variant_is_refused_before_the_backbone_is_pre_trained(tmp_pa
     assert exc.value.code == 2
     assert "no rows named ['miraa'] in the main table of suite 'tiny'" in capsys.readouterr().err
     assert not (tmp_path / "cache").exists() and not (tmp_path / "out").exists()
+
+
+def _usage_error(capsys, *argv) -> str:
+    """The one line of a refused command line (exit status 2, as argparse's own errors)."""
+    with pytest.raises(SystemExit) as exc:
+        cli.main(list(argv))
+    assert exc.value.code == 2
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_an_unwritable_cache_and_a_folder_in_place_of_a_checkpoint_are_usage_errors(tmp_path, monkeypatch, capsys):
+    # Both failed as tracebacks: the cache (a file) as FileExistsError, the checkpoint folder as "No such
+    # device (os error 19)" after the backbone's pre-training.
+    file = tmp_path / "file"
+    file.write_text("x")
+    monkeypatch.setenv("MIRA_EXPERIMENTS_CACHE", str(file))
+    err = _usage_error(capsys, "dil", "--quick", "--no-progress", "--out", str(tmp_path / "out"))
+    assert f"MIRA_EXPERIMENTS_CACHE={file}: cannot write" in err and file.read_text() == "x"
+    monkeypatch.setenv("MIRA_EXPERIMENTS_CACHE", str(tmp_path / "cache"))
+    ckpt = tmp_path / "ckpt"
+    (ckpt / "idigits-default-seed0-dil-mira-quick.safetensors").mkdir(parents=True)
+    err = _usage_error(capsys, "dil", "--quick", "--no-progress", "--checkpoint-dir", str(ckpt))
+    assert "idigits-default-seed0-dil-mira-quick.safetensors is a folder, not a checkpoint file" in err
+    assert not (tmp_path / "cache" / "runs").exists()
+
+
+def test_a_table_without_rows_is_refused_and_quick_ablations_run_each_option(tmp_path, monkeypatch, capsys):
+    # dg --table ablations pre-trained the backbone and wrote empty tables (exit 0); --quick --table
+    # ablations kept the main table's quick rows, none of which is in the ablation table: nothing ran.
+    monkeypatch.setenv("MIRA_EXPERIMENTS_CACHE", str(tmp_path / "cache"))
+    err = _usage_error(capsys, "dg", "--quick", "--no-progress", "--table", "ablations")
+    assert "the ablations table has no rows for dg" in err and not (tmp_path / "cache").exists()
+    base, improved = preset("default"), preset("improved")
+    full = cli.rows_to_run("ablations", base, improved, ("dil", "cil"))
+    quick = cli.rows_to_run("ablations", base, improved, ("dil", "cil"), quick=True)
+    for setting in ("dil", "cil"):
+        assert quick[setting] and {v.name for v in quick[setting]} <= {v.name for v in full[setting]}
+        # every option the table varies is run once (the 10-epoch rows differ only in a schedule)
+        varied = {(f, getattr(v.recipe, f)) for v in full[setting] for f in ("first_block", "query_token",
+                                                                               "query_source", "separation")}
+        assert varied == {(f, val) for v in quick[setting] for f, val in varied if getattr(v.recipe, f) == val}
+
+
+def test_write_removes_a_stale_retrieval_plot(tmp_path):
+    # A reused --out folder kept the previous run's retrieval_weights.png beside this run's tables.
+    stale = tmp_path / "retrieval_weights.png"
+    stale.write_bytes(b"png of another run")
+    doc = {"command": "c", "suite": "tiny", "preset": "default", "seeds": [0], "elapsed_seconds": 1.0,
+           "cpu_seconds": 1.0, "machine": {"loadavg_start": [0.0], "cpu": "cpu", "cpus": 1, "torch_threads": 1},
+           "results": {"cil": {"runs": {}, "tasks": []}}, "row_order": {"cil": []}, "dil_retrieval_profile_seed0": {}}
+    report.write(doc, str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ["results.json", "results.md"]
+
+
+def test_every_option_states_its_default():
+    for action in cli.build_parser()._actions:
+        if action.dest != "help":
+            assert "default" in (action.help or ""), action.option_strings or action.dest
+    text = " ".join(a.help for a in cli.build_parser()._actions)
+    assert "$MIRA_EXPERIMENTS_CACHE/runs/<suite>[-<preset>][-ablations][-quick]" in text
+    assert "results/experiments/<suite>[-<preset>][-ablations]/" in text
+    assert "3 domains" not in text  # the conflict suite's quick run has 2
+    assert all(a.help for a in report.build_parser()._actions)
+
+
+@pytest.mark.parametrize("part", ["missing", "empty"])
+def test_report_refuses_a_part_without_results_as_a_usage_error(part, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit) as exc:
+        report.main([str(tmp_path / part), "--out", str(tmp_path / "merged")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("python -m mira.experiments.report: error: ") and "results.json" in err, err
+    with pytest.raises(SystemExit):
+        report.main([str(tmp_path / "empty"), "--out", ""])
+    assert "--out must not be empty" in capsys.readouterr().err

@@ -175,3 +175,47 @@ def test_routing_memory_records_mean_queries_and_its_penalties_reach_the_keys(ba
     assert replay.item() >= 0 and supervised.item() > 0
     supervised.backward()
     assert mira.memories(model)[1].keys.grad.abs().max() > 0
+
+
+def _end_state(model):
+    """What a model's later use depends on besides its tensors: each projection's stage, each module's
+    train/eval mode, what trains."""
+    return ([p.stage for p in mira.projections(model)], [m.training for m in model.modules()],
+            sorted(n for n, p in model.named_parameters() if p.requires_grad))
+
+
+@pytest.mark.filterwarnings("ignore:lbfgs failed to converge")  # the probe's 30 iterations: cost
+@pytest.mark.parametrize("setting, kind", [("dil", "mira"), ("dil", "seq_lora"), ("cil", "oracle")])
+def test_a_run_restarted_on_its_finished_checkpoint_ends_bitwise_as_the_uninterrupted_run(
+        backbone, tmp_path, setting, kind):
+    # A killed CLI run restarted with --checkpoint-dir calls run_continual again for every row whose file
+    # holds every task: no task runs, and the model stayed in the stage attach_memory_model left
+    # ("adaptation", not consolidation's "inference"): its probe, features and weight mass differed.
+    import json
+
+    from mira.experiments.stages import features
+
+    cil = setting == "cil"
+    tasks = _tasks(2, classes_per_task=2 if cil else None)
+    pool = train_adapter_pool(backbone, tasks, CFG, seed=6, local_labels=cil)
+    cfg = P.ProtocolConfig(recipe=CFG, probe_max_iter=30)
+    ckpt = tmp_path / "run.safetensors"
+    whole = P.run_continual(setting, kind, backbone, tasks, pool, cfg, 0, keep_model=True, checkpoint=ckpt)
+    resumed = P.run_continual(setting, kind, backbone, tasks, pool, cfg, 0, keep_model=True, checkpoint=ckpt)
+    a, b = whole.pop("model"), resumed.pop("model")
+    assert json.dumps(resumed, sort_keys=True) == json.dumps(whole, sort_keys=True)  # probe included
+    assert _end_state(b) == _end_state(a)
+    assert _end_state(b)[0] == ["adaptation" if kind == "seq_lora" else "inference"] * 2
+    x = torch.cat([t.test_x for t in tasks])
+    assert torch.equal(features(b, x), features(a, x))
+    if kind != "seq_lora":
+        assert P.weight_mass(b, tasks) == P.weight_mass(a, tasks)
+        assert P.retrieval_profile(b, tasks) == P.retrieval_profile(a, tasks)
+
+
+def test_a_folder_in_place_of_a_checkpoint_file_is_named_as_such(tmp_path):
+    from mira.experiments.resume import TaskCheckpoint
+
+    (tmp_path / "run.safetensors").mkdir()
+    with pytest.raises(IsADirectoryError, match="is a folder, not a checkpoint file"):
+        TaskCheckpoint(tmp_path / "run.safetensors", {}).load()

@@ -21,6 +21,7 @@ import datetime
 import os
 import platform
 import sys
+import tempfile
 import time
 import warnings
 
@@ -30,7 +31,7 @@ from mira import distributed as md
 
 from . import parallel
 from . import protocols as P
-from .backbone import cache_dir, load_pretrained_backbone
+from .backbone import cache_path, load_pretrained_backbone
 from .recipe import PRESETS, preset
 from .report import record_name, summarise, write
 from .stages import adapter_cross_accuracy, evaluate, train_adapter_pool
@@ -52,6 +53,13 @@ QUICK_ROWS = ("mira", "mira, fixed-norm GPM", "mira, routing replay", "no adapte
               "random keys", "sequential LoRA", "joint LoRA", "improved", "shared head: oracle")
 QUICK_CIL_ROWS = ("mira", "oracle", "sequential LoRA", "joint LoRA", "improved")
 QUICK_DG_ROWS = ("mira", "no adapters", "joint LoRA", "improved")
+# The ablation table's (DIL and CIL alike: these options change no CIL code): each option it varies once
+# (block 0 off, the patch-mean query, the backbone query, relu and affine separation) and a control; its
+# 10-epoch rows differ from these in a schedule only. Without them --quick ran none of its rows.
+QUICK_ABLATION_ROWS = ("mira, block 0 off", "mira, patch-mean query", "mira, relu, backbone query", "improved, affine",
+                       "shared head: oracle")
+QUICK_TABLE_ROWS = {"main": {"dil": QUICK_ROWS, "cil": QUICK_CIL_ROWS, "dg": QUICK_DG_ROWS},
+                    "ablations": {"dil": QUICK_ABLATION_ROWS, "cil": QUICK_ABLATION_ROWS, "dg": ()}}
 
 
 def build_variants(base, improved, protocol: str) -> list[P.Variant]:
@@ -144,33 +152,80 @@ def _pool_key(recipe, local: bool, copies: int) -> tuple:
     return (local, copies) + tuple(getattr(recipe, f) for f in fields)
 
 
-def main(argv=None) -> dict:
+def rows_to_run(table: str, base, improved, protocols, *, quick: bool = False,
+                names=None) -> dict[str, list[P.Variant]]:
+    """Each setting's rows: the table's; only those ``names`` if given, else quick mode's subset if ``quick``."""
+    rows = {p: TABLES[table](base, improved, p) for p in protocols}
+    keep = dict.fromkeys(protocols, names) if names else QUICK_TABLE_ROWS[table] if quick else None
+    return rows if keep is None else {p: [v for v in vs if v.name in keep[p]] for p, vs in rows.items()}
+
+
+def _writable(folder: str) -> None:
+    """Create ``folder`` and write and delete a file there: an OSError now, not after a task's training."""
+    os.makedirs(folder, exist_ok=True)
+    fd, probe = tempfile.mkstemp(dir=folder, prefix=".mira-write-test-")
+    os.close(fd)
+    os.remove(probe)
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m mira.experiments", description=__doc__.splitlines()[0])
-    parser.add_argument("protocol", choices=("dil", "cil", "dg", "all"))
-    parser.add_argument("--suite", choices=tuple(SUITES), default="idigits")
+    parser.add_argument("protocol", choices=("dil", "cil", "dg", "all"),
+                        help="the setting to run; all: every setting of the suite (no default: required)")
+    parser.add_argument("--suite", choices=tuple(SUITES), default="idigits", help="the domains (default: idigits)")
     parser.add_argument("--preset", choices=tuple(PRESETS), default="default",
                         help="recipe of the 'mira' rows and the controls (default: default)")
-    parser.add_argument("--quick", action="store_true", help="CI smoke run (1 seed, 3 domains, tiny data)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=None)
+    parser.add_argument("--quick", action="store_true",
+                        help="CI smoke run: 1 seed, tiny data of the suite's first domains ("
+                             + ", ".join(f"{name}: {s.quick_domains}" for name, s in SUITES.items())
+                             + "), a subset of the rows covering every kind and option (default: off, the full run)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None,
+                        help="seeds to run, each 0 <= seed < 2**32 (torch keeps a seed's low 32 bits) "
+                             "(default: 0 1 2; with --quick: 0)")
     parser.add_argument("--table", choices=tuple(TABLES), default="main",
                         help="main: MIRA, its options and the controls; ablations: the causes of the faithful "
-                             "recipe's collapse one at a time (default: main)")
-    parser.add_argument("--variants", nargs="+", default=None, help="only these rows (names as in the tables)")
-    parser.add_argument("--out", default=None, help="output folder (default: a scratch folder in the cache)")
-    parser.add_argument("--record", action="store_true", help="write to results/experiments/<suite>[-<preset>]/")
+                             "recipe's collapse one at a time, DIL and CIL only (default: main)")
+    parser.add_argument("--variants", nargs="+", default=None,
+                        help="only these rows (names as in the tables) (default: every row of the table; with "
+                             "--quick: its quick subset)")
+    parser.add_argument("--out", default=None, metavar="DIR",
+                        help="output folder (default: $MIRA_EXPERIMENTS_CACHE/runs/<suite>[-<preset>][-ablations]"
+                             "[-quick], the cache defaulting to ~/.cache/mira-kernels)")
+    parser.add_argument("--record", action="store_true",
+                        help="write to results/experiments/<suite>[-<preset>][-ablations]/, the recorded tables; "
+                             "full runs only (default: off, see --out)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: shared machines)")
-    parser.add_argument("--no-cache", action="store_true", help="pre-train the backbone even if cached")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-cache", action="store_true",
+                        help="pre-train the backbone even if cached (default: load it from the cache)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar (default: shown)")
     parser.add_argument("--checkpoint-dir", default=None, metavar="DIR",
-                        help="save each DIL / CIL run after every task and resume finished tasks from here")
+                        help="save each DIL / CIL run after every task and resume finished tasks from here "
+                             "(default: none, a killed run starts again)")
     parser.add_argument("--strategy", choices=md.STRATEGIES, default="ddp",
                         help="under torchrun: DistributedDataParallel or FSDP2 (default ddp)")
     parser.add_argument("--dist-timeout", type=float, default=md.DEFAULT_TIMEOUT_S, metavar="S",
                         help="under torchrun: seconds a rank waits for the others before failing "
                              f"(default {md.DEFAULT_TIMEOUT_S:.0f})")
+    return parser
+
+
+def _out_dir(args, suite_name: str) -> str:
+    if args.record:
+        return os.path.join("results", "experiments", record_name(suite_name, args.preset, args.table))
+    return args.out or os.path.join(cache_path(), "runs", record_name(suite_name, args.preset, args.table)
+                                    + ("-quick" if args.quick else ""))
+
+
+def main(argv=None) -> dict:
+    parser = build_parser()
     args = parser.parse_args(argv)
+    for option, value in (("--out", args.out), ("--checkpoint-dir", args.checkpoint_dir)):
+        if value == "":  # an empty folder name was read as "not given": the run wrote elsewhere
+            parser.error(f"{option} must not be empty")
     if args.record and args.out:
-        parser.error("--record writes to results/experiments/<suite>[-<preset>]/; do not also pass --out")
+        parser.error("--record writes to results/experiments/<suite>[-<preset>][-ablations]/; do not also pass --out")
+    if args.record and args.quick:  # the smoke run's tables would replace the full run's recorded ones
+        parser.error("--record writes the full run's tables; not with --quick (use --out)")
     # Checked here, as argparse checks its own: otherwise each failed as a traceback once started, some
     # after the backbone's pre-training or a task's training.
     if not 0 < args.dist_timeout <= datetime.timedelta.max.total_seconds():  # inf overflows the group's timedelta
@@ -182,9 +237,10 @@ def main(argv=None) -> dict:
         repeated = sorted({s for s in args.seeds if args.seeds.count(s) > 1})
         if repeated:  # a repeat is the same run again: the mean and std would count it as another seed
             parser.error(f"--seeds repeats {repeated}; each seed is one run of the mean +- std")
-        big = [s for s in args.seeds if not -2 ** 32 < s < 2 ** 32]
-        if big:  # the recipe's generators take e.g. 1_000_003 * seed + epoch, which must fit in 64 bits
-            parser.error(f"--seeds must be between -2**32 and 2**32, got {big}")
+        outside = [s for s in args.seeds if not 0 <= s < 2 ** 32]
+        if outside:  # torch's CPU generator keeps a seed's low 32 bits: s and s + 2**32 (or -1 and 2**32 - 1)
+            # would be one run counted as two seeds
+            parser.error(f"--seeds must be >= 0 and < 2**32 (torch keeps a seed's low 32 bits), got {outside}")
     for option, folder in (("--out", args.out), ("--checkpoint-dir", args.checkpoint_dir)):
         if folder:
             parent = os.path.abspath(folder)
@@ -195,12 +251,39 @@ def main(argv=None) -> dict:
     settings = SUITES[args.suite].settings
     if args.protocol != "all" and args.protocol not in settings:
         parser.error(f"suite {args.suite!r} runs {settings} only")
-    if args.variants:  # here, not after the backbone's pre-training (minutes on a clean cache)
-        tables = [TABLES[args.table](preset(args.preset), preset("improved"), p)
-                  for p in (settings if args.protocol == "all" else (args.protocol,))]
-        unknown = set(args.variants) - {v.name for vs in tables for v in vs}
+    # The rows, here rather than after the backbone's pre-training (minutes on a clean cache).
+    protocols = settings if args.protocol == "all" else (args.protocol,)
+    table = rows_to_run(args.table, preset(args.preset), preset("improved"), protocols)
+    if args.variants:
+        unknown = set(args.variants) - {v.name for vs in table.values() for v in vs}
         if unknown:
             parser.error(f"no rows named {sorted(unknown)} in the {args.table} table of suite {args.suite!r}")
+    if not any(rows_to_run(args.table, preset(args.preset), preset("improved"), protocols, quick=args.quick,
+                           names=args.variants).values()):
+        parser.error(f"the {args.table} table has no rows for {args.protocol}"
+                     + (" in quick mode" if any(table.values()) else ""))
+    # Last, as they create the folders: every folder the run writes must take a file now, not after the
+    # backbone's pre-training or a task's training. Rank 0 alone writes the results and checkpoints;
+    # every rank reads and writes the cache.
+    rank0 = os.environ.get("RANK", "0") == "0"
+    folders = [(f"--out {args.out}", args.out) if rank0 and args.out else None,
+               (f"--checkpoint-dir {args.checkpoint_dir}", args.checkpoint_dir) if rank0 and args.checkpoint_dir
+               else None,
+               (f"MIRA_EXPERIMENTS_CACHE={cache_path()}", cache_path()),
+               (f"--record ({_out_dir(args, args.suite)})", _out_dir(args, args.suite)) if rank0 and args.record
+               else None]
+    for label, folder in filter(None, folders):
+        try:
+            _writable(folder)
+        except OSError as err:
+            parser.error(f"{label}: cannot write there ({err.strerror or err})")
+    if rank0 and args.checkpoint_dir:
+        folders_named_as_files = sorted(name for name in os.listdir(args.checkpoint_dir)
+                                        if name.endswith(".safetensors")
+                                        and os.path.isdir(os.path.join(args.checkpoint_dir, name)))
+        if folders_named_as_files:  # safetensors read one as "No such device (os error 19)", mid-run
+            parser.error(f"--checkpoint-dir {args.checkpoint_dir}: {folders_named_as_files[0]} is a folder, "
+                         "not a checkpoint file")
     ctx = md.init_distributed(timeout_s=args.dist_timeout)
     try:
         with md.explain_collective_failures(ctx, args.dist_timeout):
@@ -239,11 +322,7 @@ def _run(args, argv, ctx: md.DistributedContext) -> dict:
     suite = SUITES[args.suite]
     setup = QUICK if args.quick else FULL
     seeds = tuple(args.seeds) if args.seeds else setup["seeds"]
-    if args.record:
-        out_dir = os.path.join("results", "experiments", record_name(suite.name, args.preset, args.table))
-    else:
-        out_dir = args.out or os.path.join(cache_dir(), "runs", record_name(suite.name, args.preset, args.table)
-                                           + ("-quick" if args.quick else ""))
+    out_dir = _out_dir(args, suite.name)
     if ctx.is_main:
         os.makedirs(out_dir, exist_ok=True)
     protocols = suite.settings if args.protocol == "all" else (args.protocol,)
@@ -261,12 +340,7 @@ def _run(args, argv, ctx: md.DistributedContext) -> dict:
         domains = [subsample(d, setup["train"], setup["test"]) for d in domains[: suite.quick_domains]]
     dil_t = P.dil_tasks(domains)
     cil_t = P.cil_tasks(domains, cfg.cil_classes_per_task)
-    variants = {p: TABLES[args.table](base, improved, p) for p in protocols}
-    if args.variants:  # names checked in main
-        variants = {p: [v for v in vs if v.name in args.variants] for p, vs in variants.items()}
-    elif args.quick:
-        quick_rows = {"dil": QUICK_ROWS, "cil": QUICK_CIL_ROWS, "dg": QUICK_DG_ROWS}
-        variants = {p: [v for v in vs if v.name in quick_rows[p]] for p, vs in variants.items()}
+    variants = rows_to_run(args.table, base, improved, protocols, quick=args.quick, names=args.variants)  # as main
     protocols = tuple(p for p in protocols if variants[p])  # a table may have no rows for a setting
     order = {p: [v.name for v in vs] for p, vs in variants.items() if p in protocols}
 

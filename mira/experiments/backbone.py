@@ -82,9 +82,14 @@ def pretrain_images(name: str) -> tuple[torch.Tensor, torch.Tensor]:
     return digits_pretrain()
 
 
-def cache_dir() -> str:
+def cache_path() -> str:
+    """The cache folder ``MIRA_EXPERIMENTS_CACHE`` names (default ``~/.cache/mira-kernels``), not created."""
     # expanduser: "~/..." from an env file or a container reaches here unexpanded by any shell
-    path = os.path.expanduser(_config.read("MIRA_EXPERIMENTS_CACHE") or os.path.join("~", ".cache", "mira-kernels"))
+    return os.path.expanduser(_config.read("MIRA_EXPERIMENTS_CACHE") or os.path.join("~", ".cache", "mira-kernels"))
+
+
+def cache_dir() -> str:
+    path = cache_path()
     os.makedirs(path, exist_ok=True)
     return path
 

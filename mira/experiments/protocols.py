@@ -214,6 +214,19 @@ def _initial_head(model: nn.Module, backbone: nn.Module, rc: RecipeConfig, pool:
     return True
 
 
+def _end_task(model: nn.Module, kind: str, lora_head_trains: bool) -> None:
+    """Put ``model`` in the state a finished task leaves it in: the stage its kind last trained in
+    (consolidation ends in ``inference``; ``seq_lora`` stays in ``adaptation``, its live LoRA being
+    the model), what that stage trains, eval mode. Every task ends here and so does loading a saved
+    state, so a resumed run goes on (or ends: probe, retrieval profile, weight mass) from the model
+    an uninterrupted run had; the checkpoint restores tensors, not the stage."""
+    if kind == "seq_lora":
+        mira.set_stage(model, "adaptation", extra_trainable=("head",) if lora_head_trains else ())
+    else:
+        mira.set_stage(model, "inference")
+    model.eval()
+
+
 def run_continual(setting: str, variant: str | Variant, backbone: nn.Module, tasks: Sequence[Task],
                   pool: AdapterPool | None, cfg: ProtocolConfig, seed: int, *,
                   step: Callable[[], None] | None = None, keep_model: bool = False,
@@ -235,6 +248,7 @@ def run_continual(setting: str, variant: str | Variant, backbone: nn.Module, tas
     num_classes = cfg.num_classes
     nt = len(tasks)
     shared = rc.head == "shared"
+    lora_head_trains = rc.adapt_head != "shared"
     out: dict = {"variant": v.name, "kind": kind, "seed": seed}
 
     if kind == "joint_lora":
@@ -280,16 +294,16 @@ def run_continual(setting: str, variant: str | Variant, backbone: nn.Module, tas
             out["consolidation"] = saved["consolidation"]
         gen.set_state(saved["generator"])
         torch.set_rng_state(saved["global_generator"])
+        _end_task(model, kind, lora_head_trains)
     for t, task in enumerate(tasks):
         if t < start:
             continue
         seen = 1 + max(task.classes)
         mask = _class_mask(task, num_classes) if cil else None
         if kind == "seq_lora":
-            if cil and t > 0 and rc.adapt_head != "shared":
+            if cil and t > 0 and lora_head_trains:
                 _grow_head(model, seen, None, gen)
-            train_lora(model, task.train_x, task.train_y, rc, gen, class_mask=mask,
-                       train_head=rc.adapt_head != "shared")
+            train_lora(model, task.train_x, task.train_y, rc, gen, class_mask=mask, train_head=lora_head_trains)
         else:
             if kind == "oracle":
                 _set_memory(model, pool, pool.task_slots(t))
@@ -317,6 +331,7 @@ def run_continual(setting: str, variant: str | Variant, backbone: nn.Module, tas
             acc[t][j] = evaluate(model, tasks[j].test_x, tasks[j].test_y, rows=seen if cil else None)
         if kind == "oracle":
             _set_memory(model, pool, pool.task_slots(t))
+        _end_task(model, kind, lora_head_trains)
         if ckpt is not None:
             state = {"tasks_done": t + 1, "acc": acc, "gpm_ranks": ranks, "model": trained_tensors(model),
                      "generator": gen.get_state(), "global_generator": torch.get_rng_state()}

@@ -191,28 +191,46 @@ def write(doc: dict, out_dir: str) -> str:
                 f"({doc['cpu_seconds']:.0f} s of CPU time; load average {load:.1f} at start) on {m['cpu']}, "
                 f"{m['cpus']} CPUs, {ranks}{m['torch_threads']} torch thread(s) per process.\n\n{table}\n")
     profiles = doc.get("dil_retrieval_profile_seed0")
+    plot = os.path.join(out_dir, "retrieval_weights.png")
+    if not profiles and os.path.exists(plot):  # a reused folder: another run's plot beside these tables
+        os.remove(plot)
     if profiles:
         tasks = doc["results"]["dil"]["tasks"]
         slot_tasks = doc.get("dil_retrieval_slot_tasks") or {
             v: [j * len(tasks) // len(p[0][0]) for j in range(len(p[0][0]))] for v, p in profiles.items()}
-        plot_profiles(profiles, tasks, slot_tasks, os.path.join(out_dir, "retrieval_weights.png"), min(doc["seeds"]))
+        plot_profiles(profiles, tasks, slot_tasks, plot, min(doc["seeds"]))
     return table
 
 
-def main(argv=None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m mira.experiments.report", description=__doc__.splitlines()[0])
-    parser.add_argument("parts", nargs="+", help="output folders of runs of single seeds")
-    parser.add_argument("--out", default=None)
-    parser.add_argument("--record", action="store_true", help="write to results/experiments/<suite>[-<preset>]/")
+    parser.add_argument("parts", nargs="+", help="output folders (each with its results.json) of runs of single seeds")
+    parser.add_argument("--out", default=None, metavar="DIR",
+                        help="folder of the merged results (no default: give --out or --record)")
+    parser.add_argument("--record", action="store_true",
+                        help="write to results/experiments/<suite>[-<preset>][-<table>]/ (default: off)")
+    return parser
+
+
+def main(argv=None) -> None:
+    parser = build_parser()
     args = parser.parse_args(argv)
+    if args.out == "":
+        parser.error("--out must not be empty")
     if args.record == (args.out is not None):
         parser.error("give exactly one of --out DIR or --record")
+    missing = [p for p in args.parts if not os.path.isfile(os.path.join(p, "results.json"))]
+    if missing:  # was a FileNotFoundError traceback
+        parser.error(f"no results.json in {', '.join(missing)}: give output folders of python -m mira.experiments")
     first = json.load(open(os.path.join(args.parts[0], "results.json")))
     out = os.path.join("results", "experiments", record_name(first["suite"], first["preset"],
                                                               first.get("table", "main"))) if args.record \
         else args.out
     command = "python -m mira.experiments.report " + " ".join(argv if argv is not None else sys.argv[1:])
-    merged = merge(args.parts, out, command)
+    try:
+        merged = merge(args.parts, out, command)
+    except ValueError as err:  # parts of different runs, or sharing seeds
+        parser.error(str(err))
     print(tables(merged["results"], merged["row_order"]))
     print(f"merged {len(args.parts)} runs (seeds {merged['seeds']}) into {out}")
 

@@ -6,7 +6,9 @@ query module, the live LoRAs, the head), the DualGPM bases, the routing memory, 
 matrix so far, and both random generators (the run's and torch's global one). A run started
 again with the same path skips the finished tasks and continues from that state, so it ends
 with bitwise the same keys, heads and metrics as a run that was never stopped (a task that was
-interrupted restarts from its beginning; the adaptation pool is deterministic and retrained).
+interrupted restarts from its beginning; the adaptation pool is deterministic and retrained). The
+stage and train/eval mode are not saved: they follow from the variant's kind, and run_continual
+sets them after every task and after loading alike.
 
 The file is :func:`mira.distributed.save_checkpoint`'s (one safetensors file, written by rank 0,
 read by rank 0 and broadcast): under ``torchrun`` every rank resumes from the same state.
@@ -62,7 +64,13 @@ class TaskCheckpoint:
 
     def load(self) -> dict | None:
         """The saved state (on every rank), or None when there is no file yet."""
-        saved = md.load_checkpoint(self.path)
+        try:
+            saved = md.load_checkpoint(self.path)
+        except ValueError as err:
+            if os.path.isdir(self.path):  # said "No such device (os error 19)"
+                raise IsADirectoryError(f"checkpoint {self.path} is a folder, not a checkpoint file: "
+                                        "remove it or use another path") from err
+            raise
         if saved is None:
             return None
         if saved.get("identity") != self.identity:
