@@ -50,6 +50,7 @@ import datetime
 import gc
 import json
 import numbers
+import operator
 import os
 import weakref
 from collections.abc import Iterator, Sequence
@@ -156,8 +157,8 @@ def init_distributed(backend: str | None = None, *, timeout_s: float = DEFAULT_T
 
     Returns:
         The :class:`DistributedContext`. Without ``RANK`` and ``WORLD_SIZE`` in the environment (a
-        plain ``python`` launch) no process group is made and the context is rank 0 of 1. An
-        existing process group is used as it is.
+        plain ``python`` launch) no process group is made and the context is rank 0 of 1; one of
+        them without the other is refused (ValueError). An existing process group is used as it is.
     """
     global _initialised_here
     # The arguments are checked first, in every launch: a script tried with a plain python launch
@@ -175,8 +176,13 @@ def init_distributed(backend: str | None = None, *, timeout_s: float = DEFAULT_T
         raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
     if dist.is_available() and dist.is_initialized():
         return get_context()
-    if not all(v in os.environ for v in _TORCHRUN_VARS):
+    missing = [v for v in _TORCHRUN_VARS if v not in os.environ]
+    if len(missing) == len(_TORCHRUN_VARS):
         return DistributedContext()
+    if missing:  # one without the other ran silently as rank 0 of 1: every "rank" trained alone
+        present = next(v for v in _TORCHRUN_VARS if v not in missing)
+        raise ValueError(f"{present} is set but {missing[0]} is not: a torchrun launch sets both (RANK and "
+                         "WORLD_SIZE); set both, or neither for one process")
     if not dist.is_available():
         raise RuntimeError("RANK and WORLD_SIZE are set (a torchrun launch) but this torch build has no "
                            "torch.distributed support")
@@ -378,13 +384,18 @@ class ShardedBatches:
         # sample than the one meant, and that sample twice in the epoch.
         if order.numel() and int(order.min()) < 0:
             raise ValueError(f"order must hold sample indices >= 0, got {int(order.min())}")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        # Any integer (a numpy int from a config, as position takes), stored as a plain int.
+        try:
+            size = None if isinstance(batch_size, bool) else operator.index(batch_size)
+        except TypeError:
+            size = None
+        if size is None or size < 1:
             raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
         if isinstance(position, bool) or not isinstance(position, numbers.Integral):  # 1.5 failed at the first step
             raise TypeError(f"position must be an int (the next batch), got {type(position).__name__}")
         ctx = _ctx(context)
         self.order = order
-        self.batch_size = batch_size
+        self.batch_size = size
         self.rank, self.world_size = ctx.rank, ctx.world_size
         if not 0 <= position <= len(self):
             raise ValueError(f"position {position} out of range for {len(self)} batches")
@@ -403,7 +414,9 @@ class ShardedBatches:
             raise IndexError(f"batch {i} out of range for {len(self)} batches")
         start = int(i) * self.batch_size
         global_idx = self.order[start : start + self.batch_size]
-        pos = torch.arange(self.rank, global_idx.numel(), self.world_size)
+        # A global batch of fewer samples than the rank (a small tail on many ranks) leaves this
+        # rank nothing; arange(rank, n) with rank > n raised instead of returning no positions.
+        pos = torch.arange(min(self.rank, global_idx.numel()), global_idx.numel(), self.world_size)
         real = pos.numel()
         if real == 0:
             pos = torch.zeros(1, dtype=torch.int64)
@@ -544,7 +557,9 @@ class DistributedModel:
       [2, d]"), and a stage switch leaves it reducing the previous stage's parameters only (the
       new ones would train apart on every rank). A rebuild drops the old reducer, checks that every
       rank has the same layout, broadcasts rank 0's MIRA tensors and trainable parameters (not the
-      frozen backbone) and builds a new reducer: one small broadcast per rebuild.
+      frozen backbone) and builds a new reducer: one small broadcast per rebuild. A stage that
+      trains nothing (inference) gets no DDP (it refuses such a module) but the same broadcasts:
+      of every parameter and buffer at the first call, of MIRA's tensors at a rebuild.
     * ``"fsdp"``: ``fully_shard`` on every transformer block, once, at the first call. It shards
       the frozen backbone weights (each rank keeps 1/K, all-gathered block by block in forward and
       backward); MIRA's tensors (keys, banks, query modules, LoRAs) and every parameter that
@@ -657,11 +672,17 @@ class DistributedModel:
     def _build_ddp(self, first: bool) -> None:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        if not self._trainable():
-            self._ddp = None  # nothing trains (inference): DDP refuses such a module, and needs none
-            return
+        trainable = self._trainable()
         if not first:
             self._broadcast_mira_and_trainable()
+        elif not trainable:
+            # What DDP's init sync would do: the ranks start from rank 0's parameters and buffers.
+            broadcast_tensors_([*self.module.parameters(), *self.module.buffers()], context=self.context)
+        if not trainable:
+            # Nothing trains (inference): DDP refuses such a module, and needs none. The broadcast
+            # above still runs: ranks that wrote different keys would otherwise serve different models.
+            self._ddp = None
+            return
         device_ids = [self.context.local_rank] if self.context.backend == "nccl" else None
         self._ddp = DDP(self.module, device_ids=device_ids, forward_sync_buffers=False, init_sync=first,
                         bucket_cap_mb=self.bucket_cap_mb)
@@ -748,7 +769,10 @@ def _allreduce_sum_hook(process_group, bucket):
 
 def _flatten(obj, tensors: dict[str, torch.Tensor], path: str):
     if isinstance(obj, torch.Tensor):
-        key = path or "."
+        # Named by its number, then its path (for reading the file): the path alone collides when
+        # keys spell the same path ("a/b" and a -> b; 1 and "1"), and one tensor silently replaced
+        # the other. The tree records each tensor's name, so files of path-named tensors still load.
+        key = f"{len(tensors)}{path}"  # the path is empty or starts with "/": the number ends there
         tensors[key] = obj.detach().to("cpu").contiguous().clone()
         return {"__tensor__": key}
     if isinstance(obj, dict):
@@ -778,10 +802,10 @@ def _unflatten(node, tensors: dict[str, torch.Tensor]):
 def save_checkpoint(path: str | os.PathLike, state: dict, context: DistributedContext | None = None) -> None:
     """Rank 0 writes ``state`` (nested dicts / lists of tensors, numbers, strings) to ``path`` atomically.
 
-    One safetensors file: tensors by their path in ``state``, the structure and the other values
-    as JSON in its metadata. The previous file stays intact until the new one is complete (write,
-    then rename). Every rank must call it (it ends with a barrier); only rank 0's copy is written,
-    which is every rank's copy of the replicated state.
+    One safetensors file: tensors by their number and path in ``state`` (``"3/model/keys"``), the
+    structure and the other values as JSON in its metadata. The previous file stays intact until
+    the new one is complete (write, then rename). Every rank must call it (it ends with a barrier);
+    only rank 0's copy is written, which is every rank's copy of the replicated state.
     """
     from safetensors.torch import save_file
 

@@ -203,7 +203,28 @@ def capacity_writes(args: dict) -> dict:
         mira.set_stage(model, "consolidation", extra_trainable=("head",))
         net(x).square().sum().backward()
         model.zero_grad(set_to_none=True)
-    return {"state": _mira_state(model), "builds": net.builds}
+    out = {"state": _mira_state(model), "builds": net.builds}
+
+    # Then a stage that trains nothing: a rebuild without DDP, which must still broadcast rank 0's
+    # MIRA tensors (it skipped the broadcast, and each rank served the keys it drew).
+    _grow(model, gen)
+    mira.set_stage(model, "inference")
+    with torch.no_grad():
+        logits = net(x)
+    out["inference"] = {"state": _mira_state(model), "logits": logits, "builds": net.builds}
+
+    # A first build with nothing to train: no DDP, whose init sync would have broadcast rank 0's
+    # parameters and buffers, so the wrapper must (each rank's head and keys drawn differently).
+    torch.manual_seed(200 + ctx.rank)
+    fresh = mira.attach(tiny_backbone(), rank=2, capacity=4)
+    fresh.head = torch.nn.Linear(16, 10)
+    _grow(fresh, gen)
+    mira.set_stage(fresh, "inference")
+    fresh_net = md.DistributedModel(fresh, "ddp", verbose=False)
+    with torch.no_grad():
+        logits = fresh_net(x)
+    out["fresh_inference"] = {"state": _mira_state(fresh), "logits": logits, "builds": fresh_net.builds}
+    return out
 
 
 def recipe(args: dict) -> dict:

@@ -71,19 +71,24 @@ def _ok(results: list[dict]) -> list[dict]:
 # ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("world", [1, 2, 3, 5])
-def test_shards_of_every_rank_make_up_each_global_batch_in_order(world):
-    order = torch.randperm(23, generator=torch.Generator().manual_seed(0))
+# 23 samples: a tail of 7. 9 and 10 samples: tails of 1 and 2, fewer than the ranks (rank 3 of 4
+# crashed with "upper bound and lower bound inconsistent with step sign" instead of padding).
+@pytest.mark.parametrize("world, n", [(1, 23), (2, 23), (3, 23), (5, 23), (4, 9), (4, 10), (8, 17)])
+def test_shards_of_every_rank_make_up_each_global_batch_in_order(world, n):
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+    steps = -(-n // 8)
     shares = [list(md.ShardedBatches(order, 8, context=md.DistributedContext(r, world, r, "gloo")))
               for r in range(world)]
-    assert {len(s) for s in shares} == {3}  # the same number of steps on every rank
-    for i in range(3):
+    assert {len(s) for s in shares} == {steps}  # the same number of steps on every rank
+    for i in range(steps):
         glob = order[8 * i : 8 * (i + 1)]
         rebuilt = torch.empty_like(glob)
         seen = torch.zeros(len(glob), dtype=torch.int64)
         for s in shares:
             shard = s[i]
             assert torch.equal(shard.global_indices, glob) and shard.indices.numel() >= 1
+            if shard.real == 0:  # one padding sample of the batch, weight 0
+                assert shard.indices.tolist() == glob[:1].tolist() and shard.weights.tolist() == [0.0]
             real = shard.position[: shard.real]
             rebuilt[real] = shard.indices[: shard.real]
             seen[real] += 1
@@ -92,6 +97,20 @@ def test_shards_of_every_rank_make_up_each_global_batch_in_order(world):
         assert max(sizes) - min(sizes) <= 1
     if world == 5:  # the last global batch has 7 samples: shares of 2, 2, 1, 1, 1
         assert [s[2].real for s in shares] == [2, 2, 1, 1, 1]
+    if n == 10:  # a tail of 2 on 4 ranks: two ranks pad
+        assert [s[1].real for s in shares] == [1, 1, 0, 0]
+
+
+def test_evaluation_batches_of_fewer_samples_than_ranks_pad_the_ranks_left_over(monkeypatch):
+    from mira.experiments import parallel
+
+    for rank in range(4):
+        monkeypatch.setattr(md, "get_context", lambda rank=rank: md.DistributedContext(rank, 4, rank, "gloo"))
+        shards = list(parallel.eval_batches(5, 1))  # global batches of 4: [0, 1, 2, 3], [4]
+        assert [s.real for s in shards] == [1, int(rank == 0)]
+        assert [s.indices.tolist() for s in shards] == [[rank], [4]]
+        (only,) = parallel.eval_batches(2, 8)  # one batch of 2 on 4 ranks
+        assert (only.real, only.indices.tolist()) == ((1, [rank]) if rank < 2 else (0, [0]))
 
 
 def test_a_rank_with_an_empty_share_computes_a_padding_sample_that_contributes_nothing():
@@ -161,6 +180,12 @@ def test_sharded_batches_refuse_what_they_would_shard_wrongly_or_fail_on_later()
             batches.shard(i)
     assert batches.shard(2).real == 0 and batches.shard(2).indices.tolist() == [4]
     assert md.ShardedBatches(torch.arange(5), 2, context=ctx, position=np.int64(1)).shard(np.int64(1)).real == 1
+    # batch_size took no numpy int (position did), and must be a plain int in the state it saves
+    numpy_size = md.ShardedBatches(torch.arange(5), np.int64(2), context=ctx)
+    assert numpy_size.shard(1).indices.tolist() == [3] and type(numpy_size.state_dict()["batch_size"]) is int
+    for bad in (2.0, True, "2", -1):
+        with pytest.raises((TypeError, ValueError), match="batch_size"):
+            md.ShardedBatches(torch.arange(5), bad, context=ctx)
     assert list(md.ShardedBatches(torch.arange(0), 2, context=ctx)) == []  # an empty epoch: no steps
     big = [list(md.ShardedBatches(torch.arange(3), 8, context=md.DistributedContext(r, 2, r, "gloo")))
            for r in range(2)]
@@ -221,6 +246,52 @@ def test_checkpoint_round_trip_keeps_structure_types_and_bits(tmp_path):
         md.load_checkpoint(tmp_path / "other.safetensors")
     with pytest.raises(TypeError, match="cannot checkpoint"):
         md.save_checkpoint(tmp_path / "bad.safetensors", {"x": object()})
+
+
+def test_checkpoint_keeps_tensors_whose_paths_spell_the_same_key_and_reads_path_named_files(tmp_path):
+    # Each tensor was named by its path: "metrics/loss" and metrics -> loss both wrote "/metrics/loss",
+    # 1 and "1" both "/by_id/1"; the second silently replaced the first.
+    state = {"metrics/loss": torch.tensor([1.0]), "metrics": {"loss": torch.tensor([2.0])},
+             "by_id": {1: torch.tensor([3.0]), "1": torch.tensor([4.0])}, "list": [torch.tensor([5.0])],
+             "list/0": torch.tensor([6.0]), "/": torch.tensor([7.0]), "": {"": torch.tensor([8.0])}}
+    md.save_checkpoint(tmp_path / "same.safetensors", state)
+    loaded = md.load_checkpoint(tmp_path / "same.safetensors")
+    assert list(loaded) == list(state) and list(loaded["by_id"]) == [1, "1"]
+    # leaf by leaf in order (_flat's own keys collide the same way)
+    assert [v.tolist() for v in _leaves(loaded)] == [[1.0], [2.0], [3.0], [4.0], [5.0], [6.0], [7.0], [8.0]]
+    md.save_checkpoint(tmp_path / "root.safetensors", torch.tensor([9.0]))  # a bare tensor round-trips too
+    assert md.load_checkpoint(tmp_path / "root.safetensors").tolist() == [9.0]
+
+    # A file written before (tensors named by path, the same version) still loads.
+    from safetensors.torch import save_file
+
+    tree = {"__dict__": [["model", {"__dict__": [["keys", {"__tensor__": "/model/keys"}]]}],
+                         ["steps", {"__list__": [{"__tensor__": "/steps/0"}, 3], "tuple": True}]]}
+    save_file({"/model/keys": torch.ones(2, 3), "/steps/0": torch.tensor([4])}, tmp_path / "old.safetensors",
+              metadata={"format": "mira-distributed-checkpoint", "version": "1", "tree": json.dumps(tree),
+                        "world_size": "2"})
+    old = md.load_checkpoint(tmp_path / "old.safetensors")
+    assert torch.equal(old["model"]["keys"], torch.ones(2, 3)) and old["steps"][1] == 3
+    assert isinstance(old["steps"], tuple) and torch.equal(old["steps"][0], torch.tensor([4]))
+
+
+def _leaves(obj) -> list:
+    if isinstance(obj, dict):
+        return [leaf for v in obj.values() for leaf in _leaves(v)]
+    if isinstance(obj, (list, tuple)):
+        return [leaf for v in obj for leaf in _leaves(v)]
+    return [obj]
+
+
+def test_a_torchrun_environment_missing_rank_or_world_size_is_refused(monkeypatch):
+    # RANK without WORLD_SIZE silently ran as rank 0 of 1: every "rank" trained the whole data alone.
+    for present, missing in (("RANK", "WORLD_SIZE"), ("WORLD_SIZE", "RANK")):
+        monkeypatch.setenv(present, "1")
+        monkeypatch.delenv(missing, raising=False)
+        with pytest.raises(ValueError, match=missing):
+            md.init_distributed()
+        monkeypatch.delenv(present)
+    assert md.init_distributed() == md.DistributedContext()
 
 
 def test_without_torchrun_everything_is_one_process(monkeypatch):
@@ -327,12 +398,18 @@ def test_a_growing_memory_rebuilds_the_strategy_instead_of_failing(runs, one_pro
 def test_writes_into_a_memory_of_fixed_capacity_leave_every_rank_with_rank_0s_contents():
     # A write into pre-allocated slots changes no shape: the wrapper used to miss it, and each rank
     # kept the keys it drew (ranks silently differed by up to 1.9).
+    # Then the same under a stage that trains nothing (no DDP is built): it skipped the broadcast,
+    # and the ranks' logits differed by 0.3; a first build in that stage skipped DDP's init sync.
     ranks = _ok(W.launch("capacity_writes", 2))
     assert ranks[0]["/builds"] == 2  # built at the first forward, rebuilt after the second write
-    state = [k for k in ranks[0] if k.startswith("/state/")]
-    assert any(k.endswith("mira_memory.keys") for k in state)
-    differ = [k for k in state if not _same(ranks[0][k], ranks[1][k])]
-    assert not differ, differ[:5]
+    assert ranks[0]["/inference/builds"] == 3 and ranks[0]["/fresh_inference/builds"] == 1
+    for part in ("/state/", "/inference/state/", "/fresh_inference/state/"):
+        state = [k for k in ranks[0] if k.startswith(part)]
+        assert any(k.endswith("mira_memory.keys") for k in state) and any("head" in k for k in state), part
+        differ = [k for k in state if not _same(ranks[0][k], ranks[1][k])]
+        assert not differ, differ[:5]
+    for part in ("/inference/logits", "/fresh_inference/logits"):
+        assert _same(ranks[0][part], ranks[1][part]), part
 
 
 def test_a_run_killed_mid_task_resumes_to_bitwise_the_uninterrupted_result(tmp_path):
