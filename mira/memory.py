@@ -221,7 +221,8 @@ class AdapterMemory(nn.Module):
         bank_a = params["bank_a"] if "bank_a" in params else buffers["bank_a"]
         bank_b = params["bank_b"] if "bank_b" in params else buffers["bank_b"]
         sources = (keys, bank_a, bank_b, active) if active is not None and c.trainable_bank else (keys, active)
-        if _native_stamp is None or _is_compiling() or not _native_stamp(self._mutations, *sources):
+        if (_native_stamp is None or _is_compiling() or _is_jit_tracing()
+                or not _native_stamp(self._mutations, *sources)):
             return None
         absent = PLAN_ABSENT
         fields = c.__dict__
@@ -264,7 +265,7 @@ class AdapterMemory(nn.Module):
         # Zen 3, interleaved in one process). Its key is the one built below: with the banks
         # unmasked the sources are (keys, active).
         entry = self._retrieval_cache
-        if entry is not None and _native_stamp is not None and not _is_compiling():
+        if entry is not None and _native_stamp is not None and not (_is_compiling() or _is_jit_tracing()):
             c = self.config
             active = buffers.get("active")
             if active is None or not c.trainable_bank:
@@ -285,7 +286,7 @@ class AdapterMemory(nn.Module):
         # The CPU hit path inlined (no _cache_stamp frame): after a network's GEMMs each Python
         # frame entered costs microseconds of cold caches (benchmarks/budget.py, "key prep").
         stamp = None
-        if _native_stamp is not None and not _is_compiling():
+        if _native_stamp is not None and not (_is_compiling() or _is_jit_tracing()):
             stamp = _native_stamp(self._mutations, *sources)
         if stamp is None:  # not plain CPU tensors (or compiling): the general key
             stamp = _cache_stamp(self._mutations, sources)
@@ -815,6 +816,10 @@ _native_stamp = getattr(getattr(_extension, "_C", None), "_retrieval_stamp", Non
 # Bound once (the same function, which Dynamo folds to True when tracing): two attribute reads
 # fewer on the hit path.
 _is_compiling = torch.compiler.is_compiling
+# torch.jit.trace, as compiling: cached derived keys are no graph's tensors, so a trace would record
+# them as constants (a traced model then ignored every later change of the keys). The C function
+# torch.jit.is_tracing calls; never reached under Dynamo (_is_compiling() comes first).
+_is_jit_tracing = torch._C._is_tracing
 
 
 def _token_query_dtypes(keys_dtype: torch.dtype) -> tuple[torch.dtype, ...]:
@@ -883,7 +888,7 @@ def _cache_stamp(mutations: int, sources) -> object | None:
     In a network this runs after large GEMMs that have evicted the interpreter's caches, where
     the Python key's ~30 attribute reads cost ~70 us per call and the native one a few.
     """
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or _is_jit_tracing():
         return None
     if _native_stamp is not None:
         stamp = _native_stamp(mutations, *sources)
@@ -896,7 +901,7 @@ def _cache_stamp(mutations: int, sources) -> object | None:
 
 def _cacheable(sources) -> bool:
     """Whether derived tensors of ``sources`` may come from a cache (see the module docstring)."""
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or _is_jit_tracing():
         return False
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in sources):
         return False

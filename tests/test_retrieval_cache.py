@@ -663,6 +663,21 @@ def test_jit_trace_records_the_op():
 
 
 @needs_plan
+def test_a_jit_trace_follows_the_keys_it_was_traced_from():
+    # The trace took the cached normalised keys, which no graph produced, as constants: its own
+    # check failed on a fresh layer, and a warm layer traced to a module that ignored later key changes.
+    fresh, layer, x = make_layer(), make_layer(), tokens()
+    for module in (fresh, fresh.memory, layer, layer.memory):
+        module.requires_grad_(False)
+    with torch.no_grad(), pytest.warns(FutureWarning):
+        torch.jit.trace(fresh, x)  # the default check compares two traces
+        planned(layer, x)
+        traced = torch.jit.trace(layer, x, check_trace=False)
+        layer.memory.keys.mul_(torch.linspace(-1, 2, layer.memory.keys.shape[1]))
+        torch.testing.assert_close(traced(x), expected(layer, x))
+
+
+@needs_plan
 def test_the_plan_steps_aside_where_the_op_has_work(monkeypatch):
     layer, x = make_layer(), tokens()
     plan = planned(layer, x)
