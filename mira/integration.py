@@ -65,6 +65,24 @@ def _memory_owner(block: nn.Module) -> nn.Module:
     return block.attn if isinstance(block, nn.Sequential) else block
 
 
+def _vit_of(model: nn.Module, block_names: list[str]) -> nn.Module:
+    """The ViT that owns the blocks, their token layout (``cls_token``, ``num_prefix_tokens``) and
+    input size (``patch_embed``): the innermost common ancestor of the blocks that defines one of
+    them, else ``model``. A wrapper (timm's ``features_only`` FeatureGetterNet holds the ViT at
+    ``.model``) has none itself: read from it, the ViT's CLS token went unseen, the mean query
+    averaged the CLS token in, and the dry run's input size was not found."""
+    common = block_names[0].split(".")[:-1]
+    for name in block_names[1:]:
+        parts = name.split(".")
+        while common and parts[:len(common)] != common:
+            common = common[:-1]
+    for depth in range(len(common), 0, -1):
+        owner = model.get_submodule(".".join(common[:depth]))
+        if any(hasattr(owner, a) for a in ("cls_token", "num_prefix_tokens", "patch_embed")):
+            return owner
+    return model
+
+
 def _example_input(model: nn.Module, batch: int) -> torch.Tensor:
     param = next(model.parameters())
     size = None
@@ -271,7 +289,7 @@ def attach(
             raise RuntimeError(f"mira.attach: block {name!r} already has an attribute {MEMORY_ATTR!r}")
 
     if example_input is None:
-        example_input = _example_input(model, batch=2)
+        example_input = _example_input(_vit_of(model, [name for name, _ in chosen]), batch=2)
     elif isinstance(example_input, torch.Tensor) and example_input.shape[0] == 1:
         # With one image, windowed attention over a single window would look per-image.
         example_input = torch.cat([example_input, example_input])
@@ -292,13 +310,14 @@ def _install(model: nn.Module, chosen: list[tuple[str, nn.Module]], config: Mira
              example_input: torch.Tensor) -> None:
     token_counts, patch_shape = _probe(model, chosen, example_input, "original model")
 
-    cls_token = getattr(model, "cls_token", None)
+    vit = _vit_of(model, [name for name, _ in chosen])
+    cls_token = getattr(vit, "cls_token", None)
     has_cls = cls_token is not None
     # Without num_prefix_tokens, the prefix is the cls_token's tokens (PiT: CLS and distillation in one (1, 2, d)).
     cls_tokens = cls_token.shape[-2] if isinstance(cls_token, torch.Tensor) and cls_token.dim() == 3 else 1
-    num_prefix = int(getattr(model, "num_prefix_tokens", cls_tokens if has_cls else 0))
+    num_prefix = int(getattr(vit, "num_prefix_tokens", cls_tokens if has_cls else 0))
     if config.query_token == "cls" and not has_cls:
-        raise ValueError(f"query_token='cls' needs a CLS token, but {type(model).__name__} has none "
+        raise ValueError(f"query_token='cls' needs a CLS token, but {type(vit).__name__} has none "
                          "(e.g. class_token=False); use query_token='mean'")
 
     memory_configs = []

@@ -400,3 +400,31 @@ def test_the_mean_query_leaves_out_every_token_of_a_model_without_num_prefix_tok
     assert not hasattr(model, "num_prefix_tokens") and model.cls_token.shape[1] == 2
     mira.attach(model, query_token="mean")
     assert {m.config.num_prefix_tokens for m in mira.memories(model)} == {2}
+
+
+@pytest.mark.parametrize("query_token", ["cls", "mean"])
+def test_attach_to_a_features_only_vit_reads_the_wrapped_vits_tokens_and_input_size(query_token):
+    # timm's features_only wrapper (FeatureGetterNet) holds the ViT at .model. Read from the wrapper,
+    # the CLS token went unseen: "cls" was refused as having none, and "mean" averaged the CLS token
+    # into every query; without example_input the dry run's input size was not found.
+    def vit(**kwargs):
+        torch.manual_seed(0)
+        return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2,
+                                 **kwargs).eval()
+
+    features = mira.attach(vit(features_only=True, out_indices=(0, 1)), query_token=query_token)
+    plain = mira.attach(vit(), query_token=query_token)
+    assert [m.config.num_prefix_tokens for m in mira.memories(features)] == [1, 1]
+    for model in (features, plain):
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for p in mira.projections(model):
+                p.lora_b.copy_(torch.randn(p.lora_b.shape, generator=g))
+        mira.write_adapters(model, generator=g)
+        mira.write_adapters(model, generator=g)
+        mira.set_stage(model, "inference")
+    x = images()
+    with torch.no_grad():
+        expected = plain.forward_intermediates(x, indices=(0, 1), intermediates_only=True)
+        for got, want in zip(features(x), expected, strict=True):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
