@@ -239,10 +239,11 @@ class MiraProjection(nn.Module):
             return base(x)
         if base._forward_pre_hooks or base._forward_hooks or "weight" not in base._parameters:
             # The base layer's own forward has work the fused op would skip (hooks: torch.nn.utils.prune
-            # recomputes the weight in one; or no weight parameter at all): run it as it is, and add
-            # the adapter on x, as PEFT's LoRA layers do. The op's GEMM is then over a zero weight:
-            # correct, not fast.
-            zero = base.weight.new_zeros(()).expand(base.weight.shape)
+            # recomputes the weight in one; or no weight parameter at all: parametrize, or a quantized
+            # layer, whose weight is a method returning packed integers): run it as it is, and add the
+            # adapter on x, as PEFT's LoRA layers do. The op's GEMM is then over a zero weight of x's
+            # dtype: correct, not fast.
+            zero = x.new_zeros(()).expand(base.out_features, base.in_features)
             return base(x) + self._fused(x, zero, None)
         if type(base) is nn.Linear:  # there the dict is what the attributes return (a subclass may override them)
             params = base._parameters

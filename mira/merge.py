@@ -77,9 +77,12 @@ def _updated_weight(proj: MiraProjection, update: MergedUpdate, sign: float, wha
         # torch.nn.utils.prune and parametrize make the weight a tensor recomputed from other ones at
         # every forward: an update written into it would be gone at the next call (a merge that does
         # nothing, an unmerge that subtracts from a copy), so the weight must be a parameter again first.
-        raise RuntimeError(f"{what}: a qkv base layer's weight is recomputed at every forward (torch.nn.utils.prune "
-                           "or parametrize), so an update written into it would be lost; make it a plain parameter "
-                           "first (prune.remove / parametrize.remove_parametrizations); nothing was changed")
+        # A quantized layer (torch.ao quantize_dynamic) holds packed integers: merge before quantizing.
+        raise RuntimeError(f"{what}: a qkv base layer's weight is not a parameter (recomputed at every forward by "
+                           "torch.nn.utils.prune or parametrize, or packed by quantization), so an update cannot be "
+                           "written into it; make it a plain parameter first (prune.remove / "
+                           "parametrize.remove_parametrizations), or merge / fold before quantizing; nothing was "
+                           "changed")
     weight = proj.base_layer.weight
     d_s = proj.memory.config.slice_width
     scale = proj.memory.config.scale

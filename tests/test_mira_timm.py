@@ -428,3 +428,23 @@ def test_attach_to_a_features_only_vit_reads_the_wrapped_vits_tokens_and_input_s
         expected = plain.forward_intermediates(x, indices=(0, 1), intermediates_only=True)
         for got, want in zip(features(x), expected, strict=True):
             torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore:torch.quantize_per_tensor:UserWarning")
+@pytest.mark.parametrize("stage", ["adaptation", "inference"])
+def test_a_dynamically_quantized_base_layer_gets_the_adapter_added(stage):
+    # torch.ao quantize_dynamic swaps the wrapped Linear for a quantized one, whose weight is a method:
+    # every forward failed inside the layer ("'function' object has no attribute 'new_zeros'").
+    from tests.tiny_models import filled_vit
+
+    model = mira.set_stage(filled_vit(), stage)
+    quantized = torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+    tokens = torch.randn(2, 17, 192, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for plain, packed in zip(mira.projections(model), mira.projections(quantized), strict=True):
+            assert callable(packed.base_layer.weight)
+            adapter = plain(tokens) - plain.base_layer(tokens)
+            torch.testing.assert_close(packed(tokens) - packed.base_layer(tokens), adapter, rtol=1e-5, atol=1e-5)
+            assert adapter.abs().max() > 0.1
+    with pytest.raises(RuntimeError, match="packed by quantization.*merge / fold before quantizing"):
+        mira.merge(mira.set_stage(quantized, "adaptation"))
