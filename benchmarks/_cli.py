@@ -3,13 +3,17 @@
 A bad argument must cost the user a one-line error and exit code 2 (argparse's), not a traceback
 minutes into a run: a negative budget or batch size, or an output path that cannot be written,
 is known before the first model is built. The ``type=`` helpers below make argparse reject bad
-numbers; :func:`output_problem` says why an output path cannot be written (``parser.error`` it).
+numbers; :func:`output_problem` says why an output path cannot be written (``parser.error`` it),
+:func:`timm_model_problem` why a model name is not one, and :func:`read_json` reads an input file
+(a ``parser.error`` where it cannot).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
+import json
 import os
 import signal
 import sys
@@ -18,8 +22,9 @@ import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-__all__ = ["HelpFormatter", "non_negative_float", "non_negative_int", "output_problem", "positive_float",
-           "positive_int", "run_main", "whole_or_not_at_all"]
+__all__ = ["HelpFormatter", "finite_float_at_least", "non_negative_float", "non_negative_int", "output_problem",
+           "positive_float", "positive_int", "read_json", "run_main", "timm_model_problem",
+           "whole_or_not_at_all"]
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -66,6 +71,15 @@ def non_negative_float(text: str) -> float:
     return _number(float, text, lambda v: 0 <= v < float("inf"), "a finite number >= 0")
 
 
+def finite_float_at_least(minimum: float) -> Callable[[str], float]:
+    """A ``type=`` for a finite number >= ``minimum`` (a budget below which a run cannot do its work)."""
+
+    def finite_float(text: str) -> float:
+        return _number(float, text, lambda v: minimum <= v < float("inf"), f"a finite number >= {minimum:g}")
+
+    return finite_float
+
+
 def output_problem(path: str | os.PathLike, *, folder: bool) -> str | None:
     """Why ``path`` cannot take a benchmark's output (None when it can), checked without leaving
     anything behind: ``folder=True`` for a folder the run creates or writes into, else a file
@@ -94,6 +108,28 @@ def output_problem(path: str | os.PathLike, *, folder: bool) -> str | None:
     except OSError as e:
         return f"cannot write into {probe}: {e.strerror or e}"
     return None
+
+
+def read_json(parser: argparse.ArgumentParser, flag: str, path: str | os.PathLike):
+    """The JSON document in ``path``, read before the run: a missing or unreadable file, or one that is
+    not JSON, is ``parser.error`` naming ``flag`` (exit 2), not a traceback after the work."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as e:
+        parser.error(f"{flag} {path}: {e.strerror or e}")
+    except ValueError as e:  # json.JSONDecodeError, UnicodeDecodeError: one line each
+        parser.error(f"{flag} {path}: not a JSON file ({e})")
+
+
+def timm_model_problem(name: str) -> str | None:
+    """Why timm cannot build the model ``name`` (None when it can): known at parse time, where
+    ``timm.create_model`` failed only after the run had started."""
+    import timm
+
+    if timm.is_model(name):
+        return None
+    close = difflib.get_close_matches(name, timm.list_models(), n=3)
+    return f"{name!r} is not a timm model name" + (f" (did you mean {', '.join(close)}?)" if close else "")
 
 
 @contextlib.contextmanager

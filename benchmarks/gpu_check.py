@@ -850,7 +850,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help=f"comma-separated subset of {','.join(PHASES)} (env, and build for the others, always run)")
     p.add_argument("--batches", help="comma-separated batch sizes (default 1,8,64,256)")
     p.add_argument("--dtypes", help="comma-separated dtypes (default bfloat16,float32)")
-    p.add_argument("--budget", type=float, default=TOTAL_BUDGET_S, help="seconds for the whole run (default 290)")
+    # Finite: NaN passed a `< 30` test and cut every phase to its 5 s minimum; inf left NaN shares.
+    p.add_argument("--budget", type=_cli.finite_float_at_least(30), default=TOTAL_BUDGET_S,
+                   help="seconds for the whole run, at least 30 (default 290)")
     p.add_argument("--arch", help="build for this compute capability (e.g. 9.0) instead of the running GPU's")
     p.add_argument("--record", action="store_true", help="after the run, copy its files to benchmarks/results/gpu/")
     p.add_argument("--record-from", type=Path, metavar="DIR",
@@ -881,8 +883,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             p.error(f"--dtypes: {bad or 'none given'}; expected bfloat16, float16 and/or float32")
         workload["dtypes"] = dtypes
     args.workload = workload
-    if args.budget < 30:
-        p.error("--budget must be at least 30 seconds")
+    if args.record_from is not None:  # read (and refused) now: record() raised a traceback at it
+        _cli.read_json(p, "--record-from", args.record_from / "gpu_check.json")
     if args.out is None:
         args.out = Path(os.environ["OUT"]) if os.environ.get("OUT") else args.work / "out"
     for flag, folder in (("--out", args.out), ("--work", args.work)):

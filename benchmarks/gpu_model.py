@@ -892,13 +892,15 @@ def main(argv=None) -> None:
     if args.dump_plans is not None:
         print(json.dumps(dump_plans(args.dump_plans or BATCHES)))
         return
-    mach = replace(Machine(), host_planning=measure_host_planning())
-    measured = json.loads(Path(args.measured).read_text()) if args.measured else None
-    before = json.loads(Path(args.before).read_text()) if args.before else None
-    calibration = None
+    # The files first: a missing or non-JSON one was a traceback after the host planning was timed.
+    measured = _cli.read_json(parser, "--measured", args.measured) if args.measured else None
+    before = _cli.read_json(parser, "--before", args.before) if args.before else None
     if args.calibrate:
         doc = measured if args.measured and Path(args.measured).resolve() == Path(args.calibrate).resolve() else \
-            json.loads(Path(args.calibrate).read_text())
+            _cli.read_json(parser, "--calibrate", args.calibrate)
+    mach = replace(Machine(), host_planning=measure_host_planning())
+    calibration = None
+    if args.calibrate:
         mach, notes = calibrate(mach, doc)
         calibration = (args.calibrate, notes, doc)
     text = report(mach, batches=tuple(args.batches), measured=measured, before=before, calibration=calibration)

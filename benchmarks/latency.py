@@ -74,6 +74,7 @@ import mira
 import mira_kernels as mk
 from benchmarks import _cli, _pairs
 from benchmarks.eager_mira import EagerMiraLinear, attach_eager
+from mira.config import SLICE_NAMES
 
 __all__ = [
     "BASE_GEMM",
@@ -148,9 +149,9 @@ class BenchConfig:
     threads: int = _opt(0, "torch threads (0: torch's own choice)")
     rank: int = _opt(4, "LoRA rank r of the stored adapters")
     slots: int = _opt(30, "stored adapters N per block")
-    slices: tuple[str, ...] = _opt(("q", "v"), "adapted output slices of qkv")
+    slices: tuple[str, ...] = _opt(("q", "v"), "adapted output slices of qkv", choices=SLICE_NAMES)
     query: str = _opt("identity", "query module", choices=("identity", "linear", "mlp"))
-    separation: str = _opt("affine", "separation function")
+    separation: str = _opt("affine", "separation function", choices=mk.SEPARATIONS)
     bank_dtype: str = _opt("", "storage dtype of MIRA's banks (mira.attach's bank_dtype; '' = the model's dtype)",
                            choices=("", "bfloat16", "float16", "float32"))
     seed: int = _opt(0, "seed of the model, adapters, keys and inputs")
@@ -215,6 +216,18 @@ class BenchConfig:
         for name in ("e2e_width", "op_width"):
             if not 0 < getattr(self, name) < math.inf:
                 raise ValueError(f"--{name.replace('_', '-')} must be a positive number, got {getattr(self, name)}")
+        # Names, known before the model is built: each was a traceback from mira.attach or .to(device).
+        if len(set(self.slices)) != len(self.slices) or not set(self.slices) <= set(SLICE_NAMES):
+            raise ValueError(f"--slices takes distinct names among {' '.join(SLICE_NAMES)}, "
+                             f"got {' '.join(self.slices)}")
+        if self.separation not in mk.SEPARATIONS:
+            raise ValueError(f"--separation {self.separation}: expected one of {', '.join(mk.SEPARATIONS)}")
+        try:
+            device_type = torch.device(self.device).type
+        except RuntimeError:  # torch's message lists twenty device types this benchmark does not run on
+            device_type = None
+        if device_type not in ("cpu", "cuda"):
+            raise ValueError(f"--device {self.device}: expected cpu, cuda, cuda:<index> or auto")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"--device {self.device}: no CUDA device is available here")
 
@@ -285,7 +298,7 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchConfig:
         if isinstance(default, tuple):
             kind = kind or {"e2e_budget": float}.get(f.name, int)
             p.add_argument(flag, dest=f.name, type=kind, nargs="*" if not default else "+", default=None,
-                           help=help_text)
+                           choices=meta.get("choices"), help=help_text)
         else:
             p.add_argument(flag, dest=f.name, type=type(default), default=default, choices=meta.get("choices"),
                            help=help_text)
@@ -303,6 +316,9 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchConfig:
         cfg = BenchConfig(**a)
     except ValueError as e:
         p.error(str(e))
+    # A substitute create_model (the tests' tiny ViT) takes any name; timm's knows its own.
+    if create_model is _TIMM_CREATE_MODEL and (problem := _cli.timm_model_problem(cfg.model)):
+        p.error(f"--model: {problem}")
     # Before the run, not after it: a results folder that cannot be written lost the whole run.
     problem = _cli.output_problem(cfg.out_dir(), folder=True)
     if problem:
@@ -417,6 +433,9 @@ def create_model(name: str) -> nn.Module:
     import timm
 
     return timm.create_model(name, pretrained=False)
+
+
+_TIMM_CREATE_MODEL = create_model  # parse_args checks the name against timm only when timm builds the model
 
 
 def build_variants(cfg: BenchConfig, *, model: nn.Module | None = None) -> Variants:

@@ -466,7 +466,7 @@ def parser() -> argparse.ArgumentParser:
                    help="timed rounds at least, whatever the budget")
     p.add_argument("--judge-batch", type=_cli.positive_int, default=16,
                    help="images in the float64 check of every path")
-    p.add_argument("--threads", type=_cli.non_negative_int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--threads", type=_cli.non_negative_int, default=0, help="torch threads (0: torch's own choice)")
     p.add_argument("--record", action="store_true",
                    help=f"append to {RESULTS_DIR.relative_to(RESULTS_DIR.parent.parent)}/ instead of {SCRATCH_DIR}")
     p.add_argument("--out", type=Path, default=None,
@@ -482,6 +482,8 @@ def main(argv=None, model_kwargs: dict | None = None) -> int:
     p = parser()
     args = p.parse_args(argv)
     out = args.out or (RESULTS_DIR if args.record else SCRATCH_DIR)
+    if not args.summarize and (problem := _cli.timm_model_problem(args.model)):  # not after the exports' build
+        p.error(f"--model: {problem}")
     # Before the run, not when its first batch size is written (after the exports are built and judged).
     for flag, folder in (("--out", out), ("--cache", None if args.summarize else args.cache)):
         if folder is not None and (problem := _cli.output_problem(folder, folder=True)):

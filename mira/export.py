@@ -67,6 +67,14 @@ def export_program(model: nn.Module, example_inputs, *, dynamic_batch: bool = Tr
                    strict: bool = False) -> torch.export.ExportedProgram:
     """``torch.export.export`` of ``model`` (the MIRA op stays one fused node).
 
+    The program holds ``model``'s own tensors, not a copy: adapters written into a fixed-capacity
+    memory (``mira.attach(..., capacity=n)``) are served by it as by ``model``, but a memory
+    without a capacity replaces its banks when it grows (``mira.write_adapters``, ``append``) or
+    shrinks, and the program still holds the old ones: its next call fails (a ``ValueError`` about
+    the banks' shapes). Export again after the number of stored adapters changes. The files of
+    :func:`export_aoti` and :func:`export_onnx` hold a copy of the weights: they serve the adapters
+    stored when they were written, whatever is written into the model after.
+
     Args:
         example_inputs: a tensor or a tuple of positional inputs.
         dynamic_batch: make dimension 0 of every tensor input dynamic (any batch size >= 1).
@@ -113,6 +121,10 @@ def export_aoti(model: nn.Module | torch.export.ExportedProgram, example_inputs,
     Returns:
         The package path.
     """
+    # torch asserts the suffix only after exporting (and may compile first): a wrong name would cost
+    # the whole export, then end in a bare AssertionError.
+    if not os.fspath(path).endswith(".pt2"):
+        raise ValueError(f"export_aoti: {os.fspath(path)}: an AOTInductor package's name must end in .pt2")
     if not isinstance(model, torch.export.ExportedProgram):
         model = export_program(model, example_inputs, dynamic_batch=dynamic_batch)
     return torch._inductor.aoti_compile_and_package(model, package_path=os.fspath(path),
@@ -154,8 +166,15 @@ class Float64Check:
                                  f"({self.factor:g} x eager's own {self.eager_error:.3e} + floor): {worst}")
 
 
-def _max_error(got, want: torch.Tensor) -> float:
-    return float((torch.as_tensor(got).to(torch.float64) - want).abs().max())
+def _max_error(name: str, got, want: torch.Tensor) -> float:
+    got = torch.as_tensor(got)
+    # Broadcasting would judge a wrongly shaped output (a (1, 1, B, C) one, one row of B) as if right.
+    if tuple(got.shape) != tuple(want.shape):
+        raise ValueError(f"check_against_float64: output {name!r} has shape {tuple(got.shape)}; the float64 model's "
+                         f"is {tuple(want.shape)}")
+    if not want.numel():  # an empty batch: nothing computed, nothing wrong (max() of no element is an error)
+        return 0.0
+    return float((got.to(torch.float64) - want).abs().max())
 
 
 @torch.no_grad()
@@ -167,7 +186,8 @@ def check_against_float64(model: nn.Module, example_inputs, outputs: Mapping, *,
     Each output's max-abs error must be at most ``factor`` x the error of ``model`` itself (eager,
     its own dtype) + ``floor`` x max(1, |float64 output|) (a few units in the last place: a
     margin for a model so shallow that eager's error is near zero). A copy of ``model`` is cast
-    to float64; ``model`` is not changed.
+    to float64; ``model`` is not changed. An output must have the float64 output's shape
+    (``ValueError`` otherwise); the outputs of an empty batch have error 0.
     """
     examples = _as_tuple(example_inputs)
     own = model(*examples)
@@ -175,8 +195,8 @@ def check_against_float64(model: nn.Module, example_inputs, outputs: Mapping, *,
     reference = copy.deepcopy(model).to(torch.float64)
     want = reference(*(a.to(torch.float64) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
                        for a in examples)).to(torch.float64)
-    eager_error = _max_error(own, want)
+    eager_error = _max_error("eager", own, want)
     scale = float(want.abs().max()) if want.numel() else 0.0
     bound = factor * eager_error + floor * max(1.0, scale)
-    errors = {name: _max_error(out, want) for name, out in outputs.items()}
+    errors = {name: _max_error(name, out, want) for name, out in outputs.items()}
     return Float64Check(eager_error, errors, bound, scale, factor)

@@ -122,6 +122,32 @@ def test_bad_numbers_are_one_line_errors_with_exit_code_2(tool, argv, tmp_path, 
     assert "error:" in last and "Traceback" not in last
 
 
+@pytest.mark.parametrize("tool, argv, flag", [
+    # Each was a traceback once the model was built (or, for the files, at the end of the run).
+    ("latency", ["--separation", "bogus"], "--separation"),
+    ("latency", ["--device", "xyz"], "--device"),
+    ("latency", ["--device", "meta"], "--device"),
+    ("latency", ["--slices", "q", "z"], "--slices"),
+    ("latency", ["--slices", "q", "q"], "--slices"),
+    ("latency", ["--model", "not_a_model"], "--model"),
+    ("serving", ["--model", "not_a_model"], "--model"),
+    ("gpu_model", ["--measured", "MISSING"], "--measured"),
+    ("gpu_model", ["--before", "MISSING"], "--before"),
+    ("gpu_model", ["--calibrate", "NOT_JSON"], "--calibrate"),
+    ("gpu_check", ["--out", "OUT", "--work", "OUT", "--record-from", "MISSING"], "--record-from"),
+])
+def test_bad_names_and_files_are_one_line_errors_with_exit_code_2(tool, argv, flag, tmp_path, no_runs, monkeypatch,
+                                                                  capsys):
+    from benchmarks import gpu_check
+
+    monkeypatch.setattr(gpu_check, "record", _never)
+    not_json = tmp_path / "not.json"
+    not_json.write_text("#!/bin/bash\n")
+    where = {"OUT": str(tmp_path / "out"), "MISSING": str(tmp_path / "missing.json"), "NOT_JSON": str(not_json)}
+    last = _exits_2(tool, [where.get(a, a) for a in argv], capsys)
+    assert "error:" in last and flag in last and "Traceback" not in last
+
+
 def _strict_json(text: str):
     def refuse(constant):
         raise ValueError(f"{constant} is not JSON (jq, JavaScript and most parsers refuse it)")
@@ -234,6 +260,8 @@ def test_help_shows_every_option_with_its_default(tool, capsys):
         assert said.count("default") == 1 or "(default: " not in said.split("(default: ", 1)[1], \
             f"{tool} {option}: two defaults: {said!r}"
         assert "(default: )" not in said and "(default: None)" not in said, f"{tool} {option}: {said!r}"
+    if tool == "serving":  # "0: torch's default" read as the default stated, so none was shown
+        assert "(0: torch's own choice) (default: 0)" in " ".join(text.split())
     if tool == "latency":  # the help said 150 s at B=1, where the run takes up to 600
         budgets = latency.DEFAULT_E2E_BUDGET
         assert f"(default: {budgets[1]:.0f} at B=1, {budgets[8]:.0f} at B=8" in " ".join(text.split())

@@ -181,6 +181,20 @@ def _document_with(phase_records: dict) -> dict:
     return doc
 
 
+@pytest.mark.parametrize("budget", ["nan", "inf", "-1", "29.5", "x"])
+def test_a_budget_that_is_not_a_finite_30_s_or_more_is_a_usage_error(budget, tmp_path, capsys):
+    # NaN passed `budget < 30` and cut every phase to a 5 s limit (and wrote NaN into gpu_check.json);
+    # inf - elapsed is inf, and inf - inf is NaN again in the later phases' shares.
+    with pytest.raises(SystemExit) as exc:
+        gpu_check.parse_args(["--dry-run", "--budget", budget, "--out", str(tmp_path / "out"),
+                              "--work", str(tmp_path / "work")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "--budget" in err[-1] and "Traceback" not in err[-1]
+    assert gpu_check.parse_args(["--dry-run", "--budget", "30", "--out", str(tmp_path / "out"),
+                                 "--work", str(tmp_path / "work")]).budget == 30.0
+
+
 def test_schema_rejects_what_readers_could_not_use():
     doc = _document_with({})
     _validate(doc)

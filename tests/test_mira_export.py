@@ -171,3 +171,29 @@ def test_load_aoti_refuses_missing_and_foreign_files_clearly(tmp_path):
     foreign.write_bytes(b"not a zip archive")
     with pytest.raises(ValueError, match="cannot be loaded as an AOTInductor package"):
         load_aoti(foreign)
+
+
+@torch.no_grad()
+def test_the_float64_check_of_an_empty_batch_is_exact_and_a_wrongly_shaped_output_is_refused():
+    # Every export path serves an empty batch; the check crashed on it (max() of no element). A wrongly
+    # shaped output was broadcast against the float64 one (a (1, 1, 1, C) output of one image passed).
+    model = mira.set_stage(mira.attach(tiny_vit(depth=1)), "inference")
+    empty = images(0)
+    check = check_against_float64(model, empty, {"export": model(empty)})
+    assert check.eager_error == 0.0 and check.errors == {"export": 0.0} and check.scale == 0.0 and not check.failed
+    one, three = images(1), images(3)
+    out_one, out_three = model(one), model(three)
+    for x, wrong in ((one, out_one[None, None]), (three, out_three[:1]), (three, out_three.flatten().numpy())):
+        with pytest.raises(ValueError, match=r"output 'export' has shape .* the float64 model's is"):
+            check_against_float64(model, x, {"export": wrong})
+
+
+def test_export_aoti_refuses_a_path_without_pt2_before_compiling(tmp_path, monkeypatch):
+    def compile_first(*args, **kwargs):
+        raise AssertionError("export_aoti exported or compiled before checking its path")
+
+    monkeypatch.setattr(mira.export, "export_program", compile_first)
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", compile_first)
+    with pytest.raises(ValueError, match=r"model\.bin.*\.pt2"):
+        export_aoti(torch.nn.Linear(2, 2), torch.zeros(1, 2), tmp_path / "model.bin")
+    assert not any(tmp_path.iterdir())
