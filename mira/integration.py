@@ -294,6 +294,10 @@ def attach(
         # With one image, windowed attention over a single window would look per-image.
         example_input = torch.cat([example_input, example_input])
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    # timm's fx feature extraction keeps registered modules as leaves: the projection is then one
+    # call, as the nn.Linear was. Here, not at import: timm is loaded by now (importing it costs ~0.9 s).
+    from timm.layers import register_notrace_module
+    register_notrace_module(MiraProjection)
     for _, block in chosen:
         families.fuse_qkv_bias(block.attn)  # BEiT / EVA: their qkv becomes a call of attn.qkv
     try:

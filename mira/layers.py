@@ -227,6 +227,12 @@ class MiraProjection(nn.Module):
         return nn.Module.__call__(self, x, *args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(x, torch.fx.Proxy):  # else fx fails at the first branch below, naming no cure
+            raise TypeError(
+                "torch.fx cannot trace into MiraProjection (its forward branches on the stage and the input): "
+                "make it a leaf module, e.g. create_feature_extractor(model, ..., tracer_kwargs={'leaf_modules': "
+                "[mira.MiraProjection]}); timm's own feature extraction does so already"
+            )
         if x.dim() != 3:
             raise ValueError(
                 f"MiraProjection expects per-image tokens (B, T, d_in), got shape {tuple(x.shape)}; "

@@ -448,3 +448,23 @@ def test_a_dynamically_quantized_base_layer_gets_the_adapter_added(stage):
             assert adapter.abs().max() > 0.1
     with pytest.raises(RuntimeError, match="packed by quantization.*merge / fold before quantizing"):
         mira.merge(mira.set_stage(quantized, "adaptation"))
+
+
+def test_fx_feature_extraction_keeps_the_projection_as_one_call():
+    # fx traced into MiraProjection.forward and failed at its first branch ("symbolically traced
+    # variables cannot be used as inputs to control flow"), naming no cure.
+    from timm.models._features_fx import create_feature_extractor as timm_extractor
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    from tests.tiny_models import filled_vit
+
+    model = mira.set_stage(filled_vit(), "inference")
+    x = images()
+    with torch.no_grad():
+        expected = model(x)
+        for extractor in (timm_extractor(model, return_nodes={"head": "out"}),
+                          create_feature_extractor(model, return_nodes={"head": "out"},
+                                                   tracer_kwargs={"leaf_modules": [mira.MiraProjection]})):
+            torch.testing.assert_close(extractor(x)["out"], expected, rtol=0, atol=0)
+    with pytest.raises(TypeError, match=r"make it a leaf module.*leaf_modules"):
+        create_feature_extractor(model, return_nodes={"head": "out"})
