@@ -114,7 +114,10 @@ class AdapterMemory(nn.Module):
         else:
             self.active = None
         self.query_module = build_query_module(c.query, c.d_in, c.d_k, c.query_hidden, **factory)
-        self.query_module._register_load_state_dict_pre_hook(self._query_state_pre_hook, with_module=True)
+        # A module-level hook given its module (weakly): a bound method of the memory would make a
+        # cycle (memory -> query module -> hook -> memory), which kept a deleted model's tensors alive
+        # until the next full garbage collection.
+        self.query_module._register_load_state_dict_pre_hook(_query_state_pre_hook, with_module=True)
         self._mutations = 0  # bumped by every mutation of the memory: part of the cache's key
         self._retrieval_cache: tuple | None = None  # (key, sources' aliases, derived tensors)
         # One name (a task) or None per stored slot. Saved by mira.save_memories / save_model; a
@@ -664,7 +667,7 @@ class AdapterMemory(nn.Module):
         if misfits:
             error_msgs.append(f"{prefix[:-1] or 'the memory'} ({self.extra_repr()}) was not loaded, nothing of it "
                               f"changed: {'; '.join(misfits)}")
-            self._refuse_query_state = True  # read by the query module's pre-hook, which runs next
+            self.query_module.__dict__[_REFUSED] = True  # read by the query module's pre-hook, which runs next
             return
         incoming = state_dict.get(prefix + "keys")
         if self.active is None and isinstance(incoming, torch.Tensor) and incoming.shape[0] != self.keys.shape[0]:
@@ -750,14 +753,9 @@ class AdapterMemory(nn.Module):
         return []
 
     def _query_state_pre_hook(self, module, state_dict, prefix, *args) -> None:
-        # After the memory refused its state dict: load the query module's entries as no-ops
-        # (its current values), so that it too stays as it was; the memory reported the error.
-        if self.__dict__.pop("_refuse_query_state", False):
-            current = module.state_dict()
-            for name in [k for k in state_dict if k.startswith(prefix)]:
-                local = name[len(prefix):]
-                if local in current and state_dict[name].shape == current[local].shape:
-                    state_dict[name] = current[local]
+        # The hook of memories pickled before it became a module-level function (their query module
+        # refers to this bound method).
+        _query_state_pre_hook(module, state_dict, prefix, *args)
 
     def extra_repr(self) -> str:
         c = self.config
@@ -767,6 +765,21 @@ class AdapterMemory(nn.Module):
                 + (", trainable_bank=True" if c.trainable_bank else "")
                 + (f", bank_dtype={c.bank_dtype}" if c.bank_dtype is not None else ""))
 
+
+
+#: Set on a query module whose memory refused its state dict, for _query_state_pre_hook.
+_REFUSED = "_mira_memory_refused_state"
+
+
+def _query_state_pre_hook(module, state_dict, prefix, *args) -> None:
+    # After the memory refused its state dict: load the query module's entries as no-ops
+    # (its current values), so that it too stays as it was; the memory reported the error.
+    if module.__dict__.pop(_REFUSED, False):
+        current = module.state_dict()
+        for name in [k for k in state_dict if k.startswith(prefix)]:
+            local = name[len(prefix):]
+            if local in current and state_dict[name].shape == current[local].shape:
+                state_dict[name] = current[local]
 
 
 def _callers_strict() -> bool:

@@ -483,3 +483,23 @@ def test_a_trainable_bank_keeps_its_bank_dtype_through_a_model_wide_cast(capacit
     assert ([name for name, _ in layer.memory.named_parameters()], list(layer.memory.state_dict())) == order
     layer.memory.append(*(t.half() for t in random_adapters(1)))
     assert layer.memory.bank_a.dtype == layer.memory.bank_b.dtype == torch.float32
+
+
+def test_a_deleted_memory_is_freed_at_once_not_at_the_next_garbage_collection():
+    # Its query module's load-state-dict hook was a bound method of the memory: a reference cycle,
+    # so a deleted model's keys and banks (GPU memory included) waited for a full collection.
+    import gc
+    import weakref
+
+    layer = make_layer(capacity=4, query="linear", d_k=8)
+    layer.memory.append(*(t[:, :8] if t.dim() == 2 else t for t in random_adapters(2)))
+    watched = [weakref.ref(t) for t in (layer.memory.keys, layer.memory.bank_a, layer.memory.query_module.weight)]
+    layer.memory.load_state_dict(layer.memory.state_dict())  # the hook has run
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        del layer
+        assert [ref() is None for ref in watched] == [True] * 3
+    finally:
+        if enabled:
+            gc.enable()
