@@ -204,6 +204,13 @@ class MiraProjection(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this first: TorchScript cannot type the memory or the op's routing, and
+        # failed on internals ("failed to convert Python type 'AdapterMemory'"). Say what works instead.
+        raise RuntimeError("MIRA layers cannot be compiled by TorchScript (torch.jit.script); export with "
+                           "torch.export (mira.export.export_program / export_aoti / export_onnx) or trace with "
+                           "torch.jit.trace")
+
     def __getstate__(self) -> dict:
         # A plan guards this very object's attributes: a copy makes its own.
         state = self.__dict__.copy()

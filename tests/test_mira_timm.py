@@ -468,3 +468,12 @@ def test_fx_feature_extraction_keeps_the_projection_as_one_call():
             torch.testing.assert_close(extractor(x)["out"], expected, rtol=0, atol=0)
     with pytest.raises(TypeError, match=r"make it a leaf module.*leaf_modules"):
         create_feature_extractor(model, return_nodes={"head": "out"})
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+def test_torchscript_is_refused_naming_what_exports_an_attached_model():
+    from tests.tiny_models import filled_vit
+
+    for target in (filled_vit(), mira.projections(filled_vit())[0]):
+        with pytest.raises(RuntimeError, match=r"cannot be compiled by TorchScript.*mira.export.export_program"):
+            torch.jit.script(target)
