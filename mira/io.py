@@ -526,15 +526,26 @@ def load_model(model: nn.Module, path: str | os.PathLike, *, example_input: torc
 _FORWARD_CHANGING = ("use_dora", "use_qalora", "use_bdlora", "lora_bias", "alora_invocation_tokens", "arrow_config",
                      "kasa_config", "velora_config", "monteclora_config", "layer_replication")
 
+# init_lora_weights values under which PEFT also changes the base weight (by prefix: "pissa_niter_4").
+_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<factor>[AB])(?:\.(?P<adapter>[^.]+))?\.(?P<param>weight|bias)$")
 
 
-def _read_peft(source) -> tuple[dict[str, torch.Tensor], dict]:
+def _read_peft(source, adapter_name: str = "default") -> tuple[dict[str, torch.Tensor], dict]:
     """(state dict, config dict) from a PEFT adapter directory or a (state_dict, config) pair."""
     if isinstance(source, (str, bytes, os.PathLike)):
         root = os.fsdecode(source)  # bytes paths too, as save_* / load_* take them
         if not os.path.isdir(root):
             raise FileNotFoundError(f"{root} is not a PEFT adapter directory (adapter_config.json + weights)")
+        # save_pretrained writes the adapter "default" to the folder and any other to <folder>/<name>/,
+        # with unnamed keys in both: read from the folder, adapter_name chose nothing (the default came).
+        named = os.path.join(root, adapter_name)
+        if adapter_name != "default":
+            if not os.path.isfile(os.path.join(named, "adapter_config.json")):
+                raise FileNotFoundError(f"{root} holds no adapter named {adapter_name!r}: PEFT's save_pretrained "
+                                        f"writes it to {named}{os.sep} (the folder itself holds 'default')")
+            root = named
         # Errors name the file and the cause (JSON, safetensors and unpickling errors name neither).
         config_path = os.path.join(root, "adapter_config.json")
         if not os.path.isfile(config_path):
@@ -580,7 +591,8 @@ def _read_peft(source) -> tuple[dict[str, torch.Tensor], dict]:
     return state, dict(config)
 
 
-def _lora_modules(state: Mapping[str, torch.Tensor], adapter_name: str, prefix: str) -> dict[str, dict]:
+def _lora_modules(state: Mapping[str, torch.Tensor], adapter_name: str, prefix: str,
+                  ignore_unmatched: bool) -> dict[str, dict]:
     modules: dict[str, dict] = {}
     others = []
     for key, value in state.items():
@@ -602,12 +614,16 @@ def _lora_modules(state: Mapping[str, torch.Tensor], adapter_name: str, prefix: 
                              "keep one, or name the adapter with adapter_name")
         factors[match["factor"]] = value
     if others:
-        # e.g. modules_to_save (a trained head): part of the PEFT model, not of an adapter value.
-        warnings.warn(
-            f"import_peft: the PEFT source also holds {len(others)} tensors that are not LoRA factors "
-            f"({others[:3]}...), e.g. modules_to_save; they are not imported, load them into the model yourself",
-            stacklevel=3,
-        )
+        # Trained with the adapter (modules_to_save: a head; bias="all" / "lora_only": biases) and part
+        # of the PEFT model's outputs, not of an adapter value: without them the model is not PEFT's
+        # (a warning alone left outputs 0.2-7.8 off). Refused as unmatched LoRA modules are.
+        what = (f"import_peft: the PEFT source also holds {len(others)} trained tensors that are not LoRA factors "
+                f"({others[:3]}{'...' if len(others) > 3 else ''}: modules_to_save, or biases trained with "
+                "bias='all' / 'lora_only'), which this import does not load, so outputs would not match PEFT's")
+        if not ignore_unmatched:
+            raise ValueError(f"{what}; pass ignore_unmatched=True to import the LoRA factors alone and load those "
+                             f"tensors yourself (without the {prefix!r} prefix, by the model's own names)")
+        warnings.warn(f"{what}; load them into the model yourself", stacklevel=3)
     for module, factors in modules.items():
         if set(factors) != {"A", "B"}:
             raise ValueError(f"PEFT module {module} has lora_{''.join(factors)} but not both lora_A and lora_B")
@@ -679,12 +695,16 @@ def import_peft(
     model's dtype. A PEFT rank below the memory's is padded (exact: B's extra columns are zero; with
     ``into="lora"`` A's extra rows start as a fresh LoRA's, so that they train); a higher one is
     refused. Blocks without a LoRA in the file get a zero update, as PEFT leaves them unchanged
-    (``into="lora"``: a fresh LoRA, B zero); LoRA modules the import does not consume are refused
-    (outputs could not match) unless ``ignore_unmatched=True``.
+    (``into="lora"``: a fresh LoRA, B zero); LoRA modules the import does not consume, and other
+    trained tensors of the source (``modules_to_save`` such as a head, biases trained with
+    ``bias="all"`` / ``"lora_only"``), are refused (outputs could not match) unless
+    ``ignore_unmatched=True``. Adapters whose initialisation changed the base weights (PiSSA,
+    OLoRA, CorDA, LoftQ, LoRA-GA) are refused: convert them to a plain LoRA with PEFT first.
 
     Args:
         source: a PEFT adapter directory (``save_pretrained``) or a ``(state_dict, config)`` pair.
-        adapter_name: which adapter of a multi-adapter state dict to read.
+        adapter_name: which adapter to read: of a multi-adapter state dict, or of a folder, where
+            PEFT's ``save_pretrained`` puts any adapter but ``"default"`` in ``<folder>/<name>/``.
         keys, generator: the new slots' keys, as :func:`mira.write_adapters` (``into="memory"``);
             with ``into="lora"``, ``generator`` draws the fresh LoRA rows PEFT gave no value.
         prefix: stripped from PEFT's module names (``base_model.model.`` for a PeftModel).
@@ -698,7 +718,7 @@ def import_peft(
         raise ValueError(f"import_peft: into must be 'lora' (the live adaptation LoRA) or 'memory', got {into!r}")
     if into == "lora" and (keys is not None or task is not None):
         raise ValueError("import_peft: keys and task describe memory slots; pass into='memory' to use them")
-    state, config = _read_peft(source)
+    state, config = _read_peft(source, adapter_name)
     peft_type = str(config.get("peft_type", "LORA")).upper().split(".")[-1]
     if peft_type != "LORA":
         raise ValueError(f"only LoRA adapters can be imported, got peft_type={config.get('peft_type')!r}")
@@ -708,6 +728,13 @@ def import_peft(
     if variants:
         raise ValueError(f"the PEFT config enables {variants}, which change the LoRA forward beyond "
                          "scale * B A x; only plain LoRA (optionally rslora) can be imported")
+    init = config.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS) or config.get("loftq_config"):
+        # Their factors are relative to a base weight they changed (PiSSA: W - B0 A0), which the
+        # adapter file does not hold: added to the original weight they were off by ~0.1, silently.
+        raise ValueError(f"import_peft: the PEFT adapter was initialised with init_lora_weights={init!r}, which "
+                         "changes the base weights its factors are relative to; convert it to a plain LoRA first "
+                         "(PEFT: save_pretrained(..., path_initial_model_for_weight_conversion=...), rank 2r)")
     alpha = config.get("lora_alpha", 8)
     _check_alpha("lora_alpha", alpha)
     alpha_pattern = config.get("alpha_pattern") or {}
@@ -724,7 +751,7 @@ def import_peft(
     rslora = config.get("use_rslora", False)
     if not isinstance(rslora, bool):  # bool("false") is True: it would silently scale by alpha / sqrt(r)
         raise TypeError(f"import_peft: use_rslora in the PEFT config must be true or false, got {rslora!r}")
-    available = _lora_modules(state, adapter_name, prefix)
+    available = _lora_modules(state, adapter_name, prefix, ignore_unmatched)
     if not available:
         raise ValueError("no LoRA weights (lora_A / lora_B) found in the PEFT source")
 
@@ -830,21 +857,9 @@ def import_peft(
         if any(block.attn.qkv.merged_update is not None for _, block in blocks):
             raise RuntimeError("import_peft: the model holds a merged or folded update; unmerge / unfold first")
         converted = []
-        for (name, block), (_, bank_a, bank_b, imported) in zip(blocks, values):
-            lora_a, lora_b = block.attn.qkv.lora_a, block.attn.qkv.lora_b
-            a, b = bank_a.to(lora_a), bank_b.to(lora_b)
-            if not bool(imported.all()):
-                # Rank rows PEFT gave no value (a lower rank, a block it did not adapt) start as a fresh
-                # LoRA's do (A kaiming-uniform, B zero: MiraProjection.reset_lora), not as zeros, whose
-                # gradients are exactly zero: the outputs are the same and the adapter still trains.
-                fresh = torch.empty(a.shape, dtype=a.dtype)  # drawn on the CPU: a CPU generator serves any device
-                for slice_a in fresh:
-                    nn.init.kaiming_uniform_(slice_a, a=math.sqrt(5), generator=generator)
-                a = torch.where(imported.to(a.device).unsqueeze(-1), a, fresh.to(a.device))
-            if not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all())):
-                raise ValueError(f"import_peft: {name}: the LoRA factors scaled by lora_alpha / r are too large for "
-                                 f"the model's {lora_b.dtype}; nothing was changed")
-            converted.append((lora_a, lora_b, a, b))
+        with _restored_on_error(generator):  # a refusal below draws nothing (contract section 9)
+            for (name, block), (_, bank_a, bank_b, imported) in zip(blocks, values):
+                converted.append(_as_live_lora(name, block.attn.qkv, bank_a, bank_b, imported, generator))
         with torch.no_grad():  # every block checked above; the copies cannot fail
             for lora_a, lora_b, a, b in converted:
                 lora_a.copy_(a)
@@ -855,3 +870,22 @@ def import_peft(
                                                     generator=generator, names=task))
                     for (memory, bank_a, bank_b, _), key in zip(values, per_block)]
     return [memory._commit_append(*checked)[0] for memory, checked in prepared]
+
+
+def _as_live_lora(name: str, proj: MiraProjection, bank_a: torch.Tensor, bank_b: torch.Tensor, imported: torch.Tensor,
+                  generator: torch.Generator | None) -> tuple:
+    """(lora_a, lora_b, new A, new B) of one block's import into the live LoRA, checked; changes nothing."""
+    lora_a, lora_b = proj.lora_a, proj.lora_b
+    a, b = bank_a.to(lora_a), bank_b.to(lora_b)
+    if not bool(imported.all()):
+        # Rank rows PEFT gave no value (a lower rank, a block it did not adapt) start as a fresh
+        # LoRA's do (A kaiming-uniform, B zero: MiraProjection.reset_lora), not as zeros, whose
+        # gradients are exactly zero: the outputs are the same and the adapter still trains.
+        fresh = torch.empty(a.shape, dtype=a.dtype)  # drawn on the CPU: a CPU generator serves any device
+        for slice_a in fresh:
+            nn.init.kaiming_uniform_(slice_a, a=math.sqrt(5), generator=generator)
+        a = torch.where(imported.to(a.device).unsqueeze(-1), a, fresh.to(a.device))
+    if not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all())):
+        raise ValueError(f"import_peft: {name}: the LoRA factors scaled by lora_alpha / r are too large for "
+                         f"the model's {lora_b.dtype}; nothing was changed")
+    return lora_a, lora_b, a, b

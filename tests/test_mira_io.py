@@ -133,9 +133,11 @@ def test_peft_import_refuses_k_rows_and_foreign_modules(tmp_path):
     with pytest.raises(ValueError, match="DoRA|use_dora"):
         mira.import_peft(mira.attach(tiny_vit()), (state, {"r": 4, "lora_alpha": 8, "use_dora": True}))
     qkv_only = {k: v for k, v in state.items() if ".qkv." in k}
+    with_head = ({**qkv_only, "base_model.model.head.weight": torch.zeros(5, 192)}, wide.peft_config["default"])
+    with pytest.raises(ValueError, match="trained tensors that are not LoRA factors.*ignore_unmatched=True"):
+        mira.import_peft(mira.attach(tiny_vit()), with_head)
     with pytest.warns(UserWarning, match="not LoRA factors"):
-        mira.import_peft(mira.attach(tiny_vit()), ({**qkv_only, "base_model.model.head.weight": torch.zeros(5, 192)},
-                                                   wide.peft_config["default"]))
+        mira.import_peft(mira.attach(tiny_vit()), with_head, ignore_unmatched=True)
     with pytest.raises(ValueError, match="exceeds the memory's rank 2"):
         mira.import_peft(mira.attach(tiny_vit(), rank=2), (state, wide.peft_config["default"]),
                          ignore_unmatched=True)
@@ -289,3 +291,59 @@ def test_import_peft_takes_a_bytes_path_as_save_and_load_do(tmp_path):
         assert torch.equal(a.lora_a, b.lora_a) and torch.equal(a.lora_b, b.lora_b)
     with pytest.raises(FileNotFoundError, match="absent is not a PEFT adapter directory"):
         mira.import_peft(by_bytes, os.fsencode(tmp_path / "absent"))
+
+
+def test_peft_import_reads_a_named_adapter_from_its_subfolder(tmp_path):
+    # save_pretrained writes "default" to the folder and "other" to folder/other/, both with unnamed
+    # keys: adapter_name="other" read the folder and imported the default adapter, silently.
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(tiny_vit(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["qkv"]))
+    model.add_adapter("other", peft.LoraConfig(r=2, lora_alpha=16, target_modules=["qkv"]))
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if name.endswith("attn.qkv"):
+                for adapter in ("default", "other"):
+                    weight = module.lora_B[adapter].weight
+                    weight.copy_(torch.randn(weight.shape, generator=g) * 0.3)
+                    weight[WIDTH:2 * WIDTH] = 0
+    model.save_pretrained(tmp_path)
+    x = images()
+    model.eval()
+    with torch.no_grad():
+        for adapter in ("default", "other"):
+            model.set_adapter(adapter)
+            imported = mira.attach(tiny_vit())
+            mira.import_peft(imported, tmp_path, adapter_name=adapter)
+            torch.testing.assert_close(imported(x), model(x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(FileNotFoundError, match="holds no adapter named 'third'"):
+        mira.import_peft(mira.attach(tiny_vit()), tmp_path, adapter_name="third")
+
+
+@pytest.mark.parametrize("init", ["pissa", "pissa_niter_4", "olora", "corda", "loftq", "lora_ga"])
+def test_peft_import_refuses_adapters_whose_initialisation_changed_the_base_weights(init):
+    # PiSSA's factors are relative to W - B0 A0, which the adapter file does not hold: added to the
+    # original weight they were 0.11 off PEFT's outputs, without a word.
+    peft = pytest.importorskip("peft")
+    adapted = peft.get_peft_model(tiny_vit(), peft.LoraConfig(r=4, target_modules=["qkv"]))
+    state = peft.get_peft_model_state_dict(adapted)
+    model = mira.attach(tiny_vit())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=f"init_lora_weights='{init}', which changes the base weights"):
+        mira.import_peft(model, (state, {"r": 4, "lora_alpha": 8, "init_lora_weights": init}))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_a_refused_peft_import_into_the_lora_leaves_the_generator_as_it_was():
+    g = torch.Generator().manual_seed(2)
+    state = {}
+    for i in range(2):
+        b = torch.randn(3 * WIDTH, 2, generator=g)
+        b[WIDTH:2 * WIDTH] = 0
+        state[f"base_model.model.blocks.{i}.attn.qkv.lora_A.weight"] = torch.randn(2, WIDTH, generator=g)
+        state[f"base_model.model.blocks.{i}.attn.qkv.lora_B.weight"] = b
+    generator = torch.Generator().manual_seed(7)
+    before = generator.get_state().clone()
+    with pytest.raises(ValueError, match="too large for the model's torch.float32"):  # rank 2 < 4: rows are drawn
+        mira.import_peft(mira.attach(tiny_vit()), (state, {"r": 2, "lora_alpha": 4e39}), generator=generator)
+    assert torch.equal(generator.get_state(), before)
