@@ -300,12 +300,15 @@ def attach(
     register_notrace_module(MiraProjection)
     for _, block in chosen:
         families.fuse_qkv_bias(block.attn)  # BEiT / EVA: their qkv becomes a call of attn.qkv
+    # Kept before installing, for detach, which undoes the freezing (set_stage below; MiraProjection
+    # freezes each base layer it wraps): a failed install is undone by detach too, flags included
+    # (recorded after it, a failed dry run left every wrapped qkv frozen).
+    model.__dict__[_REQUIRES_GRAD_ATTR] = flags
     try:
         _install(model, chosen, config, example_input)
     except Exception:
-        detach(model)  # restores whatever was changed, the moved biases included
+        detach(model)  # restores whatever was changed, the moved biases and the flags included
         raise
-    model.__dict__[_REQUIRES_GRAD_ATTR] = flags  # for detach, which undoes the freezing below
     set_stage(model, "adaptation")
     return model
 

@@ -234,6 +234,8 @@ def unmerge(model: nn.Module) -> nn.Module:
 def _slot_weights(model: nn.Module, weights) -> list[torch.Tensor]:
     """One checked float64 (N,) tensor per memory, in block order."""
     named = named_memories(model)
+    if not isinstance(weights, (torch.Tensor, Mapping)) and getattr(weights, "ndim", None) == 1:
+        weights = torch.as_tensor(weights)  # a 1-D numpy array (a calibration computed in numpy), as a tensor
     if isinstance(weights, Mapping):
         names = [n for n, _ in named]
         unknown = sorted(set(weights) - set(names))
@@ -243,7 +245,7 @@ def _slot_weights(model: nn.Module, weights) -> list[torch.Tensor]:
                            f"memories without slot weights: {missing}")
         per_memory = [weights[n] for n in names]
     elif isinstance(weights, torch.Tensor) and weights.dim() <= 1 or isinstance(weights, Sequence) and all(
-            isinstance(w, (int, float)) for w in weights):
+            isinstance(w, (int, float)) and not isinstance(w, bool) for w in weights):  # [True, False] is no weighting
         per_memory = [weights] * len(named)
     elif isinstance(weights, Sequence) and not isinstance(weights, str) and len(weights) == len(named) and all(
             isinstance(w, (torch.Tensor, Sequence)) for w in weights):

@@ -206,3 +206,30 @@ def test_slot_and_name_arguments_of_the_wrong_kind_are_named_and_change_nothing(
     assert memory.num_slots == 1
     with pytest.raises(RuntimeError, match="no MIRA layers"):
         mira.association_matrices(tiny_vit(), images())
+
+
+def test_an_attach_whose_dry_run_fails_leaves_every_requires_grad_as_it_was():
+    # Each wrapped qkv was frozen on wrapping, and the failure path restored the modules but not the
+    # flags (recorded only after a successful install): a fine-tuning run then silently stopped
+    # training qkv.
+    import mira_kernels
+
+    model = tiny_vit()
+    model.blocks[0].attn.qkv.bias.requires_grad_(False)  # a user's own choice, kept too
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    bad = torch.full((2, 3, tiny_models.IMG, tiny_models.IMG), float("nan"))
+    with mira_kernels.check_finite(), pytest.raises(RuntimeError, match="dry run of the model with MIRA installed"):
+        mira.attach(model, example_input=bad)
+    assert not mira.projections(model)
+    assert {name: p.requires_grad for name, p in model.named_parameters()} == flags
+
+
+def test_blocks_take_any_integer_index_and_refuse_flags_and_fractions_by_name():
+    import numpy as np
+
+    for blocks, expected in ((np.int64(1), (1,)), (torch.tensor(1), (1,)), (torch.tensor([0, 1]), (0, 1)),
+                             (np.array([1]), (1,)), (range(2), (0, 1))):
+        assert mira.MiraConfig(blocks=blocks).blocks == expected
+    for blocks in ([True], np.array([True, False]), torch.tensor([True]), [0.5], torch.tensor(1.5), "0"):
+        with pytest.raises(TypeError, match="blocks must be block indices"):
+            mira.MiraConfig(blocks=blocks)

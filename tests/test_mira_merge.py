@@ -130,6 +130,12 @@ def test_fold_with_given_weights_equals_the_live_lora_of_the_mixed_factors():
     mira.unfold(model)
     mira.fold(model, [w.tolist()] * DEPTH)
     assert err(model(x), reference(x)) < 1e-12
+    mira.unfold(model)
+    mira.fold(model, w.numpy())  # a calibration computed in numpy (it was refused as "got ndarray")
+    assert err(model(x), reference(x)) < 1e-12
+    mira.unfold(model)
+    with pytest.raises(TypeError, match="fold: weights must be"):  # flags are no weighting (they were taken as 1, 0)
+        mira.fold(model, [True, False, True, False])
 
 
 def test_mean_retrieval_weights_is_the_mean_over_samples_of_the_association_matrices():
