@@ -62,7 +62,13 @@ Public API (names are stable; other packages build on them)::
         .num_slots, .capacity, .get_association_matrix(query | tokens=...), .make_query(tokens),
         .stored_keys, .stored_adapters, .forget_optimizer_state(optimizer)
     MiraProjection: .base_layer, .memory, .lora_a (S, r, d_in), .lora_b (S, d_s, r),
-        .slice_offsets, .slice_names, .stage, .reset_lora()
+        .slice_offsets, .slice_names, .stage, .reset_lora(), .merged_update (a MergedUpdate held in
+        the base weight by merge / fold, or None)
+    MemoryConfig: one memory's resolved config (every width known), AdapterMemory(config).
+    IdentityQuery, LinearQuery, MlpQuery, build_query_module(kind, d_in, d_k, hidden=None): the
+        query modules (query="identity" | "linear" | "mlp").
+    Constants: STAGES, QUERY_MODULES, QUERY_TOKENS, KEY_NORMS, KEY_INITS (the options' choices),
+        MEMORY_ATTR (the block attribute holding its memory: "mira_memory"), FORMAT_VERSION (files).
 
 Queries are made from each block's attention input (LN1's output; the CLS token by default):
 the wrapped ``attn.qkv`` receives exactly that tensor, which ``attach`` verifies on its dry run,

@@ -664,7 +664,8 @@ def import_peft(
     """Import a LoRA adapter saved by PEFT: as the live adaptation LoRA (default) or into the memory.
 
     * ``into="lora"`` (default) sets every projection's live adaptation LoRA to the PEFT adapter.
-      The model then reproduces the PEFT model exactly in the ``adaptation`` stage (where
+      The model then reproduces the PEFT model (to float rounding: the fused op sums in another
+      order than PEFT's ``base(x) + scale * B(A(x))``) in the ``adaptation`` stage (where
       ``attach`` leaves it), or after :func:`mira.merge`; :func:`mira.write_adapters` stores it
       in the memory later, like a LoRA trained here.
     * ``into="memory"`` appends it to every memory as one value (with ``keys`` / ``generator`` /
@@ -678,7 +679,7 @@ def import_peft(
     unless they are zero, and MIRA adapts only its slices (q and v by default). Such an adapter
     is refused, whatever ``into``; ``drop_unused_rows=True`` drops the rows outside MIRA's
     slices (outputs then differ from PEFT's), and attaching with ``slices=("q", "k", "v")``
-    imports it exactly.
+    imports it (to rounding).
 
     Two layouts are understood:
 

@@ -7,7 +7,11 @@ Public ops (contract: ``docs/contract.md``):
 - :func:`retrieval_weights`: the (B, N) association matrix, for inspection and query training.
 
 :mod:`mira_kernels.reference` is the plain-PyTorch specification; :mod:`mira_kernels.backends`
-chooses which implementation runs (``available_backends``, ``use_backend``, ``MIRA_BACKEND``).
+chooses which implementation runs (``available_backends``, ``use_backend``, ``MIRA_BACKEND``;
+``resolve_backend(device, dtype)`` names the one a call would take; ``BACKENDS`` lists them all).
+``check_finite()`` turns on the debug check of inputs (as ``MIRA_CHECK_FINITE=1``); ``build_info()``
+says what this installation was built with and what loaded. ``SEPARATIONS`` and ``DEFAULT_EPS``
+are the ops' ``separation`` choices and the affine guard's default ``eps``.
 """
 
 from . import reference
