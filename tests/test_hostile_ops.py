@@ -529,6 +529,39 @@ def test_huge_scale_is_honoured_not_clamped():
     assert torch.isfinite(mk.retrieval_weights(inp.query * 1e30, inp.keys * 1e-30)).all()
 
 
+@needs_ext
+@pytest.mark.parametrize("dtype,scale,x_size", [(torch.float32, 1e30, 1e-25), (torch.float64, 1e300, 1e-20)])
+@pytest.mark.parametrize("batch", [1, 3])  # 1: the retrieval runs inside each mixing thread (the small path)
+def test_a_scale_that_overflows_folded_into_b_is_applied_to_h_instead(dtype, scale, x_size, batch):
+    # The CPU kernel folds scale into the mixed B (one multiply per element, not per token): with
+    # |scale| * |B| beyond the dtype's range every adapted output was inf, where the reference, which
+    # applies scale last, is finite for small enough x.
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(batch, 2, 4, generator=g, dtype=torch.float64) * x_size).to(dtype).requires_grad_()
+    weight = torch.zeros(4, 4, dtype=dtype)
+    query, keys = torch.randn(batch, 4, generator=g, dtype=dtype), torch.randn(2, 4, generator=g, dtype=dtype)
+    bank_a = torch.randn(2, 1, 1, 4, generator=g, dtype=dtype)
+    bank_b = (torch.randn(2, 1, 4, 1, generator=g, dtype=dtype) * 1e10).requires_grad_()
+    kw = dict(slice_offsets=[0], separation="softmax", scale=scale)
+    args = (x, weight, None, query, keys, bank_a, bank_b)
+    want = mk.reference.mira_linear(*(a.detach().double() if a is not None else None for a in args), **kw)
+    assert torch.isfinite(want).all()
+    with mk.use_backend("cpu"):
+        got = mk.mira_linear(*args, **kw)
+        out = torch.zeros_like(want, dtype=dtype)
+        mk.mira_adapter_(out, x.detach(), query, keys, bank_a, bank_b.detach(), **kw)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=0)
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=0)
+    # The backward's dh = G (scale B) takes the same place for scale: dx as the reference's.
+    grad = torch.ones_like(got) * x_size
+    (dx,) = torch.autograd.grad(got, x, grad)
+    x64 = x.detach().double().requires_grad_()
+    (dx64,) = torch.autograd.grad(mk.reference.mira_linear(x64, *(a.detach().double() if a is not None else None
+                                                              for a in args[1:]), **kw), x64, grad.double())
+    assert torch.isfinite(dx64).all()
+    torch.testing.assert_close(dx.double(), dx64, rtol=1e-5, atol=0)
+
+
 # ----------------------------------------------------------------------------------------------
 # torch.compile with dynamic shapes and symbolic floats.
 # ----------------------------------------------------------------------------------------------

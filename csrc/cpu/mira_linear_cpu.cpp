@@ -406,7 +406,8 @@ struct Memory {
   std::vector<T> weights;                              // (B, N), for the mixing
   ScratchLease<T> factors;
   T* A;   // (B, S*r, d_in): sum_n w[b,n] bank_a[n]
-  T* Bt;  // (B, S, r, d_s): scale * (sum_n w[b,n] bank_b[n])^T
+  T* Bt;  // (B, S, r, d_s): scale * (sum_n w[b,n] bank_b[n])^T, or unscaled where h_scale is scale
+  T h_scale = T(1);  // what h = x A_b^T is multiplied by: 1, or scale where Bt could not take it
 };
 
 template <typename T>
@@ -815,6 +816,23 @@ void prepare_memory(const IsaTable& isa, const Shapes& s, const at::Tensor& quer
       mix_columns<T>(K, s, ba, bb, w.data(), sc, m.A, m.Bt, begin, end);
     });
   }
+  // scale is folded into Bt: one multiply per mixed element instead of one per token. Only
+  // |scale| > 1 can overflow there where the reference, which applies scale last, stays finite
+  // (scale = 1e30 with banks of 1e10 in float32: every adapted output was inf). Then Bt is mixed
+  // again unscaled and scale goes to h = x A_b^T (the shrink's alpha) instead; a non-finite bank
+  // entry takes this path too, and propagates as before. One pass over B*S*r*d_s elements, and only
+  // for |scale| > 1 (found by probing, 2026-12-07; docs/contract.md section 6).
+  if (std::abs(sc) > T(1) && std::isfinite(sc)) {
+    const int64_t n = s.B * s.SR * s.d_s;
+    if (!std::all_of(m.Bt, m.Bt + n, [](T v) { return std::isfinite(v); })) {
+      if (m.weights.empty())  // a small retrieval ran inside each thread: the same weights, once more
+        retrieve_in_double<T>(isa, s, query, keys, sep, eps, true, m.weights, nullptr);
+      at::parallel_for(0, mix_lines(s), kMixGrainLines, [&](int64_t begin, int64_t end) {
+        mix_columns<T>(K, s, ba, bb, m.weights.data(), T(1), m.A, m.Bt, begin, end);
+      });
+      m.h_scale = sc;
+    }
+  }
   mark(kMixing);
 }
 
@@ -897,7 +915,7 @@ void apply_rows(const Kernels<T>& K, const Shapes& s, const Memory<T>& m, const 
       const T* Bt = m.Bt + b * Fb;
       for (int64_t t = 0; t < rows; t += kRowsPerSweep) {
         const int64_t n = std::min(kRowsPerSweep, rows - t);
-        K.dot_block(n, s.SR, s.d_in, xr + t * s.d_in, s.d_in, A, s.d_in, h.data() + t * s.SR, s.SR, T(1));  // shrink
+        K.dot_block(n, s.SR, s.d_in, xr + t * s.d_in, s.d_in, A, s.d_in, h.data() + t * s.SR, s.SR, m.h_scale);  // shrink
         T* yt = yr + t * d_out;
         for (const Segment& g : segments) {
           if (g.slice >= 0) {  // expand: (bias or y or 0) + h_slice B_slice^T
@@ -1169,7 +1187,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
         T* dhr = dh.data() + row0 * s.SR;
         for (int64_t sl = 0; sl < s.S; ++sl)
           K.dot_block(rows, s.r, s.d_s, G + row0 * d_out + s.offsets[sl], d_out, Bt + sl * s.r * s.d_s, s.d_s,
-                      dhr + sl * s.r, s.SR, T(1));
+                      dhr + sl * s.r, s.SR, m.h_scale);  // dh = G (scale B_b): scale in Bt, or here
         if (need_x)
           (stream ? K.axpy_block_nt : K.axpy_block)(rows, s.SR, s.d_in, dhr, s.SR, 1, A, s.d_in,
                                                     DX + row0 * s.d_in, s.d_in, nullptr, false);
