@@ -120,6 +120,15 @@ def test_association_matrix_is_the_weights_the_forward_uses():
     keys = F.normalize(layer.memory.stored_keys, dim=0)
     expected = mira_kernels.reference.retrieval_weights(x[:, 0], keys, separation="affine")
     torch.testing.assert_close(weights, expected)
+    # The forward mixes the stored adapters with exactly these weights.
+    bank_a, bank_b = layer.memory.stored_adapters
+    with torch.no_grad():
+        y = F.linear(x, layer.base_layer.weight, layer.base_layer.bias)
+        for s, off in enumerate(layer.slice_offsets):
+            mixed_a = torch.einsum("bn,nrd->brd", weights, bank_a[:, s])
+            mixed_b = torch.einsum("bn,ner->ber", weights, bank_b[:, s])
+            y[..., off:off + D] += torch.einsum("btd,brd,ber->bte", x, mixed_a, mixed_b)
+        torch.testing.assert_close(layer(x), y, rtol=1e-5, atol=1e-5)
 
 
 def test_empty_memory_is_the_base_projection():

@@ -164,3 +164,8 @@ def test_reference_mixed_precision_runs_memory_in_fp32():
     assert y.dtype == torch.bfloat16
     want = reference.mira_linear(*inp.linear_args(), slice_offsets=inp.slice_offsets)
     assert max_err(y, want) < 0.05 * want.abs().max().item()
+    # And the memory side really in float32: with the memory rounded to bfloat16 as well the error
+    # is ~5x larger here (0.0095 against 0.0019 of max|y|), which the bound above would also accept.
+    low = inp.to(torch.bfloat16, torch.bfloat16)
+    y_low = reference.mira_linear(*low.linear_args(), slice_offsets=low.slice_offsets)
+    assert max_err(y, want) < 0.5 * max_err(y_low, want)

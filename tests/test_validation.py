@@ -218,8 +218,15 @@ def test_every_integer_form_of_the_offsets_gives_the_list_of_ints_result(form, p
 
 
 def test_slices_may_touch_and_be_unordered():
+    # [12, 0] with d_s = 12: slice 0 writes [12, 24), slice 1 [0, 12), touching, in reverse order.
     inp = base()
-    call(inp, slice_offsets=[12, 0])
+    got = call(inp, slice_offsets=[12, 0])
+    want = mk.reference.mira_linear(*inp.to(torch.float64).linear_args(), slice_offsets=[12, 0])
+    assert (got.double() - want).abs().max() <= 1e-5 * want.abs().max()
+    # Each bank's slice lands at its own offset: swapping the banks' slices swaps the offsets.
+    swapped = base()
+    swapped.bank_a, swapped.bank_b = inp.bank_a.flip(1), inp.bank_b.flip(1)
+    torch.testing.assert_close(call(swapped, slice_offsets=[0, 12]), got, rtol=1e-6, atol=1e-6)
 
 
 def test_mixed_dtypes_rules():
