@@ -131,7 +131,7 @@ def backend_name(name) -> str:
     if not isinstance(name, str):
         raise TypeError(f"a MIRA backend name must be a str (one of {BACKEND_NAMES}) or None, got "
                         f"{type(name).__name__} {name!r}")
-    key = name.strip().lower()
+    key = name.strip(_WHITESPACE).lower()  # the environment's rule (ASCII whitespace), so both read a name alike
     if key not in BACKEND_NAMES:
         raise ValueError(f"unknown MIRA backend {name!r}; expected one of {BACKEND_NAMES}")
     return key

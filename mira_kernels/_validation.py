@@ -340,7 +340,7 @@ def check_finite(**tensors: torch.Tensor | None) -> None:
     for name, t in tensors.items():
         if t is None or not t.is_floating_point() or t.device.type == "meta":  # meta tensors hold no values
             continue
-        message = f"{name} contains inf or NaN (MIRA_CHECK_FINITE is on)"
+        message = f"{name} contains inf or NaN (the finiteness check is on: MIRA_CHECK_FINITE or check_finite())"
         if compiling:
             torch._assert_async(torch.isfinite(t).all(), message)
         elif not bool(torch.isfinite(t).all()):

@@ -87,6 +87,13 @@ def test_backend_variable_accepts_case_and_spacing(monkeypatch):
     monkeypatch.setenv("MIRA_BACKEND", "ref")
     with pytest.raises(ValueError, match="MIRA_BACKEND='ref' is not valid; expected reference, cpu, triton, cuda"):
         mk.resolve_backend("cpu")
+    # use_backend reads a name by the same rule: ASCII whitespace only (str.strip took a no-break
+    # space too, which the variable refuses).
+    monkeypatch.delenv("MIRA_BACKEND")
+    with mk.use_backend(" Reference\t"):
+        assert mk.resolve_backend("cpu") == "reference"
+    with pytest.raises(ValueError, match="unknown MIRA backend"):
+        mk.use_backend("\u00a0cpu").__enter__()
 
 
 @needs_ext
