@@ -45,7 +45,7 @@ from mira_kernels._validation import check_slice_offsets
 from mira_kernels.ops import PLAN_ABSENT, eval_linear_cpu, eval_plan
 
 from .config import STAGES
-from .memory import AdapterMemory
+from .memory import AdapterMemory, _is_allocation_failure
 
 __all__ = ["MiraProjection"]
 
@@ -100,15 +100,21 @@ class MiraProjection(nn.Module):
             raise ValueError(f"got {len(offsets)} slice offsets for a memory of {c.num_slices} slices")
         if slice_names is not None and len(slice_names) != len(offsets):
             raise ValueError(f"slice_names {slice_names!r} do not match {len(offsets)} slices")
-        base_layer.requires_grad_(False)
         self.base_layer = base_layer
         # Not registered as a child: the block owns the memory (one copy in the state dict).
         object.__setattr__(self, "_memory", memory)
         self.slice_offsets = offsets
         self.slice_names = tuple(slice_names) if slice_names is not None else None
         factory = {"device": base_layer.weight.device, "dtype": base_layer.weight.dtype}
-        self.lora_a = nn.Parameter(torch.empty(c.num_slices, c.rank, c.d_in, **factory))
-        self.lora_b = nn.Parameter(torch.zeros(c.num_slices, c.slice_width, c.rank, **factory))
+        try:
+            self.lora_a = nn.Parameter(torch.empty(c.num_slices, c.rank, c.d_in, **factory))
+            self.lora_b = nn.Parameter(torch.zeros(c.num_slices, c.slice_width, c.rank, **factory))
+        except (RuntimeError, MemoryError) as err:
+            if not _is_allocation_failure(err):
+                raise
+            raise MemoryError(f"MiraProjection: a rank-{c.rank} LoRA of {c.num_slices} x ({c.d_in} + {c.slice_width}) "
+                              f"elements is more than this device can allocate ({err}); lower rank") from None
+        base_layer.requires_grad_(False)  # the backbone is frozen: only once nothing above can fail
         self.stage = "adaptation"
         # A fixed update held in base_layer.weight (mira.merge / mira.fold), or None.
         self.merged_update = None

@@ -99,10 +99,19 @@ class AdapterMemory(nn.Module):
         factory = {"device": device, "dtype": dtype}
         n = config.capacity or 0
         c = config
-        self.keys = nn.Parameter(torch.zeros(n, c.d_k, **factory))
-        bank_factory = {"device": device, "dtype": self._bank_dtype_for(self.keys.dtype)}
-        bank_a = torch.zeros(n, c.num_slices, c.rank, c.d_in, **bank_factory)
-        bank_b = torch.zeros(n, c.num_slices, c.slice_width, c.rank, **bank_factory)
+        try:
+            self.keys = nn.Parameter(torch.zeros(n, c.d_k, **factory))
+            bank_factory = {"device": device, "dtype": self._bank_dtype_for(self.keys.dtype)}
+            bank_a = torch.zeros(n, c.num_slices, c.rank, c.d_in, **bank_factory)
+            bank_b = torch.zeros(n, c.num_slices, c.slice_width, c.rank, **bank_factory)
+        except (RuntimeError, MemoryError) as err:
+            if not _is_allocation_failure(err):
+                raise
+            # The allocator's message names neither the option nor what the memory holds.
+            raise MemoryError(f"AdapterMemory: cannot allocate its keys ({n}, {c.d_k}) and banks ({n}, "
+                              f"{c.num_slices}, {c.rank}, {c.d_in}) / ({n}, {c.num_slices}, {c.slice_width}, {c.rank}) "
+                              f"(capacity={c.capacity}, rank={c.rank}, key_dim={c.d_k}): {err}; lower capacity, rank "
+                              "or key_dim") from None
         if c.trainable_bank:
             self.bank_a = nn.Parameter(bank_a)
             self.bank_b = nn.Parameter(bank_b)
@@ -765,6 +774,12 @@ class AdapterMemory(nn.Module):
                 + (", trainable_bank=True" if c.trainable_bank else "")
                 + (f", bank_dtype={c.bank_dtype}" if c.bank_dtype is not None else ""))
 
+
+
+def _is_allocation_failure(err: BaseException) -> bool:
+    """Whether ``err`` is PyTorch's refusal to allocate (out of memory, or a size that overflows)."""
+    text = str(err)
+    return isinstance(err, MemoryError) or "allocate" in text or "overflow" in text or "out of memory" in text
 
 
 #: Set on a query module whose memory refused its state dict, for _query_state_pre_hook.

@@ -233,3 +233,16 @@ def test_blocks_take_any_integer_index_and_refuse_flags_and_fractions_by_name():
     for blocks in ([True], np.array([True, False]), torch.tensor([True]), [0.5], torch.tensor(1.5), "0"):
         with pytest.raises(TypeError, match="blocks must be block indices"):
             mira.MiraConfig(blocks=blocks)
+
+
+def test_a_memory_or_lora_too_large_to_allocate_names_the_option():
+    # The allocator's own error ("DefaultCPUAllocator: can't allocate memory: you tried to allocate
+    # 768000000000 bytes", "Storage size calculation overflowed") named neither capacity nor rank.
+    model = tiny_vit()
+    before = {name: p.requires_grad for name, p in model.named_parameters()}
+    for options, message in (({"capacity": 2**62}, r"capacity=4611686018427387904, rank=4.*lower capacity"),
+                             ({"rank": 2**62}, r"rank=4611686018427387904, key_dim=192.*lower capacity, rank")):
+        with pytest.raises(MemoryError, match=message):
+            mira.attach(model, **options)
+        assert not mira.projections(model) and not mira.memories(model)
+        assert {name: p.requires_grad for name, p in model.named_parameters()} == before
