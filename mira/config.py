@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from mira_kernels import DEFAULT_EPS, SEPARATIONS
-from mira_kernels._validation import check_eps, check_scale
+from mira_kernels._validation import _is_bool, check_eps, check_scale
 
 __all__ = [
     "QUERY_MODULES",
@@ -203,7 +203,7 @@ class MiraConfig:
         _check_memory_fields(self)
         if self.blocks is not None:
             bad = TypeError(f"blocks must be block indices (ints) or None, got {self.blocks!r}")
-            if _is_flag(self.blocks):  # operator.index(True) is 1: blocks=True would adapt block 1
+            if _is_bool(self.blocks):  # operator.index(True) is 1: blocks=True would adapt block 1
                 raise bad
             if hasattr(type(self.blocks), "__index__") and getattr(self.blocks, "ndim", 0) == 0:
                 # one index: an int, a numpy int, a 0-d integer tensor (a 1-D one is a sequence of them)
@@ -212,19 +212,13 @@ class MiraConfig:
                 raise bad
             try:
                 self.blocks = tuple(self.blocks)  # once: a generator is read here, not by the checks below
-                if any(_is_flag(b) for b in self.blocks):
+                if any(_is_bool(b) for b in self.blocks):
                     raise bad
                 self.blocks = tuple(operator.index(b) for b in self.blocks)
             except TypeError:  # not iterable, or an entry that is not an index (0.5): name the option
                 raise bad from None
             if len(set(self.blocks)) != len(self.blocks):
                 raise ValueError(f"blocks must be distinct, got {self.blocks!r}")
-
-
-def _is_flag(value) -> bool:
-    """A bool of any kind (Python, numpy, a bool tensor): never an index, though operator.index takes some."""
-    return isinstance(value, bool) or getattr(getattr(value, "dtype", None), "kind", None) == "b" or (
-        getattr(value, "dtype", None) is torch.bool)
 
 
 @dataclass

@@ -288,8 +288,9 @@ def attach(
         if hasattr(_memory_owner(block), MEMORY_ATTR):
             raise RuntimeError(f"mira.attach: block {name!r} already has an attribute {MEMORY_ATTR!r}")
 
+    vit = _vit_of(model, [name for name, _ in chosen])
     if example_input is None:
-        example_input = _example_input(_vit_of(model, [name for name, _ in chosen]), batch=2)
+        example_input = _example_input(vit, batch=2)
     elif isinstance(example_input, torch.Tensor) and example_input.shape[0] == 1:
         # With one image, windowed attention over a single window would look per-image.
         example_input = torch.cat([example_input, example_input])
@@ -305,7 +306,7 @@ def attach(
     # (recorded after it, a failed dry run left every wrapped qkv frozen).
     model.__dict__[_REQUIRES_GRAD_ATTR] = flags
     try:
-        _install(model, chosen, config, example_input)
+        _install(model, vit, chosen, config, example_input)
     except Exception:
         detach(model)  # restores whatever was changed, the moved biases and the flags included
         raise
@@ -313,11 +314,10 @@ def attach(
     return model
 
 
-def _install(model: nn.Module, chosen: list[tuple[str, nn.Module]], config: MiraConfig,
+def _install(model: nn.Module, vit: nn.Module, chosen: list[tuple[str, nn.Module]], config: MiraConfig,
              example_input: torch.Tensor) -> None:
     token_counts, patch_shape = _probe(model, chosen, example_input, "original model")
 
-    vit = _vit_of(model, [name for name, _ in chosen])
     cls_token = getattr(vit, "cls_token", None)
     has_cls = cls_token is not None
     # Without num_prefix_tokens, the prefix is the cls_token's tokens (PiT: CLS and distillation in one (1, 2, d)).

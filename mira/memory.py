@@ -407,27 +407,27 @@ class AdapterMemory(nn.Module):
         # holds them) and their gradients, as nn.Module moves parameters.
         if self.config.bank_dtype is None:
             return super()._apply(fn, recurse)
-        orders = {"buffer": list(self._buffers), "parameter": list(self._parameters)}
-        banks = {(name, kind): table.pop(name) for kind, table in (("buffer", self._buffers),
-                                                                   ("parameter", self._parameters))
-                 for name in ("bank_a", "bank_b") if name in table}
+        # Held out as None entries, which nn.Module._apply skips: each keeps its place in its dict
+        # (state_dict and named_parameters keep their order).
+        banks = {}
+        for table in (self._buffers, self._parameters):
+            for name in ("bank_a", "bank_b"):
+                if table.get(name) is not None:
+                    banks[name] = (table, table[name])
+                    table[name] = None
         try:
             out = super()._apply(fn, recurse)
         finally:
             device = self._parameters["keys"].device
-            for (name, kind), bank in banks.items():
-                if kind == "buffer":
-                    self._buffers[name] = bank if bank is None else bank.to(device=device)
+            for name, (table, bank) in banks.items():
+                if table is self._buffers:
+                    table[name] = bank.to(device=device)
                     continue
                 with torch.no_grad():
                     bank.data = bank.data.to(device=device)
                     if bank.grad is not None:
                         bank.grad = bank.grad.to(device=device)
-                self._parameters[name] = bank
-            # In their places again: state_dict and named_parameters keep their order.
-            for kind, table in (("buffer", self._buffers), ("parameter", self._parameters)):
-                entries = {name: table.pop(name) for name in orders[kind] if name in table}
-                table.update(entries)
+                table[name] = bank
         self._retrieval_cache = None
         return out
 
@@ -462,11 +462,12 @@ class AdapterMemory(nn.Module):
         if keys.shape[0] != n:
             raise ValueError(f"got {keys.shape[0]} keys for {n} adapters")
         _refuse_unstorable("keys", keys)
-        if not keys.is_meta and bool((keys == 0).all(dim=1).any()):
+        zero = None if keys.is_meta else (keys == 0).all(dim=1)
+        if zero is not None and bool(zero.any()):
             # No direction: its cosine is 0 for every query, and the op's gradient of a zero key is
             # g / eps (eps = 1e-12), which overflows float16 and throws any optimiser's step off.
-            zero = (keys == 0).all(dim=1).nonzero().flatten().tolist()
-            raise ValueError(f"keys {zero} are all zeros; a key needs a direction (cosine retrieval)")
+            raise ValueError(f"keys {zero.nonzero().flatten().tolist()} are all zeros; a key needs a direction "
+                             "(cosine retrieval)")
         return keys.detach().to(**self._factory())
 
     def _set_storage(self, keys: torch.Tensor, bank_a: torch.Tensor, bank_b: torch.Tensor) -> None:

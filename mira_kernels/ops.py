@@ -36,8 +36,7 @@ def _autocast_inputs(x, weight, bias, memory):
     tensors (unchanged when autocast is off for x's device, or does not know it: meta tensors).
     """
     device_type = x.device.type
-    # is_autocast_enabled raises for a device type autocast has no key for (meta), whose ops it never casts.
-    if not (torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)):
+    if not _autocast_enabled(device_type):
         return x, weight, bias, memory
     dtype = torch.get_autocast_dtype(device_type)
 
@@ -50,10 +49,15 @@ def _autocast_inputs(x, weight, bias, memory):
     return cast(x, dtype), cast(weight, dtype), cast(bias, dtype), [cast(t, memory_dtype) for t in memory]
 
 
+def _autocast_enabled(device_type: str) -> bool:
+    # is_autocast_enabled raises for a device type autocast has no key for (meta), whose ops it never casts.
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
 @contextlib.contextmanager
 def _autocast_off(device_type: str):
     # Backends choose their own precisions; autocast must not re-cast the ops they call.
-    if torch.is_autocast_enabled(device_type):
+    if _autocast_enabled(device_type):
         with torch.autocast(device_type, enabled=False):
             yield
     else:
@@ -452,10 +456,7 @@ def retrieval_weights(
             raise TypeError(f"{name} must be a floating tensor (float32, float64, float16 or bfloat16), got {t.dtype}")
     _validation.check_separation(separation)
     _validation.check_eps(eps)
-    device_type = query.device.type
     # The weights the op uses, which runs its memory side with autocast off (float32 for 16-bit inputs):
-    # under autocast the cosines were bfloat16, 0.4 off near the affine guard. Meta: no autocast key.
-    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
-        with torch.autocast(device_type, enabled=False):
-            return reference.retrieval_weights(query, keys, separation=separation, eps=float(eps))
-    return reference.retrieval_weights(query, keys, separation=separation, eps=float(eps))
+    # under autocast the cosines were bfloat16, 0.4 off near the affine guard.
+    with _autocast_off(query.device.type):
+        return reference.retrieval_weights(query, keys, separation=separation, eps=float(eps))

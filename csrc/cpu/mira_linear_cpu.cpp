@@ -827,7 +827,9 @@ void prepare_memory(const IsaTable& isa, const Shapes& s, const at::Tensor& quer
     if (!std::all_of(m.Bt, m.Bt + n, [](T v) { return std::isfinite(v); })) {
       if (m.weights.empty())  // a small retrieval ran inside each thread: the same weights, once more
         retrieve_in_double<T>(isa, s, query, keys, sep, eps, true, m.weights, nullptr);
-      at::parallel_for(0, mix_lines(s), kMixGrainLines, [&](int64_t begin, int64_t end) {
+      // B's columns only (F = Fa + Fb columns, A's first): A_b is right already. A line that A and B
+      // share mixes its A part again, to the same bits.
+      at::parallel_for(s.SR * s.d_in / kMixLine, mix_lines(s), kMixGrainLines, [&](int64_t begin, int64_t end) {
         mix_columns<T>(K, s, ba, bb, m.weights.data(), T(1), m.A, m.Bt, begin, end);
       });
       m.h_scale = sc;
