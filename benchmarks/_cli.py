@@ -30,10 +30,12 @@ __all__ = ["HelpFormatter", "finite_float_at_least", "non_negative_float", "non_
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """``--help`` shows every option's default: appended to its help unless the help states it itself
     (argparse's own formatter appended a second one, or none where an option had no help text), a flag's
-    as off / on, a missing value's as none."""
+    as off / on, a missing value's as none; a required option says so instead (it has no default)."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
+        if action.required:
+            return f"{text} (required)".lstrip()
         if "default" in text or action.default is argparse.SUPPRESS:
             return text
         if action.nargs == 0:  # store_true / store_false
