@@ -456,6 +456,8 @@ def retrieval_weights(
             raise TypeError(f"{name} must be a floating tensor (float32, float64, float16 or bfloat16), got {t.dtype}")
     _validation.check_separation(separation)
     _validation.check_eps(eps)
+    if _config.check_finite_enabled():  # the switch checks every op's inputs, this one's too
+        _validation.check_finite(query=query, keys=keys)
     # The weights the op uses, which runs its memory side with autocast off (float32 for 16-bit inputs):
     # under autocast the cosines were bfloat16, 0.4 off near the affine guard.
     with _autocast_off(query.device.type):

@@ -328,6 +328,20 @@ def test_check_finite_switch(backend):
         run_linear(inp)
 
 
+def test_check_finite_covers_retrieval_weights(monkeypatch):
+    # The switch checks every op's inputs: retrieval_weights returned NaN weights under it.
+    inp = make_inputs(dtype=torch.float32)
+    keys, query = inp.keys.clone(), inp.query.clone()
+    keys[0, 0] = float("inf")
+    assert torch.isnan(mk.retrieval_weights(query, keys)).any()  # off by default: propagated
+    with mk.check_finite(), pytest.raises(ValueError, match="keys contains inf or NaN"):
+        mk.retrieval_weights(query, keys)
+    query[1, 0] = float("nan")
+    monkeypatch.setenv("MIRA_CHECK_FINITE", "1")
+    with pytest.raises(ValueError, match="query contains inf or NaN"):
+        mk.retrieval_weights(query, inp.keys)
+
+
 def test_check_finite_environment_variable_read_at_call_time(backend, monkeypatch):
     inp = make_inputs(dtype=torch.float32)
     inp.keys[0, 0] = float("inf")
