@@ -92,7 +92,7 @@ SAN_ENV := LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-na
 	ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 sanitize: setup
 	rm -rf $(SAN_TREE) && mkdir -p $(SAN_TREE)
-	cp -rp mira_kernels mira benchmarks tests csrc setup.py pyproject.toml $(SAN_TREE)/
+	cp -rp mira_kernels mira benchmarks tests csrc setup.py pyproject.toml Makefile requirements.txt $(SAN_TREE)/
 	find $(SAN_TREE) \( -name '_C*.so' -o -name __pycache__ \) -prune -exec rm -rf {} +
 	cd $(SAN_TREE) && MIRA_SANITIZE=1 MIRA_BUILD_CUDA=0 MAX_JOBS=$${MAX_JOBS:-2} "$(CURDIR)/$(PY)" setup.py -q \
 	    build_ext --inplace --build-temp "$(CURDIR)/$(SAN_DIR)/temp"
