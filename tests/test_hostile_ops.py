@@ -538,7 +538,8 @@ def test_huge_scale_is_honoured_not_clamped():
 def test_a_scale_that_overflows_folded_into_b_is_applied_to_h_instead(dtype, scale, x_size, batch):
     # The CPU kernel folds scale into the mixed B (one multiply per element, not per token): with
     # |scale| * |B| beyond the dtype's range every adapted output was inf, where the reference, which
-    # applies scale last, is finite for small enough x.
+    # applies scale last, is finite for small enough x. (The forward now applies |scale| > 1 last,
+    # the test below; the backward's dh = G (scale B) still takes it on h where B cannot.)
     g = torch.Generator().manual_seed(0)
     x = (torch.randn(batch, 2, 4, generator=g, dtype=torch.float64) * x_size).to(dtype).requires_grad_()
     weight = torch.zeros(4, 4, dtype=dtype)
@@ -563,6 +564,36 @@ def test_a_scale_that_overflows_folded_into_b_is_applied_to_h_instead(dtype, sca
                                                               for a in args[1:]), **kw), x64, grad.double())
     assert torch.isfinite(dx64).all()
     torch.testing.assert_close(dx.double(), dx64, rtol=1e-5, atol=0)
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", ["cancellation", "near_max"])
+def test_a_large_scale_multiplies_the_finished_sum_as_the_reference_does(dtype, case):
+    # Folded into B_b (or h), |scale| > 1 made each product h_j (scale B_j) overflow where the
+    # reference's scale * sum_j h_j B_j is finite: terms that cancel over r, or a result near the
+    # dtype's largest value. The cpu kernel gave +-inf there, some with the wrong sign (-inf for
+    # +2.9e38); the forward now multiplies the finished sum, in the reference's order.
+    big = torch.finfo(dtype).max
+    inp = make_inputs(B=2, T=3, d_in=8, d_out=24, N=3, S=2, r=2, d_s=8, offsets=[16, 0], seed=2).to(dtype)
+    if case == "cancellation":
+        inp.bank_a.mul_(big ** 0.26), inp.bank_b.mul_(big ** 0.26)  # 1e10 and 1e20 in float32
+        scale = big ** 0.52
+    else:
+        scale = big * 0.9
+    kw = dict(slice_offsets=inp.slice_offsets, scale=scale)
+    want = mk.reference.mira_linear(*inp.to(torch.float64).linear_args(), **kw)
+    finite = want.to(dtype).isfinite()
+    assert finite.sum() > want.numel() // 4
+    got = mk.mira_linear(*inp.linear_args(), **kw)
+    out = torch.nn.functional.linear(inp.x, inp.weight, inp.bias)
+    mk.mira_adapter_(out, inp.x, inp.query, inp.keys, inp.bank_a, inp.bank_b, **kw)
+    with mk.use_backend("reference"):
+        same_dtype = mk.mira_linear(*inp.linear_args(), **kw)
+    for y in (got, out):
+        assert y[finite].isfinite().all(), "inf or NaN where the float64 result fits the dtype"
+        torch.testing.assert_close(y[finite].double(), want[finite].to(dtype).double(), rtol=1e-4, atol=0)
+    assert torch.equal(got.isfinite(), same_dtype.isfinite())
 
 
 # ----------------------------------------------------------------------------------------------

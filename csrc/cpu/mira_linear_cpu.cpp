@@ -406,8 +406,9 @@ struct Memory {
   std::vector<T> weights;                              // (B, N), for the mixing
   ScratchLease<T> factors;
   T* A;   // (B, S*r, d_in): sum_n w[b,n] bank_a[n]
-  T* Bt;  // (B, S, r, d_s): scale * (sum_n w[b,n] bank_b[n])^T, or unscaled where h_scale is scale
+  T* Bt;  // (B, S, r, d_s): scale * (sum_n w[b,n] bank_b[n])^T, or unscaled (h_scale, out_scale)
   T h_scale = T(1);  // what h = x A_b^T is multiplied by: 1, or scale where Bt could not take it
+  T out_scale = T(1);  // what the finished sum h B_b^T is multiplied by: 1, or scale (scale_last)
 };
 
 template <typename T>
@@ -793,14 +794,17 @@ int64_t mix_lines(const Shapes& s) { return (s.SR * (s.d_in + s.d_s) + kMixLine 
 // of each bank row). One core's stream is bound by the misses it keeps in flight, and FMAs queued
 // behind them fill the reorder window: at best 12 us of the 62 are hidden, where a perfect overlap
 // would hide the shorter part, ~22. Not pursued.
+// scale_last (the forward, for |scale| > 1): Bt is mixed unscaled and apply_rows multiplies each
+// finished sum h B_b^T by scale, in the reference's order (see apply_rows).
 template <typename T>
 void prepare_memory(const IsaTable& isa, const Shapes& s, const at::Tensor& query, const at::Tensor& keys,
                     const at::Tensor& bank_a, const at::Tensor& bank_b, Sep sep, double scale, double eps,
-                    Memory<T>& m, bool units) {
+                    Memory<T>& m, bool units, bool scale_last = false) {
   const Kernels<T>& K = kernels_of<T>(isa);
   const BankOperand ba = bank_operand<T>(bank_a), bb = bank_operand<T>(bank_b);
   const bool small = s.B * s.N * s.d_k < kSerialScoreMacs;
-  const T sc = T(scale);
+  const T sc = scale_last ? T(1) : T(scale);
+  if (scale_last) m.out_scale = T(scale);
   if (units || !small || s.B == 0) {
     retrieve_in_double(isa, s, query, keys, sep, eps, small, m.weights, units ? &m : nullptr);
     mark(kRetrieval);
@@ -821,7 +825,10 @@ void prepare_memory(const IsaTable& isa, const Shapes& s, const at::Tensor& quer
   // (scale = 1e30 with banks of 1e10 in float32: every adapted output was inf). Then Bt is mixed
   // again unscaled and scale goes to h = x A_b^T (the shrink's alpha) instead; a non-finite bank
   // entry takes this path too, and propagates as before. One pass over B*S*r*d_s elements, and only
-  // for |scale| > 1 (found by probing, 2026-12-07; docs/contract.md section 6).
+  // for |scale| > 1 (found by probing, 2026-12-07; docs/contract.md section 6). The backward's
+  // rule: the forward takes scale last instead (scale_last), which also covers the products
+  // h_j (scale B_j) that overflow where the reference's sum is finite (cancellation over r, or a
+  // result near the dtype's largest value: found by probing, 2026-12-07).
   if (std::abs(sc) > T(1) && std::isfinite(sc)) {
     const int64_t n = s.B * s.SR * s.d_s;
     if (!std::all_of(m.Bt, m.Bt + n, [](T v) { return std::isfinite(v); })) {
@@ -906,8 +913,10 @@ void apply_rows(const Kernels<T>& K, const Shapes& s, const Memory<T>& m, const 
   const int64_t Fa = s.SR * s.d_in, Fb = s.S * s.r * s.d_s;
   constexpr int64_t kRowsPerSweep = 4;  // rows written together: B_b's vectors loaded once for them
   TORCH_INTERNAL_ASSERT_DEBUG_ONLY(s.N > 0, "the ops handle an empty memory without the row pass");
+  const bool scale_last = m.out_scale != T(1);
   at::parallel_for(0, s.B * s.T, kRowBlock, [&](int64_t begin, int64_t end) {
     std::vector<T> h(kRowBlock * std::max<int64_t>(s.SR, 1));  // one buffer per thread, not per block
+    std::vector<T> sum(scale_last ? kRowsPerSweep * s.d_s : 0);  // scale_last: a sweep's h B_b^T
     for (int64_t row = begin; row < end;) {
       const int64_t b = row / s.T, t0 = row % s.T;
       const int64_t rows = std::min({kRowBlock, s.T - t0, end - row});
@@ -920,10 +929,19 @@ void apply_rows(const Kernels<T>& K, const Shapes& s, const Memory<T>& m, const 
         K.dot_block(n, s.SR, s.d_in, xr + t * s.d_in, s.d_in, A, s.d_in, h.data() + t * s.SR, s.SR, m.h_scale);  // shrink
         T* yt = yr + t * d_out;
         for (const Segment& g : segments) {
-          if (g.slice >= 0) {  // expand: (bias or y or 0) + h_slice B_slice^T
+          if (g.slice >= 0 && !scale_last) {  // expand: (bias or y or 0) + h_slice (scale B_slice)^T
             (stream ? K.axpy_block_nt : K.axpy_block)(n, s.r, s.d_s, h.data() + t * s.SR + g.slice * s.r, s.SR, 1,
                                                       Bt + g.slice * s.r * s.d_s, s.d_s, yt + g.lo, d_out,
                                                       bias ? bias + g.lo : nullptr, accumulate);
+          } else if (g.slice >= 0) {  // (bias or y or 0) + scale * (h_slice B_slice^T), the reference's order
+            K.axpy_block(n, s.r, s.d_s, h.data() + t * s.SR + g.slice * s.r, s.SR, 1, Bt + g.slice * s.r * s.d_s,
+                         s.d_s, sum.data(), s.d_s, nullptr, false);
+            for (int64_t i = 0; i < n; ++i) {
+              T* dst = yt + i * d_out + g.lo;
+              const T* src = sum.data() + i * s.d_s;
+              for (int64_t j = 0; j < s.d_s; ++j)
+                dst[j] = (accumulate ? dst[j] : bias ? bias[g.lo + j] : T(0)) + m.out_scale * src[j];
+            }
           } else if (!accumulate) {
             for (int64_t i = 0; i < n; ++i) {
               T* dst = yt + i * d_out;
@@ -964,7 +982,9 @@ void adapter_into(const Shapes& s, const at::Tensor& x_ct, at::Tensor& y_ct, con
   const IsaTable& isa = active_table();
   const Kernels<T>& K = kernels_of<T>(isa);
   Memory<T> m(s);
-  prepare_memory<T>(isa, s, query, keys, bank_a, bank_b, sep, scale, eps, m, false);
+  // |scale| > 1 is applied last, as the reference does: folded into B_b (one multiply per mixed
+  // element instead of one per output element) it can overflow where the reference is finite.
+  prepare_memory<T>(isa, s, query, keys, bank_a, bank_b, sep, scale, eps, m, false, !(std::abs(scale) <= 1.0));
   const bool stream = !accumulate && stream_seeding(y_ct);
   apply_rows<T>(K, s, m, x_ct.data_ptr<T>(), y_ct.data_ptr<T>(), y_ct.size(-1),
                 bias_ct ? bias_ct->data_ptr<T>() : nullptr, accumulate, stream);
