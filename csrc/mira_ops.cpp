@@ -279,6 +279,12 @@ Tensor linear_autograd(const Tensor& x, const Tensor& weight, const OptTensor& b
 void adapter_inplace_or_view(const Tensor& out, const Tensor& x, const Tensor& query, const Tensor& keys,
                              const Tensor& bank_a, const Tensor& bank_b, c10::IntArrayRef offsets,
                              c10::string_view separation, double scale, double eps, c10::string_view backend) {
+  // bump_version below refuses an inference tensor outside inference mode, but only after the kernel
+  // has written it: refused here first, for every caller (the Python wrapper checks eagerly; a
+  // compiled graph or a direct torch.ops call reaches only this kernel).
+  TORCH_CHECK(!out.is_inference() || c10::InferenceMode::is_enabled(),
+              "mira_adapter_: out is an inference tensor (made under torch.inference_mode()), which cannot be "
+              "updated in place outside inference mode; call it under torch.inference_mode(), or pass out.clone()");
   {
     at::AutoDispatchBelowADInplaceOrView below;
     static const auto op = op_handle<WithBackend<AdapterFn>::type>("mira_adapter_");

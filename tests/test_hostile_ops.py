@@ -832,3 +832,24 @@ def test_adapter_into_an_inference_tensor_outside_inference_mode_changes_nothing
     with torch.inference_mode(), mk.use_backend(backend):  # inside inference mode it is allowed
         mk.mira_adapter_(out, *inp.adapter_args(), slice_offsets=inp.slice_offsets)
     assert not torch.equal(out, torch.zeros(1, 40, 16))
+
+
+@needs_ext
+@pytest.mark.parametrize("caller", ["torch.ops", "compile"])
+def test_adapter_into_an_inference_tensor_is_refused_before_writing_by_every_caller(caller):
+    # The Python wrapper's eager check is skipped while tracing and by direct op calls: there the
+    # kernel wrote the slices and only then did ATen's version bump raise. (Not the aot_eager
+    # backend: its graph writes out back with ATen's copy_, which writes before it refuses.)
+    inp = _adapter_inputs()
+    args = inp.adapter_args()
+    if caller == "torch.ops":
+        def call(out):
+            torch.ops.mira.mira_adapter_(out, *args, inp.slice_offsets, "affine", 1.0, mk.reference.DEFAULT_EPS, "cpu")
+    else:
+        torch._dynamo.reset()
+        call = torch.compile(lambda out: mk.mira_adapter_(out, *args, slice_offsets=inp.slice_offsets), fullgraph=True)
+    with torch.inference_mode():
+        out = torch.zeros(1, 40, 16)
+    with pytest.raises(RuntimeError, match="mira_adapter_: out is an inference tensor"), torch.no_grad():
+        call(out)
+    assert torch.equal(out, torch.zeros(1, 40, 16))
