@@ -14,11 +14,12 @@ from collections.abc import Iterable, Sequence
 
 import torch
 import torch.nn as nn
+from torch.overrides import is_tensor_like
 
 from . import families
 from .config import SLICE_NAMES, STAGES, MemoryConfig, MiraConfig
 from .layers import MiraProjection
-from .memory import AdapterMemory
+from .memory import AdapterMemory, _callers_load
 
 __all__ = [
     "MEMORY_ATTR",
@@ -311,6 +312,8 @@ def attach(
         detach(model)  # restores whatever was changed, the moved biases and the flags included
         raise
     set_stage(model, "adaptation")
+    if not any(_hook_function(h) is _refuse_failing_load for h in model._load_state_dict_pre_hooks.values()):
+        model.register_load_state_dict_pre_hook(_refuse_failing_load)
     return model
 
 
@@ -440,7 +443,167 @@ def detach(model: nn.Module) -> nn.Module:
         for name, p in model.named_parameters():
             if name in flags:
                 p.requires_grad_(flags[name])
+    for module in model.modules():
+        hooks = module._load_state_dict_pre_hooks
+        for key in [key for key, hook in hooks.items() if _hook_function(hook) is _refuse_failing_load]:
+            del hooks[key]
     return model
+
+
+# ----------------------------------------------------------------------------------------------
+# load_state_dict: a call that would raise is refused before anything loads (contract section 9).
+# nn.Module.load_state_dict copies module by module, parents first, and raises only at the end:
+# every memory checks its own part (AdapterMemory._load_from_state_dict), but the modules before a
+# refusing one had loaded by then. attach therefore registers _refuse_failing_load on the model
+# it was given, which runs before any module below it loads and checks all of them as torch will.
+# ----------------------------------------------------------------------------------------------
+
+
+def _hook_function(hook):
+    """The function of a load-state-dict pre-hook (torch wraps it: _WrappedHook; merge's are partials)."""
+    hook = getattr(hook, "hook", hook)
+    return getattr(hook, "func", hook)
+
+
+def _load_order(module: nn.Module, keys: list[str], prefix: str = ""):
+    """(module, prefix, the keys under prefix) in the order nn.Module.load_state_dict loads them: a
+    module, then each child's subtree in turn; keys filtered per child as torch filters them."""
+    yield module, prefix, keys
+    for name, child in module._modules.items():
+        if child is not None:
+            child_prefix = prefix + name + "."
+            yield from _load_order(child, [k for k in keys if k.startswith(child_prefix)], child_prefix)
+
+
+def _local_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors a module's own loader copies: its parameters and persistent buffers that are not None."""
+    buffers = [(k, v) for k, v in module._buffers.items() if k not in module._non_persistent_buffers_set]
+    return {k: v for k, v in [*module._parameters.items(), *buffers] if v is not None}
+
+
+def _copy_error(key: str, value, tensor: torch.Tensor) -> str | None:
+    """nn.Module._load_from_state_dict's error for copying the entry ``value`` into ``tensor``, else None."""
+    if not is_tensor_like(value):
+        return (f'While copying the parameter named "{key}", expected torch.Tensor or Tensor-like object from '
+                f"checkpoint but received {type(value)}")
+    if nn.parameter.is_lazy(tensor):
+        return None
+    shape = value.shape
+    if tensor.dim() == 0 and len(shape) == 1 and shape[0] == 1:
+        shape = torch.Size()  # torch's rule for checkpoints of PyTorch 0.3: a (1,) entry loads into a 0-dim tensor
+    if shape != tensor.shape:
+        return (f"size mismatch for {key}: copying a param with shape {value.shape} from checkpoint, the shape in "
+                f"current model is {tensor.shape}.")
+    return None
+
+
+_TORCH_LOADERS = (nn.Module._load_from_state_dict, AdapterMemory._load_from_state_dict,
+                  MiraProjection._load_from_state_dict)  # mira's two add their refusals to torch's rule
+
+
+def _loads_by_torchs_rule(module: nn.Module) -> bool:
+    """Whether what a module loads is what nn.Module's loader would: no loader of its own (BatchNorm adds
+    a missing num_batches_tracked) and no load pre-hook but mira's (FSDP's and lazy modules' change the
+    entries, for the module and below it). The subtree of one that is not is left to torch."""
+    if type(module)._load_from_state_dict not in _TORCH_LOADERS:
+        return False
+    return all(getattr(_hook_function(h), "__module__", "").startswith("mira.")
+               for h in module._load_state_dict_pre_hooks.values())
+
+
+def _load_call(module: nn.Module, state_dict, prefix: str):
+    """Where the load_state_dict call that has reached ``module`` (at ``prefix``, its hooks running) stands.
+
+    Returns:
+        The module the call began at, its state dict and ``strict``; the keys it has copied already
+        (the modules before ``module``: [] when it began there, None when the call cannot be found);
+        and the (module, prefix, keys) it is still to load, ``module``'s subtree first, in order.
+    """
+    root, full, strict = _callers_load()
+    if root is not None and full is not None:
+        order = list(_load_order(root, list(full)))
+        at = next((i for i, (m, p, _) in enumerate(order) if m is module and p == prefix), None)
+        if at is not None:
+            copied = [p + name for m, p, _ in order[:at] for name, t in _local_tensors(m).items()
+                      if p + name in full and _copy_error(p + name, full[p + name], t) is None]
+            return root, full, strict, copied, order[at:]
+    return module, state_dict, strict, (None if prefix else []), list(_load_order(module, list(state_dict), prefix))
+
+
+def _what_loaded(copied: list[str] | None, prefix: str) -> str:
+    """What a call refused at ``prefix`` had loaded (``copied``, from :func:`_load_call`), for its message."""
+    if copied == []:
+        return "nothing was loaded"
+    where = repr(prefix[:-1])
+    if copied is None:
+        return f"nothing from {where} on was loaded, but the call began above it: what loads before it may have loaded"
+    listed = ", ".join(copied[:6]) + (f" and {len(copied) - 6} more" if len(copied) > 6 else "")
+    return f"nothing from {where} on was loaded, but the call began above it and had already loaded {listed}"
+
+
+def _refuse_failing_load(module: nn.Module, state_dict, prefix: str, local_metadata, strict, missing_keys,
+                         unexpected_keys, error_msgs) -> None:
+    """Load-state-dict pre-hook of the module attach was given: raises, before anything at or below it
+    loads, when the call would raise, with torch's errors (and the memories' refusals).
+
+    Checks what torch checks from here on, under the caller's ``strict`` (torch passes True here):
+    entries that are not tensors or of another size, and with ``strict`` missing and unexpected keys;
+    every memory's part by the memory's own rule (a growing memory takes another slot count); a
+    projection holding a merged or folded update (mira.merge). Errors the call has collected already
+    (modules before this one) raise now too. A module with a loader or load hook of its own is left
+    to torch with its subtree (it may change the entries). A function given its module, so that a
+    copy or a pickled model checks for itself; removed by detach.
+    """
+    from .merge import _refuse_load_while_held  # (mira.merge imports this module)
+
+    _refuse_load_while_held(module, state_dict, prefix)
+    root, full, strict, copied, remaining = _load_call(module, state_dict, prefix)
+    errors, missing, unexpected = list(error_msgs), list(missing_keys), list(unexpected_keys)
+    skip = memory = None  # prefixes of a subtree left to torch, of a memory's subtree
+    for m, p, keys in remaining:
+        if skip is not None and p.startswith(skip):
+            continue
+        if isinstance(m, AdapterMemory):
+            refusal = m._load_refusal(full, p, strict)
+            if refusal is not None:
+                errors.append(refusal)
+                skip = p
+                continue
+            memory = p
+        if not _loads_by_torchs_rule(m):
+            skip = p
+            continue
+        judged = memory is not None and p.startswith(memory)  # shapes and foreign entries: the memory's rule
+        local = _local_tensors(m)
+        for name, tensor in local.items():
+            key = p + name
+            if key not in full:
+                if strict:
+                    missing.append(key)
+            elif (error := _copy_error(key, full[key], tensor)) and not (judged and is_tensor_like(full[key])):
+                errors.append(error)
+        extra = p + "_extra_state"
+        if getattr(type(m), "set_extra_state", nn.Module.set_extra_state) is not nn.Module.set_extra_state:
+            if extra not in full and strict:
+                missing.append(extra)
+        elif extra in full and strict:
+            unexpected.append(extra)
+        if strict and not judged:
+            for key in keys:
+                if key != extra:
+                    head, *rest = key[len(p):].split(".", 1)
+                    if head not in (m._modules if rest else local):
+                        unexpected.append(key)
+    if strict and unexpected:
+        errors.insert(0, "Unexpected key(s) in state_dict: {}. ".format(", ".join(f'"{k}"' for k in unexpected)))
+    if strict and missing:
+        errors.insert(0, "Missing key(s) in state_dict: {}. ".format(", ".join(f'"{k}"' for k in missing)))
+    if errors:
+        loaded = _what_loaded(copied, prefix)
+        if copied != []:
+            loaded += "; load from the model MIRA is attached to, to be refused before anything loads"
+        raise RuntimeError("Error(s) in loading state_dict for {}:\n\t{}\n\t(mira checked it before loading: {})"
+                           .format(type(root).__name__, "\n\t".join(errors), loaded))
 
 
 def _check_module(model) -> None:

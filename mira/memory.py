@@ -673,10 +673,11 @@ class AdapterMemory(nn.Module):
         # missing keys itself afterwards), so the caller's own `strict` is read from its frame: a
         # strict=False load of a checkpoint without the memory, or of its trainable keys alone,
         # loads what it holds (the memory used to refuse those).
-        misfits = self._state_misfits(state_dict, prefix, _callers_strict())
-        if misfits:
-            error_msgs.append(f"{prefix[:-1] or 'the memory'} ({self.extra_repr()}) was not loaded, nothing of it "
-                              f"changed: {'; '.join(misfits)}")
+        # A load started at the model MIRA was attached to (or above it) was checked before anything
+        # loaded (mira.integration._refuse_failing_load): this is for one started below it.
+        refusal = self._load_refusal(state_dict, prefix, _callers_strict())
+        if refusal is not None:
+            error_msgs.append(refusal)
             self.query_module.__dict__[_REFUSED] = True  # read by the query module's pre-hook, which runs next
             return
         incoming = state_dict.get(prefix + "keys")
@@ -693,6 +694,15 @@ class AdapterMemory(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         self._slot_names = [None] * self.num_slots  # a state dict carries no slot names
+
+    def _load_refusal(self, state_dict, prefix: str, strict: bool) -> str | None:
+        """The error of a load of ``state_dict`` (the memory's entries under ``prefix``) that this memory
+        refuses, or None when they load: one message for its own loader and the attach root's check."""
+        misfits = self._state_misfits(state_dict, prefix, strict)
+        if not misfits:
+            return None
+        return (f"{prefix[:-1] or 'the memory'} ({self.extra_repr()}) was not loaded, nothing of it changed: "
+                f"{'; '.join(misfits)}")
 
     def _state_misfits(self, state_dict, prefix: str, strict: bool) -> list[str]:
         """Why the memory's entries of ``state_dict`` cannot load into it (empty when they can)."""
@@ -798,16 +808,25 @@ def _query_state_pre_hook(module, state_dict, prefix, *args) -> None:
                 state_dict[name] = current[local]
 
 
-def _callers_strict() -> bool:
-    """The ``strict`` argument of the ``nn.Module.load_state_dict`` call this load is part of (True
-    when called otherwise, e.g. ``_load_from_state_dict`` directly: the stricter reading)."""
-    frame = sys._getframe(2)
+def _callers_load() -> tuple[nn.Module | None, dict | None, bool]:
+    """The module, state dict (torch's copy, which it loads from) and ``strict`` argument of the
+    ``nn.Module.load_state_dict`` call this load is part of; ``(None, None, True)`` when called otherwise,
+    e.g. ``_load_from_state_dict`` directly (True: the stricter reading). torch passes strict=True to
+    every module's loader and hook whatever the caller asked, and tells no module where the call began."""
+    frame = sys._getframe(1)
     code = nn.Module.load_state_dict.__code__
     while frame is not None:
         if frame.f_code is code:
-            return bool(frame.f_locals.get("strict", True))
+            found = frame.f_locals
+            return found.get("self"), found.get("state_dict"), bool(found.get("strict", True))
         frame = frame.f_back
-    return True
+    return None, None, True
+
+
+def _callers_strict() -> bool:
+    """The ``strict`` argument of the ``nn.Module.load_state_dict`` call this load is part of (True
+    when called otherwise, e.g. ``_load_from_state_dict`` directly: the stricter reading)."""
+    return _callers_load()[2]
 
 
 def _refuse_unstorable(name: str, t: torch.Tensor) -> None:

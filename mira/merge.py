@@ -24,7 +24,9 @@ and rounded once into the weight's dtype, so the restored weight is the original
 (within one unit in the last place of ``max(|W|, |W + D|)``), not bit for bit: keep a copy of
 the state dict if you need the bits. A state dict taken while an update is held has it in the
 weights; save before merging, or unmerge first. Loading a state dict that holds a held base
-weight is refused, before anything loads, until the update is taken out.
+weight is refused until the update is taken out: before anything loads when the call begins at
+the model given to merge / fold or attach, or below it; a call begun above both (a wrapper made
+later) has loaded what comes before them by then, and its message says what.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from .integration import association_matrices, detach, named_memories, projections
+from .integration import _load_call, _what_loaded, association_matrices, detach, named_memories, projections
 from .layers import MiraProjection
 
 __all__ = ["MergedUpdate", "fold", "mean_retrieval_weights", "merge", "unfold", "unload", "unmerge"]
@@ -120,16 +122,24 @@ def _refuse_load_while_held(module: nn.Module, state_dict, prefix: str, *args) -
     subtracting it again). nn.Module.load_state_dict loads module by module, parents first: the
     projection's own refusal (MiraProjection._load_from_state_dict) comes after every module before
     it has loaded, memories, LoRA and head. This runs before the module it is registered on loads
-    anything, so the call raises with the model unchanged.
+    anything, so a call begun there (or below it) raises with the model unchanged. One begun above it
+    (merge given ``model.blocks``, a wrapper made after the fold) has loaded the modules before it by
+    then: the message says which (torch has no hook that runs before a call loads anything), and
+    that loading from the model itself, or merging / folding the outermost model, refuses first.
+    Also called by attach's check of a whole load (mira.integration._refuse_failing_load).
     """
     for name, sub in module.named_modules():
         held = sub.merged_update if isinstance(sub, MiraProjection) else None
         base = f"{prefix}{name}.base_layer." if name else f"{prefix}base_layer."
         if held is not None and any(key.startswith(base) for key in state_dict):
             where = base[: -len(".base_layer.")] or "the projection"
+            copied = _load_call(module, state_dict, prefix)[3]
+            verb = {"merged": "merge", "folded": "fold"}[held.kind]
+            advice = "" if copied == [] else (f"; to be refused before anything loads, load from the module "
+                                              f"mira.{verb} was given, or {verb} the outermost model")
             raise RuntimeError(f"load_state_dict: {where} holds a {held.kind} update in its base weight, which the "
-                               f"state dict would overwrite; nothing was loaded: call mira.{_UNDO[held.kind]}(model) "
-                               "first")
+                               f"state dict would overwrite; {_what_loaded(copied, prefix)}: call "
+                               f"mira.{_UNDO[held.kind]}(model) first{advice}")
 
 
 def _refuse_load_into_held_base(kind: str, module: nn.Module, state_dict, prefix: str, *args) -> None:

@@ -297,6 +297,49 @@ def test_load_state_dict_while_an_update_is_held_is_refused_before_anything_load
     assert [m.num_slots for m in mira.memories(model)] == [2] * DEPTH
 
 
+def _changed(before, model):
+    after = _state_of(model)
+    return [k for k in before if not torch.equal(before[k], after[k])]
+
+
+@torch.no_grad()
+def test_a_refused_load_begun_above_the_held_model_says_what_had_loaded():
+    # The refusal said "nothing was loaded" while the modules before the guarded one had loaded: the
+    # backbone's embeddings after merge(model.blocks), the wrapper's layers after a fold of the model.
+    other = trained(slots=2)
+    for p in other.parameters():
+        p.add_(1.0)
+    # merge given model.blocks, load from the model: refused before anything by the model's own check.
+    model = trained()
+    mira.merge(model.blocks)
+    before = _state_of(model)
+    with pytest.raises(RuntimeError, match=r"blocks\.0\.attn\.qkv holds a merged update .*; nothing was loaded: "
+                                           r"call mira\.unmerge\(model\) first$"):
+        model.load_state_dict(other.state_dict())
+    assert not _changed(before, model)
+    # Without that check (the model attached by an older version): the guard of model.blocks names what loaded.
+    model._load_state_dict_pre_hooks.clear()
+    with pytest.raises(RuntimeError, match=r"nothing from 'blocks' on was loaded, but the call began above it and "
+                                           r"had already loaded cls_token, pos_embed, patch_embed\.proj\.weight, "
+                                           r"patch_embed\.proj\.bias: call mira\.unmerge\(model\) first; to be "
+                                           r"refused before anything loads, load from the module mira\.merge was "
+                                           r"given, or merge the outermost model"):
+        model.load_state_dict(other.state_dict())
+    assert sorted(_changed(before, model)) == ["cls_token", "patch_embed.proj.bias", "patch_embed.proj.weight",
+                                               "pos_embed"]
+    # fold of the model, then a wrapper made after it: its layers before the model have loaded, and it says so.
+    model = trained()
+    mira.set_stage(model, "inference")
+    mira.fold(model, torch.ones(3) / 3)
+    wrapper = nn.Sequential(nn.Identity(), nn.Linear(1, 1), model)
+    before, pre = _state_of(model), _state_of(wrapper[1])
+    with pytest.raises(RuntimeError, match=r"2\.blocks\.0\.attn\.qkv holds a folded update .*nothing from '2' on "
+                                           r"was loaded, but the call began above it and had already loaded 1\.weight, "
+                                           r"1\.bias: call mira\.unfold\(model\) first; .*fold the outermost model"):
+        wrapper.load_state_dict(nn.Sequential(nn.Identity(), nn.Linear(1, 1), other).state_dict())
+    assert not _changed(before, model) and _changed(pre, wrapper[1]) == ["weight", "bias"]
+
+
 @torch.no_grad()
 def test_a_copy_of_a_folded_model_refuses_loads_for_itself_and_unfold_leaves_no_hook():
     import copy

@@ -237,7 +237,7 @@ def test_load_state_dict_of_another_model_changes_no_memory(other):
     before = snapshot(model, loras=False)
     with pytest.raises(RuntimeError, match="size mismatch|mira_memory"):
         model.load_state_dict(source.state_dict())
-    # The memories only: outside them, load_state_dict keeps torch's rule (tensors that fit are copied).
+    # The memories here; the whole model is left as it was too (the tests of the attach root's check below).
     assert_unchanged(model, before, loras=False)
 
 
@@ -262,6 +262,110 @@ def test_load_state_dict_of_another_slot_count_still_resizes():
     model.load_state_dict(source.state_dict())
     for a, b in zip(mira.memories(source), mira.memories(model)):
         assert b.num_slots == 3 and torch.equal(a.keys, b.keys) and torch.equal(a.bank_b, b.bank_b)
+
+
+def whole_state(model):
+    """Every tensor of the model's state dict (backbone, head, memories, LoRAs), cloned, and the slot counts."""
+    return ({k: v.clone() for k, v in model.state_dict().items()}, [m.num_slots for m in mira.memories(model)])
+
+
+def assert_whole_state_unchanged(model, before):
+    state, slots = whole_state(model)
+    assert slots == before[1]
+    assert sorted(state) == sorted(before[0])
+    changed = [k for k, v in before[0].items() if v.shape != state[k].shape or not torch.equal(v, state[k])]
+    assert not changed, changed
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_a_load_state_dict_refused_by_the_last_memory_changes_no_memory_before_it(strict):
+    # Each memory protected itself only: with block 1's entries malformed, block 0's memory had loaded
+    # (resized to 3 slots) by the time block 1 refused, and the model ended with slot counts [3, 2].
+    state = filled(seed=9, n=3).state_dict()
+    bad = "blocks.1.mira_memory.bank_a"
+    state[bad] = state[bad][:, :, :1].clone()  # rank 1 instead of 4
+    model = filled()
+    before = whole_state(model)
+    with pytest.raises(RuntimeError, match=r"(?s)blocks\.1\.mira_memory .*was not loaded.*nothing was loaded"):
+        model.load_state_dict(state, strict=strict)
+    assert_whole_state_unchanged(model, before)
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_a_load_state_dict_refused_for_the_head_changes_no_memory(strict):
+    # torch copies every tensor that fits and raises at the end: every memory had been replaced.
+    state = filled(seed=9, n=3).state_dict()
+    state["head.weight"] = torch.zeros(7, state["head.weight"].shape[1])  # a head of another class count
+    model = filled()
+    before = whole_state(model)
+    with pytest.raises(RuntimeError, match=r"size mismatch for head\.weight.*\n.*nothing was loaded"):
+        model.load_state_dict(state, strict=strict)
+    assert_whole_state_unchanged(model, before)
+
+
+def test_a_load_state_dict_is_checked_whole_by_torchs_rules_under_the_callers_strict():
+    model = filled()
+    model.register_buffer("temperature", torch.tensor(1.0))  # 0-dim, as some heads have
+    source = filled(seed=9, n=3)
+    source.register_buffer("temperature", torch.tensor(2.0))
+    state = source.state_dict()
+    state["temperature"] = torch.tensor([2.0])  # (1,): torch's rule for checkpoints of PyTorch 0.3 loads it
+    missing = {k: v for k, v in state.items() if k != "norm.weight"}
+    extra = {**state, "head.extra": torch.zeros(3)}
+    before = whole_state(model)
+    # strict=True: torch raises for missing and unexpected keys only after loading all that fits.
+    with pytest.raises(RuntimeError, match=r'Missing key\(s\) in state_dict: "norm\.weight"'):
+        model.load_state_dict(missing)
+    assert_whole_state_unchanged(model, before)
+    with pytest.raises(RuntimeError, match=r'Unexpected key\(s\) in state_dict: "head\.extra"'):
+        model.load_state_dict(extra)
+    assert_whole_state_unchanged(model, before)
+    # strict=False: those load (what torch accepts is accepted), a misfit still changes nothing.
+    result = model.load_state_dict(missing, strict=False)
+    assert result.missing_keys == ["norm.weight"] and not result.unexpected_keys
+    assert [m.num_slots for m in mira.memories(model)] == [3, 3] and float(model.temperature) == 2.0
+    assert model.load_state_dict(extra, strict=False).unexpected_keys == ["head.extra"]
+    # A module with a load hook of its own is left to torch (here one that renames an old checkpoint's key).
+    model.head.register_load_state_dict_pre_hook(
+        lambda module, sd, prefix, *args: sd.__setitem__(prefix + "weight", sd.pop(prefix + "w")) if prefix + "w" in sd
+        else None)
+    renamed = {**state, "head.w": state["head.weight"]}
+    del renamed["head.weight"]
+    model.load_state_dict(renamed)
+    assert torch.equal(model.head.weight, state["head.weight"])
+
+
+def test_a_load_begun_above_the_attached_model_is_refused_before_the_model_loads_and_says_what_had():
+    # nn.Sequential(pre, model, post): torch has no hook that runs before pre loads, but the model's
+    # check runs before the model loads and sees post's misfit too.
+    model = filled()
+    wrapper = torch.nn.Sequential(torch.nn.Linear(1, 1), model, torch.nn.Linear(2, 2))
+    state = torch.nn.Sequential(torch.nn.Linear(1, 1), filled(seed=9, n=3), torch.nn.Linear(3, 2)).state_dict()
+    before = whole_state(model)
+    with pytest.raises(RuntimeError, match=r"size mismatch for 2\.weight.*\n.*nothing from '1' on was loaded, but "
+                                           r"the call began above it and had already loaded 0\.weight, 0\.bias"):
+        wrapper.load_state_dict(state)
+    assert_whole_state_unchanged(model, before)
+
+
+def test_copies_of_an_attached_model_refuse_for_themselves_and_detach_removes_the_check():
+    import copy
+    import io
+
+    state = filled(seed=9, n=3).state_dict()
+    state["head.weight"] = torch.zeros(7, state["head.weight"].shape[1])
+    model = filled()
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    for copied in (copy.deepcopy(model), torch.load(buffer, weights_only=False)):
+        before = whole_state(copied)
+        with pytest.raises(RuntimeError, match="nothing was loaded"):
+            copied.load_state_dict(state)
+        assert_whole_state_unchanged(copied, before)
+    mira.detach(model)
+    hooks = [h for m in model.modules() for h in m._load_state_dict_pre_hooks.values()]
+    assert not [h for h in hooks if "mira" in getattr(h, "__module__", "")], hooks
 
 
 # ----------------------------------------------------------------------------------------------
