@@ -671,6 +671,9 @@ def set_stage(model: nn.Module, stage: str, *, extra_trainable: Iterable[str] = 
     if isinstance(extra_trainable, str):
         raise TypeError(f"extra_trainable takes a sequence of module names, e.g. ({extra_trainable!r},), "
                         f"not the string {extra_trainable!r}")
+    if not isinstance(extra_trainable, Iterable):  # None, an int: "'NoneType' object is not iterable"
+        raise TypeError(f"set_stage: extra_trainable takes a sequence of module names, e.g. ('head',), or () for "
+                        f"none, got {type(extra_trainable).__name__} {extra_trainable!r}")
     modules = dict(model.named_modules())
     extra = []
     for name in extra_trainable:

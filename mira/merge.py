@@ -245,7 +245,7 @@ def _slot_weights(model: nn.Module, weights) -> list[torch.Tensor]:
     """One checked float64 (N,) tensor per memory, in block order."""
     named = named_memories(model)
     if not isinstance(weights, (torch.Tensor, Mapping)) and getattr(weights, "ndim", None) == 1:
-        weights = torch.as_tensor(weights)  # a 1-D numpy array (a calibration computed in numpy), as a tensor
+        weights = _as_tensor(weights, "every memory")  # a 1-D numpy array (a calibration computed in numpy)
     if isinstance(weights, Mapping):
         names = [n for n, _ in named]
         unknown = sorted(set(weights) - set(names))
@@ -268,7 +268,7 @@ def _slot_weights(model: nn.Module, weights) -> list[torch.Tensor]:
         )
     checked = []
     for (name, memory), w in zip(named, per_memory):
-        w = torch.as_tensor(w, dtype=torch.float64).detach().cpu()
+        w = _as_tensor(w, name).detach().to("cpu", torch.float64)
         n = memory.num_slots
         if w.shape != (n,):
             raise ValueError(f"fold: {name} holds {n} adapters, so its slot weights must have shape ({n},), "
@@ -277,6 +277,26 @@ def _slot_weights(model: nn.Module, weights) -> list[torch.Tensor]:
             raise ValueError(f"fold: the slot weights of {name} are not all finite: {w.tolist()}")
         checked.append(w)
     return checked
+
+
+_INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint16, torch.uint32,
+                   torch.uint64)
+
+
+def _as_tensor(weights, name: str) -> torch.Tensor:
+    """Slot weights as a tensor of real numbers: refused when they are flags (True is no weight of 1),
+    complex (the imaginary part would be dropped) or not numbers at all."""
+    if isinstance(weights, Sequence) and any(isinstance(w, bool) for w in weights):
+        raise TypeError(f"fold: the slot weights of {name} must be real numbers, got the flags {list(weights)}")
+    try:
+        w = torch.as_tensor(weights)
+    except (TypeError, ValueError, RuntimeError) as err:  # str: "new(): invalid data type 'str'"
+        raise TypeError(f"fold: the slot weights of {name} must be real numbers, got {type(weights).__name__} "
+                        f"{weights!r} ({err})") from None
+    if not (w.is_floating_point() or w.dtype in _INTEGER_DTYPES):  # bool, complex, quantized
+        raise TypeError(f"fold: the slot weights of {name} must be real numbers (a floating-point or integer "
+                        f"tensor), got dtype {w.dtype}")
+    return w
 
 
 def fold(model: nn.Module, weights) -> nn.Module:
@@ -358,6 +378,9 @@ def mean_retrieval_weights(model: nn.Module, batches: Iterable, *, progress: boo
         # Iterating a tensor yields single images (C, H, W): take it as one batch instead of failing
         # on the first image's shape.
         batches = [batches]
+    elif not isinstance(batches, Iterable) and not hasattr(batches, "__getitem__"):  # None: "not iterable"
+        raise TypeError(f"mean_retrieval_weights: batches must be an iterable of input batches (a data loader, a "
+                        f"list of tensors) or one input tensor, got {type(batches).__name__}")
     projs = _require_projections(model, "mean_retrieval_weights")
     if any(p.merged_update is not None for p in projs):
         raise RuntimeError("mean_retrieval_weights: the model holds a merged or folded update, so its memories do "

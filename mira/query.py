@@ -45,11 +45,28 @@ def _widths(in_features, out_features) -> tuple[int, int]:
     return _positive_int("in_features", in_features), _positive_int("out_features", out_features)
 
 
+def _no_hidden_layer(kind: str, hidden_features, factory: dict) -> None:
+    """Refuse what a query module without a hidden layer would ignore (as MiraConfig does): a hidden
+    width, and keyword arguments other than the factory's (device, dtype)."""
+    if hidden_features is not None:
+        raise ValueError(f"hidden_features={hidden_features!r} sets the hidden width of the 'mlp' query module; "
+                         f"{kind!r} has no hidden layer (leave hidden_features=None)")
+    _factory_only(kind, factory)
+
+
+def _factory_only(kind: str, factory: dict) -> None:
+    unknown = sorted(set(factory) - {"device", "dtype"})
+    if unknown:
+        raise TypeError(f"the {kind!r} query module got unexpected keyword arguments {unknown}; its keyword arguments "
+                        "are hidden_features and the factory arguments device and dtype")
+
+
 class IdentityQuery(nn.Module):
     """g(t) = t (the paper's continual-learning runs). Needs d_k == d_in."""
 
     def __init__(self, in_features: int, out_features: int, hidden_features: int | None = None, **factory) -> None:
         super().__init__()
+        _no_hidden_layer("identity", hidden_features, factory)
         in_features, out_features = _widths(in_features, out_features)
         if in_features != out_features:
             raise ValueError(f"IdentityQuery needs in_features == out_features, got {in_features} and {out_features}")
@@ -69,6 +86,7 @@ class LinearQuery(nn.Linear):
     """g(t) = W t + b."""
 
     def __init__(self, in_features: int, out_features: int, hidden_features: int | None = None, **factory) -> None:
+        _no_hidden_layer("linear", hidden_features, factory)
         super().__init__(*_widths(in_features, out_features), **factory)
 
 
@@ -77,6 +95,7 @@ class MlpQuery(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, hidden_features: int | None = None, **factory) -> None:
         super().__init__()
+        _factory_only("mlp", factory)
         in_features, out_features = _widths(in_features, out_features)
         # None is the default width; 0 (which `or` took for the default) is refused
         hidden_features = in_features if hidden_features is None else _positive_int("hidden_features", hidden_features)
@@ -105,7 +124,4 @@ def build_query_module(
         cls = _QUERY_CLASSES[kind]
     except KeyError:
         raise ValueError(f"unknown query module {kind!r}; expected one of {tuple(_QUERY_CLASSES)}") from None
-    if hidden_features is not None and cls is not MlpQuery:  # as MiraConfig: a width that would do nothing
-        raise ValueError(f"hidden_features={hidden_features!r} sets the hidden width of the 'mlp' query module; "
-                         f"{kind!r} has no hidden layer (leave hidden_features=None)")
-    return cls(in_features, out_features, hidden_features, **factory)
+    return cls(in_features, out_features, hidden_features, **factory)  # each refuses what it would ignore

@@ -246,3 +246,60 @@ def test_a_memory_or_lora_too_large_to_allocate_names_the_option():
             mira.attach(model, **options)
         assert not mira.projections(model) and not mira.memories(model)
         assert {name: p.requires_grad for name, p in model.named_parameters()} == before
+
+
+def qkv_state(model):
+    return [p.base_layer.weight for p in mira.projections(model)]
+
+
+@torch.no_grad()
+def test_fold_weights_that_are_not_real_numbers_are_refused_naming_the_memory():
+    # Flags folded as weights 1 and 0, complex weights lost their imaginary part (with a warning), and
+    # str raised "new(): invalid data type 'str'".
+    import numpy as np
+
+    model = tiny_models.filled_vit()
+    name = mira.named_memories(model)[0][0]
+    weights = [w.clone() for w in qkv_state(model)]
+    names = [n for n, _ in mira.named_memories(model)]
+    for bad, of in ((torch.tensor([True, False]), name), (torch.tensor([1 + 5j, 0j]), name),
+                    (np.array([True, False]), "every memory"), (np.array([0.5 + 1j, 0.5]), "every memory")):
+        with pytest.raises(TypeError, match=rf"fold: the slot weights of {of} must be real numbers .*got dtype"):
+            mira.fold(model, bad)
+    for bad in ({n: "ab" for n in names}, ["ab", "cd"], [[True, False], [0.5, 0.5]]):
+        with pytest.raises(TypeError, match=rf"fold: the slot weights of {name} must be real numbers, got"):
+            mira.fold(model, bad)
+    assert all(torch.equal(a, b) for a, b in zip(weights, qkv_state(model)))
+    assert not any(p.merged_update for p in mira.projections(model))
+    mira.fold(model, torch.tensor([1, 0]))  # integers are numbers
+    mira.unfold(model)
+
+
+def test_arguments_that_are_not_iterable_are_named():
+    # "'NoneType' object is not iterable" named neither the argument nor what it takes.
+    model = tiny_models.filled_vit()
+    with pytest.raises(TypeError, match="mean_retrieval_weights: batches must be an iterable of input batches"):
+        mira.mean_retrieval_weights(model, None, progress=False)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    for bad in (None, 3):
+        with pytest.raises(TypeError, match=rf"set_stage: extra_trainable takes a sequence of module names.*got "
+                                            rf"{type(bad).__name__} {bad}"):
+            mira.set_stage(model, "consolidation", extra_trainable=bad)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert [p.stage for p in mira.projections(model)] == ["adaptation"] * 2
+
+
+def test_query_modules_refuse_what_they_would_ignore_as_build_query_module_does():
+    # build_query_module('linear', 4, 4, 8) refused the hidden width; the classes themselves took it,
+    # and an unknown keyword argument, silently.
+    message = "hidden_features=8 sets the hidden width of the 'mlp' query module; {!r} has no hidden layer"
+    for kind, cls in (("identity", mira.IdentityQuery), ("linear", mira.LinearQuery)):
+        for make, args, kwargs in ((cls, (4, 4, 8), {}), (cls, (4, 4), {"hidden_features": 8}),
+                                   (mira.build_query_module, (kind, 4, 4, 8), {})):
+            with pytest.raises(ValueError, match=message.format(kind)):
+                make(*args, **kwargs)
+    for kind in ("identity", "linear", "mlp"):
+        with pytest.raises(TypeError, match=rf"the '{kind}' query module got unexpected keyword arguments \['bogus'\]"):
+            mira.build_query_module(kind, 4, 4, bogus=1)
+    assert isinstance(mira.build_query_module("identity", 4, 4, device="cpu", dtype=torch.float64), mira.IdentityQuery)
+    assert mira.build_query_module("mlp", 4, 4, 8, dtype=torch.float64).fc1.weight.dtype == torch.float64
