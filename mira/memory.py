@@ -16,13 +16,16 @@ Two storage modes:
   the old shape: call :meth:`AdapterMemory.forget_optimizer_state` (or build a new optimiser)
   after growing. The step fails loudly otherwise, naming the cure (:mod:`mira.optim_state`).
   A remove (or clear, select_tasks, load_memories) moves the slots whatever the shapes do: a step
-  with moments from before it raises too, until ``forget_optimizer_state`` starts them afresh.
+  with moments from before it raises too, until ``forget_optimizer_state`` starts them afresh (for
+  optimisers that have stepped in this process; state loaded into an optimiser must be loaded after
+  the memory changes, or be dropped with ``forget_optimizer_state``).
 * fixed capacity (``capacity=C``): C slots are pre-allocated with a boolean ``active`` mask.
   Stored adapters always occupy slots ``0 .. num_slots-1``. Empty slots have zero keys and zero
   values, so their cosine score is 0 and they add nothing (see ``mira.config`` for why softmax
   is refused). Appending writes in place: no shape changes, no recompilation, no CUDA-graph
   re-capture, and the optimiser state keeps its shape; :meth:`remove` compacts slots, so a step
-  with moments from before it raises (:mod:`mira.optim_state`) until ``forget_optimizer_state``.
+  with moments from before it raises (:mod:`mira.optim_state`, optimisers that have stepped in this
+  process) until ``forget_optimizer_state``.
 
 What the op sees (:meth:`AdapterMemory.retrieval_tensors`) is derived from the stored tensors:
 empty slots masked, keys normalised per feature when ``key_norm="per_feature"``. Where no

@@ -14,11 +14,17 @@ last, or second-to-last, dimension 1).
 Slots can also move without any change of shape: ``remove`` compacts the stored adapters (and
 ``clear``, ``select_tasks`` and ``load_memories`` replace them) in a fixed-capacity memory, or in a
 growing one that then grows back to its old size. The state would then update each slot with the
-moments of another. So at every such move the state that optimisers which have already stepped
-hold of the memory's tensors is marked stale, and the same hook refuses their next step until
+moments of another. So at every such move the state that optimisers which have stepped in this
+process hold of the memory's tensors is marked stale, and the same hook refuses their next step until
 :func:`forget_optimizer_state` drops it. To know those optimisers, the hook is registered as soon as
 a memory is made (it records each optimiser that steps; the checks cost nothing while no memory
 has changed).
+
+Only optimisers that have stepped in this process are known. State loaded into an optimiser
+(``optimizer.load_state_dict``, resuming from a checkpoint) that has not stepped since is not: a
+move of the slots before its first step is not seen, and that step updates each slot with the
+moments of another, unrefused. Load an optimiser's state after the memory changes (so that it
+describes the slots as they are), or drop it with :func:`forget_optimizer_state` after them.
 """
 
 from __future__ import annotations
@@ -69,8 +75,9 @@ def note_resized(*tensors: torch.Tensor) -> None:
 
 def note_moved(*tensors: torch.Tensor) -> None:
     """Record memory tensors whose slots just moved or were replaced (called by the memory): the state
-    that optimisers which have stepped hold of them now belongs to other slots. (State that an
-    optimiser made before it ever stepped, such as Adagrad's initial sums, is the same for every slot.)"""
+    that optimisers which have stepped in this process hold of them now belongs to other slots. (State
+    that an optimiser made before it ever stepped, such as Adagrad's initial sums, is the same for every
+    slot; state loaded into one that has not stepped since is not seen: see the module docstring.)"""
     params = [t for t in tensors if isinstance(t, nn.Parameter)]
     for optimizer in list(_stepped):
         held = {id(p) for p in params if p in optimizer.state}  # a defaultdict: test, never index
