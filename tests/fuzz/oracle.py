@@ -92,6 +92,33 @@ def adapter_terms(case: OpCase) -> float:
     return terms.max().item() if terms.numel() else 0.0
 
 
+def factor_grad_terms(case: OpCase) -> dict[str, float]:
+    """The largest |term| dx, dbank_a and dbank_b sum, float64: each the gradient of the adapter's
+    output with every factor and weight taken by its absolute value, for |grad_out|.
+
+    Why (found by make fuzz: cpu, float32, affine, N = 2, d_k = 1, x = NaN, bank_b expanded): as in
+    adapter_terms, w = (+100, -100) at the eps = 0.01 guard makes sum_n w_n B_n exactly 0, so the float64
+    dx is G W alone, while dx's adapter part sums G (scale B_b) A_b over products ~|G| |w|^2 |B| |A| ~ 1e2
+    (cpu: 5.2e-5 off). adapter_terms could not see it: its terms go through |x|, here NaN, and dx does not.
+    """
+    if case.keys.shape[0] == 0 or case.x.numel() == 0:
+        return {}
+    (x, w_, _, q, k, a, b), grad = _spec_tensors(case, torch.float64)
+    w = reference.retrieval_weights(q, k, separation=case.separation, eps=case.eps).abs()
+    leaves = [t.abs().requires_grad_(True) for t in (x, a, b)]
+    xa, aa, ba = leaves
+    mixed_a = torch.einsum("bn,nsrd->bsrd", w, aa)
+    mixed_b = torch.einsum("bn,nser->bser", w, ba)
+    delta = abs(case.scale) * torch.einsum("btsr,bser->btse", torch.einsum("btd,bsrd->btsr", xa, mixed_a), mixed_b)
+    full = reference._scatter_slices(delta, case.slice_offsets, w_.shape[0])
+    grads = torch.autograd.grad(full, leaves, grad.abs(), allow_unused=True)
+    terms = {}
+    for name, g in zip(("dx", "dbank_a", "dbank_b"), grads):
+        g = g[torch.isfinite(g)] if g is not None else torch.zeros(0)
+        terms[name] = g.max().item() if g.numel() else 0.0
+    return terms
+
+
 def score_grad_terms(case: OpCase) -> tuple[float, float]:
     """The largest |term| dquery and dkeys sum, float64: 2 sum_n |dL/ds_bn| / max(|q_b|, 1e-12) and
     2 sum_b |dL/ds_bn| / max(|k_n|, 1e-12) (d cos / dq = (k^ - cos q^) / max(|q|, 1e-12), of norm
@@ -213,7 +240,7 @@ def judge_linear(case: OpCase, label: str, got_y: torch.Tensor, got_g: list[torc
     if got_g is None:
         return
     like = [case.x, case.query, case.keys, case.bank_a, case.bank_b]
-    terms = dict(zip(("dquery", "dkeys"), score_grad_terms(case)))
+    terms = {**dict(zip(("dquery", "dkeys"), score_grad_terms(case))), **factor_grad_terms(case)}
     at_kink = relu_kink_within_rounding(case)
     for name, g, w, o, t in zip(GRAD_NAMES, got_g, want_g, own_g, like):
         judge(f"{label} {name}", g, w, o, dtype=t.dtype, factor=3.0, like=t, degenerate=degenerate,
