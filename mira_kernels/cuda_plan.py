@@ -106,6 +106,27 @@ class KernelSpec:
     smem: int  # dynamic shared memory, bytes
 
 
+# Static shared memory of each kernel in compute-dtype elements: its __shared__ arrays in mira_kernels.cuh.
+# tests/test_cuda_resources.py checks the records' static part against ptxas's report for every instantiation.
+_STATIC_SMEM = {
+    "mira_offsets_kernel": 0,
+    # red (block_sum of the tile, lane_sum of the score pairs), zw_s (scores, then weights), qden_s, qscale_s,
+    # kscale_s (score_tile's key scales), st_s (SepStats: denominator, max, sum per sample)
+    "mira_retrieve_kernel": SAMPLE_TILE * THREADS + SAMPLE_TILE * KEY_CHUNK + 2 * SAMPLE_TILE + KEY_CHUNK
+    + 3 * SAMPLE_TILE,
+    "mira_apply_kernel": J_TILE * THREADS,  # red of tile_row_dots
+    "mira_bwd_tokens_kernel": J_TILE * THREADS,
+    "mira_bwd_factors_kernel": J_TILE * THREADS,
+    "mira_bwd_scores_kernel": 2 * THREADS,  # block_sum<2>
+    "mira_bwd_memory_kernel": THREADS,
+}
+
+
+def _static_smem_bytes(kernel: str, acc_size: int) -> int:
+    # A launch's record adds its dynamic part (KernelSpec.smem) to this.
+    return _STATIC_SMEM[kernel] * acc_size
+
+
 def _spill(d: Dims, acc_size: int, smem_budget: int) -> bool:
     return TOK_TILE * d.SR * acc_size > smem_budget
 
@@ -197,14 +218,13 @@ def _retrieve(c: _Call) -> dict:
     return dict(
         flops={c.unit: scores + mixing},
         bytes_read=query + keys + bank,
-        bytes_written=d.B * (d.FA + d.FB) * c.acc + (2 * d.B * d.N + d.B + d.N) * c.acc,
+        # mixed factors; z, w; the norms and their overflow scales (qnorm, qscale, knorm, kscale)
+        bytes_written=d.B * (d.FA + d.FB) * c.acc + (2 * d.B * d.N + 2 * d.B + 2 * d.N) * c.acc,
         # The keys are re-read by every block (once per pass), the banks once per sample tile, each query
         # once per column chunk.
         l2_bytes=keys * (blocks * passes - 1) + bank * (tiles - 1) + query * (d.col_chunks - 1),
         steps=steps,
         useful_flops=2.0 * d.B * d.N * d.d_k + mixing,
-        # reduction buffer, scores, query norms, separation statistics
-        smem_bytes=(SAMPLE_TILE * THREADS + SAMPLE_TILE * KEY_CHUNK + 4 * SAMPLE_TILE) * c.acc,
         note=f"{bt} sample(s) per block; scores recomputed by each of the {d.col_chunks} column chunks",
     )
 
@@ -227,7 +247,6 @@ def _apply(c: _Call) -> dict:
         l2_bytes=d.B * d.tiles * (d.FA + d.FB) * c.acc + _spill_bytes(c),
         steps=_rows_dots_steps(d.SR, d.d_in) + d.S * _cdiv(d.d_s, THREADS) * d.r,
         useful_flops=2.0 * M * d.SR * d.d_in + expand,
-        smem_bytes=J_TILE * THREADS * c.acc,
         note="read-modify-write of the output's slices after the base GEMM (x re-read for the shrink)",
     )
 
@@ -259,7 +278,6 @@ def _bwd_tokens(c: _Call) -> dict:
         l2_bytes=d.B * d.tiles * (d.FA + d.FB) * c.acc + _spill_bytes(c),
         steps=steps,
         useful_flops=useful,
-        smem_bytes=J_TILE * THREADS * c.acc,
     )
 
 
@@ -279,7 +297,6 @@ def _bwd_factors(c: _Call) -> dict:
         + bank * (d.B - 1),
         steps=d.T + _cdiv(d.N, DW_TILE) * (TREE + 1),
         useful_flops=reduce_t + dw,
-        smem_bytes=J_TILE * THREADS * c.acc,
     )
 
 
@@ -290,8 +307,10 @@ def _bwd_scores(c: _Call) -> dict:
     read = d.B * d.col_chunks * d.N * c.acc + 2.0 * d.B * d.N * c.acc
     written = d.B * d.N * c.acc
     if need_q:
-        flops += 3.0 * d.B * d.N * d.d_k + 6.0 * d.B * d.d_k
-        read += (d.N * d.d_k + d.B * d.d_k + d.N + d.B) * c.acc
+        # unit_entry per (sample, slot, element): two products by the scale, a division, an FMA; then the
+        # normalisation backward of the query (normalize_backward_inplace). Norms and scales read per slot.
+        flops += 5.0 * d.B * d.N * d.d_k + 9.0 * d.B * d.d_k
+        read += (d.N * d.d_k + d.B * d.d_k + 2 * d.N + 2 * d.B) * c.acc
         written += d.B * d.d_k * c.acc
     return dict(
         flops={c.unit: flops},
@@ -300,7 +319,6 @@ def _bwd_scores(c: _Call) -> dict:
         l2_bytes=(d.B - 1) * d.N * d.d_k * c.acc if need_q else 0.0,
         steps=d.col_chunks + 2 * TREE + ((d.N + TREE) if need_q else 0),
         useful_flops=2.0 * d.B * d.N * d.d_k if need_q else 0.0,
-        smem_bytes=2 * THREADS * c.acc,
     )
 
 
@@ -308,11 +326,11 @@ def _bwd_memory(c: _Call) -> dict:
     d = c.d
     _, _, need_k, need_a, need_b = c.mask
     cols = (d.FA if need_a else 0) + (d.FB if need_b else 0)
-    flops = 2.0 * d.N * d.B * cols + (3.0 * d.N * d.B * d.d_k + 6.0 * d.N * d.d_k if need_k else 0.0)
+    flops = 2.0 * d.N * d.B * cols + (5.0 * d.N * d.B * d.d_k + 9.0 * d.N * d.d_k if need_k else 0.0)
     read = d.B * cols * c.acc + d.B * d.N * c.acc
     written = d.N * cols * c.acc
     if need_k:
-        read += (d.B * d.d_k + d.N * d.d_k + d.B + d.N) * c.acc
+        read += (d.B * d.d_k + d.N * d.d_k + 2 * d.B + 2 * d.N) * c.acc
         written += d.N * d.d_k * c.acc
     return dict(
         flops={c.unit: flops},
@@ -321,12 +339,11 @@ def _bwd_memory(c: _Call) -> dict:
         l2_bytes=(d.N - 1) * d.B * (d.N + (d.d_k if need_k else 0)) * c.acc,
         steps=d.B + (TREE + 1 if need_k else 0),
         useful_flops=2.0 * d.N * d.B * cols + (2.0 * d.N * d.B * d.d_k if need_k else 0.0),
-        smem_bytes=THREADS * c.acc,
     )
 
 
 def _offsets(c: _Call) -> dict:
-    return dict(flops={}, bytes_read=0.0, bytes_written=min(c.d.S, OFFSET_UPLOAD) * 8.0, steps=1, smem_bytes=0,
+    return dict(flops={}, bytes_read=0.0, bytes_written=min(c.d.S, OFFSET_UPLOAD) * 8.0, steps=1,
                 note=f"S = {c.d.S} slice offsets copied from the launch arguments to the workspace")
 
 
@@ -395,7 +412,7 @@ def _kernels(op: str, d: Dims, x_dtype: torch.dtype, separation: str, mask) -> l
     launches, uploads = [], 0
     for spec in kernel_launches(op, d, acc, mask):
         cost = dict(_COSTS[spec.kernel](call))
-        static = cost.pop("smem_bytes")  # static shared memory; spec.smem is the dynamic part
+        static = _static_smem_bytes(spec.kernel, acc)  # spec.smem is the dynamic part
         name = _ROLE[spec.kernel]
         if spec.kernel == "mira_offsets_kernel":
             name, uploads = f"offsets{uploads}", uploads + 1

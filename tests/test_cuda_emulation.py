@@ -446,15 +446,26 @@ def _check_overflow_is_scale_free(driver, inp, dtype, memory_dtype, big, which, 
 @pytest.mark.parametrize(("dtype", "memory_dtype", "big"), [
     pytest.param(torch.bfloat16, torch.float32, 2.0**66, id="bf16"),
     pytest.param(torch.float32, torch.float32, 2.0**66, id="fp32"),
-    pytest.param(torch.float64, torch.float64, 2.0**520, id="fp64")])
+    pytest.param(torch.float64, torch.float64, 2.0**520, id="fp64"),
+    # Finite rows whose norm exceeds the dtype's max: the norm itself is inf there, and the backward, which
+    # divided by it, took their unit vectors for 0 (dquery 51% off for such a key, dkeys 6.5e-4 for such a query).
+    pytest.param(torch.bfloat16, torch.float32, 2.0**127, id="bf16-norm-above-max"),
+    pytest.param(torch.float32, torch.float32, 2.0**127, id="fp32-norm-above-max"),
+    pytest.param(torch.float64, torch.float64, 2.0**1023, id="fp64-norm-above-max")])
 @pytest.mark.parametrize("which", ["query", "keys"])
 def test_overflowing_norms_backward_is_the_unscaled_rows_scaled(driver, dtype, memory_dtype, big, which):
-    # The backward reads the retrieval's norms and scores: with a row times 2^66 (2^520), every gradient is
-    # the unscaled call's, bit for bit, except that row's own, which is divided by the same power of two.
+    # The backward reads the retrieval's norms and scores: with a row times 2^66 (2^520), or times 2^127
+    # (2^1023) so that its norm exceeds the dtype's max, every gradient is the unscaled call's, bit for bit,
+    # except that row's own, which is divided by the same power of two.
     inp = make_inputs(**SHAPE, dtype=torch.float64).to(dtype, memory_dtype=memory_dtype)
     g = torch.Generator().manual_seed(1)
     grad_out = torch.randn(inp.x.shape[0], inp.x.shape[1], inp.weight.shape[0], generator=g,
                            dtype=torch.float64).to(dtype)
+    row = getattr(inp, which).clone()
+    row[1] *= 1.5 / row[1].abs().max()  # entries below 2: finite times 2^127 (2^1023), the norm above 2: beyond
+    setattr(inp, which, row)
+    limit = torch.finfo(memory_dtype).max  # the norm exceeds it in the cases of big near it, and only there
+    assert (big * float(torch.linalg.vector_norm(row[1].double())) > limit) == (big > limit / 4)
 
     def grads():
         args = (inp.x, inp.weight, inp.query, inp.keys, inp.bank_a, inp.bank_b)
@@ -463,14 +474,16 @@ def test_overflowing_norms_backward_is_the_unscaled_rows_scaled(driver, dtype, m
     plain = grads()
     t = getattr(inp, which).clone()
     t[1] *= big
+    assert torch.isfinite(t).all()
     setattr(inp, which, t)
     scaled = grads()
     own = 1 if which == "query" else 2  # (dx, dquery, dkeys, dbank_a, dbank_b)
-    for i, (p, s) in enumerate(zip(plain, scaled)):
-        want = p.clone()
+    # The row's own gradient last: above the max it is tiny (|g| / |u|), the others carry its unit vector.
+    for i in sorted(range(5), key=lambda i: i == own):
+        want = plain[i].clone()
         if i == own:
-            want[1] = p[1] / big
-        assert torch.equal(s, want), ("dx", "dquery", "dkeys", "dbank_a", "dbank_b")[i]
+            want[1] = plain[i][1] / big
+        assert torch.equal(scaled[i], want), ("dx", "dquery", "dkeys", "dbank_a", "dbank_b")[i]
 
 
 def test_inf_query_entry_gives_nan_cosines_as_the_reference(driver):

@@ -1,4 +1,5 @@
-"""Registers, shared memory and spills of every CUDA kernel, for sm_80 and sm_90; fails on any spill.
+"""Registers, shared memory and spills of every CUDA kernel, for sm_80 and sm_90; fails on any spill, and
+on any kernel whose static shared memory differs from the launch plan's (mira_kernels.cuda_plan, the GPU model).
 
 Two sources, both printed (run pytest with -s to see the tables):
   * ptxas's own report (-Xptxas=-v) from nvcc compiling tests/cuda_emu/resource_probe.cu, which
@@ -18,6 +19,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
+
+from mira_kernels import cuda_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 PROBE = ROOT / "tests" / "cuda_emu" / "resource_probe.cu"
@@ -135,10 +139,64 @@ def parse_ptxas(report: str) -> list[dict]:
     return rows
 
 
+# The C++ type names of the instantiations' first template argument: x's dtype, or the compute dtype of the
+# memory kernels (float / double, whose x dtypes float32 / float64 use those kernels as they are).
+_CPP_DTYPES = {"float": torch.float32, "double": torch.float64, "__half": torch.float16,
+               "__nv_bfloat16": torch.bfloat16}
+
+
+def _plan_static_smem(x_dtype: torch.dtype) -> dict[str, int]:
+    """Static shared memory per kernel in the launch plan's records for x of x_dtype: each record's
+    smem_bytes less its launch's dynamic part. A forward and a backward with every gradient and S = 17 slices
+    (above the by-value offsets) launch every kernel."""
+    dims = cuda_plan.Dims(B=2, T=3, d_in=4, N=3, d_k=4, S=17, r=1, d_s=2)
+    ct = torch.float64 if x_dtype == torch.float64 else torch.float32
+    mask = (True,) * 5
+
+    def t(*shape, dtype=x_dtype):
+        return torch.empty(*shape, device="meta", dtype=dtype)
+
+    x, weight, grad_out = t(dims.B, dims.T, dims.d_in), t(34, dims.d_in), t(dims.B, dims.T, 34)
+    memory = (t(dims.B, dims.d_k, dtype=ct), t(dims.N, dims.d_k, dtype=ct),
+              t(dims.N, dims.S, dims.r, dims.d_in, dtype=ct), t(dims.N, dims.S, dims.d_s, dims.r, dtype=ct))
+    tail = ([s * dims.d_s for s in range(dims.S)], "affine", 1.0, 1e-2)
+    calls = {"mira_linear": (x, weight, t(34), *memory, *tail),
+             "mira_linear_backward": (grad_out, x, weight, *memory, *tail, mask)}
+    static = {}
+    for op, args in calls.items():
+        kernels = [k for k in cuda_plan.describe(op, *args).launches if k.library is None]
+        specs = cuda_plan.kernel_launches(op, dims, torch.empty(0, dtype=ct).element_size(), mask)
+        assert [k.kernel for k in kernels] == [s.kernel for s in specs], op
+        for k, spec in zip(kernels, specs):
+            static[k.kernel] = k.smem_bytes - spec.smem
+    assert set(static) == set(KERNELS), sorted(static)
+    return static
+
+
+def _check_plan_smem(rows: list[dict], reserved: dict[str, int] | None = None) -> None:
+    if shutil.which("c++filt") is None:
+        pytest.skip("c++filt not found: the instantiations' template arguments cannot be read")
+    plans = {dtype: _plan_static_smem(dtype) for dtype in _CPP_DTYPES.values()}
+    for r in rows:
+        family = _family(r["kernel"])
+        args = re.search(r"<([^<>]*)>", r["kernel"])
+        x_dtype = _CPP_DTYPES[args.group(1).split(",")[0].strip()] if args else torch.float32
+        static = r["smem"] - (reserved or {}).get(r["arch"], 0)
+        assert plans[x_dtype][family] == static, (
+            f"{r['arch']} {r['kernel']}: mira_kernels/cuda_plan.py states {plans[x_dtype][family]} bytes of static "
+            f"shared memory, the compiler reports {static}")
+
+
 def test_ptxas_resources_no_spills():
     rows = parse_ptxas(_ptxas_report())
     _print_table("ptxas -v (static shared memory; the token kernels add kTokTile*S*r*sizeof(acc) dynamic)", rows)
     _check_rows(rows)
+
+
+def test_launch_plan_states_the_static_shared_memory_ptxas_reports():
+    # The plan's records (launch_plan.describe("cuda", ...)) state each launch's shared memory; the retrieval's
+    # had missed its overflow-scale arrays (qscale_s, kscale_s: 1056 bytes in float, 2112 in double).
+    _check_plan_smem(parse_ptxas(_ptxas_report()))
 
 
 def _cuobjdump() -> str | None:
@@ -194,3 +252,4 @@ def test_built_extension_resources_no_spills():
     built = sorted({r["arch"] for r in rows})
     assert built and set(built) <= set(ARCHS), f"unexpected architectures in the extension: {built}"
     _check_rows(rows, reserved={"sm_90": 1024}, archs=built)
+    _check_plan_smem(rows, reserved={"sm_90": 1024})

@@ -117,8 +117,13 @@ struct MemoryArgs {
   // Written by the retrieval kernel.
   acc_t* z;        // (B, N) cosine scores
   acc_t* w;        // (B, N) weights
-  acc_t* qnorm;    // (B,)
-  acc_t* knorm;    // (N,)
+  // Norms as the forward's cosine formed them: of the row times its scale, overflow_scale where |u|^2
+  // overflowed acc_t, else 1 (|u| itself, which is inf for a finite row beyond acc_t's range, is not kept:
+  // the backward's unit vectors are (u * scale) / max(norm, eps * scale), exact for every finite row).
+  acc_t* qnorm;    // (B,) |q * qscale|
+  acc_t* qscale;   // (B,)
+  acc_t* knorm;    // (N,) |k * kscale|
+  acc_t* kscale;   // (N,)
   acc_t* mixed_a;  // (B, FA)
   acc_t* mixed_b;  // (B, FB)
   // Backward.
@@ -300,11 +305,17 @@ __device__ void score_pass(const MemoryArgs<acc_t>& a, int64_t b0, int nb, const
         if (kScaled) {
           const acc_t ks = k_scale[i];
           zw_s[t * kKeyChunk + i] = v[2 * j] / (q_den[t] * mmax(k_root, acc_t(kNormEps) * ks));
-          if (write_knorm && t == 0) a.knorm[n0 + i] = k_root / ks;
+          if (write_knorm && t == 0) a.knorm[n0 + i] = k_root;  // the scale was written by the unscaled pass
         } else {
           zw_s[t * kKeyChunk + i] = v[2 * j] / (q_den[t] * mmax(k_root, acc_t(kNormEps)));
-          if (write_knorm && t == 0) a.knorm[n0 + i] = k_root;
-          if (t == 0) k_scale[i] = v[2 * j + 1] == acc_t(INFINITY) ? overflow_scale(acc_t(0)) : acc_t(1);
+          if (t == 0) {
+            const acc_t ks = v[2 * j + 1] == acc_t(INFINITY) ? overflow_scale(acc_t(0)) : acc_t(1);
+            k_scale[i] = ks;
+            if (write_knorm) {
+              a.knorm[n0 + i] = k_root;  // rewritten by the scaled pass where ks != 1
+              a.kscale[n0 + i] = ks;
+            }
+          }
         }
       }
     }
@@ -421,7 +432,10 @@ __global__ void __launch_bounds__(kThreads, sizeof(acc_t) == 8 ? 1 : 2) mira_ret
       const acc_t q_root = msqrt(q_sq);
       qden_s[tid] = mmax(q_root, acc_t(kNormEps) * scale);
       qscale_s[tid] = scale;
-      if (lead && a.qnorm) a.qnorm[b0 + tid] = q_root / scale;
+      if (lead && a.qnorm) {
+        a.qnorm[b0 + tid] = q_root;
+        a.qscale[b0 + tid] = scale;
+      }
     }
   }
   __syncthreads();  // qden_s, qscale_s visible to the block
@@ -762,20 +776,32 @@ __global__ void __launch_bounds__(kThreads, 2) mira_bwd_factors_kernel(const Tok
 // Backward of the memory side.
 // ------------------------------------------------------------------------------------------------
 
-// d/du of u / max(|u|, eps) applied to g, for one vector held in out (g on entry, the result on exit).
-// Every thread of the block calls it; each owns the elements d = tid, tid + kThreads, ...
+// One entry of u / max(|u|, eps), from the retrieval's norm of u * scale (MemoryArgs::qnorm / knorm): scaling the
+// row and the floor by the same power of two changes no bit (and scale = 1 is the unscaled row), while |u|
+// itself is inf for a finite row beyond acc_t's range, and u / |u| would come out 0 there.
 template <typename acc_t>
-__device__ void normalize_backward_inplace(const acc_t* u, acc_t norm, acc_t* out, int64_t len, acc_t* red) {
+__device__ __forceinline__ acc_t unit_entry(acc_t u, acc_t norm, acc_t scale) {
+  return (u * scale) / mmax(norm, acc_t(kNormEps) * scale);
+}
+
+// d/du of u / max(|u|, eps) applied to g, for one vector held in out (g on entry, the result on exit); norm and
+// scale as unit_entry. Every thread of the block calls it; each owns the elements d = tid, tid + kThreads, ...
+template <typename acc_t>
+__device__ void normalize_backward_inplace(const acc_t* u, acc_t norm, acc_t scale, acc_t* out, int64_t len,
+                                           acc_t* red) {
   const int tid = threadIdx.x;
-  const acc_t den = mmax(norm, acc_t(kNormEps));
+  const acc_t eps_s = acc_t(kNormEps) * scale;  // |u| < eps exactly where norm < eps_s (scale: a power of two)
+  const acc_t den = mmax(norm, eps_s);
   acc_t dot = 0;
-  for (int64_t d = tid; d < len; d += kThreads) dot += (u[d] / den) * out[d];
+  for (int64_t d = tid; d < len; d += kThreads) dot += ((u[d] * scale) / den) * out[d];
   dot = block_sum1(dot, red);
   for (int64_t d = tid; d < len; d += kThreads) {
     const acc_t g = out[d];
     // From ||u|| = eps on (and for NaN), as the reference's ~(norm < eps): F.normalize's clamp_min
-    // passes the gradient at equality.
-    out[d] = !(norm < acc_t(kNormEps)) ? (g - (u[d] / den) * dot) / den : g / acc_t(kNormEps);
+    // passes the gradient at equality. The tangent part is divided by |u| = den / scale as (... / den) * scale:
+    // for a finite row beyond acc_t's range that is its true value, tiny (|g| / |u| with |u| above the dtype's
+    // max), where dividing by |u| = inf gives 0 (as the reference and the CPU backend do in float64).
+    out[d] = !(norm < eps_s) ? ((g - ((u[d] * scale) / den) * dot) / den) * scale : g / acc_t(kNormEps);
   }
 }
 
@@ -828,10 +854,10 @@ __global__ void __launch_bounds__(kThreads, 2) mira_bwd_scores_kernel(const Memo
     acc_t* dq = a.dq + b * a.d_k;
     for (int64_t d = tid; d < a.d_k; d += kThreads) {
       acc_t g = 0;
-      for (int64_t n = 0; n < N; ++n) g += dz[n] * (a.keys[n * a.d_k + d] / mmax(a.knorm[n], acc_t(kNormEps)));
+      for (int64_t n = 0; n < N; ++n) g += dz[n] * unit_entry(a.keys[n * a.d_k + d], a.knorm[n], a.kscale[n]);
       dq[d] = g;
     }
-    normalize_backward_inplace(a.query + b * a.d_k, a.qnorm[b], dq, a.d_k, red);
+    normalize_backward_inplace(a.query + b * a.d_k, a.qnorm[b], a.qscale[b], dq, a.d_k, red);
   }
 }
 
@@ -866,10 +892,11 @@ __global__ void __launch_bounds__(kThreads) mira_bwd_memory_kernel(const MemoryA
   acc_t* dk = a.dk + n * a.d_k;
   for (int64_t d = tid; d < a.d_k; d += kThreads) {
     acc_t g = 0;
-    for (int64_t b = 0; b < B; ++b) g += a.dz[b * N + n] * (a.query[b * a.d_k + d] / mmax(a.qnorm[b], acc_t(kNormEps)));
+    for (int64_t b = 0; b < B; ++b)
+      g += a.dz[b * N + n] * unit_entry(a.query[b * a.d_k + d], a.qnorm[b], a.qscale[b]);
     dk[d] = g;
   }
-  normalize_backward_inplace(a.keys + n * a.d_k, a.knorm[n], dk, a.d_k, red);
+  normalize_backward_inplace(a.keys + n * a.d_k, a.knorm[n], a.kscale[n], dk, a.d_k, red);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -929,7 +956,8 @@ inline const char* size_error(const Dims& d) {
 
 // Offsets (in acc_t elements) of the scratch arrays inside one workspace buffer.
 struct Workspace {
-  int64_t z, w, qnorm, knorm, mixed_a, mixed_b, row_spill, h, dh, dmix_a, dmix_b, dw_part, dz, offsets, total;
+  int64_t z, w, qnorm, qscale, knorm, kscale, mixed_a, mixed_b, row_spill, h, dh, dmix_a, dmix_b, dw_part, dz,
+      offsets, total;
   bool spill;  // tile rows live in global memory (row_spill) instead of shared memory
 };
 
@@ -947,7 +975,9 @@ inline Workspace plan_workspace(const Dims& d, bool backward, bool memory_grads,
   ws.z = take(d.B * d.N);
   ws.w = take(d.B * d.N);
   ws.qnorm = take(d.B);
+  ws.qscale = take(d.B);
   ws.knorm = take(d.N);
+  ws.kscale = take(d.N);
   ws.mixed_a = take(d.B * d.FA());
   ws.mixed_b = take(d.B * d.FB());
   ws.spill = static_cast<int64_t>(kTokTile) * d.SR() * static_cast<int64_t>(sizeof(acc_t)) > smem_budget;
@@ -1114,6 +1144,7 @@ inline void fill_args(const Dims& d, const int64_t* offsets, int sep, double sca
   m.eps = static_cast<acc_t>(eps);
   m.query = cb.query, m.keys = cb.keys, m.bank_a = cb.bank_a, m.bank_b = cb.bank_b;
   m.z = cb.ws + ws.z, m.w = cb.ws + ws.w, m.qnorm = cb.ws + ws.qnorm, m.knorm = cb.ws + ws.knorm;
+  m.qscale = cb.ws + ws.qscale, m.kscale = cb.ws + ws.kscale;
   m.mixed_a = cb.ws + ws.mixed_a, m.mixed_b = cb.ws + ws.mixed_b;
   m.dmix_a = cb.ws + ws.dmix_a, m.dmix_b = cb.ws + ws.dmix_b, m.dz = cb.ws + ws.dz;
   m.dw_part = cb.ws + ws.dw_part;

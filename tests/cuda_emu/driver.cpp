@@ -121,7 +121,8 @@ void plan(const Header& h, const std::vector<int64_t>& offsets) {
   cb.dq = cb.dk = cb.dbank_a = cb.dbank_b = placeholder;
   cb.ws = placeholder;
   Workspace at_zero = ws;  // every scratch array at the placeholder: no pointer arithmetic past it
-  at_zero.z = at_zero.w = at_zero.qnorm = at_zero.knorm = at_zero.mixed_a = at_zero.mixed_b = 0;
+  at_zero.z = at_zero.w = at_zero.qnorm = at_zero.qscale = at_zero.knorm = at_zero.kscale = 0;
+  at_zero.mixed_a = at_zero.mixed_b = 0;
   at_zero.row_spill = at_zero.h = at_zero.dh = at_zero.dmix_a = at_zero.dmix_b = at_zero.dw_part = 0;
   at_zero.dz = at_zero.offsets = 0;
   if (backward)
