@@ -6,9 +6,9 @@ import torch
 from mira.experiments.dualgpm import GradientProjectionMemory, ProjectedParameter
 
 
-def _low_rank(n, d, k, seed):
+def _low_rank(n, d, k, seed, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, k, generator=g) @ torch.randn(k, d, generator=g)
+    return torch.randn(n, k, generator=g, dtype=dtype) @ torch.randn(k, d, generator=g, dtype=dtype)
 
 
 def _assert_orthonormal(u):
@@ -95,3 +95,38 @@ def test_projected_linear_keeps_old_outputs():
     assert (lin.weight.detach() - w0).abs().max() > 1e-2  # it did learn, only elsewhere
     with pytest.raises(ValueError):
         gpm.update("lin", torch.randn(4, 5))
+
+
+def test_threshold_one_protects_the_data_not_its_rounding_and_reports_what_it_added():
+    # The cutoff was relative to the residual's own largest singular value: once the basis held a
+    # batch, its float32 copy's rounding residue counted as 13 new directions (rank 16 of 16, the
+    # parameter frozen), and update returned 16 where the rank grew by 13.
+    d = 16
+    acts = _low_rank(40, d, 3, seed=0, dtype=torch.float64)
+    gpm = GradientProjectionMemory(threshold=1.0)
+    ranks = [0]
+    for batch in (acts, acts, acts.float()):
+        added = gpm.update("a", batch)
+        ranks.append(gpm.rank("a"))
+        assert added == ranks[-1] - ranks[-2]
+    assert ranks == [0, 3, 3, 3]
+    # as gpm_update gives them: float32 activations of rank 3, protected at threshold 1.0
+    gpm = GradientProjectionMemory(threshold=1.0)
+    assert gpm.update("b", _low_rank(40, d, 3, seed=1)) == 3 and gpm.rank("b") == 3
+    _assert_orthonormal(gpm.basis("b"))
+
+
+@pytest.mark.parametrize("dual", [False, True], ids=["primal", "dual"])
+def test_projection_is_in_place_for_a_non_contiguous_gradient(dual):
+    # reshape(-1, d) copied a non-contiguous (..., d) gradient: the copy was projected, grad was not.
+    d = 6
+    gpm = GradientProjectionMemory(threshold=1.0)
+    gpm.update("b", _low_rank(20, d, 5 if dual else 2, seed=2, dtype=torch.float64))
+    assert gpm.is_dual("b") == dual
+    basis = gpm.basis("b").float()
+    for grad in (torch.randn(d, 3, 2).permute(2, 1, 0), torch.randn(d, 4).T):
+        assert not grad.is_contiguous()
+        expected = grad - grad @ basis @ basis.T
+        assert gpm.project_("b", grad) is grad
+        assert (grad @ basis).abs().max() < 1e-5
+        torch.testing.assert_close(grad, expected, atol=1e-5, rtol=0)

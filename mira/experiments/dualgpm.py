@@ -122,6 +122,7 @@ class GradientProjectionMemory:
         """Grow the basis of ``name`` from activations (n, d); returns how many directions were added."""
         if not self.enabled:
             return 0
+        eps = torch.finfo(activations.dtype if activations.dtype.is_floating_point else torch.float64).eps
         r = activations.detach().reshape(-1, activations.shape[-1]).to("cpu", torch.float64)
         basis = self._bases.setdefault(name, _Basis(r.shape[1]))
         if basis.dim != r.shape[1]:
@@ -136,11 +137,17 @@ class GradientProjectionMemory:
         _, s, vh = torch.linalg.svd(res, full_matrices=False)
         need = self.threshold * total - captured
         k = int(torch.searchsorted(torch.cumsum(s.square(), 0), need).item()) + 1
-        k = min(k, int((s > s.max() * 1e-10).sum().item()))
+        # Directions below the activations' own rounding are noise, not inputs: the cutoff is absolute
+        # (the batch's norm times its dtype's eps times max(n, d)), not relative to the residual's largest
+        # singular value, which is itself rounding noise once the basis holds the batch (at threshold
+        # 1.0 a float32 batch of rank 3 otherwise protected every direction of R^d).
+        cutoff = total.sqrt() * eps * max(r.shape)
+        k = min(k, int((s > cutoff).sum().item()))
         if k == 0:
             return 0
+        before = basis.rank
         basis.add(vh[:k].T.contiguous())
-        return k
+        return basis.rank - before  # what was added, should re-orthonormalisation have merged a column
 
     @torch.no_grad()
     def project_(self, name: str, grad: torch.Tensor) -> torch.Tensor:
@@ -148,12 +155,12 @@ class GradientProjectionMemory:
         if not self.enabled or name not in self._bases or self._bases[name].rank == 0:
             return grad
         basis = self._bases[name]
-        flat = grad.reshape(-1, grad.shape[-1])
         mat = basis.mat.to(grad.device, grad.dtype)
-        if basis.dual:
-            flat.copy_((flat @ mat) @ mat.T)
-        else:
-            flat.sub_((flat @ mat) @ mat.T)
+        # reshape copies a gradient whose layout has no (-1, d) view (non-contiguous): the result is
+        # written back into ``grad`` itself, whatever its layout.
+        flat = grad.reshape(-1, grad.shape[-1])
+        proj = (flat @ mat) @ mat.T
+        grad.copy_((proj if basis.dual else flat - proj).view(grad.shape))
         return grad
 
 
