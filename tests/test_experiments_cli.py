@@ -251,3 +251,18 @@ def test_report_refuses_a_part_without_results_as_a_usage_error(part, tmp_path, 
     with pytest.raises(SystemExit):
         report.main([str(tmp_path / "empty"), "--out", ""])
     assert "--out must not be empty" in capsys.readouterr().err
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_the_retrieval_profile_records_and_is_titled_by_the_seed_it_is_of(tmp_path, monkeypatch):
+    # --seeds 2 1 profiled seeds[0] = 2, and the plot was titled min(seeds) = 1.
+    from tests.experiments_tiny import tiny_suite
+
+    monkeypatch.setenv("MIRA_EXPERIMENTS_CACHE", str(tmp_path / "cache"))
+    titled = []
+    monkeypatch.setattr(report, "plot_profiles", lambda *args: titled.append(args[-1]))
+    with tiny_suite():
+        doc = cli.main(["dil", "--suite", "tiny", "--quick", "--no-progress", "--seeds", "2", "1",
+                        "--variants", "mira", "--out", str(tmp_path / "out")])
+    assert doc["dil_retrieval_profile_seed0"]["mira"] and doc["dil_retrieval_profile_seed"] == 2
+    assert titled == [2]

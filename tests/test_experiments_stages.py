@@ -15,6 +15,7 @@ from mira.experiments.stages import (
     append_task_adapters,
     attach_memory_model,
     consolidate,
+    features,
     gpm_update,
     train_adapter_pool,
 )
@@ -193,8 +194,6 @@ def test_a_run_restarted_on_its_finished_checkpoint_ends_bitwise_as_the_uninterr
     # ("adaptation", not consolidation's "inference"): its probe, features and weight mass differed.
     import json
 
-    from mira.experiments.stages import features
-
     cil = setting == "cil"
     tasks = _tasks(2, classes_per_task=2 if cil else None)
     pool = train_adapter_pool(backbone, tasks, CFG, seed=6, local_labels=cil)
@@ -219,3 +218,23 @@ def test_a_folder_in_place_of_a_checkpoint_file_is_named_as_such(tmp_path):
     (tmp_path / "run.safetensors").mkdir()
     with pytest.raises(IsADirectoryError, match="is a folder, not a checkpoint file"):
         TaskCheckpoint(tmp_path / "run.safetensors", {}).load()
+
+
+def test_the_oracle_head_is_protected_by_dualgpm_as_the_other_controls(backbone):
+    # The oracle's basis was never grown: its head moved on task 0's inputs (by 3.55 on this setup, the
+    # other controls by < 1e-6), so its row measured an unprotected head, not perfect routing alone.
+    rc = RecipeConfig(adapters_per_task=1, batch_size=5, max_epochs=1, consolidation_epochs=3, gpm_threshold=1.0,
+                      head_lr=0.05)
+    cfg = P.ProtocolConfig(recipe=rc, probe_max_iter=10)
+    tasks = _tasks(2, n=10, seed=3)  # 10 training images per task: the GPM batch holds them all (rank 10 < 17)
+    pool = train_adapter_pool(backbone, tasks, rc, 0, local_labels=False)
+    for kind in ("uniform_mean", "oracle"):
+        first = P.run_continual("dil", kind, backbone, tasks[:1], pool, cfg, 0, keep_model=True)["model"]
+        with torch.no_grad():
+            f0 = features(first, tasks[0].train_x)  # the head inputs stored for task 0 (its own adapters)
+            h0 = first.head(f0)
+        both = P.run_continual("dil", kind, backbone, tasks, pool, cfg, 0, keep_model=True)
+        with torch.no_grad():
+            change = (both["model"].head(f0) - h0).abs().max()
+        assert change < 1e-4 * h0.abs().max(), (kind, change)
+        assert both["gpm_ranks"][0]["head"] == 10, kind

@@ -407,10 +407,10 @@ def _run(args, argv, ctx: md.DistributedContext) -> dict:
                 if suite.name == "conflict" and model is not None and v.kind != "oracle":
                     r["cue_blind_agreement"] = _cue_blind_agreement(model, tasks)
                 if profile and model is not None:
-                    profiles[v.name] = P.retrieval_profile(model, tasks)
+                    profiles[v.name] = P.retrieval_profile(model, tasks, seed=seed)
                     slot_tasks[v.name] = pool.slot_task.tolist()
                 if proto == "dil" and v.kind == "mira" and model is not None:
-                    r["weight_mass"] = P.weight_mass(model, tasks)
+                    r["weight_mass"] = P.weight_mass(model, tasks, seed=seed)
                 results[proto]["runs"].setdefault(v.name, []).append(r)
                 bar.update(1)
     bar.close()
@@ -436,7 +436,9 @@ def _run(args, argv, ctx: md.DistributedContext) -> dict:
                      for p, vs in variants.items()},
         "protocol": {k: val for k, val in dataclasses.asdict(cfg).items() if k != "recipe"},
         "summary_mean_std": summarise(results), "results": results, "adaptation": pools_info,
-        "dil_retrieval_profile_seed0": profiles, "dil_retrieval_slot_tasks": slot_tasks, "row_order": order,
+        # the profiles are of seeds[0], the first seed given (not the smallest): the plot is titled by it
+        "dil_retrieval_profile_seed0": profiles, "dil_retrieval_profile_seed": seeds[0],
+        "dil_retrieval_slot_tasks": slot_tasks, "row_order": order,
     }
     if not ctx.is_main:
         return doc

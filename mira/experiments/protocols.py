@@ -2,8 +2,8 @@
 
 A :class:`Variant` is a *kind* (how the memory is used) with a :class:`~.recipe.RecipeConfig`.
 Kinds (same adapters, same initial random keys, same head initialisation; the same data order,
-except that the oracle and routing-replay kinds draw from the shared generator differently, which
-shifts their later tasks' consolidation order):
+except that the routing-replay kind draws from the shared generator once more per task, which
+shifts its later tasks' consolidation order):
 
 ============== ==================================================================================
 mira           keys (+ query module) and head trained in consolidation, as the recipe says
@@ -23,7 +23,14 @@ The head follows the recipe: ``fresh_bias`` (a new linear head with bias), ``ada
 (bias-free, from the adaptation heads) or ``shared`` (the backbone's frozen head). CIL: a growing
 bias-free head whose new rows come from that task's adaptation heads, old-class logits masked
 while a task trains (with the shared head: its rows, masked the same way). DualGPM projects
-keys, query modules and head from the second task on (``ProtocolConfig.gpm``).
+keys, query modules and head from the second task on (``ProtocolConfig.gpm``), for every memory kind:
+the oracle's head too (its keys are constant), so that its row is the same protected head reading a
+perfect router.
+
+The analyses of a finished model (:func:`linear_probe`, :func:`retrieval_profile`, :func:`weight_mass`,
+:func:`query_geometry`) read at most N images per task: a subset drawn with the run's seed, stratified
+by class and, where a task pools domains (CIL), by domain (:func:`stratified_subset`). Prefixes would
+not do: the domains' images are stored in class order (mnist, mnist_m) and a CIL task's in domain order.
 """
 
 from __future__ import annotations
@@ -69,6 +76,7 @@ __all__ = [
     "run_dg_fold",
     "query_geometry",
     "retrieval_profile",
+    "stratified_subset",
     "weight_mass",
 ]
 
@@ -117,18 +125,58 @@ def dil_tasks(domains: Sequence[Domain], num_classes: int = 10) -> list[Task]:
 
 
 def cil_tasks(domains: Sequence[Domain], classes_per_task: int = 2, num_classes: int = 10) -> list[Task]:
-    """CIL: tasks are disjoint class groups (0-1, 2-3, ...), images pooled from every domain."""
+    """CIL: tasks are disjoint class groups (0-1, 2-3, ...), images pooled from every domain (in domain
+    order; ``train_domain`` / ``test_domain`` say which)."""
     x_tr = torch.cat([d.train_x for d in domains])
     y_tr = torch.cat([d.train_y for d in domains])
     x_te = torch.cat([d.test_x for d in domains])
     y_te = torch.cat([d.test_y for d in domains])
+    d_tr = torch.cat([torch.full((len(d.train_y),), i, dtype=torch.int64) for i, d in enumerate(domains)])
+    d_te = torch.cat([torch.full((len(d.test_y),), i, dtype=torch.int64) for i, d in enumerate(domains)])
     tasks = []
     for start in range(0, num_classes, classes_per_task):
         cls = tuple(range(start, min(start + classes_per_task, num_classes)))
         tr = torch.isin(y_tr, torch.tensor(cls))
         te = torch.isin(y_te, torch.tensor(cls))
-        tasks.append(Task(f"classes {cls[0]}-{cls[-1]}", x_tr[tr], y_tr[tr], x_te[te], y_te[te], cls))
+        tasks.append(Task(f"classes {cls[0]}-{cls[-1]}", x_tr[tr], y_tr[tr], x_te[te], y_te[te], cls,
+                          train_domain=d_tr[tr], test_domain=d_te[te]))
     return tasks
+
+
+def stratified_subset(labels: torch.Tensor, n: int, seed: int, domains: torch.Tensor | None = None) -> torch.Tensor:
+    """Indices (sorted) of at most ``n`` of ``len(labels)`` items: a seeded subset stratified by label
+    and, given ``domains``, by (domain, label).
+
+    Each stratum contributes in proportion to its size (within one item), and every stratum at least one
+    item while ``n`` allows (an item's rank r within its shuffled stratum of size m is keyed r / m, so
+    the first item of each is keyed 0). Deterministic given ``seed``; all items when ``n >= len(labels)``.
+    """
+    total = len(labels)
+    if n >= total:
+        return torch.arange(total)
+    strata = labels.long() if domains is None else domains.long() * (int(labels.max()) + 1) + labels.long()
+    gen = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(total, generator=gen)
+    s = strata[perm]
+    order = torch.sort(s, stable=True).indices  # grouped by stratum, shuffled within each
+    _, counts = torch.unique_consecutive(s[order], return_counts=True)
+    starts = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+    key = torch.empty(total, dtype=torch.float64)
+    key[order] = (torch.arange(total) - starts).double() / torch.repeat_interleave(counts, counts).double()
+    return perm[torch.sort(key, stable=True).indices[:n]].sort().values  # ties: the shuffled order
+
+
+def _subset_seed(seed: int, t: int, split: str) -> int:
+    # One stream per (run seed, task, split), apart from the generators that train the model.
+    return (1_000_003 * seed + 1009 * t + (1 if split == "test" else 0) + 77_777) % 2**63
+
+
+def _task_subset(task: Task, t: int, split: str, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images, labels) of at most ``n`` of task ``t``'s ``split`` images, stratified (:func:`stratified_subset`)."""
+    x, y, dom = ((task.train_x, task.train_y, task.train_domain) if split == "train"
+                 else (task.test_x, task.test_y, task.test_domain))
+    idx = stratified_subset(y, n, _subset_seed(seed, t, split), dom)
+    return x[idx], y[idx]
 
 
 def _separation(kind: str, rc: RecipeConfig) -> str:
@@ -319,7 +367,7 @@ def run_continual(setting: str, variant: str | Variant, backbone: nn.Module, tas
                 consolidate(model, task.train_x, task.train_y, rc, gen, train_keys=kind == "mira",
                             train_head=train_head, class_mask=mask, gpm=gpm if t > 0 else None, routing=routing,
                             slot_task=slot_task, sample_task=torch.full((len(task.train_x),), t)))
-            if gpm is not None and gpm.enabled and kind != "oracle":
+            if gpm is not None and gpm.enabled:  # the oracle too: its head is protected as every other's
                 idx = torch.randperm(len(task.train_x), generator=gen)[: rc.gpm_batch]
                 ranks.append(gpm_update(model, gpm, task.train_x[idx]))
             if routing is not None:
@@ -348,23 +396,26 @@ def run_continual(setting: str, variant: str | Variant, backbone: nn.Module, tas
     if ranks:
         out["gpm_ranks"] = ranks
     if kind != "oracle":
-        out["probe"] = linear_probe(model, tasks, max_iter=cfg.probe_max_iter)
+        out["probe"] = linear_probe(model, tasks, max_iter=cfg.probe_max_iter, seed=seed)
     if keep_model:
         out["model"] = model
     return out
 
 
 @torch.no_grad()
-def linear_probe(model: nn.Module, tasks: Sequence[Task], max_train: int = 600, max_iter: int = 300) -> float:
+def linear_probe(model: nn.Module, tasks: Sequence[Task], max_train: int = 600, max_iter: int = 300,
+                 seed: int = 0) -> float:
     """Test accuracy of a logistic regression fitted on the model's final features of every task.
 
-    Separates what the features hold from what the model's own head reads out of them (at most
-    ``max_train`` training images per task, the first ones, for cost).
+    Separates what the features hold from what the model's own head reads out of them. For cost, at
+    most ``max_train`` training images per task: a subset drawn with ``seed``, stratified by class and
+    (CIL) domain (:func:`stratified_subset`); tested on every test image.
     """
     from sklearn.linear_model import LogisticRegression
 
-    xs = torch.cat([features(model, t.train_x[:max_train]) for t in tasks]).double().numpy()
-    ys = torch.cat([t.train_y[:max_train] for t in tasks]).numpy()
+    train = [_task_subset(task, t, "train", max_train, seed) for t, task in enumerate(tasks)]
+    xs = torch.cat([features(model, x) for x, _ in train]).double().numpy()
+    ys = torch.cat([y for _, y in train]).numpy()
     xt = torch.cat([features(model, t.test_x) for t in tasks]).double().numpy()
     yt = torch.cat([t.test_y for t in tasks]).numpy()
     mean, std = xs.mean(0), xs.std(0) + 1e-6
@@ -413,8 +464,9 @@ def run_dg_fold(variant: str | Variant, backbone: nn.Module, domains_tasks: Sequ
 
 
 @torch.no_grad()
-def query_geometry(model: nn.Module, tasks: Sequence[Task], max_samples: int = 256) -> list[dict]:
-    """Per block: how far apart the tasks' queries are (why retrieval can or cannot route).
+def query_geometry(model: nn.Module, tasks: Sequence[Task], max_samples: int = 256, seed: int = 0) -> list[dict]:
+    """Per block: how far apart the tasks' queries are (why retrieval can or cannot route), from at most
+    ``max_samples`` test images per task (a stratified subset drawn with ``seed``, :func:`stratified_subset`).
 
     Returns, per block, ``within`` (mean cosine between queries of the same task),
     ``between`` (mean cosine between queries of different tasks) and ``centroid_cos``
@@ -429,8 +481,8 @@ def query_geometry(model: nn.Module, tasks: Sequence[Task], max_samples: int = 2
     queries: list[list[torch.Tensor]] = [[] for _ in projs]
     model.eval()
     try:
-        for task in tasks:
-            model(normalize(task.test_x[:max_samples]))
+        for t, task in enumerate(tasks):
+            model(normalize(_task_subset(task, t, "test", max_samples, seed)[0]))
             for i, p in enumerate(projs):
                 queries[i].append(torch.nn.functional.normalize(p.memory.make_query(captured[i]), dim=-1))
     finally:
@@ -449,8 +501,9 @@ def query_geometry(model: nn.Module, tasks: Sequence[Task], max_samples: int = 2
     return out
 
 
-def _block_weights(model: nn.Module, tasks: Sequence[Task], max_samples: int) -> list[list[torch.Tensor]]:
-    """[block][task]: the (n, N) retrieval weights of (at most ``max_samples`` of) each task's test images."""
+def _block_weights(model: nn.Module, tasks: Sequence[Task], max_samples: int, seed: int) -> list[list[torch.Tensor]]:
+    """[block][task]: the (n, N) retrieval weights of (at most ``max_samples`` of) each task's test images,
+    a stratified subset drawn with ``seed`` (:func:`stratified_subset`)."""
     from .backbone import normalize
 
     projs = mira.projections(model)
@@ -460,8 +513,8 @@ def _block_weights(model: nn.Module, tasks: Sequence[Task], max_samples: int) ->
     out: list[list[torch.Tensor]] = [[] for _ in projs]
     model.eval()
     try:
-        for task in tasks:
-            model(normalize(task.test_x[:max_samples]))
+        for t, task in enumerate(tasks):
+            model(normalize(_task_subset(task, t, "test", max_samples, seed)[0]))
             for i, p in enumerate(projs):
                 out[i].append(p.memory.get_association_matrix(tokens=captured[i]))
     finally:
@@ -471,14 +524,17 @@ def _block_weights(model: nn.Module, tasks: Sequence[Task], max_samples: int) ->
 
 
 @torch.no_grad()
-def retrieval_profile(model: nn.Module, tasks: Sequence[Task], max_samples: int = 256) -> list[list[list[float]]]:
-    """Mean retrieval weights per block and domain: [block][task][slot], from each task's test images."""
-    return [[w.mean(0).tolist() for w in per_task] for per_task in _block_weights(model, tasks, max_samples)]
+def retrieval_profile(model: nn.Module, tasks: Sequence[Task], max_samples: int = 256,
+                      seed: int = 0) -> list[list[list[float]]]:
+    """Mean retrieval weights per block and domain: [block][task][slot], from each task's test images
+    (at most ``max_samples``, a stratified subset drawn with ``seed``)."""
+    return [[w.mean(0).tolist() for w in per_task] for per_task in _block_weights(model, tasks, max_samples, seed)]
 
 
 @torch.no_grad()
-def weight_mass(model: nn.Module, tasks: Sequence[Task], max_samples: int = 256) -> list[dict]:
-    """Per block, from each task's test images: how large and how input-dependent the weights are.
+def weight_mass(model: nn.Module, tasks: Sequence[Task], max_samples: int = 256, seed: int = 0) -> list[dict]:
+    """Per block, from each task's test images (at most ``max_samples``, a stratified subset drawn with
+    ``seed``): how large and how input-dependent the weights are.
 
     ``abs_sum``: mean over images of sum_n |w_n| (1 for a convex mixture; more: adapters added and
     subtracted beyond their trained scale). ``max_abs``: the largest |w_n| of any image.
@@ -486,7 +542,7 @@ def weight_mass(model: nn.Module, tasks: Sequence[Task], max_samples: int = 256)
     block mixes every domain alike, it does not route). An empty memory gives zeros.
     """
     out = []
-    for per_task in _block_weights(model, tasks, max_samples):
+    for per_task in _block_weights(model, tasks, max_samples, seed):
         allw = torch.cat(per_task)
         if allw.shape[1] == 0:
             out.append({"abs_sum": 0.0, "max_abs": 0.0, "domain_spread": 0.0})

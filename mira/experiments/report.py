@@ -32,8 +32,18 @@ def _fmt(values, pct=True) -> str:
     return f"{m * k:.1f} ± {s * k:.1f}"
 
 
+def _seed_label(name: str, seeds: int, most: int, notes=()) -> str:
+    """A row's name, with its seed count where it ran on fewer seeds than the table's fullest row."""
+    notes = ([f"{seeds} seed{'s' * (seeds != 1)}"] if seeds != most else []) + list(notes)
+    return f"{name} ({'; '.join(notes)})" if notes else name
+
+
 def tables(results: dict, order: dict) -> str:
-    """The markdown tables: DIL / CIL (avg acc, forgetting, probe) and DG (per held-out domain), mean +- std."""
+    """The markdown tables: DIL / CIL (avg acc, forgetting, probe) and DG (per held-out domain), mean +- std.
+
+    A row run on fewer (distinct) seeds than the table's fullest row shows its count. DG: each domain's
+    cell is over the seeds that ran that fold; the mean column over the seeds that ran every fold (the
+    mean of each such seed's folds), and a row with seeds missing folds names them."""
     lines = []
     for proto in ("dil", "cil"):
         if proto not in results:
@@ -49,22 +59,38 @@ def tables(results: dict, order: dict) -> str:
                      _fmt([r.get("probe") for r in runs])]
             if conflict:
                 cells.append(_fmt([r.get("cue_blind_agreement") for r in runs]))
-            label = name if len(runs) == most else f"{name} ({len(runs)} seed{'s' * (len(runs) != 1)})"
-            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+            lines.append(f"| {_seed_label(name, len(runs), most)} | " + " | ".join(cells) + " |")
         lines.append("")
     if "dg" in results:
         names = results["dg"]["domains"]
         lines += ["| DG variant | " + " | ".join(names) + " | mean |", "|" + "---|" * (len(names) + 2)]
+        most = max((len(_dg_folds(rs)) for rs in results["dg"]["runs"].values()), default=0)
         for v in order["dg"]:
             runs = results["dg"]["runs"].get(v, [])
             cells = [_fmt([r["held_out_acc"] for r in runs if r["held_out"] == n]) for n in names]
-            per_seed: dict = {}
-            for r in runs:
-                per_seed.setdefault(r["seed"], []).append(r["held_out_acc"])
-            cells.append(_fmt([sum(a) / len(a) for a in per_seed.values()]))
-            lines.append(f"| {v} | " + " | ".join(cells) + " |")
+            folds = _dg_folds(runs)
+            means, incomplete = _dg_seed_means(folds, names)
+            cells.append(_fmt(means))
+            notes = ([f"seed{'s' * (len(incomplete) != 1)} {', '.join(map(str, incomplete))} missing folds, "
+                      "not in the mean"] if incomplete else [])
+            lines.append(f"| {_seed_label(v, len(folds), most, notes)} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
+
+
+def _dg_folds(runs: list) -> dict:
+    """{seed: {held-out domain: accuracy}} of a DG row's runs."""
+    folds: dict = {}
+    for r in runs:
+        folds.setdefault(r["seed"], {})[r["held_out"]] = r["held_out_acc"]
+    return folds
+
+
+def _dg_seed_means(folds: dict, names) -> tuple[list, list]:
+    """(the mean over folds of each seed that ran every fold in ``names``, the seeds that did not)."""
+    complete = [s for s in sorted(folds) if all(n in folds[s] for n in names)]
+    return ([sum(folds[s][n] for n in names) / len(names) for s in complete],
+            [s for s in sorted(folds) if s not in complete])
 
 
 def plot_profiles(profiles: dict, domain_names, slot_task, path: str, seed: int) -> None:
@@ -101,7 +127,8 @@ def merge(parts: list[str], out_dir: str, command: str) -> dict:
 
     Parts may hold different rows (e.g. every row for seed 0, the promising ones for seeds 1 and 2)
     and the same seed for different rows; a (setting, row, seed) run in two parts is refused. The
-    row order is the union of the parts' orders; a row run on fewer seeds than others shows its count.
+    row order and the rows' records (``variants``) are the union of the parts'; a row run on fewer seeds
+    than others shows its count. The retrieval profiles are one part's, with the seed they are of.
     """
     docs = [json.load(open(os.path.join(p, "results.json"))) for p in parts]
     for d in docs:  # runs written before the row order and slot labels were recorded
@@ -122,6 +149,19 @@ def merge(parts: list[str], out_dir: str, command: str) -> dict:
                     seen.add(key)
     docs.sort(key=lambda d: min(d["seeds"]))
     merged = dict(docs[0])
+    # every part's rows, by name (the first part's record of a row where two have it)
+    merged["variants"] = {}
+    for d in docs:
+        for proto, vs in d.get("variants", {}).items():
+            known = {v["name"] for v in merged["variants"].setdefault(proto, [])}
+            merged["variants"][proto] += [v for v in vs if v["name"] not in known]
+    # the retrieval profiles of one part (the first that has any), with the seed they are of
+    with_profiles = [d for d in docs if d.get("dil_retrieval_profile_seed0")]
+    if with_profiles:
+        src = with_profiles[0]
+        merged["dil_retrieval_profile_seed0"] = src["dil_retrieval_profile_seed0"]
+        merged["dil_retrieval_slot_tasks"] = src.get("dil_retrieval_slot_tasks", {})
+        merged["dil_retrieval_profile_seed"] = _profile_seed(src)
     merged["command"] = command
     merged["parts"] = [{k: d[k] for k in ("command", "seeds", "elapsed_seconds", "cpu_seconds", "timings_seconds",
                                            "machine")} for d in docs]
@@ -198,8 +238,13 @@ def write(doc: dict, out_dir: str) -> str:
         tasks = doc["results"]["dil"]["tasks"]
         slot_tasks = doc.get("dil_retrieval_slot_tasks") or {
             v: [j * len(tasks) // len(p[0][0]) for j in range(len(p[0][0]))] for v, p in profiles.items()}
-        plot_profiles(profiles, tasks, slot_tasks, plot, min(doc["seeds"]))
+        plot_profiles(profiles, tasks, slot_tasks, plot, _profile_seed(doc))
     return table
+
+
+def _profile_seed(doc: dict) -> int:
+    """The seed whose model the retrieval profiles are of: recorded since; before, the command's first seed."""
+    return doc.get("dil_retrieval_profile_seed", doc["seeds"][0])
 
 
 def build_parser() -> argparse.ArgumentParser:

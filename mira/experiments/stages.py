@@ -52,7 +52,11 @@ __all__ = [
 
 @dataclasses.dataclass
 class Task:
-    """One task: training and test images (B, C, H, W) in [0, 1], global labels, its classes."""
+    """One task: training and test images (B, C, H, W) in [0, 1], global labels, its classes.
+
+    ``train_domain`` / ``test_domain``: (B,) int64 index of the domain each image comes from, for a
+    task that pools domains (CIL); None for a task of one domain.
+    """
 
     name: str
     train_x: torch.Tensor
@@ -60,6 +64,8 @@ class Task:
     test_x: torch.Tensor
     test_y: torch.Tensor
     classes: tuple[int, ...]
+    train_domain: torch.Tensor | None = None
+    test_domain: torch.Tensor | None = None
 
 
 def _seed_from(gen: torch.Generator) -> int:
