@@ -410,11 +410,14 @@ def _mix(bank_ptr, out_ptr, F, w_one, scratch, local, rows64, row_ok, lanes, den
 
 @triton.jit
 def _expand(acc, h, e, t_sample, t_slice, row_sample, cols, S: tl.constexpr, OFFS: tl.constexpr, WIDTH,
-            SLICED: tl.constexpr, SAMPLES: tl.constexpr, PRECISION: tl.constexpr):
+            SLICED: tl.constexpr, SAMPLES: tl.constexpr, PRECISION: tl.constexpr, H_LATER: tl.constexpr):
     """acc + h e for the stacked expand: h (BLOCK_M, J) holds each row's shrink in its own sample's
     columns t (``t_sample[t]``, relative to the row block; zero elsewhere), e (J, BLOCK_N) each
     sample's factor rows, zero outside the slices' columns; ``row_sample``: each row's sample (-1:
-    none).
+    none). Returns (acc, whether h has an inf or NaN).
+
+    H_LATER: h's non-finite entries are not marked here but by the work item's second pass
+    (``_expand_rescue``), which also adds what they stand for where only scale * h overflowed.
 
     One dot is exact only while h and e are finite: their zeros times NaN or inf make NaN where the
     reference adds nothing (another sample's rows, another slice's columns). So the dot takes the
@@ -428,17 +431,40 @@ def _expand(acc, h, e, t_sample, t_slice, row_sample, cols, S: tl.constexpr, OFF
     e_ok = e * 0.0 == 0.0
     acc = tl.dot(tl.where(h_ok, h, 0.0).to(h.dtype), tl.where(e_ok, e, 0.0).to(e.dtype), acc,
                  input_precision=PRECISION, out_dtype=acc.dtype)
-    if tl.sum(tl.where(h_ok, 0, 1)) + tl.sum(tl.where(e_ok, 0, 1)) > 0:
-        for s in tl.static_range(S):
-            bad = tl.max(tl.where(h_ok | (t_slice != s)[None, :], 0, 1), axis=1) > 0
-            inside = cols >= 0
-            if SLICED:
-                inside = (cols >= OFFS[s]) & (cols < OFFS[s] + WIDTH)
-            acc = tl.where(bad[:, None] & inside[None, :], float("nan"), acc)
+    h_bad = tl.sum(tl.where(h_ok, 0, 1))
+    if h_bad + tl.sum(tl.where(e_ok, 0, 1)) > 0:
+        if not H_LATER:
+            for s in tl.static_range(S):
+                bad = tl.max(tl.where(h_ok | (t_slice != s)[None, :], 0, 1), axis=1) > 0
+                inside = cols >= 0
+                if SLICED:
+                    inside = (cols >= OFFS[s]) & (cols < OFFS[s] + WIDTH)
+                acc = tl.where(bad[:, None] & inside[None, :], float("nan"), acc)
         for p in tl.static_range(SAMPLES):
             bad = tl.max(tl.where(e_ok | (t_sample != p)[:, None], 0, 1), axis=0) > 0
             acc = tl.where((row_sample == p)[:, None] & bad[None, :], float("nan"), acc)
-    return acc
+    return acc, h_bad > 0
+
+
+@triton.jit
+def _expand_rescue(acc, h, lost, e_ptr, b, t, J, R, stride_eb, stride_es, stride_er, stride_en, cols, E_WIDTH, scale,
+                   S: tl.constexpr, OFFS: tl.constexpr, E_SLICED: tl.constexpr):
+    """acc + scale (h e) on the rows ``lost``, for column t of h (the rows' h of sample b, unscaled,
+    (BLOCK_M,)) and row t of sample b's expand factor: the terms the expand's dot left out, and did not
+    mark, where its operand scale * h was not finite.
+
+    The reference applies scale last, to h B_b^T: with |h| ~ 1e10 and |B_b| ~ 1e-20, scale = 1e30 is
+    finite there (1e20) where scale * h is inf in fp32. So here each term is h e first, then times
+    scale, on FMA units in acc's dtype, a rank-1 update (no second accumulator beside acc). Where h
+    itself is not finite the terms are NaN or inf, as the reference's: those are the marks. A NaN or
+    inf in e was marked by the dot's pass already.
+    """
+    p, s, rr, off = _stacked(t, J, R, S, OFFS, E_SLICED)
+    local = cols - off
+    e_in = (local >= 0) & (local < E_WIDTH)
+    e_row = e_ptr + (tl.cast(b, tl.int64) * stride_eb + s * stride_es + rr * stride_er)
+    e = tl.load(e_row + local.to(tl.int64) * stride_en, mask=e_in, other=0.0).to(acc.dtype)
+    return tl.where(lost[:, None] & e_in[None, :], acc + (h[:, None] * e[None, :]) * scale, acc)
 
 
 @triton.jit
@@ -525,9 +551,73 @@ def _factor_rows(ptr, b_first, b_last, t, J, R, stride_b, stride_s, stride_r, S:
 
 @triton.jit
 def _factor_tile(rows, ok, off, idx, WIDTH, stride_i):
-    # (len(rows), len(idx)) tile: rows[t][idx - off_t], zero outside [0, WIDTH) and on missing rows.
+    # (len(rows), len(idx)) tile: rows[t][idx - off_t], zero outside [0, WIDTH) and on missing rows. The
+    # position times its stride in 64 bits, as every product on a factor's pointer (its lanes outside
+    # [0, WIDTH) are masked, but a 32-bit product would wrap before the mask is applied).
     local = idx[None, :] - off[:, None]
-    return tl.load(rows[:, None] + local * stride_i, mask=ok[:, None] & (local >= 0) & (local < WIDTH), other=0.0)
+    return tl.load(rows[:, None] + local.to(tl.int64) * stride_i, mask=ok[:, None] & (local >= 0) & (local < WIDTH),
+                   other=0.0)
+
+
+@triton.jit
+def _tile_columns(group, i, NOUT, E_WIDTH, S: tl.constexpr, OFFS: tl.constexpr, E_SLICED: tl.constexpr,
+                  LORA: tl.constexpr, IN_PLACE: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr,
+                  ORDER: tl.constexpr, TILES: tl.constexpr):
+    """Column tile i of a work item's group: (live, col0, its columns, those it writes, adapted)."""
+    n_tile = _pick(group + i * GROUPS, ORDER, TILES * GROUPS)  # -1: past the last tile
+    live = n_tile >= 0
+    col0 = n_tile * BLOCK_N
+    cols = col0 + tl.arange(0, BLOCK_N)
+    adapted = live & (LORA > 0)
+    if E_SLICED:
+        hit = col0 < 0
+        for s in tl.static_range(S):
+            hit = hit | ((col0 < OFFS[s] + E_WIDTH) & (col0 + BLOCK_N > OFFS[s]))
+        adapted = adapted & hit
+    return live, col0, cols, _columns_written(cols, live, NOUT, E_WIDTH, S, OFFS, E_SLICED, IN_PLACE), adapted
+
+
+@triton.jit
+def _columns_written(cols, live, NOUT, E_WIDTH, S: tl.constexpr, OFFS: tl.constexpr, E_SLICED: tl.constexpr,
+                     IN_PLACE: tl.constexpr):
+    col_ok = (cols < NOUT) & live
+    if E_SLICED:
+        if IN_PLACE:
+            # out is read and written only in the slices' columns: a tile's columns between and after
+            # them would come back through acc + 0 and a round trip (-0.0 as +0.0, a signalling NaN
+            # quieted), and would race with any other writer of those columns.
+            in_slice = cols < 0
+            for s in tl.static_range(S):
+                in_slice = in_slice | ((cols >= OFFS[s]) & (cols < OFFS[s] + E_WIDTH))
+            col_ok = col_ok & in_slice
+    return col_ok
+
+
+@triton.jit
+def _fold_shrink(x_ptr, f_ptr, M, K, J, R, NB, F_WIDTH, stride_xm, stride_fb, stride_fs, stride_fr, stride_fk, row0,
+                 b_first, b_last, t, acc_ty: tl.constexpr, op_ty: tl.constexpr, S: tl.constexpr, OFFS: tl.constexpr,
+                 F_SLICED: tl.constexpr, SPB: tl.constexpr, J_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, LORA_PRECISION: tl.constexpr):
+    # The shrink the GEMM's main loop folds in (LORA = 1), on its own: x F^T for the row block's samples,
+    # (BLOCK_M, J_PAD) in acc_ty, by the main loop's dots (the same operands, steps and order).
+    h_part = tl.zeros((BLOCK_M, J_PAD), dtype=acc_ty)
+    f_rows, f_ok, f_off = _factor_rows(f_ptr, b_first, b_last, t, J, R, stride_fb, stride_fs, stride_fr, S, OFFS,
+                                       F_SLICED, SPB)
+    x_blk = tl.make_block_ptr(x_ptr, (M, K), (stride_xm, 1), (row0, 0), (BLOCK_M, BLOCK_K), (1, 0))
+    f_blk = tl.make_block_ptr(f_ptr, (NB * J, K), (stride_fr, stride_fk), (b_first * J, 0), (J_PAD, BLOCK_K), (1, 0))
+    for k0 in range(0, K, BLOCK_K):
+        a = tl.load(x_blk, boundary_check=(0, 1), padding_option="zero")
+        if UPCAST:
+            a = a.to(tl.float32)
+        if F_SLICED:
+            f = _factor_tile(f_rows, f_ok, f_off, k0 + tl.arange(0, BLOCK_K), F_WIDTH, stride_fk)
+        else:
+            f = tl.load(f_blk, boundary_check=(0, 1), padding_option="zero")
+            f_blk = tl.advance(f_blk, (0, BLOCK_K))
+        h_part = tl.dot(a.to(op_ty), tl.trans(f.to(op_ty)), h_part, input_precision=LORA_PRECISION,
+                        out_dtype=h_part.dtype)
+        x_blk = tl.advance(x_blk, (0, BLOCK_K))
+    return h_part
 
 
 @triton.jit
@@ -570,30 +660,18 @@ def _gemm_work_item(
     row0 = pm * BLOCK_M
     rows, rows64, row_ok, row_sample, b_first, b_last = _row_block(row0, M, T, BLOCK_M)
     t = tl.arange(0, J_PAD)
-    own = (row_sample[:, None] - b_first) == (t // J)[None, :]  # LORA = 1: a row's own sample's columns
 
     h = tl.zeros((BLOCK_M, J_PAD), dtype=ex_ty)
     h_ready = item < 0  # False: no tile of this work item has computed h yet
+    # Where scale * h overflows a finite h, the expand's dot leaves those terms out (unmarked) and a
+    # second pass over the work item's stored tiles adds them, scale applied last (_expand_rescue).
+    # Not with TMA stores (asynchronous: the second pass could not read them back): NaN there, as before.
+    RESCUE: tl.constexpr = LORA > 0 and not TMA
+    RESCUE_N: tl.constexpr = min(BLOCK_N, 32)
+    rescue = item < 0  # whether a tile left terms to the second pass
     for i in range(0, TILES):
-        n_tile = _pick(group + i * GROUPS, ORDER, TILES * GROUPS)  # -1: past the last tile
-        live = n_tile >= 0
-        col0 = n_tile * BLOCK_N
-        cols = col0 + tl.arange(0, BLOCK_N)
-        col_ok = (cols < NOUT) & live
-        adapted = live & (LORA > 0)
-        if E_SLICED:
-            hit = col0 < 0
-            for s in tl.static_range(S):
-                hit = hit | ((col0 < OFFS[s] + E_WIDTH) & (col0 + BLOCK_N > OFFS[s]))
-            adapted = adapted & hit
-            if IN_PLACE:
-                # out is read and written only in the slices' columns: a tile's columns between and after
-                # them would come back through acc + 0 and a round trip (-0.0 as +0.0, a signalling NaN
-                # quieted), and would race with any other writer of those columns.
-                in_slice = cols < 0
-                for s in tl.static_range(S):
-                    in_slice = in_slice | ((cols >= OFFS[s]) & (cols < OFFS[s] + E_WIDTH))
-                col_ok = col_ok & in_slice
+        live, col0, cols, col_ok, adapted = _tile_columns(group, i, NOUT, E_WIDTH, S, OFFS, E_SLICED, LORA, IN_PLACE,
+                                                          BLOCK_N, GROUPS, ORDER, TILES)
         shrink_here = adapted & (LORA == 1) & (h_ready == 0)
         if USE_PDL and LORA == 1:
             if adapted:
@@ -608,6 +686,7 @@ def _gemm_work_item(
         w_blk = tl.make_block_ptr(w_ptr, (K, NOUT), (stride_wk, stride_wn), (0, col0), (BLOCK_K, BLOCK_N), W_ORDER)
         if shrink_here:
             # The main loop with the shrink folded in: one extra (BLOCK_M, J_PAD) dot per K step.
+            own = (row_sample[:, None] - b_first) == (t // J)[None, :]  # a row's own sample's columns
             h_part = tl.zeros((BLOCK_M, J_PAD), dtype=acc_ty)
             f_rows, f_ok, f_off = _factor_rows(f_ptr, b_first, b_last, t, J, R, stride_fb, stride_fs, stride_fr, S,
                                                OFFS, F_SLICED, SPB)
@@ -671,8 +750,11 @@ def _gemm_work_item(
                 e_rows, e_ok, e_off = _factor_rows(e_ptr, b_first, b_last, t, J, R, stride_eb, stride_es, stride_er, S,
                                                    OFFS, E_SLICED, SPB)
                 e = _expand_operand(_factor_tile(e_rows, e_ok, e_off, cols, E_WIDTH, stride_en), EXPAND_TF32, op_ty)
-                acc = _expand(acc, h, e, t // J, (t % J) // R, row_sample - b_first, cols, S, OFFS, E_WIDTH,
-                              E_SLICED, SPB, EXPAND_PRECISION)
+                # A non-finite h (scale * h overflowed, or from the inputs): its terms and marks are left to
+                # the second pass, which recomputes h (the unscaled h is not kept: registers).
+                acc, h_bad = _expand(acc, h, e, t // J, (t % J) // R, row_sample - b_first, cols, S, OFFS, E_WIDTH,
+                                     E_SLICED, SPB, EXPAND_PRECISION, RESCUE)
+                rescue = rescue | h_bad
             else:
                 for b in tl.range(b_first, b_last + 1, num_stages=1):
                     h_rows = row_ok & (row_sample == b)
@@ -686,18 +768,20 @@ def _gemm_work_item(
                         ej = _factor_tile(e_rows, e_ok, e_off, cols, E_WIDTH, stride_en)
                         hs = _expand_operand(hj * scale, EXPAND_TF32, op_ty)
                         ej = _expand_operand(ej, EXPAND_TF32, op_ty)
+                        # A non-finite scale * h (overflowed, or from the inputs): left to the second pass.
                         if SPLIT:
                             # Lanes [0, J_STEP) carry h_hi, lanes [J_STEP, J_CHUNK) the same columns' h_lo
-                            # (a non-finite h makes its lo NaN: _expand marks those rows either way).
+                            # (a non-finite h makes its lo NaN: left to the second pass either way).
                             first = (lane < J_STEP)
                             h_hi = _tf32_hi(hs)
                             e_hi = _tf32_hi(ej)
                             hs = tl.where(first[None, :], h_hi, hs - h_hi)
-                            acc = _expand(acc, hs, e_hi, tj * 0, tj // R, tl.where(h_rows, 0, -1), cols, S, OFFS,
-                                          E_WIDTH, E_SLICED, 1, EXPAND_PRECISION)
+                            acc, h_bad = _expand(acc, hs, e_hi, tj * 0, tj // R, tl.where(h_rows, 0, -1), cols, S, OFFS,
+                                                 E_WIDTH, E_SLICED, 1, EXPAND_PRECISION, RESCUE)
                             ej = tl.where(first[:, None], ej - e_hi, 0.0)  # h_hi E_lo; h_lo E_lo dropped
-                        acc = _expand(acc, hs, ej, tj * 0, tj // R,
-                                      tl.where(h_rows, 0, -1), cols, S, OFFS, E_WIDTH, E_SLICED, 1, EXPAND_PRECISION)
+                        acc, h_bad = _expand(acc, hs, ej, tj * 0, tj // R, tl.where(h_rows, 0, -1), cols, S, OFFS,
+                                             E_WIDTH, E_SLICED, 1, EXPAND_PRECISION, RESCUE)
+                        rescue = rescue | h_bad
         if HAS_BIAS:
             acc += tl.load(bias_ptr + cols * stride_bias, mask=col_ok, other=0.0).to(acc_ty)[None, :]
         if TMA:  # the tile through the copy engine, clipped at the edges (padding tiles store nothing)
@@ -706,6 +790,50 @@ def _gemm_work_item(
         else:
             tl.store(out_ptr + rows64[:, None] * stride_om + cols[None, :], acc.to(out_ptr.dtype.element_ty),
                      mask=row_ok[:, None] & col_ok[None, :])
+    if RESCUE:
+        if rescue:
+            # The second pass, taken only where scale * h (or h) was not finite. The tiles' accumulators
+            # are gone (code beside them, in the tile loop, spilled on sm_80 or sm_90), so each adapted tile
+            # is read back from out, RESCUE_N columns at a time (a narrow accumulator), the terms its dot
+            # left out are added column of h by column (_expand_rescue), and it is stored again: a 16-bit
+            # out is rounded twice there (its partial sum, then the total), in these tiles only.
+            tl.debug_barrier()  # the tiles' stores, read back by other threads of the program
+            if LORA == 1:
+                # h again, unscaled (the first pass kept only scale * h: registers), by the same dots.
+                own = (row_sample[:, None] - b_first) == (t // J)[None, :]
+                h_own = tl.where(own, _fold_shrink(x_ptr, f_ptr, M, K, J, R, NB, F_WIDTH, stride_xm, stride_fb,
+                                                   stride_fs, stride_fr, stride_fk, row0, b_first, b_last, t, acc_ty,
+                                                   op_ty, S, OFFS, F_SLICED, SPB, J_PAD, BLOCK_M, BLOCK_K, UPCAST,
+                                                   LORA_PRECISION), 0.0)
+            for i in range(0, TILES):
+                live, col0, unused_cols, unused_ok, adapted = _tile_columns(group, i, NOUT, E_WIDTH, S, OFFS, E_SLICED,
+                                                                            LORA, IN_PLACE, BLOCK_N, GROUPS, ORDER,
+                                                                            TILES)
+                if adapted:
+                    for c0 in range(0, BLOCK_N, RESCUE_N):
+                        cols = col0 + c0 + tl.arange(0, RESCUE_N)
+                        col_ok = _columns_written(cols, live, NOUT, E_WIDTH, S, OFFS, E_SLICED, IN_PLACE)
+                        out_part = out_ptr + rows64[:, None] * stride_om + cols[None, :]
+                        acc = tl.load(out_part, mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(acc_ty)
+                        if LORA == 1:
+                            for tc in range(0, SPB * J):
+                                b = b_first + tc // J
+                                # The entries the first pass left out: its own operand's, not the recomputed
+                                # h's (the same dots, but a term must be added exactly once).
+                                lost = tl.sum(tl.where((t == tc)[None, :], h, 0.0), axis=1) * 0.0 != 0.0
+                                if tl.sum(tl.where(lost, 1, 0)) > 0:
+                                    h_col = tl.sum(tl.where((t == tc)[None, :], h_own, 0.0), axis=1)
+                                    acc = _expand_rescue(acc, h_col, lost, e_ptr, b, tc, J, R, stride_eb, stride_es,
+                                                         stride_er, stride_en, cols, E_WIDTH, scale, S, OFFS, E_SLICED)
+                        else:
+                            for b in tl.range(b_first, b_last + 1, num_stages=1):
+                                h_rows = row_ok & (row_sample == b)
+                                for tc in range(0, J):
+                                    h_col = tl.load(h_ptr + rows64 * J + tc, mask=h_rows, other=0.0)
+                                    lost = _expand_operand(h_col * scale, EXPAND_TF32, op_ty) * 0.0 != 0.0
+                                    acc = _expand_rescue(acc, h_col, lost, e_ptr, b, tc, J, R, stride_eb, stride_es,
+                                                         stride_er, stride_en, cols, E_WIDTH, scale, S, OFFS, E_SLICED)
+                        tl.store(out_part, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
 # ITEMS and PROGRAMS are read by the persistent launch only: not specialised (no compile per batch size).
@@ -746,6 +874,15 @@ def _mira_gemm_kernel(
     three products of a 3xTF32 dot, as two TF32 dots of J_CHUNK = 2 J_STEP columns: [h_hi | h_lo]
     against [E_hi; E_hi], then [h_hi | 0] against [E_lo; 0]. Triton's tf32x3 takes three dots and
     spilled in this kernel; the columns J_STEP pads a small J (8 for ViT's S*r) to are used here.
+
+    scale multiplies h before the expand; the reference applies it last, to h E. Where scale * h is
+    not finite (scale = 1e30, |h| ~ 1e10 in fp32, where the reference's 1e30 (h E) may be finite; or
+    h itself from the inputs), the dot leaves those entries out, unmarked, and a second pass over the
+    work item's stored tiles, taken only then (flagged by the expand's own non-finite count), adds
+    scale (h e) for them, one column of h at a time (``_expand_rescue``: finite where only the scale
+    overflowed, the marks where h is not finite). LORA = 1 recomputes the unscaled h by the main loop's
+    dots (``_fold_shrink``), LORA = 2 reads it from h_ptr. Not with TMA (its stores are asynchronous):
+    NaN there, as before.
 
     Grid: (cdiv(M, BLOCK_M) * GROUPS,): program (row block, group g) computes the column tiles
     ORDER[g], ORDER[g + GROUPS], ... (ORDER lists the tiles without an adapter first, so a program
@@ -832,7 +969,12 @@ def _mira_shrink_fwd_kernel(
         if not NATIVE:
             a = a.to(ct)
         for b in tl.range(b_first, b_last + 1, num_stages=1):
-            f = tl.load(f_ptr + b * stride_fb + pid_s * stride_fs + ks[:, None] * stride_fk + js[None, :] * stride_fj,
+            # The sample's offset in 64 bits: b * stride_fb passes 2^31 once the B samples' factors do
+            # (B = 8192, S = 2, r = 256, d_in = 1024), and Triton types b and the strides as i32 (tl.cast: the
+            # interpreter's tl.range yields Python ints). Within the sample, S r d_in elements: 32 bits (wider
+            # tiles of offsets spilled), widened where they join it (one offset, one address).
+            f = tl.load(f_ptr + (tl.cast(b, tl.int64) * stride_fb
+                                 + (pid_s * stride_fs + ks[:, None] * stride_fk + js[None, :] * stride_fj)),
                         mask=k_ok[:, None] & j_ok[None, :], other=0.0)
             if NATIVE:
                 part = tl.dot(a, f, out_dtype=ct)
@@ -880,8 +1022,11 @@ def _mira_factor_bwd_kernel(
         rt = tl.load(r_ptr + m[:, None] * stride_rm + (pid_s * J + js)[None, :],
                      mask=t_ok[:, None] & j_ok[None, :], other=0.0).to(ct)
         acc = tl.dot(tl.trans(lt), rt, acc, input_precision=LORA_PRECISION, out_dtype=acc.dtype)
-    tl.store(out_ptr + pid_b * stride_ob + pid_s * stride_os + fs[:, None] * stride_of + js[None, :] * stride_oj,
-             alpha * acc, mask=f_ok[:, None] & j_ok[None, :])
+    # 64-bit offset: the B samples' dA_b / dB_b pass 2^31 elements as the mixed factors do (a 32-bit
+    # pid_b * stride_ob wrapped: a store out of bounds).
+    out_off = (pid_b.to(tl.int64) * stride_ob + pid_s.to(tl.int64) * stride_os + fs.to(tl.int64)[:, None] * stride_of
+               + js.to(tl.int64)[None, :] * stride_oj)
+    tl.store(out_ptr + out_off, alpha * acc, mask=f_ok[:, None] & j_ok[None, :])
 
 
 @triton.jit
@@ -1114,9 +1259,11 @@ def _mira_bank_bwd_kernel(
             bs = b0 + tl.arange(0, BLOCK_B)
             b_ok = bs < B
             wt = tl.load(w_ptr + bs[:, None] * N + slots[None, :], mask=b_ok[:, None] & slot_ok[None, :], other=0.0)
-            dt = tl.load(d_ptr + bs[:, None] * F + fcols[None, :], mask=b_ok[:, None] & f_ok[None, :], other=0.0)
+            # Rows of dmixed (B, F) 64-bit before the row width: B * F passes 2^31 with the mixed factors.
+            dt = tl.load(d_ptr + bs.to(tl.int64)[:, None] * F + fcols[None, :], mask=b_ok[:, None] & f_ok[None, :],
+                         other=0.0)
             acc = tl.dot(tl.trans(wt), dt, acc, input_precision=LORA_PRECISION, out_dtype=acc.dtype)
-        tl.store(out_ptr + slots[:, None] * F + fcols[None, :], acc.to(out_ptr.dtype.element_ty),
+        tl.store(out_ptr + slots.to(tl.int64)[:, None] * F + fcols[None, :], acc.to(out_ptr.dtype.element_ty),
                  mask=slot_ok[:, None] & f_ok[None, :])
 
 

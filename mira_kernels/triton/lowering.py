@@ -414,17 +414,32 @@ def narrow_address_products(ir_text: str, pointers: set[str]) -> list[str]:
 #: elements: ViT-L/16 at 384 px (T = 577, d = 1024, qkv 1024 -> 3072) with B = 4096.
 HUGE = dict(batch=4096, T=577, d=1024, d_out=3072, offsets=(0, 2048), d_k=1024)
 
+#: Shapes at which the per-sample factors, the mixed A_b (B, S, r, d_in) and B_b (B, S, d_s, r) and
+#: their gradients, have 2^32 elements (HUGE's have 2^25): "wide" (r = 256: every adapter product in
+#: its own launch, the shrinks, the per-sample reductions dA_b / dB_b, the bank gradients) and
+#: "folded" (r = 4 and 64 tokens a sample: the bf16 GEMMs fold the shrink into their main loop).
+HUGE_FACTORS = {
+    "wide": dict(batch=8192, rank=256, T=4, d=1024, d_out=3072, offsets=(0, 2048), d_k=1024),
+    "folded": dict(batch=2**19, rank=4, T=64, d=1024, d_out=3072, offsets=(0, 2048), d_k=1024),
+}
 
-def narrow_addressing(op: str, arch: int = 90, dtype: torch.dtype = torch.bfloat16) -> list[str]:
+
+def narrow_addressing(op: str, arch: int = 90, dtype: torch.dtype = torch.bfloat16, huge: dict | None = None,
+                      checked: list | None = None) -> list[str]:
     """32-bit address products (:func:`narrow_address_products`) in the launches of ``op`` planned
-    at :data:`HUGE`, on every pointer argument whose tensor has 2^31 elements or more (16-bit x:
-    the shrink folded into the GEMM; fp32 x: the separate shrink launch)."""
-    case = Case(op, dtype, HUGE["batch"], 4, 30)
+    at ``huge`` (:data:`HUGE` unless given; a ``rank`` key sets r, else 4), on every pointer
+    argument whose tensor has 2^31 elements or more (16-bit x: the shrink folded into the GEMM where
+    the adapter is narrow; fp32 x: the separate shrink launch). ``checked`` (a list) receives
+    "launch: pointer" for every pointer searched, so a caller can tell what the check covered."""
+    huge = HUGE if huge is None else huge
+    case = Case(op, dtype, huge["batch"], huge.get("rank", 4), 30)
     problems = []
-    for launch in plan_case(case, shape=HUGE):
+    for launch in plan_case(case, shape={k: huge[k] for k in VIT_B}):
         large = {name for name, value in launch.args.items()
                  if isinstance(value, torch.Tensor) and value.numel() >= 2**31}
         if large:
+            if checked is not None:
+                checked += [f"{launch.name}: {name}" for name in sorted(large)]
             problems += [f"{launch.name}: {p}" for p in narrow_address_products(ttir(launch, arch), large)]
     return problems
 

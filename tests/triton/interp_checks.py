@@ -246,6 +246,111 @@ def test_query_rows_more_than_2_31_elements_apart():
     assert all(torch.equal(a, b) for a, b in zip(got, want))
 
 
+def test_factor_samples_more_than_2_31_elements_apart():
+    # The per-sample factors (mixed A_b, B_b and their gradients, B x S r d_in elements) pass 2^31
+    # elements at B = 8192, r = 256, d_in = 1024: the shrink read F[b] at b * stride_fb and the factor
+    # backward stored dA_b / dB_b at pid_b * stride_ob, both 32-bit products (wrapped addresses: a
+    # segfault here, before the fix; tests/triton/test_triton_addressing.py checks every launch's IR).
+    # Factors whose sample stride is 2^30 + 64 elements, so that sample 2 starts past 2^31: views of
+    # storage allocated, not touched (8 GiB of fp32 each, virtual): only the samples' rows are written.
+    B, T, K, J = 3, 2, 8, 4
+    stride = 2**30 + 64
+    g = torch.Generator().manual_seed(27)
+    x = torch.randn(B * T, K, generator=g)
+    a = torch.randn(B, J, K, generator=g)
+    f = torch.empty(2 * stride + J * K).as_strided((B, 1, J, K), (stride, 0, K, 1))
+    f.copy_(a[:, None])
+    sh = launchers._Shapes(B, T, B * T, K, 1, K, 1, J, K, torch.float32)
+    launches = []
+    h = launchers._plan_shrink("shrink", x, (0,), K, f, tuple(f.stride()), J, sh, "ieee", launches)
+    launchers.run_all(launches, x.device)
+    want_h = torch.einsum("btk,bjk->btj", x.view(B, T, K).double(), a.double()).reshape(B * T, J)
+    assert max_err(h, want_h) < 1e-5
+
+    # dA_b[b, 0, k, j] = sum_t x[bT + t, k] h[bT + t, j], stored through a sample stride past 2^31 / B.
+    out = torch.empty(2 * stride + K * J).as_strided((B, 1, K, J), (stride, 0, J, 1))
+    out.zero_()
+    from mira_kernels.triton import configs
+
+    cfg = configs.factor_config(16, torch.float32, "ieee")
+    tri_kernels._mira_factor_bwd_kernel[(B, 1, launchers.triton_cdiv(K, cfg.block_m))](
+        x, h, out, T, K, J, launchers.float_bits(1.0), x.stride(0), h.stride(0), *out.stride(),
+        NUM_SLICES=1, L_OFFS=(0,), J_PAD=16, BLOCK_T=cfg.block_k, BLOCK_F=cfg.block_m, LORA_PRECISION="ieee")
+    want_out = torch.einsum("btk,btj->bkj", x.view(B, T, K).double(), h.view(B, T, J).double())
+    assert max_err(out[:, 0], want_out) < 1e-5
+
+
+#: (bank_a factor, bank_b factor, scale) per x dtype: h = x A_b^T ~ 1e10 (fp64 1e150, fp16 1e22) times scale overflows
+#: the compute dtype, while the reference's scale * (h B_b^T) (~1e24; fp64 ~1e150; fp16 ~3e4) is finite.
+_SCALE_OVERFLOW = {torch.float32: (1e10, 1e-20, 1e30), torch.bfloat16: (1e10, 1e-20, 1e30),
+                   torch.float64: (1e150, 1e-300, 1e300), torch.float16: (1e21, 1e-37, 5e16)}
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy overflowing in scale * h
+@pytest.mark.parametrize("op", ["linear", "adapter_"])
+@pytest.mark.parametrize("dtype, shape", [(torch.float32, "small"), (torch.float64, "small"), (torch.float16, "small"),
+                                          (torch.bfloat16, "fused"), (torch.bfloat16, "small")],
+                         ids=["fp32", "fp64", "fp16-split", "bf16-folded", "bf16"])
+def test_a_scale_that_overflows_h_is_applied_after_the_expand(op, dtype, shape):
+    # Regression (found by probing): the expand multiplied h = x A_b^T by scale before its dot (in the
+    # folded shrink for bf16 x at the fused shape; on h from the shrink launch otherwise, with fp16's
+    # 3xTF32 split). There scale * h is inf, and y was NaN where the reference, which applies scale last,
+    # and the CPU backend are finite (contract section 6). Those terms are now added by the GEMM's second
+    # pass as scale * (h e): finite, and within the house criterion. (bf16 runs its dots in fp32 here,
+    # UPCAST: the GPU's bf16 operands of the same code are only compiled, by test_triton_lowering.)
+    fa, fb, scale = _SCALE_OVERFLOW[dtype]
+    inp64 = make_inputs(**SHAPES[shape], seed=7)
+    inp64.bank_a = inp64.bank_a * fa
+    inp64.bank_b = inp64.bank_b * fb
+    inp = _at(inp64, dtype)
+    ct = reference.compute_dtype(dtype)
+    # The premise: scale * h overflows the compute dtype.
+    weights = reference.retrieval_weights(inp.query.to(ct), inp.keys.to(ct), separation="affine")
+    mixed_a, _ = reference.mix_adapters(weights, inp.bank_a, inp.bank_b)
+    h = torch.einsum("btd,bsrd->btsr", inp.x.to(ct), mixed_a)
+    assert torch.isfinite(h).all() and not torch.isfinite(torch.tensor(scale, dtype=ct) * h).all()
+
+    kw = dict(slice_offsets=inp.slice_offsets, separation="affine", scale=scale)
+    want = reference.mira_linear(*inp64.linear_args(), **kw)
+    same = reference.mira_linear(*inp.linear_args(), **kw)
+    assert torch.isfinite(same).all()
+    if op == "linear":
+        got = _forward(inp, "affine", scale)
+    else:  # the base rounded to x's dtype first, then the adapter added in place: 3x, as elsewhere
+        got = torch.nn.functional.linear(inp.x, inp.weight, inp.bias)
+        tri.mira_adapter_(got, *inp.adapter_args(), inp.slice_offsets, "affine", scale, 1e-2)
+    assert torch.isfinite(got).all(), f"{(~torch.isfinite(got)).sum().item()} of {got.numel()} non-finite"
+    assert_close_to_spec(got, want, same, factor=2.0 if op == "linear" else 3.0, floor=FLOOR[dtype],
+                         what=f"{op} {dtype} {shape}, scale * h overflowing")
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("dtype, shape",
+                         [(torch.float32, "small"), (torch.float16, "small"), (torch.bfloat16, "fused")],
+                         ids=["fp32", "fp16-split", "bf16-folded"])
+def test_a_scale_that_overflows_h_beside_non_finite_inputs_keeps_their_marks(dtype, shape):
+    # The entries where scale * h overflowed a finite h are added by a second pass, which also marks the
+    # non-finite h beside them (the dot's pass leaves both). A row whose h is inf while its base x W^T
+    # is finite (x ~ 1e30, fp32 range), and a NaN in x, in the tiles and chunks of the overflow, must
+    # leave exactly the reference's entries non-finite (the inf row: its slices' columns only).
+    fa, fb, scale = _SCALE_OVERFLOW[dtype]
+    inp64 = make_inputs(**SHAPES[shape], seed=7)
+    inp64.bank_a = inp64.bank_a * fa
+    inp64.bank_b = inp64.bank_b * fb
+    if dtype != torch.float16:  # fp16 x cannot hold it
+        inp64.x[2, 0] = inp64.x[2, 0] * 1e30
+    inp = _at(inp64, dtype)
+    inp.x[1, 2, 5] = float("nan")
+    same = reference.mira_linear(*inp.linear_args(), slice_offsets=inp.slice_offsets, separation="affine",
+                                 scale=scale)
+    got = _forward(inp, "affine", scale)
+    assert torch.equal(torch.isfinite(got), torch.isfinite(same))
+    in_place = torch.nn.functional.linear(inp.x, inp.weight, inp.bias)
+    tri.mira_adapter_(in_place, *inp.adapter_args(), inp.slice_offsets, "affine", scale, 1e-2)
+    assert torch.equal(torch.isfinite(in_place), torch.isfinite(same))
+    assert torch.isfinite(same).sum() > same.numel() // 2  # most of y is finite: the overflow was rescued
+
+
 def test_no_slots():
     inp = make_inputs(**{**SMALL, "N": 0}, seed=8)
     y = check_forward(inp, torch.float32, "affine")
