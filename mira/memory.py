@@ -41,8 +41,8 @@ them), during CUDA-graph capture (the replay must recompute them) and whenever a
 Cached tensors are never inference tensors (a call under ``torch.inference_mode`` derives them
 outside it), so a later forward that records a graph, say for an input's gradient, can save them.
 On a GPU the Triton backend runs on, the per-feature normalisation without an autograd graph is one
-launch (``mira_kernels.triton.normalize_columns``: fp64 sums, one rounding) instead of ATen's three,
-so a captured forward replays one launch per block for it.
+launch (``mira_kernels.triton.normalize_columns``: fp64 sums, one rounding; two launches for 16-bit
+keys) instead of ATen's three (~34 for 16-bit keys), so a captured forward replays one per block for it.
 A projection's eval forward goes one step further (:class:`mira.layers.MiraProjection`, ``csrc/
 eval_plan.cpp``): after its first eval call on CPU it replays that call from C, with these derived
 tensors, while the same key holds and every attribute, parameter, buffer, config field and hook
@@ -882,10 +882,10 @@ def _token_query_dtypes(keys_dtype: torch.dtype) -> tuple[torch.dtype, ...]:
 
 def _per_feature_unit(keys: torch.Tensor) -> torch.Tensor:
     """``F.normalize(keys, dim=0)`` where no autograd graph is needed. On a GPU the Triton backend runs
-    on, one launch (``mira_kernels.triton.normalize_columns``: fp64 sums, one rounding) instead of
-    ATen's three (norm, clamp, divide): a CUDA graph replays this on every forward (derived keys are
-    not cached under capture), where each small launch costs ~3 us (the fourth H200 run, calibrated
-    in benchmarks/results/gpu_model.txt: 36 of a ViT-B/16 forward's launches)."""
+    on, one launch (``mira_kernels.triton.normalize_columns``: fp64 sums, one rounding; two for 16-bit
+    keys) instead of ATen's three (norm, clamp, divide; ~34 for 16-bit keys): a CUDA graph replays this on
+    every forward (derived keys are not cached under capture), where each small launch costs ~3 us (the
+    fourth H200 run, calibrated in benchmarks/results/gpu_model.txt: 36 of a ViT-B/16 forward's launches)."""
     if _fused_key_norm_applies(keys):
         return _fused_normalize_columns(keys)
     return _unit_columns(keys)
@@ -906,10 +906,11 @@ def _unit_columns(keys: torch.Tensor) -> torch.Tensor:
 
 def _fused_key_norm_applies(keys: torch.Tensor) -> bool:
     # Not under torch.compile: Inductor fuses F.normalize itself, and traces no raw Triton launch.
-    # float32 / float64 keys only (the layers' memory of a 16-bit model is float32; 16-bit keys
-    # keep F.normalize: the kernel's 16-bit path is not checked by the interpreter).
-    return (keys.is_cuda and keys.dtype in (torch.float32, torch.float64) and not torch.compiler.is_compiling()
-            and mira_kernels.backends.fused_helpers_available(keys.device))
+    # Every floating dtype: a 16-bit model's memory is 16-bit (attach makes it in the weight's dtype),
+    # and there _unit_columns is ~34 launches on every graph replay (found by a review of the GPU
+    # model, 2026-12-07, which had priced a float32 memory); normalize_columns takes two.
+    return keys.is_cuda and keys.is_floating_point() and not torch.compiler.is_compiling() and \
+        mira_kernels.backends.fused_helpers_available(keys.device)
 
 
 # Launch signatures of normalize_columns already run outside a CUDA-graph capture in this process.

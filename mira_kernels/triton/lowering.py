@@ -134,7 +134,8 @@ def test_cases() -> list[Case]:
     # S*r = 256 > 128: the widest adapter the row kernels hold in registers.
     cases += [Case(op, dtype, 8, 128, 30, fp32_precision=p) for op in ("linear", "linear_backward")
               for dtype, p in ((torch.bfloat16, "tf32"), (torch.float32, "tf32"), (torch.float32, "ieee"))]
-    cases += [Case("key_norm", dtype, 1, 4, n) for dtype in (torch.float32, torch.float64) for n in (30, 256)]
+    cases += [Case("key_norm", dtype, 1, 4, n) for dtype in (torch.float32, torch.float64, torch.bfloat16,
+                                                             torch.float16) for n in (30, 256)]
     return cases
 
 
@@ -151,6 +152,7 @@ def ci_cases() -> list[tuple[Case, tuple[int, ...]]]:
             (Case("linear", torch.bfloat16, 1, 4, 30), (80, 90)),  # the small-batch retrieval (deferred FMA sums)
             (Case("linear_backward", torch.bfloat16, 8, 4, 30), (90,)),
             (Case("key_norm", torch.float32, 1, 4, 30), (80, 90)),
+            (Case("key_norm", torch.bfloat16, 1, 4, 30), (90,)),  # 16-bit keys read, float32 written
             (Case("linear", torch.float16, 1, 4, 30), (90,)),  # shrink and GEMM chained (USE_PDL, LORA = 2)
             # B = 256: the wide tile's programs would walk every column tile (configs.one_tile_fits).
             (Case("linear", torch.bfloat16, 256, 4, 30), (90,)),
@@ -187,7 +189,9 @@ def _plan_case(case: Case, shape: dict) -> list[launchers.Launch]:
     bank_a = torch.empty(case.slots, len(offsets), case.rank, d, dtype=mem_dtype, **meta)
     bank_b = torch.empty(case.slots, len(offsets), d, case.rank, dtype=mem_dtype, **meta)
     common = (query, keys, bank_a, bank_b, list(offsets), case.separation, 1.0, 1e-2)
-    if case.op == "key_norm":  # the layers' per-feature key normalisation (mira.memory._per_feature_unit)
+    if case.op == "key_norm":  # the layers' per-feature key normalisation (mira.memory._per_feature_unit),
+        # of keys in the case's dtype: a 16-bit model's memory is 16-bit (mira.attach)
+        keys = torch.empty(case.slots, d_k, dtype=case.dtype, **meta)
         return [launchers.plan_normalize_columns(keys, reference.NORM_EPS)[1]]
     if case.op == "linear":
         _, plan = launchers.plan_linear(x, weight, bias, *common)

@@ -961,12 +961,29 @@ def test_key_normalization_matches_f_normalize_on_every_layout_and_hostile_colum
         assert err <= max(2 * own_err, ulp), (name, err, own_err)
 
 
-def test_key_normalization_refuses_16_bit_keys_and_handles_empty_ones():
-    # 16-bit keys keep F.normalize in the layers (mira.memory._fused_key_norm_applies): the kernel's
-    # 16-bit conversions are not checked here, so it refuses them rather than run unchecked.
-    for dtype in (torch.bfloat16, torch.float16):
-        with pytest.raises(ValueError, match="float32 or float64"):
-            tri.normalize_columns(torch.ones(3, 4, dtype=dtype), reference.NORM_EPS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_key_normalization_of_16_bit_keys_rounds_the_fp64_result_through_float32(dtype):
+    # A 16-bit model's memory is 16-bit, and its per-feature key norm on a GPU was ATen's overflow-safe
+    # form (~34 launches per graph replay). The kernel reads 16-bit keys exactly and writes float32
+    # (the interpreter rounds a bfloat16 store wrongly, 0.5 off); one cast rounds that to the keys' dtype.
+    g = torch.Generator().manual_seed(4)
+    keys = torch.randn(37, 70, generator=g, dtype=torch.float64)
+    keys[:, 0] = 0.0
+    keys[:, 1] *= 1e-3
+    keys[:, 2] *= 1e3
+    keys[5, 3] = float("inf")
+    keys[6, 4] = float("nan")
+    keys = keys.to(dtype)
+    for name, k in _key_layouts(keys):
+        got = tri.normalize_columns(k, reference.NORM_EPS)
+        want = reference.normalize(k.double().T).T.float().to(dtype)
+        assert got.dtype == dtype and got.shape == k.shape and got.is_contiguous(), name
+        assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got[~got.isnan()], want[~want.isnan()]), name
+
+
+def test_key_normalization_handles_empty_keys_and_refuses_integer_ones():
+    with pytest.raises(ValueError, match="floating keys"):
+        tri.normalize_columns(torch.ones(3, 4, dtype=torch.int32), reference.NORM_EPS)
     for shape in ((0, 16), (5, 0)):
         got = tri.normalize_columns(torch.randn(*shape), reference.NORM_EPS)
         assert got.shape == shape
