@@ -712,7 +712,22 @@ def _vit_variants(workload: dict, dtype, dev, backends: list[str]):
             with mk.use_backend(b):
                 return attached(x)
         models[f"mira[{b}]"] = forward
-    return models, size, stock.patch_embed.proj.in_channels
+    return models, size, stock.patch_embed.proj.in_channels, _layer_record(mira.memories(attached))
+
+
+def _layer_record(memories) -> dict:
+    """How the layers normalise their keys here, for benchmarks/gpu_model.py to price the run as it ran:
+    the path mira.memory._per_feature_unit takes for these keys ('fused':
+    mira_kernels.triton.normalize_columns; 'aten': mira.memory._unit_columns), and the memory's dtypes
+    (attach makes it in the model's dtype unless bank_dtype is set)."""
+    from mira import memory as mira_memory
+
+    paths = {"fused" if mira_memory._fused_key_norm_applies(m.keys) else "aten" for m in memories}
+    if len(paths) != 1:
+        raise RuntimeError(f"the layers' keys take different normalisation paths: {sorted(paths)}")
+    first = memories[0]
+    return {"key_norm": paths.pop(), "keys": str(first.keys.dtype).removeprefix("torch."),
+            "banks": str(first.bank_a.dtype).removeprefix("torch.")}
 
 
 def run_model(rec: Partial, deadline: float, workload: dict, device: str = "cuda") -> None:
@@ -724,11 +739,10 @@ def run_model(rec: Partial, deadline: float, workload: dict, device: str = "cuda
     variants = ["stock", "eager"] + [f"mira[{b}]" for b in backends]
     kinds = {"stock": ("stock", None), "eager": ("eager", None), **{f"mira[{b}]": ("mira", b) for b in backends}}
     meta["kernels"] = "not profiled in this phase (see op)"
-    import mira_kernels
-
-    # How the layers normalise their keys here (mira.memory._per_feature_unit; benchmarks/gpu_model.py
-    # prices the run with it): one Triton launch, or F.normalize's three.
-    layer = {"key_norm": "fused" if mira_kernels.backends.fused_helpers_available(dev) else "aten"}
+    # How the layers normalise their keys, per dtype, as each dtype's model is built (benchmarks/gpu_model.py
+    # prices the run with it): mira.memory._fused_key_norm_applies on the keys themselves, whose dtype is the
+    # model's. (The single key_norm before 2026-12-07 said 'fused' wherever the Triton helpers were there.)
+    layer = {"key_norm_by_dtype": {}, "memory_dtypes": {}}
     rec.data.update(model=workload["model"], weights="random (timm pretrained=False)", variants=variants,
                     excluded=excluded, timing=meta, layer=layer, measurements=[], not_measured=[])
     rec.flush()
@@ -747,7 +761,11 @@ def run_model(rec: Partial, deadline: float, workload: dict, device: str = "cuda
             built.clear()
             torch.cuda.empty_cache()
             built[dtype_name] = _vit_variants(workload, dtype, dev, backends)
-        models, size, channels = built[dtype_name]
+            record = built[dtype_name][3]
+            layer["key_norm_by_dtype"][dtype_name] = record["key_norm"]
+            layer["memory_dtypes"][dtype_name] = {"keys": record["keys"], "banks": record["banks"]}
+            rec.flush()
+        models, size, channels, _ = built[dtype_name]
         budget = (deadline - time.monotonic()) / (len(cells) - i)
         g = torch.Generator().manual_seed(workload["seed"] + batch)
         images = torch.randn(batch, channels, *size, generator=g).to(device=dev, dtype=dtype)

@@ -5,13 +5,17 @@ blocks of LayerNorm, qkv, attention, proj, residuals, MLP, the head) on an H200,
 model and for MIRA on the qkv projection of every block (adapters on Q and V, r = 4, N = 30 slots,
 the layer's query and key normalisation included), for B in {1, 8, 64, 256}, in a CUDA graph and
 eagerly. MIRA's launches are not written here: they are the GPU backends' own launch plans
-(``mira_kernels.launch_plan.describe`` on meta tensors), so the model follows the kernels.
+(``mira_kernels.launch_plan.describe`` on meta tensors, given the arguments the layer passes: the
+memory in the dtypes ``mira.attach`` makes it, x's CLS view as the query), so the model follows the
+kernels; the layer's key normalisation and the eager baseline are their code's ATen ops, traced on
+meta tensors (:func:`traced_launches`).
 
 Variants: ``plain`` (timm's ViT-B/16), ``triton`` and ``cuda`` (the two GPU backends; a backend
-without a planner yet is reported as such), ``unfused`` (the paper-style eager implementation:
-ATen ops and cuBLAS), and ``vllm-style`` (the peer design: cuBLAS base GEMM, then a shrink and an
-expand that adds into the output slices, as vLLM's multi-LoRA ``lora_shrink`` / ``lora_expand``
-Triton kernels do, fed by MIRA's retrieval).
+without a planner yet is reported as such), ``unfused`` (the paper-style eager implementation that
+make gpu-check measures as its eager baseline, ``benchmarks.eager_mira.EagerMiraLinear``: ATen ops
+and cuBLAS, the keys given normalised), and ``vllm-style`` (the peer design: cuBLAS base GEMM, then
+a shrink and an expand that adds into the output slices, as vLLM's multi-LoRA ``lora_shrink`` /
+``lora_expand`` Triton kernels do, fed by MIRA's retrieval).
 
 How a launch is priced (every constant is a :class:`Machine` field with its source):
 
@@ -31,7 +35,8 @@ How a launch is priced (every constant is a :class:`Machine` field with its sour
   chains at small batch, ``configs.SHRINK_BESIDE_ROWS``).
 
 Measurements: ``--measured gpu_check.json`` (``make gpu-check``, schema ``mira-gpu-check/1``)
-prints the measured per-kernel and per-call times beside the model's.
+prints the measured per-call times beside the model's, and per kernel class (a MIRA kernel, cuBLAS
+GEMMs, an ATen op's kernels: explicit name patterns, ATEN_KERNELS) the measured and modelled sums.
 
 Calibration: a priori, the model priced the stock ViT-B/16 at 0.23-0.77x of what the fourth H200
 run measured (fp32 GEMMs were priced on TF32 tensor cores, which PyTorch does not use by default;
@@ -50,9 +55,11 @@ and ``gpu_check --record``/``--record-from`` writes each new run's own calibrate
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -60,6 +67,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from benchmarks import _cli
 from mira_kernels import launch_plan
@@ -99,7 +108,7 @@ class Machine:
     host_custom_op: float = 14e-6  # s, the MIRA torch.library op (wrapper, validation, dispatch)
     host_triton_launch: float = 10e-6  # s, one Triton launch from Python
     host_alloc: float = 1.5e-6  # s, one caching-allocator allocation
-    host_planning: float = 0.0  # s, the Triton backend's planning (measured at start-up)
+    host_planning: float = 32e-6  # s, the Triton backend's planning of one qkv call (a stated constant)
     sgemm_rate: float = 67e12 * 0.8  # FLOP/s, cuBLAS fp32 GEMM on CUDA cores (PyTorch's default: no TF32)
     # Calibration (calibrate()): 0 / 1 until fitted to a recorded run.
     launch_floor: float = 0.0  # s of device time every launch costs beyond its priced work
@@ -110,7 +119,11 @@ class Machine:
     work_scale_bf16: float = 1.0  # measured / a-priori device work of 16-bit launches
     work_scale_fp32: float = 1.0  # the same for fp32 launches
     work_scale: float = 1.0  # the scale in force (for_dtype picks one of the two)
-    key_norm_fused: bool = True  # the layer's key normalisation in one Triton launch (else ATen's three)
+    # The layers' per-feature key normalisation (graph replays only: eager inference caches it), per
+    # dtype, as KEY_NORM_PATHS names them; as_run() sets them to what a recorded run ran.
+    key_norm_bf16: str = "fused"
+    key_norm_fp32: str = "fused"
+    key_norm: str = "fused"  # the path in force (for_dtype picks one of the two)
 
     @property
     def sm_rate_bf16(self) -> float:
@@ -122,8 +135,10 @@ class Machine:
         return self.bf16_rate / self.bf16_peak
 
     def for_dtype(self, dtype: torch.dtype) -> Machine:
-        """This machine with the device-work scale of x's dtype in force."""
-        return replace(self, work_scale=self.work_scale_fp32 if dtype == torch.float32 else self.work_scale_bf16)
+        """This machine with the device-work scale and key-norm path of x's dtype in force."""
+        fp32 = dtype == torch.float32
+        return replace(self, work_scale=self.work_scale_fp32 if fp32 else self.work_scale_bf16,
+                       key_norm=self.key_norm_fp32 if fp32 else self.key_norm_bf16)
 
     def gemm_rate(self, unit: str) -> float:
         """Whole-device FLOP/s of a library (cuBLAS) GEMM in the unit's arithmetic."""
@@ -149,8 +164,8 @@ SOURCES = {
     "fp64_peak": "67 TFLOP/s fp64 tensor cores, NVIDIA H100/H200 datasheet (same SM as H100)",
     "l2_bw": "~10 TB/s aggregate L2, public H100 memory-hierarchy summaries (fp4-site.pages.dev "
              "'GPU memory hierarchy'; visualgrok.com 'GPU memory hierarchy'): a lead, not measured here",
-    "sm_inflight": "Little's law: ~64 KB in flight per SM over a ~0.5 us round trip saturates HBM from ~34 "
-                   "SMs; assumption",
+    "sm_inflight": "Little's law: ~64 KB in flight per SM over one dram_latency round trip (0.3 us) draws "
+                   "~0.21 TB/s, so ~20 SMs saturate HBM; assumption",
     "dram_latency": "~600 cycles HBM3 round trip at 1.98 GHz, public H100 summaries (fp4-site.pages.dev): lead",
     "l2_latency": "~200-260 cycles L2 hit, public microbenchmarks (chipsandcheese 'H100: funny L2'; "
                   "arXiv 2606.22588 for L40): lead",
@@ -161,7 +176,11 @@ SOURCES = {
     "host_custom_op": f"~14 us per torch.library custom-op call (measured on this project's CPUs), {DOCS}",
     "host_triton_launch": f"~9-13 us of host time per Triton launch from Python, {DOCS}",
     "host_alloc": "~1-2 us per CUDA caching-allocator allocation (PyTorch): assumption",
-    "host_planning": "the Triton backend's planning code, timed at start-up on this machine (CPU tensors)",
+    "host_planning": "the Triton backend's planning of one ViT-B/16 qkv call (launchers.plan_linear on CPU tensors, "
+                     "measure_host_planning): 31.4-33.4 us on this project's 2-core AMD EPYC, 2026-12-07 (26.7 us "
+                     "when the model was recorded before); a constant so that a report does not change with the "
+                     "machine printing it (--measure-host-planning times it there instead); the H200 run's host "
+                     "not timed (calibrated, host_triton_launch absorbs the difference on its Triton eager cell)",
     "sgemm_rate": f"fp32 GEMM without TF32 (torch.backends.cuda.matmul.allow_tf32 is False by default, and so in "
                   f"every make gpu-check run): ~67 TFLOP/s on CUDA cores, {H200}, at the bf16 GEMM's ~80% efficiency",
     "step_time_triton": "one dependent step (a K step of a loop) of a Triton MIRA kernel's program that is "
@@ -178,9 +197,21 @@ SOURCES = {
     "work_scale_bf16": "calibration: fitted to a recorded run (stock bf16 B = 256, CUDA graph), 1 a priori",
     "work_scale_fp32": "calibration: fitted to a recorded run (stock fp32 B = 256, CUDA graph), 1 a priori",
     "work_scale": "the work scale of the dtype being priced (work_scale_bf16 or work_scale_fp32)",
-    "key_norm_fused": "the layer's code (mira.memory._per_feature_unit: one Triton launch on a GPU since "
-                      "2026-12-05); a recorded run is priced as it ran (its model phase's layer.key_norm; "
-                      "runs before that field ran ATen's three launches)",
+    "key_norm_bf16": "the layers' code for a 16-bit model (mira.memory._per_feature_unit on the memory's keys, "
+                     "16-bit as attach makes them: normalize_columns' Triton launch and a cast since 2026-12-07); a "
+                     "recorded run is priced as it ran (as_run: its model phase's layer record)",
+    "key_norm_fp32": "the same for a float32 model (one Triton launch since 2026-12-05)",
+    "key_norm": "the key-norm path of the dtype being priced (key_norm_bf16 or key_norm_fp32; KEY_NORM_PATHS)",
+}
+
+#: The layers' per-feature key normalisation, by the path mira.memory._per_feature_unit takes (a CUDA
+#: graph replays it every forward; eager inference takes the derived keys from the memory's cache).
+KEY_NORM_PATHS = {
+    "fused": "mira_kernels.triton.normalize_columns: one Triton launch, and one ATen cast of its float32 "
+             "output to 16-bit keys' dtype",
+    "aten": "mira.memory._unit_columns (the overflow-safe F.normalize, no Triton), its ATen ops traced",
+    "f_normalize": "F.normalize(keys, dim=0): norm, clamp, divide (the layers' code before 2026-12-07's "
+                   "_unit_columns, and what every H200 run recorded so far ran)",
 }
 
 # ----------------------------------------------------------------------------------------------
@@ -238,7 +269,7 @@ def _price(k: KernelLaunch, mach: Machine) -> Priced:
     if k.library == "cublas":
         m, n, kk = k.gemm
         unit = next(iter(k.flops), "tc_bf16")
-        t, tile = cublas_time(m, n, kk, mach, out_bytes=4 if unit == "fma_fp32" else 2, unit=unit)
+        t, tile = cublas_time(m, n, kk, mach, out_bytes=_out_bytes(k), unit=unit)
         mem = k.bytes / mach.hbm_bw
         return Priced(k.name, k.kernel, max(t, mem) * 1e6, f"tiles {tile[0]}x{tile[1]}", k)
     if k.library in ("aten", "flash"):
@@ -257,7 +288,7 @@ def _price(k: KernelLaunch, mach: Machine) -> Priced:
         # The launch's own arithmetic (an fp32 'ieee' GEMM runs on CUDA cores): its FLOPs over their time.
         seconds = sum(f / mach.unit_rate(u) for u, f in k.flops.items())
         sm_rate = k.total_flops / seconds / mach.sms * mach.triton_gemm_efficiency if seconds > 0 else None
-        t = _gemm_time(m, n, kk, k.tile, k.tiles_per_program, programs, extra, 2, mach, sm_rate)
+        t = _gemm_time(m, n, kk, k.tile, k.tiles_per_program, programs, extra, _out_bytes(k), mach, sm_rate)
         t = max(t, k.bytes / mach.hbm_bw)
         return Priced(k.name, k.kernel, t * 1e6, f"{programs} programs x {k.tiles_per_program} tiles", k)
     compute = sum(f / mach.unit_rate(u) for u, f in k.flops.items()) * mach.sms / active
@@ -270,6 +301,13 @@ def _price(k: KernelLaunch, mach: Machine) -> Priced:
     t = max(compute, memory, latency)
     bound = "compute" if t == compute else "memory" if t == memory else "latency"
     return Priced(k.name, k.kernel, t * 1e6, bound, k)
+
+
+def _out_bytes(k: KernelLaunch) -> int:
+    """Bytes per output element of a GEMM-like record (its epilogue's store): the records carry no
+    dtype, so its written bytes over its m x n outputs (a stored h, M x 8 fp32, adds < 2%)."""
+    m, n, _ = k.gemm
+    return max(1, min(8, int(k.bytes_written // max(m * n, 1))))
 
 
 def _padded_base(k: KernelLaunch) -> float:
@@ -320,7 +358,7 @@ def sequence_time(launches: list[KernelLaunch], mach: Machine) -> tuple[float, l
 
 
 # ----------------------------------------------------------------------------------------------
-# ViT-B/16 as launches.
+# ViT-B/16: shapes, launch records, the layer's arguments.
 # ----------------------------------------------------------------------------------------------
 
 T, D, HEADS, MLP, PATCHES, CLASSES = 197, 768, 12, 3072, 196, 1000
@@ -343,23 +381,49 @@ def _linear(name: str, m: int, n: int, k: int, xb: int) -> KernelLaunch:
 
 @dataclass
 class Op:
-    """One PyTorch-level call: its launches and its host time in eager mode."""
+    """One PyTorch-level call: its launches and its host time in eager mode. ``graph_only``: run at
+    every CUDA-graph replay but not in an eager inference forward, which takes its result from a
+    cache (the layers' derived keys: mira/memory.py caches them except under capture)."""
 
     name: str
     launches: list[KernelLaunch]
     host: float
     mira: bool = False
+    graph_only: bool = False
 
 
 def _meta(shape, dtype):
     return torch.empty(*shape, dtype=dtype, device="meta")
 
 
-def mira_args(op: str, B: int, dtype: torch.dtype):
-    mem = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+#: The memory's bank_dtype in the priced runs: make gpu-check attaches without one
+#: (benchmarks/_gpu_check_phases._vit_variants), so banks and keys are in the model's dtype.
+BANK_DTYPE: str | None = None
+
+
+@functools.cache
+def layer_memory(dtype: torch.dtype, bank_dtype: str | None = BANK_DTYPE) -> tuple[torch.dtype, torch.dtype, bool]:
+    """(keys' dtype, banks' dtype, whether the layer passes x's CLS view x[:, 0] as the query) for MIRA
+    attached to a model of ``dtype``, read from the layers' own rules: mira.attach makes each memory in
+    the qkv weight's dtype (mira/integration.py), its banks in ``bank_dtype`` where set
+    (AdapterMemory._bank_dtype_for), and AdapterMemory.query_token says when the token is the query."""
+    from mira import AdapterMemory, MemoryConfig
+
+    memory = AdapterMemory(MemoryConfig(d_in=8, d_k=8, num_slices=2, slice_width=8, rank=2, bank_dtype=bank_dtype),
+                           dtype=dtype)
+    view = memory.query_token(torch.empty(1, 2, 8, dtype=dtype)) == 0
+    return memory.keys.dtype, memory.bank_a.dtype, view
+
+
+def mira_args(op: str, B: int, dtype: torch.dtype, bank_dtype: str | None = BANK_DTYPE):
+    """The op's arguments as the layer passes them for x of ``dtype`` (meta tensors): the memory in
+    the dtypes attach makes it, the query x's CLS view where the layer takes it (else the query module's
+    output, in the keys' dtype)."""
+    keys_dtype, banks_dtype, view = layer_memory(dtype, bank_dtype)
     x = _meta((B, T, D), dtype)
-    common = (_meta((B, D), mem), _meta((SLOTS, D), mem), _meta((SLOTS, 2, R, D), mem), _meta((SLOTS, 2, D, R), mem),
-              list(OFFSETS), "affine", 1.0, 1e-2)
+    query = x[:, 0] if view else _meta((B, D), keys_dtype)
+    common = (query, _meta((SLOTS, D), keys_dtype), _meta((SLOTS, 2, R, D), banks_dtype),
+              _meta((SLOTS, 2, D, R), banks_dtype), list(OFFSETS), "affine", 1.0, 1e-2)
     if op == "mira_linear":
         return (x, _meta((3 * D, D), dtype), _meta((3 * D,), dtype), *common)
     return (_meta((B, T, 3 * D), dtype), x, _meta((3 * D, D), dtype), *common, [True, True, True, False, False])
@@ -373,41 +437,126 @@ def plan_records(backend: str, op: str, B: int, dtype: torch.dtype) -> launch_pl
         return f"no launch planner yet ({exc.name})"
 
 
-def _layer_takes_the_cls_view() -> bool:
-    """Whether the layer, for 16-bit x over a float32 memory of the default config, passes the
-    strided view x[:, 0] to the op (no cast launch; issue 17). Read from the layer's own rule
-    (AdapterMemory.query_token), so the model charges what the layer does."""
-    from mira import AdapterMemory, MemoryConfig
+# ----------------------------------------------------------------------------------------------
+# ATen code as launches: traced on meta tensors, so that the model follows the code.
+# ----------------------------------------------------------------------------------------------
 
-    memory = AdapterMemory(MemoryConfig(d_in=8, d_k=8, num_slices=2, slice_width=8, rank=2), dtype=torch.float32)
-    return memory.query_token(torch.empty(1, 2, 8, dtype=torch.bfloat16)) == 0
+#: ATen ops that run on cuBLAS (priced as library GEMMs).
+GEMM_OPS = ("mm", "bmm", "addmm", "baddbmm")
 
 
-def _layer_extras(B: int, xb: int, mach: Machine) -> list[Op]:
-    """What the MIRA layer runs before its op (mira/memory.py): the query's cast to fp32 (16-bit x)
-    unless the layer passes x's CLS view, and the per-feature normalisation of the keys across the
-    slots (_key_norm_op)."""
+class _LaunchTrace(TorchDispatchMode):
+    """The ATen ops a function dispatches on meta tensors, each that makes a tensor on the device (not a
+    view of one) recorded as one launch: its distinct input bytes read, its outputs written."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.launches: list[KernelLaunch] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        returns = func._schema.returns
+        if not any(r.alias_info is not None and not r.alias_info.is_write for r in returns):
+            outs = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.device.type == "meta"]
+            if outs:
+                ins = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)
+                       and t.device.type == "meta"]
+                self.launches.append(_traced_launch(func.overloadpacket.__name__, ins, outs))
+        return out
+
+
+def _distinct_bytes(t: torch.Tensor) -> int:
+    # Elements a kernel reads from a (possibly expanded) tensor: its broadcast dims hold one each.
+    n = 1
+    for size, stride in zip(t.shape, t.stride()):
+        if stride != 0:
+            n *= size
+    return n * t.element_size()
+
+
+def _gemm_unit(dtype: torch.dtype) -> str:
+    # fp32: CUDA cores, as PyTorch runs it by default (allow_tf32 False; recorded by every gpu-check run).
+    return {torch.bfloat16: "tc_bf16", torch.float16: "tc_fp16", torch.float64: "tc_fp64"}.get(dtype, "fma_fp32")
+
+
+def _traced_launch(op: str, ins: list[torch.Tensor], outs: list[torch.Tensor]) -> KernelLaunch:
+    read = float(sum(_distinct_bytes(t) for t in ins))
+    written = float(sum(t.numel() * t.element_size() for t in outs))
+    if op in GEMM_OPS:
+        a, b = ins[-2], ins[-1]  # addmm / baddbmm: (bias or input, a, b)
+        batch = a.shape[0] if a.dim() == 3 else 1
+        m, k, n = a.shape[-2], a.shape[-1], b.shape[-1]
+        flops = 2.0 * batch * m * n * k
+        return KernelLaunch(name=op, kernel=op, grid=(), threads=0, flops={_gemm_unit(a.dtype): flops},
+                            bytes_read=read, bytes_written=written, library="cublas", gemm=(batch * m, n, k),
+                            useful_flops=flops)
+    # Element-wise ops and reductions: about one FLOP per element of the largest operand.
+    elements = max(t.numel() for t in ins + outs)
+    return KernelLaunch(name=op, kernel=op, grid=(), threads=0, flops={"fma_fp32": float(elements)} if elements else {},
+                        bytes_read=read, bytes_written=written, library="aten")
+
+
+def traced_launches(fn, *args) -> list[KernelLaunch]:
+    """The launches ``fn(*args)`` (meta tensors) makes on a GPU, one per ATen op that is not a view."""
+    with torch.no_grad(), _LaunchTrace() as trace:
+        fn(*args)
+    return trace.launches
+
+
+# ----------------------------------------------------------------------------------------------
+# ViT-B/16 as launches.
+# ----------------------------------------------------------------------------------------------
+
+
+def _layer_extras(B: int, dtype: torch.dtype, mach: Machine) -> list[Op]:
+    """What the MIRA layer runs before its op (mira/layers.py MiraProjection._fused): the query module
+    where the layer does not pass x's CLS view (a cast of the token to the keys' dtype), and the
+    per-feature normalisation of the keys across the slots (_key_norm_op)."""
+    keys_dtype, _, view = layer_memory(dtype)
     ops = []
-    if xb == 2 and not _layer_takes_the_cls_view():
-        ops.append(Op("query cast", [_aten("copy query->fp32", B * D * xb, B * D * 4)], mach.host_aten_op, True))
-    ops.append(_key_norm_op(mach))
+    if not view:  # AdapterMemory.make_query: the CLS token in the keys' dtype, the identity query module
+        cast = traced_launches(lambda x: x[:, 0].to(keys_dtype), _meta((B, T, D), dtype))
+        if cast:
+            ops.append(Op("query cast", cast, len(cast) * mach.host_aten_op, True))
+    ops.append(_key_norm_op(mach, keys_dtype))
     return ops
 
 
-def _key_norm_op(mach: Machine) -> Op:
-    """The layer's per-feature key normalisation as it runs on the GPU (mira.memory._per_feature_unit):
-    one Triton launch where the Triton backend is installed, else ATen's three (norm, clamp, divide)."""
-    try:
-        from mira_kernels.triton import plan as triton_plan
-    except ImportError:
-        triton_plan = None
-    if triton_plan is None or not mach.key_norm_fused:
-        kb = SLOTS * D * 4
-        return Op("key norm", [_aten("norm keys per feature", kb, D * 4, 2 * SLOTS * D),
-                               _aten("clamp_min", D * 4, D * 4), _aten("div keys", kb + D * 4, kb, SLOTS * D)],
-                  3 * mach.host_aten_op, True)
-    launch = triton_plan.describe_key_normalization(_meta((SLOTS, D), torch.float32))
-    return Op("key norm", [launch], mach.host_triton_launch, True)
+@functools.cache
+def key_norm_launches(path: str, keys_dtype: torch.dtype) -> tuple[KernelLaunch, ...]:
+    """The launches of the layers' per-feature key normalisation of (SLOTS, D) keys on the path
+    ``path`` (KEY_NORM_PATHS), from the code each path runs."""
+    keys = _meta((SLOTS, D), keys_dtype)
+    if path == "fused":
+        try:
+            from mira_kernels.reference import NORM_EPS
+            from mira_kernels.triton import launchers
+            from mira_kernels.triton import plan as triton_plan
+        except ImportError:
+            return key_norm_launches("aten", keys_dtype)  # no Triton: mira.memory takes _unit_columns
+        out, launch = launchers.plan_normalize_columns(keys, NORM_EPS)
+        # mira_kernels.triton.normalize_columns: the kernel writes 16-bit keys' result in float32, and
+        # out.to(keys.dtype) rounds it (one more launch).
+        cast = traced_launches(lambda o: o.to(keys_dtype), out) if out.dtype != keys_dtype else []
+        return (triton_plan.kernel_launch(launch), *cast)
+    if path == "aten":
+        from mira.memory import _unit_columns
+
+        return tuple(traced_launches(_unit_columns, keys))
+    if path == "f_normalize":
+        import torch.nn.functional as F
+
+        from mira_kernels.reference import NORM_EPS
+
+        return tuple(traced_launches(lambda k: F.normalize(k, dim=0, eps=NORM_EPS), keys))
+    raise ValueError(f"unknown key-norm path {path!r}; expected one of {sorted(KEY_NORM_PATHS)}")
+
+
+def _key_norm_op(mach: Machine, keys_dtype: torch.dtype) -> Op:
+    """The layer's per-feature key normalisation on the path in force (mach.key_norm): at every graph
+    replay, not in eager inference (cached). Its host time is never paid where it is priced."""
+    launches = list(key_norm_launches(mach.key_norm, keys_dtype))
+    return Op("key norm", launches, 0.0, True, graph_only=True)
 
 
 def qkv_ops(variant: str, B: int, dtype: torch.dtype, mach: Machine) -> list[Op] | str:
@@ -417,7 +566,12 @@ def qkv_ops(variant: str, B: int, dtype: torch.dtype, mach: Machine) -> list[Op]
     plain = Op("qkv linear", [_linear("qkv", M, 3 * D, D, xb)], mach.host_aten_op)
     if variant == "plain":
         return [plain]
-    extras = _layer_extras(B, xb, mach)
+    if variant == "unfused":
+        # The measured eager baseline takes the layer's keys already normalised (gpu_check passes
+        # retrieval_keys()): no key norm of the layer's, no query cast; its own steps are all traced.
+        launches = list(unfused_launches(B, dtype))
+        return [Op("unfused", launches, len(launches) * mach.host_aten_op, True)]
+    extras = _layer_extras(B, dtype, mach)
     if variant in ("triton", "cuda"):
         plan = plan_records(variant, "mira_linear", B, dtype)
         if isinstance(plan, str):
@@ -440,32 +594,22 @@ def qkv_ops(variant: str, B: int, dtype: torch.dtype, mach: Machine) -> list[Op]
                               M * 2 * D * xb, steps=3, useful_flops=2.0 * M * j * D)
         host = mach.host_aten_op + mach.host_custom_op + 3 * mach.host_triton_launch
         return extras + [Op("vllm-style", [plain.launches[0], retrieve, shrink, expand], host, True)]
-    if variant == "unfused":
-        return extras + [Op("unfused", unfused_launches(B, xb), 15 * mach.host_aten_op, True)]
     raise ValueError(variant)
 
 
-def unfused_launches(B: int, xb: int) -> list[KernelLaunch]:
-    """The paper-style eager implementation: every step an ATen op (fp32 retrieval, x's dtype adapter)."""
-    M, N, F = B * T, SLOTS, 2 * R * D
-    f4 = 4
-    ks = [
-        _aten("normalize q (norm)", B * D * f4, B * f4, 2 * B * D), _aten("normalize q (div)", B * D * f4, B * D * f4),
-        _aten("normalize K (norm)", N * D * f4, N * f4, 2 * N * D), _aten("normalize K (div)", N * D * f4, N * D * f4),
-        _linear("scores q K^T", B, N, D, 4),
-        _aten("affine sum", B * N * f4, B * f4), _aten("affine guard", 2 * B * f4, B * f4),
-        _aten("affine divide", B * N * f4, B * N * f4),
-        _linear("mix A", B, F, N, 4), _linear("mix B", B, F, N, 4),
-        _aten("mixed A to x dtype", B * F * f4, B * F * xb), _aten("mixed B to x dtype", B * F * f4, B * F * xb),
-        _linear("qkv", M, 3 * D, D, xb),
-        KernelLaunch("shrink bmm", "cublas bmm", (), 0, {"tc_bf16": 2.0 * M * 2 * R * D}, M * D * xb + B * F * xb,
-                     M * 2 * R * xb, library="aten", steps=4),
-    ]
-    for s in range(2):
-        ks.append(KernelLaunch(f"expand bmm {s}", "cublas bmm", (), 0, {"tc_bf16": 2.0 * M * D * R},
-                               M * R * xb + B * R * D * xb, M * D * xb, library="aten", steps=4))
-        ks.append(_aten(f"y slice {s} += delta", 2 * M * D * xb, M * D * xb, M * D))
-    return ks
+@functools.cache
+def unfused_launches(B: int, dtype: torch.dtype) -> tuple[KernelLaunch, ...]:
+    """The measured eager baseline's launches for one qkv call (benchmarks.eager_mira.EagerMiraLinear, as
+    make gpu-check attaches it: the memory in the dtypes attach makes it), traced from its code: the
+    retrieval and mixing in ATen ops, one einsum per step and slice, then the update brought to full
+    width (zeros for the K slice, cat) and added to the base linear's output."""
+    from benchmarks.eager_mira import EagerMiraLinear
+
+    keys_dtype, banks_dtype, _ = layer_memory(dtype)
+    base = torch.nn.Linear(D, 3 * D, device="meta", dtype=dtype)
+    layer = EagerMiraLinear(base, _meta((SLOTS, D), keys_dtype), _meta((SLOTS, 2, R, D), banks_dtype),
+                            _meta((SLOTS, 2, D, R), banks_dtype), list(OFFSETS), scale=1.0, eps=1e-2)
+    return tuple(traced_launches(layer, _meta((B, T, D), dtype)))
 
 
 def block_ops(variant: str, B: int, dtype: torch.dtype, mach: Machine) -> list[Op] | str:
@@ -477,19 +621,23 @@ def block_ops(variant: str, B: int, dtype: torch.dtype, mach: Machine) -> list[O
         return qkv
     attn_flops = 4.0 * B * HEADS * T * T * (D // HEADS)
     return [
-        Op("norm1", [_aten("layer_norm", act + 2 * D * xb, act, 8.0 * M * D)], mach.host_aten_op),
+        Op("norm1", [_layer_norm(M, xb)], mach.host_aten_op),
         *qkv,
         # fp32: no flash kernel (16-bit only); SDPA's memory-efficient kernel on CUDA cores.
         Op("attention", [_aten("flash attention", 3 * act, act, attn_flops, steps=4,
                                unit="tc_bf16" if xb == 2 else "fma_fp32", library="flash")], 3 * mach.host_aten_op),
         Op("proj", [_linear("proj", M, D, D, xb)], mach.host_aten_op),
         Op("residual 1", [_aten("add", 2 * act, act, M * D)], mach.host_aten_op),
-        Op("norm2", [_aten("layer_norm", act + 2 * D * xb, act, 8.0 * M * D)], mach.host_aten_op),
+        Op("norm2", [_layer_norm(M, xb)], mach.host_aten_op),
         Op("fc1", [_linear("fc1", M, MLP, D, xb)], mach.host_aten_op),
         Op("gelu", [_aten("gelu", M * MLP * xb, M * MLP * xb, 8.0 * M * MLP)], mach.host_aten_op),
         Op("fc2", [_linear("fc2", M, D, MLP, xb)], mach.host_aten_op),
         Op("residual 2", [_aten("add", 2 * act, act, M * D)], mach.host_aten_op),
     ]
+
+
+def _layer_norm(rows: int, xb: int) -> KernelLaunch:
+    return _aten("layer_norm", rows * D * xb + 2 * D * xb, rows * D * xb, 8.0 * rows * D)
 
 
 def model_ops(variant: str, B: int, dtype: torch.dtype, mach: Machine) -> list[Op] | str:
@@ -505,18 +653,19 @@ def model_ops(variant: str, B: int, dtype: torch.dtype, mach: Machine) -> list[O
         Op("cls + pos", [_aten("cat", B * PATCHES * D * xb, M * D * xb), _aten("add pos", M * D * xb, M * D * xb)],
            2 * mach.host_aten_op),
     ]
-    head = [Op("final norm + head", [_aten("layer_norm", B * D * xb, B * D * xb), _linear("head", B, CLASSES, D, xb)],
-               2 * mach.host_aten_op)]
+    # timm normalises every token (VisionTransformer.forward_features: self.norm(x)), then pools the
+    # CLS row (a view) for the head.
+    head = [Op("final norm + head", [_layer_norm(M, xb), _linear("head", B, CLASSES, D, xb)], 2 * mach.host_aten_op)]
     return stem + blk * 12 + head
 
 
 @dataclass
 class Timing:
-    graph: float  # s
-    eager: float  # s
-    device: float
-    host: float
-    launches: int
+    graph: float  # s, in a CUDA graph
+    eager: float  # s, eager inference: the longer of host and device
+    device: float  # s, eager inference's device time (no graph-only ops)
+    host: float  # s, eager inference's host time
+    launches: int  # in a CUDA graph
     priced: list[Priced] = field(default_factory=list)
 
 
@@ -576,7 +725,7 @@ def calibrate(mach: Machine, doc: dict, rounds: int = 4) -> tuple[Machine, list[
     per constant saying what it was fitted to."""
     cells = measured_cells(doc)
     notes = {}
-    current = mach.key_norm_fused
+    current = {name: getattr(mach, name) for name in RUN_FIELDS}
     mach = as_run(mach, doc)  # fitted to what the run ran
     for _ in range(rounds):
         for name, variant, dtype, B, mode, (lo, hi) in CALIBRATION:
@@ -605,7 +754,7 @@ def calibrate(mach: Machine, doc: dict, rounds: int = 4) -> tuple[Machine, list[
                            f"{want:.1f} us")
     lines = [notes[name] for name, *_ in CALIBRATION if name in notes]
     other = other_device(mach, doc)
-    return replace(mach, key_norm_fused=current), ([other] if other else []) + lines
+    return replace(mach, **current), ([other] if other else []) + lines
 
 
 def other_device(mach: Machine, doc: dict) -> str | None:
@@ -621,10 +770,25 @@ def other_device(mach: Machine, doc: dict) -> str | None:
             "read 'model vs measurement' as across two chips")
 
 
+#: The Machine fields as_run sets to what a recorded run ran (calibrate gives the caller's back).
+RUN_FIELDS = ("key_norm_bf16", "key_norm_fp32", "key_norm")
+
+
 def as_run(mach: Machine, doc: dict) -> Machine:
-    """``mach`` pricing the layer as a recorded run ran it (the key normalisation's launches)."""
+    """``mach`` pricing the layers as a recorded run ran them: the key normalisation's path per dtype,
+    from the model phase's ``layer`` record. ``key_norm_by_dtype`` (since 2026-12-07) names the path
+    mira.memory._per_feature_unit took for each dtype's keys ('fused' or 'aten': _unit_columns); the
+    older single ``key_norm`` (2026-12-05 to 07) said 'fused' or 'aten' for F.normalize's three; runs
+    before it (all four H200 runs of 2026-12-04) ran F.normalize."""
     layer = ((doc.get("phases") or {}).get("model") or {}).get("layer") or {}
-    return replace(mach, key_norm_fused=layer.get("key_norm") == "fused")
+    by_dtype = layer.get("key_norm_by_dtype")
+    if by_dtype:
+        fields = (("key_norm_bf16", "bfloat16"), ("key_norm_fp32", "float32"))
+        paths = {name: by_dtype[dtype] for name, dtype in fields if by_dtype.get(dtype) in KEY_NORM_PATHS}
+    else:
+        path = "fused" if layer.get("key_norm") == "fused" else "f_normalize"
+        paths = {"key_norm_bf16": path, "key_norm_fp32": path}
+    return replace(mach, **paths)
 
 
 def fitted_cells() -> set:
@@ -634,11 +798,15 @@ def fitted_cells() -> set:
 def time_ops(ops: list[Op], mach: Machine) -> Timing:
     launches = [k for op in ops for k in op.launches]
     graph, priced = sequence_time(launches, mach)
-    host = sum(op.host for op in ops)
+    # Eager inference runs all but the graph-only ops (the layers' derived keys come from a cache).
+    eager_ops = [op for op in ops if not op.graph_only]
+    device = graph if len(eager_ops) == len(ops) else sequence_time([k for op in eager_ops for k in op.launches],
+                                                                      mach)[0]
+    host = sum(op.host for op in eager_ops)
     # Eager: the host enqueues ahead of the device; a launch cannot start before the host issued
     # it, so the slower side sets the pace (PDL overlap kept: it is a launch attribute).
-    eager = max(host, graph)
-    return Timing(graph, eager, graph, host, len(launches), priced)
+    eager = max(host, device)
+    return Timing(graph, eager, device, host, len(launches), priced)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -666,10 +834,14 @@ def report(mach: Machine, dtypes=(torch.bfloat16, torch.float32), batches=BATCHE
            before: dict | None = None, calibration: tuple[str, list[str], dict] | None = None) -> str:
     out = [
         "MODEL, NOT A MEASUREMENT: ViT-B/16 forward on an " + mach.name + ", priced from the launch plans.",
-        "MIRA on every block's qkv (Q and V adapted, r = 4, N = 30, affine), the layer's query cast and key",
-        "normalisation included. Times in microseconds per forward; overhead = variant / plain - 1.",
-        "The key normalisation is charged on every forward: a CUDA graph recomputes it at each replay",
-        "(mira/memory.py caches it only in eager inference), so the eager rows overstate it (3 ATen ops a block).",
+        "MIRA on every block's qkv (Q and V adapted, r = 4, N = 30, affine; the memory in the model's dtype, as",
+        "mira.attach makes it), the layer's query and key normalisation included. Times in microseconds per",
+        "forward; overhead = variant / plain - 1. The key normalisation is charged in the graph columns only:",
+        "a CUDA graph recomputes it at each replay, eager inference takes it from mira/memory.py's cache.",
+        "Its path per dtype (key_norm_bf16 / key_norm_fp32 below):",
+        *(f"  {name}: {text}" for name, text in KEY_NORM_PATHS.items()),
+        "unfused: the measured eager baseline (benchmarks/eager_mira.py), its ATen ops traced; it takes its keys",
+        "normalised, so no key normalisation of the layer's.",
         "",
     ]
     if calibration:
@@ -682,7 +854,7 @@ def report(mach: Machine, dtypes=(torch.bfloat16, torch.float32), batches=BATCHE
     out.append("Assumptions (value: source):")
     for key, source in SOURCES.items():
         value = getattr(mach, key)
-        out.append(f"  {key} = {value:.4g}: {source}")
+        out.append(f"  {key} = {value if isinstance(value, str) else format(value, '.4g')}: {source}")
     out.append("")
     for dtype in dtypes:
         dn = {torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
@@ -699,7 +871,7 @@ def report(mach: Machine, dtypes=(torch.bfloat16, torch.float32), batches=BATCHE
                     out.append(f"{B:>4} {variant:<11} {ops}")
                     continue
                 t = time_ops(ops, dmach)
-                bound = "host" if t.host > t.graph else "device"
+                bound = "host" if t.host > t.device else "device"
                 out.append(f"{B:>4} {variant:<11} {t.launches:>8} {t.graph * 1e6:>11.1f} "
                            f"{'' if variant == 'plain' else _pct(t.graph, plain.graph):>9} {t.eager * 1e6:>11.1f} "
                            f"{'' if variant == 'plain' else _pct(t.eager, plain.eager):>9} {t.host * 1e6:>9.1f}  "
@@ -826,11 +998,7 @@ def measured_tables(doc: dict, mach: Machine, calibrated: bool = False) -> list[
                     if got and (variant, dtype, B, mode) not in fitted:
                         held_out.append(model_s * 1e6 / got)
             if phase == "op" and m.get("kernels"):
-                priced = {p.kernel: p.us for p in t.priced}
-                for kern in m["kernels"]:
-                    mine = next((us for name, us in priced.items() if name in kern["name"]), None)
-                    out.append(f"      {kern['name'][:48]:<48} measured {kern['us']:8.2f} us x{kern['calls']:g}  "
-                               f"model {'-' if mine is None else f'{mine:8.2f}'}")
+                out += kernel_rows(t.priced, m["kernels"])
     if held_out:
         ratios = sorted(held_out)
         within = sum(1 for r in ratios if 0.8 <= r <= 1.25)
@@ -838,6 +1006,76 @@ def measured_tables(doc: dict, mach: Machine, calibrated: bool = False) -> list[
                    f"{ratios[len(ratios) // 2]:.2f}, range [{ratios[0]:.2f}, {ratios[-1]:.2f}], {within} within "
                    f"0.8-1.25x")
     out.append("")
+    return out
+
+
+#: The profiler's names of library GEMM kernels (cuBLAS, cuBLASLt and the CUTLASS kernels they pick;
+#: split-K reductions and GEMVs included: one library GEMM call may launch them).
+GEMM_KERNELS = r"nvjet|cutlass|xmma|gemm|gemv|cublas"
+#: A MIRA backend's kernel in a profiler name: Triton's by its function (_mira_gemm_kernel), the CUDA
+#: C++ ones inside their namespace and template arguments (void mira_cuda::mira_apply_kernel<...>(...)).
+MIRA_KERNEL = r"(?<!\w)(_?mira_\w+?_kernel|_normalize_columns_kernel)(?!\w)"
+#: ATen kernel classes: (label, the ATen ops the model names its launches by, the profiler's names).
+ATEN_KERNELS = (
+    ("fill", ("new_zeros", "zeros", "zeros_like", "ones_like", "full", "fill_", "scalar_tensor"),
+     r"FillFunctor|Memset"),
+    ("copy / cast", ("_to_copy", "copy_", "copy", "clone", "contiguous"), r"copy_kernel|Memcpy"),
+    ("cat", ("cat",), r"CatArrayBatchedCopy"),
+    ("norm", ("linalg_vector_norm", "norm"), r"Norm\w*Ops"),
+    ("sum", ("sum",), r"sum_functor"),
+    ("max", ("amax", "max"), r"MaxNanFunctor|MaxOps"),
+    ("all", ("all",), r"and_kernel"),
+    ("where", ("where",), r"where_kernel"),
+    ("clamp", ("clamp_min", "clamp_max", "clamp"), r"clamp"),
+    ("compare", ("ge", "gt", "le", "lt", "eq", "ne"), r"compare_scalar_kernel|Compare\w*Functor"),
+    ("abs", ("abs",), r"AbsFunctor"),
+    ("reciprocal", ("reciprocal",), r"reciprocal"),
+    ("bitwise", ("bitwise_and", "bitwise_or", "bitwise_not"), r"Bitwise\w*Functor|bitwise_not"),
+    ("add", ("add",), r"CUDAFunctor_add|AddFunctor"),
+    ("mul", ("mul",), r"MulFunctor"),
+    ("div", ("div",), r"DivFunctor|div_true|div_trunc|div_floor"),
+)
+
+
+def kernel_class(k: KernelLaunch) -> str:
+    """The class a modelled launch is compared in (the label :func:`measured_class` gives its kernels)."""
+    if k.library is None:
+        return k.kernel  # a MIRA backend's own kernel
+    if k.library == "cublas":
+        return "cuBLAS GEMMs"
+    op = k.kernel.removeprefix("at::")
+    return next((label for label, ops, _ in ATEN_KERNELS if op in ops), op)
+
+
+def measured_class(name: str) -> str:
+    """The class of a kernel the profiler names ``name``: explicit patterns, never a bare substring of a
+    model's launch name (a launch named 'y' matched every ATen kernel with a 'y' in its name)."""
+    mira = re.search(MIRA_KERNEL, name)
+    if mira:
+        return mira.group(1)
+    if re.search(GEMM_KERNELS, name, re.IGNORECASE):
+        return "cuBLAS GEMMs"
+    return next((label for label, _, pattern in ATEN_KERNELS if re.search(pattern, name)), f"other: {name[:40]}")
+
+
+def kernel_rows(priced: list[Priced], kernels: list[dict]) -> list[str]:
+    """The op's measured kernels beside the model's launches, summed per class (per call)."""
+    model: dict[str, list[float]] = {}
+    for p in priced:
+        row = model.setdefault(kernel_class(p.launch), [0.0, 0])
+        row[0] += p.us
+        row[1] += 1
+    measured: dict[str, list[float]] = {}
+    for kern in kernels:
+        row = measured.setdefault(measured_class(kern["name"]), [0.0, 0.0])
+        row[0] += kern["us"]
+        row[1] += kern["calls"]
+    out = []
+    for label in [*model, *(label for label in measured if label not in model)]:
+        got, mine = measured.get(label), model.get(label)
+        got = f"{got[0]:8.2f} us x{got[1]:g}" if got else "-"
+        mine = f"{mine[0]:8.2f} us x{mine[1]}" if mine else "-"
+        out.append(f"      {label[:44]:<44} measured {got:<16} model {mine}")
     return out
 
 
@@ -887,18 +1125,21 @@ def main(argv=None) -> None:
     parser.add_argument("--before", help="JSON of older Triton plans (--dump-plans run in that checkout)")
     parser.add_argument("--batches", type=_cli.positive_int, nargs="+", default=list(BATCHES), help="batch sizes")
     parser.add_argument("--record", action="store_true", help="also write benchmarks/results/gpu_model.txt")
+    parser.add_argument("--measure-host-planning", action="store_true",
+                        help="time the Triton backend's planning on this machine instead of Machine.host_planning's "
+                        "stated constant (the report then changes with the machine printing it)")
     parser.add_argument("--dump-plans", type=int, nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.dump_plans is not None:
         print(json.dumps(dump_plans(args.dump_plans or BATCHES)))
         return
-    # The files first: a missing or non-JSON one was a traceback after the host planning was timed.
+    # The files first: a missing or non-JSON one was a traceback after the model had been set up.
     measured = _cli.read_json(parser, "--measured", args.measured) if args.measured else None
     before = _cli.read_json(parser, "--before", args.before) if args.before else None
     if args.calibrate:
         doc = measured if args.measured and Path(args.measured).resolve() == Path(args.calibrate).resolve() else \
             _cli.read_json(parser, "--calibrate", args.calibrate)
-    mach = replace(Machine(), host_planning=measure_host_planning())
+    mach = replace(Machine(), host_planning=measure_host_planning()) if args.measure_host_planning else Machine()
     calibration = None
     if args.calibrate:
         mach, notes = calibrate(mach, doc)

@@ -154,14 +154,22 @@ def test_op_phase_logic_on_cpu_tensors_matches_the_schema(tmp_path):
     assert "mira[triton+tma]" in gpu_check.render_summary(doc)
 
 
-def test_model_phase_logic_on_a_tiny_vit_on_cpu(tmp_path):
+def test_model_phase_logic_on_a_tiny_vit_on_cpu(tmp_path, monkeypatch):
     pytest.importorskip("timm")
+    import mira_kernels
+
+    # The record says which path the keys take (mira.memory._fused_key_norm_applies on them), not whether
+    # the Triton helpers are there: with helpers claimed, CPU keys still take _unit_columns (recorded
+    # 'fused' before, whatever the keys).
+    monkeypatch.setattr(mira_kernels.backends, "fused_helpers_available", lambda device: True)
     rec = phases.Partial(tmp_path / "model.json")
     workload = dict(TINY, batches=[2], dtypes=["float32"])
     phases.run_model(rec, time.monotonic() + 120, workload, device="cpu")
     data = rec.data
     assert data["status"] == "ok"
-    assert data["layer"] == {"key_norm": "aten"}  # CPU tensors: F.normalize (the model prices runs with it)
+    # benchmarks/gpu_model.py prices the run with it (as_run).
+    assert data["layer"] == {"key_norm_by_dtype": {"float32": "aten"},
+                             "memory_dtypes": {"float32": {"keys": "float32", "banks": "float32"}}}
     rows = {r["variant"]: r for r in data["measurements"]}
     assert set(rows) == set(data["variants"]) and "stock" in rows and "eager" in rows
     for name, r in rows.items():
@@ -170,6 +178,24 @@ def test_model_phase_logic_on_a_tiny_vit_on_cpu(tmp_path):
             # MIRA on a backend computes what the eager baseline computes (fp32 rounding apart).
             assert r["check"]["rel_err"] < 1e-5, r
     _validate(_document_with({"model": dict(data, status="ok", reason=None, seconds=1.0, budget_s=2.0)}))
+
+
+def test_layer_record_is_what_the_keys_take_per_dtype(monkeypatch):
+    # One model phase builds a model per dtype, and the path depends on the keys (their dtype, device):
+    # each dtype's record asks mira.memory._fused_key_norm_applies about that dtype's keys.
+    torch = pytest.importorskip("torch")
+    from mira import AdapterMemory, MemoryConfig
+    from mira import memory as mira_memory
+
+    monkeypatch.setattr(mira_memory, "_fused_key_norm_applies", lambda keys: keys.dtype == torch.float32)
+    config = MemoryConfig(d_in=8, d_k=8, num_slices=2, slice_width=8, rank=2)
+    for dtype, path in ((torch.float32, "fused"), (torch.bfloat16, "aten")):
+        memories = [AdapterMemory(config, dtype=dtype) for _ in range(2)]
+        name = str(dtype).removeprefix("torch.")
+        assert phases._layer_record(memories) == {"key_norm": path, "keys": name, "banks": name}
+    banks32 = AdapterMemory(MemoryConfig(d_in=8, d_k=8, num_slices=2, slice_width=8, rank=2, bank_dtype="float32"),
+                            dtype=torch.bfloat16)
+    assert phases._layer_record([banks32]) == {"key_norm": "aten", "keys": "bfloat16", "banks": "float32"}
 
 
 def _document_with(phase_records: dict) -> dict:
@@ -340,8 +366,10 @@ def test_model_check_can_fail_and_is_well_conditioned_in_16_bit(dtype_name):
     torch = pytest.importorskip("torch")
     pytest.importorskip("timm")
     dtype = getattr(torch, dtype_name)
-    models, size, channels = phases._vit_variants(dict(TINY, dtypes=[dtype_name]), dtype, torch.device("cpu"),
-                                                  ["reference", "cpu"])
+    models, size, channels, layer = phases._vit_variants(dict(TINY, dtypes=[dtype_name]), dtype,
+                                                         torch.device("cpu"), ["reference", "cpu"])
+    # attach makes the memory in the model's dtype; CPU keys take mira.memory._unit_columns.
+    assert layer == {"key_norm": "aten", "keys": dtype_name, "banks": dtype_name}
     images = torch.randn(8, channels, *size, generator=torch.Generator().manual_seed(3)).to(dtype)
     with torch.no_grad():
         out = {name: model(images) for name, model in models.items()}
