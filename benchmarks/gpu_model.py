@@ -47,7 +47,7 @@ nine constants (CALIBRATION: a per-launch floor, a device-work scale per dtype, 
 MIRA backend, the Triton GEMM mainloop's efficiency, three host costs), each to one cell of that
 run's model phase, and prints how the model does on every other cell (held out). The fit is end to
 end: per kernel the calibrated prices disagree with standalone timings (the fourth run's sweep: the
-fused GEMM at B = 64 105 us warm, priced 217 us), so a block's split between kernels is not settled.
+fused GEMM at B = 64 105 us warm, priced 207 us), so a block's split between kernels is not settled.
 The recorded report (``--record``, benchmarks/results/gpu_model.txt) is calibrated to the fourth run,
 and ``gpu_check --record``/``--record-from`` writes each new run's own calibrated model_vs_measured.txt.
 """
