@@ -198,7 +198,7 @@ SOURCES = {
     "work_scale_fp32": "calibration: fitted to a recorded run (stock fp32 B = 256, CUDA graph), 1 a priori",
     "work_scale": "the work scale of the dtype being priced (work_scale_bf16 or work_scale_fp32)",
     "key_norm_bf16": "the layers' code for a 16-bit model (mira.memory._per_feature_unit on the memory's keys, "
-                     "16-bit as attach makes them: normalize_columns' Triton launch and a cast since 2026-12-07); a "
+                     "16-bit as attach makes them: normalize_columns' one Triton launch since 2026-12-07); a "
                      "recorded run is priced as it ran (as_run: its model phase's layer record)",
     "key_norm_fp32": "the same for a float32 model (one Triton launch since 2026-12-05)",
     "key_norm": "the key-norm path of the dtype being priced (key_norm_bf16 or key_norm_fp32; KEY_NORM_PATHS)",
@@ -207,8 +207,8 @@ SOURCES = {
 #: The layers' per-feature key normalisation, by the path mira.memory._per_feature_unit takes (a CUDA
 #: graph replays it every forward; eager inference takes the derived keys from the memory's cache).
 KEY_NORM_PATHS = {
-    "fused": "mira_kernels.triton.normalize_columns: one Triton launch, and one ATen cast of its float32 "
-             "output to 16-bit keys' dtype",
+    "fused": "mira_kernels.triton.normalize_columns: one Triton launch, which stores 16-bit keys' result "
+             "itself (a cast after it only under the interpreter, which the model never plans)",
     "aten": "mira.memory._unit_columns (the overflow-safe F.normalize, no Triton), its ATen ops traced",
     "f_normalize": "F.normalize(keys, dim=0): norm, clamp, divide (the layers' code before 2026-12-07's "
                    "_unit_columns, and what every H200 run recorded so far ran)",
@@ -535,8 +535,8 @@ def key_norm_launches(path: str, keys_dtype: torch.dtype) -> tuple[KernelLaunch,
         except ImportError:
             return key_norm_launches("aten", keys_dtype)  # no Triton: mira.memory takes _unit_columns
         out, launch = launchers.plan_normalize_columns(keys, NORM_EPS)
-        # mira_kernels.triton.normalize_columns: the kernel writes 16-bit keys' result in float32, and
-        # out.to(keys.dtype) rounds it (one more launch).
+        # mira_kernels.triton.normalize_columns: out.to(keys.dtype) is a launch only where the kernel
+        # wrote float32 (bfloat16 keys under the interpreter; plan_normalize_columns).
         cast = traced_launches(lambda o: o.to(keys_dtype), out) if out.dtype != keys_dtype else []
         return (triton_plan.kernel_launch(launch), *cast)
     if path == "aten":

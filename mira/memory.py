@@ -41,8 +41,8 @@ them), during CUDA-graph capture (the replay must recompute them) and whenever a
 Cached tensors are never inference tensors (a call under ``torch.inference_mode`` derives them
 outside it), so a later forward that records a graph, say for an input's gradient, can save them.
 On a GPU the Triton backend runs on, the per-feature normalisation without an autograd graph is one
-launch (``mira_kernels.triton.normalize_columns``: fp64 sums, one rounding; two launches for 16-bit
-keys) instead of ATen's three (~34 for 16-bit keys), so a captured forward replays one per block for it.
+launch (``mira_kernels.triton.normalize_columns``: fp64 sums, one rounding, 16-bit keys too) instead
+of ATen's three (~34 for 16-bit keys), so a captured forward replays one launch per block for it.
 A projection's eval forward goes one step further (:class:`mira.layers.MiraProjection`, ``csrc/
 eval_plan.cpp``): after its first eval call on CPU it replays that call from C, with these derived
 tensors, while the same key holds and every attribute, parameter, buffer, config field and hook
@@ -882,8 +882,8 @@ def _token_query_dtypes(keys_dtype: torch.dtype) -> tuple[torch.dtype, ...]:
 
 def _per_feature_unit(keys: torch.Tensor) -> torch.Tensor:
     """``F.normalize(keys, dim=0)`` where no autograd graph is needed. On a GPU the Triton backend runs
-    on, one launch (``mira_kernels.triton.normalize_columns``: fp64 sums, one rounding; two for 16-bit
-    keys) instead of ATen's three (norm, clamp, divide; ~34 for 16-bit keys): a CUDA graph replays this on
+    on, one launch (``mira_kernels.triton.normalize_columns``: fp64 sums, one rounding, 16-bit keys
+    too) instead of ATen's three (norm, clamp, divide; ~34 for 16-bit keys): a CUDA graph replays this on
     every forward (derived keys are not cached under capture), where each small launch costs ~3 us (the
     fourth H200 run, calibrated in benchmarks/results/gpu_model.txt: 36 of a ViT-B/16 forward's launches)."""
     if _fused_key_norm_applies(keys):
@@ -908,7 +908,7 @@ def _fused_key_norm_applies(keys: torch.Tensor) -> bool:
     # Not under torch.compile: Inductor fuses F.normalize itself, and traces no raw Triton launch.
     # Every floating dtype: a 16-bit model's memory is 16-bit (attach makes it in the weight's dtype),
     # and there _unit_columns is ~34 launches on every graph replay (found by a review of the GPU
-    # model, 2026-12-07, which had priced a float32 memory); normalize_columns takes two.
+    # model, 2026-12-07, which had priced a float32 memory); normalize_columns takes one.
     return keys.is_cuda and keys.is_floating_point() and not torch.compiler.is_compiling() and \
         mira_kernels.backends.fused_helpers_available(keys.device)
 

@@ -129,10 +129,10 @@ def mira_adapter_(out, x, query, keys, bank_a, bank_b, slice_offsets, separation
 def normalize_columns(keys: torch.Tensor, eps: float) -> torch.Tensor:
     """Each column of keys (N, D) to unit L2 norm across the rows, ``F.normalize(keys, dim=0, eps=eps)``
     computed in fp64 and rounded once, in one launch (ATen takes three: norm, clamp, divide; and its
-    overflow-safe form for 16-bit keys, mira.memory._unit_columns, ~34). 16-bit keys: rounded to float32
-    in the kernel, then to their dtype by a second launch (within one unit in their last place of the
-    single rounding). No autograd: the layers use it where no graph is needed (mira/memory.py)."""
+    overflow-safe form for 16-bit keys, mira.memory._unit_columns, ~34). (Under the interpreter,
+    bfloat16 keys are rounded through float32: plan_normalize_columns.) No autograd: the layers use it
+    where no graph is needed (mira/memory.py)."""
     lm = _launchers()
     out, launch = lm.plan_normalize_columns(keys, eps)
     lm.run_all([launch], keys.device)
-    return out.to(keys.dtype)
+    return out.to(keys.dtype)  # no copy where the kernel wrote the keys' dtype

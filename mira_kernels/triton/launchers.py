@@ -601,15 +601,16 @@ NORMALIZE_BLOCK_D = 64
 def plan_normalize_columns(keys: torch.Tensor, eps: float) -> tuple[torch.Tensor, Launch]:
     """The per-feature normalisation of keys (N, D) in one launch: (the contiguous output, its launch).
 
-    The output is float32 for 16-bit keys (the caller rounds it to their dtype): the kernel reads 16-bit
-    keys exactly, and its fp64 -> 16-bit store is left out, as the interpreter, which checks the kernel
-    here, rounds a bfloat16 store wrongly (0.5 off) where its float32 store is exact."""
+    The output is in the keys' dtype, except for bfloat16 keys under the interpreter (CPU tensors):
+    there it is float32 and the caller rounds it, as the interpreter rounds a bfloat16 store wrongly
+    (0.5 off) where its float32 and float16 stores are exact. Compiled, the kernel stores bfloat16
+    itself (checked by the lowering and by the `gpu` tests)."""
     if keys.dim() != 2 or keys.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
         raise ValueError(f"normalize_columns takes floating keys (N, D), got {keys.dtype} of shape "
                          f"{tuple(keys.shape)}")
     N, D = keys.shape
-    out_dtype = torch.float32 if keys.dtype in (torch.float16, torch.bfloat16) else keys.dtype
-    out = torch.empty((N, D), dtype=out_dtype, device=keys.device)
+    interpreter_bf16 = keys.dtype == torch.bfloat16 and interpreting() and keys.device.type == "cpu"
+    out = torch.empty((N, D), dtype=torch.float32 if interpreter_bf16 else keys.dtype, device=keys.device)
     block_n = min(32, 1 << max(N - 1, 0).bit_length())
     launch = Launch("normalize_columns", kernels._normalize_columns_kernel, (triton_cdiv(D, NORMALIZE_BLOCK_D),),
                     dict(k_ptr=keys, out_ptr=out, N=N, D=D, stride_kn=keys.stride(0), stride_kd=keys.stride(1),

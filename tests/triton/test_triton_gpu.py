@@ -359,3 +359,19 @@ def test_layers_normalize_keys_in_one_launch_under_a_cuda_graph():
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, mt.normalize_columns(keys, reference.NORM_EPS))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16_bit_keys_are_normalized_in_one_launch_within_one_rounding(dtype):
+    # The compiled kernel stores 16-bit keys' result itself (under the interpreter, bfloat16 goes through
+    # a float32 store and a cast): within one unit in the last place of the fp64 result, and one launch.
+    from mira_kernels import triton as mt
+    from mira_kernels.triton import launchers
+
+    keys = torch.randn(30, 768, device="cuda").to(dtype)
+    out, launch = launchers.plan_normalize_columns(keys, reference.NORM_EPS)
+    assert out.dtype == dtype
+    got = mt.normalize_columns(keys, reference.NORM_EPS)
+    exact = torch.nn.functional.normalize(keys.double(), dim=0, eps=reference.NORM_EPS)
+    ulp = torch.finfo(dtype).eps * exact.abs().clamp_min(torch.finfo(dtype).tiny)
+    assert got.dtype == dtype and ((got.double() - exact).abs() <= ulp).all()
