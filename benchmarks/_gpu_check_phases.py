@@ -444,6 +444,10 @@ def _op_inputs(workload: dict, batch: int, seed: int):
     }
 
 
+#: The op phase's cuBLAS GEMM + mira_adapter_ variant (run_op).
+SPLIT_VARIANT = "mira[cublas+triton adapter_]"
+
+
 def run_op(rec: Partial, deadline: float, workload: dict, device: str = "cuda") -> None:
     import torch
     import torch.nn as nn
@@ -470,9 +474,13 @@ def run_op(rec: Partial, deadline: float, workload: dict, device: str = "cuda") 
     sms = None if tma_off else torch.cuda.get_device_properties(dev).multi_processor_count
     tma = {} if tma_off else {"mira[triton+tma]": dict(tma=True),
                               "mira[triton+tma+persistent]": dict(tma=True, persistent=sms)}
-    variants = ["linear", "eager"] + [f"mira[{b}]" for b in backends] + list(probes) + list(tma)
+    # cuBLAS's GEMM (F.linear), then the triton backend's mira_adapter_ (retrieval, shrink, and the
+    # expand read-modify-writing the Q/V slices): vLLM's LoRA layout, which the GPU model prices at half
+    # the fused forward's overhead at B >= 64 (benchmarks/results/gpu_model.txt), forward cells only.
+    split = {SPLIT_VARIANT: ("mira", "triton")} if "triton" in backends else {}
+    variants = ["linear", "eager"] + [f"mira[{b}]" for b in backends] + list(probes) + list(tma) + list(split)
     kinds = {"linear": ("linear", None), "eager": ("eager", None), **{f"mira[{b}]": ("mira", b) for b in backends},
-             **{name: ("probe", None) for name in probes}, **{name: ("mira", "triton") for name in tma}}
+             **{name: ("probe", None) for name in probes}, **{name: ("mira", "triton") for name in tma}, **split}
     if probe_off:
         excluded["probe"] = probe_off
     if tma_off:
@@ -543,6 +551,12 @@ def _op_forward(low, exact, eager, backends, opts, mk, reference, F, probes, tma
                 return mk.mira_linear(x, low["weight"], low["bias"], query, low["keys"], low["bank_a"], low["bank_b"],
                                       **opts)
         fns[f"mira[{b}]"] = call
+    if "triton" in backends:
+        def call_split():
+            y = F.linear(x, low["weight"], low["bias"])
+            with mk.use_backend("triton"):
+                return mk.mira_adapter_(y, x, query, low["keys"], low["bank_a"], low["bank_b"], **opts)
+        fns[SPLIT_VARIANT] = call_split
     for name, overrides in (tma or {}).items():
         def call_tma(overrides=overrides):
             from mira_kernels.triton import configs as triton_configs  # only where the backend runs
