@@ -150,7 +150,10 @@ def dram_read_bandwidth(*, mib: int = 512, repeats: int = 9) -> dict:
         times.append(time.perf_counter() - t0)
     med, lo, hi = _pairs.median_ci(times)
     n = buf.numel() * 4
-    return {"bytes_per_s": n / med, "lo": n / hi, "hi": n / lo, "buffer_bytes": n, "threads": torch.get_num_threads()}
+    # Unbounded time bounds (fewer than 6 reads: no 95% interval) give bandwidth bounds 0 and inf, not
+    # n / -inf = -0.0 (every make bench record had "hi": -0.0 from its 5 reads).
+    return {"bytes_per_s": n / med, "lo": n / hi, "hi": n / lo if lo > 0 else math.inf, "buffer_bytes": n,
+            "threads": torch.get_num_threads()}
 
 
 def memory_bytes(memory) -> dict:

@@ -111,6 +111,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         n = fused.size
         if n < a.min_rounds:
             continue
+        if n < 2 * a.block:  # no bootstrap sample of whole blocks: every estimate would be NaN
+            print(f"commit {rec.get('commit')}: {n} rounds, fewer than two blocks of --block {a.block}: skipped\n")
+            continue
         e2e = res["end_to_end"]
         per_round = e2e["seconds"] / n
         m = rec.get("machine", {})

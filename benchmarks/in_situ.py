@@ -72,17 +72,22 @@ def _interval(values: list[float], scale: float = 1.0) -> dict:
     return {"median": med * scale, "lo": lo * scale, "hi": hi * scale}
 
 
+#: Fewest rounds with a 95% interval (of order statistics around the median: _pairs.median_ci); fewer
+#: print [-inf, +inf].
+MIN_ROUNDS = 6
+
+
 def measure(batch: int = 1, rounds: int = 200, *, model: nn.Module | None = None, seed: int = 0,
             variants: latency.Variants | None = None, budget_s: float | None = None, layers: bool = False) -> dict:
     """Interleaved forwards at ``batch``: ``rounds`` of them, or as many as ``budget_s`` seconds allow
-    (at least 3). ``variants``: the models of a ``benchmarks.latency`` run, measured in place and left
+    (at least MIN_ROUNDS). ``variants``: the models of a ``benchmarks.latency`` run, measured in place and left
     as they were (the empty-memory op is then timed only if that run built it); otherwise they are
     built here, ``model`` (a timm ViT) replacing the benchmark's (tests pass a tiny one). ``layers``:
     also time every block's other layers (``LAYERS``), to see which of them the adapter slows down
     (their timers then add the same small cost to every variant's forward). Returns the record that
     :func:`report` prints."""
-    if rounds < 3:
-        raise ValueError(f"in_situ: rounds must be at least 3 for an interval, got {rounds}")
+    if rounds < MIN_ROUNDS:
+        raise ValueError(f"in_situ: rounds must be at least {MIN_ROUNDS} for a 95% interval, got {rounds}")
     if variants is None:
         cfg = dataclasses.replace(latency.parse_args([]), gemm_backbone=True, seed=seed)
         variants = latency.build_variants(cfg, model=model)
@@ -128,7 +133,7 @@ def measure(batch: int = 1, rounds: int = 200, *, model: nn.Module | None = None
                 models[name](x)
             start = time.perf_counter()
             done = 0
-            while done < 3 or (budget_s is None and done < rounds) or (
+            while done < MIN_ROUNDS or (budget_s is None and done < rounds) or (
                     budget_s is not None and time.perf_counter() - start < budget_s):
                 for name in order.sample(names, len(names)):
                     calls[name].clear()
@@ -259,12 +264,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.json and (problem := _cli.output_problem(args.json, folder=False)):
         parser.error(f"--json: {problem}")
-    if args.rounds < 3:
-        parser.error(f"--rounds: at least 3 rounds make an interval, got {args.rounds}")
+    if args.rounds < MIN_ROUNDS:
+        parser.error(f"--rounds: at least {MIN_ROUNDS} rounds make a 95% interval, got {args.rounds}")
     if args.threads:
         torch.set_num_threads(args.threads)
+    machine = _pairs.machine_info()  # before the rounds: its load average is the machine's, not theirs
     record = measure(args.batch, args.rounds, layers=args.layers)
-    machine = _pairs.machine_info()
     commit = latency.git_commit()
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     print(report(record, machine, commit, when))

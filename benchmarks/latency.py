@@ -1492,7 +1492,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     table = format_table(record)
     print(table)
     out = cfg.out_dir()
-    if cfg.quick and out.resolve() == RESULTS_DIR.resolve():
+    if cfg.quick and out.resolve().is_relative_to(RESULTS_DIR.resolve()):  # a subfolder is a record too
         log("--quick: not written (quick runs are never recorded)")
     else:
         paths = write_record(record, out, table)

@@ -100,7 +100,7 @@ def test_output_problem_says_why_and_leaves_nothing_behind(tmp_path):
     ("bank_dtype", ["--batch-sizes", "-1"]),
     ("bank_dtype", ["--budget", "nan"]),
     ("in_situ", ["--batch", "0"]),
-    ("in_situ", ["--rounds", "2"]),
+    ("in_situ", ["--rounds", "5"]),  # 3-5 printed [-inf, +inf] as an interval
     ("host_path", ["--batch", "0"]),
     ("host_path", ["--inner", "0"]),
     ("op_cpu", ["--batches", "0"]),
@@ -388,3 +388,38 @@ def test_csv_leaves_undefined_figures_empty():
 @pytest.mark.parametrize("flag", ["--min-module-pairs", "--min-e2e-rounds"])
 def test_a_verdict_needs_at_least_one_measurement(flag, no_runs, capsys):
     assert "must be >= 1" in _exits_2("latency", [flag, "0"], capsys)
+
+
+def test_dram_bandwidth_bounds_stay_ordered_with_too_few_reads(monkeypatch):
+    # latency's 5 reads have no 95% interval: the upper bandwidth bound was n / -inf = -0.0.
+    from benchmarks import budget
+
+    monkeypatch.setattr(budget, "last_level_cache_bytes", lambda: 1 << 16)
+    bw = budget.dram_read_bandwidth(mib=1, repeats=5)
+    assert bw["lo"] == 0.0 and bw["hi"] == math.inf and bw["lo"] <= bw["bytes_per_s"] <= bw["hi"]
+
+
+def test_e2e_interval_skips_a_record_shorter_than_two_blocks(tmp_path, capsys):
+    # --block beyond the rounds left the bootstrap empty: NaN estimates, then a traceback.
+    from benchmarks import e2e_interval
+
+    rounds = [0.010 + 0.0001 * (i % 7) for i in range(40)]
+    line = {"commit": "abc1234", "timestamp": "2026-12-07T00:00:00Z", "machine": {},
+            "results": [{"batch": 1, "end_to_end": {"seconds": 2.0, "times_s": {"fused": [1.01 * t for t in rounds],
+                                                                                "backbone": rounds}}}]}
+    path = tmp_path / "latency.jsonl"
+    path.write_text(json.dumps(line) + "\n")
+    assert e2e_interval.main([str(path), "--min-rounds", "10", "--block", "50"]) == 0
+    assert "fewer than two blocks of --block 50: skipped" in capsys.readouterr().out
+
+
+def test_quick_writes_no_record_into_a_folder_below_the_results(tmp_path, monkeypatch):
+    # --quick refused benchmarks/results/ itself but wrote into its subfolders.
+    results = tmp_path / "results"
+    monkeypatch.setattr(latency, "RESULTS_DIR", results)
+    monkeypatch.setattr(latency, "run", lambda cfg, argv=None: {"wall_s": 0.0})
+    monkeypatch.setattr(latency, "format_table", lambda record: "table")
+    written = []
+    monkeypatch.setattr(latency, "write_record", lambda *a, **k: written.append(a) or {})
+    assert latency.main(["--quick", "--results-dir", str(results / "sub"), "--no-plots"]) == 0
+    assert not written
