@@ -635,7 +635,7 @@ def _gemm_work_item(
     LEAD_GROUPS: tl.constexpr,
     ORDER: tl.constexpr, TILES: tl.constexpr, BASE_PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
     EXPAND_PRECISION: tl.constexpr, EXPAND_TF32: tl.constexpr, UPCAST: tl.constexpr, W_ORDER: tl.constexpr,
-    USE_PDL: tl.constexpr, TMA: tl.constexpr,
+    USE_PDL: tl.constexpr, TMA: tl.constexpr, OVERFLOW_PASS: tl.constexpr,
 ):
     """One work item of ``_mira_gemm_kernel``: row block ``item // GROUPS``, its column tiles of group
     ``item % GROUPS`` (a separate function so that the one-item launch compiles exactly as before the
@@ -666,7 +666,9 @@ def _gemm_work_item(
     # Where scale * h overflows a finite h, the expand's dot leaves those terms out (unmarked) and a
     # second pass over the work item's stored tiles adds them, scale applied last (_expand_rescue).
     # Not with TMA stores (asynchronous: the second pass could not read them back): NaN there, as before.
-    RESCUE: tl.constexpr = LORA > 0 and not TMA
+    # OVERFLOW_PASS: the plan's choice (off for the backward's dx, where the reference's own
+    # scale * (G B) overflows alike: there the pass only added registers, and a spill on sm_90).
+    RESCUE: tl.constexpr = LORA > 0 and not TMA and OVERFLOW_PASS
     RESCUE_N: tl.constexpr = min(BLOCK_N, 32)
     rescue = item < 0  # whether a tile left terms to the second pass
     for i in range(0, TILES):
@@ -851,7 +853,7 @@ def _mira_gemm_kernel(
     LEAD_GROUPS: tl.constexpr,
     ORDER: tl.constexpr, TILES: tl.constexpr, BASE_PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
     EXPAND_PRECISION: tl.constexpr, EXPAND_TF32: tl.constexpr, UPCAST: tl.constexpr, W_ORDER: tl.constexpr,
-    USE_PDL: tl.constexpr, TMA: tl.constexpr, PERSISTENT: tl.constexpr,
+    USE_PDL: tl.constexpr, TMA: tl.constexpr, PERSISTENT: tl.constexpr, OVERFLOW_PASS: tl.constexpr,
 ):
     """The projection GEMM with MIRA's adapter fused in: out = x W + bias + scale * (x F_b^T) E_b, one rounding.
 
@@ -914,7 +916,7 @@ def _mira_gemm_kernel(
                 stride_fs, stride_fr, stride_fk, stride_eb, stride_es, stride_er, stride_en, S, OFFS, F_SLICED,
                 E_SLICED, HAS_BASE, HAS_BIAS, LORA, IN_PLACE, STORE_H, SPB, J_PAD, J_CHUNK, J_STEP, SPLIT, BLOCK_M,
                 BLOCK_N, BLOCK_K, GROUPS, LEAD_GROUPS, ORDER, TILES, BASE_PRECISION, LORA_PRECISION, EXPAND_PRECISION,
-                EXPAND_TF32, UPCAST, W_ORDER, USE_PDL, TMA)
+                EXPAND_TF32, UPCAST, W_ORDER, USE_PDL, TMA, OVERFLOW_PASS)
     else:
         _gemm_work_item(
             tl.program_id(0),
@@ -923,7 +925,7 @@ def _mira_gemm_kernel(
             stride_fb, stride_fs, stride_fr, stride_fk, stride_eb, stride_es, stride_er, stride_en, S, OFFS, F_SLICED,
             E_SLICED, HAS_BASE, HAS_BIAS, LORA, IN_PLACE, STORE_H, SPB, J_PAD, J_CHUNK, J_STEP, SPLIT, BLOCK_M,
             BLOCK_N, BLOCK_K, GROUPS, LEAD_GROUPS, ORDER, TILES, BASE_PRECISION, LORA_PRECISION, EXPAND_PRECISION,
-            EXPAND_TF32, UPCAST, W_ORDER, USE_PDL, TMA)
+            EXPAND_TF32, UPCAST, W_ORDER, USE_PDL, TMA, OVERFLOW_PASS)
 
 
 @triton.jit

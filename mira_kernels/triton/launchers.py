@@ -525,7 +525,10 @@ def _plan_gemm(name, a, w, w_strides, bias, out, sh: _Shapes, offsets, scale, x_
              EXPAND_PRECISION=expand_precision, EXPAND_TF32=expand_tf32,
              UPCAST=interpreter_upcast(a, x_dtype),
              W_ORDER=(0, 1) if w_strides[0] == 1 and w_strides[1] != 1 else (1, 0), USE_PDL=bool(pdl and lora > 0),
-             TMA=descs is not None, PERSISTENT=programs < items),
+             TMA=descs is not None, PERSISTENT=programs < items,
+             # The second pass where scale * h overflows a finite h (kernels._gemm_work_item), for the
+             # forward and mira_adapter_; the backward's dx overflows as the reference's scale * (G B) does.
+             OVERFLOW_PASS=name != "gemm_dx"),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, pdl=bool(pdl and lora > 0),
         maxnreg=configs.gemm_maxnreg(cfg.num_warps),
     ))
