@@ -555,8 +555,9 @@ def _factor_tile(rows, ok, off, idx, WIDTH, stride_i):
     # position times its stride in 64 bits, as every product on a factor's pointer (its lanes outside
     # [0, WIDTH) are masked, but a 32-bit product would wrap before the mask is applied).
     local = idx[None, :] - off[:, None]
-    return tl.load(rows[:, None] + local.to(tl.int64) * stride_i, mask=ok[:, None] & (local >= 0) & (local < WIDTH),
-                   other=0.0)
+    base = rows - off.to(tl.int64) * stride_i  # per row and per column in 64 bits, not the whole tile
+    return tl.load(base[:, None] + (idx.to(tl.int64) * stride_i)[None, :],
+                   mask=ok[:, None] & (local >= 0) & (local < WIDTH), other=0.0)
 
 
 @triton.jit
