@@ -58,6 +58,7 @@ def test_consolidation_trains_keys_and_head_not_adapters_and_gpm_protects_old_ou
     gpm = GradientProjectionMemory(threshold=0.999)
     append_task_adapters(model, pool, 0, [torch.randn(2, 16)] * 2)
     consolidate(model, tasks[0].train_x, tasks[0].train_y, CFG, gen)
+    assert set(gpm_update(model, gpm, tasks[0].train_x[:0]).values()) == {0}  # an empty batch adds nothing
     gpm_update(model, gpm, tasks[0].train_x)
     probe = tasks[0].train_x[:16]
     with torch.no_grad():

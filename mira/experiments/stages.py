@@ -326,10 +326,13 @@ def gpm_modules(model: nn.Module) -> list[tuple[ProjectedParameter, nn.Module, s
 
 @torch.no_grad()
 def gpm_update(model: nn.Module, gpm: GradientProjectionMemory, x: torch.Tensor) -> dict[str, int]:
-    """Grow the DualGPM bases from one batch x of the task just learned; returns the new ranks."""
+    """Grow the DualGPM bases from one batch x of the task just learned; returns the new ranks. An
+    empty batch adds nothing (as empty activations do in GradientProjectionMemory.update)."""
     captured: dict[str, torch.Tensor] = {}
     handles = []
     bindings = gpm_modules(model)
+    if len(x) == 0:  # eval_batches(0, 0) raised "batch_size must be an int >= 1, got 0"
+        return {pp.name: gpm.rank(pp.name) for pp, _, _ in bindings}
     for pp, module, where in bindings:
         def hook(mod, args, output, pp=pp, where=where):
             captured[pp.name] = (output if where == "out" else args[0]).detach()
