@@ -30,8 +30,13 @@ GRAD_NAMES = ("x", "query", "keys", "bank_a", "bank_b")
 HALF = (torch.float16, torch.bfloat16)
 
 
-def _cuda(inp, dtype):
-    out = inp.to(dtype, memory_dtype=torch.float32 if dtype in HALF else dtype)
+def _cuda(inp, dtype, memory_dtype=None):
+    # The memory (query, keys, banks) in x's dtype by default, as mira.attach makes it for a model of
+    # that dtype (bank_dtype defaults to the model's): the path 16-bit models run. Until 2026-12-08
+    # these tests built float32 memories under 16-bit x, a configuration attach never makes, so the
+    # bf16 memory's kernels were checked on a GPU only through the layer-level tests; the float32
+    # memory under 16-bit x keeps its own cases (test_vit_b_matches_reference).
+    out = inp.to(dtype, memory_dtype=memory_dtype or dtype)
     for name in ("x", "weight", "bias", "query", "keys", "bank_a", "bank_b"):
         t = getattr(out, name)
         if t is not None:
@@ -75,12 +80,17 @@ def test_backend_is_available():
     assert "triton" in mk.available_backends("cuda")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("separation", ["affine", "softmax", "tanh"])
-def test_vit_b_matches_reference(dtype, separation):
+# The memory in x's dtype (as attach makes it), and a float32 memory under 16-bit x (bank_dtype=float32).
+_MEMORY_CASES = [(d, s, None) for d in (torch.float32, torch.float16, torch.bfloat16)
+                 for s in ("affine", "softmax", "tanh")]
+_MEMORY_CASES += [(d, "affine", torch.float32) for d in HALF]
+
+
+@pytest.mark.parametrize("dtype, separation, memory_dtype", _MEMORY_CASES)
+def test_vit_b_matches_reference(dtype, separation, memory_dtype):
     # fp32 with TF32 off (PyTorch's default): the kernels use IEEE fp32 dots, like cuBLAS here.
     assert not torch.backends.cuda.matmul.allow_tf32
-    inp = _cuda(make_inputs(**VIT_B, dtype=torch.float64), dtype)
+    inp = _cuda(make_inputs(**VIT_B, dtype=torch.float64), dtype, memory_dtype)
     grad_out = torch.randn(VIT_B["B"], VIT_B["T"], VIT_B["d_out"], device="cuda", dtype=dtype)
     _check_against_spec(inp, separation, grad_out, f"{dtype} {separation}")
 
@@ -275,7 +285,7 @@ class _MiraProjection(torch.nn.Module):
         self.offsets = list(inp.slice_offsets)
 
     def forward(self, x):
-        query = x[:, 0, :].float()  # CLS token as the query (identity query module)
+        query = x[:, 0, :]  # the CLS token's view as the query, as the layers pass it (identity query module)
         return mk.mira_linear(x, self.weight, self.bias, query, self.keys, self.bank_a, self.bank_b,
                               slice_offsets=self.offsets, separation="affine")
 
