@@ -67,13 +67,14 @@ def export_program(model: nn.Module, example_inputs, *, dynamic_batch: bool = Tr
                    strict: bool = False) -> torch.export.ExportedProgram:
     """``torch.export.export`` of ``model`` (the MIRA op stays one fused node).
 
-    The program holds ``model``'s own tensors, not a copy: adapters written into a fixed-capacity
-    memory (``mira.attach(..., capacity=n)``) are served by it as by ``model``, but a memory
-    without a capacity replaces its banks when it grows (``mira.write_adapters``, ``append``) or
-    shrinks, and the program still holds the old ones: its next call fails (a ``ValueError`` about
-    the banks' shapes). Export again after the number of stored adapters changes. The files of
-    :func:`export_aoti` and :func:`export_onnx` hold a copy of the weights: they serve the adapters
-    stored when they were written, whatever is written into the model after.
+    The program holds ``model``'s own tensors, not a copy, so it serves the memory as it is at each
+    call: adapters written, removed or loaded later (``mira.write_adapters``, ``remove_tasks``,
+    ``load_memories``), in a fixed-capacity memory or a growing one (which keeps its key and bank
+    tensors and swaps their data). The same holds for the qkv weights: ``mira.fold`` / ``merge``
+    after the export change what the program computes (a program of the live model then adds the
+    memory to the folded weight), so export after folding. The files of :func:`export_aoti` and
+    :func:`export_onnx` hold a copy of the weights: they serve the adapters stored when they were
+    written, whatever is written into the model after.
 
     Args:
         example_inputs: a tensor or a tuple of positional inputs.

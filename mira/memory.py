@@ -490,11 +490,13 @@ class AdapterMemory(nn.Module):
             note_resized(self.keys, self.bank_a, self.bank_b)  # optimiser state of the old shape: a clear error
         self.keys.data = keys
         self.keys.grad = None
-        if isinstance(self.bank_a, nn.Parameter):
-            self.bank_a.data, self.bank_b.data = bank_a, bank_b
-            self.bank_a.grad = self.bank_b.grad = None
-        else:
-            self.bank_a, self.bank_b = bank_a, bank_b
+        # The banks' objects are kept too, buffers as well as parameters: whatever holds the memory's
+        # tensors (an exported program, torch.export's .module()) then reads keys and banks that agree.
+        # Rebinding the buffers (as until 2026-12-08) left such a holder with the new keys and the old
+        # banks: a change that kept the slot count (remove + write, load_memories) gave a program that
+        # ran and answered wrong by about the logits' size (found by probing).
+        self.bank_a.data, self.bank_b.data = bank_a, bank_b
+        self.bank_a.grad = self.bank_b.grad = None
 
     @torch.no_grad()
     def append(

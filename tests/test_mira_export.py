@@ -197,3 +197,32 @@ def test_export_aoti_refuses_a_path_without_pt2_before_compiling(tmp_path, monke
     with pytest.raises(ValueError, match=r"model\.bin.*\.pt2"):
         export_aoti(torch.nn.Linear(2, 2), torch.zeros(1, 2), tmp_path / "model.bin")
     assert not any(tmp_path.iterdir())
+
+
+@needs_extension
+@pytest.mark.parametrize("bank_dtype", [None, torch.bfloat16])
+def test_a_program_follows_a_growing_memory_through_every_change(bank_dtype):
+    # The program holds the model's tensors. A growing memory used to rebind its bank buffers while
+    # keeping its keys' object: after remove + write (the slot count unchanged) the program ran on
+    # the new keys with the old banks and answered wrong by about the logits' size (0.58 here).
+    model = served_model(depth=1, **({"bank_dtype": bank_dtype} if bank_dtype else {}))
+    program = export_program(model, images(2))
+    g = torch.Generator().manual_seed(1)
+    x = images(3, seed=7)
+
+    def write(task):
+        with torch.no_grad():
+            for p in mira.projections(model):
+                p.lora_b.copy_(torch.randn(p.lora_b.shape, generator=g) * 0.2)
+            mira.set_stage(model, "adaptation")
+            mira.write_adapters(model, task=task, generator=g)
+            mira.set_stage(model, "inference")
+
+    changes = {"grow": lambda: write("a"), "remove + write": lambda: (mira.remove_tasks(model, "a"), write("b")),
+               "shrink": lambda: mira.remove_tasks(model, "b")}
+    for what, change in changes.items():
+        before = program.module()(x)
+        change()
+        with torch.no_grad():
+            torch.testing.assert_close(program.module()(x), model(x), rtol=0, atol=0, msg=what)
+            assert not torch.equal(program.module()(x), before), what  # the change changed the output
