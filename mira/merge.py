@@ -38,7 +38,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from .integration import _load_call, _what_loaded, association_matrices, detach, named_memories, projections
+from .integration import (
+    _load_call,
+    _qkv_blocks,
+    _what_loaded,
+    association_matrices,
+    detach,
+    named_memories,
+    projections,
+)
 from .layers import MiraProjection
 
 __all__ = ["MergedUpdate", "fold", "mean_retrieval_weights", "merge", "unfold", "unload", "unmerge"]
@@ -258,8 +266,8 @@ def _slot_weights(model: nn.Module, weights) -> list[torch.Tensor]:
             isinstance(w, (int, float)) and not isinstance(w, bool) for w in weights):  # [True, False] is no weighting
         per_memory = [weights] * len(named)
     elif isinstance(weights, Sequence) and not isinstance(weights, str) and len(weights) == len(named) and all(
-            isinstance(w, (torch.Tensor, Sequence)) for w in weights):
-        per_memory = list(weights)
+            isinstance(w, (torch.Tensor, Sequence)) or getattr(w, "ndim", None) is not None for w in weights):
+        per_memory = list(weights)  # tensors, lists or numpy arrays; each one's shape is checked below
     else:
         raise TypeError(
             "fold: weights must be {memory name: (N,) weights} (as mean_retrieval_weights returns), a sequence "
@@ -340,8 +348,23 @@ def unload(model: nn.Module) -> nn.Module:
     (holding the update, if one was merged or folded), the memories are deleted. Not reversible.
     Unlike PEFT's ``merge_and_unload`` it merges nothing itself: call :func:`mira.merge` (the live
     LoRA) or :func:`mira.fold` (the memory) first, or the adapters are dropped.
+
+    ``model`` may be a part of the model that holds whole blocks (``model.blocks``, one block): the
+    projections are replaced where :func:`mira.detach` finds them, as a block's ``attn.qkv``. One
+    below ``model`` that would stay (``model`` is an attention module or a projection) is refused,
+    with nothing changed: its record of the update would be lost while the update stays in its weight.
     """
-    for proj in _require_projections(model, "unload"):
+    projs = _require_projections(model, "unload")
+    replaced = {id(block.attn.qkv) for _, block in _qkv_blocks(model)}  # what detach replaces
+    kept = [name or f"the {type(model).__name__} given" for name, sub in model.named_modules()
+            if isinstance(sub, MiraProjection) and id(sub) not in replaced]
+    if kept:
+        # Cleared and left in place, such a projection would run its memory on top of the update in its
+        # weight, and unfold could no longer take that update out.
+        raise RuntimeError(f"unload: the MIRA projections {kept} would stay, since unload replaces the attn.qkv of "
+                           f"each block it is given or holds, not a projection or an attention module on its own; "
+                           f"pass the block that holds them (or the whole model); nothing was changed")
+    for proj in projs:
         proj.merged_update = None
     _unguard_loads(model)  # the update is now the plain model's weight, which loads as any
     return detach(model)

@@ -134,6 +134,9 @@ def test_fold_with_given_weights_equals_the_live_lora_of_the_mixed_factors():
     mira.fold(model, w.numpy())  # a calibration computed in numpy (it was refused as "got ndarray")
     assert err(model(x), reference(x)) < 1e-12
     mira.unfold(model)
+    mira.fold(model, [w.numpy()] * DEPTH)  # one numpy array per memory (it was refused as "got list")
+    assert err(model(x), reference(x)) < 1e-12
+    mira.unfold(model)
     with pytest.raises(TypeError, match="fold: weights must be"):  # flags are no weighting (they were taken as 1, 0)
         mira.fold(model, [True, False, True, False])
 
@@ -168,6 +171,31 @@ def test_a_folded_model_runs_and_exports_as_the_plain_backbone():
     assert not mira.projections(model) and not mira.memories(model)
     assert all(type(b.attn.qkv) is nn.Linear for b in model.blocks)
     assert sorted(model.state_dict()) == sorted(tiny_vit().state_dict())
+    torch.testing.assert_close(model(x), folded, rtol=0, atol=0)
+
+
+@torch.no_grad()
+def test_unload_of_a_projection_or_attention_module_is_refused_and_changes_nothing():
+    # unload cleared the fold's record on every projection below what it was given, but detach only replaces
+    # a block's attn.qkv: given the attention module or the projection, the projection stayed and ran its
+    # memory on top of the folded weight (a silent wrong answer), and unfold could no longer take it out.
+    model = mira.set_stage(trained(), "inference")
+    x = images()
+    live = model(x)
+    mira.fold(model, torch.full((3,), 1 / 3))
+    folded = model(x)
+    hooks = [dict(m._load_state_dict_pre_hooks) for m in model.modules()]
+    for part, kept in ((model.blocks[1].attn, "'qkv'"), (model.blocks[0].attn.qkv, "'the MiraProjection given'")):
+        with pytest.raises(RuntimeError, match=rf"unload: the MIRA projections \[{kept}\] would stay.*pass the block"):
+            mira.unload(part)
+    assert all(p.merged_update is not None for p in mira.projections(model))
+    assert [dict(m._load_state_dict_pre_hooks) for m in model.modules()] == hooks
+    torch.testing.assert_close(model(x), folded, rtol=0, atol=0)
+    mira.unfold(model)
+    torch.testing.assert_close(model(x), live)
+    mira.fold(model, torch.full((3,), 1 / 3))
+    mira.unload(model.blocks[0])  # a block: its qkv is replaced, holding the update; the other block still folded
+    assert type(model.blocks[0].attn.qkv) is nn.Linear and model.blocks[1].attn.qkv.merged_update is not None
     torch.testing.assert_close(model(x), folded, rtol=0, atol=0)
 
 
