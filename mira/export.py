@@ -52,6 +52,13 @@ def _batched_examples(example_inputs: tuple, dynamic_batch: bool) -> tuple[tuple
     examples, shapes = [], []
     for arg in example_inputs:
         if isinstance(arg, torch.Tensor) and arg.dim() >= 1:
+            if arg.shape[0] == 0:
+                # torch.export fails on it deep inside ("Constraints violated (batch)!"): a traced
+                # size of 0 is specialised too, and there is no sample to repeat.
+                raise ValueError(f"export_program: example_inputs has a batch of 0 samples (input {len(examples)}, "
+                                 f"shape {tuple(arg.shape)}); a dynamic batch is traced from at least 1 sample: give "
+                                 f"one (the program then serves any batch, 0 included), or pass dynamic_batch=False "
+                                 f"for a program of batch 0 only")
             if arg.shape[0] == 1:
                 # A traced size of 1 is specialised (broadcasting rules), so trace with 2 samples.
                 arg = torch.cat([arg, arg])

@@ -188,6 +188,16 @@ def test_the_float64_check_of_an_empty_batch_is_exact_and_a_wrongly_shaped_outpu
             check_against_float64(model, x, {"export": wrong})
 
 
+def test_export_program_refuses_an_empty_example_batch_clearly(exported):
+    # torch.export failed deep inside on it ("Constraints violated (batch)!"); a program traced from one
+    # sample or more serves an empty batch.
+    model, program = exported
+    with pytest.raises(ValueError, match=r"example_inputs has a batch of 0 samples.*at least 1 sample"):
+        export_program(model, images(0))
+    with torch.no_grad():
+        assert program.module()(images(0)).shape == model(images(0)).shape == (0, model.num_classes)
+
+
 def test_export_aoti_refuses_a_path_without_pt2_before_compiling(tmp_path, monkeypatch):
     def compile_first(*args, **kwargs):
         raise AssertionError("export_aoti exported or compiled before checking its path")
