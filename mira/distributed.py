@@ -460,16 +460,19 @@ def mira_state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def _layout(module: nn.Module) -> tuple:
     """What a strategy is built for: name, shape, dtype and requires_grad of every parameter, and
-    name and shape of every buffer; and each memory's mutation count. A memory that grows, or a
-    stage switch, changes it; so does a write into a memory of fixed capacity, which changes no
-    shape, and after which rank 0's contents must be broadcast as after a growth (else the ranks'
-    models silently differ)."""
+    name and shape of every buffer; each memory's mutation count and each projection's count of
+    LoRA resets. A memory that grows, or a stage switch, changes it; so does a write into a memory
+    of fixed capacity, which changes no shape, and a fresh live LoRA (``reset_lora``, which
+    ``write_adapters`` calls): after those rank 0's contents must be broadcast as after a growth
+    (else the ranks' models silently differ: each rank draws its own keys and LoRA A)."""
+    from .layers import MiraProjection
     from .memory import AdapterMemory
 
     params = tuple((n, tuple(p.shape), p.dtype, p.requires_grad) for n, p in module.named_parameters())
     buffers = tuple((n, tuple(b.shape)) for n, b in module.named_buffers())
     writes = tuple((n, m._mutations) for n, m in module.named_modules() if isinstance(m, AdapterMemory))
-    return params, buffers, writes
+    resets = tuple((n, m._lora_resets) for n, m in module.named_modules() if isinstance(m, MiraProjection))
+    return params, buffers, writes, resets
 
 
 def _describe_change(old: tuple, new: tuple) -> str:
@@ -492,6 +495,10 @@ def _describe_change(old: tuple, new: tuple) -> str:
     written = [n for n, count in new[2] if old_writes.get(n) != count]
     if written and not grown:
         parts.append(f"{len(written)} memories written in place (e.g. {written[0] or 'the memory'})")
+    old_resets = dict(old[3])
+    reset = [n for n, count in new[3] if old_resets.get(n) != count]
+    if reset and not written:
+        parts.append(f"the live LoRA of {len(reset)} projections reset (e.g. {reset[0] or 'the projection'})")
     return "; ".join(parts) or "no change"
 
 
@@ -538,7 +545,11 @@ class DistributedModel:
 
     Args:
         module: the model (MIRA attached). Call the :class:`DistributedModel` to run it; mutate and
-            evaluate ``.module`` (``write_adapters``, ``set_stage``, inference) as usual.
+            evaluate ``.module`` (``write_adapters``, ``set_stage``, inference) as usual. A mutation
+            reaches the other ranks at the wrapper's next call, which broadcasts rank 0's MIRA tensors:
+            until then each rank holds what it drew (``write_adapters`` and ``reset_lora`` draw keys
+            and LoRA A from each rank's random state), so evaluate ``.module`` after a call, or pass
+            them a ``generator`` seeded alike on every rank.
         strategy: ``"ddp"`` or ``"fsdp"`` (see below). Ignored, with nothing wrapped, in one process.
         grad_reduction: ``"mean"`` (DDP's convention: each rank's loss is the mean of its share,
             exact when shares are equal) or ``"sum"`` (each rank's loss is its share's sum divided
@@ -653,7 +664,7 @@ class DistributedModel:
     def _check_same_layout(self, layout: tuple) -> None:
         if self.context.world_size == 1:
             return
-        mine = [(n, s, str(d), g) for n, s, d, g in layout[0]], list(layout[1]) + list(layout[2])
+        mine = [(n, s, str(d), g) for n, s, d, g in layout[0]], list(layout[1]) + list(layout[2]) + list(layout[3])
         every = [None] * self.context.world_size
         dist.all_gather_object(every, mine)
         for r, theirs in enumerate(every):
@@ -664,7 +675,7 @@ class DistributedModel:
                 raise RuntimeError(
                     f"mira.distributed: rank {r}'s model differs from rank {self.context.rank}'s "
                     f"(e.g. {diff[:2]}): every rank must attach, grow (write_adapters) and switch stages "
-                    "identically")
+                    "identically (and reset_lora alike)")
 
     def _trainable(self) -> list[nn.Parameter]:
         return [p for p in self.module.parameters() if p.requires_grad]

@@ -77,6 +77,9 @@ class MiraProjection(nn.Module):
     """
 
     _eval_plan = None  # the default where an instance has none (one unpickled from an older version)
+    # How many times reset_lora drew a fresh LoRA: part of mira.distributed's layout, so that under
+    # a DistributedModel the next call broadcasts rank 0's draw (each rank draws its own A).
+    _lora_resets = 0
 
     def __init__(
         self,
@@ -166,8 +169,12 @@ class MiraProjection(nn.Module):
 
     @torch.no_grad()
     def reset_lora(self, generator: torch.Generator | None = None) -> None:
-        """Fresh adapter: A kaiming-uniform (as ``nn.Linear`` initialises weights), B zero."""
+        """Fresh adapter: A kaiming-uniform (as ``nn.Linear`` initialises weights), B zero.
+
+        Under :class:`mira.distributed.DistributedModel` the next call of the wrapper gives every rank
+        rank 0's A (each rank draws from its own random state unless ``generator`` is seeded alike)."""
         self._set_lora(self._fresh_lora_a(generator))
+        self._lora_resets += 1
 
     def _fresh_lora_a(self, generator: torch.Generator | None) -> torch.Tensor:
         """The A that :meth:`reset_lora` sets (the same draws), drawn without changing anything."""

@@ -227,6 +227,26 @@ def capacity_writes(args: dict) -> dict:
     return out
 
 
+def lora_resets(args: dict) -> dict:
+    """reset_lora on every rank, each drawing another A from its own random state: it changes no shape
+    and no memory, and the wrapper must still give every rank rank 0's A at its next call."""
+    ctx = md.init_distributed(timeout_s=60.0)
+    torch.manual_seed(1)
+    model = mira.attach(tiny_backbone(), rank=2)
+    model.head = torch.nn.Linear(16, 10, bias=False)
+    mira.set_stage(model, "adaptation", extra_trainable=("head",))
+    net = md.DistributedModel(model, "ddp", verbose=False)
+    x = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(7))
+    net(x).square().sum().backward()
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(300 + ctx.rank)  # a different draw on every rank
+    for proj in mira.projections(model):
+        proj.reset_lora()
+    net(x).square().sum().backward()
+    lora = {n: t.detach().clone() for n, t in model.named_parameters() if "lora" in n}
+    return {"lora": lora, "builds": net.builds}
+
+
 def recipe(args: dict) -> dict:
     """Adaptation pool, DIL consolidation under DualGPM, a DG fold with mixup, and a growing memory."""
     md.init_distributed(timeout_s=args.get("timeout", 120.0))

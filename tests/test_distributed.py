@@ -412,6 +412,17 @@ def test_writes_into_a_memory_of_fixed_capacity_leave_every_rank_with_rank_0s_co
         assert _same(ranks[0][part], ranks[1][part]), part
 
 
+def test_a_fresh_live_lora_drawn_on_every_rank_is_rank_0s_on_every_rank_after_the_next_call():
+    # reset_lora changes no shape and no memory: the wrapper did not see it, and each rank trained
+    # the A it drew (the ranks' LoRA A stayed apart for good; found by probing).
+    ranks = _ok(W.launch("lora_resets", 2))
+    assert ranks[0]["/builds"] == 2  # built at the first call, rebuilt after the reset
+    lora = [k for k in ranks[0] if k.startswith("/lora/")]
+    assert any(k.endswith("lora_a") for k in lora)
+    differ = [k for k in lora if not _same(ranks[0][k], ranks[1][k])]
+    assert not differ, differ[:5]
+
+
 def test_a_run_killed_mid_task_resumes_to_bitwise_the_uninterrupted_result(tmp_path):
     # 3 tasks; rank 1 dies as the second consolidation starts (task 1's adapters already appended to
     # the memory), so the checkpoint holds task 0 and the resumed run redoes tasks 1 and 2.
