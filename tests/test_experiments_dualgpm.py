@@ -130,3 +130,51 @@ def test_projection_is_in_place_for_a_non_contiguous_gradient(dual):
         assert gpm.project_("b", grad) is grad
         assert (grad @ basis).abs().max() < 1e-5
         torch.testing.assert_close(grad, expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan"), 1e200], ids=["inf", "nan", "overflow"])
+def test_non_finite_activations_are_refused_and_change_nothing(bad):
+    # An inf read as "nothing to add" (0), a NaN raised LAPACK's error, values whose energy
+    # overflows float64 added nothing silently; each left an empty basis registered under the name.
+    gpm = GradientProjectionMemory(threshold=0.9)
+    x = torch.randn(5, 4, dtype=torch.float64)
+    x[0, 0] = bad
+    with pytest.raises(ValueError, match="w: "):
+        gpm.update("w", x)
+    assert "w" not in gpm and gpm.state_dict()["bases"] == {}
+    # and an existing basis is left as it was
+    gpm.update("w", _low_rank(20, 4, 1, seed=0))
+    before = gpm.basis("w").clone()
+    with pytest.raises(ValueError, match="w: "):
+        gpm.update("w", x)
+    assert torch.equal(gpm.basis("w"), before)
+
+
+def test_empty_batch_adds_nothing_and_registers_no_basis():
+    # An empty (0, 4) batch registered a dim-4 basis, so a later (3, 5) batch was refused.
+    gpm = GradientProjectionMemory()
+    assert gpm.update("h", torch.zeros(0, 4)) == 0
+    assert "h" not in gpm and gpm.rank("h") == 0
+    assert gpm.update("h", _low_rank(3, 5, 1, seed=0)) == 1 and gpm.basis("h").shape == (5, 1)
+    # against an existing basis an empty batch is still checked for its dimension
+    with pytest.raises(ValueError, match="dim 4, basis has 5"):
+        gpm.update("h", torch.zeros(0, 4))
+    assert gpm.update("h", torch.zeros(0, 5)) == 0 and gpm.rank("h") == 1
+
+
+@pytest.mark.parametrize("threshold", ["0.7", None, True, torch.tensor(0.7)])
+def test_threshold_of_the_wrong_type_is_refused(threshold):
+    with pytest.raises(TypeError, match="threshold must be a real number"):
+        GradientProjectionMemory(threshold=threshold)
+
+
+@pytest.mark.parametrize("threshold", [0.0, -0.5, 1.5, float("nan")])
+def test_threshold_out_of_range_is_refused(threshold):
+    with pytest.raises(ValueError, match=r"threshold must be in \(0, 1\]"):
+        GradientProjectionMemory(threshold=threshold)
+
+
+def test_threshold_accepts_any_real_number_in_range():
+    np = pytest.importorskip("numpy")
+    for threshold in (1, 0.7, np.float64(0.7)):
+        assert GradientProjectionMemory(threshold=threshold).threshold == threshold

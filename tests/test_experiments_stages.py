@@ -16,6 +16,7 @@ from mira.experiments.stages import (
     attach_memory_model,
     consolidate,
     features,
+    gpm_modules,
     gpm_update,
     train_adapter_pool,
 )
@@ -48,6 +49,20 @@ def test_adapter_pool_writes_every_adapter_in_task_order(backbone):
     assert not torch.equal(pool.bank_a[0][0], pool.bank_a[0][1])
     assert [h[0].shape for h in pool.heads] == [(2, 16)] * 3  # CIL: one row per class of the task
     assert all(torch.isfinite(b).all() for b in pool.bank_a + pool.bank_b)
+
+
+def test_gpm_update_with_a_later_bindings_activations_non_finite_changes_no_basis(backbone):
+    # update checks one binding at a time: the keys' bases grew before the head's inf input was refused.
+    tasks = _tasks(1)
+    pool = train_adapter_pool(backbone, tasks, CFG, seed=1, local_labels=False)
+    model = attach_memory_model(backbone, rank=4, head_rows=10)
+    append_task_adapters(model, pool, 0, [torch.randn(2, 16)] * 2)
+    gpm = GradientProjectionMemory(threshold=0.999)
+    with torch.no_grad():
+        model.norm.weight.fill_(float("inf"))  # the head's input only: the blocks' queries stay finite
+    with pytest.raises(ValueError, match="head.*non-finite"):
+        gpm_update(model, gpm, tasks[0].train_x)
+    assert all(gpm.rank(pp.name) == 0 for pp, _, _ in gpm_modules(model))
 
 
 def test_consolidation_trains_keys_and_head_not_adapters_and_gpm_protects_old_outputs(backbone):

@@ -21,6 +21,8 @@ constant-1 input, so ``[W b]`` is projected against activations augmented with a
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 __all__ = ["GradientProjectionMemory", "ProjectedParameter"]
@@ -76,7 +78,11 @@ class GradientProjectionMemory:
     """
 
     def __init__(self, threshold: float = 0.7, enabled: bool = True):
-        if not 0.0 < threshold <= 1.0:
+        # bool is an int: threshold=True would silently mean 1.0 (protect everything)
+        if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real):
+            raise TypeError(f"threshold must be a real number in (0, 1], got {threshold!r} "
+                            f"({type(threshold).__name__}); pass e.g. threshold=0.7")
+        if not 0.0 < threshold <= 1.0:  # NaN fails this too
             raise ValueError(f"threshold must be in (0, 1], got {threshold}")
         self.threshold = threshold
         self.enabled = enabled
@@ -119,15 +125,30 @@ class GradientProjectionMemory:
 
     @torch.no_grad()
     def update(self, name: str, activations: torch.Tensor) -> int:
-        """Grow the basis of ``name`` from activations (n, d); returns how many directions were added."""
+        """Grow the basis of ``name`` from activations (n, d); returns how many directions were added.
+
+        An empty batch (no rows) adds nothing and creates no basis. Non-finite activations are
+        refused (ValueError); a refused call changes nothing.
+        """
         if not self.enabled:
             return 0
         eps = torch.finfo(activations.dtype if activations.dtype.is_floating_point else torch.float64).eps
         r = activations.detach().reshape(-1, activations.shape[-1]).to("cpu", torch.float64)
-        basis = self._bases.setdefault(name, _Basis(r.shape[1]))
+        # Every check comes before the basis is registered, so a refused call leaves no basis behind
+        # (an inf used to read as "nothing to add", a NaN as a LAPACK error, both after registering).
+        if not bool(torch.isfinite(r).all()):
+            raise ValueError(f"{name}: activations hold non-finite values (NaN or inf); GPM can only "
+                             "protect finite inputs: find where the forward overflows")
+        basis = self._bases[name] if name in self._bases else _Basis(r.shape[1])
         if basis.dim != r.shape[1]:
             raise ValueError(f"{name}: activations have dim {r.shape[1]}, basis has {basis.dim}")
+        if r.shape[0] == 0:  # no rows: nothing to protect, and no dimension to pin a new basis to
+            return 0
         total = r.square().sum()
+        if not bool(torch.isfinite(total)):
+            raise ValueError(f"{name}: the activations' energy (sum of squares) overflows float64; "
+                             "scale them down (the captured fraction does not depend on scale)")
+        self._bases[name] = basis
         if total <= 0:
             return 0
         res = basis.residual(r)

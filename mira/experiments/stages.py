@@ -346,9 +346,16 @@ def gpm_update(model: nn.Module, gpm: GradientProjectionMemory, x: torch.Tensor)
     finally:
         for h in handles:
             h.remove()
-    for pp, _, _ in bindings:
-        if pp.name in captured:
-            gpm.update(pp.name, pp.augment(parallel.gather_global_rows(captured[pp.name], shard)))
+    rows = {pp.name: pp.augment(parallel.gather_global_rows(captured[pp.name], shard))
+            for pp, _, _ in bindings if pp.name in captured}
+    # Checked for every binding before any basis grows (update refuses non-finite rows, but one at a
+    # time: a later binding's inf would leave the earlier bases grown), so a refused call changes nothing.
+    bad = [name for name, r in rows.items() if not bool(torch.isfinite(r).all())]
+    if bad:
+        raise ValueError(f"gpm_update: the activations of {bad} hold non-finite values (NaN or inf); no basis "
+                         "was changed: find where the forward overflows")
+    for name, r in rows.items():
+        gpm.update(name, r)
     parallel.share_gpm_(gpm)
     return {pp.name: gpm.rank(pp.name) for pp, _, _ in bindings}
 
