@@ -74,6 +74,9 @@ def _projection_of(model: nn.Module) -> dict[int, object]:
 def save_memories(model: nn.Module, path: str | os.PathLike, *, metadata: Mapping[str, str] | None = None) -> None:
     """Write every memory of ``model`` (keys, stored adapters, slot names, query modules, config) to ``path``.
 
+    The memories only: not the backbone weights, nor what the projections hold outside their memories,
+    as :func:`save_model` lists (a live LoRA, a merged or folded update), of which it warns the same way.
+
     Args:
         metadata: extra string entries for the file's metadata (the format's own keys are reserved).
     """
@@ -87,6 +90,22 @@ def save_model(model: nn.Module, path: str | os.PathLike, *, modules: Sequence[s
     The memories (keys, stored adapters, slot names, query modules), the state of ``modules``
     (the trained head) and the attach config: :func:`load_model` rebuilds the model from a fresh
     backbone with the same pretrained weights in one call.
+
+    Not in the file, so a loaded model lacks them:
+
+    * the backbone weights, and with them an update :func:`mira.merge` or :func:`mira.fold` holds in a
+      projection's base weight: the loaded model runs its memories per sample (or its fresh LoRA), not
+      the merged or folded update. Save the unfolded model (:func:`mira.unfold`; a merged LoRA:
+      :func:`mira.unmerge`, then :func:`mira.write_adapters`), and keep a fold's slot weights (each
+      projection's ``merged_update.slot_weights``) yourself to fold again after loading;
+    * the live adaptation LoRA of each projection (``lora_a`` / ``lora_b``, e.g. trained in the
+      ``adaptation`` stage, or set by :func:`import_peft`): :func:`load_model` gives fresh ones (B
+      zero). Store it in the memory first with :func:`mira.write_adapters`;
+    * modules not named in ``modules``, the stage and train / eval mode (:func:`load_model` sets them),
+      optimiser state.
+
+    A model holding a live LoRA that is not in its memory, or a merged or folded update, is saved
+    with one warning that counts those projections and names the cure.
 
     Args:
         modules: qualified names of modules trained beside MIRA, outside its layers; default
@@ -182,6 +201,47 @@ def _write_file(model: nn.Module, path, modules: Mapping[str, nn.Module], metada
     finally:
         if os.path.exists(partial):
             os.remove(partial)
+    _warn_unsaved(model, path, what)
+
+
+def _warn_unsaved(model: nn.Module, path: str, what: str) -> None:
+    """One warning if ``model`` holds state that changes its outputs and that the file does not hold
+    (the format has no place for it): a live LoRA not stored in the memory, a merged or folded update."""
+    projs = projections(model)
+    live = sum(_live_lora_unstored(proj) for proj in projs)
+    held = [proj.merged_update.kind for proj in projs if proj.merged_update is not None]
+    merged, folded = held.count("merged"), held.count("folded")
+    if not (live or merged or folded):
+        return
+    parts = []
+    if live:
+        parts.append(f"{live} hold a live adaptation LoRA that is not in the memory (nor in the file): store it "
+                     "there first with mira.write_adapters(model)")
+    if merged:
+        parts.append(f"{merged} hold a merged LoRA in their base weight, which the file (no backbone weights) "
+                     "lacks: mira.unmerge(model), then mira.write_adapters(model)")
+    if folded:
+        parts.append(f"{folded} hold a folded mixture of the memory in their base weight, which the file lacks (a "
+                     "loaded model runs the memory per sample): save the unfolded model (mira.unfold(model)), and "
+                     "keep the fold's slot weights (each projection's merged_update.slot_weights) yourself to "
+                     "mira.fold again after loading")
+    warnings.warn(f"{what}: wrote {path} without state that changes the model's outputs: of its {len(projs)} MIRA "
+                  f"projections, {'; '.join(parts)}", stacklevel=4)
+
+
+def _live_lora_unstored(proj: MiraProjection) -> bool:
+    """Whether ``proj``'s live LoRA is a nonzero update that no slot of its memory holds exactly (as
+    :func:`mira.write_adapters` with ``reset=False`` leaves it: then it is in the file)."""
+    lora_a, lora_b = proj.lora_a.detach(), proj.lora_b.detach()
+    if lora_a.is_meta or not (bool(lora_b.any()) and bool(lora_a.any())):
+        return False  # a fresh LoRA (B zero) adds nothing
+    bank_a, bank_b = proj.memory.stored_adapters
+    if bank_a.shape[0] == 0:
+        return True
+    # As write_adapters stores it: converted to the banks' dtype.
+    same_a = (bank_a.detach() == lora_a.to(bank_a)).flatten(1).all(dim=1)
+    same_b = (bank_b.detach() == lora_b.to(bank_b)).flatten(1).all(dim=1)
+    return not bool((same_a & same_b).any())
 
 
 def _checked_metadata(metadata: Mapping[str, str] | None, what: str) -> dict[str, str]:
@@ -332,6 +392,14 @@ def _plan_memory(path: str, name: str, entry, memory: AdapterMemory, proj, tenso
         # (a storage choice): float32 banks into 16-bit ones round as contract section 4 bounds;
         # float16 refuses entries beyond its range (finite in the file, inf after conversion).
         planned[k] = _finite_tensor(path, f"{name}.{k}", t, memory.keys if k == "keys" else getattr(memory, k))
+    # Every row of the file is a stored adapter (empty slots are not written). A zero key (also one
+    # that rounds to zero in the model's dtype) has no direction to retrieve by, and the op's gradient
+    # of it is g / eps (~4e13): append refuses it, and so does a load.
+    zero = (planned["keys"] == 0).all(dim=1)
+    if bool(zero.any()):
+        raise ValueError(f"load_memories: {where}: the keys of slots {zero.nonzero().flatten().tolist()} are all "
+                         "zeros; a stored adapter's key needs a direction (cosine retrieval), as append requires. "
+                         "Nothing was loaded: give those slots nonzero keys in the file, or remove them")
     query_state = {}
     for k, like in current_query.items():
         t = file_query[k]
@@ -592,7 +660,7 @@ def _read_peft(source, adapter_name: str = "default") -> tuple[dict[str, torch.T
 
 
 def _lora_modules(state: Mapping[str, torch.Tensor], adapter_name: str, prefix: str,
-                  ignore_unmatched: bool) -> dict[str, dict]:
+                  ignore_unmatched: bool, modules_to_save=None) -> dict[str, dict]:
     modules: dict[str, dict] = {}
     others = []
     for key, value in state.items():
@@ -613,7 +681,22 @@ def _lora_modules(state: Mapping[str, torch.Tensor], adapter_name: str, prefix: 
             raise ValueError(f"PEFT module {module} has lora_{match['factor']} twice (the last key: {key}); "
                              "keep one, or name the adapter with adapter_name")
         factors[match["factor"]] = value
-    if others:
+    frozen = _frozen_keys(others, prefix, modules_to_save)
+    if frozen:
+        # peft_model.state_dict() holds the whole model: every backbone tensor (the wrapped layers'
+        # ".base_layer.weight", a module to save's ".original_module."), which nothing trained. Calling
+        # them trained tensors, as below, sent users looking for modules_to_save they never had.
+        more = "..." if len(frozen) > 3 else ""
+        what = (f"import_peft: the PEFT source looks like a full PeftModel.state_dict(): besides the LoRA "
+                f"factors it holds {len(frozen)} tensors that PEFT does not train ({frozen[:3]}{more}: the frozen "
+                "backbone, neither LoRA factors, nor biases, nor modules_to_save), which this import does not "
+                "load. Pass the adapter's own state dict, peft.get_peft_model_state_dict(peft_model) (what "
+                "save_pretrained writes), with its config")
+        if not ignore_unmatched:
+            raise ValueError(f"{what}; or pass ignore_unmatched=True to import the LoRA factors alone")
+        warnings.warn(f"{what}; this import reads the LoRA factors alone: load any tensors trained beside them "
+                      "(modules_to_save, biases) into the model yourself", stacklevel=3)
+    elif others:
         # Trained with the adapter (modules_to_save: a head; bias="all" / "lora_only": biases) and part
         # of the PEFT model's outputs, not of an adapter value: without them the model is not PEFT's
         # (a warning alone left outputs 0.2-7.8 off). Refused as unmatched LoRA modules are.
@@ -628,6 +711,25 @@ def _lora_modules(state: Mapping[str, torch.Tensor], adapter_name: str, prefix: 
         if set(factors) != {"A", "B"}:
             raise ValueError(f"PEFT module {module} has lora_{''.join(factors)} but not both lora_A and lora_B")
     return modules
+
+
+def _frozen_keys(keys: Sequence[str], prefix: str, modules_to_save) -> list[str]:
+    """The frozen backbone tensors among ``keys`` (a PEFT source's tensors that are not LoRA factors) if
+    they are those of a full ``PeftModel.state_dict()``, else []."""
+    # Only the full state dict holds a wrapped layer's base weight, a module to save's frozen original,
+    # or the model's own parameters (cls_token, pos_embed: modules_to_save names modules, never the root).
+    # Other keys may be a hand-made pair's trained head whose config omits modules_to_save: not judged.
+    def marker(key: str) -> bool:
+        rest = key[len(prefix):] if key.startswith(prefix) else key
+        return ".original_module." in key or ".base_layer." in key and not key.endswith(".bias") or "." not in rest
+
+    if not any(marker(key) for key in keys):
+        return []
+    # Named in the message: what get_peft_model_state_dict would not write. It writes biases (bias="all" /
+    # "lora_only") and the modules to save (by PEFT's rule, a module whose name ends with an entry).
+    saved = [m for m in (modules_to_save or ()) if isinstance(m, str) and m]
+    return [key for key in keys if marker(key) or not key.endswith(".bias")
+            and not any(f".{m}." in f".{key}" for m in saved)]
 
 
 def _check_alpha(where: str, value) -> None:
@@ -703,9 +805,14 @@ def import_peft(
     OLoRA, CorDA, LoftQ, LoRA-GA) are refused: convert them to a plain LoRA with PEFT first.
 
     Args:
-        source: a PEFT adapter directory (``save_pretrained``) or a ``(state_dict, config)`` pair.
-        adapter_name: which adapter to read: of a multi-adapter state dict, or of a folder, where
-            PEFT's ``save_pretrained`` puts any adapter but ``"default"`` in ``<folder>/<name>/``.
+        source: a PEFT adapter directory (``save_pretrained``) or a ``(state_dict, config)`` pair:
+            the adapter's own state dict, ``peft.get_peft_model_state_dict(peft_model)`` (what
+            ``save_pretrained`` writes; not ``peft_model.state_dict()``, which also holds the frozen
+            backbone and is refused), and its ``LoraConfig`` (or the config's dict), e.g.
+            ``(get_peft_model_state_dict(pm), pm.peft_config["default"])``.
+        adapter_name: which adapter to read (a non-empty name, without path separators): of a
+            multi-adapter state dict, or of a folder, where PEFT's ``save_pretrained`` puts any
+            adapter but ``"default"`` in ``<folder>/<name>/``.
         keys, generator: the new slots' keys, as :func:`mira.write_adapters` (``into="memory"``);
             with ``into="lora"``, ``generator`` draws the fresh LoRA rows PEFT gave no value.
         prefix: stripped from PEFT's module names (``base_model.model.`` for a PeftModel).
@@ -715,6 +822,16 @@ def import_peft(
         ``into="lora"``: an empty list.
     """
     _check_module(model)  # before the adapter is read
+    # Checked here: a non-str raised os.path's bare TypeErrors, "" joined to the folder itself (its
+    # "default" adapter read without a word), a separator or ".." named a folder outside the adapter's.
+    if not isinstance(adapter_name, str):
+        raise TypeError(f"import_peft: adapter_name must be a str (the PEFT adapter's name, 'default' unless it "
+                        f"was named), got {adapter_name!r}")
+    separators = [sep for sep in ("/", "\\", os.sep, os.altsep, "\0") if sep and sep in adapter_name]
+    if not adapter_name or adapter_name in (".", "..") or separators:
+        raise ValueError(f"import_peft: adapter_name must be a PEFT adapter's name ('default' unless it was named), "
+                         f"non-empty and without path separators, got {adapter_name!r}; to read an adapter in "
+                         "another folder, pass that folder as source")
     if into not in ("lora", "memory"):
         raise ValueError(f"import_peft: into must be 'lora' (the live adaptation LoRA) or 'memory', got {into!r}")
     if into == "lora" and (keys is not None or task is not None):
@@ -752,7 +869,7 @@ def import_peft(
     rslora = config.get("use_rslora", False)
     if not isinstance(rslora, bool):  # bool("false") is True: it would silently scale by alpha / sqrt(r)
         raise TypeError(f"import_peft: use_rslora in the PEFT config must be true or false, got {rslora!r}")
-    available = _lora_modules(state, adapter_name, prefix, ignore_unmatched)
+    available = _lora_modules(state, adapter_name, prefix, ignore_unmatched, config.get("modules_to_save"))
     if not available:
         raise ValueError("no LoRA weights (lora_A / lora_B) found in the PEFT source")
 

@@ -748,6 +748,7 @@ class AdapterMemory(nn.Module):
             misfits.append(f"{broken} hold NaN or inf values (did training diverge?); a memory stores finite "
                            "adapters and keys only")
         misfits += self._slot_layout_misfits(state_dict, prefix, n)
+        misfits += self._zero_key_misfits(state_dict, prefix, n)
         bank_dtype = self._bank_dtype_for(self.keys.dtype)
         for name in ("bank_a", "bank_b"):
             t = state_dict.get(prefix + name)
@@ -776,6 +777,38 @@ class AdapterMemory(nn.Module):
         if unused:
             return [f"{unused} hold nonzero values in the empty slots {count}..{n - 1}; empty slots hold zeros"]
         return []
+
+    def _zero_key_misfits(self, state_dict, prefix: str, n: int) -> list[str]:
+        """All-zero keys of stored adapters, which append refuses: a zero key has no direction (its cosine
+        is 0 for every query) and the op's gradient of it is g / eps (~4e13). Empty slots of a fixed
+        capacity hold zero keys by design (the slots ``active`` leaves out after the load): not checked."""
+        keys, active = state_dict.get(prefix + "keys"), state_dict.get(prefix + "active")
+        keys_in = isinstance(keys, torch.Tensor) and tuple(keys.shape) == (n, self.config.d_k)
+        active_in = isinstance(active, torch.Tensor) and tuple(active.shape) == (n,) and active.dtype == torch.bool
+        if not (keys_in or self.active is not None and active_in):
+            return []  # nothing that decides which keys the stored slots hold is loaded (or a misfit reported)
+        if not keys_in:
+            if n != self.keys.shape[0]:
+                return []
+            keys = self.keys.detach()  # a mask alone loaded: the slots it marks used keep these keys
+        if keys.is_meta or self.active is not None and (active_in and active.is_meta or self.active.is_meta):
+            return []
+        if self.active is None:
+            stored = torch.ones(n, dtype=torch.bool)
+        elif active_in:
+            stored = active.cpu()
+        elif self.active.shape == (n,):
+            stored = self.active.cpu()
+        else:
+            return []
+        # As the memory will hold them: a key that rounds to zero in its dtype has no direction either.
+        held = keys.to(self.keys.dtype) if keys.is_floating_point() else keys
+        zero = (held == 0).all(dim=1).cpu() & stored
+        if not bool(zero.any()):
+            return []
+        return [f"{prefix}keys of the stored slots {zero.nonzero().flatten().tolist()} are all zeros; a stored "
+                "adapter's key needs a direction (cosine retrieval), as append requires: give those slots nonzero "
+                "keys, or remove them"]
 
     def _query_state_pre_hook(self, module, state_dict, prefix, *args) -> None:
         # The hook of memories pickled before it became a module-level function (their query module

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import timm
@@ -347,3 +348,135 @@ def test_a_refused_peft_import_into_the_lora_leaves_the_generator_as_it_was():
     with pytest.raises(ValueError, match="too large for the model's torch.float32"):  # rank 2 < 4: rows are drawn
         mira.import_peft(mira.attach(tiny_vit()), (state, {"r": 2, "lora_alpha": 4e39}), generator=generator)
     assert torch.equal(generator.get_state(), before)
+
+
+def _unsaved_warnings(record) -> list[str]:
+    return [str(w.message) for w in record if "without state that changes the model's outputs" in str(w.message)]
+
+
+@pytest.mark.parametrize("save", [mira.save_memories, mira.save_model])
+def test_saving_warns_of_a_live_lora_and_a_held_update_that_the_file_does_not_hold(tmp_path, save):
+    # A live LoRA (import_peft's default target, or one trained in the adaptation stage) and a fold
+    # were dropped without a word: the loaded model was the bare backbone's (0.44 off PEFT's outputs).
+    import warnings
+
+    path = tmp_path / "m.safetensors"
+    model = trained_memories()  # its live LoRA was written (write_adapters resets it): nothing lost
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        save(model, path)
+    assert _unsaved_warnings(record) == []
+    with torch.no_grad():
+        mira.projections(model)[1].lora_b.normal_(generator=torch.Generator().manual_seed(1))
+    with pytest.warns(UserWarning, match=r"of its 2 MIRA projections, 1 hold a live adaptation LoRA that is not in "
+                                         r"the memory .*mira\.write_adapters\(model\)") as record:
+        save(model, path)
+    assert len(_unsaved_warnings(record)) == 1
+    mira.write_adapters(model, reset=False)  # stored now, and still live: the file holds it
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        save(model, path)
+    assert _unsaved_warnings(record) == []
+    mira.fold(model, torch.tensor([0.5, 0.25, 0.125, 0.125]))
+    with pytest.warns(UserWarning, match=r"2 hold a folded mixture .*mira\.unfold\(model\).*slot_weights"):
+        save(model, path)
+    mira.unfold(model)
+    with torch.no_grad():
+        for proj in mira.projections(model):
+            proj.lora_b.normal_(generator=torch.Generator().manual_seed(2))
+    mira.merge(mira.set_stage(model, "adaptation"))
+    with pytest.warns(UserWarning, match=r"2 hold a live adaptation LoRA .*; 2 hold a merged LoRA .*mira\.unmerge"):
+        save(model, path)
+    mira.load_memories(mira.attach(tiny_vit()), path)  # the format is unchanged
+
+
+def _with_zero_key(tmp_path, source, slot):
+    """A copy of ``source``'s memory file with slot ``slot`` of blocks.0's keys zeroed."""
+    mira.save_memories(source, tmp_path / "good.safetensors")
+    with safe_open(str(tmp_path / "good.safetensors"), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    tensors["blocks.0.mira_memory.keys"][slot] = 0
+    save_file(tensors, tmp_path / "zero.safetensors", metadata=meta)
+    return tmp_path / "zero.safetensors"
+
+
+def test_a_stored_adapter_with_an_all_zero_key_is_refused_by_every_load(tmp_path):
+    # append refuses a zero key (no direction; the op's gradient of it is g / eps, ~4e13 in the
+    # consolidation stage), but the loaders took one from a file or a state dict.
+    source = trained_memories()
+    zero = _with_zero_key(tmp_path, source, 1)
+    model = mira.attach(tiny_vit())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"zero.safetensors: blocks.0.mira_memory: the keys of slots \[1\] are all "
+                                         "zeros; a stored adapter's key needs a direction"):
+        mira.load_memories(model, zero)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    mira.save_model(source, tmp_path / "model.safetensors")
+    with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    tensors["blocks.0.mira_memory.keys"][2] = 0
+    save_file(tensors, tmp_path / "zero_model.safetensors", metadata=meta)
+    backbone = tiny_vit()
+    with pytest.raises(ValueError, match=r"the keys of slots \[2\] are all zeros"):
+        mira.load_model(backbone, tmp_path / "zero_model.safetensors")
+    assert mira.projections(backbone) == []
+    state = {k: v.clone() for k, v in source.state_dict().items()}
+    state["blocks.1.mira_memory.keys"][0] = 0
+    with pytest.raises(RuntimeError, match=r"blocks.1.mira_memory.keys of the stored slots \[0\] are all zeros"):
+        model.load_state_dict(state)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_a_fixed_capacity_memory_with_empty_slots_round_trips_but_a_used_slot_with_a_zero_key_does_not(tmp_path):
+    # Empty slots hold zero keys by design: only the slots the mask marks used are checked.
+    source = trained_memories(capacity=5, separation="relu")
+    path = tmp_path / "m.safetensors"
+    mira.save_memories(source, path)
+    model = mira.attach(tiny_vit(), capacity=5, separation="relu")
+    mira.load_memories(model, path)
+    assert [m.num_slots for m in mira.memories(model)] == [3, 3]
+    model.load_state_dict(source.state_dict())
+    state = {k: v.clone() for k, v in source.state_dict().items()}
+    state["blocks.0.mira_memory.active"][3] = True  # slot 3 used, with the zero key of an empty slot
+    with pytest.raises(RuntimeError, match=r"blocks.0.mira_memory.keys of the stored slots \[3\] are all zeros"):
+        model.load_state_dict(state)
+    memory = mira.memories(model)[0]
+    with pytest.raises(RuntimeError, match=r"keys of the stored slots \[3\] are all zeros"):  # the mask alone
+        memory.load_state_dict({"active": state["blocks.0.mira_memory.active"]}, strict=False)
+    assert memory.num_slots == 3
+
+
+def test_import_peft_says_a_full_peft_state_dict_is_not_the_adapters_own(tmp_path):
+    # peft_model.state_dict() was refused as holding "trained tensors that are not LoRA factors"
+    # (its frozen backbone), which sent users looking for modules_to_save they never had.
+    peft = pytest.importorskip("peft")
+    pm = peft_vit(tmp_path, r=4, lora_alpha=8)
+    config = pm.peft_config["default"]
+    model = mira.attach(tiny_vit())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"looks like a full PeftModel.state_dict\(\).*cls_token.*"
+                                         r"peft.get_peft_model_state_dict\(peft_model\)"):
+        mira.import_peft(model, (pm.state_dict(), config))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    x = images()
+    with torch.no_grad():
+        mira.import_peft(model, (peft.get_peft_model_state_dict(pm), config))
+        torch.testing.assert_close(model(x), pm(x), rtol=1e-5, atol=1e-5)
+        other = mira.attach(tiny_vit())
+        with pytest.warns(UserWarning, match="looks like a full PeftModel.state_dict"):
+            mira.import_peft(other, (pm.state_dict(), config), ignore_unmatched=True)
+        torch.testing.assert_close(other(x), pm(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name, error", [(None, TypeError), (3, TypeError), (b"default", TypeError), ("", ValueError),
+                                         ("a/b", ValueError), ("..", ValueError)])
+def test_import_peft_refuses_an_adapter_name_that_names_no_adapter(tmp_path, name, error):
+    # None / 3 / b"x" raised os.path's bare TypeErrors, and "" read the folder's "default" adapter.
+    pm = peft_vit(tmp_path, r=4, lora_alpha=8)
+    model = mira.attach(tiny_vit())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    state = {k: v for k, v in load_file(tmp_path / "adapter_model.safetensors").items()}
+    for source in (tmp_path, (state, pm.peft_config["default"])):
+        with pytest.raises(error, match=f"import_peft: adapter_name must be .*got {re.escape(repr(name))}"):
+            mira.import_peft(model, source, adapter_name=name)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
