@@ -143,7 +143,8 @@ class MiraConfig:
             ``"uniform"`` U(-1, 1) (default, the authors' code) or ``"normal"`` N(0, 1).
         capacity: None for a memory that grows on append; an int pre-allocates that many slots
             with an active mask, so growth changes no shape (no recompilation, no CUDA-graph
-            re-capture).
+            re-capture). With one stored adapter and affine separation its weight is then 1, not
+            the raw cosine of a growing memory's one-slot rule (warned at the write).
         trainable_bank: make the stored adapters trainable in consolidation (an ablation).
         bank_dtype: storage dtype of the adapter banks: None (default: the model's dtype),
             ``torch.bfloat16`` / ``"bfloat16"``, ``torch.float16`` or ``torch.float32``. 16-bit banks

@@ -25,7 +25,10 @@ Two storage modes:
   is refused). Appending writes in place: no shape changes, no recompilation, no CUDA-graph
   re-capture, and the optimiser state keeps its shape; :meth:`remove` compacts slots, so a step
   with moments from before it raises (:mod:`mira.optim_state`, optimisers that have stepped in this
-  process) until ``forget_optimizer_state``.
+  process) until ``forget_optimizer_state``. One difference in weights: with exactly one stored
+  adapter, affine separation gives it weight 1 (z / z over the C slots the op sees) where a growing
+  memory applies the one-slot rule (the raw cosine z); a write that leaves one adapter stored warns.
+  From two on, the two memories compute the same model.
 
 What the op sees (:meth:`AdapterMemory.retrieval_tensors`) is derived from the stored tensors:
 empty slots masked, keys normalised per feature when ``key_norm="per_feature"``. Where no
@@ -55,7 +58,9 @@ example ``memory.keys.data.copy_(new)``) bypasses version counters; do that unde
 from __future__ import annotations
 
 import operator
+import os
 import sys
+import warnings
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -566,7 +571,22 @@ class AdapterMemory(nn.Module):
             self.bank_a.data[idx] = bank_a
             self.bank_b.data[idx] = bank_b
             self.active[idx] = True
+            self._note_one_stored(start + n)
         return list(range(start, start + n))
+
+    def _note_one_stored(self, stored: int) -> None:
+        """Warn where a fixed capacity changes the weights a growing memory would give: with one stored
+        adapter, affine separation over the op's C slots (the others empty, cosine 0) weights it z / z = 1,
+        where a growing memory (N = 1 at the op) takes the one-slot rule, the raw cosine z (contract
+        section 3). The op has no count of stored slots, and the forward cannot read one without a
+        device sync (nor could a CUDA graph or an exported program follow it), so this is warned at the
+        writes, which count on the host. From two stored adapters on, both memories agree exactly."""
+        if stored == 1 and self.active is not None and self.config.separation == "affine":
+            warnings.warn(
+                "a fixed-capacity memory holding one adapter weights it 1 under affine separation (z / z over its "
+                f"{self.config.capacity} slots), where a growing memory (capacity=None) weights it by its raw cosine "
+                "(the one-slot rule): the two compute different models until a second adapter is stored",
+                stacklevel=_stacklevel_outside_mira())
 
     @torch.no_grad()
     def _replace_contents(self, keys: torch.Tensor, bank_a: torch.Tensor, bank_b: torch.Tensor,
@@ -594,6 +614,7 @@ class AdapterMemory(nn.Module):
             self.bank_a.grad = self.bank_b.grad = None
         self.active.zero_()
         self.active[:n] = True
+        self._note_one_stored(n)
 
     @torch.no_grad()
     def remove(self, indices: int | str | Iterable[int | str]) -> None:
@@ -865,6 +886,17 @@ def _callers_strict() -> bool:
     """The ``strict`` argument of the ``nn.Module.load_state_dict`` call this load is part of (True
     when called otherwise, e.g. ``_load_from_state_dict`` directly: the stricter reading)."""
     return _callers_load()[2]
+
+
+def _stacklevel_outside_mira() -> int:
+    """warnings.warn's stacklevel, called from here, that names the first frame outside this package
+    and torch's decorators (the user's call, whichever mira function led to the warning)."""
+    package = os.path.dirname(__file__)
+    frame, level = sys._getframe(2), 2
+    while frame is not None and (frame.f_code.co_filename.startswith(package)
+                                 or frame.f_code.co_filename.endswith("_contextlib.py")):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _refuse_unstorable(name: str, t: torch.Tensor) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn as nn
@@ -108,6 +110,28 @@ def test_growing_and_fixed_capacity_memories_agree_through_append_and_remove():
     fixed.memory.append(*random_adapters(4, seed=3)[:2])
     with pytest.raises(RuntimeError, match="memory full"):
         fixed.memory.append(*random_adapters(1)[:2])
+
+
+@pytest.mark.parametrize("separation", ["affine", "relu"])
+def test_one_adapter_in_a_fixed_capacity_is_warned_where_affine_weights_differ_from_a_growing_memory(separation):
+    # With one stored adapter the op sees C slots, so affine gives z / z = 1 where a growing memory's
+    # N = 1 takes the raw cosine: the two models differ (0.38 on a tiny ViT), which was silent (found by
+    # probing). The op cannot count stored slots without a device sync: the write warns instead.
+    grow, fixed = make_layer(separation=separation), make_layer(capacity=4, separation=separation)
+    bank_a, bank_b, keys = random_adapters(2)
+    grow.memory.append(bank_a[:1], bank_b[:1], keys[:1])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fixed.memory.append(bank_a[:1], bank_b[:1], keys[:1])
+        differ = not torch.allclose(fixed(tokens()), grow(tokens()), rtol=1e-5, atol=1e-5)
+        fixed.memory.append(bank_a[1:], bank_b[1:], keys[1:])  # two stored: the memories agree, no warning
+        grow.memory.append(bank_a[1:], bank_b[1:], keys[1:])
+        torch.testing.assert_close(fixed(tokens()), grow(tokens()), rtol=1e-6, atol=1e-6)
+        fixed.memory.remove([1])  # one left again
+    one_slot = [w for w in caught if "holding one adapter" in str(w.message)]
+    assert differ == (separation == "affine")
+    assert len(one_slot) == (2 if separation == "affine" else 0)
+    assert all(w.filename == __file__ for w in one_slot)  # attributed to the caller's line
 
 
 def test_association_matrix_is_the_weights_the_forward_uses():
