@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-__all__ = ["fuse_qkv_bias", "split_qkv_bias"]
+__all__ = ["fuse_qkv_bias", "fused_surplus", "split_qkv_bias"]
 
 _FUSED_MARK = "_mira_fused_qkv_bias"
 
@@ -41,7 +41,8 @@ def fuse_qkv_bias(attn: nn.Module) -> bool:
     bias = torch.cat([attn.q_bias, attn.k_bias, attn.v_bias]).detach().clone()
     if bias.shape != (qkv.out_features,):
         return False
-    fused = nn.Linear(qkv.in_features, qkv.out_features, bias=True, device="meta")
+    # In the mode of the module it replaces (nn.Linear starts in train: a qkv in an eval model was not).
+    fused = nn.Linear(qkv.in_features, qkv.out_features, bias=True, device="meta").train(qkv.training)
     fused.weight = qkv.weight  # the same Parameter: nothing of the backbone is copied
     fused.bias = nn.Parameter(bias, requires_grad=attn.q_bias.requires_grad)
     # The originals, unregistered, for split_qkv_bias to put back: the very Parameters (an optimiser
@@ -67,6 +68,7 @@ def split_qkv_bias(attn: nn.Module) -> None:
     bias = qkv.bias.detach()
     plain, q_bias, k_bias, v_bias = originals
     plain.weight = qkv.weight  # the current Parameter (the same one unless it was replaced)
+    plain.train(qkv.training)  # the mode of the module it replaces, set (model.train / eval) while unregistered
     attn.qkv = plain
     # The values the fused bias holds now (loaded, converted to another dtype or device while
     # attached), put into the original tensors in place of theirs, as nn.Module.to does.
@@ -80,3 +82,17 @@ def split_qkv_bias(attn: nn.Module) -> None:
         if isinstance(original, nn.Parameter):
             original.requires_grad_(qkv.bias.requires_grad)
         setattr(attn, name, original)  # k_bias: a (non-persistent) buffer, as timm registers it
+
+
+def fused_surplus(model: nn.Module) -> int:
+    """Elements the fused biases of ``model`` hold as Parameters that the backbone held otherwise:
+    k's zero bias, a buffer of the backbone, is a third of each. ``count_parameters`` takes them
+    off, so the backbone counts as the model did before attach."""
+    surplus = 0
+    for module in model.modules():
+        originals = module.__dict__.get(_FUSED_MARK)
+        if originals is True:  # marked by an older version: q and v Parameters, k a buffer
+            surplus += module.qkv.out_features // 3
+        elif originals:
+            surplus += sum(t.numel() for t in originals[1:] if not isinstance(t, nn.Parameter))
+    return surplus

@@ -102,8 +102,9 @@ def _example_input(model: nn.Module, batch: int) -> torch.Tensor:
         )
     if param.device.type == "meta":  # a model built on the meta device: shapes only, no values to draw
         return torch.empty(batch, *size, device=param.device, dtype=param.dtype)
-    # A generator of its own: attaching draws nothing from the global random stream (a seeded run
-    # then draws the same numbers with or without MIRA attached).
+    # A generator of its own: the dry run's input takes nothing from the global random stream. (attach
+    # still draws from it, as any new module does: each memory's keys and query module and each
+    # LoRA's A are initialised from it, so a seeded run draws other numbers after attach than without.)
     generator = torch.Generator(device=param.device).manual_seed(0)
     return torch.randn(batch, *size, device=param.device, dtype=param.dtype, generator=generator)
 
@@ -255,10 +256,15 @@ def attach(
     keys normalised per feature before the cosine (``key_norm="per_feature"``) and drawn from
     U(-1, 1) (``key_init="uniform"``); ``key_norm="unit"`` is plain cosine retrieval.
 
-    Two dry runs (``example_input``, default a random batch of 2 at the model's input size)
-    check that the model's attention calls ``attn.qkv`` on per-image tokens equal to the
-    attention input, and then that every installed wrapper is actually called; a model that
+    Two dry runs (``example_input``, a Tensor batch; default a random batch of 2 at the model's
+    input size) check that the model's attention calls ``attn.qkv`` on per-image tokens equal to
+    the attention input, and then that every installed wrapper is actually called; a model that
     fails either is restored and refused with an explanation.
+
+    The token layout (the prefix tokens the ``"mean"`` query leaves out, the CLS token ``"cls"``
+    takes) is read from the ViT's ``num_prefix_tokens`` and ``cls_token`` / ``has_class_token``
+    as timm sets them; with neither ``num_prefix_tokens`` nor a CLS token it is unknown, and
+    attach refuses the model unless each adapted block receives the patch embedding's tokens alone.
 
     Returns:
         ``model`` itself.
@@ -266,6 +272,12 @@ def attach(
     config = _attach_config(config, options)
     if not isinstance(model, nn.Module):
         raise TypeError(f"attach expects an nn.Module, got {type(model).__name__}")
+    if example_input is not None and not isinstance(example_input, torch.Tensor):
+        # The dry runs check the batch size of what each qkv receives against the input's (a list or
+        # dict raised "'list' object has no attribute 'shape'" from inside them).
+        raise TypeError(f"attach: example_input must be a torch.Tensor, a batch the model's forward takes as "
+                        f"its one argument (images (B, C, H, W) for a ViT), or None for a random batch at the "
+                        f"model's input size; got {type(example_input).__name__}")
     if projections(model):
         raise RuntimeError("mira.attach: this model already has MIRA layers (call mira.detach first)")
     found = _qkv_blocks(model)
@@ -322,11 +334,28 @@ def _install(model: nn.Module, vit: nn.Module, chosen: list[tuple[str, nn.Module
     token_counts, patch_shape = _probe(model, chosen, example_input, "original model")
 
     cls_token = getattr(vit, "cls_token", None)
-    has_cls = cls_token is not None
+    if cls_token is None:  # NaFlexVit keeps it in its embedding module
+        cls_token = getattr(getattr(vit, "embeds", None), "cls_token", None)
+    has_cls = getattr(vit, "has_class_token", None)  # timm's VisionTransformer and NaFlexVit say so
+    if not isinstance(has_cls, bool):
+        has_cls = cls_token is not None
     # Without num_prefix_tokens, the prefix is the cls_token's tokens (PiT: CLS and distillation in one (1, 2, d)).
     cls_tokens = cls_token.shape[-2] if isinstance(cls_token, torch.Tensor) and cls_token.dim() == 3 else 1
-    num_prefix = int(getattr(vit, "num_prefix_tokens", cls_tokens if has_cls else 0))
+    num_prefix = getattr(vit, "num_prefix_tokens", cls_tokens if has_cls else None)
+    # None: the model says nothing of its token layout. Taken as no prefix, CrossViT's CLS tokens
+    # (cls_token_0, cls_token_1, one per branch) were averaged into the mean query.
+    num_prefix = None if num_prefix is None else int(num_prefix)
+    if num_prefix is None and not any("token" in n for n, _ in vit.named_parameters(recurse=False)):
+        # No learned token of its own (Hiera, MViTv2 without a class token): every token is a patch or
+        # pooled from patches. CrossViT's cls_token_0 / cls_token_1 keep its layout unknown.
+        num_prefix = 0
+    declare = (f"if token 0 of every adapted block is a CLS token, or its first N tokens are prefix tokens (CLS, "
+               f"registers), set num_prefix_tokens = N (and has_class_token = True for a CLS token) on the "
+               f"{type(vit).__name__} before attach, as timm's VisionTransformer has them")
     if config.query_token == "cls" and not has_cls:
+        if num_prefix is None:
+            raise ValueError(f"query_token='cls': mira.attach cannot tell whether {type(vit).__name__} has a CLS "
+                             f"token: it has no cls_token, has_class_token or num_prefix_tokens attribute; {declare}")
         raise ValueError(f"query_token='cls' needs a CLS token, but {type(vit).__name__} has none "
                          "(e.g. class_token=False); use query_token='mean'")
 
@@ -337,7 +366,7 @@ def _install(model: nn.Module, vit: nn.Module, chosen: list[tuple[str, nn.Module
         offsets, width, names = _slice_offsets(config, qkv.out_features, where)
         block_prefix = num_prefix
         patches = _patch_tokens(patch_shape, qkv.in_features)
-        if num_prefix and token_counts[name] == patches:
+        if num_prefix != 0 and token_counts[name] == patches:
             # The block sees the patch tokens alone (CaiT and XCiT add their CLS token only in the
             # class-attention blocks after it): its token 0 is a patch, and no token is a prefix.
             if config.query_token == "cls":
@@ -346,6 +375,13 @@ def _install(model: nn.Module, vit: nn.Module, chosen: list[tuple[str, nn.Module
                     f"token ({type(model).__name__} adds its CLS token only after these blocks), so token 0 "
                     f"is a patch; use query_token='mean'")
             block_prefix = 0
+        elif num_prefix is None:
+            seen = (f"they are not the {patches} tokens its patch embedding makes" if patches is not None
+                    else "its patch embedding's output (the patch tokens alone) was not seen")
+            raise ValueError(
+                f"query_token='mean': mira.attach cannot tell which of the {token_counts[name]} tokens {where} "
+                f"receives are patch tokens: {type(vit).__name__} has no num_prefix_tokens or cls_token attribute "
+                f"and {seen}, so the mean could take in CLS tokens; {declare}")
         memory_configs.append((
             MemoryConfig(
                 d_in=qkv.in_features, d_k=config.key_dim or qkv.in_features, num_slices=len(offsets),
@@ -682,6 +718,12 @@ def set_stage(model: nn.Module, stage: str, *, extra_trainable: Iterable[str] = 
         if any(isinstance(m, (MiraProjection, AdapterMemory)) for m in modules[name].modules()):
             raise ValueError(f"extra_trainable: {name!r} contains MIRA layers; name a module outside them "
                              "(a frozen base projection cannot train)")
+        # A module inside a projection (its base_layer): unfrozen, the fused op refused the next forward.
+        owner = next((p for p, m in modules.items() if isinstance(m, MiraProjection) and name.startswith(p + ".")),
+                     None)
+        if owner is not None:
+            raise ValueError(f"extra_trainable: {name!r} is part of the MIRA layer {owner!r}, whose base projection "
+                             "is frozen (the fused op gives it no gradient); name a module outside the MIRA layers")
         extra.append(modules[name])
     model.requires_grad_(False)
     for p in _stage_parameters(model, stage):
@@ -697,7 +739,9 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
     """Element counts of the backbone and of each MIRA part, the stored adapters included.
 
     Returns:
-        ``backbone``: every parameter outside MIRA (the head included).
+        ``backbone``: every parameter outside MIRA (the head included), as the model had them before
+        attach: BEiT / EVA count their q and v biases, not the fused qkv bias attach made of them,
+        which also holds k's zero bias (a buffer of the backbone).
         ``keys``, ``query`` (query modules), ``bank`` (the stored adapter values: buffers, or
         parameters with ``trainable_bank``; every allocated slot of a fixed-capacity memory),
         ``lora`` (the live adaptation adapters).
@@ -721,7 +765,7 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
         counts["lora"] += p.lora_a.numel() + p.lora_b.numel()
         mira_ids.update((id(p.lora_a), id(p.lora_b)))
     params = list(model.parameters())
-    counts["backbone"] = sum(p.numel() for p in params if id(p) not in mira_ids)
+    counts["backbone"] = sum(p.numel() for p in params if id(p) not in mira_ids) - families.fused_surplus(model)
     counts["added"] = counts["keys"] + counts["query"] + counts["bank"]
     counts["added_bytes"] = added_bytes
     counts["total"] = counts["backbone"] + counts["added"] + counts["lora"]

@@ -17,8 +17,9 @@ def _percent(part: int, whole: int) -> str:
 def parameter_summary(model: nn.Module) -> str:
     """A table of the backbone and MIRA's parts (elements and % of the backbone), then PEFT's line.
 
-    ``all params`` counts every element the model holds: parameters and the stored adapters
-    (buffers unless ``trainable_bank``), so the percentage is of the served model's size.
+    ``all params`` counts the backbone's parameters (as before attach) and every element MIRA adds,
+    the stored adapters included (buffers unless ``trainable_bank``), so the percentage is of the
+    served model's size.
     """
     counts = count_parameters(model)
     projs, mems = projections(model), memories(model)

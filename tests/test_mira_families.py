@@ -145,3 +145,93 @@ def test_detach_gives_back_the_very_bias_parameters_and_qkv_module_with_their_cu
     before = attn.v_bias.detach().clone()
     optimizer.step()
     assert not torch.equal(attn.v_bias, before)  # the optimizer still trains the model's own biases
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_the_backbone_count_of_beit_and_eva02_is_the_plain_models(family):
+    # attach makes each fused qkv bias of q_bias, k's zero *buffer* and v_bias: counted as it is,
+    # the backbone grew by one block width per adapted block, and so did print_trainable_parameters'
+    # "% of backbone" column's whole.
+    plain = sum(p.numel() for p in make(family).parameters())
+    model = mira.attach(make(family))
+    assert mira.count_parameters(model)["backbone"] == plain
+    assert f"{'backbone':<28}{plain:>14,d}" in mira.parameter_summary(model)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_the_moved_qkv_modules_take_the_mode_of_the_module_they_replace(family):
+    # The fused qkv was a fresh nn.Linear (train mode) in an eval model; detach put back the original
+    # qkv in the mode it had at attach, though model.train() had been called since.
+    model = make(family)
+    mira.attach(model)
+    assert [n for n, m in model.named_modules() if m.training] == []
+    model.train()
+    mira.detach(model)
+    assert [n for n, m in model.named_modules() if not m.training] == []
+    model.eval()
+    mira.attach(model)
+    model.train()
+    mira.detach(model.eval())
+    assert [n for n, m in model.named_modules() if m.training] == []
+
+
+def crossvit():
+    torch.manual_seed(0)
+    return timm.create_model("crossvit_tiny_240", pretrained=False, num_classes=5, embed_dim=(16, 32),
+                             depth=((1, 1, 0),), num_heads=(2, 2)).eval()
+
+
+def test_a_model_that_declares_no_token_layout_is_refused_unless_its_layout_is_set():
+    # CrossViT holds its CLS tokens as cls_token_0 and cls_token_1 (one per branch) and its patch
+    # embeddings in a ModuleList: read as "no prefix", the mean query averaged the CLS token in, and
+    # "cls" was refused as if the model had none.
+    x = torch.randn(2, 3, 240, 240, generator=torch.Generator().manual_seed(1))
+    model = crossvit()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"query_token='cls': mira\.attach cannot tell whether CrossVit has a CLS "
+                                         r"token.*set num_prefix_tokens = N \(and has_class_token = True"):
+        mira.attach(model, example_input=x)
+    with pytest.raises(ValueError, match=r"query_token='mean': mira\.attach cannot tell which of the 401 tokens "
+                                         r"blocks\.0\.blocks\.0\.0\.attn\.qkv receives are patch tokens"):
+        mira.attach(model, query_token="mean", example_input=x)
+    assert not mira.projections(model) and not mira.memories(model)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    # The cure the message names: one CLS token before the patch tokens of every branch.
+    model.num_prefix_tokens = 1
+    mira.attach(model, query_token="mean", example_input=x)
+    seen = []
+    handles = [p.register_forward_pre_hook(lambda module, args: seen.append(args[0])) for p in mira.projections(model)]
+    with torch.no_grad():
+        model(x)
+    for h in handles:
+        h.remove()
+    assert [tuple(t.shape) for t in seen] == [(2, 401, 16), (2, 197, 32)]
+    for memory, tokens in zip(mira.memories(model), seen, strict=True):
+        patches = tokens[:, 1:]  # the CLS token left out
+        pooled = patches.sum(1) / patches.shape[1]
+        torch.testing.assert_close(memory.make_query(tokens), memory.query_module(pooled))
+
+
+def test_a_model_without_learned_tokens_or_a_declared_layout_takes_the_mean_over_every_token():
+    # Hiera has no CLS token and declares no layout, and its later stages see pooled tokens (fewer
+    # than its patch embedding makes): with no learned token of its own, no token is a prefix.
+    torch.manual_seed(0)
+    model = timm.create_model("hiera_tiny_224", pretrained=False, num_classes=3, stages=(1, 1, 1, 1)).eval()
+    x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(2))
+    mira.attach(model, query_token="mean", example_input=x)
+    assert len(mira.memories(model)) == 4
+    assert all(m.config.num_prefix_tokens == 0 for m in mira.memories(model))
+
+
+def test_naflexvit_with_a_class_token_takes_the_cls_query():
+    # NaFlexVit keeps its CLS token at embeds.cls_token and says has_class_token=True: "cls" was refused.
+    torch.manual_seed(0)
+    model = timm.create_model("naflexvit_base_patch16_par_gap", pretrained=False, num_classes=5, img_size=32,
+                              depth=1, embed_dim=32, num_heads=2, class_token=True).eval()
+    mira.attach(model)
+    memory = mira.memories(model)[0]
+    assert memory.config.query_token == "cls" and memory.config.num_prefix_tokens == model.num_prefix_tokens == 5
+    with pytest.raises(ValueError, match="has none"):
+        torch.manual_seed(0)
+        mira.attach(timm.create_model("naflexvit_base_patch16_par_gap", pretrained=False, num_classes=5, img_size=32,
+                                      depth=1, embed_dim=32, num_heads=2, class_token=False).eval())

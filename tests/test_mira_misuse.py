@@ -499,3 +499,29 @@ def test_loading_into_a_fixed_capacity_memory_leaves_no_gradient_of_the_old_cont
     assert all(m.keys.grad is not None and m.keys.grad.any() for m in mira.memories(model))
     mira.load_memories(model, tmp_path / "m.safetensors")
     assert all(m.keys.grad is None for m in mira.memories(model))
+
+
+def test_extra_trainable_inside_a_projection_is_refused_and_changes_nothing():
+    # The wrapped base layer was accepted and unfrozen: the next training forward raised in the fused op.
+    model = filled()
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match=r"'blocks\.0\.attn\.qkv\.base_layer' is part of the MIRA layer "
+                                         r"'blocks\.0\.attn\.qkv'.*name a module outside"):
+        mira.set_stage(model, "consolidation", extra_trainable=("head", "blocks.0.attn.qkv.base_layer"))
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert {p.stage for p in mira.projections(model)} == {"adaptation"}
+    mira.set_stage(model, "adaptation", extra_trainable=("blocks.0.attn.proj",))  # beside the projection: fine
+    model.train()
+    model(images()).sum().backward()
+
+
+@pytest.mark.parametrize("example_input", [[images(2)], {"x": images(2)}, images(2).numpy()],
+                         ids=["list", "dict", "ndarray"])
+def test_attach_names_example_input_when_it_is_not_a_tensor(example_input):
+    # A list or dict raised "'list' object has no attribute 'shape'" from inside the dry run.
+    model = tiny_vit()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(TypeError, match=r"attach: example_input must be a torch\.Tensor.*got "
+                                        + type(example_input).__name__):
+        mira.attach(model, example_input=example_input)
+    assert not mira.projections(model) and same(model.state_dict(), before)
