@@ -718,12 +718,14 @@ def set_stage(model: nn.Module, stage: str, *, extra_trainable: Iterable[str] = 
         if any(isinstance(m, (MiraProjection, AdapterMemory)) for m in modules[name].modules()):
             raise ValueError(f"extra_trainable: {name!r} contains MIRA layers; name a module outside them "
                              "(a frozen base projection cannot train)")
-        # A module inside a projection (its base_layer): unfrozen, the fused op refused the next forward.
-        owner = next((p for p, m in modules.items() if isinstance(m, MiraProjection) and name.startswith(p + ".")),
-                     None)
+        # A module inside a projection (its base_layer: unfrozen, the fused op refused the next forward)
+        # or inside a memory (its query module, which the stage itself decides to train or not).
+        owner = next((p for p, m in modules.items()
+                      if isinstance(m, (MiraProjection, AdapterMemory)) and name.startswith(p + ".")), None)
         if owner is not None:
-            raise ValueError(f"extra_trainable: {name!r} is part of the MIRA layer {owner!r}, whose base projection "
-                             "is frozen (the fused op gives it no gradient); name a module outside the MIRA layers")
+            raise ValueError(f"extra_trainable: {name!r} is part of the MIRA layer {owner!r}, whose parameters the "
+                             "stage sets (a base projection is frozen: the fused op gives it no gradient); name a "
+                             "module outside the MIRA layers")
         extra.append(modules[name])
     model.requires_grad_(False)
     for p in _stage_parameters(model, stage):

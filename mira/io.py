@@ -127,6 +127,12 @@ def save_model(model: nn.Module, path: str | os.PathLike, *, modules: Sequence[s
         if any(isinstance(m, (AdapterMemory, MiraProjection)) for m in module.modules()):
             raise ValueError(f"save_model: {name!r} contains MIRA layers, which are saved anyway; name modules "
                              "outside them (e.g. 'head')")
+        owner = next((p for p, m in available.items()
+                      if isinstance(m, (AdapterMemory, MiraProjection)) and name.startswith(p + ".")), None)
+        if owner is not None:  # a memory's query module (saved with it) or a projection's frozen base layer
+            raise ValueError(f"save_model: {name!r} is part of the MIRA layer {owner!r}, which the file holds as "
+                             "MIRA's (query modules) or not at all (a base projection is backbone); name modules "
+                             "outside the MIRA layers (e.g. 'head')")
         chosen[name] = module
     _write_file(model, path, chosen, metadata, "save_model")
 

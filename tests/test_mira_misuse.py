@@ -510,6 +510,11 @@ def test_extra_trainable_inside_a_projection_is_refused_and_changes_nothing():
         mira.set_stage(model, "consolidation", extra_trainable=("head", "blocks.0.attn.qkv.base_layer"))
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
     assert {p.stage for p in mira.projections(model)} == {"adaptation"}
+    # Inside a memory: its query module trains as the stage says (it was unfrozen in adaptation too).
+    with pytest.raises(ValueError, match=r"'blocks\.0\.mira_memory\.query_module' is part of the MIRA layer "
+                                         r"'blocks\.0\.mira_memory'"):
+        mira.set_stage(model, "adaptation", extra_trainable=("blocks.0.mira_memory.query_module",))
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
     mira.set_stage(model, "adaptation", extra_trainable=("blocks.0.attn.proj",))  # beside the projection: fine
     model.train()
     model(images()).sum().backward()

@@ -128,6 +128,9 @@ def test_load_model_refuses_clearly_and_leaves_the_backbone_as_it_was(tmp_path):
         mira.save_model(trained_model(), path, modules=("classifier",))
     with pytest.raises(ValueError, match="contains MIRA layers"):
         mira.save_model(trained_model(), path, modules=("blocks",))
+    for inside in ("blocks.0.attn.qkv.base_layer", "blocks.0.mira_memory.query_module"):  # were saved as modules
+        with pytest.raises(ValueError, match=rf"{inside.replace('.', '[.]')}' is part of the MIRA layer"):
+            mira.save_model(trained_model(), path, modules=(inside,))
     with pytest.raises(ValueError, match="reserved"):
         mira.save_model(trained_model(), path, metadata={"attach_config": "{}"})
 
