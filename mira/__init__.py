@@ -65,7 +65,7 @@ Public API (names are stable; other packages build on them)::
         .slice_offsets, .slice_names, .stage, .reset_lora(), .merged_update (a MergedUpdate held in
         the base weight by merge / fold, or None)
     MemoryConfig: one memory's resolved config (every width known), AdapterMemory(config).
-    IdentityQuery, LinearQuery, MlpQuery, build_query_module(kind, d_in, d_k, hidden=None): the
+    IdentityQuery, LinearQuery, MlpQuery, build_query_module(kind, d_in, d_k, hidden_features=None): the
         query modules (query="identity" | "linear" | "mlp").
     Constants: STAGES, QUERY_MODULES, QUERY_TOKENS, KEY_NORMS, KEY_INITS (the options' choices),
         MEMORY_ATTR (the block attribute holding its memory: "mira_memory"), FORMAT_VERSION (files).

@@ -851,21 +851,38 @@ def association_matrices(model: nn.Module, inputs: torch.Tensor) -> dict[str, to
 
     Returns:
         {memory name: (B, num_slots) weights}, the weights the consolidation / inference forward
-        uses (computed in any stage, from each block's actual attention input).
+        uses, from each block's attention input in that forward: called in the adaptation stage, the
+        projections run their memories for this call (their stages are restored after). A model
+        holding a merged or folded update is refused (its memories do not run).
     """
-    if not projections(model):
+    projs = projections(model)
+    if not projs:
         raise RuntimeError("association_matrices: the model has no MIRA layers (call mira.attach first)")
+    if not isinstance(inputs, torch.Tensor):
+        raise TypeError(f"association_matrices: inputs must be a batch the model takes (a Tensor of images), got "
+                        f"{type(inputs).__name__}")
+    if any(p.merged_update is not None for p in projs):
+        # Block 0's weights would be right and every later block's taken from the update's outputs.
+        raise RuntimeError("association_matrices: the model holds a merged or folded update, so its memories do "
+                           "not run; unmerge / unfold first")
     names = {id(m): n for n, m in named_memories(model)}
     results: dict[str, torch.Tensor] = {}
     handles = []
-    for proj in projections(model):
+    for proj in projs:
         def hook(module, args, proj=proj):
             results[names[id(proj.memory)]] = proj.memory.get_association_matrix(tokens=args[0])
 
         handles.append(proj.register_forward_pre_hook(hook))
+    # The memories' forward in every block: in the adaptation stage each block ran its live LoRA, so
+    # every block after the first saw other inputs than the inference forward's (weights off by 2.5).
+    stages = [p.stage for p in projs]
     try:
+        for p in projs:
+            p.set_stage("inference")
         model(inputs)
     finally:
+        for p, stage in zip(projs, stages):
+            p.set_stage(stage)
         for h in handles:
             h.remove()
     return results

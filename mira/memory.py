@@ -199,6 +199,14 @@ class AdapterMemory(nn.Module):
         (the op likewise keeps scores and mixing in float32 for 16-bit x). The query is (B, d_k),
         so this costs nothing next to the projection.
         """
+        # Checked here, not only in get_association_matrix: a (B, d) batch came back as each sample's
+        # first feature, (B, 1), a wrong width or integers as a tensor that is no query, without a word.
+        if not isinstance(tokens, torch.Tensor):
+            raise TypeError(f"make_query: tokens must be a (B, T, {self.config.d_in}) Tensor, got "
+                            f"{type(tokens).__name__}")
+        if tokens.dim() != 3 or tokens.shape[-1] != self.config.d_in or not tokens.is_floating_point():
+            raise ValueError(f"make_query: tokens must be a floating (B, T, {self.config.d_in}) attention input, "
+                             f"got {tuple(tokens.shape)} {tokens.dtype}")
         pooled = pool_tokens(tokens, self.config.query_token, self.config.num_prefix_tokens).to(self.keys.dtype)
         device_type = pooled.device.type
         if torch.is_autocast_enabled(device_type):
@@ -369,6 +377,8 @@ class AdapterMemory(nn.Module):
                 shape = tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
                 raise ValueError(f"tokens must have shape (B, T, {self.config.d_in}), got {shape}")
             query = self.make_query(tokens)
+        elif not isinstance(query, torch.Tensor):
+            raise TypeError(f"query must be a (B, {self.config.d_k}) Tensor, got {type(query).__name__}")
         if query.dim() != 2 or query.shape[1] != self.config.d_k:
             raise ValueError(f"query must have shape (B, {self.config.d_k}), got {tuple(query.shape)}")
         weights = mira_kernels.retrieval_weights(

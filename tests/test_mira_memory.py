@@ -134,6 +134,20 @@ def test_one_adapter_in_a_fixed_capacity_is_warned_where_affine_weights_differ_f
     assert all(w.filename == __file__ for w in one_slot)  # attributed to the caller's line
 
 
+def test_make_query_and_the_association_matrix_refuse_what_is_no_attention_input():
+    # make_query checked only the token count: (B, d) gave each sample's first feature, a wrong width
+    # or integer tokens a tensor that is no query; a list an AttributeError naming nothing.
+    memory = make_layer().memory
+    for bad in (torch.randn(2, D), torch.randn(2, 5, D + 1), torch.randn(2, 3, 5, D), torch.ones(2, 5, D).long()):
+        with pytest.raises(ValueError, match=rf"make_query: tokens must be a floating \(B, T, {D}\)"):
+            memory.make_query(bad)
+    with pytest.raises(TypeError, match="make_query: tokens must be"):
+        memory.make_query([[0.0] * D])
+    with pytest.raises(TypeError, match="query must be"):
+        memory.get_association_matrix([[0.0] * D])
+    assert memory.make_query(tokens()).shape == (tokens().shape[0], D)
+
+
 def test_association_matrix_is_the_weights_the_forward_uses():
     layer = make_layer(separation="affine", key_norm="per_feature")
     layer.memory.append(*random_adapters(3))

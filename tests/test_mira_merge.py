@@ -92,6 +92,9 @@ def test_merge_and_fold_in_float32_within_twice_pytorchs_own_error():
     own = err(model32(one), expected64)
     mira.fold(model32, mira.mean_retrieval_weights(model32, [one]))
     assert err(model32(one), expected64) <= 2 * own + 1e-6
+    # The memories do not run in a folded model: its weights would be block 0's alone right (they were given).
+    with pytest.raises(RuntimeError, match="association_matrices: the model holds a merged or folded update"):
+        mira.association_matrices(model32, one)
 
 
 @torch.no_grad()

@@ -268,6 +268,19 @@ def test_write_adapters_stores_the_trained_lora_and_resets_it():
         tokens = model.blocks[0].norm1(model._pos_embed(model.patch_embed(x)))
         torch.testing.assert_close(weights["blocks.0.mira_memory"],
                                    mira.memories(model)[0].get_association_matrix(tokens=tokens))
+        # Every block's from the inference forward, whatever the stage (the adaptation stage's live
+        # LoRA of block 0 gave block 1 other inputs: its weights were off by 2.5), stages unchanged.
+        seen = []
+        hook = model.blocks[1].attn.qkv.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+        mira.set_stage(model, "inference")
+        model(x)
+        hook.remove()
+        mira.set_stage(model, "adaptation")
+        torch.testing.assert_close(weights["blocks.1.mira_memory"],
+                                   mira.memories(model)[1].get_association_matrix(tokens=seen[0]))
+        assert {p.stage for p in mira.projections(model)} == {"adaptation"}
+        with pytest.raises(TypeError, match="inputs must be"):
+            mira.association_matrices(model, [x])
 
 
 def test_attached_model_matches_reference_backend():
