@@ -218,11 +218,44 @@ def _check_frozen(weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         )
 
 
+# PyTorch's own errors for a C++ autograd Function under torch.func's grad transforms and forward-mode
+# AD: they name neither the op nor what to use instead (the forward-AD one asks for a PyTorch feature
+# request). Re-raised by _explained with what contract section 5 says.
+_TRANSFORM_ERRORS = ("cannot use C++ torch::autograd::Function with functorch transforms",
+                     "jvp is not implemented for the c++ API of custom Function")
+
+
+def _explained(error: Exception) -> Exception:
+    """``error``, or for an unsupported transform an error that names the op and the way out."""
+    if isinstance(error, RuntimeError) and any(m in str(error) for m in _TRANSFORM_ERRORS):
+        explained = RuntimeError(
+            "mira_linear does not support torch.func's grad / vjp / jacrev / jacfwd / jvp or forward-mode AD "
+            "(torch.autograd.forward_ad): its autograd is a C++ Function (docs/contract.md section 5). Use the "
+            "plain-PyTorch mira_kernels.reference.mira_linear for those (torch.vmap runs the op itself)")
+        explained.__cause__ = error
+        return explained
+    return error
+
+
+def _has_tangent(tensors) -> bool:
+    """Whether forward-mode AD is active and one of ``tensors`` is a dual tensor (its tangent set)."""
+    if getattr(torch.autograd.forward_ad, "_current_level", -1) < 0:
+        return False
+    return any(t is not None and torch.autograd.forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+
+
 def _check_inference_only(out: torch.Tensor, *tensors: torch.Tensor) -> None:
     if torch.is_grad_enabled() and any(t.requires_grad for t in (out, *tensors)):
         raise RuntimeError(
             "mira_adapter_ is inference-only and has no autograd; use mira_linear for training, "
             "or call it under torch.no_grad() / torch.inference_mode()"
+        )
+    # A dual tensor has a tangent but no requires_grad (and forward AD runs under no_grad): out was left
+    # with no tangent for the adapter's part, silently (found by probing).
+    if _has_tangent((out, *tensors)):
+        raise RuntimeError(
+            "mira_adapter_ is inference-only and has no forward-mode AD either; one of its inputs is a dual "
+            "tensor (torch.autograd.forward_ad): use mira_kernels.reference's functions for tangents"
         )
     # ATen's own check comes after the kernel has written (as for add_): refused here, out is unchanged.
     # (Eager only: Dynamo cannot trace is_inference(), and a traced call's out is checked when it runs.)
@@ -291,7 +324,7 @@ def mira_linear(
             _validation.check_mira_linear, x, weight, bias, query, keys, bank_a, bank_b,
             _validation.as_offsets(slice_offsets), separation, scale, eps,
         )
-        raise error
+        raise _explained(error)
 
     slice_offsets = _validation.as_offsets(slice_offsets)
     _validation.check_tensors(x=x, weight=weight, bias=bias, query=query, keys=keys, bank_a=bank_a, bank_b=bank_b)
@@ -306,9 +339,13 @@ def mira_linear(
             x, weight, bias, query, keys, bank_a, bank_b,
             slice_offsets=slice_offsets, separation=separation, scale=scale, eps=eps,
         )
-    return torch.ops.mira.mira_linear(
-        x, weight, bias, query, keys, bank_a, bank_b, slice_offsets, separation, float(scale), float(eps), backend
-    )
+    try:
+        return torch.ops.mira.mira_linear(
+            x, weight, bias, query, keys, bank_a, bank_b, slice_offsets, separation, float(scale), float(eps),
+            backend,
+        )
+    except RuntimeError as error:
+        raise _explained(error)  # noqa: B904 - the original, or one whose __cause__ is it
 
 
 def mira_adapter_(

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import mira
 import mira_kernels as mk
 from mira_kernels import _extension
 from tests.mira_inputs import make_inputs
@@ -507,6 +508,56 @@ def test_double_backward_raises(backend):
         # create_graph alone is fine when nothing differentiates MIRA's gradients again.
         (gx,) = torch.autograd.grad(y.sum(), [inp.x], create_graph=True)
         assert torch.isfinite(gx).all()
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.func's grad transforms and forward-mode AD: unsupported (contract 5), so they raise, naming the
+# op and the way out; never a silently wrong tangent.
+# ----------------------------------------------------------------------------------------------
+
+@needs_ext
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_grad_transforms_and_forward_ad_raise_naming_the_op_and_the_reference(backend):
+    # PyTorch's own messages named neither the op nor the cure (the forward-AD one asked for a PyTorch
+    # feature request).
+    import torch.autograd.forward_ad as fwAD
+
+    inp = _inputs(torch.float64)
+    args = inp.linear_args()
+
+    def f(x):
+        return mk.mira_linear(x, *args[1:], slice_offsets=inp.slice_offsets).sum()
+
+    message = r"mira_linear does not support torch\.func's grad.*mira_kernels\.reference"
+    with mk.use_backend(backend):
+        with pytest.raises(RuntimeError, match=message):
+            torch.func.grad(f)(inp.x)
+        with fwAD.dual_level(), pytest.raises(RuntimeError, match=message):
+            f(fwAD.make_dual(inp.x, torch.ones_like(inp.x)))
+        with torch.no_grad(), fwAD.dual_level(), pytest.raises(RuntimeError, match="no forward-mode AD"):
+            mk.mira_adapter_(torch.zeros(3, 4, 24, dtype=torch.float64), fwAD.make_dual(inp.x, torch.ones_like(inp.x)),
+                             *inp.adapter_args()[1:], slice_offsets=inp.slice_offsets)
+
+
+@needs_ext
+def test_forward_ad_through_an_eval_layer_raises_instead_of_dropping_the_adapters_tangent():
+    # The eval fast path judged "no graph needed" by requires_grad alone: a dual input went to the
+    # kernel, whose base GEMM (through ATen) carried the tangent W v and whose adapter (raw pointers)
+    # none, on the first call and on every plan replay: a tangent 1.36 off, silently.
+    import torch.autograd.forward_ad as fwAD
+
+    from tests.tiny_models import filled_vit
+
+    model = filled_vit().double()
+    mira.set_stage(model, "inference")
+    model.eval()
+    proj = mira.projections(model)[0]
+    x = torch.randn(2, 17, 192, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    for _ in range(2):  # the first call makes the eval plan, the second replays it
+        with torch.no_grad(), fwAD.dual_level(), pytest.raises(RuntimeError, match="forward-mode AD"):
+            proj(fwAD.make_dual(x, torch.ones_like(x)))
+        with torch.no_grad():
+            proj(x)  # an ordinary call between: a plan exists for the replay
 
 
 # ----------------------------------------------------------------------------------------------

@@ -144,6 +144,13 @@ PyObject* run(const at::Tensor& x, const EvalArgs& a, const Query& q) {
       if (t->requires_grad()) return take_op();
     if (a.bias && a.bias->requires_grad()) return take_op();
   }
+  // A dual tensor (forward-mode AD, active under no_grad too) has a tangent but no requires_grad: here
+  // the base GEMM, dispatched through ATen, carried its tangent W v and the adapter, computed on raw
+  // pointers, none, a silently wrong tangent (found by probing). The op refuses forward AD (contract
+  // section 5). Level 0: PyTorch's one dual level.
+  for (const at::Tensor* t : {&x, &*a.weight, &query, &*a.keys, &*a.bank_a, &*a.bank_b})
+    if (t->_fw_grad(/*level=*/0).defined()) return take_op();
+  if (a.bias && a.bias->_fw_grad(/*level=*/0).defined()) return take_op();
   try {
     at::Tensor y;
     {
