@@ -4,8 +4,8 @@ A bad argument must cost the user a one-line error and exit code 2 (argparse's),
 minutes into a run: a negative budget or batch size, or an output path that cannot be written,
 is known before the first model is built. The ``type=`` helpers below make argparse reject bad
 numbers; :func:`output_problem` says why an output path cannot be written (``parser.error`` it),
-:func:`timm_model_problem` why a model name is not one, and :func:`read_json` reads an input file
-(a ``parser.error`` where it cannot).
+:func:`timm_model_problem` why a model name is not one, :func:`repeated_problem` why a list repeats a
+value, and :func:`read_json` reads an input file (a ``parser.error`` where it cannot).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 __all__ = ["HelpFormatter", "finite_float_at_least", "non_negative_float", "non_negative_int", "output_problem",
-           "positive_float", "positive_int", "read_json", "run_main", "timm_model_problem",
+           "positive_float", "positive_int", "read_json", "repeated_problem", "run_main", "timm_model_problem",
            "whole_or_not_at_all"]
 
 
@@ -80,6 +80,19 @@ def finite_float_at_least(minimum: float) -> Callable[[str], float]:
         return _number(float, text, lambda v: minimum <= v < float("inf"), f"a finite number >= {minimum:g}")
 
     return finite_float
+
+
+def repeated_problem(flag: str, values) -> str | None:
+    """Why ``values`` of ``flag`` are not distinct (None when they are): a batch size given twice was
+    measured twice (or its per-batch value silently replaced), which no one asks for on purpose."""
+    seen, twice = set(), []
+    for v in values:
+        if v in seen and v not in twice:
+            twice.append(v)
+        seen.add(v)
+    if not twice:
+        return None
+    return f"{flag} repeats {', '.join(map(str, twice))}: give each value once"
 
 
 def output_problem(path: str | os.PathLike, *, folder: bool) -> str | None:

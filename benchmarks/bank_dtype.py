@@ -93,6 +93,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--threads", type=_cli.non_negative_int, default=0, help="torch threads (0: torch's own choice)")
     p.add_argument("--json", default=None, help="also write the record here")
     a = p.parse_args(argv)
+    if problem := _cli.repeated_problem("--batch-sizes", a.batch_sizes):
+        p.error(problem)  # a repeated batch size was measured twice
     if a.json and (problem := _cli.output_problem(a.json, folder=False)):
         p.error(f"--json: {problem}")
     if a.threads:

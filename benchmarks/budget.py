@@ -372,6 +372,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="storage dtype of MIRA's banks (mira.attach's bank_dtype; default: the model's dtype)")
     p.add_argument("--json", default=None, help="also write the record here")
     a = p.parse_args(argv)
+    if problem := _cli.repeated_problem("--batch-sizes", a.batch_sizes):
+        p.error(problem)  # a repeated batch size was measured twice
     if a.json and (problem := _cli.output_problem(a.json, folder=False)):
         p.error(f"--json: {problem}")
     if a.threads:

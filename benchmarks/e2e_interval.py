@@ -86,9 +86,28 @@ def interval(est, a: np.ndarray, b: np.ndarray, *, block: int = 1, n_boot: int =
     return to_pct(est(a, b)), to_pct(lo), to_pct(hi)
 
 
-def _records(path: Path, batch: int):
-    for line in path.read_text().splitlines():
-        rec = json.loads(line)
+def _read(p: argparse.ArgumentParser, path: Path) -> list[dict]:
+    """The records of a JSONL file; one that is not (a line that is not a JSON object) is ``p.error``."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        p.error(f"records {path}: {getattr(e, 'strerror', None) or e}")
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError as e:
+            p.error(f"records {path}: line {number} is not JSON ({e}); expected a latency.jsonl")
+        if not isinstance(rec, dict):
+            p.error(f"records {path}: line {number} is not a record (a JSON object); expected a latency.jsonl")
+        records.append(rec)
+    return records
+
+
+def _records(records: list[dict], batch: int):
+    for rec in records:
         for res in rec.get("results") or []:
             times = (res.get("end_to_end") or {}).get("times_s") or {}
             if res.get("batch") == batch and "fused" in times and "backbone" in times:
@@ -107,7 +126,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = p.parse_args(argv)
     if not Path(a.records).is_file():
         p.error(f"no records file {a.records}")
-    for rec, res, fused, backbone in _records(Path(a.records), a.batch):
+    found = list(_records(_read(p, Path(a.records)), a.batch))
+    # Nothing to show is said, not a silent exit 0 (the default --min-rounds 100 skips every short run).
+    if not found:
+        p.error(f"--batch {a.batch}: no record in {a.records} has end-to-end round times at batch {a.batch}")
+    if all(fused.size < a.min_rounds for *_, fused, _ in found):
+        p.error(f"--min-rounds {a.min_rounds}: the {len(found)} records at --batch {a.batch} in {a.records} have at "
+                f"most {max(f.size for *_, f, _ in found)} end-to-end rounds; lower --min-rounds")
+    for rec, res, fused, backbone in found:
         n = fused.size
         if n < a.min_rounds:
             continue

@@ -839,6 +839,23 @@ class _HelpFormatter(_cli.HelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Every option's default, and the description as written."""
 
 
+#: TORCH_CUDA_ARCH_LIST's entries (torch.utils.cpp_extension._get_cuda_arch_flags): a compute capability
+#: with an optional arch-specific suffix and +PTX, or an architecture's name (which torch expands).
+_ARCH_ENTRY = re.compile(r"\d+\.\d+[a-z]?(\+PTX)?"
+                         r"|(Kepler|Maxwell|Pascal|Volta|Turing|Ampere|Ada|Hopper|Blackwell|Rubin)(\+Tegra)?")
+
+
+def arch_list_problem(text: str) -> str | None:
+    """Why ``text`` is not a TORCH_CUDA_ARCH_LIST (None when it is): entries separated by ';' or spaces.
+    The syntax only: which capabilities the GPU machine's torch and nvcc support is known there."""
+    entries = text.replace(" ", ";").split(";")
+    bad = [e for e in entries if not _ARCH_ENTRY.fullmatch(e)]
+    if not bad:
+        return None
+    return (f"not a compute capability: {', '.join(repr(e) for e in bad)}; expected a TORCH_CUDA_ARCH_LIST "
+            "such as 9.0, 9.0a, '8.0;9.0+PTX' or Hopper")
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python3 -m benchmarks.gpu_check", description=__doc__.split("\n\n")[0],
                                 formatter_class=_HelpFormatter)
@@ -853,13 +870,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     # Finite: NaN passed a `< 30` test and cut every phase to its 5 s minimum; inf left NaN shares.
     p.add_argument("--budget", type=_cli.finite_float_at_least(30), default=TOTAL_BUDGET_S,
                    help="seconds for the whole run, at least 30 (default 290)")
-    p.add_argument("--arch", help="build for this compute capability (e.g. 9.0) instead of the running GPU's")
+    p.add_argument("--arch", help="build for this compute capability instead of the running GPU's: a "
+                   "TORCH_CUDA_ARCH_LIST, e.g. 9.0, 9.0a, '8.0;9.0+PTX' or Hopper")
     p.add_argument("--record", action="store_true", help="after the run, copy its files to benchmarks/results/gpu/")
     p.add_argument("--record-from", type=Path, metavar="DIR",
                    help="record a finished run's folder (e.g. fetched from a lent machine) and run nothing")
     argv = list(sys.argv[1:] if argv is None else argv)
     args = p.parse_args(argv)
     args.argv = argv
+    if args.record and args.dry_run:  # was silently ignored: a dry run measures nothing to record
+        p.error("--record: a --dry-run has nothing to record; drop one of them")
+    if args.arch is not None and (problem := arch_list_problem(args.arch)):  # not a failed build minutes later
+        p.error(f"--arch {args.arch!r}: {problem}")
     phases = [s.strip() for s in args.phases.split(",") if s.strip()]
     unknown = sorted(set(phases) - set(PHASES))
     if unknown:

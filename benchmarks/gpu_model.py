@@ -845,9 +845,12 @@ def report(mach: Machine, dtypes=(torch.bfloat16, torch.float32), batches=BATCHE
         "",
     ]
     if calibration:
-        run, notes, _ = calibration
+        run, notes, doc = calibration
+        # The held-out cells are printed only with --measured of the same run: name the section, else the flag.
+        judged = ("see 'Model vs measurement'" if doc is measured else
+                  f"--measured {run} prints how the model does on them")
         out += [f"Calibrated to {run} (each constant solves model = measured on one cell; every other cell",
-                "of that run is held out and judges the model: see 'Model vs measurement'):"]
+                f"of that run is held out and judges the model: {judged}):"]
         out += [f"  {line}" for line in notes] + [""]
     else:
         out += ["A priori: not calibrated to any run (--calibrate gpu_check.json fits the calibration constants).", ""]
@@ -1133,12 +1136,24 @@ def main(argv=None) -> None:
     if args.dump_plans is not None:
         print(json.dumps(dump_plans(args.dump_plans or BATCHES)))
         return
+    if problem := _cli.repeated_problem("--batches", args.batches):  # each repeat was printed twice
+        parser.error(problem)
+
+    def gpu_check_doc(flag: str, path: str) -> dict:
+        doc = _cli.read_json(parser, flag, path)
+        if not isinstance(doc, dict) or not isinstance(doc.get("phases"), dict):  # a list: AttributeError later
+            parser.error(f"{flag} {path}: not a gpu_check.json (a JSON object with 'phases', schema "
+                         "mira-gpu-check/1); give the gpu_check.json a `make gpu-check` run wrote")
+        return doc
+
     # The files first: a missing or non-JSON one was a traceback after the model had been set up.
-    measured = _cli.read_json(parser, "--measured", args.measured) if args.measured else None
+    measured = gpu_check_doc("--measured", args.measured) if args.measured else None
     before = _cli.read_json(parser, "--before", args.before) if args.before else None
+    if before is not None and not isinstance(before, dict):  # {batch: launches}: a list was silently ignored
+        parser.error(f"--before {args.before}: not a --dump-plans output (a JSON object of batch sizes)")
     if args.calibrate:
         doc = measured if args.measured and Path(args.measured).resolve() == Path(args.calibrate).resolve() else \
-            _cli.read_json(parser, "--calibrate", args.calibrate)
+            gpu_check_doc("--calibrate", args.calibrate)
     mach = replace(Machine(), host_planning=measure_host_planning()) if args.measure_host_planning else Machine()
     calibration = None
     if args.calibrate:

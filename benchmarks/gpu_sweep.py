@@ -23,8 +23,12 @@ Variants are planned by the product's own launchers under :func:`mira_kernels.tr
 the retrieval's num_stages, which the launcher fixes at 2: it is set on the planned launch. Each
 variant is run once and checked against the planner's output (mixed factors for ``retrieve``, y for
 ``gemm``); a wrong one is recorded and not timed; one that fails to compile is recorded with its
-error. Each record lists the parameters read back from the launch that ran (the override reached
-it, or the record says so), and the compiled kernel's registers and spills when Triton exposes them.
+error. A variant whose launches equal the planner's (``same_as_planner``: e.g. a group count the
+planner takes already) or those of a config scheduled before it for the same dtype and batch
+(``same_as_earlier``, naming it in ``same_as``) is recorded and not timed: it would be the same
+measurement again. Each record lists the parameters read back from the launch that ran (the override
+reached it, or the record says so), and the compiled kernel's registers and spills when Triton exposes
+them.
 
 Timing (CUDA): ``CALLS`` back-to-back launches captured in one CUDA graph, the replay timed with
 CUDA events, per launch: ``warm_us`` is the median over ``REPS`` replays (inputs stay in L2 between
@@ -60,6 +64,7 @@ import json
 import math
 import os
 import platform
+import re
 import signal
 import statistics
 import sys
@@ -265,6 +270,8 @@ class Case:
     planner: list = field(default_factory=list)  # Launch list of the planner
     y: object = None
     shapes: dict = field(default_factory=dict)
+    #: (kernel, problem, launch parameters) -> "kernel:variant" of the config first planned with them
+    scheduled: dict = field(default_factory=dict)
 
 
 def plan(case: Case, v: Variant | None = None, base: list | None = None):
@@ -478,11 +485,17 @@ def prepare(case: Case, v: Variant):
     shown = launches if target is None else [_launch(launches, target)]
     rec["params"] = {launch.name: params(launch) for launch in shown}
     bad = mismatches(v, launches, resolved)
+    planner = ({launch.name: params(launch) for launch in case.planner} if target is None
+               else {target: params(_launch(case.planner, target))})
+    key = (v.kernel, v.problem, json.dumps(rec["params"], sort_keys=True, default=str))
     if bad:
         rec.update(status="override_not_applied", error="; ".join(bad))
-    elif (v.name != "planner" and v.problem is None and target
-          and rec["params"][target] == params(_launch(case.planner, target))):
+    elif v.name != "planner" and v.problem is None and rec["params"] == planner:
         rec.update(status="same_as_planner")  # e.g. a split or group count the planner takes already
+    elif key in case.scheduled:  # e.g. two pairs whose group counts both clamp to one tile per program
+        rec.update(status="same_as_earlier", same_as=case.scheduled[key])
+    else:
+        case.scheduled[key] = f"{v.kernel}:{v.name}"
     return rec, y, launches, target
 
 
@@ -744,6 +757,7 @@ def table(doc: dict) -> str:
                 t += "  " + " ".join(spills)
             else:
                 t = r["status"] + (f": {r['error'].splitlines()[0][:100]}" if r.get("error") else "")
+                t += f" ({r['same_as']})" if r.get("same_as") else ""
                 for k, q in (r.get("lowered") or {}).items():
                     t += (f"  {k}: sm_{q['arch']} {q['registers']}r stack {q['stack']} shared {q['shared']}"
                           f"{' wgmma' if q['wgmma'] else ''} {q['compile_s']}s")
@@ -810,7 +824,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, required=True, help="folder for gpu_sweep.json and gpu_sweep.txt")
     ap.add_argument("--dtypes", default="bfloat16,float32", help="comma-separated dtypes")
     ap.add_argument("--batches", default="1,8,64", help="comma-separated batch sizes")
-    ap.add_argument("--device", default="cuda", help="cuda (default) or cpu (Triton interpreter: a test)")
+    ap.add_argument("--device", default="cuda",
+                    help="cuda, cuda:I (default cuda) or cpu (Triton interpreter: a test)")
     ap.add_argument("--dry-run", action="store_true", help="plan every config on meta tensors, check, estimate")
     ap.add_argument("--lower", type=int, default=None, metavar="ARCH",
                     help="with --dry-run: compile each config for sm_ARCH (e.g. 90; no GPU needed), record spills")
@@ -823,6 +838,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if problem := _cli.output_problem(args.out, folder=True):
         ap.error(f"--out: {problem}")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):  # not torch.device's error after the imports
+        ap.error(f"--device: {args.device!r}; expected cuda, cuda:I (a GPU's index) or cpu")
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     if not dtypes or set(dtypes) - {"bfloat16", "float16", "float32"}:
         ap.error(f"--dtypes: {args.dtypes!r}; expected bfloat16, float16 and/or float32")
@@ -830,6 +847,9 @@ def main(argv: list[str] | None = None) -> int:
         batches = [_cli.positive_int(b) for b in args.batches.split(",")]
     except argparse.ArgumentTypeError as exc:
         ap.error(f"--batches: {exc}")
+    for flag, values in (("--dtypes", dtypes), ("--batches", batches)):  # each config would be scheduled twice
+        if problem := _cli.repeated_problem(flag, values):
+            ap.error(problem)
     t_start = time.monotonic()
     deadline = t_start + args.budget
 
@@ -917,7 +937,8 @@ def main(argv: list[str] | None = None) -> int:
         doc["estimate_s"] = EST_SETUP_S + EST_CONFIG_S * len(doc["results"])
         doc["estimate_with_workers_s"] = EST_SETUP_S + max(EST_RUN_S, EST_CONFIG_S / (1 + GPU_WORKERS)) * len(
             doc["results"])
-        bad = [r for r in doc["results"] if r["status"] not in ("planned", "same_as_planner", "compile_error")]
+        bad = [r for r in doc["results"]
+               if r["status"] not in ("planned", "same_as_planner", "same_as_earlier", "compile_error")]
         doc["status"] = "ok" if not bad else "failed"
     writer.write()
     print(table(doc), end="")

@@ -194,6 +194,10 @@ class BenchConfig:
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
         if self.quick and self.record:
             raise ValueError("--quick runs are never recorded: drop --record or --quick")
+        # Known now, not after the quick run: its record would be discarded at the end (a subfolder too).
+        if self.quick and self.out_dir().resolve().is_relative_to(RESULTS_DIR.resolve()):
+            raise ValueError(f"--quick runs are never recorded: --results-dir {self.results_dir} is in "
+                             f"{RESULTS_DIR}; give another folder or drop --quick")
         if self.e2e_budget and len(self.e2e_budget) not in (1, len(self.batch_sizes)):
             raise ValueError("--e2e-budget takes one value or one per batch size")
         # Known before the model is built: batch 0 used to fail after the end-to-end rounds (a division
@@ -238,9 +242,11 @@ class BenchConfig:
 
 
 def _per_batch(table: dict[int, float], batch: int) -> float:
+    """A budget of ``table`` ({1: B=1's, 8: every larger batch's}) at ``batch``, as --help says: B=2..7
+    took B=1's budgets, though they time more work per call than B=1."""
     if batch in table:
         return table[batch]
-    return table[8] if batch > 8 else table[1]
+    return table[1] if batch <= 1 else table[8]
 
 
 def _op_budget_for(cfg: BenchConfig, batch: int) -> float:
@@ -312,6 +318,11 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchConfig:
         p.error("--cuda-graphs needs a CUDA device")
     if a["quick"]:
         a["op_width"] = max(a["op_width"], 1.0)
+    # A repeated value was measured twice (and took the last of its --e2e-budget values both times). Checked
+    # here, not in BenchConfig: budget and bank_dtype build one from their own --batch-sizes after parsing.
+    for name in ("batch_sizes", "sweep_slots", "sweep_ranks"):
+        if a[name] and (problem := _cli.repeated_problem(f"--{name.replace('_', '-')}", a[name])):
+            p.error(problem)
     try:
         cfg = BenchConfig(**a)
     except ValueError as e:

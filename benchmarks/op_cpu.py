@@ -529,6 +529,22 @@ def results_folder(out: Path | None, *, record: bool) -> Path:
     return out or (RESULTS if record else latency.SCRATCH_DIR)
 
 
+def history_problem(log: Path) -> str | None:
+    """Why the run history ``log`` (op_cpu.json: {"runs": [...]}) cannot take another run (None when it
+    can, or does not exist yet): the run appends to it after 6-8 minutes, too late to find it unreadable."""
+    if not log.exists():
+        return None
+    try:
+        runs = json.loads(log.read_text(encoding="utf-8")).get("runs")
+    except OSError as e:
+        return f"cannot read {log}: {e.strerror or e}"
+    except (ValueError, AttributeError) as e:  # not JSON, not UTF-8, or JSON but not an object
+        return f"{log} is not an op_cpu history ({type(e).__name__}: {str(e)[:80]})"
+    if not isinstance(runs, list):
+        return f"{log} is not an op_cpu history (no list of 'runs')"
+    return None
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.op_cpu", description=__doc__.splitlines()[0],
                                 formatter_class=_cli.HelpFormatter)
@@ -546,9 +562,14 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.quick and args.record:
         p.error("--quick runs are never recorded: drop --record or --quick")
+    for flag, values in (("--batches", args.batches), ("--train-batches", args.train_batches)):
+        if problem := _cli.repeated_problem(flag, values):  # each repeat was timed again
+            p.error(problem)
     args.out = results_folder(args.out, record=args.record)
     if not args.quick and (problem := _cli.output_problem(args.out, folder=True)):
         p.error(f"--out: {problem}")  # before the run, not after it
+    if not args.quick and (problem := history_problem(args.out / "op_cpu.json")):
+        p.error(f"--out: {problem}; repair or move it, or give another --out")  # the run appends to it
     if args.quick:
         args.budget, args.batches, args.train_batches = 1.0, [1], [1]
     if "cpu" not in mk.available_backends("cpu"):

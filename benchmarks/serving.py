@@ -34,7 +34,9 @@ matched eager float64 to 2e-11 (so no defect; plain reassociation). Hence the ke
 of images, as trained keys are, and the check is sharp.
 
 Statistic: median over rounds of the per-round ratio path / stock (and path / live), with a
-distribution-free 95% interval (:mod:`benchmarks._pairs`). Results go to a scratch folder
+distribution-free 95% interval (:mod:`benchmarks._pairs`); each record names its interval method
+(``interval``), and the summary labels every ratio by its own record's method: records without the field
+were made before b6536ba and hold percentile-bootstrap intervals. Results go to a scratch folder
 (``build/bench/serving``) unless ``--record`` appends them to ``benchmarks/results/serving.{jsonl,md}``:
 one jsonl line and one table per batch size, written as soon as that batch size is timed (a run
 stopped later keeps them; the lines of one run share its ``timestamp``).
@@ -83,6 +85,11 @@ EXPORTED = ("export", "aoti", "onnxruntime")
 # What an exported file bakes in: the code, and the model this file builds.
 CODE_DIRS = ("mira", "mira_kernels", "csrc", "benchmarks/serving.py")
 JUDGED_AGAINST = {"compile": "live", "export": "live", "aoti": "live", "onnxruntime": "live", "merged": "lora"}
+# How the 95% intervals of a record were computed, stored in it: _pairs used a percentile bootstrap until
+# b6536ba (the records of 2026-12-03 hold those and no such field), order statistics since.
+INTERVAL = "distribution-free"
+LEGACY_INTERVAL = "percentile bootstrap"
+INTERVAL_LABELS = {INTERVAL: "distribution-free 95% interval", LEGACY_INTERVAL: "95% bootstrap interval"}
 
 
 def log(msg: str) -> None:
@@ -244,7 +251,7 @@ def run(args, model_kwargs: dict | None = None, on_batch=None) -> dict:
     results = []
     header = {
         "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "commit": git_commit(), "machine": _pairs.machine_info(),
+        "commit": git_commit(), "machine": _pairs.machine_info(), "interval": INTERVAL,
         "config": {"model": args.model, "model_kwargs": model_kwargs or {}, "slots": args.slots,
                    "threads": torch.get_num_threads(), "paths": list(args.paths), "dtype": "float32",
                    "judge_batch": args.judge_batch},
@@ -362,12 +369,18 @@ def _same_setup(a: dict, b: dict) -> bool:
     return same_config and all(a["machine"].get(k) == b["machine"].get(k) for k in ("cpu", "family", "model_id"))
 
 
+def _interval_of(record: dict) -> str:
+    """The interval method of a record's ratios (a record without the field predates it: bootstrap)."""
+    return record.get("interval", LEGACY_INTERVAL)
+
+
 def summary_markdown(records: list[dict]) -> str:
     """One markdown table of every path at every batch size, from the newest record timing it (the
     records of the newest run's setup only: model, slots, threads, dtype, CPU).
 
     Each ratio comes from one process (the path and its reference timed interleaved); a path and
-    its reference are never compared across runs."""
+    its reference are never compared across runs. The intervals are labelled by their records' method:
+    in the header when every cell shares one, else in each ratio cell and each run's line."""
     records = [r for r in records if r.get("results")]
     if not records:
         return ""
@@ -380,6 +393,13 @@ def summary_markdown(records: list[dict]) -> str:
                 cells[(name, res["batch"])] = (record, res)
     batches = sorted({b for _, b in cells})
     names = [n for n in SUMMARY_ORDER if any((n, b) in cells for b in batches)]
+    methods = sorted({_interval_of(record) for record, _ in cells.values()})
+    mixed = len(methods) > 1
+    if mixed:
+        interval_text = "95% interval of the method its run names (next to each ratio and in the list of runs)"
+    else:
+        method = methods[0] if methods else _interval_of(newest)
+        interval_text = INTERVAL_LABELS.get(method, f"95% {method} interval")
     m, c = newest["machine"], newest["config"]
     kwargs = ", ".join(f"{k}={v}" for k, v in c["model_kwargs"].items())
     lines = [
@@ -389,7 +409,7 @@ def summary_markdown(records: list[dict]) -> str:
         f"Machine: {_pairs.cpu_line(m)}; {m['logical_cpus']} logical CPUs; torch {m['torch']}.",
         "Works: the path's output on the judged images is within the bound of the float64 eager model "
         "(2x eager fp32's own error + 1e-6 x max(1, |output|)); folded differs by design (mean weights) and "
-        "is not judged. Ratios: median over interleaved rounds of the per-round ratio, distribution-free 95% interval, "
+        f"is not judged. Ratios: median over interleaved rounds of the per-round ratio, {interval_text}, "
         "path and reference timed in one process.",
         "",
         "| path | what runs | works: error vs float64 (bound) | "
@@ -403,8 +423,10 @@ def summary_markdown(records: list[dict]) -> str:
             used.append(record)
     run_no = {id(record): k for k, record in enumerate(used, 1)}
 
-    def ratio_text(r):
-        return "" if r is None else _ratio_text(r)
+    def ratio_text(r, record):
+        if r is None:
+            return ""
+        return _ratio_text(r) + (f" ({_interval_of(record)})" if mixed else "")
 
     for name in names:
         verdicts = [rec["vs_float64"][name] for rec, _ in (cells[(name, b)] for b in batches if (name, b) in cells)
@@ -425,8 +447,8 @@ def summary_markdown(records: list[dict]) -> str:
                 continue
             record, res = cells[(name, b)]
             row += [f"{res['median_ms'][name]:.1f} (run {run_no[id(record)]})",
-                    "1" if name == "live" else ratio_text(res["ratio_vs_live"].get(name)),
-                    "1" if name == "stock" else ratio_text(res["ratio_vs_stock"].get(name))]
+                    "1" if name == "live" else ratio_text(res["ratio_vs_live"].get(name), record),
+                    "1" if name == "stock" else ratio_text(res["ratio_vs_stock"].get(name), record)]
         lines.append("| " + " | ".join(row) + " |")
     lines += ["", "Runs (each cell comes from the newest run timing that path at that batch size; milliseconds "
               "from different runs saw different machine states, so compare the ratios):", ""]
@@ -434,7 +456,8 @@ def summary_markdown(records: list[dict]) -> str:
         for res in record["results"]:
             lines.append(f"{k}. {record['timestamp']}, commit {record['commit']}, batch {res['batch']}: "
                          f"{', '.join(res['median_ms'])}; {res['rounds']} rounds (stopped by {res['stopped_by']}), "
-                         f"load {record['machine'].get('load_average_1m', float('nan')):.1f}")
+                         f"load {record['machine'].get('load_average_1m', float('nan')):.1f}"
+                         + (f"; {_interval_of(record)} intervals" if mixed else ""))
     return "\n".join(lines) + "\n"
 
 
@@ -484,11 +507,16 @@ def main(argv=None, model_kwargs: dict | None = None) -> int:
     out = args.out or (RESULTS_DIR if args.record else SCRATCH_DIR)
     if not args.summarize and (problem := _cli.timm_model_problem(args.model)):  # not after the exports' build
         p.error(f"--model: {problem}")
+    if problem := _cli.repeated_problem("--batch-sizes", args.batch_sizes):
+        p.error(problem)
     # Before the run, not when its first batch size is written (after the exports are built and judged).
     for flag, folder in (("--out", out), ("--cache", None if args.summarize else args.cache)):
         if folder is not None and (problem := _cli.output_problem(folder, folder=True)):
             p.error(f"{flag}: {problem}")
     if args.summarize:
+        if not (out / "serving.jsonl").is_file():
+            p.error(f"--summarize: no {out / 'serving.jsonl'} to summarize (run the benchmark first, or name its "
+                    "folder with --out)")
         print(write_summary(out), end="")
         return 0
 

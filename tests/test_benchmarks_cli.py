@@ -413,13 +413,72 @@ def test_e2e_interval_skips_a_record_shorter_than_two_blocks(tmp_path, capsys):
     assert "fewer than two blocks of --block 50: skipped" in capsys.readouterr().out
 
 
-def test_quick_writes_no_record_into_a_folder_below_the_results(tmp_path, monkeypatch):
-    # --quick refused benchmarks/results/ itself but wrote into its subfolders.
+@pytest.mark.parametrize("where", ["", "sub"])
+def test_quick_into_the_results_is_refused_before_the_run(tmp_path, monkeypatch, capsys, where):
+    # --quick refused benchmarks/results/ itself only after the whole quick run, and wrote into its subfolders.
     results = tmp_path / "results"
     monkeypatch.setattr(latency, "RESULTS_DIR", results)
-    monkeypatch.setattr(latency, "run", lambda cfg, argv=None: {"wall_s": 0.0})
-    monkeypatch.setattr(latency, "format_table", lambda record: "table")
+    monkeypatch.setattr(latency, "run", _never)
     written = []
     monkeypatch.setattr(latency, "write_record", lambda *a, **k: written.append(a) or {})
-    assert latency.main(["--quick", "--results-dir", str(results / "sub"), "--no-plots"]) == 0
-    assert not written
+    last = _exits_2("latency", ["--quick", "--results-dir", str(results / where), "--no-plots"], capsys)
+    assert "--quick runs are never recorded" in last and "--results-dir" in last
+    assert not written and not results.exists()
+    assert latency.parse_args(["--quick", "--results-dir", str(tmp_path / "scratch")]).quick  # elsewhere: taken
+
+
+def test_module_and_op_budgets_are_the_b1_ones_at_b1_only():
+    # --help: "40 at B=1, 60 above" (op: 15 / 30); B=2..7 got B=1's budgets.
+    cfg = latency.BenchConfig(batch_sizes=(1, 2, 7, 8, 16))
+    module = {b: latency._module_budget_for(cfg, b) for b in cfg.batch_sizes}
+    op = {b: latency._op_budget_for(cfg, b) for b in cfg.batch_sizes}
+    one, above = latency.DEFAULT_MODULE_BUDGET[1], latency.DEFAULT_MODULE_BUDGET[8]
+    assert module == {1: one, 2: above, 7: above, 8: above, 16: above}
+    assert op == {1: latency.DEFAULT_OP_BUDGET[1], **{b: latency.DEFAULT_OP_BUDGET[8] for b in (2, 7, 8, 16)}}
+    quick = latency.BenchConfig(batch_sizes=(1, 4), quick=True, results_dir="/tmp")
+    assert [latency._module_budget_for(quick, b) for b in (1, 4)] == [latency.QUICK_MODULE_BUDGET[1],
+                                                                      latency.QUICK_MODULE_BUDGET[8]]
+    help_text = " ".join(latency.BenchConfig.__dataclass_fields__["module_budget"].metadata["help"].split())
+    assert f"{one:.0f} at B=1, {above:.0f} above" in help_text
+
+
+@pytest.mark.parametrize("tool, argv, said", [
+    # Each repeat was measured (or printed) twice; latency's per-batch --e2e-budget lost its first value.
+    ("latency", ["--batch-sizes", "1", "1", "--e2e-budget", "10", "300"], "--batch-sizes repeats 1"),
+    ("latency", ["--sweep-slots", "30", "60", "30"], "--sweep-slots repeats 30"),
+    ("op_cpu", ["--batches", "8", "8"], "--batches repeats 8"),
+    ("op_cpu", ["--train-batches", "1", "1"], "--train-batches repeats 1"),
+    ("serving", ["--batch-sizes", "8", "8"], "--batch-sizes repeats 8"),
+    ("budget", ["--batch-sizes", "1", "1"], "--batch-sizes repeats 1"),
+    ("bank_dtype", ["--batch-sizes", "8", "8"], "--batch-sizes repeats 8"),
+])
+def test_repeated_batch_sizes_are_refused_before_the_run(tool, argv, said, no_runs, capsys):
+    assert said in _exits_2(tool, argv, capsys)
+
+
+def test_op_cpu_refuses_a_history_it_could_not_append_to_before_the_run(tmp_path, no_runs, capsys):
+    # An unreadable op_cpu.json in --out was read only after the 6-8 min run, which then died and lost its record.
+    log = tmp_path / "op_cpu.json"
+    for text in ('{"runs": [ {"date": "2026-12-01"', "[1, 2]", '{"runs": 3}'):
+        log.write_text(text)
+        last = _exits_2("op_cpu", ["--out", str(tmp_path)], capsys)
+        assert "--out" in last and "is not an op_cpu history" in last and "give another --out" in last
+        assert log.read_text() == text and [p.name for p in tmp_path.iterdir()] == ["op_cpu.json"]
+
+
+def test_e2e_interval_says_what_it_cannot_read_or_show(tmp_path, capsys):
+    from benchmarks import e2e_interval
+
+    not_jsonl = tmp_path / "hostname"
+    not_jsonl.write_text("a-machine\n")  # was a JSONDecodeError traceback
+    assert "line 1 is not JSON" in _exits_2("e2e_interval", [str(not_jsonl)], capsys)
+    rounds = [0.010 + 0.0001 * (i % 7) for i in range(40)]
+    line = {"commit": "abc1234", "timestamp": "2026-12-07T00:00:00Z", "machine": {},
+            "results": [{"batch": 1, "end_to_end": {"seconds": 2.0, "times_s": {"fused": [1.01 * t for t in rounds],
+                                                                                "backbone": rounds}}}]}
+    path = tmp_path / "latency.jsonl"
+    path.write_text(json.dumps(line) + "\n\n")
+    # No record qualifies: was a silent exit 0 with nothing printed.
+    assert "have at most 40 end-to-end rounds; lower --min-rounds" in _exits_2("e2e_interval", [str(path)], capsys)
+    assert "no record in" in _exits_2("e2e_interval", [str(path), "--batch", "8"], capsys)
+    assert e2e_interval.main([str(path), "--min-rounds", "40"]) == 0 and "40 rounds" in capsys.readouterr().out

@@ -62,10 +62,62 @@ def test_a_tiny_run_times_every_path_against_stock_and_records_machine_and_commi
     assert serving.main(["--out", str(tmp_path), "--summarize"]) == 0 and capsys.readouterr().out == summary
 
 
-def test_summarize_without_records_says_so(tmp_path):
-    with pytest.raises(SystemExit, match="serving.jsonl to summarize"):
+def test_summarize_without_records_says_so(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
         serving.main(["--out", str(tmp_path), "--summarize"])
+    assert exit_.value.code == 2  # argparse's one-line error, not a bare message with exit 1
+    assert "--summarize: no " in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+def test_repeated_batch_sizes_are_refused_before_the_run(monkeypatch, capsys):
+    monkeypatch.setattr(serving, "run", lambda *a, **k: pytest.fail("the run started"))
+    with pytest.raises(SystemExit) as exit_:
+        serving.main(["--batch-sizes", "1", "8", "1"])
+    assert exit_.value.code == 2 and "--batch-sizes repeats 1" in capsys.readouterr().err
+
+
+def _fake_record(interval: str | None, ratio: float) -> dict:
+    r = {"ratio": ratio, "lo": ratio - 0.01, "hi": ratio + 0.01, "pairs": 20, "width": 0.02}
+    record = {"timestamp": f"t{ratio}", "commit": "c", "config": {"model": "m", "model_kwargs": {}, "slots": 2,
+                                                                  "threads": 1, "dtype": "float32"},
+              "machine": {"cpu": "cpu", "family": "6", "model_id": "1", "logical_cpus": 1, "torch": "t"},
+              "vs_float64": {}, "results": [{"batch": 1, "median_ms": {"stock": 1.0, "live": 1.0},
+                                             "ratio_vs_stock": {"live": r}, "ratio_vs_live": {"stock": r},
+                                             "rounds": 20, "stopped_by": "budget"}]}
+    if interval is not None:
+        record["interval"] = interval
+    return record
+
+
+def test_the_summary_labels_each_ratio_by_its_records_interval_method():
+    """The records of 2026-12-03 (no 'interval' field) hold percentile-bootstrap intervals: a rewrite of
+    the summary must not call them distribution-free, as every newer record's are."""
+    old, new = _fake_record(None, 1.5), _fake_record("distribution-free", 1.25)
+    assert "95% bootstrap interval," in serving.summary_markdown([old])
+    assert "distribution-free 95% interval," in serving.summary_markdown([new])
+    assert "bootstrap" not in serving.summary_markdown([old, new])  # the newest run fills every cell
+    old["results"][0]["batch"] = 8  # a batch size only the old run timed: its cells keep its method
+    mixed = serving.summary_markdown([old, new])
+    assert "95% interval of the method its run names" in mixed
+    assert "1.500 [1.490, 1.510] (percentile bootstrap)" in mixed
+    assert "1.250 [1.240, 1.260] (distribution-free)" in mixed
+    assert "; percentile bootstrap intervals" in mixed and "; distribution-free intervals" in mixed
+
+
+def test_a_new_record_names_its_interval_method(tmp_path, monkeypatch):
+    """Nothing is timed: the interleaved timing is replaced by fixed times."""
+
+    def fake_timing(calls, **kwargs):
+        return serving._pairs.PairResult(list(calls), {n: [1e-3 * (1 + k % 3) for k in range(8)] for n in calls},
+                                         0.0, "budget")
+
+    monkeypatch.setattr(serving._pairs, "time_interleaved", fake_timing)
+    argv = [*QUICK, "--batch-sizes", "1", "--paths", "folded", "--out", str(tmp_path), "--cache", str(tmp_path / "c")]
+    assert serving.main(argv, model_kwargs=TINY) == 0
+    (record,) = [json.loads(line) for line in (tmp_path / "serving.jsonl").read_text().splitlines()]
+    assert record["interval"] == "distribution-free"
+    assert "distribution-free 95% interval," in (tmp_path / "serving_summary.md").read_text()
 
 
 def test_help_shows_every_default():

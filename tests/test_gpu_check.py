@@ -221,6 +221,25 @@ def test_a_budget_that_is_not_a_finite_30_s_or_more_is_a_usage_error(budget, tmp
                                  "--work", str(tmp_path / "work")]).budget == 30.0
 
 
+@pytest.mark.parametrize("argv,message", [
+    (["--arch", "xyz"], "--arch 'xyz': not a compute capability"),  # was a failed build on the GPU machine
+    (["--arch", "sm_90"], "not a compute capability: 'sm_90'"),
+    (["--arch", "8.0;9.0+ptx"], "not a compute capability: '9.0+ptx'"),
+    (["--dry-run", "--record"], "--record: a --dry-run has nothing to record"),  # was silently ignored
+])
+def test_a_bad_arch_list_or_a_record_of_a_dry_run_is_a_usage_error(argv, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        gpu_check.parse_args([*argv, "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")])
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("arch", ["9.0", "9.0a", "8.0;9.0+PTX", "8.0 8.6", "10.0a+PTX", "Hopper", "Ampere+Tegra"])
+def test_every_torch_cuda_arch_list_form_is_taken(arch, tmp_path):
+    args = gpu_check.parse_args(["--dry-run", "--arch", arch, "--out", str(tmp_path / "o"), "--work", str(tmp_path)])
+    assert args.arch == arch
+
+
 def test_schema_rejects_what_readers_could_not_use():
     doc = _document_with({})
     _validate(doc)

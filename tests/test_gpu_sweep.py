@@ -59,7 +59,7 @@ def test_dry_run_plans_every_config_and_each_override_reaches_its_launch(tmp_pat
     assert doc["schema"] == gpu_sweep.SCHEMA and doc["status"] == "ok"
     todo = gpu_sweep.schedule(["bfloat16", "float32"], [1, 8, 64], 197)
     assert len(doc["results"]) == len(todo) and not doc["not_run"]
-    assert {r["status"] for r in doc["results"]} <= {"planned", "same_as_planner"}
+    assert {r["status"] for r in doc["results"]} <= {"planned", "same_as_planner", "same_as_earlier"}
     assert sum(r["status"] == "planned" for r in doc["results"]) >= 70
     # The planner's configs of every bf16 batch run first.
     assert [(r["batch"], r["variant"]) for r in doc["results"][:9]] == [
@@ -93,6 +93,33 @@ def test_dry_run_plans_every_config_and_each_override_reaches_its_launch(tmp_pat
     assert pair["gemm"]["USE_PDL"] and pair["gemm"]["LORA"] == 1  # Hopper plan: PDL, shrink folded in
     assert doc["estimate_s"] > 0 and "estimate" in (tmp_path / "gpu_sweep.txt").read_text()
     assert configs._OVERRIDES == [{}]
+
+
+def test_a_config_that_launches_what_the_planner_or_an_earlier_config_launches_is_not_timed_again(tmp_path):
+    rc = gpu_sweep.main(["--dry-run", "--out", str(tmp_path), "--dtypes", "bfloat16", "--batches", "1"])
+    assert rc == 0
+    doc = json.loads((tmp_path / "gpu_sweep.json").read_text())
+    by = {(r["kernel"], r["variant"]): r for r in doc["results"]}
+    # At B=1 every column tile is its own program already, so the "all groups" pair is the planner's.
+    assert by["pair", "groups-all"]["status"] == "same_as_planner"
+    for name in ("s3+groups-all", "s3+64x64x128-w4s3-all"):  # the planner's tile and groups: the s3 pair again
+        assert by["pair", name]["status"] == "same_as_earlier" and by["pair", name]["same_as"] == "pair:s3"
+    timed = [(r["kernel"], json.dumps(r.get("override", {}).get("problem")), json.dumps(r["params"], sort_keys=True))
+             for r in doc["results"] if r["status"] == "planned"]
+    assert len(timed) == len(set(timed)) >= 20
+    assert "same_as_earlier (pair:s3)" in (tmp_path / "gpu_sweep.txt").read_text()
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--device", "bogus"], "--device: 'bogus'"), (["--device", "cuda:x"], "--device: 'cuda:x'"),
+    (["--batches", "1,8,1"], "--batches repeats 1"), (["--dtypes", "float32,float32"], "--dtypes repeats float32")])
+def test_bad_devices_and_repeated_values_are_refused_before_anything_runs(tmp_path, monkeypatch, capsys, argv,
+                                                                        message):
+    monkeypatch.setattr(gpu_sweep, "schedule", lambda *a: pytest.fail("the sweep started"))
+    with pytest.raises(SystemExit) as exit_:
+        gpu_sweep.main(["--out", str(tmp_path / "out"), *argv])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
 
 
 class _Kernel:
@@ -159,6 +186,11 @@ def test_failures_are_recorded_not_timed(monkeypatch, behaviour, status):
     same = gpu_sweep.run_config(case, gpu_sweep.Variant("retrieve", "k64", 1, retrieve=dict(block_k=64)),
                                 gpu_sweep.Timer(torch.device("cpu")), lambda: None)
     assert same["status"] == "same_as_planner"
+    if status != "override_not_applied":  # the same launches once more: recorded, not run nor timed again
+        again = gpu_sweep.run_config(case, gpu_sweep.Variant("retrieve", "k256-again", 2, retrieve=dict(block_k=256)),
+                                     gpu_sweep.Timer(torch.device("cpu")), lambda: None)
+        assert again["status"] == "same_as_earlier" and again["same_as"] == "retrieve:k256", again
+        assert "warm_us" not in again and "compile_s" not in again
 
 
 class _Recorder:

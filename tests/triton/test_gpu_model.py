@@ -439,3 +439,34 @@ def test_little_law_source_agrees_with_the_latency_it_names(mach):
     assert latency * 1e-6 == pytest.approx(mach.dram_latency)
     sms = int(re.search(r"~([0-9]+) SMs", source).group(1))
     assert sms == round(mach.hbm_bw / (mach.sm_inflight / mach.dram_latency))
+
+
+def test_the_calibrated_header_points_to_the_held_out_cells_only_where_they_are_printed(mach):
+    # --calibrate alone said "see 'Model vs measurement'", a section only --measured prints.
+    doc = _fourth_run()
+    alone = gm.report(mach, dtypes=(torch.bfloat16,), batches=(1,), calibration=("run.json", [], doc))
+    assert "== Model vs measurement" not in alone and "see 'Model vs measurement'" not in alone
+    assert "held out and judges the model: --measured run.json prints how the model does on them" in alone
+    both = gm.report(mach, dtypes=(torch.bfloat16,), batches=(1,), measured=doc, calibration=("run.json", [], doc))
+    assert "see 'Model vs measurement'" in both and "== Model vs measurement" in both
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--calibrate", "LIST"], "--calibrate LIST: not a gpu_check.json"),  # was an AttributeError traceback
+    (["--measured", "LIST"], "--measured LIST: not a gpu_check.json"),
+    (["--measured", "OBJECT"], "--measured OBJECT: not a gpu_check.json"),
+    (["--before", "LIST"], "--before LIST: not a --dump-plans output"),  # silently ignored
+    (["--batches", "8", "1", "8"], "--batches repeats 8"),  # printed every B=8 row twice
+])
+def test_inputs_that_are_not_what_the_model_reads_are_usage_errors(argv, message, tmp_path, monkeypatch, capsys):
+    files = {"LIST": tmp_path / "list.json", "OBJECT": tmp_path / "object.json"}
+    files["LIST"].write_text("[1, 2]")
+    files["OBJECT"].write_text('{"results": []}')
+    monkeypatch.setattr(gm, "report", lambda *a, **k: pytest.fail("the model ran"))
+    with pytest.raises(SystemExit) as exc:
+        gm.main([str(files[a]) if a in files else a for a in argv])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2
+    for name, path in files.items():
+        message = message.replace(name, str(path))
+    assert message in err and "Traceback" not in err
