@@ -399,16 +399,22 @@ def test_dram_bandwidth_bounds_stay_ordered_with_too_few_reads(monkeypatch):
     assert bw["lo"] == 0.0 and bw["hi"] == math.inf and bw["lo"] <= bw["bytes_per_s"] <= bw["hi"]
 
 
-def test_e2e_interval_skips_a_record_shorter_than_two_blocks(tmp_path, capsys):
-    # --block beyond the rounds left the bootstrap empty: NaN estimates, then a traceback.
-    from benchmarks import e2e_interval
-
+def _e2e_record(tmp_path, end: str = "\n"):
+    """A latency.jsonl of one B=1 record with 40 end-to-end rounds (fused 1% over the backbone)."""
     rounds = [0.010 + 0.0001 * (i % 7) for i in range(40)]
     line = {"commit": "abc1234", "timestamp": "2026-12-07T00:00:00Z", "machine": {},
             "results": [{"batch": 1, "end_to_end": {"seconds": 2.0, "times_s": {"fused": [1.01 * t for t in rounds],
                                                                                 "backbone": rounds}}}]}
     path = tmp_path / "latency.jsonl"
-    path.write_text(json.dumps(line) + "\n")
+    path.write_text(json.dumps(line) + end)
+    return path
+
+
+def test_e2e_interval_skips_a_record_shorter_than_two_blocks(tmp_path, capsys):
+    # --block beyond the rounds left the bootstrap empty: NaN estimates, then a traceback.
+    from benchmarks import e2e_interval
+
+    path = _e2e_record(tmp_path)
     assert e2e_interval.main([str(path), "--min-rounds", "10", "--block", "50"]) == 0
     assert "fewer than two blocks of --block 50: skipped" in capsys.readouterr().out
 
@@ -472,12 +478,7 @@ def test_e2e_interval_says_what_it_cannot_read_or_show(tmp_path, capsys):
     not_jsonl = tmp_path / "hostname"
     not_jsonl.write_text("a-machine\n")  # was a JSONDecodeError traceback
     assert "line 1 is not JSON" in _exits_2("e2e_interval", [str(not_jsonl)], capsys)
-    rounds = [0.010 + 0.0001 * (i % 7) for i in range(40)]
-    line = {"commit": "abc1234", "timestamp": "2026-12-07T00:00:00Z", "machine": {},
-            "results": [{"batch": 1, "end_to_end": {"seconds": 2.0, "times_s": {"fused": [1.01 * t for t in rounds],
-                                                                                "backbone": rounds}}}]}
-    path = tmp_path / "latency.jsonl"
-    path.write_text(json.dumps(line) + "\n\n")
+    path = _e2e_record(tmp_path, "\n\n")
     # No record qualifies: was a silent exit 0 with nothing printed.
     assert "have at most 40 end-to-end rounds; lower --min-rounds" in _exits_2("e2e_interval", [str(path)], capsys)
     assert "no record in" in _exits_2("e2e_interval", [str(path), "--batch", "8"], capsys)
