@@ -595,12 +595,28 @@ def _columns_written(cols, live, NOUT, E_WIDTH, S: tl.constexpr, OFFS: tl.conste
 
 
 @triton.jit
+def _shrink_step(a, h_part, f_rows, f_ok, f_off, f_blk, k0, F_WIDTH, stride_fk, op_ty: tl.constexpr,
+                 F_SLICED: tl.constexpr, BLOCK_K: tl.constexpr, LORA_PRECISION: tl.constexpr):
+    # One K step of the shrink x F^T, as the GEMM's main loop folds it in and as _fold_shrink runs it
+    # alone: the factor tile at k0 (gathered per slice, or the next block of a dense F), then one dot.
+    # Returns (h_part, the dense F's block pointer advanced past k0).
+    if F_SLICED:
+        f = _factor_tile(f_rows, f_ok, f_off, k0 + tl.arange(0, BLOCK_K), F_WIDTH, stride_fk)
+    else:
+        f = tl.load(f_blk, boundary_check=(0, 1), padding_option="zero")
+        f_blk = tl.advance(f_blk, (0, BLOCK_K))
+    h_part = tl.dot(a.to(op_ty), tl.trans(f.to(op_ty)), h_part, input_precision=LORA_PRECISION,
+                    out_dtype=h_part.dtype)
+    return h_part, f_blk
+
+
+@triton.jit
 def _fold_shrink(x_ptr, f_ptr, M, K, J, R, NB, F_WIDTH, stride_xm, stride_fb, stride_fs, stride_fr, stride_fk, row0,
                  b_first, b_last, t, acc_ty: tl.constexpr, op_ty: tl.constexpr, S: tl.constexpr, OFFS: tl.constexpr,
                  F_SLICED: tl.constexpr, SPB: tl.constexpr, J_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, LORA_PRECISION: tl.constexpr):
     # The shrink the GEMM's main loop folds in (LORA = 1), on its own: x F^T for the row block's samples,
-    # (BLOCK_M, J_PAD) in acc_ty, by the main loop's dots (the same operands, steps and order).
+    # (BLOCK_M, J_PAD) in acc_ty, by the main loop's K steps (_shrink_step: the same operands, steps and order).
     h_part = tl.zeros((BLOCK_M, J_PAD), dtype=acc_ty)
     f_rows, f_ok, f_off = _factor_rows(f_ptr, b_first, b_last, t, J, R, stride_fb, stride_fs, stride_fr, S, OFFS,
                                        F_SLICED, SPB)
@@ -610,13 +626,8 @@ def _fold_shrink(x_ptr, f_ptr, M, K, J, R, NB, F_WIDTH, stride_xm, stride_fb, st
         a = tl.load(x_blk, boundary_check=(0, 1), padding_option="zero")
         if UPCAST:
             a = a.to(tl.float32)
-        if F_SLICED:
-            f = _factor_tile(f_rows, f_ok, f_off, k0 + tl.arange(0, BLOCK_K), F_WIDTH, stride_fk)
-        else:
-            f = tl.load(f_blk, boundary_check=(0, 1), padding_option="zero")
-            f_blk = tl.advance(f_blk, (0, BLOCK_K))
-        h_part = tl.dot(a.to(op_ty), tl.trans(f.to(op_ty)), h_part, input_precision=LORA_PRECISION,
-                        out_dtype=h_part.dtype)
+        h_part, f_blk = _shrink_step(a, h_part, f_rows, f_ok, f_off, f_blk, k0, F_WIDTH, stride_fk, op_ty, F_SLICED,
+                                     BLOCK_K, LORA_PRECISION)
         x_blk = tl.advance(x_blk, (0, BLOCK_K))
     return h_part
 
@@ -712,13 +723,8 @@ def _gemm_work_item(
                     if UPCAST:
                         w = w.to(tl.float32)
                     acc = tl.dot(a, w, acc, input_precision=BASE_PRECISION, out_dtype=acc.dtype)
-                if F_SLICED:
-                    f = _factor_tile(f_rows, f_ok, f_off, k0 + tl.arange(0, BLOCK_K), F_WIDTH, stride_fk)
-                else:
-                    f = tl.load(f_blk, boundary_check=(0, 1), padding_option="zero")
-                    f_blk = tl.advance(f_blk, (0, BLOCK_K))
-                h_part = tl.dot(a.to(op_ty), tl.trans(f.to(op_ty)), h_part, input_precision=LORA_PRECISION,
-                                out_dtype=h_part.dtype)
+                h_part, f_blk = _shrink_step(a, h_part, f_rows, f_ok, f_off, f_blk, k0, F_WIDTH, stride_fk, op_ty,
+                                             F_SLICED, BLOCK_K, LORA_PRECISION)
                 x_blk = tl.advance(x_blk, (0, BLOCK_K))
                 w_blk = tl.advance(w_blk, (BLOCK_K, 0))
             h_scaled = tl.where(own, h_part, 0.0) * scale
