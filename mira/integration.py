@@ -720,8 +720,7 @@ def set_stage(model: nn.Module, stage: str, *, extra_trainable: Iterable[str] = 
                              "(a frozen base projection cannot train)")
         # A module inside a projection (its base_layer: unfrozen, the fused op refused the next forward)
         # or inside a memory (its query module, which the stage itself decides to train or not).
-        owner = next((p for p, m in modules.items()
-                      if isinstance(m, (MiraProjection, AdapterMemory)) and name.startswith(p + ".")), None)
+        owner = _mira_part_owner(modules, name)
         if owner is not None:
             raise ValueError(f"extra_trainable: {name!r} is part of the MIRA layer {owner!r}, whose parameters the "
                              "stage sets (a base projection is frozen: the fused op gives it no gradient); name a "
@@ -846,6 +845,20 @@ def _restored_on_error(generator: torch.Generator | None):
 
 
 @torch.no_grad()
+def _mira_part_owner(modules: dict[str, nn.Module], name: str) -> str | None:
+    """The name of the MIRA layer (projection or memory) that module ``name`` lies inside, or None.
+    ``modules``: the model's ``dict(named_modules())``."""
+    return next((p for p, m in modules.items()
+                 if isinstance(m, (MiraProjection, AdapterMemory)) and name.startswith(p + ".")), None)
+
+
+def _refuse_held_update(projs, what: str) -> None:
+    """Raise if a projection holds a merged or folded update: its memory does not run then."""
+    if any(p.merged_update is not None for p in projs):
+        raise RuntimeError(f"{what}: the model holds a merged or folded update, so its memories do not run; "
+                           "unmerge / unfold first")
+
+
 def association_matrices(model: nn.Module, inputs: torch.Tensor) -> dict[str, torch.Tensor]:
     """Run ``model`` on ``inputs`` and return every memory's association matrix.
 
@@ -861,10 +874,8 @@ def association_matrices(model: nn.Module, inputs: torch.Tensor) -> dict[str, to
     if not isinstance(inputs, torch.Tensor):
         raise TypeError(f"association_matrices: inputs must be a batch the model takes (a Tensor of images), got "
                         f"{type(inputs).__name__}")
-    if any(p.merged_update is not None for p in projs):
-        # Block 0's weights would be right and every later block's taken from the update's outputs.
-        raise RuntimeError("association_matrices: the model holds a merged or folded update, so its memories do "
-                           "not run; unmerge / unfold first")
+    # Block 0's weights would be right and every later block's taken from the update's outputs.
+    _refuse_held_update(projs, "association_matrices")
     names = {id(m): n for n, m in named_memories(model)}
     results: dict[str, torch.Tensor] = {}
     handles = []

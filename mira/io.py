@@ -39,6 +39,7 @@ from .integration import (
     MEMORY_ATTR,
     _check_module,
     _memory_owner,
+    _mira_part_owner,
     _qkv_blocks,
     _restored_on_error,
     attach,
@@ -49,7 +50,7 @@ from .integration import (
     set_stage,
 )
 from .layers import MiraProjection
-from .memory import AdapterMemory
+from .memory import AdapterMemory, zero_key_rows
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "import_peft", "load_memories", "load_model", "save_memories", "save_model"]
 
@@ -127,8 +128,7 @@ def save_model(model: nn.Module, path: str | os.PathLike, *, modules: Sequence[s
         if any(isinstance(m, (AdapterMemory, MiraProjection)) for m in module.modules()):
             raise ValueError(f"save_model: {name!r} contains MIRA layers, which are saved anyway; name modules "
                              "outside them (e.g. 'head')")
-        owner = next((p for p, m in available.items()
-                      if isinstance(m, (AdapterMemory, MiraProjection)) and name.startswith(p + ".")), None)
+        owner = _mira_part_owner(available, name)
         if owner is not None:  # a memory's query module (saved with it) or a projection's frozen base layer
             raise ValueError(f"save_model: {name!r} is part of the MIRA layer {owner!r}, which the file holds as "
                              "MIRA's (query modules) or not at all (a base projection is backbone); name modules "
@@ -401,9 +401,9 @@ def _plan_memory(path: str, name: str, entry, memory: AdapterMemory, proj, tenso
     # Every row of the file is a stored adapter (empty slots are not written). A zero key (also one
     # that rounds to zero in the model's dtype) has no direction to retrieve by, and the op's gradient
     # of it is g / eps (~4e13): append refuses it, and so does a load.
-    zero = (planned["keys"] == 0).all(dim=1)
-    if bool(zero.any()):
-        raise ValueError(f"load_memories: {where}: the keys of slots {zero.nonzero().flatten().tolist()} are all "
+    zero = zero_key_rows(planned["keys"])
+    if zero:
+        raise ValueError(f"load_memories: {where}: the keys of slots {zero} are all "
                          "zeros; a stored adapter's key needs a direction (cosine retrieval), as append requires. "
                          "Nothing was loaded: give those slots nonzero keys in the file, or remove them")
     query_state = {}

@@ -480,12 +480,9 @@ class AdapterMemory(nn.Module):
         if keys.shape[0] != n:
             raise ValueError(f"got {keys.shape[0]} keys for {n} adapters")
         _refuse_unstorable("keys", keys)
-        zero = None if keys.is_meta else (keys == 0).all(dim=1)
-        if zero is not None and bool(zero.any()):
-            # No direction: its cosine is 0 for every query, and the op's gradient of a zero key is
-            # g / eps (eps = 1e-12), which overflows float16 and throws any optimiser's step off.
-            raise ValueError(f"keys {zero.nonzero().flatten().tolist()} are all zeros; a key needs a direction "
-                             "(cosine retrieval)")
+        zero = [] if keys.is_meta else zero_key_rows(keys)
+        if zero:
+            raise ValueError(f"keys {zero} are all zeros; a key needs a direction (cosine retrieval)")
         return keys.detach().to(**self._factory())
 
     def _set_storage(self, keys: torch.Tensor, bank_a: torch.Tensor, bank_b: torch.Tensor) -> None:
@@ -834,10 +831,10 @@ class AdapterMemory(nn.Module):
             return []
         # As the memory will hold them: a key that rounds to zero in its dtype has no direction either.
         held = keys.to(self.keys.dtype) if keys.is_floating_point() else keys
-        zero = (held == 0).all(dim=1).cpu() & stored
-        if not bool(zero.any()):
+        zero = zero_key_rows(held, among=stored)
+        if not zero:
             return []
-        return [f"{prefix}keys of the stored slots {zero.nonzero().flatten().tolist()} are all zeros; a stored "
+        return [f"{prefix}keys of the stored slots {zero} are all zeros; a stored "
                 "adapter's key needs a direction (cosine retrieval), as append requires: give those slots nonzero "
                 "keys, or remove them"]
 
@@ -896,6 +893,17 @@ def _callers_strict() -> bool:
     """The ``strict`` argument of the ``nn.Module.load_state_dict`` call this load is part of (True
     when called otherwise, e.g. ``_load_from_state_dict`` directly: the stricter reading)."""
     return _callers_load()[2]
+
+
+def zero_key_rows(keys: torch.Tensor, among: torch.Tensor | None = None) -> list[int]:
+    """The rows of ``keys`` (N, d_k) that are all zeros (of those ``among``, a (N,) CPU bool mask, marks).
+    No memory stores such a key: it has no direction (its cosine is 0 for every query), and the op's
+    gradient of it is g / eps (eps = 1e-12, ~4e13), which overflows float16 and throws any optimiser's
+    step off. Append, loads of files and state dicts all refuse them by this rule."""
+    zero = (keys == 0).all(dim=1)
+    if among is not None:
+        zero = zero.cpu() & among
+    return zero.nonzero().flatten().tolist() if bool(zero.any()) else []
 
 
 def _stacklevel_outside_mira() -> int:

@@ -41,6 +41,7 @@ import torch.nn as nn
 from .integration import (
     _load_call,
     _qkv_blocks,
+    _refuse_held_update,
     _what_loaded,
     association_matrices,
     detach,
@@ -405,9 +406,7 @@ def mean_retrieval_weights(model: nn.Module, batches: Iterable, *, progress: boo
         raise TypeError(f"mean_retrieval_weights: batches must be an iterable of input batches (a data loader, a "
                         f"list of tensors) or one input tensor, got {type(batches).__name__}")
     projs = _require_projections(model, "mean_retrieval_weights")
-    if any(p.merged_update is not None for p in projs):
-        raise RuntimeError("mean_retrieval_weights: the model holds a merged or folded update, so its memories do "
-                           "not run; unmerge / unfold first")
+    _refuse_held_update(projs, "mean_retrieval_weights")
     device = next(model.parameters()).device
     stages = [p.stage for p in projs]
     modes = [(m, m.training) for m in model.modules()]  # each module's own: a model may mix them
