@@ -20,6 +20,7 @@
 #include <ATen/record_function.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/core/impl/TorchDispatchModeTLS.h>
+#include <torch/csrc/autograd/forward_grad.h>
 #include <torch/csrc/autograd/python_variable.h>
 
 #include <exception>
@@ -147,10 +148,13 @@ PyObject* run(const at::Tensor& x, const EvalArgs& a, const Query& q) {
   // A dual tensor (forward-mode AD, active under no_grad too) has a tangent but no requires_grad: here
   // the base GEMM, dispatched through ATen, carried its tangent W v and the adapter, computed on raw
   // pointers, none, a silently wrong tangent (found by probing). The op refuses forward AD (contract
-  // section 5). Level 0: PyTorch's one dual level.
-  for (const at::Tensor* t : {&x, &*a.weight, &query, &*a.keys, &*a.bank_a, &*a.bank_b})
-    if (t->_fw_grad(/*level=*/0).defined()) return take_op();
-  if (a.bias && a.bias->_fw_grad(/*level=*/0).defined()) return take_op();
+  // section 5). Level 0: PyTorch's one dual level. The tensors are read only while that level is open
+  // (one global look-up), not on every eval call: each tensor's autograd metadata is another cold line.
+  if (torch::autograd::ForwardADLevel::try_get_by_idx(0)) {
+    for (const at::Tensor* t : {&x, &*a.weight, &query, &*a.keys, &*a.bank_a, &*a.bank_b})
+      if (t->_fw_grad(/*level=*/0).defined()) return take_op();
+    if (a.bias && a.bias->_fw_grad(/*level=*/0).defined()) return take_op();
+  }
   try {
     at::Tensor y;
     {
