@@ -886,6 +886,14 @@ void prepare_memory(const IsaTable& isa, const Shapes& s, const at::Tensor& quer
 //    Requesting the next sweep's output lines for writing (prefetchw) before each shrink took 4 us
 //    off the pass (repeated calls, interleaved), but nothing measurable off the projection with the
 //    caches as a network leaves them (-0.8 us [-6.4, +5.0], 2500 interleaved rounds): not kept.
+//  - tried (Zen 4, AMD family 25 model 17, AVX-512, 2 threads, block 0's shapes, caches evicted, each
+//    variant in its own process, alternated, 2026-12-08): the bias copies of the columns between the
+//    slices made during the shrink, a few vector stores after each of its vector steps, so that the
+//    stores would drain while the FMAs ran (outputs bit for bit the same). Seeding phase, medians of
+//    150-300 calls: B = 8 615.6 / 622.4 us against 611.8 / 604.8; B = 1 142.2 / 142.8 / 129.4 / 128.3 /
+//    134.4 against 90.4 / 88.6 / 89.6 / 91.8 / 90.9. Not kept: the stores do not stall the shrink's
+//    FMAs as that idea assumed, and at B = 1, where the output's lines are read for ownership, the
+//    interleaved stores slowed the shrink.
 // Every element is still the same ordered FMA chain (dot_block, axpy_block), so the values are unchanged.
 template <typename T>
 void apply_rows(const Kernels<T>& K, const Shapes& s, const Memory<T>& m, const T* x, T* y, int64_t d_out,
