@@ -647,6 +647,39 @@ def test_a_large_scale_multiplies_the_finished_sum_as_the_reference_does(dtype, 
     assert torch.equal(got.isfinite(), same_dtype.isfinite())
 
 
+@needs_ext
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_a_large_scale_multiplies_the_finished_backward_sum_as_the_reference_does(backend):
+    # The backward's twin of the test above: with scale folded into the mixed B, dh = sum_e G_e (scale B_e)
+    # overflowed term by term where the reference's scale * sum_e G_e B_e is exactly 0 (a slice gradient
+    # orthogonal to B_b). The cpu kernel gave dx = inf and dquery / dkeys = NaN (found by probing,
+    # 2026-12-08). The values are chosen so that every product is exact in float32 (the one stored slot's
+    # weight is its cosine, 1; 10 * 1e8 = 1e9): dx, dquery, dkeys and dbank_a are exactly 0 in any order
+    # of summation, so the test can ask for 0, not for 0 within a rounding allowance.
+    dtype = torch.float32
+    x = torch.full((1, 1, 1), 1e-30, dtype=dtype)
+    weight = torch.zeros(2, 1, dtype=dtype)
+    query, keys = torch.tensor([[1.0, 0.0]], dtype=dtype), torch.tensor([[2.0, 0.0]], dtype=dtype)
+    bank_a = torch.ones(1, 1, 1, 1, dtype=dtype)
+    bank_b = torch.tensor([1e8, -1e8], dtype=dtype).view(1, 1, 2, 1)  # scale * B = 1e38 finite, G . B = 0
+    grad = torch.full((1, 1, 2), 10.0, dtype=dtype)
+    kw = dict(slice_offsets=[0], separation="affine", scale=1e30)
+
+    def grads(leaves, fn):
+        leaves = [t.clone().requires_grad_() for t in leaves]
+        y = fn(leaves[0], weight.to(leaves[0].dtype), None, *leaves[1:], **kw)
+        return torch.autograd.grad(y, leaves, grad.to(y.dtype))
+
+    leaves = (x, query, keys, bank_a, bank_b)
+    want = grads([t.double() for t in leaves], mk.reference.mira_linear)
+    with mk.use_backend(backend):
+        got = grads(leaves, mk.mira_linear)
+    for name, g, w in zip(("dx", "dquery", "dkeys", "dbank_a", "dbank_b"), got, want):
+        assert g.isfinite().all(), f"{name}: {g.flatten().tolist()}, the float64 gradient {w.flatten().tolist()}"
+        torch.testing.assert_close(g.double(), w, rtol=1e-6, atol=0, msg=name)
+    assert not any(w.any() for w in want[:4]) and want[4].abs().min() > 1  # the case is what it claims
+
+
 # ----------------------------------------------------------------------------------------------
 # torch.compile with dynamic shapes and symbolic floats.
 # ----------------------------------------------------------------------------------------------

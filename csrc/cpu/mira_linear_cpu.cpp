@@ -406,9 +406,8 @@ struct Memory {
   std::vector<T> weights;                              // (B, N), for the mixing
   ScratchLease<T> factors;
   T* A;   // (B, S*r, d_in): sum_n w[b,n] bank_a[n]
-  T* Bt;  // (B, S, r, d_s): scale * (sum_n w[b,n] bank_b[n])^T, or unscaled (h_scale, out_scale)
-  T h_scale = T(1);  // what h = x A_b^T is multiplied by: 1, or scale where Bt could not take it
-  T out_scale = T(1);  // what the finished sum h B_b^T is multiplied by: 1, or scale (scale_last)
+  T* Bt;  // (B, S, r, d_s): scale * (sum_n w[b,n] bank_b[n])^T, or unscaled (out_scale)
+  T out_scale = T(1);  // what the finished sums h B_b^T (forward) and G B_b (backward) are multiplied by: 1, or scale
 };
 
 template <typename T>
@@ -692,6 +691,13 @@ void write_bt(const Shapes& s, const T* t, int64_t f0, int64_t f1, T sc, T* Bt) 
 // called as the op right after a 96 MB read, mixing phase 21-29 us against 28-34. But where it counts,
 // block 0's installed projection with the caches as benchmarks.budget leaves them, 300 rounds
 // alternated call by call in one process: +1.1 us [+0.2, +1.7]. Not kept.
+// And at batch 1 on a Zen 4 (AMD family 25 model 17, AVX-512, 2 threads, block 0's shapes, caches evicted,
+// each variant in its own process, alternated, 2026-12-08): software prefetches into L2 in axpy_block's
+// rows, 1, 2 or 4 KiB ahead (mix_block's prefetches into L2 took its B = 8 phase from ~111 to ~80 us
+// there): mixing 45.9 / 46.2 / 47.6 and 44.8 / 42.0 / 47.9 us against 45.8 / 44.8 without. Its four row
+// streams are already followed by the hardware prefetchers; not kept. Nor mix_block at batch 1 with
+// those prefetches: 28.5 / 46.6 / 49.2 against 42.8 / 42.7 / 42.9 (the first a run whose entry phase,
+// 5.9 us, says its caches were not cold).
 // B's columns are mixed in the bank's (S, d_s, r) order into a per-thread buffer, then written
 // transposed and scaled into Bt. Every element is the same ordered FMA chain over n (axpy_block),
 // whatever the split, the pass width or the thread count.
@@ -794,12 +800,20 @@ int64_t mix_lines(const Shapes& s) { return (s.SR * (s.d_in + s.d_s) + kMixLine 
 // of each bank row). One core's stream is bound by the misses it keeps in flight, and FMAs queued
 // behind them fill the reorder window: at best 12 us of the 62 are hidden, where a perfect overlap
 // would hide the shorter part, ~22. Not pursued.
-// scale_last (the forward, for |scale| > 1): Bt is mixed unscaled and apply_rows multiplies each
-// finished sum h B_b^T by scale, in the reference's order (see apply_rows).
+// Where scale goes. For |scale| <= 1 it is folded into Bt: one multiply per mixed element instead of
+// one per token, and it cannot overflow there. Otherwise (and for a NaN scale) Bt is mixed unscaled
+// and m.out_scale = scale multiplies each finished sum, in the reference's order: the forward's
+// h B_b^T (apply_rows) and the backward's dh = G B_b (the dot's alpha, applied after its sum).
+// Folded in, a large scale overflowed where the reference stays finite: scale * B_b itself (scale
+// 1e30, banks 1e10 in float32: every adapted output inf), and the products h_j (scale B_j) or
+// G_e (scale B_e) whose sum cancels or lies near the dtype's largest value (found by probing,
+// 2026-12-07 for the forward, 2026-12-08 for the backward, whose dx, dquery, dkeys and dbank_a came
+// out inf / NaN where the reference's are 0; docs/contract.md section 6).
 template <typename T>
 void prepare_memory(const IsaTable& isa, const Shapes& s, const at::Tensor& query, const at::Tensor& keys,
                     const at::Tensor& bank_a, const at::Tensor& bank_b, Sep sep, double scale, double eps,
-                    Memory<T>& m, bool units, bool scale_last = false) {
+                    Memory<T>& m, bool units) {
+  const bool scale_last = !(std::abs(scale) <= 1.0);
   const Kernels<T>& K = kernels_of<T>(isa);
   const BankOperand ba = bank_operand<T>(bank_a), bb = bank_operand<T>(bank_b);
   const bool small = s.B * s.N * s.d_k < kSerialScoreMacs;
@@ -819,28 +833,6 @@ void prepare_memory(const IsaTable& isa, const Shapes& s, const at::Tensor& quer
       mark(kRetrieval);  // the calling thread's (the phase clock is thread-local; no-op elsewhere)
       mix_columns<T>(K, s, ba, bb, w.data(), sc, m.A, m.Bt, begin, end);
     });
-  }
-  // scale is folded into Bt: one multiply per mixed element instead of one per token. Only
-  // |scale| > 1 can overflow there where the reference, which applies scale last, stays finite
-  // (scale = 1e30 with banks of 1e10 in float32: every adapted output was inf). Then Bt is mixed
-  // again unscaled and scale goes to h = x A_b^T (the shrink's alpha) instead; a non-finite bank
-  // entry takes this path too, and propagates as before. One pass over B*S*r*d_s elements, and only
-  // for |scale| > 1 (found by probing, 2026-12-07; docs/contract.md section 6). The backward's
-  // rule: the forward takes scale last instead (scale_last), which also covers the products
-  // h_j (scale B_j) that overflow where the reference's sum is finite (cancellation over r, or a
-  // result near the dtype's largest value: found by probing, 2026-12-07).
-  if (std::abs(sc) > T(1) && std::isfinite(sc)) {
-    const int64_t n = s.B * s.SR * s.d_s;
-    if (!std::all_of(m.Bt, m.Bt + n, [](T v) { return std::isfinite(v); })) {
-      if (m.weights.empty())  // a small retrieval ran inside each thread: the same weights, once more
-        retrieve_in_double<T>(isa, s, query, keys, sep, eps, true, m.weights, nullptr);
-      // B's columns only (F = Fa + Fb columns, A's first): A_b is right already. A line that A and B
-      // share mixes its A part again, to the same bits.
-      at::parallel_for(s.SR * s.d_in / kMixLine, mix_lines(s), kMixGrainLines, [&](int64_t begin, int64_t end) {
-        mix_columns<T>(K, s, ba, bb, m.weights.data(), T(1), m.A, m.Bt, begin, end);
-      });
-      m.h_scale = sc;
-    }
   }
   mark(kMixing);
 }
@@ -934,7 +926,7 @@ void apply_rows(const Kernels<T>& K, const Shapes& s, const Memory<T>& m, const 
       const T* Bt = m.Bt + b * Fb;
       for (int64_t t = 0; t < rows; t += kRowsPerSweep) {
         const int64_t n = std::min(kRowsPerSweep, rows - t);
-        K.dot_block(n, s.SR, s.d_in, xr + t * s.d_in, s.d_in, A, s.d_in, h.data() + t * s.SR, s.SR, m.h_scale);  // shrink
+        K.dot_block(n, s.SR, s.d_in, xr + t * s.d_in, s.d_in, A, s.d_in, h.data() + t * s.SR, s.SR, T(1));  // shrink
         T* yt = yr + t * d_out;
         for (const Segment& g : segments) {
           if (g.slice >= 0 && !scale_last) {  // expand: (bias or y or 0) + h_slice (scale B_slice)^T
@@ -992,7 +984,7 @@ void adapter_into(const Shapes& s, const at::Tensor& x_ct, at::Tensor& y_ct, con
   Memory<T> m(s);
   // |scale| > 1 is applied last, as the reference does: folded into B_b (one multiply per mixed
   // element instead of one per output element) it can overflow where the reference is finite.
-  prepare_memory<T>(isa, s, query, keys, bank_a, bank_b, sep, scale, eps, m, false, !(std::abs(scale) <= 1.0));
+  prepare_memory<T>(isa, s, query, keys, bank_a, bank_b, sep, scale, eps, m, false);
   const bool stream = !accumulate && stream_seeding(y_ct);
   apply_rows<T>(K, s, m, x_ct.data_ptr<T>(), y_ct.data_ptr<T>(), y_ct.size(-1),
                 bias_ct ? bias_ct->data_ptr<T>() : nullptr, accumulate, stream);
@@ -1198,7 +1190,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
   std::vector<T> dA(need_adapter ? s.B * Fa : 0), dBt(need_adapter ? s.B * Fb : 0);
 
   // Two parallel phases, so that even B = 1 keeps every thread busy:
-  //  1. per (sample, token block): dh = G_s (scale B_b) (Bt is pre-scaled), the adapter part of dx
+  //  1. per (sample, token block): dh = G_s (scale B_b) (Bt pre-scaled, or scale after the sum:
+  //     prepare_memory), the adapter part of dx
   //     (dh A_b), and h = x A_b^T when the memory side needs gradients;
   //  2. per (sample, feature chunk): dA_b = dh^T x and dB_b^T = scale h_s^T G_s, each element an
   //     ordered sum over the sample's tokens (no atomics, same bits at any thread count).
@@ -1217,7 +1210,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
         T* dhr = dh.data() + row0 * s.SR;
         for (int64_t sl = 0; sl < s.S; ++sl)
           K.dot_block(rows, s.r, s.d_s, G + row0 * d_out + s.offsets[sl], d_out, Bt + sl * s.r * s.d_s, s.d_s,
-                      dhr + sl * s.r, s.SR, m.h_scale);  // dh = G (scale B_b): scale in Bt, or here
+                      dhr + sl * s.r, s.SR, m.out_scale);  // dh = G (scale B_b): scale in Bt, or here
         if (need_x)
           (stream ? K.axpy_block_nt : K.axpy_block)(rows, s.SR, s.d_in, dhr, s.SR, 1, A, s.d_in,
                                                     DX + row0 * s.d_in, s.d_in, nullptr, false);
