@@ -192,8 +192,20 @@ class MiraProjection(nn.Module):
         self.lora_a.copy_(lora_a)
         self.lora_b.zero_()
 
+    def _drop_eval_plan(self) -> None:
+        # The eval plan holds owning references to the base layer's weight and bias and to the memory's
+        # tensors (csrc/eval_plan.cpp), and torch.utils.swap_tensors refuses a tensor referenced anywhere
+        # else: under torch.__future__.set_swap_module_params_on_conversion(True), model.double(), .to(dtype)
+        # and load_state_dict failed after one eval call. The next eval call makes the plan again.
+        self.__dict__["_eval_plan"] = None
+
+    def _apply(self, fn, recurse=True):
+        self._drop_eval_plan()  # before the base layer's tensors are converted (swapped)
+        return super()._apply(fn, recurse)
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs) -> None:
+        self._drop_eval_plan()  # before this module's and then its base layer's tensors load (swapped)
         # While merged or folded the base weight holds an update that merged_update describes: a
         # loaded weight (with it or without it, no one can tell) would leave that record wrong,
         # the forward running the bare base layer and unmerge subtracting the update again. The
@@ -289,6 +301,8 @@ class MiraProjection(nn.Module):
                 eps=c.eps,
             )
         memory = self._memory
+        if not x.shape[1]:  # no token to make a query of: make_query's error (x[:, token] below was a bare IndexError)
+            memory.make_query(x)
         keys, bank_a, bank_b = memory.retrieval_tensors()
         if keys.dtype == torch.float64 and bank_a.dtype != torch.float64:
             # 16-bit banks in a float64 model (model.double() keeps bank_dtype): the op computes in
@@ -345,6 +359,7 @@ class MiraProjection(nn.Module):
             weight, bias, token, keys, bank_a, bank_b, self.slice_offsets, c.separation, c.scale, c.eps,
             query_fn=query_fn, guards=guards, empty=(*empty, *hooks), sources=sources, x_dtypes=x_dtypes,
         )
+        memory._note_eval_plan(self)  # the memory's own conversions and loads drop the plan (_drop_eval_plan)
 
     def extra_repr(self) -> str:
         names = f"{self.slice_names}" if self.slice_names else f"offsets={self.slice_offsets}"

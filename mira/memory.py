@@ -33,12 +33,14 @@ Two storage modes:
 What the op sees (:meth:`AdapterMemory.retrieval_tensors`) is derived from the stored tensors:
 empty slots masked, keys normalised per feature when ``key_norm="per_feature"``. Where no
 autograd graph is needed (eval / inference: grad off, or no source requires grad) the derived
-tensors are cached, keyed so that they cannot be stale: the identity, storage address, version
-counter, shape, strides, dtype and device of every source tensor, the config fields they depend
-on and a counter that every mutation of the memory bumps. A ``.data`` swap (which does not bump
-the version counter) changes the storage address, and the cache holds an alias of the storage
-it was computed from, so no later tensor can reuse that address while the entry lives; in-place
-updates (an optimiser step, ``load_state_dict``, ``copy_`` under ``no_grad``) bump the version.
+tensors are cached, keyed so that they cannot be stale (save for the writes of the last paragraph):
+the identity, storage address, version counter, shape, strides, dtype and device of every source
+tensor, the config fields they depend on and a counter that every mutation of the memory bumps.
+A ``.data`` swap onto new storage (which does not bump the version counter) changes the storage
+address, and the cache holds an alias of the storage it was computed from, so no later tensor can
+reuse that address while the entry lives; in-place updates (an optimiser step, ``load_state_dict``,
+``copy_`` under ``no_grad``) bump the version (torch's fused optimisers, ``fused=True``, do not bump
+it themselves: a step hook of :mod:`mira.optim_state` does).
 Not cached, so computed from the sources every time: under ``torch.compile`` (the graph computes
 them), during CUDA-graph capture (the replay must recompute them) and whenever a graph is needed.
 Cached tensors are never inference tensors (a call under ``torch.inference_mode`` derives them
@@ -50,9 +52,13 @@ A projection's eval forward goes one step further (:class:`mira.layers.MiraProje
 eval_plan.cpp``): after its first eval call on CPU it replays that call from C, with these derived
 tensors, while the same key holds and every attribute, parameter, buffer, config field and hook
 dict the forward reads is the very object it was (:meth:`AdapterMemory._eval_plan_parts`).
-One case no key can see, as autograd cannot either: writing *in place through* ``.data`` (for
-example ``memory.keys.data.copy_(new)``) bypasses version counters; do that under
-``torch.no_grad()`` on the tensor itself, or call :meth:`AdapterMemory.invalidate_cache` after.
+One case no key can see, as autograd cannot either: a write to the stored tensors' storage through
+another tensor, which has a version counter of its own. Writing *in place through* ``.data`` (for
+example ``memory.keys.data.copy_(new)``) is one; a ``.data`` swap back onto storage the memory already
+reads, written in place in between, is another: ``torch.nn.utils.vector_to_parameters(theta, params)``
+from one vector ``theta`` that is updated in place between calls (an evolution-strategies loop) leaves
+the address and the keys' version counter as they were. Write under ``torch.no_grad()`` on the tensor
+itself, or call :meth:`AdapterMemory.invalidate_cache` after (the layers' eval plans then step aside too).
 """
 
 from __future__ import annotations
@@ -61,11 +67,13 @@ import operator
 import os
 import sys
 import warnings
+import weakref
 from collections.abc import Iterable, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.nn.utils.parametrize as parametrize
 
 import mira_kernels
 from mira_kernels import _extension
@@ -80,6 +88,9 @@ __all__ = ["AdapterMemory"]
 
 # Where nn.Module keeps the hooks registered on every module (a skipped query-module call must have none).
 _MODULE_GLOBALS = torch.nn.modules.module
+# memory -> the projections whose eval plans hold its tensors (AdapterMemory._drop_eval_plans), both weakly.
+# Not an attribute of the memory: a WeakSet cannot be pickled or copied with it.
+_plan_holders: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class AdapterMemory(nn.Module):
@@ -140,6 +151,12 @@ class AdapterMemory(nn.Module):
         # One name (a task) or None per stored slot. Saved by mira.save_memories / save_model; a
         # state dict carries no names, so loading one leaves its slots unnamed.
         self._slot_names: list[str | None] = []
+
+    def __setstate__(self, state) -> None:
+        # An unpickled memory (torch.load, copy.deepcopy) is made without __init__: register the step
+        # hooks here too, or a process that only loads a model never sees a fused step (mira.optim_state).
+        super().__setstate__(state)
+        watch()
 
     # ------------------------------------------------------------------------------------------
     # Sizes and inspection.
@@ -300,8 +317,14 @@ class AdapterMemory(nn.Module):
                 stamp = _native_stamp(self._mutations, params["keys"], active)
                 if stamp and entry[0] == (stamp, c.key_norm, False):
                     # Unmasked banks are not sources: the current ones (a buffer may have been replaced).
-                    return (entry[2][0], params["bank_a"] if "bank_a" in params else buffers["bank_a"],
-                            params["bank_b"] if "bank_b" in params else buffers["bank_b"])
+                    try:
+                        return (entry[2][0], params["bank_a"] if "bank_a" in params else buffers["bank_a"],
+                                params["bank_b"] if "bank_b" in params else buffers["bank_b"])
+                    except KeyError:
+                        self._refuse_parametrized()
+                        raise
+        if "parametrizations" in self._modules:  # torch.nn.utils.parametrize moved a tensor out of the dicts
+            self._refuse_parametrized()
         keys = params["keys"]
         bank_a = params["bank_a"] if "bank_a" in params else buffers["bank_a"]
         bank_b = params["bank_b"] if "bank_b" in params else buffers["bank_b"]
@@ -333,6 +356,22 @@ class AdapterMemory(nn.Module):
         self._retrieval_cache = (key, tuple(t.detach() for t in sources if t is not None), derived)
         return derived
 
+    def _refuse_parametrized(self) -> None:
+        """Raise a TypeError naming the memory tensor that is parametrized (torch.nn.utils.parametrize), if
+        one is: the forward, its cache and the eval plans read the stored tensors themselves, from the
+        module's parameter and buffer dicts, where a parametrized tensor no longer is (an internal
+        KeyError before; read through the parametrization, the cache and the plans could not see a change
+        of what it computes from)."""
+        for name in ("keys", "bank_a", "bank_b", "active"):
+            if parametrize.is_parametrized(self, name):
+                raise TypeError(
+                    f"AdapterMemory.{name} is parametrized (torch.nn.utils.parametrize), which a memory's tensors "
+                    "cannot be: the op reads the stored tensors themselves. Store the values the parametrization "
+                    f"computes instead: torch.nn.utils.parametrize.remove_parametrizations(memory, {name!r}) keeps "
+                    "them (leave_parametrized=True), or transform the adapters before storing them (append, "
+                    "mira.write_adapters)"
+                )
+
     def _derive(self, keys, bank_a, bank_b, active) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         # Empty slots are masked with where, not a product: the op's gradient of a zero key is
         # g / eps (eps = 1e-12), inf in float16, and inf * 0 is NaN, which the per-feature norm's
@@ -353,8 +392,23 @@ class AdapterMemory(nn.Module):
                 keys = _per_feature_unit(keys)
         return keys, bank_a, bank_b
 
+    def _note_eval_plan(self, projection) -> None:
+        """Record that ``projection``'s eval plan holds this memory's tensors (MiraProjection._plan_eval)."""
+        _plan_holders.setdefault(self, weakref.WeakSet()).add(projection)
+
+    def _drop_eval_plans(self) -> None:
+        """Drop the eval plans that hold this memory's tensors (and the cache), before they are converted or
+        loaded: torch.utils.swap_tensors (under torch.__future__.set_swap_module_params_on_conversion(True))
+        refuses a tensor that anything else references, and each plan holds owning references to the banks.
+        A projection converted with the memory drops its own plan first; this serves the memory converted or
+        loaded alone. The next eval call makes the plans again."""
+        self._retrieval_cache = None
+        for projection in _plan_holders.pop(self, ()):
+            projection._drop_eval_plan()
+
     def invalidate_cache(self) -> None:
-        """Drop the cached retrieval tensors (needed only after writing in place through ``.data``)."""
+        """Drop the cached retrieval tensors (needed only after a write no key sees, module docstring: in
+        place through ``.data``, or a ``.data`` swap back onto storage written in place since)."""
         self._mutations += 1
         self._retrieval_cache = None
 
@@ -423,6 +477,7 @@ class AdapterMemory(nn.Module):
         # cast would otherwise double the bank bytes (.float()) or round them again (.half() of bf16).
         # Trainable banks are parameters: the same rule, keeping the Parameter objects (an optimiser
         # holds them) and their gradients, as nn.Module moves parameters.
+        self._drop_eval_plans()
         if self.config.bank_dtype is None:
             return super()._apply(fn, recurse)
         # Held out as None entries, which nn.Module._apply skips: each keeps its place in its dict
@@ -708,6 +763,7 @@ class AdapterMemory(nn.Module):
         # loads what it holds (the memory used to refuse those).
         # A load started at the model MIRA was attached to (or above it) was checked before anything
         # loaded (mira.integration._refuse_failing_load): this is for one started below it.
+        self._drop_eval_plans()
         refusal = self._load_refusal(state_dict, prefix, _callers_strict())
         if refusal is not None:
             error_msgs.append(refusal)

@@ -25,6 +25,11 @@ Only optimisers that have stepped in this process are known. State loaded into a
 move of the slots before its first step is not seen, and that step updates each slot with the
 moments of another, unrefused. Load an optimiser's state after the memory changes (so that it
 describes the slots as they are), or drop it with :func:`forget_optimizer_state` after them.
+
+A step post-hook, registered with the pre-hook, bumps the version counters of the parameters that
+torch's fused optimisers (``fused=True``: Adam, AdamW, SGD, Adagrad) updated: their kernels write the
+parameters in place without bumping them, as every other in-place update does, and the memory's
+retrieval cache and the layers' eval plans know an optimiser step by that counter alone.
 """
 
 from __future__ import annotations
@@ -34,7 +39,8 @@ from collections.abc import MutableMapping
 
 import torch
 import torch.nn as nn
-from torch.optim.optimizer import register_optimizer_step_pre_hook
+from torch.autograd.graph import increment_version
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 __all__ = ["check_optimizer", "forget_optimizer_state", "note_resized"]
 
@@ -51,26 +57,62 @@ def _expected_shapes(shape: torch.Size) -> dict[str, tuple[int, ...]]:
         expected["col_var"] = (*shape[:-2], 1, shape[-1])
     return expected
 
-# id -> tensor, weakly (a WeakSet would compare tensors with ==, element-wise).
-_resized: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+# ids of the memory tensors that have been resized. Ids, not the tensors, nor weak references to
+# them: torch.utils.swap_tensors (model.to / .double() / load_state_dict under
+# torch.__future__.set_swap_module_params_on_conversion(True)) refuses any tensor that has a weak
+# reference. An id may be reused by another tensor once one dies; the check then runs on that
+# tensor too, where it passes unless the state is truly of another shape (its optimiser made the
+# state in its shape), and a step with such state would fail anyway, in the update.
+_resized: set[int] = set()
 _stepped: weakref.WeakSet = weakref.WeakSet()  # optimisers that have stepped since the hook was registered
 # optimiser -> ids of memory tensors whose state in it is from before their slots moved
 _stale: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _hook = None
+_post_hook = None
 
 
 def watch() -> None:
-    """Register the step pre-hook (once per process; every memory calls it when it is made), so that
-    every optimiser that steps is known before a memory's slots move."""
-    global _hook
+    """Register the step hooks (once per process; every memory calls it when it is made), so that
+    every optimiser that steps is known before a memory's slots move, and a fused step is seen."""
+    global _hook, _post_hook
     if _hook is None:
         _hook = register_optimizer_step_pre_hook(_check_state)
+    if _post_hook is None:
+        _post_hook = register_optimizer_step_post_hook(_bump_fused_versions)
 
 
 def note_resized(*tensors: torch.Tensor) -> None:
     """Record memory tensors whose shape just changed (called by the memory when it resizes)."""
-    _resized.update({id(t): t for t in tensors if isinstance(t, nn.Parameter)})
+    _resized.update(id(t) for t in tensors if isinstance(t, nn.Parameter))
     watch()
+
+
+def _bump_fused_versions(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+    # torch's fused kernels (fused=True) write the parameters in place without bumping their version
+    # counters (PyTorch 2.14: SGD([p], fused=True).step() leaves p._version at 0), so the memory's
+    # retrieval cache and the layers' eval plans, keyed on (address, version), replayed the keys of
+    # before the step. Every parameter of a fused group that has a gradient (those the kernel
+    # updates) is bumped, not only the memories' tensors: bumping is what the in-place update should
+    # have done, and telling memory tensors apart would need references to them (ids are reused;
+    # weak references block swap_tensors). A spurious bump (a step the GradScaler skipped) costs a
+    # cache miss.
+    for group in optimizer.param_groups:
+        if group.get("fused"):
+            _bump([p for p in group["params"] if p.grad is not None])
+
+
+@torch.compiler.disable  # run eagerly: traced by Dynamo (a compiled step), the bump was lost (version unmoved)
+def _bump(params: list[torch.Tensor]) -> None:
+    try:
+        increment_version(params)
+    except RuntimeError:
+        # A parameter without a version counter (made under inference_mode, its data swapped for an
+        # ordinary tensor): nothing can be keyed on its version; bump the others.
+        for p in params:
+            try:
+                increment_version(p)
+            except RuntimeError:
+                pass
 
 
 def note_moved(*tensors: torch.Tensor) -> None:
@@ -114,8 +156,10 @@ def _check_moves(optimizer: torch.optim.Optimizer) -> None:
 
 
 def _check_shapes(optimizer: torch.optim.Optimizer) -> None:
+    if not _resized:
+        return
     state = optimizer.state
-    for param in list(_resized.values()):
+    for param in [p for group in optimizer.param_groups for p in group["params"] if id(p) in _resized]:
         if param not in state:  # a defaultdict: test, never index
             continue
         for key, shape in _expected_shapes(param.shape).items():

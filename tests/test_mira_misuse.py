@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.utils.parametrize as parametrize
 import torch.nn.utils.prune as prune
 
 import mira
-from tests.tiny_models import filled_vit, images, tiny_vit
+from tests.tiny_models import WIDTH, filled_vit, images, tiny_vit
 
 pytestmark = pytest.mark.filterwarnings("ignore:mira_kernels. no native backend:RuntimeWarning")
 
@@ -194,6 +195,42 @@ def test_a_query_from_no_token_is_refused_not_nan():
         pool_tokens(torch.randn(2, 1, 8), "mean", 1)
     with pytest.raises(ValueError, match="hold none"):
         pool_tokens(torch.randn(2, 0, 8), "cls", 1)
+
+
+@pytest.mark.parametrize("query", ["identity", "linear"])
+def test_an_input_without_tokens_gets_the_query_error_from_every_query_module(query):
+    # The CLS token was taken as x[:, 0] by the layer itself with the identity query: a bare IndexError.
+    model = mira.set_stage(filled(query=query), "inference").eval()
+    qkv = mira.projections(model)[0]
+    with torch.no_grad():
+        qkv(torch.randn(2, 5, WIDTH))
+        want = qkv(torch.randn(2, 5, WIDTH, generator=torch.Generator().manual_seed(0)))  # the eval plan's call
+        with pytest.raises(ValueError, match="query_token='cls' takes token 0, but the tokens .* hold none"):
+            qkv(torch.randn(2, 0, WIDTH))
+        assert torch.equal(qkv(torch.randn(2, 5, WIDTH, generator=torch.Generator().manual_seed(0))), want)
+
+
+class _Same(torch.nn.Module):
+    def forward(self, t):
+        return t
+
+
+@pytest.mark.parametrize("name", ["bank_b", "active"])
+def test_a_parametrized_memory_tensor_is_refused_by_name_at_the_forward(name):
+    # The forward read the tensor from the memory's dicts, which parametrize empties: an internal KeyError.
+    model = mira.set_stage(filled(capacity=4), "inference").eval()
+    x = images()
+    with torch.no_grad():
+        model(x)
+        want = model(x)  # from the cache and the eval plans
+    memory = mira.memories(model)[0]
+    parametrize.register_parametrization(memory, name, _Same())
+    refused = f"AdapterMemory.{name} is parametrized.*remove_parametrizations"
+    with torch.no_grad(), pytest.raises(TypeError, match=refused):
+        model(x)
+    parametrize.remove_parametrizations(memory, name)  # the cure the message names
+    with torch.no_grad():
+        assert torch.equal(model(x), want)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ mutations, ``.to()``) and checks the layer against the same tensors derived afre
 from __future__ import annotations
 
 import gc
+import pickle
 import types
 import weakref
 
@@ -17,6 +18,7 @@ import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import mira.memory as memory_module
+import mira.optim_state as optim_state
 import mira_kernels
 from mira import AdapterMemory, MemoryConfig, MiraProjection
 from mira_kernels import ops
@@ -226,20 +228,55 @@ def test_load_state_dict_is_seen():
     assert torch.equal(layer.memory.keys, other.memory.keys)
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "adam", "adam-foreach"])
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "adam-foreach", "sgd-fused", "adam-fused"])
 def test_an_optimizer_step_is_seen(optimizer, key_impl):
+    # Fused kernels (fused=True) write the parameters without bumping their version counters, which
+    # both the cache and the eval plan key on: eval after such a step replayed the old keys (0.7 off
+    # in the tiny ViT) until mira.optim_state's step post-hook bumped them.
     layer, x = make_layer(stage="consolidation"), tokens()
     keys = layer.memory.keys
     keys.requires_grad_(True)
     opt = {"sgd": lambda: torch.optim.SGD([keys], lr=0.5),
            "adam": lambda: torch.optim.Adam([keys], lr=0.1, foreach=False),
-           "adam-foreach": lambda: torch.optim.Adam([keys], lr=0.1, foreach=True)}[optimizer]()
+           "adam-foreach": lambda: torch.optim.Adam([keys], lr=0.1, foreach=True),
+           "sgd-fused": lambda: torch.optim.SGD([keys], lr=0.5, fused=True),
+           "adam-fused": lambda: torch.optim.Adam([keys], lr=0.1, fused=True)}[optimizer]()
     for _ in range(3):
         assert_current(layer, x)  # eval between steps fills the cache
         opt.zero_grad()
         layer(x).square().sum().backward()
         opt.step()
     assert_current(layer, x)
+
+
+def test_a_compiled_fused_step_is_seen():
+    # Traced by Dynamo, the step hook's bump was lost: it runs eagerly (torch.compiler.disable).
+    layer, x = make_layer(stage="consolidation"), tokens()
+    keys = layer.memory.keys.requires_grad_(True)
+    opt = torch.optim.SGD([keys], lr=0.5, fused=True)
+    step = torch.compile(opt.step)
+    assert_current(layer, x)
+    layer(x).square().sum().backward()
+    step()
+    assert_current(layer, x)
+
+
+def test_a_fused_step_is_seen_in_a_process_that_only_unpickled_the_memory():
+    # Such a process makes no memory, whose __init__ registers mira.optim_state's step hooks.
+    data = pickle.dumps(make_layer(stage="consolidation"))
+    for name in ("_hook", "_post_hook"):
+        getattr(optim_state, name).remove()
+        setattr(optim_state, name, None)
+    try:
+        layer, x = pickle.loads(data), tokens()
+        keys = layer.memory.keys.requires_grad_(True)
+        opt = torch.optim.SGD([keys], lr=0.5, fused=True)
+        assert_current(layer, x)
+        layer(x).square().sum().backward()
+        opt.step()
+        assert_current(layer, x)
+    finally:
+        optim_state.watch()
 
 
 def test_in_place_updates_under_no_grad_are_seen(key_impl):
