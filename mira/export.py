@@ -8,12 +8,14 @@
   load it with :func:`load_aoti` in a process where ``mira_kernels`` is imported (that
   registers the op).
 * :func:`export_onnx`: ONNX through ``torch.onnx.export(dynamo=True)``, after
-  :func:`decompose` has spelled the op out in standard ops
+  :func:`decompose` has spelled the MIRA ops out in standard ops
   (:mod:`mira_kernels.decompositions`), so any ONNX runtime runs it without this package.
 
 The decomposition is applied to the exported program only: eager calls and ``torch.compile``
 keep the fused kernels. Export a model in eval mode and in the stage it will serve in
-(``inference``), or folded (:func:`mira.fold`), whose graph is the plain backbone's.
+(``inference``), or folded (:func:`mira.fold`), whose graph is the plain backbone's. An export
+under ``torch.autocast`` records the MIRA op with its inputs uncast, as its ATen ops: the program
+casts when it runs under autocast (for a 16-bit program, convert the model with ``.to(dtype)``).
 
 :func:`check_against_float64` is how an export is judged (the tests and ``benchmarks/serving.py``
 use it): an exported model computes the same function in another operation order (fused
@@ -21,11 +23,13 @@ attention, GEMM blocking, the decomposed op), so it cannot equal eager bit for b
 tolerance is either loose for a small model or tight for a deep one. The specification is the
 same model run eagerly in float64; an export passes when its error against that is within
 ``factor`` (2) times eager's own error at the model's dtype, the error any other correct op
-order is expected to have.
+order is expected to have (a float64 model is its own reference: its error is estimated from a
+float32 run of it).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 from collections.abc import Mapping
@@ -33,6 +37,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+from torch._higher_order_ops.auto_functionalize import auto_functionalized, auto_functionalized_v2
 
 from mira_kernels.decompositions import export_decompositions
 
@@ -70,6 +75,15 @@ def _batched_examples(example_inputs: tuple, dynamic_batch: bool) -> tuple[tuple
     return tuple(examples), tuple(shapes)
 
 
+def _check_directory(caller: str, path: str | os.PathLike) -> None:
+    # Before exporting: torch finds a missing directory only when it writes, after the export and compile
+    # (tens of seconds for a ViT-B/16).
+    directory = os.path.dirname(os.path.abspath(os.fspath(path)))
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"{caller}: {os.fspath(path)}: no directory {directory} to write it in; create it "
+                                f"first (os.makedirs), or give another path")
+
+
 def export_program(model: nn.Module, example_inputs, *, dynamic_batch: bool = True,
                    strict: bool = False) -> torch.export.ExportedProgram:
     """``torch.export.export`` of ``model`` (the MIRA op stays one fused node).
@@ -92,9 +106,63 @@ def export_program(model: nn.Module, example_inputs, *, dynamic_batch: bool = Tr
     return torch.export.export(model, examples, dynamic_shapes=shapes, strict=strict)
 
 
+def _is_mira_call(node) -> bool:
+    """Whether ``node`` calls a MIRA op, directly or as torch.export's functional form of a mutating one."""
+    if node.op != "call_function":
+        return False
+    target = node.target
+    if target in (auto_functionalized, auto_functionalized_v2):
+        target = node.args[0]
+    return isinstance(target, torch._ops.OpOverload) and target.namespace == "mira"
+
+
+@contextlib.contextmanager
+def _inplace_ops_decomposed(table: Mapping):
+    """The in-place ops of ``table`` decompose while a program is retraced.
+
+    ``run_decompositions`` applies its table after functionalization, which an in-place custom op
+    does not reach: it is wrapped in ``auto_functionalized`` first. A ``CompositeImplicitAutograd``
+    Python kernel, which only the retrace's Python dispatcher sees (eager calls keep the fused
+    kernel), is applied before, and its in-place ops are functionalized as any.
+    """
+    key = torch._C.DispatchKey.CompositeImplicitAutograd
+    ops = [op for op in table if op._schema.is_mutable and key not in op.py_kernels]
+    try:
+        for op in ops:
+            op.py_impl(key)(table[op])
+        yield
+    finally:
+        for op in ops:
+            op.py_kernels.pop(key, None)
+            op._dispatch_cache.clear()
+
+
 def decompose(program: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
-    """The program with every MIRA op replaced by standard ATen ops (the rest untouched)."""
-    return program.run_decompositions(export_decompositions())
+    """The program with every MIRA op replaced by standard ATen ops (the rest untouched).
+
+    ``mira_linear`` and the in-place ``mira_adapter_`` (which ``torch.export`` holds in its functional
+    form, ``auto_functionalized``); ``program`` itself is not changed.
+    """
+    table = export_decompositions()
+    with _inplace_ops_decomposed(table):
+        decomposed = program.run_decompositions(table)
+        if any(n.target in (auto_functionalized, auto_functionalized_v2) and _is_mira_call(n)
+               for n in decomposed.graph.nodes):
+            # The functional form back into clones of its inputs and the in-place op (in this new program,
+            # not in `program`), which the retrace decomposes.
+            from torch._inductor.fx_passes.post_grad import decompose_auto_functionalized
+
+            with decomposed.graph_module._set_replace_hook(decomposed.graph_signature.get_replace_hook()):
+                decompose_auto_functionalized(decomposed.graph)
+                decomposed.graph.eliminate_dead_code()
+            decomposed.graph_module.recompile()
+            decomposed = decomposed.run_decompositions(table)
+    left = sorted({str(n.args[0] if n.target in (auto_functionalized, auto_functionalized_v2) else n.target)
+                   for n in decomposed.graph.nodes if _is_mira_call(n)})
+    if left:  # an op this version has no decomposition for: torch.onnx would fail deep inside on it
+        raise ValueError(f"decompose: the program calls {', '.join(left)}, which has no decomposition into standard "
+                         f"ops; export a model that calls only mira_linear / mira_adapter_ (eval mode)")
+    return decomposed
 
 
 def export_onnx(model: nn.Module | torch.export.ExportedProgram, example_inputs, path: str | os.PathLike | None = None,
@@ -111,6 +179,8 @@ def export_onnx(model: nn.Module | torch.export.ExportedProgram, example_inputs,
         ``program.model.graph.inputs``).
     """
     examples = _as_tuple(example_inputs)
+    if path is not None:
+        _check_directory("export_onnx", path)
     if not isinstance(model, torch.export.ExportedProgram):
         model = export_program(model, examples, dynamic_batch=dynamic_batch)
     onnx_program = torch.onnx.export(decompose(model), examples, dynamo=True, verbose=False, **onnx_kwargs)
@@ -133,6 +203,7 @@ def export_aoti(model: nn.Module | torch.export.ExportedProgram, example_inputs,
     # the whole export, then end in a bare AssertionError.
     if not os.fspath(path).endswith(".pt2"):
         raise ValueError(f"export_aoti: {os.fspath(path)}: an AOTInductor package's name must end in .pt2")
+    _check_directory("export_aoti", path)
     if not isinstance(model, torch.export.ExportedProgram):
         model = export_program(model, example_inputs, dynamic_batch=dynamic_batch)
     return torch._inductor.aoti_compile_and_package(model, package_path=os.fspath(path),
@@ -157,7 +228,9 @@ def load_aoti(path: str | os.PathLike):
 class Float64Check:
     """Errors (max |difference|) against the float64 eager model, and the bound each must meet."""
 
-    eager_error: float  # eager at the model's own dtype: the error of PyTorch's op order
+    # eager at the model's own dtype: the error of PyTorch's op order (for a float64 model, the reference
+    # itself, its float32 run's error x float64's eps / float32's)
+    eager_error: float
     errors: dict  # {name: error} of each checked output
     bound: float  # factor * eager_error + floor * max(1, scale)
     scale: float  # max |output| of the float64 model
@@ -185,25 +258,47 @@ def _max_error(name: str, got, want: torch.Tensor) -> float:
     return float((got.to(torch.float64) - want).abs().max())
 
 
+def _default_floor(dtype: torch.dtype) -> float:
+    # 1e-6 is ~8 units of roundoff of float32. A float64 model's floor is as many of float64's (1.9e-15):
+    # float32's passed a float32 run of it. A 16-bit model keeps 1e-6: its eager error (at least the
+    # rounding of its outputs) dominates the bound.
+    return 1e-6 * min(1.0, torch.finfo(dtype).eps / torch.finfo(torch.float32).eps)
+
+
+def _cast_floating(examples: tuple, dtype: torch.dtype) -> tuple:
+    return tuple(a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in examples)
+
+
 @torch.no_grad()
 def check_against_float64(model: nn.Module, example_inputs, outputs: Mapping, *, factor: float = 2.0,
-                          floor: float = 1e-6) -> Float64Check:
+                          floor: float | None = None) -> Float64Check:
     """Judge ``outputs`` (``{name: output for example_inputs}``, tensors or numpy arrays) against
     ``model`` run eagerly in float64 on the same inputs.
 
     Each output's max-abs error must be at most ``factor`` x the error of ``model`` itself (eager,
     its own dtype) + ``floor`` x max(1, |float64 output|) (a few units in the last place: a
-    margin for a model so shallow that eager's error is near zero). A copy of ``model`` is cast
-    to float64; ``model`` is not changed. An output must have the float64 output's shape
-    (``ValueError`` otherwise); the outputs of an empty batch have error 0.
+    margin for a model so shallow that eager's error is near zero). ``floor`` defaults to 1e-6
+    (~8 units of roundoff of float32) for a float32 or 16-bit model, and to as many units of
+    float64's (1.9e-15) for a float64 model. A float64 model is its own reference, so its eager
+    error is estimated: the error of a float32 copy of it, scaled by float64's eps / float32's (the
+    model's conditioning times the unit roundoff); so an export that lost float64 precision (a
+    float32 constant or cast) fails. A copy of ``model`` is cast to float64; ``model`` is not
+    changed. An output must have the float64 output's shape (``ValueError`` otherwise); the
+    outputs of an empty batch have error 0.
     """
     examples = _as_tuple(example_inputs)
     own = model(*examples)
     # 16-bit banks stay 16-bit through .to(): the float64 layers widen them exactly, as the kernels do.
     reference = copy.deepcopy(model).to(torch.float64)
-    want = reference(*(a.to(torch.float64) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
-                       for a in examples)).to(torch.float64)
-    eager_error = _max_error("eager", own, want)
+    want = reference(*_cast_floating(examples, torch.float64)).to(torch.float64)
+    if own.dtype == torch.float64:
+        single = copy.deepcopy(model).to(torch.float32)(*_cast_floating(examples, torch.float32))
+        ulps = torch.finfo(torch.float64).eps / torch.finfo(torch.float32).eps
+        eager_error = _max_error("eager", single, want) * ulps
+    else:
+        eager_error = _max_error("eager", own, want)
+    if floor is None:
+        floor = _default_floor(own.dtype)
     scale = float(want.abs().max()) if want.numel() else 0.0
     bound = factor * eager_error + floor * max(1.0, scale)
     errors = {name: _max_error(name, out, want) for name, out in outputs.items()}

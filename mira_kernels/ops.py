@@ -19,6 +19,7 @@ import contextlib
 from collections.abc import Sequence
 
 import torch
+from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing
 
 from . import _config, _extension, _validation, backends, reference
 from .reference import DEFAULT_EPS
@@ -47,6 +48,24 @@ def _autocast_inputs(x, weight, bias, memory):
 
     memory_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
     return cast(x, dtype), cast(weight, dtype), cast(bias, dtype), [cast(t, memory_dtype) for t in memory]
+
+
+def _linear_autocast_kernel(device_type: str):
+    """``mira::mira_linear``'s kernel at the autocast dispatch key of ``device_type``: the casts of
+    :func:`_autocast_inputs`, then the op with that key excluded (as ``torch.library.register_autocast``
+    does, whose one dtype for every input cannot keep the memory side in float32)."""
+    key = getattr(torch._C.DispatchKey, "Autocast" + torch._C._dispatch_key_for_device(device_type))
+    autocast_keys = torch._C.DispatchKeySet(key)
+
+    def kernel(x, weight, bias, query, keys, bank_a, bank_b, slice_offsets, separation, scale, eps, backend="auto"):
+        x, weight, bias, memory = _autocast_inputs(x, weight, bias, (query, keys, bank_a, bank_b))
+        query, keys, bank_a, bank_b = memory
+        with torch._C._ExcludeDispatchKeyGuard(autocast_keys):
+            return torch.ops.mira.mira_linear(
+                x, weight, bias, query, keys, bank_a, bank_b, slice_offsets, separation, scale, eps, backend
+            )
+
+    return kernel
 
 
 def _autocast_enabled(device_type: str) -> bool:
@@ -142,6 +161,13 @@ if _extension.loaded:
     torch.library.register_fake("mira::mira_linear", _linear_fake)
     torch.library.register_fake("mira::mira_linear_backward", _linear_backward_fake)
     torch.library.register_fake("mira::mira_adapter_", _adapter_fake)
+    # Autocast at dispatch level, where ATen's own is: torch.export records the op with its inputs
+    # uncast, and a program casts them when it runs under autocast, as its ATen ops do. (Casts made in
+    # Python before the call were baked into an exported program: run without autocast, its bfloat16
+    # output then failed the next float32 Linear.)
+    for _device_type in ("cpu", "cuda"):
+        _lib.impl("mira_linear", _linear_autocast_kernel(_device_type),
+                  "Autocast" + torch._C._dispatch_key_for_device(_device_type))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -328,12 +354,24 @@ def mira_linear(
 
     slice_offsets = _validation.as_offsets(slice_offsets)
     _validation.check_tensors(x=x, weight=weight, bias=bias, query=query, keys=keys, bank_a=bank_a, bank_b=bank_b)
-    x, weight, bias, (query, keys, bank_a, bank_b) = _autocast_inputs(x, weight, bias, (query, keys, bank_a, bank_b))
-    _validation.check_mira_linear(x, weight, bias, query, keys, bank_a, bank_b, slice_offsets, separation, scale, eps)
+    memory = (query, keys, bank_a, bank_b)
+    if _extension.loaded and torch.compiler.is_exporting() and _autocast_enabled(x.device.type):
+        # torch.export under autocast: checked as cast, called uncast. The op's autocast kernel casts when
+        # the program runs under autocast; a cast traced here would be in the program for every run. The
+        # checks' casts are made untraced (Dynamo, in a strict export, cannot trace that context manager:
+        # the casts it records there have no user, and decompose / AOTInductor drop them).
+        untraced = contextlib.nullcontext() if torch.compiler.is_dynamo_compiling() else disable_proxy_modes_tracing()
+        with untraced:
+            checked = _autocast_inputs(x, weight, bias, memory)
+    else:
+        checked = _autocast_inputs(x, weight, bias, memory)
+        x, weight, bias, (query, keys, bank_a, bank_b) = checked
+    cast_x, cast_weight, cast_bias, cast_memory = checked
+    _validation.check_mira_linear(cast_x, cast_weight, cast_bias, *cast_memory, slice_offsets, separation, scale, eps)
     _check_frozen(weight, bias)
     if _config.check_finite_enabled():
         _validation.check_finite(x=x, weight=weight, bias=bias, query=query, keys=keys, bank_a=bank_a, bank_b=bank_b)
-    backend = backends.resolve_backend(x.device, x.dtype)
+    backend = backends.resolve_backend(x.device, cast_x.dtype)
     if not _extension.loaded:  # the router already warned that it fell back
         return reference.mira_linear(
             x, weight, bias, query, keys, bank_a, bank_b,

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 import mira
 import mira_kernels
 from mira.export import check_against_float64, decompose, export_aoti, export_onnx, export_program, load_aoti
-from mira_kernels import reference
+from mira_kernels import decompositions, reference
 from mira_kernels.decompositions import export_decompositions, mira_linear_decomposed
 
 from .mira_inputs import assert_close_to_spec, make_inputs
@@ -47,6 +50,30 @@ def test_decomposition_matches_the_reference_in_float64(separation, shape):
     inputs = make_inputs(**shape)
     got = _decomposed(inputs, separation, scale=0.7)
     torch.testing.assert_close(got, _spec(inputs, separation, scale=0.7), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("separation", ["affine", "softmax"])
+@pytest.mark.parametrize(
+    "shape",
+    [{}, {"N": 0}, {"S": 3, "d_out": 40, "offsets": [27, 0, 13], "d_s": 13}, {"B": 0}],
+    ids=["qv", "N0", "unordered", "B0"],
+)
+def test_adapter_decomposition_matches_the_reference_in_float64(separation, shape):
+    # mira_adapter_ had no decomposition: export_onnx of a model calling it failed deep in torch.onnx.
+    inputs = make_inputs(**shape)
+    start = F.linear(inputs.x, inputs.weight, inputs.bias)
+    start[..., 1] = -0.0  # outside every slice: left exactly as it is (a sum with 0 would make it +0.0)
+    got, want = start.clone(), start.clone()
+    decompositions.mira_adapter_decomposed(got, *inputs.adapter_args(), inputs.slice_offsets, separation, 0.7,
+                                           mira_kernels.DEFAULT_EPS, "cpu")
+    reference.mira_adapter_(want, *inputs.adapter_args(), slice_offsets=inputs.slice_offsets, separation=separation,
+                            scale=0.7)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    outside = torch.ones(want.shape[-1], dtype=torch.bool)
+    for off in inputs.slice_offsets:
+        outside[off:off + inputs.bank_b.shape[2]] = False
+    assert torch.equal(got[..., outside], start[..., outside]) and torch.equal(got[..., outside].signbit(),
+                                                                               start[..., outside].signbit())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -162,6 +189,151 @@ def test_the_float64_check_passes_eager_itself_and_fails_a_wrong_output_without_
         check.raise_if_failed()
     assert all(p.dtype == torch.float32 for p in model.parameters())  # the float64 run was on a copy
     torch.testing.assert_close(model(x), out, rtol=0, atol=0)
+
+
+@torch.no_grad()
+def test_the_float64_check_of_a_float64_model_fails_lost_precision_and_passes_its_exports():
+    # A float64 model is its own float64 reference (eager error 0), so the bound was the floor alone,
+    # 1e-6 x max(1, |y|) as for float32: it passed a float32 run of the model (error 3.9e-7) and every
+    # logit off by 1e-7 relative.
+    model = served_model(depth=1, scale=0.7).double()
+    decomposed = decompose(export_program(model, images(1).double()))
+    for batch in JUDGE_BATCHES:
+        x = images(batch, seed=batch).double()
+        exact = model(x)
+        lost = {"float32 run": copy.deepcopy(model).float()(x.float()), "1e-7 relative": exact * (1 + 1e-7)}
+        check = check_against_float64(model, x, {"decomposed": decomposed.module()(x), **lost})
+        assert set(check.failed) == set(lost), check
+        assert 0 < check.eager_error < 1e-13 and check.bound < 1e-12 * max(1.0, check.scale)
+
+
+class _Float64Op(torch.nn.Module):
+    """The op alone in float64 (onnxruntime has no float64 Conv for a whole ViT on CPU)."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        shapes = {"weight": (40, 16), "keys": (3, 8), "bank_a": (3, 2, 3, 16), "bank_b": (3, 2, 10, 3)}
+        for name, shape in shapes.items():
+            self.register_buffer(name, torch.randn(shape, generator=g, dtype=torch.float64))
+
+    def forward(self, x, query):
+        return mira_kernels.mira_linear(x, self.weight, None, query, self.keys, self.bank_a, self.bank_b,
+                                        slice_offsets=[25, 3], scale=0.7)
+
+
+@needs_extension
+def test_a_float64_onnx_export_keeps_float64_constants(tmp_path):
+    # torch.onnx writes Python float scalars as float32 constants: scale (0.7 -> 0.699999988), eps and the
+    # norm floor were rounded, and the float64 graph was 1.8e-7 off (relative) instead of ~1e-14.
+    ort = pytest.importorskip("onnxruntime")
+    op = _Float64Op()
+    g = torch.Generator().manual_seed(1)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    export_onnx(op, (randn(2, 5, 16), randn(2, 8)), tmp_path / "op64.onnx")
+    session = ort.InferenceSession(str(tmp_path / "op64.onnx"), providers=["CPUExecutionProvider"])
+    x, query = randn(6, 5, 16), randn(6, 8)
+    (got,) = session.run(None, {"x": x.numpy(), "query": query.numpy()})
+    want = reference.mira_linear(x, op.weight, None, query, op.keys, op.bank_a, op.bank_b, slice_offsets=[25, 3],
+                                 scale=0.7)
+    relative = float(((torch.from_numpy(got) - want).abs() / want.abs().clamp_min(1)).max())
+    assert relative < 1e-13, f"float64 ONNX graph off by {relative:.1e} (relative) from the float64 reference"
+    with torch.no_grad():
+        check_against_float64(op, (x, query), {"onnxruntime": got}).raise_if_failed()
+
+
+@needs_extension
+def test_a_program_exported_under_autocast_runs_with_and_without_it(exported):
+    # The op's autocast casts were made in Python and traced into the program: run without autocast, its
+    # bfloat16 output failed the next float32 Linear ("mat1 and mat2 must have the same dtype"), where the
+    # plain backbone exported the same way runs in float32. Now the op casts at dispatch level, as ATen's.
+    model, _ = exported
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        program = export_program(model, images(1))
+    assert len(_mira_nodes(program)) == 1
+    assert not [n for n in program.graph.nodes if n.op == "call_function" and "to" in str(n.target).split(".")]
+    x = images(3, seed=5)
+    with torch.no_grad():
+        got = program.module()(x)
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, model(x), rtol=0, atol=0)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got, want = program.module()(x), model(x)
+        assert got.dtype == want.dtype == torch.bfloat16
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+class _Adapted(torch.nn.Module):
+    """A projection plus the in-place mira_adapter_ on its output (returned twice: through a view too)."""
+
+    def __init__(self):
+        super().__init__()
+        inputs = make_inputs(d_in=16, d_out=40, N=3, offsets=[25, 3], d_s=10, dtype=torch.float32)
+        for name in ("weight", "keys", "bank_a", "bank_b"):
+            self.register_buffer(name, getattr(inputs, name))
+
+    def forward(self, x, query):
+        out = F.linear(x, self.weight)
+        head = out[:, :1]
+        mira_kernels.mira_adapter_(out, x, query, self.keys, self.bank_a, self.bank_b, slice_offsets=[25, 3],
+                                   scale=0.7)
+        return out, head * 2
+
+
+def _adapted_spec(model, x, query, dtype):
+    """_Adapted's outputs computed by the reference in ``dtype``."""
+    out = F.linear(x.to(dtype), model.weight.to(dtype))
+    reference.mira_adapter_(out, x.to(dtype), query.to(dtype), model.keys.to(dtype), model.bank_a.to(dtype),
+                            model.bank_b.to(dtype), slice_offsets=[25, 3], scale=0.7)
+    return out, out[:, :1] * 2
+
+
+@needs_extension
+def test_decompose_and_onnx_spell_out_the_inplace_adapter(tmp_path):
+    # decompose() left mira_adapter_ (held as auto_functionalized) in the program, and export_onnx failed
+    # deep inside torch.onnx with a KeyError on it.
+    model = _Adapted()
+    g = torch.Generator().manual_seed(2)
+    example = (torch.randn(2, 5, 16, generator=g), torch.randn(2, 16, generator=g))
+    program = export_program(model, example)
+    before = [str(n.target) for n in program.graph.nodes]
+    decomposed = decompose(program)
+    assert not [n for n in decomposed.graph.nodes if n.op == "call_function" and "mira" in f"{n.target}{n.args}"]
+    assert [str(n.target) for n in program.graph.nodes] == before  # the program itself is unchanged
+    x, query = torch.randn(4, 5, 16, generator=g), torch.randn(4, 16, generator=g)
+    spec, own = _adapted_spec(model, x, query, torch.float64), _adapted_spec(model, x, query, torch.float32)
+    with torch.no_grad():
+        for got, want in zip(program.module()(x, query), model(x, query)):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+        for name, got, want64, want32 in zip(("out", "head"), decomposed.module()(x, query), spec, own):
+            assert_close_to_spec(got, want64, want32, what=f"decomposed {name}")
+    ort = pytest.importorskip("onnxruntime")
+    export_onnx(program, example, tmp_path / "adapted.onnx")
+    session = ort.InferenceSession(str(tmp_path / "adapted.onnx"), providers=["CPUExecutionProvider"])
+    outputs = session.run(None, {"x": x.numpy(), "query": query.numpy()})
+    for name, got, want64, want32 in zip(("out", "head"), outputs, spec, own):
+        assert_close_to_spec(torch.from_numpy(got), want64, want32, what=f"onnxruntime {name}")
+
+
+def test_exports_refuse_a_missing_directory_before_exporting(tmp_path, monkeypatch):
+    # torch found it only when writing the file, after the whole export and compile (10 s for the tiny ViT,
+    # 40-100 s for a ViT-B/16).
+    def export_first(*args, **kwargs):
+        raise AssertionError("exported or compiled before checking the path's directory")
+
+    monkeypatch.setattr(mira.export, "export_program", export_first)
+    monkeypatch.setattr(mira.export, "decompose", export_first)
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", export_first)
+    monkeypatch.setattr(torch.onnx, "export", export_first)
+    missing = tmp_path / "missing"
+    with pytest.raises(FileNotFoundError, match=r"export_aoti: .*m\.pt2: no directory .*missing"):
+        export_aoti(torch.nn.Linear(2, 2), torch.zeros(1, 2), missing / "m.pt2")
+    with pytest.raises(FileNotFoundError, match=r"export_onnx: .*m\.onnx: no directory .*missing"):
+        export_onnx(torch.nn.Linear(2, 2), torch.zeros(1, 2), missing / "m.onnx")
+    assert not any(tmp_path.iterdir())
 
 
 def test_load_aoti_refuses_missing_and_foreign_files_clearly(tmp_path):
