@@ -44,10 +44,7 @@ def _constant(value: float, like: torch.Tensor) -> torch.Tensor:
 
 def _normalize(u: torch.Tensor) -> torch.Tensor:
     """:func:`mira_kernels.reference.normalize`, its floor a constant of u's dtype."""
-    v, s, norm_v = reference._scaled(u)
-    floor = _constant(NORM_EPS, u)
-    above = ~(norm_v < floor / s)
-    return torch.where(above, v / torch.where(above, norm_v, torch.ones_like(norm_v)), u / floor)
+    return reference.normalize(u, _constant(NORM_EPS, u))
 
 
 def _retrieval_weights(query: torch.Tensor, keys: torch.Tensor, separation: str, eps: float) -> torch.Tensor:

@@ -68,13 +68,14 @@ def _scaled(u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return v, s, torch.linalg.vector_norm(v, dim=-1, keepdim=True)
 
 
-def normalize(u: torch.Tensor) -> torch.Tensor:
-    """u / max(||u||, NORM_EPS) along the last dim, as ``F.normalize``, with ||u|| computed without
+def normalize(u: torch.Tensor, floor: float | torch.Tensor = NORM_EPS) -> torch.Tensor:
+    """u / max(||u||, floor) along the last dim, as ``F.normalize``, with ||u|| computed without
     overflow or underflow (the op's kernels compute it in double). A row with inf or NaN gives NaN
-    where ``F.normalize`` does (inf / inf), so non-finite inputs still propagate."""
+    where ``F.normalize`` does (inf / inf), so non-finite inputs still propagate. ``floor`` is always
+    NORM_EPS; a tensor of it in u's dtype keeps it exact in an exported graph (decompositions.py)."""
     v, s, norm_v = _scaled(u)
-    above = ~(norm_v < NORM_EPS / s)  # ||u|| >= NORM_EPS, or NaN: the unit-vector branch
-    return torch.where(above, v / torch.where(above, norm_v, torch.ones_like(norm_v)), u / NORM_EPS)
+    above = ~(norm_v < floor / s)  # ||u|| >= floor, or NaN: the unit-vector branch
+    return torch.where(above, v / torch.where(above, norm_v, torch.ones_like(norm_v)), u / floor)
 
 
 def cosine_scores(query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
