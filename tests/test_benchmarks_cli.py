@@ -294,12 +294,18 @@ def test_ctrl_c_inside_a_record_write_waits_for_the_write_to_end():
     import signal
 
     done = []
-    with pytest.raises(KeyboardInterrupt):
-        with _cli.whole_or_not_at_all():
-            os.kill(os.getpid(), signal.SIGINT)
-            done.append("the rest of the record")
-    assert done == ["the rest of the record"]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    # Python's own Ctrl-C handler, whatever this process inherited: a shell's background job starts with
+    # SIGINT ignored (the CI run launched with `&` failed here), and then Ctrl-C reaches nothing to defer.
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with _cli.whole_or_not_at_all():
+                os.kill(os.getpid(), signal.SIGINT)
+                done.append("the rest of the record")
+        assert done == ["the rest of the record"]
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, inherited)
 
 
 def test_ctrl_c_during_a_run_is_a_one_line_exit_130_and_writes_nothing(tmp_path):
@@ -315,8 +321,11 @@ def test_ctrl_c_during_a_run_is_a_one_line_exit_130_and_writes_nothing(tmp_path)
     root = latency.RESULTS_DIR.parent.parent
     log = tmp_path / "stderr"
     with open(log, "w") as err:
+        # The child starts with SIGINT's default disposition, which Python turns into KeyboardInterrupt:
+        # one inherited from a background job (ignored) would make the run deaf to the signal below.
         proc = subprocess.Popen(cmd, cwd=root, stdout=subprocess.DEVNULL, stderr=err,
-                                env={**os.environ, "PYTHONPATH": str(root)})
+                                env={**os.environ, "PYTHONPATH": str(root)},
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         deadline = time.monotonic() + 240
         while "end to end:" not in log.read_text() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
