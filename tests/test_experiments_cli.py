@@ -17,7 +17,7 @@ import pytest
 
 from mira.experiments import __main__ as cli
 from mira.experiments import report
-from mira.experiments.recipe import preset
+from mira.experiments.recipe import PRESETS, preset
 
 CHANCE = 0.1
 
@@ -86,7 +86,8 @@ def test_quick_mode_end_to_end(tmp_path, monkeypatch, shared_cache):
     # --record puts another preset's runs beside the default preset's tables, never over them.
     paper = tmp_path / "paper"
     paper.mkdir()
-    (paper / "results.json").write_text(json.dumps(dict(on_disk, preset="paper")))
+    # (as a full run's: --record refuses a quick part, tests/test_experiments_report.py)
+    (paper / "results.json").write_text(json.dumps(dict(on_disk, preset="paper", mode="full")))
     report.main(["--record", str(paper)])
     recorded = tmp_path / "results" / "experiments"
     assert sorted(os.listdir(recorded)) == ["idigits-paper"]
@@ -140,11 +141,14 @@ def test_conflict_control_reports_the_cue_blind_bound(tmp_path, monkeypatch, sha
         (["--out", ""], "--out must not be empty"),
         (["--record"], "--record writes the full run's tables; not with --quick"),
         (["--table", "ablations", "--variants", "oracle", "mira, relu"], "no rows named ['oracle'] in the ablations"),
+        # A traceback: the improved preset routes, and the row "mira, block 0 off" cannot (first_block="off").
+        (["--preset", "improved", "--table", "ablations"], "--table ablations --preset improved: the ablation table"),
+        (["--preset", "improved", "--table", "ablations", "--variants", "improved"], "routing='supervised'"),
     ],
     ids=["threads-0", "threads-negative", "timeout-inf", "timeout-huge", "seeds-repeated", "seed-huge",
          "out-file", "out-under-file", "checkpoint-dir-file", "seed-negative", "seed-2**32", "checkpoint-dir-proc",
          "checkpoint-dir-under-proc", "out-proc", "checkpoint-dir-empty", "out-empty", "record-quick",
-         "variant-of-another-table"],
+         "variant-of-another-table", "ablations-of-a-routing-preset", "ablations-of-a-routing-preset-one-row"],
 )
 def test_bad_options_are_one_line_usage_errors_before_any_work(args, msg, tmp_path, monkeypatch, capsys):
     # As argparse's own errors: exit status 2 and one line naming the option, not a traceback after the
@@ -201,6 +205,40 @@ def test_an_unwritable_cache_and_a_folder_in_place_of_a_checkpoint_are_usage_err
     assert not (tmp_path / "cache" / "runs").exists()
 
 
+def test_an_unreadable_checkpoint_file_is_a_usage_error_naming_it(tmp_path, monkeypatch, capsys):
+    # An empty file failed as a traceback ("header too small") when its row's turn came: after the
+    # backbone's pre-training, the adaptation pool and every earlier row.
+    monkeypatch.setenv("MIRA_EXPERIMENTS_CACHE", str(tmp_path / "cache"))
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "idigits-default-seed0-dil-mira-quick.safetensors").write_bytes(b"")
+    err = _usage_error(capsys, "dil", "--quick", "--no-progress", "--checkpoint-dir", str(ckpt))
+    assert "idigits-default-seed0-dil-mira-quick.safetensors is not a readable checkpoint" in err, err
+    assert not (tmp_path / "cache" / "runs").exists()
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_a_command_line_run_resumes_from_its_checkpoints(tmp_path, monkeypatch):
+    # The checkpoint identity holds fingerprints of the data, backbone and adaptation pool: the same command
+    # line rebuilds them bit for bit (the backbone pre-trained by the first run, loaded from the cache by the
+    # second; the pool trained again), so every finished row resumes instead of being refused.
+    from tests.experiments_tiny import tiny_suite
+
+    monkeypatch.setenv("MIRA_EXPERIMENTS_CACHE", str(tmp_path / "cache"))
+    argv = ["dil", "--suite", "tiny", "--quick", "--no-progress", "--variants", "mira", "sequential LoRA",
+            "--checkpoint-dir", str(tmp_path / "ckpt"), "--out"]
+    with tiny_suite():
+        first = cli.main(argv + [str(tmp_path / "first")])
+        trained = []
+        for name in ("consolidate", "train_lora"):
+            real = getattr(cli.P, name)
+            monkeypatch.setattr(cli.P, name, lambda *a, _real=real, **k: trained.append(1) or _real(*a, **k))
+        again = cli.main(argv + [str(tmp_path / "again")])
+    assert not first["backbone"]["cached"] and again["backbone"]["cached"]
+    assert trained == []  # no task trained again
+    assert json.dumps(again["results"], sort_keys=True) == json.dumps(first["results"], sort_keys=True)
+
+
 def test_a_table_without_rows_is_refused_and_quick_ablations_run_each_option(tmp_path, monkeypatch, capsys):
     # dg --table ablations pre-trained the backbone and wrote empty tables (exit 0); --quick --table
     # ablations kept the main table's quick rows, none of which is in the ablation table: nothing ran.
@@ -216,6 +254,20 @@ def test_a_table_without_rows_is_refused_and_quick_ablations_run_each_option(tmp
         varied = {(f, getattr(v.recipe, f)) for v in full[setting] for f in ("first_block", "query_token",
                                                                                "query_source", "separation")}
         assert varied == {(f, val) for v in quick[setting] for f, val in varied if getattr(v.recipe, f) == val}
+
+
+def test_the_ablation_rows_build_for_every_preset_without_a_routing_penalty():
+    # --preset improved --table ablations built base.replace(first_block="off") from a routing recipe: a
+    # traceback (RecipeConfig refuses the pair). Rows only, no training.
+    for name, recipe in PRESETS.items():
+        if recipe.routing == "none":
+            rows = cli.rows_to_run("ablations", preset(name), preset("improved"), ("dil", "cil"))
+            assert [v.name for v in rows["dil"]] == [v.name for v in rows["cil"]] and len(rows["dil"]) == 19
+            (off,) = [v for v in rows["dil"] if v.recipe.first_block == "off"]
+            assert off.recipe == preset(name, first_block="off")  # one change from the row "mira"
+        else:
+            with pytest.raises(ValueError, match="one cause at a time"):
+                cli.rows_to_run("ablations", preset(name), preset("improved"), ("dil",))
 
 
 def test_write_removes_a_stale_retrieval_plot(tmp_path):

@@ -1,6 +1,9 @@
 """Merging runs of single seeds and the tables made from them (no training: hand-written results)."""
 
 import json
+import os
+
+import pytest
 
 from mira.experiments import report
 
@@ -92,3 +95,66 @@ def test_the_retrieval_plot_is_titled_by_the_seed_it_profiled(tmp_path, monkeypa
     merged = _merge(tmp_path, dict(doc, dil_retrieval_profile_seed=2), other)
     assert merged["dil_retrieval_profile_seed"] == 2 and merged["dil_retrieval_profile_seed0"] == profile
     assert titled == [2, 2, 2]
+
+
+def _usage_error(capsys, *argv) -> str:
+    """The one line of a refused command line (exit status 2, as argparse's own errors)."""
+    with pytest.raises(SystemExit) as exc:
+        report.main(list(argv))
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("python -m mira.experiments.report: error: "), err
+    return err
+
+
+def test_record_refuses_a_quick_part_and_leaves_the_recorded_tables(tmp_path, monkeypatch, capsys):
+    # python -m mira.experiments refuses --record --quick; report --record took a quick part (exit 0): it
+    # replaced the recorded results.json / results.md with the smoke run's and deleted the recorded plot.
+    monkeypatch.chdir(tmp_path)  # --record writes to ./results/experiments/<suite>: here, never the repository's
+    recorded = tmp_path / "results" / "experiments" / "tiny"
+    recorded.mkdir(parents=True)
+    for name in ("results.json", "results.md", "retrieval_weights.png"):
+        (recorded / name).write_text(f"the full run's {name}")
+    full = _doc([0], {"mira": [_cl(0, .5)]}, {}, ["mira"])
+    quick = dict(_doc([1], {"mira": [_cl(1, .4)]}, {}, ["mira"]), mode="quick")
+    for i, doc in enumerate((full, quick)):
+        (tmp_path / f"p{i}").mkdir()
+        (tmp_path / f"p{i}" / "results.json").write_text(json.dumps(doc))
+    for parts in ([tmp_path / "p1"], [tmp_path / "p0", tmp_path / "p1"]):
+        err = _usage_error(capsys, "--record", *map(str, parts))
+        assert "--record writes the full run's tables" in err and f"{tmp_path / 'p1'} holds a quick run" in err, err
+    assert sorted(os.listdir(tmp_path / "results" / "experiments")) == ["tiny"]
+    for name in ("results.json", "results.md", "retrieval_weights.png"):
+        assert (recorded / name).read_text() == f"the full run's {name}"
+    report.main([str(tmp_path / "p1"), "--out", str(tmp_path / "merged")])  # --out takes it
+    assert (tmp_path / "merged" / "results.md").exists()
+
+
+def test_a_row_on_fewer_seeds_than_the_header_states_shows_its_count(tmp_path):
+    # A DIL part of seed 0 and a DG part of seed 1: the header said "2 seed(s) [0, 1], mean ± std over seeds"
+    # above rows of one seed each, unlabelled, whose "± 0.0" read as no spread.
+    a = _doc([0], {"mira": [_cl(0, .5)]}, {}, ["mira"])
+    b = _doc([1], {}, {"mira": [_dg(1, "a", .4), _dg(1, "b", .2)]}, ["mira"])
+    merged = _merge(tmp_path, a, b)
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert "2 seed(s) [0, 1]" in md
+    dil, dg = md[md.index("| DIL variant"): md.index("| DG variant")], md[md.index("| DG variant"):]
+    assert _row(dil, "mira")[:2] == ["mira (1 seed)", "50.0 ± 0.0"]
+    assert _row(dg, "mira")[0] == "mira (1 seed)"
+    # without the header's count (tables() as before), a table's fullest row sets it
+    table = report.tables(merged["results"], merged["row_order"])
+    assert _row(table[: table.index("| DG variant")], "mira")[0] == "mira"
+
+
+@pytest.mark.parametrize("truncated", [0, 1])
+def test_a_truncated_part_is_named(truncated, tmp_path, capsys):
+    # The usage error did not say which part's results.json failed to parse (the first part's: a traceback).
+    parts = []
+    for i, seed in enumerate((0, 1)):
+        (tmp_path / f"p{i}").mkdir()
+        text = json.dumps(_doc([seed], {"mira": [_cl(seed, .5)]}, {}, ["mira"]))
+        (tmp_path / f"p{i}" / "results.json").write_text(text[:200] if i == truncated else text)
+        parts.append(str(tmp_path / f"p{i}"))
+    err = _usage_error(capsys, *parts, "--out", str(tmp_path / "merged"))
+    assert f"{tmp_path / f'p{truncated}' / 'results.json'} does not parse as JSON" in err, err
+    assert not (tmp_path / "merged").exists()

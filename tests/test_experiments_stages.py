@@ -228,6 +228,35 @@ def test_a_run_restarted_on_its_finished_checkpoint_ends_bitwise_as_the_uninterr
         assert P.retrieval_profile(b, tasks) == P.retrieval_profile(a, tasks)
 
 
+@pytest.mark.filterwarnings("ignore:lbfgs failed to converge")
+def test_a_checkpoint_of_another_protocol_pool_data_or_backbone_is_refused_naming_what_differs(backbone, tmp_path):
+    # The identity held the setting, row, seed, task names and recipe only: a file written with DualGPM on was
+    # resumed by a run with it off (its gpm_ranks and accuracies), and so were files of another pool (another
+    # seed's adapters), other data under the same task names, another backbone.
+    import copy
+
+    tasks = _tasks(2)
+    pool = train_adapter_pool(backbone, tasks, CFG, seed=6, local_labels=False)
+    cfg = P.ProtocolConfig(recipe=CFG, probe_max_iter=30)
+    ckpt = tmp_path / "run.safetensors"
+    P.run_continual("dil", "mira", backbone, tasks, pool, cfg, 0, checkpoint=ckpt)
+    other_backbone = copy.deepcopy(backbone)
+    with torch.no_grad():
+        other_backbone.norm.bias.add_(1e-3)
+    cases = [((backbone, tasks, pool, P.ProtocolConfig(recipe=CFG, probe_max_iter=30, gpm=False)),
+              "protocol.gpm is True in the file, False in this run"),
+             ((backbone, tasks, train_adapter_pool(backbone, tasks, CFG, seed=7, local_labels=False), cfg),
+              "pool.sha256 is '"),
+             ((backbone, _tasks(2, seed=3), pool, cfg), "data[0].sha256 is '"),
+             ((other_backbone, tasks, pool, cfg), "backbone_sha256 is '")]
+    for (bb, ts, pl, c), differs in cases:
+        with pytest.raises(ValueError, match="belongs to another run") as err:
+            P.run_continual("dil", "mira", bb, ts, pl, c, 0, checkpoint=ckpt)
+        assert differs in str(err.value) and "use another path or delete the file" in str(err.value), str(err.value)
+    # the same arguments resume (test_a_run_restarted_on_its_finished_checkpoint_...: bitwise the same end)
+    assert P.run_continual("dil", "mira", backbone, tasks, pool, cfg, 0, checkpoint=ckpt)["acc"]
+
+
 def test_a_folder_in_place_of_a_checkpoint_file_is_named_as_such(tmp_path):
     from mira.experiments.resume import TaskCheckpoint
 

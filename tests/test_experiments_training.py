@@ -71,3 +71,24 @@ def test_presets_hold_the_authors_values_and_options_are_validated():
         RecipeConfig(head="shared")
     with pytest.raises(ValueError, match="unknown preset"):
         preset("authors")
+
+
+@pytest.mark.parametrize("field, value", [
+    ("rank", 0), ("batch_size", 0), ("batch_size", -8), ("gpm_batch", 0), ("batch_size", 2.5),
+    ("lr", -1.0), ("lr", float("nan")), ("key_lr", -1.0), ("key_lr", float("nan")), ("head_lr", -1.0),
+    ("head_lr", 0.0), ("dg_key_lr_factor", float("inf")), ("weight_decay", -1.0),
+    ("head_weight_decay", -5.0), ("routing_weight", float("nan")), ("mixup_alpha", 0.0),
+    ("early_stop_acc", float("nan")),
+])
+def test_a_recipe_refuses_values_that_train_wrong_or_fail_late(field, value):
+    # Each was accepted: batch_size 0 and rank 0 failed in the adaptation stage, gpm_batch 0 ran with
+    # DualGPM's bases left empty, negative head / key rates and decays trained by gradient ascent, a NaN
+    # rate failed as "the forward overflows", mixup_alpha 0 in DG's Beta sampler, a NaN early stop never stopped.
+    with pytest.raises(ValueError, match=field):
+        RecipeConfig(**{field: value})
+
+
+def test_a_recipe_keeps_the_values_that_mean_off():
+    # zero decay and zero routing weight are "none"; an early stop at 1 or above never stops
+    RecipeConfig(weight_decay=0.0, head_weight_decay=0.0, routing_weight=0.0, early_stop_acc=1.0)
+    RecipeConfig(early_stop_acc=float("inf"), consolidation_epochs=0)

@@ -94,9 +94,17 @@ def ablation_variants(base, improved, protocol: str) -> list[P.Variant]:
     """``--table ablations``: the faithful recipe with one cause of its collapse removed at a time
     (block 0's constant CLS query; affine weights that grow with the slots), then both, and the
     improved recipe with the backbone query and better-trained adapters, beside their controls.
-    DIL and CIL only (the causes are measured on DIL's retrieval weights)."""
+    DIL and CIL only (the causes are measured on DIL's retrieval weights). ``base`` must not route
+    (``routing="none"``, as the ``default`` and ``paper`` presets)."""
     if protocol == "dg":
         return []
+    if base.routing != "none":
+        # "block 0 off" takes routing="none" (recipe.py); setting it for this row too would remove two
+        # things at once, where each row of the table removes one from the row "mira" (its README).
+        raise ValueError(f"the ablation table varies one cause at a time, and its 'mira, block 0 off' row "
+                         f"(first_block='off') cannot keep this recipe's routing penalty "
+                         f"(routing={base.routing!r}): use a preset without one "
+                         f"({', '.join(n for n, r in PRESETS.items() if r.routing == 'none')})")
     shared = improved  # the controls' recipe (as in the main table): shared head, improved's adapters
     longer = {"max_epochs": 10}
     return [
@@ -253,7 +261,10 @@ def main(argv=None) -> dict:
         parser.error(f"suite {args.suite!r} runs {settings} only")
     # The rows, here rather than after the backbone's pre-training (minutes on a clean cache).
     protocols = settings if args.protocol == "all" else (args.protocol,)
-    table = rows_to_run(args.table, preset(args.preset), preset("improved"), protocols)
+    try:
+        table = rows_to_run(args.table, preset(args.preset), preset("improved"), protocols)
+    except ValueError as err:  # was a traceback: a preset whose recipe a row of the table cannot take
+        parser.error(f"--table {args.table} --preset {args.preset}: {err}")
     if args.variants:
         unknown = set(args.variants) - {v.name for vs in table.values() for v in vs}
         if unknown:
@@ -284,6 +295,18 @@ def main(argv=None) -> dict:
         if folders_named_as_files:  # safetensors read one as "No such device (os error 19)", mid-run
             parser.error(f"--checkpoint-dir {args.checkpoint_dir}: {folders_named_as_files[0]} is a folder, "
                          "not a checkpoint file")
+        from safetensors import safe_open
+
+        for name in sorted(os.listdir(args.checkpoint_dir)):
+            path = os.path.join(args.checkpoint_dir, name)
+            if not (name.endswith(".safetensors") and os.path.isfile(path)):
+                continue
+            try:  # its header only: an unreadable (e.g. empty) file failed as a traceback when its row came
+                with safe_open(path, framework="pt"):
+                    pass
+            except Exception as err:  # safetensors' own error type, or an OSError
+                parser.error(f"--checkpoint-dir {args.checkpoint_dir}: {name} is not a readable checkpoint "
+                             f"({err}): delete it (its row starts again) or use another folder")
     ctx = md.init_distributed(timeout_s=args.dist_timeout)
     try:
         with md.explain_collective_failures(ctx, args.dist_timeout):

@@ -36,6 +36,7 @@ not do: the domains' images are stored in class order (mnist, mnist_m) and a CIL
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 from collections.abc import Callable, Sequence
 
@@ -283,7 +284,8 @@ def run_continual(setting: str, variant: str | Variant, backbone: nn.Module, tas
 
     ``acc[i][j]``: accuracy on task j's test set after task i (nan above the diagonal).
     ``checkpoint``: a file saved after every task; a run given the file of a run that stopped
-    resumes after its last finished task and ends as that run would have (:mod:`.resume`).
+    resumes after its last finished task and ends as that run would have (:mod:`.resume`); the file of
+    a run with other arguments (recipe, ``cfg``, tasks' data, ``pool``, ``backbone``) is refused.
     ``joint_lora`` has no tasks to resume between and ignores it.
     """
     if setting not in ("dil", "cil"):
@@ -327,8 +329,7 @@ def run_continual(setting: str, variant: str | Variant, backbone: nn.Module, tas
     ranks = []
     ckpt = None
     if checkpoint is not None:
-        ckpt = TaskCheckpoint(checkpoint, {"setting": setting, "variant": v.name, "kind": kind, "seed": seed,
-                                           "tasks": [t.name for t in tasks], "recipe": dataclasses.asdict(rc)})
+        ckpt = TaskCheckpoint(checkpoint, _run_identity(setting, v, cfg, seed, tasks, pool, backbone))
     saved = ckpt.load() if ckpt is not None else None
     start = 0
     if saved is not None:
@@ -400,6 +401,38 @@ def run_continual(setting: str, variant: str | Variant, backbone: nn.Module, tas
     if keep_model:
         out["model"] = model
     return out
+
+
+def _digest(tensors) -> str:
+    """sha256 of the tensors' dtypes, shapes and bytes, in order: exact, and cheap beside training on them."""
+    h = hashlib.sha256()
+    for t in tensors:
+        t = t.detach().cpu().contiguous()
+        h.update(f"{t.dtype}{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def _run_identity(setting: str, v: Variant, cfg: ProtocolConfig, seed: int, tasks: Sequence[Task],
+                  pool: AdapterPool | None, backbone: nn.Module) -> dict:
+    """What a checkpoint of :func:`run_continual` must match to be resumed: every argument the run's
+    state depends on. The names and recipe alone let a file of another ProtocolConfig (e.g. ``gpm``
+    off), another pool (another seed's adapters), backbone or data under the same task names be
+    resumed as this run's. The same command line on the same machine (and world size) rebuilds the same
+    data, backbone (cache) and pool (deterministic), so its files still resume."""
+    def task_tensors(t: Task) -> list[torch.Tensor]:
+        return [x for x in (t.train_x, t.train_y, t.test_x, t.test_y, t.train_domain, t.test_domain)
+                if x is not None]
+
+    return {"setting": setting, "variant": v.name, "kind": v.kind, "seed": seed, "tasks": [t.name for t in tasks],
+            "recipe": dataclasses.asdict(v.recipe),
+            "protocol": {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name != "recipe"},
+            "data": [{"classes": list(t.classes), "shapes": [list(x.shape) for x in task_tensors(t)],
+                      "sha256": _digest(task_tensors(t))} for t in tasks],
+            "pool": None if pool is None else {
+                "slot_task": pool.slot_task.tolist(),
+                "sha256": _digest([*pool.bank_a, *pool.bank_b, *(h for heads in pool.heads for h in heads)])},
+            "backbone_sha256": _digest(backbone.state_dict().values())}
 
 
 @torch.no_grad()

@@ -56,6 +56,8 @@ Named options (each a field; the README of ``results/experiments`` gives its mea
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 
 from mira.config import KEY_INITS, KEY_NORMS, QUERY_TOKENS
 from mira_kernels import SEPARATIONS
@@ -110,6 +112,24 @@ class RecipeConfig:
             raise ValueError("adapters_per_task and max_epochs must be >= 1, consolidation_epochs >= 0")
         if not 0 < self.gpm_threshold <= 1:
             raise ValueError("gpm_threshold must be in (0, 1]")
+        # Checked here, as the others: each was accepted and then failed late (rank 0, batch_size 0, in
+        # the adaptation stage) or trained silently wrong (gpm_batch 0 left DualGPM's bases empty, a
+        # negative head_lr or key_lr ascended the loss, NaN read as "the forward overflows").
+        for name in ("rank", "batch_size", "gpm_batch"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        # mixup_alpha too: Beta(0, 0) has no samples; DG's mixup is switched by ProtocolConfig.dg_mixup
+        for name in ("lr", "key_lr", "head_lr", "dg_key_lr_factor", "mixup_alpha"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be finite and > 0, got {value!r}")
+        for name in ("weight_decay", "head_weight_decay", "routing_weight"):  # 0: no decay / no penalty
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
+        if math.isnan(self.early_stop_acc):  # never exceeded, so never stopped: say it with a value >= 1
+            raise ValueError("early_stop_acc must not be NaN; a value >= 1 turns the early stop off")
         for name, value, choices in (("adapt_head", self.adapt_head, ADAPT_HEADS),
                                      ("head", self.head, CONSOLIDATION_HEADS),
                                      ("gpm_keys", self.gpm_keys, GPM_KEYS), ("routing", self.routing, ROUTINGS),

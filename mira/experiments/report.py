@@ -38,12 +38,13 @@ def _seed_label(name: str, seeds: int, most: int, notes=()) -> str:
     return f"{name} ({'; '.join(notes)})" if notes else name
 
 
-def tables(results: dict, order: dict) -> str:
+def tables(results: dict, order: dict, seeds: int = 0) -> str:
     """The markdown tables: DIL / CIL (avg acc, forgetting, probe) and DG (per held-out domain), mean +- std.
 
-    A row run on fewer (distinct) seeds than the table's fullest row shows its count. DG: each domain's
-    cell is over the seeds that ran that fold; the mean column over the seeds that ran every fold (the
-    mean of each such seed's folds), and a row with seeds missing folds names them."""
+    A row run on fewer (distinct) seeds than the table's fullest row, or than ``seeds`` (the seeds the
+    header above the tables states), shows its count. DG: each domain's cell is over the seeds that ran
+    that fold; the mean column over the seeds that ran every fold (the mean of each such seed's folds),
+    and a row with seeds missing folds names them."""
     lines = []
     for proto in ("dil", "cil"):
         if proto not in results:
@@ -52,7 +53,9 @@ def tables(results: dict, order: dict) -> str:
         head = (f"| {proto.upper()} variant | avg acc (%) | forgetting (pts) | linear probe (%) |"
                 + (" cue-blind pairs (%) |" if conflict else ""))
         lines += [head, "|---|---|---|---|" + ("---|" if conflict else "")]
-        most = max((len(rs) for rs in results[proto]["runs"].values()), default=0)
+        # the header's count too: a merge of a DIL part of seed 0 and a CIL part of seed 1 said "2 seed(s)"
+        # above rows of one seed each, unlabelled, their "± 0.0" read as no spread
+        most = max([len(rs) for rs in results[proto]["runs"].values()] + [seeds])
         for name in order[proto]:
             runs = results[proto]["runs"].get(name, [])
             cells = [_fmt([r["avg_acc"] for r in runs]), _fmt([r["forgetting"] for r in runs]),
@@ -64,7 +67,7 @@ def tables(results: dict, order: dict) -> str:
     if "dg" in results:
         names = results["dg"]["domains"]
         lines += ["| DG variant | " + " | ".join(names) + " | mean |", "|" + "---|" * (len(names) + 2)]
-        most = max((len(_dg_folds(rs)) for rs in results["dg"]["runs"].values()), default=0)
+        most = max([len(_dg_folds(rs)) for rs in results["dg"]["runs"].values()] + [seeds])
         for v in order["dg"]:
             runs = results["dg"]["runs"].get(v, [])
             cells = [_fmt([r["held_out_acc"] for r in runs if r["held_out"] == n]) for n in names]
@@ -130,7 +133,7 @@ def merge(parts: list[str], out_dir: str, command: str) -> dict:
     row order and the rows' records (``variants``) are the union of the parts'; a row run on fewer seeds
     than others shows its count. The retrieval profiles are one part's, with the seed they are of.
     """
-    docs = [json.load(open(os.path.join(p, "results.json"))) for p in parts]
+    docs = [_read_part(p) for p in parts]
     for d in docs:  # runs written before the row order and slot labels were recorded
         d.setdefault("row_order", {p: [v["name"] for v in vs] for p, vs in d["variants"].items()})
     first = docs[0]
@@ -190,6 +193,17 @@ def merge(parts: list[str], out_dir: str, command: str) -> dict:
     return merged
 
 
+def _read_part(part: str) -> dict:
+    """The ``results.json`` of the output folder ``part``; a ValueError naming the file if it does not parse."""
+    path = os.path.join(part, "results.json")
+    with open(path) as f:
+        try:
+            return json.load(f)
+        except ValueError as err:  # JSON or UTF-8: said only "Expecting ',' delimiter: line 20 column 1"
+            raise ValueError(f"{path} does not parse as JSON ({err}): is it whole? Give the folder of a "
+                             "finished run") from err
+
+
 def record_name(suite: str, preset: str, table: str = "main") -> str:
     """The folder of a suite's results under results/experiments: the suite's name for the default preset
     (the tables every README row cites), ``<suite>-<preset>`` for any other, so runs of one never overwrite
@@ -217,7 +231,7 @@ def summarise(results: dict) -> dict:
 def write(doc: dict, out_dir: str) -> str:
     """Write ``results.json``, ``results.md`` (and the retrieval plot if profiled); returns the tables."""
     os.makedirs(out_dir, exist_ok=True)
-    table = tables(doc["results"], doc["row_order"])
+    table = tables(doc["results"], doc["row_order"], len(doc["seeds"]))
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump(doc, f, indent=1)
     m = doc["machine"]
@@ -253,7 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default=None, metavar="DIR",
                         help="folder of the merged results (no default: give --out or --record)")
     parser.add_argument("--record", action="store_true",
-                        help="write to results/experiments/<suite>[-<preset>][-<table>]/ (default: off)")
+                        help="write to results/experiments/<suite>[-<preset>][-<table>]/, the recorded tables; "
+                             "full runs only, no --quick part (default: off)")
     return parser
 
 
@@ -267,7 +282,16 @@ def main(argv=None) -> None:
     missing = [p for p in args.parts if not os.path.isfile(os.path.join(p, "results.json"))]
     if missing:  # was a FileNotFoundError traceback
         parser.error(f"no results.json in {', '.join(missing)}: give output folders of python -m mira.experiments")
-    first = json.load(open(os.path.join(args.parts[0], "results.json")))
+    try:
+        docs = [_read_part(p) for p in args.parts]
+    except ValueError as err:  # a truncated results.json: was a traceback for the first part
+        parser.error(str(err))
+    quick = [p for p, d in zip(args.parts, docs) if d.get("mode") == "quick"]
+    if args.record and quick:  # as python -m mira.experiments --record --quick: the smoke run's tables (and no
+        # retrieval plot) would replace the full run's recorded ones
+        parser.error(f"--record writes the full run's tables; {', '.join(quick)} "
+                     f"{'holds a quick run' if len(quick) == 1 else 'hold quick runs'} (use --out)")
+    first = docs[0]
     out = os.path.join("results", "experiments", record_name(first["suite"], first["preset"],
                                                               first.get("table", "main"))) if args.record \
         else args.out
@@ -276,7 +300,7 @@ def main(argv=None) -> None:
         merged = merge(args.parts, out, command)
     except ValueError as err:  # parts of different runs, or sharing seeds
         parser.error(str(err))
-    print(tables(merged["results"], merged["row_order"]))
+    print(tables(merged["results"], merged["row_order"], len(merged["seeds"])))
     print(f"merged {len(args.parts)} runs (seeds {merged['seeds']}) into {out}")
 
 

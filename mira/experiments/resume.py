@@ -49,13 +49,38 @@ def load_trained_tensors(model: nn.Module, state: dict[str, torch.Tensor]) -> No
         raise ValueError(f"checkpoint holds tensors this model does not have: {result.unexpected_keys[:5]}")
 
 
+class _Absent:
+    def __repr__(self) -> str:
+        return "absent"
+
+
+_ABSENT = _Absent()  # a key one identity has and the other has not (a file of an older identity)
+
+
+def _differences(saved, current, path: str = "") -> list[str]:
+    """Where two identities differ, by path (``protocol.gpm``, ``data[1].sha256``), the file's value first."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        keys = list(current) + [k for k in saved if k not in current]
+        return [d for k in keys for d in _differences(saved.get(k, _ABSENT), current.get(k, _ABSENT),
+                                                      f"{path}.{k}" if path else str(k))]
+    if isinstance(saved, list) and isinstance(current, list):
+        if len(saved) != len(current):
+            return [f"{path} has {len(saved)} entries in the file, {len(current)} in this run"]
+        return [d for i, (a, b) in enumerate(zip(saved, current)) for d in _differences(a, b, f"{path}[{i}]")]
+    if saved == current:
+        return []
+    file, this = (r if len(r) <= 40 else r[:36] + "..." for r in (repr(saved), repr(current)))  # digests
+    return [f"{path or 'identity'} is {file} in the file, {this} in this run"]
+
+
 class TaskCheckpoint:
     """One run's checkpoint file, tied to the run it belongs to.
 
     Args:
         path: the file (its folder is created when saving).
-        identity: what the run is (setting, variant, seed, tasks, recipe): a file of another run
-            is refused instead of silently resumed.
+        identity: what the run is (setting, variant, seed, tasks, recipe, protocol settings and
+            fingerprints of the data, adapters and backbone: ``protocols._run_identity``; a JSON-able
+            dict): a file of another run is refused, naming what differs, instead of silently resumed.
     """
 
     def __init__(self, path: str | os.PathLike, identity: dict) -> None:
@@ -74,8 +99,10 @@ class TaskCheckpoint:
         if saved is None:
             return None
         if saved.get("identity") != self.identity:
-            raise ValueError(f"checkpoint {self.path} belongs to another run ({saved.get('identity')}); "
-                             f"this run is {self.identity}: use another path or delete the file")
+            differ = _differences(saved.get("identity"), self.identity)
+            raise ValueError(f"checkpoint {self.path} belongs to another run: {'; '.join(differ[:5])}"
+                             + (f"; and {len(differ) - 5} more" if len(differ) > 5 else "")
+                             + ": use another path or delete the file")
         return saved["state"]
 
     def save(self, state: dict) -> None:
