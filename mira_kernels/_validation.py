@@ -147,7 +147,10 @@ def check_scale(scale) -> None:
 
 def _is_offsets_sequence(slice_offsets) -> bool:
     # Ordered and re-readable: a list, tuple, range, or a 1-D tensor or numpy array. Not a set or dict
-    # (hash order; a dict's keys), nor an iterator (which the first look would consume).
+    # (hash order; a dict's keys), nor an iterator (which the first look would consume), nor bytes (a
+    # sequence of ints: b"\x00\x10" read as [0, 16]) or text.
+    if isinstance(slice_offsets, (str, bytes, bytearray, memoryview)):
+        return False
     return isinstance(slice_offsets, Sequence) or (
         getattr(slice_offsets, "ndim", None) == 1 and hasattr(slice_offsets, "__len__")
     )
@@ -176,7 +179,7 @@ def as_offsets(slice_offsets: Sequence[int]) -> list[int]:
     """Slice offsets as a list of Python ints; a TypeError naming slice_offsets otherwise.
 
     Takes a sequence (a list, tuple, range, 1-D tensor or numpy array) of ints, numpy ints, or 0-d
-    integer tensors or arrays. Refuses floats of every kind (torch's int[] parser truncates numpy
+    integer tensors or arrays. Refuses bytes and text, floats of every kind (torch's int[] parser truncates numpy
     float32 scalars and float tensors, 15.9 -> 15), bools of every kind, tensors that are not 0-d, and
     sets, dicts and iterators. The eager path hands every form but a list or tuple of Python ints to
     this function, so every path accepts exactly these (contract section 6).

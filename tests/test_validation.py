@@ -431,6 +431,17 @@ def test_separation_types_scalars_and_fractions_are_judged_alike_on_every_path()
                                mk.retrieval_weights(inp.query, inp.keys, eps=0.01), rtol=0, atol=0)
 
 
+def test_slice_offsets_refuse_bytes_on_every_path():
+    # bytes are a sequence of ints: b"\x00\x10" was read as slice_offsets [0, 16] (found by probing).
+    inp = make_inputs(dtype=torch.float32)
+    for bad in (b"\x00\x10", bytearray(b"\x00\x10"), memoryview(b"\x00\x10")):
+        with pytest.raises(TypeError, match="slice_offsets must be a sequence of ints"):
+            mk.mira_linear(*inp.linear_args(), slice_offsets=bad)
+        with pytest.raises(TypeError, match="slice_offsets must be a sequence of ints"):
+            mk.mira_adapter_(torch.zeros(inp.x.shape[:2] + (inp.weight.shape[0],)), inp.x, inp.query, inp.keys,
+                             inp.bank_a, inp.bank_b, slice_offsets=bad)
+
+
 def test_check_finite_keeps_a_full_graph_under_compile():
     inp = make_inputs(dtype=torch.float32)
 
